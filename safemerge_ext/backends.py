@@ -1,0 +1,90 @@
+"""Backend registry: which implementation of the scoring passes runs, and why the others cannot.
+
+A backend is a module with ``lowrank_passes``, ``fullrank_sums`` and ``project_full`` (the
+contract is written out in ``safemerge_ext.reference``). Native backends are imported lazily: a
+missing extension or a missing Triton never breaks ``import safemerge_ext``; it becomes a reason
+string in :func:`available_backends`, and an error only when that backend is asked for by name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+AUTO = "auto"
+ENV_VAR = "SAFEMERGE_BACKEND"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    module: str  # import path of the module that implements the contract
+    devices: tuple[str, ...]  # torch device types it runs on
+
+
+# Order is the `auto` preference on each device type.
+_SPECS: tuple[BackendSpec, ...] = (
+    BackendSpec("triton", "safemerge_ext.kernels", ("cuda",)),
+    BackendSpec("cuda", "safemerge_ext.cuda_backend", ("cuda",)),
+    BackendSpec("cpp", "safemerge_ext.cpp_backend", ("cpu",)),
+    BackendSpec("torch", "safemerge_ext.reference", ("cpu", "cuda", "mps", "xpu", "meta")),
+)
+NAMES: tuple[str, ...] = tuple(s.name for s in _SPECS)
+
+_loaded: dict[str, ModuleType | str] = {}
+
+
+def _load(spec: BackendSpec) -> ModuleType | str:
+    """Import the backend module, or return the reason it cannot be used."""
+    if spec.name not in _loaded:
+        try:
+            mod = importlib.import_module(spec.module)
+            reason = getattr(mod, "unavailable_reason", lambda: None)()
+            _loaded[spec.name] = reason if reason else mod
+        except Exception as exc:  # any import failure is a reason, never a crash
+            _loaded[spec.name] = f"{type(exc).__name__}: {exc}".strip()
+    return _loaded[spec.name]
+
+
+def available_backends() -> dict[str, str | None]:
+    """Map every backend name to None when it can run here, else the reason it cannot."""
+    out: dict[str, str | None] = {}
+    for spec in _SPECS:
+        got = _load(spec)
+        out[spec.name] = got if isinstance(got, str) else None
+    return out
+
+
+def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:
+    """Return (name, module) for a request on a device type.
+
+    ``auto`` (or None) honours ``SAFEMERGE_BACKEND``, then falls back silently through the
+    preference order; an explicit name that cannot run raises and lists the valid names.
+    """
+    requested = (name or AUTO).lower()
+    if requested == AUTO:
+        requested = os.environ.get(ENV_VAR, AUTO).lower() or AUTO
+    if requested != AUTO:
+        spec = next((s for s in _SPECS if s.name == requested), None)
+        if spec is None:
+            raise ValueError(f"backend must be one of auto, {', '.join(NAMES)}; got {requested!r}")
+        if device_type not in spec.devices:
+            raise ValueError(
+                f"backend {requested!r} runs on {'/'.join(spec.devices)} tensors, not {device_type}: "
+                f"use --device {spec.devices[0]} or another backend ({', '.join(NAMES)})"
+            )
+        got = _load(spec)
+        if isinstance(got, str):
+            usable = [n for n, r in available_backends().items() if r is None]
+            raise ValueError(
+                f"backend must be one of {', '.join(usable)}; {requested!r} is unavailable: {got}"
+            )
+        return spec.name, got
+    for spec in _SPECS:
+        if device_type in spec.devices:
+            got = _load(spec)
+            if not isinstance(got, str):
+                return spec.name, got
+    raise ValueError(f"no backend runs on {device_type} tensors")  # torch covers every device

@@ -1,0 +1,166 @@
+"""SafeMERGE's per-layer math on tensors, dispatched to a backend.
+
+With ``V = W_aligned - W_unaligned`` and ``C = V V^T / ||V||_F`` (SPEC section 1), the score of an
+update dW is ``rho = cos(vec(C dW), vec(dW))``. C is never formed: for a LoRA update dW = B A the
+backend makes two passes over V (``T = V^T B``, ``P = V T``) and the rest is r x r work here in
+float64; for a full update it returns the three Frobenius norms. Scales of C and dW cancel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from safemerge_ext import backends
+from safemerge_ext.backends import available_backends
+
+__all__ = [
+    "Score",
+    "available_backends",
+    "project_delta",
+    "project_lora_B",
+    "subspace_cosine",
+    "subspace_score",
+]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A layer's score: the cosine (nan when undefined), the norms behind it, and why if nan."""
+
+    cosine: float
+    v_norm: float
+    delta_norm: float
+    reason: str | None
+    backend: str
+
+
+def _check_pair(wa: torch.Tensor, wu: torch.Tensor) -> None:
+    if wa.dim() != 2 or wu.shape != wa.shape:
+        raise ValueError(
+            f"w_aligned and w_unaligned must be 2-D and of one shape; got {tuple(wa.shape)} and {tuple(wu.shape)}"
+        )
+    if wa.device != wu.device:
+        raise ValueError(f"w_aligned is on {wa.device} but w_unaligned on {wu.device}: move both to one device")
+    for t in (wa, wu):
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"weights must be fp32, fp16 or bf16; got {t.dtype}")
+
+
+def _lowrank_factors(wa: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    d_out, d_in = wa.shape
+    if lora_B.dim() != 2 or lora_A.dim() != 2 or lora_B.shape[0] != d_out or lora_A.shape[1] != d_in \
+            or lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(
+            f"LoRA factors do not fit a {d_out}x{d_in} weight: lora_B is {tuple(lora_B.shape)} "
+            f"(want {d_out}xr), lora_A is {tuple(lora_A.shape)} (want rx{d_in})"
+        )
+
+
+def _cos(num: float, n2: float, d2: float) -> float:
+    denom = math.sqrt(max(n2, 0.0) * max(d2, 0.0))
+    return num / denom if denom > 0 else math.nan
+
+
+def subspace_score(
+    w_aligned: torch.Tensor,
+    w_unaligned: torch.Tensor,
+    *,
+    lora_A: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> Score:
+    """Score one layer's update against its safety subspace; see :func:`subspace_cosine`."""
+    _check_pair(w_aligned, w_unaligned)
+    lowrank = lora_A is not None or lora_B is not None
+    if lowrank == (delta is not None) or (lowrank and (lora_A is None or lora_B is None)):
+        raise ValueError("give exactly one of lora_A+lora_B (a LoRA update) or delta (a full update)")
+    name, impl = backends.resolve(backend, w_aligned.device.type)
+    wa, wu = w_aligned.contiguous(), w_unaligned.contiguous()
+    if lowrank:
+        _lowrank_factors(wa, lora_A, lora_B)
+        B = lora_B.to(wa.device).contiguous()
+        T, P, vsq = impl.lowrank_passes(wa, wu, B)
+        G = (lora_A.double() @ lora_A.double().t()).to("cpu")
+        T, P, Bd = T.double().cpu(), P.double().cpu(), lora_B.double().cpu()
+        # <C dW, dW> = tr(T^T T G)/||V||, ||C dW||^2 = tr(P^T P G)/||V||^2, ||dW||^2 = tr(B^T B G)
+        inner = float(((T.t() @ T) * G).sum())
+        n2 = float(((P.t() @ P) * G).sum())
+        d2 = float(((Bd.t() @ Bd) * G).sum())
+        # rho = (inner/||V||) / (sqrt(n2)/||V|| * sqrt(d2)): ||V|| cancels.
+        num = inner
+    else:
+        if delta.shape != wa.shape:
+            raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")
+        m2, n2, d2, vsq = impl.fullrank_sums(wa, wu, delta.to(wa.device).contiguous())
+        num = m2
+    values = (vsq, num, n2, d2)
+    if not all(math.isfinite(v) for v in values):
+        raise FloatingPointError("the layer's weights or update contain NaN or Inf")
+    v_norm, d_norm = math.sqrt(vsq), math.sqrt(max(d2, 0.0))
+    if vsq == 0.0:
+        return Score(math.nan, v_norm, d_norm, "aligned and unaligned weights are identical (V = 0)", name)
+    if d2 <= 0.0:
+        return Score(math.nan, v_norm, d_norm, "the update is zero", name)
+    cos = _cos(num, n2, d2)
+    if math.isnan(cos):
+        return Score(cos, v_norm, d_norm, "the update is orthogonal to V (C dW = 0)", name)
+    return Score(min(1.0, max(-1.0, cos)), v_norm, d_norm, None, name)
+
+
+def subspace_cosine(
+    w_aligned: torch.Tensor,
+    w_unaligned: torch.Tensor,
+    *,
+    lora_A: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> float:
+    """rho = cos(vec(C dW), vec(dW)) for dW = lora_B @ lora_A or dW = delta.
+
+    Exactly one of ``lora_A``+``lora_B`` or ``delta``; a LoRA scale does not matter. Returns nan for
+    degenerate layers (V = 0, dW = 0, or C dW = 0). Raises FloatingPointError on NaN/Inf inputs.
+    """
+    return subspace_score(
+        w_aligned, w_unaligned, lora_A=lora_A, lora_B=lora_B, delta=delta, backend=backend
+    ).cosine
+
+
+def project_lora_B(
+    w_aligned: torch.Tensor, w_unaligned: torch.Tensor, lora_B: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """Safe LoRA's ``C @ lora_B = V (V^T B) / ||V||`` without forming C, in lora_B's dtype."""
+    _check_pair(w_aligned, w_unaligned)
+    if lora_B.dim() != 2 or lora_B.shape[0] != w_aligned.shape[0]:
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {w_aligned.shape[0]}xr")
+    _, impl = backends.resolve(backend, w_aligned.device.type)
+    _, P, vsq = impl.lowrank_passes(
+        w_aligned.contiguous(), w_unaligned.contiguous(), lora_B.to(w_aligned.device).contiguous()
+    )
+    if not math.isfinite(vsq) or not torch.isfinite(P).all():
+        raise FloatingPointError("the weights or lora_B contain NaN or Inf")
+    if vsq == 0.0:
+        raise ValueError("aligned and unaligned weights are identical (V = 0): the projection is undefined")
+    return (P.double() / math.sqrt(vsq)).to(device=lora_B.device, dtype=lora_B.dtype)
+
+
+def project_delta(
+    w_aligned: torch.Tensor, w_unaligned: torch.Tensor, delta: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """Safe LoRA on a full update: ``C dW`` (fp32), column block by column block, never forming C."""
+    _check_pair(w_aligned, w_unaligned)
+    if delta.shape != w_aligned.shape:
+        raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(w_aligned.shape)}")
+    _, impl = backends.resolve(backend, w_aligned.device.type)
+    N, vsq = impl.project_full(w_aligned.contiguous(), w_unaligned.contiguous(), delta.to(w_aligned.device).contiguous())
+    if not math.isfinite(vsq) or not torch.isfinite(N).all():
+        raise FloatingPointError("the weights or the update contain NaN or Inf")
+    if vsq == 0.0:
+        raise ValueError("aligned and unaligned weights are identical (V = 0): the projection is undefined")
+    return N / math.sqrt(vsq)

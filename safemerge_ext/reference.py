@@ -1,0 +1,84 @@
+"""Pure-torch reference backend for the two passes over V = W_aligned - W_unaligned.
+
+Every native backend (C++, CUDA, Triton) implements the same three primitives and is tested
+against a float64 computation; this module is also the fallback that always works. V is formed
+one row block at a time in fp32 (bf16/fp16 differences are exact in fp32), so memory stays at a
+few blocks even for 14336 x 4096 MLP weights; the final reductions are float64.
+
+Contract shared by all backends (see ``safemerge_ext.backends``):
+
+- ``lowrank_passes(wa, wu, lora_B) -> (T, P, vsq)``: ``T = V^T B`` (d_in x r, fp32),
+  ``P = V T`` (d_out x r, fp32), ``vsq = ||V||_F^2`` (Python float, summed in float64).
+- ``fullrank_sums(wa, wu, delta) -> (m2, n2, d2, vsq)``: ``||V^T dW||^2``, ``||V V^T dW||^2``,
+  ``||dW||^2`` and ``||V||^2`` as Python floats, never materializing a d_out x d_out matrix.
+- ``project_full(wa, wu, delta) -> (N, vsq)``: ``N = V (V^T dW)`` in fp32 and ``||V||^2``
+  (the caller divides N by ||V||).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "torch"
+# Rows of V formed at once: 256 x 14336 fp32 is 14 MiB, small next to the inputs.
+_ROW_BLOCK = 256
+# Columns of dW handled at once in the full-rank path: bounds M = V^T dW[:, J] to d_in x 256.
+_COL_BLOCK = 256
+
+
+def _v_block(wa: torch.Tensor, wu: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+    return wa[i0:i1].float() - wu[i0:i1].float()
+
+
+def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """T = V^T B and ||V||^2 in one pass over V, then P = V T in a second pass."""
+    d_out, d_in = wa.shape
+    B = lora_B.float()
+    T = torch.zeros(d_in, B.shape[1], dtype=torch.float32, device=wa.device)
+    vsq = torch.zeros((), dtype=torch.float64, device=wa.device)
+    for i0 in range(0, d_out, _ROW_BLOCK):
+        i1 = min(i0 + _ROW_BLOCK, d_out)
+        V = _v_block(wa, wu, i0, i1)
+        T.addmm_(V.t(), B[i0:i1])
+        vsq += V.double().square().sum()
+    P = torch.empty(d_out, B.shape[1], dtype=torch.float32, device=wa.device)
+    for i0 in range(0, d_out, _ROW_BLOCK):
+        i1 = min(i0 + _ROW_BLOCK, d_out)
+        torch.mm(_v_block(wa, wu, i0, i1), T, out=P[i0:i1])
+    return T, P, float(vsq)
+
+
+def _vt_v_dw_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor):
+    """Yield (J, M_J, N_J) with M_J = V^T dW[:, J] and N_J = V M_J for column blocks J."""
+    V = wa.float() - wu.float()
+    d_in = wa.shape[1]
+    for j0 in range(0, d_in, _COL_BLOCK):
+        j1 = min(j0 + _COL_BLOCK, d_in)
+        D = delta[:, j0:j1].float()
+        M = V.t() @ D
+        yield slice(j0, j1), D, M, V @ M
+
+
+def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float, float]:
+    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 in float64 sums over column blocks."""
+    m2 = n2 = d2 = 0.0
+    for _, D, M, N in _vt_v_dw_blocks(wa, wu, delta):
+        m2 += float(M.double().square().sum())
+        n2 += float(N.double().square().sum())
+        d2 += float(D.double().square().sum())
+    return m2, n2, d2, _vsq(wa, wu)
+
+
+def _vsq(wa: torch.Tensor, wu: torch.Tensor) -> float:
+    total = 0.0
+    for i0 in range(0, wa.shape[0], _ROW_BLOCK):
+        total += float(_v_block(wa, wu, i0, min(i0 + _ROW_BLOCK, wa.shape[0])).double().square().sum())
+    return total
+
+
+def project_full(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """V (V^T dW) in fp32, column block by column block (C dW times ||V||), and ||V||^2."""
+    out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
+    for J, _, _, N in _vt_v_dw_blocks(wa, wu, delta):
+        out[:, J] = N
+    return out, _vsq(wa, wu)

@@ -1,0 +1,45 @@
+"""Shared numerics for the tests: float64 references of SPEC section 1, and a comparison helper
+that, on mismatch, names the worst indices and any NaN/Inf difference."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def ref_cosine(wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor) -> float:
+    """rho = cos(vec(C dW), vec(dW)), C = V V^T / ||V||, everything in float64 with C formed."""
+    V = wa.double() - wu.double()
+    C = V @ V.t() / V.norm()
+    CdW = C @ dW.double()
+    return float((CdW * dW.double()).sum() / (CdW.norm() * dW.double().norm()))
+
+
+def ref_project(wa: torch.Tensor, wu: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """C X in float64 with C formed."""
+    V = wa.double() - wu.double()
+    return (V @ V.t() / V.norm()) @ X.double()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str = "") -> None:
+    """torch.testing-style check that reports the worst elements and non-finite mismatches."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    bad_finite = torch.isfinite(a) != torch.isfinite(e)
+    if bad_finite.any():
+        idx = bad_finite.nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: NaN/Inf differ at {idx}")
+    err = (a - e).abs()
+    allowed = atol + rtol * e.abs()
+    over = err > allowed
+    if over.any():
+        flat = (err - allowed).flatten()
+        worst = flat.topk(min(5, flat.numel())).indices
+        rows = [
+            f"{tuple(int(i) for i in torch.unravel_index(w, a.shape))}: got {a.flatten()[w]:.6g}, want {e.flatten()[w]:.6g}"
+            for w in worst
+        ]
+        raise AssertionError(
+            f"{what}: {int(over.sum())}/{a.numel()} elements off (atol={atol}, rtol={rtol}); worst: " + "; ".join(rows)
+        )
