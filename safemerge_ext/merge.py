@@ -1,0 +1,75 @@
+"""How a flagged layer's two updates become one: ``merge(alpha * dW_f, (1 - alpha) * dW_s)``.
+
+``linear`` on LoRA factors is exact by rank concatenation (no cross terms, unlike PEFT's
+``add_weighted_adapter(combination_type="linear")``): ``[alpha s_f B_f, (1-alpha) s_s B_s] @ [A_f; A_s]``.
+``ties``, ``dare_linear`` and ``dare_ties`` run ``peft.utils.merge_utils`` on the layer's full
+updates with weights ``[alpha, 1 - alpha]`` (as PEFT does for adapters); DARE's random mask is
+drawn from a generator seeded by (seed, module name), so a run is reproducible whatever the order.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+
+
+def validate(method: str, alpha: float, density: float) -> None:
+    """Raise ValueError for an unknown method or out-of-range alpha / density."""
+    if method not in METHODS:
+        raise ValueError(f"merge method must be one of {', '.join(METHODS)}; got {method!r}")
+    if not (0.0 <= alpha <= 1.0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must lie in [0, 1] (the task update's weight); got {alpha}")
+    if not (0.0 < density <= 1.0):
+        raise ValueError(f"density must lie in (0, 1] (the fraction of each update kept); got {density}")
+
+
+def concat_lora(
+    B_f: torch.Tensor, A_f: torch.Tensor, s_f: float,
+    B_s: torch.Tensor, A_s: torch.Tensor, s_s: float, alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact linear merge of two LoRA updates as one rank r_f + r_s factor pair, scale 1 (fp32)."""
+    B = torch.cat([B_f.float() * (alpha * s_f), B_s.float() * ((1.0 - alpha) * s_s)], dim=1)
+    A = torch.cat([A_f.float(), A_s.float()], dim=0)
+    return B, A
+
+
+def module_seed(seed: int, module: str) -> int:
+    """A per-module seed that does not depend on the order layers are processed in."""
+    return (int(seed) * 1_000_003 + zlib.crc32(module.encode())) % (2**63 - 1)
+
+
+def combine_full(
+    dW_f: torch.Tensor, dW_s: torch.Tensor, *, alpha: float, method: str, density: float, seed: int, module: str
+) -> torch.Tensor:
+    """``merge(alpha * dW_f, (1 - alpha) * dW_s)`` on full updates, in fp32."""
+    from peft.utils import merge_utils
+
+    tensors = [dW_f.float(), dW_s.float()]
+    weights = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float32, device=dW_f.device)
+    if method == "linear":
+        return merge_utils.task_arithmetic(tensors, weights)
+    if method == "ties":
+        return merge_utils.ties(tensors, weights, density)
+    # merge_utils draws DARE's mask from the global generator: fork it and seed per module.
+    devices = [dW_f.device] if dW_f.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(module_seed(seed, module))
+        if method == "dare_linear":
+            return merge_utils.dare_linear(tensors, weights, density)
+        if method == "dare_ties":
+            return merge_utils.dare_ties(tensors, weights, density)
+    raise ValueError(f"merge method must be one of {', '.join(METHODS)}; got {method!r}")
+
+
+def truncated_factors(dW: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-``rank`` factors (B = U S, A = V^T) of dW and the relative Frobenius error."""
+    U, S, Vh = torch.linalg.svd(dW.float(), full_matrices=False)
+    k = min(rank, S.numel())
+    total = float(S.double().square().sum())
+    rest = float(S[k:].double().square().sum())
+    rel = math.sqrt(rest / total) if total > 0 else 0.0
+    return U[:, :k] * S[:k], Vh[:k].contiguous(), rel

@@ -1,0 +1,56 @@
+"""Which layers are flagged: by threshold, by count (the k lowest) or by fraction of layers.
+
+SafeMERGE flags ``rho < tau`` (the official code's strict test); Safe LoRA flags ``rho <= tau``.
+Undefined scores (nan) are never flagged. Ties in the k-lowest modes keep model order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A validated selection rule; exactly one of threshold, num_layers or fraction is set."""
+
+    threshold: float | None = None
+    num_layers: int | None = None
+    fraction: float | None = None
+    inclusive: bool = False  # True for Safe LoRA (<=), False for SafeMERGE (<)
+
+    def __post_init__(self) -> None:
+        given = [v is not None for v in (self.threshold, self.num_layers, self.fraction)]
+        if sum(given) != 1:
+            raise ValueError("choose exactly one of a threshold, a number of layers or a fraction of layers")
+        if self.threshold is not None and not (-1.0 <= self.threshold <= 1.0 and math.isfinite(self.threshold)):
+            raise ValueError(f"threshold must lie in [-1, 1] (it is compared with a cosine); got {self.threshold}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ValueError(f"the number of layers to flag must be at least 1; got {self.num_layers}")
+        if self.fraction is not None and not (0.0 < self.fraction <= 1.0):
+            raise ValueError(f"fraction must lie in (0, 1]; got {self.fraction}")
+
+    @property
+    def mode(self) -> str:
+        return "threshold" if self.threshold is not None else "num_layers" if self.num_layers is not None else "fraction"
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "selection": self.mode,
+            "threshold": self.threshold,
+            "num_layers": self.num_layers,
+            "fraction": self.fraction,
+            "comparison": "<=" if self.inclusive else "<",
+        }
+
+    def flag(self, scores: Sequence[float]) -> list[bool]:
+        """One flag per score, in the given (model) order."""
+        valid = [i for i, s in enumerate(scores) if not math.isnan(s)]
+        if self.threshold is not None:
+            tau = self.threshold
+            return [(not math.isnan(s)) and (s <= tau if self.inclusive else s < tau) for s in scores]
+        # the 1e-9 keeps 0.3 * 10 from becoming ceil(3.0000000000000004) = 4
+        k = self.num_layers if self.num_layers is not None else math.ceil(self.fraction * len(valid) - 1e-9)
+        lowest = set(sorted(valid, key=lambda i: (scores[i], i))[:k])
+        return [i in lowest for i in range(len(scores))]
