@@ -1,0 +1,106 @@
+"""Helpers shared by the Triton ops: input checks, tile sizes, and deterministic host-side sums.
+
+Imports torch only; triton itself is imported by the op modules, so that this package can be
+imported (and its reason for being unavailable reported) where triton is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+# Weights and updates are read in their stored dtype and widened to fp32 in registers; float64
+# inputs are accepted and computed in fp32 too, as the torch reference backend does.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# tl.dot precisions for fp32 operands: "ieee" is exact fp32 FMA (the default: scores are compared
+# against a threshold, so they should not depend on the GPU); "tf32x3" is near-fp32 on tensor cores.
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+# Widest rank tile one launch handles; larger ranks are processed in column chunks of B.
+MAX_RANK_TILE = 256
+
+
+def interpret_enabled() -> bool:
+    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton
+
+        return bool(triton.knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # triton < 3.4 has no knobs: read the variable itself
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def is_interpreted(kernel: object) -> bool:
+    """Whether a @triton.jit function was decorated while the interpreter was on."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_inputs(kernel: object, precision: str, **tensors: torch.Tensor) -> torch.device:
+    """One-line errors for what the kernels cannot take; returns the common device."""
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in tensors.items())
+        raise ValueError(f"triton backend: all tensors must be on one device; got {where}")
+    device = devices.pop()
+    for name, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"triton backend: {name} must be 2-D; got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"triton backend: {name} must be fp32, fp16, bf16 or fp64; got {t.dtype}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"triton backend: precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if is_interpreted(kernel):
+        return device
+    if device.type != "cuda":
+        raise ValueError(
+            f"triton backend: tensors are on {device.type} but the kernels were compiled for CUDA: "
+            "move them to a CUDA device, or set TRITON_INTERPRET=1 before the first Triton op runs"
+        )
+    return device
+
+
+def pow2_at_least(n: int, floor: int = 16) -> int:
+    """Smallest power of two >= max(n, floor): tl.arange and tl.dot need power-of-two tiles >= 16."""
+    return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+def check_block(name: str, value: int) -> int:
+    if value < 16 or value & (value - 1):
+        raise ValueError(f"triton backend: {name} must be a power of two >= 16; got {value}")
+    return value
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (used to size split reductions); 1 elsewhere."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_rows(n: int, block: int, programs_per_split: int, split: int | None, target: int) -> tuple[int, int]:
+    """Cut n rows into at most `split` contiguous chunks of whole blocks: (chunk length, chunks).
+
+    With split=None, enough chunks to give about `target` programs in all. Each chunk is summed by
+    one program in a fixed order, and the chunks on the host in a fixed order: deterministic.
+    """
+    blocks = max(1, math.ceil(n / block))
+    if split is None:
+        split = max(1, math.ceil(target / max(1, programs_per_split)))
+    if split < 1:
+        raise ValueError(f"triton backend: split must be >= 1; got {split}")
+    per = math.ceil(blocks / min(split, blocks))
+    return per * block, math.ceil(blocks / per)
+
+
+def ordered_sum(parts: torch.Tensor) -> torch.Tensor:
+    """Sum a stack of partial results over dim 0 in float64, always in the same order."""
+    total = parts[0].double()
+    for k in range(1, parts.shape[0]):
+        total += parts[k]
+    return total
+
+
+def exact_sum(parts: torch.Tensor) -> float:
+    """Correctly rounded float64 sum of per-program partials (math.fsum: independent of order)."""
+    return math.fsum(parts.detach().cpu().double().flatten().tolist())
