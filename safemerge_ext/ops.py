@@ -37,6 +37,7 @@ class Score:
     delta_norm: float
     reason: str | None
     backend: str
+    projected_B: torch.Tensor | None = None  # C @ lora_B (fp32), when asked for and defined
 
 
 def _check_pair(wa: torch.Tensor, wu: torch.Tensor) -> None:
@@ -74,8 +75,13 @@ def subspace_score(
     lora_B: torch.Tensor | None = None,
     delta: torch.Tensor | None = None,
     backend: str = "auto",
+    with_projection: bool = False,
 ) -> Score:
-    """Score one layer's update against its safety subspace; see :func:`subspace_cosine`."""
+    """Score one layer's update against its safety subspace; see :func:`subspace_cosine`.
+
+    With ``with_projection`` and a LoRA update, also return Safe LoRA's ``C @ lora_B`` (fp32),
+    which falls out of the second pass (``P / ||V||``) at no extra read of the weights.
+    """
     _check_pair(w_aligned, w_unaligned)
     lowrank = lora_A is not None or lora_B is not None
     if lowrank == (delta is not None) or (lowrank and (lora_A is None or lora_B is None)):
@@ -94,11 +100,12 @@ def subspace_score(
         d2 = float(((Bd.t() @ Bd) * G).sum())
         # rho = (inner/||V||) / (sqrt(n2)/||V|| * sqrt(d2)): ||V|| cancels.
         num = inner
+        projected = P / math.sqrt(vsq) if with_projection and vsq > 0 else None
     else:
         if delta.shape != wa.shape:
             raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")
         m2, n2, d2, vsq = impl.fullrank_sums(wa, wu, delta.to(wa.device).contiguous())
-        num = m2
+        num, projected = m2, None
     values = (vsq, num, n2, d2)
     if not all(math.isfinite(v) for v in values):
         raise FloatingPointError("the layer's weights or update contain NaN or Inf")
@@ -110,7 +117,8 @@ def subspace_score(
     cos = _cos(num, n2, d2)
     if math.isnan(cos):
         return Score(cos, v_norm, d_norm, "the update is orthogonal to V (C dW = 0)", name)
-    return Score(min(1.0, max(-1.0, cos)), v_norm, d_norm, None, name)
+    return Score(min(1.0, max(-1.0, cos)), v_norm, d_norm, None, name,
+                 projected.float() if projected is not None else None)
 
 
 def subspace_cosine(

@@ -1,0 +1,189 @@
+"""``safemerge``: score, merge and project LoRA adapters against a model's safety subspace.
+
+A thin face over ``safemerge_ext.pipeline``. Parsing imports nothing heavy, so ``--help`` answers
+without torch; every bad input ends as one ``safemerge: error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+
+_MODELS_HELP = {
+    "aligned": "the aligned (chat/instruct) model folder the adapters were trained on, e.g. Llama-2-7b-chat-hf "
+               "(safetensors, single file or sharded)",
+    "unaligned": "the unaligned base model folder the aligned one was tuned from, e.g. Llama-2-7b-hf; "
+                 "V = W_aligned - W_unaligned spans the safety subspace",
+}
+
+
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--aligned", required=True, metavar="DIR", help=_MODELS_HELP["aligned"])
+    p.add_argument("--unaligned", required=True, metavar="DIR", help=_MODELS_HELP["unaligned"])
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="scoring backend: auto = triton on CUDA, else the CUDA extension; the C++ extension on the CPU; "
+                        "torch is the pure-PyTorch reference. Env SAFEMERGE_BACKEND sets the default (default: auto)")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda",
+                   help="device the weights are scored on; cuda stages through pinned memory (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar over layers")
+
+
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder; written to a temporary sibling and renamed at the end, so a failed run leaves nothing")
+    p.add_argument("--output", choices=("adapter", "model"), default="adapter",
+                   help="adapter: a PEFT LoRA adapter for --aligned (default); model: the full aligned model with the "
+                        "updates added, same sharding, config and tokenizer files copied")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (only once the run has succeeded)")
+
+
+def _unit_float(name: str, lo: float, hi: float, lo_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number; got {text!r}") from None
+        if not (lo < v <= hi if lo_open else lo <= v <= hi):
+            raise argparse.ArgumentTypeError(f"{name} must lie in {'(' if lo_open else '['}{lo:g}, {hi:g}]; got {text}")
+        return v
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number; got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safemerge",
+        description="SafeMERGE: find the layers where fine-tuning drifted out of the model's safety subspace "
+                    "(cos(C dW, dW) with C = V V^T/||V||, V = W_aligned - W_unaligned) and merge only those "
+                    "with a safety update. Reads one tensor at a time from safetensors.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("score", help="score an adapter's layers; no merge",
+                       description="Score every layer of a LoRA adapter against the safety subspace and report it.")
+    _add_models(p)
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT LoRA adapter folder to score")
+    p.add_argument("--threshold", type=_unit_float("--threshold", -1, 1), default=0.35,
+                   help="layers with cosine < threshold are marked as SafeMERGE would flag them (default: 0.35)")
+    p.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--plot", metavar="FILE", help="write the per-layer cosine plot (PNG) here")
+    _add_runtime(p)
+
+    p = sub.add_parser("merge", help="SafeMERGE a task adapter with a safety adapter",
+                       description="Score the task adapter; merge the flagged layers with the safety adapter "
+                                   "(alpha * dW_task + (1 - alpha) * dW_safety, or ties/DARE); keep every other layer.")
+    _add_models(p)
+    p.add_argument("--task-adapter", required=True, metavar="DIR", help="the task (fine-tuning) LoRA adapter")
+    p.add_argument("--safety-adapter", required=True, metavar="DIR",
+                   help="a LoRA adapter trained on safety data on the same aligned model and target modules")
+    _add_out(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=_unit_float("--threshold", -1, 1),
+                   help="flag layers with cosine < threshold (default: 0.35)")
+    g.add_argument("--num-layers", type=_positive_int, metavar="K", help="flag the K layers with the lowest cosine")
+    g.add_argument("--fraction", type=_unit_float("--fraction", 0, 1, lo_open=True), metavar="F",
+                   help="flag the lowest ceil(F x n) of the n scored layers")
+    p.add_argument("--alpha", type=_unit_float("--alpha", 0, 1), default=0.8,
+                   help="weight of the task update in flagged layers; the safety update gets 1 - alpha (default: 0.8)")
+    p.add_argument("--method", choices=METHODS, default="linear",
+                   help="how flagged layers combine: linear is exact (rank r_task + r_safety); ties/dare run "
+                        "peft.utils.merge_utils on the full update, re-factorized by SVD for adapter output (default: linear)")
+    p.add_argument("--density", type=_unit_float("--density", 0, 1, lo_open=True), default=1.0,
+                   help="ties/dare: fraction of each update kept (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks; a run is reproducible per seed (default: 0)")
+    _add_runtime(p)
+
+    p = sub.add_parser("project", help="Safe LoRA: project flagged layers onto the safety subspace",
+                       description="Safe LoRA baseline: layers with cosine <= threshold (or the K lowest) get lora_B <- C lora_B.")
+    _add_models(p)
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT LoRA adapter to project")
+    _add_out(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=_unit_float("--threshold", -1, 1),
+                   help="project layers with cosine <= threshold (default: 0.5)")
+    g.add_argument("--num-layers", type=_positive_int, metavar="K", help="project the K layers with the lowest cosine")
+    _add_runtime(p)
+
+    p = sub.add_parser("backends", help="list the scoring backends and why any is unavailable",
+                       description="List every scoring backend: usable here, or the reason it is not.")
+
+    p = sub.add_parser("autoload", help="let plain mergekit-yaml find the safemerge methods",
+                       description="Write (enable) or remove (disable) the .pth hook in this environment's site-packages "
+                                   "that registers safemerge, safelora and resta when mergekit loads its methods.")
+    p.add_argument("action", choices=("enable", "disable", "status"), help="what to do with the hook")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "backends":
+        from safemerge_ext.backends import available_backends
+
+        for name, reason in available_backends().items():
+            print(f"{name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+        return 0
+    if args.command == "autoload":
+        from safemerge_ext import autoload
+
+        print(getattr(autoload, args.action)())
+        return 0
+
+    from safemerge_ext import pipeline
+    from safemerge_ext.report import summary_table
+
+    progress = False if args.no_progress else None
+    common = {"backend": args.backend, "device": args.device, "progress": progress}
+    if args.command == "score":
+        report = pipeline.score(args.aligned, args.unaligned, args.adapter, threshold=args.threshold,
+                                report_path=args.report, plot_path=args.plot, **common)
+    elif args.command == "merge":
+        threshold = 0.35 if args.num_layers is None and args.fraction is None and args.threshold is None else args.threshold
+        settings = pipeline.MergeSettings(
+            pipeline.Selection(threshold=threshold, num_layers=args.num_layers, fraction=args.fraction),
+            alpha=args.alpha, method=args.method, density=args.density, seed=args.seed, output=args.output,
+        )
+        report = pipeline.merge(args.aligned, args.unaligned, args.task_adapter, args.safety_adapter, args.out,
+                                settings, force=args.force, **common)
+    else:
+        threshold = 0.5 if args.num_layers is None and args.threshold is None else args.threshold
+        selection = pipeline.Selection(threshold=threshold, num_layers=args.num_layers, inclusive=True)
+        report = pipeline.project(args.aligned, args.unaligned, args.adapter, args.out, selection,
+                                  output=args.output, force=args.force, **common)
+    print(summary_table(report))
+    if getattr(args, "out", None):
+        print(f"wrote {args.out} (report: safemerge_report.json, plot: safemerge_report.png)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from safemerge_ext.errors import SafeMergeError
+
+    try:
+        return _run(args)
+    except (SafeMergeError, ValueError) as exc:
+        print(f"safemerge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safemerge: interrupted; nothing was written to --out", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

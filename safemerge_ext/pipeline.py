@@ -1,0 +1,424 @@
+"""The adapter pipeline behind ``safemerge score | merge | project``.
+
+io (read the two models' target weights, one layer at a time, with read-ahead) -> ops (score on
+the chosen backend) -> selection -> output (a PEFT adapter or a streamed full model, written to a
+temporary folder and renamed into place) -> report. Every input is validated from file headers
+before any weight is read.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from safemerge_ext import merge as merging
+from safemerge_ext import ops
+from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.io.adapters import LoraAdapter, LoraModule, OutModule, read_adapter, unit_alpha, write_adapter
+from safemerge_ext.io.model_writer import write_model
+from safemerge_ext.io.models import ModelReader, natural_key
+from safemerge_ext.io.output import check_out, staged_dir
+from safemerge_ext.report import REPORT_JSON, REPORT_PNG, LayerRecord, build_report, plot, summary_table, write_json
+from safemerge_ext.selection import Selection
+
+OUTPUTS = ("adapter", "model")
+
+
+@dataclass
+class Layer:
+    """One target module: its weight name in the models and the adapters' factors for it."""
+
+    module: str
+    weight: str
+    shape: tuple[int, int]
+    task: LoraModule
+    safety: LoraModule | None = None
+
+
+@dataclass
+class Run:
+    """Everything one pipeline run opened, plus its clocks and warnings."""
+
+    aligned: ModelReader
+    unaligned: ModelReader
+    layers: list[Layer]
+    device: torch.device
+    backend: str
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    adapter_bytes: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.aligned.bytes_read + self.unaligned.bytes_read + self.adapter_bytes
+
+    def tick(self, key: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[key] = self.timings.get(key, 0.0) + now - since
+        return now
+
+
+def _device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SafeMergeError("--device cuda: no CUDA device is available here; use --device cpu")
+    return dev
+
+
+def open_run(
+    aligned_dir: str | Path,
+    unaligned_dir: str | Path,
+    task: LoraAdapter,
+    safety: LoraAdapter | None = None,
+    *,
+    device: str = "cpu",
+    backend: str = "auto",
+) -> Run:
+    """Open both models and match every task module to its weight; check shapes and dtypes."""
+    dev = _device(device)
+    try:
+        backend_name, _ = ops.backends.resolve(backend, dev.type)
+    except ValueError as exc:
+        raise SafeMergeError(f"--backend {backend}: {exc}") from None
+    aligned = ModelReader(aligned_dir, "--aligned")
+    unaligned = ModelReader(unaligned_dir, "--unaligned")
+    layers: list[Layer] = []
+    for module in sorted(task.modules, key=natural_key):
+        lm = task.modules[module]
+        weight = aligned.resolve_module(module)
+        if weight is None:
+            raise SafeMergeError(
+                f"{task.flag} {task.path}: targets module {module}, but --aligned {aligned.path} has no tensor "
+                f"{module}.weight; the adapter was trained on another architecture"
+            )
+        shape, dtype = aligned.meta(weight)
+        if weight not in unaligned:
+            raise SafeMergeError(
+                f"--unaligned {unaligned.path}: tensor {weight} is missing (it is in --aligned); "
+                "the two models must share an architecture"
+            )
+        ushape, udtype = unaligned.meta(weight)
+        if ushape != shape:
+            raise SafeMergeError(
+                f"tensor {weight} has shape {shape} in --aligned but {ushape} in --unaligned: "
+                "the two models must share an architecture"
+            )
+        if udtype != dtype:
+            raise SafeMergeError(
+                f"tensor {weight} is {dtype} in --aligned but {udtype} in --unaligned: "
+                "save both models in one dtype (e.g. torch_dtype=torch.bfloat16) so their difference is meaningful"
+            )
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16) or len(shape) != 2:
+            raise SafeMergeError(f"--aligned tensor {weight} is {dtype} {shape}; LoRA targets must be 2-D fp32/fp16/bf16 weights")
+        if (lm.B.shape[0], lm.A.shape[1]) != shape:
+            raise SafeMergeError(
+                f"{task.flag} {task.path}: module {module} is {lm.B.shape[0]}x{lm.A.shape[1]} but {weight} is "
+                f"{shape[0]}x{shape[1]}; the adapter belongs to another model"
+            )
+        sm = None
+        if safety is not None:
+            sm = safety.modules.get(module)
+            if sm is None:
+                raise SafeMergeError(
+                    f"{safety.flag} {safety.path}: has no update for module {module}, which {task.flag} adapts; "
+                    "train the safety adapter on the same target modules"
+                )
+            if (sm.B.shape[0], sm.A.shape[1]) != shape:
+                raise SafeMergeError(
+                    f"{safety.flag} {safety.path}: module {module} is {sm.B.shape[0]}x{sm.A.shape[1]} but {weight} is "
+                    f"{shape[0]}x{shape[1]}; the adapter belongs to another model"
+                )
+        layers.append(Layer(module, weight, shape, lm, sm))
+    run = Run(aligned, unaligned, layers, dev, backend_name)
+    run.adapter_bytes = task.nbytes + (safety.nbytes if safety is not None else 0)
+    if safety is not None:
+        extra = sorted(set(safety.modules) - set(task.modules), key=natural_key)
+        if extra:
+            run.warnings.append(
+                f"{len(extra)} safety-adapter module(s) have no task update and are ignored (e.g. {extra[0]})"
+            )
+    return run
+
+
+def prefetch(items: Iterable[Any], load: Callable[[Any], Any], depth: int = 2) -> Iterator[tuple[Any, Any]]:
+    """Yield (item, load(item)) while a background thread loads up to ``depth`` items ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    _END = object()
+
+    def worker() -> None:
+        try:
+            for it in items:
+                if stop.is_set():
+                    return
+                q.put((it, load(it), None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put((None, None, exc))
+        q.put(_END)
+
+    t = threading.Thread(target=worker, name="safemerge-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            got = q.get()
+            if got is _END:
+                return
+            it, value, exc = got
+            if exc is not None:
+                raise exc
+            yield it, value
+    finally:
+        stop.set()
+        while t.is_alive():  # drain so the worker can finish its put() and exit
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+def _non_finite(run: Run, layer: Layer, wa: torch.Tensor, wu: torch.Tensor) -> SafeMergeError:
+    for reader, t in ((run.aligned, wa), (run.unaligned, wu)):
+        if not torch.isfinite(t).all():
+            return SafeMergeError(
+                f"{reader.flag} {reader.path / reader.shard_of(layer.weight)}: tensor {layer.weight} contains NaN or Inf; "
+                "the checkpoint is corrupt or was saved in a dtype that overflowed"
+            )
+    return SafeMergeError(f"scoring {layer.module} overflowed (the weights are too large for fp32 sums)")
+
+
+def score_layers(run: Run, *, progress: bool | None = None, with_projection: bool = False) -> list[ops.Score]:
+    """Score every layer's task update, reading each weight pair once (with read-ahead)."""
+    from tqdm.auto import tqdm
+
+    scores: list[ops.Score] = []
+
+    def load(layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        wa, wu = run.aligned.get(layer.weight), run.unaligned.get(layer.weight)
+        if run.device.type == "cuda":
+            wa, wu = wa.pin_memory().to(run.device, non_blocking=True), wu.pin_memory().to(run.device, non_blocking=True)
+        run.tick("read_s", t0)
+        return wa, wu
+
+    bar = tqdm(total=len(run.layers), desc="scoring", unit="layer", disable=progress is False if progress is not None else None,
+               leave=False)
+    t_loop = time.perf_counter()
+    try:
+        for layer, (wa, wu) in prefetch(run.layers, load):
+            try:
+                s = ops.subspace_score(
+                    wa, wu, lora_A=layer.task.A, lora_B=layer.task.B, backend=run.backend, with_projection=with_projection
+                )
+            except FloatingPointError:
+                raise _non_finite(run, layer, wa, wu) from None
+            scores.append(s)
+            bar.update(1)
+    finally:
+        bar.close()
+    run.tick("score_loop_s", t_loop)
+    return scores
+
+
+def _records(run: Run, scores: list[ops.Score], flags: list[bool], action: str) -> list[LayerRecord]:
+    out = []
+    for layer, s, f in zip(run.layers, scores, flags):
+        out.append(
+            LayerRecord(
+                module=layer.module,
+                cosine=s.cosine,
+                flagged=f,
+                reason=s.reason,
+                action=action if f else ("skipped" if s.reason else "kept"),
+                shape=layer.shape,
+                rank=layer.task.rank,
+                v_norm=s.v_norm,
+                delta_norm=s.delta_norm * abs(layer.task.scaling),
+            )
+        )
+    return out
+
+
+def _finish(run: Run, command: str, method: str, records: list[LayerRecord], settings: dict[str, Any]) -> dict[str, Any]:
+    run.timings["total_s"] = time.perf_counter() - run.started
+    return build_report(
+        command=command, method=method, layers=records, settings=settings, backend=run.backend,
+        timings=run.timings, bytes_read=run.bytes_read, warnings=run.warnings,
+    )
+
+
+def _save_report(report: dict[str, Any], folder: Path) -> None:
+    write_json(report, folder / REPORT_JSON)
+    plot(report, folder / REPORT_PNG)
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def score(
+    aligned: str | Path, unaligned: str | Path, adapter: str | Path, *,
+    threshold: float = 0.35, backend: str = "auto", device: str = "cpu",
+    report_path: str | Path | None = None, plot_path: str | Path | None = None, progress: bool | None = None,
+) -> dict[str, Any]:
+    """Score one adapter's layers; flag by SafeMERGE's rule at ``threshold`` for the report only."""
+    selection = Selection(threshold=threshold)
+    task = read_adapter(adapter, "--adapter")
+    run = open_run(aligned, unaligned, task, device=device, backend=backend)
+    scores = score_layers(run, progress=progress)
+    flags = selection.flag([s.cosine for s in scores])
+    settings = {"aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
+                "adapter": str(Path(adapter).resolve()), "device": device, **selection.describe()}
+    report = _finish(run, "score", "score", _records(run, scores, flags, "kept"), settings)
+    if report_path:
+        write_json(report, report_path)
+    if plot_path:
+        plot(report, plot_path)
+    return report
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """Validated settings of ``safemerge merge``."""
+
+    selection: Selection
+    alpha: float = 0.8
+    method: str = "linear"
+    density: float = 1.0
+    seed: int = 0
+    output: str = "adapter"
+
+    def __post_init__(self) -> None:
+        merging.validate(self.method, self.alpha, self.density)
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
+
+
+def _out_dtype(*ts: torch.Tensor) -> torch.dtype:
+    dt = ts[0].dtype
+    for t in ts[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def merge(
+    aligned: str | Path, unaligned: str | Path, task_adapter: str | Path, safety_adapter: str | Path, out: str | Path,
+    settings: MergeSettings, *, backend: str = "auto", device: str = "cpu", force: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """SafeMERGE: score the task adapter, merge flagged layers with the safety adapter, write ``out``."""
+    check_out(out, force)
+    task = read_adapter(task_adapter, "--task-adapter")
+    safety = read_adapter(safety_adapter, "--safety-adapter")
+    run = open_run(aligned, unaligned, task, safety, device=device, backend=backend)
+    scores = score_layers(run, progress=progress)
+    flags = settings.selection.flag([s.cosine for s in scores])
+    records = _records(run, scores, flags, "merged")
+    sel = {"threshold": settings.selection.threshold, "num_layers": settings.selection.num_layers}
+    if settings.selection.mode == "num_layers" and settings.selection.num_layers > sum(not math.isnan(s.cosine) for s in scores):
+        run.warnings.append(f"--num-layers {sel['num_layers']} exceeds the {sum(not math.isnan(s.cosine) for s in scores)} "
+                            "scorable layers; all of them were flagged")
+    t0 = time.perf_counter()
+    use_rslora = task.use_rslora
+
+    def merged_update(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(full dW or None, B, A) of a flagged layer's merged update (fp32)."""
+        t, s = layer.task, layer.safety
+        if settings.method == "linear":
+            B, A = merging.concat_lora(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha)
+            return None, B, A
+        dW = merging.combine_full(t.delta(), s.delta(), alpha=settings.alpha, method=settings.method,
+                                  density=settings.density, seed=settings.seed, module=layer.module)
+        return dW, None, None
+
+    with staged_dir(out, force) as tmp:
+        if settings.output == "adapter":
+            modules: list[OutModule] = []
+            for layer, rec in zip(run.layers, records):
+                t = layer.task
+                if not rec.flagged:
+                    modules.append(OutModule(layer.module, t.A, t.B, t.alpha))
+                    continue
+                dW, B, A = merged_update(layer)
+                if dW is not None:
+                    B, A, rel = merging.truncated_factors(dW, t.rank + layer.safety.rank)
+                    rec.extra["svd_rel_error"] = rel
+                dt = _out_dtype(t.B, layer.safety.B)
+                modules.append(OutModule(layer.module, A.to(dt), B.to(dt), unit_alpha(A.shape[0], use_rslora)))
+            write_adapter(tmp, task.config, modules)
+        else:
+            by_weight = {layer.weight: (layer, rec) for layer, rec in zip(run.layers, records)}
+
+            def update_for(name: str) -> torch.Tensor | None:
+                hit = by_weight.get(name)
+                if hit is None:
+                    return None
+                layer, rec = hit
+                if not rec.flagged:
+                    return layer.task.delta()
+                dW, B, A = merged_update(layer)
+                return dW if dW is not None else B @ A
+
+            write_model(run.aligned, tmp, update_for)
+        run.tick("write_s", t0)
+        report = _finish(run, "merge", "safemerge", records, {
+            "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
+            "task_adapter": str(Path(task_adapter).resolve()), "safety_adapter": str(Path(safety_adapter).resolve()),
+            "out": str(Path(out).resolve()), **settings.selection.describe(), "alpha": settings.alpha,
+            "merge": settings.method, "density": settings.density, "seed": settings.seed, "output": settings.output,
+            "device": device, "backend_requested": backend,
+        })
+        _save_report(report, tmp)
+    return report
+
+
+def project(
+    aligned: str | Path, unaligned: str | Path, adapter: str | Path, out: str | Path, selection: Selection, *,
+    output: str = "adapter", backend: str = "auto", device: str = "cpu", force: bool = False,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Safe LoRA: flagged layers (cosine <= threshold, or the k lowest) get ``lora_B <- C lora_B``."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+    check_out(out, force)
+    task = read_adapter(adapter, "--adapter")
+    run = open_run(aligned, unaligned, task, device=device, backend=backend)
+    scores = score_layers(run, progress=progress, with_projection=True)
+    flags = selection.flag([s.cosine for s in scores])
+    records = _records(run, scores, flags, "projected")
+    t0 = time.perf_counter()
+    new_B = {layer.module: s.projected_B.to(layer.task.B.dtype) for layer, s, f in zip(run.layers, scores, flags) if f}
+    with staged_dir(out, force) as tmp:
+        if output == "adapter":
+            write_adapter(tmp, task.config, [
+                OutModule(layer.module, layer.task.A, new_B.get(layer.module, layer.task.B), layer.task.alpha)
+                for layer in run.layers
+            ])
+        else:
+            by_weight = {layer.weight: layer for layer in run.layers}
+
+            def update_for(name: str) -> torch.Tensor | None:
+                layer = by_weight.get(name)
+                if layer is None:
+                    return None
+                B = new_B.get(layer.module, layer.task.B)
+                return (B.float() @ layer.task.A.float()) * layer.task.scaling
+
+            write_model(run.aligned, tmp, update_for)
+        run.tick("write_s", t0)
+        report = _finish(run, "project", "safelora", records, {
+            "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
+            "adapter": str(Path(adapter).resolve()), "out": str(Path(out).resolve()), **selection.describe(),
+            "output": output, "device": device, "backend_requested": backend,
+        })
+        _save_report(report, tmp)
+    return report
+
+
+__all__ = ["MergeSettings", "Selection", "merge", "project", "score", "summary_table"]
