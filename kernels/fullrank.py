@@ -1,0 +1,205 @@
+"""Full-rank scoring and projection: M = V^T dW, N = V M, and ||M||^2, ||N||^2, ||dW||^2, ||V||^2.
+
+For a full fine-tune dW (d_out x d_in), rho = ||M||^2 / (||N|| ||dW||) (SPEC section 1), and Safe
+LoRA's projection is C dW = N / ||V||. Two fused GEMMs form V (and read dW) tile by tile in fp32
+registers: neither V nor C is ever written. M is produced one column panel at a time
+(d_in x panel, fp32), so memory stays bounded for 14336-wide MLP weights; N is either reduced to
+its norm or written (project_full). Every output tile belongs to one program with a fixed loop
+order and per-program partial norms are summed on the host with math.fsum: reproducible bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import check_block, check_inputs, exact_sum, is_interpreted, pow2_at_least
+
+
+@triton.jit
+def _vt_dw_kernel(WA, WU, D, MP, PART, d_out, d_in, j_lo, panel_w,
+                  s_wa_m, s_wa_n, s_wu_m, s_wu_n, s_d_m, s_d_n, s_mp,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """MP[i, j] = sum_k V[k, i] * D[k, j_lo + j] for one BLOCK_N x BLOCK_N tile of the panel, with
+    PART[0] = sum of MP^2 over the tile, PART[1] = sum of V^2 and PART[2] = sum of D^2 over the
+    columns the tile reads (the host takes ||V||^2 from the programs with pid_j = 0 of the first
+    panel and ||dW||^2 from those with pid_i = 0).
+
+    Weights and dW are read in their stored dtype and widened to fp32 before the subtraction (the
+    difference of two bf16/fp16 values is exact in fp32, not in bf16); tl.dot accumulates in fp32
+    over BLOCK_M rows a step; M is written in fp32 because the second GEMM reads it back.
+    """
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    ci = (pid_i * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cl = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    cj = (j_lo + cl).to(tl.int64)
+    i_ok = ci < d_in
+    j_ok = cl < panel_w
+    acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    vsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, d_out, BLOCK_M):
+        rows = (k0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_ok = rows < d_out
+        vmask = row_ok[:, None] & i_ok[None, :]
+        a = tl.load(WA + rows[:, None] * s_wa_m + ci[None, :] * s_wa_n, mask=vmask, other=0.0)
+        u = tl.load(WU + rows[:, None] * s_wu_m + ci[None, :] * s_wu_n, mask=vmask, other=0.0)
+        v = a.to(tl.float32) - u.to(tl.float32)
+        d = tl.load(D + rows[:, None] * s_d_m + cj[None, :] * s_d_n,
+                    mask=row_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(v), d, acc, input_precision=PRECISION)
+        vsq += tl.sum(v * v, axis=0)
+        dsq += tl.sum(d * d, axis=0)
+    tl.store(MP + ci[:, None] * s_mp + cl[None, :], acc, mask=i_ok[:, None] & j_ok[None, :])
+    n_tiles = tl.num_programs(0) * tl.num_programs(1)
+    tile = pid_i * tl.num_programs(1) + pid_j
+    tl.store(PART + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    tl.store(PART + n_tiles + tile, tl.sum(vsq, axis=0))
+    tl.store(PART + 2 * n_tiles + tile, tl.sum(dsq, axis=0))
+
+
+@triton.jit
+def _v_m_kernel(WA, WU, MP, OUT, PART, d_out, d_in, j_lo, panel_w,
+                s_wa_m, s_wa_n, s_wu_m, s_wu_n, s_mp, s_out,
+                STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """N[i, j] = sum_k V[i, k] * MP[k, j] for one BLOCK_M x BLOCK_N tile, PART = sum of N^2 over
+    it, and (STORE) OUT[i, j_lo + j] = N[i, j] in fp32.
+
+    V is widened to fp32 as in the first GEMM; MP is fp32; tl.dot accumulates in fp32 over
+    BLOCK_K columns of V a step.
+    """
+    pid_m = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cl = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < d_out
+    j_ok = cl < panel_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = ks < d_in
+        vmask = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(WA + rows[:, None] * s_wa_m + ks[None, :] * s_wa_n, mask=vmask, other=0.0)
+        u = tl.load(WU + rows[:, None] * s_wu_m + ks[None, :] * s_wu_n, mask=vmask, other=0.0)
+        v = a.to(tl.float32) - u.to(tl.float32)
+        m = tl.load(MP + ks[:, None] * s_mp + cl[None, :], mask=k_ok[:, None] & j_ok[None, :], other=0.0)
+        acc = tl.dot(v, m, acc, input_precision=PRECISION)
+    tl.store(PART + pid_m * tl.num_programs(1) + pid_j, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    if STORE:
+        tl.store(OUT + rows[:, None] * s_out + (j_lo + cl[None, :]), acc, mask=row_ok[:, None] & j_ok[None, :])
+
+
+# Largest fp32 M panel (d_in x panel) held at once on a GPU.
+_PANEL_BYTES = 256 << 20
+
+
+def _run(
+    wa: torch.Tensor,
+    wu: torch.Tensor,
+    delta: torch.Tensor,
+    out: torch.Tensor | None,
+    block_m: int | None,
+    block_n: int | None,
+    block_k: int | None,
+    panel: int | None,
+    precision: str,
+) -> tuple[float, float, float, float]:
+    check_inputs(_vt_dw_kernel, precision, wa=wa, wu=wu, delta=delta)
+    if wu.shape != wa.shape or delta.shape != wa.shape:
+        raise ValueError(
+            f"triton backend: w_aligned {tuple(wa.shape)}, w_unaligned {tuple(wu.shape)} and delta "
+            f"{tuple(delta.shape)} must have one shape"
+        )
+    d_out, d_in = wa.shape
+    interpreted = is_interpreted(_vt_dw_kernel)
+    # The interpreter's cost grows with programs and loop steps: largest tiles there; on a GPU,
+    # 128 x 128 fp32 output tiles for the first GEMM, 64 x 128 for the second, 64-deep steps.
+    bm = check_block("block_m", block_m or (min(128, pow2_at_least(d_out)) if interpreted else 64))
+    bn = check_block("block_n", block_n or (min(128, pow2_at_least(d_in)) if interpreted else 128))
+    bk = check_block("block_k", block_k or (min(128, pow2_at_least(d_in)) if interpreted else 64))
+    if panel is None:
+        panel = d_in if interpreted else max(bn, (_PANEL_BYTES // (4 * d_in)) // bn * bn)
+    if panel < 1:
+        raise ValueError(f"triton backend: panel must be >= 1 column; got {panel}")
+    panel = min(panel, d_in)
+    warps = 4 if interpreted else 8
+    f32 = dict(dtype=torch.float32, device=wa.device)
+    MP = torch.empty(d_in, panel, **f32)
+    n_i, n_m = math.ceil(d_in / bn), math.ceil(d_out / bm)
+    m2_parts, n2_parts, d2_parts, vsq_parts = [], [], [], None
+    store = out is not None
+    out_arg = out if store else MP  # never written when STORE is off
+    for j_lo in range(0, d_in, panel):
+        w = min(panel, d_in - j_lo)
+        n_j = math.ceil(w / bn)
+        part_a = torch.empty(3, n_i, n_j, **f32)
+        _vt_dw_kernel[(n_i, n_j)](
+            wa, wu, delta, MP, part_a, d_out, d_in, j_lo, w,
+            wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1), delta.stride(0), delta.stride(1),
+            MP.stride(0), BLOCK_M=bm, BLOCK_N=bn, PRECISION=precision, num_warps=warps,
+        )
+        part_b = torch.empty(n_m, n_j, **f32)
+        _v_m_kernel[(n_m, n_j)](
+            wa, wu, MP, out_arg, part_b, d_out, d_in, j_lo, w,
+            wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1), MP.stride(0), out_arg.stride(0),
+            STORE=store, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, num_warps=warps,
+        )
+        m2_parts.append(part_a[0])
+        d2_parts.append(part_a[2, 0])
+        n2_parts.append(part_b)
+        if vsq_parts is None:
+            vsq_parts = part_a[1, :, 0]
+    sums = (torch.cat([p.flatten() for p in parts]) for parts in (m2_parts, n2_parts, d2_parts))
+    m2, n2, d2 = (exact_sum(s) for s in sums)
+    return m2, n2, d2, exact_sum(vsq_parts)
+
+
+def fullrank_sums(
+    wa: torch.Tensor,
+    wu: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    panel: int | None = None,
+    precision: str = "ieee",
+) -> tuple[float, float, float, float]:
+    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2 and ||V||^2 as float64 sums of fp32 tile partials.
+
+    Tiles: BLOCK_M along d_out, BLOCK_N along d_in for output tiles, BLOCK_K the depth of the
+    second GEMM's steps (powers of two >= 16); ``panel`` columns of M are formed at a time.
+    """
+    return _run(wa, wu, delta, None, block_m, block_n, block_k, panel, precision)
+
+
+def project_full(
+    wa: torch.Tensor,
+    wu: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    panel: int | None = None,
+    precision: str = "ieee",
+) -> tuple[torch.Tensor, float]:
+    """N = V (V^T dW) (d_out x d_in, fp32) and ||V||^2; C dW = N / ||V||. Tiles as in fullrank_sums."""
+    out = torch.empty(wa.shape, dtype=torch.float32, device=wa.device)
+    *_, vsq = _run(wa, wu, delta, out, block_m, block_n, block_k, panel, precision)
+    return out, vsq
+
+
+def fullrank_reference(
+    wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor
+) -> tuple[float, float, float, float, torch.Tensor]:
+    """(m2, n2, d2, vsq, N) in float64 with plain torch (V and M formed whole)."""
+    V, D = wa.double() - wu.double(), delta.double()
+    M = V.t() @ D
+    N = V @ M
+    return float(M.square().sum()), float(N.square().sum()), float(D.square().sum()), float(V.square().sum()), N
