@@ -1,0 +1,493 @@
+"""mergekit merge methods ``safemerge``, ``safelora`` and ``resta`` (mergekit >= 0.1.5 method API).
+
+Each method is a per-tensor kernel over one ``TensorGroup``: the base input is the aligned model,
+the other inputs carry a ``role`` (``task``, ``safety``, ``unaligned``). For a 2-D weight the task
+update ``dW = W_task - W_aligned`` is scored with :func:`safemerge_ext.ops.subspace_score` (the same
+backend-dispatched math as the CLI) and, if flagged, merged (SafeMERGE, via
+:func:`safemerge_ext.merge.combine_full`) or projected (Safe LoRA, via
+:func:`safemerge_ext.ops.project_delta`). Everything else -- 1-D tensors, embeddings and ``lm_head``
+(not linear layers LoRA targets; their rows are the vocabulary), degenerate layers -- is the task
+model's tensor, bit for bit. Inputs are upcast to fp32 here; no kernel stacks its inputs.
+
+Reports: mergekit has no end-of-run hook and may run tensors in several threads, so every scored
+tensor appends one JSON line to a sidecar file under a lock; :func:`finalize_report` (called by
+``safemerge-yaml``, by tests, and at interpreter exit for plain ``mergekit-yaml``) turns it into
+``safemerge_report.json`` + ``.png``. Where: the ``report_path`` parameter, else
+``$SAFEMERGE_REPORT_DIR``, else the ``OUT_PATH`` of a running ``mergekit-yaml``, else none (a
+warning says so).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
+from mergekit.merge_methods.easy_define import merge_method
+from pydantic import Field
+from typing_extensions import Annotated
+
+from safemerge_ext import ops
+from safemerge_ext.merge import METHODS as MERGE_METHODS
+from safemerge_ext.merge import combine_full, module_seed
+from safemerge_ext.report import REPORT_JSON, REPORT_PNG, LayerRecord, build_report, plot, summary_table, write_json
+
+__all__ = [
+    "METHOD_NAMES",
+    "SIDECAR",
+    "finalize_report",
+    "pending_reports",
+    "register_methods",
+    "report_to",
+    "resta_method",
+    "safelora_method",
+    "safemerge_method",
+]
+
+LOG = logging.getLogger(__name__)
+
+METHOD_NAMES = ("safemerge", "safelora", "resta")
+ROLES = {"safemerge": ("task", "safety", "unaligned"), "safelora": ("task", "unaligned"), "resta": ("task", "unaligned")}
+SIDECAR = ".safemerge_layers.jsonl"
+REPORT_DIR_ENV = "SAFEMERGE_REPORT_DIR"
+# unit roundoff of the half-precision formats (relative error of one rounding)
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+Role = Literal["task", "safety", "unaligned"]
+Threshold = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Density = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Beta = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+MergeName = Literal["linear", "ties", "dare_linear", "dare_ties"]
+assert set(MERGE_METHODS) == {"linear", "ties", "dare_linear", "dare_ties"}
+
+
+# ---------------------------------------------------------------------------------------------
+# per-tensor helpers
+
+
+def _roles(group: TensorGroup, role: Any, method: str) -> dict[str, torch.Tensor]:
+    """Map each required role to its input tensor; raise naming the role and models otherwise."""
+    name = group.metadata.name or "?"
+    if group.base is None:
+        raise ValueError(f"{method}: tensor {name} has no base input; set base_model to the aligned model")
+    found: dict[str, list[Any]] = {}
+    for entry in group.non_base:
+        found.setdefault(role[entry.id], []).append(entry)
+    for r in ROLES[method]:
+        got = found.get(r, [])
+        if len(got) != 1:
+            models = ", ".join(str(e.id) for e in got) or "none"
+            raise ValueError(
+                f"{method}: role {r!r} must be given to exactly one model (parameters: {{role: {r}}}); "
+                f"tensor {name} has {len(got)} ({models})"
+            )
+    extra = sorted(set(found) - set(ROLES[method]))
+    if extra:
+        raise ValueError(
+            f"{method}: role {extra[0]!r} is not used by this method; roles are {', '.join(ROLES[method])}"
+        )
+    out = {r: found[r][0].tensor for r in ROLES[method]}
+    out["aligned"] = group.base.tensor
+    return out
+
+
+def _scorable(group: TensorGroup, t: torch.Tensor) -> bool:
+    """2-D floating weights that are not vocabulary tables (embeddings, lm_head)."""
+    return t.dim() == 2 and t.is_floating_point() and group.metadata.vocabulary_axis is None
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _module(name: str | None) -> str:
+    name = name or "?"
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def _score(name: str, wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor) -> ops.Score:
+    try:
+        return ops.subspace_score(wa, wu, delta=dW)
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"tensor {name}: {exc}; check the input models") from None
+
+
+def _rounding_band(src_dtype: torch.dtype, wt: torch.Tensor, wa: torch.Tensor, d_norm: float) -> float | None:
+    """Estimated cosine uncertainty when dW was recovered from half-precision weights.
+
+    Each weight carries a rounding error of at most u|w|, so ``||E|| <= u (||W_task|| + ||W_aligned||)``;
+    a relative perturbation ``e = ||E|| / ||dW||`` of dW moves the cosine by about ``2 e`` to first
+    order (an estimate: it assumes C does not amplify E relative to dW).
+    """
+    u = _UNIT_ROUNDOFF.get(src_dtype)
+    if u is None or d_norm <= 0:
+        return None
+    err = u * (float(torch.linalg.vector_norm(wt, dtype=torch.float32)) + float(torch.linalg.vector_norm(wa)))
+    return min(2.0, 2.0 * err / d_norm)
+
+
+def _record(
+    method: str, group: TensorGroup, score: ops.Score, *, flagged: bool, action: str, settings: dict[str, Any],
+    src_dtype: torch.dtype, band: float | None, elapsed: float, nbytes: int, report_path: str,
+) -> None:
+    name = group.metadata.name or "?"
+    rec = LayerRecord(
+        module=_module(name),
+        cosine=score.cosine,
+        flagged=flagged,
+        reason=score.reason,
+        action=action,
+        shape=tuple(group.base.tensor.shape),
+        v_norm=score.v_norm,
+        delta_norm=score.delta_norm,
+        extra={"tensor": name, "input_dtype": str(src_dtype).replace("torch.", ""), "rounding_band": band, **settings},
+    )
+    _append(report_path, {"method": method, "backend": score.backend, "time_s": elapsed, "bytes": nbytes,
+                          "layer": rec.to_json()})
+
+
+# ---------------------------------------------------------------------------------------------
+# the three methods
+
+
+@merge_method(
+    name="safemerge",
+    pretty_name="SafeMERGE",
+    reference_url="https://arxiv.org/abs/2503.17239",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=4, max_inputs=4),
+)
+def safemerge_method(
+    group: TensorGroup,
+    role: PerNonBase[Role],
+    threshold: Threshold = 0.35,
+    alpha: Fraction = 0.8,
+    merge: MergeName = "linear",
+    density: Density = 1.0,
+    seed: int = 0,
+    report_path: str = "",
+) -> torch.Tensor:
+    """Flag a weight when cos(C dW_f, dW_f) < threshold; flagged: W_a + merge(alpha dW_f, (1-alpha) dW_s)."""
+    t = _roles(group, role, "safemerge")
+    task = t["task"]
+    if not _scorable(group, task):
+        return task
+    start = time.perf_counter()
+    name, wd = group.metadata.name or "?", _work_dtype(task)
+    wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
+    dW = task.to(wd) - wa
+    score = _score(name, wa, wu, dW)
+    del wu
+    flagged = not math.isnan(score.cosine) and score.cosine < threshold
+    band = _rounding_band(task.dtype, task, wa, score.delta_norm)
+    out = task
+    if flagged:
+        dWs = t["safety"].to(wd) - wa
+        merged = combine_full(dW, dWs, alpha=alpha, method=merge, density=density, seed=seed, module=_module(name))
+        del dWs, dW
+        out = (wa + merged.to(wd)).to(task.dtype)
+    settings = {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed}
+    _record("safemerge", group, score, flagged=flagged, action="merged" if flagged else "kept", settings=settings,
+            src_dtype=task.dtype, band=band, elapsed=time.perf_counter() - start,
+            nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path)
+    return out
+
+
+@merge_method(
+    name="safelora",
+    pretty_name="Safe LoRA",
+    reference_url="https://arxiv.org/abs/2405.16833",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=3, max_inputs=3),
+)
+def safelora_method(
+    group: TensorGroup,
+    role: PerNonBase[Role],
+    threshold: Threshold = 0.5,
+    report_path: str = "",
+) -> torch.Tensor:
+    """Flag a weight when cos(C dW, dW) <= threshold; flagged: W_a + C dW (C never formed)."""
+    t = _roles(group, role, "safelora")
+    task = t["task"]
+    if not _scorable(group, task):
+        return task
+    start = time.perf_counter()
+    name, wd = group.metadata.name or "?", _work_dtype(task)
+    wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
+    dW = task.to(wd) - wa
+    score = _score(name, wa, wu, dW)
+    flagged = not math.isnan(score.cosine) and score.cosine <= threshold
+    band = _rounding_band(task.dtype, task, wa, score.delta_norm)
+    out = task
+    if flagged:
+        projected = ops.project_delta(wa, wu, dW)
+        out = (wa + projected.to(wd)).to(task.dtype)
+    _record("safelora", group, score, flagged=flagged, action="projected" if flagged else "kept",
+            settings={"threshold": threshold}, src_dtype=task.dtype, band=band,
+            elapsed=time.perf_counter() - start,
+            nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path)
+    return out
+
+
+@merge_method(
+    name="resta",
+    pretty_name="RESTA",
+    reference_url="https://arxiv.org/abs/2402.11746",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_inputs=3, max_inputs=3),
+)
+def resta_method(
+    group: TensorGroup,
+    role: PerNonBase[Role],
+    beta: Beta = 0.5,
+    density: Density = 1.0,
+    seed: int = 0,
+    report_path: str = "",
+) -> torch.Tensor:
+    """W_task + beta * DARE(W_aligned - W_unaligned) on every floating tensor; 2-D weights are also scored."""
+    t = _roles(group, role, "resta")
+    task = t["task"]
+    if not task.is_floating_point():
+        return task
+    start = time.perf_counter()
+    name, wd = group.metadata.name or "?", _work_dtype(task)
+    wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
+    score = _score(name, wa, wu, task.to(wd) - wa) if _scorable(group, task) else None
+    shift = wa - wu  # inputs are borrowed: never modified in place
+    del wa, wu
+    if density < 1.0:
+        from peft.utils.merge_utils import random_pruning
+
+        with torch.random.fork_rng(devices=[shift.device] if shift.device.type == "cuda" else []):
+            torch.manual_seed(module_seed(seed, _module(name)))
+            shift = random_pruning(shift, density, rescale=True)
+    out = torch.add(task.to(wd), shift, alpha=beta).to(task.dtype)
+    if score is not None:
+        _record("resta", group, score, flagged=False, action="shifted", settings={"beta": beta, "density": density,
+                "seed": seed}, src_dtype=task.dtype, band=None, elapsed=time.perf_counter() - start,
+                nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path)
+    return out
+
+
+_METHODS = {"safemerge": safemerge_method, "safelora": safelora_method, "resta": resta_method}
+
+
+def register_methods() -> list[str]:
+    """Register the three methods with mergekit once; return the names registered by this call.
+
+    Idempotent: a name that is already ours is skipped; a different method of the same name is left
+    alone with a warning (somebody else owns it).
+    """
+    from mergekit.merge_methods import registry
+
+    done = []
+    current = {m.spec.name: m for m in registry.registered_methods()}
+    for name, method in _METHODS.items():
+        if name in current:
+            if current[name] is not method:
+                LOG.warning("mergekit already has a merge method %r that is not safemerge-ext's; leaving it", name)
+            continue
+        registry.register(method)
+        done.append(name)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# reports: a locked JSON-lines sidecar per report location, assembled at the end
+
+_lock = threading.Lock()
+_pending: dict[str, tuple[Path, Path, Path]] = {}  # sidecar path -> (sidecar, json, png)
+_started: set[str] = set()
+_override: str | None = None
+_atexit_registered = False
+_cli_out: list[str | None] = []
+
+
+class report_to:
+    """Context manager: send this process's reports to ``path`` (a directory or a ``.json`` file)."""
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = None if path is None else os.fspath(path)
+
+    def __enter__(self) -> "report_to":
+        global _override
+        self._prev, _override = _override, self.path
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _override
+        _override = self._prev
+
+
+def _mergekit_yaml_out() -> str | None:
+    """OUT_PATH of a running ``mergekit-yaml`` (parsed from argv with mergekit's own click command)."""
+    if not _cli_out:
+        out = None
+        run_yaml = sys.modules.get("mergekit.scripts.run_yaml")
+        if run_yaml is not None and os.path.basename(sys.argv[0]).startswith("mergekit-yaml"):
+            try:
+                ctx = run_yaml.main.make_context("mergekit-yaml", list(sys.argv[1:]), resilient_parsing=True)
+                out = ctx.params.get("out_path")
+            except Exception:  # never let report discovery break a merge
+                out = None
+        _cli_out.append(out)
+    return _cli_out[0]
+
+
+def _locations(report_path: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """(sidecar, json, png) for a directory or a ``.json`` file path."""
+    p = Path(report_path)
+    if p.suffix == ".json":
+        return p.with_name(p.name + ".layers.jsonl"), p, p.with_suffix(".png")
+    return p / SIDECAR, p / REPORT_JSON, p / REPORT_PNG
+
+
+def _resolve(report_path: str) -> tuple[Path, Path, Path] | None:
+    target = report_path or _override or os.environ.get(REPORT_DIR_ENV) or _mergekit_yaml_out()
+    return _locations(target) if target else None
+
+
+def _append(report_path: str, line: dict[str, Any]) -> None:
+    global _atexit_registered
+    locs = _resolve(report_path)
+    with _lock:
+        if locs is None:
+            if "nowhere" not in _started:
+                _started.add("nowhere")
+                LOG.warning("safemerge-ext: no report location; set parameters: {report_path: DIR} to get a report")
+            return
+        sidecar = locs[0]
+        key = str(sidecar.resolve())
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        mode = "a"
+        if key not in _started:  # first record of this run in this process: drop a stale sidecar
+            _started.add(key)
+            mode = "w"
+        _pending[key] = locs
+        if not _atexit_registered:
+            atexit.register(_finalize_pending)
+            _atexit_registered = True
+        with open(sidecar, mode, encoding="utf-8") as fh:
+            _flock(fh)
+            fh.write(json.dumps(line, allow_nan=True) + "\n")
+
+
+def _flock(fh: Any) -> None:
+    try:
+        import fcntl
+
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # released on close
+    except (ImportError, OSError):
+        pass
+
+
+def pending_reports() -> list[str]:
+    """Sidecar files this process has written and not yet assembled."""
+    with _lock:
+        return list(_pending)
+
+
+def _finalize_pending() -> None:
+    for key in pending_reports():
+        try:
+            rep = finalize_report(_pending[key][1])
+            if rep is not None:
+                print(summary_table(rep), file=sys.stderr)
+        except Exception as exc:  # at exit: report, never raise
+            LOG.error("safemerge-ext: could not write the report from %s: %s", key, exc)
+
+
+def _load_layers(sidecar: Path) -> tuple[str, list[LayerRecord], list[dict[str, Any]]]:
+    method, by_module, lines = "", {}, []
+    for raw in sidecar.read_text(encoding="utf-8").splitlines():
+        if not raw.strip():
+            continue
+        line = json.loads(raw)
+        lines.append(line)
+        method = line["method"]
+        d = dict(line["layer"])
+        fixed = {k: d.pop(k) for k in ("module", "cosine", "flagged", "reason", "action", "shape", "rank",
+                                         "v_norm", "delta_norm")}
+        fixed["cosine"] = math.nan if fixed["cosine"] is None else fixed["cosine"]
+        fixed["shape"] = tuple(fixed["shape"])
+        by_module[fixed["module"]] = LayerRecord(**fixed, extra=d)  # a re-run tensor: the last one wins
+    from safemerge_ext.io.models import natural_key
+
+    layers = sorted(by_module.values(), key=lambda r: natural_key(r.module))
+    return method, layers, lines
+
+
+def _settings(method: str, layers: list[LayerRecord]) -> dict[str, Any]:
+    keys = {"safemerge": ("threshold", "alpha", "merge", "density", "seed"), "safelora": ("threshold",),
+            "resta": ("beta", "density", "seed")}[method]
+    settings: dict[str, Any] = {}
+    for k in keys:
+        values = {json.dumps(r.extra.get(k)) for r in layers}
+        settings[k] = layers[0].extra.get(k) if len(values) == 1 else "varies by layer (see layers)"
+    if method != "resta":
+        fixed = not isinstance(settings["threshold"], str)
+        settings.update({"selection": "threshold" if fixed else "threshold (per layer)",
+                         "comparison": "<" if method == "safemerge" else "<="})
+    settings["scored"] = "2-D weights except embeddings and lm_head; other tensors are the task model's"
+    return settings
+
+
+def _precision_warnings(method: str, layers: list[LayerRecord]) -> list[str]:
+    half = sorted({r.extra.get("input_dtype") for r in layers} & {"bfloat16", "float16"})
+    if not half or method == "resta":
+        return []
+    near = [r.module for r in layers if r.extra.get("rounding_band") is not None and math.isfinite(r.cosine)
+            and abs(r.cosine - r.extra["threshold"]) <= r.extra["rounding_band"]]
+    names = (": " + ", ".join(near[:6]) + (", ..." if len(near) > 6 else "")) if near else ""
+    return [
+        f"dtype {'/'.join(half)}: task updates are recovered as W_task - W_aligned from {'/'.join(half)} weights, "
+        f"whose rounding error is relative to the weights, not to the small update; {len(near)} of {len(layers)} "
+        f"layers have a cosine within the estimated rounding error of the threshold{names}; "
+        f"set dtype: float32 in the recipe for exact flag decisions"
+    ]
+
+
+def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-yaml") -> dict[str, Any] | None:
+    """Assemble the sidecar at ``report_path`` (directory or ``.json``) into the JSON + PNG report.
+
+    Returns the report (``None`` when no tensor was scored there); removes the sidecar.
+    """
+    sidecar, json_path, png_path = _locations(report_path)
+    key = str(sidecar.resolve())
+    with _lock:
+        _pending.pop(key, None)
+        _started.discard(key)
+        if not sidecar.is_file():
+            return None
+        method, layers, lines = _load_layers(sidecar)
+        sidecar.unlink()
+    if not layers:
+        return None
+    backends = sorted({ln["backend"] for ln in lines})
+    report = build_report(
+        command=command,
+        method=method,
+        layers=layers,
+        settings=_settings(method, layers),
+        backend=backends[0] if len(backends) == 1 else ",".join(backends),
+        timings={"tensors_s": sum(ln["time_s"] for ln in lines), "total_s": sum(ln["time_s"] for ln in lines)},
+        bytes_read=sum(ln["bytes"] for ln in lines),
+        warnings=_precision_warnings(method, layers),
+    )
+    band_layers = [r for r in layers if r.extra.get("rounding_band") is not None]
+    if band_layers and method != "resta":
+        report["counts"]["near_threshold"] = sum(
+            1 for r in band_layers
+            if math.isfinite(r.cosine) and abs(r.cosine - r.extra["threshold"]) <= r.extra["rounding_band"]
+        )
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(report, json_path)
+    plot(report, png_path)
+    return report
