@@ -1,0 +1,95 @@
+"""Start-up hook (imported by ``safemerge_ext_autoload.pth``): registers safemerge-ext's mergekit
+methods right after ``mergekit.merge_methods.registry`` is first imported.
+
+mergekit has no plugin discovery, so plain ``mergekit-yaml`` can only find ``safemerge`` if
+something registers it in the same interpreter. This module installs a one-shot meta-path finder
+that wraps the registry module's loader; it imports only ``os`` and ``sys`` (never torch or
+mergekit) so that interpreter start-up stays as cheap as before. ``SAFEMERGE_NO_AUTOLOAD=1``
+turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TARGET = "mergekit.merge_methods.registry"
+ENV = "SAFEMERGE_NO_AUTOLOAD"
+
+
+def disabled() -> bool:
+    """True when ``SAFEMERGE_NO_AUTOLOAD`` is set to anything but empty/0/false/no."""
+    return os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _register() -> None:
+    if disabled():
+        return
+    try:
+        from safemerge_ext.mergekit_methods import register_methods
+
+        register_methods()
+    except Exception as exc:  # never break mergekit because of the plugin
+        import warnings
+
+        warnings.warn(
+            f"safemerge-ext: could not register the mergekit methods ({type(exc).__name__}: {exc}); "
+            f"use safemerge-yaml, or set {ENV}=1 to silence this",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+class _LoaderProxy:
+    """Delegates to the real loader; runs the registration after the module has executed."""
+
+    def __init__(self, loader: object) -> None:
+        self._loader = loader
+
+    def create_module(self, spec):  # noqa: ANN001 - importlib protocol
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:  # noqa: ANN001
+        self._loader.exec_module(module)
+        _register()
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
+
+
+class RegistryFinder:
+    """Meta-path finder that only answers for mergekit's registry module, then removes itself."""
+
+    def find_spec(self, fullname: str, path=None, target=None):  # noqa: ANN001
+        if fullname != TARGET:
+            return None
+        uninstall()
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find else None
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _LoaderProxy(spec.loader)
+        return spec
+
+
+def install() -> bool:
+    """Install the finder (once); register at once if mergekit's registry is already imported."""
+    if disabled():
+        return False
+    if TARGET in sys.modules:
+        _register()
+        return True
+    if not any(isinstance(f, RegistryFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, RegistryFinder())
+    return True
+
+
+def uninstall() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, RegistryFinder)]
+
+
+install()

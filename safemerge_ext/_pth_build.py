@@ -1,0 +1,43 @@
+"""Build hook (used by setup.py, stdlib + setuptools only): ship ``safemerge_ext_autoload.pth``.
+
+A regular build copies the .pth into ``build_lib`` so that ``pip install .`` puts it in
+site-packages. setuptools' editable wheels (PEP 660) do not take files from ``build_lib``; they
+take every file under the unpacked wheel, which is the ``install`` command's ``install_lib`` in
+editable mode, so the .pth goes there. If a future setuptools changes that, the editable install
+simply has no .pth and ``safemerge autoload enable`` writes it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+PTH = "safemerge_ext_autoload.pth"
+
+
+def with_autoload_pth(base: type) -> type:
+    """A subclass of the build_py command ``base`` that also ships the autoload .pth."""
+
+    class BuildPyWithAutoload(base):  # type: ignore[misc, valid-type]
+        def run(self) -> None:
+            super().run()
+            src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PTH)
+            if not os.path.isfile(src):
+                src = PTH  # setup.py runs in the project root
+            if getattr(self, "editable_mode", False):
+                dest_dir = self.get_finalized_command("install").install_lib
+                if not dest_dir or not any(n.endswith(".dist-info") for n in os.listdir(dest_dir)):
+                    print(f"safemerge-ext build: editable install without {PTH}; "
+                          "run `safemerge autoload enable`", flush=True)
+                    return
+            else:
+                dest_dir = self.build_lib
+            os.makedirs(dest_dir, exist_ok=True)
+            shutil.copyfile(src, os.path.join(dest_dir, PTH))
+            if not getattr(self, "editable_mode", False):
+                self._autoload_outputs = [os.path.join(dest_dir, PTH)]
+
+        def get_outputs(self, *args, **kwargs) -> list[str]:
+            return list(super().get_outputs(*args, **kwargs)) + list(getattr(self, "_autoload_outputs", []))
+
+    return BuildPyWithAutoload

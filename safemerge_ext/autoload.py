@@ -1,0 +1,94 @@
+"""Switch the mergekit autoload on or off in the active environment: ``safemerge autoload ...``.
+
+The switch is one file, ``safemerge_ext_autoload.pth``, in the environment's site-packages. Its one
+line imports :mod:`safemerge_ext._autoload_hook` at interpreter start-up (stdlib only), which
+registers the ``safemerge``, ``safelora`` and ``resta`` methods the moment mergekit imports its
+method registry, so plain ``mergekit-yaml`` finds them. ``pip install .`` installs the file;
+editable installs get it from the build hook as well where setuptools allows (see README), and
+:func:`enable` writes it when they do not.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+from safemerge_ext.errors import SafeMergeError
+
+PTH_NAME = "safemerge_ext_autoload.pth"
+PTH_LINE = (
+    'import importlib.util as _u; _u.find_spec("safemerge_ext") is not None '
+    'and __import__("safemerge_ext._autoload_hook")\n'
+)
+ENV = "SAFEMERGE_NO_AUTOLOAD"
+
+
+def site_packages() -> Path:
+    """The active environment's site-packages (where pip installs pure-Python packages)."""
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def _pth_files() -> list[Path]:
+    """Every copy of the .pth on this interpreter's path (a venv with system site-packages can see two)."""
+    dirs = [site_packages()] + [Path(p) for p in sys.path if p]
+    seen, found = set(), []
+    for d in dirs:
+        f = d / PTH_NAME
+        key = str(f.resolve()) if f.exists() else str(f)
+        if key not in seen and f.is_file():
+            seen.add(key)
+            found.append(f)
+    return found
+
+
+def enable(target: str | os.PathLike | None = None) -> str:
+    """Write the .pth into ``target`` (default: the active site-packages); return a message."""
+    d = Path(target) if target is not None else site_packages()
+    f = d / PTH_NAME
+    if f.is_file() and f.read_text() == PTH_LINE:
+        return f"autoload already enabled: {f}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        f.write_text(PTH_LINE)
+    except OSError as exc:
+        raise SafeMergeError(
+            f"cannot write {f} ({exc.strerror}): run this with the environment's own python, or with write access"
+        ) from None
+    return f"autoload enabled: {f} (plain mergekit-yaml now finds safemerge, safelora, resta)"
+
+
+def disable(target: str | os.PathLike | None = None) -> str:
+    """Remove the .pth from ``target`` (default: the active site-packages); return a message."""
+    d = Path(target) if target is not None else site_packages()
+    f = d / PTH_NAME
+    if not f.is_file():
+        others = [str(p) for p in _pth_files() if p.parent.resolve() != d.resolve()]
+        tail = f"; another copy is active: {', '.join(others)}" if others else ""
+        return f"autoload already disabled: no {f}{tail}"
+    try:
+        f.unlink()
+    except OSError as exc:
+        raise SafeMergeError(f"cannot remove {f} ({exc.strerror}): run this with write access") from None
+    return f"autoload disabled: removed {f} (use safemerge-yaml, or set {ENV}=1 for one run)"
+
+
+def status() -> str:
+    """Where the .pth is, whether the env var turns it off, and whether the hook runs in this process."""
+    files = _pth_files()
+    off = os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    hook = "safemerge_ext._autoload_hook" in sys.modules
+    lines = [
+        f"autoload .pth: {', '.join(map(str, files))}" if files else f"autoload .pth: not installed in {site_packages()}",
+        f"{ENV}: {'set (autoload off)' if off else 'not set'}",
+        f"hook loaded in this interpreter: {'yes' if hook else 'no'}",
+    ]
+    if "mergekit.merge_methods.registry" in sys.modules:
+        from mergekit.merge_methods import registry
+
+        names = {m.spec.name for m in registry.registered_methods()}
+        mine = [n for n in ("safemerge", "safelora", "resta") if n in names]
+        lines.append(f"registered with mergekit here: {', '.join(mine) or 'none'}")
+    lines.append("state: " + ("enabled" if files and not off else "disabled"))
+    return "\n".join(lines)
