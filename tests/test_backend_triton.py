@@ -1,0 +1,326 @@
+"""The Triton backend (safemerge_ext.kernels) against float64 references.
+
+Without a CUDA device the kernels run on CPU tensors through triton's interpreter: the variable is
+set here, before anything imports triton (triton reads it when a kernel is decorated). With a
+GPU the same small cases run compiled on it, and the `gpu` tests add Llama-sized shapes.
+
+Every input dtype is widened exactly to fp32 before the subtraction and all products accumulate
+in fp32, so one fp32-accumulation tolerance (relative to the largest reference value) serves
+fp32, fp16 and bf16 inputs alike; the references see the same stored values in float64.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import safemerge_ext.kernels as tk  # noqa: E402
+from numerics import DTYPES, assert_close, ref_cosine, ref_project  # noqa: E402
+from safemerge_ext import backends, ops  # noqa: E402
+
+if tk.unavailable_reason() is not None:
+    pytest.skip(f"triton backend unavailable: {tk.unavailable_reason()}", allow_module_level=True)
+
+from safemerge_ext.kernels import _launch, fullrank, lowrank  # noqa: E402
+
+INTERPRETED = _launch.interpret_enabled()
+DEVICE = "cpu" if INTERPRETED else "cuda"
+TOL = 2e-5  # fp32 accumulation over <= 200 terms, relative to the largest reference value
+COS_TOL = 1e-5
+
+SHAPES = [(64, 48), (67, 131), (96, 200), (128, 128)]
+SHAPE_IDS = [f"shape={a}x{b}" for a, b in SHAPES]
+DTYPE_PARAMS = pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
+needs_gpu = pytest.mark.skipif(
+    INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA device with compiled (not interpreted) Triton"
+)
+
+
+def _seed(*parts: object) -> int:
+    """A fixed seed per test case (str hashes are salted per process, crc32 is not)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def _layer(d_out: int, d_in: int, dtype: torch.dtype, seed: int, device: str = DEVICE):
+    """An aligned/unaligned pair that differs by a small update, as fine-tuned weights do."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d_out, d_in, generator=g) * 0.02
+    wa = base + 0.002 * torch.randn(d_out, d_in, generator=g)
+    return wa.to(dtype).to(device), base.to(dtype).to(device), g
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = TOL) -> None:
+    scale = float(expected.abs().max()) or 1.0
+    assert_close(actual, expected, atol=tol * scale, rtol=tol, what=what)
+
+
+def _rel(actual: float, expected: float, what: str, tol: float = TOL) -> None:
+    assert abs(actual - expected) <= tol * abs(expected), f"{what}: got {actual!r}, want {expected!r}"
+
+
+@pytest.fixture
+def triton_registry(monkeypatch):
+    """Let the registry hand out the Triton backend for DEVICE tensors (it lists only cuda today)."""
+    specs = tuple(
+        backends.BackendSpec(s.name, s.module, tuple(dict.fromkeys(s.devices + (DEVICE,))))
+        if s.name == "triton" else s
+        for s in backends._SPECS
+    )
+    monkeypatch.setattr(backends, "_SPECS", specs)
+    monkeypatch.setattr(backends, "_loaded", {})
+
+
+# --- backend module ------------------------------------------------------------------------
+
+def test_kernels_match_the_mode():
+    assert _launch.is_interpreted(lowrank._vt_b_kernel) == INTERPRETED
+    assert _launch.is_interpreted(fullrank._vt_dw_kernel) == INTERPRETED
+
+
+def test_import_needs_neither_triton_nor_cuda():
+    code = (
+        "import sys, torch, safemerge_ext.kernels as k\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
+        "assert callable(k.lowrank_passes) and k.NAME == 'triton'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_unavailable_reasons(monkeypatch):
+    assert tk.unavailable_reason() is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reason = tk.unavailable_reason()
+    assert reason is not None and reason.startswith("no CUDA device") and "TRITON_INTERPRET=1" in reason
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
+    assert tk.unavailable_reason().startswith("triton is not installed")
+
+
+# --- low-rank passes ------------------------------------------------------------------------
+
+@DTYPE_PARAMS
+@pytest.mark.parametrize("r", [1, 8, 16, 64], ids=lambda r: f"r={r}")
+@pytest.mark.parametrize("d_out, d_in", SHAPES, ids=SHAPE_IDS)
+def test_lowrank_passes(d_out, d_in, r, dtype):
+    wa, wu, g = _layer(d_out, d_in, dtype, _seed("lowrank", d_out, d_in, r, dtype))
+    B = (torch.randn(d_out, r, generator=g) * 0.1).to(dtype).to(DEVICE)
+    T, P, vsq = tk.lowrank_passes(wa, wu, B)
+    assert T.dtype == P.dtype == torch.float32 and isinstance(vsq, float)
+    assert T.shape == (d_in, r) and P.shape == (d_out, r) and T.device == wa.device
+    T_ref, P_ref, vsq_ref = lowrank.lowrank_passes_reference(wa.cpu(), wu.cpu(), B.cpu())
+    _close(T, T_ref, "T = V^T B")
+    _close(P, P_ref, "P = V T")
+    _rel(vsq, vsq_ref, "||V||^2")
+
+
+@pytest.mark.parametrize("blocks, split", [((16, 32, 16), 3), ((32, 16, 64), 2), ((16, 16, 16), 100)],
+                         ids=["m16-n32-k16-split3", "m32-n16-k64-split2", "m16-n16-k16-split100"])
+def test_lowrank_small_tiles_and_splits(blocks, split):
+    """Many programs, tails in every direction and partial sums over several chunks."""
+    wa, wu, g = _layer(67, 131, torch.bfloat16, _seed("tiles", blocks, split))
+    B = torch.randn(67, 5, generator=g).to(DEVICE)
+    bm, bn, bk = blocks
+    T, P, vsq = lowrank.lowrank_passes(wa, wu, B, block_m=bm, block_n=bn, block_k=bk, split=split)
+    T_ref, P_ref, vsq_ref = lowrank.lowrank_passes_reference(wa.cpu(), wu.cpu(), B.cpu())
+    _close(T, T_ref, "T")
+    _close(P, P_ref, "P")
+    _rel(vsq, vsq_ref, "||V||^2")
+
+
+@pytest.mark.parametrize("r", [256, 300], ids=lambda r: f"r={r}")
+def test_lowrank_wide_ranks(r):
+    """r = 256 fills one rank tile; r = 300 is processed in two chunks of B's columns."""
+    wa, wu, g = _layer(40, 72, torch.float16, _seed("wide", r))
+    B = torch.randn(40, r, generator=g).to(torch.float16).to(DEVICE)
+    T, P, vsq = tk.lowrank_passes(wa, wu, B)
+    T_ref, P_ref, vsq_ref = lowrank.lowrank_passes_reference(wa.cpu(), wu.cpu(), B.cpu())
+    _close(T, T_ref, "T")
+    _close(P, P_ref, "P")
+    _rel(vsq, vsq_ref, "||V||^2")
+
+
+def test_lowrank_strided_inputs_give_the_same_bits():
+    wa, wu, g = _layer(67, 131, torch.float32, _seed("strided"))
+    B_wide = torch.randn(67, 24, generator=g).to(DEVICE)
+    B = B_wide[:, 3:19:2]  # non-contiguous columns
+    wa_t, wu_t = wa.t().contiguous().t(), wu.t().contiguous().t()  # column-major views
+    assert not (wa_t.is_contiguous() or B.is_contiguous())
+    got = tk.lowrank_passes(wa_t, wu_t, B)
+    want = tk.lowrank_passes(wa, wu, B.contiguous())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+
+
+def test_lowrank_is_deterministic():
+    wa, wu, g = _layer(96, 200, torch.bfloat16, _seed("det-low"))
+    B = torch.randn(96, 16, generator=g).to(torch.bfloat16).to(DEVICE)
+    for kw in ({}, {"block_m": 16, "block_n": 32, "block_k": 32, "split": 4}):
+        runs = [lowrank.lowrank_passes(wa, wu, B, **kw) for _ in range(3)]
+        for T, P, vsq in runs[1:]:
+            assert torch.equal(T, runs[0][0]) and torch.equal(P, runs[0][1]) and vsq == runs[0][2], kw
+
+
+# --- full-rank sums and projection ----------------------------------------------------------
+
+@DTYPE_PARAMS
+@pytest.mark.parametrize("panel", [None, 48], ids=["panel=all", "panel=48"])
+@pytest.mark.parametrize("d_out, d_in", SHAPES, ids=SHAPE_IDS)
+def test_fullrank_sums(d_out, d_in, panel, dtype):
+    wa, wu, g = _layer(d_out, d_in, dtype, _seed("full", d_out, d_in, panel, dtype))
+    delta = (torch.randn(d_out, d_in, generator=g) * 0.001).to(dtype).to(DEVICE)
+    got = fullrank.fullrank_sums(wa, wu, delta, panel=panel)
+    want = fullrank.fullrank_reference(wa.cpu(), wu.cpu(), delta.cpu())[:4]
+    for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), got, want):
+        _rel(a, b, name)
+
+
+@DTYPE_PARAMS
+@pytest.mark.parametrize("d_out, d_in", [(67, 131), (128, 128)], ids=["shape=67x131", "shape=128x128"])
+def test_project_full(d_out, d_in, dtype):
+    wa, wu, g = _layer(d_out, d_in, dtype, _seed("proj", d_out, d_in, dtype))
+    delta = (torch.randn(d_out, d_in, generator=g) * 0.001).to(dtype).to(DEVICE)
+    N, vsq = tk.project_full(wa, wu, delta)
+    *_, vsq_ref, N_ref = fullrank.fullrank_reference(wa.cpu(), wu.cpu(), delta.cpu())
+    assert N.dtype == torch.float32 and N.shape == (d_out, d_in)
+    _close(N, N_ref, "N = V V^T dW")
+    _rel(vsq, vsq_ref, "||V||^2")
+
+
+def test_fullrank_small_tiles_strided_and_deterministic():
+    wa, wu, g = _layer(67, 131, torch.float16, _seed("full-tiles"))
+    delta = (torch.randn(131, 67, generator=g) * 0.001).to(torch.float16).to(DEVICE).t()  # column-major
+    kw = dict(block_m=16, block_n=32, block_k=16, panel=40)
+    runs = [fullrank.project_full(wa, wu, delta, **kw) for _ in range(2)]
+    sums = [fullrank.fullrank_sums(wa, wu, delta, **kw) for _ in range(2)]
+    *ref_sums, N_ref = fullrank.fullrank_reference(wa.cpu(), wu.cpu(), delta.cpu())
+    _close(runs[0][0], N_ref, "N")
+    for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), sums[0], ref_sums):
+        _rel(a, b, name)
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert sums[0] == sums[1]
+    assert sums[0] == fullrank.fullrank_sums(wa, wu, delta.contiguous(), **kw)
+
+
+# --- through safemerge_ext.ops --------------------------------------------------------------
+
+@DTYPE_PARAMS
+@pytest.mark.parametrize("d_out, d_in, r", [(96, 200, 8), (67, 131, 1)], ids=["shape=96x200-r=8", "shape=67x131-r=1"])
+def test_ops_scores_and_projections(triton_registry, d_out, d_in, r, dtype):
+    wa, wu, g = _layer(d_out, d_in, dtype, _seed("ops", d_out, d_in, r, dtype))
+    A = (torch.randn(r, d_in, generator=g) * 0.1).to(dtype)
+    # B partly inside the span of V so that the cosine is far from 0 and 1.
+    V = wa.cpu().double() - wu.cpu().double()
+    B = (V[:, :r].float() * 10 + 0.01 * torch.randn(d_out, r, generator=g)).to(dtype)
+    delta = (torch.randn(d_out, d_in, generator=g) * 0.001 + 0.3 * V.float()).to(dtype)
+    A_d, B_d, delta_d = A.to(DEVICE), B.to(DEVICE), delta.to(DEVICE)
+
+    score = ops.subspace_score(wa, wu, lora_A=A_d, lora_B=B_d, backend="triton")
+    assert score.backend == "triton" and score.reason is None
+    want = ref_cosine(wa.cpu(), wu.cpu(), B.double() @ A.double())
+    assert abs(score.cosine - want) <= COS_TOL, (score.cosine, want)
+    full = ops.subspace_cosine(wa, wu, delta=delta_d, backend="triton")
+    want_full = ref_cosine(wa.cpu(), wu.cpu(), delta)
+    assert abs(full - want_full) <= COS_TOL, (full, want_full)
+
+    CB = ops.project_lora_B(wa, wu, B_d, backend="triton")
+    assert CB.dtype == dtype
+    ref_CB = ref_project(wa.cpu(), wu.cpu(), B).to(dtype)
+    _close(CB.float(), ref_CB.float(), "C B", tol=TOL if dtype == torch.float32 else 1e-2)
+    _close(ops.project_delta(wa, wu, delta_d, backend="triton"), ref_project(wa.cpu(), wu.cpu(), delta), "C dW")
+
+
+def test_ops_degenerate_layers(triton_registry):
+    wa, wu, g = _layer(67, 131, torch.bfloat16, _seed("degenerate"))
+    A = torch.randn(4, 131, generator=g).to(DEVICE)
+    B = torch.randn(67, 4, generator=g).to(DEVICE)
+    delta = torch.randn(67, 131, generator=g).to(DEVICE)
+
+    T, P, vsq = tk.lowrank_passes(wa, wa.clone(), B)  # V = 0
+    assert vsq == 0.0 and not T.any() and not P.any()
+    m2, n2, d2, vsq_full = fullrank.fullrank_sums(wa, wa.clone(), delta)
+    assert m2 == n2 == vsq_full == 0.0 and d2 > 0.0
+    same = ops.subspace_score(wa, wa.clone(), lora_A=A, lora_B=B, backend="triton")
+    assert same.cosine != same.cosine and "identical" in same.reason
+    zero_B = ops.subspace_score(wa, wu, lora_A=A, lora_B=torch.zeros_like(B), backend="triton")
+    assert zero_B.cosine != zero_B.cosine and "zero" in zero_B.reason
+    zero_full = ops.subspace_score(wa, wu, delta=torch.zeros_like(delta), backend="triton")
+    assert zero_full.cosine != zero_full.cosine and "zero" in zero_full.reason
+    with pytest.raises(ValueError, match="identical"):
+        ops.project_delta(wa, wa.clone(), delta, backend="triton")
+
+
+def test_nonfinite_inputs_surface(triton_registry):
+    wa, wu, g = _layer(64, 48, torch.float32, _seed("nan"))
+    B = torch.randn(64, 8, generator=g).to(DEVICE)
+    A = torch.randn(8, 48, generator=g).to(DEVICE)
+    wa[5, 7] = float("nan")
+    with pytest.raises(FloatingPointError):
+        ops.subspace_cosine(wa, wu, lora_A=A, lora_B=B, backend="triton")
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, match", [
+    (lambda wa, wu, B: lowrank.lowrank_passes(wa, wu, B, block_m=24), "power of two"),
+    (lambda wa, wu, B: lowrank.lowrank_passes(wa, wu, B, precision="fp8"), "precision"),
+    (lambda wa, wu, B: lowrank.lowrank_passes(wa, wu[:-1], B), "w_unaligned"),
+    (lambda wa, wu, B: lowrank.lowrank_passes(wa, wu, B[:-1]), "lora_B"),
+    (lambda wa, wu, B: lowrank.lowrank_passes(wa, wu.to(torch.int32), B), "fp32, fp16, bf16"),
+    (lambda wa, wu, B: fullrank.fullrank_sums(wa, wu, B), "one shape"),
+    (lambda wa, wu, B: fullrank.project_full(wa, wu, wa, panel=0), "panel"),
+], ids=["block", "precision", "shape", "lora_B", "dtype", "delta-shape", "panel"])
+def test_bad_input_is_one_clear_line(call, match):
+    wa, wu, g = _layer(64, 48, torch.float32, _seed("bad"))
+    B = torch.randn(64, 4, generator=g).to(DEVICE)
+    with pytest.raises(ValueError, match=match) as err:
+        call(wa, wu, B)
+    assert "\n" not in str(err.value) and str(err.value).startswith("triton backend:")
+
+
+# --- compiled kernels on a GPU --------------------------------------------------------------
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("precision, tol", [("ieee", 1e-4), ("tf32x3", 1e-4), ("tf32", 5e-3)],
+                         ids=["precision=ieee", "precision=tf32x3", "precision=tf32"])
+@pytest.mark.parametrize("d_out, d_in, r", [(4096, 1024, 128), (1024, 4096, 16), (4096, 4096, 256), (1000, 3000, 7)],
+                         ids=["shape=4096x1024-r=128", "shape=1024x4096-r=16", "shape=4096x4096-r=256",
+                              "shape=1000x3000-r=7"])
+def test_gpu_lowrank(d_out, d_in, r, precision, tol):
+    wa, wu, g = _layer(d_out, d_in, torch.bfloat16, _seed("gpu-low", d_out, d_in, r), device="cuda")
+    B = (torch.randn(d_out, r, generator=g) * 0.1).to(torch.bfloat16).cuda()
+    T, P, vsq = lowrank.lowrank_passes(wa, wu, B, precision=precision)
+    T_ref, P_ref, vsq_ref = lowrank.lowrank_passes_reference(wa, wu, B)
+    _close(T, T_ref, "T", tol=tol)
+    _close(P, P_ref, "P", tol=tol)
+    _rel(vsq, vsq_ref, "||V||^2", tol=1e-5)
+    again = lowrank.lowrank_passes(wa, wu, B, precision=precision)
+    assert torch.equal(T, again[0]) and torch.equal(P, again[1]) and vsq == again[2]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("d_out, d_in", [(4096, 1024), (1024, 4096), (1000, 3000)],
+                         ids=["shape=4096x1024", "shape=1024x4096", "shape=1000x3000"])
+def test_gpu_fullrank(d_out, d_in):
+    wa, wu, g = _layer(d_out, d_in, torch.bfloat16, _seed("gpu-full", d_out, d_in), device="cuda")
+    delta = (torch.randn(d_out, d_in, generator=g) * 0.001).to(torch.bfloat16).cuda()
+    *ref_sums, N_ref = fullrank.fullrank_reference(wa, wu, delta)
+    sums = fullrank.fullrank_sums(wa, wu, delta, panel=512)
+    for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), sums, ref_sums):
+        _rel(a, b, name, tol=1e-4)
+    N, vsq = fullrank.project_full(wa, wu, delta)
+    _close(N, N_ref, "N", tol=1e-4)
+    assert sums == fullrank.fullrank_sums(wa, wu, delta, panel=512)
