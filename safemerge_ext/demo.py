@@ -1,4 +1,4 @@
-"""Tiny models and adapters built on the spot (never downloaded).
+"""Tiny synthetic checkpoints for ``make demo`` and the tests (built on the spot, never downloaded).
 
 A Llama with grouped-query attention (so q/k/v/o and the MLP have different shapes), saved in
 several safetensors shards; an "unaligned" twin that differs by a random V; a task adapter (rank
@@ -70,3 +70,27 @@ def build(root: Path, *, layers: int = 3, dtype: torch.dtype = torch.float32, se
     adapter(root / "task", r=4, lora_alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3.0})
     adapter(root / "safety", r=6, lora_alpha=12, use_rslora=True)
     return Fixture(root, root / "aligned", root / "unaligned", root / "task", root / "safety")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m safemerge_ext.demo DIR``: build the fixtures (once) and run ``safemerge merge`` on them."""
+    import argparse
+
+    from safemerge_ext.cli import main as cli
+
+    ap = argparse.ArgumentParser(prog="python -m safemerge_ext.demo", description=main.__doc__)
+    ap.add_argument("root", nargs="?", default="demo", help="folder for the demo checkpoints and output (default: demo)")
+    args = ap.parse_args(argv)
+    root = Path(args.root)
+    if not (root / "safety" / "adapter_config.json").is_file():
+        print(f"building tiny aligned/unaligned Llama models and task/safety LoRA adapters in {root}/ ...")
+        build(root)
+    cmd = ["merge", "--aligned", str(root / "aligned"), "--unaligned", str(root / "unaligned"),
+           "--task-adapter", str(root / "task"), "--safety-adapter", str(root / "safety"),
+           "--out", str(root / "merged"), "--threshold", "0.2", "--force", "--no-progress"]
+    print("$ safemerge " + " ".join(cmd))
+    return cli(cmd)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

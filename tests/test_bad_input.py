@@ -1,0 +1,232 @@
+"""SPEC section 5: every bad input gets one clear line naming the culprit, exit code 2, and
+nothing at --out (no temporary leftovers either)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from safemerge_ext.cli import main
+
+Q0 = "model.layers.0.self_attn.q_proj"
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_tensor(model_dir: Path, name: str, fn) -> Path:
+    """Rewrite the shard holding ``name`` with fn(state_dict) applied; returns the shard path."""
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    shard = model_dir / index["weight_map"][name]
+    sd = load_file(shard)
+    fn(sd)
+    save_file(sd, shard, metadata={"format": "pt"})
+    return shard
+
+
+def edit_adapter(adapter: Path, config=None, tensors=None) -> None:
+    if config:
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        config(cfg)
+        (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    if tensors:
+        sd = load_file(adapter / "adapter_model.safetensors")
+        tensors(sd)
+        save_file(sd, adapter / "adapter_model.safetensors")
+
+
+def set_nan(name):
+    def fn(sd):
+        sd[name][1, 2] = float("nan")
+    return fn
+
+
+def case_models(fx, tmp: Path, kind: str):
+    """Return (aligned, unaligned, task, safety, expected substrings)."""
+    a, u, t, s = fx.aligned, fx.unaligned, fx.task, fx.safety
+    if kind == "missing_dir":
+        return tmp / "nope", u, t, s, ["--aligned", "nope", "no such directory"]
+    if kind == "missing_tensor":
+        u = copy(fx.unaligned, tmp / "u")
+        edit_tensor(u, f"{Q0}.weight", lambda sd: sd.pop(f"{Q0}.weight"))
+        idx = json.loads((u / "model.safetensors.index.json").read_text())
+        idx["weight_map"].pop(f"{Q0}.weight")
+        (u / "model.safetensors.index.json").write_text(json.dumps(idx))
+        return a, u, t, s, ["--unaligned", f"{Q0}.weight", "missing"]
+    if kind == "missing_shard":
+        u = copy(fx.unaligned, tmp / "u")
+        shard = sorted(u.glob("model-*.safetensors"))[1]
+        shard.unlink()
+        return a, u, t, s, ["--unaligned", shard.name, "missing"]
+    if kind == "shape":
+        u = copy(fx.unaligned, tmp / "u")
+        edit_tensor(u, f"{Q0}.weight", lambda sd: sd.__setitem__(f"{Q0}.weight", sd[f"{Q0}.weight"][:32].contiguous()))
+        return a, u, t, s, [f"{Q0}.weight", "(64, 64)", "(32, 64)", "--unaligned"]
+    if kind == "dtype":
+        u = copy(fx.unaligned, tmp / "u")
+        edit_tensor(u, f"{Q0}.weight", lambda sd: sd.__setitem__(f"{Q0}.weight", sd[f"{Q0}.weight"].half()))
+        return a, u, t, s, [f"{Q0}.weight", "float16", "--unaligned"]
+    if kind == "bin_only":
+        b = tmp / "binmodel"
+        b.mkdir()
+        shutil.copy(fx.aligned / "config.json", b)
+        torch.save({"x": torch.ones(2)}, b / "pytorch_model.bin")
+        return b, u, t, s, ["--aligned", "pytorch_model.bin", "safetensors"]
+    if kind == "nan_weight":
+        a = copy(fx.aligned, tmp / "a")
+        shard = edit_tensor(a, f"{Q0}.weight", set_nan(f"{Q0}.weight"))
+        return a, u, t, s, ["--aligned", shard.name, f"{Q0}.weight", "NaN"]
+    if kind == "inf_weight":
+        u = copy(fx.unaligned, tmp / "u")
+        edit_tensor(u, f"{Q0}.weight", lambda sd: sd[f"{Q0}.weight"].__setitem__((0, 0), float("inf")))
+        return a, u, t, s, ["--unaligned", f"{Q0}.weight", "Inf"]
+    if kind == "nan_adapter":
+        t = copy(fx.task, tmp / "t")
+        edit_adapter(t, tensors=set_nan(f"base_model.model.{Q0}.lora_B.weight"))
+        return a, u, t, s, ["--task-adapter", f"{Q0}.lora_B", "NaN"]
+    if kind == "unknown_module":
+        t = copy(fx.task, tmp / "t")
+
+        def rename(sd):
+            for ab in "AB":
+                sd[f"base_model.model.model.layers.9.self_attn.q_proj.lora_{ab}.weight"] = sd.pop(
+                    f"base_model.model.{Q0}.lora_{ab}.weight")
+        edit_adapter(t, tensors=rename)
+        return a, u, t, s, ["--task-adapter", "model.layers.9.self_attn.q_proj", "no tensor"]
+    if kind == "adapter_shape":
+        t = copy(fx.task, tmp / "t")
+        edit_adapter(t, tensors=lambda sd: sd.__setitem__(
+            f"base_model.model.{Q0}.lora_B.weight", torch.randn(32, 4)))
+        return a, u, t, s, ["--task-adapter", Q0, "32x64", "64x64"]
+    if kind == "dora":
+        t = copy(fx.task, tmp / "t")
+        edit_adapter(t, config=lambda c: c.__setitem__("use_dora", True))
+        return a, u, t, s, ["--task-adapter", "adapter_config.json", "use_dora", "DoRA"]
+    if kind == "not_lora":
+        s = copy(fx.safety, tmp / "s")
+        edit_adapter(s, config=lambda c: c.__setitem__("peft_type", "IA3"))
+        return a, u, t, s, ["--safety-adapter", "IA3", "only LoRA"]
+    if kind == "rank_mismatch":
+        t = copy(fx.task, tmp / "t")
+        edit_adapter(t, config=lambda c: c.__setitem__("rank_pattern", {}))
+        return a, u, t, s, ["--task-adapter", "v_proj", "rank 2", "config says 4"]
+    if kind == "no_adapter_file":
+        t = copy(fx.task, tmp / "t")
+        (t / "adapter_model.safetensors").unlink()
+        return a, u, t, s, ["--task-adapter", "adapter_model.safetensors"]
+    if kind == "safety_lacks_module":
+        s = copy(fx.safety, tmp / "s")
+
+        def drop(sd):
+            for ab in "AB":
+                sd.pop(f"base_model.model.{Q0}.lora_{ab}.weight")
+        edit_adapter(s, tensors=drop)
+        return a, u, t, s, ["--safety-adapter", Q0, "same target modules"]
+    raise KeyError(kind)
+
+
+CASES = ["missing_dir", "missing_tensor", "missing_shard", "shape", "dtype", "bin_only", "nan_weight", "inf_weight",
+         "nan_adapter", "unknown_module", "adapter_shape", "dora", "not_lora", "rank_mismatch", "no_adapter_file",
+         "safety_lacks_module"]
+
+
+def leftovers(parent: Path, name: str) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.tmp-")]
+
+
+@pytest.mark.parametrize("output", ["adapter", "model"])
+@pytest.mark.parametrize("kind", CASES)
+def test_bad_input_merge(fx, tmp_path, capsys, kind, output):
+    a, u, t, s, expect = case_models(fx, tmp_path, kind)
+    out = tmp_path / "out"
+    code = main(["merge", "--aligned", str(a), "--unaligned", str(u), "--task-adapter", str(t),
+                 "--safety-adapter", str(s), "--out", str(out), "--output", output, "--no-progress",
+                 "--threshold", "0.99"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("safemerge: error: ") and "\n" not in err, err
+    for piece in expect:
+        assert piece in err, f"{piece!r} not in {err!r}"
+    assert leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--threshold", "1.5"], "--threshold must lie in [-1, 1]"),
+    (["--alpha", "-0.1"], "--alpha must lie in [0, 1]"),
+    (["--density", "0"], "--density must lie in (0, 1]"),
+    (["--fraction", "2"], "--fraction must lie in (0, 1]"),
+    (["--num-layers", "0"], "must be at least 1"),
+    (["--method", "slerp"], "invalid choice: 'slerp'"),
+    (["--threshold", "0.3", "--num-layers", "2"], "not allowed with argument"),
+])
+def test_bad_settings(fx, tmp_path, capsys, argv, expect):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
+              "--safety-adapter", str(fx.safety), "--out", str(out), *argv])
+    assert e.value.code == 2
+    assert expect in capsys.readouterr().err
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_settings_validated_in_api():
+    from safemerge_ext.pipeline import MergeSettings, Selection
+
+    with pytest.raises(ValueError, match="alpha must lie"):
+        MergeSettings(Selection(threshold=0.3), alpha=1.2)
+    with pytest.raises(ValueError, match="threshold must lie"):
+        Selection(threshold=2.0)
+    with pytest.raises(ValueError, match="exactly one"):
+        Selection(threshold=0.3, num_layers=2)
+
+
+def test_out_exists_needs_force(fx, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
+            "--safety-adapter", str(fx.safety), "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "already exists" in err and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine" and not (out / "adapter_model.safetensors").exists()
+    # a failing run with --force keeps the old output untouched
+    bad = copy(fx.task, tmp_path / "t")
+    edit_adapter(bad, config=lambda c: c.__setitem__("use_dora", True))
+    bad_args = list(args)
+    bad_args[bad_args.index("--task-adapter") + 1] = str(bad)
+    assert main(bad_args + ["--force"]) == 2
+    assert (out / "keep.txt").read_text() == "mine"
+    # a good run with --force replaces it
+    assert main(args + ["--force"]) == 0
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_interrupted_write_leaves_nothing(fx, tmp_path, monkeypatch):
+    """An exception while the output is being written (e.g. Ctrl-C) leaves no partial --out."""
+    from safemerge_ext import pipeline
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_model", boom)
+    out = tmp_path / "out"
+    code = main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
+                 "--safety-adapter", str(fx.safety), "--out", str(out), "--output", "model", "--no-progress"])
+    assert code == 130
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_unavailable_backend_is_one_line(fx, tmp_path, capsys):
+    code = main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+                 "--backend", "triton", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "triton" in err

@@ -1,0 +1,118 @@
+"""io: per-tensor model reading, PEFT adapter scaling as PEFT computes it, mixed-rank adapters
+that PEFT loads, and the streamed full-model writer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from safemerge_ext.io.adapters import OutModule, pattern_key, read_adapter, unit_alpha, write_adapter
+from safemerge_ext.io.model_writer import write_model
+from safemerge_ext.io.models import ModelReader, natural_key
+from weights import load_model
+
+
+def test_reader_reads_only_what_is_asked(fx):
+    r = ModelReader(fx.aligned, "--aligned")
+    assert r.is_sharded and len(r.shards()) > 3
+    names = r.names
+    assert names.index("model.layers.2.mlp.up_proj.weight") < names.index("model.norm.weight")
+    shape, dtype = r.meta("model.layers.0.self_attn.k_proj.weight")
+    assert shape == (32, 64) and dtype == torch.float32  # GQA: 2 kv heads of 16
+    assert r.bytes_read == 0  # headers only
+    t = r.get("model.layers.1.mlp.down_proj.weight")
+    assert t.shape == (64, 96) and r.bytes_read == 64 * 96 * 4
+    assert torch.equal(t, load_model(fx.aligned)["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_reader_single_file(tmp_path):
+    save_file({"a.weight": torch.randn(3, 4), "b": torch.randn(2)}, tmp_path / "model.safetensors")
+    r = ModelReader(tmp_path)
+    assert not r.is_sharded and set(r.names) == {"a.weight", "b"}
+    assert r.resolve_module("a") == "a.weight" and r.resolve_module("zz") is None
+    assert r.get("b").shape == (2,)
+
+
+def test_natural_order():
+    names = ["model.layers.10.q", "model.layers.2.q", "model.layers.1.q"]
+    assert sorted(names, key=natural_key) == ["model.layers.1.q", "model.layers.2.q", "model.layers.10.q"]
+
+
+def test_pattern_key_matches_peft():
+    from peft.utils.other import get_pattern_key
+
+    patterns = ["v_proj", "model.layers.1.self_attn.q_proj", r"layers\.2\..*o_proj"]
+    for module in ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj", "model.layers.11.self_attn.q_proj",
+                   "model.layers.2.self_attn.o_proj", "model.layers.3.self_attn.o_proj", "model.layers.0.mlp.up_proj"]:
+        ours = pattern_key(patterns, module)
+        theirs = get_pattern_key(patterns, module)
+        assert (ours if ours is not None else module) == theirs, module
+
+
+def test_adapter_scaling_equals_peft(fx):
+    """rank_pattern, alpha_pattern and rsLoRA give the same scaling PEFT itself uses."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    for path in (fx.task, fx.safety):
+        ours = read_adapter(path).modules
+        model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(fx.aligned), path)
+        seen = 0
+        for name, mod in model.named_modules():
+            if hasattr(mod, "scaling") and isinstance(mod.scaling, dict) and "default" in mod.scaling:
+                key = name.removeprefix("base_model.model.")
+                assert math.isclose(ours[key].scaling, mod.scaling["default"], rel_tol=1e-12), key
+                assert torch.equal(ours[key].A, mod.lora_A["default"].weight.detach())
+                seen += 1
+        assert seen == len(ours) == 21
+    task = read_adapter(fx.task).modules
+    assert task["model.layers.0.self_attn.v_proj"].rank == 2 and task["model.layers.0.self_attn.o_proj"].alpha == 3.0
+
+
+def test_written_mixed_rank_adapter_loads_in_peft(fx, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    template = json.loads((fx.task / "adapter_config.json").read_text())
+    ad = read_adapter(fx.task)
+    torch.manual_seed(3)
+    mods, want = [], {}
+    for i, (name, m) in enumerate(ad.modules.items()):
+        r = 1 + i % 11  # ranks 1..11 across modules, including names like layers.1 and layers.11
+        A, B = torch.randn(r, m.A.shape[1]), torch.randn(m.B.shape[0], r)
+        rsl = i % 2 == 0
+        mods.append(OutModule(name, A, B, unit_alpha(r, rsl) if rsl else 2.0 * r))
+        want[name] = r
+    # unit_alpha gives scaling exactly 1 under both rules
+    assert all(unit_alpha(r, u) / (math.sqrt(r) if u else r) == 1.0 for r in range(1, 300) for u in (True, False))
+    # use_rslora=False: the rsLoRA-style alphas give scaling sqrt(r)/r; PEFT must load each as written
+    write_adapter(tmp_path / "ad", {**template, "use_rslora": False}, mods)
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(fx.aligned), tmp_path / "ad")
+    for name, mod in model.named_modules():
+        key = name.removeprefix("base_model.model.")
+        if key in want and hasattr(mod, "lora_A"):
+            r = want[key]
+            assert mod.lora_A["default"].weight.shape[0] == r, key
+            alpha = next(m.alpha for m in mods if m.name == key)
+            assert math.isclose(mod.scaling["default"], alpha / r, rel_tol=1e-12), key
+
+
+def test_model_writer_streams_and_copies(fx, tmp_path):
+    r = ModelReader(fx.aligned)
+    upd = torch.randn(64, 64)
+    out = tmp_path / "o"
+    out.mkdir()
+    write_model(r, out, lambda n: upd if n == "model.layers.1.self_attn.q_proj.weight" else None)
+    got, src = load_model(out), load_model(fx.aligned)
+    assert set(got) == set(src)
+    for k in src:
+        if k == "model.layers.1.self_attn.q_proj.weight":
+            assert torch.allclose(got[k], src[k] + upd)
+        else:
+            assert torch.equal(got[k], src[k])
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in fx.aligned.glob("*.safetensors"))
+    assert (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file()

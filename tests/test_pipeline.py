@@ -1,0 +1,305 @@
+"""End to end on tiny sharded GQA Llamas: every cosine, the flagged set, the merged adapter's
+effective update (loaded with PEFT), the full-model output (loaded with transformers), Safe LoRA's
+projected B, and the selection modes, all against float64 references computed here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from numerics import assert_close, ref_cosine, ref_project
+from safemerge_ext import ops
+from safemerge_ext.cli import main
+from weights import load_adapter, load_model
+
+BACKENDS = [n for n, why in ops.available_backends().items() if why is None]
+
+
+def refs(fx) -> dict[str, float]:
+    wa, wu = load_model(fx.aligned), load_model(fx.unaligned)
+    return {
+        m: ref_cosine(wa[f"{m}.weight"], wu[f"{m}.weight"], B.double() @ A.double() * s)
+        for m, (A, B, s) in load_adapter(fx.task).items()
+    }
+
+
+def run_cli(argv: list[str]) -> int:
+    return main([str(a) for a in argv] + ["--no-progress"])
+
+
+def merge_args(fx, out: Path, *extra) -> list:
+    return ["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", fx.task,
+            "--safety-adapter", fx.safety, "--out", out, *extra]
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "safemerge_report.json").read_text())
+
+
+def peft_merged_weights(aligned: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """Load the adapter with PEFT onto the aligned model and fold it in: what a user would get."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(aligned, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def expected_update(fx, flagged: set[str], alpha: float) -> dict[str, torch.Tensor]:
+    """float64 SafeMERGE linear update per module (SPEC section 1)."""
+    task, safety = load_adapter(fx.task), load_adapter(fx.safety)
+    out = {}
+    for m, (A, B, s) in task.items():
+        d = B.double() @ A.double() * s
+        if m in flagged:
+            As, Bs, ss = safety[m]
+            d = alpha * d + (1 - alpha) * (Bs.double() @ As.double() * ss)
+        out[m] = d
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_matches_float64(fx, tmp_path, backend):
+    ref = refs(fx)
+    rep_path = tmp_path / "r.json"
+    assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--report", rep_path, "--plot", tmp_path / "p.png", "--backend", backend]) == 0
+    rep = json.loads(rep_path.read_text())
+    assert rep["backend"] == backend
+    got = {r["module"]: r["cosine"] for r in rep["layers"]}
+    assert set(got) == set(ref) and len(got) == 21
+    for m, want in ref.items():
+        assert abs(got[m] - want) < 2e-6, (m, got[m], want)
+    assert [r["module"] for r in rep["layers"]] == sorted(got, key=lambda m: (int(m.split(".")[2]), m))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert rep["bytes_read"] > 0 and rep["counts"]["scored"] == 21
+
+
+def test_score_bf16_models(fx_bf16, tmp_path):
+    """bf16 checkpoints are read as stored; differences are exact in fp32."""
+    ref = refs(fx_bf16)
+    rep_path = tmp_path / "r.json"
+    assert run_cli(["score", "--aligned", fx_bf16.aligned, "--unaligned", fx_bf16.unaligned,
+                    "--adapter", fx_bf16.task, "--report", rep_path]) == 0
+    got = {r["module"]: r["cosine"] for r in json.loads(rep_path.read_text())["layers"]}
+    for m, want in ref.items():
+        assert abs(got[m] - want) < 1e-5, (m, got[m], want)
+
+
+def threshold_between(values: list[float], k: int) -> float:
+    """A threshold with exactly k scores below it, far from every score."""
+    s = sorted(values)
+    return (s[k - 1] + s[k]) / 2
+
+
+def test_merge_linear_adapter_exact(fx, tmp_path):
+    ref = refs(fx)
+    tau = threshold_between(list(ref.values()), 8)
+    out = tmp_path / "out"
+    assert run_cli(merge_args(fx, out, "--threshold", tau, "--alpha", 0.7)) == 0
+    rep = report_of(out)
+    flagged = {r["module"] for r in rep["layers"] if r["flagged"]}
+    assert flagged == {m for m, c in ref.items() if c < tau} and len(flagged) == 8
+
+    # unflagged layers reproduce the task adapter exactly (same bits, same rank and alpha)
+    task_sd = load_file(fx.task / "adapter_model.safetensors")
+    out_sd = load_file(out / "adapter_model.safetensors")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    task_ad = load_adapter(fx.task)
+    for m in ref:
+        key = f"base_model.model.{m}.lora_A.weight"
+        if m not in flagged:
+            assert torch.equal(out_sd[key], task_sd[key])
+            assert torch.equal(out_sd[key.replace("lora_A", "lora_B")], task_sd[key.replace("lora_A", "lora_B")])
+        else:
+            assert out_sd[key].shape[0] == task_ad[m][0].shape[0] + 6  # r_f + r_s
+            assert cfg["rank_pattern"][m] == out_sd[key].shape[0]
+
+    # the adapter, loaded by PEFT onto the aligned model, gives aligned + the SafeMERGE update
+    merged = peft_merged_weights(fx.aligned, out)
+    aligned = load_model(fx.aligned)
+    want = expected_update(fx, flagged, 0.7)
+    for m, d in want.items():
+        w = f"{m}.weight"
+        assert_close(merged[w], aligned[w].double() + d, atol=2e-6, rtol=1e-5, what=m)
+    for k, v in aligned.items():  # everything else untouched
+        if not any(k == f"{m}.weight" for m in want):
+            assert torch.equal(merged[k], v), k
+
+
+def test_merge_model_output(fx, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    ref = refs(fx)
+    out = tmp_path / "model"
+    assert run_cli(merge_args(fx, out, "--num-layers", 5, "--output", "model")) == 0
+    rep = report_of(out)
+    flagged = {r["module"] for r in rep["layers"] if r["flagged"]}
+    assert flagged == set(sorted(ref, key=ref.get)[:5])
+    # same sharding and index, config copied
+    src_index = json.loads((fx.aligned / "model.safetensors.index.json").read_text())["weight_map"]
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == src_index
+    assert (out / "config.json").read_text() == (fx.aligned / "config.json").read_text()
+    assert (out / "generation_config.json").is_file()
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+    got = model.state_dict()
+    aligned = load_model(fx.aligned)
+    want = expected_update(fx, flagged, 0.8)
+    for k, v in aligned.items():
+        m = k[: -len(".weight")]
+        if m in want:
+            assert_close(got[k], v.double() + want[m], atol=2e-6, rtol=1e-5, what=k)
+        else:
+            assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
+def test_merge_sparse_methods(fx, tmp_path, method):
+    """ties/dare: model output equals merge_utils on the full updates; adapter output is its
+    rank r_f + r_s truncated SVD with the relative error reported; DARE is seeded."""
+    from peft.utils import merge_utils
+
+    from safemerge_ext.merge import module_seed
+
+    ref = refs(fx)
+    tau = threshold_between(list(ref.values()), 4)
+    args = ("--threshold", tau, "--method", method, "--density", 0.5, "--seed", 7)
+    assert run_cli(merge_args(fx, tmp_path / "m", *args, "--output", "model")) == 0
+    assert run_cli(merge_args(fx, tmp_path / "a", *args)) == 0
+    flagged = {r["module"] for r in report_of(tmp_path / "m")["layers"] if r["flagged"]}
+    assert len(flagged) == 4
+    task, safety = load_adapter(fx.task), load_adapter(fx.safety)
+    aligned, got = load_model(fx.aligned), load_model(tmp_path / "m")
+    fn = {"ties": merge_utils.ties, "dare_linear": merge_utils.dare_linear, "dare_ties": merge_utils.dare_ties}[method]
+    rep_a = {r["module"]: r for r in report_of(tmp_path / "a")["layers"]}
+    out_ad = load_adapter(tmp_path / "a")
+    for m in flagged:
+        (A, B, s), (As, Bs, ss) = task[m], safety[m]
+        tensors = [(B.float() @ A.float()) * s, (Bs.float() @ As.float()) * ss]
+        torch.manual_seed(module_seed(7, m))
+        dW = fn(tensors, torch.tensor([0.8, 0.2]), 0.5).double()
+        assert_close(got[f"{m}.weight"], aligned[f"{m}.weight"].double() + dW, atol=1e-5, rtol=1e-5, what=m)
+        # adapter: best rank-k approximation of dW, and its error as reported
+        Ao, Bo, so = out_ad[m]
+        assert so == 1.0 and Ao.shape[0] == A.shape[0] + As.shape[0]
+        S = torch.linalg.svdvals(dW)
+        k = Ao.shape[0]
+        rel = float(S[k:].square().sum().sqrt() / S.square().sum().sqrt())
+        assert abs(rep_a[m]["svd_rel_error"] - rel) < 1e-4
+        err = float((Bo.double() @ Ao.double() - dW).norm() / dW.norm())
+        assert abs(err - rel) < 1e-4
+    if method.startswith("dare"):
+        assert run_cli(merge_args(fx, tmp_path / "m2", *args, "--output", "model")) == 0
+        again = load_model(tmp_path / "m2")
+        assert all(torch.equal(again[k], got[k]) for k in got)
+        assert run_cli(merge_args(fx, tmp_path / "m3", "--threshold", tau, "--method", method, "--density", 0.5,
+                                  "--seed", 8, "--output", "model")) == 0
+        other = load_model(tmp_path / "m3")
+        assert any(not torch.equal(other[f"{m}.weight"], got[f"{m}.weight"]) for m in flagged)
+
+
+def test_fraction_selection(fx, tmp_path):
+    ref = refs(fx)
+    out = tmp_path / "f"
+    assert run_cli(merge_args(fx, out, "--fraction", 0.3)) == 0
+    flagged = {r["module"] for r in report_of(out)["layers"] if r["flagged"]}
+    assert flagged == set(sorted(ref, key=ref.get)[: math.ceil(0.3 * 21)])
+
+
+@pytest.mark.parametrize("output", ["adapter", "model"])
+def test_project_safe_lora(fx, tmp_path, output):
+    ref = refs(fx)
+    tau = threshold_between(list(ref.values()), 10)
+    out = tmp_path / "p"
+    assert run_cli(["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--out", out, "--threshold", tau, "--output", output]) == 0
+    flagged = {r["module"] for r in report_of(out)["layers"] if r["flagged"]}
+    assert flagged == {m for m, c in ref.items() if c <= tau} and len(flagged) == 10
+    wa, wu = load_model(fx.aligned), load_model(fx.unaligned)
+    task = load_adapter(fx.task)
+    if output == "adapter":
+        got = load_adapter(out)
+        for m, (A, B, s) in task.items():
+            Ao, Bo, so = got[m]
+            assert torch.equal(Ao, A) and so == s
+            if m in flagged:
+                assert_close(Bo, ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B), atol=1e-6, rtol=1e-5, what=m)
+            else:
+                assert torch.equal(Bo, B)
+    else:
+        got = load_model(out)
+        for m, (A, B, s) in task.items():
+            Bp = ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B) if m in flagged else B.double()
+            assert_close(got[f"{m}.weight"], wa[f"{m}.weight"].double() + s * Bp @ A.double(), atol=2e-6, rtol=1e-5, what=m)
+
+
+def test_project_num_layers(fx, tmp_path):
+    ref = refs(fx)
+    out = tmp_path / "p"
+    assert run_cli(["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--out", out, "--num-layers", 3]) == 0
+    assert {r["module"] for r in report_of(out)["layers"] if r["flagged"]} == set(sorted(ref, key=ref.get)[:3])
+
+
+def test_report_schema(fx, tmp_path):
+    out = tmp_path / "o"
+    assert run_cli(merge_args(fx, out, "--threshold", 0.3)) == 0
+    rep = report_of(out)
+    for key in ("settings", "backend", "timings", "counts", "cosine", "bytes_read", "layers", "warnings"):
+        assert key in rep
+    assert rep["settings"]["threshold"] == 0.3 and rep["settings"]["alpha"] == 0.8 and rep["settings"]["merge"] == "linear"
+    layer = rep["layers"][0]
+    assert {"module", "cosine", "flagged", "reason", "action", "shape", "rank"} <= set(layer)
+    assert rep["timings"]["total_s"] > 0
+    assert (out / "safemerge_report.png").stat().st_size > 1000
+    # only the target weights of the two models (and the adapters) were read
+    wa = load_model(fx.aligned)
+    target_bytes = sum(wa[f"{r['module']}.weight"].numel() * 4 for r in rep["layers"]) * 2
+    adapter_bytes = sum(t.numel() * t.element_size() for d in (fx.task, fx.safety)
+                        for t in load_file(d / "adapter_model.safetensors").values())
+    assert rep["bytes_read"] == target_bytes + adapter_bytes
+
+
+def _bin_dir() -> Path:
+    return Path(sys.executable).parent
+
+
+@pytest.mark.skipif(not (_bin_dir() / "safemerge").exists(), reason="the safemerge console script is not installed")
+def test_console_script(fx, tmp_path):
+    """The real `safemerge` entry point, in a subprocess."""
+    out = tmp_path / "cli"
+    proc = subprocess.run([str(_bin_dir() / "safemerge"), *map(str, merge_args(fx, out, "--threshold", 0.25))],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "layers scored" in proc.stdout and "flagged" in proc.stdout
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_help_imports_no_torch():
+    code = ("import sys\nfrom safemerge_ext.cli import build_parser\n"
+            "for c in ['score','merge','project']:\n"
+            "    try: build_parser().parse_args([c, '--help'])\n"
+            "    except SystemExit: pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+    helped = subprocess.run([sys.executable, "-m", "safemerge_ext", "merge", "--help"], capture_output=True, text=True)
+    for flag in ("--threshold", "--num-layers", "--fraction", "--alpha", "--method", "--density", "--seed",
+                 "--output", "--backend", "--device", "--force"):
+        assert flag in helped.stdout
+
+
+def test_import_is_light():
+    proc = subprocess.run([sys.executable, "-c", "import sys, safemerge_ext; "
+                           "print(sorted(m for m in ('torch','triton','transformers','mergekit') if m in sys.modules))"],
+                          capture_output=True, text=True)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
