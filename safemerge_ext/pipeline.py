@@ -194,37 +194,60 @@ def _non_finite(run: Run, layer: Layer, wa: torch.Tensor, wu: torch.Tensor) -> S
     return SafeMergeError(f"scoring {layer.module} overflowed (the weights are too large for fp32 sums)")
 
 
+def read_order(run: Run) -> list[int]:
+    """Layer indices grouped by the aligned model's shard (each file read front to back once)."""
+    shard_rank = {shard: i for i, shard in enumerate(run.aligned.shards())}
+    return sorted(range(len(run.layers)), key=lambda i: (shard_rank[run.aligned.shard_of(run.layers[i].weight)], i))
+
+
 def score_layers(run: Run, *, progress: bool | None = None, with_projection: bool = False) -> list[ops.Score]:
-    """Score every layer's task update, reading each weight pair once (with read-ahead)."""
+    """Score every layer's task update, reading each weight pair once, with read-ahead.
+
+    A background thread reads the next layers while the current one is scored; on CUDA it stages
+    them through pinned memory and copies on a side stream, and the scorer waits on an event.
+    Scores come back in model order.
+    """
     from tqdm.auto import tqdm
 
-    scores: list[ops.Score] = []
+    cuda = run.device.type == "cuda"
+    side = torch.cuda.Stream(run.device) if cuda else None
 
-    def load(layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(i: int):
+        layer = run.layers[i]
         t0 = time.perf_counter()
         wa, wu = run.aligned.get(layer.weight), run.unaligned.get(layer.weight)
-        if run.device.type == "cuda":
-            wa, wu = wa.pin_memory().to(run.device, non_blocking=True), wu.pin_memory().to(run.device, non_blocking=True)
+        ready = None
+        if cuda:
+            with torch.cuda.stream(side):
+                wa = wa.pin_memory().to(run.device, non_blocking=True)
+                wu = wu.pin_memory().to(run.device, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(side)
         run.tick("read_s", t0)
-        return wa, wu
+        return wa, wu, ready
 
-    bar = tqdm(total=len(run.layers), desc="scoring", unit="layer", disable=progress is False if progress is not None else None,
-               leave=False)
+    scores: dict[int, ops.Score] = {}
+    bar = tqdm(total=len(run.layers), desc="scoring", unit="layer", leave=False,
+               disable=None if progress is None else not progress)
     t_loop = time.perf_counter()
     try:
-        for layer, (wa, wu) in prefetch(run.layers, load):
+        for i, (wa, wu, ready) in prefetch(read_order(run), load):
+            layer = run.layers[i]
+            if ready is not None:
+                torch.cuda.current_stream(run.device).wait_event(ready)
+                wa.record_stream(torch.cuda.current_stream(run.device))
+                wu.record_stream(torch.cuda.current_stream(run.device))
             try:
-                s = ops.subspace_score(
+                scores[i] = ops.subspace_score(
                     wa, wu, lora_A=layer.task.A, lora_B=layer.task.B, backend=run.backend, with_projection=with_projection
                 )
             except FloatingPointError:
                 raise _non_finite(run, layer, wa, wu) from None
-            scores.append(s)
             bar.update(1)
     finally:
         bar.close()
     run.tick("score_loop_s", t_loop)
-    return scores
+    return [scores[i] for i in range(len(run.layers))]
 
 
 def _records(run: Run, scores: list[ops.Score], flags: list[bool], action: str) -> list[LayerRecord]:

@@ -1,8 +1,9 @@
 """Write a full model: the aligned model's shards, streamed, with merged updates added.
 
-Each shard is read one tensor at a time, patched and written before the next shard is touched,
-so memory holds at most one shard's tensors; sharding and the index are kept, and every other
-file of the folder (config, generation config, tokenizer, chat template) is copied.
+Each shard is read, patched and written one tensor at a time (the safetensors header is laid out
+from the source headers first), so memory holds one tensor, whatever the shard size; sharding and
+the index are kept, and every other file of the folder (config, generation config, tokenizer, chat
+template) is copied.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
-
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import INDEX, ModelReader
+from safemerge_ext.io.safetensors_stream import StreamingWriter
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
@@ -42,22 +42,21 @@ def write_model(
     """
     written = 0
     for shard, names in reader.shards().items():
-        tensors: dict[str, torch.Tensor] = {}
-        for name in names:
-            w = reader.get(name)
-            upd = update_for(name)
-            if upd is not None:
-                if tuple(upd.shape) != tuple(w.shape):
-                    raise SafeMergeError(
-                        f"update for {name} has shape {tuple(upd.shape)} but the weight {tuple(w.shape)}"
-                    )
-                w = (w.float() + upd.to(device="cpu", dtype=torch.float32)).to(w.dtype)
-            tensors[name] = w.contiguous()
-            if on_tensor is not None:
-                on_tensor(name)
-        save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
-        written += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
+        layout = [(name, *reader.meta(name)) for name in names]
+        with StreamingWriter(out_dir / shard, layout) as out:
+            for name in names:
+                w = reader.get(name)
+                upd = update_for(name)
+                if upd is not None:
+                    if tuple(upd.shape) != tuple(w.shape):
+                        raise SafeMergeError(
+                            f"update for {name} has shape {tuple(upd.shape)} but the weight {tuple(w.shape)}"
+                        )
+                    w = (w.float() + upd.to(device="cpu", dtype=torch.float32)).to(w.dtype)
+                out.write(name, w)
+                if on_tensor is not None:
+                    on_tensor(name)
+            written += out.nbytes
     if reader.is_sharded:
         shutil.copy2(reader.path / INDEX, out_dir / INDEX)
     copy_side_files(reader.path, out_dir)

@@ -1,0 +1,73 @@
+"""Write a safetensors file one tensor at a time, so a multi-GB shard never sits in memory.
+
+The format is an 8-byte little-endian header length, a JSON header (dtype, shape and byte range of
+every tensor, padded with spaces to 8 bytes), then the raw little-endian bytes in header order.
+The header is laid out up front from the shapes and dtypes; tensors are then appended in that
+order and each is checked against its declared shape and dtype. Files load with ``safe_open``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+_CODES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+class StreamingWriter:
+    """``with StreamingWriter(path, [(name, shape, dtype), ...]) as w: w.write(name, tensor) ...``"""
+
+    def __init__(self, path: str | os.PathLike, layout: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                 metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self._layout = [(n, tuple(int(s) for s in shape), dt) for n, shape, dt in layout]
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, shape, dt in self._layout:
+            n = dt.itemsize
+            for s in shape:
+                n *= s
+            header[name] = {"dtype": _CODES[dt], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+        self._next = 0
+        self.nbytes = offset
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the layout (it must come in layout order)."""
+        want_name, shape, dt = self._layout[self._next]
+        if name != want_name or tuple(tensor.shape) != shape or tensor.dtype != dt:
+            raise ValueError(
+                f"{self.path.name}: expected {want_name} {shape} {dt} next, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._f.write(memoryview(raw.numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        complete = self._next == len(self._layout)
+        self._f.close()
+        if not complete:
+            raise ValueError(f"{self.path}: only {self._next} of {len(self._layout)} tensors were written")
+
+    def __enter__(self) -> "StreamingWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
