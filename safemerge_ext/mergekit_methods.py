@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
-from pydantic import Field
+from pydantic import AfterValidator
 from typing_extensions import Annotated
 
 from safemerge_ext import ops
@@ -63,10 +63,24 @@ REPORT_DIR_ENV = "SAFEMERGE_REPORT_DIR"
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 Role = Literal["task", "safety", "unaligned"]
-Threshold = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
-Density = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-Beta = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
+def _in_range(name: str, lo: float, hi: float, what: str, lo_open: bool = False) -> AfterValidator:
+    """A pydantic check whose message names the parameter (mergekit shows it while planning)."""
+
+    def check(v: float) -> float:
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+        if not ok:
+            raise ValueError(f"{name} must lie in {'(' if lo_open else '['}{lo:g}, {hi:g}] ({what}); got {v}")
+        return v
+
+    return AfterValidator(check)
+
+
+Threshold = Annotated[float, _in_range("threshold", -1.0, 1.0, "it is compared with a cosine")]
+Fraction = Annotated[float, _in_range("alpha", 0.0, 1.0, "the task update's weight")]
+Density = Annotated[float, _in_range("density", 0.0, 1.0, "the fraction of each update kept", lo_open=True)]
+Beta = Annotated[float, _in_range("beta", 0.0, math.inf, "the weight of the safety vector")]
 MergeName = Literal["linear", "ties", "dare_linear", "dare_ties"]
 assert set(MERGE_METHODS) == {"linear", "ties", "dare_linear", "dare_ties"}
 

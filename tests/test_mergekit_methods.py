@@ -1,0 +1,465 @@
+"""mergekit methods safemerge / safelora / resta on pico Llama models: exact outputs against float64
+references written here, the report, mergekit's own methods untouched, aligned+lora inputs, bad
+recipes, the safemerge-yaml and mergekit-yaml console scripts, and the start-up autoload hook."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("mergekit")
+pytest.importorskip("transformers")
+
+from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.merge import MergeOptions, run_merge  # noqa: E402
+from mergekit_fixtures import DW_ZERO, V_ZERO, is_linear, lora_delta, pico, read_model, save_model  # noqa: E402,F401
+from numerics import assert_close  # noqa: E402
+
+from safemerge_ext import autoload  # noqa: E402
+from safemerge_ext.errors import SafeMergeError  # noqa: E402
+from safemerge_ext.mergekit_methods import finalize_report, register_methods, report_to  # noqa: E402
+from safemerge_ext.yaml_cli import validate_recipe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TAU = 0.6  # with the pico models this flags some layers and keeps others
+
+
+def recipe(p, method: str = "safemerge", params: dict | None = None, dtype: str = "float32", **models: str) -> dict:
+    """A recipe dict on the pico models; ``models`` maps role -> reference (defaults: full models)."""
+    refs = {"task": str(p.task), "unaligned": str(p.unaligned)}
+    if method == "safemerge":
+        refs["safety"] = str(p.safety)
+    refs.update(models)
+    return {
+        "merge_method": method,
+        "base_model": str(p.aligned),
+        "models": [{"model": ref, "parameters": {"role": role}} for role, ref in refs.items()],
+        "parameters": params or {},
+        "dtype": dtype,
+    }
+
+
+def merge(cfg: dict, out: Path, **options: Any) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """run_merge in-process with the plugin registered; the output tensors and the report."""
+    register_methods()
+    with report_to(out):
+        run_merge(MergeConfiguration.model_validate(cfg), str(out),
+                  MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False, **options))
+    return read_model(out), finalize_report(out)
+
+
+def ref_cos(wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor) -> float:
+    V = wa.double() - wu.double()
+    if V.norm() == 0 or dW.norm() == 0:
+        return math.nan
+    C = V @ V.t() / V.norm()
+    CdW = C @ dW
+    return float((CdW * dW).sum() / (CdW.norm() * dW.norm()))
+
+
+def ref_ties(d1: torch.Tensor, d2: torch.Tensor, weights: tuple[float, float], density: float) -> torch.Tensor:
+    """TIES as PEFT defines it (magnitude prune, elect sign on the sum, disjoint weighted mean), float64."""
+    def prune(t: torch.Tensor) -> torch.Tensor:
+        keep = torch.zeros(t.numel(), dtype=t.dtype)
+        keep[t.abs().flatten().topk(int(density * t.numel())).indices] = 1
+        return t * keep.view_as(t)
+
+    T = torch.stack([prune(d1), prune(d2)])
+    agree = T.sign() == torch.where(T.sum(0) >= 0, 1.0, -1.0).to(T.dtype)
+    W = T * torch.tensor(weights, dtype=T.dtype).view(2, 1, 1)
+    return (W * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def reference(p, method: str, *, tau: float = TAU, alpha: float = 0.8, merge_name: str = "linear",
+              density: float = 1.0, beta: float = 0.5, task: dict | None = None, safety: dict | None = None):
+    """Expected output (float64) and flags of every tensor, straight from SPEC section 1."""
+    A, U = read_model(p.aligned), read_model(p.unaligned)
+    T = task or read_model(p.task)
+    S = safety or read_model(p.safety)
+    out, flags = {}, {}
+    for name, wa in A.items():
+        wa, wu, wt = wa.double(), U[name].double(), T[name].double()
+        if method == "resta":
+            out[name] = wt + beta * (wa - wu)
+            continue
+        if not is_linear(name, wa):
+            out[name] = wt
+            continue
+        dW = wt - wa
+        rho = ref_cos(wa, wu, dW)
+        flagged = not math.isnan(rho) and (rho < tau if method == "safemerge" else rho <= tau)
+        assert math.isnan(rho) or abs(rho - tau) > 1e-6, f"{name}: cosine {rho} too close to the threshold for a test"
+        flags[name[: -len(".weight")]] = flagged
+        if not flagged:
+            out[name] = wt
+        elif method == "safelora":
+            V = wa - wu
+            out[name] = wa + (V @ V.t() / V.norm()) @ dW
+        else:
+            dWs = S[name].double() - wa
+            merged = alpha * dW + (1 - alpha) * dWs if merge_name == "linear" else \
+                ref_ties(dW, dWs, (alpha, 1 - alpha), density)
+            out[name] = wa + merged
+    return out, flags
+
+
+def check_all(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float = 2e-6) -> None:
+    assert set(got) == set(want), f"tensors differ: missing {set(want) - set(got)}, extra {set(got) - set(want)}"
+    for name in sorted(want):
+        assert torch.isfinite(got[name]).all(), f"{name}: NaN/Inf in the output"
+        assert_close(got[name], want[name], atol=atol, rtol=1e-5, what=name)
+
+
+def check_report(report: dict, flags: dict[str, bool], method: str) -> None:
+    layers = {r["module"]: r for r in report["layers"]}
+    assert report["method"] == method and set(layers) == set(flags)
+    assert [r["module"] for r in report["layers"]] == sorted(layers, key=lambda m: [int(x) if x.isdigit() else x for x in m.replace(".", " ").split()])
+    assert {m: r["flagged"] for m, r in layers.items()} == flags
+    assert layers[V_ZERO[:-7]]["cosine"] is None and "V = 0" in layers[V_ZERO[:-7]]["reason"]
+    assert layers[DW_ZERO[:-7]]["cosine"] is None and "zero" in layers[DW_ZERO[:-7]]["reason"]
+    assert report["counts"]["flagged"] == sum(flags.values())
+
+
+# -- exact outputs -------------------------------------------------------------------------------
+
+
+def test_safemerge_linear_matches_float64_reference(pico, tmp_path):
+    got, report = merge(recipe(pico, params={"threshold": TAU, "alpha": 0.8, "merge": "linear"}), tmp_path / "o")
+    want, flags = reference(pico, "safemerge")
+    assert 0 < sum(flags.values()) < len(flags) - 2, "the pico models must flag some layers and keep others"
+    check_all(got, want)
+    check_report(report, flags, "safemerge")
+    assert report["settings"]["threshold"] == TAU and report["settings"]["comparison"] == "<"
+    assert (tmp_path / "o" / "safemerge_report.png").stat().st_size > 0
+    task = read_model(pico.task)
+    for name, t in task.items():  # kept layers and every non-linear tensor: the task model's, bit for bit
+        if not flags.get(name[:-7], False):
+            assert torch.equal(got[name], t), name
+
+
+def test_safemerge_ties_matches_float64_reference(pico, tmp_path):
+    params = {"threshold": TAU, "alpha": 0.7, "merge": "ties", "density": 0.5}
+    got, report = merge(recipe(pico, params=params), tmp_path / "o")
+    want, flags = reference(pico, "safemerge", alpha=0.7, merge_name="ties", density=0.5)
+    check_all(got, want)
+    check_report(report, flags, "safemerge")
+
+
+def test_safelora_matches_float64_reference(pico, tmp_path):
+    got, report = merge(recipe(pico, "safelora", params={"threshold": TAU}), tmp_path / "o")
+    want, flags = reference(pico, "safelora")
+    assert 0 < sum(flags.values())
+    check_all(got, want)
+    check_report(report, flags, "safelora")
+    assert {r["action"] for r in report["layers"] if r["flagged"]} == {"projected"}
+
+
+def test_resta_matches_float64_reference(pico, tmp_path):
+    got, report = merge(recipe(pico, "resta", params={"beta": 0.3}), tmp_path / "o")
+    want, _ = reference(pico, "resta", beta=0.3)
+    check_all(got, want)
+    assert report["method"] == "resta" and {r["action"] for r in report["layers"]} == {"shifted"}
+
+
+def test_resta_dare_is_seeded(pico, tmp_path):
+    params = {"beta": 0.5, "density": 0.5, "seed": 3}
+    a, _ = merge(recipe(pico, "resta", params=params), tmp_path / "a")
+    b, _ = merge(recipe(pico, "resta", params=params), tmp_path / "b")
+    task, dense = read_model(pico.task), reference(pico, "resta")[0]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(a[name], b[name])
+    assert not torch.allclose(a[name].double(), dense[name], atol=1e-6)  # DARE changed the safety vector
+    assert not torch.equal(a[name], task[name])
+
+
+def test_gradient_and_filter_parameters(pico, tmp_path):
+    """threshold per tensor via a filter list: only attention layers can be flagged."""
+    params = {"threshold": [{"filter": "self_attn", "value": TAU}, {"value": -1.0}], "alpha": 0.8}
+    got, report = merge(recipe(pico, params=params), tmp_path / "o")
+    _, flags = reference(pico, "safemerge")
+    attn = {m: f and "self_attn" in m for m, f in flags.items()}
+    assert {r["module"]: r["flagged"] for r in report["layers"]} == attn
+    assert report["settings"]["threshold"] == "varies by layer (see layers)"
+
+
+def test_aligned_plus_lora_inputs_with_lora_merge_cache(pico, tmp_path):
+    cache = tmp_path / "lora-cache"
+    cfg = recipe(pico, params={"threshold": TAU, "alpha": 0.8},
+                 task=f"{pico.aligned}+{pico.lora_task}", safety=f"{pico.aligned}+{pico.lora_safety}")
+    got, report = merge(cfg, tmp_path / "o", lora_merge_cache=str(cache))
+    assert any(cache.iterdir()), "mergekit did not use --lora-merge-cache"
+    A = read_model(pico.aligned)
+
+    def with_lora(adapter):
+        return {n: w.double() + (d if (d := lora_delta(adapter, n)) is not None else 0) for n, w in A.items()}
+
+    task, safety = with_lora(pico.lora_task), with_lora(pico.lora_safety)
+    want, flags = reference(pico, "safemerge", task=task, safety=safety)
+    check_all(got, want, atol=2e-5)
+    scored = [r for r in report["layers"] if r["cosine"] is not None]
+    assert {r["module"].rsplit(".", 1)[1] for r in scored} == {"q_proj", "v_proj", "down_proj"}
+    assert {m: f for m, f in flags.items()} == {r["module"]: r["flagged"] for r in report["layers"]}
+
+
+def test_mergekit_own_methods_unchanged_by_plugin(pico, tmp_path):
+    """linear and ties give bit-identical output in a fresh interpreter without the plugin."""
+    cfgs = {
+        "linear": {"merge_method": "linear", "models": [{"model": str(pico.task), "parameters": {"weight": 0.6}},
+                                                          {"model": str(pico.safety), "parameters": {"weight": 0.4}}],
+                   "dtype": "float32"},
+        "ties": {"merge_method": "ties", "base_model": str(pico.aligned),
+                 "models": [{"model": str(pico.task), "parameters": {"weight": 0.6, "density": 0.5}},
+                            {"model": str(pico.safety), "parameters": {"weight": 0.4, "density": 0.5}}],
+                 "dtype": "float32"},
+    }
+    script = (
+        "import json, sys\n"
+        "from mergekit.config import MergeConfiguration\n"
+        "from mergekit.merge import MergeOptions, run_merge\n"
+        "import mergekit.merge_methods as mm\n"
+        "assert 'safemerge' not in [m.spec.name for m in mm.registered_methods()], 'plugin loaded'\n"
+        "for name, cfg in json.loads(sys.argv[1]).items():\n"
+        "    run_merge(MergeConfiguration.model_validate(cfg), sys.argv[2] + '/' + name,\n"
+        "              MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))\n"
+    )
+    env = dict(os.environ, SAFEMERGE_NO_AUTOLOAD="1")
+    res = subprocess.run([sys.executable, "-c", script, json.dumps(cfgs), str(tmp_path / "without")],
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    register_methods()
+    for name, cfg in cfgs.items():
+        with_plugin, _ = merge(cfg, tmp_path / "with" / name)
+        without = read_model(tmp_path / "without" / name)
+        assert set(with_plugin) == set(without)
+        for k in without:
+            assert torch.equal(with_plugin[k], without[k]), f"{name}: {k} differs with the plugin loaded"
+
+
+def test_register_methods_is_idempotent():
+    import mergekit.merge_methods as mm
+
+    register_methods()
+    assert register_methods() == []
+    names = [m.spec.name for m in mm.registered_methods()]
+    assert all(names.count(n) == 1 for n in ("safemerge", "safelora", "resta"))
+    spec = mm.get("safemerge").spec
+    assert (spec.pretty_name, spec.reference_url) == ("SafeMERGE", "https://arxiv.org/abs/2503.17239")
+    assert mm.get("safelora").spec.reference_url == "https://arxiv.org/abs/2405.16833"
+    assert mm.get("resta").spec.reference_url == "https://arxiv.org/abs/2402.11746"
+
+
+# -- bad recipes ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    """Fail the test if any tensor's data (not header) is read."""
+    from safetensors import safe_open as real
+
+    class Guard:
+        def __init__(self, *a, **k):
+            self._f = real(*a, **k)
+
+        def __enter__(self):
+            self._f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._f.__exit__(*exc)
+
+        def get_tensor(self, name):
+            raise AssertionError(f"validation read the data of {name}")
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    import safemerge_ext.io.models as models
+
+    monkeypatch.setattr(models, "safe_open", Guard)
+
+
+def _mismatched_model(p, tmp: Path) -> Path:
+    from mergekit_fixtures import llama_config  # noqa: F401  (same family, one tensor reshaped)
+
+    sd = read_model(p.unaligned)
+    out = tmp / "mismatch"
+    import transformers
+
+    cfg = transformers.LlamaConfig(**{**llama_config().to_dict(), "intermediate_size": 40})
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(out, max_shard_size="24KB")
+    del sd
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, culprit",
+    [
+        ("missing_role", "role 'safety'"),
+        ("duplicate_role", "role 'task' must be given to exactly one model"),
+        ("unknown_merge", "merge must be one of"),
+        ("threshold_range", "threshold must lie in [-1, 1]"),
+        ("unknown_method", "merge_method 'safemerj'"),
+        ("no_role", "has no role"),
+        ("missing_path", "no such directory"),
+        ("shape_mismatch", "model.layers.0.mlp.down_proj.weight has shape"),
+    ],
+)
+def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads, case, culprit):
+    cfg = recipe(pico, params={"threshold": 0.35})
+    models = cfg["models"]
+    if case == "missing_role":
+        cfg["models"] = [m for m in models if m["parameters"]["role"] != "safety"]
+    elif case == "duplicate_role":
+        models[1]["parameters"]["role"] = "task"
+    elif case == "unknown_merge":
+        cfg["parameters"]["merge"] = "slerp"
+    elif case == "threshold_range":
+        cfg["parameters"]["threshold"] = 1.5
+    elif case == "unknown_method":
+        cfg["merge_method"] = "safemerj"
+    elif case == "no_role":
+        del models[0]["parameters"]["role"]
+    elif case == "missing_path":
+        models[0]["model"] = str(tmp_path / "nowhere")
+    elif case == "shape_mismatch":
+        models[2]["model"] = str(_mismatched_model(pico, tmp_path))
+    with pytest.raises(SafeMergeError) as err:
+        validate_recipe(cfg, "r.yml")
+    msg = str(err.value)
+    assert culprit in msg and "\n" not in msg, msg
+
+
+def test_plain_run_merge_rejects_bad_parameters_while_planning(pico, tmp_path):
+    cfg = recipe(pico, params={"threshold": 1.5})
+    register_methods()
+    with pytest.raises(Exception, match=r"threshold must lie in \[-1, 1\]"):
+        run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "o"), MergeOptions(copy_tokenizer=False, quiet=True))
+    assert not list((tmp_path).glob("o/*.safetensors"))
+
+
+def test_plain_run_merge_names_a_duplicate_role(pico, tmp_path):
+    cfg = recipe(pico)
+    cfg["models"][1]["parameters"]["role"] = "task"
+    register_methods()
+    with pytest.raises(Exception, match="role 'task' must be given to exactly one model.*tensor "):
+        run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "o"), MergeOptions(copy_tokenizer=False, quiet=True))
+
+
+# -- console scripts ------------------------------------------------------------------------------
+
+
+def _script(name: str) -> str:
+    path = shutil.which(name, path=os.pathsep.join([sysconfig.get_paths()["scripts"], os.environ.get("PATH", "")]))
+    if path is None:
+        pytest.skip(f"console script {name} is not installed (pip install -e . installs it)")
+    return path
+
+
+def _write(cfg: dict, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_safemerge_yaml_console_script(pico, tmp_path):
+    exe = _script("safemerge-yaml")
+    cfg = recipe(pico, params={"threshold": TAU, "alpha": 0.8}, dtype="bfloat16")
+    out = tmp_path / "out"
+    res = subprocess.run([exe, str(_write(cfg, tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "flagged" in res.stdout and "cosine min / median / max" in res.stdout
+    report = json.loads((out / "safemerge_report.json").read_text())
+    assert (out / "safemerge_report.png").is_file() and list(out.glob("*.safetensors"))
+    assert report["command"] == "safemerge-yaml" and len(report["layers"]) == 14
+    assert any("bfloat16" in w for w in report["warnings"]) and "near_threshold" in report["counts"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+    bad = dict(cfg, parameters={"threshold": 2.0})
+    res = subprocess.run([exe, str(_write(bad, tmp_path / "bad.yml")), str(tmp_path / "out2")],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and not (tmp_path / "out2").exists()
+    assert res.stderr.strip().count("\n") == 0 and "threshold must lie in [-1, 1]" in res.stderr, res.stderr
+
+
+def test_plain_mergekit_yaml_finds_the_methods(pico, tmp_path):
+    exe = _script("mergekit-yaml")
+    if not (autoload.site_packages() / autoload.PTH_NAME).is_file():
+        pytest.skip(f"{autoload.PTH_NAME} is not in {autoload.site_packages()}: reinstall (pip install -e .) "
+                    "or run `safemerge autoload enable`")
+    cfg = recipe(pico, params={"threshold": TAU, "alpha": 0.8})
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("SAFEMERGE_NO_AUTOLOAD", "SAFEMERGE_REPORT_DIR")}
+    res = subprocess.run([exe, str(_write(cfg, tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    want, flags = reference(pico, "safemerge")
+    check_all(read_model(out), want)
+    report = json.loads((out / "safemerge_report.json").read_text())
+    check_report(report, flags, "safemerge")
+    assert not (out / ".safemerge_layers.jsonl").exists()
+
+
+# -- autoload ----------------------------------------------------------------------------------------
+
+
+_PROBE = (
+    "import site, sys\n"
+    "site.addsitedir(sys.argv[1])\n"
+    "print('hook' if 'safemerge_ext._autoload_hook' in sys.modules else 'nohook')\n"
+    "print(sorted(m for m in ('torch', 'mergekit', 'transformers') if m in sys.modules))\n"
+    "import mergekit.merge_methods as mm\n"
+    "print('registered' if 'safemerge' in [m.spec.name for m in mm.registered_methods()] else 'absent')\n"
+)
+
+
+def _probe(tmp_path: Path, **env: str) -> list[str]:
+    site_dir = tmp_path / "site"
+    msg = autoload.enable(site_dir)
+    assert (site_dir / autoload.PTH_NAME).read_text() == (ROOT / autoload.PTH_NAME).read_text(), msg
+    full_env = {k: v for k, v in os.environ.items() if k != "SAFEMERGE_NO_AUTOLOAD"} | env
+    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), full_env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", _PROBE, str(site_dir)], capture_output=True, text=True, env=full_env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.split("\n")
+
+
+def test_pth_hook_is_lazy_and_registers_on_mergekit_import(tmp_path):
+    """Processing the .pth (as site does at start-up) imports neither torch nor mergekit."""
+    hook, imported, registered = _probe(tmp_path)[:3]
+    assert hook == "hook" and imported == "[]" and registered == "registered"
+
+
+def test_no_autoload_env_turns_the_hook_off(tmp_path):
+    hook, imported, registered = _probe(tmp_path, SAFEMERGE_NO_AUTOLOAD="1")[:3]
+    assert imported == "[]" and registered == "absent"
+
+
+def test_installed_pth_keeps_startup_free_of_torch():
+    """With the .pth in the real site-packages, a fresh interpreter still imports no torch/mergekit."""
+    if not (autoload.site_packages() / autoload.PTH_NAME).is_file():
+        pytest.skip(f"{autoload.PTH_NAME} is not installed in {autoload.site_packages()}")
+    res = subprocess.run([sys.executable, "-c", "import sys; print('safemerge_ext._autoload_hook' in sys.modules, "
+                          "'torch' in sys.modules, 'mergekit' in sys.modules)"], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "SAFEMERGE_NO_AUTOLOAD"})
+    assert res.stdout.split() == ["True", "False", "False"], res.stdout + res.stderr
+
+
+def test_autoload_enable_disable_status(tmp_path):
+    d = tmp_path / "sp"
+    assert "enabled" in autoload.enable(d) and (d / autoload.PTH_NAME).is_file()
+    assert "already enabled" in autoload.enable(d)
+    assert "disabled" in autoload.disable(d) and not (d / autoload.PTH_NAME).exists()
+    assert "already disabled" in autoload.disable(d)
+    assert "state:" in autoload.status()
