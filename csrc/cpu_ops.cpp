@@ -1,0 +1,438 @@
+// CPU kernels for SafeMERGE's two passes over V = W_aligned - W_unaligned (SPEC section 1).
+//
+//   pass 1:  T = V^T B   (d_in x r)  and  ||V||_F^2
+//   pass 2:  P = V T     (d_out x r)
+//
+// V is never stored: each pass converts a small block of both weight matrices (fp32, fp16 or bf16,
+// read in their stored dtype) into an fp32 scratch block that lives in L1/L2, and a register-tiled
+// micro-kernel multiplies it against B or T. Accumulation is fp32 (differences of fp16/bf16
+// values are exact in fp32); ||V||^2 is summed per block in fp32 and across blocks in float64.
+//
+// Determinism: pass 1 gives each 512-column band to one thread (it owns those rows of T and its
+// own ||V||^2 partial); pass 2 gives each 4-row tile to one thread. Partials are reduced in a
+// fixed order, so the bits depend on neither the thread count nor the schedule.
+//
+// No torch headers: the module takes raw data pointers, shapes, row strides and a dtype code, so
+// it keeps working across torch upgrades. The hot functions are compiled twice, for x86-64-v3
+// (AVX2 + FMA + F16C) and for the baseline ISA, and picked at import from the CPU's features.
+
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+#define SM_INLINE inline __attribute__((always_inline))
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define SM_HAVE_V3 1
+#define SM_TARGET_V3 __attribute__((target("avx2,fma,f16c")))
+#else
+#define SM_HAVE_V3 0
+#define SM_TARGET_V3
+#endif
+
+using v8f = float __attribute__((vector_size(32)));
+using v8u16 = uint16_t __attribute__((vector_size(16)));
+using v8u32 = uint32_t __attribute__((vector_size(32)));
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+SM_INLINE v8f vload(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+SM_INLINE void vstore(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+
+// Element loads: storage type and conversion to fp32 per dtype code (one table, no branches).
+template <int DT> struct Elem;
+template <> struct Elem<kF32> {
+  using T = float;
+  static SM_INLINE float one(const T* p) { return *p; }
+  static SM_INLINE v8f eight(const T* p) { return vload(p); }
+  static SM_INLINE void sixteen(const T* p, v8f& lo, v8f& hi) { lo = vload(p), hi = vload(p + 8); }
+  static SM_INLINE int pos(int j) { return j; }
+};
+template <> struct Elem<kBF16> {
+  using T = uint16_t;
+  static SM_INLINE float one(const T* p) {
+    uint32_t w = uint32_t(*p) << 16;
+    float f;
+    std::memcpy(&f, &w, 4);
+    return f;
+  }
+  // 16 bf16 read as 8 32-bit pairs: the low halves (even columns) shifted up and the high halves
+  // (odd columns) masked are fp32 already. Buffers therefore hold each 16-column group as
+  // [even columns, odd columns]; pos() maps a column of the group to its buffer slot.
+  static SM_INLINE void sixteen(const T* p, v8f& lo, v8f& hi) {
+    v8u32 w;
+    std::memcpy(&w, p, sizeof w);
+    lo = (v8f)(w << 16);
+    hi = (v8f)(w & 0xffff0000u);
+  }
+  static SM_INLINE int pos(int j) { return (j & 1) * 8 + (j >> 1); }
+};
+template <> struct Elem<kF16> {
+  using T = uint16_t;
+#if defined(__FLT16_MAX__)
+  using v8h = _Float16 __attribute__((vector_size(16)));
+  static SM_INLINE float one(const T* p) {
+    _Float16 h;
+    std::memcpy(&h, p, 2);
+    return float(h);
+  }
+  static SM_INLINE v8f eight(const T* p) {
+    v8h h;
+    std::memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, v8f);
+  }
+#else
+  // IEEE binary16 -> binary32 by bit manipulation (normals, subnormals, inf, nan).
+  static SM_INLINE float one(const T* p) {
+    uint32_t h = *p, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, w;
+    if (exp == 0x1f) {
+      w = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+      w = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+      w = sign;
+    } else {
+      float f = float(man) * (1.0f / 16777216.0f);  // man * 2^-24
+      std::memcpy(&w, &f, 4);
+      w |= sign;
+    }
+    float f;
+    std::memcpy(&f, &w, 4);
+    return f;
+  }
+  static SM_INLINE v8f eight(const T* p) {
+    v8f v;
+    for (int l = 0; l < 8; ++l) v[l] = one(p + l);
+    return v;
+  }
+#endif
+  static SM_INLINE void sixteen(const T* p, v8f& lo, v8f& hi) { lo = eight(p), hi = eight(p + 8); }
+  static SM_INLINE int pos(int j) { return j; }
+};
+
+// V[rows, 0:w) = A - U into buf (row stride ldbuf), each 16-column group in Elem<DT>::pos order,
+// zero-filled up to wpad (a multiple of 16). Returns sum V^2 (fp32 lanes over this block, reduced
+// in a fixed order into a double). The same segment of the rows at next_a / next_u (the block
+// processed after this one, or null) is prefetched into L2 while this one is converted.
+template <int DT>
+SM_INLINE double form_v(const typename Elem<DT>::T* a, const typename Elem<DT>::T* u, int64_t lda,
+                        int64_t ldu, int rows, int w, int wpad, int ldbuf, float* buf,
+                        const typename Elem<DT>::T* next_a, const typename Elem<DT>::T* next_u) {
+  using E = Elem<DT>;
+  constexpr int kLine = 64 / int(sizeof(typename E::T));
+  v8f sq = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int wfull = w & ~15;
+  for (int i = 0; i < rows; ++i) {
+    const typename E::T* pa = a + int64_t(i) * lda;
+    const typename E::T* pu = u + int64_t(i) * ldu;
+    float* o = buf + int64_t(i) * ldbuf;
+    if (next_a) {
+      for (int j = 0; j < w; j += kLine) {
+        __builtin_prefetch(next_a + int64_t(i) * lda + j, 0, 2);
+        __builtin_prefetch(next_u + int64_t(i) * ldu + j, 0, 2);
+      }
+    }
+    int j = 0;
+    for (; j < wfull; j += 16) {
+      v8f alo, ahi, ulo, uhi;
+      E::sixteen(pa + j, alo, ahi);
+      E::sixteen(pu + j, ulo, uhi);
+      const v8f lo = alo - ulo, hi = ahi - uhi;
+      vstore(o + j, lo);
+      vstore(o + j + 8, hi);
+      sq += lo * lo;
+      sq += hi * hi;
+    }
+    if (j < wpad) std::fill(o + j, o + wpad, 0.0f);
+    for (int t = 0; t < w - j; ++t) {  // the last, partial group
+      const float v = E::one(pa + j + t) - E::one(pu + j + t);
+      o[j + E::pos(t)] = v;
+      sq[0] += v * v;
+    }
+  }
+  double s = 0.0;
+  for (int l = 0; l < 8; ++l) s += double(sq[l]);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 1: T = V^T B, ||V||^2. One band = P1_BAND columns of V over all rows, walked down in
+// chunks of P1_KC rows, so every read is a contiguous run of P1_BAND elements of a row.
+constexpr int P1_BAND = 512;  // band width: 32 strips of 16 columns; 1 KiB of a bf16 row
+constexpr int P1_KC = 32;     // rows of V formed at once: 32 x 512 fp32 = 64 KiB
+constexpr int P1_NR = 6;      // ranks per register tile: 2 x 6 accumulators + 3 operands = 15 ymm
+
+// acc[k][0:16] += sum_i X[i, 0:16] * B[i, k] for k < NR: 16 columns of V^T against NR ranks.
+// X and acc have row stride P1_BAND.
+template <int NR>
+SM_INLINE void p1_tile(const float* x, int kc, const float* b, int ldb, float* acc) {
+  v8f c0[NR], c1[NR];
+  for (int k = 0; k < NR; ++k) {
+    c0[k] = vload(acc + k * P1_BAND);
+    c1[k] = vload(acc + k * P1_BAND + 8);
+  }
+  for (int i = 0; i < kc; ++i) {
+    v8f x0 = vload(x + i * P1_BAND), x1 = vload(x + i * P1_BAND + 8);
+    const float* bi = b + int64_t(i) * ldb;
+    for (int k = 0; k < NR; ++k) {
+      float bk = bi[k];
+      c0[k] += x0 * bk;
+      c1[k] += x1 * bk;
+    }
+  }
+  for (int k = 0; k < NR; ++k) {
+    vstore(acc + k * P1_BAND, c0[k]);
+    vstore(acc + k * P1_BAND + 8, c1[k]);
+  }
+}
+
+template <int DT>
+SM_INLINE double pass1_band_impl(const typename Elem<DT>::T* wa, const typename Elem<DT>::T* wu,
+                                 int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,
+                                 const float* B, int r, int64_t c0, float* T, float* Tt,
+                                 int64_t ldt, float* buf, float* tacc) {
+  const int w = int(std::min<int64_t>(P1_BAND, d_in - c0));
+  const int strips = (w + 15) / 16;
+  std::fill(tacc, tacc + int64_t(r) * P1_BAND, 0.0f);
+  double vsq = 0.0;
+  for (int64_t i0 = 0; i0 < d_out; i0 += P1_KC) {
+    const int kc = int(std::min<int64_t>(P1_KC, d_out - i0));
+    const bool more = i0 + P1_KC < d_out;
+    vsq += form_v<DT>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, kc, w, strips * 16, P1_BAND, buf,
+                      more ? wa + (i0 + P1_KC) * lda + c0 : nullptr, more ? wu + (i0 + P1_KC) * ldu + c0 : nullptr);
+    const float* Bi = B + i0 * r;
+    for (int s = 0; s < strips; ++s) {
+      const float* x = buf + 16 * s;
+      int k0 = 0;
+      for (; k0 + P1_NR <= r; k0 += P1_NR) p1_tile<P1_NR>(x, kc, Bi + k0, r, tacc + k0 * P1_BAND + 16 * s);
+      float* acc = tacc + k0 * P1_BAND + 16 * s;
+      switch (r - k0) {
+        case 5: p1_tile<5>(x, kc, Bi + k0, r, acc); break;
+        case 4: p1_tile<4>(x, kc, Bi + k0, r, acc); break;
+        case 3: p1_tile<3>(x, kc, Bi + k0, r, acc); break;
+        case 2: p1_tile<2>(x, kc, Bi + k0, r, acc); break;
+        case 1: p1_tile<1>(x, kc, Bi + k0, r, acc); break;
+        default: break;
+      }
+    }
+  }
+  // T in column order; Tt (pass 2's operand) keeps the buffer order of each 16-column group.
+  for (int j = 0; j < w; ++j) {
+    const int slot = (j & ~15) + Elem<DT>::pos(j & 15);
+    for (int k = 0; k < r; ++k) T[(c0 + j) * r + k] = tacc[k * P1_BAND + slot];
+  }
+  for (int k = 0; k < r; ++k) std::memcpy(Tt + k * ldt + c0, tacc + k * P1_BAND, sizeof(float) * strips * 16);
+  return vsq;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pass 2: P = V T. One tile = P2_MR rows of V over all columns, in chunks of P2_KC columns.
+constexpr int P2_MR = 4;     // rows per register tile
+constexpr int P2_NR = 3;     // ranks per register tile: 4 x 3 accumulators + 4 operands = 16 ymm
+constexpr int P2_KC = 512;   // columns of V formed at once: 4 x 512 fp32 = 8 KiB
+
+// acc[k][m][0:8] += lanes of sum_j X[m, j] * Tt[k, j] for m < 4, k < NR (8 partial sums each).
+template <int NR>
+SM_INLINE void p2_tile(const float* x, int nvec, const float* tt, int64_t ldt, float* acc, bool first) {
+  v8f c[P2_MR][NR];
+  for (int k = 0; k < NR; ++k)
+    for (int m = 0; m < P2_MR; ++m) c[m][k] = first ? v8f{0, 0, 0, 0, 0, 0, 0, 0} : vload(acc + (k * P2_MR + m) * 8);
+  for (int v = 0; v < nvec; ++v) {
+    v8f t[NR];
+    for (int k = 0; k < NR; ++k) t[k] = vload(tt + k * ldt + 8 * v);
+    for (int m = 0; m < P2_MR; ++m) {
+      v8f xm = vload(x + m * P2_KC + 8 * v);
+      for (int k = 0; k < NR; ++k) c[m][k] += xm * t[k];
+    }
+  }
+  for (int k = 0; k < NR; ++k)
+    for (int m = 0; m < P2_MR; ++m) vstore(acc + (k * P2_MR + m) * 8, c[m][k]);
+}
+
+template <int DT>
+SM_INLINE void pass2_tile_impl(const typename Elem<DT>::T* wa, const typename Elem<DT>::T* wu,
+                               int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu, const float* Tt,
+                               int64_t ldt, int r, int64_t i0, float* P, float* buf, float* acc) {
+  const int rows = int(std::min<int64_t>(P2_MR, d_out - i0));
+  for (int m = rows; m < P2_MR; ++m) std::fill(buf + m * P2_KC, buf + (m + 1) * P2_KC, 0.0f);
+  for (int64_t c0 = 0; c0 < d_in; c0 += P2_KC) {
+    const int kc = int(std::min<int64_t>(P2_KC, d_in - c0));
+    const int kcp = (kc + 15) & ~15;
+    const int64_t nc = c0 + P2_KC < d_in ? c0 + P2_KC : 0, ni = nc ? i0 : i0 + P2_MR;  // next block
+    const bool more = ni < d_out;
+    form_v<DT>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, rows, kc, kcp, P2_KC, buf,
+               more ? wa + ni * lda + nc : nullptr, more ? wu + ni * ldu + nc : nullptr);
+    const bool first = c0 == 0;
+    int k0 = 0;
+    for (; k0 + P2_NR <= r; k0 += P2_NR)
+      p2_tile<P2_NR>(buf, kcp / 8, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * 8, first);
+    if (r - k0 == 2) p2_tile<2>(buf, kcp / 8, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * 8, first);
+    if (r - k0 == 1) p2_tile<1>(buf, kcp / 8, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * 8, first);
+  }
+  for (int m = 0; m < rows; ++m)
+    for (int k = 0; k < r; ++k) {
+      const float* a = acc + (k * P2_MR + m) * 8;
+      P[(i0 + m) * r + k] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ISA variants: the same inlined bodies compiled for x86-64-v3 and for the baseline.
+#define SM_PASS1_ARGS                                                                             \
+  const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
+      const float *B, int r, int64_t c0, float *T, float *Tt, int64_t ldt, float *buf, float *tacc
+#define SM_PASS2_ARGS                                                                             \
+  const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
+      const float *Tt, int64_t ldt, int r, int64_t i0, float *P, float *buf, float *acc
+#define SM_PASS1_CALL(DT)                                                                         \
+  pass1_band_impl<DT>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
+                       d_out, d_in, lda, ldu, B, r, c0, T, Tt, ldt, buf, tacc)
+#define SM_PASS2_CALL(DT)                                                                         \
+  pass2_tile_impl<DT>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu),  \
+                      d_out, d_in, lda, ldu, Tt, ldt, r, i0, P, buf, acc)
+
+using Pass1Fn = double (*)(SM_PASS1_ARGS);
+using Pass2Fn = void (*)(SM_PASS2_ARGS);
+
+template <int DT> double pass1_base(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT); }
+template <int DT> void pass2_base(SM_PASS2_ARGS) { SM_PASS2_CALL(DT); }
+#if SM_HAVE_V3
+template <int DT> SM_TARGET_V3 double pass1_v3(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT); }
+template <int DT> SM_TARGET_V3 void pass2_v3(SM_PASS2_ARGS) { SM_PASS2_CALL(DT); }
+#endif
+
+struct Isa {
+  const char* name;
+  Pass1Fn pass1[3];  // indexed by DType
+  Pass2Fn pass2[3];
+};
+
+const Isa kBase = {"baseline",
+                   {pass1_base<kF32>, pass1_base<kF16>, pass1_base<kBF16>},
+                   {pass2_base<kF32>, pass2_base<kF16>, pass2_base<kBF16>}};
+#if SM_HAVE_V3
+const Isa kV3 = {"x86-64-v3",
+                 {pass1_v3<kF32>, pass1_v3<kF16>, pass1_v3<kBF16>},
+                 {pass2_v3<kF32>, pass2_v3<kF16>, pass2_v3<kBF16>}};
+#endif
+
+const Isa* best_isa() {
+#if SM_HAVE_V3
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    // F16C ships with every AVX2 + FMA CPU; __builtin_cpu_supports has no name for it on older GCC.
+    return &kV3;
+  }
+#endif
+  return &kBase;
+}
+
+const Isa* g_isa = best_isa();
+
+int resolve_threads(int requested) {
+#ifdef _OPENMP
+  return requested > 0 ? requested : omp_get_max_threads();
+#else
+  (void)requested;
+  return 1;
+#endif
+}
+
+// Both passes; writes T (d_in x r), P (d_out x r), returns ||V||^2.
+double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,
+                      int dtype, uintptr_t b, int64_t r, uintptr_t t_out, uintptr_t p_out, int threads) {
+  if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  if (d_out < 0 || d_in < 0 || r < 1 || lda < d_in || ldu < d_in)
+    throw std::invalid_argument("bad shapes: need d_out, d_in >= 0, r >= 1 and row strides >= d_in");
+  if (!wa || !wu || !b || !t_out || !p_out) throw std::invalid_argument("null data pointer");
+  const int nt = resolve_threads(threads);
+  const Pass1Fn p1 = g_isa->pass1[dtype];
+  const Pass2Fn p2 = g_isa->pass2[dtype];
+  const void* A = reinterpret_cast<const void*>(wa);
+  const void* U = reinterpret_cast<const void*>(wu);
+  const float* B = reinterpret_cast<const float*>(b);
+  float* T = reinterpret_cast<float*>(t_out);
+  float* P = reinterpret_cast<float*>(p_out);
+  const int R = int(r);
+  const int64_t ldt = (d_in + 15) & ~int64_t(15);
+  std::vector<float> Tt(size_t(R) * size_t(ldt), 0.0f);  // T transposed, zero-padded to 16 columns
+  const int64_t bands = (d_in + P1_BAND - 1) / P1_BAND;
+  std::vector<double> vsq_band(size_t(bands), 0.0);
+  const int64_t tiles = (d_out + P2_MR - 1) / P2_MR;
+
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> buf(size_t(P1_KC) * P1_BAND);
+    std::vector<float> tacc(size_t(R) * P1_BAND);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < bands; ++p)
+      vsq_band[size_t(p)] = p1(A, U, d_out, d_in, lda, ldu, B, R, p * P1_BAND, T, Tt.data(), ldt, buf.data(), tacc.data());
+    // the implicit barrier of `omp for` makes T complete before pass 2
+    std::vector<float> buf2(size_t(P2_MR) * P2_KC);
+    std::vector<float> acc(size_t(R) * P2_MR * 8);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t)
+      p2(A, U, d_out, d_in, lda, ldu, Tt.data(), ldt, R, t * P2_MR, P, buf2.data(), acc.data());
+  }
+  double vsq = 0.0;
+  for (double s : vsq_band) vsq += s;
+  return vsq;
+}
+
+bool set_isa(const std::string& name) {
+  if (name == "baseline") {
+    g_isa = &kBase;
+    return true;
+  }
+  if (name == "best") {
+    g_isa = best_isa();
+    return true;
+  }
+#if SM_HAVE_V3
+  if (name == "x86-64-v3" && best_isa() == &kV3) {
+    g_isa = &kV3;
+    return true;
+  }
+#endif
+  return false;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "SafeMERGE CPU kernels (pointer-based; no torch C++ ABI).";
+  m.def("lowrank_passes", &lowrank_passes, py::call_guard<py::gil_scoped_release>(),
+        py::arg("wa"), py::arg("wu"), py::arg("d_out"), py::arg("d_in"), py::arg("lda"), py::arg("ldu"),
+        py::arg("dtype"), py::arg("b"), py::arg("r"), py::arg("t_out"), py::arg("p_out"), py::arg("threads") = 0,
+        "T = V^T B (d_in x r fp32) into t_out, P = V T (d_out x r fp32) into p_out, V = wa - wu never stored;\n"
+        "returns ||V||_F^2 (float64). wa/wu: row-major with row strides lda/ldu (elements), dtype code\n"
+        "0=fp32 1=fp16 2=bf16; b: contiguous fp32 d_out x r. Deterministic for any thread count.");
+  m.def("isa", []() { return std::string(g_isa->name); }, "The instruction set the kernels run with.");
+  m.def("set_isa", &set_isa, py::arg("name"),
+        "Select 'best', 'x86-64-v3' or 'baseline' kernels (for tests); returns False if unsupported.");
+  m.def("openmp", []() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the extension was built with OpenMP.");
+  m.def("max_threads", []() { return resolve_threads(0); }, "OpenMP's default thread count (1 without OpenMP).");
+}

@@ -1,0 +1,146 @@
+"""C++ (OpenMP) backend for CPU tensors: the two passes over V = W_aligned - W_unaligned run in the
+``safemerge_ext._cpu`` extension (csrc/cpu_ops.cpp), which reads fp32/fp16/bf16 weights in place
+through their data pointers and never stores V.
+
+The full-rank ops (``fullrank_sums``, ``project_full``) are GEMM-shaped, so here they are blocked
+BLAS matmuls from torch that form V and dW one block at a time: memory stays at a few blocks and
+the speed is the BLAS's. The contract is the one written out in ``safemerge_ext.reference``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "cpp"
+
+try:
+    from safemerge_ext import _cpu
+except ImportError as exc:  # the build skipped or failed; the reason goes to available_backends()
+    _cpu = None
+    _IMPORT_ERROR = str(exc)
+else:
+    _IMPORT_ERROR = None
+
+# dtype -> the extension's dtype code (fp32 = 0, fp16 = 1, bf16 = 2).
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Full-rank path: rows of V and dW formed at once (256 x 14336 fp32 is 14 MiB), and the budget for
+# M_J = V^T dW[:, J] (d_in x |J| fp32), which sets the column block; at least 256 columns.
+_ROW_BLOCK = 256
+_M_BYTES = 64 << 20
+_MIN_COLS = 256
+
+
+def unavailable_reason() -> str | None:
+    """None when the extension is importable, else why the ``cpp`` backend cannot run."""
+    if _cpu is None:
+        return (
+            "the C++ extension was not built (SAFEMERGE_SKIP_NATIVE=1, no compiler, or a failed build; "
+            f"reinstall safemerge-ext to build it): {_IMPORT_ERROR}"
+        )
+    return None
+
+
+def _require() -> None:
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(reason)
+
+
+def _weights(wa: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the pair; return views whose rows are unit-stride (copying only when they are not)."""
+    if wa.dim() != 2 or wa.shape != wu.shape:
+        raise ValueError(f"wa and wu must be 2-D and of one shape; got {tuple(wa.shape)} and {tuple(wu.shape)}")
+    if wa.dtype != wu.dtype:
+        raise ValueError(f"wa is {wa.dtype} but wu is {wu.dtype}: the cpp backend needs one dtype for both")
+    if wa.dtype not in _DTYPE_CODE:
+        raise ValueError(f"the cpp backend reads fp32, fp16 or bf16 weights; got {wa.dtype}")
+    if wa.device.type != "cpu" or wu.device.type != "cpu":
+        raise ValueError(f"the cpp backend runs on CPU tensors; got {wa.device} and {wu.device}")
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return t if t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1) else t.contiguous()
+
+    return rows(wa), rows(wu)
+
+
+def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """T = V^T B (d_in x r, fp32), P = V T (d_out x r, fp32) and ||V||^2 (float64 sum)."""
+    _require()
+    wa, wu = _weights(wa, wu)
+    d_out, d_in = wa.shape
+    if lora_B.dim() != 2 or lora_B.shape[0] != d_out or lora_B.shape[1] < 1:
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {d_out}xr with r >= 1")
+    B = lora_B.to(device="cpu", dtype=torch.float32).contiguous()
+    r = B.shape[1]
+    T = torch.empty(d_in, r, dtype=torch.float32)
+    P = torch.empty(d_out, r, dtype=torch.float32)
+    if d_out == 0 or d_in == 0:
+        T.zero_(), P.zero_()
+        return T, P, 0.0
+    vsq = _cpu.lowrank_passes(
+        wa.data_ptr(), wu.data_ptr(), d_out, d_in, wa.stride(0), wu.stride(0), _DTYPE_CODE[wa.dtype],
+        B.data_ptr(), r, T.data_ptr(), P.data_ptr(), torch.get_num_threads(),
+    )
+    return T, P, float(vsq)
+
+
+def _blocks(n: int, size: int):
+    for i0 in range(0, n, size):
+        yield i0, min(i0 + size, n)
+
+
+def _v(wa: torch.Tensor, wu: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+    return wa[i0:i1].float() - wu[i0:i1].float()
+
+
+def _fullrank_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, sums: dict[str, float]):
+    """Yield (J, M_J, row_block_N) over column blocks J of dW: M_J = V^T dW[:, J] is accumulated
+    over row blocks of V and dW (BLAS addmm), then N[:, J] = V M_J is produced one row block at a
+    time. Memory: M_J (at most _M_BYTES) plus a few row blocks; V, dW and C are never formed whole.
+    ``sums`` receives ||V||^2 ("vsq") and ||dW||^2 ("d2") as float64 sums."""
+    d_out, d_in = wa.shape
+    cols = max(_MIN_COLS, min(d_in, _M_BYTES // (4 * max(d_in, 1))))
+    sums["vsq"] = sums["d2"] = 0.0
+    for j0, j1 in _blocks(d_in, cols):
+        M = torch.zeros(d_in, j1 - j0, dtype=torch.float32)
+        for i0, i1 in _blocks(d_out, _ROW_BLOCK):
+            V = _v(wa, wu, i0, i1)
+            D = delta[i0:i1, j0:j1].float()
+            M.addmm_(V.t(), D)
+            if j0 == 0:
+                sums["vsq"] += float(V.double().square().sum())
+            sums["d2"] += float(D.double().square().sum())
+        yield slice(j0, j1), M, ((i0, i1, _v(wa, wu, i0, i1) @ M) for i0, i1 in _blocks(d_out, _ROW_BLOCK))
+
+
+def _checked_delta(wa: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    if delta.shape != wa.shape:
+        raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")
+    if delta.device.type != "cpu":
+        raise ValueError(f"the cpp backend runs on CPU tensors; delta is on {delta.device}")
+    return delta
+
+
+def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float, float]:
+    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 from blocked BLAS matmuls (float64 sums)."""
+    wa, wu = _weights(wa, wu)
+    delta = _checked_delta(wa, delta)
+    m2 = n2 = 0.0
+    sums: dict[str, float] = {}
+    for _, M, rows in _fullrank_blocks(wa, wu, delta, sums):
+        m2 += float(M.double().square().sum())
+        for _, _, N in rows:
+            n2 += float(N.double().square().sum())
+    return m2, n2, sums["d2"], sums["vsq"]
+
+
+def project_full(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """N = V (V^T dW) in fp32 (C dW times ||V||) and ||V||^2, with the blocks of :func:`fullrank_sums`."""
+    wa, wu = _weights(wa, wu)
+    delta = _checked_delta(wa, delta)
+    out = torch.empty(wa.shape, dtype=torch.float32)
+    sums: dict[str, float] = {}
+    for J, _, rows in _fullrank_blocks(wa, wu, delta, sums):
+        for i0, i1, N in rows:
+            out[i0:i1, J] = N
+    return out, sums["vsq"]

@@ -1,0 +1,201 @@
+"""Native parts of safemerge-ext; everything else is declared in pyproject.toml.
+
+- ``safemerge_ext._cpu`` (csrc/cpu_ops.cpp): always attempted; OpenMP when the compiler accepts
+  ``-fopenmp`` (tested on a tiny program first).
+- ``safemerge_ext._cuda`` (csrc/*.cu): built when nvcc is found and the build environment imports a
+  CUDA build of torch (``torch.version.cuda``), or when ``SAFEMERGE_BUILD_CUDA=1`` forces it.
+- ``SAFEMERGE_SKIP_NATIVE=1`` builds nothing native.
+
+The build degrades instead of failing: a native part that cannot be compiled is reported and
+skipped, and the package falls back to the torch backend (``available_backends()`` says why).
+Neither extension includes torch headers, so an installed wheel survives torch upgrades.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+try:
+    from pybind11.setup_helpers import Pybind11Extension
+    import pybind11
+except ImportError:  # only when building without build isolation and without pybind11
+    Pybind11Extension = None
+    pybind11 = None
+
+HERE = Path(__file__).resolve().parent
+CSRC = "csrc"
+
+
+def _say(msg: str) -> None:
+    print(f"safemerge-ext build: {msg}", file=sys.stderr, flush=True)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _compiler_accepts(compiler, flags: list[str], source: str) -> bool:
+    """Compile and link a tiny C++ program with ``flags``; True when it works."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write(source)
+        try:
+            objs = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+            compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=flags)
+            return True
+        except Exception:
+            return False
+
+
+_OMP_PROBE = """
+#include <omp.h>
+int main() { int n = 0;
+#pragma omp parallel reduction(+:n)
+  n += 1;
+  return n > 0 && omp_get_max_threads() > 0 ? 0 : 1; }
+"""
+
+
+def _cuda_torch() -> tuple[bool, str]:
+    """Whether the build environment imports a CUDA build of torch (and which)."""
+    try:
+        import torch
+    except Exception as exc:
+        return False, (f"torch is not importable in the build environment ({type(exc).__name__}); "
+                       "pip install --no-build-isolation builds against the installed torch")
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} in the build environment is a CPU build"
+    return True, f"torch {torch.__version__} (CUDA {torch.version.cuda})"
+
+
+class BuildNative(build_ext):
+    """build_ext that probes OpenMP, compiles .cu sources with nvcc, and skips what fails."""
+
+    def build_extensions(self) -> None:
+        cc = self.compiler.compiler_type
+        for ext in self.extensions:
+            if ext.name.endswith("._cpu") and cc == "unix":
+                if _compiler_accepts(self.compiler, ["-fopenmp"], _OMP_PROBE):
+                    ext.extra_compile_args.append("-fopenmp")
+                    ext.extra_link_args.append("-fopenmp")
+                    _say("C++ extension safemerge_ext._cpu: OpenMP enabled (-fopenmp)")
+                else:
+                    _say("WARNING: the compiler does not accept -fopenmp; safemerge_ext._cpu is built "
+                         "single-threaded")
+        built, skipped = [], []
+        for ext in self.extensions:
+            try:
+                self.build_extension(ext)
+                built.append(ext.name)
+            except Exception as exc:  # degrade: the torch backend still works
+                skipped.append(ext.name)
+                _say(f"WARNING: could not build {ext.name} ({type(exc).__name__}: {exc}); "
+                     "that backend will be unavailable, the torch backend still works")
+        # drop what failed so that the in-place / editable copy steps do not look for it
+        self.extensions = [e for e in self.extensions if e.name in built]
+        _say(f"built: {', '.join(built) or 'nothing native'}" + (f"; failed: {', '.join(skipped)}" if skipped else ""))
+
+    def build_extension(self, ext) -> None:
+        cu = [s for s in ext.sources if s.endswith(".cu")]
+        if not cu:
+            return super().build_extension(ext)
+        # nvcc compiles the .cu files to objects; the host compiler links them with the rest.
+        nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+        build_dir = Path(self.build_temp) / "cuda"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        include = [f"-I{p}" for p in ext.include_dirs] + [f"-I{sysconfig.get_paths()['include']}"]
+        objects = []
+        for src in cu:
+            obj = build_dir / (Path(src).stem + ".o")
+            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                   "-Xcompiler", "-fvisibility=hidden", *_nvcc_arch_flags(), *include]
+            _say(" ".join(cmd))
+            subprocess.run(cmd, check=True)
+            objects.append(str(obj))
+        ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
+def _nvcc_arch_flags() -> list[str]:
+    """SASS for common data-centre and consumer GPUs plus PTX for newer ones (override with
+    SAFEMERGE_CUDA_ARCH, e.g. "80;90")."""
+    archs = os.environ.get("SAFEMERGE_CUDA_ARCH", "75;80;86;89;90").replace(",", ";").split(";")
+    archs = [a.strip() for a in archs if a.strip()]
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    return flags
+
+
+def _cuda_lib_dirs(nvcc: str) -> list[str]:
+    root = Path(os.environ.get("CUDA_HOME") or Path(nvcc).resolve().parent.parent)
+    return [str(p) for p in (root / "lib64", root / "lib", root / "targets/x86_64-linux/lib") if p.is_dir()]
+
+
+def native_extensions() -> list:
+    """The extensions to build here, with a line on stderr for each decision."""
+    if _flag("SAFEMERGE_SKIP_NATIVE"):
+        _say("SAFEMERGE_SKIP_NATIVE=1: building no native extension (the torch backend is used)")
+        return []
+    if Pybind11Extension is None:
+        _say("WARNING: pybind11 is not importable; building no native extension")
+        return []
+    unix = sys.platform != "win32"
+    cpu_flags = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi"] if unix else ["/O2"]
+    exts = [
+        Pybind11Extension(
+            "safemerge_ext._cpu",
+            [f"{CSRC}/cpu_ops.cpp"],
+            cxx_std=17,
+            extra_compile_args=cpu_flags,
+        )
+    ]
+    _say("C++ extension safemerge_ext._cpu: will build from csrc/cpu_ops.cpp")
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    forced = _flag("SAFEMERGE_BUILD_CUDA")
+    has_cuda_torch, torch_why = _cuda_torch()
+    if nvcc and (has_cuda_torch or forced):
+        why = "forced by SAFEMERGE_BUILD_CUDA=1" if forced else torch_why
+        _say(f"CUDA extension safemerge_ext._cuda: will build with {nvcc} ({why})")
+        exts.append(
+            Pybind11Extension(
+                "safemerge_ext._cuda",
+                sorted(str(p.relative_to(HERE)) for p in (HERE / CSRC).glob("*.cu")),
+                cxx_std=17,
+                library_dirs=_cuda_lib_dirs(nvcc),
+                libraries=["cudart"],
+            )
+        )
+    else:
+        reason = "nvcc not found on PATH (set NVCC or CUDA_HOME/bin on PATH)" if not nvcc else (
+            f"{torch_why}; set SAFEMERGE_BUILD_CUDA=1 to build it anyway"
+        )
+        _say(f"skipping CUDA extension safemerge_ext._cuda: {reason}")
+    return exts
+
+
+def _autoload_build_py() -> type:
+    """build_py that also ships safemerge_ext_autoload.pth (mergekit autoload; see safemerge_ext/_pth_build.py)."""
+    import importlib.util
+
+    from setuptools.command.build_py import build_py
+
+    spec = importlib.util.spec_from_file_location("_safemerge_pth_build", HERE / "safemerge_ext" / "_pth_build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.with_autoload_pth(build_py)
+
+
+setup(ext_modules=native_extensions(), cmdclass={"build_ext": BuildNative, "build_py": _autoload_build_py()})
