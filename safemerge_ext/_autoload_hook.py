@@ -22,8 +22,16 @@ def disabled() -> bool:
     return os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+pending = False  # set when the registry was imported from inside safemerge_ext.mergekit_methods
+
+
 def _register() -> None:
+    global pending
     if disabled():
+        return
+    partial = sys.modules.get("safemerge_ext.mergekit_methods")
+    if partial is not None and not hasattr(partial, "register_methods"):
+        pending = True  # that module is still initialising; it registers when it is done
         return
     try:
         from safemerge_ext.mergekit_methods import register_methods

@@ -313,11 +313,17 @@ def register_methods() -> list[str]:
     return done
 
 
+_hook = sys.modules.get("safemerge_ext._autoload_hook")
+if _hook is not None and getattr(_hook, "pending", False):  # mergekit was first imported from here
+    _hook.pending = False
+    register_methods()
+
+
 # ---------------------------------------------------------------------------------------------
 # reports: a locked JSON-lines sidecar per report location, assembled at the end
 
 _lock = threading.Lock()
-_pending: dict[str, tuple[Path, Path, Path]] = {}  # sidecar path -> (sidecar, json, png)
+_pending: dict[str, str] = {}  # sidecar path -> report target (directory or .json path)
 _started: set[str] = set()
 _override: str | None = None
 _atexit_registered = False
@@ -345,7 +351,10 @@ def _mergekit_yaml_out() -> str | None:
     if not _cli_out:
         out = None
         run_yaml = sys.modules.get("mergekit.scripts.run_yaml")
-        if run_yaml is not None and os.path.basename(sys.argv[0]).startswith("mergekit-yaml"):
+        main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        is_cli = os.path.basename(sys.argv[0]).startswith("mergekit-yaml") or (
+            main_spec is not None and main_spec.name == "mergekit.scripts.run_yaml")
+        if run_yaml is not None and is_cli:
             try:
                 ctx = run_yaml.main.make_context("mergekit-yaml", list(sys.argv[1:]), resilient_parsing=True)
                 out = ctx.params.get("out_path")
@@ -363,28 +372,23 @@ def _locations(report_path: str | os.PathLike) -> tuple[Path, Path, Path]:
     return p / SIDECAR, p / REPORT_JSON, p / REPORT_PNG
 
 
-def _resolve(report_path: str) -> tuple[Path, Path, Path] | None:
-    target = report_path or _override or os.environ.get(REPORT_DIR_ENV) or _mergekit_yaml_out()
-    return _locations(target) if target else None
-
-
 def _append(report_path: str, line: dict[str, Any]) -> None:
     global _atexit_registered
-    locs = _resolve(report_path)
+    target = report_path or _override or os.environ.get(REPORT_DIR_ENV) or _mergekit_yaml_out()
     with _lock:
-        if locs is None:
+        if not target:
             if "nowhere" not in _started:
                 _started.add("nowhere")
                 LOG.warning("safemerge-ext: no report location; set parameters: {report_path: DIR} to get a report")
             return
-        sidecar = locs[0]
+        sidecar = _locations(target)[0]
         key = str(sidecar.resolve())
         sidecar.parent.mkdir(parents=True, exist_ok=True)
         mode = "a"
         if key not in _started:  # first record of this run in this process: drop a stale sidecar
             _started.add(key)
             mode = "w"
-        _pending[key] = locs
+        _pending[key] = os.fspath(target)
         if not _atexit_registered:
             atexit.register(_finalize_pending)
             _atexit_registered = True
@@ -411,7 +415,7 @@ def pending_reports() -> list[str]:
 def _finalize_pending() -> None:
     for key in pending_reports():
         try:
-            rep = finalize_report(_pending[key][1])
+            rep = finalize_report(_pending[key])
             if rep is not None:
                 print(summary_table(rep), file=sys.stderr)
         except Exception as exc:  # at exit: report, never raise

@@ -463,3 +463,16 @@ def test_autoload_enable_disable_status(tmp_path):
     assert "disabled" in autoload.disable(d) and not (d / autoload.PTH_NAME).exists()
     assert "already disabled" in autoload.disable(d)
     assert "state:" in autoload.status()
+
+
+def test_pth_hook_when_the_plugin_module_is_imported_first(tmp_path):
+    """Importing safemerge_ext.mergekit_methods first (it imports mergekit) registers once, without warnings."""
+    site_dir = tmp_path / "site"
+    autoload.enable(site_dir)
+    code = ("import site, sys, warnings\nwarnings.simplefilter('error')\nsite.addsitedir(sys.argv[1])\n"
+            "import safemerge_ext.mergekit_methods\nimport mergekit.merge_methods as mm\n"
+            "print([m.spec.name for m in mm.registered_methods()].count('safemerge'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "SAFEMERGE_NO_AUTOLOAD"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code, str(site_dir)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "1", res.stdout + res.stderr[-2000:]
