@@ -140,8 +140,16 @@ def _nvcc_arch_flags() -> list[str]:
 
 
 def _cuda_lib_dirs(nvcc: str) -> list[str]:
-    root = Path(os.environ.get("CUDA_HOME") or Path(nvcc).resolve().parent.parent)
-    return [str(p) for p in (root / "lib64", root / "lib", root / "targets/x86_64-linux/lib") if p.is_dir()]
+    """Library folders of the CUDA toolkit (nvcc may be a wrapper script outside the toolkit)."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), str(Path(nvcc).resolve().parent.parent),
+             "/usr/local/cuda"]
+    dirs = []
+    for root in filter(None, roots):
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            p = Path(root) / sub
+            if (p / "libcudart_static.a").exists() and str(p) not in dirs:
+                dirs.append(str(p))
+    return dirs
 
 
 def native_extensions() -> list:
@@ -172,10 +180,11 @@ def native_extensions() -> list:
         exts.append(
             Pybind11Extension(
                 "safemerge_ext._cuda",
-                sorted(str(p.relative_to(HERE)) for p in (HERE / CSRC).glob("*.cu")),
+                [f"{CSRC}/cuda_bindings.cpp"] + sorted(f"{CSRC}/{p.name}" for p in (HERE / CSRC).glob("*.cu")),
                 cxx_std=17,
+                # static runtime: no libcudart.so needed at import; torch's streams are driver handles
                 library_dirs=_cuda_lib_dirs(nvcc),
-                libraries=["cudart"],
+                libraries=["cudart_static", "dl", "rt", "pthread"],
             )
         )
     else:
