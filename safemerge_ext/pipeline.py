@@ -215,12 +215,12 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
     def load(i: int):
         layer = run.layers[i]
         t0 = time.perf_counter()
-        wa, wu = run.aligned.get(layer.weight), run.unaligned.get(layer.weight)
+        wa, wu = run.aligned.get(layer.weight, pin_memory=cuda), run.unaligned.get(layer.weight, pin_memory=cuda)
         ready = None
         if cuda:
             with torch.cuda.stream(side):
-                wa = wa.pin_memory().to(run.device, non_blocking=True)
-                wu = wu.pin_memory().to(run.device, non_blocking=True)
+                wa = wa.to(run.device, non_blocking=True)
+                wu = wu.to(run.device, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(side)
         run.tick("read_s", t0)

@@ -65,6 +65,13 @@ def case_models(fx, tmp: Path, kind: str):
         shard = sorted(u.glob("model-*.safetensors"))[1]
         shard.unlink()
         return a, u, t, s, ["--unaligned", shard.name, "missing"]
+    if kind == "truncated":
+        u = copy(fx.unaligned, tmp / "u")
+        index = json.loads((u / "model.safetensors.index.json").read_text())
+        shard = u / index["weight_map"][f"{Q0}.weight"]
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2])
+        return a, u, t, s, ["--unaligned", shard.name, "outside the file"]
     if kind == "shape":
         u = copy(fx.unaligned, tmp / "u")
         edit_tensor(u, f"{Q0}.weight", lambda sd: sd.__setitem__(f"{Q0}.weight", sd[f"{Q0}.weight"][:32].contiguous()))
@@ -132,7 +139,7 @@ def case_models(fx, tmp: Path, kind: str):
     raise KeyError(kind)
 
 
-CASES = ["missing_dir", "missing_tensor", "missing_shard", "shape", "dtype", "bin_only", "nan_weight", "inf_weight",
+CASES = ["missing_dir", "missing_tensor", "missing_shard", "truncated", "shape", "dtype", "bin_only", "nan_weight", "inf_weight",
          "nan_adapter", "unknown_module", "adapter_shape", "dora", "not_lora", "rank_mismatch", "no_adapter_file",
          "safety_lacks_module"]
 

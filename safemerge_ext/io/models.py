@@ -1,8 +1,14 @@
 """Read single tensors from a Hugging Face model folder without loading the model.
 
-A folder holds ``model.safetensors`` or shards listed by ``model.safetensors.index.json``. Shapes
-and dtypes come from the safetensors headers; a tensor's bytes are read only when asked for, via
-``safe_open`` (memory-mapped), and counted in ``bytes_read``.
+A folder holds ``model.safetensors`` or shards listed by ``model.safetensors.index.json``. Shapes,
+dtypes and byte ranges come from the safetensors headers (an 8-byte length and a JSON table); a
+tensor's bytes are read only when asked for, with ``os.preadv`` straight into a fresh tensor
+(optionally pinned for a fast host-to-GPU copy), and counted in ``bytes_read``.
+
+Why not ``safe_open(...).get_tensor``: it hands out tensors backed by the file's memory map, and
+every page the scorer touches stays in the process's resident set until the file is closed, so
+peak RSS grew with the number of layers read (measured: +87 MB for a 16-layer q/v run). Reading
+into anonymous memory keeps peak RSS at the few tensors in flight.
 """
 
 from __future__ import annotations
@@ -10,18 +16,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from safemerge_ext.errors import SafeMergeError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _BIN_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+_MAX_HEADER = 100 * 2**20
 
 _DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -43,9 +50,10 @@ class ModelReader:
         self.flag = flag
         self.bytes_read = 0
         self._lock = threading.Lock()
-        self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
+        # shard -> {name: (dtype code, shape, absolute start, absolute end)}
+        self._headers: dict[str, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
         self._weight_map = self._read_layout()
-        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
 
     def _read_layout(self) -> dict[str, str]:
         p = self.path
@@ -63,8 +71,7 @@ class ModelReader:
                     )
             return dict(weight_map)
         if (p / SINGLE).is_file():
-            with safe_open(p / SINGLE, framework="pt") as f:
-                return {k: SINGLE for k in f.keys()}
+            return {k: SINGLE for k in self._header(SINGLE)}
         bins = [b.name for pat in _BIN_PATTERNS for b in p.glob(pat)]
         if bins:
             raise SafeMergeError(
@@ -98,41 +105,81 @@ class ModelReader:
     def is_sharded(self) -> bool:
         return (self.path / INDEX).is_file()
 
-    def _handle(self, shard: str):
-        with self._lock:
-            h = self._handles.get(shard)
-            if h is None:
-                try:
-                    h = safe_open(self.path / shard, framework="pt", device="cpu")
-                except Exception as exc:
-                    raise SafeMergeError(f"{self.flag} {self.path / shard}: cannot read safetensors file ({exc})") from None
-                self._handles[shard] = h
-            return h
+    def _header(self, shard: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        """Parse (once) a shard's safetensors header: dtype, shape and absolute byte range per tensor."""
+        hdr = self._headers.get(shard)
+        if hdr is not None:
+            return hdr
+        path = self.path / shard
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if not 0 < n <= min(_MAX_HEADER, size - 8):
+                    raise ValueError(f"header length {n} does not fit a {size}-byte file")
+                raw = json.loads(f.read(n))
+            hdr = {}
+            for name, info in raw.items():
+                if name == "__metadata__":
+                    continue
+                start, end = (8 + n + int(o) for o in info["data_offsets"])
+                if not 8 + n <= start <= end <= size:
+                    raise ValueError(f"tensor {name} lies outside the file (truncated download?)")
+                hdr[name] = (info["dtype"], tuple(int(d) for d in info["shape"]), start, end)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise SafeMergeError(f"{self.flag} {path}: not a readable safetensors file ({exc}); re-download or re-save it") from None
+        self._headers[shard] = hdr
+        return hdr
 
-    def _check(self, name: str) -> str:
+    def _entry(self, name: str) -> tuple[str, tuple[str, tuple[int, ...], int, int]]:
         shard = self._weight_map.get(name)
         if shard is None:
             raise SafeMergeError(f"{self.flag} {self.path}: tensor {name} is missing; the models must share an architecture")
-        return shard
+        entry = self._header(shard).get(name)
+        if entry is None:
+            raise SafeMergeError(
+                f"{self.flag} {self.path / shard}: tensor {name} is listed in the index but not in the shard; re-save the model"
+            )
+        return shard, entry
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) of a tensor from the file header, without reading its data."""
-        if name not in self._meta:
-            sl = self._handle(self._check(name)).get_slice(name)
-            dt = sl.get_dtype()
-            self._meta[name] = (tuple(sl.get_shape()), _DTYPES.get(dt, dt))
-        return self._meta[name]
+        _, (code, shape, _, _) = self._entry(name)
+        return shape, _DTYPES.get(code, code)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (CPU) and count its bytes."""
-        t = self._handle(self._check(name)).get_tensor(name)
+    def get(self, name: str, *, pin_memory: bool = False) -> torch.Tensor:
+        """Read one tensor into fresh CPU memory (pinned if asked) and count its bytes."""
+        shard, (code, shape, start, end) = self._entry(name)
+        dtype = _DTYPES.get(code)
+        if dtype is None:
+            raise SafeMergeError(f"{self.flag} {self.path / shard}: tensor {name} has dtype {code}, which torch cannot hold")
+        buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin_memory)
+        view = memoryview(buf.numpy())
         with self._lock:
-            self.bytes_read += t.numel() * t.element_size()
-        return t
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = self._fds[shard] = os.open(self.path / shard, os.O_RDONLY)
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], start + done)
+            if got <= 0:
+                raise SafeMergeError(f"{self.flag} {self.path / shard}: file ended inside tensor {name}; re-download it")
+            done += got
+        with self._lock:
+            self.bytes_read += done
+        return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
         with self._lock:
-            self._handles.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> "ModelReader":
         return self

@@ -1,0 +1,367 @@
+"""End-to-end SafeMERGE on synthetic checkpoints: ours vs the reference pipeline vs mergekit.
+
+Every contender runs in its own child process (so peak RSS is its own), in one run, on the same
+files (see make_synthetic.py), after one warm-up read so every contender sees the same page cache:
+
+- ``floor``: read exactly the tensors the adapter pipeline needs (target weights of both models,
+  both adapters) one at a time with safetensors ``safe_open``: the read floor.
+- ``copy-floor``: read every aligned tensor and the unaligned targets, write the aligned shards
+  with safetensors ``save_file``: the floor for full-model output.
+- ``safemerge-adapter[-backend]`` / ``safemerge-model``: ``safemerge_ext.pipeline.merge``.
+- ``reference``: the official code's approach, re-implemented here for comparison: both models
+  loaded whole with transformers in fp32, C = V V^T / ||V|| materialized and kept for every target
+  module, cosines from C, PEFT ``add_weighted_adapter(linear)`` for the flagged layers.
+- ``mergekit``: ``mergekit`` linear merge of ``aligned+task`` and ``aligned+safety`` (mergekit
+  writes a merged full copy of each LoRA'd model to its cache first).
+
+Columns: ``time_s`` (the work, from first read to last byte written; imports reported apart as
+``import_s``), ``gbps`` (bytes read / time), ``x_floor`` (time over the matching floor),
+``peak_rss_mb`` / ``rss_over_base_mb`` (peak resident memory, and above the process's own
+baseline after imports), and ``x_ref_time`` / ``x_ref_mem`` (reference over contender).
+
+    python benchmarks/bench_end_to_end.py --shape llama-1b --adapters qv
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+ALPHA, TAU = 0.8, 0.35
+
+
+def _status(key: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb() -> float:
+    return _status("VmRSS")
+
+
+def peak_mb() -> float:
+    """Peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited across exec)."""
+    return _status("VmHWM")
+
+
+# --- contenders (run in the child) ---------------------------------------------------------------
+
+
+def _targets(data: Path, adapters: str) -> tuple[list[str], list[Path]]:
+    from safetensors import safe_open
+
+    ads = [data / f"task-{adapters}", data / f"safety-{adapters}"]
+    with safe_open(ads[0] / "adapter_model.safetensors", "pt") as f:
+        mods = sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in f.keys()})
+    return [f"{m}.weight" for m in mods], ads
+
+
+def _open(model: Path):
+    from safetensors import safe_open
+
+    idx = model / "model.safetensors.index.json"
+    wm = json.loads(idx.read_text())["weight_map"] if idx.exists() else None
+    handles = {}
+
+    def get(name: str):
+        fname = wm[name] if wm else "model.safetensors"
+        if fname not in handles:
+            handles[fname] = safe_open(model / fname, "pt")
+        return handles[fname].get_tensor(name)
+    return get, (sorted(set(wm.values())) if wm else ["model.safetensors"]), wm
+
+
+def run_floor(data: Path, adapters: str, out: Path, **_) -> dict:
+    from safetensors import safe_open
+
+    names, ads = _targets(data, adapters)
+    t0 = time.perf_counter()
+    nbytes = 0
+    for model in ("aligned", "unaligned"):
+        get, _, _ = _open(data / model)
+        for n in names:
+            t = get(n)
+            nbytes += t.numel() * t.element_size()
+    for ad in ads:
+        with safe_open(ad / "adapter_model.safetensors", "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                nbytes += t.numel() * t.element_size()
+    return {"time_s": time.perf_counter() - t0, "bytes_read": nbytes}
+
+
+def run_copy_floor(data: Path, adapters: str, out: Path, **_) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    names, _ = _targets(data, adapters)
+    t0 = time.perf_counter()
+    nbytes = 0
+    getu, _, _ = _open(data / "unaligned")
+    for n in names:
+        t = getu(n)
+        nbytes += t.numel() * t.element_size()
+    out.mkdir(parents=True)
+    _, files, _ = _open(data / "aligned")
+    for fname in files:
+        with safe_open(data / "aligned" / fname, "pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        nbytes += sum(t.numel() * t.element_size() for t in sd.values())
+        save_file(sd, out / fname, metadata={"format": "pt"})
+        del sd
+    return {"time_s": time.perf_counter() - t0, "bytes_read": nbytes}
+
+
+def _ours(data: Path, adapters: str, out: Path, output: str, backend: str) -> dict:
+    t0 = time.perf_counter()
+    from safemerge_ext import pipeline
+
+    t_import = time.perf_counter() - t0
+    base = rss_mb()
+    settings = pipeline.MergeSettings(pipeline.Selection(threshold=TAU), alpha=ALPHA, output=output)
+    t1 = time.perf_counter()
+    rep = pipeline.merge(data / "aligned", data / "unaligned", data / f"task-{adapters}", data / f"safety-{adapters}",
+                         out, settings, backend=backend, progress=False)
+    return {"time_s": time.perf_counter() - t1, "import_s": t_import, "base_rss_mb": base,
+            "bytes_read": rep["bytes_read"], "flagged": rep["counts"]["flagged"], "backend": rep["backend"]}
+
+
+def run_ours_adapter(data: Path, adapters: str, out: Path, backend: str = "auto", **_) -> dict:
+    return _ours(data, adapters, out, "adapter", backend)
+
+
+def run_ours_model(data: Path, adapters: str, out: Path, backend: str = "auto", **_) -> dict:
+    return _ours(data, adapters, out, "model", backend)
+
+
+def run_reference(data: Path, adapters: str, out: Path, **_) -> dict:
+    t0 = time.perf_counter()
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    t_import = time.perf_counter() - t0
+    base = rss_mb()
+    t1 = time.perf_counter()
+    aligned = AutoModelForCausalLM.from_pretrained(data / "aligned", dtype=torch.float32)
+    unaligned = AutoModelForCausalLM.from_pretrained(data / "unaligned", dtype=torch.float32)
+    names, ads = _targets(data, adapters)
+    ua = dict(unaligned.named_parameters())
+    C = {}
+    with torch.no_grad():
+        for name, p in aligned.named_parameters():
+            if name in names:
+                V = p - ua[name]
+                C[name[: -len(".weight")]] = V @ V.t() / torch.norm(V)
+    del unaligned, ua
+    model = PeftModel.from_pretrained(aligned, ads[0], adapter_name="task")
+    model.load_adapter(ads[1], adapter_name="safety")
+    flagged = []
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            key = name.removeprefix("base_model.model.")
+            if key in C and hasattr(mod, "lora_A"):
+                dW = mod.lora_B["task"].weight @ mod.lora_A["task"].weight * mod.scaling["task"]
+                cos = torch.nn.functional.cosine_similarity((C[key] @ dW).flatten(), dW.flatten(), dim=0)
+                if float(cos) < TAU:
+                    flagged.append(key)
+    model.add_weighted_adapter(["task", "safety"], [ALPHA, 1 - ALPHA], "merged", combination_type="linear")
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            key = name.removeprefix("base_model.model.")
+            if key in C and hasattr(mod, "lora_A") and key not in flagged:
+                mod.lora_A["merged"].weight.copy_(mod.lora_A["task"].weight)
+                mod.lora_B["merged"].weight.copy_(mod.lora_B["task"].weight)
+    model.save_pretrained(out, selected_adapters=["merged"])
+    nbytes = sum(p.stat().st_size for m in ("aligned", "unaligned") for p in (data / m).glob("*.safetensors"))
+    return {"time_s": time.perf_counter() - t1, "import_s": t_import, "base_rss_mb": base,
+            "bytes_read": nbytes, "flagged": len(flagged), "c_bytes": sum(c.numel() * 4 for c in C.values())}
+
+
+def run_mergekit(data: Path, adapters: str, out: Path, **_) -> dict:
+    t0 = time.perf_counter()
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    t_import = time.perf_counter() - t0
+    base = rss_mb()
+    recipe = {
+        "merge_method": "linear", "dtype": "bfloat16",
+        "models": [{"model": f"{data / 'aligned'}+{data / f'task-{adapters}'}", "parameters": {"weight": ALPHA}},
+                   {"model": f"{data / 'aligned'}+{data / f'safety-{adapters}'}", "parameters": {"weight": 1 - ALPHA}}],
+    }
+    cfg = MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(recipe)))
+    cache = out.parent / (out.name + "-lora-cache")
+    t1 = time.perf_counter()
+    run_merge(cfg, str(out), options=MergeOptions(copy_tokenizer=False, lora_merge_cache=str(cache), lazy_unpickle=True))
+    nbytes = sum(p.stat().st_size for p in (data / "aligned").glob("*.safetensors")) * 2
+    return {"time_s": time.perf_counter() - t1, "import_s": t_import, "base_rss_mb": base, "bytes_read": nbytes}
+
+
+CONTENDERS = {
+    "floor": run_floor, "copy-floor": run_copy_floor, "safemerge-adapter": run_ours_adapter,
+    "safemerge-model": run_ours_model, "reference": run_reference, "mergekit": run_mergekit,
+}
+
+
+def child(name: str, opts: dict) -> None:
+    fn = CONTENDERS[name.split(":")[0]]
+    res = fn(Path(opts["data"]), opts["adapters"], Path(opts["out"]), backend=opts.get("backend", "auto"))
+    res["peak_rss_mb"] = peak_mb()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    except ImportError:
+        pass
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# --- parent -------------------------------------------------------------------------------------
+
+
+def spawn(name: str, opts: dict, timeout: float) -> dict:
+    t0 = time.perf_counter()
+    base_cmd = [sys.executable, "-c", "pass"]
+    subprocess.run(base_cmd)  # warm the interpreter files
+    proc = subprocess.run([sys.executable, __file__, "--child", name, "--opts", json.dumps(opts)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"name": name, "error": " | ".join(tail), "returncode": proc.returncode, "process_s": wall}
+    res = json.loads(lines[-1][len("RESULT "):])
+    res.update(name=name, process_s=wall)
+    return res
+
+
+def interpreter_baseline() -> dict:
+    out = subprocess.run([sys.executable, "-c", "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"],
+                         capture_output=True, text=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"])
+    return {"rss_mb": int(out.stdout) / 1024, "start_s": time.perf_counter() - t0}
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child")
+    ap.add_argument("--opts")
+    ap.add_argument("--shape", default="llama-1b")
+    ap.add_argument("--adapters", choices=("qv", "all"), default="qv")
+    ap.add_argument("--data", default=str(HERE / "data"))
+    ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (e.g. reference mergekit)")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--json", help="write results here (default: benchmarks/results/e2e-<shape>-<host>-<date>.json)")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, json.loads(args.opts))
+        return
+
+    sys.path.insert(0, str(HERE))
+    from make_synthetic import make
+
+    data = make(args.shape, Path(args.data))
+    sys.path.insert(0, str(ROOT))
+    from safemerge_ext.backends import available_backends
+
+    backends = [n for n, why in available_backends().items() if why is None and n in ("cpp", "torch", "triton", "cuda")]
+    tmp = Path(tempfile.mkdtemp(prefix="e2e-", dir=HERE))
+    names = ["floor", "copy-floor"] + [f"safemerge-adapter:{b}" for b in backends] + ["safemerge-model", "reference", "mergekit"]
+    names = [n for n in names if n.split(":")[0] not in args.skip]
+    rows = []
+    try:
+        spawn("floor", {"data": str(data), "adapters": args.adapters, "out": str(tmp / "warm")}, args.timeout)  # warm-up
+        for i, name in enumerate(names):
+            opts = {"data": str(data), "adapters": args.adapters, "out": str(tmp / f"o{i}"),
+                    "backend": name.split(":")[1] if ":" in name else "auto"}
+            print(f"running {name} ...", flush=True)
+            rows.append(spawn(name, opts, args.timeout))
+            shutil.rmtree(tmp / f"o{i}", ignore_errors=True)
+            shutil.rmtree(tmp / f"o{i}-lora-cache", ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    base = interpreter_baseline()
+    by = {r["name"]: r for r in rows}
+    floor = by.get("floor", {}).get("time_s")
+    copy_floor = by.get("copy-floor", {}).get("time_s")
+    ref = by.get("reference", {})
+    for r in rows:
+        if "error" in r:
+            continue
+        f = copy_floor if r["name"] in ("safemerge-model", "mergekit", "copy-floor") else floor
+        r["gbps"] = r["bytes_read"] / r["time_s"] / 1e9 if r.get("time_s") else None
+        r["x_floor"] = r["time_s"] / f if f else None
+        r["rss_over_base_mb"] = r["peak_rss_mb"] - r.get("base_rss_mb", base["rss_mb"])
+        if "time_s" in ref and r["name"] != "reference":
+            r["x_ref_time"] = ref["time_s"] / r["time_s"]
+            r["x_ref_mem"] = ref["peak_rss_mb"] / r["peak_rss_mb"]
+    meta = {"shape": args.shape, "adapters": args.adapters, "host": socket.gethostname(), "machine": machine(),
+            "date": dt.date.today().isoformat(), "git_sha": git_sha(), "python": platform.python_version(),
+            "interpreter": base}
+    print(table(rows, meta))
+    out = Path(args.json) if args.json else HERE / "results" / f"e2e-{args.shape}-{args.adapters}-{meta['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+def machine() -> str:
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"{os.cpu_count()} cores, {model}"
+
+
+def table(rows: list[dict], meta: dict) -> str:
+    cols = ["name", "time_s", "import_s", "gbps", "x_floor", "peak_rss_mb", "rss_over_base_mb", "x_ref_time", "x_ref_mem", "flagged"]
+    head = (f"shape={meta['shape']} adapters={meta['adapters']} machine={meta['machine']} date={meta['date']} "
+            f"sha={meta['git_sha']} interpreter: start {meta['interpreter']['start_s']:.2f} s, "
+            f"rss {meta['interpreter']['rss_mb']:.0f} MB")
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+    lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:150]} |")
+        else:
+            lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

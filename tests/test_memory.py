@@ -1,0 +1,63 @@
+"""Bounded memory: the adapter pipeline's peak RSS does not grow with the number of layers, and
+`safemerge --help` / the adapter pipeline do not import heavy libraries they do not need."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PEAK = """
+import json, sys
+from safemerge_ext.cli import main
+code = main(sys.argv[1:])
+hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
+heavy = sorted(m for m in ('transformers', 'mergekit', 'triton', 'peft', 'matplotlib.pyplot') if m in sys.modules)
+print(json.dumps({"code": code, "hwm_kb": int(hwm), "heavy": heavy}))
+"""
+
+
+def run_merge(data: Path, out: Path, *extra: str) -> dict:
+    argv = ["merge", "--aligned", str(data / "aligned"), "--unaligned", str(data / "unaligned"),
+            "--task-adapter", str(data / "task-qv"), "--safety-adapter", str(data / "safety-qv"),
+            "--out", str(out), "--threshold", "0.5", "--no-progress", *extra]
+    proc = subprocess.run([sys.executable, "-c", PEAK, *argv], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_peak_rss_independent_of_depth(tmp_path):
+    from make_synthetic import Arch, make, numel, tensors
+
+    runs = {}
+    for layers in (2, 16):
+        arch = Arch(1024, 2752, layers, 16, 4, 512, False, 16 * 2**20)
+        data = make(arch, tmp_path, name=f"l{layers}")
+        runs[layers] = run_merge(data, tmp_path / f"out{layers}")
+        largest = max(numel(s) for _, s in tensors(arch)) * 4  # one fp32 copy of the largest tensor
+    grow = (runs[16]["hwm_kb"] - runs[2]["hwm_kb"]) * 1024
+    assert grow < 4 * largest, f"peak RSS grew by {grow / 2**20:.1f} MiB from 2 to 16 layers"
+    # model output streams one tensor at a time too
+    model_runs = {n: run_merge(tmp_path / f"l{n}", tmp_path / f"model{n}", "--output", "model") for n in (2, 16)}
+    grow = (model_runs[16]["hwm_kb"] - model_runs[2]["hwm_kb"]) * 1024
+    assert grow < 4 * largest, f"model output: peak RSS grew by {grow / 2**20:.1f} MiB from 2 to 16 layers"
+    # the linear adapter pipeline needs none of transformers, mergekit, triton, peft
+    assert runs[16]["heavy"] in ([], ["matplotlib.pyplot"]), runs[16]["heavy"]
+
+
+def test_help_answers_without_torch():
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "safemerge_ext", "--help"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and "merge" in proc.stdout
+    imported = {ln.split("|")[-1].strip() for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+    assert "torch" not in imported, "safemerge --help imported torch"
