@@ -1,0 +1,305 @@
+"""The native backends (C++ ``cpp``, CUDA ``cuda``) and the torch reference against float64.
+
+Every backend is run on the device it serves (cpu for torch/cpp, cuda for cuda/triton when a GPU
+is present) over dtypes x shapes (square, GQA-style, sizes that are not multiples of any tile) x
+ranks. Inputs are rounded to the dtype first and the float64 references see the same stored
+values; fp16/bf16 differences are exact in fp32, so what remains is fp32 accumulation, and the
+tolerances (relative to the largest reference value) grow with the reduction length, not the dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from numerics import DTYPES, assert_close, ref_cosine, ref_project
+from safemerge_ext import backends, ops
+
+ROOT = Path(__file__).resolve().parents[1]
+_AVAILABLE = backends.available_backends()
+_DEVICE_OF = {"torch": "cpu", "cpp": "cpu", "cuda": "cuda", "triton": "cuda"}
+# the torch reference always; every other backend that can run here, on its own device
+BACKENDS = ["torch"] + [
+    n for n in ("cpp", "cuda", "triton")
+    if _AVAILABLE.get(n) is None and (_DEVICE_OF[n] == "cpu" or torch.cuda.is_available())
+]
+BACKEND_PARAMS = pytest.mark.parametrize("backend", BACKENDS, ids=[f"backend={b}" for b in BACKENDS])
+# (dtype, rtol): fp32 accumulation over <= 1024 terms, relative to the largest reference value
+DTYPE_PARAMS = pytest.mark.parametrize(
+    "dtype, tol",
+    [(DTYPES["fp32"], 2e-5), (DTYPES["fp16"], 2e-5), (DTYPES["bf16"], 2e-5)],
+    ids=["dtype=fp32", "dtype=fp16", "dtype=bf16"],
+)
+SHAPES = [(256, 256), (1024, 256), (67, 131), (200, 96)]
+SHAPE_PARAMS = pytest.mark.parametrize("d_out, d_in", SHAPES, ids=[f"shape={a}x{b}" for a, b in SHAPES])
+RANKS = [1, 8, 16, 64, 128]
+
+needs_cpp = pytest.mark.skipif(_AVAILABLE["cpp"] is not None, reason=f"cpp backend unavailable: {_AVAILABLE['cpp']}")
+
+
+def _seed(*parts: object) -> int:
+    """A fixed seed per case (crc32 is stable across processes, str hashes are not)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def _layer(d_out: int, d_in: int, dtype: torch.dtype, seed: int):
+    """Aligned/unaligned weights that differ by a small update, as real chat/base pairs do."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d_out, d_in, generator=g) * 0.02
+    wa = base + 0.002 * torch.randn(d_out, d_in, generator=g)
+    return wa.to(dtype), base.to(dtype), g
+
+
+def _impl(backend: str):
+    return backends.resolve(backend, _DEVICE_OF[backend])[1]
+
+
+def _check_passes(backend: str, wa, wu, B, tol: float) -> None:
+    dev = _DEVICE_OF[backend]
+    T, P, vsq = _impl(backend).lowrank_passes(wa.to(dev), wu.to(dev), B.to(dev))
+    V = wa.double() - wu.double()
+    T_ref = V.t() @ B.double()
+    P_ref = V @ T_ref
+    assert T.dtype == torch.float32 and P.dtype == torch.float32
+    assert_close(T, T_ref, atol=tol * float(T_ref.abs().max()), rtol=tol, what=f"{backend} T")
+    assert_close(P, P_ref, atol=tol * float(P_ref.abs().max()), rtol=tol, what=f"{backend} P")
+    assert isinstance(vsq, float)
+    assert math.isclose(vsq, float(V.square().sum()), rel_tol=1e-5, abs_tol=0.0), f"{backend} ||V||^2"
+
+
+@BACKEND_PARAMS
+@DTYPE_PARAMS
+@SHAPE_PARAMS
+@pytest.mark.parametrize("r", RANKS, ids=[f"r={r}" for r in RANKS])
+def test_lowrank_passes_match_float64(backend, dtype, tol, d_out, d_in, r):
+    wa, wu, g = _layer(d_out, d_in, dtype, _seed("passes", backend, dtype, d_out, d_in, r))
+    B = torch.randn(d_out, r, generator=g) * 0.01
+    _check_passes(backend, wa, wu, B, tol)
+
+
+@BACKEND_PARAMS
+@DTYPE_PARAMS
+@SHAPE_PARAMS
+def test_ops_match_float64(backend, dtype, tol, d_out, d_in):
+    """subspace_cosine (LoRA and full), project_lora_B and project_delta against C formed in float64."""
+    wa, wu, g = _layer(d_out, d_in, dtype, _seed("ops", backend, dtype, d_out, d_in))
+    r = 8
+    A = torch.randn(r, d_in, generator=g) * 0.01
+    B = torch.randn(d_out, r, generator=g) * 0.01
+    dW = (torch.randn(d_out, d_in, generator=g) * 0.001).to(dtype)
+    dev = _DEVICE_OF[backend]
+    wa_d, wu_d = wa.to(dev), wu.to(dev)
+
+    want = ref_cosine(wa, wu, B.double() @ A.double())
+    got = ops.subspace_cosine(wa_d, wu_d, lora_A=A.to(dev), lora_B=B.to(dev), backend=backend)
+    assert abs(got - want) <= 1e-5, f"LoRA cosine {got} != {want}"
+    score = ops.subspace_score(wa_d, wu_d, lora_A=A.to(dev), lora_B=B.to(dev), backend=backend)
+    assert score.backend == backend and score.reason is None
+
+    want_full = ref_cosine(wa, wu, dW.double())
+    got_full = ops.subspace_cosine(wa_d, wu_d, delta=dW.to(dev), backend=backend)
+    assert abs(got_full - want_full) <= 1e-5, f"full-rank cosine {got_full} != {want_full}"
+
+    CB = ref_project(wa, wu, B)
+    got_B = ops.project_lora_B(wa_d, wu_d, B.to(dev), backend=backend)
+    assert got_B.dtype == B.dtype
+    assert_close(got_B, CB, atol=tol * float(CB.abs().max()), rtol=tol, what=f"{backend} C B")
+
+    CdW = ref_project(wa, wu, dW)
+    got_dW = ops.project_delta(wa_d, wu_d, dW.to(dev), backend=backend)
+    assert_close(got_dW, CdW, atol=tol * float(CdW.abs().max()), rtol=tol, what=f"{backend} C dW")
+
+
+@BACKEND_PARAMS
+def test_noncontiguous_inputs(backend):
+    """Row-strided views, column-strided views and a transposed lora_B give the dense results."""
+    d_out, d_in, r = 96, 80, 5
+    g = torch.Generator().manual_seed(_seed("noncontig", backend))
+    big_a = torch.randn(d_out, 2 * d_in + 3, generator=g).bfloat16()
+    big_u = (big_a.float() + 0.01 * torch.randn(big_a.shape, generator=g)).bfloat16()
+    wa = big_a[:, 3 : 3 + d_in]  # row stride 2*d_in+3, unit column stride
+    wu = big_u[:, ::2][:, :d_in]  # column stride 2: must be copied
+    assert not wa.is_contiguous() and not wu.is_contiguous()
+    B = (torch.randn(r, d_out, generator=g) * 0.01).t()
+    assert not B.is_contiguous()
+    _check_passes(backend, wa, wu, B, 2e-5)
+    dev = _DEVICE_OF[backend]
+    dense = ops.project_lora_B(wa.contiguous().to(dev), wu.contiguous().to(dev), B.contiguous().to(dev), backend=backend)
+    strided = ops.project_lora_B(wa.to(dev), wu.to(dev), B.to(dev), backend=backend)
+    assert torch.equal(dense, strided)
+
+
+@BACKEND_PARAMS
+def test_degenerate_layers(backend):
+    """V = 0: the passes return zeros and the score is nan with a reason; dW = 0 likewise."""
+    dev = _DEVICE_OF[backend]
+    g = torch.Generator().manual_seed(_seed("degenerate", backend))
+    w = torch.randn(67, 131, generator=g).to(dev)
+    A, B = torch.randn(4, 131, generator=g).to(dev), torch.randn(67, 4, generator=g).to(dev)
+    T, P, vsq = _impl(backend).lowrank_passes(w, w.clone(), B)
+    assert vsq == 0.0 and not T.any() and not P.any()
+    s = ops.subspace_score(w, w.clone(), lora_A=A, lora_B=B, backend=backend)
+    assert math.isnan(s.cosine) and "V = 0" in s.reason
+    wu = w + 0.01 * torch.randn(w.shape, generator=g).to(dev)
+    s = ops.subspace_score(w, wu, lora_A=A, lora_B=torch.zeros_like(B), backend=backend)
+    assert math.isnan(s.cosine) and "zero" in s.reason
+    s = ops.subspace_score(w, wu, delta=torch.zeros_like(w), backend=backend)
+    assert math.isnan(s.cosine) and "zero" in s.reason
+    with pytest.raises(ValueError, match="V = 0"):
+        ops.project_lora_B(w, w.clone(), B, backend=backend)
+
+
+@BACKEND_PARAMS
+@pytest.mark.parametrize("dtype", [DTYPES["fp32"], DTYPES["bf16"]], ids=["dtype=fp32", "dtype=bf16"])
+def test_same_bits_twice(backend, dtype):
+    wa, wu, g = _layer(200, 333, dtype, _seed("bits", backend, dtype))
+    B = torch.randn(200, 16, generator=g)
+    dev = _DEVICE_OF[backend]
+    impl = _impl(backend)
+    T1, P1, v1 = impl.lowrank_passes(wa.to(dev), wu.to(dev), B.to(dev))
+    T2, P2, v2 = impl.lowrank_passes(wa.to(dev), wu.to(dev), B.to(dev))
+    assert torch.equal(T1, T2) and torch.equal(P1, P2) and v1 == v2
+    dW = torch.randn(200, 333, generator=g).to(dtype).to(dev)
+    assert impl.fullrank_sums(wa.to(dev), wu.to(dev), dW) == impl.fullrank_sums(wa.to(dev), wu.to(dev), dW)
+
+
+# ------------------------------------------------------------------------------------------------
+# C++ extension specifics
+
+
+def _cpu_call(wa, wu, B, threads):
+    from safemerge_ext import _cpu
+
+    d_out, d_in = wa.shape
+    T = torch.empty(d_in, B.shape[1])
+    P = torch.empty(d_out, B.shape[1])
+    code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[wa.dtype]
+    vsq = _cpu.lowrank_passes(wa.data_ptr(), wu.data_ptr(), d_out, d_in, d_in, d_in, code, B.data_ptr(),
+                              B.shape[1], T.data_ptr(), P.data_ptr(), threads)
+    return T, P, vsq
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
+def test_cpp_bits_independent_of_thread_count(dtype):
+    wa, wu, g = _layer(515, 1100, dtype, _seed("threads", dtype))
+    B = torch.randn(515, 13, generator=g)
+    T1, P1, v1 = _cpu_call(wa, wu, B, 1)
+    T2, P2, v2 = _cpu_call(wa, wu, B, 2)
+    T3, P3, v3 = _cpu_call(wa, wu, B, 3)
+    assert torch.equal(T1, T2) and torch.equal(T1, T3)
+    assert torch.equal(P1, P2) and torch.equal(P1, P3)
+    assert v1 == v2 == v3
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
+def test_cpp_baseline_isa_matches_float64(dtype):
+    """The kernels compiled for the baseline ISA (picked on CPUs without AVX2/FMA) are correct too."""
+    from safemerge_ext import _cpu
+
+    wa, wu, g = _layer(131, 67, dtype, _seed("isa", dtype))
+    B = torch.randn(131, 7, generator=g)
+    best = _cpu.isa()
+    assert _cpu.set_isa("baseline") and _cpu.isa() == "baseline"
+    try:
+        _check_passes("cpp", wa, wu, B, 2e-5)
+    finally:
+        _cpu.set_isa("best")
+    assert _cpu.isa() == best
+
+
+@needs_cpp
+def test_cpp_fullrank_column_blocks(monkeypatch):
+    """fullrank_sums / project_full with M_J split into several column blocks, against float64."""
+    from safemerge_ext import cpp_backend
+
+    monkeypatch.setattr(cpp_backend, "_M_BYTES", 4 * 131 * 40)  # M_J of 40 columns: 4 column blocks
+    monkeypatch.setattr(cpp_backend, "_MIN_COLS", 40)
+    monkeypatch.setattr(cpp_backend, "_ROW_BLOCK", 32)
+    wa, wu, g = _layer(67, 131, torch.bfloat16, _seed("fullrank"))
+    dW = torch.randn(67, 131, generator=g) * 0.001
+    V, D = wa.double() - wu.double(), dW.double()
+    M = V.t() @ D
+    N = V @ M
+    m2, n2, d2, vsq = cpp_backend.fullrank_sums(wa, wu, dW)
+    for got, want, name in [(m2, M.square().sum(), "m2"), (n2, N.square().sum(), "n2"),
+                            (d2, D.square().sum(), "d2"), (vsq, V.square().sum(), "vsq")]:
+        assert math.isclose(got, float(want), rel_tol=1e-5), f"{name}: {got} != {float(want)}"
+    out, vsq2 = cpp_backend.project_full(wa, wu, dW)
+    assert vsq2 == vsq
+    assert_close(out, N, atol=2e-5 * float(N.abs().max()), rtol=2e-5, what="cpp project_full")
+
+
+@needs_cpp
+def test_cpp_rejects_bad_inputs():
+    from safemerge_ext import cpp_backend
+
+    w = torch.zeros(8, 4)
+    with pytest.raises(ValueError, match="one dtype"):
+        cpp_backend.lowrank_passes(w, w.bfloat16(), torch.zeros(8, 2))
+    with pytest.raises(ValueError, match="one shape"):
+        cpp_backend.lowrank_passes(w, torch.zeros(4, 8), torch.zeros(8, 2))
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        cpp_backend.lowrank_passes(w.double(), w.double(), torch.zeros(8, 2))
+    with pytest.raises(ValueError, match="want 8xr"):
+        cpp_backend.lowrank_passes(w, w, torch.zeros(7, 2))
+
+
+@needs_cpp
+def test_cpp_extension_has_no_torch_dependency():
+    """The .so links against neither libtorch nor c10, so it survives torch upgrades."""
+    from safemerge_ext import _cpu
+
+    blob = Path(_cpu.__file__).read_bytes()
+    for lib in (b"libtorch", b"libc10", b"at::Tensor"):
+        assert lib not in blob, f"{_cpu.__file__} references {lib.decode()}"
+
+
+def test_unavailable_reasons_are_strings():
+    """Missing extensions become reasons, never import errors."""
+    from safemerge_ext import cpp_backend, cuda_backend
+
+    for mod in (cpp_backend, cuda_backend):
+        reason = mod.unavailable_reason()
+        assert reason is None or (isinstance(reason, str) and reason)
+    if not torch.cuda.is_available():
+        assert cuda_backend.unavailable_reason() is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA sources: compiled with nvcc here (nothing can run them without a GPU)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found on PATH")
+def test_cuda_sources_compile(tmp_path):
+    for src in sorted((ROOT / "csrc").glob("*.cu")):
+        cmd = ["nvcc", "-c", str(src), "-o", str(tmp_path / (src.stem + ".o")), "-std=c++17", "-O1",
+               "-gencode", "arch=compute_80,code=sm_80"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr[-4000:]}"
+
+
+_cuda_ok = torch.cuda.is_available() and _AVAILABLE["cuda"] is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ok, reason=f"needs a CUDA device and the CUDA extension: {_AVAILABLE['cuda']}")
+@pytest.mark.parametrize("d_out, d_in, r", [(4096, 1024, 16), (4096, 4096, 64), (67, 131, 300)],
+                         ids=["shape=4096x1024-r16", "shape=4096x4096-r64", "shape=67x131-r300"])
+def test_cuda_large_shapes(d_out, d_in, r):
+    wa, wu, g = _layer(d_out, d_in, torch.bfloat16, _seed("gpu", d_out, d_in, r))
+    B = torch.randn(d_out, r, generator=g) * 0.01
+    _check_passes("cuda", wa, wu, B, 1e-4)
+    dW = (torch.randn(d_out, d_in, generator=g) * 0.001).bfloat16()
+    V, D = wa.double() - wu.double(), dW.double()
+    M = V.t() @ D
+    want = float(M.square().sum()) / math.sqrt(float((V @ M).square().sum()) * float(D.square().sum()))
+    got = ops.subspace_cosine(wa.cuda(), wu.cuda(), delta=dW.cuda(), backend="cuda")
+    assert abs(got - want) <= 1e-4
