@@ -13,6 +13,12 @@ import os
 import shutil
 
 PTH = "safemerge_ext_autoload.pth"
+# the same line as safemerge_ext.autoload.PTH_LINE (a test keeps them equal); used when the file is
+# not beside setup.py, e.g. in an sdist without it
+LINE = (
+    'import importlib.util as _u; _u.find_spec("safemerge_ext") is not None '
+    'and __import__("safemerge_ext._autoload_hook")\n'
+)
 
 
 def with_autoload_pth(base: type) -> type:
@@ -22,8 +28,6 @@ def with_autoload_pth(base: type) -> type:
         def run(self) -> None:
             super().run()
             src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PTH)
-            if not os.path.isfile(src):
-                src = PTH  # setup.py runs in the project root
             if getattr(self, "editable_mode", False):
                 dest_dir = self.get_finalized_command("install").install_lib
                 if not dest_dir or not any(n.endswith(".dist-info") for n in os.listdir(dest_dir)):
@@ -33,7 +37,11 @@ def with_autoload_pth(base: type) -> type:
             else:
                 dest_dir = self.build_lib
             os.makedirs(dest_dir, exist_ok=True)
-            shutil.copyfile(src, os.path.join(dest_dir, PTH))
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(dest_dir, PTH))
+            else:
+                with open(os.path.join(dest_dir, PTH), "w", encoding="utf-8") as fh:
+                    fh.write(LINE)
             if not getattr(self, "editable_mode", False):
                 self._autoload_outputs = [os.path.join(dest_dir, PTH)]
 

@@ -437,6 +437,12 @@ def test_installed_pth_keeps_startup_free_of_torch():
     assert res.stdout.split() == ["True", "False", "False"], res.stdout + res.stderr
 
 
+def test_pth_line_is_the_same_everywhere():
+    from safemerge_ext import _pth_build
+
+    assert (ROOT / autoload.PTH_NAME).read_text() == autoload.PTH_LINE == _pth_build.LINE
+
+
 def test_autoload_enable_disable_status(tmp_path):
     d = tmp_path / "sp"
     assert "enabled" in autoload.enable(d) and (d / autoload.PTH_NAME).is_file()
