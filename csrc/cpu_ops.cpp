@@ -10,7 +10,8 @@
 //
 // Determinism: pass 1 gives each 512-column band to one thread (it owns those rows of T and its
 // own ||V||^2 partial); pass 2 gives each 4-row tile to one thread. Partials are reduced in a
-// fixed order, so the bits depend on neither the thread count nor the schedule.
+// fixed order, so the bits depend on neither the thread count nor the schedule, and the schedule
+// can be dynamic (a thread that the OS parks on a busy machine does not stall the other).
 //
 // No torch headers: the module takes raw data pointers, shapes, row strides and a dtype code, so
 // it keeps working across torch upgrades. The hot functions are compiled twice, for x86-64-v3
@@ -381,13 +382,13 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   {
     std::vector<float> buf(size_t(P1_KC) * P1_BAND);
     std::vector<float> tacc(size_t(R) * P1_BAND);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t p = 0; p < bands; ++p)
       vsq_band[size_t(p)] = p1(A, U, d_out, d_in, lda, ldu, B, R, p * P1_BAND, T, Tt.data(), ldt, buf.data(), tacc.data());
     // the implicit barrier of `omp for` makes T complete before pass 2
     std::vector<float> buf2(size_t(P2_MR) * P2_KC);
     std::vector<float> acc(size_t(R) * P2_MR * 8);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
     for (int64_t t = 0; t < tiles; ++t)
       p2(A, U, d_out, d_in, lda, ldu, Tt.data(), ldt, R, t * P2_MR, P, buf2.data(), acc.data());
   }
