@@ -22,7 +22,7 @@ from ._launch import check_block, check_inputs, exact_sum, is_interpreted, pow2_
 @triton.jit
 def _vt_dw_kernel(WA, WU, D, MP, PART, d_out, d_in, j_lo, panel_w,
                   s_wa_m, s_wa_n, s_wu_m, s_wu_n, s_d_m, s_d_n, s_mp,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """MP[i, j] = sum_k V[k, i] * D[k, j_lo + j] for one BLOCK_N x BLOCK_N tile of the panel, with
     PART[0] = sum of MP^2 over the tile, PART[1] = sum of V^2 and PART[2] = sum of D^2 over the
     columns the tile reads (the host takes ||V||^2 from the programs with pid_j = 0 of the first
@@ -30,7 +30,7 @@ def _vt_dw_kernel(WA, WU, D, MP, PART, d_out, d_in, j_lo, panel_w,
 
     Weights and dW are read in their stored dtype and widened to fp32 before the subtraction (the
     difference of two bf16/fp16 values is exact in fp32, not in bf16); tl.dot accumulates in fp32
-    over BLOCK_M rows a step; M is written in fp32 because the second GEMM reads it back.
+    over BLOCK_K rows a step; M is written in fp32 because the second GEMM reads it back.
     """
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -42,8 +42,8 @@ def _vt_dw_kernel(WA, WU, D, MP, PART, d_out, d_in, j_lo, panel_w,
     acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
     vsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, d_out, BLOCK_M):
-        rows = (k0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    for k0 in range(0, d_out, BLOCK_K):
+        rows = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         row_ok = rows < d_out
         vmask = row_ok[:, None] & i_ok[None, :]
         a = tl.load(WA + rows[:, None] * s_wa_m + ci[None, :] * s_wa_n, mask=vmask, other=0.0)
@@ -98,6 +98,16 @@ def _v_m_kernel(WA, WU, MP, OUT, PART, d_out, d_in, j_lo, panel_w,
 _PANEL_BYTES = 256 << 20
 
 
+def _tiles(interpreted: bool, d_out: int, d_in: int) -> dict[str, int]:
+    """Default tiles and warps. The interpreter's cost grows with programs and loop steps: largest
+    tiles there. On a GPU, 128 x 128 tiles of M, 64 x 128 tiles of N, 32-deep steps: the largest
+    that ptxas compiles without register spills for sm_80/sm_90 with fp32 FMA dots."""
+    if interpreted:
+        return {"m": min(128, pow2_at_least(d_out)), "n": min(128, pow2_at_least(d_in)),
+                "k": min(128, pow2_at_least(max(d_out, d_in))), "w": 4}
+    return {"m": 64, "n": 128, "k": 32, "w": 8}
+
+
 def _run(
     wa: torch.Tensor,
     wu: torch.Tensor,
@@ -117,17 +127,16 @@ def _run(
         )
     d_out, d_in = wa.shape
     interpreted = is_interpreted(_vt_dw_kernel)
-    # The interpreter's cost grows with programs and loop steps: largest tiles there; on a GPU,
-    # 128 x 128 fp32 output tiles for the first GEMM, 64 x 128 for the second, 64-deep steps.
-    bm = check_block("block_m", block_m or (min(128, pow2_at_least(d_out)) if interpreted else 64))
-    bn = check_block("block_n", block_n or (min(128, pow2_at_least(d_in)) if interpreted else 128))
-    bk = check_block("block_k", block_k or (min(128, pow2_at_least(d_in)) if interpreted else 64))
+    tiles = _tiles(interpreted, d_out, d_in)
+    bm = check_block("block_m", block_m or tiles["m"])
+    bn = check_block("block_n", block_n or tiles["n"])
+    bk = check_block("block_k", block_k or tiles["k"])
     if panel is None:
         panel = d_in if interpreted else max(bn, (_PANEL_BYTES // (4 * d_in)) // bn * bn)
     if panel < 1:
         raise ValueError(f"triton backend: panel must be >= 1 column; got {panel}")
     panel = min(panel, d_in)
-    warps = 4 if interpreted else 8
+    warps = tiles["w"]
     f32 = dict(dtype=torch.float32, device=wa.device)
     MP = torch.empty(d_in, panel, **f32)
     n_i, n_m = math.ceil(d_in / bn), math.ceil(d_out / bm)
@@ -141,7 +150,7 @@ def _run(
         _vt_dw_kernel[(n_i, n_j)](
             wa, wu, delta, MP, part_a, d_out, d_in, j_lo, w,
             wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1), delta.stride(0), delta.stride(1),
-            MP.stride(0), BLOCK_M=bm, BLOCK_N=bn, PRECISION=precision, num_warps=warps,
+            MP.stride(0), BLOCK_K=bk, BLOCK_N=bn, PRECISION=precision, num_warps=warps,
         )
         part_b = torch.empty(n_m, n_j, **f32)
         _v_m_kernel[(n_m, n_j)](
@@ -172,8 +181,8 @@ def fullrank_sums(
 ) -> tuple[float, float, float, float]:
     """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2 and ||V||^2 as float64 sums of fp32 tile partials.
 
-    Tiles: BLOCK_M along d_out, BLOCK_N along d_in for output tiles, BLOCK_K the depth of the
-    second GEMM's steps (powers of two >= 16); ``panel`` columns of M are formed at a time.
+    Tiles (powers of two >= 16): BLOCK_N x BLOCK_N tiles of M and BLOCK_M x BLOCK_N tiles of N,
+    both GEMMs stepping BLOCK_K deep; ``panel`` columns of M are formed at a time.
     """
     return _run(wa, wu, delta, None, block_m, block_n, block_k, panel, precision)
 

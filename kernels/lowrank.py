@@ -97,17 +97,18 @@ def _v_t_kernel(WA, WU, T, PP, d_out, d_in, r, cols_per_split,
 
 
 def _tiles(interpreted: bool, d_out: int, d_in: int, r_pad: int) -> dict[str, int]:
-    """Default tiles. The interpreter's cost grows with the number of programs and loop steps, so
-    it gets the largest tiles; on a GPU the fp32 accumulator is kept near 16K elements a program."""
+    """Default tiles and warps of the two passes.
+
+    The interpreter's cost grows with the number of programs and loop steps, so it gets the
+    largest tiles. On a GPU (fp32 FMA dots, precision="ieee") the tiles are the largest that
+    ptxas compiles without register spills for sm_80/sm_90 (checked from the cubins' resource
+    usage): wide rank tiles take fewer rows per step.
+    """
     if interpreted:
-        return {"block_m": min(128, pow2_at_least(d_out)), "block_n": min(128, pow2_at_least(d_in)),
-                "block_k": min(128, pow2_at_least(d_in))}
-    return {"block_m": 64 if r_pad <= 64 else 32, "block_n": min(128, 16384 // r_pad),
-            "block_k": 64 if r_pad <= 64 else 32}
-
-
-def _warps(interpreted: bool, acc_elems: int) -> int:
-    return 4 if interpreted or acc_elems < 8192 else 8
+        m, n = min(128, pow2_at_least(d_out)), min(128, pow2_at_least(d_in))
+        return {"m1": m, "n1": n, "w1": 4, "m2": m, "k2": n, "w2": 4}
+    m1 = 64 if r_pad <= 16 else 32 if r_pad <= 128 else 16
+    return {"m1": m1, "n1": 128, "w1": 4 if r_pad <= 16 else 8, "m2": 64, "k2": 32, "w2": 8}
 
 
 def lowrank_passes(
@@ -124,7 +125,8 @@ def lowrank_passes(
     """T = V^T B (d_in x r, fp32), P = V T (d_out x r, fp32) and ||V||_F^2 (float64 sum).
 
     Tiles: pass 1 steps BLOCK_M rows over BLOCK_N columns a program, pass 2 steps BLOCK_K columns
-    over BLOCK_M rows a program (powers of two >= 16; defaults suit the device). ``split`` cuts
+    over BLOCK_M rows a program (powers of two >= 16; the defaults, which differ per pass and
+    rank, suit the device; ``block_m`` given here sets both passes). ``split`` cuts
     each pass's reduction into that many chunks (default: enough programs to fill the GPU).
     Any strides are accepted; ranks above 256 are processed 256 columns of B at a time.
     """
@@ -155,34 +157,33 @@ def _passes(wa, wu, B, block_m, block_n, block_k, split, precision):
     r_pad = pow2_at_least(r)
     interpreted = is_interpreted(_vt_b_kernel)
     tiles = _tiles(interpreted, d_out, d_in, r_pad)
-    bm = check_block("block_m", block_m or tiles["block_m"])
-    bn = check_block("block_n", block_n or tiles["block_n"])
-    bk = check_block("block_k", block_k or tiles["block_k"])
+    bm1 = check_block("block_m", block_m or tiles["m1"])
+    bm2 = check_block("block_m", block_m or tiles["m2"])
+    bn = check_block("block_n", block_n or tiles["n1"])
+    bk = check_block("block_k", block_k or tiles["k2"])
     target = 1 if interpreted else 2 * num_sms(wa.device)
     f32 = dict(dtype=torch.float32, device=wa.device)
 
     # Pass 1: T = V^T B and ||V||^2, reduced over row chunks.
     n_col_blocks = math.ceil(d_in / bn)
-    rows_per, n_row_chunks = split_rows(d_out, bm, n_col_blocks, split, target)
+    rows_per, n_row_chunks = split_rows(d_out, bm1, n_col_blocks, split, target)
     TP = torch.empty(n_row_chunks, d_in, r, **f32)
     SQ = torch.empty(n_row_chunks, n_col_blocks, **f32)
     _vt_b_kernel[(n_col_blocks, n_row_chunks)](
         wa, wu, B, TP, SQ, d_out, d_in, r, rows_per,
         wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1), B.stride(0), B.stride(1),
-        R_PAD=r_pad, BLOCK_M=bm, BLOCK_N=bn, PRECISION=precision,
-        num_warps=_warps(interpreted, bn * r_pad),
+        R_PAD=r_pad, BLOCK_M=bm1, BLOCK_N=bn, PRECISION=precision, num_warps=tiles["w1"],
     )
     T = ordered_sum(TP).float()
 
     # Pass 2: P = V T, reduced over column chunks.
-    n_row_blocks = math.ceil(d_out / bm)
+    n_row_blocks = math.ceil(d_out / bm2)
     cols_per, n_col_chunks = split_rows(d_in, bk, n_row_blocks, split, target)
     PP = torch.empty(n_col_chunks, d_out, r, **f32)
     _v_t_kernel[(n_row_blocks, n_col_chunks)](
         wa, wu, T, PP, d_out, d_in, r, cols_per,
         wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1),
-        R_PAD=r_pad, BLOCK_M=bm, BLOCK_K=bk, PRECISION=precision,
-        num_warps=_warps(interpreted, bm * r_pad),
+        R_PAD=r_pad, BLOCK_M=bm2, BLOCK_K=bk, PRECISION=precision, num_warps=tiles["w2"],
     )
     return T, ordered_sum(PP).float(), exact_sum(SQ)
 

@@ -201,16 +201,15 @@ def test_project_full(d_out, d_in, dtype):
 def test_fullrank_small_tiles_strided_and_deterministic():
     wa, wu, g = _layer(67, 131, torch.float16, _seed("full-tiles"))
     delta = (torch.randn(131, 67, generator=g) * 0.001).to(torch.float16).to(DEVICE).t()  # column-major
-    kw = dict(block_m=16, block_n=32, block_k=16, panel=40)
+    kw = dict(block_m=32, block_n=32, block_k=16, panel=64)  # 3 panels, tails everywhere
     runs = [fullrank.project_full(wa, wu, delta, **kw) for _ in range(2)]
-    sums = [fullrank.fullrank_sums(wa, wu, delta, **kw) for _ in range(2)]
+    sums = [fullrank.fullrank_sums(wa, wu, d, **kw) for d in (delta, delta.contiguous())]
     *ref_sums, N_ref = fullrank.fullrank_reference(wa.cpu(), wu.cpu(), delta.cpu())
     _close(runs[0][0], N_ref, "N")
     for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), sums[0], ref_sums):
         _rel(a, b, name)
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
-    assert sums[0] == sums[1]
-    assert sums[0] == fullrank.fullrank_sums(wa, wu, delta.contiguous(), **kw)
+    assert sums[0] == sums[1]  # the same bits again, from strided and from contiguous dW
 
 
 # --- through safemerge_ext.ops --------------------------------------------------------------
@@ -287,6 +286,44 @@ def test_bad_input_is_one_clear_line(call, match):
     with pytest.raises(ValueError, match=match) as err:
         call(wa, wu, B)
     assert "\n" not in str(err.value) and str(err.value).startswith("triton backend:")
+
+
+# --- compiled kernels ----------------------------------------------------------------------
+
+_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from safemerge_ext.kernels import fullrank, lowrank
+
+def build(fn, ptrs, consts, warps):
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
+    for arch in (80, 90):
+        triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+w = {"WA": "*bf16", "WU": "*bf16", "B": "*fp16", "D": "*bf16"}
+f32 = dict.fromkeys(("TP", "SQ", "T", "PP", "MP", "OUT", "PART"), "*fp32")
+for r_pad in (16, 256):
+    t = lowrank._tiles(False, 4096, 4096, r_pad)
+    build(lowrank._vt_b_kernel, {**w, **f32}, {"R_PAD": r_pad, "BLOCK_M": t["m1"], "BLOCK_N": t["n1"], "PRECISION": "ieee"}, t["w1"])
+    build(lowrank._v_t_kernel, {**w, **f32}, {"R_PAD": r_pad, "BLOCK_M": t["m2"], "BLOCK_K": t["k2"], "PRECISION": "tf32x3"}, t["w2"])
+t = fullrank._tiles(False, 4096, 4096)
+build(fullrank._vt_dw_kernel, {**w, **f32}, {"BLOCK_K": t["k"], "BLOCK_N": t["n"], "PRECISION": "ieee"}, t["w"])
+build(fullrank._v_m_kernel, {**w, **f32}, {"STORE": True, "BLOCK_M": t["m"], "BLOCK_N": t["n"], "BLOCK_K": t["k"], "PRECISION": "ieee"}, t["w"])
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_cuda_without_a_gpu():
+    """Interpreter runs skip triton's compiler: compile each kernel with the GPU default tiles for
+    sm_80 and sm_90 (triton ships ptxas), so that compiled-mode errors show up on a CPU machine."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 # --- compiled kernels on a GPU --------------------------------------------------------------
