@@ -22,6 +22,8 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m safemerge_ext.demo demo
+	@echo '$$ safemerge-yaml recipes/tiny.yml demo/merged-yaml --force'
+	$(BIN)/safemerge-yaml recipes/tiny.yml demo/merged-yaml --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

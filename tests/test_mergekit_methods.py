@@ -490,9 +490,9 @@ def test_tiny_recipe_runs_through_safemerge_yaml(pico, tmp_path, capsys):
     from safemerge_ext import yaml_cli
 
     text = (ROOT / "recipes" / "tiny.yml").read_text()
-    for old, new in (("demo/aligned+demo/task", f"{pico.aligned}+{pico.lora_task}"),
-                     ("demo/aligned+demo/safety", f"{pico.aligned}+{pico.lora_safety}"),
-                     ("demo/unaligned", str(pico.unaligned)), ("demo/aligned", str(pico.aligned))):
+    for old, new in (("./demo/aligned+./demo/task", f"{pico.aligned}+{pico.lora_task}"),
+                     ("./demo/aligned+./demo/safety", f"{pico.aligned}+{pico.lora_safety}"),
+                     ("./demo/unaligned", str(pico.unaligned)), ("./demo/aligned", str(pico.aligned))):
         text = text.replace(old, new)
     assert "demo/" not in text.split("merge_method")[1]
     (tmp_path / "tiny.yml").write_text(text)
