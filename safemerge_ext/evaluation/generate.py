@@ -1,0 +1,152 @@
+"""Greedy, batched chat generation for the models under evaluation (transformers, or vLLM when installed).
+
+A model is ``DIR`` or ``DIR+ADAPTER`` (a PEFT LoRA folder, merged into the weights after loading so
+generation runs at base-model speed). Prompts go through the tokenizer's chat template; batches are
+left-padded and sorted by length so little compute is spent on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from safemerge_ext.errors import SafeMergeError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: str
+    adapter: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.path + (f"+{self.adapter}" if self.adapter else "")
+
+
+def parse_model(text: str, adapter: str | None = None) -> ModelSpec:
+    """``[NAME=]DIR[+ADAPTER]``; NAME defaults to the folder name (of the adapter when there is one)."""
+    name, _, rest = text.rpartition("=") if "=" in text else ("", "", text)
+    path, _, ad = rest.partition("+")
+    ad = ad or adapter
+    if not path:
+        raise SafeMergeError(f"--model {text!r}: expected [NAME=]DIR[+ADAPTER]")
+    for p, what in ((path, "model"), (ad, "adapter")):
+        if p and not Path(p).is_dir():
+            raise SafeMergeError(f"--model {text!r}: {what} folder {p} does not exist")
+    if not (Path(path) / "config.json").is_file():
+        raise SafeMergeError(f"--model {text!r}: {path} has no config.json; give a Hugging Face model folder")
+    if ad and not (Path(ad) / "adapter_config.json").is_file():
+        raise SafeMergeError(f"--model {text!r}: {ad} has no adapter_config.json; give a PEFT LoRA adapter folder")
+    return ModelSpec(name or Path(ad or path).name, path, ad)
+
+
+def _torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise SafeMergeError(f"--dtype {name!r}: use auto, {', '.join(table)}")
+    return table[name]
+
+
+class TransformersEngine:
+    """One model at a time in memory; ``generate`` returns the decoded continuations."""
+
+    name = "transformers"
+
+    def __init__(self, device: str = "cpu", dtype: str = "auto", batch_size: int = 8) -> None:
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
+        self.model = self.tok = None
+
+    def load(self, spec: ModelSpec) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(spec.path)
+        if self.tok.chat_template is None:
+            raise SafeMergeError(f"{spec.path}: the tokenizer has no chat template; evaluate a chat/instruct model "
+                                 "or add chat_template to tokenizer_config.json")
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.tok.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=_torch_dtype(self.dtype, self.device))
+        if spec.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+        self.model = model.to(self.device).eval()
+
+    def chat_texts(self, prompts: Sequence[str]) -> list[str]:
+        return [self.tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts]
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        import torch
+
+        texts = self.chat_texts(prompts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[str] = [""] * len(texts)
+        stop = [t for t in {self.tok.eos_token_id, self.model.generation_config.eos_token_id} if t is not None]
+        stop = [x for t in stop for x in (t if isinstance(t, list) else [t])]
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            enc = self.tok([texts[j] for j in idx], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(self.device)
+            with torch.no_grad():
+                gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                          pad_token_id=self.tok.pad_token_id, eos_token_id=stop or None,
+                                          temperature=None, top_p=None, top_k=None)
+            dec = self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j, s in zip(idx, dec):
+                out[j] = s.strip()
+        return out
+
+    def unload(self) -> None:
+        self.model = None
+
+
+class VllmEngine:
+    """vLLM for multi-GPU scale: tensor parallel over the visible GPUs, adapters through LoRARequest."""
+
+    name = "vllm"
+
+    def __init__(self, dtype: str = "auto", tensor_parallel: int = 1) -> None:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise SafeMergeError("--engine vllm: vLLM is not installed; pip install vllm, or use --engine transformers") from None
+        self.dtype, self.tp, self.llm, self.spec = dtype, tensor_parallel, None, None
+
+    def load(self, spec: ModelSpec) -> None:
+        from vllm import LLM
+
+        self.unload()
+        self.spec = spec
+        self.llm = LLM(model=spec.path, dtype=self.dtype, tensor_parallel_size=self.tp, enable_lora=bool(spec.adapter),
+                       max_lora_rank=64)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest(self.spec.name, 1, self.spec.adapter) if self.spec.adapter else None
+        chats = [[{"role": "user", "content": p}] for p in prompts]
+        res = self.llm.chat(chats, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), lora_request=lora,
+                            use_tqdm=False)
+        return [r.outputs[0].text.strip() for r in res]
+
+    def unload(self) -> None:
+        self.llm = None
+
+
+def make_engine(name: str, *, device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
+                tensor_parallel: int = 1) -> TransformersEngine | VllmEngine:
+    """``transformers`` (default) or ``vllm``."""
+    if name == "transformers":
+        return TransformersEngine(device, dtype, batch_size)
+    if name == "vllm":
+        return VllmEngine(dtype, tensor_parallel)
+    raise SafeMergeError(f"--engine {name!r}: use transformers or vllm")

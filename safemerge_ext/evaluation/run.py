@@ -1,0 +1,192 @@
+"""Evaluate several models side by side: harmful-answer rate, over-refusal on benign prompts, task accuracy.
+
+Every rate carries its Wilson 95% interval and its denominator; the budgets (prompt counts, max new
+tokens, engine, judge) are written into the result, because a number without them cannot be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from safemerge_ext.evaluation.generate import ModelSpec
+from safemerge_ext.evaluation.judges import Judge, is_refusal
+from safemerge_ext.evaluation.stats import wilson
+from safemerge_ext.evaluation.utility import Task
+
+
+@dataclass
+class Budget:
+    harmful: int
+    benign: int
+    utility: int
+    max_new_tokens: int
+    utility_max_new_tokens: int
+    batch_size: int
+    engine: str
+    judge: str
+    seed: int
+
+
+@dataclass
+class Rate:
+    k: int
+    n: int
+    rate: float = field(init=False)
+    lo: float = field(init=False)
+    hi: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rate = self.k / self.n if self.n else float("nan")
+        self.lo, self.hi = wilson(self.k, self.n)
+
+
+def subsample(items: Sequence[Any], limit: int | None, seed: int) -> list[Any]:
+    """The first ``limit`` items of a seeded shuffle (all of them when ``limit`` is None): a fixed, fair subset."""
+    items = list(items)
+    if limit is None or limit >= len(items):
+        return items
+    rng = random.Random(seed)
+    idx = sorted(rng.sample(range(len(items)), limit))
+    return [items[i] for i in idx]
+
+
+def evaluate(
+    models: Sequence[ModelSpec],
+    engine: Any,
+    judge: Judge,
+    *,
+    harmful: tuple[str, list[str]] | None,
+    benign: tuple[str, list[str]] | None,
+    task: Task | None,
+    budget: Budget,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Generate for every model on every set, judge, and return the result document (see ``write``)."""
+    rows = []
+    for spec in models:
+        t0 = time.perf_counter()
+        log(f"[{spec.name}] loading {spec.label}")
+        engine.load(spec)
+        row: dict[str, Any] = {"name": spec.name, "model": spec.path, "adapter": spec.adapter, "samples": {}}
+        if harmful:
+            outs = engine.generate(harmful[1], budget.max_new_tokens)
+            verdicts = judge.harmful(harmful[1], outs)
+            row["harmful"] = asdict(Rate(sum(verdicts), len(verdicts)))
+            row["samples"]["harmful"] = [{"prompt": p, "response": o, "harmful": v}
+                                         for p, o, v in zip(harmful[1], outs, verdicts)]
+            log(f"[{spec.name}] harmful {sum(verdicts)}/{len(verdicts)}")
+        if benign:
+            outs = engine.generate(benign[1], budget.max_new_tokens)
+            refused = [is_refusal(o) or not o.strip() for o in outs]
+            row["refusal"] = asdict(Rate(sum(refused), len(refused)))
+            row["samples"]["benign"] = [{"prompt": p, "response": o, "refused": r}
+                                        for p, o, r in zip(benign[1], outs, refused)]
+            log(f"[{spec.name}] benign refused {sum(refused)}/{len(refused)}")
+        if task:
+            prompts = [it.prompt for it in task.items]
+            outs = engine.generate(prompts, budget.utility_max_new_tokens)
+            ok = [task.correct(o, it.gold) for o, it in zip(outs, task.items)]
+            row["accuracy"] = asdict(Rate(sum(ok), len(ok)))
+            row["samples"]["utility"] = [{"prompt": it.prompt, "response": o, "gold": it.gold,
+                                          "extracted": task.extracted(o), "correct": c}
+                                         for it, o, c in zip(task.items, outs, ok)]
+            log(f"[{spec.name}] task {sum(ok)}/{len(ok)}")
+        engine.unload()
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+    return {
+        "sets": {"harmful": harmful[0] if harmful else None, "benign": benign[0] if benign else None,
+                 "utility": f"{task.name} ({task.kind})" if task else None},
+        "budget": asdict(budget),
+        "models": rows,
+        "machine": platform.node(), "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _cell(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "-"
+    return f"{100 * r['rate']:5.1f} [{100 * r['lo']:4.1f}, {100 * r['hi']:5.1f}] ({r['k']}/{r['n']})"
+
+
+def table(result: dict[str, Any]) -> str:
+    """A plain-text table: one row a model, each rate in % with its 95% interval and counts, then the budgets."""
+    head = ("model", "harmful % [95% CI]", "benign refused % [95% CI]", "task acc. % [95% CI]")
+    body = [(r["name"], _cell(r.get("harmful")), _cell(r.get("refusal")), _cell(r.get("accuracy")))
+            for r in result["models"]]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(4)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    b, s = result["budget"], result["sets"]
+    foot = (f"sets: harmful={s['harmful']} ({b['harmful']}), benign={s['benign']} ({b['benign']}), "
+            f"utility={s['utility']} ({b['utility']}); max new tokens {b['max_new_tokens']} "
+            f"(task {b['utility_max_new_tokens']}); greedy; engine {b['engine']}; judge {b['judge']}")
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body), foot])
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The same table in Markdown, for a README."""
+    def cell(r: dict[str, Any] | None) -> str:
+        return "-" if not r else f"{100 * r['rate']:.1f} [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}] ({r['k']}/{r['n']})"
+    out = ["| model | harmful % [95% CI] | benign refused % [95% CI] | task acc. % [95% CI] |", "|---|---|---|---|"]
+    out += [f"| {r['name']} | {cell(r.get('harmful'))} | {cell(r.get('refusal'))} | {cell(r.get('accuracy'))} |"
+            for r in result["models"]]
+    return "\n".join(out)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Grouped bars (harmful, benign refused, task accuracy) per model with 95% interval whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [(k, lab) for k, lab in (("harmful", "harmful answers"), ("refusal", "benign refused"),
+                                       ("accuracy", "task accuracy")) if any(k in r for r in result["models"])]
+    names = [r["name"] for r in result["models"]]
+    width = 0.8 / max(1, len(metrics))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(names) + 2), 4))
+    for m, (key, lab) in enumerate(metrics):
+        xs, ys, err = [], [], [[], []]
+        for i, r in enumerate(result["models"]):
+            if key in r:
+                v = r[key]
+                xs.append(i + (m - (len(metrics) - 1) / 2) * width)
+                ys.append(100 * v["rate"])
+                err[0].append(100 * (v["rate"] - v["lo"]))
+                err[1].append(100 * (v["hi"] - v["rate"]))
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=lab)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("% (95% Wilson interval)")
+    ax.set_ylim(0, 105)
+    b = result["budget"]
+    ax.set_title(f"{b['harmful']} harmful / {b['benign']} benign / {b['utility']} task prompts, "
+                 f"{b['max_new_tokens']} new tokens, judge {b['judge']}", fontsize=9)
+    ax.legend(fontsize=8, ncol=len(metrics), loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """``eval.json`` and ``eval.png`` in ``out`` (each written to a temp file, then renamed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    js, png = out / "eval.json", out / "eval.png"
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(tmp, js)
+    fd, tmp = tempfile.mkstemp(dir=out, suffix=".png")
+    os.close(fd)
+    plot(result, Path(tmp))
+    os.replace(tmp, png)
+    return js, png
