@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean experiment experiment-retrain
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
+
+# Fine-tuning erodes safety, SafeMERGE restores it: SmolLM2-135M from PyPI, CPU only (examples/safety_effect).
+experiment: $(STAMP)
+	nice -n 10 $(BIN)/python examples/safety_effect/experiment.py
+
+experiment-retrain: $(STAMP)
+	nice -n 10 $(BIN)/python examples/safety_effect/experiment.py --retrain
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scoring.py --quick
