@@ -33,7 +33,7 @@ experiment: $(STAMP)
 	nice -n 10 $(BIN)/python examples/safety_effect/experiment.py
 
 experiment-retrain: $(STAMP)
-	nice -n 10 $(BIN)/python examples/safety_effect/experiment.py --retrain
+	nice -n 10 $(BIN)/python examples/safety_effect/experiment.py --retrain --fresh
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scoring.py --quick
