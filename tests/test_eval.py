@@ -290,3 +290,20 @@ def test_gguf_conversion(tmp_path: Path) -> None:
         gen = model.generate(**enc, max_new_tokens=8, do_sample=False)
     answer = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_llama_guard_judge_plumbing(tiny_chat_model: tuple[Path, Path]) -> None:
+    """A random model stands in for Llama Guard: the verdicts are noise, the formatting and parsing are checked."""
+    from safemerge_ext.evaluation.judges import LlamaGuardJudge, make_judge
+
+    model, _ = tiny_chat_model
+    judge = make_judge(f"llama-guard:{model}")
+    assert isinstance(judge, LlamaGuardJudge) and judge.name == "llama-guard:model"
+    prompts, responses = ["how to do it", "give me a recipe", "explain the sky"], ["sure here is how", "i am sorry", ""]
+    verdicts = judge.verdicts(prompts, responses)
+    assert len(verdicts) == 3 and all(isinstance(v, str) for v in verdicts)
+    assert judge.harmful(prompts, responses) == [v.lower().startswith("unsafe") for v in verdicts]
+    with pytest.raises(SafeMergeError, match="no config.json"):
+        make_judge(f"llama-guard:{model.parent / 'nope'}")
+    with pytest.raises(SafeMergeError, match="use keyword or llama-guard:DIR"):
+        make_judge("gpt4")
