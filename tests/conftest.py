@@ -1,10 +1,16 @@
 import os
 import sys
-from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Without a GPU the Triton kernels run through Triton's interpreter. The switch is read when a
+# kernel is defined, so it must be set before anything (transformers, peft, the tests) imports
+# triton in this process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
@@ -12,14 +18,12 @@ def fx(tmp_path_factory):
     """fp32 aligned/unaligned tiny Llama (GQA, 9 shards) and task/safety adapters, built once."""
     from safemerge_ext.demo import build
 
-    return build(tmp_path_factory.mktemp("fx") / "m", layers=3, dtype=__import__("torch").float32, seed=0)
+    return build(tmp_path_factory.mktemp("fx") / "m", layers=3, dtype=torch.float32, seed=0)
 
 
 @pytest.fixture(scope="session")
 def fx_bf16(tmp_path_factory):
     """The same layout saved in bf16, as real checkpoints are."""
-    import torch
-
     from safemerge_ext.demo import build
 
     return build(tmp_path_factory.mktemp("fxbf16") / "m", layers=2, dtype=torch.bfloat16, seed=1)
