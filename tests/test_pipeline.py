@@ -16,11 +16,19 @@ import torch
 from safetensors.torch import load_file
 
 from numerics import assert_close, ref_cosine, ref_project
-from safemerge_ext import ops
+from safemerge_ext import backends, ops
 from safemerge_ext.cli import main
 from weights import load_adapter, load_model
 
-BACKENDS = [n for n, why in ops.available_backends().items() if why is None]
+def _runs_on_cpu(name: str) -> bool:
+    try:
+        backends.resolve(name, "cpu")
+        return True
+    except ValueError:
+        return False
+
+
+BACKENDS = [n for n in backends.NAMES if _runs_on_cpu(n)]
 
 
 def refs(fx) -> dict[str, float]:
