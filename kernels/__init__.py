@@ -3,12 +3,19 @@
 Implements the backend contract of ``safemerge_ext.reference`` (``lowrank_passes``,
 ``fullrank_sums``, ``project_full``) with one file per op: ``lowrank`` (T = V^T B, P = V T,
 ||V||^2) and ``fullrank`` (M = V^T dW, N = V M and their norms). Importing this package imports
-neither triton nor CUDA; the op modules are imported on first use, and ``unavailable_reason``
-says why the backend cannot run here. The kernels run on CUDA tensors, or on CPU tensors through
+neither triton nor CUDA; the op modules (and triton) are imported on first use, and
+``unavailable_reason`` says why the backend cannot run here without importing triton either:
+importing triton decorates its own jit helpers in the interpreter mode of that moment, for the
+whole process, so a probe must not fix that mode before the caller sets TRITON_INTERPRET. The kernels run on CUDA tensors, or on CPU tensors through
 triton's interpreter when ``TRITON_INTERPRET=1`` is set before the first op runs.
 """
 
 from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import sys
+from types import ModuleType
 
 import torch
 
@@ -17,14 +24,27 @@ NAME = "triton"
 __all__ = ["NAME", "fullrank_sums", "lowrank_passes", "project_full", "unavailable_reason"]
 
 
-def unavailable_reason() -> str | None:
-    """None when the kernels can run here, else one line saying why not."""
+_MIN_TRITON = (3, 0)
+
+
+def _triton_version() -> tuple[int, int] | None:
+    """triton's (major, minor) if it is installed, else None; imports nothing."""
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        if sys.modules.get("triton", False) is None or importlib.util.find_spec("triton") is None:
+            return None
+        parts = importlib.metadata.version("triton").split(".")[:2]
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (ImportError, ValueError, importlib.metadata.PackageNotFoundError):
+        return None
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels can run here, else one line saying why not (triton is not imported)."""
+    version = _triton_version()
+    if version is None:
         return "triton is not installed (pip install 'safemerge-ext[triton]')"
-    except Exception as exc:  # a broken install is a reason, not a crash
-        return f"triton failed to import: {type(exc).__name__}: {exc}"
+    if version < _MIN_TRITON:
+        return f"triton {version[0]}.{version[1]} is too old: the kernels need triton >= 3.0"
     from ._launch import interpret_enabled
 
     if interpret_enabled() or torch.cuda.is_available():
@@ -32,22 +52,30 @@ def unavailable_reason() -> str | None:
     return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU through the interpreter)"
 
 
-def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """T = V^T B (d_in x r, fp32), P = V T (d_out x r, fp32), ||V||^2 (float64 sum)."""
-    from .lowrank import lowrank_passes as run
-
-    return run(wa, wu, lora_B)
-
-
-def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float, float]:
-    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 (float64 sums), never forming V, dW or C."""
-    from .fullrank import fullrank_sums as run
-
-    return run(wa, wu, delta)
+def _op(name: str) -> ModuleType:
+    """Import an op module (and triton with it); a broken triton install becomes one clear line."""
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ImportError as exc:
+        raise RuntimeError(f"triton backend: triton failed to import: {type(exc).__name__}: {exc}") from exc
 
 
-def project_full(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, float]:
+def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor, **tiles) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """T = V^T B (d_in x r, fp32), P = V T (d_out x r, fp32), ||V||^2 (float64 sum).
+
+    Optional keywords (block_m, block_n, block_k, split, precision) go to ``lowrank.lowrank_passes``.
+    """
+    return _op("lowrank").lowrank_passes(wa, wu, lora_B, **tiles)
+
+
+def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, **tiles) -> tuple[float, float, float, float]:
+    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 (float64 sums), never forming V, dW or C.
+
+    Optional keywords (block_m, block_n, block_k, panel, precision) go to ``fullrank.fullrank_sums``.
+    """
+    return _op("fullrank").fullrank_sums(wa, wu, delta, **tiles)
+
+
+def project_full(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, **tiles) -> tuple[torch.Tensor, float]:
     """N = V (V^T dW) in fp32 and ||V||^2; the caller divides N by ||V|| to get C dW."""
-    from .fullrank import project_full as run
-
-    return run(wa, wu, delta)
+    return _op("fullrank").project_full(wa, wu, delta, **tiles)

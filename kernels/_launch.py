@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 
@@ -22,13 +23,16 @@ MAX_RANK_TILE = 256
 
 
 def interpret_enabled() -> bool:
-    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    try:
-        import triton
+    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).
 
-        return bool(triton.knobs.runtime.interpret)
-    except (ImportError, AttributeError):  # triton < 3.4 has no knobs: read the variable itself
-        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+    Never imports triton: importing it fixes the interpreter mode of triton's own jit helpers for
+    the whole process, which must stay the caller's choice. Once triton is imported its knob is
+    read (it also sees values set in code); before, the variable, parsed as triton parses it.
+    """
+    knobs = getattr(sys.modules.get("triton"), "knobs", None)  # triton < 3.4 has no knobs
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 def is_interpreted(kernel: object) -> bool:

@@ -1,8 +1,11 @@
 """The Triton backend (safemerge_ext.kernels) against float64 references.
 
-Without a CUDA device the kernels run on CPU tensors through triton's interpreter: the variable is
-set here, before anything imports triton (triton reads it when a kernel is decorated). With a
-GPU the same small cases run compiled on it, and the `gpu` tests add Llama-sized shapes.
+Without a CUDA device the kernels run on CPU tensors through triton's interpreter: TRITON_INTERPRET
+is set here before anything imports triton (triton reads it when a kernel is decorated), the kernel
+modules are imported, and the variable is put back as it was; every test here sets it again for its
+own duration (the interpreter reads it at launch too). So the rest of a one-process suite sees the
+backend as this machine offers it, not as this module needs it. With a GPU the same small cases run compiled on it, and the `gpu`
+tests add Llama-sized shapes.
 
 Every input dtype is widened exactly to fp32 before the subtraction and all products accumulate
 in fp32, so one fp32-accumulation tolerance (relative to the largest reference value) serves
@@ -18,23 +21,31 @@ import zlib
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 
-pytest.importorskip("triton")
-
-import safemerge_ext.kernels as tk  # noqa: E402
 from numerics import DTYPES, assert_close, ref_cosine, ref_project  # noqa: E402
 from safemerge_ext import backends, ops  # noqa: E402
 
-if tk.unavailable_reason() is not None:
-    pytest.skip(f"triton backend unavailable: {tk.unavailable_reason()}", allow_module_level=True)
+_ENV = "TRITON_INTERPRET"
+_saved_env = os.environ.get(_ENV)
+if not torch.cuda.is_available():
+    os.environ.setdefault(_ENV, "1")
+try:
+    pytest.importorskip("triton")
+    import safemerge_ext.kernels as tk
 
-from safemerge_ext.kernels import _launch, fullrank, lowrank  # noqa: E402
+    REASON = tk.unavailable_reason()
+    if REASON is None:  # decorate the kernels now, in the mode chosen above
+        from safemerge_ext.kernels import _launch, fullrank, lowrank
+finally:
+    if _saved_env is None:
+        os.environ.pop(_ENV, None)
+    else:
+        os.environ[_ENV] = _saved_env
+if REASON is not None:
+    pytest.skip(f"triton backend unavailable: {REASON}", allow_module_level=True)
 
-INTERPRETED = _launch.interpret_enabled()
+INTERPRETED = _launch.is_interpreted(lowrank._vt_b_kernel)
 DEVICE = "cpu" if INTERPRETED else "cuda"
 TOL = 2e-5  # fp32 accumulation over <= 200 terms, relative to the largest reference value
 COS_TOL = 1e-5
@@ -69,6 +80,13 @@ def _rel(actual: float, expected: float, what: str, tol: float = TOL) -> None:
     assert abs(actual - expected) <= tol * abs(expected), f"{what}: got {actual!r}, want {expected!r}"
 
 
+@pytest.fixture(autouse=True)
+def interpreter_env(monkeypatch):
+    """TRITON_INTERPRET=1 again for each test here when the kernels run in the interpreter."""
+    if INTERPRETED:
+        monkeypatch.setenv(_ENV, "1")
+
+
 @pytest.fixture
 def triton_registry(monkeypatch):
     """Let the registry hand out the Triton backend for DEVICE tensors (it lists only cuda today)."""
@@ -92,6 +110,8 @@ def test_import_needs_neither_triton_nor_cuda():
     code = (
         "import sys, torch, safemerge_ext.kernels as k\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
+        "k.unavailable_reason()\n"
+        "assert 'triton' not in sys.modules, 'triton imported by the probe'\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
         "assert callable(k.lowrank_passes) and k.NAME == 'triton'\n"
     )
@@ -105,6 +125,8 @@ def test_unavailable_reasons(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     reason = tk.unavailable_reason()
     assert reason is not None and reason.startswith("no CUDA device") and "TRITON_INTERPRET=1" in reason
+    monkeypatch.setattr(tk.importlib.metadata, "version", lambda name: "2.3.1")
+    assert tk.unavailable_reason() == "triton 2.3 is too old: the kernels need triton >= 3.0"
     monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
     assert tk.unavailable_reason().startswith("triton is not installed")
 
