@@ -102,6 +102,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model = model.to(getattr(torch, dtype))
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model folder
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if out.exists():
