@@ -50,6 +50,8 @@ def check_inputs(kernel: object, precision: str, **tensors: torch.Tensor) -> tor
     for name, t in tensors.items():
         if t.dim() != 2:
             raise ValueError(f"triton backend: {name} must be 2-D; got shape {tuple(t.shape)}")
+        if t.numel() == 0:
+            raise ValueError(f"triton backend: {name} is empty (shape {tuple(t.shape)}): nothing to score")
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"triton backend: {name} must be fp32, fp16, bf16 or fp64; got {t.dtype}")
     if precision not in PRECISIONS:

@@ -307,7 +307,8 @@ def test_nonfinite_inputs_surface(triton_registry):
     (lambda wa, wu, B: lowrank.lowrank_passes(wa, wu.to(torch.int32), B), "fp32, fp16, bf16"),
     (lambda wa, wu, B: fullrank.fullrank_sums(wa, wu, B), "one shape"),
     (lambda wa, wu, B: fullrank.project_full(wa, wu, wa, panel=0), "panel"),
-], ids=["block", "precision", "shape", "lora_B", "dtype", "delta-shape", "panel"])
+    (lambda wa, wu, B: fullrank.fullrank_sums(wa[:, :0], wu[:, :0], wa[:, :0]), "empty"),
+], ids=["block", "precision", "shape", "lora_B", "dtype", "delta-shape", "panel", "empty"])
 def test_bad_input_is_one_clear_line(call, match):
     wa, wu, g = _layer(64, 48, torch.float32, _seed("bad"))
     B = torch.randn(64, 4, generator=g).to(DEVICE)
