@@ -21,12 +21,20 @@ ENV_VAR = "SAFEMERGE_BACKEND"
 class BackendSpec:
     name: str
     module: str  # import path of the module that implements the contract
-    devices: tuple[str, ...]  # torch device types it runs on
+    devices: tuple[str, ...]  # torch device types `auto` uses it on
+    # Triton's interpreter runs the kernels on CPU tensors (slowly): allowed when asked for by name.
+    interpreted_on_cpu: bool = False
+
+    def runs_on(self, device_type: str, explicit: bool) -> bool:
+        if device_type in self.devices:
+            return True
+        return (explicit and device_type == "cpu" and self.interpreted_on_cpu
+                and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
 # Order is the `auto` preference on each device type.
 _SPECS: tuple[BackendSpec, ...] = (
-    BackendSpec("triton", "safemerge_ext.kernels", ("cuda",)),
+    BackendSpec("triton", "safemerge_ext.kernels", ("cuda",), interpreted_on_cpu=True),
     BackendSpec("cuda", "safemerge_ext.cuda_backend", ("cuda",)),
     BackendSpec("cpp", "safemerge_ext.cpp_backend", ("cpu",)),
     BackendSpec("torch", "safemerge_ext.reference", ("cpu", "cuda", "mps", "xpu", "meta")),
@@ -70,7 +78,7 @@ def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:
         spec = next((s for s in _SPECS if s.name == requested), None)
         if spec is None:
             raise ValueError(f"backend must be one of auto, {', '.join(NAMES)}; got {requested!r}")
-        if device_type not in spec.devices:
+        if not spec.runs_on(device_type, explicit=True):
             raise ValueError(
                 f"backend {requested!r} runs on {'/'.join(spec.devices)} tensors, not {device_type}: "
                 f"use --device {spec.devices[0]} or another backend ({', '.join(NAMES)})"
@@ -83,7 +91,7 @@ def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:
             )
         return spec.name, got
     for spec in _SPECS:
-        if device_type in spec.devices:
+        if spec.runs_on(device_type, explicit=False):
             got = _load(spec)
             if not isinstance(got, str):
                 return spec.name, got

@@ -234,6 +234,6 @@ def test_interrupted_write_leaves_nothing(fx, tmp_path, monkeypatch):
 
 def test_unavailable_backend_is_one_line(fx, tmp_path, capsys):
     code = main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
-                 "--backend", "triton", "--no-progress"])
+                 "--backend", "cuda", "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err and "triton" in err
+    assert code == 2 and "\n" not in err and "'cuda'" in err

@@ -84,6 +84,13 @@ def test_backend_registry(monkeypatch):
         backends.resolve("cuda", "cpu")
     name, _ = backends.resolve("auto", "cpu")
     assert name == ("cpp" if avail["cpp"] is None else "torch")
+    if avail["triton"] is None:  # the interpreter: by name only, never picked by auto on the CPU
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert backends.resolve("triton", "cpu")[0] == "triton"
+        assert backends.resolve("auto", "cpu")[0] != "triton"
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="runs on cuda"):
+            backends.resolve("triton", "cpu")
     monkeypatch.setenv("SAFEMERGE_BACKEND", "torch")
     assert backends.resolve("auto", "cpu")[0] == "torch"
 
