@@ -307,3 +307,10 @@ def test_llama_guard_judge_plumbing(tiny_chat_model: tuple[Path, Path]) -> None:
         make_judge(f"llama-guard:{model.parent / 'nope'}")
     with pytest.raises(SafeMergeError, match="use keyword or llama-guard:DIR"):
         make_judge("gpt4")
+
+
+def test_wilson_contains_the_rate() -> None:
+    for n in (1, 3, 7, 30, 101, 500):
+        for k in range(n + 1):
+            lo, hi = wilson(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)

@@ -162,8 +162,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 v = r[key]
                 xs.append(i + (m - (len(metrics) - 1) / 2) * width)
                 ys.append(100 * v["rate"])
-                err[0].append(100 * (v["rate"] - v["lo"]))
-                err[1].append(100 * (v["hi"] - v["rate"]))
+                err[0].append(max(0.0, 100 * (v["rate"] - v["lo"])))
+                err[1].append(max(0.0, 100 * (v["hi"] - v["rate"])))
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=lab)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("% (95% Wilson interval)")

@@ -19,4 +19,5 @@ def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float,
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # clamp: rounding can put an end a hair past p when p is 0 or 1
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
