@@ -4,7 +4,8 @@ Every contender runs in its own child process (so peak RSS is its own), in one r
 files (see make_synthetic.py), after one warm-up read so every contender sees the same page cache:
 
 - ``floor``: read exactly the tensors the adapter pipeline needs (target weights of both models,
-  both adapters) one at a time with safetensors ``safe_open``: the read floor.
+  both adapters) one at a time with safetensors ``safe_open``, each copied once into private
+  memory (``get_tensor`` alone maps the file lazily and reads nothing): the read floor.
 - ``copy-floor``: read every aligned tensor and the unaligned targets, write the aligned shards
   with safetensors ``save_file``: the floor for full-model output.
 - ``safemerge-adapter[-backend]`` / ``safemerge-model``: ``safemerge_ext.pipeline.merge``.
@@ -95,7 +96,7 @@ def run_floor(data: Path, adapters: str, out: Path, **_) -> dict:
     for model in ("aligned", "unaligned"):
         get, _, _ = _open(data / model)
         for n in names:
-            t = get(n)
+            t = get(n).clone()
             nbytes += t.numel() * t.element_size()
     for ad in ads:
         with safe_open(ad / "adapter_model.safetensors", "pt") as f:
@@ -114,7 +115,7 @@ def run_copy_floor(data: Path, adapters: str, out: Path, **_) -> dict:
     nbytes = 0
     getu, _, _ = _open(data / "unaligned")
     for n in names:
-        t = getu(n)
+        t = getu(n).clone()
         nbytes += t.numel() * t.element_size()
     out.mkdir(parents=True)
     _, files, _ = _open(data / "aligned")

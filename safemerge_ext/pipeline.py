@@ -25,7 +25,16 @@ from safemerge_ext.io.adapters import LoraAdapter, LoraModule, OutModule, read_a
 from safemerge_ext.io.model_writer import write_model
 from safemerge_ext.io.models import ModelReader, natural_key
 from safemerge_ext.io.output import check_out, staged_dir
-from safemerge_ext.report import REPORT_JSON, REPORT_PNG, LayerRecord, build_report, plot, summary_table, write_json
+from safemerge_ext.report import (
+    REPORT_JSON,
+    REPORT_PNG,
+    LayerRecord,
+    build_report,
+    plot,
+    preload_plotting,
+    summary_table,
+    write_json,
+)
 from safemerge_ext.selection import Selection
 
 OUTPUTS = ("adapter", "model")
@@ -294,6 +303,8 @@ def score(
     selection = Selection(threshold=threshold)
     task = read_adapter(adapter, "--adapter")
     run = open_run(aligned, unaligned, task, device=device, backend=backend)
+    if plot_path:
+        preload_plotting()
     scores = score_layers(run, progress=progress)
     flags = selection.flag([s.cosine for s in scores])
     settings = {"aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
@@ -340,6 +351,7 @@ def merge(
     task = read_adapter(task_adapter, "--task-adapter")
     safety = read_adapter(safety_adapter, "--safety-adapter")
     run = open_run(aligned, unaligned, task, safety, device=device, backend=backend)
+    preload_plotting()
     scores = score_layers(run, progress=progress)
     flags = settings.selection.flag([s.cosine for s in scores])
     records = _records(run, scores, flags, "merged")
@@ -412,6 +424,7 @@ def project(
     check_out(out, force)
     task = read_adapter(adapter, "--adapter")
     run = open_run(aligned, unaligned, task, device=device, backend=backend)
+    preload_plotting()
     scores = score_layers(run, progress=progress, with_projection=True)
     flags = selection.flag([s.cosine for s in scores])
     records = _records(run, scores, flags, "projected")

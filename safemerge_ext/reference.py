@@ -40,7 +40,7 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> 
         i1 = min(i0 + _ROW_BLOCK, d_out)
         V = _v_block(wa, wu, i0, i1)
         T.addmm_(V.t(), B[i0:i1])
-        vsq += V.double().square().sum()
+        vsq += V.square().sum(dtype=torch.float64)
     P = torch.empty(d_out, B.shape[1], dtype=torch.float32, device=wa.device)
     for i0 in range(0, d_out, _ROW_BLOCK):
         i1 = min(i0 + _ROW_BLOCK, d_out)
@@ -63,16 +63,16 @@ def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tu
     """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 in float64 sums over column blocks."""
     m2 = n2 = d2 = 0.0
     for _, D, M, N in _vt_v_dw_blocks(wa, wu, delta):
-        m2 += float(M.double().square().sum())
-        n2 += float(N.double().square().sum())
-        d2 += float(D.double().square().sum())
+        m2 += float(M.square().sum(dtype=torch.float64))
+        n2 += float(N.square().sum(dtype=torch.float64))
+        d2 += float(D.square().sum(dtype=torch.float64))
     return m2, n2, d2, _vsq(wa, wu)
 
 
 def _vsq(wa: torch.Tensor, wu: torch.Tensor) -> float:
     total = 0.0
     for i0 in range(0, wa.shape[0], _ROW_BLOCK):
-        total += float(_v_block(wa, wu, i0, min(i0 + _ROW_BLOCK, wa.shape[0])).double().square().sum())
+        total += float(_v_block(wa, wu, i0, min(i0 + _ROW_BLOCK, wa.shape[0])).square().sum(dtype=torch.float64))
     return total
 
 

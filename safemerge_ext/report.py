@@ -17,6 +17,7 @@ import json
 import math
 import os
 import statistics
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,17 +97,34 @@ def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
-def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """Cosine per layer in model order, the threshold line, flagged layers marked."""
-    import matplotlib
+def preload_plotting() -> threading.Thread:
+    """Import matplotlib's Agg figure machinery in the background (about half a second) while
+    the caller reads and scores layers, so that :func:`plot` at the end only renders."""
+    t = threading.Thread(target=_import_agg, name="safemerge-matplotlib", daemon=True)
+    t.start()
+    return t
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _import_agg():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return Figure, FigureCanvasAgg
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    """Cosine per layer in model order, the threshold line, flagged layers marked.
+
+    Uses a bare Agg Figure (no pyplot state), so it is safe in any thread and needs no display.
+    """
+    Figure, FigureCanvasAgg = _import_agg()
 
     layers = report["layers"]
     xs = list(range(len(layers)))
     ys = [float("nan") if r["cosine"] is None else r["cosine"] for r in layers]
-    fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, 0.12 * len(layers) + 4)), 4.0), dpi=110)
+    fig = Figure(figsize=(max(6.0, min(24.0, 0.12 * len(layers) + 4)), 4.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot(xs, ys, "-", color="0.75", lw=0.8, zorder=1)
     kept = [(x, y) for x, y, r in zip(xs, ys, layers) if not r["flagged"]]
     flagged = [(x, y) for x, y, r in zip(xs, ys, layers) if r["flagged"]]
@@ -129,7 +147,6 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _short(module: str) -> str:
