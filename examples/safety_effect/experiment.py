@@ -37,7 +37,7 @@ SEED = 0
 TRAIN = {  # name: (steps, batch, learning rate)
     "alignment": (32, 8, 2e-3),
     "task": (24, 8, 2e-3),
-    "safety": (16, 8, 1e-3),
+    "safety": (24, 8, 2e-3),
 }
 MAX_LEN = 112
 EVAL = {"harmful": 30, "benign": 16, "utility": 24, "max_new_tokens": 24, "utility_max_new_tokens": 40, "batch": 16}
@@ -64,7 +64,7 @@ def make_data() -> None:
 
     split = synthetic.harmful_split(SEED)
     write_jsonl(DATA / "alignment_refusals.jsonl",
-                synthetic.refusal_pairs(synthetic.harmful_prompts(split["align"], 4, seed=11), seed=12))
+                synthetic.refusal_pairs(synthetic.harmful_prompts(split["align"], 2, seed=11), seed=12))
     write_jsonl(DATA / "safety_refusals.jsonl",
                 synthetic.refusal_pairs(synthetic.harmful_prompts(split["safety"], 4, seed=21), seed=22))
     (DATA / "harmful_test.txt").write_text("\n".join(synthetic.harmful_prompts(split["test"], 2, seed=31)) + "\n")
@@ -74,16 +74,21 @@ def make_data() -> None:
     task = synthetic.task_split(SEED)
     write_jsonl(DATA / "task_train.jsonl", task["train"])
     write_jsonl(DATA / "task_test.jsonl", task["test"])
+    seen = {p["question"] for p in task["train"] + task["test"]}
+    general = [p["question"] for p in synthetic.word_problems(80, seed=SEED + 100) if p["question"] not in seen][:24]
+    (DATA / "general_math.txt").write_text("\n".join(f"{q}\n{GSM8K_INSTRUCTION}".replace("\n", " ") for q in general) + "\n")
     (DATA / "INSTRUCTION.txt").write_text(GSM8K_INSTRUCTION + "\n")
 
 
 def distill_benign(model_dir: Path) -> None:
-    """Answers of the unaligned model to the benign training prompts, cut at the last full sentence: they keep
-    the alignment LoRA from learning 'refuse everything'."""
+    """Answers of the unaligned model to the benign training prompts and to some word problems (not the task's
+    train or test ones), cut at the last full sentence: they keep the alignment LoRA from learning 'refuse
+    everything' (a first run without them gave an aligned model that refused most benign prompts)."""
     from safemerge_ext.evaluation.generate import make_engine, parse_model
 
-    prompts = [p for p in (DATA / "benign_train.txt").read_text().splitlines() if p]
-    eng = make_engine("transformers", batch_size=12)
+    prompts = [p for f in ("benign_train.txt", "general_math.txt")
+               for p in (DATA / f).read_text().splitlines() if p]
+    eng = make_engine("transformers", batch_size=16)
     eng.load(parse_model(f"unaligned={model_dir}"))
     outs = eng.generate(prompts, 48)
     recs = []
@@ -143,6 +148,7 @@ def train_lora(base: Path, records: list[dict], out: Path, name: str) -> None:
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out)
+    (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
 
 
 def merge_into(base: Path, adapter: Path, out: Path) -> None:
@@ -184,9 +190,12 @@ def variants(work: Path) -> dict[str, str]:
         f"  - model: {unaligned}\n    parameters: {{role: unaligned}}\n"
         f"parameters: {{beta: {BETA}, density: 1.0, seed: {SEED}}}\n"
         "dtype: float32\n")
+    shutil.rmtree(work / "lora-cache", ignore_errors=True)  # mergekit keys its cache by path: never reuse a stale merge
     exe = Path(sys.executable).with_name("safemerge-yaml")
-    subprocess.run([str(exe), str(recipe), str(v / "resta"), "--force", "--lora-merge-cache", str(work / "lora-cache")],
-                   check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.run([str(exe), str(recipe), str(v / "resta"), "--force", "--lora-merge-cache",
+                           str(work / "lora-cache")], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"RESTA merge failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     return {
         "unaligned": str(unaligned), "aligned": str(aligned), "fine-tuned": f"{aligned}+{task}",
         "safe-lora": f"{aligned}+{v / 'safe-lora'}", "resta": str(v / "resta"),
@@ -256,7 +265,7 @@ def main() -> int:
         train_lora(aligned, [{"prompt": f"{r['question']}\n{GSM8K_INSTRUCTION}", "response": r["answer"]}
                              for r in read_jsonl(DATA / "task_train.jsonl")], ADAPTERS / "task", "task")
         log("training the safety LoRA (other harmful intents + benign answers)")
-        train_lora(aligned, read_jsonl(DATA / "safety_refusals.jsonl") + read_jsonl(DATA / "benign_distilled.jsonl")[:12],
+        train_lora(aligned, read_jsonl(DATA / "safety_refusals.jsonl") + read_jsonl(DATA / "benign_distilled.jsonl")[:24],
                    ADAPTERS / "safety", "safety")
         timings["train_task_safety_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
