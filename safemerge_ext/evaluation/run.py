@@ -181,12 +181,14 @@ def write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """``eval.json`` and ``eval.png`` in ``out`` (each written to a temp file, then renamed)."""
     out.mkdir(parents=True, exist_ok=True)
     js, png = out / "eval.json", out / "eval.png"
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(tmp, js)
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".png")
-    os.close(fd)
-    plot(result, Path(tmp))
-    os.replace(tmp, png)
+    for dest, fill in ((js, lambda p: p.write_text(json.dumps(result, indent=1))), (png, lambda p: plot(result, p))):
+        fd, name = tempfile.mkstemp(dir=out, prefix=f".{dest.name}.", suffix=dest.suffix)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            fill(tmp)
+            tmp.chmod(0o644)  # mkstemp files are private; results are meant to be shared
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
     return js, png
