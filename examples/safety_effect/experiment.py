@@ -149,6 +149,9 @@ def train_lora(base: Path, records: list[dict], out: Path, name: str) -> None:
         shutil.rmtree(out)
     model.save_pretrained(out)
     (out / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    cfg = json.loads((out / "adapter_config.json").read_text())  # no paths of this machine in committed files
+    cfg["base_model_name_or_path"] = os.path.relpath(base, HERE)
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def merge_into(base: Path, adapter: Path, out: Path) -> None:
