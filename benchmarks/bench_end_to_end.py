@@ -239,7 +239,19 @@ def child(name: str, opts: dict) -> None:
 # --- parent -------------------------------------------------------------------------------------
 
 
-def spawn(name: str, opts: dict, timeout: float) -> dict:
+def drop_caches() -> bool:
+    """Empty the page cache (root only) so that every contender reads from the disk."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def spawn(name: str, opts: dict, timeout: float, cold: bool = False) -> dict:
+    if cold and not drop_caches():
+        raise SystemExit("--cold needs permission to write /proc/sys/vm/drop_caches (run as root)")
     t0 = time.perf_counter()
     base_cmd = [sys.executable, "-c", "pass"]
     subprocess.run(base_cmd)  # warm the interpreter files
@@ -280,6 +292,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(HERE / "data"))
     ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (e.g. reference mergekit)")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before every contender (root): disk-bound figures instead of warm-cache ones")
     ap.add_argument("--json", help="write results here (default: benchmarks/results/e2e-<shape>-<host>-<date>.json)")
     args = ap.parse_args()
     if args.child:
@@ -299,12 +313,13 @@ def main() -> None:
     names = [n for n in names if n.split(":")[0] not in args.skip]
     rows = []
     try:
-        spawn("floor", {"data": str(data), "adapters": args.adapters, "out": str(tmp / "warm")}, args.timeout)  # warm-up
+        if not args.cold:  # one warm-up read so every contender sees the same (warm) page cache
+            spawn("floor", {"data": str(data), "adapters": args.adapters, "out": str(tmp / "warm")}, args.timeout)
         for i, name in enumerate(names):
             opts = {"data": str(data), "adapters": args.adapters, "out": str(tmp / f"o{i}"),
                     "backend": name.split(":")[1] if ":" in name else "auto"}
             print(f"running {name} ...", flush=True)
-            rows.append(spawn(name, opts, args.timeout))
+            rows.append(spawn(name, opts, args.timeout, cold=args.cold))
             shutil.rmtree(tmp / f"o{i}", ignore_errors=True)
             shutil.rmtree(tmp / f"o{i}-lora-cache", ignore_errors=True)
     finally:
@@ -325,11 +340,11 @@ def main() -> None:
         if "time_s" in ref and r["name"] != "reference":
             r["x_ref_time"] = ref["time_s"] / r["time_s"]
             r["x_ref_mem"] = ref["peak_rss_mb"] / r["peak_rss_mb"]
-    meta = {"shape": args.shape, "adapters": args.adapters, "host": socket.gethostname(), "machine": machine(),
+    meta = {"shape": args.shape, "adapters": args.adapters, "cache": "cold" if args.cold else "warm", "host": socket.gethostname(), "machine": machine(),
             "date": dt.date.today().isoformat(), "git_sha": git_sha(), "python": platform.python_version(),
             "interpreter": base}
     print(table(rows, meta))
-    out = Path(args.json) if args.json else HERE / "results" / f"e2e-{args.shape}-{args.adapters}-{meta['date']}.json"
+    out = Path(args.json) if args.json else HERE / "results" / f"e2e-{args.shape}-{args.adapters}-{meta['cache']}-{meta['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
@@ -345,7 +360,7 @@ def machine() -> str:
 
 def table(rows: list[dict], meta: dict) -> str:
     cols = ["name", "time_s", "import_s", "gbps", "x_floor", "peak_rss_mb", "rss_over_base_mb", "x_ref_time", "x_ref_mem", "flagged"]
-    head = (f"shape={meta['shape']} adapters={meta['adapters']} machine={meta['machine']} date={meta['date']} "
+    head = (f"shape={meta['shape']} adapters={meta['adapters']} page-cache={meta['cache']} machine={meta['machine']} date={meta['date']} "
             f"sha={meta['git_sha']} interpreter: start {meta['interpreter']['start_s']:.2f} s, "
             f"rss {meta['interpreter']['rss_mb']:.0f} MB")
 
