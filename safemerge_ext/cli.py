@@ -56,7 +56,7 @@ def _unit_float(name: str, lo: float, hi: float, lo_open: bool = False):
     return parse
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=_unit_float("--threshold", -1, 1),
                    help="flag layers with cosine < threshold (default: 0.35)")
-    g.add_argument("--num-layers", type=_positive_int, metavar="K", help="flag the K layers with the lowest cosine")
+    g.add_argument("--num-layers", type=positive_int, metavar="K", help="flag the K layers with the lowest cosine")
     g.add_argument("--fraction", type=_unit_float("--fraction", 0, 1, lo_open=True), metavar="F",
                    help="flag the lowest ceil(F x n) of the n scored layers")
     p.add_argument("--alpha", type=_unit_float("--alpha", 0, 1), default=0.8,
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=_unit_float("--threshold", -1, 1),
                    help="project layers with cosine <= threshold (default: 0.5)")
-    g.add_argument("--num-layers", type=_positive_int, metavar="K", help="project the K layers with the lowest cosine")
+    g.add_argument("--num-layers", type=positive_int, metavar="K", help="project the K layers with the lowest cosine")
     _add_runtime(p)
 
     p = sub.add_parser("backends", help="list the scoring backends and why any is unavailable",

@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -170,6 +171,37 @@ def _record(
                           "layer": rec.to_json()})
 
 
+@dataclass
+class _Scored:
+    """One 2-D weight scored for safemerge / safelora: fp32 inputs, dW_f, its score, the clock."""
+
+    name: str
+    task: torch.Tensor
+    wd: torch.dtype
+    wa: torch.Tensor
+    wu: torch.Tensor
+    dW: torch.Tensor
+    score: ops.Score
+    band: float | None
+    start: float
+
+    @classmethod
+    def of(cls, group: TensorGroup, t: dict[str, torch.Tensor]) -> "_Scored":
+        start = time.perf_counter()
+        task = t["task"]
+        name, wd = group.metadata.name or "?", _work_dtype(task)
+        wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
+        dW = task.to(wd) - wa
+        score = _score(name, wa, wu, dW)
+        return cls(name, task, wd, wa, wu, dW, score, _rounding_band(task.dtype, task, wa, score.delta_norm), start)
+
+    def record(self, method: str, group: TensorGroup, flagged: bool, action: str, settings: dict[str, Any],
+               report_path: str) -> None:
+        _record(method, group, self.score, flagged=flagged, action=action, settings=settings,
+                src_dtype=self.task.dtype, band=self.band, elapsed=time.perf_counter() - self.start,
+                nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path)
+
+
 # ---------------------------------------------------------------------------------------------
 # the three methods
 
@@ -192,27 +224,18 @@ def safemerge_method(
 ) -> torch.Tensor:
     """Flag a weight when cos(C dW_f, dW_f) < threshold; flagged: W_a + merge(alpha dW_f, (1-alpha) dW_s)."""
     t = _roles(group, role, "safemerge")
-    task = t["task"]
-    if not _scorable(group, task):
-        return task
-    start = time.perf_counter()
-    name, wd = group.metadata.name or "?", _work_dtype(task)
-    wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
-    dW = task.to(wd) - wa
-    score = _score(name, wa, wu, dW)
-    del wu
-    flagged = not math.isnan(score.cosine) and score.cosine < threshold
-    band = _rounding_band(task.dtype, task, wa, score.delta_norm)
-    out = task
+    if not _scorable(group, t["task"]):
+        return t["task"]
+    s = _Scored.of(group, t)
+    flagged = not math.isnan(s.score.cosine) and s.score.cosine < threshold
+    out = s.task
     if flagged:
-        dWs = t["safety"].to(wd) - wa
-        merged = combine_full(dW, dWs, alpha=alpha, method=merge, density=density, seed=seed, module=_module(name))
-        del dWs, dW
-        out = (wa + merged.to(wd)).to(task.dtype)
-    settings = {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed}
-    _record("safemerge", group, score, flagged=flagged, action="merged" if flagged else "kept", settings=settings,
-            src_dtype=task.dtype, band=band, elapsed=time.perf_counter() - start,
-            nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path)
+        dWs = t["safety"].to(s.wd) - s.wa
+        merged = combine_full(s.dW, dWs, alpha=alpha, method=merge, density=density, seed=seed, module=_module(s.name))
+        del dWs
+        out = (s.wa + merged.to(s.wd)).to(s.task.dtype)
+    s.record("safemerge", group, flagged, "merged" if flagged else "kept",
+             {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed}, report_path)
     return out
 
 
@@ -230,24 +253,14 @@ def safelora_method(
 ) -> torch.Tensor:
     """Flag a weight when cos(C dW, dW) <= threshold; flagged: W_a + C dW (C never formed)."""
     t = _roles(group, role, "safelora")
-    task = t["task"]
-    if not _scorable(group, task):
-        return task
-    start = time.perf_counter()
-    name, wd = group.metadata.name or "?", _work_dtype(task)
-    wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
-    dW = task.to(wd) - wa
-    score = _score(name, wa, wu, dW)
-    flagged = not math.isnan(score.cosine) and score.cosine <= threshold
-    band = _rounding_band(task.dtype, task, wa, score.delta_norm)
-    out = task
+    if not _scorable(group, t["task"]):
+        return t["task"]
+    s = _Scored.of(group, t)
+    flagged = not math.isnan(s.score.cosine) and s.score.cosine <= threshold
+    out = s.task
     if flagged:
-        projected = ops.project_delta(wa, wu, dW)
-        out = (wa + projected.to(wd)).to(task.dtype)
-    _record("safelora", group, score, flagged=flagged, action="projected" if flagged else "kept",
-            settings={"threshold": threshold}, src_dtype=task.dtype, band=band,
-            elapsed=time.perf_counter() - start,
-            nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path)
+        out = (s.wa + ops.project_delta(s.wa, s.wu, s.dW).to(s.wd)).to(s.task.dtype)
+    s.record("safelora", group, flagged, "projected" if flagged else "kept", {"threshold": threshold}, report_path)
     return out
 
 

@@ -7,17 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from safemerge_ext.cli import positive_int
+
 COMMANDS = ("eval", "data")
-
-
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number; got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1; got {v}")
-    return v
 
 
 def add_parsers(sub: Any) -> None:
@@ -40,15 +32,15 @@ def add_parsers(sub: Any) -> None:
                    help="format of --utility (default: auto, from the first record)")
     p.add_argument("--judge", default="keyword", metavar="keyword|llama-guard:DIR",
                    help="keyword: the project's refusal-phrase matcher (default); llama-guard:DIR: a local Llama Guard model")
-    p.add_argument("--limit", type=_count, metavar="N", help="evaluate a seeded subset of N harmful prompts")
-    p.add_argument("--benign-limit", type=_count, metavar="N", help="seeded subset of N benign prompts")
-    p.add_argument("--utility-limit", type=_count, metavar="N", help="first-N-of-a-seeded-shuffle task items")
-    p.add_argument("--max-new-tokens", type=_count, default=64, help="tokens generated per safety prompt (default: 64)")
-    p.add_argument("--utility-max-new-tokens", type=_count, help="tokens per task prompt (default: --max-new-tokens)")
-    p.add_argument("--batch-size", type=_count, default=8, help="prompts per generation batch (default: 8)")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate a seeded subset of N harmful prompts")
+    p.add_argument("--benign-limit", type=positive_int, metavar="N", help="seeded subset of N benign prompts")
+    p.add_argument("--utility-limit", type=positive_int, metavar="N", help="first-N-of-a-seeded-shuffle task items")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens generated per safety prompt (default: 64)")
+    p.add_argument("--utility-max-new-tokens", type=positive_int, help="tokens per task prompt (default: --max-new-tokens)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default: 8)")
     p.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
                    help="generation engine; vllm needs vLLM installed (default: transformers)")
-    p.add_argument("--tensor-parallel", type=_count, default=1, help="vllm: GPUs per model (default: 1)")
+    p.add_argument("--tensor-parallel", type=positive_int, default=1, help="vllm: GPUs per model (default: 1)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="transformers device (default: cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype for generation (default: float32 on the CPU, bfloat16 on CUDA)")
