@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from safemerge_ext._native import DTYPE_CODE, check_weights
+
 NAME = "cpp"
 
 try:
@@ -21,8 +23,6 @@ except ImportError as exc:  # the build skipped or failed; the reason goes to av
 else:
     _IMPORT_ERROR = None
 
-# dtype -> the extension's dtype code (fp32 = 0, fp16 = 1, bf16 = 2).
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Full-rank path: rows of V and dW formed at once (256 x 14336 fp32 is 14 MiB), and the budget for
 # M_J = V^T dW[:, J] (d_in x |J| fp32), which sets the column block; at least 256 columns.
 _ROW_BLOCK = 256
@@ -47,20 +47,7 @@ def _require() -> None:
 
 
 def _weights(wa: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate the pair; return views whose rows are unit-stride (copying only when they are not)."""
-    if wa.dim() != 2 or wa.shape != wu.shape:
-        raise ValueError(f"wa and wu must be 2-D and of one shape; got {tuple(wa.shape)} and {tuple(wu.shape)}")
-    if wa.dtype != wu.dtype:
-        raise ValueError(f"wa is {wa.dtype} but wu is {wu.dtype}: the cpp backend needs one dtype for both")
-    if wa.dtype not in _DTYPE_CODE:
-        raise ValueError(f"the cpp backend reads fp32, fp16 or bf16 weights; got {wa.dtype}")
-    if wa.device.type != "cpu" or wu.device.type != "cpu":
-        raise ValueError(f"the cpp backend runs on CPU tensors; got {wa.device} and {wu.device}")
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t if t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1) else t.contiguous()
-
-    return rows(wa), rows(wu)
+    return check_weights(wa, wu, NAME, "cpu")
 
 
 def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -78,7 +65,7 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> 
         T.zero_(), P.zero_()
         return T, P, 0.0
     vsq = _cpu.lowrank_passes(
-        wa.data_ptr(), wu.data_ptr(), d_out, d_in, wa.stride(0), wu.stride(0), _DTYPE_CODE[wa.dtype],
+        wa.data_ptr(), wu.data_ptr(), d_out, d_in, wa.stride(0), wu.stride(0), DTYPE_CODE[wa.dtype],
         B.data_ptr(), r, T.data_ptr(), P.data_ptr(), torch.get_num_threads(),
     )
     return T, P, float(vsq)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from safemerge_ext._native import DTYPE_CODE, check_weights, unit_rows
+
 NAME = "cuda"
 
 try:
@@ -18,7 +20,6 @@ except ImportError as exc:  # not built here (no nvcc or CPU torch at build time
 else:
     _IMPORT_ERROR = None
 
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MAX_RANK = 256  # ranks per kernel launch; wider B is done in groups of columns
 # Full-rank path: budget for M_J = V^T dW[:, J] (d_in x |J| fp32), which sets the column block.
 _M_BYTES = 256 << 20
@@ -47,20 +48,7 @@ def _require() -> None:
 
 
 def _weights(wa: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate the pair; return views whose rows are unit-stride (copying only when they are not)."""
-    if wa.dim() != 2 or wa.shape != wu.shape:
-        raise ValueError(f"wa and wu must be 2-D and of one shape; got {tuple(wa.shape)} and {tuple(wu.shape)}")
-    if wa.dtype != wu.dtype:
-        raise ValueError(f"wa is {wa.dtype} but wu is {wu.dtype}: the cuda backend needs one dtype for both")
-    if wa.dtype not in _DTYPE_CODE:
-        raise ValueError(f"the cuda backend reads fp32, fp16 or bf16 weights; got {wa.dtype}")
-    if wa.device.type != "cuda" or wu.device != wa.device:
-        raise ValueError(f"the cuda backend needs both weights on one CUDA device; got {wa.device} and {wu.device}")
-    return _rows(wa), _rows(wu)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1) else t.contiguous()
+    return check_weights(wa, wu, NAME, "cuda")
 
 
 def _stream(device: torch.device) -> int:
@@ -93,7 +81,7 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> 
             Tg = torch.empty(d_in, k1 - k0, dtype=torch.float32, device=dev)
             Pg = torch.empty(d_out, k1 - k0, dtype=torch.float32, device=dev)
             _cuda.lowrank_passes(
-                wa.data_ptr(), wu.data_ptr(), d_out, d_in, wa.stride(0), wu.stride(0), _DTYPE_CODE[wa.dtype],
+                wa.data_ptr(), wu.data_ptr(), d_out, d_in, wa.stride(0), wu.stride(0), DTYPE_CODE[wa.dtype],
                 Bg.data_ptr(), k1 - k0, Tg.data_ptr(), Pg.data_ptr(), ws_f.data_ptr(), ws_d.data_ptr(), plan,
                 _stream(dev),
             )
@@ -111,9 +99,9 @@ def _fullrank(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, want_n: b
         raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")
     dev = wa.device
     delta = delta.to(dev)
-    if delta.dtype not in _DTYPE_CODE:
+    if delta.dtype not in DTYPE_CODE:
         delta = delta.float()
-    delta = _rows(delta)
+    delta = unit_rows(delta)
     d_out, d_in = wa.shape
     cols = max(_MIN_COLS, min(d_in, _M_BYTES // (4 * max(d_in, 1))))
     with torch.cuda.device(dev):
@@ -122,7 +110,7 @@ def _fullrank(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, want_n: b
         parts = torch.empty(_cuda.fullrank_partials(d_out, d_in, cols), dtype=torch.float64, device=dev)
         sums = torch.empty(4, dtype=torch.float64, device=dev)
         _cuda.fullrank(
-            wa.data_ptr(), wu.data_ptr(), _DTYPE_CODE[wa.dtype], delta.data_ptr(), _DTYPE_CODE[delta.dtype],
+            wa.data_ptr(), wu.data_ptr(), DTYPE_CODE[wa.dtype], delta.data_ptr(), DTYPE_CODE[delta.dtype],
             d_out, d_in, wa.stride(0), wu.stride(0), delta.stride(0), cols, M.data_ptr(),
             N.data_ptr() if N is not None else 0, parts.data_ptr(), sums.data_ptr(), _stream(dev),
         )

@@ -1,0 +1,29 @@
+"""What the two compiled backends (``cpp_backend``, ``cuda_backend``) share: the dtype codes of
+their pointer-based kernels and the checks on a weight pair before its pointers are handed over."""
+
+from __future__ import annotations
+
+import torch
+
+# dtype -> the extensions' dtype code (fp32 = 0, fp16 = 1, bf16 = 2).
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def unit_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are unit-stride and do not overlap, else a contiguous copy."""
+    return t if t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1) else t.contiguous()
+
+
+def check_weights(wa: torch.Tensor, wu: torch.Tensor, backend: str, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a weight pair for a native backend; return views the kernels can read row by row."""
+    if wa.dim() != 2 or wa.shape != wu.shape:
+        raise ValueError(f"wa and wu must be 2-D and of one shape; got {tuple(wa.shape)} and {tuple(wu.shape)}")
+    if wa.dtype != wu.dtype:
+        raise ValueError(f"wa is {wa.dtype} but wu is {wu.dtype}: the {backend} backend needs one dtype for both")
+    if wa.dtype not in DTYPE_CODE:
+        raise ValueError(f"the {backend} backend reads fp32, fp16 or bf16 weights; got {wa.dtype}")
+    if wa.device.type != device_type or wu.device != wa.device:
+        raise ValueError(
+            f"the {backend} backend needs both weights on one {device_type.upper()} device; got {wa.device} and {wu.device}"
+        )
+    return unit_rows(wa), unit_rows(wu)
