@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean experiment experiment-retrain
+.PHONY: setup demo test bench clean experiment experiment-retrain
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
