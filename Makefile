@@ -22,8 +22,8 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m safemerge_ext.demo demo
-	@echo '$$ safemerge-yaml recipes/tiny.yml demo/merged-yaml --force'
-	$(BIN)/safemerge-yaml recipes/tiny.yml demo/merged-yaml --force
+	@echo '$$ safemerge-yaml recipes/tiny.yml demo/merged-yaml --force --no-copy-tokenizer'
+	$(BIN)/safemerge-yaml recipes/tiny.yml demo/merged-yaml --force --no-copy-tokenizer
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
