@@ -259,6 +259,16 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
     return [scores[i] for i in range(len(run.layers))]
 
 
+def _select(run: Run, scores: list[ops.Score], selection: Selection) -> list[bool]:
+    """Flags in model order; warns when --num-layers asks for more layers than can be scored."""
+    scorable = sum(not math.isnan(s.cosine) for s in scores)
+    if selection.num_layers is not None and selection.num_layers > scorable:
+        run.warnings.append(
+            f"--num-layers {selection.num_layers} exceeds the {scorable} scorable layers; all of them were flagged"
+        )
+    return selection.flag([s.cosine for s in scores])
+
+
 def _records(run: Run, scores: list[ops.Score], flags: list[bool], action: str) -> list[LayerRecord]:
     out = []
     for layer, s, f in zip(run.layers, scores, flags):
@@ -353,12 +363,8 @@ def merge(
     run = open_run(aligned, unaligned, task, safety, device=device, backend=backend)
     preload_plotting()
     scores = score_layers(run, progress=progress)
-    flags = settings.selection.flag([s.cosine for s in scores])
+    flags = _select(run, scores, settings.selection)
     records = _records(run, scores, flags, "merged")
-    sel = {"threshold": settings.selection.threshold, "num_layers": settings.selection.num_layers}
-    if settings.selection.mode == "num_layers" and settings.selection.num_layers > sum(not math.isnan(s.cosine) for s in scores):
-        run.warnings.append(f"--num-layers {sel['num_layers']} exceeds the {sum(not math.isnan(s.cosine) for s in scores)} "
-                            "scorable layers; all of them were flagged")
     t0 = time.perf_counter()
     use_rslora = task.use_rslora
 
@@ -426,7 +432,7 @@ def project(
     run = open_run(aligned, unaligned, task, device=device, backend=backend)
     preload_plotting()
     scores = score_layers(run, progress=progress, with_projection=True)
-    flags = selection.flag([s.cosine for s in scores])
+    flags = _select(run, scores, selection)
     records = _records(run, scores, flags, "projected")
     t0 = time.perf_counter()
     new_B = {layer.module: s.projected_B.to(layer.task.B.dtype) for layer, s, f in zip(run.layers, scores, flags) if f}

@@ -311,3 +311,12 @@ def test_import_is_light():
                            "print(sorted(m for m in ('torch','triton','transformers','mergekit') if m in sys.modules))"],
                           capture_output=True, text=True)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_num_layers_beyond_scorable_warns(fx, tmp_path):
+    out = tmp_path / "k"
+    assert run_cli(["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--out", out, "--num-layers", 99]) == 0
+    rep = report_of(out)
+    assert rep["counts"]["flagged"] == 21
+    assert any("--num-layers 99 exceeds the 21" in w for w in rep["warnings"])
