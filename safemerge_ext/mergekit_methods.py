@@ -167,7 +167,7 @@ def _record(
         delta_norm=score.delta_norm,
         extra={"tensor": name, "input_dtype": str(src_dtype).replace("torch.", ""), "rounding_band": band, **settings},
     )
-    _append(report_path, {"method": method, "backend": score.backend, "time_s": elapsed, "bytes": nbytes,
+    _append(report_path, {"method": method, "backend": score.backend, "time_s": elapsed, "end": time.time(), "bytes": nbytes,
                           "layer": rec.to_json()})
 
 
@@ -485,6 +485,15 @@ def _precision_warnings(method: str, layers: list[LayerRecord]) -> list[str]:
     ]
 
 
+def _timings(lines: list[dict[str, Any]]) -> dict[str, float]:
+    """tensors_s: the time spent in the method itself; total_s: wall clock from the first scored
+    tensor's start to the last one's end (mergekit's loading and writing in between included)."""
+    busy = sum(ln["time_s"] for ln in lines)
+    ends = [ln["end"] for ln in lines if "end" in ln]
+    starts = [ln["end"] - ln["time_s"] for ln in lines if "end" in ln]
+    return {"tensors_s": busy, "total_s": (max(ends) - min(starts)) if ends else busy}
+
+
 def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-yaml") -> dict[str, Any] | None:
     """Assemble the sidecar at ``report_path`` (directory or ``.json``) into the JSON + PNG report.
 
@@ -508,7 +517,7 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
         layers=layers,
         settings=_settings(method, layers),
         backend=backends[0] if len(backends) == 1 else ",".join(backends),
-        timings={"tensors_s": sum(ln["time_s"] for ln in lines), "total_s": sum(ln["time_s"] for ln in lines)},
+        timings=_timings(lines),
         bytes_read=sum(ln["bytes"] for ln in lines),
         warnings=_precision_warnings(method, layers),
     )
