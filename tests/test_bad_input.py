@@ -237,3 +237,13 @@ def test_unavailable_backend_is_one_line(fx, tmp_path, capsys):
                  "--backend", "cuda", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "'cuda'" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for machines without CUDA")
+def test_device_cuda_without_gpu(fx, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
+                 "--safety-adapter", str(fx.safety), "--out", str(out), "--device", "cuda", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--device cuda" in err and "--device cpu" in err
+    assert leftovers(tmp_path, "out") == []
