@@ -9,6 +9,12 @@ import torch
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def require(reason: str | None) -> None:
+    """Raise the backend's unavailability reason, if any, as one RuntimeError line."""
+    if reason:
+        raise RuntimeError(reason)
+
+
 def unit_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its rows are unit-stride and do not overlap, else a contiguous copy."""
     return t if t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1) else t.contiguous()

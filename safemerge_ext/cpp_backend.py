@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from safemerge_ext._native import DTYPE_CODE, check_weights
+from safemerge_ext._native import DTYPE_CODE, check_weights, require
 
 NAME = "cpp"
 
@@ -40,20 +40,10 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _require() -> None:
-    reason = unavailable_reason()
-    if reason:
-        raise RuntimeError(reason)
-
-
-def _weights(wa: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return check_weights(wa, wu, NAME, "cpu")
-
-
 def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """T = V^T B (d_in x r, fp32), P = V T (d_out x r, fp32) and ||V||^2 (float64 sum)."""
-    _require()
-    wa, wu = _weights(wa, wu)
+    require(unavailable_reason())
+    wa, wu = check_weights(wa, wu, NAME, "cpu")
     d_out, d_in = wa.shape
     if lora_B.dim() != 2 or lora_B.shape[0] != d_out or lora_B.shape[1] < 1:
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {d_out}xr with r >= 1")
@@ -110,7 +100,7 @@ def _checked_delta(wa: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float, float]:
     """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 from blocked BLAS matmuls (float64 sums)."""
-    wa, wu = _weights(wa, wu)
+    wa, wu = check_weights(wa, wu, NAME, "cpu")
     delta = _checked_delta(wa, delta)
     m2 = n2 = 0.0
     sums: dict[str, float] = {}
@@ -123,7 +113,7 @@ def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tu
 
 def project_full(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, float]:
     """N = V (V^T dW) in fp32 (C dW times ||V||) and ||V||^2, with the blocks of :func:`fullrank_sums`."""
-    wa, wu = _weights(wa, wu)
+    wa, wu = check_weights(wa, wu, NAME, "cpu")
     delta = _checked_delta(wa, delta)
     out = torch.empty(wa.shape, dtype=torch.float32)
     sums: dict[str, float] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from safemerge_ext._native import DTYPE_CODE, check_weights, unit_rows
+from safemerge_ext._native import DTYPE_CODE, check_weights, require, unit_rows
 
 NAME = "cuda"
 
@@ -41,24 +41,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _require() -> None:
-    reason = unavailable_reason()
-    if reason:
-        raise RuntimeError(reason)
-
-
-def _weights(wa: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return check_weights(wa, wu, NAME, "cuda")
-
-
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
 def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """T = V^T B (d_in x r, fp32), P = V T (d_out x r, fp32) and ||V||^2 (float64 sum)."""
-    _require()
-    wa, wu = _weights(wa, wu)
+    require(unavailable_reason())
+    wa, wu = check_weights(wa, wu, NAME, "cuda")
     d_out, d_in = wa.shape
     if lora_B.dim() != 2 or lora_B.shape[0] != d_out or lora_B.shape[1] < 1:
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {d_out}xr with r >= 1")
@@ -93,8 +83,8 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> 
 
 
 def _fullrank(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, want_n: bool):
-    _require()
-    wa, wu = _weights(wa, wu)
+    require(unavailable_reason())
+    wa, wu = check_weights(wa, wu, NAME, "cuda")
     if delta.shape != wa.shape:
         raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")
     dev = wa.device

@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 
 from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.merge import MergeOptions, run_merge  # noqa: E402
-from mergekit_fixtures import DW_ZERO, V_ZERO, is_linear, lora_delta, pico, read_model, save_model  # noqa: E402,F401
+from mergekit_fixtures import DW_ZERO, V_ZERO, is_linear, lora_delta, pico, read_model  # noqa: E402,F401
 from numerics import assert_close  # noqa: E402
 
 from safemerge_ext import autoload  # noqa: E402

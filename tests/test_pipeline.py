@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from numerics import assert_close, ref_cosine, ref_project
-from safemerge_ext import backends, ops
+from safemerge_ext import backends
 from safemerge_ext.cli import main
 from weights import load_adapter, load_model
 
