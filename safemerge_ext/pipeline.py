@@ -157,20 +157,40 @@ def open_run(
     return run
 
 
-def prefetch(items: Iterable[Any], load: Callable[[Any], Any], depth: int = 2) -> Iterator[tuple[Any, Any]]:
-    """Yield (item, load(item)) while a background thread loads up to ``depth`` items ahead."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
+READ_AHEAD_BYTES = 64 << 20
+"""Bytes the read-ahead thread may hold beyond the layer being scored (at least one layer): peak
+memory is then one layer plus this budget, whatever the model size."""
+
+
+def prefetch(
+    items: Iterable[Any], load: Callable[[Any], Any], *, size: Callable[[Any], int] = lambda _: 1, budget: int = 2,
+) -> Iterator[tuple[Any, Any]]:
+    """Yield (item, load(item)) while a background thread loads ahead.
+
+    The thread holds at most ``budget`` (in units of ``size(item)``) of loaded items the consumer
+    has not taken yet, counting the one it is loading, and always at least one. The consumer must
+    drop its reference to an item before asking for the next for the bound to cover it.
+    """
+    q: queue.Queue = queue.Queue()
+    cond = threading.Condition()
+    ahead = 0
     stop = threading.Event()
     _END = object()
 
     def worker() -> None:
+        nonlocal ahead
         try:
             for it in items:
-                if stop.is_set():
-                    return
-                q.put((it, load(it), None))
+                n = size(it)
+                with cond:
+                    while ahead > 0 and ahead + n > budget and not stop.is_set():
+                        cond.wait()
+                    if stop.is_set():
+                        return
+                    ahead += n
+                q.put((it, n, load(it), None))
         except BaseException as exc:  # handed to the consumer, raised there
-            q.put((None, None, exc))
+            q.put((None, 0, None, exc))
         q.put(_END)
 
     t = threading.Thread(target=worker, name="safemerge-prefetch", daemon=True)
@@ -180,17 +200,20 @@ def prefetch(items: Iterable[Any], load: Callable[[Any], Any], depth: int = 2) -
             got = q.get()
             if got is _END:
                 return
-            it, value, exc = got
+            it, n, value, exc = got
+            got = None
+            with cond:
+                ahead -= n
+                cond.notify()
             if exc is not None:
                 raise exc
             yield it, value
+            value = None  # the consumer's reference is then the only one
     finally:
         stop.set()
-        while t.is_alive():  # drain so the worker can finish its put() and exit
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
+        with cond:
+            cond.notify_all()
+        t.join()
 
 
 def _non_finite(run: Run, layer: Layer, wa: torch.Tensor, wu: torch.Tensor) -> SafeMergeError:
@@ -235,12 +258,16 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
         run.tick("read_s", t0)
         return wa, wu, ready
 
+    def pair_bytes(i: int) -> int:
+        shape, dtype = run.aligned.meta(run.layers[i].weight)
+        return 2 * math.prod(shape) * dtype.itemsize
+
     scores: dict[int, ops.Score] = {}
     bar = tqdm(total=len(run.layers), desc="scoring", unit="layer", leave=False,
                disable=None if progress is None else not progress)
     t_loop = time.perf_counter()
     try:
-        for i, (wa, wu, ready) in prefetch(read_order(run), load):
+        for i, (wa, wu, ready) in prefetch(read_order(run), load, size=pair_bytes, budget=READ_AHEAD_BYTES):
             layer = run.layers[i]
             if ready is not None:
                 torch.cuda.current_stream(run.device).wait_event(ready)
@@ -252,6 +279,7 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
                 )
             except FloatingPointError:
                 raise _non_finite(run, layer, wa, wu) from None
+            del wa, wu, ready  # before the next read is admitted (see prefetch)
             bar.update(1)
     finally:
         bar.close()

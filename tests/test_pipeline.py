@@ -320,3 +320,57 @@ def test_num_layers_beyond_scorable_warns(fx, tmp_path):
     rep = report_of(out)
     assert rep["counts"]["flagged"] == 21
     assert any("--num-layers 99 exceeds the 21" in w for w in rep["warnings"])
+
+
+def test_prefetch_holds_at_most_its_budget():
+    """The read-ahead never holds more than its byte budget (at least one item), keeps order, and
+    stops reading when the consumer leaves early."""
+    import threading
+    import time
+
+    from safemerge_ext.pipeline import prefetch
+
+    sizes = [5, 1, 1, 7, 2, 2, 2, 9, 1, 3]
+    held, peak, loaded = 0, 0, []
+    lock = threading.Lock()
+
+    def load(i):
+        nonlocal held, peak
+        with lock:
+            held += sizes[i]
+            peak = max(peak, held)
+            loaded.append(i)
+        return i * 10
+
+    seen = []
+    for i, v in prefetch(range(len(sizes)), load, size=lambda i: sizes[i], budget=6):
+        time.sleep(0.005)  # a slow consumer: the reader runs as far ahead as allowed
+        assert v == i * 10
+        seen.append(i)
+        with lock:
+            held -= sizes[i]
+    assert seen == list(range(len(sizes)))
+    # at most 6 ahead, or one item alone when it is bigger; plus the one being consumed
+    assert peak <= max(6, max(sizes)) + max(sizes), peak
+
+    loaded.clear()
+    gen = prefetch(range(100), load, size=lambda i: 1, budget=2)
+    next(gen)
+    time.sleep(0.05)
+    gen.close()
+    assert len(loaded) <= 4, loaded
+
+
+def test_prefetch_raises_reader_errors():
+    from safemerge_ext.pipeline import prefetch
+
+    def load(i):
+        if i == 2:
+            raise OSError("disk gone")
+        return i
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for i, _ in prefetch(range(5), load, budget=1):
+            got.append(i)
+    assert got == [0, 1]
