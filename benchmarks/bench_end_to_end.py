@@ -8,7 +8,8 @@ files (see make_synthetic.py), after one warm-up read so every contender sees th
   memory (``get_tensor`` alone maps the file lazily and reads nothing): the read floor.
 - ``copy-floor``: read every aligned tensor and the unaligned targets, write the aligned shards
   with safetensors ``save_file``: the floor for full-model output.
-- ``safemerge-adapter[-backend]`` / ``safemerge-model``: ``safemerge_ext.pipeline.merge``.
+- ``safemerge-adapter[-backend]`` / ``safemerge-model``: ``safemerge_ext.pipeline.merge``;
+  ``safemerge-adapter-noplot``: the same with ``--no-plot`` (no matplotlib import or PNG render).
 - ``reference``: the official code's approach, re-implemented here for comparison: both models
   loaded whole with transformers in fp32, C = V V^T / ||V|| materialized and kept for every target
   module, cosines from C, PEFT ``add_weighted_adapter(linear)`` for the flagged layers.
@@ -128,7 +129,7 @@ def run_copy_floor(data: Path, adapters: str, out: Path, **_) -> dict:
     return {"time_s": time.perf_counter() - t0, "bytes_read": nbytes}
 
 
-def _ours(data: Path, adapters: str, out: Path, output: str, backend: str) -> dict:
+def _ours(data: Path, adapters: str, out: Path, output: str, backend: str, plot: bool = True) -> dict:
     t0 = time.perf_counter()
     from safemerge_ext import pipeline
 
@@ -137,13 +138,17 @@ def _ours(data: Path, adapters: str, out: Path, output: str, backend: str) -> di
     settings = pipeline.MergeSettings(pipeline.Selection(threshold=TAU), alpha=ALPHA, output=output)
     t1 = time.perf_counter()
     rep = pipeline.merge(data / "aligned", data / "unaligned", data / f"task-{adapters}", data / f"safety-{adapters}",
-                         out, settings, backend=backend, progress=False)
+                         out, settings, backend=backend, progress=False, plot=plot)
     return {"time_s": time.perf_counter() - t1, "import_s": t_import, "base_rss_mb": base,
             "bytes_read": rep["bytes_read"], "flagged": rep["counts"]["flagged"], "backend": rep["backend"]}
 
 
 def run_ours_adapter(data: Path, adapters: str, out: Path, backend: str = "auto", **_) -> dict:
     return _ours(data, adapters, out, "adapter", backend)
+
+
+def run_ours_adapter_noplot(data: Path, adapters: str, out: Path, backend: str = "auto", **_) -> dict:
+    return _ours(data, adapters, out, "adapter", backend, plot=False)
 
 
 def run_ours_model(data: Path, adapters: str, out: Path, backend: str = "auto", **_) -> dict:
@@ -218,6 +223,7 @@ def run_mergekit(data: Path, adapters: str, out: Path, **_) -> dict:
 
 CONTENDERS = {
     "floor": run_floor, "copy-floor": run_copy_floor, "safemerge-adapter": run_ours_adapter,
+    "safemerge-adapter-noplot": run_ours_adapter_noplot,
     "safemerge-model": run_ours_model, "reference": run_reference, "mergekit": run_mergekit,
 }
 
@@ -309,7 +315,8 @@ def main() -> None:
 
     backends = [n for n, why in available_backends().items() if why is None and n in ("cpp", "torch", "triton", "cuda")]
     tmp = Path(tempfile.mkdtemp(prefix="e2e-", dir=HERE))
-    names = ["floor", "copy-floor"] + [f"safemerge-adapter:{b}" for b in backends] + ["safemerge-model", "reference", "mergekit"]
+    names = ["floor", "copy-floor"] + [f"safemerge-adapter:{b}" for b in backends] + [
+        f"safemerge-adapter-noplot:{backends[0]}", "safemerge-model", "reference", "mergekit"]
     names = [n for n in names if n.split(":")[0] not in args.skip]
     rows = []
     try:

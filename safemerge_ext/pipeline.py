@@ -324,9 +324,10 @@ def _finish(run: Run, command: str, method: str, records: list[LayerRecord], set
     )
 
 
-def _save_report(report: dict[str, Any], folder: Path) -> None:
+def _save_report(report: dict[str, Any], folder: Path, with_plot: bool) -> None:
     write_json(report, folder / REPORT_JSON)
-    plot(report, folder / REPORT_PNG)
+    if with_plot:
+        plot(report, folder / REPORT_PNG)
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -382,14 +383,16 @@ def _out_dtype(*ts: torch.Tensor) -> torch.dtype:
 def merge(
     aligned: str | Path, unaligned: str | Path, task_adapter: str | Path, safety_adapter: str | Path, out: str | Path,
     settings: MergeSettings, *, backend: str = "auto", device: str = "cpu", force: bool = False,
-    progress: bool | None = None,
+    progress: bool | None = None, plot: bool = True,
 ) -> dict[str, Any]:
-    """SafeMERGE: score the task adapter, merge flagged layers with the safety adapter, write ``out``."""
+    """SafeMERGE: score the task adapter, merge flagged layers with the safety adapter, write ``out``
+    (with ``safemerge_report.json`` and, unless ``plot=False``, ``safemerge_report.png``)."""
     check_out(out, force)
     task = read_adapter(task_adapter, "--task-adapter")
     safety = read_adapter(safety_adapter, "--safety-adapter")
     run = open_run(aligned, unaligned, task, safety, device=device, backend=backend)
-    preload_plotting()
+    if plot:
+        preload_plotting()
     scores = score_layers(run, progress=progress)
     flags = _select(run, scores, settings.selection)
     records = _records(run, scores, flags, "merged")
@@ -443,14 +446,14 @@ def merge(
             "merge": settings.method, "density": settings.density, "seed": settings.seed, "output": settings.output,
             "device": device, "backend_requested": backend,
         })
-        _save_report(report, tmp)
+        _save_report(report, tmp, plot)
     return report
 
 
 def project(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, out: str | Path, selection: Selection, *,
     output: str = "adapter", backend: str = "auto", device: str = "cpu", force: bool = False,
-    progress: bool | None = None,
+    progress: bool | None = None, plot: bool = True,
 ) -> dict[str, Any]:
     """Safe LoRA: flagged layers (cosine <= threshold, or the k lowest) get ``lora_B <- C lora_B``."""
     if output not in OUTPUTS:
@@ -458,7 +461,8 @@ def project(
     check_out(out, force)
     task = read_adapter(adapter, "--adapter")
     run = open_run(aligned, unaligned, task, device=device, backend=backend)
-    preload_plotting()
+    if plot:
+        preload_plotting()
     scores = score_layers(run, progress=progress, with_projection=True)
     flags = _select(run, scores, selection)
     records = _records(run, scores, flags, "projected")
@@ -487,7 +491,7 @@ def project(
             "adapter": str(Path(adapter).resolve()), "out": str(Path(out).resolve()), **selection.describe(),
             "output": output, "device": device, "backend_requested": backend,
         })
-        _save_report(report, tmp)
+        _save_report(report, tmp, plot)
     return report
 
 

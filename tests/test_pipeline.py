@@ -275,6 +275,14 @@ def test_report_schema(fx, tmp_path):
     adapter_bytes = sum(t.numel() * t.element_size() for d in (fx.task, fx.safety)
                         for t in load_file(d / "adapter_model.safetensors").values())
     assert rep["bytes_read"] == target_bytes + adapter_bytes
+    # --no-plot: the same adapter and JSON report, no PNG
+    quiet = tmp_path / "quiet"
+    assert run_cli(merge_args(fx, quiet, "--threshold", 0.3, "--no-plot")) == 0
+    assert not (quiet / "safemerge_report.png").exists()
+    assert [r["cosine"] for r in report_of(quiet)["layers"]] == [r["cosine"] for r in rep["layers"]]
+    assert load_file(quiet / "adapter_model.safetensors").keys() == load_file(out / "adapter_model.safetensors").keys()
+    for k, v in load_file(out / "adapter_model.safetensors").items():
+        assert torch.equal(v, load_file(quiet / "adapter_model.safetensors")[k]), k
 
 
 def _bin_dir() -> Path:
