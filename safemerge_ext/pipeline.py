@@ -226,6 +226,32 @@ def _non_finite(run: Run, layer: Layer, wa: torch.Tensor, wu: torch.Tensor) -> S
     return SafeMergeError(f"scoring {layer.module} overflowed (the weights are too large for fp32 sums)")
 
 
+class BufferPool:
+    """Host buffers the scorer is done with, handed back to the reader by byte size (at most
+    ``limit`` bytes kept), so the read-ahead reuses memory instead of faulting in fresh pages."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        with self._lock:
+            free = self._free.get(nbytes)
+            if not free:
+                return None
+            self.held -= nbytes
+            return free.pop()
+
+    def give(self, t: torch.Tensor) -> None:
+        if t.device.type != "cpu" or not t.is_contiguous() or t.is_pinned():
+            return
+        with self._lock:
+            if self.held + t.nbytes <= self.limit:
+                self._free.setdefault(t.nbytes, []).append(t)
+                self.held += t.nbytes
+
+
 def read_order(run: Run) -> list[int]:
     """Layer indices grouped by the aligned model's shard (each file read front to back once)."""
     shard_rank = {shard: i for i, shard in enumerate(run.aligned.shards())}
@@ -244,10 +270,18 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
     cuda = run.device.type == "cuda"
     side = torch.cuda.Stream(run.device) if cuda else None
 
+    def pair_bytes(i: int) -> int:
+        shape, dtype = run.aligned.meta(run.layers[i].weight)
+        return 2 * math.prod(shape) * dtype.itemsize
+
+    pool = BufferPool(READ_AHEAD_BYTES)
+
     def load(i: int):
         layer = run.layers[i]
         t0 = time.perf_counter()
-        wa, wu = run.aligned.get(layer.weight, pin_memory=cuda), run.unaligned.get(layer.weight, pin_memory=cuda)
+        nbytes = pair_bytes(i) // 2
+        wa = run.aligned.get(layer.weight, pin_memory=cuda, into=pool.take(nbytes))
+        wu = run.unaligned.get(layer.weight, pin_memory=cuda, into=pool.take(nbytes))
         ready = None
         if cuda:
             with torch.cuda.stream(side):
@@ -257,10 +291,6 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
                 ready.record(side)
         run.tick("read_s", t0)
         return wa, wu, ready
-
-    def pair_bytes(i: int) -> int:
-        shape, dtype = run.aligned.meta(run.layers[i].weight)
-        return 2 * math.prod(shape) * dtype.itemsize
 
     scores: dict[int, ops.Score] = {}
     bar = tqdm(total=len(run.layers), desc="scoring", unit="layer", leave=False,
@@ -279,6 +309,9 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
                 )
             except FloatingPointError:
                 raise _non_finite(run, layer, wa, wu) from None
+            if not cuda:  # nothing scoring returns refers to the weights
+                pool.give(wa)
+                pool.give(wu)
             del wa, wu, ready  # before the next read is admitted (see prefetch)
             bar.update(1)
     finally:

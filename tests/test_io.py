@@ -28,6 +28,26 @@ def test_reader_reads_only_what_is_asked(fx):
     assert torch.equal(t, load_model(fx.aligned)["model.layers.1.mlp.down_proj.weight"])
 
 
+def test_reader_reuses_a_buffer(fx):
+    """get(into=...) reads into memory the caller is done with; a buffer of the wrong size or
+    layout is ignored (a fresh one is allocated)."""
+    r = ModelReader(fx.aligned, "--aligned")
+    ref = load_model(fx.aligned)
+    up = r.get("model.layers.0.mlp.up_proj.weight")          # 96 x 64 fp32
+    gate_name = "model.layers.1.mlp.gate_proj.weight"         # same byte size
+    gate = r.get(gate_name, into=up)
+    assert gate.data_ptr() == up.data_ptr() and torch.equal(gate, ref[gate_name])
+    down_name = "model.layers.1.mlp.down_proj.weight"         # 64 x 96: same bytes, other shape
+    down = r.get(down_name, into=gate)
+    assert down.shape == (64, 96) and torch.equal(down, ref[down_name])
+    k_name = "model.layers.0.self_attn.k_proj.weight"         # smaller: not reused
+    k = r.get(k_name, into=down)
+    assert k.data_ptr() != down.data_ptr() and torch.equal(k, ref[k_name])
+    strided = torch.empty(64, 128)[:, ::2]  # the right byte size, not contiguous
+    q_name = "model.layers.0.self_attn.q_proj.weight"
+    assert r.get(q_name, into=strided).data_ptr() != strided.data_ptr()
+
+
 def test_reader_single_file(tmp_path):
     save_file({"a.weight": torch.randn(3, 4), "b": torch.randn(2)}, tmp_path / "model.safetensors")
     r = ModelReader(tmp_path)

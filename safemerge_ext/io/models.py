@@ -147,13 +147,21 @@ class ModelReader:
         _, (code, shape, _, _) = self._entry(name)
         return shape, _DTYPES.get(code, code)
 
-    def get(self, name: str, *, pin_memory: bool = False) -> torch.Tensor:
-        """Read one tensor into fresh CPU memory (pinned if asked) and count its bytes."""
+    def get(self, name: str, *, pin_memory: bool = False, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor into fresh CPU memory (pinned if asked) and count its bytes.
+
+        ``into``: a contiguous CPU tensor of exactly the tensor's byte size whose memory is reused
+        (a buffer the caller is done with): reading into memory already mapped skips the page
+        faults of a fresh allocation, a third of a warm-cache read.
+        """
         shard, (code, shape, start, end) = self._entry(name)
         dtype = _DTYPES.get(code)
         if dtype is None:
             raise SafeMergeError(f"{self.flag} {self.path / shard}: tensor {name} has dtype {code}, which torch cannot hold")
-        buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin_memory)
+        if into is not None and into.is_contiguous() and into.device.type == "cpu" and into.nbytes == end - start:
+            buf = into.reshape(-1).view(torch.uint8)
+        else:
+            buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin_memory)
         view = memoryview(buf.numpy())
         with self._lock:
             fd = self._fds.get(shard)
