@@ -157,37 +157,45 @@ def open_run(
     return run
 
 
+READ_AHEAD_LAYERS = 2
 READ_AHEAD_BYTES = 64 << 20
-"""Bytes the read-ahead thread may hold beyond the layer being scored (at least one layer): peak
-memory is then one layer plus this budget, whatever the model size."""
+"""The read-ahead thread holds at most this many layers, and this many bytes, beyond the layer
+being scored (always at least one layer): peak memory is about two layers' weights for large
+models and three for small ones, whatever the depth."""
 
 
 def prefetch(
-    items: Iterable[Any], load: Callable[[Any], Any], *, size: Callable[[Any], int] = lambda _: 1, budget: int = 2,
+    items: Iterable[Any], load: Callable[[Any], Any], *, size: Callable[[Any], int] = lambda _: 0,
+    budget: int = 0, depth: int = 2,
 ) -> Iterator[tuple[Any, Any]]:
     """Yield (item, load(item)) while a background thread loads ahead.
 
-    The thread holds at most ``budget`` (in units of ``size(item)``) of loaded items the consumer
-    has not taken yet, counting the one it is loading, and always at least one. The consumer must
-    drop its reference to an item before asking for the next for the bound to cover it.
+    The thread holds at most ``depth`` loaded items the consumer has not taken yet, counting the
+    one it is loading, and, when ``budget`` is set, at most ``budget`` of them in units of
+    ``size(item)``; always at least one. The consumer must drop its reference to an item before
+    asking for the next for the bound to cover it.
     """
     q: queue.Queue = queue.Queue()
     cond = threading.Condition()
-    ahead = 0
+    ahead = count = 0
     stop = threading.Event()
     _END = object()
 
+    def over(n: int) -> bool:
+        return count > 0 and (count >= depth or (budget > 0 and ahead + n > budget))
+
     def worker() -> None:
-        nonlocal ahead
+        nonlocal ahead, count
         try:
             for it in items:
                 n = size(it)
                 with cond:
-                    while ahead > 0 and ahead + n > budget and not stop.is_set():
+                    while over(n) and not stop.is_set():
                         cond.wait()
                     if stop.is_set():
                         return
                     ahead += n
+                    count += 1
                 q.put((it, n, load(it), None))
         except BaseException as exc:  # handed to the consumer, raised there
             q.put((None, 0, None, exc))
@@ -202,11 +210,12 @@ def prefetch(
                 return
             it, n, value, exc = got
             got = None
-            with cond:
-                ahead -= n
-                cond.notify()
             if exc is not None:
                 raise exc
+            with cond:
+                ahead -= n
+                count -= 1
+                cond.notify()
             yield it, value
             value = None  # the consumer's reference is then the only one
     finally:
@@ -297,7 +306,9 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
                disable=None if progress is None else not progress)
     t_loop = time.perf_counter()
     try:
-        for i, (wa, wu, ready) in prefetch(read_order(run), load, size=pair_bytes, budget=READ_AHEAD_BYTES):
+        for i, (wa, wu, ready) in prefetch(
+            read_order(run), load, size=pair_bytes, budget=READ_AHEAD_BYTES, depth=READ_AHEAD_LAYERS
+        ):
             layer = run.layers[i]
             if ready is not None:
                 torch.cuda.current_stream(run.device).wait_event(ready)

@@ -351,7 +351,7 @@ def test_prefetch_holds_at_most_its_budget():
         return i * 10
 
     seen = []
-    for i, v in prefetch(range(len(sizes)), load, size=lambda i: sizes[i], budget=6):
+    for i, v in prefetch(range(len(sizes)), load, size=lambda i: sizes[i], budget=6, depth=len(sizes)):
         time.sleep(0.005)  # a slow consumer: the reader runs as far ahead as allowed
         assert v == i * 10
         seen.append(i)
@@ -361,12 +361,20 @@ def test_prefetch_holds_at_most_its_budget():
     # at most 6 ahead, or one item alone when it is bigger; plus the one being consumed
     assert peak <= max(6, max(sizes)) + max(sizes), peak
 
-    loaded.clear()
-    gen = prefetch(range(100), load, size=lambda i: 1, budget=2)
+    # and at most `depth` items, whatever their size
+    held = peak = 0
+    for i, _ in prefetch(range(len(sizes)), load, size=lambda i: 0, depth=2):
+        time.sleep(0.005)
+        with lock:
+            held -= sizes[i]
+    assert peak <= sum(sorted(sizes)[-3:]), peak
+
+    started = []
+    gen = prefetch(range(100), lambda i: started.append(i), depth=2)
     next(gen)
     time.sleep(0.05)
     gen.close()
-    assert len(loaded) <= 4, loaded
+    assert len(started) <= 4, started
 
 
 def test_prefetch_raises_reader_errors():
@@ -379,6 +387,6 @@ def test_prefetch_raises_reader_errors():
 
     got = []
     with pytest.raises(OSError, match="disk gone"):
-        for i, _ in prefetch(range(5), load, budget=1):
+        for i, _ in prefetch(range(5), load, depth=1):
             got.append(i)
     assert got == [0, 1]
