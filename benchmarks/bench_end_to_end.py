@@ -22,6 +22,7 @@ included; imports, matplotlib's among them, reported apart as ``import_s``), ``g
 baseline after imports), and ``x_ref_time`` / ``x_ref_mem`` (reference over contender).
 
     python benchmarks/bench_end_to_end.py --shape llama-1b --adapters qv
+    python benchmarks/bench_end_to_end.py --shape llama2-7b --device cuda     # on a GPU: the GPU backends
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def run_copy_floor(data: Path, adapters: str, out: Path, **_) -> dict:
     return {"time_s": time.perf_counter() - t0, "bytes_read": nbytes}
 
 
-def _ours(data: Path, adapters: str, out: Path, output: str, backend: str, plot: bool = True) -> dict:
+def _ours(data: Path, adapters: str, out: Path, output: str, backend: str, device: str, plot: bool = True) -> dict:
     t0 = time.perf_counter()
     from safemerge_ext import pipeline
 
@@ -142,21 +143,22 @@ def _ours(data: Path, adapters: str, out: Path, output: str, backend: str, plot:
     settings = pipeline.MergeSettings(pipeline.Selection(threshold=TAU), alpha=ALPHA, output=output)
     t1 = time.perf_counter()
     rep = pipeline.merge(data / "aligned", data / "unaligned", data / f"task-{adapters}", data / f"safety-{adapters}",
-                         out, settings, backend=backend, progress=False, plot=plot)
+                         out, settings, backend=backend, device=device, progress=False, plot=plot)
     return {"time_s": time.perf_counter() - t1, "import_s": t_import, "base_rss_mb": base,
             "bytes_read": rep["bytes_read"], "flagged": rep["counts"]["flagged"], "backend": rep["backend"]}
 
 
-def run_ours_adapter(data: Path, adapters: str, out: Path, backend: str = "auto", **_) -> dict:
-    return _ours(data, adapters, out, "adapter", backend)
+def run_ours_adapter(data: Path, adapters: str, out: Path, backend: str = "auto", device: str = "cpu", **_) -> dict:
+    return _ours(data, adapters, out, "adapter", backend, device)
 
 
-def run_ours_adapter_noplot(data: Path, adapters: str, out: Path, backend: str = "auto", **_) -> dict:
-    return _ours(data, adapters, out, "adapter", backend, plot=False)
+def run_ours_adapter_noplot(data: Path, adapters: str, out: Path, backend: str = "auto", device: str = "cpu",
+                            **_) -> dict:
+    return _ours(data, adapters, out, "adapter", backend, device, plot=False)
 
 
-def run_ours_model(data: Path, adapters: str, out: Path, backend: str = "auto", **_) -> dict:
-    return _ours(data, adapters, out, "model", backend)
+def run_ours_model(data: Path, adapters: str, out: Path, backend: str = "auto", device: str = "cpu", **_) -> dict:
+    return _ours(data, adapters, out, "model", backend, device)
 
 
 def run_reference(data: Path, adapters: str, out: Path, **_) -> dict:
@@ -234,7 +236,8 @@ CONTENDERS = {
 
 def child(name: str, opts: dict) -> None:
     fn = CONTENDERS[name.split(":")[0]]
-    res = fn(Path(opts["data"]), opts["adapters"], Path(opts["out"]), backend=opts.get("backend", "auto"))
+    res = fn(Path(opts["data"]), opts["adapters"], Path(opts["out"]), backend=opts.get("backend", "auto"),
+             device=opts.get("device", "cpu"))
     res["peak_rss_mb"] = peak_mb()
     try:
         import torch
@@ -304,6 +307,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--cold", action="store_true",
                     help="drop the page cache before every contender (root): disk-bound figures instead of warm-cache ones")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where our contenders score (cuda: the GPU backends, weights staged through pinned memory)")
     ap.add_argument("--json", help="write results here (default: benchmarks/results/e2e-<shape>-<host>-<date>.json)")
     args = ap.parse_args()
     if args.child:
@@ -315,9 +320,22 @@ def main() -> None:
 
     data = make(args.shape, Path(args.data))
     sys.path.insert(0, str(ROOT))
-    from safemerge_ext.backends import available_backends
+    from safemerge_ext.backends import NAMES, resolve
 
-    backends = [n for n, why in available_backends().items() if why is None and n in ("cpp", "torch", "triton", "cuda")]
+    if args.device == "cuda" and _gpu_name() is None:
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+
+    def runs_here(name: str) -> bool:
+        try:
+            resolve(name, args.device)
+            return True
+        except ValueError:
+            return False
+
+    # Triton on CPU tensors is its interpreter: a test tool, far too slow to time
+    backends = [n for n in NAMES if runs_here(n) and not (n == "triton" and args.device == "cpu")]
+    if not backends:
+        raise SystemExit(f"no scoring backend runs on {args.device} here (see `safemerge backends`)")
     tmp = Path(tempfile.mkdtemp(prefix="e2e-", dir=HERE))
     names = ["floor", "copy-floor"] + [f"safemerge-adapter:{b}" for b in backends] + [
         f"safemerge-adapter-noplot:{backends[0]}", "safemerge-model", "reference", "mergekit"]
@@ -328,7 +346,7 @@ def main() -> None:
             spawn("floor", {"data": str(data), "adapters": args.adapters, "out": str(tmp / "warm")}, args.timeout)
         for i, name in enumerate(names):
             opts = {"data": str(data), "adapters": args.adapters, "out": str(tmp / f"o{i}"),
-                    "backend": name.split(":")[1] if ":" in name else "auto"}
+                    "backend": name.split(":")[1] if ":" in name else "auto", "device": args.device}
             print(f"running {name} ...", flush=True)
             rows.append(spawn(name, opts, args.timeout, cold=args.cold))
             shutil.rmtree(tmp / f"o{i}", ignore_errors=True)
@@ -351,14 +369,22 @@ def main() -> None:
         if "time_s" in ref and r["name"] != "reference":
             r["x_ref_time"] = ref["time_s"] / r["time_s"]
             r["x_ref_mem"] = ref["peak_rss_mb"] / r["peak_rss_mb"]
-    meta = {"shape": args.shape, "adapters": args.adapters, "cache": "cold" if args.cold else "warm", "host": socket.gethostname(), "machine": machine(),
+    meta = {"shape": args.shape, "adapters": args.adapters, "cache": "cold" if args.cold else "warm", "device": args.device,
+            "gpu": _gpu_name() if args.device == "cuda" else None, "host": socket.gethostname(), "machine": machine(),
             "date": dt.date.today().isoformat(), "git_sha": git_sha(), "python": platform.python_version(),
             "interpreter": base}
     print(table(rows, meta))
-    out = Path(args.json) if args.json else HERE / "results" / f"e2e-{args.shape}-{args.adapters}-{meta['cache']}-{meta['date']}.json"
+    tag = f"{args.shape}-{args.adapters}-{meta['cache']}" + ("-cuda" if args.device == "cuda" else "")
+    out = Path(args.json) if args.json else HERE / "results" / f"e2e-{tag}-{meta['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def machine() -> str:
@@ -371,7 +397,10 @@ def machine() -> str:
 
 def table(rows: list[dict], meta: dict) -> str:
     cols = ["name", "time_s", "import_s", "gbps", "x_floor", "peak_rss_mb", "rss_over_base_mb", "x_ref_time", "x_ref_mem", "flagged"]
-    head = (f"shape={meta['shape']} adapters={meta['adapters']} page-cache={meta['cache']} machine={meta['machine']} date={meta['date']} "
+    if any("peak_gpu_mb" in r for r in rows):
+        cols.insert(7, "peak_gpu_mb")
+    gpu = f" gpu={meta['gpu']}" if meta.get("gpu") else ""
+    head = (f"shape={meta['shape']} adapters={meta['adapters']} page-cache={meta['cache']} machine={meta['machine']}{gpu} date={meta['date']} "
             f"sha={meta['git_sha']} interpreter: start {meta['interpreter']['start_s']:.2f} s, "
             f"rss {meta['interpreter']['rss_mb']:.0f} MB")
 
