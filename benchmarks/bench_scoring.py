@@ -29,6 +29,16 @@ the load average (this CPU is shared; figures are medians).
     python benchmarks/bench_scoring.py                # all shapes x ranks 8,16,64
     python benchmarks/bench_scoring.py --quick        # 4096x4096, r=16, 3 reps
     python benchmarks/bench_scoring.py --shapes 4096x4096,1024x4096 --ranks 16 --reps 9
+
+``--fullrank`` times the full-fine-tune path instead (``fullrank_sums``: M = V^T dW, then ||V M||,
+||M||, ||dW||, never forming V, dW or C) against ``naive-full`` (V, M and N = V M materialized in
+fp32). Its floor is max(one read of W_aligned, W_unaligned and dW; 4 d_out d_in^2 flops at the
+fp32 matmul rate). On a GPU the rows also give ``pct_bf16_mm``: the achieved flop rate over a
+bf16 8192^3 matmul's rate measured in the same run (issue 4's target: >= 50%), and Triton runs
+once more with tf32 inputs (``triton-tf32``; the default is exact fp32, ``ieee``).
+
+    python benchmarks/bench_scoring.py --fullrank                       # CPU: 1024x1024, 2048x2048, 1024x4096
+    python benchmarks/bench_scoring.py --fullrank --shapes 4096x4096,1024x4096 --device cuda
 """
 
 from __future__ import annotations
@@ -140,6 +150,68 @@ def materialized(wa: torch.Tensor, wu: torch.Tensor, B: torch.Tensor):
     return C @ B
 
 
+def naive_full(wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor) -> tuple[float, float]:
+    V = wa.float() - wu.float()
+    M = V.t() @ dW.float()
+    return float(M.square().sum(dtype=torch.float64)), float((V @ M).square().sum(dtype=torch.float64))
+
+
+def bf16_tflops(device: torch.device, time_ms) -> float:
+    """Rate of a bf16 8192^3 matmul on this GPU, measured now (the tensor-core reference)."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / time_ms(lambda: a @ b, 10, 3) / 1e9
+
+
+def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, gflops: float, time_ms) -> list[dict]:
+    """Full-rank scoring per backend against naive-full and the floor; see the module docstring."""
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    tc = bf16_tflops(device, time_ms) if device.type == "cuda" else None
+    if tc is not None:
+        meta["bf16_matmul_tflops"] = round(tc, 1)
+        print(f"bf16 matmul rate measured now: {tc:.0f} TFLOP/s", flush=True)
+    calls: dict[str, Callable] = {}
+    for name in providers:
+        impl = backends.resolve(name, device.type)[1]
+        calls[name] = impl.fullrank_sums
+        if name == "triton" and device.type == "cuda":
+            calls["triton-tf32"] = lambda a, u, d, impl=impl: impl.fullrank_sums(a, u, d, precision="tf32")
+    rows = []
+    for shape in args.shapes.split(","):
+        d_out, d_in = (int(x) for x in shape.lower().split("x"))
+        wa, wu = setup(d_out, d_in, dtype, device)
+        dW = (torch.randn(d_out, d_in, device=device) * 0.001).to(dtype)
+        nbytes = 3 * wa.numel() * wa.element_size()
+        read_ms = time_ms(lambda: (wa.amax(), wu.amax(), dW.amax()), args.reps, 1)
+        flops = 4 * d_out * d_in * d_in
+        arith_ms = flops / gflops / 1e6
+        floor_ms = max(read_ms, arith_ms)
+        m2_ref, n2_ref = naive_full(wa, wu, dW)
+        naive_ms = time_ms(lambda: naive_full(wa, wu, dW), args.reps, 1)
+        times = {"naive-full": naive_ms}
+        for name, fn in calls.items():
+            m2, n2, _, _ = fn(wa, wu, dW)
+            err = max(abs(m2 - m2_ref) / m2_ref, abs(n2 - n2_ref) / n2_ref)
+            if err > (1e-2 if "tf32" in name else 1e-3):
+                raise AssertionError(f"{name} disagrees with naive torch at {shape}: rel err {err:.2e}")
+            times[name] = time_ms(lambda fn=fn: fn(wa, wu, dW), args.reps, 1)
+        for name, ms in times.items():
+            rows.append({
+                "provider": name, "shape": f"{d_out}x{d_in}", "r": "full", "time_ms": round(ms, 3),
+                "gbps": round(nbytes / ms / 1e6, 2), "tflops": round(flops / ms / 1e9, 3),
+                "pct_bf16_mm": round(100 * flops / ms / 1e9 / tc, 1) if tc else None,
+                "x_floor": round(ms / floor_ms, 2), "x_naive": round(naive_ms / ms, 2),
+                "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
+                "loadavg_1m": round(os.getloadavg()[0], 2), **meta,
+            })
+        _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}"], header=len(rows) == len(times),
+                    cols=_COLS_FULL)
+        del wa, wu, dW
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     time_ms = timer(device)
@@ -164,6 +236,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         from safemerge_ext import _cpu
 
         meta["cpp_isa"], meta["cpp_openmp"] = _cpu.isa(), _cpu.openmp()
+    if args.fullrank:
+        return run_fullrank(args, providers, meta, gflops, time_ms)
     rows = []
     ranks = [int(r) for r in args.ranks.split(",")]
     for shape in args.shapes.split(","):
@@ -213,6 +287,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 _COLS = ["shape", "r", "provider", "time_ms", "gbps", "x_floor", "x_naive", "x_materialized", "floor_ms",
          "read_ms", "arith_ms"]
+_COLS_FULL = ["shape", "provider", "time_ms", "tflops", "pct_bf16_mm", "x_floor", "x_naive", "floor_ms", "read_ms",
+              "arith_ms"]
 
 
 def _fmt(v) -> str:
@@ -223,12 +299,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _print_rows(rows: list[dict], header: bool) -> None:
+def _print_rows(rows: list[dict], header: bool, cols: list[str] = _COLS) -> None:
     if header:
-        print("| " + " | ".join(_COLS) + " |")
-        print("|" + "|".join("---" for _ in _COLS) + "|")
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "|".join("---" for _ in cols) + "|")
     for row in rows:
-        print("| " + " | ".join(_fmt(row[c]) for c in _COLS) + " |", flush=True)
+        print("| " + " | ".join(_fmt(row[c]) for c in cols) + " |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,13 +317,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--materialized", choices=["auto", "always", "never"], default="auto")
     p.add_argument("--quick", action="store_true", help="4096x4096, r=16, 3 reps")
+    p.add_argument("--fullrank", action="store_true",
+                   help="time the full-fine-tune path (fullrank_sums) instead of the low-rank passes")
     p.add_argument("--out", default="", help="JSON path (default benchmarks/results/scoring-<host>-<date>.json)")
     args = p.parse_args(argv)
     if args.quick:
         args.shapes, args.ranks, args.reps = "4096x4096", "16", 3
+    if args.fullrank and args.shapes == ",".join(LLAMA_SHAPES) and args.device == "cpu":
+        args.shapes = "1024x1024,2048x2048,1024x4096"  # 4 d_out d_in^2 flops: seconds per call on a CPU
     rows = run(args)
+    kind = "fullrank" if args.fullrank else "scoring"
     out = Path(args.out) if args.out else (
-        ROOT / "benchmarks" / "results" / f"scoring-{socket.gethostname()}-{dt.date.today().isoformat()}.json")
+        ROOT / "benchmarks" / "results" / f"{kind}-{socket.gethostname()}-{dt.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
     print(f"wrote {out}")

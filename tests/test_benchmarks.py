@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end on tiny shapes (their figures come from real runs; these
+tests only keep the scripts from rotting) and their rows hold what RESULTS.md quotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _cpu_backends() -> str:
+    from safemerge_ext.backends import available_backends
+
+    return ",".join(n for n in ("cpp", "torch") if available_backends()[n] is None)
+
+
+def test_bench_scoring_lowrank_and_fullrank(tmp_path):
+    import bench_scoring
+
+    out = tmp_path / "s.json"
+    assert bench_scoring.main(["--device", "cpu", "--shapes", "67x131,64x64", "--ranks", "1,5", "--reps", "1",
+                               "--backends", _cpu_backends(), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    providers = {r["provider"] for r in rows}
+    assert {"naive", "torch", "materialized"} <= providers
+    assert {(r["shape"], r["r"]) for r in rows} == {(s, r) for s in ("67x131", "64x64") for r in (1, 5)}
+    assert all(r["time_ms"] > 0 and r["floor_ms"] > 0 and r["x_floor"] > 0 for r in rows)
+
+    out = tmp_path / "f.json"
+    assert bench_scoring.main(["--device", "cpu", "--fullrank", "--shapes", "48x96", "--reps", "1",
+                               "--backends", _cpu_backends(), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {"naive-full", "torch"} <= {r["provider"] for r in rows}
+    assert all(r["r"] == "full" and r["tflops"] > 0 and r["pct_bf16_mm"] is None for r in rows)
+
+
+def test_bench_end_to_end_tiny(tmp_path):
+    out = tmp_path / "e.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_end_to_end.py"), "--shape", "tiny", "--data", str(tmp_path),
+         "--skip", "mergekit", "reference", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert "error" not in str(rows), rows
+    assert {"floor", "copy-floor", "safemerge-model"} <= set(rows)
+    ours = [r for n, r in rows.items() if n.startswith("safemerge-adapter")]
+    assert ours and all(r["flagged"] >= 0 and r["time_s"] > 0 and r["peak_rss_mb"] > 0 for r in ours)
+    assert data["meta"]["device"] == "cpu" and data["meta"]["cache"] == "warm"
