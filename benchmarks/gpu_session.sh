@@ -9,7 +9,8 @@
 # It uses the machine's own python3 (torch, triton, transformers, peft, safetensors, pybind11 are
 # there; mergekit is not, so its tests skip and the mergekit contender is left out). Logs and JSON
 # go to $OUT (the device tool brings them back) or to ./gpu-out. Copy the tables into
-# benchmarks/RESULTS.md with the GPU's name and the date.
+# benchmarks/RESULTS.md with the GPU's name and the date. pyproject.toml's SPDX licence string needs
+# setuptools >= 77 there; if the build stops on it, carry a newer setuptools wheel (device README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-test}"
