@@ -130,26 +130,17 @@ template <> struct Elem<kF16> {
 
 // V[rows, 0:w) = A - U into buf (row stride ldbuf), each 16-column group in Elem<DT>::pos order,
 // zero-filled up to wpad (a multiple of 16). Returns sum V^2 (fp32 lanes over this block, reduced
-// in a fixed order into a double). The same segment of the rows at next_a / next_u (the block
-// processed after this one, or null) is prefetched into L2 while this one is converted.
+// in a fixed order into a double).
 template <int DT>
 SM_INLINE double form_v(const typename Elem<DT>::T* a, const typename Elem<DT>::T* u, int64_t lda,
-                        int64_t ldu, int rows, int w, int wpad, int ldbuf, float* buf,
-                        const typename Elem<DT>::T* next_a, const typename Elem<DT>::T* next_u) {
+                        int64_t ldu, int rows, int w, int wpad, int ldbuf, float* buf) {
   using E = Elem<DT>;
-  constexpr int kLine = 64 / int(sizeof(typename E::T));
   v8f sq = {0, 0, 0, 0, 0, 0, 0, 0};
   const int wfull = w & ~15;
   for (int i = 0; i < rows; ++i) {
     const typename E::T* pa = a + int64_t(i) * lda;
     const typename E::T* pu = u + int64_t(i) * ldu;
     float* o = buf + int64_t(i) * ldbuf;
-    if (next_a) {
-      for (int j = 0; j < w; j += kLine) {
-        __builtin_prefetch(next_a + int64_t(i) * lda + j, 0, 2);
-        __builtin_prefetch(next_u + int64_t(i) * ldu + j, 0, 2);
-      }
-    }
     int j = 0;
     for (; j < wfull; j += 16) {
       v8f alo, ahi, ulo, uhi;
@@ -172,6 +163,29 @@ SM_INLINE double form_v(const typename Elem<DT>::T* a, const typename Elem<DT>::
   for (int l = 0; l < 8; ++l) s += double(sq[l]);
   return s;
 }
+
+// Prefetches the next block (rows x w elements at a / u) into L2 in slices, one per call of
+// step(), so its loads are in flight while the current block's FMAs run instead of all at once
+// before them (measured at 4096x4096 bf16 r=8 on 2 cores: 10.2 -> 8.9 ms).
+template <typename T>
+struct BlockPrefetch {
+  static constexpr int kLine = 64 / int(sizeof(T));
+  const T *a = nullptr, *u = nullptr;
+  int64_t lda = 0, ldu = 0;
+  int lines = 0, total = 0, per = 0, next = 0;
+  BlockPrefetch(const T* a_, const T* u_, int64_t lda_, int64_t ldu_, int rows, int w, int steps)
+      : a(a_), u(u_), lda(lda_), ldu(ldu_), lines((w + kLine - 1) / kLine) {
+    total = a ? 2 * rows * lines : 0;
+    per = (total + steps - 1) / steps;
+  }
+  SM_INLINE void step() {
+    for (const int end = std::min(total, next + per); next < end; ++next) {
+      const int row = (next >> 1) / lines, line = (next >> 1) % lines;
+      const T* p = (next & 1) ? u + row * ldu : a + row * lda;
+      __builtin_prefetch(p + int64_t(line) * kLine, 0, 2);
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Pass 1: T = V^T B, ||V||^2. One band = P1_BAND columns of V over all rows, walked down in
@@ -218,11 +232,14 @@ SM_INLINE double pass1_band_impl(const typename Elem<DT>::T* wa, const typename 
   double vsq = 0.0;
   for (int64_t i0 = 0; i0 < d_out; i0 += P1_KC) {
     const int kc = int(std::min<int64_t>(P1_KC, d_out - i0));
-    const bool more = i0 + P1_KC < d_out;
-    vsq += form_v<DT>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, kc, w, strips * 16, P1_LD, buf,
-                      more ? wa + (i0 + P1_KC) * lda + c0 : nullptr, more ? wu + (i0 + P1_KC) * ldu + c0 : nullptr);
+    const int64_t ni = i0 + P1_KC;  // the next block: the next rows of this band
+    const bool more = ni < d_out;
+    vsq += form_v<DT>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, kc, w, strips * 16, P1_LD, buf);
+    BlockPrefetch<typename Elem<DT>::T> next(more ? wa + ni * lda + c0 : nullptr, more ? wu + ni * ldu + c0 : nullptr,
+                                             lda, ldu, int(std::min<int64_t>(P1_KC, d_out - ni)), w, strips);
     const float* Bi = B + i0 * r;
     for (int s = 0; s < strips; ++s) {
+      next.step();
       const float* x = buf + 16 * s;
       int k0 = 0;
       for (; k0 + P1_NR <= r; k0 += P1_NR) p1_tile<P1_NR>(x, kc, Bi + k0, r, tacc + k0 * P1_LD + 16 * s);
@@ -281,12 +298,17 @@ SM_INLINE void pass2_tile_impl(const typename Elem<DT>::T* wa, const typename El
     const int kcp = (kc + 15) & ~15;
     const int64_t nc = c0 + P2_KC < d_in ? c0 + P2_KC : 0, ni = nc ? i0 : i0 + P2_MR;  // next block
     const bool more = ni < d_out;
-    form_v<DT>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, rows, kc, kcp, P2_KC, buf,
-               more ? wa + ni * lda + nc : nullptr, more ? wu + ni * ldu + nc : nullptr);
+    form_v<DT>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, rows, kc, kcp, P2_KC, buf);
+    BlockPrefetch<typename Elem<DT>::T> next(more ? wa + ni * lda + nc : nullptr, more ? wu + ni * ldu + nc : nullptr,
+                                             lda, ldu, more ? int(std::min<int64_t>(P2_MR, d_out - ni)) : 0,
+                                             more ? int(std::min<int64_t>(P2_KC, d_in - nc)) : 0, (r + P2_NR - 1) / P2_NR);
     const bool first = c0 == 0;
     int k0 = 0;
-    for (; k0 + P2_NR <= r; k0 += P2_NR)
+    for (; k0 + P2_NR <= r; k0 += P2_NR) {
+      next.step();
       p2_tile<P2_NR>(buf, kcp / 8, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * 8, first);
+    }
+    next.step();
     if (r - k0 == 2) p2_tile<2>(buf, kcp / 8, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * 8, first);
     if (r - k0 == 1) p2_tile<1>(buf, kcp / 8, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * 8, first);
   }
