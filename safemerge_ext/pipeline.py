@@ -159,9 +159,10 @@ def open_run(
 
 READ_AHEAD_LAYERS = 2
 READ_AHEAD_BYTES = 64 << 20
-"""The read-ahead thread holds at most this many layers, and this many bytes, beyond the layer
-being scored (always at least one layer): peak memory is about two layers' weights for large
-models and three for small ones, whatever the depth."""
+"""How far the read-ahead runs beyond the layer being scored: at most this many layers and this
+many bytes (always at least one layer). On the CPU that is disk reads started into the page cache,
+which the process does not hold; with ``--device cuda`` it is pinned buffers and device copies, so
+peak memory there is about two layers' weights for large models and three for small ones."""
 
 
 def prefetch(
@@ -235,32 +236,6 @@ def _non_finite(run: Run, layer: Layer, wa: torch.Tensor, wu: torch.Tensor) -> S
     return SafeMergeError(f"scoring {layer.module} overflowed (the weights are too large for fp32 sums)")
 
 
-class BufferPool:
-    """Host buffers the scorer is done with, handed back to the reader by byte size (at most
-    ``limit`` bytes kept), so the read-ahead reuses memory instead of faulting in fresh pages."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.held = limit, 0
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> torch.Tensor | None:
-        with self._lock:
-            free = self._free.get(nbytes)
-            if not free:
-                return None
-            self.held -= nbytes
-            return free.pop()
-
-    def give(self, t: torch.Tensor) -> None:
-        if t.device.type != "cpu" or not t.is_contiguous() or t.is_pinned():
-            return
-        with self._lock:
-            if self.held + t.nbytes <= self.limit:
-                self._free.setdefault(t.nbytes, []).append(t)
-                self.held += t.nbytes
-
-
 def read_order(run: Run) -> list[int]:
     """Layer indices grouped by the aligned model's shard (each file read front to back once)."""
     shard_rank = {shard: i for i, shard in enumerate(run.aligned.shards())}
@@ -270,9 +245,11 @@ def read_order(run: Run) -> list[int]:
 def score_layers(run: Run, *, progress: bool | None = None, with_projection: bool = False) -> list[ops.Score]:
     """Score every layer's task update, reading each weight pair once, with read-ahead.
 
-    A background thread reads the next layers while the current one is scored; on CUDA it stages
-    them through pinned memory and copies on a side stream, and the scorer waits on an event.
-    Scores come back in model order.
+    On the CPU a background thread starts the disk reads of the next layers into the page cache,
+    and the scorer reads each pair straight from there (a private mapping, no copy) and drops it
+    before the next: the process holds one pair, whatever the model's size. On CUDA the thread
+    reads the next layers into pinned memory and copies them on a side stream, and the scorer
+    waits on an event. Scores come back in model order.
     """
     from tqdm.auto import tqdm
 
@@ -283,21 +260,22 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
         shape, dtype = run.aligned.meta(run.layers[i].weight)
         return 2 * math.prod(shape) * dtype.itemsize
 
-    pool = BufferPool(READ_AHEAD_BYTES)
-
     def load(i: int):
-        layer = run.layers[i]
+        weight = run.layers[i].weight
         t0 = time.perf_counter()
-        nbytes = pair_bytes(i) // 2
-        wa = run.aligned.get(layer.weight, pin_memory=cuda, into=pool.take(nbytes))
-        wu = run.unaligned.get(layer.weight, pin_memory=cuda, into=pool.take(nbytes))
-        ready = None
-        if cuda:
-            with torch.cuda.stream(side):
-                wa = wa.to(run.device, non_blocking=True)
-                wu = wu.to(run.device, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(side)
+        if not cuda:
+            run.aligned.will_need(weight)
+            run.unaligned.will_need(weight)
+            wa, wu = run.aligned.map(weight), run.unaligned.map(weight)
+            run.tick("read_s", t0)
+            return wa, wu, None
+        wa = run.aligned.get(weight, pin_memory=True)
+        wu = run.unaligned.get(weight, pin_memory=True)
+        with torch.cuda.stream(side):
+            wa = wa.to(run.device, non_blocking=True)
+            wu = wu.to(run.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(side)
         run.tick("read_s", t0)
         return wa, wu, ready
 
@@ -320,10 +298,7 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
                 )
             except FloatingPointError:
                 raise _non_finite(run, layer, wa, wu) from None
-            if not cuda:  # nothing scoring returns refers to the weights
-                pool.give(wa)
-                pool.give(wu)
-            del wa, wu, ready  # before the next read is admitted (see prefetch)
+            del wa, wu, ready  # unmaps the pair (CPU) before the next read is admitted (see prefetch)
             bar.update(1)
     finally:
         bar.close()

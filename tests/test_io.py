@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+
+import pytest
 
 import torch
 from safetensors.torch import save_file
@@ -28,25 +31,54 @@ def test_reader_reads_only_what_is_asked(fx):
     assert torch.equal(t, load_model(fx.aligned)["model.layers.1.mlp.down_proj.weight"])
 
 
-def test_reader_reuses_a_buffer(fx):
-    """get(into=...) reads into memory the caller is done with; a buffer of the wrong size or
-    layout is ignored (a fresh one is allocated)."""
+def test_reader_maps_tensors_without_copying(fx):
+    """map() is a view of the file's pages: equal to get(), counted in bytes_read, and private
+    (writing to it never reaches the file)."""
     r = ModelReader(fx.aligned, "--aligned")
     ref = load_model(fx.aligned)
-    up = r.get("model.layers.0.mlp.up_proj.weight")          # 96 x 64 fp32
-    gate_name = "model.layers.1.mlp.gate_proj.weight"         # same byte size
-    gate = r.get(gate_name, into=up)
-    assert gate.data_ptr() == up.data_ptr() and torch.equal(gate, ref[gate_name])
-    down_name = "model.layers.1.mlp.down_proj.weight"         # 64 x 96: same bytes, other shape
-    down = r.get(down_name, into=gate)
-    assert down.shape == (64, 96) and torch.equal(down, ref[down_name])
-    k_name = "model.layers.0.self_attn.k_proj.weight"         # smaller: not reused
-    k = r.get(k_name, into=down)
-    assert k.data_ptr() != down.data_ptr() and torch.equal(k, ref[k_name])
-    strided = torch.empty(64, 128)[:, ::2]  # the right byte size, not contiguous
-    q_name = "model.layers.0.self_attn.q_proj.weight"
-    assert r.get(q_name, into=strided).data_ptr() != strided.data_ptr()
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight", "model.norm.weight"):
+        before = r.bytes_read
+        r.will_need(name)
+        t = r.map(name)
+        assert t.shape == ref[name].shape and t.dtype == ref[name].dtype and torch.equal(t, ref[name])
+        assert r.bytes_read - before == t.numel() * t.element_size()
+    t = r.map("model.layers.0.mlp.up_proj.weight")
+    t.fill_(7.0)
+    assert torch.equal(ModelReader(fx.aligned).get("model.layers.0.mlp.up_proj.weight"), ref["model.layers.0.mlp.up_proj.weight"])
 
+
+def test_reader_map_falls_back_to_reading(fx, monkeypatch):
+    """Where the file system cannot map files, map() reads the bytes instead."""
+    import mmap as mmap_module
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(mmap_module, "mmap", refuse)
+    r = ModelReader(fx.aligned, "--aligned")
+    name = "model.layers.1.mlp.gate_proj.weight"
+    assert torch.equal(r.map(name), load_model(fx.aligned)[name])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_mapped_pages_leave_the_resident_set_with_the_tensor(tmp_path):
+    """A mapped tensor's pages count in RSS once touched and leave it when the tensor is dropped:
+    what keeps the pipeline's memory at one layer pair."""
+
+    def rss_file_kb() -> int:
+        return int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("RssFile")))
+
+    w = torch.randn(2048, 1024)  # 8 MiB
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    r = ModelReader(tmp_path)
+    base = rss_file_kb()
+    t = r.map("w")
+    assert float(t.double().sum()) == float(w.double().sum())
+    touched = rss_file_kb() - base
+    del t
+    left = rss_file_kb() - base
+    assert touched > 7 * 1024, f"touching 8 MiB of mapped pages added only {touched} KiB to RSS"
+    assert left < 1024, f"{left} KiB of the dropped tensor's pages are still resident"
 
 def test_reader_single_file(tmp_path):
     save_file({"a.weight": torch.randn(3, 4), "b": torch.randn(2)}, tmp_path / "model.safetensors")
