@@ -113,50 +113,61 @@ def _import_agg():
 
 
 def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
-    """Cosine per layer in model order, the threshold line, flagged layers marked.
+    """Cosine per transformer layer, one line per module kind (q_proj, v_proj, ...), flagged
+    modules marked, the threshold drawn.
 
-    Uses a bare Agg Figure (no pyplot state), so it is safe in any thread and needs no display.
+    Modules are placed by the layer number in their names; when some name has none (``lm_head``),
+    by model order instead. Uses a bare Agg Figure (no pyplot state), so it is safe in any thread
+    and needs no display.
     """
     Figure, FigureCanvasAgg = _import_agg()
+    from matplotlib.ticker import MaxNLocator
 
     layers = report["layers"]
-    xs = list(range(len(layers)))
+    xs, by_layer, kinds = plot_series(layers)
     ys = [float("nan") if r["cosine"] is None else r["cosine"] for r in layers]
-    fig = Figure(figsize=(max(6.0, min(24.0, 0.12 * len(layers) + 4)), 4.0), dpi=110)
+    span = max(xs, default=0) - min(xs, default=0)
+    fig = Figure(figsize=(max(7.0, min(17.0, 0.1 * span + 5)), 4.0), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.plot(xs, ys, "-", color="0.75", lw=0.8, zorder=1)
-    kept = [(x, y) for x, y, r in zip(xs, ys, layers) if not r["flagged"]]
-    flagged = [(x, y) for x, y, r in zip(xs, ys, layers) if r["flagged"]]
-    if kept:
-        ax.scatter(*zip(*kept), s=14, color="tab:blue", label="kept", zorder=2)
+    for k, (kind, idx) in enumerate(kinds.items()):
+        ax.plot([xs[i] for i in idx], [ys[i] for i in idx], "o-", ms=3.5, lw=0.9, color=f"C{k % 10}",
+                label=kind, zorder=2)
+    flagged = [i for i, r in enumerate(layers) if r["flagged"]]
     if flagged:
-        ax.scatter(*zip(*flagged), s=30, color="tab:red", marker="x", label="flagged", zorder=3)
-    degenerate = [x for x, r in zip(xs, layers) if r["cosine"] is None]
-    for x in degenerate:
-        ax.axvline(x, color="0.85", lw=0.6, zorder=0)
+        ax.scatter([xs[i] for i in flagged], [ys[i] for i in flagged], s=36, color="tab:red", marker="x",
+                   label="flagged", zorder=3)
+    for i, r in enumerate(layers):
+        if r["cosine"] is None:
+            ax.axvline(xs[i], color="0.85", lw=0.6, zorder=0)
     threshold = report["settings"].get("threshold")
     if threshold is not None and report["settings"].get("selection") == "threshold":
         ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:g}")
-    ax.set_xlabel("layer (model order)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("transformer layer" if by_layer else "module (model order)")
     ax.set_ylabel("cos(C dW, dW)")
-    title = f"{report['method']}: {report['counts']['flagged']} of {report['counts']['layers']} layers flagged"
-    ax.set_title(title)
-    if len(layers) <= 40:
-        ax.set_xticks(xs, [_short(r["module"]) for r in layers], rotation=90, fontsize=6)
-    ax.legend(loc="best", fontsize=8)
-    # Fixed margins instead of tight_layout(), which renders the whole figure once more just to
-    # measure the labels (a third of the plot's cost); the bottom margin holds the rotated ticks.
+    # y given: the title sits above the axes as usual, without a layout pass to dodge the ticks
+    ax.set_title(f"{report['method']}: {report['counts']['flagged']} of {report['counts']['layers']} modules flagged", y=1.0)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    # Fixed margins (the legend sits in the right one) instead of tight_layout(), which renders
+    # the whole figure once more just to measure the labels.
     width, height = fig.get_size_inches()
-    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, top=1 - 0.35 / height,
-                        bottom=(1.05 if len(layers) <= 40 else 0.5) / height)
+    fig.subplots_adjust(left=0.8 / width, right=1 - 1.35 / width, top=1 - 0.35 / height, bottom=0.55 / height)
     fig.savefig(path)
 
 
-def _short(module: str) -> str:
-    parts = module.split(".")
-    nums = [p for p in parts if p.isdigit()]
-    return f"{nums[0]}.{parts[-1]}" if nums else parts[-1]
+def plot_series(layers: list[dict[str, Any]]) -> tuple[list[int], bool, dict[str, list[int]]]:
+    """Where the plot puts each module: (x per module, whether x is the layer number, the indices
+    of each line's modules by label). x is the first all-digit part of the name
+    (``model.layers.12.mlp.up_proj`` -> 12) and each module kind is a line; when some name has no
+    number (``lm_head``), x is the model order and all modules are one line."""
+    numbers = [next((int(p) for p in r["module"].split(".") if p.isdigit()), None) for r in layers]
+    if all(n is not None for n in numbers):
+        kinds: dict[str, list[int]] = {}
+        for i, r in enumerate(layers):
+            kinds.setdefault(r["module"].rsplit(".", 1)[-1], []).append(i)
+        return numbers, True, kinds
+    return list(range(len(layers))), False, {"cosine": list(range(len(layers)))}
 
 
 def _fmt_bytes(n: int) -> str:

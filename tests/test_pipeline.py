@@ -285,6 +285,24 @@ def test_report_schema(fx, tmp_path):
         assert torch.equal(v, load_file(quiet / "adapter_model.safetensors")[k]), k
 
 
+def test_report_plot_lines(tmp_path):
+    """The plot draws one line per module kind over the layer number; names without a number put
+    every module on one line in model order. Both render, degenerate layers included."""
+    from safemerge_ext.report import plot, plot_series
+
+    names = [f"model.layers.{i}.self_attn.{k}" for i in range(3) for k in ("q_proj", "v_proj")]
+    layers = [{"module": n, "cosine": None if i == 3 else 0.1 * i, "flagged": i == 2} for i, n in enumerate(names)]
+    xs, by_layer, kinds = plot_series(layers)
+    assert by_layer and xs == [0, 0, 1, 1, 2, 2] and kinds == {"q_proj": [0, 2, 4], "v_proj": [1, 3, 5]}
+    xs, by_layer, kinds = plot_series(layers + [{"module": "lm_head", "cosine": 0.5, "flagged": False}])
+    assert not by_layer and xs == list(range(7)) and kinds == {"cosine": list(range(7))}
+    for i, rows in enumerate((layers, layers + [{"module": "lm_head", "cosine": 0.5, "flagged": False}])):
+        report = {"layers": rows, "settings": {"threshold": 0.25, "selection": "threshold"}, "method": "safemerge",
+                  "counts": {"flagged": 1, "layers": len(rows)}}
+        plot(report, tmp_path / f"{i}.png")
+        assert (tmp_path / f"{i}.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def _bin_dir() -> Path:
     return Path(sys.executable).parent
 
