@@ -8,7 +8,6 @@ import math
 import sys
 
 import pytest
-
 import torch
 from safetensors.torch import save_file
 
