@@ -204,7 +204,7 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, gfl
         for name, ms in times.items():
             rows.append({
                 "provider": name, "shape": f"{d_out}x{d_in}", "r": "full", "time_ms": round(ms, 3),
-                "gbps": round(nbytes / ms / 1e6, 2), "tflops": round(flops / ms / 1e9, 3),
+                "gbps": round(nbytes / ms / 1e6, 2), "tflops": float(f"{flops / ms / 1e9:.4g}"),
                 "pct_bf16_mm": round(100 * flops / ms / 1e9 / tc, 1) if tc else None,
                 "x_floor": round(ms / floor_ms, 2), "x_naive": round(naive_ms / ms, 2),
                 "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
