@@ -127,9 +127,9 @@ def open_run(
             )
         if dtype not in (torch.float32, torch.float16, torch.bfloat16) or len(shape) != 2:
             raise SafeMergeError(f"--aligned tensor {weight} is {dtype} {shape}; LoRA targets must be 2-D fp32/fp16/bf16 weights")
-        if (lm.B.shape[0], lm.A.shape[1]) != shape:
+        if (lm.d_out, lm.d_in) != shape:
             raise SafeMergeError(
-                f"{task.flag} {task.path}: module {module} is {lm.B.shape[0]}x{lm.A.shape[1]} but {weight} is "
+                f"{task.flag} {task.path}: module {module} is {lm.d_out}x{lm.d_in} but {weight} is "
                 f"{shape[0]}x{shape[1]}; the adapter belongs to another model"
             )
         sm = None
@@ -140,9 +140,9 @@ def open_run(
                     f"{safety.flag} {safety.path}: has no update for module {module}, which {task.flag} adapts; "
                     "train the safety adapter on the same target modules"
                 )
-            if (sm.B.shape[0], sm.A.shape[1]) != shape:
+            if (sm.d_out, sm.d_in) != shape:
                 raise SafeMergeError(
-                    f"{safety.flag} {safety.path}: module {module} is {sm.B.shape[0]}x{sm.A.shape[1]} but {weight} is "
+                    f"{safety.flag} {safety.path}: module {module} is {sm.d_out}x{sm.d_in} but {weight} is "
                     f"{shape[0]}x{shape[1]}; the adapter belongs to another model"
                 )
         layers.append(Layer(module, weight, shape, lm, sm))
@@ -392,13 +392,6 @@ class MergeSettings:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
 
 
-def _out_dtype(*ts: torch.Tensor) -> torch.dtype:
-    dt = ts[0].dtype
-    for t in ts[1:]:
-        dt = torch.promote_types(dt, t.dtype)
-    return dt
-
-
 def merge(
     aligned: str | Path, unaligned: str | Path, task_adapter: str | Path, safety_adapter: str | Path, out: str | Path,
     settings: MergeSettings, *, backend: str = "auto", device: str = "cpu", force: bool = False,
@@ -428,21 +421,27 @@ def merge(
                                   density=settings.density, seed=settings.seed, module=layer.module)
         return dW, None, None
 
+    def merged_module(layer: Layer, rec: LayerRecord) -> OutModule:
+        """A flagged layer's merged factors, made when written: rank r_f + r_s (at most the layer's
+        smaller side for the SVD of ties/dare), in the two adapters' promoted dtype."""
+        t, s = layer.task, layer.safety
+        rank = t.rank + s.rank if settings.method == "linear" else min(t.rank + s.rank, *layer.shape)
+        dt = torch.promote_types(t.dtypes[1], s.dtypes[1])
+
+        def make() -> tuple[torch.Tensor, torch.Tensor]:
+            dW, B, A = merged_update(layer)
+            if dW is not None:
+                B, A, rel = merging.truncated_factors(dW, t.rank + s.rank)
+                rec.extra["svd_rel_error"] = rel
+            return A.to(dt), B.to(dt)
+
+        return OutModule(layer.module, (rank, t.d_in), (t.d_out, rank), (dt, dt), unit_alpha(rank, use_rslora), make)
+
     with staged_dir(out, force) as tmp:
         if settings.output == "adapter":
-            modules: list[OutModule] = []
-            for layer, rec in zip(run.layers, records):
-                t = layer.task
-                if not rec.flagged:
-                    modules.append(OutModule(layer.module, t.A, t.B, t.alpha))
-                    continue
-                dW, B, A = merged_update(layer)
-                if dW is not None:
-                    B, A, rel = merging.truncated_factors(dW, t.rank + layer.safety.rank)
-                    rec.extra["svd_rel_error"] = rel
-                dt = _out_dtype(t.B, layer.safety.B)
-                modules.append(OutModule(layer.module, A.to(dt), B.to(dt), unit_alpha(A.shape[0], use_rslora)))
-            write_adapter(tmp, task.config, modules)
+            modules = [merged_module(layer, rec) if rec.flagged else OutModule.from_lora(layer.task)
+                       for layer, rec in zip(run.layers, records)]
+            write_adapter(tmp, task.config, modules)  # makes each module's factors as it writes it
         else:
             by_weight = {layer.weight: (layer, rec) for layer, rec in zip(run.layers, records)}
 
@@ -486,11 +485,11 @@ def project(
     flags = _select(run, scores, selection)
     records = _records(run, scores, flags, "projected")
     t0 = time.perf_counter()
-    new_B = {layer.module: s.projected_B.to(layer.task.B.dtype) for layer, s, f in zip(run.layers, scores, flags) if f}
+    new_B = {layer.module: s.projected_B.to(layer.task.dtypes[1]) for layer, s, f in zip(run.layers, scores, flags) if f}
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             write_adapter(tmp, task.config, [
-                OutModule(layer.module, layer.task.A, new_B.get(layer.module, layer.task.B), layer.task.alpha)
+                OutModule.from_lora(layer.task, (lambda B=new_B[layer.module]: B) if layer.module in new_B else None)
                 for layer in run.layers
             ])
         else:
@@ -500,7 +499,7 @@ def project(
                 layer = by_weight.get(name)
                 if layer is None:
                     return None
-                B = new_B.get(layer.module, layer.task.B)
+                B = new_B[layer.module] if layer.module in new_B else layer.task.B
                 return (B.float() @ layer.task.A.float()) * layer.task.scaling
 
             write_model(run.aligned, tmp, update_for)

@@ -204,9 +204,9 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
                     f"{label}: LoRA adapter {ref.lora.path} targets {module}, which {ref.model.path} does not have"
                 )
             d_out, d_in = reader.meta(wname)[0]
-            if m.B.shape[0] != d_out or m.A.shape[1] != d_in:
+            if m.d_out != d_out or m.d_in != d_in:
                 raise SafeMergeError(
-                    f"{label}: LoRA adapter {ref.lora.path} module {module} is {m.B.shape[0]}x{m.A.shape[1]} "
+                    f"{label}: LoRA adapter {ref.lora.path} module {module} is {m.d_out}x{m.d_in} "
                     f"but the weight {wname} is {d_out}x{d_in}"
                 )
     return has_lora, checked

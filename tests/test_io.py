@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from safemerge_ext.io.adapters import OutModule, pattern_key, read_adapter, unit_alpha, write_adapter
 from safemerge_ext.io.model_writer import write_model
@@ -79,6 +79,48 @@ def test_mapped_pages_leave_the_resident_set_with_the_tensor(tmp_path):
     assert touched > 7 * 1024, f"touching 8 MiB of mapped pages added only {touched} KiB to RSS"
     assert left < 1024, f"{left} KiB of the dropped tensor's pages are still resident"
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_adapter_factors_are_read_when_used_and_written_one_module_at_a_time(tmp_path):
+    """read_adapter checks every factor but keeps none in memory, and write_adapter makes and writes
+    one module's factors at a time: neither grows the resident set by the adapter's size."""
+
+    def status_kb(key: str) -> int:
+        return int(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith(key + ":")))
+
+    torch.manual_seed(5)
+    d, r, n = 2048, 256, 8  # per module: A 256x2048 and B 2048x256 in fp32, 4 MiB; 32 MiB in all
+    tensors, config = {}, {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r}
+    for i in range(n):
+        key = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = torch.randn(r, d), torch.randn(d, r)
+    src = tmp_path / "ad"
+    src.mkdir()
+    save_file(tensors, str(src / "adapter_model.safetensors"))
+    (src / "adapter_config.json").write_text(json.dumps(config))
+
+    read_adapter(src)  # the first call's torch code pages and allocator arenas are not the adapter's
+    base = status_kb("VmRSS")
+    adapter = read_adapter(src)
+    held = status_kb("VmRSS") - base
+    assert adapter.nbytes == 32 << 20 and len(adapter.modules) == n
+    assert held < 4 << 10, f"an opened 32 MiB adapter holds {held} KiB"
+    m = adapter.modules["model.layers.3.self_attn.q_proj"]
+    assert (m.rank, m.d_out, m.d_in, m.scaling) == (r, d, d, 2.0)
+    assert torch.equal(m.A, tensors["base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"])
+    assert torch.equal(m.B, tensors["base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight"])
+
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+        f.write("5")
+    base = status_kb("VmRSS")
+    write_adapter(tmp_path / "out", config, [OutModule.from_lora(m) for m in adapter.modules.values()])
+    peak = status_kb("VmHWM") - base
+    assert peak < 12 << 10, f"writing a 32 MiB adapter raised peak RSS by {peak} KiB"
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], t) for k, t in tensors.items())
+    assert read_adapter(tmp_path / "out").modules["model.layers.7.self_attn.q_proj"].scaling == 2.0
+
+
 def test_reader_single_file(tmp_path):
     save_file({"a.weight": torch.randn(3, 4), "b": torch.randn(2)}, tmp_path / "model.safetensors")
     r = ModelReader(tmp_path)
@@ -133,9 +175,9 @@ def test_written_mixed_rank_adapter_loads_in_peft(fx, tmp_path):
     mods, want = [], {}
     for i, (name, m) in enumerate(ad.modules.items()):
         r = 1 + i % 11  # ranks 1..11 across modules, including names like layers.1 and layers.11
-        A, B = torch.randn(r, m.A.shape[1]), torch.randn(m.B.shape[0], r)
+        A, B = torch.randn(r, m.d_in), torch.randn(m.d_out, r)
         rsl = i % 2 == 0
-        mods.append(OutModule(name, A, B, unit_alpha(r, rsl) if rsl else 2.0 * r))
+        mods.append(OutModule.of(name, A, B, unit_alpha(r, rsl) if rsl else 2.0 * r))
         want[name] = r
     # unit_alpha gives scaling exactly 1 under both rules
     assert all(unit_alpha(r, u) / (math.sqrt(r) if u else r) == 1.0 for r in range(1, 300) for u in (True, False))

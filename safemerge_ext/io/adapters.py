@@ -14,15 +14,15 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.io.models import ModelReader
+from safemerge_ext.io.safetensors_stream import StreamingWriter
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -54,14 +54,34 @@ def peft_module(name: str) -> str:
 
 @dataclass
 class LoraModule:
-    """One adapted linear module: factors as stored, its rank, alpha and resulting scaling."""
+    """One adapted linear module: its rank, alpha and scaling, and its factors' shapes and dtypes.
+
+    ``A`` (r x d_in) and ``B`` (d_out x r) are read from the adapter file at each access into fresh
+    memory, so an adapter holds no weights between uses: a run keeps one module's factors at a time,
+    however many modules (an ``all-linear`` adapter of a 70B model is over a GB in fp32).
+    """
 
     name: str
-    A: torch.Tensor  # r x d_in
-    B: torch.Tensor  # d_out x r
     rank: int
     alpha: float
     scaling: float
+    d_out: int
+    d_in: int
+    dtypes: tuple[torch.dtype, torch.dtype]  # lora_A's, lora_B's
+    reader: ModelReader = field(repr=False)
+    keys: tuple[str, str] = field(repr=False)  # lora_A's, lora_B's tensor names in the file
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.reader.get(self.keys[0])
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.reader.get(self.keys[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.rank * (self.d_in * self.dtypes[0].itemsize + self.d_out * self.dtypes[1].itemsize)
 
     def delta(self) -> torch.Tensor:
         """The full update ``scaling * B @ A`` in fp32."""
@@ -70,7 +90,7 @@ class LoraModule:
 
 @dataclass
 class LoraAdapter:
-    """A PEFT LoRA adapter read from disk; ``modules`` keep the file's module names (base naming)."""
+    """A PEFT LoRA adapter on disk; ``modules`` keep the file's module names (base naming)."""
 
     path: Path
     config: dict[str, Any]
@@ -83,11 +103,13 @@ class LoraAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.A.numel() * m.A.element_size() + m.B.numel() * m.B.element_size() for m in self.modules.values())
+        return sum(m.nbytes for m in self.modules.values())
 
 
 def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapter:
-    """Read and validate a PEFT LoRA adapter folder (small: all factors are loaded)."""
+    """Open and validate a PEFT LoRA adapter folder: config, names, shapes, ranks, and that every
+    factor is finite (each is read once for that and dropped; modules read their factors again
+    when asked)."""
     p = Path(path)
     cfg_path, w_path = p / CONFIG, p / WEIGHTS
     if not p.is_dir():
@@ -111,31 +133,31 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
             )
         raise SafeMergeError(f"{flag} {p}: no {WEIGHTS}")
 
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(w_path, framework="pt", device="cpu") as f:
-        for key in f.keys():
-            m = _KEY.match(key)
-            if m is None:
-                raise SafeMergeError(
-                    f"{flag} {w_path}: tensor {key} is not a LoRA factor (lora_A/lora_B); "
-                    "embedding LoRA, DoRA magnitudes and saved modules are not supported"
-                )
-            factors.setdefault(peft_module(m["module"]), {})[m["ab"]] = f.get_tensor(key)
+    reader = ModelReader(p, flag, single=WEIGHTS)
+    keys: dict[str, dict[str, str]] = {}
+    for key in reader.names:
+        m = _KEY.match(key)
+        if m is None:
+            raise SafeMergeError(
+                f"{flag} {w_path}: tensor {key} is not a LoRA factor (lora_A/lora_B); "
+                "embedding LoRA, DoRA magnitudes and saved modules are not supported"
+            )
+        keys.setdefault(peft_module(m["module"]), {})[m["ab"]] = key
 
     r_default, alpha_default = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     modules: dict[str, LoraModule] = {}
-    for name, ab in factors.items():
+    for name, ab in keys.items():
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
             raise SafeMergeError(f"{flag} {w_path}: module {name} has no {missing}; the adapter file is incomplete")
-        A, B = ab["A"], ab["B"]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        (a_shape, a_dtype), (b_shape, b_dtype) = reader.meta(ab["A"]), reader.meta(ab["B"])
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
             raise SafeMergeError(
-                f"{flag} {w_path}: module {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}; "
+                f"{flag} {w_path}: module {name} has lora_A {tuple(a_shape)} and lora_B {tuple(b_shape)}; "
                 "they must be r x d_in and d_out x r"
             )
-        rank = A.shape[0]
+        rank = a_shape[0]
         rk = pattern_key(rank_pattern, name)
         expected = int(rank_pattern[rk]) if rk is not None else r_default
         if expected != rank:
@@ -145,10 +167,14 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
         ak = pattern_key(alpha_pattern, name)
         alpha = float(alpha_pattern[ak]) if ak is not None else alpha_default
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        for t, which in ((A, "lora_A"), (B, "lora_B")):
-            if not torch.is_floating_point(t) or not torch.isfinite(t).all():
+        for key, dtype, which in ((ab["A"], a_dtype, "lora_A"), (ab["B"], b_dtype, "lora_B")):
+            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise SafeMergeError(f"{flag} {w_path}: {name}.{which} is {dtype}, not a floating-point tensor; the adapter is corrupt")
+            # a view of the file's pages, dropped at once: checking every factor holds none of them
+            if not torch.isfinite(reader.map(key)).all():
                 raise SafeMergeError(f"{flag} {w_path}: {name}.{which} contains NaN or Inf; the adapter is corrupt")
-        modules[name] = LoraModule(name, A, B, rank, alpha, scaling)
+        modules[name] = LoraModule(name, rank, alpha, scaling, b_shape[0], a_shape[1], (a_dtype, b_dtype),
+                                   reader, (ab["A"], ab["B"]))
     if not modules:
         raise SafeMergeError(f"{flag} {w_path}: no LoRA factors found")
     return LoraAdapter(p, config, modules, flag)
@@ -156,12 +182,32 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
 
 @dataclass
 class OutModule:
-    """A module to write: factors and the (rank, alpha) PEFT must use for it."""
+    """A module to write: its factors' shapes and dtypes, the alpha PEFT must use for it, and
+    ``make``, which returns (A, B) when the module's turn to be written comes, so writing an adapter
+    holds one module's factors at a time."""
 
     name: str
-    A: torch.Tensor
-    B: torch.Tensor
+    shape_A: tuple[int, int]
+    shape_B: tuple[int, int]
+    dtypes: tuple[torch.dtype, torch.dtype]
     alpha: float
+    make: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def rank(self) -> int:
+        return self.shape_A[0]
+
+    @classmethod
+    def of(cls, name: str, A: torch.Tensor, B: torch.Tensor, alpha: float) -> "OutModule":
+        """Factors already in memory."""
+        return cls(name, tuple(A.shape), tuple(B.shape), (A.dtype, B.dtype), alpha, lambda: (A, B))
+
+    @classmethod
+    def from_lora(cls, m: LoraModule, B: Callable[[], torch.Tensor] | None = None) -> "OutModule":
+        """A read module written as it is (its own alpha), or with ``B()`` (same shape and dtype)
+        in place of its lora_B."""
+        make = (lambda: (m.A, m.B)) if B is None else (lambda: (m.A, B()))
+        return cls(m.name, (m.rank, m.d_in), (m.d_out, m.rank), m.dtypes, m.alpha, make)
 
 
 def unit_alpha(rank: int, use_rslora: bool) -> float:
@@ -178,11 +224,16 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(template)
-    config["rank_pattern"] = {m.name: int(m.A.shape[0]) for m in modules}
+    config["rank_pattern"] = {m.name: m.rank for m in modules}
     config["alpha_pattern"] = {m.name: m.alpha for m in modules}
-    tensors: dict[str, torch.Tensor] = {}
+    layout = []
     for m in modules:
-        tensors[f"{PEFT_PREFIX}{m.name}.lora_A.weight"] = m.A.contiguous()
-        tensors[f"{PEFT_PREFIX}{m.name}.lora_B.weight"] = m.B.contiguous()
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+        layout.append((f"{PEFT_PREFIX}{m.name}.lora_A.weight", m.shape_A, m.dtypes[0]))
+        layout.append((f"{PEFT_PREFIX}{m.name}.lora_B.weight", m.shape_B, m.dtypes[1]))
+    with StreamingWriter(out / WEIGHTS, layout) as w:
+        for m, (a_name, _, _), (b_name, _, _) in zip(modules, layout[0::2], layout[1::2]):
+            A, B = m.make()
+            w.write(a_name, A)
+            w.write(b_name, B)
+            del A, B
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -49,11 +49,16 @@ def natural_key(name: str) -> tuple:
 
 
 class ModelReader:
-    """Lazy, per-tensor access to a safetensors model folder; ``flag`` names it in errors."""
+    """Lazy, per-tensor access to a safetensors model folder; ``flag`` names it in errors.
 
-    def __init__(self, path: str | os.PathLike, flag: str = "model") -> None:
+    ``single`` names the one file to read where a folder is not a sharded model (the PEFT adapter
+    reader passes ``adapter_model.safetensors``); a sharded index is looked for only by default.
+    """
+
+    def __init__(self, path: str | os.PathLike, flag: str = "model", *, single: str = SINGLE) -> None:
         self.path = Path(path)
         self.flag = flag
+        self._single = single
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
@@ -65,7 +70,7 @@ class ModelReader:
         p = self.path
         if not p.is_dir():
             raise SafeMergeError(f"{self.flag} {p}: no such directory; give a local Hugging Face model folder")
-        if (p / INDEX).is_file():
+        if self._single == SINGLE and (p / INDEX).is_file():
             try:
                 weight_map = json.loads((p / INDEX).read_text())["weight_map"]
             except (ValueError, KeyError) as exc:
@@ -76,8 +81,8 @@ class ModelReader:
                         f"{self.flag} {p / INDEX} lists shard {shard}, which is missing; copy the complete model folder"
                     )
             return dict(weight_map)
-        if (p / SINGLE).is_file():
-            return {k: SINGLE for k in self._header(SINGLE)}
+        if (p / self._single).is_file():
+            return {k: self._single for k in self._header(self._single)}
         bins = [b.name for pat in _BIN_PATTERNS for b in p.glob(pat)]
         if bins:
             raise SafeMergeError(
@@ -109,7 +114,7 @@ class ModelReader:
 
     @property
     def is_sharded(self) -> bool:
-        return (self.path / INDEX).is_file()
+        return self._single == SINGLE and (self.path / INDEX).is_file()
 
     def _header(self, shard: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
         """Parse (once) a shard's safetensors header: dtype, shape and absolute byte range per tensor."""
