@@ -128,6 +128,11 @@ def case_models(fx, tmp: Path, kind: str):
         t = copy(fx.task, tmp / "t")
         (t / "adapter_model.safetensors").unlink()
         return a, u, t, s, ["--task-adapter", "adapter_model.safetensors"]
+    if kind == "truncated_adapter":
+        t = copy(fx.task, tmp / "t")
+        f = t / "adapter_model.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+        return a, u, t, s, ["--task-adapter", "adapter_model.safetensors", "outside the file"]
     if kind == "safety_lacks_module":
         s = copy(fx.safety, tmp / "s")
 
@@ -141,7 +146,7 @@ def case_models(fx, tmp: Path, kind: str):
 
 CASES = ["missing_dir", "missing_tensor", "missing_shard", "truncated", "shape", "dtype", "bin_only", "nan_weight", "inf_weight",
          "nan_adapter", "unknown_module", "adapter_shape", "dora", "not_lora", "rank_mismatch", "no_adapter_file",
-         "safety_lacks_module"]
+         "truncated_adapter", "safety_lacks_module"]
 
 
 def leftovers(parent: Path, name: str) -> list[Path]:

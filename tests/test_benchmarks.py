@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -36,6 +38,22 @@ def test_bench_scoring_lowrank_and_fullrank(tmp_path):
     rows = json.loads(out.read_text())
     assert {"naive-full", "torch"} <= {r["provider"] for r in rows}
     assert all(r["r"] == "full" and r["tflops"] > 0 and r["pct_bf16_mm"] is None for r in rows)
+
+
+def test_bench_scoring_offset_places_weights_off_the_cache_line(tmp_path):
+    """--offset N: both matrices start N bytes past a 64-byte boundary (as in-place reads of a
+    safetensors file do) and hold the same values as the aligned pair."""
+    import bench_scoring
+
+    wa, wu = bench_scoring.setup(67, 131, torch.bfloat16, torch.device("cpu"))
+    xa, xu = bench_scoring.setup(67, 131, torch.bfloat16, torch.device("cpu"), offset=16)
+    assert xa.is_contiguous() and xa.data_ptr() % 64 == 16 and xu.data_ptr() % 64 == 16
+    assert torch.equal(xa, wa) and torch.equal(xu, wu)
+    out = tmp_path / "o.json"
+    assert bench_scoring.main(["--device", "cpu", "--shapes", "67x131", "--ranks", "5", "--reps", "1", "--offset", "16",
+                               "--materialized", "never", "--backends", _cpu_backends(), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows and all(r["offset_bytes"] == 16 and r["time_ms"] > 0 for r in rows)
 
 
 def test_bench_end_to_end_tiny(tmp_path):
