@@ -304,7 +304,7 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-1b")
     ap.add_argument("--adapters", choices=("qv", "all"), default="qv")
     ap.add_argument("--data", default=str(HERE / "data"))
-    ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (e.g. reference mergekit)")
+    ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out, by name or by the part before \":\" (e.g. reference mergekit safemerge-adapter:torch)")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--cold", action="store_true",
                     help="drop the page cache before every contender (root): disk-bound figures instead of warm-cache ones")
@@ -345,7 +345,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="e2e-", dir=HERE))
     names = ["floor", "copy-floor"] + [f"safemerge-adapter:{b}" for b in backends] + [
         f"safemerge-adapter-noplot:{backends[0]}", "safemerge-model", "reference", "mergekit"]
-    names = [n for n in names if n.split(":")[0] not in args.skip]
+    names = [n for n in names if n not in args.skip and n.split(":")[0] not in args.skip]
     rows = []
     try:
         if not args.cold:  # one warm-up read so every contender sees the same (warm) page cache
