@@ -489,7 +489,7 @@ def project(
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             write_adapter(tmp, task.config, [
-                OutModule.from_lora(layer.task, (lambda B=new_B[layer.module]: B) if layer.module in new_B else None)
+                OutModule.from_lora(layer.task, new_B.get(layer.module))
                 for layer in run.layers
             ])
         else:

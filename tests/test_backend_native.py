@@ -135,6 +135,15 @@ def test_noncontiguous_inputs(backend):
     assert torch.equal(dense, strided)
 
 
+def _off_line(w: torch.Tensor, off: int) -> torch.Tensor:
+    """A contiguous copy of ``w`` that starts ``off`` elements past a 64-byte boundary."""
+    flat = torch.empty(w.numel() + 64, dtype=w.dtype, device=w.device)
+    skew = (-flat.data_ptr() // w.element_size()) % (64 // w.element_size())
+    view = flat[skew + off : skew + off + w.numel()].view(w.shape)
+    view.copy_(w)
+    return view
+
+
 @BACKEND_PARAMS
 @pytest.mark.parametrize("dtype", [DTYPES["fp32"], DTYPES["bf16"]], ids=["dtype=fp32", "dtype=bf16"])
 def test_unaligned_data_pointers(backend, dtype):
@@ -148,14 +157,7 @@ def test_unaligned_data_pointers(backend, dtype):
         B = torch.randn(d_out, r, generator=g) * 0.01
         aligned = _impl(backend).lowrank_passes(wa.to(dev), wu.to(dev), B.to(dev))
         for off_a, off_u in [(1, 3), (4, 4), (5, 0), (27, 13)]:  # in elements: 2-54 bytes in bf16, 4-108 in fp32
-            def place(w: torch.Tensor, off: int) -> torch.Tensor:
-                flat = torch.empty(w.numel() + 64, dtype=dtype, device=dev)
-                skew = (-flat.data_ptr() // w.element_size()) % (64 // w.element_size())  # to a 64-byte boundary
-                view = flat[skew + off : skew + off + w.numel()].view(w.shape)
-                view.copy_(w)
-                return view
-
-            xa, xu = place(wa, off_a), place(wu, off_u)
+            xa, xu = _off_line(wa.to(dev), off_a), _off_line(wu.to(dev), off_u)
             assert xa.is_contiguous() and xa.data_ptr() % 64 == off_a * xa.element_size() % 64
             T, P, vsq = _impl(backend).lowrank_passes(xa, xu, B.to(dev))
             if backend in ("cpp", "torch"):

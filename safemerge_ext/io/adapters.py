@@ -203,10 +203,10 @@ class OutModule:
         return cls(name, tuple(A.shape), tuple(B.shape), (A.dtype, B.dtype), alpha, lambda: (A, B))
 
     @classmethod
-    def from_lora(cls, m: LoraModule, B: Callable[[], torch.Tensor] | None = None) -> "OutModule":
-        """A read module written as it is (its own alpha), or with ``B()`` (same shape and dtype)
-        in place of its lora_B."""
-        make = (lambda: (m.A, m.B)) if B is None else (lambda: (m.A, B()))
+    def from_lora(cls, m: LoraModule, B: torch.Tensor | None = None) -> "OutModule":
+        """A read module written as it is (its own alpha), or with ``B`` (same shape and dtype) in
+        place of its lora_B."""
+        make = (lambda: (m.A, m.B)) if B is None else (lambda: (m.A, B))
         return cls(m.name, (m.rank, m.d_in), (m.d_out, m.rank), m.dtypes, m.alpha, make)
 
 
