@@ -14,8 +14,9 @@
 // can be dynamic (a thread that the OS parks on a busy machine does not stall the other).
 //
 // No torch headers: the module takes raw data pointers, shapes, row strides and a dtype code, so
-// it keeps working across torch upgrades. The hot functions are compiled twice, for x86-64-v3
-// (AVX2 + FMA + F16C) and for the baseline ISA, and picked at import from the CPU's features.
+// it keeps working across torch upgrades. The hot functions are compiled three times and picked at
+// import from the CPU's features: for x86-64-v4 (AVX-512VL: still 8-float vectors, but 32 vector
+// registers hold wider rank tiles), for x86-64-v3 (AVX2 + FMA + F16C) and for the baseline ISA.
 
 #include <pybind11/pybind11.h>
 
@@ -39,6 +40,7 @@ namespace {
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define SM_HAVE_V3 1
 #define SM_TARGET_V3 __attribute__((target("avx2,fma,f16c")))
+#define SM_TARGET_V4 __attribute__((target("avx512f,avx512vl,avx2,fma,f16c")))
 #else
 #define SM_HAVE_V3 0
 #define SM_TARGET_V3
@@ -227,6 +229,7 @@ constexpr int P1_BAND = 512;  // band width: 32 strips of 16 columns; 1 KiB of a
 constexpr int P1_KC = 32;     // rows of V formed at once: 32 x 512 fp32 = 64 KiB
 constexpr int P1_LD = P1_BAND + 16;  // row stride of the scratch blocks: see below
 constexpr int P1_NR = 6;      // ranks per register tile: 2 x 6 accumulators + 3 operands = 15 ymm
+constexpr int P1_NR_V4 = 8;   // with 32 registers (AVX-512VL): 2 x 8 + 3 = 19
 
 // acc[k][0:16] += sum_i X[i, 0:16] * B[i, k] for k < NR: 16 columns of V^T against NR ranks.
 // X and acc have row stride P1_LD. With a power-of-two stride (2 KiB) the 32 rows of a strip would
@@ -254,7 +257,16 @@ SM_INLINE void p1_tile(const float* x, int kc, const float* b, int ldb, float* a
   }
 }
 
-template <int DT>
+// p1_tile<n> for a remainder of n < N ranks (n known only at run time).
+template <int N>
+SM_INLINE void p1_rem(int n, const float* x, int kc, const float* b, int ldb, float* acc) {
+  if constexpr (N >= 1) {
+    if (n == N) p1_tile<N>(x, kc, b, ldb, acc);
+    else p1_rem<N - 1>(n, x, kc, b, ldb, acc);
+  }
+}
+
+template <int DT, int NR>
 SM_INLINE double pass1_band_impl(const typename Elem<DT>::T* wa, const typename Elem<DT>::T* wu,
                                  int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,
                                  const float* B, int r, int64_t c0, float* T, float* Tt,
@@ -275,16 +287,8 @@ SM_INLINE double pass1_band_impl(const typename Elem<DT>::T* wa, const typename 
       next.step();
       const float* x = buf + 16 * s;
       int k0 = 0;
-      for (; k0 + P1_NR <= r; k0 += P1_NR) p1_tile<P1_NR>(x, kc, Bi + k0, r, tacc + k0 * P1_LD + 16 * s);
-      float* acc = tacc + k0 * P1_LD + 16 * s;
-      switch (r - k0) {
-        case 5: p1_tile<5>(x, kc, Bi + k0, r, acc); break;
-        case 4: p1_tile<4>(x, kc, Bi + k0, r, acc); break;
-        case 3: p1_tile<3>(x, kc, Bi + k0, r, acc); break;
-        case 2: p1_tile<2>(x, kc, Bi + k0, r, acc); break;
-        case 1: p1_tile<1>(x, kc, Bi + k0, r, acc); break;
-        default: break;
-      }
+      for (; k0 + NR <= r; k0 += NR) p1_tile<NR>(x, kc, Bi + k0, r, tacc + k0 * P1_LD + 16 * s);
+      if (k0 < r) p1_rem<NR - 1>(r - k0, x, kc, Bi + k0, r, tacc + k0 * P1_LD + 16 * s);
     }
   }
   // T in column order; Tt (pass 2's operand) keeps the buffer order of each 16-column group.
@@ -300,6 +304,7 @@ SM_INLINE double pass1_band_impl(const typename Elem<DT>::T* wa, const typename 
 // Pass 2: P = V T. One tile = P2_MR rows of V over all columns, in chunks of P2_KC columns.
 constexpr int P2_MR = 4;     // rows per register tile
 constexpr int P2_NR = 3;     // ranks per register tile: 4 x 3 accumulators + 4 operands = 16 ymm
+constexpr int P2_NR_V4 = 4;  // with 32 registers (AVX-512VL): 4 x 4 + 5 = 21
 constexpr int P2_KC = 512;   // columns of V formed at once: 4 x 512 fp32 = 8 KiB
 
 // acc[k][m][0:8] += lanes of sum_j X[m, j] * Tt[k, j] for m < 4, k < NR (8 partial sums each).
@@ -320,7 +325,16 @@ SM_INLINE void p2_tile(const float* x, int nvec, const float* tt, int64_t ldt, f
     for (int m = 0; m < P2_MR; ++m) vstore(acc + (k * P2_MR + m) * 8, c[m][k]);
 }
 
-template <int DT>
+// p2_tile<n> for a remainder of n < N ranks (n known only at run time).
+template <int N>
+SM_INLINE void p2_rem(int n, const float* x, int nvec, const float* tt, int64_t ldt, float* acc, bool first) {
+  if constexpr (N >= 1) {
+    if (n == N) p2_tile<N>(x, nvec, tt, ldt, acc, first);
+    else p2_rem<N - 1>(n, x, nvec, tt, ldt, acc, first);
+  }
+}
+
+template <int DT, int NR>
 SM_INLINE void pass2_tile_impl(const typename Elem<DT>::T* wa, const typename Elem<DT>::T* wu,
                                int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu, const float* Tt,
                                int64_t ldt, int r, int64_t i0, float* P, float* buf, float* acc) {
@@ -334,16 +348,15 @@ SM_INLINE void pass2_tile_impl(const typename Elem<DT>::T* wa, const typename El
     form_v<DT>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, rows, kc, kcp, P2_KC, buf);
     BlockPrefetch<typename Elem<DT>::T> next(more ? wa + ni * lda + nc : nullptr, more ? wu + ni * ldu + nc : nullptr,
                                              lda, ldu, more ? int(std::min<int64_t>(P2_MR, d_out - ni)) : 0,
-                                             more ? int(std::min<int64_t>(P2_KC, d_in - nc)) : 0, (r + P2_NR - 1) / P2_NR);
+                                             more ? int(std::min<int64_t>(P2_KC, d_in - nc)) : 0, (r + NR - 1) / NR);
     const bool first = c0 == 0;
     int k0 = 0;
-    for (; k0 + P2_NR <= r; k0 += P2_NR) {
+    for (; k0 + NR <= r; k0 += NR) {
       next.step();
-      p2_tile<P2_NR>(buf, kcp / 8, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * 8, first);
+      p2_tile<NR>(buf, kcp / 8, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * 8, first);
     }
     next.step();
-    if (r - k0 == 2) p2_tile<2>(buf, kcp / 8, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * 8, first);
-    if (r - k0 == 1) p2_tile<1>(buf, kcp / 8, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * 8, first);
+    if (k0 < r) p2_rem<NR - 1>(r - k0, buf, kcp / 8, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * 8, first);
   }
   for (int m = 0; m < rows; ++m)
     for (int k = 0; k < r; ++k) {
@@ -353,28 +366,30 @@ SM_INLINE void pass2_tile_impl(const typename Elem<DT>::T* wa, const typename El
 }
 
 // ---------------------------------------------------------------------------------------------
-// ISA variants: the same inlined bodies compiled for x86-64-v3 and for the baseline.
+// ISA variants: the same inlined bodies compiled for x86-64-v4, x86-64-v3 and the baseline.
 #define SM_PASS1_ARGS                                                                             \
   const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
       const float *B, int r, int64_t c0, float *T, float *Tt, int64_t ldt, float *buf, float *tacc
 #define SM_PASS2_ARGS                                                                             \
   const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
       const float *Tt, int64_t ldt, int r, int64_t i0, float *P, float *buf, float *acc
-#define SM_PASS1_CALL(DT)                                                                         \
-  pass1_band_impl<DT>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
+#define SM_PASS1_CALL(DT, NR)                                                                     \
+  pass1_band_impl<DT, NR>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
                        d_out, d_in, lda, ldu, B, r, c0, T, Tt, ldt, buf, tacc)
-#define SM_PASS2_CALL(DT)                                                                         \
-  pass2_tile_impl<DT>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu),  \
+#define SM_PASS2_CALL(DT, NR)                                                                     \
+  pass2_tile_impl<DT, NR>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu),  \
                       d_out, d_in, lda, ldu, Tt, ldt, r, i0, P, buf, acc)
 
 using Pass1Fn = double (*)(SM_PASS1_ARGS);
 using Pass2Fn = void (*)(SM_PASS2_ARGS);
 
-template <int DT> double pass1_base(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT); }
-template <int DT> void pass2_base(SM_PASS2_ARGS) { SM_PASS2_CALL(DT); }
+template <int DT> double pass1_base(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR); }
+template <int DT> void pass2_base(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR); }
 #if SM_HAVE_V3
-template <int DT> SM_TARGET_V3 double pass1_v3(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT); }
-template <int DT> SM_TARGET_V3 void pass2_v3(SM_PASS2_ARGS) { SM_PASS2_CALL(DT); }
+template <int DT> SM_TARGET_V3 double pass1_v3(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR); }
+template <int DT> SM_TARGET_V3 void pass2_v3(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR); }
+template <int DT> SM_TARGET_V4 double pass1_v4(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR_V4); }
+template <int DT> SM_TARGET_V4 void pass2_v4(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR_V4); }
 #endif
 
 struct Isa {
@@ -390,11 +405,16 @@ const Isa kBase = {"baseline",
 const Isa kV3 = {"x86-64-v3",
                  {pass1_v3<kF32>, pass1_v3<kF16>, pass1_v3<kBF16>},
                  {pass2_v3<kF32>, pass2_v3<kF16>, pass2_v3<kBF16>}};
+const Isa kV4 = {"x86-64-v4",
+                 {pass1_v4<kF32>, pass1_v4<kF16>, pass1_v4<kBF16>},
+                 {pass2_v4<kF32>, pass2_v4<kF16>, pass2_v4<kBF16>}};
 #endif
 
 const Isa* best_isa() {
 #if SM_HAVE_V3
   __builtin_cpu_init();
+  // (libgcc reports AVX-512 features only when the OS saves their register state)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return &kV4;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     // F16C ships with every AVX2 + FMA CPU; __builtin_cpu_supports has no name for it on older GCC.
     return &kV3;
@@ -465,7 +485,12 @@ bool set_isa(const std::string& name) {
     return true;
   }
 #if SM_HAVE_V3
-  if (name == "x86-64-v3" && best_isa() == &kV3) {
+  const Isa* best = best_isa();
+  if (name == "x86-64-v4" && best == &kV4) {
+    g_isa = &kV4;
+    return true;
+  }
+  if (name == "x86-64-v3" && (best == &kV4 || best == &kV3)) {  // every AVX-512 CPU has AVX2 + FMA
     g_isa = &kV3;
     return true;
   }
@@ -485,7 +510,7 @@ PYBIND11_MODULE(_cpu, m) {
         "0=fp32 1=fp16 2=bf16; b: contiguous fp32 d_out x r. Deterministic for any thread count.");
   m.def("isa", []() { return std::string(g_isa->name); }, "The instruction set the kernels run with.");
   m.def("set_isa", &set_isa, py::arg("name"),
-        "Select 'best', 'x86-64-v3' or 'baseline' kernels (for tests); returns False if unsupported.");
+        "Select 'best', 'x86-64-v4', 'x86-64-v3' or 'baseline' kernels (for tests); returns False if unsupported.");
   m.def("openmp", []() {
 #ifdef _OPENMP
     return true;

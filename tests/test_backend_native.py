@@ -228,18 +228,28 @@ def test_cpp_bits_independent_of_thread_count(dtype):
     assert v1 == v2 == v3
 
 
+ISAS = ["baseline", "x86-64-v3", "x86-64-v4"]
+# every remainder of both rank tilings (pass 1: tiles of 6, or 8 on x86-64-v4; pass 2: 3, or 4)
+ISA_RANKS = [1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 17]
+
+
 @needs_cpp
+@pytest.mark.parametrize("isa", ISAS, ids=[f"isa={i}" for i in ISAS])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
-def test_cpp_baseline_isa_matches_float64(dtype):
-    """The kernels compiled for the baseline ISA (picked on CPUs without AVX2/FMA) are correct too."""
+def test_cpp_every_isa_matches_float64(isa, dtype):
+    """Each compiled variant this CPU can run is correct, not only the one the import picks, at a
+    shape with partial bands, row chunks, tiles and 16-column groups, and at every rank remainder."""
     from safemerge_ext import _cpu
 
-    wa, wu, g = _layer(131, 67, dtype, _seed("isa", dtype))
-    B = torch.randn(131, 7, generator=g)
     best = _cpu.isa()
-    assert _cpu.set_isa("baseline") and _cpu.isa() == "baseline"
+    if not _cpu.set_isa(isa):
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
     try:
-        _check_passes("cpp", wa, wu, B, 2e-5)
+        assert _cpu.isa() == isa
+        for r in ISA_RANKS:
+            wa, wu, g = _layer(131, 1100, dtype, _seed("isa", isa, dtype, r))
+            B = torch.randn(131, r, generator=g)
+            _check_passes("cpp", wa, wu, B, 2e-5)
     finally:
         _cpu.set_isa("best")
     assert _cpu.isa() == best
