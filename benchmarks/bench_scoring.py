@@ -23,9 +23,12 @@ they cannot reach when memory-bound; it is the honest one the issue asks for.
 
 The floor's two figures are the fastest of their repetitions (the best this machine did in the
 run: on a shared VM a median read can be inflated by a neighbour's burst and flatter the ratios),
-the contenders' times the medians.
+the contenders' times the medians. Per shape and rank the read, the matmul and every contender are
+timed in turn, one call each per round (``--reps`` rounds), so a slow spell of a shared machine
+falls on the floor and the contenders alike instead of on whichever ran during it.
 
 Columns: time_ms (median of --reps after a warm-up; CUDA events on a GPU, perf_counter on a CPU),
+mm_gflops (the fp32 matmul rate of that shape and rank's rounds),
 gbps (bytes of one read of both matrices / time), x_floor (time / floor), x_naive (naive time /
 time), x_materialized (materialized time / time). Rows carry machine, date, version, git SHA and
 the load average (this CPU is shared; figures are medians).
@@ -95,43 +98,65 @@ def _git_sha() -> str:
         return "unknown"
 
 
-def timer(device: torch.device) -> Callable[..., float]:
-    """Return time(fn, reps, warmup, stat=statistics.median) -> milliseconds, with the device's clock."""
+def once_timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Return once(fn) -> milliseconds of one call, with the device's clock (CUDA events on a GPU)."""
 
-    def cpu(fn: Callable[[], object], reps: int, warmup: int = 1, stat=statistics.median) -> float:
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return stat(ts)
+    def cpu(fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
 
-    def gpu(fn: Callable[[], object], reps: int, warmup: int = 1, stat=statistics.median) -> float:
-        for _ in range(warmup):
-            fn()
+    def gpu(fn: Callable[[], object]) -> float:
         torch.cuda.synchronize(device)
-        ts = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            ts.append(start.elapsed_time(end))
-        return stat(ts)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
 
     return gpu if device.type == "cuda" else cpu
 
 
+def timer(device: torch.device) -> Callable[..., float]:
+    """Return time(fn, reps, warmup, stat=statistics.median) -> milliseconds, with the device's clock."""
+    once = once_timer(device)
+
+    def time_ms(fn: Callable[[], object], reps: int, warmup: int = 1, stat=statistics.median) -> float:
+        for _ in range(warmup):
+            fn()
+        return stat([once(fn) for _ in range(reps)])
+
+    return time_ms
+
+
+def round_robin(device: torch.device, fns: dict[str, Callable[[], object]], reps: int,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Milliseconds of ``reps`` calls of each of ``fns``, one call of each in turn per round, so
+    that a shared machine's slow spells fall on all of them alike (after ``warmup`` calls each)."""
+    once = once_timer(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(once(fn))
+    return times
+
+
+def matmul_operands(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two fp32 matrices whose product sets the arithmetic floor's rate (2048^2 on a CPU,
+    8192^2 on a GPU)."""
+    n = 8192 if device.type == "cuda" else 2048
+    return torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+
+
 def matmul_gflops(device: torch.device, time_ms) -> float:
     """Rate of a large fp32 matmul on this device, measured now (the arithmetic floor's rate)."""
-    n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a, b = matmul_operands(device)
     ms = time_ms(lambda: a @ b, 5, 1, stat=min)
-    return 2 * n**3 / ms / 1e6
+    return 2 * a.shape[0] ** 3 / ms / 1e6
 
 
 def at_offset(w: torch.Tensor, offset: int) -> torch.Tensor:
@@ -181,7 +206,7 @@ def bf16_tflops(device: torch.device, time_ms) -> float:
     return 2 * n**3 / time_ms(lambda: a @ b, 10, 3, stat=min) / 1e9
 
 
-def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, gflops: float, time_ms) -> list[dict]:
+def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, time_ms) -> list[dict]:
     """Full-rank scoring per backend against naive-full and the floor; see the module docstring."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -189,6 +214,7 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, gfl
     if tc is not None:
         meta["bf16_matmul_tflops"] = round(tc, 1)
         print(f"bf16 matmul rate measured now: {tc:.0f} TFLOP/s", flush=True)
+    mm_a, mm_b = matmul_operands(device)
     calls: dict[str, Callable] = {}
     for name in providers:
         impl = backends.resolve(name, device.type)[1]
@@ -201,19 +227,24 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, gfl
         wa, wu = setup(d_out, d_in, dtype, device, offset=args.offset)
         dW = (torch.randn(d_out, d_in, device=device) * 0.001).to(dtype)
         nbytes = 3 * wa.numel() * wa.element_size()
-        read_ms = time_ms(lambda: (wa.amax(), wu.amax(), dW.amax()), max(args.reps, 5), 1, stat=min)
         flops = 4 * d_out * d_in * d_in
-        arith_ms = flops / gflops / 1e6
-        floor_ms = max(read_ms, arith_ms)
         m2_ref, n2_ref = naive_full(wa, wu, dW)
-        naive_ms = time_ms(lambda: naive_full(wa, wu, dW), args.reps, 1)
-        times = {"naive-full": naive_ms}
         for name, fn in calls.items():
             m2, n2, _, _ = fn(wa, wu, dW)
             err = max(abs(m2 - m2_ref) / m2_ref, abs(n2 - n2_ref) / n2_ref)
             if err > (1e-2 if "tf32" in name else 1e-3):
                 raise AssertionError(f"{name} disagrees with naive torch at {shape}: rel err {err:.2e}")
-            times[name] = time_ms(lambda fn=fn: fn(wa, wu, dW), args.reps, 1)
+        ts = round_robin(device, {
+            "read": lambda: (wa.amax(), wu.amax(), dW.amax()), "matmul": lambda: mm_a @ mm_b,
+            "naive-full": lambda: naive_full(wa, wu, dW),
+            **{name: (lambda fn=fn: fn(wa, wu, dW)) for name, fn in calls.items()},
+        }, args.reps)
+        read_ms = min(ts.pop("read"))
+        gflops = 2 * mm_a.shape[0] ** 3 / min(ts.pop("matmul")) / 1e6
+        arith_ms = flops / gflops / 1e6
+        floor_ms = max(read_ms, arith_ms)
+        times = {name: statistics.median(v) for name, v in ts.items()}
+        naive_ms = times["naive-full"]
         for name, ms in times.items():
             rows.append({
                 "provider": name, "shape": f"{d_out}x{d_in}", "r": "full", "time_ms": round(ms, 3),
@@ -221,7 +252,7 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, gfl
                 "pct_bf16_mm": round(100 * flops / ms / 1e9 / tc, 1) if tc else None,
                 "x_floor": round(ms / floor_ms, 2), "x_naive": round(naive_ms / ms, 2),
                 "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
-                "loadavg_1m": round(os.getloadavg()[0], 2), **meta,
+                "loadavg_1m": round(os.getloadavg()[0], 2), "mm_gflops": round(gflops, 1), **meta,
             })
         _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}"], header=len(rows) == len(times),
                     cols=_COLS_FULL)
@@ -242,7 +273,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(f"device {device} ({_machine(device)}); backends {', '.join(providers)}"
           + "".join(f"\n  skipped {n}: {r}" for n, r in skipped.items()), flush=True)
     gflops = matmul_gflops(device, time_ms)
-    print(f"fp32 matmul rate measured now: {gflops:.1f} GFLOP/s", flush=True)
+    print(f"fp32 matmul rate measured now: {gflops:.1f} GFLOP/s (each row's floor uses its own rounds' rate)", flush=True)
     meta = {
         "machine": _machine(device), "host": socket.gethostname(), "device": str(device),
         "date": dt.datetime.now().isoformat(timespec="seconds"), "version": safemerge_ext.__version__,
@@ -254,14 +285,14 @@ def run(args: argparse.Namespace) -> list[dict]:
 
         meta["cpp_isa"], meta["cpp_openmp"] = _cpu.isa(), _cpu.openmp()
     if args.fullrank:
-        return run_fullrank(args, providers, meta, gflops, time_ms)
+        return run_fullrank(args, providers, meta, time_ms)
+    mm_a, mm_b = matmul_operands(device)
     rows = []
     ranks = [int(r) for r in args.ranks.split(",")]
     for shape in args.shapes.split(","):
         d_out, d_in = (int(x) for x in shape.lower().split("x"))
         wa, wu = setup(d_out, d_in, dtype, device, offset=args.offset)
         nbytes = 2 * wa.numel() * wa.element_size()
-        read_ms = time_ms(lambda: (wa.amax(), wu.amax()), max(args.reps, 5), 1, stat=min)
         mat_ms, mat_note = None, None
         want_mat = args.materialized == "always" or (
             args.materialized == "auto" and d_out * d_out * d_in <= MATERIALIZED_LIMIT)
@@ -273,18 +304,24 @@ def run(args: argparse.Namespace) -> list[dict]:
             mat_note = f"not run: C is {d_out}x{d_out} ({2 * d_out * d_out * d_in / 1e9:.0f} GFLOP); --materialized always"
         for r in ranks:
             B = torch.randn(d_out, r, device=device) * 0.01
-            arith_ms = 4 * r * d_out * d_in / gflops / 1e6
-            floor_ms = max(read_ms, arith_ms)
-            naive_ms = time_ms(lambda: naive(wa, wu, B), args.reps, 1)
             _, P_ref, _ = naive(wa, wu, B)
-            times = {"naive": naive_ms}
-            for name in providers:
-                impl = backends.resolve(name, device.type)[1]
+            impls = {name: backends.resolve(name, device.type)[1] for name in providers}
+            for name, impl in impls.items():
                 _, P, _ = impl.lowrank_passes(wa, wu, B)
                 err = float((P - P_ref).abs().max() / P_ref.abs().max())
                 if err > 1e-3:
                     raise AssertionError(f"{name} disagrees with naive torch at {shape} r={r}: rel err {err:.2e}")
-                times[name] = time_ms(lambda impl=impl: impl.lowrank_passes(wa, wu, B), args.reps, 1)
+            ts = round_robin(device, {
+                "read": lambda: (wa.amax(), wu.amax()), "matmul": lambda: mm_a @ mm_b,
+                "naive": lambda: naive(wa, wu, B),
+                **{name: (lambda impl=impl: impl.lowrank_passes(wa, wu, B)) for name, impl in impls.items()},
+            }, args.reps)
+            read_ms = min(ts.pop("read"))
+            gflops = 2 * mm_a.shape[0] ** 3 / min(ts.pop("matmul")) / 1e6
+            arith_ms = 4 * r * d_out * d_in / gflops / 1e6
+            floor_ms = max(read_ms, arith_ms)
+            times = {name: statistics.median(v) for name, v in ts.items()}
+            naive_ms = times["naive"]
             if mat_ms is not None:
                 times["materialized"] = mat_ms
             for name, ms in times.items():
@@ -294,7 +331,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "x_naive": round(naive_ms / ms, 2),
                     "x_materialized": round(mat_ms / ms, 2) if mat_ms is not None else None,
                     "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
-                    "materialized_note": mat_note, "loadavg_1m": round(os.getloadavg()[0], 2), **meta,
+                    "mm_gflops": round(gflops, 1), "materialized_note": mat_note,
+                    "loadavg_1m": round(os.getloadavg()[0], 2), **meta,
                 })
             _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}" and r_["r"] == r], header=not any(
                 x["shape"] != f"{d_out}x{d_in}" or x["r"] != r for x in rows))
@@ -303,9 +341,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 _COLS = ["shape", "r", "provider", "time_ms", "gbps", "x_floor", "x_naive", "x_materialized", "floor_ms",
-         "read_ms", "arith_ms"]
+         "read_ms", "arith_ms", "mm_gflops"]
 _COLS_FULL = ["shape", "provider", "time_ms", "tflops", "pct_bf16_mm", "x_floor", "x_naive", "floor_ms", "read_ms",
-              "arith_ms"]
+              "arith_ms", "mm_gflops"]
 
 
 def _fmt(v) -> str:
