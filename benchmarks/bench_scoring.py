@@ -153,10 +153,8 @@ def matmul_operands(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, n, device=device), torch.randn(n, n, device=device)
 
 
-def matmul_gflops(device: torch.device, time_ms) -> float:
-    """Rate of a large fp32 matmul on this device, measured now (the arithmetic floor's rate)."""
-    a, b = matmul_operands(device)
-    ms = time_ms(lambda: a @ b, 5, 1, stat=min)
+def matmul_gflops(a: torch.Tensor, ms: float) -> float:
+    """The rate of ``a @ b`` (square, n x n) that took ``ms`` milliseconds, in GFLOP/s."""
     return 2 * a.shape[0] ** 3 / ms / 1e6
 
 
@@ -207,7 +205,8 @@ def bf16_tflops(device: torch.device, time_ms) -> float:
     return 2 * n**3 / time_ms(lambda: a @ b, 10, 3, stat=min) / 1e9
 
 
-def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, time_ms) -> list[dict]:
+def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, time_ms,
+                 mm: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
     """Full-rank scoring per backend against naive-full and the floor; see the module docstring."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -215,7 +214,7 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
     if tc is not None:
         meta["bf16_matmul_tflops"] = round(tc, 1)
         print(f"bf16 matmul rate measured now: {tc:.0f} TFLOP/s", flush=True)
-    mm_a, mm_b = matmul_operands(device)
+    mm_a, mm_b = mm
     calls: dict[str, Callable] = {}
     for name in providers:
         impl = backends.resolve(name, device.type)[1]
@@ -241,7 +240,7 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
             **{name: (lambda fn=fn: fn(wa, wu, dW)) for name, fn in calls.items()},
         }, args.reps)
         read_ms = min(ts.pop("read"))
-        gflops = 2 * mm_a.shape[0] ** 3 / min(ts.pop("matmul")) / 1e6
+        gflops = matmul_gflops(mm_a, min(ts.pop("matmul")))
         arith_ms = flops / gflops / 1e6
         floor_ms = max(read_ms, arith_ms)
         times = {name: statistics.median(v) for name, v in ts.items()}
@@ -273,7 +272,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     skipped = {n: r for n, r in avail.items() if r is not None}
     print(f"device {device} ({_machine(device)}); backends {', '.join(providers)}"
           + "".join(f"\n  skipped {n}: {r}" for n, r in skipped.items()), flush=True)
-    gflops = matmul_gflops(device, time_ms)
+    mm_a, mm_b = matmul_operands(device)
+    gflops = matmul_gflops(mm_a, time_ms(lambda: mm_a @ mm_b, 5, 1, stat=min))
     print(f"fp32 matmul rate measured now: {gflops:.1f} GFLOP/s (each row's floor uses its own rounds' rate)", flush=True)
     meta = {
         "machine": _machine(device), "host": socket.gethostname(), "device": str(device),
@@ -286,8 +286,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
         meta["cpp_isa"], meta["cpp_openmp"] = _cpu.isa(), _cpu.openmp()
     if args.fullrank:
-        return run_fullrank(args, providers, meta, time_ms)
-    mm_a, mm_b = matmul_operands(device)
+        return run_fullrank(args, providers, meta, time_ms, (mm_a, mm_b))
     rows = []
     ranks = [int(r) for r in args.ranks.split(",")]
     for shape in args.shapes.split(","):
@@ -318,7 +317,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 **{name: (lambda impl=impl: impl.lowrank_passes(wa, wu, B)) for name, impl in impls.items()},
             }, args.reps)
             read_ms = min(ts.pop("read"))
-            gflops = 2 * mm_a.shape[0] ** 3 / min(ts.pop("matmul")) / 1e6
+            gflops = matmul_gflops(mm_a, min(ts.pop("matmul")))
             arith_ms = 4 * r * d_out * d_in / gflops / 1e6
             floor_ms = max(read_ms, arith_ms)
             times = {name: statistics.median(v) for name, v in ts.items()}
