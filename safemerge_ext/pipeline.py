@@ -160,8 +160,8 @@ def open_run(
 READ_AHEAD_LAYERS = 2
 READ_AHEAD_BYTES = 64 << 20
 """How far the read-ahead runs beyond the layer being scored: at most this many layers and this
-many bytes (always at least one layer). On the CPU that is disk reads started into the page cache,
-which the process does not hold; with ``--device cuda`` it is pinned buffers and device copies, so
+many bytes (always at least one layer). On the CPU that is reads into the page cache, which the
+process does not hold; with ``--device cuda`` it is pinned buffers and device copies, so
 peak memory there is about two layers' weights for large models and three for small ones."""
 
 
@@ -245,7 +245,7 @@ def read_order(run: Run) -> list[int]:
 def score_layers(run: Run, *, progress: bool | None = None, with_projection: bool = False) -> list[ops.Score]:
     """Score every layer's task update, reading each weight pair once, with read-ahead.
 
-    On the CPU a background thread starts the disk reads of the next layers into the page cache,
+    On the CPU a background thread reads the next layers into the page cache (``will_need``),
     and the scorer reads each pair straight from there (a private mapping, no copy) and drops it
     before the next: the process holds one pair, whatever the model's size. On CUDA the thread
     reads the next layers into pinned memory and copies them on a side stream, and the scorer

@@ -3,8 +3,10 @@ that PEFT loads, and the streamed full-model writer."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -44,6 +46,58 @@ def test_reader_maps_tensors_without_copying(fx):
     t = r.map("model.layers.0.mlp.up_proj.weight")
     t.fill_(7.0)
     assert torch.equal(ModelReader(fx.aligned).get("model.layers.0.mlp.up_proj.weight"), ref["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT") or not hasattr(os, "posix_fadvise"), reason="needs Linux preadv2 flags")
+def test_will_need_reads_into_the_page_cache(fx):
+    """will_need() leaves the tensor's bytes in the page cache (a non-blocking read finds them
+    there), not in the process."""
+    r = ModelReader(fx.aligned, "--aligned")
+    name = "model.layers.1.mlp.down_proj.weight"
+    shard, (_, _, start, end) = r._entry(name)
+    fd = os.open(fx.aligned / shard, os.O_RDONLY)
+    buf = bytearray(end - start)
+
+    def cached() -> bool:
+        try:
+            return os.preadv(fd, [buf], start, os.RWF_NOWAIT) == end - start
+        except BlockingIOError:
+            return False
+
+    try:
+        os.fsync(fd)  # clean pages can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if cached():
+            pytest.skip("this file system keeps the file's pages when asked to drop them")
+        r.will_need(name)
+        assert cached()
+        assert r.bytes_read == 0
+    finally:
+        os.close(fd)
+        r.close()
+
+
+def test_will_need_falls_back_to_fadvise(fx, monkeypatch):
+    """Where sendfile cannot write to /dev/null, will_need() asks posix_fadvise to start the read
+    instead, and stops trying sendfile."""
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise here")
+    sends, advice = [], []
+
+    def no_sendfile(*args):
+        sends.append(args)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", no_sendfile)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, how: advice.append((offset, length, how)))
+    r = ModelReader(fx.aligned, "--aligned")
+    name = "model.layers.1.mlp.down_proj.weight"
+    _, (_, _, start, end) = r._entry(name)
+    r.will_need(name)
+    r.will_need(name)
+    assert len(sends) == 1
+    assert advice == [(start, end - start, os.POSIX_FADV_WILLNEED)] * 2
+    assert torch.equal(r.map(name), load_model(fx.aligned)[name])
 
 
 def test_reader_map_falls_back_to_reading(fx, monkeypatch):

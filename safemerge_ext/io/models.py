@@ -7,7 +7,7 @@ tensor's bytes are touched only when asked for, and counted in ``bytes_read``:
 - :meth:`ModelReader.map` gives a view of the tensor's pages in the page cache (no copy), one
   private mapping per tensor. Its pages count in the resident set only while the tensor lives, so
   a scorer that drops each tensor after use holds one at a time. :meth:`ModelReader.will_need`
-  starts the disk read of a tensor ahead of time without bringing anything into the process.
+  reads a tensor into the page cache ahead of time without bringing anything into the process.
 - :meth:`ModelReader.get` copies the bytes with ``os.preadv`` into fresh memory, pinned if asked
   (the staging buffer of a host-to-GPU copy), for callers that keep or modify the tensor.
 
@@ -62,6 +62,7 @@ class ModelReader:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
+        self._null: int | None = None  # /dev/null, the sink of will_need's sendfile; -1: fadvise instead
         # shard -> {name: (dtype code, shape, absolute start, absolute end)}
         self._headers: dict[str, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
         self._weight_map = self._read_layout()
@@ -211,16 +212,46 @@ class ModelReader:
         return torch.frombuffer(mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start - base).reshape(shape)
 
     def will_need(self, name: str) -> None:
-        """Ask the kernel to start reading one tensor's bytes into the page cache (returns at once;
-        a no-op where ``posix_fadvise`` is missing). Nothing lands in this process's memory."""
-        if not hasattr(os, "posix_fadvise"):
-            return
+        """Read one tensor's bytes into the page cache and return once they are there; nothing
+        lands in this process's memory (a no-op where neither call below exists).
+
+        The bytes go through the kernel's read path, ``sendfile`` to /dev/null (no copy to user
+        space), rather than ``posix_fadvise(WILLNEED)``: on Linux 6.18 / ext4 the read path fills
+        the page cache with large folios and fadvise with 4 KiB pages, and a later :meth:`map`
+        faults and unmaps large folios several times faster (measured, the 1B model's q/v pairs
+        mapped and scored: 41 vs 61-84 ms). Cold runs take the same time either way (1B: 0.48-0.59
+        vs 0.52-0.54 s; 7B: 3.6-3.9 vs 3.7 s); the warm run that follows is 25-35% faster.
+        Where ``sendfile`` cannot write to a file (not Linux), ``posix_fadvise`` starts the read.
+        """
         shard, (_, _, start, end) = self._entry(name)
-        if end > start:
-            os.posix_fadvise(self._fd(shard), start, end - start, os.POSIX_FADV_WILLNEED)
+        if end <= start:
+            return
+        fd = self._fd(shard)
+        with self._lock:
+            if self._null is None:
+                self._null = os.open(os.devnull, os.O_WRONLY) if hasattr(os, "sendfile") else -1
+            null = self._null
+        if null >= 0:
+            try:
+                while start < end:
+                    sent = os.sendfile(null, fd, start, end - start)
+                    if sent <= 0:  # the file ended early; map() or get() will say so
+                        return
+                    start += sent
+                return
+            except OSError:
+                with self._lock:
+                    if self._null == null:
+                        os.close(null)
+                        self._null = -1
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         with self._lock:
+            if self._null is not None and self._null >= 0:
+                os.close(self._null)
+            self._null = None
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
