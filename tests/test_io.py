@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import OutModule, pattern_key, read_adapter, unit_alpha, write_adapter
 from safemerge_ext.io.model_writer import write_model
 from safemerge_ext.io.models import ModelReader, natural_key
@@ -111,6 +112,42 @@ def test_reader_map_falls_back_to_reading(fx, monkeypatch):
     r = ModelReader(fx.aligned, "--aligned")
     name = "model.layers.1.mlp.gate_proj.weight"
     assert torch.equal(r.map(name), load_model(fx.aligned)[name])
+
+
+def test_map_runs_groups_tensors_that_lie_back_to_back(tmp_path):
+    """map_runs() maps runs of same-dtype tensors that follow each other in the file, capped in
+    bytes, and its flat views hold exactly those tensors' values."""
+    torch.manual_seed(3)
+    tensors = {f"f{i}": torch.randn(16, 8) for i in range(6)}  # 512 B each
+    tensors.update({"h0": torch.randn(4, 4).half(), "h1": torch.randn(3).half()})
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    r = ModelReader(tmp_path, "--model")
+    runs = list(r.map_runs(tensors, max_bytes=3 * 512))
+    assert sorted(n for names, _ in runs for n in names) == sorted(tensors)
+    for names, flat in runs:
+        assert len({tensors[n].dtype for n in names}) == 1
+        assert torch.equal(flat, torch.cat([tensors[n].flatten() for n in names]))
+        assert len(names) == 1 or flat.numel() * flat.element_size() <= 3 * 512
+    assert [len(names) for names, flat in runs if flat.dtype == torch.float32] == [3, 3]
+    assert r.bytes_read == sum(t.numel() * t.element_size() for t in tensors.values())
+    # tensors with others between them in the file are runs of their own
+    assert [names for names, _ in r.map_runs(["f0", "f2"])] == [["f0"], ["f2"]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_read_adapter_names_the_factor_that_is_not_finite(tmp_path, bad):
+    """The factors are checked a run at a time, and the error names the one factor that failed,
+    wherever it lies in the file (here in the second of two 1 MiB runs)."""
+    torch.manual_seed(4)
+    tensors = {}
+    for i in range(6):  # lora_A 256 KiB each
+        key = f"base_model.model.model.layers.{i}.self_attn.v_proj"
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = torch.randn(4, 16384), torch.randn(16, 4)
+    tensors["base_model.model.model.layers.4.self_attn.v_proj.lora_A.weight"][2, 7] = bad
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(SafeMergeError, match=r"model\.layers\.4\.self_attn\.v_proj\.lora_A contains NaN or Inf"):
+        read_adapter(tmp_path, "--task-adapter")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

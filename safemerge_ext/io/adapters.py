@@ -167,17 +167,33 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
         ak = pattern_key(alpha_pattern, name)
         alpha = float(alpha_pattern[ak]) if ak is not None else alpha_default
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        for key, dtype, which in ((ab["A"], a_dtype, "lora_A"), (ab["B"], b_dtype, "lora_B")):
+        for dtype, which in ((a_dtype, "lora_A"), (b_dtype, "lora_B")):
             if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise SafeMergeError(f"{flag} {w_path}: {name}.{which} is {dtype}, not a floating-point tensor; the adapter is corrupt")
-            # a view of the file's pages, dropped at once: checking every factor holds none of them
-            if not torch.isfinite(reader.map(key)).all():
-                raise SafeMergeError(f"{flag} {w_path}: {name}.{which} contains NaN or Inf; the adapter is corrupt")
         modules[name] = LoraModule(name, rank, alpha, scaling, b_shape[0], a_shape[1], (a_dtype, b_dtype),
                                    reader, (ab["A"], ab["B"]))
     if not modules:
         raise SafeMergeError(f"{flag} {w_path}: no LoRA factors found")
+    _check_finite(reader, modules, f"{flag} {w_path}")
     return LoraAdapter(p, config, modules, flag)
+
+
+def _check_finite(reader: ModelReader, modules: dict[str, LoraModule], where: str) -> None:
+    """Raise on the first factor with NaN or Inf. The factors are checked a run of the file at a
+    time (views of its pages, dropped at once, so none is held), one mapping and one min/max per
+    run rather than a mapping and an isfinite per factor (measured, both 1B q/v adapters opened:
+    2.5-2.6 ms against 9.6-9.8 ms); a run that fails is searched factor by factor for the message."""
+    which = {m.keys[i]: (m.name, ("lora_A", "lora_B")[i]) for m in modules.values() for i in (0, 1)}
+    for keys, flat in reader.map_runs(which):
+        if flat.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(flat)  # NaN propagates to both; no run-sized temporary, unlike isfinite
+        if math.isfinite(float(lo)) and math.isfinite(float(hi)):
+            continue
+        for key in keys:
+            if not torch.isfinite(reader.map(key)).all():
+                name, factor = which[key]
+                raise SafeMergeError(f"{where}: {name}.{factor} contains NaN or Inf; the adapter is corrupt")
 
 
 @dataclass

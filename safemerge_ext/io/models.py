@@ -26,6 +26,7 @@ import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
@@ -163,6 +164,10 @@ class ModelReader:
         """Read one tensor into fresh CPU memory (pinned if asked) and count its bytes."""
         shard, (code, shape, start, end) = self._entry(name)
         dtype = self._dtype(shard, name, code)
+        return self._read(shard, start, end, name, pin_memory).view(dtype).reshape(shape)
+
+    def _read(self, shard: str, start: int, end: int, what: str, pin_memory: bool = False) -> torch.Tensor:
+        """Bytes [start, end) of a shard in fresh memory, counted in ``bytes_read``."""
         buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin_memory)
         view = memoryview(buf.numpy())
         fd = self._fd(shard)
@@ -170,11 +175,11 @@ class ModelReader:
         while done < len(view):
             got = os.preadv(fd, [view[done:]], start + done)
             if got <= 0:
-                raise SafeMergeError(f"{self.flag} {self.path / shard}: file ended inside tensor {name}; re-download it")
+                raise SafeMergeError(f"{self.flag} {self.path / shard}: file ended inside tensor {what}; re-download it")
             done += got
         with self._lock:
             self.bytes_read += done
-        return buf.view(dtype).reshape(shape)
+        return buf
 
     def _dtype(self, shard: str, name: str, code: str) -> torch.dtype:
         dtype = _DTYPES.get(code)
@@ -198,18 +203,42 @@ class ModelReader:
         network or FUSE file systems), this falls back to :meth:`get`.
         """
         shard, (code, shape, start, end) = self._entry(name)
-        dtype = self._dtype(shard, name, code)
+        return self._map(shard, start, end, self._dtype(shard, name, code), name).reshape(shape)
+
+    def map_runs(self, names: Iterable[str], max_bytes: int = 1 << 20) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """Yield (names, flat view) for the given tensors grouped into runs that lie back to back
+        in one file with one dtype and span at most ``max_bytes`` (a larger tensor is a run of its
+        own): one mapping per run instead of one per tensor, for a check over many small tensors
+        such as an adapter's factors. The views are :meth:`map`'s; dropping one unmaps its run."""
+        group: list[str] = []
+        g_shard, g_code, g_start, g_end = "", "", 0, 0
+        for shard, (code, _, start, end), name in sorted(
+            ((*self._entry(n), n) for n in names), key=lambda e: (e[0], e[1][2])
+        ):
+            if group and (shard != g_shard or code != g_code or start != g_end or end - g_start > max_bytes):
+                yield group, self._map(g_shard, g_start, g_end, self._dtype(g_shard, group[0], g_code), group[0])
+                group = []
+            if not group:
+                g_shard, g_code, g_start = shard, code, start
+            group.append(name)
+            g_end = end
+        if group:
+            yield group, self._map(g_shard, g_start, g_end, self._dtype(g_shard, group[0], g_code), group[0])
+
+    def _map(self, shard: str, start: int, end: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+        """Bytes [start, end) of a shard as a flat ``dtype`` view of a private mapping (read
+        instead where the file cannot be mapped), counted in ``bytes_read``."""
         if end == start:
-            return torch.empty(shape, dtype=dtype)
+            return torch.empty(0, dtype=dtype)
         base = start - start % mmap.ALLOCATIONGRANULARITY
         try:
             mm = mmap.mmap(self._fd(shard), end - base, access=mmap.ACCESS_COPY, offset=base)
         except OSError:
-            return self.get(name)
+            return self._read(shard, start, end, what).view(dtype)
         with self._lock:
             self.bytes_read += end - start
         # the tensor keeps the mapping alive; the last reference to it unmaps the pages
-        return torch.frombuffer(mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start - base).reshape(shape)
+        return torch.frombuffer(mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start - base)
 
     def will_need(self, name: str) -> None:
         """Read one tensor's bytes into the page cache and return once they are there; nothing
