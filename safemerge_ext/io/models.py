@@ -210,20 +210,17 @@ class ModelReader:
         in one file with one dtype and span at most ``max_bytes`` (a larger tensor is a run of its
         own): one mapping per run instead of one per tensor, for a check over many small tensors
         such as an adapter's factors. The views are :meth:`map`'s; dropping one unmaps its run."""
-        group: list[str] = []
-        g_shard, g_code, g_start, g_end = "", "", 0, 0
+        runs: list[tuple[str, str, int, int, list[str]]] = []  # shard, dtype code, start, end, names
         for shard, (code, _, start, end), name in sorted(
             ((*self._entry(n), n) for n in names), key=lambda e: (e[0], e[1][2])
         ):
-            if group and (shard != g_shard or code != g_code or start != g_end or end - g_start > max_bytes):
-                yield group, self._map(g_shard, g_start, g_end, self._dtype(g_shard, group[0], g_code), group[0])
-                group = []
-            if not group:
-                g_shard, g_code, g_start = shard, code, start
-            group.append(name)
-            g_end = end
-        if group:
-            yield group, self._map(g_shard, g_start, g_end, self._dtype(g_shard, group[0], g_code), group[0])
+            last = runs[-1] if runs else None
+            if last and (shard, code, start) == (last[0], last[1], last[3]) and end - last[2] <= max_bytes:
+                runs[-1] = (shard, code, last[2], end, last[4] + [name])
+            else:
+                runs.append((shard, code, start, end, [name]))
+        for shard, code, start, end, group in runs:
+            yield group, self._map(shard, start, end, self._dtype(shard, group[0], code), group[0])
 
     def _map(self, shard: str, start: int, end: int, dtype: torch.dtype, what: str) -> torch.Tensor:
         """Bytes [start, end) of a shard as a flat ``dtype`` view of a private mapping (read
