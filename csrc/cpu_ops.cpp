@@ -23,8 +23,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #ifdef _OPENMP
@@ -366,6 +368,59 @@ SM_INLINE void pass2_tile_impl(const typename Elem<DT>::T* wa, const typename El
 }
 
 // ---------------------------------------------------------------------------------------------
+// The r x r remainder of a score (SPEC section 1): with G = A A^T, the three sums a score needs are
+// <T^T T, G>, <P^T P, G> and <B^T B, G>. Each Gram is a float64 sum of fp32 products (exact in
+// float64), over a copy of its matrix padded to GR_L columns; only tiles on or above the diagonal
+// are formed. One call in place of a dozen small torch ops per layer (and their float64 copies).
+constexpr int GR_K = 4;  // Gram tile: 4 x 8 entries, 8 accumulators of 4 doubles
+constexpr int GR_L = 8;
+
+using v4d = double __attribute__((vector_size(32)));
+
+// Upper tiles of S = X^T X for one chunk of rows: S[k][l] = sum_j X[j][k] X[j][l] for every 4 x 8
+// tile with l0 + 8 > k0 (so every l >= k); X is rows x ld float64 (ld a multiple of 8), S ld x ld.
+// A chunk is small enough to stay in L2 while every tile walks it.
+SM_INLINE void gram_chunk_impl(const double* X, int64_t rows, int ld, double* S) {
+  for (int k0 = 0; k0 < ld; k0 += GR_K)
+    for (int l0 = k0 / GR_L * GR_L; l0 < ld; l0 += GR_L) {
+      v4d c[GR_K][2];
+      for (auto& ck : c) ck[0] = ck[1] = v4d{0, 0, 0, 0};
+      for (int64_t j = 0; j < rows; ++j) {
+        const double* x = X + j * ld;
+        v4d lo, hi;
+        std::memcpy(&lo, x + l0, sizeof lo);
+        std::memcpy(&hi, x + l0 + 4, sizeof hi);
+        for (int k = 0; k < GR_K; ++k) {
+          const double xk = x[k0 + k];
+          c[k][0] += xk * lo;
+          c[k][1] += xk * hi;
+        }
+      }
+      for (int k = 0; k < GR_K; ++k) {
+        std::memcpy(S + int64_t(k0 + k) * ld + l0, &c[k][0], sizeof(v4d));
+        std::memcpy(S + int64_t(k0 + k) * ld + l0 + 4, &c[k][1], sizeof(v4d));
+      }
+    }
+}
+
+// Rows [j0, j1) of an n x r matrix X into dst (row stride ld, columns r..ld left as they are, zero)
+// as float64, whose products are exact. X is src (row-major, in dtype DT), or with `transposed` the
+// transpose of src (r x n, row-major).
+template <int DT>
+SM_INLINE void pad_rows_impl(const void* src, int64_t n, int64_t r, bool transposed, int64_t j0, int64_t j1, int ld,
+                             double* dst) {
+  using E = Elem<DT>;
+  const auto* s = static_cast<const typename E::T*>(src);
+  if (transposed) {
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t j = j0; j < j1; ++j) dst[(j - j0) * ld + k] = E::one(s + k * n + j);
+  } else {
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t k = 0; k < r; ++k) dst[(j - j0) * ld + k] = E::one(s + j * r + k);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // ISA variants: the same inlined bodies compiled for x86-64-v4, x86-64-v3 and the baseline.
 #define SM_PASS1_ARGS                                                                             \
   const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
@@ -382,32 +437,53 @@ SM_INLINE void pass2_tile_impl(const typename Elem<DT>::T* wa, const typename El
 
 using Pass1Fn = double (*)(SM_PASS1_ARGS);
 using Pass2Fn = void (*)(SM_PASS2_ARGS);
+using GramFn = void (*)(const double* X, int64_t rows, int ld, double* S);
+using PadFn = void (*)(const void* src, int64_t n, int64_t r, bool transposed, int64_t j0, int64_t j1, int ld,
+                      double* dst);
 
 template <int DT> double pass1_base(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR); }
 template <int DT> void pass2_base(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR); }
+void gram_base(const double* X, int64_t rows, int ld, double* S) { gram_chunk_impl(X, rows, ld, S); }
+template <int DT> void pad_base(const void* src, int64_t n, int64_t r, bool tr, int64_t j0, int64_t j1, int ld, double* dst) {
+  pad_rows_impl<DT>(src, n, r, tr, j0, j1, ld, dst);
+}
 #if SM_HAVE_V3
 template <int DT> SM_TARGET_V3 double pass1_v3(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR); }
 template <int DT> SM_TARGET_V3 void pass2_v3(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR); }
 template <int DT> SM_TARGET_V4 double pass1_v4(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR_V4); }
 template <int DT> SM_TARGET_V4 void pass2_v4(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR_V4); }
+// (the 4 x 8 Gram tile uses 8 accumulators; the v4 build runs these too)
+SM_TARGET_V3 void gram_v3(const double* X, int64_t rows, int ld, double* S) { gram_chunk_impl(X, rows, ld, S); }
+template <int DT> SM_TARGET_V3 void pad_v3(const void* src, int64_t n, int64_t r, bool tr, int64_t j0, int64_t j1, int ld,
+                                           double* dst) {
+  pad_rows_impl<DT>(src, n, r, tr, j0, j1, ld, dst);
+}
 #endif
 
 struct Isa {
   const char* name;
   Pass1Fn pass1[3];  // indexed by DType
   Pass2Fn pass2[3];
+  GramFn gram;
+  PadFn pad[3];
 };
 
 const Isa kBase = {"baseline",
                    {pass1_base<kF32>, pass1_base<kF16>, pass1_base<kBF16>},
-                   {pass2_base<kF32>, pass2_base<kF16>, pass2_base<kBF16>}};
+                   {pass2_base<kF32>, pass2_base<kF16>, pass2_base<kBF16>},
+                   gram_base,
+                   {pad_base<kF32>, pad_base<kF16>, pad_base<kBF16>}};
 #if SM_HAVE_V3
 const Isa kV3 = {"x86-64-v3",
                  {pass1_v3<kF32>, pass1_v3<kF16>, pass1_v3<kBF16>},
-                 {pass2_v3<kF32>, pass2_v3<kF16>, pass2_v3<kBF16>}};
+                 {pass2_v3<kF32>, pass2_v3<kF16>, pass2_v3<kBF16>},
+                 gram_v3,
+                 {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>}};
 const Isa kV4 = {"x86-64-v4",
                  {pass1_v4<kF32>, pass1_v4<kF16>, pass1_v4<kBF16>},
-                 {pass2_v4<kF32>, pass2_v4<kF16>, pass2_v4<kBF16>}};
+                 {pass2_v4<kF32>, pass2_v4<kF16>, pass2_v4<kBF16>},
+                 gram_v3,
+                 {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>}};
 #endif
 
 const Isa* best_isa() {
@@ -475,6 +551,63 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   return vsq;
 }
 
+// Above this many multiply-adds (about a millisecond on one core) the Grams run on every thread,
+// without the GIL; below it, fork/join and handing the GIL to another Python thread cost more.
+constexpr double kGramParallelWork = double(1 << 22);
+constexpr int64_t kGramMinChunk = 256;  // rows per chunk: at least this, and at most 8 chunks
+
+// (<T^T T, G>, <P^T P, G>, <B^T B, G>) with G = A A^T, in float64. T: d_in x r fp32, P: d_out x r
+// fp32, B: d_out x r and A: r x d_in in their dtype codes, all row-major and contiguous. Each Gram
+// is summed per chunk of rows, then over the chunks in order: the bits do not depend on threads.
+std::tuple<double, double, double> lowrank_traces(uintptr_t t, uintptr_t p, uintptr_t b, int b_dtype, uintptr_t a,
+                                                  int a_dtype, int64_t d_out, int64_t d_in, int64_t r, int threads) {
+  if (d_out < 1 || d_in < 1 || r < 1) throw std::invalid_argument("bad shapes: need d_out, d_in, r >= 1");
+  if (!t || !p || !b || !a) throw std::invalid_argument("null data pointer");
+  if (b_dtype < 0 || b_dtype > 2 || a_dtype < 0 || a_dtype > 2)
+    throw std::invalid_argument("dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  const int ld = int((r + GR_L - 1) / GR_L * GR_L);
+  const double work = double(ld) * ld * double(d_in + d_out);  // the four upper triangles
+  const bool parallel = work > kGramParallelWork;
+  std::optional<py::gil_scoped_release> nogil;
+  if (parallel) nogil.emplace();
+  const Isa& isa = *g_isa;
+  const int64_t n[4] = {d_in, d_in, d_out, d_out};  // A^T, T, P, B
+  const void* src[4] = {reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(t),
+                        reinterpret_cast<const void*>(p), reinterpret_cast<const void*>(b)};
+  const int code[4] = {a_dtype, kF32, kF32, b_dtype};
+  int64_t chunk[4], first[5] = {0};
+  for (int m = 0; m < 4; ++m) {
+    chunk[m] = std::max(kGramMinChunk, (n[m] + 7) / 8);
+    first[m + 1] = first[m] + (n[m] + chunk[m] - 1) / chunk[m];
+  }
+  const int64_t max_chunk = *std::max_element(chunk, chunk + 4);
+  std::vector<double> part(size_t(first[4]) * size_t(ld) * size_t(ld));
+#pragma omp parallel num_threads(resolve_threads(threads)) if (parallel)
+  {
+    std::vector<double> X(size_t(std::min(max_chunk, std::max(d_in, d_out))) * size_t(ld), 0.0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t q = 0; q < first[4]; ++q) {
+      const int m = int(std::upper_bound(first, first + 5, q) - first) - 1;
+      const int64_t j0 = (q - first[m]) * chunk[m], j1 = std::min(n[m], j0 + chunk[m]);
+      isa.pad[code[m]](src[m], n[m], r, m == 0, j0, j1, ld, X.data());
+      isa.gram(X.data(), j1 - j0, ld, part.data() + q * ld * ld);
+    }
+  }
+  // each Gram's upper triangle, over its chunks in order, then <S, G> from the upper triangles
+  auto gram = [&](int m, int64_t k, int64_t l) {
+    double s = 0.0;
+    for (int64_t q = first[m]; q < first[m + 1]; ++q) s += part[size_t(q * ld * ld + k * ld + l)];
+    return s;
+  };
+  double out[3] = {0.0, 0.0, 0.0};
+  for (int64_t k = 0; k < r; ++k)
+    for (int64_t l = k; l < r; ++l) {
+      const double g = (l == k ? 1.0 : 2.0) * gram(0, k, l);
+      for (int m = 1; m < 4; ++m) out[m - 1] += gram(m, k, l) * g;
+    }
+  return {out[0], out[1], out[2]};
+}
+
 bool set_isa(const std::string& name) {
   if (name == "baseline") {
     g_isa = &kBase;
@@ -508,6 +641,11 @@ PYBIND11_MODULE(_cpu, m) {
         "T = V^T B (d_in x r fp32) into t_out, P = V T (d_out x r fp32) into p_out, V = wa - wu never stored;\n"
         "returns ||V||_F^2 (float64). wa/wu: row-major with row strides lda/ldu (elements), dtype code\n"
         "0=fp32 1=fp16 2=bf16; b: contiguous fp32 d_out x r. Deterministic for any thread count.");
+  m.def("lowrank_traces", &lowrank_traces, py::arg("t"), py::arg("p"), py::arg("b"), py::arg("b_dtype"), py::arg("a"),
+        py::arg("a_dtype"), py::arg("d_out"), py::arg("d_in"), py::arg("r"), py::arg("threads") = 0,
+        "(<T^T T, G>, <P^T P, G>, <B^T B, G>) with G = A A^T, float64 sums of exact fp32 products.\n"
+        "t: d_in x r fp32, p: d_out x r fp32, b: d_out x r and a: r x d_in in dtype codes b_dtype/a_dtype\n"
+        "(0=fp32 1=fp16 2=bf16); all row-major, contiguous. Deterministic for any thread count.");
   m.def("isa", []() { return std::string(g_isa->name); }, "The instruction set the kernels run with.");
   m.def("set_isa", &set_isa, py::arg("name"),
         "Select 'best', 'x86-64-v4', 'x86-64-v3' or 'baseline' kernels (for tests); returns False if unsupported.");

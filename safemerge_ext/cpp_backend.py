@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from safemerge_ext import reference
 from safemerge_ext._native import DTYPE_CODE, check_weights, require
 
 NAME = "cpp"
@@ -59,6 +60,22 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> 
         B.data_ptr(), r, T.data_ptr(), P.data_ptr(), torch.get_num_threads(),
     )
     return T, P, float(vsq)
+
+
+def lowrank_traces(T: torch.Tensor, P: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[float, float, float]:
+    """``<T^T T, G>``, ``<P^T P, G>``, ``<B^T B, G>`` with ``G = A A^T`` in one call (float64 sums of
+    exact fp32 products); factors in a dtype the extension does not read go to the reference."""
+    if (_cpu is None or lora_A.dtype not in DTYPE_CODE or lora_B.dtype not in DTYPE_CODE
+            or lora_A.device.type != "cpu" or lora_B.device.type != "cpu"):
+        return reference.lowrank_traces(T, P, lora_A, lora_B)
+    d_in, r = T.shape
+    d_out = P.shape[0]
+    if d_in == 0 or d_out == 0:
+        return 0.0, 0.0, 0.0
+    T, P = T.float().contiguous(), P.float().contiguous()
+    A, B = lora_A.contiguous(), lora_B.contiguous()
+    return _cpu.lowrank_traces(T.data_ptr(), P.data_ptr(), B.data_ptr(), DTYPE_CODE[B.dtype], A.data_ptr(),
+                               DTYPE_CODE[A.dtype], d_out, d_in, r, torch.get_num_threads())
 
 
 def _blocks(n: int, size: int):

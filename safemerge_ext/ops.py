@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from safemerge_ext import backends
+from safemerge_ext import backends, reference
 from safemerge_ext.backends import available_backends
 
 __all__ = [
@@ -92,12 +92,10 @@ def subspace_score(
         _lowrank_factors(wa, lora_A, lora_B)
         B = lora_B.to(wa.device).contiguous()
         T, P, vsq = impl.lowrank_passes(wa, wu, B)
-        G = (lora_A.double() @ lora_A.double().t()).to("cpu")
-        T, P, Bd = T.double().cpu(), P.double().cpu(), lora_B.double().cpu()
-        # <C dW, dW> = tr(T^T T G)/||V||, ||C dW||^2 = tr(P^T P G)/||V||^2, ||dW||^2 = tr(B^T B G)
-        inner = float(((T.t() @ T) * G).sum())
-        n2 = float(((P.t() @ P) * G).sum())
-        d2 = float(((Bd.t() @ Bd) * G).sum())
+        # with G = A A^T: <C dW, dW> = <T^T T, G>/||V||, ||C dW||^2 = <P^T P, G>/||V||^2,
+        # ||dW||^2 = <B^T B, G>
+        traces = getattr(impl, "lowrank_traces", reference.lowrank_traces)
+        inner, n2, d2 = traces(T, P, lora_A, lora_B)
         # rho = (inner/||V||) / (sqrt(n2)/||V|| * sqrt(d2)): ||V|| cancels.
         num = inner
         projected = P / math.sqrt(vsq) if with_projection and vsq > 0 else None

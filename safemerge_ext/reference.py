@@ -13,6 +13,9 @@ Contract shared by all backends (see ``safemerge_ext.backends``):
   ``||dW||^2`` and ``||V||^2`` as Python floats, never materializing a d_out x d_out matrix.
 - ``project_full(wa, wu, delta) -> (N, vsq)``: ``N = V (V^T dW)`` in fp32 and ``||V||^2``
   (the caller divides N by ||V||).
+- optional, ``lowrank_traces(T, P, lora_A, lora_B) -> (inner, n2, d2)``: the r x r remainder of
+  a LoRA score, ``<T^T T, G>``, ``<P^T P, G>`` and ``<B^T B, G>`` with ``G = A A^T``, in float64.
+  A backend without it gets :func:`lowrank_traces` here.
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> 
         i1 = min(i0 + _ROW_BLOCK, d_out)
         torch.mm(_v_block(wa, wu, i0, i1), T, out=P[i0:i1])
     return T, P, float(vsq)
+
+
+def lowrank_traces(T: torch.Tensor, P: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[float, float, float]:
+    """``<T^T T, G>``, ``<P^T P, G>``, ``<B^T B, G>`` with ``G = A A^T``: float64 Grams on the CPU."""
+    A = lora_A.detach().to("cpu", torch.float64)
+    G = A @ A.t()
+    T, P, B = (x.detach().to("cpu", torch.float64) for x in (T, P, lora_B))
+    return (float(((T.t() @ T) * G).sum()), float(((P.t() @ P) * G).sum()), float(((B.t() @ B) * G).sum()))
 
 
 def _vt_v_dw_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor):

@@ -200,6 +200,82 @@ def test_same_bits_twice(backend, dtype):
 
 
 # ------------------------------------------------------------------------------------------------
+# The r x r remainder of a LoRA score: <T^T T, G>, <P^T P, G>, <B^T B, G> with G = A A^T
+
+TRACE_BACKENDS = ["torch"] + (["cpp"] if _AVAILABLE["cpp"] is None else [])
+# (d_out, d_in): one chunk; several chunks of 256 rows (d_out 2000: 8 chunks, d_in 600: 3); odd sizes
+TRACE_SHAPES = [(256, 256), (2000, 600), (67, 131)]
+TRACE_RANKS = [1, 3, 8, 13, 64, 128]  # rank 64 and up: above the threshold where the Grams go parallel
+
+
+def _traces_ref(T, P, A, B):
+    """The three traces in float64 from the stored values, and the sums of their terms' sizes."""
+    A, T, P, B = (x.double() for x in (A, T, P, B))
+    G = A @ A.t()
+    out = []
+    for X in (T, P, B):
+        S = X.t() @ X
+        out.append((float((S * G).sum()), float((S * G).abs().sum())))
+    return out
+
+
+def _traces_inputs(d_out, d_in, r, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    T = torch.randn(d_in, r, generator=g)
+    P = torch.randn(d_out, r, generator=g)
+    A = (torch.randn(r, d_in, generator=g) * 0.01).to(dtype)
+    B = (torch.randn(d_out, r, generator=g) * 0.01).to(dtype)
+    return T, P, A, B
+
+
+@pytest.mark.parametrize("backend", TRACE_BACKENDS, ids=[f"backend={b}" for b in TRACE_BACKENDS])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
+@pytest.mark.parametrize("d_out, d_in", TRACE_SHAPES, ids=[f"shape={a}x{b}" for a, b in TRACE_SHAPES])
+@pytest.mark.parametrize("r", TRACE_RANKS, ids=[f"r={r}" for r in TRACE_RANKS])
+def test_lowrank_traces_match_float64(backend, dtype, d_out, d_in, r):
+    """float64 sums of exact products: off the float64 reference by rounding alone (1e-12 of the
+    summed term sizes), for factors in every dtype, ranks with and without a padded tile."""
+    from safemerge_ext import reference
+
+    T, P, A, B = _traces_inputs(d_out, d_in, r, dtype, _seed("traces", backend, dtype, d_out, d_in, r))
+    traces = getattr(_impl(backend), "lowrank_traces", reference.lowrank_traces)
+    got = traces(T, P, A, B)
+    for name, value, (want, size) in zip(("<TT,G>", "<PP,G>", "<BB,G>"), got, _traces_ref(T, P, A, B)):
+        assert isinstance(value, float)
+        assert abs(value - want) <= 1e-12 * size, f"{backend} {name}: {value} != {want}"
+
+
+@needs_cpp
+def test_cpp_traces_bits_independent_of_thread_count_and_isa():
+    """The Grams are summed per chunk of rows, then over chunks in order: the same bits from 1, 2
+    or 3 threads (the shape is large enough to run in parallel) and from every ISA variant."""
+    from safemerge_ext import _cpu
+
+    T, P, A, B = _traces_inputs(2000, 600, 64, torch.bfloat16, _seed("traces-bits"))
+
+    def call(threads):
+        return _cpu.lowrank_traces(T.data_ptr(), P.data_ptr(), B.data_ptr(), 2, A.data_ptr(), 2, 2000, 600, 64, threads)
+
+    first = call(1)
+    assert call(2) == first and call(3) == first
+    for isa in ISAS:
+        if _cpu.set_isa(isa):
+            try:
+                assert call(2) == first, isa
+            finally:
+                _cpu.set_isa("best")
+
+
+@needs_cpp
+def test_cpp_traces_other_dtypes_use_the_reference():
+    """Factors the extension does not read (float64 here) are scored by the torch reference."""
+    from safemerge_ext import cpp_backend, reference
+
+    T, P, A, B = _traces_inputs(67, 131, 5, torch.float64, _seed("traces-f64"))
+    assert cpp_backend.lowrank_traces(T, P, A, B) == reference.lowrank_traces(T, P, A, B)
+
+
+# ------------------------------------------------------------------------------------------------
 # C++ extension specifics
 
 
