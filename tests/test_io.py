@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.io import pagecache
 from safemerge_ext.io.adapters import OutModule, pattern_key, read_adapter, unit_alpha, write_adapter
 from safemerge_ext.io.model_writer import write_model
 from safemerge_ext.io.models import ModelReader, natural_key
@@ -68,11 +69,68 @@ def test_will_need_reads_into_the_page_cache(fx):
     try:
         os.fsync(fd)  # clean pages can be dropped
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if cached():
+        # (asked without side effects where possible: a missed RWF_NOWAIT read starts read-ahead)
+        before = pagecache.resident(fd, start, end)
+        if before if before is not None else cached():
             pytest.skip("this file system keeps the file's pages when asked to drop them")
         r.will_need(name)
         assert cached()
         assert r.bytes_read == 0
+    finally:
+        os.close(fd)
+        r.close()
+
+
+def _dropped(path) -> int:
+    """An fd of ``path`` with its pages dropped from the page cache (skips where they stay)."""
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # clean pages can be dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    if pagecache.resident(fd, 0, os.fstat(fd).st_size):
+        os.close(fd)
+        pytest.skip("this file system keeps the file's pages when asked to drop them")
+    return fd
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_pagecache_resident_counts_cached_pages(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(3 * 65536 + 100))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if pagecache.resident(fd, 0, 10) is None:
+            pytest.skip("no cachestat on this kernel")
+    finally:
+        os.close(fd)
+    fd = _dropped(path)
+    try:
+        assert pagecache.resident(fd, 0, 65536) is False
+        os.pread(fd, 65536 + 1, 4096)  # pages 1..17 (and whatever read-ahead adds)
+        assert pagecache.resident(fd, 4096, 65536 + 4097) is True
+        assert pagecache.resident(fd, 4096, 65536 + 4096 + 1) is True
+        assert pagecache.resident(fd, 5000, 5000) is True  # nothing to read
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_will_need_skips_bytes_already_cached(fx, monkeypatch):
+    """A tensor whose pages are all in the page cache is not read again; one that is not, is."""
+    r = ModelReader(fx.aligned, "--aligned")
+    name = "model.layers.1.mlp.down_proj.weight"
+    shard, (_, _, start, end) = r._entry(name)
+    fd = _dropped(fx.aligned / shard)
+    sends = []
+    real = os.sendfile
+    monkeypatch.setattr(os, "sendfile", lambda *a: sends.append(a) or real(*a))
+    try:
+        if pagecache.resident(fd, start, end) is None:
+            pytest.skip("no cachestat on this kernel")
+        r.will_need(name)
+        assert sends and pagecache.resident(fd, start, end)
+        sends.clear()
+        r.will_need(name)
+        assert sends == []
     finally:
         os.close(fd)
         r.close()
@@ -83,6 +141,7 @@ def test_will_need_falls_back_to_fadvise(fx, monkeypatch):
     instead, and stops trying sendfile."""
     if not hasattr(os, "posix_fadvise"):
         pytest.skip("no posix_fadvise here")
+    monkeypatch.setattr(pagecache, "resident", lambda fd, start, end: False)  # as if never cached
     sends, advice = [], []
 
     def no_sendfile(*args):
