@@ -395,6 +395,42 @@ def test_prefetch_holds_at_most_its_budget():
     assert len(started) <= 4, started
 
 
+def test_prefetch_depth_zero_loads_in_turn_in_the_callers_thread():
+    import threading
+
+    from safemerge_ext.pipeline import prefetch
+
+    loaded = []
+    gen = prefetch(range(5), lambda i: loaded.append((i, threading.current_thread())) or i * 10, depth=0)
+    assert loaded == []
+    got = []
+    for i, v in gen:
+        assert loaded[-1] == (i, threading.main_thread())  # loaded when asked for, not ahead
+        got.append(v)
+    assert got == [0, 10, 20, 30, 40]
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["all-cached", "one-not-cached"])
+def test_scoring_reads_ahead_only_what_is_not_cached(fx, monkeypatch, cached):
+    """With every weight pair in the page cache the scorer maps them in turn (no read-ahead
+    thread); with one pair not cached it reads ahead. The scores are the same either way."""
+    from safemerge_ext import pipeline
+    from safemerge_ext.io.adapters import read_adapter
+    from safemerge_ext.io.models import ModelReader
+
+    run = pipeline.open_run(fx.aligned, fx.unaligned, read_adapter(fx.task, "--task-adapter"))
+    last = run.layers[-1].weight
+    monkeypatch.setattr(ModelReader, "resident", lambda self, name: cached or name != last)
+    depths = []
+    real = pipeline.prefetch
+    monkeypatch.setattr(pipeline, "prefetch", lambda *a, **k: depths.append(k["depth"]) or real(*a, **k))
+    scores = pipeline.score_layers(run, progress=False)
+    assert depths == [0 if cached else pipeline.READ_AHEAD_LAYERS]
+    ref = refs(fx)
+    for layer, s in zip(run.layers, scores):
+        assert abs(s.cosine - ref[layer.module]) <= 1e-5, layer.module
+
+
 def test_prefetch_raises_reader_errors():
     from safemerge_ext.pipeline import prefetch
 

@@ -238,6 +238,11 @@ class ModelReader:
         # the tensor keeps the mapping alive; the last reference to it unmaps the pages
         return torch.frombuffer(mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start - base)
 
+    def resident(self, name: str) -> bool | None:
+        """Whether all of one tensor's bytes are in the page cache (None: this system cannot tell)."""
+        shard, (_, _, start, end) = self._entry(name)
+        return pagecache.resident(self._fd(shard), start, end)
+
     def will_need(self, name: str) -> None:
         """Read one tensor's bytes into the page cache and return once they are there; nothing
         lands in this process's memory (a no-op where neither call below exists).
