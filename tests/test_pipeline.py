@@ -431,6 +431,23 @@ def test_scoring_reads_ahead_only_what_is_not_cached(fx, monkeypatch, cached):
         assert abs(s.cosine - ref[layer.module]) <= 1e-5, layer.module
 
 
+@pytest.mark.parametrize("progress", [True, False, None], ids=["progress", "no-progress", "auto"])
+def test_progress_bar_only_when_asked_or_on_a_terminal(fx, capsys, progress):
+    """--progress draws tqdm's bar on stderr; --no-progress, or the default on a stream that is
+    not a terminal (pytest's capture), draws nothing and creates no bar at all."""
+    import tqdm
+
+    from safemerge_ext import pipeline
+    from safemerge_ext.io.adapters import read_adapter
+
+    run = pipeline.open_run(fx.aligned, fx.unaligned, read_adapter(fx.task, "--task-adapter"))
+    before = len(tqdm.tqdm._instances)
+    pipeline.score_layers(run, progress=progress)
+    err = capsys.readouterr().err
+    assert ("scoring" in err) == bool(progress), err
+    assert len(tqdm.tqdm._instances) == before  # closed (or never made)
+
+
 def test_prefetch_raises_reader_errors():
     from safemerge_ext.pipeline import prefetch
 
