@@ -153,7 +153,8 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     # the whole figure once more just to measure the labels.
     width, height = fig.get_size_inches()
     fig.subplots_adjust(left=0.8 / width, right=1 - 1.35 / width, top=1 - 0.35 / height, bottom=0.55 / height)
-    fig.savefig(path)
+    # zlib level 1 instead of 6: 4-6 ms less of a 65-70 ms render, for a PNG about 8% larger
+    fig.savefig(path, pil_kwargs={"compress_level": 1})
 
 
 def plot_series(layers: list[dict[str, Any]]) -> tuple[list[int], bool, dict[str, list[int]]]:
