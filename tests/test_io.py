@@ -209,6 +209,39 @@ def test_read_adapter_names_the_factor_that_is_not_finite(tmp_path, bad):
         read_adapter(tmp_path, "--task-adapter")
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3fn", "e5m2"])
+def test_float8_adapters_are_checked_and_scored(fx, tmp_path, dtype):
+    """float8 factors (which torch cannot min/max) are checked on an fp32 copy of each run, and
+    scored as the values they hold; a NaN among them is named."""
+    from numerics import ref_cosine
+
+    from safemerge_ext import pipeline
+
+    src = load_file(str(fx.task / "adapter_model.safetensors"))
+    fp8 = {k: v.float().to(dtype) for k, v in src.items()}
+    ad = tmp_path / "fp8"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text((fx.task / "adapter_config.json").read_text())
+    save_file(fp8, str(ad / "adapter_model.safetensors"))
+    task = read_adapter(ad, "--task-adapter")
+    run = pipeline.open_run(fx.aligned, fx.unaligned, task)
+    scores = pipeline.score_layers(run, progress=False)
+    wa, wu = load_model(fx.aligned), load_model(fx.unaligned)
+    for layer, score in zip(run.layers, scores):
+        A, B = (fp8[f"base_model.model.{layer.module}.lora_{x}.weight"].double() for x in "AB")
+        want = ref_cosine(wa[layer.weight], wu[layer.weight], B @ A)
+        assert abs(score.cosine - want) <= 1e-5, layer.module
+
+    key = sorted(fp8)[5]
+    fp8[key] = fp8[key].float()
+    fp8[key][0, 1] = float("nan")
+    fp8[key] = fp8[key].to(dtype)
+    save_file(fp8, str(ad / "adapter_model.safetensors"))
+    module, factor = key.removeprefix("base_model.model.").rsplit(".", 2)[:2]
+    with pytest.raises(SafeMergeError, match=rf"{module}\.{factor} contains NaN or Inf"):
+        read_adapter(ad, "--task-adapter")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_mapped_pages_leave_the_resident_set_with_the_tensor(tmp_path):
     """A mapped tensor's pages count in RSS once touched and leave it when the tensor is dropped:

@@ -187,13 +187,18 @@ def _check_finite(reader: ModelReader, modules: dict[str, LoraModule], where: st
     for keys, flat in reader.map_runs(which):
         if flat.numel() == 0:
             continue
-        lo, hi = torch.aminmax(flat)  # NaN propagates to both; no run-sized temporary, unlike isfinite
+        lo, hi = torch.aminmax(_finite_checkable(flat))  # NaN propagates to both; no run-sized temporary, unlike isfinite
         if math.isfinite(float(lo)) and math.isfinite(float(hi)):
             continue
         for key in keys:
-            if not torch.isfinite(reader.map(key)).all():
+            if not torch.isfinite(_finite_checkable(reader.map(key))).all():
                 name, factor = which[key]
                 raise SafeMergeError(f"{where}: {name}.{factor} contains NaN or Inf; the adapter is corrupt")
+
+
+def _finite_checkable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or an fp32 copy of it for float8, which torch's min/max and isfinite do not take."""
+    return t.float() if t.dtype.itemsize == 1 else t
 
 
 @dataclass
