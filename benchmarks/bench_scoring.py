@@ -158,25 +158,51 @@ def matmul_gflops(a: torch.Tensor, ms: float) -> float:
     return 2 * a.shape[0] ** 3 / ms / 1e6
 
 
-def at_offset(w: torch.Tensor, offset: int) -> torch.Tensor:
-    """A contiguous copy of ``w`` whose data starts ``offset`` bytes past a 64-byte boundary."""
+HUGE_PAGE = 2 << 20
+
+
+def _advise_huge_pages(addr: int, nbytes: int) -> None:
+    """Ask for transparent huge pages on [addr, addr + nbytes) before its first touch."""
+    import ctypes
+    import mmap
+
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        raise SystemExit("--huge-pages: this system has no transparent huge pages (MADV_HUGEPAGE)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = addr - addr % mmap.PAGESIZE
+    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(addr + nbytes - start), mmap.MADV_HUGEPAGE) != 0:
+        raise SystemExit(f"--huge-pages: madvise failed ({os.strerror(ctypes.get_errno())})")
+
+
+def place(w: torch.Tensor, offset: int = 0, huge_pages: bool = False) -> torch.Tensor:
+    """A contiguous copy of ``w`` whose data starts ``offset`` bytes past a 64-byte boundary, or
+    with ``huge_pages`` past a 2 MiB boundary in memory backed by transparent huge pages (as the
+    pipeline's weights are when it maps them from 2 MiB page-cache folios)."""
     if offset % w.element_size():
         raise SystemExit(f"--offset {offset} is not a multiple of the {w.element_size()}-byte element size")
-    flat = torch.empty(w.numel() + 128 // w.element_size(), dtype=w.dtype, device=w.device)
-    start = ((-flat.data_ptr()) % 64 + offset) // w.element_size()
-    out = flat[start : start + w.numel()].view(w.shape)
+    align = HUGE_PAGE if huge_pages else 64
+    nbytes = w.numel() * w.element_size()
+    buf = torch.empty(nbytes + align + offset, dtype=torch.uint8, device=w.device)
+    start = (-buf.data_ptr()) % align + offset
+    if huge_pages:
+        _advise_huge_pages(buf.data_ptr() + start - offset, nbytes + offset)
+    out = buf[start : start + nbytes].view(w.dtype).view(w.shape)
     out.copy_(w)
     return out
 
 
-def setup(d_out: int, d_in: int, dtype: torch.dtype, device: torch.device, seed: int = 0, offset: int = 0):
+def setup(d_out: int, d_in: int, dtype: torch.dtype, device: torch.device, seed: int = 0, offset: int = 0,
+          huge_pages: bool = False):
     """One layer: an aligned/unaligned pair that differs by a small update, in the stored dtype;
-    with ``offset``, each matrix starts that many bytes past a 64-byte boundary."""
+    with ``offset``, each matrix starts that many bytes past a 64-byte boundary; with
+    ``huge_pages``, in transparent huge pages."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(d_out, d_in, generator=g) * 0.02
     wa = (base + 0.002 * torch.randn(d_out, d_in, generator=g)).to(dtype).to(device)
     wu = base.to(dtype).to(device)
-    return (at_offset(wa, offset), at_offset(wu, offset)) if offset else (wa, wu)
+    if not (offset or huge_pages):
+        return wa, wu
+    return place(wa, offset, huge_pages), place(wu, offset, huge_pages)
 
 
 def naive(wa: torch.Tensor, wu: torch.Tensor, B: torch.Tensor):
@@ -224,7 +250,7 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
     rows = []
     for shape in args.shapes.split(","):
         d_out, d_in = (int(x) for x in shape.lower().split("x"))
-        wa, wu = setup(d_out, d_in, dtype, device, offset=args.offset)
+        wa, wu = setup(d_out, d_in, dtype, device, offset=args.offset, huge_pages=args.huge_pages)
         dW = (torch.randn(d_out, d_in, device=device) * 0.001).to(dtype)
         nbytes = 3 * wa.numel() * wa.element_size()
         flops = 4 * d_out * d_in * d_in
@@ -280,6 +306,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "date": dt.datetime.now().isoformat(timespec="seconds"), "version": safemerge_ext.__version__,
         "git_sha": _git_sha(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "matmul_gflops": round(gflops, 1), "dtype": args.dtype, "offset_bytes": args.offset,
+        "pages": "2MiB" if args.huge_pages else "4KiB",
     }
     if "cpp" in providers:
         from safemerge_ext import _cpu
@@ -291,7 +318,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     ranks = [int(r) for r in args.ranks.split(",")]
     for shape in args.shapes.split(","):
         d_out, d_in = (int(x) for x in shape.lower().split("x"))
-        wa, wu = setup(d_out, d_in, dtype, device, offset=args.offset)
+        wa, wu = setup(d_out, d_in, dtype, device, offset=args.offset, huge_pages=args.huge_pages)
         nbytes = 2 * wa.numel() * wa.element_size()
         mat_ms, mat_note = None, None
         want_mat = args.materialized == "always" or (
@@ -373,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offset", type=int, default=0,
                    help="start each weight matrix this many bytes past a 64-byte boundary, as the pipeline's "
                         "in-place reads of safetensors files do (their data is only 8-byte aligned), e.g. 16")
+    p.add_argument("--huge-pages", action="store_true",
+                   help="place the weights in transparent huge pages (2 MiB), as the pipeline's are when it maps "
+                        "them from large page-cache folios; default: 4 KiB pages, as for tensors torch allocates")
     p.add_argument("--materialized", choices=["auto", "always", "never"], default="auto")
     p.add_argument("--quick", action="store_true", help="4096x4096, r=16, 3 reps")
     p.add_argument("--fullrank", action="store_true",

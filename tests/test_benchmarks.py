@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,39 @@ def test_bench_scoring_offset_places_weights_off_the_cache_line(tmp_path):
                                "--materialized", "never", "--backends", _cpu_backends(), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert rows and all(r["offset_bytes"] == 16 and r["time_ms"] > 0 for r in rows)
+
+
+def _anon_huge_kb(addr: int) -> int:
+    """AnonHugePages of the mapping that holds ``addr`` in this process."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= addr < hi:
+                for field in lines[i + 1:]:
+                    if field.startswith("AnonHugePages:"):
+                        return int(field.split()[1])
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(), reason="no THP here")
+def test_bench_scoring_huge_pages_back_the_weights(tmp_path):
+    """--huge-pages: each matrix starts on a 2 MiB boundary (plus --offset) in transparent huge
+    pages, holding the same values as the plain pair."""
+    import bench_scoring
+
+    if "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        pytest.skip("transparent huge pages are switched off on this machine")
+    wa, wu = bench_scoring.setup(1024, 4096, torch.bfloat16, torch.device("cpu"))
+    xa, xu = bench_scoring.setup(1024, 4096, torch.bfloat16, torch.device("cpu"), offset=16, huge_pages=True)
+    assert xa.data_ptr() % (2 << 20) == 16 and xu.data_ptr() % (2 << 20) == 16
+    assert torch.equal(xa, wa) and torch.equal(xu, wu)
+    assert _anon_huge_kb(xa.data_ptr()) >= 2048 and _anon_huge_kb(xu.data_ptr()) >= 2048
+    out = tmp_path / "o.json"
+    assert bench_scoring.main(["--device", "cpu", "--shapes", "67x131", "--ranks", "5", "--reps", "1", "--huge-pages",
+                               "--materialized", "never", "--backends", _cpu_backends(), "--out", str(out)]) == 0
+    assert all(r["pages"] == "2MiB" for r in json.loads(out.read_text()))
 
 
 def test_bench_end_to_end_tiny(tmp_path):
