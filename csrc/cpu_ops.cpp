@@ -369,9 +369,10 @@ SM_INLINE void pass2_tile_impl(const typename Elem<DT>::T* wa, const typename El
 
 // ---------------------------------------------------------------------------------------------
 // The r x r remainder of a score (SPEC section 1): with G = A A^T, the three sums a score needs are
-// <T^T T, G>, <P^T P, G> and <B^T B, G>. Each Gram is a float64 sum of fp32 products (exact in
-// float64), over a copy of its matrix padded to GR_L columns; only tiles on or above the diagonal
-// are formed. One call in place of a dozen small torch ops per layer (and their float64 copies).
+// <T^T T, G>, <P^T P, G> and <B^T B, G>. Each Gram is a float64 sum of products of fp32 (or
+// fp16/bf16) values, exact in float64, formed a chunk of rows at a time from a float64 copy of
+// the chunk padded to GR_L columns; only tiles on or above the diagonal are formed. One call in
+// place of a dozen small torch ops per layer (and their float64 copies of whole matrices).
 constexpr int GR_K = 4;  // Gram tile: 4 x 8 entries, 8 accumulators of 4 doubles
 constexpr int GR_L = 8;
 
