@@ -17,7 +17,7 @@ files (see make_synthetic.py), after one warm-up read so every contender sees th
   writes a merged full copy of each LoRA'd model to its cache first).
 
 Columns: ``time_s`` (the work, from first read to last byte written, the PNG report's rendering
-included; imports, matplotlib's among them, reported apart as ``import_s``), ``gbps`` (bytes read / time), ``x_floor`` (time over the matching floor),
+included; imports, matplotlib's and the scoring backend's among them, reported apart as ``import_s``), ``gbps`` (bytes read / time), ``x_floor`` (time over the matching floor),
 ``peak_rss_mb`` / ``rss_over_base_mb`` (peak resident memory, and above the process's own
 baseline after imports), and ``x_ref_time`` / ``x_ref_mem`` (reference over contender).
 
@@ -133,8 +133,9 @@ def run_copy_floor(data: Path, adapters: str, out: Path, **_) -> dict:
 
 def _ours(data: Path, adapters: str, out: Path, output: str, backend: str, device: str, plot: bool = True) -> dict:
     t0 = time.perf_counter()
-    from safemerge_ext import pipeline
+    from safemerge_ext import backends, pipeline
 
+    backends.resolve(backend, device)  # imports the backend (the C++ extension, or Triton) the run will use
     if plot:  # matplotlib (the report's PNG) is an import too: counted in import_s, as issue 5 says
         from safemerge_ext.report import preload_plotting
 
