@@ -246,6 +246,19 @@ def test_lowrank_traces_match_float64(backend, dtype, d_out, d_in, r):
 
 
 @needs_cpp
+def test_cpp_traces_factors_of_two_dtypes():
+    """lora_A and lora_B may be stored in different dtypes; each is read in its own."""
+    from safemerge_ext import cpp_backend
+
+    T, P, A, B = _traces_inputs(200, 96, 13, torch.float32, _seed("traces-mixed"))
+    for a_dtype, b_dtype in [(torch.float32, torch.bfloat16), (torch.float16, torch.float32)]:
+        Am, Bm = A.to(a_dtype), B.to(b_dtype)
+        got = cpp_backend.lowrank_traces(T, P, Am, Bm)
+        for value, (want, size) in zip(got, _traces_ref(T, P, Am, Bm)):
+            assert abs(value - want) <= 1e-12 * size, (a_dtype, b_dtype, value, want)
+
+
+@needs_cpp
 def test_cpp_traces_bits_independent_of_thread_count_and_isa():
     """The Grams are summed per chunk of rows, then over chunks in order: the same bits from 1, 2
     or 3 threads (the shape is large enough to run in parallel) and from every ISA variant."""
