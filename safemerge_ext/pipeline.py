@@ -283,6 +283,9 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
     """
     cuda = run.device.type == "cuda"
     side = torch.cuda.Stream(run.device) if cuda else None
+    cached = not cuda and all(
+        run.aligned.resident(layer.weight) and run.unaligned.resident(layer.weight) for layer in run.layers
+    )
 
     def pair_bytes(i: int) -> int:
         shape, dtype = run.aligned.meta(run.layers[i].weight)
@@ -292,8 +295,9 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
         weight = run.layers[i].weight
         t0 = time.perf_counter()
         if not cuda:
-            run.aligned.will_need(weight)
-            run.unaligned.will_need(weight)
+            if not cached:  # (when every pair was cached, will_need would only ask again)
+                run.aligned.will_need(weight)
+                run.unaligned.will_need(weight)
             wa, wu = run.aligned.map(weight), run.unaligned.map(weight)
             run.tick("read_s", t0)
             return wa, wu, None
@@ -307,9 +311,6 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
         run.tick("read_s", t0)
         return wa, wu, ready
 
-    cached = not cuda and all(
-        run.aligned.resident(layer.weight) and run.unaligned.resident(layer.weight) for layer in run.layers
-    )
     scores: dict[int, ops.Score] = {}
     bar = _progress_bar(len(run.layers), "scoring", progress)
     t_loop = time.perf_counter()
