@@ -161,34 +161,83 @@ def matmul_gflops(a: torch.Tensor, ms: float) -> float:
 HUGE_PAGE = 2 << 20
 
 
-def _advise_huge_pages(addr: int, nbytes: int) -> None:
-    """Ask for transparent huge pages on [addr, addr + nbytes) before its first touch."""
-    import ctypes
+def _advise_huge_pages(buf: "mmap.mmap", start: int, nbytes: int) -> None:
+    """Ask for transparent huge pages on ``buf[start:start + nbytes]`` before its first touch."""
     import mmap
 
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         raise SystemExit("--huge-pages: this system has no transparent huge pages (MADV_HUGEPAGE)")
-    libc = ctypes.CDLL(None, use_errno=True)
-    start = addr - addr % mmap.PAGESIZE
-    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(addr + nbytes - start), mmap.MADV_HUGEPAGE) != 0:
-        raise SystemExit(f"--huge-pages: madvise failed ({os.strerror(ctypes.get_errno())})")
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    except OSError as e:
+        raise SystemExit(f"--huge-pages: madvise failed ({e.strerror})") from None
 
 
 def place(w: torch.Tensor, offset: int = 0, huge_pages: bool = False) -> torch.Tensor:
     """A contiguous copy of ``w`` whose data starts ``offset`` bytes past a 64-byte boundary, or
-    with ``huge_pages`` past a 2 MiB boundary in memory backed by transparent huge pages (as the
-    pipeline's weights are when it maps them from 2 MiB page-cache folios)."""
+    with ``huge_pages`` past a 2 MiB boundary in a mapping of its own advised for transparent huge
+    pages (as the pipeline's weights are when it maps them from 2 MiB page-cache folios). The
+    kernel may still decline; ``huge_page_share`` says what it gave."""
+    import mmap
+
     if offset % w.element_size():
         raise SystemExit(f"--offset {offset} is not a multiple of the {w.element_size()}-byte element size")
-    align = HUGE_PAGE if huge_pages else 64
     nbytes = w.numel() * w.element_size()
-    buf = torch.empty(nbytes + align + offset, dtype=torch.uint8, device=w.device)
-    start = (-buf.data_ptr()) % align + offset
     if huge_pages:
-        _advise_huge_pages(buf.data_ptr() + start - offset, nbytes + offset)
+        # every 2 MiB region the matrix touches lies whole inside the mapping, so each can be one page
+        span = -(-(offset + nbytes) // HUGE_PAGE) * HUGE_PAGE
+        mm = mmap.mmap(-1, span + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buf = torch.frombuffer(mm, dtype=torch.uint8)  # holds the mapping for as long as a view lives
+        base = (-buf.data_ptr()) % HUGE_PAGE
+        _advise_huge_pages(mm, base, span)
+        start = base + offset
+    else:
+        buf = torch.empty(nbytes + 64 + offset, dtype=torch.uint8, device=w.device)
+        start = (-buf.data_ptr()) % 64 + offset
     out = buf[start : start + nbytes].view(w.dtype).view(w.shape)
     out.copy_(w)
     return out
+
+
+def huge_page_share(t: torch.Tensor) -> float | None:
+    """The share of ``t``'s bytes that the kernel backs with transparent huge pages: AnonHugePages
+    of the mapping that holds it (/proc/self/smaps). None where that mapping also holds other
+    memory (the heap), so its count would not be ``t``'s, or where smaps cannot be read."""
+    addr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    size = None
+    for line in lines:
+        head = line.split(maxsplit=1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            size = hi - lo if lo <= addr < hi else None
+        elif size is not None and head == "AnonHugePages:":
+            if size > nbytes + 2 * HUGE_PAGE + (64 << 10):
+                return None
+            return min(1.0, int(line.split()[1]) * 1024 / nbytes)
+    return None
+
+
+def thp_mode() -> str:
+    """The transparent-huge-page mode: ``always``, ``madvise``, ``never``, or ``none`` where absent."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "none"
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def page_label(share: float | None) -> str:
+    """How a row names the pages its weights sat in: ``2MiB``, ``4KiB``, a measured mix, or
+    ``unknown``."""
+    if share is None:
+        return "unknown"
+    if share >= 0.99:
+        return "2MiB"
+    return "4KiB" if share == 0 else f"mixed ({100 * share:.0f}% 2MiB)"
 
 
 def setup(d_out: int, d_in: int, dtype: torch.dtype, device: torch.device, seed: int = 0, offset: int = 0,
@@ -231,6 +280,23 @@ def bf16_tflops(device: torch.device, time_ms) -> float:
     return 2 * n**3 / time_ms(lambda: a @ b, 10, 3, stat=min) / 1e9
 
 
+def pages_of(args: argparse.Namespace, *ws: torch.Tensor) -> dict:
+    """The row fields that say which pages held the weights, as measured; a warning when
+    --huge-pages asked for 2 MiB pages and the kernel gave fewer."""
+    if ws[0].device.type != "cpu":
+        return {"pages": "device", "huge_page_share": None}
+    shares = [huge_page_share(w) for w in ws]
+    if None in shares:  # heap memory: only the THP mode can tell, and only that it is not advised
+        share = 0.0 if thp_mode() in ("madvise", "never", "none") else None
+    else:
+        share = min(shares)
+    if args.huge_pages and (share or 0.0) < 0.99:
+        print(f"warning: --huge-pages asked for 2 MiB pages, the kernel backed {100 * (share or 0):.0f}% of the "
+              "weights with them (fragmented memory, or THP defrag off); rows say what it gave",
+              file=sys.stderr, flush=True)
+    return {"pages": page_label(share), "huge_page_share": None if share is None else round(share, 3)}
+
+
 def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, time_ms,
                  mm: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
     """Full-rank scoring per backend against naive-full and the floor; see the module docstring."""
@@ -252,6 +318,7 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
         d_out, d_in = (int(x) for x in shape.lower().split("x"))
         wa, wu = setup(d_out, d_in, dtype, device, offset=args.offset, huge_pages=args.huge_pages)
         dW = (torch.randn(d_out, d_in, device=device) * 0.001).to(dtype)
+        pages = pages_of(args, wa, wu)
         nbytes = 3 * wa.numel() * wa.element_size()
         flops = 4 * d_out * d_in * d_in
         m2_ref, n2_ref = naive_full(wa, wu, dW)
@@ -278,7 +345,7 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
                 "pct_bf16_mm": round(100 * flops / ms / 1e9 / tc, 1) if tc else None,
                 "x_floor": round(ms / floor_ms, 2), "x_naive": round(naive_ms / ms, 2),
                 "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
-                "loadavg_1m": round(os.getloadavg()[0], 2), "mm_gflops": round(gflops, 1), **meta,
+                "loadavg_1m": round(os.getloadavg()[0], 2), "mm_gflops": round(gflops, 1), **pages, **meta,
             })
         _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}"], header=len(rows) == len(times),
                     cols=_COLS_FULL)
@@ -306,7 +373,6 @@ def run(args: argparse.Namespace) -> list[dict]:
         "date": dt.datetime.now().isoformat(timespec="seconds"), "version": safemerge_ext.__version__,
         "git_sha": _git_sha(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "matmul_gflops": round(gflops, 1), "dtype": args.dtype, "offset_bytes": args.offset,
-        "pages": "2MiB" if args.huge_pages else "4KiB",
     }
     if "cpp" in providers:
         from safemerge_ext import _cpu
@@ -320,6 +386,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         d_out, d_in = (int(x) for x in shape.lower().split("x"))
         wa, wu = setup(d_out, d_in, dtype, device, offset=args.offset, huge_pages=args.huge_pages)
         nbytes = 2 * wa.numel() * wa.element_size()
+        pages = pages_of(args, wa, wu)
         mat_ms, mat_note = None, None
         want_mat = args.materialized == "always" or (
             args.materialized == "auto" and d_out * d_out * d_in <= MATERIALIZED_LIMIT)
@@ -359,7 +426,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "x_materialized": round(mat_ms / ms, 2) if mat_ms is not None else None,
                     "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
                     "mm_gflops": round(gflops, 1), "materialized_note": mat_note,
-                    "loadavg_1m": round(os.getloadavg()[0], 2), **meta,
+                    "loadavg_1m": round(os.getloadavg()[0], 2), **pages, **meta,
                 })
             _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}" and r_["r"] == r], header=not any(
                 x["shape"] != f"{d_out}x{d_in}" or x["r"] != r for x in rows))
@@ -368,9 +435,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 _COLS = ["shape", "r", "provider", "time_ms", "gbps", "x_floor", "x_naive", "x_materialized", "floor_ms",
-         "read_ms", "arith_ms", "mm_gflops"]
+         "read_ms", "arith_ms", "mm_gflops", "pages"]
 _COLS_FULL = ["shape", "provider", "time_ms", "tflops", "pct_bf16_mm", "x_floor", "x_naive", "floor_ms", "read_ms",
-              "arith_ms", "mm_gflops"]
+              "arith_ms", "mm_gflops", "pages"]
 
 
 def _fmt(v) -> str:
@@ -409,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="time the full-fine-tune path (fullrank_sums) instead of the low-rank passes")
     p.add_argument("--out", default="", help="JSON path (default benchmarks/results/scoring-<host>-<date>.json)")
     args = p.parse_args(argv)
+    if args.huge_pages and args.device != "cpu":
+        p.error("--huge-pages places host memory; use it with --device cpu")
     if args.quick:
         args.shapes, args.ranks, args.reps = "4096x4096", "16", 3
     if args.fullrank and args.shapes == ",".join(LLAMA_SHAPES) and args.device == "cpu":

@@ -71,23 +71,40 @@ def _anon_huge_kb(addr: int) -> int:
     raise AssertionError(f"no mapping holds {addr:#x}")
 
 
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(), reason="no THP here")
-def test_bench_scoring_huge_pages_back_the_weights(tmp_path):
-    """--huge-pages: each matrix starts on a 2 MiB boundary (plus --offset) in transparent huge
-    pages, holding the same values as the plain pair."""
+_THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not _THP.exists() or "[never]" in _THP.read_text(), reason="no transparent huge pages here")
+def test_bench_scoring_huge_pages_rows_say_what_the_kernel_gave(tmp_path, monkeypatch):
+    """--huge-pages: each matrix starts on a 2 MiB boundary (plus --offset) in memory advised for
+    huge pages, holding the same values as the plain pair; each row names the pages the kernel
+    actually gave (it may decline), as /proc/self/smaps reports them."""
     import bench_scoring
 
-    if "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
-        pytest.skip("transparent huge pages are switched off on this machine")
     wa, wu = bench_scoring.setup(1024, 4096, torch.bfloat16, torch.device("cpu"))
     xa, xu = bench_scoring.setup(1024, 4096, torch.bfloat16, torch.device("cpu"), offset=16, huge_pages=True)
     assert xa.data_ptr() % (2 << 20) == 16 and xu.data_ptr() % (2 << 20) == 16
     assert torch.equal(xa, wa) and torch.equal(xu, wu)
-    assert _anon_huge_kb(xa.data_ptr()) >= 2048 and _anon_huge_kb(xu.data_ptr()) >= 2048
-    out = tmp_path / "o.json"
-    assert bench_scoring.main(["--device", "cpu", "--shapes", "67x131", "--ranks", "5", "--reps", "1", "--huge-pages",
-                               "--materialized", "never", "--backends", _cpu_backends(), "--out", str(out)]) == 0
-    assert all(r["pages"] == "2MiB" for r in json.loads(out.read_text()))
+    nbytes = xa.numel() * xa.element_size()
+    for x in (xa, xu):
+        assert bench_scoring.huge_page_share(x) == pytest.approx(min(1.0, _anon_huge_kb(x.data_ptr()) * 1024 / nbytes))
+
+    def rows(*extra):
+        out = tmp_path / "o.json"
+        assert bench_scoring.main(["--device", "cpu", "--shapes", "67x131,512x1024", "--ranks", "5", "--reps", "1",
+                                   "--materialized", "never", "--backends", _cpu_backends(), "--out", str(out),
+                                   *extra]) == 0
+        return json.loads(out.read_text())
+
+    for r in rows("--huge-pages"):
+        assert 0.0 <= r["huge_page_share"] <= 1.0 and r["pages"] == bench_scoring.page_label(r["huge_page_share"])
+    if bench_scoring.thp_mode() == "madvise":
+        assert {r["pages"] for r in rows()} == {"4KiB"}  # without the advice this kernel gives no huge pages: the rows must say so
+        monkeypatch.setattr(bench_scoring, "_advise_huge_pages", lambda buf, start, nbytes: None)
+        assert {(r["pages"], r["huge_page_share"]) for r in rows("--huge-pages")} == {("4KiB", 0.0)}
+    assert bench_scoring.page_label(1.0) == "2MiB" and bench_scoring.page_label(0.5) == "mixed (50% 2MiB)"
+    with pytest.raises(SystemExit):
+        bench_scoring.main(["--device", "cuda", "--huge-pages"])
 
 
 def test_bench_end_to_end_tiny(tmp_path):
