@@ -29,6 +29,11 @@
 #include <tuple>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -268,17 +273,20 @@ SM_INLINE void p1_rem(int n, const float* x, int kc, const float* b, int ldb, fl
   }
 }
 
+// Rows [i_begin, i_end) of one band (i_begin a multiple of P1_KC): tacc carries the band's sums
+// from the rows before, vsq is the band's ||V||^2 so far and the sum with these rows comes back;
+// T and Tt are written when i_end reaches d_out. Split at such rows, the sums run in the same order
+// as in one call, so the bits do not depend on the split.
 template <int DT, int NR>
 SM_INLINE double pass1_band_impl(const typename Elem<DT>::T* wa, const typename Elem<DT>::T* wu,
                                  int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,
                                  const float* B, int r, int64_t c0, float* T, float* Tt,
-                                 int64_t ldt, float* buf, float* tacc) {
+                                 int64_t ldt, float* buf, float* tacc, int64_t i_begin, int64_t i_end, double vsq) {
   const int w = int(std::min<int64_t>(P1_BAND, d_in - c0));
   const int strips = (w + 15) / 16;
-  std::fill(tacc, tacc + int64_t(r) * P1_LD, 0.0f);
-  double vsq = 0.0;
-  for (int64_t i0 = 0; i0 < d_out; i0 += P1_KC) {
-    const int kc = int(std::min<int64_t>(P1_KC, d_out - i0));
+  if (i_begin == 0) std::fill(tacc, tacc + int64_t(r) * P1_LD, 0.0f);
+  for (int64_t i0 = i_begin; i0 < i_end; i0 += P1_KC) {
+    const int kc = int(std::min<int64_t>(P1_KC, i_end - i0));
     const int64_t ni = i0 + P1_KC;  // the next block: the next rows of this band
     const bool more = ni < d_out;
     vsq += form_v<DT>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, kc, w, strips * 16, P1_LD, buf);
@@ -293,6 +301,7 @@ SM_INLINE double pass1_band_impl(const typename Elem<DT>::T* wa, const typename 
       if (k0 < r) p1_rem<NR - 1>(r - k0, x, kc, Bi + k0, r, tacc + k0 * P1_LD + 16 * s);
     }
   }
+  if (i_end < d_out) return vsq;
   // T in column order; Tt (pass 2's operand) keeps the buffer order of each 16-column group.
   for (int j = 0; j < w; ++j) {
     const int slot = (j & ~15) + Elem<DT>::pos(j & 15);
@@ -425,13 +434,14 @@ SM_INLINE void pad_rows_impl(const void* src, int64_t n, int64_t r, bool transpo
 // ISA variants: the same inlined bodies compiled for x86-64-v4, x86-64-v3 and the baseline.
 #define SM_PASS1_ARGS                                                                             \
   const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
-      const float *B, int r, int64_t c0, float *T, float *Tt, int64_t ldt, float *buf, float *tacc
+      const float *B, int r, int64_t c0, float *T, float *Tt, int64_t ldt, float *buf, float *tacc,      \
+      int64_t i_begin, int64_t i_end, double vsq
 #define SM_PASS2_ARGS                                                                             \
   const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
       const float *Tt, int64_t ldt, int r, int64_t i0, float *P, float *buf, float *acc
 #define SM_PASS1_CALL(DT, NR)                                                                     \
   pass1_band_impl<DT, NR>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
-                       d_out, d_in, lda, ldu, B, r, c0, T, Tt, ldt, buf, tacc)
+                       d_out, d_in, lda, ldu, B, r, c0, T, Tt, ldt, buf, tacc, i_begin, i_end, vsq)
 #define SM_PASS2_CALL(DT, NR)                                                                     \
   pass2_tile_impl<DT, NR>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu),  \
                       d_out, d_in, lda, ldu, Tt, ldt, r, i0, P, buf, acc)
@@ -511,13 +521,52 @@ int resolve_threads(int requested) {
 #endif
 }
 
-// Both passes; writes T (d_in x r), P (d_out x r), returns ||V||^2.
+// Drop-behind for weights that are private mappings of files (ModelReader.map): the pages of rows a
+// pass is done with leave this process's resident set (MADV_DONTNEED) and come back from the page
+// cache if touched again, so a pair of large matrices never has to be resident whole. Only
+// 2 MiB-aligned stretches are dropped inside a matrix, so no large-folio mapping is split.
+struct Release {
+  uintptr_t base[2], end[2];  // first byte of each matrix (rounded down to its page), one past its last
+  int64_t row_bytes[2];
+  uintptr_t done[2];          // pass 1: everything below this is dropped already
+
+  static constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  static uintptr_t down(uintptr_t x, uintptr_t a) { return x - x % a; }
+  static uintptr_t up(uintptr_t x, uintptr_t a) { return down(x + a - 1, a); }
+
+  static void drop(uintptr_t lo, uintptr_t hi) {
+#ifdef __linux__
+    if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);  // advice: failure is harmless
+#else
+    (void)lo, (void)hi;
+#endif
+  }
+  uintptr_t row(int m, int64_t i) const { return base[m] + uintptr_t(i * row_bytes[m]); }
+  // pass 1 finished every row below `next`: drop up to the 2 MiB boundary at or below it
+  void after_pass1(int64_t next) {
+    for (int m = 0; m < 2; ++m) {
+      const uintptr_t hi = down(row(m, next), kHuge);
+      if (hi > done[m]) drop(done[m], hi), done[m] = hi;
+    }
+  }
+  // pass 2 (walking up from the last rows) finished every row from `first` on: drop them
+  void after_pass2(int64_t first) {
+    for (int m = 0; m < 2; ++m) drop(up(row(m, first), kHuge), end[m]);
+  }
+};
+
+// Both passes; writes T (d_in x r), P (d_out x r), returns ||V||^2. With release_rows > 0 (a
+// multiple of P1_KC), wa and wu must be private file mappings: the rows are walked in blocks of
+// release_rows, pass 2 from the last block back, and each block's pages are dropped when done.
 double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,
-                      int dtype, uintptr_t b, int64_t r, uintptr_t t_out, uintptr_t p_out, int threads) {
+                      int dtype, uintptr_t b, int64_t r, uintptr_t t_out, uintptr_t p_out, int threads,
+                      int64_t release_rows) {
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
   if (d_out < 0 || d_in < 0 || r < 1 || lda < d_in || ldu < d_in)
     throw std::invalid_argument("bad shapes: need d_out, d_in >= 0, r >= 1 and row strides >= d_in");
   if (!wa || !wu || !b || !t_out || !p_out) throw std::invalid_argument("null data pointer");
+  if (release_rows < 0 || release_rows % P1_KC)
+    throw std::invalid_argument("release_rows must be 0 or a positive multiple of " + std::to_string(P1_KC));
   const int nt = resolve_threads(threads);
   const Pass1Fn p1 = g_isa->pass1[dtype];
   const Pass2Fn p2 = g_isa->pass2[dtype];
@@ -531,21 +580,55 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   std::vector<float> Tt(size_t(R) * size_t(ldt), 0.0f);  // T transposed, zero-padded to 16 columns
   const int64_t bands = (d_in + P1_BAND - 1) / P1_BAND;
   std::vector<double> vsq_band(size_t(bands), 0.0);
-  const int64_t tiles = (d_out + P2_MR - 1) / P2_MR;
+  const int64_t block = release_rows > 0 && release_rows < d_out ? release_rows : d_out;
+  const int64_t blocks = d_out > 0 ? (d_out + block - 1) / block : 0;
+  // with several row blocks, each band keeps its sums from one block to the next
+  std::vector<float> tacc_band(blocks > 1 ? size_t(bands) * size_t(R) * P1_LD : 0);
+  std::optional<Release> rel;
+  if (blocks > 1) {
+    const int64_t es = dtype == 0 ? 4 : 2;
+    const long page = sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096;
+    rel.emplace();
+    const uintptr_t start[2] = {wa, wu};
+    const int64_t ld[2] = {lda, ldu};
+    for (int m = 0; m < 2; ++m) {
+      rel->row_bytes[m] = ld[m] * es;
+      rel->base[m] = start[m];
+      rel->done[m] = Release::down(start[m], uintptr_t(page));
+      rel->end[m] = Release::up(start[m] + uintptr_t(((d_out - 1) * ld[m] + d_in) * es), uintptr_t(page));
+    }
+  }
 
 #pragma omp parallel num_threads(nt)
   {
     std::vector<float> buf(size_t(P1_KC) * P1_LD);
-    std::vector<float> tacc(size_t(R) * P1_LD);
+    std::vector<float> tacc(blocks > 1 ? 0 : size_t(R) * P1_LD);
+    for (int64_t s = 0; s < blocks; ++s) {
+      const int64_t i0 = s * block, i1 = std::min(d_out, i0 + block);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t p = 0; p < bands; ++p)
-      vsq_band[size_t(p)] = p1(A, U, d_out, d_in, lda, ldu, B, R, p * P1_BAND, T, Tt.data(), ldt, buf.data(), tacc.data());
-    // the implicit barrier of `omp for` makes T complete before pass 2
+      for (int64_t p = 0; p < bands; ++p)
+        vsq_band[size_t(p)] = p1(A, U, d_out, d_in, lda, ldu, B, R, p * P1_BAND, T, Tt.data(), ldt, buf.data(),
+                                 blocks > 1 ? tacc_band.data() + size_t(p) * R * P1_LD : tacc.data(), i0, i1,
+                                 vsq_band[size_t(p)]);
+      // (the implicit barrier of `omp for`: every band is done with these rows)
+      if (rel && s + 1 < blocks) {
+#pragma omp single nowait
+        rel->after_pass1(i1);
+      }
+    }
+    // T is complete here; pass 2 starts from the last rows, the ones pass 1 left mapped
     std::vector<float> buf2(size_t(P2_MR) * P2_KC);
     std::vector<float> acc(size_t(R) * P2_MR * 8);
+    for (int64_t s = blocks - 1; s >= 0; --s) {
+      const int64_t t0 = s * block / P2_MR, t1 = (std::min(d_out, (s + 1) * block) + P2_MR - 1) / P2_MR;
 #pragma omp for schedule(dynamic, 16)
-    for (int64_t t = 0; t < tiles; ++t)
-      p2(A, U, d_out, d_in, lda, ldu, Tt.data(), ldt, R, t * P2_MR, P, buf2.data(), acc.data());
+      for (int64_t t = t0; t < t1; ++t)
+        p2(A, U, d_out, d_in, lda, ldu, Tt.data(), ldt, R, t * P2_MR, P, buf2.data(), acc.data());
+      if (rel && s > 0) {
+#pragma omp single nowait
+        rel->after_pass2(s * block);
+      }
+    }
   }
   double vsq = 0.0;
   for (double s : vsq_band) vsq += s;
@@ -639,9 +722,12 @@ PYBIND11_MODULE(_cpu, m) {
   m.def("lowrank_passes", &lowrank_passes, py::call_guard<py::gil_scoped_release>(),
         py::arg("wa"), py::arg("wu"), py::arg("d_out"), py::arg("d_in"), py::arg("lda"), py::arg("ldu"),
         py::arg("dtype"), py::arg("b"), py::arg("r"), py::arg("t_out"), py::arg("p_out"), py::arg("threads") = 0,
+        py::arg("release_rows") = 0,
         "T = V^T B (d_in x r fp32) into t_out, P = V T (d_out x r fp32) into p_out, V = wa - wu never stored;\n"
         "returns ||V||_F^2 (float64). wa/wu: row-major with row strides lda/ldu (elements), dtype code\n"
-        "0=fp32 1=fp16 2=bf16; b: contiguous fp32 d_out x r. Deterministic for any thread count.");
+        "0=fp32 1=fp16 2=bf16; b: contiguous fp32 d_out x r. Deterministic for any thread count.\n"
+        "release_rows > 0 (a multiple of 32), ONLY for private file mappings: walk blocks of that many rows\n"
+        "and drop each block's pages from the resident set when done (same bits as release_rows = 0).");
   m.def("lowrank_traces", &lowrank_traces, py::arg("t"), py::arg("p"), py::arg("b"), py::arg("b_dtype"), py::arg("a"),
         py::arg("a_dtype"), py::arg("d_out"), py::arg("d_in"), py::arg("r"), py::arg("threads") = 0,
         "(<T^T T, G>, <P^T P, G>, <B^T B, G>) with G = A A^T, float64 sums of exact fp32 products.\n"

@@ -41,8 +41,22 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """T = V^T B (d_in x r, fp32), P = V T (d_out x r, fp32) and ||V||^2 (float64 sum)."""
+# Drop-behind (weights mapped from files): rows per block, so that a block of the wider matrix is
+# about this many bytes; each matrix of a pair then holds about two blocks in the resident set.
+RELEASE_BLOCK_BYTES = 8 << 20
+_KC = 32  # the kernel's row-chunk height, which the blocks are a multiple of
+
+
+def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor, *,
+                   release_behind: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """T = V^T B (d_in x r, fp32), P = V T (d_out x r, fp32) and ||V||^2 (float64 sum).
+
+    ``release_behind`` is for weights that are private mappings of files (``ModelReader.map``;
+    ``ModelReader.is_mapped`` says so) and nothing else: on other memory it would lose data. The
+    rows are then walked in blocks of about ``RELEASE_BLOCK_BYTES``, and each block's pages leave
+    the resident set once both passes are done with it (they come back from the page cache if
+    touched again), so a pair larger than a few blocks is never resident whole. Same bits.
+    """
     require(unavailable_reason())
     wa, wu = check_weights(wa, wu, NAME, "cpu")
     d_out, d_in = wa.shape
@@ -55,9 +69,13 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> 
     if d_out == 0 or d_in == 0:
         T.zero_(), P.zero_()
         return T, P, 0.0
+    release_rows = 0
+    if release_behind:
+        row_bytes = max(wa.stride(0), wu.stride(0)) * wa.element_size()
+        release_rows = max(_KC, RELEASE_BLOCK_BYTES // row_bytes // _KC * _KC)
     vsq = _cpu.lowrank_passes(
         wa.data_ptr(), wu.data_ptr(), d_out, d_in, wa.stride(0), wu.stride(0), DTYPE_CODE[wa.dtype],
-        B.data_ptr(), r, T.data_ptr(), P.data_ptr(), torch.get_num_threads(),
+        B.data_ptr(), r, T.data_ptr(), P.data_ptr(), torch.get_num_threads(), release_rows,
     )
     return T, P, float(vsq)
 

@@ -76,11 +76,14 @@ def subspace_score(
     delta: torch.Tensor | None = None,
     backend: str = "auto",
     with_projection: bool = False,
+    file_backed: bool = False,
 ) -> Score:
     """Score one layer's update against its safety subspace; see :func:`subspace_cosine`.
 
     With ``with_projection`` and a LoRA update, also return Safe LoRA's ``C @ lora_B`` (fp32),
     which falls out of the second pass (``P / ||V||``) at no extra read of the weights.
+    ``file_backed`` says the weights are private file mappings (``ModelReader.is_mapped``): the C++
+    backend then drops their pages from the resident set as it finishes with them.
     """
     _check_pair(w_aligned, w_unaligned)
     lowrank = lora_A is not None or lora_B is not None
@@ -91,7 +94,10 @@ def subspace_score(
     if lowrank:
         _lowrank_factors(wa, lora_A, lora_B)
         B = lora_B.to(wa.device).contiguous()
-        T, P, vsq = impl.lowrank_passes(wa, wu, B)
+        # (only the weights themselves may drop pages, never a copy that .contiguous() made)
+        drop = file_backed and name == "cpp" and wa is w_aligned and wu is w_unaligned
+        release = {"release_behind": True} if drop else {}
+        T, P, vsq = impl.lowrank_passes(wa, wu, B, **release)
         # with G = A A^T: <C dW, dW> = <T^T T, G>/||V||, ||C dW||^2 = <P^T P, G>/||V||^2,
         # ||dW||^2 = <B^T B, G>
         traces = getattr(impl, "lowrank_traces", reference.lowrank_traces)

@@ -274,7 +274,9 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
 
     On the CPU a background thread reads the next layers into the page cache (``will_need``),
     and the scorer reads each pair straight from there (a private mapping, no copy) and drops it
-    before the next: the process holds one pair, whatever the model's size. When every pair is
+    before the next: the process holds one pair, whatever the model's depth. Within a pair, the
+    C++ kernel drops the pages of rows it is done with (``file_backed``), so a large pair (a 70B
+    MLP's is 900 MB) is never resident whole either. When every pair is
     in the page cache already (a second run), there is nothing to overlap, and the thread would
     only compete with the kernels for the GIL and the cores: the pairs are mapped in turn instead
     (measured, warm 1B q/v: about 5 ms of 90). On CUDA the thread reads the next layers into
@@ -325,7 +327,9 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
                 wu.record_stream(torch.cuda.current_stream(run.device))
             try:
                 scores[i] = ops.subspace_score(
-                    wa, wu, lora_A=layer.task.A, lora_B=layer.task.B, backend=run.backend, with_projection=with_projection
+                    wa, wu, lora_A=layer.task.A, lora_B=layer.task.B, backend=run.backend,
+                    with_projection=with_projection,
+                    file_backed=ready is None and run.aligned.is_mapped(wa) and run.unaligned.is_mapped(wu),
                 )
             except FloatingPointError:
                 raise _non_finite(run, layer, wa, wu) from None

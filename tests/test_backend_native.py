@@ -317,6 +317,110 @@ def test_cpp_bits_independent_of_thread_count(dtype):
     assert v1 == v2 == v3
 
 
+def _mapped_pair(tmp_path: Path, d_out: int, d_in: int, dtype: torch.dtype, seed: int):
+    """A weight pair written to a safetensors file (after a 3-element tensor, so neither starts on
+    a page or line boundary), mapped back with ModelReader.map, and the in-memory originals."""
+    from safetensors.torch import save_file
+
+    from safemerge_ext.io.models import ModelReader
+
+    wa, wu, g = _layer(d_out, d_in, dtype, seed)
+    save_file({"pad": torch.ones(3, dtype=dtype), "a": wa, "u": wu}, str(tmp_path / "model.safetensors"))
+    reader = ModelReader(tmp_path)
+    return reader, reader.map("a"), reader.map("u"), wa, wu, g
+
+
+RELEASE_SHAPES = [(333, 1100), (1000, 96), (4096, 700)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
+@pytest.mark.parametrize("d_out, d_in", RELEASE_SHAPES, ids=[f"shape={a}x{b}" for a, b in RELEASE_SHAPES])
+def test_cpp_release_behind_same_bits(tmp_path, monkeypatch, dtype, d_out, d_in):
+    """Weights mapped from a file, walked in row blocks whose pages are dropped as each pass is done
+    with them (blocks of one 32-row chunk up to several; the last one partial): T, P and ||V||^2
+    have the bits of the one-block walk, on any thread count, and the values stay those of the
+    file (the dropped pages read back from the page cache)."""
+    from safemerge_ext import cpp_backend
+
+    reader, ma, mu, wa, wu, g = _mapped_pair(tmp_path, d_out, d_in, dtype, _seed("release", dtype, d_out, d_in))
+    assert reader.is_mapped(ma) and reader.is_mapped(mu)
+    B = torch.randn(d_out, 13, generator=g)
+    want = cpp_backend.lowrank_passes(wa, wu, B)
+    row, default_threads = d_in * wa.element_size(), torch.get_num_threads()
+    for block_bytes in (32 * row, 96 * row, 8 << 20):
+        monkeypatch.setattr(cpp_backend, "RELEASE_BLOCK_BYTES", block_bytes)
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            try:
+                got = cpp_backend.lowrank_passes(ma, mu, B, release_behind=True)
+            finally:
+                torch.set_num_threads(default_threads)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2], (
+                f"release_behind changed the bits: blocks of {block_bytes} bytes, {threads} threads")
+    assert torch.equal(ma, wa) and torch.equal(mu, wu)
+    _check_passes("cpp", ma, mu, B, 2e-5)
+
+
+@needs_cpp
+def test_cpp_release_rows_must_be_whole_chunks():
+    from safemerge_ext import _cpu
+
+    w = torch.randn(64, 16)
+    B = torch.randn(64, 2)
+    T, P = torch.empty(16, 2), torch.empty(64, 2)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _cpu.lowrank_passes(w.data_ptr(), w.data_ptr(), 64, 16, 16, 16, 0, B.data_ptr(), 2, T.data_ptr(),
+                            P.data_ptr(), 1, 48)
+
+
+_RSS_SCRIPT = """
+import sys, torch
+from safemerge_ext import cpp_backend
+from safemerge_ext.io.models import ModelReader
+
+def rss_kb(field):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1])
+
+cpp_backend.RELEASE_BLOCK_BYTES = 4 << 20
+reader = ModelReader(sys.argv[1])
+wa, wu = reader.map("a"), reader.map("u")
+B = torch.randn(wa.shape[0], 8)
+cpp_backend.lowrank_passes(wa[:64], wu[:64], B[:64])  # first touches of the code and buffers
+open('/proc/self/clear_refs', 'w').write('5')  # the peak starts again from here
+before = rss_kb('VmRSS')
+cpp_backend.lowrank_passes(wa, wu, B, release_behind=sys.argv[2] == '1')
+print(rss_kb('VmHWM') - before, rss_kb('VmRSS') - before)
+"""
+
+
+@needs_cpp
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_cpp_release_behind_bounds_resident_pages(tmp_path):
+    """Scoring a 2 x 32 MiB pair mapped from a file: without drop-behind the whole pair becomes
+    resident; with it (4 MiB blocks) the peak is a few blocks and most pages have left by the end."""
+    import os
+    import sys
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(_seed("rss"))
+    pair = {n: (torch.randn(4096, 4096, generator=g) * 0.02).bfloat16() for n in ("a", "u")}
+    save_file({"pad": torch.ones(3, dtype=torch.bfloat16), **pair}, str(tmp_path / "model.safetensors"))
+    pair_mib = 64
+    grown = {}
+    for release in ("0", "1"):
+        proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path), release], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peak_kb, after_kb = (int(x) for x in proc.stdout.split())
+        grown[release] = (peak_kb / 1024, after_kb / 1024)
+    print(f"grown (peak, after) MiB: {grown}")
+    assert grown["0"][0] > 0.85 * pair_mib, f"the control run never held the pair: {grown}"
+    assert grown["1"][0] < 0.5 * pair_mib, f"drop-behind held {grown['1'][0]:.0f} of {pair_mib} MiB at its peak"
+    assert grown["1"][1] < 0.3 * pair_mib, f"drop-behind left {grown['1'][1]:.0f} MiB resident"
+
+
 ISAS = ["baseline", "x86-64-v3", "x86-64-v4"]
 # every remainder of both rank tilings (pass 1: tiles of 6, or 8 on x86-64-v4; pass 2: 3, or 4)
 ISA_RANKS = [1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 17]

@@ -45,6 +45,16 @@ def test_reader_maps_tensors_without_copying(fx):
         t = r.map(name)
         assert t.shape == ref[name].shape and t.dtype == ref[name].dtype and torch.equal(t, ref[name])
         assert r.bytes_read - before == t.numel() * t.element_size()
+    # is_mapped: only this reader's live mappings, never a copy (drop-behind relies on it)
+    t = r.map(name)
+    assert r.is_mapped(t) and r.is_mapped(t[1:]) and r.is_mapped(t.view(-1)[3:5])
+    assert not r.is_mapped(t.clone()) and not r.is_mapped(r.get(name))
+    assert not ModelReader(fx.aligned, "--aligned").is_mapped(t)
+    del t
+    import gc
+
+    gc.collect()
+    assert not r._maps, "a dead mapping stayed registered"
     t = r.map("model.layers.0.mlp.up_proj.weight")
     t.fill_(7.0)
     assert torch.equal(ModelReader(fx.aligned).get("model.layers.0.mlp.up_proj.weight"), ref["model.layers.0.mlp.up_proj.weight"])
@@ -170,7 +180,9 @@ def test_reader_map_falls_back_to_reading(fx, monkeypatch):
     monkeypatch.setattr(mmap_module, "mmap", refuse)
     r = ModelReader(fx.aligned, "--aligned")
     name = "model.layers.1.mlp.gate_proj.weight"
-    assert torch.equal(r.map(name), load_model(fx.aligned)[name])
+    t = r.map(name)
+    assert torch.equal(t, load_model(fx.aligned)[name])
+    assert not r.is_mapped(t), "a copy read instead of a mapping must not pass for one"
 
 
 def test_map_runs_groups_tensors_that_lie_back_to_back(tmp_path):

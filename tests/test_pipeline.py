@@ -431,6 +431,48 @@ def test_scoring_reads_ahead_only_what_is_not_cached(fx, monkeypatch, cached):
         assert abs(s.cosine - ref[layer.module]) <= 1e-5, layer.module
 
 
+@pytest.mark.skipif(not _runs_on_cpu("cpp"), reason="needs the C++ extension")
+def test_scoring_drops_mapped_pages_behind(fx, monkeypatch):
+    """The scorer tells the C++ kernel that the weights it maps from the model files may drop
+    their pages behind it (and only those); with row blocks small enough to split every layer,
+    the scores keep their bits."""
+    from safemerge_ext import cpp_backend, pipeline
+    from safemerge_ext.io.adapters import read_adapter
+
+    def scores(block_bytes: int) -> tuple[list[float], list[bool]]:
+        monkeypatch.setattr(cpp_backend, "RELEASE_BLOCK_BYTES", block_bytes)
+        flags = []
+        real = cpp_backend.lowrank_passes
+
+        def spy(wa, wu, B, **kw):
+            flags.append(kw.get("release_behind", False))
+            return real(wa, wu, B, **kw)
+
+        monkeypatch.setattr(cpp_backend, "lowrank_passes", spy)
+        run = pipeline.open_run(fx.aligned, fx.unaligned, read_adapter(fx.task, "--task-adapter"), backend="cpp")
+        try:
+            return [s.cosine for s in pipeline.score_layers(run, progress=False)], flags
+        finally:
+            monkeypatch.setattr(cpp_backend, "lowrank_passes", real)
+
+    whole, flags = scores(1 << 30)
+    split, split_flags = scores(1)  # blocks of one 32-row chunk
+    assert flags and all(flags) and all(split_flags)
+    assert split == whole
+    # ops passes the flag on only for the caller's own tensors, never for a copy that it made
+    # (here: of a non-contiguous weight); the spy does not forward it (these are not mappings)
+    from safemerge_ext import ops
+
+    real, calls = cpp_backend.lowrank_passes, []
+    monkeypatch.setattr(cpp_backend, "lowrank_passes", lambda a, u, B, **kw: calls.append(kw) or real(a, u, B))
+    wa, wu = torch.randn(48, 64).t(), torch.randn(48, 64).t()
+    factors = {"lora_A": torch.randn(2, 48), "lora_B": torch.randn(64, 2)}
+    ops.subspace_score(wa, wu, **factors, backend="cpp", file_backed=True)
+    ops.subspace_score(wa.contiguous(), wu.contiguous(), **factors, backend="cpp", file_backed=True)
+    ops.subspace_score(wa.contiguous(), wu.contiguous(), **factors, backend="cpp")
+    assert calls == [{}, {"release_behind": True}, {}]
+
+
 @pytest.mark.parametrize("progress", [True, False, None], ids=["progress", "no-progress", "auto"])
 def test_progress_bar_only_when_asked_or_on_a_terminal(fx, capsys, progress):
     """--progress draws tqdm's bar on stderr; --no-progress, or the default on a stream that is

@@ -6,7 +6,9 @@ tensor's bytes are touched only when asked for, and counted in ``bytes_read``:
 
 - :meth:`ModelReader.map` gives a view of the tensor's pages in the page cache (no copy), one
   private mapping per tensor. Its pages count in the resident set only while the tensor lives, so
-  a scorer that drops each tensor after use holds one at a time. :meth:`ModelReader.will_need`
+  a scorer that drops each tensor after use holds one at a time; :meth:`ModelReader.is_mapped`
+  tells such views from copies, for a kernel that drops pages as it goes (they read back from
+  the page cache). :meth:`ModelReader.will_need`
   reads a tensor into the page cache ahead of time without bringing anything into the process.
 - :meth:`ModelReader.get` copies the bytes with ``os.preadv`` into fresh memory, pinned if asked
   (the staging buffer of a host-to-GPU copy), for callers that keep or modify the tensor.
@@ -24,6 +26,7 @@ import os
 import re
 import struct
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -64,6 +67,7 @@ class ModelReader:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
+        self._maps: dict[int, tuple[int, int]] = {}  # id(mmap) -> its address range, while it lives
         self._null: int | None = None  # /dev/null, the sink of will_need's sendfile; -1: fadvise instead
         # shard -> {name: (dtype code, shape, absolute start, absolute end)}
         self._headers: dict[str, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
@@ -236,7 +240,18 @@ class ModelReader:
         with self._lock:
             self.bytes_read += end - start
         # the tensor keeps the mapping alive; the last reference to it unmaps the pages
-        return torch.frombuffer(mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start - base)
+        t = torch.frombuffer(mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start - base)
+        lo = t.data_ptr() - (start - base)
+        self._maps[id(mm)] = (lo, lo + len(mm))
+        weakref.finalize(mm, self._maps.pop, id(mm), None)
+        return t
+
+    def is_mapped(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s bytes lie in a private file mapping that :meth:`map` made and that is
+        still alive (not a copy: :meth:`get`, or :meth:`map`'s fallback where mapping failed). Only
+        such memory may have its pages dropped and read back from the file."""
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        return t.device.type == "cpu" and any(a <= lo and hi <= b for a, b in list(self._maps.values()))
 
     def resident(self, name: str) -> bool | None:
         """Whether all of one tensor's bytes are in the page cache (None: this system cannot tell)."""
