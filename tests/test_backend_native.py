@@ -387,7 +387,12 @@ reader = ModelReader(sys.argv[1])
 wa, wu = reader.map("a"), reader.map("u")
 B = torch.randn(wa.shape[0], 8)
 cpp_backend.lowrank_passes(wa[:64], wu[:64], B[:64])  # first touches of the code and buffers
-open('/proc/self/clear_refs', 'w').write('5')  # the peak starts again from here
+try:
+    with open('/proc/self/clear_refs', 'w') as f:  # the peak starts again from here
+        f.write('5')
+except OSError as e:
+    print('SKIP', e)
+    sys.exit(0)
 before = rss_kb('VmRSS')
 cpp_backend.lowrank_passes(wa, wu, B, release_behind=sys.argv[2] == '1')
 print(rss_kb('VmHWM') - before, rss_kb('VmRSS') - before)
@@ -413,6 +418,8 @@ def test_cpp_release_behind_bounds_resident_pages(tmp_path):
         proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path), release], capture_output=True,
                               text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert proc.returncode == 0, proc.stderr[-2000:]
+        if proc.stdout.startswith("SKIP"):
+            pytest.skip(f"cannot reset the peak RSS here: {proc.stdout.strip()}")
         peak_kb, after_kb = (int(x) for x in proc.stdout.split())
         grown[release] = (peak_kb / 1024, after_kb / 1024)
     print(f"grown (peak, after) MiB: {grown}")
