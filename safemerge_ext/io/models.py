@@ -249,9 +249,11 @@ class ModelReader:
     def is_mapped(self, t: torch.Tensor) -> bool:
         """Whether ``t``'s bytes lie in a private file mapping that :meth:`map` made and that is
         still alive (not a copy: :meth:`get`, or :meth:`map`'s fallback where mapping failed). Only
-        such memory may have its pages dropped and read back from the file."""
+        such memory, and only while nobody has written to it (a written page would go back to the
+        file's bytes), may have its pages dropped and read back from the file."""
         lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        return t.device.type == "cpu" and any(a <= lo and hi <= b for a, b in list(self._maps.values()))
+        # (a copy: a finalizer may drop an entry from another thread while this looks)
+        return t.device.type == "cpu" and any(a <= lo and hi <= b for a, b in self._maps.copy().values())
 
     def resident(self, name: str) -> bool | None:
         """Whether all of one tensor's bytes are in the page cache (None: this system cannot tell)."""
