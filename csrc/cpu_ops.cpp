@@ -587,7 +587,11 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   std::optional<Release> rel;
   if (blocks > 1) {
     const int64_t es = dtype == 0 ? 4 : 2;
+#ifdef __linux__
     const long page = sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096;
+#else
+    const long page = 4096;  // (nothing is dropped here: see Release::drop)
+#endif
     rel.emplace();
     const uintptr_t start[2] = {wa, wu};
     const int64_t ld[2] = {lda, ldu};
