@@ -526,7 +526,7 @@ int resolve_threads(int requested) {
 // cache if touched again, so a pair of large matrices never has to be resident whole. Only
 // 2 MiB-aligned stretches are dropped inside a matrix, so no large-folio mapping is split.
 struct Release {
-  uintptr_t base[2], end[2];  // first byte of each matrix (rounded down to its page), one past its last
+  uintptr_t base[2], end[2];  // each matrix's first byte, and the end of the page holding its last
   int64_t row_bytes[2];
   uintptr_t done[2];          // pass 1: everything below this is dropped already
 

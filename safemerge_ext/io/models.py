@@ -8,8 +8,8 @@ tensor's bytes are touched only when asked for, and counted in ``bytes_read``:
   private mapping per tensor. Its pages count in the resident set only while the tensor lives, so
   a scorer that drops each tensor after use holds one at a time; :meth:`ModelReader.is_mapped`
   tells such views from copies, for a kernel that drops pages as it goes (they read back from
-  the page cache). :meth:`ModelReader.will_need`
-  reads a tensor into the page cache ahead of time without bringing anything into the process.
+  the page cache). :meth:`ModelReader.will_need` reads a tensor into the page cache ahead of
+  time without bringing anything into the process.
 - :meth:`ModelReader.get` copies the bytes with ``os.preadv`` into fresh memory, pinned if asked
   (the staging buffer of a host-to-GPU copy), for callers that keep or modify the tensor.
 
