@@ -185,6 +185,59 @@ def test_reader_map_falls_back_to_reading(fx, monkeypatch):
     assert not r.is_mapped(t), "a copy read instead of a mapping must not pass for one"
 
 
+@pytest.mark.parametrize("way", ["copy_file_range", "sendfile", "buffered"])
+def test_copy_into_appends_the_tensor_bytes(tmp_path, monkeypatch, way):
+    """copy_into appends a tensor's bytes at the output's position, byte for byte, by each way of
+    copying (the ones before it made unavailable), counts them as read, and names a tensor that
+    the file cuts short."""
+    from safemerge_ext.io import models
+    from safemerge_ext.io.safetensors_stream import StreamingWriter
+
+    g = torch.Generator().manual_seed(11)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(700, 130, generator=g).bfloat16(),
+               "c": torch.arange(7, dtype=torch.int64)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ways = ["copy_file_range", "sendfile", "buffered"]
+    for skipped in ways[: ways.index(way)]:
+        def unavailable(*args):
+            raise models._NotHere
+        monkeypatch.setattr(models, {"copy_file_range": "_copy_file_range", "sendfile": "_sendfile"}[skipped],
+                            unavailable)
+    used = []
+    real = {"copy_file_range": models._copy_file_range, "sendfile": models._sendfile, "buffered": models._copy_buffered}
+    monkeypatch.setattr(models, {"copy_file_range": "_copy_file_range", "sendfile": "_sendfile",
+                                 "buffered": "_copy_buffered"}[way],
+                        lambda *a: used.append(way) or real[way](*a))
+    r = ModelReader(tmp_path)
+    names = sorted(tensors)
+    out = tmp_path / "out"
+    out.mkdir()
+    with StreamingWriter(out / "model.safetensors", [(n, *r.meta(n)) for n in names]) as w:
+        w.write("a", r.get("a"))  # a write through the descriptor, then kernel copies after it
+        w.copy_from("b", r)
+        w.copy_from("c", r)
+    got = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(got[n], tensors[n]) for n in names)
+    assert used == [way, way] and r.bytes_read == sum(t.numel() * t.element_size() for t in tensors.values())
+    with pytest.raises(ValueError, match="expected c"):
+        with StreamingWriter(out / "x.safetensors", [(n, *r.meta(n)) for n in ("c",)]) as w:
+            w.copy_from("a", r)
+    # a file cut short inside a tensor after its header was read
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes())
+    rc = ModelReader(cut, "--aligned")
+    assert [rc.meta(n) for n in names]
+    os.truncate(cut / "model.safetensors", (cut / "model.safetensors").stat().st_size - 40)
+    fd = os.open(out / "y.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(SafeMergeError, match="file ended inside tensor"):
+            for n in names:
+                rc.copy_into(n, fd)
+    finally:
+        os.close(fd)
+
+
 def test_map_runs_groups_tensors_that_lie_back_to_back(tmp_path):
     """map_runs() maps runs of same-dtype tensors that follow each other in the file, capped in
     bytes, and its flat views hold exactly those tensors' values."""

@@ -1,9 +1,10 @@
 """Write a full model: the aligned model's shards, streamed, with merged updates added.
 
-Each shard is read, patched and written one tensor at a time (the safetensors header is laid out
-from the source headers first), so memory holds one tensor, whatever the shard size; sharding and
-the index are kept, and every other file of the folder (config, generation config, tokenizer, chat
-template) is copied.
+Each shard is written one tensor at a time (the safetensors header is laid out from the source
+headers first): a tensor with an update is read, patched and written, and every other tensor is
+copied file to file inside the kernel without entering the process, so memory holds at most one
+patched tensor, whatever the shard or the embedding's size. Sharding and the index are kept, and
+every other file of the folder (config, generation config, tokenizer, chat template) is copied.
 """
 
 from __future__ import annotations
@@ -45,15 +46,16 @@ def write_model(
         layout = [(name, *reader.meta(name)) for name in names]
         with StreamingWriter(out_dir / shard, layout) as out:
             for name in names:
-                w = reader.get(name)
                 upd = update_for(name)
-                if upd is not None:
+                if upd is None:  # unchanged: file to file inside the kernel
+                    out.copy_from(name, reader)
+                else:
+                    w = reader.get(name)
                     if tuple(upd.shape) != tuple(w.shape):
                         raise SafeMergeError(
                             f"update for {name} has shape {tuple(upd.shape)} but the weight {tuple(w.shape)}"
                         )
-                    w = (w.float() + upd.to(device="cpu", dtype=torch.float32)).to(w.dtype)
-                out.write(name, w)
+                    out.write(name, (w.float() + upd.to(device="cpu", dtype=torch.float32)).to(w.dtype))
                 if on_tensor is not None:
                     on_tensor(name)
             written += out.nbytes

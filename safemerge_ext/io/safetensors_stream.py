@@ -12,9 +12,12 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from safemerge_ext.io.models import ModelReader
 
 _CODES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -40,21 +43,37 @@ class StreamingWriter:
             offset += n
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(blob)))
-        self._f.write(blob)
+        # unbuffered: tensors are large writes, and copy_from appends through the descriptor
+        self._f = open(self.path, "wb", buffering=0)
+        self._write_all(memoryview(struct.pack("<Q", len(blob)) + blob))
         self._next = 0
         self.nbytes = offset
 
+    def _expect(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        want_name, want_shape, want_dt = self._layout[self._next]
+        if name != want_name or shape != want_shape or dtype != want_dt:
+            raise ValueError(
+                f"{self.path.name}: expected {want_name} {want_shape} {want_dt} next, got {name} {shape} {dtype}"
+            )
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            view = view[self._f.write(view):]
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor of the layout (it must come in layout order)."""
-        want_name, shape, dt = self._layout[self._next]
-        if name != want_name or tuple(tensor.shape) != shape or tensor.dtype != dt:
-            raise ValueError(
-                f"{self.path.name}: expected {want_name} {shape} {dt} next, got {name} {tuple(tensor.shape)} {tensor.dtype}"
-            )
+        self._expect(name, tuple(tensor.shape), tensor.dtype)
         raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._f.write(memoryview(raw.numpy()))
+        self._write_all(memoryview(raw.numpy()))
+        self._next += 1
+
+    def copy_from(self, name: str, reader: "ModelReader") -> None:
+        """Append the next tensor of the layout as ``reader`` holds it, byte for byte, copied
+        between the files inside the kernel (``ModelReader.copy_into``): an unchanged tensor never
+        passes through this process's memory."""
+        shape, dtype = reader.meta(name)
+        self._expect(name, tuple(shape), dtype)
+        reader.copy_into(name, self._f.fileno())
         self._next += 1
 
     def close(self) -> None:
