@@ -486,9 +486,9 @@ def merge(
                     return None
                 layer, rec = hit
                 if not rec.flagged:
-                    return layer.task.delta()
+                    return layer.task.B.float() * layer.task.scaling, layer.task.A.float()
                 dW, B, A = merged_update(layer)
-                return dW if dW is not None else B @ A
+                return dW if dW is not None else (B, A)
 
             write_model(run.aligned, tmp, update_for)
         run.tick("write_s", t0)
@@ -535,7 +535,7 @@ def project(
                 if layer is None:
                     return None
                 B = new_B[layer.module] if layer.module in new_B else layer.task.B
-                return (B.float() @ layer.task.A.float()) * layer.task.scaling
+                return B.float() * layer.task.scaling, layer.task.A.float()
 
             write_model(run.aligned, tmp, update_for)
         run.tick("write_s", t0)

@@ -18,6 +18,7 @@ from safemerge_ext.io import pagecache
 from safemerge_ext.io.adapters import OutModule, pattern_key, read_adapter, unit_alpha, write_adapter
 from safemerge_ext.io.model_writer import write_model
 from safemerge_ext.io.models import ModelReader, natural_key
+from numerics import assert_close
 from weights import load_model
 
 
@@ -238,6 +239,30 @@ def test_copy_into_appends_the_tensor_bytes(tmp_path, monkeypatch, way):
         os.close(fd)
 
 
+def test_rows_read_and_written_in_parts(tmp_path):
+    """get_rows reads only the rows asked for; write_parts takes a tensor as row blocks and
+    refuses parts that do not add up to it."""
+    from safemerge_ext.io.safetensors_stream import StreamingWriter
+
+    w = torch.randn(10, 3, 4, generator=torch.Generator().manual_seed(3)).bfloat16()
+    save_file({"w": w, "x": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    r = ModelReader(tmp_path)
+    assert torch.equal(r.get_rows("w", 2, 7), w[2:7]) and r.bytes_read == 5 * 3 * 4 * 2
+    assert r.get_rows("w", 4, 4).shape == (0, 3, 4)
+    with pytest.raises(ValueError, match="rows"):
+        r.get_rows("w", 8, 11)
+    out = tmp_path / "o"
+    out.mkdir()
+    with StreamingWriter(out / "a.safetensors", [("w", w.shape, w.dtype)]) as sw:
+        sw.write_parts("w", w.shape, w.dtype, (w[i:i + 3] for i in range(0, 10, 3)))
+    assert torch.equal(load_file(str(out / "a.safetensors"))["w"], w)
+    for parts, match in (((w[:4], w[4:9]), "hold 216 bytes, not 240"), ((w, w[:1]), "hold 264 bytes, not 240"),
+                         ((w.float(),), "not torch.bfloat16")):
+        with pytest.raises(ValueError, match=match):
+            with StreamingWriter(out / "b.safetensors", [("w", w.shape, w.dtype)]) as sw:
+                sw.write_parts("w", w.shape, w.dtype, parts)
+
+
 def test_map_runs_groups_tensors_that_lie_back_to_back(tmp_path):
     """map_runs() maps runs of same-dtype tensors that follow each other in the file, capped in
     bytes, and its flat views hold exactly those tensors' values."""
@@ -441,18 +466,36 @@ def test_written_mixed_rank_adapter_loads_in_peft(fx, tmp_path):
             assert math.isclose(mod.scaling["default"], alpha / r, rel_tol=1e-12), key
 
 
-def test_model_writer_streams_and_copies(fx, tmp_path):
-    r = ModelReader(fx.aligned)
-    upd = torch.randn(64, 64)
-    out = tmp_path / "o"
-    out.mkdir()
-    write_model(r, out, lambda n: upd if n == "model.layers.1.self_attn.q_proj.weight" else None)
-    got, src = load_model(out), load_model(fx.aligned)
-    assert set(got) == set(src)
-    for k in src:
-        if k == "model.layers.1.self_attn.q_proj.weight":
-            assert torch.allclose(got[k], src[k] + upd)
-        else:
-            assert torch.equal(got[k], src[k])
-    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in fx.aligned.glob("*.safetensors"))
-    assert (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file()
+@pytest.mark.parametrize("patch_bytes", [8 << 20, 4 * 64 * 5], ids=["one-block", "blocks-of-5-rows"])
+def test_model_writer_streams_and_copies(fx, fx_bf16, tmp_path, monkeypatch, patch_bytes):
+    """Dense and low-rank updates are added in fp32 a block of rows at a time (blocks of 5 rows
+    leave a partial last block) and rounded once; every other tensor is copied unchanged."""
+    from safemerge_ext.io import model_writer
+
+    monkeypatch.setattr(model_writer, "PATCH_BYTES", patch_bytes)
+    g = torch.Generator().manual_seed(5)
+    dense, B, A = torch.randn(64, 64, generator=g), torch.randn(96, 3, generator=g), torch.randn(3, 64, generator=g)
+    updates = {"model.layers.1.self_attn.q_proj.weight": dense, "model.layers.0.mlp.up_proj.weight": (B, A)}
+    for i, src_dir in enumerate((fx.aligned, fx_bf16.aligned)):
+        r = ModelReader(src_dir)
+        out = tmp_path / f"o{i}"
+        out.mkdir()
+        write_model(r, out, updates.get)
+        got, src = load_model(out), load_model(src_dir)
+        assert set(got) == set(src)
+        for k in src:
+            if k in updates:
+                u = dense.double() if k.endswith("q_proj.weight") else B.double() @ A.double()
+                want = src[k].double() + u
+                # fp32 sums, rounded once: to within fp32's or bf16's half ulp (row blocks of a
+                # low-rank product may round differently from the whole product)
+                rtol = 0.0 if src[k].dtype == torch.float32 else 2.0**-8
+                assert got[k].dtype == src[k].dtype
+                assert_close(got[k], want, atol=1e-6 * float(want.abs().max()), rtol=rtol, what=k)
+            else:
+                assert torch.equal(got[k], src[k]), k
+        assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in src_dir.glob("*.safetensors"))
+        assert (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file()
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(SafeMergeError, match="factors"):
+        write_model(ModelReader(fx.aligned), tmp_path / "bad", lambda n: (B[:64], A) if n in updates else None)

@@ -9,9 +9,10 @@ every other file of the folder (config, generation config, tokenizer, chat templ
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Union
 
 import torch
 from safemerge_ext.errors import SafeMergeError
@@ -31,15 +32,25 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+# A weight's update: dense (same shape as the weight), or low-rank factors (B, A) whose product is
+# the update (B: d_out x r with any scale folded in, A: r x d_in).
+Update = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+# rows patched at once: about this many bytes of the fp32 working copy
+PATCH_BYTES = 8 << 20
+
+
 def write_model(
     reader: ModelReader,
     out_dir: Path,
-    update_for: Callable[[str], torch.Tensor | None],
+    update_for: Callable[[str], Update | None],
     on_tensor: Callable[[str], None] | None = None,
 ) -> int:
     """Write ``reader``'s model to ``out_dir`` with ``W + update_for(name)`` where an update exists.
 
-    Updates are added in fp32 and rounded once to the weight's dtype. Returns bytes written.
+    Updates are added in fp32 and rounded once to the weight's dtype, a block of rows at a time
+    (the weight's rows read as needed, a low-rank update's rows formed as needed), so a patched
+    tensor is never whole in memory either. Returns bytes written.
     """
     written = 0
     for shard, names in reader.shards().items():
@@ -50,12 +61,8 @@ def write_model(
                 if upd is None:  # unchanged: file to file inside the kernel
                     out.copy_from(name, reader)
                 else:
-                    w = reader.get(name)
-                    if tuple(upd.shape) != tuple(w.shape):
-                        raise SafeMergeError(
-                            f"update for {name} has shape {tuple(upd.shape)} but the weight {tuple(w.shape)}"
-                        )
-                    out.write(name, (w.float() + upd.to(device="cpu", dtype=torch.float32)).to(w.dtype))
+                    shape, dtype = reader.meta(name)
+                    out.write_parts(name, shape, dtype, _patched_rows(reader, name, tuple(shape), upd))
                 if on_tensor is not None:
                     on_tensor(name)
             written += out.nbytes
@@ -63,3 +70,31 @@ def write_model(
         shutil.copy2(reader.path / INDEX, out_dir / INDEX)
     copy_side_files(reader.path, out_dir)
     return written
+
+
+def _patched_rows(reader: ModelReader, name: str, shape: tuple[int, ...], upd: Update) -> Iterator[torch.Tensor]:
+    """``W + upd`` in blocks of rows, each rounded once from fp32 to W's dtype."""
+    if isinstance(upd, tuple):
+        B, A = upd
+        if len(shape) != 2 or B.dim() != 2 or A.dim() != 2 or B.shape[0] != shape[0] or A.shape[1] != shape[1] \
+                or B.shape[1] != A.shape[0]:
+            raise SafeMergeError(
+                f"update for {name} has factors {tuple(B.shape)} @ {tuple(A.shape)} but the weight is {shape}")
+        B, A = B.to(device="cpu", dtype=torch.float32), A.to(device="cpu", dtype=torch.float32)
+    elif tuple(upd.shape) != shape:
+        raise SafeMergeError(f"update for {name} has shape {tuple(upd.shape)} but the weight {shape}")
+    rows = shape[0] if shape else 1
+    cols = math.prod(shape[1:]) if shape else 1
+    step = max(1, PATCH_BYTES // (4 * max(cols, 1)))
+    if not shape:  # a 0-d weight: one block
+        w = reader.get(name)
+        yield (w.float() + upd.to(device="cpu", dtype=torch.float32)).to(w.dtype)
+        return
+    for i in range(0, rows, step):
+        j = min(rows, i + step)
+        w = reader.get_rows(name, i, j)
+        if isinstance(upd, tuple):
+            d = B[i:j] @ A
+        else:
+            d = upd[i:j].to(device="cpu", dtype=torch.float32)
+        yield (w.float() + d.reshape(w.shape)).to(w.dtype)

@@ -223,6 +223,17 @@ class ModelReader:
         dtype = self._dtype(shard, name, code)
         return self._read(shard, start, end, name, pin_memory).view(dtype).reshape(shape)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (along its first dimension) in fresh CPU memory: only
+        their bytes are read and counted."""
+        shard, (code, shape, begin, end) = self._entry(name)
+        dtype = self._dtype(shard, name, code)
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of {name} {tuple(shape)}")
+        row = (end - begin) // shape[0] if shape[0] else 0
+        buf = self._read(shard, begin + start * row, begin + stop * row, name)
+        return buf.view(dtype).reshape(stop - start, *shape[1:])
+
     def _read(self, shard: str, start: int, end: int, what: str, pin_memory: bool = False) -> torch.Tensor:
         """Bytes [start, end) of a shard in fresh memory, counted in ``bytes_read``."""
         buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin_memory)

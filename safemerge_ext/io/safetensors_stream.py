@@ -9,10 +9,11 @@ order and each is checked against its declared shape and dtype. Files load with 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
@@ -65,6 +66,24 @@ class StreamingWriter:
         self._expect(name, tuple(tensor.shape), tensor.dtype)
         raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._write_all(memoryview(raw.numpy()))
+        self._next += 1
+
+    def write_parts(self, name: str, shape: Sequence[int], dtype: torch.dtype, parts: Iterable[torch.Tensor]) -> None:
+        """Append the next tensor of the layout as consecutive parts (row blocks, in order), so it
+        is never whole in memory; the parts must add up to exactly its bytes."""
+        self._expect(name, tuple(int(x) for x in shape), dtype)
+        want = dtype.itemsize * math.prod(shape)
+        done = 0
+        for part in parts:
+            if part.dtype != dtype:
+                raise ValueError(f"{self.path.name}: a part of {name} is {part.dtype}, not {dtype}")
+            raw = part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            done += raw.numel()
+            if done > want:
+                break
+            self._write_all(memoryview(raw.numpy()))
+        if done != want:
+            raise ValueError(f"{self.path.name}: the parts of {name} hold {done} bytes, not {want}")
         self._next += 1
 
     def copy_from(self, name: str, reader: "ModelReader") -> None:
