@@ -96,5 +96,6 @@ def _patched_rows(reader: ModelReader, name: str, shape: tuple[int, ...], upd: U
         if isinstance(upd, tuple):
             d = B[i:j] @ A
         else:
-            d = upd[i:j].to(device="cpu", dtype=torch.float32)
-        yield (w.float() + d.reshape(w.shape)).to(w.dtype)
+            d = upd[i:j].to(device="cpu", dtype=torch.float32, copy=True)
+        # in place: the sum is the same fp32 addition, without a third block-sized buffer
+        yield d.reshape(w.shape).add_(w).to(w.dtype)
