@@ -59,7 +59,8 @@ _UNSUPPORTED = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno
 
 def _copy_loop(step, src: int, dst: int, offset: int, count: int) -> int:
     """Run ``step(src, dst, offset, count) -> bytes`` until ``count`` bytes are copied or the
-    source ends; raise _NotHere if the first step is unsupported."""
+    source ends; raise _NotHere if the first step is unsupported or copies nothing (some file
+    systems answer 0 instead of an error; the last way, a plain read, tells a real end)."""
     done = 0
     while done < count:
         try:
@@ -69,6 +70,8 @@ def _copy_loop(step, src: int, dst: int, offset: int, count: int) -> int:
                 raise _NotHere from e
             raise
         if n == 0:
+            if done == 0:
+                raise _NotHere
             break
         done += n
     return done
