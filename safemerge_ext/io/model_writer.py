@@ -1,10 +1,11 @@
 """Write a full model: the aligned model's shards, streamed, with merged updates added.
 
 Each shard is written one tensor at a time (the safetensors header is laid out from the source
-headers first): a tensor with an update is read, patched and written, and every other tensor is
-copied file to file inside the kernel without entering the process, so memory holds at most one
-patched tensor, whatever the shard or the embedding's size. Sharding and the index are kept, and
-every other file of the folder (config, generation config, tokenizer, chat template) is copied.
+headers first): a tensor with an update is read, patched and written a block of rows at a time,
+and every other tensor is copied file to file inside the kernel without entering the process, so
+memory holds a few MiB of one tensor, whatever the tensors' or the shards' size. Sharding and the
+index are kept, and every other file of the folder (config, generation config, tokenizer, chat
+template) is copied.
 """
 
 from __future__ import annotations
