@@ -59,7 +59,10 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor, *,
     touched again), so a pair larger than a few blocks is never resident whole. Same bits.
     """
     require(unavailable_reason())
+    given = wa, wu
     wa, wu = check_weights(wa, wu, NAME, "cpu")
+    # a copy that check_weights made (rows not unit-stride) is anonymous memory: never drop its pages
+    release_behind = release_behind and wa is given[0] and wu is given[1]
     d_out, d_in = wa.shape
     if lora_B.dim() != 2 or lora_B.shape[0] != d_out or lora_B.shape[1] < 1:
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {d_out}xr with r >= 1")

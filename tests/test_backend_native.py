@@ -360,6 +360,12 @@ def test_cpp_release_behind_same_bits(tmp_path, monkeypatch, dtype, d_out, d_in)
                 f"release_behind changed the bits: blocks of {block_bytes} bytes, {threads} threads")
     assert torch.equal(ma, wa) and torch.equal(mu, wu)
     _check_passes("cpp", ma, mu, B, 2e-5)
+    # transposed views of the mappings are read through a contiguous copy, whose pages must stay
+    monkeypatch.setattr(cpp_backend, "RELEASE_BLOCK_BYTES", 1)  # blocks of 32 rows
+    Bt = torch.randn(d_in, 5, generator=g)
+    want_t = cpp_backend.lowrank_passes(wa.t().contiguous(), wu.t().contiguous(), Bt)
+    got_t = cpp_backend.lowrank_passes(ma.t(), mu.t(), Bt, release_behind=True)
+    assert torch.equal(got_t[0], want_t[0]) and torch.equal(got_t[1], want_t[1]) and got_t[2] == want_t[2]
 
 
 @needs_cpp
