@@ -86,15 +86,13 @@ def _patched_rows(reader: ModelReader, name: str, shape: tuple[int, ...], upd: U
         B, A = B.to(device="cpu", dtype=torch.float32), A.to(device="cpu", dtype=torch.float32)
     elif tuple(upd.shape) != shape:
         raise SafeMergeError(f"update for {name} has shape {tuple(upd.shape)} but the weight {shape}")
-    rows = shape[0] if shape else 1
-    cols = math.prod(shape[1:]) if shape else 1
-    step = max(1, PATCH_BYTES // (4 * max(cols, 1)))
     if not shape:  # a 0-d weight: one block
         w = reader.get(name)
         yield (w.float() + upd.to(device="cpu", dtype=torch.float32)).to(w.dtype)
         return
-    for i in range(0, rows, step):
-        j = min(rows, i + step)
+    step = max(1, PATCH_BYTES // (4 * max(math.prod(shape[1:]), 1)))
+    for i in range(0, shape[0], step):
+        j = min(shape[0], i + step)
         w = reader.get_rows(name, i, j)
         if isinstance(upd, tuple):
             d = B[i:j] @ A
