@@ -25,12 +25,13 @@ The floor's two figures are the fastest of their repetitions (the best this mach
 run: on a shared VM a median read can be inflated by a neighbour's burst and flatter the ratios),
 the contenders' times the medians. Per shape and rank the read, the matmul and every contender are
 timed in turn, one timed call each per round (``--reps`` rounds, each timed call right after an
-untimed one of its own), so a slow spell of a shared machine falls on the floor and the
+untimed one of its own; on a GPU right after a write that evicts the L2 cache instead), so a slow spell of a shared machine falls on the floor and the
 contenders alike instead of on whichever ran during it.
 
 Columns: time_ms (median of --reps after a warm-up; CUDA events on a GPU, perf_counter on a CPU),
 mm_gflops (the fp32 matmul rate of that shape and rank's rounds),
-gbps (bytes of one read of both matrices / time), x_floor (time / floor), x_naive (naive time /
+gbps (bytes of one read of both matrices / time), pct_copy_bw (on a GPU: gbps over the
+device-to-device copy bandwidth measured in the same run, issue 4's target >= 70%), x_floor (time / floor), x_naive (naive time /
 time), x_materialized (materialized time / time). Rows carry machine, date, version, git SHA and
 the load average (this CPU is shared; figures are medians).
 
@@ -131,19 +132,46 @@ def timer(device: torch.device) -> Callable[..., float]:
     return time_ms
 
 
-def round_robin(device: torch.device, fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+def round_robin(device: torch.device, fns: dict[str, Callable[[], object]], reps: int,
+                flush: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Milliseconds of ``reps`` calls of each of ``fns``, one timed call of each in turn per round,
-    so that a shared machine's slow spells fall on all of them alike. Each timed call comes right
-    after an untimed call of the same function, so it finds the caches as its own last call left
-    them, as a pipeline's layer-after-layer calls do (measured: a 4096x4096 r=8 C++ call right
-    after a 2048^3 matmul, whose dirty lines it must evict, took 6.4 ms against 5.6 ms)."""
+    so that a shared machine's slow spells fall on all of them alike.
+
+    Without ``flush`` (the CPU), each timed call comes right after an untimed call of the same
+    function, so it finds the caches as its own last call left them, as a pipeline's
+    layer-after-layer calls do (measured: a 4096x4096 r=8 C++ call right after a 2048^3 matmul,
+    whose dirty lines it must evict, took 6.4 ms against 5.6 ms). With ``flush`` (a GPU, see
+    :func:`cache_flusher`), ``flush()`` runs before each timed call instead: a GPU's L2 (50-60 MB on
+    an H100/H200) would otherwise hold a whole 1024x4096 pair from the previous call, while the
+    pipeline's next layer is always another pair, read from memory."""
     once = once_timer(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            fn()
+            (flush or fn)()
             times[name].append(once(fn))
     return times
+
+
+def cache_flusher(device: torch.device) -> Callable[[], object] | None:
+    """On a GPU, a function that evicts the L2 cache by writing a buffer four times its size
+    (at least 256 MiB); None on a CPU (see :func:`round_robin`)."""
+    if device.type != "cuda":
+        return None
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+    buf = torch.empty(max(256 << 20, 4 * l2), dtype=torch.uint8, device=device)
+    return buf.zero_
+
+
+def copy_gbps(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Device memory bandwidth as a large device-to-device copy moves it (bytes read plus bytes
+    written, fastest of ``reps``): the ceiling a memory-bound kernel's GB/s is compared with."""
+    once = once_timer(device)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = min(once(lambda: dst.copy_(src)) for _ in range(reps))
+    return 2 * nbytes / ms / 1e6
 
 
 def matmul_operands(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,7 +326,7 @@ def pages_of(args: argparse.Namespace, *ws: torch.Tensor) -> dict:
 
 
 def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, time_ms,
-                 mm: tuple[torch.Tensor, torch.Tensor]) -> list[dict]:
+                 mm: tuple[torch.Tensor, torch.Tensor], flush: Callable[[], object] | None = None) -> list[dict]:
     """Full-rank scoring per backend against naive-full and the floor; see the module docstring."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -331,7 +359,7 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
             "read": lambda: (wa.amax(), wu.amax(), dW.amax()), "matmul": lambda: mm_a @ mm_b,
             "naive-full": lambda: naive_full(wa, wu, dW),
             **{name: (lambda fn=fn: fn(wa, wu, dW)) for name, fn in calls.items()},
-        }, args.reps)
+        }, args.reps, flush)
         read_ms = min(ts.pop("read"))
         gflops = matmul_gflops(mm_a, min(ts.pop("matmul")))
         arith_ms = flops / gflops / 1e6
@@ -374,12 +402,16 @@ def run(args: argparse.Namespace) -> list[dict]:
         "git_sha": _git_sha(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "matmul_gflops": round(gflops, 1), "dtype": args.dtype, "offset_bytes": args.offset,
     }
+    flush = cache_flusher(device)
+    if device.type == "cuda":
+        meta["copy_gbps"] = round(copy_gbps(device), 1)
+        print(f"device-to-device copy measured now: {meta['copy_gbps']:.0f} GB/s (read + write)", flush=True)
     if "cpp" in providers:
         from safemerge_ext import _cpu
 
         meta["cpp_isa"], meta["cpp_openmp"] = _cpu.isa(), _cpu.openmp()
     if args.fullrank:
-        return run_fullrank(args, providers, meta, time_ms, (mm_a, mm_b))
+        return run_fullrank(args, providers, meta, time_ms, (mm_a, mm_b), flush)
     rows = []
     ranks = [int(r) for r in args.ranks.split(",")]
     for shape in args.shapes.split(","):
@@ -409,7 +441,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "read": lambda: (wa.amax(), wu.amax()), "matmul": lambda: mm_a @ mm_b,
                 "naive": lambda: naive(wa, wu, B),
                 **{name: (lambda impl=impl: impl.lowrank_passes(wa, wu, B)) for name, impl in impls.items()},
-            }, args.reps)
+            }, args.reps, flush)
             read_ms = min(ts.pop("read"))
             gflops = matmul_gflops(mm_a, min(ts.pop("matmul")))
             arith_ms = 4 * r * d_out * d_in / gflops / 1e6
@@ -422,6 +454,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 rows.append({
                     "provider": name, "shape": f"{d_out}x{d_in}", "r": r, "time_ms": round(ms, 3),
                     "gbps": round(nbytes / ms / 1e6, 2), "x_floor": round(ms / floor_ms, 2),
+                    "pct_copy_bw": round(100 * nbytes / ms / 1e6 / meta["copy_gbps"], 1) if "copy_gbps" in meta else None,
                     "x_naive": round(naive_ms / ms, 2),
                     "x_materialized": round(mat_ms / ms, 2) if mat_ms is not None else None,
                     "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
@@ -429,13 +462,14 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "loadavg_1m": round(os.getloadavg()[0], 2), **pages, **meta,
                 })
             _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}" and r_["r"] == r], header=not any(
-                x["shape"] != f"{d_out}x{d_in}" or x["r"] != r for x in rows))
+                x["shape"] != f"{d_out}x{d_in}" or x["r"] != r for x in rows), cols=_COLS_GPU if flush else _COLS)
         del wa, wu
     return rows
 
 
 _COLS = ["shape", "r", "provider", "time_ms", "gbps", "x_floor", "x_naive", "x_materialized", "floor_ms",
          "read_ms", "arith_ms", "mm_gflops", "pages"]
+_COLS_GPU = _COLS[:5] + ["pct_copy_bw"] + _COLS[5:-1]  # (no "pages" on a GPU)
 _COLS_FULL = ["shape", "provider", "time_ms", "tflops", "pct_bf16_mm", "x_floor", "x_naive", "floor_ms", "read_ms",
               "arith_ms", "mm_gflops", "pages"]
 

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# What a session lent a GPU machine runs there (issues 4 and 5), one stage per device call:
+# What a session lent a GPU machine runs there (issues 4 and 5):
 #
+#   bash benchmarks/gpu_session.sh all       # build, scoring, fullrank, then the tests, in ONE device call
+#                                            # (run it with timeout_s 590: the stages take about 9 min)
 #   bash benchmarks/gpu_session.sh build     # build _cpu and _cuda in place, list the backends (~1 min)
 #   bash benchmarks/gpu_session.sh test      # build, then the Triton/CUDA/ops/pipeline tests for real (~3 min)
 #   bash benchmarks/gpu_session.sh scoring   # build, then bench_scoring low-rank and --fullrank on the GPU (~3 min)
 #   bash benchmarks/gpu_session.sh e2e       # build, llama2-7b synthetic data (25 GiB), bench_end_to_end --device cuda
 #
+# The machine goes back 30 s after a call and a fresh one takes minutes of the 15-minute lease to
+# start, so `all` runs the stages in order of value, each under its own time limit (seconds:
+# SCORING_S, FULLRANK_S, TEST_S), so one that hangs still leaves time for the rest; the log of
+# each stage lands in $OUT as it runs. `e2e` needs a call of its own (25 GiB of synthetic data).
+# The CUDA extension is built for sm_90 only (Hopper; SAFEMERGE_CUDA_ARCH overrides), to save
+# compile time.
+#
 # It uses the machine's own python3 (torch, triton, transformers, peft, safetensors, pybind11 are
 # there; mergekit is not, so its tests skip and the mergekit contender is left out). Logs and JSON
 # go to $OUT (the device tool brings them back) or to ./gpu-out. Copy the tables into
-# benchmarks/RESULTS.md with the GPU's name and the date. pyproject.toml's SPDX licence string needs
-# setuptools >= 77 there; if the build stops on it, carry a newer setuptools wheel (device README).
+# benchmarks/RESULTS.md with the GPU's name and the date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage="${1:-test}"
@@ -20,9 +28,34 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 
 build() {
-  SAFEMERGE_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace 2>&1 | tee "$out/build.log" | grep -i "safemerge-ext build" || true
+  # From a copy without pyproject.toml: the machine's setuptools may predate its licence syntax
+  # (>= 77), and build_ext needs only setup.py, csrc/ and the build_py hook. build/ is ignored by
+  # git and kept on a warm machine, so a later stage's build is incremental.
+  local src=build/gpu-src
+  mkdir -p "$src/safemerge_ext"
+  cp setup.py "$src/" && cp -r csrc "$src/" && cp safemerge_ext/_pth_build.py "$src/safemerge_ext/"
+  (cd "$src" && SAFEMERGE_CUDA_ARCH="${SAFEMERGE_CUDA_ARCH:-90}" SAFEMERGE_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace) \
+    2>&1 | tee "$out/build.log" | grep -i "safemerge-ext build" || true
+  cp "$src"/safemerge_ext/_*.so safemerge_ext/
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   PYTHONPATH=. "$PY" -m safemerge_ext backends | tee -a "$out/build.log"
+}
+
+# each takes a time limit in seconds (0: none) and leaves its log in $out
+tests() {
+  lim "$1" "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_backend_triton.py tests/test_backend_native.py \
+    tests/test_ops.py tests/test_pipeline.py 2>&1 | tee "$out/test.log" | tail -40
+}
+scoring() {
+  lim "$1" "$PY" benchmarks/bench_scoring.py --device cuda --out "$out/scoring-gpu.json" 2>&1 | tee "$out/scoring.log"
+}
+fullrank() {
+  lim "$1" "$PY" benchmarks/bench_scoring.py --device cuda --fullrank --shapes 4096x4096,1024x4096,14336x4096 \
+    --out "$out/fullrank-gpu.json" 2>&1 | tee "$out/fullrank.log"
+}
+lim() {
+  local s="$1"; shift
+  if [ "$s" -gt 0 ]; then PYTHONPATH=. timeout "$s" "$@"; else PYTHONPATH=. "$@"; fi
 }
 
 case "$stage" in
@@ -30,20 +63,24 @@ case "$stage" in
     build ;;
   test)
     build
-    set -o pipefail
-    PYTHONPATH=. "$PY" -m pytest -q -ra -p no:cacheprovider tests/test_backend_triton.py tests/test_backend_native.py \
-      tests/test_ops.py tests/test_pipeline.py 2>&1 | tee "$out/test.log" | tail -40 ;;
+    tests 0 ;;
   scoring)
     build
-    PYTHONPATH=. "$PY" benchmarks/bench_scoring.py --device cuda --out "$out/scoring-gpu.json" 2>&1 | tee "$out/scoring.log"
-    PYTHONPATH=. "$PY" benchmarks/bench_scoring.py --device cuda --fullrank --shapes 4096x4096,1024x4096,14336x4096 \
-      --out "$out/fullrank-gpu.json" 2>&1 | tee "$out/fullrank.log" ;;
+    scoring 0
+    fullrank 0 ;;
+  all)
+    build
+    scoring "${SCORING_S:-150}" || echo "scoring stopped (exit $?); its rows so far are in $out/scoring.log"
+    fullrank "${FULLRANK_S:-100}" || echo "fullrank stopped (exit $?); its rows so far are in $out/fullrank.log"
+    tests "${TEST_S:-240}" || echo "tests stopped (exit $?); see $out/test.log"
+    echo "== tables"
+    grep -h "^|\|copy measured\|rate measured" "$out/scoring.log" "$out/fullrank.log" || true ;;
   e2e)
     build
     PYTHONPATH=. "$PY" benchmarks/make_synthetic.py --shape llama2-7b
     PYTHONPATH=. "$PY" benchmarks/bench_end_to_end.py --shape llama2-7b --device cuda --skip mergekit ${E2E_SKIP:-} \
       --json "$out/e2e-llama2-7b-cuda.json" 2>&1 | tee "$out/e2e.log" ;;
   *)
-    echo "usage: $0 build|test|scoring|e2e" >&2
+    echo "usage: $0 all|build|test|scoring|e2e" >&2
     exit 2 ;;
 esac

@@ -32,6 +32,7 @@ def test_bench_scoring_lowrank_and_fullrank(tmp_path):
     assert {"naive", "torch", "materialized"} <= providers
     assert {(r["shape"], r["r"]) for r in rows} == {(s, r) for s in ("67x131", "64x64") for r in (1, 5)}
     assert all(r["time_ms"] > 0 and r["floor_ms"] > 0 and r["x_floor"] > 0 for r in rows)
+    assert all(r["pct_copy_bw"] is None and "copy_gbps" not in r for r in rows)  # a GPU figure
 
     out = tmp_path / "f.json"
     assert bench_scoring.main(["--device", "cpu", "--fullrank", "--shapes", "48x96", "--reps", "1",
@@ -39,6 +40,31 @@ def test_bench_scoring_lowrank_and_fullrank(tmp_path):
     rows = json.loads(out.read_text())
     assert {"naive-full", "torch"} <= {r["provider"] for r in rows}
     assert all(r["r"] == "full" and r["tflops"] > 0 and r["pct_bf16_mm"] is None for r in rows)
+
+
+def test_bench_scoring_round_robin_warms_or_flushes_before_each_timed_call(monkeypatch):
+    """Without a flush (the CPU) each timed call follows an untimed call of its own; with one (a
+    GPU, whose L2 would keep a small pair from the previous call) it follows the flush instead."""
+    import bench_scoring
+
+    log: list[str] = []
+    monkeypatch.setattr(bench_scoring, "once_timer", lambda device: lambda fn: (log.append("timed"), fn(), 1.0)[2])
+    fns = {"a": lambda: log.append("a"), "b": lambda: log.append("b")}
+    times = bench_scoring.round_robin(torch.device("cpu"), fns, 2)
+    assert times == {"a": [1.0, 1.0], "b": [1.0, 1.0]}
+    assert log == ["a", "timed", "a", "b", "timed", "b"] * 2
+    log.clear()
+    bench_scoring.round_robin(torch.device("cpu"), fns, 2, flush=lambda: log.append("flush"))
+    assert log == ["flush", "timed", "a", "flush", "timed", "b"] * 2
+    assert bench_scoring.cache_flusher(torch.device("cpu")) is None
+
+
+def test_bench_scoring_copy_bandwidth_is_read_plus_write(monkeypatch):
+    import bench_scoring
+
+    monkeypatch.setattr(bench_scoring, "once_timer", lambda device: lambda fn: (fn(), 2.0)[1])
+    # 4 MiB copied in 2 ms: 8 MiB moved (read + write) -> 4.19 GB/s
+    assert bench_scoring.copy_gbps(torch.device("cpu"), nbytes=4 << 20, reps=3) == pytest.approx(2 * (4 << 20) / 2e6)
 
 
 def test_bench_scoring_offset_places_weights_off_the_cache_line(tmp_path):
