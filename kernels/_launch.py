@@ -6,6 +6,7 @@ imported (and its reason for being unavailable reported) where triton is missing
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -50,8 +51,6 @@ def check_inputs(kernel: object, precision: str, **tensors: torch.Tensor) -> tor
     for name, t in tensors.items():
         if t.dim() != 2:
             raise ValueError(f"triton backend: {name} must be 2-D; got shape {tuple(t.shape)}")
-        if t.numel() == 0:
-            raise ValueError(f"triton backend: {name} is empty (shape {tuple(t.shape)}): nothing to score")
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"triton backend: {name} must be fp32, fp16, bf16 or fp64; got {t.dtype}")
     if precision not in PRECISIONS:
@@ -64,6 +63,19 @@ def check_inputs(kernel: object, precision: str, **tensors: torch.Tensor) -> tor
             "move them to a CUDA device, or set TRITON_INTERPRET=1 before the first Triton op runs"
         )
     return device
+
+
+def unit_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are unit-stride, else a contiguous copy. Triton specializes a
+    kernel on a unit stride and lays tiles out along it, so a column-major view would get other
+    in-thread sums than its row-major copy (other bits of ||V||^2); one layout for all inputs keeps
+    the same values giving the same bits, as in the C++ and CUDA backends."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current for the launches (triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def pow2_at_least(n: int, floor: int = 16) -> int:

@@ -21,9 +21,11 @@ from ._launch import (
     exact_sum,
     is_interpreted,
     num_sms,
+    on_device,
     ordered_sum,
     pow2_at_least,
     split_rows,
+    unit_rows,
 )
 
 
@@ -42,7 +44,7 @@ def _vt_b_kernel(WA, WU, B, TP, SQ, d_out, d_in, r, rows_per_split,
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     ranks = tl.arange(0, R_PAD)
     col_ok = cols < d_in
     rank_ok = ranks < r
@@ -60,7 +62,7 @@ def _vt_b_kernel(WA, WU, B, TP, SQ, d_out, d_in, r, rows_per_split,
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(tl.trans(v), b, acc, input_precision=PRECISION)
         sq += tl.sum(v * v, axis=0)
-    out = TP + pid_s.to(tl.int64) * d_in * r + cols[:, None].to(tl.int64) * r + ranks[None, :]
+    out = TP + pid_s.to(tl.int64) * d_in * r + cols[:, None] * r + ranks[None, :]
     tl.store(out, acc, mask=col_ok[:, None] & rank_ok[None, :])
     tl.store(SQ + pid_s * tl.num_programs(0) + pid_n, tl.sum(sq, axis=0))
 
@@ -96,19 +98,23 @@ def _v_t_kernel(WA, WU, T, PP, d_out, d_in, r, cols_per_split,
     tl.store(out, acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
-def _tiles(interpreted: bool, d_out: int, d_in: int, r_pad: int) -> dict[str, int]:
+def _tiles(interpreted: bool, d_out: int, d_in: int, r_pad: int, precision: str = "ieee") -> dict[str, int]:
     """Default tiles and warps of the two passes.
 
     The interpreter's cost grows with the number of programs and loop steps, so it gets the
     largest tiles. On a GPU (fp32 FMA dots, precision="ieee") the tiles are the largest that
-    ptxas compiles without register spills for sm_80/sm_90 (checked from the cubins' resource
-    usage): wide rank tiles take fewer rows per step.
+    ptxas compiles without register spills for sm_80/sm_90 with triton 3.6 to 3.9 (checked from
+    the cubins' resource usage; ``test_kernels_compile_for_cuda_without_a_gpu`` keeps it so):
+    wide rank tiles take fewer rows per step. Pass 1 at r <= 16 runs 8 warps: with 4, triton 3.6
+    needs 255 registers a thread and spills (3.9 fits it in 128). tf32x3 splits each operand in
+    two, so there pass 1 takes half the columns at r > 64 and pass 2 half the rows at r > 128.
     """
     if interpreted:
         m, n = min(128, pow2_at_least(d_out)), min(128, pow2_at_least(d_in))
         return {"m1": m, "n1": n, "w1": 4, "m2": m, "k2": n, "w2": 4}
     m1 = 64 if r_pad <= 16 else 32 if r_pad <= 128 else 16
-    return {"m1": m1, "n1": 128, "w1": 4 if r_pad <= 16 else 8, "m2": 64, "k2": 32, "w2": 8}
+    wide = precision == "tf32x3" and r_pad > 64
+    return {"m1": m1, "n1": 64 if wide else 128, "w1": 8, "m2": 32 if wide and r_pad > 128 else 64, "k2": 32, "w2": 8}
 
 
 def lowrank_passes(
@@ -128,7 +134,9 @@ def lowrank_passes(
     over BLOCK_M rows a program (powers of two >= 16; the defaults, which differ per pass and
     rank, suit the device; ``block_m`` given here sets both passes). ``split`` cuts
     each pass's reduction into that many chunks (default: enough programs to fill the GPU).
-    Any strides are accepted; ranks above 256 are processed 256 columns of B at a time.
+    Any strides are accepted (weights whose rows are not unit-stride are copied first, as the
+    other backends do); ranks above 256 are processed 256 columns of B at a time. Empty weights
+    give zeros.
     """
     check_inputs(_vt_b_kernel, precision, wa=wa, wu=wu, lora_B=lora_B)
     if wu.shape != wa.shape:
@@ -138,16 +146,20 @@ def lowrank_passes(
         raise ValueError(f"triton backend: lora_B is {tuple(lora_B.shape)}; want {d_out}xr with r >= 1")
     r = lora_B.shape[1]
     device = wa.device
-    T = torch.empty(d_in, r, dtype=torch.float32, device=device)
-    P = torch.empty(d_out, r, dtype=torch.float32, device=device)
+    T = torch.zeros(d_in, r, dtype=torch.float32, device=device)
+    P = torch.zeros(d_out, r, dtype=torch.float32, device=device)
     vsq = 0.0
-    for c0 in range(0, r, MAX_RANK_TILE):
-        c1 = min(r, c0 + MAX_RANK_TILE)
-        t, p, sq = _passes(wa, wu, lora_B[:, c0:c1], block_m, block_n, block_k, split, precision)
-        T[:, c0:c1] = t
-        P[:, c0:c1] = p
-        if c0 == 0:
-            vsq = sq
+    if d_out == 0 or d_in == 0:
+        return T, P, vsq
+    wa, wu = unit_rows(wa), unit_rows(wu)
+    with on_device(device):
+        for c0 in range(0, r, MAX_RANK_TILE):
+            c1 = min(r, c0 + MAX_RANK_TILE)
+            t, p, sq = _passes(wa, wu, lora_B[:, c0:c1], block_m, block_n, block_k, split, precision)
+            T[:, c0:c1] = t
+            P[:, c0:c1] = p
+            if c0 == 0:
+                vsq = sq
     return T, P, vsq
 
 
@@ -156,7 +168,7 @@ def _passes(wa, wu, B, block_m, block_n, block_k, split, precision):
     r = B.shape[1]
     r_pad = pow2_at_least(r)
     interpreted = is_interpreted(_vt_b_kernel)
-    tiles = _tiles(interpreted, d_out, d_in, r_pad)
+    tiles = _tiles(interpreted, d_out, d_in, r_pad, precision)
     bm1 = check_block("block_m", block_m or tiles["m1"])
     bm2 = check_block("block_m", block_m or tiles["m2"])
     bn = check_block("block_n", block_n or tiles["n1"])

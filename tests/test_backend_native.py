@@ -549,3 +549,45 @@ def test_cuda_large_shapes(d_out, d_in, r):
     want = float(M.square().sum()) / math.sqrt(float((V @ M).square().sum()) * float(D.square().sum()))
     got = ops.subspace_cosine(wa.cuda(), wu.cuda(), delta=dW.cuda(), backend="cuda")
     assert abs(got - want) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ok, reason=f"needs a CUDA device and the CUDA extension: {_AVAILABLE['cuda']}")
+def test_cuda_split_reductions_give_the_same_bits_twice():
+    """4096x1024 on a GPU with tens of SMs splits both passes' reductions (lowrank_plan); the
+    partials are summed in a fixed order, so two runs give the same bits."""
+    from safemerge_ext import _cuda, cuda_backend
+
+    wa, wu, g = _layer(4096, 1024, torch.bfloat16, _seed("gpu-splits"))
+    plan = _cuda.lowrank_plan(4096, 1024, 16, torch.cuda.get_device_properties(0).multi_processor_count)
+    if plan.splits1 == 1 or plan.splits2 == 1:
+        pytest.skip(f"this GPU's {torch.cuda.get_device_properties(0).multi_processor_count} SMs split 4096x1024 in "
+                    f"{plan.splits1} x {plan.splits2}: needs about 33 or more")
+    B = (torch.randn(4096, 16, generator=g) * 0.01).cuda()
+    runs = [cuda_backend.lowrank_passes(wa.cuda(), wu.cuda(), B) for _ in range(3)]
+    for T, P, vsq in runs[1:]:
+        assert torch.equal(T, runs[0][0]) and torch.equal(P, runs[0][1]) and vsq == runs[0][2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ok, reason=f"needs a CUDA device and the CUDA extension: {_AVAILABLE['cuda']}")
+def test_cuda_fullrank_column_blocks(monkeypatch):
+    """fullrank_sums / project_full with M_J formed in several column blocks (c0 > 0), which the
+    default budget reaches only for d_in > 8192, against float64."""
+    from safemerge_ext import cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_M_BYTES", 4 * 1000 * 300)  # M_J of 300 columns: 4 blocks
+    monkeypatch.setattr(cuda_backend, "_MIN_COLS", 300)
+    wa, wu, g = _layer(700, 1000, torch.bfloat16, _seed("gpu-fullrank-blocks"))
+    dW = (torch.randn(700, 1000, generator=g) * 0.001).bfloat16()
+    V, D = wa.double() - wu.double(), dW.double()
+    M = V.t() @ D
+    N = V @ M
+    m2, n2, d2, vsq = cuda_backend.fullrank_sums(wa.cuda(), wu.cuda(), dW.cuda())
+    for got, want, name in [(m2, M.square().sum(), "m2"), (n2, N.square().sum(), "n2"),
+                            (d2, D.square().sum(), "d2"), (vsq, V.square().sum(), "vsq")]:
+        assert math.isclose(got, float(want), rel_tol=1e-5), f"{name}: {got} != {float(want)}"
+    out, vsq2 = cuda_backend.project_full(wa.cuda(), wu.cuda(), dW.cuda())
+    assert vsq2 == vsq
+    assert_close(out.cpu(), N, atol=2e-5 * float(N.abs().max()), rtol=2e-5, what="cuda project_full")
+    assert (m2, n2, d2, vsq) == cuda_backend.fullrank_sums(wa.cuda(), wu.cuda(), dW.cuda())
