@@ -70,9 +70,9 @@ case "$stage" in
     fullrank 0 ;;
   all)
     build
-    scoring "${SCORING_S:-150}" || echo "scoring stopped (exit $?); its rows so far are in $out/scoring.log"
-    fullrank "${FULLRANK_S:-100}" || echo "fullrank stopped (exit $?); its rows so far are in $out/fullrank.log"
-    tests "${TEST_S:-240}" || echo "tests stopped (exit $?); see $out/test.log"
+    scoring "${SCORING_S:-180}" || echo "scoring stopped (exit $?); its rows so far are in $out/scoring.log"
+    fullrank "${FULLRANK_S:-90}" || echo "fullrank stopped (exit $?); its rows so far are in $out/fullrank.log"
+    tests "${TEST_S:-200}" || echo "tests stopped (exit $?); see $out/test.log"
     echo "== tables"
     grep -h "^|\|copy measured\|rate measured" "$out/scoring.log" "$out/fullrank.log" || true ;;
   e2e)

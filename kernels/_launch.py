@@ -16,9 +16,10 @@ import torch
 # Weights and updates are read in their stored dtype and widened to fp32 in registers; float64
 # inputs are accepted and computed in fp32 too, as the torch reference backend does.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# tl.dot precisions for fp32 operands: "ieee" is exact fp32 FMA (the default: scores are compared
-# against a threshold, so they should not depend on the GPU); "tf32x3" is near-fp32 on tensor cores.
-PRECISIONS = ("ieee", "tf32", "tf32x3")
+# Operand precisions of the kernels' products (kernels/_dot.py): "ieee" is exact fp32 FMA (the
+# default: scores are compared against a threshold, so they should not depend on the GPU);
+# "tf32x3" is near-fp32 on tensor cores; "tf32" and "bf16" trade digits for the tensor cores' rate.
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 # Widest rank tile one launch handles; larger ranks are processed in column chunks of B.
 MAX_RANK_TILE = 256
 
@@ -56,6 +57,9 @@ def check_inputs(kernel: object, precision: str, **tensors: torch.Tensor) -> tor
     if precision not in PRECISIONS:
         raise ValueError(f"triton backend: precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if is_interpreted(kernel):
+        if precision == "bf16":
+            raise ValueError("triton backend: precision='bf16' needs a GPU: triton's interpreter does not round "
+                             "operands to bf16 as the tensor cores do; use 'ieee' here")
         return device
     if device.type != "cuda":
         raise ValueError(

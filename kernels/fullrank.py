@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dot import dot
 from ._launch import check_block, check_inputs, exact_sum, is_interpreted, on_device, pow2_at_least, unit_rows
 
 
@@ -51,7 +52,7 @@ def _vt_dw_kernel(WA, WU, D, MP, PART, d_out, d_in, j_lo, panel_w,
         v = a.to(tl.float32) - u.to(tl.float32)
         d = tl.load(D + rows[:, None] * s_d_m + cj[None, :] * s_d_n,
                     mask=row_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(tl.trans(v), d, acc, input_precision=PRECISION)
+        acc = dot(tl.trans(v), d, acc, PRECISION)
         vsq += tl.sum(v * v, axis=0)
         dsq += tl.sum(d * d, axis=0)
     tl.store(MP + ci[:, None] * s_mp + cl[None, :], acc, mask=i_ok[:, None] & j_ok[None, :])
@@ -88,7 +89,7 @@ def _v_m_kernel(WA, WU, MP, OUT, PART, d_out, d_in, j_lo, panel_w,
         u = tl.load(WU + rows[:, None] * s_wu_m + ks[None, :] * s_wu_n, mask=vmask, other=0.0)
         v = a.to(tl.float32) - u.to(tl.float32)
         m = tl.load(MP + ks[:, None] * s_mp + cl[None, :], mask=k_ok[:, None] & j_ok[None, :], other=0.0)
-        acc = tl.dot(v, m, acc, input_precision=PRECISION)
+        acc = dot(v, m, acc, PRECISION)
     tl.store(PART + pid_m * tl.num_programs(1) + pid_j, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
     if STORE:
         tl.store(OUT + rows[:, None] * s_out + (j_lo + cl[None, :]), acc, mask=row_ok[:, None] & j_ok[None, :])

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dot import dot
 from ._launch import (
     MAX_RANK_TILE,
     check_block,
@@ -60,7 +61,7 @@ def _vt_b_kernel(WA, WU, B, TP, SQ, d_out, d_in, r, rows_per_split,
         v = a.to(tl.float32) - u.to(tl.float32)
         b = tl.load(B + rows[:, None] * s_b_m + ranks[None, :] * s_b_r,
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(tl.trans(v), b, acc, input_precision=PRECISION)
+        acc = dot(tl.trans(v), b, acc, PRECISION)
         sq += tl.sum(v * v, axis=0)
     out = TP + pid_s.to(tl.int64) * d_in * r + cols[:, None] * r + ranks[None, :]
     tl.store(out, acc, mask=col_ok[:, None] & rank_ok[None, :])
@@ -93,7 +94,7 @@ def _v_t_kernel(WA, WU, T, PP, d_out, d_in, r, cols_per_split,
         u = tl.load(WU + rows[:, None] * s_wu_m + cols[None, :] * s_wu_n, mask=mask, other=0.0)
         v = a.to(tl.float32) - u.to(tl.float32)
         t = tl.load(T + cols[:, None] * r + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = tl.dot(v, t, acc, input_precision=PRECISION)
+        acc = dot(v, t, acc, PRECISION)
     out = PP + pid_s.to(tl.int64) * d_out * r + rows[:, None] * r + ranks[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & rank_ok[None, :])
 

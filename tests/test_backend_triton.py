@@ -307,7 +307,8 @@ def test_nonfinite_inputs_surface(triton_registry):
     (lambda wa, wu, B: lowrank.lowrank_passes(wa, wu.to(torch.int32), B), "fp32, fp16, bf16"),
     (lambda wa, wu, B: fullrank.fullrank_sums(wa, wu, B), "one shape"),
     (lambda wa, wu, B: fullrank.project_full(wa, wu, wa, panel=0), "panel"),
-], ids=["block", "precision", "shape", "lora_B", "dtype", "delta-shape", "panel"])
+    *([(lambda wa, wu, B: lowrank.lowrank_passes(wa, wu, B, precision="bf16"), "needs a GPU")] if INTERPRETED else []),
+], ids=["block", "precision", "shape", "lora_B", "dtype", "delta-shape", "panel", *(["bf16-interpreted"] if INTERPRETED else [])])
 def test_bad_input_is_one_clear_line(call, match):
     wa, wu, g = _layer(64, 48, torch.float32, _seed("bad"))
     B = torch.randn(64, 4, generator=g).to(DEVICE)
@@ -360,13 +361,13 @@ def build(name, fn, ptrs, consts, warps):
 
 w = {"WA": "*bf16", "WU": "*bf16", "B": "*fp16", "D": "*bf16"}
 f32 = dict.fromkeys(("TP", "SQ", "T", "PP", "MP", "OUT", "PART"), "*fp32")
-for r_pad, prec in ((16, "ieee"), (64, "ieee"), (256, "ieee"), (128, "tf32x3"), (256, "tf32x3")):
+for r_pad, prec in ((16, "ieee"), (64, "ieee"), (256, "ieee"), (128, "tf32x3"), (256, "tf32x3"), (256, "bf16")):
     t = lowrank._tiles(False, 4096, 4096, r_pad, prec)
     build(f"pass1 r_pad={r_pad} {prec}", lowrank._vt_b_kernel, {**w, **f32},
           {"R_PAD": r_pad, "BLOCK_M": t["m1"], "BLOCK_N": t["n1"], "PRECISION": prec}, t["w1"])
     build(f"pass2 r_pad={r_pad} {prec}", lowrank._v_t_kernel, {**w, **f32},
           {"R_PAD": r_pad, "BLOCK_M": t["m2"], "BLOCK_K": t["k2"], "PRECISION": prec}, t["w2"])
-for prec in ("ieee", "tf32x3"):
+for prec in ("ieee", "tf32x3", "bf16"):
     t = fullrank._tiles(False, 4096, 4096, prec)
     build(f"V^T dW {prec}", fullrank._vt_dw_kernel, {**w, **f32}, {"BLOCK_K": t["k"], "BLOCK_N": t["n"], "PRECISION": prec}, t["w"])
     build(f"V M {prec}", fullrank._v_m_kernel, {**w, **f32},
@@ -392,10 +393,15 @@ def test_kernels_compile_for_cuda_without_a_gpu():
 
 # --- compiled kernels on a GPU --------------------------------------------------------------
 
+# precision="bf16" rounds both operands of every product to bf16 (8 significant bits): each product
+# is off by up to about 2^-8 relative, and a sum of them by about that much of its largest term.
+BF16_TOL = 2e-2
+
+
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("precision, tol", [("ieee", 1e-4), ("tf32x3", 1e-4), ("tf32", 5e-3)],
-                         ids=["precision=ieee", "precision=tf32x3", "precision=tf32"])
+@pytest.mark.parametrize("precision, tol", [("ieee", 1e-4), ("tf32x3", 1e-4), ("tf32", 5e-3), ("bf16", BF16_TOL)],
+                         ids=["precision=ieee", "precision=tf32x3", "precision=tf32", "precision=bf16"])
 @pytest.mark.parametrize("d_out, d_in, r", [(4096, 1024, 128), (1024, 4096, 16), (4096, 4096, 256), (1000, 3000, 7)],
                          ids=["shape=4096x1024-r=128", "shape=1024x4096-r=16", "shape=4096x4096-r=256",
                               "shape=1000x3000-r=7"])
@@ -425,3 +431,6 @@ def test_gpu_fullrank(d_out, d_in):
     N, vsq = fullrank.project_full(wa, wu, delta)
     _close(N, N_ref, "N", tol=1e-4)
     assert sums == fullrank.fullrank_sums(wa, wu, delta, panel=512)
+    bf16 = fullrank.fullrank_sums(wa, wu, delta, precision="bf16")  # on the tensor cores' bf16 rate
+    for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), bf16, ref_sums):
+        _rel(a, b, f"{name} (bf16 operands)", tol=BF16_TOL)
