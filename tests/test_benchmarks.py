@@ -4,6 +4,7 @@ tests only keep the scripts from rotting) and their rows hold what RESULTS.md qu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,33 @@ def test_bench_end_to_end_tiny(tmp_path):
     ours = [r for n, r in rows.items() if n.startswith("safemerge-adapter")]
     assert ours and all(r["flagged"] >= 0 and r["time_s"] > 0 and r["peak_rss_mb"] > 0 for r in ours)
     assert data["meta"]["device"] == "cpu" and data["meta"]["cache"] == "warm"
+
+
+def test_bench_end_to_end_rewarm_puts_evicted_files_back(tmp_path):
+    """A warm run puts each contender's files back in the page cache before it starts."""
+    import bench_end_to_end
+
+    from safemerge_ext.io import pagecache
+
+    files = []
+    for sub in ("aligned", "unaligned", "task-qv", "safety-qv"):
+        (tmp_path / sub).mkdir()
+        f = tmp_path / sub / "model.safetensors"
+        f.write_bytes(os.urandom(3 << 20))
+        files.append(f)
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if pagecache.resident(fd, 0, f.stat().st_size) is not False:
+                pytest.skip("this system cannot tell (or did not drop) what is in the page cache")
+        finally:
+            os.close(fd)
+    bench_end_to_end.rewarm(tmp_path, "qv")
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            assert pagecache.resident(fd, 0, f.stat().st_size) is True, f
+        finally:
+            os.close(fd)
