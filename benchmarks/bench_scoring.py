@@ -25,15 +25,16 @@ The floor's two figures are the fastest of their repetitions (the best this mach
 run: on a shared VM a median read can be inflated by a neighbour's burst and flatter the ratios),
 the contenders' times the medians. Per shape and rank the read, the matmul and every contender are
 timed in turn, one timed call each per round (``--reps`` rounds, each timed call right after an
-untimed one of its own; on a GPU right after a write that evicts the L2 cache instead), so a slow spell of a shared machine falls on the floor and the
-contenders alike instead of on whichever ran during it.
+untimed one of its own; on a GPU right after a write that evicts the L2 cache instead), so a slow
+spell of a shared machine falls on the floor and the contenders alike instead of on whichever ran
+during it.
 
 Columns: time_ms (median of --reps after a warm-up; CUDA events on a GPU, perf_counter on a CPU),
-mm_gflops (the fp32 matmul rate of that shape and rank's rounds),
-gbps (bytes of one read of both matrices / time), pct_copy_bw (on a GPU: gbps over the
-device-to-device copy bandwidth measured in the same run, issue 4's target >= 70%), x_floor (time / floor), x_naive (naive time /
-time), x_materialized (materialized time / time). Rows carry machine, date, version, git SHA and
-the load average (this CPU is shared; figures are medians).
+mm_gflops (the fp32 matmul rate of that shape and rank's rounds), gbps (bytes of one read of both
+matrices / time), pct_copy_bw (on a GPU: gbps over the device-to-device copy bandwidth measured in
+the same run; issue 4's target is >= 70%), x_floor (time / floor), x_naive (naive time / time),
+x_materialized (materialized time / time). Rows carry machine, date, version, git SHA and the load
+average (this CPU is shared; figures are medians).
 
     python benchmarks/bench_scoring.py                # all shapes x ranks 8,16,64
     python benchmarks/bench_scoring.py --quick        # 4096x4096, r=16, 3 reps
@@ -43,9 +44,11 @@ the load average (this CPU is shared; figures are medians).
 ||M||, ||dW||, never forming V, dW or C) against ``naive-full`` (V, M and N = V M materialized in
 fp32). Its floor is max(one read of W_aligned, W_unaligned and dW; 4 d_out d_in^2 flops at the
 fp32 matmul rate). On a GPU the rows also give ``pct_bf16_mm``: the achieved flop rate over a
-bf16 8192^3 matmul's rate measured in the same run (issue 4's target: >= 50%). On a GPU, Triton
-runs once more per tensor-core operand precision, in both modes (``triton-tf32x3``,
-``triton-tf32``, ``triton-bf16``; plain ``triton`` is the default, exact fp32 ``ieee``).
+bf16 8192^3 matmul's rate measured in the same run (issue 4's target: >= 50%).
+
+On a GPU, Triton runs once more per tensor-core operand precision, low-rank and full-rank alike
+(``triton-tf32x3``, ``triton-tf32``, ``triton-bf16``; plain ``triton`` is the default, exact fp32
+``ieee``).
 
     python benchmarks/bench_scoring.py --fullrank                       # CPU: 1024x1024, 2048x2048, 1024x4096
     python benchmarks/bench_scoring.py --fullrank --shapes 4096x4096,1024x4096 --device cuda
@@ -353,7 +356,8 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
         calls[name] = impl.fullrank_sums
         if name == "triton" and device.type == "cuda":
             for prec in TENSOR_CORE_PRECISIONS:
-                calls[f"triton-{prec}"] = lambda a, u, d, impl=impl, prec=prec: impl.fullrank_sums(a, u, d, precision=prec)
+                calls[f"triton-{prec}"] = (
+                    lambda a, u, d, impl=impl, prec=prec: impl.fullrank_sums(a, u, d, precision=prec))
     rows = []
     for shape in args.shapes.split(","):
         d_out, d_in = (int(x) for x in shape.lower().split("x"))
