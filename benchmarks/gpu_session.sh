@@ -30,10 +30,10 @@ PY="${PYTHON:-python3}"
 build() {
   # From a copy without pyproject.toml: the machine's setuptools may predate its licence syntax
   # (>= 77), and build_ext needs only setup.py, csrc/ and the build_py hook. build/ is ignored by
-  # git and kept on a warm machine, so a later stage's build is incremental.
+  # git and kept on a warm machine (copies keep their times, so build_ext can skip what is built).
   local src=build/gpu-src
   mkdir -p "$src/safemerge_ext"
-  cp setup.py "$src/" && cp -r csrc "$src/" && cp safemerge_ext/_pth_build.py "$src/safemerge_ext/"
+  cp -p setup.py "$src/" && cp -rp csrc "$src/" && cp -p safemerge_ext/_pth_build.py "$src/safemerge_ext/"
   (cd "$src" && SAFEMERGE_CUDA_ARCH="${SAFEMERGE_CUDA_ARCH:-90}" SAFEMERGE_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace) \
     2>&1 | tee "$out/build.log" | grep -i "safemerge-ext build" || true
   cp "$src"/safemerge_ext/_*.so safemerge_ext/
