@@ -69,14 +69,6 @@ def check_inputs(kernel: object, precision: str, **tensors: torch.Tensor) -> tor
     return device
 
 
-def unit_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its rows are unit-stride, else a contiguous copy. Triton specializes a
-    kernel on a unit stride and lays tiles out along it, so a column-major view would get other
-    in-thread sums than its row-major copy (other bits of ||V||^2); one layout for all inputs keeps
-    the same values giving the same bits, as in the C++ and CUDA backends."""
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
-
-
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Make ``device`` current for the launches (triton launches on the current CUDA device)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

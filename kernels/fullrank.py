@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._native import unit_rows
 from ._dot import dot
-from ._launch import check_block, check_inputs, exact_sum, is_interpreted, on_device, pow2_at_least, unit_rows
+from ._launch import check_block, check_inputs, exact_sum, is_interpreted, on_device, pow2_at_least
 
 
 @triton.jit
@@ -130,7 +131,7 @@ def _run(
     d_out, d_in = wa.shape
     if d_out == 0 or d_in == 0:
         return 0.0, 0.0, 0.0, 0.0
-    wa, wu, delta = unit_rows(wa), unit_rows(wu), unit_rows(delta)
+    wa, wu, delta = unit_rows(wa), unit_rows(wu), unit_rows(delta)  # one row layout: see lowrank.py
     with on_device(wa.device):
         return _launch_all(wa, wu, delta, out, block_m, block_n, block_k, panel, precision)
 

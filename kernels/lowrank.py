@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._native import unit_rows
 from ._dot import dot
 from ._launch import (
     MAX_RANK_TILE,
@@ -26,7 +27,6 @@ from ._launch import (
     ordered_sum,
     pow2_at_least,
     split_rows,
-    unit_rows,
 )
 
 
@@ -152,6 +152,9 @@ def lowrank_passes(
     vsq = 0.0
     if d_out == 0 or d_in == 0:
         return T, P, vsq
+    # Triton specializes a kernel on a unit stride and lays tiles out along it, so a column-major
+    # view would get other in-thread sums than its row-major copy (other bits of ||V||^2): one row
+    # layout for all inputs, as in the C++ and CUDA backends.
     wa, wu = unit_rows(wa), unit_rows(wu)
     with on_device(device):
         for c0 in range(0, r, MAX_RANK_TILE):
