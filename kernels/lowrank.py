@@ -147,11 +147,11 @@ def lowrank_passes(
         raise ValueError(f"triton backend: lora_B is {tuple(lora_B.shape)}; want {d_out}xr with r >= 1")
     r = lora_B.shape[1]
     device = wa.device
-    T = torch.zeros(d_in, r, dtype=torch.float32, device=device)
-    P = torch.zeros(d_out, r, dtype=torch.float32, device=device)
-    vsq = 0.0
     if d_out == 0 or d_in == 0:
-        return T, P, vsq
+        return torch.zeros(d_in, r, device=device), torch.zeros(d_out, r, device=device), 0.0
+    T = torch.empty(d_in, r, dtype=torch.float32, device=device)
+    P = torch.empty(d_out, r, dtype=torch.float32, device=device)
+    vsq = 0.0
     # Triton specializes a kernel on a unit stride and lays tiles out along it, so a column-major
     # view would get other in-thread sums than its row-major copy (other bits of ||V||^2): one row
     # layout for all inputs, as in the C++ and CUDA backends.
