@@ -148,7 +148,8 @@ def lowrank_passes(
     r = lora_B.shape[1]
     device = wa.device
     if d_out == 0 or d_in == 0:
-        return torch.zeros(d_in, r, device=device), torch.zeros(d_out, r, device=device), 0.0
+        f32 = dict(dtype=torch.float32, device=device)
+        return torch.zeros(d_in, r, **f32), torch.zeros(d_out, r, **f32), 0.0
     T = torch.empty(d_in, r, dtype=torch.float32, device=device)
     P = torch.empty(d_out, r, dtype=torch.float32, device=device)
     vsq = 0.0
