@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "matmul_gflops": round(gflops, 1), "dtype": args.dtype, "offset_bytes": args.offset,
     }
     flush = cache_flusher(device)
-    if device.type == "cuda":
+    if flush is not None:  # a GPU
         meta["copy_gbps"] = round(copy_gbps(device), 1)
         print(f"device-to-device copy measured now: {meta['copy_gbps']:.0f} GB/s (read + write)", flush=True)
     if "cpp" in providers:
