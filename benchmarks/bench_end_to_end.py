@@ -390,6 +390,10 @@ def main() -> None:
             for rep in range(1 if name in ("reference", "mergekit") else args.repeat):
                 print(f"running {name} ..." + (f" ({rep + 1}/{args.repeat})" if args.repeat > 1 else ""), flush=True)
                 got = spawn(name, opts, args.timeout, cold=args.cold)
+                # each result as it comes, so that a run cut short (a GPU lease) still leaves its figures
+                print("  " + (f"error: {got['error']}" if "error" in got else ", ".join(
+                    f"{k} {got[k]:.4g}" for k in ("time_s", "import_s", "peak_rss_mb", "peak_gpu_mb") if k in got)),
+                      flush=True)
                 shutil.rmtree(tmp / f"o{i}", ignore_errors=True)
                 shutil.rmtree(tmp / f"o{i}-lora-cache", ignore_errors=True)
                 if best is None or ("error" not in got and ("error" in best or got["time_s"] < best["time_s"])):
