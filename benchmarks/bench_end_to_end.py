@@ -272,26 +272,22 @@ def rewarm(data: Path, adapters: str) -> None:
     of their input from the disk (measured: 5-16 of the 32 q/v pairs of a 1B model a few seconds
     after they were read). Cached files cost one ``cachestat`` call each."""
     from safemerge_ext.io import pagecache
+    from safemerge_ext.io.models import _copy_buffered, _NotHere, _sendfile
 
-    for sub in ("aligned", "unaligned", f"task-{adapters}", f"safety-{adapters}"):
-        for path in sorted((data / sub).glob("*.safetensors")):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                size = os.fstat(fd).st_size
-                if pagecache.resident(fd, 0, size):
-                    continue
-                with open(os.devnull, "wb") as null:
-                    off = 0
-                    while off < size:
-                        try:  # the kernel's read path, no copy into this process
-                            n = os.sendfile(null.fileno(), fd, off, min(size - off, 1 << 30))
-                        except OSError:
-                            n = len(os.pread(fd, min(size - off, 8 << 20), off))
-                        if n == 0:
-                            break
-                        off += n
-            finally:
-                os.close(fd)
+    with open(os.devnull, "wb") as null:
+        for sub in ("aligned", "unaligned", f"task-{adapters}", f"safety-{adapters}"):
+            for path in sorted((data / sub).glob("*.safetensors")):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    size = os.fstat(fd).st_size
+                    if pagecache.resident(fd, 0, size):
+                        continue
+                    try:  # the kernel's read path, no copy into this process (as the pipeline reads ahead)
+                        _sendfile(fd, null.fileno(), 0, size)
+                    except _NotHere:
+                        _copy_buffered(fd, null.fileno(), 0, size)
+                finally:
+                    os.close(fd)
 
 
 def spawn(name: str, opts: dict, timeout: float, cold: bool = False) -> dict:

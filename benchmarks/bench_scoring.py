@@ -76,6 +76,7 @@ sys.path.insert(0, str(ROOT))
 
 import safemerge_ext  # noqa: E402
 from safemerge_ext import backends  # noqa: E402
+from safemerge_ext.kernels._launch import PRECISIONS  # noqa: E402  (imports torch only, not triton)
 
 LLAMA_SHAPES = ["4096x4096", "11008x4096", "1024x4096", "14336x4096"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -159,7 +160,7 @@ def round_robin(device: torch.device, fns: dict[str, Callable[[], object]], reps
 
 # On a GPU, Triton runs once more per operand precision that uses the tensor cores (rows named
 # ``triton-<precision>``; plain ``triton`` is the default, exact fp32 "ieee").
-TENSOR_CORE_PRECISIONS = ("tf32x3", "tf32", "bf16")
+TENSOR_CORE_PRECISIONS = tuple(p for p in PRECISIONS if p != "ieee")
 
 
 def agreement(provider: str) -> float:
