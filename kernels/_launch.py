@@ -13,13 +13,11 @@ import sys
 
 import torch
 
+from safemerge_ext.backends import PRECISIONS  # (what each means is written there)
+
 # Weights and updates are read in their stored dtype and widened to fp32 in registers; float64
 # inputs are accepted and computed in fp32 too, as the torch reference backend does.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# Operand precisions of the kernels' products (kernels/_dot.py): "ieee" is exact fp32 FMA (the
-# default: scores are compared against a threshold, so they should not depend on the GPU);
-# "tf32x3" is near-fp32 on tensor cores; "tf32" and "bf16" trade digits for the tensor cores' rate.
-PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 # Widest rank tile one launch handles; larger ranks are processed in column chunks of B.
 MAX_RANK_TILE = 256
 

@@ -15,6 +15,15 @@ from types import ModuleType
 
 AUTO = "auto"
 ENV_VAR = "SAFEMERGE_BACKEND"
+PRECISION_ENV_VAR = "SAFEMERGE_PRECISION"
+# Operand precisions of the Triton kernels' products (kernels/_dot.py). "ieee" is exact fp32 FMA,
+# the default: scores are compared against a threshold, so they should not depend on the GPU.
+# "tf32x3" is near-fp32 on the tensor cores; "tf32" and "bf16" trade digits (about 3 significant
+# digits per product for bf16) for the tensor cores' rate. Like torch's float32 matmul precision,
+# a precision is a permission: the other backends always compute in exact fp32.
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
+EXACT = "ieee"
+TENSOR_CORE_BACKENDS = ("triton",)
 
 
 @dataclass(frozen=True)
@@ -96,3 +105,20 @@ def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:
             if not isinstance(got, str):
                 return spec.name, got
     raise ValueError(f"no backend runs on {device_type} tensors")  # torch covers every device
+
+
+def requested_precision(precision: str | None) -> str:
+    """The operand precision asked for: ``precision``, else ``SAFEMERGE_PRECISION``, else ``ieee``;
+    an unknown name raises and lists the valid ones."""
+    requested = (precision or os.environ.get(PRECISION_ENV_VAR, "") or EXACT).lower()
+    if requested not in PRECISIONS:
+        source = "precision" if precision else PRECISION_ENV_VAR
+        raise ValueError(f"{source} must be one of {', '.join(PRECISIONS)}; got {requested!r}")
+    return requested
+
+
+def resolve_precision(precision: str | None, backend: str) -> str:
+    """The operand precision ``backend`` computes with when ``precision`` is allowed: only the
+    Triton kernels round operands (``TENSOR_CORE_BACKENDS``); the others compute in ``ieee``."""
+    requested = requested_precision(precision)
+    return requested if backend in TENSOR_CORE_BACKENDS else EXACT

@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from safemerge_ext.backends import PRECISION_ENV_VAR, PRECISIONS  # (no torch)
+
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 
@@ -32,6 +34,11 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                         "torch is the pure-PyTorch reference. Env SAFEMERGE_BACKEND sets the default (default: auto)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda",
                    help="device the weights are scored on; cuda stages through pinned memory (default: cpu)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="operand precision the triton kernels may use on a GPU: ieee = exact fp32 (default); tf32x3 "
+                        "near-fp32 on tensor cores; tf32 and bf16 (about 3 digits per product) trade accuracy for the "
+                        f"tensor cores' rate. Other backends always compute in exact fp32. Env {PRECISION_ENV_VAR} "
+                        "sets the default")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar over layers")
 
 
@@ -157,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
     from safemerge_ext.report import summary_table
 
     progress = False if args.no_progress else None
-    common = {"backend": args.backend, "device": args.device, "progress": progress}
+    common = {"backend": args.backend, "device": args.device, "precision": args.precision, "progress": progress}
     if args.command == "score":
         report = pipeline.score(args.aligned, args.unaligned, args.adapter, threshold=args.threshold,
                                 report_path=args.report, plot_path=args.plot, **common)

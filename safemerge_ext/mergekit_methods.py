@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
@@ -38,6 +38,7 @@ from pydantic import AfterValidator
 from typing_extensions import Annotated
 
 from safemerge_ext import ops
+from safemerge_ext.backends import EXACT, PRECISIONS, requested_precision
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import combine_full, module_seed
 from safemerge_ext.report import REPORT_JSON, REPORT_PNG, LayerRecord, build_report, plot, summary_table, write_json
@@ -83,6 +84,8 @@ Fraction = Annotated[float, _in_range("alpha", 0.0, 1.0, "the task update's weig
 Density = Annotated[float, _in_range("density", 0.0, 1.0, "the fraction of each update kept", lo_open=True)]
 Beta = Annotated[float, _in_range("beta", 0.0, math.inf, "the weight of the safety vector")]
 MergeName = Literal["linear", "ties", "dare_linear", "dare_ties"]
+# the operand precision the triton kernels may use (None: SAFEMERGE_PRECISION, else exact ieee)
+Precision = Optional[Literal[PRECISIONS]]
 assert set(MERGE_METHODS) == {"linear", "ties", "dare_linear", "dare_ties"}
 
 
@@ -130,9 +133,9 @@ def _module(name: str | None) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
-def _score(name: str, wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor) -> ops.Score:
+def _score(name: str, wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor, precision: str | None) -> ops.Score:
     try:
-        return ops.subspace_score(wa, wu, delta=dW)
+        return ops.subspace_score(wa, wu, delta=dW, precision=precision)
     except FloatingPointError as exc:
         raise FloatingPointError(f"tensor {name}: {exc}; check the input models") from None
 
@@ -154,6 +157,7 @@ def _rounding_band(src_dtype: torch.dtype, wt: torch.Tensor, wa: torch.Tensor, d
 def _record(
     method: str, group: TensorGroup, score: ops.Score, *, flagged: bool, action: str, settings: dict[str, Any],
     src_dtype: torch.dtype, band: float | None, elapsed: float, nbytes: int, report_path: str,
+    precision: str | None,
 ) -> None:
     name = group.metadata.name or "?"
     rec = LayerRecord(
@@ -167,8 +171,9 @@ def _record(
         delta_norm=score.delta_norm,
         extra={"tensor": name, "input_dtype": str(src_dtype).replace("torch.", ""), "rounding_band": band, **settings},
     )
-    _append(report_path, {"method": method, "backend": score.backend, "time_s": elapsed, "end": time.time(), "bytes": nbytes,
-                          "layer": rec.to_json()})
+    _append(report_path, {"method": method, "backend": score.backend, "precision": score.precision,
+                          "precision_requested": requested_precision(precision),
+                          "time_s": elapsed, "end": time.time(), "bytes": nbytes, "layer": rec.to_json()})
 
 
 @dataclass
@@ -184,22 +189,25 @@ class _Scored:
     score: ops.Score
     band: float | None
     start: float
+    precision: str | None
 
     @classmethod
-    def of(cls, group: TensorGroup, t: dict[str, torch.Tensor]) -> "_Scored":
+    def of(cls, group: TensorGroup, t: dict[str, torch.Tensor], precision: str | None) -> "_Scored":
         start = time.perf_counter()
         task = t["task"]
         name, wd = group.metadata.name or "?", _work_dtype(task)
         wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
         dW = task.to(wd) - wa
-        score = _score(name, wa, wu, dW)
-        return cls(name, task, wd, wa, wu, dW, score, _rounding_band(task.dtype, task, wa, score.delta_norm), start)
+        score = _score(name, wa, wu, dW, precision)
+        return cls(name, task, wd, wa, wu, dW, score, _rounding_band(task.dtype, task, wa, score.delta_norm), start,
+                   precision)
 
     def record(self, method: str, group: TensorGroup, flagged: bool, action: str, settings: dict[str, Any],
                report_path: str) -> None:
         _record(method, group, self.score, flagged=flagged, action=action, settings=settings,
                 src_dtype=self.task.dtype, band=self.band, elapsed=time.perf_counter() - self.start,
-                nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path)
+                nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path,
+                precision=self.precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,12 +229,13 @@ def safemerge_method(
     density: Density = 1.0,
     seed: int = 0,
     report_path: str = "",
+    precision: Precision = None,
 ) -> torch.Tensor:
     """Flag a weight when cos(C dW_f, dW_f) < threshold; flagged: W_a + merge(alpha dW_f, (1-alpha) dW_s)."""
     t = _roles(group, role, "safemerge")
     if not _scorable(group, t["task"]):
         return t["task"]
-    s = _Scored.of(group, t)
+    s = _Scored.of(group, t, precision)
     flagged = not math.isnan(s.score.cosine) and s.score.cosine < threshold
     out = s.task
     if flagged:
@@ -250,16 +259,17 @@ def safelora_method(
     role: PerNonBase[Role],
     threshold: Threshold = 0.5,
     report_path: str = "",
+    precision: Precision = None,
 ) -> torch.Tensor:
     """Flag a weight when cos(C dW, dW) <= threshold; flagged: W_a + C dW (C never formed)."""
     t = _roles(group, role, "safelora")
     if not _scorable(group, t["task"]):
         return t["task"]
-    s = _Scored.of(group, t)
+    s = _Scored.of(group, t, precision)
     flagged = not math.isnan(s.score.cosine) and s.score.cosine <= threshold
     out = s.task
     if flagged:
-        out = (s.wa + ops.project_delta(s.wa, s.wu, s.dW).to(s.wd)).to(s.task.dtype)
+        out = (s.wa + ops.project_delta(s.wa, s.wu, s.dW, precision=precision).to(s.wd)).to(s.task.dtype)
     s.record("safelora", group, flagged, "projected" if flagged else "kept", {"threshold": threshold}, report_path)
     return out
 
@@ -277,6 +287,7 @@ def resta_method(
     density: Density = 1.0,
     seed: int = 0,
     report_path: str = "",
+    precision: Precision = None,
 ) -> torch.Tensor:
     """W_task + beta * DARE(W_aligned - W_unaligned) on every floating tensor; 2-D weights are also scored."""
     t = _roles(group, role, "resta")
@@ -286,7 +297,7 @@ def resta_method(
     start = time.perf_counter()
     name, wd = group.metadata.name or "?", _work_dtype(task)
     wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
-    score = _score(name, wa, wu, task.to(wd) - wa) if _scorable(group, task) else None
+    score = _score(name, wa, wu, task.to(wd) - wa, precision) if _scorable(group, task) else None
     shift = wa - wu  # inputs are borrowed: never modified in place
     del wa, wu
     if density < 1.0:
@@ -299,7 +310,8 @@ def resta_method(
     if score is not None:
         _record("resta", group, score, flagged=False, action="shifted", settings={"beta": beta, "density": density,
                 "seed": seed}, src_dtype=task.dtype, band=None, elapsed=time.perf_counter() - start,
-                nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path)
+                nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path,
+                precision=precision)
     return out
 
 
@@ -485,6 +497,15 @@ def _precision_warnings(method: str, layers: list[LayerRecord]) -> list[str]:
     ]
 
 
+def _unused_precision(lines: list[dict[str, Any]]) -> list[str]:
+    """A warning when a precision was asked for (the recipe's ``precision`` or SAFEMERGE_PRECISION)
+    that the backend could not use."""
+    unused = sorted({(ln["precision_requested"], ln["backend"]) for ln in lines
+                     if ln.get("precision_requested", EXACT) != ln.get("precision", EXACT)})
+    return [f"precision {asked} applies to the triton backend only; the {backend} backend computed in exact fp32 "
+            f"(ieee)" for asked, backend in unused]
+
+
 def _timings(lines: list[dict[str, Any]]) -> dict[str, float]:
     """tensors_s: the time spent in the method itself; total_s: wall clock from the first scored
     tensor's start to the last one's end (mergekit's loading and writing in between included)."""
@@ -511,15 +532,17 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
     if not layers:
         return None
     backends = sorted({ln["backend"] for ln in lines})
+    precisions = sorted({ln.get("precision", EXACT) for ln in lines})
     report = build_report(
         command=command,
         method=method,
         layers=layers,
         settings=_settings(method, layers),
         backend=backends[0] if len(backends) == 1 else ",".join(backends),
+        precision=",".join(precisions),
         timings=_timings(lines),
         bytes_read=sum(ln["bytes"] for ln in lines),
-        warnings=_precision_warnings(method, layers),
+        warnings=_precision_warnings(method, layers) + _unused_precision(lines),
     )
     band_layers = [r for r in layers if r.extra.get("rounding_band") is not None]
     if band_layers and method != "resta":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -38,6 +39,7 @@ class Score:
     reason: str | None
     backend: str
     projected_B: torch.Tensor | None = None  # C @ lora_B (fp32), when asked for and defined
+    precision: str = backends.EXACT  # the operand precision the backend computed with
 
 
 def _check_pair(wa: torch.Tensor, wu: torch.Tensor) -> None:
@@ -62,6 +64,13 @@ def _lowrank_factors(wa: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
         )
 
 
+def _resolve(backend: str, device_type: str, precision: str | None) -> tuple[str, ModuleType, dict[str, str], str]:
+    """(backend name, module, keywords for its ops, operand precision used) for a request."""
+    name, impl = backends.resolve(backend, device_type)
+    used = backends.resolve_precision(precision, name)
+    return name, impl, ({"precision": used} if used != backends.EXACT else {}), used
+
+
 def _cos(num: float, n2: float, d2: float) -> float:
     denom = math.sqrt(max(n2, 0.0) * max(d2, 0.0))
     return num / denom if denom > 0 else math.nan
@@ -77,6 +86,7 @@ def subspace_score(
     backend: str = "auto",
     with_projection: bool = False,
     file_backed: bool = False,
+    precision: str | None = None,
 ) -> Score:
     """Score one layer's update against its safety subspace; see :func:`subspace_cosine`.
 
@@ -84,12 +94,14 @@ def subspace_score(
     which falls out of the second pass (``P / ||V||``) at no extra read of the weights.
     ``file_backed`` says the weights are private file mappings (``ModelReader.is_mapped``): the C++
     backend then drops their pages from the resident set as it finishes with them.
+    ``precision`` allows the Triton kernels a tensor-core operand precision (``backends.PRECISIONS``;
+    None: ``SAFEMERGE_PRECISION``, else exact ``ieee``); the score says which one was used.
     """
     _check_pair(w_aligned, w_unaligned)
     lowrank = lora_A is not None or lora_B is not None
     if lowrank == (delta is not None) or (lowrank and (lora_A is None or lora_B is None)):
         raise ValueError("give exactly one of lora_A+lora_B (a LoRA update) or delta (a full update)")
-    name, impl = backends.resolve(backend, w_aligned.device.type)
+    name, impl, kw, used = _resolve(backend, w_aligned.device.type, precision)
     wa, wu = w_aligned.contiguous(), w_unaligned.contiguous()
     if lowrank:
         _lowrank_factors(wa, lora_A, lora_B)
@@ -97,7 +109,7 @@ def subspace_score(
         # (only the weights themselves may drop pages, never a copy that .contiguous() made)
         drop = file_backed and name == "cpp" and wa is w_aligned and wu is w_unaligned
         release = {"release_behind": True} if drop else {}
-        T, P, vsq = impl.lowrank_passes(wa, wu, B, **release)
+        T, P, vsq = impl.lowrank_passes(wa, wu, B, **release, **kw)
         # with G = A A^T: <C dW, dW> = <T^T T, G>/||V||, ||C dW||^2 = <P^T P, G>/||V||^2,
         # ||dW||^2 = <B^T B, G>
         traces = getattr(impl, "lowrank_traces", reference.lowrank_traces)
@@ -108,21 +120,22 @@ def subspace_score(
     else:
         if delta.shape != wa.shape:
             raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")
-        m2, n2, d2, vsq = impl.fullrank_sums(wa, wu, delta.to(wa.device).contiguous())
+        m2, n2, d2, vsq = impl.fullrank_sums(wa, wu, delta.to(wa.device).contiguous(), **kw)
         num, projected = m2, None
     values = (vsq, num, n2, d2)
     if not all(math.isfinite(v) for v in values):
         raise FloatingPointError("the layer's weights or update contain NaN or Inf")
     v_norm, d_norm = math.sqrt(vsq), math.sqrt(max(d2, 0.0))
     if vsq == 0.0:
-        return Score(math.nan, v_norm, d_norm, "aligned and unaligned weights are identical (V = 0)", name)
+        return Score(math.nan, v_norm, d_norm, "aligned and unaligned weights are identical (V = 0)", name,
+                     precision=used)
     if d2 <= 0.0:
-        return Score(math.nan, v_norm, d_norm, "the update is zero", name)
+        return Score(math.nan, v_norm, d_norm, "the update is zero", name, precision=used)
     cos = _cos(num, n2, d2)
     if math.isnan(cos):
-        return Score(cos, v_norm, d_norm, "the update is orthogonal to V (C dW = 0)", name)
+        return Score(cos, v_norm, d_norm, "the update is orthogonal to V (C dW = 0)", name, precision=used)
     return Score(min(1.0, max(-1.0, cos)), v_norm, d_norm, None, name,
-                 projected.float() if projected is not None else None)
+                 projected.float() if projected is not None else None, used)
 
 
 def subspace_cosine(
@@ -133,6 +146,7 @@ def subspace_cosine(
     lora_B: torch.Tensor | None = None,
     delta: torch.Tensor | None = None,
     backend: str = "auto",
+    precision: str | None = None,
 ) -> float:
     """rho = cos(vec(C dW), vec(dW)) for dW = lora_B @ lora_A or dW = delta.
 
@@ -140,20 +154,21 @@ def subspace_cosine(
     degenerate layers (V = 0, dW = 0, or C dW = 0). Raises FloatingPointError on NaN/Inf inputs.
     """
     return subspace_score(
-        w_aligned, w_unaligned, lora_A=lora_A, lora_B=lora_B, delta=delta, backend=backend
+        w_aligned, w_unaligned, lora_A=lora_A, lora_B=lora_B, delta=delta, backend=backend, precision=precision
     ).cosine
 
 
 def project_lora_B(
-    w_aligned: torch.Tensor, w_unaligned: torch.Tensor, lora_B: torch.Tensor, backend: str = "auto"
+    w_aligned: torch.Tensor, w_unaligned: torch.Tensor, lora_B: torch.Tensor, backend: str = "auto",
+    precision: str | None = None,
 ) -> torch.Tensor:
     """Safe LoRA's ``C @ lora_B = V (V^T B) / ||V||`` without forming C, in lora_B's dtype."""
     _check_pair(w_aligned, w_unaligned)
     if lora_B.dim() != 2 or lora_B.shape[0] != w_aligned.shape[0]:
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {w_aligned.shape[0]}xr")
-    _, impl = backends.resolve(backend, w_aligned.device.type)
+    _, impl, kw, _ = _resolve(backend, w_aligned.device.type, precision)
     _, P, vsq = impl.lowrank_passes(
-        w_aligned.contiguous(), w_unaligned.contiguous(), lora_B.to(w_aligned.device).contiguous()
+        w_aligned.contiguous(), w_unaligned.contiguous(), lora_B.to(w_aligned.device).contiguous(), **kw
     )
     if not math.isfinite(vsq) or not torch.isfinite(P).all():
         raise FloatingPointError("the weights or lora_B contain NaN or Inf")
@@ -163,14 +178,16 @@ def project_lora_B(
 
 
 def project_delta(
-    w_aligned: torch.Tensor, w_unaligned: torch.Tensor, delta: torch.Tensor, backend: str = "auto"
+    w_aligned: torch.Tensor, w_unaligned: torch.Tensor, delta: torch.Tensor, backend: str = "auto",
+    precision: str | None = None,
 ) -> torch.Tensor:
     """Safe LoRA on a full update: ``C dW`` (fp32), column block by column block, never forming C."""
     _check_pair(w_aligned, w_unaligned)
     if delta.shape != w_aligned.shape:
         raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(w_aligned.shape)}")
-    _, impl = backends.resolve(backend, w_aligned.device.type)
-    N, vsq = impl.project_full(w_aligned.contiguous(), w_unaligned.contiguous(), delta.to(w_aligned.device).contiguous())
+    _, impl, kw, _ = _resolve(backend, w_aligned.device.type, precision)
+    N, vsq = impl.project_full(w_aligned.contiguous(), w_unaligned.contiguous(), delta.to(w_aligned.device).contiguous(),
+                               **kw)
     if not math.isfinite(vsq) or not torch.isfinite(N).all():
         raise FloatingPointError("the weights or the update contain NaN or Inf")
     if vsq == 0.0:

@@ -61,6 +61,7 @@ class Run:
     layers: list[Layer]
     device: torch.device
     backend: str
+    precision: str = "ieee"  # the operand precision the backend computes with (backends.PRECISIONS)
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     adapter_bytes: int = 0
@@ -91,13 +92,22 @@ def open_run(
     *,
     device: str = "cpu",
     backend: str = "auto",
+    precision: str | None = None,
 ) -> Run:
-    """Open both models and match every task module to its weight; check shapes and dtypes."""
+    """Open both models and match every task module to its weight; check shapes and dtypes.
+
+    ``precision`` allows the Triton kernels a tensor-core operand precision (None:
+    ``SAFEMERGE_PRECISION``, else exact ``ieee``); a run whose backend cannot use it says so."""
     dev = _device(device)
     try:
         backend_name, _ = ops.backends.resolve(backend, dev.type)
     except ValueError as exc:
         raise SafeMergeError(f"--backend {backend}: {exc}") from None
+    try:
+        requested = ops.backends.requested_precision(precision)
+    except ValueError as exc:
+        raise SafeMergeError(f"--{exc}" if precision else str(exc)) from None
+    used = ops.backends.resolve_precision(requested, backend_name)
     aligned = ModelReader(aligned_dir, "--aligned")
     unaligned = ModelReader(unaligned_dir, "--unaligned")
     layers: list[Layer] = []
@@ -147,7 +157,12 @@ def open_run(
                     f"{shape[0]}x{shape[1]}; the adapter belongs to another model"
                 )
         layers.append(Layer(module, weight, shape, lm, sm))
-    run = Run(aligned, unaligned, layers, dev, backend_name)
+    run = Run(aligned, unaligned, layers, dev, backend_name, used)
+    if used != requested:
+        run.warnings.append(
+            f"precision {requested} applies to the triton backend only; the {backend_name} backend computes in "
+            f"exact fp32 ({used})"
+        )
     run.adapter_bytes = task.nbytes + (safety.nbytes if safety is not None else 0)
     if safety is not None:
         extra = sorted(set(safety.modules) - set(task.modules), key=natural_key)
@@ -328,7 +343,7 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
             try:
                 scores[i] = ops.subspace_score(
                     wa, wu, lora_A=layer.task.A, lora_B=layer.task.B, backend=run.backend,
-                    with_projection=with_projection,
+                    precision=run.precision, with_projection=with_projection,
                     file_backed=ready is None and run.aligned.is_mapped(wa) and run.unaligned.is_mapped(wu),
                 )
             except FloatingPointError:
@@ -374,7 +389,7 @@ def _finish(run: Run, command: str, method: str, records: list[LayerRecord], set
     run.timings["total_s"] = time.perf_counter() - run.started
     return build_report(
         command=command, method=method, layers=records, settings=settings, backend=run.backend,
-        timings=run.timings, bytes_read=run.bytes_read, warnings=run.warnings,
+        precision=run.precision, timings=run.timings, bytes_read=run.bytes_read, warnings=run.warnings,
     )
 
 
@@ -389,19 +404,20 @@ def _save_report(report: dict[str, Any], folder: Path, with_plot: bool) -> None:
 
 def score(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, *,
-    threshold: float = 0.35, backend: str = "auto", device: str = "cpu",
+    threshold: float = 0.35, backend: str = "auto", device: str = "cpu", precision: str | None = None,
     report_path: str | Path | None = None, plot_path: str | Path | None = None, progress: bool | None = None,
 ) -> dict[str, Any]:
     """Score one adapter's layers; flag by SafeMERGE's rule at ``threshold`` for the report only."""
     selection = Selection(threshold=threshold)
     task = read_adapter(adapter, "--adapter")
-    run = open_run(aligned, unaligned, task, device=device, backend=backend)
+    run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision)
     if plot_path:
         preload_plotting()
     scores = score_layers(run, progress=progress)
     flags = selection.flag([s.cosine for s in scores])
     settings = {"aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
-                "adapter": str(Path(adapter).resolve()), "device": device, **selection.describe()}
+                "adapter": str(Path(adapter).resolve()), "device": device, "precision_requested": precision,
+                **selection.describe()}
     report = _finish(run, "score", "score", _records(run, scores, flags, "kept"), settings)
     if report_path:
         write_json(report, report_path)
@@ -429,15 +445,15 @@ class MergeSettings:
 
 def merge(
     aligned: str | Path, unaligned: str | Path, task_adapter: str | Path, safety_adapter: str | Path, out: str | Path,
-    settings: MergeSettings, *, backend: str = "auto", device: str = "cpu", force: bool = False,
-    progress: bool | None = None, plot: bool = True,
+    settings: MergeSettings, *, backend: str = "auto", device: str = "cpu", precision: str | None = None,
+    force: bool = False, progress: bool | None = None, plot: bool = True,
 ) -> dict[str, Any]:
     """SafeMERGE: score the task adapter, merge flagged layers with the safety adapter, write ``out``
     (with ``safemerge_report.json`` and, unless ``plot=False``, ``safemerge_report.png``)."""
     check_out(out, force)
     task = read_adapter(task_adapter, "--task-adapter")
     safety = read_adapter(safety_adapter, "--safety-adapter")
-    run = open_run(aligned, unaligned, task, safety, device=device, backend=backend)
+    run = open_run(aligned, unaligned, task, safety, device=device, backend=backend, precision=precision)
     if plot:
         preload_plotting()
     scores = score_layers(run, progress=progress)
@@ -497,7 +513,7 @@ def merge(
             "task_adapter": str(Path(task_adapter).resolve()), "safety_adapter": str(Path(safety_adapter).resolve()),
             "out": str(Path(out).resolve()), **settings.selection.describe(), "alpha": settings.alpha,
             "merge": settings.method, "density": settings.density, "seed": settings.seed, "output": settings.output,
-            "device": device, "backend_requested": backend,
+            "device": device, "backend_requested": backend, "precision_requested": precision,
         })
         _save_report(report, tmp, plot)
     return report
@@ -505,15 +521,15 @@ def merge(
 
 def project(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, out: str | Path, selection: Selection, *,
-    output: str = "adapter", backend: str = "auto", device: str = "cpu", force: bool = False,
-    progress: bool | None = None, plot: bool = True,
+    output: str = "adapter", backend: str = "auto", device: str = "cpu", precision: str | None = None,
+    force: bool = False, progress: bool | None = None, plot: bool = True,
 ) -> dict[str, Any]:
     """Safe LoRA: flagged layers (cosine <= threshold, or the k lowest) get ``lora_B <- C lora_B``."""
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
     check_out(out, force)
     task = read_adapter(adapter, "--adapter")
-    run = open_run(aligned, unaligned, task, device=device, backend=backend)
+    run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision)
     if plot:
         preload_plotting()
     scores = score_layers(run, progress=progress, with_projection=True)
@@ -542,7 +558,7 @@ def project(
         report = _finish(run, "project", "safelora", records, {
             "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
             "adapter": str(Path(adapter).resolve()), "out": str(Path(out).resolve()), **selection.describe(),
-            "output": output, "device": device, "backend_requested": backend,
+            "output": output, "device": device, "backend_requested": backend, "precision_requested": precision,
         })
         _save_report(report, tmp, plot)
     return report

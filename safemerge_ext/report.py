@@ -3,7 +3,7 @@
 Schema (SPEC section 2)::
 
     {"tool": "safemerge-ext", "version": ..., "command": "merge", "method": "safemerge",
-     "settings": {...}, "backend": "cpp", "counts": {...}, "cosine": {"min", "median", "max"},
+     "settings": {...}, "backend": "cpp", "precision": "ieee", "counts": {...}, "cosine": {"min", "median", "max"},
      "timings": {...}, "bytes_read": int, "warnings": [...],
      "layers": [{"module": "model.layers.0.self_attn.q_proj", "cosine": 0.41, "flagged": false,
                  "reason": null, "action": "kept", ...}, ...]}
@@ -65,8 +65,10 @@ def build_report(
     timings: dict[str, float],
     bytes_read: int,
     warnings: list[str] | None = None,
+    precision: str = "ieee",
 ) -> dict[str, Any]:
-    """Assemble the report dict (JSON-ready) from the layer records and the run's facts."""
+    """Assemble the report dict (JSON-ready) from the layer records and the run's facts;
+    ``precision`` is the operand precision the backend computed with (``backends.PRECISIONS``)."""
     scores = [r.cosine for r in layers if math.isfinite(r.cosine)]
     return {
         "tool": "safemerge-ext",
@@ -75,6 +77,7 @@ def build_report(
         "method": method,
         "settings": settings,
         "backend": backend,
+        "precision": precision,
         "counts": {
             "layers": len(layers),
             "scored": len(scores),
@@ -189,7 +192,8 @@ def summary_table(report: dict[str, Any]) -> str:
     flagged = [r["module"] for r in report["layers"] if r["flagged"]]
     rows = [
         ("method", report["method"]),
-        ("backend", report["backend"]),
+        ("backend", report["backend"] + ("" if report.get("precision", "ieee") == "ieee"
+                                         else f" ({report['precision']} operands)")),
         ("layers scored", f"{c['scored']} of {c['layers']}" + (f" ({c['degenerate']} degenerate)" if c["degenerate"] else "")),
         ("flagged", str(c["flagged"])),
         ("cosine min / median / max", f"{f(cos['min'])} / {f(cos['median'])} / {f(cos['max'])}"),

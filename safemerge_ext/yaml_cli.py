@@ -23,14 +23,15 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
+from safemerge_ext.backends import PRECISIONS
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, finalize_report, register_methods, report_to
 from safemerge_ext.report import REPORT_JSON, REPORT_PNG, plot, summary_table, write_json
 
 PARAMETERS = {
-    "safemerge": ("threshold", "alpha", "merge", "density", "seed", "report_path"),
-    "safelora": ("threshold", "report_path"),
-    "resta": ("beta", "density", "seed", "report_path"),
+    "safemerge": ("threshold", "alpha", "merge", "density", "seed", "report_path", "precision"),
+    "safelora": ("threshold", "report_path", "precision"),
+    "resta": ("beta", "density", "seed", "report_path", "precision"),
 }
 _RANGES = {  # name -> (check, what the value must be)
     "threshold": (lambda v: -1.0 <= v <= 1.0, "in [-1, 1] (it is compared with a cosine)"),
@@ -89,6 +90,9 @@ def _check_parameters(method: str, params: dict[str, Any], where: str) -> None:
             elif name == "report_path":
                 if not isinstance(v, str):
                     raise SafeMergeError(f"{where}: report_path must be a path string; got {v!r}")
+            elif name == "precision":
+                if v is not None and v not in PRECISIONS:
+                    raise SafeMergeError(f"{where}: precision must be one of {', '.join(PRECISIONS)}; got {v!r}")
             else:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise SafeMergeError(f"{where}: {name} must be a number; got {v!r}")

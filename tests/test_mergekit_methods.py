@@ -147,6 +147,21 @@ def test_safemerge_linear_matches_float64_reference(pico, tmp_path):
             assert torch.equal(got[name], t), name
 
 
+def test_safelora_precision_parameter(pico, tmp_path, monkeypatch):
+    """A recipe's ``precision`` reaches the scoring: on the CPU the backend computes in exact fp32,
+    the outputs are the same as without it, and the report says so in a warning."""
+    monkeypatch.delenv("SAFEMERGE_PRECISION", raising=False)
+    got, report = merge(recipe(pico, "safelora", params={"threshold": TAU, "precision": "bf16"}), tmp_path / "o")
+    want, flags = reference(pico, "safelora", tau=TAU)
+    check_all(got, want)
+    check_report(report, flags, "safelora")
+    assert report["precision"] == "ieee" and report["backend"] != "triton"
+    assert f"precision bf16 applies to the triton backend only; the {report['backend']} backend computed in " \
+           "exact fp32 (ieee)" in report["warnings"]
+    _, plain = merge(recipe(pico, "safelora", params={"threshold": TAU}), tmp_path / "p")
+    assert plain["precision"] == "ieee" and not any("precision" in w for w in plain["warnings"])
+
+
 def test_safemerge_ties_matches_float64_reference(pico, tmp_path):
     params = {"threshold": TAU, "alpha": 0.7, "merge": "ties", "density": 0.5}
     got, report = merge(recipe(pico, params=params), tmp_path / "o")
@@ -289,6 +304,7 @@ def _mismatched_model(tmp: Path) -> Path:
         ("missing_role", "role 'safety'"),
         ("duplicate_role", "role 'task' must be given to exactly one model"),
         ("unknown_merge", "merge must be one of"),
+        ("unknown_precision", "precision must be one of ieee, tf32, tf32x3, bf16; got 'fp8'"),
         ("threshold_range", "threshold must lie in [-1, 1]"),
         ("unknown_method", "merge_method 'safemerj'"),
         ("no_role", "has no role"),
@@ -305,6 +321,8 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         models[1]["parameters"]["role"] = "task"
     elif case == "unknown_merge":
         cfg["parameters"]["merge"] = "slerp"
+    elif case == "unknown_precision":
+        cfg["parameters"]["precision"] = "fp8"
     elif case == "threshold_range":
         cfg["parameters"]["threshold"] = 1.5
     elif case == "unknown_method":

@@ -95,6 +95,72 @@ def test_backend_registry(monkeypatch):
     assert backends.resolve("auto", "cpu")[0] == "torch"
 
 
+def test_precision_is_a_permission_only_triton_uses(monkeypatch):
+    """--precision / SAFEMERGE_PRECISION: validated up front; the Triton kernels get it, every other
+    backend computes in exact fp32 and says ieee."""
+    monkeypatch.delenv("SAFEMERGE_PRECISION", raising=False)
+    assert backends.requested_precision(None) == "ieee"
+    assert backends.requested_precision("BF16") == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of ieee, tf32, tf32x3, bf16; got 'fp8'"):
+        backends.requested_precision("fp8")
+    monkeypatch.setenv("SAFEMERGE_PRECISION", "tf32")
+    assert backends.requested_precision(None) == "tf32" and backends.requested_precision("ieee") == "ieee"
+    assert backends.resolve_precision(None, "triton") == "tf32"
+    assert [backends.resolve_precision(None, b) for b in ("cuda", "cpp", "torch")] == ["ieee"] * 3
+    monkeypatch.setenv("SAFEMERGE_PRECISION", "half")
+    with pytest.raises(ValueError, match="SAFEMERGE_PRECISION must be one of"):
+        backends.requested_precision(None)
+
+
+def test_ops_pass_the_precision_to_triton_only(monkeypatch):
+    """What each backend's ops receive, and what the score reports, for an allowed precision."""
+    monkeypatch.delenv("SAFEMERGE_PRECISION", raising=False)
+    wa, wu, A, B = inputs(48, 40, 4)
+    torch_impl = backends.resolve("torch", "cpu")[1]
+    seen: list[dict] = []
+
+    class Spy:
+        """The torch reference, recording the keywords each op was called with."""
+
+        def __getattr__(self, op):
+            def call(*args, **kw):
+                seen.append({"op": op, **kw})
+                kw.pop("precision", None)
+                return getattr(torch_impl, op)(*args, **kw)
+            return call
+
+    for name, want in (("triton", "tf32x3"), ("cpp", "ieee")):
+        monkeypatch.setattr(backends, "resolve", lambda *a, name=name: (name, Spy()))
+        seen.clear()
+        s = ops.subspace_score(wa, wu, lora_A=A, lora_B=B, precision="tf32x3")
+        f = ops.subspace_score(wa, wu, delta=B @ A, precision="tf32x3")
+        ops.project_lora_B(wa, wu, B, precision="tf32x3")
+        ops.project_delta(wa, wu, B @ A, precision="tf32x3")
+        assert s.precision == f.precision == want and s.backend == name
+        # (the r x r remainder, lowrank_traces, is float64 work in every backend: no precision)
+        assert [c["op"] for c in seen] == ["lowrank_passes", "lowrank_traces", "fullrank_sums", "lowrank_passes",
+                                           "project_full"]
+        assert all(c.get("precision") == (want if name == "triton" and c["op"] != "lowrank_traces" else None)
+                   for c in seen), seen
+        assert ops.subspace_score(wa, wu, lora_A=A, lora_B=B).precision == "ieee"  # the default asks nothing
+
+
+@pytest.mark.skipif(backends.available_backends()["triton"] is not None, reason="triton cannot run here")
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_triton_scores_with_an_allowed_precision(monkeypatch, precision):
+    """Through ops, the Triton kernels score at the precision asked for (on the CPU: the interpreter,
+    whose products are exact fp32 whatever the precision; a GPU rounds tf32 operands, see
+    test_backend_triton's GPU tests) and the score says which."""
+    monkeypatch.delenv("SAFEMERGE_PRECISION", raising=False)
+    wa, wu, A, B = inputs(70, 45, 5, seed=7)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    wa, wu, A, B = (t.to(device) for t in (wa, wu, A, B))
+    want = ref_cosine(wa.cpu(), wu.cpu(), B.cpu().double() @ A.cpu().double())
+    s = ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend="triton", precision=precision)
+    assert s.backend == "triton" and s.precision == precision
+    assert abs(s.cosine - want) < (5e-3 if precision == "tf32" else 1e-5)
+
+
 def test_selection_rules():
     scores = [0.4, 0.35, float("nan"), 0.1, 0.35, 0.9]
     assert Selection(threshold=0.35).flag(scores) == [False, False, False, True, False, False]

@@ -348,6 +348,40 @@ def test_num_layers_beyond_scorable_warns(fx, tmp_path):
     assert any("--num-layers 99 exceeds the 21" in w for w in rep["warnings"])
 
 
+def test_precision_flag_and_env(fx, tmp_path, monkeypatch, capsys):
+    """--precision is recorded; a backend that computes in exact fp32 says so in a warning; a bad
+    value in the environment stops the run before anything is read or written."""
+    monkeypatch.delenv("SAFEMERGE_PRECISION", raising=False)
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    assert run_cli(merge_args(fx, plain, "--no-plot")) == 0
+    assert run_cli(merge_args(fx, fast, "--no-plot", "--precision", "bf16")) == 0
+    a, b = report_of(plain), report_of(fast)
+    assert a["precision"] == b["precision"] == "ieee" and b["backend"] == a["backend"] != "triton"
+    assert b["settings"]["precision_requested"] == "bf16" and a["settings"]["precision_requested"] is None
+    assert not any("precision" in w for w in a["warnings"])
+    assert [w for w in b["warnings"] if "precision" in w] == [
+        f"precision bf16 applies to the triton backend only; the {b['backend']} backend computes in exact fp32 (ieee)"]
+    assert [r["cosine"] for r in a["layers"]] == [r["cosine"] for r in b["layers"]]
+    monkeypatch.setenv("SAFEMERGE_PRECISION", "fp8")
+    capsys.readouterr()
+    assert run_cli(merge_args(fx, tmp_path / "bad")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "safemerge: error: SAFEMERGE_PRECISION must be one of ieee, tf32, tf32x3, bf16; got 'fp8'", err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        main([str(a) for a in merge_args(fx, tmp_path / "bad", "--precision", "fp8")])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+    if "triton" in BACKENDS:  # the interpreter: the precision reaches the kernels and the report
+        monkeypatch.delenv("SAFEMERGE_PRECISION")
+        rep_path = tmp_path / "t.json"
+        assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                        "--report", rep_path, "--backend", "triton", "--precision", "tf32x3"]) == 0
+        rep = json.loads(rep_path.read_text())
+        assert rep["backend"] == "triton" and rep["precision"] == "tf32x3" and not rep["warnings"]
+        want = refs(fx)
+        assert all(abs(r["cosine"] - want[r["module"]]) < 2e-6 for r in rep["layers"])
+
+
 def test_prefetch_holds_at_most_its_budget():
     """The read-ahead never holds more than its byte budget (at least one item), keeps order, and
     stops reading when the consumer leaves early."""
