@@ -23,7 +23,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-from safemerge_ext.backends import PRECISIONS
+from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, finalize_report, register_methods, report_to
 from safemerge_ext.report import REPORT_JSON, REPORT_PNG, plot, summary_table, write_json
@@ -237,6 +237,11 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe") -> Checked:
     if config.base_model is None:
         raise SafeMergeError(f"{recipe}: base_model is missing; set it to the aligned model (e.g. the chat model)")
     _check_parameters(method, dict(config.parameters or {}), f"{recipe}: parameters")
+    given = (config.parameters or {}).get("precision")
+    try:
+        requested_precision(given if isinstance(given, str) else None)  # else SAFEMERGE_PRECISION
+    except ValueError as exc:
+        raise SafeMergeError(str(exc)) from None
     roles = _check_roles(method, config)
     has_lora, checked = _check_models(config, roles)
     return Checked(config, method, roles, has_lora, checked)

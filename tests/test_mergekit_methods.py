@@ -305,6 +305,7 @@ def _mismatched_model(tmp: Path) -> Path:
         ("duplicate_role", "role 'task' must be given to exactly one model"),
         ("unknown_merge", "merge must be one of"),
         ("unknown_precision", "precision must be one of ieee, tf32, tf32x3, bf16; got 'fp8'"),
+        ("bad_precision_env", "SAFEMERGE_PRECISION must be one of ieee, tf32, tf32x3, bf16; got 'fp8'"),
         ("threshold_range", "threshold must lie in [-1, 1]"),
         ("unknown_method", "merge_method 'safemerj'"),
         ("no_role", "has no role"),
@@ -312,7 +313,7 @@ def _mismatched_model(tmp: Path) -> Path:
         ("shape_mismatch", "model.layers.0.mlp.down_proj.weight has shape"),
     ],
 )
-def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads, case, culprit):
+def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads, case, culprit, monkeypatch):
     cfg = recipe(pico, params={"threshold": 0.35})
     models = cfg["models"]
     if case == "missing_role":
@@ -323,6 +324,8 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         cfg["parameters"]["merge"] = "slerp"
     elif case == "unknown_precision":
         cfg["parameters"]["precision"] = "fp8"
+    elif case == "bad_precision_env":
+        monkeypatch.setenv("SAFEMERGE_PRECISION", "fp8")
     elif case == "threshold_range":
         cfg["parameters"]["threshold"] = 1.5
     elif case == "unknown_method":
