@@ -502,3 +502,96 @@ def test_model_writer_streams_and_copies(fx, fx_bf16, tmp_path, monkeypatch, pat
     (tmp_path / "bad").mkdir()
     with pytest.raises(SafeMergeError, match="factors"):
         write_model(ModelReader(fx.aligned), tmp_path / "bad", lambda n: (B[:64], A) if n in updates else None)
+
+
+def _raw_safetensors(path, header: dict, data: bytes) -> None:
+    """A safetensors file written by hand (for headers the library would refuse to write)."""
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+
+
+@pytest.mark.parametrize("header, culprit", [
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 24]}}, "tensor a (F32 [4]) spans 24 bytes, not 16"),
+    ({"a": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 24]}}, "spans 24 bytes, not 12"),
+    ({"a": {"dtype": "F32", "shape": [-1, 6], "data_offsets": [0, 24]}}, "tensor a has shape [-1, 6]"),
+    (["not", "a", "table"], "the header is not a JSON object"),
+], ids=["f32-size", "bf16-size", "negative-dim", "not-an-object"])
+def test_reader_refuses_headers_whose_bytes_do_not_match(tmp_path, header, culprit):
+    """A header whose byte range does not fit the tensor's shape and dtype is refused when read,
+    in one line, instead of reshaping the wrong bytes or copying them into a broken output."""
+    _raw_safetensors(tmp_path / "model.safetensors", header, bytes(24))
+    with pytest.raises(SafeMergeError) as err:
+        ModelReader(tmp_path).names
+    assert culprit in str(err.value) and "model.safetensors" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_model_writer_keeps_every_dtype_and_the_shard_metadata(tmp_path):
+    """Tensors in any safetensors dtype pass through --output model byte for byte (torch needs no
+    dtype for a copied tensor, and has none for F4), and each shard keeps its __metadata__."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir(), out.mkdir()
+    w = torch.randn(4, 6)
+    header = {
+        "__metadata__": {"format": "pt", "quantization": '{"group_size": 64}'},
+        "a.weight": {"dtype": "F32", "shape": [4, 6], "data_offsets": [0, 96]},
+        "b.u32": {"dtype": "U32", "shape": [3], "data_offsets": [96, 108]},
+        "c.f4": {"dtype": "F4", "shape": [4, 2], "data_offsets": [108, 112]},
+        "d.odd": {"dtype": "X9", "shape": [5], "data_offsets": [112, 117]},  # unknown: size taken from the file
+    }
+    tail = bytes(range(21))
+    _raw_safetensors(src / "model.safetensors", header, w.numpy().tobytes() + tail)
+    r = ModelReader(src)
+    assert r.meta("b.u32") == ((3,), torch.uint32) and r.layout("c.f4") == ((4, 2), "F4", 4)
+    assert r.metadata("model.safetensors") == header["__metadata__"]
+    dW = torch.randn(4, 6)
+    write_model(r, out, lambda n: dW if n == "a.weight" else None)
+    got = ModelReader(out)
+    assert got.metadata("model.safetensors") == header["__metadata__"]
+    assert {n: got.layout(n) for n in got.names} == {n: r.layout(n) for n in r.names}
+    assert torch.equal(got.get("a.weight"), w + dW)
+    raw = (out / "model.safetensors").read_bytes()
+    assert raw.endswith(tail)  # b, c and d, byte for byte
+
+
+def test_index_shard_names_must_be_files_in_the_folder(fx, tmp_path):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(fx.aligned, model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    shutil.copy(model / index["weight_map"][name], tmp_path / "outside.safetensors")
+    index["weight_map"][name] = "../outside.safetensors"
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SafeMergeError, match=r"lists shard '\.\./outside\.safetensors', which is not a file name"):
+        ModelReader(model)
+
+
+def test_staged_output_is_all_or_nothing(tmp_path):
+    """The output folder gets the umask's mode (not mkdtemp's 0700); an --out that appears while a
+    run writes is left alone without --force and replaced with it; a failed run leaves nothing,
+    not even the parent folders it made."""
+    from safemerge_ext.io.output import staged_dir
+
+    old = os.umask(0o022)
+    try:
+        with staged_dir(tmp_path / "a", force=False) as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "f").read_text() == "x" and (tmp_path / "a").stat().st_mode & 0o777 == 0o755
+    with pytest.raises(SafeMergeError, match="appeared while this run was writing; nothing was replaced"):
+        with staged_dir(tmp_path / "b", force=False) as tmp:
+            (tmp / "f").write_text("new")
+            (tmp_path / "b").mkdir()
+            (tmp_path / "b" / "theirs").write_text("keep")
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["theirs"]
+    with staged_dir(tmp_path / "b", force=True) as tmp:
+        (tmp / "f").write_text("new")
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["f"]
+    with pytest.raises(RuntimeError):
+        with staged_dir(tmp_path / "x" / "y" / "c", force=False):
+            raise RuntimeError("the run failed")
+    assert not (tmp_path / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temporaries or backups left

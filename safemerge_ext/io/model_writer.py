@@ -57,8 +57,8 @@ def write_model(
     """
     written = 0
     for shard, names in reader.shards().items():
-        layout = [(name, *reader.meta(name)) for name in names]
-        with StreamingWriter(out_dir / shard, layout) as out:
+        layout = [(name, *reader.layout(name)) for name in names]
+        with StreamingWriter(out_dir / shard, layout, metadata=reader.metadata(shard)) as out:
             for name in names:
                 upd = update_for(name)
                 if upd is None:  # unchanged: file to file inside the kernel

@@ -36,17 +36,13 @@ import torch
 
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io import pagecache
+from safemerge_ext.io.safetensors_stream import TORCH_DTYPES, tensor_nbytes
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _BIN_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 _MAX_HEADER = 100 * 2**20
 
-_DTYPES = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 
 
 class _NotHere(Exception):
@@ -124,8 +120,9 @@ class ModelReader:
         self._fds: dict[str, int] = {}
         self._maps: dict[int, tuple[int, int]] = {}  # id(mmap) -> its address range, while it lives
         self._null: int | None = None  # /dev/null, the sink of will_need's sendfile; -1: fadvise instead
-        # shard -> {name: (dtype code, shape, absolute start, absolute end)}
+        # shard -> {name: (dtype code, shape, absolute start, absolute end)}, and its __metadata__
         self._headers: dict[str, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
+        self._metadata: dict[str, dict[str, str] | None] = {}
         self._weight_map = self._read_layout()
 
     def _read_layout(self) -> dict[str, str]:
@@ -135,9 +132,18 @@ class ModelReader:
         if self._single == SINGLE and (p / INDEX).is_file():
             try:
                 weight_map = json.loads((p / INDEX).read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
+                if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+                ):
+                    raise ValueError("weight_map is not a table of tensor names to shard files")
+            except (ValueError, KeyError, TypeError) as exc:
                 raise SafeMergeError(f"{self.flag} {p / INDEX}: not a valid safetensors index ({exc}); re-save the model") from None
             for shard in sorted(set(weight_map.values())):
+                if Path(shard).name != shard or shard in (".", ".."):
+                    raise SafeMergeError(
+                        f"{self.flag} {p / INDEX} lists shard {shard!r}, which is not a file name in the model folder; "
+                        "re-save the model"
+                    )
                 if not (p / shard).is_file():
                     raise SafeMergeError(
                         f"{self.flag} {p / INDEX} lists shard {shard}, which is missing; copy the complete model folder"
@@ -191,6 +197,8 @@ class ModelReader:
                 if not 0 < n <= min(_MAX_HEADER, size - 8):
                     raise ValueError(f"header length {n} does not fit a {size}-byte file")
                 raw = json.loads(f.read(n))
+            if not isinstance(raw, dict):
+                raise ValueError("the header is not a JSON object")
             hdr = {}
             for name, info in raw.items():
                 if name == "__metadata__":
@@ -198,11 +206,24 @@ class ModelReader:
                 start, end = (8 + n + int(o) for o in info["data_offsets"])
                 if not 8 + n <= start <= end <= size:
                     raise ValueError(f"tensor {name} lies outside the file (truncated download?)")
-                hdr[name] = (info["dtype"], tuple(int(d) for d in info["shape"]), start, end)
+                code, shape = str(info["dtype"]), tuple(int(d) for d in info["shape"])
+                if any(d < 0 for d in shape):
+                    raise ValueError(f"tensor {name} has shape {list(shape)}")
+                want = tensor_nbytes(code, shape)
+                if want is not None and want != end - start:
+                    raise ValueError(f"tensor {name} ({code} {list(shape)}) spans {end - start} bytes, not {want}")
+                hdr[name] = (code, shape, start, end)
+            meta = raw.get("__metadata__")
+            ok = isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
         except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
             raise SafeMergeError(f"{self.flag} {path}: not a readable safetensors file ({exc}); re-download or re-save it") from None
-        self._headers[shard] = hdr
+        self._headers[shard], self._metadata[shard] = hdr, (dict(meta) if ok else None)
         return hdr
+
+    def metadata(self, shard: str) -> dict[str, str] | None:
+        """A shard's ``__metadata__`` table (None: it has none, or not one of strings)."""
+        self._header(shard)
+        return self._metadata[shard]
 
     def _entry(self, name: str) -> tuple[str, tuple[str, tuple[int, ...], int, int]]:
         shard = self._weight_map.get(name)
@@ -218,7 +239,12 @@ class ModelReader:
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) of a tensor from the file header, without reading its data."""
         _, (code, shape, _, _) = self._entry(name)
-        return shape, _DTYPES.get(code, code)
+        return shape, TORCH_DTYPES.get(code, code)
+
+    def layout(self, name: str) -> tuple[tuple[int, ...], str, int]:
+        """(shape, safetensors dtype code, byte count) of a tensor, as its file lays it out."""
+        _, (code, shape, start, end) = self._entry(name)
+        return shape, code, end - start
 
     def get(self, name: str, *, pin_memory: bool = False) -> torch.Tensor:
         """Read one tensor into fresh CPU memory (pinned if asked) and count its bytes."""
@@ -271,7 +297,7 @@ class ModelReader:
         return done
 
     def _dtype(self, shard: str, name: str, code: str) -> torch.dtype:
-        dtype = _DTYPES.get(code)
+        dtype = TORCH_DTYPES.get(code)
         if dtype is None:
             raise SafeMergeError(f"{self.flag} {self.path / shard}: tensor {name} has dtype {code}, which torch cannot hold")
         return dtype

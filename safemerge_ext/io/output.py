@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -22,24 +22,67 @@ def check_out(out: str | os.PathLike, force: bool) -> Path:
     return p
 
 
+def _sibling(final: Path, kind: str) -> Path:
+    """A name next to ``final`` that nothing uses (a hidden ``.<name>.<kind>-<random>``)."""
+    while True:
+        p = final.with_name(f".{final.name}.{kind}-{secrets.token_hex(4)}")
+        if not p.exists():
+            return p
+
+
 @contextmanager
 def staged_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success it replaces ``out``, else vanishes.
 
-    The temporary sits in the same parent so the final rename is atomic on one file system.
+    The temporary sits in the same parent so the final rename is atomic on one file system. It is
+    made with ``mkdir`` under the process umask (as a plain ``mkdir`` of ``out`` would be), not
+    ``mkdtemp``'s 0700, so the output is as readable as any other folder the user makes. Without
+    ``force``, an ``out`` that appeared while the run was writing is never replaced.
     """
     final = check_out(out, force)
+    made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # parents this run adds
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    while True:
+        tmp = _sibling(final, "tmp")
+        try:
+            tmp.mkdir()
+            break
+        except FileExistsError:
+            continue
+
+    def undo() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # deepest first; only if still empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        undo()
         raise
     old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-    tmp.rename(final)
+    try:
+        if final.exists() or final.is_symlink():
+            if not force:
+                raise SafeMergeError(
+                    f"--out {final} appeared while this run was writing; nothing was replaced: choose a new path "
+                    "or pass --force"
+                )
+            old = _sibling(final, "old")
+            final.rename(old)
+        try:
+            tmp.rename(final)  # (fails, rather than replaces, if a non-empty out appeared meanwhile)
+        except OSError as exc:
+            if old is not None:
+                old.rename(final)
+                old = None
+            raise SafeMergeError(f"--out {final}: could not move the finished output into place ({exc}); "
+                                 "nothing was replaced") from None
+    except BaseException:
+        undo()
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
