@@ -198,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SafeMergeError, ValueError) as exc:
         print(f"safemerge: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permissions, a path that vanished: still one line
+        print(f"safemerge: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("safemerge: interrupted; nothing was written to --out", file=sys.stderr)
         return 130

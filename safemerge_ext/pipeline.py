@@ -25,7 +25,7 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import LoraAdapter, LoraModule, OutModule, read_adapter, unit_alpha, write_adapter
 from safemerge_ext.io.model_writer import write_model
 from safemerge_ext.io.models import ModelReader, natural_key
-from safemerge_ext.io.output import check_out, staged_dir
+from safemerge_ext.io.output import check_out, check_parent, staged_dir
 from safemerge_ext.report import (
     REPORT_JSON,
     REPORT_PNG,
@@ -78,7 +78,10 @@ class Run:
 
 
 def _device(name: str) -> torch.device:
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SafeMergeError(f"--device {name}: not a device name torch knows; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SafeMergeError("--device cuda: no CUDA device is available here; use --device cpu")
     return dev
@@ -409,6 +412,9 @@ def score(
 ) -> dict[str, Any]:
     """Score one adapter's layers; flag by SafeMERGE's rule at ``threshold`` for the report only."""
     selection = Selection(threshold=threshold)
+    for path, flag in ((report_path, "--report"), (plot_path, "--plot")):
+        if path:
+            check_parent(path, flag)
     task = read_adapter(adapter, "--adapter")
     run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision)
     if plot_path:
@@ -419,10 +425,10 @@ def score(
                 "adapter": str(Path(adapter).resolve()), "device": device, "precision_requested": precision,
                 **selection.describe()}
     report = _finish(run, "score", "score", _records(run, scores, flags, "kept"), settings)
-    if report_path:
-        write_json(report, report_path)
-    if plot_path:
-        plot(report, plot_path)
+    for path, save in ((report_path, write_json), (plot_path, plot)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            save(report, path)
     return report
 
 
@@ -474,10 +480,12 @@ def merge(
 
     def merged_module(layer: Layer, rec: LayerRecord) -> OutModule:
         """A flagged layer's merged factors, made when written: rank r_f + r_s (at most the layer's
-        smaller side for the SVD of ties/dare), in the two adapters' promoted dtype."""
+        smaller side for the SVD of ties/dare), in the two adapters' promoted dtype and at least
+        fp32: the scales folded into B (alpha s_f, (1 - alpha) s_s) would round in bf16/fp16, and
+        PEFT computes LoRA in fp32 unless told otherwise."""
         t, s = layer.task, layer.safety
         rank = t.rank + s.rank if settings.method == "linear" else min(t.rank + s.rank, *layer.shape)
-        dt = torch.promote_types(t.dtypes[1], s.dtypes[1])
+        dt = torch.promote_types(torch.promote_types(t.dtypes[1], s.dtypes[1]), torch.float32)
 
         def make() -> tuple[torch.Tensor, torch.Tensor]:
             dW, B, A = merged_update(layer)

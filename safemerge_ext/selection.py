@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Sequence
 
 
@@ -50,7 +51,8 @@ class Selection:
         if self.threshold is not None:
             tau = self.threshold
             return [(not math.isnan(s)) and (s <= tau if self.inclusive else s < tau) for s in scores]
-        # the 1e-9 keeps 0.3 * 10 from becoming ceil(3.0000000000000004) = 4
-        k = self.num_layers if self.num_layers is not None else math.ceil(self.fraction * len(valid) - 1e-9)
+        # ceil(F x n) of the decimal F as written: 0.3 x 10 is 3 (not ceil(3.0000000000000004) = 4),
+        # and any F > 0 flags at least one layer
+        k = self.num_layers if self.num_layers is not None else math.ceil(Fraction(repr(self.fraction)) * len(valid))
         lowest = set(sorted(valid, key=lambda i: (scores[i], i))[:k])
         return [i in lowest for i in range(len(scores))]

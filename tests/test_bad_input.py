@@ -252,3 +252,50 @@ def test_device_cuda_without_gpu(fx, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--device cuda" in err and "--device cpu" in err
     assert leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.parametrize("kind", ["device", "out-under-a-file", "report-under-a-file", "plot-under-a-file"])
+def test_bad_paths_and_devices_fail_before_scoring(fx, tmp_path, capsys, monkeypatch, kind):
+    """A device torch does not know, or an output path under a file, is one line and exit 2 before
+    any layer is scored (not a traceback after the work)."""
+    from safemerge_ext import pipeline
+
+    monkeypatch.setattr(pipeline, "score_layers", lambda *a, **k: pytest.fail("scored before checking"))
+    (tmp_path / "afile").write_text("")
+    models = ["--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned)]
+    argv, expect = {
+        "device": (["score", *models, "--adapter", str(fx.task), "--device", "tpu9"],
+                   "--device tpu9: not a device name torch knows"),
+        "out-under-a-file": (["merge", *models, "--task-adapter", str(fx.task), "--safety-adapter", str(fx.safety),
+                              "--out", str(tmp_path / "afile" / "out")], "afile is a file, not a folder"),
+        "report-under-a-file": (["score", *models, "--adapter", str(fx.task), "--report",
+                                 str(tmp_path / "afile" / "r.json")], "--report"),
+        "plot-under-a-file": (["score", *models, "--adapter", str(fx.task), "--plot",
+                               str(tmp_path / "afile" / "p.png")], "--plot"),
+    }[kind]
+    assert main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("safemerge: error: ") and expect in err and "\n" not in err, err
+
+
+def test_report_and_plot_folders_are_made(fx, tmp_path):
+    assert main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+                 "--report", str(tmp_path / "a" / "r.json"), "--plot", str(tmp_path / "b" / "c" / "p.png"),
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "a" / "r.json").read_text())["counts"]["layers"] == 21
+    assert (tmp_path / "b" / "c" / "p.png").stat().st_size > 1000
+
+
+def test_os_errors_are_one_line(fx, tmp_path, capsys, monkeypatch):
+    """An I/O failure the checks cannot foresee (a full disk) is still one line and exit 2."""
+    from safemerge_ext import pipeline
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr(pipeline, "write_adapter", full)
+    code = main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
+                 "--safety-adapter", str(fx.safety), "--out", str(tmp_path / "out"), "--no-plot", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"safemerge: error: No space left on device: {tmp_path / 'out'}", err
+    assert leftovers(tmp_path, "out") == []

@@ -170,4 +170,6 @@ def test_selection_rules():
     ten = [i / 10 for i in range(10)]
     assert sum(Selection(fraction=0.3).flag(ten)) == 3  # not ceil(3.0000000000000004)
     assert sum(Selection(fraction=0.31).flag(ten)) == 4
+    assert sum(Selection(fraction=1e-10).flag(ten)) == 1  # any fraction > 0 flags ceil(F x n) >= 1
+    assert sum(Selection(fraction=0.2000000001).flag(ten)) == 3
     assert sum(Selection(fraction=0.3).flag(scores)) == 2  # n counts only the 5 defined scores

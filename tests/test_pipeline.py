@@ -109,7 +109,31 @@ def threshold_between(values: list[float], k: int) -> float:
     return (s[k - 1] + s[k]) / 2
 
 
-def test_merge_linear_adapter_exact(fx, tmp_path):
+def _with_adapters_in(fx, dtype: torch.dtype, root: Path):
+    """``fx`` with its task and safety adapters saved in ``dtype`` (as PEFT saves a bf16 run's)."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import save_file
+
+    paths = {}
+    for role in ("task", "safety"):
+        src, dst = getattr(fx, role), root / f"{role}-{str(dtype).split('.')[-1]}"
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
+        sd = load_file(src / "adapter_model.safetensors")
+        save_file({k: v.to(dtype) for k, v in sd.items()}, dst / "adapter_model.safetensors")
+        paths[role] = dst
+    return dataclasses.replace(fx, **paths)
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16], ids=["fp32-adapters", "bf16-adapters"])
+def test_merge_linear_adapter_exact(fx, tmp_path, adapter_dtype):
+    """The merged adapter, loaded with PEFT, is exactly aligned + alpha dW_task + (1 - alpha) dW_safety
+    on the flagged layers, whatever the adapters' dtype: their factors are written in fp32 (bf16
+    ones would round the folded scales alpha s B), the kept layers as they were."""
+    if adapter_dtype != torch.float32:
+        fx = _with_adapters_in(fx, adapter_dtype, tmp_path)
     ref = refs(fx)
     tau = threshold_between(list(ref.values()), 8)
     out = tmp_path / "out"
@@ -131,6 +155,7 @@ def test_merge_linear_adapter_exact(fx, tmp_path):
         else:
             assert out_sd[key].shape[0] == task_ad[m][0].shape[0] + 6  # r_f + r_s
             assert cfg["rank_pattern"][m] == out_sd[key].shape[0]
+            assert out_sd[key].dtype == out_sd[key.replace("lora_A", "lora_B")].dtype == torch.float32
 
     # the adapter, loaded by PEFT onto the aligned model, gives aligned + the SafeMERGE update
     merged = peft_merged_weights(fx.aligned, out)

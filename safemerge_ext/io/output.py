@@ -12,9 +12,23 @@ from typing import Iterator
 from safemerge_ext.errors import SafeMergeError
 
 
+def check_parent(path: str | os.PathLike, flag: str) -> Path:
+    """Fail early when ``path`` could not be created: its nearest existing ancestor must be a
+    writable directory (missing folders in between are made when the output is written)."""
+    p = Path(path)
+    anc = p.absolute().parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise SafeMergeError(f"{flag} {p}: {anc} is a file, not a folder; choose another path")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise SafeMergeError(f"{flag} {p}: the folder {anc} is not writable; choose another path")
+    return p
+
+
 def check_out(out: str | os.PathLike, force: bool) -> Path:
-    """Fail early when --out exists and --force was not given."""
-    p = Path(out)
+    """Fail early when --out exists and --force was not given, or could not be made."""
+    p = check_parent(out, "--out")
     if p.exists() and not force:
         raise SafeMergeError(f"--out {p} already exists; choose a new path or pass --force to replace it")
     if p.exists() and not p.is_dir():
