@@ -9,8 +9,11 @@ drawn from a generator seeded by (seed, module name), so a run is reproducible w
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import zlib
+from typing import Iterator
 
 import torch
 
@@ -42,6 +45,19 @@ def module_seed(seed: int, module: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(module.encode())) % (2**63 - 1)
 
 
+_RNG_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int, module: str, device: torch.device) -> Iterator[None]:
+    """The global generator (which ``peft.utils.merge_utils`` draws DARE's masks from) seeded for
+    one module, then restored. One module at a time: mergekit may run tensors in several threads
+    (one per GPU), and a draw between another thread's seeding and its draw would change both."""
+    with _RNG_LOCK, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(module_seed(seed, module))
+        yield
+
+
 def combine_full(
     dW_f: torch.Tensor, dW_s: torch.Tensor, *, alpha: float, method: str, density: float, seed: int, module: str
 ) -> torch.Tensor:
@@ -54,10 +70,7 @@ def combine_full(
         return merge_utils.task_arithmetic(tensors, weights)
     if method == "ties":
         return merge_utils.ties(tensors, weights, density)
-    # merge_utils draws DARE's mask from the global generator: fork it and seed per module.
-    devices = [dW_f.device] if dW_f.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(module_seed(seed, module))
+    with seeded(seed, module, dW_f.device):
         if method == "dare_linear":
             return merge_utils.dare_linear(tensors, weights, density)
         if method == "dare_ties":

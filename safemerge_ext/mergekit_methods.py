@@ -40,7 +40,7 @@ from typing_extensions import Annotated
 from safemerge_ext import ops
 from safemerge_ext.backends import EXACT, PRECISIONS, requested_precision
 from safemerge_ext.merge import METHODS as MERGE_METHODS
-from safemerge_ext.merge import combine_full, module_seed
+from safemerge_ext.merge import combine_full, seeded
 from safemerge_ext.report import REPORT_JSON, REPORT_PNG, LayerRecord, build_report, plot, summary_table, write_json
 
 __all__ = [
@@ -59,7 +59,7 @@ LOG = logging.getLogger(__name__)
 
 METHOD_NAMES = ("safemerge", "safelora", "resta")
 ROLES = {"safemerge": ("task", "safety", "unaligned"), "safelora": ("task", "unaligned"), "resta": ("task", "unaligned")}
-SIDECAR = ".safemerge_layers.jsonl"
+SIDECAR = ".safemerge_layers.{pid}.jsonl"
 REPORT_DIR_ENV = "SAFEMERGE_REPORT_DIR"
 # unit roundoff of the half-precision formats (relative error of one rounding)
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -303,8 +303,7 @@ def resta_method(
     if density < 1.0:
         from peft.utils.merge_utils import random_pruning
 
-        with torch.random.fork_rng(devices=[shift.device] if shift.device.type == "cuda" else []):
-            torch.manual_seed(module_seed(seed, _module(name)))
+        with seeded(seed, _module(name), shift.device):
             shift = random_pruning(shift, density, rescale=True)
     out = torch.add(task.to(wd), shift, alpha=beta).to(task.dtype)
     if score is not None:
@@ -356,7 +355,11 @@ _cli_out: list[str | None] = []
 
 
 class report_to:
-    """Context manager: send this process's reports to ``path`` (a directory or a ``.json`` file)."""
+    """Context manager: send this process's reports to ``path`` (a directory or a ``.json`` file).
+
+    Process-wide (mergekit may score tensors in other threads): for merges that run at the same
+    time in one process, give each recipe its own ``report_path`` parameter instead, as
+    ``safemerge-yaml`` does."""
 
     def __init__(self, path: str | os.PathLike | None) -> None:
         self.path = None if path is None else os.fspath(path)
@@ -375,10 +378,10 @@ def _mergekit_yaml_out() -> str | None:
     """OUT_PATH of a running ``mergekit-yaml`` (parsed from argv with mergekit's own click command)."""
     if not _cli_out:
         out = None
-        run_yaml = sys.modules.get("mergekit.scripts.run_yaml")
         main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        is_cli = os.path.basename(sys.argv[0]).startswith("mergekit-yaml") or (
-            main_spec is not None and main_spec.name == "mergekit.scripts.run_yaml")
+        as_main = main_spec is not None and main_spec.name == "mergekit.scripts.run_yaml"  # python -m
+        run_yaml = sys.modules.get("__main__") if as_main else sys.modules.get("mergekit.scripts.run_yaml")
+        is_cli = as_main or os.path.basename(sys.argv[0]).startswith("mergekit-yaml")
         if run_yaml is not None and is_cli:
             try:
                 ctx = run_yaml.main.make_context("mergekit-yaml", list(sys.argv[1:]), resilient_parsing=True)
@@ -390,11 +393,12 @@ def _mergekit_yaml_out() -> str | None:
 
 
 def _locations(report_path: str | os.PathLike) -> tuple[Path, Path, Path]:
-    """(sidecar, json, png) for a directory or a ``.json`` file path."""
+    """(sidecar, json, png) for a directory or a ``.json`` file path. The sidecar is this process's
+    own (its pid in the name): two runs that share a report location never mix their layers."""
     p = Path(report_path)
     if p.suffix == ".json":
-        return p.with_name(p.name + ".layers.jsonl"), p, p.with_suffix(".png")
-    return p / SIDECAR, p / REPORT_JSON, p / REPORT_PNG
+        return p.with_name(f"{p.name}.{os.getpid()}.layers.jsonl"), p, p.with_suffix(".png")
+    return p / SIDECAR.format(pid=os.getpid()), p / REPORT_JSON, p / REPORT_PNG
 
 
 def _append(report_path: str, line: dict[str, Any]) -> None:

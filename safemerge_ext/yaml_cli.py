@@ -9,7 +9,6 @@ Every bad input is one line on stderr and a non-zero exit.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -25,20 +24,14 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, finalize_report, register_methods, report_to
+from safemerge_ext.io.output import check_out, staged_dir
+from safemerge_ext.merge import METHODS as MERGE_METHODS
+from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, finalize_report, register_methods
 from safemerge_ext.report import REPORT_JSON, REPORT_PNG, plot, summary_table, write_json
 
-PARAMETERS = {
-    "safemerge": ("threshold", "alpha", "merge", "density", "seed", "report_path", "precision"),
-    "safelora": ("threshold", "report_path", "precision"),
-    "resta": ("beta", "density", "seed", "report_path", "precision"),
-}
-_RANGES = {  # name -> (check, what the value must be)
-    "threshold": (lambda v: -1.0 <= v <= 1.0, "in [-1, 1] (it is compared with a cosine)"),
-    "alpha": (lambda v: 0.0 <= v <= 1.0, "in [0, 1] (the task update's weight)"),
-    "density": (lambda v: 0.0 < v <= 1.0, "in (0, 1] (the fraction of each update kept)"),
-    "beta": (lambda v: v >= 0.0, ">= 0 (the weight of the safety vector)"),
-}
+# what mergekit's dtype / out_dtype take for a merge (mergekit.common.dtype_from_name also takes int64)
+DTYPES = ("bfloat16", "float16", "float32", "float64")
+_CHOICES = {"merge": MERGE_METHODS, "precision": PRECISIONS}  # spelled out in errors
 
 
 @dataclass(frozen=True)
@@ -56,73 +49,96 @@ def _ref_str(ref: Any) -> str:
     return str(ref)
 
 
-def _setting_values(name: str, setting: Any) -> list[Any]:
-    """Every value a mergekit parameter setting can take (scalar, gradient list, or filter list)."""
+def _setting_values(setting: Any) -> list[Any]:
+    """Every value a mergekit parameter setting can take: a scalar, a gradient list, or
+    ``{filter, value}`` conditions (one, or a list of them)."""
+    if isinstance(setting, dict) or hasattr(setting, "filter"):
+        value = setting.get("value") if isinstance(setting, dict) else setting.value
+        return _setting_values(value)
     if isinstance(setting, list):
-        out: list[Any] = []
-        for item in setting:
-            if isinstance(item, dict) or hasattr(item, "value"):
-                value = item.get("value") if isinstance(item, dict) else item.value
-                out.extend(_setting_values(name, value))
-            else:
-                out.append(item)
-        return out
+        return [v for item in setting for v in _setting_values(item)]
     return [setting]
 
 
-def _check_parameters(method: str, params: dict[str, Any], where: str) -> None:
+def _specs(method: str) -> dict[str, Any]:
+    """The method's shared parameters as mergekit declares them (name -> ParameterSpec)."""
+    from mergekit.merge_methods import registry
+
+    return {p.name: p for p in registry.get(method).spec.parameters if p.name != "role"}
+
+
+def _check_parameters(method: str, params: dict[str, Any], where: str, *, on_model: bool = False) -> None:
+    """Names and values of a parameters table, checked with mergekit's own validators (so a value
+    passes here exactly when mergekit takes it), with one-line messages."""
+    from pydantic import ValidationError
+
+    specs = _specs(method)
     for name, setting in (params or {}).items():
         if name == "role":
             continue
-        if name not in PARAMETERS[method]:
+        if name not in specs:
+            raise SafeMergeError(f"{where}: unknown parameter {name!r} for {method}; known: role, {', '.join(specs)}")
+        if on_model:
             raise SafeMergeError(
-                f"{where}: unknown parameter {name!r} for {method}; known: {', '.join(PARAMETERS[method])}"
+                f"{where}: {name} is a setting of the whole merge, which mergekit does not read from a model; "
+                "move it to the recipe's (or the slice's) parameters:"
             )
-        for v in _setting_values(name, setting):
-            if name == "merge":
-                from safemerge_ext.merge import METHODS
-
-                if v not in METHODS:
-                    raise SafeMergeError(f"{where}: merge must be one of {', '.join(METHODS)}; got {v!r}")
-            elif name == "seed":
-                if not isinstance(v, int) or isinstance(v, bool):
-                    raise SafeMergeError(f"{where}: seed must be an integer; got {v!r}")
-            elif name == "report_path":
-                if not isinstance(v, str):
-                    raise SafeMergeError(f"{where}: report_path must be a path string; got {v!r}")
-            elif name == "precision":
-                if v is not None and v not in PRECISIONS:
-                    raise SafeMergeError(f"{where}: precision must be one of {', '.join(PRECISIONS)}; got {v!r}")
-            else:
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise SafeMergeError(f"{where}: {name} must be a number; got {v!r}")
-                ok, what = _RANGES[name]
-                if not ok(float(v)):
-                    raise SafeMergeError(f"{where}: {name} must lie {what}; got {v}")
+        for v in _setting_values(setting):
+            try:
+                specs[name].validate(v)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                if name in _CHOICES:
+                    msg = f"{name} must be one of {', '.join(_CHOICES[name])}; got {v!r}"
+                elif first.get("type") == "value_error" and "error" in first.get("ctx", {}):
+                    msg = str(first["ctx"]["error"])
+                else:
+                    msg = f"{name}: {first.get('msg', 'invalid value')}; got {v!r}"
+                raise SafeMergeError(f"{where}: {msg}") from None
 
 
-def _groups(config: MergeConfiguration) -> list[tuple[str, list[tuple[Any, dict[str, Any]]]]]:
-    """(label, [(model reference, its parameters)]) for every set of inputs merged together."""
+def _groups(config: MergeConfiguration) -> list[tuple[str, Any, list[tuple[Any, dict[str, Any]]], dict[str, Any]]]:
+    """(label, base model, [(model reference, its parameters)], the group's own parameters) for
+    every set of inputs merged together."""
     if config.models:
-        return [("models", [(m.model, dict(m.parameters or {})) for m in config.models])]
+        return [("models", config.base_model, [(m.model, dict(m.parameters or {})) for m in config.models], {})]
     out = []
-    for i, sl in enumerate(config.slices or []):
-        out.append((f"slices[{i}]", [(s.model, dict(s.parameters or {})) for s in sl.sources]))
+
+    def slices(label: str, items: Any) -> None:
+        for i, sl in enumerate(items or []):
+            out.append((f"{label}slices[{i}]", getattr(sl, "base_model", None) or config.base_model,
+                        [(src.model, dict(src.parameters or {})) for src in sl.sources], dict(sl.parameters or {})))
+
+    slices("", config.slices)
     for mname, mod in (config.modules or {}).items():
-        for i, sl in enumerate(mod.slices or []):
-            out.append((f"modules.{mname}.slices[{i}]", [(s.model, dict(s.parameters or {})) for s in sl.sources]))
+        slices(f"modules.{mname}.", mod.slices)
         if mod.models:
-            out.append((f"modules.{mname}.models", [(m.model, dict(m.parameters or {})) for m in mod.models]))
+            out.append((f"modules.{mname}.models", config.base_model,
+                        [(m.model, dict(m.parameters or {})) for m in mod.models], dict(mod.parameters or {})))
     return out
 
 
+def _base_model(config: MergeConfiguration) -> Any:
+    """The aligned model: the recipe's base_model, or the one every slice names."""
+    bases = {str(base): base for _, base, _, _ in _groups(config)}
+    if config.base_model is not None and not bases:
+        return config.base_model
+    if len(bases) != 1 or "None" in bases:
+        raise SafeMergeError(
+            "recipe: base_model is missing" if not bases or "None" in bases else
+            f"recipe: the slices name different base models ({', '.join(sorted(bases))}); SafeMERGE needs one "
+            "aligned model"
+        )
+    return next(iter(bases.values()))
+
+
 def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
-    base = config.base_model
     roles: dict[str, str] = {}
     groups = _groups(config)
     if not groups:
         raise SafeMergeError(f"recipe: no models; list the {', '.join(ROLES[method])} models under models:")
-    for label, inputs in groups:
+    for label, base, inputs, own in groups:
+        _check_parameters(method, own, f"{label}: parameters")
         found: dict[str, list[str]] = {}
         for ref, params in inputs:
             role = params.get("role")
@@ -141,7 +157,7 @@ def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
                     f"{label}: model {ref} has role {role!r}; {method} takes the roles {', '.join(ROLES[method])}"
                 )
             found.setdefault(role, []).append(_ref_str(ref))
-            _check_parameters(method, params, f"{label}: model {ref}")
+            _check_parameters(method, params, f"{label}: model {ref}", on_model=True)
         for r in ROLES[method]:
             got = found.get(r, [])
             if len(got) != 1:
@@ -170,8 +186,8 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
     from safemerge_ext.io.adapters import read_adapter
     from safemerge_ext.io.models import ModelReader
 
-    by_str = {str(r): r for _, inputs in _groups(config) for r, _ in inputs}
-    refs = [("base_model (aligned)", config.base_model)] + [(f"role {r}", by_str[s]) for r, s in roles.items()]
+    by_str = {str(r): r for _, _, inputs, _ in _groups(config) for r, _ in inputs}
+    refs = [("base_model (aligned)", _base_model(config))] + [(f"role {r}", by_str[s]) for r, s in roles.items()]
     readers, adapters, has_lora = [], [], False
     for label, ref in refs:
         path = _local_dir(ref.model.path, f"{label}: model")
@@ -181,6 +197,7 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
             lpath = _local_dir(ref.lora.path, f"{label}: LoRA adapter")
             adapters.append((label, ref, read_adapter(lpath, flag=f"{label}: LoRA adapter")))
     base_label, _, base = readers[0]
+    vocab = _vocab_size(base.path)
     checked = 0
     for name in base.names:
         shape, _ = base.meta(name)
@@ -193,6 +210,9 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
                     "all models must share one architecture"
                 )
             other, _ = reader.meta(name)
+            differ = [a for a, b in zip(shape, other) if a != b]
+            if differ and vocab is not None and len(other) == 2 and all(a == vocab for a in differ):
+                continue  # a vocabulary table with added tokens: mergekit's tokenizer settings handle it
             if tuple(other) != tuple(shape):
                 raise SafeMergeError(
                     f"tensor {name} has shape {tuple(shape)} in the aligned model but {tuple(other)} in {label} "
@@ -216,6 +236,18 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
     return has_lora, checked
 
 
+def _vocab_size(model_dir: Path) -> int | None:
+    """``vocab_size`` from a model folder's config.json (None when it has none)."""
+    import json
+
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    return size if isinstance(size, int) else None
+
+
 def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe") -> Checked:
     """Check a recipe (parsed YAML) before any weight is read; raise SafeMergeError naming the culprit."""
     register_methods()
@@ -234,8 +266,16 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe") -> Checked:
         first = errors[0] if errors else {"loc": (), "msg": str(exc)}
         loc = ".".join(str(p) for p in first.get("loc", ()))
         raise SafeMergeError(f"{recipe}: invalid recipe at {loc or 'top level'}: {first.get('msg')}") from None
-    if config.base_model is None:
-        raise SafeMergeError(f"{recipe}: base_model is missing; set it to the aligned model (e.g. the chat model)")
+    try:
+        _base_model(config)
+    except SafeMergeError as exc:
+        if "missing" not in str(exc):
+            raise
+        raise SafeMergeError(f"{recipe}: base_model is missing; set it to the aligned model (e.g. the chat model)") from None
+    for key in ("dtype", "out_dtype"):
+        name = getattr(config, key, None)
+        if name is not None and str(name).removeprefix("torch.") not in DTYPES:
+            raise SafeMergeError(f"{recipe}: {key} must be one of {', '.join(DTYPES)}; got {name!r}")
     _check_parameters(method, dict(config.parameters or {}), f"{recipe}: parameters")
     given = (config.parameters or {}).get("precision")
     try:
@@ -272,30 +312,42 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         checked = validate_recipe(data, config_file)
     except SafeMergeError as exc:
         _fail(str(exc))
-    out = Path(out_path)
-    if out.exists() and not force:
-        _fail(f"{out}: exists; choose a new output folder or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out = check_out(out_path, force)
+    except SafeMergeError as exc:
+        _fail(str(exc))
     lora_cache = None
-    if checked.has_lora and not merge_options.lora_merge_cache:
-        lora_cache = tempfile.mkdtemp(prefix=".safemerge-lora-", dir=out.parent)
-        merge_options = merge_options.model_copy(update={"lora_merge_cache": lora_cache})
+    if checked.has_lora:
+        if not merge_options.lora_merge_cache:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            lora_cache = tempfile.mkdtemp(prefix=".safemerge-lora-", dir=out.parent)
+            merge_options = merge_options.model_copy(update={"lora_merge_cache": lora_cache})
+        if not merge_options.lora_merge_dtype:
+            # W_aligned + B A in fp32: in the model's bf16 the adapter's update would be rounded
+            # relative to the weights before it is recovered as W_task - W_aligned and scored
+            merge_options = merge_options.model_copy(update={"lora_merge_dtype": "float32"})
+    own = (checked.config.parameters or {}).get("report_path")
+    own = own if isinstance(own, str) and own else None
+    report = None
     try:
         from mergekit.merge import run_merge
 
-        own = (checked.config.parameters or {}).get("report_path")
-        with report_to(tmp):
-            run_merge(checked.config, str(tmp), options=merge_options, config_source=source)
-        report = finalize_report(own if isinstance(own, str) and own else tmp, command="safemerge-yaml")
-        if report is not None and isinstance(own, str) and own:  # also into OUT, as always
-            write_json(report, tmp / REPORT_JSON)
-            plot(report, tmp / REPORT_PNG)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with staged_dir(out, force) as tmp:
+            # the report location travels with the recipe (no process-wide setting), so merges in
+            # other threads of this process keep their own reports
+            config = checked.config if own else checked.config.model_copy(
+                update={"parameters": {**(checked.config.parameters or {}), "report_path": str(tmp)}})
+            run_merge(config, str(tmp), options=merge_options, config_source=source)
+            report = finalize_report(own or tmp, command="safemerge-yaml")
+            if report is not None and own:  # also into OUT, as always
+                write_json(report, tmp / REPORT_JSON)
+                plot(report, tmp / REPORT_PNG)
+            card = tmp / "README.md"
+            if card.is_file():  # mergekit titles the card after the folder it wrote: the temporary one
+                card.write_text(card.read_text(encoding="utf-8").replace(tmp.name, out.name), encoding="utf-8")
+    except SafeMergeError as exc:
+        _fail(str(exc))
     except Exception as exc:  # one line; nothing is left at OUT
-        shutil.rmtree(tmp, ignore_errors=True)
         _fail(f"merge failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     finally:
         if lora_cache:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("mergekit")
 pytest.importorskip("transformers")
@@ -305,6 +306,10 @@ def _mismatched_model(tmp: Path) -> Path:
         ("duplicate_role", "role 'task' must be given to exactly one model"),
         ("unknown_merge", "merge must be one of"),
         ("unknown_precision", "precision must be one of ieee, tf32, tf32x3, bf16; got 'fp8'"),
+        ("model_level_threshold", "threshold is a setting of the whole merge, which mergekit does not read from a model"),
+        ("slice_typo", "slices[0]: parameters: unknown parameter 'thresold'"),
+        ("slice_merge", "slices[0]: parameters: merge must be one of linear, ties, dare_linear, dare_ties; got 'slerp'"),
+        ("dtype", "dtype must be one of bfloat16, float16, float32, float64; got 'bf16'"),
         ("bad_precision_env", "SAFEMERGE_PRECISION must be one of ieee, tf32, tf32x3, bf16; got 'fp8'"),
         ("threshold_range", "threshold must lie in [-1, 1]"),
         ("unknown_method", "merge_method 'safemerj'"),
@@ -324,6 +329,14 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         cfg["parameters"]["merge"] = "slerp"
     elif case == "unknown_precision":
         cfg["parameters"]["precision"] = "fp8"
+    elif case == "model_level_threshold":
+        models[0]["parameters"]["threshold"] = 0.6
+    elif case in ("slice_typo", "slice_merge"):
+        cfg["slices"] = [{"sources": [{**m, "layer_range": [0, 2]} for m in cfg.pop("models")]
+                          + [{"model": cfg["base_model"], "layer_range": [0, 2]}],
+                          "parameters": {"thresold": 0.9} if case == "slice_typo" else {"merge": "slerp"}}]
+    elif case == "dtype":
+        cfg["dtype"] = "bf16"
     elif case == "bad_precision_env":
         monkeypatch.setenv("SAFEMERGE_PRECISION", "fp8")
     elif case == "threshold_range":
@@ -410,7 +423,7 @@ def test_plain_mergekit_yaml_finds_the_methods(pico, tmp_path):
     check_all(read_model(out), want)
     report = json.loads((out / "safemerge_report.json").read_text())
     check_report(report, flags, "safemerge")
-    assert not (out / ".safemerge_layers.jsonl").exists()
+    assert not list(out.glob(".safemerge_layers*.jsonl"))
 
 
 # -- autoload ----------------------------------------------------------------------------------------
@@ -507,8 +520,16 @@ def test_paper_recipes_validate_with_local_models(pico, name):
     assert checked.method == data["merge_method"] and checked.tensors_checked == 16
 
 
-def test_tiny_recipe_runs_through_safemerge_yaml(pico, tmp_path, capsys):
+def test_tiny_recipe_runs_through_safemerge_yaml(pico, tmp_path, capsys, monkeypatch):
+    """The recipe runs; LoRAs are folded in fp32 (not the model's dtype) before dW is recovered;
+    the model card names OUT (not the temporary folder), which has the umask's mode."""
+    import mergekit.merge
+
     from safemerge_ext import yaml_cli
+
+    seen = []
+    real = mergekit.merge.run_merge
+    monkeypatch.setattr(mergekit.merge, "run_merge", lambda *a, **k: (seen.append(k["options"]), real(*a, **k))[1])
 
     text = (ROOT / "recipes" / "tiny.yml").read_text()
     for old, new in (("./demo/aligned+./demo/task", f"{pico.aligned}+{pico.lora_task}"),
@@ -530,3 +551,79 @@ def test_tiny_recipe_runs_through_safemerge_yaml(pico, tmp_path, capsys):
     check_all(read_model(out), want, atol=2e-5)
     assert {r["module"]: r["flagged"] for r in report["layers"]} == flags
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".safemerge-lora-")]
+    assert [o.lora_merge_dtype for o in seen] == ["float32"]
+    card = (out / "README.md").read_text()
+    assert "merged" in card and ".tmp-" not in card
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_recipes_mergekit_takes_are_accepted(pico, tmp_path):
+    """Validation accepts what mergekit accepts: one {filter, value} condition, numbers YAML reads
+    as strings (1e-1), a base_model given on the slices, and a task model with an added token."""
+    import transformers
+    from mergekit_fixtures import llama_config
+
+    cfg = yaml.safe_load(f"""
+merge_method: safemerge
+base_model: {pico.aligned}
+models:
+  - {{model: {pico.task}, parameters: {{role: task}}}}
+  - {{model: {pico.safety}, parameters: {{role: safety}}}}
+  - {{model: {pico.unaligned}, parameters: {{role: unaligned}}}}
+parameters: {{threshold: {{filter: self_attn, value: 0.6}}, alpha: 5e-1, density: 1e-0}}
+dtype: float32
+""")
+    assert cfg["parameters"]["alpha"] == "5e-1"  # (YAML 1.1 has no exponent without a dot)
+    assert validate_recipe(cfg).roles["task"] == str(pico.task)
+    sliced = recipe(pico, params={"threshold": 0.5})
+    layers = [0, 2]
+    sliced["slices"] = [{"base_model": sliced.pop("base_model"), "parameters": {"alpha": 0.7},
+                         "sources": [{**m, "layer_range": layers} for m in sliced.pop("models")]
+                         + [{"model": str(pico.aligned), "layer_range": layers}]}]
+    assert validate_recipe(sliced).method == "safemerge"
+    wide = tmp_path / "wide-vocab"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**llama_config().to_dict(), "vocab_size": 65})) \
+        .save_pretrained(wide)
+    assert validate_recipe(recipe(pico, task=str(wide))).roles["task"] == str(wide)
+
+
+def test_sidecars_of_other_runs_are_left_alone(pico, tmp_path):
+    """Each process keeps its own sidecar: another run's lines at the same report location neither
+    enter this report nor get deleted by it."""
+    out = tmp_path / "o"
+    out.mkdir()
+    foreign = out / ".safemerge_layers.999999999.jsonl"
+    foreign.write_text('{"method": "safemerge", "layer": {"module": "not.ours"}}\n')
+    _, report = merge(recipe(pico, params={"threshold": TAU}), out)
+    assert "not.ours" not in {r["module"] for r in report["layers"]} and foreign.is_file()
+
+
+@pytest.mark.parametrize("how", ["console-script", "python-m"])
+def test_report_location_of_a_running_mergekit_yaml(monkeypatch, tmp_path, how):
+    """Plain mergekit-yaml puts the report into its OUT_PATH, however it was started: as the
+    console script or as ``python -m mergekit.scripts.run_yaml`` (mergekit's module is __main__)."""
+    import importlib.machinery
+    import types
+
+    from mergekit.scripts import run_yaml
+
+    from safemerge_ext import mergekit_methods as mm
+
+    monkeypatch.setattr(mm, "_cli_out", [])
+    if how == "python-m":
+        fake = types.ModuleType("__main__")
+        fake.__spec__ = importlib.machinery.ModuleSpec("mergekit.scripts.run_yaml", None)
+        fake.main = run_yaml.main
+        monkeypatch.setitem(sys.modules, "__main__", fake)
+        monkeypatch.delitem(sys.modules, "mergekit.scripts.run_yaml")
+        argv0 = "/usr/lib/python3/runpy.py"
+    else:
+        argv0 = "/venv/bin/mergekit-yaml"
+    monkeypatch.setattr(sys, "argv", [argv0, str(tmp_path / "r.yml"), str(tmp_path / "out"), "--cuda"])
+    assert mm._mergekit_yaml_out() == str(tmp_path / "out")

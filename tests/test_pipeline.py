@@ -195,6 +195,27 @@ def test_merge_model_output(fx, tmp_path):
             assert torch.equal(got[k], v), k
 
 
+def test_dare_masks_do_not_depend_on_threads():
+    """Modules merged in several threads at once (mergekit runs one per GPU) draw the same DARE
+    masks as one after another: seeding and drawing from the global generator is one step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safemerge_ext.merge import combine_full
+
+    g = torch.Generator().manual_seed(3)
+    jobs = [(f"model.layers.{i}.mlp.up_proj", torch.randn(96, 64, generator=g), torch.randn(96, 64, generator=g))
+            for i in range(24)]
+
+    def run(job):
+        name, a, b = job
+        return combine_full(a, b, alpha=0.8, method="dare_ties", density=0.3, seed=11, module=name)
+
+    alone = [run(j) for j in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            assert all(torch.equal(x, y) for x, y in zip(pool.map(run, jobs), alone))
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
 def test_merge_sparse_methods(fx, tmp_path, method):
     """ties/dare: model output equals merge_utils on the full updates; adapter output is its
