@@ -77,7 +77,8 @@ class Run:
         return now
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch device, or one line saying why it cannot be used here."""
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -101,7 +102,7 @@ def open_run(
 
     ``precision`` allows the Triton kernels a tensor-core operand precision (None:
     ``SAFEMERGE_PRECISION``, else exact ``ieee``); a run whose backend cannot use it says so."""
-    dev = _device(device)
+    dev = resolve_device(device)
     try:
         backend_name, _ = ops.backends.resolve(backend, dev.type)
     except ValueError as exc:

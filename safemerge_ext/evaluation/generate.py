@@ -25,10 +25,33 @@ class ModelSpec:
         return self.path + (f"+{self.adapter}" if self.adapter else "")
 
 
+def _split(text: str, sep: str, ok) -> tuple[str, str]:
+    """``text`` split at the first ``sep`` whose sides ``ok`` accepts (the whole text, unsplit, first),
+    so folder names that contain ``=`` or ``+`` still work; else at the first ``sep``."""
+    if ok(text, ""):
+        return text, ""
+    cuts = [i for i, c in enumerate(text) if c == sep]
+    for i in cuts:
+        if ok(text[:i], text[i + 1:]):
+            return text[:i], text[i + 1:]
+    return (text[:cuts[0]], text[cuts[0] + 1:]) if cuts else (text, "")
+
+
 def parse_model(text: str, adapter: str | None = None) -> ModelSpec:
-    """``[NAME=]DIR[+ADAPTER]``; NAME defaults to the folder name (of the adapter when there is one)."""
-    name, _, rest = text.rpartition("=") if "=" in text else ("", "", text)
-    path, _, ad = rest.partition("+")
+    """``[NAME=]DIR[+ADAPTER]``; NAME defaults to the folder name (of the adapter when there is one).
+
+    ``=`` and ``+`` may also appear in folder names: the split that names existing folders wins."""
+    def is_spec(rest: str) -> bool:
+        path, ad = _split(rest, "+", lambda a, b: Path(a).is_dir() and (not b or Path(b).is_dir()))
+        return Path(path).is_dir() and (not ad or Path(ad).is_dir())
+
+    if "=" in text and not is_spec(text):
+        name, rest = _split(text, "=", lambda a, b: bool(b) and is_spec(b))
+    else:
+        name, rest = "", text
+    path, ad = _split(rest, "+", lambda a, b: Path(a).is_dir() and (not b or Path(b).is_dir()))
+    if ad and adapter and ad != adapter:
+        raise SafeMergeError(f"--model {text!r} names the adapter {ad} and --adapter {adapter}; give one")
     ad = ad or adapter
     if not path:
         raise SafeMergeError(f"--model {text!r}: expected [NAME=]DIR[+ADAPTER]")
@@ -39,7 +62,7 @@ def parse_model(text: str, adapter: str | None = None) -> ModelSpec:
         raise SafeMergeError(f"--model {text!r}: {path} has no config.json; give a Hugging Face model folder")
     if ad and not (Path(ad) / "adapter_config.json").is_file():
         raise SafeMergeError(f"--model {text!r}: {ad} has no adapter_config.json; give a PEFT LoRA adapter folder")
-    return ModelSpec(name or Path(ad or path).name, path, ad)
+    return ModelSpec(name or Path(ad or path).resolve().name, path, ad)
 
 
 def _torch_dtype(name: str, device: str):
@@ -76,7 +99,13 @@ class TransformersEngine:
         if spec.adapter:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+            try:
+                model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+            except (RuntimeError, ValueError, KeyError) as exc:
+                lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [type(exc).__name__]
+                first = next((ln for ln in lines if "size mismatch" in ln), lines[0])
+                raise SafeMergeError(f"--model {spec.label}: the adapter does not fit the model ({first}); "
+                                     "give the base model it was trained on") from None
         self.model = model.to(self.device).eval()
 
     def chat_texts(self, prompts: Sequence[str]) -> list[str]:
@@ -89,8 +118,9 @@ class TransformersEngine:
         texts = self.chat_texts(prompts)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out: list[str] = [""] * len(texts)
-        stop = [t for t in {self.tok.eos_token_id, self.model.generation_config.eos_token_id} if t is not None]
-        stop = [x for t in stop for x in (t if isinstance(t, list) else [t])]
+        # (a generation config may list several end tokens, as Llama 3's does)
+        ends = (self.tok.eos_token_id, self.model.generation_config.eos_token_id)
+        stop = list(dict.fromkeys(x for t in ends if t is not None for x in (t if isinstance(t, list) else [t])))
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
             enc = self.tok([texts[j] for j in idx], return_tensors="pt", padding=True,

