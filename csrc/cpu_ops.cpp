@@ -526,7 +526,7 @@ int resolve_threads(int requested) {
 // cache if touched again, so a pair of large matrices never has to be resident whole. Only
 // 2 MiB-aligned stretches are dropped inside a matrix, so no large-folio mapping is split.
 struct Release {
-  uintptr_t base[2], end[2];  // each matrix's first byte, and the end of the page holding its last
+  uintptr_t base[2], end[2];  // each matrix's first byte, and the end of its last whole page
   int64_t row_bytes[2];
   uintptr_t done[2];          // pass 1: everything below this is dropped already
 
@@ -598,8 +598,9 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
     for (int m = 0; m < 2; ++m) {
       rel->row_bytes[m] = ld[m] * es;
       rel->base[m] = start[m];
-      rel->done[m] = Release::down(start[m], uintptr_t(page));
-      rel->end[m] = Release::up(start[m] + uintptr_t(((d_out - 1) * ld[m] + d_in) * es), uintptr_t(page));
+      // only whole pages inside the matrix: a page it shares with other bytes of the mapping keeps them
+      rel->done[m] = Release::up(start[m], uintptr_t(page));
+      rel->end[m] = Release::down(start[m] + uintptr_t(((d_out - 1) * ld[m] + d_in) * es), uintptr_t(page));
     }
   }
 
@@ -730,8 +731,9 @@ PYBIND11_MODULE(_cpu, m) {
         "T = V^T B (d_in x r fp32) into t_out, P = V T (d_out x r fp32) into p_out, V = wa - wu never stored;\n"
         "returns ||V||_F^2 (float64). wa/wu: row-major with row strides lda/ldu (elements), dtype code\n"
         "0=fp32 1=fp16 2=bf16; b: contiguous fp32 d_out x r. Deterministic for any thread count.\n"
-        "release_rows > 0 (a multiple of 32), ONLY for private file mappings: walk blocks of that many rows\n"
-        "and drop each block's pages from the resident set when done (same bits as release_rows = 0).");
+        "release_rows > 0 (a multiple of 32), ONLY for private file mappings with rows back to back (lda = ldu =\n"
+        "d_in): walk blocks of that many rows and drop each block's whole pages from the resident set when done\n"
+        "(same bits as release_rows = 0).");
   m.def("lowrank_traces", &lowrank_traces, py::arg("t"), py::arg("p"), py::arg("b"), py::arg("b_dtype"), py::arg("a"),
         py::arg("a_dtype"), py::arg("d_out"), py::arg("d_in"), py::arg("r"), py::arg("threads") = 0,
         "(<T^T T, G>, <P^T P, G>, <B^T B, G>) with G = A A^T, float64 sums of exact fp32 products.\n"

@@ -26,8 +26,10 @@ def check_weights(wa: torch.Tensor, wu: torch.Tensor, backend: str, device_type:
         raise ValueError(f"wa and wu must be 2-D and of one shape; got {tuple(wa.shape)} and {tuple(wu.shape)}")
     if wa.dtype != wu.dtype:
         raise ValueError(f"wa is {wa.dtype} but wu is {wu.dtype}: the {backend} backend needs one dtype for both")
+    if wa.dtype == torch.float64:  # computed in fp32, as the torch reference and Triton do
+        wa, wu = wa.float(), wu.float()
     if wa.dtype not in DTYPE_CODE:
-        raise ValueError(f"the {backend} backend reads fp32, fp16 or bf16 weights; got {wa.dtype}")
+        raise ValueError(f"the {backend} backend reads fp32, fp16, bf16 or fp64 weights; got {wa.dtype}")
     if wa.device.type != device_type or wu.device != wa.device:
         raise ValueError(
             f"the {backend} backend needs both weights on one {device_type.upper()} device; got {wa.device} and {wu.device}"

@@ -61,8 +61,10 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor, *,
     require(unavailable_reason())
     given = wa, wu
     wa, wu = check_weights(wa, wu, NAME, "cpu")
-    # a copy that check_weights made (rows not unit-stride) is anonymous memory: never drop its pages
-    release_behind = release_behind and wa is given[0] and wu is given[1]
+    # a copy that check_weights made (rows not unit-stride) is anonymous memory: never drop its pages;
+    # nor those of a view with gaps between its rows (the bytes in between are not the view's)
+    release_behind = (release_behind and wa is given[0] and wu is given[1]
+                      and wa.stride(0) == wa.shape[1] and wu.stride(0) == wu.shape[1])
     d_out, d_in = wa.shape
     if lora_B.dim() != 2 or lora_B.shape[0] != d_out or lora_B.shape[1] < 1:
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {d_out}xr with r >= 1")

@@ -51,7 +51,7 @@ def _check_pair(wa: torch.Tensor, wu: torch.Tensor) -> None:
         raise ValueError(f"w_aligned is on {wa.device} but w_unaligned on {wu.device}: move both to one device")
     for t in (wa, wu):
         if t.dtype not in _FLOATS:
-            raise ValueError(f"weights must be fp32, fp16 or bf16; got {t.dtype}")
+            raise ValueError(f"weights must be fp32, fp16, bf16 or fp64; got {t.dtype}")
 
 
 def _lowrank_factors(wa: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:

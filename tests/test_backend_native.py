@@ -369,6 +369,41 @@ def test_cpp_release_behind_same_bits(tmp_path, monkeypatch, dtype, d_out, d_in)
 
 
 @needs_cpp
+def test_cpp_release_behind_keeps_bytes_outside_the_view(tmp_path, monkeypatch):
+    """Dropping pages behind a view of a mapping never takes bytes outside the view with them: rows
+    before a row slice and columns beside a column slice keep what was written there (a dropped
+    written page would read back the file's bytes)."""
+    from safemerge_ext import cpp_backend
+
+    reader, ma, mu, wa, wu, g = _mapped_pair(tmp_path, 3000, 1024, torch.bfloat16, 11)
+    monkeypatch.setattr(cpp_backend, "RELEASE_BLOCK_BYTES", 64 * 1024 * 2)  # many row blocks
+    ma[0] = 7.0
+    cpp_backend.lowrank_passes(ma[1:], mu[1:], torch.randn(2999, 4, generator=g), release_behind=True)
+    assert bool((ma[0] == 7.0).all()), "a page holding row 0 (outside ma[1:]) was dropped"
+    ma2, mu2 = reader.map("a"), reader.map("u")
+    ma2[:, 512:] = 3.0
+    got = cpp_backend.lowrank_passes(ma2[:, :512], mu2[:, :512], torch.randn(3000, 4, generator=g),
+                                     release_behind=True)
+    assert bool((ma2[:, 512:] == 3.0).all()), "columns beside ma2[:, :512] went back to the file's bytes"
+    assert torch.isfinite(got[1]).all()
+
+
+@needs_cpp
+def test_cpp_reads_fp64_weights_in_fp32(monkeypatch):
+    """fp64 weights are computed in fp32, as the torch reference does, so `auto` takes them too."""
+    from safemerge_ext import cpp_backend, reference
+
+    g = torch.Generator().manual_seed(5)
+    wa = torch.randn(70, 50, generator=g, dtype=torch.float64)
+    wu = wa + 0.1 * torch.randn(70, 50, generator=g, dtype=torch.float64)
+    B = torch.randn(70, 3, generator=g)
+    got, want = cpp_backend.lowrank_passes(wa, wu, B), reference.lowrank_passes(wa, wu, B)
+    assert_close(got[1], want[1], atol=1e-5, rtol=1e-5, what="P")
+    assert abs(got[2] - want[2]) <= 1e-6 * want[2]
+    assert abs(ops.subspace_cosine(wa, wu, lora_A=torch.randn(3, 50, generator=g), lora_B=B)) <= 1.0
+
+
+@needs_cpp
 def test_cpp_release_rows_must_be_whole_chunks():
     from safemerge_ext import _cpu
 
