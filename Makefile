@@ -12,9 +12,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# Built against the torch installed first (no build isolation, whose fresh environment has no
+# torch): on a machine with nvcc and a CUDA torch (make TORCH=torch) the CUDA extension builds too.
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[all]"
+	$(BIN)/pip install --quiet "setuptools>=77" wheel "pybind11>=2.12"
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[all]"
 	$(BIN)/safemerge backends
 	touch $(STAMP)
 

@@ -207,5 +207,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def yaml_main(argv: Sequence[str] | None = None) -> None:
+    """``safemerge-yaml``: mergekit-yaml with the plugin; one line when mergekit is not installed."""
+    try:
+        from safemerge_ext import yaml_cli
+    except ImportError as exc:
+        print(f"safemerge-yaml: error: it needs mergekit ({exc}): pip install 'safemerge-ext[mergekit]'",
+              file=sys.stderr)
+        sys.exit(1)
+    yaml_cli.main(None if argv is None else list(argv))
+
+
 if __name__ == "__main__":
     sys.exit(main())

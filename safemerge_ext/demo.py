@@ -7,6 +7,7 @@ and alpha patterns) and a safety adapter (rsLoRA, another rank) made with peft.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = Path(args.root)
     if not (root / "safety" / "adapter_config.json").is_file():
+        try:
+            import transformers  # noqa: F401  (the demo builds its checkpoints with it)
+        except ImportError:
+            print("the demo builds its checkpoints with transformers: pip install 'safemerge-ext[test]'",
+                  file=sys.stderr)
+            return 2
         print(f"building tiny aligned/unaligned Llama models and task/safety LoRA adapters in {root}/ ...")
         build(root)
     cmd = ["merge", "--aligned", str(root / "aligned"), "--unaligned", str(root / "unaligned"),

@@ -1,0 +1,42 @@
+"""What a user installs from: the sdist carries every source setup.py builds from (the CUDA ones
+included) and what the tests need, never build outputs; the console scripts fail in one line when
+an optional dependency is missing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sdist_carries_the_sources_and_no_build_outputs(tmp_path):
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)], cwd=ROOT, check=True,
+                   capture_output=True)
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    tracked = subprocess.run(["git", "ls-files", "csrc", "kernels", "tests", "recipes"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    assert set(tracked) <= names, f"missing from the sdist: {sorted(set(tracked) - names)}"
+    assert "safemerge_ext_autoload.pth" in names and "pyproject.toml" in names and "setup.py" in names
+    junk = [n for n in names if n.endswith((".so", ".o", ".pyc")) or n.startswith(("benchmarks/data", "build/", "demo/"))]
+    assert not junk, junk
+
+
+def test_safemerge_yaml_without_mergekit_is_one_line(monkeypatch, capsys):
+    import safemerge_ext
+    from safemerge_ext.cli import yaml_main
+
+    monkeypatch.delattr(safemerge_ext, "yaml_cli", raising=False)
+    monkeypatch.setitem(sys.modules, "safemerge_ext.yaml_cli", None)  # as if mergekit could not be imported
+    with pytest.raises(SystemExit) as done:
+        yaml_main(["r.yml", "out"])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 1 and err.count("\n") == 0 and "pip install 'safemerge-ext[mergekit]'" in err
