@@ -409,3 +409,18 @@ def test_eval_bad_device_and_adapter_are_one_line(tiny_chat_model: tuple[Path, P
     eng = generate.TransformersEngine(batch_size=2)
     eng.load(generate.parse_model(str(multi)))
     assert len(eng.generate(["give me a recipe", "tom has apples"], max_new_tokens=3)) == 2
+
+
+def test_vllm_lora_rank_holds_the_adapter(tmp_path: Path) -> None:
+    """vLLM gets the smallest max_lora_rank it accepts that holds every module (a merged adapter
+    has rank r_task + r_safety where it merged), and a clear error above its largest."""
+    from safemerge_ext.evaluation.generate import _vllm_lora_rank
+
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    for cfg, want in (({"r": 8}, 8), ({"r": 8, "rank_pattern": {"q_proj": 72}}, 128), ({"r": 48}, 64)):
+        (ad / "adapter_config.json").write_text(json.dumps(cfg))
+        assert _vllm_lora_rank(str(ad)) == want
+    (ad / "adapter_config.json").write_text(json.dumps({"r": 1024}))
+    with pytest.raises(SafeMergeError, match="above vLLM's largest"):
+        _vllm_lora_rank(str(ad))

@@ -7,6 +7,7 @@ left-padded and sorted by length so little compute is spent on padding.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -155,8 +156,8 @@ class VllmEngine:
 
         self.unload()
         self.spec = spec
-        self.llm = LLM(model=spec.path, dtype=self.dtype, tensor_parallel_size=self.tp, enable_lora=bool(spec.adapter),
-                       max_lora_rank=64)
+        lora = {"enable_lora": True, "max_lora_rank": _vllm_lora_rank(spec.adapter)} if spec.adapter else {}
+        self.llm = LLM(model=spec.path, dtype=self.dtype, tensor_parallel_size=self.tp, **lora)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         from vllm import SamplingParams
@@ -169,7 +170,40 @@ class VllmEngine:
         return [r.outputs[0].text.strip() for r in res]
 
     def unload(self) -> None:
+        """Free the GPUs for the next model (dropping the reference alone leaves vLLM's memory held)."""
+        if self.llm is None:
+            return
+        import gc
+
         self.llm = None
+        try:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception:  # (names moved between vLLM versions; freeing below still helps)
+            pass
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# the LoRA ranks vLLM accepts for max_lora_rank
+_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _vllm_lora_rank(adapter: str) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds every module of the adapter (a merged
+    SafeMERGE adapter has rank r_task + r_safety in its flagged modules)."""
+    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    rank = max([int(cfg.get("r") or 8), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
+    for allowed in _VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise SafeMergeError(f"{adapter}: LoRA rank {rank} is above vLLM's largest ({_VLLM_LORA_RANKS[-1]}); "
+                         "use --engine transformers")
 
 
 def make_engine(name: str, *, device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
