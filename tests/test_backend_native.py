@@ -527,8 +527,8 @@ def test_cpp_rejects_bad_inputs():
         cpp_backend.lowrank_passes(w, w.bfloat16(), torch.zeros(8, 2))
     with pytest.raises(ValueError, match="one shape"):
         cpp_backend.lowrank_passes(w, torch.zeros(4, 8), torch.zeros(8, 2))
-    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
-        cpp_backend.lowrank_passes(w.double(), w.double(), torch.zeros(8, 2))
+    with pytest.raises(ValueError, match="fp32, fp16, bf16 or fp64 weights; got torch.int32"):
+        cpp_backend.lowrank_passes(w.int(), w.int(), torch.zeros(8, 2))
     with pytest.raises(ValueError, match="want 8xr"):
         cpp_backend.lowrank_passes(w, w, torch.zeros(7, 2))
 
