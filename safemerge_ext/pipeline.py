@@ -62,6 +62,7 @@ class Run:
     device: torch.device
     backend: str
     precision: str = "ieee"  # the operand precision the backend computes with (backends.PRECISIONS)
+    precision_requested: str = "ieee"  # what --precision or SAFEMERGE_PRECISION asked for
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     adapter_bytes: int = 0
@@ -112,6 +113,9 @@ def open_run(
     except ValueError as exc:
         raise SafeMergeError(f"--{exc}" if precision else str(exc)) from None
     used = ops.backends.resolve_precision(requested, backend_name)
+    if used == "bf16" and dev.type != "cuda":  # (the Triton interpreter on the CPU)
+        raise SafeMergeError("--precision bf16 needs a GPU: triton's interpreter does not round operands to bf16 "
+                             "as the tensor cores do; use ieee, tf32 or tf32x3 here")
     aligned = ModelReader(aligned_dir, "--aligned")
     unaligned = ModelReader(unaligned_dir, "--unaligned")
     layers: list[Layer] = []
@@ -161,7 +165,7 @@ def open_run(
                     f"{shape[0]}x{shape[1]}; the adapter belongs to another model"
                 )
         layers.append(Layer(module, weight, shape, lm, sm))
-    run = Run(aligned, unaligned, layers, dev, backend_name, used)
+    run = Run(aligned, unaligned, layers, dev, backend_name, used, requested)
     if used != requested:
         run.warnings.append(
             f"precision {requested} applies to the triton backend only; the {backend_name} backend computes in "
@@ -423,7 +427,8 @@ def score(
     scores = score_layers(run, progress=progress)
     flags = selection.flag([s.cosine for s in scores])
     settings = {"aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
-                "adapter": str(Path(adapter).resolve()), "device": device, "precision_requested": precision,
+                "adapter": str(Path(adapter).resolve()), "device": device,
+                "precision_requested": run.precision_requested,
                 **selection.describe()}
     report = _finish(run, "score", "score", _records(run, scores, flags, "kept"), settings)
     for path, save in ((report_path, write_json), (plot_path, plot)):
@@ -522,7 +527,7 @@ def merge(
             "task_adapter": str(Path(task_adapter).resolve()), "safety_adapter": str(Path(safety_adapter).resolve()),
             "out": str(Path(out).resolve()), **settings.selection.describe(), "alpha": settings.alpha,
             "merge": settings.method, "density": settings.density, "seed": settings.seed, "output": settings.output,
-            "device": device, "backend_requested": backend, "precision_requested": precision,
+            "device": device, "backend_requested": backend, "precision_requested": run.precision_requested,
         })
         _save_report(report, tmp, plot)
     return report
@@ -567,7 +572,8 @@ def project(
         report = _finish(run, "project", "safelora", records, {
             "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
             "adapter": str(Path(adapter).resolve()), "out": str(Path(out).resolve()), **selection.describe(),
-            "output": output, "device": device, "backend_requested": backend, "precision_requested": precision,
+            "output": output, "device": device, "backend_requested": backend,
+            "precision_requested": run.precision_requested,
         })
         _save_report(report, tmp, plot)
     return report

@@ -53,6 +53,6 @@ class Selection:
             return [(not math.isnan(s)) and (s <= tau if self.inclusive else s < tau) for s in scores]
         # ceil(F x n) of the decimal F as written: 0.3 x 10 is 3 (not ceil(3.0000000000000004) = 4),
         # and any F > 0 flags at least one layer
-        k = self.num_layers if self.num_layers is not None else math.ceil(Fraction(repr(self.fraction)) * len(valid))
+        k = self.num_layers if self.num_layers is not None else math.ceil(Fraction(repr(float(self.fraction))) * len(valid))
         lowest = set(sorted(valid, key=lambda i: (scores[i], i))[:k])
         return [i in lowest for i in range(len(scores))]

@@ -316,16 +316,10 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         out = check_out(out_path, force)
     except SafeMergeError as exc:
         _fail(str(exc))
-    lora_cache = None
-    if checked.has_lora:
-        if not merge_options.lora_merge_cache:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            lora_cache = tempfile.mkdtemp(prefix=".safemerge-lora-", dir=out.parent)
-            merge_options = merge_options.model_copy(update={"lora_merge_cache": lora_cache})
-        if not merge_options.lora_merge_dtype:
-            # W_aligned + B A in fp32: in the model's bf16 the adapter's update would be rounded
-            # relative to the weights before it is recovered as W_task - W_aligned and scored
-            merge_options = merge_options.model_copy(update={"lora_merge_dtype": "float32"})
+    if checked.has_lora and not merge_options.lora_merge_dtype:
+        # W_aligned + B A in fp32: in the model's bf16 the adapter's update would be rounded
+        # relative to the weights before it is recovered as W_task - W_aligned and scored
+        merge_options = merge_options.model_copy(update={"lora_merge_dtype": "float32"})
     own = (checked.config.parameters or {}).get("report_path")
     own = own if isinstance(own, str) and own else None
     report = None
@@ -333,25 +327,30 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         from mergekit.merge import run_merge
 
         with staged_dir(out, force) as tmp:
-            # the report location travels with the recipe (no process-wide setting), so merges in
-            # other threads of this process keep their own reports
-            config = checked.config if own else checked.config.model_copy(
-                update={"parameters": {**(checked.config.parameters or {}), "report_path": str(tmp)}})
-            run_merge(config, str(tmp), options=merge_options, config_source=source)
-            report = finalize_report(own or tmp, command="safemerge-yaml")
-            if report is not None and own:  # also into OUT, as always
-                write_json(report, tmp / REPORT_JSON)
-                plot(report, tmp / REPORT_PNG)
-            card = tmp / "README.md"
-            if card.is_file():  # mergekit titles the card after the folder it wrote: the temporary one
-                card.write_text(card.read_text(encoding="utf-8").replace(tmp.name, out.name), encoding="utf-8")
+            lora_cache = None
+            if checked.has_lora and not merge_options.lora_merge_cache:  # beside tmp, gone before staged_dir ends
+                lora_cache = tempfile.mkdtemp(prefix=".safemerge-lora-", dir=tmp.parent)
+                merge_options = merge_options.model_copy(update={"lora_merge_cache": lora_cache})
+            try:
+                # the report location travels with the recipe (no process-wide setting), so merges
+                # in other threads of this process keep their own reports
+                config = checked.config if own else checked.config.model_copy(
+                    update={"parameters": {**(checked.config.parameters or {}), "report_path": str(tmp)}})
+                run_merge(config, str(tmp), options=merge_options, config_source=source)
+                report = finalize_report(own or tmp, command="safemerge-yaml")
+                if report is not None and own:  # also into OUT, as always
+                    write_json(report, tmp / REPORT_JSON)
+                    plot(report, tmp / REPORT_PNG)
+                card = tmp / "README.md"
+                if card.is_file():  # mergekit titles the card after the folder it wrote: the temporary one
+                    card.write_text(card.read_text(encoding="utf-8").replace(tmp.name, out.name), encoding="utf-8")
+            finally:
+                if lora_cache:
+                    shutil.rmtree(lora_cache, ignore_errors=True)
     except SafeMergeError as exc:
         _fail(str(exc))
     except Exception as exc:  # one line; nothing is left at OUT
         _fail(f"merge failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    finally:
-        if lora_cache:
-            shutil.rmtree(lora_cache, ignore_errors=True)
     if report is not None:
         click.echo(summary_table(report))
     click.echo(f"merged model and report written to {out}")

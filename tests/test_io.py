@@ -595,3 +595,6 @@ def test_staged_output_is_all_or_nothing(tmp_path):
             raise RuntimeError("the run failed")
     assert not (tmp_path / "x").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temporaries or backups left
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # refused before the run, not after it
+    with pytest.raises(SafeMergeError, match="already exists"):
+        staged_dir(tmp_path / "dangling", force=False).__enter__()

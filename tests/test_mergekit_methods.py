@@ -593,15 +593,31 @@ dtype: float32
     assert validate_recipe(recipe(pico, task=str(wide))).roles["task"] == str(wide)
 
 
-def test_sidecars_of_other_runs_are_left_alone(pico, tmp_path):
-    """Each process keeps its own sidecar: another run's lines at the same report location neither
-    enter this report nor get deleted by it."""
-    out = tmp_path / "o"
-    out.mkdir()
-    foreign = out / ".safemerge_layers.999999999.jsonl"
-    foreign.write_text('{"method": "safemerge", "layer": {"module": "not.ours"}}\n')
-    _, report = merge(recipe(pico, params={"threshold": TAU}), out)
-    assert "not.ours" not in {r["module"] for r in report["layers"]} and foreign.is_file()
+def test_sidecars_of_other_runs_are_left_alone(tmp_path, monkeypatch):
+    """Two processes reporting to one location at once (as two merges with one report_path do)
+    keep their layers apart: each appends to and assembles only its own sidecar."""
+    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext.report import LayerRecord
+
+    settings = {"threshold": 0.35, "alpha": 0.8, "merge": "linear", "density": 1.0, "seed": 0,
+                "input_dtype": "float32", "rounding_band": None}
+
+    def line(module):
+        rec = LayerRecord(module=module, cosine=0.5, extra=dict(settings))
+        return {"method": "safemerge", "backend": "cpp", "precision": "ieee", "precision_requested": "ieee",
+                "time_s": 0.1, "end": 1.0, "bytes": 8, "layer": rec.to_json()}
+
+    out = tmp_path / "shared"
+    for pid, module in ((1111, "model.layers.0.a"), (2222, "model.layers.0.b"), (1111, "model.layers.1.a"),
+                        (2222, "model.layers.1.b")):
+        monkeypatch.setattr(mm.os, "getpid", lambda pid=pid: pid)
+        mm._append(str(out), line(module))
+    reports = {}
+    for pid in (1111, 2222):
+        monkeypatch.setattr(mm.os, "getpid", lambda pid=pid: pid)
+        reports[pid] = [r["module"] for r in mm.finalize_report(out)["layers"]]
+    assert reports == {1111: ["model.layers.0.a", "model.layers.1.a"], 2222: ["model.layers.0.b", "model.layers.1.b"]}
+    assert not list(out.glob(".safemerge_layers*.jsonl"))
 
 
 @pytest.mark.parametrize("how", ["console-script", "python-m"])
@@ -627,3 +643,20 @@ def test_report_location_of_a_running_mergekit_yaml(monkeypatch, tmp_path, how):
         argv0 = "/venv/bin/mergekit-yaml"
     monkeypatch.setattr(sys, "argv", [argv0, str(tmp_path / "r.yml"), str(tmp_path / "out"), "--cuda"])
     assert mm._mergekit_yaml_out() == str(tmp_path / "out")
+
+
+def test_failed_safemerge_yaml_leaves_no_folders(pico, tmp_path, monkeypatch, capsys):
+    """A LoRA recipe whose merge fails leaves nothing: no OUT, no LoRA cache, no parent folders."""
+    import mergekit.merge
+
+    from safemerge_ext import yaml_cli
+
+    def disk_full(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mergekit.merge, "run_merge", disk_full)
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "new" / "deeper" / "out")])
+    assert done.value.code == 1 and "disk full" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]

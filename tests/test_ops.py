@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,4 +173,5 @@ def test_selection_rules():
     assert sum(Selection(fraction=0.31).flag(ten)) == 4
     assert sum(Selection(fraction=1e-10).flag(ten)) == 1  # any fraction > 0 flags ceil(F x n) >= 1
     assert sum(Selection(fraction=0.2000000001).flag(ten)) == 3
+    assert sum(Selection(fraction=np.float64(0.3)).flag(ten)) == 3  # a numpy scalar from the Python API
     assert sum(Selection(fraction=0.3).flag(scores)) == 2  # n counts only the 5 defined scores

@@ -403,11 +403,16 @@ def test_precision_flag_and_env(fx, tmp_path, monkeypatch, capsys):
     assert run_cli(merge_args(fx, fast, "--no-plot", "--precision", "bf16")) == 0
     a, b = report_of(plain), report_of(fast)
     assert a["precision"] == b["precision"] == "ieee" and b["backend"] == a["backend"] != "triton"
-    assert b["settings"]["precision_requested"] == "bf16" and a["settings"]["precision_requested"] is None
+    assert b["settings"]["precision_requested"] == "bf16" and a["settings"]["precision_requested"] == "ieee"
     assert not any("precision" in w for w in a["warnings"])
     assert [w for w in b["warnings"] if "precision" in w] == [
         f"precision bf16 applies to the triton backend only; the {b['backend']} backend computes in exact fp32 (ieee)"]
     assert [r["cosine"] for r in a["layers"]] == [r["cosine"] for r in b["layers"]]
+    monkeypatch.setenv("SAFEMERGE_PRECISION", "tf32")  # the environment's request is recorded as the flag's
+    assert run_cli(merge_args(fx, tmp_path / "env", "--no-plot")) == 0
+    env = report_of(tmp_path / "env")
+    assert env["settings"]["precision_requested"] == "tf32" and env["precision"] == "ieee"
+    assert any(w.startswith("precision tf32 applies to the triton backend only") for w in env["warnings"])
     monkeypatch.setenv("SAFEMERGE_PRECISION", "fp8")
     capsys.readouterr()
     assert run_cli(merge_args(fx, tmp_path / "bad")) == 2
@@ -426,6 +431,10 @@ def test_precision_flag_and_env(fx, tmp_path, monkeypatch, capsys):
         assert rep["backend"] == "triton" and rep["precision"] == "tf32x3" and not rep["warnings"]
         want = refs(fx)
         assert all(abs(r["cosine"] - want[r["module"]]) < 2e-6 for r in rep["layers"])
+        capsys.readouterr()
+        assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                        "--backend", "triton", "--precision", "bf16"]) == 2
+        assert "--precision bf16 needs a GPU" in capsys.readouterr().err
 
 
 def test_prefetch_holds_at_most_its_budget():

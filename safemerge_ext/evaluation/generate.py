@@ -63,7 +63,7 @@ def parse_model(text: str, adapter: str | None = None) -> ModelSpec:
         raise SafeMergeError(f"--model {text!r}: {path} has no config.json; give a Hugging Face model folder")
     if ad and not (Path(ad) / "adapter_config.json").is_file():
         raise SafeMergeError(f"--model {text!r}: {ad} has no adapter_config.json; give a PEFT LoRA adapter folder")
-    return ModelSpec(name or Path(ad or path).resolve().name, path, ad)
+    return ModelSpec(name or Path(ad or path).absolute().name, path, ad)  # (a symlink keeps its own name)
 
 
 def _torch_dtype(name: str, device: str):

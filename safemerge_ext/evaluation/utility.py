@@ -15,8 +15,6 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation.data import read_jsonl
 
 _NUM = re.compile(r"-?(?:\d[\d,]*)?\.?\d+")  # 1,234  -7  0.5  .5
-# the answer line: '#### ' and the number right after it (a currency sign allowed), not a heading
-_ANSWER = re.compile(r"####[ \t]*[$€£]?[ \t]*(" + _NUM.pattern + ")")
 _LABEL = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
 
 GSM8K_INSTRUCTION = "Solve the problem. End with the final answer on its own line as '#### <number>'."
@@ -42,14 +40,14 @@ def gsm8k_gold(answer: str) -> str:
 
 
 def gsm8k_prediction(text: str) -> str | None:
-    """The model's final number: the one on its last ``#### N`` line when it wrote one (a Markdown
-    heading such as ``#### Step 3`` is not one), else the last number it wrote."""
+    """The model's final number: the first after its last ``####`` when present, else the last
+    number it wrote."""
     text = text.replace("\u2212", "-")  # a typeset minus sign
-    answers = _ANSWER.findall(text)
-    if answers:
-        return _canon(answers[-1])
-    nums = _NUM.findall(text)
-    return _canon(nums[-1]) if nums else None
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    nums = _NUM.findall(tail)
+    if not nums:
+        return None
+    return _canon(nums[0] if "####" in text else nums[-1])
 
 
 def gsm8k_correct(prediction: str, answer: str) -> bool:
