@@ -5,8 +5,10 @@ files (see make_synthetic.py), with the page cache dropped before each (``--cold
 put back in it before each (warm, see ``rewarm``), so every contender sees the same page cache:
 
 - ``floor``: read exactly the tensors the adapter pipeline needs (target weights of both models,
-  both adapters) one at a time with safetensors ``safe_open``, each copied once into private
-  memory (``get_tensor`` alone maps the file lazily and reads nothing): the read floor.
+  both adapters) one at a time with safetensors ``safe_open``, every byte read once and nothing
+  written (``get_tensor`` alone maps the file lazily and reads nothing; until 2026-12-02 each
+  tensor was also copied into private memory, which made the warm floor 2-3x slower): the read
+  floor.
 - ``copy-floor``: read every aligned tensor and the unaligned targets, write the aligned shards
   with safetensors ``save_file``: the floor for full-model output.
 - ``safemerge-adapter[-backend]`` / ``safemerge-model``: ``safemerge_ext.pipeline.merge``;
@@ -91,6 +93,17 @@ def _open(model: Path):
     return get, (sorted(set(wm.values())) if wm else ["model.safetensors"]), wm
 
 
+def _read(t) -> int:
+    """Read every byte of a tensor once, without writing a copy: a max over its bytes seen as
+    integers of the element's width (``get_tensor`` alone maps the file and reads nothing, and
+    ``clone()`` would also write each tensor into fresh memory). Returns the bytes read."""
+    import torch
+
+    if t.numel():
+        t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).max()
+    return t.numel() * t.element_size()
+
+
 def run_floor(data: Path, adapters: str, out: Path, **_) -> dict:
     from safetensors import safe_open
 
@@ -100,13 +113,11 @@ def run_floor(data: Path, adapters: str, out: Path, **_) -> dict:
     for model in ("aligned", "unaligned"):
         get, _, _ = _open(data / model)
         for n in names:
-            t = get(n).clone()
-            nbytes += t.numel() * t.element_size()
+            nbytes += _read(get(n))
     for ad in ads:
         with safe_open(ad / "adapter_model.safetensors", "pt") as f:
             for k in f.keys():
-                t = f.get_tensor(k)
-                nbytes += t.numel() * t.element_size()
+                nbytes += _read(f.get_tensor(k))
     return {"time_s": time.perf_counter() - t0, "bytes_read": nbytes}
 
 
@@ -119,8 +130,7 @@ def run_copy_floor(data: Path, adapters: str, out: Path, **_) -> dict:
     nbytes = 0
     getu, _, _ = _open(data / "unaligned")
     for n in names:
-        t = getu(n).clone()
-        nbytes += t.numel() * t.element_size()
+        nbytes += _read(getu(n))
     out.mkdir(parents=True)
     _, files, _ = _open(data / "aligned")
     for fname in files:
@@ -142,13 +152,37 @@ def _ours(data: Path, adapters: str, out: Path, output: str, backend: str, devic
 
         preload_plotting().join()
     t_import = time.perf_counter() - t0
+    warmup = _warm_gpu(data, adapters, backend) if device == "cuda" else 0.0
     base = rss_mb()
     settings = pipeline.MergeSettings(pipeline.Selection(threshold=TAU), alpha=ALPHA, output=output)
     t1 = time.perf_counter()
     rep = pipeline.merge(data / "aligned", data / "unaligned", data / f"task-{adapters}", data / f"safety-{adapters}",
                          out, settings, backend=backend, device=device, progress=False, plot=plot)
-    return {"time_s": time.perf_counter() - t1, "import_s": t_import, "base_rss_mb": base,
+    out_ = {"time_s": time.perf_counter() - t1, "import_s": t_import, "base_rss_mb": base,
             "bytes_read": rep["bytes_read"], "flagged": rep["counts"]["flagged"], "backend": rep["backend"]}
+    return {**out_, "warmup_s": round(warmup, 3)} if device == "cuda" else out_
+
+
+def _warm_gpu(data: Path, adapters: str, backend: str) -> float:
+    """Start-up a GPU run pays once, kept out of ``time_s`` like the imports: the CUDA context and,
+    for Triton, the compile of each kernel variant the run uses (one per weight shape, dtype and
+    rank), by scoring random weights of those shapes once. Returns its seconds (``warmup_s``)."""
+    import torch
+
+    from safemerge_ext import ops
+    from safemerge_ext.io.adapters import read_adapter
+    from safemerge_ext.io.models import ModelReader
+
+    t0 = time.perf_counter()
+    reader, adapter = ModelReader(data / "aligned"), read_adapter(data / f"task-{adapters}")
+    kinds = {(*reader.meta(reader.resolve_module(m))[0], reader.meta(reader.resolve_module(m))[1], lm.rank)
+             for m, lm in adapter.modules.items()}
+    for d_out, d_in, dtype, r in sorted(kinds, key=str):
+        wa = torch.randn(d_out, d_in, device="cuda").to(dtype)
+        ops.subspace_score(wa, wa * 0.5, lora_A=torch.randn(r, d_in, device="cuda"),
+                           lora_B=torch.randn(d_out, r, device="cuda"), backend=backend)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def run_ours_adapter(data: Path, adapters: str, out: Path, backend: str = "auto", device: str = "cpu", **_) -> dict:
@@ -388,7 +422,7 @@ def main() -> None:
                 got = spawn(name, opts, args.timeout, cold=args.cold)
                 # each result as it comes, so that a run cut short (a GPU lease) still leaves its figures
                 print("  " + (f"error: {got['error']}" if "error" in got else ", ".join(
-                    f"{k} {got[k]:.4g}" for k in ("time_s", "import_s", "peak_rss_mb", "peak_gpu_mb") if k in got)),
+                    f"{k} {got[k]:.4g}" for k in ("time_s", "import_s", "warmup_s", "peak_rss_mb", "peak_gpu_mb") if k in got)),
                       flush=True)
                 shutil.rmtree(tmp / f"o{i}", ignore_errors=True)
                 shutil.rmtree(tmp / f"o{i}-lora-cache", ignore_errors=True)
@@ -445,6 +479,8 @@ def table(rows: list[dict], meta: dict) -> str:
     cols = ["name", "time_s", "import_s", "gbps", "x_floor", "peak_rss_mb", "rss_over_base_mb", "x_ref_time", "x_ref_mem", "flagged"]
     if any("peak_gpu_mb" in r for r in rows):
         cols.insert(7, "peak_gpu_mb")
+    if any("warmup_s" in r for r in rows):  # (GPU: the CUDA context and Triton's compiles, kept out of time_s)
+        cols.insert(3, "warmup_s")
     gpu = f" gpu={meta['gpu']}" if meta.get("gpu") else ""
     head = (f"shape={meta['shape']} adapters={meta['adapters']} page-cache={meta['cache']} machine={meta['machine']}{gpu} date={meta['date']} "
             f"sha={meta['git_sha']} best of {meta.get('repeat', 1)}; interpreter: start {meta['interpreter']['start_s']:.2f} s, "
