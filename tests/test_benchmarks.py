@@ -68,18 +68,22 @@ def test_bench_scoring_gpu_columns(tmp_path, monkeypatch, capsys):
     flushes = []
     monkeypatch.setattr(bench_scoring, "cache_flusher", lambda device: lambda: flushes.append(1))
     monkeypatch.setattr(bench_scoring, "copy_gbps", lambda device: 50.0)
+    monkeypatch.setattr(bench_scoring, "datasheet", lambda device: (80.0, 2.0))
     out = tmp_path / "g.json"
     assert bench_scoring.main(["--device", "cpu", "--shapes", "64x96", "--ranks", "4", "--reps", "2",
                                "--backends", _cpu_backends(), "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert flushes and all(r["copy_gbps"] == 50.0 for r in rows)
     assert all(r["pct_copy_bw"] == pytest.approx(100 * r["gbps"] / 50.0, abs=0.1) for r in rows)
+    assert all(r["pct_hbm_peak"] == pytest.approx(100 * r["gbps"] / 80.0, abs=0.1) for r in rows)
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| shape"))
-    assert "pct_copy_bw" in header and "pages" not in header
+    assert "pct_copy_bw" in header and "pct_hbm_peak" in header and "pages" not in header
     out = tmp_path / "gf.json"
     assert bench_scoring.main(["--device", "cpu", "--fullrank", "--shapes", "48x96", "--reps", "1",
                                "--backends", _cpu_backends(), "--out", str(out)]) == 0
-    assert all(r["copy_gbps"] == 50.0 for r in json.loads(out.read_text()))
+    full = json.loads(out.read_text())
+    assert all(r["copy_gbps"] == 50.0 for r in full)
+    assert all(r["pct_bf16_peak"] == pytest.approx(100 * r["tflops"] / 2.0, rel=0.02, abs=0.1) for r in full)
 
 
 def test_bench_scoring_copy_bandwidth_is_read_plus_write(monkeypatch):
