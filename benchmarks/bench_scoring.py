@@ -460,6 +460,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         "date": dt.datetime.now().isoformat(timespec="seconds"), "version": safemerge_ext.__version__,
         "git_sha": _git_sha(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "matmul_gflops": round(gflops, 1), "dtype": args.dtype, "offset_bytes": args.offset,
+        "reps": args.reps, "argv": " ".join(sys.argv[1:]),  # (the run can be repeated from its JSON)
     }
     flush = cache_flusher(device)
     if flush is not None:  # a GPU
