@@ -175,8 +175,8 @@ def _warm_gpu(data: Path, adapters: str, backend: str) -> float:
 
     t0 = time.perf_counter()
     reader, adapter = ModelReader(data / "aligned"), read_adapter(data / f"task-{adapters}")
-    kinds = {(*reader.meta(reader.resolve_module(m))[0], reader.meta(reader.resolve_module(m))[1], lm.rank)
-             for m, lm in adapter.modules.items()}
+    metas = {m: reader.meta(reader.resolve_module(m)) for m in adapter.modules}
+    kinds = {(*metas[m][0], metas[m][1], lm.rank) for m, lm in adapter.modules.items()}
     for d_out, d_in, dtype, r in sorted(kinds, key=str):
         wa = torch.randn(d_out, d_in, device="cuda").to(dtype)
         ops.subspace_score(wa, wa * 0.5, lora_A=torch.randn(r, d_in, device="cuda"),

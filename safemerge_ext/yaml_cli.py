@@ -118,17 +118,14 @@ def _groups(config: MergeConfiguration) -> list[tuple[str, Any, list[tuple[Any, 
     return out
 
 
-def _base_model(config: MergeConfiguration) -> Any:
+def _base_model(config: MergeConfiguration, recipe: str | os.PathLike = "recipe") -> Any:
     """The aligned model: the recipe's base_model, or the one every slice names."""
-    bases = {str(base): base for _, base, _, _ in _groups(config)}
-    if config.base_model is not None and not bases:
-        return config.base_model
-    if len(bases) != 1 or "None" in bases:
-        raise SafeMergeError(
-            "recipe: base_model is missing" if not bases or "None" in bases else
-            f"recipe: the slices name different base models ({', '.join(sorted(bases))}); SafeMERGE needs one "
-            "aligned model"
-        )
+    bases = {str(base): base for _, base, _, _ in _groups(config)} or {str(config.base_model): config.base_model}
+    if "None" in bases:
+        raise SafeMergeError(f"{recipe}: base_model is missing; set it to the aligned model (e.g. the chat model)")
+    if len(bases) != 1:
+        raise SafeMergeError(f"{recipe}: the slices name different base models ({', '.join(sorted(bases))}); "
+                             "SafeMERGE needs one aligned model")
     return next(iter(bases.values()))
 
 
@@ -266,22 +263,17 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe") -> Checked:
         first = errors[0] if errors else {"loc": (), "msg": str(exc)}
         loc = ".".join(str(p) for p in first.get("loc", ()))
         raise SafeMergeError(f"{recipe}: invalid recipe at {loc or 'top level'}: {first.get('msg')}") from None
-    try:
-        _base_model(config)
-    except SafeMergeError as exc:
-        if "missing" not in str(exc):
-            raise
-        raise SafeMergeError(f"{recipe}: base_model is missing; set it to the aligned model (e.g. the chat model)") from None
+    _base_model(config, recipe)
     for key in ("dtype", "out_dtype"):
         name = getattr(config, key, None)
         if name is not None and str(name).removeprefix("torch.") not in DTYPES:
             raise SafeMergeError(f"{recipe}: {key} must be one of {', '.join(DTYPES)}; got {name!r}")
     _check_parameters(method, dict(config.parameters or {}), f"{recipe}: parameters")
-    given = (config.parameters or {}).get("precision")
-    try:
-        requested_precision(given if isinstance(given, str) else None)  # else SAFEMERGE_PRECISION
-    except ValueError as exc:
-        raise SafeMergeError(str(exc)) from None
+    if "precision" not in (config.parameters or {}):  # (a given one was just checked) SAFEMERGE_PRECISION
+        try:
+            requested_precision(None)
+        except ValueError as exc:
+            raise SafeMergeError(str(exc)) from None
     roles = _check_roles(method, config)
     has_lora, checked = _check_models(config, roles)
     return Checked(config, method, roles, has_lora, checked)
