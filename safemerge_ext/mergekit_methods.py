@@ -140,24 +140,54 @@ def _score(name: str, wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor, prec
         raise FloatingPointError(f"tensor {name}: {exc}; check the input models") from None
 
 
-def _rounding_band(src_dtype: torch.dtype, wt: torch.Tensor, wa: torch.Tensor, d_norm: float) -> float | None:
+def _value_precision(t: torch.Tensor) -> torch.dtype | None:
+    """The half-precision format whose values ``t`` holds exactly, else None.
+
+    Read from the values, not from ``t.dtype``: mergekit hands over tensors in the recipe's
+    ``dtype``, so a bf16 checkpoint loaded with ``dtype: float32``, or a LoRA that mergekit folded
+    in bf16 (its ``lora_merge_dtype`` defaults to the model's dtype), arrives as fp32 values that
+    carry bf16 rounding all the same.
+    """
+    if t.dtype in _UNIT_ROUNDOFF or not t.is_floating_point():
+        return t.dtype if t.dtype in _UNIT_ROUNDOFF else None
+
+    def exact(x: torch.Tensor, half: torch.dtype) -> bool:
+        if x.dtype == torch.float32 and half == torch.bfloat16:  # the low 16 bits of every value are zero
+            return not torch.any(torch.bitwise_and(x.view(torch.int32), 0xFFFF))
+        return torch.equal(x.to(half).to(x.dtype), x)
+
+    # most fp32 weights fail on their first rows, before the whole tensor is converted
+    head = t[: max(1, 4096 // max(1, t.shape[-1]))] if t.dim() == 2 else t
+    return next((h for h in _UNIT_ROUNDOFF if exact(head, h) and exact(t, h)), None)
+
+
+def _rounding_band(src_dtype: torch.dtype | None, wt: torch.Tensor, wa: torch.Tensor, d_norm: float) -> float | None:
     """Estimated cosine uncertainty when dW was recovered from half-precision weights.
 
     Each weight carries a rounding error of at most u|w|, so ``||E|| <= u (||W_task|| + ||W_aligned||)``;
     a relative perturbation ``e = ||E|| / ||dW||`` of dW moves the cosine by about ``2 e`` to first
     order (an estimate: it assumes C does not amplify E relative to dW).
     """
-    u = _UNIT_ROUNDOFF.get(src_dtype)
+    u = _UNIT_ROUNDOFF.get(src_dtype) if src_dtype is not None else None
     if u is None or d_norm <= 0:
         return None
     err = u * (float(torch.linalg.vector_norm(wt, dtype=torch.float32)) + float(torch.linalg.vector_norm(wa)))
     return min(2.0, 2.0 * err / d_norm)
 
 
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def _task_lora(group: TensorGroup, role: Any) -> bool:
+    """Whether the task input is ``model+lora`` (mergekit folded the adapter before loading it)."""
+    return any(role[e.id] == "task" and getattr(e.id, "lora", None) for e in group.non_base)
+
+
 def _record(
     method: str, group: TensorGroup, score: ops.Score, *, flagged: bool, action: str, settings: dict[str, Any],
     src_dtype: torch.dtype, band: float | None, elapsed: float, nbytes: int, report_path: str,
-    precision: str | None,
+    precision: str | None, rounding: torch.dtype | None = None, task_lora: bool = False,
 ) -> None:
     name = group.metadata.name or "?"
     rec = LayerRecord(
@@ -169,7 +199,8 @@ def _record(
         shape=tuple(group.base.tensor.shape),
         v_norm=score.v_norm,
         delta_norm=score.delta_norm,
-        extra={"tensor": name, "input_dtype": str(src_dtype).replace("torch.", ""), "rounding_band": band, **settings},
+        extra={"tensor": name, "input_dtype": _dtype_name(src_dtype), "rounding_dtype": _dtype_name(rounding),
+               "task_lora": task_lora, "rounding_band": band, **settings},
     )
     _append(report_path, {"method": method, "backend": score.backend, "precision": score.precision,
                           "precision_requested": requested_precision(precision),
@@ -188,26 +219,29 @@ class _Scored:
     dW: torch.Tensor
     score: ops.Score
     band: float | None
+    rounding: torch.dtype | None
+    task_lora: bool
     start: float
     precision: str | None
 
     @classmethod
-    def of(cls, group: TensorGroup, t: dict[str, torch.Tensor], precision: str | None) -> "_Scored":
+    def of(cls, group: TensorGroup, t: dict[str, torch.Tensor], role: Any, precision: str | None) -> "_Scored":
         start = time.perf_counter()
         task = t["task"]
         name, wd = group.metadata.name or "?", _work_dtype(task)
         wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
         dW = task.to(wd) - wa
         score = _score(name, wa, wu, dW, precision)
-        return cls(name, task, wd, wa, wu, dW, score, _rounding_band(task.dtype, task, wa, score.delta_norm), start,
-                   precision)
+        rounding = _value_precision(task)
+        return cls(name, task, wd, wa, wu, dW, score, _rounding_band(rounding, task, wa, score.delta_norm), rounding,
+                   _task_lora(group, role), start, precision)
 
     def record(self, method: str, group: TensorGroup, flagged: bool, action: str, settings: dict[str, Any],
                report_path: str) -> None:
         _record(method, group, self.score, flagged=flagged, action=action, settings=settings,
                 src_dtype=self.task.dtype, band=self.band, elapsed=time.perf_counter() - self.start,
                 nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path,
-                precision=self.precision)
+                precision=self.precision, rounding=self.rounding, task_lora=self.task_lora)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +269,7 @@ def safemerge_method(
     t = _roles(group, role, "safemerge")
     if not _scorable(group, t["task"]):
         return t["task"]
-    s = _Scored.of(group, t, precision)
+    s = _Scored.of(group, t, role, precision)
     flagged = not math.isnan(s.score.cosine) and s.score.cosine < threshold
     out = s.task
     if flagged:
@@ -265,7 +299,7 @@ def safelora_method(
     t = _roles(group, role, "safelora")
     if not _scorable(group, t["task"]):
         return t["task"]
-    s = _Scored.of(group, t, precision)
+    s = _Scored.of(group, t, role, precision)
     flagged = not math.isnan(s.score.cosine) and s.score.cosine <= threshold
     out = s.task
     if flagged:
@@ -310,7 +344,7 @@ def resta_method(
         _record("resta", group, score, flagged=False, action="shifted", settings={"beta": beta, "density": density,
                 "seed": seed}, src_dtype=task.dtype, band=None, elapsed=time.perf_counter() - start,
                 nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path,
-                precision=precision)
+                precision=precision, task_lora=_task_lora(group, role))
     return out
 
 
@@ -487,17 +521,27 @@ def _settings(method: str, layers: list[LayerRecord]) -> dict[str, Any]:
 
 
 def _precision_warnings(method: str, layers: list[LayerRecord]) -> list[str]:
-    half = sorted({r.extra.get("input_dtype") for r in layers} & {"bfloat16", "float16"})
-    if not half or method == "resta":
+    """A warning when task weights arrived rounded to a half format, with what would avoid it."""
+    # layers with an update recovered from rounded weights (an untouched layer's dW = 0 is exact)
+    rounded = [r for r in layers if r.extra.get("rounding_dtype") and r.extra.get("rounding_band") is not None]
+    if not rounded or method == "resta":
         return []
-    near = [r.module for r in layers if r.extra.get("rounding_band") is not None and math.isfinite(r.cosine)
-            and abs(r.cosine - r.extra["threshold"]) <= r.extra["rounding_band"]]
+    fmt = "/".join(sorted({r.extra["rounding_dtype"] for r in rounded}))
+    near = [r.module for r in rounded if math.isfinite(r.cosine) and abs(r.cosine - r.extra["threshold"]) <= r.extra["rounding_band"]]
     names = (": " + ", ".join(near[:6]) + (", ..." if len(near) > 6 else "")) if near else ""
+    loaded_half = any(r.extra.get("input_dtype") in ("bfloat16", "float16") for r in rounded)
+    folded = any(r.extra.get("task_lora") for r in rounded)
+    advice = []
+    if loaded_half:
+        advice.append("set dtype: float32 in the recipe (this helps where the models are stored in float32)")
+    if folded:
+        advice.append("fold the task LoRA in float32 (safemerge-yaml does; mergekit-yaml: --lora-merge-dtype float32)")
+    if not advice:
+        advice.append(f"the task model is stored in {fmt}, so no setting here removes this noise")
     return [
-        f"dtype {'/'.join(half)}: task updates are recovered as W_task - W_aligned from {'/'.join(half)} weights, "
+        f"{fmt} task weights: task updates are recovered as W_task - W_aligned from weights rounded to {fmt}, "
         f"whose rounding error is relative to the weights, not to the small update; {len(near)} of {len(layers)} "
-        f"layers have a cosine within the estimated rounding error of the threshold{names}; "
-        f"set dtype: float32 in the recipe for exact flag decisions"
+        f"layers have a cosine within the estimated rounding error of the threshold{names}; " + "; ".join(advice)
     ]
 
 

@@ -660,3 +660,65 @@ def test_failed_safemerge_yaml_leaves_no_folders(pico, tmp_path, monkeypatch, ca
         yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "new" / "deeper" / "out")])
     assert done.value.code == 1 and "disk full" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
+
+
+@pytest.fixture(scope="module")
+def pico_bf16(pico, tmp_path_factory):
+    """The pico aligned, unaligned and task models stored in bf16."""
+    from transformers import LlamaForCausalLM
+
+    from mergekit_fixtures import SHARD
+
+    root = tmp_path_factory.mktemp("pico-bf16")
+    for name in ("aligned", "unaligned", "task"):
+        LlamaForCausalLM.from_pretrained(getattr(pico, name), dtype=torch.bfloat16) \
+            .save_pretrained(root / name, max_shard_size=SHARD)
+    return root
+
+
+@pytest.mark.parametrize("case", ["lora-folded-in-bf16", "lora-folded-in-fp32", "bf16-checkpoint"])
+def test_rounding_is_read_from_the_values_not_the_loaded_dtype(pico, pico_bf16, tmp_path, monkeypatch, case):
+    """With ``dtype: float32``, mergekit hands over fp32 tensors even where the values are bf16: a
+    bf16 checkpoint, or a LoRA that mergekit folded in the model's bf16 (its default). The report
+    still finds the rounding, estimates its band and says what would avoid it."""
+    aligned = str(pico_bf16 / "aligned")
+    task = str(pico_bf16 / "task") if case == "bf16-checkpoint" else f"{aligned}+{pico.lora_task}"
+    cfg = {**recipe(pico, params={"threshold": TAU}, task=task, safety=str(pico.safety),
+                    unaligned=str(pico_bf16 / "unaligned")), "base_model": aligned}
+    options = {"lora_merge_dtype": "float32"} if case == "lora-folded-in-fp32" else {}
+    from mergekit.io.tasks import LoaderCache
+
+    monkeypatch.setattr(LoaderCache, "loaders", {})  # mergekit keeps each model+lora's fold for the process
+    _, report = merge(cfg, tmp_path / "o", lora_merge_cache=str(tmp_path / "cache"), **options)
+    scored = [r for r in report["layers"] if r["cosine"] is not None]
+    assert scored and all(r["input_dtype"] == "float32" for r in report["layers"])
+    assert all(r["task_lora"] == (case != "bf16-checkpoint") for r in report["layers"])
+    warned = [w for w in report["warnings"] if "task weights" in w]
+    if case == "lora-folded-in-fp32":
+        assert all(r["rounding_dtype"] is None and r["rounding_band"] is None for r in scored) and not warned
+        assert "near_threshold" not in report["counts"]
+        return
+    assert all(r["rounding_dtype"] == "bfloat16" and r["rounding_band"] > 0 for r in scored)
+    near = sum(abs(r["cosine"] - r["threshold"]) <= r["rounding_band"] for r in scored)
+    assert report["counts"]["near_threshold"] == near
+    assert len(warned) == 1 and f"{near} of {len(report['layers'])} layers" in warned[0]
+    assert "set dtype: float32" not in warned[0]  # the recipe has it already: it would not help
+    if case == "lora-folded-in-bf16":
+        assert "--lora-merge-dtype float32" in warned[0]
+    else:
+        assert "the task model is stored in bfloat16" in warned[0]
+
+
+def test_value_precision_of_tensors():
+    from safemerge_ext.mergekit_methods import _value_precision
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 96, generator=g)
+    assert _value_precision(x) is None and _value_precision(x.double()) is None
+    assert _value_precision(x.bfloat16()) == torch.bfloat16 == _value_precision(x.bfloat16().float())
+    assert _value_precision(x.half()) == torch.float16 == _value_precision(x.half().float())
+    assert _value_precision(x.half().double()) == torch.float16
+    assert _value_precision(x.bfloat16().float().t()) == torch.bfloat16  # not contiguous
+    tail = x.bfloat16().float()
+    tail[-1, -1] = 0.1  # only the last value is off bf16: the whole tensor is read, not its first rows
+    assert _value_precision(tail) is None
