@@ -14,6 +14,7 @@ Neither extension includes torch headers, so an installed wheel survives torch u
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,6 +140,32 @@ def _nvcc_arch_flags() -> list[str]:
     return flags
 
 
+def _nvcc_release(nvcc: str) -> str | None:
+    """The CUDA release nvcc compiles for ("13.0"), or None when it does not say."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def _warn_cuda_mismatch(nvcc: str) -> None:
+    """The extension links nvcc's own static CUDA runtime, which needs a driver for that CUDA major
+    version: with torch built for an older major, the driver may be too old for the extension."""
+    try:
+        import torch
+
+        torch_cuda = torch.version.cuda
+    except Exception:
+        return
+    release = _nvcc_release(nvcc)
+    if torch_cuda and release and release.split(".")[0] != torch_cuda.split(".")[0]:
+        _say(f"WARNING: {nvcc} is CUDA {release} but torch was built for CUDA {torch_cuda}: the CUDA extension "
+             f"needs a driver for CUDA {release.split('.')[0]} (if the driver is older, `safemerge backends` says so "
+             f"and the other backends are used); put a CUDA {torch_cuda.split('.')[0]} nvcc first on PATH or set NVCC")
+
+
 def _cuda_lib_dirs(nvcc: str) -> list[str]:
     """Library folders of the CUDA toolkit (nvcc may be a wrapper script outside the toolkit)."""
     roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), str(Path(nvcc).resolve().parent.parent),
@@ -177,6 +204,7 @@ def native_extensions() -> list:
     if nvcc and (has_cuda_torch or forced):
         why = "forced by SAFEMERGE_BUILD_CUDA=1" if forced else torch_why
         _say(f"CUDA extension safemerge_ext._cuda: will build with {nvcc} ({why})")
+        _warn_cuda_mismatch(nvcc)
         exts.append(
             Pybind11Extension(
                 "safemerge_ext._cuda",

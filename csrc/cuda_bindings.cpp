@@ -25,14 +25,16 @@ PYBIND11_MODULE(_cuda, m) {
   m.def(
       "lowrank_passes",
       [](uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu, int dtype, uintptr_t b,
-         int64_t r, uintptr_t t, uintptr_t p, uintptr_t ws_f, uintptr_t ws_d, const LowrankPlan& plan,
-         uintptr_t stream) {
+         int64_t r, uintptr_t t, uintptr_t p, uintptr_t ws_f, int64_t ws_f_len, uintptr_t ws_d, int64_t ws_d_len,
+         const LowrankPlan& plan, int device, uintptr_t stream) {
         lowrank_passes(ptr<const void>(wa), ptr<const void>(wu), d_out, d_in, lda, ldu, dtype, ptr<const float>(b), r,
-                       ptr<float>(t), ptr<float>(p), ptr<float>(ws_f), ptr<double>(ws_d), plan, stream);
+                       ptr<float>(t), ptr<float>(p), ptr<float>(ws_f), ws_f_len, ptr<double>(ws_d), ws_d_len, plan,
+                       device, stream);
       },
       py::call_guard<py::gil_scoped_release>(), py::arg("wa"), py::arg("wu"), py::arg("d_out"), py::arg("d_in"),
       py::arg("lda"), py::arg("ldu"), py::arg("dtype"), py::arg("b"), py::arg("r"), py::arg("t_out"),
-      py::arg("p_out"), py::arg("ws_f"), py::arg("ws_d"), py::arg("plan"), py::arg("stream"),
+      py::arg("p_out"), py::arg("ws_f"), py::arg("ws_f_len"), py::arg("ws_d"), py::arg("ws_d_len"), py::arg("plan"),
+      py::arg("device"), py::arg("stream"),
       "Enqueue T = V^T B and P = V T (fp32) on `stream`; ||V||^2 lands in ws_d[plan.ws_doubles - 1].");
   m.def("fullrank_partials", &fullrank_partials, py::arg("d_out"), py::arg("d_in"), py::arg("col_block"),
         "Number of float64 partial slots a fullrank call needs.");
@@ -40,15 +42,15 @@ PYBIND11_MODULE(_cuda, m) {
       "fullrank",
       [](uintptr_t wa, uintptr_t wu, int w_dtype, uintptr_t delta, int d_dtype, int64_t d_out, int64_t d_in,
          int64_t lda, int64_t ldu, int64_t ldd, int64_t col_block, uintptr_t m_scratch, uintptr_t n_out,
-         uintptr_t partials, uintptr_t sums, uintptr_t stream) {
+         uintptr_t partials, int64_t partials_len, uintptr_t sums, int device, uintptr_t stream) {
         fullrank(ptr<const void>(wa), ptr<const void>(wu), w_dtype, ptr<const void>(delta), d_dtype, d_out, d_in, lda,
-                 ldu, ldd, col_block, ptr<float>(m_scratch), ptr<float>(n_out), ptr<double>(partials),
-                 ptr<double>(sums), stream);
+                 ldu, ldd, col_block, ptr<float>(m_scratch), ptr<float>(n_out), ptr<double>(partials), partials_len,
+                 ptr<double>(sums), device, stream);
       },
       py::call_guard<py::gil_scoped_release>(), py::arg("wa"), py::arg("wu"), py::arg("w_dtype"), py::arg("delta"),
       py::arg("d_dtype"), py::arg("d_out"), py::arg("d_in"), py::arg("lda"), py::arg("ldu"), py::arg("ldd"),
-      py::arg("col_block"), py::arg("m_scratch"), py::arg("n_out"), py::arg("partials"), py::arg("sums"),
-      py::arg("stream"),
+      py::arg("col_block"), py::arg("m_scratch"), py::arg("n_out"), py::arg("partials"), py::arg("partials_len"),
+      py::arg("sums"), py::arg("device"), py::arg("stream"),
       "Enqueue the full-rank passes; sums[0:4] = ||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 (float64).\n"
       "n_out = 0 skips writing N = V V^T dW.");
   m.def("device_problem", &device_problem, "Empty when a CUDA device is visible, else why not.");

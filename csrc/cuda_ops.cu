@@ -87,8 +87,9 @@ __global__ void __launch_bounds__(kThreads) lowrank_pass1(const void* wa, const 
   float acc[RPT];
 #pragma unroll
   for (int m = 0; m < RPT; ++m) acc[m] = 0.0f;
-  float sq = 0.0f;
+  double sq = 0.0;  // fp32 within a tile, float64 across tiles: a split may span 16k rows
   for (int64_t i0 = i_begin; i0 < i_end; i0 += kTile) {
+    float tile_sq = 0.0f;
 #pragma unroll
     for (int q = 0; q < kTile / kRankGroups; ++q) {
       const int ii = g + kRankGroups * q;
@@ -96,8 +97,9 @@ __global__ void __launch_bounds__(kThreads) lowrank_pass1(const void* wa, const 
       float v = 0.0f;
       if (i < i_end && j < d_in) v = Ld<DT>::at(wa, i * lda + j) - Ld<DT>::at(wu, i * ldu + j);
       Vs[ii][jj] = v;
-      sq += v * v;
+      tile_sq += v * v;
     }
+    sq += double(tile_sq);
     for (int e = t; e < kTile * kRankGroups * RPT; e += kThreads) {
       const int ii = e / (kRankGroups * RPT), k = e % (kRankGroups * RPT);
       const int64_t i = i0 + ii;
@@ -120,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) lowrank_pass1(const void* wa, const 
       if (k < r) o[k] = acc[m];
     }
   }
-  const double s = block_sum(double(sq));
+  const double s = block_sum(sq);
   if (t == 0) vsq_part[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = s;
 }
 
@@ -380,12 +382,40 @@ LowrankPlan lowrank_plan(int64_t d_out, int64_t d_in, int64_t r, int num_sms) {
   return p;
 }
 
+// Makes `device` current for the launches (the extension links its own CUDA runtime, so torch's
+// device guard is not relied on) and restores the previous device on the way out.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&prev_), "cudaGetDevice");
+    if (device != prev_) check(cudaSetDevice(device), "cudaSetDevice");
+    restore_ = device != prev_;
+  }
+  ~DeviceGuard() {
+    if (restore_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = 0;
+  bool restore_ = false;
+};
+
 void lowrank_passes(const void* wa, const void* wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,
-                    int dtype, const float* B, int64_t r, float* T, float* P, float* ws_f, double* ws_d,
-                    const LowrankPlan& plan, uintptr_t stream) {
+                    int dtype, const float* B, int64_t r, float* T, float* P, float* ws_f, int64_t ws_f_len,
+                    double* ws_d, int64_t ws_d_len, const LowrankPlan& plan, int device, uintptr_t stream) {
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
-  if (r > kMaxRank) throw std::invalid_argument("rank above 256: call once per group of 256 columns of B");
+  if (r < 1 || r > kMaxRank) throw std::invalid_argument("rank must be 1..256: call once per group of 256 columns of B");
   if (d_out == 0 || d_in == 0) throw std::invalid_argument("empty weight matrix");
+  if (d_out > 1 && (lda < d_in || ldu < d_in)) throw std::invalid_argument("row stride below d_in");
+  // the workspace this plan writes, from its own splits (a plan made for another shape is refused)
+  const int64_t tiles1 = ceil_div(d_in, kTile);
+  if (plan.splits1 < 1 || plan.splits2 < 1 || plan.splits1 > ceil_div(d_out, kTile) || plan.splits2 > tiles1)
+    throw std::invalid_argument("lowrank plan does not fit this shape: make it with lowrank_plan(d_out, d_in, r, sms)");
+  const int64_t need_f = std::max(plan.splits1 > 1 ? plan.splits1 * d_in * r : 0,
+                                  plan.splits2 > 1 ? plan.splits2 * d_out * r : 0);
+  if (ws_f_len < need_f || ws_d_len < tiles1 * plan.splits1 + 1 || plan.ws_doubles != tiles1 * plan.splits1 + 1)
+    throw std::invalid_argument("lowrank workspace smaller than the plan needs");
+  DeviceGuard on(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   using Fn = void (*)(const void*, const void*, int64_t, int64_t, int64_t, int64_t, const float*, int, float*,
                       float*, float*, double*, const LowrankPlan&, cudaStream_t);
@@ -405,10 +435,14 @@ int64_t fullrank_partials(int64_t d_out, int64_t d_in, int64_t col_block) {
 
 void fullrank(const void* wa, const void* wu, int w_dtype, const void* delta, int d_dtype, int64_t d_out,
               int64_t d_in, int64_t lda, int64_t ldu, int64_t ldd, int64_t col_block, float* m_scratch,
-              float* n_out, double* partials, double* sums, uintptr_t stream) {
+              float* n_out, double* partials, int64_t partials_len, double* sums, int device, uintptr_t stream) {
   if (w_dtype < 0 || w_dtype > 2 || d_dtype < 0 || d_dtype > 2)
     throw std::invalid_argument("dtype codes must be 0 (fp32), 1 (fp16) or 2 (bf16)");
   if (d_out == 0 || d_in == 0 || col_block < 1) throw std::invalid_argument("empty weight matrix or column block");
+  if (d_out > 1 && (lda < d_in || ldu < d_in || ldd < d_in)) throw std::invalid_argument("row stride below d_in");
+  if (partials_len < fullrank_partials(d_out, d_in, col_block))
+    throw std::invalid_argument("fullrank partials smaller than fullrank_partials(d_out, d_in, col_block)");
+  DeviceGuard on(device);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   using Fn = void (*)(const void*, const void*, const void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                       float*, float*, double*, double*, cudaStream_t);

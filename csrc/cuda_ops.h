@@ -19,9 +19,10 @@ struct LowrankPlan {
 LowrankPlan lowrank_plan(int64_t d_out, int64_t d_in, int64_t r, int num_sms);
 
 // T = V^T B (d_in x r fp32), P = V T (d_out x r fp32); ||V||^2 goes to ws_d[plan.ws_doubles - 1].
+// The workspace lengths are checked against the plan; `device` is made current for the launches.
 void lowrank_passes(const void* wa, const void* wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,
-                    int dtype, const float* B, int64_t r, float* T, float* P, float* ws_f, double* ws_d,
-                    const LowrankPlan& plan, uintptr_t stream);
+                    int dtype, const float* B, int64_t r, float* T, float* P, float* ws_f, int64_t ws_f_len,
+                    double* ws_d, int64_t ws_d_len, const LowrankPlan& plan, int device, uintptr_t stream);
 
 // Full-rank scoring over column blocks J of dW: M_J = V^T dW[:, J] into m_scratch (d_in x col_block
 // fp32), N_J = V M_J (written into n_out with row stride d_in when n_out is not null).
@@ -29,7 +30,7 @@ void lowrank_passes(const void* wa, const void* wu, int64_t d_out, int64_t d_in,
 int64_t fullrank_partials(int64_t d_out, int64_t d_in, int64_t col_block);
 void fullrank(const void* wa, const void* wu, int w_dtype, const void* delta, int d_dtype, int64_t d_out,
               int64_t d_in, int64_t lda, int64_t ldu, int64_t ldd, int64_t col_block, float* m_scratch,
-              float* n_out, double* partials, double* sums, uintptr_t stream);
+              float* n_out, double* partials, int64_t partials_len, double* sums, int device, uintptr_t stream);
 
 // Empty string when the runtime sees a device, else why not.
 std::string device_problem();

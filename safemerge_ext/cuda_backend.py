@@ -45,6 +45,10 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """T = V^T B (d_in x r, fp32), P = V T (d_out x r, fp32) and ||V||^2 (float64 sum)."""
     require(unavailable_reason())
@@ -72,8 +76,8 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> 
             Pg = torch.empty(d_out, k1 - k0, dtype=torch.float32, device=dev)
             _cuda.lowrank_passes(
                 wa.data_ptr(), wu.data_ptr(), d_out, d_in, wa.stride(0), wu.stride(0), DTYPE_CODE[wa.dtype],
-                Bg.data_ptr(), k1 - k0, Tg.data_ptr(), Pg.data_ptr(), ws_f.data_ptr(), ws_d.data_ptr(), plan,
-                _stream(dev),
+                Bg.data_ptr(), k1 - k0, Tg.data_ptr(), Pg.data_ptr(), ws_f.data_ptr(), ws_f.numel(), ws_d.data_ptr(),
+                ws_d.numel(), plan, _index(dev), _stream(dev),
             )
             T[:, k0:k1] = Tg
             P[:, k0:k1] = Pg
@@ -102,7 +106,8 @@ def _fullrank(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, want_n: b
         _cuda.fullrank(
             wa.data_ptr(), wu.data_ptr(), DTYPE_CODE[wa.dtype], delta.data_ptr(), DTYPE_CODE[delta.dtype],
             d_out, d_in, wa.stride(0), wu.stride(0), delta.stride(0), cols, M.data_ptr(),
-            N.data_ptr() if N is not None else 0, parts.data_ptr(), sums.data_ptr(), _stream(dev),
+            N.data_ptr() if N is not None else 0, parts.data_ptr(), parts.numel(), sums.data_ptr(), _index(dev),
+            _stream(dev),
         )
         m2, n2, d2, vsq = (float(x) for x in sums.cpu())
     return m2, n2, d2, vsq, N
