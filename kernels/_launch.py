@@ -8,31 +8,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 
 import torch
 
-from safemerge_ext.backends import PRECISIONS  # (what each means is written there)
+from safemerge_ext.backends import PRECISIONS, triton_interpret_enabled  # (what each precision means is there)
 
 # Weights and updates are read in their stored dtype and widened to fp32 in registers; float64
 # inputs are accepted and computed in fp32 too, as the torch reference backend does.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def fp32_if_fp64(t: torch.Tensor) -> torch.Tensor:
+    """float64 inputs as fp32 before launch: they are computed in fp32 anyway, and fp64 tiles would
+    need twice the shared memory (more than an H100 has for pass 1's defaults)."""
+    return t.float() if t.dtype == torch.float64 else t
 # Widest rank tile one launch handles; larger ranks are processed in column chunks of B.
 MAX_RANK_TILE = 256
 
 
-def interpret_enabled() -> bool:
-    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).
-
-    Never imports triton: importing it fixes the interpreter mode of triton's own jit helpers for
-    the whole process, which must stay the caller's choice. Once triton is imported its knob is
-    read (it also sees values set in code); before, the variable, parsed as triton parses it.
-    """
-    knobs = getattr(sys.modules.get("triton"), "knobs", None)  # triton < 3.4 has no knobs
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+interpret_enabled = triton_interpret_enabled  # one reading of TRITON_INTERPRET for the package
 
 
 def is_interpreted(kernel: object) -> bool:
@@ -55,6 +50,11 @@ def check_inputs(kernel: object, precision: str, **tensors: torch.Tensor) -> tor
     if precision not in PRECISIONS:
         raise ValueError(f"triton backend: precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if is_interpreted(kernel):
+        helper = getattr(sys.modules.get("triton.language.standard"), "_sum_combine", None)
+        if helper is not None and not is_interpreted(helper):
+            raise RuntimeError("triton backend: triton was imported before TRITON_INTERPRET=1 was set, so its own "
+                               "helpers run compiled and the interpreted kernels cannot call them; set "
+                               "TRITON_INTERPRET=1 before anything imports triton (in the shell)")
         if precision == "bf16":
             raise ValueError("triton backend: precision='bf16' needs a GPU: triton's interpreter does not round "
                              "operands to bf16 as the tensor cores do; use 'ieee' here")
@@ -81,6 +81,15 @@ def check_block(name: str, value: int) -> int:
     if value < 16 or value & (value - 1):
         raise ValueError(f"triton backend: {name} must be a power of two >= 16; got {value}")
     return value
+
+
+def capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as major * 10 + minor (80: A100, 90: H100/H200); 90
+    elsewhere (the tiles the interpreter never uses default to the H100's)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 def num_sms(device: torch.device) -> int:

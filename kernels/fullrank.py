@@ -18,7 +18,16 @@ import triton.language as tl
 
 from .._native import unit_rows
 from ._dot import dot
-from ._launch import check_block, check_inputs, exact_sum, is_interpreted, on_device, pow2_at_least
+from ._launch import (
+    capability,
+    check_block,
+    check_inputs,
+    exact_sum,
+    fp32_if_fp64,
+    is_interpreted,
+    on_device,
+    pow2_at_least,
+)
 
 
 @triton.jit
@@ -100,15 +109,17 @@ def _v_m_kernel(WA, WU, MP, OUT, PART, d_out, d_in, j_lo, panel_w,
 _PANEL_BYTES = 256 << 20
 
 
-def _tiles(interpreted: bool, d_out: int, d_in: int, precision: str = "ieee") -> dict[str, int]:
+def _tiles(interpreted: bool, d_out: int, d_in: int, precision: str = "ieee", arch: int = 90) -> dict[str, int]:
     """Default tiles and warps. The interpreter's cost grows with programs and loop steps: largest
     tiles there. On a GPU, 128 x 128 tiles of M, 64 x 128 tiles of N, 32-deep steps: the largest
-    that ptxas compiles without register spills for sm_80/sm_90 (triton 3.6 to 3.9) with fp32 FMA
-    or tf32 dots; tf32x3, which splits each operand in two, steps 16 deep."""
+    that ptxas compiles without register spills for sm_90 (triton 3.9, specialized as a launch on
+    Llama shapes is) with fp32 FMA, tf32 or bf16 dots; tf32x3, which splits each operand in two,
+    and fp32 FMA on sm_80 (``arch`` 80) step 16 deep."""
     if interpreted:
         return {"m": min(128, pow2_at_least(d_out)), "n": min(128, pow2_at_least(d_in)),
                 "k": min(128, pow2_at_least(max(d_out, d_in))), "w": 4}
-    return {"m": 64, "n": 128, "k": 16 if precision == "tf32x3" else 32, "w": 8}
+    shallow = precision == "tf32x3" or (arch < 90 and precision == "ieee")
+    return {"m": 64, "n": 128, "k": 16 if shallow else 32, "w": 8}
 
 
 def _run(
@@ -131,7 +142,8 @@ def _run(
     d_out, d_in = wa.shape
     if d_out == 0 or d_in == 0:
         return 0.0, 0.0, 0.0, 0.0
-    wa, wu, delta = unit_rows(wa), unit_rows(wu), unit_rows(delta)  # one row layout: see lowrank.py
+    # one row layout (see lowrank.py); fp64 in fp32, as the other backends compute it
+    wa, wu, delta = (unit_rows(fp32_if_fp64(t)) for t in (wa, wu, delta))
     with on_device(wa.device):
         return _launch_all(wa, wu, delta, out, block_m, block_n, block_k, panel, precision)
 
@@ -139,7 +151,7 @@ def _run(
 def _launch_all(wa, wu, delta, out, block_m, block_n, block_k, panel, precision):
     d_out, d_in = wa.shape
     interpreted = is_interpreted(_vt_dw_kernel)
-    tiles = _tiles(interpreted, d_out, d_in, precision)
+    tiles = _tiles(interpreted, d_out, d_in, precision, capability(wa.device))
     bm = check_block("block_m", block_m or tiles["m"])
     bn = check_block("block_n", block_n or tiles["n"])
     bk = check_block("block_k", block_k or tiles["k"])

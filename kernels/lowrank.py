@@ -19,8 +19,10 @@ from ._dot import dot
 from ._launch import (
     MAX_RANK_TILE,
     check_block,
+    capability,
     check_inputs,
     exact_sum,
+    fp32_if_fp64,
     is_interpreted,
     num_sms,
     on_device,
@@ -99,23 +101,30 @@ def _v_t_kernel(WA, WU, T, PP, d_out, d_in, r, cols_per_split,
     tl.store(out, acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
-def _tiles(interpreted: bool, d_out: int, d_in: int, r_pad: int, precision: str = "ieee") -> dict[str, int]:
+def _tiles(interpreted: bool, d_out: int, d_in: int, r_pad: int, precision: str = "ieee", elem: int = 2,
+           arch: int = 90) -> dict[str, int]:
     """Default tiles and warps of the two passes.
 
     The interpreter's cost grows with the number of programs and loop steps, so it gets the
     largest tiles. On a GPU (fp32 FMA dots, precision="ieee") the tiles are the largest that
-    ptxas compiles without register spills for sm_80/sm_90 with triton 3.6 to 3.9 (checked from
-    the cubins' resource usage; ``test_kernels_compile_for_cuda_without_a_gpu`` keeps it so):
-    wide rank tiles take fewer rows per step. Pass 1 at r <= 16 runs 8 warps: with 4, triton 3.6
-    needs 255 registers a thread and spills (3.9 fits it in 128). tf32x3 splits each operand in
-    two, so there pass 1 takes half the columns at r > 64 and pass 2 half the rows at r > 128.
+    ptxas compiles without register spills for sm_80 (``arch`` 80) and sm_90, specialized as a
+    launch on Llama shapes is (checked from the cubins' resource usage with triton 3.9;
+    ``test_kernels_compile_for_cuda_without_a_gpu`` keeps it so): wide rank tiles take fewer rows
+    per step. Pass 1 at r <= 16 runs 8 warps: with 4, triton 3.6 needs 255 registers a thread and
+    spills (3.9 fits it in 128). Pass 1 takes half the columns where its T tile would not fit the
+    registers: at r > 128, at r > 64 with tf32x3 (which splits each operand in two), and on sm_80
+    at r >= 64; tf32x3's pass 2 takes half the rows at r > 128. fp32 weights (``elem`` = 4 bytes)
+    take half the rows of pass 1 at r <= 16: its pipelined tiles of both matrices would need
+    168 KB of shared memory, over an A100's 163 KB.
     """
     if interpreted:
         m, n = min(128, pow2_at_least(d_out)), min(128, pow2_at_least(d_in))
         return {"m1": m, "n1": n, "w1": 4, "m2": m, "k2": n, "w2": 4}
-    m1 = 64 if r_pad <= 16 else 32 if r_pad <= 128 else 16
+    m1 = 64 if r_pad <= 16 and elem <= 2 else 32 if r_pad <= 128 else 16
     wide = precision == "tf32x3" and r_pad > 64
-    return {"m1": m1, "n1": 64 if wide else 128, "w1": 8, "m2": 32 if wide and r_pad > 128 else 64, "k2": 32, "w2": 8}
+    narrow = wide or r_pad > 128 or (arch < 90 and r_pad >= 64)
+    return {"m1": m1, "n1": 64 if narrow else 128, "w1": 8, "m2": 32 if wide and r_pad > 128 else 64, "k2": 32,
+            "w2": 8}
 
 
 def lowrank_passes(
@@ -156,7 +165,8 @@ def lowrank_passes(
     # Triton specializes a kernel on a unit stride and lays tiles out along it, so a column-major
     # view would get other in-thread sums than its row-major copy (other bits of ||V||^2): one row
     # layout for all inputs, as in the C++ and CUDA backends.
-    wa, wu = unit_rows(wa), unit_rows(wu)
+    wa, wu = unit_rows(fp32_if_fp64(wa)), unit_rows(fp32_if_fp64(wu))
+    lora_B = fp32_if_fp64(lora_B)
     with on_device(device):
         for c0 in range(0, r, MAX_RANK_TILE):
             c1 = min(r, c0 + MAX_RANK_TILE)
@@ -173,7 +183,7 @@ def _passes(wa, wu, B, block_m, block_n, block_k, split, precision):
     r = B.shape[1]
     r_pad = pow2_at_least(r)
     interpreted = is_interpreted(_vt_b_kernel)
-    tiles = _tiles(interpreted, d_out, d_in, r_pad, precision)
+    tiles = _tiles(interpreted, d_out, d_in, r_pad, precision, wa.element_size(), capability(wa.device))
     bm1 = check_block("block_m", block_m or tiles["m1"])
     bm2 = check_block("block_m", block_m or tiles["m2"])
     bn = check_block("block_n", block_n or tiles["n1"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -37,8 +38,20 @@ class BackendSpec:
     def runs_on(self, device_type: str, explicit: bool) -> bool:
         if device_type in self.devices:
             return True
-        return (explicit and device_type == "cpu" and self.interpreted_on_cpu
-                and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+        return explicit and device_type == "cpu" and self.interpreted_on_cpu and triton_interpret_enabled()
+
+
+def triton_interpret_enabled() -> bool:
+    """True when triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1).
+
+    Never imports triton: importing it fixes the interpreter mode of triton's own jit helpers for
+    the whole process, which must stay the caller's choice. Once triton is imported its knob is
+    read (it also sees values set in code); before, the variable, parsed as triton parses it.
+    """
+    knobs = getattr(sys.modules.get("triton"), "knobs", None)  # triton < 3.4 has no knobs
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 # Order is the `auto` preference on each device type.
@@ -88,9 +101,13 @@ def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:
         if spec is None:
             raise ValueError(f"backend must be one of auto, {', '.join(NAMES)}; got {requested!r}")
         if not spec.runs_on(device_type, explicit=True):
+            others = [n for n, r in available_backends().items()
+                      if r is None and n != spec.name and next(s for s in _SPECS if s.name == n).runs_on(device_type, False)]
+            interpreter = (" (or set TRITON_INTERPRET=1 to run its kernels on the CPU through the interpreter, slowly)"
+                           if spec.interpreted_on_cpu and device_type == "cpu" else "")
             raise ValueError(
                 f"backend {requested!r} runs on {'/'.join(spec.devices)} tensors, not {device_type}: "
-                f"use --device {spec.devices[0]} or another backend ({', '.join(NAMES)})"
+                f"use --device {spec.devices[0]}{interpreter} or another backend ({', '.join(others)})"
             )
         got = _load(spec)
         if isinstance(got, str):

@@ -343,44 +343,60 @@ from safemerge_ext.kernels import fullrank, lowrank
 CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
 # unit strides are constants at launch (triton specializes on 1), as for every input here
 UNIT = {"s_wa_n": 1, "s_wu_n": 1, "s_b_r": 1, "s_d_n": 1}
+# and pointers, sizes and row strides of Llama shapes are multiples of 16 (triton specializes on that)
+DIV16 = {"d_out", "d_in", "rows_per_split", "cols_per_split", "s_wa_m", "s_wu_m", "s_d_m", "s_mp", "s_out", "panel_w"}
+SHARED = {80: 166912, 90: 232448}  # bytes of shared memory a block may use (A100, H100/H200)
 
-def build(name, fn, ptrs, consts, warps):
+def build(name, fn, ptrs, consts, warps, arch):
     consts = {**{k: v for k, v in UNIT.items() if k in fn.arg_names}, **consts}
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
-    for arch in (80, 90):
-        k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-        if not os.path.exists(CUOBJDUMP):
-            continue
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"]); f.flush()
-            usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
-        m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", usage, re.S)
-        print(f"{name} sm_{arch} warps={warps} REG={m[1]} STACK={m[2]} LOCAL={m[3]}")
-        if m[2] != "0" or m[3] != "0":
-            print(f"SPILLS {name} sm_{arch}")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and (sig[n].startswith("*") or n in DIV16)}
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": warps})
+    print(f"{name} sm_{arch} warps={warps} shared={k.metadata.shared}")
+    if k.metadata.shared > SHARED[arch]:
+        print(f"OVER-SHARED {name} sm_{arch}: {k.metadata.shared} > {SHARED[arch]}")
+    if not os.path.exists(CUOBJDUMP):
+        return
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"]); f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", usage, re.S)
+    print(f"{name} sm_{arch} warps={warps} REG={m[1]} STACK={m[2]} LOCAL={m[3]}")
+    if m[2] != "0" or m[3] != "0":
+        print(f"SPILLS {name} sm_{arch}")
 
-w = {"WA": "*bf16", "WU": "*bf16", "B": "*fp16", "D": "*bf16"}
 f32 = dict.fromkeys(("TP", "SQ", "T", "PP", "MP", "OUT", "PART"), "*fp32")
-for r_pad, prec in ((16, "ieee"), (64, "ieee"), (256, "ieee"), (128, "tf32x3"), (256, "tf32x3"), (256, "bf16")):
-    t = lowrank._tiles(False, 4096, 4096, r_pad, prec)
-    build(f"pass1 r_pad={r_pad} {prec}", lowrank._vt_b_kernel, {**w, **f32},
-          {"R_PAD": r_pad, "BLOCK_M": t["m1"], "BLOCK_N": t["n1"], "PRECISION": prec}, t["w1"])
-    build(f"pass2 r_pad={r_pad} {prec}", lowrank._v_t_kernel, {**w, **f32},
-          {"R_PAD": r_pad, "BLOCK_M": t["m2"], "BLOCK_K": t["k2"], "PRECISION": prec}, t["w2"])
-for prec in ("ieee", "tf32x3", "bf16"):
-    t = fullrank._tiles(False, 4096, 4096, prec)
-    build(f"V^T dW {prec}", fullrank._vt_dw_kernel, {**w, **f32}, {"BLOCK_K": t["k"], "BLOCK_N": t["n"], "PRECISION": prec}, t["w"])
-    build(f"V M {prec}", fullrank._v_m_kernel, {**w, **f32},
-          {"STORE": True, "BLOCK_M": t["m"], "BLOCK_N": t["n"], "BLOCK_K": t["k"], "PRECISION": prec}, t["w"])
+for wd, bd in (("bf16", "fp16"), ("fp32", "fp32")):  # the pipeline's bf16 weights; fp32 checkpoints
+    w = {"WA": f"*{wd}", "WU": f"*{wd}", "B": f"*{bd}", "D": f"*{wd}", **f32}
+    elem = 4 if wd == "fp32" else 2
+    for arch in (80, 90):  # each GPU's own default tiles
+        for r_pad, prec in ((16, "ieee"), (64, "ieee"), (256, "ieee"), (128, "tf32x3"), (256, "tf32x3"),
+                            (256, "bf16")):
+            t = lowrank._tiles(False, 4096, 4096, r_pad, prec, elem, arch)
+            build(f"W={wd} pass1 r_pad={r_pad} {prec}", lowrank._vt_b_kernel, w,
+                  {"R_PAD": r_pad, "BLOCK_M": t["m1"], "BLOCK_N": t["n1"], "PRECISION": prec}, t["w1"], arch)
+            build(f"W={wd} pass2 r_pad={r_pad} {prec}", lowrank._v_t_kernel, w,
+                  {"R_PAD": r_pad, "BLOCK_M": t["m2"], "BLOCK_K": t["k2"], "PRECISION": prec}, t["w2"], arch)
+        for prec in ("ieee", "tf32x3", "bf16"):
+            t = fullrank._tiles(False, 4096, 4096, prec, arch)
+            build(f"W={wd} V^T dW {prec}", fullrank._vt_dw_kernel, w,
+                  {"BLOCK_K": t["k"], "BLOCK_N": t["n"], "PRECISION": prec}, t["w"], arch)
+            build(f"W={wd} V M {prec}", fullrank._v_m_kernel, w,
+                  {"STORE": True, "BLOCK_M": t["m"], "BLOCK_N": t["n"], "BLOCK_K": t["k"], "PRECISION": prec},
+                  t["w"], arch)
 print("compiled")
 """
 
 
 def test_kernels_compile_for_cuda_without_a_gpu():
     """Interpreter runs skip triton's compiler: compile each kernel with the GPU default tiles for
-    sm_80 and sm_90 (triton ships ptxas), so that compiled-mode errors show up on a CPU machine,
-    and read each cubin's resources (triton's cuobjdump): the default tiles must not spill
-    registers to local memory (the tiles were sized for that; a triton upgrade can change it)."""
+    sm_80 and sm_90 (triton ships ptxas), for bf16 and fp32 weights, specialized as a launch on
+    Llama shapes is, so that compiled-mode errors show up on a CPU machine. The default tiles must
+    fit each GPU's shared memory (else triton raises OutOfResources at launch) and, by each cubin's
+    resources (triton's cuobjdump), not spill registers to local memory (the tiles were sized for
+    that; a triton upgrade can change it)."""
     import triton.backends
 
     if "nvidia" not in triton.backends.backends:
@@ -388,6 +404,7 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     done = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    assert "OVER-SHARED" not in done.stdout, done.stdout  # triton raises OutOfResources at launch
     assert "SPILLS" not in done.stdout, done.stdout
 
 
@@ -434,3 +451,37 @@ def test_gpu_fullrank(d_out, d_in):
     bf16 = fullrank.fullrank_sums(wa, wu, delta, precision="bf16")  # on the tensor cores' bf16 rate
     for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), bf16, ref_sums):
         _rel(a, b, f"{name} (bf16 operands)", tol=BF16_TOL)
+
+
+def test_triton_imported_before_the_interpreter_was_asked_for(tmp_path):
+    """Something imported triton (compiled mode) before TRITON_INTERPRET=1 was set: one line that
+    says so and what to do, not triton's "Cannot call @triton.jit'd outside of the scope"."""
+    code = (
+        "import os, triton, triton.language\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import torch\n"
+        "from safemerge_ext import ops\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "w = torch.randn(32, 16, generator=g)\n"
+        "try:\n"
+        "    ops.subspace_cosine(w, w * 0.9, lora_A=torch.randn(2, 16, generator=g),\n"
+        "                        lora_B=torch.randn(32, 2, generator=g), backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('ERR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ERR triton backend: triton was imported before TRITON_INTERPRET=1 was set")
+    assert out.stdout.count("\n") == 1
+
+
+def test_fp64_inputs_are_computed_in_fp32():
+    """float64 weights, factors and updates are narrowed to fp32 before launch (fp64 tiles would need
+    twice the shared memory on a GPU): the same bits as fp32 inputs."""
+    wa, wu, g = _layer(67, 131, torch.float64, _seed("fp64"))
+    B = (torch.randn(67, 5, generator=g, dtype=torch.float64) * 0.01).to(DEVICE)
+    dW = (torch.randn(67, 131, generator=g, dtype=torch.float64) * 0.001).to(DEVICE)
+    got, want = lowrank.lowrank_passes(wa, wu, B), lowrank.lowrank_passes(wa.float(), wu.float(), B.float())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
+    assert fullrank.fullrank_sums(wa, wu, dW) == fullrank.fullrank_sums(wa.float(), wu.float(), dW.float())

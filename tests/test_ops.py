@@ -89,9 +89,14 @@ def test_backend_registry(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert backends.resolve("triton", "cpu")[0] == "triton"
         assert backends.resolve("auto", "cpu")[0] != "triton"
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(ValueError, match="runs on cuda"):
-            backends.resolve("triton", "cpu")
+        for off in ("0", "off", ""):  # read as triton reads it
+            monkeypatch.setenv("TRITON_INTERPRET", off)
+            with pytest.raises(ValueError, match="runs on cuda") as err:
+                backends.resolve("triton", "cpu")
+            assert "set TRITON_INTERPRET=1" in str(err.value)
+            assert str(err.value).endswith(f"another backend ({', '.join(n for n in ('cpp', 'torch') if avail[n] is None)})")
+        monkeypatch.setenv("TRITON_INTERPRET", "true")
+        assert backends.resolve("triton", "cpu")[0] == "triton"
     monkeypatch.setenv("SAFEMERGE_BACKEND", "torch")
     assert backends.resolve("auto", "cpu")[0] == "torch"
 
