@@ -182,6 +182,9 @@ def _warm_gpu(data: Path, adapters: str, backend: str) -> float:
         ops.subspace_score(wa, wa * 0.5, lora_A=torch.randn(r, d_in, device="cuda"),
                            lora_B=torch.randn(d_out, r, device="cuda"), backend=backend)
     torch.cuda.synchronize()
+    del wa
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()  # peak_gpu_mb is the pipeline's, not the warm-up's
     return time.perf_counter() - t0
 
 
@@ -354,6 +357,9 @@ def interpreter_baseline() -> dict:
 
 
 def git_sha() -> str:
+    """The checkout's commit; GIT_SHA where the tree was copied without .git (a lent GPU machine)."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     except OSError:

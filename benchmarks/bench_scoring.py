@@ -101,6 +101,9 @@ def _machine(device: torch.device) -> str:
 
 
 def _git_sha() -> str:
+    """The checkout's commit; GIT_SHA where the tree was copied without .git (a lent GPU machine)."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -186,8 +189,9 @@ def cache_flusher(device: torch.device) -> Callable[[], object] | None:
 
 
 # Datasheet peaks (dense, no sparsity) of the GPUs issue 4's targets name: HBM GB/s, bf16 TFLOP/s.
-# Matched on torch.cuda.get_device_name; the first match wins (H100 NVL / PCIe before the SXM part).
-DATASHEET = (("H200", 4800.0, 989.5), ("H100 NVL", 3900.0, 835.0), ("H100 PCIe", 2000.0, 756.0),
+# Matched on torch.cuda.get_device_name; the first match wins (NVL / PCIe parts before the SXM ones).
+DATASHEET = (("H200 NVL", 4800.0, 835.0), ("H200", 4800.0, 989.5), ("H100 NVL", 3900.0, 835.0),
+             ("H100 PCIe", 2000.0, 756.0),
              ("H100", 3350.0, 989.5), ("A100-SXM4-80GB", 2039.0, 312.0), ("A100", 1555.0, 312.0))
 
 
@@ -381,8 +385,17 @@ def pages_of(args: argparse.Namespace, *ws: torch.Tensor) -> dict:
     return {"pages": page_label(share), "huge_page_share": None if share is None else round(share, 3)}
 
 
+def _rejected(name: str, shape: str, r, err: float, meta: dict) -> dict:
+    """A provider whose results disagree with naive torch: reported, left out of the timing (one
+    outlier must not end a GPU session's only run)."""
+    msg = f"rel err {err:.2e} over the {agreement(name):.0e} allowed"
+    print(f"REJECTED {name} at {shape} r={r}: {msg} (not timed)", flush=True)
+    return {"provider": name, "shape": shape, "r": r, "error": msg, **meta}
+
+
 def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, time_ms,
-                 mm: tuple[torch.Tensor, torch.Tensor], flush: Callable[[], object] | None = None) -> list[dict]:
+                 mm: tuple[torch.Tensor, torch.Tensor], flush: Callable[[], object] | None = None,
+                 save: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
     """Full-rank scoring per backend against naive-full and the floor; see the module docstring."""
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -408,14 +421,17 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
         nbytes = 3 * wa.numel() * wa.element_size()
         flops = 4 * d_out * d_in * d_in
         ref = naive_full(wa, wu, dW)
+        agreed = {}
         for name, fn in calls.items():
             err = rel_err(fn(wa, wu, dW), ref)  # every output, ||dW||^2 and ||V||^2 included
             if err > agreement(name):
-                raise AssertionError(f"{name} disagrees with naive torch at {shape}: rel err {err:.2e}")
+                rows.append(_rejected(name, f"{d_out}x{d_in}", "full", err, meta))
+            else:
+                agreed[name] = fn
         ts = round_robin(device, {
             "read": lambda: read_once(wa, wu, dW), "matmul": lambda: mm_a @ mm_b,
             "naive-full": lambda: naive_full(wa, wu, dW),
-            **{name: (lambda fn=fn: fn(wa, wu, dW)) for name, fn in calls.items()},
+            **{name: (lambda fn=fn: fn(wa, wu, dW)) for name, fn in agreed.items()},
         }, args.reps, flush)
         read_ms = min(ts.pop("read"))
         gflops = matmul_gflops(mm_a, min(ts.pop("matmul")))
@@ -434,13 +450,15 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
                 "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
                 "loadavg_1m": round(os.getloadavg()[0], 2), "mm_gflops": round(gflops, 1), **pages, **meta,
             })
-        _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}"], header=len(rows) == len(times),
-                    cols=_COLS_FULL)
+        _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}" and "error" not in r_],
+                    header=not any(x["shape"] != f"{d_out}x{d_in}" for x in rows), cols=_COLS_FULL)
+        save(rows)
         del wa, wu, dW
     return rows
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """The rows of the run; ``save`` gets them after every shape and rank (a run cut short keeps them)."""
     device = torch.device(args.device)
     time_ms = timer(device)
     dtype = DTYPES[args.dtype]
@@ -474,7 +492,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
         meta["cpp_isa"], meta["cpp_openmp"] = _cpu.isa(), _cpu.openmp()
     if args.fullrank:
-        return run_fullrank(args, providers, meta, time_ms, (mm_a, mm_b), flush)
+        return run_fullrank(args, providers, meta, time_ms, (mm_a, mm_b), flush, save)
     rows = []
     ranks = [int(r) for r in args.ranks.split(",")]
     for shape in args.shapes.split(","):
@@ -498,10 +516,11 @@ def run(args: argparse.Namespace) -> list[dict]:
             if "triton" in impls and device.type == "cuda":
                 for prec in TENSOR_CORE_PRECISIONS:
                     impls[f"triton-{prec}"] = lambda a, u, b, f=impls["triton"], prec=prec: f(a, u, b, precision=prec)
-            for name, impl in impls.items():
+            for name, impl in list(impls.items()):
                 err = rel_err(impl(wa, wu, B), ref)  # T, P and ||V||^2
                 if err > agreement(name):
-                    raise AssertionError(f"{name} disagrees with naive torch at {shape} r={r}: rel err {err:.2e}")
+                    rows.append(_rejected(name, f"{d_out}x{d_in}", r, err, meta))
+                    del impls[name]
             ts = round_robin(device, {
                 "read": lambda: read_once(wa, wu), "matmul": lambda: mm_a @ mm_b,
                 "naive": lambda: naive(wa, wu, B),
@@ -528,8 +547,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "mm_gflops": round(gflops, 1), "materialized_note": mat_note,
                     "loadavg_1m": round(os.getloadavg()[0], 2), **pages, **meta,
                 })
-            _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}" and r_["r"] == r], header=not any(
-                x["shape"] != f"{d_out}x{d_in}" or x["r"] != r for x in rows), cols=_COLS_GPU if flush else _COLS)
+            _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}" and r_["r"] == r and "error" not in r_],
+                        header=not any(x["shape"] != f"{d_out}x{d_in}" or x["r"] != r for x in rows),
+                        cols=_COLS_GPU if flush else _COLS)
+            save(rows)
         del wa, wu
     return rows
 
@@ -583,12 +604,11 @@ def main(argv: list[str] | None = None) -> int:
         args.shapes, args.ranks, args.reps = "4096x4096", "16", 3
     if args.fullrank and args.shapes == ",".join(LLAMA_SHAPES) and args.device == "cpu":
         args.shapes = "1024x1024,2048x2048,1024x4096"  # 4 d_out d_in^2 flops: seconds per call on a CPU
-    rows = run(args)
     kind = "fullrank" if args.fullrank else "scoring"
     out = Path(args.out) if args.out else (
         ROOT / "benchmarks" / "results" / f"{kind}-{socket.gethostname()}-{dt.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    run(args, save=lambda rows: out.write_text(json.dumps(rows, indent=1)))
     print(f"wrote {out}")
     return 0
 

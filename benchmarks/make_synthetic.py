@@ -94,17 +94,20 @@ def shards(a: Arch) -> list[list[tuple[str, tuple[int, ...]]]]:
     return out
 
 
-def gen(name: str, shape: tuple[int, ...], seed: int, which: str) -> torch.Tensor:
-    """Deterministic per-tensor values; the unaligned twin is recomputed from the aligned one."""
-    g = torch.Generator().manual_seed(seed * 7919 + zlib.crc32(name.encode()))
+def gen(name: str, shape: tuple[int, ...], seed: int, which: str, device: str = "cpu") -> torch.Tensor:
+    """Deterministic per-tensor values; the unaligned twin is recomputed from the aligned one.
+    Drawn on ``device`` (a GPU draws a 7B checkpoint in seconds; its values differ from the CPU's,
+    seeded all the same)."""
+    g = torch.Generator(device=device).manual_seed(seed * 7919 + zlib.crc32(name.encode()))
     if len(shape) == 1:
         return torch.ones(shape, dtype=torch.bfloat16)
-    w = torch.randn(shape, generator=g).mul_(0.02)
+    w = torch.randn(shape, generator=g, device=device).mul_(0.02)
     if which == "unaligned" and "layers." in name:
         k = 4
-        drift = torch.randn(shape[0], k, generator=g) @ torch.randn(k, shape[1], generator=g)
-        w.sub_(drift.mul_(2e-4)).sub_(torch.randn(shape, generator=g).mul_(1e-3))
-    return w.to(torch.bfloat16)
+        drift = torch.randn(shape[0], k, generator=g, device=device) @ torch.randn(k, shape[1], generator=g,
+                                                                                    device=device)
+        w.sub_(drift.mul_(2e-4)).sub_(torch.randn(shape, generator=g, device=device).mul_(1e-3))
+    return w.to(torch.bfloat16).cpu()
 
 
 def config(a: Arch) -> dict:
@@ -117,7 +120,7 @@ def config(a: Arch) -> dict:
     }
 
 
-def write_model(a: Arch, out: Path, which: str, seed: int) -> None:
+def write_model(a: Arch, out: Path, which: str, seed: int, device: str = "cpu") -> None:
     out.mkdir(parents=True, exist_ok=True)
     parts = shards(a)
     weight_map, total = {}, 0
@@ -125,7 +128,7 @@ def write_model(a: Arch, out: Path, which: str, seed: int) -> None:
         fname = "model.safetensors" if len(parts) == 1 else f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
         with StreamingWriter(out / fname, [(n, s, torch.bfloat16) for n, s in part]) as w:
             for name, shape in part:
-                w.write(name, gen(name, shape, seed, which))
+                w.write(name, gen(name, shape, seed, which, device))
                 weight_map[name] = fname
                 total += numel(shape) * 2
         print(f"  {out.name}/{fname}", flush=True)
@@ -158,7 +161,8 @@ def needed_bytes(a: Arch) -> int:
     return 2 * sum(numel(s) * 2 for _, s in tensors(a)) + 2**28
 
 
-def make(shape: str | Arch, root: Path, seed: int = 0, force: bool = False, name: str | None = None) -> Path:
+def make(shape: str | Arch, root: Path, seed: int = 0, force: bool = False, name: str | None = None,
+         device: str = "cpu") -> Path:
     """Write the checkpoints for ``shape`` (a name or an Arch) under ``root/name`` (skipped when complete)."""
     a = SHAPES[shape] if isinstance(shape, str) else shape
     out = root / (name or str(shape))
@@ -174,8 +178,8 @@ def make(shape: str | Arch, root: Path, seed: int = 0, force: bool = False, name
     if out.exists():
         shutil.rmtree(out)
     print(f"writing {out.name} ({need / 2**30:.1f} GiB) to {out}")
-    write_model(a, out / "aligned", "aligned", seed)
-    write_model(a, out / "unaligned", "unaligned", seed)
+    write_model(a, out / "aligned", "aligned", seed, device)
+    write_model(a, out / "unaligned", "unaligned", seed, device)
     write_adapter(a, out / "task-qv", ("q_proj", "v_proj"), 8, 16, seed + 1)
     write_adapter(a, out / "safety-qv", ("q_proj", "v_proj"), 8, 16, seed + 2)
     write_adapter(a, out / "task-all", ATTN + MLP, 16, 32, seed + 3)
@@ -190,8 +194,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/data", help="root folder (default: benchmarks/data)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rewrite even when complete")
+    ap.add_argument("--device", default="cpu", help="draw the weights there (cuda: seconds for a 7B checkpoint; "
+                                                    "other values than the CPU's, equally seeded)")
     args = ap.parse_args()
-    make(args.shape, Path(args.out), args.seed, args.force)
+    make(args.shape, Path(args.out), args.seed, args.force, device=args.device)
 
 
 if __name__ == "__main__":

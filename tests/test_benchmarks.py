@@ -86,6 +86,42 @@ def test_bench_scoring_gpu_columns(tmp_path, monkeypatch, capsys):
     assert all(r["pct_bf16_peak"] == pytest.approx(100 * r["tflops"] / 2.0, rel=0.02, abs=0.1) for r in full)
 
 
+def test_bench_scoring_rejects_a_disagreeing_provider_and_saves_as_it_goes(tmp_path, monkeypatch, capsys):
+    """A provider off naive torch is reported and left out of the timing; the others still run, and
+    the JSON holds every row finished so far (a GPU session's run cut short keeps them)."""
+    import bench_scoring
+    from safemerge_ext import backends
+
+    torch_impl = backends.resolve("torch", "cpu")[1]
+
+    class Off:  # the torch backend with T off by 1%, on the second shape only
+        @staticmethod
+        def lowrank_passes(wa, wu, B):
+            T, P, vsq = torch_impl.lowrank_passes(wa, wu, B)
+            return (T * 1.01 if wa.shape[0] == 64 else T), P, vsq
+
+    real = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda name, dev: ("torch", Off) if name == "torch" else real(name, dev))
+    saved = []
+    out = tmp_path / "s.json"
+
+    def save(rows):
+        saved.append(len(rows))
+        out.write_text(json.dumps(rows))
+
+    import argparse
+
+    ns = argparse.Namespace(device="cpu", dtype="bf16", backends="torch", shapes="67x131,64x64", ranks="3", reps=1,
+                            offset=0, huge_pages=False, materialized="never", fullrank=False)
+    rows = bench_scoring.run(ns, save=save)
+    assert saved == [2, 4] and json.loads(out.read_text()) == rows
+    bad = [r for r in rows if "error" in r]
+    assert [(r["provider"], r["shape"]) for r in bad] == [("torch", "64x64")]
+    assert {(r["provider"], r["shape"]) for r in rows if "error" not in r} == {
+        ("torch", "67x131"), ("naive", "67x131"), ("naive", "64x64")}
+    assert "REJECTED torch at 64x64 r=3" in capsys.readouterr().out
+
+
 def test_bench_scoring_copy_bandwidth_is_read_plus_write(monkeypatch):
     import bench_scoring
 

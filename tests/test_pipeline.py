@@ -592,3 +592,30 @@ def test_prefetch_raises_reader_errors():
         for i, _ in prefetch(range(5), load, depth=1):
             got.append(i)
     assert got == [0, 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("command", ["merge", "project"])
+def test_gpu_pipeline_matches_the_cpu(fx_bf16, tmp_path, command):
+    """--device cuda (pinned staging, copies on a side stream, every GPU backend auto picks) gives
+    the CPU run's scores, flags and written factors, to fp32 accumulation order."""
+    ref = refs(fx_bf16)
+    tau = threshold_between(list(ref.values()), 8)
+    outs = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        args = (merge_args(fx_bf16, out, "--threshold", tau) if command == "merge" else
+                ["project", "--aligned", fx_bf16.aligned, "--unaligned", fx_bf16.unaligned, "--adapter",
+                 fx_bf16.task, "--out", out, "--threshold", tau])
+        assert run_cli([*args, "--device", device]) == 0
+        outs[device] = (report_of(out), load_file(out / "adapter_model.safetensors"))
+    (cpu_rep, cpu_sd), (gpu_rep, gpu_sd) = outs["cpu"], outs["cuda"]
+    assert gpu_rep["backend"] in ("triton", "cuda") and gpu_rep["settings"]["device"].startswith("cuda")
+    assert [r["module"] for r in gpu_rep["layers"]] == [r["module"] for r in cpu_rep["layers"]]
+    for a, b in zip(cpu_rep["layers"], gpu_rep["layers"]):
+        assert a["flagged"] == b["flagged"] and abs(a["cosine"] - b["cosine"]) <= 1e-5, a["module"]
+    assert cpu_sd.keys() == gpu_sd.keys()
+    for k, v in cpu_sd.items():
+        assert gpu_sd[k].device.type == "cpu" and gpu_sd[k].dtype == v.dtype
+        assert_close(gpu_sd[k].double(), v.double(), atol=1e-5 * float(v.abs().max()), rtol=1e-4, what=k)
