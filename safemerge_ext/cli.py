@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from safemerge_ext.backends import PRECISION_ENV_VAR, PRECISIONS  # (no torch)
 
@@ -75,8 +75,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (what is wrong, and where the usage is) and exit code 2;
+    subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="safemerge",
         description="SafeMERGE: find the layers where fine-tuning drifted out of the model's safety subspace "
                     "(cos(C dW, dW) with C = V V^T/||V||, V = W_aligned - W_unaligned) and merge only those "
@@ -205,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("safemerge: interrupted; nothing was written to --out", file=sys.stderr)
         return 130
+    finally:
+        if "safemerge_ext.report" in sys.modules:
+            sys.modules["safemerge_ext.report"].finish_preloads()
 
 
 def yaml_main(argv: Sequence[str] | None = None) -> None:

@@ -39,6 +39,7 @@ from typing_extensions import Annotated
 
 from safemerge_ext import ops
 from safemerge_ext.backends import EXACT, PRECISIONS, requested_precision
+from safemerge_ext.io.models import all_finite
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import combine_full, seeded
 from safemerge_ext.report import REPORT_JSON, REPORT_PNG, LayerRecord, build_report, plot, summary_table, write_json
@@ -131,6 +132,16 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 def _module(name: str | None) -> str:
     name = name or "?"
     return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def _finite(name: str, out: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``out`` when every value is finite; else one line naming the tensor and the input models
+    that hold NaN or Inf (what the method writes must not carry them silently)."""
+    if all_finite(out):
+        return out
+    bad = [role for role, x in inputs.items() if not all_finite(x)]
+    where = f"the {' and '.join(bad)} model{'s' if len(bad) > 1 else ''}" if bad else "the merged result"
+    raise FloatingPointError(f"tensor {name}: NaN or Inf in {where}; check the input models")
 
 
 def _score(name: str, wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor, precision: str | None) -> ops.Score:
@@ -268,7 +279,8 @@ def safemerge_method(
     """Flag a weight when cos(C dW_f, dW_f) < threshold; flagged: W_a + merge(alpha dW_f, (1-alpha) dW_s)."""
     t = _roles(group, role, "safemerge")
     if not _scorable(group, t["task"]):
-        return t["task"]
+        return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
+    _finite(group.metadata.name or "?", t["safety"], {"safety": t["safety"]})  # flagged or not
     s = _Scored.of(group, t, role, precision)
     flagged = not math.isnan(s.score.cosine) and s.score.cosine < threshold
     out = s.task
@@ -276,7 +288,7 @@ def safemerge_method(
         dWs = t["safety"].to(s.wd) - s.wa
         merged = combine_full(s.dW, dWs, alpha=alpha, method=merge, density=density, seed=seed, module=_module(s.name))
         del dWs
-        out = (s.wa + merged.to(s.wd)).to(s.task.dtype)
+        out = _finite(s.name, (s.wa + merged.to(s.wd)).to(s.task.dtype), t)
     s.record("safemerge", group, flagged, "merged" if flagged else "kept",
              {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed}, report_path)
     return out
@@ -298,12 +310,13 @@ def safelora_method(
     """Flag a weight when cos(C dW, dW) <= threshold; flagged: W_a + C dW (C never formed)."""
     t = _roles(group, role, "safelora")
     if not _scorable(group, t["task"]):
-        return t["task"]
+        return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
     s = _Scored.of(group, t, role, precision)
     flagged = not math.isnan(s.score.cosine) and s.score.cosine <= threshold
     out = s.task
     if flagged:
-        out = (s.wa + ops.project_delta(s.wa, s.wu, s.dW, precision=precision).to(s.wd)).to(s.task.dtype)
+        out = _finite(s.name, (s.wa + ops.project_delta(s.wa, s.wu, s.dW, precision=precision).to(s.wd))
+                      .to(s.task.dtype), t)
     s.record("safelora", group, flagged, "projected" if flagged else "kept", {"threshold": threshold}, report_path)
     return out
 
@@ -339,7 +352,7 @@ def resta_method(
 
         with seeded(seed, _module(name), shift.device):
             shift = random_pruning(shift, density, rescale=True)
-    out = torch.add(task.to(wd), shift, alpha=beta).to(task.dtype)
+    out = _finite(name, torch.add(task.to(wd), shift, alpha=beta).to(task.dtype), t)
     if score is not None:
         _record("resta", group, score, flagged=False, action="shifted", settings={"beta": beta, "density": density,
                 "seed": seed}, src_dtype=task.dtype, band=None, elapsed=time.perf_counter() - start,

@@ -174,12 +174,22 @@ def open_run(
     run.adapter_bytes = task.nbytes + (safety.nbytes if safety is not None else 0)
     if safety is not None:
         extra = sorted(set(safety.modules) - set(task.modules), key=natural_key)
+        foreign = next((m for m in extra if aligned.resolve_module(m) is None), None)
+        if foreign is not None:
+            raise SafeMergeError(
+                f"{safety.flag} {safety.path}: targets module {foreign}, but --aligned {aligned.path} has no tensor "
+                f"{foreign}.weight; the adapter was trained on another architecture"
+            )
         if extra:
             run.warnings.append(
                 f"{len(extra)} safety-adapter module(s) have no task update and are ignored (e.g. {extra[0]})"
             )
     return run
 
+
+# ties/dare updates are full rank: as an adapter they are re-factorized to rank r_task + r_safety,
+# and a relative error above this is reported as a warning.
+SVD_WARN = 1e-3
 
 READ_AHEAD_LAYERS = 2
 READ_AHEAD_BYTES = 64 << 20
@@ -507,6 +517,13 @@ def merge(
             modules = [merged_module(layer, rec) if rec.flagged else OutModule.from_lora(layer.task)
                        for layer, rec in zip(run.layers, records)]
             write_adapter(tmp, task.config, modules)  # makes each module's factors as it writes it
+            lossy = [rec.extra["svd_rel_error"] for rec in records if rec.extra.get("svd_rel_error", 0.0) > SVD_WARN]
+            if lossy:
+                run.warnings.append(
+                    f"--method {settings.method} as an adapter: {len(lossy)} flagged layer(s), re-factorized to rank "
+                    f"r_task + r_safety, keep their merged update only up to a relative error of {max(lossy):.2g} "
+                    "(svd_rel_error per layer); --output model writes the exact merge"
+                )
         else:
             by_weight = {layer.weight: (layer, rec) for layer, rec in zip(run.layers, records)}
 

@@ -100,12 +100,23 @@ def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
+_preloads: list[threading.Thread] = []
+
+
 def preload_plotting() -> threading.Thread:
     """Import matplotlib's Agg figure machinery in the background (about half a second) while
     the caller reads and scores layers, so that :func:`plot` at the end only renders."""
     t = threading.Thread(target=_import_agg, name="safemerge-matplotlib", daemon=True)
     t.start()
+    _preloads.append(t)
     return t
+
+
+def finish_preloads(timeout: float = 30.0) -> None:
+    """Wait for background imports still running: a run that fails early must not exit while a
+    daemon thread is inside an extension module's initialization (that can abort the process)."""
+    while _preloads:
+        _preloads.pop().join(timeout)
 
 
 def _import_agg():

@@ -179,7 +179,8 @@ def _local_dir(path: str, what: str) -> Path:
 
 
 def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bool, int]:
-    """Paths exist; 2-D tensors of the aligned model have the same shape in every input (headers only)."""
+    """Paths exist; 2-D tensors of the aligned model have the same shape in every input, and the same
+    dtype in the unaligned one (headers only)."""
     from safemerge_ext.io.adapters import read_adapter
     from safemerge_ext.io.models import ModelReader
 
@@ -197,7 +198,7 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
     vocab = _vocab_size(base.path)
     checked = 0
     for name in base.names:
-        shape, _ = base.meta(name)
+        shape, dtype = base.meta(name)
         if len(shape) != 2:
             continue
         for label, ref, reader in readers[1:]:
@@ -206,7 +207,12 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
                     f"tensor {name} is in the aligned model but missing from {label} ({ref.model.path}); "
                     "all models must share one architecture"
                 )
-            other, _ = reader.meta(name)
+            other, other_dtype = reader.meta(name)
+            if label == "role unaligned" and other_dtype != dtype:  # as the CLI: V = W_a - W_u must not carry
+                raise SafeMergeError(                               # one model's rounding alone
+                    f"tensor {name} is {dtype} in the aligned model but {other_dtype} in {label} "
+                    f"({ref.model.path}): save both models in one dtype so their difference is meaningful"
+                )
             differ = [a for a, b in zip(shape, other) if a != b]
             if differ and vocab is not None and len(other) == 2 and all(a == vocab for a in differ):
                 continue  # a vocabulary table with added tokens: mergekit's tokenizer settings handle it

@@ -141,12 +141,25 @@ def case_models(fx, tmp: Path, kind: str):
                 sd.pop(f"base_model.model.{Q0}.lora_{ab}.weight")
         edit_adapter(s, tensors=drop)
         return a, u, t, s, ["--safety-adapter", Q0, "same target modules"]
+    if kind == "foreign_safety_module":  # a module the model lacks, and the task adapter does not adapt
+        s = copy(fx.safety, tmp / "s")
+
+        def add(sd):
+            for ab in "AB":
+                sd[f"base_model.model.model.layers.9.self_attn.q_proj.lora_{ab}.weight"] = \
+                    sd[f"base_model.model.{Q0}.lora_{ab}.weight"].clone()
+        edit_adapter(s, tensors=add)
+        return a, u, t, s, ["--safety-adapter", "model.layers.9.self_attn.q_proj", "another architecture"]
+    if kind == "pissa":
+        t = copy(fx.task, tmp / "t")
+        edit_adapter(t, config=lambda c: c.__setitem__("init_lora_weights", "pissa_niter_4"))
+        return a, u, t, s, ["--task-adapter", "init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"]
     raise KeyError(kind)
 
 
 CASES = ["missing_dir", "missing_tensor", "missing_shard", "truncated", "shape", "dtype", "bin_only", "nan_weight", "inf_weight",
          "nan_adapter", "unknown_module", "adapter_shape", "dora", "not_lora", "rank_mismatch", "no_adapter_file",
-         "truncated_adapter", "safety_lacks_module"]
+         "truncated_adapter", "safety_lacks_module", "foreign_safety_module", "pissa"]
 
 
 def leftovers(parent: Path, name: str) -> list[Path]:
@@ -184,8 +197,27 @@ def test_bad_settings(fx, tmp_path, capsys, argv, expect):
         main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
               "--safety-adapter", str(fx.safety), "--out", str(out), *argv])
     assert e.value.code == 2
-    assert expect in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert expect in err and "\n" not in err, err  # one line, not argparse's usage block
+    assert err.startswith("safemerge merge: error: ") and err.endswith("(see safemerge merge --help)")
     assert leftovers(tmp_path, "out") == []
+
+
+def test_nan_in_a_copied_tensor_with_model_output(fx, tmp_path, capsys):
+    """--output model copies every other tensor of the aligned model: one with NaN is refused
+    (checked by a thread reading ahead of the writer), and nothing is written."""
+    a = copy(fx.aligned, tmp_path / "a")
+    shard = edit_tensor(a, "model.embed_tokens.weight", set_nan("model.embed_tokens.weight"))
+    out = tmp_path / "out"
+    code = main(["merge", "--aligned", str(a), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
+                 "--safety-adapter", str(fx.safety), "--out", str(out), "--output", "model", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert f"--aligned {a / shard.name}: tensor model.embed_tokens.weight contains NaN or Inf" in err
+    assert leftovers(tmp_path, "out") == []
+    # the adapter output never reads that tensor
+    assert main(["merge", "--aligned", str(a), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
+                 "--safety-adapter", str(fx.safety), "--out", str(out), "--no-progress"]) == 0
 
 
 def test_settings_validated_in_api():
@@ -299,3 +331,21 @@ def test_os_errors_are_one_line(fx, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"safemerge: error: No space left on device: {tmp_path / 'out'}", err
     assert leftovers(tmp_path, "out") == []
+
+
+def test_a_run_failing_while_scoring_leaves_no_import_thread_running(fx, tmp_path, capsys, monkeypatch):
+    """matplotlib is imported in a background thread while layers are scored; a run that fails
+    then waits for that import before it returns (exiting inside an extension module's
+    initialization can abort the process)."""
+    import threading
+    import time
+
+    from safemerge_ext import report
+
+    monkeypatch.setattr(report, "_import_agg", lambda: time.sleep(0.5))  # an import slower than the failure
+
+    a, u, t, s, _ = case_models(fx, tmp_path, "inf_weight")
+    assert main(["merge", "--aligned", str(a), "--unaligned", str(u), "--task-adapter", str(t),
+                 "--safety-adapter", str(s), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "Inf" in capsys.readouterr().err
+    assert not [th for th in threading.enumerate() if th.name == "safemerge-matplotlib" and th.is_alive()]

@@ -124,7 +124,10 @@ def check_all(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol:
 def check_report(report: dict, flags: dict[str, bool], method: str) -> None:
     layers = {r["module"]: r for r in report["layers"]}
     assert report["method"] == method and set(layers) == set(flags)
-    assert [r["module"] for r in report["layers"]] == sorted(layers, key=lambda m: [int(x) if x.isdigit() else x for x in m.replace(".", " ").split()])
+    kinds = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]  # model order: blocks by number, modules as Llama defines them
+    assert [r["module"] for r in report["layers"]] == sorted(
+        layers, key=lambda m: (int(m.split(".")[2]), kinds.index(m.split(".", 3)[3])))
     assert {m: r["flagged"] for m, r in layers.items()} == flags
     assert layers[V_ZERO[:-7]]["cosine"] is None and "V = 0" in layers[V_ZERO[:-7]]["reason"]
     assert layers[DW_ZERO[:-7]]["cosine"] is None and "zero" in layers[DW_ZERO[:-7]]["reason"]
@@ -315,10 +318,12 @@ def _mismatched_model(tmp: Path) -> Path:
         ("unknown_method", "merge_method 'safemerj'"),
         ("no_role", "has no role"),
         ("missing_path", "no such directory"),
-        ("shape_mismatch", "model.layers.0.mlp.down_proj.weight has shape"),
+        ("shape_mismatch", "model.layers.0.mlp.gate_proj.weight has shape"),  # the first in model order
+        ("unaligned_dtype", "is torch.float32 in the aligned model but torch.bfloat16 in role unaligned"),
     ],
 )
-def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads, case, culprit, monkeypatch):
+def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads, case, culprit, monkeypatch,
+                                                  request):
     cfg = recipe(pico, params={"threshold": 0.35})
     models = cfg["models"]
     if case == "missing_role":
@@ -349,6 +354,9 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         models[0]["model"] = str(tmp_path / "nowhere")
     elif case == "shape_mismatch":
         models[2]["model"] = str(_mismatched_model(tmp_path))
+    elif case == "unaligned_dtype":  # V = W_a - W_u would carry the bf16 rounding of one side only
+        unaligned = next(m for m in models if m["parameters"]["role"] == "unaligned")
+        unaligned["model"] = str(request.getfixturevalue("pico_bf16") / "unaligned")
     with pytest.raises(SafeMergeError) as err:
         validate_recipe(cfg, "r.yml")
     msg = str(err.value)
@@ -722,3 +730,24 @@ def test_value_precision_of_tensors():
     tail = x.bfloat16().float()
     tail[-1, -1] = 0.1  # only the last value is off bf16: the whole tensor is read, not its first rows
     assert _value_precision(tail) is None
+
+
+@pytest.mark.parametrize("where", ["safety-flagged", "safety-kept", "task-norm"])
+def test_nan_in_any_input_it_writes_from_is_refused(pico, tmp_path, where):
+    """NaN/Inf never reaches the output silently: the safety model's weight of a scored layer
+    (flagged or not) and a tensor passed through (the task model's final norm) are refused, with the
+    tensor and the model named."""
+    from mergekit_fixtures import save_model
+
+    _, flags = reference(pico, "safemerge")
+    flagged = sorted(m for m, f in flags.items() if f)
+    kept = sorted(m for m, f in flags.items() if f is False)
+    role, name = {"safety-flagged": ("safety", f"{flagged[0]}.weight"), "safety-kept": ("safety", f"{kept[0]}.weight"),
+                  "task-norm": ("task", "model.norm.weight")}[where]
+    sd = read_model(getattr(pico, role))
+    sd[name].view(-1)[3] = float("nan")
+    save_model(sd, tmp_path / role)
+    cfg = recipe(pico, params={"threshold": TAU}, **{role: str(tmp_path / role)})
+    with pytest.raises(Exception) as err:
+        merge(cfg, tmp_path / "o")
+    assert f"tensor {name}: NaN or Inf in the {role} model; check the input models" in str(err.value)

@@ -87,7 +87,11 @@ def test_score_matches_float64(fx, tmp_path, backend):
     assert set(got) == set(ref) and len(got) == 21
     for m, want in ref.items():
         assert abs(got[m] - want) < 2e-6, (m, got[m], want)
-    assert [r["module"] for r in rep["layers"]] == sorted(got, key=lambda m: (int(m.split(".")[2]), m))
+    # model order: blocks in number order, and each block's modules as Llama defines them
+    kinds = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    assert [r["module"] for r in rep["layers"]] == sorted(
+        got, key=lambda m: (int(m.split(".")[2]), kinds.index(m.split(".", 3)[3])))
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert rep["bytes_read"] > 0 and rep["counts"]["scored"] == 21
 
@@ -251,6 +255,11 @@ def test_merge_sparse_methods(fx, tmp_path, method):
         assert abs(rep_a[m]["svd_rel_error"] - rel) < 1e-4
         err = float((Bo.double() @ Ao.double() - dW).norm() / dW.norm())
         assert abs(err - rel) < 1e-4
+    # the loss is a warning of the report (and the printed summary), with the exact alternative
+    worst = max(rep_a[m]["svd_rel_error"] for m in flagged)
+    warned = [w for w in report_of(tmp_path / "a")["warnings"] if w.startswith(f"--method {method} as an adapter")]
+    assert worst > 1e-3 and len(warned) == 1 and f"{worst:.2g}" in warned[0] and "--output model" in warned[0]
+    assert not [w for w in report_of(tmp_path / "m")["warnings"] if "as an adapter" in w]
     if method.startswith("dare"):
         assert run_cli(merge_args(fx, tmp_path / "m2", *args, "--output", "model")) == 0
         again = load_model(tmp_path / "m2")

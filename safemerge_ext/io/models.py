@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import mmap
 import os
 import re
@@ -99,9 +100,34 @@ def _copy_buffered(src: int, dst: int, offset: int, count: int) -> int:
     return done
 
 
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite (no NaN, no Inf; True for non-floating tensors), in
+    one min/max pass without a tensor-sized temporary (isfinite makes one); float8, which torch's
+    min/max do not take, in fp32."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1).float() if t.dtype.itemsize == 1 else t.reshape(-1))
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+# Within a block, the order in which Llama-style models define their modules (attention before the
+# MLP; q, k, v, o; gate, up, down); any other name sorts after these, alphabetically.
+_MODULE_ORDER = {n: i for i, n in enumerate((
+    "self_attn", "attention", "attn", "mlp", "feed_forward", "block_sparse_moe",
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj",
+))}
+
+
 def natural_key(name: str) -> tuple:
-    """Sort key that puts layers.2 before layers.10 (model order, not string order)."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    """Sort key in model order: layers.2 before layers.10, and within a block the modules in the
+    order the model defines them (self_attn.q_proj before mlp.down_proj), not string order."""
+    return tuple(
+        int(p) if p.isdigit() else tuple((_MODULE_ORDER.get(c, len(_MODULE_ORDER)), c) for c in p.split("."))
+        for p in re.split(r"(\d+)", name)
+    )
 
 
 class ModelReader:
@@ -278,6 +304,27 @@ class ModelReader:
             self.bytes_read += done
         return buf
 
+    def scan_finite(self, name: str, buf: torch.Tensor | None = None) -> bool:
+        """Whether a floating tensor holds no NaN or Inf, read through ``buf`` (a uint8 scratch,
+        default 8 MiB) a chunk at a time: memory stays at the chunk, and reading is cheaper than
+        mapping the pages (measured, the 1B model's 2.5 GB from the page cache: 1.1 s read, about
+        1.7 s mapped). Not counted in ``bytes_read`` (the copy that follows counts the bytes)."""
+        shard, (code, _, start, end) = self._entry(name)
+        if code not in _FLOAT_CODES:
+            return True
+        dtype = self._dtype(shard, name, code)
+        buf = torch.empty(8 << 20, dtype=torch.uint8) if buf is None else buf
+        step = len(buf) - len(buf) % 8
+        view, fd = memoryview(buf.numpy()), self._fd(shard)
+        while start < end:
+            got = os.preadv(fd, [view[: min(step, end - start)]], start)
+            if got <= 0 or got % dtype.itemsize:
+                raise SafeMergeError(f"{self.flag} {self.path / shard}: file ended inside tensor {name}; re-download it")
+            if not all_finite(buf[:got].view(dtype)):
+                return False
+            start += got
+        return True
+
     def copy_into(self, name: str, out_fd: int) -> int:
         """Append one tensor's bytes to ``out_fd`` at its file position, copied inside the kernel
         (``copy_file_range``, else ``sendfile``, else through an 8 MiB buffer), so an unchanged
@@ -308,6 +355,19 @@ class ModelReader:
             if fd is None:
                 fd = self._fds[shard] = os.open(self.path / shard, os.O_RDONLY)
             return fd
+
+    def holds_floats(self, name: str) -> bool:
+        """Whether a tensor's dtype is a floating type torch can hold (the ones NaN/Inf apply to)."""
+        return self._entry(name)[1][0] in _FLOAT_CODES
+
+    def first_nonfinite(self, names: Iterable[str]) -> str | None:
+        """The first of ``names`` holding NaN or Inf (floating tensors only), else None. Checked a
+        run of back-to-back tensors at a time (one mapping and one min/max per run, dropped at
+        once, so none is held); a run that fails is searched tensor by tensor."""
+        for group, flat in self.map_runs([n for n in names if self.holds_floats(n)]):
+            if not all_finite(flat):
+                return next((n for n in group if not all_finite(self.map(n))), group[0])
+        return None
 
     def map(self, name: str) -> torch.Tensor:
         """One tensor as a view of its pages in the page cache (no copy), counted in ``bytes_read``.
