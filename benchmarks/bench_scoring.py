@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import socket
@@ -357,7 +358,7 @@ def rel_err(got, want) -> float:
             errs.append(float((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-30)))
         else:
             errs.append(abs(g - w) / max(abs(w), 1e-300))
-    return max(errs)
+    return math.inf if any(math.isnan(e) for e in errs) else max(errs)  # NaN anywhere: no agreement
 
 
 def bf16_tflops(device: torch.device, time_ms) -> float:
@@ -424,7 +425,7 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
         agreed = {}
         for name, fn in calls.items():
             err = rel_err(fn(wa, wu, dW), ref)  # every output, ||dW||^2 and ||V||^2 included
-            if err > agreement(name):
+            if not err <= agreement(name):
                 rows.append(_rejected(name, f"{d_out}x{d_in}", "full", err, meta))
             else:
                 agreed[name] = fn
@@ -518,7 +519,7 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
                     impls[f"triton-{prec}"] = lambda a, u, b, f=impls["triton"], prec=prec: f(a, u, b, precision=prec)
             for name, impl in list(impls.items()):
                 err = rel_err(impl(wa, wu, B), ref)  # T, P and ||V||^2
-                if err > agreement(name):
+                if not err <= agreement(name):
                     rows.append(_rejected(name, f"{d_out}x{d_in}", r, err, meta))
                     del impls[name]
             ts = round_robin(device, {

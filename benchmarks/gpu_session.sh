@@ -99,7 +99,7 @@ case "$stage" in
     build
     if ! lim "${SYNTH_S:-120}" "$PY" benchmarks/make_synthetic.py --shape llama2-7b --device cuda 2>&1 \
         | tee "$out/synth.log"; then
-      echo "synthetic data stopped (exit $?): no e2e run"; exit 0
+      echo "synthetic data stopped (exit ${PIPESTATUS[0]}): no e2e run"; exit 0
     fi
     lim "${E2E_S:-180}" "$PY" benchmarks/bench_end_to_end.py --shape llama2-7b --device cuda \
       --skip mergekit ${E2E_SKIP-reference copy-floor safemerge-model} \

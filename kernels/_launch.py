@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from typing import Callable, TypeVar
 
 import torch
 
@@ -25,6 +26,7 @@ def fp32_if_fp64(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype == torch.float64 else t
 # Widest rank tile one launch handles; larger ranks are processed in column chunks of B.
 MAX_RANK_TILE = 256
+T = TypeVar("T")
 
 
 interpret_enabled = triton_interpret_enabled  # one reading of TRITON_INTERPRET for the package
@@ -83,13 +85,44 @@ def check_block(name: str, value: int) -> int:
     return value
 
 
-def capability(device: torch.device) -> int:
-    """Compute capability of a CUDA device as major * 10 + minor (80: A100, 90: H100/H200); 90
-    elsewhere (the tiles the interpreter never uses default to the H100's)."""
+# Shared memory one block may use (the opt-in limit), in bytes, by compute capability: where torch
+# does not report it. Tiles are sized in three tiers (kernels' _tiles): >= 200 KB (H100, H200,
+# B200), >= 150 KB (A100), less (A10/A40/L4/L40S, RTX 30xx-50xx: 99 KB).
+SHARED_MEMORY = {80: 166912, 87: 166912, 90: 232448, 100: 232448, 103: 232448}
+H100_SHARED_MEMORY = 232448
+_FITS: dict[tuple, int] = {}
+
+
+def shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory a block may use on a CUDA device; an H100's elsewhere (the
+    interpreter, whose tiles do not depend on it)."""
     if device.type != "cuda":
-        return 90
+        return H100_SHARED_MEMORY
+    optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    if optin:
+        return int(optin)
     major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+    return SHARED_MEMORY.get(major * 10 + minor, 101376)
+
+
+def fitting(launch: Callable[[int], T], block: int, key: tuple) -> T:
+    """``launch(block)``, halving ``block`` (down to 16) while the GPU lacks the shared memory or
+    registers for it (triton raises OutOfResources at launch): the default tiles are checked for
+    the GPUs named in SHARED_MEMORY, this keeps any other one working. The block that fits is
+    remembered per ``key`` (kernel, its constants and the device), so the retry happens once."""
+    from triton.runtime.errors import OutOfResources
+
+    block = _FITS.get(key, block)
+    while True:
+        try:
+            out = launch(block)
+        except OutOfResources:
+            if block <= 16:
+                raise
+            block //= 2
+            continue
+        _FITS[key] = block
+        return out
 
 
 def num_sms(device: torch.device) -> int:

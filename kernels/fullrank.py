@@ -19,14 +19,16 @@ import triton.language as tl
 from .._native import unit_rows
 from ._dot import dot
 from ._launch import (
-    capability,
+    H100_SHARED_MEMORY,
     check_block,
     check_inputs,
     exact_sum,
+    fitting,
     fp32_if_fp64,
     is_interpreted,
     on_device,
     pow2_at_least,
+    shared_memory,
 )
 
 
@@ -109,17 +111,20 @@ def _v_m_kernel(WA, WU, MP, OUT, PART, d_out, d_in, j_lo, panel_w,
 _PANEL_BYTES = 256 << 20
 
 
-def _tiles(interpreted: bool, d_out: int, d_in: int, precision: str = "ieee", arch: int = 90) -> dict[str, int]:
+def _tiles(interpreted: bool, d_out: int, d_in: int, precision: str = "ieee",
+           smem: int = H100_SHARED_MEMORY) -> dict[str, int]:
     """Default tiles and warps. The interpreter's cost grows with programs and loop steps: largest
     tiles there. On a GPU, 128 x 128 tiles of M, 64 x 128 tiles of N, 32-deep steps: the largest
     that ptxas compiles without register spills for sm_90 (triton 3.9, specialized as a launch on
     Llama shapes is) with fp32 FMA, tf32 or bf16 dots; tf32x3, which splits each operand in two,
-    and fp32 FMA on sm_80 (``arch`` 80) step 16 deep."""
+    and fp32 FMA below an H100's shared memory (sm_80) step 16 deep; below an A100's (99 KB:
+    sm_86/sm_89/sm_120) the tiles of M are 64 x 64, with 4 warps."""
     if interpreted:
         return {"m": min(128, pow2_at_least(d_out)), "n": min(128, pow2_at_least(d_in)),
                 "k": min(128, pow2_at_least(max(d_out, d_in))), "w": 4}
-    shallow = precision == "tf32x3" or (arch < 90 and precision == "ieee")
-    return {"m": 64, "n": 128, "k": 16 if shallow else 32, "w": 8}
+    shallow = precision == "tf32x3" or (smem < 200_000 and precision == "ieee")
+    small = smem < 150_000
+    return {"m": 64, "n": 64 if small else 128, "k": 16 if shallow else 32, "w": 4 if small else 8}
 
 
 def _run(
@@ -151,7 +156,7 @@ def _run(
 def _launch_all(wa, wu, delta, out, block_m, block_n, block_k, panel, precision):
     d_out, d_in = wa.shape
     interpreted = is_interpreted(_vt_dw_kernel)
-    tiles = _tiles(interpreted, d_out, d_in, precision, capability(wa.device))
+    tiles = _tiles(interpreted, d_out, d_in, precision, shared_memory(wa.device))
     bm = check_block("block_m", block_m or tiles["m"])
     bn = check_block("block_n", block_n or tiles["n"])
     bk = check_block("block_k", block_k or tiles["k"])
@@ -162,6 +167,7 @@ def _launch_all(wa, wu, delta, out, block_m, block_n, block_k, panel, precision)
     panel = min(panel, d_in)
     warps = tiles["w"]
     f32 = dict(dtype=torch.float32, device=wa.device)
+    kind = (str(wa.device), wa.dtype, delta.dtype, bn, precision)
     MP = torch.empty(d_in, panel, **f32)
     n_i, n_m = math.ceil(d_in / bn), math.ceil(d_out / bm)
     m2_parts, n2_parts, d2_parts, vsq_parts = [], [], [], None
@@ -171,17 +177,29 @@ def _launch_all(wa, wu, delta, out, block_m, block_n, block_k, panel, precision)
         w = min(panel, d_in - j_lo)
         n_j = math.ceil(w / bn)
         part_a = torch.empty(3, n_i, n_j, **f32)
-        _vt_dw_kernel[(n_i, n_j)](
-            wa, wu, delta, MP, part_a, d_out, d_in, j_lo, w,
-            wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1), delta.stride(0), delta.stride(1),
-            MP.stride(0), BLOCK_K=bk, BLOCK_N=bn, PRECISION=precision, num_warps=warps,
-        )
+
+        def vt_dw(k: int) -> None:
+            _vt_dw_kernel[(n_i, n_j)](
+                wa, wu, delta, MP, part_a, d_out, d_in, j_lo, w,
+                wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1), delta.stride(0), delta.stride(1),
+                MP.stride(0), BLOCK_K=k, BLOCK_N=bn, PRECISION=precision, num_warps=warps,
+            )
+
         part_b = torch.empty(n_m, n_j, **f32)
-        _v_m_kernel[(n_m, n_j)](
-            wa, wu, MP, out_arg, part_b, d_out, d_in, j_lo, w,
-            wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1), MP.stride(0), out_arg.stride(0),
-            STORE=store, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision, num_warps=warps,
-        )
+
+        def v_m(k: int) -> None:
+            _v_m_kernel[(n_m, n_j)](
+                wa, wu, MP, out_arg, part_b, d_out, d_in, j_lo, w,
+                wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1), MP.stride(0), out_arg.stride(0),
+                STORE=store, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=k, PRECISION=precision, num_warps=warps,
+            )
+
+        if block_k:
+            vt_dw(bk)
+            v_m(bk)
+        else:  # on a GPU short of shared memory for these tiles: shallower steps, the same tiles of M
+            fitting(vt_dw, bk, ("vt_dw", *kind))
+            fitting(v_m, bk, ("v_m", store, bm, *kind))
         m2_parts.append(part_a[0])
         d2_parts.append(part_a[2, 0])
         n2_parts.append(part_b)

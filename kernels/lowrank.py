@@ -17,17 +17,19 @@ import triton.language as tl
 from .._native import unit_rows
 from ._dot import dot
 from ._launch import (
+    H100_SHARED_MEMORY,
     MAX_RANK_TILE,
     check_block,
-    capability,
     check_inputs,
     exact_sum,
+    fitting,
     fp32_if_fp64,
     is_interpreted,
     num_sms,
     on_device,
     ordered_sum,
     pow2_at_least,
+    shared_memory,
     split_rows,
 )
 
@@ -102,29 +104,36 @@ def _v_t_kernel(WA, WU, T, PP, d_out, d_in, r, cols_per_split,
 
 
 def _tiles(interpreted: bool, d_out: int, d_in: int, r_pad: int, precision: str = "ieee", elem: int = 2,
-           arch: int = 90) -> dict[str, int]:
+           smem: int = H100_SHARED_MEMORY) -> dict[str, int]:
     """Default tiles and warps of the two passes.
 
     The interpreter's cost grows with the number of programs and loop steps, so it gets the
     largest tiles. On a GPU (fp32 FMA dots, precision="ieee") the tiles are the largest that
-    ptxas compiles without register spills for sm_80 (``arch`` 80) and sm_90, specialized as a
-    launch on Llama shapes is (checked from the cubins' resource usage with triton 3.9;
-    ``test_kernels_compile_for_cuda_without_a_gpu`` keeps it so): wide rank tiles take fewer rows
-    per step. Pass 1 at r <= 16 runs 8 warps: with 4, triton 3.6 needs 255 registers a thread and
-    spills (3.9 fits it in 128). Pass 1 takes half the columns where its T tile would not fit the
-    registers: at r > 128, at r > 64 with tf32x3 (which splits each operand in two), and on sm_80
-    at r >= 64; tf32x3's pass 2 takes half the rows at r > 128. fp32 weights (``elem`` = 4 bytes)
-    take half the rows of pass 1 at r <= 16: its pipelined tiles of both matrices would need
-    168 KB of shared memory, over an A100's 163 KB.
+    ptxas compiles without register spills, and that fit the block's shared memory ``smem``, for
+    sm_80, sm_86 and sm_90, specialized as a launch on Llama shapes is (checked from the cubins'
+    resource usage with triton 3.9; ``test_kernels_compile_for_cuda_without_a_gpu`` keeps it so):
+    wide rank tiles take fewer rows per step. Pass 1 at r <= 16 runs 8 warps: with 4, triton 3.6
+    needs 255 registers a thread and spills (3.9 fits it in 128). Pass 1 takes half the columns
+    where its T tile would not fit the registers: at r > 128, at r > 64 with tf32x3 (which splits
+    each operand in two), and below an H100's shared memory at r >= 64; tf32x3's pass 2 takes half
+    the rows at r > 128. fp32 weights (``elem`` = 4 bytes) take half the rows of pass 1 at r <= 16:
+    its pipelined tiles of both matrices would need 168 KB, over an A100's 163 KB. Below an
+    A100's shared memory (99 KB on sm_86/sm_89/sm_120) both passes take half the rows again.
     """
     if interpreted:
         m, n = min(128, pow2_at_least(d_out)), min(128, pow2_at_least(d_in))
         return {"m1": m, "n1": n, "w1": 4, "m2": m, "k2": n, "w2": 4}
+    big, small = smem >= 200_000, smem < 150_000
     m1 = 64 if r_pad <= 16 and elem <= 2 else 32 if r_pad <= 128 else 16
+    m2 = 64
+    if not big and r_pad > 64:  # the A100's registers at r = 128
+        m1, m2 = 16, 32
+    if small:
+        m1, m2 = max(16, m1 // 2), max(16, m2 // 2)
     wide = precision == "tf32x3" and r_pad > 64
-    narrow = wide or r_pad > 128 or (arch < 90 and r_pad >= 64)
-    return {"m1": m1, "n1": 64 if narrow else 128, "w1": 8, "m2": 32 if wide and r_pad > 128 else 64, "k2": 32,
-            "w2": 8}
+    narrow = wide or r_pad > 128 or (not big and r_pad >= 64)
+    return {"m1": m1, "n1": 64 if narrow else 128, "w1": 8, "m2": min(m2, 32) if wide and r_pad > 128 else m2,
+            "k2": 32, "w2": 8}
 
 
 def lowrank_passes(
@@ -183,35 +192,46 @@ def _passes(wa, wu, B, block_m, block_n, block_k, split, precision):
     r = B.shape[1]
     r_pad = pow2_at_least(r)
     interpreted = is_interpreted(_vt_b_kernel)
-    tiles = _tiles(interpreted, d_out, d_in, r_pad, precision, wa.element_size(), capability(wa.device))
+    smem = shared_memory(wa.device)
+    tiles = _tiles(interpreted, d_out, d_in, r_pad, precision, wa.element_size(), smem)
     bm1 = check_block("block_m", block_m or tiles["m1"])
     bm2 = check_block("block_m", block_m or tiles["m2"])
     bn = check_block("block_n", block_n or tiles["n1"])
     bk = check_block("block_k", block_k or tiles["k2"])
     target = 1 if interpreted else 2 * num_sms(wa.device)
     f32 = dict(dtype=torch.float32, device=wa.device)
+    kind = (str(wa.device), wa.dtype, B.dtype, r_pad, bn, bk, precision)
 
     # Pass 1: T = V^T B and ||V||^2, reduced over row chunks.
     n_col_blocks = math.ceil(d_in / bn)
-    rows_per, n_row_chunks = split_rows(d_out, bm1, n_col_blocks, split, target)
-    TP = torch.empty(n_row_chunks, d_in, r, **f32)
-    SQ = torch.empty(n_row_chunks, n_col_blocks, **f32)
-    _vt_b_kernel[(n_col_blocks, n_row_chunks)](
-        wa, wu, B, TP, SQ, d_out, d_in, r, rows_per,
-        wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1), B.stride(0), B.stride(1),
-        R_PAD=r_pad, BLOCK_M=bm1, BLOCK_N=bn, PRECISION=precision, num_warps=tiles["w1"],
-    )
+
+    def pass1(bm: int):
+        rows_per, n_row_chunks = split_rows(d_out, bm, n_col_blocks, split, target)
+        TP = torch.empty(n_row_chunks, d_in, r, **f32)
+        SQ = torch.empty(n_row_chunks, n_col_blocks, **f32)
+        _vt_b_kernel[(n_col_blocks, n_row_chunks)](
+            wa, wu, B, TP, SQ, d_out, d_in, r, rows_per,
+            wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1), B.stride(0), B.stride(1),
+            R_PAD=r_pad, BLOCK_M=bm, BLOCK_N=bn, PRECISION=precision, num_warps=tiles["w1"],
+        )
+        return TP, SQ
+
+    TP, SQ = pass1(bm1) if block_m else fitting(pass1, bm1, ("pass1", *kind))
     T = ordered_sum(TP).float()
 
     # Pass 2: P = V T, reduced over column chunks.
-    n_row_blocks = math.ceil(d_out / bm2)
-    cols_per, n_col_chunks = split_rows(d_in, bk, n_row_blocks, split, target)
-    PP = torch.empty(n_col_chunks, d_out, r, **f32)
-    _v_t_kernel[(n_row_blocks, n_col_chunks)](
-        wa, wu, T, PP, d_out, d_in, r, cols_per,
-        wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1),
-        R_PAD=r_pad, BLOCK_M=bm2, BLOCK_K=bk, PRECISION=precision, num_warps=tiles["w2"],
-    )
+    def pass2(bm: int):
+        n_row_blocks = math.ceil(d_out / bm)
+        cols_per, n_col_chunks = split_rows(d_in, bk, n_row_blocks, split, target)
+        PP = torch.empty(n_col_chunks, d_out, r, **f32)
+        _v_t_kernel[(n_row_blocks, n_col_chunks)](
+            wa, wu, T, PP, d_out, d_in, r, cols_per,
+            wa.stride(0), wa.stride(1), wu.stride(0), wu.stride(1),
+            R_PAD=r_pad, BLOCK_M=bm, BLOCK_K=bk, PRECISION=precision, num_warps=tiles["w2"],
+        )
+        return PP
+
+    PP = pass2(bm2) if block_m else fitting(pass2, bm2, ("pass2", *kind))
     return T, ordered_sum(PP).float(), exact_sum(SQ)
 
 

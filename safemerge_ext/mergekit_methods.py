@@ -167,9 +167,11 @@ def _value_precision(t: torch.Tensor) -> torch.dtype | None:
             return not torch.any(torch.bitwise_and(x.view(torch.int32), 0xFFFF))
         return torch.equal(x.to(half).to(x.dtype), x)
 
-    # most fp32 weights fail on their first rows, before the whole tensor is converted
-    head = t[: max(1, 4096 // max(1, t.shape[-1]))] if t.dim() == 2 else t
-    return next((h for h in _UNIT_ROUNDOFF if exact(head, h) and exact(t, h)), None)
+    # a block of rows at a time (temporaries of a few MiB, not of the tensor), stopping at the first
+    # that fails: most fp32 weights fail on their first rows
+    rows = max(1, (1 << 20) // max(1, t.shape[-1])) if t.dim() == 2 else max(1, t.shape[0])
+    blocks = [t[i : i + rows] for i in range(0, t.shape[0], rows)] if t.dim() >= 1 else [t]
+    return next((h for h in _UNIT_ROUNDOFF if all(exact(b, h) for b in blocks)), None)
 
 
 def _rounding_band(src_dtype: torch.dtype | None, wt: torch.Tensor, wa: torch.Tensor, d_norm: float) -> float | None:
@@ -182,7 +184,8 @@ def _rounding_band(src_dtype: torch.dtype | None, wt: torch.Tensor, wa: torch.Te
     u = _UNIT_ROUNDOFF.get(src_dtype) if src_dtype is not None else None
     if u is None or d_norm <= 0:
         return None
-    err = u * (float(torch.linalg.vector_norm(wt, dtype=torch.float32)) + float(torch.linalg.vector_norm(wa)))
+    wide = torch.promote_types(wt.dtype, torch.float32)  # (a float64 load of half-precision values too)
+    err = u * (float(torch.linalg.vector_norm(wt, dtype=wide)) + float(torch.linalg.vector_norm(wa)))
     return min(2.0, 2.0 * err / d_norm)
 
 

@@ -617,6 +617,12 @@ def test_cuda_entry_points_check_their_workspace(cuda_module_built_here):
                              ws_f_len=big.ws_floats, ws_d_len=big.ws_doubles, plan=big)
     with pytest.raises(ValueError, match="rank"):
         _cuda.lowrank_passes(**{**args, "r": 0}, ws_f_len=big.ws_floats, ws_d_len=big.ws_doubles, plan=big)
+    with pytest.raises(ValueError, match="row stride below d_in"):
+        _cuda.lowrank_passes(**{**args, "lda": 8191}, ws_f_len=big.ws_floats, ws_d_len=big.ws_doubles, plan=big)
+    with pytest.raises(ValueError, match="row stride below d_in"):
+        _cuda.fullrank(wa=0, wu=0, w_dtype=2, delta=0, d_dtype=2, d_out=512, d_in=512, lda=512, ldu=512, ldd=500,
+                       col_block=512, m_scratch=0, n_out=0, partials=0, partials_len=1 << 20, sums=0, device=0,
+                       stream=0)
     with pytest.raises(ValueError, match="partials"):
         _cuda.fullrank(wa=0, wu=0, w_dtype=2, delta=0, d_dtype=2, d_out=512, d_in=512, lda=512, ldu=512, ldd=512,
                        col_block=512, m_scratch=0, n_out=0, partials=0, partials_len=3, sums=0, device=0, stream=0)
@@ -640,7 +646,7 @@ def test_cuda_backend_calls_match_the_bindings(cuda_module_built_here, monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: _Props())
     monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
     wa, wu, g = _layer(1024, 512, torch.bfloat16, _seed("bindings"))
-    for r in (8, 300):  # one rank group, and two
+    for r in (8, 256, 300):  # (the first rank group of 300 is 256 ranks: its plan and workspace)
         with pytest.raises(RuntimeError, match="cudaGetDevice"):
             cuda_backend.lowrank_passes(wa, wu, torch.randn(1024, r, generator=g))
     with pytest.raises(RuntimeError, match="cudaGetDevice"):
@@ -723,21 +729,28 @@ def test_cuda_edge_shapes(dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_ok, reason=f"needs a CUDA device and the CUDA extension: {_AVAILABLE['cuda']}")
 def test_cuda_runs_on_the_current_stream():
-    """Launched on torch's current stream: on a side stream the results are those of the default
-    stream, bit for bit, once that stream is synchronized."""
+    """Launched on torch's current stream: inputs made on a side stream behind a 50 ms sleep are
+    read only once ready (a launch on another stream would read them unfinished), and the results
+    are the default stream's, bit for bit."""
     from safemerge_ext import cuda_backend
 
     wa, wu, g = _layer(1024, 768, torch.bfloat16, _seed("gpu-stream"))
     wa, wu, B = wa.cuda(), wu.cuda(), (torch.randn(1024, 16, generator=g) * 0.01).cuda()
+    dW = (wa.float() - wu.float()).mul_(0.5).bfloat16()
     want = cuda_backend.lowrank_passes(wa, wu, B)
+    want_sums = cuda_backend.fullrank_sums(wa, wu, dW)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        got = cuda_backend.lowrank_passes(wa, wu, B)
-        sums = cuda_backend.fullrank_sums(wa, wu, (wa.float() - wu.float()).mul_(0.5).bfloat16())
+        torch.cuda._sleep(100_000_000)  # about 50 ms of GPU clock
+        wa2, wu2, B2, dW2 = wa.clone(), wu.clone(), B.clone(), dW.clone()
+        got = cuda_backend.lowrank_passes(wa2, wu2, B2)
+        torch.cuda._sleep(100_000_000)
+        dW3 = dW2.clone()
+        sums = cuda_backend.fullrank_sums(wa2, wu2, dW3)
     side.synchronize()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
-    assert sums == cuda_backend.fullrank_sums(wa, wu, (wa.float() - wu.float()).mul_(0.5).bfloat16())
+    assert sums == want_sums
 
 
 @pytest.mark.gpu

@@ -345,7 +345,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin"
 UNIT = {"s_wa_n": 1, "s_wu_n": 1, "s_b_r": 1, "s_d_n": 1}
 # and pointers, sizes and row strides of Llama shapes are multiples of 16 (triton specializes on that)
 DIV16 = {"d_out", "d_in", "rows_per_split", "cols_per_split", "s_wa_m", "s_wu_m", "s_d_m", "s_mp", "s_out", "panel_w"}
-SHARED = {80: 166912, 90: 232448}  # bytes of shared memory a block may use (A100, H100/H200)
+SHARED = {80: 166912, 86: 101376, 90: 232448}  # shared memory a block may use: A100, A10/A40/RTX 30xx, H100/H200
 
 def build(name, fn, ptrs, consts, warps, arch):
     consts = {**{k: v for k, v in UNIT.items() if k in fn.arg_names}, **consts}
@@ -371,16 +371,16 @@ f32 = dict.fromkeys(("TP", "SQ", "T", "PP", "MP", "OUT", "PART"), "*fp32")
 for wd, bd in (("bf16", "fp16"), ("fp32", "fp32")):  # the pipeline's bf16 weights; fp32 checkpoints
     w = {"WA": f"*{wd}", "WU": f"*{wd}", "B": f"*{bd}", "D": f"*{wd}", **f32}
     elem = 4 if wd == "fp32" else 2
-    for arch in (80, 90):  # each GPU's own default tiles
-        for r_pad, prec in ((16, "ieee"), (64, "ieee"), (256, "ieee"), (128, "tf32x3"), (256, "tf32x3"),
-                            (256, "bf16")):
-            t = lowrank._tiles(False, 4096, 4096, r_pad, prec, elem, arch)
+    for arch in (80, 86, 90):  # each GPU's own default tiles (its tier of shared memory)
+        for r_pad, prec in ((16, "ieee"), (32, "ieee"), (64, "ieee"), (128, "ieee"), (256, "ieee"),
+                            (128, "tf32x3"), (256, "tf32x3"), (256, "bf16")):
+            t = lowrank._tiles(False, 4096, 4096, r_pad, prec, elem, SHARED[arch])
             build(f"W={wd} pass1 r_pad={r_pad} {prec}", lowrank._vt_b_kernel, w,
                   {"R_PAD": r_pad, "BLOCK_M": t["m1"], "BLOCK_N": t["n1"], "PRECISION": prec}, t["w1"], arch)
             build(f"W={wd} pass2 r_pad={r_pad} {prec}", lowrank._v_t_kernel, w,
                   {"R_PAD": r_pad, "BLOCK_M": t["m2"], "BLOCK_K": t["k2"], "PRECISION": prec}, t["w2"], arch)
         for prec in ("ieee", "tf32x3", "bf16"):
-            t = fullrank._tiles(False, 4096, 4096, prec, arch)
+            t = fullrank._tiles(False, 4096, 4096, prec, SHARED[arch])
             build(f"W={wd} V^T dW {prec}", fullrank._vt_dw_kernel, w,
                   {"BLOCK_K": t["k"], "BLOCK_N": t["n"], "PRECISION": prec}, t["w"], arch)
             build(f"W={wd} V M {prec}", fullrank._v_m_kernel, w,
@@ -392,7 +392,7 @@ print("compiled")
 
 def test_kernels_compile_for_cuda_without_a_gpu():
     """Interpreter runs skip triton's compiler: compile each kernel with the GPU default tiles for
-    sm_80 and sm_90 (triton ships ptxas), for bf16 and fp32 weights, specialized as a launch on
+    sm_80, sm_86 and sm_90 (triton ships ptxas), for bf16 and fp32 weights, specialized as a launch on
     Llama shapes is, so that compiled-mode errors show up on a CPU machine. The default tiles must
     fit each GPU's shared memory (else triton raises OutOfResources at launch) and, by each cubin's
     resources (triton's cuobjdump), not spill registers to local memory (the tiles were sized for
@@ -476,12 +476,40 @@ def test_triton_imported_before_the_interpreter_was_asked_for(tmp_path):
     assert out.stdout.count("\n") == 1
 
 
-def test_fp64_inputs_are_computed_in_fp32():
+def test_fp64_inputs_are_computed_in_fp32(monkeypatch):
     """float64 weights, factors and updates are narrowed to fp32 before launch (fp64 tiles would need
-    twice the shared memory on a GPU): the same bits as fp32 inputs."""
+    twice the shared memory on a GPU): the kernels receive fp32, and give fp32 inputs' bits."""
+    seen = []
+    real_p, real_f = lowrank._passes, fullrank._launch_all
+    monkeypatch.setattr(lowrank, "_passes", lambda wa, wu, B, *a: seen.append((wa.dtype, wu.dtype, B.dtype))
+                        or real_p(wa, wu, B, *a))
+    monkeypatch.setattr(fullrank, "_launch_all", lambda wa, wu, d, *a: seen.append((wa.dtype, wu.dtype, d.dtype))
+                        or real_f(wa, wu, d, *a))
     wa, wu, g = _layer(67, 131, torch.float64, _seed("fp64"))
     B = (torch.randn(67, 5, generator=g, dtype=torch.float64) * 0.01).to(DEVICE)
     dW = (torch.randn(67, 131, generator=g, dtype=torch.float64) * 0.001).to(DEVICE)
     got, want = lowrank.lowrank_passes(wa, wu, B), lowrank.lowrank_passes(wa.float(), wu.float(), B.float())
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
     assert fullrank.fullrank_sums(wa, wu, dW) == fullrank.fullrank_sums(wa.float(), wu.float(), dW.float())
+    assert len(seen) == 4 and all(d == torch.float32 for call in seen for d in call), seen
+
+
+def test_a_launch_short_of_resources_retries_with_half_the_block():
+    """fitting(): on a GPU whose shared memory or registers a default tile does not fit (triton's
+    OutOfResources at launch), the block is halved until it fits (not below 16) and remembered."""
+    from triton.runtime.errors import OutOfResources
+
+    tried = []
+
+    def launch(block):
+        tried.append(block)
+        if block > 32:
+            raise OutOfResources(block * 2048, 101376, "shared memory")
+        return f"ran with {block}"
+
+    key = ("test-kernel", _seed("fitting"))
+    assert _launch.fitting(launch, 128, key) == "ran with 32" and tried == [128, 64, 32]
+    tried.clear()
+    assert _launch.fitting(launch, 128, key) == "ran with 32" and tried == [32]  # remembered
+    with pytest.raises(OutOfResources):
+        _launch.fitting(lambda b: launch(b * 100), 64, ("test-kernel", "never fits"))

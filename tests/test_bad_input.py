@@ -349,3 +349,44 @@ def test_a_run_failing_while_scoring_leaves_no_import_thread_running(fx, tmp_pat
                  "--safety-adapter", str(s), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "Inf" in capsys.readouterr().err
     assert not [th for th in threading.enumerate() if th.name == "safemerge-matplotlib" and th.is_alive()]
+
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_16", "corda", "olora", "loftq", "lora_ga", "PiSSA"])
+def test_adapters_that_rewrite_the_base_are_refused(fx, tmp_path, init):
+    """PEFT subtracts the initial factors from the base weights for these initializations, so B A
+    is not the update unless the adapter was saved converted."""
+    from safemerge_ext.errors import SafeMergeError
+    from safemerge_ext.io.adapters import read_adapter
+
+    t = copy(fx.task, tmp_path / "t")
+    edit_adapter(t, config=lambda c: c.__setitem__("init_lora_weights", init))
+    with pytest.raises(SafeMergeError, match="path_initial_model_for_weight_conversion"):
+        read_adapter(t, "--task-adapter")
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
+def test_adapters_whose_update_is_b_a_are_read(fx, tmp_path, init):
+    from safemerge_ext.io.adapters import read_adapter
+
+    t = copy(fx.task, tmp_path / "t")
+    edit_adapter(t, config=lambda c: c.__setitem__("init_lora_weights", init))
+    assert read_adapter(t, "--task-adapter").modules
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def test_scan_finite_reads_every_chunk(tmp_path, dtype):
+    """ModelReader.scan_finite (--output model's check of copied tensors) through a small scratch:
+    a NaN/Inf in the last element of the last chunk is found, a clean tensor passes, integer
+    tensors are not floats."""
+    from safemerge_ext.io.models import ModelReader
+
+    clean = torch.randn(37, 29).to(dtype)
+    bad = clean.clone()
+    bad.view(-1)[-1] = float("nan")
+    save_file({"clean": clean, "bad": bad, "ids": torch.arange(10)}, tmp_path / "model.safetensors")
+    reader = ModelReader(tmp_path)
+    scratch = torch.empty(64, dtype=torch.uint8)  # 64 bytes: many chunks per tensor
+    assert reader.scan_finite("clean", scratch) and not reader.scan_finite("bad", scratch)
+    assert reader.holds_floats("bad") and not reader.holds_floats("ids") and reader.scan_finite("ids", scratch)
+    assert reader.first_nonfinite(["clean", "ids", "bad"]) == "bad"

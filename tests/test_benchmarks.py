@@ -94,11 +94,16 @@ def test_bench_scoring_rejects_a_disagreeing_provider_and_saves_as_it_goes(tmp_p
 
     torch_impl = backends.resolve("torch", "cpu")[1]
 
-    class Off:  # the torch backend with T off by 1%, on the second shape only
+    class Off:  # the torch backend off on the second shape only: T by 1%, full-rank sums by NaN
         @staticmethod
         def lowrank_passes(wa, wu, B):
             T, P, vsq = torch_impl.lowrank_passes(wa, wu, B)
             return (T * 1.01 if wa.shape[0] == 64 else T), P, vsq
+
+        @staticmethod
+        def fullrank_sums(wa, wu, dW):
+            m2, n2, d2, vsq = torch_impl.fullrank_sums(wa, wu, dW)
+            return m2, n2, d2, (float("nan") if wa.shape[0] == 64 else vsq)  # a NaN must not pass
 
     real = backends.resolve
     monkeypatch.setattr(backends, "resolve", lambda name, dev: ("torch", Off) if name == "torch" else real(name, dev))
@@ -120,6 +125,12 @@ def test_bench_scoring_rejects_a_disagreeing_provider_and_saves_as_it_goes(tmp_p
     assert {(r["provider"], r["shape"]) for r in rows if "error" not in r} == {
         ("torch", "67x131"), ("naive", "67x131"), ("naive", "64x64")}
     assert "REJECTED torch at 64x64 r=3" in capsys.readouterr().out
+    saved.clear()
+    ns.fullrank = True
+    rows = bench_scoring.run(ns, save=save)
+    assert saved == [2, 4] and json.loads(out.read_text()) == rows
+    assert [(r["provider"], r["shape"], r["r"]) for r in rows if "error" in r] == [("torch", "64x64", "full")]
+    assert "REJECTED torch at 64x64 r=full" in capsys.readouterr().out
 
 
 def test_bench_scoring_copy_bandwidth_is_read_plus_write(monkeypatch):

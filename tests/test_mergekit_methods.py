@@ -684,23 +684,25 @@ def pico_bf16(pico, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("case", ["lora-folded-in-bf16", "lora-folded-in-fp32", "bf16-checkpoint"])
+@pytest.mark.parametrize("case", ["lora-folded-in-bf16", "lora-folded-in-fp32", "bf16-checkpoint", "bf16-checkpoint-fp64"])
 def test_rounding_is_read_from_the_values_not_the_loaded_dtype(pico, pico_bf16, tmp_path, monkeypatch, case):
     """With ``dtype: float32``, mergekit hands over fp32 tensors even where the values are bf16: a
     bf16 checkpoint, or a LoRA that mergekit folded in the model's bf16 (its default). The report
     still finds the rounding, estimates its band and says what would avoid it."""
     aligned = str(pico_bf16 / "aligned")
-    task = str(pico_bf16 / "task") if case == "bf16-checkpoint" else f"{aligned}+{pico.lora_task}"
+    checkpoint = case.startswith("bf16-checkpoint")
+    task = str(pico_bf16 / "task") if checkpoint else f"{aligned}+{pico.lora_task}"
+    loaded = "float64" if case.endswith("fp64") else "float32"
     cfg = {**recipe(pico, params={"threshold": TAU}, task=task, safety=str(pico.safety),
-                    unaligned=str(pico_bf16 / "unaligned")), "base_model": aligned}
+                    unaligned=str(pico_bf16 / "unaligned"), dtype=loaded), "base_model": aligned}
     options = {"lora_merge_dtype": "float32"} if case == "lora-folded-in-fp32" else {}
     from mergekit.io.tasks import LoaderCache
 
     monkeypatch.setattr(LoaderCache, "loaders", {})  # mergekit keeps each model+lora's fold for the process
     _, report = merge(cfg, tmp_path / "o", lora_merge_cache=str(tmp_path / "cache"), **options)
     scored = [r for r in report["layers"] if r["cosine"] is not None]
-    assert scored and all(r["input_dtype"] == "float32" for r in report["layers"])
-    assert all(r["task_lora"] == (case != "bf16-checkpoint") for r in report["layers"])
+    assert scored and all(r["input_dtype"] == loaded for r in report["layers"])
+    assert all(r["task_lora"] == (not checkpoint) for r in report["layers"])
     warned = [w for w in report["warnings"] if "task weights" in w]
     if case == "lora-folded-in-fp32":
         assert all(r["rounding_dtype"] is None and r["rounding_band"] is None for r in scored) and not warned
@@ -751,3 +753,25 @@ def test_nan_in_any_input_it_writes_from_is_refused(pico, tmp_path, where):
     with pytest.raises(Exception) as err:
         merge(cfg, tmp_path / "o")
     assert f"tensor {name}: NaN or Inf in the {role} model; check the input models" in str(err.value)
+
+
+
+@pytest.mark.parametrize("method, role, name", [
+    ("safelora", "task", "model.norm.weight"),       # passed through
+    ("resta", "aligned", "model.norm.weight"),       # shifted: W_task + beta (W_aligned - W_unaligned)
+    ("resta", "unaligned", "model.layers.0.self_attn.q_proj.weight"),
+])
+def test_nan_reaching_safelora_and_resta_outputs_is_refused(pico, tmp_path, method, role, name):
+    from mergekit_fixtures import save_model
+
+    sd = read_model(getattr(pico, role))
+    sd[name].view(-1)[3] = float("inf")
+    save_model(sd, tmp_path / role)
+    models = {role: str(tmp_path / role)} if role != "aligned" else {}
+    cfg = recipe(pico, method, params={"threshold": TAU} if method == "safelora" else {}, **models)
+    if role == "aligned":
+        cfg["base_model"] = str(tmp_path / role)
+    with pytest.raises(Exception) as err:
+        merge(cfg, tmp_path / "o")
+    msg = str(err.value)
+    assert f"tensor {name}" in msg and (f"NaN or Inf in the {role} model" in msg or "contain NaN or Inf" in msg), msg

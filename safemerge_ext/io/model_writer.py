@@ -61,9 +61,9 @@ def write_model(
     # 8 MiB chunk in memory; on a cold cache its reads also bring the copy's pages in).
     scanner = ThreadPoolExecutor(1, thread_name_prefix="safemerge-nan-scan")
     scratch = torch.empty(8 << 20, dtype=torch.uint8)
-    finite = {name: scanner.submit(reader.scan_finite, name, scratch)
-              for names in reader.shards().values() for name in names if reader.holds_floats(name)}
-    try:
+    try:  # (a header that fails to parse while the scans are queued stops the queued ones too)
+        finite = {name: scanner.submit(reader.scan_finite, name, scratch)
+                  for names in reader.shards().values() for name in names if reader.holds_floats(name)}
         written = _write_shards(reader, out_dir, update_for, on_tensor, finite)
     finally:
         scanner.shutdown(wait=True, cancel_futures=True)
