@@ -181,7 +181,7 @@ def _rounding_band(src_dtype: torch.dtype | None, wt: torch.Tensor, wa: torch.Te
     a relative perturbation ``e = ||E|| / ||dW||`` of dW moves the cosine by about ``2 e`` to first
     order (an estimate: it assumes C does not amplify E relative to dW).
     """
-    u = _UNIT_ROUNDOFF.get(src_dtype) if src_dtype is not None else None
+    u = _UNIT_ROUNDOFF.get(src_dtype)
     if u is None or d_norm <= 0:
         return None
     wide = torch.promote_types(wt.dtype, torch.float32)  # (a float64 load of half-precision values too)
