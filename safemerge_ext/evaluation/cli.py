@@ -17,7 +17,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser(
         "eval", help="harmful-answer rate, over-refusal and task accuracy of one or more models",
         description="Generate greedily (chat template, batched) for each model on a harmful prompt set, a benign set "
-                    "and a task file; judge and score; print a side-by-side table with Wilson 95%% intervals and "
+                    "and a task file; judge and score; print a side-by-side table with Wilson 95% intervals and "
                     "write eval.json + eval.png to --out.")
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR[+ADAPTER]",
                    help="a model folder, optionally + a PEFT LoRA adapter folder; repeat to compare models")
