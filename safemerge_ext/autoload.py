@@ -82,7 +82,7 @@ def status() -> str:
     lines = [
         f"autoload .pth: {', '.join(map(str, files))}" if files else f"autoload .pth: not installed in {site_packages()}",
         f"{ENV}: {'set (autoload off)' if off else 'not set'}",
-        f"hook loaded in this interpreter: {'yes' if hook else 'no'}",
+        "hook loaded in this interpreter: " + (("yes, inactive (" + ENV + ")" if off else "yes") if hook else "no"),
     ]
     if "mergekit.merge_methods.registry" in sys.modules:
         from mergekit.merge_methods import registry

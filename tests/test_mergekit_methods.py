@@ -494,6 +494,13 @@ def test_autoload_enable_disable_status(tmp_path):
     assert "state:" in autoload.status()
 
 
+def test_autoload_status_says_the_env_switch_turns_the_hook_off():
+    env = {**os.environ, "SAFEMERGE_NO_AUTOLOAD": "1"}
+    out = subprocess.run([_script("safemerge"), "autoload", "status"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "state: disabled" in out.stdout
+    assert "hook loaded in this interpreter: yes, inactive (SAFEMERGE_NO_AUTOLOAD)" in out.stdout, out.stdout
+
+
 def test_pth_hook_when_the_plugin_module_is_imported_first(tmp_path):
     """Importing safemerge_ext.mergekit_methods first (it imports mergekit) registers once, without warnings."""
     site_dir = tmp_path / "site"
