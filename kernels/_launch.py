@@ -18,15 +18,15 @@ from safemerge_ext.backends import PRECISIONS, triton_interpret_enabled  # (what
 # Weights and updates are read in their stored dtype and widened to fp32 in registers; float64
 # inputs are accepted and computed in fp32 too, as the torch reference backend does.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Widest rank tile one launch handles; larger ranks are processed in column chunks of B.
+MAX_RANK_TILE = 256
+T = TypeVar("T")
 
 
 def fp32_if_fp64(t: torch.Tensor) -> torch.Tensor:
     """float64 inputs as fp32 before launch: they are computed in fp32 anyway, and fp64 tiles would
     need twice the shared memory (more than an H100 has for pass 1's defaults)."""
     return t.float() if t.dtype == torch.float64 else t
-# Widest rank tile one launch handles; larger ranks are processed in column chunks of B.
-MAX_RANK_TILE = 256
-T = TypeVar("T")
 
 
 interpret_enabled = triton_interpret_enabled  # one reading of TRITON_INTERPRET for the package
