@@ -390,3 +390,21 @@ def test_scan_finite_reads_every_chunk(tmp_path, dtype):
     assert reader.scan_finite("clean", scratch) and not reader.scan_finite("bad", scratch)
     assert reader.holds_floats("bad") and not reader.holds_floats("ids") and reader.scan_finite("ids", scratch)
     assert reader.first_nonfinite(["clean", "ids", "bad"]) == "bad"
+
+
+def test_model_output_scans_each_unscored_tensor_once(fx, tmp_path, monkeypatch):
+    """--output model checks for NaN/Inf every floating tensor it did not score (the scored weights
+    were checked while scoring), each once."""
+    from safemerge_ext.io.models import ModelReader
+
+    scanned = []
+    real = ModelReader.scan_finite
+    monkeypatch.setattr(ModelReader, "scan_finite", lambda self, name, buf=None: scanned.append(name) or real(self, name, buf))
+    assert main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter",
+                 str(fx.task), "--safety-adapter", str(fx.safety), "--out", str(tmp_path / "out"), "--output", "model",
+                 "--no-progress"]) == 0
+    reader = ModelReader(fx.aligned)
+    layers = json.loads((tmp_path / "out" / "safemerge_report.json").read_text())["layers"]
+    scored = {f"{r['module']}.weight" for r in layers}
+    assert scored and len(scanned) == len(set(scanned))
+    assert set(scanned) == {n for n in reader.names if reader.holds_floats(n)} - scored

@@ -14,7 +14,7 @@ import math
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Collection, Iterator, Union
 
 import torch
 from safemerge_ext.errors import SafeMergeError
@@ -49,12 +49,15 @@ def write_model(
     out_dir: Path,
     update_for: Callable[[str], Update | None],
     on_tensor: Callable[[str], None] | None = None,
+    checked: Collection[str] = (),
 ) -> int:
     """Write ``reader``'s model to ``out_dir`` with ``W + update_for(name)`` where an update exists.
 
     Updates are added in fp32 and rounded once to the weight's dtype, a block of rows at a time
     (the weight's rows read as needed, a low-rank update's rows formed as needed), so a patched
-    tensor is never whole in memory either. Returns bytes written.
+    tensor is never whole in memory either. Every floating tensor is checked for NaN/Inf before
+    it is written, except those in ``checked`` (the caller has: the scored weights). Returns bytes
+    written.
     """
     written = 0
     # Every floating tensor is checked for NaN/Inf by a thread that reads ahead of the writer (one
@@ -63,7 +66,8 @@ def write_model(
     scratch = torch.empty(8 << 20, dtype=torch.uint8)
     try:  # (a header that fails to parse while the scans are queued stops the queued ones too)
         finite = {name: scanner.submit(reader.scan_finite, name, scratch)
-                  for names in reader.shards().values() for name in names if reader.holds_floats(name)}
+                  for names in reader.shards().values() for name in names
+                  if name not in checked and reader.holds_floats(name)}
         written = _write_shards(reader, out_dir, update_for, on_tensor, finite)
     finally:
         scanner.shutdown(wait=True, cancel_futures=True)
