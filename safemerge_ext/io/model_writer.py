@@ -61,9 +61,9 @@ def write_model(
     """
     written = 0
     # Every floating tensor is checked for NaN/Inf by a thread that reads ahead of the writer (one
-    # 8 MiB chunk in memory; on a cold cache its reads also bring the copy's pages in).
+    # chunk of PATCH_BYTES in memory; on a cold cache its reads also bring the copy's pages in).
     scanner = ThreadPoolExecutor(1, thread_name_prefix="safemerge-nan-scan")
-    scratch = torch.empty(8 << 20, dtype=torch.uint8)
+    scratch = torch.empty(PATCH_BYTES, dtype=torch.uint8)
     try:  # (a header that fails to parse while the scans are queued stops the queued ones too)
         finite = {name: scanner.submit(reader.scan_finite, name, scratch)
                   for names in reader.shards().values() for name in names
