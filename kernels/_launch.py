@@ -109,10 +109,13 @@ def fitting(launch: Callable[[int], T], block: int, key: tuple) -> T:
     """``launch(block)``, halving ``block`` (down to 16) while the GPU lacks the shared memory or
     registers for it (triton raises OutOfResources at launch): the default tiles are checked for
     the GPUs named in SHARED_MEMORY, this keeps any other one working. The block that fits is
-    remembered per ``key`` (kernel, its constants and the device), so the retry happens once."""
+    remembered per ``key`` (kernel, its constants and the device: what decides the default), so the
+    retry happens once; a block that fits at once is not (the same inputs keep the same tiles, and
+    so the same bits, whatever ran before)."""
     from triton.runtime.errors import OutOfResources
 
-    block = _FITS.get(key, block)
+    first = block
+    block = _FITS.get((key, first), block)
     while True:
         try:
             out = launch(block)
@@ -121,7 +124,8 @@ def fitting(launch: Callable[[int], T], block: int, key: tuple) -> T:
                 raise
             block //= 2
             continue
-        _FITS[key] = block
+        if block != first:
+            _FITS[(key, first)] = block
         return out
 
 

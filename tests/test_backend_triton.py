@@ -513,3 +513,6 @@ def test_a_launch_short_of_resources_retries_with_half_the_block():
     assert _launch.fitting(launch, 128, key) == "ran with 32" and tried == [32]  # remembered
     with pytest.raises(OutOfResources):
         _launch.fitting(lambda b: launch(b * 100), 64, ("test-kernel", "never fits"))
+    tried.clear()  # a block that fits at once is not remembered: another default is kept as it is
+    other = ("test-kernel", _seed("fits at once"))
+    assert _launch.fitting(launch, 16, other) == "ran with 16" and _launch.fitting(launch, 32, other) == "ran with 32"
