@@ -90,7 +90,6 @@ def check_block(name: str, value: int) -> int:
 # B200), >= 150 KB (A100), less (A10/A40/L4/L40S, RTX 30xx-50xx: 99 KB).
 SHARED_MEMORY = {80: 166912, 87: 166912, 90: 232448, 100: 232448, 103: 232448}
 H100_SHARED_MEMORY = 232448
-_FITS: dict[tuple, int] = {}
 
 
 def shared_memory(device: torch.device) -> int:
@@ -105,28 +104,21 @@ def shared_memory(device: torch.device) -> int:
     return SHARED_MEMORY.get(major * 10 + minor, 101376)
 
 
-def fitting(launch: Callable[[int], T], block: int, key: tuple) -> T:
-    """``launch(block)``, halving ``block`` (down to 16) while the GPU lacks the shared memory or
-    registers for it (triton raises OutOfResources at launch): the default tiles are checked for
-    the GPUs named in SHARED_MEMORY, this keeps any other one working. The block that fits is
-    remembered per ``key`` (kernel, its constants and the device: what decides the default), so the
-    retry happens once; a block that fits at once is not (the same inputs keep the same tiles, and
-    so the same bits, whatever ran before)."""
+def fitting(launch: Callable[[int], T], block: int) -> T:
+    """``launch(block)``, halving ``block`` (down to 16) while the GPU lacks the shared memory for
+    it (triton raises OutOfResources at launch, before running anything): the default tiles are
+    checked for the GPUs named in SHARED_MEMORY, this keeps any other one working. Nothing is
+    remembered between calls: the same inputs get the same tiles (and bits) whatever ran before,
+    and triton re-raises a cached kernel's failure without reloading it."""
     from triton.runtime.errors import OutOfResources
 
-    first = block
-    block = _FITS.get((key, first), block)
     while True:
         try:
-            out = launch(block)
+            return launch(block)
         except OutOfResources:
             if block <= 16:
                 raise
             block //= 2
-            continue
-        if block != first:
-            _FITS[(key, first)] = block
-        return out
 
 
 def num_sms(device: torch.device) -> int:

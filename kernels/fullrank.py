@@ -167,7 +167,6 @@ def _launch_all(wa, wu, delta, out, block_m, block_n, block_k, panel, precision)
     panel = min(panel, d_in)
     warps = tiles["w"]
     f32 = dict(dtype=torch.float32, device=wa.device)
-    kind = (str(wa.device), wa.dtype, delta.dtype, bn, precision)
     MP = torch.empty(d_in, panel, **f32)
     n_i, n_m = math.ceil(d_in / bn), math.ceil(d_out / bm)
     m2_parts, n2_parts, d2_parts, vsq_parts = [], [], [], None
@@ -198,8 +197,8 @@ def _launch_all(wa, wu, delta, out, block_m, block_n, block_k, panel, precision)
             vt_dw(bk)
             v_m(bk)
         else:  # on a GPU short of shared memory for these tiles: shallower steps, the same tiles of M
-            fitting(vt_dw, bk, ("vt_dw", *kind))
-            fitting(v_m, bk, ("v_m", store, bm, *kind))
+            fitting(vt_dw, bk)
+            fitting(v_m, bk)
         m2_parts.append(part_a[0])
         d2_parts.append(part_a[2, 0])
         n2_parts.append(part_b)

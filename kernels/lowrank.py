@@ -200,7 +200,6 @@ def _passes(wa, wu, B, block_m, block_n, block_k, split, precision):
     bk = check_block("block_k", block_k or tiles["k2"])
     target = 1 if interpreted else 2 * num_sms(wa.device)
     f32 = dict(dtype=torch.float32, device=wa.device)
-    kind = (str(wa.device), wa.dtype, B.dtype, r_pad, bn, bk, precision)
 
     # Pass 1: T = V^T B and ||V||^2, reduced over row chunks.
     n_col_blocks = math.ceil(d_in / bn)
@@ -216,7 +215,7 @@ def _passes(wa, wu, B, block_m, block_n, block_k, split, precision):
         )
         return TP, SQ
 
-    TP, SQ = pass1(bm1) if block_m else fitting(pass1, bm1, ("pass1", *kind))
+    TP, SQ = pass1(bm1) if block_m else fitting(pass1, bm1)
     T = ordered_sum(TP).float()
 
     # Pass 2: P = V T, reduced over column chunks.
@@ -231,7 +230,7 @@ def _passes(wa, wu, B, block_m, block_n, block_k, split, precision):
         )
         return PP
 
-    PP = pass2(bm2) if block_m else fitting(pass2, bm2, ("pass2", *kind))
+    PP = pass2(bm2) if block_m else fitting(pass2, bm2)
     return T, ordered_sum(PP).float(), exact_sum(SQ)
 
 

@@ -169,8 +169,11 @@ def _value_precision(t: torch.Tensor) -> torch.dtype | None:
 
     # a block of rows at a time (temporaries of a few MiB, not of the tensor), stopping at the first
     # that fails: most fp32 weights fail on their first rows
-    rows = max(1, (1 << 20) // max(1, t.shape[-1])) if t.dim() == 2 else max(1, t.shape[0])
-    blocks = [t[i : i + rows] for i in range(0, t.shape[0], rows)] if t.dim() >= 1 else [t]
+    if t.dim() == 0:
+        blocks = [t]
+    else:
+        rows = max(1, (1 << 20) // max(1, t.shape[-1])) if t.dim() == 2 else max(1, t.shape[0])
+        blocks = [t[i : i + rows] for i in range(0, t.shape[0], rows)]
     return next((h for h in _UNIT_ROUNDOFF if all(exact(b, h) for b in blocks)), None)
 
 

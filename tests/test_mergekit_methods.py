@@ -739,6 +739,8 @@ def test_value_precision_of_tensors():
     tail = x.bfloat16().float()
     tail[-1, -1] = 0.1  # only the last value is off bf16: the whole tensor is read, not its first rows
     assert _value_precision(tail) is None
+    assert _value_precision(torch.tensor(0.5)) == torch.bfloat16 and _value_precision(torch.tensor(0.1)) is None
+    assert _value_precision(x[0].bfloat16().float()) == torch.bfloat16  # 1-D
 
 
 @pytest.mark.parametrize("where", ["safety-flagged", "safety-kept", "task-norm"])
