@@ -101,8 +101,8 @@ def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:
         if spec is None:
             raise ValueError(f"backend must be one of auto, {', '.join(NAMES)}; got {requested!r}")
         if not spec.runs_on(device_type, explicit=True):
-            others = [n for n, r in available_backends().items()
-                      if r is None and n != spec.name and next(s for s in _SPECS if s.name == n).runs_on(device_type, False)]
+            others = [s.name for s in _SPECS
+                      if s is not spec and s.runs_on(device_type, explicit=False) and not isinstance(_load(s), str)]
             interpreter = (" (or set TRITON_INTERPRET=1 to run its kernels on the CPU through the interpreter, slowly)"
                            if spec.interpreted_on_cpu and device_type == "cpu" else "")
             raise ValueError(

@@ -66,6 +66,11 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     adapter_bytes: int = 0
+
+    @property
+    def scored_weights(self) -> set[str]:
+        """The aligned weights the run scores (and so checks for NaN/Inf while scoring)."""
+        return {layer.weight for layer in self.layers}
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -537,7 +542,7 @@ def merge(
                 dW, B, A = merged_update(layer)
                 return dW if dW is not None else (B, A)
 
-            write_model(run.aligned, tmp, update_for, checked={layer.weight for layer in run.layers})  # (scored)
+            write_model(run.aligned, tmp, update_for, checked=run.scored_weights)
         run.tick("write_s", t0)
         report = _finish(run, "merge", "safemerge", records, {
             "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
@@ -584,7 +589,7 @@ def project(
                 B = new_B[layer.module] if layer.module in new_B else layer.task.B
                 return B.float() * layer.task.scaling, layer.task.A.float()
 
-            write_model(run.aligned, tmp, update_for, checked={layer.weight for layer in run.layers})  # (scored)
+            write_model(run.aligned, tmp, update_for, checked=run.scored_weights)
         run.tick("write_s", t0)
         report = _finish(run, "project", "safelora", records, {
             "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
