@@ -335,6 +335,37 @@ def test_float8_adapters_are_checked_and_scored(fx, tmp_path, dtype):
         read_adapter(ad, "--task-adapter")
 
 
+def test_large_tensors_are_mapped_in_whole_huge_pages(tmp_path, monkeypatch):
+    """A tensor of a huge page or more is mapped from the huge-page boundary at or below its start
+    to the one at or above its end, cut at the end of the file, so huge folios in the page cache
+    map whole: its values are the file's wherever it lies (first, between others, last)."""
+    from safemerge_ext.io import models
+
+    monkeypatch.setattr(models, "_PMD", 64 * 1024)  # small "huge pages": the same logic on small files
+    torch.manual_seed(3)
+    # b starts 12 KB into the file, past a 4 KiB page boundary; b and d span more than 64 KiB
+    tensors = {"a": torch.randn(3000), "b": torch.randn(130, 131), "c": torch.randn(5), "d": torch.randn(129, 133)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    size = (tmp_path / "model.safetensors").stat().st_size
+    r = ModelReader(tmp_path)
+    for name, want in tensors.items():
+        t = r.map(name)
+        assert torch.equal(t, want) and r.is_mapped(t)
+        lo, hi = next(iter(r._maps.values()))
+        _, (_, _, start, end) = r._entry(name)
+        if want.numel() * 4 >= models._PMD:
+            assert start % models._PMD != start % 4096 and end % models._PMD
+            assert (t.data_ptr() - lo) == start % models._PMD, f"{name}: the mapping does not start on a huge page"
+            assert hi - lo == min(end + (-end) % models._PMD, size) - (start - start % models._PMD)
+        else:
+            assert hi - t.data_ptr() - t.numel() * 4 < 4096 or end == size, f"{name}: a small tensor was widened"
+        del t
+        import gc
+
+        gc.collect()
+    assert r.bytes_read == sum(t.numel() * 4 for t in tensors.values())
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_mapped_pages_leave_the_resident_set_with_the_tensor(tmp_path):
     """A mapped tensor's pages count in RSS once touched and leave it when the tensor is dropped:
@@ -346,9 +377,10 @@ def test_mapped_pages_leave_the_resident_set_with_the_tensor(tmp_path):
     w = torch.randn(2048, 1024)  # 8 MiB
     save_file({"w": w}, str(tmp_path / "model.safetensors"))
     r = ModelReader(tmp_path)
+    want = float(w.double().sum())  # (first use: torch's code pages for it are file pages too)
     base = rss_file_kb()
     t = r.map("w")
-    assert float(t.double().sum()) == float(w.double().sum())
+    assert float(t.double().sum()) == want
     touched = rss_file_kb() - base
     del t
     left = rss_file_kb() - base

@@ -45,6 +45,17 @@ _BIN_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 _MAX_HEADER = 100 * 2**20
 
 
+def _pmd_size() -> int:
+    """The size of a huge page that maps file data with one page-table entry (2 MiB on x86-64;
+    Linux says it in sysfs), or 2 MiB where the system does not say."""
+    try:
+        return int(Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+_PMD = _pmd_size()
+
 
 class _NotHere(Exception):
     """This way of copying between the two files is not available; try the next one."""
@@ -402,9 +413,17 @@ class ModelReader:
         instead where the file cannot be mapped), counted in ``bytes_read``."""
         if end == start:
             return torch.empty(0, dtype=dtype)
-        base = start - start % mmap.ALLOCATIONGRANULARITY
+        fd = self._fd(shard)
+        base, stop = start - start % mmap.ALLOCATIONGRANULARITY, end
+        if end - start >= _PMD:
+            # Widened to whole huge pages of the file: where the page cache holds the tensor in
+            # huge folios (read through the kernel's read path, see will_need), its head and tail
+            # are then mapped with one entry each instead of 512 small ones (measured, the 1B
+            # model's 32 q/v pairs: mapping faults 11.4 -> 2.0 ms, unmapping 4.4 -> 3.1 ms).
+            base = start - start % _PMD
+            stop = max(end, min(end + (-end) % _PMD, os.fstat(fd).st_size))
         try:
-            mm = mmap.mmap(self._fd(shard), end - base, access=mmap.ACCESS_COPY, offset=base)
+            mm = mmap.mmap(fd, stop - base, access=mmap.ACCESS_COPY, offset=base)
         except OSError:
             return self._read(shard, start, end, what).view(dtype)
         with self._lock:
