@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import mmap
 import os
 import sys
 
@@ -358,12 +359,38 @@ def test_large_tensors_are_mapped_in_whole_huge_pages(tmp_path, monkeypatch):
             assert (t.data_ptr() - lo) == start % models._PMD, f"{name}: the mapping does not start on a huge page"
             assert hi - lo == min(end + (-end) % models._PMD, size) - (start - start % models._PMD)
         else:
-            assert hi - t.data_ptr() - t.numel() * 4 < 4096 or end == size, f"{name}: a small tensor was widened"
+            assert hi == t.data_ptr() + t.numel() * 4, f"{name}: a small tensor was widened"
         del t
         import gc
 
         gc.collect()
     assert r.bytes_read == sum(t.numel() * 4 for t in tensors.values())
+
+
+def test_huge_page_size_is_read_from_the_system_and_large_ones_turn_widening_off(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from safemerge_ext.io import models
+
+    def answer(text):
+        def read_text(self, *a, **k):
+            if isinstance(text, Exception):
+                raise text
+            return text
+        return read_text
+
+    for text, want in (("2097152\n", 2 << 20), ("65536", 65536), ("33554432", 0), ("536870912", 0),
+                       (OSError("no sysfs"), 2 << 20), ("garbage", 2 << 20)):
+        monkeypatch.setattr(Path, "read_text", answer(text))
+        assert models._pmd_size() == want, text
+    monkeypatch.undo()
+    monkeypatch.setattr(models, "_PMD", 0)
+    w = torch.randn(600, 1000)  # 2.4 MB, mapped as it lies
+    save_file({"a": torch.randn(7), "w": w}, str(tmp_path / "model.safetensors"))
+    r = ModelReader(tmp_path)
+    t = r.map("w")
+    lo, hi = next(iter(r._maps.values()))
+    assert torch.equal(t, w) and hi == t.data_ptr() + w.numel() * 4 and t.data_ptr() - lo < mmap.ALLOCATIONGRANULARITY
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")

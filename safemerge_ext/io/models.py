@@ -47,11 +47,14 @@ _MAX_HEADER = 100 * 2**20
 
 def _pmd_size() -> int:
     """The size of a huge page that maps file data with one page-table entry (2 MiB on x86-64;
-    Linux says it in sysfs), or 2 MiB where the system does not say."""
+    Linux says it in sysfs), or 2 MiB where the system does not say; 0 (map tensors as they lie)
+    where it is larger: 32 or 512 MiB on arm64 kernels with 16 or 64 KiB pages, where the
+    neighbours' bytes a widened mapping brings into the resident set would outweigh a tensor."""
     try:
-        return int(Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read_text())
+        size = int(Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read_text())
     except (OSError, ValueError):
-        return 2 << 20
+        size = 2 << 20
+    return size if 0 < size <= 2 << 20 else 0
 
 
 _PMD = _pmd_size()
@@ -415,7 +418,7 @@ class ModelReader:
             return torch.empty(0, dtype=dtype)
         fd = self._fd(shard)
         base, stop = start - start % mmap.ALLOCATIONGRANULARITY, end
-        if end - start >= _PMD:
+        if _PMD and end - start >= _PMD:
             # Widened to whole huge pages of the file: where the page cache holds the tensor in
             # huge folios (read through the kernel's read path, see will_need), its head and tail
             # are then mapped with one entry each instead of 512 small ones (measured, the 1B
