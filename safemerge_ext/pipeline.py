@@ -8,6 +8,7 @@ before any weight is read.
 
 from __future__ import annotations
 
+import json
 import math
 import queue
 import sys
@@ -128,10 +129,7 @@ def open_run(
         lm = task.modules[module]
         weight = aligned.resolve_module(module)
         if weight is None:
-            raise SafeMergeError(
-                f"{task.flag} {task.path}: targets module {module}, but --aligned {aligned.path} has no tensor "
-                f"{module}.weight; the adapter was trained on another architecture"
-            )
+            raise _no_such_module(task, module, aligned)
         shape, dtype = aligned.meta(weight)
         if weight not in unaligned:
             raise SafeMergeError(
@@ -181,15 +179,35 @@ def open_run(
         extra = sorted(set(safety.modules) - set(task.modules), key=natural_key)
         foreign = next((m for m in extra if aligned.resolve_module(m) is None), None)
         if foreign is not None:
-            raise SafeMergeError(
-                f"{safety.flag} {safety.path}: targets module {foreign}, but --aligned {aligned.path} has no tensor "
-                f"{foreign}.weight; the adapter was trained on another architecture"
-            )
+            raise _no_such_module(safety, foreign, aligned)
         if extra:
             run.warnings.append(
                 f"{len(extra)} safety-adapter module(s) have no task update and are ignored (e.g. {extra[0]})"
             )
     return run
+
+
+def _no_such_module(adapter: LoraAdapter, module: str, aligned: ModelReader) -> SafeMergeError:
+    """The error for an adapter module the model has no weight for: a tied output layer (which has
+    no tensor of its own), or another architecture."""
+    if module.rsplit(".", 1)[-1] == "lm_head" and _ties_embeddings(aligned.path):
+        return SafeMergeError(
+            f"{adapter.flag} {adapter.path}: adapts {module}, which --aligned {aligned.path} ties to its input "
+            "embeddings (tie_word_embeddings, no tensor of its own); LoRA on a tied lm_head is not supported"
+        )
+    return SafeMergeError(
+        f"{adapter.flag} {adapter.path}: targets module {module}, but --aligned {aligned.path} has no tensor "
+        f"{module}.weight; the adapter was trained on another architecture"
+    )
+
+
+def _ties_embeddings(model_dir: Path) -> bool:
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    tied = cfg.get("tie_word_embeddings", (cfg.get("text_config") or {}).get("tie_word_embeddings"))
+    return bool(tied)
 
 
 # ties/dare updates are full rank: as an adapter they are re-factorized to rank r_task + r_safety,

@@ -365,6 +365,70 @@ def test_adapters_that_rewrite_the_base_are_refused(fx, tmp_path, init):
         read_adapter(t, "--task-adapter")
 
 
+@pytest.mark.parametrize("key, value", [
+    ("layer_replication", [[0, 1], [1, 2]]), ("use_bdlora", {"target_modules_bd_a": ["q_proj"], "nblocks": 2}),
+    ("kasa_config", {}), ("use_qalora", True), ("arrow_config", {"top_k": 2}),
+])
+def test_adapters_whose_factors_are_not_the_update_are_refused(fx, tmp_path, key, value):
+    """LoRA variants and layouts whose saved B A is not the checkpoint module's update (or not on the
+    checkpoint's layer of that number) are refused by name, not scored against the wrong weights."""
+    from safemerge_ext.errors import SafeMergeError
+    from safemerge_ext.io.adapters import read_adapter
+
+    t = copy(fx.task, tmp_path / "t")
+    edit_adapter(t, config=lambda c: c.__setitem__(key, value))
+    with pytest.raises(SafeMergeError, match=rf"adapter_config.json: {key} is set; .* not supported"):
+        read_adapter(t, "--task-adapter")
+
+
+@pytest.mark.parametrize("kind", ["base_layer", "embedding", "bias", "named"])
+def test_what_peft_saves_beside_the_factors_is_named(fx, tmp_path, kind):
+    """Tensors PEFT saves that are not LoRA factors get an error saying what they are and what to do."""
+    from safemerge_ext.errors import SafeMergeError
+    from safemerge_ext.io.adapters import read_adapter
+
+    t = copy(fx.task, tmp_path / "t")
+    pre = "base_model.model."
+    if kind == "base_layer":  # save_embedding_layers: LoRA on lm_head saves lm_head's own weight too
+        edit_adapter(t, tensors=lambda sd: sd.__setitem__(f"{pre}lm_head.base_layer.weight", torch.randn(8, 4)))
+        path, want = t, r"holds lm_head's whole base weight .* save_embedding_layers=False"
+    elif kind == "embedding":
+        edit_adapter(t, tensors=lambda sd: sd.update({f"{pre}model.embed_tokens.base_layer.weight": torch.randn(8, 4),
+                                                     f"{pre}model.embed_tokens.lora_embedding_A": torch.randn(2, 8)}))
+        path, want = t, r"adapts the embedding model\.embed_tokens .* embedding LoRA is not supported"
+    elif kind == "bias":
+        edit_adapter(t, config=lambda c: c.__setitem__("bias", "lora_only"),
+                     tensors=lambda sd: sd.__setitem__(f"{pre}{Q0}.base_layer.bias", torch.randn(64)))
+        path, want = t, rf"{Q0}\.base_layer\.bias is a trained bias \(bias: 'lora_only'\)"
+    else:  # save_pretrained of an adapter named gsm8k writes it into a subfolder
+        parent = tmp_path / "named"
+        parent.mkdir()
+        t.rename(parent / "gsm8k")
+        path, want = parent, r"no adapter_config.json, but named adapters in subfolders \(gsm8k\); pass one of those"
+    with pytest.raises(SafeMergeError, match=want):
+        read_adapter(path, "--task-adapter")
+
+
+def test_lora_on_a_tied_lm_head_is_refused_by_name(fx, tmp_path, capsys):
+    """A model that ties lm_head to its input embeddings has no lm_head.weight: LoRA there is refused
+    as such, not as an adapter from another architecture."""
+    a = copy(fx.aligned, tmp_path / "a")
+    cfg = json.loads((a / "config.json").read_text())
+    (a / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    index = json.loads((a / "model.safetensors.index.json").read_text())
+    edit_tensor(a, "lm_head.weight", lambda sd: sd.pop("lm_head.weight"))
+    del index["weight_map"]["lm_head.weight"]
+    (a / "model.safetensors.index.json").write_text(json.dumps(index))
+    t = copy(fx.task, tmp_path / "t")
+    edit_adapter(t, tensors=lambda sd: sd.update({"base_model.model.lm_head.lora_A.weight": torch.randn(4, 64),
+                                                  "base_model.model.lm_head.lora_B.weight": torch.randn(100, 4)}))
+    edit_adapter(t, config=lambda c: c.setdefault("rank_pattern", {}).__setitem__("lm_head", 4))
+    code = main(["score", "--aligned", str(a), "--unaligned", str(fx.unaligned), "--adapter", str(t)])
+    err = capsys.readouterr().err
+    assert code == 2 and "adapts lm_head, which --aligned" in err and "LoRA on a tied lm_head is not supported" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
 def test_adapters_whose_update_is_b_a_are_read(fx, tmp_path, init):
     from safemerge_ext.io.adapters import read_adapter

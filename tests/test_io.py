@@ -516,8 +516,10 @@ def test_written_mixed_rank_adapter_loads_in_peft(fx, tmp_path):
         want[name] = r
     # unit_alpha gives scaling exactly 1 under both rules
     assert all(unit_alpha(r, u) / (math.sqrt(r) if u else r) == 1.0 for r in range(1, 300) for u in (True, False))
-    # use_rslora=False: the rsLoRA-style alphas give scaling sqrt(r)/r; PEFT must load each as written
-    write_adapter(tmp_path / "ad", {**template, "use_rslora": False}, mods)
+    # use_rslora=False: the rsLoRA-style alphas give scaling sqrt(r)/r; PEFT must load each as written.
+    # The template's init scheme is not kept: PEFT's orthogonal init refuses odd ranks when loading.
+    write_adapter(tmp_path / "ad", {**template, "use_rslora": False, "init_lora_weights": "orthogonal"}, mods)
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["init_lora_weights"] is True
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(fx.aligned), tmp_path / "ad")
     for name, mod in model.named_modules():
         key = name.removeprefix("base_model.model.")

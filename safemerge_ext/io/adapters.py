@@ -37,6 +37,12 @@ _UNSUPPORTED = {
     "lora_bias": "LoRA bias terms are not part of the B @ A update",
     "target_parameters": "LoRA on raw parameters (MoE experts) is not a linear module's B @ A update",
     "alora_invocation_tokens": "activated LoRA applies its update only after invocation tokens",
+    "use_bdlora": "BD-LoRA (use_bdlora) stores block-diagonal factors whose update is not the plain B @ A",
+    "kasa_config": "KaSA truncates the base weights and puts learned singular values between A and B",
+    "use_qalora": "QA-LoRA applies lora_A to group-pooled inputs, so B @ A is not the weight update",
+    "arrow_config": "Arrow routes each token between several adapters",
+    "layer_replication": "layer_replication builds the adapted model from copies of the checkpoint's layers, "
+                         "whose layer numbers are not the checkpoint's",
 }
 
 
@@ -122,6 +128,10 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
     if not p.is_dir():
         raise SafeMergeError(f"{flag} {p}: no such directory; give a PEFT adapter folder (adapter_config.json + {WEIGHTS})")
     if not cfg_path.is_file():
+        named = sorted(d.name for d in p.iterdir() if (d / CONFIG).is_file())
+        if named:  # save_pretrained puts every adapter but "default" in a subfolder of its name
+            raise SafeMergeError(f"{flag} {p}: no {CONFIG}, but named adapters in subfolders ({', '.join(named)}); "
+                                 f"pass one of those, e.g. {p / named[0]}")
         raise SafeMergeError(f"{flag} {p}: no {CONFIG}; give a folder saved by PeftModel.save_pretrained")
     try:
         config = json.loads(cfg_path.read_text())
@@ -131,7 +141,8 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
     if peft_type != "LORA":
         raise SafeMergeError(f"{flag} {cfg_path}: peft_type is {peft_type or 'missing'}; only LoRA adapters are supported")
     for key, why in _UNSUPPORTED.items():
-        if config.get(key):
+        value = config.get(key)
+        if value or (key.endswith("_config") and value is not None):  # (an empty *_config: the defaults)
             raise SafeMergeError(f"{flag} {cfg_path}: {key} is set; {why}, so this adapter is not supported")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_REWRITES_BASE):
@@ -152,10 +163,7 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
     for key in reader.names:
         m = _KEY.match(key)
         if m is None:
-            raise SafeMergeError(
-                f"{flag} {w_path}: tensor {key} is not a LoRA factor (lora_A/lora_B); "
-                "embedding LoRA, DoRA magnitudes and saved modules are not supported"
-            )
+            raise _not_a_factor(key, reader.names, config, f"{flag} {w_path}")
         keys.setdefault(peft_module(m["module"]), {})[m["ab"]] = key
 
     r_default, alpha_default = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
@@ -190,6 +198,29 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
         raise SafeMergeError(f"{flag} {w_path}: no LoRA factors found")
     _check_finite(reader, modules, f"{flag} {w_path}")
     return LoraAdapter(p, config, modules, flag)
+
+
+def _not_a_factor(key: str, names: list[str], config: dict[str, Any], where: str) -> SafeMergeError:
+    """The error for a tensor that is not a LoRA factor, naming what it is where PEFT's names say."""
+    if any(".lora_embedding_" in n for n in names):
+        module = next(peft_module(n.split(".lora_embedding_")[0]) for n in names if ".lora_embedding_" in n)
+        return SafeMergeError(f"{where}: adapts the embedding {module} (lora_embedding_A/B); embedding LoRA is not supported")
+    if key.endswith(".base_layer.weight"):
+        return SafeMergeError(
+            f"{where}: holds {peft_module(key[:-len('.base_layer.weight')])}'s whole base weight (PEFT saves it "
+            "when an embedding or output layer is adapted, in case the vocabulary was resized), which would replace "
+            "the model's; if the vocabulary is unchanged, re-save the adapter with "
+            "save_pretrained(dir, save_embedding_layers=False)"
+        )
+    if key.endswith(".bias"):
+        return SafeMergeError(
+            f"{where}: tensor {key} is a trained bias (bias: {config.get('bias')!r}); bias terms are not part of "
+            "the B @ A update, so this adapter is not supported"
+        )
+    return SafeMergeError(
+        f"{where}: tensor {key} is not a LoRA factor (lora_A/lora_B); embedding LoRA, DoRA magnitudes and saved "
+        "modules are not supported"
+    )
 
 
 def _check_finite(reader: ModelReader, modules: dict[str, LoraModule], where: str) -> None:
@@ -246,6 +277,9 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(template)
+    # the factors are loaded over whatever PEFT initializes; an init scheme here could only refuse
+    # the new ranks (orthogonal init needs an even rank, and a merge writes r_task + r_safety)
+    config["init_lora_weights"] = True
     config["rank_pattern"] = {m.name: m.rank for m in modules}
     config["alpha_pattern"] = {m.name: m.alpha for m in modules}
     layout = []
