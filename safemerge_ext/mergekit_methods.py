@@ -47,6 +47,7 @@ from safemerge_ext.report import REPORT_JSON, REPORT_PNG, LayerRecord, build_rep
 __all__ = [
     "METHOD_NAMES",
     "SIDECAR",
+    "discard_report",
     "finalize_report",
     "pending_reports",
     "register_methods",
@@ -283,6 +284,14 @@ def safemerge_method(
     precision: Precision = None,
 ) -> torch.Tensor:
     """Flag a weight when cos(C dW_f, dW_f) < threshold; flagged: W_a + merge(alpha dW_f, (1-alpha) dW_s)."""
+    with _failing_run(report_path):
+        return _safemerge_tensor(group, role, threshold, alpha, merge, density, seed, report_path, precision)
+
+
+def _safemerge_tensor(
+    group: TensorGroup, role: Any, threshold: float, alpha: float, merge: str, density: float,
+    seed: int, report_path: str, precision: str | None,
+) -> torch.Tensor:
     t = _roles(group, role, "safemerge")
     if not _scorable(group, t["task"]):
         return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
@@ -314,6 +323,13 @@ def safelora_method(
     precision: Precision = None,
 ) -> torch.Tensor:
     """Flag a weight when cos(C dW, dW) <= threshold; flagged: W_a + C dW (C never formed)."""
+    with _failing_run(report_path):
+        return _safelora_tensor(group, role, threshold, report_path, precision)
+
+
+def _safelora_tensor(
+    group: TensorGroup, role: Any, threshold: float, report_path: str, precision: str | None,
+) -> torch.Tensor:
     t = _roles(group, role, "safelora")
     if not _scorable(group, t["task"]):
         return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
@@ -343,6 +359,14 @@ def resta_method(
     precision: Precision = None,
 ) -> torch.Tensor:
     """W_task + beta * DARE(W_aligned - W_unaligned) on every floating tensor; 2-D weights are also scored."""
+    with _failing_run(report_path):
+        return _resta_tensor(group, role, beta, density, seed, report_path, precision)
+
+
+def _resta_tensor(
+    group: TensorGroup, role: Any, beta: float, density: float, seed: int, report_path: str,
+    precision: str | None,
+) -> torch.Tensor:
     t = _roles(group, role, "resta")
     task = t["task"]
     if not task.is_floating_point():
@@ -401,7 +425,8 @@ if _hook is not None and getattr(_hook, "pending", False):  # mergekit was first
 
 _lock = threading.Lock()
 _pending: dict[str, str] = {}  # sidecar path -> report target (directory or .json path)
-_started: set[str] = set()
+_started: dict[str, float] = {}  # sidecar path -> time of this run's first record there
+_failed: set[str] = set()  # sidecar paths whose run raised in a method: its records are void
 _override: str | None = None
 _atexit_registered = False
 _cli_out: list[str | None] = []
@@ -454,21 +479,50 @@ def _locations(report_path: str | os.PathLike) -> tuple[Path, Path, Path]:
     return p / SIDECAR.format(pid=os.getpid()), p / REPORT_JSON, p / REPORT_PNG
 
 
+def _target(report_path: str) -> str | None:
+    """Where a method's records go: its ``report_path``, else ``report_to``'s, else
+    ``$SAFEMERGE_REPORT_DIR``, else a running ``mergekit-yaml``'s OUT_PATH (None: nowhere)."""
+    return report_path or _override or os.environ.get(REPORT_DIR_ENV) or _mergekit_yaml_out()
+
+
+def _key(target: str | os.PathLike) -> str:
+    return str(_locations(target)[0].resolve())
+
+
+class _failing_run:
+    """Around one tensor of a method: when it raises, the run it belongs to will not finish, so its
+    records are void: no report is assembled from them, and the next record there starts afresh."""
+
+    def __init__(self, report_path: str) -> None:
+        self.report_path = report_path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, *rest: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, GeneratorExit):
+            target = _target(self.report_path)
+            if target:
+                with _lock:
+                    _failed.add(_key(target))
+
+
 def _append(report_path: str, line: dict[str, Any]) -> None:
     global _atexit_registered
-    target = report_path or _override or os.environ.get(REPORT_DIR_ENV) or _mergekit_yaml_out()
+    target = _target(report_path)
     with _lock:
         if not target:
             if "nowhere" not in _started:
-                _started.add("nowhere")
+                _started["nowhere"] = time.time()
                 LOG.warning("safemerge-ext: no report location; set parameters: {report_path: DIR} to get a report")
             return
         sidecar = _locations(target)[0]
         key = str(sidecar.resolve())
         sidecar.parent.mkdir(parents=True, exist_ok=True)
         mode = "a"
-        if key not in _started:  # first record of this run in this process: drop a stale sidecar
-            _started.add(key)
+        if key not in _started or key in _failed:  # this run's first record here: drop a stale sidecar
+            _started[key] = time.time()
+            _failed.discard(key)
             mode = "w"
         _pending[key] = os.fspath(target)
         if not _atexit_registered:
@@ -494,9 +548,46 @@ def pending_reports() -> list[str]:
         return list(_pending)
 
 
+def discard_report(report_path: str | os.PathLike) -> None:
+    """Forget the records at ``report_path`` (a run that failed or was abandoned): remove the
+    sidecar, so neither :func:`finalize_report` nor the exit hook makes a report of them."""
+    sidecar = _locations(report_path)[0]
+    key = str(sidecar.resolve())
+    with _lock:
+        _pending.pop(key, None)
+        _started.pop(key, None)
+        _failed.discard(key)
+        sidecar.unlink(missing_ok=True)
+
+
+def _unfinished(key: str) -> str | None:
+    """Why the run that wrote sidecar ``key`` did not finish (None: nothing says so). At exit: an
+    uncaught exception (Python keeps it as sys.last_value), a method that raised, or a running
+    ``mergekit-yaml`` whose OUT_PATH got no config.json after the run's first record (mergekit
+    writes it once every tensor is written; an interrupted run, Ctrl-C included, never gets there)."""
+    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+        return "the merge stopped on an error"
+    if key in _failed:
+        return "a merge method raised an error"
+    out = _mergekit_yaml_out()
+    if out:
+        try:  # (a coarse file-system clock: a second of slack)
+            if os.stat(Path(out) / "config.json").st_mtime >= _started.get(key, 0.0) - 1.0:
+                return None
+        except OSError:
+            pass
+        return f"mergekit did not finish writing {out}"
+    return None
+
+
 def _finalize_pending() -> None:
     for key in pending_reports():
         try:
+            why = _unfinished(key)
+            if why is not None:
+                discard_report(_pending[key])
+                LOG.error("safemerge-ext: no report: %s", why)
+                continue
             rep = finalize_report(_pending[key])
             if rep is not None:
                 print(summary_table(rep), file=sys.stderr)
@@ -535,7 +626,9 @@ def _settings(method: str, layers: list[LayerRecord]) -> dict[str, Any]:
         fixed = not isinstance(settings["threshold"], str)
         settings.update({"selection": "threshold" if fixed else "threshold (per layer)",
                          "comparison": "<" if method == "safemerge" else "<="})
-    settings["scored"] = "2-D weights except embeddings and lm_head; other tensors are the task model's"
+    settings["scored"] = "2-D weights except embeddings and lm_head; " + (
+        "every floating-point tensor, scored or not, is shifted by beta (W_aligned - W_unaligned)" if method == "resta"
+        else "other tensors are the task model's")
     return settings
 
 
@@ -591,7 +684,11 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
     key = str(sidecar.resolve())
     with _lock:
         _pending.pop(key, None)
-        _started.discard(key)
+        _started.pop(key, None)
+        if key in _failed:  # the run did not finish: its records describe part of it
+            _failed.discard(key)
+            sidecar.unlink(missing_ok=True)
+            return None
         if not sidecar.is_file():
             return None
         method, layers, lines = _load_layers(sidecar)

@@ -26,7 +26,7 @@ from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.output import check_out, staged_dir
 from safemerge_ext.merge import METHODS as MERGE_METHODS
-from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, finalize_report, register_methods
+from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, discard_report, finalize_report, register_methods
 from safemerge_ext.report import REPORT_JSON, REPORT_PNG, plot, summary_table, write_json
 
 # what mergekit's dtype / out_dtype take for a merge (mergekit.common.dtype_from_name also takes int64)
@@ -42,7 +42,7 @@ class Checked:
     method: str
     roles: dict[str, str]  # role -> model reference as written
     has_lora: bool
-    tensors_checked: int
+    tensors_checked: int  # 2-D weights checked in every input (the ones a method may score)
 
 
 def _ref_str(ref: Any) -> str:
@@ -179,8 +179,9 @@ def _local_dir(path: str, what: str) -> Path:
 
 
 def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bool, int]:
-    """Paths exist; 2-D tensors of the aligned model have the same shape in every input, and the same
-    dtype in the unaligned one (headers only)."""
+    """Paths exist; every tensor of the aligned model is in every input with the same shape (a
+    resized vocabulary only with the recipe's tokenizer settings), 2-D weights in the same dtype in
+    the unaligned one (headers only)."""
     from safemerge_ext.io.adapters import read_adapter
     from safemerge_ext.io.models import ModelReader
 
@@ -196,11 +197,10 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
             adapters.append((label, ref, read_adapter(lpath, flag=f"{label}: LoRA adapter")))
     base_label, _, base = readers[0]
     vocab = _vocab_size(base.path)
+    aligns_vocab = config.tokenizer is not None or config.tokenizer_source is not None
     checked = 0
-    for name in base.names:
+    for name in base.names:  # every tensor: mergekit reads each one from every input
         shape, dtype = base.meta(name)
-        if len(shape) != 2:
-            continue
         for label, ref, reader in readers[1:]:
             if name not in reader:
                 raise SafeMergeError(
@@ -208,20 +208,26 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
                     "all models must share one architecture"
                 )
             other, other_dtype = reader.meta(name)
-            if label == "role unaligned" and other_dtype != dtype:  # as the CLI: V = W_a - W_u must not carry
-                raise SafeMergeError(                               # one model's rounding alone
+            if len(shape) == 2 and label == "role unaligned" and other_dtype != dtype:  # as the CLI: V = W_a - W_u
+                raise SafeMergeError(                                  # must not carry one model's rounding alone
                     f"tensor {name} is {dtype} in the aligned model but {other_dtype} in {label} "
                     f"({ref.model.path}): save both models in one dtype so their difference is meaningful"
                 )
             differ = [a for a, b in zip(shape, other) if a != b]
-            if differ and vocab is not None and len(other) == 2 and all(a == vocab for a in differ):
-                continue  # a vocabulary table with added tokens: mergekit's tokenizer settings handle it
+            if differ and vocab is not None and len(other) == len(shape) == 2 and all(a == vocab for a in differ):
+                if aligns_vocab:
+                    continue  # a vocabulary table with added tokens: mergekit's tokenizer settings align it
+                raise SafeMergeError(
+                    f"tensor {name} has {other[0]} rows in {label} ({ref.model.path}) but {shape[0]} in the aligned "
+                    "model (a resized vocabulary): add tokenizer: {source: base} (or union) to the recipe, so "
+                    "mergekit aligns the embedding rows"
+                )
             if tuple(other) != tuple(shape):
                 raise SafeMergeError(
                     f"tensor {name} has shape {tuple(shape)} in the aligned model but {tuple(other)} in {label} "
                     f"({ref.model.path}): the models must share one architecture"
                 )
-        checked += 1
+        checked += len(shape) == 2
     for label, ref, adapter in adapters:
         reader = next(r for lbl, _, r in readers if lbl == label)
         for module, m in adapter.modules.items():
@@ -311,7 +317,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     except SafeMergeError as exc:
         _fail(str(exc))
     try:
-        out = check_out(out_path, force)
+        out = check_out(out_path, force, "OUT_PATH")
     except SafeMergeError as exc:
         _fail(str(exc))
     if checked.has_lora and not merge_options.lora_merge_dtype:
@@ -320,11 +326,12 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         merge_options = merge_options.model_copy(update={"lora_merge_dtype": "float32"})
     own = (checked.config.parameters or {}).get("report_path")
     own = own if isinstance(own, str) and own else None
-    report = None
+    report, report_at = None, own
     try:
         from mergekit.merge import run_merge
 
         with staged_dir(out, force) as tmp:
+            report_at = own or tmp
             lora_cache = None
             if checked.has_lora and not merge_options.lora_merge_cache:  # beside tmp, gone before staged_dir ends
                 lora_cache = tempfile.mkdtemp(prefix=".safemerge-lora-", dir=tmp.parent)
@@ -345,10 +352,13 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
             finally:
                 if lora_cache:
                     shutil.rmtree(lora_cache, ignore_errors=True)
-    except SafeMergeError as exc:
-        _fail(str(exc))
-    except Exception as exc:  # one line; nothing is left at OUT
-        _fail(f"merge failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    except BaseException as exc:  # one line; nothing is left at OUT, and no report of the part that ran
+        if report_at is not None:
+            discard_report(report_at)
+        if not isinstance(exc, Exception):  # Ctrl-C, exit
+            raise
+        _fail(str(exc) if isinstance(exc, SafeMergeError) else
+              f"merge failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     if report is not None:
         click.echo(summary_table(report))
     click.echo(f"merged model and report written to {out}")

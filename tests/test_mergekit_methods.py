@@ -188,6 +188,9 @@ def test_resta_matches_float64_reference(pico, tmp_path):
     want, _ = reference(pico, "resta", beta=0.3)
     check_all(got, want)
     assert report["method"] == "resta" and {r["action"] for r in report["layers"]} == {"shifted"}
+    # the report says what check_all just verified: the norms are shifted too, not the task model's
+    assert "every floating-point tensor, scored or not, is shifted" in report["settings"]["scored"]
+    assert not torch.equal(got["model.norm.weight"], read_model(pico.task)["model.norm.weight"])
 
 
 def test_resta_dare_is_seeded(pico, tmp_path):
@@ -320,6 +323,7 @@ def _mismatched_model(tmp: Path) -> Path:
         ("missing_path", "no such directory"),
         ("shape_mismatch", "model.layers.0.mlp.gate_proj.weight has shape"),  # the first in model order
         ("unaligned_dtype", "is torch.float32 in the aligned model but torch.bfloat16 in role unaligned"),
+        ("missing_norm", "tensor model.layers.1.input_layernorm.weight is in the aligned model but missing from role task"),
     ],
 )
 def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads, case, culprit, monkeypatch,
@@ -357,6 +361,15 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
     elif case == "unaligned_dtype":  # V = W_a - W_u would carry the bf16 rounding of one side only
         unaligned = next(m for m in models if m["parameters"]["role"] == "unaligned")
         unaligned["model"] = str(request.getfixturevalue("pico_bf16") / "unaligned")
+    elif case == "missing_norm":  # a 1-D tensor: mergekit reads it from every input too
+        from safetensors.torch import load_file, save_file
+
+        task, name = Path(shutil.copytree(pico.task, tmp_path / "task")), "model.layers.1.input_layernorm.weight"
+        index = json.loads((task / "model.safetensors.index.json").read_text())
+        shard = task / index["weight_map"].pop(name)
+        save_file({k: v for k, v in load_file(shard).items() if k != name}, shard, metadata={"format": "pt"})
+        (task / "model.safetensors.index.json").write_text(json.dumps(index))
+        next(m for m in models if m["parameters"]["role"] == "task")["model"] = str(task)
     with pytest.raises(SafeMergeError) as err:
         validate_recipe(cfg, "r.yml")
     msg = str(err.value)
@@ -605,7 +618,10 @@ dtype: float32
     wide = tmp_path / "wide-vocab"
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**llama_config().to_dict(), "vocab_size": 65})) \
         .save_pretrained(wide)
-    assert validate_recipe(recipe(pico, task=str(wide))).roles["task"] == str(wide)
+    with pytest.raises(SafeMergeError, match=r"lm_head.weight has 65 rows in role task .* add tokenizer: \{source: base\}"):
+        validate_recipe(recipe(pico, task=str(wide)))  # mergekit would stop on the size mismatch
+    for tok in ({"tokenizer": {"source": "base"}}, {"tokenizer_source": "union"}):
+        assert validate_recipe({**recipe(pico, task=str(wide)), **tok}).roles["task"] == str(wide)
 
 
 def test_sidecars_of_other_runs_are_left_alone(tmp_path, monkeypatch):
@@ -784,3 +800,99 @@ def test_nan_reaching_safelora_and_resta_outputs_is_refused(pico, tmp_path, meth
         merge(cfg, tmp_path / "o")
     msg = str(err.value)
     assert f"tensor {name}" in msg and (f"NaN or Inf in the {role} model" in msg or "contain NaN or Inf" in msg), msg
+
+
+def _nan_task(pico, tmp_path: Path) -> Path:
+    """The task model with a NaN in its final norm: refused when that tensor's turn comes, after
+    every layer has been scored and recorded."""
+    from mergekit_fixtures import save_model
+
+    sd = read_model(pico.task)
+    sd["model.norm.weight"].view(-1)[3] = float("nan")
+    save_model(sd, tmp_path / "task-nan")
+    return tmp_path / "task-nan"
+
+
+def test_a_failed_run_gives_no_report_and_leaves_nothing_for_the_next(pico, tmp_path):
+    """A run that fails part way gives no report, and a run after it at the same report location (in
+    the same process) reports its own layers only."""
+    from safemerge_ext import mergekit_methods as mm
+
+    loc = tmp_path / "reports"
+    bad = recipe(pico, params={"threshold": TAU}, task=str(_nan_task(pico, tmp_path)))
+    with pytest.raises(Exception, match="NaN or Inf"):
+        merge(bad, loc)
+    assert finalize_report(loc) is None
+    assert not list(loc.glob("*.jsonl")) and not (loc / "safemerge_report.json").exists()
+    with pytest.raises(Exception, match="NaN or Inf"):
+        merge(bad, loc)  # nobody finalizes this one: the next run's first record starts afresh
+    one_layer = {**recipe(pico, params={"threshold": 0.9}), "models": None, "slices": [{"sources": [
+        {"model": str(pico.aligned), "layer_range": [0, 1]},
+        *({"model": str(getattr(pico, r)), "layer_range": [0, 1], "parameters": {"role": r}}
+          for r in ("task", "safety", "unaligned"))]}]}
+    _, rep = merge(one_layer, loc)
+    _, clean = merge(one_layer, tmp_path / "clean")
+    assert [r["module"] for r in rep["layers"]] == [r["module"] for r in clean["layers"]]
+    assert all(".layers.0." in r["module"] for r in rep["layers"])
+    assert rep["settings"]["threshold"] == 0.9 and rep["bytes_read"] == clean["bytes_read"]
+    assert not mm.pending_reports() or all("reports" not in k for k in mm.pending_reports())
+
+
+def test_exit_hook_writes_no_report_for_an_unfinished_mergekit_yaml(pico, tmp_path, monkeypatch):
+    """Plain mergekit-yaml assembles the report at exit; it does not when the process is dying of an
+    error, or when OUT got no config.json from this run (mergekit writes it after every tensor:
+    an interrupted run never does)."""
+    from safemerge_ext import mergekit_methods as mm
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(mm, "_cli_out", [str(out)])
+    monkeypatch.setattr(mm, "_override", None)
+    monkeypatch.delenv(mm.REPORT_DIR_ENV, raising=False)
+    cfg = recipe(pico, params={"threshold": TAU})
+
+    def run_then_exit(prepare=None) -> bool:
+        register_methods()
+        run_merge(MergeConfiguration.model_validate(cfg), str(out),
+                  MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+        assert mm.pending_reports()
+        if prepare:
+            prepare()
+        mm._finalize_pending()
+        assert not mm.pending_reports() and not list(out.glob("*.jsonl"))
+        done = (out / "safemerge_report.json").is_file()
+        (out / "safemerge_report.json").unlink(missing_ok=True)
+        return done
+
+    assert run_then_exit()
+    assert not run_then_exit(lambda: (out / "config.json").unlink())  # interrupted before the config
+    with monkeypatch.context() as m:
+        m.setattr(sys, "last_value", RuntimeError("boom"), raising=False)
+        assert not run_then_exit()
+    assert run_then_exit()
+
+
+def test_failed_safemerge_yaml_writes_no_report_at_its_report_path(pico, tmp_path, capsys):
+    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import yaml_cli
+
+    own = tmp_path / "own"
+    cfg = recipe(pico, params={"threshold": TAU, "report_path": str(own)}, task=str(_nan_task(pico, tmp_path)))
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out")])
+    mm._finalize_pending()  # what the exit hook does
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and "NaN or Inf" in err
+    assert sum("safemerge-yaml: error:" in ln for ln in err.splitlines()) == 1
+    assert "cosine min / median / max" not in err  # no summary of the part that ran
+    assert not own.exists() or not any(own.iterdir()), sorted(p.name for p in own.iterdir())
+
+
+def test_safemerge_yaml_names_its_out_path_argument(pico, tmp_path, capsys):
+    """safemerge-yaml takes OUT_PATH as an argument (no --out option): its errors say so."""
+    from safemerge_ext import yaml_cli
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(recipe(pico), tmp_path / "r.yml")), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and f"OUT_PATH {tmp_path / 'out'} already exists" in err and "--out" not in err, err

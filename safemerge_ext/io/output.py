@@ -26,13 +26,14 @@ def check_parent(path: str | os.PathLike, flag: str) -> Path:
     return p
 
 
-def check_out(out: str | os.PathLike, force: bool) -> Path:
-    """Fail early when --out exists and --force was not given, or could not be made."""
-    p = check_parent(out, "--out")
+def check_out(out: str | os.PathLike, force: bool, flag: str = "--out") -> Path:
+    """Fail early when the output (``flag`` names it in errors) exists and --force was not given, or
+    could not be made."""
+    p = check_parent(out, flag)
     if (p.exists() or p.is_symlink()) and not force:
-        raise SafeMergeError(f"--out {p} already exists; choose a new path or pass --force to replace it")
+        raise SafeMergeError(f"{flag} {p} already exists; choose a new path or pass --force to replace it")
     if p.exists() and not p.is_dir():
-        raise SafeMergeError(f"--out {p} exists and is not a directory; remove it or choose another path")
+        raise SafeMergeError(f"{flag} {p} exists and is not a directory; remove it or choose another path")
     return p
 
 
