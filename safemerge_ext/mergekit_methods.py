@@ -51,6 +51,7 @@ __all__ = [
     "finalize_report",
     "pending_reports",
     "register_methods",
+    "report_files",
     "report_to",
     "resta_method",
     "safelora_method",
@@ -507,6 +508,11 @@ class _failing_run:
                     _failed.add(_key(target))
 
 
+def report_files(report_path: str | os.PathLike) -> tuple[Path, Path]:
+    """(json, png) a report at ``report_path`` (a directory or a ``.json`` path) is written to."""
+    return _locations(report_path)[1:]
+
+
 def _append(report_path: str, line: dict[str, Any]) -> None:
     global _atexit_registered
     target = _target(report_path)
@@ -520,7 +526,10 @@ def _append(report_path: str, line: dict[str, Any]) -> None:
         key = str(sidecar.resolve())
         sidecar.parent.mkdir(parents=True, exist_ok=True)
         mode = "a"
-        if key not in _started or key in _failed:  # this run's first record here: drop a stale sidecar
+        # this run's first record here: drop a stale sidecar. (With mergekit's --multi-gpu executor,
+        # the other GPUs' workers of a run that failed may still record after the failure and land
+        # here too; mergekit-yaml and safemerge-yaml then still discard them, at exit or on failure.)
+        if key not in _started or key in _failed:
             _started[key] = time.time()
             _failed.discard(key)
             mode = "w"
@@ -565,19 +574,26 @@ def _unfinished(key: str) -> str | None:
     uncaught exception (Python keeps it as sys.last_value), a method that raised, or a running
     ``mergekit-yaml`` whose OUT_PATH got no config.json after the run's first record (mergekit
     writes it once every tensor is written; an interrupted run, Ctrl-C included, never gets there)."""
-    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
-        return "the merge stopped on an error"
     if key in _failed:
         return "a merge method raised an error"
     out = _mergekit_yaml_out()
-    if out:
-        try:  # (a coarse file-system clock: a second of slack)
-            if os.stat(Path(out) / "config.json").st_mtime >= _started.get(key, 0.0) - 1.0:
-                return None
-        except OSError:
-            pass
+    if not out:  # (in a program of one's own, finalize_report says when a run is over)
+        return None
+    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+        return "the merge stopped on an error"
+    try:
+        config_written = os.stat(Path(out) / "config.json").st_mtime
+    except OSError:
         return f"mergekit did not finish writing {out}"
-    return None
+    # against the sidecar's own time of last change where it sits on OUT's file system (the same
+    # clock), else this process's clock at the run's first record; a second of slack either way
+    sidecar = Path(key)
+    try:
+        same_fs = sidecar.stat().st_dev == os.stat(out).st_dev
+        since = sidecar.stat().st_mtime if same_fs else _started.get(key, 0.0)
+    except OSError:
+        since = _started.get(key, 0.0)
+    return None if config_written >= since - 1.0 else f"mergekit did not finish writing {out}"
 
 
 def _finalize_pending() -> None:
@@ -675,12 +691,17 @@ def _timings(lines: list[dict[str, Any]]) -> dict[str, float]:
     return {"tensors_s": busy, "total_s": (max(ends) - min(starts)) if ends else busy}
 
 
-def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-yaml") -> dict[str, Any] | None:
-    """Assemble the sidecar at ``report_path`` (directory or ``.json``) into the JSON + PNG report.
+def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-yaml",
+                    into: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """Assemble the sidecar at ``report_path`` (directory or ``.json``) into the JSON + PNG report,
+    written there (or into the folder ``into``).
 
-    Returns the report (``None`` when no tensor was scored there); removes the sidecar.
+    Returns the report (``None`` when no tensor was scored there, or the run failed); removes the
+    sidecar.
     """
     sidecar, json_path, png_path = _locations(report_path)
+    if into is not None:
+        json_path, png_path = Path(into) / REPORT_JSON, Path(into) / REPORT_PNG
     key = str(sidecar.resolve())
     with _lock:
         _pending.pop(key, None)

@@ -26,8 +26,10 @@ from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.output import check_out, staged_dir
 from safemerge_ext.merge import METHODS as MERGE_METHODS
-from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, discard_report, finalize_report, register_methods
-from safemerge_ext.report import REPORT_JSON, REPORT_PNG, plot, summary_table, write_json
+from safemerge_ext.mergekit_methods import (
+    METHOD_NAMES, ROLES, discard_report, finalize_report, register_methods, report_files,
+)
+from safemerge_ext.report import plot, summary_table, write_json
 
 # what mergekit's dtype / out_dtype take for a merge (mergekit.common.dtype_from_name also takes int64)
 DTYPES = ("bfloat16", "float16", "float32", "float64")
@@ -198,9 +200,12 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
     base_label, _, base = readers[0]
     vocab = _vocab_size(base.path)
     aligns_vocab = config.tokenizer is not None or config.tokenizer_source is not None
+    planned = _planned_names(base.path)
     checked = 0
-    for name in base.names:  # every tensor: mergekit reads each one from every input
+    for name in base.names:
         shape, dtype = base.meta(name)
+        if len(shape) != 2 and name not in planned:  # (a buffer such as rotary_emb.inv_freq: not merged)
+            continue
         for label, ref, reader in readers[1:]:
             if name not in reader:
                 raise SafeMergeError(
@@ -243,6 +248,21 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
                     f"but the weight {wname} is {d_out}x{d_in}"
                 )
     return has_lora, checked
+
+
+def _planned_names(model_dir: Path) -> set[str]:
+    """The tensors mergekit's architecture definition for this model requires in every input (names
+    and aliases; empty where mergekit has no definition, and then infers one from the tensors)."""
+    try:
+        from mergekit.architecture import arch_info_for_config
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model_dir)
+        arch = arch_info_for_config(cfg)
+        weights = arch.all_weights(cfg) if arch is not None else []
+    except Exception:  # (a config transformers cannot read: mergekit will say so itself)
+        return set()
+    return {n for w in weights if not w.optional for n in (w.name, *(w.aliases or ()))}
 
 
 def _vocab_size(model_dir: Path) -> int | None:
@@ -330,7 +350,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     try:
         from mergekit.merge import run_merge
 
-        with staged_dir(out, force) as tmp:
+        with staged_dir(out, force, "OUT_PATH") as tmp:
             report_at = own or tmp
             lora_cache = None
             if checked.has_lora and not merge_options.lora_merge_cache:  # beside tmp, gone before staged_dir ends
@@ -342,10 +362,8 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                 config = checked.config if own else checked.config.model_copy(
                     update={"parameters": {**(checked.config.parameters or {}), "report_path": str(tmp)}})
                 run_merge(config, str(tmp), options=merge_options, config_source=source)
-                report = finalize_report(own or tmp, command="safemerge-yaml")
-                if report is not None and own:  # also into OUT, as always
-                    write_json(report, tmp / REPORT_JSON)
-                    plot(report, tmp / REPORT_PNG)
+                # into OUT as always; to report_path only once OUT is in place (below)
+                report = finalize_report(own or tmp, command="safemerge-yaml", into=tmp)
                 card = tmp / "README.md"
                 if card.is_file():  # mergekit titles the card after the folder it wrote: the temporary one
                     card.write_text(card.read_text(encoding="utf-8").replace(tmp.name, out.name), encoding="utf-8")
@@ -359,6 +377,11 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
             raise
         _fail(str(exc) if isinstance(exc, SafeMergeError) else
               f"merge failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    if report is not None and own:
+        own_json, own_png = report_files(own)
+        own_json.parent.mkdir(parents=True, exist_ok=True)
+        write_json(report, own_json)
+        plot(report, own_png)
     if report is not None:
         click.echo(summary_table(report))
     click.echo(f"merged model and report written to {out}")

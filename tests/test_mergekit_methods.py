@@ -618,6 +618,17 @@ dtype: float32
     wide = tmp_path / "wide-vocab"
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**llama_config().to_dict(), "vocab_size": 65})) \
         .save_pretrained(wide)
+    # a tensor mergekit's architecture does not plan (an old checkpoint's rotary buffer) in one model only
+    from safetensors.torch import load_file, save_file
+
+    old = Path(shutil.copytree(pico.aligned, tmp_path / "old-aligned"))
+    index = json.loads((old / "model.safetensors.index.json").read_text())
+    shard = old / index["weight_map"]["model.layers.0.self_attn.q_proj.weight"]
+    buffer = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    save_file({**load_file(shard), buffer: torch.rand(8)}, shard, metadata={"format": "pt"})
+    index["weight_map"][buffer] = shard.name
+    (old / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert validate_recipe({**recipe(pico), "base_model": str(old)}).method == "safemerge"
     with pytest.raises(SafeMergeError, match=r"lm_head.weight has 65 rows in role task .* add tokenizer: \{source: base\}"):
         validate_recipe(recipe(pico, task=str(wide)))  # mergekit would stop on the size mismatch
     for tok in ({"tokenizer": {"source": "base"}}, {"tokenizer_source": "union"}):
@@ -865,23 +876,43 @@ def test_exit_hook_writes_no_report_for_an_unfinished_mergekit_yaml(pico, tmp_pa
 
     assert run_then_exit()
     assert not run_then_exit(lambda: (out / "config.json").unlink())  # interrupted before the config
+    stale = lambda: os.utime(out / "config.json", (1e9, 1e9))  # noqa: E731 (a config.json of an earlier run)
+    assert not run_then_exit(stale)
     with monkeypatch.context() as m:
         m.setattr(sys, "last_value", RuntimeError("boom"), raising=False)
         assert not run_then_exit()
     assert run_then_exit()
 
 
-def test_failed_safemerge_yaml_writes_no_report_at_its_report_path(pico, tmp_path, capsys):
+@pytest.mark.parametrize("where", ["in-a-method", "in-mergekit", "after-the-merge"])
+def test_failed_safemerge_yaml_writes_no_report_at_its_report_path(pico, tmp_path, capsys, monkeypatch, where):
+    """A safemerge-yaml run that fails writes no report to its report_path, now or at exit: when a
+    method raised, and when the merge ran through and something after it failed (here OUT_PATH
+    appearing while the run wrote)."""
+    import mergekit.merge
+
     from safemerge_ext import mergekit_methods as mm
     from safemerge_ext import yaml_cli
 
-    own = tmp_path / "own"
-    cfg = recipe(pico, params={"threshold": TAU, "report_path": str(own)}, task=str(_nan_task(pico, tmp_path)))
+    own, out = tmp_path / "own", tmp_path / "out"
+    task = _nan_task(pico, tmp_path) if where == "in-a-method" else pico.task
+    cfg = recipe(pico, params={"threshold": TAU, "report_path": str(own)}, task=str(task))
+    real = mergekit.merge.run_merge
+
+    def then_out_appears(*a, **k):
+        real(*a, **k)
+        if where == "in-mergekit":  # every layer recorded, then mergekit fails (say, writing the config)
+            raise OSError(28, "No space left on device")
+        out.mkdir()
+
+    monkeypatch.setattr(mergekit.merge, "run_merge", then_out_appears)
     with pytest.raises(SystemExit) as done:
-        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out")])
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(out)])
     mm._finalize_pending()  # what the exit hook does
     err = capsys.readouterr().err
-    assert done.value.code == 1 and "NaN or Inf" in err
+    assert done.value.code == 1
+    assert {"in-a-method": "NaN or Inf", "in-mergekit": "No space left on device",
+            "after-the-merge": f"OUT_PATH {out} appeared while"}[where] in err, err
     assert sum("safemerge-yaml: error:" in ln for ln in err.splitlines()) == 1
     assert "cosine min / median / max" not in err  # no summary of the part that ran
     assert not own.exists() or not any(own.iterdir()), sorted(p.name for p in own.iterdir())

@@ -46,15 +46,16 @@ def _sibling(final: Path, kind: str) -> Path:
 
 
 @contextmanager
-def staged_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
+def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success it replaces ``out``, else vanishes.
 
     The temporary sits in the same parent so the final rename is atomic on one file system. It is
     made with ``mkdir`` under the process umask (as a plain ``mkdir`` of ``out`` would be), not
     ``mkdtemp``'s 0700, so the output is as readable as any other folder the user makes. Without
-    ``force``, an ``out`` that appeared while the run was writing is never replaced.
+    ``force``, an ``out`` that appeared while the run was writing is never replaced. ``flag`` names
+    the output in errors.
     """
-    final = check_out(out, force)
+    final = check_out(out, force, flag)
     made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # parents this run adds
     final.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -83,7 +84,7 @@ def staged_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
         if final.exists() or final.is_symlink():
             if not force:
                 raise SafeMergeError(
-                    f"--out {final} appeared while this run was writing; nothing was replaced: choose a new path "
+                    f"{flag} {final} appeared while this run was writing; nothing was replaced: choose a new path "
                     "or pass --force"
                 )
             old = _sibling(final, "old")
@@ -94,7 +95,7 @@ def staged_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
             if old is not None:
                 old.rename(final)
                 old = None
-            raise SafeMergeError(f"--out {final}: could not move the finished output into place ({exc}); "
+            raise SafeMergeError(f"{flag} {final}: could not move the finished output into place ({exc}); "
                                  "nothing was replaced") from None
     except BaseException:
         undo()
