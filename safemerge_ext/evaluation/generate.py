@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from safemerge_ext.errors import SafeMergeError
 
@@ -98,15 +98,7 @@ class TransformersEngine:
         self.tok.padding_side = "left"
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=_torch_dtype(self.dtype, self.device))
         if spec.adapter:
-            from peft import PeftModel
-
-            try:
-                model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
-            except (RuntimeError, ValueError, KeyError) as exc:
-                lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [type(exc).__name__]
-                first = next((ln for ln in lines if "size mismatch" in ln), lines[0])
-                raise SafeMergeError(f"--model {spec.label}: the adapter does not fit the model ({first}); "
-                                     "give the base model it was trained on") from None
+            model = _merge_adapter(model, spec)
         self.model = model.to(self.device).eval()
 
     def chat_texts(self, prompts: Sequence[str]) -> list[str]:
@@ -137,6 +129,35 @@ class TransformersEngine:
 
     def unload(self) -> None:
         self.model = None
+
+
+def _merge_adapter(model: Any, spec: ModelSpec) -> Any:
+    """``model`` with the LoRA adapter of ``spec`` merged in; every adapter weight must land on a module.
+
+    PeftModel.from_pretrained only warns about weights that matched no module (and keeps the random or zero
+    LoRA factors it made), so the adapter is loaded with load_adapter, which returns what did not load.
+    """
+    from peft import PeftConfig, PeftModel
+
+    try:
+        config = PeftConfig.from_pretrained(spec.adapter)
+        config.inference_mode = True
+        peft_model = PeftModel(model, config)
+        result = peft_model.load_adapter(spec.adapter, "default")
+    except (RuntimeError, ValueError, KeyError) as exc:
+        lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [type(exc).__name__]
+        first = next((ln for ln in lines if "size mismatch" in ln), lines[0])
+        raise SafeMergeError(f"--model {spec.label}: the adapter does not fit the model ({first}); "
+                             "give the base model it was trained on") from None
+    if result.unexpected_keys or result.missing_keys:
+        if result.unexpected_keys:
+            what = (f"{len(result.unexpected_keys)} of its weights match no module of the model, e.g. "
+                    f"{result.unexpected_keys[0]}")
+        else:
+            what = f"{len(result.missing_keys)} LoRA weights got no value from it, e.g. {result.missing_keys[0]}"
+        raise SafeMergeError(f"--model {spec.label}: the adapter does not fit the model ({what}); "
+                             "give the base model it was trained on, or an adapter saved by PEFT for this model")
+    return peft_model.merge_and_unload()
 
 
 class VllmEngine:

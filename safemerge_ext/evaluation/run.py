@@ -17,9 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation.generate import ModelSpec
 from safemerge_ext.evaluation.judges import Judge, is_refusal
 from safemerge_ext.evaluation.stats import wilson
+from safemerge_ext.io.output import check_parent
 from safemerge_ext.evaluation.utility import Task
 
 
@@ -49,14 +51,32 @@ class Rate:
         self.lo, self.hi = wilson(self.k, self.n)
 
 
-def subsample(items: Sequence[Any], limit: int | None, seed: int) -> list[Any]:
-    """The first ``limit`` items of a seeded shuffle (all of them when ``limit`` is None): a fixed, fair subset."""
+def subsample(items: Sequence[Any], limit: int | None, seed: int, role: str) -> list[Any]:
+    """The first ``limit`` items of a seeded shuffle, kept in file order (all of them when ``limit`` is None).
+
+    The shuffle is seeded with ``seed`` and ``role`` ("harmful", "benign", "utility"), so a smaller limit
+    takes a subset of a larger one's items and sets of equal length get different subsets.
+    """
     items = list(items)
     if limit is None or limit >= len(items):
         return items
-    rng = random.Random(seed)
-    idx = sorted(rng.sample(range(len(items)), limit))
-    return [items[i] for i in idx]
+    order = list(range(len(items)))
+    random.Random(f"{seed}:{role}").shuffle(order)  # (a str seed is hashed with SHA-512: same on every run)
+    return [items[i] for i in sorted(order[:limit])]
+
+
+def check_out(out: Path) -> None:
+    """Fail now, before any model loads, when ``write`` could not put its files into ``out``."""
+    if out.exists() and not out.is_dir():
+        raise SafeMergeError(f"--out {out}: a file is there; give a folder (eval.json and eval.png go into it)")
+    for name in ("eval.json", "eval.png"):
+        if (out / name).is_dir():
+            raise SafeMergeError(f"--out {out}: {out / name} is a folder; move it away or give another --out")
+    if out.is_dir():
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise SafeMergeError(f"--out {out}: the folder is not writable; give another --out")
+    else:
+        check_parent(out, "--out")
 
 
 def evaluate(

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.evaluation.data import read_jsonl
+from safemerge_ext.evaluation.data import jsonl_records
 
 _NUM = re.compile(r"-?(?:\d[\d,]*)?\.?\d+")  # 1,234  -7  0.5  .5
+# "#### N": the number may follow a label ("Answer:") and Markdown or currency marks ("**", "$"); a
+# Markdown heading such as "#### Step 2" is no answer line.
+_FINAL = re.compile(r"####[*_ \t]*(?:[^\W\d_]+(?:[ \t]+[^\W\d_]+)*[ \t]*:)?[*_$+ \t]*(" + _NUM.pattern + ")")
 _LABEL = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
 
 GSM8K_INSTRUCTION = "Solve the problem. End with the final answer on its own line as '#### <number>'."
@@ -32,22 +35,23 @@ def _canon(num: str) -> str:
 def gsm8k_gold(answer: str) -> str:
     """The number after the last ``####`` of a GSM8K answer."""
     if "####" not in answer:
-        raise SafeMergeError(f"GSM8K answer has no '#### N' line: {answer[:60]!r}")
+        raise SafeMergeError(f"the answer has no '#### N' line ({answer[:60]!r}); end it with '#### <number>'")
     m = _NUM.search(answer.rsplit("####", 1)[1])
     if m is None:
-        raise SafeMergeError(f"GSM8K answer has no number after '####': {answer[:60]!r}")
+        raise SafeMergeError(f"the answer has no number after its last '####' ({answer[:60]!r}); "
+                             "end it with '#### <number>'")
     return _canon(m.group())
 
 
 def gsm8k_prediction(text: str) -> str | None:
-    """The model's final number: the first after its last ``####`` when present, else the last
-    number it wrote."""
+    """The model's final number: that of its last ``#### N`` answer line (``#### Answer: **42**`` too;
+    a Markdown heading like ``#### Step 2`` is none), else the last number it wrote."""
     text = text.replace("\u2212", "-")  # a typeset minus sign
-    tail = text.rsplit("####", 1)[1] if "####" in text else text
-    nums = _NUM.findall(tail)
-    if not nums:
-        return None
-    return _canon(nums[0] if "####" in text else nums[-1])
+    finals = _FINAL.findall(text)
+    if finals:
+        return _canon(finals[-1])
+    nums = _NUM.findall(text)
+    return _canon(nums[-1]) if nums else None
 
 
 def gsm8k_correct(prediction: str, answer: str) -> bool:
@@ -94,10 +98,12 @@ def _context(rec: dict) -> str:
 
 def load_task(path: str, kind: str = "auto") -> Task:
     """A utility file as prompts + gold answers; ``kind`` auto-detects from the first record's fields."""
-    recs = read_jsonl(Path(path))
+    if not Path(path).is_file():
+        raise SafeMergeError(f"--utility {path} does not exist")
+    recs = jsonl_records(Path(path))
     if not recs:
         raise SafeMergeError(f"--utility {path}: no records")
-    first = recs[0]
+    first = recs[0][1]
     if kind == "auto":
         if "final_decision" in first or str(first.get("answer", "")).strip().lower() in ("yes", "no", "maybe"):
             kind = "pubmedqa"
@@ -108,15 +114,20 @@ def load_task(path: str, kind: str = "auto") -> Task:
                                  f"{sorted(first)}; expected GSM8K (question, answer with '#### N') or PubMedQA "
                                  "(question, final_decision yes/no/maybe)")
     items = []
-    for i, r in enumerate(recs):
+    for line, r in recs:
+        where = f"--utility {path} line {line}"
         if "question" not in r:
-            raise SafeMergeError(f"--utility {path} record {i + 1}: no 'question' field")
+            raise SafeMergeError(f"{where}: no 'question' field")
         if kind == "gsm8k":
-            items.append(TaskItem(f"{r['question']}\n{GSM8K_INSTRUCTION}", gsm8k_gold(str(r.get("answer", "")))))
+            try:
+                gold = gsm8k_gold(str(r.get("answer", "")))
+            except SafeMergeError as exc:
+                raise SafeMergeError(f"{where}: {exc}") from None
+            items.append(TaskItem(f"{r['question']}\n{GSM8K_INSTRUCTION}", gold))
         elif kind == "pubmedqa":
             label = str(r.get("final_decision", r.get("answer", ""))).strip().lower()
             if label not in ("yes", "no", "maybe"):
-                raise SafeMergeError(f"--utility {path} record {i + 1}: label {label!r} is not yes/no/maybe")
+                raise SafeMergeError(f"{where}: label {label!r} is not yes/no/maybe; give one of them")
             ctx = _context(r)
             items.append(TaskItem(f"{ctx}\n\nQuestion: {r['question']}\n{PUBMEDQA_INSTRUCTION}".strip(), label))
         else:
