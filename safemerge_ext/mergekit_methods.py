@@ -570,9 +570,9 @@ def discard_report(report_path: str | os.PathLike) -> None:
 
 
 def _unfinished(key: str) -> str | None:
-    """Why the run that wrote sidecar ``key`` did not finish (None: nothing says so). At exit: an
-    uncaught exception (Python keeps it as sys.last_value), a method that raised, or a running
-    ``mergekit-yaml`` whose OUT_PATH got no config.json after the run's first record (mergekit
+    """Why the run that wrote sidecar ``key`` did not finish (None: nothing says so), at exit: a
+    method that raised; in a running ``mergekit-yaml``, also an uncaught exception (Python keeps it
+    as sys.last_value) or an OUT_PATH that got no config.json after the run's last record (mergekit
     writes it once every tensor is written; an interrupted run, Ctrl-C included, never gets there)."""
     if key in _failed:
         return "a merge method raised an error"
