@@ -40,3 +40,28 @@ def test_safemerge_yaml_without_mergekit_is_one_line(monkeypatch, capsys):
         yaml_main(["r.yml", "out"])
     err = capsys.readouterr().err.strip()
     assert done.value.code == 1 and err.count("\n") == 0 and "pip install 'safemerge-ext[mergekit]'" in err
+
+
+def test_wheel_ships_the_autoload_pth(tmp_path):
+    """A regular install (pip install ., from this wheel) puts the autoload .pth into site-packages:
+    the wheel carries it at its root and lists it in RECORD (the editable install is what CI runs;
+    SPEC section 2 asks for both modes)."""
+    import zipfile
+
+    from safemerge_ext import autoload
+
+    src = tmp_path / "src"
+    src.mkdir()
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip("not a git checkout")
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("safemerge_ext-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read(autoload.PTH_NAME).decode() == autoload.PTH_LINE
+        record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
+        assert any(line.split(",")[0] == autoload.PTH_NAME for line in z.read(record).decode().splitlines())
+        assert any(n.startswith("safemerge_ext/_cpu.") for n in z.namelist()), "the C++ extension is not in the wheel"
