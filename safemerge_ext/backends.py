@@ -93,13 +93,15 @@ def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:
     ``auto`` (or None) honours ``SAFEMERGE_BACKEND``, then falls back silently through the
     preference order; an explicit name that cannot run raises and lists the valid names.
     """
-    requested = (name or AUTO).lower()
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"backend must be a name (auto, {', '.join(NAMES)}); got {name!r}")
+    requested, source = (name or AUTO).strip().lower(), "backend"
     if requested == AUTO:
-        requested = os.environ.get(ENV_VAR, AUTO).lower() or AUTO
+        requested, source = os.environ.get(ENV_VAR, AUTO).strip().lower() or AUTO, ENV_VAR
     if requested != AUTO:
         spec = next((s for s in _SPECS if s.name == requested), None)
         if spec is None:
-            raise ValueError(f"backend must be one of auto, {', '.join(NAMES)}; got {requested!r}")
+            raise ValueError(f"{source} must be one of auto, {', '.join(NAMES)}; got {requested!r}")
         if not spec.runs_on(device_type, explicit=True):
             others = [s.name for s in _SPECS
                       if s is not spec and s.runs_on(device_type, explicit=False) and not isinstance(_load(s), str)]

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from safemerge_ext import backends, reference
+from safemerge_ext import _mapped, backends, reference
 from safemerge_ext.backends import available_backends
 
 __all__ = [
@@ -47,17 +47,34 @@ def _check_pair(wa: torch.Tensor, wu: torch.Tensor) -> None:
         raise ValueError(
             f"w_aligned and w_unaligned must be 2-D and of one shape; got {tuple(wa.shape)} and {tuple(wu.shape)}"
         )
+    if wa.numel() == 0:
+        raise ValueError(f"the weights are empty ({tuple(wa.shape)}): there is no layer to score")
     if wa.device != wu.device:
         raise ValueError(f"w_aligned is on {wa.device} but w_unaligned on {wu.device}: move both to one device")
+    if wa.device.type == "meta":
+        raise ValueError("the weights are on the meta device, which holds no values: load them first")
     for t in (wa, wu):
         if t.dtype not in _FLOATS:
             raise ValueError(f"weights must be fp32, fp16, bf16 or fp64; got {t.dtype}")
+    if wa.dtype != wu.dtype:  # V = W_a - W_u would carry one side's rounding alone
+        raise ValueError(f"w_aligned is {wa.dtype} but w_unaligned {wu.dtype}: give both in one dtype")
+
+
+def _check_update(what: str, t: torch.Tensor) -> None:
+    """A LoRA factor or full update: floating point (float8 included), with values (not on the meta
+    device)."""
+    if not t.is_floating_point():
+        raise ValueError(f"{what} must be a floating-point tensor; got {t.dtype}")
+    if t.device.type == "meta":
+        raise ValueError(f"{what} is on the meta device, which holds no values: load it first")
 
 
 def _lowrank_factors(wa: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    _check_update("lora_A", lora_A)
+    _check_update("lora_B", lora_B)
     d_out, d_in = wa.shape
     if lora_B.dim() != 2 or lora_A.dim() != 2 or lora_B.shape[0] != d_out or lora_A.shape[1] != d_in \
-            or lora_A.shape[0] != lora_B.shape[1]:
+            or lora_A.shape[0] != lora_B.shape[1] or lora_A.shape[0] < 1:
         raise ValueError(
             f"LoRA factors do not fit a {d_out}x{d_in} weight: lora_B is {tuple(lora_B.shape)} "
             f"(want {d_out}xr), lora_A is {tuple(lora_A.shape)} (want rx{d_in})"
@@ -92,8 +109,10 @@ def subspace_score(
 
     With ``with_projection`` and a LoRA update, also return Safe LoRA's ``C @ lora_B`` (fp32),
     which falls out of the second pass (``P / ||V||``) at no extra read of the weights.
-    ``file_backed`` says the weights are private file mappings (``ModelReader.is_mapped``): the C++
-    backend then drops their pages from the resident set as it finishes with them.
+    ``file_backed`` says the weights are views of live private file mappings made by
+    ``ModelReader.map`` (checked: anything else is a ValueError, since dropping pages of ordinary
+    memory would zero it): the C++ backend then drops their pages from the resident set as it
+    finishes with them (they read back from the file).
     ``precision`` allows the Triton kernels a tensor-core operand precision (``backends.PRECISIONS``;
     None: ``SAFEMERGE_PRECISION``, else exact ``ieee``); the score says which one was used.
     """
@@ -101,6 +120,12 @@ def subspace_score(
     lowrank = lora_A is not None or lora_B is not None
     if lowrank == (delta is not None) or (lowrank and (lora_A is None or lora_B is None)):
         raise ValueError("give exactly one of lora_A+lora_B (a LoRA update) or delta (a full update)")
+    if file_backed and not (_mapped.covers(w_aligned) and _mapped.covers(w_unaligned)):
+        raise ValueError("file_backed=True, but the weights are not views of live ModelReader.map mappings: "
+                         "their pages cannot be dropped; leave file_backed off")
+    # (scores are not differentiable; a tensor that requires grad is read as it is)
+    w_aligned, w_unaligned = w_aligned.detach(), w_unaligned.detach()
+    lora_A, lora_B, delta = (None if t is None else t.detach() for t in (lora_A, lora_B, delta))
     name, impl, kw, used = _resolve(backend, w_aligned.device.type, precision)
     wa, wu = w_aligned.contiguous(), w_unaligned.contiguous()
     if lowrank:
@@ -120,6 +145,7 @@ def subspace_score(
     else:
         if delta.shape != wa.shape:
             raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")
+        _check_update("delta", delta)
         m2, n2, d2, vsq = impl.fullrank_sums(wa, wu, delta.to(wa.device).contiguous(), **kw)
         num, projected = m2, None
     values = (vsq, num, n2, d2)
@@ -164,8 +190,10 @@ def project_lora_B(
 ) -> torch.Tensor:
     """Safe LoRA's ``C @ lora_B = V (V^T B) / ||V||`` without forming C, in lora_B's dtype."""
     _check_pair(w_aligned, w_unaligned)
-    if lora_B.dim() != 2 or lora_B.shape[0] != w_aligned.shape[0]:
-        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {w_aligned.shape[0]}xr")
+    if lora_B.dim() != 2 or lora_B.shape[0] != w_aligned.shape[0] or lora_B.shape[1] < 1:
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {w_aligned.shape[0]}xr, r >= 1")
+    _check_update("lora_B", lora_B)
+    w_aligned, w_unaligned, lora_B = w_aligned.detach(), w_unaligned.detach(), lora_B.detach()
     _, impl, kw, _ = _resolve(backend, w_aligned.device.type, precision)
     _, P, vsq = impl.lowrank_passes(
         w_aligned.contiguous(), w_unaligned.contiguous(), lora_B.to(w_aligned.device).contiguous(), **kw
@@ -185,6 +213,8 @@ def project_delta(
     _check_pair(w_aligned, w_unaligned)
     if delta.shape != w_aligned.shape:
         raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(w_aligned.shape)}")
+    _check_update("delta", delta)
+    w_aligned, w_unaligned, delta = w_aligned.detach(), w_unaligned.detach(), delta.detach()
     _, impl, kw, _ = _resolve(backend, w_aligned.device.type, precision)
     N, vsq = impl.project_full(w_aligned.contiguous(), w_unaligned.contiguous(), delta.to(w_aligned.device).contiguous(),
                                **kw)

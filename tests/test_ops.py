@@ -47,6 +47,61 @@ def test_scale_invariance_and_arguments():
         ops.subspace_cosine(wa, wu[:5], lora_A=A, lora_B=B)
 
 
+CPU_BACKENDS = [n for n in ("cpp", "torch") if backends.available_backends()[n] is None]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_tensors_get_one_clear_error_and_are_left_alone(backend):
+    """What the API refuses, on every backend alike, without touching the caller's tensors: integer
+    factors or updates (the projection was cast back to int), meta tensors, weights of two dtypes,
+    empty weights, rank 0."""
+    wa, wu, A, B = inputs(seed=11)
+    before = [t.clone() for t in (wa, wu, A, B)]
+    cases = [
+        (dict(lora_A=A, lora_B=(B * 10).int()), "lora_B must be a floating-point tensor"),
+        (dict(lora_A=A.bool(), lora_B=B), "lora_A must be a floating-point tensor"),
+        (dict(delta=(B @ A).long()), "delta must be a floating-point tensor"),
+        (dict(lora_A=A.to("meta"), lora_B=B), "lora_A is on the meta device"),
+        (dict(lora_A=A[:0], lora_B=B[:, :0]), "do not fit"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            ops.subspace_score(wa, wu, backend=backend, **kw)
+    with pytest.raises(ValueError, match="lora_B must be a floating-point tensor"):
+        ops.project_lora_B(wa, wu, (B * 10).int(), backend=backend)
+    with pytest.raises(ValueError, match="delta must be a floating-point tensor"):
+        ops.project_delta(wa, wu, (B @ A).int(), backend=backend)
+    with pytest.raises(ValueError, match="w_aligned is torch.float32 but w_unaligned torch.bfloat16"):
+        ops.subspace_score(wa, wu.bfloat16(), lora_A=A, lora_B=B, backend=backend)
+    with pytest.raises(ValueError, match="empty"):
+        ops.subspace_score(wa[:0], wu[:0], lora_A=A, lora_B=B[:0], backend=backend)
+    with pytest.raises(ValueError, match="meta device"):
+        ops.subspace_score(wa.to("meta"), wu.to("meta"), lora_A=A, lora_B=B)
+    assert all(torch.equal(x, y) for x, y in zip((wa, wu, A, B), before))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tensors_that_require_grad_are_scored_as_they_are(backend):
+    wa, wu, A, B = inputs(seed=12)
+    want = ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend).cosine
+    grads = [t.clone().requires_grad_() for t in (wa, wu, A, B)]
+    assert ops.subspace_score(grads[0], grads[1], lora_A=grads[2], lora_B=grads[3], backend=backend).cosine == want
+    assert torch.equal(ops.project_lora_B(*grads[:2], grads[3], backend=backend), ops.project_lora_B(wa, wu, B, backend=backend))
+    got = ops.project_delta(*grads[:2], (grads[3] @ grads[2]), backend=backend)
+    assert not got.requires_grad and torch.equal(got, ops.project_delta(wa, wu, B @ A, backend=backend))
+
+
+def test_backend_names_are_checked_and_their_source_named(monkeypatch):
+    wa, wu, A, B = inputs(seed=13)
+    with pytest.raises(ValueError, match="backend must be a name"):
+        ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=3)
+    monkeypatch.setenv("SAFEMERGE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SAFEMERGE_BACKEND must be one of auto, .*; got 'bogus'"):
+        ops.subspace_score(wa, wu, lora_A=A, lora_B=B)
+    monkeypatch.setenv("SAFEMERGE_BACKEND", " Torch ")
+    assert ops.subspace_score(wa, wu, lora_A=A, lora_B=B).backend == "torch"
+
+
 def test_non_contiguous_inputs():
     wa, wu, A, B = inputs(30, 50, 4)
     wat, wut = wa.t(), wu.t()  # 50 x 30 views

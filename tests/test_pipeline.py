@@ -530,7 +530,7 @@ def test_scoring_reads_ahead_only_what_is_not_cached(fx, monkeypatch, cached):
 
 
 @pytest.mark.skipif(not _runs_on_cpu("cpp"), reason="needs the C++ extension")
-def test_scoring_drops_mapped_pages_behind(fx, monkeypatch):
+def test_scoring_drops_mapped_pages_behind(fx, monkeypatch, tmp_path):
     """The scorer tells the C++ kernel that the weights it maps from the model files may drop
     their pages behind it (and only those); with row blocks small enough to split every layer,
     the scores keep their bits."""
@@ -557,18 +557,29 @@ def test_scoring_drops_mapped_pages_behind(fx, monkeypatch):
     split, split_flags = scores(1)  # blocks of one 32-row chunk
     assert flags and all(flags) and all(split_flags)
     assert split == whole
-    # ops passes the flag on only for the caller's own tensors, never for a copy that it made
-    # (here: of a non-contiguous weight); the spy does not forward it (these are not mappings)
-    from safemerge_ext import ops
+    # ops passes the flag on only for the caller's own mapped tensors, never for a copy that it made
+    # (here: of a non-contiguous view of a mapping), and refuses it for memory that is no mapping
+    # (dropping its pages would zero it); the spy does not forward it
+    from safetensors.torch import save_file
 
+    from safemerge_ext import ops
+    from safemerge_ext.io.models import ModelReader
+
+    save_file({"a": torch.randn(48, 64), "u": torch.randn(48, 64)}, str(tmp_path / "model.safetensors"))
+    reader = ModelReader(tmp_path)
+    ma, mu = reader.map("a"), reader.map("u")
     real, calls = cpp_backend.lowrank_passes, []
     monkeypatch.setattr(cpp_backend, "lowrank_passes", lambda a, u, B, **kw: calls.append(kw) or real(a, u, B))
-    wa, wu = torch.randn(48, 64).t(), torch.randn(48, 64).t()
     factors = {"lora_A": torch.randn(2, 48), "lora_B": torch.randn(64, 2)}
-    ops.subspace_score(wa, wu, **factors, backend="cpp", file_backed=True)
-    ops.subspace_score(wa.contiguous(), wu.contiguous(), **factors, backend="cpp", file_backed=True)
-    ops.subspace_score(wa.contiguous(), wu.contiguous(), **factors, backend="cpp")
+    ops.subspace_score(ma.t(), mu.t(), **factors, backend="cpp", file_backed=True)
+    factors = {"lora_A": torch.randn(2, 64), "lora_B": torch.randn(48, 2)}
+    ops.subspace_score(ma, mu, **factors, backend="cpp", file_backed=True)
+    ops.subspace_score(ma, mu, **factors, backend="cpp")
     assert calls == [{}, {"release_behind": True}, {}]
+    wa, wu = ma.clone(), mu.clone()
+    with pytest.raises(ValueError, match="not views of live ModelReader.map mappings"):
+        ops.subspace_score(wa, wu, **factors, backend="cpp", file_backed=True)
+    assert torch.equal(wa, ma) and torch.equal(wu, mu) and len(calls) == 3
 
 
 @pytest.mark.parametrize("progress", [True, False, None], ids=["progress", "no-progress", "auto"])

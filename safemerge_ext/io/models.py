@@ -35,6 +35,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from safemerge_ext import _mapped
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io import pagecache
 from safemerge_ext.io.safetensors_stream import TORCH_DTYPES, tensor_nbytes
@@ -435,8 +436,13 @@ class ModelReader:
         t = torch.frombuffer(mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start - base)
         lo = t.data_ptr() - (start - base)
         self._maps[id(mm)] = (lo, lo + len(mm))
-        weakref.finalize(mm, self._maps.pop, id(mm), None)
+        _mapped.add(id(mm), lo, lo + len(mm))
+        weakref.finalize(mm, self._unmapped, id(mm))
         return t
+
+    def _unmapped(self, key: int) -> None:
+        self._maps.pop(key, None)
+        _mapped.remove(key)
 
     def is_mapped(self, t: torch.Tensor) -> bool:
         """Whether ``t``'s bytes lie in a private file mapping that :meth:`map` made and that is
