@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_unit_float("--threshold", -1, 1), default=0.35,
                    help="layers with cosine < threshold are marked as SafeMERGE would flag them (default: 0.35)")
     p.add_argument("--report", metavar="FILE", help="write the JSON report here")
-    p.add_argument("--plot", metavar="FILE", help="write the per-layer cosine plot (PNG) here")
+    p.add_argument("--plot", metavar="FILE", help="write the per-layer cosine plot here (.png, .pdf, .svg, ...)")
     _add_runtime(p)
 
     p = sub.add_parser("merge", help="SafeMERGE a task adapter with a safety adapter",
@@ -199,20 +199,26 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from safemerge_ext._signals import Terminated, sigterm_as_interrupt
     from safemerge_ext.errors import SafeMergeError
 
+    out = getattr(args, "out", None)
+    target = f"--out {out}" if out else (f"--report {args.report}" if getattr(args, "report", None) else None)
     try:
-        return _run(args)
+        with sigterm_as_interrupt():
+            return _run(args)
     except (SafeMergeError, ValueError) as exc:
         print(f"safemerge: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, permissions, a path that vanished: still one line
-        print(f"safemerge: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
-              file=sys.stderr)
+        where = f": {exc.filename}" if exc.filename else (f" (writing {target})" if target else "")
+        print(f"safemerge: error: {exc.strerror or exc}{where}; nothing was written", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("safemerge: interrupted; nothing was written to --out", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"safemerge: {what}; nothing was written" + (f" to {target.split()[0]}" if target else ""),
+              file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     finally:
         if "safemerge_ext.report" in sys.modules:
             sys.modules["safemerge_ext.report"].finish_preloads()
@@ -226,6 +232,9 @@ def yaml_main(argv: Sequence[str] | None = None) -> None:
         print(f"safemerge-yaml: error: it needs mergekit ({exc}): pip install 'safemerge-ext[mergekit]'",
               file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # (mergekit's imports take seconds)
+        print("safemerge-yaml: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
     yaml_cli.main(None if argv is None else list(argv))
 
 

@@ -32,6 +32,7 @@ from safemerge_ext.report import (
     REPORT_PNG,
     LayerRecord,
     build_report,
+    check_plot_path,
     plot,
     preload_plotting,
     summary_table,
@@ -453,6 +454,11 @@ def score(
     for path, flag in ((report_path, "--report"), (plot_path, "--plot")):
         if path:
             check_parent(path, flag)
+    if report_path and Path(report_path).is_dir():
+        raise SafeMergeError(f"--report {report_path} is a folder; give a file name such as "
+                             f"{Path(report_path) / REPORT_JSON}")
+    if plot_path:
+        check_plot_path(plot_path)
     task = read_adapter(adapter, "--adapter")
     run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision)
     if plot_path:
@@ -464,7 +470,8 @@ def score(
                 "precision_requested": run.precision_requested,
                 **selection.describe()}
     report = _finish(run, "score", "score", _records(run, scores, flags, "kept"), settings)
-    for path, save in ((report_path, write_json), (plot_path, plot)):
+    # the plot first: a plot that fails leaves no new report either (each file is written whole)
+    for path, save in ((plot_path, plot), (report_path, write_json)):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             save(report, path)

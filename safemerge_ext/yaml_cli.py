@@ -22,6 +22,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
+from safemerge_ext._signals import Terminated, sigterm_as_interrupt
 from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.output import check_out, staged_dir
@@ -388,8 +389,20 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point (``safemerge-yaml``)."""
-    _command.main(args=argv, prog_name="safemerge-yaml")
+    """Console-script entry point (``safemerge-yaml``). Ctrl-C and SIGTERM end in one line (exit 130
+    and 143), after the command's own clean-up, not in click's "Aborted!"."""
+    try:
+        with sigterm_as_interrupt():
+            code = _command.main(args=argv, prog_name="safemerge-yaml", standalone_mode=False)
+    except click.exceptions.Abort as exc:  # (click's form of a KeyboardInterrupt)
+        term = isinstance(exc.__cause__, Terminated)
+        click.echo(f"safemerge-yaml: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing was written to "
+                   "OUT_PATH", err=True)
+        sys.exit(143 if term else 130)
+    except click.ClickException as exc:  # usage errors, as click shows them
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -322,15 +322,17 @@ def test_os_errors_are_one_line(fx, tmp_path, capsys, monkeypatch):
     """An I/O failure the checks cannot foresee (a full disk) is still one line and exit 2."""
     from safemerge_ext import pipeline
 
-    def full(*a, **k):
-        raise OSError(28, "No space left on device", str(tmp_path / "out"))
+    for filename, where in ((str(tmp_path / "out"), f": {tmp_path / 'out'}"), (None, f" (writing --out {tmp_path / 'out'})")):
+        def full(*a, **k):  # (an error from a write() names no file)
+            raise OSError(28, "No space left on device", filename)
 
-    monkeypatch.setattr(pipeline, "write_adapter", full)
-    code = main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
-                 "--safety-adapter", str(fx.safety), "--out", str(tmp_path / "out"), "--no-plot", "--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err == f"safemerge: error: No space left on device: {tmp_path / 'out'}", err
-    assert leftovers(tmp_path, "out") == []
+        monkeypatch.setattr(pipeline, "write_adapter", full)
+        code = main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter",
+                     str(fx.task), "--safety-adapter", str(fx.safety), "--out", str(tmp_path / "out"), "--no-plot",
+                     "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err == f"safemerge: error: No space left on device{where}; nothing was written", err
+        assert leftovers(tmp_path, "out") == []
 
 
 def test_a_run_failing_while_scoring_leaves_no_import_thread_running(fx, tmp_path, capsys, monkeypatch):
@@ -472,3 +474,125 @@ def test_model_output_scans_each_unscored_tensor_once(fx, tmp_path, monkeypatch)
     scored = {f"{r['module']}.weight" for r in layers}
     assert scored and len(scanned) == len(set(scanned))
     assert set(scanned) == {n for n in reader.names if reader.holds_floats(n)} - scored
+
+
+_TERM_DRIVER = """
+import os, signal, sys, time
+from pathlib import Path
+from safemerge_ext import pipeline
+from safemerge_ext.cli import main
+
+def stopped(out, *a, **k):  # half an output written, then the scheduler stops the job
+    (Path(out) / "adapter_model.safetensors").write_bytes(b"partial")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+pipeline.write_adapter = stopped
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(fx, tmp_path):
+    """SIGTERM (kill, a job scheduler's stop) mid-write: one line, exit 143, no partial output, and
+    an output that --force was replacing is still there."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
+            "--safety-adapter", str(fx.safety), "--out", str(out), "--force", "--no-plot", "--no-progress"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-c", _TERM_DRIVER, *args], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert res.returncode == 143, res.stderr[-2000:]
+    assert res.stderr.strip() == "safemerge: terminated (SIGTERM); nothing was written to --out", res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_force_puts_the_old_output_back_when_interrupted_between_the_renames(tmp_path, monkeypatch):
+    """--force moves the old output aside, then the new one into place: an interruption between the
+    two renames puts the old one back instead of leaving only a hidden .old folder."""
+    from safemerge_ext.io.output import staged_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    real = Path.rename
+
+    def interrupted(self, target):
+        if ".tmp-" in self.name:  # the new output's move into place
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_dir(out, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.setattr(Path, "rename", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_force_replaces_a_symlinked_output_without_leftovers(tmp_path):
+    from safemerge_ext.io.output import staged_dir
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("theirs")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with staged_dir(link, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+    assert not link.is_symlink() and (link / "new.txt").is_file() and (target / "keep.txt").read_text() == "theirs"
+
+
+def test_out_is_never_the_working_directory(fx, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in (".", str(tmp_path), str(tmp_path.parent)):
+        code = main(["project", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter",
+                     str(fx.task), "--out", out, "--force", "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err == f"safemerge: error: --out {out} is the working directory or holds it; choose a new folder"
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg"])
+def test_score_plots_in_the_format_its_name_says(fx, tmp_path, suffix):
+    plot = tmp_path / f"p{suffix}"
+    assert main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+                 "--plot", str(plot), "--no-progress"]) == 0
+    head = plot.read_bytes()[:8]
+    assert {".png": head.startswith(b"\x89PNG"), ".pdf": head.startswith(b"%PDF"), ".svg": b"<?xml" in head}[suffix]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [plot.name]
+
+
+@pytest.mark.parametrize("plot, culprit", [("dir", "is a folder"), ("noext", "must end in one of"),
+                                           ("a.xyz", "must end in one of")])
+def test_score_refuses_a_bad_plot_path_before_writing_anything(fx, tmp_path, capsys, plot, culprit):
+    (tmp_path / "dir").mkdir()
+    code = main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+                 "--report", str(tmp_path / "r.json"), "--plot", str(tmp_path / plot), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"--plot {tmp_path / plot}" in err and culprit in err and "\n" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]
+
+
+def test_a_report_that_fails_to_write_leaves_the_old_one(tmp_path, monkeypatch):
+    """Reports are written beside their path and renamed over it: a full disk mid-write leaves the
+    previous report whole."""
+    from safemerge_ext import report
+
+    path = tmp_path / "r.json"
+    path.write_text('{"old": true}\n')
+
+    def half(self, text, *a, **k):
+        with open(self, "w") as fh:
+            fh.write(text[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half)
+    with pytest.raises(OSError):
+        report.write_json({"new": list(range(100))}, path)
+    monkeypatch.undo()
+    assert path.read_text() == '{"old": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

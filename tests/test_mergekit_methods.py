@@ -927,3 +927,31 @@ def test_safemerge_yaml_names_its_out_path_argument(pico, tmp_path, capsys):
         yaml_cli.main([str(_write(recipe(pico), tmp_path / "r.yml")), str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert done.value.code == 1 and f"OUT_PATH {tmp_path / 'out'} already exists" in err and "--out" not in err, err
+
+
+_YAML_TERM_DRIVER = """
+import os, signal, sys, time
+from pathlib import Path
+import mergekit.merge
+from safemerge_ext import yaml_cli
+
+def stopped(config, out, *a, **k):  # part of the model written, then the job is stopped
+    (Path(out) / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+mergekit.merge.run_merge = stopped
+yaml_cli.main(sys.argv[1:])
+"""
+
+
+def test_safemerge_yaml_sigterm_cleans_up(pico, tmp_path):
+    """SIGTERM mid-merge: one line, exit 143, nothing at OUT_PATH, no LoRA cache left beside it."""
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
+    recipe_file = _write(cfg, tmp_path / "r.yml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", _YAML_TERM_DRIVER, str(recipe_file), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == "safemerge-yaml: terminated (SIGTERM); nothing was written to OUT_PATH"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]

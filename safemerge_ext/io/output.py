@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +31,9 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out") -> Path:
     """Fail early when the output (``flag`` names it in errors) exists and --force was not given, or
     could not be made."""
     p = check_parent(out, flag)
+    here = Path.cwd().resolve()
+    if p.resolve() == here or p.resolve() in here.parents:  # (and Path(".").name is empty)
+        raise SafeMergeError(f"{flag} {out} is the working directory or holds it; choose a new folder")
     if (p.exists() or p.is_symlink()) and not force:
         raise SafeMergeError(f"{flag} {p} already exists; choose a new path or pass --force to replace it")
     if p.exists() and not p.is_dir():
@@ -80,7 +84,7 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
         undo()
         raise
     old = None
-    try:
+    try:  # (an interruption between the two renames puts the old output back: see the except)
         if final.exists() or final.is_symlink():
             if not force:
                 raise SafeMergeError(
@@ -98,7 +102,24 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
             raise SafeMergeError(f"{flag} {final}: could not move the finished output into place ({exc}); "
                                  "nothing was replaced") from None
     except BaseException:
+        if old is not None and not (final.exists() or final.is_symlink()):
+            old.rename(final)
         undo()
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_replaced(old, final, flag)
+
+
+def _remove_replaced(old: Path, final: Path, flag: str) -> None:
+    """Delete the output that --force replaced (moved aside to ``old``); say so if some of it stays."""
+    failed: list[str] = []
+    if old.is_symlink():
+        old.unlink()
+    else:
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(old, onexc=lambda _f, path, exc: failed.append(f"{path}: {exc}"))
+        else:
+            shutil.rmtree(old, onerror=lambda _f, path, info: failed.append(f"{path}: {info[1]}"))
+    if failed:
+        print(f"safemerge: warning: {flag} {final} was replaced, but the old output could not be removed from "
+              f"{old} ({failed[0]}); delete it by hand", file=sys.stderr)

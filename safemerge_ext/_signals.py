@@ -1,0 +1,32 @@
+"""SIGTERM handled as Ctrl-C is: raised in the main thread as an exception, so the commands'
+clean-up (temporary outputs removed, an output that --force was replacing put back) runs for a
+``kill`` or a job scheduler's stop too, not only for an interactive interrupt."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class Terminated(KeyboardInterrupt):
+    """The process got SIGTERM."""
+
+
+def _raise(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` (where nobody else has a handler for it,
+    and only in the main thread, where Python delivers signals)."""
+    ours = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None))
+    previous = signal.signal(signal.SIGTERM, _raise) if ours else None
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, previous)
