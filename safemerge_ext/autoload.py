@@ -11,6 +11,7 @@ editable installs get it from the build hook as well where setuptools allows (se
 from __future__ import annotations
 
 import os
+import site
 import sys
 import sysconfig
 from pathlib import Path
@@ -30,9 +31,19 @@ def site_packages() -> Path:
     return Path(sysconfig.get_paths()["purelib"])
 
 
+def _site_dirs() -> list[Path]:
+    """The folders whose .pth files Python processes at start-up: the site directories (a venv's,
+    the system's where the venv includes them, the user's), not every folder on sys.path (a
+    checkout on PYTHONPATH holds this project's .pth too, and Python never runs it from there)."""
+    dirs = [site_packages()] + [Path(p) for p in site.getsitepackages()]
+    if site.ENABLE_USER_SITE and site.getusersitepackages():
+        dirs.append(Path(site.getusersitepackages()))
+    return dirs
+
+
 def _pth_files() -> list[Path]:
-    """Every copy of the .pth on this interpreter's path (a venv with system site-packages can see two)."""
-    dirs = [site_packages()] + [Path(p) for p in sys.path if p]
+    """Every copy of the .pth in a site directory (a venv with system site-packages can see two)."""
+    dirs = _site_dirs()
     seen, found = set(), []
     for d in dirs:
         f = d / PTH_NAME

@@ -507,6 +507,23 @@ def test_autoload_enable_disable_status(tmp_path):
     assert "state:" in autoload.status()
 
 
+def test_autoload_counts_only_site_directories(tmp_path, monkeypatch):
+    """A .pth on sys.path but outside the site directories (a checkout on PYTHONPATH, the working
+    directory of python -m) is never run by Python: status and disable do not count it."""
+    import site
+
+    checkout, site_dir = tmp_path / "checkout", tmp_path / "site"
+    autoload.enable(checkout)
+    monkeypatch.setattr(sys, "path", [str(checkout), *sys.path])
+    monkeypatch.setattr(autoload, "site_packages", lambda: site_dir)
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(site_dir)])
+    monkeypatch.setattr(site, "ENABLE_USER_SITE", False)
+    assert autoload._pth_files() == [] and autoload.status().endswith("state: disabled")
+    assert "another copy" not in autoload.disable()
+    autoload.enable()
+    assert autoload._pth_files() == [site_dir / autoload.PTH_NAME] and autoload.status().endswith("state: enabled")
+
+
 def test_autoload_status_says_the_env_switch_turns_the_hook_off():
     env = {**os.environ, "SAFEMERGE_NO_AUTOLOAD": "1"}
     out = subprocess.run([_script("safemerge"), "autoload", "status"], capture_output=True, text=True, env=env)
