@@ -27,9 +27,10 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
@@ -490,22 +491,18 @@ def _key(target: str | os.PathLike) -> str:
     return str(_locations(target)[0].resolve())
 
 
-class _failing_run:
+@contextmanager
+def _failing_run(report_path: str) -> Iterator[None]:
     """Around one tensor of a method: when it raises, the run it belongs to will not finish, so its
     records are void: no report is assembled from them, and the next record there starts afresh."""
-
-    def __init__(self, report_path: str) -> None:
-        self.report_path = report_path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, *rest: object) -> None:
-        if exc_type is not None and not issubclass(exc_type, GeneratorExit):
-            target = _target(self.report_path)
-            if target:
-                with _lock:
-                    _failed.add(_key(target))
+    try:
+        yield
+    except BaseException:
+        target = _target(report_path)
+        if target:
+            with _lock:
+                _failed.add(_key(target))
+        raise
 
 
 def report_files(report_path: str | os.PathLike) -> tuple[Path, Path]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge_ext import __version__
+from safemerge_ext.io.output import write_whole
 
 REPORT_JSON = "safemerge_report.json"
 REPORT_PNG = "safemerge_report.png"
@@ -113,18 +114,7 @@ def check_plot_path(path: str | os.PathLike, flag: str = "--plot") -> None:
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
     """The report as JSON, all or nothing: written beside ``path`` and renamed over it."""
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    _atomic(Path(path), lambda tmp: tmp.write_text(text))
-
-
-def _atomic(path: Path, fill: Any) -> None:
-    """``fill(tmp)`` writes a temporary file beside ``path``, which then replaces ``path`` (a
-    failure or an interruption leaves ``path`` as it was)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}{path.suffix}")
-    try:
-        fill(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_whole(path, lambda tmp: tmp.write_text(text))
 
 
 _preloads: list[threading.Thread] = []
@@ -198,7 +188,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".") or "png"
     kw = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
-    _atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, **kw))
+    write_whole(path, lambda tmp: fig.savefig(tmp, format=fmt, **kw))
 
 
 def plot_series(layers: list[dict[str, Any]]) -> tuple[list[int], bool, dict[str, list[int]]]:

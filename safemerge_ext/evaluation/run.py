@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -21,7 +20,7 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation.generate import ModelSpec
 from safemerge_ext.evaluation.judges import Judge, is_refusal
 from safemerge_ext.evaluation.stats import wilson
-from safemerge_ext.io.output import check_parent
+from safemerge_ext.io.output import check_parent, write_whole
 from safemerge_ext.evaluation.utility import Task
 
 
@@ -201,14 +200,6 @@ def write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """``eval.json`` and ``eval.png`` in ``out`` (each written to a temp file, then renamed)."""
     out.mkdir(parents=True, exist_ok=True)
     js, png = out / "eval.json", out / "eval.png"
-    for dest, fill in ((js, lambda p: p.write_text(json.dumps(result, indent=1))), (png, lambda p: plot(result, p))):
-        fd, name = tempfile.mkstemp(dir=out, prefix=f".{dest.name}.", suffix=dest.suffix)
-        os.close(fd)
-        tmp = Path(name)
-        try:
-            fill(tmp)
-            tmp.chmod(0o644)  # mkstemp files are private; results are meant to be shared
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+    write_whole(js, lambda p: p.write_text(json.dumps(result, indent=1)))
+    write_whole(png, lambda p: plot(result, p))
     return js, png

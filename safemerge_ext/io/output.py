@@ -8,7 +8,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from safemerge_ext.errors import SafeMergeError
 
@@ -39,6 +39,19 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out") -> Path:
     if p.exists() and not p.is_dir():
         raise SafeMergeError(f"{flag} {p} exists and is not a directory; remove it or choose another path")
     return p
+
+
+def write_whole(path: str | os.PathLike, fill: Callable[[Path], object]) -> None:
+    """``fill(tmp)`` writes a temporary file beside ``path`` (with its suffix, which some writers
+    read the format from), which then replaces ``path``: a failure or an interruption leaves
+    ``path`` as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}{path.suffix}")
+    try:
+        fill(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _sibling(final: Path, kind: str) -> Path:
