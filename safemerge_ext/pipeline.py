@@ -597,7 +597,9 @@ def project(
     flags = _select(run, scores, selection)
     records = _records(run, scores, flags, "projected")
     t0 = time.perf_counter()
-    new_B = {layer.module: s.projected_B.to(layer.task.dtypes[1]) for layer, s, f in zip(run.layers, scores, flags) if f}
+    # in lora_B's dtype for an adapter; fp32 for a model, whose weights then round once (W + s C B A)
+    new_B = {layer.module: s.projected_B if output == "model" else s.projected_B.to(layer.task.dtypes[1])
+             for layer, s, f in zip(run.layers, scores, flags) if f}
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             write_adapter(tmp, task.config, [

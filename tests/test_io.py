@@ -659,3 +659,39 @@ def test_staged_output_is_all_or_nothing(tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # refused before the run, not after it
     with pytest.raises(SafeMergeError, match="already exists"):
         staged_dir(tmp_path / "dangling", force=False).__enter__()
+
+
+def test_model_output_refuses_tensors_the_index_does_not_list(fx, tmp_path):
+    """The output is laid out from the index; a tensor a shard holds but the index leaves out (which
+    transformers still loads) would be dropped, so the writer says so instead."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(fx.aligned, model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"].pop("model.norm.weight")
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SafeMergeError, match=rf"{shard} holds 1 tensor\(s\) that model.safetensors.index.json does "
+                                             r"not list \(e.g. model.norm.weight\)"):
+        write_model(ModelReader(model), tmp_path / "out", lambda n: None)
+
+
+def test_model_output_refuses_an_update_that_overflows_the_dtype(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    save_file({"w": torch.randn(8, 4).half()}, str(src / "model.safetensors"))
+    with pytest.raises(SafeMergeError, match=r"tensor w: the weight plus its update overflows torch.float16"):
+        write_model(ModelReader(src), out, lambda n: torch.full((8, 4), 1e6) if n == "w" else None)
+
+
+def test_side_files_leave_out_indexes_of_weights_not_copied(tmp_path):
+    from safemerge_ext.io.model_writer import copy_side_files
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for name in ("config.json", "tokenizer.json", "pytorch_model.bin.index.json", "pytorch_model.bin",
+                 "model.safetensors.index.json"):
+        (src / name).write_text("{}")
+    assert copy_side_files(src, dst) == ["config.json", "tokenizer.json"]

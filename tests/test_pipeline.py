@@ -305,6 +305,31 @@ def test_project_safe_lora(fx, tmp_path, output):
             assert_close(got[f"{m}.weight"], wa[f"{m}.weight"].double() + s * Bp @ A.double(), atol=2e-6, rtol=1e-5, what=m)
 
 
+def test_project_model_output_rounds_once(fx_bf16, tmp_path):
+    """A bf16 model and adapter, projected into the model: each flagged weight is W + s C B A
+    rounded once to bf16 (C B is not rounded to lora_B's bf16 on the way)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    adapter = Path(shutil.copytree(fx_bf16.task, tmp_path / "task-bf16"))
+    factors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v.bfloat16() for k, v in factors.items()}, str(adapter / "adapter_model.safetensors"))
+    out = tmp_path / "p"
+    assert run_cli(["project", "--aligned", fx_bf16.aligned, "--unaligned", fx_bf16.unaligned, "--adapter",
+                    adapter, "--out", out, "--num-layers", 6, "--output", "model"]) == 0
+    flagged = [r["module"] for r in report_of(out)["layers"] if r["flagged"]]
+    wa, wu, got = load_model(fx_bf16.aligned), load_model(fx_bf16.unaligned), load_model(out)
+    task = load_adapter(adapter)
+    assert len(flagged) == 6 and wa[f"{flagged[0]}.weight"].dtype == torch.bfloat16
+    for m in flagged:
+        A, B, s = task[m]
+        exact = wa[f"{m}.weight"].double() + s * ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B) @ A.double()
+        w = got[f"{m}.weight"]
+        ulp = (exact.abs().float().clamp_min(1e-30).log2().floor().exp2() * 2.0 ** -7).double()  # bf16 spacing
+        assert float(((w.double() - exact).abs() / ulp).max()) <= 1.0, m
+
+
 def test_project_num_layers(fx, tmp_path):
     ref = refs(fx)
     out = tmp_path / "p"

@@ -25,10 +25,12 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy config, generation config, tokenizer and other small non-weight files."""
+    """Copy config, generation config, tokenizer and other small non-weight files (not weights, nor
+    an index of weights: a pytorch_model.bin.index.json beside the safetensors would name files the
+    output does not have)."""
     copied = []
     for f in sorted(src.iterdir()):
-        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name != INDEX:
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
             shutil.copy2(f, dst / f.name)
             copied.append(f.name)
     return copied
@@ -59,6 +61,7 @@ def write_model(
     it is written, except those in ``checked`` (the caller has: the scored weights). Returns bytes
     written.
     """
+    _check_index(reader)
     written = 0
     # Every floating tensor is checked for NaN/Inf by a thread that reads ahead of the writer (one
     # chunk of PATCH_BYTES in memory; on a cold cache its reads also bring the copy's pages in).
@@ -75,6 +78,18 @@ def write_model(
         shutil.copy2(reader.path / INDEX, out_dir / INDEX)
     copy_side_files(reader.path, out_dir)
     return written
+
+
+def _check_index(reader: ModelReader) -> None:
+    """Every tensor of every shard is one the index lists: the output is laid out from the index, and
+    a tensor it leaves out (which transformers still loads from the shard) would be dropped."""
+    for shard, names in reader.shards().items():
+        extra = sorted(set(reader.shard_names(shard)) - set(names))
+        if extra:
+            raise SafeMergeError(
+                f"{reader.flag} {reader.path / shard} holds {len(extra)} tensor(s) that {INDEX} does not list "
+                f"(e.g. {extra[0]}): the index is out of date; list them in it (or remove them from the shard)"
+            )
 
 
 def _write_shards(reader: ModelReader, out_dir: Path, update_for: Callable[[str], Update | None],
@@ -125,4 +140,10 @@ def _patched_rows(reader: ModelReader, name: str, shape: tuple[int, ...], upd: U
         else:
             d = upd[i:j].to(device="cpu", dtype=torch.float32, copy=True)
         # in place: the sum is the same fp32 addition, without a third block-sized buffer
-        yield d.reshape(w.shape).add_(w).to(w.dtype)
+        block = d.reshape(w.shape).add_(w).to(w.dtype)
+        if not bool(torch.isfinite(block).all()):
+            raise SafeMergeError(
+                f"tensor {name}: the weight plus its update overflows {w.dtype} (Inf); the update is far larger "
+                "than the weights (check the adapters' scaling); nothing was written"
+            )
+        yield block

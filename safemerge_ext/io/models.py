@@ -257,9 +257,14 @@ class ModelReader:
             meta = raw.get("__metadata__")
             ok = isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
         except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-            raise SafeMergeError(f"{self.flag} {path}: not a readable safetensors file ({exc}); re-download or re-save it") from None
+            why = f"a tensor entry has no {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+            raise SafeMergeError(f"{self.flag} {path}: not a readable safetensors file ({why}); re-download or re-save it") from None
         self._headers[shard], self._metadata[shard] = hdr, (dict(meta) if ok else None)
         return hdr
+
+    def shard_names(self, shard: str) -> list[str]:
+        """Every tensor a shard's header holds (the index may list fewer)."""
+        return list(self._header(shard))
 
     def metadata(self, shard: str) -> dict[str, str] | None:
         """A shard's ``__metadata__`` table (None: it has none, or not one of strings)."""
