@@ -105,9 +105,11 @@ def _read(t) -> int:
 
 
 def run_floor(data: Path, adapters: str, out: Path, **_) -> dict:
+    import torch  # noqa: F401 (imported before the baseline, as every contender's imports are)
     from safetensors import safe_open
 
     names, ads = _targets(data, adapters)
+    base = rss_mb()
     t0 = time.perf_counter()
     nbytes = 0
     for model in ("aligned", "unaligned"):
@@ -118,14 +120,16 @@ def run_floor(data: Path, adapters: str, out: Path, **_) -> dict:
         with safe_open(ad / "adapter_model.safetensors", "pt") as f:
             for k in f.keys():
                 nbytes += _read(f.get_tensor(k))
-    return {"time_s": time.perf_counter() - t0, "bytes_read": nbytes}
+    return {"time_s": time.perf_counter() - t0, "bytes_read": nbytes, "base_rss_mb": base}
 
 
 def run_copy_floor(data: Path, adapters: str, out: Path, **_) -> dict:
+    import torch  # noqa: F401 (imported before the baseline, as every contender's imports are)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     names, _ = _targets(data, adapters)
+    base = rss_mb()
     t0 = time.perf_counter()
     nbytes = 0
     getu, _, _ = _open(data / "unaligned")
@@ -139,7 +143,7 @@ def run_copy_floor(data: Path, adapters: str, out: Path, **_) -> dict:
         nbytes += sum(t.numel() * t.element_size() for t in sd.values())
         save_file(sd, out / fname, metadata={"format": "pt"})
         del sd
-    return {"time_s": time.perf_counter() - t0, "bytes_read": nbytes}
+    return {"time_s": time.perf_counter() - t0, "bytes_read": nbytes, "base_rss_mb": base}
 
 
 def _ours(data: Path, adapters: str, out: Path, output: str, backend: str, device: str, plot: bool = True) -> dict:
@@ -263,7 +267,11 @@ def run_mergekit(data: Path, adapters: str, out: Path, **_) -> dict:
     cache = out.parent / (out.name + "-lora-cache")
     t1 = time.perf_counter()
     run_merge(cfg, str(out), options=MergeOptions(copy_tokenizer=False, lora_merge_cache=str(cache), lazy_unpickle=True))
-    nbytes = sum(p.stat().st_size for p in (data / "aligned").glob("*.safetensors")) * 2
+    # (as mergekit reads: the aligned model once per LoRA it folds, the adapters, then both folded
+    # copies back from its cache; measured with strace)
+    model = sum(p.stat().st_size for p in (data / "aligned").glob("*.safetensors"))
+    ads = sum(p.stat().st_size for k in ("task", "safety") for p in (data / f"{k}-{adapters}").glob("*.safetensors"))
+    nbytes = 4 * model + ads
     return {"time_s": time.perf_counter() - t1, "import_s": t_import, "base_rss_mb": base, "bytes_read": nbytes}
 
 
@@ -361,9 +369,10 @@ def git_sha() -> str:
     if os.environ.get("GIT_SHA"):
         return os.environ["GIT_SHA"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     except OSError:
-        return "unknown"
+        sha = ""
+    return sha.strip() or "unknown"
 
 
 def main() -> None:

@@ -351,7 +351,10 @@ def naive_full(wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor) -> tuple[fl
 
 
 def rel_err(got, want) -> float:
-    """Largest relative error over matching outputs (tensors by their largest entry, sums as is)."""
+    """Largest relative error over matching outputs (tensors by their largest entry, sums as is);
+    inf when the outputs are not as many as the reference's (a missing one is no agreement)."""
+    if len(got) != len(want):
+        return math.inf
     errs = []
     for g, w in zip(got, want):
         if isinstance(w, torch.Tensor):
@@ -506,6 +509,10 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
             args.materialized == "auto" and d_out * d_out * d_in <= MATERIALIZED_LIMIT)
         if want_mat:
             Bm = torch.randn(d_out, max(ranks), device=device) * 0.01
+            _, P, vsq = naive(wa, wu, Bm)  # C B = P / ||V||: the baseline must compute that before it is timed
+            err = rel_err((materialized(wa, wu, Bm),), (P / math.sqrt(vsq),))
+            if not err <= agreement("materialized"):
+                raise SystemExit(f"the materialized-C baseline disagrees with naive torch at {d_out}x{d_in} (error {err:.2g})")
             mat_ms = time_ms(lambda: materialized(wa, wu, Bm), min(args.reps, 2), 1 if d_out <= 4096 else 0)
             mat_note = f"C formed once per shape, at r={max(ranks)}"
         else:

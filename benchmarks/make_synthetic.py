@@ -1,8 +1,8 @@
 """Write synthetic checkpoints with real architectures' tensor names, shapes and sharding.
 
-For a shape (tiny, llama-1b, llama2-7b, llama3-8b) it writes, seeded and in bf16:
-``aligned/`` and ``unaligned/`` (Hugging Face folders: config.json, shards, index), and four PEFT
-LoRA adapters: ``task-qv``/``safety-qv`` (r=8 on q/v) and ``task-all``/``safety-all`` (r=16 on
+For a shape (tiny, llama-1b, llama2-7b, llama3-8b) it writes, seeded: ``aligned/`` and
+``unaligned/`` in bf16 (Hugging Face folders: config.json, shards, index), and four PEFT LoRA
+adapters in fp32 (as PEFT saves a LoRA trained in mixed precision): ``task-qv``/``safety-qv`` (r=8 on q/v) and ``task-all``/``safety-all`` (r=16 on
 every linear layer). Values are random (this is for speed and memory, not for safety numbers):
 ``W_unaligned = W_aligned - (low-rank drift + noise)``. Tensors are generated and streamed to
 disk one at a time, so memory stays at one tensor; free disk is checked first.
@@ -42,9 +42,10 @@ class Arch:
 
 SHAPES = {
     "tiny": Arch(256, 688, 4, 8, 2, 1024, False, 2 * 2**20),
-    "llama-1b": Arch(2048, 8192, 16, 32, 8, 128256, True, 5 * 2**30, 500000.0),    # Llama-3.2-1B: one file
-    "llama2-7b": Arch(4096, 11008, 32, 32, 32, 32000, False, 10 * 2**30),          # two shards
-    "llama3-8b": Arch(4096, 14336, 32, 32, 8, 128256, False, 5 * 2**30, 500000.0),  # four shards
+    # shard limits in decimal GB, as transformers reads "5GB" (the published repos' shard sizes)
+    "llama-1b": Arch(2048, 8192, 16, 32, 8, 128256, True, 5 * 10**9, 500000.0),    # Llama-3.2-1B: one file
+    "llama2-7b": Arch(4096, 11008, 32, 32, 32, 32000, False, 10 * 10**9),          # two shards (9.98 + 3.50 GB)
+    "llama3-8b": Arch(4096, 14336, 32, 32, 8, 128256, False, 5 * 10**9, 500000.0),  # four shards
 }
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

@@ -4,6 +4,7 @@ tests only keep the scripts from rotting) and their rows hold what RESULTS.md qu
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -133,6 +134,24 @@ def test_bench_scoring_rejects_a_disagreeing_provider_and_saves_as_it_goes(tmp_p
     assert "REJECTED torch at 64x64 r=full" in capsys.readouterr().out
 
 
+def test_bench_scoring_agreement_needs_every_output_and_checks_the_baseline(monkeypatch):
+    """A provider that skips an output (and so does less work) never agrees; the materialized-C
+    baseline is checked against naive torch before it is timed."""
+    import argparse
+
+    import bench_scoring
+
+    T, P, vsq = torch.randn(5, 3), torch.randn(7, 3), 2.0
+    assert bench_scoring.rel_err((T, P, vsq), (T, P, vsq)) == 0.0
+    assert bench_scoring.rel_err((T, P), (T, P, vsq)) == math.inf
+    assert bench_scoring.rel_err((T,), (T, P, vsq)) == math.inf
+    monkeypatch.setattr(bench_scoring, "materialized", lambda wa, wu, B: torch.zeros(1))
+    ns = argparse.Namespace(device="cpu", dtype="bf16", backends="torch", shapes="64x64", ranks="3", reps=1,
+                            offset=0, huge_pages=False, materialized="always", fullrank=False)
+    with pytest.raises(SystemExit, match="materialized-C baseline disagrees"):
+        bench_scoring.run(ns, save=lambda rows: None)
+
+
 def test_bench_scoring_copy_bandwidth_is_read_plus_write(monkeypatch):
     import bench_scoring
 
@@ -222,6 +241,9 @@ def test_bench_end_to_end_tiny(tmp_path):
     ours = [r for n, r in rows.items() if n.startswith("safemerge-adapter")]
     assert ours and all(r["flagged"] >= 0 and r["time_s"] > 0 and r["peak_rss_mb"] > 0 for r in ours)
     assert data["meta"]["device"] == "cpu" and data["meta"]["cache"] == "warm"
+    # every row's memory over its own baseline after imports (the floors import torch too)
+    for name in ("floor", "copy-floor"):
+        assert "base_rss_mb" in rows[name] and rows[name]["rss_over_base_mb"] < 100, rows[name]
 
 
 def test_bench_end_to_end_rewarm_puts_evicted_files_back(tmp_path):
