@@ -51,7 +51,7 @@ def triton_interpret_enabled() -> bool:
     knobs = getattr(sys.modules.get("triton"), "knobs", None)  # triton < 3.4 has no knobs
     if knobs is not None:
         return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")  # (no strip: triton does not)
 
 
 # Order is the `auto` preference on each device type.
@@ -71,10 +71,15 @@ def _load(spec: BackendSpec) -> ModuleType | str:
     if spec.name not in _loaded:
         try:
             mod = importlib.import_module(spec.module)
-            reason = getattr(mod, "unavailable_reason", lambda: None)()
-            _loaded[spec.name] = reason if reason else mod
         except Exception as exc:  # any import failure is a reason, never a crash
             _loaded[spec.name] = f"{type(exc).__name__}: {exc}".strip()
+            return _loaded[spec.name]
+        # (a module is kept; its reason is asked again each time: it may follow the environment,
+        # as Triton's does TRITON_INTERPRET until triton is imported)
+        reason = getattr(mod, "unavailable_reason", lambda: None)()
+        if reason:
+            return reason
+        _loaded[spec.name] = mod
     return _loaded[spec.name]
 
 
@@ -136,8 +141,9 @@ def requested_precision(precision: str | None) -> str:
     return requested
 
 
-def resolve_precision(precision: str | None, backend: str) -> str:
+def resolve_precision(precision: str | None, backend: str, device_type: str = "cuda") -> str:
     """The operand precision ``backend`` computes with when ``precision`` is allowed: only the
-    Triton kernels round operands (``TENSOR_CORE_BACKENDS``); the others compute in ``ieee``."""
+    Triton kernels on a GPU round operands (``TENSOR_CORE_BACKENDS``); the others, and Triton's
+    interpreter on the CPU (whose dot products ignore the operand precision), compute in ``ieee``."""
     requested = requested_precision(precision)
-    return requested if backend in TENSOR_CORE_BACKENDS else EXACT
+    return requested if backend in TENSOR_CORE_BACKENDS and device_type == "cuda" else EXACT

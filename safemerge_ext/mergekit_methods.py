@@ -675,7 +675,7 @@ def _unused_precision(lines: list[dict[str, Any]]) -> list[str]:
     that the backend could not use."""
     unused = sorted({(ln["precision_requested"], ln["backend"]) for ln in lines
                      if ln.get("precision_requested", EXACT) != ln.get("precision", EXACT)})
-    return [f"precision {asked} applies to the triton backend only; the {backend} backend computed in exact fp32 "
+    return [f"precision {asked} applies to the triton backend on a GPU only; the {backend} backend computed in exact fp32 "
             f"(ieee)" for asked, backend in unused]
 
 

@@ -84,7 +84,7 @@ def _lowrank_factors(wa: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tenso
 def _resolve(backend: str, device_type: str, precision: str | None) -> tuple[str, ModuleType, dict[str, str], str]:
     """(backend name, module, keywords for its ops, operand precision used) for a request."""
     name, impl = backends.resolve(backend, device_type)
-    used = backends.resolve_precision(precision, name)
+    used = backends.resolve_precision(precision, name, device_type)
     return name, impl, ({"precision": used} if used != backends.EXACT else {}), used
 
 
@@ -158,6 +158,9 @@ def subspace_score(
     if d2 <= 0.0:
         return Score(math.nan, v_norm, d_norm, "the update is zero", name, precision=used)
     cos = _cos(num, n2, d2)
+    if abs(cos) > 1.0 + 1e-3:  # (|cos| <= 1 exactly; beyond rounding, the fp32 sums lost their digits)
+        raise FloatingPointError(f"the fp32 sums lost their precision (|cos| = {abs(cos):.4g}): the weights or the "
+                                 "update are too small or too large in magnitude to score")
     if math.isnan(cos):
         return Score(cos, v_norm, d_norm, "the update is orthogonal to V (C dW = 0)", name, precision=used)
     return Score(min(1.0, max(-1.0, cos)), v_norm, d_norm, None, name,

@@ -119,8 +119,8 @@ def open_run(
         requested = ops.backends.requested_precision(precision)
     except ValueError as exc:
         raise SafeMergeError(f"--{exc}" if precision else str(exc)) from None
-    used = ops.backends.resolve_precision(requested, backend_name)
-    if used == "bf16" and dev.type != "cuda":  # (the Triton interpreter on the CPU)
+    used = ops.backends.resolve_precision(requested, backend_name, dev.type)
+    if requested == "bf16" and backend_name in ops.backends.TENSOR_CORE_BACKENDS and dev.type != "cuda":
         raise SafeMergeError("--precision bf16 needs a GPU: triton's interpreter does not round operands to bf16 "
                              "as the tensor cores do; use ieee, tf32 or tf32x3 here")
     aligned = ModelReader(aligned_dir, "--aligned")
@@ -172,8 +172,8 @@ def open_run(
     run = Run(aligned, unaligned, layers, dev, backend_name, used, requested)
     if used != requested:
         run.warnings.append(
-            f"precision {requested} applies to the triton backend only; the {backend_name} backend computes in "
-            f"exact fp32 ({used})"
+            f"precision {requested} applies to the triton backend on a GPU only; the {backend_name} backend "
+            f"{'(interpreted on the CPU) ' if backend_name == 'triton' else ''}computes in exact fp32 ({used})"
         )
     run.adapter_bytes = task.nbytes + (safety.nbytes if safety is not None else 0)
     if safety is not None:
@@ -317,7 +317,8 @@ def _non_finite(run: Run, layer: Layer, wa: torch.Tensor, wu: torch.Tensor) -> S
                 f"{reader.flag} {reader.path / reader.shard_of(layer.weight)}: tensor {layer.weight} contains NaN or Inf; "
                 "the checkpoint is corrupt or was saved in a dtype that overflowed"
             )
-    return SafeMergeError(f"scoring {layer.module} overflowed (the weights are too large for fp32 sums)")
+    return SafeMergeError(f"scoring {layer.module} lost its precision in fp32 sums: the weights or the update are "
+                          "far too small or too large in magnitude (real checkpoints are near unit scale)")
 
 
 def read_order(run: Run) -> list[int]:

@@ -160,7 +160,7 @@ def test_safelora_precision_parameter(pico, tmp_path, monkeypatch):
     check_all(got, want)
     check_report(report, flags, "safelora")
     assert report["precision"] == "ieee" and report["backend"] != "triton"
-    assert f"precision bf16 applies to the triton backend only; the {report['backend']} backend computed in " \
+    assert f"precision bf16 applies to the triton backend on a GPU only; the {report['backend']} backend computed in " \
            "exact fp32 (ieee)" in report["warnings"]
     _, plain = merge(recipe(pico, "safelora", params={"threshold": TAU}), tmp_path / "p")
     assert plain["precision"] == "ieee" and not any("precision" in w for w in plain["warnings"])

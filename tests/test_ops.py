@@ -190,6 +190,8 @@ def test_ops_pass_the_precision_to_triton_only(monkeypatch):
                 return getattr(torch_impl, op)(*args, **kw)
             return call
 
+    real_precision = backends.resolve_precision
+    monkeypatch.setattr(backends, "resolve_precision", lambda p, b, d="cuda": real_precision(p, b, "cuda"))  # a GPU
     for name, want in (("triton", "tf32x3"), ("cpp", "ieee")):
         monkeypatch.setattr(backends, "resolve", lambda *a, name=name: (name, Spy()))
         seen.clear()
@@ -204,6 +206,12 @@ def test_ops_pass_the_precision_to_triton_only(monkeypatch):
         assert all(c.get("precision") == (want if name == "triton" and c["op"] != "lowrank_traces" else None)
                    for c in seen), seen
         assert ops.subspace_score(wa, wu, lora_A=A, lora_B=B).precision == "ieee"  # the default asks nothing
+    # on the CPU (Triton's interpreter, whose dot products ignore it) nothing is asked, and the score says ieee
+    monkeypatch.setattr(backends, "resolve_precision", real_precision)
+    monkeypatch.setattr(backends, "resolve", lambda *a: ("triton", Spy()))
+    seen.clear()
+    assert ops.subspace_score(wa, wu, lora_A=A, lora_B=B, precision="tf32x3").precision == "ieee"
+    assert all("precision" not in c for c in seen), seen
 
 
 @pytest.mark.skipif(backends.available_backends()["triton"] is not None, reason="triton cannot run here")
@@ -218,7 +226,8 @@ def test_triton_scores_with_an_allowed_precision(monkeypatch, precision):
     wa, wu, A, B = (t.to(device) for t in (wa, wu, A, B))
     want = ref_cosine(wa.cpu(), wu.cpu(), B.cpu().double() @ A.cpu().double())
     s = ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend="triton", precision=precision)
-    assert s.backend == "triton" and s.precision == precision
+    # (the interpreter's dot products ignore the operand precision: the score says it was exact)
+    assert s.backend == "triton" and s.precision == (precision if device == "cuda" else "ieee")
     assert abs(s.cosine - want) < (5e-3 if precision == "tf32" else 1e-5)
 
 
@@ -235,3 +244,33 @@ def test_selection_rules():
     assert sum(Selection(fraction=0.2000000001).flag(ten)) == 3
     assert sum(Selection(fraction=np.float64(0.3)).flag(ten)) == 3  # a numpy scalar from the Python API
     assert sum(Selection(fraction=0.3).flag(scores)) == 2  # n counts only the 5 defined scores
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sums_that_lost_their_digits_are_an_error_not_a_score(backend):
+    """Weights near 1e-20 make fp32's P = V T subnormal: the raw cosine leaves [-1, 1], which is
+    an error, not a score clamped to 1.0."""
+    g = torch.Generator().manual_seed(14)
+    base = torch.randn(40, 70, generator=g, dtype=torch.float64) * 0.02  # weights of 0.02, V of 0.002
+    wa, wu = ((base + 0.002 * torch.randn(40, 70, generator=g, dtype=torch.float64)) * 1e-20).float(), (base * 1e-20).float()
+    A, B = torch.randn(4, 70, generator=g) * 0.1, torch.randn(40, 4, generator=g) * 0.1
+    with pytest.raises(FloatingPointError, match="lost their precision"):
+        ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend)
+    assert abs(ops.subspace_score(wa * 1e20, wu * 1e20, lora_A=A, lora_B=B, backend=backend).cosine) <= 1.0
+
+
+def test_backend_reasons_follow_the_environment(monkeypatch):
+    """An unavailable backend's reason is asked again each time (Triton's follows TRITON_INTERPRET
+    until triton is imported), and TRITON_INTERPRET is parsed as triton parses it (no stripping)."""
+    import types
+
+    calls = []
+    fake = types.ModuleType("fake_backend")
+    fake.unavailable_reason = lambda: calls.append(1) or ("off" if len(calls) == 1 else None)
+    monkeypatch.setitem(__import__("sys").modules, "fake_backend", fake)
+    spec = backends.BackendSpec("fake", "fake_backend", ("cpu",))
+    monkeypatch.delitem(backends._loaded, "fake", raising=False)
+    assert backends._load(spec) == "off" and backends._load(spec) is fake and backends._load(spec) is fake
+    monkeypatch.setenv("TRITON_INTERPRET", " 1")
+    if "triton" not in __import__("sys").modules:
+        assert backends.triton_interpret_enabled() is False
