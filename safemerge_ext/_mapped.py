@@ -5,6 +5,7 @@ ordinary memory would zero it)."""
 from __future__ import annotations
 
 import threading
+from typing import Iterable
 
 import torch
 
@@ -22,11 +23,14 @@ def remove(key: int) -> None:
         _live.pop(key, None)
 
 
-def covers(t: torch.Tensor) -> bool:
-    """Whether all of ``t``'s bytes (strided views included) lie in one live mapping."""
+def covers(t: torch.Tensor, ranges: Iterable[tuple[int, int]] | None = None) -> bool:
+    """Whether all of ``t``'s bytes (strided views included) lie in one live mapping (or in one of
+    ``ranges``, a caller's own subset of them)."""
     if t.device.type != "cpu" or t.numel() == 0:
         return False
     lo = t.data_ptr()
     hi = lo + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
-    with _lock:
-        return any(a <= lo and hi <= b for a, b in _live.values())
+    if ranges is None:
+        with _lock:
+            ranges = list(_live.values())
+    return any(a <= lo and hi <= b for a, b in ranges)

@@ -8,7 +8,6 @@ before any weight is read.
 
 from __future__ import annotations
 
-import json
 import math
 import queue
 import sys
@@ -25,7 +24,7 @@ from safemerge_ext import ops
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import LoraAdapter, LoraModule, OutModule, read_adapter, unit_alpha, write_adapter
 from safemerge_ext.io.model_writer import write_model
-from safemerge_ext.io.models import ModelReader, natural_key
+from safemerge_ext.io.models import ModelReader, config_value, natural_key
 from safemerge_ext.io.output import check_out, check_parent, staged_dir
 from safemerge_ext.report import (
     REPORT_JSON,
@@ -191,7 +190,7 @@ def open_run(
 def _no_such_module(adapter: LoraAdapter, module: str, aligned: ModelReader) -> SafeMergeError:
     """The error for an adapter module the model has no weight for: a tied output layer (which has
     no tensor of its own), or another architecture."""
-    if module.rsplit(".", 1)[-1] == "lm_head" and _ties_embeddings(aligned.path):
+    if module.rsplit(".", 1)[-1] == "lm_head" and config_value(aligned.path, "tie_word_embeddings"):
         return SafeMergeError(
             f"{adapter.flag} {adapter.path}: adapts {module}, which --aligned {aligned.path} ties to its input "
             "embeddings (tie_word_embeddings, no tensor of its own); LoRA on a tied lm_head is not supported"
@@ -200,15 +199,6 @@ def _no_such_module(adapter: LoraAdapter, module: str, aligned: ModelReader) -> 
         f"{adapter.flag} {adapter.path}: targets module {module}, but --aligned {aligned.path} has no tensor "
         f"{module}.weight; the adapter was trained on another architecture"
     )
-
-
-def _ties_embeddings(model_dir: Path) -> bool:
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    tied = cfg.get("tie_word_embeddings", (cfg.get("text_config") or {}).get("tie_word_embeddings"))
-    return bool(tied)
 
 
 # ties/dare updates are full rank: as an adapter they are re-factorized to rank r_task + r_safety,

@@ -268,13 +268,9 @@ def _planned_names(model_dir: Path) -> set[str]:
 
 def _vocab_size(model_dir: Path) -> int | None:
     """``vocab_size`` from a model folder's config.json (None when it has none)."""
-    import json
+    from safemerge_ext.io.models import config_value
 
-    try:
-        cfg = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    size = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    size = config_value(model_dir, "vocab_size")
     return size if isinstance(size, int) else None
 
 

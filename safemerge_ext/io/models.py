@@ -115,6 +115,18 @@ def _copy_buffered(src: int, dst: int, offset: int, count: int) -> int:
     return done
 
 
+def config_value(model_dir: str | os.PathLike, key: str) -> object:
+    """``key`` from a model folder's config.json, or from its ``text_config`` (multimodal models);
+    None where the file or the key is missing."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    return cfg.get(key, (cfg.get("text_config") or {}).get(key))
+
+
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
@@ -454,9 +466,8 @@ class ModelReader:
         still alive (not a copy: :meth:`get`, or :meth:`map`'s fallback where mapping failed). Only
         such memory, and only while nobody has written to it (a written page would go back to the
         file's bytes), may have its pages dropped and read back from the file."""
-        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
         # (a copy: a finalizer may drop an entry from another thread while this looks)
-        return t.device.type == "cpu" and any(a <= lo and hi <= b for a, b in self._maps.copy().values())
+        return _mapped.covers(t, list(self._maps.copy().values()))
 
     def resident(self, name: str) -> bool | None:
         """Whether all of one tensor's bytes are in the page cache (None: this system cannot tell)."""

@@ -31,8 +31,8 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out") -> Path:
     """Fail early when the output (``flag`` names it in errors) exists and --force was not given, or
     could not be made."""
     p = check_parent(out, flag)
-    here = Path.cwd().resolve()
-    if p.resolve() == here or p.resolve() in here.parents:  # (and Path(".").name is empty)
+    here, where = Path.cwd().resolve(), p.resolve()
+    if where == here or where in here.parents:  # (and Path(".").name is empty)
         raise SafeMergeError(f"{flag} {out} is the working directory or holds it; choose a new folder")
     if (p.exists() or p.is_symlink()) and not force:
         raise SafeMergeError(f"{flag} {p} already exists; choose a new path or pass --force to replace it")
