@@ -202,8 +202,9 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
 
 def _not_a_factor(key: str, names: list[str], config: dict[str, Any], where: str) -> SafeMergeError:
     """The error for a tensor that is not a LoRA factor, naming what it is where PEFT's names say."""
-    if any(".lora_embedding_" in n for n in names):
-        module = next(peft_module(n.split(".lora_embedding_")[0]) for n in names if ".lora_embedding_" in n)
+    embedding = next((n for n in names if ".lora_embedding_" in n), None)
+    if embedding is not None:
+        module = peft_module(embedding.split(".lora_embedding_")[0])
         return SafeMergeError(f"{where}: adapts the embedding {module} (lora_embedding_A/B); embedding LoRA is not supported")
     if key.endswith(".base_layer.weight"):
         return SafeMergeError(
