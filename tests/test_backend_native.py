@@ -470,7 +470,7 @@ def test_cpp_release_behind_bounds_resident_pages(tmp_path):
     assert grown["1"][1] < 0.3 * pair_mib, f"drop-behind left {grown['1'][1]:.0f} MiB resident"
 
 
-ISAS = ["baseline", "x86-64-v3", "x86-64-v4"]
+ISAS = ["baseline", "x86-64-v3", "x86-64-v4", "x86-64-v4-512"]
 # every remainder of both rank tilings (pass 1: tiles of 6, or 8 on x86-64-v4; pass 2: 3, or 4)
 ISA_RANKS = [1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 17]
 
