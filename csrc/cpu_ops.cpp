@@ -187,8 +187,8 @@ template <> struct Elem<kF16> {
 
 // V[rows, 0:w) = A - U into buf (row stride ldbuf), each group of 2 L columns in Elem<DT>::pos
 // order, zero-filled up to wpad (a multiple of 2 L). Returns sum V^2 (fp32 lanes over this block,
-// reduced in a fixed order into a double).
-template <int DT, typename V>
+// reduced in a fixed order into a double), or 0 without SQ (pass 2, which has the sum already).
+template <int DT, typename V, bool SQ = true>
 SM_INLINE double form_v(const typename Elem<DT>::T* a, const typename Elem<DT>::T* u, int64_t lda,
                         int64_t ldu, int rows, int w, int wpad, int ldbuf, float* buf) {
   using E = Elem<DT>;
@@ -212,8 +212,10 @@ SM_INLINE double form_v(const typename Elem<DT>::T* a, const typename Elem<DT>::
         const V lo = alo - ulo, hi = ahi - uhi;
         vstore(o + j + G * g, lo);
         vstore(o + j + G * g + L, hi);
-        sq[2 * g] += lo * lo;
-        sq[2 * g + 1] += hi * hi;
+        if constexpr (SQ) {
+          sq[2 * g] += lo * lo;
+          sq[2 * g + 1] += hi * hi;
+        }
       }
     }
     for (; j < wfull; j += G) {
@@ -223,8 +225,10 @@ SM_INLINE double form_v(const typename Elem<DT>::T* a, const typename Elem<DT>::
       const V lo = alo - ulo, hi = ahi - uhi;
       vstore(o + j, lo);
       vstore(o + j + L, hi);
-      sq[0] += lo * lo;
-      sq[1] += hi * hi;
+      if constexpr (SQ) {
+        sq[0] += lo * lo;
+        sq[1] += hi * hi;
+      }
     }
     if (j < wpad) std::fill(o + j, o + wpad, 0.0f);
     for (int t = 0; t < w - j; ++t) {  // the last, partial group
@@ -412,7 +416,7 @@ SM_INLINE void pass2_tile_impl(const typename Elem<DT>::T* wa, const typename El
     const int kcp = (kc + G - 1) & ~(G - 1);
     const int64_t nc = c0 + P2_KC < d_in ? c0 + P2_KC : 0, ni = nc ? i0 : i0 + P2_MR;  // next block
     const bool more = ni < d_out;
-    form_v<DT, V>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, rows, kc, kcp, P2_KC, buf);
+    form_v<DT, V, false>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, rows, kc, kcp, P2_KC, buf);
     BlockPrefetch<typename Elem<DT>::T> next(more ? wa + ni * lda + nc : nullptr, more ? wu + ni * ldu + nc : nullptr,
                                              lda, ldu, more ? int(std::min<int64_t>(P2_MR, d_out - ni)) : 0,
                                              more ? int(std::min<int64_t>(P2_KC, d_in - nc)) : 0, (r + NR - 1) / NR);
