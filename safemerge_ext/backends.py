@@ -66,30 +66,42 @@ NAMES: tuple[str, ...] = tuple(s.name for s in _SPECS)
 _loaded: dict[str, ModuleType | str] = {}
 
 
-def _load(spec: BackendSpec) -> ModuleType | str:
-    """Import the backend module, or return the reason it cannot be used."""
+def _load(spec: BackendSpec, fresh: bool = False) -> ModuleType | str:
+    """Import the backend module, or return the reason it cannot be used; ``fresh`` asks a loaded
+    module again (the C++ one follows SAFEMERGE_CPU_ISA, and checks it again on every call)."""
     if spec.name not in _loaded:
         try:
             mod = importlib.import_module(spec.module)
         except Exception as exc:  # any import failure is a reason, never a crash
             _loaded[spec.name] = f"{type(exc).__name__}: {exc}".strip()
             return _loaded[spec.name]
-        # (a module is kept; its reason is asked again each time: it may follow the environment,
-        # as Triton's does TRITON_INTERPRET until triton is imported)
+        # (a module is kept; while it is unavailable its reason is asked again each time: it may
+        # follow the environment, as Triton's does TRITON_INTERPRET until triton is imported)
         reason = getattr(mod, "unavailable_reason", lambda: None)()
         if reason:
             return reason
         _loaded[spec.name] = mod
-    return _loaded[spec.name]
+    got = _loaded[spec.name]
+    if fresh and not isinstance(got, str):  # (asking Triton costs about 0.5 ms: not on every call)
+        return getattr(got, "unavailable_reason", lambda: None)() or got
+    return got
 
 
 def available_backends() -> dict[str, str | None]:
     """Map every backend name to None when it can run here, else the reason it cannot."""
     out: dict[str, str | None] = {}
     for spec in _SPECS:
-        got = _load(spec)
+        got = _load(spec, fresh=True)
         out[spec.name] = got if isinstance(got, str) else None
     return out
+
+
+def backend_detail(name: str) -> str | None:
+    """What an available backend runs with (the C++ kernels' instruction set and threads), if it says."""
+    spec = next((s for s in _SPECS if s.name == name), None)
+    got = _load(spec) if spec is not None else None
+    describe = getattr(got, "detail", None)
+    return describe() if callable(describe) else None
 
 
 def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:

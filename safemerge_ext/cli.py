@@ -158,10 +158,12 @@ def _run(args: argparse.Namespace) -> int:
 
         return evaluation_cli.run(args)
     if args.command == "backends":
-        from safemerge_ext.backends import available_backends
+        from safemerge_ext.backends import available_backends, backend_detail
 
         for name, reason in available_backends().items():
-            print(f"{name:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+            detail = backend_detail(name) if reason is None else None
+            state = ("available" + (f" ({detail})" if detail else "")) if reason is None else "unavailable: " + reason
+            print(f"{name:7s} {state}")
         return 0
     if args.command == "autoload":
         from safemerge_ext import autoload

@@ -9,6 +9,9 @@ the speed is the BLAS's. The contract is the one written out in ``safemerge_ext.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
 from safemerge_ext import reference
@@ -31,6 +34,36 @@ _M_BYTES = 64 << 20
 _MIN_COLS = 256
 
 
+# The extension picks its kernels' instruction set from the CPU (16-float AVX-512 vectors on Intel,
+# 8-float ones on AMD, AVX2, or the baseline); this variable overrides the pick. The ISA builds sum
+# in different orders, so their scores differ in the last bits (each is deterministic).
+ISA_ENV_VAR = "SAFEMERGE_CPU_ISA"
+ISAS = ("best", "x86-64-v4-512", "x86-64-v4", "x86-64-v3", "baseline")
+
+
+def _apply_isa() -> str | None:
+    """Select the kernels ``SAFEMERGE_CPU_ISA`` names (left alone when it is unset); the reason when
+    it names none this CPU can run."""
+    want = os.environ.get(ISA_ENV_VAR, "").strip().lower()
+    if not want:
+        return None
+    if want not in ISAS:
+        reason = f"{ISA_ENV_VAR}={want!r} is not one of {', '.join(ISAS)}; unset it or pick one of them"
+    elif _cpu.isa() == want or _cpu.set_isa(want):
+        return None
+    else:
+        runs = [name for name in ISAS[1:] if _cpu.set_isa(name)]
+        _cpu.set_isa("best")
+        reason = f"{ISA_ENV_VAR}={want}: this CPU cannot run those kernels; it runs {', '.join(runs)}"
+    if want not in _warned:  # `auto` then scores with torch, 5-20x slower: say so once
+        _warned.add(want)
+        warnings.warn(f"the C++ backend is off: {reason}", stacklevel=2)
+    return reason
+
+
+_warned: set[str] = set()
+
+
 def unavailable_reason() -> str | None:
     """None when the extension is importable, else why the ``cpp`` backend cannot run."""
     if _cpu is None:
@@ -38,7 +71,15 @@ def unavailable_reason() -> str | None:
             "the C++ extension was not built (SAFEMERGE_SKIP_NATIVE=1, no compiler, or a failed build; "
             f"reinstall safemerge-ext to build it): {_IMPORT_ERROR}"
         )
-    return None
+    return _apply_isa()
+
+
+def detail() -> str:
+    """What the kernels run with, for ``safemerge backends`` and the report."""
+    _apply_isa()
+    threads = torch.get_num_threads()
+    return (f"{_cpu.isa()} kernels, {'OpenMP' if _cpu.openmp() else 'no OpenMP'}, "
+            f"{threads} thread{'s' if threads != 1 else ''}")
 
 
 # Drop-behind (weights mapped from files): rows per block, so that a block of the wider matrix is

@@ -39,7 +39,7 @@ from pydantic import AfterValidator
 from typing_extensions import Annotated
 
 from safemerge_ext import ops
-from safemerge_ext.backends import EXACT, PRECISIONS, requested_precision
+from safemerge_ext.backends import EXACT, PRECISIONS, backend_detail, requested_precision
 from safemerge_ext.io.models import all_finite
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import combine_full, seeded
@@ -222,7 +222,8 @@ def _record(
         extra={"tensor": name, "input_dtype": _dtype_name(src_dtype), "rounding_dtype": _dtype_name(rounding),
                "task_lora": task_lora, "rounding_band": band, **settings},
     )
-    _append(report_path, {"method": method, "backend": score.backend, "precision": score.precision,
+    _append(report_path, {"method": method, "backend": score.backend, "backend_detail": backend_detail(score.backend),
+                          "precision": score.precision,
                           "precision_requested": requested_precision(precision),
                           "time_s": elapsed, "end": time.time(), "bytes": nbytes, "layer": rec.to_json()})
 
@@ -715,6 +716,7 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
         return None
     backends = sorted({ln["backend"] for ln in lines})
     precisions = sorted({ln.get("precision", EXACT) for ln in lines})
+    details = sorted({ln["backend_detail"] for ln in lines if ln.get("backend_detail")})
     report = build_report(
         command=command,
         method=method,
@@ -722,6 +724,7 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
         settings=_settings(method, layers),
         backend=backends[0] if len(backends) == 1 else ",".join(backends),
         precision=",".join(precisions),
+        backend_detail="; ".join(details) or None,
         timings=_timings(lines),
         bytes_read=sum(ln["bytes"] for ln in lines),
         warnings=_precision_warnings(method, layers) + _unused_precision(lines),

@@ -423,6 +423,7 @@ def _finish(run: Run, command: str, method: str, records: list[LayerRecord], set
     return build_report(
         command=command, method=method, layers=records, settings=settings, backend=run.backend,
         precision=run.precision, timings=run.timings, bytes_read=run.bytes_read, warnings=run.warnings,
+        backend_detail=ops.backends.backend_detail(run.backend),
     )
 
 

@@ -67,9 +67,11 @@ def build_report(
     bytes_read: int,
     warnings: list[str] | None = None,
     precision: str = "ieee",
+    backend_detail: str | None = None,
 ) -> dict[str, Any]:
     """Assemble the report dict (JSON-ready) from the layer records and the run's facts;
-    ``precision`` is the operand precision the backend computed with (``backends.PRECISIONS``)."""
+    ``precision`` is the operand precision the backend computed with (``backends.PRECISIONS``),
+    ``backend_detail`` what it ran with (the C++ kernels' instruction set: their bits differ)."""
     scores = [r.cosine for r in layers if math.isfinite(r.cosine)]
     return {
         "tool": "safemerge-ext",
@@ -78,6 +80,7 @@ def build_report(
         "method": method,
         "settings": settings,
         "backend": backend,
+        **({"backend_detail": backend_detail} if backend_detail else {}),
         "precision": precision,
         "counts": {
             "layers": len(layers),

@@ -498,6 +498,41 @@ def test_cpp_every_isa_matches_float64(isa, dtype):
 
 
 @needs_cpp
+def test_cpp_isa_env_override(monkeypatch, recwarn, capsys):
+    """SAFEMERGE_CPU_ISA picks the kernels (and the report and `safemerge backends` name them); a
+    name that is not an ISA turns the backend off, with a reason, a warning and an error on use."""
+    from safemerge_ext import _cpu, cli, cpp_backend
+
+    best = _cpu.isa()
+    monkeypatch.setattr(cpp_backend, "_warned", set())
+    try:
+        monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, "baseline")
+        wa, wu, g = _layer(67, 131, torch.bfloat16, _seed("isa-env"))
+        _check_passes("cpp", wa, wu, torch.randn(67, 5, generator=g), 2e-5)
+        assert _cpu.isa() == "baseline"  # (each call reads the variable)
+        _cpu.set_isa("best")
+        assert backends.backend_detail("cpp").startswith("baseline kernels, ")
+        assert cli.main(["backends"]) == 0
+        assert "cpp     available (baseline kernels, " in capsys.readouterr().out
+
+        monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, "avx9")
+        reason = backends.available_backends()["cpp"]
+        assert reason and "SAFEMERGE_CPU_ISA='avx9' is not one of best, x86-64-v4-512" in reason
+        assert any("the C++ backend is off" in str(w.message) for w in recwarn.list)
+        with pytest.raises(RuntimeError, match="SAFEMERGE_CPU_ISA='avx9' is not one of"):
+            ops.subspace_score(wa, wu, lora_A=torch.randn(5, 131), lora_B=torch.randn(67, 5), backend="cpp")
+        if not _cpu.set_isa("x86-64-v4-512"):  # a CPU without AVX-512: the ISA exists, this CPU cannot run it
+            monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, "x86-64-v4-512")
+            reason = backends.available_backends()["cpp"]
+            assert reason and "cannot run those kernels; it runs" in reason and "baseline" in reason
+        monkeypatch.delenv(cpp_backend.ISA_ENV_VAR)
+        _cpu.set_isa("best")
+        assert backends.available_backends()["cpp"] is None and _cpu.isa() == best
+    finally:
+        _cpu.set_isa("best")
+
+
+@needs_cpp
 def test_cpp_fullrank_column_blocks(monkeypatch):
     """fullrank_sums / project_full with M_J split into several column blocks, against float64."""
     from safemerge_ext import cpp_backend

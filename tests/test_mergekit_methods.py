@@ -132,6 +132,10 @@ def check_report(report: dict, flags: dict[str, bool], method: str) -> None:
     assert layers[V_ZERO[:-7]]["cosine"] is None and "V = 0" in layers[V_ZERO[:-7]]["reason"]
     assert layers[DW_ZERO[:-7]]["cosine"] is None and "zero" in layers[DW_ZERO[:-7]]["reason"]
     assert report["counts"]["flagged"] == sum(flags.values())
+    if report["backend"] == "cpp":  # which kernels scored (their bits differ between ISA builds)
+        from safemerge_ext import _cpu
+
+        assert report["backend_detail"].startswith(f"{_cpu.isa()} kernels, ")
 
 
 # -- exact outputs -------------------------------------------------------------------------------

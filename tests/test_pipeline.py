@@ -83,6 +83,12 @@ def test_score_matches_float64(fx, tmp_path, backend):
                     "--report", rep_path, "--plot", tmp_path / "p.png", "--backend", backend]) == 0
     rep = json.loads(rep_path.read_text())
     assert rep["backend"] == backend
+    if backend == "cpp":  # which kernels: the ISA builds' bits differ
+        from safemerge_ext import _cpu
+
+        assert rep["backend_detail"].startswith(f"{_cpu.isa()} kernels, ")
+    else:
+        assert "backend_detail" not in rep
     got = {r["module"]: r["cosine"] for r in rep["layers"]}
     assert set(got) == set(ref) and len(got) == 21
     for m, want in ref.items():
