@@ -24,6 +24,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <new>
@@ -234,7 +235,7 @@ SM_INLINE double form_v(const typename Elem<DT>::T* a, const typename Elem<DT>::
     for (int t = 0; t < w - j; ++t) {  // the last, partial group
       const float v = E::one(pa + j + t) - E::one(pu + j + t);
       o[j + E::template pos<L>(t)] = v;
-      sq[0][0] += v * v;
+      if constexpr (SQ) sq[0][0] += v * v;
     }
   }
   double s = 0.0;
@@ -577,7 +578,9 @@ const Isa* best_isa() {
   return &kBase;
 }
 
-const Isa* g_isa = best_isa();
+// (atomic: set_isa may run in another Python thread while a call, GIL released, reads it; each
+// call reads it once, so both passes of a call use one build and agree on the buffers' layout)
+std::atomic<const Isa*> g_isa{best_isa()};
 
 int resolve_threads(int requested) {
 #ifdef _OPENMP
@@ -637,8 +640,9 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   if (release_rows < 0 || release_rows % P1_KC)
     throw std::invalid_argument("release_rows must be 0 or a positive multiple of " + std::to_string(P1_KC));
   const int nt = resolve_threads(threads);
-  const Pass1Fn p1 = g_isa->pass1[dtype];
-  const Pass2Fn p2 = g_isa->pass2[dtype];
+  const Isa* isa = g_isa.load();
+  const Pass1Fn p1 = isa->pass1[dtype];
+  const Pass2Fn p2 = isa->pass2[dtype];
   const void* A = reinterpret_cast<const void*>(wa);
   const void* U = reinterpret_cast<const void*>(wu);
   const float* B = reinterpret_cast<const float*>(b);
@@ -728,7 +732,7 @@ std::tuple<double, double, double> lowrank_traces(uintptr_t t, uintptr_t p, uint
   const bool parallel = work > kGramParallelWork;
   std::optional<py::gil_scoped_release> nogil;
   if (parallel) nogil.emplace();
-  const Isa& isa = *g_isa;
+  const Isa& isa = *g_isa.load();
   const int64_t n[4] = {d_in, d_in, d_out, d_out};  // A^T, T, P, B
   const void* src[4] = {reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(t),
                         reinterpret_cast<const void*>(p), reinterpret_cast<const void*>(b)};
@@ -813,9 +817,10 @@ PYBIND11_MODULE(_cpu, m) {
         "(<T^T T, G>, <P^T P, G>, <B^T B, G>) with G = A A^T, float64 sums of exact fp32 products.\n"
         "t: d_in x r fp32, p: d_out x r fp32, b: d_out x r and a: r x d_in in dtype codes b_dtype/a_dtype\n"
         "(0=fp32 1=fp16 2=bf16); all row-major, contiguous. Deterministic for any thread count.");
-  m.def("isa", []() { return std::string(g_isa->name); }, "The instruction set the kernels run with.");
+  m.def("isa", []() { return std::string(g_isa.load()->name); }, "The instruction set the kernels run with.");
   m.def("set_isa", &set_isa, py::arg("name"),
-        "Select 'best', 'x86-64-v4', 'x86-64-v3' or 'baseline' kernels (for tests); returns False if unsupported.");
+        "Select 'best', 'x86-64-v4-512', 'x86-64-v4', 'x86-64-v3' or 'baseline' kernels; returns False if this CPU\n"
+        "cannot run them (the selection is then unchanged).");
   m.def("openmp", []() {
 #ifdef _OPENMP
     return true;

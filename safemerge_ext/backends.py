@@ -34,6 +34,8 @@ class BackendSpec:
     devices: tuple[str, ...]  # torch device types `auto` uses it on
     # Triton's interpreter runs the kernels on CPU tensors (slowly): allowed when asked for by name.
     interpreted_on_cpu: bool = False
+    # its reason is cheap and follows the environment: asked on every resolve, not only until loaded
+    recheck: bool = False
 
     def runs_on(self, device_type: str, explicit: bool) -> bool:
         if device_type in self.devices:
@@ -58,7 +60,7 @@ def triton_interpret_enabled() -> bool:
 _SPECS: tuple[BackendSpec, ...] = (
     BackendSpec("triton", "safemerge_ext.kernels", ("cuda",), interpreted_on_cpu=True),
     BackendSpec("cuda", "safemerge_ext.cuda_backend", ("cuda",)),
-    BackendSpec("cpp", "safemerge_ext.cpp_backend", ("cpu",)),
+    BackendSpec("cpp", "safemerge_ext.cpp_backend", ("cpu",), recheck=True),  # SAFEMERGE_CPU_ISA
     BackendSpec("torch", "safemerge_ext.reference", ("cpu", "cuda", "mps", "xpu", "meta")),
 )
 NAMES: tuple[str, ...] = tuple(s.name for s in _SPECS)
@@ -82,7 +84,7 @@ def _load(spec: BackendSpec, fresh: bool = False) -> ModuleType | str:
             return reason
         _loaded[spec.name] = mod
     got = _loaded[spec.name]
-    if fresh and not isinstance(got, str):  # (asking Triton costs about 0.5 ms: not on every call)
+    if (fresh or spec.recheck) and not isinstance(got, str):  # (asking Triton costs 0.5 ms: not every call)
         return getattr(got, "unavailable_reason", lambda: None)() or got
     return got
 

@@ -42,8 +42,8 @@ ISAS = ("best", "x86-64-v4-512", "x86-64-v4", "x86-64-v3", "baseline")
 
 
 def _apply_isa() -> str | None:
-    """Select the kernels ``SAFEMERGE_CPU_ISA`` names (left alone when it is unset); the reason when
-    it names none this CPU can run."""
+    """Select the kernels ``SAFEMERGE_CPU_ISA`` names; the reason when it names none this CPU can
+    run. Unset, it leaves the selection as it is (the CPU's pick, or the last one made)."""
     want = os.environ.get(ISA_ENV_VAR, "").strip().lower()
     if not want:
         return None
@@ -52,8 +52,9 @@ def _apply_isa() -> str | None:
     elif _cpu.isa() == want or _cpu.set_isa(want):
         return None
     else:
+        prev = _cpu.isa()
         runs = [name for name in ISAS[1:] if _cpu.set_isa(name)]
-        _cpu.set_isa("best")
+        _cpu.set_isa(prev)
         reason = f"{ISA_ENV_VAR}={want}: this CPU cannot run those kernels; it runs {', '.join(runs)}"
     if want not in _warned:  # `auto` then scores with torch, 5-20x slower: say so once
         _warned.add(want)
@@ -77,7 +78,7 @@ def unavailable_reason() -> str | None:
 def detail() -> str:
     """What the kernels run with, for ``safemerge backends`` and the report."""
     _apply_isa()
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() if _cpu.openmp() else 1
     return (f"{_cpu.isa()} kernels, {'OpenMP' if _cpu.openmp() else 'no OpenMP'}, "
             f"{threads} thread{'s' if threads != 1 else ''}")
 

@@ -519,12 +519,18 @@ def test_cpp_isa_env_override(monkeypatch, recwarn, capsys):
         reason = backends.available_backends()["cpp"]
         assert reason and "SAFEMERGE_CPU_ISA='avx9' is not one of best, x86-64-v4-512" in reason
         assert any("the C++ backend is off" in str(w.message) for w in recwarn.list)
-        with pytest.raises(RuntimeError, match="SAFEMERGE_CPU_ISA='avx9' is not one of"):
+        assert backends.resolve("auto", "cpu")[0] == "torch"  # (loaded before: asked again all the same)
+        with pytest.raises(ValueError, match="'cpp' is unavailable: SAFEMERGE_CPU_ISA='avx9' is not one of"):
             ops.subspace_score(wa, wu, lora_A=torch.randn(5, 131), lora_B=torch.randn(67, 5), backend="cpp")
-        if not _cpu.set_isa("x86-64-v4-512"):  # a CPU without AVX-512: the ISA exists, this CPU cannot run it
-            monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, "x86-64-v4-512")
-            reason = backends.available_backends()["cpp"]
-            assert reason and "cannot run those kernels; it runs" in reason and "baseline" in reason
+        can_512 = _cpu.set_isa("x86-64-v4-512")
+        _cpu.set_isa("baseline")
+        monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, "x86-64-v4-512")
+        reason = backends.available_backends()["cpp"]
+        if can_512:
+            assert reason is None and _cpu.isa() == "x86-64-v4-512"
+        else:  # the ISA exists, this CPU cannot run it; a failed override leaves the selection as it was
+            assert reason and "cannot run those kernels; it runs " in reason and reason.endswith("baseline")
+            assert _cpu.isa() == "baseline"
         monkeypatch.delenv(cpp_backend.ISA_ENV_VAR)
         _cpu.set_isa("best")
         assert backends.available_backends()["cpp"] is None and _cpu.isa() == best
