@@ -8,10 +8,11 @@
 // micro-kernel multiplies it against B or T. Accumulation is fp32 (differences of fp16/bf16
 // values are exact in fp32); ||V||^2 is summed per block in fp32 and across blocks in float64.
 //
-// Determinism: pass 1 gives each 512-column band to one thread (it owns those rows of T and its
-// own ||V||^2 partial); pass 2 gives each 4-row tile to one thread. Partials are reduced in a
-// fixed order, so the bits depend on neither the thread count nor the schedule, and the schedule
-// can be dynamic (a thread that the OS parks on a busy machine does not stall the other).
+// Determinism: pass 1 gives each row group (ranks <= 16: whole rows, a partial T per group, the
+// groups fixed by the shape) or each 512-column band (higher ranks: it owns those rows of T) to one
+// thread, with its own ||V||^2 partial; pass 2 gives each 4-row tile to one thread. Partials are
+// reduced in a fixed order, so the bits depend on neither the thread count nor the schedule, and
+// the schedule can be dynamic (a thread that the OS parks on a busy machine does not stall the other).
 //
 // No torch headers: the module takes raw data pointers, shapes, row strides and a dtype code, so
 // it keeps working across torch upgrades. The hot functions are compiled four times and picked at
@@ -292,18 +293,23 @@ constexpr int P1_LD = P1_BAND + 16;  // row stride of the scratch blocks: see be
 constexpr int P1_NR = 6;      // ranks per register tile: 2 x 6 accumulators + 3 operands = 15 ymm
 constexpr int P1_NR_V4 = 8;   // with 32 registers (AVX-512VL): 2 x 8 + 3 = 19
 constexpr int P1_NR_V4Z = 8;  // the same in 16-float vectors
+constexpr int64_t kP1Groups = 16;                // row groups of pass 1, each with a partial T ...
+constexpr int64_t kP1PartialBytes = 32ll << 20;  // ... fewer when they would take more than this
+constexpr int64_t kP1MinGroupChunks = 8;         // (a group's partial is worth its rows: 256 or more)
+constexpr int kP1RowsMaxRank = 16;               // pass 1 by rows up to this rank ...
+constexpr int64_t kP1RowsMaxPartial = 512 << 10; // ... and while a partial T fits in this much L2
 
 // acc[k][0:2L] += sum_i X[i, 0:2L] * B[i, k] for k < NR: one group of columns of V^T against NR
 // ranks. X and acc have row stride P1_LD. With a power-of-two stride (2 KiB) the 32 rows of a
 // strip would share two L1 sets and evict each other on every rank tile (measured: pass 1 took
 // 6.97 ms instead of 5.24 ms at 4096x4096 bf16 r=8 on 2 cores).
 template <int NR, typename V>
-SM_INLINE void p1_tile(const float* x, int kc, const float* b, int ldb, float* acc) {
+SM_INLINE void p1_tile(const float* x, int kc, const float* b, int ldb, float* acc, int64_t ldacc) {
   constexpr int L = kLanes<V>;
   V c0[NR], c1[NR];
   for (int k = 0; k < NR; ++k) {
-    c0[k] = vload<V>(acc + k * P1_LD);
-    c1[k] = vload<V>(acc + k * P1_LD + L);
+    c0[k] = vload<V>(acc + k * ldacc);
+    c1[k] = vload<V>(acc + k * ldacc + L);
   }
   for (int i = 0; i < kc; ++i) {
     V x0 = vload<V>(x + i * P1_LD), x1 = vload<V>(x + i * P1_LD + L);
@@ -315,21 +321,22 @@ SM_INLINE void p1_tile(const float* x, int kc, const float* b, int ldb, float* a
     }
   }
   for (int k = 0; k < NR; ++k) {
-    vstore(acc + k * P1_LD, c0[k]);
-    vstore(acc + k * P1_LD + L, c1[k]);
+    vstore(acc + k * ldacc, c0[k]);
+    vstore(acc + k * ldacc + L, c1[k]);
   }
 }
 
 // p1_tile<n> for a remainder of n < N ranks (n known only at run time).
 template <int N, typename V>
-SM_INLINE void p1_rem(int n, const float* x, int kc, const float* b, int ldb, float* acc) {
+SM_INLINE void p1_rem(int n, const float* x, int kc, const float* b, int ldb, float* acc, int64_t ldacc) {
   if constexpr (N >= 1) {
-    if (n == N) p1_tile<N, V>(x, kc, b, ldb, acc);
-    else p1_rem<N - 1, V>(n, x, kc, b, ldb, acc);
+    if (n == N) p1_tile<N, V>(x, kc, b, ldb, acc, ldacc);
+    else p1_rem<N - 1, V>(n, x, kc, b, ldb, acc, ldacc);
   }
 }
 
-// Rows [i_begin, i_end) of one band (i_begin a multiple of P1_KC): tacc carries the band's sums
+// Pass 1 by column bands, for high ranks: rows [i_begin, i_end) of one band (i_begin a multiple of
+// P1_KC): tacc carries the band's sums
 // from the rows before, vsq is the band's ||V||^2 so far and the sum with these rows comes back;
 // T and Tt are written when i_end reaches d_out. Split at such rows, the sums run in the same order
 // as in one call, so the bits do not depend on the split.
@@ -354,8 +361,8 @@ SM_INLINE double pass1_band_impl(const typename Elem<DT>::T* wa, const typename 
       next.step();
       const float* x = buf + G * s;
       int k0 = 0;
-      for (; k0 + NR <= r; k0 += NR) p1_tile<NR, V>(x, kc, Bi + k0, r, tacc + k0 * P1_LD + G * s);
-      if (k0 < r) p1_rem<NR - 1, V>(r - k0, x, kc, Bi + k0, r, tacc + k0 * P1_LD + G * s);
+      for (; k0 + NR <= r; k0 += NR) p1_tile<NR, V>(x, kc, Bi + k0, r, tacc + k0 * P1_LD + G * s, P1_LD);
+      if (k0 < r) p1_rem<NR - 1, V>(r - k0, x, kc, Bi + k0, r, tacc + k0 * P1_LD + G * s, P1_LD);
     }
   }
   if (i_end < d_out) return vsq;
@@ -366,6 +373,57 @@ SM_INLINE double pass1_band_impl(const typename Elem<DT>::T* wa, const typename 
   }
   for (int k = 0; k < r; ++k) std::memcpy(Tt + k * ldt + c0, tacc + k * P1_LD, sizeof(float) * strips * G);
   return vsq;
+}
+
+// Pass 1 by rows, for low ranks: rows [lo, hi) of one row group (lo a multiple of P1_KC), walked chunk by chunk and, in each
+// chunk, band by band across the whole width: tg (r x ldg, Tt's layout) is the group's partial T
+// and gains these rows' sums; vsq is the group's ||V||^2 so far, and the sum with these rows comes
+// back. Rows are read whole, a chunk at a time (pass 1 alone walking 512-column bands down every
+// row measured 2x slower from DRAM on an Intel Xeon VM: 1 KiB runs 8 KiB apart). Split at chunk
+// boundaries, the sums run in the same order as in one call, so the bits do not depend on the split.
+template <int DT, int NR, typename V>
+SM_INLINE double pass1_rows_impl(const typename Elem<DT>::T* wa, const typename Elem<DT>::T* wu,
+                                 int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu, const float* B, int r,
+                                 float* tg, int64_t ldg, float* buf, int64_t lo, int64_t hi, double vsq) {
+  constexpr int L = kLanes<V>, G = 2 * L;
+  const int64_t bands = (d_in + P1_BAND - 1) / P1_BAND;
+  for (int64_t i0 = lo; i0 < hi; i0 += P1_KC) {
+    const int kc = int(std::min<int64_t>(P1_KC, hi - i0));
+    const float* Bi = B + i0 * r;
+    for (int64_t band = 0; band < bands; ++band) {
+      const int64_t c0 = band * P1_BAND;
+      const int w = int(std::min<int64_t>(P1_BAND, d_in - c0));
+      const int strips = (w + G - 1) / G;
+      vsq += form_v<DT, V>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, kc, w, strips * G, P1_LD, buf);
+      // the next block: the next band of these rows, or the first band of the next chunk
+      const bool last = band + 1 == bands;
+      const int64_t ni = last ? i0 + P1_KC : i0, nc = last ? 0 : c0 + P1_BAND;
+      const bool more = ni < d_out;
+      BlockPrefetch<typename Elem<DT>::T> next(
+          more ? wa + ni * lda + nc : nullptr, more ? wu + ni * ldu + nc : nullptr, lda, ldu,
+          more ? int(std::min<int64_t>(P1_KC, d_out - ni)) : 0, more ? int(std::min<int64_t>(P1_BAND, d_in - nc)) : 0,
+          strips);
+      for (int s = 0; s < strips; ++s) {
+        next.step();
+        const float* x = buf + G * s;
+        float* acc = tg + c0 + G * s;
+        int k0 = 0;
+        for (; k0 + NR <= r; k0 += NR) p1_tile<NR, V>(x, kc, Bi + k0, r, acc + k0 * ldg, ldg);
+        if (k0 < r) p1_rem<NR - 1, V>(r - k0, x, kc, Bi + k0, r, acc + k0 * ldg, ldg);
+      }
+    }
+  }
+  return vsq;
+}
+
+// T (d_in x r, column order) from Tt (r x ldt, each group of columns in the buffers' order).
+template <int DT, typename V>
+SM_INLINE void untangle_impl(const float* Tt, int64_t ldt, int r, int64_t c_begin, int64_t c_end, float* T) {
+  constexpr int L = kLanes<V>, G = 2 * L;
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    const int64_t slot = (c & ~int64_t(G - 1)) + Elem<DT>::template pos<L>(int(c & (G - 1)));
+    for (int k = 0; k < r; ++k) T[c * r + k] = Tt[k * ldt + slot];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -489,28 +547,41 @@ SM_INLINE void pad_rows_impl(const void* src, int64_t n, int64_t r, bool transpo
 }
 
 // ---------------------------------------------------------------------------------------------
-// ISA variants: the same inlined bodies compiled for x86-64-v4, x86-64-v3 and the baseline.
+// ISA variants: the same inlined bodies compiled for x86-64-v4 (16- and 8-float vectors),
+// x86-64-v3 and the baseline.
 #define SM_PASS1_ARGS                                                                             \
   const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
-      const float *B, int r, int64_t c0, float *T, float *Tt, int64_t ldt, float *buf, float *tacc,      \
+      const float *B, int r, float *tg, int64_t ldg, float *buf, int64_t lo, int64_t hi, double vsq
+#define SM_PASS1B_ARGS                                                                            \
+  const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
+      const float *B, int r, int64_t c0, float *T, float *Tt, int64_t ldt, float *buf, float *tacc, \
       int64_t i_begin, int64_t i_end, double vsq
+#define SM_PASS1B_CALL(DT, NR, V)                                                                 \
+  pass1_band_impl<DT, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
+                             d_out, d_in, lda, ldu, B, r, c0, T, Tt, ldt, buf, tacc, i_begin, i_end, vsq)
 #define SM_PASS2_ARGS                                                                             \
   const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
       const float *Tt, int64_t ldt, int r, int64_t i0, float *P, float *buf, float *acc
 #define SM_PASS1_CALL(DT, NR, V)                                                                  \
-  pass1_band_impl<DT, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
-                       d_out, d_in, lda, ldu, B, r, c0, T, Tt, ldt, buf, tacc, i_begin, i_end, vsq)
+  pass1_rows_impl<DT, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
+                             d_out, d_in, lda, ldu, B, r, tg, ldg, buf, lo, hi, vsq)
 #define SM_PASS2_CALL(DT, NR, V)                                                                  \
   pass2_tile_impl<DT, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu),  \
                       d_out, d_in, lda, ldu, Tt, ldt, r, i0, P, buf, acc)
 
 using Pass1Fn = double (*)(SM_PASS1_ARGS);
+using Pass1BandFn = double (*)(SM_PASS1B_ARGS);
 using Pass2Fn = void (*)(SM_PASS2_ARGS);
 using GramFn = void (*)(const double* X, int64_t rows, int ld, double* S);
 using PadFn = void (*)(const void* src, int64_t n, int64_t r, bool transposed, int64_t j0, int64_t j1, int ld,
                       double* dst);
+using UntangleFn = void (*)(const float* Tt, int64_t ldt, int r, int64_t c_begin, int64_t c_end, float* T);
+template <int DT, typename V> void untangle(const float* Tt, int64_t ldt, int r, int64_t c0, int64_t c1, float* T) {
+  untangle_impl<DT, V>(Tt, ldt, r, c0, c1, T);  // (no vector code: only the lane count matters)
+}
 
 template <int DT> double pass1_base(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR, v8f); }
+template <int DT> double pass1b_base(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR, v8f); }
 template <int DT> void pass2_base(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR, v8f); }
 void gram_base(const double* X, int64_t rows, int ld, double* S) { gram_chunk_impl(X, rows, ld, S); }
 template <int DT> void pad_base(const void* src, int64_t n, int64_t r, bool tr, int64_t j0, int64_t j1, int ld, double* dst) {
@@ -518,10 +589,13 @@ template <int DT> void pad_base(const void* src, int64_t n, int64_t r, bool tr, 
 }
 #if SM_HAVE_V3
 template <int DT> SM_TARGET_V3 double pass1_v3(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR, v8f); }
+template <int DT> SM_TARGET_V3 double pass1b_v3(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR, v8f); }
 template <int DT> SM_TARGET_V3 void pass2_v3(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR, v8f); }
 template <int DT> SM_TARGET_V4 double pass1_v4(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR_V4, v8f); }
+template <int DT> SM_TARGET_V4 double pass1b_v4(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR_V4, v8f); }
 template <int DT> SM_TARGET_V4 void pass2_v4(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR_V4, v8f); }
 template <int DT> SM_TARGET_V4 double pass1_v4z(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR_V4Z, v16f); }
+template <int DT> SM_TARGET_V4 double pass1b_v4z(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR_V4Z, v16f); }
 template <int DT> SM_TARGET_V4 void pass2_v4z(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR_V4Z, v16f); }
 // (the 4 x 8 Gram tile uses 8 accumulators; the v4 build runs these too)
 SM_TARGET_V3 void gram_v3(const double* X, int64_t rows, int ld, double* S) { gram_chunk_impl(X, rows, ld, S); }
@@ -533,33 +607,43 @@ template <int DT> SM_TARGET_V3 void pad_v3(const void* src, int64_t n, int64_t r
 
 struct Isa {
   const char* name;
-  Pass1Fn pass1[3];  // indexed by DType
+  Pass1Fn pass1[3];  // indexed by DType: pass 1 by row groups (low ranks) ...
+  Pass1BandFn pass1_band[3];  // ... and by column bands (high ranks)
   Pass2Fn pass2[3];
   GramFn gram;
   PadFn pad[3];
+  UntangleFn untangle[3];
 };
 
 const Isa kBase = {"baseline",
                    {pass1_base<kF32>, pass1_base<kF16>, pass1_base<kBF16>},
+                   {pass1b_base<kF32>, pass1b_base<kF16>, pass1b_base<kBF16>},
                    {pass2_base<kF32>, pass2_base<kF16>, pass2_base<kBF16>},
                    gram_base,
-                   {pad_base<kF32>, pad_base<kF16>, pad_base<kBF16>}};
+                   {pad_base<kF32>, pad_base<kF16>, pad_base<kBF16>},
+                   {untangle<kF32, v8f>, untangle<kF16, v8f>, untangle<kBF16, v8f>}};
 #if SM_HAVE_V3
 const Isa kV3 = {"x86-64-v3",
                  {pass1_v3<kF32>, pass1_v3<kF16>, pass1_v3<kBF16>},
+                 {pass1b_v3<kF32>, pass1b_v3<kF16>, pass1b_v3<kBF16>},
                  {pass2_v3<kF32>, pass2_v3<kF16>, pass2_v3<kBF16>},
                  gram_v3,
-                 {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>}};
+                 {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
+                 {untangle<kF32, v8f>, untangle<kF16, v8f>, untangle<kBF16, v8f>}};
 const Isa kV4 = {"x86-64-v4",
                  {pass1_v4<kF32>, pass1_v4<kF16>, pass1_v4<kBF16>},
+                 {pass1b_v4<kF32>, pass1b_v4<kF16>, pass1b_v4<kBF16>},
                  {pass2_v4<kF32>, pass2_v4<kF16>, pass2_v4<kBF16>},
                  gram_v3,
-                 {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>}};
+                 {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
+                 {untangle<kF32, v8f>, untangle<kF16, v8f>, untangle<kBF16, v8f>}};
 const Isa kV4z = {"x86-64-v4-512",
                   {pass1_v4z<kF32>, pass1_v4z<kF16>, pass1_v4z<kBF16>},
+                  {pass1b_v4z<kF32>, pass1b_v4z<kF16>, pass1b_v4z<kBF16>},
                   {pass2_v4z<kF32>, pass2_v4z<kF16>, pass2_v4z<kBF16>},
                   gram_v3,
-                  {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>}};
+                  {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
+                  {untangle<kF32, v16f>, untangle<kF16, v16f>, untangle<kBF16, v16f>}};
 #endif
 
 const Isa* best_isa() {
@@ -651,12 +735,23 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   const int R = int(r);
   const int64_t ldt = (d_in + 31) & ~int64_t(31);
   FloatBuf Tt(size_t(R) * size_t(ldt), 0.0f);  // T transposed, zero-padded to whole 32-column groups
-  const int64_t bands = (d_in + P1_BAND - 1) / P1_BAND;
+  // Pass 1 by rows (low ranks): the rows split into groups fixed by the shape alone (never by the
+  // thread count or the blocks below), each summed into a partial T of its own that stays in the
+  // L2 while whole rows stream past, the partials added in group order. By column bands (high
+  // ranks, whose partial T would not stay in the L2): each band's T summed by one thread.
+  const int64_t ldg = ldt + 16;  // (off a power of two, as P1_LD)
+  const int64_t part_bytes = int64_t(R) * ldg * int64_t(sizeof(float));
+  const bool by_rows = R <= kP1RowsMaxRank && part_bytes <= kP1RowsMaxPartial;
+  const int64_t max_groups = std::max<int64_t>(1, std::min<int64_t>(kP1Groups, kP1PartialBytes / part_bytes));
+  const int64_t chunks = (d_out + P1_KC - 1) / P1_KC;
+  const int64_t group_rows = P1_KC * std::max(kP1MinGroupChunks, (chunks + max_groups - 1) / max_groups);
+  const int64_t groups = by_rows && d_out > 0 ? (d_out + group_rows - 1) / group_rows : 0;
+  FloatBuf Tg(size_t(groups) * size_t(R) * size_t(ldg), 0.0f);
+  std::vector<double> vsq_group(size_t(groups), 0.0);
+  const int64_t bands = by_rows ? 0 : (d_in + P1_BAND - 1) / P1_BAND;
   std::vector<double> vsq_band(size_t(bands), 0.0);
   const int64_t block = release_rows > 0 && release_rows < d_out ? release_rows : d_out;
   const int64_t blocks = d_out > 0 ? (d_out + block - 1) / block : 0;
-  // with several row blocks, each band keeps its sums from one block to the next
-  FloatBuf tacc_band(blocks > 1 ? size_t(bands) * size_t(R) * P1_LD : 0);
   std::optional<Release> rel;
   if (blocks > 1) {
     const int64_t es = dtype == 0 ? 4 : 2;
@@ -676,23 +771,50 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
       rel->end[m] = Release::down(start[m] + uintptr_t(((d_out - 1) * ld[m] + d_in) * es), uintptr_t(page));
     }
   }
+  constexpr int64_t kUntangleCols = 1024;  // columns per work item of T's final sums
+  // with several row blocks, each band keeps its sums from one block to the next
+  FloatBuf tacc_band(bands > 0 && blocks > 1 ? size_t(bands) * size_t(R) * P1_LD : 0);
+  const Pass1BandFn p1b = isa->pass1_band[dtype];
 
 #pragma omp parallel num_threads(nt)
   {
     FloatBuf buf(size_t(P1_KC) * P1_LD);
-    FloatBuf tacc(blocks > 1 ? 0 : size_t(R) * P1_LD);
+    FloatBuf tacc(bands > 0 && blocks == 1 ? size_t(R) * P1_LD : 0);
     for (int64_t s = 0; s < blocks; ++s) {
       const int64_t i0 = s * block, i1 = std::min(d_out, i0 + block);
+      if (by_rows) {
+        const int64_t g0 = i0 / group_rows, g1 = (i1 - 1) / group_rows + 1;  // the groups these rows touch
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t p = 0; p < bands; ++p)
-        vsq_band[size_t(p)] = p1(A, U, d_out, d_in, lda, ldu, B, R, p * P1_BAND, T, Tt.data(), ldt, buf.data(),
-                                 blocks > 1 ? tacc_band.data() + size_t(p) * R * P1_LD : tacc.data(), i0, i1,
-                                 vsq_band[size_t(p)]);
-      // (the implicit barrier of `omp for`: every band is done with these rows)
+        for (int64_t g = g0; g < g1; ++g)
+          vsq_group[size_t(g)] = p1(A, U, d_out, d_in, lda, ldu, B, R, Tg.data() + size_t(g) * R * ldg, ldg,
+                                    buf.data(), std::max(i0, g * group_rows), std::min(i1, (g + 1) * group_rows),
+                                    vsq_group[size_t(g)]);
+      } else {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t p = 0; p < bands; ++p)
+          vsq_band[size_t(p)] = p1b(A, U, d_out, d_in, lda, ldu, B, R, p * P1_BAND, T, Tt.data(), ldt, buf.data(),
+                                    blocks > 1 ? tacc_band.data() + size_t(p) * R * P1_LD : tacc.data(), i0, i1,
+                                    vsq_band[size_t(p)]);
+      }
+      // (the implicit barrier of `omp for`: every group or band is done with these rows)
       if (rel && s + 1 < blocks) {
 #pragma omp single nowait
         rel->after_pass1(i1);
       }
+    }
+    // by rows: Tt = the groups' partials summed in order, then T from it, a stretch of columns at a time
+    const int64_t stretches = by_rows ? (ldt + kUntangleCols - 1) / kUntangleCols : 0;
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < stretches; ++q) {
+      const int64_t c0 = q * kUntangleCols, c1 = std::min(ldt, c0 + kUntangleCols);
+      for (int k = 0; k < R; ++k) {
+        float* out = Tt.data() + k * ldt;
+        for (int64_t g = 0; g < groups; ++g) {
+          const float* part = Tg.data() + (size_t(g) * R + k) * ldg;
+          for (int64_t c = c0; c < c1; ++c) out[c] += part[c];
+        }
+      }
+      isa->untangle[dtype](Tt.data(), ldt, R, c0, std::min(d_in, c1), T);
     }
     // T is complete here; pass 2 starts from the last rows, the ones pass 1 left mapped
     FloatBuf buf2(size_t(P2_MR) * P2_KC);
@@ -709,6 +831,7 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
     }
   }
   double vsq = 0.0;
+  for (double s : vsq_group) vsq += s;
   for (double s : vsq_band) vsq += s;
   return vsq;
 }

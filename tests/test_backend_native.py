@@ -308,14 +308,16 @@ def _cpu_call(wa, wu, B, threads):
 @needs_cpp
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
 def test_cpp_bits_independent_of_thread_count(dtype):
+    """Pass 1 by row groups (r = 13) and by column bands (r = 40) alike."""
     wa, wu, g = _layer(515, 1100, dtype, _seed("threads", dtype))
-    B = torch.randn(515, 13, generator=g)
-    T1, P1, v1 = _cpu_call(wa, wu, B, 1)
-    T2, P2, v2 = _cpu_call(wa, wu, B, 2)
-    T3, P3, v3 = _cpu_call(wa, wu, B, 3)
-    assert torch.equal(T1, T2) and torch.equal(T1, T3)
-    assert torch.equal(P1, P2) and torch.equal(P1, P3)
-    assert v1 == v2 == v3
+    for r in (13, 40):
+        B = torch.randn(515, r, generator=g)
+        T1, P1, v1 = _cpu_call(wa, wu, B, 1)
+        T2, P2, v2 = _cpu_call(wa, wu, B, 2)
+        T3, P3, v3 = _cpu_call(wa, wu, B, 3)
+        assert torch.equal(T1, T2) and torch.equal(T1, T3), r
+        assert torch.equal(P1, P2) and torch.equal(P1, P3), r
+        assert v1 == v2 == v3, r
 
 
 def _mapped_pair(tmp_path: Path, d_out: int, d_in: int, dtype: torch.dtype, seed: int):
@@ -346,19 +348,20 @@ def test_cpp_release_behind_same_bits(tmp_path, monkeypatch, dtype, d_out, d_in)
 
     reader, ma, mu, wa, wu, g = _mapped_pair(tmp_path, d_out, d_in, dtype, _seed("release", dtype, d_out, d_in))
     assert reader.is_mapped(ma) and reader.is_mapped(mu)
-    B = torch.randn(d_out, 13, generator=g)
-    want = cpp_backend.lowrank_passes(wa, wu, B)
     row, default_threads = d_in * wa.element_size(), torch.get_num_threads()
-    for block_bytes in (32 * row, 96 * row, 8 << 20):
-        monkeypatch.setattr(cpp_backend, "RELEASE_BLOCK_BYTES", block_bytes)
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            try:
-                got = cpp_backend.lowrank_passes(ma, mu, B, release_behind=True)
-            finally:
-                torch.set_num_threads(default_threads)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2], (
-                f"release_behind changed the bits: blocks of {block_bytes} bytes, {threads} threads")
+    for r in (13, 40):  # pass 1 by row groups, and by column bands
+        B = torch.randn(d_out, r, generator=g)
+        want = cpp_backend.lowrank_passes(wa, wu, B)
+        for block_bytes in (32 * row, 96 * row, 8 << 20):
+            monkeypatch.setattr(cpp_backend, "RELEASE_BLOCK_BYTES", block_bytes)
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                try:
+                    got = cpp_backend.lowrank_passes(ma, mu, B, release_behind=True)
+                finally:
+                    torch.set_num_threads(default_threads)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2], (
+                    f"release_behind changed the bits: r = {r}, blocks of {block_bytes} bytes, {threads} threads")
     assert torch.equal(ma, wa) and torch.equal(mu, wu)
     _check_passes("cpp", ma, mu, B, 2e-5)
     # transposed views of the mappings are read through a contiguous copy, whose pages must stay
