@@ -293,8 +293,8 @@ constexpr int P1_LD = P1_BAND + 16;  // row stride of the scratch blocks: see be
 constexpr int P1_NR = 6;      // ranks per register tile: 2 x 6 accumulators + 3 operands = 15 ymm
 constexpr int P1_NR_V4 = 8;   // with 32 registers (AVX-512VL): 2 x 8 + 3 = 19
 constexpr int P1_NR_V4Z = 8;  // the same in 16-float vectors
-constexpr int64_t kP1Groups = 16;                // row groups of pass 1, each with a partial T ...
-constexpr int64_t kP1PartialBytes = 32ll << 20;  // ... fewer when they would take more than this
+constexpr int64_t kP1Groups = 16;               // row groups of pass 1 (by rows) at most, each with a partial T
+constexpr int64_t kP1SliceCols = 8 * P1_BAND;   // columns of a pass-1 work item (by rows)
 constexpr int64_t kP1MinGroupChunks = 8;         // (a group's partial is worth its rows: 256 or more)
 constexpr int kP1RowsMaxRank = 16;               // pass 1 by rows up to this rank ...
 constexpr int64_t kP1RowsMaxPartial = 512 << 10; // ... and while a partial T fits in this much L2
@@ -375,33 +375,34 @@ SM_INLINE double pass1_band_impl(const typename Elem<DT>::T* wa, const typename 
   return vsq;
 }
 
-// Pass 1 by rows, for low ranks: rows [lo, hi) of one row group (lo a multiple of P1_KC), walked chunk by chunk and, in each
-// chunk, band by band across the whole width: tg (r x ldg, Tt's layout) is the group's partial T
-// and gains these rows' sums; vsq is the group's ||V||^2 so far, and the sum with these rows comes
-// back. Rows are read whole, a chunk at a time (pass 1 alone walking 512-column bands down every
-// row measured 2x slower from DRAM on an Intel Xeon VM: 1 KiB runs 8 KiB apart). Split at chunk
-// boundaries, the sums run in the same order as in one call, so the bits do not depend on the split.
+// Pass 1 by rows, for low ranks: rows [lo, hi) of one row group (lo a multiple of P1_KC) and
+// columns [cb, ce) of one column slice (cb a multiple of P1_BAND), walked chunk by chunk and, in
+// each chunk, band by band across the slice: tg (r x ldg, Tt's layout) is the group's partial T
+// and gains these rows' sums in these columns; vsq is the (group, slice)'s ||V||^2 so far, and the
+// sum with these rows comes back. Each row is read a slice at a time, up to 8 KiB of bf16 (pass 1
+// alone walking 512-column bands down every row measured 2x slower from DRAM on an Intel Xeon VM:
+// 1 KiB runs 8 KiB apart). Split at chunk boundaries, the sums run in the same order as in one
+// call, so the bits do not depend on the split.
 template <int DT, int NR, typename V>
 SM_INLINE double pass1_rows_impl(const typename Elem<DT>::T* wa, const typename Elem<DT>::T* wu,
                                  int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu, const float* B, int r,
-                                 float* tg, int64_t ldg, float* buf, int64_t lo, int64_t hi, double vsq) {
+                                 float* tg, int64_t ldg, float* buf, int64_t lo, int64_t hi, int64_t cb, int64_t ce,
+                                 double vsq) {
   constexpr int L = kLanes<V>, G = 2 * L;
-  const int64_t bands = (d_in + P1_BAND - 1) / P1_BAND;
   for (int64_t i0 = lo; i0 < hi; i0 += P1_KC) {
     const int kc = int(std::min<int64_t>(P1_KC, hi - i0));
     const float* Bi = B + i0 * r;
-    for (int64_t band = 0; band < bands; ++band) {
-      const int64_t c0 = band * P1_BAND;
-      const int w = int(std::min<int64_t>(P1_BAND, d_in - c0));
+    for (int64_t c0 = cb; c0 < ce; c0 += P1_BAND) {
+      const int w = int(std::min<int64_t>(P1_BAND, ce - c0));
       const int strips = (w + G - 1) / G;
       vsq += form_v<DT, V>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, kc, w, strips * G, P1_LD, buf);
       // the next block: the next band of these rows, or the first band of the next chunk
-      const bool last = band + 1 == bands;
-      const int64_t ni = last ? i0 + P1_KC : i0, nc = last ? 0 : c0 + P1_BAND;
+      const bool last = c0 + P1_BAND >= ce;
+      const int64_t ni = last ? i0 + P1_KC : i0, nc = last ? cb : c0 + P1_BAND;
       const bool more = ni < d_out;
       BlockPrefetch<typename Elem<DT>::T> next(
           more ? wa + ni * lda + nc : nullptr, more ? wu + ni * ldu + nc : nullptr, lda, ldu,
-          more ? int(std::min<int64_t>(P1_KC, d_out - ni)) : 0, more ? int(std::min<int64_t>(P1_BAND, d_in - nc)) : 0,
+          more ? int(std::min<int64_t>(P1_KC, d_out - ni)) : 0, more ? int(std::min<int64_t>(P1_BAND, ce - nc)) : 0,
           strips);
       for (int s = 0; s < strips; ++s) {
         next.step();
@@ -551,7 +552,8 @@ SM_INLINE void pad_rows_impl(const void* src, int64_t n, int64_t r, bool transpo
 // x86-64-v3 and the baseline.
 #define SM_PASS1_ARGS                                                                             \
   const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
-      const float *B, int r, float *tg, int64_t ldg, float *buf, int64_t lo, int64_t hi, double vsq
+      const float *B, int r, float *tg, int64_t ldg, float *buf, int64_t lo, int64_t hi, int64_t cb, int64_t ce, \
+      double vsq
 #define SM_PASS1B_ARGS                                                                            \
   const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
       const float *B, int r, int64_t c0, float *T, float *Tt, int64_t ldt, float *buf, float *tacc, \
@@ -564,7 +566,7 @@ SM_INLINE void pad_rows_impl(const void* src, int64_t n, int64_t r, bool transpo
       const float *Tt, int64_t ldt, int r, int64_t i0, float *P, float *buf, float *acc
 #define SM_PASS1_CALL(DT, NR, V)                                                                  \
   pass1_rows_impl<DT, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
-                             d_out, d_in, lda, ldu, B, r, tg, ldg, buf, lo, hi, vsq)
+                             d_out, d_in, lda, ldu, B, r, tg, ldg, buf, lo, hi, cb, ce, vsq)
 #define SM_PASS2_CALL(DT, NR, V)                                                                  \
   pass2_tile_impl<DT, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu),  \
                       d_out, d_in, lda, ldu, Tt, ldt, r, i0, P, buf, acc)
@@ -742,12 +744,14 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   const int64_t ldg = ldt + 16;  // (off a power of two, as P1_LD)
   const int64_t part_bytes = int64_t(R) * ldg * int64_t(sizeof(float));
   const bool by_rows = R <= kP1RowsMaxRank && part_bytes <= kP1RowsMaxPartial;
-  const int64_t max_groups = std::max<int64_t>(1, std::min<int64_t>(kP1Groups, kP1PartialBytes / part_bytes));
-  const int64_t chunks = (d_out + P1_KC - 1) / P1_KC;
-  const int64_t group_rows = P1_KC * std::max(kP1MinGroupChunks, (chunks + max_groups - 1) / max_groups);
+  const int64_t chunks = (d_out + P1_KC - 1) / P1_KC;  // (partials: at most 16 x 512 KiB)
+  const int64_t group_rows = P1_KC * std::max(kP1MinGroupChunks, (chunks + kP1Groups - 1) / kP1Groups);
   const int64_t groups = by_rows && d_out > 0 ? (d_out + group_rows - 1) / group_rows : 0;
   FloatBuf Tg(size_t(groups) * size_t(R) * size_t(ldg), 0.0f);
-  std::vector<double> vsq_group(size_t(groups), 0.0);
+  // column slices: more work items than groups alone when a drop-behind block holds one or two
+  // groups (a block is about 8 MiB of rows, a group at least 256 rows)
+  const int64_t slices = by_rows ? (d_in + kP1SliceCols - 1) / kP1SliceCols : 0;
+  std::vector<double> vsq_group(size_t(groups * slices), 0.0);  // per (group, slice), summed in that order
   const int64_t bands = by_rows ? 0 : (d_in + P1_BAND - 1) / P1_BAND;
   std::vector<double> vsq_band(size_t(bands), 0.0);
   const int64_t block = release_rows > 0 && release_rows < d_out ? release_rows : d_out;
@@ -785,10 +789,13 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
       if (by_rows) {
         const int64_t g0 = i0 / group_rows, g1 = (i1 - 1) / group_rows + 1;  // the groups these rows touch
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t g = g0; g < g1; ++g)
-          vsq_group[size_t(g)] = p1(A, U, d_out, d_in, lda, ldu, B, R, Tg.data() + size_t(g) * R * ldg, ldg,
-                                    buf.data(), std::max(i0, g * group_rows), std::min(i1, (g + 1) * group_rows),
-                                    vsq_group[size_t(g)]);
+        for (int64_t item = g0 * slices; item < g1 * slices; ++item) {
+          const int64_t g = item / slices, q = item % slices;
+          vsq_group[size_t(item)] = p1(A, U, d_out, d_in, lda, ldu, B, R, Tg.data() + size_t(g) * R * ldg, ldg,
+                                       buf.data(), std::max(i0, g * group_rows), std::min(i1, (g + 1) * group_rows),
+                                       q * kP1SliceCols, std::min(d_in, (q + 1) * kP1SliceCols),
+                                       vsq_group[size_t(item)]);
+        }
       } else {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < bands; ++p)

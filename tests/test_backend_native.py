@@ -307,11 +307,14 @@ def _cpu_call(wa, wu, B, threads):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
-def test_cpp_bits_independent_of_thread_count(dtype):
-    """Pass 1 by row groups (r = 13) and by column bands (r = 40) alike."""
-    wa, wu, g = _layer(515, 1100, dtype, _seed("threads", dtype))
+@pytest.mark.parametrize("d_out, d_in", [(515, 1100), (300, 9000)], ids=["1 slice", "3 slices"])
+def test_cpp_bits_independent_of_thread_count(dtype, d_out, d_in):
+    """Pass 1 by row groups (r = 13; in column slices of 4096 when d_in is wider) and by column
+    bands (r = 40) alike; and right."""
+    wa, wu, g = _layer(d_out, d_in, dtype, _seed("threads", dtype, d_in))
     for r in (13, 40):
-        B = torch.randn(515, r, generator=g)
+        B = torch.randn(d_out, r, generator=g)
+        _check_passes("cpp", wa, wu, B, 2e-5)
         T1, P1, v1 = _cpu_call(wa, wu, B, 1)
         T2, P2, v2 = _cpu_call(wa, wu, B, 2)
         T3, P3, v3 = _cpu_call(wa, wu, B, 3)
@@ -333,7 +336,7 @@ def _mapped_pair(tmp_path: Path, d_out: int, d_in: int, dtype: torch.dtype, seed
     return reader, reader.map("a"), reader.map("u"), wa, wu, g
 
 
-RELEASE_SHAPES = [(333, 1100), (1000, 96), (4096, 700)]
+RELEASE_SHAPES = [(333, 1100), (1000, 96), (4096, 700), (600, 8300)]
 
 
 @needs_cpp
