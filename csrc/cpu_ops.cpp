@@ -751,9 +751,9 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   // column slices: more work items than groups alone when a drop-behind block holds one or two
   // groups (a block is about 8 MiB of rows, a group at least 256 rows)
   const int64_t slices = by_rows ? (d_in + kP1SliceCols - 1) / kP1SliceCols : 0;
-  std::vector<double> vsq_group(size_t(groups * slices), 0.0);  // per (group, slice), summed in that order
   const int64_t bands = by_rows ? 0 : (d_in + P1_BAND - 1) / P1_BAND;
-  std::vector<double> vsq_band(size_t(bands), 0.0);
+  // ||V||^2 per work item, (group, slice) or band, summed in that order at the end
+  std::vector<double> vsq_part(size_t(by_rows ? groups * slices : bands), 0.0);
   const int64_t block = release_rows > 0 && release_rows < d_out ? release_rows : d_out;
   const int64_t blocks = d_out > 0 ? (d_out + block - 1) / block : 0;
   std::optional<Release> rel;
@@ -791,17 +791,17 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = g0 * slices; item < g1 * slices; ++item) {
           const int64_t g = item / slices, q = item % slices;
-          vsq_group[size_t(item)] = p1(A, U, d_out, d_in, lda, ldu, B, R, Tg.data() + size_t(g) * R * ldg, ldg,
+          vsq_part[size_t(item)] = p1(A, U, d_out, d_in, lda, ldu, B, R, Tg.data() + size_t(g) * R * ldg, ldg,
                                        buf.data(), std::max(i0, g * group_rows), std::min(i1, (g + 1) * group_rows),
                                        q * kP1SliceCols, std::min(d_in, (q + 1) * kP1SliceCols),
-                                       vsq_group[size_t(item)]);
+                                       vsq_part[size_t(item)]);
         }
       } else {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < bands; ++p)
-          vsq_band[size_t(p)] = p1b(A, U, d_out, d_in, lda, ldu, B, R, p * P1_BAND, T, Tt.data(), ldt, buf.data(),
+          vsq_part[size_t(p)] = p1b(A, U, d_out, d_in, lda, ldu, B, R, p * P1_BAND, T, Tt.data(), ldt, buf.data(),
                                     blocks > 1 ? tacc_band.data() + size_t(p) * R * P1_LD : tacc.data(), i0, i1,
-                                    vsq_band[size_t(p)]);
+                                    vsq_part[size_t(p)]);
       }
       // (the implicit barrier of `omp for`: every group or band is done with these rows)
       if (rel && s + 1 < blocks) {
@@ -838,8 +838,7 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
     }
   }
   double vsq = 0.0;
-  for (double s : vsq_group) vsq += s;
-  for (double s : vsq_band) vsq += s;
+  for (double s : vsq_part) vsq += s;
   return vsq;
 }
 

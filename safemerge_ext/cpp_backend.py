@@ -76,8 +76,8 @@ def unavailable_reason() -> str | None:
 
 
 def detail() -> str:
-    """What the kernels run with, for ``safemerge backends`` and the report."""
-    _apply_isa()
+    """What the kernels run with, for ``safemerge backends`` and the report (``backends.backend_detail``
+    asks after ``unavailable_reason``, which has applied SAFEMERGE_CPU_ISA)."""
     threads = torch.get_num_threads() if _cpu.openmp() else 1
     return (f"{_cpu.isa()} kernels, {'OpenMP' if _cpu.openmp() else 'no OpenMP'}, "
             f"{threads} thread{'s' if threads != 1 else ''}")
