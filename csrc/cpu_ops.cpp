@@ -10,7 +10,7 @@
 //
 // Determinism: pass 1 gives each row group (ranks <= 16: whole rows, a partial T per group, the
 // groups fixed by the shape) or each 512-column band (higher ranks: it owns those rows of T) to one
-// thread, with its own ||V||^2 partial; pass 2 gives each 4-row tile to one thread. Partials are
+// thread, with its own ||V||^2 partial; pass 2 gives each tile of 4 or 6 rows to one thread. Partials are
 // reduced in a fixed order, so the bits depend on neither the thread count nor the schedule, and
 // the schedule can be dynamic (a thread that the OS parks on a busy machine does not stall the other).
 //
@@ -428,69 +428,78 @@ SM_INLINE void untangle_impl(const float* Tt, int64_t ldt, int r, int64_t c_begi
 }
 
 // ---------------------------------------------------------------------------------------------
-// Pass 2: P = V T. One tile = P2_MR rows of V over all columns, in chunks of P2_KC columns.
+// Pass 2: P = V T. One tile = MR rows of V over all columns, in chunks of P2_KC columns.
 constexpr int P2_MR = 4;     // rows per register tile
 constexpr int P2_NR = 3;     // ranks per register tile: 4 x 3 accumulators + 4 operands = 16 ymm
 constexpr int P2_NR_V4 = 4;  // with 32 registers (AVX-512VL): 4 x 4 + 5 = 21
-constexpr int P2_NR_V4Z = 4; // the same in 16-float vectors
+// 16-float vectors: 6 rows x 4 ranks, 24 accumulators + 5 operands, so each load of T (from the
+// L2 at high ranks) feeds 6 FMAs instead of 4 (interleaved against 4 x 4 on the Intel VM, 2
+// threads: 4096x4096 r = 64 0.87-0.89x the time, 14336x4096 r = 64 0.85x, 1024x4096 r = 16
+// 0.93x, r = 8 unchanged). 4 ranks divide the usual ranks (a tile of 3 leaves a 1-rank remainder
+// at r = 64, measured slower with 8 rows); 7 x 4 would not fit the 32 registers.
+constexpr int P2_MR_V4Z = 6;
+constexpr int P2_NR_V4Z = 4;
+constexpr int kP2MaxMR = 6;
 constexpr int P2_KC = 512;   // columns of V formed at once: 4 x 512 fp32 = 8 KiB
 constexpr int kMaxLanes = 16;
 
-// acc[k][m][0:L] += lanes of sum_j X[m, j] * Tt[k, j] for m < 4, k < NR (L partial sums each).
-template <int NR, typename V>
+// acc[k][m][0:L] += lanes of sum_j X[m, j] * Tt[k, j] for m < MR, k < NR (L partial sums each).
+template <int MR, int NR, typename V>
 SM_INLINE void p2_tile(const float* x, int nvec, const float* tt, int64_t ldt, float* acc, bool first) {
   constexpr int L = kLanes<V>;
-  V c[P2_MR][NR];
+  V c[MR][NR];
   for (int k = 0; k < NR; ++k)
-    for (int m = 0; m < P2_MR; ++m) c[m][k] = first ? V{} : vload<V>(acc + (k * P2_MR + m) * L);
+    for (int m = 0; m < MR; ++m) c[m][k] = first ? V{} : vload<V>(acc + (k * MR + m) * L);
   for (int v = 0; v < nvec; ++v) {
     V t[NR];
     for (int k = 0; k < NR; ++k) t[k] = vload<V>(tt + k * ldt + L * v);
-    for (int m = 0; m < P2_MR; ++m) {
+    for (int m = 0; m < MR; ++m) {
       V xm = vload<V>(x + m * P2_KC + L * v);
       for (int k = 0; k < NR; ++k) c[m][k] += xm * t[k];
     }
   }
   for (int k = 0; k < NR; ++k)
-    for (int m = 0; m < P2_MR; ++m) vstore(acc + (k * P2_MR + m) * L, c[m][k]);
+    for (int m = 0; m < MR; ++m) vstore(acc + (k * MR + m) * L, c[m][k]);
 }
 
-// p2_tile<n> for a remainder of n < N ranks (n known only at run time).
-template <int N, typename V>
+// p2_tile<MR, n> for a remainder of n < N ranks (n known only at run time).
+template <int MR, int N, typename V>
 SM_INLINE void p2_rem(int n, const float* x, int nvec, const float* tt, int64_t ldt, float* acc, bool first) {
   if constexpr (N >= 1) {
-    if (n == N) p2_tile<N, V>(x, nvec, tt, ldt, acc, first);
-    else p2_rem<N - 1, V>(n, x, nvec, tt, ldt, acc, first);
+    if (n == N) p2_tile<MR, N, V>(x, nvec, tt, ldt, acc, first);
+    else p2_rem<MR, N - 1, V>(n, x, nvec, tt, ldt, acc, first);
   }
 }
 
-template <int DT, int NR, typename V>
+// Rows [i0, min(i0 + MR, i_end)) of P. A row's sums run in the same order whichever tile holds
+// it, so the bits do not depend on where the tiles start.
+template <int DT, int MR, int NR, typename V>
 SM_INLINE void pass2_tile_impl(const typename Elem<DT>::T* wa, const typename Elem<DT>::T* wu,
-                               int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu, const float* Tt,
+                               int64_t i_end, int64_t d_in, int64_t lda, int64_t ldu, const float* Tt,
                                int64_t ldt, int r, int64_t i0, float* P, float* buf, float* acc) {
   constexpr int L = kLanes<V>, G = 2 * L;
-  const int rows = int(std::min<int64_t>(P2_MR, d_out - i0));
-  for (int m = rows; m < P2_MR; ++m) std::fill(buf + m * P2_KC, buf + (m + 1) * P2_KC, 0.0f);
+  const int rows = int(std::min<int64_t>(MR, i_end - i0));
+  for (int m = rows; m < MR; ++m) std::fill(buf + m * P2_KC, buf + (m + 1) * P2_KC, 0.0f);
   for (int64_t c0 = 0; c0 < d_in; c0 += P2_KC) {
     const int kc = int(std::min<int64_t>(P2_KC, d_in - c0));
     const int kcp = (kc + G - 1) & ~(G - 1);
-    const int64_t nc = c0 + P2_KC < d_in ? c0 + P2_KC : 0, ni = nc ? i0 : i0 + P2_MR;  // next block
-    const bool more = ni < d_out;
+    const int64_t nc = c0 + P2_KC < d_in ? c0 + P2_KC : 0, ni = nc ? i0 : i0 + MR;  // next block
+    const bool more = ni < i_end;
     form_v<DT, V, false>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, rows, kc, kcp, P2_KC, buf);
     BlockPrefetch<typename Elem<DT>::T> next(more ? wa + ni * lda + nc : nullptr, more ? wu + ni * ldu + nc : nullptr,
-                                             lda, ldu, more ? int(std::min<int64_t>(P2_MR, d_out - ni)) : 0,
+                                             lda, ldu, more ? int(std::min<int64_t>(MR, i_end - ni)) : 0,
                                              more ? int(std::min<int64_t>(P2_KC, d_in - nc)) : 0, (r + NR - 1) / NR);
     const bool first = c0 == 0;
     int k0 = 0;
     for (; k0 + NR <= r; k0 += NR) {
       next.step();
-      p2_tile<NR, V>(buf, kcp / L, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * L, first);
+      p2_tile<MR, NR, V>(buf, kcp / L, Tt + k0 * ldt + c0, ldt, acc + k0 * MR * L, first);
     }
     next.step();
-    if (k0 < r) p2_rem<NR - 1, V>(r - k0, buf, kcp / L, Tt + k0 * ldt + c0, ldt, acc + k0 * P2_MR * L, first);
+    if (k0 < r) p2_rem<MR, NR - 1, V>(r - k0, buf, kcp / L, Tt + k0 * ldt + c0, ldt, acc + k0 * MR * L, first);
   }
   for (int m = 0; m < rows; ++m)
-    for (int k = 0; k < r; ++k) P[(i0 + m) * r + k] = lane_sum(acc + (k * P2_MR + m) * L, L);
+    for (int k = 0; k < r; ++k) P[(i0 + m) * r + k] = lane_sum(acc + (k * MR + m) * L, L);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -562,14 +571,14 @@ SM_INLINE void pad_rows_impl(const void* src, int64_t n, int64_t r, bool transpo
   pass1_band_impl<DT, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
                              d_out, d_in, lda, ldu, B, r, c0, T, Tt, ldt, buf, tacc, i_begin, i_end, vsq)
 #define SM_PASS2_ARGS                                                                             \
-  const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
+  const void *wa, const void *wu, int64_t i_end, int64_t d_in, int64_t lda, int64_t ldu,         \
       const float *Tt, int64_t ldt, int r, int64_t i0, float *P, float *buf, float *acc
 #define SM_PASS1_CALL(DT, NR, V)                                                                  \
   pass1_rows_impl<DT, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
                              d_out, d_in, lda, ldu, B, r, tg, ldg, buf, lo, hi, cb, ce, vsq)
-#define SM_PASS2_CALL(DT, NR, V)                                                                  \
-  pass2_tile_impl<DT, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu),  \
-                      d_out, d_in, lda, ldu, Tt, ldt, r, i0, P, buf, acc)
+#define SM_PASS2_CALL(DT, MR, NR, V)                                                              \
+  pass2_tile_impl<DT, MR, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu),  \
+                      i_end, d_in, lda, ldu, Tt, ldt, r, i0, P, buf, acc)
 
 using Pass1Fn = double (*)(SM_PASS1_ARGS);
 using Pass1BandFn = double (*)(SM_PASS1B_ARGS);
@@ -584,7 +593,7 @@ template <int DT, typename V> void untangle(const float* Tt, int64_t ldt, int r,
 
 template <int DT> double pass1_base(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR, v8f); }
 template <int DT> double pass1b_base(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR, v8f); }
-template <int DT> void pass2_base(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR, v8f); }
+template <int DT> void pass2_base(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_MR, P2_NR, v8f); }
 void gram_base(const double* X, int64_t rows, int ld, double* S) { gram_chunk_impl(X, rows, ld, S); }
 template <int DT> void pad_base(const void* src, int64_t n, int64_t r, bool tr, int64_t j0, int64_t j1, int ld, double* dst) {
   pad_rows_impl<DT>(src, n, r, tr, j0, j1, ld, dst);
@@ -592,13 +601,13 @@ template <int DT> void pad_base(const void* src, int64_t n, int64_t r, bool tr, 
 #if SM_HAVE_V3
 template <int DT> SM_TARGET_V3 double pass1_v3(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR, v8f); }
 template <int DT> SM_TARGET_V3 double pass1b_v3(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR, v8f); }
-template <int DT> SM_TARGET_V3 void pass2_v3(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR, v8f); }
+template <int DT> SM_TARGET_V3 void pass2_v3(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_MR, P2_NR, v8f); }
 template <int DT> SM_TARGET_V4 double pass1_v4(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR_V4, v8f); }
 template <int DT> SM_TARGET_V4 double pass1b_v4(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR_V4, v8f); }
-template <int DT> SM_TARGET_V4 void pass2_v4(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR_V4, v8f); }
+template <int DT> SM_TARGET_V4 void pass2_v4(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_MR, P2_NR_V4, v8f); }
 template <int DT> SM_TARGET_V4 double pass1_v4z(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR_V4Z, v16f); }
 template <int DT> SM_TARGET_V4 double pass1b_v4z(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR_V4Z, v16f); }
-template <int DT> SM_TARGET_V4 void pass2_v4z(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_NR_V4Z, v16f); }
+template <int DT> SM_TARGET_V4 void pass2_v4z(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_MR_V4Z, P2_NR_V4Z, v16f); }
 // (the 4 x 8 Gram tile uses 8 accumulators; the v4 build runs these too)
 SM_TARGET_V3 void gram_v3(const double* X, int64_t rows, int ld, double* S) { gram_chunk_impl(X, rows, ld, S); }
 template <int DT> SM_TARGET_V3 void pad_v3(const void* src, int64_t n, int64_t r, bool tr, int64_t j0, int64_t j1, int ld,
@@ -612,6 +621,7 @@ struct Isa {
   Pass1Fn pass1[3];  // indexed by DType: pass 1 by row groups (low ranks) ...
   Pass1BandFn pass1_band[3];  // ... and by column bands (high ranks)
   Pass2Fn pass2[3];
+  int p2_rows;  // rows of a pass-2 tile
   GramFn gram;
   PadFn pad[3];
   UntangleFn untangle[3];
@@ -621,6 +631,7 @@ const Isa kBase = {"baseline",
                    {pass1_base<kF32>, pass1_base<kF16>, pass1_base<kBF16>},
                    {pass1b_base<kF32>, pass1b_base<kF16>, pass1b_base<kBF16>},
                    {pass2_base<kF32>, pass2_base<kF16>, pass2_base<kBF16>},
+                   P2_MR,
                    gram_base,
                    {pad_base<kF32>, pad_base<kF16>, pad_base<kBF16>},
                    {untangle<kF32, v8f>, untangle<kF16, v8f>, untangle<kBF16, v8f>}};
@@ -629,6 +640,7 @@ const Isa kV3 = {"x86-64-v3",
                  {pass1_v3<kF32>, pass1_v3<kF16>, pass1_v3<kBF16>},
                  {pass1b_v3<kF32>, pass1b_v3<kF16>, pass1b_v3<kBF16>},
                  {pass2_v3<kF32>, pass2_v3<kF16>, pass2_v3<kBF16>},
+                 P2_MR,
                  gram_v3,
                  {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
                  {untangle<kF32, v8f>, untangle<kF16, v8f>, untangle<kBF16, v8f>}};
@@ -636,6 +648,7 @@ const Isa kV4 = {"x86-64-v4",
                  {pass1_v4<kF32>, pass1_v4<kF16>, pass1_v4<kBF16>},
                  {pass1b_v4<kF32>, pass1b_v4<kF16>, pass1b_v4<kBF16>},
                  {pass2_v4<kF32>, pass2_v4<kF16>, pass2_v4<kBF16>},
+                 P2_MR,
                  gram_v3,
                  {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
                  {untangle<kF32, v8f>, untangle<kF16, v8f>, untangle<kBF16, v8f>}};
@@ -643,6 +656,7 @@ const Isa kV4z = {"x86-64-v4-512",
                   {pass1_v4z<kF32>, pass1_v4z<kF16>, pass1_v4z<kBF16>},
                   {pass1b_v4z<kF32>, pass1b_v4z<kF16>, pass1b_v4z<kBF16>},
                   {pass2_v4z<kF32>, pass2_v4z<kF16>, pass2_v4z<kBF16>},
+                  P2_MR_V4Z,
                   gram_v3,
                   {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
                   {untangle<kF32, v16f>, untangle<kF16, v16f>, untangle<kBF16, v16f>}};
@@ -824,13 +838,15 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
       isa->untangle[dtype](Tt.data(), ldt, R, c0, std::min(d_in, c1), T);
     }
     // T is complete here; pass 2 starts from the last rows, the ones pass 1 left mapped
-    FloatBuf buf2(size_t(P2_MR) * P2_KC);
-    FloatBuf acc(size_t(R) * P2_MR * kMaxLanes);
+    FloatBuf buf2(size_t(kP2MaxMR) * P2_KC);
+    FloatBuf acc(size_t(R) * kP2MaxMR * kMaxLanes);
+    const int mr = isa->p2_rows;
     for (int64_t s = blocks - 1; s >= 0; --s) {
-      const int64_t t0 = s * block / P2_MR, t1 = (std::min(d_out, (s + 1) * block) + P2_MR - 1) / P2_MR;
+      // this block's rows in tiles of mr (the last one shorter), so no tile straddles two blocks
+      const int64_t b0 = s * block, b1 = std::min(d_out, b0 + block);
 #pragma omp for schedule(dynamic, 16)
-      for (int64_t t = t0; t < t1; ++t)
-        p2(A, U, d_out, d_in, lda, ldu, Tt.data(), ldt, R, t * P2_MR, P, buf2.data(), acc.data());
+      for (int64_t t = 0; t < (b1 - b0 + mr - 1) / mr; ++t)
+        p2(A, U, b1, d_in, lda, ldu, Tt.data(), ldt, R, b0 + t * mr, P, buf2.data(), acc.data());
       if (rel && s > 0) {
 #pragma omp single nowait
         rel->after_pass2(s * block);
