@@ -439,7 +439,7 @@ constexpr int P2_NR_V4 = 4;  // with 32 registers (AVX-512VL): 4 x 4 + 5 = 21
 // at r = 64, measured slower with 8 rows); 7 x 4 would not fit the 32 registers.
 constexpr int P2_MR_V4Z = 6;
 constexpr int P2_NR_V4Z = 4;
-constexpr int kP2MaxMR = 6;
+constexpr int kP2MaxMR = std::max(P2_MR, P2_MR_V4Z);  // (buffers sized for the tallest tile)
 constexpr int P2_KC = 512;   // columns of V formed at once: 4 x 512 fp32 = 8 KiB
 constexpr int kMaxLanes = 16;
 
