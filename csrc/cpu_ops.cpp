@@ -748,6 +748,10 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   const float* B = reinterpret_cast<const float*>(b);
   float* T = reinterpret_cast<float*>(t_out);
   float* P = reinterpret_cast<float*>(p_out);
+  if (d_out == 0) {  // no rows: T = 0 and ||V||^2 = 0 (the band walk below would not write T)
+    std::fill(T, T + d_in * r, 0.0f);
+    return 0.0;
+  }
   const int R = int(r);
   const int64_t ldt = (d_in + 31) & ~int64_t(31);
   FloatBuf Tt(size_t(R) * size_t(ldt), 0.0f);  // T transposed, zero-padded to whole 32-column groups

@@ -411,6 +411,21 @@ def test_cpp_reads_fp64_weights_in_fp32(monkeypatch):
 
 
 @needs_cpp
+@pytest.mark.parametrize("r", [3, 40], ids=["by rows", "by bands"])
+def test_cpp_no_rows_gives_zero_t(r):
+    """A direct call with d_out = 0 writes T = 0 on either pass-1 walk (not what T held before)."""
+    from safemerge_ext import _cpu
+
+    w = torch.randn(1, 70)
+    B = torch.randn(1, r)
+    T, P = torch.full((70, r), float("nan")), torch.empty(1, r)  # (P: no rows to write, but a pointer)
+    vsq = _cpu.lowrank_passes(w.data_ptr(), w.data_ptr(), 0, 70, 70, 70, 0, B.data_ptr(), r, T.data_ptr(),
+                              P.data_ptr(), 2)
+    assert vsq == 0.0
+    assert torch.equal(T, torch.zeros(70, r))
+
+
+@needs_cpp
 def test_cpp_release_rows_must_be_whole_chunks():
     from safemerge_ext import _cpu
 
