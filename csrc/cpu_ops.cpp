@@ -440,7 +440,7 @@ constexpr int P2_NR_V4 = 4;  // with 32 registers (AVX-512VL): 4 x 4 + 5 = 21
 constexpr int P2_MR_V4Z = 6;
 constexpr int P2_NR_V4Z = 4;
 constexpr int kP2MaxMR = std::max(P2_MR, P2_MR_V4Z);  // (buffers sized for the tallest tile)
-constexpr int P2_KC = 512;   // columns of V formed at once: 4 x 512 fp32 = 8 KiB
+constexpr int P2_KC = 512;   // columns of V formed at once: 4 or 6 x 512 fp32 = 8 or 12 KiB
 constexpr int kMaxLanes = 16;
 
 // acc[k][m][0:L] += lanes of sum_j X[m, j] * Tt[k, j] for m < MR, k < NR (L partial sums each).
@@ -748,8 +748,9 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   const float* B = reinterpret_cast<const float*>(b);
   float* T = reinterpret_cast<float*>(t_out);
   float* P = reinterpret_cast<float*>(p_out);
-  if (d_out == 0) {  // no rows: T = 0 and ||V||^2 = 0 (the band walk below would not write T)
-    std::fill(T, T + d_in * r, 0.0f);
+  if (d_out == 0 || d_in == 0) {  // V is empty: T = 0, P = 0, ||V||^2 = 0, said here (the band walk
+    std::fill(T, T + d_in * r, 0.0f);  // below writes no T without rows)
+    std::fill(P, P + d_out * r, 0.0f);
     return 0.0;
   }
   const int R = int(r);
@@ -764,7 +765,7 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   const bool by_rows = R <= kP1RowsMaxRank && part_bytes <= kP1RowsMaxPartial;
   const int64_t chunks = (d_out + P1_KC - 1) / P1_KC;  // (partials: at most 16 x 512 KiB)
   const int64_t group_rows = P1_KC * std::max(kP1MinGroupChunks, (chunks + kP1Groups - 1) / kP1Groups);
-  const int64_t groups = by_rows && d_out > 0 ? (d_out + group_rows - 1) / group_rows : 0;
+  const int64_t groups = by_rows ? (d_out + group_rows - 1) / group_rows : 0;
   FloatBuf Tg(size_t(groups) * size_t(R) * size_t(ldg), 0.0f);
   // column slices: more work items than groups alone when a drop-behind block holds one or two
   // groups (a block is about 8 MiB of rows, a group at least 256 rows)
@@ -773,7 +774,7 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   // ||V||^2 per work item, (group, slice) or band, summed in that order at the end
   std::vector<double> vsq_part(size_t(by_rows ? groups * slices : bands), 0.0);
   const int64_t block = release_rows > 0 && release_rows < d_out ? release_rows : d_out;
-  const int64_t blocks = d_out > 0 ? (d_out + block - 1) / block : 0;
+  const int64_t blocks = (d_out + block - 1) / block;
   std::optional<Release> rel;
   if (blocks > 1) {
     const int64_t es = dtype == 0 ? 4 : 2;

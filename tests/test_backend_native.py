@@ -412,17 +412,20 @@ def test_cpp_reads_fp64_weights_in_fp32(monkeypatch):
 
 @needs_cpp
 @pytest.mark.parametrize("r", [3, 40], ids=["by rows", "by bands"])
-def test_cpp_no_rows_gives_zero_t(r):
-    """A direct call with d_out = 0 writes T = 0 on either pass-1 walk (not what T held before)."""
+@pytest.mark.parametrize("d_out, d_in", [(0, 70), (50, 0)], ids=["no rows", "no columns"])
+def test_cpp_empty_v_gives_zeros(d_out, d_in, r):
+    """A direct call with an empty V writes T = 0 and P = 0 on either pass-1 walk (not what they
+    held before)."""
     from safemerge_ext import _cpu
 
-    w = torch.randn(1, 70)
-    B = torch.randn(1, r)
-    T, P = torch.full((70, r), float("nan")), torch.empty(1, r)  # (P: no rows to write, but a pointer)
-    vsq = _cpu.lowrank_passes(w.data_ptr(), w.data_ptr(), 0, 70, 70, 70, 0, B.data_ptr(), r, T.data_ptr(),
-                              P.data_ptr(), 2)
+    w = torch.randn(max(d_out, 1), max(d_in, 1))
+    B = torch.randn(max(d_out, 1), r)
+    # (an empty T or P still gets a pointer: the call rejects null ones)
+    T, P = torch.full((max(d_in, 1), r), float("nan")), torch.full((max(d_out, 1), r), float("nan"))
+    vsq = _cpu.lowrank_passes(w.data_ptr(), w.data_ptr(), d_out, d_in, max(d_in, 1), max(d_in, 1), 0,
+                              B.data_ptr(), r, T.data_ptr(), P.data_ptr(), 2)
     assert vsq == 0.0
-    assert torch.equal(T, torch.zeros(70, r))
+    assert torch.equal(T[:d_in], torch.zeros(d_in, r)) and torch.equal(P[:d_out], torch.zeros(d_out, r))
 
 
 @needs_cpp
