@@ -736,7 +736,9 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   if (dtype < 0 || dtype > 2) throw std::invalid_argument("dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
   if (d_out < 0 || d_in < 0 || r < 1 || lda < d_in || ldu < d_in)
     throw std::invalid_argument("bad shapes: need d_out, d_in >= 0, r >= 1 and row strides >= d_in");
-  if (!wa || !wu || !b || !t_out || !p_out) throw std::invalid_argument("null data pointer");
+  // (an empty tensor's data pointer may be null: only those of non-empty operands must be set)
+  if ((d_out > 0 && d_in > 0 && (!wa || !wu)) || (d_out > 0 && (!b || !p_out)) || (d_in > 0 && !t_out))
+    throw std::invalid_argument("null data pointer");
   if (release_rows < 0 || release_rows % P1_KC)
     throw std::invalid_argument("release_rows must be 0 or a positive multiple of " + std::to_string(P1_KC));
   const int nt = resolve_threads(threads);

@@ -414,18 +414,17 @@ def test_cpp_reads_fp64_weights_in_fp32(monkeypatch):
 @pytest.mark.parametrize("r", [3, 40], ids=["by rows", "by bands"])
 @pytest.mark.parametrize("d_out, d_in", [(0, 70), (50, 0)], ids=["no rows", "no columns"])
 def test_cpp_empty_v_gives_zeros(d_out, d_in, r):
-    """A direct call with an empty V writes T = 0 and P = 0 on either pass-1 walk (not what they
-    held before)."""
+    """A direct call with an empty V (null data pointers for the empty operands) writes T = 0 and
+    P = 0 on either pass-1 walk (not what they held before)."""
     from safemerge_ext import _cpu
 
-    w = torch.randn(max(d_out, 1), max(d_in, 1))
-    B = torch.randn(max(d_out, 1), r)
-    # (an empty T or P still gets a pointer: the call rejects null ones)
-    T, P = torch.full((max(d_in, 1), r), float("nan")), torch.full((max(d_out, 1), r), float("nan"))
-    vsq = _cpu.lowrank_passes(w.data_ptr(), w.data_ptr(), d_out, d_in, max(d_in, 1), max(d_in, 1), 0,
-                              B.data_ptr(), r, T.data_ptr(), P.data_ptr(), 2)
+    w = torch.randn(d_out, d_in)
+    B = torch.randn(d_out, r)
+    T, P = torch.full((d_in, r), float("nan")), torch.full((d_out, r), float("nan"))
+    vsq = _cpu.lowrank_passes(w.data_ptr(), w.data_ptr(), d_out, d_in, d_in, d_in, 0, B.data_ptr(), r,
+                              T.data_ptr(), P.data_ptr(), 2)
     assert vsq == 0.0
-    assert torch.equal(T[:d_in], torch.zeros(d_in, r)) and torch.equal(P[:d_out], torch.zeros(d_out, r))
+    assert torch.equal(T, torch.zeros(d_in, r)) and torch.equal(P, torch.zeros(d_out, r))
 
 
 @needs_cpp
