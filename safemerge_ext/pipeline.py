@@ -212,6 +212,12 @@ many bytes (always at least one layer). On the CPU that is reads into the page c
 process does not hold; with ``--device cuda`` it is pinned buffers and device copies, so
 peak memory there is about two layers' weights for large models and three for small ones."""
 
+MAP_BATCH_BYTES = 8 << 20
+"""When every weight pair is in the page cache, the scorer maps the pairs and reads the task
+adapter's factors a batch of layers at a time: as many layers as have this many bytes of factors
+(the memory a batch holds: a mapping holds none until the kernel reads it, and each pair is
+unmapped once scored). The 1B benchmark's q/v layers at r = 8 in fp32 (3.3 MiB) are one batch."""
+
 
 def prefetch(
     items: Iterable[Any], load: Callable[[Any], Any], *, size: Callable[[Any], int] = lambda _: 0,
@@ -281,6 +287,37 @@ def prefetch(
         t.join()
 
 
+def in_batches(
+    items: Iterable[Any], load: Callable[[Any], Any], *, size: Callable[[Any], int] = lambda _: 0, budget: int = 0,
+) -> Iterator[tuple[Any, Any]]:
+    """Yield (item, load(item)), loading in the caller's thread a batch at a time: as many items as
+    fit in ``budget`` units of ``size(item)`` (always at least one; no bound without a budget), all
+    loaded before the first of them is yielded. Each item is let go as it is yielded, so the
+    consumer's reference is then the only one.
+
+    For loads that cost little but run slowly right after heavy work: the scorer maps the weight
+    pairs it will score (no bytes read) a batch at a time, because Python run between two kernel
+    calls finds its caches evicted by the weights streamed through them (measured: mapping a
+    tensor took 20 us after mapping another, 100 us after 16 MiB had been streamed, 270 us after
+    64 MiB)."""
+    end = object()
+    it = iter(items)
+    nxt = next(it, end)
+    while nxt is not end:
+        batch: list[tuple[Any, Any]] = []
+        used = 0
+        while nxt is not end:
+            n = size(nxt)
+            if batch and budget > 0 and used + n > budget:
+                break
+            batch.append((nxt, load(nxt)))
+            used += n
+            nxt = next(it, end)
+        batch.reverse()  # popped from the end, in order
+        while batch:
+            yield batch.pop()
+
+
 class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
@@ -326,8 +363,9 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
     C++ kernel drops the pages of rows it is done with (``file_backed``), so a large pair (a 70B
     MLP's is 900 MB) is never resident whole either. When every pair is
     in the page cache already (a second run), there is nothing to overlap, and the thread would
-    only compete with the kernels for the GIL and the cores: the pairs are mapped in turn instead
-    (measured, warm 1B q/v: about 5 ms of 90). On CUDA the thread reads the next layers into
+    only compete with the kernels for the GIL and the cores: the pairs are mapped in the caller's
+    thread instead (measured, warm 1B q/v: about 5 ms of 90), a batch of them at a time, with their
+    adapter factors (see ``in_batches``). On CUDA the thread reads the next layers into
     pinned memory and copies them on a side stream, and the scorer waits on an event. Scores
     come back in model order.
     """
@@ -342,32 +380,35 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
         return 2 * math.prod(shape) * dtype.itemsize
 
     def load(i: int):
-        weight = run.layers[i].weight
+        layer = run.layers[i]
         t0 = time.perf_counter()
+        factors = layer.task.A, layer.task.B
         if not cuda:
             if not cached:  # (when every pair was cached, will_need would only ask again)
-                run.aligned.will_need(weight)
-                run.unaligned.will_need(weight)
-            wa, wu = run.aligned.map(weight), run.unaligned.map(weight)
+                run.aligned.will_need(layer.weight)
+                run.unaligned.will_need(layer.weight)
+            wa, wu = run.aligned.map(layer.weight), run.unaligned.map(layer.weight)
             run.tick("read_s", t0)
-            return wa, wu, None
-        wa = run.aligned.get(weight, pin_memory=True)
-        wu = run.unaligned.get(weight, pin_memory=True)
+            return wa, wu, None, factors
+        wa = run.aligned.get(layer.weight, pin_memory=True)
+        wu = run.unaligned.get(layer.weight, pin_memory=True)
         with torch.cuda.stream(side):
             wa = wa.to(run.device, non_blocking=True)
             wu = wu.to(run.device, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(side)
         run.tick("read_s", t0)
-        return wa, wu, ready
+        return wa, wu, ready, factors
 
     scores: dict[int, ops.Score] = {}
     bar = _progress_bar(len(run.layers), "scoring", progress)
     t_loop = time.perf_counter()
     try:
-        for i, (wa, wu, ready) in prefetch(
-            read_order(run), load, size=pair_bytes, budget=READ_AHEAD_BYTES, depth=0 if cached else READ_AHEAD_LAYERS
-        ):
+        if cached:  # (mapping reads nothing and holds no memory until the kernel touches the pages)
+            pairs = in_batches(read_order(run), load, size=lambda i: run.layers[i].task.nbytes, budget=MAP_BATCH_BYTES)
+        else:
+            pairs = prefetch(read_order(run), load, size=pair_bytes, budget=READ_AHEAD_BYTES, depth=READ_AHEAD_LAYERS)
+        for i, (wa, wu, ready, (A, B)) in pairs:
             layer = run.layers[i]
             if ready is not None:
                 torch.cuda.current_stream(run.device).wait_event(ready)
@@ -375,13 +416,13 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
                 wu.record_stream(torch.cuda.current_stream(run.device))
             try:
                 scores[i] = ops.subspace_score(
-                    wa, wu, lora_A=layer.task.A, lora_B=layer.task.B, backend=run.backend,
+                    wa, wu, lora_A=A, lora_B=B, backend=run.backend,
                     precision=run.precision, with_projection=with_projection,
                     file_backed=ready is None and run.aligned.is_mapped(wa) and run.unaligned.is_mapped(wu),
                 )
             except FloatingPointError:
                 raise _non_finite(run, layer, wa, wu) from None
-            del wa, wu, ready  # unmaps the pair (CPU) before the next read is admitted (see prefetch)
+            del wa, wu, ready, A, B  # unmaps the pair (CPU) before the next read is admitted (see prefetch)
             bar.update(1)
     finally:
         bar.close()

@@ -541,6 +541,41 @@ def test_prefetch_depth_zero_loads_in_turn_in_the_callers_thread():
     assert got == [0, 10, 20, 30, 40]
 
 
+def test_in_batches_loads_a_batch_ahead_in_the_callers_thread_and_lets_go():
+    import gc
+    import threading
+    import weakref
+
+    from safemerge_ext.pipeline import in_batches
+
+    class Item:
+        pass
+
+    sizes = [3, 1, 2, 5, 1, 1, 7]
+    loaded, alive = [], []
+
+    def load(i):
+        assert threading.current_thread() is threading.main_thread()
+        loaded.append(i)
+        item = Item()
+        alive.append(weakref.ref(item))
+        return item
+
+    batches = []
+    for i, item in in_batches(range(len(sizes)), load, size=lambda i: sizes[i], budget=6):
+        batches.append(list(loaded))
+        del item
+        gc.collect()
+        # the generator keeps none it has handed out; only the rest of its batch
+        assert sum(r() is not None for r in alive) == len(loaded) - (i + 1), (i, loaded)
+    # batches of at most 6 units (3+1+2, then 5+1, then 1, then 7 alone: at least one item)
+    assert batches == [[0, 1, 2]] * 3 + [[0, 1, 2, 3, 4]] * 2 + [[0, 1, 2, 3, 4, 5]] + [list(range(7))]
+    # without a budget, everything at once; with no items, nothing
+    loaded.clear()
+    assert [i for i, _ in in_batches(range(4), load)] == [0, 1, 2, 3] and loaded == [0, 1, 2, 3]
+    assert list(in_batches([], load)) == []
+
+
 @pytest.mark.parametrize("cached", [True, False], ids=["all-cached", "one-not-cached"])
 def test_scoring_reads_ahead_only_what_is_not_cached(fx, monkeypatch, cached):
     """With every weight pair in the page cache the scorer maps them in turn (no read-ahead
@@ -552,11 +587,13 @@ def test_scoring_reads_ahead_only_what_is_not_cached(fx, monkeypatch, cached):
     run = pipeline.open_run(fx.aligned, fx.unaligned, read_adapter(fx.task, "--task-adapter"))
     last = run.layers[-1].weight
     monkeypatch.setattr(ModelReader, "resident", lambda self, name: cached or name != last)
-    depths = []
-    real = pipeline.prefetch
-    monkeypatch.setattr(pipeline, "prefetch", lambda *a, **k: depths.append(k["depth"]) or real(*a, **k))
+    used = []
+    real_prefetch, real_batches = pipeline.prefetch, pipeline.in_batches
+    monkeypatch.setattr(pipeline, "prefetch", lambda *a, **k: used.append(("prefetch", k["depth"])) or real_prefetch(*a, **k))
+    monkeypatch.setattr(pipeline, "in_batches", lambda *a, **k: used.append(("in_batches", k["budget"]))
+                        or real_batches(*a, **k))
     scores = pipeline.score_layers(run, progress=False)
-    assert depths == [0 if cached else pipeline.READ_AHEAD_LAYERS]
+    assert used == [("in_batches", pipeline.MAP_BATCH_BYTES) if cached else ("prefetch", pipeline.READ_AHEAD_LAYERS)]
     ref = refs(fx)
     for layer, s in zip(run.layers, scores):
         assert abs(s.cosine - ref[layer.module]) <= 1e-5, layer.module
