@@ -228,15 +228,11 @@ def prefetch(
     The thread holds at most ``depth`` loaded items the consumer has not taken yet, counting the
     one it is loading, and, when ``budget`` is set, at most ``budget`` of them in units of
     ``size(item)``; always at least one. The consumer must drop its reference to an item before
-    asking for the next for the bound to cover it. ``depth=0`` loads each item when it is asked
-    for, in the caller's thread.
+    asking for the next for the bound to cover it. (To load in the caller's thread instead, see
+    :func:`in_batches`.)
     """
-    if depth <= 0:
-        for it in items:
-            value = load(it)
-            yield it, value
-            value = None
-        return
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1; got {depth}")
     q: queue.Queue = queue.Queue()
     cond = threading.Condition()
     ahead = count = 0

@@ -524,21 +524,8 @@ def test_prefetch_holds_at_most_its_budget():
     time.sleep(0.05)
     gen.close()
     assert len(started) <= 4, started
-
-
-def test_prefetch_depth_zero_loads_in_turn_in_the_callers_thread():
-    import threading
-
-    from safemerge_ext.pipeline import prefetch
-
-    loaded = []
-    gen = prefetch(range(5), lambda i: loaded.append((i, threading.current_thread())) or i * 10, depth=0)
-    assert loaded == []
-    got = []
-    for i, v in gen:
-        assert loaded[-1] == (i, threading.main_thread())  # loaded when asked for, not ahead
-        got.append(v)
-    assert got == [0, 10, 20, 30, 40]
+    with pytest.raises(ValueError, match="depth must be at least 1"):
+        next(prefetch(range(3), load, depth=0))
 
 
 def test_in_batches_loads_a_batch_ahead_in_the_callers_thread_and_lets_go():
