@@ -289,7 +289,8 @@ def in_batches(
     """Yield (item, load(item)), loading in the caller's thread a batch at a time: as many items as
     fit in ``budget`` units of ``size(item)`` (always at least one; no bound without a budget), all
     loaded before the first of them is yielded. Each item is let go as it is yielded, so the
-    consumer's reference is then the only one.
+    consumer's reference is then the only one. When a load fails, the items loaded before it are
+    yielded first, then its error is raised.
 
     For loads that cost little but run slowly right after heavy work: the scorer maps the weight
     pairs it will score (no bytes read) a batch at a time, because Python run between two kernel
@@ -301,17 +302,29 @@ def in_batches(
     nxt = next(it, end)
     while nxt is not end:
         batch: list[tuple[Any, Any]] = []
-        used = 0
+        used, failed = 0, None
         while nxt is not end:
             n = size(nxt)
             if batch and budget > 0 and used + n > budget:
                 break
-            batch.append((nxt, load(nxt)))
+            try:
+                batch.append((nxt, load(nxt)))
+            except Exception as exc:
+                failed = exc
+                break
+            except BaseException:  # (an interrupt: at once, holding nothing)
+                batch.clear()
+                raise
             used += n
             nxt = next(it, end)
         batch.reverse()  # popped from the end, in order
         while batch:
             yield batch.pop()
+        if failed is not None:
+            try:
+                raise failed
+            finally:
+                failed = None
 
 
 class _NoBar:
@@ -399,6 +412,7 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
     scores: dict[int, ops.Score] = {}
     bar = _progress_bar(len(run.layers), "scoring", progress)
     t_loop = time.perf_counter()
+    pairs = None
     try:
         if cached:  # (mapping reads nothing and holds no memory until the kernel touches the pages)
             pairs = in_batches(read_order(run), load, size=lambda i: run.layers[i].task.nbytes, budget=MAP_BATCH_BYTES)
@@ -421,6 +435,10 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
             del wa, wu, ready, A, B  # unmaps the pair (CPU) before the next read is admitted (see prefetch)
             bar.update(1)
     finally:
+        # (at once, not when an exception's traceback lets go of this frame: the read-ahead
+        # thread stops, and what the loaders hold ahead, mapped pairs or pinned buffers, goes)
+        if pairs is not None:
+            pairs.close()
         bar.close()
     run.tick("score_loop_s", t_loop)
     return [scores[i] for i in range(len(run.layers))]

@@ -562,6 +562,54 @@ def test_in_batches_loads_a_batch_ahead_in_the_callers_thread_and_lets_go():
     assert [i for i, _ in in_batches(range(4), load)] == [0, 1, 2, 3] and loaded == [0, 1, 2, 3]
     assert list(in_batches([], load)) == []
 
+    # a load that fails: the items loaded before it come first, then its error
+    def failing(i):
+        if i == 2:
+            raise OSError("item 2 cannot be read")
+        return load(i)
+
+    got = []
+    with pytest.raises(OSError, match="item 2"):
+        for i, _ in in_batches(range(5), failing):
+            got.append(i)
+    assert got == [0, 1]
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["all-cached", "one-not-cached"])
+def test_a_failed_scoring_lets_go_of_what_was_read_ahead(fx, monkeypatch, cached):
+    """When a layer fails, the pairs mapped or read ahead of it are let go at once and the read-ahead
+    thread stops, even while the caller still holds the exception (and so the scorer's frame)."""
+    import gc
+    import threading
+
+    from safemerge_ext import ops, pipeline
+    from safemerge_ext.errors import SafeMergeError
+    from safemerge_ext.io.adapters import read_adapter
+    from safemerge_ext.io.models import ModelReader
+
+    run = pipeline.open_run(fx.aligned, fx.unaligned, read_adapter(fx.task, "--task-adapter"))
+    assert len(run.layers) >= 6
+    monkeypatch.setattr(ModelReader, "resident", lambda self, name: cached)
+    real, calls = ops.subspace_score, []
+
+    def third_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise FloatingPointError("the fp32 sums lost their precision")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ops, "subspace_score", third_fails)
+    threads = threading.active_count()
+    with pytest.raises(SafeMergeError, match="lost its precision") as err:
+        pipeline.score_layers(run, progress=False)
+    gc.collect()
+    # only the failing layer's own pair, which the traceback's frame holds
+    assert len(run.aligned._maps) <= 1 and len(run.unaligned._maps) <= 1, (run.aligned._maps, run.unaligned._maps)
+    assert threading.active_count() == threads
+    del err
+    gc.collect()
+    assert not run.aligned._maps and not run.unaligned._maps
+
 
 @pytest.mark.parametrize("cached", [True, False], ids=["all-cached", "one-not-cached"])
 def test_scoring_reads_ahead_only_what_is_not_cached(fx, monkeypatch, cached):
