@@ -15,12 +15,14 @@
 // the schedule can be dynamic (a thread that the OS parks on a busy machine does not stall the other).
 //
 // No torch headers: the module takes raw data pointers, shapes, row strides and a dtype code, so
-// it keeps working across torch upgrades. The hot functions are compiled four times and picked at
-// import from the CPU's features: x86-64-v4-512 (AVX-512 with 16-float vectors: Intel, whose
-// cores have two 512-bit FMA ports), x86-64-v4 (AVX-512VL with 8-float vectors, but 32 registers
-// for wider rank tiles: AMD's Zen 4, which splits a 512-bit FMA in two), x86-64-v3 (AVX2 + FMA +
-// F16C) and the baseline ISA. The vector width sets the order of the fp32 sums, so the bits
-// differ between ISA builds (not between runs, thread counts or schedules of one build).
+// it keeps working across torch upgrades. The hot functions are compiled five times and picked at
+// import from the CPU's features: x86-64-v4-amx (Intel's AMX tiles, from Sapphire Rapids on, for
+// ranks of 16 and more, the 16-float build below that; see the AMX section), x86-64-v4-512
+// (AVX-512 with 16-float vectors: Intel, whose cores have two 512-bit FMA ports), x86-64-v4
+// (AVX-512VL with 8-float vectors, but 32 registers for wider rank tiles: AMD's Zen 4, which splits
+// a 512-bit FMA in two), x86-64-v3 (AVX2 + FMA + F16C) and the baseline ISA. The vector width (or
+// the tiles) sets the order of the fp32 sums, so the bits differ between ISA builds (not between
+// runs, thread counts or schedules of one build).
 
 #include <pybind11/pybind11.h>
 
@@ -58,6 +60,17 @@ namespace {
 #else
 #define SM_HAVE_V3 0
 #define SM_TARGET_V3
+#endif
+
+// The tile unit's kernels: x86-64 Linux (where a process asks the OS for the tile state) with a
+// compiler that knows the instructions.
+#if SM_HAVE_V3 && defined(__linux__) && defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
+#define SM_HAVE_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#else
+#define SM_HAVE_AMX 0
 #endif
 
 using v8f = float __attribute__((vector_size(32)));
@@ -556,23 +569,441 @@ SM_INLINE void pad_rows_impl(const void* src, int64_t n, int64_t r, bool transpo
   }
 }
 
+// The AMX kernels' operands beyond the other builds' (their last argument, unused by the others).
+struct AmxOperands {
+  const uint16_t* bpk;  // pass 1's B tiles (amx_pack_b)
+  const uint16_t* tpk;  // pass 2's T tiles (amx_pack_t)
+  int qt, nbp, ntp;     // rank tiles, parts of B, parts of T
+};
+
+// ---------------------------------------------------------------------------------------------
+// AMX (Intel Xeon from Sapphire Rapids on): both passes on the tile unit's bf16 dot products with
+// fp32 accumulation. On the Intel VM of benchmarks/RESULTS.md one TDPBF16PS (16 x 16 x 32) took
+// about 16 ns, about 10x the multiply-adds of the core's 512-bit FMAs in that time, and a tile load
+// about 10 ns. Exact fp32 products take several bf16 ones: a value x is split into parts
+// x = h + m + l, and x y is summed from the part products h h', h m', m h', h l', m m', l h', leaving
+// out only terms under fp32's own rounding. V is split by truncation (h = x cut to bf16, m = the
+// rest cut, l = the rest of that; each rest exact in fp32): a bf16 difference in two parts, exact
+// while the two weights' exponents are within 7 of each other (else within 2^-15 of V), fp16 and
+// fp32 differences in three, exact. B and T are split by rounding, once per call: B in as many parts
+// as its values need (one for a bf16 adapter's factors), T in three. Every tile is 16 rows of 64 bytes:
+//   pass 1:  C[16 ranks x 16 columns] += Bt[16 ranks x 32 rows] * V[32 rows x 16 columns] (V in
+//            pairs of rows, the tile unit's B layout), C in the same partial sums as the other builds;
+//   pass 2:  C[16 rows x 16 ranks] += V[16 rows x 32 columns] * T[32 columns x 16 ranks].
+// Ranks, rows and columns are zero-padded to the tiles; the tile unit treats subnormal bf16 parts
+// as zero (parts of values under about 1e-36). Its sums run in a fixed order, so the bits depend
+// on neither the thread count nor the schedule.
+#if SM_HAVE_AMX
+// (GCC 12 warns of the intrinsics' own undefined-vector arguments in functions with a target attribute)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define SM_TARGET_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma,amx-tile,amx-bf16")))
+
+constexpr int kAmxLdw = P1_BAND + 16;  // pass 1: 32-bit words (row pairs) per row of a V part
+constexpr int kAmxLd2 = P2_KC + 32;    // pass 2: bf16 per row of a V part (both off a power of two)
+constexpr int kTile = 512;             // bf16 per operand tile (16 rows x 64 bytes)
+
+// The tile loads' inline assembly (GCC's headers) names no memory it reads, and ldtilecfg names 8
+// of the configuration's 64 bytes: stores before them must not be moved past them.
+SM_INLINE void compiler_fence() { __asm__ volatile("" ::: "memory"); }
+
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} __attribute__((packed));
+
+// Every tile 16 x 64 bytes. Loaded by each call on its own thread (the configuration is per
+// thread) and released at its end, so an idle thread carries no tile state.
+SM_TARGET_AMX SM_INLINE void amx_begin() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  compiler_fence();
+  _tile_loadconfig(&cfg);
+}
+
+// B's and T's split, by rounding to nearest even: the next bf16 part of x, x left as the rest
+SM_INLINE uint16_t bf16_part(float& x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  b = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
+  float h;
+  std::memcpy(&h, &b, 4);
+  x -= h;
+  return uint16_t(b >> 16);
+}
+
+// 16 consecutive elements (those of mask m, the rest 0) as fp32
+template <int DT>
+SM_TARGET_AMX SM_INLINE __m512 amx_load16(const typename Elem<DT>::T* p, __mmask16 m) {
+  if constexpr (DT == kF32) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (DT == kBF16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+}
+SM_INLINE __mmask16 mask16(int n) { return n >= 16 ? __mmask16(0xffff) : n <= 0 ? 0 : __mmask16((1u << n) - 1u); }
+SM_INLINE __mmask32 mask32(int n) { return n >= 32 ? ~__mmask32(0) : n <= 0 ? 0 : __mmask32((1u << n) - 1u); }
+
+// Columns [0, n) of a 32-column group (the rest 0) as two fp32 vectors in the buffers' slot
+// order (Elem<DT>::pos<16>): bf16 as [even columns, odd columns], fp16 and fp32 as they lie.
+template <int DT>
+SM_TARGET_AMX SM_INLINE void amx_group(const typename Elem<DT>::T* p, int n, __m512& s0, __m512& s1) {
+  if constexpr (DT == kBF16) {
+    const __m512i w = n >= 32 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(mask32(n), p);
+    s0 = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    s1 = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u))));
+  } else {
+    s0 = amx_load16<DT>(p, mask16(n));
+    s1 = amx_load16<DT>(p + 16, mask16(n - 16));
+  }
+}
+
+// The NV bf16 parts of lanes lo and hi, truncated (x = h + m + l with h = x cut to bf16, m the
+// rest cut, l the rest of that, each difference exact; bf16 differences need two parts, fp32
+// values three), paired: word l of part k holds part k of lo[l] in its low half and of hi[l] in its high.
+template <int NV>
+SM_TARGET_AMX SM_INLINE void amx_pair_parts(__m512 lo, __m512 hi, __m512i (&w)[NV]) {
+  const __m512i top = _mm512_set1_epi32(int(0xffff0000u));
+  for (int k = 0; k < NV; ++k) {
+    const __m512i bl = _mm512_castps_si512(lo), bh = _mm512_castps_si512(hi);
+    w[k] = _mm512_ternarylogic_epi32(bh, _mm512_srli_epi32(bl, 16), top, 0xEC);  // (bh & top) | bl >> 16
+    if (k + 1 < NV) {
+      lo = _mm512_sub_ps(lo, _mm512_castsi512_ps(_mm512_and_si512(bl, top)));
+      hi = _mm512_sub_ps(hi, _mm512_castsi512_ps(_mm512_and_si512(bh, top)));
+    }
+  }
+}
+
+// V's parts: a difference of two bf16 values has at most 16 significant bits while their exponents
+// are within 7 of each other (else the second part leaves out bits under 2^-15 of V); fp16 and
+// fp32 differences take three, exact.
+template <int DT> constexpr int kAmxVParts = DT == kBF16 ? 2 : 3;
+
+// How many bf16 parts the n fp32 values at x need (1..3), for the packers below.
+SM_INLINE int bf16_parts_needed(const float* x, int64_t n) {
+  int need = 1;
+  for (int64_t i = 0; i < n && need < 3; ++i) {
+    float v = x[i];
+    bf16_part(v);
+    if (v != 0.0f) {
+      bf16_part(v);
+      need = std::max(need, v != 0.0f ? 3 : 2);
+    }
+  }
+  return need;
+}
+
+// Pass 1's A operands: for row step s (rows 32 s ..), rank tile q and part p, the tile
+// [16 ranks][32 rows] of B's parts at bpk + ((s * qt + q) * np + p) * kTile.
+SM_INLINE void amx_pack_b(const float* B, int64_t d_out, int r, int qt, int np, int64_t s, uint16_t* bpk) {
+  for (int q = 0; q < qt; ++q) {
+    uint16_t* t = bpk + (size_t(s) * qt + q) * np * kTile;
+    for (int kk = 0; kk < 32; ++kk)
+      for (int m = 0; m < 16; ++m) {
+        const int64_t i = 32 * s + kk;
+        const int k = 16 * q + m;
+        float x = i < d_out && k < r ? B[i * r + k] : 0.0f;
+        for (int p = 0; p < np; ++p) t[p * kTile + m * 32 + kk] = bf16_part(x);
+      }
+  }
+}
+
+// Pass 2's B operands: for column step s (columns 32 s ..), rank tile q and part p, the tile
+// [16 column pairs][16 ranks][2] of T's parts (T: d_in x r, column order; zero past d_in and r) at
+// tpk + ((s * qt + q) * np + p) * kTile, the columns paired as pass 2 pairs V's (see pass2_amx).
+template <int DT>
+void amx_pack_t(const float* T, int64_t d_in, int r, int qt, int np, int64_t s, uint16_t* tpk) {
+  for (int q = 0; q < qt; ++q) {
+    uint16_t* t = tpk + (size_t(s) * qt + q) * np * kTile;
+    for (int pr = 0; pr < 16; ++pr)
+      for (int e = 0; e < 2; ++e) {
+        const int64_t c = 32 * s + (DT == kBF16 ? 2 * pr + e : pr + 16 * e);
+        for (int n = 0; n < 16; ++n) {
+          const int k = 16 * q + n;
+          float x = k < r && c < d_in ? T[c * r + k] : 0.0f;
+          for (int p = 0; p < np; ++p) t[p * kTile + pr * 32 + n * 2 + e] = bf16_part(x);
+        }
+      }
+  }
+}
+
+// V[0:kc, 0:w) = A - U (kc <= 32 rows) into NV parts at buf, each [16 row pairs][kAmxLdw words]
+// in slot order, a word holding rows 2 p and 2 p + 1 of one column; rows past kc and columns past
+// w (to the end of its group of 32) are zero. Returns sum V^2 (fp32 lanes over the block, reduced
+// in a fixed order).
+template <int DT>
+SM_TARGET_AMX SM_INLINE double amx_form_v1(const typename Elem<DT>::T* a, const typename Elem<DT>::T* u, int64_t lda,
+                                           int64_t ldu, int kc, int w, uint32_t* buf) {
+  constexpr int NV = kAmxVParts<DT>;
+  __m512 sq[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  const int groups = (w + 31) / 32;
+  for (int p = 0; p < 16; ++p) {
+    const int i0 = 2 * p, i1 = 2 * p + 1;
+    uint32_t* o = buf + p * kAmxLdw;
+    for (int g = 0; g < groups; ++g) {
+      const int j = 32 * g, n = w - j;
+      __m512 v00 = _mm512_setzero_ps(), v01 = v00, v10 = v00, v11 = v00, x0, x1;
+      if (i0 < kc) {
+        amx_group<DT>(a + i0 * lda + j, n, v00, v01);
+        amx_group<DT>(u + i0 * ldu + j, n, x0, x1);
+        v00 = _mm512_sub_ps(v00, x0), v01 = _mm512_sub_ps(v01, x1);
+      }
+      if (i1 < kc) {
+        amx_group<DT>(a + i1 * lda + j, n, v10, v11);
+        amx_group<DT>(u + i1 * ldu + j, n, x0, x1);
+        v10 = _mm512_sub_ps(v10, x0), v11 = _mm512_sub_ps(v11, x1);
+      }
+      sq[0] = _mm512_fmadd_ps(v00, v00, sq[0]);
+      sq[1] = _mm512_fmadd_ps(v01, v01, sq[1]);
+      sq[2] = _mm512_fmadd_ps(v10, v10, sq[2]);
+      sq[3] = _mm512_fmadd_ps(v11, v11, sq[3]);
+      __m512i w0[NV], w1[NV];
+      amx_pair_parts<NV>(v00, v10, w0);
+      amx_pair_parts<NV>(v01, v11, w1);
+      for (int k = 0; k < NV; ++k) {
+        _mm512_store_si512(o + k * 16 * kAmxLdw + j, w0[k]);
+        _mm512_store_si512(o + k * 16 * kAmxLdw + j + 16, w1[k]);
+      }
+    }
+  }
+  double s = 0.0;
+  alignas(64) float lanes[16];
+  for (const auto& q : sq) {
+    _mm512_store_ps(lanes, q);
+    for (int l = 0; l < 16; ++l) s += double(lanes[l]);
+  }
+  return s;
+}
+
+// acc[16 q + m][16 s + n] += the chunk's rows of V^T B for every rank tile q and strip s (acc's
+// row stride ldacc floats, QT * 16 rows); bks: this row step's B tiles. `next` prefetches the next
+// block a step per strip.
+template <int NV, typename Pf>
+SM_TARGET_AMX SM_INLINE void amx_p1_chunk(const uint32_t* vbuf, int strips, const uint16_t* bks, int qt, int nbp,
+                                          float* acc, int64_t ldacc, Pf& next) {
+  const int64_t lda_b = int64_t(ldacc) * 4, ldv_b = kAmxLdw * 4;
+  for (int q = 0; q < qt; ++q) {
+    const uint16_t* bq = bks + size_t(q) * nbp * kTile;
+    _tile_loadd(4, bq, 64);
+    if (nbp > 1) _tile_loadd(5, bq + kTile, 64);
+    if (nbp > 2) _tile_loadd(6, bq + 2 * kTile, 64);
+    float* aq = acc + int64_t(16 * q) * ldacc;
+    for (int s = 0; s < strips; ++s) {
+      if (q == 0) next.step();
+      _tile_loadd(0, aq + 16 * s, lda_b);
+      _tile_loadd(1, vbuf + 16 * s, ldv_b);
+      _tile_loadd(2, vbuf + 16 * kAmxLdw + 16 * s, ldv_b);
+      if constexpr (NV > 2) _tile_loadd(3, vbuf + 32 * kAmxLdw + 16 * s, ldv_b);
+      _tile_dpbf16ps(0, 4, 1);
+      _tile_dpbf16ps(0, 4, 2);
+      if constexpr (NV > 2) _tile_dpbf16ps(0, 4, 3);
+      if (nbp > 1) {
+        _tile_dpbf16ps(0, 5, 1);
+        _tile_dpbf16ps(0, 5, 2);
+      }
+      if (nbp > 2) _tile_dpbf16ps(0, 6, 1);
+      _tile_stored(0, aq + 16 * s, lda_b);
+    }
+  }
+}
+
+// pass1_rows_impl on the tile unit: tg has qt * 16 rows.
+template <int DT>
+SM_TARGET_AMX double pass1_rows_amx(const void* wa_, const void* wu_, int64_t d_out, int64_t d_in, int64_t lda,
+                                    int64_t ldu, const float*, int, float* tg, int64_t ldg, float* buf, int64_t lo,
+                                    int64_t hi, int64_t cb, int64_t ce, double vsq, const void* ex) {
+  using T = typename Elem<DT>::T;
+  const auto* wa = static_cast<const T*>(wa_);
+  const auto* wu = static_cast<const T*>(wu_);
+  const auto& op = *static_cast<const AmxOperands*>(ex);
+  uint32_t* vbuf = reinterpret_cast<uint32_t*>(buf);
+  (void)d_in;
+  amx_begin();
+  for (int64_t i0 = lo; i0 < hi; i0 += P1_KC) {
+    const int kc = int(std::min<int64_t>(P1_KC, hi - i0));
+    const uint16_t* bks = op.bpk + size_t(i0 / 32) * op.qt * op.nbp * kTile;
+    for (int64_t c0 = cb; c0 < ce; c0 += P1_BAND) {
+      const int w = int(std::min<int64_t>(P1_BAND, ce - c0));
+      const int strips = 2 * ((w + 31) / 32);
+      vsq += amx_form_v1<DT>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, kc, w, vbuf);
+      compiler_fence();
+      const bool last = c0 + P1_BAND >= ce;
+      const int64_t ni = last ? i0 + P1_KC : i0, nc = last ? cb : c0 + P1_BAND;
+      const bool more = ni < d_out;
+      BlockPrefetch<T> next(more ? wa + ni * lda + nc : nullptr, more ? wu + ni * ldu + nc : nullptr, lda, ldu,
+                            more ? int(std::min<int64_t>(P1_KC, d_out - ni)) : 0,
+                            more ? int(std::min<int64_t>(P1_BAND, ce - nc)) : 0, strips);
+      amx_p1_chunk<kAmxVParts<DT>>(vbuf, strips, bks, op.qt, op.nbp, tg + c0, ldg, next);
+    }
+  }
+  _tile_release();
+  return vsq;
+}
+
+// pass1_band_impl on the tile unit: tacc has qt * 16 rows of P1_LD; T and Tt in column order.
+template <int DT>
+SM_TARGET_AMX double pass1_band_amx(const void* wa_, const void* wu_, int64_t d_out, int64_t d_in, int64_t lda,
+                                    int64_t ldu, const float*, int r, int64_t c0, float* T, float* Tt, int64_t ldt,
+                                    float* buf, float* tacc, int64_t i_begin, int64_t i_end, double vsq,
+                                    const void* ex) {
+  using ET = typename Elem<DT>::T;
+  const auto* wa = static_cast<const ET*>(wa_);
+  const auto* wu = static_cast<const ET*>(wu_);
+  const auto& op = *static_cast<const AmxOperands*>(ex);
+  uint32_t* vbuf = reinterpret_cast<uint32_t*>(buf);
+  const int w = int(std::min<int64_t>(P1_BAND, d_in - c0));
+  const int strips = 2 * ((w + 31) / 32);
+  if (i_begin == 0) std::fill(tacc, tacc + int64_t(op.qt) * 16 * P1_LD, 0.0f);
+  amx_begin();
+  for (int64_t i0 = i_begin; i0 < i_end; i0 += P1_KC) {
+    const int kc = int(std::min<int64_t>(P1_KC, i_end - i0));
+    const int64_t ni = i0 + P1_KC;
+    const bool more = ni < d_out;
+    vsq += amx_form_v1<DT>(wa + i0 * lda + c0, wu + i0 * ldu + c0, lda, ldu, kc, w, vbuf);
+    compiler_fence();
+    BlockPrefetch<ET> next(more ? wa + ni * lda + c0 : nullptr, more ? wu + ni * ldu + c0 : nullptr, lda, ldu,
+                           more ? int(std::min<int64_t>(P1_KC, d_out - ni)) : 0, w, strips);
+    const uint16_t* bks = op.bpk + size_t(i0 / 32) * op.qt * op.nbp * kTile;
+    amx_p1_chunk<kAmxVParts<DT>>(vbuf, strips, bks, op.qt, op.nbp, tacc, P1_LD, next);
+  }
+  _tile_release();
+  if (i_end < d_out) return vsq;
+  for (int j = 0; j < w; ++j) {
+    const int slot = (j & ~31) + Elem<DT>::template pos<16>(j & 31);
+    for (int k = 0; k < r; ++k) T[(c0 + j) * r + k] = tacc[k * P1_LD + slot];
+  }
+  for (int k = 0; k < r; ++k) std::memcpy(Tt + k * ldt + c0, tacc + k * P1_LD, sizeof(float) * strips * 16);
+  return vsq;
+}
+
+// Rank tile Q of pass 2's C (tile Q: a literal, the instructions name it) += V's parts (tiles 4..)
+// times T's parts at tq, one part at a time in tile 7.
+#define SM_AMX_P2_RANK_TILE(Q, NV, tq, ntp)             \
+  for (int p_ = 0; p_ < (ntp); ++p_) {                  \
+    _tile_loadd(7, (tq) + p_ * kTile, 64);              \
+    _tile_dpbf16ps(Q, 4, 7);                            \
+    if (p_ < 2) _tile_dpbf16ps(Q, 5, 7);                \
+    if ((NV) > 2 && p_ == 0) _tile_dpbf16ps(Q, 6, 7);   \
+  }
+
+// pass2_tile_impl on the tile unit: 16 rows of P, up to 4 rank tiles at a time in tiles 0..3;
+// acc holds qt tiles of 16 x 16 floats.
+template <int DT>
+SM_TARGET_AMX void pass2_amx(const void* wa_, const void* wu_, int64_t i_end, int64_t d_in, int64_t lda, int64_t ldu,
+                             const float*, int64_t, int r, int64_t i0, float* P, float* buf, float* acc,
+                             const void* ex) {
+  using ET = typename Elem<DT>::T;
+  constexpr int NV = kAmxVParts<DT>;
+  const auto* wa = static_cast<const ET*>(wa_);
+  const auto* wu = static_cast<const ET*>(wu_);
+  const auto& op = *static_cast<const AmxOperands*>(ex);
+  uint16_t* vb = reinterpret_cast<uint16_t*>(buf);
+  const int rows = int(std::min<int64_t>(16, i_end - i0));
+  for (int k = 0; k < NV; ++k)  // (the rows below the last one; every other word is written before it is read)
+    std::memset(vb + (k * 16 + rows) * kAmxLd2, 0, sizeof(uint16_t) * (16 - rows) * kAmxLd2);
+  const int64_t ldv_b = kAmxLd2 * 2;
+  amx_begin();
+  for (int64_t c0 = 0; c0 < d_in; c0 += P2_KC) {
+    const int kc = int(std::min<int64_t>(P2_KC, d_in - c0));
+    const int steps = (kc + 31) / 32;
+    const int64_t nc = c0 + P2_KC < d_in ? c0 + P2_KC : 0, ni = nc ? i0 : i0 + 16;
+    const bool more = ni < i_end;
+    BlockPrefetch<ET> next(more ? wa + ni * lda + nc : nullptr, more ? wu + ni * ldu + nc : nullptr, lda, ldu,
+                           more ? int(std::min<int64_t>(16, i_end - ni)) : 0,
+                           more ? int(std::min<int64_t>(P2_KC, d_in - nc)) : 0, steps);
+    // a row of a V part: 32-column groups of 16 words, a word pairing two columns (bf16: 2 j and
+    // 2 j + 1, the columns in order; fp16 and fp32: j and 16 + j), the order amx_pack_t packs T in
+    for (int m = 0; m < rows; ++m) {
+      const ET* pa = wa + (i0 + m) * lda + c0;
+      const ET* pu = wu + (i0 + m) * ldu + c0;
+      uint16_t* o = vb + m * kAmxLd2;
+      for (int j = 0; j < steps * 32; j += 32) {
+        __m512 v0, v1, x0, x1;
+        amx_group<DT>(pa + j, kc - j, v0, v1);
+        amx_group<DT>(pu + j, kc - j, x0, x1);
+        __m512i h[NV];
+        amx_pair_parts<NV>(_mm512_sub_ps(v0, x0), _mm512_sub_ps(v1, x1), h);
+        for (int k = 0; k < NV; ++k) _mm512_store_si512(o + k * 16 * kAmxLd2 + j, h[k]);
+      }
+    }
+    compiler_fence();
+    for (int g = 0; g < op.qt; g += 4) {
+      const int nq = std::min(4, op.qt - g);
+      float* ag = acc + g * 256;
+      if (c0 == 0) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      } else {
+        _tile_loadd(0, ag, 64);
+        if (nq > 1) _tile_loadd(1, ag + 256, 64);
+        if (nq > 2) _tile_loadd(2, ag + 512, 64);
+        if (nq > 3) _tile_loadd(3, ag + 768, 64);
+      }
+      for (int s = 0; s < steps; ++s) {
+        if (g == 0) next.step();
+        _tile_loadd(4, vb + 32 * s, ldv_b);
+        _tile_loadd(5, vb + 16 * kAmxLd2 + 32 * s, ldv_b);
+        if constexpr (NV > 2) _tile_loadd(6, vb + 32 * kAmxLd2 + 32 * s, ldv_b);
+        const uint16_t* ts = op.tpk + ((size_t(c0 / 32 + s) * op.qt + g) * op.ntp) * kTile;
+        SM_AMX_P2_RANK_TILE(0, NV, ts, op.ntp)
+        if (nq > 1) SM_AMX_P2_RANK_TILE(1, NV, ts + op.ntp * kTile, op.ntp)
+        if (nq > 2) SM_AMX_P2_RANK_TILE(2, NV, ts + 2 * op.ntp * kTile, op.ntp)
+        if (nq > 3) SM_AMX_P2_RANK_TILE(3, NV, ts + 3 * op.ntp * kTile, op.ntp)
+      }
+      _tile_stored(0, ag, 64);
+      if (nq > 1) _tile_stored(1, ag + 256, 64);
+      if (nq > 2) _tile_stored(2, ag + 512, 64);
+      if (nq > 3) _tile_stored(3, ag + 768, 64);
+    }
+  }
+  _tile_release();
+  for (int m = 0; m < rows; ++m)
+    for (int k = 0; k < r; ++k) P[(i0 + m) * r + k] = acc[(k / 16) * 256 + m * 16 + (k % 16)];
+}
+
+// Whether this CPU has the tile unit's bf16 dot products and the OS lets this process use them.
+bool amx_usable() {
+#if defined(__linux__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool tile = edx & (1u << 24), bf16 = edx & (1u << 22);
+  const bool avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31), avx512dq = ebx & (1u << 17);
+  if (!(tile && bf16 && avx512bw && avx512vl && avx512dq)) return false;
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512f")) return false;  // (and the OS saves AVX-512 state)
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
+}
+#pragma GCC diagnostic pop
+#endif  // SM_HAVE_AMX
+
 // ---------------------------------------------------------------------------------------------
 // ISA variants: the same inlined bodies compiled for x86-64-v4 (16- and 8-float vectors),
 // x86-64-v3 and the baseline.
 #define SM_PASS1_ARGS                                                                             \
   const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
       const float *B, int r, float *tg, int64_t ldg, float *buf, int64_t lo, int64_t hi, int64_t cb, int64_t ce, \
-      double vsq
+      double vsq, const void *ex
 #define SM_PASS1B_ARGS                                                                            \
   const void *wa, const void *wu, int64_t d_out, int64_t d_in, int64_t lda, int64_t ldu,         \
       const float *B, int r, int64_t c0, float *T, float *Tt, int64_t ldt, float *buf, float *tacc, \
-      int64_t i_begin, int64_t i_end, double vsq
+      int64_t i_begin, int64_t i_end, double vsq, const void *ex
 #define SM_PASS1B_CALL(DT, NR, V)                                                                 \
   pass1_band_impl<DT, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
                              d_out, d_in, lda, ldu, B, r, c0, T, Tt, ldt, buf, tacc, i_begin, i_end, vsq)
 #define SM_PASS2_ARGS                                                                             \
   const void *wa, const void *wu, int64_t i_end, int64_t d_in, int64_t lda, int64_t ldu,         \
-      const float *Tt, int64_t ldt, int r, int64_t i0, float *P, float *buf, float *acc
+      const float *Tt, int64_t ldt, int r, int64_t i0, float *P, float *buf, float *acc, const void *ex
 #define SM_PASS1_CALL(DT, NR, V)                                                                  \
   pass1_rows_impl<DT, NR, V>(static_cast<const typename Elem<DT>::T*>(wa), static_cast<const typename Elem<DT>::T*>(wu), \
                              d_out, d_in, lda, ldu, B, r, tg, ldg, buf, lo, hi, cb, ce, vsq)
@@ -625,6 +1056,7 @@ struct Isa {
   GramFn gram;
   PadFn pad[3];
   UntangleFn untangle[3];
+  bool amx = false;  // the passes take AmxOperands (packed B and T tiles), and partials of whole rank tiles
 };
 
 const Isa kBase = {"baseline",
@@ -661,6 +1093,23 @@ const Isa kV4z = {"x86-64-v4-512",
                   {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
                   {untangle<kF32, v16f>, untangle<kF16, v16f>, untangle<kBF16, v16f>}};
 #endif
+#if SM_HAVE_AMX
+const Isa kAmx = {"x86-64-v4-amx",
+                  {pass1_rows_amx<kF32>, pass1_rows_amx<kF16>, pass1_rows_amx<kBF16>},
+                  {pass1_band_amx<kF32>, pass1_band_amx<kF16>, pass1_band_amx<kBF16>},
+                  {pass2_amx<kF32>, pass2_amx<kF16>, pass2_amx<kBF16>},
+                  16,
+                  gram_v3,
+                  {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
+                  {untangle<kF32, v16f>, untangle<kF16, v16f>, untangle<kBF16, v16f>},
+                  true};
+const bool g_amx_usable = amx_usable();
+// Below this rank the 16-float build runs instead: the tile unit's work is that of 16 ranks from
+// r = 1 on, while the vector FMAs' grows with r (Intel Xeon VM, 2 threads, bf16, fp32 B, run by
+// run against the 16-float build: 1.10-1.35x the time at r = 9, 0.98-1.17x at r = 12, 0.74-1.03x at
+// r = 16, 0.55-0.95x at r = 64).
+constexpr int64_t kAmxMinRank = 16;
+#endif
 
 const Isa* best_isa() {
 #if SM_HAVE_V3
@@ -668,7 +1117,11 @@ const Isa* best_isa() {
   // (libgcc reports AVX-512 features only when the OS saves their register state)
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
     // AMD's Zen 4 runs a 512-bit FMA at the 256-bit rate, and its 8-float build measured faster;
-    // Intel's AVX-512 cores have two 512-bit FMA ports, so 16-float vectors double the work per op.
+    // Intel's AVX-512 cores have two 512-bit FMA ports, so 16-float vectors double the work per op,
+    // and from Sapphire Rapids on a tile unit whose bf16 dot products run the higher ranks faster.
+#if SM_HAVE_AMX
+    if (g_amx_usable) return &kAmx;
+#endif
     return __builtin_cpu_is("amd") ? &kV4 : &kV4z;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     // F16C ships with every AVX2 + FMA CPU; __builtin_cpu_supports has no name for it on older GCC.
@@ -743,6 +1196,9 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
     throw std::invalid_argument("release_rows must be 0 or a positive multiple of " + std::to_string(P1_KC));
   const int nt = resolve_threads(threads);
   const Isa* isa = g_isa.load();
+#if SM_HAVE_AMX
+  if (isa->amx && r < kAmxMinRank) isa = &kV4z;
+#endif
   const Pass1Fn p1 = isa->pass1[dtype];
   const Pass2Fn p2 = isa->pass2[dtype];
   const void* A = reinterpret_cast<const void*>(wa);
@@ -763,12 +1219,15 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   // L2 while whole rows stream past, the partials added in group order. By column bands (high
   // ranks, whose partial T would not stay in the L2): each band's T summed by one thread.
   const int64_t ldg = ldt + 16;  // (off a power of two, as P1_LD)
+  // the tile unit's partials and accumulators hold whole tiles of 16 ranks
+  const int qt = (R + 15) / 16;
+  const int Rp = isa->amx ? 16 * qt : R;
   const int64_t part_bytes = int64_t(R) * ldg * int64_t(sizeof(float));
   const bool by_rows = R <= kP1RowsMaxRank && part_bytes <= kP1RowsMaxPartial;
   const int64_t chunks = (d_out + P1_KC - 1) / P1_KC;  // (partials: at most 16 x 512 KiB)
   const int64_t group_rows = P1_KC * std::max(kP1MinGroupChunks, (chunks + kP1Groups - 1) / kP1Groups);
   const int64_t groups = by_rows ? (d_out + group_rows - 1) / group_rows : 0;
-  FloatBuf Tg(size_t(groups) * size_t(R) * size_t(ldg), 0.0f);
+  FloatBuf Tg(size_t(groups) * size_t(Rp) * size_t(ldg), 0.0f);
   // column slices: more work items than groups alone when a drop-behind block holds one or two
   // groups (a block is about 8 MiB of rows, a group at least 256 rows)
   const int64_t slices = by_rows ? (d_in + kP1SliceCols - 1) / kP1SliceCols : 0;
@@ -798,13 +1257,40 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   }
   constexpr int64_t kUntangleCols = 1024;  // columns per work item of T's final sums
   // with several row blocks, each band keeps its sums from one block to the next
-  FloatBuf tacc_band(bands > 0 && blocks > 1 ? size_t(bands) * size_t(R) * P1_LD : 0);
+  FloatBuf tacc_band(bands > 0 && blocks > 1 ? size_t(bands) * size_t(Rp) * P1_LD : 0);
   const Pass1BandFn p1b = isa->pass1_band[dtype];
+  // the tile unit's operands: B's and T's bf16 parts, packed in tiles (see amx_pack_b / amx_pack_t)
+  std::vector<uint16_t, Aligned64<uint16_t>> bpk, tpk;
+  [[maybe_unused]] const int64_t row_steps = (d_out + 31) / 32, col_steps = ldt / 32;
+  [[maybe_unused]] AmxOperands amx_ops{nullptr, nullptr, qt, 0, 0};
+  const void* ex = nullptr;
+  size_t p1_buf = size_t(P1_KC) * P1_LD, p2_buf = size_t(kP2MaxMR) * P2_KC, p2_acc = size_t(R) * kP2MaxMR * kMaxLanes;
+#if SM_HAVE_AMX
+  using PackT = void (*)(const float*, int64_t, int, int, int, int64_t, uint16_t*);
+  const PackT amx_pack_t_fn[3] = {amx_pack_t<kF32>, amx_pack_t<kF16>, amx_pack_t<kBF16>};
+  if (isa->amx) {
+    amx_ops.nbp = bf16_parts_needed(B, d_out * r);
+    amx_ops.ntp = 3;
+    bpk.resize(size_t(row_steps) * qt * amx_ops.nbp * kTile);
+    tpk.resize(size_t(col_steps) * qt * amx_ops.ntp * kTile);
+    amx_ops.bpk = bpk.data(), amx_ops.tpk = tpk.data();
+    ex = &amx_ops;
+    p1_buf = std::max(p1_buf, size_t(3) * 16 * kAmxLdw);
+    p2_buf = std::max(p2_buf, size_t(3) * 16 * kAmxLd2 / 2);
+    p2_acc = std::max(p2_acc, size_t(qt) * 256);
+  }
+#endif
 
 #pragma omp parallel num_threads(nt)
   {
-    FloatBuf buf(size_t(P1_KC) * P1_LD);
-    FloatBuf tacc(bands > 0 && blocks == 1 ? size_t(R) * P1_LD : 0);
+    FloatBuf buf(p1_buf);
+    FloatBuf tacc(bands > 0 && blocks == 1 ? size_t(Rp) * P1_LD : 0);
+#if SM_HAVE_AMX
+    if (isa->amx) {
+#pragma omp for schedule(static)
+      for (int64_t q = 0; q < row_steps; ++q) amx_pack_b(B, d_out, R, qt, amx_ops.nbp, q, bpk.data());
+    }
+#endif
     for (int64_t s = 0; s < blocks; ++s) {
       const int64_t i0 = s * block, i1 = std::min(d_out, i0 + block);
       if (by_rows) {
@@ -812,17 +1298,17 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = g0 * slices; item < g1 * slices; ++item) {
           const int64_t g = item / slices, q = item % slices;
-          vsq_part[size_t(item)] = p1(A, U, d_out, d_in, lda, ldu, B, R, Tg.data() + size_t(g) * R * ldg, ldg,
+          vsq_part[size_t(item)] = p1(A, U, d_out, d_in, lda, ldu, B, R, Tg.data() + size_t(g) * Rp * ldg, ldg,
                                        buf.data(), std::max(i0, g * group_rows), std::min(i1, (g + 1) * group_rows),
                                        q * kP1SliceCols, std::min(d_in, (q + 1) * kP1SliceCols),
-                                       vsq_part[size_t(item)]);
+                                       vsq_part[size_t(item)], ex);
         }
       } else {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < bands; ++p)
           vsq_part[size_t(p)] = p1b(A, U, d_out, d_in, lda, ldu, B, R, p * P1_BAND, T, Tt.data(), ldt, buf.data(),
-                                    blocks > 1 ? tacc_band.data() + size_t(p) * R * P1_LD : tacc.data(), i0, i1,
-                                    vsq_part[size_t(p)]);
+                                    blocks > 1 ? tacc_band.data() + size_t(p) * Rp * P1_LD : tacc.data(), i0, i1,
+                                    vsq_part[size_t(p)], ex);
       }
       // (the implicit barrier of `omp for`: every group or band is done with these rows)
       if (rel && s + 1 < blocks) {
@@ -838,22 +1324,28 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
       for (int k = 0; k < R; ++k) {
         float* out = Tt.data() + k * ldt;
         for (int64_t g = 0; g < groups; ++g) {
-          const float* part = Tg.data() + (size_t(g) * R + k) * ldg;
+          const float* part = Tg.data() + (size_t(g) * Rp + k) * ldg;
           for (int64_t c = c0; c < c1; ++c) out[c] += part[c];
         }
       }
       isa->untangle[dtype](Tt.data(), ldt, R, c0, std::min(d_in, c1), T);
     }
     // T is complete here; pass 2 starts from the last rows, the ones pass 1 left mapped
-    FloatBuf buf2(size_t(kP2MaxMR) * P2_KC);
-    FloatBuf acc(size_t(R) * kP2MaxMR * kMaxLanes);
+#if SM_HAVE_AMX
+    if (isa->amx) {
+#pragma omp for schedule(static)
+      for (int64_t q = 0; q < col_steps; ++q) amx_pack_t_fn[dtype](T, d_in, R, qt, amx_ops.ntp, q, tpk.data());
+    }
+#endif
+    FloatBuf buf2(p2_buf);
+    FloatBuf acc(p2_acc);
     const int mr = isa->p2_rows;
     for (int64_t s = blocks - 1; s >= 0; --s) {
       // this block's rows in tiles of mr (the last one shorter), so no tile straddles two blocks
       const int64_t b0 = s * block, b1 = std::min(d_out, b0 + block);
 #pragma omp for schedule(dynamic, 16)
       for (int64_t t = 0; t < (b1 - b0 + mr - 1) / mr; ++t)
-        p2(A, U, b1, d_in, lda, ldu, Tt.data(), ldt, R, b0 + t * mr, P, buf2.data(), acc.data());
+        p2(A, U, b1, d_in, lda, ldu, Tt.data(), ldt, R, b0 + t * mr, P, buf2.data(), acc.data(), ex);
       if (rel && s > 0) {
 #pragma omp single nowait
         rel->after_pass2(s * block);
@@ -933,7 +1425,11 @@ bool set_isa(const std::string& name) {
   }
 #if SM_HAVE_V3
   const Isa* best = best_isa();
-  const bool avx512 = best == &kV4 || best == &kV4z;
+  const bool avx512 = best == &kV4 || best == &kV4z
+#if SM_HAVE_AMX
+                      || best == &kAmx
+#endif
+      ;
   if (name == "x86-64-v4-512" && avx512) {
     g_isa = &kV4z;
     return true;
@@ -942,6 +1438,12 @@ bool set_isa(const std::string& name) {
     g_isa = &kV4;
     return true;
   }
+#if SM_HAVE_AMX
+  if (name == "x86-64-v4-amx" && g_amx_usable) {
+    g_isa = &kAmx;
+    return true;
+  }
+#endif
   if (name == "x86-64-v3" && (avx512 || best == &kV3)) {  // every AVX-512 CPU has AVX2 + FMA
     g_isa = &kV3;
     return true;
@@ -971,8 +1473,9 @@ PYBIND11_MODULE(_cpu, m) {
         "(0=fp32 1=fp16 2=bf16); all row-major, contiguous. Deterministic for any thread count.");
   m.def("isa", []() { return std::string(g_isa.load()->name); }, "The instruction set the kernels run with.");
   m.def("set_isa", &set_isa, py::arg("name"),
-        "Select 'best', 'x86-64-v4-512', 'x86-64-v4', 'x86-64-v3' or 'baseline' kernels; returns False if this CPU\n"
-        "cannot run them (the selection is then unchanged).");
+        "Select 'best', 'x86-64-v4-amx', 'x86-64-v4-512', 'x86-64-v4', 'x86-64-v3' or 'baseline' kernels; returns\n"
+        "False if this CPU cannot run them (the selection is then unchanged). 'x86-64-v4-amx' runs\n"
+        "ranks below 16 with the 'x86-64-v4-512' kernels.");
   m.def("openmp", []() {
 #ifdef _OPENMP
     return true;

@@ -34,11 +34,12 @@ _M_BYTES = 64 << 20
 _MIN_COLS = 256
 
 
-# The extension picks its kernels' instruction set from the CPU (16-float AVX-512 vectors on Intel,
-# 8-float ones on AMD, AVX2, or the baseline); this variable overrides the pick. The ISA builds sum
-# in different orders, so their scores differ in the last bits (each is deterministic).
+# The extension picks its kernels' instruction set from the CPU (AMX tiles for ranks of 16 and up where
+# the CPU and OS allow them, 16-float AVX-512 vectors on Intel, 8-float ones on AMD, AVX2, or the
+# baseline); this variable overrides the pick. The ISA builds sum in different orders, so their
+# scores differ in the last bits (each is deterministic).
 ISA_ENV_VAR = "SAFEMERGE_CPU_ISA"
-ISAS = ("best", "x86-64-v4-512", "x86-64-v4", "x86-64-v3", "baseline")
+ISAS = ("best", "x86-64-v4-amx", "x86-64-v4-512", "x86-64-v4", "x86-64-v3", "baseline")
 
 
 def _apply_isa() -> str | None:

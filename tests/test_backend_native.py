@@ -309,10 +309,10 @@ def _cpu_call(wa, wu, B, threads):
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
 @pytest.mark.parametrize("d_out, d_in", [(515, 1100), (300, 9000)], ids=["1 slice", "3 slices"])
 def test_cpp_bits_independent_of_thread_count(dtype, d_out, d_in):
-    """Pass 1 by row groups (r = 13; in column slices of 4096 when d_in is wider) and by column
-    bands (r = 40) alike; and right."""
+    """Pass 1 by row groups (r = 13, and r = 16 on AMX tiles where the CPU has them; in column
+    slices of 4096 when d_in is wider) and by column bands (r = 40) alike; and right."""
     wa, wu, g = _layer(d_out, d_in, dtype, _seed("threads", dtype, d_in))
-    for r in (13, 40):
+    for r in (13, 16, 40):
         B = torch.randn(d_out, r, generator=g)
         _check_passes("cpp", wa, wu, B, 2e-5)
         T1, P1, v1 = _cpu_call(wa, wu, B, 1)
@@ -352,7 +352,7 @@ def test_cpp_release_behind_same_bits(tmp_path, monkeypatch, dtype, d_out, d_in)
     reader, ma, mu, wa, wu, g = _mapped_pair(tmp_path, d_out, d_in, dtype, _seed("release", dtype, d_out, d_in))
     assert reader.is_mapped(ma) and reader.is_mapped(mu)
     row, default_threads = d_in * wa.element_size(), torch.get_num_threads()
-    for r in (13, 40):  # pass 1 by row groups, and by column bands
+    for r in (13, 16, 40):  # pass 1 by row groups (16: on AMX tiles where the CPU has them), and by column bands
         B = torch.randn(d_out, r, generator=g)
         want = cpp_backend.lowrank_passes(wa, wu, B)
         for block_bytes in (32 * row, 96 * row, 8 << 20):
@@ -493,7 +493,7 @@ def test_cpp_release_behind_bounds_resident_pages(tmp_path):
     assert grown["1"][1] < 0.3 * pair_mib, f"drop-behind left {grown['1'][1]:.0f} MiB resident"
 
 
-ISAS = ["baseline", "x86-64-v3", "x86-64-v4", "x86-64-v4-512"]
+ISAS = ["baseline", "x86-64-v3", "x86-64-v4", "x86-64-v4-512", "x86-64-v4-amx"]
 # every remainder of both rank tilings (pass 1: tiles of 6, or 8 on x86-64-v4; pass 2: 3, or 4)
 ISA_RANKS = [1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 17]
 
@@ -520,6 +520,77 @@ def test_cpp_every_isa_matches_float64(isa, dtype):
     assert _cpu.isa() == best
 
 
+AMX_SHAPES = [(131, 1100), (67, 131), (33, 17), (200, 96), (530, 520)]
+AMX_RANKS = [16, 17, 31, 33, 64, 65, 100]
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
+def test_cpp_amx_tiles_match_float64(dtype):
+    """The AMX build (where this CPU has it) at rows, columns and ranks that fill no whole tile,
+    and with B's values needing one, two or three bf16 parts (a bf16, an fp16 and an fp32 adapter),
+    by row groups and by column bands."""
+    from safemerge_ext import _cpu
+
+    if not _cpu.set_isa("x86-64-v4-amx"):
+        pytest.skip("this CPU (or OS) cannot run the AMX kernels")
+    try:
+        for d_out, d_in in AMX_SHAPES:
+            wa, wu, g = _layer(d_out, d_in, dtype, _seed("amx", dtype, d_out, d_in))
+            for r in AMX_RANKS:
+                for b_dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    B = torch.randn(d_out, r, generator=g).to(b_dtype).float()
+                    _check_passes("cpp", wa, wu, B, 2e-5)
+    finally:
+        _cpu.set_isa("best")
+
+
+def _exact_case(case: str, dtype: torch.dtype, g: torch.Generator):
+    """Integer inputs whose every product and partial sum fits fp32's 24 bits, so any correct kernel
+    gives the float64 result to the bit; each case needs another part of the AMX kernels' splits."""
+    def ints(lo, hi, *shape):
+        return torch.randint(lo, hi + 1, shape, generator=g).float()
+
+    if case == "B in three bf16 parts":  # 20-bit B; V = +-1 over 8 rows: |T| < 2^23
+        a = ints(0, 1, 8, 48)
+        u, B = 1 - a, ints(-(2**20) + 1, 2**20 - 1, 8, 17)
+    elif case == "T in three bf16 parts":  # |T| < 8 * 2^17 (about 19 bits), |P| < 16 * 2^20
+        a = ints(0, 1, 8, 16)
+        u, B = 1 - a, ints(-(2**17) + 1, 2**17 - 1, 8, 17)
+    else:  # V in [0, 510] (9 bits): |T| <= 4 * 510, |P| <= 16 * 510 * 2040 < 2^24
+        a, u, B = ints(0, 255, 4, 16), ints(-255, 0, 4, 16), ints(-1, 1, 4, 17)
+    return a.to(dtype), u.to(dtype), B
+
+
+EXACT_CASES = ["B in three bf16 parts", "T in three bf16 parts", "V in two bf16 parts"]
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS, ids=[f"isa={i}" for i in ISAS])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
+def test_cpp_exact_on_integer_inputs(isa, dtype):
+    """Where fp32 sums are exact, every ISA build gives T, P and ||V||^2 to the bit (the AMX build
+    included, whose bf16 splits of V, B and T must leave nothing out)."""
+    from safemerge_ext import _cpu
+
+    if not _cpu.set_isa(isa):
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    try:
+        g = torch.Generator().manual_seed(_seed("exact", isa, dtype))
+        for case in EXACT_CASES:
+            wa, wu, B = _exact_case(case, dtype, g)
+            T, P, vsq = _cpu_call(wa, wu, B, 2)
+            V = wa.double() - wu.double()
+            T_ref = V.t() @ B.double()
+            assert torch.equal(T.double(), T_ref), f"{isa} {case}: T off by {(T.double() - T_ref).abs().max()}"
+            assert vsq == float(V.square().sum()), f"{isa} {case}: ||V||^2"
+            if case != "B in three bf16 parts":
+                P_ref = V @ T_ref
+                assert torch.equal(P.double(), P_ref), f"{isa} {case}: P off by {(P.double() - P_ref).abs().max()}"
+    finally:
+        _cpu.set_isa("best")
+
+
 @needs_cpp
 def test_cpp_isa_env_override(monkeypatch, recwarn, capsys):
     """SAFEMERGE_CPU_ISA picks the kernels (and the report and `safemerge backends` name them); a
@@ -540,7 +611,7 @@ def test_cpp_isa_env_override(monkeypatch, recwarn, capsys):
 
         monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, "avx9")
         reason = backends.available_backends()["cpp"]
-        assert reason and "SAFEMERGE_CPU_ISA='avx9' is not one of best, x86-64-v4-512" in reason
+        assert reason and "SAFEMERGE_CPU_ISA='avx9' is not one of best, x86-64-v4-amx, x86-64-v4-512" in reason
         assert any("the C++ backend is off" in str(w.message) for w in recwarn.list)
         assert backends.resolve("auto", "cpu")[0] == "torch"  # (loaded before: asked again all the same)
         with pytest.raises(ValueError, match="'cpp' is unavailable: SAFEMERGE_CPU_ISA='avx9' is not one of"):
