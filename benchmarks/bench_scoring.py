@@ -521,6 +521,7 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
             B = torch.randn(d_out, r, device=device) * 0.01
             ref = naive(wa, wu, B)
             impls = {name: backends.resolve(name, device.type)[1].lowrank_passes for name in providers}
+            impls.update(_cpp_isa_impls(args, impls))
             if "triton" in impls and device.type == "cuda":
                 for prec in TENSOR_CORE_PRECISIONS:
                     impls[f"triton-{prec}"] = lambda a, u, b, f=impls["triton"], prec=prec: f(a, u, b, precision=prec)
@@ -563,6 +564,31 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
     return rows
 
 
+def _cpp_isa_impls(args: argparse.Namespace, impls: dict) -> dict:
+    """``cpp@<isa>`` contenders: the C++ backend with its kernels' instruction set switched to each
+    ISA of ``--cpp-isas`` that this CPU runs, for the call only (the others keep the CPU's pick)."""
+    if "cpp" not in impls or not args.cpp_isas:
+        return {}
+    from safemerge_ext import _cpu
+
+    out, pick = {}, _cpu.isa()
+    for isa in args.cpp_isas.split(","):
+        if not _cpu.set_isa(isa):
+            print(f"  skipped cpp@{isa}: this CPU cannot run those kernels", flush=True)
+            continue
+
+        def call(a, u, b, isa=isa, f=impls["cpp"]):
+            _cpu.set_isa(isa)
+            try:
+                return f(a, u, b)
+            finally:
+                _cpu.set_isa(pick)
+
+        out[f"cpp@{isa}"] = call
+    _cpu.set_isa(pick)
+    return out
+
+
 _COLS = ["shape", "r", "provider", "time_ms", "gbps", "x_floor", "x_naive", "x_materialized", "floor_ms",
          "read_ms", "arith_ms", "mm_gflops", "pages"]
 _COLS_GPU = _COLS[:5] + ["pct_copy_bw", "pct_hbm_peak"] + _COLS[5:-1]  # (no "pages" on a GPU)
@@ -594,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backends", default="", help="comma list to restrict the backends (default: all usable)")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--cpp-isas", default="",
+                   help="also time the C++ backend with these kernel ISAs (e.g. x86-64-v4-512), as cpp@<isa> rows")
     p.add_argument("--offset", type=int, default=0,
                    help="start each weight matrix this many bytes past a 64-byte boundary, as the pipeline's "
                         "in-place reads of safetensors files do (their data is only 8-byte aligned), e.g. 16")

@@ -27,11 +27,19 @@ def test_bench_scoring_lowrank_and_fullrank(tmp_path):
     import bench_scoring
 
     out = tmp_path / "s.json"
+    cpp = "cpp" in _cpu_backends()
+    if cpp:
+        from safemerge_ext import _cpu
+
+        pick = _cpu.isa()
     assert bench_scoring.main(["--device", "cpu", "--shapes", "67x131,64x64", "--ranks", "1,5", "--reps", "1",
-                               "--backends", _cpu_backends(), "--out", str(out)]) == 0
+                               "--backends", _cpu_backends(), "--cpp-isas", "baseline,avx9", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     providers = {r["provider"] for r in rows}
     assert {"naive", "torch", "materialized"} <= providers
+    if cpp:  # one more contender per ISA this CPU runs (an unknown one is skipped), the pick left as it was
+        assert "cpp@baseline" in providers and "cpp@avx9" not in providers
+        assert _cpu.isa() == pick
     assert {(r["shape"], r["r"]) for r in rows} == {(s, r) for s in ("67x131", "64x64") for r in (1, 5)}
     assert all(r["time_ms"] > 0 and r["floor_ms"] > 0 and r["x_floor"] > 0 for r in rows)
     assert all(r["pct_copy_bw"] is None and "copy_gbps" not in r for r in rows)  # a GPU figure
