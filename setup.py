@@ -14,6 +14,7 @@ Neither extension includes torch headers, so an installed wheel survives torch u
 from __future__ import annotations
 
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -67,6 +68,19 @@ int main() { int n = 0;
 """
 
 
+# The AMX kernels need a compiler and an assembler that know the tile instructions (GCC 11 or
+# clang 12, binutils 2.36); where this fails they are left out (SM_NO_AMX), not the whole module.
+_AMX_PROBE = """
+#include <immintrin.h>
+__attribute__((target("amx-tile,amx-bf16"))) void f(const void* p) {
+  _tile_loadd(1, p, 64);
+  _tile_dpbf16ps(0, 1, 2);
+  _tile_release();
+}
+int main() { return 0; }
+"""
+
+
 def _cuda_torch() -> tuple[bool, str]:
     """Whether the build environment imports a CUDA build of torch (and which)."""
     try:
@@ -93,6 +107,11 @@ class BuildNative(build_ext):
                 else:
                     _say("WARNING: the compiler does not accept -fopenmp; safemerge_ext._cpu is built "
                          "single-threaded")
+                if platform.machine().lower() in ("x86_64", "amd64") and not _compiler_accepts(
+                        self.compiler, [], _AMX_PROBE):
+                    ext.define_macros.append(("SM_NO_AMX", "1"))
+                    _say("C++ extension safemerge_ext._cpu: the toolchain cannot build the AMX kernels; "
+                         "left out (the AVX-512 ones stay)")
         built, skipped = [], []
         for ext in self.extensions:
             try:

@@ -63,8 +63,10 @@ namespace {
 #endif
 
 // The tile unit's kernels: x86-64 Linux (where a process asks the OS for the tile state) with a
-// compiler that knows the instructions.
-#if SM_HAVE_V3 && defined(__linux__) && defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
+// compiler that knows the instructions (GCC 11, clang 12) and an assembler too (setup.py probes it
+// and defines SM_NO_AMX where the toolchain fails).
+#if SM_HAVE_V3 && defined(__linux__) && defined(__x86_64__) && !defined(SM_NO_AMX) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
 #define SM_HAVE_AMX 1
 #include <cpuid.h>
 #include <immintrin.h>
@@ -624,15 +626,22 @@ SM_TARGET_AMX SM_INLINE void amx_begin() {
   _tile_loadconfig(&cfg);
 }
 
-// B's and T's split, by rounding to nearest even: the next bf16 part of x, x left as the rest
+// B's and T's split, by rounding to nearest even: the next bf16 part of x, x left as the rest. A
+// NaN stays a NaN (so the results are NaN, as the other builds' are) and an infinity infinite; a
+// finite value that would round to infinity is cut instead.
 SM_INLINE uint16_t bf16_part(float& x) {
   uint32_t b;
   std::memcpy(&b, &x, 4);
-  b = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
-  float h;
-  std::memcpy(&h, &b, 4);
-  x -= h;
-  return uint16_t(b >> 16);
+  if ((b & 0x7f800000u) == 0x7f800000u) {  // NaN or infinity: this part says so, the rest is 0
+    x = 0.0f;
+    return uint16_t((b >> 16) | ((b & 0x007fffffu) ? 0x0040u : 0u));
+  }
+  uint32_t h = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
+  if ((h & 0x7f800000u) == 0x7f800000u) h = b & 0xffff0000u;
+  float hf;
+  std::memcpy(&hf, &h, 4);
+  x -= hf;
+  return uint16_t(h >> 16);
 }
 
 // 16 consecutive elements (those of mask m, the rest 0) as fp32
@@ -810,6 +819,7 @@ SM_TARGET_AMX SM_INLINE void amx_p1_chunk(const uint32_t* vbuf, int strips, cons
       _tile_stored(0, aq + 16 * s, lda_b);
     }
   }
+  compiler_fence();  // (the tile loads above, of V, before the next block's V is stored)
 }
 
 // pass1_rows_impl on the tile unit: tg has qt * 16 rows.
@@ -962,6 +972,7 @@ SM_TARGET_AMX void pass2_amx(const void* wa_, const void* wu_, int64_t i_end, in
       if (nq > 2) _tile_stored(2, ag + 512, 64);
       if (nq > 3) _tile_stored(3, ag + 768, 64);
     }
+    compiler_fence();  // (the tile loads above, of V, before the next chunk's V is stored)
   }
   _tile_release();
   for (int m = 0; m < rows; ++m)
@@ -1115,7 +1126,7 @@ const Isa* best_isa() {
 #if SM_HAVE_V3
   __builtin_cpu_init();
   // (libgcc reports AVX-512 features only when the OS saves their register state)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
     // AMD's Zen 4 runs a 512-bit FMA at the 256-bit rate, and its 8-float build measured faster;
     // Intel's AVX-512 cores have two 512-bit FMA ports, so 16-float vectors double the work per op,
     // and from Sapphire Rapids on a tile unit whose bf16 dot products run the higher ranks faster.
@@ -1123,6 +1134,7 @@ const Isa* best_isa() {
     if (g_amx_usable) return &kAmx;
 #endif
     return __builtin_cpu_is("amd") ? &kV4 : &kV4z;
+  }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     // F16C ships with every AVX2 + FMA CPU; __builtin_cpu_supports has no name for it on older GCC.
     return &kV3;

@@ -592,6 +592,52 @@ def test_cpp_exact_on_integer_inputs(isa, dtype):
 
 
 @needs_cpp
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU flags from /proc/cpuinfo")
+def test_cpp_best_isa_is_one_the_cpu_runs():
+    """The import's pick, and what set_isa accepts, follow the CPU's flags (AVX-512 builds only
+    with AVX-512, the AMX build only with AMX tiles and bf16)."""
+    from safemerge_ext import _cpu
+
+    line = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    flags = set(line.partition(":")[2].split())
+    if not flags:
+        pytest.skip("no CPU flags in /proc/cpuinfo")
+    _cpu.set_isa("best")
+    best = _cpu.isa()
+    avx512 = {"avx512f", "avx512vl"} <= flags
+    try:
+        if not avx512:
+            assert best in ("x86-64-v3", "baseline"), best
+            assert not _cpu.set_isa("x86-64-v4-512") and not _cpu.set_isa("x86-64-v4")
+        if not {"amx_tile", "amx_bf16", "avx512bw", "avx512dq"} <= flags or not avx512:
+            assert best != "x86-64-v4-amx" and not _cpu.set_isa("x86-64-v4-amx")
+        if {"avx2", "fma"} <= flags:
+            assert best != "baseline"
+    finally:
+        _cpu.set_isa("best")
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS, ids=[f"isa={i}" for i in ISAS])
+def test_cpp_non_finite_b_gives_non_finite_results(isa):
+    """A NaN (any payload, all ones included) or an infinity in B reaches T and P, on every build,
+    so the callers' checks see it (the AMX build splits B into bf16 parts: a NaN must stay one)."""
+    from safemerge_ext import _cpu
+
+    if not _cpu.set_isa(isa):
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    try:
+        for bits in (0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800000):
+            wa, wu, g = _layer(67, 131, torch.bfloat16, _seed("nonfinite", isa, bits))
+            B = torch.randn(67, 17, generator=g)
+            B.view(torch.int32)[5, 3] = bits - (1 << 32) if bits >= 1 << 31 else bits
+            T, P, _ = _cpu_call(wa, wu, B, 2)
+            assert not torch.isfinite(T[:, 3]).all() and not torch.isfinite(P).all(), (isa, hex(bits))
+    finally:
+        _cpu.set_isa("best")
+
+
+@needs_cpp
 def test_cpp_isa_env_override(monkeypatch, recwarn, capsys):
     """SAFEMERGE_CPU_ISA picks the kernels (and the report and `safemerge backends` name them); a
     name that is not an ISA turns the backend off, with a reason, a warning and an error on use."""
