@@ -695,6 +695,13 @@ template <int DT> constexpr int kAmxVParts = DT == kBF16 ? 2 : 3;
 
 // How many bf16 parts the n fp32 values at x need (1..3), for the packers below.
 SM_INLINE int bf16_parts_needed(const float* x, int64_t n) {
+  uint32_t low = 0;  // values that are bf16 already (a bf16 adapter's): one part; a loop that vectorizes
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, 4);
+    low |= b & 0xffffu;
+  }
+  if (low == 0) return 1;
   int need = 1;
   for (int64_t i = 0; i < n && need < 3; ++i) {
     float v = x[i];
