@@ -714,18 +714,41 @@ SM_INLINE int bf16_parts_needed(const float* x, int64_t n) {
   return need;
 }
 
+// bf16_part on 16 lanes: the next part of each (as fp32 bits with zero low halves), x left as the rest.
+SM_TARGET_AMX SM_INLINE __m512i bf16_part16(__m512& x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i expo = _mm512_set1_epi32(0x7f800000), top = _mm512_set1_epi32(int(0xffff0000u));
+  const __mmask16 nonfinite = _mm512_cmpeq_epi32_mask(_mm512_and_si512(b, expo), expo);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i h = _mm512_and_si512(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), odd), top);
+  const __mmask16 over = _mm512_cmpeq_epi32_mask(_mm512_and_si512(h, expo), expo);
+  h = _mm512_mask_and_epi32(h, over | nonfinite, b, top);  // (cut where rounding would overflow)
+  const __mmask16 nan = nonfinite & _mm512_test_epi32_mask(b, _mm512_set1_epi32(0x007fffff));
+  h = _mm512_mask_or_epi32(h, nan, h, _mm512_set1_epi32(0x00400000));
+  x = _mm512_mask_sub_ps(_mm512_setzero_ps(), _knot_mask16(nonfinite), x, _mm512_castsi512_ps(h));
+  return h;
+}
+
 // Pass 1's A operands: for row step s (rows 32 s ..), rank tile q and part p, the tile
-// [16 ranks][32 rows] of B's parts at bpk + ((s * qt + q) * np + p) * kTile.
-SM_INLINE void amx_pack_b(const float* B, int64_t d_out, int r, int qt, int np, int64_t s, uint16_t* bpk) {
+// [16 ranks][32 rows] of B's parts at bpk + ((s * qt + q) * np + p) * kTile; a 32-bit word holds
+// rows 2 j and 2 j + 1 of one rank, scattered to the rank's tile row.
+SM_TARGET_AMX void amx_pack_b(const float* B, int64_t d_out, int r, int qt, int np, int64_t s, uint16_t* bpk) {
+  const __m512i top = _mm512_set1_epi32(int(0xffff0000u));
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(16));
   for (int q = 0; q < qt; ++q) {
-    uint16_t* t = bpk + (size_t(s) * qt + q) * np * kTile;
-    for (int kk = 0; kk < 32; ++kk)
-      for (int m = 0; m < 16; ++m) {
-        const int64_t i = 32 * s + kk;
-        const int k = 16 * q + m;
-        float x = i < d_out && k < r ? B[i * r + k] : 0.0f;
-        for (int p = 0; p < np; ++p) t[p * kTile + m * 32 + kk] = bf16_part(x);
+    auto* t = reinterpret_cast<uint32_t*>(bpk + (size_t(s) * qt + q) * np * kTile);
+    const __mmask16 m = mask16(r - 16 * q);
+    for (int j = 0; j < 16; ++j) {
+      const int64_t i0 = 32 * s + 2 * j, i1 = i0 + 1;
+      __m512 x0 = i0 < d_out ? _mm512_maskz_loadu_ps(m, B + i0 * r + 16 * q) : _mm512_setzero_ps();
+      __m512 x1 = i1 < d_out ? _mm512_maskz_loadu_ps(m, B + i1 * r + 16 * q) : _mm512_setzero_ps();
+      for (int p = 0; p < np; ++p) {
+        const __m512i h0 = bf16_part16(x0), h1 = bf16_part16(x1);
+        _mm512_i32scatter_epi32(t + p * (kTile / 2) + j, rows,
+                                _mm512_ternarylogic_epi32(h1, _mm512_srli_epi32(h0, 16), top, 0xEC), 4);
       }
+    }
   }
 }
 
@@ -733,18 +756,21 @@ SM_INLINE void amx_pack_b(const float* B, int64_t d_out, int r, int qt, int np, 
 // [16 column pairs][16 ranks][2] of T's parts (T: d_in x r, column order; zero past d_in and r) at
 // tpk + ((s * qt + q) * np + p) * kTile, the columns paired as pass 2 pairs V's (see pass2_amx).
 template <int DT>
-void amx_pack_t(const float* T, int64_t d_in, int r, int qt, int np, int64_t s, uint16_t* tpk) {
+SM_TARGET_AMX void amx_pack_t(const float* T, int64_t d_in, int r, int qt, int np, int64_t s, uint16_t* tpk) {
+  const __m512i top = _mm512_set1_epi32(int(0xffff0000u));
   for (int q = 0; q < qt; ++q) {
-    uint16_t* t = tpk + (size_t(s) * qt + q) * np * kTile;
-    for (int pr = 0; pr < 16; ++pr)
-      for (int e = 0; e < 2; ++e) {
-        const int64_t c = 32 * s + (DT == kBF16 ? 2 * pr + e : pr + 16 * e);
-        for (int n = 0; n < 16; ++n) {
-          const int k = 16 * q + n;
-          float x = k < r && c < d_in ? T[c * r + k] : 0.0f;
-          for (int p = 0; p < np; ++p) t[p * kTile + pr * 32 + n * 2 + e] = bf16_part(x);
-        }
+    auto* t = reinterpret_cast<uint32_t*>(tpk + (size_t(s) * qt + q) * np * kTile);
+    const __mmask16 m = mask16(r - 16 * q);
+    for (int pr = 0; pr < 16; ++pr) {
+      const int64_t c0 = 32 * s + (DT == kBF16 ? 2 * pr : pr), c1 = c0 + (DT == kBF16 ? 1 : 16);
+      __m512 x0 = c0 < d_in ? _mm512_maskz_loadu_ps(m, T + c0 * r + 16 * q) : _mm512_setzero_ps();
+      __m512 x1 = c1 < d_in ? _mm512_maskz_loadu_ps(m, T + c1 * r + 16 * q) : _mm512_setzero_ps();
+      for (int p = 0; p < np; ++p) {
+        const __m512i h0 = bf16_part16(x0), h1 = bf16_part16(x1);
+        _mm512_storeu_si512(t + p * (kTile / 2) + pr * 16,
+                            _mm512_ternarylogic_epi32(h1, _mm512_srli_epi32(h0, 16), top, 0xEC));
       }
+    }
   }
 }
 
