@@ -1517,6 +1517,9 @@ PYBIND11_MODULE(_cpu, m) {
         "t: d_in x r fp32, p: d_out x r fp32, b: d_out x r and a: r x d_in in dtype codes b_dtype/a_dtype\n"
         "(0=fp32 1=fp16 2=bf16); all row-major, contiguous. Deterministic for any thread count.");
   m.def("isa", []() { return std::string(g_isa.load()->name); }, "The instruction set the kernels run with.");
+#if SM_HAVE_AMX
+  m.attr("AMX_MIN_RANK") = kAmxMinRank;  // (below it the 'x86-64-v4-amx' build runs the 'x86-64-v4-512' kernels)
+#endif
   m.def("set_isa", &set_isa, py::arg("name"),
         "Select 'best', 'x86-64-v4-amx', 'x86-64-v4-512', 'x86-64-v4', 'x86-64-v3' or 'baseline' kernels; returns\n"
         "False if this CPU cannot run them (the selection is then unchanged). 'x86-64-v4-amx' runs\n"

@@ -80,8 +80,11 @@ def detail() -> str:
     """What the kernels run with, for ``safemerge backends`` and the report (``backends.backend_detail``
     asks after ``unavailable_reason``, which has applied SAFEMERGE_CPU_ISA)."""
     threads = torch.get_num_threads() if _cpu.openmp() else 1
-    return (f"{_cpu.isa()} kernels, {'OpenMP' if _cpu.openmp() else 'no OpenMP'}, "
-            f"{threads} thread{'s' if threads != 1 else ''}")
+    isa = _cpu.isa()
+    tail = (f", ranks below {_cpu.AMX_MIN_RANK} on x86-64-v4-512 kernels"
+            if isa == "x86-64-v4-amx" and hasattr(_cpu, "AMX_MIN_RANK") else "")
+    return (f"{isa} kernels, {'OpenMP' if _cpu.openmp() else 'no OpenMP'}, "
+            f"{threads} thread{'s' if threads != 1 else ''}{tail}")
 
 
 # Drop-behind (weights mapped from files): rows per block, so that a block of the wider matrix is

@@ -534,7 +534,8 @@ def test_cpp_amx_tiles_match_float64(dtype):
 
     if not _cpu.set_isa("x86-64-v4-amx"):
         pytest.skip("this CPU (or OS) cannot run the AMX kernels")
-    try:
+    try:  # (the report says which ranks run which kernels)
+        assert backends.backend_detail("cpp").endswith(f"ranks below {_cpu.AMX_MIN_RANK} on x86-64-v4-512 kernels")
         for d_out, d_in in AMX_SHAPES:
             wa, wu, g = _layer(d_out, d_in, dtype, _seed("amx", dtype, d_out, d_in))
             for r in AMX_RANKS:
