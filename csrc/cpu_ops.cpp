@@ -350,6 +350,19 @@ SM_INLINE void p1_rem(int n, const float* x, int kc, const float* b, int ldb, fl
   }
 }
 
+// A finished band's sums (tacc: r rows of P1_LD, each group of 2 L columns in Elem<DT>::pos<L>
+// order, w columns from c0) into T (column order) and Tt (pass 2's operand, in the buffers' order).
+template <int DT, int L>
+SM_INLINE void write_band(const float* tacc, int w, int r, int64_t c0, float* T, float* Tt, int64_t ldt) {
+  constexpr int G = 2 * L;
+  for (int j = 0; j < w; ++j) {
+    const int slot = (j & ~(G - 1)) + Elem<DT>::template pos<L>(j & (G - 1));
+    for (int k = 0; k < r; ++k) T[(c0 + j) * r + k] = tacc[k * P1_LD + slot];
+  }
+  const int width = (w + G - 1) / G * G;
+  for (int k = 0; k < r; ++k) std::memcpy(Tt + k * ldt + c0, tacc + k * P1_LD, sizeof(float) * width);
+}
+
 // Pass 1 by column bands, for high ranks: rows [i_begin, i_end) of one band (i_begin a multiple of
 // P1_KC): tacc carries the band's sums
 // from the rows before, vsq is the band's ||V||^2 so far and the sum with these rows comes back;
@@ -380,13 +393,7 @@ SM_INLINE double pass1_band_impl(const typename Elem<DT>::T* wa, const typename 
       if (k0 < r) p1_rem<NR - 1, V>(r - k0, x, kc, Bi + k0, r, tacc + k0 * P1_LD + G * s, P1_LD);
     }
   }
-  if (i_end < d_out) return vsq;
-  // T in column order; Tt (pass 2's operand) keeps the buffer order of each group.
-  for (int j = 0; j < w; ++j) {
-    const int slot = (j & ~(G - 1)) + Elem<DT>::template pos<L>(j & (G - 1));
-    for (int k = 0; k < r; ++k) T[(c0 + j) * r + k] = tacc[k * P1_LD + slot];
-  }
-  for (int k = 0; k < r; ++k) std::memcpy(Tt + k * ldt + c0, tacc + k * P1_LD, sizeof(float) * strips * G);
+  if (i_end == d_out) write_band<DT, L>(tacc, w, r, c0, T, Tt, ldt);
   return vsq;
 }
 
@@ -626,24 +633,6 @@ SM_TARGET_AMX SM_INLINE void amx_begin() {
   _tile_loadconfig(&cfg);
 }
 
-// B's and T's split, by rounding to nearest even: the next bf16 part of x, x left as the rest. A
-// NaN stays a NaN (so the results are NaN, as the other builds' are) and an infinity infinite; a
-// finite value that would round to infinity is cut instead.
-SM_INLINE uint16_t bf16_part(float& x) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  if ((b & 0x7f800000u) == 0x7f800000u) {  // NaN or infinity: this part says so, the rest is 0
-    x = 0.0f;
-    return uint16_t((b >> 16) | ((b & 0x007fffffu) ? 0x0040u : 0u));
-  }
-  uint32_t h = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
-  if ((h & 0x7f800000u) == 0x7f800000u) h = b & 0xffff0000u;
-  float hf;
-  std::memcpy(&hf, &h, 4);
-  x -= hf;
-  return uint16_t(h >> 16);
-}
-
 // 16 consecutive elements (those of mask m, the rest 0) as fp32
 template <int DT>
 SM_TARGET_AMX SM_INLINE __m512 amx_load16(const typename Elem<DT>::T* p, __mmask16 m) {
@@ -672,6 +661,12 @@ SM_TARGET_AMX SM_INLINE void amx_group(const typename Elem<DT>::T* p, int n, __m
   }
 }
 
+// 16 words from two vectors of bf16 parts (fp32 bits with zero low halves): lo's in the low halves,
+// hi's in the high ones (the tile unit's pairs).
+SM_TARGET_AMX SM_INLINE __m512i amx_pair_words(__m512i lo, __m512i hi) {
+  return _mm512_ternarylogic_epi32(hi, _mm512_srli_epi32(lo, 16), _mm512_set1_epi32(int(0xffff0000u)), 0xEC);
+}
+
 // The NV bf16 parts of lanes lo and hi, truncated (x = h + m + l with h = x cut to bf16, m the
 // rest cut, l the rest of that, each difference exact; bf16 differences need two parts, fp32
 // values three), paired: word l of part k holds part k of lo[l] in its low half and of hi[l] in its high.
@@ -680,7 +675,7 @@ SM_TARGET_AMX SM_INLINE void amx_pair_parts(__m512 lo, __m512 hi, __m512i (&w)[N
   const __m512i top = _mm512_set1_epi32(int(0xffff0000u));
   for (int k = 0; k < NV; ++k) {
     const __m512i bl = _mm512_castps_si512(lo), bh = _mm512_castps_si512(hi);
-    w[k] = _mm512_ternarylogic_epi32(bh, _mm512_srli_epi32(bl, 16), top, 0xEC);  // (bh & top) | bl >> 16
+    w[k] = amx_pair_words(bl, bh);
     if (k + 1 < NV) {
       lo = _mm512_sub_ps(lo, _mm512_castsi512_ps(_mm512_and_si512(bl, top)));
       hi = _mm512_sub_ps(hi, _mm512_castsi512_ps(_mm512_and_si512(bh, top)));
@@ -693,28 +688,10 @@ SM_TARGET_AMX SM_INLINE void amx_pair_parts(__m512 lo, __m512 hi, __m512i (&w)[N
 // fp32 differences take three, exact.
 template <int DT> constexpr int kAmxVParts = DT == kBF16 ? 2 : 3;
 
-// How many bf16 parts the n fp32 values at x need (1..3), for the packers below.
-SM_INLINE int bf16_parts_needed(const float* x, int64_t n) {
-  uint32_t low = 0;  // values that are bf16 already (a bf16 adapter's): one part; a loop that vectorizes
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t b;
-    std::memcpy(&b, x + i, 4);
-    low |= b & 0xffffu;
-  }
-  if (low == 0) return 1;
-  int need = 1;
-  for (int64_t i = 0; i < n && need < 3; ++i) {
-    float v = x[i];
-    bf16_part(v);
-    if (v != 0.0f) {
-      bf16_part(v);
-      need = std::max(need, v != 0.0f ? 3 : 2);
-    }
-  }
-  return need;
-}
-
-// bf16_part on 16 lanes: the next part of each (as fp32 bits with zero low halves), x left as the rest.
+// B's and T's split, by rounding to nearest even, on 16 lanes: the next bf16 part of each (as fp32
+// bits with zero low halves), x left as the rest. A NaN stays a NaN (so the results are NaN, as
+// the other builds' are) and an infinity infinite, with a rest of 0; a finite value that would
+// round to infinity is cut instead.
 SM_TARGET_AMX SM_INLINE __m512i bf16_part16(__m512& x) {
   const __m512i b = _mm512_castps_si512(x);
   const __m512i expo = _mm512_set1_epi32(0x7f800000), top = _mm512_set1_epi32(int(0xffff0000u));
@@ -729,11 +706,28 @@ SM_TARGET_AMX SM_INLINE __m512i bf16_part16(__m512& x) {
   return h;
 }
 
+// How many bf16 parts the n fp32 values at x need (1..3), for the packers below: one when all are
+// bf16 already (a bf16 adapter's), else as many as the first value that needs the most.
+SM_TARGET_AMX int bf16_parts_needed(const float* x, int64_t n) {
+  __m512i low = _mm512_setzero_si512();
+  for (int64_t i = 0; i < n; i += 16)
+    low = _mm512_or_si512(low, _mm512_maskz_loadu_epi32(mask16(int(std::min<int64_t>(16, n - i))), x + i));
+  if (_mm512_test_epi32_mask(low, _mm512_set1_epi32(0xffff)) == 0) return 1;
+  int need = 1;
+  for (int64_t i = 0; i < n && need < 3; i += 16) {
+    __m512 v = _mm512_maskz_loadu_ps(mask16(int(std::min<int64_t>(16, n - i))), x + i);
+    bf16_part16(v);
+    if (_mm512_test_epi32_mask(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff))) need = 2;
+    bf16_part16(v);
+    if (_mm512_test_epi32_mask(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff))) need = 3;
+  }
+  return need;
+}
+
 // Pass 1's A operands: for row step s (rows 32 s ..), rank tile q and part p, the tile
 // [16 ranks][32 rows] of B's parts at bpk + ((s * qt + q) * np + p) * kTile; a 32-bit word holds
 // rows 2 j and 2 j + 1 of one rank, scattered to the rank's tile row.
 SM_TARGET_AMX void amx_pack_b(const float* B, int64_t d_out, int r, int qt, int np, int64_t s, uint16_t* bpk) {
-  const __m512i top = _mm512_set1_epi32(int(0xffff0000u));
   const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                           _mm512_set1_epi32(16));
   for (int q = 0; q < qt; ++q) {
@@ -745,8 +739,7 @@ SM_TARGET_AMX void amx_pack_b(const float* B, int64_t d_out, int r, int qt, int 
       __m512 x1 = i1 < d_out ? _mm512_maskz_loadu_ps(m, B + i1 * r + 16 * q) : _mm512_setzero_ps();
       for (int p = 0; p < np; ++p) {
         const __m512i h0 = bf16_part16(x0), h1 = bf16_part16(x1);
-        _mm512_i32scatter_epi32(t + p * (kTile / 2) + j, rows,
-                                _mm512_ternarylogic_epi32(h1, _mm512_srli_epi32(h0, 16), top, 0xEC), 4);
+        _mm512_i32scatter_epi32(t + p * (kTile / 2) + j, rows, amx_pair_words(h0, h1), 4);
       }
     }
   }
@@ -757,7 +750,6 @@ SM_TARGET_AMX void amx_pack_b(const float* B, int64_t d_out, int r, int qt, int 
 // tpk + ((s * qt + q) * np + p) * kTile, the columns paired as pass 2 pairs V's (see pass2_amx).
 template <int DT>
 SM_TARGET_AMX void amx_pack_t(const float* T, int64_t d_in, int r, int qt, int np, int64_t s, uint16_t* tpk) {
-  const __m512i top = _mm512_set1_epi32(int(0xffff0000u));
   for (int q = 0; q < qt; ++q) {
     auto* t = reinterpret_cast<uint32_t*>(tpk + (size_t(s) * qt + q) * np * kTile);
     const __mmask16 m = mask16(r - 16 * q);
@@ -767,8 +759,7 @@ SM_TARGET_AMX void amx_pack_t(const float* T, int64_t d_in, int r, int qt, int n
       __m512 x1 = c1 < d_in ? _mm512_maskz_loadu_ps(m, T + c1 * r + 16 * q) : _mm512_setzero_ps();
       for (int p = 0; p < np; ++p) {
         const __m512i h0 = bf16_part16(x0), h1 = bf16_part16(x1);
-        _mm512_storeu_si512(t + p * (kTile / 2) + pr * 16,
-                            _mm512_ternarylogic_epi32(h1, _mm512_srli_epi32(h0, 16), top, 0xEC));
+        _mm512_storeu_si512(t + p * (kTile / 2) + pr * 16, amx_pair_words(h0, h1));
       }
     }
   }
@@ -857,7 +848,7 @@ SM_TARGET_AMX SM_INLINE void amx_p1_chunk(const uint32_t* vbuf, int strips, cons
 
 // pass1_rows_impl on the tile unit: tg has qt * 16 rows.
 template <int DT>
-SM_TARGET_AMX double pass1_rows_amx(const void* wa_, const void* wu_, int64_t d_out, int64_t d_in, int64_t lda,
+SM_TARGET_AMX double pass1_rows_amx(const void* wa_, const void* wu_, int64_t d_out, int64_t, int64_t lda,
                                     int64_t ldu, const float*, int, float* tg, int64_t ldg, float* buf, int64_t lo,
                                     int64_t hi, int64_t cb, int64_t ce, double vsq, const void* ex) {
   using T = typename Elem<DT>::T;
@@ -865,7 +856,6 @@ SM_TARGET_AMX double pass1_rows_amx(const void* wa_, const void* wu_, int64_t d_
   const auto* wu = static_cast<const T*>(wu_);
   const auto& op = *static_cast<const AmxOperands*>(ex);
   uint32_t* vbuf = reinterpret_cast<uint32_t*>(buf);
-  (void)d_in;
   amx_begin();
   for (int64_t i0 = lo; i0 < hi; i0 += P1_KC) {
     const int kc = int(std::min<int64_t>(P1_KC, hi - i0));
@@ -888,7 +878,7 @@ SM_TARGET_AMX double pass1_rows_amx(const void* wa_, const void* wu_, int64_t d_
   return vsq;
 }
 
-// pass1_band_impl on the tile unit: tacc has qt * 16 rows of P1_LD; T and Tt in column order.
+// pass1_band_impl on the tile unit: tacc has qt * 16 rows of P1_LD.
 template <int DT>
 SM_TARGET_AMX double pass1_band_amx(const void* wa_, const void* wu_, int64_t d_out, int64_t d_in, int64_t lda,
                                     int64_t ldu, const float*, int r, int64_t c0, float* T, float* Tt, int64_t ldt,
@@ -915,12 +905,7 @@ SM_TARGET_AMX double pass1_band_amx(const void* wa_, const void* wu_, int64_t d_
     amx_p1_chunk<kAmxVParts<DT>>(vbuf, strips, bks, op.qt, op.nbp, tacc, P1_LD, next);
   }
   _tile_release();
-  if (i_end < d_out) return vsq;
-  for (int j = 0; j < w; ++j) {
-    const int slot = (j & ~31) + Elem<DT>::template pos<16>(j & 31);
-    for (int k = 0; k < r; ++k) T[(c0 + j) * r + k] = tacc[k * P1_LD + slot];
-  }
-  for (int k = 0; k < r; ++k) std::memcpy(Tt + k * ldt + c0, tacc + k * P1_LD, sizeof(float) * strips * 16);
+  if (i_end == d_out) write_band<DT, 16>(tacc, w, r, c0, T, Tt, ldt);
   return vsq;
 }
 
