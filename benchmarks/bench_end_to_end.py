@@ -310,29 +310,101 @@ def drop_caches() -> bool:
         return False
 
 
-def rewarm(data: Path, adapters: str) -> None:
+def input_files(data: Path, adapters: str) -> list[Path]:
+    """The safetensors files the contenders read: both models' shards and both adapters."""
+    return [path for sub in ("aligned", "unaligned", f"task-{adapters}", f"safety-{adapters}")
+            for path in sorted((data / sub).glob("*.safetensors"))]
+
+
+def rewarm(data: Path, adapters: str, *, again: bool = False) -> None:
     """Put every file a contender reads back into the page cache before it starts (outside its
     timed work). This VM's memory manager (DAMON-based reclaim) takes pages of idle cached files
     within seconds, so one warm-up at the start left later contenders of a "warm" run reading part
     of their input from the disk (measured: 5-16 of the 32 q/v pairs of a 1B model a few seconds
-    after they were read). Cached files cost one ``cachestat`` call each."""
+    after they were read). Cached files cost one ``cachestat`` call each. With ``again``, every
+    file is first dropped from the cache (``POSIX_FADV_DONTNEED``), so all of it is read back."""
     from safemerge_ext.io import pagecache
     from safemerge_ext.io.models import _copy_buffered, _NotHere, _sendfile
 
     with open(os.devnull, "wb") as null:
-        for sub in ("aligned", "unaligned", f"task-{adapters}", f"safety-{adapters}"):
-            for path in sorted((data / sub).glob("*.safetensors")):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    size = os.fstat(fd).st_size
-                    if pagecache.resident(fd, 0, size):
-                        continue
-                    try:  # the kernel's read path, no copy into this process (as the pipeline reads ahead)
-                        _sendfile(fd, null.fileno(), 0, size)
-                    except _NotHere:
-                        _copy_buffered(fd, null.fileno(), 0, size)
-                finally:
-                    os.close(fd)
+        for path in input_files(data, adapters):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                if again and hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                elif pagecache.resident(fd, 0, size):
+                    continue
+                try:  # the kernel's read path, no copy into this process (as the pipeline reads ahead)
+                    _sendfile(fd, null.fileno(), 0, size)
+                except _NotHere:
+                    _copy_buffered(fd, null.fileno(), 0, size)
+            finally:
+                os.close(fd)
+
+
+_HUGE = 2 << 20
+
+
+def huge_folio_share(paths: list[Path]) -> float | None:
+    """The share of the files' whole 2 MiB stretches that the page cache holds in 2 MiB folios,
+    which a mapping maps with one entry each (``FilePmdMapped``); None when a file is not wholly
+    in the cache (touching it would read it in) or this system cannot tell.
+
+    A warm run's figures depend on it, the floor's most: it faults its tensors in through
+    safetensors' memory map (1B q/v on the Intel VM of RESULTS.md, the same hour: models written
+    4 KiB at a time, so cached in small folios, floor 0.071 s and ours 0.134 s, 1.9x; after
+    ``--recache``, in 2 MiB folios, 0.031 s and 0.091 s, 2.9x). A file written in pieces under
+    2 MiB stays cached in small folios until it leaves the cache; read back (``sendfile``, ``read``
+    or a memory map), it comes in 2 MiB folios where the kernel makes them (Linux 6.18, ext4, on
+    that VM). Each file is mapped and one byte per 2 MiB touched (no bytes read from the disk)."""
+    import ctypes
+    import mmap
+
+    from safemerge_ext.io import pagecache
+
+    stretches = pmd_kb = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = size // _HUGE
+            if n == 0:
+                continue
+            if not pagecache.resident(f.fileno(), 0, size):
+                return None
+            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # (private, as ModelReader.map; nothing written)
+            try:
+                first = ctypes.c_char.from_buffer(mm)
+                addr = ctypes.addressof(first)
+                del first  # (an export of mm would keep it from closing)
+                for k in range(n):
+                    mm[k * _HUGE]
+                pmd = _smaps_kb(addr, "FilePmdMapped")
+            finally:
+                mm.close()
+            if pmd is None:
+                return None
+            stretches += n
+            pmd_kb += pmd
+    return pmd_kb * 1024 / (stretches * _HUGE) if stretches else None
+
+
+def _smaps_kb(addr: int, field: str) -> int | None:
+    """A ``kB`` field of this process's mapping that starts at ``addr`` (/proc/self/smaps)."""
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = iter(f.read().splitlines())
+    except OSError:
+        return None
+    head = f"{addr:x}-"
+    for line in lines:
+        if line.startswith(head):
+            for line in lines:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+                if "-" in line.split(" ", 1)[0]:  # the next mapping's header
+                    return None
+    return None
 
 
 def spawn(name: str, opts: dict, timeout: float, cold: bool = False) -> dict:
@@ -391,10 +463,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each contender (but the slow reference and mergekit) this many times and keep "
                          "its fastest run: the floors and ours alike, so a noisy neighbour's burst does not skew a ratio")
+    ap.add_argument("--recache", action="store_true",
+                    help="warm runs: first drop the input files from the page cache and read them back with "
+                         "sendfile, as the pipeline's read-ahead does, so the cache holds them in 2 MiB folios where "
+                         "the kernel makes them, whoever read them before (see huge_folio_share)")
     ap.add_argument("--json", help="write results here (default: benchmarks/results/e2e-<shape>-<host>-<date>.json)")
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
+    if args.recache and args.cold:
+        ap.error("--recache is for warm runs; --cold drops the page cache before every contender anyway")
     if args.child:
         child(args.child, json.loads(args.opts))
         return
@@ -425,9 +503,14 @@ def main() -> None:
         f"safemerge-adapter-noplot:{backends[0]}", "safemerge-model", "reference", "mergekit"]
     names = [n for n in names if n not in args.skip and n.split(":")[0] not in args.skip]
     rows = []
+    files = input_files(data, args.adapters)
+    huge = [None, None]  # the share of the inputs cached in 2 MiB folios, before the first contender and after the last
     try:
         if not args.cold:  # one warm-up read so every contender sees the same (warm) page cache
+            if args.recache:
+                rewarm(data, args.adapters, again=True)
             spawn("floor", {"data": str(data), "adapters": args.adapters, "out": str(tmp / "warm")}, args.timeout)
+            huge[0] = huge_folio_share(files)
         for i, name in enumerate(names):
             opts = {"data": str(data), "adapters": args.adapters, "out": str(tmp / f"o{i}"),
                     "backend": name.split(":")[1] if ":" in name else "auto", "device": args.device}
@@ -446,6 +529,8 @@ def main() -> None:
                 if "error" in got:
                     break
             rows.append(best)
+        if not args.cold:
+            huge[1] = huge_folio_share(files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -467,7 +552,7 @@ def main() -> None:
     meta = {"shape": args.shape, "adapters": args.adapters, "cache": "cold" if args.cold else "warm", "device": args.device,
             "gpu": _gpu_name() if args.device == "cuda" else None, "host": socket.gethostname(), "machine": machine(),
             "date": dt.date.today().isoformat(), "git_sha": git_sha(), "python": platform.python_version(),
-            "interpreter": base, "repeat": args.repeat}
+            "interpreter": base, "repeat": args.repeat, "recache": args.recache, "huge_folio_share": huge}
     print(table(rows, meta))
     tag = f"{args.shape}-{args.adapters}-{meta['cache']}" + ("-cuda" if args.device == "cuda" else "")
     out = Path(args.json) if args.json else HERE / "results" / f"e2e-{tag}-{meta['date']}.json"
@@ -500,6 +585,11 @@ def table(rows: list[dict], meta: dict) -> str:
     head = (f"shape={meta['shape']} adapters={meta['adapters']} page-cache={meta['cache']} machine={meta['machine']}{gpu} date={meta['date']} "
             f"sha={meta['git_sha']} best of {meta.get('repeat', 1)}; interpreter: start {meta['interpreter']['start_s']:.2f} s, "
             f"rss {meta['interpreter']['rss_mb']:.0f} MB")
+    share = meta.get("huge_folio_share") or [None, None]
+    if any(v is not None for v in share):
+        pct = ["?" if v is None else f"{100 * v:.0f}%" for v in share]
+        head += f"; inputs cached in 2 MiB folios: {pct[0]} at the start, {pct[1]} at the end"
+        head += " (--recache)" if meta.get("recache") else ""
 
     def fmt(v):
         if v is None:

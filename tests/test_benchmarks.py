@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,7 @@ def test_bench_end_to_end_tiny(tmp_path):
     ours = [r for n, r in rows.items() if n.startswith("safemerge-adapter")]
     assert ours and all(r["flagged"] >= 0 and r["time_s"] > 0 and r["peak_rss_mb"] > 0 for r in ours)
     assert data["meta"]["device"] == "cpu" and data["meta"]["cache"] == "warm"
+    assert len(data["meta"]["huge_folio_share"]) == 2 and data["meta"]["recache"] is False
     # every row's memory over its own baseline after imports (the floors import torch too)
     for name in ("floor", "copy-floor"):
         assert "base_rss_mb" in rows[name] and rows[name]["rss_over_base_mb"] < 100, rows[name]
@@ -282,3 +284,58 @@ def test_bench_end_to_end_rewarm_puts_evicted_files_back(tmp_path):
             assert pagecache.resident(fd, 0, f.stat().st_size) is True, f
         finally:
             os.close(fd)
+
+
+def test_bench_end_to_end_huge_folio_share_and_recache(tmp_path):
+    """The probe says what share of the inputs the page cache holds in 2 MiB folios (None for a
+    file not wholly cached, which it must not read in), and --recache drops and re-reads them."""
+    import bench_end_to_end
+
+    from safemerge_ext.io import pagecache
+    from safemerge_ext.io.models import _sendfile
+
+    files = []
+    block = os.urandom(4096)
+    for sub, size in (("aligned", 64 << 20), ("unaligned", 4096), ("task-qv", 4096), ("safety-qv", 4096)):
+        (tmp_path / sub).mkdir()
+        f = tmp_path / sub / "model.safetensors"
+        with open(f, "wb") as out:  # written 4 KiB at a time: cached in small folios
+            for _ in range(size // 4096):
+                out.write(block)
+        files.append(f)
+    small = bench_end_to_end.huge_folio_share(files)
+    if small is None:
+        pytest.skip("this system cannot tell how the page cache holds a file")
+    # a control, the same bytes in another file: out of the cache, the probe says None and reads
+    # nothing in; read back here, it tells whether this kernel caches such a file in 2 MiB folios
+    # at all (a file's first 16 MiB come in smaller ones, as the read-ahead grows)
+    control = tmp_path / "control.bin"
+    shutil.copyfile(files[0], control)
+    fd = os.open(control, os.O_RDONLY)
+    try:
+        size = control.stat().st_size
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if pagecache.resident(fd, 0, size) is not False:
+            pytest.skip("this system did not drop the file from the page cache")
+        assert bench_end_to_end.huge_folio_share([control]) is None
+        assert pagecache.resident(fd, 0, size) is False
+        with open(os.devnull, "wb") as null:
+            _sendfile(fd, null.fileno(), 0, size)
+    finally:
+        os.close(fd)
+    expect = bench_end_to_end.huge_folio_share([control])
+    bench_end_to_end.rewarm(tmp_path, "qv", again=True)  # (every input is cached: only `again` reads them)
+    after = bench_end_to_end.huge_folio_share(files)
+    assert after is not None and 0.0 <= after <= 1.0
+    if not expect:
+        pytest.skip("this kernel does not cache these files in 2 MiB folios")
+    assert small == 0.0 < after  # (how much of it comes in 2 MiB folios varies from run to run)
+
+
+def test_bench_end_to_end_recache_is_for_warm_runs():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_end_to_end.py"), "--cold", "--recache"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 2 and "--recache is for warm runs" in proc.stderr
