@@ -154,12 +154,52 @@ def case_models(fx, tmp: Path, kind: str):
         t = copy(fx.task, tmp / "t")
         edit_adapter(t, config=lambda c: c.__setitem__("init_lora_weights", "pissa_niter_4"))
         return a, u, t, s, ["--task-adapter", "init_lora_weights", "pissa_niter_4", "path_initial_model_for_weight_conversion"]
+    if kind == "config_not_object":
+        t = copy(fx.task, tmp / "t")
+        (t / "adapter_config.json").write_text("[1, 2]")
+        return a, u, t, s, ["--task-adapter", "adapter_config.json", "not a PEFT config"]
+    if kind == "config_r_null":
+        t = copy(fx.task, tmp / "t")
+        edit_adapter(t, config=lambda c: c.__setitem__("r", None))
+        return a, u, t, s, ["--task-adapter", "adapter_config.json", "r is None", "not a number"]
+    if kind == "config_bad_pattern":
+        s = copy(fx.safety, tmp / "s")
+        edit_adapter(s, config=lambda c: c.__setitem__("rank_pattern", {"q_proj(": 4}))
+        return a, u, t, s, ["--safety-adapter", "rank_pattern", "q_proj(", "not a regular expression"]
+    if kind == "rank_zero":
+        t = copy(fx.task, tmp / "t")
+
+        def empty(sd):
+            sd[f"base_model.model.{Q0}.lora_A.weight"] = torch.zeros(0, 64)
+            sd[f"base_model.model.{Q0}.lora_B.weight"] = torch.zeros(64, 0)
+        edit_adapter(t, tensors=empty)
+        return a, u, t, s, ["--task-adapter", Q0, "rank 0"]
+    if kind == "two_factor_sets":  # two adapters' factors in one file: neither may be dropped silently
+        t = copy(fx.task, tmp / "t")
+
+        def second(sd):
+            for ab in "AB":
+                sd[f"base_model.model.{Q0}.lora_{ab}.other.weight"] = sd[f"base_model.model.{Q0}.lora_{ab}.weight"].clone()
+        edit_adapter(t, tensors=second)
+        return a, u, t, s, ["--task-adapter", Q0, "two lora_A tensors", "own folder"]
+    if kind == "header_shape":  # a header whose shape is no list of whole numbers (JSON's Infinity)
+        u = copy(fx.unaligned, tmp / "u")
+        index = json.loads((u / "model.safetensors.index.json").read_text())
+        shard = u / index["weight_map"][f"{Q0}.weight"]
+        raw = shard.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        header[f"{Q0}.weight"]["shape"] = [float("inf"), 64]
+        new = json.dumps(header).encode()
+        shard.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+        return a, u, t, s, ["--unaligned", shard.name, f"{Q0}.weight", "not a list of whole numbers"]
     raise KeyError(kind)
 
 
 CASES = ["missing_dir", "missing_tensor", "missing_shard", "truncated", "shape", "dtype", "bin_only", "nan_weight", "inf_weight",
          "nan_adapter", "unknown_module", "adapter_shape", "dora", "not_lora", "rank_mismatch", "no_adapter_file",
-         "truncated_adapter", "safety_lacks_module", "foreign_safety_module", "pissa"]
+         "truncated_adapter", "safety_lacks_module", "foreign_safety_module", "pissa", "config_not_object",
+         "config_r_null", "config_bad_pattern", "rank_zero", "two_factor_sets", "header_shape"]
 
 
 def leftovers(parent: Path, name: str) -> list[Path]:

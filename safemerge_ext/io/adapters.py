@@ -135,8 +135,10 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
         raise SafeMergeError(f"{flag} {p}: no {CONFIG}; give a folder saved by PeftModel.save_pretrained")
     try:
         config = json.loads(cfg_path.read_text())
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise SafeMergeError(f"{flag} {cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise SafeMergeError(f"{flag} {cfg_path}: not a PEFT config (a JSON object); re-save the adapter with save_pretrained")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise SafeMergeError(f"{flag} {cfg_path}: peft_type is {peft_type or 'missing'}; only LoRA adapters are supported")
@@ -158,16 +160,21 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
             )
         raise SafeMergeError(f"{flag} {p}: no {WEIGHTS}")
 
+    r_default, alpha_default, rank_pattern, alpha_pattern = _ranks_and_alphas(config, f"{flag} {cfg_path}")
     reader = ModelReader(p, flag, single=WEIGHTS)
     keys: dict[str, dict[str, str]] = {}
     for key in reader.names:
         m = _KEY.match(key)
         if m is None:
             raise _not_a_factor(key, reader.names, config, f"{flag} {w_path}")
-        keys.setdefault(peft_module(m["module"]), {})[m["ab"]] = key
+        factors = keys.setdefault(peft_module(m["module"]), {})
+        if m["ab"] in factors:  # (e.g. lora_A.weight and lora_A.other.weight: two adapters' factors in one file)
+            raise SafeMergeError(
+                f"{flag} {w_path}: module {peft_module(m['module'])} has two lora_{m['ab']} tensors ({factors[m['ab']]} "
+                f"and {key}); save each adapter in its own folder"
+            )
+        factors[m["ab"]] = key
 
-    r_default, alpha_default = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     modules: dict[str, LoraModule] = {}
     for name, ab in keys.items():
         if set(ab) != {"A", "B"}:
@@ -180,6 +187,8 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
                 "they must be r x d_in and d_out x r"
             )
         rank = a_shape[0]
+        if rank < 1:
+            raise SafeMergeError(f"{flag} {w_path}: module {name} has rank 0 (lora_A {tuple(a_shape)}); the adapter is empty or corrupt")
         rk = pattern_key(rank_pattern, name)
         expected = int(rank_pattern[rk]) if rk is not None else r_default
         if expected != rank:
@@ -198,6 +207,33 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
         raise SafeMergeError(f"{flag} {w_path}: no LoRA factors found")
     _check_finite(reader, modules, f"{flag} {w_path}")
     return LoraAdapter(p, config, modules, flag)
+
+
+def _ranks_and_alphas(config: dict[str, Any], where: str) -> tuple[int, float, dict[str, Any], dict[str, Any]]:
+    """The config's default rank and alpha and its per-module patterns, checked: numbers, and
+    patterns that are objects whose keys are regular expressions and whose values are numbers."""
+    def number(key: str, default: float, value: Any = None, what: str | None = None) -> float:
+        v = config.get(key, default) if what is None else value
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise SafeMergeError(f"{where}: {what or key} is {v!r}, not a number; re-save the adapter with save_pretrained")
+        return v
+
+    r_default, alpha_default = number("r", 8), float(number("lora_alpha", 8))
+    if r_default != int(r_default):
+        raise SafeMergeError(f"{where}: r is {r_default!r}, not a whole number; re-save the adapter with save_pretrained")
+    patterns = []
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = config.get(key) or {}
+        if not isinstance(pat, dict):
+            raise SafeMergeError(f"{where}: {key} is {type(pat).__name__}, not an object of module pattern -> value")
+        for k, v in pat.items():
+            try:
+                re.compile(k)
+            except re.error as exc:
+                raise SafeMergeError(f"{where}: {key} has {k!r}, not a regular expression ({exc})") from None
+            number(key, 0, v, f"{key}[{k!r}]")
+        patterns.append(pat)
+    return int(r_default), alpha_default, patterns[0], patterns[1]
 
 
 def _not_a_factor(key: str, names: list[str], config: dict[str, Any], where: str) -> SafeMergeError:

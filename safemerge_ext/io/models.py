@@ -32,7 +32,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -121,11 +121,12 @@ def config_value(model_dir: str | os.PathLike, key: str) -> object:
     None where the file or the key is missing."""
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(cfg, dict):
         return None
-    return cfg.get(key, (cfg.get("text_config") or {}).get(key))
+    text = cfg.get("text_config")
+    return cfg.get(key, text.get(key) if isinstance(text, dict) else None)
 
 
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
@@ -157,6 +158,11 @@ def natural_key(name: str) -> tuple:
         int(p) if p.isdigit() else tuple((_MODULE_ORDER.get(c, len(_MODULE_ORDER)), c) for c in p.split("."))
         for p in re.split(r"(\d+)", name)
     )
+
+
+def _ints(x: Any) -> bool:
+    """A JSON list of whole numbers (not booleans), as safetensors headers hold shapes and offsets."""
+    return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
 
 
 class ModelReader:
@@ -192,7 +198,7 @@ class ModelReader:
                     isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
                 ):
                     raise ValueError("weight_map is not a table of tensor names to shard files")
-            except (ValueError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
                 raise SafeMergeError(f"{self.flag} {p / INDEX}: not a valid safetensors index ({exc}); re-save the model") from None
             for shard in sorted(set(weight_map.values())):
                 if Path(shard).name != shard or shard in (".", ".."):
@@ -261,19 +267,22 @@ class ModelReader:
             for name, info in raw.items():
                 if name == "__metadata__":
                     continue
-                start, end = (8 + n + int(o) for o in info["data_offsets"])
+                offsets, dims = info["data_offsets"], info["shape"]
+                if not (_ints(offsets) and len(offsets) == 2):
+                    raise ValueError(f"tensor {name} has data_offsets {offsets!r}, not two whole numbers")
+                if not _ints(dims) or any(d < 0 for d in dims):
+                    raise ValueError(f"tensor {name} has shape {dims!r}, not a list of whole numbers")
+                start, end = (8 + n + o for o in offsets)
                 if not 8 + n <= start <= end <= size:
                     raise ValueError(f"tensor {name} lies outside the file (truncated download?)")
-                code, shape = str(info["dtype"]), tuple(int(d) for d in info["shape"])
-                if any(d < 0 for d in shape):
-                    raise ValueError(f"tensor {name} has shape {list(shape)}")
+                code, shape = str(info["dtype"]), tuple(dims)
                 want = tensor_nbytes(code, shape)
                 if want is not None and want != end - start:
                     raise ValueError(f"tensor {name} ({code} {list(shape)}) spans {end - start} bytes, not {want}")
                 hdr[name] = (code, shape, start, end)
             meta = raw.get("__metadata__")
             ok = isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        except (OSError, ValueError, KeyError, TypeError, struct.error, RecursionError) as exc:
             why = f"a tensor entry has no {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
             raise SafeMergeError(f"{self.flag} {path}: not a readable safetensors file ({why}); re-download or re-save it") from None
         self._headers[shard], self._metadata[shard] = hdr, (dict(meta) if ok else None)
