@@ -217,6 +217,9 @@ MAP_BATCH_BYTES = 8 << 20
 adapter's factors a batch of layers at a time: as many layers as have this many bytes of factors
 (the memory a batch holds: a mapping holds none until the kernel reads it, and each pair is
 unmapped once scored). The 1B benchmark's q/v layers at r = 8 in fp32 (3.3 MiB) are one batch."""
+MAP_BATCH_LAYERS = 64
+"""... and at most this many layers: each mapping holds a file descriptor (Python's mmap keeps a
+duplicate), so many tiny-rank modules in one batch could use up the process's descriptors."""
 
 
 def prefetch(
@@ -285,10 +288,11 @@ def prefetch(
 
 def in_batches(
     items: Iterable[Any], load: Callable[[Any], Any], *, size: Callable[[Any], int] = lambda _: 0, budget: int = 0,
+    max_items: int = 0,
 ) -> Iterator[tuple[Any, Any]]:
     """Yield (item, load(item)), loading in the caller's thread a batch at a time: as many items as
-    fit in ``budget`` units of ``size(item)`` (always at least one; no bound without a budget), all
-    loaded before the first of them is yielded. Each item is let go as it is yielded, so the
+    fit in ``budget`` units of ``size(item)`` and, when ``max_items`` is set, at most that many
+    (always at least one; no bound without either), all loaded before the first of them is yielded. Each item is let go as it is yielded, so the
     consumer's reference is then the only one. When a load fails, the items loaded before it are
     yielded first, then its error is raised.
 
@@ -305,7 +309,7 @@ def in_batches(
         used, failed = 0, None
         while nxt is not end:
             n = size(nxt)
-            if batch and budget > 0 and used + n > budget:
+            if batch and ((budget > 0 and used + n > budget) or (max_items > 0 and len(batch) >= max_items)):
                 break
             try:
                 batch.append((nxt, load(nxt)))
@@ -415,7 +419,8 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
     pairs = None
     try:
         if cached:  # (mapping reads nothing and holds no memory until the kernel touches the pages)
-            pairs = in_batches(read_order(run), load, size=lambda i: run.layers[i].task.nbytes, budget=MAP_BATCH_BYTES)
+            pairs = in_batches(read_order(run), load, size=lambda i: run.layers[i].task.nbytes, budget=MAP_BATCH_BYTES,
+                               max_items=MAP_BATCH_LAYERS)
         else:
             pairs = prefetch(read_order(run), load, size=pair_bytes, budget=READ_AHEAD_BYTES, depth=READ_AHEAD_LAYERS)
         for i, (wa, wu, ready, (A, B)) in pairs:
@@ -578,7 +583,8 @@ def merge(
         PEFT computes LoRA in fp32 unless told otherwise."""
         t, s = layer.task, layer.safety
         rank = t.rank + s.rank if settings.method == "linear" else min(t.rank + s.rank, *layer.shape)
-        dt = torch.promote_types(torch.promote_types(t.dtypes[1], s.dtypes[1]), torch.float32)
+        # (by hand: torch.promote_types refuses float8)
+        dt = torch.float64 if torch.float64 in (t.dtypes[1], s.dtypes[1]) else torch.float32
 
         def make() -> tuple[torch.Tensor, torch.Tensor]:
             dW, B, A = merged_update(layer)

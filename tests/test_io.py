@@ -336,6 +336,33 @@ def test_float8_adapters_are_checked_and_scored(fx, tmp_path, dtype):
         read_adapter(ad, "--task-adapter")
 
 
+def test_float8_adapters_merge_into_an_fp32_adapter(fx, tmp_path):
+    """Merging float8 adapters (torch.promote_types refuses float8) writes each flagged module's
+    factors in fp32: the exact linear merge of the values the float8 factors hold."""
+    from safemerge_ext import pipeline
+    from safemerge_ext.selection import Selection
+
+    ads = []
+    for src, name in ((fx.task, "task"), (fx.safety, "safety")):
+        fp8 = {k: v.float().to(torch.float8_e4m3fn) for k, v in load_file(str(src / "adapter_model.safetensors")).items()}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+        save_file(fp8, str(tmp_path / name / "adapter_model.safetensors"))
+        ads.append(fp8)
+    out = tmp_path / "out"
+    report = pipeline.merge(fx.aligned, fx.unaligned, tmp_path / "task", tmp_path / "safety", out,
+                            pipeline.MergeSettings(Selection(threshold=1.0), alpha=0.25), progress=False, plot=False)
+    flagged = [rec for rec in report["layers"] if rec["flagged"]]
+    assert flagged
+    merged = read_adapter(out)
+    task, safety = read_adapter(tmp_path / "task"), read_adapter(tmp_path / "safety")
+    for rec in flagged:
+        m = merged.modules[rec["module"]]
+        assert m.dtypes == (torch.float32, torch.float32)
+        want = 0.25 * task.modules[rec["module"]].delta().double() + 0.75 * safety.modules[rec["module"]].delta().double()
+        torch.testing.assert_close(m.delta().double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_large_tensors_are_mapped_in_whole_huge_pages(tmp_path, monkeypatch):
     """A tensor of a huge page or more is mapped from the huge-page boundary at or below its start
     to the one at or above its end, cut at the end of the file, so huge folios in the page cache

@@ -561,6 +561,11 @@ def test_in_batches_loads_a_batch_ahead_in_the_callers_thread_and_lets_go():
     loaded.clear()
     assert [i for i, _ in in_batches(range(4), load)] == [0, 1, 2, 3] and loaded == [0, 1, 2, 3]
     assert list(in_batches([], load)) == []
+    # at most max_items a batch too (each mapping holds a file descriptor), whichever bound comes first
+    loaded.clear()
+    seen = [len(loaded) for _ in in_batches(range(7), load, size=lambda i: sizes[i], budget=6, max_items=2)]
+    assert seen == [2, 2, 3, 5, 5, 6, 7]  # batches [0, 1], [2], [3, 4], [5], [6]
+    loaded.clear()
 
     # a load that fails: the items loaded before it come first, then its error
     def failing(i):
