@@ -554,7 +554,8 @@ def merge(
 ) -> dict[str, Any]:
     """SafeMERGE: score the task adapter, merge flagged layers with the safety adapter, write ``out``
     (with ``safemerge_report.json`` and, unless ``plot=False``, ``safemerge_report.png``)."""
-    check_out(out, force)
+    check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned),
+                                  ("--task-adapter", task_adapter), ("--safety-adapter", safety_adapter)))
     task = read_adapter(task_adapter, "--task-adapter")
     safety = read_adapter(safety_adapter, "--safety-adapter")
     run = open_run(aligned, unaligned, task, safety, device=device, backend=backend, precision=precision)
@@ -641,7 +642,7 @@ def project(
     """Safe LoRA: flagged layers (cosine <= threshold, or the k lowest) get ``lora_B <- C lora_B``."""
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
-    check_out(out, force)
+    check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter)))
     task = read_adapter(adapter, "--adapter")
     run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision)
     if plot:

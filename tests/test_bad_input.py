@@ -636,3 +636,22 @@ def test_a_report_that_fails_to_write_leaves_the_old_one(tmp_path, monkeypatch):
         report.write_json({"new": list(range(100))}, path)
     monkeypatch.undo()
     assert path.read_text() == '{"old": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+@pytest.mark.parametrize("command, where", [("merge", "out-is-an-input"), ("merge", "out-holds-inputs"),
+                                            ("project", "out-holds-inputs")])
+def test_force_never_replaces_an_input(fx, tmp_path, capsys, command, where):
+    """--force replaces the whole --out folder: one that is, or holds, an input is refused before
+    anything is read, and every input is left as it was."""
+    root = tmp_path / "inputs"
+    a, u, t, s = (copy(src, root / name) for src, name in
+                  ((fx.aligned, "a"), (fx.unaligned, "u"), (fx.task, "t"), (fx.safety, "s")))
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    out, culprit = (t, "--task-adapter") if where == "out-is-an-input" else (root, "--aligned")
+    adapters = (["--task-adapter", str(t), "--safety-adapter", str(s)] if command == "merge" else ["--adapter", str(t)])
+    code = main([command, "--aligned", str(a), "--unaligned", str(u), *adapters, "--out", str(out), "--force",
+                 "--output", "model", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert f"--out {out} is {culprit}" in err and "which the output would replace" in err, err
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before

@@ -8,7 +8,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from safemerge_ext.errors import SafeMergeError
 
@@ -27,13 +27,20 @@ def check_parent(path: str | os.PathLike, flag: str) -> Path:
     return p
 
 
-def check_out(out: str | os.PathLike, force: bool, flag: str = "--out") -> Path:
+def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
+              inputs: Iterable[tuple[str, str | os.PathLike]] = ()) -> Path:
     """Fail early when the output (``flag`` names it in errors) exists and --force was not given, or
-    could not be made."""
+    could not be made, or when replacing it would delete the working directory or one of
+    ``inputs`` ((flag, path) pairs: --force replaces the whole folder)."""
     p = check_parent(out, flag)
     here, where = Path.cwd().resolve(), p.resolve()
     if where == here or where in here.parents:  # (and Path(".").name is empty)
         raise SafeMergeError(f"{flag} {out} is the working directory or holds it; choose a new folder")
+    for name, path in inputs:
+        src = Path(path).resolve()
+        if where == src or where in src.parents:
+            raise SafeMergeError(f"{flag} {out} is {name} {path} or holds it, which the output would replace; "
+                                 "choose a new folder")
     if (p.exists() or p.is_symlink()) and not force:
         raise SafeMergeError(f"{flag} {p} already exists; choose a new path or pass --force to replace it")
     if p.exists() and not p.is_dir():
