@@ -564,7 +564,10 @@ def discard_report(report_path: str | os.PathLike) -> None:
         _pending.pop(key, None)
         _started.pop(key, None)
         _failed.discard(key)
-        sidecar.unlink(missing_ok=True)
+        try:
+            sidecar.unlink(missing_ok=True)
+        except OSError:  # (its folder cannot hold it: then there is nothing to forget)
+            pass
 
 
 def _unfinished(key: str) -> str | None:

@@ -25,7 +25,7 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from safemerge_ext._signals import Terminated, sigterm_as_interrupt
 from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.output import check_out, staged_dir
+from safemerge_ext.io.output import check_out, check_parent, staged_dir
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.mergekit_methods import (
     METHOD_NAMES, ROLES, discard_report, finalize_report, register_methods, report_files,
@@ -46,6 +46,7 @@ class Checked:
     roles: dict[str, str]  # role -> model reference as written
     has_lora: bool
     tensors_checked: int  # 2-D weights checked in every input (the ones a method may score)
+    inputs: tuple[tuple[str, Path], ...] = ()  # (label, folder) of every model and adapter read
 
 
 def _ref_str(ref: Any) -> str:
@@ -181,7 +182,7 @@ def _local_dir(path: str, what: str) -> Path:
     return p
 
 
-def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bool, int]:
+def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bool, int, tuple[tuple[str, Path], ...]]:
     """Paths exist; every tensor of the aligned model is in every input with the same shape (a
     resized vocabulary only with the recipe's tokenizer settings), 2-D weights in the same dtype in
     the unaligned one (headers only)."""
@@ -248,7 +249,9 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
                     f"{label}: LoRA adapter {ref.lora.path} module {module} is {m.d_out}x{m.d_in} "
                     f"but the weight {wname} is {d_out}x{d_in}"
                 )
-    return has_lora, checked
+    inputs = tuple((f"{label} model", r.path) for label, _, r in readers) + tuple(
+        (f"{label} LoRA adapter", a.path) for label, _, a in adapters)
+    return has_lora, checked, inputs
 
 
 def _planned_names(model_dir: Path) -> set[str]:
@@ -304,8 +307,23 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe") -> Checked:
         except ValueError as exc:
             raise SafeMergeError(str(exc)) from None
     roles = _check_roles(method, config)
-    has_lora, checked = _check_models(config, roles)
-    return Checked(config, method, roles, has_lora, checked)
+    has_lora, checked, inputs = _check_models(config, roles)
+    return Checked(config, method, roles, has_lora, checked, inputs)
+
+
+def _check_report_path(own: str, out: Path) -> None:
+    """Before any work: the recipe's ``report_path`` can be written, and is not OUT_PATH or a
+    folder in it (the report goes into OUT_PATH anyway; a folder made there early would stop the
+    final rename)."""
+    own_json, own_png = report_files(own)
+    check_parent(own_json, "report_path")
+    for f in (own_json, own_png):
+        if f.is_dir():
+            raise SafeMergeError(f"report_path {own}: {f} is a folder; choose another report_path")
+    where, o = Path(own).resolve(), out.resolve()
+    if where == o or o in where.parents:
+        raise SafeMergeError(f"report_path {own} is OUT_PATH or inside it, where the report is written anyway; "
+                             "leave report_path out or choose a folder elsewhere")
 
 
 def _fail(msg: str) -> None:
@@ -325,6 +343,8 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         source = Path(config_file).read_text(encoding="utf-8")
     except OSError as exc:
         _fail(f"{config_file}: cannot read the recipe ({exc.strerror})")
+    except UnicodeDecodeError:
+        _fail(f"{config_file}: not a text file in UTF-8; give a YAML recipe")
     try:
         data = yaml.safe_load(source)
     except yaml.YAMLError as exc:
@@ -334,7 +354,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     except SafeMergeError as exc:
         _fail(str(exc))
     try:
-        out = check_out(out_path, force, "OUT_PATH")
+        out = check_out(out_path, force, "OUT_PATH", inputs=checked.inputs)
     except SafeMergeError as exc:
         _fail(str(exc))
     if checked.has_lora and not merge_options.lora_merge_dtype:
@@ -343,6 +363,11 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         merge_options = merge_options.model_copy(update={"lora_merge_dtype": "float32"})
     own = (checked.config.parameters or {}).get("report_path")
     own = own if isinstance(own, str) and own else None
+    if own:
+        try:
+            _check_report_path(own, out)
+        except SafeMergeError as exc:
+            _fail(str(exc))
     report, report_at = None, own
     try:
         from mergekit.merge import run_merge
@@ -376,9 +401,13 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
               f"merge failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     if report is not None and own:
         own_json, own_png = report_files(own)
-        own_json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(report, own_json)
-        plot(report, own_png)
+        try:
+            own_json.parent.mkdir(parents=True, exist_ok=True)
+            write_json(report, own_json)
+            plot(report, own_png)
+        except OSError as exc:
+            _fail(f"report_path {own}: the merge and its report are in {out}, but the copy could not be written "
+                  f"({exc.strerror or exc}); copy {out / own_json.name} yourself")
     if report is not None:
         click.echo(summary_table(report))
     click.echo(f"merged model and report written to {out}")

@@ -976,3 +976,53 @@ def test_safemerge_yaml_sigterm_cleans_up(pico, tmp_path):
     assert res.returncode == 143, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1] == "safemerge-yaml: terminated (SIGTERM); nothing was written to OUT_PATH"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
+
+
+@pytest.mark.parametrize("kind", ["under-a-file", "json-is-a-folder", "in-out-path", "out-path", "not-utf8", "out-holds-input"])
+def test_safemerge_yaml_refuses_bad_paths_before_merging(pico, tmp_path, capsys, monkeypatch, kind):
+    """report_path that cannot be written, or that lies in OUT_PATH, a recipe that is not UTF-8 text,
+    and an OUT_PATH whose replacement would delete an input: one line, before mergekit runs."""
+    import shutil
+
+    import mergekit.merge
+
+    from safemerge_ext import yaml_cli
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "r.json").mkdir()
+    out = tmp_path / "out"
+    report_path = {"under-a-file": tmp_path / "afile" / "sub", "json-is-a-folder": tmp_path / "r.json",
+                   "in-out-path": out / "rep", "out-path": out}.get(kind)
+    params = {"threshold": TAU} | ({"report_path": str(report_path)} if report_path else {})
+    task, force = str(pico.task), []
+    if kind == "out-holds-input":  # the task model inside OUT_PATH, which --force would replace
+        out.mkdir()
+        task = str(shutil.copytree(pico.task, out / "task"))
+        force = ["--force"]
+    rec = _write(recipe(pico, params=params, task=task), tmp_path / "r.yml")
+    if kind == "not-utf8":
+        rec.write_bytes(b"\xff\xfe not text")
+    monkeypatch.setattr(mergekit.merge, "run_merge", lambda *a, **k: pytest.fail("merged despite a bad path"))
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(rec), str(out), *force])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 1 and len(err) == 1 and err[0].startswith("safemerge-yaml: error:"), err
+    assert {"under-a-file": "is a file, not a folder", "json-is-a-folder": "is a folder",
+            "in-out-path": "is OUT_PATH or inside it", "out-path": "is OUT_PATH or inside it",
+            "not-utf8": "not a text file in UTF-8", "out-holds-input": "which the output would replace"}[kind] in err[0]
+    assert (out.exists() and kind == "out-holds-input" and (out / "task" / "config.json").is_file()) or not out.exists()
+
+
+def test_safemerge_yaml_report_copy_that_fails_is_one_line_after_the_merge(pico, tmp_path, capsys, monkeypatch):
+    """When the merge is in place but the copy of its report at report_path cannot be written, the
+    run says where the merge and its report are, in one line."""
+    from safemerge_ext import yaml_cli
+
+    own, out = tmp_path / "own", tmp_path / "out"
+    cfg = recipe(pico, params={"threshold": TAU, "report_path": str(own)})
+    monkeypatch.setattr(yaml_cli, "write_json", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]  # (not mergekit's bars)
+    assert done.value.code == 1 and len(err) == 1 and "the merge and its report are in" in err[0], err
+    assert (out / "safemerge_report.json").is_file() and (out / "config.json").is_file()
