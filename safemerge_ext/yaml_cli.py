@@ -87,7 +87,20 @@ def _check_parameters(method: str, params: dict[str, Any], where: str, *, on_mod
                 f"{where}: {name} is a setting of the whole merge, which mergekit does not read from a model; "
                 "move it to the recipe's (or the slice's) parameters:"
             )
-        for v in _setting_values(setting):
+        values = _setting_values(setting)
+        if isinstance(setting, list) and len(setting) > 1 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            # a gradient: mergekit interpolates between its values layer by layer, so those in
+            # between must pass too (an integer setting takes none)
+            for lo, hi in zip(values, values[1:]):
+                try:
+                    specs[name].validate((lo + hi) / 2)
+                except ValidationError:
+                    raise SafeMergeError(
+                        f"{where}: {name} takes one value, not a gradient {setting!r} (mergekit would interpolate "
+                        f"values such as {(lo + hi) / 2!r} between the layers); give a single {name}"
+                    ) from None
+        for v in values:
             try:
                 specs[name].validate(v)
             except ValidationError as exc:

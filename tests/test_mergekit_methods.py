@@ -328,6 +328,7 @@ def _mismatched_model(tmp: Path) -> Path:
         ("shape_mismatch", "model.layers.0.mlp.gate_proj.weight has shape"),  # the first in model order
         ("unaligned_dtype", "is torch.float32 in the aligned model but torch.bfloat16 in role unaligned"),
         ("missing_norm", "tensor model.layers.1.input_layernorm.weight is in the aligned model but missing from role task"),
+        ("integer_gradient", "seed takes one value, not a gradient [0, 1]"),
     ],
 )
 def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads, case, culprit, monkeypatch,
@@ -354,6 +355,8 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         monkeypatch.setenv("SAFEMERGE_PRECISION", "fp8")
     elif case == "threshold_range":
         cfg["parameters"]["threshold"] = 1.5
+    elif case == "integer_gradient":  # mergekit would interpolate 0.5 between the layers, then refuse it
+        cfg["parameters"]["seed"] = [0, 1]
     elif case == "unknown_method":
         cfg["merge_method"] = "safemerj"
     elif case == "no_role":
