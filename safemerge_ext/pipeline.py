@@ -84,14 +84,20 @@ class Run:
         return now
 
 
-def resolve_device(name: str) -> torch.device:
-    """``--device`` as a torch device, or one line saying why it cannot be used here."""
+def resolve_device(name: str, *, scoring: bool = True) -> torch.device:
+    """``--device`` as a torch device, or one line saying why it cannot be used here (for
+    ``scoring``, only cpu and cuda: the backends run nowhere else)."""
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise SafeMergeError(f"--device {name}: not a device name torch knows; use cpu, cuda or cuda:N") from None
+    if scoring and dev.type not in ("cpu", "cuda"):  # (the scorer would run on the CPU and the report name this one)
+        raise SafeMergeError(f"--device {name}: scoring runs on cpu or cuda only; use --device cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SafeMergeError("--device cuda: no CUDA device is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SafeMergeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             "use cuda or cuda:N with a smaller N")
     return dev
 
 

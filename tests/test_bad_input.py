@@ -326,7 +326,8 @@ def test_device_cuda_without_gpu(fx, tmp_path, capsys):
     assert leftovers(tmp_path, "out") == []
 
 
-@pytest.mark.parametrize("kind", ["device", "out-under-a-file", "report-under-a-file", "plot-under-a-file"])
+@pytest.mark.parametrize("kind", ["device", "device-not-a-scorer", "out-under-a-file", "report-under-a-file",
+                                  "plot-under-a-file"])
 def test_bad_paths_and_devices_fail_before_scoring(fx, tmp_path, capsys, monkeypatch, kind):
     """A device torch does not know, or an output path under a file, is one line and exit 2 before
     any layer is scored (not a traceback after the work)."""
@@ -338,6 +339,8 @@ def test_bad_paths_and_devices_fail_before_scoring(fx, tmp_path, capsys, monkeyp
     argv, expect = {
         "device": (["score", *models, "--adapter", str(fx.task), "--device", "tpu9"],
                    "--device tpu9: not a device name torch knows"),
+        "device-not-a-scorer": (["score", *models, "--adapter", str(fx.task), "--device", "meta"],
+                                "--device meta: scoring runs on cpu or cuda only"),
         "out-under-a-file": (["merge", *models, "--task-adapter", str(fx.task), "--safety-adapter", str(fx.safety),
                               "--out", str(tmp_path / "afile" / "out")], "afile is a file, not a folder"),
         "report-under-a-file": (["score", *models, "--adapter", str(fx.task), "--report",

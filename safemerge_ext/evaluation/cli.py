@@ -93,7 +93,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.engine == "transformers":
         from safemerge_ext.pipeline import resolve_device
 
-        resolve_device(args.device)  # before any judge or model is loaded
+        resolve_device(args.device, scoring=False)  # before any judge or model is loaded
     if args.adapter and len(args.model) > 1:
         raise SafeMergeError("--adapter applies to a single --model; with several, write --model NAME=DIR+ADAPTER")
     models = [parse_model(m, args.adapter) for m in args.model]
