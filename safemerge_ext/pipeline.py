@@ -298,9 +298,9 @@ def in_batches(
 ) -> Iterator[tuple[Any, Any]]:
     """Yield (item, load(item)), loading in the caller's thread a batch at a time: as many items as
     fit in ``budget`` units of ``size(item)`` and, when ``max_items`` is set, at most that many
-    (always at least one; no bound without either), all loaded before the first of them is yielded. Each item is let go as it is yielded, so the
-    consumer's reference is then the only one. When a load fails, the items loaded before it are
-    yielded first, then its error is raised.
+    (always at least one; no bound without either), all loaded before the first of them is
+    yielded. Each item is let go as it is yielded, so the consumer's reference is then the only
+    one. When a load fails, the items loaded before it are yielded first, then its error is raised.
 
     For loads that cost little but run slowly right after heavy work: the scorer maps the weight
     pairs it will score (no bytes read) a batch at a time, because Python run between two kernel
