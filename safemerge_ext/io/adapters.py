@@ -212,13 +212,12 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
 def _ranks_and_alphas(config: dict[str, Any], where: str) -> tuple[int, float, dict[str, Any], dict[str, Any]]:
     """The config's default rank and alpha and its per-module patterns, checked: numbers, and
     patterns that are objects whose keys are regular expressions and whose values are numbers."""
-    def number(key: str, default: float, value: Any = None, what: str | None = None) -> float:
-        v = config.get(key, default) if what is None else value
+    def number(v: Any, what: str) -> float:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise SafeMergeError(f"{where}: {what or key} is {v!r}, not a number; re-save the adapter with save_pretrained")
+            raise SafeMergeError(f"{where}: {what} is {v!r}, not a number; re-save the adapter with save_pretrained")
         return v
 
-    r_default, alpha_default = number("r", 8), float(number("lora_alpha", 8))
+    r_default, alpha_default = number(config.get("r", 8), "r"), float(number(config.get("lora_alpha", 8), "lora_alpha"))
     if r_default != int(r_default):
         raise SafeMergeError(f"{where}: r is {r_default!r}, not a whole number; re-save the adapter with save_pretrained")
     patterns = []
@@ -231,7 +230,7 @@ def _ranks_and_alphas(config: dict[str, Any], where: str) -> tuple[int, float, d
                 re.compile(k)
             except re.error as exc:
                 raise SafeMergeError(f"{where}: {key} has {k!r}, not a regular expression ({exc})") from None
-            number(key, 0, v, f"{key}[{k!r}]")
+            number(v, f"{key}[{k!r}]")
         patterns.append(pat)
     return int(r_default), alpha_default, patterns[0], patterns[1]
 
