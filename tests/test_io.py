@@ -420,6 +420,55 @@ def test_huge_page_size_is_read_from_the_system_and_large_ones_turn_widening_off
     assert torch.equal(t, w) and hi == t.data_ptr() + w.numel() * 4 and t.data_ptr() - lo < mmap.ALLOCATIONGRANULARITY
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="maps memory at a chosen address with libc")
+def test_memory_at_a_just_unmapped_address_is_not_taken_for_a_mapping(tmp_path, monkeypatch):
+    """CPython unmaps an mmap before the weakref callbacks that take its range out of the registry
+    run. Memory allocated in that window at the same address (here: by a callback that runs in it)
+    must not count as file-backed, or the kernels' drop-behind would zero it."""
+    import ctypes
+    import gc
+    import weakref
+
+    from safemerge_ext import _mapped
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    MAP_FIXED_NOREPLACE = 0x100000
+    made = []
+    add = _mapped.add
+    monkeypatch.setattr(_mapped, "add", lambda mm, lo, hi: made.append((weakref.ref(mm), lo, hi)) or add(mm, lo, hi))
+    w = torch.randn(300, 700)
+    save_file({"w": w}, str(tmp_path / "model.safetensors"))
+    t = ModelReader(tmp_path).map("w")
+    (ref, lo, hi), seen = made[0], {}
+    offset = t.data_ptr() - lo
+
+    def in_the_window():  # runs after the munmap, before the reader's own callback
+        seen["registered"] = any(v[0] == lo for v in _mapped._live.values())
+        size = hi - lo
+        addr = libc.mmap(lo, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                         | MAP_FIXED_NOREPLACE, -1, 0)
+        if addr != lo:
+            seen["error"] = f"mmap at {lo:#x} gave {addr!r}, errno {ctypes.get_errno()}"
+            return
+        try:
+            fresh = torch.frombuffer((ctypes.c_char * size).from_address(lo), dtype=torch.float32, offset=offset,
+                                     count=w.numel()).view(300, 700)
+            fresh.fill_(1.5)
+            seen["covered"] = _mapped.covers(fresh)
+        finally:
+            libc.munmap(lo, size)
+
+    weakref.finalize(ref(), in_the_window)
+    del t
+    gc.collect()
+    assert "error" not in seen, seen.get("error")
+    assert seen["registered"], "the window was not reached: the registry entry was gone before the callback"
+    assert seen["covered"] is False, "fresh memory at a just-unmapped address was taken for a live file mapping"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_mapped_pages_leave_the_resident_set_with_the_tensor(tmp_path):
     """A mapped tensor's pages count in RSS once touched and leave it when the tensor is dropped:

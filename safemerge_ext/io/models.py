@@ -466,9 +466,9 @@ class ModelReader:
         # the tensor keeps the mapping alive; the last reference to it unmaps the pages
         t = torch.frombuffer(mm, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start - base)
         lo = t.data_ptr() - (start - base)
-        self._maps[id(mm)] = (lo, lo + len(mm))
-        _mapped.add(id(mm), lo, lo + len(mm))
-        weakref.finalize(mm, self._unmapped, id(mm))
+        key = _mapped.add(mm, lo, lo + len(mm))
+        self._maps[key] = (lo, lo + len(mm))
+        weakref.finalize(mm, self._unmapped, key)
         return t
 
     def _unmapped(self, key: int) -> None:
@@ -481,7 +481,7 @@ class ModelReader:
         such memory, and only while nobody has written to it (a written page would go back to the
         file's bytes), may have its pages dropped and read back from the file."""
         # (a copy: a finalizer may drop an entry from another thread while this looks)
-        return _mapped.covers(t, list(self._maps.copy().values()))
+        return _mapped.covers(t, list(self._maps.copy()))
 
     def resident(self, name: str) -> bool | None:
         """Whether all of one tensor's bytes are in the page cache (None: this system cannot tell)."""
