@@ -329,6 +329,9 @@ def _mismatched_model(tmp: Path) -> Path:
         ("unaligned_dtype", "is torch.float32 in the aligned model but torch.bfloat16 in role unaligned"),
         ("missing_norm", "tensor model.layers.1.input_layernorm.weight is in the aligned model but missing from role task"),
         ("integer_gradient", "seed takes one value, not a gradient [0, 1]"),
+        ("boolean", "threshold takes a number, not true"),  # (pydantic would read 1.0)
+        ("boolean_in_filter", "seed takes a whole number, not false"),
+        ("empty_list", "alpha is an empty list"),  # (mergekit would use the default)
     ],
 )
 def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads, case, culprit, monkeypatch,
@@ -357,6 +360,12 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         cfg["parameters"]["threshold"] = 1.5
     elif case == "integer_gradient":  # mergekit would interpolate 0.5 between the layers, then refuse it
         cfg["parameters"]["seed"] = [0, 1]
+    elif case == "boolean":
+        cfg["parameters"]["threshold"] = True
+    elif case == "boolean_in_filter":
+        cfg["parameters"]["seed"] = [{"filter": "q_proj", "value": 3}, {"value": False}]
+    elif case == "empty_list":
+        cfg["parameters"]["alpha"] = []
     elif case == "unknown_method":
         cfg["merge_method"] = "safemerj"
     elif case == "no_role":
