@@ -35,7 +35,7 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator
 from typing_extensions import Annotated
 
 from safemerge_ext import ops
@@ -83,10 +83,23 @@ def _in_range(name: str, lo: float, hi: float, what: str, lo_open: bool = False)
     return AfterValidator(check)
 
 
-Threshold = Annotated[float, _in_range("threshold", -1.0, 1.0, "it is compared with a cosine")]
-Fraction = Annotated[float, _in_range("alpha", 0.0, 1.0, "the task update's weight")]
-Density = Annotated[float, _in_range("density", 0.0, 1.0, "the fraction of each update kept", lo_open=True)]
-Beta = Annotated[float, _in_range("beta", 0.0, math.inf, "the weight of the safety vector")]
+def _no_switch(name: str, kind: str = "number") -> BeforeValidator:
+    """Refuse true/false for a numeric parameter (pydantic would read them as 1 and 0)."""
+
+    def check(v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"{name} takes a {kind}, not {str(v).lower()}")
+        return v
+
+    return BeforeValidator(check)
+
+
+Threshold = Annotated[float, _no_switch("threshold"), _in_range("threshold", -1.0, 1.0, "it is compared with a cosine")]
+Fraction = Annotated[float, _no_switch("alpha"), _in_range("alpha", 0.0, 1.0, "the task update's weight")]
+Density = Annotated[float, _no_switch("density"),
+                    _in_range("density", 0.0, 1.0, "the fraction of each update kept", lo_open=True)]
+Beta = Annotated[float, _no_switch("beta"), _in_range("beta", 0.0, math.inf, "the weight of the safety vector")]
+Seed = Annotated[int, _no_switch("seed", "whole number")]
 MergeName = Literal["linear", "ties", "dare_linear", "dare_ties"]
 # the operand precision the triton kernels may use (None: SAFEMERGE_PRECISION, else exact ieee)
 Precision = Optional[Literal[PRECISIONS]]
@@ -282,7 +295,7 @@ def safemerge_method(
     alpha: Fraction = 0.8,
     merge: MergeName = "linear",
     density: Density = 1.0,
-    seed: int = 0,
+    seed: Seed = 0,
     report_path: str = "",
     precision: Precision = None,
 ) -> torch.Tensor:
@@ -357,7 +370,7 @@ def resta_method(
     role: PerNonBase[Role],
     beta: Beta = 0.5,
     density: Density = 1.0,
-    seed: int = 0,
+    seed: Seed = 0,
     report_path: str = "",
     precision: Precision = None,
 ) -> torch.Tensor:

@@ -71,12 +71,6 @@ def _specs(method: str) -> dict[str, Any]:
     return {p.name: p for p in registry.get(method).spec.parameters if p.name != "role"}
 
 
-def _kind(spec: Any) -> str:
-    """What a parameter takes, in words, from its declared type."""
-    text = str(spec.value_type)
-    return "number" if "float" in text else "whole number" if "int" in text else "name" if "Literal" in text else "text"
-
-
 def _check_parameters(method: str, params: dict[str, Any], where: str, *, on_model: bool = False) -> None:
     """Names and values of a parameters table, checked with mergekit's own validators (so a value
     passes here exactly when mergekit takes it), with one-line messages."""
@@ -96,9 +90,6 @@ def _check_parameters(method: str, params: dict[str, Any], where: str, *, on_mod
         values = _setting_values(setting)
         if not values:  # (mergekit reads an empty list as "not given" and uses the default)
             raise SafeMergeError(f"{where}: {name} is an empty list; give a value, or a gradient of two or more")
-        flag = next((v for v in values if isinstance(v, bool)), None)
-        if flag is not None:  # (pydantic reads true as 1.0 and false as 0.0; none of these settings is a switch)
-            raise SafeMergeError(f"{where}: {name} takes a {_kind(specs[name])}, not {str(flag).lower()}")
         if isinstance(setting, list) and len(setting) > 1 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             # a gradient: mergekit interpolates between its values layer by layer, so those in

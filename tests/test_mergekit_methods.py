@@ -392,10 +392,13 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
     assert culprit in msg and "\n" not in msg, msg
 
 
-def test_plain_run_merge_rejects_bad_parameters_while_planning(pico, tmp_path):
-    cfg = recipe(pico, params={"threshold": 1.5})
+@pytest.mark.parametrize("params, culprit", [({"threshold": 1.5}, r"threshold must lie in \[-1, 1\]"),
+                                             ({"threshold": True}, "threshold takes a number, not true"),
+                                             ({"seed": False}, "seed takes a whole number, not false")])
+def test_plain_run_merge_rejects_bad_parameters_while_planning(pico, tmp_path, params, culprit):
+    cfg = recipe(pico, params=params)
     register_methods()
-    with pytest.raises(Exception, match=r"threshold must lie in \[-1, 1\]"):
+    with pytest.raises(Exception, match=culprit):
         run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "o"), MergeOptions(copy_tokenizer=False, quiet=True))
     assert not list((tmp_path).glob("o/*.safetensors"))
 
