@@ -658,3 +658,28 @@ def test_force_never_replaces_an_input(fx, tmp_path, capsys, command, where):
     assert code == 2 and "\n" not in err, err
     assert f"--out {out} is {culprit}" in err and "which the output would replace" in err, err
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+def test_moe_all_linear_adapter_is_refused_with_what_to_train_instead(tmp_path):
+    """peft's target_modules="all-linear" on a transformers-5 MoE model also targets the experts'
+    3-D parameters (target_parameters), which are not linear modules' B @ A updates: refused, and
+    the message says what to train instead."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from safemerge_ext.errors import SafeMergeError
+    from safemerge_ext.io.adapters import read_adapter
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                      num_experts=2, num_experts_per_tok=1)
+    torch.manual_seed(0)
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(cfg),
+                           LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    assert model.peft_config["default"].target_parameters, "peft no longer targets the experts with all-linear"
+    model.save_pretrained(tmp_path / "moe")
+    with pytest.raises(SafeMergeError) as err:
+        read_adapter(tmp_path / "moe", "--task-adapter")
+    msg = str(err.value)
+    assert "\n" not in msg and "--task-adapter" in msg and "target_parameters is set" in msg, msg
+    assert "train it with target_modules alone" in msg, msg

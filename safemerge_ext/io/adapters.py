@@ -45,6 +45,11 @@ _UNSUPPORTED = {
                          "whose layer numbers are not the checkpoint's",
 }
 
+_REMEDY = {
+    # (peft's target_modules="all-linear" adds the experts' parameters on transformers 5 MoE models)
+    "target_parameters": "; train it with target_modules alone (list the linear layers; on MoE models peft's "
+                         "'all-linear' also targets the experts' parameters)",
+}
 
 # init_lora_weights values for which PEFT subtracts the initial factors from the base weights when
 # it creates (or loads) the adapter: the saved B A is then not the update. PEFT's
@@ -145,7 +150,8 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
     for key, why in _UNSUPPORTED.items():
         value = config.get(key)
         if value or (key.endswith("_config") and value is not None):  # (an empty *_config: the defaults)
-            raise SafeMergeError(f"{flag} {cfg_path}: {key} is set; {why}, so this adapter is not supported")
+            raise SafeMergeError(f"{flag} {cfg_path}: {key} is set; {why}, so this adapter is not supported"
+                                 + _REMEDY.get(key, ""))
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_REWRITES_BASE):
         raise SafeMergeError(
