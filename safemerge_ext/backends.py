@@ -117,6 +117,8 @@ def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:
     requested, source = (name or AUTO).strip().lower(), "backend"
     if requested == AUTO:
         requested, source = os.environ.get(ENV_VAR, AUTO).strip().lower() or AUTO, ENV_VAR
+    # (named in the messages: a backend the environment chose was not asked for with --backend)
+    where = f"{ENV_VAR}={requested}: " if source == ENV_VAR else ""
     if requested != AUTO:
         spec = next((s for s in _SPECS if s.name == requested), None)
         if spec is None:
@@ -127,14 +129,14 @@ def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:
             interpreter = (" (or set TRITON_INTERPRET=1 to run its kernels on the CPU through the interpreter, slowly)"
                            if spec.interpreted_on_cpu and device_type == "cpu" else "")
             raise ValueError(
-                f"backend {requested!r} runs on {'/'.join(spec.devices)} tensors, not {device_type}: "
+                f"{where}backend {requested!r} runs on {'/'.join(spec.devices)} tensors, not {device_type}: "
                 f"use --device {spec.devices[0]}{interpreter} or another backend ({', '.join(others)})"
             )
         got = _load(spec)
         if isinstance(got, str):
             usable = [n for n, r in available_backends().items() if r is None]
             raise ValueError(
-                f"backend must be one of {', '.join(usable)}; {requested!r} is unavailable: {got}"
+                f"{where}backend must be one of {', '.join(usable)}; {requested!r} is unavailable: {got}"
             )
         return spec.name, got
     for spec in _SPECS:
@@ -148,7 +150,9 @@ def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:
 def requested_precision(precision: str | None) -> str:
     """The operand precision asked for: ``precision``, else ``SAFEMERGE_PRECISION``, else ``ieee``;
     an unknown name raises and lists the valid ones."""
-    requested = (precision or os.environ.get(PRECISION_ENV_VAR, "") or EXACT).lower()
+    if precision is not None and not isinstance(precision, str):
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    requested = (precision or os.environ.get(PRECISION_ENV_VAR, "") or EXACT).strip().lower()
     if requested not in PRECISIONS:
         source = "precision" if precision else PRECISION_ENV_VAR
         raise ValueError(f"{source} must be one of {', '.join(PRECISIONS)}; got {requested!r}")

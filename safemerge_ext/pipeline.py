@@ -118,8 +118,9 @@ def open_run(
     dev = resolve_device(device)
     try:
         backend_name, _ = ops.backends.resolve(backend, dev.type)
-    except ValueError as exc:
-        raise SafeMergeError(f"--backend {backend}: {exc}") from None
+    except ValueError as exc:  # (a message that starts with SAFEMERGE_BACKEND: the environment chose)
+        msg = str(exc)
+        raise SafeMergeError(msg if msg.startswith(ops.backends.ENV_VAR) else f"--backend {backend}: {msg}") from None
     try:
         requested = ops.backends.requested_precision(precision)
     except ValueError as exc:

@@ -100,6 +100,29 @@ def test_backend_names_are_checked_and_their_source_named(monkeypatch):
         ops.subspace_score(wa, wu, lora_A=A, lora_B=B)
     monkeypatch.setenv("SAFEMERGE_BACKEND", " Torch ")
     assert ops.subspace_score(wa, wu, lora_A=A, lora_B=B).backend == "torch"
+    # a backend the environment picked, that cannot run here: the message names the variable
+    monkeypatch.setenv("SAFEMERGE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"^SAFEMERGE_BACKEND=cuda: backend 'cuda' runs on cuda tensors, not cpu"):
+        ops.subspace_score(wa, wu, lora_A=A, lora_B=B)
+    with pytest.raises(ValueError, match=r"^backend 'cuda' runs on"):  # (asked for by name: no variable)
+        ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend="cuda")
+
+
+def test_a_backend_chosen_by_the_environment_is_not_blamed_on_the_backend_flag(fx, tmp_path, monkeypatch, capsys):
+    from safemerge_ext.cli import main
+
+    args = ["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+            "--report", str(tmp_path / "s.json"), "--no-progress"]
+    monkeypatch.setenv("SAFEMERGE_BACKEND", "cuda")
+    for extra in ([], ["--backend", "auto"]):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("safemerge: error: SAFEMERGE_BACKEND=cuda: backend 'cuda' runs on cuda tensors"), err
+        assert "--backend auto" not in err and "\n" not in err
+    monkeypatch.delenv("SAFEMERGE_BACKEND")
+    assert main(args + ["--backend", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("safemerge: error: --backend cuda: backend 'cuda' runs on") and "SAFEMERGE_BACKEND" not in err, err
 
 
 def test_non_contiguous_inputs():
@@ -171,6 +194,11 @@ def test_precision_is_a_permission_only_triton_uses(monkeypatch):
     monkeypatch.setenv("SAFEMERGE_PRECISION", "half")
     with pytest.raises(ValueError, match="SAFEMERGE_PRECISION must be one of"):
         backends.requested_precision(None)
+    monkeypatch.setenv("SAFEMERGE_PRECISION", " TF32 ")  # (read as SAFEMERGE_BACKEND is)
+    assert backends.requested_precision(None) == "tf32"
+    for bad in (3, 1.5, ["ieee"]):  # not a name: one line, as for backend=
+        with pytest.raises(ValueError, match="precision must be one of ieee, tf32, tf32x3, bf16"):
+            backends.requested_precision(bad)
 
 
 def test_ops_pass_the_precision_to_triton_only(monkeypatch):
