@@ -88,6 +88,10 @@ def _resolve(backend: str, device_type: str, precision: str | None) -> tuple[str
     return name, impl, ({"precision": used} if used != backends.EXACT else {}), used
 
 
+_LOST = ("the fp32 sums lost their precision: the weights or the update are too small or too large in magnitude "
+         "to score, or the update's factors cancel (B A is almost zero next to B and A)")
+
+
 def _cos(num: float, n2: float, d2: float) -> float:
     denom = math.sqrt(max(n2, 0.0) * max(d2, 0.0))
     return num / denom if denom > 0 else math.nan
@@ -152,6 +156,10 @@ def subspace_score(
     if not all(math.isfinite(v) for v in values):
         raise FloatingPointError("the layer's weights or update contain NaN or Inf")
     v_norm, d_norm = math.sqrt(vsq), math.sqrt(max(d2, 0.0))
+    # a zero sum of squares from entries too small to square in fp32 (below about 1e-19) is not a
+    # zero V or update: checked against the tensors themselves, which costs a read only then
+    if (vsq == 0.0 and not torch.equal(wa, wu)) or (d2 <= 0.0 and delta is not None and bool(delta.any())):
+        raise FloatingPointError(_LOST)
     if vsq == 0.0:
         return Score(math.nan, v_norm, d_norm, "aligned and unaligned weights are identical (V = 0)", name,
                      precision=used)
@@ -159,8 +167,7 @@ def subspace_score(
         return Score(math.nan, v_norm, d_norm, "the update is zero", name, precision=used)
     cos = _cos(num, n2, d2)
     if abs(cos) > 1.0 + 1e-3:  # (|cos| <= 1 exactly; beyond rounding, the fp32 sums lost their digits)
-        raise FloatingPointError(f"the fp32 sums lost their precision (|cos| = {abs(cos):.4g}): the weights or the "
-                                 "update are too small or too large in magnitude to score")
+        raise FloatingPointError(f"{_LOST} (|cos| = {abs(cos):.4g})")
     if math.isnan(cos):
         return Score(cos, v_norm, d_norm, "the update is orthogonal to V (C dW = 0)", name, precision=used)
     return Score(min(1.0, max(-1.0, cos)), v_norm, d_norm, None, name,

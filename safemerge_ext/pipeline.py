@@ -365,7 +365,8 @@ def _non_finite(run: Run, layer: Layer, wa: torch.Tensor, wu: torch.Tensor) -> S
                 "the checkpoint is corrupt or was saved in a dtype that overflowed"
             )
     return SafeMergeError(f"scoring {layer.module} lost its precision in fp32 sums: the weights or the update are "
-                          "far too small or too large in magnitude (real checkpoints are near unit scale)")
+                          "far too small or too large in magnitude (real checkpoints are near unit scale), or the "
+                          "adapter's factors cancel (B A is almost zero next to B and A)")
 
 
 def read_order(run: Run) -> list[int]:

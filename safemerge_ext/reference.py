@@ -29,6 +29,11 @@ _ROW_BLOCK = 256
 _COL_BLOCK = 256
 
 
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squares in float64, squared in float64 too (fp32 squares of entries below 1e-19 are 0)."""
+    return x.double().square().sum()
+
+
 def _v_block(wa: torch.Tensor, wu: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
     return wa[i0:i1].float() - wu[i0:i1].float()
 
@@ -43,7 +48,7 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> 
         i1 = min(i0 + _ROW_BLOCK, d_out)
         V = _v_block(wa, wu, i0, i1)
         T.addmm_(V.t(), B[i0:i1])
-        vsq += V.square().sum(dtype=torch.float64)
+        vsq += _sq(V)
     P = torch.empty(d_out, B.shape[1], dtype=torch.float32, device=wa.device)
     for i0 in range(0, d_out, _ROW_BLOCK):
         i1 = min(i0 + _ROW_BLOCK, d_out)
@@ -74,16 +79,16 @@ def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tu
     """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 in float64 sums over column blocks."""
     m2 = n2 = d2 = 0.0
     for _, D, M, N in _vt_v_dw_blocks(wa, wu, delta):
-        m2 += float(M.square().sum(dtype=torch.float64))
-        n2 += float(N.square().sum(dtype=torch.float64))
-        d2 += float(D.square().sum(dtype=torch.float64))
+        m2 += float(_sq(M))
+        n2 += float(_sq(N))
+        d2 += float(_sq(D))
     return m2, n2, d2, _vsq(wa, wu)
 
 
 def _vsq(wa: torch.Tensor, wu: torch.Tensor) -> float:
     total = 0.0
     for i0 in range(0, wa.shape[0], _ROW_BLOCK):
-        total += float(_v_block(wa, wu, i0, min(i0 + _ROW_BLOCK, wa.shape[0])).square().sum(dtype=torch.float64))
+        total += float(_sq(_v_block(wa, wu, i0, min(i0 + _ROW_BLOCK, wa.shape[0]))))
     return total
 
 

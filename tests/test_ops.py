@@ -272,6 +272,14 @@ def test_selection_rules():
     assert sum(Selection(fraction=0.2000000001).flag(ten)) == 3
     assert sum(Selection(fraction=np.float64(0.3)).flag(ten)) == 3  # a numpy scalar from the Python API
     assert sum(Selection(fraction=0.3).flag(scores)) == 2  # n counts only the 5 defined scores
+    assert Selection(num_layers=np.int64(2)).flag(scores) == Selection(num_layers=2).flag(scores)
+    # the Python API's wrong types: one ValueError when built, not a TypeError when flagging
+    for kw, msg in (({"num_layers": 2.5}, "num_layers must be a whole number; got 2.5"),
+                    ({"num_layers": True}, "num_layers must be a whole number; got True"),
+                    ({"threshold": "0.3"}, "threshold must be a number; got '0.3'"),
+                    ({"fraction": np.bool_(True)}, "fraction must be a number")):
+        with pytest.raises(ValueError, match=msg):
+            Selection(**kw)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -287,6 +295,50 @@ def test_sums_that_lost_their_digits_are_an_error_not_a_score(backend):
     assert abs(ops.subspace_score(wa * 1e20, wu * 1e20, lora_A=A, lora_B=B, backend=backend).cosine) <= 1.0
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_tiny_but_nonzero_v_or_update_is_never_called_zero(backend):
+    """Entries below about 1e-19 square to 0 in fp32: a V or an update made of them is not zero,
+    so it gets a score or an error, never "identical" / "the update is zero"."""
+    g = torch.Generator().manual_seed(15)
+    wu = torch.randn(30, 50, generator=g) * 1e-21
+    wa = wu + torch.randn(30, 50, generator=g) * 1e-22
+    A, B = torch.randn(3, 50, generator=g), torch.randn(30, 3, generator=g)
+    assert not torch.equal(wa, wu)
+    for kw in ({"lora_A": A, "lora_B": B}, {"delta": B @ A}):
+        try:
+            s = ops.subspace_score(wa, wu, **kw, backend=backend)
+        except FloatingPointError as exc:
+            assert "lost their precision" in str(exc)
+        else:
+            assert s.reason is None and -1.0 <= s.cosine <= 1.0, s
+    wa, wu = torch.randn(30, 50, generator=g), torch.randn(30, 50, generator=g)
+    tiny = torch.randn(30, 50, generator=g, dtype=torch.float64) * 1e-25
+    want = ref_cosine(wa, wu, tiny)
+    try:
+        s = ops.subspace_score(wa, wu, delta=tiny.float(), backend=backend)
+    except FloatingPointError as exc:
+        assert "lost their precision" in str(exc)
+    else:
+        assert s.reason is None and abs(s.cosine - want) < 1e-5, (s, want)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_factors_that_cancel_give_no_score(backend):
+    """B = [b, b/10], A = [a/10; -a]: B A is rounding noise next to unit-size factors. The sums
+    cannot tell noise from an update: the layer is an error that names the cancelling factors, or
+    an update of zero; never a cosine made of noise."""
+    g = torch.Generator().manual_seed(16)
+    wa, wu = torch.randn(40, 60, generator=g), torch.randn(40, 60, generator=g)
+    a, b = torch.randn(1, 60, generator=g), torch.randn(40, 1, generator=g)
+    B, A = torch.cat([b, b / 10], 1), torch.cat([a / 10, -a], 0)
+    try:
+        s = ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend)
+    except FloatingPointError as exc:
+        assert "factors cancel" in str(exc)
+    else:
+        assert math.isnan(s.cosine) and s.reason == "the update is zero", s
+
+
 def test_backend_reasons_follow_the_environment(monkeypatch):
     """An unavailable backend's reason is asked again each time (Triton's follows TRITON_INTERPRET
     until triton is imported), and TRITON_INTERPRET is parsed as triton parses it (no stripping)."""
@@ -299,6 +351,13 @@ def test_backend_reasons_follow_the_environment(monkeypatch):
     spec = backends.BackendSpec("fake", "fake_backend", ("cpu",))
     monkeypatch.delitem(backends._loaded, "fake", raising=False)
     assert backends._load(spec) == "off" and backends._load(spec) is fake and backends._load(spec) is fake
+    # a check that raises (a driver call, say) is a reason too, not a crash of `safemerge backends`
+    broken = types.ModuleType("broken_backend")
+    broken.unavailable_reason = lambda: 1 / 0
+    monkeypatch.setitem(__import__("sys").modules, "broken_backend", broken)
+    monkeypatch.delitem(backends._loaded, "broken", raising=False)
+    spec = backends.BackendSpec("broken", "broken_backend", ("cpu",))
+    assert backends._load(spec) == "checking it failed: ZeroDivisionError: division by zero"
     monkeypatch.setenv("TRITON_INTERPRET", " 1")
     if "triton" not in __import__("sys").modules:
         assert backends.triton_interpret_enabled() is False
