@@ -79,14 +79,22 @@ def _load(spec: BackendSpec, fresh: bool = False) -> ModuleType | str:
             return _loaded[spec.name]
         # (a module is kept; while it is unavailable its reason is asked again each time: it may
         # follow the environment, as Triton's does TRITON_INTERPRET until triton is imported)
-        reason = getattr(mod, "unavailable_reason", lambda: None)()
+        reason = _reason(mod)
         if reason:
             return reason
         _loaded[spec.name] = mod
     got = _loaded[spec.name]
     if (fresh or spec.recheck) and not isinstance(got, str):  # (asking Triton costs 0.5 ms: not every call)
-        return getattr(got, "unavailable_reason", lambda: None)() or got
+        return _reason(got) or got
     return got
+
+
+def _reason(mod: ModuleType) -> str | None:
+    """The module's own reason it cannot run here; a check that fails is a reason too, never a crash."""
+    try:
+        return getattr(mod, "unavailable_reason", lambda: None)()
+    except Exception as exc:
+        return f"checking it failed: {type(exc).__name__}: {exc}".strip()
 
 
 def available_backends() -> dict[str, str | None]:

@@ -7,6 +7,7 @@ Undefined scores (nan) are never flagged. Ties in the k-lowest modes keep model 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
@@ -25,6 +26,11 @@ class Selection:
         given = [v is not None for v in (self.threshold, self.num_layers, self.fraction)]
         if sum(given) != 1:
             raise ValueError("choose exactly one of a threshold, a number of layers or a fraction of layers")
+        for name, value, kinds in (("threshold", self.threshold, numbers.Real), ("num_layers", self.num_layers,
+                                   numbers.Integral), ("fraction", self.fraction, numbers.Real)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                what = "a whole number" if kinds is numbers.Integral else "a number"
+                raise ValueError(f"{name} must be {what}; got {value!r}")
         if self.threshold is not None and not (-1.0 <= self.threshold <= 1.0 and math.isfinite(self.threshold)):
             raise ValueError(f"threshold must lie in [-1, 1] (it is compared with a cosine); got {self.threshold}")
         if self.num_layers is not None and self.num_layers < 1:
