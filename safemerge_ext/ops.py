@@ -169,7 +169,11 @@ def subspace_score(
     if abs(cos) > 1.0 + 1e-3:  # (|cos| <= 1 exactly; beyond rounding, the fp32 sums lost their digits)
         raise FloatingPointError(f"{_LOST} (|cos| = {abs(cos):.4g})")
     if math.isnan(cos):
-        return Score(cos, v_norm, d_norm, "the update is orthogonal to V (C dW = 0)", name, precision=used)
+        # C dW = 0: the update lies wholly outside V's column space. rho tends to 0 as an update
+        # turns away from it (rho <= ||V^T dW|| / (s ||dW||), s the least nonzero singular value
+        # of V), and the official code's cosine_similarity gives 0 here: the most drifted layer
+        # scores 0; it is not left out
+        cos = 0.0
     return Score(min(1.0, max(-1.0, cos)), v_norm, d_norm, None, name,
                  projected.float() if projected is not None else None, used)
 
@@ -187,7 +191,8 @@ def subspace_cosine(
     """rho = cos(vec(C dW), vec(dW)) for dW = lora_B @ lora_A or dW = delta.
 
     Exactly one of ``lora_A``+``lora_B`` or ``delta``; a LoRA scale does not matter. Returns nan for
-    degenerate layers (V = 0, dW = 0, or C dW = 0). Raises FloatingPointError on NaN/Inf inputs.
+    degenerate layers (V = 0 or dW = 0), and 0 where C dW = 0 (dW wholly outside V's column space).
+    Raises FloatingPointError on NaN/Inf inputs.
     """
     return subspace_score(
         w_aligned, w_unaligned, lora_A=lora_A, lora_B=lora_B, delta=delta, backend=backend, precision=precision

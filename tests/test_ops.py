@@ -147,6 +147,25 @@ def test_degenerate_layers():
         ops.project_lora_B(wa, wa, B, backend="torch")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_an_update_wholly_outside_the_safety_subspace_scores_zero(backend):
+    """V lives in rows 0-9 and dW in rows 10-19, so V^T dW = 0 and C dW = 0 exactly: rho's limit
+    (and the official code's cosine_similarity) is 0, so the layer is flagged, not left out."""
+    g = torch.Generator().manual_seed(17)
+    wu = torch.randn(20, 30, generator=g)
+    wa = wu.clone()
+    wa[:10] += torch.randn(10, 30, generator=g) * 0.1
+    B, A = torch.randn(20, 3, generator=g), torch.randn(3, 30, generator=g)
+    B[:10] = 0
+    for kw in ({"lora_A": A, "lora_B": B}, {"delta": B @ A}):
+        s = ops.subspace_score(wa, wu, **kw, backend=backend)
+        assert s.cosine == 0.0 and s.reason is None and s.v_norm > 0 and s.delta_norm > 0, s
+    assert Selection(threshold=0.35).flag([0.0]) == [True]
+    # a little of the update inside the subspace: a small score, continuous with that 0
+    B[0] = 1e-3
+    assert 0.0 < ops.subspace_cosine(wa, wu, lora_A=A, lora_B=B, backend=backend) < 0.05
+
+
 def test_project_delta_vs_float64():
     wa, wu, A, B = inputs(70, 33, 5)
     dW = torch.randn(70, 33)
