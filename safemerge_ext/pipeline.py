@@ -526,7 +526,7 @@ def score(
     scores = score_layers(run, progress=progress)
     flags = selection.flag([s.cosine for s in scores])
     settings = {"aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
-                "adapter": str(Path(adapter).resolve()), "device": device,
+                "adapter": str(Path(adapter).resolve()), "device": device, "backend_requested": backend,
                 "precision_requested": run.precision_requested,
                 **selection.describe()}
     report = _finish(run, "score", "score", _records(run, scores, flags, "kept"), settings)

@@ -434,6 +434,22 @@ def test_num_layers_beyond_scorable_warns(fx, tmp_path):
     assert any("--num-layers 99 exceeds the 21" in w for w in rep["warnings"])
 
 
+def test_every_report_records_the_backend_asked_for_and_the_one_that_ran(fx, tmp_path):
+    common = ["--aligned", fx.aligned, "--unaligned", fx.unaligned]
+    runs = {"score": (["score", *common, "--adapter", fx.task, "--report", tmp_path / "s.json"], tmp_path / "s.json"),
+            "merge": (merge_args(fx, tmp_path / "m", "--no-plot"), tmp_path / "m" / "safemerge_report.json"),
+            "project": (["project", *common, "--adapter", fx.task, "--out", tmp_path / "p", "--no-plot"],
+                        tmp_path / "p" / "safemerge_report.json")}
+    for command, (args, report) in runs.items():
+        for asked in ("torch", "auto"):
+            assert run_cli(args + ["--backend", asked] + (["--force"] if command != "score" else [])) == 0, command
+            rep = json.loads(report.read_text())
+            assert rep["settings"]["backend_requested"] == asked, command
+            from safemerge_ext import backends
+
+            assert rep["backend"] == ("torch" if asked == "torch" else backends.resolve("auto", "cpu")[0]), command
+
+
 def test_precision_flag_and_env(fx, tmp_path, monkeypatch, capsys):
     """--precision is recorded; a backend that computes in exact fp32 says so in a warning; a bad
     value in the environment stops the run before anything is read or written."""
