@@ -22,7 +22,8 @@ import torch
 from safemerge_ext import merge as merging
 from safemerge_ext import ops
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.adapters import LoraAdapter, LoraModule, OutModule, read_adapter, unit_alpha, write_adapter
+from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, global_scaling, read_adapter,
+                                       write_adapter)
 from safemerge_ext.io.model_writer import write_model
 from safemerge_ext.io.models import ModelReader, config_value, natural_key
 from safemerge_ext.io.output import check_out, check_parent, staged_dir
@@ -555,6 +556,16 @@ class MergeSettings:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
 
 
+def _note_vllm(run: Run, off_default: list[str]) -> None:
+    """Warn when the written adapter has modules whose scaling is not its default one."""
+    if off_default:
+        run.warnings.append(
+            f"{len(off_default)} module(s) of the written adapter (first: {off_default[0]}) have a scaling other than "
+            "its lora_alpha / r, as the task adapter's rank_pattern/alpha_pattern set them: PEFT loads them right, "
+            "but vLLM applies lora_alpha / r to every module; serve it with PEFT, or use --output model"
+        )
+
+
 def merge(
     aligned: str | Path, unaligned: str | Path, task_adapter: str | Path, safety_adapter: str | Path, out: str | Path,
     settings: MergeSettings, *, backend: str = "auto", device: str = "cpu", precision: str | None = None,
@@ -573,7 +584,7 @@ def merge(
     flags = _select(run, scores, settings.selection)
     records = _records(run, scores, flags, "merged")
     t0 = time.perf_counter()
-    use_rslora = task.use_rslora
+    use_rslora, scaling = task.use_rslora, global_scaling(task.config) or 1.0  # (lora_alpha: 0 scales nothing)
 
     def merged_update(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(full dW or None, B, A) of a flagged layer's merged update (fp32)."""
@@ -600,15 +611,18 @@ def merge(
             if dW is not None:
                 B, A, rel = merging.truncated_factors(dW, t.rank + s.rank)
                 rec.extra["svd_rel_error"] = rel
-            return A.to(dt), B.to(dt)
+            return A.to(dt), B.to(dt) / scaling
 
-        return OutModule(layer.module, (rank, t.d_in), (t.d_out, rank), (dt, dt), unit_alpha(rank, use_rslora), make)
+        # written at the task adapter's default scaling (B divided by it), which is the one scaling
+        # vLLM applies to every module; PEFT reads this module's own alpha (see write_adapter)
+        return OutModule(layer.module, (rank, t.d_in), (t.d_out, rank), (dt, dt),
+                         alpha_for(scaling, rank, use_rslora), make)
 
     with staged_dir(out, force) as tmp:
         if settings.output == "adapter":
             modules = [merged_module(layer, rec) if rec.flagged else OutModule.from_lora(layer.task)
                        for layer, rec in zip(run.layers, records)]
-            write_adapter(tmp, task.config, modules)  # makes each module's factors as it writes it
+            _note_vllm(run, write_adapter(tmp, task.config, modules))  # makes each module's factors as it writes it
             lossy = [rec.extra["svd_rel_error"] for rec in records if rec.extra.get("svd_rel_error", 0.0) > SVD_WARN]
             if lossy:
                 run.warnings.append(
@@ -664,10 +678,10 @@ def project(
              for layer, s, f in zip(run.layers, scores, flags) if f}
     with staged_dir(out, force) as tmp:
         if output == "adapter":
-            write_adapter(tmp, task.config, [
+            _note_vllm(run, write_adapter(tmp, task.config, [
                 OutModule.from_lora(layer.task, new_B.get(layer.module))
                 for layer in run.layers
-            ])
+            ]))
         else:
             by_weight = {layer.weight: layer for layer in run.layers}
 

@@ -179,6 +179,40 @@ def test_merge_linear_adapter_exact(fx, tmp_path, adapter_dtype):
             assert torch.equal(merged[k], v), k
 
 
+def test_merged_adapter_is_read_right_by_a_server_that_reads_only_r_and_lora_alpha(fx, tmp_path):
+    """vLLM applies one scaling, lora_alpha / r (/ sqrt(r) with rsLoRA), to every module, reads
+    neither rank_pattern nor alpha_pattern, and checks r against its max_lora_rank. The merged
+    adapter keeps its flagged modules (rank r_task + r_safety, scales folded) at that scaling and
+    sets r to its largest rank: from a task adapter without patterns, every module reads right."""
+    def scalings(out: Path) -> tuple[float, dict[str, float], dict]:
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        root = math.sqrt if cfg["use_rslora"] else float
+        ranks = {k.split(".lora_A")[0].removeprefix("base_model.model."): v.shape[0]
+                 for k, v in load_file(out / "adapter_model.safetensors").items() if ".lora_A" in k}
+        assert cfg["r"] == max(ranks.values()) and cfg["rank_pattern"] == ranks
+        return cfg["lora_alpha"] / root(cfg["r"]), {m: cfg["alpha_pattern"][m] / root(r) for m, r in ranks.items()}, cfg
+
+    # the demo's safety adapter (rsLoRA r 6, lora_alpha 12, no patterns) as the task adapter
+    out = tmp_path / "plain"
+    assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", fx.safety,
+                    "--safety-adapter", fx.task, "--out", out, "--num-layers", 6, "--no-plot"]) == 0
+    default, own, cfg = scalings(out)
+    assert cfg["r"] == 6 + 4 and math.isclose(default, 12 / math.sqrt(6), rel_tol=1e-12)
+    assert all(math.isclose(s, default, rel_tol=1e-12) for s in own.values()), own
+    assert not [w for w in report_of(out)["warnings"] if "vLLM" in w]
+    # the demo's task adapter sets v_proj's rank and o_proj's alpha by pattern: those of its modules
+    # that are kept as they are read wrong where only lora_alpha / r is read, and the report says so
+    out = tmp_path / "patterned"
+    assert run_cli(merge_args(fx, out, "--num-layers", 6, "--no-plot")) == 0
+    default, own, _ = scalings(out)
+    flagged = {r["module"] for r in report_of(out)["layers"] if r["flagged"]}
+    off = {m for m, s in own.items() if not math.isclose(s, default, rel_tol=1e-9)}
+    assert off and off == {m for m in own if m.endswith(("v_proj", "o_proj")) and m not in flagged}
+    assert all(math.isclose(own[m], 8 / 4, rel_tol=1e-12) for m in flagged)
+    warned = [w for w in report_of(out)["warnings"] if "vLLM" in w]
+    assert len(warned) == 1 and warned[0].startswith(f"{len(off)} module(s) of the written adapter"), warned
+
+
 def test_merge_model_output(fx, tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -254,12 +288,12 @@ def test_merge_sparse_methods(fx, tmp_path, method):
         assert_close(got[f"{m}.weight"], aligned[f"{m}.weight"].double() + dW, atol=1e-5, rtol=1e-5, what=m)
         # adapter: best rank-k approximation of dW, and its error as reported
         Ao, Bo, so = out_ad[m]
-        assert so == 1.0 and Ao.shape[0] == A.shape[0] + As.shape[0]
+        assert so == 8 / 4 and Ao.shape[0] == A.shape[0] + As.shape[0]  # (the task adapter's lora_alpha / r)
         S = torch.linalg.svdvals(dW)
         k = Ao.shape[0]
         rel = float(S[k:].square().sum().sqrt() / S.square().sum().sqrt())
         assert abs(rep_a[m]["svd_rel_error"] - rel) < 1e-4
-        err = float((Bo.double() @ Ao.double() - dW).norm() / dW.norm())
+        err = float((so * Bo.double() @ Ao.double() - dW).norm() / dW.norm())
         assert abs(err - rel) < 1e-4
     # the loss is a warning of the report (and the printed summary), with the exact alternative
     worst = max(rep_a[m]["svd_rel_error"] for m in flagged)

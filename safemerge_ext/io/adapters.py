@@ -310,11 +310,26 @@ def unit_alpha(rank: int, use_rslora: bool) -> float:
     return math.sqrt(rank) if use_rslora else float(rank)
 
 
-def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules: list[OutModule]) -> None:
+def alpha_for(scaling: float, rank: int, use_rslora: bool) -> float:
+    """The lora_alpha that gives a module of this rank this scaling (``unit_alpha`` for 1)."""
+    return scaling * unit_alpha(rank, use_rslora)
+
+
+def global_scaling(config: dict[str, Any]) -> float:
+    """The scaling of the config's default ``r`` and ``lora_alpha`` (PEFT's defaults: 8 and 8):
+    the one scaling that vLLM applies to every module, since it reads neither pattern."""
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    return alpha / (math.sqrt(r) if config.get("use_rslora", False) else r)
+
+
+def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules: list[OutModule]) -> list[str]:
     """Write a PEFT adapter; every module gets an explicit ``rank_pattern``/``alpha_pattern`` entry.
 
     Explicit per-module entries make mixed ranks load in PEFT and keep each module's scaling
-    independent of the template's default ``r`` / ``lora_alpha`` and of any regex it had.
+    independent of the template's default ``r`` / ``lora_alpha`` and of any regex it had. The
+    defaults become the largest rank and the template's scaling (see :func:`global_scaling`), so
+    a server that reads only them (vLLM) gets every module right whose scaling is that one.
+    Returns the modules whose scaling is another one (in the order written).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -324,6 +339,14 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     config["init_lora_weights"] = True
     config["rank_pattern"] = {m.name: m.rank for m in modules}
     config["alpha_pattern"] = {m.name: m.alpha for m in modules}
+    # PEFT reads the patterns; vLLM reads only r (checked against its max_lora_rank) and the one
+    # scaling lora_alpha / r: r becomes the largest rank written, at the template's scaling
+    rslora, default = bool(template.get("use_rslora", False)), global_scaling(template)
+    if modules:
+        r_max = max(m.rank for m in modules)
+        config["r"], config["lora_alpha"] = r_max, alpha_for(default, r_max, rslora)
+    off_default = [m.name for m in modules
+                   if not math.isclose(m.alpha / unit_alpha(m.rank, rslora), default, rel_tol=1e-9, abs_tol=0.0)]
     layout = []
     for m in modules:
         layout.append((f"{PEFT_PREFIX}{m.name}.lora_A.weight", m.shape_A, m.dtypes[0]))
@@ -335,3 +358,4 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
             w.write(b_name, B)
             del A, B
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return off_default
