@@ -560,9 +560,9 @@ def _note_vllm(run: Run, off_default: list[str]) -> None:
     """Warn when the written adapter has modules whose scaling is not its default one."""
     if off_default:
         run.warnings.append(
-            f"{len(off_default)} module(s) of the written adapter (first: {off_default[0]}) have a scaling other than "
-            "its lora_alpha / r, as the task adapter's rank_pattern/alpha_pattern set them: PEFT loads them right, "
-            "but vLLM applies lora_alpha / r to every module; serve it with PEFT, or use --output model"
+            f"{len(off_default)} module(s) (first: {off_default[0]}) keep the scaling the task adapter's "
+            "rank_pattern/alpha_pattern gave them: PEFT reads it, vLLM does not (it applies lora_alpha / r to all); "
+            "for vLLM, use --output model"
         )
 
 
