@@ -214,8 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"safemerge: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, permissions, a path that vanished: still one line
-        where = f": {exc.filename}" if exc.filename else (f" (writing {target})" if target else "")
-        print(f"safemerge: error: {exc.strerror or exc}{where}; nothing was written", file=sys.stderr)
+        # (an error without a file name may come from reading as well as from writing)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"safemerge: error: {exc.strerror or exc}{where}; nothing was written" + (f" to {target}" if target else ""),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"

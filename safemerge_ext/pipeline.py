@@ -26,7 +26,7 @@ from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha
                                        write_adapter)
 from safemerge_ext.io.model_writer import write_model
 from safemerge_ext.io.models import ModelReader, config_value, natural_key
-from safemerge_ext.io.output import check_out, check_parent, staged_dir
+from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir
 from safemerge_ext.report import (
     REPORT_JSON,
     REPORT_PNG,
@@ -512,9 +512,13 @@ def score(
 ) -> dict[str, Any]:
     """Score one adapter's layers; flag by SafeMERGE's rule at ``threshold`` for the report only."""
     selection = Selection(threshold=threshold)
+    inputs = (("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter))
     for path, flag in ((report_path, "--report"), (plot_path, "--plot")):
         if path:
             check_parent(path, flag)
+            check_not_input(path, flag, inputs)
+    if report_path and plot_path and Path(report_path).resolve() == Path(plot_path).resolve():
+        raise SafeMergeError(f"--report and --plot are both {report_path}; give them different names")
     if report_path and Path(report_path).is_dir():
         raise SafeMergeError(f"--report {report_path} is a folder; give a file name such as "
                              f"{Path(report_path) / REPORT_JSON}")

@@ -361,11 +361,31 @@ def test_report_and_plot_folders_are_made(fx, tmp_path):
     assert (tmp_path / "b" / "c" / "p.png").stat().st_size > 1000
 
 
+def test_score_never_writes_over_its_inputs(fx, tmp_path, capsys):
+    """--report / --plot naming a file of an input folder (or both naming one file) are refused
+    before anything is read; a new file beside the adapter's is fine."""
+    models = {name: copy(src, tmp_path / name) for name, src in (("a", fx.aligned), ("u", fx.unaligned), ("t", fx.task))}
+    args = ["score", "--aligned", str(models["a"]), "--unaligned", str(models["u"]), "--adapter", str(models["t"]),
+            "--no-progress"]
+    before = {p: p.read_bytes() for d in models.values() for p in d.iterdir()}
+    for extra, culprit in ((["--report", str(models["a"] / "config.json")], "--report"),
+                           (["--report", str(models["t"] / "adapter_config.json")], "--report"),
+                           (["--plot", str(models["u"] / "model.safetensors.index.json")], "--plot"),
+                           (["--report", str(tmp_path / "x.png"), "--plot", str(tmp_path / "x.png")], "--report and --plot")):
+        assert main(args + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"safemerge: error: {culprit}") and "\n" not in err, err
+    assert {p: p.read_bytes() for d in models.values() for p in d.iterdir()} == before
+    assert not (tmp_path / "x.png").exists()
+    assert main(args + ["--report", str(models["t"] / "score.json")]) == 0
+    assert json.loads((models["t"] / "score.json").read_text())["command"] == "score"
+
+
 def test_os_errors_are_one_line(fx, tmp_path, capsys, monkeypatch):
     """An I/O failure the checks cannot foresee (a full disk) is still one line and exit 2."""
     from safemerge_ext import pipeline
 
-    for filename, where in ((str(tmp_path / "out"), f": {tmp_path / 'out'}"), (None, f" (writing --out {tmp_path / 'out'})")):
+    for filename, where in ((str(tmp_path / "out"), f": {tmp_path / 'out'}"), (None, "")):
         def full(*a, **k):  # (an error from a write() names no file)
             raise OSError(28, "No space left on device", filename)
 
@@ -374,7 +394,8 @@ def test_os_errors_are_one_line(fx, tmp_path, capsys, monkeypatch):
                      str(fx.task), "--safety-adapter", str(fx.safety), "--out", str(tmp_path / "out"), "--no-plot",
                      "--no-progress"])
         err = capsys.readouterr().err.strip()
-        assert code == 2 and err == f"safemerge: error: No space left on device{where}; nothing was written", err
+        assert code == 2 and err == (f"safemerge: error: No space left on device{where}; nothing was written to "
+                                     f"--out {tmp_path / 'out'}"), err
         assert leftovers(tmp_path, "out") == []
 
 

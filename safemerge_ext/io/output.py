@@ -48,6 +48,17 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
     return p
 
 
+def check_not_input(path: str | os.PathLike, flag: str, inputs: Iterable[tuple[str, str | os.PathLike]]) -> None:
+    """Fail early when writing the file ``path`` would replace an input: one of ``inputs`` ((flag,
+    path) pairs) itself, or a file in one of those folders (a new file beside them is fine)."""
+    p = Path(path).resolve()
+    for name, src in inputs:
+        s = Path(src).resolve()
+        if p == s or (s in p.parents and p.exists()):
+            raise SafeMergeError(f"{flag} {path} is a file of {name} {src}, which writing it would replace; "
+                                 "choose another path")
+
+
 def write_whole(path: str | os.PathLike, fill: Callable[[Path], object]) -> None:
     """``fill(tmp)`` writes a temporary file beside ``path`` (with its suffix, which some writers
     read the format from), which then replaces ``path``: a failure or an interruption leaves
