@@ -25,7 +25,7 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from safemerge_ext._signals import Terminated, sigterm_as_interrupt
 from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.output import check_out, check_parent, staged_dir
+from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.mergekit_methods import (
     METHOD_NAMES, ROLES, discard_report, finalize_report, register_methods, report_files,
@@ -326,15 +326,16 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe") -> Checked:
     return Checked(config, method, roles, has_lora, checked, inputs)
 
 
-def _check_report_path(own: str, out: Path) -> None:
-    """Before any work: the recipe's ``report_path`` can be written, and is not OUT_PATH or a
-    folder in it (the report goes into OUT_PATH anyway; a folder made there early would stop the
-    final rename)."""
+def _check_report_path(own: str, out: Path, inputs: tuple[tuple[str, Path], ...] = ()) -> None:
+    """Before any work: the recipe's ``report_path`` can be written, would replace no file of an
+    input, and is not OUT_PATH or a folder in it (the report goes into OUT_PATH anyway; a folder
+    made there early would stop the final rename)."""
     own_json, own_png = report_files(own)
     check_parent(own_json, "report_path")
     for f in (own_json, own_png):
         if f.is_dir():
             raise SafeMergeError(f"report_path {own}: {f} is a folder; choose another report_path")
+        check_not_input(f, "report_path", inputs)
     where, o = Path(own).resolve(), out.resolve()
     if where == o or o in where.parents:
         raise SafeMergeError(f"report_path {own} is OUT_PATH or inside it, where the report is written anyway; "
@@ -380,7 +381,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     own = own if isinstance(own, str) and own else None
     if own:
         try:
-            _check_report_path(own, out)
+            _check_report_path(own, out, checked.inputs)
         except SafeMergeError as exc:
             _fail(str(exc))
     report, report_at = None, own

@@ -993,7 +993,8 @@ def test_safemerge_yaml_sigterm_cleans_up(pico, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
 
 
-@pytest.mark.parametrize("kind", ["under-a-file", "json-is-a-folder", "in-out-path", "out-path", "not-utf8", "out-holds-input"])
+@pytest.mark.parametrize("kind", ["under-a-file", "json-is-a-folder", "in-out-path", "out-path", "not-utf8", "out-holds-input",
+                                  "replaces-input"])
 def test_safemerge_yaml_refuses_bad_paths_before_merging(pico, tmp_path, capsys, monkeypatch, kind):
     """report_path that cannot be written, or that lies in OUT_PATH, a recipe that is not UTF-8 text,
     and an OUT_PATH whose replacement would delete an input: one line, before mergekit runs."""
@@ -1014,6 +1015,9 @@ def test_safemerge_yaml_refuses_bad_paths_before_merging(pico, tmp_path, capsys,
         out.mkdir()
         task = str(shutil.copytree(pico.task, out / "task"))
         force = ["--force"]
+    if kind == "replaces-input":  # report_path <task model>/config.json: the report would replace it
+        task = str(shutil.copytree(pico.task, tmp_path / "task"))
+        params["report_path"] = str(tmp_path / "task" / "config.json")
     rec = _write(recipe(pico, params=params, task=task), tmp_path / "r.yml")
     if kind == "not-utf8":
         rec.write_bytes(b"\xff\xfe not text")
@@ -1024,7 +1028,8 @@ def test_safemerge_yaml_refuses_bad_paths_before_merging(pico, tmp_path, capsys,
     assert done.value.code == 1 and len(err) == 1 and err[0].startswith("safemerge-yaml: error:"), err
     assert {"under-a-file": "is a file, not a folder", "json-is-a-folder": "is a folder",
             "in-out-path": "is OUT_PATH or inside it", "out-path": "is OUT_PATH or inside it",
-            "not-utf8": "not a text file in UTF-8", "out-holds-input": "which the output would replace"}[kind] in err[0]
+            "not-utf8": "not a text file in UTF-8", "out-holds-input": "which the output would replace",
+            "replaces-input": "config.json is a file of role task model"}[kind] in err[0]
     assert (out.exists() and kind == "out-holds-input" and (out / "task" / "config.json").is_file()) or not out.exists()
 
 
