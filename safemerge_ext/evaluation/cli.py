@@ -43,7 +43,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
                    help="generation engine; vllm needs vLLM installed (default: transformers)")
     p.add_argument("--tensor-parallel", type=positive_int, default=1, help="vllm: GPUs per model (default: 1)")
-    p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="transformers device (default: cpu)")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]|xpu[:N]|mps",
+                   help="device of the transformers engine and the Llama Guard judge (default: cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype for generation (default: float32 on the CPU, bfloat16 on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subsets (default: 0)")
@@ -86,22 +87,26 @@ def run(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from safemerge_ext.errors import SafeMergeError
     from safemerge_ext.evaluation import data, run as runner
-    from safemerge_ext.evaluation.generate import make_engine, parse_model
+    from safemerge_ext.evaluation.generate import chat_tokenizer, check_device, make_engine, parse_model
     from safemerge_ext.evaluation.judges import make_judge
     from safemerge_ext.evaluation.utility import load_task
 
-    if args.engine == "transformers":
-        from safemerge_ext.pipeline import resolve_device
-
-        resolve_device(args.device, scoring=False)  # before any judge or model is loaded
+    if args.out is not None and not args.out.strip():
+        raise SafeMergeError(f"--out {args.out!r} is an empty path; give the folder for eval.json and eval.png "
+                             "(or no --out, to write nothing)")
+    judge_dir = args.judge.split(":", 1)[1] if args.judge.startswith("llama-guard:") else None
+    if args.engine == "transformers" or judge_dir is not None:
+        check_device(args.device)  # before any judge or model is loaded
     if args.adapter and len(args.model) > 1:
         raise SafeMergeError("--adapter applies to a single --model; with several, write --model NAME=DIR+ADAPTER")
     models = [parse_model(m, args.adapter) for m in args.model]
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise SafeMergeError(f"--model names repeat ({', '.join(names)}): name them, --model NAME=DIR")
-    if args.out:
-        runner.check_out(Path(args.out))  # before hours of generation, not after
+    if args.out is not None:  # before hours of generation, not after
+        files = (("--harmful", args.harmful), ("--benign", args.benign if args.benign != "none" else None),
+                 ("--utility", args.utility))
+        runner.check_out(Path(args.out), [(flag, spec) for flag, spec in files if spec and Path(spec).is_file()])
     harmful = data.resolve_prompts(args.harmful)
     harmful = (harmful[0], runner.subsample(harmful[1], args.limit, args.seed, "harmful"))
     benign = None
@@ -112,6 +117,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.utility:
         task = load_task(args.utility, args.utility_format)
         task.items = runner.subsample(task.items, args.utility_limit, args.seed, "utility")
+    if args.engine == "transformers":  # every tokenizer now, not when its model's turn comes hours later
+        for m in models:
+            chat_tokenizer(m.path, f"--model {m.label}")
     judge = make_judge(args.judge, args.device)
     engine = make_engine(args.engine, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                          tensor_parallel=args.tensor_parallel)
@@ -122,7 +130,7 @@ def _eval(args: argparse.Namespace) -> int:
     result = runner.evaluate(models, engine, judge, harmful=harmful, benign=benign, task=task, budget=budget,
                              log=lambda s: print(s, file=sys.stderr))
     print(runner.table(result))
-    if args.out:
+    if args.out is not None:
         js, png = runner.write(result, Path(args.out))
         print(f"wrote {js} and {png}")
     return 0

