@@ -61,11 +61,12 @@ def seeded(seed: int, module: str, device: torch.device) -> Iterator[None]:
 def combine_full(
     dW_f: torch.Tensor, dW_s: torch.Tensor, *, alpha: float, method: str, density: float, seed: int, module: str
 ) -> torch.Tensor:
-    """``merge(alpha * dW_f, (1 - alpha) * dW_s)`` on full updates, in fp32."""
+    """``merge(alpha * dW_f, (1 - alpha) * dW_s)`` on full updates, in fp32 (float64 when an update is)."""
     from peft.utils import merge_utils
 
-    tensors = [dW_f.float(), dW_s.float()]
-    weights = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float32, device=dW_f.device)
+    wd = torch.float64 if torch.float64 in (dW_f.dtype, dW_s.dtype) else torch.float32
+    tensors = [dW_f.to(wd), dW_s.to(wd)]
+    weights = torch.tensor([alpha, 1.0 - alpha], dtype=wd, device=dW_f.device)
     if method == "linear":
         return merge_utils.task_arithmetic(tensors, weights)
     if method == "ties":

@@ -40,7 +40,8 @@ from typing_extensions import Annotated
 
 from safemerge_ext import ops
 from safemerge_ext.backends import EXACT, PRECISIONS, backend_detail, requested_precision
-from safemerge_ext.io.models import all_finite
+from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.io.models import ModelReader, all_finite
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import combine_full, seeded
 from safemerge_ext.report import REPORT_JSON, REPORT_PNG, LayerRecord, build_report, plot, summary_table, write_json
@@ -212,6 +213,36 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).replace("torch.", "")
 
 
+_readers: dict[str, ModelReader | None] = {}  # local model folder -> its header reader (None: not one)
+_readers_lock = threading.Lock()
+
+
+def _bytes_read(group: TensorGroup) -> int:
+    """The group's inputs as stored on disk: mergekit casts them to the recipe's ``dtype`` before a
+    method sees them (bf16 checkpoints under ``dtype: float32`` arrive twice their size), so the
+    size is the safetensors header's; as received where the file is not known (a LoRA that
+    mergekit folded into its cache, a Hub id)."""
+    name, total = group.metadata.name, 0
+    for e in group.entries:
+        stored = None
+        path = getattr(getattr(e.id, "model", None), "path", None)  # (a ModelReference's local folder or Hub id)
+        if name and isinstance(path, str) and path and not getattr(e.id, "lora", None):
+            with _readers_lock:
+                if path not in _readers:
+                    try:
+                        _readers[path] = ModelReader(path) if Path(path).is_dir() else None
+                    except SafeMergeError:
+                        _readers[path] = None
+                reader = _readers[path]
+            if reader is not None and name in reader:
+                try:
+                    stored = reader.layout(name)[2]
+                except SafeMergeError:
+                    stored = None
+        total += stored if stored is not None else e.tensor.numel() * e.tensor.element_size()
+    return total
+
+
 def _task_lora(group: TensorGroup, role: Any) -> bool:
     """Whether the task input is ``model+lora`` (mergekit folded the adapter before loading it)."""
     return any(role[e.id] == "task" and getattr(e.id, "lora", None) for e in group.non_base)
@@ -274,7 +305,7 @@ class _Scored:
                report_path: str) -> None:
         _record(method, group, self.score, flagged=flagged, action=action, settings=settings,
                 src_dtype=self.task.dtype, band=self.band, elapsed=time.perf_counter() - self.start,
-                nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path,
+                nbytes=_bytes_read(group), report_path=report_path,
                 precision=self.precision, rounding=self.rounding, task_lora=self.task_lora)
 
 
@@ -402,7 +433,7 @@ def _resta_tensor(
     if score is not None:
         _record("resta", group, score, flagged=False, action="shifted", settings={"beta": beta, "density": density,
                 "seed": seed}, src_dtype=task.dtype, band=None, elapsed=time.perf_counter() - start,
-                nbytes=sum(x.numel() * x.element_size() for x in group.tensors), report_path=report_path,
+                nbytes=_bytes_read(group), report_path=report_path,
                 precision=precision, task_lora=_task_lora(group, role))
     return out
 

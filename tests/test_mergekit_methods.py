@@ -773,6 +773,12 @@ def test_rounding_is_read_from_the_values_not_the_loaded_dtype(pico, pico_bf16, 
     scored = [r for r in report["layers"] if r["cosine"] is not None]
     assert scored and all(r["input_dtype"] == loaded for r in report["layers"])
     assert all(r["task_lora"] == (not checkpoint) for r in report["layers"])
+    if checkpoint:  # bytes as the files store them (bf16 here), not as mergekit handed them over
+        from safetensors.torch import load_file
+
+        sizes = [{k: v.numel() * v.element_size() for f in Path(m).glob("*.safetensors") for k, v in load_file(f).items()}
+                 for m in (aligned, task, pico.safety, pico_bf16 / "unaligned")]
+        assert report["bytes_read"] == sum(s[r["tensor"]] for r in report["layers"] for s in sizes)
     warned = [w for w in report["warnings"] if "task weights" in w]
     if case == "lora-folded-in-fp32":
         assert all(r["rounding_dtype"] is None and r["rounding_band"] is None for r in scored) and not warned

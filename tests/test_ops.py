@@ -380,3 +380,16 @@ def test_backend_reasons_follow_the_environment(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", " 1")
     if "triton" not in __import__("sys").modules:
         assert backends.triton_interpret_enabled() is False
+
+
+def test_combine_full_keeps_float64_updates_in_float64():
+    """A float64 model's updates are merged in float64 (fp32 would cost 1e-7 of dW); fp32 and
+    half-precision updates in fp32."""
+    from safemerge_ext.merge import combine_full
+
+    g = torch.Generator().manual_seed(18)
+    a, b = (torch.randn(20, 30, generator=g, dtype=torch.float64) for _ in range(2))
+    got = combine_full(a, b, alpha=0.7, method="linear", density=1.0, seed=0, module="m")
+    assert got.dtype == torch.float64 and float((got - (0.7 * a + (1 - 0.7) * b)).abs().max()) < 1e-14
+    assert combine_full(a.bfloat16(), b.float(), alpha=0.7, method="ties", density=0.5, seed=0,
+                        module="m").dtype == torch.float32
