@@ -144,6 +144,9 @@ class BuildNative(build_ext):
             objects.append(str(obj))
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
         ext.extra_objects = list(ext.extra_objects or []) + objects
+        # setuptools relinks only when a source or a dependency is newer than the library: the .cu
+        # files and the headers are neither once taken out of the sources
+        ext.depends = list(ext.depends or []) + cu + sorted(f"{CSRC}/{p.name}" for p in (HERE / CSRC).glob("*.h"))
         super().build_extension(ext)
 
 

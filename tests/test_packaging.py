@@ -65,3 +65,35 @@ def test_wheel_ships_the_autoload_pth(tmp_path):
         record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
         assert any(line.split(",")[0] == autoload.PTH_NAME for line in z.read(record).decode().splitlines())
         assert any(n.startswith("safemerge_ext/_cpu.") for n in z.namelist()), "the C++ extension is not in the wheel"
+
+
+def test_cuda_extension_relinks_when_its_kernels_or_headers_change(monkeypatch, tmp_path):
+    """nvcc turns the .cu files into objects that setuptools links; it relinks only when a source or
+    a dependency is newer than the library, so the .cu files and the headers must be dependencies
+    (without them, an edited kernel left the old library in place)."""
+    import runpy
+
+    import setuptools
+    from setuptools.command.build_ext import build_ext
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("SAFEMERGE_SKIP_NATIVE", "1")  # (only the module's definitions are wanted here)
+    monkeypatch.chdir(ROOT)
+    mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+    monkeypatch.setenv("NVCC", "nvcc-that-is-not-run")
+    seen = {}
+    monkeypatch.setattr(mod["subprocess"], "run", lambda cmd, **kw: seen.setdefault("nvcc", cmd))
+    monkeypatch.setattr(build_ext, "build_extension", lambda self, ext: seen.setdefault("ext", ext))
+
+    class Ext:
+        name, include_dirs, extra_objects, depends = "safemerge_ext._cuda", [], [], []
+        sources = ["csrc/cuda_bindings.cpp", "csrc/cuda_ops.cu"]
+
+    cmd = mod["BuildNative"].__new__(mod["BuildNative"])
+    cmd.build_temp = str(tmp_path)
+    cmd.build_extension(Ext())
+    ext = seen["ext"]
+    assert seen["nvcc"][:3] == ["nvcc-that-is-not-run", "-c", "csrc/cuda_ops.cu"]
+    assert ext.sources == ["csrc/cuda_bindings.cpp"] and ext.extra_objects == [str(tmp_path / "cuda" / "cuda_ops.o")]
+    headers = sorted(f"csrc/{p.name}" for p in (ROOT / "csrc").glob("*.h"))
+    assert headers and set(ext.depends) == {"csrc/cuda_ops.cu", *headers}
