@@ -6,7 +6,9 @@
 // V is never stored: each pass converts a small block of both weight matrices (fp32, fp16 or bf16,
 // read in their stored dtype) into an fp32 scratch block that lives in L1/L2, and a register-tiled
 // micro-kernel multiplies it against B or T. Accumulation is fp32 (differences of fp16/bf16
-// values are exact in fp32); ||V||^2 is summed per block in fp32 and across blocks in float64.
+// values are exact in fp32 unless their exponents differ by more than 16 for bf16, 13 for fp16:
+// then they round once, as in every backend); ||V||^2 is summed per block in fp32 and across
+// blocks in float64.
 //
 // Determinism: pass 1 gives each row group (ranks <= 16: whole rows, a partial T per group, the
 // groups fixed by the shape) or each 512-column band (higher ranks: it owns those rows of T) to one

@@ -70,7 +70,8 @@ constexpr int kRankGroups = kThreads / kTile;  // 8 rank lanes; thread owns rank
 
 // Pass 1, one block = 32 columns of V and one row split:
 //   T[j, k] = sum_{i in split} (WA[i, j] - WU[i, j]) * B[i, k],  sq = sum_{i in split} V[i, j]^2.
-// V is formed in fp32 in shared memory (fp16/bf16 differences are exact in fp32), accumulated in
+// V is formed in fp32 in shared memory (fp16/bf16 differences are exact in fp32 unless the two
+// exponents differ by more than 16 for bf16, 13 for fp16; then they round once), accumulated in
 // fp32 registers (RPT ranks per thread); the block's sum of squares is reduced in float64 into its
 // own slot of vsq_part. With splits > 1, T is a partial in slot blockIdx.y of `out`.
 template <int DT, int RPT>

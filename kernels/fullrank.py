@@ -42,7 +42,7 @@ def _vt_dw_kernel(WA, WU, D, MP, PART, d_out, d_in, j_lo, panel_w,
     panel and ||dW||^2 from those with pid_i = 0).
 
     Weights and dW are read in their stored dtype and widened to fp32 before the subtraction (the
-    difference of two bf16/fp16 values is exact in fp32, not in bf16); tl.dot accumulates in fp32
+    difference of two bf16/fp16 values is exact in fp32 unless their exponents are far apart; not in bf16); tl.dot accumulates in fp32
     over BLOCK_K rows a step; M is written in fp32 because the second GEMM reads it back.
     """
     pid_i = tl.program_id(0)

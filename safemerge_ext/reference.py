@@ -2,8 +2,9 @@
 
 Every native backend (C++, CUDA, Triton) implements the same three primitives and is tested
 against a float64 computation; this module is also the fallback that always works. V is formed
-one row block at a time in fp32 (bf16/fp16 differences are exact in fp32), so memory stays at a
-few blocks even for 14336 x 4096 MLP weights; the final reductions are float64.
+one row block at a time in fp32 (bf16/fp16 differences are exact in fp32 unless the exponents
+are more than 16 (bf16) or 13 (fp16) apart), so memory stays at a few blocks even for
+14336 x 4096 MLP weights; the final reductions are float64.
 
 Contract shared by all backends (see ``safemerge_ext.backends``):
 
