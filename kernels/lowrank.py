@@ -43,8 +43,9 @@ def _vt_b_kernel(WA, WU, B, TP, SQ, d_out, d_in, r, rows_per_split,
 
     Program (jb, s) owns columns jb*BLOCK_N.. of V and rows chunk s. Weights are read in their
     stored dtype and widened to fp32 before the subtraction (the difference of two bf16/fp16 values
-    is exact in fp32 unless their exponents are more than 16 (bf16) or 13 (fp16) apart; not in bf16); B is widened to fp32; tl.dot accumulates in fp32. The squared
-    norm is kept per column in fp32 and summed per program; the host adds programs in float64.
+    is exact in fp32 unless their exponents are more than 16 (bf16) or 13 (fp16) apart; not in
+    bf16); B is widened to fp32; tl.dot accumulates in fp32. The squared norm is kept per column in
+    fp32 and summed per program; the host adds programs in float64.
     Rank columns beyond r are masked to zero (R_PAD is r rounded up to a power of two >= 16).
     """
     pid_n = tl.program_id(0)
