@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,10 @@ def _compiler_accepts(compiler, flags: list[str], source: str) -> bool:
             f.write(source)
         try:
             objs = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
-            compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=flags)
+            # (the compile step sees CFLAGS; the executable's link does not see LDFLAGS unless told,
+            # and a CFLAGS=-fsanitize=... build would otherwise fail every probe)
+            ldflags = shlex.split(os.environ.get("LDFLAGS", ""))
+            compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=flags + ldflags)
             return True
         except Exception:
             return False

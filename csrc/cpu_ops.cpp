@@ -1226,6 +1226,12 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
     throw std::invalid_argument("null data pointer");
   if (release_rows < 0 || release_rows % P1_KC)
     throw std::invalid_argument("release_rows must be 0 or a positive multiple of " + std::to_string(P1_KC));
+  // (dropping a block's pages would also drop the bytes between rows, which are not the matrix's)
+  if (release_rows > 0 && (lda != d_in || ldu != d_in))
+    throw std::invalid_argument("release_rows needs rows that lie back to back (row strides == d_in)");
+  const uintptr_t es = dtype == 0 ? 4 : 2;  // (element loads assume aligned operands)
+  if (wa % es || wu % es || b % 4 || t_out % 4 || p_out % 4)
+    throw std::invalid_argument("data pointers must be aligned to their element size");
   const int nt = resolve_threads(threads);
   const Isa* isa = g_isa.load();
 #if SM_HAVE_AMX
@@ -1403,6 +1409,8 @@ std::tuple<double, double, double> lowrank_traces(uintptr_t t, uintptr_t p, uint
   if (!t || !p || !b || !a) throw std::invalid_argument("null data pointer");
   if (b_dtype < 0 || b_dtype > 2 || a_dtype < 0 || a_dtype > 2)
     throw std::invalid_argument("dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16)");
+  if (t % 4 || p % 4 || b % (b_dtype ? 2 : 4) || a % (a_dtype ? 2 : 4))
+    throw std::invalid_argument("data pointers must be aligned to their element size");
   const int ld = int((r + GR_L - 1) / GR_L * GR_L);
   const double work = double(ld) * ld * double(d_in + d_out);  // the four upper triangles
   const bool parallel = work > kGramParallelWork;

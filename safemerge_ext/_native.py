@@ -15,9 +15,19 @@ def require(reason: str | None) -> None:
         raise RuntimeError(reason)
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its data starts on a multiple of its element size, else a copy that does.
+    (A safetensors header whose length is not a multiple of 8 leaves every tensor of the file at
+    odd addresses, and a kernel's element loads assume alignment.)"""
+    return t if t.data_ptr() % t.element_size() == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 def unit_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when its rows are unit-stride and do not overlap, else a contiguous copy."""
-    return t if t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1) else t.contiguous()
+    """``t`` itself when its rows are unit-stride, do not overlap and start aligned, else a
+    contiguous copy."""
+    if t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1):
+        return aligned(t)
+    return aligned(t.contiguous())
 
 
 def check_weights(wa: torch.Tensor, wu: torch.Tensor, backend: str, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from safemerge_ext import reference
-from safemerge_ext._native import DTYPE_CODE, check_weights, require
+from safemerge_ext._native import DTYPE_CODE, aligned, check_weights, require
 
 NAME = "cpp"
 
@@ -114,7 +114,7 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor, *,
     d_out, d_in = wa.shape
     if lora_B.dim() != 2 or lora_B.shape[0] != d_out or lora_B.shape[1] < 1:
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {d_out}xr with r >= 1")
-    B = lora_B.to(device="cpu", dtype=torch.float32).contiguous()
+    B = aligned(lora_B.to(device="cpu", dtype=torch.float32).contiguous())
     r = B.shape[1]
     T = torch.empty(d_in, r, dtype=torch.float32)
     P = torch.empty(d_out, r, dtype=torch.float32)
@@ -139,8 +139,8 @@ def lowrank_traces(T: torch.Tensor, P: torch.Tensor, lora_A: torch.Tensor, lora_
     d_out = P.shape[0]
     if d_in == 0 or d_out == 0:
         return 0.0, 0.0, 0.0
-    T, P = T.float().contiguous(), P.float().contiguous()
-    A, B = lora_A.contiguous(), lora_B.contiguous()
+    T, P = aligned(T.float().contiguous()), aligned(P.float().contiguous())
+    A, B = aligned(lora_A.contiguous()), aligned(lora_B.contiguous())
     return _cpu.lowrank_traces(T.data_ptr(), P.data_ptr(), B.data_ptr(), DTYPE_CODE[B.dtype], A.data_ptr(),
                                DTYPE_CODE[A.dtype], d_out, d_in, r, torch.get_num_threads())
 

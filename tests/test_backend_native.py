@@ -501,10 +501,12 @@ ISA_RANKS = [1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 17]
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS, ids=[f"isa={i}" for i in ISAS])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
-def test_cpp_every_isa_matches_float64(isa, dtype):
+def test_cpp_every_isa_matches_float64(isa, dtype, monkeypatch):
     """Each compiled variant this CPU can run is correct, not only the one the import picks, at a
     shape with partial bands, row chunks, tiles and 16-column groups, and at every rank remainder."""
-    from safemerge_ext import _cpu
+    from safemerge_ext import _cpu, cpp_backend
+
+    monkeypatch.delenv(cpp_backend.ISA_ENV_VAR, raising=False)  # (it would pick the kernels on every call)
 
     best = _cpu.isa()
     if not _cpu.set_isa(isa):
@@ -526,11 +528,13 @@ AMX_RANKS = [16, 17, 31, 33, 64, 65, 100]
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
-def test_cpp_amx_tiles_match_float64(dtype):
+def test_cpp_amx_tiles_match_float64(dtype, monkeypatch):
     """The AMX build (where this CPU has it) at rows, columns and ranks that fill no whole tile,
     and with B's values needing one, two or three bf16 parts (a bf16, an fp16 and an fp32 adapter),
     by row groups and by column bands."""
-    from safemerge_ext import _cpu
+    from safemerge_ext import _cpu, cpp_backend
+
+    monkeypatch.delenv(cpp_backend.ISA_ENV_VAR, raising=False)  # (it would pick the kernels on every call)
 
     if not _cpu.set_isa("x86-64-v4-amx"):
         pytest.skip("this CPU (or OS) cannot run the AMX kernels")
@@ -948,3 +952,55 @@ def test_cuda_second_device():
     assert_close(T.cpu(), V.t() @ B.double(), atol=2e-5 * float((V.t() @ B.double()).abs().max()), rtol=2e-5,
                  what="cuda:1 T")
 
+
+
+@needs_cpp
+def test_cpp_reads_tensors_that_lie_at_odd_addresses(tmp_path):
+    """A safetensors header whose length is not a multiple of 8 (valid JSON, one space longer) puts
+    every tensor of the file at an odd address when mapped. The kernels' element loads assume
+    alignment, so the backend copies such operands (and drops no pages of the copies): the same
+    bits as from aligned memory. The extension itself refuses misaligned pointers."""
+    import struct
+
+    from safetensors.torch import save
+
+    from safemerge_ext import _cpu
+    from safemerge_ext.io.models import ModelReader
+
+    g = torch.Generator().manual_seed(_seed("odd-address"))
+    wa, wu = torch.randn(64, 96, generator=g).bfloat16(), torch.randn(64, 96, generator=g).bfloat16()
+    A, B = torch.randn(5, 96, generator=g), torch.randn(64, 5, generator=g)
+    raw = save({"wa": wa, "wu": wu, "A": A, "B": B})
+    n = struct.unpack("<Q", raw[:8])[0]
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", n + 1) + raw[8:8 + n] + b" " + raw[8 + n:])
+    reader = ModelReader(tmp_path)
+    ma, mu, mA, mB = (reader.map(k) for k in ("wa", "wu", "A", "B"))
+    assert all(t.data_ptr() % t.element_size() for t in (ma, mu, mA, mB)), "the tensors were not misaligned"
+    assert torch.equal(ma, wa) and torch.equal(mB, B)
+    want = ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend="cpp", with_projection=True)
+    got = ops.subspace_score(ma, mu, lora_A=mA, lora_B=mB, backend="cpp", with_projection=True, file_backed=True)
+    assert got.cosine == want.cosine and torch.equal(got.projected_B, want.projected_B)
+    assert torch.equal(ma, wa) and torch.equal(mu, wu)  # (no page of theirs was dropped and re-read wrong)
+    T, P = torch.empty(96, 5), torch.empty(64, 5)
+    with pytest.raises(ValueError, match="aligned to their element size"):
+        _cpu.lowrank_passes(ma.data_ptr(), mu.data_ptr(), 64, 96, 96, 96, 2, B.data_ptr(), 5, T.data_ptr(),
+                            P.data_ptr(), 1, 0)
+    with pytest.raises(ValueError, match="aligned to their element size"):
+        _cpu.lowrank_traces(T.data_ptr(), P.data_ptr(), mB.data_ptr(), 0, A.data_ptr(), 0, 64, 96, 5, 1)
+
+
+@needs_cpp
+def test_cpp_drop_behind_needs_rows_back_to_back():
+    """Dropping a block's pages would drop the bytes between rows too: the extension refuses
+    release_rows with row strides wider than the rows (the Python side never asks for it)."""
+    from safemerge_ext import _cpu
+
+    g = torch.Generator().manual_seed(_seed("gaps"))
+    wide = torch.randn(64, 100, generator=g).bfloat16()
+    B, T, P = torch.randn(64, 3, generator=g), torch.empty(96, 3), torch.empty(64, 3)
+    with pytest.raises(ValueError, match="back to back"):
+        _cpu.lowrank_passes(wide.data_ptr(), wide.data_ptr(), 64, 96, 100, 100, 2, B.data_ptr(), 3, T.data_ptr(),
+                            P.data_ptr(), 1, 32)
+    _cpu.lowrank_passes(wide.data_ptr(), wide.data_ptr(), 64, 96, 100, 100, 2, B.data_ptr(), 3, T.data_ptr(),
+                        P.data_ptr(), 1, 0)  # (without drop-behind, row gaps are fine)
+    assert torch.equal(T, torch.zeros(96, 3)) and torch.equal(P, torch.zeros(64, 3))  # V = 0
