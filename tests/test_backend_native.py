@@ -518,7 +518,7 @@ def test_cpp_every_isa_matches_float64(isa, dtype, monkeypatch):
             B = torch.randn(131, r, generator=g)
             _check_passes("cpp", wa, wu, B, 2e-5)
     finally:
-        _cpu.set_isa("best")
+        _cpu.set_isa(best)  # (the kernels this process ran before: the CPU's pick, or SAFEMERGE_CPU_ISA's)
     assert _cpu.isa() == best
 
 
