@@ -40,12 +40,12 @@ def _register() -> None:
     except Exception as exc:  # never break mergekit because of the plugin
         import warnings
 
-        warnings.warn(
-            f"safemerge-ext: could not register the mergekit methods ({type(exc).__name__}: {exc}); "
-            f"use safemerge-yaml, or set {ENV}=1 to silence this",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        msg = (f"safemerge-ext: could not register the mergekit methods ({type(exc).__name__}: {exc}); "
+               f"use safemerge-yaml, or set {ENV}=1 to silence this")
+        try:
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        except Exception:  # (warnings as errors, -W error: the warning must not become mergekit's import error)
+            print(f"warning: {msg}", file=sys.stderr)
 
 
 class _LoaderProxy:

@@ -15,9 +15,8 @@ import shutil
 PTH = "safemerge_ext_autoload.pth"
 # the same line as safemerge_ext.autoload.PTH_LINE (a test keeps them equal); used when the file is
 # not beside setup.py, e.g. in an sdist without it
-LINE = (
-    'import importlib.util as _u; _u.find_spec("safemerge_ext") is not None '
-    'and __import__("safemerge_ext._autoload_hook")\n'
+LINE = (  # (any failure is swallowed: a half-installed package must not print at every start)
+    'import sys; exec("try:\\n import safemerge_ext._autoload_hook\\nexcept Exception:\\n pass")\n'
 )
 
 

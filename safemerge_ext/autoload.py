@@ -19,9 +19,8 @@ from pathlib import Path
 from safemerge_ext.errors import SafeMergeError
 
 PTH_NAME = "safemerge_ext_autoload.pth"
-PTH_LINE = (
-    'import importlib.util as _u; _u.find_spec("safemerge_ext") is not None '
-    'and __import__("safemerge_ext._autoload_hook")\n'
+PTH_LINE = (  # (any failure is swallowed: a half-installed package must not print at every start)
+    'import sys; exec("try:\\n import safemerge_ext._autoload_hook\\nexcept Exception:\\n pass")\n'
 )
 ENV = "SAFEMERGE_NO_AUTOLOAD"
 

@@ -771,3 +771,28 @@ def test_side_files_leave_out_indexes_of_weights_not_copied(tmp_path):
                  "model.safetensors.index.json"):
         (src / name).write_text("{}")
     assert copy_side_files(src, dst) == ["config.json", "tokenizer.json"]
+
+
+def test_an_interrupt_after_the_output_is_in_place_is_not_a_failure(tmp_path, monkeypatch, capsys):
+    """With --force, the new output is renamed into place, then the old one is deleted: an
+    interrupt during that delete leaves a finished run (the new output, and a warning that names
+    what is left of the old one), not an error saying nothing was written."""
+    from safemerge_ext.io import output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real = output.shutil.rmtree
+
+    def interrupted(path, *a, **k):
+        if ".old-" in str(path):
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(output.shutil, "rmtree", interrupted)
+    with output.staged_dir(out, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    err = capsys.readouterr().err
+    left = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    assert len(left) == 1 and f"delete {left[0]} by hand" in err and "was written" in err, err

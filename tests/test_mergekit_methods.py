@@ -517,6 +517,22 @@ def test_pth_line_is_the_same_everywhere():
     assert (ROOT / autoload.PTH_NAME).read_text() == autoload.PTH_LINE == _pth_build.LINE
 
 
+def test_pth_line_is_silent_when_the_package_is_half_installed(tmp_path):
+    """site runs the .pth line at every interpreter start: a safemerge_ext that cannot import its
+    hook (an interrupted uninstall, an old checkout) must not print a traceback there."""
+    broken = tmp_path / "pkg" / "safemerge_ext"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("")  # (no _autoload_hook)
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / autoload.PTH_NAME).write_text(autoload.PTH_LINE)
+    # (-S: no site-packages, whose editable-install finder would supply the real hook)
+    res = subprocess.run([sys.executable, "-S", "-c", f"import site; site.addsitedir({str(site_dir)!r}); print('started')"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "pkg")},
+                         cwd=tmp_path)  # (not the checkout, whose own safemerge_ext would be found first)
+    assert res.returncode == 0 and res.stdout.strip() == "started" and res.stderr == "", res.stderr
+
+
 def test_autoload_enable_disable_status(tmp_path):
     d = tmp_path / "sp"
     assert "enabled" in autoload.enable(d) and (d / autoload.PTH_NAME).is_file()
@@ -1052,3 +1068,18 @@ def test_safemerge_yaml_report_copy_that_fails_is_one_line_after_the_merge(pico,
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]  # (not mergekit's bars)
     assert done.value.code == 1 and len(err) == 1 and "the merge and its report are in" in err[0], err
     assert (out / "safemerge_report.json").is_file() and (out / "config.json").is_file()
+
+
+def test_the_autoload_hook_never_breaks_mergekit_under_warnings_as_errors(monkeypatch, capsys):
+    """A registration that fails is a warning; with warnings turned into errors (-W error, pytest's
+    filterwarnings = error) it must still not become mergekit's import error."""
+    import warnings
+
+    from safemerge_ext import _autoload_hook
+
+    monkeypatch.delenv(_autoload_hook.ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "safemerge_ext.mergekit_methods", None)  # (its import fails)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _autoload_hook._register()
+    assert "could not register the mergekit methods" in capsys.readouterr().err

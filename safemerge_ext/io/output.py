@@ -138,7 +138,11 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
         undo()
         raise
     if old is not None:
-        _remove_replaced(old, final, flag)
+        try:
+            _remove_replaced(old, final, flag)
+        except KeyboardInterrupt:  # (the new output is in place: the run is done, the old one only half gone)
+            print(f"safemerge: warning: {flag} {final} was written, but deleting the output it replaced was "
+                  f"interrupted; delete {old} by hand", file=sys.stderr)
 
 
 def _remove_replaced(old: Path, final: Path, flag: str) -> None:
