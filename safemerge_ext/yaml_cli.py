@@ -415,6 +415,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
             raise
         _fail(str(exc) if isinstance(exc, SafeMergeError) else
               f"merge failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    _done["out"] = out  # (an interrupt from here on cuts short the report copy or the summary only)
     if report is not None and own:
         own_json, own_png = report_files(own)
         try:
@@ -429,16 +430,23 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     click.echo(f"merged model and report written to {out}")
 
 
+_done: dict[str, Path] = {}  # "out": OUT_PATH, once the merge is in place there
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``safemerge-yaml``). Ctrl-C and SIGTERM end in one line (exit 130
     and 143), after the command's own clean-up, not in click's "Aborted!"."""
+    _done.clear()
     try:
         with sigterm_as_interrupt():
             code = _command.main(args=argv, prog_name="safemerge-yaml", standalone_mode=False)
     except click.exceptions.Abort as exc:  # (click's form of a KeyboardInterrupt)
         term = isinstance(exc.__cause__, Terminated)
-        click.echo(f"safemerge-yaml: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing was written to "
-                   "OUT_PATH", err=True)
+        what = "terminated (SIGTERM)" if term else "interrupted"
+        done = _done.pop("out", None)
+        click.echo(f"safemerge-yaml: {what} after the merge: {done} is complete; the report_path copy or the summary "
+                   "was cut short" if done is not None else f"safemerge-yaml: {what}; nothing was written to OUT_PATH",
+                   err=True)
         sys.exit(143 if term else 130)
     except click.ClickException as exc:  # usage errors, as click shows them
         exc.show()

@@ -1015,6 +1015,34 @@ def test_safemerge_yaml_sigterm_cleans_up(pico, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
 
 
+_YAML_TERM_AFTER_DRIVER = """
+import os, signal, sys, time
+from safemerge_ext import yaml_cli
+
+def stopped(report, path):  # the merge is in place; the copy at report_path is being written
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+yaml_cli.plot = stopped
+yaml_cli.main(sys.argv[1:])
+"""
+
+
+def test_safemerge_yaml_sigterm_after_the_merge_says_it_is_complete(pico, tmp_path):
+    """SIGTERM while the report is copied to report_path, after OUT_PATH is in place: exit 143, and the
+    line says OUT_PATH is complete (not that nothing was written)."""
+    out = tmp_path / "out"
+    recipe_file = _write(recipe(pico, params={"threshold": TAU, "report_path": str(tmp_path / "rep")}),
+                         tmp_path / "r.yml")
+    res = subprocess.run([sys.executable, "-c", _YAML_TERM_AFTER_DRIVER, str(recipe_file), str(out),
+                          "--no-copy-tokenizer"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (f"safemerge-yaml: terminated (SIGTERM) after the merge: {out} is "
+                                                   "complete; the report_path copy or the summary was cut short")
+    assert (out / "safemerge_report.json").is_file() and list(out.glob("*.safetensors"))
+
+
 @pytest.mark.parametrize("kind", ["under-a-file", "json-is-a-folder", "in-out-path", "out-path", "not-utf8", "out-holds-input",
                                   "replaces-input"])
 def test_safemerge_yaml_refuses_bad_paths_before_merging(pico, tmp_path, capsys, monkeypatch, kind):
