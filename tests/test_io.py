@@ -796,3 +796,19 @@ def test_an_interrupt_after_the_output_is_in_place_is_not_a_failure(tmp_path, mo
     err = capsys.readouterr().err
     left = [p for p in tmp_path.iterdir() if ".old-" in p.name]
     assert len(left) == 1 and f"delete {left[0]} by hand" in err and "was written" in err, err
+
+
+def test_an_interrupt_while_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """The folders a run makes for its output (missing parents, the staging folder) are taken back
+    from the first one on, however early an interrupt comes."""
+    from safemerge_ext.io import output
+
+    def interrupted(final, kind):
+        assert (tmp_path / "deep" / "er").is_dir()  # (the parents are made by then)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output, "_sibling", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with output.staged_dir(tmp_path / "deep" / "er" / "out", force=False):
+            pass
+    assert list(tmp_path.iterdir()) == []

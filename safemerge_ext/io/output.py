@@ -92,24 +92,26 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
     """
     final = check_out(out, force, flag)
     made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # parents this run adds
-    final.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = _sibling(final, "tmp")
-        try:
-            tmp.mkdir()
-            break
-        except FileExistsError:
-            continue
+    tmp: Path | None = None
 
     def undo() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         for p in made:  # deepest first; only if still empty
             try:
                 p.rmdir()
             except OSError:
                 break
 
-    try:
+    try:  # (from the first folder made: an interrupt anywhere after it takes back what was made)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        while tmp is None:
+            candidate = _sibling(final, "tmp")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            tmp = candidate
         yield tmp
     except BaseException:
         undo()
