@@ -12,6 +12,29 @@ triton's interpreter when ``TRITON_INTERPRET=1`` is set before the first op runs
 
 from __future__ import annotations
 
+import sys as _sys
+
+if __name__ == "kernels":
+    # Imported under the top-level name because a checkout's root is on sys.path (`python -m pytest`,
+    # `python -c` or PYTHONPATH=. there): this folder would then shadow Hugging Face's `kernels`
+    # package, which transformers >= 5.25 imports. Where that package is installed, it gets the name:
+    # the import statement returns what sys.modules holds once this module has run.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
+    if _spec is not None and _spec.loader is not None:
+        _hf = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _hf
+        try:
+            _spec.loader.exec_module(_hf)
+        except BaseException:
+            del _sys.modules["kernels"]
+            raise
+
 import importlib.metadata
 import importlib.util
 import sys

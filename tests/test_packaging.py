@@ -97,3 +97,20 @@ def test_cuda_extension_relinks_when_its_kernels_or_headers_change(monkeypatch, 
     assert ext.sources == ["csrc/cuda_bindings.cpp"] and ext.extra_objects == [str(tmp_path / "cuda" / "cuda_ops.o")]
     headers = sorted(f"csrc/{p.name}" for p in (ROOT / "csrc").glob("*.h"))
     assert headers and set(ext.depends) == {"csrc/cuda_ops.cu", *headers}
+
+
+def test_the_checkouts_kernels_folder_does_not_shadow_hugging_faces_kernels():
+    """transformers >= 5.25 imports Hugging Face's `kernels` package; run from this checkout's root
+    (`python -m pytest`, `python -c`), the top-level kernels/ folder (safemerge_ext.kernels once
+    installed) must hand that name over where the package is installed."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed here")
+    res = subprocess.run([sys.executable, "-c", "import kernels, safemerge_ext.kernels as ours; "
+                          "print(kernels.__file__); print(ours.NAME)"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    hf, ours = res.stdout.split()
+    assert not Path(hf).resolve().is_relative_to(ROOT / "kernels") and ours == "triton", res.stdout
