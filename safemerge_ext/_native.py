@@ -27,7 +27,7 @@ def unit_rows(t: torch.Tensor) -> torch.Tensor:
     contiguous copy."""
     if t.stride(1) == 1 and t.stride(0) >= max(t.shape[1], 1):
         return aligned(t)
-    return aligned(t.contiguous())
+    return t.contiguous()  # (a fresh copy, aligned by the allocator)
 
 
 def check_weights(wa: torch.Tensor, wu: torch.Tensor, backend: str, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -213,7 +213,9 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).replace("torch.", "")
 
 
-_readers: dict[str, ModelReader | None] = {}  # local model folder -> its header reader (None: not one)
+# (local model folder, its time of last change) -> its header reader (None: not one); the time keeps a
+# folder rewritten between two merges of one process from being read with its old headers
+_readers: dict[tuple[str, int], ModelReader | None] = {}
 _readers_lock = threading.Lock()
 
 
@@ -227,13 +229,14 @@ def _bytes_read(group: TensorGroup) -> int:
         stored = None
         path = getattr(getattr(e.id, "model", None), "path", None)  # (a ModelReference's local folder or Hub id)
         if name and isinstance(path, str) and path and not getattr(e.id, "lora", None):
+            key = (path, Path(path).stat().st_mtime_ns if Path(path).is_dir() else 0)
             with _readers_lock:
-                if path not in _readers:
+                if key not in _readers:
                     try:
-                        _readers[path] = ModelReader(path) if Path(path).is_dir() else None
+                        _readers[key] = ModelReader(path) if key[1] else None
                     except SafeMergeError:
-                        _readers[path] = None
-                reader = _readers[path]
+                        _readers[key] = None
+                reader = _readers[key]
             if reader is not None and name in reader:
                 try:
                     stored = reader.layout(name)[2]
