@@ -737,6 +737,19 @@ def test_staged_output_is_all_or_nothing(tmp_path):
         staged_dir(tmp_path / "dangling", force=False).__enter__()
 
 
+@pytest.mark.parametrize("stem", ["r" * 250, "é" * 122 + "r"])  # 250 and 245 + 5 bytes: valid names
+def test_outputs_near_the_file_name_limit(tmp_path, stem):
+    """A valid name near the 255-byte limit still gets a temporary (and a backup) beside it."""
+    from safemerge_ext.io.output import staged_dir, write_whole
+
+    write_whole(tmp_path / f"{stem[:-5]}.json", lambda tmp: tmp.write_text("{}"))
+    for force in (False, True):  # (the second replaces the first: a backup name as well)
+        with staged_dir(tmp_path / stem, force=force) as tmp:
+            (tmp / "f").write_text(str(force))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{stem[:-5]}.json", stem])
+    assert (tmp_path / stem / "f").read_text() == "True"
+
+
 def test_model_output_refuses_tensors_the_index_does_not_list(fx, tmp_path):
     """The output is laid out from the index; a tensor a shard holds but the index leaves out (which
     transformers still loads) would be dropped, so the writer says so instead."""

@@ -64,7 +64,7 @@ def write_whole(path: str | os.PathLike, fill: Callable[[Path], object]) -> None
     read the format from), which then replaces ``path``: a failure or an interruption leaves
     ``path`` as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}{path.suffix}")
+    tmp = path.with_name(_hidden_name(path.name, f"tmp-{secrets.token_hex(4)}{path.suffix}"))
     try:
         fill(tmp)
         os.replace(tmp, path)
@@ -72,10 +72,22 @@ def write_whole(path: str | os.PathLike, fill: Callable[[Path], object]) -> None
         tmp.unlink(missing_ok=True)
 
 
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems alike
+
+
+def _hidden_name(name: str, tag: str) -> str:
+    """``.<name>.<tag>``, with ``name`` cut short where the whole would pass the file-name limit
+    (a valid output name near the limit must still get a temporary beside it)."""
+    room = NAME_MAX - len(os.fsencode(f"..{tag}"))
+    while len(os.fsencode(name)) > room:  # (whole characters off the end; at most a few hundred)
+        name = name[:-1]
+    return f".{name}.{tag}"
+
+
 def _sibling(final: Path, kind: str) -> Path:
     """A name next to ``final`` that nothing uses (a hidden ``.<name>.<kind>-<random>``)."""
     while True:
-        p = final.with_name(f".{final.name}.{kind}-{secrets.token_hex(4)}")
+        p = final.with_name(_hidden_name(final.name, f"{kind}-{secrets.token_hex(4)}"))
         if not p.exists():
             return p
 
