@@ -44,7 +44,8 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import ModelReader, all_finite
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import combine_full, seeded
-from safemerge_ext.report import REPORT_JSON, REPORT_PNG, LayerRecord, build_report, plot, summary_table, write_json
+from safemerge_ext.report import (REPORT_JSON, REPORT_PNG, LayerRecord, PlotUnavailable, build_report, plot,
+                                  summary_table, write_json)
 
 __all__ = [
     "METHOD_NAMES",
@@ -787,5 +788,8 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
         )
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(report, json_path)
-    plot(report, png_path)
+    try:
+        plot(report, png_path)
+    except PlotUnavailable as exc:  # (no recipe switch turns the plot off: the JSON report is the report)
+        LOG.warning("safemerge-ext: %s; %s has no plot", exc.reason, json_path)
     return report

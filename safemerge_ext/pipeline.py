@@ -26,14 +26,16 @@ from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha
                                        write_adapter)
 from safemerge_ext.io.model_writer import write_model
 from safemerge_ext.io.models import ModelReader, config_value, natural_key
-from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir
+from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.report import (
     REPORT_JSON,
     REPORT_PNG,
     LayerRecord,
     build_report,
     check_plot_path,
+    json_writer,
     plot,
+    plot_writer,
     preload_plotting,
     summary_table,
     write_json,
@@ -514,11 +516,18 @@ def score(
     selection = Selection(threshold=threshold)
     inputs = (("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter))
     for path, flag in ((report_path, "--report"), (plot_path, "--plot")):
+        if path is not None and not str(path).strip():
+            raise SafeMergeError(f"{flag} is empty; give a file name or leave {flag} out")
         if path:
             check_parent(path, flag)
             check_not_input(path, flag, inputs)
-    if report_path and plot_path and Path(report_path).resolve() == Path(plot_path).resolve():
-        raise SafeMergeError(f"--report and --plot are both {report_path}; give them different names")
+    if report_path and plot_path:
+        rp, pp = Path(report_path).resolve(), Path(plot_path).resolve()
+        if rp == pp:
+            raise SafeMergeError(f"--report and --plot are both {report_path}; give them different names")
+        if pp in rp.parents or rp in pp.parents:
+            inner, outer = ("--report", "--plot") if pp in rp.parents else ("--plot", "--report")
+            raise SafeMergeError(f"{inner} would lie inside {outer}, which is a file; give them separate names")
     if report_path and Path(report_path).is_dir():
         raise SafeMergeError(f"--report {report_path} is a folder; give a file name such as "
                              f"{Path(report_path) / REPORT_JSON}")
@@ -535,11 +544,11 @@ def score(
                 "precision_requested": run.precision_requested,
                 **selection.describe()}
     report = _finish(run, "score", "score", _records(run, scores, flags, "kept"), settings)
-    # the plot first: a plot that fails leaves no new report either (each file is written whole)
-    for path, save in ((plot_path, plot), (report_path, write_json)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            save(report, path)
+    # both rendered first, then both renamed into place: a failure in either leaves neither
+    files = [(plot_path, plot_writer(report, plot_path))] if plot_path else []
+    if report_path:
+        files.append((report_path, json_writer(report)))
+    write_files(files)
     return report
 
 

@@ -13,6 +13,7 @@ Layers are in model order; an undefined cosine is ``null`` with the reason in ``
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -20,9 +21,10 @@ import statistics
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safemerge_ext import __version__
+from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.output import write_whole
 
 REPORT_JSON = "safemerge_report.json"
@@ -114,10 +116,15 @@ def check_plot_path(path: str | os.PathLike, flag: str = "--plot") -> None:
         raise ValueError(f"{flag} {p}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
 
 
+def json_writer(report: dict[str, Any]) -> Callable[[Path], object]:
+    """What writes the report as JSON to a given file (for :func:`io.output.write_files`)."""
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    return lambda tmp: tmp.write_text(text)
+
+
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
     """The report as JSON, all or nothing: written beside ``path`` and renamed over it."""
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    write_whole(path, lambda tmp: tmp.write_text(text))
+    write_whole(path, json_writer(report))
 
 
 _preloads: list[threading.Thread] = []
@@ -126,7 +133,20 @@ _preloads: list[threading.Thread] = []
 def preload_plotting() -> threading.Thread:
     """Import matplotlib's Agg figure machinery in the background (about half a second) while
     the caller reads and scores layers, so that :func:`plot` at the end only renders."""
-    t = threading.Thread(target=_import_agg, name="safemerge-matplotlib", daemon=True)
+    try:  # (cheap: before the run, not after it)
+        found = importlib.util.find_spec("matplotlib") is not None
+    except Exception:  # (an import hook or a broken install; the import would fail the same way)
+        found = False
+    if not found:
+        raise PlotUnavailable("the plot needs matplotlib, which is not installed")
+
+    def load() -> None:
+        try:
+            _import_agg()
+        except Exception:  # (plot() says what went wrong, as one line, when it needs the import)
+            pass
+
+    t = threading.Thread(target=load, name="safemerge-matplotlib", daemon=True)
     t.start()
     _preloads.append(t)
     return t
@@ -146,16 +166,41 @@ def _import_agg():
     return Figure, FigureCanvasAgg
 
 
+class PlotUnavailable(SafeMergeError):
+    """matplotlib is missing or does not import; ``reason`` says so without a remedy (the mergekit
+    methods, which have no switch for the plot, write the JSON report alone and warn)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"{reason}; install it (pip install --force-reinstall matplotlib) or leave the plot out "
+                         "(--no-plot; for score, drop --plot)")
+        self.reason = reason
+
+
+
+
 def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Cosine per transformer layer, one line per module kind (q_proj, v_proj, ...), flagged
-    modules marked, the threshold drawn.
+    modules marked, the threshold drawn; written whole to ``path`` (its suffix gives the format)."""
+    write_whole(path, plot_writer(report, path))
+
+
+_LINE_COLOURS = [f"C{i}" for i in range(10) if i != 3]  # C3 is tab:red, kept for the flags and the threshold
+
+
+def plot_writer(report: dict[str, Any], path: str | os.PathLike) -> Callable[[Path], object]:
+    """Render :func:`plot`'s figure; return what saves it to a given file in ``path``'s format.
 
     Modules are placed by the layer number in their names; when some name has none (``lm_head``),
     by model order instead. Uses a bare Agg Figure (no pyplot state), so it is safe in any thread
     and needs no display.
     """
-    Figure, FigureCanvasAgg = _import_agg()
-    from matplotlib.ticker import MaxNLocator
+    try:
+        Figure, FigureCanvasAgg = _import_agg()
+        from matplotlib.ticker import MaxNLocator
+    except Exception as exc:  # (a broken install: ImportError, or whatever its own imports raise)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise PlotUnavailable(f"the plot needs matplotlib, which could not be imported ({type(exc).__name__}: "
+                              f"{first})") from None
 
     layers = report["layers"]
     xs, by_layer, kinds = plot_series(layers)
@@ -165,7 +210,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for k, (kind, idx) in enumerate(kinds.items()):
-        ax.plot([xs[i] for i in idx], [ys[i] for i in idx], "o-", ms=3.5, lw=0.9, color=f"C{k % 10}",
+        ax.plot([xs[i] for i in idx], [ys[i] for i in idx], "o-", ms=3.5, lw=0.9, color=_LINE_COLOURS[k % 9],
                 label=kind, zorder=2)
     flagged = [i for i, r in enumerate(layers) if r["flagged"]]
     if flagged:
@@ -177,7 +222,11 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     threshold = report["settings"].get("threshold")
     if threshold is not None and report["settings"].get("selection") == "threshold":
         ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"threshold {threshold:g}")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if span == 0 and xs:  # (one x: the locator would tick fractions around it)
+        ax.set_xticks([xs[0]])
+        ax.set_xlim(xs[0] - 1, xs[0] + 1)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("transformer layer" if by_layer else "module (model order)")
     ax.set_ylabel("cos(C dW, dW)")
     # y given: the title sits above the axes as usual, without a layout pass to dodge the ticks
@@ -188,10 +237,9 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     width, height = fig.get_size_inches()
     fig.subplots_adjust(left=0.8 / width, right=1 - 1.35 / width, top=1 - 0.35 / height, bottom=0.55 / height)
     # zlib level 1 instead of 6: 4-6 ms less of a 65-70 ms render, for a PNG about 8% larger
-    path = Path(path)
-    fmt = path.suffix.lower().lstrip(".") or "png"
+    fmt = Path(path).suffix.lower().lstrip(".") or "png"
     kw = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
-    write_whole(path, lambda tmp: fig.savefig(tmp, format=fmt, **kw))
+    return lambda tmp: fig.savefig(tmp, format=fmt, **kw)
 
 
 def plot_series(layers: list[dict[str, Any]]) -> tuple[list[int], bool, dict[str, list[int]]]:

@@ -30,7 +30,7 @@ from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.mergekit_methods import (
     METHOD_NAMES, ROLES, discard_report, finalize_report, register_methods, report_files,
 )
-from safemerge_ext.report import plot, summary_table, write_json
+from safemerge_ext.report import PlotUnavailable, plot, summary_table, write_json
 
 # what mergekit's dtype / out_dtype take for a merge (mergekit.common.dtype_from_name also takes int64)
 DTYPES = ("bfloat16", "float16", "float32", "float64")
@@ -421,7 +421,10 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         try:
             own_json.parent.mkdir(parents=True, exist_ok=True)
             write_json(report, own_json)
-            plot(report, own_png)
+            try:
+                plot(report, own_png)
+            except PlotUnavailable:  # (finalize_report warned already)
+                pass
         except OSError as exc:
             _fail(f"report_path {own}: the merge and its report are in {out}, but the copy could not be written "
                   f"({exc.strerror or exc}); copy {out / own_json.name} yourself")

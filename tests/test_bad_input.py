@@ -704,3 +704,70 @@ def test_moe_all_linear_adapter_is_refused_with_what_to_train_instead(tmp_path):
     msg = str(err.value)
     assert "\n" not in msg and "--task-adapter" in msg and "target_parameters is set" in msg, msg
     assert "train it with target_modules alone" in msg, msg
+
+
+def _score(fx, *extra):
+    return main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+                 "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("report, plot, culprit", [
+    ("a/b.png/r.json", "a/b.png", "--report would lie inside --plot, which is a file"),
+    ("a/r.json", "a/r.json/p.png", "--plot would lie inside --report, which is a file"),
+    ("", "p.png", "--report is empty"), ("r.json", " ", "--plot is empty")])
+def test_score_refuses_report_and_plot_paths_that_cannot_both_be_written(fx, tmp_path, capsys, monkeypatch,
+                                                                        report, plot, culprit):
+    monkeypatch.chdir(tmp_path)
+    code = _score(fx, "--report", report, "--plot", plot)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and culprit in err and "\n" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_score_writes_its_report_and_plot_both_or_neither(fx, tmp_path, capsys, monkeypatch):
+    """The plot is rendered first, but a report that then fails to write takes the plot (and the
+    folders made for them) back with it."""
+    from safemerge_ext import report
+
+    def full(text):
+        def fill(tmp):
+            tmp.write_text(text[:10])
+            raise OSError(28, "No space left on device", str(tmp))
+        return fill
+
+    monkeypatch.setattr(report, "json_writer", lambda rep: full(json.dumps(rep)))
+    monkeypatch.setattr("safemerge_ext.pipeline.json_writer", report.json_writer)
+    code = _score(fx, "--report", str(tmp_path / "new" / "r.json"), "--plot", str(tmp_path / "new" / "p.png"))
+    assert code == 2 and "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["missing", "broken"])
+def test_a_plot_without_matplotlib_is_one_line(fx, tmp_path, capsys, monkeypatch, how):
+    """merge plots by default: matplotlib missing is said before anything is scored, matplotlib
+    that fails to import when the plot is drawn; either way one line with the remedy, and no
+    output. --no-plot runs without it."""
+    import importlib.util
+
+    from safemerge_ext import report
+
+    def broken():
+        raise ImportError("libpng16.so.16: cannot open shared object file\nsecond line")
+
+    monkeypatch.setattr(report, "_import_agg", broken)
+    if how == "missing":
+        find = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find(name, *a))
+        monkeypatch.setattr("safemerge_ext.pipeline.score_layers", lambda *a, **k: pytest.fail("scored first"))
+    argv = ["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
+            "--safety-adapter", str(fx.safety), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith("install it (pip install --force-reinstall matplotlib) or leave the plot "
+                                           "out (--no-plot; for score, drop --plot)"), err
+    assert ("is not installed" if how == "missing" else "could not be imported (ImportError: libpng16.so.16") in err
+    assert list(tmp_path.iterdir()) == []
+    if how == "broken":
+        assert main([*argv, "--out", str(tmp_path / "out"), "--no-plot"]) == 0
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+            "adapter_config.json", "adapter_model.safetensors", "safemerge_report.json"]

@@ -1111,3 +1111,24 @@ def test_the_autoload_hook_never_breaks_mergekit_under_warnings_as_errors(monkey
         warnings.simplefilter("error")
         _autoload_hook._register()
     assert "could not register the mergekit methods" in capsys.readouterr().err
+
+
+def test_safemerge_yaml_without_a_working_matplotlib_writes_the_json_report(pico, tmp_path, capsys, monkeypatch, caplog):
+    """A recipe has no switch for the plot: when matplotlib does not import, the merge and the
+    JSON report (and its copy at report_path) are still written, with a warning."""
+    from safemerge_ext import report, yaml_cli
+
+    def broken():
+        raise ImportError("numpy.core.multiarray failed to import")
+
+    monkeypatch.setattr(report, "_import_agg", broken)
+    own, out = tmp_path / "own", tmp_path / "out"
+    cfg = recipe(pico, params={"threshold": TAU, "report_path": str(own)})
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"])
+    assert done.value.code == 0 and (out / "config.json").is_file()
+    for folder in (out, own):
+        assert sorted(p.name for p in folder.iterdir() if p.name.startswith("safemerge_report")) == [
+            "safemerge_report.json"]
+    assert any("could not be imported (ImportError: numpy.core.multiarray failed to import)" in r.getMessage()
+               and "has no plot" in r.getMessage() for r in caplog.records)

@@ -423,6 +423,33 @@ def test_report_plot_lines(tmp_path):
         assert (tmp_path / f"{i}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_plot_keeps_red_for_the_flags_and_ticks_whole_layers(tmp_path, monkeypatch):
+    """No module line shares the flags' and the threshold's red (Llama's fourth kind, o_proj, drew
+    in it); modules of one layer alone get one tick at that layer, not fractions around it."""
+    import matplotlib.colors as mc
+    from matplotlib.figure import Figure
+
+    from safemerge_ext.report import plot
+
+    figures = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k)))
+    kinds = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "a", "b", "c", "d")
+    for layers in (range(2), [5]):
+        rows = [{"module": f"model.layers.{i}.m.{k}", "cosine": 0.1 * j, "flagged": j == 0}
+                for i in layers for j, k in enumerate(kinds)]
+        plot({"layers": rows, "settings": {"threshold": 0.25, "selection": "threshold"}, "method": "safemerge",
+              "counts": {"flagged": 1, "layers": len(rows)}}, tmp_path / "p.png")
+        ax = figures[-1].axes[0]
+        red = mc.to_hex("tab:red")
+        assert mc.to_hex(ax.collections[0].get_facecolor()[0]) == red
+        lines = {ln.get_label(): mc.to_hex(ln.get_color()) for ln in ax.get_lines()}
+        assert lines.pop("threshold 0.25") == red and len(lines) == len(kinds) and red not in lines.values(), lines
+        figures[-1].canvas.draw()
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert ticks == ["5"] if layers == [5] else all(t.lstrip("−-").isdigit() for t in ticks), ticks
+
+
 def _bin_dir() -> Path:
     return Path(sys.executable).parent
 

@@ -63,13 +63,35 @@ def write_whole(path: str | os.PathLike, fill: Callable[[Path], object]) -> None
     """``fill(tmp)`` writes a temporary file beside ``path`` (with its suffix, which some writers
     read the format from), which then replaces ``path``: a failure or an interruption leaves
     ``path`` as it was."""
-    path = Path(path)
-    tmp = path.with_name(_hidden_name(path.name, f"tmp-{secrets.token_hex(4)}{path.suffix}"))
+    write_files([(path, fill)])
+
+
+def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object]]]) -> None:
+    """Each ``(path, fill)``: ``fill(tmp)`` writes a temporary beside ``path``; once all are
+    written, each replaces its ``path``. A failure or an interruption while any is written leaves
+    every ``path`` as it was, and takes back the folders made for them."""
+    files = [(Path(p), fill) for p, fill in files]
+    made: list[Path] = []
+    temps: list[Path] = []
     try:
-        fill(tmp)
-        os.replace(tmp, path)
+        for path, fill in files:
+            for parent in reversed([path.parent, *path.parent.parents]):
+                if not parent.exists():
+                    parent.mkdir()
+                    made.append(parent)
+            temps.append(path.with_name(_hidden_name(path.name, f"tmp-{secrets.token_hex(4)}{path.suffix}")))
+            fill(temps[-1])
+        for (path, _), tmp in zip(files, temps):
+            os.replace(tmp, path)
+        made = []
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        for p in reversed(made):  # deepest first; only if still empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
 
 NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems alike
