@@ -3,8 +3,11 @@
 ``linear`` on LoRA factors is exact by rank concatenation (no cross terms, unlike PEFT's
 ``add_weighted_adapter(combination_type="linear")``): ``[alpha s_f B_f, (1-alpha) s_s B_s] @ [A_f; A_s]``.
 ``ties``, ``dare_linear`` and ``dare_ties`` run ``peft.utils.merge_utils`` on the layer's full
-updates with weights ``[alpha, 1 - alpha]`` (as PEFT does for adapters); DARE's random mask is
-drawn from a generator seeded by (seed, module name), so a run is reproducible whatever the order.
+updates, weighted ``alpha`` and ``1 - alpha`` before they are merged, as the formula says: TIES then
+elects each entry's sign on the weighted updates (PEFT's ``add_weighted_adapter`` weights them only
+after the election, so there an update of weight 0 still decides signs, and halves the entries where
+the two agree). DARE's random mask is drawn from a generator seeded by (seed, module name), so a run
+is reproducible whatever the order.
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ def combine_full(
     wd = torch.float64 if torch.float64 in (dW_f.dtype, dW_s.dtype) else torch.float32
     tensors = [dW_f.to(wd), dW_s.to(wd)]
     weights = torch.tensor([alpha, 1.0 - alpha], dtype=wd, device=dW_f.device)
+    if method in ("ties", "dare_ties"):  # (the sign election sees the weighted updates: see the module's docstring)
+        tensors = [tensors[0] * alpha, tensors[1] * (1.0 - alpha)]
+        weights = torch.ones_like(weights)
     if method == "linear":
         return merge_utils.task_arithmetic(tensors, weights)
     if method == "ties":

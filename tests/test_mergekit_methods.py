@@ -69,15 +69,15 @@ def ref_cos(wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor) -> float:
 
 
 def ref_ties(d1: torch.Tensor, d2: torch.Tensor, weights: tuple[float, float], density: float) -> torch.Tensor:
-    """TIES as PEFT defines it (magnitude prune, elect sign on the sum, disjoint weighted mean), float64."""
+    """TIES of the weighted updates, merge(w1 d1, w2 d2) as SPEC writes it (magnitude prune, elect
+    the sign on the sum, mean of the entries that agree with it), float64."""
     def prune(t: torch.Tensor) -> torch.Tensor:
         keep = torch.zeros(t.numel(), dtype=t.dtype)
         keep[t.abs().flatten().topk(int(density * t.numel())).indices] = 1
         return t * keep.view_as(t)
 
-    T = torch.stack([prune(d1), prune(d2)])
-    agree = T.sign() == torch.where(T.sum(0) >= 0, 1.0, -1.0).to(T.dtype)
-    W = T * torch.tensor(weights, dtype=T.dtype).view(2, 1, 1)
+    W = torch.stack([prune(d1 * weights[0]), prune(d2 * weights[1])])
+    agree = W.sign() == torch.where(W.sum(0) >= 0, 1.0, -1.0).to(W.dtype)
     return (W * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 

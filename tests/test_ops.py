@@ -393,3 +393,23 @@ def test_combine_full_keeps_float64_updates_in_float64():
     assert got.dtype == torch.float64 and float((got - (0.7 * a + (1 - 0.7) * b)).abs().max()) < 1e-14
     assert combine_full(a.bfloat16(), b.float(), alpha=0.7, method="ties", density=0.5, seed=0,
                         module="m").dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_ties_merges_the_weighted_updates(method):
+    """merge(alpha dW_f, (1 - alpha) dW_s): TIES elects each entry's sign on the weighted updates.
+    So alpha = 1 gives dW_f and alpha = 0 gives dW_s (at density 1), and in between each entry is the
+    mean of the weighted entries that agree with the sign of their sum (float64 reference)."""
+    from safemerge_ext.merge import combine_full
+
+    g = torch.Generator().manual_seed(19)
+    f, s = (torch.randn(24, 40, generator=g, dtype=torch.float64) for _ in range(2))
+    for alpha, want in ((1.0, f), (0.0, s)):
+        got = combine_full(f, s, alpha=alpha, method=method, density=1.0, seed=3, module="m")
+        assert torch.equal(got, want), (alpha, float((got - want).abs().max()))
+    got = combine_full(f, s, alpha=0.8, method=method, density=1.0, seed=3, module="m")
+    w = torch.stack([0.8 * f, 0.2 * s])
+    agree = w.sign() == torch.where(w.sum(0) >= 0, 1.0, -1.0).double()
+    want = (w * agree).sum(0) / agree.sum(0)
+    assert float((got - want).abs().max()) < 1e-15
+    assert (agree.sum(0) == 1).any() and (agree.sum(0) == 2).any()  # (both cases occur in this draw)
