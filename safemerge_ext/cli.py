@@ -7,6 +7,8 @@ without torch; every bad input ends as one ``safemerge: error: ...`` line and ex
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from typing import NoReturn, Sequence
 
@@ -172,7 +174,6 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     from safemerge_ext import pipeline
-    from safemerge_ext.report import summary_table
 
     progress = False if args.no_progress else None
     common = {"backend": args.backend, "device": args.device, "precision": args.precision, "progress": progress}
@@ -192,11 +193,42 @@ def _run(args: argparse.Namespace) -> int:
         selection = pipeline.Selection(threshold=threshold, num_layers=args.num_layers, inclusive=True)
         report = pipeline.project(args.aligned, args.unaligned, args.adapter, args.out, selection,
                                   output=args.output, force=args.force, plot=args.plot, **common)
-    print(summary_table(report))
-    if getattr(args, "out", None):
-        plot = ", plot: safemerge_report.png" if args.plot else ""
-        print(f"wrote {args.out} (report: safemerge_report.json{plot})")
+    return _say_done(args, report)
+
+
+def _say_done(args: argparse.Namespace, report: dict) -> int:
+    """Print the summary of a run whose output is in place. What cuts the printing short (a closed
+    pipe, a terminal that cannot show a path, Ctrl-C) no longer concerns the output: a warning, not
+    'nothing was written'."""
+    from safemerge_ext._signals import Terminated
+    from safemerge_ext.report import summary_table
+
+    out = getattr(args, "out", None)
+    written = f"--out {out}" if out else (f"--report {args.report}" if getattr(args, "report", None) else "the run")
+    try:
+        lines = [summary_table(report)]
+        if out:
+            lines.append(f"wrote {out} (report: safemerge_report.json{', plot: safemerge_report.png' if args.plot else ''})")
+        enc = getattr(sys.stdout, "encoding", None) or "utf-8"  # (a path the terminal cannot show: escaped)
+        print("\n".join(lines).encode(enc, "backslashreplace").decode(enc, "replace"), flush=True)
+    except OSError as exc:  # (a pipe closed early: `safemerge merge ... | head`)
+        try:  # (and no second broken-pipe error when the interpreter flushes stdout at exit)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        _warn(f"{written} is complete; its summary could not be printed ({exc.strerror or exc})")
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        _warn(f"{what} after the run: {written} is complete; its summary was cut short", prefix="safemerge")
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
+
+
+def _warn(text: str, prefix: str = "safemerge: warning") -> None:
+    try:
+        print(f"{prefix}: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,7 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:  # disk full, permissions, a path that vanished: still one line
         # (an error without a file name may come from reading as well as from writing)
-        where = f": {exc.filename}" if exc.filename else ""
+        # (a copy that fills the disk names its source first: the file being written is filename2)
+        name = exc.filename2 if exc.filename2 and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else exc.filename
+        where = f": {name}" if name else ""
         print(f"safemerge: error: {exc.strerror or exc}{where}; nothing was written" + (f" to {target}" if target else ""),
               file=sys.stderr)
         return 2

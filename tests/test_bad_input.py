@@ -4,6 +4,7 @@ nothing at --out (no temporary leftovers either)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -385,9 +386,11 @@ def test_os_errors_are_one_line(fx, tmp_path, capsys, monkeypatch):
     """An I/O failure the checks cannot foresee (a full disk) is still one line and exit 2."""
     from safemerge_ext import pipeline
 
-    for filename, where in ((str(tmp_path / "out"), f": {tmp_path / 'out'}"), (None, "")):
+    src, dst = str(fx.aligned / "config.json"), str(tmp_path / "out" / "config.json")
+    for names, where in (((str(tmp_path / "out"),), f": {tmp_path / 'out'}"), ((None,), ""),
+                         ((src, None, dst), f": {dst}")):  # (shutil's copy names its source first)
         def full(*a, **k):  # (an error from a write() names no file)
-            raise OSError(28, "No space left on device", filename)
+            raise OSError(28, "No space left on device", *names)
 
         monkeypatch.setattr(pipeline, "write_adapter", full)
         code = main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter",
@@ -771,3 +774,50 @@ def test_a_plot_without_matplotlib_is_one_line(fx, tmp_path, capsys, monkeypatch
         assert main([*argv, "--out", str(tmp_path / "out"), "--no-plot"]) == 0
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
             "adapter_config.json", "adapter_model.safetensors", "safemerge_report.json"]
+
+
+def _merge_argv(fx, out, *extra):
+    return ["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
+            "--safety-adapter", str(fx.safety), "--out", str(out), "--no-plot", "--no-progress", *extra]
+
+
+def test_a_summary_cut_short_does_not_unsay_the_output(fx, tmp_path, capsys, monkeypatch):
+    """Once --out is in place, Ctrl-C or a terminal that cannot show the path (a non-UTF-8 name
+    under a strict encoding) only concern the summary: never 'nothing was written'."""
+    import io
+
+    from safemerge_ext import report
+    from safemerge_ext._signals import Terminated
+
+    for exc, code in ((KeyboardInterrupt(), 130), (Terminated(), 143)):
+        monkeypatch.setattr(report, "summary_table", lambda rep, exc=exc: (_ for _ in ()).throw(exc))
+        out = tmp_path / f"out{code}"
+        assert main(_merge_argv(fx, out)) == code
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("safemerge: ") and f"after the run: --out {out} is complete" in err, err
+        assert (out / "adapter_model.safetensors").is_file()
+    monkeypatch.undo()
+    out = tmp_path / "out\udcff"  # (the byte 0xff of a Latin-1 name, as Python reads it from argv)
+    strict = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr("sys.stdout", strict)
+    assert main(_merge_argv(fx, out)) == 0
+    strict.flush()
+    assert f"wrote {tmp_path}/out\\udcff" in strict.buffer.getvalue().decode()
+    assert os.path.isdir(os.fsencode(tmp_path) + b"/out\xff")
+
+
+def test_a_closed_stdout_does_not_unsay_the_output(fx, tmp_path):
+    """`safemerge merge ... | head -0`: the pipe is closed when the summary is printed; exit 0, one
+    warning, the output whole."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    r, w = os.pipe()
+    os.close(r)
+    proc = subprocess.run([sys.executable, "-m", "safemerge_ext", *_merge_argv(fx, out)], stdout=w,
+                          stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(w)
+    assert proc.returncode == 0 and proc.stderr.strip() == (
+        f"safemerge: warning: --out {out} is complete; its summary could not be printed (Broken pipe)"), proc.stderr
+    assert (out / "adapter_model.safetensors").is_file() and (out / "safemerge_report.json").is_file()
