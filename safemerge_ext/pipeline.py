@@ -8,6 +8,7 @@ before any weight is read.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import sys
@@ -119,6 +120,9 @@ def open_run(
     ``precision`` allows the Triton kernels a tensor-core operand precision (None:
     ``SAFEMERGE_PRECISION``, else exact ``ieee``); a run whose backend cannot use it says so."""
     dev = resolve_device(device)
+    if Path(aligned_dir).resolve() == Path(unaligned_dir).resolve():
+        raise SafeMergeError(f"--aligned and --unaligned are the same folder ({aligned_dir}), so V = W_aligned - "
+                             "W_unaligned is zero everywhere; give as --unaligned the base model --aligned was tuned from")
     try:
         backend_name, _ = ops.backends.resolve(backend, dev.type)
     except ValueError as exc:  # (a message that starts with SAFEMERGE_BACKEND: the environment chose)
@@ -448,6 +452,9 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
                 )
             except FloatingPointError:
                 raise _non_finite(run, layer, wa, wu) from None
+            if layer.task.scaling == 0 and not math.isnan(scores[i].cosine):  # (B A scaled by 0: no update)
+                scores[i] = dataclasses.replace(scores[i], cosine=math.nan, projected_B=None,
+                                                reason="the update is zero (its scaling, lora_alpha, is 0)")
             del wa, wu, ready, A, B  # unmaps the pair (CPU) before the next read is admitted (see prefetch)
             bar.update(1)
     finally:
@@ -463,7 +470,10 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
 def _select(run: Run, scores: list[ops.Score], selection: Selection) -> list[bool]:
     """Flags in model order; warns when --num-layers asks for more layers than can be scored."""
     scorable = sum(not math.isnan(s.cosine) for s in scores)
-    if selection.num_layers is not None and selection.num_layers > scorable:
+    if scores and not scorable:
+        run.warnings.append(f"no layer could be scored (all {len(scores)} are degenerate: see each one's reason); "
+                            "none was flagged, so the output keeps the adapter's updates unchanged")
+    elif selection.num_layers is not None and selection.num_layers > scorable:
         run.warnings.append(
             f"--num-layers {selection.num_layers} exceeds the {scorable} scorable layers; all of them were flagged"
         )
@@ -585,7 +595,9 @@ def merge(
     force: bool = False, progress: bool | None = None, plot: bool = True,
 ) -> dict[str, Any]:
     """SafeMERGE: score the task adapter, merge flagged layers with the safety adapter, write ``out``
-    (with ``safemerge_report.json`` and, unless ``plot=False``, ``safemerge_report.png``)."""
+    (with ``safemerge_report.json`` and, unless ``plot=False``, ``safemerge_report.png``). A threshold
+    flags ``cosine < threshold``, as SafeMERGE defines it, whatever ``selection.inclusive`` says."""
+    settings = dataclasses.replace(settings, selection=dataclasses.replace(settings.selection, inclusive=False))
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned),
                                   ("--task-adapter", task_adapter), ("--safety-adapter", safety_adapter)))
     task = read_adapter(task_adapter, "--task-adapter")
@@ -674,7 +686,9 @@ def project(
     output: str = "adapter", backend: str = "auto", device: str = "cpu", precision: str | None = None,
     force: bool = False, progress: bool | None = None, plot: bool = True,
 ) -> dict[str, Any]:
-    """Safe LoRA: flagged layers (cosine <= threshold, or the k lowest) get ``lora_B <- C lora_B``."""
+    """Safe LoRA: flagged layers (cosine <= threshold, or the k lowest) get ``lora_B <- C lora_B``
+    (``<=`` as Safe LoRA defines it, whatever ``selection.inclusive`` says)."""
+    selection = dataclasses.replace(selection, inclusive=True)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter)))

@@ -821,3 +821,14 @@ def test_a_closed_stdout_does_not_unsay_the_output(fx, tmp_path):
     assert proc.returncode == 0 and proc.stderr.strip() == (
         f"safemerge: warning: --out {out} is complete; its summary could not be printed (Broken pipe)"), proc.stderr
     assert (out / "adapter_model.safetensors").is_file() and (out / "safemerge_report.json").is_file()
+
+
+def test_the_same_folder_as_both_models_is_refused(fx, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(fx.aligned.parent)
+    argv = _merge_argv(fx, tmp_path / "out")
+    argv[argv.index("--unaligned") + 1] = f"./{fx.aligned.name}/"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"safemerge: error: --aligned and --unaligned are the same folder ({fx.aligned}), so V = W_aligned "
+                   "- W_unaligned is zero everywhere; give as --unaligned the base model --aligned was tuned from"), err
+    assert list(tmp_path.iterdir()) == []

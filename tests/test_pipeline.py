@@ -829,3 +829,60 @@ def test_gpu_pipeline_matches_the_cpu(fx_bf16, tmp_path, command):
     for k, v in cpu_sd.items():
         assert gpu_sd[k].device.type == "cpu" and gpu_sd[k].dtype == v.dtype
         assert_close(gpu_sd[k].double(), v.double(), atol=1e-5 * float(v.abs().max()), rtol=1e-4, what=k)
+
+
+def test_each_method_flags_by_its_own_comparison_through_the_api(fx, tmp_path):
+    """A threshold equal to a layer's score: Safe LoRA (project) flags it, SafeMERGE (merge) does
+    not, whatever the Selection passed says."""
+    from safemerge_ext import pipeline
+
+    ref = refs(fx)
+    m = sorted(ref, key=ref.get)[3]
+    tau = pipeline.score(fx.aligned, fx.unaligned, fx.task, progress=False)
+    tau = next(r["cosine"] for r in tau["layers"] if r["module"] == m)  # (the run's own float: equal, not close)
+    for inclusive in (False, True):
+        sel = pipeline.Selection(threshold=tau, inclusive=inclusive)
+        rep = pipeline.project(fx.aligned, fx.unaligned, fx.task, tmp_path / f"p{inclusive}", sel, plot=False,
+                               progress=False)
+        assert rep["settings"]["comparison"] == "<=" and {r["module"]: r["flagged"] for r in rep["layers"]}[m]
+        rep = pipeline.merge(fx.aligned, fx.unaligned, fx.task, fx.safety, tmp_path / f"m{inclusive}",
+                             pipeline.MergeSettings(sel), plot=False, progress=False)
+        assert rep["settings"]["comparison"] == "<" and not {r["module"]: r["flagged"] for r in rep["layers"]}[m]
+
+
+def test_a_module_scaled_by_zero_is_degenerate(fx, tmp_path):
+    """alpha_pattern 0 for a module: its update is zero, so it is never flagged, with the reason."""
+    import shutil
+
+    from safemerge_ext import pipeline
+
+    task = tmp_path / "task"
+    shutil.copytree(fx.task, task)
+    cfg = json.loads((task / "adapter_config.json").read_text())
+    m = "model.layers.0.self_attn.q_proj"
+    cfg["alpha_pattern"] = {**(cfg.get("alpha_pattern") or {}), m: 0}
+    (task / "adapter_config.json").write_text(json.dumps(cfg))
+    rep = pipeline.project(fx.aligned, fx.unaligned, task, tmp_path / "p", pipeline.Selection(threshold=1.0),
+                           plot=False, progress=False)
+    row = {r["module"]: r for r in rep["layers"]}[m]
+    assert row["cosine"] is None and not row["flagged"] and row["action"] == "skipped", row
+    assert row["reason"] == "the update is zero (its scaling, lora_alpha, is 0)"
+    assert all(r["flagged"] for r in rep["layers"] if r["module"] != m)
+
+
+def test_no_scorable_layer_is_said_plainly(fx, tmp_path):
+    """Copies of one model as --aligned and --unaligned: V is zero everywhere, every layer is
+    degenerate, and the warning says nothing was flagged (not 'all of them were flagged')."""
+    import shutil
+
+    from safemerge_ext import pipeline
+
+    twin = tmp_path / "twin"
+    shutil.copytree(fx.aligned, twin)
+    for sel in (pipeline.Selection(num_layers=3), pipeline.Selection(threshold=0.35)):
+        rep = pipeline.merge(fx.aligned, twin, fx.task, fx.safety, tmp_path / f"m{sel.mode}", pipeline.MergeSettings(sel),
+                             plot=False, progress=False)
+        assert rep["counts"]["flagged"] == 0 and rep["counts"]["scored"] == 0
+        assert [w for w in rep["warnings"] if "scorable" in w or "could be scored" in w] == [
+            f"no layer could be scored (all {rep['counts']['layers']} are degenerate: see each one's reason); none was "
+            "flagged, so the output keeps the adapter's updates unchanged"]
