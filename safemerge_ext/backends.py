@@ -106,6 +106,15 @@ def available_backends() -> dict[str, str | None]:
     return out
 
 
+def requested_backend(name: str | None) -> str:
+    """What a request for ``name`` asks for, as a report records it: None is the environment's
+    choice when it makes one (``"torch (SAFEMERGE_BACKEND)"``), else ``auto``."""
+    if name is None:
+        env = os.environ.get(ENV_VAR, "").strip().lower()
+        return f"{env} ({ENV_VAR})" if env and env != AUTO else AUTO
+    return name
+
+
 def backend_detail(name: str) -> str | None:
     """What an available backend runs with (the C++ kernels' instruction set and threads), if it says."""
     spec = next((s for s in _SPECS if s.name == name), None)
@@ -114,16 +123,17 @@ def backend_detail(name: str) -> str | None:
     return describe() if callable(describe) else None
 
 
-def resolve(name: str | None, device_type: str) -> tuple[str, ModuleType]:
+def resolve(name: str | None, device_type: str, *, honour_env: bool = True) -> tuple[str, ModuleType]:
     """Return (name, module) for a request on a device type.
 
-    ``auto`` (or None) honours ``SAFEMERGE_BACKEND``, then falls back silently through the
-    preference order; an explicit name that cannot run raises and lists the valid names.
+    ``auto`` (or None) honours ``SAFEMERGE_BACKEND`` (``auto`` only with ``honour_env``: a command
+    line's explicit ``--backend auto`` does not), then falls back silently through the preference
+    order; an explicit name that cannot run raises and lists the valid names.
     """
     if name is not None and not isinstance(name, str):
         raise ValueError(f"backend must be a name (auto, {', '.join(NAMES)}); got {name!r}")
     requested, source = (name or AUTO).strip().lower(), "backend"
-    if requested == AUTO:
+    if requested == AUTO and (honour_env or name is None):
         requested, source = os.environ.get(ENV_VAR, AUTO).strip().lower() or AUTO, ENV_VAR
     # (named in the messages: a backend the environment chose was not asked for with --backend)
     where = f"{ENV_VAR}={requested}: " if source == ENV_VAR else ""

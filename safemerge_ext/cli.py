@@ -31,7 +31,7 @@ def _add_models(p: argparse.ArgumentParser) -> None:
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
+    p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="scoring backend: auto = triton on CUDA, else the CUDA extension; the C++ extension on the CPU; "
                         "torch is the pure-PyTorch reference. Env SAFEMERGE_BACKEND sets the default (default: auto)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda",
@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="linear",
                    help="how flagged layers combine: linear is exact (rank r_task + r_safety); ties/dare run "
                         "peft.utils.merge_utils on the full update, re-factorized by SVD for adapter output (default: linear)")
-    p.add_argument("--density", type=_unit_float("--density", 0, 1, lo_open=True), default=1.0,
+    p.add_argument("--density", type=_unit_float("--density", 0, 1, lo_open=True), default=None,
                    help="ties/dare: fraction of each update kept (default: 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks; a run is reproducible per seed (default: 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="dare: seed of the random masks; a run is reproducible per seed (default: 0)")
     _add_runtime(p)
 
     p = sub.add_parser("project", help="Safe LoRA: project flagged layers onto the safety subspace",
@@ -181,10 +182,16 @@ def _run(args: argparse.Namespace) -> int:
         report = pipeline.score(args.aligned, args.unaligned, args.adapter, threshold=args.threshold,
                                 report_path=args.report, plot_path=args.plot, **common)
     elif args.command == "merge":
+        if args.density is not None and args.method == "linear":
+            raise ValueError("--density applies to --method ties, dare_linear and dare_ties; linear keeps every entry")
+        if args.seed is not None and not args.method.startswith("dare"):
+            raise ValueError(f"--seed applies to --method dare_linear and dare_ties (their random masks); "
+                             f"{args.method} draws nothing")
         threshold = 0.35 if args.num_layers is None and args.fraction is None and args.threshold is None else args.threshold
         settings = pipeline.MergeSettings(
             pipeline.Selection(threshold=threshold, num_layers=args.num_layers, fraction=args.fraction),
-            alpha=args.alpha, method=args.method, density=args.density, seed=args.seed, output=args.output,
+            alpha=args.alpha, method=args.method, density=1.0 if args.density is None else args.density,
+            seed=args.seed or 0, output=args.output,
         )
         report = pipeline.merge(args.aligned, args.unaligned, args.task_adapter, args.safety_adapter, args.out,
                                 settings, force=args.force, plot=args.plot, **common)

@@ -68,6 +68,7 @@ class Run:
     backend: str
     precision: str = "ieee"  # the operand precision the backend computes with (backends.PRECISIONS)
     precision_requested: str = "ieee"  # what --precision or SAFEMERGE_PRECISION asked for
+    backend_requested: str = "auto"  # what --backend or SAFEMERGE_BACKEND asked for
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     adapter_bytes: int = 0
@@ -112,19 +113,20 @@ def open_run(
     safety: LoraAdapter | None = None,
     *,
     device: str = "cpu",
-    backend: str = "auto",
+    backend: str | None = None,
     precision: str | None = None,
 ) -> Run:
     """Open both models and match every task module to its weight; check shapes and dtypes.
 
-    ``precision`` allows the Triton kernels a tensor-core operand precision (None:
+    ``backend`` None is ``SAFEMERGE_BACKEND``, else ``auto``; a name given (``auto`` too) is used as it
+    is. ``precision`` allows the Triton kernels a tensor-core operand precision (None:
     ``SAFEMERGE_PRECISION``, else exact ``ieee``); a run whose backend cannot use it says so."""
     dev = resolve_device(device)
     if Path(aligned_dir).resolve() == Path(unaligned_dir).resolve():
         raise SafeMergeError(f"--aligned and --unaligned are the same folder ({aligned_dir}), so V = W_aligned - "
                              "W_unaligned is zero everywhere; give as --unaligned the base model --aligned was tuned from")
     try:
-        backend_name, _ = ops.backends.resolve(backend, dev.type)
+        backend_name, _ = ops.backends.resolve(backend, dev.type, honour_env=backend is None)
     except ValueError as exc:  # (a message that starts with SAFEMERGE_BACKEND: the environment chose)
         msg = str(exc)
         raise SafeMergeError(msg if msg.startswith(ops.backends.ENV_VAR) else f"--backend {backend}: {msg}") from None
@@ -182,7 +184,7 @@ def open_run(
                     f"{shape[0]}x{shape[1]}; the adapter belongs to another model"
                 )
         layers.append(Layer(module, weight, shape, lm, sm))
-    run = Run(aligned, unaligned, layers, dev, backend_name, used, requested)
+    run = Run(aligned, unaligned, layers, dev, backend_name, used, requested, ops.backends.requested_backend(backend))
     if used != requested:
         run.warnings.append(
             f"precision {requested} applies to the triton backend on a GPU only; the {backend_name} backend "
@@ -519,7 +521,7 @@ def _save_report(report: dict[str, Any], folder: Path, with_plot: bool) -> None:
 
 def score(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, *,
-    threshold: float = 0.35, backend: str = "auto", device: str = "cpu", precision: str | None = None,
+    threshold: float = 0.35, backend: str | None = None, device: str = "cpu", precision: str | None = None,
     report_path: str | Path | None = None, plot_path: str | Path | None = None, progress: bool | None = None,
 ) -> dict[str, Any]:
     """Score one adapter's layers; flag by SafeMERGE's rule at ``threshold`` for the report only."""
@@ -550,7 +552,7 @@ def score(
     scores = score_layers(run, progress=progress)
     flags = selection.flag([s.cosine for s in scores])
     settings = {"aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
-                "adapter": str(Path(adapter).resolve()), "device": device, "backend_requested": backend,
+                "adapter": str(Path(adapter).resolve()), "device": device, "backend_requested": run.backend_requested,
                 "precision_requested": run.precision_requested,
                 **selection.describe()}
     report = _finish(run, "score", "score", _records(run, scores, flags, "kept"), settings)
@@ -591,7 +593,7 @@ def _note_vllm(run: Run, off_default: list[str]) -> None:
 
 def merge(
     aligned: str | Path, unaligned: str | Path, task_adapter: str | Path, safety_adapter: str | Path, out: str | Path,
-    settings: MergeSettings, *, backend: str = "auto", device: str = "cpu", precision: str | None = None,
+    settings: MergeSettings, *, backend: str | None = None, device: str = "cpu", precision: str | None = None,
     force: bool = False, progress: bool | None = None, plot: bool = True,
 ) -> dict[str, Any]:
     """SafeMERGE: score the task adapter, merge flagged layers with the safety adapter, write ``out``
@@ -675,7 +677,7 @@ def merge(
             "task_adapter": str(Path(task_adapter).resolve()), "safety_adapter": str(Path(safety_adapter).resolve()),
             "out": str(Path(out).resolve()), **settings.selection.describe(), "alpha": settings.alpha,
             "merge": settings.method, "density": settings.density, "seed": settings.seed, "output": settings.output,
-            "device": device, "backend_requested": backend, "precision_requested": run.precision_requested,
+            "device": device, "backend_requested": run.backend_requested, "precision_requested": run.precision_requested,
         })
         _save_report(report, tmp, plot)
     return report
@@ -683,7 +685,7 @@ def merge(
 
 def project(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, out: str | Path, selection: Selection, *,
-    output: str = "adapter", backend: str = "auto", device: str = "cpu", precision: str | None = None,
+    output: str = "adapter", backend: str | None = None, device: str = "cpu", precision: str | None = None,
     force: bool = False, progress: bool | None = None, plot: bool = True,
 ) -> dict[str, Any]:
     """Safe LoRA: flagged layers (cosine <= threshold, or the k lowest) get ``lora_B <- C lora_B``
@@ -724,7 +726,7 @@ def project(
         report = _finish(run, "project", "safelora", records, {
             "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
             "adapter": str(Path(adapter).resolve()), "out": str(Path(out).resolve()), **selection.describe(),
-            "output": output, "device": device, "backend_requested": backend,
+            "output": output, "device": device, "backend_requested": run.backend_requested,
             "precision_requested": run.precision_requested,
         })
         _save_report(report, tmp, plot)

@@ -832,3 +832,15 @@ def test_the_same_folder_as_both_models_is_refused(fx, tmp_path, capsys, monkeyp
     assert err == (f"safemerge: error: --aligned and --unaligned are the same folder ({fx.aligned}), so V = W_aligned "
                    "- W_unaligned is zero everywhere; give as --unaligned the base model --aligned was tuned from"), err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method, flags, expect", [
+    ("linear", ["--density", "0.5"], "--density applies to --method ties, dare_linear and dare_ties; linear keeps every entry"),
+    ("linear", ["--seed", "7"], "--seed applies to --method dare_linear and dare_ties (their random masks); linear draws nothing"),
+    ("ties", ["--seed", "0"], "--seed applies to --method dare_linear and dare_ties (their random masks); ties draws nothing"),
+])
+def test_flags_the_method_would_ignore_are_refused(fx, tmp_path, capsys, monkeypatch, method, flags, expect):
+    monkeypatch.setattr("safemerge_ext.pipeline.read_adapter", lambda *a: pytest.fail("read before the refusal"))
+    assert main(_merge_argv(fx, tmp_path / "out", "--method", method, *flags)) == 2
+    assert capsys.readouterr().err.strip() == f"safemerge: error: {expect}"
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@ selection, and the selection rules (strict vs inclusive, k lowest, fraction)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -114,11 +115,18 @@ def test_a_backend_chosen_by_the_environment_is_not_blamed_on_the_backend_flag(f
     args = ["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
             "--report", str(tmp_path / "s.json"), "--no-progress"]
     monkeypatch.setenv("SAFEMERGE_BACKEND", "cuda")
-    for extra in ([], ["--backend", "auto"]):
-        assert main(args + extra) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("safemerge: error: SAFEMERGE_BACKEND=cuda: backend 'cuda' runs on cuda tensors"), err
-        assert "--backend auto" not in err and "\n" not in err
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("safemerge: error: SAFEMERGE_BACKEND=cuda: backend 'cuda' runs on cuda tensors"), err
+    assert "--backend" not in err and "\n" not in err
+    # the variable sets the default only: a --backend given, auto included, is what runs
+    assert main(args + ["--backend", "auto"]) == 0
+    settings = json.loads((tmp_path / "s.json").read_text())["settings"]
+    assert settings["backend_requested"] == "auto"
+    monkeypatch.setenv("SAFEMERGE_BACKEND", " Torch")
+    assert main(args) == 0
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert rep["backend"] == "torch" and rep["settings"]["backend_requested"] == "torch (SAFEMERGE_BACKEND)"
     monkeypatch.delenv("SAFEMERGE_BACKEND")
     assert main(args + ["--backend", "cuda"]) == 2
     err = capsys.readouterr().err.strip()
