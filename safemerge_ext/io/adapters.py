@@ -226,6 +226,9 @@ def _ranks_and_alphas(config: dict[str, Any], where: str) -> tuple[int, float, d
     r_default, alpha_default = number(config.get("r", 8), "r"), float(number(config.get("lora_alpha", 8), "lora_alpha"))
     if r_default != int(r_default):
         raise SafeMergeError(f"{where}: r is {r_default!r}, not a whole number; re-save the adapter with save_pretrained")
+    if r_default < 1:  # (PEFT divides by it for every module rank_pattern leaves out, and so do servers)
+        raise SafeMergeError(f"{where}: r is {r_default!r}, but a LoRA rank is at least 1; set r to the rank its "
+                             "modules have (the largest, where rank_pattern gives others)")
     patterns = []
     for key in ("rank_pattern", "alpha_pattern"):
         pat = config.get(key) or {}
