@@ -774,14 +774,16 @@ def test_model_output_refuses_an_update_that_overflows_the_dtype(tmp_path):
         write_model(ModelReader(src), out, lambda n: torch.full((8, 4), 1e6) if n == "w" else None)
 
 
-def test_side_files_leave_out_indexes_of_weights_not_copied(tmp_path):
+def test_side_files_leave_out_indexes_of_weights_not_copied_and_earlier_reports(tmp_path):
+    """An earlier run's report in the input (a merged model merged again) describes another merge."""
     from safemerge_ext.io.model_writer import copy_side_files
+    from safemerge_ext.report import REPORT_JSON, REPORT_PNG
 
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     dst.mkdir()
     for name in ("config.json", "tokenizer.json", "pytorch_model.bin.index.json", "pytorch_model.bin",
-                 "model.safetensors.index.json"):
+                 "model.safetensors.index.json", REPORT_JSON, REPORT_PNG):
         (src / name).write_text("{}")
     assert copy_side_files(src, dst) == ["config.json", "tokenizer.json"]
 

@@ -24,13 +24,19 @@ from safemerge_ext.io.safetensors_stream import StreamingWriter
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
 
+# the report a run writes beside its output (report.REPORT_JSON, REPORT_PNG): one found in the
+# input is an earlier run's, about another merge
+RUN_FILES = ("safemerge_report.json", "safemerge_report.png")
+
+
 def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copy config, generation config, tokenizer and other small non-weight files (not weights, nor
     an index of weights: a pytorch_model.bin.index.json beside the safetensors would name files the
-    output does not have)."""
+    output does not have; nor an earlier run's report)."""
     copied = []
     for f in sorted(src.iterdir()):
-        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
+        if (f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")
+                and f.name not in RUN_FILES):
             shutil.copy2(f, dst / f.name)
             copied.append(f.name)
     return copied
