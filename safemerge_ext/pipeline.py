@@ -25,7 +25,7 @@ from safemerge_ext import ops
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, global_scaling, read_adapter,
                                        write_adapter)
-from safemerge_ext.io.model_writer import write_model
+from safemerge_ext.io.model_writer import check_model_output, write_model
 from safemerge_ext.io.models import ModelReader, config_value, natural_key
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.report import (
@@ -605,6 +605,8 @@ def merge(
     task = read_adapter(task_adapter, "--task-adapter")
     safety = read_adapter(safety_adapter, "--safety-adapter")
     run = open_run(aligned, unaligned, task, safety, device=device, backend=backend, precision=precision)
+    if settings.output == "model":
+        check_model_output(run.aligned)
     if plot:
         preload_plotting()
     scores = score_layers(run, progress=progress)
@@ -696,6 +698,8 @@ def project(
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter)))
     task = read_adapter(adapter, "--adapter")
     run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision)
+    if output == "model":
+        check_model_output(run.aligned)
     if plot:
         preload_plotting()
     scores = score_layers(run, progress=progress, with_projection=True)

@@ -860,3 +860,27 @@ def test_an_adapter_whose_default_rank_is_not_positive_is_refused(fx, tmp_path, 
     assert err == (f"safemerge: error: --task-adapter {t / 'adapter_config.json'}: r is {r}, but a LoRA rank is at least 1; set r to the rank "
                    "its modules have (the largest, where rank_pattern gives others)"), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "project"])
+def test_model_output_checks_every_header_before_scoring(fx, tmp_path, capsys, monkeypatch, command):
+    """--output model lays out every shard from its header: a defect there (a tensor the index
+    leaves out) is refused before any weight is read, not after every layer is scored."""
+    a = copy(fx.aligned, tmp_path / "a")
+    index = json.loads((a / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"].pop("model.norm.weight")
+    (a / "model.safetensors.index.json").write_text(json.dumps(index))
+    monkeypatch.setattr("safemerge_ext.pipeline.score_layers", lambda *a, **k: pytest.fail("scored first"))
+    argv = _merge_argv(fx, tmp_path / "out", "--output", "model")
+    if command == "project":
+        argv = ["project", *argv[1:]]
+        i = argv.index("--task-adapter")
+        argv[i:i + 2] = ["--adapter", argv[i + 1]]
+        j = argv.index("--safety-adapter")
+        del argv[j:j + 2]
+    argv[argv.index("--aligned") + 1] = str(a)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"safemerge: error: --aligned {a / shard} holds 1 tensor(s) that model.safetensors.index.json "
+                          "does not list (e.g. model.norm.weight)"), err
+    assert not (tmp_path / "out").exists()

@@ -86,6 +86,16 @@ def write_model(
     return written
 
 
+def check_model_output(reader: ModelReader) -> None:
+    """What :func:`write_model` needs of the model, from its headers alone, so that a run can refuse
+    before it reads any weight: every shard's header parses and lays out, and the index lists every
+    tensor."""
+    _check_index(reader)
+    for names in reader.shards().values():
+        for name in names:
+            reader.layout(name)
+
+
 def _check_index(reader: ModelReader) -> None:
     """Every tensor of every shard is one the index lists: the output is laid out from the index, and
     a tensor it leaves out (which transformers still loads from the shard) would be dropped."""
