@@ -884,3 +884,22 @@ def test_model_output_checks_every_header_before_scoring(fx, tmp_path, capsys, m
     assert err.startswith(f"safemerge: error: --aligned {a / shard} holds 1 tensor(s) that model.safetensors.index.json "
                           "does not list (e.g. model.norm.weight)"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_force_never_replaces_the_files_an_input_links_to(fx, tmp_path, capsys):
+    """A Hugging Face cache: snapshots/<rev>/ holds links into blobs/. --out blobs --force would
+    delete the aligned model's files from under its links; refused before anything is read."""
+    repo = tmp_path / "models--org--aligned"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in sorted(fx.aligned.iterdir()):
+        shutil.copy(f, blobs / f"{f.name}.blob")
+        (snap / f.name).symlink_to(Path("../../blobs") / f"{f.name}.blob")
+    argv = _merge_argv(fx, blobs, "--force", "--output", "model")
+    argv[argv.index("--aligned") + 1] = str(snap)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"safemerge: error: --out {blobs} holds {blobs}/") and "\n" not in err, err
+    assert f"which --aligned {snap}/" in err and err.endswith("links to and the output would replace; choose a new folder")
+    assert all((snap / f.name).resolve().is_file() for f in fx.aligned.iterdir())

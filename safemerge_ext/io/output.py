@@ -41,11 +41,26 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
         if where == src or where in src.parents:
             raise SafeMergeError(f"{flag} {out} is {name} {path} or holds it, which the output would replace; "
                                  "choose a new folder")
+        for link, target in _links(src):  # (a Hugging Face cache: snapshots/<rev>/* link into blobs/)
+            if where == target or where in target.parents:
+                raise SafeMergeError(f"{flag} {out} holds {target}, which {name} {Path(path) / link} links to "
+                                     "and the output would replace; choose a new folder")
     if (p.exists() or p.is_symlink()) and not force:
         raise SafeMergeError(f"{flag} {p} already exists; choose a new path or pass --force to replace it")
     if p.exists() and not p.is_dir():
         raise SafeMergeError(f"{flag} {p} exists and is not a directory; remove it or choose another path")
     return p
+
+
+def _links(folder: Path) -> Iterator[tuple[str, Path]]:
+    """(name, resolved target) of each symbolic link directly in ``folder``."""
+    try:
+        entries = list(os.scandir(folder)) if folder.is_dir() else []
+    except OSError:
+        return
+    for e in entries:
+        if e.is_symlink():
+            yield e.name, Path(e.path).resolve()
 
 
 def check_not_input(path: str | os.PathLike, flag: str, inputs: Iterable[tuple[str, str | os.PathLike]]) -> None:
