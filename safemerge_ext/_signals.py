@@ -30,3 +30,23 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         if ours:
             signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM are noted, not raised: clean-up after a first Ctrl-C (a
+    staging folder of partial shards deleted) is not cut short by a second one. The run is ending
+    on the first already; the held ones are dropped. Main thread only (elsewhere: no change)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.getsignal(sig)
+            if old is not None and old is not signal.SIG_IGN:  # (None: set outside Python, left alone)
+                previous[sig] = signal.signal(sig, lambda signum, frame: None)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -827,3 +827,28 @@ def test_an_interrupt_while_the_staging_folder_is_made_leaves_nothing(tmp_path, 
         with output.staged_dir(tmp_path / "deep" / "er" / "out", force=False):
             pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_interrupt_does_not_cut_the_clean_up_short(tmp_path, monkeypatch):
+    """Ctrl-C twice: the first ends the run, the second arrives while the staging folder of partial
+    shards is deleted; that deletion still finishes (nothing hidden is left beside --out)."""
+    import shutil
+    import signal
+
+    from safemerge_ext.io import output
+
+    real = shutil.rmtree
+
+    def rmtree(path, *a, **k):  # (the second Ctrl-C, at the start of the clean-up)
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(output.shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with output.staged_dir(tmp_path / "deep" / "out", force=False) as tmp:
+            for i in range(5):
+                (tmp / f"shard-{i}.safetensors").write_bytes(b"x" * 4096)
+            os.kill(os.getpid(), signal.SIGINT)  # (the first Ctrl-C, mid-write)
+            pytest.fail("the first interrupt was not raised")
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

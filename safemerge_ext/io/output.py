@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from safemerge_ext._signals import interrupts_held
 from safemerge_ext.errors import SafeMergeError
 
 
@@ -144,13 +145,14 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
     tmp: Path | None = None
 
     def undo() -> None:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for p in made:  # deepest first; only if still empty
-            try:
-                p.rmdir()
-            except OSError:
-                break
+        with interrupts_held():  # (a second Ctrl-C would leave a hidden folder of partial shards)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for p in made:  # deepest first; only if still empty
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
 
     try:  # (from the first folder made: an interrupt anywhere after it takes back what was made)
         final.parent.mkdir(parents=True, exist_ok=True)
