@@ -37,9 +37,11 @@ def concat_lora(
     B_f: torch.Tensor, A_f: torch.Tensor, s_f: float,
     B_s: torch.Tensor, A_s: torch.Tensor, s_s: float, alpha: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact linear merge of two LoRA updates as one rank r_f + r_s factor pair, scale 1 (fp32)."""
-    B = torch.cat([B_f.float() * (alpha * s_f), B_s.float() * ((1.0 - alpha) * s_s)], dim=1)
-    A = torch.cat([A_f.float(), A_s.float()], dim=0)
+    """Exact linear merge of two LoRA updates as one rank r_f + r_s factor pair, scale 1 (fp32;
+    float64 when a factor is)."""
+    wd = torch.float64 if torch.float64 in (B_f.dtype, A_f.dtype, B_s.dtype, A_s.dtype) else torch.float32
+    B = torch.cat([B_f.to(wd) * (alpha * s_f), B_s.to(wd) * ((1.0 - alpha) * s_s)], dim=1)
+    A = torch.cat([A_f.to(wd), A_s.to(wd)], dim=0)
     return B, A
 
 

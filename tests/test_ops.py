@@ -401,6 +401,14 @@ def test_combine_full_keeps_float64_updates_in_float64():
     assert got.dtype == torch.float64 and float((got - (0.7 * a + (1 - 0.7) * b)).abs().max()) < 1e-14
     assert combine_full(a.bfloat16(), b.float(), alpha=0.7, method="ties", density=0.5, seed=0,
                         module="m").dtype == torch.float32
+    # the linear merge of factors too: [alpha s_f B_f, (1 - alpha) s_s B_s] @ [A_f; A_s]
+    from safemerge_ext.merge import concat_lora
+
+    Bf, Af, Bs, As = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((20, 3), (3, 30), (20, 5), (5, 30)))
+    B, A = concat_lora(Bf, Af, 0.3, Bs, As, 1.7, 0.7)
+    want = 0.7 * 0.3 * Bf @ Af + 0.3 * 1.7 * Bs @ As
+    assert B.dtype == A.dtype == torch.float64 and float((B @ A - want).abs().max()) < 1e-14
+    assert concat_lora(Bf.half(), Af.half(), 0.3, Bs.float(), As.float(), 1.7, 0.7)[0].dtype == torch.float32
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
