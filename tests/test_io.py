@@ -750,6 +750,25 @@ def test_outputs_near_the_file_name_limit(tmp_path, stem):
     assert (tmp_path / stem / "f").read_text() == "True"
 
 
+def test_a_single_file_beside_an_index_of_other_shards_is_refused(fx, tmp_path):
+    """transformers loads model.safetensors where both it and an index exist; reading the index's
+    shards instead would score (and write) another model than the one a user loads. An index of
+    model.safetensors itself is fine."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(fx.aligned, model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    save_file(load_model(fx.aligned), str(model / "model.safetensors"))
+    with pytest.raises(SafeMergeError, match=rf"--aligned {model} holds both model.safetensors, which transformers "
+                                             r"loads, and model.safetensors.index.json, which lists other shards "
+                                             r"\(model-00001-of-000\d\d.safetensors, ...\): one of them is stale; remove it"):
+        ModelReader(model, "--aligned")
+    index["weight_map"] = {k: "model.safetensors" for k in index["weight_map"]}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert ModelReader(model, "--aligned").shards().keys() == {"model.safetensors"}
+
+
 def test_model_output_refuses_tensors_the_index_does_not_list(fx, tmp_path):
     """The output is laid out from the index; a tensor a shard holds but the index leaves out (which
     transformers still loads) would be dropped, so the writer says so instead."""
