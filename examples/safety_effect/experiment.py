@@ -229,13 +229,15 @@ def main() -> int:
     ap.add_argument("--work", default=str(HERE / "work"), help="scratch folder for models (default: %(default)s)")
     ap.add_argument("--skip-eval", action="store_true", help="build the models only")
     args = ap.parse_args()
+    if args.fresh and not args.retrain:
+        ap.error("--fresh redoes the benign answers for a retrain: give it with --retrain")
     import torch
 
     torch.set_num_threads(int(os.environ.get("SAFEMERGE_THREADS", "2")))
     from safemerge_ext.cli import main as safemerge
     from safemerge_ext.evaluation.gguf import smollm2
 
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # (a relative path in a recipe reads as a Hub repo id to mergekit's model card)
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     timings = {}
