@@ -678,7 +678,10 @@ def merge(
             "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
             "task_adapter": str(Path(task_adapter).resolve()), "safety_adapter": str(Path(safety_adapter).resolve()),
             "out": str(Path(out).resolve()), **settings.selection.describe(), "alpha": settings.alpha,
-            "merge": settings.method, "density": settings.density, "seed": settings.seed, "output": settings.output,
+            "merge": settings.method, "output": settings.output,
+            # (null where the method has no use for them: linear keeps every entry, only DARE draws)
+            "density": None if settings.method == "linear" else settings.density,
+            "seed": settings.seed if settings.method.startswith("dare") else None,
             "device": device, "backend_requested": run.backend_requested, "precision_requested": run.precision_requested,
         })
         _save_report(report, tmp, plot)

@@ -275,6 +275,8 @@ def test_merge_sparse_methods(fx, tmp_path, method):
     assert run_cli(merge_args(fx, tmp_path / "a", *args)) == 0
     flagged = {r["module"] for r in report_of(tmp_path / "m")["layers"] if r["flagged"]}
     assert len(flagged) == 4
+    settings = report_of(tmp_path / "m")["settings"]
+    assert (settings["merge"], settings["density"], settings["seed"]) == (method, 0.5, 7 if method != "ties" else None)
     task, safety = load_adapter(fx.task), load_adapter(fx.safety)
     aligned, got = load_model(fx.aligned), load_model(tmp_path / "m")
     fn = {"ties": merge_utils.ties, "dare_linear": merge_utils.dare_linear, "dare_ties": merge_utils.dare_ties}[method]
@@ -388,6 +390,7 @@ def test_report_schema(fx, tmp_path):
     for key in ("settings", "backend", "timings", "counts", "cosine", "bytes_read", "layers", "warnings"):
         assert key in rep
     assert rep["settings"]["threshold"] == 0.3 and rep["settings"]["alpha"] == 0.8 and rep["settings"]["merge"] == "linear"
+    assert rep["settings"]["density"] is None and rep["settings"]["seed"] is None  # (linear uses neither)
     layer = rep["layers"][0]
     assert {"module", "cosine", "flagged", "reason", "action", "shape", "rank"} <= set(layer)
     assert rep["timings"]["total_s"] > 0
