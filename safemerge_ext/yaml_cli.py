@@ -433,6 +433,11 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     click.echo(f"merged model and report written to {out}")
 
 
+for _param in _command.params:  # (mergekit's help for it; this command's default differs)
+    if _param.name == "lora_merge_dtype":
+        _param.help = ("Override dtype when applying LoRAs (default here: float32, so that a bf16 model's "
+                       "adapter update is not rounded before it is scored)")
+
 _done: dict[str, Path] = {}  # "out": OUT_PATH, once the merge is in place there
 
 

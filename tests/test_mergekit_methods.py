@@ -1132,3 +1132,12 @@ def test_safemerge_yaml_without_a_working_matplotlib_writes_the_json_report(pico
             "safemerge_report.json"]
     assert any("could not be imported (ImportError: numpy.core.multiarray failed to import)" in r.getMessage()
                and "has no plot" in r.getMessage() for r in caplog.records)
+
+
+def test_safemerge_yaml_help_gives_its_own_lora_merge_dtype_default(capsys):
+    from safemerge_ext import yaml_cli
+
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and "--lora-merge-dtype TEXT Override dtype when applying LoRAs (default here: float32" in text
