@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# torch first, from the local wheel when present; users with a CUDA machine can override it.
+# torch first, so the package's range does not pull another build; users with a CUDA machine can
+# override it (make TORCH=torch).
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
@@ -26,7 +27,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m safemerge_ext.demo demo
 	@echo '$$ safemerge-yaml recipes/tiny.yml demo/merged-yaml --force --no-copy-tokenizer'
-	$(BIN)/safemerge-yaml recipes/tiny.yml demo/merged-yaml --force --no-copy-tokenizer
+	@$(BIN)/safemerge-yaml recipes/tiny.yml demo/merged-yaml --force --no-copy-tokenizer
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

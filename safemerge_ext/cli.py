@@ -52,7 +52,7 @@ def _add_out(p: argparse.ArgumentParser) -> None:
                         "updates added, same sharding, config and tokenizer files copied")
     p.add_argument("--force", action="store_true", help="replace --out if it exists (only once the run has succeeded)")
     p.add_argument("--no-plot", dest="plot", action="store_false",
-                   help="skip the report's PNG plot (matplotlib: 0.3-0.5 s of start-up and about 55 ms a render; "
+                   help="skip the report's PNG plot (matplotlib: 0.3-0.5 s of start-up and 55-190 ms a render; "
                         "the JSON report is always written)")
 
 
