@@ -748,6 +748,26 @@ def test_outputs_near_the_file_name_limit(tmp_path, stem):
             (tmp / "f").write_text(str(force))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{stem[:-5]}.json", stem])
     assert (tmp_path / stem / "f").read_text() == "True"
+    long_suffix = tmp_path / ("r." + "x" * 245)  # (a suffix longer than the room left for it)
+    write_whole(long_suffix, lambda tmp: tmp.write_text("{}"))
+    assert long_suffix.read_text() == "{}"
+
+
+def test_only_a_forced_replacement_checks_what_inputs_link_to(tmp_path):
+    """--force replaces --out: refused where an input links into it. A new --out replaces nothing
+    (a dangling link to where it will be is no reason to refuse), and a link loop is no target."""
+    from safemerge_ext.io.output import check_out
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    (inp / "loop").symlink_to(inp / "loop")
+    (inp / "README.md").symlink_to(out / "README.md")
+    assert check_out(out, force=True, inputs=[("--aligned", inp)]) == out
+    out.mkdir()
+    (out / "README.md").write_text("x")
+    with pytest.raises(SafeMergeError, match=rf"--out {out} holds {out / 'README.md'}, which --aligned "
+                                             rf"{inp / 'README.md'} links to and the output would replace"):
+        check_out(out, force=True, inputs=[("--aligned", inp)])
 
 
 def test_a_single_file_beside_an_index_of_other_shards_is_refused(fx, tmp_path):

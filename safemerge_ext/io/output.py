@@ -42,7 +42,8 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
         if where == src or where in src.parents:
             raise SafeMergeError(f"{flag} {out} is {name} {path} or holds it, which the output would replace; "
                                  "choose a new folder")
-        for link, target in _links(src):  # (a Hugging Face cache: snapshots/<rev>/* link into blobs/)
+        # (a Hugging Face cache: snapshots/<rev>/* link into blobs/, which --force would delete)
+        for link, target in (_links(src) if force and p.exists() else ()):
             if where == target or where in target.parents:
                 raise SafeMergeError(f"{flag} {out} holds {target}, which {name} {Path(path) / link} links to "
                                      "and the output would replace; choose a new folder")
@@ -61,7 +62,11 @@ def _links(folder: Path) -> Iterator[tuple[str, Path]]:
         return
     for e in entries:
         if e.is_symlink():
-            yield e.name, Path(e.path).resolve()
+            try:
+                target = Path(e.path).resolve()
+            except (OSError, RuntimeError):  # (a loop: it links to nothing --out could hold)
+                continue
+            yield e.name, target
 
 
 def check_not_input(path: str | os.PathLike, flag: str, inputs: Iterable[tuple[str, str | os.PathLike]]) -> None:
@@ -95,7 +100,8 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
                 if not parent.exists():
                     parent.mkdir()
                     made.append(parent)
-            temps.append(path.with_name(_hidden_name(path.name, f"tmp-{secrets.token_hex(4)}{path.suffix}")))
+            suffix = path.suffix if len(path.suffix) <= 16 else ""  # (a format's, for writers that read it)
+            temps.append(path.with_name(_hidden_name(path.name, f"tmp-{secrets.token_hex(4)}{suffix}")))
             fill(temps[-1])
         for (path, _), tmp in zip(files, temps):
             os.replace(tmp, path)
@@ -117,7 +123,7 @@ def _hidden_name(name: str, tag: str) -> str:
     """``.<name>.<tag>``, with ``name`` cut short where the whole would pass the file-name limit
     (a valid output name near the limit must still get a temporary beside it)."""
     room = NAME_MAX - len(os.fsencode(f"..{tag}"))
-    while len(os.fsencode(name)) > room:  # (whole characters off the end; at most a few hundred)
+    while name and len(os.fsencode(name)) > room:  # (whole characters off the end; at most a few hundred)
         name = name[:-1]
     return f".{name}.{tag}"
 
