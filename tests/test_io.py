@@ -784,6 +784,9 @@ def test_a_single_file_beside_an_index_of_other_shards_is_refused(fx, tmp_path):
                                              r"loads, and model.safetensors.index.json, which lists other shards "
                                              r"\(model-00001-of-000\d\d.safetensors, ...\): one of them is stale; remove it"):
         ModelReader(model, "--aligned")
+    (model / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": {}}))
+    with pytest.raises(SafeMergeError, match=r"and model.safetensors.index.json, which lists no tensor: one of them"):
+        ModelReader(model, "--aligned")
     index["weight_map"] = {k: "model.safetensors" for k in index["weight_map"]}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     assert ModelReader(model, "--aligned").shards().keys() == {"model.safetensors"}

@@ -210,11 +210,11 @@ class ModelReader:
                     raise SafeMergeError(
                         f"{self.flag} {p / INDEX} lists shard {shard}, which is missing; copy the complete model folder"
                     )
-            if (p / SINGLE).is_file() and set(weight_map.values()) != {SINGLE}:  # (a folder re-saved in place)
-                raise SafeMergeError(
-                    f"{self.flag} {p} holds both {SINGLE}, which transformers loads, and {INDEX}, which lists other "
-                    f"shards ({sorted(set(weight_map.values()))[0]}, ...): one of them is stale; remove it"
-                )
+            others = sorted(set(weight_map.values()) - {SINGLE})
+            if (p / SINGLE).is_file() and (others or not weight_map):  # (a folder re-saved in place)
+                lists = f"which lists other shards ({others[0]}, ...)" if others else "which lists no tensor"
+                raise SafeMergeError(f"{self.flag} {p} holds both {SINGLE}, which transformers loads, and {INDEX}, "
+                                     f"{lists}: one of them is stale; remove it")
             return dict(weight_map)
         if (p / self._single).is_file():
             return {k: self._single for k in self._header(self._single)}
