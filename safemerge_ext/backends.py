@@ -106,13 +106,14 @@ def available_backends() -> dict[str, str | None]:
     return out
 
 
-def requested_backend(name: str | None) -> str:
-    """What a request for ``name`` asks for, as a report records it: None is the environment's
-    choice when it makes one (``"torch (SAFEMERGE_BACKEND)"``), else ``auto``."""
-    if name is None:
+def requested_backend(name: str | None, honour_env: bool = True) -> str:
+    """What a request for ``name`` asks for, as a report records it: ``auto`` (or None) that
+    follows the environment's choice is that choice (``"torch (SAFEMERGE_BACKEND)"``)."""
+    requested = (name or AUTO).strip().lower()
+    if requested == AUTO and (honour_env or name is None):
         env = os.environ.get(ENV_VAR, "").strip().lower()
         return f"{env} ({ENV_VAR})" if env and env != AUTO else AUTO
-    return name
+    return requested
 
 
 def backend_detail(name: str) -> str | None:

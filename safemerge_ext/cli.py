@@ -177,7 +177,9 @@ def _run(args: argparse.Namespace) -> int:
     from safemerge_ext import pipeline
 
     progress = False if args.no_progress else None
-    common = {"backend": args.backend, "device": args.device, "precision": args.precision, "progress": progress}
+    # (SAFEMERGE_BACKEND sets the default: an explicit --backend, auto included, wins over it)
+    common = {"backend": args.backend or "auto", "honour_env": args.backend is None, "device": args.device,
+              "precision": args.precision, "progress": progress}
     if args.command == "score":
         report = pipeline.score(args.aligned, args.unaligned, args.adapter, threshold=args.threshold,
                                 report_path=args.report, plot_path=args.plot, **common)

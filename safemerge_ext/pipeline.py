@@ -113,20 +113,21 @@ def open_run(
     safety: LoraAdapter | None = None,
     *,
     device: str = "cpu",
-    backend: str | None = None,
+    backend: str = "auto",
     precision: str | None = None,
+    honour_env: bool = True,
 ) -> Run:
     """Open both models and match every task module to its weight; check shapes and dtypes.
 
-    ``backend`` None is ``SAFEMERGE_BACKEND``, else ``auto``; a name given (``auto`` too) is used as it
-    is. ``precision`` allows the Triton kernels a tensor-core operand precision (None:
+    ``backend="auto"`` follows ``SAFEMERGE_BACKEND`` unless ``honour_env`` is False (the command
+    line's explicit ``--backend auto``). ``precision`` allows the Triton kernels a tensor-core operand precision (None:
     ``SAFEMERGE_PRECISION``, else exact ``ieee``); a run whose backend cannot use it says so."""
     dev = resolve_device(device)
     if Path(aligned_dir).resolve() == Path(unaligned_dir).resolve():
         raise SafeMergeError(f"--aligned and --unaligned are the same folder ({aligned_dir}), so V = W_aligned - "
                              "W_unaligned is zero everywhere; give as --unaligned the base model --aligned was tuned from")
     try:
-        backend_name, _ = ops.backends.resolve(backend, dev.type, honour_env=backend is None)
+        backend_name, _ = ops.backends.resolve(backend, dev.type, honour_env=honour_env)
     except ValueError as exc:  # (a message that starts with SAFEMERGE_BACKEND: the environment chose)
         msg = str(exc)
         raise SafeMergeError(msg if msg.startswith(ops.backends.ENV_VAR) else f"--backend {backend}: {msg}") from None
@@ -184,7 +185,8 @@ def open_run(
                     f"{shape[0]}x{shape[1]}; the adapter belongs to another model"
                 )
         layers.append(Layer(module, weight, shape, lm, sm))
-    run = Run(aligned, unaligned, layers, dev, backend_name, used, requested, ops.backends.requested_backend(backend))
+    run = Run(aligned, unaligned, layers, dev, backend_name, used, requested,
+              ops.backends.requested_backend(backend, honour_env))
     if used != requested:
         run.warnings.append(
             f"precision {requested} applies to the triton backend on a GPU only; the {backend_name} backend "
@@ -521,8 +523,9 @@ def _save_report(report: dict[str, Any], folder: Path, with_plot: bool) -> None:
 
 def score(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, *,
-    threshold: float = 0.35, backend: str | None = None, device: str = "cpu", precision: str | None = None,
+    threshold: float = 0.35, backend: str = "auto", device: str = "cpu", precision: str | None = None,
     report_path: str | Path | None = None, plot_path: str | Path | None = None, progress: bool | None = None,
+    honour_env: bool = True,
 ) -> dict[str, Any]:
     """Score one adapter's layers; flag by SafeMERGE's rule at ``threshold`` for the report only."""
     selection = Selection(threshold=threshold)
@@ -546,7 +549,8 @@ def score(
     if plot_path:
         check_plot_path(plot_path)
     task = read_adapter(adapter, "--adapter")
-    run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision)
+    run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision,
+                   honour_env=honour_env)
     if plot_path:
         preload_plotting()
     scores = score_layers(run, progress=progress)
@@ -593,8 +597,8 @@ def _note_vllm(run: Run, off_default: list[str]) -> None:
 
 def merge(
     aligned: str | Path, unaligned: str | Path, task_adapter: str | Path, safety_adapter: str | Path, out: str | Path,
-    settings: MergeSettings, *, backend: str | None = None, device: str = "cpu", precision: str | None = None,
-    force: bool = False, progress: bool | None = None, plot: bool = True,
+    settings: MergeSettings, *, backend: str = "auto", device: str = "cpu", precision: str | None = None,
+    force: bool = False, progress: bool | None = None, plot: bool = True, honour_env: bool = True,
 ) -> dict[str, Any]:
     """SafeMERGE: score the task adapter, merge flagged layers with the safety adapter, write ``out``
     (with ``safemerge_report.json`` and, unless ``plot=False``, ``safemerge_report.png``). A threshold
@@ -604,7 +608,8 @@ def merge(
                                   ("--task-adapter", task_adapter), ("--safety-adapter", safety_adapter)))
     task = read_adapter(task_adapter, "--task-adapter")
     safety = read_adapter(safety_adapter, "--safety-adapter")
-    run = open_run(aligned, unaligned, task, safety, device=device, backend=backend, precision=precision)
+    run = open_run(aligned, unaligned, task, safety, device=device, backend=backend, precision=precision,
+                   honour_env=honour_env)
     if settings.output == "model":
         check_model_output(run.aligned)
     if plot:
@@ -690,8 +695,8 @@ def merge(
 
 def project(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, out: str | Path, selection: Selection, *,
-    output: str = "adapter", backend: str | None = None, device: str = "cpu", precision: str | None = None,
-    force: bool = False, progress: bool | None = None, plot: bool = True,
+    output: str = "adapter", backend: str = "auto", device: str = "cpu", precision: str | None = None,
+    force: bool = False, progress: bool | None = None, plot: bool = True, honour_env: bool = True,
 ) -> dict[str, Any]:
     """Safe LoRA: flagged layers (cosine <= threshold, or the k lowest) get ``lora_B <- C lora_B``
     (``<=`` as Safe LoRA defines it, whatever ``selection.inclusive`` says)."""
@@ -700,7 +705,8 @@ def project(
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter)))
     task = read_adapter(adapter, "--adapter")
-    run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision)
+    run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision,
+                   honour_env=honour_env)
     if output == "model":
         check_model_output(run.aligned)
     if plot:

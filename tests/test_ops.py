@@ -133,6 +133,19 @@ def test_a_backend_chosen_by_the_environment_is_not_blamed_on_the_backend_flag(f
     assert err.startswith("safemerge: error: --backend cuda: backend 'cuda' runs on") and "SAFEMERGE_BACKEND" not in err, err
 
 
+def test_the_pipeline_api_follows_the_environment_as_ops_do(fx, monkeypatch):
+    """Through the API, backend="auto" follows SAFEMERGE_BACKEND as ops and backends.resolve do;
+    only the command line's explicit --backend auto (honour_env=False) does not."""
+    from safemerge_ext import pipeline
+
+    monkeypatch.setenv("SAFEMERGE_BACKEND", "torch")
+    rep = pipeline.score(fx.aligned, fx.unaligned, fx.task, progress=False)
+    assert rep["backend"] == "torch" and rep["settings"]["backend_requested"] == "torch (SAFEMERGE_BACKEND)"
+    rep = pipeline.score(fx.aligned, fx.unaligned, fx.task, progress=False, honour_env=False)
+    assert rep["backend"] == backends.resolve("auto", "cpu", honour_env=False)[0]
+    assert rep["settings"]["backend_requested"] == "auto"
+
+
 def test_non_contiguous_inputs():
     wa, wu, A, B = inputs(30, 50, 4)
     wat, wut = wa.t(), wu.t()  # 50 x 30 views
