@@ -33,20 +33,24 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextmanager
-def interrupts_held() -> Iterator[None]:
-    """While inside, SIGINT and SIGTERM are noted, not raised: clean-up after a first Ctrl-C (a
-    staging folder of partial shards deleted) is not cut short by a second one. The run is ending
-    on the first already; the held ones are dropped. Main thread only (elsewhere: no change)."""
+def interrupts_held(resend: bool = True) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM are noted, not raised: clean-up (a staging folder of
+    partial shards deleted) is not cut short by Ctrl-C. Those that came are sent again at the end
+    (``resend``), or dropped where the caller is ending on an interrupt already. Main thread only
+    (elsewhere: no change)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {}
+    previous, held = {}, []
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             old = signal.getsignal(sig)
             if old is not None and old is not signal.SIG_IGN:  # (None: set outside Python, left alone)
-                previous[sig] = signal.signal(sig, lambda signum, frame: None)
+                previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        if resend:
+            for sig in dict.fromkeys(held):
+                signal.raise_signal(sig)

@@ -894,3 +894,9 @@ def test_a_second_interrupt_does_not_cut_the_clean_up_short(tmp_path, monkeypatc
             pytest.fail("the first interrupt was not raised")
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a run failing otherwise (a full disk): the clean-up finishes, then the Ctrl-C is raised
+    with pytest.raises(KeyboardInterrupt):
+        with output.staged_dir(tmp_path / "out", force=False) as tmp:
+            (tmp / "shard.safetensors").write_bytes(b"x" * 4096)
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []

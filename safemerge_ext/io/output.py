@@ -150,8 +150,10 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
     made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # parents this run adds
     tmp: Path | None = None
 
-    def undo() -> None:
-        with interrupts_held():  # (a second Ctrl-C would leave a hidden folder of partial shards)
+    def undo(failure: BaseException) -> None:
+        # (a Ctrl-C here would leave a hidden folder of partial shards: held, and sent on after
+        # unless the run is ending on one already)
+        with interrupts_held(resend=not isinstance(failure, KeyboardInterrupt)):
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             for p in made:  # deepest first; only if still empty
@@ -170,8 +172,8 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
                 continue
             tmp = candidate
         yield tmp
-    except BaseException:
-        undo()
+    except BaseException as exc:
+        undo(exc)
         raise
     old = None
     try:  # (an interruption between the two renames puts the old output back: see the except)
@@ -191,10 +193,10 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
                 old = None
             raise SafeMergeError(f"{flag} {final}: could not move the finished output into place ({exc}); "
                                  "nothing was replaced") from None
-    except BaseException:
+    except BaseException as exc:
         if old is not None and not (final.exists() or final.is_symlink()):
             old.rename(final)
-        undo()
+        undo(exc)
         raise
     if old is not None:
         try:
