@@ -23,8 +23,8 @@ import torch
 from safemerge_ext import merge as merging
 from safemerge_ext import ops
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, global_scaling, read_adapter,
-                                       write_adapter)
+from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
+                                       global_scaling, read_adapter, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
 from safemerge_ext.io.models import ModelReader, config_value, natural_key
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
@@ -612,13 +612,17 @@ def merge(
                    honour_env=honour_env)
     if settings.output == "model":
         check_model_output(run.aligned)
+    else:
+        check_default_rank(task)
     if plot:
         preload_plotting()
     scores = score_layers(run, progress=progress)
     flags = _select(run, scores, settings.selection)
     records = _records(run, scores, flags, "merged")
     t0 = time.perf_counter()
-    use_rslora, scaling = task.use_rslora, global_scaling(task.config) or 1.0  # (lora_alpha: 0 scales nothing)
+    use_rslora = task.use_rslora
+    # (the adapter's default scaling, which flagged modules are written at; lora_alpha 0 scales nothing)
+    scaling = (global_scaling(task.config) or 1.0) if settings.output == "adapter" else 1.0
 
     def merged_update(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(full dW or None, B, A) of a flagged layer's merged update (fp32)."""
@@ -709,6 +713,8 @@ def project(
                    honour_env=honour_env)
     if output == "model":
         check_model_output(run.aligned)
+    else:
+        check_default_rank(task)
     if plot:
         preload_plotting()
     scores = score_layers(run, progress=progress, with_projection=True)

@@ -847,19 +847,25 @@ def test_flags_the_method_would_ignore_are_refused(fx, tmp_path, capsys, monkeyp
 
 
 @pytest.mark.parametrize("r", [0, -4])
-def test_an_adapter_whose_default_rank_is_not_positive_is_refused(fx, tmp_path, capsys, r):
-    """r: 0 with every module's rank in rank_pattern loads in PEFT, but the default scaling
-    lora_alpha / r (which servers apply to every module) has no value."""
+def test_an_adapter_whose_default_rank_is_not_positive(fx, tmp_path, capsys, r):
+    """r: 0 with every module's rank in rank_pattern loads in PEFT and scores; an adapter written
+    from it would take its default scaling lora_alpha / r, which has no value: refused before
+    scoring. A model output needs no default scaling."""
     t = copy(fx.task, tmp_path / "t")
     ranks = {m: 4 for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     edit_adapter(t, config=lambda c: c.update(r=r, rank_pattern={**ranks, **(c.get("rank_pattern") or {})}))
+    assert main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(t),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
     argv = _merge_argv(fx, tmp_path / "out")
     argv[argv.index("--task-adapter") + 1] = str(t)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"safemerge: error: --task-adapter {t / 'adapter_config.json'}: r is {r}, but a LoRA rank is at least 1; set r to the rank "
-                   "its modules have (the largest, where rank_pattern gives others)"), err
+    assert err == (f"safemerge: error: --task-adapter {t / 'adapter_config.json'}: r is {r}, but a LoRA rank is at "
+                   "least 1 (the written adapter's default scaling is lora_alpha / r); set r to the rank its modules "
+                   "have (the largest, where rank_pattern gives others)"), err
     assert not (tmp_path / "out").exists()
+    assert main([*argv, "--output", "model"]) == 0
 
 
 @pytest.mark.parametrize("command", ["merge", "project"])

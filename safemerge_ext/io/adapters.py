@@ -226,9 +226,6 @@ def _ranks_and_alphas(config: dict[str, Any], where: str) -> tuple[int, float, d
     r_default, alpha_default = number(config.get("r", 8), "r"), float(number(config.get("lora_alpha", 8), "lora_alpha"))
     if r_default != int(r_default):
         raise SafeMergeError(f"{where}: r is {r_default!r}, not a whole number; re-save the adapter with save_pretrained")
-    if r_default < 1:  # (PEFT divides by it for every module rank_pattern leaves out, and so do servers)
-        raise SafeMergeError(f"{where}: r is {r_default!r}, but a LoRA rank is at least 1; set r to the rank its "
-                             "modules have (the largest, where rank_pattern gives others)")
     patterns = []
     for key in ("rank_pattern", "alpha_pattern"):
         pat = config.get(key) or {}
@@ -316,6 +313,17 @@ def unit_alpha(rank: int, use_rslora: bool) -> float:
 def alpha_for(scaling: float, rank: int, use_rslora: bool) -> float:
     """The lora_alpha that gives a module of this rank this scaling (``unit_alpha`` for 1)."""
     return scaling * unit_alpha(rank, use_rslora)
+
+
+def check_default_rank(adapter: LoraAdapter) -> None:
+    """An adapter written from this one takes its default scaling, ``lora_alpha / r``: ``r`` must
+    be a rank (PEFT loads ``r: 0`` where ``rank_pattern`` names every module, and scores need no
+    more)."""
+    r = adapter.config.get("r", 8)
+    if r < 1:
+        raise SafeMergeError(f"{adapter.flag} {adapter.path / CONFIG}: r is {r!r}, but a LoRA rank is at least 1 "
+                             "(the written adapter's default scaling is lora_alpha / r); set r to the rank its modules "
+                             "have (the largest, where rank_pattern gives others)")
 
 
 def global_scaling(config: dict[str, Any]) -> float:
