@@ -687,6 +687,10 @@ def _settings(method: str, layers: list[LayerRecord]) -> dict[str, Any]:
     for k in keys:
         values = {json.dumps(r.extra.get(k)) for r in layers}
         settings[k] = layers[0].extra.get(k) if len(values) == 1 else "varies by layer (see layers)"
+    if method == "safemerge" and settings["merge"] in ("linear", "ties"):  # (null where the merge has no use for them)
+        settings["seed"] = None
+        if settings["merge"] == "linear":
+            settings["density"] = None
     if method != "resta":
         fixed = not isinstance(settings["threshold"], str)
         settings.update({"selection": "threshold" if fixed else "threshold (per layer)",
@@ -695,6 +699,15 @@ def _settings(method: str, layers: list[LayerRecord]) -> dict[str, Any]:
         "every floating-point tensor, scored or not, is shifted by beta (W_aligned - W_unaligned)" if method == "resta"
         else "other tensors are the task model's")
     return settings
+
+
+def _unused_density(method: str, layers: list[LayerRecord]) -> list[str]:
+    """A warning when a safemerge recipe sets a density its linear merge cannot use."""
+    if method != "safemerge":
+        return []
+    unused = [r.module for r in layers if r.extra.get("merge") == "linear" and r.extra.get("density", 1.0) != 1.0]
+    return [f"density applies to merge: ties, dare_linear and dare_ties; with merge: linear it changed nothing "
+            f"({len(unused)} layer(s), e.g. {unused[0]})"] if unused else []
 
 
 def _precision_warnings(method: str, layers: list[LayerRecord]) -> list[str]:
@@ -778,7 +791,7 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
         backend_detail="; ".join(details) or None,
         timings=_timings(lines),
         bytes_read=sum(ln["bytes"] for ln in lines),
-        warnings=_precision_warnings(method, layers) + _unused_precision(lines),
+        warnings=_precision_warnings(method, layers) + _unused_precision(lines) + _unused_density(method, layers),
     )
     band_layers = [r for r in layers if r.extra.get("rounding_band") is not None]
     if band_layers and method != "resta":

@@ -176,6 +176,19 @@ def test_safemerge_ties_matches_float64_reference(pico, tmp_path):
     want, flags = reference(pico, "safemerge", alpha=0.7, merge_name="ties", density=0.5)
     check_all(got, want)
     check_report(report, flags, "safemerge")
+    assert (report["settings"]["density"], report["settings"]["seed"]) == (0.5, None)  # (ties draws nothing)
+
+
+def test_a_linear_recipe_records_no_density_and_warns_of_one_set(pico, tmp_path):
+    """merge: linear keeps every entry and draws nothing: the report's density and seed are null,
+    and a density the recipe set is said to have changed nothing."""
+    _, report = merge(recipe(pico, params={"threshold": TAU, "density": 0.5, "seed": 3}), tmp_path / "o")
+    assert (report["settings"]["merge"], report["settings"]["density"], report["settings"]["seed"]) == ("linear", None, None)
+    assert [w for w in report["warnings"] if w.startswith("density")] == [
+        f"density applies to merge: ties, dare_linear and dare_ties; with merge: linear it changed nothing "
+        f"({len(report['layers'])} layer(s), e.g. {report['layers'][0]['module']})"]
+    _, report = merge(recipe(pico, params={"threshold": TAU}), tmp_path / "o2")
+    assert not [w for w in report["warnings"] if w.startswith("density")]
 
 
 def test_safelora_matches_float64_reference(pico, tmp_path):
