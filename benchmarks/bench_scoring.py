@@ -397,6 +397,14 @@ def _rejected(name: str, shape: str, r, err: float, meta: dict) -> dict:
     return {"provider": name, "shape": shape, "r": r, "error": msg, **meta}
 
 
+def _raised(name: str, shape: str, r, exc: Exception, meta: dict) -> dict:
+    """A provider that raised (a Triton compile or resource error for one precision or rank):
+    reported, left out of the timing, and the run goes on with the others."""
+    msg = f"raised {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+    print(f"FAILED {name} at {shape} r={r}: {msg} (not timed)", flush=True)
+    return {"provider": name, "shape": shape, "r": r, "error": msg, **meta}
+
+
 def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, time_ms,
                  mm: tuple[torch.Tensor, torch.Tensor], flush: Callable[[], object] | None = None,
                  save: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
@@ -427,7 +435,11 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
         ref = naive_full(wa, wu, dW)
         agreed = {}
         for name, fn in calls.items():
-            err = rel_err(fn(wa, wu, dW), ref)  # every output, ||dW||^2 and ||V||^2 included
+            try:
+                err = rel_err(fn(wa, wu, dW), ref)  # every output, ||dW||^2 and ||V||^2 included
+            except Exception as exc:
+                rows.append(_raised(name, f"{d_out}x{d_in}", "full", exc, meta))
+                continue
             if not err <= agreement(name):
                 rows.append(_rejected(name, f"{d_out}x{d_in}", "full", err, meta))
             else:
@@ -526,7 +538,12 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
                 for prec in TENSOR_CORE_PRECISIONS:
                     impls[f"triton-{prec}"] = lambda a, u, b, f=impls["triton"], prec=prec: f(a, u, b, precision=prec)
             for name, impl in list(impls.items()):
-                err = rel_err(impl(wa, wu, B), ref)  # T, P and ||V||^2
+                try:
+                    err = rel_err(impl(wa, wu, B), ref)  # T, P and ||V||^2
+                except Exception as exc:
+                    rows.append(_raised(name, f"{d_out}x{d_in}", r, exc, meta))
+                    del impls[name]
+                    continue
                 if not err <= agreement(name):
                     rows.append(_rejected(name, f"{d_out}x{d_in}", r, err, meta))
                     del impls[name]

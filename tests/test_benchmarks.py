@@ -143,6 +143,43 @@ def test_bench_scoring_rejects_a_disagreeing_provider_and_saves_as_it_goes(tmp_p
     assert "REJECTED torch at 64x64 r=full" in capsys.readouterr().out
 
 
+def test_bench_scoring_goes_on_past_a_provider_that_raises(tmp_path, monkeypatch, capsys):
+    """A provider that raises on one shape (a Triton compile or resource error) is reported there;
+    the other shapes and providers are still timed."""
+    import argparse
+
+    import bench_scoring
+    from safemerge_ext import backends
+
+    torch_impl = backends.resolve("torch", "cpu")[1]
+
+    def boom(wa):
+        if wa.shape[0] == 64:
+            raise RuntimeError("out of resources: shared memory\nsecond line")
+
+    class Boom:
+        @staticmethod
+        def lowrank_passes(wa, wu, B):
+            boom(wa)
+            return torch_impl.lowrank_passes(wa, wu, B)
+
+        @staticmethod
+        def fullrank_sums(wa, wu, dW):
+            boom(wa)
+            return torch_impl.fullrank_sums(wa, wu, dW)
+
+    real = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda name, dev: ("torch", Boom) if name == "torch" else real(name, dev))
+    for fullrank, r in ((False, 3), (True, "full")):
+        ns = argparse.Namespace(device="cpu", dtype="bf16", backends="torch", shapes="64x64,67x131", ranks="3", reps=1,
+                                offset=0, huge_pages=False, materialized="never", fullrank=fullrank)
+        rows = bench_scoring.run(ns)
+        assert [(x["provider"], x["shape"], x["error"]) for x in rows if "error" in x] == [
+            ("torch", "64x64", "raised RuntimeError: out of resources: shared memory")]
+        assert {(x["provider"], x["shape"]) for x in rows if "error" not in x} >= {("torch", "67x131")}
+        assert f"FAILED torch at 64x64 r={r}: raised RuntimeError" in capsys.readouterr().out
+
+
 def test_bench_scoring_agreement_needs_every_output_and_checks_the_baseline(monkeypatch):
     """A provider that skips an output (and so does less work) never agrees; the materialized-C
     baseline is checked against naive torch before it is timed."""
