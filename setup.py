@@ -123,6 +123,8 @@ class BuildNative(build_ext):
                 built.append(ext.name)
             except Exception as exc:  # degrade: the torch backend still works
                 skipped.append(ext.name)
+                if self.inplace:  # (an older build left in place would load as if this one had worked)
+                    Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
                 _say(f"WARNING: could not build {ext.name} ({type(exc).__name__}: {exc}); "
                      "that backend will be unavailable, the torch backend still works")
         # drop what failed so that the in-place / editable copy steps do not look for it
@@ -139,18 +141,28 @@ class BuildNative(build_ext):
         build_dir.mkdir(parents=True, exist_ok=True)
         include = [f"-I{p}" for p in ext.include_dirs] + [f"-I{sysconfig.get_paths()['include']}"]
         objects = []
+        headers = sorted(f"{CSRC}/{p.name}" for p in (HERE / CSRC).glob("*.h"))
         for src in cu:
             obj = build_dir / (Path(src).stem + ".o")
             cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
                    "-Xcompiler", "-fvisibility=hidden", *_nvcc_arch_flags(), *include]
-            _say(" ".join(cmd))
-            subprocess.run(cmd, check=True)
+            # (nvcc takes a minute a build: skipped where the object is newer than its sources and
+            # was made by this same command, e.g. a second call on a warm GPU machine)
+            stamp = obj.with_suffix(".cmd")
+            if (not self.force and obj.is_file() and stamp.is_file() and stamp.read_text() == " ".join(cmd)
+                    and obj.stat().st_mtime >= max(os.path.getmtime(d) for d in (src, *headers))):
+                _say(f"{obj} is up to date")
+            else:
+                _say(" ".join(cmd))
+                stamp.unlink(missing_ok=True)
+                subprocess.run(cmd, check=True)
+                stamp.write_text(" ".join(cmd))
             objects.append(str(obj))
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
         ext.extra_objects = list(ext.extra_objects or []) + objects
         # setuptools relinks only when a source or a dependency is newer than the library: the .cu
         # files and the headers are neither once taken out of the sources
-        ext.depends = list(ext.depends or []) + cu + sorted(f"{CSRC}/{p.name}" for p in (HERE / CSRC).glob("*.h"))
+        ext.depends = list(ext.depends or []) + cu + headers
         super().build_extension(ext)
 
 

@@ -4,6 +4,7 @@ an optional dependency is missing."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -81,22 +82,63 @@ def test_cuda_extension_relinks_when_its_kernels_or_headers_change(monkeypatch, 
     monkeypatch.chdir(ROOT)
     mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
     monkeypatch.setenv("NVCC", "nvcc-that-is-not-run")
-    seen = {}
-    monkeypatch.setattr(mod["subprocess"], "run", lambda cmd, **kw: seen.setdefault("nvcc", cmd))
-    monkeypatch.setattr(build_ext, "build_extension", lambda self, ext: seen.setdefault("ext", ext))
+    seen = {"nvcc": []}
 
-    class Ext:
-        name, include_dirs, extra_objects, depends = "safemerge_ext._cuda", [], [], []
-        sources = ["csrc/cuda_bindings.cpp", "csrc/cuda_ops.cu"]
+    def nvcc(cmd, **kw):
+        seen["nvcc"].append(cmd)
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"object")
 
-    cmd = mod["BuildNative"].__new__(mod["BuildNative"])
-    cmd.build_temp = str(tmp_path)
-    cmd.build_extension(Ext())
+    monkeypatch.setattr(mod["subprocess"], "run", nvcc)
+    monkeypatch.setattr(build_ext, "build_extension", lambda self, ext: seen.__setitem__("ext", ext))
+
+    def build():
+        class Ext:
+            name, include_dirs, extra_objects, depends = "safemerge_ext._cuda", [], [], []
+            sources = ["csrc/cuda_bindings.cpp", "csrc/cuda_ops.cu"]
+
+        cmd = mod["BuildNative"].__new__(mod["BuildNative"])
+        cmd.build_temp, cmd.force = str(tmp_path), False
+        cmd.build_extension(Ext())
+        return len(seen["nvcc"])
+
+    assert build() == 1
     ext = seen["ext"]
-    assert seen["nvcc"][:3] == ["nvcc-that-is-not-run", "-c", "csrc/cuda_ops.cu"]
+    assert seen["nvcc"][0][:3] == ["nvcc-that-is-not-run", "-c", "csrc/cuda_ops.cu"]
     assert ext.sources == ["csrc/cuda_bindings.cpp"] and ext.extra_objects == [str(tmp_path / "cuda" / "cuda_ops.o")]
     headers = sorted(f"csrc/{p.name}" for p in (ROOT / "csrc").glob("*.h"))
     assert headers and set(ext.depends) == {"csrc/cuda_ops.cu", *headers}
+    # nvcc runs again only for a newer source or header, or another command (a warm GPU machine
+    # called twice spent a minute on it each time)
+    assert build() == 1 and seen["ext"].extra_objects == [str(tmp_path / "cuda" / "cuda_ops.o")]
+    obj = tmp_path / "cuda" / "cuda_ops.o"
+    os.utime(obj, (1, 1))  # (older than the sources)
+    assert build() == 2
+    monkeypatch.setenv("SAFEMERGE_CUDA_ARCH", "80")
+    assert build() == 3 and build() == 3
+
+
+def test_an_extension_that_fails_to_build_leaves_no_older_build_in_place(monkeypatch, tmp_path):
+    """A failed build of an extension degrades to the other backends; an older build of it left in
+    place (an in-place build on a warm machine) would load as if this one had worked."""
+    import runpy
+    import types
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("SAFEMERGE_SKIP_NATIVE", "1")
+    monkeypatch.chdir(ROOT)
+    mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+    stale = tmp_path / "_cuda.cpython-311-x86_64-linux-gnu.so"
+    stale.write_bytes(b"an older build")
+    cmd = mod["BuildNative"].__new__(mod["BuildNative"])
+    cmd.compiler = types.SimpleNamespace(compiler_type="unix")
+    cmd.extensions = [types.SimpleNamespace(name="safemerge_ext._cuda")]
+    cmd.inplace = True
+    cmd.get_ext_fullpath = lambda name: str(stale)
+    cmd.build_extension = lambda ext: (_ for _ in ()).throw(RuntimeError("nvcc failed"))
+    cmd.build_extensions()
+    assert not stale.exists() and cmd.extensions == []
 
 
 def test_the_checkouts_kernels_folder_does_not_shadow_hugging_faces_kernels():
