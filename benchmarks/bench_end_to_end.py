@@ -240,9 +240,9 @@ def run_reference(data: Path, adapters: str, out: Path, **_) -> dict:
     with torch.no_grad():
         for name, mod in model.named_modules():
             key = name.removeprefix("base_model.model.")
-            if key in C and hasattr(mod, "lora_A") and key not in flagged:
+            if key in C and hasattr(mod, "lora_A") and key not in flagged:  # dW_f exactly, at "merged"'s scaling
                 mod.lora_A["merged"].weight.copy_(mod.lora_A["task"].weight)
-                mod.lora_B["merged"].weight.copy_(mod.lora_B["task"].weight)
+                mod.lora_B["merged"].weight.copy_(mod.lora_B["task"].weight * (mod.scaling["task"] / mod.scaling["merged"]))
     model.save_pretrained(out, selected_adapters=["merged"])
     nbytes = sum(p.stat().st_size for m in ("aligned", "unaligned") for p in (data / m).glob("*.safetensors"))
     return {"time_s": time.perf_counter() - t1, "import_s": t_import, "base_rss_mb": base,
@@ -412,12 +412,14 @@ def spawn(name: str, opts: dict, timeout: float, cold: bool = False) -> dict:
         raise SystemExit("--cold needs permission to write /proc/sys/vm/drop_caches (run as root)")
     if not cold:
         rewarm(Path(opts["data"]), opts["adapters"])
+    subprocess.run([sys.executable, "-c", "pass"])  # warm the interpreter files (not timed)
     t0 = time.perf_counter()
-    base_cmd = [sys.executable, "-c", "pass"]
-    subprocess.run(base_cmd)  # warm the interpreter files
-    proc = subprocess.run([sys.executable, __file__, "--child", name, "--opts", json.dumps(opts)],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--child", name, "--opts", json.dumps(opts)],
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:  # (one contender past --timeout: an error row, the others still run)
+        return {"name": name, "error": f"stopped after --timeout {timeout:g} s", "process_s": time.perf_counter() - t0}
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -505,6 +507,7 @@ def main() -> None:
     rows = []
     files = input_files(data, args.adapters)
     huge = [None, None]  # the share of the inputs cached in 2 MiB folios, before the first contender and after the last
+    interrupted = False
     try:
         if not args.cold:  # one warm-up read so every contender sees the same (warm) page cache
             if args.recache:
@@ -531,6 +534,9 @@ def main() -> None:
             rows.append(best)
         if not args.cold:
             huge[1] = huge_folio_share(files)
+    except KeyboardInterrupt:  # (a time limit's SIGINT, e.g. gpu_session.sh: the finished rows are still written)
+        interrupted = True
+        print(f"interrupted: writing the {len(rows)} finished contender(s)", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -552,7 +558,8 @@ def main() -> None:
     meta = {"shape": args.shape, "adapters": args.adapters, "cache": "cold" if args.cold else "warm", "device": args.device,
             "gpu": _gpu_name() if args.device == "cuda" else None, "host": socket.gethostname(), "machine": machine(),
             "date": dt.date.today().isoformat(), "git_sha": git_sha(), "python": platform.python_version(),
-            "interpreter": base, "repeat": args.repeat, "recache": args.recache, "huge_folio_share": huge}
+            "interpreter": base, "repeat": args.repeat, "recache": args.recache, "huge_folio_share": huge,
+            "interrupted": interrupted}
     print(table(rows, meta))
     tag = f"{args.shape}-{args.adapters}-{meta['cache']}" + ("-cuda" if args.device == "cuda" else "")
     out = Path(args.json) if args.json else HERE / "results" / f"e2e-{tag}-{meta['date']}.json"

@@ -376,3 +376,40 @@ def test_bench_end_to_end_recache_is_for_warm_runs():
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert proc.returncode == 2 and "--recache is for warm runs" in proc.stderr
+
+
+def test_bench_end_to_end_reference_keeps_unflagged_layers_at_the_task_update(tmp_path):
+    """The reference pipeline as the official code does it: flagged layers get PEFT's linear
+    combination, every other layer keeps dW_f = s_f B_f A_f exactly (the merged adapter's scaling is
+    not the task adapter's, so B is rescaled when copied)."""
+    import bench_end_to_end
+    from make_synthetic import make
+    from safetensors.torch import load_file
+
+    data = make("tiny", tmp_path)
+    res = bench_end_to_end.run_reference(data, "qv", tmp_path / "ref")
+    cfg = json.loads((tmp_path / "ref" / "merged" / "adapter_config.json").read_text())
+    merged = load_file(tmp_path / "ref" / "merged" / "adapter_model.safetensors")
+    task = load_file(data / "task-qv" / "adapter_model.safetensors")
+    tcfg = json.loads((data / "task-qv" / "adapter_config.json").read_text())
+    s_task, s_merged = tcfg["lora_alpha"] / tcfg["r"], cfg["lora_alpha"] / cfg["r"]
+    assert s_task != s_merged  # (else the check below could not fail)
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in task})
+    same = [m for m in modules
+            if torch.allclose(s_merged * merged[f"{m}.lora_B.weight"].double() @ merged[f"{m}.lora_A.weight"].double(),
+                              s_task * task[f"{m}.lora_B.weight"].double() @ task[f"{m}.lora_A.weight"].double(),
+                              rtol=1e-5, atol=1e-9)]
+    assert len(same) == len(modules) - res["flagged"] and res["flagged"] < len(modules), (len(same), res)
+
+
+def test_bench_end_to_end_a_contender_past_its_timeout_is_an_error_row(tmp_path):
+    """One contender past --timeout no longer ends the benchmark without a table or JSON."""
+    out = tmp_path / "e.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_end_to_end.py"), "--shape", "tiny", "--data", str(tmp_path),
+         "--skip", "mergekit", "reference", "safemerge-model", "copy-floor", "--timeout", "0.05", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["error"] == "stopped after --timeout 0.05 s" for r in rows), rows
