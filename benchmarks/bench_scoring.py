@@ -152,13 +152,12 @@ def round_robin(device: torch.device, fns: dict[str, Callable[[], object]], reps
     """Milliseconds of ``reps`` calls of each of ``fns``, one timed call of each in turn per round,
     so that a shared machine's slow spells fall on all of them alike.
 
-    Without ``flush`` (the CPU), each timed call comes right after an untimed call of the same
-    function, so it finds the caches as its own last call left them, as a pipeline's
-    layer-after-layer calls do (measured: a 4096x4096 r=8 C++ call right after a 2048^3 matmul,
-    whose dirty lines it must evict, took 6.4 ms against 5.6 ms). With ``flush`` (a GPU, see
-    :func:`cache_flusher`), ``flush()`` runs before each timed call instead: a GPU's L2 (50-60 MB on
-    an H100/H200) would otherwise hold a whole 1024x4096 pair from the previous call, while the
-    pipeline's next layer is always another pair, read from memory."""
+    With ``flush`` (see :func:`cache_flusher`), ``flush()`` runs before each timed call: the last
+    cache level (an H200's 60 MB L2, a Xeon's 105 MiB L3) would otherwise hold a whole 1024x4096
+    pair from the previous call, while the pipeline's next layer is always another pair, read from
+    memory. On a CPU the flush reads (clean lines, which the timed call evicts for free: after a
+    2048^3 matmul, whose dirty lines it must write back, a 4096x4096 r=8 C++ call took 6.4 ms
+    against 5.6 ms). Without it, each timed call comes right after an untimed call of its own."""
     once = once_timer(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
@@ -179,14 +178,37 @@ def agreement(provider: str) -> float:
     return 3e-2 if provider.endswith("bf16") else 1e-2 if provider.endswith("tf32") else 1e-3
 
 
-def cache_flusher(device: torch.device) -> Callable[[], object] | None:
-    """On a GPU, a function that evicts the L2 cache by writing a buffer four times its size
-    (at least 256 MiB); None on a CPU (see :func:`round_robin`)."""
-    if device.type != "cuda":
-        return None
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
-    buf = torch.empty(max(256 << 20, 4 * l2), dtype=torch.uint8, device=device)
-    return buf.zero_
+def cache_flusher(device: torch.device) -> Callable[[], object]:
+    """A function that evicts the last cache level before a timed call (see :func:`round_robin`):
+    on a GPU by writing a buffer four times the L2 (at least 256 MiB), on a CPU by reading one
+    twice the last-level cache (at least 64 MiB)."""
+    if device.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+        buf = torch.empty(max(256 << 20, 4 * l2), dtype=torch.uint8, device=device)
+        return buf.zero_
+    buf = torch.ones(max(64 << 20, 2 * last_level_cache_bytes()) // 8, dtype=torch.int64)
+    return buf.max
+
+
+def gpu_columns(device: torch.device) -> bool:
+    """Whether the rows get the GPU's columns (copy bandwidth and its share, the datasheet's peaks)."""
+    return device.type == "cuda"
+
+
+def last_level_cache_bytes() -> int:
+    """The size of this CPU's largest cache level, as Linux lists it for cpu0 (0 where it does not)."""
+    best = (0, 0)
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, size = int((d / "level").read_text()), (d / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        try:
+            best = max(best, (level, int(size.rstrip("KMG")) * unit))
+        except ValueError:
+            continue
+    return best[1]
 
 
 # Datasheet peaks (dense, no sparsity) of the GPUs issue 4's targets name: HBM GB/s, bf16 TFLOP/s.
@@ -497,7 +519,7 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
         "reps": args.reps, "argv": " ".join(sys.argv[1:]),  # (the run can be repeated from its JSON)
     }
     flush = cache_flusher(device)
-    if flush is not None:  # a GPU
+    if gpu_columns(device):
         meta["copy_gbps"] = round(copy_gbps(device), 1)
         print(f"device-to-device copy measured now: {meta['copy_gbps']:.0f} GB/s (read + write)", flush=True)
         peak = datasheet(device)
@@ -575,7 +597,7 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
                 })
             _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}" and r_["r"] == r and "error" not in r_],
                         header=not any(x["shape"] != f"{d_out}x{d_in}" or x["r"] != r for x in rows),
-                        cols=_COLS_GPU if flush else _COLS)
+                        cols=_COLS_GPU if gpu_columns(device) else _COLS)
             save(rows)
         del wa, wu
     return rows

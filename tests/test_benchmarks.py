@@ -54,8 +54,9 @@ def test_bench_scoring_lowrank_and_fullrank(tmp_path):
 
 
 def test_bench_scoring_round_robin_warms_or_flushes_before_each_timed_call(monkeypatch):
-    """Without a flush (the CPU) each timed call follows an untimed call of its own; with one (a
-    GPU, whose L2 would keep a small pair from the previous call) it follows the flush instead."""
+    """Without a flush each timed call follows an untimed call of its own; with one (the last cache
+    level would keep a small pair from the previous call: an H200's L2, a Xeon's L3) it follows
+    the flush instead. On a CPU the flush reads twice the last-level cache."""
     import bench_scoring
 
     log: list[str] = []
@@ -67,7 +68,9 @@ def test_bench_scoring_round_robin_warms_or_flushes_before_each_timed_call(monke
     log.clear()
     bench_scoring.round_robin(torch.device("cpu"), fns, 2, flush=lambda: log.append("flush"))
     assert log == ["flush", "timed", "a", "flush", "timed", "b"] * 2
-    assert bench_scoring.cache_flusher(torch.device("cpu")) is None
+    flush = bench_scoring.cache_flusher(torch.device("cpu"))
+    assert flush.__self__.numel() * 8 >= max(64 << 20, 2 * bench_scoring.last_level_cache_bytes())
+    flush()
 
 
 def test_bench_scoring_gpu_columns(tmp_path, monkeypatch, capsys):
@@ -77,6 +80,7 @@ def test_bench_scoring_gpu_columns(tmp_path, monkeypatch, capsys):
 
     flushes = []
     monkeypatch.setattr(bench_scoring, "cache_flusher", lambda device: lambda: flushes.append(1))
+    monkeypatch.setattr(bench_scoring, "gpu_columns", lambda device: True)
     monkeypatch.setattr(bench_scoring, "copy_gbps", lambda device: 50.0)
     monkeypatch.setattr(bench_scoring, "datasheet", lambda device: (80.0, 2.0))
     out = tmp_path / "g.json"
