@@ -168,16 +168,21 @@ def make(shape: str | Arch, root: Path, seed: int = 0, force: bool = False, name
     a = SHAPES[shape] if isinstance(shape, str) else shape
     out = root / (name or str(shape))
     done = out / ".complete"
+    # (the draw depends on the seed and on the device's generator: data of another draw is redone)
+    stamp = f"ok seed={seed} device={torch.device(device).type}\n"
     if done.is_file() and not force:
-        print(f"{out}: already there")
-        return out
+        # ("ok": written before the stamp named its draw, always by the default seed 0 on the CPU)
+        if done.read_text() in (stamp, "ok\n" if seed == 0 and torch.device(device).type == "cpu" else stamp):
+            print(f"{out}: already there")
+            return out
+        print(f"{out}: drawn with another seed or device ({done.read_text().strip()}); redrawing")
     root.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # (before the disk check: a stale or partial copy's space is freed by redrawing)
+        shutil.rmtree(out)
     free = shutil.disk_usage(root).free
     need = needed_bytes(a)
     if free < need * 1.05:
         raise SystemExit(f"make_synthetic: {out.name} needs {need / 2**30:.1f} GiB but {root} has {free / 2**30:.1f} GiB free")
-    if out.exists():
-        shutil.rmtree(out)
     print(f"writing {out.name} ({need / 2**30:.1f} GiB) to {out}")
     write_model(a, out / "aligned", "aligned", seed, device)
     write_model(a, out / "unaligned", "unaligned", seed, device)
@@ -185,7 +190,7 @@ def make(shape: str | Arch, root: Path, seed: int = 0, force: bool = False, name
     write_adapter(a, out / "safety-qv", ("q_proj", "v_proj"), 8, 16, seed + 2)
     write_adapter(a, out / "task-all", ATTN + MLP, 16, 32, seed + 3)
     write_adapter(a, out / "safety-all", ATTN + MLP, 16, 32, seed + 4)
-    done.write_text("ok\n")
+    done.write_text(stamp)
     return out
 
 

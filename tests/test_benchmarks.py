@@ -417,3 +417,26 @@ def test_bench_end_to_end_a_contender_past_its_timeout_is_an_error_row(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(r["error"] == "stopped after --timeout 0.05 s" for r in rows), rows
+
+
+def test_make_synthetic_redraws_data_of_another_seed(tmp_path, capsys):
+    """A finished draw is reused only for the same seed and device; another one is redrawn (the
+    old copy removed before the free-disk check, so its space counts as free)."""
+    from make_synthetic import make
+    from safetensors.torch import load_file
+
+    def weights(folder):
+        return {k: v for f in sorted((folder / "aligned").glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    first = weights(make("tiny", tmp_path))
+    make("tiny", tmp_path)
+    assert "already there" in capsys.readouterr().out
+    other = weights(make("tiny", tmp_path, seed=1))
+    assert "drawn with another seed or device (ok seed=0 device=cpu); redrawing" in capsys.readouterr().out
+    assert first.keys() == other.keys() and any(not torch.equal(first[k], other[k]) for k in first)
+    assert (tmp_path / "tiny" / ".complete").read_text() == "ok seed=1 device=cpu\n"
+    (tmp_path / "tiny" / ".complete").write_text("ok\n")  # (a draw from before the stamp: seed 0 on the CPU)
+    make("tiny", tmp_path)
+    assert "already there" in capsys.readouterr().out
+    make("tiny", tmp_path, seed=1)
+    assert "redrawing" in capsys.readouterr().out
