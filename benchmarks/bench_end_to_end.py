@@ -470,6 +470,9 @@ def main() -> None:
                          "sendfile, as the pipeline's read-ahead does, so the cache holds them in 2 MiB folios where "
                          "the kernel makes them, whoever read them before (see huge_folio_share)")
     ap.add_argument("--json", help="write results here (default: benchmarks/results/e2e-<shape>-<host>-<date>.json)")
+    ap.add_argument("--results", metavar="MD",
+                    help="also add the table, with machine, date, commit and command, to this Markdown file "
+                         "(benchmarks/RESULTS.md), under its end-to-end heading")
     args = ap.parse_args()
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
@@ -566,6 +569,27 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
+    if args.results:
+        add_to_results(Path(args.results), table(rows, meta), meta, " ".join(sys.argv[1:]))
+        print(f"added the table to {args.results}")
+
+
+E2E_HEADING = "## End to end: `benchmarks/bench_end_to_end.py`"
+
+
+def add_to_results(path: Path, text: str, meta: dict, argv: str) -> None:
+    """The table as the newest section under the end-to-end heading of ``path`` (appended at the
+    end, under a new heading, where the file has none)."""
+    gpu = f", {meta['gpu']}" if meta.get("gpu") else ""
+    section = (f"### {meta['machine']}{gpu}: {meta['date']}, git {meta['git_sha']}\n\n"
+               f"`python benchmarks/bench_end_to_end.py {argv}`\n\n{text}\n\n")
+    doc = path.read_text() if path.is_file() else "# Benchmark results\n"
+    if E2E_HEADING in doc:
+        at = doc.index(E2E_HEADING) + len(E2E_HEADING)
+        doc = doc[:at] + "\n\n" + section + doc[at:].lstrip("\n")
+    else:
+        doc = doc.rstrip("\n") + f"\n\n{E2E_HEADING}\n\n{section}"
+    path.write_text(doc)
 
 
 def _gpu_name() -> str | None:

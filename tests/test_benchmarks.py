@@ -277,13 +277,18 @@ def test_bench_scoring_huge_pages_rows_say_what_the_kernel_gave(tmp_path, monkey
 
 
 def test_bench_end_to_end_tiny(tmp_path):
-    out = tmp_path / "e.json"
+    out, md = tmp_path / "e.json", tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\n## End to end: `benchmarks/bench_end_to_end.py`\n\n### an older run\n\nold\n")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_end_to_end.py"), "--shape", "tiny", "--data", str(tmp_path),
-         "--skip", "mergekit", "reference", "--json", str(out)],
+         "--skip", "mergekit", "reference", "--json", str(out), "--results", str(md)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = md.read_text()  # the newest section first under the heading, with what makes it repeatable
+    new = doc.index("\n### ", doc.index("## End to end"))
+    assert new < doc.index("### an older run") and "--shape tiny" in doc[new:doc.index("### an older run")]
+    assert "| safemerge-model |" in doc[new:doc.index("### an older run")]
     data = json.loads(out.read_text())
     rows = {r["name"]: r for r in data["rows"]}
     assert "error" not in str(rows), rows
