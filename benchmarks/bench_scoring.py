@@ -148,7 +148,7 @@ def timer(device: torch.device) -> Callable[..., float]:
 
 
 def round_robin(device: torch.device, fns: dict[str, Callable[[], object]], reps: int,
-                flush: Callable[[], object] | None = None) -> dict[str, list[float]]:
+                flush: Callable[[], object] | None = None, warm: tuple[str, ...] = ("matmul",)) -> dict[str, list[float]]:
     """Milliseconds of ``reps`` calls of each of ``fns``, one timed call of each in turn per round,
     so that a shared machine's slow spells fall on all of them alike.
 
@@ -157,12 +157,14 @@ def round_robin(device: torch.device, fns: dict[str, Callable[[], object]], reps
     pair from the previous call, while the pipeline's next layer is always another pair, read from
     memory. On a CPU the flush reads (clean lines, which the timed call evicts for free: after a
     2048^3 matmul, whose dirty lines it must write back, a 4096x4096 r=8 C++ call took 6.4 ms
-    against 5.6 ms). Without it, each timed call comes right after an untimed call of its own."""
+    against 5.6 ms). Without it, and for the functions named in ``warm`` (the matmul that measures
+    the arithmetic rate: a rate of the cores, not of the memory), each timed call comes right after
+    an untimed call of its own."""
     once = once_timer(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            (flush or fn)()
+            (fn if flush is None or name in warm else flush)()
             times[name].append(once(fn))
     return times
 

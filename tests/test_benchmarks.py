@@ -68,6 +68,9 @@ def test_bench_scoring_round_robin_warms_or_flushes_before_each_timed_call(monke
     log.clear()
     bench_scoring.round_robin(torch.device("cpu"), fns, 2, flush=lambda: log.append("flush"))
     assert log == ["flush", "timed", "a", "flush", "timed", "b"] * 2
+    log.clear()  # (the matmul that measures the arithmetic rate is warmed by its own call, not flushed)
+    bench_scoring.round_robin(torch.device("cpu"), fns, 2, flush=lambda: log.append("flush"), warm=("b",))
+    assert log == ["flush", "timed", "a", "b", "timed", "b"] * 2
     flush = bench_scoring.cache_flusher(torch.device("cpu"))
     assert flush.__self__.numel() * 8 >= max(64 << 20, 2 * bench_scoring.last_level_cache_bytes())
     flush()
