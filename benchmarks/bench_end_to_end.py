@@ -570,7 +570,13 @@ def main() -> None:
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
     if args.results:
-        add_to_results(Path(args.results), table(rows, meta), meta, " ".join(sys.argv[1:]))
+        argv, skip = [], False  # (the command without where this run's files went)
+        for a in sys.argv[1:]:
+            if skip or a in ("--json", "--results") or a.startswith(("--json=", "--results=")):
+                skip = a in ("--json", "--results")
+                continue
+            argv.append(a)
+        add_to_results(Path(args.results), table(rows, meta), meta, " ".join(argv))
         print(f"added the table to {args.results}")
 
 
@@ -582,7 +588,7 @@ def add_to_results(path: Path, text: str, meta: dict, argv: str) -> None:
     end, under a new heading, where the file has none)."""
     gpu = f", {meta['gpu']}" if meta.get("gpu") else ""
     section = (f"### {meta['machine']}{gpu}: {meta['date']}, git {meta['git_sha']}\n\n"
-               f"`python benchmarks/bench_end_to_end.py {argv}`\n\n{text}\n\n")
+               f"`python benchmarks/bench_end_to_end.py {argv}`\n\n{text.replace(chr(10), chr(10) * 2, 1)}\n\n")
     doc = path.read_text() if path.is_file() else "# Benchmark results\n"
     if E2E_HEADING in doc:
         at = doc.index(E2E_HEADING) + len(E2E_HEADING)

@@ -292,6 +292,7 @@ def test_bench_end_to_end_tiny(tmp_path):
     new = doc.index("\n### ", doc.index("## End to end"))
     assert new < doc.index("### an older run") and "--shape tiny" in doc[new:doc.index("### an older run")]
     assert "| safemerge-model |" in doc[new:doc.index("### an older run")]
+    assert "--json" not in doc and "--results" not in doc and "\n\n| name |" in doc  # (a table needs its blank line)
     data = json.loads(out.read_text())
     rows = {r["name"]: r for r in data["rows"]}
     assert "error" not in str(rows), rows
