@@ -75,8 +75,13 @@ def combine_full(
     if method in ("ties", "dare_ties"):  # (the sign election sees the weighted updates: see the module's docstring)
         tensors = [tensors[0] * alpha, tensors[1] * (1.0 - alpha)]
         weights = torch.ones_like(weights)
-    if method == "linear":
+    if method == "linear" or (method == "dare_linear" and density >= 1.0):
         return merge_utils.task_arithmetic(tensors, weights)
+    if density >= 1.0:  # ties and dare_ties keeping every entry: peft's steps less its prune, which would
+        # only warn, at every call, that it prunes nothing (the same bits, no random draw either way)
+        stacked = torch.stack(tensors)
+        mask = merge_utils.calculate_majority_sign_mask(stacked, method="total")
+        return merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
     if method == "ties":
         return merge_utils.ties(tensors, weights, density)
     with seeded(seed, module, dW_f.device):

@@ -442,3 +442,28 @@ def test_ties_merges_the_weighted_updates(method):
     want = (w * agree).sum(0) / agree.sum(0)
     assert float((got - want).abs().max()) < 1e-15
     assert (agree.sum(0) == 1).any() and (agree.sum(0) == 2).any()  # (both cases occur in this draw)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
+def test_merges_at_density_1_are_peft_s_without_its_warning(method):
+    """At density 1 (the default) nothing is pruned: the same bits as peft's function, without
+    the UserWarning it gives at every call that it prunes nothing."""
+    import warnings
+
+    from peft.utils import merge_utils
+
+    from safemerge_ext.merge import combine_full
+
+    g = torch.Generator().manual_seed(20)
+    f, s = (torch.randn(24, 40, generator=g) for _ in range(2))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = combine_full(f, s, alpha=0.7, method=method, density=1.0, seed=3, module="m")
+    assert not [w for w in seen if "density" in str(w.message)], [str(w.message) for w in seen]
+    tensors, weights = [f, s], torch.tensor([0.7, 0.3])
+    if method.endswith("ties"):
+        tensors, weights = [0.7 * f, 0.3 * s], torch.ones(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = getattr(merge_utils, method)(tensors, weights, 1.0)
+    assert torch.equal(got, want)
