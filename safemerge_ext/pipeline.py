@@ -120,8 +120,9 @@ def open_run(
     """Open both models and match every task module to its weight; check shapes and dtypes.
 
     ``backend="auto"`` follows ``SAFEMERGE_BACKEND`` unless ``honour_env`` is False (the command
-    line's explicit ``--backend auto``). ``precision`` allows the Triton kernels a tensor-core operand precision (None:
-    ``SAFEMERGE_PRECISION``, else exact ``ieee``); a run whose backend cannot use it says so."""
+    line's explicit ``--backend auto``). ``precision`` allows the Triton kernels a tensor-core
+    operand precision (None: ``SAFEMERGE_PRECISION``, else exact ``ieee``); a run whose backend
+    cannot use it says so."""
     dev = resolve_device(device)
     if Path(aligned_dir).resolve() == Path(unaligned_dir).resolve():
         raise SafeMergeError(f"--aligned and --unaligned are the same folder ({aligned_dir}), so V = W_aligned - "

@@ -176,8 +176,6 @@ class PlotUnavailable(SafeMergeError):
         self.reason = reason
 
 
-
-
 def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Cosine per transformer layer, one line per module kind (q_proj, v_proj, ...), flagged
     modules marked, the threshold drawn; written whole to ``path`` (its suffix gives the format)."""
