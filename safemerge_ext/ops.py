@@ -88,8 +88,18 @@ def _resolve(backend: str, device_type: str, precision: str | None) -> tuple[str
     return name, impl, ({"precision": used} if used != backends.EXACT else {}), used
 
 
+_FP32_FULL = 2.0 ** -120  # (fp32 keeps all 24 bits down to 2^-126; a margin for the entries below the largest)
 _LOST = ("the fp32 sums lost their precision: the weights or the update are too small or too large in magnitude "
          "to score, or the update's factors cancel (B A is almost zero next to B and A)")
+
+
+def _non_finite(message: str, *tensors: torch.Tensor | None) -> FloatingPointError:
+    """``message`` where an input holds NaN or Inf; where every input is finite, an fp32 sum
+    overflowed instead (entries near 1e30), which is the lost-precision error. Reads the inputs
+    once more, on this error path only."""
+    if all(t is None or bool(torch.isfinite(t).all()) for t in tensors):
+        return FloatingPointError(_LOST)
+    return FloatingPointError(message)
 
 
 def _cos(num: float, n2: float, d2: float) -> float:
@@ -143,6 +153,11 @@ def subspace_score(
         # ||dW||^2 = <B^T B, G>
         traces = getattr(impl, "lowrank_traces", reference.lowrank_traces)
         inner, n2, d2 = traces(T, P, lora_A, lora_B)
+        # fp32 entries of T or P below 2^-120 (weights near 1e-21) are near or below fp32's normal
+        # range and have lost significant bits: the score would be off in its fourth digit
+        tiny = [float(X.abs().max()) for X in (T, P) if X.numel()]
+        if any(0.0 < m < _FP32_FULL for m in tiny):
+            raise FloatingPointError(_LOST)
         # rho = (inner/||V||) / (sqrt(n2)/||V|| * sqrt(d2)): ||V|| cancels.
         num = inner
         projected = P / math.sqrt(vsq) if with_projection and vsq > 0 else None
@@ -152,9 +167,11 @@ def subspace_score(
         _check_update("delta", delta)
         m2, n2, d2, vsq = impl.fullrank_sums(wa, wu, delta.to(wa.device).contiguous(), **kw)
         num, projected = m2, None
+        if 0.0 < m2 < _FP32_FULL ** 2 or 0.0 < n2 < _FP32_FULL ** 2:  # (M, N all below 2^-120: see above)
+            raise FloatingPointError(_LOST)
     values = (vsq, num, n2, d2)
     if not all(math.isfinite(v) for v in values):
-        raise FloatingPointError("the layer's weights or update contain NaN or Inf")
+        raise _non_finite("the layer's weights or update contain NaN or Inf", wa, wu, lora_A, lora_B, delta)
     v_norm, d_norm = math.sqrt(vsq), math.sqrt(max(d2, 0.0))
     # a zero sum of squares from entries too small to square in fp32 (below about 1e-19) is not a
     # zero V or update: checked against the tensors themselves, which costs a read only then
@@ -165,6 +182,8 @@ def subspace_score(
                      precision=used)
     if d2 <= 0.0:
         return Score(math.nan, v_norm, d_norm, "the update is zero", name, precision=used)
+    if n2 <= 0.0 and num != 0.0:  # (V^T dW != 0 forces V V^T dW != 0: the fp32 sums underflowed)
+        raise FloatingPointError(_LOST)
     cos = _cos(num, n2, d2)
     if abs(cos) > 1.0 + 1e-3:  # (|cos| <= 1 exactly; beyond rounding, the fp32 sums lost their digits)
         raise FloatingPointError(f"{_LOST} (|cos| = {abs(cos):.4g})")
@@ -210,14 +229,22 @@ def project_lora_B(
     _check_update("lora_B", lora_B)
     w_aligned, w_unaligned, lora_B = w_aligned.detach(), w_unaligned.detach(), lora_B.detach()
     _, impl, kw, _ = _resolve(backend, w_aligned.device.type, precision)
-    _, P, vsq = impl.lowrank_passes(
+    T, P, vsq = impl.lowrank_passes(
         w_aligned.contiguous(), w_unaligned.contiguous(), lora_B.to(w_aligned.device).contiguous(), **kw
     )
     if not math.isfinite(vsq) or not torch.isfinite(P).all():
-        raise FloatingPointError("the weights or lora_B contain NaN or Inf")
+        raise _non_finite("the weights or lora_B contain NaN or Inf", w_aligned, w_unaligned, lora_B)
+    if vsq == 0.0 and not torch.equal(w_aligned, w_unaligned):
+        raise FloatingPointError(_LOST)
     if vsq == 0.0:
         raise ValueError("aligned and unaligned weights are identical (V = 0): the projection is undefined")
-    return (P.double() / math.sqrt(vsq)).to(device=lora_B.device, dtype=lora_B.dtype)
+    t_max, p_max = (float(X.abs().max()) if X.numel() else 0.0 for X in (T, P))
+    if 0.0 < t_max < _FP32_FULL or 0.0 < p_max < _FP32_FULL or (t_max > 0.0 and p_max == 0.0):  # (see subspace_score)
+        raise FloatingPointError(_LOST)
+    out = (P.double() / math.sqrt(vsq)).to(device=lora_B.device, dtype=lora_B.dtype)
+    if not torch.isfinite(out).all():
+        raise FloatingPointError(f"C @ lora_B exceeds the range of {lora_B.dtype}; pass lora_B in float32")
+    return out
 
 
 def project_delta(
@@ -234,7 +261,9 @@ def project_delta(
     N, vsq = impl.project_full(w_aligned.contiguous(), w_unaligned.contiguous(), delta.to(w_aligned.device).contiguous(),
                                **kw)
     if not math.isfinite(vsq) or not torch.isfinite(N).all():
-        raise FloatingPointError("the weights or the update contain NaN or Inf")
+        raise _non_finite("the weights or the update contain NaN or Inf", w_aligned, w_unaligned, delta)
+    if vsq == 0.0 and not torch.equal(w_aligned, w_unaligned):
+        raise FloatingPointError(_LOST)
     if vsq == 0.0:
         raise ValueError("aligned and unaligned weights are identical (V = 0): the projection is undefined")
     return N / math.sqrt(vsq)

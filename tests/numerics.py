@@ -22,6 +22,21 @@ def ref_project(wa: torch.Tensor, wu: torch.Tensor, X: torch.Tensor) -> torch.Te
     return (V @ V.t() / V.norm()) @ X.double()
 
 
+def ref_lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(T = V^T B, P = V T, ||V||^2) in float64, V formed whole: what the low-rank passes compute."""
+    V = wa.double().cpu() - wu.double().cpu()
+    T = V.t() @ B.double().cpu()
+    return T, V @ T, float(V.square().sum())
+
+
+def ref_fullrank(wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor) -> tuple[float, float, float, float, torch.Tensor]:
+    """(||M||^2, ||N||^2, ||dW||^2, ||V||^2, N) in float64, M = V^T dW and N = V M formed whole."""
+    V, D = wa.double().cpu() - wu.double().cpu(), dW.double().cpu()
+    M = V.t() @ D
+    N = V @ M
+    return float(M.square().sum()), float(N.square().sum()), float(D.square().sum()), float(V.square().sum()), N
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str = "") -> None:
     """torch.testing-style check that reports the worst elements and non-finite mismatches."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()

@@ -23,7 +23,7 @@ import torch
 
 import pytest  # noqa: E402
 
-from numerics import DTYPES, assert_close, ref_cosine, ref_project  # noqa: E402
+from numerics import DTYPES, assert_close, ref_cosine, ref_fullrank, ref_lowrank_passes, ref_project  # noqa: E402
 from safemerge_ext import backends, ops  # noqa: E402
 
 _ENV = "TRITON_INTERPRET"
@@ -148,7 +148,7 @@ def test_lowrank_passes(d_out, d_in, r, dtype):
     T, P, vsq = tk.lowrank_passes(wa, wu, B)
     assert T.dtype == P.dtype == torch.float32 and isinstance(vsq, float)
     assert T.shape == (d_in, r) and P.shape == (d_out, r) and T.device == wa.device
-    T_ref, P_ref, vsq_ref = lowrank.lowrank_passes_reference(wa.cpu(), wu.cpu(), B.cpu())
+    T_ref, P_ref, vsq_ref = ref_lowrank_passes(wa.cpu(), wu.cpu(), B.cpu())
     _close(T, T_ref, "T = V^T B")
     _close(P, P_ref, "P = V T")
     _rel(vsq, vsq_ref, "||V||^2")
@@ -162,7 +162,7 @@ def test_lowrank_small_tiles_and_splits(blocks, split):
     B = torch.randn(67, 5, generator=g).to(DEVICE)
     bm, bn, bk = blocks
     T, P, vsq = lowrank.lowrank_passes(wa, wu, B, block_m=bm, block_n=bn, block_k=bk, split=split)
-    T_ref, P_ref, vsq_ref = lowrank.lowrank_passes_reference(wa.cpu(), wu.cpu(), B.cpu())
+    T_ref, P_ref, vsq_ref = ref_lowrank_passes(wa.cpu(), wu.cpu(), B.cpu())
     _close(T, T_ref, "T")
     _close(P, P_ref, "P")
     _rel(vsq, vsq_ref, "||V||^2")
@@ -174,7 +174,7 @@ def test_lowrank_wide_ranks(r):
     wa, wu, g = _layer(40, 72, torch.float16, _seed("wide", r))
     B = torch.randn(40, r, generator=g).to(torch.float16).to(DEVICE)
     T, P, vsq = tk.lowrank_passes(wa, wu, B)
-    T_ref, P_ref, vsq_ref = lowrank.lowrank_passes_reference(wa.cpu(), wu.cpu(), B.cpu())
+    T_ref, P_ref, vsq_ref = ref_lowrank_passes(wa.cpu(), wu.cpu(), B.cpu())
     _close(T, T_ref, "T")
     _close(P, P_ref, "P")
     _rel(vsq, vsq_ref, "||V||^2")
@@ -209,7 +209,7 @@ def test_fullrank_sums(d_out, d_in, panel, dtype):
     wa, wu, g = _layer(d_out, d_in, dtype, _seed("full", d_out, d_in, panel, dtype))
     delta = (torch.randn(d_out, d_in, generator=g) * 0.001).to(dtype).to(DEVICE)
     got = fullrank.fullrank_sums(wa, wu, delta, panel=panel)
-    want = fullrank.fullrank_reference(wa.cpu(), wu.cpu(), delta.cpu())[:4]
+    want = ref_fullrank(wa.cpu(), wu.cpu(), delta.cpu())[:4]
     for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), got, want):
         _rel(a, b, name)
 
@@ -220,7 +220,7 @@ def test_project_full(d_out, d_in, dtype):
     wa, wu, g = _layer(d_out, d_in, dtype, _seed("proj", d_out, d_in, dtype))
     delta = (torch.randn(d_out, d_in, generator=g) * 0.001).to(dtype).to(DEVICE)
     N, vsq = tk.project_full(wa, wu, delta)
-    *_, vsq_ref, N_ref = fullrank.fullrank_reference(wa.cpu(), wu.cpu(), delta.cpu())
+    *_, vsq_ref, N_ref = ref_fullrank(wa.cpu(), wu.cpu(), delta.cpu())
     assert N.dtype == torch.float32 and N.shape == (d_out, d_in)
     _close(N, N_ref, "N = V V^T dW")
     _rel(vsq, vsq_ref, "||V||^2")
@@ -232,7 +232,7 @@ def test_fullrank_small_tiles_strided_and_deterministic():
     kw = dict(block_m=32, block_n=32, block_k=16, panel=64)  # 3 panels, tails everywhere
     runs = [fullrank.project_full(wa, wu, delta, **kw) for _ in range(2)]
     sums = [fullrank.fullrank_sums(wa, wu, d, **kw) for d in (delta, delta.contiguous())]
-    *ref_sums, N_ref = fullrank.fullrank_reference(wa.cpu(), wu.cpu(), delta.cpu())
+    *ref_sums, N_ref = ref_fullrank(wa.cpu(), wu.cpu(), delta.cpu())
     _close(runs[0][0], N_ref, "N")
     for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), sums[0], ref_sums):
         _rel(a, b, name)
@@ -426,7 +426,7 @@ def test_gpu_lowrank(d_out, d_in, r, precision, tol):
     wa, wu, g = _layer(d_out, d_in, torch.bfloat16, _seed("gpu-low", d_out, d_in, r), device="cuda")
     B = (torch.randn(d_out, r, generator=g) * 0.1).to(torch.bfloat16).cuda()
     T, P, vsq = lowrank.lowrank_passes(wa, wu, B, precision=precision)
-    T_ref, P_ref, vsq_ref = lowrank.lowrank_passes_reference(wa, wu, B)
+    T_ref, P_ref, vsq_ref = ref_lowrank_passes(wa, wu, B)
     _close(T, T_ref, "T", tol=tol)
     _close(P, P_ref, "P", tol=tol)
     _rel(vsq, vsq_ref, "||V||^2", tol=1e-5)
@@ -441,7 +441,7 @@ def test_gpu_lowrank(d_out, d_in, r, precision, tol):
 def test_gpu_fullrank(d_out, d_in):
     wa, wu, g = _layer(d_out, d_in, torch.bfloat16, _seed("gpu-full", d_out, d_in), device="cuda")
     delta = (torch.randn(d_out, d_in, generator=g) * 0.001).to(torch.bfloat16).cuda()
-    *ref_sums, N_ref = fullrank.fullrank_reference(wa, wu, delta)
+    *ref_sums, N_ref = ref_fullrank(wa, wu, delta)
     sums = fullrank.fullrank_sums(wa, wu, delta, panel=512)
     for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), sums, ref_sums):
         _rel(a, b, name, tol=1e-4)

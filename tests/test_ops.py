@@ -332,7 +332,8 @@ def test_sums_that_lost_their_digits_are_an_error_not_a_score(backend):
     A, B = torch.randn(4, 70, generator=g) * 0.1, torch.randn(40, 4, generator=g) * 0.1
     with pytest.raises(FloatingPointError, match="lost their precision"):
         ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend)
-    assert abs(ops.subspace_score(wa * 1e20, wu * 1e20, lora_A=A, lora_B=B, backend=backend).cosine) <= 1.0
+    want = ref_cosine(wa * 1e20, wu * 1e20, B @ A)  # (the same layer at a scale fp32 keeps)
+    assert abs(ops.subspace_score(wa * 1e20, wu * 1e20, lora_A=A, lora_B=B, backend=backend).cosine - want) < 1e-5
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -344,13 +345,14 @@ def test_tiny_but_nonzero_v_or_update_is_never_called_zero(backend):
     wa = wu + torch.randn(30, 50, generator=g) * 1e-22
     A, B = torch.randn(3, 50, generator=g), torch.randn(30, 3, generator=g)
     assert not torch.equal(wa, wu)
+    want = ref_cosine(wa, wu, B @ A)
     for kw in ({"lora_A": A, "lora_B": B}, {"delta": B @ A}):
         try:
             s = ops.subspace_score(wa, wu, **kw, backend=backend)
         except FloatingPointError as exc:
             assert "lost their precision" in str(exc)
         else:
-            assert s.reason is None and -1.0 <= s.cosine <= 1.0, s
+            assert s.reason is None and abs(s.cosine - want) < 1e-5, (s, want)
     wa, wu = torch.randn(30, 50, generator=g), torch.randn(30, 50, generator=g)
     tiny = torch.randn(30, 50, generator=g, dtype=torch.float64) * 1e-25
     want = ref_cosine(wa, wu, tiny)
@@ -467,3 +469,30 @@ def test_merges_at_density_1_are_peft_s_without_its_warning(method):
         warnings.simplefilter("ignore")
         want = getattr(merge_utils, method)(tensors, weights, 1.0)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sums_that_underflow_or_overflow_are_named_so(backend):
+    """fp32 sums that underflow to zero (V near 1e-30) or overflow (entries near 1e30) from finite
+    inputs are the lost-precision error, never a score of 0 ("C dW = 0") nor "NaN or Inf"; a C B
+    beyond lora_B's dtype is an error, not inf."""
+    g = torch.Generator().manual_seed(21)
+    u, v = torch.randn(30, 1, generator=g), torch.randn(1, 50, generator=g)
+    wu = torch.randn(30, 50, generator=g)
+    for scale in (1e-30, 1e30):  # (the layer's score is 1 at any scale: V = scale u v^T, dW = u v^T)
+        wa = scale * wu + scale * (u @ v)
+        assert torch.isfinite(wa).all() and not torch.equal(wa, scale * wu)
+        for kw in ({"lora_A": v, "lora_B": u}, {"delta": u @ v}):
+            with pytest.raises(FloatingPointError, match="lost their precision"):
+                ops.subspace_score(wa, scale * wu, **kw, backend=backend)
+    with pytest.raises(FloatingPointError, match="lost their precision"):  # (not "identical", not zeros)
+        ops.project_lora_B(1e-30 * wu + 1e-30 * (u @ v), 1e-30 * wu, u, backend=backend)
+    nan = wu.clone()
+    nan[3, 4] = float("nan")
+    with pytest.raises(FloatingPointError, match="contain NaN or Inf"):
+        ops.subspace_score(nan, wu, lora_A=v, lora_B=u, backend=backend)
+    wa = wu + torch.randn(30, 50, generator=g) * 100
+    want = ref_project(wa, wu, u * 1e3)
+    assert float(want.abs().max()) > 65504  # (beyond fp16)
+    with pytest.raises(FloatingPointError, match="C @ lora_B exceeds the range of torch.float16; pass lora_B in float32"):
+        ops.project_lora_B(wa, wu, (u * 1e3).half(), backend=backend)
