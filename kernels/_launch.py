@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 from typing import Callable, TypeVar
 
 import torch
@@ -69,9 +70,15 @@ def check_inputs(kernel: object, precision: str, **tensors: torch.Tensor) -> tor
     return device
 
 
+# Triton's interpreter keeps the running program's grid in process-wide state: launches from two
+# threads at once failed ("x >= grid_dim[0]") or read each other's partial sums; one at a time.
+_INTERPRETER = threading.RLock()
+
+
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """Make ``device`` current for the launches (triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Make ``device`` current for the launches (triton launches on the current CUDA device); on
+    the CPU (the interpreter), hold the launches of other threads off until these are done."""
+    return torch.cuda.device(device) if device.type == "cuda" else _INTERPRETER
 
 
 def pow2_at_least(n: int, floor: int = 16) -> int:

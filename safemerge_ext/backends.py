@@ -171,7 +171,7 @@ def requested_precision(precision: str | None) -> str:
     an unknown name raises and lists the valid ones."""
     if precision is not None and not isinstance(precision, str):
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    requested = (precision or os.environ.get(PRECISION_ENV_VAR, "") or EXACT).strip().lower()
+    requested = (precision or os.environ.get(PRECISION_ENV_VAR, "")).strip().lower() or EXACT  # (blank: unset)
     if requested not in PRECISIONS:
         source = "precision" if precision else PRECISION_ENV_VAR
         raise ValueError(f"{source} must be one of {', '.join(PRECISIONS)}; got {requested!r}")

@@ -60,6 +60,21 @@ def _check_pair(wa: torch.Tensor, wu: torch.Tensor) -> None:
         raise ValueError(f"w_aligned is {wa.dtype} but w_unaligned {wu.dtype}: give both in one dtype")
 
 
+def _pair(wa: torch.Tensor, wu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights as the backends take them: float64 weights become (V, 0) with V formed in
+    float64 first (their difference can lie below fp32's rounding of each; it is scored in fp32,
+    as every backend computes)."""
+    if wa.dtype != torch.float64:
+        return wa, wu
+    V = (wa - wu).float()
+    return V, torch.zeros_like(V)
+
+
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """A factor or update in a dtype every backend reads (float8 as fp32)."""
+    return t if t.dtype in _FLOATS else t.float()
+
+
 def _check_update(what: str, t: torch.Tensor) -> None:
     """A LoRA factor or full update: floating point (float8 included), with values (not on the meta
     device)."""
@@ -141,10 +156,10 @@ def subspace_score(
     w_aligned, w_unaligned = w_aligned.detach(), w_unaligned.detach()
     lora_A, lora_B, delta = (None if t is None else t.detach() for t in (lora_A, lora_B, delta))
     name, impl, kw, used = _resolve(backend, w_aligned.device.type, precision)
-    wa, wu = w_aligned.contiguous(), w_unaligned.contiguous()
+    wa, wu = _pair(w_aligned.contiguous(), w_unaligned.contiguous())
     if lowrank:
         _lowrank_factors(wa, lora_A, lora_B)
-        B = lora_B.to(wa.device).contiguous()
+        B = _operand(lora_B).to(wa.device).contiguous()
         # (only the weights themselves may drop pages, never a copy that .contiguous() made)
         drop = file_backed and name == "cpp" and wa is w_aligned and wu is w_unaligned
         release = {"release_behind": True} if drop else {}
@@ -165,17 +180,18 @@ def subspace_score(
         if delta.shape != wa.shape:
             raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")
         _check_update("delta", delta)
-        m2, n2, d2, vsq = impl.fullrank_sums(wa, wu, delta.to(wa.device).contiguous(), **kw)
+        m2, n2, d2, vsq = impl.fullrank_sums(wa, wu, _operand(delta).to(wa.device).contiguous(), **kw)
         num, projected = m2, None
         if 0.0 < m2 < _FP32_FULL ** 2 or 0.0 < n2 < _FP32_FULL ** 2:  # (M, N all below 2^-120: see above)
             raise FloatingPointError(_LOST)
     values = (vsq, num, n2, d2)
     if not all(math.isfinite(v) for v in values):
-        raise _non_finite("the layer's weights or update contain NaN or Inf", wa, wu, lora_A, lora_B, delta)
+        raise _non_finite("the layer's weights or update contain NaN or Inf", w_aligned, w_unaligned, lora_A, lora_B,
+                          delta)
     v_norm, d_norm = math.sqrt(vsq), math.sqrt(max(d2, 0.0))
     # a zero sum of squares from entries too small to square in fp32 (below about 1e-19) is not a
     # zero V or update: checked against the tensors themselves, which costs a read only then
-    if (vsq == 0.0 and not torch.equal(wa, wu)) or (d2 <= 0.0 and delta is not None and bool(delta.any())):
+    if (vsq == 0.0 and not torch.equal(w_aligned, w_unaligned)) or (d2 <= 0.0 and delta is not None and bool(delta.any())):
         raise FloatingPointError(_LOST)
     if vsq == 0.0:
         return Score(math.nan, v_norm, d_norm, "aligned and unaligned weights are identical (V = 0)", name,
@@ -230,7 +246,8 @@ def project_lora_B(
     w_aligned, w_unaligned, lora_B = w_aligned.detach(), w_unaligned.detach(), lora_B.detach()
     _, impl, kw, _ = _resolve(backend, w_aligned.device.type, precision)
     T, P, vsq = impl.lowrank_passes(
-        w_aligned.contiguous(), w_unaligned.contiguous(), lora_B.to(w_aligned.device).contiguous(), **kw
+        *_pair(w_aligned.contiguous(), w_unaligned.contiguous()), _operand(lora_B).to(w_aligned.device).contiguous(),
+        **kw
     )
     if not math.isfinite(vsq) or not torch.isfinite(P).all():
         raise _non_finite("the weights or lora_B contain NaN or Inf", w_aligned, w_unaligned, lora_B)
@@ -258,8 +275,8 @@ def project_delta(
     _check_update("delta", delta)
     w_aligned, w_unaligned, delta = w_aligned.detach(), w_unaligned.detach(), delta.detach()
     _, impl, kw, _ = _resolve(backend, w_aligned.device.type, precision)
-    N, vsq = impl.project_full(w_aligned.contiguous(), w_unaligned.contiguous(), delta.to(w_aligned.device).contiguous(),
-                               **kw)
+    N, vsq = impl.project_full(*_pair(w_aligned.contiguous(), w_unaligned.contiguous()),
+                               _operand(delta).to(w_aligned.device).contiguous(), **kw)
     if not math.isfinite(vsq) or not torch.isfinite(N).all():
         raise _non_finite("the weights or the update contain NaN or Inf", w_aligned, w_unaligned, delta)
     if vsq == 0.0 and not torch.equal(w_aligned, w_unaligned):

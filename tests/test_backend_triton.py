@@ -513,3 +513,34 @@ def test_a_launch_short_of_resources_retries_with_half_the_block():
     assert _launch.fitting(launch, 16) == "ran with 16" and tried == [16]
     with pytest.raises(OutOfResources):
         _launch.fitting(lambda b: launch(b * 100), 64)
+
+
+def test_float8_factors_reach_the_kernels_as_fp32():
+    """float8 factors and updates, which ops accepts on every backend, are widened before the
+    launch (the kernels take fp32/fp16/bf16/fp64 only)."""
+    wa, wu, g = _layer(40, 72, torch.float32, _seed("fp8"))
+    A, B = torch.randn(4, 72, generator=g), torch.randn(40, 4, generator=g)
+    A8, B8 = (t.to(torch.float8_e4m3fn).to(DEVICE) for t in (A, B))
+    want = ref_cosine(wa.cpu(), wu.cpu(), B8.cpu().double() @ A8.cpu().double())
+    assert abs(ops.subspace_cosine(wa, wu, lora_A=A8, lora_B=B8, backend="triton") - want) < 1e-5
+    dW8 = (B8.float() @ A8.float()).to(torch.float8_e5m2)
+    assert abs(ops.subspace_cosine(wa, wu, delta=dW8, backend="triton") - ref_cosine(wa.cpu(), wu.cpu(), dW8.cpu().double())) < 1e-5
+
+
+def test_interpreted_launches_from_threads_take_turns():
+    """Triton's interpreter keeps the running grid in process-wide state: launches from several
+    threads at once failed or mixed their sums; they take turns and agree with one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if DEVICE != "cpu":
+        pytest.skip("the interpreter's launches only")
+    jobs = []
+    for i in range(6):
+        wa, wu, g = _layer(33, 70, torch.float32, _seed("threads", i))
+        jobs.append((wa, wu, torch.randn(4, 70, generator=g), torch.randn(33, 4, generator=g)))
+    alone = [ops.subspace_cosine(wa, wu, lora_A=A, lora_B=B, backend="triton") for wa, wu, A, B in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(2):
+            together = list(pool.map(lambda j: ops.subspace_cosine(j[0], j[1], lora_A=j[2], lora_B=j[3], backend="triton"),
+                                     jobs))
+            assert together == alone

@@ -236,6 +236,9 @@ def test_precision_is_a_permission_only_triton_uses(monkeypatch):
         backends.requested_precision(None)
     monkeypatch.setenv("SAFEMERGE_PRECISION", " TF32 ")  # (read as SAFEMERGE_BACKEND is)
     assert backends.requested_precision(None) == "tf32"
+    for blank in (" ", "\t"):  # (set but blank: unset, as SAFEMERGE_BACKEND and SAFEMERGE_CPU_ISA are)
+        monkeypatch.setenv("SAFEMERGE_PRECISION", blank)
+        assert backends.requested_precision(None) == "ieee"
     for bad in (3, 1.5, ["ieee"]):  # not a name: one line, as for backend=
         with pytest.raises(ValueError, match="precision must be one of ieee, tf32, tf32x3, bf16"):
             backends.requested_precision(bad)
@@ -496,3 +499,33 @@ def test_sums_that_underflow_or_overflow_are_named_so(backend):
     assert float(want.abs().max()) > 65504  # (beyond fp16)
     with pytest.raises(FloatingPointError, match="C @ lora_B exceeds the range of torch.float16; pass lora_B in float32"):
         ops.project_lora_B(wa, wu, (u * 1e3).half(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float64_weights_form_v_before_rounding(backend):
+    """float64 weights whose difference lies below fp32's rounding of each: V is formed in float64,
+    then scored in fp32 (rounding each weight to fp32 first scored another V: 0.51 for 0.12)."""
+    g = torch.Generator().manual_seed(22)
+    wu = torch.randn(40, 60, generator=g, dtype=torch.float64)
+    wa = wu + 1e-9 * torch.randn(40, 60, generator=g, dtype=torch.float64)
+    A, B = torch.randn(4, 60, generator=g, dtype=torch.float64), torch.randn(40, 4, generator=g, dtype=torch.float64)
+    s = ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend, with_projection=True)
+    assert abs(s.cosine - ref_cosine(wa, wu, B @ A)) < 1e-5
+    assert abs(s.v_norm - float((wa - wu).norm())) < 1e-5 * s.v_norm
+    want = ref_project(wa, wu, B)
+    for got in (s.projected_B, ops.project_lora_B(wa, wu, B, backend=backend)):
+        assert_close(got, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5, what="C B")
+    assert abs(ops.subspace_cosine(wa, wu, delta=B @ A, backend=backend) - ref_cosine(wa, wu, B @ A)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float8_factors_and_updates_are_scored(backend):
+    g = torch.Generator().manual_seed(23)
+    wu = torch.randn(40, 60, generator=g)
+    wa = wu + 0.1 * torch.randn(40, 60, generator=g)
+    A, B = torch.randn(4, 60, generator=g), torch.randn(40, 4, generator=g)
+    A8, B8 = A.to(torch.float8_e4m3fn), B.to(torch.float8_e4m3fn)
+    want = ref_cosine(wa, wu, B8.double() @ A8.double())
+    assert abs(ops.subspace_cosine(wa, wu, lora_A=A8, lora_B=B8, backend=backend) - want) < 1e-5
+    assert abs(ops.subspace_cosine(wa, wu, delta=(B8.float() @ A8.float()).to(torch.float8_e5m2), backend=backend)
+               - ref_cosine(wa, wu, (B8.float() @ A8.float()).to(torch.float8_e5m2).double())) < 1e-5
