@@ -20,7 +20,7 @@ from safemerge_ext.io.adapters import OutModule, pattern_key, read_adapter, unit
 from safemerge_ext.io.model_writer import write_model
 from safemerge_ext.io.models import ModelReader, natural_key
 from numerics import assert_close
-from weights import load_model
+from weights import load_adapter, load_model
 
 
 def test_reader_reads_only_what_is_asked(fx):
@@ -354,13 +354,14 @@ def test_float8_adapters_merge_into_an_fp32_adapter(fx, tmp_path):
                             pipeline.MergeSettings(Selection(threshold=1.0), alpha=0.25), progress=False, plot=False)
     flagged = [rec for rec in report["layers"] if rec["flagged"]]
     assert flagged
-    merged = read_adapter(out)
-    task, safety = read_adapter(tmp_path / "task"), read_adapter(tmp_path / "safety")
+    merged = load_adapter(out)  # (tests/weights: scalings from the configs, not the package's reader)
+    task, safety = load_adapter(tmp_path / "task"), load_adapter(tmp_path / "safety")
     for rec in flagged:
-        m = merged.modules[rec["module"]]
-        assert m.dtypes == (torch.float32, torch.float32)
-        want = 0.25 * task.modules[rec["module"]].delta().double() + 0.75 * safety.modules[rec["module"]].delta().double()
-        torch.testing.assert_close(m.delta().double(), want, rtol=1e-5, atol=1e-6)
+        A, B, s = merged[rec["module"]]
+        assert A.dtype == B.dtype == torch.float32
+        (At, Bt, st), (As, Bs, ss) = task[rec["module"]], safety[rec["module"]]
+        want = 0.25 * st * Bt.double() @ At.double() + 0.75 * ss * Bs.double() @ As.double()
+        torch.testing.assert_close(s * B.double() @ A.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_large_tensors_are_mapped_in_whole_huge_pages(tmp_path, monkeypatch):
