@@ -219,6 +219,18 @@ def test_resta_dare_is_seeded(pico, tmp_path):
     assert torch.equal(a[name], b[name])
     assert not torch.allclose(a[name].double(), dense[name], atol=1e-6)  # DARE changed the safety vector
     assert not torch.equal(a[name], task[name])
+    # the values: W_task + beta * m * V / density, with the Bernoulli mask m drawn as DARE draws it
+    # (seeded per module by merge.module_seed), every other entry of V dropped
+    from safemerge_ext.merge import module_seed
+
+    A, U = read_model(pico.aligned), read_model(pico.unaligned)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
+        V = A[name].float() - U[name].float()
+        torch.manual_seed(module_seed(3, name.removesuffix(".weight")))
+        keep = torch.bernoulli(torch.full_like(V, 0.5))
+        want = task[name].double() + 0.5 * (keep.double() * V.double() / 0.5)
+        assert 0.3 < float(keep.mean()) < 0.7
+        assert_close(a[name], want, atol=1e-6, rtol=1e-6, what=name)
 
 
 def test_gradient_and_filter_parameters(pico, tmp_path):
