@@ -141,7 +141,8 @@ def subspace_score(
     ``file_backed`` says the weights are views of live private file mappings made by
     ``ModelReader.map`` (checked: anything else is a ValueError, since dropping pages of ordinary
     memory would zero it): the C++ backend then drops their pages from the resident set as it
-    finishes with them (they read back from the file).
+    finishes with them (they read back from the file). The views must be unmodified: a page
+    written to is a private copy, and dropping it would read the file's values back in its place.
     ``precision`` allows the Triton kernels a tensor-core operand precision (``backends.PRECISIONS``;
     None: ``SAFEMERGE_PRECISION``, else exact ``ieee``); the score says which one was used.
     """

@@ -425,7 +425,8 @@ class ModelReader:
 
         The pages count in the process's resident set only while they are mapped, that is while
         the returned tensor (or a view of it) is alive. The mapping is private: writing to the
-        tensor copies the page and never reaches the file. Where the file cannot be mapped (some
+        tensor copies the page and never reaches the file (and such a view must not be scored
+        with ``file_backed=True``, which drops pages: see ``ops.subspace_score``). Where the file cannot be mapped (some
         network or FUSE file systems), this falls back to :meth:`get`.
         """
         shard, (code, shape, start, end) = self._entry(name)
