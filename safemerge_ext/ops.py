@@ -42,7 +42,14 @@ class Score:
     precision: str = backends.EXACT  # the operand precision the backend computed with
 
 
+def _check_tensor(what: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor; got {type(t).__name__} (convert it with torch.as_tensor)")
+
+
 def _check_pair(wa: torch.Tensor, wu: torch.Tensor) -> None:
+    _check_tensor("w_aligned", wa)
+    _check_tensor("w_unaligned", wu)
     if wa.dim() != 2 or wu.shape != wa.shape:
         raise ValueError(
             f"w_aligned and w_unaligned must be 2-D and of one shape; got {tuple(wa.shape)} and {tuple(wu.shape)}"
@@ -78,6 +85,7 @@ def _operand(t: torch.Tensor) -> torch.Tensor:
 def _check_update(what: str, t: torch.Tensor) -> None:
     """A LoRA factor or full update: floating point (float8 included), with values (not on the meta
     device)."""
+    _check_tensor(what, t)
     if not t.is_floating_point():
         raise ValueError(f"{what} must be a floating-point tensor; got {t.dtype}")
     if t.device.type == "meta":
@@ -147,6 +155,9 @@ def subspace_score(
     None: ``SAFEMERGE_PRECISION``, else exact ``ieee``); the score says which one was used.
     """
     _check_pair(w_aligned, w_unaligned)
+    for what, t in (("lora_A", lora_A), ("lora_B", lora_B), ("delta", delta)):
+        if t is not None:
+            _check_tensor(what, t)
     lowrank = lora_A is not None or lora_B is not None
     if lowrank == (delta is not None) or (lowrank and (lora_A is None or lora_B is None)):
         raise ValueError("give exactly one of lora_A+lora_B (a LoRA update) or delta (a full update)")
@@ -241,6 +252,7 @@ def project_lora_B(
 ) -> torch.Tensor:
     """Safe LoRA's ``C @ lora_B = V (V^T B) / ||V||`` without forming C, in lora_B's dtype."""
     _check_pair(w_aligned, w_unaligned)
+    _check_tensor("lora_B", lora_B)
     if lora_B.dim() != 2 or lora_B.shape[0] != w_aligned.shape[0] or lora_B.shape[1] < 1:
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {w_aligned.shape[0]}xr, r >= 1")
     _check_update("lora_B", lora_B)
@@ -271,6 +283,7 @@ def project_delta(
 ) -> torch.Tensor:
     """Safe LoRA on a full update: ``C dW`` (fp32), column block by column block, never forming C."""
     _check_pair(w_aligned, w_unaligned)
+    _check_tensor("delta", delta)
     if delta.shape != w_aligned.shape:
         raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(w_aligned.shape)}")
     _check_update("delta", delta)

@@ -535,3 +535,20 @@ def test_float8_factors_and_updates_are_scored(backend):
     assert abs(ops.subspace_cosine(wa, wu, lora_A=A8, lora_B=B8, backend=backend) - want) < 1e-5
     assert abs(ops.subspace_cosine(wa, wu, delta=(B8.float() @ A8.float()).to(torch.float8_e5m2), backend=backend)
                - ref_cosine(wa, wu, (B8.float() @ A8.float()).to(torch.float8_e5m2).double())) < 1e-5
+
+
+def test_what_is_not_a_tensor_is_one_line():
+    import numpy as np
+
+    wa, wu, A, B = inputs()
+    calls = [
+        (lambda: ops.subspace_score(wa.tolist(), wu, lora_A=A, lora_B=B), "w_aligned must be a torch.Tensor; got list"),
+        (lambda: ops.subspace_score(wa, wu.numpy(), lora_A=A, lora_B=B), "w_unaligned must be a torch.Tensor; got ndarray"),
+        (lambda: ops.subspace_score(wa, wu, lora_A=A.numpy(), lora_B=B), "lora_A must be a torch.Tensor; got ndarray"),
+        (lambda: ops.subspace_score(wa, wu, delta=np.zeros(wa.shape)), "delta must be a torch.Tensor; got ndarray"),
+        (lambda: ops.project_lora_B(wa, wu, B.tolist()), "lora_B must be a torch.Tensor; got list"),
+        (lambda: ops.project_delta(wa, wu, 3.0), "delta must be a torch.Tensor; got float"),
+    ]
+    for call, msg in calls:
+        with pytest.raises(ValueError, match=msg + r" \(convert it with torch.as_tensor\)$"):
+            call()
