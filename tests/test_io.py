@@ -828,7 +828,11 @@ def test_side_files_leave_out_indexes_of_weights_not_copied_and_earlier_reports(
     for name in ("config.json", "tokenizer.json", "pytorch_model.bin.index.json", "pytorch_model.bin",
                  "model.safetensors.index.json", REPORT_JSON, REPORT_PNG):
         (src / name).write_text("{}")
+    (src / "config.json").chmod(0o444)  # (a read-only model store: the output's copy is the user's to edit)
     assert copy_side_files(src, dst) == ["config.json", "tokenizer.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (dst / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_an_interrupt_after_the_output_is_in_place_is_not_a_failure(tmp_path, monkeypatch, capsys):

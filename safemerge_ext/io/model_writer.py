@@ -37,7 +37,7 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     for f in sorted(src.iterdir()):
         if (f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")
                 and f.name not in RUN_FILES):
-            shutil.copy2(f, dst / f.name)
+            shutil.copyfile(f, dst / f.name)  # (contents only: the output's files all get the umask's mode)
             copied.append(f.name)
     return copied
 
@@ -81,7 +81,7 @@ def write_model(
     finally:
         scanner.shutdown(wait=True, cancel_futures=True)
     if reader.is_sharded:
-        shutil.copy2(reader.path / INDEX, out_dir / INDEX)
+        shutil.copyfile(reader.path / INDEX, out_dir / INDEX)
     copy_side_files(reader.path, out_dir)
     return written
 
