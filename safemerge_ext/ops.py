@@ -194,7 +194,8 @@ def subspace_score(
         _check_update("delta", delta)
         m2, n2, d2, vsq = impl.fullrank_sums(wa, wu, _operand(delta).to(wa.device).contiguous(), **kw)
         num, projected = m2, None
-        if 0.0 < m2 < _FP32_FULL ** 2 or 0.0 < n2 < _FP32_FULL ** 2:  # (M, N all below 2^-120: see above)
+        d_out, d_in = wa.shape  # (M = V^T dW, N = V M: their entries' RMS below 2^-120, see above)
+        if 0.0 < m2 < _FP32_FULL ** 2 * d_in * d_in or 0.0 < n2 < _FP32_FULL ** 2 * d_out * d_in:
             raise FloatingPointError(_LOST)
     values = (vsq, num, n2, d2)
     if not all(math.isfinite(v) for v in values):
