@@ -184,9 +184,11 @@ def _run(args: argparse.Namespace) -> int:
         report = pipeline.score(args.aligned, args.unaligned, args.adapter, threshold=args.threshold,
                                 report_path=args.report, plot_path=args.plot, **common)
     elif args.command == "merge":
-        if args.density is not None and args.method == "linear":
+        from safemerge_ext.merge import USES_DENSITY, USES_SEED
+
+        if args.density is not None and args.method not in USES_DENSITY:
             raise ValueError("--density applies to --method ties, dare_linear and dare_ties; linear keeps every entry")
-        if args.seed is not None and not args.method.startswith("dare"):
+        if args.seed is not None and args.method not in USES_SEED:
             raise ValueError(f"--seed applies to --method dare_linear and dare_ties (their random masks); "
                              f"{args.method} draws nothing")
         threshold = 0.35 if args.num_layers is None and args.fraction is None and args.threshold is None else args.threshold
@@ -213,7 +215,7 @@ def _say_done(args: argparse.Namespace, report: dict) -> int:
     from safemerge_ext.report import summary_table
 
     out = getattr(args, "out", None)
-    written = f"--out {out}" if out else (f"--report {args.report}" if getattr(args, "report", None) else "the run")
+    written = _target(args) or "the run"
     try:
         lines = [summary_table(report)]
         if out:
@@ -233,6 +235,13 @@ def _say_done(args: argparse.Namespace, report: dict) -> int:
     return 0
 
 
+def _target(args: argparse.Namespace) -> str | None:
+    """What the command writes, as its flag names it (``--out DIR``, ``--report FILE``), if anything."""
+    if getattr(args, "out", None):
+        return f"--out {args.out}"
+    return f"--report {args.report}" if getattr(args, "report", None) else None
+
+
 def _warn(text: str, prefix: str = "safemerge: warning") -> None:
     try:
         print(f"{prefix}: {text}", file=sys.stderr, flush=True)
@@ -246,8 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from safemerge_ext._signals import Terminated, sigterm_as_interrupt
     from safemerge_ext.errors import SafeMergeError
 
-    out = getattr(args, "out", None)
-    target = f"--out {out}" if out else (f"--report {args.report}" if getattr(args, "report", None) else None)
+    target = _target(args)
     try:
         with sigterm_as_interrupt():
             return _run(args)

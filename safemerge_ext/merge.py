@@ -21,6 +21,8 @@ from typing import Iterator
 import torch
 
 METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+USES_DENSITY = ("ties", "dare_linear", "dare_ties")  # (linear keeps every entry)
+USES_SEED = ("dare_linear", "dare_ties")  # (only DARE draws)
 
 
 def validate(method: str, alpha: float, density: float) -> None:

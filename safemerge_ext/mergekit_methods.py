@@ -43,7 +43,7 @@ from safemerge_ext.backends import EXACT, PRECISIONS, backend_detail, requested_
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import ModelReader, all_finite
 from safemerge_ext.merge import METHODS as MERGE_METHODS
-from safemerge_ext.merge import combine_full, seeded
+from safemerge_ext.merge import USES_DENSITY, USES_SEED, combine_full, seeded
 from safemerge_ext.report import (REPORT_JSON, REPORT_PNG, LayerRecord, PlotUnavailable, build_report, plot,
                                   summary_table, write_json)
 
@@ -687,10 +687,10 @@ def _settings(method: str, layers: list[LayerRecord]) -> dict[str, Any]:
     for k in keys:
         values = {json.dumps(r.extra.get(k)) for r in layers}
         settings[k] = layers[0].extra.get(k) if len(values) == 1 else "varies by layer (see layers)"
-    if method == "safemerge" and settings["merge"] in ("linear", "ties"):  # (null where the merge has no use for them)
-        settings["seed"] = None
-        if settings["merge"] == "linear":
-            settings["density"] = None
+    if method == "safemerge" and settings["merge"] in MERGE_METHODS:  # (null where the merge has no use for them)
+        for key, users in (("density", USES_DENSITY), ("seed", USES_SEED)):
+            if settings["merge"] not in users:
+                settings[key] = None
     if method != "resta":
         fixed = not isinstance(settings["threshold"], str)
         settings.update({"selection": "threshold" if fixed else "threshold (per layer)",
@@ -705,7 +705,9 @@ def _unused_density(method: str, layers: list[LayerRecord]) -> list[str]:
     """A warning when a safemerge recipe sets a density its linear merge cannot use."""
     if method != "safemerge":
         return []
-    unused = [r.module for r in layers if r.extra.get("merge") == "linear" and r.extra.get("density", 1.0) != 1.0]
+    unused = [r.module for r in layers
+              if r.extra.get("merge") in MERGE_METHODS and r.extra["merge"] not in USES_DENSITY
+              and r.extra.get("density", 1.0) != 1.0]
     return [f"density applies to merge: ties, dare_linear and dare_ties; with merge: linear it changed nothing "
             f"({len(unused)} layer(s), e.g. {unused[0]})"] if unused else []
 

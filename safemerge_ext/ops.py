@@ -125,6 +125,20 @@ def _non_finite(message: str, *tensors: torch.Tensor | None) -> FloatingPointErr
     return FloatingPointError(message)
 
 
+def _below_full_precision(*tensors: torch.Tensor) -> bool:
+    """Whether an fp32 result's largest entry is nonzero but below 2^-120: its entries are near or
+    below fp32's normal range and have lost significant bits (weights near 1e-21)."""
+    return any(0.0 < float(X.abs().max()) < _FP32_FULL for X in tensors if X.numel())
+
+
+def _v_is_zero(vsq: float, wa: torch.Tensor, wu: torch.Tensor) -> bool:
+    """Whether V = 0; raises where ||V||^2 is 0 but the weights differ (entries too small to square
+    in fp32, below about 1e-19): checked against the tensors, a read on that path only."""
+    if vsq == 0.0 and not torch.equal(wa, wu):
+        raise FloatingPointError(_LOST)
+    return vsq == 0.0
+
+
 def _cos(num: float, n2: float, d2: float) -> float:
     denom = math.sqrt(max(n2, 0.0) * max(d2, 0.0))
     return num / denom if denom > 0 else math.nan
@@ -180,10 +194,7 @@ def subspace_score(
         # ||dW||^2 = <B^T B, G>
         traces = getattr(impl, "lowrank_traces", reference.lowrank_traces)
         inner, n2, d2 = traces(T, P, lora_A, lora_B)
-        # fp32 entries of T or P below 2^-120 (weights near 1e-21) are near or below fp32's normal
-        # range and have lost significant bits: the score would be off in its fourth digit
-        tiny = [float(X.abs().max()) for X in (T, P) if X.numel()]
-        if any(0.0 < m < _FP32_FULL for m in tiny):
+        if _below_full_precision(T, P):  # (the score would be off in its fourth digit)
             raise FloatingPointError(_LOST)
         # rho = (inner/||V||) / (sqrt(n2)/||V|| * sqrt(d2)): ||V|| cancels.
         num = inner
@@ -204,9 +215,10 @@ def subspace_score(
     v_norm, d_norm = math.sqrt(vsq), math.sqrt(max(d2, 0.0))
     # a zero sum of squares from entries too small to square in fp32 (below about 1e-19) is not a
     # zero V or update: checked against the tensors themselves, which costs a read only then
-    if (vsq == 0.0 and not torch.equal(w_aligned, w_unaligned)) or (d2 <= 0.0 and delta is not None and bool(delta.any())):
+    v_zero = _v_is_zero(vsq, w_aligned, w_unaligned)
+    if d2 <= 0.0 and delta is not None and bool(delta.any()):
         raise FloatingPointError(_LOST)
-    if vsq == 0.0:
+    if v_zero:
         return Score(math.nan, v_norm, d_norm, "aligned and unaligned weights are identical (V = 0)", name,
                      precision=used)
     if d2 <= 0.0:
@@ -265,12 +277,10 @@ def project_lora_B(
     )
     if not math.isfinite(vsq) or not torch.isfinite(P).all():
         raise _non_finite("the weights or lora_B contain NaN or Inf", w_aligned, w_unaligned, lora_B)
-    if vsq == 0.0 and not torch.equal(w_aligned, w_unaligned):
-        raise FloatingPointError(_LOST)
-    if vsq == 0.0:
+    if _v_is_zero(vsq, w_aligned, w_unaligned):
         raise ValueError("aligned and unaligned weights are identical (V = 0): the projection is undefined")
-    t_max, p_max = (float(X.abs().max()) if X.numel() else 0.0 for X in (T, P))
-    if 0.0 < t_max < _FP32_FULL or 0.0 < p_max < _FP32_FULL or (t_max > 0.0 and p_max == 0.0):  # (see subspace_score)
+    # (T != 0 forces P = V T != 0: a zero P underflowed)
+    if _below_full_precision(T, P) or (bool(T.any()) and not bool(P.any())):
         raise FloatingPointError(_LOST)
     out = (P.double() / math.sqrt(vsq)).to(device=lora_B.device, dtype=lora_B.dtype)
     if not torch.isfinite(out).all():
@@ -294,8 +304,6 @@ def project_delta(
                                _operand(delta).to(w_aligned.device).contiguous(), **kw)
     if not math.isfinite(vsq) or not torch.isfinite(N).all():
         raise _non_finite("the weights or the update contain NaN or Inf", w_aligned, w_unaligned, delta)
-    if vsq == 0.0 and not torch.equal(w_aligned, w_unaligned):
-        raise FloatingPointError(_LOST)
-    if vsq == 0.0:
+    if _v_is_zero(vsq, w_aligned, w_unaligned):
         raise ValueError("aligned and unaligned weights are identical (V = 0): the projection is undefined")
     return N / math.sqrt(vsq)

@@ -690,8 +690,8 @@ def merge(
             "out": str(Path(out).resolve()), **settings.selection.describe(), "alpha": settings.alpha,
             "merge": settings.method, "output": settings.output,
             # (null where the method has no use for them: linear keeps every entry, only DARE draws)
-            "density": None if settings.method == "linear" else settings.density,
-            "seed": settings.seed if settings.method.startswith("dare") else None,
+            "density": settings.density if settings.method in merging.USES_DENSITY else None,
+            "seed": settings.seed if settings.method in merging.USES_SEED else None,
             "device": device, "backend_requested": run.backend_requested, "precision_requested": run.precision_requested,
         })
         _save_report(report, tmp, plot)
