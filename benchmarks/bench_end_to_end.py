@@ -322,7 +322,7 @@ def rewarm(data: Path, adapters: str, *, again: bool = False) -> None:
     within seconds, so one warm-up at the start left later contenders of a "warm" run reading part
     of their input from the disk (measured: 5-16 of the 32 q/v pairs of a 1B model a few seconds
     after they were read). Cached files cost one ``cachestat`` call each. With ``again``, every
-    file is first dropped from the cache (``POSIX_FADV_DONTNEED``), so all of it is read back."""
+    file is first written back and dropped from the cache (``POSIX_FADV_DONTNEED``), so all of it is read back."""
     from safemerge_ext.io import pagecache
     from safemerge_ext.io.models import _copy_buffered, _NotHere, _sendfile
 
@@ -332,6 +332,7 @@ def rewarm(data: Path, adapters: str, *, again: bool = False) -> None:
             try:
                 size = os.fstat(fd).st_size
                 if again and hasattr(os, "posix_fadvise"):
+                    os.fdatasync(fd)  # (the kernel drops clean pages only: a file just written keeps its dirty ones)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 elif pagecache.resident(fd, 0, size):
                     continue
