@@ -22,6 +22,14 @@ def ref_project(wa: torch.Tensor, wu: torch.Tensor, X: torch.Tensor) -> torch.Te
     return (V @ V.t() / V.norm()) @ X.double()
 
 
+def project_error_scale(wa: torch.Tensor, wu: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Per element of C X, the sum of the magnitudes of its terms, (|V| |V|^T |X|) / ||V||, in
+    float64: a computation in a precision with unit roundoff u, over n = d_out + d_in terms, is
+    within n u of that of the exact value (Higham's gamma_n), whatever the order of its sums."""
+    V = (wa.double() - wu.double()).abs()
+    return (V @ (V.t() @ X.double().abs())) / V.norm()
+
+
 def ref_lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(T = V^T B, P = V T, ||V||^2) in float64, V formed whole: what the low-rank passes compute."""
     V = wa.double().cpu() - wu.double().cpu()
@@ -37,8 +45,10 @@ def ref_fullrank(wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor) -> tuple[
     return float(M.square().sum()), float(N.square().sum()), float(D.square().sum()), float(V.square().sum()), N
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str = "") -> None:
-    """torch.testing-style check that reports the worst elements and non-finite mismatches."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float | torch.Tensor, rtol: float,
+                 what: str = "") -> None:
+    """torch.testing-style check that reports the worst elements and non-finite mismatches; atol may
+    be a tensor of per-element bounds."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
     bad_finite = torch.isfinite(a) != torch.isfinite(e)
@@ -46,6 +56,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
         idx = bad_finite.nonzero()[:5].tolist()
         raise AssertionError(f"{what}: NaN/Inf differ at {idx}")
     err = (a - e).abs()
+    if isinstance(atol, torch.Tensor):
+        atol = atol.detach().double().cpu()
     allowed = atol + rtol * e.abs()
     over = err > allowed
     if over.any():
@@ -56,5 +68,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
             for w in worst
         ]
         raise AssertionError(
-            f"{what}: {int(over.sum())}/{a.numel()} elements off (atol={atol}, rtol={rtol}); worst: " + "; ".join(rows)
+            f"{what}: {int(over.sum())}/{a.numel()} elements off "
+            f"(atol={'per element' if isinstance(atol, torch.Tensor) else atol}, rtol={rtol}); worst: " + "; ".join(rows)
         )
