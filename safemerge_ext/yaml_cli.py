@@ -9,6 +9,7 @@ Every bad input is one line on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -93,14 +94,16 @@ def _check_parameters(method: str, params: dict[str, Any], where: str, *, on_mod
         if isinstance(setting, list) and len(setting) > 1 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             # a gradient: mergekit interpolates between its values layer by layer, so those in
-            # between must pass too (an integer setting takes none)
+            # between must pass too (an integer setting takes none; a point at an irrational
+            # fraction of the way is whole only where the two ends are equal)
             for lo, hi in zip(values, values[1:]):
+                between = lo + (hi - lo) / math.pi
                 try:
-                    specs[name].validate((lo + hi) / 2)
+                    specs[name].validate(between)
                 except ValidationError:
                     raise SafeMergeError(
                         f"{where}: {name} takes one value, not a gradient {setting!r} (mergekit would interpolate "
-                        f"values such as {(lo + hi) / 2!r} between the layers); give a single {name}"
+                        f"values such as {between:.4g} between the layers); give a single {name}"
                     ) from None
         for v in values:
             try:
@@ -155,6 +158,9 @@ def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
         raise SafeMergeError(f"recipe: no models; list the {', '.join(ROLES[method])} models under models:")
     for label, base, inputs, own in groups:
         _check_parameters(method, own, f"{label}: parameters")
+        if "report_path" in own:  # (mergekit would rank it above the recipe's: part of the report would go there)
+            raise SafeMergeError(f"{label}: parameters: report_path is a setting of the whole run; "
+                                 "move it to the recipe's top-level parameters:")
         found: dict[str, list[str]] = {}
         for ref, params in inputs:
             role = params.get("role")
@@ -163,6 +169,7 @@ def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
                     raise SafeMergeError(
                         f"{label}: {ref} is the base_model (the aligned model) and must not have a role; got role {role!r}"
                     )
+                _check_parameters(method, params, f"{label}: base_model {ref}", on_model=True)
                 continue
             if role is None:
                 raise SafeMergeError(

@@ -354,6 +354,10 @@ def _mismatched_model(tmp: Path) -> Path:
         ("unaligned_dtype", "is torch.float32 in the aligned model but torch.bfloat16 in role unaligned"),
         ("missing_norm", "tensor model.layers.1.input_layernorm.weight is in the aligned model but missing from role task"),
         ("integer_gradient", "seed takes one value, not a gradient [0, 1]"),
+        ("integer_gradient_whole_midpoint", "seed takes one value, not a gradient [0, 2]"),  # (0.64 at layer 1 of 3)
+        ("slice_report_path", "slices[0]: parameters: report_path is a setting of the whole run"),
+        ("base_model_threshold", "is a setting of the whole merge, which mergekit does not read from a model"),
+        ("base_model_typo", "unknown parameter 'alhpa'"),
         ("boolean", "threshold takes a number, not true"),  # (pydantic would read 1.0)
         ("boolean_in_filter", "seed takes a whole number, not false"),
         ("empty_list", "alpha is an empty list"),  # (mergekit would use the default)
@@ -373,10 +377,14 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         cfg["parameters"]["precision"] = "fp8"
     elif case == "model_level_threshold":
         models[0]["parameters"]["threshold"] = 0.6
-    elif case in ("slice_typo", "slice_merge"):
+    elif case in ("slice_typo", "slice_merge", "slice_report_path"):
+        own = {"slice_typo": {"thresold": 0.9}, "slice_merge": {"merge": "slerp"},
+               "slice_report_path": {"threshold": 0.9, "report_path": str(tmp_path / "slice-report")}}[case]
         cfg["slices"] = [{"sources": [{**m, "layer_range": [0, 2]} for m in cfg.pop("models")]
-                          + [{"model": cfg["base_model"], "layer_range": [0, 2]}],
-                          "parameters": {"thresold": 0.9} if case == "slice_typo" else {"merge": "slerp"}}]
+                          + [{"model": cfg["base_model"], "layer_range": [0, 2]}], "parameters": own}]
+    elif case in ("base_model_threshold", "base_model_typo"):  # the base model listed with settings of its own
+        own = {"threshold": 0.9} if case == "base_model_threshold" else {"alhpa": 0.1}
+        models.append({"model": cfg["base_model"], "parameters": own})
     elif case == "dtype":
         cfg["dtype"] = "bf16"
     elif case == "bad_precision_env":
@@ -385,6 +393,8 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         cfg["parameters"]["threshold"] = 1.5
     elif case == "integer_gradient":  # mergekit would interpolate 0.5 between the layers, then refuse it
         cfg["parameters"]["seed"] = [0, 1]
+    elif case == "integer_gradient_whole_midpoint":
+        cfg["parameters"]["seed"] = [0, 2]
     elif case == "boolean":
         cfg["parameters"]["threshold"] = True
     elif case == "boolean_in_filter":
