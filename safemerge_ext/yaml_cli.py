@@ -220,7 +220,7 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
         if ref.lora is not None:
             has_lora = True
             lpath = _local_dir(ref.lora.path, f"{label}: LoRA adapter")
-            adapters.append((label, ref, read_adapter(lpath, flag=f"{label}: LoRA adapter")))
+            adapters.append((label, ref, read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True)))
     base_label, _, base = readers[0]
     vocab = _vocab_size(base.path)
     aligns_vocab = config.tokenizer is not None or config.tokenizer_source is not None

@@ -262,6 +262,42 @@ def test_aligned_plus_lora_inputs_with_lora_merge_cache(pico, tmp_path):
     assert {m: f for m, f in flags.items()} == {r["module"]: r["flagged"] for r in report["layers"]}
 
 
+def test_lora_inputs_that_peft_folds_are_taken_by_safemerge_yaml(pico, tmp_path):
+    """A model+lora input is folded by PEFT before the method sees it, so a DoRA task adapter with
+    a saved lm_head (modules_to_save) is scored as W_task - W_aligned of the folded model: the
+    recipe passes safemerge-yaml's checks, and the merge matches the reference on that model.
+    (The adapter-level CLI, which reads the factors themselves, still refuses such adapters.)"""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(5)
+    model = LlamaForCausalLM.from_pretrained(pico.aligned, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
+                     modules_to_save=["lm_head"], init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n or "magnitude" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    adapter = tmp_path / "dora"
+    peft_model.save_pretrained(adapter)
+    folded = {k: v.detach().double() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    folded = {k: v for k, v in folded.items() if k in read_model(pico.aligned)}
+
+    rcfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{adapter}")
+    checked = validate_recipe(rcfg, "r.yml")
+    assert checked.has_lora
+    with pytest.raises(SafeMergeError, match="use_dora is set"):
+        from safemerge_ext.io.adapters import read_adapter
+
+        read_adapter(adapter)
+    got, report = merge(rcfg, tmp_path / "o", lora_merge_dtype="float32", lora_merge_cache=str(tmp_path / "cache"))
+    want, flags = reference(pico, "safemerge", task=folded)
+    check_all(got, want, atol=2e-5)
+    assert flags == {r["module"]: r["flagged"] for r in report["layers"]}
+    assert not torch.equal(got["lm_head.weight"], read_model(pico.aligned)["lm_head.weight"])
+
+
 def test_mergekit_own_methods_unchanged_by_plugin(pico, tmp_path):
     """linear and ties give bit-identical output in a fresh interpreter without the plugin."""
     cfgs = {

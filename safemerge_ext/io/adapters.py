@@ -45,6 +45,10 @@ _UNSUPPORTED = {
                          "whose layer numbers are not the checkpoint's",
 }
 
+# Of those, what PEFT's merge_and_unload folds into the weights as the adapted model computes
+# them: right for mergekit's model+lora inputs, scored as W_task - W_aligned.
+_FOLDED_BY_PEFT = frozenset({"use_dora", "modules_to_save", "lora_bias", "trainable_token_indices"})
+
 _REMEDY = {
     # (peft's target_modules="all-linear" adds the experts' parameters on transformers 5 MoE models)
     "target_parameters": "; train it with target_modules alone (list the linear layers; on MoE models peft's "
@@ -124,10 +128,15 @@ class LoraAdapter:
         return sum(m.nbytes for m in self.modules.values())
 
 
-def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapter:
+def read_adapter(path: str | os.PathLike, flag: str = "--adapter", *, folded: bool = False) -> LoraAdapter:
     """Open and validate a PEFT LoRA adapter folder: config, names, shapes, ranks, and that every
     factor is finite (each is read once for that and dropped; modules read their factors again
-    when asked)."""
+    when asked).
+
+    ``folded``: the adapter is to be folded into its model by PEFT (mergekit's ``model+lora``),
+    whose update is then read back as W_task - W_aligned: what PEFT folds as the adapted model runs
+    (DoRA magnitudes, saved modules, LoRA biases, trained tokens) is allowed, and only its B @ A
+    factors are returned, for their shapes."""
     p = Path(path)
     cfg_path, w_path = p / CONFIG, p / WEIGHTS
     if not p.is_dir():
@@ -148,6 +157,8 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
     if peft_type != "LORA":
         raise SafeMergeError(f"{flag} {cfg_path}: peft_type is {peft_type or 'missing'}; only LoRA adapters are supported")
     for key, why in _UNSUPPORTED.items():
+        if folded and key in _FOLDED_BY_PEFT:
+            continue
         value = config.get(key)
         if value or (key.endswith("_config") and value is not None):  # (an empty *_config: the defaults)
             raise SafeMergeError(f"{flag} {cfg_path}: {key} is set; {why}, so this adapter is not supported"
@@ -172,6 +183,8 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter") -> LoraAdapte
     for key in reader.names:
         m = _KEY.match(key)
         if m is None:
+            if folded:
+                continue
             raise _not_a_factor(key, reader.names, config, f"{flag} {w_path}")
         factors = keys.setdefault(peft_module(m["module"]), {})
         if m["ab"] in factors:  # (e.g. lora_A.weight and lora_A.other.weight: two adapters' factors in one file)
