@@ -181,6 +181,9 @@ def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
                 )
             found.setdefault(role, []).append(_ref_str(ref))
             _check_parameters(method, params, f"{label}: model {ref}", on_model=True)
+        if "slices[" in label and not any(ref == base for ref, _ in inputs):  # (mergekit adds it to models: only)
+            raise SafeMergeError(f"{label}: the base_model {base} (the aligned model) is not one of the slice's "
+                                 "sources; add it as a source with the same layer_range")
         for r in ROLES[method]:
             got = found.get(r, [])
             if len(got) != 1:

@@ -392,6 +392,7 @@ def _mismatched_model(tmp: Path) -> Path:
         ("integer_gradient", "seed takes one value, not a gradient [0, 1]"),
         ("integer_gradient_whole_midpoint", "seed takes one value, not a gradient [0, 2]"),  # (0.64 at layer 1 of 3)
         ("slice_report_path", "slices[0]: parameters: report_path is a setting of the whole run"),
+        ("slice_without_base", "slices[0]: the base_model"),
         ("base_model_threshold", "is a setting of the whole merge, which mergekit does not read from a model"),
         ("base_model_typo", "unknown parameter 'alhpa'"),
         ("boolean", "threshold takes a number, not true"),  # (pydantic would read 1.0)
@@ -418,6 +419,8 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
                "slice_report_path": {"threshold": 0.9, "report_path": str(tmp_path / "slice-report")}}[case]
         cfg["slices"] = [{"sources": [{**m, "layer_range": [0, 2]} for m in cfg.pop("models")]
                           + [{"model": cfg["base_model"], "layer_range": [0, 2]}], "parameters": own}]
+    elif case == "slice_without_base":
+        cfg["slices"] = [{"sources": [{**m, "layer_range": [0, 2]} for m in cfg.pop("models")]}]
     elif case in ("base_model_threshold", "base_model_typo"):  # the base model listed with settings of its own
         own = {"threshold": 0.9} if case == "base_model_threshold" else {"alhpa": 0.1}
         models.append({"model": cfg["base_model"], "parameters": own})
