@@ -352,6 +352,36 @@ def _check_report_path(own: str, out: Path, inputs: tuple[tuple[str, Path], ...]
                              "leave report_path out or choose a folder elsewhere")
 
 
+def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str) -> None:
+    """A ``--lora-merge-cache`` that an earlier run filled: mergekit reuses a folded model by the
+    adapter's and the model's paths alone, so one folded in another dtype, or cut short, would be
+    scored as this run's task model. Refuse those (headers only)."""
+    import torch
+
+    from safemerge_ext.io.models import ModelReader
+
+    want = getattr(torch, dtype, None) if dtype else None
+    for _, _, inputs, _ in _groups(config):
+        for ref, _ in inputs:
+            if ref.lora is None:
+                continue
+            entry = Path(cache) / f"{ref.model._unique_id()}_{ref.lora._unique_id()}"
+            if not entry.exists():
+                continue
+            redo = f"remove {entry} so that mergekit folds {_ref_str(ref)} again"
+            try:
+                reader = ModelReader(entry, flag="--lora-merge-cache entry")
+                got = next((reader.meta(n)[1] for n in reader.names if len(reader.meta(n)[0]) == 2), None)
+            except SafeMergeError:
+                raise SafeMergeError(f"--lora-merge-cache {cache}: {entry} holds no complete model (an interrupted "
+                                     f"fold?); {redo}") from None
+            if want is not None and got is not None and got != want:
+                raise SafeMergeError(
+                    f"--lora-merge-cache {cache}: {entry} holds {_ref_str(ref)} folded in "
+                    f"{str(got).removeprefix('torch.')}, not {dtype} as this run folds it; {redo}, "
+                    f"or pass --lora-merge-dtype {str(got).removeprefix('torch.')}")
+
+
 def _fail(msg: str) -> None:
     click.echo(f"safemerge-yaml: error: {msg}", err=True)
     sys.exit(1)
@@ -387,6 +417,11 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         # W_aligned + B A in fp32: in the model's bf16 the adapter's update would be rounded
         # relative to the weights before it is recovered as W_task - W_aligned and scored
         merge_options = merge_options.model_copy(update={"lora_merge_dtype": "float32"})
+    if checked.has_lora and merge_options.lora_merge_cache:
+        try:
+            _check_lora_cache(checked.config, merge_options.lora_merge_cache, merge_options.lora_merge_dtype)
+        except SafeMergeError as exc:
+            _fail(str(exc))
     own = (checked.config.parameters or {}).get("report_path")
     own = own if isinstance(own, str) and own else None
     if own:

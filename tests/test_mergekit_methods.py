@@ -1215,3 +1215,35 @@ def test_safemerge_yaml_help_gives_its_own_lora_merge_dtype_default(capsys):
         yaml_cli.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert done.value.code == 0 and "--lora-merge-dtype TEXT Override dtype when applying LoRAs (default here: float32" in text
+
+
+@pytest.mark.parametrize("state", ["bf16", "cut-short", "fp32"])
+def test_safemerge_yaml_refuses_a_lora_cache_folded_otherwise(pico, tmp_path, capsys, state):
+    """mergekit reuses a --lora-merge-cache entry by the two paths alone: one folded in bf16 by an
+    earlier run, or left incomplete, would be scored as this run's (fp32) task model. It is refused
+    before the merge; an entry folded as this run folds is reused."""
+    from safemerge_ext import yaml_cli
+
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
+    if state == "cut-short":
+        (cache / next(iter(_lora_entries(pico, cfg)))).mkdir(parents=True)  # (as a fold stopped after mergekit's mkdir)
+    else:
+        merge(cfg, tmp_path / "earlier", lora_merge_cache=str(cache),
+              lora_merge_dtype="bfloat16" if state == "bf16" else "float32")
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(out), "--no-copy-tokenizer",
+                       "--lora-merge-cache", str(cache)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]
+    if state == "fp32":
+        assert done.value.code == 0 and (out / "safemerge_report.json").is_file(), err
+        return
+    why = "folded in bfloat16, not float32" if state == "bf16" else "holds no complete model"
+    assert done.value.code == 1 and len(err) == 1 and why in err[0] and "--lora-merge-cache" in err[0], err
+    assert not out.exists()
+
+
+def _lora_entries(p, cfg: dict) -> list[str]:
+    """The cache entries mergekit folds a recipe's model+lora inputs into."""
+    refs = [MergeConfiguration.model_validate(cfg).models[i].model for i in range(len(cfg["models"]))]
+    return [f"{r.model._unique_id()}_{r.lora._unique_id()}" for r in refs if r.lora is not None]
