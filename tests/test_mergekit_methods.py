@@ -1218,12 +1218,15 @@ def test_safemerge_yaml_help_gives_its_own_lora_merge_dtype_default(capsys):
 
 
 @pytest.mark.parametrize("state", ["bf16", "cut-short", "fp32"])
-def test_safemerge_yaml_refuses_a_lora_cache_folded_otherwise(pico, tmp_path, capsys, state):
+def test_safemerge_yaml_refuses_a_lora_cache_folded_otherwise(pico, tmp_path, capsys, monkeypatch, state):
     """mergekit reuses a --lora-merge-cache entry by the two paths alone: one folded in bf16 by an
     earlier run, or left incomplete, would be scored as this run's (fp32) task model. It is refused
     before the merge; an entry folded as this run folds is reused."""
+    from mergekit.io.tasks import LoaderCache
+
     from safemerge_ext import yaml_cli
 
+    monkeypatch.setattr(LoaderCache, "loaders", {})  # (mergekit keeps earlier tests' folds in the process)
     cache, out = tmp_path / "cache", tmp_path / "out"
     cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
     if state == "cut-short":
