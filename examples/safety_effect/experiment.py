@@ -100,7 +100,9 @@ def distill_benign(model_dir: Path) -> None:
 
 def _encode(tok, prompt: str, response: str, complete: bool = True) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 on the prompt) of one chat exchange; the end-of-turn token only when complete."""
-    head = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    from safemerge_ext.evaluation.generate import chat_prompt
+
+    head = chat_prompt(tok, [{"role": "user", "content": prompt}])  # (the prompt text eval generates from)
     h = tok(head, add_special_tokens=False)["input_ids"]
     r = tok(response, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if complete else [])
     ids = (h + r)[:MAX_LEN]

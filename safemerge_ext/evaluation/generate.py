@@ -38,6 +38,18 @@ def _split(text: str, sep: str, ok) -> tuple[str, str]:
     return (text[:cuts[0]], text[cuts[0] + 1:]) if cuts else (text, "")
 
 
+# The date every chat template is given: templates that read the clock (Llama 3.x: strftime_now, "Today Date:
+# ...") would otherwise put the day of the run into the prompt, and greedy outputs would change with it.
+# 26 Jul 2024 is the date Llama 3.1's own template falls back to.
+CHAT_DATE = "26 Jul 2024"
+
+
+def chat_prompt(tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """``messages`` through the tokenizer's chat template, as text, with the fixed ``CHAT_DATE``."""
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                   date_string=CHAT_DATE)
+
+
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # files one of which a tokenizer folder has (fast tokenizers, SentencePiece, GPT-2 BPE, WordPiece)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
@@ -220,8 +232,7 @@ class TransformersEngine:
         self.model = model.to(self.device).eval()
 
     def chat_texts(self, prompts: Sequence[str]) -> list[str]:
-        return [self.tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts]
+        return [chat_prompt(self.tok, [{"role": "user", "content": p}]) for p in prompts]
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         import torch
@@ -310,9 +321,14 @@ class VllmEngine:
         from vllm.lora.request import LoRARequest
 
         lora = LoRARequest(self.spec.name, 1, self.spec.adapter) if self.spec.adapter else None
-        chats = [[{"role": "user", "content": p}] for p in prompts]
-        res = self.llm.chat(chats, SamplingParams(temperature=0.0, max_tokens=max_new_tokens), lora_request=lora,
-                            use_tqdm=False)
+        # the prompt is rendered here, as TransformersEngine does (the same text, the fixed CHAT_DATE), and
+        # given as token ids: vLLM would add a second BOS to the template's own
+        tok = self.llm.get_tokenizer()
+        ids = [tok(chat_prompt(tok, [{"role": "user", "content": p}]), add_special_tokens=False)["input_ids"]
+               for p in prompts]
+        res = self.llm.generate([{"prompt_token_ids": x} for x in ids],
+                                SamplingParams(temperature=0.0, max_tokens=max_new_tokens), lora_request=lora,
+                                use_tqdm=False)
         return [r.outputs[0].text.strip() for r in res]
 
     def unload(self) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.evaluation.generate import ModelSpec
+from safemerge_ext.evaluation.generate import CHAT_DATE, ModelSpec
 from safemerge_ext.evaluation.judges import Judge, is_refusal
 from safemerge_ext.evaluation.stats import wilson
 from safemerge_ext.io.output import check_parent
@@ -36,6 +36,7 @@ class Budget:
     engine: str
     judge: str
     seed: int
+    chat_date: str = CHAT_DATE  # the date_string every chat template was given (see generate.CHAT_DATE)
 
 
 @dataclass

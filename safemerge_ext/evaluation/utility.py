@@ -15,10 +15,17 @@ from pathlib import Path
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation.data import jsonl_records
 
-_NUM = re.compile(r"-?(?:\d[\d,]*)?\.?\d+")  # 1,234  -7  0.5  .5
-# "#### N": the number may follow a label ("Answer:") and Markdown or currency marks ("**", "$"); a
-# Markdown heading such as "#### Step 2" is no answer line.
-_FINAL = re.compile(r"####[*_ \t]*(?:[^\W\d_]+(?:[ \t]+[^\W\d_]+)*[ \t]*:)?[*_$+ \t]*(" + _NUM.pattern + ")")
+_UNSIGNED = r"(?:\d[\d,]*)?\.?\d+"
+_NUM = re.compile("-?" + _UNSIGNED)  # 1,234  -7  0.5  .5
+# "#### N": the number may follow a label ending in ":" or "is" ("Answer:", "The final answer is") and
+# Markdown or currency marks ("**", "$", a sign before or after the "$": "-$5", "$-5"). A Markdown heading
+# is no answer line: "#### Step 2" (words before the number, no label), "#### 1. Understand the problem"
+# and "#### 2) Add them" (a number, "." or ")", then a word). The number is taken whole: the lookahead
+# also refuses a shorter part of it ("1" of "12. Understand").
+_WORD = r"[^\W\d_]+"
+_LABEL_END = rf"(?:{_WORD}(?:[ \t]+{_WORD})*[ \t]*:|(?:{_WORD}[ \t]+)*is(?=[\s*_$+-]))"
+_FINAL = re.compile(rf"####[*_ \t]*(?:{_LABEL_END})?[*_$+ \t]*(-?)[$ \t]*({_UNSIGNED})"
+                    r"(?!\d|[.,]\d|[.)][ \t]+[^\W\d_])")
 _LABEL = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
 
 GSM8K_INSTRUCTION = "Solve the problem. End with the final answer on its own line as '#### <number>'."
@@ -30,6 +37,7 @@ def _canon(num: str) -> str:
     if "." in s:
         s = s.rstrip("0").rstrip(".")
     s = re.sub(r"^(-?)\.", r"\g<1>0.", s)  # .5 -> 0.5
+    s = re.sub(r"^(-?)0+(?=\d)", r"\1", s)  # 012 -> 12, 007.5 -> 7.5
     return "0" if s in ("-0", "", "-") else s
 
 
@@ -45,12 +53,13 @@ def gsm8k_gold(answer: str) -> str:
 
 
 def gsm8k_prediction(text: str) -> str | None:
-    """The model's final number: that of its last ``#### N`` answer line (``#### Answer: **42**`` too;
-    a Markdown heading like ``#### Step 2`` is none), else the last number it wrote."""
+    """The model's final number: that of its last ``#### N`` answer line (``#### Answer: **42**``,
+    ``#### The final answer is 18`` and ``#### -$5`` too; a Markdown heading like ``#### Step 2`` or
+    ``#### 1. Understand the problem`` is none), else the last number it wrote."""
     text = text.replace("\u2212", "-")  # a typeset minus sign
     finals = _FINAL.findall(text)
     if finals:
-        return _canon(finals[-1])
+        return _canon("".join(finals[-1]))
     nums = _NUM.findall(text)
     return _canon(nums[-1]) if nums else None
 
