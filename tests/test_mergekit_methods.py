@@ -1230,7 +1230,7 @@ def test_safemerge_yaml_refuses_a_lora_cache_folded_otherwise(pico, tmp_path, ca
     cache, out = tmp_path / "cache", tmp_path / "out"
     cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
     if state == "cut-short":
-        (cache / next(iter(_lora_entries(pico, cfg)))).mkdir(parents=True)  # (as a fold stopped after mergekit's mkdir)
+        (cache / next(iter(_lora_entries(cfg)))).mkdir(parents=True)  # (as a fold stopped after mergekit's mkdir)
     else:
         merge(cfg, tmp_path / "earlier", lora_merge_cache=str(cache),
               lora_merge_dtype="bfloat16" if state == "bf16" else "float32")
@@ -1246,7 +1246,7 @@ def test_safemerge_yaml_refuses_a_lora_cache_folded_otherwise(pico, tmp_path, ca
     assert not out.exists()
 
 
-def _lora_entries(p, cfg: dict) -> list[str]:
+def _lora_entries(cfg: dict) -> list[str]:
     """The cache entries mergekit folds a recipe's model+lora inputs into."""
     refs = [MergeConfiguration.model_validate(cfg).models[i].model for i in range(len(cfg["models"]))]
     return [f"{r.model._unique_id()}_{r.lora._unique_id()}" for r in refs if r.lora is not None]
