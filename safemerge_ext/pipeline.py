@@ -725,6 +725,13 @@ def project(
     # in lora_B's dtype for an adapter; fp32 for a model, whose weights then round once (W + s C B A)
     new_B = {layer.module: s.projected_B if output == "model" else s.projected_B.to(layer.task.dtypes[1])
              for layer, s, f in zip(run.layers, scores, flags) if f}
+    for layer in run.layers:
+        B = new_B.get(layer.module)
+        if B is not None and B.is_floating_point() and not bool(torch.isfinite(B).all()):
+            raise SafeMergeError(
+                f"--adapter {task.path}: module {layer.module}: C @ lora_B exceeds the range of {B.dtype} (Inf); "
+                "save the adapter in float32, or use --output model"
+            )
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             _note_vllm(run, write_adapter(tmp, task.config, [

@@ -909,3 +909,36 @@ def test_force_never_replaces_the_files_an_input_links_to(fx, tmp_path, capsys):
     assert err.startswith(f"safemerge: error: --out {blobs} holds {blobs}/") and "\n" not in err, err
     assert f"which --aligned {snap}/" in err and err.endswith("links to and the output would replace; choose a new folder")
     assert all((snap / f.name).resolve().is_file() for f in fx.aligned.iterdir())
+
+
+def test_project_refuses_a_projected_lora_b_beyond_fp16(fx, tmp_path, capsys):
+    """C @ lora_B larger than fp16 can hold is refused by name (the API's rule, through the CLI too),
+    before anything is written; the same adapter in fp32, or --output model, projects it."""
+    from numerics import ref_project
+
+    wa = load_file(next(p for p in fx.aligned.glob("*.safetensors")
+                        if f"{Q0}.weight" in load_file(p)))[f"{Q0}.weight"]
+    u = copy(fx.unaligned, tmp_path / "u")
+    # V = 300 (W_a - W_u): C b grows with V, lora_B's fp16 range does not
+    edit_tensor(u, f"{Q0}.weight", lambda sd: sd.__setitem__(f"{Q0}.weight", wa - 300 * (wa - sd[f"{Q0}.weight"])))
+    wu = load_file(next(p for p in u.glob("*.safetensors") if f"{Q0}.weight" in load_file(p)))[f"{Q0}.weight"]
+    t = copy(fx.task, tmp_path / "t")
+    key = f"base_model.model.{Q0}.lora_B.weight"
+    B = load_file(t / "adapter_model.safetensors")[key].double()
+    gain = float(ref_project(wa, wu, B).abs().max() / B.abs().max())
+    assert gain > 4, gain  # so the scaled lora_B below fits fp16 and C @ lora_B does not
+    scale = 4 * 65504 / gain / float(B.abs().max())
+
+    def fp16(sd):
+        for k in list(sd):
+            sd[k] = (sd[k] * scale if k == key else sd[k]).half()
+    edit_adapter(t, tensors=fp16)
+    args = ["project", "--aligned", str(fx.aligned), "--unaligned", str(u), "--adapter", str(t),
+            "--num-layers", "21", "--no-progress", "--no-plot"]
+    out = tmp_path / "out"
+    assert main(args + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(t) in err and Q0 in err and "float16" in err and "float32" in err and "--output model" in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert main(args + ["--out", str(tmp_path / "m"), "--output", "model"]) == 0
