@@ -542,8 +542,32 @@ def test_reader_single_file(tmp_path):
 
 
 def test_natural_order():
-    names = ["model.layers.10.q", "model.layers.2.q", "model.layers.1.q"]
-    assert sorted(names, key=natural_key) == ["model.layers.1.q", "model.layers.2.q", "model.layers.10.q"]
+    names = ["model.layers.10.q", "model.layers.2.q", "model.layers.1.q", "model.layers.1.fc2", "model.layers.1.fc1"]
+    assert sorted(names, key=natural_key) == ["model.layers.1.fc1", "model.layers.1.fc2", "model.layers.1.q",
+                                              "model.layers.2.q", "model.layers.10.q"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_natural_order_is_the_order_models_define(arch):
+    """Sorting the weight names of a model gives the order transformers defines them in: the
+    embeddings, the blocks (each block's linear layers as the model runs them), the final norm, the
+    output head; checked on every weight outside the blocks and every linear weight inside them."""
+    import random
+
+    import transformers
+
+    common = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=11,
+                  intermediate_size=48, tie_word_embeddings=False)
+    model = {
+        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common)),
+        "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**common)),
+    }[arch]()
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    want = [n for n, _ in model.named_parameters()
+            if n.endswith(".weight") and (n in linear or not any(p.isdigit() for p in n.split(".")))]
+    got = list(want)
+    random.Random(0).shuffle(got)
+    assert sorted(got, key=natural_key) == want
 
 
 def test_pattern_key_matches_peft():

@@ -142,22 +142,38 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
-# Within a block, the order in which Llama-style models define their modules (attention before the
-# MLP; q, k, v, o; gate, up, down); any other name sorts after these, alphabetically.
+# Within a block, the order in which the common architectures define their modules (attention
+# before the MLP; Llama's q, k, v, o and gate, up, down; GPT-NeoX's and Falcon's fused
+# query_key_value, dense and dense_h_to_4h, dense_4h_to_h; OPT's out_proj, fc1, fc2); any other name
+# sorts after these, alphabetically.
 _MODULE_ORDER = {n: i for i, n in enumerate((
-    "self_attn", "attention", "attn", "mlp", "feed_forward", "block_sparse_moe",
-    "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj",
+    "self_attn", "self_attention", "attention", "attn", "mlp", "feed_forward", "block_sparse_moe",
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "o_proj", "out_proj", "dense",
+    "gate_proj", "up_proj", "gate_up_proj", "dense_h_to_4h", "fc1", "c_fc", "down_proj", "dense_4h_to_h", "fc2",
+    "c_proj",
 ))}
+# Outside the blocks: input embeddings come first, the output head (Llama's lm_head, GPT-NeoX's
+# embed_out) last, and what else has no block number (the final norm) between the blocks and it.
+_EMBEDDINGS = ("embed_tokens", "embed_positions", "embed_in", "wte", "wpe", "word_embeddings", "embeddings")
+_HEADS = ("lm_head", "embed_out", "output", "score", "classifier")
+
+
+def _stage(name: str) -> int:
+    parts = name.split(".")
+    if any(p.isdigit() for p in parts):
+        return 1
+    if any(p in _HEADS for p in parts):
+        return 3
+    return 0 if any(p in _EMBEDDINGS for p in parts) else 2
 
 
 @functools.lru_cache(maxsize=1 << 16)  # (a run sorts the same names several times: the models', the adapters')
 def natural_key(name: str) -> tuple:
-    """Sort key in model order: layers.2 before layers.10, and within a block the modules in the
-    order the model defines them (self_attn.q_proj before mlp.down_proj), not string order."""
-    return tuple(
-        int(p) if p.isdigit() else tuple((_MODULE_ORDER.get(c, len(_MODULE_ORDER)), c) for c in p.split("."))
-        for p in re.split(r"(\d+)", name)
-    )
+    """Sort key in model order: the embeddings, then the blocks (layers.2 before layers.10, and
+    within a block the modules in the order the model defines them, self_attn.q_proj before
+    mlp.down_proj, not string order), then the final norm and the output head."""
+    return (_stage(name), *((0, int(p), "") if p.isdigit() else (1, _MODULE_ORDER.get(p, len(_MODULE_ORDER)), p)
+                            for p in name.split(".")))
 
 
 def _ints(x: Any) -> bool:
