@@ -212,12 +212,15 @@ def _say_done(args: argparse.Namespace, report: dict) -> int:
     pipe, a terminal that cannot show a path, Ctrl-C) no longer concerns the output: a warning, not
     'nothing was written'."""
     from safemerge_ext._signals import Terminated
-    from safemerge_ext.report import summary_table
+    from safemerge_ext.report import layer_table, summary_table
 
     out = getattr(args, "out", None)
     written = _target(args) or "the run"
     try:
-        lines = [summary_table(report)]
+        # (score's output is the per-layer table; merge and project name their flagged layers)
+        per_layer = args.command == "score"
+        lines = [layer_table(report), ""] if per_layer else []
+        lines.append(summary_table(report, name_flagged=not per_layer))
         if out:
             lines.append(f"wrote {out} (report: safemerge_report.json{', plot: safemerge_report.png' if args.plot else ''})")
         enc = getattr(sys.stdout, "encoding", None) or "utf-8"  # (a path the terminal cannot show: escaped)

@@ -262,8 +262,30 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def summary_table(report: dict[str, Any]) -> str:
-    """A compact, fixed-width summary of the run for the terminal."""
+def layer_table(report: dict[str, Any]) -> str:
+    """The per-layer table, in model order: each scored module's shape, rank, cosine, whether it is
+    flagged and, for a layer that could not be scored, why."""
+    def cos(v: Any) -> str:
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+    head = ("layer", "shape", "rank", "cosine", "flagged")
+    rows = [(r["module"], "x".join(str(n) for n in r.get("shape") or ()) or "-",
+             "-" if r.get("rank") is None else str(r["rank"]), cos(r["cosine"]),
+             ("yes" if r["flagged"] else "no") + (f"  ({r['reason']})" if r.get("reason") else ""))
+            for r in report["layers"]]
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(4)]
+    right = (False, True, True, True)
+
+    def line(row: tuple[str, ...]) -> str:
+        cells = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)]
+        return "  ".join([*cells, row[4]]).rstrip()
+
+    return "\n".join([line(head), *(line(row) for row in rows)])
+
+
+def summary_table(report: dict[str, Any], *, name_flagged: bool = True) -> str:
+    """A compact, fixed-width summary of the run for the terminal (``name_flagged``: with a line
+    naming the first flagged layers, which the per-layer table already shows)."""
     c, cos, t = report["counts"], report["cosine"], report["timings"]
 
     def f(v: float | None) -> str:
@@ -282,7 +304,7 @@ def summary_table(report: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
-    if flagged:
+    if flagged and name_flagged:
         shown = ", ".join(flagged[:8]) + (f", ... (+{len(flagged) - 8})" if len(flagged) > 8 else "")
         lines.append(f"{'flagged layers'.ljust(width)}  {shown}")
     lines += [f"warning: {w}" for w in report["warnings"]]

@@ -102,6 +102,40 @@ def test_score_matches_float64(fx, tmp_path, backend):
     assert rep["bytes_read"] > 0 and rep["counts"]["scored"] == 21
 
 
+def test_score_prints_the_per_layer_table(fx, tmp_path, capsys):
+    """`safemerge score` prints one row per scored layer, in the report's order, with its shape,
+    rank, cosine (4 decimals) and whether the threshold flags it; then the summary."""
+    rep_path = tmp_path / "r.json"
+    assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--report", rep_path, "--threshold", 0.25]) == 0
+    out = capsys.readouterr().out.splitlines()
+    layers = json.loads(rep_path.read_text())["layers"]
+    assert out[0].split() == ["layer", "shape", "rank", "cosine", "flagged"]
+    rows = [line.split() for line in out[1:1 + len(layers)]]
+    assert rows == [[r["module"], "x".join(map(str, r["shape"])), str(r["rank"]), f"{r['cosine']:.4f}",
+                     "yes" if r["flagged"] else "no"] for r in layers]
+    assert {r[4] for r in rows} == {"yes", "no"}  # (the threshold splits this fixture)
+    assert all(r[4] == ("yes" if float(r[3]) < 0.25 else "no") for r in rows)
+    assert out[1 + len(layers)] == "" and out[2 + len(layers)].split() == ["method", "score"]
+    assert not any(line.startswith("flagged layers") for line in out)  # (the table names them)
+
+
+def test_layer_table_says_why_a_layer_is_unscored():
+    from safemerge_ext.report import layer_table
+
+    rep = {"layers": [
+        {"module": "m.layers.0.q_proj", "cosine": 0.123456, "flagged": True, "reason": None, "shape": [8, 4], "rank": 2},
+        {"module": "m.layers.0.v_proj", "cosine": float("nan"), "flagged": False,
+         "reason": "V = 0: the aligned and unaligned weights are equal", "shape": [4, 4], "rank": 1},
+    ]}
+    lines = layer_table(rep).splitlines()
+    assert lines[1].split() == ["m.layers.0.q_proj", "8x4", "2", "0.1235", "yes"]
+    assert lines[2].split()[:5] == ["m.layers.0.v_proj", "4x4", "1", "n/a", "no"]
+    assert lines[2].endswith("no  (V = 0: the aligned and unaligned weights are equal)")
+    end = lines[0].index("cosine") + len("cosine")  # (numbers right-aligned under their heading)
+    assert [line[:end][-6:] for line in lines] == ["cosine", "0.1235", "   n/a"]
+
+
 def test_score_bf16_models(fx_bf16, tmp_path):
     """bf16 checkpoints are read as stored; differences are exact in fp32."""
     ref = refs(fx_bf16)
