@@ -17,13 +17,14 @@ from safemerge_ext.evaluation.data import jsonl_records
 
 _UNSIGNED = r"(?:\d[\d,]*)?\.?\d+"
 _NUM = re.compile("-?" + _UNSIGNED)  # 1,234  -7  0.5  .5
-# "#### N": the number may follow a label ending in ":" or "is" ("Answer:", "The final answer is") and
-# Markdown or currency marks ("**", "$", a sign before or after the "$": "-$5", "$-5"). A Markdown heading
-# is no answer line: "#### Step 2" (words before the number, no label), "#### 1. Understand the problem"
-# and "#### 2) Add them" (a number, "." or ")", then a word). The number is taken whole: the lookahead
-# also refuses a shorter part of it ("1" of "12. Understand").
+# "#### N": the number may follow a label ending in ":" or "is" ("Answer:", "The final answer is"; a unit in
+# parentheses may come before the ":": "Answer (in dollars):") and Markdown or currency marks ("**", "$", a
+# sign before or after the "$": "-$5", "$-5"). A Markdown heading is no answer line: "#### Step 2" (words
+# before the number, no label), "#### 1. Understand the problem" and "#### 2) Add them" (a number, "." or
+# ")", then a word). The number is taken whole: the lookahead also refuses a shorter part of it ("1" of
+# "12. Understand").
 _WORD = r"[^\W\d_]+"
-_LABEL_END = rf"(?:{_WORD}(?:[ \t]+{_WORD})*[ \t]*:|(?:{_WORD}[ \t]+)*is(?=[\s*_$+-]))"
+_LABEL_END = rf"(?:{_WORD}(?:[ \t]+{_WORD})*[ \t]*(?:\([^()\n]*\)[ \t]*)?:|(?:{_WORD}[ \t]+)*is(?=[\s*_$+-]))"
 _FINAL = re.compile(rf"####[*_ \t]*(?:{_LABEL_END})?[*_$+ \t]*(-?)[$ \t]*({_UNSIGNED})"
                     r"(?!\d|[.,]\d|[.)][ \t]+[^\W\d_])")
 _LABEL = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
@@ -54,8 +55,9 @@ def gsm8k_gold(answer: str) -> str:
 
 def gsm8k_prediction(text: str) -> str | None:
     """The model's final number: that of its last ``#### N`` answer line (``#### Answer: **42**``,
-    ``#### The final answer is 18`` and ``#### -$5`` too; a Markdown heading like ``#### Step 2`` or
-    ``#### 1. Understand the problem`` is none), else the last number it wrote."""
+    ``#### Answer (in dollars): 18``, ``#### The final answer is 18`` and ``#### -$5`` too; a Markdown
+    heading like ``#### Step 2`` or ``#### 1. Understand the problem`` is none), else the last number it
+    wrote."""
     text = text.replace("\u2212", "-")  # a typeset minus sign
     finals = _FINAL.findall(text)
     if finals:
