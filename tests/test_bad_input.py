@@ -790,7 +790,7 @@ def test_a_summary_cut_short_does_not_unsay_the_output(fx, tmp_path, capsys, mon
     from safemerge_ext._signals import Terminated
 
     for exc, code in ((KeyboardInterrupt(), 130), (Terminated(), 143)):
-        monkeypatch.setattr(report, "summary_table", lambda rep, exc=exc: (_ for _ in ()).throw(exc))
+        monkeypatch.setattr(report, "summary_table", lambda rep, exc=exc, **kw: (_ for _ in ()).throw(exc))
         out = tmp_path / f"out{code}"
         assert main(_merge_argv(fx, out)) == code
         err = capsys.readouterr().err.strip()
