@@ -762,6 +762,31 @@ def test_staged_output_is_all_or_nothing(tmp_path):
         staged_dir(tmp_path / "dangling", force=False).__enter__()
 
 
+def test_staged_output_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
+    """Every file and folder of the output is synced before the rename that publishes it, and the
+    rename (the parent folder) before --force deletes the output it replaced."""
+    from safemerge_ext.io import output
+
+    events: list[tuple[str, str]] = []
+    real_fsync = output._fsync
+    monkeypatch.setattr(output, "_fsync", lambda p: (events.append(("sync", str(p))), real_fsync(p))[1])
+    real_remove = output._remove_replaced
+    monkeypatch.setattr(output, "_remove_replaced",
+                        lambda old, final, flag: (events.append(("remove", old.name)), real_remove(old, final, flag))[1])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous").write_text("old")
+    with output.staged_dir(out, force=True) as tmp:
+        (tmp / "sub").mkdir()
+        for rel in ("a.safetensors", "config.json", "sub/tokenizer.json"):
+            (tmp / rel).write_text(rel)
+        (tmp / "link").symlink_to(tmp / "config.json")
+    want = {os.path.normpath(tmp / rel) for rel in ("a.safetensors", "config.json", "sub/tokenizer.json", "sub", ".")}
+    assert {os.path.normpath(p) for kind, p in events[:len(want)] if kind == "sync"} == want  # (not the link)
+    assert events[len(want):] == [("sync", str(tmp_path)), ("remove", events[-1][1])]
+    assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "config.json", "link", "sub"]
+
+
 @pytest.mark.parametrize("stem", ["r" * 250, "é" * 122 + "r"])  # 250 and 245 + 5 bytes: valid names
 def test_outputs_near_the_file_name_limit(tmp_path, stem):
     """A valid name near the 255-byte limit still gets a temporary (and a backup) beside it."""
@@ -850,7 +875,9 @@ def test_side_files_leave_out_indexes_of_weights_not_copied_and_earlier_reports(
     src.mkdir()
     dst.mkdir()
     for name in ("config.json", "tokenizer.json", "pytorch_model.bin.index.json", "pytorch_model.bin",
-                 "model.safetensors.index.json", REPORT_JSON, REPORT_PNG):
+                 "model.safetensors.index.json", REPORT_JSON, REPORT_PNG,
+                 # other formats' weights (GPT-2's repository ships these): they would load unmerged
+                 "tf_model.h5", "flax_model.msgpack", "rust_model.ot", "64.tflite", "model.onnx", "model.onnx_data"):
         (src / name).write_text("{}")
     (src / "config.json").chmod(0o444)  # (a read-only model store: the output's copy is the user's to edit)
     assert copy_side_files(src, dst) == ["config.json", "tokenizer.json"]

@@ -21,7 +21,10 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import INDEX, ModelReader
 from safemerge_ext.io.safetensors_stream import StreamingWriter
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+# weights in any format (PyTorch, TF, Flax, GGUF, rust-bert, TFLite, ONNX, NumPy, Core ML): a copy
+# would load as the unmerged model in the tools that read it
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".ot", ".tflite",
+                    ".onnx", ".onnx_data", ".npz", ".mlmodel")
 
 
 # the report a run writes beside its output (report.REPORT_JSON, REPORT_PNG): one found in the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -116,6 +117,30 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
                 break
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # (a file system that cannot sync a folder, or a file opened read-only)
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """Put what ``folder`` holds on disk (its files' data, then the folders' entries), so that a
+    rename of it that follows never publishes files whose data a power loss would take back."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync(Path(root, name))
+        try:
+            _fsync(Path(root))
+        except OSError:  # (a folder some systems cannot open, Windows': its entries are the OS's to keep)
+            pass
+
+
 NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems alike
 
 
@@ -177,6 +202,7 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
         raise
     old = None
     try:  # (an interruption between the two renames puts the old output back: see the except)
+        sync_tree(tmp)  # (the data on disk before the name: never an output of empty files after a power loss)
         if final.exists() or final.is_symlink():
             if not force:
                 raise SafeMergeError(
@@ -198,6 +224,10 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
             old.rename(final)
         undo(exc)
         raise
+    try:  # (the rename on disk before the output it replaced is deleted)
+        _fsync(final.parent)
+    except OSError:
+        pass
     if old is not None:
         try:
             _remove_replaced(old, final, flag)
