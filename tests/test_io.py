@@ -787,6 +787,25 @@ def test_staged_output_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "config.json", "link", "sub"]
 
 
+def test_what_a_killed_run_left_is_named(tmp_path, capsys):
+    """A killed run's hidden siblings (partial output, or the output a --force run moved aside) are
+    named on the next run for the same output, and left where they are."""
+    from safemerge_ext.io.output import staged_dir
+
+    left = [tmp_path / ".out.tmp-0a1b2c3d", tmp_path / ".out.old-99887766"]
+    for p in left:
+        p.mkdir()
+    (tmp_path / ".out.tmp-mine").mkdir()  # (not a name the runs make)
+    (tmp_path / ".other.tmp-0a1b2c3d").mkdir()
+    with staged_dir(tmp_path / "out", force=False) as tmp:
+        (tmp / "f").write_text("x")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(p.is_dir() for p in left)
+    line = {p: next(ln for ln in err if str(p) in ln) for p in left}
+    assert "a partial output" in line[left[0]] and "--out" in line[left[0]] and "killed" in line[left[0]]
+    assert "the output it was replacing" in line[left[1]]
+
+
 @pytest.mark.parametrize("stem", ["r" * 250, "é" * 122 + "r"])  # 250 and 245 + 5 bytes: valid names
 def test_outputs_near_the_file_name_limit(tmp_path, stem):
     """A valid name near the 255-byte limit still gets a temporary (and a backup) beside it."""

@@ -161,6 +161,24 @@ def _sibling(final: Path, kind: str) -> Path:
             return p
 
 
+def _warn_leftovers(final: Path, flag: str) -> None:
+    """Name the hidden siblings a killed run left (SIGKILL, OOM, power loss: nothing could clean
+    up), which can be as large as a model. They are not deleted: another run may be writing one."""
+    if not final.parent.is_dir():
+        return
+    prefixes = [_hidden_name(final.name, f"{kind}-00000000")[:-8] for kind in ("tmp", "old")]
+    try:
+        names = sorted(p.name for p in final.parent.iterdir())
+    except OSError:
+        return
+    for name in names:
+        for prefix, what in zip(prefixes, ("a partial output", "the output it was replacing")):
+            tail = name[len(prefix):]
+            if name.startswith(prefix) and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail):
+                print(f"safemerge: warning: {final.parent / name} holds {what} of an earlier run for {flag} {final} "
+                      "that was killed; delete it unless a run is writing there now", file=sys.stderr)
+
+
 @contextmanager
 def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success it replaces ``out``, else vanishes.
@@ -187,6 +205,7 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
                 except OSError:
                     break
 
+    _warn_leftovers(final, flag)
     try:  # (from the first folder made: an interrupt anywhere after it takes back what was made)
         final.parent.mkdir(parents=True, exist_ok=True)
         while tmp is None:
