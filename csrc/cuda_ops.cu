@@ -393,7 +393,9 @@ class DeviceGuard {
     restore_ = device != prev_;
   }
   ~DeviceGuard() {
-    if (restore_) cudaSetDevice(prev_);
+    // (a failed switch back, e.g. to an exclusive-process GPU another process holds, must not stay
+    // recorded as the runtime's last error: the next call's launch check would report it)
+    if (restore_ && cudaSetDevice(prev_) != cudaSuccess) cudaGetLastError();
   }
 
  private:
