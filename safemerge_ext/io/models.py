@@ -26,7 +26,6 @@ import json
 import math
 import mmap
 import os
-import re
 import struct
 import threading
 import weakref

@@ -118,6 +118,7 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
 
 
 def _fsync(path: Path) -> None:
+    """Flush a file's data (or a folder's entries) to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -131,7 +132,7 @@ def _fsync(path: Path) -> None:
 def sync_tree(folder: Path) -> None:
     """Put what ``folder`` holds on disk (its files' data, then the folders' entries), so that a
     rename of it that follows never publishes files whose data a power loss would take back."""
-    for root, dirs, files in os.walk(folder, topdown=False):
+    for root, _, files in os.walk(folder, topdown=False):
         for name in files:
             if not os.path.islink(os.path.join(root, name)):
                 _fsync(Path(root, name))
