@@ -508,6 +508,39 @@ def test_chat_templates_get_a_fixed_date(monkeypatch: pytest.MonkeyPatch) -> Non
     assert tok.decode(sent[0]["prompt_token_ids"]).startswith("<|im_start|> system Today Date: 26 Jul 2024")
 
 
+def test_vllm_leaves_room_for_a_judge_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM takes 0.9 of each GPU by default; with a Llama Guard judge already there it gets 0.9 less
+    the judge's share and 1 GiB, and a judge that leaves too little is one clear error. With nothing
+    held on the GPU (the keyword judge), vLLM keeps its default."""
+    import sys
+    import types
+
+    import torch
+
+    from safemerge_ext.evaluation import generate
+
+    made = []
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=lambda **kw: made.append(kw) or kw))
+    gib = 1 << 30
+    held = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: held["bytes"] if i == 0 else 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * gib))
+    vl = generate.VllmEngine.__new__(generate.VllmEngine)
+    vl.dtype, vl.tp, vl.llm, vl.spec = "auto", 2, None, None
+    vl.load(generate.ModelSpec("m", "dir"))
+    assert "gpu_memory_utilization" not in made[-1]
+    held["bytes"] = 16 * gib  # (an 8B judge in bf16)
+    vl.llm = None
+    vl.load(generate.ModelSpec("m", "dir"))
+    assert made[-1]["gpu_memory_utilization"] == pytest.approx(0.9 - 17 / 80, abs=1e-3)
+    held["bytes"] = 56 * gib
+    with pytest.raises(SafeMergeError, match=r"the judge holds 56.0 GiB of the GPU's 80.0 GiB.*--engine transformers"):
+        vl.load(generate.ModelSpec("m", "dir"))
+
+
 def test_wilson_contains_the_rate() -> None:
     for n in (1, 3, 7, 30, 101, 500):
         for k in range(n + 1):

@@ -313,8 +313,31 @@ class VllmEngine:
 
         self.unload()
         self.spec = spec
-        lora = {"enable_lora": True, "max_lora_rank": _vllm_lora_rank(spec.adapter)} if spec.adapter else {}
-        self.llm = LLM(model=spec.path, dtype=self.dtype, tensor_parallel_size=self.tp, **lora)
+        kw = {"enable_lora": True, "max_lora_rank": _vllm_lora_rank(spec.adapter)} if spec.adapter else {}
+        share = self.gpu_share()
+        if share is not None:
+            kw["gpu_memory_utilization"] = share
+        self.llm = LLM(model=spec.path, dtype=self.dtype, tensor_parallel_size=self.tp, **kw)
+
+    def gpu_share(self) -> float | None:
+        """vLLM's ``gpu_memory_utilization``: its default (0.9) less what this process already holds
+        on the GPUs vLLM takes (a Llama Guard judge, loaded first) and 1 GiB for the judge's work, so
+        that both fit; None (vLLM's default) when this process holds nothing there."""
+        import torch
+
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):  # (never start CUDA here for vLLM)
+            return None
+        gpus = range(min(self.tp, torch.cuda.device_count()))
+        held = max((torch.cuda.memory_reserved(i) for i in gpus), default=0)
+        if held == 0:
+            return None
+        total = min(torch.cuda.get_device_properties(i).total_memory for i in gpus)
+        share = 0.9 - (held + (1 << 30)) / total
+        if share < 0.2:
+            raise SafeMergeError(
+                f"--engine vllm: the judge holds {held / 2**30:.1f} GiB of the GPU's {total / 2**30:.1f} GiB, which "
+                "leaves vLLM too little; use --engine transformers, or the keyword judge")
+        return round(share, 3)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         from vllm import SamplingParams
