@@ -913,7 +913,7 @@ def test_force_never_replaces_the_files_an_input_links_to(fx, tmp_path, capsys):
 
 def test_project_refuses_a_projected_lora_b_beyond_fp16(fx, tmp_path, capsys):
     """C @ lora_B larger than fp16 can hold is refused by name (the API's rule, through the CLI too),
-    before anything is written; the same adapter in fp32, or --output model, projects it."""
+    before anything is written; --output model (where C @ lora_B stays fp32) projects it."""
     from numerics import ref_project
 
     wa = load_file(next(p for p in fx.aligned.glob("*.safetensors")
