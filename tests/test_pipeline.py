@@ -923,3 +923,80 @@ def test_no_scorable_layer_is_said_plainly(fx, tmp_path):
         assert [w for w in rep["warnings"] if "scorable" in w or "could be scored" in w] == [
             f"no layer could be scored (all {rep['counts']['layers']} are degenerate: see each one's reason); none was "
             "flagged, so the output keeps the adapter's updates unchanged"]
+
+
+@pytest.fixture(scope="module")
+def gemma3_vlm(tmp_path_factory):
+    """A tiny Gemma 3 vision-language model saved by transformers (its text weights stored as
+    language_model.model.layers..., the Hub's naming) and adapters PEFT trained on it (which name the
+    modules model.language_model.layers..., as transformers does in memory)."""
+    import types
+
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("gemma3")
+    text = transformers.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=8, vocab_size=300, num_hidden_layers=2, max_position_embeddings=64,
+                                         sliding_window=16)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                             num_hidden_layers=1, image_size=28, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+                                    boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(cfg)
+    model.save_pretrained(root / "aligned", max_shard_size="40KB")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(root / "unaligned", max_shard_size="40KB")
+    for name, seed, r in (("task", 1, 4), ("safety", 2, 2)):
+        torch.manual_seed(seed)
+        base = transformers.Gemma3ForConditionalGeneration.from_pretrained(root / "aligned", dtype=torch.float32)
+        get_peft_model(base, LoraConfig(r=r, lora_alpha=8, init_lora_weights=False,
+                                        target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")).save_pretrained(root / name)
+    return types.SimpleNamespace(**{k: root / k for k in ("aligned", "unaligned", "task", "safety")})
+
+
+def _stored(name: str) -> str:
+    """The checkpoint's name of a module's weight (the test's own mapping, written out)."""
+    return "language_model.model." + name.removeprefix("model.language_model.") + ".weight"
+
+
+def test_vision_language_checkpoints_match_adapters_named_in_memory(gemma3_vlm, tmp_path):
+    fx = gemma3_vlm
+    wa, wu = load_model(fx.aligned), load_model(fx.unaligned)
+    task, safety = load_adapter(fx.task), load_adapter(fx.safety)
+    assert all(m.startswith("model.language_model.") and _stored(m) in wa for m in task)
+    ref = {m: ref_cosine(wa[_stored(m)], wu[_stored(m)], B.double() @ A.double() * s) for m, (A, B, s) in task.items()}
+    tau = threshold_between(list(ref.values()), 3)
+    rep_path = tmp_path / "r.json"
+    assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--report", rep_path]) == 0
+    got = {r["module"]: r["cosine"] for r in json.loads(rep_path.read_text())["layers"]}
+    assert set(got) == set(ref) and all(abs(got[m] - ref[m]) < 2e-6 for m in ref), (got, ref)
+    out = tmp_path / "m"
+    assert run_cli(merge_args(fx, out, "--threshold", tau, "--output", "model")) == 0
+    flagged = {r["module"] for r in report_of(out)["layers"] if r["flagged"]}
+    assert flagged == {m for m, c in ref.items() if c < tau} and len(flagged) == 3
+    merged = load_model(out)
+    assert set(merged) == set(wa)  # the checkpoint's own names, every tensor
+    for m, d in expected_update(fx, flagged, 0.8).items():
+        assert_close(merged[_stored(m)], wa[_stored(m)].double() + d, atol=2e-6, rtol=1e-5, what=m)
+    assert all(torch.equal(merged[n], t) for n, t in wa.items() if not any(n == _stored(m) for m in task))
+    adapter = tmp_path / "a"
+    assert run_cli(merge_args(fx, adapter, "--threshold", tau)) == 0
+    from peft import PeftModel
+    from transformers import Gemma3ForConditionalGeneration
+
+    base = Gemma3ForConditionalGeneration.from_pretrained(fx.aligned, dtype=torch.float32)
+    folded = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+    for m, d in expected_update(fx, flagged, 0.8).items():  # (PEFT loads it onto the checkpoint it was scored on)
+        assert_close(folded[f"{m}.weight"], wa[_stored(m)].double() + d, atol=2e-6, rtol=1e-5, what=m)
+    projected = tmp_path / "p"
+    assert run_cli(["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--out", projected, "--num-layers", 2]) == 0
+    low2 = sorted(ref, key=ref.get)[:2]
+    for m, (A, B, s) in load_adapter(projected).items():
+        want = ref_project(wa[_stored(m)], wu[_stored(m)], task[m][1]) if m in low2 else task[m][1].double()
+        assert_close(B, want, atol=1e-6, rtol=1e-5, what=m)

@@ -175,6 +175,25 @@ def natural_key(name: str) -> tuple:
                             for p in name.split(".")))
 
 
+# Vision-language checkpoints keep the names their models had before transformers 4.52 moved the
+# text model under `model.` (its loader renames them): the same tensor as stored and as named in
+# memory, and so in PEFT adapters trained with newer versions.
+_STORED_PREFIXES = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+def canonical_name(name: str) -> str:
+    """A tensor's name as the current transformers names it in memory, whichever naming it is in."""
+    for stored, in_memory in _STORED_PREFIXES:
+        if name.startswith(stored):
+            return in_memory + name[len(stored):]
+    return name
+
+
 def _ints(x: Any) -> bool:
     """A JSON list of whole numbers (not booleans), as safetensors headers hold shapes and offsets."""
     return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
@@ -201,6 +220,7 @@ class ModelReader:
         self._metadata: dict[str, dict[str, str] | None] = {}
         self._weight_map = self._read_layout()
         self._names: list[str] | None = None  # (sorted once: the layout does not change)
+        self._by_canonical: dict[str, str] | None = None  # canonical_name -> name, made when first needed
 
     def _read_layout(self) -> dict[str, str]:
         p = self.path
@@ -572,9 +592,17 @@ class ModelReader:
         self.close()
 
     def resolve_module(self, module: str) -> str | None:
-        """The weight name of a linear module (``module + '.weight'``), tolerating one wrapper prefix."""
+        """The weight name of a linear module (``module + '.weight'``), across the two namings of
+        vision-language checkpoints (``language_model.model.layers...`` on disk, as the Hub's Gemma 3,
+        Mistral 3 and LLaVA files and transformers' own saves have them, ``model.language_model.layers...``
+        in memory, as PEFT names the modules), and tolerating one wrapper prefix."""
         exact = f"{module}.weight"
         if exact in self._weight_map:
             return exact
+        if self._by_canonical is None:
+            self._by_canonical = {canonical_name(n): n for n in self._weight_map}
+        hit = self._by_canonical.get(canonical_name(exact))
+        if hit is not None:
+            return hit
         hits = [n for n in self._weight_map if n.endswith("." + exact) or exact.endswith("." + n)]
         return hits[0] if len(hits) == 1 else None
