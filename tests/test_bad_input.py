@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -431,6 +432,22 @@ def test_adapters_that_rewrite_the_base_are_refused(fx, tmp_path, init):
     t = copy(fx.task, tmp_path / "t")
     edit_adapter(t, config=lambda c: c.__setitem__("init_lora_weights", init))
     with pytest.raises(SafeMergeError, match="path_initial_model_for_weight_conversion"):
+        read_adapter(t, "--task-adapter")
+
+
+@pytest.mark.parametrize("key, value, remedy", [
+    ("use_dora", True, "safemerge-yaml takes it as aligned+adapter"),
+    ("modules_to_save", ["lm_head"], "safemerge-yaml takes it as aligned+adapter"),
+    ("lora_bias", True, "safemerge-yaml takes it as aligned+adapter"),
+    ("fan_in_fan_out", True, "fold it into the model with PEFT (merge_and_unload, save_pretrained) and merge that model as a full fine-tune"),
+])
+def test_refused_adapters_say_what_to_do_instead(fx, tmp_path, key, value, remedy):
+    from safemerge_ext.errors import SafeMergeError
+    from safemerge_ext.io.adapters import read_adapter
+
+    t = copy(fx.task, tmp_path / "t")
+    edit_adapter(t, config=lambda c: c.__setitem__(key, value))
+    with pytest.raises(SafeMergeError, match=rf"{key} is set; .* not supported; {re.escape(remedy)}"):
         read_adapter(t, "--task-adapter")
 
 

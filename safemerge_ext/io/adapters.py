@@ -53,7 +53,12 @@ _REMEDY = {
     # (peft's target_modules="all-linear" adds the experts' parameters on transformers 5 MoE models)
     "target_parameters": "; train it with target_modules alone (list the linear layers; on MoE models peft's "
                          "'all-linear' also targets the experts' parameters)",
+    "fan_in_fan_out": "; fold it into the model with PEFT (merge_and_unload, save_pretrained) and merge that "
+                      "model as a full fine-tune with safemerge-yaml",
 }
+# (what PEFT folds into the weights, a safemerge-yaml recipe takes as aligned+adapter)
+_REMEDY.update(dict.fromkeys(_FOLDED_BY_PEFT, "; safemerge-yaml takes it as aligned+adapter in a recipe (PEFT folds it "
+                                              "into the weights first)"))
 
 # init_lora_weights values for which PEFT subtracts the initial factors from the base weights when
 # it creates (or loads) the adapter: the saved B A is then not the update. PEFT's
