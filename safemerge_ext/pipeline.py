@@ -26,7 +26,7 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
                                        global_scaling, read_adapter, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
-from safemerge_ext.io.models import ModelReader, config_value, natural_key
+from safemerge_ext.io.models import ModelReader, config_value, module_key, natural_key
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.report import (
     REPORT_JSON,
@@ -143,6 +143,9 @@ def open_run(
     aligned = ModelReader(aligned_dir, "--aligned")
     unaligned = ModelReader(unaligned_dir, "--unaligned")
     layers: list[Layer] = []
+    # (the safety adapter's modules by every name they go by: one trained on another transformers
+    # version may name a vision-language model's modules differently)
+    safety_as = {} if safety is None else {module_key(m): m for m in safety.modules}
     for module in sorted(task.modules, key=natural_key):
         lm = task.modules[module]
         weight = aligned.resolve_module(module)
@@ -150,6 +153,13 @@ def open_run(
             raise _no_such_module(task, module, aligned)
         shape, dtype = aligned.meta(weight)
         if weight not in unaligned:
+            other = unaligned.resolve_module(module)
+            if other is not None:
+                raise SafeMergeError(
+                    f"--unaligned {unaligned.path}: stores {weight} of --aligned as {other}: the two checkpoints "
+                    "name their tensors differently (saved by different transformers versions); load and re-save "
+                    "one with the other's version"
+                )
             raise SafeMergeError(
                 f"--unaligned {unaligned.path}: tensor {weight} is missing (it is in --aligned); "
                 "the two models must share an architecture"
@@ -176,6 +186,8 @@ def open_run(
         if safety is not None:
             sm = safety.modules.get(module)
             if sm is None:
+                sm = safety.modules.get(safety_as.get(module_key(module), ""))
+            if sm is None:
                 raise SafeMergeError(
                     f"{safety.flag} {safety.path}: has no update for module {module}, which {task.flag} adapts; "
                     "train the safety adapter on the same target modules"
@@ -195,7 +207,8 @@ def open_run(
         )
     run.adapter_bytes = task.nbytes + (safety.nbytes if safety is not None else 0)
     if safety is not None:
-        extra = sorted(set(safety.modules) - set(task.modules), key=natural_key)
+        covered = {module_key(m) for m in task.modules}
+        extra = sorted((m for m in safety.modules if module_key(m) not in covered), key=natural_key)
         foreign = next((m for m in extra if aligned.resolve_module(m) is None), None)
         if foreign is not None:
             raise _no_such_module(safety, foreign, aligned)
@@ -725,7 +738,7 @@ def project(
     # in lora_B's dtype for an adapter; fp32 for a model, whose weights then round once (W + s C B A)
     new_B = {layer.module: s.projected_B if output == "model" else s.projected_B.to(layer.task.dtypes[1])
              for layer, s, f in zip(run.layers, scores, flags) if f}
-    for layer in run.layers:
+    for layer in run.layers if output == "adapter" else ():  # (a model's C @ B stays fp32)
         B = new_B.get(layer.module)
         if B is not None and B.is_floating_point() and not bool(torch.isfinite(B).all()):
             raise SafeMergeError(

@@ -547,6 +547,33 @@ def test_natural_order():
                                               "model.layers.2.q", "model.layers.10.q"]
 
 
+def test_numbers_inside_name_parts_sort_as_numbers():
+    names = ["m.h_10.w", "m.h_2.w", "x.experts.w10", "x.experts.w2", "model.tok_embeddings.weight", "model.norm.weight",
+             "model.layers.0.attention.wqkv.weight"]
+    assert sorted(names, key=natural_key) == [
+        "model.tok_embeddings.weight", "model.layers.0.attention.wqkv.weight", "m.h_2.w", "m.h_10.w",
+        "model.norm.weight", "x.experts.w2", "x.experts.w10"]  # (outside the blocks: by name)
+
+
+@pytest.mark.parametrize("stored", ["language_model.model.layers.0.self_attn.q_proj.weight",  # Gemma 3, LLaVA files
+                                    "model.layers.0.self_attn.q_proj.weight"])  # Qwen2-VL's files
+def test_vision_language_names_resolve_to_the_stored_tensor(tmp_path, stored):
+    """PEFT names a vision-language model's text modules model.language_model.layers...; the files
+    store them otherwise. Both namings find the tensor, and a name two tensors could answer finds none."""
+    save_file({stored: torch.randn(4, 4), "vision_tower.vision_model.q.weight": torch.randn(2, 2)},
+              tmp_path / "model.safetensors")
+    r = ModelReader(tmp_path)
+    assert r.resolve_module("model.language_model.layers.0.self_attn.q_proj") == stored
+    assert r.resolve_module("language_model.model.layers.0.self_attn.q_proj") == stored
+    assert r.resolve_module("model.vision_tower.vision_model.q") == "vision_tower.vision_model.q.weight"
+    assert r.resolve_module("model.language_model.layers.1.self_attn.q_proj") is None
+    both = tmp_path / "both"
+    both.mkdir()
+    save_file({"language_model.model.layers.0.q.weight": torch.randn(2, 2), "model.layers.0.q.weight": torch.randn(2, 2)},
+              both / "model.safetensors")
+    assert ModelReader(both).resolve_module("model.language_model.layers.0.q") is None
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
 def test_natural_order_is_the_order_models_define(arch):
     """Sorting the weight names of a model gives the order transformers defines them in: the

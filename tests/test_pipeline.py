@@ -1000,3 +1000,40 @@ def test_vision_language_checkpoints_match_adapters_named_in_memory(gemma3_vlm, 
     for m, (A, B, s) in load_adapter(projected).items():
         want = ref_project(wa[_stored(m)], wu[_stored(m)], task[m][1]) if m in low2 else task[m][1].double()
         assert_close(B, want, atol=1e-6, rtol=1e-5, what=m)
+
+
+def test_adapters_and_models_in_the_other_naming(gemma3_vlm, tmp_path, capsys):
+    """A safety adapter trained where the text modules were named language_model.model... (older
+    PEFT and transformers) pairs with a task adapter naming them model.language_model...: the same
+    merge as with matching names. An --unaligned that names its tensors the other way is refused by
+    what differs, not as another architecture."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    fx = gemma3_vlm
+    old = Path(shutil.copytree(fx.safety, tmp_path / "safety-old"))
+    factors = load_file(old / "adapter_model.safetensors")
+    save_file({k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+               for k, v in factors.items()}, str(old / "adapter_model.safetensors"))
+    assert all(m.startswith("language_model.model.") for m in load_adapter(old))
+    runs = {}
+    for name, safety in (("same", fx.safety), ("old", old)):
+        out = tmp_path / name
+        assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", fx.task,
+                        "--safety-adapter", safety, "--out", out, "--num-layers", 3]) == 0
+        runs[name] = load_file(out / "adapter_model.safetensors")
+        assert not report_of(out)["warnings"] or "ignored" not in " ".join(report_of(out)["warnings"])
+    assert runs["same"].keys() == runs["old"].keys() and all(torch.equal(runs["same"][k], runs["old"][k]) for k in runs["same"])
+    renamed = Path(shutil.copytree(fx.unaligned, tmp_path / "unaligned-renamed"))
+    for shard in renamed.glob("*.safetensors"):
+        save_file({k.replace("language_model.model.", "model.language_model."): v for k, v in load_file(shard).items()},
+                  str(shard), metadata={"format": "pt"})
+    index = json.loads((renamed / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k.replace("language_model.model.", "model.language_model."): v for k, v in index["weight_map"].items()}
+    (renamed / "model.safetensors.index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", renamed, "--adapter", fx.task]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stores language_model.model.layers.0.self_attn.q_proj.weight of --aligned as " \
+           "model.language_model.layers.0.self_attn.q_proj.weight" in err and "re-save" in err, err

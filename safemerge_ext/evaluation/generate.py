@@ -307,6 +307,17 @@ class VllmEngine:
         except ImportError:
             raise SafeMergeError("--engine vllm: vLLM is not installed; pip install vllm, or use --engine transformers") from None
         self.dtype, self.tp, self.llm, self.spec = dtype, tensor_parallel, None, None
+        self.held = self._held_by_this_process()  # (the judge's, loaded first; not what vLLM later leaves)
+
+    def _held_by_this_process(self) -> tuple[int, int]:
+        """(bytes this process holds on the GPUs vLLM will take, the smallest of their sizes)."""
+        import torch
+
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):  # (never start CUDA here for vLLM)
+            return 0, 0
+        gpus = range(min(self.tp, torch.cuda.device_count()))
+        return (max((torch.cuda.memory_reserved(i) for i in gpus), default=0),
+                min((torch.cuda.get_device_properties(i).total_memory for i in gpus), default=0))
 
     def load(self, spec: ModelSpec) -> None:
         from vllm import LLM
@@ -320,18 +331,12 @@ class VllmEngine:
         self.llm = LLM(model=spec.path, dtype=self.dtype, tensor_parallel_size=self.tp, **kw)
 
     def gpu_share(self) -> float | None:
-        """vLLM's ``gpu_memory_utilization``: its default (0.9) less what this process already holds
-        on the GPUs vLLM takes (a Llama Guard judge, loaded first) and 1 GiB for the judge's work, so
-        that both fit; None (vLLM's default) when this process holds nothing there."""
-        import torch
-
-        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):  # (never start CUDA here for vLLM)
-            return None
-        gpus = range(min(self.tp, torch.cuda.device_count()))
-        held = max((torch.cuda.memory_reserved(i) for i in gpus), default=0)
+        """vLLM's ``gpu_memory_utilization``: its default (0.9) less what this process held on the
+        GPUs vLLM takes when the engine was made (a Llama Guard judge, loaded first) and 1 GiB for the
+        judge's work, so that both fit; None (vLLM's default) when it held nothing there."""
+        held, total = self.held
         if held == 0:
             return None
-        total = min(torch.cuda.get_device_properties(i).total_memory for i in gpus)
         share = 0.9 - (held + (1 << 30)) / total
         if share < 0.2:
             raise SafeMergeError(

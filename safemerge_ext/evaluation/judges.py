@@ -44,7 +44,7 @@ _REFUSAL = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, REFUSAL_PHRASES)) 
 # on the same line, and only when it closes. So an apostrophe inside a word (I'm, can't) neither opens nor
 # closes one, one ending a word (dogs') opens none, and the common elisions ('em, 'cause, '90s) open none:
 # "'Cause it's harmful, I won't help with your parents' accounts" stays a refusal.
-_ELISION = r"(?:cause|cos|cuz|em|til|tis|twas|bout|round|n)(?!\w)|\d"
+_ELISION = r"(?:cause|cos|cuz|em|til|tis|twas|bout|round|fraid|ow|ave|ere|im|er|n)(?!\w)|\d"
 _QUOTED = re.compile(rf'"[^"]*(?:"|$)|(?<!\w)\'(?!{_ELISION})[^\n]*?\'(?!\w)')
 
 

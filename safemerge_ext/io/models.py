@@ -26,6 +26,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import threading
 import weakref
@@ -153,13 +154,14 @@ _MODULE_ORDER = {n: i for i, n in enumerate((
 ))}
 # Outside the blocks: input embeddings come first, the output head (Llama's lm_head, GPT-NeoX's
 # embed_out) last, and what else has no block number (the final norm) between the blocks and it.
-_EMBEDDINGS = ("embed_tokens", "embed_positions", "embed_in", "wte", "wpe", "word_embeddings", "embeddings")
+_EMBEDDINGS = ("embed_tokens", "tok_embeddings", "embed_positions", "embed_in", "wte", "wpe", "word_embeddings",
+               "word_embeddings_layernorm", "embeddings")
 _HEADS = ("lm_head", "embed_out", "output", "score", "classifier")
 
 
 def _stage(name: str) -> int:
     parts = name.split(".")
-    if any(p.isdigit() for p in parts):
+    if any(p.isdecimal() for p in parts):
         return 1
     if any(p in _HEADS for p in parts):
         return 3
@@ -168,16 +170,22 @@ def _stage(name: str) -> int:
 
 @functools.lru_cache(maxsize=1 << 16)  # (a run sorts the same names several times: the models', the adapters')
 def natural_key(name: str) -> tuple:
-    """Sort key in model order: the embeddings, then the blocks (layers.2 before layers.10, and
-    within a block the modules in the order the model defines them, self_attn.q_proj before
-    mlp.down_proj, not string order), then the final norm and the output head."""
-    return (_stage(name), *((0, int(p), "") if p.isdigit() else (1, _MODULE_ORDER.get(p, len(_MODULE_ORDER)), p)
-                            for p in name.split(".")))
+    """Sort key in model order, as the common architectures define it: the embeddings, then the
+    blocks (layers.2 before layers.10, and within a block the modules in the order the model
+    defines them, self_attn.q_proj before mlp.down_proj, not string order), then the final norm
+    and the output head. Numbers inside a name part sort as numbers too (h_2 before h_10)."""
+    return (_stage(name), *((0, int(p), ()) if p.isdecimal() else
+                            (1, _MODULE_ORDER.get(p, len(_MODULE_ORDER)), _natural(p)) for p in name.split(".")))
 
 
-# Vision-language checkpoints keep the names their models had before transformers 4.52 moved the
-# text model under `model.` (its loader renames them): the same tensor as stored and as named in
-# memory, and so in PEFT adapters trained with newer versions.
+def _natural(part: str) -> tuple:
+    # (text, number, text, ...): the split alternates, so two keys compare position by position
+    return tuple(int(x) if i % 2 else x for i, x in enumerate(re.split(r"(\d+)", part)))
+
+
+# LLaVA-style vision-language checkpoints (Gemma 3, Mistral 3, PaliGemma, ...) keep the names their
+# models had before transformers 4.52 moved the text model under `model.` (its loader renames them):
+# the same tensor as stored and as named in memory, and so in PEFT adapters trained with newer versions.
 _STORED_PREFIXES = (
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
@@ -187,11 +195,21 @@ _STORED_PREFIXES = (
 
 
 def canonical_name(name: str) -> str:
-    """A tensor's name as the current transformers names it in memory, whichever naming it is in."""
+    """A tensor's (or module's) name as the current transformers names it in memory, whichever
+    naming it is in."""
+    dotted = name + "."  # (a module's name may end where a prefix does: language_model.lm_head)
     for stored, in_memory in _STORED_PREFIXES:
-        if name.startswith(stored):
-            return in_memory + name[len(stored):]
+        if dotted.startswith(stored):
+            return (in_memory + dotted[len(stored):])[:-1]
     return name
+
+
+def module_key(name: str) -> str:
+    """One key for every name a module (or its weight) goes by: as stored or in memory, and, for
+    the vision-language models whose text model moved from ``model.layers`` (Qwen2-VL's files,
+    adapters trained before transformers 4.52) to ``model.language_model.layers``, before or after."""
+    name = canonical_name(name)
+    return "model." + name[len("model.language_model."):] if name.startswith("model.language_model.") else name
 
 
 def _ints(x: Any) -> bool:
@@ -220,7 +238,7 @@ class ModelReader:
         self._metadata: dict[str, dict[str, str] | None] = {}
         self._weight_map = self._read_layout()
         self._names: list[str] | None = None  # (sorted once: the layout does not change)
-        self._by_canonical: dict[str, str] | None = None  # canonical_name -> name, made when first needed
+        self._by_key: dict[str, str | None] | None = None  # module_key -> name, made when first needed
 
     def _read_layout(self) -> dict[str, str]:
         p = self.path
@@ -592,16 +610,20 @@ class ModelReader:
         self.close()
 
     def resolve_module(self, module: str) -> str | None:
-        """The weight name of a linear module (``module + '.weight'``), across the two namings of
+        """The weight name of a linear module (``module + '.weight'``), across the namings of
         vision-language checkpoints (``language_model.model.layers...`` on disk, as the Hub's Gemma 3,
-        Mistral 3 and LLaVA files and transformers' own saves have them, ``model.language_model.layers...``
-        in memory, as PEFT names the modules), and tolerating one wrapper prefix."""
+        Mistral 3 and LLaVA files and transformers' own saves have them, or Qwen2-VL's ``model.layers...``;
+        ``model.language_model.layers...`` in memory, as PEFT names the modules: see ``module_key``), and
+        tolerating one wrapper prefix."""
         exact = f"{module}.weight"
         if exact in self._weight_map:
             return exact
-        if self._by_canonical is None:
-            self._by_canonical = {canonical_name(n): n for n in self._weight_map}
-        hit = self._by_canonical.get(canonical_name(exact))
+        if self._by_key is None:
+            self._by_key = {}
+            for n in self._weight_map:  # (a key two tensors share matches neither)
+                k = module_key(n)
+                self._by_key[k] = None if k in self._by_key else n
+        hit = self._by_key.get(module_key(exact))
         if hit is not None:
             return hit
         hits = [n for n in self._weight_map if n.endswith("." + exact) or exact.endswith("." + n)]

@@ -244,10 +244,12 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
             old.rename(final)
         undo(exc)
         raise
-    try:  # (the rename on disk before the output it replaced is deleted)
-        _fsync(final.parent)
-    except OSError:
-        pass
+    # (the rename and the folders this run made on disk before the output it replaced is deleted)
+    for folder in (final, *made):
+        try:
+            _fsync(folder.parent)
+        except OSError:
+            pass
     if old is not None:
         try:
             _remove_replaced(old, final, flag)
