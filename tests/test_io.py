@@ -812,6 +812,11 @@ def test_staged_output_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
     assert {os.path.normpath(p) for kind, p in events[:len(want)] if kind == "sync"} == want  # (not the link)
     assert events[len(want):] == [("sync", str(tmp_path)), ("remove", events[-1][1])]
     assert sorted(p.name for p in out.iterdir()) == ["a.safetensors", "config.json", "link", "sub"]
+    events.clear()
+    with output.staged_dir(tmp_path / "new" / "deep" / "out", force=False) as tmp:
+        (tmp / "f").write_text("x")
+    after = [p for kind, p in events if kind == "sync"][-3:]  # (the folders made for it, with their entries)
+    assert after == [str(tmp_path / "new" / "deep"), str(tmp_path / "new"), str(tmp_path)]
 
 
 def test_what_a_killed_run_left_is_named(tmp_path, capsys):
