@@ -695,7 +695,7 @@ def merge(
                 dW, B, A = merged_update(layer)
                 return dW if dW is not None else (B, A)
 
-            write_model(run.aligned, tmp, update_for, checked=run.scored_weights)
+            write_model(run.aligned, tmp, update_for, checked=run.scored_weights, warnings=run.warnings)
         run.tick("write_s", t0)
         report = _finish(run, "merge", "safemerge", records, {
             "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
@@ -761,7 +761,7 @@ def project(
                 B = new_B[layer.module] if layer.module in new_B else layer.task.B
                 return B.float() * layer.task.scaling, layer.task.A.float()
 
-            write_model(run.aligned, tmp, update_for, checked=run.scored_weights)
+            write_model(run.aligned, tmp, update_for, checked=run.scored_weights, warnings=run.warnings)
         run.tick("write_s", t0)
         report = _finish(run, "project", "safelora", records, {
             "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),

@@ -1037,3 +1037,53 @@ def test_adapters_and_models_in_the_other_naming(gemma3_vlm, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "stores language_model.model.layers.0.self_attn.q_proj.weight of --aligned as " \
            "model.language_model.layers.0.self_attn.q_proj.weight" in err and "re-save" in err, err
+
+
+def test_an_updated_head_of_a_tied_model_is_untied_in_the_output(fx, tmp_path):
+    """A config that ties lm_head to the embeddings, in a checkpoint that stores lm_head anyway:
+    --output model writes the updated head and unties it in the output's config (loaders that honour
+    the tie would use the embeddings and drop the update), with a warning; a run that leaves the head
+    alone leaves the config as it was."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    models = {}
+    for name in ("aligned", "unaligned"):
+        m = Path(shutil.copytree(getattr(fx, name), tmp_path / name))
+        cfg = json.loads((m / "config.json").read_text())
+        (m / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+        models[name] = m
+    adapters = {}
+    for name, seed in (("task", 0), ("safety", 1)):
+        a = Path(shutil.copytree(getattr(fx, name), tmp_path / name))
+        g = torch.Generator().manual_seed(seed)
+        factors = load_file(a / "adapter_model.safetensors")
+        factors["base_model.model.lm_head.lora_A.weight"] = 0.1 * torch.randn(4, 64, generator=g)
+        factors["base_model.model.lm_head.lora_B.weight"] = 0.1 * torch.randn(128, 4, generator=g)
+        save_file(factors, str(a / "adapter_model.safetensors"))
+        cfg = json.loads((a / "adapter_config.json").read_text())
+        cfg.setdefault("rank_pattern", {})["lm_head"] = 4
+        (a / "adapter_config.json").write_text(json.dumps(cfg))
+        adapters[name] = a
+    out = tmp_path / "out"
+    assert run_cli(["merge", "--aligned", models["aligned"], "--unaligned", models["unaligned"], "--task-adapter",
+                    adapters["task"], "--safety-adapter", adapters["safety"], "--out", out, "--num-layers", 3,
+                    "--output", "model"]) == 0
+    rep = report_of(out)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert any("lm_head.weight got an update" in w and "tie_word_embeddings: false" in w for w in rep["warnings"])
+    flagged = {r["module"] for r in rep["layers"] if r["flagged"]}
+    wa, got = load_model(models["aligned"]), load_model(out)
+    task, safety = load_adapter(adapters["task"]), load_adapter(adapters["safety"])
+    A, B, s = task["lm_head"]
+    d = B.double() @ A.double() * s
+    if "lm_head" in flagged:
+        As, Bs, ss = safety["lm_head"]
+        d = 0.8 * d + 0.2 * (Bs.double() @ As.double() * ss)
+    assert_close(got["lm_head.weight"], wa["lm_head.weight"].double() + d, atol=2e-6, rtol=1e-5, what="lm_head")
+    assert torch.equal(got["model.embed_tokens.weight"], wa["model.embed_tokens.weight"])
+    plain = tmp_path / "plain"  # (the fixture's adapters: no update to the head)
+    assert run_cli(["merge", "--aligned", models["aligned"], "--unaligned", models["unaligned"], "--task-adapter",
+                    fx.task, "--safety-adapter", fx.safety, "--out", plain, "--num-layers", 3, "--output", "model"]) == 0
+    assert (plain / "config.json").read_bytes() == (models["aligned"] / "config.json").read_bytes()

@@ -10,6 +10,7 @@ file of the folder (config, generation config, tokenizer, chat template) is copi
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,17 +62,27 @@ def write_model(
     update_for: Callable[[str], Update | None],
     on_tensor: Callable[[str], None] | None = None,
     checked: Collection[str] = (),
+    warnings: list[str] | None = None,
 ) -> int:
     """Write ``reader``'s model to ``out_dir`` with ``W + update_for(name)`` where an update exists.
 
     Updates are added in fp32 and rounded once to the weight's dtype, a block of rows at a time
     (the weight's rows read as needed, a low-rank update's rows formed as needed), so a patched
     tensor is never whole in memory either. Every floating tensor is checked for NaN/Inf before
-    it is written, except those in ``checked`` (the caller has: the scored weights). Returns bytes
-    written.
+    it is written, except those in ``checked`` (the caller has: the scored weights). An output head
+    that gets an update is untied from the input embeddings in the output's config (see
+    :func:`untie_updated_head`; said in ``warnings``). Returns bytes written.
     """
     _check_index(reader)
     written = 0
+    updated: list[str] = []
+
+    def tracked(name: str) -> Update | None:
+        upd = update_for(name)
+        if upd is not None:
+            updated.append(name)
+        return upd
+
     # Every floating tensor is checked for NaN/Inf by a thread that reads ahead of the writer (one
     # chunk of PATCH_BYTES in memory; on a cold cache its reads also bring the copy's pages in).
     scanner = ThreadPoolExecutor(1, thread_name_prefix="safemerge-nan-scan")
@@ -80,13 +91,43 @@ def write_model(
         finite = {name: scanner.submit(reader.scan_finite, name, scratch)
                   for names in reader.shards().values() for name in names
                   if name not in checked and reader.holds_floats(name)}
-        written = _write_shards(reader, out_dir, update_for, on_tensor, finite)
+        written = _write_shards(reader, out_dir, tracked, on_tensor, finite)
     finally:
         scanner.shutdown(wait=True, cancel_futures=True)
     if reader.is_sharded:
         shutil.copyfile(reader.path / INDEX, out_dir / INDEX)
     copy_side_files(reader.path, out_dir)
+    note = untie_updated_head(out_dir, updated)
+    if note and warnings is not None:
+        warnings.append(note)
     return written
+
+
+_HEAD_WEIGHTS = ("lm_head.weight", "embed_out.weight")
+
+
+def untie_updated_head(out_dir: Path, updated: Collection[str]) -> str | None:
+    """A config that ties the output head to the input embeddings (``tie_word_embeddings``), in a
+    checkpoint that stores the head anyway, makes loaders that honour the tie (vLLM, for one) use
+    the embeddings as the head: the head's update would be dropped. When the head was updated, the
+    output's config unties it; returns what was done, or None."""
+    head = next((n for n in updated if n in _HEAD_WEIGHTS or n.endswith(tuple("." + h for h in _HEAD_WEIGHTS))), None)
+    path = out_dir / "config.json"
+    if head is None or not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    holders = [c for c in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None)
+               if isinstance(c, dict) and c.get("tie_word_embeddings")]
+    if not holders:
+        return None
+    for c in holders:
+        c["tie_word_embeddings"] = False
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return (f"{head} got an update but the model ties it to the input embeddings (tie_word_embeddings); the output's "
+            "config.json unties them (tie_word_embeddings: false), so loaders use the updated head")
 
 
 def check_model_output(reader: ModelReader) -> None:
