@@ -917,6 +917,32 @@ def test_model_output_refuses_an_update_that_overflows_the_dtype(tmp_path):
         write_model(ModelReader(src), out, lambda n: torch.full((8, 4), 1e6) if n == "w" else None)
 
 
+@pytest.mark.parametrize("where", ["top", "text_config"])
+def test_a_stored_head_is_untied_in_the_config_of_a_model_another_tool_wrote(tmp_path, where):
+    """mergekit copies the base model's config: where the output stores a head the config ties to
+    the embeddings (a task model PEFT untied), the config is untied; otherwise it is left as it was."""
+    from safemerge_ext.io.model_writer import untie_stored_head
+
+    def model(name, tensors, tie=True):
+        d = tmp_path / f"{name}-{where}"
+        d.mkdir()
+        save_file(tensors, d / "model.safetensors")
+        cfg = {"model_type": "llama", "tie_word_embeddings": tie} if where == "top" else \
+            {"model_type": "gemma3", "text_config": {"tie_word_embeddings": tie}}
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
+    emb = {"model.embed_tokens.weight": torch.randn(8, 4)}
+    head = model("head", {**emb, "lm_head.weight": torch.randn(8, 4)})
+    note = untie_stored_head(head)
+    cfg = json.loads((head / "config.json").read_text())
+    assert (cfg if where == "top" else cfg["text_config"])["tie_word_embeddings"] is False
+    assert "lm_head.weight is written as its own tensor" in note
+    for d in (model("tied", emb), model("untied", {**emb, "lm_head.weight": torch.randn(8, 4)}, tie=False)):
+        before = (d / "config.json").read_bytes()
+        assert untie_stored_head(d) is None and (d / "config.json").read_bytes() == before
+
+
 def test_side_files_leave_out_indexes_of_weights_not_copied_and_earlier_reports(tmp_path):
     """An earlier run's report in the input (a merged model merged again) describes another merge."""
     from safemerge_ext.io.model_writer import copy_side_files

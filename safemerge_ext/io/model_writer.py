@@ -106,6 +106,17 @@ def write_model(
 _HEAD_WEIGHTS = ("lm_head.weight", "embed_out.weight")
 
 
+def untie_stored_head(folder: Path) -> str | None:
+    """:func:`untie_updated_head` for a model another tool wrote (mergekit, from a task model that
+    PEFT untied): a head the output stores is the one the merge computed, so a config that ties it
+    to the embeddings is untied; returns what was done, or None."""
+    try:
+        names = ModelReader(folder, "the output").names
+    except SafeMergeError:
+        return None
+    return untie_updated_head(folder, [n for n in names if n in _HEAD_WEIGHTS or n.endswith(tuple("." + h for h in _HEAD_WEIGHTS))])
+
+
 def untie_updated_head(out_dir: Path, updated: Collection[str]) -> str | None:
     """A config that ties the output head to the input embeddings (``tie_word_embeddings``), in a
     checkpoint that stores the head anyway, makes loaders that honour the tie (vLLM, for one) use
@@ -126,8 +137,9 @@ def untie_updated_head(out_dir: Path, updated: Collection[str]) -> str | None:
     for c in holders:
         c["tie_word_embeddings"] = False
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    return (f"{head} got an update but the model ties it to the input embeddings (tie_word_embeddings); the output's "
-            "config.json unties them (tie_word_embeddings: false), so loaders use the updated head")
+    return (f"{head} is written as its own tensor, but the config ties it to the input embeddings "
+            "(tie_word_embeddings); the output's config.json unties them (tie_word_embeddings: false), so "
+            "loaders use the written head")
 
 
 def check_model_output(reader: ModelReader) -> None:
