@@ -266,8 +266,13 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
         for module, m in adapter.modules.items():
             wname = reader.resolve_module(module)
             if wname is None:
+                from safemerge_ext.io.models import config_value
+
+                tied = module.rsplit(".", 1)[-1] == "lm_head" and config_value(ref.model.path, "tie_word_embeddings")
                 raise SafeMergeError(
-                    f"{label}: LoRA adapter {ref.lora.path} targets {module}, which {ref.model.path} does not have"
+                    f"{label}: LoRA adapter {ref.lora.path} targets {module}, which {ref.model.path} "
+                    + ("ties to its input embeddings (tie_word_embeddings, no tensor of its own); LoRA on a tied "
+                       "lm_head is not supported" if tied else "does not have")
                 )
             d_out, d_in = reader.meta(wname)[0]
             if m.d_out != d_out or m.d_in != d_in:

@@ -1251,3 +1251,34 @@ def _lora_entries(cfg: dict) -> list[str]:
     """The cache entries mergekit folds a recipe's model+lora inputs into."""
     refs = [MergeConfiguration.model_validate(cfg).models[i].model for i in range(len(cfg["models"]))]
     return [f"{r.model._unique_id()}_{r.lora._unique_id()}" for r in refs if r.lora is not None]
+
+
+def test_safemerge_yaml_names_a_lora_on_a_tied_head(pico, tmp_path):
+    """A model+lora whose adapter targets lm_head where the model ties it to the embeddings (no
+    tensor of its own) is refused as that, not as a module the model lacks."""
+    from safetensors.torch import load_file, save_file
+
+    aligned = Path(shutil.copytree(pico.aligned, tmp_path / "tied"))
+    cfg = json.loads((aligned / "config.json").read_text())
+    (aligned / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    index_path = aligned / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    for shard in aligned.glob("*.safetensors"):
+        sd = load_file(shard)
+        if sd.pop("lm_head.weight", None) is not None:
+            save_file(sd, str(shard), metadata={"format": "pt"})
+    if index is not None:
+        index["weight_map"].pop("lm_head.weight", None)
+        index_path.write_text(json.dumps(index))
+    adapter = Path(shutil.copytree(pico.lora_task, tmp_path / "lora"))
+    factors = load_file(adapter / "adapter_model.safetensors")
+    d_model = read_model(pico.aligned)["lm_head.weight"].shape
+    factors["base_model.model.lm_head.lora_A.weight"] = torch.randn(4, d_model[1])
+    factors["base_model.model.lm_head.lora_B.weight"] = torch.randn(d_model[0], 4)
+    save_file(factors, str(adapter / "adapter_model.safetensors"))
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    acfg.setdefault("rank_pattern", {})["lm_head"] = 4
+    (adapter / "adapter_config.json").write_text(json.dumps(acfg))
+    with pytest.raises(SafeMergeError, match=r"targets lm_head, which .*tied ties to its input embeddings "
+                                             r"\(tie_word_embeddings, no tensor of its own\)"):
+        validate_recipe({**recipe(pico, task=f"{aligned}+{adapter}"), "base_model": str(aligned)})
