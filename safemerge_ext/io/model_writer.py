@@ -106,6 +106,10 @@ def write_model(
 _HEAD_WEIGHTS = ("lm_head.weight", "embed_out.weight")
 
 
+def _is_head(name: str) -> bool:
+    return name in _HEAD_WEIGHTS or name.endswith(tuple("." + h for h in _HEAD_WEIGHTS))
+
+
 def untie_stored_head(folder: Path) -> str | None:
     """:func:`untie_updated_head` for a model another tool wrote (mergekit, from a task model that
     PEFT untied): a head the output stores is the one the merge computed, so a config that ties it
@@ -114,7 +118,7 @@ def untie_stored_head(folder: Path) -> str | None:
         names = ModelReader(folder, "the output").names
     except SafeMergeError:
         return None
-    return untie_updated_head(folder, [n for n in names if n in _HEAD_WEIGHTS or n.endswith(tuple("." + h for h in _HEAD_WEIGHTS))])
+    return untie_updated_head(folder, [n for n in names if _is_head(n)])
 
 
 def untie_updated_head(out_dir: Path, updated: Collection[str]) -> str | None:
@@ -122,7 +126,7 @@ def untie_updated_head(out_dir: Path, updated: Collection[str]) -> str | None:
     checkpoint that stores the head anyway, makes loaders that honour the tie (vLLM, for one) use
     the embeddings as the head: the head's update would be dropped. When the head was updated, the
     output's config unties it; returns what was done, or None."""
-    head = next((n for n in updated if n in _HEAD_WEIGHTS or n.endswith(tuple("." + h for h in _HEAD_WEIGHTS))), None)
+    head = next((n for n in updated if _is_head(n)), None)
     path = out_dir / "config.json"
     if head is None or not path.is_file():
         return None
