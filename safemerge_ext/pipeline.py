@@ -26,7 +26,7 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
                                        global_scaling, read_adapter, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
-from safemerge_ext.io.models import ModelReader, config_value, module_key, natural_key
+from safemerge_ext.io.models import ModelReader, is_tied_head, module_key, natural_key
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.report import (
     REPORT_JSON,
@@ -222,7 +222,7 @@ def open_run(
 def _no_such_module(adapter: LoraAdapter, module: str, aligned: ModelReader) -> SafeMergeError:
     """The error for an adapter module the model has no weight for: a tied output layer (which has
     no tensor of its own), or another architecture."""
-    if module.rsplit(".", 1)[-1] == "lm_head" and config_value(aligned.path, "tie_word_embeddings"):
+    if is_tied_head(module, aligned.path):
         return SafeMergeError(
             f"{adapter.flag} {adapter.path}: adapts {module}, which --aligned {aligned.path} ties to its input "
             "embeddings (tie_word_embeddings, no tensor of its own); LoRA on a tied lm_head is not supported"

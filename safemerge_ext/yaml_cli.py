@@ -266,9 +266,9 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
         for module, m in adapter.modules.items():
             wname = reader.resolve_module(module)
             if wname is None:
-                from safemerge_ext.io.models import config_value
+                from safemerge_ext.io.models import is_tied_head
 
-                tied = module.rsplit(".", 1)[-1] == "lm_head" and config_value(ref.model.path, "tie_word_embeddings")
+                tied = is_tied_head(module, ref.model.path)
                 raise SafeMergeError(
                     f"{label}: LoRA adapter {ref.lora.path} targets {module}, which {ref.model.path} "
                     + ("ties to its input embeddings (tie_word_embeddings, no tensor of its own); LoRA on a tied "

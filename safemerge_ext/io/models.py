@@ -129,6 +129,11 @@ def config_value(model_dir: str | os.PathLike, key: str) -> object:
     return cfg.get(key, text.get(key) if isinstance(text, dict) else None)
 
 
+def is_tied_head(module: str, model_dir: str | os.PathLike) -> bool:
+    """Whether ``module`` is an lm_head the model at ``model_dir`` ties to its input embeddings."""
+    return module.rsplit(".", 1)[-1] == "lm_head" and bool(config_value(model_dir, "tie_word_embeddings"))
+
+
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
