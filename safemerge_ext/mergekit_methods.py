@@ -30,7 +30,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
@@ -646,6 +646,7 @@ def _unfinished(key: str) -> str | None:
 
 
 def _finalize_pending() -> None:
+    untied: list[str] | None = None  # (once per process, for the first finished run)
     for key in pending_reports():
         try:
             why = _unfinished(key)
@@ -653,11 +654,29 @@ def _finalize_pending() -> None:
                 discard_report(_pending[key])
                 LOG.error("safemerge-ext: no report: %s", why)
                 continue
-            rep = finalize_report(_pending[key])
+            if untied is None:
+                untied = _untie_mergekit_yaml_out()
+            rep = finalize_report(_pending[key], warnings=untied)
             if rep is not None:
                 print(summary_table(rep), file=sys.stderr)
         except Exception as exc:  # at exit: report, never raise
             LOG.error("safemerge-ext: could not write the report from %s: %s", key, exc)
+
+
+def _untie_mergekit_yaml_out() -> list[str]:
+    """In a finished ``mergekit-yaml`` run: a head its OUT_PATH stores (a task model that PEFT
+    untied) beside a config mergekit copied from a tied base model is untied there, as
+    ``safemerge-yaml`` does; returns the warning, if any."""
+    out = _mergekit_yaml_out()
+    if not out:
+        return []
+    from safemerge_ext.io.model_writer import untie_stored_head
+
+    untied = untie_stored_head(Path(out))
+    if untied is None:
+        return []
+    LOG.warning("safemerge-ext: %s", untied)
+    return [untied]
 
 
 def _load_layers(sidecar: Path) -> tuple[str, list[LayerRecord], list[dict[str, Any]]]:
@@ -756,9 +775,10 @@ def _timings(lines: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-yaml",
-                    into: str | os.PathLike | None = None) -> dict[str, Any] | None:
+                    into: str | os.PathLike | None = None, warnings: Sequence[str] = ()) -> dict[str, Any] | None:
     """Assemble the sidecar at ``report_path`` (directory or ``.json``) into the JSON + PNG report,
-    written there (or into the folder ``into``).
+    written there (or into the folder ``into``); ``warnings``: the caller's own, added to the
+    method's.
 
     Returns the report (``None`` when no tensor was scored there, or the run failed); removes the
     sidecar.
@@ -793,7 +813,8 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
         backend_detail="; ".join(details) or None,
         timings=_timings(lines),
         bytes_read=sum(ln["bytes"] for ln in lines),
-        warnings=_precision_warnings(method, layers) + _unused_precision(lines) + _unused_density(method, layers),
+        warnings=(_precision_warnings(method, layers) + _unused_precision(lines) + _unused_density(method, layers)
+                  + list(warnings)),
     )
     band_layers = [r for r in layers if r.extra.get("rounding_band") is not None]
     if band_layers and method != "resta":

@@ -32,7 +32,7 @@ from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.mergekit_methods import (
     METHOD_NAMES, ROLES, discard_report, finalize_report, register_methods, report_files,
 )
-from safemerge_ext.report import REPORT_JSON, PlotUnavailable, plot, summary_table, write_json
+from safemerge_ext.report import PlotUnavailable, plot, summary_table, write_json
 
 # what mergekit's dtype / out_dtype take for a merge (mergekit.common.dtype_from_name also takes int64)
 DTYPES = ("bfloat16", "float16", "float32", "float64")
@@ -453,12 +453,10 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                 run_merge(config, str(tmp), options=merge_options, config_source=source)
                 untied = untie_stored_head(tmp)  # (mergekit copies the base model's tie_word_embeddings)
                 # into OUT as always; to report_path only once OUT is in place (below)
-                report = finalize_report(own or tmp, command="safemerge-yaml", into=tmp)
+                report = finalize_report(own or tmp, command="safemerge-yaml", into=tmp,
+                                         warnings=[untied] if untied else ())
                 if untied:
                     click.echo(f"safemerge-yaml: warning: {untied}", err=True)
-                    if report is not None:
-                        report["warnings"].append(untied)
-                        write_json(report, tmp / REPORT_JSON)
                 card = tmp / "README.md"
                 if card.is_file():  # mergekit titles the card after the folder it wrote: the temporary one
                     card.write_text(card.read_text(encoding="utf-8").replace(tmp.name, out.name), encoding="utf-8")

@@ -1017,6 +1017,56 @@ def test_exit_hook_writes_no_report_for_an_unfinished_mergekit_yaml(pico, tmp_pa
     assert run_then_exit()
 
 
+def test_exit_hook_unties_a_head_the_output_stores(pico, tmp_path, monkeypatch, capsys):
+    """Plain mergekit-yaml copies the base model's config: where it ties the head to the embeddings
+    but the merge writes a head of its own (a task model PEFT untied), the exit hook unties the
+    output's config, as safemerge-yaml does, and the report says so; an untied base is left as it
+    was."""
+    from safemerge_ext import mergekit_methods as mm
+
+    tied = tmp_path / "tied"
+    for name in ("aligned", "unaligned", "task", "safety"):
+        m = Path(shutil.copytree(getattr(pico, name), tied / name))
+        cfg = json.loads((m / "config.json").read_text())
+        (m / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    monkeypatch.setattr(mm, "_override", None)
+    monkeypatch.delenv(mm.REPORT_DIR_ENV, raising=False)
+
+    def run(models: Path) -> tuple[dict, dict]:
+        out = tmp_path / f"out-{models.name}"
+        monkeypatch.setattr(mm, "_cli_out", [str(out)])
+        cfg = recipe(pico, params={"threshold": TAU}, task=str(models / "task"), safety=str(models / "safety"),
+                     unaligned=str(models / "unaligned"))
+        register_methods()
+        run_merge(MergeConfiguration.model_validate({**cfg, "base_model": str(models / "aligned")}), str(out),
+                  MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+        assert "lm_head.weight" in read_model(out)
+        mm._finalize_pending()
+        return (json.loads((out / "config.json").read_text()),
+                json.loads((out / "safemerge_report.json").read_text()))
+
+    config, report = run(tied)
+    assert config["tie_word_embeddings"] is False
+    assert any("lm_head.weight is written as its own tensor" in w for w in report["warnings"])
+    config, report = run(pico.root)
+    assert config["tie_word_embeddings"] is False and not any("tie_word_embeddings" in w for w in report["warnings"])
+
+    from safemerge_ext import yaml_cli  # the same through safemerge-yaml: config, report and stderr
+
+    monkeypatch.setattr(mm, "_cli_out", [None])
+    cfg = recipe(pico, params={"threshold": TAU}, task=str(tied / "task"), safety=str(tied / "safety"),
+                 unaligned=str(tied / "unaligned"))
+    out = tmp_path / "out-yaml"
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write({**cfg, "base_model": str(tied / "aligned")}, tmp_path / "r.yml")), str(out),
+                       "--no-copy-tokenizer"])
+    assert done.value.code in (0, None)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    report = json.loads((out / "safemerge_report.json").read_text())
+    assert any("lm_head.weight is written as its own tensor" in w for w in report["warnings"])
+    assert "warning: lm_head.weight is written as its own tensor" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("where", ["in-a-method", "in-mergekit", "after-the-merge"])
 def test_failed_safemerge_yaml_writes_no_report_at_its_report_path(pico, tmp_path, capsys, monkeypatch, where):
     """A safemerge-yaml run that fails writes no report to its report_path, now or at exit: when a
