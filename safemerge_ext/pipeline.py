@@ -55,6 +55,10 @@ class Layer:
     shape: tuple[int, int]
     task: LoraModule
     safety: LoraModule | None = None
+    unaligned_weight: str = ""  # its name in --unaligned, where that names it otherwise (default: weight)
+
+    def __post_init__(self) -> None:
+        self.unaligned_weight = self.unaligned_weight or self.weight
 
 
 @dataclass
@@ -152,27 +156,24 @@ def open_run(
         if weight is None:
             raise _no_such_module(task, module, aligned)
         shape, dtype = aligned.meta(weight)
-        if weight not in unaligned:
-            other = unaligned.resolve_module(module)
-            if other is not None:
-                raise SafeMergeError(
-                    f"--unaligned {unaligned.path}: stores {weight} of --aligned as {other}: the two checkpoints "
-                    "name their tensors differently (saved by different transformers versions); load and re-save "
-                    "one with the other's version"
-                )
+        # (a vision-language model saved by another transformers version names the text model's
+        # tensors the other way: the same module, read by its own name there)
+        uweight = weight if weight in unaligned else unaligned.resolve_module(module)
+        if uweight is None:
             raise SafeMergeError(
                 f"--unaligned {unaligned.path}: tensor {weight} is missing (it is in --aligned); "
                 "the two models must share an architecture"
             )
-        ushape, udtype = unaligned.meta(weight)
+        named = weight if uweight == weight else f"{weight} ({uweight} in --unaligned)"
+        ushape, udtype = unaligned.meta(uweight)
         if ushape != shape:
             raise SafeMergeError(
-                f"tensor {weight} has shape {shape} in --aligned but {ushape} in --unaligned: "
+                f"tensor {named} has shape {shape} in --aligned but {ushape} in --unaligned: "
                 "the two models must share an architecture"
             )
         if udtype != dtype:
             raise SafeMergeError(
-                f"tensor {weight} is {dtype} in --aligned but {udtype} in --unaligned: "
+                f"tensor {named} is {dtype} in --aligned but {udtype} in --unaligned: "
                 "save both models in one dtype (e.g. torch_dtype=torch.bfloat16) so their difference is meaningful"
             )
         if dtype not in (torch.float32, torch.float16, torch.bfloat16) or len(shape) != 2:
@@ -197,7 +198,7 @@ def open_run(
                     f"{safety.flag} {safety.path}: module {module} is {sm.d_out}x{sm.d_in} but {weight} is "
                     f"{shape[0]}x{shape[1]}; the adapter belongs to another model"
                 )
-        layers.append(Layer(module, weight, shape, lm, sm))
+        layers.append(Layer(module, weight, shape, lm, sm, uweight))
     run = Run(aligned, unaligned, layers, dev, backend_name, used, requested,
               ops.backends.requested_backend(backend, honour_env))
     if used != requested:
@@ -383,10 +384,10 @@ def _progress_bar(total: int, desc: str, progress: bool | None):
 
 
 def _non_finite(run: Run, layer: Layer, wa: torch.Tensor, wu: torch.Tensor) -> SafeMergeError:
-    for reader, t in ((run.aligned, wa), (run.unaligned, wu)):
+    for reader, t, name in ((run.aligned, wa, layer.weight), (run.unaligned, wu, layer.unaligned_weight)):
         if not torch.isfinite(t).all():
             return SafeMergeError(
-                f"{reader.flag} {reader.path / reader.shard_of(layer.weight)}: tensor {layer.weight} contains NaN or Inf; "
+                f"{reader.flag} {reader.path / reader.shard_of(name)}: tensor {name} contains NaN or Inf; "
                 "the checkpoint is corrupt or was saved in a dtype that overflowed"
             )
     return SafeMergeError(f"scoring {layer.module} lost its precision in fp32 sums: the weights or the update are "
@@ -418,7 +419,7 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
     cuda = run.device.type == "cuda"
     side = torch.cuda.Stream(run.device) if cuda else None
     cached = not cuda and all(
-        run.aligned.resident(layer.weight) and run.unaligned.resident(layer.weight) for layer in run.layers
+        run.aligned.resident(layer.weight) and run.unaligned.resident(layer.unaligned_weight) for layer in run.layers
     )
 
     def pair_bytes(i: int) -> int:
@@ -432,12 +433,12 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
         if not cuda:
             if not cached:  # (when every pair was cached, will_need would only ask again)
                 run.aligned.will_need(layer.weight)
-                run.unaligned.will_need(layer.weight)
-            wa, wu = run.aligned.map(layer.weight), run.unaligned.map(layer.weight)
+                run.unaligned.will_need(layer.unaligned_weight)
+            wa, wu = run.aligned.map(layer.weight), run.unaligned.map(layer.unaligned_weight)
             run.tick("read_s", t0)
             return wa, wu, None, factors
         wa = run.aligned.get(layer.weight, pin_memory=True)
-        wu = run.unaligned.get(layer.weight, pin_memory=True)
+        wu = run.unaligned.get(layer.unaligned_weight, pin_memory=True)
         with torch.cuda.stream(side):
             wa = wa.to(run.device, non_blocking=True)
             wu = wu.to(run.device, non_blocking=True)
