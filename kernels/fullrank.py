@@ -118,12 +118,13 @@ def _tiles(interpreted: bool, d_out: int, d_in: int, precision: str = "ieee",
     that ptxas compiles without register spills for sm_90 (triton 3.9, specialized as a launch on
     Llama shapes is) with fp32 FMA, tf32 or bf16 dots; tf32x3, which splits each operand in two,
     and fp32 FMA below an H100's shared memory (sm_80) step 16 deep; below an A100's (99 KB:
-    sm_86/sm_89/sm_120) the tiles of M are 64 x 64, with 4 warps."""
+    sm_86/sm_89/sm_120) the tiles of M are 64 x 64, with 4 warps, and tf32 steps 16 deep too (at
+    32, ptxas spills 16 B of V M for sm_86 with bf16 weights)."""
     if interpreted:
         return {"m": min(128, pow2_at_least(d_out)), "n": min(128, pow2_at_least(d_in)),
                 "k": min(128, pow2_at_least(max(d_out, d_in))), "w": 4}
-    shallow = precision == "tf32x3" or (smem < 200_000 and precision == "ieee")
     small = smem < 150_000
+    shallow = precision == "tf32x3" or (smem < 200_000 and precision == "ieee") or (small and precision == "tf32")
     return {"m": 64, "n": 64 if small else 128, "k": 16 if shallow else 32, "w": 4 if small else 8}
 
 

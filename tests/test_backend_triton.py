@@ -373,13 +373,13 @@ for wd, bd in (("bf16", "fp16"), ("fp32", "fp32")):  # the pipeline's bf16 weigh
     elem = 4 if wd == "fp32" else 2
     for arch in (80, 86, 90):  # each GPU's own default tiles (its tier of shared memory)
         for r_pad, prec in ((16, "ieee"), (32, "ieee"), (64, "ieee"), (128, "ieee"), (256, "ieee"),
-                            (128, "tf32x3"), (256, "tf32x3"), (256, "bf16")):
+                            (128, "tf32x3"), (256, "tf32x3"), (64, "tf32"), (256, "tf32"), (256, "bf16")):
             t = lowrank._tiles(False, 4096, 4096, r_pad, prec, elem, SHARED[arch])
             build(f"W={wd} pass1 r_pad={r_pad} {prec}", lowrank._vt_b_kernel, w,
                   {"R_PAD": r_pad, "BLOCK_M": t["m1"], "BLOCK_N": t["n1"], "PRECISION": prec}, t["w1"], arch)
             build(f"W={wd} pass2 r_pad={r_pad} {prec}", lowrank._v_t_kernel, w,
                   {"R_PAD": r_pad, "BLOCK_M": t["m2"], "BLOCK_K": t["k2"], "PRECISION": prec}, t["w2"], arch)
-        for prec in ("ieee", "tf32x3", "bf16"):
+        for prec in ("ieee", "tf32x3", "tf32", "bf16"):
             t = fullrank._tiles(False, 4096, 4096, prec, SHARED[arch])
             build(f"W={wd} V^T dW {prec}", fullrank._vt_dw_kernel, w,
                   {"BLOCK_K": t["k"], "BLOCK_N": t["n"], "PRECISION": prec}, t["w"], arch)
