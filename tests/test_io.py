@@ -693,6 +693,34 @@ def test_model_writer_streams_and_copies(fx, fx_bf16, tmp_path, monkeypatch, pat
         write_model(ModelReader(fx.aligned), tmp_path / "bad", lambda n: (B[:64], A) if n in updates else None)
 
 
+def test_model_writer_checks_a_bounded_distance_ahead(fx, tmp_path, monkeypatch):
+    """The NaN/Inf check of copied tensors reads ahead of the writer by LOOKAHEAD_BYTES at most (its
+    pages are still cached when the copy reads them), however slow the writer; every floating
+    tensor is still checked once."""
+    import time
+
+    from safemerge_ext.io import model_writer
+
+    reader = ModelReader(fx.aligned)
+    order = [n for names in reader.shards().values() for n in names]
+    sizes = [reader.layout(n)[2] for n in order]
+    start = dict(zip(order, [sum(sizes[:i]) for i in range(len(order))]))
+    budget = 2 * max(sizes)
+    assert sum(sizes) > 4 * budget  # (the model is long enough for the bound to matter)
+    monkeypatch.setattr(model_writer, "LOOKAHEAD_BYTES", budget)
+    written, scans = [], []
+    real = ModelReader.scan_finite
+    monkeypatch.setattr(ModelReader, "scan_finite",
+                        lambda self, name, buf=None: scans.append((name, len(written))) or real(self, name, buf))
+    out = tmp_path / "out"
+    out.mkdir()
+    write_model(reader, out, lambda n: None, on_tensor=lambda n: (written.append(n), time.sleep(0.003)))
+    assert written == order
+    assert sorted(n for n, _ in scans) == sorted(n for n in order if reader.holds_floats(n))
+    for name, k in scans:  # (the writer was at order[k] when the check of name began)
+        assert start[name] < start[order[k]] + budget or name == order[k], (name, order[k])
+
+
 def _raw_safetensors(path, header: dict, data: bytes) -> None:
     """A safetensors file written by hand (for headers the library would refuse to write)."""
     blob = json.dumps(header).encode()

@@ -4,7 +4,7 @@ Each shard is written one tensor at a time (the safetensors header is laid out f
 headers first): a tensor with an update is read, patched and written a block of rows at a time,
 and every other tensor is copied file to file inside the kernel, so memory holds a few MiB of one
 tensor, whatever the tensors' or the shards' size; every floating tensor is checked for NaN/Inf
-first, by a thread reading ahead of the writer. Sharding and the index are kept, and every other
+first, by a thread reading ahead of the writer (a bounded distance: LOOKAHEAD_BYTES). Sharding and the index are kept, and every other
 file of the folder (config, generation config, tokenizer, chat template) is copied.
 """
 
@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import accumulate
 from pathlib import Path
 from typing import Callable, Collection, Iterator, Union
 
@@ -55,6 +56,11 @@ Update = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 # writing, 2 MiB blocks 8 MB (peak +2 MB), in the same time.
 PATCH_BYTES = 2 << 20
 
+# How far (bytes of tensors, in write order) the NaN/Inf check may read ahead of the tensor being
+# written: enough to keep it ahead, small enough that the pages it brought in are still cached
+# when the copy reads them (else a model larger than the page cache is read from disk twice).
+LOOKAHEAD_BYTES = 1 << 30
+
 
 def write_model(
     reader: ModelReader,
@@ -85,15 +91,8 @@ def write_model(
 
     # Every floating tensor is checked for NaN/Inf by a thread that reads ahead of the writer (one
     # chunk of PATCH_BYTES in memory; on a cold cache its reads also bring the copy's pages in).
-    scanner = ThreadPoolExecutor(1, thread_name_prefix="safemerge-nan-scan")
-    scratch = torch.empty(PATCH_BYTES, dtype=torch.uint8)
-    try:  # (a header that fails to parse while the scans are queued stops the queued ones too)
-        finite = {name: scanner.submit(reader.scan_finite, name, scratch)
-                  for names in reader.shards().values() for name in names
-                  if name not in checked and reader.holds_floats(name)}
+    with _FiniteAhead(reader, checked) as finite:
         written = _write_shards(reader, out_dir, tracked, on_tensor, finite)
-    finally:
-        scanner.shutdown(wait=True, cancel_futures=True)
     if reader.is_sharded:
         shutil.copyfile(reader.path / INDEX, out_dir / INDEX)
     copy_side_files(reader.path, out_dir)
@@ -168,14 +167,46 @@ def _check_index(reader: ModelReader) -> None:
             )
 
 
+class _FiniteAhead:
+    """The NaN/Inf checks of a model's floating tensors (but ``checked``), in write order, by one
+    thread that runs at most LOOKAHEAD_BYTES ahead of the tensor being written (and always checks
+    that one): ``ok(name)`` as the writer reaches ``name``."""
+
+    def __init__(self, reader: ModelReader, checked: Collection[str]) -> None:
+        self.reader = reader
+        self.order = [name for names in reader.shards().values() for name in names]
+        self.start = dict(zip(self.order, accumulate((reader.layout(n)[2] for n in self.order), initial=0)))
+        self.todo = [n for n in self.order if n not in checked and reader.holds_floats(n)]
+        self.next = 0  # todo[next:] not yet submitted
+        self.futures: dict[str, Future] = {}
+        self.scratch = torch.empty(PATCH_BYTES, dtype=torch.uint8)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="safemerge-nan-scan")
+
+    def __enter__(self) -> "_FiniteAhead":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def ok(self, name: str) -> bool:
+        limit = self.start[name] + LOOKAHEAD_BYTES
+        while self.next < len(self.todo) and (self.start[self.todo[self.next]] < limit
+                                              or self.todo[self.next] == name):
+            ahead = self.todo[self.next]
+            self.futures[ahead] = self.pool.submit(self.reader.scan_finite, ahead, self.scratch)
+            self.next += 1
+        found = self.futures.pop(name, None)
+        return True if found is None else found.result()
+
+
 def _write_shards(reader: ModelReader, out_dir: Path, update_for: Callable[[str], Update | None],
-                  on_tensor: Callable[[str], None] | None, finite: dict[str, Future]) -> int:
+                  on_tensor: Callable[[str], None] | None, finite: _FiniteAhead) -> int:
     written = 0
     for shard, names in reader.shards().items():
         layout = [(name, *reader.layout(name)) for name in names]
         with StreamingWriter(out_dir / shard, layout, metadata=reader.metadata(shard)) as out:
             for name in names:
-                if name in finite and not finite[name].result():
+                if not finite.ok(name):
                     raise SafeMergeError(
                         f"{reader.flag} {reader.path / shard}: tensor {name} contains NaN or Inf; the model is "
                         "corrupt (nothing was written)"
