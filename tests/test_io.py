@@ -36,6 +36,32 @@ def test_reader_reads_only_what_is_asked(fx):
     assert torch.equal(t, load_model(fx.aligned)["model.layers.1.mlp.down_proj.weight"])
 
 
+@pytest.mark.parametrize("output", ["adapter", "model"])
+def test_each_weight_file_is_opened_once(fx, tmp_path, monkeypatch, output):
+    """A run opens each shard of both models and each adapter file once: the header and the
+    tensors are read through one descriptor."""
+    import builtins
+    from pathlib import Path
+
+    from safemerge_ext.cli import main
+
+    opened = []
+    real_os_open, real_open = os.open, builtins.open
+
+    def seen(path):
+        if str(path).endswith(".safetensors") and not str(path).startswith(str(tmp_path)):
+            opened.append(os.path.realpath(path))
+
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: (seen(path), real_os_open(path, *a, **k))[1])
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: (seen(path), real_open(path, *a, **k))[1])
+    assert main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter",
+                 str(fx.task), "--safety-adapter", str(fx.safety), "--out", str(tmp_path / "out"), "--output", output,
+                 "--no-progress", "--no-plot"]) == 0
+    aligned = {os.path.realpath(p) for p in Path(fx.aligned).glob("*.safetensors")}
+    assert len(set(opened) & aligned) > 2 and (output == "adapter" or aligned <= set(opened))
+    assert sorted(opened) == sorted(set(opened)), sorted(opened)
+
+
 def test_reader_maps_tensors_without_copying(fx):
     """map() is a view of the file's pages: equal to get(), counted in bytes_read, and private
     (writing to it never reaches the file)."""

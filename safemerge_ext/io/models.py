@@ -317,13 +317,13 @@ class ModelReader:
         if hdr is not None:
             return hdr
         path = self.path / shard
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if not 0 < n <= min(_MAX_HEADER, size - 8):
-                    raise ValueError(f"header length {n} does not fit a {size}-byte file")
-                raw = json.loads(f.read(n))
+        try:  # (through the descriptor the tensors are read with: each shard is opened once)
+            fd = self._fd(shard)
+            size = os.fstat(fd).st_size
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            if not 0 < n <= min(_MAX_HEADER, size - 8):
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            raw = json.loads(os.pread(fd, n, 8))
             if not isinstance(raw, dict):
                 raise ValueError("the header is not a JSON object")
             hdr = {}
