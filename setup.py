@@ -2,8 +2,9 @@
 
 - ``safemerge_ext._cpu`` (csrc/cpu_ops.cpp): always attempted; OpenMP when the compiler accepts
   ``-fopenmp`` (tested on a tiny program first).
-- ``safemerge_ext._cuda`` (csrc/*.cu): built when nvcc is found and the build environment imports a
-  CUDA build of torch (``torch.version.cuda``), or when ``SAFEMERGE_BUILD_CUDA=1`` forces it.
+- ``safemerge_ext._cuda`` (csrc/*.cu): built when nvcc is found, unless the build environment
+  imports a CPU build of torch (then ``SAFEMERGE_BUILD_CUDA=1`` forces it). Where torch is not
+  importable there (pip's build isolation), nvcc decides: the extension links no torch.
 - ``SAFEMERGE_SKIP_NATIVE=1`` builds nothing native.
 
 The build degrades instead of failing: a native part that cannot be compiled is reported and
@@ -85,13 +86,13 @@ int main() { return 0; }
 """
 
 
-def _cuda_torch() -> tuple[bool, str]:
-    """Whether the build environment imports a CUDA build of torch (and which)."""
+def _cuda_torch() -> tuple[bool | None, str]:
+    """Whether the build environment imports a CUDA build of torch (and which); None: no torch."""
     try:
         import torch
     except Exception as exc:
-        return False, (f"torch is not importable in the build environment ({type(exc).__name__}); "
-                       "pip install --no-build-isolation builds against the installed torch")
+        return None, (f"torch is not importable in the build environment ({type(exc).__name__}: pip's build "
+                      "isolation?), and the extension links no torch")
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} in the build environment is a CPU build"
     return True, f"torch {torch.__version__} (CUDA {torch.version.cuda})"
@@ -239,7 +240,7 @@ def native_extensions() -> list:
     nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
     forced = _flag("SAFEMERGE_BUILD_CUDA")
     has_cuda_torch, torch_why = _cuda_torch()
-    if nvcc and (has_cuda_torch or forced):
+    if nvcc and (has_cuda_torch is not False or forced):
         why = "forced by SAFEMERGE_BUILD_CUDA=1" if forced else torch_why
         _say(f"CUDA extension safemerge_ext._cuda: will build with {nvcc} ({why})")
         _warn_cuda_mismatch(nvcc)

@@ -117,6 +117,40 @@ def test_cuda_extension_relinks_when_its_kernels_or_headers_change(monkeypatch, 
     assert build() == 3 and build() == 3
 
 
+@pytest.mark.parametrize("torch_build", ["not-importable", "cuda", "cpu"])
+def test_the_cuda_extension_is_built_where_nvcc_is_unless_torch_is_a_cpu_build(monkeypatch, capsys, torch_build):
+    """With nvcc found, the CUDA extension is built against a CUDA torch and also where the build
+    environment has no torch at all (pip's build isolation: the extension links no torch), and
+    skipped, saying why, against a CPU build of torch (SAFEMERGE_BUILD_CUDA=1 forces it)."""
+    import runpy
+    import types
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("SAFEMERGE_SKIP_NATIVE", "1")
+    monkeypatch.chdir(ROOT)
+    mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+    monkeypatch.delenv("SAFEMERGE_SKIP_NATIVE")
+    monkeypatch.delenv("SAFEMERGE_BUILD_CUDA", raising=False)
+    monkeypatch.setenv("NVCC", "/opt/cuda/bin/nvcc-that-is-not-run")
+    fake = None if torch_build == "not-importable" else types.SimpleNamespace(
+        __version__="2.13.0", version=types.SimpleNamespace(cuda="12.8" if torch_build == "cuda" else None))
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    capsys.readouterr()
+    names = [e.name for e in mod["native_extensions"]()]
+    said = capsys.readouterr().err
+    if torch_build == "cpu":
+        assert names == ["safemerge_ext._cpu"]
+        assert "skipping CUDA extension safemerge_ext._cuda: torch 2.13.0 in the build environment is a CPU build" in said
+        monkeypatch.setenv("SAFEMERGE_BUILD_CUDA", "1")
+        assert [e.name for e in mod["native_extensions"]()] == ["safemerge_ext._cpu", "safemerge_ext._cuda"]
+    else:
+        assert names == ["safemerge_ext._cpu", "safemerge_ext._cuda"], said
+        assert "will build with /opt/cuda/bin/nvcc-that-is-not-run" in said
+        assert ("build isolation" in said) == (torch_build == "not-importable")
+
+
 def test_an_extension_that_fails_to_build_leaves_no_older_build_in_place(monkeypatch, tmp_path):
     """A failed build of an extension degrades to the other backends; an older build of it left in
     place (an in-place build on a warm machine) would load as if this one had worked."""
