@@ -62,7 +62,10 @@ def _triton_version() -> tuple[int, int] | None:
 
 
 def unavailable_reason() -> str | None:
-    """None when the kernels can run here, else one line saying why not (triton is not imported)."""
+    """None when the kernels can run here, else one line saying why not. Without a CUDA device,
+    triton is not imported (that would fix its interpreter mode for the process); with one, the
+    kernels are (a broken install, e.g. one built for another CUDA, then is a reason, and `auto`
+    goes on to the next backend)."""
     version = _triton_version()
     if version is None:
         return "triton is not installed (pip install 'safemerge-ext[triton]')"
@@ -70,16 +73,23 @@ def unavailable_reason() -> str | None:
         return f"triton {version[0]}.{version[1]} is too old: the kernels need triton >= 3.0"
     from ._launch import interpret_enabled
 
-    if interpret_enabled() or torch.cuda.is_available():
+    if interpret_enabled():
         return None
-    return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU through the interpreter)"
+    if not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU through the interpreter)"
+    try:
+        for name in ("lowrank", "fullrank"):
+            _op(name)
+    except RuntimeError as exc:
+        return str(exc).removeprefix("triton backend: ")
+    return None
 
 
 def _op(name: str) -> ModuleType:
     """Import an op module (and triton with it); a broken triton install becomes one clear line."""
     try:
         return importlib.import_module(f"{__name__}.{name}")
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:  # (a triton built for another CUDA fails to load a library)
         raise RuntimeError(f"triton backend: triton failed to import: {type(exc).__name__}: {exc}") from exc
 
 

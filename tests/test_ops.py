@@ -416,6 +416,35 @@ def test_backend_reasons_follow_the_environment(monkeypatch):
         assert backends.triton_interpret_enabled() is on, value
 
 
+_BROKEN_TRITON = r"""
+import json, sys
+import torch
+torch.cuda.is_available = lambda: True  # (a GPU machine whose triton cannot load)
+sys.path.insert(0, sys.argv[1])
+from safemerge_ext import backends
+name, _ = backends.resolve("auto", "cuda")
+print(json.dumps({"auto": name, "triton": backends.available_backends()["triton"]}))
+"""
+
+
+def test_auto_goes_past_a_triton_that_fails_to_import(tmp_path):
+    """On a CUDA device `auto` prefers Triton, but an install that fails to import (one built for
+    another CUDA, say) is a reason like any other: `auto` takes the next backend, and `safemerge
+    backends` names the error."""
+    import subprocess
+    import sys
+
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('libcuda.so.1: cannot open shared object file')\n")
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "0", "SAFEMERGE_BACKEND": "auto"}
+    done = subprocess.run([sys.executable, "-c", _BROKEN_TRITON, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["auto"] != "triton"
+    assert got["triton"] == "triton failed to import: ImportError: libcuda.so.1: cannot open shared object file"
+
+
 def test_combine_full_keeps_float64_updates_in_float64():
     """A float64 model's updates are merged in float64 (fp32 would cost 1e-7 of dW); fp32 and
     half-precision updates in fp32."""
