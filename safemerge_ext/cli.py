@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("autoload", help="let plain mergekit-yaml find the safemerge methods",
                        description="Write (enable) or remove (disable) the .pth hook in this environment's site-packages "
-                                   "that registers safemerge, safelora and resta when mergekit loads its methods.")
+                                   "that registers safemerge, safelora and resta when mergekit loads its methods, "
+                                   "or say whether it is in place and active (status).")
     p.add_argument("action", choices=("enable", "disable", "status"), help="what to do with the hook")
 
     from safemerge_ext.evaluation import cli as evaluation_cli  # argparse only: --help stays torch-free

