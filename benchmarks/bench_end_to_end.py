@@ -20,9 +20,15 @@ put back in it before each (warm, see ``rewarm``), so every contender sees the s
   writes a merged full copy of each LoRA'd model to its cache first).
 
 Columns: ``time_s`` (the work, from first read to last byte written, the PNG report's rendering
-included; imports, matplotlib's and the scoring backend's among them, reported apart as ``import_s``), ``gbps`` (bytes read / time), ``x_floor`` (time over the matching floor),
-``peak_rss_mb`` / ``rss_over_base_mb`` (peak resident memory, and above the process's own
-baseline after imports), and ``x_ref_time`` / ``x_ref_mem`` (reference over contender).
+included; imports, matplotlib's and the scoring backend's among them, reported apart as
+``import_s``), ``read_gb`` (bytes the contender reads, 10^9: the tensors it reads, or for the
+reference and mergekit the files they load), ``gbps`` (read_gb / time_s), ``x_floor`` (time over
+the matching floor: ``floor`` for adapter output, ``copy-floor`` for full-model output),
+``peak_rss_mb`` (the child process's peak resident memory, VmHWM), ``base_rss_mb`` (its resident
+memory after its imports, torch among them, before the work starts), ``rss_over_base_mb``
+(``peak_rss_mb - base_rss_mb``: the work's own memory, not counted from the bare interpreter,
+whose RSS the line above the table gives), and ``x_ref_time`` / ``x_ref_mem`` (reference over
+contender).
 
     python benchmarks/bench_end_to_end.py --shape llama-1b --adapters qv
     python benchmarks/bench_end_to_end.py --shape llama-1b --repeat 3   # best of 3 runs each (noisy VMs)
@@ -457,6 +463,9 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-1b")
     ap.add_argument("--adapters", choices=("qv", "all"), default="qv")
     ap.add_argument("--data", default=str(HERE / "data"))
+    ap.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the synthetic LoRA adapters' stored dtype (see make_synthetic.py: fp32 is what PEFT "
+                         "saves by default)")
     ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out, by name or by the part before \":\" (e.g. reference mergekit safemerge-adapter:torch)")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--cold", action="store_true",
@@ -486,7 +495,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from make_synthetic import make
 
-    data = make(args.shape, Path(args.data))
+    data = make(args.shape, Path(args.data), adapter_dtype=args.adapter_dtype)
     sys.path.insert(0, str(ROOT))
     from safemerge_ext.backends import NAMES, resolve
 
@@ -553,19 +562,22 @@ def main() -> None:
         if "error" in r:
             continue
         f = copy_floor if r["name"] in ("safemerge-model", "mergekit", "copy-floor") else floor
+        r["read_gb"] = r["bytes_read"] / 1e9
         r["gbps"] = r["bytes_read"] / r["time_s"] / 1e9 if r.get("time_s") else None
         r["x_floor"] = r["time_s"] / f if f else None
         r["rss_over_base_mb"] = r["peak_rss_mb"] - r.get("base_rss_mb", base["rss_mb"])
         if "time_s" in ref and r["name"] != "reference":
             r["x_ref_time"] = ref["time_s"] / r["time_s"]
             r["x_ref_mem"] = ref["peak_rss_mb"] / r["peak_rss_mb"]
-    meta = {"shape": args.shape, "adapters": args.adapters, "cache": "cold" if args.cold else "warm", "device": args.device,
+    meta = {"shape": args.shape, "adapters": args.adapters, "adapter_dtype": args.adapter_dtype,
+            "cache": "cold" if args.cold else "warm", "device": args.device,
             "gpu": _gpu_name() if args.device == "cuda" else None, "host": socket.gethostname(), "machine": machine(),
             "date": dt.date.today().isoformat(), "git_sha": git_sha(), "python": platform.python_version(),
             "interpreter": base, "repeat": args.repeat, "recache": args.recache, "huge_folio_share": huge,
             "interrupted": interrupted}
     print(table(rows, meta))
-    tag = f"{args.shape}-{args.adapters}-{meta['cache']}" + ("-cuda" if args.device == "cuda" else "")
+    tag = (f"{args.shape}-{args.adapters}" + ("-bf16" if args.adapter_dtype == "bfloat16" else "") + f"-{meta['cache']}"
+           + ("-cuda" if args.device == "cuda" else ""))
     out = Path(args.json) if args.json else HERE / "results" / f"e2e-{tag}-{meta['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -614,15 +626,19 @@ def machine() -> str:
 
 
 def table(rows: list[dict], meta: dict) -> str:
-    cols = ["name", "time_s", "import_s", "gbps", "x_floor", "peak_rss_mb", "rss_over_base_mb", "x_ref_time", "x_ref_mem", "flagged"]
+    cols = ["name", "time_s", "import_s", "read_gb", "gbps", "x_floor", "peak_rss_mb", "base_rss_mb", "rss_over_base_mb",
+            "x_ref_time", "x_ref_mem", "flagged"]
     if any("peak_gpu_mb" in r for r in rows):
-        cols.insert(7, "peak_gpu_mb")
+        cols.insert(cols.index("x_ref_time"), "peak_gpu_mb")
     if any("warmup_s" in r for r in rows):  # (GPU: the CUDA context and Triton's compiles, kept out of time_s)
         cols.insert(3, "warmup_s")
     gpu = f" gpu={meta['gpu']}" if meta.get("gpu") else ""
-    head = (f"shape={meta['shape']} adapters={meta['adapters']} page-cache={meta['cache']} machine={meta['machine']}{gpu} date={meta['date']} "
-            f"sha={meta['git_sha']} best of {meta.get('repeat', 1)}; interpreter: start {meta['interpreter']['start_s']:.2f} s, "
-            f"rss {meta['interpreter']['rss_mb']:.0f} MB")
+    head = (f"shape={meta['shape']} adapters={meta['adapters']} ({meta.get('adapter_dtype', 'float32')}) "
+            f"page-cache={meta['cache']} machine={meta['machine']}{gpu} date={meta['date']} "
+            f"sha={meta['git_sha']} best of {meta.get('repeat', 1)}; bare interpreter (`python -c pass`): start "
+            f"{meta['interpreter']['start_s']:.2f} s, rss {meta['interpreter']['rss_mb']:.0f} MB; "
+            "rss_over_base_mb is each contender's peak RSS over its own RSS after its imports (base_rss_mb), "
+            "not over the bare interpreter's")
     share = meta.get("huge_folio_share") or [None, None]
     if any(v is not None for v in share):
         pct = ["?" if v is None else f"{100 * v:.0f}%" for v in share]

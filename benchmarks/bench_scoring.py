@@ -8,9 +8,17 @@ Providers
 - ``naive``: upcast, subtract, two full matmuls (V materialized in fp32, C never formed):
   ``V = wa.float() - wu.float(); T = V.T @ B; P = V @ T; ||V||^2``;
 - ``materialized``: the reference approach, ``C = V V^T / ||V||`` formed, then ``C B``. It costs
-  2 d_out^2 d_in flops, so it runs only where d_out^2 d_in <= 4096^3 (override with
-  ``--materialized always|never``), once per shape at the largest rank of the run (forming C
-  dominates; ``C B`` adds 2 d_out^2 r). Elsewhere its columns are null and the row says so.
+  2 d_out^2 d_in flops and d_out^2 * 4 bytes (822 MB at 14336x4096). On a GPU that is
+  milliseconds, and ``--materialized auto`` (the default) runs it at every shape; on a CPU
+  (70 GFLOP/s here: ~1 s at 4096x4096, ~25 s at 14336x4096) ``auto`` runs it only where
+  d_out^2 d_in <= 4096^3 (``MATERIALIZED_LIMIT``), and elsewhere its columns are null and the
+  rows' ``materialized_note`` says so. ``--materialized always`` runs it at every shape on either,
+  ``never`` nowhere. It runs once per shape, at the largest rank of the run (forming C dominates;
+  ``C B`` adds 2 d_out^2 r): one checked call against naive torch, which is also its warm-up,
+  then as many timed calls as fit in ``MATERIALIZED_BUDGET_MS`` (2 s) by the checked call's time,
+  at least 1 and at most ``--reps`` (its median; one call of 25 s gets 1). How many is in each
+  row's ``materialized_reps`` and in the notes printed after the table. It is timed apart from
+  the round-robin of the others.
 
 Floor (measured in the same run, per shape and rank): max(read, arithmetic) where
 - read = one read of both matrices (:func:`read_once`): a max over their raw bytes viewed as
@@ -87,7 +95,23 @@ from safemerge_ext.kernels._launch import PRECISIONS  # noqa: E402  (imports tor
 
 LLAMA_SHAPES = ["4096x4096", "11008x4096", "1024x4096", "14336x4096"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MATERIALIZED_LIMIT = 4096**3  # d_out^2 * d_in above which C is not formed by default
+MATERIALIZED_LIMIT = 4096**3  # d_out^2 * d_in above which `auto` does not form C on a CPU
+MATERIALIZED_BUDGET_MS = 2000.0  # the materialized baseline's timed calls per shape, by its first call's time
+
+
+def want_materialized(mode: str, device: torch.device, d_out: int, d_in: int) -> bool:
+    """Whether the materialized-C baseline runs at this shape: ``always``, ``never``, or ``auto``:
+    on a GPU at every shape (C costs milliseconds there), on a CPU where d_out^2 d_in is at most
+    ``MATERIALIZED_LIMIT`` (seconds a call above it)."""
+    if mode != "auto":
+        return mode == "always"
+    return device.type == "cuda" or d_out * d_out * d_in <= MATERIALIZED_LIMIT
+
+
+def materialized_reps(first_ms: float, reps: int) -> int:
+    """Timed calls of the materialized baseline after its checked first call of ``first_ms``: as
+    many as fit in ``MATERIALIZED_BUDGET_MS``, at least 1, at most ``reps``."""
+    return max(1, min(reps, int(MATERIALIZED_BUDGET_MS // max(first_ms, 1e-3))))
 
 
 def _machine(device: torch.device) -> str:
@@ -535,24 +559,34 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
         return run_fullrank(args, providers, meta, time_ms, (mm_a, mm_b), flush, save)
     rows = []
     ranks = [int(r) for r in args.ranks.split(",")]
+    once = once_timer(device)
+    notes: dict[str, str] = {}  # per shape, how the materialized-C baseline ran (printed after the table)
     for shape in args.shapes.split(","):
         d_out, d_in = (int(x) for x in shape.lower().split("x"))
         wa, wu = setup(d_out, d_in, dtype, device, offset=args.offset, huge_pages=args.huge_pages)
         nbytes = 2 * wa.numel() * wa.element_size()
         pages = pages_of(args, wa, wu)
-        mat_ms, mat_note = None, None
-        want_mat = args.materialized == "always" or (
-            args.materialized == "auto" and d_out * d_out * d_in <= MATERIALIZED_LIMIT)
-        if want_mat:
+        mat_ms, mat_reps = None, None
+        gflop_c = 2 * d_out * d_out * d_in / 1e9
+        if want_materialized(args.materialized, device, d_out, d_in):
             Bm = torch.randn(d_out, max(ranks), device=device) * 0.01
             _, P, vsq = naive(wa, wu, Bm)  # C B = P / ||V||: the baseline must compute that before it is timed
-            err = rel_err((materialized(wa, wu, Bm),), (P / math.sqrt(vsq),))
+            got: list = []
+            first_ms = once(lambda: got.append(materialized(wa, wu, Bm)))  # checked, and its warm-up
+            err = rel_err((got.pop(),), (P / math.sqrt(vsq),))
+            del P
             if not err <= agreement("materialized"):
                 raise SystemExit(f"the materialized-C baseline disagrees with naive torch at {d_out}x{d_in} (error {err:.2g})")
-            mat_ms = time_ms(lambda: materialized(wa, wu, Bm), min(args.reps, 2), 1 if d_out <= 4096 else 0)
-            mat_note = f"C formed once per shape, at r={max(ranks)}"
+            mat_reps = materialized_reps(first_ms, args.reps)
+            mat_ms = time_ms(lambda: materialized(wa, wu, Bm), mat_reps, 0)
+            mat_note = (f"C formed once per shape, at r={max(ranks)}: median of {mat_reps} timed call"
+                        f"{'s' if mat_reps > 1 else ''} after a checked one ({first_ms:.0f} ms)")
+        elif args.materialized == "never":
+            mat_note = "not run: --materialized never"
         else:
-            mat_note = f"not run: C is {d_out}x{d_out} ({2 * d_out * d_out * d_in / 1e9:.0f} GFLOP); --materialized always"
+            mat_note = (f"not run on the CPU: C is {d_out}x{d_out} ({gflop_c:.0f} GFLOP, ~{gflop_c / gflops:.0f} s a "
+                        f"call at {gflops:.0f} GFLOP/s); --materialized always runs it")
+        notes[f"{d_out}x{d_in}"] = mat_note
         for r in ranks:
             B = torch.randn(d_out, r, device=device) * 0.01
             ref = naive(wa, wu, B)
@@ -594,7 +628,7 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
                     "x_naive": round(naive_ms / ms, 2),
                     "x_materialized": round(mat_ms / ms, 2) if mat_ms is not None else None,
                     "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
-                    "mm_gflops": round(gflops, 1), "materialized_note": mat_note,
+                    "mm_gflops": round(gflops, 1), "materialized_note": mat_note, "materialized_reps": mat_reps,
                     "loadavg_1m": round(os.getloadavg()[0], 2), **pages, **meta,
                 })
             _print_rows([r_ for r_ in rows if r_["shape"] == f"{d_out}x{d_in}" and r_["r"] == r and "error" not in r_],
@@ -602,6 +636,7 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
                         cols=_COLS_GPU if gpu_columns(device) else _COLS)
             save(rows)
         del wa, wu
+    print("\nmaterialized-C baseline (x_materialized):" + "".join(f"\n- {k}: {v}" for k, v in notes.items()), flush=True)
     return rows
 
 
@@ -669,7 +704,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--huge-pages", action="store_true",
                    help="place the weights in transparent huge pages (2 MiB), as the pipeline's are when it maps "
                         "them from large page-cache folios; default: 4 KiB pages, as for tensors torch allocates")
-    p.add_argument("--materialized", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--materialized", choices=["auto", "always", "never"], default="auto",
+                   help="the materialized-C baseline: auto (default) at every shape on a GPU, on a CPU only where "
+                        "d_out^2 d_in <= 4096^3 (above it one call takes ~10-25 s here); always: every shape, "
+                        "timed calls cut to what fits in 2 s (at least 1, stated in the rows); never")
     p.add_argument("--quick", action="store_true", help="4096x4096, r=16, 3 reps")
     p.add_argument("--fullrank", action="store_true",
                    help="time the full-fine-tune path (fullrank_sums) instead of the low-rank passes")

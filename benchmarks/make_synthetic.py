@@ -2,8 +2,13 @@
 
 For a shape (tiny, llama-1b, llama2-7b, llama3-8b) it writes, seeded: ``aligned/`` and
 ``unaligned/`` in bf16 (Hugging Face folders: config.json, shards, index), and four PEFT LoRA
-adapters in fp32 (as PEFT saves a LoRA trained in mixed precision): ``task-qv``/``safety-qv`` (r=8 on q/v) and ``task-all``/``safety-all`` (r=16 on
-every linear layer). Values are random (this is for speed and memory, not for safety numbers):
+adapters: ``task-qv``/``safety-qv`` (r=8 on q/v) and ``task-all``/``safety-all`` (r=16 on every
+linear layer), in fp32 by default: PEFT upcasts a LoRA's weights on a bf16 or fp16 base model to
+fp32 (``get_peft_model`` / ``PeftModel.from_pretrained``, ``autocast_adapter_dtype=True`` by
+default) and saves them so; ``--adapter-dtype bfloat16`` writes them as a training that turned
+that off, or cast its adapter, saves them: the same draw, rounded to bf16. Asking an existing draw
+for the other adapter dtype rewrites only the adapters. Values are random (this is for speed
+and memory, not for safety numbers):
 ``W_unaligned = W_aligned - (low-rank drift + noise)``. Tensors are generated and streamed to
 disk one at a time, so memory stays at one tensor; free disk is checked first.
 
@@ -140,7 +145,12 @@ def write_model(a: Arch, out: Path, which: str, seed: int, device: str = "cpu") 
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
 
 
-def write_adapter(a: Arch, out: Path, targets: tuple[str, ...], r: int, alpha: float, seed: int) -> None:
+ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def write_adapter(a: Arch, out: Path, targets: tuple[str, ...], r: int, alpha: float, seed: int,
+                  dtype: torch.dtype = torch.float32) -> None:
+    """A PEFT LoRA adapter on ``targets``, drawn in fp32 and stored in ``dtype``."""
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     sd = {}
@@ -148,8 +158,8 @@ def write_adapter(a: Arch, out: Path, targets: tuple[str, ...], r: int, alpha: f
         mod = name.rsplit(".", 2)[-2]
         if mod in targets and "layers." in name:
             m = name[: -len(".weight")]
-            sd[f"base_model.model.{m}.lora_A.weight"] = torch.randn(r, shape[1], generator=g) * 0.01
-            sd[f"base_model.model.{m}.lora_B.weight"] = torch.randn(shape[0], r, generator=g) * 0.01
+            sd[f"base_model.model.{m}.lora_A.weight"] = (torch.randn(r, shape[1], generator=g) * 0.01).to(dtype)
+            sd[f"base_model.model.{m}.lora_B.weight"] = (torch.randn(shape[0], r, generator=g) * 0.01).to(dtype)
     save_file(sd, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": list(targets),
@@ -162,9 +172,23 @@ def needed_bytes(a: Arch) -> int:
     return 2 * sum(numel(s) * 2 for _, s in tensors(a)) + 2**28
 
 
+def write_adapters(a: Arch, out: Path, seed: int, adapter_dtype: str = "float32") -> None:
+    """The four adapters (q/v r=8, all linear layers r=16, task and safety), in ``adapter_dtype``,
+    and the ``.adapters`` stamp that names it."""
+    dtype = ADAPTER_DTYPES[adapter_dtype]
+    write_adapter(a, out / "task-qv", ("q_proj", "v_proj"), 8, 16, seed + 1, dtype)
+    write_adapter(a, out / "safety-qv", ("q_proj", "v_proj"), 8, 16, seed + 2, dtype)
+    write_adapter(a, out / "task-all", ATTN + MLP, 16, 32, seed + 3, dtype)
+    write_adapter(a, out / "safety-all", ATTN + MLP, 16, 32, seed + 4, dtype)
+    (out / ".adapters").write_text(adapter_dtype + "\n")
+
+
 def make(shape: str | Arch, root: Path, seed: int = 0, force: bool = False, name: str | None = None,
-         device: str = "cpu") -> Path:
-    """Write the checkpoints for ``shape`` (a name or an Arch) under ``root/name`` (skipped when complete)."""
+         device: str = "cpu", adapter_dtype: str = "float32") -> Path:
+    """Write the checkpoints for ``shape`` (a name or an Arch) under ``root/name`` (skipped when
+    complete; a complete draw whose adapters are in another dtype gets its adapters rewritten)."""
+    if adapter_dtype not in ADAPTER_DTYPES:
+        raise ValueError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, not {adapter_dtype!r}")
     a = SHAPES[shape] if isinstance(shape, str) else shape
     out = root / (name or str(shape))
     done = out / ".complete"
@@ -173,7 +197,13 @@ def make(shape: str | Arch, root: Path, seed: int = 0, force: bool = False, name
     if done.is_file() and not force:
         # ("ok": written before the stamp named its draw, always by the default seed 0 on the CPU)
         if done.read_text() in (stamp, "ok\n" if seed == 0 and torch.device(device).type == "cpu" else stamp):
-            print(f"{out}: already there")
+            stored = out / ".adapters"  # (none: written before adapters could be bf16, so fp32)
+            have = stored.read_text().strip() if stored.is_file() else "float32"
+            if have != adapter_dtype:
+                print(f"{out}: rewriting the adapters in {adapter_dtype} (they were {have})")
+                write_adapters(a, out, seed, adapter_dtype)
+            else:
+                print(f"{out}: already there")
             return out
         print(f"{out}: drawn with another seed or device ({done.read_text().strip()}); redrawing")
     root.mkdir(parents=True, exist_ok=True)
@@ -186,10 +216,7 @@ def make(shape: str | Arch, root: Path, seed: int = 0, force: bool = False, name
     print(f"writing {out.name} ({need / 2**30:.1f} GiB) to {out}")
     write_model(a, out / "aligned", "aligned", seed, device)
     write_model(a, out / "unaligned", "unaligned", seed, device)
-    write_adapter(a, out / "task-qv", ("q_proj", "v_proj"), 8, 16, seed + 1)
-    write_adapter(a, out / "safety-qv", ("q_proj", "v_proj"), 8, 16, seed + 2)
-    write_adapter(a, out / "task-all", ATTN + MLP, 16, 32, seed + 3)
-    write_adapter(a, out / "safety-all", ATTN + MLP, 16, 32, seed + 4)
+    write_adapters(a, out, seed, adapter_dtype)
     done.write_text(stamp)
     return out
 
@@ -202,8 +229,12 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="rewrite even when complete")
     ap.add_argument("--device", default="cpu", help="draw the weights there (cuda: seconds for a 7B checkpoint; "
                                                     "other values than the CPU's, equally seeded)")
+    ap.add_argument("--adapter-dtype", choices=sorted(ADAPTER_DTYPES), default="float32",
+                    help="the LoRA adapters' stored dtype (the models are bf16 either way). Default float32: PEFT "
+                         "upcasts adapter weights on a bf16/fp16 base to fp32 (autocast_adapter_dtype=True, its "
+                         "default) and saves them so; bfloat16: as saved by a training that turned that off")
     args = ap.parse_args()
-    make(args.shape, Path(args.out), args.seed, args.force, device=args.device)
+    make(args.shape, Path(args.out), args.seed, args.force, device=args.device, adapter_dtype=args.adapter_dtype)
 
 
 if __name__ == "__main__":

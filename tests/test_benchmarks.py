@@ -205,6 +205,51 @@ def test_bench_scoring_agreement_needs_every_output_and_checks_the_baseline(monk
         bench_scoring.run(ns, save=lambda rows: None)
 
 
+def test_bench_scoring_materialized_baseline_where_and_how_often(tmp_path, monkeypatch, capsys):
+    """`auto` forms C at every shape on a GPU and on a CPU up to MATERIALIZED_LIMIT; `always` forms
+    it above the limit too, with as many timed calls as fit in MATERIALIZED_BUDGET_MS after the
+    checked one (at least 1), and the rows and the printed notes say how many."""
+    import bench_scoring
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")  # (a device object: no GPU needed)
+    big, small = (14336, 4096), (4096, 4096)
+    want = bench_scoring.want_materialized
+    assert want("auto", gpu, *big) and want("auto", gpu, 11008, 4096)
+    assert want("auto", cpu, *small) and not want("auto", cpu, *big)
+    assert want("always", cpu, *big) and not want("never", gpu, *small)
+    reps = bench_scoring.materialized_reps
+    assert (reps(25_000.0, 7), reps(930.0, 7), reps(107.0, 7), reps(0.0, 3)) == (1, 2, 7, 3)
+
+    def rows(mode):
+        out = tmp_path / f"{mode}.json"
+        assert bench_scoring.main(["--device", "cpu", "--shapes", "67x131", "--ranks", "3", "--reps", "3",
+                                   "--backends", _cpu_backends(), "--materialized", mode, "--out", str(out)]) == 0
+        return json.loads(out.read_text())
+
+    monkeypatch.setattr(bench_scoring, "MATERIALIZED_LIMIT", 67 * 67 * 131 - 1)  # 67x131 is now "big"
+    auto = rows("auto")
+    assert "materialized" not in {r["provider"] for r in auto}
+    assert all(r["x_materialized"] is None and r["materialized_reps"] is None for r in auto)
+    assert all(r["materialized_note"].startswith("not run on the CPU") for r in auto)
+    assert "- 67x131: not run on the CPU" in capsys.readouterr().out
+    monkeypatch.setattr(bench_scoring, "MATERIALIZED_BUDGET_MS", 0.0)  # as a 25 s call: one timed call
+    always = rows("always")
+    assert "materialized" in {r["provider"] for r in always}
+    assert all(r["x_materialized"] > 0 and r["materialized_reps"] == 1 for r in always)
+    assert "median of 1 timed call after a checked one" in always[0]["materialized_note"]
+    assert "- 67x131: C formed once per shape, at r=3: median of 1 timed call" in capsys.readouterr().out
+    monkeypatch.setattr(bench_scoring, "MATERIALIZED_BUDGET_MS", 1e9)  # fast calls: --reps of them
+    assert {r["materialized_reps"] for r in rows("always")} == {3}
+    assert {r["materialized_note"] for r in rows("never")} == {"not run: --materialized never"}
+
+
+def test_gpu_session_scoring_forms_c_at_every_shape():
+    """The GPU session's scoring run asks for the materialized baseline at every default shape."""
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    scoring = script[script.index("scoring() {"):script.index("\n}", script.index("scoring() {"))]
+    assert "bench_scoring.py --device cuda --materialized always" in scoring and "--shapes" not in scoring
+
+
 def test_bench_scoring_copy_bandwidth_is_read_plus_write(monkeypatch):
     import bench_scoring
 
@@ -293,12 +338,19 @@ def test_bench_end_to_end_tiny(tmp_path):
     assert new < doc.index("### an older run") and "--shape tiny" in doc[new:doc.index("### an older run")]
     assert "| safemerge-model |" in doc[new:doc.index("### an older run")]
     assert "--json" not in doc and "--results" not in doc and "\n\n| name |" in doc  # (a table needs its blank line)
+    header = next(line for line in doc.splitlines() if line.startswith("| name |"))
+    assert "| read_gb | gbps |" in header and "| peak_rss_mb | base_rss_mb | rss_over_base_mb |" in header
+    assert "bare interpreter (`python -c pass`)" in doc and "not over the bare interpreter's" in doc
     data = json.loads(out.read_text())
     rows = {r["name"]: r for r in data["rows"]}
     assert "error" not in str(rows), rows
     assert {"floor", "copy-floor", "safemerge-model"} <= set(rows)
     ours = [r for n, r in rows.items() if n.startswith("safemerge-adapter")]
     assert ours and all(r["flagged"] >= 0 and r["time_s"] > 0 and r["peak_rss_mb"] > 0 for r in ours)
+    # bytes read: ours read exactly the floor's tensors; the read_gb column is bytes_read in GB
+    assert all(r["read_gb"] == r["bytes_read"] / 1e9 and r["gbps"] == pytest.approx(r["read_gb"] / r["time_s"])
+               for r in rows.values())
+    assert all(r["bytes_read"] == rows["floor"]["bytes_read"] for r in ours)
     assert data["meta"]["device"] == "cpu" and data["meta"]["cache"] == "warm"
     assert len(data["meta"]["huge_folio_share"]) == 2 and data["meta"]["recache"] is False
     # every row's memory over its own baseline after imports (the floors import torch too)
@@ -449,3 +501,46 @@ def test_make_synthetic_redraws_data_of_another_seed(tmp_path, capsys):
     assert "already there" in capsys.readouterr().out
     make("tiny", tmp_path, seed=1)
     assert "redrawing" in capsys.readouterr().out
+
+
+def test_make_synthetic_bf16_adapters_merge(tmp_path, capsys):
+    """--adapter-dtype bfloat16 writes the same draw rounded to bf16 (fp32, PEFT's default save,
+    stays the default); asking a complete draw for the other dtype rewrites only the adapters, and
+    `safemerge merge` runs on bf16 adapters, giving the fp32 adapters' cosines to bf16's rounding."""
+    from make_synthetic import make
+    from safetensors.torch import load_file
+
+    from safemerge_ext.cli import main as cli
+
+    data = make("tiny", tmp_path)
+    fp32 = {ad: load_file(data / ad / "adapter_model.safetensors") for ad in ("task-qv", "safety-all")}
+    assert {v.dtype for sd in fp32.values() for v in sd.values()} == {torch.float32}
+    shard = next((data / "aligned").glob("*.safetensors"))
+    stamp = shard.stat().st_mtime_ns
+
+    def merge(name):
+        out = tmp_path / name
+        assert cli(["merge", "--aligned", str(data / "aligned"), "--unaligned", str(data / "unaligned"),
+                    "--task-adapter", str(data / "task-qv"), "--safety-adapter", str(data / "safety-qv"),
+                    "--out", str(out), "--threshold", "0.7", "--no-progress", "--no-plot"]) == 0
+        report = json.loads((out / "safemerge_report.json").read_text())
+        merged = load_file(out / "adapter_model.safetensors")
+        assert all(torch.isfinite(v.float()).all() for v in merged.values())
+        return {row["module"]: row["cosine"] for row in report["layers"]}, merged
+
+    cos32, _ = merge("m32")
+    capsys.readouterr()
+    make("tiny", tmp_path, adapter_dtype="bfloat16")
+    assert "rewriting the adapters in bfloat16 (they were float32)" in capsys.readouterr().out
+    assert shard.stat().st_mtime_ns == stamp  # (the models are not redrawn)
+    for ad, sd in fp32.items():
+        bf = load_file(data / ad / "adapter_model.safetensors")
+        assert bf.keys() == sd.keys() and all(torch.equal(bf[k], sd[k].to(torch.bfloat16)) for k in sd)
+    cos16, merged = merge("m16")
+    assert cos16.keys() == cos32.keys() and len(cos16) == 8
+    assert max(abs(cos16[m] - cos32[m]) for m in cos16) < 2e-3  # bf16 rounds each factor by <= 2^-9
+    assert merged and all(v.dtype in (torch.bfloat16, torch.float32) for v in merged.values())
+    make("tiny", tmp_path, adapter_dtype="bfloat16")
+    assert "already there" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="adapter_dtype must be one of float32, bfloat16"):
+        make("tiny", tmp_path, adapter_dtype="float16")
