@@ -388,7 +388,9 @@ def naive(wa: torch.Tensor, wu: torch.Tensor, B: torch.Tensor):
 
 def materialized(wa: torch.Tensor, wu: torch.Tensor, B: torch.Tensor):
     V = wa.float() - wu.float()
-    C = V @ V.t() / V.norm()
+    # ||V|| summed in float64: torch's fp32 norm of a 14336x4096 V is off by 1.8e-3 on an AVX2 CPU
+    # (measured: C itself to 2.7e-7), which would fail the check against naive torch
+    C = V @ V.t() / math.sqrt(float(V.square().sum(dtype=torch.float64)))
     return C @ B
 
 
