@@ -44,7 +44,7 @@ import torch
 
 NAME = "triton"
 
-__all__ = ["NAME", "fullrank_sums", "lowrank_passes", "project_full", "unavailable_reason"]
+__all__ = ["NAME", "fullrank_sums", "load", "lowrank_passes", "project_full", "unavailable_reason"]
 
 
 _MIN_TRITON = (3, 0)
@@ -62,10 +62,8 @@ def _triton_version() -> tuple[int, int] | None:
 
 
 def unavailable_reason() -> str | None:
-    """None when the kernels can run here, else one line saying why not. Without a CUDA device,
-    triton is not imported (that would fix its interpreter mode for the process); with one, the
-    kernels are (a broken install, e.g. one built for another CUDA, then is a reason, and `auto`
-    goes on to the next backend)."""
+    """None when the kernels can run here, else one line saying why not (triton is not imported:
+    that would fix its interpreter mode for the process; :func:`load` does, when they are used)."""
     version = _triton_version()
     if version is None:
         return "triton is not installed (pip install 'safemerge-ext[triton]')"
@@ -73,16 +71,17 @@ def unavailable_reason() -> str | None:
         return f"triton {version[0]}.{version[1]} is too old: the kernels need triton >= 3.0"
     from ._launch import interpret_enabled
 
-    if interpret_enabled():
+    if interpret_enabled() or torch.cuda.is_available():
         return None
-    if not torch.cuda.is_available():
-        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU through the interpreter)"
-    try:
-        for name in ("lowrank", "fullrank"):
-            _op(name)
-    except RuntimeError as exc:
-        return str(exc).removeprefix("triton backend: ")
-    return None
+    return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU through the interpreter)"
+
+
+def load() -> None:
+    """Import the kernels (and triton) now, as ``auto`` does before it picks this backend: an
+    install that fails to import (a triton built for another CUDA, say) raises RuntimeError, one
+    line, and ``auto`` goes on to the next backend."""
+    for name in ("lowrank", "fullrank"):
+        _op(name)
 
 
 def _op(name: str) -> ModuleType:

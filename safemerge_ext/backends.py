@@ -97,11 +97,15 @@ def _reason(mod: ModuleType) -> str | None:
         return f"checking it failed: {type(exc).__name__}: {exc}".strip()
 
 
-def available_backends() -> dict[str, str | None]:
-    """Map every backend name to None when it can run here, else the reason it cannot."""
+def available_backends(load: bool = False) -> dict[str, str | None]:
+    """Map every backend name to None when it can run here, else the reason it cannot; with
+    ``load``, a backend whose check passes is also loaded (Triton imports its kernels, fixing
+    triton's interpreter mode for the process), so an install that cannot load says why."""
     out: dict[str, str | None] = {}
     for spec in _SPECS:
         got = _load(spec, fresh=True)
+        if load and not isinstance(got, str) and not _ready(spec, got):
+            got = _loaded[spec.name]
         out[spec.name] = got if isinstance(got, str) else None
     return out
 
@@ -161,9 +165,24 @@ def resolve(name: str | None, device_type: str, *, honour_env: bool = True) -> t
     for spec in _SPECS:
         if spec.runs_on(device_type, explicit=False):
             got = _load(spec)
-            if not isinstance(got, str):
+            if not isinstance(got, str) and _ready(spec, got):
                 return spec.name, got
     raise ValueError(f"no backend runs on {device_type} tensors")  # torch covers every device
+
+
+def _ready(spec: BackendSpec, mod: ModuleType) -> bool:
+    """Whether a backend ``auto`` is about to pick loads (its ``load()``, where it has one: Triton
+    imports its kernels, which its cheap check does not); one that fails keeps the reason (shown by
+    :func:`available_backends`), and ``auto`` goes on to the next."""
+    load = getattr(mod, "load", None)
+    if load is None:
+        return True
+    try:
+        load()
+    except Exception as exc:
+        _loaded[spec.name] = str(exc).removeprefix(f"{spec.name} backend: ") or type(exc).__name__
+        return False
+    return True
 
 
 def requested_precision(precision: str | None) -> str:

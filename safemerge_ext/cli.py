@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "backends":
         from safemerge_ext.backends import available_backends, backend_detail
 
-        for name, reason in available_backends().items():
+        for name, reason in available_backends(load=True).items():
             detail = backend_detail(name) if reason is None else None
             state = ("available" + (f" ({detail})" if detail else "")) if reason is None else "unavailable: " + reason
             print(f"{name:7s} {state}")

@@ -422,27 +422,39 @@ import torch
 torch.cuda.is_available = lambda: True  # (a GPU machine whose triton cannot load)
 sys.path.insert(0, sys.argv[1])
 from safemerge_ext import backends
-name, _ = backends.resolve("auto", "cuda")
-print(json.dumps({"auto": name, "triton": backends.available_backends()["triton"]}))
+before = backends.available_backends()["triton"]
+imported = "triton" in sys.modules
+if sys.argv[2] == "list":  # what `safemerge backends` shows
+    print(json.dumps({"before": before, "imported": imported, "listed": backends.available_backends(load=True)["triton"]}))
+else:
+    name, _ = backends.resolve("auto", "cuda")
+    print(json.dumps({"before": before, "imported": imported, "auto": name, "triton": backends.available_backends()["triton"]}))
 """
 
 
 def test_auto_goes_past_a_triton_that_fails_to_import(tmp_path):
     """On a CUDA device `auto` prefers Triton, but an install that fails to import (one built for
-    another CUDA, say) is a reason like any other: `auto` takes the next backend, and `safemerge
-    backends` names the error."""
+    another CUDA, say) is a reason like any other once `auto` tries to load it: `auto` takes the
+    next backend, and the backends' list names the error from then on, as `safemerge backends`
+    (which loads what it lists) does. (The cheap check imports nothing: importing triton would fix
+    its interpreter mode for the process.)"""
     import subprocess
     import sys
 
     (tmp_path / "triton").mkdir()
     (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('libcuda.so.1: cannot open shared object file')\n")
     env = {**__import__("os").environ, "TRITON_INTERPRET": "0", "SAFEMERGE_BACKEND": "auto"}
-    done = subprocess.run([sys.executable, "-c", _BROKEN_TRITON, str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
-    assert got["auto"] != "triton"
-    assert got["triton"] == "triton failed to import: ImportError: libcuda.so.1: cannot open shared object file"
+    why = "triton failed to import: ImportError: libcuda.so.1: cannot open shared object file"
+    for mode in ("auto", "list"):
+        done = subprocess.run([sys.executable, "-c", _BROKEN_TRITON, str(tmp_path), mode], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        assert got["before"] is None and not got["imported"]
+        if mode == "auto":
+            assert got["auto"] != "triton" and got["triton"] == why
+        else:
+            assert got["listed"] == why
 
 
 def test_combine_full_keeps_float64_updates_in_float64():
