@@ -197,6 +197,8 @@ def _warn_cuda_mismatch(nvcc: str) -> None:
 
         torch_cuda = torch.version.cuda
     except Exception:
+        _say("note: torch is not importable in the build environment, so nvcc's CUDA release is not checked "
+             "against torch's; `safemerge backends` says whether the extension runs with this driver")
         return
     release = _nvcc_release(nvcc)
     if torch_cuda and release and release.split(".")[0] != torch_cuda.split(".")[0]:

@@ -231,18 +231,20 @@ def _bytes_read(group: TensorGroup) -> int:
         path = getattr(getattr(e.id, "model", None), "path", None)  # (a ModelReference's local folder or Hub id)
         if name and isinstance(path, str) and path and not getattr(e.id, "lora", None):
             key = (path, Path(path).stat().st_mtime_ns if Path(path).is_dir() else 0)
-            with _readers_lock:
+            with _readers_lock:  # (the headers stay parsed; no file stays open between tensors)
                 if key not in _readers:
                     try:
                         _readers[key] = ModelReader(path) if key[1] else None
                     except SafeMergeError:
                         _readers[key] = None
                 reader = _readers[key]
-            if reader is not None and name in reader:
-                try:
-                    stored = reader.layout(name)[2]
-                except SafeMergeError:
-                    stored = None
+                if reader is not None and name in reader:
+                    try:
+                        stored = reader.layout(name)[2]
+                    except SafeMergeError:
+                        stored = None
+                    finally:
+                        reader.close()
         total += stored if stored is not None else e.tensor.numel() * e.tensor.element_size()
     return total
 
@@ -672,7 +674,11 @@ def _untie_mergekit_yaml_out() -> list[str]:
         return []
     from safemerge_ext.io.model_writer import untie_stored_head
 
-    untied = untie_stored_head(Path(out))
+    try:
+        untied = untie_stored_head(Path(out))
+    except OSError as exc:  # (the reports still get written)
+        LOG.error("safemerge-ext: could not untie the head in %s: %s", Path(out) / "config.json", exc)
+        return []
     if untied is None:
         return []
     LOG.warning("safemerge-ext: %s", untied)

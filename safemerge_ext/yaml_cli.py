@@ -376,8 +376,8 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str) -> Non
                 continue
             redo = f"remove {entry} so that mergekit folds {_ref_str(ref)} again"
             try:
-                reader = ModelReader(entry, flag="--lora-merge-cache entry")
-                got = next((reader.meta(n)[1] for n in reader.names if len(reader.meta(n)[0]) == 2), None)
+                with ModelReader(entry, flag="--lora-merge-cache entry") as reader:
+                    got = next((reader.meta(n)[1] for n in reader.names if len(reader.meta(n)[0]) == 2), None)
             except SafeMergeError:
                 raise SafeMergeError(f"--lora-merge-cache {cache}: {entry} holds no complete model (an interrupted "
                                      f"fold?); {redo}") from None

@@ -114,7 +114,8 @@ def untie_stored_head(folder: Path) -> str | None:
     PEFT untied): a head the output stores is the one the merge computed, so a config that ties it
     to the embeddings is untied; returns what was done, or None."""
     try:
-        names = ModelReader(folder, "the output").names
+        with ModelReader(folder, "the output") as reader:
+            names = reader.names
     except SafeMergeError:
         return None
     return untie_updated_head(folder, [n for n in names if _is_head(n)])
@@ -169,13 +170,15 @@ def _check_index(reader: ModelReader) -> None:
 
 class _FiniteAhead:
     """The NaN/Inf checks of a model's floating tensors (but ``checked``), in write order, by one
-    thread that runs at most LOOKAHEAD_BYTES ahead of the tensor being written (and always checks
-    that one): ``ok(name)`` as the writer reaches ``name``."""
+    thread that reads at most LOOKAHEAD_BYTES past the start of the tensor being written (a tensor
+    is checked ahead only where it ends within that; the one being written always is):
+    ``ok(name)`` as the writer reaches ``name``."""
 
     def __init__(self, reader: ModelReader, checked: Collection[str]) -> None:
         self.reader = reader
         self.order = [name for names in reader.shards().values() for name in names]
-        self.start = dict(zip(self.order, accumulate((reader.layout(n)[2] for n in self.order), initial=0)))
+        self.end = dict(zip(self.order, accumulate(reader.layout(n)[2] for n in self.order)))
+        self.start = {n: self.end[n] - reader.layout(n)[2] for n in self.order}
         self.todo = [n for n in self.order if n not in checked and reader.holds_floats(n)]
         self.next = 0  # todo[next:] not yet submitted
         self.futures: dict[str, Future] = {}
@@ -190,7 +193,7 @@ class _FiniteAhead:
 
     def ok(self, name: str) -> bool:
         limit = self.start[name] + LOOKAHEAD_BYTES
-        while self.next < len(self.todo) and (self.start[self.todo[self.next]] < limit
+        while self.next < len(self.todo) and (self.end[self.todo[self.next]] <= limit
                                               or self.todo[self.next] == name):
             ahead = self.todo[self.next]
             self.futures[ahead] = self.pool.submit(self.reader.scan_finite, ahead, self.scratch)

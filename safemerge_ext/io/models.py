@@ -222,6 +222,19 @@ def _ints(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
 
 
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset``, however many reads that takes (network and FUSE file systems
+    return short reads); fewer only at the end of the file."""
+    parts, got = [], 0
+    while got < n:
+        part = os.pread(fd, n - got, offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
 class ModelReader:
     """Lazy, per-tensor access to a safetensors model folder; ``flag`` names it in errors.
 
@@ -320,10 +333,10 @@ class ModelReader:
         try:  # (through the descriptor the tensors are read with: each shard is opened once)
             fd = self._fd(shard)
             size = os.fstat(fd).st_size
-            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            (n,) = struct.unpack("<Q", _pread_all(fd, 8, 0))
             if not 0 < n <= min(_MAX_HEADER, size - 8):
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
-            raw = json.loads(os.pread(fd, n, 8))
+            raw = json.loads(_pread_all(fd, n, 8))
             if not isinstance(raw, dict):
                 raise ValueError("the header is not a JSON object")
             hdr = {}
@@ -346,6 +359,9 @@ class ModelReader:
             meta = raw.get("__metadata__")
             ok = isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
         except (OSError, ValueError, KeyError, TypeError, struct.error, RecursionError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise SafeMergeError(f"{self.flag} {path}: cannot open it: too many open files ({exc.strerror}); "
+                                     "raise the limit (ulimit -n 65536) and run again") from None
             why = f"a tensor entry has no {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
             raise SafeMergeError(f"{self.flag} {path}: not a readable safetensors file ({why}); re-download or re-save it") from None
         self._headers[shard], self._metadata[shard] = hdr, (dict(meta) if ok else None)
