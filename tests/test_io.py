@@ -76,6 +76,21 @@ def test_headers_are_read_whole_through_short_reads(fx, monkeypatch):
     assert got == {n: reader.layout(n) for n in reader.names}
 
 
+def test_too_many_open_files_says_to_raise_the_limit(fx, monkeypatch):
+    """Out of file descriptors is not a corrupt download: the error says to raise the limit."""
+    import errno
+
+    from safemerge_ext.io import models
+
+    def emfile(path, *a, **k):
+        raise OSError(errno.EMFILE, "Too many open files", str(path))
+
+    reader = ModelReader(fx.aligned, "--aligned")
+    monkeypatch.setattr(models.os, "open", emfile)
+    with pytest.raises(SafeMergeError, match=r"--aligned .*safetensors: cannot open it: too many open files .*ulimit -n"):
+        reader.layout(reader.names[0])
+
+
 def test_reader_maps_tensors_without_copying(fx):
     """map() is a view of the file's pages: equal to get(), counted in bytes_read, and private
     (writing to it never reaches the file)."""
