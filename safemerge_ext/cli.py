@@ -240,10 +240,19 @@ def _say_done(args: argparse.Namespace, report: dict) -> int:
 
 
 def _target(args: argparse.Namespace) -> str | None:
-    """What the command writes, as its flag names it (``--out DIR``, ``--report FILE``), if anything."""
+    """What the command writes, as its flags name it (``--out DIR``; score's ``--report FILE``
+    and ``--plot FILE``), if anything."""
     if getattr(args, "out", None):
         return f"--out {args.out}"
-    return f"--report {args.report}" if getattr(args, "report", None) else None
+    given = [f"{flag} {path}" for flag, path in (("--report", getattr(args, "report", None)),
+                                                  ("--plot", getattr(args, "plot", None) if args.command == "score" else None))
+             if path]
+    return " and ".join(given) or None
+
+
+# a write that found no room: what it means, in words
+_FULL = {errno.ENOSPC: "its file system is full", errno.EDQUOT: "the disk quota there is used up",
+         errno.EFBIG: "a file grew past what its file system (or ulimit -f) allows"}
 
 
 def _warn(text: str, prefix: str = "safemerge: warning") -> None:
@@ -267,10 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"safemerge: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, permissions, a path that vanished: still one line
+        if exc.errno in _FULL and target:  # (named by what the user asked for, not the temporary file that filled)
+            print(f"safemerge: error: {target}: {_FULL[exc.errno]} ({exc.strerror or exc}); free space there or write "
+                  "elsewhere; nothing was written", file=sys.stderr)
+            return 2
         # (an error without a file name may come from reading as well as from writing)
-        # (a copy that fills the disk names its source first: the file being written is filename2)
-        name = exc.filename2 if exc.filename2 and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else exc.filename
-        where = f": {name}" if name else ""
+        where = f": {exc.filename}" if exc.filename else ""
         print(f"safemerge: error: {exc.strerror or exc}{where}; nothing was written" + (f" to {target}" if target else ""),
               file=sys.stderr)
         return 2

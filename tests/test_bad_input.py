@@ -3,6 +3,7 @@ nothing at --out (no temporary leftovers either)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -384,22 +385,28 @@ def test_score_never_writes_over_its_inputs(fx, tmp_path, capsys):
 
 
 def test_os_errors_are_one_line(fx, tmp_path, capsys, monkeypatch):
-    """An I/O failure the checks cannot foresee (a full disk) is still one line and exit 2."""
+    """An I/O failure the checks cannot foresee is still one line and exit 2. A full disk (or
+    quota, or file-size limit) is named by the output the user asked for, whichever temporary file
+    filled it (a write() names none; shutil's copy names its source first), with what to do."""
     from safemerge_ext import pipeline
 
-    src, dst = str(fx.aligned / "config.json"), str(tmp_path / "out" / "config.json")
-    for names, where in (((str(tmp_path / "out"),), f": {tmp_path / 'out'}"), ((None,), ""),
-                         ((src, None, dst), f": {dst}")):  # (shutil's copy names its source first)
-        def full(*a, **k):  # (an error from a write() names no file)
-            raise OSError(28, "No space left on device", *names)
+    out = tmp_path / "out"
+    src, dst = str(fx.aligned / "config.json"), str(out / "config.json")
+    full = ("its file system is full (No space left on device)", "the disk quota there is used up (Disk quota exceeded)",
+            "a file grew past what its file system (or ulimit -f) allows (File too large)")
+    cases = [(errno.ENOSPC, (str(out),), full[0]), (errno.ENOSPC, (None,), full[0]), (errno.ENOSPC, (src, None, dst), full[0]),
+             (errno.EDQUOT, (None,), full[1]), (errno.EFBIG, (dst,), full[2]), (errno.EACCES, (dst,), None)]
+    for code_, names, why in cases:
+        def fail(*a, **k):
+            raise OSError(code_, os.strerror(code_), *names)
 
-        monkeypatch.setattr(pipeline, "write_adapter", full)
+        monkeypatch.setattr(pipeline, "write_adapter", fail)
         code = main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter",
-                     str(fx.task), "--safety-adapter", str(fx.safety), "--out", str(tmp_path / "out"), "--no-plot",
-                     "--no-progress"])
+                     str(fx.task), "--safety-adapter", str(fx.safety), "--out", str(out), "--no-plot", "--no-progress"])
         err = capsys.readouterr().err.strip()
-        assert code == 2 and err == (f"safemerge: error: No space left on device{where}; nothing was written to "
-                                     f"--out {tmp_path / 'out'}"), err
+        want = (f"safemerge: error: --out {out}: {why}; free space there or write elsewhere; nothing was written" if why
+                else f"safemerge: error: Permission denied: {dst}; nothing was written to --out {out}")
+        assert code == 2 and err == want, err
         assert leftovers(tmp_path, "out") == []
 
 
@@ -758,7 +765,9 @@ def test_score_writes_its_report_and_plot_both_or_neither(fx, tmp_path, capsys, 
     monkeypatch.setattr(report, "json_writer", lambda rep: full(json.dumps(rep)))
     monkeypatch.setattr("safemerge_ext.pipeline.json_writer", report.json_writer)
     code = _score(fx, "--report", str(tmp_path / "new" / "r.json"), "--plot", str(tmp_path / "new" / "p.png"))
-    assert code == 2 and "No space left on device" in capsys.readouterr().err
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        f"safemerge: error: --report {tmp_path / 'new' / 'r.json'} and --plot {tmp_path / 'new' / 'p.png'}: its file "
+        "system is full (No space left on device); free space there or write elsewhere; nothing was written")
     assert list(tmp_path.iterdir()) == []
 
 

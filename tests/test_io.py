@@ -8,7 +8,9 @@ import json
 import math
 import mmap
 import os
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,6 +242,21 @@ def test_reader_map_falls_back_to_reading(fx, monkeypatch):
     t = r.map(name)
     assert torch.equal(t, load_model(fx.aligned)[name])
     assert not r.is_mapped(t), "a copy read instead of a mapping must not pass for one"
+
+
+def test_a_shard_cut_short_after_its_header_was_read_is_named(fx, tmp_path):
+    """A shard truncated between the checks and the read (a re-download over it, say) is one line
+    naming the file and the tensor, not mmap's "mmap length is greater than file size"."""
+    import shutil
+
+    model = Path(shutil.copytree(fx.aligned, tmp_path / "m"))
+    r = ModelReader(model, "--aligned")
+    name = "model.layers.1.mlp.gate_proj.weight"
+    shard = model / r.shard_of(name)
+    r.layout(name)  # (the header is read; then the file is cut inside the tensor)
+    os.truncate(shard, r._entry(name)[1][2] + 16)
+    with pytest.raises(SafeMergeError, match=rf"--aligned {re.escape(str(shard))}: file ended inside tensor {name}; re-download it"):
+        r.map(name)
 
 
 @pytest.mark.parametrize("way", ["copy_file_range", "sendfile", "buffered"])

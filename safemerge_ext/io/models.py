@@ -539,7 +539,7 @@ class ModelReader:
             stop = max(end, min(end + (-end) % _PMD, os.fstat(fd).st_size))
         try:
             mm = mmap.mmap(fd, stop - base, access=mmap.ACCESS_COPY, offset=base)
-        except OSError:
+        except (OSError, ValueError):  # (ValueError: the file is shorter now than its header says; read names it)
             return self._read(shard, start, end, what).view(dtype)
         with self._lock:
             self.bytes_read += end - start
