@@ -9,11 +9,11 @@ Every bad input is one line on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from safemerge_ext._signals import Terminated, sigterm_as_interrupt
 from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.model_writer import untie_stored_head
-from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir
+from safemerge_ext.io.output import check_not_input, check_out, check_parent, scratch_dir, staged_dir
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.mergekit_methods import (
     METHOD_NAMES, ROLES, discard_report, finalize_report, register_methods, report_files,
@@ -388,6 +388,15 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str) -> Non
                     f"or pass --lora-merge-dtype {str(got).removeprefix('torch.')}")
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """A write that found no room (disk, quota or file-size limit), also as safetensors' Rust I/O
+    error reports it (its text only: "No space left on device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    text = str(exc)
+    return any(f"(os error {code})" in text for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+
+
 def _fail(msg: str) -> None:
     click.echo(f"safemerge-yaml: error: {msg}", err=True)
     sys.exit(1)
@@ -435,15 +444,14 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
             _check_report_path(own, out, checked.inputs)
         except SafeMergeError as exc:
             _fail(str(exc))
-    report, report_at = None, own
+    report, report_at, lora_cache = None, own, None
     try:
         from mergekit.merge import run_merge
 
-        with staged_dir(out, force, "OUT_PATH") as tmp:
+        with staged_dir(out, force, "OUT_PATH", "safemerge-yaml") as tmp:
             report_at = own or tmp
-            lora_cache = None
             if checked.has_lora and not merge_options.lora_merge_cache:  # beside tmp, gone before staged_dir ends
-                lora_cache = tempfile.mkdtemp(prefix=".safemerge-lora-", dir=tmp.parent)
+                lora_cache = str(scratch_dir(out, "lora"))
                 merge_options = merge_options.model_copy(update={"lora_merge_cache": lora_cache})
             try:
                 # the report location travels with the recipe (no process-wide setting), so merges
@@ -468,6 +476,11 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
             discard_report(report_at)
         if not isinstance(exc, Exception):  # Ctrl-C, exit
             raise
+        if _disk_full(exc):
+            folds = (" (with LoRA inputs, the folded models need room beside OUT_PATH too; --lora-merge-cache DIR "
+                     "puts them elsewhere)" if lora_cache else "")
+            _fail(f"OUT_PATH {out}: its file system is full ({str(exc).splitlines()[0]}); free space there or write "
+                  f"elsewhere{folds}")
         _fail(str(exc) if isinstance(exc, SafeMergeError) else
               f"merge failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     _done["out"] = out  # (an interrupt from here on cuts short the report copy or the summary only)

@@ -704,8 +704,9 @@ def test_tiny_recipe_runs_through_safemerge_yaml(pico, tmp_path, capsys, monkeyp
     want, flags = reference(pico, "safemerge", tau=0.2, task=task, safety=safety)
     check_all(read_model(out), want, atol=2e-5)
     assert {r["module"]: r["flagged"] for r in report["layers"]} == flags
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".safemerge-lora-")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # (the LoRA folds went with the run)
     assert [o.lora_merge_dtype for o in seen] == ["float32"]
+    assert [Path(o.lora_merge_cache).name[:-8] for o in seen] == [".merged.lora-"]
     card = (out / "README.md").read_text()
     assert "merged" in card and ".tmp-" not in card
     assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()
@@ -1132,6 +1133,45 @@ def test_failed_safemerge_yaml_writes_no_report_at_its_report_path(pico, tmp_pat
     assert sum("safemerge-yaml: error:" in ln for ln in err.splitlines()) == 1
     assert "cosine min / median / max" not in err  # no summary of the part that ran
     assert not own.exists() or not any(own.iterdir()), sorted(p.name for p in own.iterdir())
+
+
+def test_safemerge_yaml_full_disk_and_a_killed_runs_lora_folds(pico, tmp_path, capsys, monkeypatch):
+    """A full disk is named by OUT_PATH, with what to do, also where safetensors reports it as text
+    only (its Rust I/O error); with LoRA inputs the line adds that the folded models need room
+    beside OUT_PATH. The folds' hidden folder is named after OUT_PATH, so the next run for it
+    names one that a killed run left."""
+    import mergekit.merge
+    from safetensors import SafetensorError
+
+    from safemerge_ext import yaml_cli
+
+    out = tmp_path / "out"
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
+    folds = []
+
+    def full(config, out_path, options=None, **k):
+        folds.append(Path(options.lora_merge_cache))
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as m:
+        m.setattr(mergekit.merge, "run_merge", full)
+        with pytest.raises(SystemExit) as done:
+            yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 1 and err == (
+        f"safemerge-yaml: error: OUT_PATH {out}: its file system is full (Error while serializing: I/O error: No space "
+        "left on device (os error 28)); free space there or write elsewhere (with LoRA inputs, the folded models need "
+        "room beside OUT_PATH too; --lora-merge-cache DIR puts them elsewhere)"), err
+    assert folds[0].parent == tmp_path and folds[0].name.startswith(".out.lora-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
+    left = tmp_path / ".out.lora-0123abcd"  # (what a SIGKILLed run leaves)
+    left.mkdir()
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(recipe(pico, params={"threshold": TAU}), tmp_path / "r.yml")), str(out),
+                       "--no-copy-tokenizer"])
+    assert done.value.code in (0, None)
+    assert (f"safemerge-yaml: warning: {left} holds the LoRA inputs folded by mergekit (its --lora-merge-cache) of an "
+            f"earlier run for OUT_PATH {out} that was killed") in capsys.readouterr().err
 
 
 def test_safemerge_yaml_names_its_out_path_argument(pico, tmp_path, capsys):

@@ -162,33 +162,51 @@ def _sibling(final: Path, kind: str) -> Path:
             return p
 
 
-def _warn_leftovers(final: Path, flag: str) -> None:
+def scratch_dir(out: str | os.PathLike, kind: str) -> Path:
+    """Make a hidden working folder beside ``out`` (``.<name>.<kind>-<random>``, as the staged
+    output's), which a later run for ``out`` names if a killed run left it (see LEFTOVERS)."""
+    final = Path(out).absolute()
+    while True:
+        p = _sibling(final, kind)
+        try:
+            p.mkdir(mode=0o700)
+            return p
+        except FileExistsError:
+            continue
+
+
+# the hidden siblings a run for an output makes, by kind, and what a killed run's one holds
+LEFTOVERS = {"tmp": "a partial output", "old": "the output it was replacing",
+             "lora": "the LoRA inputs folded by mergekit (its --lora-merge-cache)"}
+
+
+def _warn_leftovers(final: Path, flag: str, prog: str = "safemerge") -> None:
     """Name the hidden siblings a killed run left (SIGKILL, OOM, power loss: nothing could clean
     up), which can be as large as a model. They are not deleted: another run may be writing one."""
     if not final.parent.is_dir():
         return
-    prefixes = [_hidden_name(final.name, f"{kind}-00000000")[:-8] for kind in ("tmp", "old")]
+    prefixes = {kind: _hidden_name(final.name, f"{kind}-00000000")[:-8] for kind in LEFTOVERS}
     try:
         names = sorted(p.name for p in final.parent.iterdir())
     except OSError:
         return
     for name in names:
-        for prefix, what in zip(prefixes, ("a partial output", "the output it was replacing")):
+        for kind, prefix in prefixes.items():
             tail = name[len(prefix):]
             if name.startswith(prefix) and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail):
-                print(f"safemerge: warning: {final.parent / name} holds {what} of an earlier run for {flag} {final} "
-                      "that was killed; delete it unless a run is writing there now", file=sys.stderr)
+                print(f"{prog}: warning: {final.parent / name} holds {LEFTOVERS[kind]} of an earlier run for {flag} "
+                      f"{final} that was killed; delete it unless a run is writing there now", file=sys.stderr)
 
 
 @contextmanager
-def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iterator[Path]:
+def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: str = "safemerge") -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success it replaces ``out``, else vanishes.
 
     The temporary sits in the same parent so the final rename is atomic on one file system. It is
     made with ``mkdir`` under the process umask (as a plain ``mkdir`` of ``out`` would be), not
     ``mkdtemp``'s 0700, so the output is as readable as any other folder the user makes. Without
     ``force``, an ``out`` that appeared while the run was writing is never replaced. ``flag`` names
-    the output in errors.
+    the output in errors, ``prog`` the command in warnings.
     """
     final = check_out(out, force, flag)
     made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # parents this run adds
@@ -206,7 +224,7 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out") -> Iter
                 except OSError:
                     break
 
-    _warn_leftovers(final, flag)
+    _warn_leftovers(final, flag, prog)
     try:  # (from the first folder made: an interrupt anywhere after it takes back what was made)
         final.parent.mkdir(parents=True, exist_ok=True)
         while tmp is None:
