@@ -20,6 +20,7 @@ warning says so).
 from __future__ import annotations
 
 import atexit
+import glob
 import json
 import logging
 import math
@@ -523,13 +524,14 @@ def _mergekit_yaml_out() -> str | None:
     return _cli_out[0]
 
 
-def _locations(report_path: str | os.PathLike) -> tuple[Path, Path, Path]:
+def _locations(report_path: str | os.PathLike, pid: int | str | None = None) -> tuple[Path, Path, Path]:
     """(sidecar, json, png) for a directory or a ``.json`` file path. The sidecar is this process's
-    own (its pid in the name): two runs that share a report location never mix their layers."""
-    p = Path(report_path)
+    own (its pid in the name; another ``pid`` on request): two runs that share a report location
+    never mix their layers."""
+    p, pid = Path(report_path), os.getpid() if pid is None else pid
     if p.suffix == ".json":
-        return p.with_name(f"{p.name}.{os.getpid()}.layers.jsonl"), p, p.with_suffix(".png")
-    return p / SIDECAR.format(pid=os.getpid()), p / REPORT_JSON, p / REPORT_PNG
+        return p.with_name(f"{p.name}.{pid}.layers.jsonl"), p, p.with_suffix(".png")
+    return p / SIDECAR.format(pid=pid), p / REPORT_JSON, p / REPORT_PNG
 
 
 def _target(report_path: str) -> str | None:
@@ -581,6 +583,7 @@ def _append(report_path: str, line: dict[str, Any]) -> None:
             _started[key] = time.time()
             _failed.discard(key)
             mode = "w"
+            _drop_dead_sidecars(target)
         _pending[key] = os.fspath(target)
         if not _atexit_registered:
             atexit.register(_finalize_pending)
@@ -588,6 +591,35 @@ def _append(report_path: str, line: dict[str, Any]) -> None:
         with open(sidecar, mode, encoding="utf-8") as fh:
             _flock(fh)
             fh.write(json.dumps(line, allow_nan=True) + "\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (EPERM: someone else's process, alive)
+        return True
+    return True
+
+
+def _drop_dead_sidecars(target: str | os.PathLike) -> None:
+    """Remove the sidecars at ``target`` of processes that are gone: a mergekit-yaml killed by a
+    signal (SIGTERM runs no exit hook) leaves its own in OUT_PATH, and the next run into the same
+    folder would otherwise ship it inside the model. Live processes' sidecars are left alone."""
+    pattern = _locations(target, pid="*")[0]
+    head, tail = pattern.name.split("*")
+    try:
+        stale = list(pattern.parent.glob(glob.escape(head) + "*" + glob.escape(tail)))
+    except OSError:
+        return
+    for p in stale:
+        pid = p.name[len(head):len(p.name) - len(tail)]
+        if pid.isdecimal() and int(pid) != os.getpid() and not _alive(int(pid)):
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
 
 def _flock(fh: Any) -> None:
@@ -650,6 +682,7 @@ def _unfinished(key: str) -> str | None:
 def _finalize_pending() -> None:
     untied: list[str] | None = None  # (once per process, for the first finished run)
     for key in pending_reports():
+        target = _pending.get(key, key)
         try:
             why = _unfinished(key)
             if why is not None:
@@ -662,7 +695,9 @@ def _finalize_pending() -> None:
             if rep is not None:
                 print(summary_table(rep), file=sys.stderr)
         except Exception as exc:  # at exit: report, never raise
-            LOG.error("safemerge-ext: could not write the report from %s: %s", key, exc)
+            json_path, png_path = report_files(target)
+            half = " (its JSON is written, the plot is not)" if json_path.is_file() and not png_path.is_file() else ""
+            LOG.error("safemerge-ext: could not write the report at %s%s: %s", target, half, exc)
 
 
 def _untie_mergekit_yaml_out() -> list[str]:

@@ -778,6 +778,7 @@ def test_sidecars_of_other_runs_are_left_alone(tmp_path, monkeypatch):
                 "time_s": 0.1, "end": 1.0, "bytes": 8, "layer": rec.to_json()}
 
     out = tmp_path / "shared"
+    monkeypatch.setattr(mm, "_alive", lambda pid: True)  # (both "processes" are running)
     for pid, module in ((1111, "model.layers.0.a"), (2222, "model.layers.0.b"), (1111, "model.layers.1.a"),
                         (2222, "model.layers.1.b")):
         monkeypatch.setattr(mm.os, "getpid", lambda pid=pid: pid)
@@ -788,6 +789,56 @@ def test_sidecars_of_other_runs_are_left_alone(tmp_path, monkeypatch):
         reports[pid] = [r["module"] for r in mm.finalize_report(out)["layers"]]
     assert reports == {1111: ["model.layers.0.a", "model.layers.1.a"], 2222: ["model.layers.0.b", "model.layers.1.b"]}
     assert not list(out.glob(".safemerge_layers*.jsonl"))
+
+
+def test_exit_hook_says_which_part_of_the_report_it_could_not_write(pico, tmp_path, monkeypatch, caplog):
+    """At exit, a report whose plot cannot be written (a full disk) is one error line naming the
+    report's location (not the hidden sidecar) and that its JSON is there, the plot not."""
+    from safemerge_ext import mergekit_methods as mm
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(mm, "_cli_out", [str(out)])
+    monkeypatch.setattr(mm, "_override", None)
+    monkeypatch.delenv(mm.REPORT_DIR_ENV, raising=False)
+
+    def full(report, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(mm, "plot", full)
+    register_methods()
+    run_merge(MergeConfiguration.model_validate(recipe(pico, params={"threshold": TAU})), str(out),
+              MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    with caplog.at_level("ERROR", logger=mm.LOG.name):
+        mm._finalize_pending()
+    assert [r.getMessage() for r in caplog.records if r.name == mm.LOG.name] == [
+        f"safemerge-ext: could not write the report at {out} (its JSON is written, the plot is not): [Errno 28] No "
+        f"space left on device: '{out / 'safemerge_report.png'}'"]
+    assert (out / "safemerge_report.json").is_file() and not list(out.glob(".safemerge_layers*"))
+
+
+@pytest.mark.parametrize("where", ["folder", "json-file"])
+def test_a_killed_runs_sidecar_is_dropped_by_the_next_run(pico, tmp_path, monkeypatch, where):
+    """A mergekit-yaml killed by SIGTERM (no exit hook runs) leaves its sidecar in OUT_PATH; the
+    next run there removes it (its process is gone) instead of shipping it inside the model, and
+    leaves a live process's alone."""
+    from safemerge_ext import mergekit_methods as mm
+
+    out = tmp_path / "out"
+    target = out if where == "folder" else out / "report.json"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, live_pid = int(dead.stdout), os.getppid()
+    name = (lambda pid: mm.SIDECAR.format(pid=pid)) if where == "folder" else (lambda pid: f"report.json.{pid}.layers.jsonl")
+    (out / name(dead_pid)).write_text("{}\n")
+    (out / name(live_pid)).write_text("{}\n")
+    monkeypatch.setattr(mm, "_override", None)
+    monkeypatch.delenv(mm.REPORT_DIR_ENV, raising=False)
+    cfg = recipe(pico, params={"threshold": TAU, "report_path": str(target)})
+    register_methods()
+    run_merge(MergeConfiguration.model_validate(cfg), str(out),
+              MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    assert not (out / name(dead_pid)).exists() and (out / name(live_pid)).exists()
+    assert mm.finalize_report(target)["layers"]
 
 
 @pytest.mark.parametrize("how", ["console-script", "python-m"])
