@@ -4,8 +4,9 @@ Each shard is written one tensor at a time (the safetensors header is laid out f
 headers first): a tensor with an update is read, patched and written a block of rows at a time,
 and every other tensor is copied file to file inside the kernel, so memory holds a few MiB of one
 tensor, whatever the tensors' or the shards' size; every floating tensor is checked for NaN/Inf
-first, by a thread reading ahead of the writer (a bounded distance: LOOKAHEAD_BYTES). Sharding and the index are kept, and every other
-file of the folder (config, generation config, tokenizer, chat template) is copied.
+first, by a thread reading ahead of the writer (a bounded distance: LOOKAHEAD_BYTES). Sharding
+and the index are kept, and every other file of the folder (config, generation config, tokenizer,
+chat template) is copied.
 """
 
 from __future__ import annotations
@@ -177,8 +178,9 @@ class _FiniteAhead:
     def __init__(self, reader: ModelReader, checked: Collection[str]) -> None:
         self.reader = reader
         self.order = [name for names in reader.shards().values() for name in names]
-        self.end = dict(zip(self.order, accumulate(reader.layout(n)[2] for n in self.order)))
-        self.start = {n: self.end[n] - reader.layout(n)[2] for n in self.order}
+        sizes = [reader.layout(n)[2] for n in self.order]
+        self.start = dict(zip(self.order, accumulate(sizes, initial=0)))
+        self.end = {n: self.start[n] + size for n, size in zip(self.order, sizes)}
         self.todo = [n for n in self.order if n not in checked and reader.holds_floats(n)]
         self.next = 0  # todo[next:] not yet submitted
         self.futures: dict[str, Future] = {}
