@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"safemerge: {what}; nothing was written" + (f" to {target.split()[0]}" if target else ""),
+        print(f"safemerge: {what}; nothing was written" + (f" to {target}" if target else ""),
               file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     finally:

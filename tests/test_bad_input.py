@@ -598,7 +598,7 @@ def test_sigterm_cleans_up_as_ctrl_c_does(fx, tmp_path):
     res = subprocess.run([sys.executable, "-c", _TERM_DRIVER, *args], capture_output=True, text=True, timeout=120,
                          env=env)
     assert res.returncode == 143, res.stderr[-2000:]
-    assert res.stderr.strip() == "safemerge: terminated (SIGTERM); nothing was written to --out", res.stderr
+    assert res.stderr.strip() == f"safemerge: terminated (SIGTERM); nothing was written to --out {out}", res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
 
 
