@@ -625,6 +625,32 @@ def test_force_puts_the_old_output_back_when_interrupted_between_the_renames(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
 
 
+def test_force_that_cannot_move_the_old_output_aside_says_what_to_do(tmp_path, monkeypatch):
+    """An --out that cannot be moved aside (a mount point: EBUSY; an immutable folder: EPERM) is one
+    line with what to do; the old output and nothing else stays."""
+    from safemerge_ext.errors import SafeMergeError
+    from safemerge_ext.io.output import staged_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    real = Path.rename
+
+    def busy(self, target):
+        if self == out:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(self))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", busy)
+    with pytest.raises(SafeMergeError) as err:
+        with staged_dir(out, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert str(err.value) == (f"--out {out}: --force could not move the existing output aside (Device or resource "
+                              "busy); nothing was replaced: remove it yourself or choose another path")
+    monkeypatch.setattr(Path, "rename", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
 def test_force_replaces_a_symlinked_output_without_leftovers(tmp_path):
     from safemerge_ext.io.output import staged_dir
 

@@ -247,8 +247,14 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
                     f"{flag} {final} appeared while this run was writing; nothing was replaced: choose a new path "
                     "or pass --force"
                 )
-            old = _sibling(final, "old")
-            final.rename(old)
+            aside = _sibling(final, "old")
+            try:
+                final.rename(aside)
+            except OSError as exc:  # (a mount point, an immutable folder, a parent one cannot write)
+                raise SafeMergeError(f"{flag} {final}: --force could not move the existing output aside "
+                                     f"({exc.strerror or exc}); nothing was replaced: remove it yourself or choose "
+                                     "another path") from None
+            old = aside
         try:
             tmp.rename(final)  # (fails, rather than replaces, if a non-empty out appeared meanwhile)
         except OSError as exc:
