@@ -409,6 +409,7 @@ def _fail(msg: str) -> None:
 @add_merge_options
 def _command(merge_options: MergeOptions, config_file: str, out_path: str, force: bool) -> None:
     """Merge with safemerge / safelora / resta after checking the recipe; write the report into OUT_PATH."""
+    _done["target"] = Path(out_path)  # (for an interrupt's line)
     merge_options.apply_global_options()
     try:
         source = Path(config_file).read_text(encoding="utf-8")
@@ -506,7 +507,7 @@ for _param in _command.params:  # (mergekit's help for it; this command's defaul
         _param.help = ("Override dtype when applying LoRAs (default here: float32, so that a bf16 model's "
                        "adapter update is not rounded before it is scored)")
 
-_done: dict[str, Path] = {}  # "out": OUT_PATH, once the merge is in place there
+_done: dict[str, Path] = {}  # "target": OUT_PATH as given; "out": OUT_PATH, once the merge is in place there
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -519,10 +520,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort as exc:  # (click's form of a KeyboardInterrupt)
         term = isinstance(exc.__cause__, Terminated)
         what = "terminated (SIGTERM)" if term else "interrupted"
-        done = _done.pop("out", None)
+        done, target = _done.pop("out", None), _done.pop("target", None)
         click.echo(f"safemerge-yaml: {what} after the merge: {done} is complete; the report_path copy or the summary "
-                   "was cut short" if done is not None else f"safemerge-yaml: {what}; nothing was written to OUT_PATH",
-                   err=True)
+                   "was cut short" if done is not None else f"safemerge-yaml: {what}; nothing was written"
+                   + (f" to OUT_PATH {target}" if target is not None else ""), err=True)
         sys.exit(143 if term else 130)
     except click.ClickException as exc:  # usage errors, as click shows them
         exc.show()

@@ -1260,7 +1260,8 @@ def test_safemerge_yaml_sigterm_cleans_up(pico, tmp_path):
     res = subprocess.run([sys.executable, "-c", _YAML_TERM_DRIVER, str(recipe_file), str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 143, res.stderr[-3000:]
-    assert res.stderr.strip().splitlines()[-1] == "safemerge-yaml: terminated (SIGTERM); nothing was written to OUT_PATH"
+    assert res.stderr.strip().splitlines()[-1] == ("safemerge-yaml: terminated (SIGTERM); nothing was written to "
+                                                   f"OUT_PATH {tmp_path / 'out'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
 
 
