@@ -465,7 +465,70 @@ def register_methods() -> list[str]:
             continue
         registry.register(method)
         done.append(name)
+    if _in_mergekit_yaml():
+        _install_excepthook()
     return done
+
+
+# ---------------------------------------------------------------------------------------------
+# plain mergekit-yaml: input these methods refuse ends in one line, as in safemerge-yaml
+
+TRACEBACK_ENV = "SAFEMERGE_TRACEBACK"
+_PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+
+
+def _in_mergekit_yaml() -> bool:
+    """Whether this process is a ``mergekit-yaml`` run (the console script or ``python -m``)."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if main_spec is not None and main_spec.name == "mergekit.scripts.run_yaml":
+        return True
+    return bool(sys.argv) and os.path.basename(sys.argv[0]).startswith("mergekit-yaml")
+
+
+def _raised_here(exc: BaseException) -> bool:
+    """Whether a ``raise`` in this package threw ``exc`` (its innermost frame is ours): a refusal
+    of bad input, whose message is written for a person; not an error of a library it called."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
+
+
+def refusal(exc: BaseException) -> str | None:
+    """The one-line message of input that these methods or their parameter checks refused (through
+    pydantic while mergekit plans the merge), else None: any other error keeps its traceback."""
+    if type(exc).__name__ == "ValidationError" and callable(getattr(exc, "errors", None)):  # (pydantic's)
+        causes = [(e.get("ctx") or {}).get("error") for e in exc.errors()]
+        ours = [str(c) for c in causes if isinstance(c, ValueError) and _raised_here(c)]
+        return "; ".join(ours) if ours and len(ours) == len(causes) else None
+    if isinstance(exc, ValueError) and _raised_here(exc):  # (SafeMergeError: raised here by definition)
+        return str(exc).splitlines()[0] if str(exc) else None
+    if isinstance(exc, SafeMergeError) and str(exc):
+        return str(exc).splitlines()[0]
+    return None
+
+
+def _excepthook(etype: type[BaseException], value: BaseException, tb: Any) -> None:
+    msg = None if os.environ.get(TRACEBACK_ENV) else refusal(value)
+    if msg is None:
+        return _prev_excepthook(etype, value, tb)
+    try:
+        print(f"mergekit-yaml: error: {msg}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+_prev_excepthook = sys.excepthook
+
+
+def _install_excepthook() -> None:
+    """In ``mergekit-yaml``, an uncaught refusal prints its one line instead of mergekit's traceback
+    (``SAFEMERGE_TRACEBACK=1`` keeps the traceback); every other error goes to the hook before."""
+    global _prev_excepthook
+    if sys.excepthook is not _excepthook:
+        _prev_excepthook, sys.excepthook = sys.excepthook, _excepthook
 
 
 _hook = sys.modules.get("safemerge_ext._autoload_hook")

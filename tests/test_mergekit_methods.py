@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import types
 from pathlib import Path
 from typing import Any
 
@@ -538,6 +539,91 @@ def test_plain_mergekit_yaml_finds_the_methods(pico, tmp_path):
     report = json.loads((out / "safemerge_report.json").read_text())
     check_report(report, flags, "safemerge")
     assert not list(out.glob(".safemerge_layers*.jsonl"))
+
+
+def test_plain_mergekit_yaml_refusal_is_one_line(pico, tmp_path):
+    """A parameter these methods refuse ends plain mergekit-yaml in one line (exit 1), not in
+    mergekit's traceback; SAFEMERGE_TRACEBACK=1 brings the traceback back."""
+    exe = _script("mergekit-yaml")
+    if not (autoload.site_packages() / autoload.PTH_NAME).is_file():
+        pytest.skip(f"{autoload.PTH_NAME} is not in {autoload.site_packages()}: reinstall (pip install -e .) "
+                    "or run `safemerge autoload enable`")
+    bad = _write(recipe(pico, params={"threshold": 2.0}), tmp_path / "bad.yml")
+    env = {k: v for k, v in os.environ.items() if k not in ("SAFEMERGE_NO_AUTOLOAD", "SAFEMERGE_TRACEBACK")}
+    res = subprocess.run([exe, str(bad), str(tmp_path / "out"), "--no-copy-tokenizer"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        "mergekit-yaml: error: threshold must lie in [-1, 1] (it is compared with a cosine); got 2.0"), res.stderr
+    res = subprocess.run([exe, str(bad), str(tmp_path / "out"), "--no-copy-tokenizer"],
+                         capture_output=True, text=True, env={**env, "SAFEMERGE_TRACEBACK": "1"})
+    assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr, res.stderr[-3000:]
+
+
+def test_refusal_tells_own_errors_from_others():
+    """Only errors a ``raise`` in safemerge_ext threw (directly, or as the cause of pydantic's
+    error for a parameter check) count as refusals; a ValueError from elsewhere does not."""
+    from pydantic import BaseModel, TypeAdapter, ValidationError
+
+    from safemerge_ext import mergekit_methods as mm
+
+    def caught(fn):
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 (the test wants whichever it is)
+            return exc
+        raise AssertionError("no error")
+
+    alpha = caught(lambda: TypeAdapter(mm.Fraction).validate_python(1.8))
+    assert isinstance(alpha, ValidationError)
+    assert mm.refusal(alpha) == "alpha must lie in [0, 1] (the task update's weight); got 1.8"
+    from safemerge_ext import merge as merging
+
+    assert mm.refusal(caught(lambda: merging.validate("linear", 0.5, 7.0))) == (
+        "density must lie in (0, 1] (the fraction of each update kept); got 7.0")
+
+    class Both(BaseModel):
+        alpha: mm.Fraction
+        n: int
+
+    both = caught(lambda: Both(alpha=1.8, n="x"))
+    assert mm.refusal(both) is None  # (one of its errors is pydantic's own: keep the traceback)
+    assert mm.refusal(caught(lambda: Both(alpha=-1, n=1))) == "alpha must lie in [0, 1] (the task update's weight); got -1.0"
+    assert mm.refusal(caught(lambda: int("x"))) is None
+    assert mm.refusal(caught(lambda: TypeAdapter(int).validate_python("x"))) is None
+    assert mm.refusal(caught(lambda: torch.zeros(2).view(3))) is None
+    assert mm.refusal(SafeMergeError("bad input\nsecond line")) == "bad input"
+
+
+def test_excepthook_only_in_mergekit_yaml(monkeypatch, capsys):
+    """register_methods() installs the hook in mergekit-yaml only; it prints a refusal's line and
+    hands every other error (and any with SAFEMERGE_TRACEBACK=1) to the hook it replaced."""
+    from safemerge_ext import mergekit_methods as mm
+
+    seen = []
+    before = lambda *exc: seen.append(exc[1])  # noqa: E731
+    monkeypatch.setattr(sys, "excepthook", before)
+    monkeypatch.delenv("SAFEMERGE_TRACEBACK", raising=False)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/pytest"])
+    mm.register_methods()
+    assert sys.excepthook is before
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/mergekit-yaml", "r.yml", "out"])
+    mm.register_methods()
+    mm.register_methods()  # (idempotent: the hook it replaced stays the one it hands on to)
+    assert sys.excepthook is mm._excepthook and mm._prev_excepthook is before
+
+    try:
+        mm._roles(types.SimpleNamespace(base=None, metadata=types.SimpleNamespace(name="w")), {}, "safemerge")
+    except ValueError as exc:
+        own = exc
+    other = RuntimeError("boom")
+    sys.excepthook(type(own), own, own.__traceback__)
+    assert capsys.readouterr().err == ("mergekit-yaml: error: safemerge: tensor w has no base input; set base_model "
+                                       "to the aligned model\n") and seen == []
+    sys.excepthook(RuntimeError, other, None)
+    monkeypatch.setenv("SAFEMERGE_TRACEBACK", "1")
+    sys.excepthook(type(own), own, own.__traceback__)
+    assert seen == [other, own] and capsys.readouterr().err == ""
 
 
 # -- autoload ----------------------------------------------------------------------------------------
