@@ -71,7 +71,6 @@ REPORT_DIR_ENV = "SAFEMERGE_REPORT_DIR"
 # unit roundoff of the half-precision formats (relative error of one rounding)
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
-Role = Literal["task", "safety", "unaligned"]
 
 
 def _in_range(name: str, lo: float, hi: float, what: str, lo_open: bool = False) -> AfterValidator:
@@ -97,15 +96,28 @@ def _no_switch(name: str, kind: str = "number") -> BeforeValidator:
     return BeforeValidator(check)
 
 
+def _one_of(name: str, choices: Sequence[str], none_ok: bool = False) -> BeforeValidator:
+    """Refuse a value outside ``choices`` with a message that names the parameter (pydantic's own
+    says only "Input should be ...")."""
+
+    def check(v: Any) -> Any:
+        if not (v is None and none_ok) and not (isinstance(v, str) and v in choices):
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {v!r}")
+        return v
+
+    return BeforeValidator(check)
+
+
+Role = Annotated[Literal["task", "safety", "unaligned"], _one_of("role", ("task", "safety", "unaligned"))]
 Threshold = Annotated[float, _no_switch("threshold"), _in_range("threshold", -1.0, 1.0, "it is compared with a cosine")]
 Fraction = Annotated[float, _no_switch("alpha"), _in_range("alpha", 0.0, 1.0, "the task update's weight")]
 Density = Annotated[float, _no_switch("density"),
                     _in_range("density", 0.0, 1.0, "the fraction of each update kept", lo_open=True)]
 Beta = Annotated[float, _no_switch("beta"), _in_range("beta", 0.0, math.inf, "the weight of the safety vector")]
 Seed = Annotated[int, _no_switch("seed", "whole number")]
-MergeName = Literal["linear", "ties", "dare_linear", "dare_ties"]
+MergeName = Annotated[Literal["linear", "ties", "dare_linear", "dare_ties"], _one_of("merge", tuple(MERGE_METHODS))]
 # the operand precision the triton kernels may use (None: SAFEMERGE_PRECISION, else exact ieee)
-Precision = Optional[Literal[PRECISIONS]]
+Precision = Annotated[Optional[Literal[PRECISIONS]], _one_of("precision", PRECISIONS, none_ok=True)]
 assert set(MERGE_METHODS) == {"linear", "ties", "dare_linear", "dare_ties"}
 
 

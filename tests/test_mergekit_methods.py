@@ -589,6 +589,14 @@ def test_refusal_tells_own_errors_from_others():
     both = caught(lambda: Both(alpha=1.8, n="x"))
     assert mm.refusal(both) is None  # (one of its errors is pydantic's own: keep the traceback)
     assert mm.refusal(caught(lambda: Both(alpha=-1, n=1))) == "alpha must lie in [0, 1] (the task update's weight); got -1.0"
+    for kind, bad, want in ((mm.MergeName, "lineer", "merge must be one of linear, ties, dare_linear, dare_ties"),
+                            (mm.Role, "unalign", "role must be one of task, safety, unaligned"),
+                            (mm.Precision, "fp8", "precision must be one of ieee, tf32, tf32x3, bf16"),
+                            (mm.Precision, 16, "precision must be one of ieee, tf32, tf32x3, bf16")):
+        assert mm.refusal(caught(lambda: TypeAdapter(kind).validate_python(bad))) == f"{want}; got {bad!r}"
+    assert TypeAdapter(mm.Precision).validate_python(None) is None
+    assert TypeAdapter(mm.Precision).validate_python("tf32") == "tf32"
+    assert TypeAdapter(mm.Role).validate_python("safety") == "safety"
     assert mm.refusal(caught(lambda: int("x"))) is None
     assert mm.refusal(caught(lambda: TypeAdapter(int).validate_python("x"))) is None
     assert mm.refusal(caught(lambda: torch.zeros(2).view(3))) is None
