@@ -44,6 +44,14 @@
 #include <sys/mman.h>
 #include <unistd.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <cerrno>
+#include <csignal>
+#include <unistd.h>
+#define SM_HAVE_SIGBUS 1
+#else
+#define SM_HAVE_SIGBUS 0
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -1492,6 +1500,52 @@ bool set_isa(const std::string& name) {
   return false;
 }
 
+// A line for people when the process dies of SIGBUS: a page of a memory-mapped file that cannot be
+// read (the file was truncated or replaced under the mapping, or the disk gave an I/O error). Python
+// cannot catch a fault inside a running instruction, here or in torch; this handler writes the
+// caller's line to stderr, puts back the handler it replaced (the default, which ends the process,
+// or faulthandler's) and raises the signal again, so the process still ends as it would have.
+#if SM_HAVE_SIGBUS
+char g_fault_line[2048];
+volatile sig_atomic_t g_fault_len = 0;
+struct sigaction g_prev_bus;
+std::atomic<bool> g_bus_installed{false};
+
+void on_bus(int sig) {
+  const int saved = errno;
+  if (g_fault_len > 0) {
+    const ssize_t n = write(2, g_fault_line, size_t(g_fault_len));  // (async-signal-safe, as are the calls below)
+    (void)n;
+  }
+  sigaction(SIGBUS, &g_prev_bus, nullptr);
+  errno = saved;
+  raise(sig);  // (delivered once this handler returns, to the handler put back)
+}
+#endif
+
+bool set_fault_message(const std::string& line) {
+#if SM_HAVE_SIGBUS
+  g_fault_len = 0;  // (never a half-copied line, should a fault come meanwhile)
+  const size_t n = std::min(line.size(), sizeof g_fault_line);
+  std::memcpy(g_fault_line, line.data(), n);
+  g_fault_len = sig_atomic_t(n);
+  if (!g_bus_installed.exchange(true)) {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_bus;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &g_prev_bus) != 0) {
+      g_bus_installed = false;
+      return false;
+    }
+  }
+  return true;
+#else
+  (void)line;
+  return false;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -1527,4 +1581,8 @@ PYBIND11_MODULE(_cpu, m) {
 #endif
   }, "Whether the extension was built with OpenMP.");
   m.def("max_threads", []() { return resolve_threads(0); }, "OpenMP's default thread count (1 without OpenMP).");
+  m.def("set_fault_message", &set_fault_message, py::arg("line"),
+        "Write `line` to stderr if the process gets SIGBUS (a memory-mapped file that cannot be read), then let the\n"
+        "signal end it as before (the handler it replaced runs: the default, or faulthandler's). An empty line\n"
+        "writes nothing. False where this system has no SIGBUS handlers (the line is then never written).");
 }

@@ -269,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from safemerge_ext.errors import SafeMergeError
 
     target = _target(args)
+    if args.command in ("score", "merge", "project"):  # (the commands that map model files)
+        from safemerge_ext._faults import bus_error_line, explain_bus_errors
+
+        explain_bus_errors(bus_error_line("safemerge", f"nothing was written to {target}" if target else None))
     try:
         with sigterm_as_interrupt():
             return _run(args)

@@ -479,6 +479,10 @@ def register_methods() -> list[str]:
         done.append(name)
     if _in_mergekit_yaml():
         _install_excepthook()
+        from safemerge_ext._faults import bus_error_line, explain_bus_errors
+
+        # (mergekit's own argv parsing may be half imported yet: OUT_PATH is not named here)
+        explain_bus_errors(bus_error_line("mergekit-yaml", "what it wrote to OUT_PATH is incomplete"))
     return done
 
 

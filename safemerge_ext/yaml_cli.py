@@ -23,6 +23,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
+from safemerge_ext._faults import bus_error_line, explain_bus_errors
 from safemerge_ext._signals import Terminated, sigterm_as_interrupt
 from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
@@ -410,6 +411,7 @@ def _fail(msg: str) -> None:
 def _command(merge_options: MergeOptions, config_file: str, out_path: str, force: bool) -> None:
     """Merge with safemerge / safelora / resta after checking the recipe; write the report into OUT_PATH."""
     _done["target"] = Path(out_path)  # (for an interrupt's line)
+    explain_bus_errors(bus_error_line("safemerge-yaml", f"nothing was written to OUT_PATH {out_path}"))
     merge_options.apply_global_options()
     try:
         source = Path(config_file).read_text(encoding="utf-8")

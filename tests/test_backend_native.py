@@ -1007,3 +1007,42 @@ def test_cpp_drop_behind_needs_rows_back_to_back():
     _cpu.lowrank_passes(wide.data_ptr(), wide.data_ptr(), 64, 96, 100, 100, 2, B.data_ptr(), 3, T.data_ptr(),
                         P.data_ptr(), 1, 0)  # (without drop-behind, row gaps are fine)
     assert torch.equal(T, torch.zeros(96, 3)) and torch.equal(P, torch.zeros(64, 3))  # V = 0
+
+
+_BUS_PROBE = """
+import mmap, os, sys
+import torch
+from safemerge_ext._faults import explain_bus_errors
+if sys.argv[2] != "unset":
+    assert explain_bus_errors(sys.argv[2])
+with open(sys.argv[1], "wb") as f:
+    f.write(bytes(range(256)) * 48)  # 3 pages
+fd = os.open(sys.argv[1], os.O_RDONLY)
+t = torch.frombuffer(mmap.mmap(fd, 3 * 4096, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+os.truncate(sys.argv[1], 0)  # the file is cut under the mapping, whose pages are not read yet
+print(int(t.sum()))
+"""
+
+
+@needs_cpp
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGBUS"), reason="no SIGBUS on this system")
+@pytest.mark.parametrize("case", ["line", "line-and-faulthandler", "empty-line", "unset"])
+def test_sigbus_writes_the_line_and_still_ends_the_process(tmp_path, case):
+    """A read of a mapped page the file no longer has: the line set with explain_bus_errors goes to
+    stderr, and the process still dies of SIGBUS (after faulthandler's dump, where it is on)."""
+    import os
+    import signal
+    import sys
+
+    line = {"line": "probe: the file went away", "line-and-faulthandler": "probe: the file went away",
+            "empty-line": "", "unset": "unset"}[case]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    if case == "line-and-faulthandler":
+        env["PYTHONFAULTHANDLER"] = "1"
+    res = subprocess.run([sys.executable, "-c", _BUS_PROBE, str(tmp_path / "f.bin"), line], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert res.returncode == -signal.SIGBUS, (res.returncode, res.stderr[-2000:])
+    assert res.stdout == ""
+    said = res.stderr.splitlines()
+    assert said[:1] == (["probe: the file went away"] if case.startswith("line") else []), res.stderr
+    assert ("Fatal Python error: Bus error" in res.stderr) == (case == "line-and-faulthandler"), res.stderr

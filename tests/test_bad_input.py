@@ -602,6 +602,49 @@ def test_sigterm_cleans_up_as_ctrl_c_does(fx, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
 
 
+_BUS_DRIVER = """
+import sys
+from pathlib import Path
+from safemerge_ext import pipeline
+from safemerge_ext.cli import main
+
+real = pipeline.ops.subspace_score
+
+def truncated(*a, **k):  # the aligned model is replaced (truncated) under the run's memory maps
+    for shard in Path(sys.argv[1]).glob("*.safetensors"):
+        shard.write_bytes(b"")
+    return real(*a, **k)
+
+pipeline.ops.subspace_score = truncated
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGBUS"), reason="no SIGBUS on this system")
+def test_a_model_file_truncated_mid_run_ends_in_one_line(fx, tmp_path):
+    """A shard truncated while the run has it mapped: SIGBUS, which Python cannot catch, still ends
+    the run with one line that says what happened (and the process dies of the signal, as before)."""
+    import signal
+    import subprocess
+    import sys
+
+    from safemerge_ext import cpp_backend
+    from safemerge_ext._faults import bus_error_line
+
+    if cpp_backend.unavailable_reason():
+        pytest.skip(cpp_backend.unavailable_reason())
+    aligned = copy(fx.aligned, tmp_path / "aligned")
+    out = tmp_path / "out"
+    args = ["merge", "--aligned", str(aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
+            "--safety-adapter", str(fx.safety), "--out", str(out), "--no-plot", "--no-progress", "--backend", "cpp"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-c", _BUS_DRIVER, str(aligned), *args], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == -signal.SIGBUS, (res.returncode, res.stderr[-2000:])
+    assert res.stderr.strip().splitlines()[-1] == bus_error_line("safemerge", f"nothing was written to --out {out}")
+    assert not out.exists()
+
+
 def test_force_puts_the_old_output_back_when_interrupted_between_the_renames(tmp_path, monkeypatch):
     """--force moves the old output aside, then the new one into place: an interruption between the
     two renames puts the old one back instead of leaving only a hidden .old folder."""

@@ -560,6 +560,19 @@ def test_plain_mergekit_yaml_refusal_is_one_line(pico, tmp_path):
     assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr, res.stderr[-3000:]
 
 
+def test_safemerge_yaml_explains_a_bus_error(tmp_path, monkeypatch):
+    """safemerge-yaml sets the line a SIGBUS (a mapped model file cut short) ends the run with,
+    before it reads anything."""
+    from safemerge_ext import yaml_cli
+    from safemerge_ext._faults import bus_error_line
+
+    lines = []
+    monkeypatch.setattr(yaml_cli, "explain_bus_errors", lines.append)
+    with pytest.raises(SystemExit):
+        yaml_cli.main([str(tmp_path / "missing.yml"), str(tmp_path / "out")])
+    assert lines == [bus_error_line("safemerge-yaml", f"nothing was written to OUT_PATH {tmp_path / 'out'}")]
+
+
 def test_refusal_tells_own_errors_from_others():
     """Only errors a ``raise`` in safemerge_ext threw (directly, or as the cause of pydantic's
     error for a parameter check) count as refusals; a ValueError from elsewhere does not."""
@@ -608,17 +621,21 @@ def test_excepthook_only_in_mergekit_yaml(monkeypatch, capsys):
     hands every other error (and any with SAFEMERGE_TRACEBACK=1) to the hook it replaced."""
     from safemerge_ext import mergekit_methods as mm
 
-    seen = []
+    from safemerge_ext import _faults
+
+    seen, lines = [], []
     before = lambda *exc: seen.append(exc[1])  # noqa: E731
     monkeypatch.setattr(sys, "excepthook", before)
+    monkeypatch.setattr(_faults, "explain_bus_errors", lines.append)
     monkeypatch.delenv("SAFEMERGE_TRACEBACK", raising=False)
     monkeypatch.setattr(sys, "argv", ["/venv/bin/pytest"])
     mm.register_methods()
-    assert sys.excepthook is before
+    assert sys.excepthook is before and lines == []
     monkeypatch.setattr(sys, "argv", ["/venv/bin/mergekit-yaml", "r.yml", "out"])
     mm.register_methods()
     mm.register_methods()  # (idempotent: the hook it replaced stays the one it hands on to)
     assert sys.excepthook is mm._excepthook and mm._prev_excepthook is before
+    assert lines[-1] == _faults.bus_error_line("mergekit-yaml", "what it wrote to OUT_PATH is incomplete")
 
     try:
         mm._roles(types.SimpleNamespace(base=None, metadata=types.SimpleNamespace(name="w")), {}, "safemerge")
