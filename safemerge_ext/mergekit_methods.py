@@ -72,7 +72,6 @@ REPORT_DIR_ENV = "SAFEMERGE_REPORT_DIR"
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-
 def _in_range(name: str, lo: float, hi: float, what: str, lo_open: bool = False) -> AfterValidator:
     """A pydantic check whose message names the parameter (mergekit shows it while planning)."""
 
