@@ -646,7 +646,7 @@ def test_vision_language_names_resolve_to_the_stored_tensor(tmp_path, stored):
     assert ModelReader(both).resolve_module("model.language_model.layers.0.q") is None
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "phi3"])
 def test_natural_order_is_the_order_models_define(arch):
     """Sorting the weight names of a model gives the order transformers defines them in: the
     embeddings, the blocks (each block's linear layers as the model runs them), the final norm, the
@@ -660,6 +660,9 @@ def test_natural_order_is_the_order_models_define(arch):
     model = {
         "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **common)),
         "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**common)),
+        # (fused qkv_proj and gate_up_proj, and o_proj defined before qkv_proj)
+        "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(num_key_value_heads=2, pad_token_id=0,
+                                                                             **common)),
     }[arch]()
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     want = [n for n, _ in model.named_parameters()

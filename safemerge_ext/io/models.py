@@ -149,11 +149,12 @@ def all_finite(t: torch.Tensor) -> bool:
 
 # Within a block, the order in which the common architectures define their modules (attention
 # before the MLP; Llama's q, k, v, o and gate, up, down; GPT-NeoX's and Falcon's fused
-# query_key_value, dense and dense_h_to_4h, dense_4h_to_h; OPT's out_proj, fc1, fc2); any other name
-# sorts after these, alphabetically.
+# query_key_value, dense and dense_h_to_4h, dense_4h_to_h; OPT's out_proj, fc1, fc2; Phi-3's o_proj
+# before its fused qkv_proj, then gate_up_proj, down_proj); any other name sorts after these,
+# alphabetically.
 _MODULE_ORDER = {n: i for i, n in enumerate((
     "self_attn", "self_attention", "attention", "attn", "mlp", "feed_forward", "block_sparse_moe",
-    "q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "o_proj", "out_proj", "dense",
+    "q_proj", "k_proj", "v_proj", "query_key_value", "c_attn", "o_proj", "qkv_proj", "out_proj", "dense",
     "gate_proj", "up_proj", "gate_up_proj", "dense_h_to_4h", "fc1", "c_fc", "down_proj", "dense_4h_to_h", "fc2",
     "c_proj",
 ))}
