@@ -1502,37 +1502,45 @@ bool set_isa(const std::string& name) {
 
 // A line for people when the process dies of SIGBUS: a page of a memory-mapped file that cannot be
 // read (the file was truncated or replaced under the mapping, or the disk gave an I/O error). Python
-// cannot catch a fault inside a running instruction, here or in torch; this handler writes the
-// caller's line to stderr, puts back the handler it replaced (the default, which ends the process,
-// or faulthandler's) and raises the signal again, so the process still ends as it would have.
+// cannot catch a fault inside a running instruction, here or in torch. The handler writes the
+// caller's line to stderr once (the first of the threads that fault at the same time), puts back
+// the handler it replaced (the default, which ends the process, or faulthandler's) and returns:
+// the access faults again and that handler gets it, with the fault's own siginfo. A SIGBUS that
+// is no such fault (sent with kill(), or an alignment fault) gets no line and is raised again.
 #if SM_HAVE_SIGBUS
 char g_fault_line[2048];
-volatile sig_atomic_t g_fault_len = 0;
+std::atomic<int> g_fault_len{0};
+std::atomic<int> g_fault_said{0};
+static_assert(std::atomic<int>::is_always_lock_free, "the signal handler needs lock-free atomics");
 struct sigaction g_prev_bus;
 std::atomic<bool> g_bus_installed{false};
 
-void on_bus(int sig) {
+void on_bus(int sig, siginfo_t* info, void*) {
   const int saved = errno;
-  if (g_fault_len > 0) {
-    const ssize_t n = write(2, g_fault_line, size_t(g_fault_len));  // (async-signal-safe, as are the calls below)
-    (void)n;
+  // (write, sigaction and raise are async-signal-safe; so are lock-free atomics)
+  const bool mapped_file = info != nullptr && (info->si_code == BUS_ADRERR || info->si_code == BUS_OBJERR);
+  const int n = g_fault_len.load(std::memory_order_acquire);
+  if (mapped_file && n > 0 && g_fault_said.exchange(1) == 0) {
+    const ssize_t w = write(2, g_fault_line, size_t(n));
+    (void)w;
   }
   sigaction(SIGBUS, &g_prev_bus, nullptr);
   errno = saved;
-  raise(sig);  // (delivered once this handler returns, to the handler put back)
+  if (!mapped_file) raise(sig);  // (nothing would repeat it; delivered once this handler returns)
 }
 #endif
 
 bool set_fault_message(const std::string& line) {
 #if SM_HAVE_SIGBUS
-  g_fault_len = 0;  // (never a half-copied line, should a fault come meanwhile)
+  g_fault_len.store(0, std::memory_order_release);  // (never a half-copied line, should a fault come meanwhile)
   const size_t n = std::min(line.size(), sizeof g_fault_line);
   std::memcpy(g_fault_line, line.data(), n);
-  g_fault_len = sig_atomic_t(n);
+  g_fault_len.store(int(n), std::memory_order_release);
   if (!g_bus_installed.exchange(true)) {
     struct sigaction sa;
     std::memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_bus;
+    sa.sa_sigaction = on_bus;
+    sa.sa_flags = SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
     if (sigaction(SIGBUS, &sa, &g_prev_bus) != 0) {
       g_bus_installed = false;

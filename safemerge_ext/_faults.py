@@ -25,4 +25,8 @@ def explain_bus_errors(line: str) -> bool:
         from safemerge_ext import _cpu
     except ImportError:
         return False
-    return bool(_cpu.set_fault_message(line + "\n" if line else ""))
+    # (bytes: a path that is not valid UTF-8, held with surrogate escapes, is shown escaped)
+    try:
+        return bool(_cpu.set_fault_message((line + "\n" if line else "").encode("utf-8", "backslashreplace")))
+    except (TypeError, ValueError):  # (an extension older than this module: it never stops a run)
+        return False

@@ -20,6 +20,7 @@ warning says so).
 from __future__ import annotations
 
 import atexit
+import dis
 import glob
 import json
 import logging
@@ -500,15 +501,23 @@ def _in_mergekit_yaml() -> bool:
     return bool(sys.argv) and os.path.basename(sys.argv[0]).startswith("mergekit-yaml")
 
 
+_RAISE = dis.opmap["RAISE_VARARGS"]
+
+
 def _raised_here(exc: BaseException) -> bool:
-    """Whether a ``raise`` in this package threw ``exc`` (its innermost frame is ours): a refusal
-    of bad input, whose message is written for a person; not an error of a library it called."""
+    """Whether a ``raise`` statement in this package threw ``exc``: its innermost frame is ours and
+    stopped on a raise instruction. That is a refusal of bad input, whose message is written for a
+    person; a ValueError of a builtin called from here (an unpacking, ``int()``) is a bug instead,
+    and an error of a library called from here is not ours either."""
     tb = exc.__traceback__
     if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
+    code = tb.tb_frame.f_code
+    if not os.path.abspath(code.co_filename).startswith(_PACKAGE_DIR):
+        return False
+    return 0 <= tb.tb_lasti < len(code.co_code) and code.co_code[tb.tb_lasti] == _RAISE
 
 
 def refusal(exc: BaseException) -> str | None:
@@ -525,8 +534,13 @@ def refusal(exc: BaseException) -> str | None:
     return None
 
 
+def _tracebacks_wanted() -> bool:
+    """``SAFEMERGE_TRACEBACK`` set to anything but empty/0/false/no/off."""
+    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def _excepthook(etype: type[BaseException], value: BaseException, tb: Any) -> None:
-    msg = None if os.environ.get(TRACEBACK_ENV) else refusal(value)
+    msg = None if _tracebacks_wanted() else refusal(value)
     if msg is None:
         return _prev_excepthook(etype, value, tb)
     try:
@@ -686,7 +700,7 @@ def _drop_dead_sidecars(target: str | os.PathLike) -> None:
     signal (SIGTERM runs no exit hook) leaves its own in OUT_PATH, and the next run into the same
     folder would otherwise ship it inside the model. Live processes' sidecars are left alone."""
     pattern = _locations(target, pid="*")[0]
-    head, tail = pattern.name.split("*")
+    head, tail = pattern.name.rsplit("*", 1)  # (the pid's: a report_path's own name may hold a "*" too)
     try:
         stale = list(pattern.parent.glob(glob.escape(head) + "*" + glob.escape(tail)))
     except OSError:

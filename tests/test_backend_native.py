@@ -1010,39 +1010,47 @@ def test_cpp_drop_behind_needs_rows_back_to_back():
 
 
 _BUS_PROBE = """
-import mmap, os, sys
+import mmap, os, signal, sys
 import torch
 from safemerge_ext._faults import explain_bus_errors
 if sys.argv[2] != "unset":
     assert explain_bus_errors(sys.argv[2])
-with open(sys.argv[1], "wb") as f:
-    f.write(bytes(range(256)) * 48)  # 3 pages
+size = 64 << 20 if sys.argv[3] == "threads" else 3 * 4096
+os.truncate(open(sys.argv[1], "wb").name, size)
 fd = os.open(sys.argv[1], os.O_RDONLY)
-t = torch.frombuffer(mmap.mmap(fd, 3 * 4096, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+t = torch.frombuffer(mmap.mmap(fd, size, access=mmap.ACCESS_COPY), dtype=torch.uint8)
 os.truncate(sys.argv[1], 0)  # the file is cut under the mapping, whose pages are not read yet
+if sys.argv[3] == "kill":  # (a SIGBUS another process sends: no fault, no line)
+    os.kill(os.getpid(), signal.SIGBUS)
+torch.set_num_threads(16)  # (with "threads", several of them fault at once)
 print(int(t.sum()))
 """
 
 
 @needs_cpp
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGBUS"), reason="no SIGBUS on this system")
-@pytest.mark.parametrize("case", ["line", "line-and-faulthandler", "empty-line", "unset"])
+@pytest.mark.parametrize("case", ["line", "line-and-faulthandler", "empty-line", "unset", "not-utf8", "threads",
+                                  "kill"])
 def test_sigbus_writes_the_line_and_still_ends_the_process(tmp_path, case):
     """A read of a mapped page the file no longer has: the line set with explain_bus_errors goes to
-    stderr, and the process still dies of SIGBUS (after faulthandler's dump, where it is on)."""
+    stderr once, however many threads fault, and the process still dies of SIGBUS (after
+    faulthandler's dump, where it is on). A SIGBUS sent with kill() is no such read: no line."""
     import os
     import signal
     import sys
 
-    line = {"line": "probe: the file went away", "line-and-faulthandler": "probe: the file went away",
-            "empty-line": "", "unset": "unset"}[case]
+    line = {"empty-line": "", "unset": "unset", "not-utf8": "probe: out\udcff went away"}.get(
+        case, "probe: the file went away")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
     if case == "line-and-faulthandler":
         env["PYTHONFAULTHANDLER"] = "1"
-    res = subprocess.run([sys.executable, "-c", _BUS_PROBE, str(tmp_path / "f.bin"), line], capture_output=True,
-                         text=True, timeout=120, env=env)
+    mode = case if case in ("threads", "kill") else "touch"
+    res = subprocess.run([sys.executable, "-c", _BUS_PROBE, str(tmp_path / "f.bin"), line, mode],
+                         capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == -signal.SIGBUS, (res.returncode, res.stderr[-2000:])
     assert res.stdout == ""
     said = res.stderr.splitlines()
-    assert said[:1] == (["probe: the file went away"] if case.startswith("line") else []), res.stderr
+    want = {"not-utf8": ["probe: out\\udcff went away"], "empty-line": [], "unset": [], "kill": []}
+    assert said[:1] == want.get(case, ["probe: the file went away"]), res.stderr
+    assert res.stderr.count("went away") == len(want.get(case, ["once"])), res.stderr
     assert ("Fatal Python error: Bus error" in res.stderr) == (case == "line-and-faulthandler"), res.stderr

@@ -611,6 +611,16 @@ def test_refusal_tells_own_errors_from_others():
     assert TypeAdapter(mm.Precision).validate_python("tf32") == "tf32"
     assert TypeAdapter(mm.Role).validate_python("safety") == "safety"
     assert mm.refusal(caught(lambda: int("x"))) is None
+    # in the package's own files: a raise statement (one line or several) is a refusal; a builtin's
+    # ValueError from there (an unpacking that does not fit) is a bug, which keeps its traceback
+    here = str(Path(mm.__file__).parent / "probe.py")
+    scope: dict = {}
+    exec(compile("def one():\n    raise ValueError('bad value; give a good one')\n"
+                 "def several(v):\n    raise ValueError(\n        f'bad {v}; '\n        'give a good one'\n    ) from None\n"
+                 "def unpack(name):\n    head, tail = name.split('*')\n", here, "exec"), scope)
+    assert mm.refusal(caught(scope["one"])) == "bad value; give a good one"
+    assert mm.refusal(caught(lambda: scope["several"](3))) == "bad 3; give a good one"
+    assert mm.refusal(caught(lambda: scope["unpack"]("a*b*c"))) is None
     assert mm.refusal(caught(lambda: TypeAdapter(int).validate_python("x"))) is None
     assert mm.refusal(caught(lambda: torch.zeros(2).view(3))) is None
     assert mm.refusal(SafeMergeError("bad input\nsecond line")) == "bad input"
@@ -646,6 +656,9 @@ def test_excepthook_only_in_mergekit_yaml(monkeypatch, capsys):
     assert capsys.readouterr().err == ("mergekit-yaml: error: safemerge: tensor w has no base input; set base_model "
                                        "to the aligned model\n") and seen == []
     sys.excepthook(RuntimeError, other, None)
+    monkeypatch.setenv("SAFEMERGE_TRACEBACK", "0")  # (off, as SAFEMERGE_NO_AUTOLOAD=0 is)
+    sys.excepthook(type(own), own, own.__traceback__)
+    assert seen == [other] and capsys.readouterr().err.startswith("mergekit-yaml: error: safemerge: tensor w")
     monkeypatch.setenv("SAFEMERGE_TRACEBACK", "1")
     sys.excepthook(type(own), own, own.__traceback__)
     assert seen == [other, own] and capsys.readouterr().err == ""
@@ -927,7 +940,7 @@ def test_exit_hook_says_which_part_of_the_report_it_could_not_write(pico, tmp_pa
     assert (out / "safemerge_report.json").is_file() and not list(out.glob(".safemerge_layers*"))
 
 
-@pytest.mark.parametrize("where", ["folder", "json-file"])
+@pytest.mark.parametrize("where", ["folder", "json-file", "json-file-with-star"])
 def test_a_killed_runs_sidecar_is_dropped_by_the_next_run(pico, tmp_path, monkeypatch, where):
     """A mergekit-yaml killed by SIGTERM (no exit hook runs) leaves its sidecar in OUT_PATH; the
     next run there removes it (its process is gone) instead of shipping it inside the model, and
@@ -935,11 +948,12 @@ def test_a_killed_runs_sidecar_is_dropped_by_the_next_run(pico, tmp_path, monkey
     from safemerge_ext import mergekit_methods as mm
 
     out = tmp_path / "out"
-    target = out if where == "folder" else out / "report.json"
+    report = "rep*ort.json" if where == "json-file-with-star" else "report.json"  # (a "*" is a name's letter too)
+    target = out if where == "folder" else out / report
     out.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid, live_pid = int(dead.stdout), os.getppid()
-    name = (lambda pid: mm.SIDECAR.format(pid=pid)) if where == "folder" else (lambda pid: f"report.json.{pid}.layers.jsonl")
+    name = (lambda pid: mm.SIDECAR.format(pid=pid)) if where == "folder" else (lambda pid: f"{report}.{pid}.layers.jsonl")
     (out / name(dead_pid)).write_text("{}\n")
     (out / name(live_pid)).write_text("{}\n")
     monkeypatch.setattr(mm, "_override", None)
