@@ -26,7 +26,7 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
                                        global_scaling, read_adapter, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
-from safemerge_ext.io.models import ModelReader, is_tied_head, module_key, natural_key
+from safemerge_ext.io.models import INDEX, ModelReader, is_tied_head, module_key, natural_key
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.report import (
     REPORT_JSON,
@@ -160,6 +160,9 @@ def open_run(
         # tensors the other way: the same module, read by its own name there)
         uweight = weight if weight in unaligned else unaligned.resolve_module(module)
         if uweight is None:
+            stale = _stale_index(unaligned, module)
+            if stale is not None:
+                raise stale
             raise SafeMergeError(
                 f"--unaligned {unaligned.path}: tensor {weight} is missing (it is in --aligned); "
                 "the two models must share an architecture"
@@ -220,6 +223,18 @@ def open_run(
     return run
 
 
+def _stale_index(reader: ModelReader, module: str) -> SafeMergeError | None:
+    """The error for a module weight that a shard holds but the model's index does not list."""
+    found = reader.unlisted(module)
+    if found is None:
+        return None
+    shard, name = found
+    return SafeMergeError(
+        f"{reader.flag} {reader.path / INDEX}: does not list tensor {name}, which {shard} holds: the index is out "
+        "of date; list it in the index (or re-save the model)"
+    )
+
+
 def _no_such_module(adapter: LoraAdapter, module: str, aligned: ModelReader) -> SafeMergeError:
     """The error for an adapter module the model has no weight for: a tied output layer (which has
     no tensor of its own), or another architecture."""
@@ -228,6 +243,9 @@ def _no_such_module(adapter: LoraAdapter, module: str, aligned: ModelReader) -> 
             f"{adapter.flag} {adapter.path}: adapts {module}, which --aligned {aligned.path} ties to its input "
             "embeddings (tie_word_embeddings, no tensor of its own); LoRA on a tied lm_head is not supported"
         )
+    stale = _stale_index(aligned, module)
+    if stale is not None:
+        return stale
     return SafeMergeError(
         f"{adapter.flag} {adapter.path}: targets module {module}, but --aligned {aligned.path} has no tensor "
         f"{module}.weight; the adapter was trained on another architecture"

@@ -63,6 +63,15 @@ def case_models(fx, tmp: Path, kind: str):
         idx["weight_map"].pop(f"{Q0}.weight")
         (u / "model.safetensors.index.json").write_text(json.dumps(idx))
         return a, u, t, s, ["--unaligned", f"{Q0}.weight", "missing"]
+    if kind in ("stale_index_aligned", "stale_index_unaligned"):  # (the shard holds it; the index forgot it)
+        which = "aligned" if kind == "stale_index_aligned" else "unaligned"
+        m = copy(getattr(fx, which), tmp / which[0])
+        idx = json.loads((m / "model.safetensors.index.json").read_text())
+        shard = idx["weight_map"].pop(f"{Q0}.weight")
+        (m / "model.safetensors.index.json").write_text(json.dumps(idx))
+        a, u = (m, u) if which == "aligned" else (a, m)
+        return a, u, t, s, [f"--{which}", "model.safetensors.index.json", f"does not list tensor {Q0}.weight",
+                            f"which {shard} holds", "the index is out of date"]
     if kind == "missing_shard":
         u = copy(fx.unaligned, tmp / "u")
         shard = sorted(u.glob("model-*.safetensors"))[1]
@@ -199,7 +208,7 @@ def case_models(fx, tmp: Path, kind: str):
     raise KeyError(kind)
 
 
-CASES = ["missing_dir", "missing_tensor", "missing_shard", "truncated", "shape", "dtype", "bin_only", "nan_weight", "inf_weight",
+CASES = ["missing_dir", "missing_tensor", "stale_index_aligned", "stale_index_unaligned", "missing_shard", "truncated", "shape", "dtype", "bin_only", "nan_weight", "inf_weight",
          "nan_adapter", "unknown_module", "adapter_shape", "dora", "not_lora", "rank_mismatch", "no_adapter_file",
          "truncated_adapter", "safety_lacks_module", "foreign_safety_module", "pissa", "config_not_object",
          "config_r_null", "config_bad_pattern", "rank_zero", "two_factor_sets", "header_shape"]

@@ -631,6 +631,22 @@ class ModelReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def unlisted(self, module: str) -> tuple[str, str] | None:
+        """(shard, tensor name) of a shard that holds ``module``'s weight though the index does not
+        list it (an index that is out of date), else None. Reads every shard's header: for errors."""
+        if not self.is_sharded:
+            return None
+        want = module_key(f"{module}.weight")
+        for shard in sorted({*self._weight_map.values(), *(p.name for p in self.path.glob("*.safetensors"))}):
+            try:
+                held = self.shard_names(shard)
+            except SafeMergeError:
+                continue
+            hit = next((n for n in held if n not in self._weight_map and module_key(n) == want), None)
+            if hit is not None:
+                return shard, hit
+        return None
+
     def resolve_module(self, module: str) -> str | None:
         """The weight name of a linear module (``module + '.weight'``), across the namings of
         vision-language checkpoints (``language_model.model.layers...`` on disk, as the Hub's Gemma 3,
