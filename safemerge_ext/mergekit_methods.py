@@ -620,8 +620,8 @@ def _locations(report_path: str | os.PathLike, pid: int | str | None = None) -> 
     """(sidecar, json, png) for a directory or a ``.json`` file path. The sidecar is this process's
     own (its pid in the name; another ``pid`` on request): two runs that share a report location
     never mix their layers."""
-    p, pid = Path(report_path), os.getpid() if pid is None else pid
-    if p.suffix == ".json":
+    p, pid = Path(os.path.expanduser(os.fspath(report_path))), os.getpid() if pid is None else pid
+    if p.suffix.lower() == ".json":
         return p.with_name(f"{p.name}.{pid}.layers.jsonl"), p, p.with_suffix(".png")
     return p / SIDECAR.format(pid=pid), p / REPORT_JSON, p / REPORT_PNG
 
@@ -666,7 +666,14 @@ def _append(report_path: str, line: dict[str, Any]) -> None:
             return
         sidecar = _locations(target)[0]
         key = str(sidecar.resolve())
-        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            sidecar.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # (mergekit-yaml checks no parameter before it merges: say so in one line)
+            folder = sidecar.parent
+            why = (f"{folder} is a file, not a folder; give a folder, or a file name ending in .json"
+                   if folder.exists() and not folder.is_dir() else
+                   f"cannot make the folder {folder} ({exc.strerror or exc}); give a report_path that can be written")
+            raise SafeMergeError(f"report_path {target}: {why}") from None
         mode = "a"
         # this run's first record here: drop a stale sidecar. (With mergekit's --multi-gpu executor,
         # the other GPUs' workers of a run that failed may still record after the failure and land

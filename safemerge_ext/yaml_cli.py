@@ -67,6 +67,19 @@ def _setting_values(setting: Any) -> list[Any]:
     return [setting]
 
 
+def _gradients(setting: Any) -> list[list[Any]]:
+    """The gradients in a setting: lists of two or more plain numbers, which mergekit interpolates
+    layer by layer, given directly or as the value of a ``{filter, value}`` condition (a list of
+    conditions is no gradient: each layer takes one condition's value)."""
+    if isinstance(setting, dict) or hasattr(setting, "filter"):
+        return _gradients(setting.get("value") if isinstance(setting, dict) else setting.value)
+    if isinstance(setting, list):
+        if len(setting) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+            return [setting]
+        return [g for item in setting for g in _gradients(item)]
+    return []
+
+
 def _specs(method: str) -> dict[str, Any]:
     """The method's shared parameters as mergekit declares them (name -> ParameterSpec)."""
     from mergekit.merge_methods import registry
@@ -93,18 +106,17 @@ def _check_parameters(method: str, params: dict[str, Any], where: str, *, on_mod
         values = _setting_values(setting)
         if not values:  # (mergekit reads an empty list as "not given" and uses the default)
             raise SafeMergeError(f"{where}: {name} is an empty list; give a value, or a gradient of two or more")
-        if isinstance(setting, list) and len(setting) > 1 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            # a gradient: mergekit interpolates between its values layer by layer, so those in
-            # between must pass too (an integer setting takes none; a point at an irrational
-            # fraction of the way is whole only where the two ends are equal)
-            for lo, hi in zip(values, values[1:]):
+        for gradient in _gradients(setting):
+            # mergekit interpolates between its values layer by layer, so those in between must
+            # pass too (an integer setting takes none; a point at an irrational fraction of the way
+            # is whole only where the two ends are equal)
+            for lo, hi in zip(gradient, gradient[1:]):
                 between = lo + (hi - lo) / math.pi
                 try:
                     specs[name].validate(between)
                 except ValidationError:
                     raise SafeMergeError(
-                        f"{where}: {name} takes one value, not a gradient {setting!r} (mergekit would interpolate "
+                        f"{where}: {name} takes one value, not a gradient {gradient!r} (mergekit would interpolate "
                         f"values such as {between:.4g} between the layers); give a single {name}"
                     ) from None
         for v in values:
@@ -441,7 +453,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         except SafeMergeError as exc:
             _fail(str(exc))
     own = (checked.config.parameters or {}).get("report_path")
-    own = own if isinstance(own, str) and own else None
+    own = os.path.expanduser(own) if isinstance(own, str) and own else None  # (as the methods read it)
     if own:
         try:
             _check_report_path(own, out, checked.inputs)

@@ -392,6 +392,8 @@ def _mismatched_model(tmp: Path) -> Path:
         ("missing_norm", "tensor model.layers.1.input_layernorm.weight is in the aligned model but missing from role task"),
         ("integer_gradient", "seed takes one value, not a gradient [0, 1]"),
         ("integer_gradient_whole_midpoint", "seed takes one value, not a gradient [0, 2]"),  # (0.64 at layer 1 of 3)
+        ("integer_gradient_in_filter", "seed takes one value, not a gradient [0, 1]"),
+        ("integer_gradient_in_filter_list", "seed takes one value, not a gradient [4, 5]"),
         ("slice_report_path", "slices[0]: parameters: report_path is a setting of the whole run"),
         ("slice_without_base", "slices[0]: the base_model"),
         ("base_model_threshold", "is a setting of the whole merge, which mergekit does not read from a model"),
@@ -435,6 +437,10 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         cfg["parameters"]["seed"] = [0, 1]
     elif case == "integer_gradient_whole_midpoint":
         cfg["parameters"]["seed"] = [0, 2]
+    elif case == "integer_gradient_in_filter":
+        cfg["parameters"]["seed"] = {"filter": "self_attn", "value": [0, 1]}
+    elif case == "integer_gradient_in_filter_list":
+        cfg["parameters"]["seed"] = [{"filter": "self_attn", "value": 3}, {"value": [4, 5]}]
     elif case == "boolean":
         cfg["parameters"]["threshold"] = True
     elif case == "boolean_in_filter":
@@ -571,6 +577,45 @@ def test_safemerge_yaml_explains_a_bus_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         yaml_cli.main([str(tmp_path / "missing.yml"), str(tmp_path / "out")])
     assert lines == [bus_error_line("safemerge-yaml", f"nothing was written to OUT_PATH {tmp_path / 'out'}")]
+
+
+def test_filtered_whole_numbers_are_no_gradient(pico):
+    """A list of {filter, value} conditions gives each layer one condition's value: whole numbers
+    there are no gradient (mergekit interpolates nothing), so the recipe passes."""
+    cfg = recipe(pico, params={"threshold": 0.35, "merge": "dare_linear", "density": 0.5,
+                               "seed": [{"filter": "self_attn", "value": 1}, {"value": 2}]})
+    assert validate_recipe(cfg, "r.yml").config.parameters["seed"]
+
+
+def test_report_path_forms(tmp_path, monkeypatch):
+    """report_path: "~" is the home folder (as in a shell), ".JSON" names a file as ".json" does,
+    and a path that is a file where a folder is meant is one line of error, not a traceback."""
+    from safemerge_ext import mergekit_methods as mm
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert mm.report_files("~/reports") == (tmp_path / "home" / "reports" / mm.REPORT_JSON,
+                                            tmp_path / "home" / "reports" / mm.REPORT_PNG)
+    assert mm.report_files(tmp_path / "r.JSON") == (tmp_path / "r.JSON", tmp_path / "r.png")
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(SafeMergeError) as err:
+        mm._append(str(tmp_path / "afile"), {"module": "m"})
+    assert str(err.value) == (f"report_path {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder; give "
+                              "a folder, or a file name ending in .json")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_safemerge_yaml_report_path_under_home(pico, tmp_path, monkeypatch):
+    """safemerge-yaml writes a report_path of "~/..." under the home folder, not into a folder "~"."""
+    from safemerge_ext import yaml_cli
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = recipe(pico, params={"threshold": TAU, "report_path": "~/reports/run1"})
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out"), "--no-copy-tokenizer"])
+    assert done.value.code == 0
+    assert (tmp_path / "home" / "reports" / "run1" / "safemerge_report.json").is_file()
+    assert not (tmp_path / "~").exists()
 
 
 def test_refusal_tells_own_errors_from_others():
