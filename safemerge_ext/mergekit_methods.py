@@ -493,12 +493,15 @@ TRACEBACK_ENV = "SAFEMERGE_TRACEBACK"
 _PACKAGE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
 
 
+def _run_yaml_is_main() -> bool:
+    """Whether mergekit's run_yaml module is ``__main__`` (``python -m mergekit.scripts.run_yaml``)."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return main_spec is not None and main_spec.name == "mergekit.scripts.run_yaml"
+
+
 def _in_mergekit_yaml() -> bool:
     """Whether this process is a ``mergekit-yaml`` run (the console script or ``python -m``)."""
-    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if main_spec is not None and main_spec.name == "mergekit.scripts.run_yaml":
-        return True
-    return bool(sys.argv) and os.path.basename(sys.argv[0]).startswith("mergekit-yaml")
+    return _run_yaml_is_main() or (bool(sys.argv) and os.path.basename(sys.argv[0]).startswith("mergekit-yaml"))
 
 
 _RAISE = dis.opmap["RAISE_VARARGS"]
@@ -602,11 +605,8 @@ def _mergekit_yaml_out() -> str | None:
     """OUT_PATH of a running ``mergekit-yaml`` (parsed from argv with mergekit's own click command)."""
     if not _cli_out:
         out = None
-        main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        as_main = main_spec is not None and main_spec.name == "mergekit.scripts.run_yaml"  # python -m
-        run_yaml = sys.modules.get("__main__") if as_main else sys.modules.get("mergekit.scripts.run_yaml")
-        is_cli = as_main or os.path.basename(sys.argv[0]).startswith("mergekit-yaml")
-        if run_yaml is not None and is_cli:
+        run_yaml = sys.modules.get("__main__" if _run_yaml_is_main() else "mergekit.scripts.run_yaml")
+        if run_yaml is not None and _in_mergekit_yaml():
             try:
                 ctx = run_yaml.main.make_context("mergekit-yaml", list(sys.argv[1:]), resilient_parsing=True)
                 out = ctx.params.get("out_path")

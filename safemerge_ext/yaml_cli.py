@@ -56,12 +56,20 @@ def _ref_str(ref: Any) -> str:
     return str(ref)
 
 
+def _is_condition(setting: Any) -> bool:
+    """A ``{filter, value}`` condition, as YAML gives it or as mergekit parsed it."""
+    return isinstance(setting, dict) or hasattr(setting, "filter")
+
+
+def _condition_value(setting: Any) -> Any:
+    return setting.get("value") if isinstance(setting, dict) else setting.value
+
+
 def _setting_values(setting: Any) -> list[Any]:
     """Every value a mergekit parameter setting can take: a scalar, a gradient list, or
     ``{filter, value}`` conditions (one, or a list of them)."""
-    if isinstance(setting, dict) or hasattr(setting, "filter"):
-        value = setting.get("value") if isinstance(setting, dict) else setting.value
-        return _setting_values(value)
+    if _is_condition(setting):
+        return _setting_values(_condition_value(setting))
     if isinstance(setting, list):
         return [v for item in setting for v in _setting_values(item)]
     return [setting]
@@ -71,8 +79,8 @@ def _gradients(setting: Any) -> list[list[Any]]:
     """The gradients in a setting: lists of two or more plain numbers, which mergekit interpolates
     layer by layer, given directly or as the value of a ``{filter, value}`` condition (a list of
     conditions is no gradient: each layer takes one condition's value)."""
-    if isinstance(setting, dict) or hasattr(setting, "filter"):
-        return _gradients(setting.get("value") if isinstance(setting, dict) else setting.value)
+    if _is_condition(setting):
+        return _gradients(_condition_value(setting))
     if isinstance(setting, list):
         if len(setting) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
             return [setting]
