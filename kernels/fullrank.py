@@ -37,7 +37,7 @@ def _vt_dw_kernel(WA, WU, D, MP, PART, d_out, d_in, j_lo, panel_w,
                   s_wa_m, s_wa_n, s_wu_m, s_wu_n, s_d_m, s_d_n, s_mp,
                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """MP[i, j] = sum_k V[k, i] * D[k, j_lo + j] for one BLOCK_N x BLOCK_N tile of the panel, with
-    PART[0] = sum of MP^2 over the tile, PART[1] = sum of V^2 and PART[2] = sum of D^2 over the
+    PART[0] = sum of MP^2 over the tile (squared in float64), PART[1] = sum of V^2 and PART[2] = sum of D^2 over the
     columns the tile reads (the host takes ||V||^2 from the programs with pid_j = 0 of the first
     panel and ||dW||^2 from those with pid_i = 0).
 
@@ -70,7 +70,8 @@ def _vt_dw_kernel(WA, WU, D, MP, PART, d_out, d_in, j_lo, panel_w,
     tl.store(MP + ci[:, None] * s_mp + cl[None, :], acc, mask=i_ok[:, None] & j_ok[None, :])
     n_tiles = tl.num_programs(0) * tl.num_programs(1)
     tile = pid_i * tl.num_programs(1) + pid_j
-    tl.store(PART + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    a64 = acc.to(tl.float64)  # (an entry of M above ~1.8e19 is finite but its fp32 square is not)
+    tl.store(PART + tile, tl.sum(tl.sum(a64 * a64, axis=1), axis=0))
     tl.store(PART + n_tiles + tile, tl.sum(vsq, axis=0))
     tl.store(PART + 2 * n_tiles + tile, tl.sum(dsq, axis=0))
 
@@ -81,7 +82,7 @@ def _v_m_kernel(WA, WU, MP, OUT, PART, d_out, d_in, j_lo, panel_w,
                 STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """N[i, j] = sum_k V[i, k] * MP[k, j] for one BLOCK_M x BLOCK_N tile, PART = sum of N^2 over
-    it, and (STORE) OUT[i, j_lo + j] = N[i, j] in fp32.
+    it (squared in float64), and (STORE) OUT[i, j_lo + j] = N[i, j] in fp32.
 
     V is widened to fp32 as in the first GEMM; MP is fp32; tl.dot accumulates in fp32 over
     BLOCK_K columns of V a step.
@@ -102,7 +103,8 @@ def _v_m_kernel(WA, WU, MP, OUT, PART, d_out, d_in, j_lo, panel_w,
         v = a.to(tl.float32) - u.to(tl.float32)
         m = tl.load(MP + ks[:, None] * s_mp + cl[None, :], mask=k_ok[:, None] & j_ok[None, :], other=0.0)
         acc = dot(v, m, acc, PRECISION)
-    tl.store(PART + pid_m * tl.num_programs(1) + pid_j, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    a64 = acc.to(tl.float64)
+    tl.store(PART + pid_m * tl.num_programs(1) + pid_j, tl.sum(tl.sum(a64 * a64, axis=1), axis=0))
     if STORE:
         tl.store(OUT + rows[:, None] * s_out + (j_lo + cl[None, :]), acc, mask=row_ok[:, None] & j_ok[None, :])
 
@@ -168,6 +170,7 @@ def _launch_all(wa, wu, delta, out, block_m, block_n, block_k, panel, precision)
     panel = min(panel, d_in)
     warps = tiles["w"]
     f32 = dict(dtype=torch.float32, device=wa.device)
+    f64 = dict(dtype=torch.float64, device=wa.device)  # tile partials: squares of M and N in float64
     MP = torch.empty(d_in, panel, **f32)
     n_i, n_m = math.ceil(d_in / bn), math.ceil(d_out / bm)
     m2_parts, n2_parts, d2_parts, vsq_parts = [], [], [], None
@@ -176,7 +179,7 @@ def _launch_all(wa, wu, delta, out, block_m, block_n, block_k, panel, precision)
     for j_lo in range(0, d_in, panel):
         w = min(panel, d_in - j_lo)
         n_j = math.ceil(w / bn)
-        part_a = torch.empty(3, n_i, n_j, **f32)
+        part_a = torch.empty(3, n_i, n_j, **f64)
 
         def vt_dw(k: int) -> None:
             _vt_dw_kernel[(n_i, n_j)](
@@ -185,7 +188,7 @@ def _launch_all(wa, wu, delta, out, block_m, block_n, block_k, panel, precision)
                 MP.stride(0), BLOCK_K=k, BLOCK_N=bn, PRECISION=precision, num_warps=warps,
             )
 
-        part_b = torch.empty(n_m, n_j, **f32)
+        part_b = torch.empty(n_m, n_j, **f64)
 
         def v_m(k: int) -> None:
             _v_m_kernel[(n_m, n_j)](
@@ -221,7 +224,8 @@ def fullrank_sums(
     panel: int | None = None,
     precision: str = "ieee",
 ) -> tuple[float, float, float, float]:
-    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2 and ||V||^2 as float64 sums of fp32 tile partials.
+    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2 and ||V||^2 as float64 sums of tile partials (squares of M
+    and N in float64, of V and dW in fp32).
 
     Tiles (powers of two >= 16): BLOCK_N x BLOCK_N tiles of M and BLOCK_M x BLOCK_N tiles of N,
     both GEMMs stepping BLOCK_K deep; ``panel`` columns of M are formed at a time.

@@ -38,9 +38,11 @@ class BackendSpec:
     recheck: bool = False
 
     def runs_on(self, device_type: str, explicit: bool) -> bool:
-        if device_type in self.devices:
-            return True
-        return explicit and device_type == "cpu" and self.interpreted_on_cpu and triton_interpret_enabled()
+        if self.interpreted_on_cpu and triton_interpret_enabled():
+            # interpreted, on any tensors: only when asked for by name (``auto`` on a GPU would
+            # otherwise run the kernels through the CPU interpreter, hours for a 7B model)
+            return explicit and (device_type in self.devices or device_type == "cpu")
+        return device_type in self.devices
 
 
 def triton_interpret_enabled() -> bool:
@@ -157,7 +159,7 @@ def resolve(name: str | None, device_type: str, *, honour_env: bool = True) -> t
             )
         got = _load(spec)
         if isinstance(got, str):
-            usable = [n for n, r in available_backends().items() if r is None]
+            usable = [s.name for s in _SPECS if s.runs_on(device_type, explicit=True) and not isinstance(_load(s), str)]
             raise ValueError(
                 f"{where}backend must be one of {', '.join(usable)}; {requested!r} is unavailable: {got}"
             )

@@ -249,6 +249,20 @@ def test_fullrank_small_tiles_strided_and_deterministic():
     assert sums[0] == sums[1]  # the same bits again, from strided and from contiguous dW
 
 
+def test_fullrank_squares_tiles_past_the_fp32_range():
+    """Entries of M and N above ~1.8e19 are finite in fp32 but their squares are not: the tile
+    partials of ||M||^2 and ||N||^2 are squared in float64, as the reference and the CUDA kernel
+    square them (fp32 weights of magnitude 1e8 here: N reaches ~1e26, ||N||^2 ~1e55)."""
+    g = torch.Generator().manual_seed(_seed("full-huge"))
+    wa, wu, delta = ((torch.rand(40, 56, generator=g) + 0.5) * 1e8 * torch.randn(40, 56, generator=g).sign()
+                     for _ in range(3))
+    got = fullrank.fullrank_sums(wa.to(DEVICE), wu.to(DEVICE), delta.to(DEVICE))
+    want = ref_fullrank(wa, wu, delta)[:4]
+    assert want[1] > 1e50  # (past fp32: the case this covers)
+    for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), got, want):
+        _rel(a, b, name)
+
+
 # --- through safemerge_ext.ops --------------------------------------------------------------
 
 @DTYPE_PARAMS

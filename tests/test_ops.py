@@ -457,6 +457,41 @@ def test_auto_goes_past_a_triton_that_fails_to_import(tmp_path):
             assert got["listed"] == why
 
 
+_DISPATCH_ON_A_GPU = r"""
+import json
+from safemerge_ext import backends
+out = {"auto": backends.resolve("auto", "cuda")[0]}
+try:
+    out["triton"] = backends.resolve("triton", "cuda")[0]
+except ValueError as exc:
+    out["triton"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(backends.available_backends()["cuda"] is None, reason="the CUDA extension is built here")
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_auto_never_picks_the_triton_interpreter_on_a_gpu(interpret):
+    """A TRITON_INTERPRET=1 left in the environment (from running the tests, say) would make
+    `auto` run a GPU's scoring through triton's CPU interpreter: `auto` leaves interpreted kernels
+    to be asked for by name (and takes the CUDA extension or torch). When an explicit backend
+    cannot run, the names offered instead are those that run on that device (not cpp for CUDA
+    tensors)."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "TRITON_INTERPRET": interpret, "SAFEMERGE_BACKEND": "auto"}
+    done = subprocess.run([sys.executable, "-c", _DISPATCH_ON_A_GPU], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["auto"] == "torch"  # (this machine has no CUDA extension)
+    if interpret == "1":
+        assert got["triton"] == "triton"  # asked for by name, it runs interpreted
+    else:  # (no GPU here: Triton's own check says so)
+        assert got["triton"].startswith("backend must be one of torch; 'triton' is unavailable: "), got["triton"]
+
+
 def test_combine_full_keeps_float64_updates_in_float64():
     """A float64 model's updates are merged in float64 (fp32 would cost 1e-7 of dW); fp32 and
     half-precision updates in fp32."""
