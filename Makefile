@@ -15,10 +15,14 @@ $(BIN)/python:
 
 # Built against the torch installed first (no build isolation, whose fresh environment has no
 # torch): on a machine with nvcc and a CUDA torch (make TORCH=torch) the CUDA extension builds too.
+# pip's log goes to .venv/install.log; the build's own lines (what it built or skipped, and why)
+# and `safemerge backends` are printed.
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet "setuptools>=77" wheel "pybind11>=2.12"
-	$(BIN)/pip install --quiet --no-build-isolation -e ".[all]"
+	$(BIN)/pip install -v --no-build-isolation -e ".[all]" > $(VENV)/install.log 2>&1 \
+	  || { tail -n 40 $(VENV)/install.log; echo "pip install failed; the whole log: $(VENV)/install.log"; exit 1; }
+	@grep "safemerge-ext build:" $(VENV)/install.log || true
 	$(BIN)/safemerge backends
 	touch $(STAMP)
 
@@ -44,3 +48,4 @@ bench: $(STAMP)
 
 clean:
 	rm -rf build dist *.egg-info demo $(VENV)
+	rm -f safemerge_ext/*.so safemerge_ext/*.pyd

@@ -2,9 +2,10 @@
 
 - ``safemerge_ext._cpu`` (csrc/cpu_ops.cpp): always attempted; OpenMP when the compiler accepts
   ``-fopenmp`` (tested on a tiny program first).
-- ``safemerge_ext._cuda`` (csrc/*.cu): built when nvcc is found, unless the build environment
-  imports a CPU build of torch (then ``SAFEMERGE_BUILD_CUDA=1`` forces it). Where torch is not
-  importable there (pip's build isolation), nvcc decides: the extension links no torch.
+- ``safemerge_ext._cuda`` (csrc/*.cu): built when nvcc is found, unless the build is for a CPU
+  build of torch (then ``SAFEMERGE_BUILD_CUDA=1`` forces it): the build environment's torch, else
+  (pip's build isolation) the one installed where the package goes. Where neither exists, nvcc
+  decides: the extension links no torch.
 - ``SAFEMERGE_SKIP_NATIVE=1`` builds nothing native.
 
 The build degrades instead of failing: a native part that cannot be compiled is reported and
@@ -87,15 +88,51 @@ int main() { return 0; }
 
 
 def _cuda_torch() -> tuple[bool | None, str]:
-    """Whether the build environment imports a CUDA build of torch (and which); None: no torch."""
+    """Whether the build is for a CUDA build of torch (and which); None: no torch found.
+
+    The build environment's torch, else (pip's build isolation hides the installed packages) the
+    torch installed where this package is going (its ``torch/version.py``, read as text, not imported).
+    """
     try:
         import torch
     except Exception as exc:
+        installed = _installed_torch()
+        if installed is not None:
+            version, cuda, where = installed
+            if cuda is None:
+                return False, f"torch {version} installed in {where} is a CPU build"
+            return True, f"torch {version} (CUDA {cuda}) installed in {where}"
         return None, (f"torch is not importable in the build environment ({type(exc).__name__}: pip's build "
-                      "isolation?), and the extension links no torch")
+                      "isolation?) nor installed where the package goes, and the extension links no torch")
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} in the build environment is a CPU build"
     return True, f"torch {torch.__version__} (CUDA {torch.version.cuda})"
+
+
+def _installed_torch() -> tuple[str, str | None, str] | None:
+    """(version, CUDA version or None, site dir) of the torch in the target environment's
+    site-packages, from its generated ``torch/version.py``; None where there is none or it cannot
+    be read."""
+    import ast
+
+    paths = sysconfig.get_paths()
+    for site in dict.fromkeys((paths.get("platlib"), paths.get("purelib"))):
+        if not site:
+            continue
+        try:
+            text = (Path(site) / "torch" / "version.py").read_text()
+        except OSError:
+            continue
+        found = {}
+        for key in ("__version__", "cuda"):
+            m = re.search(rf"^{key}\s*(?::[^=\n]*)?=\s*(.+?)\s*$", text, re.M)
+            try:
+                found[key] = ast.literal_eval(m.group(1)) if m else ...
+            except (ValueError, SyntaxError):
+                found[key] = ...
+        if isinstance(found["__version__"], str) and (found["cuda"] is None or isinstance(found["cuda"], str)):
+            return found["__version__"], found["cuda"], site
+    return None
 
 
 class BuildNative(build_ext):
@@ -241,7 +278,7 @@ def native_extensions() -> list:
     _say("C++ extension safemerge_ext._cpu: will build from csrc/cpu_ops.cpp")
     nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
     forced = _flag("SAFEMERGE_BUILD_CUDA")
-    has_cuda_torch, torch_why = _cuda_torch()
+    has_cuda_torch, torch_why = _cuda_torch() if nvcc else (None, "")  # (no torch import without nvcc)
     if nvcc and (has_cuda_torch is not False or forced):
         why = "forced by SAFEMERGE_BUILD_CUDA=1" if forced else torch_why
         _say(f"CUDA extension safemerge_ext._cuda: will build with {nvcc} ({why})")

@@ -30,8 +30,8 @@ def unavailable_reason() -> str | None:
     """None when the extension is importable and a CUDA device is visible, else the reason."""
     if _cuda is None:
         return (
-            "the CUDA extension was not built (it needs nvcc at install time, and SAFEMERGE_BUILD_CUDA=1 where "
-            f"the build environment has a CPU build of torch; the install's output says why): {_IMPORT_ERROR}"
+            "the CUDA extension was not built (it needs nvcc at install time, and SAFEMERGE_BUILD_CUDA=1 to build it "
+            f"for a CPU build of torch; `pip install -v` shows why it was skipped): {_IMPORT_ERROR}"
         )
     problem = _cuda.device_problem()
     if problem:

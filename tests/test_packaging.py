@@ -16,18 +16,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_sdist_carries_the_sources_and_no_build_outputs(tmp_path):
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)], cwd=ROOT, check=True,
-                   capture_output=True)
-    (archive,) = tmp_path.glob("*.tar.gz")
-    with tarfile.open(archive) as tar:
-        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    tracked = subprocess.run(["git", "ls-files", "csrc", "kernels", "tests", "recipes"], cwd=ROOT, capture_output=True,
-                             text=True).stdout.split()
+    """Built from a copy of the tracked files (a checkout's egg-info would add every file it ever
+    listed) with the usual outputs planted beside them: every tracked source, recipe, test and
+    example is in, and no build output, benchmark data, demo or experiment work folder."""
+    import shutil
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split("\n")
+    tracked = [t for t in tracked if t and (ROOT / t).is_file()]
     if not tracked:
         pytest.skip("not a git checkout")
-    assert set(tracked) <= names, f"missing from the sdist: {sorted(set(tracked) - names)}"
+    src = tmp_path / "src"
+    for t in tracked:
+        (src / t).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / t, src / t)
+    planted = ["safemerge_ext/_cpu.cpython-311-x86_64-linux-gnu.so", "build/temp/cpu_ops.o", "demo/aligned/model.safetensors",
+               "benchmarks/data/llama-1b/aligned/model.safetensors", "examples/safety_effect/work/merged/model.safetensors"]
+    for p in planted:
+        (src / p).parent.mkdir(parents=True, exist_ok=True)
+        (src / p).write_bytes(b"output")
+    env = {**os.environ, "SAFEMERGE_SKIP_NATIVE": "1"}
+    done = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")], cwd=src,
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    wanted = [t for t in tracked if t.startswith(("csrc/", "kernels/", "tests/", "recipes/", "examples/"))]
+    assert set(wanted) <= names, f"missing from the sdist: {sorted(set(wanted) - names)}"
     assert "safemerge_ext_autoload.pth" in names and "pyproject.toml" in names and "setup.py" in names
-    junk = [n for n in names if n.endswith((".so", ".o", ".pyc")) or n.startswith(("benchmarks/data", "build/", "demo/"))]
+    junk = [n for n in names if n.endswith((".so", ".o", ".pyc")) or n.startswith(("benchmarks/data", "build/", "demo/",
+                                                                                    "examples/safety_effect/work"))]
     assert not junk, junk
 
 
@@ -117,12 +135,26 @@ def test_cuda_extension_relinks_when_its_kernels_or_headers_change(monkeypatch, 
     assert build() == 3 and build() == 3
 
 
-@pytest.mark.parametrize("torch_build", ["not-importable", "cuda", "cpu"])
-def test_the_cuda_extension_is_built_where_nvcc_is_unless_torch_is_a_cpu_build(monkeypatch, capsys, torch_build):
-    """With nvcc found, the CUDA extension is built against a CUDA torch and also where the build
-    environment has no torch at all (pip's build isolation: the extension links no torch), and
-    skipped, saying why, against a CPU build of torch (SAFEMERGE_BUILD_CUDA=1 forces it)."""
+_VERSION_PY = """from typing import Optional
+
+__all__ = ['__version__', 'debug', 'cuda', 'git_version', 'hip', 'rocm', 'xpu']
+__version__ = '{version}'
+debug = False
+cuda: Optional[str] = {cuda!r}
+git_version = '0123456789abcdef'
+hip: Optional[str] = None
+"""
+
+
+@pytest.mark.parametrize("torch_build", ["not-importable", "isolated-cpu", "isolated-cuda", "cuda", "cpu"])
+def test_the_cuda_extension_is_built_where_nvcc_is_unless_torch_is_a_cpu_build(monkeypatch, capsys, tmp_path,
+                                                                              torch_build):
+    """With nvcc found, the CUDA extension is built for a CUDA torch and also where there is no torch
+    at all (the extension links no torch), and skipped, saying why, for a CPU build of torch
+    (SAFEMERGE_BUILD_CUDA=1 forces it). Under pip's build isolation the build environment has no
+    torch: the one installed where the package goes decides (its torch/version.py, not imported)."""
     import runpy
+    import sysconfig
     import types
 
     import setuptools
@@ -134,21 +166,63 @@ def test_the_cuda_extension_is_built_where_nvcc_is_unless_torch_is_a_cpu_build(m
     monkeypatch.delenv("SAFEMERGE_SKIP_NATIVE")
     monkeypatch.delenv("SAFEMERGE_BUILD_CUDA", raising=False)
     monkeypatch.setenv("NVCC", "/opt/cuda/bin/nvcc-that-is-not-run")
-    fake = None if torch_build == "not-importable" else types.SimpleNamespace(
-        __version__="2.13.0", version=types.SimpleNamespace(cuda="12.8" if torch_build == "cuda" else None))
+    importable = torch_build in ("cuda", "cpu")
+    fake = types.SimpleNamespace(__version__="2.13.0", version=types.SimpleNamespace(
+        cuda="12.8" if torch_build == "cuda" else None)) if importable else None
     monkeypatch.setitem(sys.modules, "torch", fake)
+    site = tmp_path / "site-packages"  # where the package goes; a torch there only when isolated-*
+    site.mkdir()
+    if torch_build.startswith("isolated-"):
+        (site / "torch").mkdir()
+        cuda = "12.8" if torch_build == "isolated-cuda" else None
+        version = "2.13.0" if cuda else "2.13.0+cpu"
+        (site / "torch" / "version.py").write_text(_VERSION_PY.format(version=version, cuda=cuda))
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"purelib": str(site), "platlib": str(site)})
     capsys.readouterr()
     names = [e.name for e in mod["native_extensions"]()]
     said = capsys.readouterr().err
-    if torch_build == "cpu":
+    if torch_build in ("cpu", "isolated-cpu"):
         assert names == ["safemerge_ext._cpu"]
-        assert "skipping CUDA extension safemerge_ext._cuda: torch 2.13.0 in the build environment is a CPU build" in said
+        where = "in the build environment" if torch_build == "cpu" else f"installed in {site}"
+        version = "2.13.0" if torch_build == "cpu" else "2.13.0+cpu"
+        assert f"skipping CUDA extension safemerge_ext._cuda: torch {version} {where} is a CPU build" in said, said
         monkeypatch.setenv("SAFEMERGE_BUILD_CUDA", "1")
         assert [e.name for e in mod["native_extensions"]()] == ["safemerge_ext._cpu", "safemerge_ext._cuda"]
     else:
         assert names == ["safemerge_ext._cpu", "safemerge_ext._cuda"], said
         assert "will build with /opt/cuda/bin/nvcc-that-is-not-run" in said
         assert ("build isolation" in said) == (torch_build == "not-importable")
+        assert (f"(CUDA 12.8) installed in {site}" in said) == (torch_build == "isolated-cuda"), said
+
+
+def test_without_nvcc_the_build_does_not_import_torch(monkeypatch, capsys):
+    """Without nvcc there is no CUDA decision to make: the build says so and never imports torch
+    (whose import, before pip has installed numpy, prints a NumPy warning into the install)."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("SAFEMERGE_SKIP_NATIVE", "1")
+    monkeypatch.chdir(ROOT)
+    mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+    monkeypatch.delenv("SAFEMERGE_SKIP_NATIVE")
+    monkeypatch.delenv("NVCC", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    imported = []
+
+    class Watch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch":
+                imported.append(name)
+            return None
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Watch(), *sys.meta_path])
+    capsys.readouterr()
+    assert [e.name for e in mod["native_extensions"]()] == ["safemerge_ext._cpu"]
+    assert "skipping CUDA extension safemerge_ext._cuda: nvcc not found on PATH" in capsys.readouterr().err
+    assert imported == []
 
 
 def test_an_extension_that_fails_to_build_leaves_no_older_build_in_place(monkeypatch, tmp_path):
