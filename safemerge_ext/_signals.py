@@ -33,13 +33,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextmanager
-def interrupts_held(resend: bool = True) -> Iterator[None]:
+def interrupts_held(resend: bool = True) -> Iterator[list[int]]:
     """While inside, SIGINT and SIGTERM are noted, not raised: clean-up (a staging folder of
     partial shards deleted) is not cut short by Ctrl-C. Those that came are sent again at the end
-    (``resend``), or dropped where the caller is ending on an interrupt already. Main thread only
-    (elsewhere: no change)."""
+    (``resend``), or dropped where the caller is ending on an interrupt already; the list of those
+    that came is yielded (a caller that does not resend can send them on later with
+    :func:`send_on`). Main thread only (elsewhere: no change)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
     previous, held = {}, []
     try:
@@ -47,10 +48,15 @@ def interrupts_held(resend: bool = True) -> Iterator[None]:
             old = signal.getsignal(sig)
             if old is not None and old is not signal.SIG_IGN:  # (None: set outside Python, left alone)
                 previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
-        yield
+        yield held
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
         if resend:
-            for sig in dict.fromkeys(held):
-                signal.raise_signal(sig)
+            send_on(held)
+
+
+def send_on(held: list[int]) -> None:
+    """Raise each signal that :func:`interrupts_held` noted, once, to the handlers in place now."""
+    for sig in dict.fromkeys(held):
+        signal.raise_signal(sig)

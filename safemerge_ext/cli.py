@@ -290,9 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
+        from safemerge_ext.io.output import committed
+
         what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"safemerge: {what}; nothing was written" + (f" to {target}" if target else ""),
-              file=sys.stderr)
+        if getattr(args, "out", None) and committed(args.out):  # (it came as the output was put in place)
+            _warn(f"{what} after the run: {target} is complete; its summary was cut short", prefix="safemerge")
+        else:
+            print(f"safemerge: {what}; nothing was written" + (f" to {target}" if target else ""),
+                  file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     finally:
         if "safemerge_ext.report" in sys.modules:

@@ -28,7 +28,7 @@ from safemerge_ext._signals import Terminated, sigterm_as_interrupt
 from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.model_writer import untie_stored_head
-from safemerge_ext.io.output import check_not_input, check_out, check_parent, scratch_dir, staged_dir
+from safemerge_ext.io.output import check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.mergekit_methods import (
     METHOD_NAMES, ROLES, discard_report, finalize_report, register_methods, report_files,
@@ -495,6 +495,9 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                 if lora_cache:
                     shutil.rmtree(lora_cache, ignore_errors=True)
     except BaseException as exc:  # one line; nothing is left at OUT, and no report of the part that ran
+        if not isinstance(exc, Exception) and committed(out):  # (a Ctrl-C as OUT was put in place: it is complete)
+            _done["out"] = out
+            raise
         if report_at is not None:
             discard_report(report_at)
         if not isinstance(exc, Exception):  # Ctrl-C, exit

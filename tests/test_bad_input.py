@@ -910,6 +910,54 @@ def test_a_summary_cut_short_does_not_unsay_the_output(fx, tmp_path, capsys, mon
     assert os.path.isdir(os.fsencode(tmp_path) + b"/out\xff")
 
 
+@pytest.mark.parametrize("when", ["rename", "fsync"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_as_the_output_is_put_in_place_does_not_unsay_it(fx, tmp_path, capsys, monkeypatch, when, sig):
+    """Ctrl-C or SIGTERM that comes while the finished output is renamed into place (or the rename
+    synced) waits for the rename: --out is then the new output, the one --force replaced is deleted
+    (not left hidden beside it), and the run ends as interrupted after the run, never 'nothing was
+    written'."""
+    import signal
+
+    from safemerge_ext.io import output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    real_rename, real_fsync, fired = Path.rename, output._fsync, []
+
+    def fire() -> None:
+        if not fired:
+            fired.append(sig)
+            signal.raise_signal(getattr(signal, sig))
+
+    def rename(self, target):
+        if when == "rename" and ".tmp-" in self.name:  # (the new output's move into place)
+            fire()
+        return real_rename(self, target)
+
+    def fsync(path):
+        real_fsync(path)
+        if when == "fsync" and Path(path) == tmp_path:  # (the rename's folder, once it is renamed)
+            fire()
+
+    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(output, "_fsync", fsync)
+    code = main(_merge_argv(fx, out) + ["--force"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    assert fired and code == (130 if sig == "SIGINT" else 143), err
+    what = "interrupted" if sig == "SIGINT" else "terminated (SIGTERM)"
+    assert err == f"safemerge: {what} after the run: --out {out} is complete; its summary was cut short", err
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # (no hidden old or partial output)
+    # the next run for it starts over: interrupted before its output is in place, it says so
+    monkeypatch.setattr(output, "sync_tree", lambda tmp: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(_merge_argv(fx, out) + ["--force"]) == 130
+    assert capsys.readouterr().err.strip() == f"safemerge: interrupted; nothing was written to --out {out}"
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_a_closed_stdout_does_not_unsay_the_output(fx, tmp_path):
     """`safemerge merge ... | head -0`: the pipe is closed when the summary is printed; exit 0, one
     warning, the output whole."""

@@ -1463,6 +1463,38 @@ def test_safemerge_yaml_sigterm_after_the_merge_says_it_is_complete(pico, tmp_pa
     assert (out / "safemerge_report.json").is_file() and list(out.glob("*.safetensors"))
 
 
+_YAML_TERM_AT_RENAME_DRIVER = """
+import os, signal, sys
+from pathlib import Path
+from safemerge_ext import yaml_cli
+from safemerge_ext.io import output
+
+real, out = output._fsync, Path(sys.argv[2])
+def fsync(path):  # the rename that puts OUT_PATH in place is being synced
+    real(path)
+    if Path(path) == out.parent and out.is_dir():
+        os.kill(os.getpid(), signal.SIGTERM)
+
+output._fsync = fsync
+yaml_cli.main(sys.argv[1:])
+"""
+
+
+def test_safemerge_yaml_sigterm_as_out_path_is_put_in_place_says_it_is_complete(pico, tmp_path):
+    """SIGTERM while the finished OUT_PATH is renamed into place (and the rename synced): it waits for
+    the rename, and the line says OUT_PATH is complete, with its report (not that nothing was written)."""
+    out = tmp_path / "out"
+    recipe_file = _write(recipe(pico, params={"threshold": TAU}), tmp_path / "r.yml")
+    res = subprocess.run([sys.executable, "-c", _YAML_TERM_AT_RENAME_DRIVER, str(recipe_file), str(out),
+                          "--no-copy-tokenizer"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (f"safemerge-yaml: terminated (SIGTERM) after the merge: {out} is "
+                                                   "complete; the report_path copy or the summary was cut short")
+    assert (out / "safemerge_report.json").is_file() and list(out.glob("*.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yml"]
+
+
 @pytest.mark.parametrize("kind", ["under-a-file", "json-is-a-folder", "in-out-path", "out-path", "not-utf8", "out-holds-input",
                                   "replaces-input"])
 def test_safemerge_yaml_refuses_bad_paths_before_merging(pico, tmp_path, capsys, monkeypatch, kind):

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from safemerge_ext._signals import interrupts_held
+from safemerge_ext._signals import interrupts_held, send_on
 from safemerge_ext.errors import SafeMergeError
 
 
@@ -198,6 +198,15 @@ def _warn_leftovers(final: Path, flag: str, prog: str = "safemerge") -> None:
                       f"{final} that was killed; delete it unless a run is writing there now", file=sys.stderr)
 
 
+_committed: set[str] = set()  # outputs this process put in place (staged_dir's final rename)
+
+
+def committed(out: str | os.PathLike) -> bool:
+    """Whether this process has put the output ``out`` in place: an interrupt after that point
+    cuts short only what follows (a summary, a report copy), not the output."""
+    return os.path.abspath(out) in _committed
+
+
 @contextmanager
 def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: str = "safemerge") -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success it replaces ``out``, else vanishes.
@@ -209,6 +218,7 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
     the output in errors, ``prog`` the command in warnings.
     """
     final = check_out(out, force, flag)
+    _committed.discard(os.path.abspath(final))  # (until this run puts it in place)
     made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # parents this run adds
     tmp: Path | None = None
 
@@ -238,9 +248,33 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
     except BaseException as exc:
         undo(exc)
         raise
-    old = None
+    old, held = None, []
     try:  # (an interruption between the two renames puts the old output back: see the except)
         sync_tree(tmp)  # (the data on disk before the name: never an output of empty files after a power loss)
+        with interrupts_held(resend=False) as held:  # (the renames and their fsync: sent on once the run is done)
+            old = _put_in_place(tmp, final, force, flag, made)
+    except BaseException as exc:
+        if old is not None and not (final.exists() or final.is_symlink()):
+            old.rename(final)
+        undo(exc)
+        raise
+    if old is not None:
+        try:
+            _remove_replaced(old, final, flag)
+        except KeyboardInterrupt:  # (the new output is in place: the run is done, the old one only half gone)
+            print(f"{prog}: warning: {flag} {final} was written, but deleting the output it replaced was "
+                  f"interrupted; delete {old} by hand", file=sys.stderr)
+    # a Ctrl-C held during the renames cut nothing short: sent on now (the run ends as interrupted,
+    # and committed() tells the command that its output is complete)
+    send_on(held)
+
+
+def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Path]) -> Path | None:
+    """Rename the finished ``tmp`` to ``final`` (moving an existing output aside first, with
+    ``force``), record it for :func:`committed`, and sync the renames; returns where the replaced
+    output went, if any. Runs with interrupts held: a rename is not cut in half by Ctrl-C."""
+    old = None
+    try:
         if final.exists() or final.is_symlink():
             if not force:
                 raise SafeMergeError(
@@ -263,23 +297,18 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
                 old = None
             raise SafeMergeError(f"{flag} {final}: could not move the finished output into place ({exc}); "
                                  "nothing was replaced") from None
-    except BaseException as exc:
+    except BaseException:
         if old is not None and not (final.exists() or final.is_symlink()):
             old.rename(final)
-        undo(exc)
         raise
+    _committed.add(os.path.abspath(final))
     # (the rename and the folders this run made on disk before the output it replaced is deleted)
     for folder in (final, *made):
         try:
             _fsync(folder.parent)
         except OSError:
             pass
-    if old is not None:
-        try:
-            _remove_replaced(old, final, flag)
-        except KeyboardInterrupt:  # (the new output is in place: the run is done, the old one only half gone)
-            print(f"safemerge: warning: {flag} {final} was written, but deleting the output it replaced was "
-                  f"interrupted; delete {old} by hand", file=sys.stderr)
+    return old
 
 
 def _remove_replaced(old: Path, final: Path, flag: str) -> None:
