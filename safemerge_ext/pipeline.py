@@ -26,7 +26,7 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
                                        global_scaling, read_adapter, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
-from safemerge_ext.io.models import INDEX, ModelReader, is_tied_head, module_key, natural_key
+from safemerge_ext.io.models import INDEX, ModelReader, all_finite, is_tied_head, module_key, natural_key
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.report import (
     REPORT_JSON,
@@ -759,9 +759,9 @@ def project(
              for layer, s, f in zip(run.layers, scores, flags) if f}
     for layer in run.layers if output == "adapter" else ():  # (a model's C @ B stays fp32)
         B = new_B.get(layer.module)
-        if B is not None and B.is_floating_point() and not bool(torch.isfinite(B).all()):
+        if B is not None and not all_finite(B):  # (float8 too, which isfinite does not take)
             raise SafeMergeError(
-                f"--adapter {task.path}: module {layer.module}: C @ lora_B exceeds the range of {B.dtype} (Inf); "
+                f"--adapter {task.path}: module {layer.module}: C @ lora_B exceeds the range of {B.dtype} (Inf or NaN); "
                 "save the adapter in float32, or use --output model"
             )
     with staged_dir(out, force) as tmp:

@@ -409,6 +409,31 @@ def test_project_model_output_rounds_once(fx_bf16, tmp_path):
         assert float(((w.double() - exact).abs() / ulp).max()) <= 1.0, m
 
 
+def test_project_float8_adapter(fx, tmp_path):
+    """An adapter saved in float8 (as score and merge take it) is projected too: C B comes back in
+    float8, within float8's rounding of the float64 projection."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    adapter = Path(shutil.copytree(fx.task, tmp_path / "task-f8"))
+    factors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in factors.items()}, str(adapter / "adapter_model.safetensors"))
+    out = tmp_path / "p"
+    assert run_cli(["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", adapter,
+                    "--out", out, "--num-layers", 3, "--no-plot"]) == 0
+    flagged = [r["module"] for r in report_of(out)["layers"] if r["flagged"]]
+    wa, wu = load_model(fx.aligned), load_model(fx.unaligned)
+    stored = load_file(out / "adapter_model.safetensors")
+    task = load_adapter(adapter)
+    assert len(flagged) == 3 and all(v.dtype == torch.float8_e4m3fn for v in stored.values())
+    for m in flagged:
+        _, B, _ = task[m]
+        Bo = load_adapter(out)[m][1]
+        want = ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B)
+        assert_close(Bo, want, atol=2.0 ** -9, rtol=2.0 ** -4, what=m)  # (e4m3: 3 mantissa bits)
+
+
 def test_project_num_layers(fx, tmp_path):
     ref = refs(fx)
     out = tmp_path / "p"
