@@ -14,6 +14,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -110,6 +111,9 @@ def resolve_device(name: str, *, scoring: bool = True) -> torch.device:
     return dev
 
 
+_CPU_ISA_VAR = "SAFEMERGE_CPU_ISA"  # (cpp_backend.ISA_ENV_VAR, named without loading the extension)
+
+
 def open_run(
     aligned_dir: str | Path,
     unaligned_dir: str | Path,
@@ -132,10 +136,16 @@ def open_run(
         raise SafeMergeError(f"--aligned and --unaligned are the same folder ({aligned_dir}), so V = W_aligned - "
                              "W_unaligned is zero everywhere; give as --unaligned the base model --aligned was tuned from")
     try:
-        backend_name, _ = ops.backends.resolve(backend, dev.type, honour_env=honour_env)
+        with warnings.catch_warnings():  # (a bad SAFEMERGE_CPU_ISA is an error below, not also a warning)
+            warnings.filterwarnings("ignore", message="the C\\+\\+ backend is off")
+            backend_name, _ = ops.backends.resolve(backend, dev.type, honour_env=honour_env)
+            isa_off = ops.backends.available_backends()["cpp"] if dev.type == "cpu" and backend_name != "cpp" else None
     except ValueError as exc:  # (a message that starts with SAFEMERGE_BACKEND: the environment chose)
         msg = str(exc)
         raise SafeMergeError(msg if msg.startswith(ops.backends.ENV_VAR) else f"--backend {backend}: {msg}") from None
+    if isa_off and isa_off.startswith(_CPU_ISA_VAR) and ops.backends.requested_backend(backend, honour_env) == "auto":
+        raise SafeMergeError(f"{isa_off} (else the C++ backend is off and torch scores 5-20x slower; "
+                             "--backend torch chooses that)")
     try:
         requested = ops.backends.requested_precision(precision)
     except ValueError as exc:

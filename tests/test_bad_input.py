@@ -321,6 +321,30 @@ def test_interrupted_write_leaves_nothing(fx, tmp_path, monkeypatch):
     assert leftovers(tmp_path, "out") == []
 
 
+def test_a_bad_cpu_isa_is_one_line_under_auto(fx, capsys, monkeypatch):
+    """SAFEMERGE_CPU_ISA that names no kernels this CPU runs turns the C++ backend off: under the
+    default --backend auto that is an error, one line (torch would score 5-20x slower without a
+    word in the report), as a bad SAFEMERGE_BACKEND is; --backend torch runs, without a warning."""
+    from safemerge_ext import backends, cpp_backend
+
+    if backends.available_backends()["cpp"] is not None:
+        pytest.skip("the C++ backend is unavailable here")
+    monkeypatch.setattr(cpp_backend, "_warned", set())
+    argv = ["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+            "--no-progress"]
+    try:
+        monkeypatch.setenv("SAFEMERGE_CPU_ISA", "avx9")
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("safemerge: error: SAFEMERGE_CPU_ISA='avx9' is not one of best, "), err
+        assert "--backend torch" in err
+        assert main([*argv, "--backend", "torch"]) == 0
+        assert capsys.readouterr().err == ""
+    finally:
+        monkeypatch.delenv("SAFEMERGE_CPU_ISA")
+        backends.available_backends()  # (puts back the CPU's own kernels)
+
+
 def test_unavailable_backend_is_one_line(fx, tmp_path, capsys):
     code = main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
                  "--backend", "cuda", "--no-progress"])

@@ -102,6 +102,35 @@ def test_score_matches_float64(fx, tmp_path, backend):
     assert rep["bytes_read"] > 0 and rep["counts"]["scored"] == 21
 
 
+def test_score_writes_into_pipes_and_through_links(fx, tmp_path):
+    """--report into a pipe (a shell's `>(jq .)`, /dev/stdout) or a device gets the JSON written
+    into it, never a file put in its place; --report and --plot through a link replace the linked
+    file and keep the link."""
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    target, plot_target = tmp_path / "real" / "r.json", tmp_path / "real" / "p.png"
+    target.parent.mkdir()
+    target.write_text("old")
+    plot_target.write_text("old")
+    (tmp_path / "link.json").symlink_to(target)
+    (tmp_path / "link.png").symlink_to(plot_target)
+    (tmp_path / "to-fifo").symlink_to(fifo)
+    common = ["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task, "--no-progress"]
+    assert run_cli([*common, "--report", tmp_path / "to-fifo"]) == 0
+    reader.join(30)
+    assert fifo.is_fifo() and json.loads(got[0])["counts"]["scored"] == 21
+    assert run_cli([*common, "--report", tmp_path / "link.json", "--plot", tmp_path / "link.png"]) == 0
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "link.png").is_symlink()
+    assert json.loads(target.read_text())["counts"]["scored"] == 21 and plot_target.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.json", "link.png", "real", "to-fifo"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["p.png", "r.json"]
+
+
 def test_score_prints_the_per_layer_table(fx, tmp_path, capsys):
     """`safemerge score` prints one row per scored layer, in the report's order, with its shape,
     rank, cosine (4 decimals) and whether the threshold flags it; then the summary."""

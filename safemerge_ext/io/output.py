@@ -6,7 +6,9 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -19,6 +21,10 @@ def check_parent(path: str | os.PathLike, flag: str) -> Path:
     """Fail early when ``path`` could not be created: its nearest existing ancestor must be a
     writable directory (missing folders in between are made when the output is written)."""
     p = Path(path)
+    if is_special(p):  # (written into, not replaced: the file itself must be writable)
+        if not os.access(p, os.W_OK):
+            raise SafeMergeError(f"{flag} {p} is not writable; choose another path")
+        return p
     anc = p.absolute().parent
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
@@ -81,6 +87,17 @@ def check_not_input(path: str | os.PathLike, flag: str, inputs: Iterable[tuple[s
                                  "choose another path")
 
 
+def is_special(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is, or links to, something other than a file or a folder: a device, a pipe
+    or a socket (``/dev/null``, ``/dev/stdout``, a shell's ``>(jq .)``), which output is written
+    into rather than replaced."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def write_whole(path: str | os.PathLike, fill: Callable[[Path], object]) -> None:
     """``fill(tmp)`` writes a temporary file beside ``path`` (with its suffix, which some writers
     read the format from), which then replaces ``path``: a failure or an interruption leaves
@@ -91,21 +108,36 @@ def write_whole(path: str | os.PathLike, fill: Callable[[Path], object]) -> None
 def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object]]]) -> None:
     """Each ``(path, fill)``: ``fill(tmp)`` writes a temporary beside ``path``; once all are
     written, each replaces its ``path``. A failure or an interruption while any is written leaves
-    every ``path`` as it was, and takes back the folders made for them."""
-    files = [(Path(p), fill) for p, fill in files]
+    every ``path`` as it was, and takes back the folders made for them. A ``path`` that links to a
+    file replaces that file (the link stays); a device or a pipe (:func:`is_special`) gets the
+    bytes written into it."""
+    # a link is written through (it stays; its file is replaced); a device or a pipe is written
+    # into, from a temporary in the system's temporary folder, once every file is rendered
+    files = [(Path(p), fill, is_special(p)) for p, fill in files]
+    files = [(path if special or not path.is_symlink() else Path(os.path.realpath(path)), fill, special)
+             for path, fill, special in files]
     made: list[Path] = []
     temps: list[Path] = []
     try:
-        for path, fill in files:
-            for parent in reversed([path.parent, *path.parent.parents]):
-                if not parent.exists():
-                    parent.mkdir()
-                    made.append(parent)
+        for path, fill, special in files:
             suffix = path.suffix if len(path.suffix) <= 16 else ""  # (a format's, for writers that read it)
-            temps.append(path.with_name(_hidden_name(path.name, f"tmp-{secrets.token_hex(4)}{suffix}")))
+            if special:
+                fd, name = tempfile.mkstemp(prefix="safemerge-", suffix=suffix)
+                os.close(fd)
+                temps.append(Path(name))
+            else:
+                for parent in reversed([path.parent, *path.parent.parents]):
+                    if not parent.exists():
+                        parent.mkdir()
+                        made.append(parent)
+                temps.append(path.with_name(_hidden_name(path.name, f"tmp-{secrets.token_hex(4)}{suffix}")))
             fill(temps[-1])
-        for (path, _), tmp in zip(files, temps):
-            os.replace(tmp, path)
+        for (path, _, special), tmp in zip(files, temps):
+            if special:
+                with open(tmp, "rb") as src, open(path, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            else:
+                os.replace(tmp, path)
         made = []
     finally:
         for tmp in temps:
