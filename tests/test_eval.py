@@ -1070,7 +1070,7 @@ def _result(names: list[str], judge: str = "keyword") -> dict:
 
 def test_eval_outputs_are_replaced_as_a_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A '$' in a model or judge name is plain text in the plot (not TeX math that fails to parse); when the
-    plot fails, neither eval.json nor eval.png is replaced and no temporary file is left."""
+    plot fails, neither eval.json nor eval.png is replaced and no temporary file (or new folder) is left."""
     from safemerge_ext.evaluation import run as runner
 
     out = tmp_path / "out"
@@ -1089,6 +1089,9 @@ def test_eval_outputs_are_replaced_as_a_pair(tmp_path: Path, monkeypatch: pytest
         runner.write(_result(["m"]), out)
     assert (js.read_text(), png.read_bytes()) == ("OLD JSON", b"OLD PNG")
     assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.png"]
+    with pytest.raises(RuntimeError, match="the plot failed"):  # (a new --out: no empty folder left either)
+        runner.write(_result(["m"]), tmp_path / "new" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_out_may_not_replace_an_input(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,

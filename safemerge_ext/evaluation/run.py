@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import random
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -21,7 +20,7 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation.generate import CHAT_DATE, ModelSpec
 from safemerge_ext.evaluation.judges import Judge, is_refusal
 from safemerge_ext.evaluation.stats import wilson
-from safemerge_ext.io.output import check_parent
+from safemerge_ext.io.output import check_parent, write_files
 from safemerge_ext.evaluation.utility import Task
 
 
@@ -220,17 +219,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def write(result: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """``eval.json`` and ``eval.png`` in ``out``: both are written to temporary files first and renamed
-    only when both are complete, so a failure (of the plot, say) leaves the earlier pair as it was."""
-    out.mkdir(parents=True, exist_ok=True)
+    only when both are complete, so a failure (of the plot, say) leaves the earlier pair as it was,
+    and no ``out`` folder where there was none."""
     js, png = out / OUT_FILES[0], out / OUT_FILES[1]
-    tag = secrets.token_hex(4)
-    js_tmp, png_tmp = out / f".eval.json.tmp-{tag}.json", out / f".eval.png.tmp-{tag}.png"
-    try:
-        plot(result, png_tmp)
-        js_tmp.write_text(json.dumps(result, indent=1))
-        os.replace(png_tmp, png)
-        os.replace(js_tmp, js)
-    finally:
-        js_tmp.unlink(missing_ok=True)
-        png_tmp.unlink(missing_ok=True)
+    write_files([(png, lambda tmp: plot(result, tmp)),
+                 (js, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))])
     return js, png
