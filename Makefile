@@ -22,7 +22,7 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
 	$(BIN)/pip install --quiet "setuptools>=77" wheel "pybind11>=2.12"
 	$(BIN)/pip install -v --no-build-isolation -e ".[all]" > $(VENV)/install.log 2>&1 \
 	  || { tail -n 40 $(VENV)/install.log; echo "pip install failed; the whole log: $(VENV)/install.log"; exit 1; }
-	@grep "safemerge-ext build:" $(VENV)/install.log || true
+	@grep "safemerge-ext build:" $(VENV)/install.log | awk '!seen[$$0]++'  # (pip runs setup.py twice)
 	$(BIN)/safemerge backends
 	touch $(STAMP)
 
