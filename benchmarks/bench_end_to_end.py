@@ -24,11 +24,14 @@ included; imports, matplotlib's and the scoring backend's among them, reported a
 ``import_s``), ``read_gb`` (bytes the contender reads, 10^9: the tensors it reads, or for the
 reference and mergekit the files they load), ``gbps`` (read_gb / time_s), ``x_floor`` (time over
 the matching floor: ``floor`` for adapter output, ``copy-floor`` for full-model output),
-``peak_rss_mb`` (the child process's peak resident memory, VmHWM), ``base_rss_mb`` (its resident
-memory after its imports, torch among them, before the work starts), ``rss_over_base_mb``
+``peak_rss_mb`` (the child process's peak resident memory, VmHWM, counted from where the work
+starts), ``base_rss_mb`` (its resident memory after its imports, torch among them, and on a GPU
+the warm-up, before the work starts), ``rss_over_base_mb``
 (``peak_rss_mb - base_rss_mb``: the work's own memory, not counted from the bare interpreter,
 whose RSS the line above the table gives), and ``x_ref_time`` / ``x_ref_mem`` (reference over
-contender).
+contender). ``flagged`` is the number of layers a SafeMERGE contender flagged; the reference and
+every ``safemerge-*`` run must agree (the run says so where they do not; mergekit's linear merge
+flags nothing).
 
     python benchmarks/bench_end_to_end.py --shape llama-1b --adapters qv
     python benchmarks/bench_end_to_end.py --shape llama-1b --repeat 3   # best of 3 runs each (noisy VMs)
@@ -70,6 +73,17 @@ def rss_mb() -> float:
 def peak_mb() -> float:
     """Peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited across exec)."""
     return _status("VmHWM")
+
+
+def base_rss_mb() -> float:
+    """RSS now, where the timed work starts, with the peak (VmHWM) reset to it (Linux's clear_refs
+    "5"), so that a peak of the imports or a GPU warm-up is not taken for the work's own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # (not Linux, or a kernel without it: the peak then counts from the start)
+        pass
+    return rss_mb()
 
 
 # --- contenders (run in the child) ---------------------------------------------------------------
@@ -115,7 +129,7 @@ def run_floor(data: Path, adapters: str, out: Path, **_) -> dict:
     from safetensors import safe_open
 
     names, ads = _targets(data, adapters)
-    base = rss_mb()
+    base = base_rss_mb()
     t0 = time.perf_counter()
     nbytes = 0
     for model in ("aligned", "unaligned"):
@@ -135,7 +149,7 @@ def run_copy_floor(data: Path, adapters: str, out: Path, **_) -> dict:
     from safetensors.torch import save_file
 
     names, _ = _targets(data, adapters)
-    base = rss_mb()
+    base = base_rss_mb()
     t0 = time.perf_counter()
     nbytes = 0
     getu, _, _ = _open(data / "unaligned")
@@ -163,7 +177,7 @@ def _ours(data: Path, adapters: str, out: Path, output: str, backend: str, devic
         preload_plotting().join()
     t_import = time.perf_counter() - t0
     warmup = _warm_gpu(data, adapters, backend) if device == "cuda" else 0.0
-    base = rss_mb()
+    base = base_rss_mb()
     settings = pipeline.MergeSettings(pipeline.Selection(threshold=TAU), alpha=ALPHA, output=output)
     t1 = time.perf_counter()
     rep = pipeline.merge(data / "aligned", data / "unaligned", data / f"task-{adapters}", data / f"safety-{adapters}",
@@ -218,7 +232,7 @@ def run_reference(data: Path, adapters: str, out: Path, **_) -> dict:
     from transformers import AutoModelForCausalLM
 
     t_import = time.perf_counter() - t0
-    base = rss_mb()
+    base = base_rss_mb()
     t1 = time.perf_counter()
     aligned = AutoModelForCausalLM.from_pretrained(data / "aligned", dtype=torch.float32)
     unaligned = AutoModelForCausalLM.from_pretrained(data / "unaligned", dtype=torch.float32)
@@ -263,7 +277,7 @@ def run_mergekit(data: Path, adapters: str, out: Path, **_) -> dict:
     from mergekit.options import MergeOptions
 
     t_import = time.perf_counter() - t0
-    base = rss_mb()
+    base = base_rss_mb()
     recipe = {
         "merge_method": "linear", "dtype": "bfloat16",
         "models": [{"model": f"{data / 'aligned'}+{data / f'task-{adapters}'}", "parameters": {"weight": ALPHA}},
@@ -492,15 +506,15 @@ def main() -> None:
         child(args.child, json.loads(args.opts))
         return
 
+    if args.device == "cuda" and _gpu_name() is None:
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
     sys.path.insert(0, str(HERE))
     from make_synthetic import make
 
-    data = make(args.shape, Path(args.data), adapter_dtype=args.adapter_dtype)
+    # (on the device the data was drawn on: data of another device's draw would be drawn again)
+    data = make(args.shape, Path(args.data), device=args.device, adapter_dtype=args.adapter_dtype)
     sys.path.insert(0, str(ROOT))
     from safemerge_ext.backends import NAMES, resolve
-
-    if args.device == "cuda" and _gpu_name() is None:
-        raise SystemExit("--device cuda: torch sees no CUDA device here")
 
     def runs_here(name: str) -> bool:
         try:
@@ -569,7 +583,11 @@ def main() -> None:
         if "time_s" in ref and r["name"] != "reference":
             r["x_ref_time"] = ref["time_s"] / r["time_s"]
             r["x_ref_mem"] = ref["peak_rss_mb"] / r["peak_rss_mb"]
+    flagged = {r["name"]: r["flagged"] for r in rows if "flagged" in r and "error" not in r}
+    if len(set(flagged.values())) > 1:  # (the same selection, computed by each: a contender that differs is wrong)
+        print(f"WARNING: the contenders flagged different layer counts: {flagged}", flush=True)
     meta = {"shape": args.shape, "adapters": args.adapters, "adapter_dtype": args.adapter_dtype,
+            "flagged_agree": len(set(flagged.values())) <= 1,
             "cache": "cold" if args.cold else "warm", "device": args.device,
             "gpu": _gpu_name() if args.device == "cuda" else None, "host": socket.gethostname(), "machine": machine(),
             "date": dt.date.today().isoformat(), "git_sha": git_sha(), "python": platform.python_version(),
@@ -639,6 +657,8 @@ def table(rows: list[dict], meta: dict) -> str:
             f"{meta['interpreter']['start_s']:.2f} s, rss {meta['interpreter']['rss_mb']:.0f} MB; "
             "rss_over_base_mb is each contender's peak RSS over its own RSS after its imports (base_rss_mb), "
             "not over the bare interpreter's")
+    if meta.get("flagged_agree") is False:
+        head += "; WARNING: the contenders' flagged counts differ"
     share = meta.get("huge_folio_share") or [None, None]
     if any(v is not None for v in share):
         pct = ["?" if v is None else f"{100 * v:.0f}%" for v in share]

@@ -630,6 +630,9 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
                     "x_naive": round(naive_ms / ms, 2),
                     "x_materialized": round(mat_ms / ms, 2) if mat_ms is not None else None,
                     "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
+                    # (how near the copy bandwidth the floor's own read runs: a slow read would flatter x_floor)
+                    "read_pct_copy": (round(100 * nbytes / read_ms / 1e6 / meta["copy_gbps"], 1)
+                                      if "copy_gbps" in meta else None),
                     "mm_gflops": round(gflops, 1), "materialized_note": mat_note, "materialized_reps": mat_reps,
                     "loadavg_1m": round(os.getloadavg()[0], 2), **pages, **meta,
                 })
@@ -669,7 +672,8 @@ def _cpp_isa_impls(args: argparse.Namespace, impls: dict) -> dict:
 
 _COLS = ["shape", "r", "provider", "time_ms", "gbps", "x_floor", "x_naive", "x_materialized", "floor_ms",
          "read_ms", "arith_ms", "mm_gflops", "pages"]
-_COLS_GPU = _COLS[:5] + ["pct_copy_bw", "pct_hbm_peak"] + _COLS[5:-1]  # (no "pages" on a GPU)
+_COLS_GPU = (_COLS[:5] + ["pct_copy_bw", "pct_hbm_peak"] + _COLS[5:10] + ["read_pct_copy"]
+             + _COLS[10:-1])  # (no "pages" on a GPU)
 _COLS_FULL = ["shape", "provider", "time_ms", "tflops", "pct_bf16_mm", "pct_bf16_peak", "x_floor", "x_naive",
               "floor_ms", "read_ms", "arith_ms", "mm_gflops", "pages"]
 
@@ -678,6 +682,8 @@ def _fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
+        if v and abs(v) < 0.01:  # (a CPU's full-rank TFLOP/s)
+            return f"{v:.2g}"
         return f"{v:.2f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What a session lent a GPU machine runs there (issues 4 and 5):
 #
-#   GIT_SHA=<sha> bash benchmarks/gpu_session.sh all   # build, scoring, fullrank, then the tests, in ONE
-#                                            # device call (timeout_s 450: the stages take about 7 min)
+#   GIT_SHA=<sha> bash benchmarks/gpu_session.sh all   # build, scoring, fullrank, the tests, then the
+#                                            # end-to-end table at llama-1b, in ONE device call
+#                                            # (timeout_s 570: the stages take about 8-9 min)
 #   bash benchmarks/gpu_session.sh build     # build _cpu and _cuda in place, list the backends (~1 min)
 #   bash benchmarks/gpu_session.sh test      # build, then the Triton/CUDA/ops/pipeline tests for real (~3 min)
 #   bash benchmarks/gpu_session.sh scoring   # build, then bench_scoring low-rank and --fullrank on the GPU (~3 min)
@@ -11,12 +12,13 @@
 #
 # The machine goes back 30 s after a call and a fresh one takes minutes of the 15-minute lease to
 # start, so `all` runs the stages in order of value, each under its own time limit (seconds:
-# SCORING_S, FULLRANK_S, TEST_S), so one that hangs still leaves time for the rest; the log of
+# SCORING_S, FULLRANK_S, TEST_S, E2E1_S), so one that hangs still leaves time for the rest; the log of
 # each stage lands in $OUT as it runs, and bench_scoring rewrites its JSON after every row. A
-# limit interrupts a stage with SIGINT, so pytest still prints which tests failed. `e2e` needs a
-# call of its own (25 GiB of synthetic data), made at once after `all` (the machine is warm and
-# keeps the build, and nvcc skips objects that are up to date): start-up + 450 s + 360 s is about
-# the whole lease, so E2E_S or SYNTH_S may need to be cut to what is left. GIT_SHA names the commit
+# limit interrupts a stage with SIGINT, so pytest still prints which tests failed. `e2e` (llama2-7b,
+# issue 5's 7B table) needs a call of its own (25 GiB of synthetic data), made at once after `all`
+# (the machine is warm and keeps the build, and nvcc skips objects that are up to date) and only
+# where `status` still has its timeout_s and a margin left: start-up + 570 s leaves about 4-5 min
+# of the lease, so E2E_S and SYNTH_S are cut to what is left (e.g. SYNTH_S=90 E2E_S=150). GIT_SHA names the commit
 # in the JSON (the copy on the machine has no .git).
 # The CUDA extension is built for sm_90 only (Hopper; SAFEMERGE_CUDA_ARCH overrides), to save
 # compile time.
@@ -81,6 +83,14 @@ fullrank() {
   lim "$1" "$PY" benchmarks/bench_scoring.py --device cuda --fullrank --shapes 4096x4096,1024x4096,14336x4096 \
     --out "$out/fullrank-gpu.json" 2>&1 | tee "$out/fullrank.log"
 }
+e2e_small() {
+  # issue 5's table on the GPU at the llama-1b shape (2.5 GB, drawn on the GPU in seconds), so that
+  # `all` leaves GPU end-to-end figures even when the lease has no room for `e2e` (llama2-7b)
+  { lim 45 "$PY" benchmarks/make_synthetic.py --shape llama-1b --device cuda \
+      && lim "$1" "$PY" benchmarks/bench_end_to_end.py --shape llama-1b --device cuda \
+        --skip mergekit reference copy-floor safemerge-model --json "$out/e2e-llama-1b-cuda.json"; } 2>&1 \
+    | tee "$out/e2e-llama-1b.log"
+}
 lim() {
   local s="$1"; shift
   if [ "$s" -gt 0 ]; then PYTHONPATH=. timeout -s INT -k 15 "$s" "$@"; else PYTHONPATH=. "$@"; fi
@@ -101,8 +111,10 @@ case "$stage" in
     scoring "${SCORING_S:-140}" || echo "scoring stopped (exit $?); its rows so far are in $out/scoring.log"
     fullrank "${FULLRANK_S:-60}" || echo "fullrank stopped (exit $?); its rows so far are in $out/fullrank.log"
     tests "${TEST_S:-150}" || echo "tests stopped (exit $?); see $out/test.log"
+    e2e_small "${E2E1_S:-75}" || echo "e2e llama-1b stopped (exit $?); its rows so far are in $out/e2e-llama-1b.log"
     echo "== tables"
-    grep -h "^|\|^- \|copy measured\|rate measured\|materialized-C" "$out/scoring.log" "$out/fullrank.log" || true ;;
+    grep -h "^|\|^- \|copy measured\|rate measured\|materialized-C\|^REJECTED\|^FAILED\|^WARNING" \
+      "$out/scoring.log" "$out/fullrank.log" "$out/e2e-llama-1b.log" 2>/dev/null || true ;;
   e2e)
     # One call of its own (timeout_s 360: a warm build ~15 s + SYNTH_S 120 + E2E_S 180, each limit
     # with 15 s of grace): 25 GiB of synthetic data, then issue 5's contenders on

@@ -351,11 +351,48 @@ def test_bench_end_to_end_tiny(tmp_path):
     assert all(r["read_gb"] == r["bytes_read"] / 1e9 and r["gbps"] == pytest.approx(r["read_gb"] / r["time_s"])
                for r in rows.values())
     assert all(r["bytes_read"] == rows["floor"]["bytes_read"] for r in ours)
-    assert data["meta"]["device"] == "cpu" and data["meta"]["cache"] == "warm"
+    assert data["meta"]["device"] == "cpu" and data["meta"]["cache"] == "warm" and data["meta"]["flagged_agree"]
     assert len(data["meta"]["huge_folio_share"]) == 2 and data["meta"]["recache"] is False
     # every row's memory over its own baseline after imports (the floors import torch too)
     for name in ("floor", "copy-floor"):
         assert "base_rss_mb" in rows[name] and rows[name]["rss_over_base_mb"] < 100, rows[name]
+
+
+def test_bench_end_to_end_uses_data_drawn_on_its_device(tmp_path, monkeypatch):
+    """gpu_session.sh draws the data on the GPU (make_synthetic --device cuda) and then runs the
+    benchmark with --device cuda: the benchmark asks for the draw of its own device, which is kept,
+    not redrawn on the CPU (25 GiB at llama2-7b, past the session's time limit)."""
+    import bench_end_to_end
+    import make_synthetic
+
+    asked = []
+
+    def make(shape, root, **kw):
+        asked.append(kw.get("device", "cpu"))
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(make_synthetic, "make", make)
+    monkeypatch.setattr(bench_end_to_end, "_gpu_name", lambda: "a GPU")
+    monkeypatch.setattr(sys, "argv", ["bench_end_to_end.py", "--shape", "tiny", "--data", str(tmp_path),
+                                      "--device", "cuda"])
+    with pytest.raises(SystemExit, match="stop here"):
+        bench_end_to_end.main()
+    assert asked == ["cuda"]
+
+
+def test_peak_rss_counts_from_where_the_work_starts():
+    """A contender's peak RSS counts from its base (after the imports and a GPU warm-up): a peak
+    before that is not the work's (VmHWM is reset where the base is taken)."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_end_to_end as b\n"
+            "x = bytearray(300 << 20); x[::4096] = b'1' * len(x[::4096]); del x\n"
+            "before = b.peak_mb(); base = b.base_rss_mb(); print(before - base, b.peak_mb() - base)")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, after = map(float, done.stdout.split())
+    assert before > 250 and after < 50, (before, after)
 
 
 def test_bench_end_to_end_rewarm_puts_evicted_files_back(tmp_path):
