@@ -512,7 +512,7 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
                 "pct_bf16_mm": round(100 * flops / ms / 1e9 / tc, 1) if tc else None,
                 "pct_bf16_peak": (round(100 * flops / ms / 1e9 / meta["bf16_tflops_datasheet"], 1)
                                   if "bf16_tflops_datasheet" in meta else None),
-                "x_floor": round(ms / floor_ms, 2), "x_naive": round(naive_ms / ms, 2),
+                "x_floor": round(ms / floor_ms, 2), "x_naive": _ratio(naive_ms / ms),
                 "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
                 "loadavg_1m": round(os.getloadavg()[0], 2), "mm_gflops": round(gflops, 1), **pages, **meta,
             })
@@ -627,8 +627,8 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
                     "pct_copy_bw": round(100 * nbytes / ms / 1e6 / meta["copy_gbps"], 1) if "copy_gbps" in meta else None,
                     "pct_hbm_peak": (round(100 * nbytes / ms / 1e6 / meta["hbm_gbps_datasheet"], 1)
                                      if "hbm_gbps_datasheet" in meta else None),
-                    "x_naive": round(naive_ms / ms, 2),
-                    "x_materialized": round(mat_ms / ms, 2) if mat_ms is not None else None,
+                    "x_naive": _ratio(naive_ms / ms),
+                    "x_materialized": _ratio(mat_ms / ms) if mat_ms is not None else None,
                     "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
                     # (how near the copy bandwidth the floor's own read runs: a slow read would flatter x_floor)
                     "read_pct_copy": (round(100 * nbytes / read_ms / 1e6 / meta["copy_gbps"], 1)
@@ -676,6 +676,11 @@ _COLS_GPU = (_COLS[:5] + ["pct_copy_bw", "pct_hbm_peak"] + _COLS[5:10] + ["read_
              + _COLS[10:-1])  # (no "pages" on a GPU)
 _COLS_FULL = ["shape", "provider", "time_ms", "tflops", "pct_bf16_mm", "pct_bf16_peak", "x_floor", "x_naive",
               "floor_ms", "read_ms", "arith_ms", "mm_gflops", "pages"]
+
+
+def _ratio(x: float) -> float:
+    """A speed-up kept to 3 significant digits (two decimals would print a tiny-shape 0.004 as 0)."""
+    return float(f"{x:.3g}")
 
 
 def _fmt(v) -> str:
