@@ -1126,6 +1126,23 @@ def test_out_may_not_replace_an_input(tiny_chat_model: tuple[Path, Path], tmp_pa
         runner.check_out(folder, [("--harmful", prompts)])
 
 
+@pytest.mark.parametrize("extra, msg", [
+    (["--tensor-parallel", "2"], "--tensor-parallel applies to --engine vllm"),
+    (["--benign", "none", "--benign-limit", "5"], "--benign-limit applies to benign prompts; --benign none skips them"),
+    (["--utility-format", "gsm8k"], "--utility-format applies to the task of --utility FILE, which is not given"),
+    (["--utility-limit", "3"], "--utility-limit applies to the task of --utility FILE"),
+    (["--utility-max-new-tokens", "9"], "--utility-max-new-tokens applies to the task of --utility FILE"),
+], ids=["tensor-parallel", "benign-limit", "utility-format", "utility-limit", "utility-tokens"])
+def test_options_that_would_change_nothing_are_refused(tiny_chat_model: tuple[Path, Path], capsys,
+                                                       monkeypatch: pytest.MonkeyPatch, extra, msg) -> None:
+    """An option whose part of the run does not happen (tensor parallelism without vLLM, a limit on
+    prompts that are skipped, a task format without a task) is one line, before anything loads."""
+    model, _ = tiny_chat_model
+    _no_load(monkeypatch)
+    assert main(["eval", "--model", str(model), "--limit", "1", *extra]) == 2
+    assert msg in _one_line_error(capsys)
+
+
 def test_empty_out_is_refused(tiny_chat_model: tuple[Path, Path], capsys, monkeypatch: pytest.MonkeyPatch) -> None:
     """--out '' would write nothing (it was taken for no --out): one line, before anything loads."""
     model, _ = tiny_chat_model

@@ -97,6 +97,18 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out is not None and not args.out.strip():
         raise SafeMergeError(f"--out {args.out!r} is an empty path; give the folder for eval.json and eval.png "
                              "(or no --out, to write nothing)")
+    # options that would change nothing: one line, as merge's --density with linear is
+    unused = [(args.tensor_parallel > 1 and args.engine != "vllm",
+               "--tensor-parallel applies to --engine vllm; transformers runs each model on one --device"),
+              (args.benign == "none" and args.benign_limit is not None,
+               "--benign-limit applies to benign prompts; --benign none skips them"),
+              *((getattr(args, dest) not in (None, "auto") and not args.utility,
+                 f"{flag} applies to the task of --utility FILE, which is not given")
+                for flag, dest in (("--utility-format", "utility_format"), ("--utility-limit", "utility_limit"),
+                                   ("--utility-max-new-tokens", "utility_max_new_tokens")))]
+    for given, why in unused:
+        if given:
+            raise SafeMergeError(why)
     judge_dir = args.judge.split(":", 1)[1] if args.judge.startswith("llama-guard:") else None
     if args.engine == "transformers" or judge_dir is not None:
         check_device(args.device)  # before any judge or model is loaded
