@@ -975,7 +975,15 @@ def test_a_signal_as_the_output_is_put_in_place_does_not_unsay_it(fx, tmp_path, 
     assert err == f"safemerge: {what} after the run: --out {out} is complete; its summary was cut short", err
     assert (out / "adapter_model.safetensors").is_file() and not (out / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # (no hidden old or partial output)
-    # the next run for it starts over: interrupted before its output is in place, it says so
+    # the next run for it starts over: interrupted before its output is in place (while it scores,
+    # or as it syncs its files), it says so
+    from safemerge_ext import pipeline
+
+    for where, name in ((pipeline, "score_layers"), (output, "sync_tree")):
+        with monkeypatch.context() as m:
+            m.setattr(where, name, lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+            assert main(_merge_argv(fx, out) + ["--force"]) == 130
+        assert capsys.readouterr().err.strip() == f"safemerge: interrupted; nothing was written to --out {out}"
     monkeypatch.setattr(output, "sync_tree", lambda tmp: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert main(_merge_argv(fx, out) + ["--force"]) == 130
     assert capsys.readouterr().err.strip() == f"safemerge: interrupted; nothing was written to --out {out}"

@@ -903,7 +903,8 @@ def test_staged_output_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
     monkeypatch.setattr(output, "_fsync", lambda p: (events.append(("sync", str(p))), real_fsync(p))[1])
     real_remove = output._remove_replaced
     monkeypatch.setattr(output, "_remove_replaced",
-                        lambda old, final, flag: (events.append(("remove", old.name)), real_remove(old, final, flag))[1])
+                        lambda old, final, flag, *rest: (events.append(("remove", old.name)),
+                                                         real_remove(old, final, flag, *rest))[1])
     out = tmp_path / "out"
     out.mkdir()
     (out / "previous").write_text("old")
@@ -921,6 +922,27 @@ def test_staged_output_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
         (tmp / "f").write_text("x")
     after = [p for kind, p in events if kind == "sync"][-3:]  # (the folders made for it, with their entries)
     assert after == [str(tmp_path / "new" / "deep"), str(tmp_path / "new"), str(tmp_path)]
+
+
+def test_files_written_into_go_before_files_replaced(tmp_path, monkeypatch):
+    """A pipe or device is written into before any file is renamed into place: when it fails (a
+    full device, a pipe whose reader went away), the files stay as they were."""
+    import errno as errno_
+
+    from safemerge_ext.io import output
+
+    plot, fifo = tmp_path / "p.png", tmp_path / "fifo"
+    plot.write_text("old")
+    os.mkfifo(fifo)
+
+    def full(tmp, path, fd):
+        raise OSError(errno_.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(output, "_write_into", full)
+    with pytest.raises(OSError, match="No space left"):
+        output.write_files([(plot, lambda t: t.write_text("new")), (fifo, lambda t: t.write_text("{}"))])
+    assert plot.read_text() == "old" and fifo.is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "p.png"]
 
 
 def test_what_a_killed_run_left_is_named(tmp_path, capsys):

@@ -131,6 +131,28 @@ def test_score_writes_into_pipes_and_through_links(fx, tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["p.png", "r.json"]
 
 
+@pytest.mark.parametrize("mode", ["wb", "ab"], ids=["redirected", "appended"])
+def test_score_report_to_stdout_keeps_the_shells_redirection(fx, tmp_path, mode):
+    """`safemerge score ... --report /dev/stdout > file` (or `>> file`): the JSON goes through the
+    process's own stdout, so the file keeps what was there (>>) and what the command prints after;
+    it is not replaced by a file holding the report alone."""
+    import subprocess
+
+    log = tmp_path / "log.txt"
+    log.write_text("before\n")
+    with open(log, mode) as out:
+        done = subprocess.run([sys.executable, "-m", "safemerge_ext", "score", "--aligned", str(fx.aligned),
+                               "--unaligned", str(fx.unaligned), "--adapter", str(fx.task), "--no-progress",
+                               "--report", "/dev/stdout"], stdout=out, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = log.read_text()
+    head = "before\n" if mode == "ab" else ""
+    assert text.startswith(head + "{"), text[:200]
+    report, end = json.JSONDecoder().raw_decode(text[len(head):])
+    assert report["counts"]["scored"] == 21
+    assert text[len(head) + end:].split()[:5] == ["layer", "shape", "rank", "cosine", "flagged"]  # (then the table)
+
+
 def test_score_prints_the_per_layer_table(fx, tmp_path, capsys):
     """`safemerge score` prints one row per scored layer, in the report's order, with its shape,
     rank, cosine (4 decimals) and whether the threshold flags it; then the summary."""

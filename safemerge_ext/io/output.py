@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -21,6 +22,8 @@ def check_parent(path: str | os.PathLike, flag: str) -> Path:
     """Fail early when ``path`` could not be created: its nearest existing ancestor must be a
     writable directory (missing folders in between are made when the output is written)."""
     p = Path(path)
+    if open_descriptor(p) is not None:  # (this process's own stdout, say: written into as it is)
+        return p
     if is_special(p):  # (written into, not replaced: the file itself must be writable)
         if not os.access(p, os.W_OK):
             raise SafeMergeError(f"{flag} {p} is not writable; choose another path")
@@ -54,6 +57,7 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
             if where == target or where in target.parents:
                 raise SafeMergeError(f"{flag} {out} holds {target}, which {name} {Path(path) / link} links to "
                                      "and the output would replace; choose a new folder")
+    _committed.discard(os.path.abspath(p))  # (a run for it starts: not in place until staged_dir says so)
     if (p.exists() or p.is_symlink()) and not force:
         raise SafeMergeError(f"{flag} {p} already exists; choose a new path or pass --force to replace it")
     if p.exists() and not p.is_dir():
@@ -88,14 +92,52 @@ def check_not_input(path: str | os.PathLike, flag: str, inputs: Iterable[tuple[s
 
 
 def is_special(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is, or links to, something other than a file or a folder: a device, a pipe
-    or a socket (``/dev/null``, ``/dev/stdout``, a shell's ``>(jq .)``), which output is written
-    into rather than replaced."""
+    """Whether ``path`` is, or links to, something other than a file or a folder: a device or a
+    pipe (``/dev/null``, a named pipe), which output is written into rather than replaced."""
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+_STD = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def open_descriptor(path: str | os.PathLike) -> int | None:
+    """The descriptor of this process that ``path`` names (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``, a shell's ``>(jq .)``), if it names one open here. Output for it is
+    written to that descriptor, with the shell's redirection as it is (``> file``, ``>> file``, a
+    pipe): never a file put in place of what it links to."""
+    p = os.path.abspath(path)
+    if p in _STD:
+        fd = _STD[p]
+    else:
+        m = re.fullmatch(r"/(?:dev/fd|proc/(?:self|thread-self|(\d+))/fd)/(\d+)", p)
+        if m is None or (m.group(1) is not None and int(m.group(1)) != os.getpid()):
+            return None
+        fd = int(m.group(2))
+    try:
+        os.fstat(fd)
+    except OSError:
+        return None
+    return fd
+
+
+def _write_into(tmp: Path, path: Path, fd: int | None) -> None:
+    """Send the bytes of ``tmp`` into ``path``: an open descriptor of this process, or a device or
+    pipe opened for writing."""
+    if fd is not None:
+        if fd in (1, 2):  # (what Python buffered for it goes first)
+            (sys.stdout if fd == 1 else sys.stderr).flush()
+        with open(tmp, "rb") as src:
+            while chunk := src.read(1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+        return
+    with open(tmp, "rb") as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
 
 
 def write_whole(path: str | os.PathLike, fill: Callable[[Path], object]) -> None:
@@ -109,21 +151,25 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
     """Each ``(path, fill)``: ``fill(tmp)`` writes a temporary beside ``path``; once all are
     written, each replaces its ``path``. A failure or an interruption while any is written leaves
     every ``path`` as it was, and takes back the folders made for them. A ``path`` that links to a
-    file replaces that file (the link stays); a device or a pipe (:func:`is_special`) gets the
-    bytes written into it."""
-    # a link is written through (it stays; its file is replaced); a device or a pipe is written
-    # into, from a temporary in the system's temporary folder, once every file is rendered
-    files = [(Path(p), fill, is_special(p)) for p, fill in files]
-    files = [(path if special or not path.is_symlink() else Path(os.path.realpath(path)), fill, special)
-             for path, fill, special in files]
+    file replaces that file (the link stays). One that is written into instead (an open descriptor
+    of this process such as ``/dev/stdout``, a device, a pipe: see :func:`open_descriptor` and
+    :func:`is_special`) gets its bytes from a temporary in the system's temporary folder, before
+    any file is replaced; bytes a pipe took cannot be taken back if a later one fails."""
+    targets = []
+    for p, fill in files:
+        path, fd = Path(p), open_descriptor(p)
+        into = fd is not None or is_special(path)
+        if not into and path.is_symlink():
+            path = Path(os.path.realpath(path))
+        targets.append((path, fill, into, fd))
     made: list[Path] = []
     temps: list[Path] = []
     try:
-        for path, fill, special in files:
+        for path, fill, into, _ in targets:
             suffix = path.suffix if len(path.suffix) <= 16 else ""  # (a format's, for writers that read it)
-            if special:
-                fd, name = tempfile.mkstemp(prefix="safemerge-", suffix=suffix)
-                os.close(fd)
+            if into:
+                handle, name = tempfile.mkstemp(prefix="safemerge-", suffix=suffix)
+                os.close(handle)
                 temps.append(Path(name))
             else:
                 for parent in reversed([path.parent, *path.parent.parents]):
@@ -132,11 +178,11 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
                         made.append(parent)
                 temps.append(path.with_name(_hidden_name(path.name, f"tmp-{secrets.token_hex(4)}{suffix}")))
             fill(temps[-1])
-        for (path, _, special), tmp in zip(files, temps):
-            if special:
-                with open(tmp, "rb") as src, open(path, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            else:
+        for (path, _, into, fd), tmp in zip(targets, temps):  # (what cannot be taken back first)
+            if into:
+                _write_into(tmp, path, fd)
+        for (path, _, into, _), tmp in zip(targets, temps):
+            if not into:
                 os.replace(tmp, path)
         made = []
     finally:
@@ -250,7 +296,6 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
     the output in errors, ``prog`` the command in warnings.
     """
     final = check_out(out, force, flag)
-    _committed.discard(os.path.abspath(final))  # (until this run puts it in place)
     made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # parents this run adds
     tmp: Path | None = None
 
@@ -289,10 +334,12 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
         if old is not None and not (final.exists() or final.is_symlink()):
             old.rename(final)
         undo(exc)
+        if not isinstance(exc, KeyboardInterrupt):
+            send_on(held)  # (a Ctrl-C that came while the renames failed: the run ends on it)
         raise
     if old is not None:
         try:
-            _remove_replaced(old, final, flag)
+            _remove_replaced(old, final, flag, prog)
         except KeyboardInterrupt:  # (the new output is in place: the run is done, the old one only half gone)
             print(f"{prog}: warning: {flag} {final} was written, but deleting the output it replaced was "
                   f"interrupted; delete {old} by hand", file=sys.stderr)
@@ -343,7 +390,7 @@ def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Pat
     return old
 
 
-def _remove_replaced(old: Path, final: Path, flag: str) -> None:
+def _remove_replaced(old: Path, final: Path, flag: str, prog: str = "safemerge") -> None:
     """Delete the output that --force replaced (moved aside to ``old``); say so if some of it stays."""
     failed: list[str] = []
     if old.is_symlink():
@@ -354,5 +401,5 @@ def _remove_replaced(old: Path, final: Path, flag: str) -> None:
         else:
             shutil.rmtree(old, onerror=lambda _f, path, info: failed.append(f"{path}: {info[1]}"))
     if failed:
-        print(f"safemerge: warning: {flag} {final} was replaced, but the old output could not be removed from "
+        print(f"{prog}: warning: {flag} {final} was replaced, but the old output could not be removed from "
               f"{old} ({failed[0]}); delete it by hand", file=sys.stderr)
