@@ -282,10 +282,19 @@ def project_lora_B(
     # (T != 0 forces P = V T != 0: a zero P underflowed)
     if _below_full_precision(T, P) or (bool(T.any()) and not bool(P.any())):
         raise FloatingPointError(_LOST)
-    out = (P.double() / math.sqrt(vsq)).to(device=lora_B.device, dtype=lora_B.dtype)
-    if not torch.isfinite(out).all():
+    out = P.double() / math.sqrt(vsq)
+    if out_of_range(out, lora_B.dtype) is not None:
         raise FloatingPointError(f"C @ lora_B exceeds the range of {lora_B.dtype}; pass lora_B in float32")
-    return out
+    return out.to(device=lora_B.device, dtype=lora_B.dtype)
+
+
+def out_of_range(x: torch.Tensor, dtype: torch.dtype) -> float | None:
+    """The largest magnitude of ``x`` where ``dtype`` cannot hold it (Inf or NaN included), else
+    None. Checked before the cast: float8_e4m3fn saturates at 448 instead of overflowing."""
+    if not dtype.is_floating_point or x.numel() == 0:
+        return None
+    big = float(x.detach().abs().max())
+    return big if not math.isfinite(big) or big > torch.finfo(dtype).max else None
 
 
 def project_delta(

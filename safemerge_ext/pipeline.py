@@ -27,7 +27,7 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
                                        global_scaling, read_adapter, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
-from safemerge_ext.io.models import INDEX, ModelReader, all_finite, is_tied_head, module_key, natural_key
+from safemerge_ext.io.models import INDEX, ModelReader, is_tied_head, module_key, natural_key
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.report import (
     REPORT_JSON,
@@ -111,8 +111,6 @@ def resolve_device(name: str, *, scoring: bool = True) -> torch.device:
     return dev
 
 
-_CPU_ISA_VAR = "SAFEMERGE_CPU_ISA"  # (cpp_backend.ISA_ENV_VAR, named without loading the extension)
-
 
 def open_run(
     aligned_dir: str | Path,
@@ -143,9 +141,12 @@ def open_run(
     except ValueError as exc:  # (a message that starts with SAFEMERGE_BACKEND: the environment chose)
         msg = str(exc)
         raise SafeMergeError(msg if msg.startswith(ops.backends.ENV_VAR) else f"--backend {backend}: {msg}") from None
-    if isa_off and isa_off.startswith(_CPU_ISA_VAR) and ops.backends.requested_backend(backend, honour_env) == "auto":
-        raise SafeMergeError(f"{isa_off} (else the C++ backend is off and torch scores 5-20x slower; "
-                             "--backend torch chooses that)")
+    if isa_off and ops.backends.requested_backend(backend, honour_env) == "auto":
+        from safemerge_ext.cpp_backend import ISA_ENV_VAR  # (loaded: its reason is one of its own)
+
+        if isa_off.startswith(ISA_ENV_VAR):
+            raise SafeMergeError(f"{isa_off} (else the C++ backend is off and torch scores 5-20x slower; "
+                                 "--backend torch chooses that)")
     try:
         requested = ops.backends.requested_precision(precision)
     except ValueError as exc:
@@ -765,15 +766,18 @@ def project(
     records = _records(run, scores, flags, "projected")
     t0 = time.perf_counter()
     # in lora_B's dtype for an adapter; fp32 for a model, whose weights then round once (W + s C B A)
-    new_B = {layer.module: s.projected_B if output == "model" else s.projected_B.to(layer.task.dtypes[1])
-             for layer, s, f in zip(run.layers, scores, flags) if f}
+    new_B = {layer.module: s.projected_B for layer, s, f in zip(run.layers, scores, flags) if f}
     for layer in run.layers if output == "adapter" else ():  # (a model's C @ B stays fp32)
-        B = new_B.get(layer.module)
-        if B is not None and not all_finite(B):  # (float8 too, which isfinite does not take)
+        B, dtype = new_B.get(layer.module), layer.task.dtypes[1]
+        if B is None:
+            continue
+        big = ops.out_of_range(B, dtype)
+        if big is not None:
             raise SafeMergeError(
-                f"--adapter {task.path}: module {layer.module}: C @ lora_B exceeds the range of {B.dtype} (Inf or NaN); "
-                "save the adapter in float32, or use --output model"
+                f"--adapter {task.path}: module {layer.module}: C @ lora_B reaches {big:.3g}, beyond what {dtype} "
+                f"holds ({torch.finfo(dtype).max:.3g}); save the adapter in float32, or use --output model"
             )
+        new_B[layer.module] = B.to(dtype)
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             _note_vllm(run, write_adapter(tmp, task.config, [

@@ -460,7 +460,7 @@ def test_project_model_output_rounds_once(fx_bf16, tmp_path):
         assert float(((w.double() - exact).abs() / ulp).max()) <= 1.0, m
 
 
-def test_project_float8_adapter(fx, tmp_path):
+def test_project_float8_adapter(fx, tmp_path, capsys):
     """An adapter saved in float8 (as score and merge take it) is projected too: C B comes back in
     float8, within float8's rounding of the float64 projection."""
     import shutil
@@ -483,6 +483,18 @@ def test_project_float8_adapter(fx, tmp_path):
         Bo = load_adapter(out)[m][1]
         want = ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B)
         assert_close(Bo, want, atol=2.0 ** -9, rtol=2.0 ** -4, what=m)  # (e4m3: 3 mantissa bits)
+    # V 10^4 times larger: C B past float8_e4m3fn's 448, which a cast would saturate to without a word
+    big = Path(shutil.copytree(fx.aligned, tmp_path / "aligned-far"))
+    for shard in big.glob("*.safetensors"):
+        t = load_file(shard)
+        unal = {k: v for f in Path(fx.unaligned).glob("*.safetensors") for k, v in load_file(f).items() if k in t}
+        save_file({k: unal[k] + 1e4 * (v - unal[k]) if k.endswith("proj.weight") else v for k, v in t.items()},
+                  str(shard), metadata={"format": "pt"})
+    assert run_cli(["project", "--aligned", big, "--unaligned", fx.unaligned, "--adapter", adapter,
+                    "--out", tmp_path / "p2", "--num-layers", 3, "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "C @ lora_B reaches " in err and "beyond what torch.float8_e4m3fn holds (448)" in err, err
+    assert not (tmp_path / "p2").exists()
 
 
 def test_project_num_layers(fx, tmp_path):
