@@ -233,10 +233,14 @@ def _warn_cuda_mismatch(nvcc: str) -> None:
         import torch
 
         torch_cuda = torch.version.cuda
-    except Exception:
-        _say("note: torch is not importable in the build environment, so nvcc's CUDA release is not checked "
-             "against torch's; `safemerge backends` says whether the extension runs with this driver")
-        return
+    except Exception:  # (pip's build isolation: the torch installed where the package goes, if any)
+        installed = _installed_torch()
+        if installed is None:
+            _say("note: torch is found neither in the build environment nor where the package goes, so nvcc's "
+                 "CUDA release is not checked against torch's; `safemerge backends` says whether the extension "
+                 "runs with this driver")
+            return
+        torch_cuda = installed[1]
     release = _nvcc_release(nvcc)
     if torch_cuda and release and release.split(".")[0] != torch_cuda.split(".")[0]:
         _say(f"WARNING: {nvcc} is CUDA {release} but torch was built for CUDA {torch_cuda}: the CUDA extension "

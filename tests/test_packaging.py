@@ -195,6 +195,34 @@ def test_the_cuda_extension_is_built_where_nvcc_is_unless_torch_is_a_cpu_build(m
         assert (f"(CUDA 12.8) installed in {site}" in said) == (torch_build == "isolated-cuda"), said
 
 
+def test_under_build_isolation_nvccs_release_is_checked_against_the_installed_torch(monkeypatch, capsys, tmp_path):
+    """The CUDA-release check (the extension's static runtime needs a driver for nvcc's major) also
+    reads the torch installed where the package goes when the build environment has none."""
+    import runpy
+    import sysconfig
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("SAFEMERGE_SKIP_NATIVE", "1")
+    monkeypatch.chdir(ROOT)
+    mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+    monkeypatch.delenv("SAFEMERGE_SKIP_NATIVE")
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("NVCC", str(nvcc))
+    monkeypatch.setitem(sys.modules, "torch", None)  # (not importable: pip's build isolation)
+    site = tmp_path / "site-packages"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "version.py").write_text(_VERSION_PY.format(version="2.7.0", cuda="12.8"))
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"purelib": str(site), "platlib": str(site)})
+    capsys.readouterr()
+    assert [e.name for e in mod["native_extensions"]()] == ["safemerge_ext._cpu", "safemerge_ext._cuda"]
+    said = capsys.readouterr().err
+    assert f"WARNING: {nvcc} is CUDA 13.0 but torch was built for CUDA 12.8" in said, said
+
+
 def test_without_nvcc_the_build_does_not_import_torch(monkeypatch, capsys):
     """Without nvcc there is no CUDA decision to make: the build says so and never imports torch
     (whose import, before pip has installed numpy, prints a NumPy warning into the install)."""
@@ -211,10 +239,11 @@ def test_without_nvcc_the_build_does_not_import_torch(monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")
     imported = []
 
-    class Watch:
+    class Watch:  # (and stops it: a torch imported again into this process would not be the same)
         def find_spec(self, name, path=None, target=None):
             if name == "torch":
                 imported.append(name)
+                raise ImportError("torch is not to be imported here")
             return None
 
     monkeypatch.delitem(sys.modules, "torch", raising=False)
