@@ -15,6 +15,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _setup_module(monkeypatch) -> dict:
+    """setup.py's definitions, run as a module (``setup()`` not called, no extension decided at load)."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("SAFEMERGE_SKIP_NATIVE", "1")
+    monkeypatch.chdir(ROOT)
+    mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+    monkeypatch.delenv("SAFEMERGE_SKIP_NATIVE")
+    return mod
+
+
 def test_sdist_carries_the_sources_and_no_build_outputs(tmp_path):
     """Built from a copy of the tracked files (a checkout's egg-info would add every file it ever
     listed) with the usual outputs planted beside them: every tracked source, recipe, test and
@@ -90,15 +104,9 @@ def test_cuda_extension_relinks_when_its_kernels_or_headers_change(monkeypatch, 
     """nvcc turns the .cu files into objects that setuptools links; it relinks only when a source or
     a dependency is newer than the library, so the .cu files and the headers must be dependencies
     (without them, an edited kernel left the old library in place)."""
-    import runpy
-
-    import setuptools
     from setuptools.command.build_ext import build_ext
 
-    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
-    monkeypatch.setenv("SAFEMERGE_SKIP_NATIVE", "1")  # (only the module's definitions are wanted here)
-    monkeypatch.chdir(ROOT)
-    mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+    mod = _setup_module(monkeypatch)
     monkeypatch.setenv("NVCC", "nvcc-that-is-not-run")
     seen = {"nvcc": []}
 
@@ -153,17 +161,10 @@ def test_the_cuda_extension_is_built_where_nvcc_is_unless_torch_is_a_cpu_build(m
     at all (the extension links no torch), and skipped, saying why, for a CPU build of torch
     (SAFEMERGE_BUILD_CUDA=1 forces it). Under pip's build isolation the build environment has no
     torch: the one installed where the package goes decides (its torch/version.py, not imported)."""
-    import runpy
     import sysconfig
     import types
 
-    import setuptools
-
-    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
-    monkeypatch.setenv("SAFEMERGE_SKIP_NATIVE", "1")
-    monkeypatch.chdir(ROOT)
-    mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
-    monkeypatch.delenv("SAFEMERGE_SKIP_NATIVE")
+    mod = _setup_module(monkeypatch)
     monkeypatch.delenv("SAFEMERGE_BUILD_CUDA", raising=False)
     monkeypatch.setenv("NVCC", "/opt/cuda/bin/nvcc-that-is-not-run")
     importable = torch_build in ("cuda", "cpu")
@@ -198,16 +199,9 @@ def test_the_cuda_extension_is_built_where_nvcc_is_unless_torch_is_a_cpu_build(m
 def test_under_build_isolation_nvccs_release_is_checked_against_the_installed_torch(monkeypatch, capsys, tmp_path):
     """The CUDA-release check (the extension's static runtime needs a driver for nvcc's major) also
     reads the torch installed where the package goes when the build environment has none."""
-    import runpy
     import sysconfig
 
-    import setuptools
-
-    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
-    monkeypatch.setenv("SAFEMERGE_SKIP_NATIVE", "1")
-    monkeypatch.chdir(ROOT)
-    mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
-    monkeypatch.delenv("SAFEMERGE_SKIP_NATIVE")
+    mod = _setup_module(monkeypatch)
     nvcc = tmp_path / "nvcc"
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.48'\n")
     nvcc.chmod(0o755)
@@ -226,15 +220,7 @@ def test_under_build_isolation_nvccs_release_is_checked_against_the_installed_to
 def test_without_nvcc_the_build_does_not_import_torch(monkeypatch, capsys):
     """Without nvcc there is no CUDA decision to make: the build says so and never imports torch
     (whose import, before pip has installed numpy, prints a NumPy warning into the install)."""
-    import runpy
-
-    import setuptools
-
-    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
-    monkeypatch.setenv("SAFEMERGE_SKIP_NATIVE", "1")
-    monkeypatch.chdir(ROOT)
-    mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
-    monkeypatch.delenv("SAFEMERGE_SKIP_NATIVE")
+    mod = _setup_module(monkeypatch)
     monkeypatch.delenv("NVCC", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
     imported = []
@@ -257,15 +243,9 @@ def test_without_nvcc_the_build_does_not_import_torch(monkeypatch, capsys):
 def test_an_extension_that_fails_to_build_leaves_no_older_build_in_place(monkeypatch, tmp_path):
     """A failed build of an extension degrades to the other backends; an older build of it left in
     place (an in-place build on a warm machine) would load as if this one had worked."""
-    import runpy
     import types
 
-    import setuptools
-
-    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
-    monkeypatch.setenv("SAFEMERGE_SKIP_NATIVE", "1")
-    monkeypatch.chdir(ROOT)
-    mod = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+    mod = _setup_module(monkeypatch)
     stale = tmp_path / "_cuda.cpython-311-x86_64-linux-gnu.so"
     stale.write_bytes(b"an older build")
     cmd = mod["BuildNative"].__new__(mod["BuildNative"])
