@@ -224,8 +224,13 @@ def _say_done(args: argparse.Namespace, report: dict) -> int:
         lines.append(summary_table(report, name_flagged=not per_layer))
         if out:
             lines.append(f"wrote {out} (report: safemerge_report.json{', plot: safemerge_report.png' if args.plot else ''})")
-        enc = getattr(sys.stdout, "encoding", None) or "utf-8"  # (a path the terminal cannot show: escaped)
-        print("\n".join(lines).encode(enc, "backslashreplace").decode(enc, "replace"), flush=True)
+        # (a report sent to stdout, `--report /dev/stdout | jq .`, keeps stdout to itself)
+        from safemerge_ext.io.output import descriptor_of
+
+        sent = [getattr(args, name, None) for name in ("report", "plot")] if per_layer else []
+        stream = sys.stderr if any(p and descriptor_of(p) == 1 for p in sent) else sys.stdout
+        enc = getattr(stream, "encoding", None) or "utf-8"  # (a path the terminal cannot show: escaped)
+        print("\n".join(lines).encode(enc, "backslashreplace").decode(enc, "replace"), file=stream, flush=True)
     except OSError as exc:  # (a pipe closed early: `safemerge merge ... | head`)
         try:  # (and no second broken-pipe error when the interpreter flushes stdout at exit)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

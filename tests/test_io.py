@@ -935,7 +935,7 @@ def test_files_written_into_go_before_files_replaced(tmp_path, monkeypatch):
     plot.write_text("old")
     os.mkfifo(fifo)
 
-    def full(tmp, path, fd):
+    def full(tmp, path):
         raise OSError(errno_.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(output, "_write_into", full)

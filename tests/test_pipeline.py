@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,26 +132,73 @@ def test_score_writes_into_pipes_and_through_links(fx, tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["p.png", "r.json"]
 
 
-@pytest.mark.parametrize("mode", ["wb", "ab"], ids=["redirected", "appended"])
-def test_score_report_to_stdout_keeps_the_shells_redirection(fx, tmp_path, mode):
-    """`safemerge score ... --report /dev/stdout > file` (or `>> file`): the JSON goes through the
-    process's own stdout, so the file keeps what was there (>>) and what the command prints after;
-    it is not replaced by a file holding the report alone."""
+@pytest.mark.parametrize("mode, spelling", [("wb", "/dev/stdout"), ("ab", "/dev/stdout"), ("wb", "//dev/stdout"),
+                                            ("wb", "link")], ids=["redirected", "appended", "two-slashes", "link"])
+def test_score_report_to_stdout_keeps_the_shells_redirection(fx, tmp_path, mode, spelling):
+    """`safemerge score ... --report /dev/stdout > file` (or `>> file`, or a link to /dev/stdout):
+    the JSON goes through the process's own stdout, so the file keeps what was there (>>); it is
+    not replaced by a file holding the report alone. The table goes to stderr then, so that stdout
+    holds the JSON alone (`| jq .`)."""
     import subprocess
 
     log = tmp_path / "log.txt"
     log.write_text("before\n")
+    if spelling == "link":
+        (tmp_path / "link").symlink_to("/dev/stdout")
+        spelling = str(tmp_path / "link")
     with open(log, mode) as out:
         done = subprocess.run([sys.executable, "-m", "safemerge_ext", "score", "--aligned", str(fx.aligned),
                                "--unaligned", str(fx.unaligned), "--adapter", str(fx.task), "--no-progress",
-                               "--report", "/dev/stdout"], stdout=out, stderr=subprocess.PIPE, text=True, timeout=300)
+                               "--report", spelling], stdout=out, stderr=subprocess.PIPE, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    text = log.read_text()
     head = "before\n" if mode == "ab" else ""
-    assert text.startswith(head + "{"), text[:200]
-    report, end = json.JSONDecoder().raw_decode(text[len(head):])
-    assert report["counts"]["scored"] == 21
-    assert text[len(head) + end:].split()[:5] == ["layer", "shape", "rank", "cosine", "flagged"]  # (then the table)
+    text = log.read_text()
+    assert text.startswith(head) and json.loads(text[len(head):])["counts"]["scored"] == 21, text[:200]
+    assert done.stderr.split()[:5] == ["layer", "shape", "rank", "cosine", "flagged"]
+
+
+def test_score_report_to_a_descriptor_that_cannot_take_it_is_one_line(fx, tmp_path):
+    """A closed stdout, a /dev/fd/N that is not open (or open for reading), and standard input are
+    refused before any work: one line, nothing written (the run's own files would otherwise take
+    the number of a closed descriptor by the time the report is written)."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "safemerge_ext", "score", "--aligned", str(fx.aligned), "--unaligned",
+            str(fx.unaligned), "--adapter", str(fx.task), "--no-progress", "--report"]
+    src = tmp_path / "in.txt"
+    src.write_text("input")
+    with open(src) as readable:
+        for path, kw, want in (
+                ("/dev/stdout", {"preexec_fn": lambda: os.close(1)}, "descriptor 1 is not open in this command"),
+                ("/dev/fd/9", {}, "descriptor 9 is not open in this command"),
+                (f"/dev/fd/{readable.fileno()}", {"pass_fds": (readable.fileno(),)}, "is open for reading only"),
+                ("/dev/stdin", {}, "is standard input")):
+            done = subprocess.run([*argv, path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  timeout=300, **kw)
+            err = done.stderr.strip()
+            assert done.returncode == 2 and "\n" not in err and want in err, (path, done.returncode, err)
+    assert src.read_text() == "input"
+
+
+def test_score_report_into_a_pipe_whose_reader_leaves_says_so(fx, tmp_path):
+    """`--report /dev/stdout | head -c 100`: the reader goes away with the report half sent; the
+    line says what it read is cut short (not that nothing was written), whatever the report's size
+    against the pipe's buffer (4 KiB here, below the report's)."""
+    import fcntl
+    import subprocess
+
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 4096)  # (F_SETPIPE_SZ)
+    proc = subprocess.Popen([sys.executable, "-m", "safemerge_ext", "score", "--aligned", str(fx.aligned),
+                             "--unaligned", str(fx.unaligned), "--adapter", str(fx.task), "--no-progress",
+                             "--report", "/dev/stdout"], stdout=w, stderr=subprocess.PIPE, text=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as reader:
+        assert reader.read(100).startswith(b"{")
+    err = proc.communicate(timeout=300)[1].strip()
+    assert proc.returncode == 2 and "\n" not in err, err
+    assert re.search(r"^safemerge: error: /dev/stdout: its reader closed it after \d+ of \d+ bytes, so what it "
+                     r"read is cut short$", err), err
 
 
 def test_score_prints_the_per_layer_table(fx, tmp_path, capsys):

@@ -22,7 +22,7 @@ def check_parent(path: str | os.PathLike, flag: str) -> Path:
     """Fail early when ``path`` could not be created: its nearest existing ancestor must be a
     writable directory (missing folders in between are made when the output is written)."""
     p = Path(path)
-    if open_descriptor(p) is not None:  # (this process's own stdout, say: written into as it is)
+    if claim_descriptor(p, flag):  # (this process's own stdout, say: written into as it is)
         return p
     if is_special(p):  # (written into, not replaced: the file itself must be writable)
         if not os.access(p, os.W_OK):
@@ -102,42 +102,103 @@ def is_special(path: str | os.PathLike) -> bool:
 
 
 _STD = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+_FD_PATH = re.compile(r"/(?:dev/fd|proc/(?:self|thread-self|(\d+))/fd)/(\d+)")
+_claimed: dict[str, int] = {}  # descriptor path -> a duplicate of its descriptor, taken at check time
 
 
-def open_descriptor(path: str | os.PathLike) -> int | None:
-    """The descriptor of this process that ``path`` names (``/dev/stdout``, ``/dev/fd/N``,
-    ``/proc/self/fd/N``, a shell's ``>(jq .)``), if it names one open here. Output for it is
-    written to that descriptor, with the shell's redirection as it is (``> file``, ``>> file``, a
-    pipe): never a file put in place of what it links to."""
-    p = os.path.abspath(path)
-    if p in _STD:
-        fd = _STD[p]
-    else:
-        m = re.fullmatch(r"/(?:dev/fd|proc/(?:self|thread-self|(\d+))/fd)/(\d+)", p)
-        if m is None or (m.group(1) is not None and int(m.group(1)) != os.getpid()):
+def descriptor_of(path: str | os.PathLike) -> int | None:
+    """The descriptor number of this process that ``path`` names (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``, a shell's ``>(jq .)``, or a link to one of them), open or not; else None."""
+    p = os.fspath(path)
+    for _ in range(40):  # (links followed by name: /dev/stdout -> /proc/self/fd/1 -> the redirect)
+        norm = "/" + os.path.abspath(p).lstrip("/")  # (POSIX keeps a leading //)
+        if norm in _STD:
+            return _STD[norm]
+        m = _FD_PATH.fullmatch(norm)
+        if m is not None:
+            return int(m.group(2)) if m.group(1) is None or int(m.group(1)) == os.getpid() else None
+        try:
+            target = os.readlink(norm)
+        except (OSError, ValueError):
             return None
-        fd = int(m.group(2))
-    try:
-        os.fstat(fd)
-    except OSError:
+        p = os.path.join(os.path.dirname(norm), target)
+    return None
+
+
+def _writable_descriptor(path: str | os.PathLike, flag: str) -> int | None:
+    """The open, writable descriptor ``path`` names (see :func:`descriptor_of`); a closed one, a
+    read-only one or standard input is one error line."""
+    import fcntl
+
+    fd = descriptor_of(path)
+    if fd is None:
         return None
+    what = f"{flag} {path}" if flag else str(path)
+    if fd == 0:
+        raise SafeMergeError(f"{what} is standard input; give a file, or /dev/stdout")
+    try:
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    except OSError:
+        raise SafeMergeError(f"{what}: descriptor {fd} is not open in this command; give a file, or open it for "
+                             "writing (e.g. 3> FILE)") from None
+    if mode == os.O_RDONLY:
+        raise SafeMergeError(f"{what}: descriptor {fd} is open for reading only; give a file, or open it for "
+                             "writing (e.g. 3> FILE)")
     return fd
 
 
-def _write_into(tmp: Path, path: Path, fd: int | None) -> None:
-    """Send the bytes of ``tmp`` into ``path``: an open descriptor of this process, or a device or
-    pipe opened for writing."""
-    if fd is not None:
-        if fd in (1, 2):  # (what Python buffered for it goes first)
-            (sys.stdout if fd == 1 else sys.stderr).flush()
+def _key(path: str | os.PathLike) -> str:
+    return "/" + os.path.abspath(path).lstrip("/")
+
+
+def claim_descriptor(path: str | os.PathLike, flag: str) -> bool:
+    """At a command's check of an output that names a descriptor: check it (open, writable) and
+    keep a duplicate of it for the write, which comes after the inputs are opened (they may then
+    take its number, were it closed). True when ``path`` names one."""
+    fd = _writable_descriptor(path, flag)
+    if fd is None:
+        return False
+    old = _claimed.pop(_key(path), None)
+    if old is not None:
+        os.close(old)
+    _claimed[_key(path)] = os.dup(fd)
+    return True
+
+
+def _write_into(tmp: Path, path: Path) -> None:
+    """Send the bytes of ``tmp`` into ``path``: a descriptor of this process (the duplicate taken
+    when it was checked, else one checked now), or a device or pipe opened for writing. A reader
+    that goes away is named: what it read is cut short."""
+    fd = _claimed.pop(_key(path), None)
+    own = fd is not None
+    if fd is None:
+        fd = _writable_descriptor(path, "")
+    total, sent = tmp.stat().st_size, 0
+    try:
+        if fd is None:
+            with open(tmp, "rb") as src, open(path, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                    sent += len(chunk)
+            return
+        for stream in (sys.stdout, sys.stderr):  # (what Python buffered for the same file goes first)
+            if stream is not None:
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
         with open(tmp, "rb") as src:
             while chunk := src.read(1 << 20):
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
-        return
-    with open(tmp, "rb") as src, open(path, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+                    n = os.write(fd, view)
+                    view, sent = view[n:], sent + n
+    except BrokenPipeError:
+        raise SafeMergeError(f"{path}: its reader closed it after {sent} of {total} bytes, so what it read is cut "
+                             "short") from None
+    finally:
+        if own:
+            os.close(fd)
 
 
 def write_whole(path: str | os.PathLike, fill: Callable[[Path], object]) -> None:
@@ -151,21 +212,21 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
     """Each ``(path, fill)``: ``fill(tmp)`` writes a temporary beside ``path``; once all are
     written, each replaces its ``path``. A failure or an interruption while any is written leaves
     every ``path`` as it was, and takes back the folders made for them. A ``path`` that links to a
-    file replaces that file (the link stays). One that is written into instead (an open descriptor
-    of this process such as ``/dev/stdout``, a device, a pipe: see :func:`open_descriptor` and
+    file replaces that file (the link stays). One that is written into instead (a descriptor of
+    this process such as ``/dev/stdout``, a device, a pipe: see :func:`descriptor_of` and
     :func:`is_special`) gets its bytes from a temporary in the system's temporary folder, before
     any file is replaced; bytes a pipe took cannot be taken back if a later one fails."""
     targets = []
     for p, fill in files:
-        path, fd = Path(p), open_descriptor(p)
-        into = fd is not None or is_special(path)
+        path = Path(p)
+        into = descriptor_of(path) is not None or is_special(path)
         if not into and path.is_symlink():
             path = Path(os.path.realpath(path))
-        targets.append((path, fill, into, fd))
+        targets.append((path, fill, into))
     made: list[Path] = []
     temps: list[Path] = []
     try:
-        for path, fill, into, _ in targets:
+        for path, fill, into in targets:
             suffix = path.suffix if len(path.suffix) <= 16 else ""  # (a format's, for writers that read it)
             if into:
                 handle, name = tempfile.mkstemp(prefix="safemerge-", suffix=suffix)
@@ -178,10 +239,10 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
                         made.append(parent)
                 temps.append(path.with_name(_hidden_name(path.name, f"tmp-{secrets.token_hex(4)}{suffix}")))
             fill(temps[-1])
-        for (path, _, into, fd), tmp in zip(targets, temps):  # (what cannot be taken back first)
+        for (path, _, into), tmp in zip(targets, temps):  # (what cannot be taken back first)
             if into:
-                _write_into(tmp, path, fd)
-        for (path, _, into, _), tmp in zip(targets, temps):
+                _write_into(tmp, path)
+        for (path, _, into), tmp in zip(targets, temps):
             if not into:
                 os.replace(tmp, path)
         made = []
