@@ -27,7 +27,7 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
                                        global_scaling, read_adapter, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
-from safemerge_ext.io.models import INDEX, ModelReader, is_tied_head, module_key, natural_key
+from safemerge_ext.io.models import INDEX, ModelReader, config_value, is_tied_head, module_key, natural_key
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.report import (
     REPORT_JSON,
@@ -112,6 +112,11 @@ def resolve_device(name: str, *, scoring: bool = True) -> torch.device:
 
 
 
+# transformers models whose projections are Conv1D layers (GPT-2's weight layout, d_in x d_out)
+_CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+_CONV1D_LAYERS = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
+
 def open_run(
     aligned_dir: str | Path,
     unaligned_dir: str | Path,
@@ -161,11 +166,20 @@ def open_run(
     # (the safety adapter's modules by every name they go by: one trained on another transformers
     # version may name a vision-language model's modules differently)
     safety_as = {} if safety is None else {module_key(m): m for m in safety.modules}
+    model_type = config_value(aligned.path, "model_type")
     for module in sorted(task.modules, key=natural_key):
         lm = task.modules[module]
         weight = aligned.resolve_module(module)
         if weight is None:
             raise _no_such_module(task, module, aligned)
+        if model_type in _CONV1D_MODELS and module.rsplit(".", 1)[-1] in _CONV1D_LAYERS:
+            # (PEFT marks such adapters fan_in_fan_out, which read_adapter refuses; a config edited
+            # by hand would have a square one scored transposed)
+            raise SafeMergeError(
+                f"{task.flag} {task.path}: module {module} is a Conv1D layer of this {model_type} model (its weight "
+                "is stored d_in x d_out), which PEFT adapts as fan_in_fan_out; fold the adapter into the model with "
+                "PEFT (merge_and_unload, save_pretrained) and merge that model as a full fine-tune with safemerge-yaml"
+            )
         shape, dtype = aligned.meta(weight)
         # (a vision-language model saved by another transformers version names the text model's
         # tensors the other way: the same module, read by its own name there)

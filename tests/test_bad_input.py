@@ -345,6 +345,33 @@ def test_a_bad_cpu_isa_is_one_line_under_auto(fx, capsys, monkeypatch):
         backends.available_backends()  # (puts back the CPU's own kernels)
 
 
+def test_a_gpt2_adapter_without_fan_in_fan_out_is_refused(tmp_path, capsys):
+    """GPT-2's projections are Conv1D layers, their weights stored d_in x d_out; PEFT adapts them
+    as fan_in_fan_out (refused: transposed factors). An adapter whose config says otherwise (edited
+    by hand, or another tool's) on a square c_proj would pass the shape check and be scored against
+    the transposed weight: refused in one line, with what to do, for every Conv1D layer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "aligned")
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "unaligned")
+    for targets, name in ((["attn.c_proj"], "c_proj"), (["c_attn", "c_proj"], "c_attn")):
+        peft = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "aligned"),
+                              LoraConfig(r=2, target_modules=targets, init_lora_weights=False, fan_in_fan_out=True))
+        adapter = tmp_path / f"adapter-{name}"
+        peft.save_pretrained(adapter)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": False}))
+        capsys.readouterr()
+        assert main(["score", "--aligned", str(tmp_path / "aligned"), "--unaligned", str(tmp_path / "unaligned"),
+                     "--adapter", str(adapter), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"h.0.attn.{name} is a Conv1D layer of this gpt2 model" in err, err
+        assert "merge_and_unload" in err
+
+
 def test_unavailable_backend_is_one_line(fx, tmp_path, capsys):
     code = main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
                  "--backend", "cuda", "--no-progress"])
@@ -480,6 +507,7 @@ def test_adapters_that_rewrite_the_base_are_refused(fx, tmp_path, init):
     ("modules_to_save", ["lm_head"], "safemerge-yaml takes it as aligned+adapter"),
     ("lora_bias", True, "safemerge-yaml takes it as aligned+adapter"),
     ("fan_in_fan_out", True, "fold it into the model with PEFT (merge_and_unload, save_pretrained) and merge that model as a full fine-tune"),
+    ("layer_replication", [[0, 1], [1, 2]], "train the adapter without layer_replication"),
 ])
 def test_refused_adapters_say_what_to_do_instead(fx, tmp_path, key, value, remedy):
     from safemerge_ext.errors import SafeMergeError
@@ -507,7 +535,7 @@ def test_adapters_whose_factors_are_not_the_update_are_refused(fx, tmp_path, key
         read_adapter(t, "--task-adapter")
 
 
-@pytest.mark.parametrize("kind", ["base_layer", "embedding", "bias", "named"])
+@pytest.mark.parametrize("kind", ["base_layer", "whole_layer", "embedding", "bias", "named"])
 def test_what_peft_saves_beside_the_factors_is_named(fx, tmp_path, kind):
     """Tensors PEFT saves that are not LoRA factors get an error saying what they are and what to do."""
     from safemerge_ext.errors import SafeMergeError
@@ -518,14 +546,17 @@ def test_what_peft_saves_beside_the_factors_is_named(fx, tmp_path, kind):
     if kind == "base_layer":  # save_embedding_layers: LoRA on lm_head saves lm_head's own weight too
         edit_adapter(t, tensors=lambda sd: sd.__setitem__(f"{pre}lm_head.base_layer.weight", torch.randn(8, 4)))
         path, want = t, r"holds lm_head's whole base weight .* save_embedding_layers=False"
+    elif kind == "whole_layer":  # save_embedding_layers=True on an adapter that does not adapt the layer
+        edit_adapter(t, tensors=lambda sd: sd.__setitem__(f"{pre}model.embed_tokens.weight", torch.randn(8, 4)))
+        path, want = t, r"holds model\.embed_tokens's whole weight .* save_embedding_layers=False\)$"
     elif kind == "embedding":
         edit_adapter(t, tensors=lambda sd: sd.update({f"{pre}model.embed_tokens.base_layer.weight": torch.randn(8, 4),
                                                      f"{pre}model.embed_tokens.lora_embedding_A": torch.randn(2, 8)}))
-        path, want = t, r"adapts the embedding model\.embed_tokens .* embedding LoRA is not supported"
+        path, want = t, r"adapts the embedding model\.embed_tokens .* embedding LoRA is not supported here; safemerge-yaml takes"
     elif kind == "bias":
         edit_adapter(t, config=lambda c: c.__setitem__("bias", "lora_only"),
                      tensors=lambda sd: sd.__setitem__(f"{pre}{Q0}.base_layer.bias", torch.randn(64)))
-        path, want = t, rf"{Q0}\.base_layer\.bias is a trained bias \(bias: 'lora_only'\)"
+        path, want = t, rf"{Q0}\.base_layer\.bias is a trained bias \(bias: 'lora_only'\).*; safemerge-yaml takes it"
     else:  # save_pretrained of an adapter named gsm8k writes it into a subfolder
         parent = tmp_path / "named"
         parent.mkdir()

@@ -57,8 +57,9 @@ _REMEDY = {
                       "model as a full fine-tune with safemerge-yaml",
 }
 # (what PEFT folds into the weights, a safemerge-yaml recipe takes as aligned+adapter)
-_REMEDY.update(dict.fromkeys(_FOLDED_BY_PEFT, "; safemerge-yaml takes it as aligned+adapter in a recipe (PEFT folds it "
-                                              "into the weights first)"))
+_FOLD = "; safemerge-yaml takes it as aligned+adapter in a recipe (PEFT folds it into the weights first)"
+_REMEDY.update(dict.fromkeys(_FOLDED_BY_PEFT, _FOLD))
+_REMEDY["layer_replication"] = "; train the adapter without layer_replication"
 
 # init_lora_weights values for which PEFT subtracts the initial factors from the base weights when
 # it creates (or loads) the adapter: the saved B A is then not the update. PEFT's
@@ -264,7 +265,8 @@ def _not_a_factor(key: str, names: list[str], config: dict[str, Any], where: str
     embedding = next((n for n in names if ".lora_embedding_" in n), None)
     if embedding is not None:
         module = peft_module(embedding.split(".lora_embedding_")[0])
-        return SafeMergeError(f"{where}: adapts the embedding {module} (lora_embedding_A/B); embedding LoRA is not supported")
+        return SafeMergeError(f"{where}: adapts the embedding {module} (lora_embedding_A/B); embedding LoRA is not "
+                              f"supported here{_FOLD}")
     if key.endswith(".base_layer.weight"):
         return SafeMergeError(
             f"{where}: holds {peft_module(key[:-len('.base_layer.weight')])}'s whole base weight (PEFT saves it "
@@ -275,11 +277,17 @@ def _not_a_factor(key: str, names: list[str], config: dict[str, Any], where: str
     if key.endswith(".bias"):
         return SafeMergeError(
             f"{where}: tensor {key} is a trained bias (bias: {config.get('bias')!r}); bias terms are not part of "
-            "the B @ A update, so this adapter is not supported"
+            f"the B @ A update, so this adapter is not supported here{_FOLD}"
+        )
+    if ".lora_" not in key and key.endswith(".weight"):  # (save_embedding_layers=True: the whole layer)
+        return SafeMergeError(
+            f"{where}: holds {peft_module(key[:-len('.weight')])}'s whole weight (PEFT saves embedding and output "
+            "layers with save_embedding_layers=True), which would replace the model's; if the vocabulary is "
+            "unchanged, re-save the adapter with save_pretrained(dir, save_embedding_layers=False)"
         )
     return SafeMergeError(
         f"{where}: tensor {key} is not a LoRA factor (lora_A/lora_B); embedding LoRA, DoRA magnitudes and saved "
-        "modules are not supported"
+        f"modules are not supported here{_FOLD}"
     )
 
 
