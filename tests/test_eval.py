@@ -1132,7 +1132,8 @@ def test_out_may_not_replace_an_input(tiny_chat_model: tuple[Path, Path], tmp_pa
     (["--utility-format", "gsm8k"], "--utility-format applies to the task of --utility FILE, which is not given"),
     (["--utility-limit", "3"], "--utility-limit applies to the task of --utility FILE"),
     (["--utility-max-new-tokens", "9"], "--utility-max-new-tokens applies to the task of --utility FILE"),
-], ids=["tensor-parallel", "benign-limit", "utility-format", "utility-limit", "utility-tokens"])
+    (["--utility", " ", "--utility-limit", "3"], "--utility ' ' is an empty path; give the task file"),
+], ids=["tensor-parallel", "benign-limit", "utility-format", "utility-limit", "utility-tokens", "utility-empty"])
 def test_options_that_would_change_nothing_are_refused(tiny_chat_model: tuple[Path, Path], capsys,
                                                        monkeypatch: pytest.MonkeyPatch, extra, msg) -> None:
     """An option whose part of the run does not happen (tensor parallelism without vLLM, a limit on

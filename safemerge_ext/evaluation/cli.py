@@ -97,6 +97,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out is not None and not args.out.strip():
         raise SafeMergeError(f"--out {args.out!r} is an empty path; give the folder for eval.json and eval.png "
                              "(or no --out, to write nothing)")
+    if args.utility is not None and not args.utility.strip():
+        raise SafeMergeError(f"--utility {args.utility!r} is an empty path; give the task file (or no --utility)")
     # options that would change nothing: one line, as merge's --density with linear is
     unused = [(args.tensor_parallel > 1 and args.engine != "vllm",
                "--tensor-parallel applies to --engine vllm; transformers runs each model on one --device"),
