@@ -390,7 +390,7 @@ def build(name, fn, ptrs, consts, warps, arch):
     if m[2] != "0" or m[3] != "0":
         print(f"SPILLS {name} sm_{arch}")
 
-f32 = dict.fromkeys(("TP", "SQ", "T", "PP", "MP", "OUT", "PART"), "*fp32")
+f32 = {**dict.fromkeys(("TP", "SQ", "T", "PP", "MP", "OUT"), "*fp32"), "PART": "*fp64"}  # (full-rank tile sums: fp64)
 for wd, bd in (("bf16", "fp16"), ("fp32", "fp32")):  # the pipeline's bf16 weights; fp32 checkpoints
     w = {"WA": f"*{wd}", "WU": f"*{wd}", "B": f"*{bd}", "D": f"*{wd}", **f32}
     elem = 4 if wd == "fp32" else 2
