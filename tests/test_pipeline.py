@@ -181,20 +181,17 @@ def test_score_report_to_a_descriptor_that_cannot_take_it_is_one_line(fx, tmp_pa
 
 
 def test_score_report_into_a_pipe_whose_reader_leaves_says_so(fx, tmp_path):
-    """`--report /dev/stdout | head -c 100`: the reader goes away with the report half sent; the
-    line says what it read is cut short (not that nothing was written), whatever the report's size
-    against the pipe's buffer (4 KiB here, below the report's)."""
-    import fcntl
+    """`--report /dev/stdout | head -c 100`: the reader goes away before the report is all sent
+    (here before any of it: the read end is closed at once); the line says what it read is cut
+    short, not that nothing was written."""
     import subprocess
 
     r, w = os.pipe()
-    fcntl.fcntl(w, 1031, 4096)  # (F_SETPIPE_SZ)
+    os.close(r)
     proc = subprocess.Popen([sys.executable, "-m", "safemerge_ext", "score", "--aligned", str(fx.aligned),
                              "--unaligned", str(fx.unaligned), "--adapter", str(fx.task), "--no-progress",
                              "--report", "/dev/stdout"], stdout=w, stderr=subprocess.PIPE, text=True)
     os.close(w)
-    with os.fdopen(r, "rb") as reader:
-        assert reader.read(100).startswith(b"{")
     err = proc.communicate(timeout=300)[1].strip()
     assert proc.returncode == 2 and "\n" not in err, err
     assert re.search(r"^safemerge: error: /dev/stdout: its reader closed it after \d+ of \d+ bytes, so what it "
