@@ -111,7 +111,7 @@ def descriptor_of(path: str | os.PathLike) -> int | None:
     ``/proc/self/fd/N``, a shell's ``>(jq .)``, or a link to one of them), open or not; else None."""
     p = os.fspath(path)
     for _ in range(40):  # (links followed by name: /dev/stdout -> /proc/self/fd/1 -> the redirect)
-        norm = "/" + os.path.abspath(p).lstrip("/")  # (POSIX keeps a leading //)
+        norm = _key(p)
         if norm in _STD:
             return _STD[norm]
         m = _FD_PATH.fullmatch(norm)
@@ -148,6 +148,7 @@ def _writable_descriptor(path: str | os.PathLike, flag: str) -> int | None:
 
 
 def _key(path: str | os.PathLike) -> str:
+    """``path`` absolute, with one leading slash (POSIX keeps a leading //)."""
     return "/" + os.path.abspath(path).lstrip("/")
 
 
