@@ -112,6 +112,13 @@ def available_backends(load: bool = False) -> dict[str, str | None]:
     return out
 
 
+def unavailable_reason(name: str) -> str | None:
+    """Why the backend ``name`` cannot run here, or None (one backend's entry of
+    :func:`available_backends`, without asking the others)."""
+    got = _load(next(s for s in _SPECS if s.name == name), fresh=True)
+    return got if isinstance(got, str) else None
+
+
 def requested_backend(name: str | None, honour_env: bool = True) -> str:
     """What a request for ``name`` asks for, as a report records it: ``auto`` (or None) that
     follows the environment's choice is that choice (``"torch (SAFEMERGE_BACKEND)"``)."""

@@ -111,7 +111,6 @@ def resolve_device(name: str, *, scoring: bool = True) -> torch.device:
     return dev
 
 
-
 # transformers models whose projections are Conv1D layers (GPT-2's weight layout, d_in x d_out)
 _CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 _CONV1D_LAYERS = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
@@ -142,7 +141,7 @@ def open_run(
         with warnings.catch_warnings():  # (a bad SAFEMERGE_CPU_ISA is an error below, not also a warning)
             warnings.filterwarnings("ignore", message="the C\\+\\+ backend is off")
             backend_name, _ = ops.backends.resolve(backend, dev.type, honour_env=honour_env)
-            isa_off = ops.backends.available_backends()["cpp"] if dev.type == "cpu" and backend_name != "cpp" else None
+            isa_off = ops.backends.unavailable_reason("cpp") if dev.type == "cpu" and backend_name != "cpp" else None
     except ValueError as exc:  # (a message that starts with SAFEMERGE_BACKEND: the environment chose)
         msg = str(exc)
         raise SafeMergeError(msg if msg.startswith(ops.backends.ENV_VAR) else f"--backend {backend}: {msg}") from None
