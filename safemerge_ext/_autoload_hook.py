@@ -10,8 +10,9 @@ turns it off.
 
 from __future__ import annotations
 
-import os
 import sys
+
+from safemerge_ext._env import switched_on
 
 TARGET = "mergekit.merge_methods.registry"
 ENV = "SAFEMERGE_NO_AUTOLOAD"
@@ -19,7 +20,7 @@ ENV = "SAFEMERGE_NO_AUTOLOAD"
 
 def disabled() -> bool:
     """True when ``SAFEMERGE_NO_AUTOLOAD`` is set to anything but empty/0/false/no."""
-    return os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    return switched_on(ENV)
 
 
 pending = False  # set when the registry was imported from inside safemerge_ext.mergekit_methods

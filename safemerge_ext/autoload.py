@@ -16,6 +16,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from safemerge_ext._env import switched_on
 from safemerge_ext.errors import SafeMergeError
 
 PTH_NAME = "safemerge_ext_autoload.pth"
@@ -87,7 +88,7 @@ def disable(target: str | os.PathLike | None = None) -> str:
 def status() -> str:
     """Where the .pth is, whether the env var turns it off, and whether the hook runs in this process."""
     files = _pth_files()
-    off = os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    off = switched_on(ENV)
     hook = "safemerge_ext._autoload_hook" in sys.modules
     lines = [
         f"autoload .pth: {', '.join(map(str, files))}" if files else f"autoload .pth: not installed in {site_packages()}",

@@ -41,6 +41,7 @@ from pydantic import AfterValidator, BeforeValidator
 from typing_extensions import Annotated
 
 from safemerge_ext import ops
+from safemerge_ext._env import switched_on
 from safemerge_ext.backends import EXACT, PRECISIONS, backend_detail, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import ModelReader, all_finite
@@ -539,7 +540,7 @@ def refusal(exc: BaseException) -> str | None:
 
 def _tracebacks_wanted() -> bool:
     """``SAFEMERGE_TRACEBACK`` set to anything but empty/0/false/no/off."""
-    return os.environ.get(TRACEBACK_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    return switched_on(TRACEBACK_ENV)
 
 
 def _excepthook(etype: type[BaseException], value: BaseException, tb: Any) -> None:
