@@ -1233,3 +1233,39 @@ def test_an_updated_head_of_a_tied_model_is_untied_in_the_output(fx, tmp_path):
     assert run_cli(["merge", "--aligned", models["aligned"], "--unaligned", models["unaligned"], "--task-adapter",
                     fx.task, "--safety-adapter", fx.safety, "--out", plain, "--num-layers", 3, "--output", "model"]) == 0
     assert (plain / "config.json").read_bytes() == (models["aligned"] / "config.json").read_bytes()
+
+
+@pytest.mark.parametrize("system", ["macos", "windows"])
+def test_runs_without_linux_only_calls(fx, tmp_path, monkeypatch, system):
+    """Off Linux the reads, copies and output checks fall back: macOS has no copy_file_range or
+    posix_fadvise and its sendfile writes only to sockets (ENOTSOCK); Windows has none of these,
+    no pread/preadv and no fcntl. The merged model, the adapter and the report's scores are
+    the same bytes as a Linux run's."""
+    import errno
+
+    def linux_run(out: Path) -> None:
+        assert run_cli(merge_args(fx, out, "--num-layers", 5, "--output", "model", "--no-plot")) == 0
+
+    def sockets_only(*args):
+        raise OSError(errno.ENOTSOCK, "Socket operation on non-socket")
+
+    linux_run(tmp_path / "linux")
+    assert run_cli(merge_args(fx, tmp_path / "linux-adapter", "--num-layers", 5, "--no-plot")) == 0
+    for name in ("copy_file_range", "posix_fadvise"):
+        monkeypatch.delattr(os, name, raising=False)
+    if system == "macos":
+        monkeypatch.setattr(os, "sendfile", sockets_only)
+    else:
+        for name in ("sendfile", "preadv", "pread"):
+            monkeypatch.delattr(os, name, raising=False)
+        monkeypatch.setitem(sys.modules, "fcntl", None)  # (import fcntl raises ImportError)
+    linux_run(tmp_path / "here")
+    assert run_cli(merge_args(fx, tmp_path / "here-adapter", "--num-layers", 5, "--no-plot")) == 0
+    assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--report", tmp_path / "score.json"]) == 0
+    for a, b in (("linux", "here"), ("linux-adapter", "here-adapter")):
+        files = sorted(p.name for p in (tmp_path / a).iterdir() if p.suffix == ".safetensors")
+        assert files and files == sorted(p.name for p in (tmp_path / b).iterdir() if p.suffix == ".safetensors")
+        assert all((tmp_path / a / f).read_bytes() == (tmp_path / b / f).read_bytes() for f in files), (a, files)
+    linux, here = report_of(tmp_path / "linux"), json.loads((tmp_path / "score.json").read_text())
+    assert [(r["module"], r["cosine"]) for r in linux["layers"]] == [(r["module"], r["cosine"]) for r in here["layers"]]

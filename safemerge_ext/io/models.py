@@ -10,8 +10,8 @@ tensor's bytes are touched only when asked for, and counted in ``bytes_read``:
   tells such views from copies, for a kernel that drops pages as it goes (they read back from
   the page cache). :meth:`ModelReader.will_need` reads a tensor into the page cache ahead of
   time without bringing anything into the process.
-- :meth:`ModelReader.get` copies the bytes with ``os.preadv`` into fresh memory, pinned if asked
-  (the staging buffer of a host-to-GPU copy), for callers that keep or modify the tensor.
+- :meth:`ModelReader.get` copies the bytes with ``os.preadv`` (:func:`pread_into`) into fresh
+  memory, pinned if asked (the staging buffer of a host-to-GPU copy), for callers that keep or modify the tensor.
 
 Why not ``safe_open(...).get_tensor``: it hands out tensors backed by one memory map of the whole
 file, and every page the scorer touches stays in the resident set until the file is closed, so
@@ -28,6 +28,7 @@ import mmap
 import os
 import re
 import struct
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -67,7 +68,26 @@ class _NotHere(Exception):
 
 
 # errors that mean "this kernel or file system pair cannot copy this way", not "the copy failed"
-_UNSUPPORTED = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
+# (ENOTSOCK: macOS's sendfile writes only to sockets)
+_UNSUPPORTED = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.ENOTSOCK}
+_O_BINARY = getattr(os, "O_BINARY", 0)  # (Windows opens files in text mode without it)
+_seek_lock = threading.Lock()
+
+
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read up to ``len(view)`` bytes at ``offset`` into ``view``; the count (0 at the end).
+    ``os.preadv`` where it exists (Linux, BSD, macOS 11+), else ``os.pread``, else (Windows) a
+    seek and a read under one lock, since the read-ahead thread shares the descriptors."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    if hasattr(os, "pread"):
+        data = os.pread(fd, len(view), offset)
+    else:
+        with _seek_lock:
+            os.lseek(fd, offset, os.SEEK_SET)
+            data = os.read(fd, len(view))
+    view[: len(data)] = data
+    return len(data)
 
 
 def _copy_loop(step, src: int, dst: int, offset: int, count: int) -> int:
@@ -97,7 +117,7 @@ def _copy_file_range(src: int, dst: int, offset: int, count: int) -> int:
 
 
 def _sendfile(src: int, dst: int, offset: int, count: int) -> int:
-    if not hasattr(os, "sendfile"):
+    if not hasattr(os, "sendfile") or not sys.platform.startswith("linux"):  # (elsewhere: sockets only)
         raise _NotHere
     return _copy_loop(lambda s, d, o, n: os.sendfile(d, s, o, min(n, 1 << 30)), src, dst, offset, count)
 
@@ -106,7 +126,7 @@ def _copy_buffered(src: int, dst: int, offset: int, count: int) -> int:
     buf = bytearray(min(count, 8 << 20))
     done = 0
     while done < count:
-        got = os.preadv(src, [memoryview(buf)[: min(len(buf), count - done)]], offset + done)
+        got = pread_into(src, memoryview(buf)[: min(len(buf), count - done)], offset + done)
         if got <= 0:
             break
         view = memoryview(buf)[:got]
@@ -226,14 +246,14 @@ def _ints(x: Any) -> bool:
 def _pread_all(fd: int, n: int, offset: int) -> bytes:
     """``n`` bytes at ``offset``, however many reads that takes (network and FUSE file systems
     return short reads); fewer only at the end of the file."""
-    parts, got = [], 0
+    buf, got = bytearray(n), 0
+    view = memoryview(buf)
     while got < n:
-        part = os.pread(fd, n - got, offset + got)
+        part = pread_into(fd, view[got:], offset + got)
         if not part:
             break
-        parts.append(part)
-        got += len(part)
-    return b"".join(parts)
+        got += part
+    return bytes(buf[:got])
 
 
 class ModelReader:
@@ -422,7 +442,7 @@ class ModelReader:
         fd = self._fd(shard)
         done = 0
         while done < len(view):
-            got = os.preadv(fd, [view[done:]], start + done)
+            got = pread_into(fd, view[done:], start + done)
             if got <= 0:
                 raise SafeMergeError(f"{self.flag} {self.path / shard}: file ended inside tensor {what}; re-download it")
             done += got
@@ -443,7 +463,7 @@ class ModelReader:
         step = len(buf) - len(buf) % 8
         view, fd = memoryview(buf.numpy()), self._fd(shard)
         while start < end:
-            got = os.preadv(fd, [view[: min(step, end - start)]], start)
+            got = pread_into(fd, view[: min(step, end - start)], start)
             if got <= 0 or got % dtype.itemsize:
                 raise SafeMergeError(f"{self.flag} {self.path / shard}: file ended inside tensor {name}; re-download it")
             if not all_finite(buf[:got].view(dtype)):
@@ -479,7 +499,7 @@ class ModelReader:
         with self._lock:
             fd = self._fds.get(shard)
             if fd is None:
-                fd = self._fds[shard] = os.open(self.path / shard, os.O_RDONLY)
+                fd = self._fds[shard] = os.open(self.path / shard, os.O_RDONLY | _O_BINARY)
             return fd
 
     def holds_floats(self, name: str) -> bool:

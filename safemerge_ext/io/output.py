@@ -128,14 +128,16 @@ def descriptor_of(path: str | os.PathLike) -> int | None:
 def _writable_descriptor(path: str | os.PathLike, flag: str) -> int | None:
     """The open, writable descriptor ``path`` names (see :func:`descriptor_of`); a closed one, a
     read-only one or standard input is one error line."""
-    import fcntl
-
     fd = descriptor_of(path)
     if fd is None:
         return None
     what = f"{flag} {path}" if flag else str(path)
     if fd == 0:
         raise SafeMergeError(f"{what} is standard input; give a file, or /dev/stdout")
+    try:
+        import fcntl
+    except ImportError:  # (Windows: no access mode to ask; a write to a closed one fails then)
+        return fd
     try:
         mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
     except OSError:
@@ -258,8 +260,10 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file's data (or a folder's entries) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a file's data (or a folder's entries; not on Windows, which opens no folder) to the disk."""
+    if os.name == "nt" and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
         os.fsync(fd)
     except OSError as exc:  # (a file system that cannot sync a folder, or a file opened read-only)
