@@ -135,13 +135,22 @@ def _installed_torch() -> tuple[str, str | None, str] | None:
     return None
 
 
+_CPU_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi"]
+
+
 class BuildNative(build_ext):
     """build_ext that probes OpenMP, compiles .cu sources with nvcc, and skips what fails."""
 
     def build_extensions(self) -> None:
         cc = self.compiler.compiler_type
+        if cc == "msvc" and any(e.name.endswith("._cpu") for e in self.extensions):
+            # (csrc/cpu_ops.cpp uses GCC/Clang vector extensions, which MSVC does not have)
+            self.extensions = [e for e in self.extensions if not e.name.endswith("._cpu")]
+            _say("WARNING: MSVC cannot build safemerge_ext._cpu (its kernels use GCC/Clang vector "
+                 "extensions); skipped, the torch backend is used. Build with MinGW-w64 or clang for it")
         for ext in self.extensions:
-            if ext.name.endswith("._cpu") and cc == "unix":
+            if ext.name.endswith("._cpu"):
+                ext.extra_compile_args += _CPU_FLAGS
                 if _compiler_accepts(self.compiler, ["-fopenmp"], _OMP_PROBE):
                     ext.extra_compile_args.append("-fopenmp")
                     ext.extra_link_args.append("-fopenmp")
@@ -269,14 +278,11 @@ def native_extensions() -> list:
     if Pybind11Extension is None:
         _say("WARNING: pybind11 is not importable; building no native extension")
         return []
-    unix = sys.platform != "win32"
-    cpu_flags = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi"] if unix else ["/O2"]
     exts = [
         Pybind11Extension(
             "safemerge_ext._cpu",
             [f"{CSRC}/cpu_ops.cpp"],
-            cxx_std=17,
-            extra_compile_args=cpu_flags,
+            cxx_std=17,  # (GCC/Clang flags: BuildNative adds _CPU_FLAGS, and skips MSVC)
         )
     ]
     _say("C++ extension safemerge_ext._cpu: will build from csrc/cpu_ops.cpp")

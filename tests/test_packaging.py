@@ -258,6 +258,28 @@ def test_an_extension_that_fails_to_build_leaves_no_older_build_in_place(monkeyp
     assert not stale.exists() and cmd.extensions == []
 
 
+def test_msvc_skips_the_cpu_extension_with_a_reason_and_gnu_compilers_get_its_flags(monkeypatch, capsys):
+    """csrc/cpu_ops.cpp uses GCC/Clang vector extensions: under MSVC the build skips it with one
+    line (the torch backend is used) instead of failing on GNU flags; GCC/Clang get -O3 etc."""
+    import types
+
+    mod = _setup_module(monkeypatch)
+    monkeypatch.setitem(mod, "_compiler_accepts", lambda *a, **k: False)
+    built = []
+    for cc in ("msvc", "unix"):
+        cmd = mod["BuildNative"].__new__(mod["BuildNative"])
+        cmd.compiler = types.SimpleNamespace(compiler_type=cc)
+        cpu = types.SimpleNamespace(name="safemerge_ext._cpu", extra_compile_args=[], extra_link_args=[],
+                                    define_macros=[])
+        cmd.extensions = [cpu]
+        cmd.inplace = False
+        cmd.build_extension = lambda ext, cc=cc: built.append((cc, ext.name, list(ext.extra_compile_args)))
+        cmd.build_extensions()
+    err = capsys.readouterr().err
+    assert "MSVC cannot build safemerge_ext._cpu" in err and "built: nothing native" in err
+    assert built == [("unix", "safemerge_ext._cpu", mod["_CPU_FLAGS"])] and "-O3" in mod["_CPU_FLAGS"]
+
+
 def test_the_checkouts_kernels_folder_does_not_shadow_hugging_faces_kernels():
     """transformers >= 5.25 imports Hugging Face's `kernels` package; run from this checkout's root
     (`python -m pytest`, `python -c`), the top-level kernels/ folder (safemerge_ext.kernels once
