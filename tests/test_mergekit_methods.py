@@ -960,6 +960,43 @@ def test_sidecars_of_other_runs_are_left_alone(tmp_path, monkeypatch):
     assert not list(out.glob(".safemerge_layers*.jsonl"))
 
 
+def test_a_dead_process_is_told_on_windows_without_os_kill(monkeypatch):
+    """On Windows os.kill(pid, 0) would send a Ctrl-C event and a dead pid gives a plain OSError
+    (taken for alive): there the liveness check asks OpenProcess / GetExitCodeProcess."""
+    import ctypes
+
+    from safemerge_ext import mergekit_methods as mm
+
+    procs = {10: 259, 11: 0}  # 10 runs (STILL_ACTIVE), 11 has exited; 12 is someone else's; 13 is gone
+    last = {"error": 0}
+
+    class Fn:
+        def __init__(self, fn):
+            self.fn, self.restype, self.argtypes = fn, None, None
+
+        def __call__(self, *args):
+            return self.fn(*args)
+
+    def open_process(access, inherit, pid):
+        assert access == 0x1000 and not inherit
+        last["error"] = 5 if pid == 12 else 87
+        return 1000 + pid if pid in procs else None
+
+    def exit_code(handle, ref):
+        ref._obj.value = procs[handle - 1000]
+        return 1
+
+    closed = []
+    kernel32 = types.SimpleNamespace(OpenProcess=Fn(open_process), GetExitCodeProcess=Fn(exit_code),
+                                     CloseHandle=Fn(closed.append))
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error=False: kernel32, raising=False)
+    monkeypatch.setattr(ctypes, "get_last_error", lambda: last["error"], raising=False)
+    monkeypatch.setattr(mm.os, "name", "nt")
+    monkeypatch.setattr(mm.os, "kill", lambda *a: pytest.fail("os.kill must not be called on Windows"))
+    assert [mm._alive(pid) for pid in (10, 11, 12, 13)] == [True, False, True, False]
+    assert closed == [1010, 1011]
+
+
 def test_exit_hook_says_which_part_of_the_report_it_could_not_write(pico, tmp_path, monkeypatch, caplog):
     """At exit, a report whose plot cannot be written (a full disk) is one error line naming the
     report's location (not the hidden sidecar) and that its JSON is there, the plot not."""
