@@ -41,6 +41,7 @@ def concat_lora(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact linear merge of two LoRA updates as one rank r_f + r_s factor pair, scale 1 (fp32;
     float64 when a factor is)."""
+    validate("linear", alpha, 1.0)
     wd = torch.float64 if torch.float64 in (B_f.dtype, A_f.dtype, B_s.dtype, A_s.dtype) else torch.float32
     B = torch.cat([B_f.to(wd) * (alpha * s_f), B_s.to(wd) * ((1.0 - alpha) * s_s)], dim=1)
     A = torch.cat([A_f.to(wd), A_s.to(wd)], dim=0)
@@ -71,6 +72,7 @@ def combine_full(
     """``merge(alpha * dW_f, (1 - alpha) * dW_s)`` on full updates, in fp32 (float64 when an update is)."""
     from peft.utils import merge_utils
 
+    validate(method, alpha, density)
     wd = torch.float64 if torch.float64 in (dW_f.dtype, dW_s.dtype) else torch.float32
     tensors = [dW_f.to(wd), dW_s.to(wd)]
     weights = torch.tensor([alpha, 1.0 - alpha], dtype=wd, device=dW_f.device)
@@ -91,7 +93,7 @@ def combine_full(
             return merge_utils.dare_linear(tensors, weights, density)
         if method == "dare_ties":
             return merge_utils.dare_ties(tensors, weights, density)
-    raise ValueError(f"merge method must be one of {', '.join(METHODS)}; got {method!r}")
+    raise AssertionError(method)  # (validate() admits only METHODS)
 
 
 def truncated_factors(dW: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -283,6 +283,24 @@ def test_settings_validated_in_api():
         Selection(threshold=0.3, num_layers=2)
 
 
+def test_tensor_merge_api_validates_its_settings():
+    """merge.combine_full / concat_lora called directly refuse what MergeSettings refuses: an
+    unknown method would otherwise run TIES, alpha outside [0, 1] extrapolate, density 0 zero out."""
+    from safemerge_ext.merge import combine_full, concat_lora
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    bad = [({"method": "bogus"}, "merge method must be one of"), ({"alpha": 1.5}, "alpha must lie"),
+           ({"alpha": float("nan")}, "alpha must lie"), ({"method": "ties", "density": 0.0}, "density must lie")]
+    for change, msg in bad:
+        kw = {"alpha": 0.8, "method": "linear", "density": 1.0, "seed": 0, "module": "m", **change}
+        with pytest.raises(ValueError, match=msg):
+            combine_full(a, b, **kw)
+    A, B = torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g)
+    with pytest.raises(ValueError, match="alpha must lie"):
+        concat_lora(B, A, 1.0, B, A, 1.0, 3.0)
+
+
 def test_out_exists_needs_force(fx, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
