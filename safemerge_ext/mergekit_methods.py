@@ -171,16 +171,24 @@ def _finite(name: str, out: torch.Tensor, inputs: dict[str, torch.Tensor]) -> to
     that hold NaN or Inf (what the method writes must not carry them silently)."""
     if all_finite(out):
         return out
-    bad = [role for role, x in inputs.items() if not all_finite(x)]
-    where = f"the {' and '.join(bad)} model{'s' if len(bad) > 1 else ''}" if bad else "the merged result"
-    raise FloatingPointError(f"tensor {name}: NaN or Inf in {where}; check the input models")
+    raise FloatingPointError(f"tensor {name}: NaN or Inf in {_nonfinite(inputs) or 'the merged result'}; "
+                             "check the input models")
 
 
-def _score(name: str, wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor, precision: str | None) -> ops.Score:
+def _nonfinite(inputs: dict[str, torch.Tensor]) -> str | None:
+    """The roles whose tensors hold NaN or Inf, as in "the unaligned model"; None when all are finite."""
+    bad = [role for role, x in inputs.items() if x.is_floating_point() and not all_finite(x)]
+    return f"the {' and '.join(bad)} model{'s' if len(bad) > 1 else ''}" if bad else None
+
+
+def _score(name: str, wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor, precision: str | None,
+           inputs: dict[str, torch.Tensor]) -> ops.Score:
     try:
         return ops.subspace_score(wa, wu, delta=dW, precision=precision)
     except FloatingPointError as exc:
-        raise FloatingPointError(f"tensor {name}: {exc}; check the input models") from None
+        where = _nonfinite(inputs)
+        raise FloatingPointError(f"tensor {name}: NaN or Inf in {where}; check the input models" if where
+                                 else f"tensor {name}: {exc}; check the input models") from None
 
 
 def _value_precision(t: torch.Tensor) -> torch.dtype | None:
@@ -316,7 +324,7 @@ class _Scored:
         name, wd = group.metadata.name or "?", _work_dtype(task)
         wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
         dW = task.to(wd) - wa
-        score = _score(name, wa, wu, dW, precision)
+        score = _score(name, wa, wu, dW, precision, t)
         rounding = _value_precision(task)
         return cls(name, task, wd, wa, wu, dW, score, _rounding_band(rounding, task, wa, score.delta_norm), rounding,
                    _task_lora(group, role), start, precision)
@@ -441,7 +449,7 @@ def _resta_tensor(
     start = time.perf_counter()
     name, wd = group.metadata.name or "?", _work_dtype(task)
     wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
-    score = _score(name, wa, wu, task.to(wd) - wa, precision) if _scorable(group, task) else None
+    score = _score(name, wa, wu, task.to(wd) - wa, precision, t) if _scorable(group, task) else None
     shift = wa - wu  # inputs are borrowed: never modified in place
     del wa, wu
     if density < 1.0:
@@ -531,7 +539,7 @@ def refusal(exc: BaseException) -> str | None:
         causes = [(e.get("ctx") or {}).get("error") for e in exc.errors()]
         ours = [str(c) for c in causes if isinstance(c, ValueError) and _raised_here(c)]
         return "; ".join(ours) if ours and len(ours) == len(causes) else None
-    if isinstance(exc, ValueError) and _raised_here(exc):  # (SafeMergeError: raised here by definition)
+    if isinstance(exc, (ValueError, FloatingPointError)) and _raised_here(exc):  # (SafeMergeError: by definition)
         return str(exc).splitlines()[0] if str(exc) else None
     if isinstance(exc, SafeMergeError) and str(exc):
         return str(exc).splitlines()[0]

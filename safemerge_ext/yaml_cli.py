@@ -31,7 +31,7 @@ from safemerge_ext.io.model_writer import untie_stored_head
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.mergekit_methods import (
-    METHOD_NAMES, ROLES, discard_report, finalize_report, register_methods, report_files,
+    METHOD_NAMES, ROLES, discard_report, finalize_report, refusal, register_methods, report_files,
 )
 from safemerge_ext.report import PlotUnavailable, plot, summary_table, write_json
 
@@ -507,8 +507,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                      "puts them elsewhere)" if lora_cache else "")
             _fail(f"OUT_PATH {out}: its file system is full ({str(exc).splitlines()[0]}); free space there or write "
                   f"elsewhere{folds}")
-        _fail(str(exc) if isinstance(exc, SafeMergeError) else
-              f"merge failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        _fail(refusal(exc) or f"merge failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     _done["out"] = out  # (an interrupt from here on cuts short the report copy or the summary only)
     if report is not None and own:
         own_json, own_png = report_files(own)
