@@ -1263,6 +1263,13 @@ def test_runs_without_linux_only_calls(fx, tmp_path, monkeypatch, system):
     assert run_cli(merge_args(fx, tmp_path / "here-adapter", "--num-layers", 5, "--no-plot")) == 0
     assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
                     "--report", tmp_path / "score.json"]) == 0
+    fd = os.open(tmp_path / "by-descriptor.json", os.O_WRONLY | os.O_CREAT)  # (a descriptor: no fcntl to ask)
+    try:
+        assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                        "--report", f"/dev/fd/{fd}"]) == 0
+    finally:
+        os.close(fd)
+    assert json.loads((tmp_path / "by-descriptor.json").read_text())["layers"]
     for a, b in (("linux", "here"), ("linux-adapter", "here-adapter")):
         files = sorted(p.name for p in (tmp_path / a).iterdir() if p.suffix == ".safetensors")
         assert files and files == sorted(p.name for p in (tmp_path / b).iterdir() if p.suffix == ".safetensors")
