@@ -1004,9 +1004,14 @@ def test_cpp_drop_behind_needs_rows_back_to_back():
     with pytest.raises(ValueError, match="back to back"):
         _cpu.lowrank_passes(wide.data_ptr(), wide.data_ptr(), 64, 96, 100, 100, 2, B.data_ptr(), 3, T.data_ptr(),
                             P.data_ptr(), 1, 32)
-    _cpu.lowrank_passes(wide.data_ptr(), wide.data_ptr(), 64, 96, 100, 100, 2, B.data_ptr(), 3, T.data_ptr(),
+    other = torch.randn(64, 100, generator=g).bfloat16()
+    _cpu.lowrank_passes(wide.data_ptr(), other.data_ptr(), 64, 96, 100, 100, 2, B.data_ptr(), 3, T.data_ptr(),
                         P.data_ptr(), 1, 0)  # (without drop-behind, row gaps are fine)
-    assert torch.equal(T, torch.zeros(96, 3)) and torch.equal(P, torch.zeros(64, 3))  # V = 0
+    V = wide[:, :96].double() - other[:, :96].double()
+    want_T = V.T @ B.double()
+    assert_close(T, want_T, atol=1e-5 * want_T.abs().max(), rtol=1e-5, what="T with row gaps")
+    want_P = V @ want_T
+    assert_close(P, want_P, atol=1e-5 * want_P.abs().max(), rtol=1e-5, what="P with row gaps")
 
 
 _BUS_PROBE = """

@@ -165,7 +165,7 @@ def test_degenerate_layers():
     assert math.isnan(s.cosine) and "V = 0" in s.reason
     s = ops.subspace_score(wa, wu, lora_A=A, lora_B=torch.zeros_like(B), backend="torch")
     assert math.isnan(s.cosine) and "zero" in s.reason
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
         bad = wa.clone()
         bad[0, 0] = float("nan")
         ops.subspace_cosine(bad, wu, lora_A=A, lora_B=B, backend="torch")
