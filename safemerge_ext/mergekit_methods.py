@@ -147,6 +147,7 @@ def _roles(group: TensorGroup, role: Any, method: str) -> dict[str, torch.Tensor
         raise ValueError(
             f"{method}: role {extra[0]!r} is not used by this method; roles are {', '.join(ROLES[method])}"
         )
+    _check_loras(group, role)
     out = {r: found[r][0].tensor for r in ROLES[method]}
     out["aligned"] = group.base.tensor
     return out
@@ -269,6 +270,35 @@ def _bytes_read(group: TensorGroup) -> int:
                         reader.close()
         total += stored if stored is not None else e.tensor.numel() * e.tensor.element_size()
     return total
+
+
+# (model folder, LoRA folder, their times of last change) already checked by _check_loras
+_loras_checked: set[tuple[str, str, int, int]] = set()
+
+
+def _check_loras(group: TensorGroup, role: Any) -> None:
+    """Each local ``model+lora`` input's adapter fits its model (headers only; once per pair and
+    process): mergekit folds the adapter before a method sees a tensor, and drops a module the
+    model does not have without a word."""
+    for e in group.entries:
+        lora, model = getattr(e.id, "lora", None), getattr(e.id, "model", None)
+        lpath, mpath = getattr(lora, "path", None), getattr(model, "path", None)
+        if not (isinstance(lpath, str) and isinstance(mpath, str) and Path(lpath).is_dir() and Path(mpath).is_dir()):
+            continue  # (no LoRA, or a Hub id: mergekit fetched it, nothing here to read)
+        key = (mpath, lpath, Path(mpath).stat().st_mtime_ns, Path(lpath).stat().st_mtime_ns)
+        with _readers_lock:
+            if key in _loras_checked:
+                continue
+        from safemerge_ext.io.adapters import check_fits, read_adapter
+
+        label = "base_model" if e.is_base else f"role {role[e.id]}"
+        reader = ModelReader(mpath, flag=f"{label}: model")
+        try:
+            check_fits(read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True), reader, label)
+        finally:
+            reader.close()
+        with _readers_lock:
+            _loras_checked.add(key)
 
 
 def _task_lora(group: TensorGroup, role: Any) -> bool:

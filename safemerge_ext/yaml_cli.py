@@ -233,7 +233,7 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
     """Paths exist; every tensor of the aligned model is in every input with the same shape (a
     resized vocabulary only with the recipe's tokenizer settings), 2-D weights in the same dtype in
     the unaligned one (headers only)."""
-    from safemerge_ext.io.adapters import read_adapter
+    from safemerge_ext.io.adapters import check_fits, read_adapter
     from safemerge_ext.io.models import ModelReader
 
     by_str = {str(r): r for _, _, inputs, _ in _groups(config) for r, _ in inputs}
@@ -283,24 +283,7 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
                 )
         checked += len(shape) == 2
     for label, ref, adapter in adapters:
-        reader = next(r for lbl, _, r in readers if lbl == label)
-        for module, m in adapter.modules.items():
-            wname = reader.resolve_module(module)
-            if wname is None:
-                from safemerge_ext.io.models import is_tied_head
-
-                tied = is_tied_head(module, ref.model.path)
-                raise SafeMergeError(
-                    f"{label}: LoRA adapter {ref.lora.path} targets {module}, which {ref.model.path} "
-                    + ("ties to its input embeddings (tie_word_embeddings, no tensor of its own); LoRA on a tied "
-                       "lm_head is not supported" if tied else "does not have")
-                )
-            d_out, d_in = reader.meta(wname)[0]
-            if m.d_out != d_out or m.d_in != d_in:
-                raise SafeMergeError(
-                    f"{label}: LoRA adapter {ref.lora.path} module {module} is {m.d_out}x{m.d_in} "
-                    f"but the weight {wname} is {d_out}x{d_in}"
-                )
+        check_fits(adapter, next(r for lbl, _, r in readers if lbl == label), label)
     inputs = tuple((f"{label} model", r.path) for label, _, r in readers) + tuple(
         (f"{label} LoRA adapter", a.path) for label, _, a in adapters)
     return has_lora, checked, inputs

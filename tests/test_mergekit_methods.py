@@ -1670,6 +1670,33 @@ def _lora_entries(cfg: dict) -> list[str]:
     return [f"{r.model._unique_id()}_{r.lora._unique_id()}" for r in refs if r.lora is not None]
 
 
+def test_plain_mergekit_refuses_a_lora_targeting_a_module_the_model_lacks(pico, tmp_path):
+    """mergekit folds a model+lora input before the method sees a tensor and drops a module the
+    model does not have without a word: the method checks each adapter against its model first,
+    as safemerge-yaml does before the run, and mergekit-yaml prints the one line."""
+    from safetensors.torch import load_file, save_file
+
+    from safemerge_ext.mergekit_methods import refusal
+
+    adapter = Path(shutil.copytree(pico.lora_task, tmp_path / "lora"))
+    factors = load_file(adapter / "adapter_model.safetensors")
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    factors[q.replace("q_proj", "foo_proj") + ".lora_A.weight"] = torch.randn_like(factors[q + ".lora_A.weight"])
+    factors[q.replace("q_proj", "foo_proj") + ".lora_B.weight"] = torch.randn_like(factors[q + ".lora_B.weight"])
+    save_file(factors, str(adapter / "adapter_model.safetensors"))
+    acfg = json.loads((adapter / "adapter_config.json").read_text())
+    acfg["target_modules"] = sorted(set(acfg["target_modules"]) | {"foo_proj"})
+    (adapter / "adapter_config.json").write_text(json.dumps(acfg))
+    with pytest.raises(SafeMergeError) as err:
+        merge(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{adapter}"), tmp_path / "o",
+              lora_merge_cache=str(tmp_path / "cache"))
+    want = (f"role task: LoRA adapter {adapter} targets model.layers.0.self_attn.foo_proj, which {pico.aligned} "
+            "does not have")
+    assert str(err.value) == want and refusal(err.value) == want
+    merge(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}"), tmp_path / "fine",
+          lora_merge_cache=str(tmp_path / "cache2"))
+
+
 def test_safemerge_yaml_names_a_lora_on_a_tied_head(pico, tmp_path):
     """A model+lora whose adapter targets lm_head where the model ties it to the embeddings (no
     tensor of its own) is refused as that, not as a module the model lacks."""

@@ -352,6 +352,27 @@ def check_default_rank(adapter: LoraAdapter) -> None:
                              "have (the largest, where rank_pattern gives others)")
 
 
+def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
+    """Every module the adapter targets is a weight of the model ``reader`` reads, with the factors'
+    shape; else one line (``label`` says which input), since a fold would drop the module silently."""
+    from safemerge_ext.io.models import is_tied_head
+
+    for module, m in adapter.modules.items():
+        wname = reader.resolve_module(module)
+        if wname is None:
+            raise SafeMergeError(
+                f"{label}: LoRA adapter {adapter.path} targets {module}, which {reader.path} "
+                + ("ties to its input embeddings (tie_word_embeddings, no tensor of its own); LoRA on a tied "
+                   "lm_head is not supported" if is_tied_head(module, reader.path) else "does not have")
+            )
+        d_out, d_in = reader.meta(wname)[0]
+        if m.d_out != d_out or m.d_in != d_in:
+            raise SafeMergeError(
+                f"{label}: LoRA adapter {adapter.path} module {module} is {m.d_out}x{m.d_in} "
+                f"but the weight {wname} is {d_out}x{d_in}"
+            )
+
+
 def global_scaling(config: dict[str, Any]) -> float:
     """The scaling of the config's default ``r`` and ``lora_alpha`` (PEFT's defaults: 8 and 8):
     the one scaling that vLLM applies to every module, since it reads neither pattern."""
