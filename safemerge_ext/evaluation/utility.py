@@ -16,7 +16,8 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation.data import jsonl_records
 
 _UNSIGNED = r"(?:\d[\d,]*)?\.?\d+"
-_NUM = re.compile("-?" + _UNSIGNED)  # 1,234  -7  0.5  .5
+# 1,234  -7  0.5  .5; a "-" after a word character or "." is a hyphen or a subtraction, not a sign ("10-12")
+_NUM = re.compile(r"(?:(?<![\w.])-)?" + _UNSIGNED)
 # "#### N": the number may follow a label ending in ":" or "is" ("Answer:", "The final answer is"; a unit in
 # parentheses may come before the ":": "Answer (in dollars):") and Markdown or currency marks ("**", "$", a
 # sign before or after the "$": "-$5", "$-5"). A Markdown heading is no answer line: "#### Step 2" (words
