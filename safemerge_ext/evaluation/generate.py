@@ -8,6 +8,8 @@ left-padded and sorted by length so little compute is spent on padding.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -93,6 +95,98 @@ def parse_model(text: str, adapter: str | None = None) -> ModelSpec:
         raise SafeMergeError(f"--model {text!r}: adapter folder {ad} has no {' or '.join(ADAPTER_WEIGHTS)}; "
                              "give the folder PEFT's save_pretrained wrote")
     return ModelSpec(name or Path(ad or path).absolute().name, path, ad)  # (a symlink keeps its own name)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} when it is missing or unreadable (the load that follows says why)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# a PEFT factor's tensor name: MODULE.lora_A|B[.ADAPTER].weight, or MODULE.lora_embedding_A|B[.ADAPTER]
+_FACTOR = re.compile(r"^(?P<module>.+?)\.lora_(?P<which>A|B|embedding_A|embedding_B)(?:\.[^.]+)*$")
+
+
+def _safetensors_shapes(files: Sequence[Path], wanted: set[str] | None = None) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape (of those in ``wanted``, or all) from the files' safetensors headers, without
+    reading any tensor; None when a file cannot be read (the load that follows says why)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        for f in files:
+            with safe_open(f, framework="pt") as h:
+                for name in h.keys():
+                    if wanted is None or name in wanted:
+                        shapes[name] = tuple(h.get_slice(name).get_shape())
+    except (OSError, ValueError, RuntimeError, SafetensorError):
+        return None
+    return shapes
+
+
+def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape of an adapter's weights, without loading them: from the safetensors header,
+    or from a memory-mapped adapter_model.bin; None when they cannot be read."""
+    if (folder / ADAPTER_WEIGHTS[0]).is_file():
+        return _safetensors_shapes([folder / ADAPTER_WEIGHTS[0]])
+    import pickle
+
+    import torch
+
+    try:
+        sd = torch.load(folder / ADAPTER_WEIGHTS[1], map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError):
+        return None
+    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")} if isinstance(sd, dict) else None
+
+
+def _model_files(folder: Path) -> list[Path] | None:
+    """The safetensors files transformers loads from a model folder (the index's shards, or
+    model.safetensors); None for a folder of PyTorch .bin files or an unreadable index."""
+    index = _read_json(folder / "model.safetensors.index.json")
+    weight_map = index.get("weight_map")
+    if isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values()):
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else None
+
+
+def check_adapter_fits(spec: ModelSpec) -> None:
+    """Fail with one line, before any model loads, when a module of ``spec``'s adapter does not fit the
+    base model: lora_B @ lora_A must have the shape of that module's weight in the base model's files.
+
+    Only shapes are read (safetensors headers), so this takes a moment where loading and failing takes
+    minutes, after the models before it have run. A module the base files do not name, a quantized base
+    model (packed weights) and a base model in .bin files are left to the load, which reports them."""
+    if not spec.adapter:
+        return
+    from safemerge_ext.io.adapters import peft_module
+
+    adapter, base = Path(spec.adapter), Path(spec.path)
+    files = _model_files(base)
+    shapes = _adapter_shapes(adapter)
+    if files is None or shapes is None or _read_json(base / "config.json").get("quantization_config"):
+        return
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
+        m = _FACTOR.match(name)
+        if m and m["which"] in ("A", "B") and len(shape) == 2:
+            factors.setdefault(peft_module(m["module"]), {})[m["which"]] = shape
+    model = _safetensors_shapes(files, {f"{mod}.weight" for mod in factors}) or {}
+    transposed = bool(_read_json(adapter / "adapter_config.json").get("fan_in_fan_out"))  # (GPT-2's Conv1D)
+    for mod, ab in factors.items():
+        have = model.get(f"{mod}.weight")
+        if have is None or len(have) != 2 or len(ab) != 2:
+            continue
+        update = (ab["B"][0], ab["A"][1])
+        want = update[::-1] if transposed else update
+        if have != want:
+            raise SafeMergeError(
+                f"--model {spec.label}: the adapter does not fit the model: adapter {spec.adapter} changes {mod} by a "
+                f"{update} update (lora_B {ab['B']} @ lora_A {ab['A']}), but {mod}.weight in {spec.path} has shape "
+                f"{have}; give the base model it was trained on")
 
 
 def _torch_dtype(name: str, device: str):
@@ -296,17 +390,27 @@ def _merge_adapter(model: Any, spec: ModelSpec) -> Any:
     return peft_model.merge_and_unload()
 
 
+def require_vllm() -> None:
+    """Fail with one line when vLLM cannot be imported: checked before any judge or model loads."""
+    from importlib import import_module
+
+    try:
+        import_module("vllm")
+    except ImportError:
+        raise SafeMergeError("--engine vllm: vLLM is not installed; pip install vllm, or use --engine transformers") from None
+
+
 class VllmEngine:
     """vLLM for multi-GPU scale: tensor parallel over the visible GPUs, adapters through LoRARequest."""
 
     name = "vllm"
 
     def __init__(self, dtype: str = "auto", tensor_parallel: int = 1) -> None:
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise SafeMergeError("--engine vllm: vLLM is not installed; pip install vllm, or use --engine transformers") from None
-        self.dtype, self.tp, self.llm, self.spec = dtype, tensor_parallel, None, None
+        require_vllm()
+        # auto: bfloat16, as the transformers engine on CUDA (vLLM's own auto takes the config's dtype,
+        # float16 for a float32 model), so the engine does not change the numbers through the dtype
+        self.dtype = "bfloat16" if dtype == "auto" else dtype
+        self.tp, self.llm, self.spec = tensor_parallel, None, None
         self.held = self._held_by_this_process()  # (the judge's, loaded first; not what vLLM later leaves)
 
     def _held_by_this_process(self) -> tuple[int, int]:
@@ -322,6 +426,7 @@ class VllmEngine:
     def load(self, spec: ModelSpec) -> None:
         from vllm import LLM
 
+        check_vllm_adapter(spec)
         self.unload()
         self.spec = spec
         kw = {"enable_lora": True, "max_lora_rank": _vllm_lora_rank(spec.adapter)} if spec.adapter else {}
@@ -394,6 +499,49 @@ def _vllm_lora_rank(adapter: str) -> int:
             return allowed
     raise SafeMergeError(f"{adapter}: LoRA rank {rank} is above vLLM's largest ({_VLLM_LORA_RANKS[-1]}); "
                          "use --engine transformers")
+
+
+def check_vllm_adapter(spec: ModelSpec) -> None:
+    """Fail with one line, before anything loads, when vLLM would evaluate another model than PEFT builds
+    from ``spec``'s adapter: vLLM scales every module by lora_alpha / r (/ sqrt(r) with use_rslora), and
+    reads neither rank_pattern nor alpha_pattern, so a module they give another scaling would be wrong
+    in silence. Also checks the adapter's rank against vLLM's largest."""
+    if not spec.adapter:
+        return
+    from safemerge_ext.io.adapters import pattern_key, peft_module
+
+    _vllm_lora_rank(spec.adapter)
+    cfg = _read_json(Path(spec.adapter) / "adapter_config.json")
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    if not (rank_pattern or alpha_pattern):
+        return
+    r, alpha, rslora = cfg.get("r", 8), cfg.get("lora_alpha", 8), bool(cfg.get("use_rslora"))
+
+    def scaling(a: float, rank: int) -> float:
+        return a / (math.sqrt(rank) if rslora else rank)
+
+    def text(a: float, rank: int) -> str:
+        return (f"{a:g} / " + (f"sqrt({rank})" if rslora else f"{rank}")
+                + (f" = {scaling(a, rank):.4g}" if rank > 0 else ""))
+
+    shapes = _adapter_shapes(Path(spec.adapter))
+    # the adapted modules, from the weights' names (without them: the patterns' keys, taken as names)
+    modules = (list(dict.fromkeys(peft_module(m["module"]) for m in map(_FACTOR.match, shapes) if m))
+               if shapes else list(dict.fromkeys([*rank_pattern, *alpha_pattern])))
+    off = []
+    for mod in modules:
+        rk, ak = pattern_key(rank_pattern, mod), pattern_key(alpha_pattern, mod)
+        m_rank = rank_pattern[rk] if rk is not None else r
+        m_alpha = alpha_pattern[ak] if ak is not None else alpha
+        if not (r > 0 and m_rank > 0 and math.isclose(scaling(m_alpha, m_rank), scaling(alpha, r), rel_tol=1e-9)):
+            off.append((mod, m_alpha, m_rank))
+    if off:
+        mod, m_alpha, m_rank = off[0]
+        raise SafeMergeError(
+            f"--model {spec.label}: --engine vllm scales every module of the adapter by lora_alpha / r "
+            f"({text(alpha, r)}), but its rank_pattern/alpha_pattern give {len(off)} of {len(modules)} modules "
+            f"another scaling (first: {mod}, {text(m_alpha, m_rank)}); use --engine transformers, or evaluate "
+            "the model with the adapter merged in (safemerge merge --output model)")
 
 
 def make_engine(name: str, *, device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
