@@ -11,7 +11,8 @@ Models (nothing from a model hub; the GGUF comes from PyPI and is never committe
   fine-tuned aligned + a task LoRA on seeded GSM8K-format word problems (no harmful content at all).
   safety     a LoRA on the aligned model with refusals on 12 *other* harmful intents (the SafeMERGE dW_s).
 Compared: aligned, fine-tuned, Safe LoRA (``safemerge project``), RESTA (mergekit ``resta``), SafeMERGE
-linear and DARE (``safemerge merge``). Evaluation: held-out harmful intents (never in any training set),
+linear (an adapter) and DARE (a merged model; ``safemerge merge``). Evaluation: held-out harmful intents (never in
+any training set),
 held-out benign prompts, held-out word problems; budgets are printed with the table and saved in results/.
 """
 
@@ -182,9 +183,10 @@ def variants(work: Path) -> dict[str, str]:
     log("SafeMERGE linear and DARE: safemerge merge")
     pipeline.merge(aligned, unaligned, task, safety, v / "safemerge-linear",
                    pipeline.MergeSettings(pipeline.Selection(threshold=THRESHOLD), alpha=ALPHA, method="linear"), **common)
+    # (a DARE update is full rank: written as an adapter it would be refit at rank r, losing most of it)
     pipeline.merge(aligned, unaligned, task, safety, v / "safemerge-dare",
                    pipeline.MergeSettings(pipeline.Selection(threshold=THRESHOLD), alpha=ALPHA, method="dare_linear",
-                                          density=DENSITY, seed=SEED), **common)
+                                          density=DENSITY, seed=SEED, output="model"), **common)
     log("RESTA: mergekit resta (safemerge-yaml)")
     recipe = work / "resta.yml"
     recipe.write_text(
@@ -204,7 +206,7 @@ def variants(work: Path) -> dict[str, str]:
     return {
         "unaligned": str(unaligned), "aligned": str(aligned), "fine-tuned": f"{aligned}+{task}",
         "safe-lora": f"{aligned}+{v / 'safe-lora'}", "resta": str(v / "resta"),
-        "safemerge-linear": f"{aligned}+{v / 'safemerge-linear'}", "safemerge-dare": f"{aligned}+{v / 'safemerge-dare'}",
+        "safemerge-linear": f"{aligned}+{v / 'safemerge-linear'}", "safemerge-dare": str(v / "safemerge-dare"),
     }
 
 
