@@ -292,11 +292,21 @@ def _check_loras(group: TensorGroup, role: Any) -> None:
         from safemerge_ext.io.adapters import check_fits, read_adapter
 
         label = "base_model" if e.is_base else f"role {role[e.id]}"
-        reader = ModelReader(mpath, flag=f"{label}: model")
+        # (what these readers refuse and PEFT folds, .bin files or fan_in_fan_out say, mergekit took: not checked)
         try:
-            check_fits(read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True), reader, label)
-        finally:
-            reader.close()
+            reader = ModelReader(mpath, flag=f"{label}: model")
+        except SafeMergeError:
+            reader = None
+        if reader is not None:
+            try:
+                try:
+                    adapter = read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True)
+                except SafeMergeError:
+                    adapter = None
+                if adapter is not None:
+                    check_fits(adapter, reader, label)
+            finally:
+                reader.close()
         with _readers_lock:
             _loras_checked.add(key)
 

@@ -1695,6 +1695,13 @@ def test_plain_mergekit_refuses_a_lora_targeting_a_module_the_model_lacks(pico, 
     assert str(err.value) == want and refusal(err.value) == want
     merge(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}"), tmp_path / "fine",
           lora_merge_cache=str(tmp_path / "cache2"))
+    # an adapter saved as adapter_model.bin (PEFT folds it; these readers refuse it) is left to mergekit
+    legacy = Path(shutil.copytree(pico.lora_task, tmp_path / "legacy"))
+    torch.save(load_file(legacy / "adapter_model.safetensors"), legacy / "adapter_model.bin")
+    (legacy / "adapter_model.safetensors").unlink()
+    got, _ = merge(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{legacy}"), tmp_path / "legacy-out",
+                   lora_merge_cache=str(tmp_path / "cache3"))
+    assert all(torch.equal(got[k], v) for k, v in read_model(tmp_path / "fine").items())
 
 
 def test_safemerge_yaml_names_a_lora_on_a_tied_head(pico, tmp_path):
