@@ -1218,6 +1218,8 @@ def test_mcnemar_exact_large_counts_and_bad_input() -> None:
 
     assert mcnemar_exact(600, 400) == mcnemar_exact(400, 600) == pytest.approx(2.7284641560660184e-10, rel=1e-12)
     assert mcnemar_exact(2000, 0) == 0.0 and mcnemar_exact(5000, 5000) == 1.0
+    # each term from the last (linear in min(b, c)): tens of thousands of prompts take well under a second
+    assert mcnemar_exact(20000, 20500) == pytest.approx(0.01315382511314, rel=1e-9)
     with pytest.raises(ValueError, match="discordant counts >= 0"):
         mcnemar_exact(-1, 3)
     # an unreadable verdict (None) leaves its prompt out of the pairs
@@ -1295,6 +1297,18 @@ def test_a_model_failing_late_keeps_the_finished_results(tiny_chat_model: tuple[
             raise RuntimeError("CUDA out of memory")
         return real(self, prompts, max_new_tokens)
 
+    def generate_then_fail(self, prompts, max_new_tokens):  # (transformers' errors run over several lines)
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise ValueError("the tokenizer cannot do that\nsee the docs")
+        return real(self, prompts, max_new_tokens)
+
+    monkeypatch.setattr(generate.TransformersEngine, "generate", generate_then_fail)
+    assert main(["eval", "--model", f"a={model}", "--model", f"c={model}", *args[5:], "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "safemerge: error: the tokenizer cannot do that see the docs; the results of a, which finished, are in "
+        f"{out / 'eval.partial.json'} (and .png)")
+    calls["n"] = 0
     monkeypatch.setattr(generate.TransformersEngine, "generate", generate_then_oom)
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         main(["eval", "--model", f"a={model}", "--model", f"c={model}", "--model", f"d={model}", *args[5:],
@@ -1448,3 +1462,11 @@ def test_vllm_run_records_no_batch_size_and_gets_bfloat16(tiny_chat_model: tuple
     assert [(r["harmful"]["k"], r["harmful"]["n"]) for r in res["models"]] == [(0, 3), (3, 3)]
     assert res["paired"]["harmful"] == [{"models": ["a", "b"], "n": 3, "b": 0, "c": 3, "p": 0.25}]
     assert "a vs b  0/3 p=0.25" in capsys.readouterr().out
+    # a GPU without bfloat16 (compute capability < 8.0) gets float16, which vLLM would otherwise refuse at start
+    import torch
+
+    from safemerge_ext.evaluation.generate import VllmEngine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert VllmEngine().dtype == "float16" and VllmEngine(dtype="bfloat16").dtype == "bfloat16"

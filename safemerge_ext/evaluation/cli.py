@@ -49,7 +49,7 @@ def add_parsers(sub: Any) -> None:
                         "takes the GPUs it sees (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype for generation (default: auto: float32 on the CPU, bfloat16 on CUDA, "
-                        "which is where vllm runs)")
+                        "which is where vllm runs; float16 for vllm on GPUs without bfloat16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subsets (default: 0)")
     p.add_argument("--out", metavar="DIR", help="write eval.json (with every response) and eval.png here (created "
                         "if missing; files of those names in it are replaced); checked before any model loads. "
@@ -207,6 +207,6 @@ def _report_unfinished(stop: Any, out: str | None) -> NoReturn:
     if isinstance(cause, (SafeMergeError, ValueError, OSError)):
         text = (f"{cause.strerror or cause}" + (f": {cause.filename}" if cause.filename else "")
                 if isinstance(cause, OSError) else str(cause))
-        raise SafeMergeError(f"{text}; {note}") from None
+        raise SafeMergeError(f"{' '.join(text.split())}; {note}") from None  # (one line: transformers writes several)
     print(f"safemerge: [{stop.model}] failed; {note}", file=sys.stderr)
     raise cause

@@ -400,6 +400,18 @@ def require_vllm() -> None:
         raise SafeMergeError("--engine vllm: vLLM is not installed; pip install vllm, or use --engine transformers") from None
 
 
+def _vllm_auto_dtype() -> str:
+    """bfloat16, or float16 where the GPU has no bfloat16 (compute capability below 8.0), which vLLM
+    refuses only when it starts, after the judge has loaded."""
+    import torch
+
+    try:
+        lacks = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+    except (RuntimeError, AssertionError):  # (a broken CUDA set-up: vLLM will say what is wrong)
+        lacks = False
+    return "float16" if lacks else "bfloat16"
+
+
 class VllmEngine:
     """vLLM for multi-GPU scale: tensor parallel over the visible GPUs, adapters through LoRARequest."""
 
@@ -409,7 +421,7 @@ class VllmEngine:
         require_vllm()
         # auto: bfloat16, as the transformers engine on CUDA (vLLM's own auto takes the config's dtype,
         # float16 for a float32 model), so the engine does not change the numbers through the dtype
-        self.dtype = "bfloat16" if dtype == "auto" else dtype
+        self.dtype = _vllm_auto_dtype() if dtype == "auto" else dtype
         self.tp, self.llm, self.spec = tensor_parallel, None, None
         self.held = self._held_by_this_process()  # (the judge's, loaded first; not what vLLM later leaves)
 

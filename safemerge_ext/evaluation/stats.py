@@ -32,13 +32,16 @@ def mcnemar_exact(b: int, c: int) -> float:
 
     Why paired: every model answers the same prompts, so the prompts both models got right (or wrong)
     say nothing about which is better, and intervals that overlap hide differences that the pairs show.
-    Integers throughout (math.comb), and one correctly rounded division: exact at any n."""
+    Integers throughout, and one correctly rounded division: exact at any n."""
     if b < 0 or c < 0:
         raise ValueError(f"mcnemar_exact: need discordant counts >= 0, got b={b}, c={c}")
     n = b + c
-    if n == 0:
+    if b == c:  # (the tail holds half the mass or more: p = 1; also b = c = 0)
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1))
+    term = tail = 1  # C(n, 0); each next term from the last, not a fresh math.comb: linear in min(b, c)
+    for i in range(min(b, c)):
+        term = term * (n - i) // (i + 1)
+        tail += term
     return min(1.0, 2 * tail / (1 << n))
 
 

@@ -77,7 +77,8 @@ _seek_lock = threading.Lock()
 def pread_into(fd: int, view: memoryview, offset: int) -> int:
     """Read up to ``len(view)`` bytes at ``offset`` into ``view``; the count (0 at the end).
     ``os.preadv`` where it exists (Linux, BSD, macOS 11+), else ``os.pread``, else (Windows) a
-    seek and a read under one lock, since the read-ahead thread shares the descriptors."""
+    seek and a read under one lock, since the read-ahead thread shares the descriptors (and
+    Windows' mmap seeks them too: :meth:`ModelReader.map` maps under the same lock there)."""
     if hasattr(os, "preadv"):
         return os.preadv(fd, [view], offset)
     if hasattr(os, "pread"):
@@ -559,7 +560,11 @@ class ModelReader:
             base = start - start % _PMD
             stop = max(end, min(end + (-end) % _PMD, os.fstat(fd).st_size))
         try:
-            mm = mmap.mmap(fd, stop - base, access=mmap.ACCESS_COPY, offset=base)
+            if os.name == "nt":  # (there mmap seeks the descriptor to 0, which pread_into's seek+read shares)
+                with _seek_lock:
+                    mm = mmap.mmap(fd, stop - base, access=mmap.ACCESS_COPY, offset=base)
+            else:
+                mm = mmap.mmap(fd, stop - base, access=mmap.ACCESS_COPY, offset=base)
         except (OSError, ValueError):  # (ValueError: the file is shorter now than its header says; read names it)
             return self._read(shard, start, end, what).view(dtype)
         with self._lock:
