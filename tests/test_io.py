@@ -68,8 +68,8 @@ def test_headers_are_read_whole_through_short_reads(fx, monkeypatch):
     """A file system that returns short reads (FUSE, some NFS set-ups) still gives whole headers."""
     from safemerge_ext.io import models
 
-    real, calls = os.pread, []
-    monkeypatch.setattr(models.os, "pread", lambda fd, n, off: calls.append(n) or real(fd, min(n, 64), off))
+    real, calls = os.preadv, []
+    monkeypatch.setattr(models.os, "preadv", lambda fd, bufs, off: calls.append(len(bufs[0])) or real(fd, [bufs[0][:64]], off))
     short = ModelReader(fx.aligned, "--aligned")
     got = {n: short.layout(n) for n in short.names}
     monkeypatch.undo()
