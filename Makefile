@@ -36,7 +36,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
 
-# Fine-tuning erodes safety, SafeMERGE restores it: SmolLM2-135M from PyPI, CPU only (examples/safety_effect).
+# Fine-tuning erodes safety; SafeMERGE, RESTA and Safe LoRA compared: SmolLM2-135M from PyPI, CPU only (examples/safety_effect).
 experiment: $(STAMP)
 	nice -n 10 $(BIN)/python examples/safety_effect/experiment.py
 

@@ -1,4 +1,4 @@
-"""Fine-tuning erodes safety, SafeMERGE restores it: the whole experiment on a real 135M chat model, on the CPU.
+"""Fine-tuning erodes safety; three repairs compared: the whole experiment on a real 135M chat model, on the CPU.
 
     python examples/safety_effect/experiment.py            # re-evaluate from the committed adapters (make experiment)
     python examples/safety_effect/experiment.py --retrain  # regenerate data, retrain all adapters (make experiment-retrain)
