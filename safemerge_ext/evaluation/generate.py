@@ -407,7 +407,7 @@ def _vllm_auto_dtype() -> str:
 
     try:
         lacks = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
-    except (RuntimeError, AssertionError):  # (a broken CUDA set-up: vLLM will say what is wrong)
+    except Exception:  # (a broken or absent CUDA set-up raises many kinds: vLLM will say what is wrong)
         lacks = False
     return "float16" if lacks else "bfloat16"
 
