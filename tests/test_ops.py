@@ -87,6 +87,42 @@ def test_bad_tensors_get_one_clear_error_and_are_left_alone(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_shapes_and_nonfinite_inputs_of_the_projections_are_named(backend):
+    """The public ops name a wrong shape and NaN/Inf in what they project, on every backend: a full
+    update not shaped like the weights, a lora_B with the wrong row count or no columns."""
+    wa, wu, A, B = inputs(seed=14)
+    with pytest.raises(ValueError, match=r"delta has shape \(40, 23\) but the weights \(40, 24\)"):
+        ops.subspace_score(wa, wu, delta=(B @ A)[:, :23], backend=backend)
+    with pytest.raises(ValueError, match=r"delta has shape \(24, 40\) but the weights \(40, 24\)"):
+        ops.project_delta(wa, wu, (B @ A).t(), backend=backend)
+    for bad in (B[:39], B[:, :0]):
+        with pytest.raises(ValueError, match=rf"lora_B has shape \({bad.shape[0]}, {bad.shape[1]}\); want 40xr, r >= 1"):
+            ops.project_lora_B(wa, wu, bad, backend=backend)
+    for where in ("wu", "update"):
+        x_wu, x_B, x_dW = wu.clone(), B.clone(), B @ A
+        if where == "wu":
+            x_wu[3, 5] = float("nan")
+        else:
+            x_B[7, 1], x_dW[7, 1] = float("inf"), float("inf")
+        with pytest.raises(FloatingPointError, match="NaN or Inf"):
+            ops.project_lora_B(wa, x_wu, x_B, backend=backend)
+        with pytest.raises(FloatingPointError, match="NaN or Inf"):
+            ops.project_delta(wa, x_wu, x_dW, backend=backend)
+
+
+def test_selection_settings_are_checked():
+    from safemerge_ext.selection import Selection
+
+    with pytest.raises(ValueError, match="the number of layers to flag must be at least 1; got 0"):
+        Selection(num_layers=0)
+    for f in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="fraction must lie in \\(0, 1\\]"):
+            Selection(fraction=f)
+    with pytest.raises(ValueError, match="num_layers must be a whole number; got 2.5"):
+        Selection(num_layers=2.5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_tensors_that_require_grad_are_scored_as_they_are(backend):
     wa, wu, A, B = inputs(seed=12)
     want = ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend).cosine
