@@ -1462,11 +1462,15 @@ def test_vllm_run_records_no_batch_size_and_gets_bfloat16(tiny_chat_model: tuple
     assert [(r["harmful"]["k"], r["harmful"]["n"]) for r in res["models"]] == [(0, 3), (3, 3)]
     assert res["paired"]["harmful"] == [{"models": ["a", "b"], "n": 3, "b": 0, "c": 3, "p": 0.25}]
     assert "a vs b  0/3 p=0.25" in capsys.readouterr().out
-    # a GPU without bfloat16 (compute capability < 8.0) gets float16, which vLLM would otherwise refuse at start
-    import torch
+    # a GPU without bfloat16 (compute capability < 8.0, asked through vLLM's NVML platform) gets float16,
+    # which vLLM would otherwise refuse at start; 8.0 and up, and a platform that cannot tell, bfloat16
+    import sys
+    import types
 
     from safemerge_ext.evaluation.generate import VllmEngine
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert VllmEngine().dtype == "float16" and VllmEngine(dtype="bfloat16").dtype == "bfloat16"
+    for cap, cuda, want in (((7, 5), True, "float16"), ((8, 0), True, "bfloat16"), (None, True, "bfloat16"),
+                            ((7, 0), False, "bfloat16")):
+        platform = types.SimpleNamespace(is_cuda=lambda cuda=cuda: cuda, get_device_capability=lambda cap=cap: cap)
+        monkeypatch.setitem(sys.modules, "vllm.platforms", types.SimpleNamespace(current_platform=platform))
+        assert VllmEngine().dtype == want and VllmEngine(dtype="bfloat16").dtype == "bfloat16", (cap, cuda)

@@ -401,15 +401,18 @@ def require_vllm() -> None:
 
 
 def _vllm_auto_dtype() -> str:
-    """bfloat16, or float16 where the GPU has no bfloat16 (compute capability below 8.0), which vLLM
-    refuses only when it starts, after the judge has loaded."""
-    import torch
-
+    """bfloat16, or float16 on a CUDA GPU without it (compute capability below 8.0), which vLLM
+    refuses only when it starts, after the judge has loaded. Asked through vLLM's platform (NVML),
+    which starts no CUDA context in this process (torch.cuda's check would, and counts bf16
+    emulation as support)."""
     try:
-        lacks = torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
-    except Exception:  # (a broken or absent CUDA set-up raises many kinds: vLLM will say what is wrong)
-        lacks = False
-    return "float16" if lacks else "bfloat16"
+        from vllm.platforms import current_platform
+
+        cap = current_platform.get_device_capability() if current_platform.is_cuda() else None
+        old = cap is not None and tuple(cap)[:2] < (8, 0)
+    except Exception:  # (a broken or absent set-up raises many kinds: vLLM will say what is wrong)
+        old = False
+    return "float16" if old else "bfloat16"
 
 
 class VllmEngine:
