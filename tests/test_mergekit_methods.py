@@ -1702,6 +1702,14 @@ def test_plain_mergekit_refuses_a_lora_targeting_a_module_the_model_lacks(pico, 
     got, _ = merge(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{legacy}"), tmp_path / "legacy-out",
                    lora_merge_cache=str(tmp_path / "cache3"))
     assert all(torch.equal(got[k], v) for k, v in read_model(tmp_path / "fine").items())
+    # so is a model+lora whose model is in pytorch_model.bin files
+    bin_model = Path(shutil.copytree(pico.aligned, tmp_path / "bin-model"))
+    torch.save(read_model(bin_model), bin_model / "pytorch_model.bin")
+    for f in [*bin_model.glob("*.safetensors"), *bin_model.glob("model.safetensors.index.json")]:
+        f.unlink()
+    got, _ = merge(recipe(pico, params={"threshold": TAU}, task=f"{bin_model}+{pico.lora_task}"), tmp_path / "bin-out",
+                   lora_merge_cache=str(tmp_path / "cache4"))
+    assert all(torch.equal(got[k], v) for k, v in read_model(tmp_path / "fine").items())
 
 
 def test_safemerge_yaml_names_a_lora_on_a_tied_head(pico, tmp_path):
