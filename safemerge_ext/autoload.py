@@ -85,8 +85,31 @@ def disable(target: str | os.PathLike | None = None) -> str:
     return f"autoload disabled: removed {f} (use safemerge-yaml, or set {ENV}=1 for one run)"
 
 
-def status() -> str:
-    """Where the .pth is, whether the env var turns it off, and whether the hook runs in this process."""
+_FINDS = ("import site, sys\n"
+          "for d in sys.argv[1:]: site.addsitedir(d)\n"
+          "from mergekit.merge_methods import registry\n"
+          "print(' '.join(sorted({m.spec.name for m in registry.registered_methods()} & {'safemerge', 'safelora', 'resta'})))")
+
+
+def mergekit_finds(*site_dirs: str | os.PathLike) -> tuple[list[str] | None, str]:
+    """The methods of this package that mergekit registers in a fresh interpreter of this environment
+    (``site_dirs`` added as site directories, their .pth files run), as plain mergekit-yaml would see
+    them; (None, why) when that interpreter cannot tell (mergekit missing, an import that fails)."""
+    import subprocess
+
+    try:
+        res = subprocess.run([sys.executable, "-c", _FINDS, *map(str, site_dirs)], capture_output=True, text=True,
+                             timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, str(exc)
+    if res.returncode != 0:
+        return None, (res.stderr.strip().splitlines() or ["no output"])[-1]
+    return res.stdout.split(), ""
+
+
+def status(check: bool = False) -> str:
+    """Where the .pth is, whether the env var turns it off, whether the hook runs in this process, and
+    (``check``) whether a fresh interpreter's mergekit finds the methods, which takes a few seconds."""
     files = _pth_files()
     off = switched_on(ENV)
     hook = "safemerge_ext._autoload_hook" in sys.modules
@@ -101,5 +124,9 @@ def status() -> str:
         names = {m.spec.name for m in registry.registered_methods()}
         mine = [n for n in ("safemerge", "safelora", "resta") if n in names]
         lines.append(f"registered with mergekit here: {', '.join(mine) or 'none'}")
+    if check and files and not off:
+        found, why = mergekit_finds()
+        lines.append(f"mergekit-yaml finds: {', '.join(found) or 'none of them (the hook ran but did not register)'}"
+                     if found is not None else f"mergekit-yaml finds: cannot tell ({why})")
     lines.append("state: " + ("enabled" if files and not off else "disabled"))
     return "\n".join(lines)

@@ -172,7 +172,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "autoload":
         from safemerge_ext import autoload
 
-        print(getattr(autoload, args.action)())
+        print(autoload.status(check=True) if args.action == "status" else getattr(autoload, args.action)())
         return 0
 
     from safemerge_ext import pipeline

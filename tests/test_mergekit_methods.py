@@ -809,6 +809,28 @@ def test_autoload_status_says_the_env_switch_turns_the_hook_off():
     assert "hook loaded in this interpreter: yes, inactive (SAFEMERGE_NO_AUTOLOAD)" in out.stdout, out.stdout
 
 
+def test_autoload_status_asks_a_fresh_interpreter_what_mergekit_finds(tmp_path, monkeypatch):
+    """`safemerge autoload status` says what plain mergekit-yaml will find, from a fresh interpreter of
+    this environment: all three methods with the hook, none with SAFEMERGE_NO_AUTOLOAD, and why it
+    cannot tell when mergekit does not import."""
+    site_dirs = []
+    if not autoload._pth_files():  # (an editable install whose setuptools left the .pth out)
+        autoload.enable(tmp_path / "site")
+        site_dirs = [tmp_path / "site"]
+    monkeypatch.delenv("SAFEMERGE_NO_AUTOLOAD", raising=False)
+    assert autoload.mergekit_finds(*site_dirs) == (["resta", "safelora", "safemerge"], "")
+    if not site_dirs:
+        assert "\nmergekit-yaml finds: resta, safelora, safemerge\nstate: enabled" in autoload.status(check=True)
+    monkeypatch.setenv("SAFEMERGE_NO_AUTOLOAD", "1")
+    assert autoload.mergekit_finds(*site_dirs) == ([], "")
+    monkeypatch.delenv("SAFEMERGE_NO_AUTOLOAD")
+    broken = tmp_path / "broken" / "mergekit"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('mergekit is broken here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(broken.parent))
+    assert autoload.mergekit_finds(*site_dirs) == (None, "ImportError: mergekit is broken here")
+
+
 def test_pth_hook_when_the_plugin_module_is_imported_first(tmp_path):
     """Importing safemerge_ext.mergekit_methods first (it imports mergekit) registers once, without warnings."""
     site_dir = tmp_path / "site"
