@@ -110,28 +110,28 @@ def _read_json(path: Path) -> dict[str, Any]:
 _FACTOR = re.compile(r"^(?P<module>.+?)\.lora_(?P<which>A|B|embedding_A|embedding_B)(?:\.[^.]+)*$")
 
 
-def _safetensors_shapes(files: Sequence[Path], wanted: set[str] | None = None) -> dict[str, tuple[int, ...]] | None:
-    """Tensor name -> shape (of those in ``wanted``, or all) from the files' safetensors headers, without
-    reading any tensor; None when a file cannot be read (the load that follows says why)."""
-    from safetensors import SafetensorError, safe_open
+def _header_shapes(folder: Path, single: str | None = None, wanted: set[str] | None = None) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape (of those in ``wanted``, or all) from a folder's safetensors headers
+    (``io.models.ModelReader``: the index's shards or ``single``), without reading any tensor; None when
+    they cannot be read, .bin files say (the load that follows says why)."""
+    from safemerge_ext.io.models import SINGLE, ModelReader
 
-    shapes: dict[str, tuple[int, ...]] = {}
     try:
-        for f in files:
-            with safe_open(f, framework="pt") as h:
-                for name in h.keys():
-                    if wanted is None or name in wanted:
-                        shapes[name] = tuple(h.get_slice(name).get_shape())
-    except (OSError, ValueError, RuntimeError, SafetensorError):
+        reader = ModelReader(folder, single=single or SINGLE)
+        try:
+            names = reader.names if wanted is None else [n for n in wanted if n in reader]
+            return {n: tuple(reader.meta(n)[0]) for n in names}
+        finally:
+            reader.close()
+    except SafeMergeError:
         return None
-    return shapes
 
 
 def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
     """Tensor name -> shape of an adapter's weights, without loading them: from the safetensors header,
     or from a memory-mapped adapter_model.bin; None when they cannot be read."""
     if (folder / ADAPTER_WEIGHTS[0]).is_file():
-        return _safetensors_shapes([folder / ADAPTER_WEIGHTS[0]])
+        return _header_shapes(folder, single=ADAPTER_WEIGHTS[0])
     import pickle
 
     import torch
@@ -141,16 +141,6 @@ def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError):
         return None
     return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")} if isinstance(sd, dict) else None
-
-
-def _model_files(folder: Path) -> list[Path] | None:
-    """The safetensors files transformers loads from a model folder (the index's shards, or
-    model.safetensors); None for a folder of PyTorch .bin files or an unreadable index."""
-    index = _read_json(folder / "model.safetensors.index.json")
-    weight_map = index.get("weight_map")
-    if isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values()):
-        return [folder / f for f in sorted(set(weight_map.values()))]
-    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else None
 
 
 def check_adapter_fits(spec: ModelSpec) -> None:
@@ -165,16 +155,15 @@ def check_adapter_fits(spec: ModelSpec) -> None:
     from safemerge_ext.io.adapters import peft_module
 
     adapter, base = Path(spec.adapter), Path(spec.path)
-    files = _model_files(base)
     shapes = _adapter_shapes(adapter)
-    if files is None or shapes is None or _read_json(base / "config.json").get("quantization_config"):
+    if shapes is None or _read_json(base / "config.json").get("quantization_config"):
         return
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, shape in shapes.items():
         m = _FACTOR.match(name)
         if m and m["which"] in ("A", "B") and len(shape) == 2:
             factors.setdefault(peft_module(m["module"]), {})[m["which"]] = shape
-    model = _safetensors_shapes(files, {f"{mod}.weight" for mod in factors}) or {}
+    model = _header_shapes(base, wanted={f"{mod}.weight" for mod in factors}) or {}
     transposed = bool(_read_json(adapter / "adapter_config.json").get("fan_in_fan_out"))  # (GPT-2's Conv1D)
     for mod, ab in factors.items():
         have = model.get(f"{mod}.weight")
