@@ -20,6 +20,7 @@ warning says so).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dis
 import glob
 import json
@@ -292,20 +293,15 @@ def _check_loras(group: TensorGroup, role: Any) -> None:
         from safemerge_ext.io.adapters import check_fits, read_adapter
 
         label = "base_model" if e.is_base else f"role {role[e.id]}"
-        # (what these readers refuse and PEFT folds, .bin files or fan_in_fan_out say, mergekit took: not checked)
+        reader = adapter = None
+        with contextlib.suppress(SafeMergeError):  # (what these refuse and PEFT folds, .bin files or
+            reader = ModelReader(mpath, flag=f"{label}: model")  # fan_in_fan_out say, is left to mergekit)
+            adapter = read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True)
         try:
-            reader = ModelReader(mpath, flag=f"{label}: model")
-        except SafeMergeError:
-            reader = None
-        if reader is not None:
-            try:
-                try:
-                    adapter = read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True)
-                except SafeMergeError:
-                    adapter = None
-                if adapter is not None:
-                    check_fits(adapter, reader, label)
-            finally:
+            if adapter is not None:
+                check_fits(adapter, reader, label)
+        finally:
+            if reader is not None:
                 reader.close()
         with _readers_lock:
             _loras_checked.add(key)
