@@ -684,6 +684,60 @@ def test_sigterm_cleans_up_as_ctrl_c_does(fx, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
 
 
+_IMPORT_LOCK_DRIVER = """
+import _imp, os, signal, sys, time
+from safemerge_ext._signals import sigterm_as_interrupt
+
+# importlib's module-lock callback, as it is written: the global import lock taken before its try
+source = '''
+import _imp, signal
+def cb(signum):
+    _imp.acquire_lock()
+    signal.raise_signal(signum)  # (the signal arrives here)
+    n = 0
+    for i in range(1000):  # (where Python runs the handler: the loop's backward jumps)
+        n += i
+    try:
+        pass
+    finally:
+        _imp.release_lock()
+'''
+ns = {"__name__": "importlib._bootstrap"}
+exec(compile(source, "<frozen importlib._bootstrap>", "exec"), ns)
+where = held = result = None
+with sigterm_as_interrupt():
+    try:
+        try:
+            ns["cb"](getattr(signal, sys.argv[1]))
+            where = "after"
+        except KeyboardInterrupt:
+            where = "inside"
+        held = _imp.lock_held()
+        time.sleep(20)
+        result = "none"
+    except KeyboardInterrupt as exc:
+        result = type(exc).__name__
+print(where, held, result, flush=True)
+os._exit(0)  # (a leaked import lock would hang the interpreter's exit)
+"""
+
+
+@pytest.mark.parametrize("sig, raised", [("SIGTERM", "Terminated"), ("SIGINT", "KeyboardInterrupt")])
+def test_a_signal_inside_the_import_machinery_is_raised_once_out_of_it(sig, raised):
+    """SIGTERM or Ctrl-C that interrupts importlib's own code is raised a moment later, outside it:
+    raised inside a module-lock callback it left the global import lock held, and the run hung
+    forever as soon as another thread (the plot's background import) imported anything."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-c", _IMPORT_LOCK_DRIVER, sig], capture_output=True, text=True, timeout=60,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # not raised inside; the import lock free; the signal raised afterwards, as the exception it is
+    assert res.stdout.split() == ["after", "False", raised], (res.stdout, res.stderr[-2000:])
+
+
 _BUS_DRIVER = """
 import sys
 from pathlib import Path
