@@ -26,6 +26,7 @@ import glob
 import json
 import logging
 import math
+import numbers
 import os
 import sys
 import threading
@@ -50,6 +51,7 @@ from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import USES_DENSITY, USES_SEED, combine_full, seeded
 from safemerge_ext.report import (REPORT_JSON, REPORT_PNG, LayerRecord, PlotUnavailable, build_report, plot,
                                   summary_table, write_json)
+from safemerge_ext.selection import unreachable_threshold
 
 __all__ = [
     "METHOD_NAMES",
@@ -88,12 +90,22 @@ def _in_range(name: str, lo: float, hi: float, what: str, lo_open: bool = False)
 
 
 def _no_switch(name: str, kind: str = "number") -> BeforeValidator:
-    """Refuse true/false for a numeric parameter (pydantic would read them as 1 and 0)."""
+    """Refuse true/false for a numeric parameter (pydantic would read them as 1 and 0), and
+    anything else that is no number (``kind``: "number" or "whole number"), with a message that
+    names the parameter: pydantic's own names only its validators' chain. A numeric string passes
+    (mergekit reads YAML's "1e-3" as a number)."""
+    whole = kind == "whole number"
 
     def check(v: Any) -> Any:
         if isinstance(v, bool):
             raise ValueError(f"{name} takes a {kind}, not {str(v).lower()}")
-        return v
+        try:
+            x = float(v) if isinstance(v, (str, numbers.Real)) else None
+        except ValueError:
+            x = None
+        if x is None or (whole and not x.is_integer()):
+            raise ValueError(f"{name} takes a {kind}; got {v!r}")
+        return int(x) if whole and isinstance(v, str) else v
 
     return BeforeValidator(check)
 
@@ -925,6 +937,16 @@ def _settings(method: str, layers: list[LayerRecord]) -> dict[str, Any]:
     return settings
 
 
+def _unreachable_threshold(method: str, layers: list[LayerRecord]) -> list[str]:
+    """A warning when one threshold serves every layer and can flag none (a threshold that varies
+    by layer may mean "never flag" for some on purpose)."""
+    values = {r.extra.get("threshold") for r in layers}
+    if method == "resta" or len(values) != 1 or not isinstance(tau := values.pop(), (int, float)):
+        return []
+    why = unreachable_threshold(float(tau), inclusive=method == "safelora")
+    return [why] if why else []
+
+
 def _unused_density(method: str, layers: list[LayerRecord]) -> list[str]:
     """A warning when a safemerge recipe sets a density its linear merge cannot use."""
     if method != "safemerge":
@@ -1018,8 +1040,8 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
         backend_detail="; ".join(details) or None,
         timings=_timings(lines),
         bytes_read=sum(ln["bytes"] for ln in lines),
-        warnings=(_precision_warnings(method, layers) + _unused_precision(lines) + _unused_density(method, layers)
-                  + list(warnings)),
+        warnings=(_unreachable_threshold(method, layers) + _precision_warnings(method, layers) + _unused_precision(lines)
+                  + _unused_density(method, layers) + list(warnings)),
     )
     band_layers = [r for r in layers if r.extra.get("rounding_band") is not None]
     if band_layers and method != "resta":

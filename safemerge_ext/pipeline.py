@@ -529,8 +529,11 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
 
 
 def _select(run: Run, scores: list[ops.Score], selection: Selection) -> list[bool]:
-    """Flags in model order; warns when --num-layers asks for more layers than can be scored."""
+    """Flags in model order; warns when --num-layers asks for more layers than can be scored, or
+    when the threshold can flag none."""
     scorable = sum(not math.isnan(s.cosine) for s in scores)
+    if selection.never_flags:
+        run.warnings.append(selection.never_flags)
     if scores and not scorable:
         run.warnings.append(f"no layer could be scored (all {len(scores)} are degenerate: see each one's reason); "
                             "none was flagged, so the output keeps the adapter's updates unchanged")
@@ -611,6 +614,8 @@ def score(
     if plot_path:
         preload_plotting()
     scores = score_layers(run, progress=progress)
+    if selection.never_flags:
+        run.warnings.append(selection.never_flags)
     flags = selection.flag([s.cosine for s in scores])
     settings = {"aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
                 "adapter": str(Path(adapter).resolve()), "device": device, "backend_requested": run.backend_requested,

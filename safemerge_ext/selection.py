@@ -51,6 +51,11 @@ class Selection:
             "comparison": "<=" if self.inclusive else "<",
         }
 
+    @property
+    def never_flags(self) -> str | None:
+        """Why this rule can flag no layer (a threshold the score never falls below), else None."""
+        return unreachable_threshold(self.threshold, self.inclusive) if self.threshold is not None else None
+
     def flag(self, scores: Sequence[float]) -> list[bool]:
         """One flag per score, in the given (model) order."""
         valid = [i for i, s in enumerate(scores) if not math.isnan(s)]
@@ -62,3 +67,14 @@ class Selection:
         k = self.num_layers if self.num_layers is not None else math.ceil(Fraction(repr(float(self.fraction))) * len(valid))
         lowest = set(sorted(valid, key=lambda i: (scores[i], i))[:k])
         return [i in lowest for i in range(len(scores))]
+
+
+def unreachable_threshold(threshold: float, inclusive: bool) -> str | None:
+    """A warning when ``threshold`` can flag no layer: the score, ``<C dW, dW> = ||V^T dW||^2 / ||V||``
+    over two norms, is never negative, so ``rho < tau`` never holds for tau <= 0 (nor ``rho <= tau``
+    for tau < 0). A recipe may mean it (a filter list's "never flag" value), so not an error."""
+    if threshold > 0 or (inclusive and threshold == 0):
+        return None
+    return (f"threshold {threshold:g} flags no layer: the score, cos(C dW, dW), is never negative "
+            f"(flagged when it is {'<=' if inclusive else '<'} the threshold); "
+            "give a threshold in (0, 1] to flag layers")

@@ -242,6 +242,38 @@ def test_gradient_and_filter_parameters(pico, tmp_path):
     attn = {m: f and "self_attn" in m for m, f in flags.items()}
     assert {r["module"]: r["flagged"] for r in report["layers"]} == attn
     assert report["settings"]["threshold"] == "varies by layer (see layers)"
+    assert not [w for w in report["warnings"] if "flags no layer" in w]  # (-1 here means "never", on purpose)
+
+
+@pytest.mark.parametrize("method, tau, warned", [("safemerge", 0.0, True), ("safemerge", -1.0, True),
+                                                ("safelora", 0.0, False), ("safelora", -0.2, True)])
+def test_a_threshold_the_score_never_falls_below_warns(pico, tmp_path, method, tau, warned):
+    """One threshold for every layer that no score can fall below (the score is never negative):
+    the merge runs, and its report says why nothing was flagged."""
+    got, report = merge(recipe(pico, method=method, params={"threshold": tau}), tmp_path / "o")
+    said = [w for w in report["warnings"] if "flags no layer" in w]
+    assert len(said) == warned and all(w.startswith(f"threshold {tau:g} flags no layer") for w in said), said
+    assert min(r["cosine"] for r in report["layers"] if r["cosine"] is not None) >= 0
+    if warned:
+        assert report["counts"]["flagged"] == 0
+
+
+def test_numbers_written_as_text_pass_as_mergekit_reads_them():
+    """YAML's "1e-1" is a string that mergekit reads as a number; the checks that name the
+    parameter in their messages let it through, and refuse what is no number in one line."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from safemerge_ext.mergekit_methods import Fraction, Seed, Threshold, refusal
+
+    assert TypeAdapter(Threshold).validate_python("1e-1") == pytest.approx(0.1)
+    assert TypeAdapter(Fraction).validate_python("0.8") == pytest.approx(0.8)
+    assert TypeAdapter(Seed).validate_python("3") == 3 and TypeAdapter(Seed).validate_python(4.0) == 4
+    for kind, value, message in ((Fraction, "high", "alpha takes a number; got 'high'"),
+                                 (Fraction, [0.5], "alpha takes a number; got [0.5]"),
+                                 (Seed, "2.5", "seed takes a whole number; got '2.5'")):
+        with pytest.raises(ValidationError) as err:
+            TypeAdapter(kind).validate_python(value)
+        assert refusal(err.value) == message
 
 
 def test_aligned_plus_lora_inputs_with_lora_merge_cache(pico, tmp_path):
@@ -400,6 +432,8 @@ def _mismatched_model(tmp: Path) -> Path:
         ("base_model_typo", "unknown parameter 'alhpa'"),
         ("boolean", "threshold takes a number, not true"),  # (pydantic would read 1.0)
         ("boolean_in_filter", "seed takes a whole number, not false"),
+        ("not_a_number", "alpha takes a number; got 'high'"),  # (pydantic's message names no parameter)
+        ("fractional_seed", "seed takes a whole number; got 2.5"),
         ("empty_list", "alpha is an empty list"),  # (mergekit would use the default)
     ],
 )
@@ -447,6 +481,10 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         cfg["parameters"]["seed"] = [{"filter": "q_proj", "value": 3}, {"value": False}]
     elif case == "empty_list":
         cfg["parameters"]["alpha"] = []
+    elif case == "not_a_number":
+        cfg["parameters"]["alpha"] = "high"
+    elif case == "fractional_seed":
+        cfg["parameters"]["seed"] = 2.5
     elif case == "unknown_method":
         cfg["merge_method"] = "safemerj"
     elif case == "no_role":
@@ -475,7 +513,9 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
 
 @pytest.mark.parametrize("params, culprit", [({"threshold": 1.5}, r"threshold must lie in \[-1, 1\]"),
                                              ({"threshold": True}, "threshold takes a number, not true"),
-                                             ({"seed": False}, "seed takes a whole number, not false")])
+                                             ({"seed": False}, "seed takes a whole number, not false"),
+                                             ({"alpha": "high"}, "alpha takes a number; got 'high'"),
+                                             ({"seed": 2.5}, "seed takes a whole number; got 2.5")])
 def test_plain_run_merge_rejects_bad_parameters_while_planning(pico, tmp_path, params, culprit):
     cfg = recipe(pico, params=params)
     register_methods()

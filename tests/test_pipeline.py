@@ -687,6 +687,31 @@ def test_num_layers_beyond_scorable_warns(fx, tmp_path):
     assert any("--num-layers 99 exceeds the 21" in w for w in rep["warnings"])
 
 
+@pytest.mark.parametrize("command, tau, warned", [("merge", 0.0, True), ("merge", -0.5, True), ("merge", 0.01, False),
+                                                 ("project", 0.0, False), ("project", -0.01, True),
+                                                 ("score", 0.0, True)])
+def test_a_threshold_the_score_never_falls_below_warns(fx, tmp_path, command, tau, warned):
+    """cos(C dW, dW) >= 0 (C is positive semi-definite): merge flags < tau, project <= tau, so a
+    threshold below (or, for <, at) 0 flags nothing; the run goes on (a recipe may mean it), and
+    the report says why nothing was flagged."""
+    out = tmp_path / "o"
+    args = {"merge": merge_args(fx, out, "--no-plot"),
+            "project": ["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                        "--out", out, "--no-plot"],
+            "score": ["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                      "--report", tmp_path / "s.json"]}[command]
+    assert run_cli([*args, "--threshold", tau]) == 0
+    rep = json.loads((tmp_path / "s.json").read_text()) if command == "score" else report_of(out)
+    said = [w for w in rep["warnings"] if "flags no layer" in w]
+    assert said == ([f"threshold {tau:g} flags no layer: the score, cos(C dW, dW), is never negative (flagged when "
+                     f"it is {'<=' if command == 'project' else '<'} the threshold); give a threshold in (0, 1] to "
+                     "flag layers"] if warned else []), rep["warnings"]
+    cosines = [r["cosine"] for r in rep["layers"] if r["cosine"] is not None]
+    assert cosines and min(cosines) >= 0  # (what makes the warning true)
+    if warned:
+        assert rep["counts"]["flagged"] == 0
+
+
 def test_every_report_records_the_backend_asked_for_and_the_one_that_ran(fx, tmp_path):
     common = ["--aligned", fx.aligned, "--unaligned", fx.unaligned]
     runs = {"score": (["score", *common, "--adapter", fx.task, "--report", tmp_path / "s.json"], tmp_path / "s.json"),
