@@ -1012,6 +1012,33 @@ def _merge_argv(fx, out, *extra):
             "--safety-adapter", str(fx.safety), "--out", str(out), "--no-plot", "--no-progress", *extra]
 
 
+def test_an_interrupt_while_the_replaced_output_is_deleted_ends_as_interrupted(fx, tmp_path, capsys, monkeypatch):
+    """--force: Ctrl-C or SIGTERM while the output that was replaced is deleted (the new one in
+    place): the run ends 130 / 143 (a `&&` chain stops), says --out is complete, and names what is
+    left of the old output."""
+    from safemerge_ext._signals import Terminated
+    from safemerge_ext.io import output
+
+    real = output.shutil.rmtree
+    for exc, code, what in ((KeyboardInterrupt(), 130, "interrupted"), (Terminated(), 143, "terminated (SIGTERM)")):
+        out = tmp_path / f"out{code}"
+        out.mkdir()
+        (out / "mine.txt").write_text("old")
+
+        def rmtree(path, *a, exc=exc, **k):
+            if ".old-" in str(path):
+                raise exc
+            return real(path, *a, **k)
+
+        monkeypatch.setattr(output.shutil, "rmtree", rmtree)
+        assert main(_merge_argv(fx, out, "--force")) == code
+        err = capsys.readouterr().err
+        left = [p for p in tmp_path.iterdir() if p.name.startswith(f".out{code}.old-")]
+        assert len(left) == 1 and f"delete {left[0]} by hand" in err, err
+        assert f"safemerge: {what} after the run: --out {out} is complete" in err, err
+        assert (out / "adapter_model.safetensors").is_file() and not (out / "mine.txt").exists()
+
+
 def test_a_summary_cut_short_does_not_unsay_the_output(fx, tmp_path, capsys, monkeypatch):
     """Once --out is in place, Ctrl-C or a terminal that cannot show the path (a non-UTF-8 name
     under a strict encoding) only concern the summary: never 'nothing was written'."""

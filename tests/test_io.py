@@ -1097,10 +1097,11 @@ def test_side_files_leave_out_indexes_of_weights_not_copied_and_earlier_reports(
     assert (dst / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
-def test_an_interrupt_after_the_output_is_in_place_is_not_a_failure(tmp_path, monkeypatch, capsys):
+def test_an_interrupt_after_the_output_is_in_place_ends_the_run_with_the_output_complete(tmp_path, monkeypatch,
+                                                                                        capsys):
     """With --force, the new output is renamed into place, then the old one is deleted: an
-    interrupt during that delete leaves a finished run (the new output, and a warning that names
-    what is left of the old one), not an error saying nothing was written."""
+    interrupt during that delete leaves the new output and a warning that names what is left of
+    the old one, and the run ends as interrupted (committed() tells the command --out is complete)."""
     from safemerge_ext.io import output
 
     out = tmp_path / "out"
@@ -1114,9 +1115,10 @@ def test_an_interrupt_after_the_output_is_in_place_is_not_a_failure(tmp_path, mo
         return real(path, *a, **k)
 
     monkeypatch.setattr(output.shutil, "rmtree", interrupted)
-    with output.staged_dir(out, force=True) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    with pytest.raises(KeyboardInterrupt):
+        with output.staged_dir(out, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and output.committed(out)
     err = capsys.readouterr().err
     left = [p for p in tmp_path.iterdir() if ".old-" in p.name]
     assert len(left) == 1 and f"delete {left[0]} by hand" in err and "was written" in err, err

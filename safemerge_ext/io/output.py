@@ -406,9 +406,12 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
     if old is not None:
         try:
             _remove_replaced(old, final, flag, prog)
-        except KeyboardInterrupt:  # (the new output is in place: the run is done, the old one only half gone)
+        except KeyboardInterrupt:
+            # the new output is in place, the old one only half gone: said here, and the run ends as
+            # interrupted (130/143, as for a signal during the renames: a `&&` chain stops)
             print(f"{prog}: warning: {flag} {final} was written, but deleting the output it replaced was "
                   f"interrupted; delete {old} by hand", file=sys.stderr)
+            raise
     # a Ctrl-C held during the renames cut nothing short: sent on now (the run ends as interrupted,
     # and committed() tells the command that its output is complete)
     send_on(held)
