@@ -2,18 +2,23 @@
 clean-up (temporary outputs removed, an output that --force was replacing put back) runs for a
 ``kill`` or a job scheduler's stop too, not only for an interactive interrupt.
 
-Neither is raised inside Python's import machinery: an exception there can leave the global import
-lock held (``importlib._bootstrap``'s module-lock callbacks take it before their ``try``), and
-then every other thread that imports (the plot's background import, the read-ahead) waits forever
-and the run never ends. A signal that arrives there is delivered again a moment later."""
+Neither is raised while an import is under way: inside the import machinery an exception can leave
+the global import lock held (``importlib._bootstrap``'s module-lock callbacks take it before their
+``try``), and then every other thread that imports (the plot's background import, the read-ahead)
+waits forever; inside a module's initialization (torch's C code importing numpy) it can be
+swallowed, the run going on to exit 0, or leave a module half-initialized. A signal that arrives
+then is delivered again a moment later, until the import is done (or ``PATIENCE_S`` has passed:
+an import that hangs does not make the process deaf to Ctrl-C)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class Terminated(KeyboardInterrupt):
@@ -23,12 +28,19 @@ class Terminated(KeyboardInterrupt):
 # (the modules' names, frozen or not: -X frozen_modules=off runs them from their .py files)
 _IMPORT_MACHINERY = frozenset({"importlib._bootstrap", "importlib._bootstrap_external",
                                "_frozen_importlib", "_frozen_importlib_external"})
-RETRY_S = 0.01  # how soon a signal that came inside the import machinery is delivered again
+RETRY_S = 0.01  # how soon a signal that came during an import is delivered again
+PATIENCE_S = 10.0  # how long a signal waits for an import to end before it is raised anyway
+_waiting: dict[int, float] = {}  # signal -> when it first came during an import
 
 
-def _in_import_machinery(frame: object) -> bool:
-    """Whether the code a signal interrupted is the import machinery's own."""
-    return getattr(frame, "f_globals", {}).get("__name__") in _IMPORT_MACHINERY
+def _importing(frame: object) -> bool:
+    """Whether the code a signal interrupted runs inside an import: the import machinery's own, or
+    a module's initialization that it called (anywhere up the stack)."""
+    while frame is not None:
+        if getattr(frame, "f_globals", {}).get("__name__") in _IMPORT_MACHINERY:
+            return True
+        frame = getattr(frame, "f_back", None)
+    return False
 
 
 def _again_later(signum: int) -> None:
@@ -39,18 +51,23 @@ def _again_later(signum: int) -> None:
     timer.start()
 
 
-def _raise(signum: int, frame: object) -> None:
-    if _in_import_machinery(frame):
+def _deferred(signum: int, frame: object) -> bool:
+    """True (and the signal comes again later) when it must not be raised here and now."""
+    if _importing(frame) and time.monotonic() - _waiting.setdefault(signum, time.monotonic()) < PATIENCE_S:
         _again_later(signum)
-        return
-    raise Terminated()
+        return True
+    _waiting.pop(signum, None)
+    return False
+
+
+def _raise(signum: int, frame: object) -> None:
+    if not _deferred(signum, frame):
+        raise Terminated()
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    if _in_import_machinery(frame):
-        _again_later(signum)
-        return
-    raise KeyboardInterrupt()
+    if not _deferred(signum, frame):
+        raise KeyboardInterrupt()
 
 
 @contextmanager
@@ -98,3 +115,26 @@ def send_on(held: list[int]) -> None:
     """Raise each signal that :func:`interrupts_held` noted, once, to the handlers in place now."""
     for sig in dict.fromkeys(held):
         signal.raise_signal(sig)
+
+
+def exit_on_signal(line: Callable[[int], str | None]) -> None:
+    """From here to the end of the process (the interpreter's teardown, half a second or more with
+    torch loaded), SIGINT and SIGTERM end it at once, with exit 130 / 143 and ``line(signum)``
+    (if any) on stderr, instead of killing it with no word. For a command whose work is done and
+    said. Main thread only; handlers someone else installed are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        try:
+            sys.stdout.flush()
+            msg = line(signum)
+            if msg:
+                print(msg, file=sys.stderr, flush=True)
+        except BaseException:  # (a closed stream: the exit matters more than the line)
+            pass
+        os._exit(143 if signum == signal.SIGTERM else 130)
+
+    for sig, theirs in ((signal.SIGTERM, (signal.SIG_DFL, _raise)), (signal.SIGINT, (signal.default_int_handler, _interrupt))):
+        if signal.getsignal(sig) in theirs:
+            signal.signal(sig, handler)

@@ -270,7 +270,7 @@ def _warn(text: str, prefix: str = "safemerge: warning") -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from safemerge_ext._signals import Terminated, sigterm_as_interrupt
+    from safemerge_ext._signals import exit_on_signal, interrupts_held, sigterm_as_interrupt
     from safemerge_ext.errors import SafeMergeError
 
     target = _target(args)
@@ -278,13 +278,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         from safemerge_ext._faults import bus_error_line, explain_bus_errors
 
         explain_bus_errors(bus_error_line("safemerge", f"nothing was written to {target}" if target else None))
+    code = None
     try:
         with sigterm_as_interrupt():
-            return _run(args)
-    except (SafeMergeError, ValueError) as exc:
-        print(f"safemerge: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # disk full, permissions, a path that vanished: still one line
+            code = _run(args)
+        return code
+    except (SafeMergeError, ValueError, OSError, KeyboardInterrupt) as exc:
+        with interrupts_held(resend=False):  # (the run is over: a second Ctrl-C does not cut its one line short)
+            code = _failed(exc, args, target)
+        return code
+    finally:
+        with interrupts_held(resend=False):
+            if "safemerge_ext.report" in sys.modules:
+                sys.modules["safemerge_ext.report"].finish_preloads()
+        if argv is None and code is not None:  # (the console script: the interpreter's teardown is all that is left)
+            exit_on_signal(lambda signum, code=code: _after_the_run(signum, code, target))
+
+
+def _failed(exc: BaseException, args: argparse.Namespace, target: str | None) -> int:
+    """The one line for a run that ended on ``exc``, printed; its exit code."""
+    from safemerge_ext._signals import Terminated
+
+    if isinstance(exc, KeyboardInterrupt):
+        from safemerge_ext.io.output import committed
+
+        what = _signal_name(exc)
+        if getattr(args, "out", None) and committed(args.out):  # (it came as the output was put in place)
+            _warn(f"{what} after the run: {target} is complete; its summary was cut short", prefix="safemerge")
+        else:
+            print(f"safemerge: {what}; nothing was written" + (f" to {target}" if target else ""),
+                  file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    if isinstance(exc, OSError):  # disk full, permissions, a path that vanished: still one line
         if exc.errno in _FULL and target:  # (named by what the user asked for, not the temporary file that filled)
             print(f"safemerge: error: {target}: {_FULL[exc.errno]} ({exc.strerror or exc}); free space there or write "
                   "elsewhere; nothing was written", file=sys.stderr)
@@ -294,33 +319,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"safemerge: error: {exc.strerror or exc}{where}; nothing was written" + (f" to {target}" if target else ""),
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
-        from safemerge_ext.io.output import committed
+    print(f"safemerge: error: {exc}", file=sys.stderr)
+    return 2
 
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        if getattr(args, "out", None) and committed(args.out):  # (it came as the output was put in place)
-            _warn(f"{what} after the run: {target} is complete; its summary was cut short", prefix="safemerge")
-        else:
-            print(f"safemerge: {what}; nothing was written" + (f" to {target}" if target else ""),
-                  file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
-    finally:
-        if "safemerge_ext.report" in sys.modules:
-            sys.modules["safemerge_ext.report"].finish_preloads()
+
+def _signal_name(exc_or_signum: BaseException | int) -> str:
+    import signal
+
+    from safemerge_ext._signals import Terminated
+
+    term = isinstance(exc_or_signum, Terminated) or exc_or_signum == signal.SIGTERM
+    return "terminated (SIGTERM)" if term else "interrupted"
+
+
+def _after_the_run(signum: int, code: int, target: str | None) -> str | None:
+    """The line for a signal that comes while the process exits after its run (whose own line is out)."""
+    if code != 0:
+        return None
+    return f"safemerge: {_signal_name(signum)} after the run" + (f": {target} is complete" if target else "")
 
 
 def yaml_main(argv: Sequence[str] | None = None) -> None:
-    """``safemerge-yaml``: mergekit-yaml with the plugin; one line when mergekit is not installed."""
+    """``safemerge-yaml``: mergekit-yaml with the plugin; one line when mergekit is not installed.
+    Ctrl-C and SIGTERM are handled from the start: mergekit's imports take seconds."""
+    from safemerge_ext._signals import Terminated, sigterm_as_interrupt
+
     try:
-        from safemerge_ext import yaml_cli
-    except ImportError as exc:
-        print(f"safemerge-yaml: error: it needs mergekit ({exc}): pip install 'safemerge-ext[mergekit]'",
+        with sigterm_as_interrupt():
+            try:
+                from safemerge_ext import yaml_cli
+            except ImportError as exc:
+                print(f"safemerge-yaml: error: it needs mergekit ({exc}): pip install 'safemerge-ext[mergekit]'",
+                      file=sys.stderr)
+                sys.exit(1)
+            yaml_cli.main(None if argv is None else list(argv))
+    except KeyboardInterrupt as exc:  # (before the command began: during the imports)
+        term = isinstance(exc, Terminated)
+        print(f"safemerge-yaml: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing was written",
               file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # (mergekit's imports take seconds)
-        print("safemerge-yaml: interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
-    yaml_cli.main(None if argv is None else list(argv))
+        sys.exit(143 if term else 130)
+    finally:  # (the handlers above are gone by now: the interpreter's teardown, a second or so, is left)
+        if argv is None and "safemerge_ext.yaml_cli" in sys.modules:
+            from safemerge_ext._signals import exit_on_signal
+
+            exit_on_signal(sys.modules["safemerge_ext.yaml_cli"].after_the_run)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import errno
 import math
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from safemerge_ext._faults import bus_error_line, explain_bus_errors
-from safemerge_ext._signals import Terminated, sigterm_as_interrupt
+from safemerge_ext._signals import Terminated, exit_on_signal, interrupts_held, sigterm_as_interrupt
 from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.model_writer import untie_stored_head
@@ -456,10 +457,10 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
 
         with staged_dir(out, force, "OUT_PATH", "safemerge-yaml") as tmp:
             report_at = own or tmp
-            if checked.has_lora and not merge_options.lora_merge_cache:  # beside tmp, gone before staged_dir ends
-                lora_cache = str(scratch_dir(out, "lora"))
-                merge_options = merge_options.model_copy(update={"lora_merge_cache": lora_cache})
-            try:
+            try:  # (from the LoRA cache's making on: its finally removes it)
+                if checked.has_lora and not merge_options.lora_merge_cache:  # beside tmp, gone before staged_dir ends
+                    lora_cache = str(scratch_dir(out, "lora"))
+                    merge_options = merge_options.model_copy(update={"lora_merge_cache": lora_cache})
                 # the report location travels with the recipe (no process-wide setting), so merges
                 # in other threads of this process keep their own reports
                 config = checked.config if own else checked.config.model_copy(
@@ -522,20 +523,32 @@ def main(argv: list[str] | None = None) -> None:
     and 143), after the command's own clean-up, not in click's "Aborted!"."""
     _done.clear()
     try:
-        with sigterm_as_interrupt():
-            code = _command.main(args=argv, prog_name="safemerge-yaml", standalone_mode=False)
-    except click.exceptions.Abort as exc:  # (click's form of a KeyboardInterrupt)
-        term = isinstance(exc.__cause__, Terminated)
-        what = "terminated (SIGTERM)" if term else "interrupted"
-        done, target = _done.pop("out", None), _done.pop("target", None)
-        click.echo(f"safemerge-yaml: {what} after the merge: {done} is complete; the report_path copy or the summary "
-                   "was cut short" if done is not None else f"safemerge-yaml: {what}; nothing was written"
-                   + (f" to OUT_PATH {target}" if target is not None else ""), err=True)
-        sys.exit(143 if term else 130)
-    except click.ClickException as exc:  # usage errors, as click shows them
-        exc.show()
-        sys.exit(exc.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)
+        try:
+            with sigterm_as_interrupt():
+                code = _command.main(args=argv, prog_name="safemerge-yaml", standalone_mode=False)
+        except click.exceptions.Abort as exc:  # (click's form of a KeyboardInterrupt)
+            term = isinstance(exc.__cause__, Terminated)
+            what = "terminated (SIGTERM)" if term else "interrupted"
+            with interrupts_held(resend=False):  # (a second Ctrl-C does not cut this line short)
+                done, target = _done.get("out"), _done.get("target")
+                click.echo(f"safemerge-yaml: {what} after the merge: {done} is complete; the report_path copy or the "
+                           "summary was cut short" if done is not None else f"safemerge-yaml: {what}; nothing was written"
+                           + (f" to OUT_PATH {target}" if target is not None else ""), err=True)
+            sys.exit(143 if term else 130)
+        except click.ClickException as exc:  # usage errors, as click shows them
+            exc.show()
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+    finally:
+        if argv is None:  # (the console script: the interpreter's teardown, a second or so, is all that is left)
+            exit_on_signal(after_the_run)
+
+
+def after_the_run(signum: int) -> str | None:
+    """The line for a signal that comes while the process exits after the command (its own line out)."""
+    done = _done.get("out")
+    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+    return f"safemerge-yaml: {what} after the merge: {done} is complete" if done is not None else None
 
 
 if __name__ == "__main__":

@@ -1039,6 +1039,103 @@ def test_an_interrupt_while_the_replaced_output_is_deleted_ends_as_interrupted(f
         assert (out / "adapter_model.safetensors").is_file() and not (out / "mine.txt").exists()
 
 
+_IMPORT_BODY_DRIVER = """
+import os, signal, sys, time
+from pathlib import Path
+from safemerge_ext import _signals
+from safemerge_ext._signals import sigterm_as_interrupt
+
+# a module whose initialization the signal interrupts (as torch's did, importing numpy)
+folder = Path(sys.argv[3])
+(folder / "slowmod.py").write_text(
+    "import signal, sys, time\\n"
+    "signal.raise_signal(getattr(signal, sys.argv[1]))\\n"
+    "end = time.monotonic() + float(sys.argv[2])\\n"
+    "while time.monotonic() < end:\\n"
+    "    pass\\n"
+    "done = True\\n")
+sys.path.insert(0, str(folder))
+_signals.PATIENCE_S = 0.5
+state = "none"
+with sigterm_as_interrupt():
+    try:
+        import slowmod
+        state = "imported"
+        time.sleep(20)
+    except KeyboardInterrupt as exc:
+        state += " " + type(exc).__name__ + " " + str("slowmod" in sys.modules)
+print(state, flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig, raised", [("SIGTERM", "Terminated"), ("SIGINT", "KeyboardInterrupt")])
+@pytest.mark.parametrize("busy", [0.1, 3.0])
+def test_a_signal_during_a_modules_initialization_waits_for_it(sig, raised, busy, tmp_path):
+    """A signal that comes while a module initializes is raised once the import is done (raised
+    inside, C code such as torch's can swallow it, and the run went on to exit 0); an import still
+    running after PATIENCE_S (0.5 s here) is cut short, so a hung import cannot make Ctrl-C deaf."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-c", _IMPORT_BODY_DRIVER, sig, str(busy), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    if busy < 0.5:  # (imported whole, then the signal: sys.modules keeps the module, raised afterwards)
+        assert res.stdout.split() == ["imported", raised, "True"], res.stdout
+    else:  # (cut short after 0.5 s: the half-initialized module is not kept)
+        assert res.stdout.split() == ["none", raised, "False"], res.stdout
+
+
+_EXIT_ON_SIGNAL_DRIVER = """
+import os, signal, sys, time
+from safemerge_ext._signals import exit_on_signal
+
+print("summary", flush=True)
+exit_on_signal(lambda signum: f"after the run ({signal.Signals(signum).name})")
+os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+time.sleep(20)
+print("not reached", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_while_the_process_exits_ends_it_with_its_line(sig, code):
+    """After a command's work and its summary, the interpreter's teardown (half a second with torch)
+    is left: a signal then ends the process at once, 130 / 143 and one line, not killed silently."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-c", _EXIT_ON_SIGNAL_DRIVER, sig], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert (res.returncode, res.stdout, res.stderr) == (code, "summary\n", f"after the run ({sig})\n")
+
+
+_AFTER_THE_RUN_DRIVER = """
+import os, signal, sys
+from safemerge_ext import cli
+
+sys.argv = ["safemerge", *sys.argv[1:]]
+code = cli.main()  # (as the console script calls it)
+os.kill(os.getpid(), signal.SIGTERM)  # (while the interpreter exits)
+sys.exit(code)
+"""
+
+
+def test_sigterm_as_the_cli_exits_says_the_output_is_complete(fx, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-c", _AFTER_THE_RUN_DRIVER, *_merge_argv(fx, out)], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert res.returncode == 143, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == f"safemerge: terminated (SIGTERM) after the run: --out {out} is complete"
+    assert f"wrote {out}" in res.stdout and (out / "adapter_model.safetensors").is_file()
+
+
 def test_a_summary_cut_short_does_not_unsay_the_output(fx, tmp_path, capsys, monkeypatch):
     """Once --out is in place, Ctrl-C or a terminal that cannot show the path (a non-UTF-8 name
     under a strict encoding) only concern the summary: never 'nothing was written'."""

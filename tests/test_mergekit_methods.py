@@ -1539,6 +1539,27 @@ def test_safemerge_yaml_sigterm_cleans_up(pico, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
 
 
+_YAML_TERM_AT_START_DRIVER = """
+import os, signal, sys, threading
+threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()  # (while mergekit is imported)
+from safemerge_ext import cli
+sys.argv = ["safemerge-yaml", *sys.argv[1:]]
+cli.yaml_main()  # (as the console script calls it)
+"""
+
+
+def test_safemerge_yaml_sigterm_during_its_imports_ends_in_one_line(pico, tmp_path):
+    """SIGTERM in the first seconds, while mergekit and torch are imported: handled from the start
+    (it waits for the import under way), one line, exit 143, nothing at OUT_PATH."""
+    recipe_file = _write(recipe(pico, params={"threshold": TAU}), tmp_path / "r.yml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", _YAML_TERM_AT_START_DRIVER, str(recipe_file), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("safemerge-yaml: terminated (SIGTERM); nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
+
+
 _YAML_TERM_AFTER_DRIVER = """
 import os, signal, sys, time
 from safemerge_ext import yaml_cli
