@@ -292,7 +292,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "safemerge_ext.report" in sys.modules:
                 sys.modules["safemerge_ext.report"].finish_preloads()
         if argv is None and code is not None:  # (the console script: the interpreter's teardown is all that is left)
+            if args.command in _EXIT_AT_ONCE:
+                _exit_now(code)
             exit_on_signal(lambda signum, code=code: _after_the_run(signum, code, target))
+
+
+_EXIT_AT_ONCE = ("score", "merge", "project")
+"""Commands whose console-script process ends with os._exit once its output is written and its
+lines are out: torch's teardown takes half a second, during which a Ctrl-C or SIGTERM would kill
+the process with no word (late in it, Python's handlers are gone). Their outputs are closed and
+synced before the summary; nothing of theirs runs at exit. (Not eval: vLLM's engine process is
+shut down at exit.)"""
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # (None: the process started with that descriptor closed)
+                stream.flush()
+        except (OSError, ValueError):  # (a closed pipe: its line was lost already, and said so if it could be)
+            pass
+    os._exit(code)
 
 
 def _failed(exc: BaseException, args: argparse.Namespace, target: str | None) -> int:
