@@ -60,14 +60,30 @@ def _deferred(signum: int, frame: object) -> bool:
     return False
 
 
+_raised: list[int] = []  # signals raised as exceptions in the current run (see raise_pending)
+
+
 def _raise(signum: int, frame: object) -> None:
     if not _deferred(signum, frame):
+        _raised.append(signum)
         raise Terminated()
 
 
 def _interrupt(signum: int, frame: object) -> None:
     if not _deferred(signum, frame):
+        _raised.append(signum)
         raise KeyboardInterrupt()
+
+
+def raise_pending() -> None:
+    """Raise again a signal whose exception the code it landed in swallowed (a weakref callback, a
+    library calling back into Python from C: both print it and go on), so that no Ctrl-C or SIGTERM
+    is lost: the commands call this per layer, and before an output is put in place. A no-op
+    outside :func:`sigterm_as_interrupt`, and once the exception has ended the run."""
+    if _raised:
+        signum = _raised[-1]
+        _raised.clear()
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextmanager
@@ -80,8 +96,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
                                                      (signal.SIGINT, _interrupt, (signal.default_int_handler,)))
             if main and signal.getsignal(sig) in theirs}
     previous = {sig: signal.signal(sig, handler) for sig, handler in ours.items()}
+    if ours:
+        _raised.clear()
     try:
         yield
+    except KeyboardInterrupt:  # (the run ends on it: nothing is pending any more)
+        _raised.clear()
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

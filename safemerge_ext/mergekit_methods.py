@@ -44,6 +44,7 @@ from typing_extensions import Annotated
 
 from safemerge_ext import ops
 from safemerge_ext._env import switched_on
+from safemerge_ext._signals import raise_pending
 from safemerge_ext.backends import EXACT, PRECISIONS, backend_detail, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import ModelReader, all_finite
@@ -696,8 +697,10 @@ def _key(target: str | os.PathLike) -> str:
 @contextmanager
 def _failing_run(report_path: str) -> Iterator[None]:
     """Around one tensor of a method: when it raises, the run it belongs to will not finish, so its
-    records are void: no report is assembled from them, and the next record there starts afresh."""
+    records are void: no report is assembled from them, and the next record there starts afresh.
+    A Ctrl-C that library code swallowed (safemerge-yaml's handlers) is raised here, at the next tensor."""
     try:
+        raise_pending()
         yield
     except BaseException:
         target = _target(report_path)

@@ -23,6 +23,7 @@ import torch
 
 from safemerge_ext import merge as merging
 from safemerge_ext import ops
+from safemerge_ext._signals import raise_pending
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
                                        global_scaling, read_adapter, write_adapter)
@@ -500,6 +501,7 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
         else:
             pairs = prefetch(read_order(run), load, size=pair_bytes, budget=READ_AHEAD_BYTES, depth=READ_AHEAD_LAYERS)
         for i, (wa, wu, ready, (A, B)) in pairs:
+            raise_pending()  # (a Ctrl-C that library code swallowed: acted on now, not after the last layer)
             layer = run.layers[i]
             if ready is not None:
                 torch.cuda.current_stream(run.device).wait_event(ready)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from safemerge_ext._signals import Terminated
 from safemerge_ext.cli import main
 
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -1143,6 +1144,43 @@ def test_the_cli_process_ends_at_once_after_its_run(fx, tmp_path):
                          timeout=120, env=env)
     assert res.returncode == 143 and "main returned" in res.stdout, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == "safemerge: terminated (SIGTERM) after the run"
+
+
+@pytest.mark.parametrize("exc, code, what", [(KeyboardInterrupt, 130, "interrupted"),
+                                             (Terminated, 143, "terminated (SIGTERM)")])
+@pytest.mark.parametrize("where", ["scoring", "writing"])
+def test_a_signal_that_library_code_swallows_still_ends_the_run(fx, tmp_path, capsys, monkeypatch, exc, code, what,
+                                                                where):
+    """A Ctrl-C or SIGTERM whose exception lands in code that prints and drops it (a weakref
+    callback, a C library calling back into Python) is raised again at the next layer, or before
+    the output is put in place: the run ends 130 / 143 with nothing at --out, never exit 0."""
+    import signal
+
+    from safemerge_ext import _signals, pipeline
+
+    handler = _signals._raise if exc is Terminated else _signals._interrupt
+    signum = signal.SIGTERM if exc is Terminated else signal.SIGINT
+    fired = []
+
+    def swallow():
+        if not fired:
+            fired.append(1)
+            try:
+                handler(signum, None)  # (what the signal handler does, in code that swallows it)
+            except KeyboardInterrupt:
+                pass
+
+    if where == "scoring":
+        real = pipeline.ops.subspace_score
+        monkeypatch.setattr(pipeline.ops, "subspace_score", lambda *a, **k: (swallow(), real(*a, **k))[1])
+    else:
+        real = pipeline.write_adapter
+        monkeypatch.setattr(pipeline, "write_adapter", lambda *a, **k: (real(*a, **k), swallow())[0])
+    out = tmp_path / "out"
+    assert main(_merge_argv(fx, out)) == code
+    assert fired and capsys.readouterr().err.strip() == f"safemerge: {what}; nothing was written to --out {out}"
+    assert list(tmp_path.iterdir()) == []
+    assert main(_merge_argv(fx, out)) == 0  # (nothing left pending for the next run in the process)
 
 
 def test_a_summary_cut_short_does_not_unsay_the_output(fx, tmp_path, capsys, monkeypatch):

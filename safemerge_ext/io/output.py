@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from safemerge_ext._signals import interrupts_held, send_on
+from safemerge_ext._signals import interrupts_held, raise_pending, send_on
 from safemerge_ext.errors import SafeMergeError
 
 
@@ -242,6 +242,7 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
                         made.append(parent)
                 temps.append(path.with_name(_hidden_name(path.name, f"tmp-{secrets.token_hex(4)}{suffix}")))
             fill(temps[-1])
+        raise_pending()  # (a Ctrl-C that library code swallowed while they were written: none replaces its path)
         for (path, _, into), tmp in zip(targets, temps):  # (what cannot be taken back first)
             if into:
                 _write_into(tmp, path)
@@ -393,6 +394,7 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
         raise
     old, held = None, []
     try:  # (an interruption between the two renames puts the old output back: see the except)
+        raise_pending()  # (a Ctrl-C that library code swallowed while the output was written: not committed)
         sync_tree(tmp)  # (the data on disk before the name: never an output of empty files after a power loss)
         with interrupts_held(resend=False) as held:  # (the renames and their fsync: sent on once the run is done)
             old = _put_in_place(tmp, final, force, flag, made)
