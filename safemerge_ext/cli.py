@@ -299,10 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _EXIT_AT_ONCE = ("score", "merge", "project")
 """Commands whose console-script process ends with os._exit once its output is written and its
-lines are out: torch's teardown takes half a second, during which a Ctrl-C or SIGTERM would kill
-the process with no word (late in it, Python's handlers are gone). Their outputs are closed and
-synced before the summary; nothing of theirs runs at exit. (Not eval: vLLM's engine process is
-shut down at exit.)"""
+lines are out (as safemerge-yaml's does): torch's teardown takes half a second (mergekit's a
+second), during which a Ctrl-C or SIGTERM would kill the process with no word (late in it,
+Python's handlers are gone). Their outputs are closed and synced before the summary; nothing of
+theirs runs at exit. (Not eval: vLLM's engine process is shut down at exit.)"""
 
 
 def _exit_now(code: int) -> None:
@@ -364,6 +364,7 @@ def yaml_main(argv: Sequence[str] | None = None) -> None:
     Ctrl-C and SIGTERM are handled from the start: mergekit's imports take seconds."""
     from safemerge_ext._signals import Terminated, sigterm_as_interrupt
 
+    code: object = None
     try:
         with sigterm_as_interrupt():
             try:
@@ -372,7 +373,11 @@ def yaml_main(argv: Sequence[str] | None = None) -> None:
                 print(f"safemerge-yaml: error: it needs mergekit ({exc}): pip install 'safemerge-ext[mergekit]'",
                       file=sys.stderr)
                 sys.exit(1)
-            yaml_cli.main(None if argv is None else list(argv))
+            try:
+                yaml_cli.main(None if argv is None else list(argv))
+            except SystemExit as exc:
+                code = exc.code
+                raise
     except KeyboardInterrupt as exc:  # (before the command began: during the imports)
         term = isinstance(exc, Terminated)
         print(f"safemerge-yaml: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing was written",
@@ -381,7 +386,10 @@ def yaml_main(argv: Sequence[str] | None = None) -> None:
     finally:  # (the handlers above are gone by now: the interpreter's teardown, a second or so, is left)
         if argv is None and "safemerge_ext.yaml_cli" in sys.modules:
             from safemerge_ext._signals import exit_on_signal
+            from safemerge_ext.mergekit_methods import pending_reports
 
+            if isinstance(code, int) and not pending_reports():  # (nothing of ours left for the exit hook)
+                _exit_now(code)
             exit_on_signal(sys.modules["safemerge_ext.yaml_cli"].after_the_run)
 
 

@@ -1560,6 +1560,30 @@ def test_safemerge_yaml_sigterm_during_its_imports_ends_in_one_line(pico, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
 
 
+_YAML_EXIT_DRIVER = """
+import sys
+from safemerge_ext import cli
+sys.argv = ["safemerge-yaml", *sys.argv[1:]]
+try:
+    cli.yaml_main()  # (as the console script calls it)
+finally:
+    print("yaml_main returned", flush=True)
+"""
+
+
+def test_safemerge_yaml_process_ends_at_once_after_its_run(pico, tmp_path):
+    """Once OUT_PATH and its report are written and the summary is out, the console script ends the
+    process at once: no second of mergekit's and torch's teardown in which a signal would kill it
+    without a word (nothing of the plugin's is left for the exit hook)."""
+    recipe_file = _write(recipe(pico, params={"threshold": TAU}), tmp_path / "r.yml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", _YAML_EXIT_DRIVER, str(recipe_file), str(tmp_path / "out"),
+                          "--no-copy-tokenizer"], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "merged model and report written to" in res.stdout and "yaml_main returned" not in res.stdout
+    assert (tmp_path / "out" / "safemerge_report.json").is_file()
+
+
 _YAML_TERM_AFTER_DRIVER = """
 import os, signal, sys, time
 from safemerge_ext import yaml_cli
