@@ -25,19 +25,23 @@ class Terminated(KeyboardInterrupt):
     """The process got SIGTERM."""
 
 
-# (the modules' names, frozen or not: -X frozen_modules=off runs them from their .py files)
+# (the modules' names, frozen or not: -X frozen_modules=off runs them from their .py files), and
+# the callbacks that C code runs and whose exceptions it prints and drops: isinstance's ABC checks,
+# weakref finalizers
 _IMPORT_MACHINERY = frozenset({"importlib._bootstrap", "importlib._bootstrap_external",
                                "_frozen_importlib", "_frozen_importlib_external"})
+_CALLED_FROM_C = frozenset({"abc", "_py_abc", "weakref"})
+_DEFER_IN = _IMPORT_MACHINERY | _CALLED_FROM_C
 RETRY_S = 0.01  # how soon a signal that came during an import is delivered again
 PATIENCE_S = 10.0  # how long a signal waits for an import to end before it is raised anyway
 _waiting: dict[int, float] = {}  # signal -> when it first came during an import
 
 
 def _importing(frame: object) -> bool:
-    """Whether the code a signal interrupted runs inside an import: the import machinery's own, or
-    a module's initialization that it called (anywhere up the stack)."""
+    """Whether the code a signal interrupted runs inside an import (the import machinery's own, or
+    a module's initialization that it called, anywhere up the stack) or a callback from C."""
     while frame is not None:
-        if getattr(frame, "f_globals", {}).get("__name__") in _IMPORT_MACHINERY:
+        if getattr(frame, "f_globals", {}).get("__name__") in _DEFER_IN:
             return True
         frame = getattr(frame, "f_back", None)
     return False
@@ -75,6 +79,12 @@ def _interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt()
 
 
+def pending_signal() -> int | None:
+    """A signal of the current run not acted on yet: waiting for an import to end, or raised into
+    code that swallowed it. A command that finished meanwhile ends as interrupted after its run."""
+    return _raised[-1] if _raised else next(iter(_waiting), None)
+
+
 def raise_pending() -> None:
     """Raise again a signal whose exception the code it landed in swallowed (a weakref callback, a
     library calling back into Python from C: both print it and go on), so that no Ctrl-C or SIGTERM
@@ -98,6 +108,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
     previous = {sig: signal.signal(sig, handler) for sig, handler in ours.items()}
     if ours:
         _raised.clear()
+        _waiting.clear()
     try:
         yield
     except KeyboardInterrupt:  # (the run ends on it: nothing is pending any more)
@@ -106,6 +117,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if ours:
+            _waiting.clear()  # (one still re-sent goes to the handlers in place now)
 
 
 @contextmanager

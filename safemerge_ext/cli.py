@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 from typing import NoReturn, Sequence
 
@@ -270,7 +271,7 @@ def _warn(text: str, prefix: str = "safemerge: warning") -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from safemerge_ext._signals import exit_on_signal, interrupts_held, sigterm_as_interrupt
+    from safemerge_ext._signals import exit_on_signal, interrupts_held, pending_signal, sigterm_as_interrupt
     from safemerge_ext.errors import SafeMergeError
 
     target = _target(args)
@@ -282,6 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with sigterm_as_interrupt():
             code = _run(args)
+            late = pending_signal()  # (one that waited for an import, or was swallowed, as the run finished)
+        if late is not None and code == 0:
+            _warn(f"{_signal_name(late)} after the run" + (f": {target} is complete" if target else ""),
+                  prefix="safemerge")
+            code = 143 if late == signal.SIGTERM else 130
         return code
     except (SafeMergeError, ValueError, OSError, KeyboardInterrupt) as exc:
         with interrupts_held(resend=False):  # (the run is over: a second Ctrl-C does not cut its one line short)
@@ -362,7 +368,7 @@ def _after_the_run(signum: int, code: int, target: str | None) -> str | None:
 def yaml_main(argv: Sequence[str] | None = None) -> None:
     """``safemerge-yaml``: mergekit-yaml with the plugin; one line when mergekit is not installed.
     Ctrl-C and SIGTERM are handled from the start: mergekit's imports take seconds."""
-    from safemerge_ext._signals import Terminated, sigterm_as_interrupt
+    from safemerge_ext._signals import Terminated, pending_signal, sigterm_as_interrupt
 
     code: object = None
     try:
@@ -377,6 +383,11 @@ def yaml_main(argv: Sequence[str] | None = None) -> None:
                 yaml_cli.main(None if argv is None else list(argv))
             except SystemExit as exc:
                 code = exc.code
+                late = pending_signal()  # (one that waited for an import, or was swallowed, as the run finished)
+                if late is not None and code == 0:
+                    print(yaml_cli.after_the_run(late), file=sys.stderr)
+                    code = 143 if late == signal.SIGTERM else 130
+                    raise SystemExit(code) from None
                 raise
     except KeyboardInterrupt as exc:  # (before the command began: during the imports)
         term = isinstance(exc, Terminated)

@@ -1183,6 +1183,53 @@ def test_a_signal_that_library_code_swallows_still_ends_the_run(fx, tmp_path, ca
     assert main(_merge_argv(fx, out)) == 0  # (nothing left pending for the next run in the process)
 
 
+@pytest.mark.parametrize("how", ["waiting", "swallowed"])
+def test_a_signal_not_acted_on_when_the_run_finishes_ends_it_as_interrupted(fx, tmp_path, capsys, monkeypatch, how):
+    """A Ctrl-C still waiting for an import to end, or swallowed after the last checkpoint, when
+    the run finishes: the output is complete and stays, and the run ends 130 saying so (not 0)."""
+    import signal
+    import time
+
+    from safemerge_ext import _signals, pipeline
+
+    real = pipeline.write_adapter
+
+    def late(*a, **k):
+        done = real(*a, **k)
+        if how == "waiting":  # (as _deferred leaves it while the signal waits to be re-sent)
+            _signals._waiting[signal.SIGINT] = time.monotonic()
+        else:
+            try:
+                _signals._interrupt(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                pass
+        return done
+
+    monkeypatch.setattr(pipeline, "write_adapter", late)
+    monkeypatch.setattr(pipeline, "raise_pending", lambda: None)  # (past the last layer's checkpoint)
+    monkeypatch.setattr("safemerge_ext.io.output.raise_pending", lambda: None)  # (and past the commit's)
+    out = tmp_path / "out"
+    assert main(_merge_argv(fx, out)) == 130
+    assert capsys.readouterr().err.strip() == f"safemerge: interrupted after the run: --out {out} is complete"
+    assert (out / "adapter_model.safetensors").is_file()
+    monkeypatch.undo()
+    assert not _signals._waiting and main(_merge_argv(fx, tmp_path / "again")) == 0  # (nothing left for the next run)
+
+
+def test_signals_wait_out_the_callbacks_that_c_code_runs():
+    """isinstance's ABC checks and weakref finalizers are called from C, which prints what they
+    raise and goes on; like imports, a signal that lands in one waits until it is over."""
+    import sys
+
+    from safemerge_ext import _signals
+
+    for module in ("abc", "weakref", "importlib._bootstrap", "_frozen_importlib_external"):
+        ns = {"__name__": module}
+        exec("import sys\ndef here():\n    return sys._getframe()\n", ns)
+        assert _signals._importing(ns["here"]()), module
+    assert not _signals._importing(sys._getframe())
+
+
 def test_a_summary_cut_short_does_not_unsay_the_output(fx, tmp_path, capsys, monkeypatch):
     """Once --out is in place, Ctrl-C or a terminal that cannot show the path (a non-UTF-8 name
     under a strict encoding) only concern the summary: never 'nothing was written'."""
