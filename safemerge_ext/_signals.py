@@ -2,13 +2,16 @@
 clean-up (temporary outputs removed, an output that --force was replacing put back) runs for a
 ``kill`` or a job scheduler's stop too, not only for an interactive interrupt.
 
-Neither is raised while an import is under way: inside the import machinery an exception can leave
-the global import lock held (``importlib._bootstrap``'s module-lock callbacks take it before their
-``try``), and then every other thread that imports (the plot's background import, the read-ahead)
-waits forever; inside a module's initialization (torch's C code importing numpy) it can be
-swallowed, the run going on to exit 0, or leave a module half-initialized. A signal that arrives
-then is delivered again a moment later, until the import is done (or ``PATIENCE_S`` has passed:
-an import that hangs does not make the process deaf to Ctrl-C)."""
+Neither is raised while an import is under way, nor in a callback that C code runs and whose
+exception it prints and drops (isinstance's ABC checks, weakref finalizers). Inside the import
+machinery an exception can leave the global import lock held (``importlib._bootstrap``'s
+module-lock callbacks take it before their ``try``), and then every other thread that imports (the
+plot's background import, the read-ahead) waits forever; inside a module's initialization (torch's
+C code importing numpy) it can be swallowed, the run going on to exit 0, or leave a module
+half-initialized. A signal that arrives then is delivered again a moment later, until the import
+is done (or ``PATIENCE_S`` has passed: an import that hangs does not make the process deaf to
+Ctrl-C). One that is swallowed all the same is raised again at the commands' checkpoints
+(:func:`raise_pending`)."""
 
 from __future__ import annotations
 
@@ -99,8 +102,8 @@ def raise_pending() -> None:
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """While inside, SIGTERM raises :class:`Terminated` (where nobody else has a handler for it),
-    and SIGINT raises KeyboardInterrupt as Python's own handler does, both outside the import
-    machinery only (see above); only in the main thread, where Python delivers signals."""
+    and SIGINT raises KeyboardInterrupt as Python's own handler does, both outside imports and
+    callbacks from C only (see above); only in the main thread, where Python delivers signals."""
     main = threading.current_thread() is threading.main_thread()
     ours = {sig: handler for sig, handler, theirs in ((signal.SIGTERM, _raise, (signal.SIG_DFL, None)),
                                                      (signal.SIGINT, _interrupt, (signal.default_int_handler,)))
@@ -169,6 +172,7 @@ def exit_on_signal(line: Callable[[int], str | None]) -> None:
             pass
         os._exit(143 if signum == signal.SIGTERM else 130)
 
-    for sig, theirs in ((signal.SIGTERM, (signal.SIG_DFL, _raise)), (signal.SIGINT, (signal.default_int_handler, _interrupt))):
+    for sig, theirs in ((signal.SIGTERM, (signal.SIG_DFL, _raise)),
+                        (signal.SIGINT, (signal.default_int_handler, _interrupt))):
         if signal.getsignal(sig) in theirs:
             signal.signal(sig, handler)
