@@ -82,6 +82,17 @@ def _interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt()
 
 
+def what_ended(cause: BaseException | int) -> str:
+    """How the commands' lines name an interrupt: its exception (Terminated, KeyboardInterrupt) or
+    its signal number."""
+    return "terminated (SIGTERM)" if isinstance(cause, Terminated) or cause == signal.SIGTERM else "interrupted"
+
+
+def exit_code(cause: BaseException | int) -> int:
+    """The exit status of a run that an interrupt ended: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 143 if isinstance(cause, Terminated) or cause == signal.SIGTERM else 130
+
+
 def pending_signal() -> int | None:
     """A signal of the current run not acted on yet: waiting for an import to end, or raised into
     code that swallowed it. A command that finished meanwhile ends as interrupted after its run."""
@@ -170,7 +181,7 @@ def exit_on_signal(line: Callable[[int], str | None]) -> None:
                 print(msg, file=sys.stderr, flush=True)
         except BaseException:  # (a closed stream: the exit matters more than the line)
             pass
-        os._exit(143 if signum == signal.SIGTERM else 130)
+        os._exit(exit_code(signum))
 
     for sig, theirs in ((signal.SIGTERM, (signal.SIG_DFL, _raise)),
                         (signal.SIGINT, (signal.default_int_handler, _interrupt))):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import signal
 import sys
 from typing import NoReturn, Sequence
 
@@ -213,7 +212,7 @@ def _say_done(args: argparse.Namespace, report: dict) -> int:
     """Print the summary of a run whose output is in place. What cuts the printing short (a closed
     pipe, a terminal that cannot show a path, Ctrl-C) no longer concerns the output: a warning, not
     'nothing was written'."""
-    from safemerge_ext._signals import Terminated
+    from safemerge_ext._signals import exit_code, what_ended
     from safemerge_ext.report import layer_table, summary_table
 
     out = getattr(args, "out", None)
@@ -239,9 +238,8 @@ def _say_done(args: argparse.Namespace, report: dict) -> int:
             pass
         _warn(f"{written} is complete; its summary could not be printed ({exc.strerror or exc})")
     except KeyboardInterrupt as exc:
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        _warn(f"{what} after the run: {written} is complete; its summary was cut short", prefix="safemerge")
-        return 143 if isinstance(exc, Terminated) else 130
+        _warn(f"{what_ended(exc)} after the run: {written} is complete; its summary was cut short", prefix="safemerge")
+        return exit_code(exc)
     return 0
 
 
@@ -271,7 +269,8 @@ def _warn(text: str, prefix: str = "safemerge: warning") -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from safemerge_ext._signals import exit_on_signal, interrupts_held, pending_signal, sigterm_as_interrupt
+    from safemerge_ext._signals import (exit_code, exit_on_signal, interrupts_held, pending_signal, sigterm_as_interrupt,
+                                        what_ended)
     from safemerge_ext.errors import SafeMergeError
 
     target = _target(args)
@@ -285,9 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = _run(args)
             late = pending_signal()  # (one that waited for an import, or was swallowed, as the run finished)
         if late is not None and code == 0:
-            _warn(f"{_signal_name(late)} after the run" + (f": {target} is complete" if target else ""),
+            _warn(f"{what_ended(late)} after the run" + (f": {target} is complete" if target else ""),
                   prefix="safemerge")
-            code = 143 if late == signal.SIGTERM else 130
+            code = exit_code(late)
         return code
     except (SafeMergeError, ValueError, OSError, KeyboardInterrupt) as exc:
         with interrupts_held(resend=False):  # (the run is over: a second Ctrl-C does not cut its one line short)
@@ -323,18 +322,18 @@ def _exit_now(code: int) -> None:
 
 def _failed(exc: BaseException, args: argparse.Namespace, target: str | None) -> int:
     """The one line for a run that ended on ``exc``, printed; its exit code."""
-    from safemerge_ext._signals import Terminated
+    from safemerge_ext._signals import exit_code, what_ended
 
     if isinstance(exc, KeyboardInterrupt):
         from safemerge_ext.io.output import committed
 
-        what = _signal_name(exc)
+        what = what_ended(exc)
         if getattr(args, "out", None) and committed(args.out):  # (it came as the output was put in place)
             _warn(f"{what} after the run: {target} is complete; its summary was cut short", prefix="safemerge")
         else:
             print(f"safemerge: {what}; nothing was written" + (f" to {target}" if target else ""),
                   file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return exit_code(exc)
     if isinstance(exc, OSError):  # disk full, permissions, a path that vanished: still one line
         if exc.errno in _FULL and target:  # (named by what the user asked for, not the temporary file that filled)
             print(f"safemerge: error: {target}: {_FULL[exc.errno]} ({exc.strerror or exc}); free space there or write "
@@ -349,26 +348,19 @@ def _failed(exc: BaseException, args: argparse.Namespace, target: str | None) ->
     return 2
 
 
-def _signal_name(exc_or_signum: BaseException | int) -> str:
-    import signal
-
-    from safemerge_ext._signals import Terminated
-
-    term = isinstance(exc_or_signum, Terminated) or exc_or_signum == signal.SIGTERM
-    return "terminated (SIGTERM)" if term else "interrupted"
-
-
 def _after_the_run(signum: int, code: int, target: str | None) -> str | None:
     """The line for a signal that comes while the process exits after its run (whose own line is out)."""
     if code != 0:
         return None
-    return f"safemerge: {_signal_name(signum)} after the run" + (f": {target} is complete" if target else "")
+    from safemerge_ext._signals import what_ended
+
+    return f"safemerge: {what_ended(signum)} after the run" + (f": {target} is complete" if target else "")
 
 
 def yaml_main(argv: Sequence[str] | None = None) -> None:
     """``safemerge-yaml``: mergekit-yaml with the plugin; one line when mergekit is not installed.
     Ctrl-C and SIGTERM are handled from the start: mergekit's imports take seconds."""
-    from safemerge_ext._signals import Terminated, pending_signal, sigterm_as_interrupt
+    from safemerge_ext._signals import exit_code, pending_signal, sigterm_as_interrupt, what_ended
 
     code: object = None
     try:
@@ -386,14 +378,12 @@ def yaml_main(argv: Sequence[str] | None = None) -> None:
                 late = pending_signal()  # (one that waited for an import, or was swallowed, as the run finished)
                 if late is not None and code == 0:
                     print(yaml_cli.after_the_run(late), file=sys.stderr)
-                    code = 143 if late == signal.SIGTERM else 130
+                    code = exit_code(late)
                     raise SystemExit(code) from None
                 raise
     except KeyboardInterrupt as exc:  # (before the command began: during the imports)
-        term = isinstance(exc, Terminated)
-        print(f"safemerge-yaml: {'terminated (SIGTERM)' if term else 'interrupted'}; nothing was written",
-              file=sys.stderr)
-        sys.exit(143 if term else 130)
+        print(f"safemerge-yaml: {what_ended(exc)}; nothing was written", file=sys.stderr)
+        sys.exit(exit_code(exc))
     finally:  # (the handlers above are gone by now: the interpreter's teardown, a second or so, is left)
         if argv is None and "safemerge_ext.yaml_cli" in sys.modules:
             from safemerge_ext._signals import exit_on_signal

@@ -13,7 +13,6 @@ import errno
 import math
 import os
 import shutil
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from safemerge_ext._faults import bus_error_line, explain_bus_errors
-from safemerge_ext._signals import Terminated, exit_on_signal, interrupts_held, sigterm_as_interrupt
+from safemerge_ext._signals import exit_code, exit_on_signal, interrupts_held, sigterm_as_interrupt, what_ended
 from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.model_writer import untie_stored_head
@@ -527,14 +526,14 @@ def main(argv: list[str] | None = None) -> None:
             with sigterm_as_interrupt():
                 code = _command.main(args=argv, prog_name="safemerge-yaml", standalone_mode=False)
         except click.exceptions.Abort as exc:  # (click's form of a KeyboardInterrupt)
-            term = isinstance(exc.__cause__, Terminated)
-            what = "terminated (SIGTERM)" if term else "interrupted"
+            cause = exc.__cause__ if isinstance(exc.__cause__, KeyboardInterrupt) else KeyboardInterrupt()
+            what = what_ended(cause)
             with interrupts_held(resend=False):  # (a second Ctrl-C does not cut this line short)
                 done, target = _done.get("out"), _done.get("target")
                 click.echo(f"safemerge-yaml: {what} after the merge: {done} is complete; the report_path copy or the "
                            "summary was cut short" if done is not None else f"safemerge-yaml: {what}; nothing was written"
                            + (f" to OUT_PATH {target}" if target is not None else ""), err=True)
-            sys.exit(143 if term else 130)
+            sys.exit(exit_code(cause))
         except click.ClickException as exc:  # usage errors, as click shows them
             exc.show()
             sys.exit(exc.exit_code)
@@ -547,8 +546,7 @@ def main(argv: list[str] | None = None) -> None:
 def after_the_run(signum: int) -> str | None:
     """The line for a signal that comes while the process exits after the command (its own line out)."""
     done = _done.get("out")
-    what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
-    return f"safemerge-yaml: {what} after the merge: {done} is complete" if done is not None else None
+    return f"safemerge-yaml: {what_ended(signum)} after the merge: {done} is complete" if done is not None else None
 
 
 if __name__ == "__main__":
