@@ -50,12 +50,33 @@ def _importing(frame: object) -> bool:
     return False
 
 
+_timers: dict[int, threading.Timer] = {}  # signal -> the re-send on its way
+
+
 def _again_later(signum: int) -> None:
     """Send ``signum`` to this process again after ``RETRY_S`` (from a timer thread: the handler
-    then runs anew in the main thread, wherever it is by then)."""
-    timer = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
+    then runs anew in the main thread, wherever it is by then). One re-send per signal at a time:
+    a second Ctrl-C while one waits is the same request, not another one to replay later."""
+    if signum in _timers:
+        return
+
+    def fire() -> None:
+        _timers.pop(signum, None)  # (before the signal: its handler may need to wait again)
+        os.kill(os.getpid(), signum)
+
+    timer = _timers[signum] = threading.Timer(RETRY_S, fire)
     timer.daemon = True
     timer.start()
+
+
+def _forget_waiting() -> None:
+    """The run is over: re-sends still on their way are called off (they would land in whatever
+    the process runs next, a host program's code), and nothing is pending."""
+    for timer in list(_timers.values()):
+        timer.cancel()
+    _timers.clear()
+    _waiting.clear()
+    _raised.clear()
 
 
 def _deferred(signum: int, frame: object) -> bool:
@@ -103,7 +124,7 @@ def raise_pending() -> None:
     """Raise again a signal whose exception the code it landed in swallowed (a weakref callback, a
     library calling back into Python from C: both print it and go on), so that no Ctrl-C or SIGTERM
     is lost: the commands call this per layer, and before an output is put in place. A no-op
-    outside :func:`sigterm_as_interrupt`, and once the exception has ended the run."""
+    outside :func:`sigterm_as_interrupt` (leaving it forgets what the run did not act on)."""
     if _raised:
         signum = _raised[-1]
         _raised.clear()
@@ -121,18 +142,14 @@ def sigterm_as_interrupt() -> Iterator[None]:
             if main and signal.getsignal(sig) in theirs}
     previous = {sig: signal.signal(sig, handler) for sig, handler in ours.items()}
     if ours:
-        _raised.clear()
-        _waiting.clear()
+        _forget_waiting()
     try:
         yield
-    except KeyboardInterrupt:  # (the run ends on it: nothing is pending any more)
-        _raised.clear()
-        raise
     finally:
+        if ours:
+            _forget_waiting()  # (what the run did not act on stays with it)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if ours:
-            _waiting.clear()  # (one still re-sent goes to the handlers in place now)
 
 
 @contextmanager

@@ -297,27 +297,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "safemerge_ext.report" in sys.modules:
                 sys.modules["safemerge_ext.report"].finish_preloads()
         if argv is None and code is not None:  # (the console script: the interpreter's teardown is all that is left)
+            exit_on_signal(lambda signum, code=code: _after_the_run(signum, code, target))
             if args.command in _EXIT_AT_ONCE:
                 _exit_now(code)
-            exit_on_signal(lambda signum, code=code: _after_the_run(signum, code, target))
 
 
 _EXIT_AT_ONCE = ("score", "merge", "project")
 """Commands whose console-script process ends with os._exit once its output is written and its
 lines are out (as safemerge-yaml's does): torch's teardown takes half a second (mergekit's a
 second), during which a Ctrl-C or SIGTERM would kill the process with no word (late in it,
-Python's handlers are gone). Their outputs are closed and synced before the summary; nothing of
-theirs runs at exit. (Not eval: vLLM's engine process is shut down at exit.)"""
+Python's handlers are gone). Their outputs are closed and synced before the summary; the exit
+handlers (atexit: multiprocessing's, which unlink the semaphores a progress bar may have made,
+torch's) still run, in a few ms; only the modules' teardown is skipped. (Not eval: vLLM's engine
+process is shut down as the interpreter exits.)"""
 
 
 def _exit_now(code: int) -> None:
+    import atexit
+
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:  # (None: the process started with that descriptor closed)
                 stream.flush()
         except (OSError, ValueError):  # (a closed pipe: its line was lost already, and said so if it could be)
             pass
-    os._exit(code)
+    try:
+        atexit._run_exitfuncs()  # (what Python runs first at exit; it reports a handler's error itself)
+    finally:
+        os._exit(code)
 
 
 def _failed(exc: BaseException, args: argparse.Namespace, target: str | None) -> int:
@@ -377,12 +384,15 @@ def yaml_main(argv: Sequence[str] | None = None) -> None:
                 code = exc.code
                 late = pending_signal()  # (one that waited for an import, or was swallowed, as the run finished)
                 if late is not None and code == 0:
-                    print(yaml_cli.after_the_run(late), file=sys.stderr)
+                    print(yaml_cli.after_the_run(late) or f"safemerge-yaml: {what_ended(late)} after the run",
+                          file=sys.stderr)
                     code = exit_code(late)
                     raise SystemExit(code) from None
                 raise
-    except KeyboardInterrupt as exc:  # (before the command began: during the imports)
-        print(f"safemerge-yaml: {what_ended(exc)}; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # (during the imports, or in the moments around the command's own handling)
+        yaml_cli = sys.modules.get("safemerge_ext.yaml_cli")
+        done = yaml_cli.after_the_run(exc) if yaml_cli is not None else None
+        print(done or f"safemerge-yaml: {what_ended(exc)}; nothing was written", file=sys.stderr)
         sys.exit(exit_code(exc))
     finally:  # (the handlers above are gone by now: the interpreter's teardown, a second or so, is left)
         if argv is None and "safemerge_ext.yaml_cli" in sys.modules:

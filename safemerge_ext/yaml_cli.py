@@ -543,8 +543,9 @@ def main(argv: list[str] | None = None) -> None:
             exit_on_signal(after_the_run)
 
 
-def after_the_run(signum: int) -> str | None:
-    """The line for a signal that comes while the process exits after the command (its own line out)."""
+def after_the_run(signum: int | BaseException) -> str | None:
+    """The line for a signal that comes once the merge is in place (while the process exits after
+    the command, or as it ends), or None when it is not."""
     done = _done.get("out")
     return f"safemerge-yaml: {what_ended(signum)} after the merge: {done} is complete" if done is not None else None
 

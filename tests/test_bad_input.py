@@ -1230,6 +1230,62 @@ def test_signals_wait_out_the_callbacks_that_c_code_runs():
     assert not _signals._importing(sys._getframe())
 
 
+_RESEND_DRIVER = """
+import signal, sys, time
+from safemerge_ext import _signals
+from safemerge_ext._signals import raise_pending, sigterm_as_interrupt
+
+ns = {"__name__": "importlib._bootstrap"}
+exec("import sys\\ndef here():\\n    return sys._getframe()\\n", ns)
+with sigterm_as_interrupt():
+    _signals._interrupt(signal.SIGINT, ns["here"]())  # (Ctrl-C twice during an import: one re-send)
+    _signals._interrupt(signal.SIGINT, ns["here"]())
+    timers = len(_signals._timers)
+    try:
+        _signals._interrupt(signal.SIGTERM, None)
+    except KeyboardInterrupt:  # (swallowed by library code)
+        pass
+time.sleep(0.3)  # (a re-send still on its way would land here, in the host program)
+raise_pending()  # (and a swallowed one must not come back in the next run)
+print(timers, len(_signals._timers), _signals._raised, flush=True)
+"""
+
+
+def test_leaving_a_run_calls_off_what_it_did_not_act_on():
+    """The run is over (it finished, or ended on its own line) while a signal still waited to be
+    re-sent, or after one was swallowed: neither lands in what the process runs next (a notebook,
+    the next run in-process); two Ctrl-Cs during one import are one re-send, not two."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-c", _RESEND_DRIVER], capture_output=True, text=True, timeout=60, env=env)
+    assert (res.returncode, res.stdout.strip()) == (0, "1 0 []"), res.stderr[-2000:]
+
+
+_EXIT_HANDLERS_DRIVER = """
+import atexit, sys
+from safemerge_ext import cli
+
+atexit.register(print, "exit handlers ran", flush=True)
+sys.argv = ["safemerge", *sys.argv[1:]]
+cli.main()
+"""
+
+
+def test_the_cli_ending_at_once_still_runs_the_exit_handlers(fx, tmp_path):
+    """os._exit skips the modules' teardown, not the exit handlers (multiprocessing's unlink the
+    semaphores a progress bar may have made under the spawn and forkserver start methods)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-c", _EXIT_HANDLERS_DRIVER, *_merge_argv(fx, out)], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("exit handlers ran"), (res.stdout, res.stderr[-2000:])
+
+
 def test_a_summary_cut_short_does_not_unsay_the_output(fx, tmp_path, capsys, monkeypatch):
     """Once --out is in place, Ctrl-C or a terminal that cannot show the path (a non-UTF-8 name
     under a strict encoding) only concern the summary: never 'nothing was written'."""
