@@ -269,8 +269,7 @@ def _warn(text: str, prefix: str = "safemerge: warning") -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from safemerge_ext._signals import (exit_code, exit_on_signal, interrupts_held, pending_signal, sigterm_as_interrupt,
-                                        what_ended)
+    from safemerge_ext._signals import exit_code, exit_on_signal, interrupts_held, pending_signal, sigterm_as_interrupt
     from safemerge_ext.errors import SafeMergeError
 
     target = _target(args)
@@ -284,8 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = _run(args)
             late = pending_signal()  # (one that waited for an import, or was swallowed, as the run finished)
         if late is not None and code == 0:
-            _warn(f"{what_ended(late)} after the run" + (f": {target} is complete" if target else ""),
-                  prefix="safemerge")
+            _warn(_ended_after_the_run(late, target), prefix="safemerge")
             code = exit_code(late)
         return code
     except (SafeMergeError, ValueError, OSError, KeyboardInterrupt) as exc:
@@ -355,13 +353,15 @@ def _failed(exc: BaseException, args: argparse.Namespace, target: str | None) ->
     return 2
 
 
-def _after_the_run(signum: int, code: int, target: str | None) -> str | None:
-    """The line for a signal that comes while the process exits after its run (whose own line is out)."""
-    if code != 0:
-        return None
+def _ended_after_the_run(signum: int, target: str | None) -> str:
     from safemerge_ext._signals import what_ended
 
-    return f"safemerge: {what_ended(signum)} after the run" + (f": {target} is complete" if target else "")
+    return f"{what_ended(signum)} after the run" + (f": {target} is complete" if target else "")
+
+
+def _after_the_run(signum: int, code: int, target: str | None) -> str | None:
+    """The line for a signal that comes while the process exits after its run (whose own line is out)."""
+    return f"safemerge: {_ended_after_the_run(signum, target)}" if code == 0 else None
 
 
 def yaml_main(argv: Sequence[str] | None = None) -> None:
@@ -397,11 +397,10 @@ def yaml_main(argv: Sequence[str] | None = None) -> None:
     finally:  # (the handlers above are gone by now: the interpreter's teardown, a second or so, is left)
         if argv is None and "safemerge_ext.yaml_cli" in sys.modules:
             from safemerge_ext._signals import exit_on_signal
-            from safemerge_ext.mergekit_methods import pending_reports
 
-            if isinstance(code, int) and not pending_reports():  # (nothing of ours left for the exit hook)
-                _exit_now(code)
             exit_on_signal(sys.modules["safemerge_ext.yaml_cli"].after_the_run)
+            if isinstance(code, int):  # (the exit handlers, the plugin's report hook among them, still run)
+                _exit_now(code)
 
 
 if __name__ == "__main__":

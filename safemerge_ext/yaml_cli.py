@@ -24,7 +24,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from safemerge_ext._faults import bus_error_line, explain_bus_errors
-from safemerge_ext._signals import exit_code, exit_on_signal, interrupts_held, sigterm_as_interrupt, what_ended
+from safemerge_ext._signals import exit_code, interrupts_held, sigterm_as_interrupt, what_ended
 from safemerge_ext.backends import PRECISIONS, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.model_writer import untie_stored_head
@@ -522,25 +522,21 @@ def main(argv: list[str] | None = None) -> None:
     and 143), after the command's own clean-up, not in click's "Aborted!"."""
     _done.clear()
     try:
-        try:
-            with sigterm_as_interrupt():
-                code = _command.main(args=argv, prog_name="safemerge-yaml", standalone_mode=False)
-        except click.exceptions.Abort as exc:  # (click's form of a KeyboardInterrupt)
-            cause = exc.__cause__ if isinstance(exc.__cause__, KeyboardInterrupt) else KeyboardInterrupt()
-            what = what_ended(cause)
-            with interrupts_held(resend=False):  # (a second Ctrl-C does not cut this line short)
-                done, target = _done.get("out"), _done.get("target")
-                click.echo(f"safemerge-yaml: {what} after the merge: {done} is complete; the report_path copy or the "
-                           "summary was cut short" if done is not None else f"safemerge-yaml: {what}; nothing was written"
-                           + (f" to OUT_PATH {target}" if target is not None else ""), err=True)
-            sys.exit(exit_code(cause))
-        except click.ClickException as exc:  # usage errors, as click shows them
-            exc.show()
-            sys.exit(exc.exit_code)
-        sys.exit(code if isinstance(code, int) else 0)
-    finally:
-        if argv is None:  # (the console script: the interpreter's teardown, a second or so, is all that is left)
-            exit_on_signal(after_the_run)
+        with sigterm_as_interrupt():
+            code = _command.main(args=argv, prog_name="safemerge-yaml", standalone_mode=False)
+    except click.exceptions.Abort as exc:  # (click's form of a KeyboardInterrupt)
+        cause = exc.__cause__ if isinstance(exc.__cause__, KeyboardInterrupt) else KeyboardInterrupt()
+        what = what_ended(cause)
+        with interrupts_held(resend=False):  # (a second Ctrl-C does not cut this line short)
+            done, target = _done.get("out"), _done.get("target")
+            click.echo(f"safemerge-yaml: {what} after the merge: {done} is complete; the report_path copy or the "
+                       "summary was cut short" if done is not None else f"safemerge-yaml: {what}; nothing was written"
+                       + (f" to OUT_PATH {target}" if target is not None else ""), err=True)
+        sys.exit(exit_code(cause))
+    except click.ClickException as exc:  # usage errors, as click shows them
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def after_the_run(signum: int | BaseException) -> str | None:
@@ -550,5 +546,7 @@ def after_the_run(signum: int | BaseException) -> str | None:
     return f"safemerge-yaml: {what_ended(signum)} after the merge: {done} is complete" if done is not None else None
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # (through the console script's entry: its signal handling from the start)
+    from safemerge_ext.cli import yaml_main
+
+    yaml_main()
