@@ -10,8 +10,8 @@
 // then they round once, as in every backend); ||V||^2 is summed per block in fp32 and across
 // blocks in float64.
 //
-// Determinism: pass 1 gives each row group (ranks <= 16: whole rows, a partial T per group, the
-// groups fixed by the shape) or each 512-column band (higher ranks: it owns those rows of T) to one
+// Determinism: pass 1 gives each row group (ranks <= 16 except on AMD's AVX-512 build: whole rows, a
+// partial T per group, the groups fixed by the shape) or each 512-column band (the other ranks: it owns those rows of T) to one
 // thread, with its own ||V||^2 partial; pass 2 gives each tile of 4 or 6 rows to one thread. Partials are
 // reduced in a fixed order, so the bits depend on neither the thread count nor the schedule, and
 // the schedule can be dynamic (a thread that the OS parks on a busy machine does not stall the other).
@@ -321,7 +321,7 @@ constexpr int P1_NR_V4Z = 8;  // the same in 16-float vectors
 constexpr int64_t kP1Groups = 16;               // row groups of pass 1 (by rows) at most, each with a partial T
 constexpr int64_t kP1SliceCols = 8 * P1_BAND;   // columns of a pass-1 work item (by rows)
 constexpr int64_t kP1MinGroupChunks = 8;         // (a group's partial is worth its rows: 256 or more)
-constexpr int kP1RowsMaxRank = 16;               // pass 1 by rows up to this rank ...
+constexpr int kP1RowsMaxRank = 16;               // pass 1 by rows up to this rank (Isa::p1_rows_max_rank) ...
 constexpr int64_t kP1RowsMaxPartial = 512 << 10; // ... and while a partial T fits in this much L2
 
 // acc[k][0:2L] += sum_i X[i, 0:2L] * B[i, k] for k < NR: one group of columns of V^T against NR
@@ -1072,7 +1072,6 @@ template <int DT> void pad_base(const void* src, int64_t n, int64_t r, bool tr, 
 template <int DT> SM_TARGET_V3 double pass1_v3(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR, v8f); }
 template <int DT> SM_TARGET_V3 double pass1b_v3(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR, v8f); }
 template <int DT> SM_TARGET_V3 void pass2_v3(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_MR, P2_NR, v8f); }
-template <int DT> SM_TARGET_V4 double pass1_v4(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR_V4, v8f); }
 template <int DT> SM_TARGET_V4 double pass1b_v4(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR_V4, v8f); }
 template <int DT> SM_TARGET_V4 void pass2_v4(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_MR, P2_NR_V4, v8f); }
 template <int DT> SM_TARGET_V4 double pass1_v4z(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR_V4Z, v16f); }
@@ -1088,8 +1087,9 @@ template <int DT> SM_TARGET_V3 void pad_v3(const void* src, int64_t n, int64_t r
 
 struct Isa {
   const char* name;
-  Pass1Fn pass1[3];  // indexed by DType: pass 1 by row groups (low ranks) ...
-  Pass1BandFn pass1_band[3];  // ... and by column bands (high ranks)
+  Pass1Fn pass1[3];  // indexed by DType: pass 1 by row groups (ranks up to p1_rows_max_rank) ...
+  Pass1BandFn pass1_band[3];  // ... and by column bands (the others; every rank when it is 0)
+  int p1_rows_max_rank;
   Pass2Fn pass2[3];
   int p2_rows;  // rows of a pass-2 tile
   GramFn gram;
@@ -1101,6 +1101,7 @@ struct Isa {
 const Isa kBase = {"baseline",
                    {pass1_base<kF32>, pass1_base<kF16>, pass1_base<kBF16>},
                    {pass1b_base<kF32>, pass1b_base<kF16>, pass1b_base<kBF16>},
+                   kP1RowsMaxRank,
                    {pass2_base<kF32>, pass2_base<kF16>, pass2_base<kBF16>},
                    P2_MR,
                    gram_base,
@@ -1110,14 +1111,22 @@ const Isa kBase = {"baseline",
 const Isa kV3 = {"x86-64-v3",
                  {pass1_v3<kF32>, pass1_v3<kF16>, pass1_v3<kBF16>},
                  {pass1b_v3<kF32>, pass1b_v3<kF16>, pass1b_v3<kBF16>},
+                 kP1RowsMaxRank,
                  {pass2_v3<kF32>, pass2_v3<kF16>, pass2_v3<kBF16>},
                  P2_MR,
                  gram_v3,
                  {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
                  {untangle<kF32, v8f>, untangle<kF16, v8f>, untangle<kBF16, v8f>}};
+// AMD's AVX-512 cores walk pass 1 by column bands at every rank: on a Zen 4 VM (2 threads, bf16,
+// weights in 2 MiB pages, median of 9, three alternating runs) bands took 0.78-0.85x the time of row
+// groups at r = 16 (4096x4096 7.5-7.8 vs 8.8-9.9 ms, 14336x4096 26.3-26.5 vs 30.8-31.5, 2048x2048
+// 1.89-1.97 vs 2.48-2.61) and 0.82-0.97x at r = 8 (2048x2048 1.26-1.31 vs 1.55-1.56, 14336x4096
+// 19.0-19.3 vs 19.8-20.2); row groups were chosen on an Intel Xeon VM, whose memory served bands'
+// 1 KiB runs 8 KiB apart at half the rate of whole rows (see pass1_rows_impl).
 const Isa kV4 = {"x86-64-v4",
-                 {pass1_v4<kF32>, pass1_v4<kF16>, pass1_v4<kBF16>},
+                 {nullptr, nullptr, nullptr},  // (no rank walks by rows)
                  {pass1b_v4<kF32>, pass1b_v4<kF16>, pass1b_v4<kBF16>},
+                 0,
                  {pass2_v4<kF32>, pass2_v4<kF16>, pass2_v4<kBF16>},
                  P2_MR,
                  gram_v3,
@@ -1126,6 +1135,7 @@ const Isa kV4 = {"x86-64-v4",
 const Isa kV4z = {"x86-64-v4-512",
                   {pass1_v4z<kF32>, pass1_v4z<kF16>, pass1_v4z<kBF16>},
                   {pass1b_v4z<kF32>, pass1b_v4z<kF16>, pass1b_v4z<kBF16>},
+                  kP1RowsMaxRank,
                   {pass2_v4z<kF32>, pass2_v4z<kF16>, pass2_v4z<kBF16>},
                   P2_MR_V4Z,
                   gram_v3,
@@ -1136,6 +1146,7 @@ const Isa kV4z = {"x86-64-v4-512",
 const Isa kAmx = {"x86-64-v4-amx",
                   {pass1_rows_amx<kF32>, pass1_rows_amx<kF16>, pass1_rows_amx<kBF16>},
                   {pass1_band_amx<kF32>, pass1_band_amx<kF16>, pass1_band_amx<kBF16>},
+                  kP1RowsMaxRank,
                   {pass2_amx<kF32>, pass2_amx<kF16>, pass2_amx<kBF16>},
                   16,
                   gram_v3,
@@ -1260,16 +1271,17 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   const int R = int(r);
   const int64_t ldt = (d_in + 31) & ~int64_t(31);
   FloatBuf Tt(size_t(R) * size_t(ldt), 0.0f);  // T transposed, zero-padded to whole 32-column groups
-  // Pass 1 by rows (low ranks): the rows split into groups fixed by the shape alone (never by the
-  // thread count or the blocks below), each summed into a partial T of its own that stays in the
-  // L2 while whole rows stream past, the partials added in group order. By column bands (high
-  // ranks, whose partial T would not stay in the L2): each band's T summed by one thread.
+  // Pass 1 by rows (low ranks, where the build walks them so): the rows split into groups fixed by
+  // the shape alone (never by the thread count or the blocks below), each summed into a partial T
+  // of its own that stays in the L2 while whole rows stream past, the partials added in group
+  // order. By column bands (high ranks, whose partial T would not stay in the L2, and every rank on
+  // AMD's AVX-512 build): each band's T summed by one thread.
   const int64_t ldg = ldt + 16;  // (off a power of two, as P1_LD)
   // the tile unit's partials and accumulators hold whole tiles of 16 ranks
   const int qt = (R + 15) / 16;
   const int Rp = isa->amx ? 16 * qt : R;
   const int64_t part_bytes = int64_t(R) * ldg * int64_t(sizeof(float));
-  const bool by_rows = R <= kP1RowsMaxRank && part_bytes <= kP1RowsMaxPartial;
+  const bool by_rows = R <= isa->p1_rows_max_rank && part_bytes <= kP1RowsMaxPartial;
   const int64_t chunks = (d_out + P1_KC - 1) / P1_KC;  // (partials: at most 16 x 512 KiB)
   const int64_t group_rows = P1_KC * std::max(kP1MinGroupChunks, (chunks + kP1Groups - 1) / kP1Groups);
   const int64_t groups = by_rows ? (d_out + group_rows - 1) / group_rows : 0;
@@ -1574,6 +1586,8 @@ PYBIND11_MODULE(_cpu, m) {
         "t: d_in x r fp32, p: d_out x r fp32, b: d_out x r and a: r x d_in in dtype codes b_dtype/a_dtype\n"
         "(0=fp32 1=fp16 2=bf16); all row-major, contiguous. Deterministic for any thread count.");
   m.def("isa", []() { return std::string(g_isa.load()->name); }, "The instruction set the kernels run with.");
+  m.def("p1_rows_max_rank", []() { return g_isa.load()->p1_rows_max_rank; },
+        "The highest rank whose pass 1 the selected kernels walk by row groups (0: every rank by column bands).");
 #if SM_HAVE_AMX
   m.attr("AMX_MIN_RANK") = kAmxMinRank;  // (below it the 'x86-64-v4-amx' build runs the 'x86-64-v4-512' kernels)
 #endif

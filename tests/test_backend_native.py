@@ -305,12 +305,35 @@ def _cpu_call(wa, wu, B, threads):
     return T, P, vsq
 
 
+# The CPU's pick of kernels, and the baseline build, which walks pass 1 by row groups up to r = 16 on
+# every CPU (AMD's AVX-512 build walks every rank by column bands), so both walks run here.
+WALK_ISAS = ["best", "baseline"]
+
+
+@pytest.fixture
+def kernels(request, monkeypatch):
+    """Select the C++ kernels named by the test's ``isa`` parameter for the test, then restore."""
+    from safemerge_ext import _cpu, cpp_backend
+
+    monkeypatch.delenv(cpp_backend.ISA_ENV_VAR, raising=False)  # (it would pick the kernels on every call)
+    before = _cpu.isa()
+    assert _cpu.set_isa(request.param)
+    if request.param == "baseline":
+        assert _cpu.p1_rows_max_rank() >= 16
+    try:
+        yield request.param
+    finally:
+        _cpu.set_isa(before)
+
+
 @needs_cpp
+@pytest.mark.parametrize("kernels", WALK_ISAS, ids=[f"isa={i}" for i in WALK_ISAS], indirect=True)
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
 @pytest.mark.parametrize("d_out, d_in", [(515, 1100), (300, 9000)], ids=["1 slice", "3 slices"])
-def test_cpp_bits_independent_of_thread_count(dtype, d_out, d_in):
-    """Pass 1 by row groups (r = 13, and r = 16 on AMX tiles where the CPU has them; in column
-    slices of 4096 when d_in is wider) and by column bands (r = 40) alike; and right."""
+def test_cpp_bits_independent_of_thread_count(kernels, dtype, d_out, d_in):
+    """Pass 1 by row groups (r = 13, and r = 16 on AMX tiles where the CPU has them, where the build
+    walks them so; in column slices of 4096 when d_in is wider) and by column bands (r = 40)
+    alike; and right."""
     wa, wu, g = _layer(d_out, d_in, dtype, _seed("threads", dtype, d_in))
     for r in (13, 16, 40):
         B = torch.randn(d_out, r, generator=g)
@@ -340,9 +363,10 @@ RELEASE_SHAPES = [(333, 1100), (1000, 96), (4096, 700), (600, 8300)]
 
 
 @needs_cpp
+@pytest.mark.parametrize("kernels", WALK_ISAS, ids=[f"isa={i}" for i in WALK_ISAS], indirect=True)
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
 @pytest.mark.parametrize("d_out, d_in", RELEASE_SHAPES, ids=[f"shape={a}x{b}" for a, b in RELEASE_SHAPES])
-def test_cpp_release_behind_same_bits(tmp_path, monkeypatch, dtype, d_out, d_in):
+def test_cpp_release_behind_same_bits(tmp_path, monkeypatch, kernels, dtype, d_out, d_in):
     """Weights mapped from a file, walked in row blocks whose pages are dropped as each pass is done
     with them (blocks of one 32-row chunk up to several; the last one partial): T, P and ||V||^2
     have the bits of the one-block walk, on any thread count, and the values stay those of the
@@ -414,9 +438,10 @@ def test_cpp_reads_fp64_weights_in_fp32(monkeypatch):
 
 
 @needs_cpp
-@pytest.mark.parametrize("r", [3, 40], ids=["by rows", "by bands"])
+@pytest.mark.parametrize("kernels", WALK_ISAS, ids=[f"isa={i}" for i in WALK_ISAS], indirect=True)
+@pytest.mark.parametrize("r", [3, 40], ids=["low rank", "high rank"])
 @pytest.mark.parametrize("d_out, d_in", [(0, 70), (50, 0)], ids=["no rows", "no columns"])
-def test_cpp_empty_v_gives_zeros(d_out, d_in, r):
+def test_cpp_empty_v_gives_zeros(kernels, d_out, d_in, r):
     """A direct call with an empty V (null data pointers for the empty operands) writes T = 0 and
     P = 0 on either pass-1 walk (not what they held before)."""
     from safemerge_ext import _cpu
