@@ -1118,11 +1118,12 @@ const Isa kV3 = {"x86-64-v3",
                  {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
                  {untangle<kF32, v8f>, untangle<kF16, v8f>, untangle<kBF16, v8f>}};
 // AMD's AVX-512 cores walk pass 1 by column bands at every rank: on a Zen 4 VM (2 threads, bf16,
-// weights in 2 MiB pages, median of 9, three alternating runs) bands took 0.78-0.85x the time of row
-// groups at r = 16 (4096x4096 7.5-7.8 vs 8.8-9.9 ms, 14336x4096 26.3-26.5 vs 30.8-31.5, 2048x2048
-// 1.89-1.97 vs 2.48-2.61) and 0.82-0.97x at r = 8 (2048x2048 1.26-1.31 vs 1.55-1.56, 14336x4096
-// 19.0-19.3 vs 19.8-20.2); row groups were chosen on an Intel Xeon VM, whose memory served bands'
-// 1 KiB runs 8 KiB apart at half the rate of whole rows (see pass1_rows_impl).
+// weights in 2 MiB pages, median of 9 calls, builds alternating, 2-3 rounds over six shapes from
+// 512x2048 to 14336x4096) bands took 0.72-0.86x the time of row groups at r = 16 (4096x4096
+// 7.5-7.8 vs 8.8-9.9 ms, 14336x4096 26.3-26.5 vs 30.8-31.5) and 0.81-0.97x at r = 8 in all but one
+// of 15 pairs (4096x4096 5.2-5.5 vs 5.6-6.1 ms, once 6.3 vs 5.8); row groups were chosen on an
+// Intel Xeon VM, whose memory served bands' 1 KiB runs 8 KiB apart at half the rate of whole rows
+// (see pass1_rows_impl).
 const Isa kV4 = {"x86-64-v4",
                  {nullptr, nullptr, nullptr},  // (no rank walks by rows)
                  {pass1b_v4<kF32>, pass1b_v4<kF16>, pass1b_v4<kBF16>},
