@@ -206,13 +206,66 @@ def case_models(fx, tmp: Path, kind: str):
         new = json.dumps(header).encode()
         shard.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
         return a, u, t, s, ["--unaligned", shard.name, f"{Q0}.weight", "not a list of whole numbers"]
+    if kind == "adapter_lacks_factor":  # lora_A saved, lora_B not
+        t = copy(fx.task, tmp / "t")
+        edit_adapter(t, tensors=lambda sd: sd.pop(f"base_model.model.{Q0}.lora_B.weight"))
+        return a, u, t, s, ["--task-adapter", "adapter_model.safetensors", Q0, "has no lora_B", "incomplete"]
+    if kind == "factor_ranks_differ":  # lora_A r x d_in, lora_B d_out x (r + 1)
+        t = copy(fx.task, tmp / "t")
+
+        def widen(sd):
+            key = f"base_model.model.{Q0}.lora_B.weight"
+            sd[key] = torch.cat([sd[key], sd[key][:, :1]], dim=1)
+        edit_adapter(t, tensors=widen)
+        return a, u, t, s, ["--task-adapter", Q0, "lora_A (", "and lora_B (", "r x d_in and d_out x r"]
+    if kind == "integer_factor":
+        t = copy(fx.task, tmp / "t")
+
+        def to_int(sd):
+            key = f"base_model.model.{Q0}.lora_B.weight"
+            sd[key] = (sd[key] * 100).to(torch.int32)
+        edit_adapter(t, tensors=to_int)
+        return a, u, t, s, ["--task-adapter", f"{Q0}.lora_B is torch.int32", "not a floating-point tensor"]
+    if kind == "no_factors":  # a weights file with no tensors at all
+        t = copy(fx.task, tmp / "t")
+        save_file({}, t / "adapter_model.safetensors")
+        return a, u, t, s, ["--task-adapter", "adapter_model.safetensors", "no LoRA factors found"]
+    if kind == "config_r_fraction":
+        t = copy(fx.task, tmp / "t")
+        edit_adapter(t, config=lambda c: c.__setitem__("r", 8.5))
+        return a, u, t, s, ["--task-adapter", "adapter_config.json", "r is 8.5, not a whole number"]
+    if kind == "config_pattern_not_object":
+        s = copy(fx.safety, tmp / "s")
+        edit_adapter(s, config=lambda c: c.__setitem__("alpha_pattern", ["q_proj", 16]))
+        return a, u, t, s, ["--safety-adapter", "alpha_pattern is list", "not an object of module pattern -> value"]
+    if kind == "config_pattern_value":
+        t = copy(fx.task, tmp / "t")
+        edit_adapter(t, config=lambda c: c.__setitem__("rank_pattern", {"q_proj": "four"}))
+        return a, u, t, s, ["--task-adapter", "rank_pattern['q_proj'] is 'four'", "not a number"]
+    if kind == "dora_magnitude_only":  # a DoRA magnitude with use_dora unset: named as not a factor
+        t = copy(fx.task, tmp / "t")
+        edit_adapter(t, tensors=lambda sd: sd.__setitem__(
+            f"base_model.model.{Q0}.lora_magnitude_vector", torch.ones(64)))
+        return a, u, t, s, ["--task-adapter", f"{Q0}.lora_magnitude_vector is not a LoRA factor", "DoRA magnitudes"]
+    if kind == "safety_adapter_shape":
+        s = copy(fx.safety, tmp / "s")
+        key = f"base_model.model.{Q0}.lora_B.weight"
+        edit_adapter(s, tensors=lambda sd: sd.__setitem__(key, sd[key][:32].clone()))
+        return a, u, t, s, ["--safety-adapter", Q0, "is 32x64 but", "64x64", "belongs to another model"]
+    if kind == "integer_weights":  # (a quantized checkpoint's int8 weights: both models, so no dtype mismatch)
+        a, u = copy(fx.aligned, tmp / "a"), copy(fx.unaligned, tmp / "u")
+        for m in (a, u):
+            edit_tensor(m, f"{Q0}.weight", lambda sd: sd.__setitem__(f"{Q0}.weight", (sd[f"{Q0}.weight"] * 50).to(torch.int8)))
+        return a, u, t, s, ["--aligned tensor", f"{Q0}.weight is torch.int8", "2-D fp32/fp16/bf16 weights"]
     raise KeyError(kind)
 
 
 CASES = ["missing_dir", "missing_tensor", "stale_index_aligned", "stale_index_unaligned", "missing_shard", "truncated", "shape", "dtype", "bin_only", "nan_weight", "inf_weight",
          "nan_adapter", "unknown_module", "adapter_shape", "dora", "not_lora", "rank_mismatch", "no_adapter_file",
          "truncated_adapter", "safety_lacks_module", "foreign_safety_module", "pissa", "config_not_object",
-         "config_r_null", "config_bad_pattern", "rank_zero", "two_factor_sets", "header_shape"]
+         "config_r_null", "config_bad_pattern", "rank_zero", "two_factor_sets", "header_shape", "adapter_lacks_factor",
+         "factor_ranks_differ", "integer_factor", "no_factors", "config_r_fraction", "config_pattern_not_object",
+         "config_pattern_value", "dora_magnitude_only", "safety_adapter_shape", "integer_weights"]
 
 
 def leftovers(parent: Path, name: str) -> list[Path]:

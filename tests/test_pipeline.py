@@ -309,6 +309,31 @@ def test_merge_linear_adapter_exact(fx, tmp_path, adapter_dtype):
             assert torch.equal(merged[k], v), k
 
 
+def test_safety_modules_without_a_task_update_are_ignored_with_a_warning(fx, tmp_path):
+    """A safety adapter that also adapts a module the task adapter leaves alone: that module is not
+    merged (there is no task update to repair), and the report says how many were ignored."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    q0 = "model.layers.0.self_attn.q_proj"
+    task = tmp_path / "task"
+    shutil.copytree(fx.task, task)
+    sd = load_file(task / "adapter_model.safetensors")
+    for ab in "AB":
+        sd.pop(f"base_model.model.{q0}.lora_{ab}.weight")
+    save_file(sd, task / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", task,
+                    "--safety-adapter", fx.safety, "--out", out, "--threshold", 1.0]) == 0
+    rep = report_of(out)
+    assert f"1 safety-adapter module(s) have no task update and are ignored (e.g. {q0})" in rep["warnings"]
+    assert q0 not in {r["module"] for r in rep["layers"]} and rep["layers"]
+    assert all(r["flagged"] for r in rep["layers"])  # (every other layer merged: the threshold flags all)
+    written = load_file(out / "adapter_model.safetensors")
+    assert not [k for k in written if f".{q0}." in k] and len(written) == len(sd)
+
+
 def test_merged_adapter_is_read_right_by_a_server_that_reads_only_r_and_lora_alpha(fx, tmp_path):
     """vLLM applies one scaling, lora_alpha / r (/ sqrt(r) with rsLoRA), to every module, reads
     neither rank_pattern nor alpha_pattern, and checks r against its max_lora_rank. The merged
