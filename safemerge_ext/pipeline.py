@@ -194,6 +194,10 @@ def open_run(
             )
         named = weight if uweight == weight else f"{weight} ({uweight} in --unaligned)"
         ushape, udtype = unaligned.meta(uweight)
+        for reader, name, code in ((aligned, weight, dtype), (unaligned, uweight, udtype)):
+            if not isinstance(code, torch.dtype):  # (a safetensors dtype code this torch has no type for)
+                raise SafeMergeError(f"{reader.flag} {reader.path / reader.shard_of(name)}: tensor {name} has dtype "
+                                     f"{code}, which torch cannot hold; LoRA targets must be fp32/fp16/bf16 weights")
         if ushape != shape:
             raise SafeMergeError(
                 f"tensor {named} has shape {shape} in --aligned but {ushape} in --unaligned: "

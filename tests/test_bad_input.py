@@ -195,17 +195,40 @@ def case_models(fx, tmp: Path, kind: str):
                 sd[f"base_model.model.{Q0}.lora_{ab}.other.weight"] = sd[f"base_model.model.{Q0}.lora_{ab}.weight"].clone()
         edit_adapter(t, tensors=second)
         return a, u, t, s, ["--task-adapter", Q0, "two lora_A tensors", "own folder"]
-    if kind == "header_shape":  # a header whose shape is no list of whole numbers (JSON's Infinity)
+    if kind in ("header_shape", "header_offsets", "header_dtype", "header_length"):
         u = copy(fx.unaligned, tmp / "u")
         index = json.loads((u / "model.safetensors.index.json").read_text())
         shard = u / index["weight_map"][f"{Q0}.weight"]
         raw = shard.read_bytes()
         n = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8:8 + n])
-        header[f"{Q0}.weight"]["shape"] = [float("inf"), 64]
+        entry = header[f"{Q0}.weight"]
+        if kind == "header_shape":  # a shape that is no list of whole numbers (JSON's Infinity)
+            entry["shape"], want = [float("inf"), 64], [f"{Q0}.weight", "not a list of whole numbers"]
+        elif kind == "header_offsets":
+            entry["data_offsets"], want = entry["data_offsets"][:1], [f"{Q0}.weight", "not two whole numbers"]
+        elif kind == "header_dtype":  # a dtype code this torch has no type for (a newer format's)
+            entry["dtype"], want = "F4X", [f"tensor {Q0}.weight has dtype F4X, which torch cannot hold",
+                                           "must be fp32/fp16/bf16 weights"]
         new = json.dumps(header).encode()
-        shard.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
-        return a, u, t, s, ["--unaligned", shard.name, f"{Q0}.weight", "not a list of whole numbers"]
+        length = len(new) if kind != "header_length" else 1 << 40  # (a length past the end of the file)
+        if kind == "header_length":
+            size = 8 + len(new) + len(raw) - 8 - n
+            want = [f"header length {length} does not fit a {size}-byte file", "re-download or re-save it"]
+        shard.write_bytes(length.to_bytes(8, "little") + new + raw[8 + n:])
+        return a, u, t, s, ["--unaligned", shard.name, *want]
+    if kind == "index_names_the_wrong_shard":  # the index lists the tensor in a shard that does not hold it
+        u = copy(fx.unaligned, tmp / "u")
+        index = json.loads((u / "model.safetensors.index.json").read_text())
+        other = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][f"{Q0}.weight"])
+        index["weight_map"][f"{Q0}.weight"] = other
+        (u / "model.safetensors.index.json").write_text(json.dumps(index))
+        return a, u, t, s, ["--unaligned", other, f"tensor {Q0}.weight is listed in the index but not in the shard"]
+    if kind == "index_not_a_table":
+        a = copy(fx.aligned, tmp / "a")
+        (a / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model-00001-of-00009.safetensors"]}))
+        return a, u, t, s, ["--aligned", "model.safetensors.index.json", "not a valid safetensors index",
+                            "weight_map is not a table"]
     if kind == "adapter_lacks_factor":  # lora_A saved, lora_B not
         t = copy(fx.task, tmp / "t")
         edit_adapter(t, tensors=lambda sd: sd.pop(f"base_model.model.{Q0}.lora_B.weight"))
@@ -265,7 +288,8 @@ CASES = ["missing_dir", "missing_tensor", "stale_index_aligned", "stale_index_un
          "truncated_adapter", "safety_lacks_module", "foreign_safety_module", "pissa", "config_not_object",
          "config_r_null", "config_bad_pattern", "rank_zero", "two_factor_sets", "header_shape", "adapter_lacks_factor",
          "factor_ranks_differ", "integer_factor", "no_factors", "config_r_fraction", "config_pattern_not_object",
-         "config_pattern_value", "dora_magnitude_only", "safety_adapter_shape", "integer_weights"]
+         "config_pattern_value", "dora_magnitude_only", "safety_adapter_shape", "integer_weights", "header_offsets",
+         "header_dtype", "header_length", "index_names_the_wrong_shard", "index_not_a_table"]
 
 
 def leftovers(parent: Path, name: str) -> list[Path]:
