@@ -1123,7 +1123,9 @@ const Isa kV3 = {"x86-64-v3",
 // 7.5-7.8 vs 8.8-9.9 ms, 14336x4096 26.3-26.5 vs 30.8-31.5) and 0.81-0.97x at r = 8 in all but one
 // of 15 pairs (4096x4096 5.2-5.5 vs 5.6-6.1 ms, once 6.3 vs 5.8); row groups were chosen on an
 // Intel Xeon VM, whose memory served bands' 1 KiB runs 8 KiB apart at half the rate of whole rows
-// (see pass1_rows_impl).
+// (see pass1_rows_impl). Row groups in slices of one band measured as slow as whole rows there
+// (r = 16: 9.3-9.4 vs 7.4-7.8 ms at 4096x4096). Not measured: machines with more cores than a
+// layer has bands (8 at d_in = 4096), where some cores sit out pass 1.
 const Isa kV4 = {"x86-64-v4",
                  {nullptr, nullptr, nullptr},  // (no rank walks by rows)
                  {pass1b_v4<kF32>, pass1b_v4<kF16>, pass1b_v4<kBF16>},
