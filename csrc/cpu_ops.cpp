@@ -1123,8 +1123,8 @@ const Isa kV3 = {"x86-64-v3",
 // 7.5-7.8 vs 8.8-9.9 ms, 14336x4096 26.3-26.5 vs 30.8-31.5) and 0.81-0.97x at r = 8 in all but one
 // of 15 pairs (4096x4096 5.2-5.5 vs 5.6-6.1 ms, once 6.3 vs 5.8); row groups were chosen on an
 // Intel Xeon VM, whose memory served bands' 1 KiB runs 8 KiB apart at half the rate of whole rows
-// (see pass1_rows_impl). Row groups in slices of one band measured as slow as whole rows there
-// (r = 16: 9.3-9.4 vs 7.4-7.8 ms at 4096x4096). Not measured: machines with more cores than a
+// (see pass1_rows_impl). On the Zen 4, row groups in slices of one band measured as slow as whole
+// rows (r = 16: 9.3-9.4 vs 7.4-7.8 ms at 4096x4096). Not measured: machines with more cores than a
 // layer has bands (8 at d_in = 4096), where some cores sit out pass 1.
 const Isa kV4 = {"x86-64-v4",
                  {nullptr, nullptr, nullptr},  // (no rank walks by rows)
@@ -1285,6 +1285,7 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   const int Rp = isa->amx ? 16 * qt : R;
   const int64_t part_bytes = int64_t(R) * ldg * int64_t(sizeof(float));
   const bool by_rows = R <= isa->p1_rows_max_rank && part_bytes <= kP1RowsMaxPartial;
+  if (by_rows && !p1) throw std::logic_error(std::string("the ") + isa->name + " kernels have no pass 1 by rows");
   const int64_t chunks = (d_out + P1_KC - 1) / P1_KC;  // (partials: at most 16 x 512 KiB)
   const int64_t group_rows = P1_KC * std::max(kP1MinGroupChunks, (chunks + kP1Groups - 1) / kP1Groups);
   const int64_t groups = by_rows ? (d_out + group_rows - 1) / group_rows : 0;
