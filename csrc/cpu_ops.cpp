@@ -10,9 +10,11 @@
 // then they round once, as in every backend); ||V||^2 is summed per block in fp32 and across
 // blocks in float64.
 //
-// Determinism: pass 1 gives each row group (ranks <= 16 except on AMD's AVX-512 build: whole rows, a
-// partial T per group, the groups fixed by the shape) or each 512-column band (the other ranks: it owns those rows of T) to one
-// thread, with its own ||V||^2 partial; pass 2 gives each tile of 4 or 6 rows to one thread. Partials are
+// Determinism: pass 1 gives each row group (ranks <= 16: whole rows, a partial T per group, the
+// groups fixed by the shape) or each 512-column band (higher ranks, and low ones on AMD's AVX-512
+// build where a layer has a band per core: it owns those rows of T) to one thread, with its own
+// ||V||^2 partial (the walk depends on the shape, the build and the machine's cores, never on a
+// call's thread count); pass 2 gives each tile of 4 or 6 rows to one thread. Partials are
 // reduced in a fixed order, so the bits depend on neither the thread count nor the schedule, and
 // the schedule can be dynamic (a thread that the OS parks on a busy machine does not stall the other).
 //
@@ -321,7 +323,7 @@ constexpr int P1_NR_V4Z = 8;  // the same in 16-float vectors
 constexpr int64_t kP1Groups = 16;               // row groups of pass 1 (by rows) at most, each with a partial T
 constexpr int64_t kP1SliceCols = 8 * P1_BAND;   // columns of a pass-1 work item (by rows)
 constexpr int64_t kP1MinGroupChunks = 8;         // (a group's partial is worth its rows: 256 or more)
-constexpr int kP1RowsMaxRank = 16;               // pass 1 by rows up to this rank (Isa::p1_rows_max_rank) ...
+constexpr int kP1RowsMaxRank = 16;               // pass 1 by rows up to this rank (see pass1_by_rows) ...
 constexpr int64_t kP1RowsMaxPartial = 512 << 10; // ... and while a partial T fits in this much L2
 
 // acc[k][0:2L] += sum_i X[i, 0:2L] * B[i, k] for k < NR: one group of columns of V^T against NR
@@ -1072,6 +1074,7 @@ template <int DT> void pad_base(const void* src, int64_t n, int64_t r, bool tr, 
 template <int DT> SM_TARGET_V3 double pass1_v3(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR, v8f); }
 template <int DT> SM_TARGET_V3 double pass1b_v3(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR, v8f); }
 template <int DT> SM_TARGET_V3 void pass2_v3(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_MR, P2_NR, v8f); }
+template <int DT> SM_TARGET_V4 double pass1_v4(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR_V4, v8f); }
 template <int DT> SM_TARGET_V4 double pass1b_v4(SM_PASS1B_ARGS) { return SM_PASS1B_CALL(DT, P1_NR_V4, v8f); }
 template <int DT> SM_TARGET_V4 void pass2_v4(SM_PASS2_ARGS) { SM_PASS2_CALL(DT, P2_MR, P2_NR_V4, v8f); }
 template <int DT> SM_TARGET_V4 double pass1_v4z(SM_PASS1_ARGS) { return SM_PASS1_CALL(DT, P1_NR_V4Z, v16f); }
@@ -1087,9 +1090,9 @@ template <int DT> SM_TARGET_V3 void pad_v3(const void* src, int64_t n, int64_t r
 
 struct Isa {
   const char* name;
-  Pass1Fn pass1[3];  // indexed by DType: pass 1 by row groups (ranks up to p1_rows_max_rank) ...
-  Pass1BandFn pass1_band[3];  // ... and by column bands (the others; every rank when it is 0)
-  int p1_rows_max_rank;
+  Pass1Fn pass1[3];  // indexed by DType: pass 1 by row groups (low ranks) ...
+  Pass1BandFn pass1_band[3];  // ... and by column bands (high ranks, and see p1_bands_first)
+  bool p1_bands_first;  // low ranks by bands too where a layer has a band for every core (pass1_by_rows)
   Pass2Fn pass2[3];
   int p2_rows;  // rows of a pass-2 tile
   GramFn gram;
@@ -1101,7 +1104,7 @@ struct Isa {
 const Isa kBase = {"baseline",
                    {pass1_base<kF32>, pass1_base<kF16>, pass1_base<kBF16>},
                    {pass1b_base<kF32>, pass1b_base<kF16>, pass1b_base<kBF16>},
-                   kP1RowsMaxRank,
+                   false,
                    {pass2_base<kF32>, pass2_base<kF16>, pass2_base<kBF16>},
                    P2_MR,
                    gram_base,
@@ -1111,25 +1114,28 @@ const Isa kBase = {"baseline",
 const Isa kV3 = {"x86-64-v3",
                  {pass1_v3<kF32>, pass1_v3<kF16>, pass1_v3<kBF16>},
                  {pass1b_v3<kF32>, pass1b_v3<kF16>, pass1b_v3<kBF16>},
-                 kP1RowsMaxRank,
+                 false,
                  {pass2_v3<kF32>, pass2_v3<kF16>, pass2_v3<kBF16>},
                  P2_MR,
                  gram_v3,
                  {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
                  {untangle<kF32, v8f>, untangle<kF16, v8f>, untangle<kBF16, v8f>}};
-// AMD's AVX-512 cores walk pass 1 by column bands at every rank: on a Zen 4 VM (2 threads, bf16,
+// AMD's AVX-512 cores walk pass 1 by column bands at every rank where a layer has a band for each of
+// the machine's cores (pass1_by_rows): on a Zen 4 VM (2 threads, bf16,
 // weights in 2 MiB pages, median of 9 calls, builds alternating, 2-3 rounds over six shapes from
 // 512x2048 to 14336x4096) bands took 0.72-0.86x the time of row groups at r = 16 (4096x4096
 // 7.5-7.8 vs 8.8-9.9 ms, 14336x4096 26.3-26.5 vs 30.8-31.5) and 0.81-0.97x at r = 8 in all but one
 // of 15 pairs (4096x4096 5.2-5.5 vs 5.6-6.1 ms, once 6.3 vs 5.8); row groups were chosen on an
 // Intel Xeon VM, whose memory served bands' 1 KiB runs 8 KiB apart at half the rate of whole rows
 // (see pass1_rows_impl). On the Zen 4, row groups in slices of one band measured as slow as whole
-// rows (r = 16: 9.3-9.4 vs 7.4-7.8 ms at 4096x4096). Not measured: machines with more cores than a
-// layer has bands (8 at d_in = 4096), where some cores sit out pass 1.
+// rows (r = 16: 9.3-9.4 vs 7.4-7.8 ms at 4096x4096). A layer has one band per 512 columns (8 at
+// d_in = 4096); with fewer bands than cores, some cores would sit out pass 1, so such layers keep
+// the row walk where it has more work items (up to 16 row groups per 4096 columns; not measured:
+// this VM has 2 cores).
 const Isa kV4 = {"x86-64-v4",
-                 {nullptr, nullptr, nullptr},  // (no rank walks by rows)
+                 {pass1_v4<kF32>, pass1_v4<kF16>, pass1_v4<kBF16>},
                  {pass1b_v4<kF32>, pass1b_v4<kF16>, pass1b_v4<kBF16>},
-                 0,
+                 true,
                  {pass2_v4<kF32>, pass2_v4<kF16>, pass2_v4<kBF16>},
                  P2_MR,
                  gram_v3,
@@ -1138,7 +1144,7 @@ const Isa kV4 = {"x86-64-v4",
 const Isa kV4z = {"x86-64-v4-512",
                   {pass1_v4z<kF32>, pass1_v4z<kF16>, pass1_v4z<kBF16>},
                   {pass1b_v4z<kF32>, pass1b_v4z<kF16>, pass1b_v4z<kBF16>},
-                  kP1RowsMaxRank,
+                  false,
                   {pass2_v4z<kF32>, pass2_v4z<kF16>, pass2_v4z<kBF16>},
                   P2_MR_V4Z,
                   gram_v3,
@@ -1149,7 +1155,7 @@ const Isa kV4z = {"x86-64-v4-512",
 const Isa kAmx = {"x86-64-v4-amx",
                   {pass1_rows_amx<kF32>, pass1_rows_amx<kF16>, pass1_rows_amx<kBF16>},
                   {pass1_band_amx<kF32>, pass1_band_amx<kF16>, pass1_band_amx<kBF16>},
-                  kP1RowsMaxRank,
+                  false,
                   {pass2_amx<kF32>, pass2_amx<kF16>, pass2_amx<kBF16>},
                   16,
                   gram_v3,
@@ -1163,6 +1169,34 @@ const bool g_amx_usable = amx_usable();
 // r = 16, 0.55-0.95x at r = 64).
 constexpr int64_t kAmxMinRank = 16;
 #endif
+
+// The machine's processors (this process's affinity), read once: a property of the machine, like
+// the ISA build, so the walk (and the bits) never depend on a call's thread count.
+#ifdef _OPENMP
+const int g_procs = std::max(1, omp_get_num_procs());
+#else
+const int g_procs = 1;
+#endif
+
+// Pass 1's row groups for d_out rows: fixed by the shape alone, at most kP1Groups, each a whole
+// number of P1_KC-row chunks and at least kP1MinGroupChunks of them.
+int64_t pass1_group_rows(int64_t d_out) {
+  const int64_t chunks = (d_out + P1_KC - 1) / P1_KC;
+  return P1_KC * std::max(kP1MinGroupChunks, (chunks + kP1Groups - 1) / kP1Groups);
+}
+
+// Whether pass 1 walks row groups (else column bands) for a d_out x d_in layer at rank r with
+// `isa`. A build that prefers bands (p1_bands_first) keeps rows only where the layer has fewer
+// bands than the machine has cores and the row walk has more work items (groups x slices) to share.
+bool pass1_by_rows(const Isa* isa, int64_t d_out, int64_t d_in, int r) {
+  const int64_t ldg = ((d_in + 31) & ~int64_t(31)) + 16;
+  if (r > kP1RowsMaxRank || int64_t(r) * ldg * int64_t(sizeof(float)) > kP1RowsMaxPartial) return false;
+  if (!isa->p1_bands_first) return true;
+  const int64_t bands = (d_in + P1_BAND - 1) / P1_BAND;
+  const int64_t items = (d_out + pass1_group_rows(d_out) - 1) / pass1_group_rows(d_out) *
+                        ((d_in + kP1SliceCols - 1) / kP1SliceCols);
+  return bands < g_procs && items > bands;
+}
 
 const Isa* best_isa() {
 #if SM_HAVE_V3
@@ -1274,20 +1308,17 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   const int R = int(r);
   const int64_t ldt = (d_in + 31) & ~int64_t(31);
   FloatBuf Tt(size_t(R) * size_t(ldt), 0.0f);  // T transposed, zero-padded to whole 32-column groups
-  // Pass 1 by rows (low ranks, where the build walks them so): the rows split into groups fixed by
-  // the shape alone (never by the thread count or the blocks below), each summed into a partial T
-  // of its own that stays in the L2 while whole rows stream past, the partials added in group
-  // order. By column bands (high ranks, whose partial T would not stay in the L2, and every rank on
-  // AMD's AVX-512 build): each band's T summed by one thread.
+  // Pass 1 by rows (low ranks; see pass1_by_rows): the rows split into groups fixed by the shape
+  // alone (never by the thread count or the blocks below), each summed into a partial T of its own
+  // that stays in the L2 while whole rows stream past, the partials added in group order. By column
+  // bands (high ranks, whose partial T would not stay in the L2, and low ones on AMD's AVX-512
+  // build where a layer has a band per core): each band's T summed by one thread.
   const int64_t ldg = ldt + 16;  // (off a power of two, as P1_LD)
   // the tile unit's partials and accumulators hold whole tiles of 16 ranks
   const int qt = (R + 15) / 16;
   const int Rp = isa->amx ? 16 * qt : R;
-  const int64_t part_bytes = int64_t(R) * ldg * int64_t(sizeof(float));
-  const bool by_rows = R <= isa->p1_rows_max_rank && part_bytes <= kP1RowsMaxPartial;
-  if (by_rows && !p1) throw std::logic_error(std::string("the ") + isa->name + " kernels have no pass 1 by rows");
-  const int64_t chunks = (d_out + P1_KC - 1) / P1_KC;  // (partials: at most 16 x 512 KiB)
-  const int64_t group_rows = P1_KC * std::max(kP1MinGroupChunks, (chunks + kP1Groups - 1) / kP1Groups);
+  const bool by_rows = pass1_by_rows(isa, d_out, d_in, R);
+  const int64_t group_rows = pass1_group_rows(d_out);  // (partials: at most 16 x 512 KiB)
   const int64_t groups = by_rows ? (d_out + group_rows - 1) / group_rows : 0;
   FloatBuf Tg(size_t(groups) * size_t(Rp) * size_t(ldg), 0.0f);
   // column slices: more work items than groups alone when a drop-behind block holds one or two
@@ -1590,8 +1621,15 @@ PYBIND11_MODULE(_cpu, m) {
         "t: d_in x r fp32, p: d_out x r fp32, b: d_out x r and a: r x d_in in dtype codes b_dtype/a_dtype\n"
         "(0=fp32 1=fp16 2=bf16); all row-major, contiguous. Deterministic for any thread count.");
   m.def("isa", []() { return std::string(g_isa.load()->name); }, "The instruction set the kernels run with.");
-  m.def("p1_rows_max_rank", []() { return g_isa.load()->p1_rows_max_rank; },
-        "The highest rank whose pass 1 the selected kernels walk by row groups (0: every rank by column bands).");
+  m.def("pass1_walk", [](int64_t d_out, int64_t d_in, int r) {
+          const Isa* isa = g_isa.load();
+#if SM_HAVE_AMX
+          if (isa->amx && r < kAmxMinRank) isa = &kV4z;
+#endif
+          return std::string(pass1_by_rows(isa, d_out, d_in, r) ? "rows" : "bands");
+        }, py::arg("d_out"), py::arg("d_in"), py::arg("r"),
+        "How the selected kernels walk pass 1 for a d_out x d_in layer at rank r: 'rows' or 'bands'.");
+  m.def("procs", []() { return g_procs; }, "The processors this machine gives the process (read at import).");
 #if SM_HAVE_AMX
   m.attr("AMX_MIN_RANK") = kAmxMinRank;  // (below it the 'x86-64-v4-amx' build runs the 'x86-64-v4-512' kernels)
 #endif

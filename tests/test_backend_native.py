@@ -306,8 +306,8 @@ def _cpu_call(wa, wu, B, threads):
 
 
 # The CPU's pick of kernels, the baseline build, which walks pass 1 by row groups up to r = 16 on
-# every CPU, and AMD's AVX-512 build, which walks every rank by column bands (where the CPU runs
-# it), so both walks run here whatever the CPU picks.
+# every CPU, and AMD's AVX-512 build, which walks low ranks by column bands where the layer has a
+# band for each core (where the CPU runs it), so both walks run here whatever the CPU picks.
 WALK_ISAS = ["best", "baseline", "x86-64-v4"]
 
 
@@ -645,11 +645,31 @@ def test_cpp_best_isa_is_one_the_cpu_runs():
             assert best != "x86-64-v4-amx" and not _cpu.set_isa("x86-64-v4-amx")
         if {"avx2", "fma"} <= flags:
             assert best != "baseline"
-        # pass 1's walk is the build's: AMD's AVX-512 build by column bands at every rank, the
-        # others by row groups up to r = 16
+        # pass 1's walk: row groups up to r = 16 (while a group's partial T stays under 512 KiB),
+        # column bands above; AMD's AVX-512 build takes bands at low ranks too, unless the layer
+        # has fewer bands (512 columns) than the machine has cores and the row walk more work
+        # items: a property of the shape, the build and the machine, never of a call's threads
+        procs = _cpu.procs()
+        assert procs >= 1
+
+        def want(isa, d_out, d_in, r):
+            if r > 16 or r * (-(-d_in // 32) * 32 + 16) * 4 > 512 << 10:
+                return "bands"
+            if isa != "x86-64-v4":
+                return "rows"
+            bands, chunks = -(-d_in // 512), -(-d_out // 32)
+            group_rows = 32 * max(8, -(-chunks // 16))
+            items = -(-d_out // group_rows) * -(-d_in // 4096)
+            return "rows" if bands < procs and items > bands else "bands"
+
+        shapes = [(4096, 4096, 8), (4096, 4096, 16), (4096, 4096, 17), (4096, 4096, 40), (512, 4096, 8),
+                  (11008, 512, 8), (64, 96, 3), (14336, 60000, 8), (1024, 2048, 16)]
         for isa in ISAS:
             if _cpu.set_isa(isa):
-                assert _cpu.p1_rows_max_rank() == (0 if isa == "x86-64-v4" else 16), isa
+                for d_out, d_in, r in shapes:
+                    assert _cpu.pass1_walk(d_out, d_in, r) == want(isa, d_out, d_in, r), (isa, d_out, d_in, r)
+        if _cpu.set_isa("x86-64-v4") and procs <= 8:  # (this project's VMs: every layer here walks bands)
+            assert [_cpu.pass1_walk(*s) for s in shapes[:2]] == ["bands", "bands"]
     finally:
         _cpu.set_isa("best")
 
