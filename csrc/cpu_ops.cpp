@@ -13,7 +13,7 @@
 // Determinism: pass 1 gives each row group (ranks <= 16: whole rows, a partial T per group, the
 // groups fixed by the shape) or each 512-column band (higher ranks, and low ones on AMD's AVX-512
 // build where a layer has a band per core: it owns those rows of T) to one thread, with its own
-// ||V||^2 partial (the walk depends on the shape, the build and the machine's cores, never on a
+// ||V||^2 partial (the walk depends on the shape, the build and the machine's CPU count, never on a
 // call's thread count); pass 2 gives each tile of 4 or 6 rows to one thread. Partials are
 // reduced in a fixed order, so the bits depend on neither the thread count nor the schedule, and
 // the schedule can be dynamic (a thread that the OS parks on a busy machine does not stall the other).
@@ -38,6 +38,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -1121,7 +1122,7 @@ const Isa kV3 = {"x86-64-v3",
                  {pad_v3<kF32>, pad_v3<kF16>, pad_v3<kBF16>},
                  {untangle<kF32, v8f>, untangle<kF16, v8f>, untangle<kBF16, v8f>}};
 // AMD's AVX-512 cores walk pass 1 by column bands at every rank where a layer has a band for each of
-// the machine's cores (pass1_by_rows): on a Zen 4 VM (2 threads, bf16,
+// the machine's logical CPUs (pass1_by_rows): on a Zen 4 VM (2 threads, bf16,
 // weights in 2 MiB pages, median of 9 calls, builds alternating, 2-3 rounds over six shapes from
 // 512x2048 to 14336x4096) bands took 0.72-0.86x the time of row groups at r = 16 (4096x4096
 // 7.5-7.8 vs 8.8-9.9 ms, 14336x4096 26.3-26.5 vs 30.8-31.5) and 0.81-0.97x at r = 8 in all but one
@@ -1129,7 +1130,7 @@ const Isa kV3 = {"x86-64-v3",
 // Intel Xeon VM, whose memory served bands' 1 KiB runs 8 KiB apart at half the rate of whole rows
 // (see pass1_rows_impl). On the Zen 4, row groups in slices of one band measured as slow as whole
 // rows (r = 16: 9.3-9.4 vs 7.4-7.8 ms at 4096x4096). A layer has one band per 512 columns (8 at
-// d_in = 4096); with fewer bands than cores, some cores would sit out pass 1, so such layers keep
+// d_in = 4096); with fewer bands than CPUs, some would sit out pass 1, so such layers keep
 // the row walk where it has more work items (up to 16 row groups per 4096 columns; not measured:
 // this VM has 2 cores).
 const Isa kV4 = {"x86-64-v4",
@@ -1170,13 +1171,12 @@ const bool g_amx_usable = amx_usable();
 constexpr int64_t kAmxMinRank = 16;
 #endif
 
-// The machine's processors (this process's affinity), read once: a property of the machine, like
-// the ISA build, so the walk (and the bits) never depend on a call's thread count.
-#ifdef _OPENMP
-const int g_procs = std::max(1, omp_get_num_procs());
-#else
-const int g_procs = 1;
-#endif
+// The machine's logical CPUs (online), read once: a property of the machine, like the ISA build,
+// so pass 1's walk (and the bits) depend neither on a call's thread count nor on the CPUs a process
+// is confined to (taskset, cpusets: omp_get_num_procs would follow those). set_procs overrides it,
+// for tests of both walks on any machine.
+int machine_procs() { return std::max(1, int(std::thread::hardware_concurrency())); }
+std::atomic<int> g_procs{machine_procs()};
 
 // Pass 1's row groups for d_out rows: fixed by the shape alone, at most kP1Groups, each a whole
 // number of P1_KC-row chunks and at least kP1MinGroupChunks of them.
@@ -1187,7 +1187,7 @@ int64_t pass1_group_rows(int64_t d_out) {
 
 // Whether pass 1 walks row groups (else column bands) for a d_out x d_in layer at rank r with
 // `isa`. A build that prefers bands (p1_bands_first) keeps rows only where the layer has fewer
-// bands than the machine has cores and the row walk has more work items (groups x slices) to share.
+// bands than the machine has logical CPUs and the row walk has more work items (groups x slices).
 bool pass1_by_rows(const Isa* isa, int64_t d_out, int64_t d_in, int r) {
   const int64_t ldg = ((d_in + 31) & ~int64_t(31)) + 16;
   if (r > kP1RowsMaxRank || int64_t(r) * ldg * int64_t(sizeof(float)) > kP1RowsMaxPartial) return false;
@@ -1195,7 +1195,7 @@ bool pass1_by_rows(const Isa* isa, int64_t d_out, int64_t d_in, int r) {
   const int64_t bands = (d_in + P1_BAND - 1) / P1_BAND;
   const int64_t items = (d_out + pass1_group_rows(d_out) - 1) / pass1_group_rows(d_out) *
                         ((d_in + kP1SliceCols - 1) / kP1SliceCols);
-  return bands < g_procs && items > bands;
+  return bands < g_procs.load() && items > bands;
 }
 
 const Isa* best_isa() {
@@ -1222,6 +1222,16 @@ const Isa* best_isa() {
 // (atomic: set_isa may run in another Python thread while a call, GIL released, reads it; each
 // call reads it once, so both passes of a call use one build and agree on the buffers' layout)
 std::atomic<const Isa*> g_isa{best_isa()};
+
+// The kernels a call of rank r runs: the selected build, or on the AMX build below its minimum rank
+// the 16-float build. Read once per call.
+const Isa* kernels_for(int64_t r) {
+  const Isa* isa = g_isa.load();
+#if SM_HAVE_AMX
+  if (isa->amx && r < kAmxMinRank) isa = &kV4z;
+#endif
+  return isa;
+}
 
 int resolve_threads(int requested) {
 #ifdef _OPENMP
@@ -1289,10 +1299,7 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   if (wa % es || wu % es || b % 4 || t_out % 4 || p_out % 4)
     throw std::invalid_argument("data pointers must be aligned to their element size");
   const int nt = resolve_threads(threads);
-  const Isa* isa = g_isa.load();
-#if SM_HAVE_AMX
-  if (isa->amx && r < kAmxMinRank) isa = &kV4z;
-#endif
+  const Isa* isa = kernels_for(r);
   const Pass1Fn p1 = isa->pass1[dtype];
   const Pass2Fn p2 = isa->pass2[dtype];
   const void* A = reinterpret_cast<const void*>(wa);
@@ -1318,6 +1325,7 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   const int qt = (R + 15) / 16;
   const int Rp = isa->amx ? 16 * qt : R;
   const bool by_rows = pass1_by_rows(isa, d_out, d_in, R);
+  if (by_rows && !p1) throw std::logic_error(std::string("the ") + isa->name + " kernels have no pass 1 by rows");
   const int64_t group_rows = pass1_group_rows(d_out);  // (partials: at most 16 x 512 KiB)
   const int64_t groups = by_rows ? (d_out + group_rows - 1) / group_rows : 0;
   FloatBuf Tg(size_t(groups) * size_t(Rp) * size_t(ldg), 0.0f);
@@ -1621,15 +1629,15 @@ PYBIND11_MODULE(_cpu, m) {
         "t: d_in x r fp32, p: d_out x r fp32, b: d_out x r and a: r x d_in in dtype codes b_dtype/a_dtype\n"
         "(0=fp32 1=fp16 2=bf16); all row-major, contiguous. Deterministic for any thread count.");
   m.def("isa", []() { return std::string(g_isa.load()->name); }, "The instruction set the kernels run with.");
-  m.def("pass1_walk", [](int64_t d_out, int64_t d_in, int r) {
-          const Isa* isa = g_isa.load();
-#if SM_HAVE_AMX
-          if (isa->amx && r < kAmxMinRank) isa = &kV4z;
-#endif
-          return std::string(pass1_by_rows(isa, d_out, d_in, r) ? "rows" : "bands");
+  m.def("pass1_walk", [](int64_t d_out, int64_t d_in, int64_t r) {
+          if (d_out < 0 || d_in < 0 || r < 1) throw std::invalid_argument("want d_out, d_in >= 0 and r >= 1");
+          return std::string(pass1_by_rows(kernels_for(r), d_out, d_in, int(r)) ? "rows" : "bands");
         }, py::arg("d_out"), py::arg("d_in"), py::arg("r"),
         "How the selected kernels walk pass 1 for a d_out x d_in layer at rank r: 'rows' or 'bands'.");
-  m.def("procs", []() { return g_procs; }, "The processors this machine gives the process (read at import).");
+  m.def("procs", []() { return g_procs.load(); },
+        "The logical CPUs pass 1's walk rule counts: the machine's online ones, whatever the process's affinity.");
+  m.def("set_procs", [](int n) { g_procs.store(n > 0 ? n : machine_procs()); }, py::arg("n"),
+        "For tests: the CPU count pass 1's walk rule uses (n <= 0: the machine's again). Changes the bits.");
 #if SM_HAVE_AMX
   m.attr("AMX_MIN_RANK") = kAmxMinRank;  // (below it the 'x86-64-v4-amx' build runs the 'x86-64-v4-512' kernels)
 #endif

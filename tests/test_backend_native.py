@@ -549,6 +549,81 @@ def test_cpp_every_isa_matches_float64(isa, dtype, monkeypatch):
     assert _cpu.isa() == best
 
 
+def _want_walk(isa: str, d_out: int, d_in: int, r: int, procs: int) -> str:
+    """Pass 1's walk rule: row groups up to r = 16 while a group's partial T (r x (d_in rounded up
+    to 32, + 16) floats) stays within 512 KiB, column bands otherwise; AMD's AVX-512 build takes
+    bands at low ranks too, unless the layer has fewer bands (512 columns) than the machine has
+    logical CPUs and the row walk more work items (row groups x 4096-column slices)."""
+    if r > 16 or r * (-(-d_in // 32) * 32 + 16) * 4 > 512 << 10:
+        return "bands"
+    if isa != "x86-64-v4":
+        return "rows"
+    bands, chunks = -(-d_in // 512), -(-d_out // 32)
+    group_rows = 32 * max(8, -(-chunks // 16))
+    items = -(-d_out // group_rows) * -(-d_in // 4096)
+    return "rows" if bands < procs and items > bands else "bands"
+
+
+@needs_cpp
+def test_cpp_pass1_walk_follows_the_rule(monkeypatch):
+    """Which walk pass 1 takes depends on the shape, the build and the machine's CPU count only
+    (never a call's threads), at and across each boundary of the rule, for several CPU counts."""
+    from safemerge_ext import _cpu, cpp_backend
+
+    monkeypatch.delenv(cpp_backend.ISA_ENV_VAR, raising=False)
+    before = _cpu.isa()
+    shapes = [(4096, 4096, 8), (4096, 4096, 16), (4096, 4096, 17), (4096, 4096, 40), (512, 4096, 8),
+              (11008, 512, 8), (64, 96, 3), (1024, 8160, 16), (1024, 8161, 16), (256, 512, 8), (512, 512, 8),
+              (4096, 3584, 8), (4096, 4608, 8), (4096, 8192, 8)]
+    try:
+        for procs in (1, 2, 7, 8, 9, 16, 64):
+            _cpu.set_procs(procs)
+            assert _cpu.procs() == procs
+            for isa in ISAS:
+                if _cpu.set_isa(isa):
+                    for d_out, d_in, r in shapes:
+                        assert _cpu.pass1_walk(d_out, d_in, r) == _want_walk(isa, d_out, d_in, r, procs), \
+                            (procs, isa, d_out, d_in, r)
+        _cpu.set_procs(2)  # (this project's VMs)
+        if _cpu.set_isa("x86-64-v4"):
+            assert [_cpu.pass1_walk(4096, 4096, r) for r in (8, 16)] == ["bands", "bands"]
+        with pytest.raises(ValueError, match="r >= 1"):
+            _cpu.pass1_walk(1000, 96, 0)
+    finally:
+        _cpu.set_procs(0)
+        _cpu.set_isa(before)
+    assert _cpu.procs() >= 1
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=[f"dtype={k}" for k in DTYPES])
+def test_cpp_amd_build_is_right_on_either_walk(dtype, monkeypatch):
+    """AMD's AVX-512 build (where the CPU runs it) at low ranks on both of its walks: bands on a
+    machine with few CPUs, row groups on one with more CPUs than the layer has bands; the same
+    values to fp32 accuracy, and each walk's bits the same on 1, 2 and 3 threads."""
+    from safemerge_ext import _cpu, cpp_backend
+
+    monkeypatch.delenv(cpp_backend.ISA_ENV_VAR, raising=False)
+    before = _cpu.isa()
+    if not _cpu.set_isa("x86-64-v4"):
+        pytest.skip("this CPU cannot run the x86-64-v4 kernels")
+    try:
+        wa, wu, g = _layer(2100, 1100, dtype, _seed("amd-walks", dtype))  # (3 bands, 9 row groups)
+        for r in (5, 16):
+            B = torch.randn(2100, r, generator=g)
+            for procs, walk in ((2, "bands"), (64, "rows")):
+                _cpu.set_procs(procs)
+                assert _cpu.pass1_walk(2100, 1100, r) == walk
+                _check_passes("cpp", wa, wu, B, 2e-5)
+                T1, P1, v1 = _cpu_call(wa, wu, B, 1)
+                for threads in (2, 3):
+                    T, P, v = _cpu_call(wa, wu, B, threads)
+                    assert torch.equal(T, T1) and torch.equal(P, P1) and v == v1, (r, walk, threads)
+    finally:
+        _cpu.set_procs(0)
+        _cpu.set_isa(before)
+
+
 AMX_SHAPES = [(131, 1100), (67, 131), (33, 17), (200, 96), (530, 520)]
 AMX_RANKS = [16, 17, 31, 33, 64, 65, 100]
 
@@ -645,31 +720,7 @@ def test_cpp_best_isa_is_one_the_cpu_runs():
             assert best != "x86-64-v4-amx" and not _cpu.set_isa("x86-64-v4-amx")
         if {"avx2", "fma"} <= flags:
             assert best != "baseline"
-        # pass 1's walk: row groups up to r = 16 (while a group's partial T stays under 512 KiB),
-        # column bands above; AMD's AVX-512 build takes bands at low ranks too, unless the layer
-        # has fewer bands (512 columns) than the machine has cores and the row walk more work
-        # items: a property of the shape, the build and the machine, never of a call's threads
-        procs = _cpu.procs()
-        assert procs >= 1
-
-        def want(isa, d_out, d_in, r):
-            if r > 16 or r * (-(-d_in // 32) * 32 + 16) * 4 > 512 << 10:
-                return "bands"
-            if isa != "x86-64-v4":
-                return "rows"
-            bands, chunks = -(-d_in // 512), -(-d_out // 32)
-            group_rows = 32 * max(8, -(-chunks // 16))
-            items = -(-d_out // group_rows) * -(-d_in // 4096)
-            return "rows" if bands < procs and items > bands else "bands"
-
-        shapes = [(4096, 4096, 8), (4096, 4096, 16), (4096, 4096, 17), (4096, 4096, 40), (512, 4096, 8),
-                  (11008, 512, 8), (64, 96, 3), (14336, 60000, 8), (1024, 2048, 16)]
-        for isa in ISAS:
-            if _cpu.set_isa(isa):
-                for d_out, d_in, r in shapes:
-                    assert _cpu.pass1_walk(d_out, d_in, r) == want(isa, d_out, d_in, r), (isa, d_out, d_in, r)
-        if _cpu.set_isa("x86-64-v4") and procs <= 8:  # (this project's VMs: every layer here walks bands)
-            assert [_cpu.pass1_walk(*s) for s in shapes[:2]] == ["bands", "bands"]
+        assert _cpu.procs() >= 1
     finally:
         _cpu.set_isa("best")
 
