@@ -882,6 +882,38 @@ def test_force_puts_the_old_output_back_when_interrupted_between_the_renames(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("force", [True, False], ids=["force", "new out"])
+def test_an_output_that_cannot_be_moved_into_place_replaces_nothing(tmp_path, monkeypatch, force):
+    """The finished output's rename failing (a read-only parent, a full directory) is one line; with
+    --force the output it was to replace is put back as it was, and no hidden folder stays."""
+    from safemerge_ext.errors import SafeMergeError
+    from safemerge_ext.io.output import staged_dir
+
+    out = tmp_path / "out"
+    if force:
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    real = Path.rename
+
+    def refused(self, target):
+        if ".tmp-" in self.name:  # the new output's move into place
+            raise OSError(errno.EACCES, "Permission denied")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", refused)
+    with pytest.raises(SafeMergeError) as err:
+        with staged_dir(out, force=force) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.setattr(Path, "rename", real)
+    assert str(err.value) == (f"--out {out}: could not move the finished output into place ([Errno 13] Permission "
+                              "denied); nothing was replaced")
+    if force:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    else:
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_force_that_cannot_move_the_old_output_aside_says_what_to_do(tmp_path, monkeypatch):
     """An --out that cannot be moved aside (a mount point: EBUSY; an immutable folder: EPERM) is one
     line with what to do; the old output and nothing else stays."""
