@@ -1093,7 +1093,7 @@ struct Isa {
   const char* name;
   Pass1Fn pass1[3];  // indexed by DType: pass 1 by row groups (low ranks) ...
   Pass1BandFn pass1_band[3];  // ... and by column bands (high ranks, and see p1_bands_first)
-  bool p1_bands_first;  // low ranks by bands too where a layer has a band for every core (pass1_by_rows)
+  bool p1_bands_first;  // low ranks by bands too, unless the row walk shares out better (pass1_by_rows)
   Pass2Fn pass2[3];
   int p2_rows;  // rows of a pass-2 tile
   GramFn gram;
@@ -1319,7 +1319,7 @@ double lowrank_passes(uintptr_t wa, uintptr_t wu, int64_t d_out, int64_t d_in, i
   // alone (never by the thread count or the blocks below), each summed into a partial T of its own
   // that stays in the L2 while whole rows stream past, the partials added in group order. By column
   // bands (high ranks, whose partial T would not stay in the L2, and low ones on AMD's AVX-512
-  // build where a layer has a band per core): each band's T summed by one thread.
+  // build where a layer has a band per logical CPU): each band's T summed by one thread.
   const int64_t ldg = ldt + 16;  // (off a power of two, as P1_LD)
   // the tile unit's partials and accumulators hold whole tiles of 16 ranks
   const int qt = (R + 15) / 16;
