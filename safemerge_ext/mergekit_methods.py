@@ -518,6 +518,50 @@ def _resta_tensor(
 _METHODS = {"safemerge": safemerge_method, "safelora": safelora_method, "resta": resta_method}
 
 
+def _checking_the_recipe(method: Any) -> None:
+    """Have ``method`` check a running ``mergekit-yaml``'s recipe by its parameters' names before
+    mergekit plans the merge (its ``validate_inputs``, which the planner calls first): mergekit's
+    resolver drops names a method does not declare, so a misspelt parameter would merge silently
+    at its default."""
+    contract = method.validate_inputs
+
+    def validate_inputs(input_ids: Sequence[Any], base_id: Any = None, *, group_name: Optional[str] = None) -> None:
+        _check_mergekit_yaml_recipe(method.spec.name)
+        contract(input_ids, base_id, group_name=group_name)
+
+    method.validate_inputs = validate_inputs
+
+
+_recipe_checked: list[str] = []
+
+
+def _check_mergekit_yaml_recipe(name: str) -> None:
+    """Once per process: in ``mergekit-yaml``, the recipe named on its command line, checked as
+    safemerge-yaml checks its parameters (``yaml_cli.check_parameter_names``)."""
+    if _recipe_checked or not _in_mergekit_yaml():
+        return
+    _recipe_checked.append(name)
+    run_yaml = sys.modules.get("__main__" if _run_yaml_is_main() else "mergekit.scripts.run_yaml")
+    try:  # (mergekit has read and validated this file already: anything odd here is not ours to report)
+        import yaml
+        from mergekit.config import MergeConfiguration
+
+        ctx = run_yaml.main.make_context("mergekit-yaml", list(sys.argv[1:]), resilient_parsing=True)
+        recipe = ctx.params["config_file"]
+        config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe).read_text()))
+    except Exception:
+        return
+    if config.merge_method != name:
+        return
+    from safemerge_ext.yaml_cli import check_parameter_names
+
+    check_parameter_names(config, name, recipe)
+
+
+for _method in _METHODS.values():
+    _checking_the_recipe(_method)
+
+
 def register_methods() -> list[str]:
     """Register the three methods with mergekit once; return the names registered by this call.
 

@@ -162,6 +162,17 @@ def _groups(config: MergeConfiguration) -> list[tuple[str, Any, list[tuple[Any, 
     return out
 
 
+def check_parameter_names(config: MergeConfiguration, method: str, recipe: str | os.PathLike) -> None:
+    """Every parameter a recipe gives, at the top, on a slice or a module, or on a model, checked by
+    name and value as safemerge-yaml does. For plain ``mergekit-yaml``, whose resolver drops the
+    names a method does not declare: a misspelt ``threshold`` would merge at the default one."""
+    _check_parameters(method, dict(config.parameters or {}), f"{recipe}: parameters")
+    for label, _base, inputs, own in _groups(config):
+        _check_parameters(method, own, f"{label}: parameters")
+        for ref, params in inputs:
+            _check_parameters(method, params, f"{label}: model {ref}", on_model=True)
+
+
 def _base_model(config: MergeConfiguration, recipe: str | os.PathLike = "recipe") -> Any:
     """The aligned model: the recipe's base_model, or the one every slice names."""
     bases = {str(base): base for _, base, _, _ in _groups(config)} or {str(config.base_model): config.base_model}

@@ -599,11 +599,21 @@ def test_plain_mergekit_yaml_refusal_is_one_line(pico, tmp_path):
     res = subprocess.run([exe, str(bad), str(tmp_path / "out"), "--no-copy-tokenizer"],
                          capture_output=True, text=True, env=env)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert res.stderr.strip().splitlines()[-1] == (
-        "mergekit-yaml: error: threshold must lie in [-1, 1] (it is compared with a cosine); got 2.0"), res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (  # (checked with the recipe, before mergekit plans the merge)
+        f"mergekit-yaml: error: {bad}: parameters: threshold must lie in [-1, 1] (it is compared with a cosine); "
+        "got 2.0"), res.stderr
     res = subprocess.run([exe, str(bad), str(tmp_path / "out"), "--no-copy-tokenizer"],
                          capture_output=True, text=True, env={**env, "SAFEMERGE_TRACEBACK": "1"})
     assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr, res.stderr[-3000:]
+    # a misspelt parameter, which mergekit's resolver would drop (merging at the default threshold)
+    typo = _write(recipe(pico, params={"treshold": 0.3, "alpha": 0.8}), tmp_path / "typo.yml")
+    res = subprocess.run([exe, str(typo), str(tmp_path / "out"), "--no-copy-tokenizer"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"mergekit-yaml: error: {typo}: parameters: unknown parameter 'treshold' for safemerge; known: role, "
+        "threshold, alpha, merge, density, seed, report_path, precision"), res.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_safemerge_yaml_explains_a_bus_error(tmp_path, monkeypatch):
