@@ -548,7 +548,7 @@ def _check_mergekit_yaml_recipe(name: str) -> None:
 
         ctx = run_yaml.main.make_context("mergekit-yaml", list(sys.argv[1:]), resilient_parsing=True)
         recipe = ctx.params["config_file"]
-        config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe).read_text()))
+        config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe).read_text(encoding="utf-8")))
     except Exception:
         return
     if config.merge_method != name:

@@ -167,10 +167,17 @@ def check_parameter_names(config: MergeConfiguration, method: str, recipe: str |
     name and value as safemerge-yaml does. For plain ``mergekit-yaml``, whose resolver drops the
     names a method does not declare: a misspelt ``threshold`` would merge at the default one."""
     _check_parameters(method, dict(config.parameters or {}), f"{recipe}: parameters")
+    _check_module_parameters(config, method, recipe)
     for label, _base, inputs, own in _groups(config):
-        _check_parameters(method, own, f"{label}: parameters")
+        _check_parameters(method, own, f"{recipe}: {label}: parameters")
         for ref, params in inputs:
-            _check_parameters(method, params, f"{label}: model {ref}", on_model=True)
+            _check_parameters(method, params, f"{recipe}: {label}: model {ref}", on_model=True)
+
+
+def _check_module_parameters(config: MergeConfiguration, method: str, recipe: str | os.PathLike) -> None:
+    """A module's own parameters (mergekit reads them for its slices too)."""
+    for mname, mod in (config.modules or {}).items():
+        _check_parameters(method, dict(mod.parameters or {}), f"{recipe}: modules.{mname}: parameters")
 
 
 def _base_model(config: MergeConfiguration, recipe: str | os.PathLike = "recipe") -> Any:
@@ -347,6 +354,7 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe") -> Checked:
         if name is not None and str(name).removeprefix("torch.") not in DTYPES:
             raise SafeMergeError(f"{recipe}: {key} must be one of {', '.join(DTYPES)}; got {name!r}")
     _check_parameters(method, dict(config.parameters or {}), f"{recipe}: parameters")
+    _check_module_parameters(config, method, recipe)
     if "precision" not in (config.parameters or {}):  # (a given one was just checked) SAFEMERGE_PRECISION
         try:
             requested_precision(None)

@@ -629,6 +629,41 @@ def test_safemerge_yaml_explains_a_bus_error(tmp_path, monkeypatch):
     assert lines == [bus_error_line("safemerge-yaml", f"nothing was written to OUT_PATH {tmp_path / 'out'}")]
 
 
+@pytest.mark.parametrize("where", ["top", "module", "slice", "model"])
+def test_parameter_names_are_checked_wherever_mergekit_reads_them(where):
+    """check_parameter_names (plain mergekit-yaml's check, and safemerge-yaml's) refuses a misspelt
+    parameter at the top level, on a module (whose slices mergekit gives its parameters), on a
+    slice, and a whole-merge setting under one model, naming the recipe and the place."""
+    from mergekit.config import MergeConfiguration
+
+    from safemerge_ext.yaml_cli import check_parameter_names
+
+    sources = [{"model": "./a", "layer_range": [0, 2]}] + [
+        {"model": f"./{r[0]}", "layer_range": [0, 2], "parameters": {"role": r}} for r in ("task", "safety", "unaligned")]
+    module = {"slices": [{"sources": sources}]}
+    cfg = {"merge_method": "safemerge", "base_model": "./a", "modules": {"text": module}}
+    if where == "top":
+        cfg["parameters"], want = {"treshold": 0.3}, "r.yml: parameters: unknown parameter 'treshold'"
+    elif where == "module":
+        module["parameters"], want = {"treshold": 0.3}, "r.yml: modules.text: parameters: unknown parameter 'treshold'"
+    elif where == "slice":
+        module["slices"][0]["parameters"] = {"treshold": 0.3}
+        want = "r.yml: modules.text.slices[0]: parameters: unknown parameter 'treshold'"
+    else:
+        sources[1]["parameters"]["threshold"] = 0.3
+        want = "r.yml: modules.text.slices[0]: model ./t: threshold is a setting of the whole merge"
+    with pytest.raises(SafeMergeError) as err:
+        check_parameter_names(MergeConfiguration.model_validate(cfg), "safemerge", "r.yml")
+    assert str(err.value).startswith(want), str(err.value)
+    # the same recipe with the setting spelt right, in a place mergekit reads it, passes
+    for table in (cfg.get("parameters"), module.get("parameters"), module["slices"][0].get("parameters")):
+        if table:
+            table["threshold"] = table.pop("treshold")
+    if where == "model":
+        cfg["parameters"] = {"threshold": sources[1]["parameters"].pop("threshold")}
+    check_parameter_names(MergeConfiguration.model_validate(cfg), "safemerge", "r.yml")
+
+
 def test_filtered_whole_numbers_are_no_gradient(pico):
     """A list of {filter, value} conditions gives each layer one condition's value: whole numbers
     there are no gradient (mergekit interpolates nothing), so the recipe passes."""
