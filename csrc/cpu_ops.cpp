@@ -1192,9 +1192,8 @@ bool pass1_by_rows(const Isa* isa, int64_t d_out, int64_t d_in, int r) {
   const int64_t ldg = ((d_in + 31) & ~int64_t(31)) + 16;
   if (r > kP1RowsMaxRank || int64_t(r) * ldg * int64_t(sizeof(float)) > kP1RowsMaxPartial) return false;
   if (!isa->p1_bands_first) return true;
-  const int64_t bands = (d_in + P1_BAND - 1) / P1_BAND;
-  const int64_t items = (d_out + pass1_group_rows(d_out) - 1) / pass1_group_rows(d_out) *
-                        ((d_in + kP1SliceCols - 1) / kP1SliceCols);
+  const int64_t bands = (d_in + P1_BAND - 1) / P1_BAND, group_rows = pass1_group_rows(d_out);
+  const int64_t items = (d_out + group_rows - 1) / group_rows * ((d_in + kP1SliceCols - 1) / kP1SliceCols);
   return bands < g_procs.load() && items > bands;
 }
 

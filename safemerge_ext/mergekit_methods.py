@@ -541,13 +541,11 @@ def _check_mergekit_yaml_recipe(name: str) -> None:
     if _recipe_checked or not _in_mergekit_yaml():
         return
     _recipe_checked.append(name)
-    run_yaml = sys.modules.get("__main__" if _run_yaml_is_main() else "mergekit.scripts.run_yaml")
+    recipe = _mergekit_yaml_args().get("config_file")
     try:  # (mergekit has read and validated this file already: anything odd here is not ours to report)
         import yaml
         from mergekit.config import MergeConfiguration
 
-        ctx = run_yaml.main.make_context("mergekit-yaml", list(sys.argv[1:]), resilient_parsing=True)
-        recipe = ctx.params["config_file"]
         config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe).read_text(encoding="utf-8")))
     except Exception:
         return
@@ -703,18 +701,22 @@ class report_to:
         _override = self._prev
 
 
+def _mergekit_yaml_args() -> dict[str, Any]:
+    """The arguments of a running ``mergekit-yaml`` (argv parsed with mergekit's own click command);
+    empty in any other process, or where they cannot be parsed (never a reason to break a merge)."""
+    run_yaml = sys.modules.get("__main__" if _run_yaml_is_main() else "mergekit.scripts.run_yaml")
+    if run_yaml is None or not _in_mergekit_yaml():
+        return {}
+    try:
+        return dict(run_yaml.main.make_context("mergekit-yaml", list(sys.argv[1:]), resilient_parsing=True).params)
+    except Exception:
+        return {}
+
+
 def _mergekit_yaml_out() -> str | None:
-    """OUT_PATH of a running ``mergekit-yaml`` (parsed from argv with mergekit's own click command)."""
+    """OUT_PATH of a running ``mergekit-yaml``."""
     if not _cli_out:
-        out = None
-        run_yaml = sys.modules.get("__main__" if _run_yaml_is_main() else "mergekit.scripts.run_yaml")
-        if run_yaml is not None and _in_mergekit_yaml():
-            try:
-                ctx = run_yaml.main.make_context("mergekit-yaml", list(sys.argv[1:]), resilient_parsing=True)
-                out = ctx.params.get("out_path")
-            except Exception:  # never let report discovery break a merge
-                out = None
-        _cli_out.append(out)
+        _cli_out.append(_mergekit_yaml_args().get("out_path"))
     return _cli_out[0]
 
 
