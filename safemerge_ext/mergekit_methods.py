@@ -527,6 +527,7 @@ def _checking_the_recipe(method: Any) -> None:
 
     def validate_inputs(input_ids: Sequence[Any], base_id: Any = None, *, group_name: Optional[str] = None) -> None:
         _check_mergekit_yaml_recipe(method.spec.name)
+        _check_planned_config(method.spec.name, sys._getframe(1))
         contract(input_ids, base_id, group_name=group_name)
 
     method.validate_inputs = validate_inputs
@@ -554,6 +555,23 @@ def _check_mergekit_yaml_recipe(name: str) -> None:
     from safemerge_ext.yaml_cli import check_parameter_names
 
     check_parameter_names(config, name, recipe)
+
+
+def _check_planned_config(name: str, caller: Any) -> None:
+    """``run_merge`` from Python: the configuration that mergekit's planner (the caller) plans,
+    checked by its parameters' names and values as a recipe is (mergekit's in-memory API refuses
+    unknown names itself; its planner drops them). Mergekit has folded ``models:`` into each
+    module's slices by now, so a model's parameters are named by slice."""
+    planner = caller.f_locals.get("self")
+    if type(planner).__module__ != "mergekit.plan":
+        return
+    from mergekit.config import MergeConfiguration
+
+    config = getattr(planner, "config", None)
+    if isinstance(config, MergeConfiguration) and config.merge_method == name:
+        from safemerge_ext.yaml_cli import check_parameter_names
+
+        check_parameter_names(config, name, "merge_config")
 
 
 for _method in _METHODS.values():

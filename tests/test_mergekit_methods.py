@@ -664,6 +664,29 @@ def test_parameter_names_are_checked_wherever_mergekit_reads_them(where):
     check_parameter_names(MergeConfiguration.model_validate(cfg), "safemerge", "r.yml")
 
 
+@pytest.mark.parametrize("where", ["top", "model"])
+def test_run_merge_refuses_a_misspelt_parameter(pico, tmp_path, where):
+    """run_merge from Python: mergekit's planner drops a name the method does not declare (its
+    in-memory API refuses it); the methods check the configuration it plans, as a recipe, before
+    any tensor is merged, and the same configuration spelt right merges."""
+    cfg = recipe(pico, params={"treshold": TAU} if where == "top" else {})
+    if where == "model":
+        cfg["models"][0]["parameters"]["threshold"] = TAU
+    want = ("merge_config: parameters: unknown parameter 'treshold' for safemerge; known: role, threshold"
+            if where == "top" else "merge_config: modules.")
+    with pytest.raises(SafeMergeError) as err:
+        merge(cfg, tmp_path / "o")
+    assert str(err.value).startswith(want), str(err.value)
+    if where == "model":
+        assert f"model {pico.task}: threshold is a setting of the whole merge" in str(err.value), str(err.value)
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+    if where == "model":
+        del cfg["models"][0]["parameters"]["threshold"]
+    cfg["parameters"] = {"threshold": TAU}
+    out, report = merge(cfg, tmp_path / "p")
+    assert out and report["settings"]["threshold"] == TAU
+
+
 def test_filtered_whole_numbers_are_no_gradient(pico):
     """A list of {filter, value} conditions gives each layer one condition's value: whole numbers
     there are no gradient (mergekit interpolates nothing), so the recipe passes."""
