@@ -572,6 +572,21 @@ def _check_planned_config(name: str, caller: Any) -> None:
         from safemerge_ext.yaml_cli import check_parameter_names
 
         check_parameter_names(config, name, "merge_config")
+    _check_device(str(getattr(getattr(planner, "options", None), "device", None) or "cpu"))
+
+
+def _check_device(device: str) -> None:
+    """mergekit's math device (``--cuda``, ``--device``), refused in one line before the merge
+    starts where torch cannot use it (mergekit would fail at its first tensor, with a traceback)."""
+    if not device.startswith("cuda"):
+        return
+    from safemerge_ext.pipeline import resolve_device
+
+    try:
+        resolve_device(device, scoring=False)
+    except SafeMergeError as exc:
+        why = str(exc).split(": ", 1)[-1].replace("use --device cpu", "merge without --cuda (or with --device cpu)")
+        raise SafeMergeError(f"mergekit's device {device!r} (--cuda or --device): {why}") from None
 
 
 for _method in _METHODS.values():

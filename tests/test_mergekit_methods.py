@@ -687,6 +687,18 @@ def test_run_merge_refuses_a_misspelt_parameter(pico, tmp_path, where):
     assert out and report["settings"]["threshold"] == TAU
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a torch that sees no CUDA device")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_run_merge_refuses_a_cuda_device_torch_lacks(pico, tmp_path, device):
+    """mergekit's --cuda / --device cuda where torch sees no CUDA device: one line before the merge
+    starts (mergekit alone fails at its first tensor with a traceback), and nothing is written."""
+    with pytest.raises(SafeMergeError) as err:
+        merge(recipe(pico, params={"threshold": TAU}), tmp_path / "o", device=device)
+    assert str(err.value) == (f"mergekit's device {device!r} (--cuda or --device): no CUDA device is available "
+                              "here; merge without --cuda (or with --device cpu)")
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
 def test_filtered_whole_numbers_are_no_gradient(pico):
     """A list of {filter, value} conditions gives each layer one condition's value: whole numbers
     there are no gradient (mergekit interpolates nothing), so the recipe passes."""
