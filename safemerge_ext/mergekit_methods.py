@@ -558,35 +558,47 @@ def _check_mergekit_yaml_recipe(name: str) -> None:
 
 
 def _check_planned_config(name: str, caller: Any) -> None:
-    """``run_merge`` from Python: the configuration that mergekit's planner (the caller) plans,
-    checked by its parameters' names and values as a recipe is (mergekit's in-memory API refuses
-    unknown names itself; its planner drops them). Mergekit has folded ``models:`` into each
-    module's slices by now, so a model's parameters are named by slice."""
-    planner = caller.f_locals.get("self")
-    if type(planner).__module__ != "mergekit.plan":
-        return
-    from mergekit.config import MergeConfiguration
+    """``run_merge`` from Python (and the console scripts): the configuration and the options that
+    mergekit's planner (the caller) plans with, checked before it starts: the parameters by name
+    and value as a recipe's are (mergekit's in-memory API refuses unknown names itself; its planner
+    drops them), and the math device. By now the planner has folded ``models:`` into each module's
+    slices, so the messages name places as it lays them out."""
+    from mergekit.plan import MergePlanner
 
-    config = getattr(planner, "config", None)
-    if isinstance(config, MergeConfiguration) and config.merge_method == name:
+    planner = caller.f_locals.get("self")
+    if not isinstance(planner, MergePlanner):
+        return
+    config = planner.config
+    if config.merge_method == name:
         from safemerge_ext.yaml_cli import check_parameter_names
 
-        check_parameter_names(config, name, "merge_config")
-    _check_device(str(getattr(getattr(planner, "options", None), "device", None) or "cpu"))
+        check_parameter_names(config, name, "merge_config (as mergekit's planner lays it out)")
+    _check_device(planner.options)
 
 
-def _check_device(device: str) -> None:
-    """mergekit's math device (``--cuda``, ``--device``), refused in one line before the merge
-    starts where torch cannot use it (mergekit would fail at its first tensor, with a traceback)."""
-    if not device.startswith("cuda"):
-        return
-    from safemerge_ext.pipeline import resolve_device
-
+def _check_device(options: Any) -> None:
+    """mergekit's math device (``--cuda``, ``--device``; ``MergeOptions.cuda``/``.device``) refused
+    in one line where torch cannot use it, before the merge starts (mergekit alone fails at its
+    first tensor, with a traceback). A device type torch cannot be asked about is left to mergekit."""
+    device = str(getattr(options, "device", None) or "cpu")
+    flag = getattr(options, "cuda", False) and device == "cuda"
+    given = "--cuda (MergeOptions.cuda)" if flag else f"--device {device} (MergeOptions.device)"
     try:
-        resolve_device(device, scoring=False)
-    except SafeMergeError as exc:
-        why = str(exc).split(": ", 1)[-1].replace("use --device cpu", "merge without --cuda (or with --device cpu)")
-        raise SafeMergeError(f"mergekit's device {device!r} (--cuda or --device): {why}") from None
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SafeMergeError(f"mergekit's {given}: not a device name torch knows; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    available, count = getattr(backend, "is_available", None), getattr(backend, "device_count", None)
+    if not callable(available):
+        return
+    if not available():
+        raise SafeMergeError(f"mergekit's {given}: torch {torch.__version__} has no usable {dev.type} device here; "
+                             + ("merge without --cuda, on the CPU" if flag else "use --device cpu"))
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise SafeMergeError(f"mergekit's {given}: this machine has {count()} {dev.type} device(s); "
+                             f"use {dev.type} or {dev.type}:N with a smaller N")
 
 
 for _method in _METHODS.values():

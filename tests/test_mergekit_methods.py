@@ -614,6 +614,15 @@ def test_plain_mergekit_yaml_refusal_is_one_line(pico, tmp_path):
         f"mergekit-yaml: error: {typo}: parameters: unknown parameter 'treshold' for safemerge; known: role, "
         "threshold, alpha, merge, density, seed, report_path, precision"), res.stderr
     assert not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():  # --cuda where torch sees no CUDA device: one line too
+        good = _write(recipe(pico, params={"threshold": TAU}), tmp_path / "good.yml")
+        res = subprocess.run([exe, str(good), str(tmp_path / "out"), "--no-copy-tokenizer", "--cuda"],
+                             capture_output=True, text=True, env=env)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert res.stderr.strip().splitlines()[-1] == (
+            f"mergekit-yaml: error: mergekit's --cuda (MergeOptions.cuda): torch {torch.__version__} has no usable "
+            "cuda device here; merge without --cuda, on the CPU"), res.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_safemerge_yaml_explains_a_bus_error(tmp_path, monkeypatch):
@@ -668,18 +677,17 @@ def test_parameter_names_are_checked_wherever_mergekit_reads_them(where):
 def test_run_merge_refuses_a_misspelt_parameter(pico, tmp_path, where):
     """run_merge from Python: mergekit's planner drops a name the method does not declare (its
     in-memory API refuses it); the methods check the configuration it plans, as a recipe, before
-    any tensor is merged, and the same configuration spelt right merges."""
+    the merge starts, and the same configuration spelt right merges."""
     cfg = recipe(pico, params={"treshold": TAU} if where == "top" else {})
     if where == "model":
         cfg["models"][0]["parameters"]["threshold"] = TAU
-    want = ("merge_config: parameters: unknown parameter 'treshold' for safemerge; known: role, threshold"
-            if where == "top" else "merge_config: modules.")
+    label = "merge_config (as mergekit's planner lays it out): "
+    want = (f"{label}parameters: unknown parameter 'treshold' for safemerge; known: role, threshold" if where == "top"
+            else f"{label}modules.default.slices[0]: model {pico.task}: threshold is a setting of the whole merge")
     with pytest.raises(SafeMergeError) as err:
         merge(cfg, tmp_path / "o")
     assert str(err.value).startswith(want), str(err.value)
-    if where == "model":
-        assert f"model {pico.task}: threshold is a setting of the whole merge" in str(err.value), str(err.value)
-    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert not (tmp_path / "o").exists()
     if where == "model":
         del cfg["models"][0]["parameters"]["threshold"]
     cfg["parameters"] = {"threshold": TAU}
@@ -687,16 +695,23 @@ def test_run_merge_refuses_a_misspelt_parameter(pico, tmp_path, where):
     assert out and report["settings"]["threshold"] == TAU
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a torch that sees no CUDA device")
-@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
-def test_run_merge_refuses_a_cuda_device_torch_lacks(pico, tmp_path, device):
-    """mergekit's --cuda / --device cuda where torch sees no CUDA device: one line before the merge
+@pytest.mark.parametrize("options, want", [
+    ({"cuda": True}, "--cuda (MergeOptions.cuda): torch {v} has no usable cuda device here; merge without --cuda, "
+                     "on the CPU"),
+    ({"device": "cuda:1"}, "--device cuda:1 (MergeOptions.device): torch {v} has no usable cuda device here; "
+                           "use --device cpu"),
+    ({"device": "mps"}, "--device mps (MergeOptions.device): torch {v} has no usable mps device here; use --device cpu"),
+    ({"device": "CUDA"}, "--device CUDA (MergeOptions.device): not a device name torch knows; use cpu, cuda or cuda:N"),
+])
+def test_run_merge_refuses_a_device_torch_lacks(pico, tmp_path, options, want):
+    """mergekit's --cuda / --device where torch has no such device: one line before the merge
     starts (mergekit alone fails at its first tensor with a traceback), and nothing is written."""
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("the refusals are for a torch that sees no CUDA or MPS device")
     with pytest.raises(SafeMergeError) as err:
-        merge(recipe(pico, params={"threshold": TAU}), tmp_path / "o", device=device)
-    assert str(err.value) == (f"mergekit's device {device!r} (--cuda or --device): no CUDA device is available "
-                              "here; merge without --cuda (or with --device cpu)")
-    assert not (tmp_path / "o" / "model.safetensors").exists()
+        merge(recipe(pico, params={"threshold": TAU}), tmp_path / "o", **options)
+    assert str(err.value) == "mergekit's " + want.format(v=torch.__version__)
+    assert not (tmp_path / "o").exists()
 
 
 def test_filtered_whole_numbers_are_no_gradient(pico):
