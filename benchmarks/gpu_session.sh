@@ -3,8 +3,9 @@
 #
 #   GIT_SHA=<sha> bash benchmarks/gpu_session.sh all   # build, scoring, fullrank, the tests, then the
 #                                            # end-to-end table at llama-1b, in ONE device call
-#                                            # (timeout_s 570: build ~70 s, then limits of 140 +
-#                                            # 60 + 120 + 45 + 75 s, each with 15 s of grace)
+#                                            # (timeout_s 570: build ~70 s with a CUDA smoke run
+#                                            # of 30 s at most, then limits of 140 + 60 + 120 +
+#                                            # 45 + 75 s, each with 5 s of grace)
 #   bash benchmarks/gpu_session.sh build     # build _cpu and _cuda in place, list the backends (~1 min)
 #   bash benchmarks/gpu_session.sh test      # build, then the Triton/CUDA/ops/pipeline tests for real (~3 min)
 #   bash benchmarks/gpu_session.sh scoring   # build, then bench_scoring low-rank and --fullrank on the GPU (~3 min)
@@ -42,6 +43,8 @@ build() {
   # (>= 77), and build_ext needs only setup.py, csrc/ and the build_py hook. build/ is ignored by
   # git and kept on a warm machine (copies keep their times, so build_ext can skip what is built).
   local src=build/gpu-src
+  # setup.py finds nvcc on PATH; CUDA images often keep it only in /usr/local/cuda/bin
+  command -v nvcc >/dev/null || { [ -x /usr/local/cuda/bin/nvcc ] && export PATH="/usr/local/cuda/bin:$PATH"; } || true
   mkdir -p "$src/safemerge_ext"
   cp -p setup.py "$src/" && cp -rp csrc "$src/" && cp -p safemerge_ext/_pth_build.py "$src/safemerge_ext/"
   (cd "$src" && SAFEMERGE_CUDA_ARCH="${SAFEMERGE_CUDA_ARCH:-90}" SAFEMERGE_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace) \
@@ -60,6 +63,9 @@ build() {
   [ -e safemerge_ext/kernels ] || ln -s ../kernels safemerge_ext/kernels
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   PYTHONPATH=. "$PY" -m safemerge_ext backends | tee -a "$out/build.log"
+  # each CUDA-extension entry point once, checked, in a process of its own (a kernel fault shows
+  # here by name, not as a sticky error in the next test of an xdist worker)
+  lim 30 "$PY" benchmarks/gpu_smoke.py 2>&1 | tee -a "$out/build.log" || true
 }
 
 # each takes a time limit in seconds (0: none) and leaves its log in $out
@@ -95,7 +101,7 @@ e2e_small() {
 }
 lim() {
   local s="$1"; shift
-  if [ "$s" -gt 0 ]; then PYTHONPATH=. timeout -s INT -k 15 "$s" "$@"; else PYTHONPATH=. "$@"; fi
+  if [ "$s" -gt 0 ]; then PYTHONPATH=. timeout -s INT -k 5 "$s" "$@"; else PYTHONPATH=. "$@"; fi
 }
 
 case "$stage" in
@@ -115,11 +121,11 @@ case "$stage" in
     tests "${TEST_S:-120}" || echo "tests stopped (exit $?); see $out/test.log"
     e2e_small "${E2E1_S:-75}" || echo "e2e llama-1b stopped (exit $?); its rows so far are in $out/e2e-llama-1b.log"
     echo "== tables"
-    grep -h "^|\|^- \|copy measured\|rate measured\|materialized-C\|^REJECTED\|^FAILED\|^WARNING" \
-      "$out/scoring.log" "$out/fullrank.log" "$out/e2e-llama-1b.log" 2>/dev/null || true ;;
+    grep -h "^|\|^- \|copy measured\|rate measured\|materialized-C\|^REJECTED\|^FAILED\|^WARNING\|^smoke" \
+      "$out/build.log" "$out/scoring.log" "$out/fullrank.log" "$out/e2e-llama-1b.log" 2>/dev/null || true ;;
   e2e)
     # One call of its own (timeout_s 360: a warm build ~15 s + SYNTH_S 120 + E2E_S 180, each limit
-    # with 15 s of grace): 25 GiB of synthetic data, then issue 5's contenders on
+    # with 5 s of grace): 25 GiB of synthetic data, then issue 5's contenders on
     # the GPU. The full-model contenders (the reference loads both models in fp32: 54 GB and
     # minutes; copy-floor and --output model copy 13.5 GB) are left out unless E2E_SKIP says
     # otherwise (E2E_SKIP="" keeps them); mergekit is not on the GPU image. Each result is printed

@@ -463,6 +463,19 @@ std::string device_problem() {
   const cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) return std::string("the CUDA runtime reports: ") + cudaGetErrorString(e);
   if (n == 0) return "no CUDA device";
+  // A build for other GPUs (SAFEMERGE_CUDA_ARCH, or a GPU older than the default list) loads but
+  // has no kernel for this one: every launch would fail, so say so here, where the reason is read.
+  int dev = 0, major = 0, minor = 0;
+  cudaFuncAttributes attr;
+  if (cudaGetDevice(&dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+      cudaFuncGetAttributes(&attr, reduce_doubles) != cudaSuccess) {
+    const std::string why = cudaGetErrorString(cudaGetLastError());
+    const std::string sm = std::to_string(major) + std::to_string(minor);
+    return "the CUDA extension has no kernel for this GPU (sm_" + sm + "): " + why +
+           "; reinstall with SAFEMERGE_CUDA_ARCH=" + sm + " set";
+  }
   return "";
 }
 

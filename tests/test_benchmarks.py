@@ -583,3 +583,31 @@ def test_make_synthetic_bf16_adapters_merge(tmp_path, capsys):
     assert "already there" in capsys.readouterr().out
     with pytest.raises(ValueError, match="adapter_dtype must be one of float32, bfloat16"):
         make("tiny", tmp_path, adapter_dtype="float16")
+
+
+def test_gpu_smoke_passes_right_kernels_and_names_wrong_ones(monkeypatch, capsys):
+    """gpu_smoke.py (run before the GPU tests) checks each CUDA entry point against float64: with
+    the C++ backend standing in for the extension it passes; an entry point that is off by 1e-3,
+    or that raises, is named on a WARNING line and fails the run; no extension is a warning only."""
+    import gpu_smoke
+
+    from safemerge_ext import cpp_backend
+
+    cb = gpu_smoke.cb
+    monkeypatch.setattr(cb, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(cb, "lowrank_passes", lambda wa, wu, B: cpp_backend.lowrank_passes(wa, wu, B))
+    monkeypatch.setattr(cb, "fullrank_sums", cpp_backend.fullrank_sums)
+    assert gpu_smoke.main("cpu") == 0
+    out = capsys.readouterr().out
+    assert "smoke lowrank_passes: relative errors" in out and "smoke fullrank_sums" in out and "WARNING" not in out
+
+    monkeypatch.setattr(cb, "fullrank_sums", lambda *a: tuple(x * (1 + 1e-3) for x in cpp_backend.fullrank_sums(*a)))
+    monkeypatch.setattr(cb, "lowrank_passes", lambda *a: (_ for _ in ()).throw(RuntimeError("an illegal memory access")))
+    assert gpu_smoke.main("cpu") == 1
+    out = capsys.readouterr().out
+    assert "WARNING: smoke lowrank_passes: RuntimeError: an illegal memory access" in out
+    assert "WARNING: smoke fullrank_sums: relative errors" in out
+
+    monkeypatch.setattr(cb, "unavailable_reason", lambda: "the CUDA extension was not built")
+    assert gpu_smoke.main("cpu") == 0
+    assert "WARNING: no CUDA extension to run" in capsys.readouterr().out

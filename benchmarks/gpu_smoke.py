@@ -1,0 +1,62 @@
+"""Each CUDA-extension entry point once on the GPU, synchronised and checked against float64, in a
+process of its own (``gpu_session.sh`` runs it before the tests): a fault in a kernel shows here,
+by entry point, instead of as a sticky CUDA error in whichever test an xdist worker runs next.
+Exit 0 when every entry point agrees, 1 when one fails or disagrees, 0 with a WARNING line when
+there is no extension to run (its tests will then skip)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from safemerge_ext import cuda_backend as cb
+
+TOL = 1e-4  # relative to the largest reference entry; fp32 sums over a 1000 x 700 bf16 pair
+
+
+def _rel(got: torch.Tensor | float, want: torch.Tensor | float) -> float:
+    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64).cpu()
+    return float((got.cpu() - want).abs().max() / want.abs().max().clamp_min(1e-300))
+
+
+def main(device: str = "cuda") -> int:
+    why = cb.unavailable_reason()
+    if why:
+        print(f"WARNING: no CUDA extension to run, so its tests will skip: {why}")
+        return 0
+    g = torch.Generator(device=device).manual_seed(0)
+    wa = torch.randn(1000, 700, device=device, generator=g).bfloat16()
+    wu = (wa.float() + 0.1 * torch.randn(1000, 700, device=device, generator=g)).bfloat16()
+    B = torch.randn(1000, 16, device=device, generator=g)
+    dW = (0.01 * torch.randn(1000, 700, device=device, generator=g)).bfloat16()
+    V, B64, D = wa.double() - wu.double(), B.double(), dW.double()
+    M = V.t() @ D
+    calls = {
+        "lowrank_passes": lambda: cb.lowrank_passes(wa, wu, B),
+        "fullrank_sums": lambda: cb.fullrank_sums(wa, wu, dW),
+    }
+    refs = {
+        "lowrank_passes": (V.t() @ B64, V @ (V.t() @ B64), (V * V).sum()),
+        "fullrank_sums": ((M * M).sum(), ((V @ M) ** 2).sum(), (D * D).sum(), (V * V).sum()),
+    }
+    bad = 0
+    for name, call in calls.items():
+        try:
+            got = call()
+            if device != "cpu":
+                torch.cuda.synchronize()
+        except Exception as exc:  # (a launch or a fault: name it and go on to the next entry point)
+            print(f"WARNING: smoke {name}: {type(exc).__name__}: {exc}")
+            bad += 1
+            continue
+        errs = [_rel(x, r) for x, r in zip(got, refs[name])]
+        ok = max(errs) <= TOL
+        bad += not ok
+        print(f"{'smoke' if ok else 'WARNING: smoke'} {name}: relative errors {', '.join(f'{e:.2e}' for e in errs)}"
+              f" (tolerance {TOL:g})")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
