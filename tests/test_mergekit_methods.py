@@ -596,33 +596,31 @@ def test_plain_mergekit_yaml_refusal_is_one_line(pico, tmp_path):
                     "or run `safemerge autoload enable`")
     bad = _write(recipe(pico, params={"threshold": 2.0}), tmp_path / "bad.yml")
     env = {k: v for k, v in os.environ.items() if k not in ("SAFEMERGE_NO_AUTOLOAD", "SAFEMERGE_TRACEBACK")}
-    res = subprocess.run([exe, str(bad), str(tmp_path / "out"), "--no-copy-tokenizer"],
-                         capture_output=True, text=True, env=env)
-    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert res.stderr.strip().splitlines()[-1] == (  # (checked with the recipe, before mergekit plans the merge)
+
+    def refusal(recipe_path: Path, *flags: str) -> str:
+        """The last stderr line of a refused run, which wrote nothing and printed no traceback."""
+        res = subprocess.run([exe, str(recipe_path), str(tmp_path / "out"), "--no-copy-tokenizer", *flags],
+                             capture_output=True, text=True, env=env)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert not (tmp_path / "out").exists()
+        return res.stderr.strip().splitlines()[-1]
+
+    assert refusal(bad) == (  # (checked with the recipe, before mergekit plans the merge)
         f"mergekit-yaml: error: {bad}: parameters: threshold must lie in [-1, 1] (it is compared with a cosine); "
-        "got 2.0"), res.stderr
+        "got 2.0")
     res = subprocess.run([exe, str(bad), str(tmp_path / "out"), "--no-copy-tokenizer"],
                          capture_output=True, text=True, env={**env, "SAFEMERGE_TRACEBACK": "1"})
     assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr, res.stderr[-3000:]
     # a misspelt parameter, which mergekit's resolver would drop (merging at the default threshold)
     typo = _write(recipe(pico, params={"treshold": 0.3, "alpha": 0.8}), tmp_path / "typo.yml")
-    res = subprocess.run([exe, str(typo), str(tmp_path / "out"), "--no-copy-tokenizer"],
-                         capture_output=True, text=True, env=env)
-    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert res.stderr.strip().splitlines()[-1] == (
+    assert refusal(typo) == (
         f"mergekit-yaml: error: {typo}: parameters: unknown parameter 'treshold' for safemerge; known: role, "
-        "threshold, alpha, merge, density, seed, report_path, precision"), res.stderr
-    assert not (tmp_path / "out").exists()
+        "threshold, alpha, merge, density, seed, report_path, precision")
     if not torch.cuda.is_available():  # --cuda where torch sees no CUDA device: one line too
         good = _write(recipe(pico, params={"threshold": TAU}), tmp_path / "good.yml")
-        res = subprocess.run([exe, str(good), str(tmp_path / "out"), "--no-copy-tokenizer", "--cuda"],
-                             capture_output=True, text=True, env=env)
-        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-        assert res.stderr.strip().splitlines()[-1] == (
+        assert refusal(good, "--cuda") == (
             f"mergekit-yaml: error: mergekit's --cuda (MergeOptions.cuda): torch {torch.__version__} has no usable "
-            "cuda device here; merge without --cuda, on the CPU"), res.stderr
-        assert not (tmp_path / "out").exists()
+            "cuda device here; merge without --cuda, on the CPU")
 
 
 def test_safemerge_yaml_explains_a_bus_error(tmp_path, monkeypatch):
