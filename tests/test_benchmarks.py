@@ -613,3 +613,49 @@ def test_gpu_smoke_passes_right_kernels_and_names_wrong_ones(monkeypatch, capsys
     monkeypatch.setattr(cb, "unavailable_reason", lambda: "the CUDA extension was not built")
     assert gpu_smoke.main("cpu") == 0
     assert "WARNING: no CUDA extension to run" in capsys.readouterr().out
+
+
+def _gpu_session_calls() -> list[tuple[str, list[str]]]:
+    """(script, its arguments) for every benchmark script gpu_session.sh runs, with the shell's
+    continuations joined, ``${VAR-default}``/``${VAR:-default}`` at their defaults and ``$out`` a path."""
+    import re
+    import shlex
+
+    text = (ROOT / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", " ")
+    text = re.sub(r"\$\{\w+:?-([^}]*)\}", r"\1", text).replace("$out", "/tmp/gpu-out")
+    calls = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        for m in re.finditer(r"benchmarks/(\w+)\.py((?:\s+(?!2>&1|\||&&|;)[^\s|;&]+)*)", line):
+            calls.append((m.group(1), shlex.split(m.group(2))))
+    return calls
+
+
+def test_gpu_session_calls_parse(monkeypatch):
+    """Every benchmark call in gpu_session.sh parses with its script's own options (a GPU is lent
+    rarely and briefly: a renamed flag must not be found there)."""
+    import argparse
+    import importlib
+
+    calls = _gpu_session_calls()
+    assert {s for s, _ in calls} == {"gpu_smoke", "bench_scoring", "make_synthetic", "bench_end_to_end"}, calls
+
+    class Parsed(Exception):
+        pass
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):
+        raise Parsed(real(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    for script, args in calls:
+        if script == "gpu_smoke":  # (no options)
+            assert args == []
+            continue
+        module = importlib.import_module(script)
+        monkeypatch.setattr(sys, "argv", [f"{script}.py", *args])
+        with pytest.raises(Parsed) as parsed:
+            module.main()
+        assert parsed.value.args[0].device == "cuda", (script, args)
