@@ -659,3 +659,15 @@ def test_gpu_session_calls_parse(monkeypatch):
         with pytest.raises(Parsed) as parsed:
             module.main()
         assert parsed.value.args[0].device == "cuda", (script, args)
+
+
+def test_gpu_session_tests_exist():
+    """The test files gpu_session.sh runs on the GPU exist, and each name its -k leaves out is a test."""
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    files = re.findall(r"tests/\w+\.py", text)
+    assert len(files) >= 4 and all((ROOT / f).is_file() for f in files), files
+    names = re.findall(r"not (\w+)", text[text.index("tests() {"):])
+    sources = "".join((ROOT / f).read_text() for f in files)
+    assert names and all(re.search(rf"def test_\w*{n}\w*\(", sources) for n in names), names
