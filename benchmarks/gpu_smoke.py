@@ -35,10 +35,12 @@ def main(device: str = "cuda") -> int:
     calls = {
         "lowrank_passes": lambda: cb.lowrank_passes(wa, wu, B),
         "fullrank_sums": lambda: cb.fullrank_sums(wa, wu, dW),
+        "project_full": lambda: cb.project_full(wa, wu, dW),
     }
     refs = {
         "lowrank_passes": (V.t() @ B64, V @ (V.t() @ B64), (V * V).sum()),
         "fullrank_sums": ((M * M).sum(), ((V @ M) ** 2).sum(), (D * D).sum(), (V * V).sum()),
+        "project_full": (V @ M, (V * V).sum()),
     }
     bad = 0
     for name, call in calls.items():
@@ -50,7 +52,7 @@ def main(device: str = "cuda") -> int:
             print(f"WARNING: smoke {name}: {type(exc).__name__}: {exc}")
             bad += 1
             continue
-        errs = [_rel(x, r) for x, r in zip(got, refs[name])]
+        errs = [_rel(x, r) for x, r in zip(got, refs[name], strict=True)]
         ok = max(errs) <= TOL
         bad += not ok
         print(f"{'smoke' if ok else 'WARNING: smoke'} {name}: relative errors {', '.join(f'{e:.2e}' for e in errs)}"

@@ -465,18 +465,33 @@ std::string device_problem() {
   if (n == 0) return "no CUDA device";
   // A build for other GPUs (SAFEMERGE_CUDA_ARCH, or a GPU older than the default list) loads but
   // has no kernel for this one: every launch would fail, so say so here, where the reason is read.
+  // Only the codes of a missing or unusable image say that: any other failure of the probe (a
+  // sticky fault, device 0 busy or out of memory while another GPU is used) is left to the launch,
+  // which reports it as it did before the probe.
   int dev = 0, major = 0, minor = 0;
-  cudaFuncAttributes attr;
-  if (cudaGetDevice(&dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-      cudaFuncGetAttributes(&attr, reduce_doubles) != cudaSuccess) {
-    const std::string why = cudaGetErrorString(cudaGetLastError());
-    const std::string sm = std::to_string(major) + std::to_string(minor);
-    return "the CUDA extension has no kernel for this GPU (sm_" + sm + "): " + why +
-           "; reinstall with SAFEMERGE_CUDA_ARCH=" + sm + " set";
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return "";
   }
-  return "";
+  cudaFuncAttributes attr;
+  const cudaError_t fe = cudaFuncGetAttributes(&attr, reduce_doubles);
+  cudaGetLastError();  // (not sticky: cleared so the next call does not report it)
+  switch (fe) {
+    case cudaErrorNoKernelImageForDevice:
+    case cudaErrorInvalidDeviceFunction:
+    case cudaErrorInvalidPtx:
+    case cudaErrorUnsupportedPtxVersion:
+    case cudaErrorJitCompilerNotFound:
+    case cudaErrorJitCompilationDisabled: {
+      const std::string sm = std::to_string(major) + std::to_string(minor);
+      return "the CUDA extension has no kernel for this GPU (sm_" + sm + "): " + cudaGetErrorString(fe) +
+             "; reinstall with SAFEMERGE_CUDA_ARCH=" + sm + " set";
+    }
+    default:
+      return "";
+  }
 }
 
 int sm_count(int device) {

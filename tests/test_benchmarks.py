@@ -586,7 +586,7 @@ def test_make_synthetic_bf16_adapters_merge(tmp_path, capsys):
 
 
 def test_gpu_smoke_passes_right_kernels_and_names_wrong_ones(monkeypatch, capsys):
-    """gpu_smoke.py (run before the GPU tests) checks each CUDA entry point against float64: with
+    """gpu_smoke.py (run before the GPU tests) checks the CUDA entry points against float64: with
     the C++ backend standing in for the extension it passes; an entry point that is off by 1e-3,
     or that raises, is named on a WARNING line and fails the run; no extension is a warning only."""
     import gpu_smoke
@@ -599,9 +599,11 @@ def test_gpu_smoke_passes_right_kernels_and_names_wrong_ones(monkeypatch, capsys
     monkeypatch.setattr(cb, "unavailable_reason", lambda: None)
     monkeypatch.setattr(cb, "lowrank_passes", cpp_backend.lowrank_passes)
     monkeypatch.setattr(cb, "fullrank_sums", cpp_backend.fullrank_sums)
+    monkeypatch.setattr(cb, "project_full", cpp_backend.project_full)
     assert gpu_smoke.main("cpu") == 0
     out = capsys.readouterr().out
-    assert "smoke lowrank_passes: relative errors" in out and "smoke fullrank_sums" in out and "WARNING" not in out
+    assert all(f"smoke {n}: relative errors" in out for n in ("lowrank_passes", "fullrank_sums", "project_full"))
+    assert "WARNING" not in out
 
     monkeypatch.setattr(cb, "fullrank_sums", lambda *a: tuple(x * (1 + 1e-3) for x in cpp_backend.fullrank_sums(*a)))
     monkeypatch.setattr(cb, "lowrank_passes", lambda *a: (_ for _ in ()).throw(RuntimeError("an illegal memory access")))
