@@ -249,7 +249,23 @@ def open_run(
             run.warnings.append(
                 f"{len(extra)} safety-adapter module(s) have no task update and are ignored (e.g. {extra[0]})"
             )
+        other_base = _other_base(task, safety)
+        if other_base:
+            run.warnings.append(other_base)
     return run
+
+
+def _other_base(task: LoraAdapter, safety: LoraAdapter) -> str | None:
+    """A warning where the two adapters' configs name different base models (by the last part of
+    ``base_model_name_or_path``, so a Hub id and a local copy of it agree): a safety adapter trained
+    on, say, the unaligned base has the same module names and shapes, so nothing else would show
+    that its update is not one on --aligned."""
+    names = [str(a.config.get("base_model_name_or_path") or "") for a in (task, safety)]
+    last = [n.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower() for n in names]
+    if not all(last) or last[0] == last[1]:
+        return None
+    return (f"{task.flag} names base model {names[0]!r} but {safety.flag} {names[1]!r} (base_model_name_or_path in "
+            "their adapter_config.json): SafeMERGE needs both trained on the aligned model (--aligned)")
 
 
 def _stale_index(reader: ModelReader, module: str) -> SafeMergeError | None:

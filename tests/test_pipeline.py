@@ -334,6 +334,37 @@ def test_safety_modules_without_a_task_update_are_ignored_with_a_warning(fx, tmp
     assert not [k for k in written if f".{q0}." in k] and len(written) == len(sd)
 
 
+def test_adapters_trained_on_different_base_models_are_warned_of(fx, tmp_path):
+    """A safety adapter trained on another model of the same architecture (here: the unaligned
+    base) has the same module names and shapes; only the adapters' configs can tell, and the run
+    says so. A Hub id and a local copy of that model (the same last path part) are one model."""
+    import shutil
+
+    def with_base(name: str, base: str) -> Path:
+        path = tmp_path / name
+        shutil.copytree(fx.safety, path)
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = base
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+        return path
+
+    task_base = json.loads((fx.task / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(task_base).name == "aligned"
+    runs = {"unaligned": with_base("s1", str(fx.unaligned)), "hub copy": with_base("s2", "some-org/Aligned/"),
+            "none": with_base("s3", "")}
+    for what, safety in runs.items():
+        out = tmp_path / f"out-{what}"
+        assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", fx.task,
+                        "--safety-adapter", safety, "--out", out]) == 0
+        warned = [w for w in report_of(out)["warnings"] if "base_model_name_or_path" in w]
+        if what == "unaligned":
+            assert warned == [f"--task-adapter names base model {task_base!r} but --safety-adapter "
+                              f"{str(fx.unaligned)!r} (base_model_name_or_path in their adapter_config.json): "
+                              "SafeMERGE needs both trained on the aligned model (--aligned)"]
+        else:
+            assert warned == [], what
+
+
 def test_merged_adapter_is_read_right_by_a_server_that_reads_only_r_and_lora_alpha(fx, tmp_path):
     """vLLM applies one scaling, lora_alpha / r (/ sqrt(r) with rsLoRA), to every module, reads
     neither rank_pattern nor alpha_pattern, and checks r against its max_lora_rank. The merged
