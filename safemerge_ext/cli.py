@@ -15,7 +15,7 @@ from typing import NoReturn, Sequence
 from safemerge_ext.backends import PRECISION_ENV_VAR, PRECISIONS  # (no torch)
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
-METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+METHODS = ("linear", "ties", "dare_linear", "dare_ties", "peft-linear")
 
 _MODELS_HELP = {
     "aligned": "the aligned (chat/instruct) model folder the adapters were trained on, e.g. Llama-2-7b-chat-hf "
@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the task update in flagged layers; the safety update gets 1 - alpha (default: 0.8)")
     p.add_argument("--method", choices=METHODS, default="linear",
                    help="how flagged layers combine: linear is exact (rank r_task + r_safety); ties/dare run "
-                        "peft.utils.merge_utils on the full update, re-factorized by SVD for adapter output (default: linear)")
+                        "peft.utils.merge_utils on the full update, re-factorized by SVD for adapter output; "
+                        "peft-linear is the reference code's PEFT add_weighted_adapter 'linear' (cross terms, equal "
+                        "ranks), to reproduce its numbers (default: linear)")
     p.add_argument("--density", type=_unit_float("--density", 0, 1, lo_open=True), default=None,
                    help="ties/dare: fraction of each update kept (default: 1.0)")
     p.add_argument("--seed", type=int, default=None,
@@ -188,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
         from safemerge_ext.merge import USES_DENSITY, USES_SEED
 
         if args.density is not None and args.method not in USES_DENSITY:
-            raise ValueError("--density applies to --method ties, dare_linear and dare_ties; linear keeps every entry")
+            raise ValueError(f"--density applies to --method ties, dare_linear and dare_ties; {args.method} keeps every entry")
         if args.seed is not None and args.method not in USES_SEED:
             raise ValueError(f"--seed applies to --method dare_linear and dare_ties (their random masks); "
                              f"{args.method} draws nothing")

@@ -8,6 +8,12 @@ elects each entry's sign on the weighted updates (PEFT's ``add_weighted_adapter`
 after the election, so there an update of weight 0 still decides signs, and halves the entries where
 the two agree). DARE's random mask is drawn from a generator seeded by (seed, module name), so a run
 is reproducible whatever the order.
+
+``peft-linear`` (LoRA adapters only) is the reference code's combination, for reproducing its
+numbers: PEFT's ``add_weighted_adapter([task, safety], [alpha, 1 - alpha], combination_type="linear")``,
+which mixes the A's and the B's separately (``A = sum sqrt(w_i s_i) A_i``, ``B = sum sqrt(w_i s_i) B_i``,
+each through ``merge_utils.task_arithmetic`` as PEFT runs it), so its update carries the cross terms
+``sqrt(w_f s_f w_s s_s) (B_f A_s + B_s A_f)`` (PEFT issue 3004). It needs equal ranks, as PEFT does.
 """
 
 from __future__ import annotations
@@ -20,15 +26,19 @@ from typing import Iterator
 
 import torch
 
-METHODS = ("linear", "ties", "dare_linear", "dare_ties")
-USES_DENSITY = ("ties", "dare_linear", "dare_ties")  # (linear keeps every entry)
+METHODS = ("linear", "ties", "dare_linear", "dare_ties")  # on full updates (mergekit) and on adapters
+PEFT_LINEAR = "peft-linear"
+LORA_METHODS = (*METHODS, PEFT_LINEAR)  # on two LoRA adapters (safemerge merge)
+USES_DENSITY = ("ties", "dare_linear", "dare_ties")  # (linear and peft-linear keep every entry)
 USES_SEED = ("dare_linear", "dare_ties")  # (only DARE draws)
 
 
-def validate(method: str, alpha: float, density: float) -> None:
-    """Raise ValueError for an unknown method or out-of-range alpha / density."""
-    if method not in METHODS:
-        raise ValueError(f"merge method must be one of {', '.join(METHODS)}; got {method!r}")
+def validate(method: str, alpha: float, density: float, *, lora: bool = False) -> None:
+    """Raise ValueError for an unknown method (``lora``: one that merges two adapters' factors
+    may also be ``peft-linear``) or out-of-range alpha / density."""
+    methods = LORA_METHODS if lora else METHODS
+    if method not in methods:
+        raise ValueError(f"merge method must be one of {', '.join(methods)}; got {method!r}")
     if not (0.0 <= alpha <= 1.0 and math.isfinite(alpha)):
         raise ValueError(f"alpha must lie in [0, 1] (the task update's weight); got {alpha}")
     if not (0.0 < density <= 1.0):
@@ -46,6 +56,30 @@ def concat_lora(
     B = torch.cat([B_f.to(wd) * (alpha * s_f), B_s.to(wd) * ((1.0 - alpha) * s_s)], dim=1)
     A = torch.cat([A_f.to(wd), A_s.to(wd)], dim=0)
     return B, A
+
+
+def peft_linear(
+    B_f: torch.Tensor, A_f: torch.Tensor, s_f: float,
+    B_s: torch.Tensor, A_s: torch.Tensor, s_s: float, alpha: float, *, rslora: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``add_weighted_adapter(combination_type="linear")`` of the task and safety factors with
+    weights ``[alpha, 1 - alpha]``: factors ``(B, A)`` of rank r whose ``B @ A`` is the merged
+    update, PEFT's scaling of the new adapter folded into B (1, or sqrt(r) where the task adapter
+    uses rsLoRA: PEFT keeps its ``use_rslora`` and sets lora_alpha = r). The factors are read in fp32,
+    as PEFT loads adapters by default (float64 when a factor is)."""
+    from peft.utils import merge_utils
+
+    validate(PEFT_LINEAR, alpha, 1.0, lora=True)
+    if A_f.shape != A_s.shape or B_f.shape != B_s.shape:
+        raise ValueError(f"peft-linear needs factors of one shape (PEFT's linear combination needs equal ranks); "
+                         f"got lora_A {tuple(A_f.shape)} and {tuple(A_s.shape)}")
+    wd = torch.float64 if torch.float64 in (B_f.dtype, A_f.dtype, B_s.dtype, A_s.dtype) else torch.float32
+    # (as PEFT: Python floats into a tensor of the default dtype; alpha in [0, 1], so no signs)
+    weights = torch.tensor([math.sqrt(alpha * s_f), math.sqrt((1.0 - alpha) * s_s)])
+    A = merge_utils.task_arithmetic([A_f.to(wd), A_s.to(wd)], weights)
+    B = merge_utils.task_arithmetic([B_f.to(wd), B_s.to(wd)], weights)
+    rank = A.shape[0]
+    return (B * (rank / math.sqrt(rank)) if rslora else B), A  # (PEFT's lora_alpha / sqrt(r), lora_alpha = r)
 
 
 def module_seed(seed: int, module: str) -> int:

@@ -664,9 +664,22 @@ class MergeSettings:
     output: str = "adapter"
 
     def __post_init__(self) -> None:
-        merging.validate(self.method, self.alpha, self.density)
+        merging.validate(self.method, self.alpha, self.density, lora=True)
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
+
+
+def _check_equal_ranks(run: Run) -> None:
+    """peft-linear mixes the two adapters' A's and B's entry by entry, so (as PEFT's
+    ``add_weighted_adapter(combination_type="linear")``) it needs each module at one rank in both."""
+    for layer in run.layers:
+        t, s = layer.task, layer.safety
+        if t.rank != s.rank:
+            raise SafeMergeError(
+                f"--method peft-linear: module {layer.module} has rank {t.rank} in --task-adapter but {s.rank} in "
+                "--safety-adapter; PEFT's linear combination needs equal ranks (--method linear, the exact merge, "
+                "takes any)"
+            )
 
 
 def _note_vllm(run: Run, off_default: list[str]) -> None:
@@ -698,6 +711,8 @@ def merge(
         check_model_output(run.aligned)
     else:
         check_default_rank(task)
+    if settings.method == merging.PEFT_LINEAR:
+        _check_equal_ranks(run)
     if plot:
         preload_plotting()
     scores = score_layers(run, progress=progress)
@@ -714,17 +729,21 @@ def merge(
         if settings.method == "linear":
             B, A = merging.concat_lora(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha)
             return None, B, A
+        if settings.method == merging.PEFT_LINEAR:
+            B, A = merging.peft_linear(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha, rslora=use_rslora)
+            return None, B, A
         dW = merging.combine_full(t.delta(), s.delta(), alpha=settings.alpha, method=settings.method,
                                   density=settings.density, seed=settings.seed, module=layer.module)
         return dW, None, None
 
     def merged_module(layer: Layer, rec: LayerRecord) -> OutModule:
         """A flagged layer's merged factors, made when written: rank r_f + r_s (at most the layer's
-        smaller side for the SVD of ties/dare), in the two adapters' promoted dtype and at least
-        fp32: the scales folded into B (alpha s_f, (1 - alpha) s_s) would round in bf16/fp16, and
-        PEFT computes LoRA in fp32 unless told otherwise."""
+        smaller side for the SVD of ties/dare; r for peft-linear), in the two adapters' promoted
+        dtype and at least fp32: the scales folded into B (alpha s_f, (1 - alpha) s_s) would round
+        in bf16/fp16, and PEFT computes LoRA in fp32 unless told otherwise."""
         t, s = layer.task, layer.safety
-        rank = t.rank + s.rank if settings.method == "linear" else min(t.rank + s.rank, *layer.shape)
+        rank = (t.rank if settings.method == merging.PEFT_LINEAR else t.rank + s.rank if settings.method == "linear"
+                else min(t.rank + s.rank, *layer.shape))
         # (by hand: torch.promote_types refuses float8)
         dt = torch.float64 if torch.float64 in (t.dtypes[1], s.dtypes[1]) else torch.float32
 

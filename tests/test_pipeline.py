@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -363,6 +364,89 @@ def test_adapters_trained_on_different_base_models_are_warned_of(fx, tmp_path):
                               "SafeMERGE needs both trained on the aligned model (--aligned)"]
         else:
             assert warned == [], what
+
+
+def _equal_rank_adapters(fx, root: Path, rslora: bool) -> tuple[Path, Path]:
+    """A task and a safety adapter of one rank on fx's aligned model, as PEFT's linear combination
+    needs (the task's rsLoRA as asked; different alphas, so the sqrt-weights differ)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from safemerge_ext.demo import TARGETS
+
+    paths = []
+    for i, (name, alpha, rs) in enumerate((("task", 8, rslora), ("safety", 12, False))):
+        torch.manual_seed(100 + i)
+        base = LlamaForCausalLM.from_pretrained(fx.aligned, dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=alpha, use_rslora=rs, target_modules=TARGETS,
+                                                init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        model.save_pretrained(root / name)
+        paths.append(root / name)
+    return paths[0], paths[1]
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_peft_linear_reproduces_peft_add_weighted_adapter(fx, tmp_path, rslora):
+    """--method peft-linear gives, in the flagged layers, what the reference code gets from PEFT's
+    add_weighted_adapter([task, safety], [alpha, 1 - alpha], combination_type="linear") (cross
+    terms and PEFT's new scaling included), as a model and as an adapter that PEFT loads; the
+    other layers keep the task update; and it differs from the exact linear merge."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    task, safety = _equal_rank_adapters(fx, tmp_path, rslora)
+    alpha = 0.7
+    base = LlamaForCausalLM.from_pretrained(fx.aligned, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, task, adapter_name="task")
+    model.load_adapter(safety, adapter_name="safety")
+    model.add_weighted_adapter(["task", "safety"], [alpha, 1 - alpha], "mixed", combination_type="linear")
+    model.set_adapter("mixed")
+    peft_all = {k: v.detach() for k, v in model.merge_and_unload().state_dict().items()}
+    aligned, task_w = load_model(fx.aligned), load_adapter(task)
+
+    args = ["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", task,
+            "--safety-adapter", safety, "--method", "peft-linear", "--alpha", alpha, "--no-plot"]
+    assert run_cli(args + ["--out", tmp_path / "probe", "--threshold", 1.0]) == 0
+    cos = {r["module"]: r["cosine"] for r in report_of(tmp_path / "probe")["layers"]}
+    tau = threshold_between(list(cos.values()), len(cos) // 2)
+    flagged = {m for m, c in cos.items() if c < tau}
+    assert 0 < len(flagged) < len(cos)
+    assert run_cli(args + ["--out", tmp_path / "model", "--threshold", tau, "--output", "model"]) == 0
+    assert run_cli(args + ["--out", tmp_path / "adapter", "--threshold", tau]) == 0
+    rep = report_of(tmp_path / "adapter")
+    assert rep["settings"]["merge"] == "peft-linear" and rep["settings"]["density"] is None
+    assert {r["module"] for r in rep["layers"] if r["flagged"]} == flagged
+    written = load_adapter(tmp_path / "adapter")
+    for out, got in (("model", load_model(tmp_path / "model")),
+                     ("adapter", peft_merged_weights(fx.aligned, tmp_path / "adapter"))):
+        for m in cos:
+            w = f"{m}.weight"
+            if m in flagged:
+                want = peft_all[w].double()
+                exact = aligned[w].double() + expected_update(types.SimpleNamespace(task=task, safety=safety),
+                                                              {m}, alpha)[m]
+                assert (want - exact).abs().max() > 1e-3, m  # (the cross terms are there)
+                assert written[m][0].shape[0] == 4, m  # (rank r, not r_task + r_safety)
+            else:
+                A, B, s = task_w[m]
+                want = aligned[w].double() + B.double() @ A.double() * s
+            assert_close(got[w], want, atol=2e-6, rtol=1e-5, what=f"{out} {m}")
+
+
+def test_peft_linear_needs_equal_ranks(fx, tmp_path, capsys):
+    """fx's task adapter (r = 4, v_proj 2) and safety adapter (r = 6) cannot be combined PEFT's
+    linear way: one line before anything is scored or written."""
+    out = tmp_path / "out"
+    assert run_cli(merge_args(fx, out, "--method", "peft-linear")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["safemerge: error: --method peft-linear: module model.layers.0.self_attn.q_proj has rank 4 in --task-adapter "
+                   "but 6 in --safety-adapter; PEFT's linear combination needs equal ranks (--method linear, the exact "
+                   "merge, takes any)"], err
+    assert not out.exists()
 
 
 def test_merged_adapter_is_read_right_by_a_server_that_reads_only_r_and_lora_alpha(fx, tmp_path):
@@ -1161,7 +1245,6 @@ def gemma3_vlm(tmp_path_factory):
     """A tiny Gemma 3 vision-language model saved by transformers (its text weights stored as
     language_model.model.layers..., the Hub's naming) and adapters PEFT trained on it (which name the
     modules model.language_model.layers..., as transformers does in memory)."""
-    import types
 
     import transformers
     from peft import LoraConfig, get_peft_model
