@@ -49,7 +49,7 @@ from safemerge_ext.backends import EXACT, PRECISIONS, backend_detail, requested_
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import ModelReader, all_finite
 from safemerge_ext.merge import METHODS as MERGE_METHODS
-from safemerge_ext.merge import USES_DENSITY, USES_SEED, combine_full, seeded
+from safemerge_ext.merge import PEFT_LINEAR, USES_DENSITY, USES_SEED, combine_full, seeded
 from safemerge_ext.report import (REPORT_JSON, REPORT_PNG, LayerRecord, PlotUnavailable, build_report, plot,
                                   summary_table, write_json)
 from safemerge_ext.selection import unreachable_threshold
@@ -111,13 +111,15 @@ def _no_switch(name: str, kind: str = "number") -> BeforeValidator:
     return BeforeValidator(check)
 
 
-def _one_of(name: str, choices: Sequence[str], none_ok: bool = False) -> BeforeValidator:
+def _one_of(name: str, choices: Sequence[str], none_ok: bool = False,
+            hints: Optional[dict[str, str]] = None) -> BeforeValidator:
     """Refuse a value outside ``choices`` with a message that names the parameter (pydantic's own
-    says only "Input should be ...")."""
+    says only "Input should be ..."), and what to do instead where ``hints`` knows the value."""
 
     def check(v: Any) -> Any:
         if not (v is None and none_ok) and not (isinstance(v, str) and v in choices):
-            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {v!r}")
+            hint = (hints or {}).get(v) if isinstance(v, str) else None
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {v!r}" + (f" ({hint})" if hint else ""))
         return v
 
     return BeforeValidator(check)
@@ -130,7 +132,9 @@ Density = Annotated[float, _no_switch("density"),
                     _in_range("density", 0.0, 1.0, "the fraction of each update kept", lo_open=True)]
 Beta = Annotated[float, _no_switch("beta"), _in_range("beta", 0.0, math.inf, "the weight of the safety vector")]
 Seed = Annotated[int, _no_switch("seed", "whole number")]
-MergeName = Annotated[Literal["linear", "ties", "dare_linear", "dare_ties"], _one_of("merge", tuple(MERGE_METHODS))]
+MergeName = Annotated[Literal["linear", "ties", "dare_linear", "dare_ties"], _one_of("merge", tuple(MERGE_METHODS), hints={
+    PEFT_LINEAR: "it mixes two LoRA adapters' factors, which mergekit folds into full weights first; "
+                 "use safemerge merge --method peft-linear with the adapters"})]
 # the operand precision the triton kernels may use (None: SAFEMERGE_PRECISION, else exact ieee)
 Precision = Annotated[Optional[Literal[PRECISIONS]], _one_of("precision", PRECISIONS, none_ok=True)]
 assert set(MERGE_METHODS) == {"linear", "ties", "dare_linear", "dare_ties"}

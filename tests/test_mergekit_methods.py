@@ -785,6 +785,9 @@ def test_refusal_tells_own_errors_from_others():
                             (mm.Precision, "fp8", "precision must be one of ieee, tf32, tf32x3, bf16"),
                             (mm.Precision, 16, "precision must be one of ieee, tf32, tf32x3, bf16")):
         assert mm.refusal(caught(lambda: TypeAdapter(kind).validate_python(bad))) == f"{want}; got {bad!r}"
+    assert mm.refusal(caught(lambda: TypeAdapter(mm.MergeName).validate_python("peft-linear"))) == (
+        "merge must be one of linear, ties, dare_linear, dare_ties; got 'peft-linear' (it mixes two LoRA adapters' "
+        "factors, which mergekit folds into full weights first; use safemerge merge --method peft-linear with the adapters)")
     assert TypeAdapter(mm.Precision).validate_python(None) is None
     assert TypeAdapter(mm.Precision).validate_python("tf32") == "tf32"
     assert TypeAdapter(mm.Role).validate_python("safety") == "safety"
