@@ -60,13 +60,12 @@ def concat_lora(
 
 def peft_linear(
     B_f: torch.Tensor, A_f: torch.Tensor, s_f: float,
-    B_s: torch.Tensor, A_s: torch.Tensor, s_s: float, alpha: float, *, rslora: bool,
+    B_s: torch.Tensor, A_s: torch.Tensor, s_s: float, alpha: float, *, scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's ``add_weighted_adapter(combination_type="linear")`` of the task and safety factors with
     weights ``[alpha, 1 - alpha]``: factors ``(B, A)`` of rank r whose ``B @ A`` is the merged
-    update, PEFT's scaling of the new adapter folded into B (1, or sqrt(r) where the task adapter
-    uses rsLoRA: PEFT keeps its ``use_rslora`` and sets lora_alpha = r). The factors are read in fp32,
-    as PEFT loads adapters by default (float64 when a factor is)."""
+    update, ``scale`` (the new adapter's scaling, :func:`peft_linear_scaling`) folded into B. The
+    factors are read in fp32, as PEFT loads adapters by default (float64 when a factor is)."""
     from peft.utils import merge_utils
 
     validate(PEFT_LINEAR, alpha, 1.0, lora=True)
@@ -78,8 +77,16 @@ def peft_linear(
     weights = torch.tensor([math.sqrt(alpha * s_f), math.sqrt((1.0 - alpha) * s_s)])
     A = merge_utils.task_arithmetic([A_f.to(wd), A_s.to(wd)], weights)
     B = merge_utils.task_arithmetic([B_f.to(wd), B_s.to(wd)], weights)
-    rank = A.shape[0]
-    return (B * (rank / math.sqrt(rank)) if rslora else B), A  # (PEFT's lora_alpha / sqrt(r), lora_alpha = r)
+    return (B if scale == 1.0 else B * scale), A
+
+
+def peft_linear_scaling(task_config: dict) -> float:
+    """The scaling PEFT gives every module of the adapter that ``add_weighted_adapter`` makes: it
+    copies the first (task) adapter's config with ``r = lora_alpha =`` that adapter's largest rank
+    (``r`` or a ``rank_pattern`` value) and no patterns, so 1, or ``r / sqrt(r)`` where it keeps
+    ``use_rslora``, whatever a module's own rank."""
+    rank = max([int(task_config.get("r", 8)), *(int(v) for v in (task_config.get("rank_pattern") or {}).values())])
+    return rank / math.sqrt(rank) if task_config.get("use_rslora") else rank / rank
 
 
 def module_seed(seed: int, module: str) -> int:

@@ -730,7 +730,8 @@ def merge(
             B, A = merging.concat_lora(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha)
             return None, B, A
         if settings.method == merging.PEFT_LINEAR:
-            B, A = merging.peft_linear(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha, rslora=use_rslora)
+            B, A = merging.peft_linear(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha,
+                                       scale=merging.peft_linear_scaling(task.config))
             return None, B, A
         dW = merging.combine_full(t.delta(), s.delta(), alpha=settings.alpha, method=settings.method,
                                   density=settings.density, seed=settings.seed, module=layer.module)

@@ -366,9 +366,10 @@ def test_adapters_trained_on_different_base_models_are_warned_of(fx, tmp_path):
             assert warned == [], what
 
 
-def _equal_rank_adapters(fx, root: Path, rslora: bool) -> tuple[Path, Path]:
-    """A task and a safety adapter of one rank on fx's aligned model, as PEFT's linear combination
-    needs (the task's rsLoRA as asked; different alphas, so the sqrt-weights differ)."""
+def _equal_rank_adapters(fx, root: Path, rslora: bool, ranks: dict[str, int]) -> tuple[Path, Path]:
+    """A task and a safety adapter of one rank (and ``ranks`` as both one's rank_pattern) on fx's
+    aligned model, as PEFT's linear combination needs (the task's rsLoRA as asked; different
+    alphas, so the sqrt-weights differ)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -379,7 +380,7 @@ def _equal_rank_adapters(fx, root: Path, rslora: bool) -> tuple[Path, Path]:
         torch.manual_seed(100 + i)
         base = LlamaForCausalLM.from_pretrained(fx.aligned, dtype=torch.float32)
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=alpha, use_rslora=rs, target_modules=TARGETS,
-                                                init_lora_weights=False))
+                                                rank_pattern=ranks, init_lora_weights=False))
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_" in n:
@@ -389,16 +390,18 @@ def _equal_rank_adapters(fx, root: Path, rslora: bool) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
-def test_peft_linear_reproduces_peft_add_weighted_adapter(fx, tmp_path, rslora):
+@pytest.mark.parametrize("rslora, ranks", [(False, {}), (True, {}), (True, {"v_proj": 2}), (True, {"o_proj": 8})],
+                         ids=["lora", "rslora", "rslora-smaller-pattern", "rslora-larger-pattern"])
+def test_peft_linear_reproduces_peft_add_weighted_adapter(fx, tmp_path, rslora, ranks):
     """--method peft-linear gives, in the flagged layers, what the reference code gets from PEFT's
     add_weighted_adapter([task, safety], [alpha, 1 - alpha], combination_type="linear") (cross
-    terms and PEFT's new scaling included), as a model and as an adapter that PEFT loads; the
-    other layers keep the task update; and it differs from the exact linear merge."""
+    terms and PEFT's new scaling included: with rsLoRA, r / sqrt(r) at the task adapter's largest
+    rank, whatever a module's own), as a model and as an adapter that PEFT loads; the other layers
+    keep the task update; and it differs from the exact linear merge."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    task, safety = _equal_rank_adapters(fx, tmp_path, rslora)
+    task, safety = _equal_rank_adapters(fx, tmp_path, rslora, ranks)
     alpha = 0.7
     base = LlamaForCausalLM.from_pretrained(fx.aligned, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, task, adapter_name="task")
@@ -430,7 +433,7 @@ def test_peft_linear_reproduces_peft_add_weighted_adapter(fx, tmp_path, rslora):
                 exact = aligned[w].double() + expected_update(types.SimpleNamespace(task=task, safety=safety),
                                                               {m}, alpha)[m]
                 assert (want - exact).abs().max() > 1e-3, m  # (the cross terms are there)
-                assert written[m][0].shape[0] == 4, m  # (rank r, not r_task + r_safety)
+                assert written[m][0].shape[0] == task_w[m][0].shape[0], m  # (rank r, not r_task + r_safety)
             else:
                 A, B, s = task_w[m]
                 want = aligned[w].double() + B.double() @ A.double() * s
