@@ -132,10 +132,10 @@ def _check_parameters(method: str, params: dict[str, Any], where: str, *, on_mod
                 specs[name].validate(v)
             except ValidationError as exc:
                 first = exc.errors()[0]
-                if name in _CHOICES:
+                if first.get("type") == "value_error" and "error" in first.get("ctx", {}):
+                    msg = str(first["ctx"]["error"])  # (the parameter's own check: for a choice, with any hint)
+                elif name in _CHOICES:
                     msg = f"{name} must be one of {', '.join(_CHOICES[name])}; got {v!r}"
-                elif first.get("type") == "value_error" and "error" in first.get("ctx", {}):
-                    msg = str(first["ctx"]["error"])
                 else:
                     msg = f"{name}: {first.get('msg', 'invalid value')}; got {v!r}"
                 raise SafeMergeError(f"{where}: {msg}") from None

@@ -409,6 +409,9 @@ def _mismatched_model(tmp: Path) -> Path:
         ("missing_role", "role 'safety'"),
         ("duplicate_role", "role 'task' must be given to exactly one model"),
         ("unknown_merge", "merge must be one of"),
+        ("peft_linear_merge", "merge must be one of linear, ties, dare_linear, dare_ties; got 'peft-linear' (it mixes "
+                              "two LoRA adapters' factors, which mergekit folds into full weights first; use safemerge "
+                              "merge --method peft-linear with the adapters)"),
         ("unknown_precision", "precision must be one of ieee, tf32, tf32x3, bf16; got 'fp8'"),
         ("model_level_threshold", "threshold is a setting of the whole merge, which mergekit does not read from a model"),
         ("slice_typo", "slices[0]: parameters: unknown parameter 'thresold'"),
@@ -447,6 +450,8 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         models[1]["parameters"]["role"] = "task"
     elif case == "unknown_merge":
         cfg["parameters"]["merge"] = "slerp"
+    elif case == "peft_linear_merge":
+        cfg["parameters"]["merge"] = "peft-linear"
     elif case == "unknown_precision":
         cfg["parameters"]["precision"] = "fp8"
     elif case == "model_level_threshold":
