@@ -255,13 +255,23 @@ def open_run(
     return run
 
 
+def _model_name(name_or_path: str) -> str:
+    """The model a ``base_model_name_or_path`` names, as far as its text tells: a Hub id's or a
+    folder's last part, the model's name in the Hub's cache (``models--org--name/snapshots/<sha>``),
+    '' where it does not tell (empty, ``.``)."""
+    parts = [p for p in name_or_path.replace("\\", "/").split("/") if p not in ("", ".")]
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].split("--")[-1].lower()
+    return parts[-1].lower() if parts and parts[-1] != ".." else ""
+
+
 def _other_base(task: LoraAdapter, safety: LoraAdapter) -> str | None:
-    """A warning where the two adapters' configs name different base models (by the last part of
-    ``base_model_name_or_path``, so a Hub id and a local copy of it agree): a safety adapter trained
-    on, say, the unaligned base has the same module names and shapes, so nothing else would show
-    that its update is not one on --aligned."""
+    """A warning where the two adapters' configs name different base models (by :func:`_model_name`,
+    so a Hub id and a local copy of it agree): a safety adapter trained on, say, the unaligned base
+    has the same module names and shapes, so nothing else would show that its update is not one on
+    --aligned."""
     names = [str(a.config.get("base_model_name_or_path") or "") for a in (task, safety)]
-    last = [n.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower() for n in names]
+    last = [_model_name(n) for n in names]
     if not all(last) or last[0] == last[1]:
         return None
     return (f"{task.flag} names base model {names[0]!r} but {safety.flag} {names[1]!r} (base_model_name_or_path in "

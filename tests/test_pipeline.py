@@ -352,7 +352,8 @@ def test_adapters_trained_on_different_base_models_are_warned_of(fx, tmp_path):
     task_base = json.loads((fx.task / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert Path(task_base).name == "aligned"
     runs = {"unaligned": with_base("s1", str(fx.unaligned)), "hub copy": with_base("s2", "some-org/Aligned/"),
-            "none": with_base("s3", "")}
+            "none": with_base("s3", ""), "here": with_base("s4", "."),
+            "hub cache": with_base("s5", "/root/.cache/huggingface/hub/models--some-org--aligned/snapshots/08751db2a")}
     for what, safety in runs.items():
         out = tmp_path / f"out-{what}"
         assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", fx.task,
