@@ -25,11 +25,10 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from safemerge_ext._faults import bus_error_line, explain_bus_errors
 from safemerge_ext._signals import exit_code, interrupts_held, sigterm_as_interrupt, what_ended
-from safemerge_ext.backends import PRECISIONS, requested_precision
+from safemerge_ext.backends import requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.model_writer import untie_stored_head
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir
-from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.mergekit_methods import (
     METHOD_NAMES, ROLES, discard_report, finalize_report, refusal, register_methods, report_files,
 )
@@ -37,7 +36,6 @@ from safemerge_ext.report import PlotUnavailable, plot, summary_table, write_jso
 
 # what mergekit's dtype / out_dtype take for a merge (mergekit.common.dtype_from_name also takes int64)
 DTYPES = ("bfloat16", "float16", "float32", "float64")
-_CHOICES = {"merge": MERGE_METHODS, "precision": PRECISIONS}  # spelled out in errors
 
 
 @dataclass(frozen=True)
@@ -134,8 +132,6 @@ def _check_parameters(method: str, params: dict[str, Any], where: str, *, on_mod
                 first = exc.errors()[0]
                 if first.get("type") == "value_error" and "error" in first.get("ctx", {}):
                     msg = str(first["ctx"]["error"])  # (the parameter's own check: for a choice, with any hint)
-                elif name in _CHOICES:
-                    msg = f"{name} must be one of {', '.join(_CHOICES[name])}; got {v!r}"
                 else:
                     msg = f"{name}: {first.get('msg', 'invalid value')}; got {v!r}"
                 raise SafeMergeError(f"{where}: {msg}") from None
