@@ -732,6 +732,7 @@ def merge(
     use_rslora = task.use_rslora
     # (the adapter's default scaling, which flagged modules are written at; lora_alpha 0 scales nothing)
     scaling = (global_scaling(task.config) or 1.0) if settings.output == "adapter" else 1.0
+    peft_scale = merging.peft_linear_scaling(task.config) if settings.method == merging.PEFT_LINEAR else 1.0
 
     def merged_update(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(full dW or None, B, A) of a flagged layer's merged update (fp32)."""
@@ -740,8 +741,7 @@ def merge(
             B, A = merging.concat_lora(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha)
             return None, B, A
         if settings.method == merging.PEFT_LINEAR:
-            B, A = merging.peft_linear(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha,
-                                       scale=merging.peft_linear_scaling(task.config))
+            B, A = merging.peft_linear(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha, scale=peft_scale)
             return None, B, A
         dW = merging.combine_full(t.delta(), s.delta(), alpha=settings.alpha, method=settings.method,
                                   density=settings.density, seed=settings.seed, module=layer.module)
