@@ -15,7 +15,9 @@ template <class T> T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "SafeMERGE CUDA kernels (pointer-based; no torch C++ ABI).";
-  py::class_<LowrankPlan>(m, "LowrankPlan")
+  // module_local: another build of this module may be loaded in the same process (an installed
+  // extension beside one a test or a second checkout built); a global type would refuse it.
+  py::class_<LowrankPlan>(m, "LowrankPlan", py::module_local())
       .def_readonly("splits1", &LowrankPlan::splits1)
       .def_readonly("splits2", &LowrankPlan::splits2)
       .def_readonly("ws_floats", &LowrankPlan::ws_floats)

@@ -917,6 +917,29 @@ def test_cuda_entry_points_check_their_workspace(cuda_module_built_here):
                        col_block=512, m_scratch=0, n_out=0, partials=0, partials_len=3, sums=0, device=0, stream=0)
 
 
+def test_cuda_bindings_load_beside_another_build(cuda_module_built_here, tmp_path):
+    """Two builds of the CUDA bindings load in one process (an installed extension and one built
+    elsewhere, as this suite's own build beside a CUDA torch's `make setup`), and each one's plan
+    type works with its own calls."""
+    import importlib.util
+
+    so = Path(cuda_module_built_here.__file__)
+    copy = tmp_path / so.name
+    shutil.copyfile(so, copy)
+    # (under another module's name, as safemerge_ext._cuda beside this suite's _cuda; one copy and
+    # name would be the same module again)
+    spec = importlib.util.spec_from_file_location("another_build._cuda", copy)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)  # (a type registered globally: "LowrankPlan" is already registered)
+    for mod in (cuda_module_built_here, other):
+        plan = mod.lowrank_plan(8192, 8192, 8, 132)
+        assert plan.splits1 > 1
+        with pytest.raises(ValueError, match="rank"):
+            mod.lowrank_passes(wa=0, wu=0, d_out=8192, d_in=8192, lda=8192, ldu=8192, dtype=2, b=0, r=0, t_out=0,
+                               p_out=0, ws_f=0, ws_f_len=plan.ws_floats, ws_d=0, ws_d_len=plan.ws_doubles, plan=plan,
+                               device=0, stream=0)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the stubbed calls would launch on host memory")
 def test_cuda_backend_calls_match_the_bindings(cuda_module_built_here, monkeypatch):
     """cuda_backend's calls bind to the extension's signatures (a mismatch would first show on a
