@@ -461,7 +461,14 @@ void fullrank(const void* wa, const void* wu, int w_dtype, const void* delta, in
 std::string device_problem() {
   int n = 0;
   const cudaError_t e = cudaGetDeviceCount(&n);
-  if (e != cudaSuccess) return std::string("the CUDA runtime reports: ") + cudaGetErrorString(e);
+  if (e != cudaSuccess) {
+    // With no NVIDIA driver at all the runtime says "driver version is insufficient", which reads
+    // as an old driver; the driver version is then 0.
+    int driver = 0;
+    if (e == cudaErrorInsufficientDriver && cudaDriverGetVersion(&driver) == cudaSuccess && driver == 0)
+      return std::string("no NVIDIA driver on this machine (the CUDA runtime reports: ") + cudaGetErrorString(e) + ")";
+    return std::string("the CUDA runtime reports: ") + cudaGetErrorString(e);
+  }
   if (n == 0) return "no CUDA device";
   // A build for other GPUs (SAFEMERGE_CUDA_ARCH, or a GPU older than the default list) loads but
   // has no kernel for this one: every launch would fail, so say so here, where the reason is read.

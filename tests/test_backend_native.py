@@ -917,6 +917,17 @@ def test_cuda_entry_points_check_their_workspace(cuda_module_built_here):
                        col_block=512, m_scratch=0, n_out=0, partials=0, partials_len=3, sums=0, device=0, stream=0)
 
 
+def test_cuda_device_problem_says_when_there_is_no_driver(cuda_module_built_here):
+    """On a machine without an NVIDIA driver the reason says so, not only the runtime's "driver
+    version is insufficient" (which reads as an old driver)."""
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda") or Path("/proc/driver/nvidia").exists():
+        pytest.skip("this machine has an NVIDIA driver")
+    problem = cuda_module_built_here.device_problem()
+    assert problem.startswith("no NVIDIA driver on this machine (the CUDA runtime reports: "), problem
+
+
 def test_cuda_bindings_load_beside_another_build(cuda_module_built_here, tmp_path):
     """Two builds of the CUDA bindings load in one process (an installed extension and one built
     elsewhere, as this suite's own build beside a CUDA torch's `make setup`), and each one's plan
