@@ -41,6 +41,20 @@ def unavailable_reason() -> str | None:
     return None
 
 
+# What the calls need of the device, in one place (tests/cuda_emulator.py's build runs the kernels
+# on the CPU behind these): the tensors' device type, its SM count, a guard that makes it current,
+# its index and torch's current stream on it.
+_DEVICE_TYPE = "cuda"
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _on(device: torch.device):
+    return torch.cuda.device(device)
+
+
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -52,7 +66,7 @@ def _index(device: torch.device) -> int:
 def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """T = V^T B (d_in x r, fp32), P = V T (d_out x r, fp32) and ||V||^2 (float64 sum)."""
     require(unavailable_reason())
-    wa, wu = check_weights(wa, wu, NAME, "cuda")
+    wa, wu = check_weights(wa, wu, NAME, _DEVICE_TYPE)
     d_out, d_in = wa.shape
     if lora_B.dim() != 2 or lora_B.shape[0] != d_out or lora_B.shape[1] < 1:
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {d_out}xr with r >= 1")
@@ -63,9 +77,9 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> 
     if d_out == 0 or d_in == 0:
         return T, P, 0.0
     B = lora_B.to(device=dev, dtype=torch.float32)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    sms = _sm_count(dev)
     vsq = None
-    with torch.cuda.device(dev):
+    with _on(dev):
         for k0 in range(0, r, _MAX_RANK):
             k1 = min(r, k0 + _MAX_RANK)
             plan = _cuda.lowrank_plan(d_out, d_in, k1 - k0, sms)
@@ -88,7 +102,7 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> 
 
 def _fullrank(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, want_n: bool):
     require(unavailable_reason())
-    wa, wu = check_weights(wa, wu, NAME, "cuda")
+    wa, wu = check_weights(wa, wu, NAME, _DEVICE_TYPE)
     if delta.shape != wa.shape:
         raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")
     dev = wa.device
@@ -98,7 +112,7 @@ def _fullrank(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, want_n: b
     delta = unit_rows(delta)
     d_out, d_in = wa.shape
     cols = max(_MIN_COLS, min(d_in, _M_BYTES // (4 * max(d_in, 1))))
-    with torch.cuda.device(dev):
+    with _on(dev):
         M = torch.empty(d_in, min(cols, d_in), dtype=torch.float32, device=dev)
         N = torch.empty(d_out, d_in, dtype=torch.float32, device=dev) if want_n else None
         parts = torch.empty(_cuda.fullrank_partials(d_out, d_in, cols), dtype=torch.float64, device=dev)

@@ -9,7 +9,6 @@ tolerances (relative to the largest reference value) grow with the reduction len
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import subprocess
@@ -956,18 +955,10 @@ def test_cuda_backend_calls_match_the_bindings(cuda_module_built_here, monkeypat
     """cuda_backend's calls bind to the extension's signatures (a mismatch would first show on a
     user's GPU): with the device calls stubbed, each call gets past argument binding and the
     workspace checks and fails only at the first CUDA runtime call, for want of a device."""
+    from cuda_emulator import route_cuda_backend
     from safemerge_ext import cuda_backend
 
-    class _Props:
-        multi_processor_count = 132
-
-    monkeypatch.setattr(cuda_backend, "_cuda", cuda_module_built_here)
-    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(cuda_backend, "check_weights", lambda wa, wu, *a: (wa, wu))
-    monkeypatch.setattr(cuda_backend, "_stream", lambda dev: 0)
-    monkeypatch.setattr(cuda_backend, "_index", lambda dev: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: _Props())
-    monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
+    route_cuda_backend(monkeypatch, cuda_module_built_here, sms=132)
     wa, wu, g = _layer(1024, 512, torch.bfloat16, _seed("bindings"))
     for r in (8, 256, 300):  # (the first rank group of 300 is 256 ranks: its plan and workspace)
         with pytest.raises(RuntimeError, match="cudaGetDevice"):

@@ -1,0 +1,226 @@
+"""The CUDA kernels (csrc/cuda_ops.cu) and their host code, run on the CPU over a CUDA emulation
+(tests/cuda_emu/cuda_emu.h, built by tests/cuda_emulator.py), through ``safemerge_ext.cuda_backend``
+against float64: the shapes, dtypes, ranks, split reductions and column blocks of the GPU tests,
+where no GPU is. Each block's threads run between barriers in order, then in reverse order: the
+bits must not change (a read of shared memory that another thread writes without a barrier
+between them would change them). Not covered here: warps, the memory model, timing (the GPU
+tests and benchmarks/gpu_session.sh)."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import shutil
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+from cuda_emulator import HEADER, build, route_cuda_backend
+from numerics import DTYPES, assert_close, ref_fullrank, ref_lowrank_passes
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulation's fibers need glibc's ucontext"),
+    pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulated CUDA extension"),
+]
+
+H100_SMS = 132
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    pytest.importorskip("pybind11")
+    return build(tmp_path_factory.mktemp("cuda-emulated"))
+
+
+@pytest.fixture
+def cuda_backend(emulated, monkeypatch):
+    """safemerge_ext.cuda_backend over the emulated build, for CPU tensors (4 SMs unless changed)."""
+    from safemerge_ext import cuda_backend
+
+    route_cuda_backend(monkeypatch, emulated, sms=4)
+    return cuda_backend
+
+
+def _layer(d_out: int, d_in: int, dtype: torch.dtype, *key: object):
+    """Aligned/unaligned weights a small update apart (fresh, fixed per case) and the generator."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((d_out, d_in, dtype, *key)).encode()))
+    base = torch.randn(d_out, d_in, generator=g) * 0.02
+    return (base + 0.002 * torch.randn(d_out, d_in, generator=g)).to(dtype), base.to(dtype), g
+
+
+def _check_passes(cuda_backend, wa, wu, B, tol: float):
+    T, P, vsq = cuda_backend.lowrank_passes(wa, wu, B)
+    T_ref, P_ref, vsq_ref = ref_lowrank_passes(wa, wu, B)
+    assert T.dtype == P.dtype == torch.float32
+    assert_close(T, T_ref, atol=tol * float(T_ref.abs().max()), rtol=tol, what="emulated cuda T")
+    assert_close(P, P_ref, atol=tol * float(P_ref.abs().max()), rtol=tol, what="emulated cuda P")
+    assert math.isclose(vsq, vsq_ref, rel_tol=1e-5), f"||V||^2 {vsq} != {vsq_ref}"
+    return T, P, vsq
+
+
+# (dtype, rtol relative to the largest reference value): fp16/bf16 differences are exact in fp32,
+# so every dtype leaves fp32 accumulation over at most ~1100 terms
+TOLS = {"fp32": 2e-5, "fp16": 2e-5, "bf16": 2e-5}
+SHAPES = [(256, 256), (1024, 256), (67, 131), (200, 96), (96, 1100)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=[f"dtype={k}" for k in DTYPES])
+@pytest.mark.parametrize("d_out, d_in", SHAPES, ids=[f"shape={a}x{b}" for a, b in SHAPES])
+@pytest.mark.parametrize("r", [1, 8, 16, 64, 128], ids=lambda r: f"r={r}")
+def test_lowrank_passes_match_float64(cuda_backend, emulated, dtype, d_out, d_in, r):
+    """1024x256 splits pass 1's rows in 2 on 4 SMs and 96x1100 pass 2's columns in 4."""
+    wa, wu, g = _layer(d_out, d_in, DTYPES[dtype], r)
+    _check_passes(cuda_backend, wa, wu, torch.randn(d_out, r, generator=g) * 0.01, TOLS[dtype])
+
+
+def test_the_cases_split_both_passes(emulated):
+    """(so the test above reaches the split-K reductions of both passes)"""
+    assert emulated.lowrank_plan(1024, 256, 8, 4).splits1 > 1
+    assert emulated.lowrank_plan(96, 1100, 8, 4).splits2 > 1
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=[f"dtype={k}" for k in DTYPES])
+def test_edge_shapes_and_rank_groups(cuda_backend, monkeypatch, dtype):
+    """One row, one column, one element; ranks over 256 (two launches); an H100's 132 SMs, which
+    split 5130x32's rows in 20 and 600x33's in 2."""
+    from safemerge_ext import cuda_backend as cb
+
+    monkeypatch.setattr(cb, "_sm_count", lambda dev: H100_SMS)
+    for d_out, d_in, r in [(1, 300, 3), (300, 1, 2), (1, 1, 1), (600, 33, 257), (5130, 32, 9), (67, 131, 300)]:
+        wa, wu, g = _layer(d_out, d_in, DTYPES[dtype], r, "edge")
+        _check_passes(cuda_backend, wa, wu, torch.randn(d_out, r, generator=g) * 0.01, TOLS[dtype])
+
+
+def test_row_strides_and_fp64_weights(cuda_backend):
+    """Rows that are not back to back (a column slice) are read at their stride; fp64 weights are
+    read in fp32, as the other backends do."""
+    wa, wu, g = _layer(150, 300, torch.bfloat16, "strided")
+    B = torch.randn(150, 12, generator=g) * 0.01
+    _check_passes(cuda_backend, wa[:, 17:250], wu[:, 17:250], B, 2e-5)
+    wa, wu, g = _layer(150, 300, torch.float64, "fp64")
+    T, P, _ = cuda_backend.lowrank_passes(wa, wu, B)
+    T32, P32, _ = cuda_backend.lowrank_passes(wa.float(), wu.float(), B)
+    assert torch.equal(T, T32) and torch.equal(P, P32)
+
+
+@pytest.mark.parametrize("d_out, d_in, r, sms", [(1024, 256, 16, 4), (96, 1100, 8, 4), (5130, 32, 9, H100_SMS),
+                                                 (200, 96, 40, 4)])
+def test_same_bits_in_either_thread_order_and_twice(cuda_backend, monkeypatch, d_out, d_in, r, sms):
+    """The blocks' threads run in reverse order between barriers: every bit is the same (no thread
+    reads shared memory before the barrier after its write), and so on a second run."""
+    from safemerge_ext import cuda_backend as cb
+
+    monkeypatch.setattr(cb, "_sm_count", lambda dev: sms)
+    wa, wu, g = _layer(d_out, d_in, torch.bfloat16, "order")
+    B = torch.randn(d_out, r, generator=g) * 0.01
+    dW = (torch.randn(d_out, d_in, generator=g) * 0.001).bfloat16()
+    forward = [cuda_backend.lowrank_passes(wa, wu, B), cuda_backend.fullrank_sums(wa, wu, dW)]
+    monkeypatch.setenv("SAFEMERGE_CUDA_EMU_ORDER", "reverse")
+    backward = [cuda_backend.lowrank_passes(wa, wu, B), cuda_backend.fullrank_sums(wa, wu, dW)]
+    monkeypatch.delenv("SAFEMERGE_CUDA_EMU_ORDER")
+    again = [cuda_backend.lowrank_passes(wa, wu, B), cuda_backend.fullrank_sums(wa, wu, dW)]
+    for other in (backward, again):
+        (T, P, vsq), sums = other
+        assert torch.equal(T, forward[0][0]) and torch.equal(P, forward[0][1]) and vsq == forward[0][2]
+        assert sums == forward[1]
+
+
+FULL_CASES = [(70, 90, "bf16", "bf16"), (130, 65, "fp16", "fp32"), (64, 200, "fp32", "bf16"), (1, 70, "bf16", "fp16")]
+
+
+@pytest.mark.parametrize("d_out, d_in, w_dtype, d_dtype", FULL_CASES,
+                         ids=[f"shape={a}x{b}-w={w}-dW={d}" for a, b, w, d in FULL_CASES])
+def test_fullrank_sums_and_projection_match_float64(cuda_backend, d_out, d_in, w_dtype, d_dtype):
+    wa, wu, g = _layer(d_out, d_in, DTYPES[w_dtype], "full")
+    _check_fullrank(cuda_backend, wa, wu, (torch.randn(d_out, d_in, generator=g) * 0.001).to(DTYPES[d_dtype]))
+
+
+def _check_fullrank(cuda_backend, wa, wu, dW) -> None:
+    *want, N_ref = ref_fullrank(wa, wu, dW)
+    got = cuda_backend.fullrank_sums(wa, wu, dW)
+    for name, a, b in zip(["||M||^2", "||N||^2", "||dW||^2", "||V||^2"], got, want):
+        assert math.isclose(a, b, rel_tol=1e-5), f"{name}: {a} != {b}"
+    N, vsq = cuda_backend.project_full(wa, wu, dW)
+    assert vsq == got[3]
+    assert_close(N, N_ref, atol=2e-5 * float(N_ref.abs().max()), rtol=2e-5, what="emulated cuda project_full")
+
+
+def test_fullrank_column_blocks(cuda_backend, monkeypatch):
+    """M_J formed in 4 column blocks (c0 > 0), as d_in > 8192 gets with the default budget."""
+    from safemerge_ext import cuda_backend as cb
+
+    monkeypatch.setattr(cb, "_M_BYTES", 4 * 500 * 130)
+    monkeypatch.setattr(cb, "_MIN_COLS", 130)
+    wa, wu, g = _layer(300, 500, torch.bfloat16, "blocks")
+    _check_fullrank(cuda_backend, wa, wu, (torch.randn(300, 500, generator=g) * 0.001).bfloat16())
+
+
+# ------------------------------------------------------------------------------------------------
+# The emulation itself: it must see what it is here to see.
+
+_SELF_TEST = r"""
+constexpr int kN = 64;
+__global__ void neighbour(float* out, int barrier, int salt) {
+  __shared__ float s[kN];
+  s[threadIdx.x] = float(salt + 100 * blockIdx.x + threadIdx.x);
+  if (barrier) __syncthreads();
+  out[blockIdx.x * kN + threadIdx.x] = s[(threadIdx.x + 1) % kN];
+}
+__global__ void diverge(int* out) {
+  if (threadIdx.x == 3) return;
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+extern "C" int run_neighbour(float* out, int barrier, int salt) {
+  try { ::emu::launch(2, kN, [&] { neighbour(out, barrier, salt); }); } catch (...) { return 1; }
+  return 0;
+}
+extern "C" const char* run_diverge(int* out) {
+  static std::string err;
+  try { ::emu::launch(1, kN, [&] { diverge(out); }); } catch (const std::exception& e) { err = e.what(); return err.c_str(); }
+  return nullptr;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def self_test(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cuda-emu-self-test")
+    (tmp / "self_test.cpp").write_text(_SELF_TEST)
+    so = tmp / "self_test.so"
+    cmd = ["g++", "-O2", "-U_FORTIFY_SOURCE", "-shared", "-fPIC", "-std=c++17", "-include", str(HEADER),
+           str(tmp / "self_test.cpp"), "-o", str(so)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    lib = ctypes.CDLL(str(so))
+    lib.run_diverge.restype = ctypes.c_char_p
+    return lib
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_emulation_sees_a_missing_barrier(self_test, monkeypatch, order):
+    """With the barrier every thread reads its neighbour's value; without it, a thread that runs
+    before its neighbour reads what was there before (all but the last thread forward, the last
+    one reversed: the previous block's or the previous launch's value)."""
+    monkeypatch.setenv("SAFEMERGE_CUDA_EMU_ORDER", order)
+
+    def run(barrier: int, salt: int) -> torch.Tensor:
+        out = torch.full((128,), -1.0)
+        assert self_test.run_neighbour(ctypes.c_void_p(out.data_ptr()), barrier, salt) == 0
+        return out
+
+    def want(salt: int) -> torch.Tensor:
+        return torch.tensor([float(salt + 100 * b + (t + 1) % 64) for b in range(2) for t in range(64)])
+
+    assert torch.equal(run(1, 1), want(1))
+    stale = (run(0, 5000) != want(5000)).view(2, 64).sum(dim=1).tolist()
+    assert stale == ([63, 63] if order == "forward" else [1, 1])
+
+
+def test_emulation_refuses_a_barrier_some_threads_skip(self_test):
+    out = torch.zeros(64, dtype=torch.int32)
+    err = self_test.run_diverge(ctypes.c_void_p(out.data_ptr()))
+    assert err is not None and b"1 threads of block (0, 0) returned while 63 wait at __syncthreads()" in err
