@@ -5,11 +5,13 @@ Each ``$ safemerge ...`` command of a console block runs (in a subprocess, from 
 line, a ``...`` line standing for any number of lines; numbers may differ by 1.5e-4 (the last digit
 of a cosine on another CPU's kernels), the ``time`` row and the backend's name by anything. The
 ``safemerge backends`` block is checked by its backends' names (the rest describes the machine it
-ran on). The bash block of the mergekit section and the Python API block run too.
+ran on). The report section's JSON is the merge example's report; the bash block of the mergekit
+section and the Python API block run too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -143,6 +145,60 @@ def test_console_examples_print_what_the_readme_shows(demo_dir):
             continue
         problem = output_matches(want, got)
         assert problem is None, f"$ {cmd}\n{problem}; the output:\n{proc.stdout}"
+
+
+def json_matches(want, got, path: str = "report") -> str | None:
+    """None when the README's JSON ``want`` is in ``got``: its keys (but "..."), its values (numbers to
+    1.5e-4, timings any number, a string ending in "..." by its start, a list up to a "..." item)."""
+    if isinstance(want, dict):
+        for k, v in want.items():
+            if k == "...":
+                continue
+            if not isinstance(got, dict) or k not in got:
+                return f"{path}: no key {k!r}"
+            problem = json_matches(v, got[k], f"{path}.{k}")
+            if problem:
+                return problem
+        return None
+    if isinstance(want, list):
+        if not isinstance(got, list):
+            return f"{path}: not a list"
+        for i, v in enumerate(want):
+            if v == "...":
+                return None
+            problem = json_matches(v, got[i], f"{path}[{i}]") if i < len(got) else f"{path}: no item {i}"
+            if problem:
+                return problem
+        return None if len(got) == len(want) else f"{path}: {len(got)} items, the README shows {len(want)}"
+    if isinstance(want, str) and want.endswith("..."):
+        ok = isinstance(got, str) and got.startswith(want[:-3])
+    elif isinstance(want, (int, float)) and not isinstance(want, bool):
+        ok = isinstance(got, (int, float)) and (".timings." in path or abs(got - want) <= 1.5e-4)
+    else:
+        ok = got == want
+    return None if ok else f"{path}: the README shows {want!r}, the report has {got!r}"
+
+
+def test_report_example_is_what_the_merge_example_writes(demo_dir):
+    """The report section's JSON against the report of the README's first `safemerge merge`
+    (its settings: --threshold 0.2 into demo/merged)."""
+    (block,) = [b for b in _blocks("json") if '"tool": "safemerge-ext"' in b]
+    want = json.loads(block)
+    cmd = next(c for c, _ in EXAMPLES if c.startswith("safemerge merge") and "--out demo/merged " in c + " ")
+    proc = _run([sys.executable, "-m", "safemerge_ext", *shlex.split(cmd)[1:]], demo_dir)
+    assert proc.returncode == 0, proc.stdout
+    got = json.loads((demo_dir / "demo" / "merged" / "safemerge_report.json").read_text())
+    want["version"] = got["version"]  # (the package's version, whatever it is now)
+    problem = json_matches(want, got)
+    assert problem is None, problem
+
+
+def test_json_matching_can_fail():
+    want = {"a": 1, "b": [{"c": "x..."}, "..."], "timings": {"t": 1.0}, "...": "..."}
+    assert json_matches(want, {"a": 1, "b": [{"c": "xyz"}, 2, 3], "timings": {"t": 9.0}, "z": 0}) is None
+    assert json_matches(want, {"a": 2, "b": [{"c": "xyz"}], "timings": {"t": 1.0}}) is not None
+    assert json_matches(want, {"a": 1, "b": [{"c": "yz"}], "timings": {"t": 1.0}}) is not None
+    assert json_matches(want, {"a": 1, "timings": {"t": 1.0}}) is not None
 
 
 def test_python_api_example_runs(tmp_path):
