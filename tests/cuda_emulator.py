@@ -71,9 +71,11 @@ def build(tmp: Path) -> ModuleType:
     cu = tmp / "cuda_ops_emulated.cpp"
     cu.write_text(src)
     so = tmp / ("_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
-    # (-U_FORTIFY_SOURCE: a fortified longjmp refuses to jump between the fibers' stacks)
-    cmd = [cxx, "-O1", "-U_FORTIFY_SOURCE", "-shared", "-fPIC", "-std=c++17", "-Wall", "-Wno-unknown-pragmas", "-include", str(HEADER),
-           f"-I{ROOT / 'csrc'}", f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}", str(cu),
+    # (-U_FORTIFY_SOURCE: a fortified longjmp refuses to jump between the fibers' stacks; the
+    # sanitizers report out-of-bounds indexing of fixed arrays (shared tiles among them), misaligned
+    # accesses (which a GPU faults on and x86 allows) and int overflow, where UBSAN_OPTIONS sends them)
+    cmd = [cxx, "-O1", "-U_FORTIFY_SOURCE", "-fsanitize=bounds,alignment,signed-integer-overflow", "-shared", "-fPIC",
+           "-std=c++17", "-Wall", "-Wno-unknown-pragmas", "-include", str(HEADER), f"-I{ROOT / 'csrc'}", f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}", str(cu),
            str(ROOT / "csrc" / "cuda_bindings.cpp"), "-o", str(so)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if res.returncode != 0:

@@ -6,14 +6,16 @@
 // A block's threads are fibers on the calling OS thread: each runs until its next
 // __syncthreads() or its end, then the next one runs; when all have arrived the barrier opens.
 // __shared__ arrays are function statics, shared by the block's fibers (blocks run one after
-// another). The order in which a block's threads run between barriers is forward, or backward
-// with SAFEMERGE_CUDA_EMU_ORDER=reverse: a kernel whose threads read shared memory another thread
-// writes without a barrier between them gives different results in the two orders. A barrier that
-// some threads of a block skip (they returned) while others wait is an error here, as it is
-// undefined in CUDA. Not emulated: warps, the memory model, launch failures, streams (launches run
-// at once, in order).
+// another, so a block finds the previous one's values there, as stale as a GPU's). Blocks, and a
+// block's threads between barriers, run in order, or backwards with SAFEMERGE_CUDA_EMU_ORDER=reverse:
+// a thread that reads shared memory another thread writes without a barrier between them reads
+// another value in one of the two orders. A barrier that some threads of a block skip (they
+// returned) while others wait is an error here, as it is undefined in CUDA. Not emulated: warps,
+// the memory model (fp contraction differs too), several threads' non-atomic updates of one
+// address, launch failures, streams (launches run at once, in order, one at a time).
 #pragma once
 
+#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <cmath>
@@ -22,7 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -112,19 +114,50 @@ inline bool reverse_order() {
   return s && std::string(s) == "reverse";
 }
 
-// Runs body() as every thread of every block of the grid, blocks in order.
+// Stacks of 64 KiB for up to 1024 fibers, one pool for every launch, each stack below a guard page
+// (an overflow faults instead of writing into the next stack). Mapped once; pages untouched until used.
+constexpr size_t kStack = 64 << 10, kGuard = 4 << 10;
+
+inline char* stack_pool() {
+  static char* pool = [] {
+    void* p = mmap(nullptr, 1024 * (kStack + kGuard), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("emulated launch: no memory for the fibers' stacks");
+    for (size_t t = 0; t < 1024; ++t) mprotect(static_cast<char*>(p) + t * (kStack + kGuard), kGuard, PROT_NONE);
+    return static_cast<char*>(p);
+  }();
+  return pool;
+}
+
+// Switches to fiber f until it reaches a barrier or its end. Out of line, so the function that
+// holds the _setjmp has no loop state for the _longjmp back to clobber.
+[[gnu::noinline]] inline void resume(Fiber& f) {
+  g_current = &f;
+  if (!_setjmp(g_scheduler)) {
+    if (f.started) _longjmp(f.jb, 1);
+    f.started = true;
+    setcontext(&f.ctx);
+  }
+}
+
+// One launch at a time (the bindings release the GIL; the fibers, their stacks and the __shared__
+// statics are the process's).
+inline std::mutex g_launch_mutex;
+
+// Runs body() as every thread of every block of the grid, one block after another (blocks and
+// threads in reverse order with SAFEMERGE_CUDA_EMU_ORDER=reverse). Limits as CUDA's.
 template <class F>
 void launch(dim3 grid, dim3 block, F&& body_fn) {
   const unsigned n = block.x * block.y * block.z;
-  if (n == 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0)
-    throw std::runtime_error("emulated launch: empty grid or more than 1024 threads a block");
-  constexpr size_t kStack = 64 << 10;
-  static std::unique_ptr<char[]> stacks(new char[1024 * kStack]);  // (pages untouched until used)
+  if (n == 0 || n > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
+      grid.z > 65535)
+    throw std::runtime_error("emulated launch: a grid or block CUDA refuses (empty, over 1024 threads a block, or "
+                             "over the grid's limits)");
+  const std::lock_guard<std::mutex> lock(g_launch_mutex);
   std::vector<Fiber> fibers(n);
   for (unsigned t = 0; t < n; ++t) {
     Fiber& f = fibers[t];
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = stacks.get() + t * kStack;
+    f.ctx.uc_stack.ss_sp = stack_pool() + t * (kStack + kGuard) + kGuard;
     f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = nullptr;  // (fiber_main never returns)
     makecontext(&f.ctx, fiber_main, 0);
@@ -134,34 +167,28 @@ void launch(dim3 grid, dim3 block, F&& body_fn) {
   g_grid_dim = grid;
   g_block_dim = block;
   const bool reverse = reverse_order();
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        g_block = dim3(bx, by, bz);
-        for (Fiber& f : fibers) f.state = State::ready;
-        for (;;) {
-          for (unsigned q = 0; q < n; ++q) {
-            const unsigned t = reverse ? n - 1 - q : q;
-            Fiber& f = fibers[t];
-            if (f.state != State::ready) continue;
-            g_current = &f;
-            g_thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            if (!_setjmp(g_scheduler)) {
-              if (f.started) _longjmp(f.jb, 1);
-              f.started = true;
-              setcontext(&f.ctx);
-            }
-          }
-          unsigned waiting = 0, done = 0;
-          for (const Fiber& f : fibers) (f.state == State::done ? done : waiting) += 1;
-          if (waiting == 0) break;
-          if (done > 0)
-            throw std::runtime_error("emulated launch: " + std::to_string(done) + " threads of block (" +
-                                     std::to_string(bx) + ", " + std::to_string(by) + ") returned while " +
-                                     std::to_string(waiting) + " wait at __syncthreads()");
-          for (Fiber& f : fibers) f.state = State::ready;
-        }
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  for (uint64_t q = 0; q < blocks; ++q) {
+    const uint64_t b = reverse ? blocks - 1 - q : q;
+    g_block = dim3(unsigned(b % grid.x), unsigned(b / grid.x % grid.y), unsigned(b / (uint64_t(grid.x) * grid.y)));
+    for (Fiber& f : fibers) f.state = State::ready;
+    for (;;) {
+      for (unsigned k = 0; k < n; ++k) {
+        const unsigned t = reverse ? n - 1 - k : k;
+        if (fibers[t].state != State::ready) continue;
+        g_thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+        resume(fibers[t]);
       }
+      unsigned waiting = 0, done = 0;
+      for (const Fiber& f : fibers) (f.state == State::done ? done : waiting) += 1;
+      if (waiting == 0) break;
+      if (done > 0)
+        throw std::runtime_error("emulated launch: " + std::to_string(done) + " threads of block (" +
+                                 std::to_string(g_block.x) + ", " + std::to_string(g_block.y) + ") returned while " +
+                                 std::to_string(waiting) + " wait at __syncthreads()");
+      for (Fiber& f : fibers) f.state = State::ready;
+    }
+  }
 }
 
 }  // namespace emu
