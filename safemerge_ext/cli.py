@@ -269,16 +269,20 @@ def _warn(text: str, prefix: str = "safemerge: warning") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from safemerge_ext._signals import exit_code, exit_on_signal, interrupts_held, pending_signal, sigterm_as_interrupt
-    from safemerge_ext.errors import SafeMergeError
+    try:
+        args = build_parser().parse_args(argv)
+        from safemerge_ext._signals import (exit_code, exit_on_signal, interrupts_held, pending_signal,
+                                            sigterm_as_interrupt)
+        from safemerge_ext.errors import SafeMergeError
 
-    target = _target(args)
-    if args.command in ("score", "merge", "project"):  # (the commands that map model files)
-        from safemerge_ext._faults import bus_error_line, explain_bus_errors
+        target = _target(args)
+        if args.command in ("score", "merge", "project"):  # (the commands that map model files)
+            from safemerge_ext._faults import bus_error_line, explain_bus_errors
 
-        explain_bus_errors(bus_error_line("safemerge", f"nothing was written to {target}" if target else None))
+            explain_bus_errors(bus_error_line("safemerge", f"nothing was written to {target}" if target else None))
+    except KeyboardInterrupt:  # (a Ctrl-C in the first tenth of a second, before the run's handlers)
+        print("safemerge: interrupted; nothing was written", file=sys.stderr)
+        return 130
     code = None
     try:
         with sigterm_as_interrupt():

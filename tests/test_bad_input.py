@@ -417,6 +417,19 @@ def test_interrupted_write_leaves_nothing(fx, tmp_path, monkeypatch):
     assert leftovers(tmp_path, "out") == []
 
 
+def test_an_interrupt_while_the_command_line_is_read_is_one_line(fx, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C before the run's handlers are in place (the parser's imports: the first tenth of a
+    second) ends with 130 and one line, not a traceback."""
+    from safemerge_ext import cli
+
+    def parser():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    assert main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task)]) == 130
+    assert capsys.readouterr().err == "safemerge: interrupted; nothing was written\n"
+
+
 def test_a_bad_cpu_isa_is_one_line_under_auto(fx, capsys, monkeypatch):
     """SAFEMERGE_CPU_ISA that names no kernels this CPU runs turns the C++ backend off: under the
     default --backend auto that is an error, one line (torch would score 5-20x slower without a
