@@ -238,6 +238,12 @@ def _say_done(args: argparse.Namespace, report: dict) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError):
             pass
+        if args.command == "score" and _target(args) is None and exc.errno != errno.EPIPE:
+            # (the table was score's only output: a full disk or an I/O error lost it; a reader that
+            # closed the pipe, `| head`, took what it wanted)
+            print(f"safemerge: error: the scores could not be printed ({exc.strerror or exc}); score wrote nothing "
+                  "else (--report FILE keeps them in a file)", file=sys.stderr)
+            return 2
         _warn(f"{written} is complete; its summary could not be printed ({exc.strerror or exc})")
     except KeyboardInterrupt as exc:
         _warn(f"{what_ended(exc)} after the run: {written} is complete; its summary was cut short", prefix="safemerge")

@@ -1506,6 +1506,35 @@ def test_a_closed_stdout_does_not_unsay_the_output(fx, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "safemerge_report.json").is_file()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_score_whose_table_is_lost_is_an_error(fx, tmp_path):
+    """`safemerge score ... > file` on a full disk: the table was its only output, so the run fails
+    (exit 2, one line); with --report the scores are in the file, and the lost table a warning.
+    A closed pipe (`| head`) is not an error."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "safemerge_ext", "score", "--aligned", str(fx.aligned), "--unaligned",
+            str(fx.unaligned), "--adapter", str(fx.task)]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr == (
+            "safemerge: error: the scores could not be printed (No space left on device); score wrote nothing else "
+            "(--report FILE keeps them in a file)\n"), proc.stderr
+        report = tmp_path / "r.json"
+        proc = subprocess.run(argv + ["--report", str(report)], stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=300)
+    assert proc.returncode == 0 and proc.stderr == (
+        f"safemerge: warning: --report {report} is complete; its summary could not be printed (No space left on "
+        "device)\n"), proc.stderr
+    assert report.is_file()
+    r, w = os.pipe()
+    os.close(r)
+    proc = subprocess.run(argv, stdout=w, stderr=subprocess.PIPE, text=True, timeout=300)
+    os.close(w)
+    assert proc.returncode == 0 and "could not be printed (Broken pipe)" in proc.stderr, proc.stderr
+
+
 def test_the_same_folder_as_both_models_is_refused(fx, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(fx.aligned.parent)
     argv = _merge_argv(fx, tmp_path / "out")
