@@ -512,7 +512,9 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
             return wa, wu, None, factors
         wa = run.aligned.get(layer.weight, pin_memory=True)
         wu = run.unaligned.get(layer.unaligned_weight, pin_memory=True)
-        with torch.cuda.stream(side):
+        # (the device first: entering only the stream would make this thread's device 0 current on
+        # the way out, which creates a context there when the run is on another GPU)
+        with torch.cuda.device(run.device), torch.cuda.stream(side):
             wa = wa.to(run.device, non_blocking=True)
             wu = wu.to(run.device, non_blocking=True)
             ready = torch.cuda.Event()
@@ -548,6 +550,10 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
             if layer.task.scaling == 0 and not math.isnan(scores[i].cosine):  # (B A scaled by 0: no update)
                 scores[i] = dataclasses.replace(scores[i], cosine=math.nan, projected_B=None,
                                                 reason="the update is zero (its scaling, lora_alpha, is 0)")
+            if scores[i].projected_B is not None and scores[i].projected_B.device.type != "cpu":
+                # (kept until the output is written, which reads it on the CPU: not in GPU memory,
+                # where every layer's would add up, 1.7 GB for a 70B model at r = 64)
+                scores[i] = dataclasses.replace(scores[i], projected_B=scores[i].projected_B.cpu())
             del wa, wu, ready, A, B  # unmaps the pair (CPU) before the next read is admitted (see prefetch)
             bar.update(1)
     finally:

@@ -1187,6 +1187,121 @@ def test_gpu_pipeline_matches_the_cpu(fx_bf16, tmp_path, command):
         assert_close(gpu_sd[k].double(), v.double(), atol=1e-5 * float(v.abs().max()), rtol=1e-4, what=k)
 
 
+def test_cuda_staging_orders_copies_before_kernels_on_fakes(fx_bf16, monkeypatch):
+    """score_layers' --device cuda branch, run here with torch.cuda's streams, events and device
+    guard replaced by fakes that log what is done: each pair is read into pinned memory and copied
+    non-blocking on the side stream inside a guard of the run's device, by the read-ahead thread,
+    which records an event after the copies; the scorer's stream waits on that event and records
+    both tensors as used on it before their kernel runs; the projected factors come back on the
+    CPU; the scores are the CPU run's."""
+    import contextlib
+    import threading
+
+    from safemerge_ext import ops, pipeline
+    from safemerge_ext.io.adapters import read_adapter
+    from safemerge_ext.io.models import ModelReader
+
+    log: list[tuple] = []
+    local = threading.local()
+
+    class FakeDevice:
+        type, index = "cuda", 3
+
+    class Stream:
+        def __init__(self, device=None, name="side"):
+            self.name = name
+
+        def wait_event(self, event):
+            log.append(("wait", self.name, event.id))
+
+    class Event:
+        count = 0
+
+        def __init__(self):
+            Event.count += 1
+            self.id = Event.count
+
+        def record(self, stream):
+            log.append(("record", stream.name, self.id, threading.current_thread().name))
+
+    current = Stream(name="current")
+
+    @contextlib.contextmanager
+    def entered(kind, value):
+        previous = getattr(local, kind, None)
+        setattr(local, kind, value)
+        try:
+            yield
+        finally:
+            setattr(local, kind, previous)
+
+    class Staged(torch.Tensor):  # (a pinned host tensor, and its copy "on the device")
+        def to(self, *args, **kwargs):
+            if args and isinstance(args[0], FakeDevice):
+                log.append(("copy", getattr(local, "stream", None), getattr(local, "device", None),
+                            kwargs.get("non_blocking")))
+                return self.detach().clone().as_subclass(Staged)
+            return super().to(*args, **kwargs)
+
+        def record_stream(self, stream):
+            log.append(("record_stream", stream.name))
+
+    plain_get = ModelReader.get
+
+    def get(self, name, *, pin_memory=False):  # (the adapters' factors are read with it too, unpinned)
+        if not pin_memory:
+            return plain_get(self, name)
+        log.append(("pinned-read",))
+        return plain_get(self, name).as_subclass(Staged)
+
+    class OnDevice(torch.Tensor):  # (a result the kernels left on the device)
+        @property
+        def device(self):
+            return FakeDevice()
+
+        def cpu(self):
+            return self.as_subclass(torch.Tensor)
+
+    def score(wa, wu, **kw):
+        import dataclasses
+
+        log.append(("kernel",))
+        kw["lora_B"] = kw["lora_B"].as_subclass(torch.Tensor)
+        s = plain_score(wa.as_subclass(torch.Tensor), wu.as_subclass(torch.Tensor), **kw)
+        return dataclasses.replace(s, projected_B=s.projected_B.as_subclass(OnDevice))
+
+    task = read_adapter(fx_bf16.task, "--task-adapter")
+    want = pipeline.score_layers(pipeline.open_run(fx_bf16.aligned, fx_bf16.unaligned, task), progress=False,
+                                 with_projection=True)
+    plain_score = ops.subspace_score
+    monkeypatch.setattr(ModelReader, "get", get)
+    monkeypatch.setattr(ops, "subspace_score", score)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: entered("stream", stream.name))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered("device", device.index))
+    run = pipeline.open_run(fx_bf16.aligned, fx_bf16.unaligned, task)
+    run.device = FakeDevice()
+    got = pipeline.score_layers(run, progress=False, with_projection=True)
+
+    assert [s.cosine for s in got] == [s.cosine for s in want]
+    for g, w in zip(got, want):
+        assert type(g.projected_B) is torch.Tensor and torch.equal(g.projected_B, w.projected_B)
+    kinds = [e[0] for e in log]
+    assert kinds.count("kernel") == len(want) and kinds.count("copy") == kinds.count("pinned-read") == 2 * len(want)
+    assert all(e[1:] == ("side", 3, True) for e in log if e[0] == "copy"), [e for e in log if e[0] == "copy"]
+    recorded = {e[2]: k for k, e in enumerate(log) if e[0] == "record"}
+    assert all(e[1] == "side" and e[3] == "safemerge-prefetch" for e in log if e[0] == "record")
+    for k, e in enumerate(log):
+        if e[0] == "kernel":
+            wait, *uses = log[k - 3:k]
+            assert wait[:2] == ("wait", "current") and uses == [("record_stream", "current")] * 2, log[k - 4:k + 1]
+            event = wait[2]
+            copies = [j for j in range(recorded[event]) if log[j][0] == "copy"]
+            assert len(copies) >= 2 and all(j < recorded[event] for j in copies)
+
+
 def test_each_method_flags_by_its_own_comparison_through_the_api(fx, tmp_path):
     """A threshold equal to a layer's score: Safe LoRA (project) flags it, SafeMERGE (merge) does
     not, whatever the Selection passed says."""
