@@ -1,11 +1,14 @@
 """Each CUDA-extension entry point once on the GPU, synchronised and checked against float64, in a
 process of its own (``gpu_session.sh`` runs it before the tests): a fault in a kernel shows here,
 by entry point, instead of as a sticky CUDA error in whichever test an xdist worker runs next.
+Then ``project --device cuda`` on a tiny model against the CPU run (the pipeline's staging), with
+the CUDA extension (Triton where it is missing).
 Exit 0 when every entry point agrees, 1 when one fails or disagrees, 0 with a WARNING line when
 there is no extension to run (its tests will then skip)."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -20,11 +23,47 @@ def _rel(got: torch.Tensor | float, want: torch.Tensor | float) -> float:
     return float((got.cpu() - want).abs().max() / want.abs().max().clamp_min(1e-300))
 
 
+def pipeline_smoke(backend: str, device: str = "cuda") -> int:
+    """``project --device cuda`` (pinned staging, copies on a side stream, the projected factors
+    written) on a tiny bf16 model against the CPU run: the pipeline's GPU path, seconds into the
+    session instead of in the last test file. 0 when they agree."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from safemerge_ext import pipeline
+    from safemerge_ext.demo import build
+
+    what = f"pipeline --device {device} --backend {backend}"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            fx = build(Path(tmp) / "m", layers=2, dtype=torch.bfloat16, seed=1)
+            runs = []
+            for k, (dev, name) in enumerate((("cpu", "auto"), (device, backend))):
+                out = Path(tmp) / f"out{k}"
+                report = pipeline.project(fx.aligned, fx.unaligned, fx.task, out, pipeline.Selection(threshold=0.5),
+                                          backend=name, device=dev, plot=False, progress=False)
+                runs.append((report, load_file(out / "adapter_model.safetensors")))
+    except Exception as exc:
+        print(f"WARNING: smoke {what}: {type(exc).__name__}: {exc}")
+        return 1
+    (cpu, cpu_f), (run, run_f) = runs
+    cos = max(abs(a["cosine"] - b["cosine"]) for a, b in zip(cpu["layers"], run["layers"], strict=True))
+    flags = [a["flagged"] for a in cpu["layers"]]
+    same_flags = flags == [b["flagged"] for b in run["layers"]] and any(flags)
+    err = max(_rel(run_f[k], v) for k, v in cpu_f.items()) if cpu_f.keys() == run_f.keys() else math.inf
+    ok = cos <= 1e-5 and err <= TOL and same_flags
+    print(f"{'smoke' if ok else 'WARNING: smoke'} {what} ({run['backend']}): cosines within {cos:.1e} of the CPU "
+          f"run's, projected factors {err:.1e}, flags {'the same' if same_flags else 'DIFFER'}")
+    return 0 if ok else 1
+
+
 def main(device: str = "cuda") -> int:
     why = cb.unavailable_reason()
     if why:
         print(f"WARNING: no CUDA extension to run, so its tests will skip: {why}")
-        return 0
+        return pipeline_smoke("triton") if torch.cuda.is_available() else 0
     g = torch.Generator(device=device).manual_seed(0)
     wa = torch.randn(1000, 700, device=device, generator=g).bfloat16()
     wu = (wa.float() + 0.1 * torch.randn(1000, 700, device=device, generator=g)).bfloat16()
@@ -57,6 +96,7 @@ def main(device: str = "cuda") -> int:
         bad += not ok
         print(f"{'smoke' if ok else 'WARNING: smoke'} {name}: relative errors {', '.join(f'{e:.2e}' for e in errs)}"
               f" (tolerance {TOL:g})")
+    bad += pipeline_smoke("cuda") if device != "cpu" else 0
     return 1 if bad else 0
 
 

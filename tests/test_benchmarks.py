@@ -617,6 +617,29 @@ def test_gpu_smoke_passes_right_kernels_and_names_wrong_ones(monkeypatch, capsys
     assert "WARNING: no CUDA extension to run" in capsys.readouterr().out
 
 
+def test_gpu_smoke_runs_the_pipeline_against_the_cpu_run(monkeypatch, capsys):
+    """gpu_smoke.py's pipeline check (project on a tiny model, against the CPU run), here with the
+    torch backend in the GPU run's place: it passes, and a backend whose scores are off fails it."""
+    import dataclasses
+
+    import gpu_smoke
+
+    from safemerge_ext import ops
+
+    assert gpu_smoke.pipeline_smoke("torch", device="cpu") == 0
+    out = capsys.readouterr().out
+    assert "smoke pipeline --device cpu --backend torch (torch): cosines within" in out and "WARNING" not in out
+    plain = ops.subspace_score
+
+    def off(*args, backend="auto", **kw):
+        s = plain(*args, backend=backend, **kw)
+        return s if backend != "torch" else dataclasses.replace(s, cosine=s.cosine * 1.01)
+
+    monkeypatch.setattr(ops, "subspace_score", off)
+    assert gpu_smoke.pipeline_smoke("torch", device="cpu") == 1
+    assert "WARNING: smoke pipeline --device cpu --backend torch" in capsys.readouterr().out
+
+
 def _gpu_session_calls() -> list[tuple[str, list[str]]]:
     """(script, its arguments) for every benchmark script gpu_session.sh runs, with the shell's
     continuations joined, ``${VAR-default}``/``${VAR:-default}`` at their defaults and ``$out`` a path."""
@@ -670,6 +693,6 @@ def test_gpu_session_tests_exist():
     text = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     files = re.findall(r"tests/\w+\.py", text)
     assert len(files) >= 4 and all((ROOT / f).is_file() for f in files), files
-    names = re.findall(r"not (\w+)", re.search(r'-k "([^"]+)"', text[text.index("tests() {"):]).group(1))
+    names = re.findall(r"not (\w+)", re.search(r'skip="([^"]+)"', text[text.index("tests() {"):]).group(1))
     sources = "".join((ROOT / f).read_text() for f in files)
     assert names and all(re.search(rf"def test_\w*{n}\w*\(", sources) for n in names), names
