@@ -3,8 +3,8 @@ process of its own (``gpu_session.sh`` runs it before the tests): a fault in a k
 by entry point, instead of as a sticky CUDA error in whichever test an xdist worker runs next.
 Then ``project --device cuda`` on a tiny model against the CPU run (the pipeline's staging), with
 the CUDA extension (Triton where it is missing).
-Exit 0 when every entry point agrees, 1 when one fails or disagrees, 0 with a WARNING line when
-there is no extension to run (its tests will then skip)."""
+Exit 0 when every check agrees, 1 when one fails or disagrees; no extension to run is a WARNING
+line only (its tests will then skip), and the pipeline's check then runs on Triton."""
 
 from __future__ import annotations
 
