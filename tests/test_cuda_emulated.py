@@ -1,10 +1,11 @@
 """The CUDA kernels (csrc/cuda_ops.cu) and their host code, run on the CPU over a CUDA emulation
 (tests/cuda_emu/cuda_emu.h, built by tests/cuda_emulator.py), through ``safemerge_ext.cuda_backend``
 against float64: the shapes, dtypes, ranks, split reductions and column blocks of the GPU tests,
-where no GPU is. Each block's threads run between barriers in order, then in reverse order: the
-bits must not change (a read of shared memory that another thread writes without a barrier
-between them would change them). Not covered here: warps, the memory model, timing (the GPU
-tests and benchmarks/gpu_session.sh)."""
+where no GPU is, built with the bounds, alignment and int-overflow sanitizers. Blocks, and each
+block's threads between barriers, run in order, then in reverse order: the bits must not change (a
+read of shared memory that another thread writes without a barrier between them would change
+them). Not covered here: warps, the memory model, nvcc's fused multiply-adds, timing (the GPU tests
+and benchmarks/gpu_session.sh)."""
 
 from __future__ import annotations
 
