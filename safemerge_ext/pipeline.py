@@ -562,8 +562,19 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
         if pairs is not None:
             pairs.close()
         bar.close()
+        if cuda:  # (torch keeps freed pinned buffers for reuse, rounded up to a power of two: 2-3 GB
+            # after a 70B model's MLPs; a program that goes on after the run gets them back)
+            _release_pinned_memory()
     run.tick("score_loop_s", t_loop)
     return [scores[i] for i in range(len(run.layers))]
+
+
+def _release_pinned_memory() -> None:
+    """Free the pinned host memory torch's caching allocator holds unused (torch >= 2.8)."""
+    memory = getattr(getattr(torch, "accelerator", None), "memory", None)
+    empty = getattr(memory, "empty_host_cache", None)
+    if empty is not None:
+        empty()
 
 
 def _select(run: Run, scores: list[ops.Score], selection: Selection) -> list[bool]:

@@ -1193,7 +1193,7 @@ def test_cuda_staging_orders_copies_before_kernels_on_fakes(fx_bf16, monkeypatch
     non-blocking on the side stream inside a guard of the run's device, by the read-ahead thread,
     which records an event after the copies; the scorer's stream waits on that event and records
     both tensors as used on it before their kernel runs; the projected factors come back on the
-    CPU; the scores are the CPU run's."""
+    CPU; torch's cache of pinned buffers is emptied at the end; the scores are the CPU run's."""
     import contextlib
     import threading
 
@@ -1281,6 +1281,7 @@ def test_cuda_staging_orders_copies_before_kernels_on_fakes(fx_bf16, monkeypatch
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: entered("stream", stream.name))
     monkeypatch.setattr(torch.cuda, "device", lambda device: entered("device", device.index))
+    monkeypatch.setattr(torch.accelerator.memory, "empty_host_cache", lambda: log.append(("release-pinned",)))
     run = pipeline.open_run(fx_bf16.aligned, fx_bf16.unaligned, task)
     run.device = FakeDevice()
     got = pipeline.score_layers(run, progress=False, with_projection=True)
@@ -1289,6 +1290,7 @@ def test_cuda_staging_orders_copies_before_kernels_on_fakes(fx_bf16, monkeypatch
     for g, w in zip(got, want):
         assert type(g.projected_B) is torch.Tensor and torch.equal(g.projected_B, w.projected_B)
     kinds = [e[0] for e in log]
+    assert kinds[-1] == "release-pinned" and kinds.count("release-pinned") == 1  # (the staging buffers, once done)
     assert kinds.count("kernel") == len(want) and kinds.count("copy") == kinds.count("pinned-read") == 2 * len(want)
     assert all(e[1:] == ("side", 3, True) for e in log if e[0] == "copy"), [e for e in log if e[0] == "copy"]
     recorded = {e[2]: k for k, e in enumerate(log) if e[0] == "record"}
