@@ -4,8 +4,8 @@ against float64: the shapes, dtypes, ranks, split reductions and column blocks o
 where no GPU is, built with the bounds, alignment and int-overflow sanitizers. Blocks, and each
 block's threads between barriers, run in order, then in reverse order: the bits must not change (a
 read of shared memory that another thread writes without a barrier between them would change
-them). Not covered here: warps, the memory model, nvcc's fused multiply-adds, timing (the GPU tests
-and benchmarks/gpu_session.sh)."""
+them). Not covered here: warps, the memory model, the GPU's own bits (the multiply-adds nvcc fuses),
+timing (the GPU tests and benchmarks/gpu_session.sh)."""
 
 from __future__ import annotations
 
@@ -186,7 +186,12 @@ extern "C" int run_neighbour(float* out, int barrier, int salt) {
 }
 extern "C" const char* run_diverge(int* out) {
   static std::string err;
-  try { ::emu::launch(1, kN, [&] { diverge(out); }); } catch (const std::exception& e) { err = e.what(); return err.c_str(); }
+  try {
+    ::emu::launch(1, kN, [&] { diverge(out); });
+  } catch (const std::exception& e) {
+    err = e.what();
+    return err.c_str();
+  }
   return nullptr;
 }
 """

@@ -11,8 +11,9 @@
 // a thread that reads shared memory another thread writes without a barrier between them reads
 // another value in one of the two orders. A barrier that some threads of a block skip (they
 // returned) while others wait is an error here, as it is undefined in CUDA. Not emulated: warps,
-// the memory model (fp contraction differs too), several threads' non-atomic updates of one
-// address, launch failures, streams (launches run at once, in order, one at a time).
+// the memory model, several threads' non-atomic updates of one address, launch failures, streams
+// (launches run at once, in order, one at a time), the GPU's own bits (multiply-adds are fused
+// where the CPU has FMA, as nvcc fuses them, but not necessarily the same ones).
 #pragma once
 
 #include <sys/mman.h>
