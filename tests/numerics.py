@@ -3,9 +3,25 @@ that, on mismatch, names the worst indices and any NaN/Inf difference."""
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def case_seed(*parts: object) -> int:
+    """A fixed seed per case (crc32 is stable across processes, str hashes are not)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def drifted_pair(d_out: int, d_in: int, dtype: torch.dtype, seed: int):
+    """Aligned/unaligned weights that differ by a small update, as real chat/base pairs do, and
+    the generator that drew them (for the case's other inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d_out, d_in, generator=g) * 0.02
+    wa = base + 0.002 * torch.randn(d_out, d_in, generator=g)
+    return wa.to(dtype), base.to(dtype), g
 
 
 def ref_cosine(wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor) -> float:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
 from numerics import DTYPES, assert_close, ref_cosine, ref_lowrank_passes, ref_project
+from numerics import case_seed as _seed
+from numerics import drifted_pair as _layer
 from safemerge_ext import backends, ops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,19 +42,6 @@ SHAPE_PARAMS = pytest.mark.parametrize("d_out, d_in", SHAPES, ids=[f"shape={a}x{
 RANKS = [1, 8, 16, 32, 64, 128]  # (32: the CUDA kernels at 4 ranks a thread)
 
 needs_cpp = pytest.mark.skipif(_AVAILABLE["cpp"] is not None, reason=f"cpp backend unavailable: {_AVAILABLE['cpp']}")
-
-
-def _seed(*parts: object) -> int:
-    """A fixed seed per case (crc32 is stable across processes, str hashes are not)."""
-    return zlib.crc32(repr(parts).encode())
-
-
-def _layer(d_out: int, d_in: int, dtype: torch.dtype, seed: int):
-    """Aligned/unaligned weights that differ by a small update, as real chat/base pairs do."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(d_out, d_in, generator=g) * 0.02
-    wa = base + 0.002 * torch.randn(d_out, d_in, generator=g)
-    return wa.to(dtype), base.to(dtype), g
 
 
 def _impl(backend: str):

@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import zlib
 
 import torch
 
 import pytest  # noqa: E402
 
 from numerics import DTYPES, assert_close, ref_cosine, ref_fullrank, ref_lowrank_passes, ref_project  # noqa: E402
+from numerics import case_seed as _seed  # noqa: E402
+from numerics import drifted_pair  # noqa: E402
 from safemerge_ext import backends, ops  # noqa: E402
 
 _ENV = "TRITON_INTERPRET"
@@ -64,17 +65,10 @@ needs_gpu = pytest.mark.skipif(
 )
 
 
-def _seed(*parts: object) -> int:
-    """A fixed seed per test case (str hashes are salted per process, crc32 is not)."""
-    return zlib.crc32(repr(parts).encode())
-
-
 def _layer(d_out: int, d_in: int, dtype: torch.dtype, seed: int, device: str = DEVICE):
     """An aligned/unaligned pair that differs by a small update, as fine-tuned weights do."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(d_out, d_in, generator=g) * 0.02
-    wa = base + 0.002 * torch.randn(d_out, d_in, generator=g)
-    return wa.to(dtype).to(device), base.to(dtype).to(device), g
+    wa, wu, g = drifted_pair(d_out, d_in, dtype, seed)
+    return wa.to(device), wu.to(device), g
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = TOL) -> None:

@@ -14,13 +14,12 @@ import math
 import platform
 import shutil
 import subprocess
-import zlib
 
 import pytest
 import torch
 
 from cuda_emulator import HEADER, build, route_cuda_backend
-from numerics import DTYPES, assert_close, ref_fullrank, ref_lowrank_passes
+from numerics import DTYPES, assert_close, case_seed, drifted_pair, ref_fullrank, ref_lowrank_passes
 
 pytestmark = [
     pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the emulation's fibers need glibc's ucontext"),
@@ -50,10 +49,8 @@ def cuda_backend(emulated, monkeypatch, capfd):
 
 
 def _layer(d_out: int, d_in: int, dtype: torch.dtype, *key: object):
-    """Aligned/unaligned weights a small update apart (fresh, fixed per case) and the generator."""
-    g = torch.Generator().manual_seed(zlib.crc32(repr((d_out, d_in, dtype, *key)).encode()))
-    base = torch.randn(d_out, d_in, generator=g) * 0.02
-    return (base + 0.002 * torch.randn(d_out, d_in, generator=g)).to(dtype), base.to(dtype), g
+    """A drifted weight pair (numerics.drifted_pair), fixed per case, and its generator."""
+    return drifted_pair(d_out, d_in, dtype, case_seed(d_out, d_in, dtype, *key))
 
 
 def _check_passes(cuda_backend, wa, wu, B, tol: float):
