@@ -263,7 +263,8 @@ def run_reference(data: Path, adapters: str, out: Path, **_) -> dict:
             if key in C and hasattr(mod, "lora_A") and key not in flagged:  # dW_f exactly, at "merged"'s scaling
                 mod.lora_A["merged"].weight.copy_(mod.lora_A["task"].weight)
                 mod.lora_B["merged"].weight.copy_(mod.lora_B["task"].weight * (mod.scaling["task"] / mod.scaling["merged"]))
-    model.save_pretrained(out, selected_adapters=["merged"])
+    # (save_embedding_layers="auto" would ask the Hub about the adapters' base_model_name_or_path)
+    model.save_pretrained(out, selected_adapters=["merged"], save_embedding_layers=False)
     nbytes = sum(p.stat().st_size for m in ("aligned", "unaligned") for p in (data / m).glob("*.safetensors"))
     return {"time_s": time.perf_counter() - t1, "import_s": t_import, "base_rss_mb": base,
             "bytes_read": nbytes, "flagged": len(flagged), "c_bytes": sum(c.numel() * 4 for c in C.values())}

@@ -482,13 +482,18 @@ def test_bench_end_to_end_recache_is_for_warm_runs():
     assert proc.returncode == 2 and "--recache is for warm runs" in proc.stderr
 
 
-def test_bench_end_to_end_reference_keeps_unflagged_layers_at_the_task_update(tmp_path):
+def test_bench_end_to_end_reference_keeps_unflagged_layers_at_the_task_update(tmp_path, monkeypatch):
     """The reference pipeline as the official code does it: flagged layers get PEFT's linear
     combination, every other layer keeps dW_f = s_f B_f A_f exactly (the merged adapter's scaling is
-    not the task adapter's, so B is rescaled when copied)."""
+    not the task adapter's, so B is rescaled when copied). It asks the Hub nothing."""
     import bench_end_to_end
+    import peft.utils.save_and_load
     from make_synthetic import make
     from safetensors.torch import load_file
+
+    def no_hub(*a, **k):
+        raise AssertionError(f"the benchmark asked the Hub {a}")
+    monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub", no_hub)
 
     data = make("tiny", tmp_path)
     res = bench_end_to_end.run_reference(data, "qv", tmp_path / "ref")
