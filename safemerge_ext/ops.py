@@ -9,6 +9,7 @@ float64; for a full update it returns the three Frobenius norms. Scales of C and
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -45,6 +46,8 @@ class Score:
 def _check_tensor(what: str, t: object) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor; got {type(t).__name__} (convert it with torch.as_tensor)")
+    if t.layout != torch.strided:
+        raise ValueError(f"{what} is a sparse tensor ({t.layout}); pass a dense one (.to_dense())")
 
 
 def _check_pair(wa: torch.Tensor, wu: torch.Tensor) -> None:
@@ -125,10 +128,16 @@ def _non_finite(message: str, *tensors: torch.Tensor | None) -> FloatingPointErr
     return FloatingPointError(message)
 
 
+def _abs_max(X: torch.Tensor) -> float:
+    """max |X| (no copy of X; float8 read as fp32)."""
+    lo, hi = torch.aminmax(_operand(X))
+    return max(float(hi), -float(lo))
+
+
 def _below_full_precision(*tensors: torch.Tensor) -> bool:
     """Whether an fp32 result's largest entry is nonzero but below 2^-120: its entries are near or
     below fp32's normal range and have lost significant bits (weights near 1e-21)."""
-    return any(0.0 < float(X.abs().max()) < _FP32_FULL for X in tensors if X.numel())
+    return any(0.0 < _abs_max(X) < _FP32_FULL for X in tensors if X.numel())
 
 
 def _v_is_zero(vsq: float, wa: torch.Tensor, wu: torch.Tensor) -> bool:
@@ -229,6 +238,10 @@ def subspace_score(
     if abs(cos) > 1.0 + 1e-3:  # (|cos| <= 1 exactly; beyond rounding, the fp32 sums lost their digits)
         raise FloatingPointError(f"{_LOST} (|cos| = {abs(cos):.4g})")
     if math.isnan(cos):
+        # every product in V^T dW is at most ||V|| max|dW|: below 2^-120 they all lost their bits in
+        # fp32, and a zero sum says nothing about C dW
+        if v_norm * (_abs_max(B) if lowrank else d_norm) < _FP32_FULL:
+            raise FloatingPointError(_LOST)
         # C dW = 0: the update lies wholly outside V's column space. rho tends to 0 as an update
         # turns away from it (rho <= ||V^T dW|| / (s ||dW||), s the least nonzero singular value
         # of V), and the official code's cosine_similarity gives 0 here: the most drifted layer
@@ -285,6 +298,11 @@ def project_lora_B(
     out = P.double() / math.sqrt(vsq)
     if out_of_range(out, lora_B.dtype) is not None:
         raise FloatingPointError(f"C @ lora_B exceeds the range of {lora_B.dtype}; pass lora_B in float32")
+    lost = lost_in_cast(out, lora_B.dtype)
+    if lost is not None:
+        warnings.warn(f"C @ lora_B lies below the normal range of {lora_B.dtype} (smallest normal "
+                      f"{torch.finfo(lora_B.dtype).tiny:.2g}), where a cast to it errs by {lost:.1%}; pass lora_B in "
+                      "float32 to keep its digits", RuntimeWarning, stacklevel=2)
     return out.to(device=lora_B.device, dtype=lora_B.dtype)
 
 
@@ -295,6 +313,20 @@ def out_of_range(x: torch.Tensor, dtype: torch.dtype) -> float | None:
         return None
     big = float(x.detach().abs().max())
     return big if not math.isfinite(big) or big > torch.finfo(dtype).max else None
+
+
+def lost_in_cast(x: torch.Tensor, dtype: torch.dtype) -> float | None:
+    """The relative error (Frobenius) of casting ``x`` to ``dtype`` where it exceeds ``dtype``'s
+    epsilon, else None. Rounding within the normal range errs by at most half an epsilon an entry,
+    so more means that entries fell below it (fp16 below 6.1e-5), where fewer bits are left."""
+    if not dtype.is_floating_point or x.numel() == 0:
+        return None
+    x64 = x.detach().double()
+    norm = float(x64.norm())
+    if norm == 0.0 or not math.isfinite(norm):
+        return None
+    err = float((x.detach().to(dtype).double() - x64).norm()) / norm
+    return err if err > torch.finfo(dtype).eps else None
 
 
 def project_delta(
@@ -315,4 +347,12 @@ def project_delta(
         raise _non_finite("the weights or the update contain NaN or Inf", w_aligned, w_unaligned, delta)
     if _v_is_zero(vsq, w_aligned, w_unaligned):
         raise ValueError("aligned and unaligned weights are identical (V = 0): the projection is undefined")
+    # N = V M, M = V^T dW: entries of N below 2^-120 lost their bits; and an all-zero N says nothing
+    # where either product's terms all lie below it (bounds: ||V|| max|dW|, and ||V||^2 max|dW| sqrt(d_out))
+    if _below_full_precision(N):
+        raise FloatingPointError(_LOST)
+    if not bool(N.any()):
+        v, dmax = math.sqrt(vsq), _abs_max(delta)
+        if min(v * dmax, vsq * dmax * math.sqrt(N.shape[0])) < _FP32_FULL:
+            raise FloatingPointError(_LOST)
     return N / math.sqrt(vsq)

@@ -691,6 +691,8 @@ class MergeSettings:
     output: str = "adapter"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.selection, Selection):
+            raise TypeError(f"selection must be a Selection, e.g. Selection(threshold=0.35); got {self.selection!r}")
         merging.validate(self.method, self.alpha, self.density, lora=True)
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
@@ -727,6 +729,9 @@ def merge(
     """SafeMERGE: score the task adapter, merge flagged layers with the safety adapter, write ``out``
     (with ``safemerge_report.json`` and, unless ``plot=False``, ``safemerge_report.png``). A threshold
     flags ``cosine < threshold``, as SafeMERGE defines it, whatever ``selection.inclusive`` says."""
+    if not isinstance(settings, MergeSettings):
+        raise TypeError(f"settings must be a MergeSettings, e.g. MergeSettings(Selection(threshold=0.35)); "
+                        f"got {settings!r}")
     settings = dataclasses.replace(settings, selection=dataclasses.replace(settings.selection, inclusive=False))
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned),
                                   ("--task-adapter", task_adapter), ("--safety-adapter", safety_adapter)))
@@ -835,6 +840,9 @@ def project(
 ) -> dict[str, Any]:
     """Safe LoRA: flagged layers (cosine <= threshold, or the k lowest) get ``lora_B <- C lora_B``
     (``<=`` as Safe LoRA defines it, whatever ``selection.inclusive`` says)."""
+    if not isinstance(selection, Selection):
+        raise TypeError(f"selection must be a Selection, e.g. Selection(threshold=0.5) or Selection(num_layers=4); "
+                        f"got {selection!r}")
     selection = dataclasses.replace(selection, inclusive=True)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
@@ -852,19 +860,28 @@ def project(
     flags = _select(run, scores, selection)
     records = _records(run, scores, flags, "projected")
     t0 = time.perf_counter()
-    # in lora_B's dtype for an adapter; fp32 for a model, whose weights then round once (W + s C B A)
+    # in lora_B's dtype for an adapter where that dtype holds C @ B (else fp32, as merge writes its
+    # merged factors); fp32 for a model, whose weights then round once (W + s C B A)
     new_B = {layer.module: s.projected_B for layer, s, f in zip(run.layers, scores, flags) if f}
+    kept = []
     for layer in run.layers if output == "adapter" else ():  # (a model's C @ B stays fp32)
         B, dtype = new_B.get(layer.module), layer.task.dtypes[1]
         if B is None:
             continue
-        big = ops.out_of_range(B, dtype)
-        if big is not None:
-            raise SafeMergeError(
-                f"--adapter {task.path}: module {layer.module}: C @ lora_B reaches {big:.3g}, beyond what {dtype} "
-                f"holds ({torch.finfo(dtype).max:.3g}); save the adapter in float32, or use --output model"
-            )
-        new_B[layer.module] = B.to(dtype)
+        big, lost = ops.out_of_range(B, dtype), ops.lost_in_cast(B, dtype)
+        if big is None and lost is None:
+            new_B[layer.module] = B.to(dtype)
+        else:
+            kept.append((layer.module, dtype,
+                         f"reaches {big:.3g}, beyond what {dtype} holds ({torch.finfo(dtype).max:.3g})" if big is not None
+                         else f"lies below {dtype}'s normal range ({torch.finfo(dtype).tiny:.2g}), where a cast errs "
+                              f"by {lost:.1%}"))
+    if kept:
+        module, dtype, why = kept[0]
+        run.warnings.append(
+            f"lora_B of {len(kept)} projected module(s) written in float32, not the adapter's {dtype}: C @ lora_B of "
+            f"{module}{' (the first)' if len(kept) > 1 else ''} {why}; PEFT loads mixed dtypes (in float32 by default)"
+        )
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             _note_vllm(run, write_adapter(tmp, task.config, [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -631,6 +632,71 @@ def test_sums_that_underflow_or_overflow_are_named_so(backend):
     want = ref_project(wa, wu, small)
     assert got.dtype == torch.float8_e4m3fn and float(want.abs().max()) < 448
     assert ((got.double() - want).abs() <= want.abs() * 2.0 ** -4 + 2.0 ** -10).all()  # (e4m3: 3 mantissa bits)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_products_that_underflow_to_zero_are_an_error_not_a_zero(backend):
+    """Where every product of V^T dW lies below fp32's normal range, the sums come out exactly 0:
+    that is the lost-precision error, not "C dW = 0" scored 0 (always flagged), and project_delta's
+    all-zero or subnormal C dW is that error too, not a projection that deletes the update. A true
+    C dW = 0 (disjoint supports: exact zeros at unit scale) still scores 0 and projects to 0."""
+    g = torch.Generator().manual_seed(24)
+    wu = torch.zeros(64, 48)
+    V = torch.randn(64, 48, generator=g)
+    A, B = torch.randn(4, 48, generator=g), torch.randn(64, 4, generator=g)
+    for wa, kw in ((V * 1e-8, {"delta": (B @ A) * 1e-40}), (V * 1e-20, {"lora_A": A * 1e-30, "lora_B": B * 1e-30})):
+        dW = kw["delta"] if "delta" in kw else kw["lora_B"].double() @ kw["lora_A"].double()
+        assert abs(ref_cosine(wa, wu, dW)) > 0.3  # (what float64 says: no zero)
+        with pytest.raises(FloatingPointError, match="lost their precision"):
+            ops.subspace_score(wa, wu, **kw, backend=backend)
+    for scale in (1e-22, 1e-30):  # C dW near 1e-22 (subnormal N = V V^T dW), near 1e-30 (N all zero)
+        assert float(ref_project(V * scale, wu, B @ A).abs().max()) > 0
+        with pytest.raises(FloatingPointError, match="lost their precision"):
+            ops.project_delta(V * scale, wu, B @ A, backend=backend)
+    u, w = torch.randn(64, 1, generator=g), torch.randn(64, 1, generator=g)
+    u[32:], w[:32] = 0, 0
+    wa, dW = u @ torch.randn(1, 48, generator=g), w @ A[:1]
+    assert ops.subspace_score(wa, wu, lora_A=A[:1], lora_B=w, backend=backend).cosine == 0.0
+    assert ops.subspace_score(wa, wu, delta=dW, backend=backend).cosine == 0.0
+    assert not ops.project_delta(wa, wu, dW, backend=backend).any()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fp16_projection_below_the_normal_range_warns(backend):
+    """C B of plausible fp16 adapters (V of 1e-3, B of 1e-3, d = 1024: entries near 6e-6) lies below
+    fp16's smallest normal (6.1e-5), where a cast keeps a few bits: project_lora_B says so; in
+    float32 lora_B the projection keeps its digits."""
+    g = torch.Generator().manual_seed(25)
+    wu = torch.randn(1024, 512, generator=g) * 0.02
+    wa = wu + torch.randn(1024, 512, generator=g) * 1e-3
+    B = (torch.randn(1024, 8, generator=g) * 1e-3).half()
+    want = ref_project(wa, wu, B)
+    assert float(want.abs().max()) < torch.finfo(torch.float16).tiny
+    with pytest.warns(RuntimeWarning, match="below the normal range of torch.float16"):
+        got = ops.project_lora_B(wa, wu, B, backend=backend)
+    assert got.dtype == torch.float16
+    assert float((got.double() - want).norm() / want.norm()) > torch.finfo(torch.float16).eps  # (why it warns)
+    exact = ops.project_lora_B(wa, wu, B.float(), backend=backend)
+    assert float((exact.double() - want).norm() / want.norm()) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.project_lora_B(wa, wu, (B.float() * 100).half(), backend=backend)  # (normal range: no warning)
+
+
+def test_sparse_tensors_and_wrong_selection_types_are_named():
+    wa, wu, A, B = inputs()
+    for kw in ({"delta": (B @ A).to_sparse()}, {"lora_A": A, "lora_B": B.to_sparse()}):
+        with pytest.raises(ValueError, match="is a sparse tensor .*pass a dense one"):
+            ops.subspace_score(wa, wu, **kw, backend="torch")
+    with pytest.raises(ValueError, match="w_aligned is a sparse tensor"):
+        ops.project_lora_B(wa.to_sparse(), wu, B, backend="torch")
+    from safemerge_ext import pipeline
+    with pytest.raises(TypeError, match="selection must be a Selection, e.g. Selection"):
+        pipeline.project("a", "u", "ad", "out", 0.3)
+    with pytest.raises(TypeError, match="settings must be a MergeSettings"):
+        pipeline.merge("a", "u", "t", "s", "out", Selection(threshold=0.3))
+    with pytest.raises(TypeError, match="selection must be a Selection"):
+        pipeline.MergeSettings(0.35)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

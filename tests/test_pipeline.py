@@ -691,18 +691,87 @@ def test_project_float8_adapter(fx, tmp_path, capsys):
         Bo = load_adapter(out)[m][1]
         want = ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B)
         assert_close(Bo, want, atol=2.0 ** -9, rtol=2.0 ** -4, what=m)  # (e4m3: 3 mantissa bits)
-    # V 10^4 times larger: C B past float8_e4m3fn's 448, which a cast would saturate to without a word
+    # V 10^4 times larger: C B past float8_e4m3fn's 448, which a cast would saturate to without a
+    # word: those modules' lora_B are written in float32 (as merge writes its merged factors), said once
     big = Path(shutil.copytree(fx.aligned, tmp_path / "aligned-far"))
     for shard in big.glob("*.safetensors"):
         t = load_file(shard)
         unal = {k: v for f in Path(fx.unaligned).glob("*.safetensors") for k, v in load_file(f).items() if k in t}
         save_file({k: unal[k] + 1e4 * (v - unal[k]) if k.endswith("proj.weight") else v for k, v in t.items()},
                   str(shard), metadata={"format": "pt"})
+    capsys.readouterr()
     assert run_cli(["project", "--aligned", big, "--unaligned", fx.unaligned, "--adapter", adapter,
-                    "--out", tmp_path / "p2", "--num-layers", 3, "--no-plot"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "C @ lora_B reaches " in err and "beyond what torch.float8_e4m3fn holds (448)" in err, err
-    assert not (tmp_path / "p2").exists()
+                    "--out", tmp_path / "p2", "--num-layers", 3, "--no-plot"]) == 0
+    out = capsys.readouterr().out  # (the summary's warning lines)
+    wb = load_model(big)
+    flagged = [r["module"] for r in report_of(tmp_path / "p2")["layers"] if r["flagged"]]
+    stored = load_file(tmp_path / "p2" / "adapter_model.safetensors")
+    wide = []
+    for m in task:
+        Bo = stored[f"base_model.model.{m}.lora_B.weight"]
+        if m not in flagged:
+            assert Bo.dtype == torch.float8_e4m3fn and torch.equal(Bo.view(torch.uint8), task[m][1].view(torch.uint8))
+            continue
+        want = ref_project(wb[f"{m}.weight"], wu[f"{m}.weight"], task[m][1])
+        if float(want.abs().max()) > 448:
+            wide.append(m)
+            assert Bo.dtype == torch.float32
+            assert_close(Bo, want, atol=1e-5 * float(want.abs().max()), rtol=1e-5, what=m)
+        else:
+            assert Bo.dtype == torch.float8_e4m3fn
+            assert_close(Bo, want, atol=2.0 ** -9, rtol=2.0 ** -4, what=m)
+    assert wide, "no projection past 448: the case is not tested"
+    assert re.search(rf"warning: lora_B of {len(wide)} projected module\(s\) written in float32, not the adapter's "
+                     rf"torch.float8_e4m3fn: C @ lora_B of {re.escape(wide[0])} (\(the first\) )?reaches [\d.e+]+, "
+                     r"beyond what torch.float8_e4m3fn holds \(448\)", out), out
+    assert any("written in float32" in w for w in report_of(tmp_path / "p2")["warnings"])
+
+
+def test_project_fp16_adapter_keeps_projections_below_fp16s_normal_range(fx, tmp_path, capsys):
+    """C B of an fp16 adapter whose B is small (1e-3 and less, as trained LoRA B often is) can lie
+    below fp16's smallest normal, 6.1e-5, where a cast keeps a few bits (a 1% error, entries turned
+    to 0): such modules' lora_B are written in float32, with a warning, and PEFT loads them as
+    written; the other modules stay fp16, bit for bit."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    wa, wu = load_model(fx.aligned), load_model(fx.unaligned)
+    task = load_adapter(fx.task)
+    top = max(float(ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B).abs().max()) for m, (_, B, _) in task.items())
+    adapter = Path(shutil.copytree(fx.task, tmp_path / "task-f16"))
+    factors = load_file(adapter / "adapter_model.safetensors")
+    k = 2e-5 / top  # (every C B below 2e-5; cosines do not depend on the scale)
+    save_file({n: (v * k if ".lora_B." in n else v).half() for n, v in factors.items()},
+              str(adapter / "adapter_model.safetensors"))
+    task = load_adapter(adapter)
+    out = tmp_path / "p"
+    assert run_cli(["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", adapter,
+                    "--out", out, "--num-layers", 3, "--no-plot"]) == 0
+    err = capsys.readouterr().out  # (the summary's warning lines)
+    assert re.search(r"warning: lora_B of 3 projected module\(s\) written in float32, not the adapter's torch.float16: C @ "
+                     r"lora_B of \S+ \(the first\) lies below torch.float16's normal range \(6.1e-05\), where a cast "
+                     r"errs by [\d.]+%", err), err
+    flagged = [r["module"] for r in report_of(out)["layers"] if r["flagged"]]
+    stored = load_file(out / "adapter_model.safetensors")
+    for m, (A, B, _) in task.items():
+        Bo = stored[f"base_model.model.{m}.lora_B.weight"]
+        assert torch.equal(stored[f"base_model.model.{m}.lora_A.weight"], A)
+        if m in flagged:
+            want = ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B)
+            assert Bo.dtype == torch.float32
+            assert_close(Bo, want, atol=1e-6 * float(want.abs().max()), rtol=1e-5, what=m)
+            lost = float((want.half().double() - want).norm() / want.norm())
+            assert lost > torch.finfo(torch.float16).eps, (m, lost)  # (what fp16 would have kept)
+        else:
+            assert Bo.dtype == torch.float16 and torch.equal(Bo, B)
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(fx.aligned, dtype=torch.float32), out)
+    params = dict(model.named_parameters())
+    for m in flagged:
+        assert torch.equal(params[f"base_model.model.{m}.lora_B.default.weight"], stored[f"base_model.model.{m}.lora_B.weight"])
 
 
 def test_project_num_layers(fx, tmp_path):

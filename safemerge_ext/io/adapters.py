@@ -325,10 +325,11 @@ class OutModule:
 
     @classmethod
     def from_lora(cls, m: LoraModule, B: torch.Tensor | None = None) -> "OutModule":
-        """A read module written as it is (its own alpha), or with ``B`` (same shape and dtype) in
-        place of its lora_B."""
+        """A read module written as it is (its own alpha), or with ``B`` (same shape; its own dtype)
+        in place of its lora_B."""
         make = (lambda: (m.A, m.B)) if B is None else (lambda: (m.A, B))
-        return cls(m.name, (m.rank, m.d_in), (m.d_out, m.rank), m.dtypes, m.alpha, make)
+        dtypes = m.dtypes if B is None else (m.dtypes[0], B.dtype)
+        return cls(m.name, (m.rank, m.d_in), (m.d_out, m.rank), dtypes, m.alpha, make)
 
 
 def unit_alpha(rank: int, use_rslora: bool) -> float:
