@@ -166,6 +166,7 @@ def open_run(
     # (the safety adapter's modules by every name they go by: one trained on another transformers
     # version may name a vision-language model's modules differently)
     safety_as = {} if safety is None else {module_key(m): m for m in safety.modules}
+    safety_at: dict[str | None, str] | None = None  # (its modules by the aligned weight they adapt, when needed)
     model_type = config_value(aligned.path, "model_type")
     for module in sorted(task.modules, key=natural_key):
         lm = task.modules[module]
@@ -220,6 +221,10 @@ def open_run(
             sm = safety.modules.get(module)
             if sm is None:
                 sm = safety.modules.get(safety_as.get(module_key(module), ""))
+            if sm is None:  # (one adapter trained on the bare LlamaModel, the other on LlamaForCausalLM)
+                if safety_at is None:
+                    safety_at = {aligned.resolve_module(m): m for m in safety.modules}
+                sm = safety.modules.get(safety_at.get(weight, ""))
             if sm is None:
                 raise SafeMergeError(
                     f"{safety.flag} {safety.path}: has no update for module {module}, which {task.flag} adapts; "

@@ -1506,6 +1506,39 @@ def test_vision_language_checkpoints_match_adapters_named_in_memory(gemma3_vlm, 
         assert_close(B, want, atol=1e-6, rtol=1e-5, what=m)
 
 
+def test_safety_adapter_trained_on_the_bare_model_pairs_by_the_weight_it_adapts(fx, tmp_path):
+    """A safety adapter PEFT trained on the bare LlamaModel names its modules layers.N... where the
+    task adapter (trained on LlamaForCausalLM) has model.layers.N...: both adapt the same weights,
+    so the merge is the one with matching names, under the task adapter's names; and the other
+    way round."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bare = {}
+    for name, src in (("safety", fx.safety), ("task", fx.task)):
+        bare[name] = Path(shutil.copytree(src, tmp_path / f"{name}-bare"))
+        factors = load_file(bare[name] / "adapter_model.safetensors")
+        save_file({k.replace("base_model.model.model.", "base_model.model."): v for k, v in factors.items()},
+                  str(bare[name] / "adapter_model.safetensors"))
+        assert all(m.startswith("layers.") for m in load_adapter(bare[name]))
+    runs = {}
+    for case, task, safety in (("same", fx.task, fx.safety), ("bare-safety", fx.task, bare["safety"]),
+                               ("bare-task", bare["task"], fx.safety)):
+        out = tmp_path / case
+        assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", task,
+                        "--safety-adapter", safety, "--out", out, "--num-layers", 4, "--no-plot"]) == 0
+        runs[case] = (load_file(out / "adapter_model.safetensors"), report_of(out)["layers"])
+    want, want_layers = runs["same"]
+    for case in ("bare-safety", "bare-task"):
+        got, layers = runs[case]
+        if case == "bare-task":
+            got = {k.replace("base_model.model.layers.", "base_model.model.model.layers."): v for k, v in got.items()}
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), case
+        assert [(r["cosine"], r["flagged"]) for r in layers] == [(r["cosine"], r["flagged"]) for r in want_layers]
+        assert sum(r["flagged"] for r in layers) == 4
+
+
 def test_adapters_and_models_in_the_other_naming(gemma3_vlm, tmp_path, capsys):
     """A safety adapter trained where the text modules were named language_model.model... (older
     PEFT and transformers) pairs with a task adapter naming them model.language_model...: the same
