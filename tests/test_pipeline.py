@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from numerics import assert_close, ref_cosine, ref_project
 from safemerge_ext import backends
 from safemerge_ext.cli import main
+from safemerge_ext.io.models import natural_key
 from weights import load_adapter, load_model
 
 def _runs_on_cpu(name: str) -> bool:
@@ -666,6 +667,34 @@ def test_project_model_output_rounds_once(fx_bf16, tmp_path):
         w = got[f"{m}.weight"]
         ulp = (exact.abs().float().clamp_min(1e-30).log2().floor().exp2() * 2.0 ** -7).double()  # bf16 spacing
         assert float(((w.double() - exact).abs() / ulp).max()) <= 1.0, m
+
+
+def test_written_adapter_names_every_module_it_holds(fx, tmp_path):
+    """PEFT loads the modules that an adapter's target_modules names (within layers_to_transform):
+    a task adapter whose config names fewer than its weights hold (edited by hand: q_proj of layer
+    0 only) is scored and merged for every module it holds, and the written adapter names each of
+    them, so PEFT applies to the model what --output model adds to it."""
+    import shutil
+
+    task = Path(shutil.copytree(fx.task, tmp_path / "task"))
+    cfg = json.loads((task / "adapter_config.json").read_text())
+    cfg.update(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers")
+    (task / "adapter_config.json").write_text(json.dumps(cfg))
+    outs = {}
+    for output in ("adapter", "model"):
+        outs[output] = tmp_path / output
+        assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", task,
+                        "--safety-adapter", fx.safety, "--out", outs[output], "--num-layers", 3, "--output", output,
+                        "--no-plot"]) == 0
+    written = json.loads((outs["adapter"] / "adapter_config.json").read_text())
+    modules = sorted(load_adapter(fx.task), key=natural_key)
+    assert len(modules) > 2 and sorted(written["target_modules"], key=natural_key) == modules
+    assert written["layers_to_transform"] is None and written["layers_pattern"] is None
+    got, want, base = peft_merged_weights(fx.aligned, outs["adapter"]), load_model(outs["model"]), load_model(fx.aligned)
+    for m in modules:
+        w = f"{m}.weight"
+        assert not torch.equal(want[w], base[w])
+        assert_close(got[w], want[w], atol=1e-6, rtol=1e-5, what=m)
 
 
 def test_project_float8_adapter(fx, tmp_path, capsys):

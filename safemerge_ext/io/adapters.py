@@ -398,6 +398,13 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     config["init_lora_weights"] = True
     config["rank_pattern"] = {m.name: m.rank for m in modules}
     config["alpha_pattern"] = {m.name: m.alpha for m in modules}
+    # PEFT loads the modules target_modules names (and layers_to_transform / exclude_modules leave):
+    # the modules written, by full name, so that it loads each of them whatever the template said
+    # (a hand-edited config could name fewer, and --output model would then differ from the adapter)
+    config["target_modules"] = [m.name for m in modules]
+    for key in ("layers_to_transform", "layers_pattern", "exclude_modules"):
+        if key in config:
+            config[key] = None
     # PEFT reads the patterns; vLLM reads only r (checked against its max_lora_rank) and the one
     # scaling lora_alpha / r: r becomes the largest rank written, at the template's scaling
     rslora, default = bool(template.get("use_rslora", False)), global_scaling(template)
