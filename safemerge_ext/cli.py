@@ -50,7 +50,8 @@ def _add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=("adapter", "model"), default="adapter",
                    help="adapter: a PEFT LoRA adapter for --aligned (default); model: the full aligned model with the "
                         "updates added, same sharding, config and tokenizer files copied")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists (only once the run has succeeded)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists: a previous output (it holds safemerge_report.json) or an "
+                   "empty folder, and only once the run has succeeded")
     p.add_argument("--no-plot", dest="plot", action="store_false",
                    help="skip the report's PNG plot (matplotlib: 0.3-0.5 s of start-up and 55-190 ms a render; "
                         "the JSON report is always written)")
@@ -279,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         from safemerge_ext._signals import (exit_code, exit_on_signal, interrupts_held, pending_signal,
                                             sigterm_as_interrupt)
-        from safemerge_ext.errors import SafeMergeError
+        from safemerge_ext.errors import SafeMergeError, symlink_loop
 
         target = _target(args)
         if args.command in ("score", "merge", "project"):  # (the commands that map model files)
@@ -301,6 +302,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SafeMergeError, ValueError, OSError, KeyboardInterrupt) as exc:
         with interrupts_held(resend=False):  # (the run is over: a second Ctrl-C does not cut its one line short)
             code = _failed(exc, args, target)
+        return code
+    except RuntimeError as exc:
+        loop = symlink_loop(exc)
+        if loop is None:
+            raise
+        with interrupts_held(resend=False):
+            code = _failed(loop, args, target)
         return code
     finally:
         with interrupts_held(resend=False):

@@ -7,6 +7,7 @@ and alpha patterns) and a safety adapter (rsLoRA, another rank) made with peft.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +40,13 @@ def save_model(model, path: Path, dtype: torch.dtype, shard: str = "60KB") -> No
     model.to(dtype).save_pretrained(path, max_shard_size=shard)
 
 
-def build(root: Path, *, layers: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0) -> Fixture:
+def build(root: str | os.PathLike, *, layers: int = 3, dtype: torch.dtype = torch.float32, seed: int = 0) -> Fixture:
     """Write aligned/unaligned models and task/safety adapters under ``root``."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     cfg = llama_config(layers)
     aligned = LlamaForCausalLM(cfg).eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import queue
 import sys
 import threading
@@ -647,6 +648,10 @@ def score(
     for path, flag in ((report_path, "--report"), (plot_path, "--plot")):
         if path is not None and not str(path).strip():
             raise SafeMergeError(f"{flag} is empty; give a file name or leave {flag} out")
+        if path and str(path).endswith(("/", os.sep)):  # (Path() drops the slash: it would become a file)
+            name = REPORT_JSON if flag == "--report" else REPORT_PNG
+            raise SafeMergeError(f"{flag} {path} names a folder (it ends in a slash); give a file name such as "
+                                 f"{Path(path) / name}")
         if path:
             check_parent(path, flag)
             check_not_input(path, flag, inputs)
@@ -739,7 +744,8 @@ def merge(
                         f"got {settings!r}")
     settings = dataclasses.replace(settings, selection=dataclasses.replace(settings.selection, inclusive=False))
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned),
-                                  ("--task-adapter", task_adapter), ("--safety-adapter", safety_adapter)))
+                                  ("--task-adapter", task_adapter), ("--safety-adapter", safety_adapter)),
+              marker=REPORT_JSON)
     task = read_adapter(task_adapter, "--task-adapter")
     safety = read_adapter(safety_adapter, "--safety-adapter")
     run = open_run(aligned, unaligned, task, safety, device=device, backend=backend, precision=precision,
@@ -851,7 +857,8 @@ def project(
     selection = dataclasses.replace(selection, inclusive=True)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
-    check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter)))
+    check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter)),
+              marker=REPORT_JSON)
     task = read_adapter(adapter, "--adapter")
     run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision,
                    honour_env=honour_env)

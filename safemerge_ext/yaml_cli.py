@@ -26,13 +26,13 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from safemerge_ext._faults import bus_error_line, explain_bus_errors
 from safemerge_ext._signals import exit_code, interrupts_held, sigterm_as_interrupt, what_ended
 from safemerge_ext.backends import requested_precision
-from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.errors import SafeMergeError, symlink_loop
 from safemerge_ext.io.model_writer import untie_stored_head
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir
 from safemerge_ext.mergekit_methods import (
     METHOD_NAMES, ROLES, discard_report, finalize_report, refusal, register_methods, report_files,
 )
-from safemerge_ext.report import PlotUnavailable, plot, summary_table, write_json
+from safemerge_ext.report import REPORT_JSON, PlotUnavailable, plot, summary_table, write_json
 
 # what mergekit's dtype / out_dtype take for a merge (mergekit.common.dtype_from_name also takes int64)
 DTYPES = ("bfloat16", "float16", "float32", "float64")
@@ -198,8 +198,10 @@ def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
             raise SafeMergeError(f"{label}: parameters: report_path is a setting of the whole run; "
                                  "move it to the recipe's top-level parameters:")
         found: dict[str, list[str]] = {}
+        # (as mergekit reads a parameter: the model's own, else its slice's or module's, else the recipe's)
+        default = own.get("role", (config.parameters or {}).get("role"))
         for ref, params in inputs:
-            role = params.get("role")
+            role = params.get("role", default if ref != base else None)
             if ref == base:
                 if role is not None:
                     raise SafeMergeError(
@@ -243,7 +245,8 @@ def _local_dir(path: str, what: str) -> Path:
     return p
 
 
-def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bool, int, tuple[tuple[str, Path], ...]]:
+def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_embeddings: bool = False,
+                  ) -> tuple[bool, int, tuple[tuple[str, Path], ...]]:
     """Paths exist; every tensor of the aligned model is in every input with the same shape (a
     resized vocabulary only with the recipe's tokenizer settings), 2-D weights in the same dtype in
     the unaligned one (headers only)."""
@@ -262,7 +265,8 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str]) -> tuple[bo
             adapters.append((label, ref, read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True)))
     base_label, _, base = readers[0]
     vocab = _vocab_size(base.path)
-    aligns_vocab = config.tokenizer is not None or config.tokenizer_source is not None
+    # (mergekit's tokenizer settings align the embedding rows; --unsafe-truncate-embeddings cuts them)
+    aligns_vocab = config.tokenizer is not None or config.tokenizer_source is not None or truncate_embeddings
     planned = _planned_names(base.path)
     checked = 0
     for name in base.names:
@@ -326,8 +330,9 @@ def _vocab_size(model_dir: Path) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe") -> Checked:
-    """Check a recipe (parsed YAML) before any weight is read; raise SafeMergeError naming the culprit."""
+def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe", truncate_embeddings: bool = False) -> Checked:
+    """Check a recipe (parsed YAML) before any weight is read; raise SafeMergeError naming the culprit.
+    ``truncate_embeddings``: mergekit's --unsafe-truncate-embeddings is on (vocabularies may differ)."""
     register_methods()
     if not isinstance(data, dict):
         raise SafeMergeError(f"{recipe}: not a mergekit recipe (expected a YAML mapping with merge_method:)")
@@ -357,7 +362,7 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe") -> Checked:
         except ValueError as exc:
             raise SafeMergeError(str(exc)) from None
     roles = _check_roles(method, config)
-    has_lora, checked, inputs = _check_models(config, roles)
+    has_lora, checked, inputs = _check_models(config, roles, truncate_embeddings)
     return Checked(config, method, roles, has_lora, checked, inputs)
 
 
@@ -424,7 +429,7 @@ def _fail(msg: str) -> None:
 @click.command("safemerge-yaml", cls=PrettyPrintHelp)
 @click.argument("config_file")
 @click.argument("out_path")
-@click.option("--force", is_flag=True, default=False, help="Replace OUT_PATH if it exists")
+@click.option("--force", is_flag=True, default=False, help="Replace OUT_PATH if it exists (a previous output, holding safemerge_report.json, or an empty folder)")
 @add_merge_options
 def _command(merge_options: MergeOptions, config_file: str, out_path: str, force: bool) -> None:
     """Merge with safemerge / safelora / resta after checking the recipe; write the report into OUT_PATH."""
@@ -442,11 +447,11 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     except yaml.YAMLError as exc:
         _fail(f"{config_file}: not valid YAML ({str(exc).splitlines()[0]})")
     try:
-        checked = validate_recipe(data, config_file)
+        checked = validate_recipe(data, config_file, truncate_embeddings=merge_options.unsafe_truncate_embeddings)
     except SafeMergeError as exc:
         _fail(str(exc))
     try:
-        out = check_out(out_path, force, "OUT_PATH", inputs=checked.inputs)
+        out = check_out(out_path, force, "OUT_PATH", inputs=checked.inputs, marker=REPORT_JSON)
     except SafeMergeError as exc:
         _fail(str(exc))
     if checked.has_lora and not merge_options.lora_merge_dtype:
@@ -551,6 +556,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # usage errors, as click shows them
         exc.show()
         sys.exit(exc.exit_code)
+    except RuntimeError as exc:
+        loop = symlink_loop(exc)
+        if loop is None:
+            raise
+        click.echo(f"safemerge-yaml: error: {loop.filename}: {loop.strerror}; nothing was written", err=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 

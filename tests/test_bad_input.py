@@ -195,7 +195,7 @@ def case_models(fx, tmp: Path, kind: str):
                 sd[f"base_model.model.{Q0}.lora_{ab}.other.weight"] = sd[f"base_model.model.{Q0}.lora_{ab}.weight"].clone()
         edit_adapter(t, tensors=second)
         return a, u, t, s, ["--task-adapter", Q0, "two lora_A tensors", "own folder"]
-    if kind in ("header_shape", "header_offsets", "header_dtype", "header_length"):
+    if kind in ("header_shape", "header_offsets", "header_dtype", "header_length", "header_overlap", "trailing_bytes"):
         u = copy(fx.unaligned, tmp / "u")
         index = json.loads((u / "model.safetensors.index.json").read_text())
         shard = u / index["weight_map"][f"{Q0}.weight"]
@@ -207,6 +207,14 @@ def case_models(fx, tmp: Path, kind: str):
             entry["shape"], want = [float("inf"), 64], [f"{Q0}.weight", "not a list of whole numbers"]
         elif kind == "header_offsets":
             entry["data_offsets"], want = entry["data_offsets"][:1], [f"{Q0}.weight", "not two whole numbers"]
+        elif kind == "header_overlap":  # in bounds and the right size, but on a neighbour's bytes (safetensors refuses it)
+            o0, o1 = entry["data_offsets"]
+            k = 2 if o0 >= 2 else -2
+            entry["data_offsets"] = [o0 - k, o1 - k]
+            want = [f"{Q0}.weight's data_offsets start at", "they overlap" if k > 0 else "they leave a gap",
+                    "re-download or re-save it"]
+        elif kind == "trailing_bytes":  # bytes past the last tensor (safetensors refuses the file)
+            want = [f"the tensors end at byte {len(raw)}, but the file has {len(raw) + 8}", "re-download or re-save it"]
         elif kind == "header_dtype":  # a dtype code this torch has no type for (a newer format's)
             entry["dtype"], want = "F4X", [f"tensor {Q0}.weight has dtype F4X, which torch cannot hold",
                                            "must be fp32/fp16/bf16 weights"]
@@ -215,6 +223,9 @@ def case_models(fx, tmp: Path, kind: str):
         if kind == "header_length":
             size = 8 + len(new) + len(raw) - 8 - n
             want = [f"header length {length} does not fit a {size}-byte file", "re-download or re-save it"]
+        if kind == "trailing_bytes":  # (the header as it was: its padding keeps the offsets)
+            shard.write_bytes(raw + bytes(8))
+            return a, u, t, s, ["--unaligned", shard.name, *want]
         shard.write_bytes(length.to_bytes(8, "little") + new + raw[8 + n:])
         return a, u, t, s, ["--unaligned", shard.name, *want]
     if kind == "index_names_the_wrong_shard":  # the index lists the tensor in a shard that does not hold it
@@ -289,7 +300,8 @@ CASES = ["missing_dir", "missing_tensor", "stale_index_aligned", "stale_index_un
          "config_r_null", "config_bad_pattern", "rank_zero", "two_factor_sets", "header_shape", "adapter_lacks_factor",
          "factor_ranks_differ", "integer_factor", "no_factors", "config_r_fraction", "config_pattern_not_object",
          "config_pattern_value", "dora_magnitude_only", "safety_adapter_shape", "integer_weights", "header_offsets",
-         "header_dtype", "header_length", "index_names_the_wrong_shard", "index_not_a_table"]
+         "header_dtype", "header_length", "header_overlap", "trailing_bytes", "index_names_the_wrong_shard",
+         "index_not_a_table"]
 
 
 def leftovers(parent: Path, name: str) -> list[Path]:
@@ -396,7 +408,15 @@ def test_out_exists_needs_force(fx, tmp_path, capsys):
     bad_args[bad_args.index("--task-adapter") + 1] = str(bad)
     assert main(bad_args + ["--force"]) == 2
     assert (out / "keep.txt").read_text() == "mine"
-    # a good run with --force replaces it
+    # --force replaces a previous output (or an empty folder), never a folder of other files
+    capsys.readouterr()
+    assert main(args + ["--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"--out {out} holds no safemerge_report.json, so it is not an output of safemerge" in err
+    assert (out / "keep.txt").read_text() == "mine" and not (out / "adapter_model.safetensors").exists()
+    (out / "keep.txt").unlink()
+    assert main(args + ["--force"]) == 0  # (empty)
+    (out / "keep.txt").write_text("mine")  # (a file in a previous output goes with it)
     assert main(args + ["--force"]) == 0
     assert (out / "adapter_model.safetensors").is_file() and not (out / "keep.txt").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
@@ -765,6 +785,7 @@ def test_sigterm_cleans_up_as_ctrl_c_does(fx, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (out / "safemerge_report.json").write_text("{}")  # (a previous output)
     args = ["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
             "--safety-adapter", str(fx.safety), "--out", str(out), "--force", "--no-plot", "--no-progress"]
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -1147,6 +1168,7 @@ def test_an_interrupt_while_the_replaced_output_is_deleted_ends_as_interrupted(f
         out = tmp_path / f"out{code}"
         out.mkdir()
         (out / "mine.txt").write_text("old")
+        (out / "safemerge_report.json").write_text("{}")  # (a previous output)
 
         def rmtree(path, *a, exc=exc, **k):
             if ".old-" in str(path):
@@ -1447,6 +1469,7 @@ def test_a_signal_as_the_output_is_put_in_place_does_not_unsay_it(fx, tmp_path, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    (out / "safemerge_report.json").write_text("{}")  # (a previous output)
     real_rename, real_fsync, fired = Path.rename, output._fsync, []
 
     def fire() -> None:
@@ -1623,10 +1646,11 @@ def test_force_never_replaces_the_files_an_input_links_to(fx, tmp_path, capsys):
     assert all((snap / f.name).resolve().is_file() for f in fx.aligned.iterdir())
 
 
-def test_project_refuses_a_projected_lora_b_beyond_fp16(fx, tmp_path, capsys):
-    """C @ lora_B larger than fp16 can hold is refused by name (the API's rule, through the CLI too),
-    before anything is written; --output model (where C @ lora_B stays fp32) projects it."""
-    from numerics import ref_project
+def test_project_writes_a_projected_lora_b_beyond_fp16_in_float32(fx, tmp_path, capsys):
+    """C @ lora_B larger than fp16 can hold (inf in it) is written in float32 for that module, with a
+    warning that names it; the other modules keep fp16. --output model (where C @ lora_B stays
+    fp32) projects it too."""
+    from numerics import assert_close, ref_project
 
     wa = load_file(next(p for p in fx.aligned.glob("*.safetensors")
                         if f"{Q0}.weight" in load_file(p)))[f"{Q0}.weight"]
@@ -1648,9 +1672,84 @@ def test_project_refuses_a_projected_lora_b_beyond_fp16(fx, tmp_path, capsys):
     args = ["project", "--aligned", str(fx.aligned), "--unaligned", str(u), "--adapter", str(t),
             "--num-layers", "21", "--no-progress", "--no-plot"]
     out = tmp_path / "out"
-    assert main(args + ["--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert str(t) in err and Q0 in err and "float16" in err and "float32" in err and "--output model" in err
-    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert main(args + ["--out", str(out)]) == 0
+    lines = capsys.readouterr().out
+    assert re.search(rf"warning: lora_B of \d+ projected module\(s\) written in float32, not the adapter's torch.float16: "
+                     rf"C @ lora_B of {re.escape(Q0)}( \(the first\))? reaches [\d.e+]+, beyond what torch.float16 "
+                     r"holds \(6.55e\+04\)", lines), lines
+    stored = load_file(out / "adapter_model.safetensors")
+    assert stored[key].dtype == torch.float32 and float(stored[key].abs().max()) > 65504
+    Bt = load_file(t / "adapter_model.safetensors")[key]
+    assert_close(stored[key], ref_project(wa, wu, Bt), atol=1e-5 * float(stored[key].abs().max()), rtol=1e-5, what=Q0)
+    assert all(v.dtype == torch.float16 for k, v in stored.items() if k != key and ".lora_A." in k)
     assert main(args + ["--out", str(tmp_path / "m"), "--output", "model"]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--out", "--aligned", "--report"])
+def test_a_symbolic_link_loop_is_one_line(fx, tmp_path, capsys, flag):
+    """A link to itself as a path (Path.resolve raises RuntimeError before Python 3.13, OSError
+    after): one line that names it, exit 2, nothing written."""
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    paths = {"--aligned": fx.aligned, "--unaligned": fx.unaligned, "--out": tmp_path / "out", flag: loop}
+    if flag == "--report":
+        args = ["score", "--aligned", paths["--aligned"], "--unaligned", paths["--unaligned"], "--adapter", fx.task,
+                "--report", loop]
+    else:
+        args = ["merge", "--aligned", paths["--aligned"], "--unaligned", paths["--unaligned"], "--task-adapter",
+                fx.task, "--safety-adapter", fx.safety, "--out", paths["--out"]]
+    assert main([str(a) for a in args] + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("safemerge: error: ") and "symbolic links" in err and str(loop) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
+
+
+def test_safemerge_yaml_symbolic_link_loop_is_one_line(fx, tmp_path, capsys):
+    from safemerge_ext import yaml_cli
+
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"""merge_method: safemerge
+base_model: {fx.aligned}
+models:
+  - {{model: {fx.aligned}+{fx.task}, parameters: {{role: task}}}}
+  - {{model: {fx.aligned}+{fx.safety}, parameters: {{role: safety}}}}
+  - {{model: {fx.unaligned}, parameters: {{role: unaligned}}}}
+dtype: float32
+""")
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(recipe), str(loop)])
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 1 and "\n" not in err and f"{loop}: Too many levels of symbolic links" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--report", "--plot"])
+def test_a_report_path_that_ends_in_a_slash_is_a_folder(fx, tmp_path, capsys, flag):
+    """--report rep/ (a folder, by its slash) was written as a file named rep."""
+    path = f"{tmp_path / 'rep'}/"
+    assert main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+                 flag, path, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    name = "safemerge_report.json" if flag == "--report" else "safemerge_report.png"
+    assert err == (f"safemerge: error: {flag} {path} names a folder (it ends in a slash); give a file name such as "
+                   f"{tmp_path / 'rep' / name}"), err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_an_unreadable_shard_says_to_fix_its_permissions(fx, tmp_path, capsys, monkeypatch):
+    """Permission denied is no reason to download the model again."""
+    import safemerge_ext.io.models as models
+
+    real = os.open
+
+    def deny(path, flags, *a, **k):
+        if str(path).endswith(".safetensors") and Path(path).parent == Path(fx.unaligned):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, flags, *a, **k)
+    monkeypatch.setattr(models.os, "open", deny)
+    assert main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"safemerge: error: --unaligned {fx.unaligned}") \
+        and "cannot read it (Permission denied); give this user read access to it" in err, err

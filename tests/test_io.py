@@ -988,6 +988,55 @@ def test_outputs_near_the_file_name_limit(tmp_path, stem):
     assert long_suffix.read_text() == "{}"
 
 
+def test_force_never_replaces_a_folder_with_a_file_system_mounted_inside(fx, tmp_path, monkeypatch, capsys):
+    """An input bind-mounted inside an old --out has another path than the input's, so only the
+    mount table shows it; --force refuses such an --out (its deletion would empty the input), and a
+    mount that appears during the run keeps the replaced output rather than deleting across it.
+    Mount points as the kernel writes them (octal escapes: a space is \\040)."""
+    import shutil
+    import subprocess
+
+    from safemerge_ext.cli import main
+    from safemerge_ext.io import output
+
+    out = tmp_path / "old out"
+    (out / "m").mkdir(parents=True)
+    (out / "safemerge_report.json").write_text("{}")
+    table = tmp_path / "mountinfo"
+    esc = str(out / "m").replace(" ", "\\040")
+    table.write_text(f"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n98 22 8:1 /tmp/x {esc} rw,relatime - ext4 /dev/sda1 rw\n")
+    monkeypatch.setattr(output, "_MOUNTINFO", str(table))
+    assert output.mounts_under(out) == [str(out / "m")] and output.mounts_under(out / "m") == []
+    with pytest.raises(SafeMergeError, match=f"--out {re.escape(str(out))} has {re.escape(str(out / 'm'))} mounted "
+                                             "inside it, whose files --force would delete; unmount it"):
+        output.check_out(out, force=True)
+    output.check_out(tmp_path / "new", force=True)  # (nothing there)
+    old = tmp_path / ".old-copy"
+    shutil.copytree(out, old)
+    monkeypatch.setattr(output, "_MOUNTINFO", str(table).replace("mountinfo", "none"))  # (no table: a walk)
+    assert output.mounts_under(out) == []
+    table.write_text(table.read_text().replace(esc, str(old / "m").replace(" ", "\\040")))
+    monkeypatch.setattr(output, "_MOUNTINFO", str(table))
+    output._remove_replaced(old, out, "--out")
+    assert "the old output could not be removed" in capsys.readouterr().err and (old / "m").is_dir()
+    monkeypatch.undo()
+    # a real bind mount where this test may make one (root, a mount namespace that allows it)
+    src = Path(shutil.copytree(fx.task, tmp_path / "task"))
+    target = tmp_path / "out2" / "m"
+    target.mkdir(parents=True)
+    (target.parent / "safemerge_report.json").write_text("{}")
+    if subprocess.run(["mount", "--bind", str(src), str(target)], capture_output=True).returncode != 0:
+        return
+    try:
+        assert main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter",
+                     str(src), "--safety-adapter", str(fx.safety), "--out", str(target.parent), "--force",
+                     "--no-progress", "--no-plot"]) == 2
+        assert "mounted inside it" in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in Path(fx.task).iterdir())
+
+
 def test_only_a_forced_replacement_checks_what_inputs_link_to(tmp_path):
     """--force replaces --out: refused where an input links into it. A new --out replaces nothing
     (a dangling link to where it will be is no reason to refuse), and a link loop is no target."""

@@ -1093,6 +1093,19 @@ dtype: float32
         validate_recipe(recipe(pico, task=str(wide)))  # mergekit would stop on the size mismatch
     for tok in ({"tokenizer": {"source": "base"}}, {"tokenizer_source": "union"}):
         assert validate_recipe({**recipe(pico, task=str(wide)), **tok}).roles["task"] == str(wide)
+    # mergekit's --unsafe-truncate-embeddings cuts the rows to the smallest vocabulary instead
+    assert validate_recipe(recipe(pico, task=str(wide)), truncate_embeddings=True).roles["task"] == str(wide)
+    # a role that the recipe's parameters give every model without one (mergekit's default)
+    top = recipe(pico)
+    top["parameters"] = {**(top.get("parameters") or {}), "role": "task"}
+    task_entry = next(m for m in top["models"] if (m.get("parameters") or {}).get("role") == "task")
+    task_entry.pop("parameters")
+    assert validate_recipe(top).roles["task"] == str(pico.task)
+    for m in top["models"]:  # (a role twice, once by default: still refused)
+        if (m.get("parameters") or {}).get("role") == "safety":
+            m.pop("parameters")
+    with pytest.raises(SafeMergeError, match="role 'task' must be given to exactly one model; it is given to 2"):
+        validate_recipe(top)
 
 
 def test_sidecars_of_other_runs_are_left_alone(tmp_path, monkeypatch):
@@ -1744,7 +1757,7 @@ def test_safemerge_yaml_sigterm_as_out_path_is_put_in_place_says_it_is_complete(
 
 
 @pytest.mark.parametrize("kind", ["under-a-file", "json-is-a-folder", "in-out-path", "out-path", "not-utf8", "out-holds-input",
-                                  "replaces-input"])
+                                  "replaces-input", "not-an-output"])
 def test_safemerge_yaml_refuses_bad_paths_before_merging(pico, tmp_path, capsys, monkeypatch, kind):
     """report_path that cannot be written, or that lies in OUT_PATH, a recipe that is not UTF-8 text,
     and an OUT_PATH whose replacement would delete an input: one line, before mergekit runs."""
@@ -1765,6 +1778,10 @@ def test_safemerge_yaml_refuses_bad_paths_before_merging(pico, tmp_path, capsys,
         out.mkdir()
         task = str(shutil.copytree(pico.task, out / "task"))
         force = ["--force"]
+    if kind == "not-an-output":  # a folder of other files (a mistyped OUT_PATH): --force does not delete it
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        force = ["--force"]
     if kind == "replaces-input":  # report_path <task model>/config.json: the report would replace it
         task = str(shutil.copytree(pico.task, tmp_path / "task"))
         params["report_path"] = str(tmp_path / "task" / "config.json")
@@ -1779,8 +1796,10 @@ def test_safemerge_yaml_refuses_bad_paths_before_merging(pico, tmp_path, capsys,
     assert {"under-a-file": "is a file, not a folder", "json-is-a-folder": "is a folder",
             "in-out-path": "is OUT_PATH or inside it", "out-path": "is OUT_PATH or inside it",
             "not-utf8": "not a text file in UTF-8", "out-holds-input": "which the output would replace",
-            "replaces-input": "config.json is a file of role task model"}[kind] in err[0]
-    assert (out.exists() and kind == "out-holds-input" and (out / "task" / "config.json").is_file()) or not out.exists()
+            "replaces-input": "config.json is a file of role task model",
+            "not-an-output": "holds no safemerge_report.json, so it is not an output of safemerge"}[kind] in err[0]
+    assert (out.exists() and kind == "out-holds-input" and (out / "task" / "config.json").is_file()) \
+        or (kind == "not-an-output" and (out / "notes.txt").read_text() == "mine") or not out.exists()
 
 
 def test_safemerge_yaml_report_copy_that_fails_is_one_line_after_the_merge(pico, tmp_path, capsys, monkeypatch):

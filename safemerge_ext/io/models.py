@@ -378,12 +378,25 @@ class ModelReader:
                 if want is not None and want != end - start:
                     raise ValueError(f"tensor {name} ({code} {list(shape)}) spans {end - start} bytes, not {want}")
                 hdr[name] = (code, shape, start, end)
+            # as safetensors checks: the tensors follow one another, no overlap, no gap, to the end
+            # (an overlap in bounds would read another tensor's bytes without a word)
+            pos = 8 + n
+            for name, (_, _, start, end) in sorted(hdr.items(), key=lambda kv: kv[1][2:]):
+                if start != pos:
+                    raise ValueError(f"tensor {name}'s data_offsets start at {start - 8 - n}, but the tensors before "
+                                     f"it end at {pos - 8 - n}: they {'overlap' if start < pos else 'leave a gap'}")
+                pos = end
+            if pos != size:
+                raise ValueError(f"the tensors end at byte {pos}, but the file has {size}")
             meta = raw.get("__metadata__")
             ok = isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
         except (OSError, ValueError, KeyError, TypeError, struct.error, RecursionError) as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 raise SafeMergeError(f"{self.flag} {path}: cannot open it: too many open files ({exc.strerror}); "
                                      "raise the limit (ulimit -n 65536) and run again") from None
+            if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM):
+                raise SafeMergeError(f"{self.flag} {path}: cannot read it ({exc.strerror}); "
+                                     "give this user read access to it") from None
             why = f"a tensor entry has no {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
             raise SafeMergeError(f"{self.flag} {path}: not a readable safetensors file ({why}); re-download or re-save it") from None
         self._headers[shard], self._metadata[shard] = hdr, (dict(meta) if ok else None)

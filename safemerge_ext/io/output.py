@@ -39,10 +39,12 @@ def check_parent(path: str | os.PathLike, flag: str) -> Path:
 
 
 def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
-              inputs: Iterable[tuple[str, str | os.PathLike]] = ()) -> Path:
+              inputs: Iterable[tuple[str, str | os.PathLike]] = (), marker: str | None = None) -> Path:
     """Fail early when the output (``flag`` names it in errors) exists and --force was not given, or
     could not be made, or when replacing it would delete the working directory or one of
-    ``inputs`` ((flag, path) pairs: --force replaces the whole folder)."""
+    ``inputs`` ((flag, path) pairs: --force replaces the whole folder), or a file system mounted
+    inside it; with ``marker`` (a file every output of the command holds), a folder that is neither
+    empty nor holds it is not replaced either."""
     p = check_parent(out, flag)
     here, where = Path.cwd().resolve(), p.resolve()
     if where == here or where in here.parents:  # (and Path(".").name is empty)
@@ -62,7 +64,56 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
         raise SafeMergeError(f"{flag} {p} already exists; choose a new path or pass --force to replace it")
     if p.exists() and not p.is_dir():
         raise SafeMergeError(f"{flag} {p} exists and is not a directory; remove it or choose another path")
+    if force and p.is_dir() and not p.is_symlink():  # (a link is replaced, not what it points to)
+        _check_replaceable(p, flag, marker)
     return p
+
+
+def _check_replaceable(p: Path, flag: str, marker: str | None) -> None:
+    """--force deletes the folder it replaces: never one with a file system mounted inside it (a
+    bind mount of an input would be emptied; resolved paths do not show it), and with ``marker``
+    only a previous output or an empty folder (a mistyped --out is not deleted)."""
+    mounted = mounts_under(p)
+    if mounted:
+        raise SafeMergeError(f"{flag} {p} has {mounted[0]} mounted inside it, whose files --force would delete; "
+                             "unmount it or choose another path")
+    if marker is None:
+        return
+    try:
+        empty = next(os.scandir(p), None) is None
+    except OSError as exc:
+        raise SafeMergeError(f"{flag} {p}: cannot list it ({exc.strerror or exc}); choose another path") from None
+    if not empty and not (p / marker).is_file():
+        raise SafeMergeError(f"{flag} {p} holds no {marker}, so it is not an output of safemerge, and --force "
+                             "would delete all of it; remove it yourself or choose another path")
+
+
+_MOUNTINFO = "/proc/self/mountinfo"
+
+
+def _unescape_mountinfo(field: bytes) -> str:
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
+
+
+def mounts_under(folder: Path) -> list[str]:
+    """The mount points strictly inside ``folder`` (bind mounts included: Linux's mountinfo lists
+    them; elsewhere, folders on another device than their parent)."""
+    root = os.path.realpath(folder)
+    prefix = root.rstrip(os.sep) + os.sep
+    try:
+        with open(_MOUNTINFO, "rb") as f:
+            points = [_unescape_mountinfo(line.split()[4]) for line in f if len(line.split()) > 4]
+        return sorted({m for m in points if m != root and m.startswith(prefix)})
+    except OSError:
+        pass
+    found = []
+    for here, dirs, _ in os.walk(root):
+        for d in list(dirs):
+            path = os.path.join(here, d)
+            if os.path.ismount(path):
+                found.append(path)
+                dirs.remove(d)
+    return found
 
 
 def _links(folder: Path) -> Iterator[tuple[str, Path]]:
@@ -464,8 +515,11 @@ def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Pat
 def _remove_replaced(old: Path, final: Path, flag: str, prog: str = "safemerge") -> None:
     """Delete the output that --force replaced (moved aside to ``old``); say so if some of it stays."""
     failed: list[str] = []
+    mounted = [] if old.is_symlink() else mounts_under(old)
     if old.is_symlink():
         old.unlink()
+    elif mounted:  # (mounted since the check: its files are not the old output's to delete)
+        failed.append(f"{mounted[0]} is mounted inside it")
     else:
         if sys.version_info >= (3, 12):
             shutil.rmtree(old, onexc=lambda _f, path, exc: failed.append(f"{path}: {exc}"))
