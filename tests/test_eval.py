@@ -173,6 +173,15 @@ def test_gsm8k_gold(answer: str, gold: str) -> None:
     ("#### Answer (in dollars): 18\nThat took 3 steps.", "18"),  # a unit in parentheses before the ":"
     ("#### **Total (in $):** 1,200\nChecked 2 ways.", "1200"),
     ("#### Step 2 (check): 60 + 1\nSo 61 in all.", "61"),  # words and a number before the "(": a heading
+    # an equation on the answer line answers with its result; a fraction with its value
+    ("Total: 30 - 12 = 18\n#### 30 - 12 = 18", "18"),
+    ("#### 5 * 4 = 20", "20"),
+    ("#### 2 + 3 = 5 * 2 = 10\nDone in 2 steps.", "10"),
+    ("#### $1,200 / 4 = $300", "300"),
+    ("#### 18 (3 boxes = 6 each)", "18"),          # words before the "=": no equation
+    ("#### 1/2", "0.5"),
+    ("#### 3/4 of the cake", "0.75"),
+    ("#### 1/3", "1/3"),                            # (no gold GSM8K answer is such a fraction)
 ])
 def test_gsm8k_prediction(pred: str, expected: str | None) -> None:
     assert gsm8k_prediction(pred) == expected
@@ -187,7 +196,14 @@ def test_gsm8k_correct_and_missing_gold() -> None:
 
 @pytest.mark.parametrize("pred, label", [("Yes, the study shows it.", "yes"), ("no.", "no"),
                                          ("Maybe; the evidence is weak.", "maybe"), ("Noted: yes", "yes"),
-                                         ("It is unclear.", None)])
+                                         ("It is unclear.", None),
+                                         # the stated answer, not a "no" of the reasoning
+                                         ("Based on the context, there is no significant difference. Answer: yes",
+                                          "yes"),
+                                         ("It is not possible to say yes or no with certainty, so the answer is maybe.",
+                                          "maybe"),
+                                         ("No association was found.\n\nFinal answer: **No**", "no"),
+                                         ("No, the trial found no benefit; yes-or-no questions aside.", "no")])
 def test_pubmedqa_prediction(pred: str, label: str | None) -> None:
     assert pubmedqa_prediction(pred) == label
 

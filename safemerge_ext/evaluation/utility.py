@@ -54,15 +54,46 @@ def gsm8k_gold(answer: str) -> str:
     return _canon(m.group())
 
 
+# after the number of a "####" line: an equation's result ("#### 30 - 12 = 18": only arithmetic up to the
+# last "="), or a fraction's denominator ("#### 1/2")
+_EQUATION = re.compile(rf"[ \t\d.,+\-*/×÷()$=]*=[*_$ \t]*(-?)[$ \t]*({_UNSIGNED})(?!\d|[.,]\d)")
+_OVER = re.compile(r"[ \t]*/[ \t]*(\d+)(?!\d|[.,]\d)")
+
+
+def _fraction(num: str, den: str) -> str:
+    """num/den in decimals where they end (1/2 -> 0.5), else as written (1/3)."""
+    from fractions import Fraction
+
+    value = Fraction(num.replace(",", "")) / int(den)
+    d = value.denominator
+    while d % 2 == 0:
+        d //= 2
+    while d % 5 == 0:
+        d //= 5
+    if d != 1:
+        return f"{_canon(num)}/{den}"
+    digits = 0
+    while (value * 10 ** digits).denominator != 1:
+        digits += 1
+    return _canon(f"{float(value):.{digits}f}") if digits else _canon(str(value))
+
+
 def gsm8k_prediction(text: str) -> str | None:
     """The model's final number: that of its last ``#### N`` answer line (``#### Answer: **42**``,
-    ``#### Answer (in dollars): 18``, ``#### The final answer is 18`` and ``#### -$5`` too; a Markdown
-    heading like ``#### Step 2`` or ``#### 1. Understand the problem`` is none), else the last number it
-    wrote."""
+    ``#### Answer (in dollars): 18``, ``#### The final answer is 18`` and ``#### -$5`` too; an equation's
+    result, ``#### 30 - 12 = 18``; a fraction's value, ``#### 1/2``; a Markdown heading like ``#### Step 2``
+    or ``#### 1. Understand the problem`` is none), else the last number it wrote."""
     text = text.replace("\u2212", "-")  # a typeset minus sign
-    finals = _FINAL.findall(text)
+    finals = list(_FINAL.finditer(text))
     if finals:
-        return _canon("".join(finals[-1]))
+        last = finals[-1]
+        eq = _EQUATION.match(text, last.end())
+        if eq is not None:
+            return _canon("".join(eq.groups()))
+        over = _OVER.match(text, last.end())
+        if over is not None and int(over.group(1)):
+            return _fraction("".join(last.groups()), over.group(1))
+        return _canon("".join(last.groups()))
     nums = _NUM.findall(text)
     return _canon(nums[-1]) if nums else None
 
@@ -72,9 +103,19 @@ def gsm8k_correct(prediction: str, answer: str) -> bool:
     return gsm8k_prediction(prediction) == gsm8k_gold(answer)
 
 
+# "Answer: yes", "the answer is **no**", "Final answer - maybe"
+_STATED = re.compile(r"\banswer(?:[ \t]+is)?[ \t]*[:\-]?[\s*_\"']*(yes|no|maybe)\b", re.IGNORECASE)
+# a label that opens the response on its own: "Yes.", "No, because", "Maybe" (not "No doubt", "No significant")
+_OPENING = re.compile(r"^[\s*_\"']*(yes|no|maybe)\b(?=[\s*_\"']*(?:[.,;:!)\n]|$))", re.IGNORECASE)
+
+
 def pubmedqa_prediction(text: str) -> str | None:
-    """The first yes/no/maybe word in ``text`` (lower case), or None."""
-    m = _LABEL.search(text)
+    """The label the response states: the last "answer (is)(:) yes/no/maybe", else the label it opens
+    with on its own ("Yes." / "No, ..."), else its first yes/no/maybe word (lower case); or None."""
+    stated = _STATED.findall(text)
+    if stated:
+        return stated[-1].lower()
+    m = _OPENING.match(text) or _LABEL.search(text)
     return m.group(1).lower() if m else None
 
 
