@@ -50,8 +50,9 @@ def _add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=("adapter", "model"), default="adapter",
                    help="adapter: a PEFT LoRA adapter for --aligned (default); model: the full aligned model with the "
                         "updates added, same sharding, config and tokenizer files copied")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists: a previous output (it holds safemerge_report.json) or an "
-                   "empty folder, and only once the run has succeeded")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it exists: a previous output (it holds safemerge_report.json) or an "
+                        "empty folder, and only once the run has succeeded")
     p.add_argument("--no-plot", dest="plot", action="store_false",
                    help="skip the report's PNG plot (matplotlib: 0.3-0.5 s of start-up and 55-190 ms a render; "
                         "the JSON report is always written)")

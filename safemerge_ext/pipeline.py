@@ -884,10 +884,10 @@ def project(
         if big is None and lost is None:
             new_B[layer.module] = B.to(dtype)
         else:
-            kept.append((layer.module, dtype,
-                         f"reaches {big:.3g}, beyond what {dtype} holds ({torch.finfo(dtype).max:.3g})" if big is not None
-                         else f"lies below {dtype}'s normal range ({torch.finfo(dtype).tiny:.2g}), where a cast errs "
-                              f"by {lost:.1%}"))
+            info = torch.finfo(dtype)
+            why = (f"reaches {big:.3g}, beyond what {dtype} holds ({info.max:.3g})" if big is not None
+                   else f"lies below {dtype}'s normal range ({info.tiny:.2g}), where a cast errs by {lost:.1%}")
+            kept.append((layer.module, dtype, why))
     if kept:
         module, dtype, why = kept[0]
         run.warnings.append(

@@ -429,7 +429,8 @@ def _fail(msg: str) -> None:
 @click.command("safemerge-yaml", cls=PrettyPrintHelp)
 @click.argument("config_file")
 @click.argument("out_path")
-@click.option("--force", is_flag=True, default=False, help="Replace OUT_PATH if it exists (a previous output, holding safemerge_report.json, or an empty folder)")
+@click.option("--force", is_flag=True, default=False,
+              help="Replace OUT_PATH if it exists (a previous output, holding safemerge_report.json, or an empty folder)")
 @add_merge_options
 def _command(merge_options: MergeOptions, config_file: str, out_path: str, force: bool) -> None:
     """Merge with safemerge / safelora / resta after checking the recipe; write the report into OUT_PATH."""

@@ -76,9 +76,9 @@ def _phrase_pattern(phrase: str) -> str:
 
 
 _REFUSAL = re.compile(r"(?<!\w)(?:" + "|".join(map(_phrase_pattern, REFUSAL_PHRASES)) + r")(?!\w)")
-# a quoted span, whichever quote opens first: double (not after a digit: 12" is inches), to the closing quote or
-# to the end when it never closes (a response cut off mid-quote); single, from a quote after no word character to the first one before none,
-# on the same line, and only when it closes. So an apostrophe inside a word (I'm, can't) neither opens nor
+# a quoted span, whichever quote opens first: double (not after a digit: 12" is inches), to the closing
+# quote or to the end when it never closes (a response cut off mid-quote); single, from a quote after no
+# word character to the first one before none, on the same line, and only when it closes. So an apostrophe inside a word (I'm, can't) neither opens nor
 # closes one, one ending a word (dogs') opens none, and the common elisions ('em, 'cause, '90s) open none:
 # "'Cause it's harmful, I won't help with your parents' accounts" stays a refusal.
 _ELISION = r"(?:cause|cos|cuz|em|til|tis|twas|bout|round|fraid|ow|ave|ere|im|er|n)(?!\w)|\d"
