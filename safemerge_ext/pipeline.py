@@ -653,7 +653,7 @@ def score(
             raise SafeMergeError(f"{flag} {path} names a folder (it ends in a slash); give a file name such as "
                                  f"{Path(path) / name}")
         if path:
-            check_parent(path, flag)
+            check_parent(path, flag, follow_links=True)
             check_not_input(path, flag, inputs)
     if report_path and plot_path:
         rp, pp = Path(report_path).resolve(), Path(plot_path).resolve()

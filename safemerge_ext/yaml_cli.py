@@ -371,7 +371,7 @@ def _check_report_path(own: str, out: Path, inputs: tuple[tuple[str, Path], ...]
     input, and is not OUT_PATH or a folder in it (the report goes into OUT_PATH anyway; a folder
     made there early would stop the final rename)."""
     own_json, own_png = report_files(own)
-    check_parent(own_json, "report_path")
+    check_parent(own_json, "report_path", follow_links=True)
     for f in (own_json, own_png):
         if f.is_dir():
             raise SafeMergeError(f"report_path {own}: {f} is a folder; choose another report_path")

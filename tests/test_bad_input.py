@@ -1753,3 +1753,21 @@ def test_an_unreadable_shard_says_to_fix_its_permissions(fx, tmp_path, capsys, m
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"safemerge: error: --unaligned {fx.unaligned}") \
         and "cannot read it (Permission denied); give this user read access to it" in err, err
+
+
+def test_a_report_link_to_nothing_makes_no_folders_where_it_points(fx, tmp_path, capsys):
+    """--report through a link that names nothing: written where it points when that folder
+    exists (the link stays); refused in one line when it does not, with no folder made there."""
+    args = ["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+            "--no-progress", "--report"]
+    far = tmp_path / "far" / "deeper" / "r.json"
+    link = tmp_path / "r.json"
+    link.symlink_to(far)
+    assert main(args + [str(link)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"safemerge: error: --report {link} links to {far}, whose folder does not exist; create it, or "
+                   "give a path that is no such link"), err
+    assert not (tmp_path / "far").exists() and link.is_symlink()
+    far.parent.mkdir(parents=True)
+    assert main(args + [str(link)]) == 0
+    assert json.loads(far.read_text())["layers"] and link.is_symlink() and link.resolve() == far

@@ -18,12 +18,20 @@ from safemerge_ext._signals import interrupts_held, raise_pending, send_on
 from safemerge_ext.errors import SafeMergeError
 
 
-def check_parent(path: str | os.PathLike, flag: str) -> Path:
+def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False) -> Path:
     """Fail early when ``path`` could not be created: its nearest existing ancestor must be a
-    writable directory (missing folders in between are made when the output is written)."""
+    writable directory (missing folders in between are made when the output is written). With
+    ``follow_links`` (a file that replaces what a link names: see :func:`write_files`), a link that
+    names nothing must name a file in a folder that exists (no folders are made where it points)."""
     p = Path(path)
     if claim_descriptor(p, flag):  # (this process's own stdout, say: written into as it is)
         return p
+    if follow_links and p.is_symlink() and not p.exists():
+        target = Path(os.path.realpath(p))
+        if not target.parent.is_dir():
+            raise SafeMergeError(f"{flag} {p} links to {target}, whose folder does not exist; "
+                                 "create it, or give a path that is no such link")
+        return check_parent(target, flag)
     if is_special(p):  # (written into, not replaced: the file itself must be writable)
         if not os.access(p, os.W_OK):
             raise SafeMergeError(f"{flag} {p} is not writable; choose another path")
