@@ -246,8 +246,8 @@ def open_run(
         )
     run.adapter_bytes = task.nbytes + (safety.nbytes if safety is not None else 0)
     if safety is not None:
-        covered = {module_key(m) for m in task.modules}
-        extra = sorted((m for m in safety.modules if module_key(m) not in covered), key=natural_key)
+        paired = {id(layer.safety) for layer in layers}  # (by any of the names it goes by)
+        extra = sorted((m for m, sm in safety.modules.items() if id(sm) not in paired), key=natural_key)
         foreign = next((m for m in extra if aligned.resolve_module(m) is None), None)
         if foreign is not None:
             raise _no_such_module(safety, foreign, aligned)

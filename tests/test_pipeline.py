@@ -1566,6 +1566,7 @@ def test_safety_adapter_trained_on_the_bare_model_pairs_by_the_weight_it_adapts(
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), case
         assert [(r["cosine"], r["flagged"]) for r in layers] == [(r["cosine"], r["flagged"]) for r in want_layers]
         assert sum(r["flagged"] for r in layers) == 4
+        assert not [w for w in report_of(tmp_path / case)["warnings"] if "no task update" in w], case  # (none left over)
 
 
 def test_adapters_and_models_in_the_other_naming(gemma3_vlm, tmp_path, capsys):
