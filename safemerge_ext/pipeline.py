@@ -27,7 +27,7 @@ from safemerge_ext import ops
 from safemerge_ext._signals import raise_pending
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
-                                       global_scaling, read_adapter, write_adapter)
+                                       global_scaling, read_adapter, untargeted, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
 from safemerge_ext.io.models import INDEX, ModelReader, config_value, is_tied_head, module_key, natural_key
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
@@ -245,6 +245,15 @@ def open_run(
             f"{'(interpreted on the CPU) ' if backend_name == 'triton' else ''}computes in exact fp32 ({used})"
         )
     run.adapter_bytes = task.nbytes + (safety.nbytes if safety is not None else 0)
+    for adapter in (task, safety) if safety is not None else (task,):
+        missed = untargeted(adapter)
+        if missed:
+            run.warnings.append(
+                f"{adapter.flag} {adapter.path}: its target_modules ({adapter.config.get('target_modules')!r}) does "
+                f"not name {len(missed)} of the {len(adapter.modules)} modules whose factors it holds (first: "
+                f"{missed[0]}): PEFT loads the adapter without them, and so the adapter written from its config; "
+                "here they are scored and merged as the factors say, and --output model adds them"
+            )
     if safety is not None:
         paired = {id(layer.safety) for layer in layers}  # (by any of the names it goes by)
         extra = sorted((m for m, sm in safety.modules.items() if id(sm) not in paired), key=natural_key)

@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 from numerics import assert_close, ref_cosine, ref_project
 from safemerge_ext import backends
 from safemerge_ext.cli import main
-from safemerge_ext.io.models import natural_key
 from weights import load_adapter, load_model
 
 def _runs_on_cpu(name: str) -> bool:
@@ -669,32 +668,36 @@ def test_project_model_output_rounds_once(fx_bf16, tmp_path):
         assert float(((w.double() - exact).abs() / ulp).max()) <= 1.0, m
 
 
-def test_written_adapter_names_every_module_it_holds(fx, tmp_path):
-    """PEFT loads the modules that an adapter's target_modules names (within layers_to_transform):
-    a task adapter whose config names fewer than its weights hold (edited by hand: q_proj of layer
-    0 only) is scored and merged for every module it holds, and the written adapter names each of
-    them, so PEFT applies to the model what --output model adds to it."""
+def test_factors_of_modules_the_config_does_not_target_are_merged_and_said(fx, tmp_path):
+    """PEFT loads the modules that an adapter's target_modules names: where the config names fewer
+    than the factors hold (edited by hand: q_proj only), every module is scored and merged as its
+    factors say (the same as with the full config), and the report says which modules PEFT would
+    leave out of the written adapter; a config that names them all (or by regex) warns nothing."""
     import shutil
 
     task = Path(shutil.copytree(fx.task, tmp_path / "task"))
     cfg = json.loads((task / "adapter_config.json").read_text())
-    cfg.update(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers")
+    cfg["target_modules"] = ["q_proj"]
     (task / "adapter_config.json").write_text(json.dumps(cfg))
-    outs = {}
-    for output in ("adapter", "model"):
-        outs[output] = tmp_path / output
-        assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", task,
-                        "--safety-adapter", fx.safety, "--out", outs[output], "--num-layers", 3, "--output", output,
-                        "--no-plot"]) == 0
-    written = json.loads((outs["adapter"] / "adapter_config.json").read_text())
-    modules = sorted(load_adapter(fx.task), key=natural_key)
-    assert len(modules) > 2 and sorted(written["target_modules"], key=natural_key) == modules
-    assert written["layers_to_transform"] is None and written["layers_pattern"] is None
-    got, want, base = peft_merged_weights(fx.aligned, outs["adapter"]), load_model(outs["model"]), load_model(fx.aligned)
-    for m in modules:
-        w = f"{m}.weight"
-        assert not torch.equal(want[w], base[w])
-        assert_close(got[w], want[w], atol=1e-6, rtol=1e-5, what=m)
+    runs = {}
+    for name, adapter in (("edited", task), ("as-trained", fx.task)):
+        out = tmp_path / name
+        assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", adapter,
+                        "--safety-adapter", fx.safety, "--out", out, "--num-layers", 3, "--no-plot"]) == 0
+        runs[name] = (load_file(out / "adapter_model.safetensors"), report_of(out))
+    (got, rep), (want, rep0) = runs["edited"], runs["as-trained"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    n = len(load_adapter(fx.task))
+    n_q = sum(m.endswith(".q_proj") for m in load_adapter(fx.task))
+    said = [w for w in rep["warnings"] if "target_modules" in w]
+    assert len(said) == 1 and f"does not name {n - n_q} of the {n} modules whose factors it holds" in said[0] \
+        and "(first: model.layers.0.self_attn.k_proj)" in said[0], said
+    assert not [w for w in rep0["warnings"] if "target_modules" in w]
+    cfg["target_modules"] = r".*\.(q|k|v|o|gate|up|down)_proj"
+    (task / "adapter_config.json").write_text(json.dumps(cfg))
+    assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", task,
+                    "--report", tmp_path / "r.json"]) == 0
+    assert not [w for w in json.loads((tmp_path / "r.json").read_text())["warnings"] if "target_modules" in w]
 
 
 def test_project_float8_adapter(fx, tmp_path, capsys):
@@ -1533,6 +1536,37 @@ def test_vision_language_checkpoints_match_adapters_named_in_memory(gemma3_vlm, 
     for m, (A, B, s) in load_adapter(projected).items():
         want = ref_project(wa[_stored(m)], wu[_stored(m)], task[m][1]) if m in low2 else task[m][1].double()
         assert_close(B, want, atol=1e-6, rtol=1e-5, what=m)
+
+
+def test_an_adapter_in_the_older_vlm_naming_merges_to_one_peft_loads(gemma3_vlm, tmp_path):
+    """A task adapter saved before transformers 4.52 names the text modules language_model.model...;
+    PEFT now meets them as model.language_model...: the merged adapter (flagged modules of rank
+    r_task + r_safety, the others r_task) gives every module its rank and alpha under both names,
+    so PEFT loads it onto the model to the SafeMERGE update."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import Gemma3ForConditionalGeneration
+
+    fx = gemma3_vlm
+    old = Path(shutil.copytree(fx.task, tmp_path / "task-old"))
+    factors = load_file(old / "adapter_model.safetensors")
+    save_file({k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+               for k, v in factors.items()}, str(old / "adapter_model.safetensors"))
+    assert all(m.startswith("language_model.model.") for m in load_adapter(old))
+    out = tmp_path / "a"
+    assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", old,
+                    "--safety-adapter", fx.safety, "--out", out, "--num-layers", 3, "--no-plot"]) == 0
+    flagged = {r["module"] for r in report_of(out)["layers"] if r["flagged"]}
+    ranks = {m: A.shape[0] for m, (A, _, _) in load_adapter(out).items()}
+    assert len(flagged) == 3 and len(set(ranks.values())) > 1  # (mixed ranks: the patterns must reach PEFT)
+    base = Gemma3ForConditionalGeneration.from_pretrained(fx.aligned, dtype=torch.float32)
+    folded = PeftModel.from_pretrained(base, out).merge_and_unload().state_dict()
+    wa = load_model(fx.aligned)
+    new_name = {m: "model.language_model." + m.removeprefix("language_model.model.") for m in flagged}
+    for m, d in expected_update(fx, {new_name[m] for m in flagged}, 0.8).items():
+        assert_close(folded[f"{m}.weight"], wa[_stored(m)].double() + d, atol=2e-6, rtol=1e-5, what=m)
 
 
 def test_safety_adapter_trained_on_the_bare_model_pairs_by_the_weight_it_adapts(fx, tmp_path):

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.models import ModelReader
+from safemerge_ext.io.models import ModelReader, canonical_name, natural_key
 from safemerge_ext.io.safetensors_stream import StreamingWriter
 
 CONFIG = "adapter_config.json"
@@ -332,6 +332,27 @@ class OutModule:
         return cls(m.name, (m.rank, m.d_in), (m.d_out, m.rank), dtypes, m.alpha, make)
 
 
+def untargeted(adapter: LoraAdapter) -> list[str]:
+    """The modules whose factors the adapter holds but that its config's ``target_modules`` names
+    neither as written nor as transformers names them in memory (PEFT's rule: a list entry is the
+    name or a dotted suffix of it, a string a regular expression matched whole; ``all-linear`` and
+    a missing or null value are PEFT's to resolve): PEFT loads the adapter without them."""
+    tm = adapter.config.get("target_modules")
+    if isinstance(tm, str):
+        if tm == "all-linear":
+            return []
+        try:
+            rx = re.compile(tm)
+        except re.error:
+            return []
+        named = lambda n: rx.fullmatch(n) is not None  # noqa: E731
+    elif isinstance(tm, (list, tuple)) and tm and all(isinstance(t, str) for t in tm):
+        named = lambda n: any(n == t or n.endswith("." + t) for t in tm)  # noqa: E731
+    else:
+        return []
+    return sorted((m for m in adapter.modules if not (named(m) or named(canonical_name(m)))), key=natural_key)
+
+
 def unit_alpha(rank: int, use_rslora: bool) -> float:
     """The lora_alpha that makes PEFT's scaling exactly 1 for this rank (x / x == 1.0 in floats)."""
     return math.sqrt(rank) if use_rslora else float(rank)
@@ -382,7 +403,8 @@ def global_scaling(config: dict[str, Any]) -> float:
 
 
 def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules: list[OutModule]) -> list[str]:
-    """Write a PEFT adapter; every module gets an explicit ``rank_pattern``/``alpha_pattern`` entry.
+    """Write a PEFT adapter; every module gets an explicit ``rank_pattern``/``alpha_pattern`` entry
+    (two where its name is in an older transformers naming: that and the current one).
 
     Explicit per-module entries make mixed ranks load in PEFT and keep each module's scaling
     independent of the template's default ``r`` / ``lora_alpha`` and of any regex it had. The
@@ -396,15 +418,11 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     # the factors are loaded over whatever PEFT initializes; an init scheme here could only refuse
     # the new ranks (orthogonal init needs an even rank, and a merge writes r_task + r_safety)
     config["init_lora_weights"] = True
-    config["rank_pattern"] = {m.name: m.rank for m in modules}
-    config["alpha_pattern"] = {m.name: m.alpha for m in modules}
-    # PEFT loads the modules target_modules names (and layers_to_transform / exclude_modules leave):
-    # the modules written, by full name, so that it loads each of them whatever the template said
-    # (a hand-edited config could name fewer, and --output model would then differ from the adapter)
-    config["target_modules"] = [m.name for m in modules]
-    for key in ("layers_to_transform", "layers_pattern", "exclude_modules"):
-        if key in config:
-            config[key] = None
+    # (a module in a naming that transformers has since changed, language_model.model.layers... of a
+    # vision-language adapter saved before 4.52: under that name and the one PEFT now meets it by)
+    spellings = {m.name: dict.fromkeys((m.name, canonical_name(m.name))) for m in modules}
+    config["rank_pattern"] = {k: m.rank for m in modules for k in spellings[m.name]}
+    config["alpha_pattern"] = {k: m.alpha for m in modules for k in spellings[m.name]}
     # PEFT reads the patterns; vLLM reads only r (checked against its max_lora_rank) and the one
     # scaling lora_alpha / r: r becomes the largest rank written, at the template's scaling
     rslora, default = bool(template.get("use_rslora", False)), global_scaling(template)
