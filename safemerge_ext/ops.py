@@ -353,6 +353,6 @@ def project_delta(
         raise FloatingPointError(_LOST)
     if not bool(N.any()):
         v, dmax = math.sqrt(vsq), _abs_max(delta)
-        if min(v * dmax, vsq * dmax * math.sqrt(N.shape[0])) < _FP32_FULL:
+        if 0.0 < min(v * dmax, vsq * dmax * math.sqrt(N.shape[0])) < _FP32_FULL:  # (a zero update projects to 0)
             raise FloatingPointError(_LOST)
     return N / math.sqrt(vsq)

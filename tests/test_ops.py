@@ -659,6 +659,7 @@ def test_products_that_underflow_to_zero_are_an_error_not_a_zero(backend):
     assert ops.subspace_score(wa, wu, lora_A=A[:1], lora_B=w, backend=backend).cosine == 0.0
     assert ops.subspace_score(wa, wu, delta=dW, backend=backend).cosine == 0.0
     assert not ops.project_delta(wa, wu, dW, backend=backend).any()
+    assert not ops.project_delta(V, wu, torch.zeros_like(V), backend=backend).any()  # (a zero update: no error)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
