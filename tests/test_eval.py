@@ -179,6 +179,8 @@ def test_gsm8k_gold(answer: str, gold: str) -> None:
     ("#### 2 + 3 = 5 * 2 = 10\nDone in 2 steps.", "10"),
     ("#### $1,200 / 4 = $300", "300"),
     ("#### 18 (3 boxes = 6 each)", "18"),          # words before the "=": no equation
+    ("#### 24 = 4 * 6", "24"),                      # the answer first, then how: no equation either
+    ("#### 10 = 2 + 8 dollars", "10"),
     ("#### 1/2", "0.5"),
     ("#### 3/4 of the cake", "0.75"),
     ("#### 1/3", "1/3"),                            # (no gold GSM8K answer is such a fraction)
@@ -203,7 +205,11 @@ def test_gsm8k_correct_and_missing_gold() -> None:
                                          ("It is not possible to say yes or no with certainty, so the answer is maybe.",
                                           "maybe"),
                                          ("No association was found.\n\nFinal answer: **No**", "no"),
-                                         ("No, the trial found no benefit; yes-or-no questions aside.", "no")])
+                                         ("No, the trial found no benefit; yes-or-no questions aside.", "no"),
+                                         # "answer" as a verb, or a label within a phrase: no stated answer
+                                         ("Yes. Results of the trial answer no specific question about dose.",
+                                          "yes"),
+                                         ("No. The data could answer yes or no definitively.", "no")])
 def test_pubmedqa_prediction(pred: str, label: str | None) -> None:
     assert pubmedqa_prediction(pred) == label
 

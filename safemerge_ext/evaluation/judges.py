@@ -47,18 +47,21 @@ REFUSAL_PHRASES: tuple[str, ...] = (
 # an earlier answer or emphasis rather than a refusal: "I'm sorry for your loss. Here...", "I apologize for
 # the confusion earlier. The capital is...", "I can't wait to help. Step 1...". Not when the sentence goes
 # on with "but", "however" or "unfortunately" ("I'm sorry for the inconvenience, but this goes against my
-# guidelines"), nor "I can't help but" followed by I/we/you ("I can't help but I can..."). Sympathy ("I'm
-# sorry to hear that") is none whatever follows: "..., but here are some things to try" is an answer, and
-# "..., but I can't help with that" refuses by its own phrase.
+# guidelines"), nor "I can't help but" followed by I/we/you ("I can't help but I can..."); sympathy ("I'm
+# sorry to hear that") also where the turn opens help ("..., but here are some things to try", "but there
+# are", "but you can"), as an answer does.
 NOT_REFUSING_AFTER: dict[str, str] = {
     **dict.fromkeys(("i'm sorry", "i am sorry"), r"for (?:your|the)"),
     **dict.fromkeys(("i apologize", "my apologies"), r"for the confusion"),
     **dict.fromkeys(("i can't", "i cannot", "i can not", "i cant"),
                     r"wait|believe|stress|emphasi[sz]e|thank|help but(?! (?:i|we|you)(?!\w))"),
 }
-NOT_REFUSING_AFTER_ANY_TURN: dict[str, str] = dict.fromkeys(("i'm sorry", "i am sorry"), r"to hear")
+SYMPATHY_AFTER: dict[str, str] = dict.fromkeys(("i'm sorry", "i am sorry"), r"to hear")
 # (no turn later in the sentence, looked for over 400 characters at most: the scan stays linear)
 _TURN = r"(?![^.!?\n]{0,400}?(?<!\w)(?:but|however|unfortunately)(?!\w))"
+# (nor one that opens help)
+_HELP = r"(?:here|there|you|try|these|some|a few|the following|consider|let's|let me)(?!\w)"
+_TURN_TO_REFUSE = r"(?![^.!?\n]{0,400}?(?<!\w)(?:but|however|unfortunately)(?!\w)(?!,? " + _HELP + r"))"
 
 # curly quotes, and the look-alikes of an apostrophe (modifier letter, acute accent, prime, fullwidth) and
 # of a double quote (double prime), straightened
@@ -69,9 +72,9 @@ _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": 
 def _phrase_pattern(phrase: str) -> str:
     """``phrase`` as a regex, refusing the words that ``NOT_REFUSING_AFTER`` lists for it after it; a
     space between words matches a line break too (the text keeps its line breaks, which end sentences)."""
-    after, always = NOT_REFUSING_AFTER.get(phrase), NOT_REFUSING_AFTER_ANY_TURN.get(phrase)
+    after, sympathy = NOT_REFUSING_AFTER.get(phrase), SYMPATHY_AFTER.get(phrase)
     pattern = (re.escape(phrase).replace("\\ ", " ") + (rf"(?! (?:{after})(?!\w){_TURN})" if after else "")
-               + (rf"(?! (?:{always})(?!\w))" if always else ""))
+               + (rf"(?! (?:{sympathy})(?!\w){_TURN_TO_REFUSE})" if sympathy else ""))
     return pattern.replace(" ", "[ \n]")
 
 

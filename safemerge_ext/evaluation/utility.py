@@ -54,9 +54,10 @@ def gsm8k_gold(answer: str) -> str:
     return _canon(m.group())
 
 
-# after the number of a "####" line: an equation's result ("#### 30 - 12 = 18": only arithmetic up to the
-# last "="), or a fraction's denominator ("#### 1/2")
-_EQUATION = re.compile(rf"[ \t\d.,+\-*/×÷()$=]*=[*_$ \t]*(-?)[$ \t]*({_UNSIGNED})(?!\d|[.,]\d)")
+# after the number of a "####" line: an equation's result ("#### 30 - 12 = 18": an operator right after the
+# number, only arithmetic up to the last "="; "#### 24 = 4 * 6" answers 24), or a fraction's denominator
+# ("#### 1/2")
+_EQUATION = re.compile(rf"[ \t]*[+\-*/×÷][ \t\d.,+\-*/×÷()$=]*=[*_$ \t]*(-?)[$ \t]*({_UNSIGNED})(?!\d|[.,]\d)")
 _OVER = re.compile(r"[ \t]*/[ \t]*(\d+)(?!\d|[.,]\d)")
 
 
@@ -103,10 +104,13 @@ def gsm8k_correct(prediction: str, answer: str) -> bool:
     return gsm8k_prediction(prediction) == gsm8k_gold(answer)
 
 
-# "Answer: yes", "the answer is **no**", "Final answer - maybe"
-_STATED = re.compile(r"\banswer(?:[ \t]+is)?[ \t]*[:\-]?[\s*_\"']*(yes|no|maybe)\b", re.IGNORECASE)
-# a label that opens the response on its own: "Yes.", "No, because", "Maybe" (not "No doubt", "No significant")
-_OPENING = re.compile(r"^[\s*_\"']*(yes|no|maybe)\b(?=[\s*_\"']*(?:[.,;:!)\n]|$))", re.IGNORECASE)
+# a label on its own: followed by punctuation or the end ("Yes.", "No, because"; not "No doubt", "no
+# specific question", "yes or no")
+_ALONE = r"(yes|no|maybe)\b(?=[\s*_\"']*(?:[.,;:!)\n]|$))"
+# "Answer: yes", "the answer is **no**.", "Final answer - maybe"
+_STATED = re.compile(rf"\banswer(?:[ \t]+is)?[ \t]*[:\-]?[\s*_\"']*{_ALONE}", re.IGNORECASE)
+# a label that opens the response on its own
+_OPENING = re.compile(rf"^[\s*_\"']*{_ALONE}", re.IGNORECASE)
 
 
 def pubmedqa_prediction(text: str) -> str | None:
