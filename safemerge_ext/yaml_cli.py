@@ -198,8 +198,10 @@ def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
             raise SafeMergeError(f"{label}: parameters: report_path is a setting of the whole run; "
                                  "move it to the recipe's top-level parameters:")
         found: dict[str, list[str]] = {}
-        # (as mergekit reads a parameter: the model's own, else its slice's or module's, else the recipe's)
-        default = own.get("role", (config.parameters or {}).get("role"))
+        # (as mergekit reads a parameter: the model's own, else its slice's, its module's, the recipe's)
+        module = (config.modules or {}).get(label.split(".")[1]) if label.startswith("modules.") else None
+        chain = [own, dict(module.parameters or {}) if module is not None else {}, dict(config.parameters or {})]
+        default = next((c["role"] for c in chain if "role" in c), None)
         for ref, params in inputs:
             role = params.get("role", default if ref != base else None)
             if ref == base:

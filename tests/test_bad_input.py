@@ -412,7 +412,7 @@ def test_out_exists_needs_force(fx, tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--force"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"--out {out} holds no safemerge_report.json, so it is not an output of safemerge" in err
+    assert "\n" not in err and f"--out {out} holds no safemerge_report.json, which every output of safemerge holds" in err
     assert (out / "keep.txt").read_text() == "mine" and not (out / "adapter_model.safetensors").exists()
     (out / "keep.txt").unlink()
     assert main(args + ["--force"]) == 0  # (empty)

@@ -1797,7 +1797,7 @@ def test_safemerge_yaml_refuses_bad_paths_before_merging(pico, tmp_path, capsys,
             "in-out-path": "is OUT_PATH or inside it", "out-path": "is OUT_PATH or inside it",
             "not-utf8": "not a text file in UTF-8", "out-holds-input": "which the output would replace",
             "replaces-input": "config.json is a file of role task model",
-            "not-an-output": "holds no safemerge_report.json, so it is not an output of safemerge"}[kind] in err[0]
+            "not-an-output": "holds no safemerge_report.json, which every output of safemerge holds"}[kind] in err[0]
     assert (out.exists() and kind == "out-holds-input" and (out / "task" / "config.json").is_file()) \
         or (kind == "not-an-output" and (out / "notes.txt").read_text() == "mine") or not out.exists()
 
@@ -1968,3 +1968,23 @@ def test_safemerge_yaml_names_a_lora_on_a_tied_head(pico, tmp_path):
     with pytest.raises(SafeMergeError, match=r"targets lm_head, which .*tied ties to its input embeddings "
                                              r"\(tie_word_embeddings, no tensor of its own\)"):
         validate_recipe({**recipe(pico, task=f"{aligned}+{adapter}"), "base_model": str(aligned)})
+
+
+@pytest.mark.parametrize("where", ["slice", "module", "top"])
+def test_a_role_default_comes_from_where_mergekit_reads_it(where):
+    """A source without its own role takes the one mergekit gives it: its slice's, else its
+    module's, else the recipe's parameters; the nearest wins."""
+    from mergekit.config import MergeConfiguration
+
+    from safemerge_ext.yaml_cli import _check_roles
+
+    sources = [{"model": "./a", "layer_range": [0, 2]}, {"model": "./t", "layer_range": [0, 2]}] + [
+        {"model": f"./{r[0]}", "layer_range": [0, 2], "parameters": {"role": r}} for r in ("safety", "unaligned")]
+    module = {"slices": [{"sources": sources}]}
+    cfg = {"merge_method": "safemerge", "base_model": "./a", "modules": {"text": module}}
+    table = {"slice": module["slices"][0], "module": module, "top": cfg}[where]
+    table["parameters"] = {"role": "task"}
+    if where != "top":  # (a farther default loses to the nearer one)
+        cfg["parameters"] = {"role": "unaligned"}
+    assert _check_roles("safemerge", MergeConfiguration.model_validate(cfg)) == {
+        "task": "./t", "safety": "./s", "unaligned": "./u"}

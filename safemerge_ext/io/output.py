@@ -81,19 +81,19 @@ def _check_replaceable(p: Path, flag: str, marker: str | None) -> None:
     """--force deletes the folder it replaces: never one with a file system mounted inside it (a
     bind mount of an input would be emptied; resolved paths do not show it), and with ``marker``
     only a previous output or an empty folder (a mistyped --out is not deleted)."""
+    if marker is not None:  # (first: where no mount table is read, the mount check walks the folder)
+        try:
+            with os.scandir(p) as entries:
+                empty = next(entries, None) is None
+        except OSError as exc:
+            raise SafeMergeError(f"{flag} {p}: cannot list it ({exc.strerror or exc}); choose another path") from None
+        if not empty and not (p / marker).is_file():
+            raise SafeMergeError(f"{flag} {p} holds no {marker}, which every output of safemerge holds, and --force "
+                                 "would delete all of it; remove it yourself or choose another path")
     mounted = mounts_under(p)
     if mounted:
         raise SafeMergeError(f"{flag} {p} has {mounted[0]} mounted inside it, whose files --force would delete; "
                              "unmount it or choose another path")
-    if marker is None:
-        return
-    try:
-        empty = next(os.scandir(p), None) is None
-    except OSError as exc:
-        raise SafeMergeError(f"{flag} {p}: cannot list it ({exc.strerror or exc}); choose another path") from None
-    if not empty and not (p / marker).is_file():
-        raise SafeMergeError(f"{flag} {p} holds no {marker}, so it is not an output of safemerge, and --force "
-                             "would delete all of it; remove it yourself or choose another path")
 
 
 _MOUNTINFO = "/proc/self/mountinfo"
