@@ -1538,23 +1538,31 @@ def test_vision_language_checkpoints_match_adapters_named_in_memory(gemma3_vlm, 
         assert_close(B, want, atol=1e-6, rtol=1e-5, what=m)
 
 
+def in_older_vlm_naming(adapter: Path, dest: Path) -> Path:
+    """A copy of a Gemma 3 adapter as PEFT saved it before transformers 4.52: text modules named
+    language_model.model.layers... instead of model.language_model.layers..."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    old = Path(shutil.copytree(adapter, dest))
+    factors = load_file(old / "adapter_model.safetensors")
+    save_file({k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
+               for k, v in factors.items()}, str(old / "adapter_model.safetensors"))
+    assert all(m.startswith("language_model.model.") for m in load_adapter(old))
+    return old
+
+
 def test_an_adapter_in_the_older_vlm_naming_merges_to_one_peft_loads(gemma3_vlm, tmp_path):
     """A task adapter saved before transformers 4.52 names the text modules language_model.model...;
     PEFT now meets them as model.language_model...: the merged adapter (flagged modules of rank
     r_task + r_safety, the others r_task) gives every module its rank and alpha under both names,
     so PEFT loads it onto the model to the SafeMERGE update."""
-    import shutil
-
     from peft import PeftModel
-    from safetensors.torch import save_file
     from transformers import Gemma3ForConditionalGeneration
 
     fx = gemma3_vlm
-    old = Path(shutil.copytree(fx.task, tmp_path / "task-old"))
-    factors = load_file(old / "adapter_model.safetensors")
-    save_file({k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
-               for k, v in factors.items()}, str(old / "adapter_model.safetensors"))
-    assert all(m.startswith("language_model.model.") for m in load_adapter(old))
+    old = in_older_vlm_naming(fx.task, tmp_path / "task-old")
     out = tmp_path / "a"
     assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", old,
                     "--safety-adapter", fx.safety, "--out", out, "--num-layers", 3, "--no-plot"]) == 0
@@ -1613,11 +1621,7 @@ def test_adapters_and_models_in_the_other_naming(gemma3_vlm, tmp_path, capsys):
     from safetensors.torch import save_file
 
     fx = gemma3_vlm
-    old = Path(shutil.copytree(fx.safety, tmp_path / "safety-old"))
-    factors = load_file(old / "adapter_model.safetensors")
-    save_file({k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): v
-               for k, v in factors.items()}, str(old / "adapter_model.safetensors"))
-    assert all(m.startswith("language_model.model.") for m in load_adapter(old))
+    old = in_older_vlm_naming(fx.safety, tmp_path / "safety-old")
     runs = {}
     for name, safety in (("same", fx.safety), ("old", old)):
         out = tmp_path / name
