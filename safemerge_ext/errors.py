@@ -15,3 +15,14 @@ def symlink_loop(exc: RuntimeError) -> OSError | None:
     if not text.startswith("Symlink loop from "):
         return None
     return OSError(errno.ELOOP, os.strerror(errno.ELOOP), text.removeprefix("Symlink loop from ").strip("'"))
+
+
+def is_link_loop(path: "str | os.PathLike[str]") -> bool:
+    """Whether ``path`` is a symbolic link whose chain never ends (a loop): told apart the same way
+    on every Python (Path.resolve raises for it before 3.13 and returns it from 3.13)."""
+    return os.path.islink(path) and os.path.islink(os.path.realpath(path))
+
+
+def link_loop_error(flag: str, path: "str | os.PathLike[str]") -> SafeMergeError:
+    return SafeMergeError(f"{flag} {path} is a symbolic link loop (it leads back to itself); remove the link or "
+                          "give another path")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from safemerge_ext._signals import interrupts_held, raise_pending, send_on
-from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.errors import SafeMergeError, is_link_loop, link_loop_error
 
 
 def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False) -> Path:
@@ -26,6 +26,8 @@ def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False)
     p = Path(path)
     if claim_descriptor(p, flag):  # (this process's own stdout, say: written into as it is)
         return p
+    if is_link_loop(p):
+        raise link_loop_error(flag, p)
     if follow_links and p.is_symlink() and not p.exists():
         target = Path(os.path.realpath(p))
         if not target.parent.is_dir():
@@ -54,6 +56,9 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
     inside it; with ``marker`` (a file every output of the command holds), a folder that is neither
     empty nor holds it is not replaced either."""
     p = check_parent(out, flag)
+    for name, path in (inputs := list(inputs)):
+        if is_link_loop(path):
+            raise link_loop_error(name, path)
     here, where = Path.cwd().resolve(), p.resolve()
     if where == here or where in here.parents:  # (and Path(".").name is empty)
         raise SafeMergeError(f"{flag} {out} is the working directory or holds it; choose a new folder")
