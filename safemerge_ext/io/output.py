@@ -56,13 +56,12 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
     inside it; with ``marker`` (a file every output of the command holds), a folder that is neither
     empty nor holds it is not replaced either."""
     p = check_parent(out, flag)
-    for name, path in (inputs := list(inputs)):
-        if is_link_loop(path):
-            raise link_loop_error(name, path)
     here, where = Path.cwd().resolve(), p.resolve()
     if where == here or where in here.parents:  # (and Path(".").name is empty)
         raise SafeMergeError(f"{flag} {out} is the working directory or holds it; choose a new folder")
     for name, path in inputs:
+        if is_link_loop(path):
+            raise link_loop_error(name, path)
         src = Path(path).resolve()
         if where == src or where in src.parents:
             raise SafeMergeError(f"{flag} {out} is {name} {path} or holds it, which the output would replace; "
@@ -115,7 +114,7 @@ def mounts_under(folder: Path) -> list[str]:
     prefix = root.rstrip(os.sep) + os.sep
     try:
         with open(_MOUNTINFO, "rb") as f:
-            points = [_unescape_mountinfo(line.split()[4]) for line in f if len(line.split()) > 4]
+            points = [_unescape_mountinfo(fields[4]) for fields in map(bytes.split, f) if len(fields) > 4]
         return sorted({m for m in points if m != root and m.startswith(prefix)})
     except OSError:
         pass
@@ -528,10 +527,9 @@ def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Pat
 def _remove_replaced(old: Path, final: Path, flag: str, prog: str = "safemerge") -> None:
     """Delete the output that --force replaced (moved aside to ``old``); say so if some of it stays."""
     failed: list[str] = []
-    mounted = [] if old.is_symlink() else mounts_under(old)
     if old.is_symlink():
         old.unlink()
-    elif mounted:  # (mounted since the check: its files are not the old output's to delete)
+    elif mounted := mounts_under(old):  # (mounted since the check: its files are not the old output's to delete)
         failed.append(f"{mounted[0]} is mounted inside it")
     else:
         if sys.version_info >= (3, 12):
