@@ -6,8 +6,10 @@ update ``dW = W_task - W_aligned`` is scored with :func:`safemerge_ext.ops.subsp
 backend-dispatched math as the CLI) and, if flagged, merged (SafeMERGE, via
 :func:`safemerge_ext.merge.combine_full`) or projected (Safe LoRA, via
 :func:`safemerge_ext.ops.project_delta`). Everything else -- 1-D tensors, embeddings and ``lm_head``
-(not linear layers LoRA targets; their rows are the vocabulary), degenerate layers -- is the task
-model's tensor, bit for bit. Inputs are upcast to fp32 here; no kernel stacks its inputs.
+(not linear layers LoRA targets; their rows are the vocabulary), position and token-type embedding
+tables, degenerate layers -- is the task model's tensor, bit for bit. A Conv1D layer (GPT-2 and its
+family store the weight d_in x d_out) is scored and projected as the linear map it computes, the
+transpose. Inputs are upcast to fp32 here; no kernel stacks its inputs.
 
 Reports: mergekit has no end-of-run hook and may run tensors in several threads, so every scored
 tensor appends one JSON line to a sidecar file under a lock; :func:`finalize_report` (called by
@@ -28,6 +30,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import sys
 import threading
 import time
@@ -47,7 +50,7 @@ from safemerge_ext._env import switched_on
 from safemerge_ext._signals import raise_pending
 from safemerge_ext.backends import EXACT, PRECISIONS, backend_detail, requested_precision
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.models import ModelReader, all_finite
+from safemerge_ext.io.models import ModelReader, all_finite, config_value, is_conv1d
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import PEFT_LINEAR, USES_DENSITY, USES_SEED, combine_full, seeded
 from safemerge_ext.report import (REPORT_JSON, REPORT_PNG, LayerRecord, PlotUnavailable, build_report, plot,
@@ -171,9 +174,44 @@ def _roles(group: TensorGroup, role: Any, method: str) -> dict[str, torch.Tensor
     return out
 
 
+# embedding tables mergekit gives no vocabulary axis: GPT-2's wpe, BERT's position_embeddings and
+# token_type_embeddings, a vision tower's pos_embed, Whisper's embed_positions (no linear layer is named so)
+_TABLE = re.compile(r"(?:^|\.)(?:wpe|wte|pos_embed|embed_positions|embed_tokens|\w*embeddings?)$")
+
+
 def _scorable(group: TensorGroup, t: torch.Tensor) -> bool:
-    """2-D floating weights that are not vocabulary tables (embeddings, lm_head)."""
-    return t.dim() == 2 and t.is_floating_point() and group.metadata.vocabulary_axis is None
+    """2-D floating weights of linear layers: not vocabulary tables (embeddings, lm_head) nor other
+    embedding tables (positions, token types)."""
+    return (t.dim() == 2 and t.is_floating_point() and group.metadata.vocabulary_axis is None
+            and not _TABLE.search(_module(group.metadata.name)))
+
+
+# (aligned model folder or Hub id, its time of last change) -> its config's model_type
+_model_types: dict[tuple[str, int], object] = {}
+
+
+def _conv1d(group: TensorGroup) -> bool:
+    """Whether the group's weight is a Conv1D layer's (stored d_in x d_out, the transpose of the linear
+    map it computes: GPT-2 and its family), by the aligned model's config."""
+    module = _module(group.metadata.name)
+    if group.base is None or not is_conv1d("gpt2", module):  # (no config read for other layers)
+        return False
+    ref = group.base.id
+    path = getattr(getattr(ref, "model", None), "path", None)
+    if not isinstance(path, str) or not path:
+        return False
+    key = (path, Path(path).stat().st_mtime_ns if Path(path).is_dir() else 0)
+    with _readers_lock:
+        if key not in _model_types:
+            folder: str | None = path if key[1] else None
+            if folder is None:  # (a Hub id: mergekit fetched its config into the cache, read there)
+                with contextlib.suppress(Exception):
+                    from huggingface_hub import try_to_load_from_cache
+
+                    cached = try_to_load_from_cache(path, "config.json", revision=getattr(ref.model, "revision", None))
+                    folder = str(Path(cached).parent) if isinstance(cached, str) else None
+            _model_types[key] = config_value(folder, "model_type") if folder else None
+        return is_conv1d(_model_types[key], module)
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:
@@ -369,6 +407,7 @@ class _Scored:
     task_lora: bool
     start: float
     precision: str | None
+    conv1d: bool  # (wa, wu and dW as stored, d_in x d_out; scored and projected transposed)
 
     @classmethod
     def of(cls, group: TensorGroup, t: dict[str, torch.Tensor], role: Any, precision: str | None) -> "_Scored":
@@ -377,10 +416,17 @@ class _Scored:
         name, wd = group.metadata.name or "?", _work_dtype(task)
         wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
         dW = task.to(wd) - wa
-        score = _score(name, wa, wu, dW, precision, t)
+        conv1d = _conv1d(group)
+        score = _score(name, wa.T, wu.T, dW.T, precision, t) if conv1d else _score(name, wa, wu, dW, precision, t)
         rounding = _value_precision(task)
         return cls(name, task, wd, wa, wu, dW, score, _rounding_band(rounding, task, wa, score.delta_norm), rounding,
-                   _task_lora(group, role), start, precision)
+                   _task_lora(group, role), start, precision, conv1d)
+
+    def projected(self) -> torch.Tensor:
+        """C dW (Safe LoRA's update), in the stored layout."""
+        if self.conv1d:
+            return ops.project_delta(self.wa.T, self.wu.T, self.dW.T, precision=self.precision).T
+        return ops.project_delta(self.wa, self.wu, self.dW, precision=self.precision)
 
     def record(self, method: str, group: TensorGroup, flagged: bool, action: str, settings: dict[str, Any],
                report_path: str) -> None:
@@ -465,8 +511,7 @@ def _safelora_tensor(
     flagged = not math.isnan(s.score.cosine) and s.score.cosine <= threshold
     out = s.task
     if flagged:
-        out = _finite(s.name, (s.wa + ops.project_delta(s.wa, s.wu, s.dW, precision=precision).to(s.wd))
-                      .to(s.task.dtype), t)
+        out = _finite(s.name, (s.wa + s.projected().to(s.wd)).to(s.task.dtype), t)
     s.record("safelora", group, flagged, "projected" if flagged else "kept", {"threshold": threshold}, report_path)
     return out
 
@@ -502,7 +547,11 @@ def _resta_tensor(
     start = time.perf_counter()
     name, wd = group.metadata.name or "?", _work_dtype(task)
     wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
-    score = _score(name, wa, wu, task.to(wd) - wa, precision, t) if _scorable(group, task) else None
+    score = None
+    if _scorable(group, task):
+        dW = task.to(wd) - wa
+        score = _score(name, wa.T, wu.T, dW.T, precision, t) if _conv1d(group) else _score(name, wa, wu, dW, precision, t)
+        del dW
     shift = wa - wu  # inputs are borrowed: never modified in place
     del wa, wu
     if density < 1.0:

@@ -29,7 +29,8 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
                                        global_scaling, read_adapter, untargeted, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
-from safemerge_ext.io.models import INDEX, ModelReader, config_value, is_tied_head, module_key, natural_key
+from safemerge_ext.io.models import (INDEX, ModelReader, config_value, is_conv1d, is_tied_head, module_key,
+                                     natural_key)
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.report import (
     REPORT_JSON,
@@ -113,11 +114,6 @@ def resolve_device(name: str, *, scoring: bool = True) -> torch.device:
     return dev
 
 
-# transformers models whose projections are Conv1D layers (GPT-2's weight layout, d_in x d_out)
-_CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-_CONV1D_LAYERS = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
-
-
 def open_run(
     aligned_dir: str | Path,
     unaligned_dir: str | Path,
@@ -174,7 +170,7 @@ def open_run(
         weight = aligned.resolve_module(module)
         if weight is None:
             raise _no_such_module(task, module, aligned)
-        if model_type in _CONV1D_MODELS and module.rsplit(".", 1)[-1] in _CONV1D_LAYERS:
+        if is_conv1d(model_type, module):
             # (PEFT marks such adapters fan_in_fan_out, which read_adapter refuses; a config edited
             # by hand would have a square one scored transposed)
             raise SafeMergeError(

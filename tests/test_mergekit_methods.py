@@ -201,6 +201,69 @@ def test_safelora_matches_float64_reference(pico, tmp_path):
     assert {r["action"] for r in report["layers"] if r["flagged"]} == {"projected"}
 
 
+@pytest.fixture(scope="module")
+def gpt2_models(tmp_path_factory):
+    """Four pico GPT-2 models (Conv1D layers: weights stored d_in x d_out), ``aligned`` = ``unaligned`` + a
+    rank-3 V per layer in the linear map's orientation; safety = aligned + noise (wpe too), task the same
+    plus, in block 0, an update inside V's column space (so block 0 scores high, block 1 low)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=24, n_layer=2, n_head=2, n_inner=40)
+    base = GPT2LMHeadModel(cfg).state_dict()
+    g = torch.Generator().manual_seed(1)
+    sds = {k: {n: t.clone() for n, t in base.items()} for k in ("aligned", "task", "safety")}
+    for n, w in base.items():
+        if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            d_in, d_out = w.shape
+            V = torch.randn(d_out, 3, generator=g) @ torch.randn(3, d_in, generator=g) * 0.05
+            sds["aligned"][n] = w + V.T
+            if ".h.0." in n:
+                sds["task"][n] = sds["task"][n] + (V @ torch.randn(d_in, d_in, generator=g) * 0.05).T
+        if w.dim() == 2 and "wte" not in n:
+            for k in ("task", "safety"):
+                sds[k][n] = sds["aligned"][n] + (sds[k][n] - base[n]) + torch.randn(w.shape, generator=g) * 0.02
+    paths = {"unaligned": root / "unaligned"}
+    GPT2LMHeadModel(cfg).save_pretrained(paths["unaligned"], state_dict=base)
+    for k, sd in sds.items():
+        paths[k] = root / k
+        GPT2LMHeadModel(cfg).save_pretrained(paths[k], state_dict=sd)
+    return types.SimpleNamespace(**paths)
+
+
+@pytest.mark.parametrize("method", ["safelora", "safemerge", "resta"])
+def test_conv1d_layers_are_scored_as_the_linear_map_they_compute(gpt2_models, tmp_path, method):
+    """GPT-2 stores c_attn/c_proj/c_fc as d_in x d_out: C = V V^T / ||V|| is formed on the output side of the
+    map (the transpose of the stored tensor); the position table wpe is no layer (the task's, bit for bit)."""
+    p, tau = gpt2_models, 0.5
+    got, report = merge(recipe(p, method, params={"threshold": tau} if method != "resta" else {}), tmp_path / "o")
+    A, U, T, S = (read_model(x) for x in (p.aligned, p.unaligned, p.task, p.safety))
+    layers = {r["module"]: r for r in report["layers"]}
+    assert "transformer.wpe" not in layers and "transformer.wte" not in layers
+    assert sorted(layers) == sorted(n[:-7] for n in A if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")))
+    if method != "resta":
+        assert torch.equal(got["transformer.wpe.weight"], T["transformer.wpe.weight"])
+    flagged = 0
+    for m, rec in layers.items():
+        n = m + ".weight"
+        wa, wu, wt = A[n].double(), U[n].double(), T[n].double()
+        V, dW = (wa - wu).T, (wt - wa).T  # the linear map's orientation, d_out x d_in
+        rho = ref_cos(V, torch.zeros_like(V), dW)
+        assert rec["cosine"] == pytest.approx(rho, abs=1e-6), m
+        assert abs(rho - ref_cos(wa, wu, wt - wa)) > 0.01, f"{m}: the test cannot tell the orientations apart"
+        if method == "safelora" and rho <= tau:
+            flagged += 1
+            want = wa + ((V @ V.T / V.norm()) @ dW).T
+            assert_close(got[n], want, atol=2e-6, rtol=1e-5, what=n)
+        elif method == "safemerge" and rho < tau:
+            flagged += 1
+            assert_close(got[n], wa + 0.8 * (wt - wa) + 0.2 * (S[n].double() - wa), atol=2e-6, rtol=1e-5, what=n)
+        elif method != "resta":
+            assert torch.equal(got[n], T[n]), n
+    assert method == "resta" or 0 < flagged < len(layers)
+
+
 def test_resta_matches_float64_reference(pico, tmp_path):
     got, report = merge(recipe(pico, "resta", params={"beta": 0.3}), tmp_path / "o")
     want, _ = reference(pico, "resta", beta=0.3)

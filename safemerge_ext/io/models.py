@@ -150,6 +150,18 @@ def config_value(model_dir: str | os.PathLike, key: str) -> object:
     return cfg.get(key, text.get(key) if isinstance(text, dict) else None)
 
 
+# transformers models whose projections are Conv1D layers (GPT-2's weight layout, d_in x d_out; JAIS
+# is GPT-2's code with trust_remote_code)
+_CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "jais"})
+_CONV1D_LAYERS = frozenset({"c_attn", "c_proj", "c_fc", "c_fc2", "q_attn"})
+
+
+def is_conv1d(model_type: object, module: str) -> bool:
+    """Whether ``module`` of a ``model_type`` model is a Conv1D layer: its weight is stored
+    d_in x d_out, the transpose of the linear map SPEC's formulas take."""
+    return model_type in _CONV1D_MODELS and module.rsplit(".", 1)[-1] in _CONV1D_LAYERS
+
+
 def is_tied_head(module: str, model_dir: str | os.PathLike) -> bool:
     """Whether ``module`` is an lm_head the model at ``model_dir`` ties to its input embeddings."""
     return module.rsplit(".", 1)[-1] == "lm_head" and bool(config_value(model_dir, "tie_word_embeddings"))
