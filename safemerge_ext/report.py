@@ -73,7 +73,8 @@ def build_report(
 ) -> dict[str, Any]:
     """Assemble the report dict (JSON-ready) from the layer records and the run's facts;
     ``precision`` is the operand precision the backend computed with (``backends.PRECISIONS``),
-    ``backend_detail`` what it ran with (the C++ kernels' instruction set: their bits differ)."""
+    ``backend_detail`` what it ran with (the C++ kernels' instruction set: their bits differ; None for a
+    backend with one build)."""
     scores = [r.cosine for r in layers if math.isfinite(r.cosine)]
     return {
         "tool": "safemerge-ext",
@@ -82,7 +83,7 @@ def build_report(
         "method": method,
         "settings": settings,
         "backend": backend,
-        **({"backend_detail": backend_detail} if backend_detail else {}),
+        "backend_detail": backend_detail or None,
         "precision": precision,
         "counts": {
             "layers": len(layers),
