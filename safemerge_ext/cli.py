@@ -10,7 +10,7 @@ import argparse
 import errno
 import os
 import sys
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 from safemerge_ext.backends import PRECISION_ENV_VAR, PRECISIONS  # (no torch)
 
@@ -86,6 +86,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:  # (argparse says so in the top parser's name, pointing at a --help without the flags)
+            self._chosen(ns).error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
+    def _chosen(self, ns: argparse.Namespace) -> "_Parser":
+        """The (sub)command parser the arguments chose."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                sub = action.choices.get(getattr(ns, action.dest, None))
+                if isinstance(sub, _Parser):
+                    return sub._chosen(ns)
+        return self
 
 
 def build_parser() -> argparse.ArgumentParser:

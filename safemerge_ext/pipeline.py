@@ -709,6 +709,12 @@ class MergeSettings:
         if not isinstance(self.selection, Selection):
             raise TypeError(f"selection must be a Selection, e.g. Selection(threshold=0.35); got {self.selection!r}")
         merging.validate(self.method, self.alpha, self.density, lora=True)
+        if self.density != 1.0 and self.method not in merging.USES_DENSITY:  # (it would change nothing)
+            raise ValueError(f"density applies to method ties, dare_linear and dare_ties; {self.method} keeps every "
+                             "entry")
+        if self.seed != 0 and self.method not in merging.USES_SEED:
+            raise ValueError(f"seed applies to method dare_linear and dare_ties (their random masks); {self.method} "
+                             "draws nothing")
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
 

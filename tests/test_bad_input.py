@@ -332,6 +332,7 @@ def test_bad_input_merge(fx, tmp_path, capsys, kind, output):
     (["--num-layers", "0"], "must be at least 1"),
     (["--method", "slerp"], "invalid choice: 'slerp'"),
     (["--threshold", "0.3", "--num-layers", "2"], "not allowed with argument"),
+    (["--no-plots", "x"], "unrecognized arguments: --no-plots x"),  # (argparse named the top parser's --help)
 ])
 def test_bad_settings(fx, tmp_path, capsys, argv, expect):
     out = tmp_path / "out"
@@ -367,6 +368,12 @@ def test_settings_validated_in_api():
 
     with pytest.raises(ValueError, match="alpha must lie"):
         MergeSettings(Selection(threshold=0.3), alpha=1.2)
+    # as the CLI refuses them: a setting the method does not use changed nothing and said nothing
+    with pytest.raises(ValueError, match="density applies to method ties, dare_linear and dare_ties; linear"):
+        MergeSettings(Selection(threshold=0.3), density=0.5)
+    with pytest.raises(ValueError, match=r"seed applies to method dare_linear and dare_ties \(their random masks\); ties draws nothing"):
+        MergeSettings(Selection(threshold=0.3), method="ties", density=0.5, seed=7)
+    MergeSettings(Selection(threshold=0.3), method="dare_ties", density=0.5, seed=7)
     with pytest.raises(ValueError, match="threshold must lie"):
         Selection(threshold=2.0)
     with pytest.raises(ValueError, match="exactly one"):
@@ -1737,6 +1744,15 @@ def test_a_report_path_that_ends_in_a_slash_is_a_folder(fx, tmp_path, capsys, fl
     assert err == (f"safemerge: error: {flag} {path} names a folder (it ends in a slash); give a file name such as "
                    f"{tmp_path / 'rep' / name}"), err
     assert not (tmp_path / "rep").exists()
+
+
+def test_a_report_path_that_is_an_input_folder_says_so(fx, capsys):
+    """--report <the aligned model folder> said it was "a file of" that folder."""
+    assert main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+                 "--report", str(fx.aligned), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"safemerge: error: --report {fx.aligned} is --aligned {fx.aligned} itself, which writing it "
+                   "would replace; choose another path"), err
 
 
 def test_an_unreadable_shard_says_to_fix_its_permissions(fx, tmp_path, capsys, monkeypatch):

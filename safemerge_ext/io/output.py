@@ -149,7 +149,10 @@ def check_not_input(path: str | os.PathLike, flag: str, inputs: Iterable[tuple[s
     p = Path(path).resolve()
     for name, src in inputs:
         s = Path(src).resolve()
-        if p == s or (s in p.parents and p.exists()):
+        if p == s:
+            raise SafeMergeError(f"{flag} {path} is {name} {src} itself, which writing it would replace; "
+                                 "choose another path")
+        if s in p.parents and p.exists():
             raise SafeMergeError(f"{flag} {path} is a file of {name} {src}, which writing it would replace; "
                                  "choose another path")
 
