@@ -1120,7 +1120,7 @@ def _precision_warnings(method: str, layers: list[LayerRecord]) -> list[str]:
     if loaded_half:
         advice.append("set dtype: float32 in the recipe (this helps where the models are stored in float32)")
     if folded:
-        advice.append("fold the task LoRA in float32 (safemerge-yaml does; mergekit-yaml: --lora-merge-dtype float32)")
+        advice.append("fold the task LoRA in float32 (--lora-merge-dtype float32, safemerge-yaml's default)")
     if not advice:
         advice.append(f"the task model is stored in {fmt}, so no setting here removes this noise")
     return [
