@@ -1126,6 +1126,28 @@ def test_a_stored_head_is_untied_in_the_config_of_a_model_another_tool_wrote(tmp
         assert untie_stored_head(d) is None and (d / "config.json").read_bytes() == before
 
 
+@pytest.mark.parametrize("model_type, tied", [("gemma3_text", True), ("gemma2", True), ("llama", False),
+                                              ("no-such-model", True)])
+def test_a_config_without_tie_word_embeddings_ties_as_its_class_does(tmp_path, model_type, tied):
+    """transformers saves only what differs from the config class's defaults: a Gemma config.json has no
+    tie_word_embeddings and ties (its class's default), a Llama one without the key does not; a model_type
+    transformers does not know ties, as PretrainedConfig does. A stored head is untied where it is tied."""
+    from safemerge_ext.io.model_writer import untie_stored_head
+    from safemerge_ext.io.models import is_tied_head, ties_embeddings
+
+    d = tmp_path / model_type
+    d.mkdir()
+    save_file({"model.embed_tokens.weight": torch.randn(8, 4), "lm_head.weight": torch.randn(8, 4)},
+              d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 8}))
+    assert ties_embeddings(d) is tied and is_tied_head("lm_head", d) is tied and not is_tied_head("q_proj", d)
+    note = untie_stored_head(d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert (note is not None) is tied and cfg.get("tie_word_embeddings") is (False if tied else None), cfg
+    assert ties_embeddings(d) is False
+    assert ties_embeddings(tmp_path / "nothing-here") is False
+
+
 def test_side_files_leave_out_indexes_of_weights_not_copied_and_earlier_reports(tmp_path):
     """An earlier run's report in the input (a merged model merged again) describes another merge."""
     from safemerge_ext.io.model_writer import copy_side_files

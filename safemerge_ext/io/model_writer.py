@@ -21,7 +21,7 @@ from typing import Callable, Collection, Iterator, Union
 
 import torch
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.models import INDEX, ModelReader
+from safemerge_ext.io.models import INDEX, ModelReader, ties_embeddings
 from safemerge_ext.io.safetensors_stream import StreamingWriter
 
 # weights in any format (PyTorch, TF, Flax, GGUF, rust-bert, TFLite, ONNX, NumPy, Core ML): a copy
@@ -135,10 +135,11 @@ def untie_updated_head(out_dir: Path, updated: Collection[str]) -> str | None:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    holders = [c for c in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None)
-               if isinstance(c, dict) and c.get("tie_word_embeddings")]
-    if not holders:
+    if not isinstance(cfg, dict) or not ties_embeddings(out_dir):
         return None
+    holders = [c for c in (cfg, cfg.get("text_config")) if isinstance(c, dict) and c.get("tie_word_embeddings")]
+    if not holders:  # (tied by the config class's default, which the file leaves out)
+        holders = [c for c in (cfg, cfg.get("text_config")) if isinstance(c, dict)]
     for c in holders:
         c["tie_word_embeddings"] = False
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

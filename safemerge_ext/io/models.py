@@ -162,9 +162,32 @@ def is_conv1d(model_type: object, module: str) -> bool:
     return model_type in _CONV1D_MODELS and module.rsplit(".", 1)[-1] in _CONV1D_LAYERS
 
 
+def ties_embeddings(model_dir: str | os.PathLike) -> bool:
+    """Whether the model at ``model_dir`` ties its output head to its input embeddings: config.json's
+    ``tie_word_embeddings`` (or its ``text_config``'s); where it has none, the config class's default,
+    which transformers leaves out of the files it saves (Gemma's is to tie, Llama's not), read with
+    transformers (imported only here); True where that cannot tell (``PretrainedConfig``'s default).
+    False without a config.json."""
+    value = config_value(model_dir, "tie_word_embeddings")
+    if value is not None:
+        return bool(value)
+    if not (Path(model_dir) / "config.json").is_file():
+        return False
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(str(model_dir))
+        value = getattr(cfg, "tie_word_embeddings", None)
+        if value is None and hasattr(cfg, "get_text_config"):
+            value = getattr(cfg.get_text_config(), "tie_word_embeddings", None)
+    except Exception:  # (transformers missing, or a model_type it does not know)
+        value = None
+    return True if value is None else bool(value)
+
+
 def is_tied_head(module: str, model_dir: str | os.PathLike) -> bool:
     """Whether ``module`` is an lm_head the model at ``model_dir`` ties to its input embeddings."""
-    return module.rsplit(".", 1)[-1] == "lm_head" and bool(config_value(model_dir, "tie_word_embeddings"))
+    return module.rsplit(".", 1)[-1] == "lm_head" and ties_embeddings(model_dir)
 
 
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
