@@ -6,6 +6,7 @@
   build of torch (then ``SAFEMERGE_BUILD_CUDA=1`` forces it): the build environment's torch, else
   (pip's build isolation) the one installed where the package goes. Where neither exists, nvcc
   decides: the extension links no torch.
+- ``SAFEMERGE_BUILD_CUDA=0`` never builds the CUDA part; ``SAFEMERGE_CUDA_ARCH`` picks its GPUs.
 - ``SAFEMERGE_SKIP_NATIVE=1`` builds nothing native.
 
 The build degrades instead of failing: a native part that cannot be compiled is reported and
@@ -46,6 +47,10 @@ def _say(msg: str) -> None:
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _off(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
 
 
 def _compiler_accepts(compiler, flags: list[str], source: str) -> bool:
@@ -213,11 +218,30 @@ class BuildNative(build_ext):
         super().build_extension(ext)
 
 
+CUDA_ARCHS = "75;80;86;89;90"
+
+
+def _cuda_archs() -> list[str]:
+    """The GPU architectures to compile for: SAFEMERGE_CUDA_ARCH ("80;90", "80,90", "80 90", or torch's
+    spelling "8.0;9.0+PTX"; empty: the default), else CUDA_ARCHS; ValueError for anything else."""
+    text = os.environ.get("SAFEMERGE_CUDA_ARCH", "").strip() or CUDA_ARCHS
+    archs = []
+    for a in re.split(r"[;,\s]+", text):
+        a = a.strip().lower().removesuffix("+ptx")  # (the last one is always also compiled as PTX)
+        if not a:
+            continue
+        m = re.fullmatch(r"(\d+)(?:\.(\d))?([af]?)", a)
+        if m is None:
+            raise ValueError(f"SAFEMERGE_CUDA_ARCH={text!r}: {a!r} is no GPU architecture; give compute "
+                             "capabilities such as \"80;90\" (or 8.0;9.0)")
+        archs.append(m.group(1) + (m.group(2) or "") + m.group(3))
+    return archs
+
+
 def _nvcc_arch_flags() -> list[str]:
     """SASS for common data-centre and consumer GPUs plus PTX for newer ones (override with
     SAFEMERGE_CUDA_ARCH, e.g. "80;90")."""
-    archs = os.environ.get("SAFEMERGE_CUDA_ARCH", "75;80;86;89;90").replace(",", ";").split(";")
-    archs = [a.strip() for a in archs if a.strip()]
+    archs = _cuda_archs()
     flags = []
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
@@ -287,7 +311,16 @@ def native_extensions() -> list:
     ]
     _say("C++ extension safemerge_ext._cpu: will build from csrc/cpu_ops.cpp")
     nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if _off("SAFEMERGE_BUILD_CUDA"):
+        _say(f"skipping CUDA extension safemerge_ext._cuda: SAFEMERGE_BUILD_CUDA={os.environ['SAFEMERGE_BUILD_CUDA']}")
+        return exts
     forced = _flag("SAFEMERGE_BUILD_CUDA")
+    if nvcc:
+        try:
+            _cuda_archs()
+        except ValueError as exc:
+            _say(f"WARNING: skipping CUDA extension safemerge_ext._cuda: {exc}")
+            return exts
     has_cuda_torch, torch_why = _cuda_torch() if nvcc else (None, "")  # (no torch import without nvcc)
     if nvcc and (has_cuda_torch is not False or forced):
         why = "forced by SAFEMERGE_BUILD_CUDA=1" if forced else torch_why

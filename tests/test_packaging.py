@@ -196,6 +196,41 @@ def test_the_cuda_extension_is_built_where_nvcc_is_unless_torch_is_a_cpu_build(m
         assert (f"(CUDA 12.8) installed in {site}" in said) == (torch_build == "isolated-cuda"), said
 
 
+@pytest.mark.parametrize("value, archs", [("", ["75", "80", "86", "89", "90"]), ("80;90", ["80", "90"]),
+                                          ("80, 90", ["80", "90"]), ("80 90a", ["80", "90a"]),
+                                          ("8.0;9.0+PTX", ["80", "90"]), ("sm_80", None), ("8.0.1", None)])
+def test_cuda_arch_setting_is_read_as_nvcc_and_torch_write_it(monkeypatch, capsys, value, archs):
+    """SAFEMERGE_CUDA_ARCH: empty is the default list (it was an IndexError, and no CUDA extension), torch's
+    "8.0;9.0+PTX" spelling is taken; anything else skips the CUDA extension with a line naming the setting."""
+    mod = _setup_module(monkeypatch)
+    monkeypatch.setenv("SAFEMERGE_CUDA_ARCH", value)
+    monkeypatch.setenv("NVCC", "/opt/cuda/bin/nvcc-that-is-not-run")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    if archs is None:
+        with pytest.raises(ValueError, match="SAFEMERGE_CUDA_ARCH=.* is no GPU architecture"):
+            mod["_cuda_archs"]()
+        capsys.readouterr()
+        assert [e.name for e in mod["native_extensions"]()] == ["safemerge_ext._cpu"]
+        assert "skipping CUDA extension safemerge_ext._cuda: SAFEMERGE_CUDA_ARCH=" in capsys.readouterr().err
+        return
+    assert mod["_cuda_archs"]() == archs
+    flags = mod["_nvcc_arch_flags"]()
+    assert flags[-1] == f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"
+    assert [f for f in flags[1::2]][:-1] == [f"arch=compute_{a},code=sm_{a}" for a in archs]
+
+
+@pytest.mark.parametrize("value", ["0", "false", "off"])
+def test_build_cuda_off_skips_the_cuda_extension(monkeypatch, capsys, value):
+    """SAFEMERGE_BUILD_CUDA=0 skips nvcc (a minute or more of every install) where it would build."""
+    mod = _setup_module(monkeypatch)
+    monkeypatch.setenv("SAFEMERGE_BUILD_CUDA", value)
+    monkeypatch.setenv("NVCC", "/opt/cuda/bin/nvcc-that-is-not-run")
+    monkeypatch.setitem(sys.modules, "torch", None)
+    capsys.readouterr()
+    assert [e.name for e in mod["native_extensions"]()] == ["safemerge_ext._cpu"]
+    assert f"skipping CUDA extension safemerge_ext._cuda: SAFEMERGE_BUILD_CUDA={value}" in capsys.readouterr().err
+
+
 def test_under_build_isolation_nvccs_release_is_checked_against_the_installed_torch(monkeypatch, capsys, tmp_path):
     """The CUDA-release check (the extension's static runtime needs a driver for nvcc's major) also
     reads the torch installed where the package goes when the build environment has none."""
