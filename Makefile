@@ -3,9 +3,22 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch first, so the package's range does not pull another build; users with a CUDA machine can
-# override it (make TORCH=torch).
+# override it (make TORCH=torch). PyPI's torch for Linux is a CUDA build (several GB): for a CPU one,
+# make TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
 TORCH  ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.installed
+
+# PYTHON given to make, and a $(VENV) made by another Python: say so rather than use that one
+ifneq ($(filter command line environment,$(origin PYTHON)),)
+ifneq ($(wildcard $(BIN)/python),)
+VENV_PY := $(shell $(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+WANT_PY := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+ifneq ($(VENV_PY),$(WANT_PY))
+$(error $(VENV) has Python $(or $(VENV_PY),?) but PYTHON=$(PYTHON) is $(or $(WANT_PY),not found); `make clean` first to make $(VENV) again with it)
+endif
+endif
+endif
 
 .PHONY: setup demo test bench clean experiment experiment-retrain
 
@@ -18,11 +31,11 @@ $(BIN)/python:
 # pip's log goes to .venv/install.log; the build's own lines (what it built or skipped, and why)
 # and `safemerge backends` are printed.
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard csrc/*)
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet "$(TORCH)" $(TORCH_PIP_ARGS)
 	$(BIN)/pip install --quiet "setuptools>=77" wheel "pybind11>=2.12"
 	$(BIN)/pip install -v --no-build-isolation -e ".[all]" > $(VENV)/install.log 2>&1 \
 	  || { tail -n 40 $(VENV)/install.log; echo "pip install failed; the whole log: $(VENV)/install.log"; exit 1; }
-	@grep "safemerge-ext build:" $(VENV)/install.log | awk '!seen[$$0]++'  # (pip runs setup.py twice)
+	@grep "safemerge-ext build:" $(VENV)/install.log | awk '!seen[$$0]++'  # (pip runs setup.py more than once)
 	$(BIN)/safemerge backends
 	touch $(STAMP)
 
@@ -47,5 +60,5 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_scoring.py --quick
 
 clean:
-	rm -rf build dist *.egg-info demo $(VENV)
+	rm -rf build dist *.egg-info demo $(VENV) .venv-cuda
 	rm -f safemerge_ext/*.so safemerge_ext/*.pyd
