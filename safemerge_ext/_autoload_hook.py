@@ -1,4 +1,4 @@
-"""Start-up hook (imported by ``safemerge_ext_autoload.pth``): registers safemerge-ext's mergekit
+"""Start-up hook (loaded by ``safemerge_ext_autoload.pth``): registers safemerge-ext's mergekit
 methods right after ``mergekit.merge_methods.registry`` is first imported.
 
 mergekit has no plugin discovery, so plain ``mergekit-yaml`` can only find ``safemerge`` if
@@ -6,21 +6,26 @@ something registers it in the same interpreter. This module installs a one-shot 
 that wraps the registry module's loader; it imports only ``os`` and ``sys`` (never torch or
 mergekit) so that interpreter start-up stays as cheap as before. ``SAFEMERGE_NO_AUTOLOAD=1``
 turns it off.
+
+The .pth line loads this file by its path, as ``safemerge_ext._autoload_hook``, without importing
+the package: at start-up the working directory is not yet on ``sys.path``, so an imported package
+would be the installed copy even for a program run from a source checkout (``python -m pytest``
+there). The package is imported when mergekit's registry is, from whatever ``sys.path`` says then.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-
-from safemerge_ext._env import switched_on
 
 TARGET = "mergekit.merge_methods.registry"
 ENV = "SAFEMERGE_NO_AUTOLOAD"
 
 
 def disabled() -> bool:
-    """True when ``SAFEMERGE_NO_AUTOLOAD`` is set to anything but empty/0/false/no."""
-    return switched_on(ENV)
+    """True when ``SAFEMERGE_NO_AUTOLOAD`` is set to anything but empty/0/false/no/off (as
+    ``safemerge_ext._env.switched_on`` reads it; not imported: it is in the package)."""
+    return os.environ.get(ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 pending = False  # set when the registry was imported from inside safemerge_ext.mergekit_methods

@@ -16,7 +16,11 @@ PTH = "safemerge_ext_autoload.pth"
 # the same line as safemerge_ext.autoload.PTH_LINE (a test keeps them equal); used when the file is
 # not beside setup.py, e.g. in an sdist without it
 LINE = (  # (any failure is swallowed: a half-installed package must not print at every start)
-    'import sys; exec("try:\\n import safemerge_ext._autoload_hook\\nexcept Exception:\\n pass")\n'
+    'import sys; exec("try:\\n from importlib.util import find_spec, module_from_spec, spec_from_file_location\\n'
+    ' from os.path import join\\n n = \'safemerge_ext._autoload_hook\'\\n'
+    ' s = spec_from_file_location(n, join(find_spec(\'safemerge_ext\').submodule_search_locations[0], \'_autoload_hook.py\'))\\n'
+    ' sys.modules[n] = m = module_from_spec(s)\\n s.loader.exec_module(m)\\n'
+    'except Exception:\\n sys.modules.pop(\'safemerge_ext._autoload_hook\', None)")\n'
 )
 
 

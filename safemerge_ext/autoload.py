@@ -1,7 +1,8 @@
 """Switch the mergekit autoload on or off in the active environment: ``safemerge autoload ...``.
 
 The switch is one file, ``safemerge_ext_autoload.pth``, in the environment's site-packages. Its one
-line imports :mod:`safemerge_ext._autoload_hook` at interpreter start-up (stdlib only), which
+line loads :mod:`safemerge_ext._autoload_hook` at interpreter start-up (stdlib only; by its path, not
+importing the package, so a source checkout run from its folder still imports its own), which
 registers the ``safemerge``, ``safelora`` and ``resta`` methods the moment mergekit imports its
 method registry, so plain ``mergekit-yaml`` finds them. ``pip install .`` installs the file;
 editable installs get it from the build hook as well where setuptools allows (see README), and
@@ -21,7 +22,11 @@ from safemerge_ext.errors import SafeMergeError
 
 PTH_NAME = "safemerge_ext_autoload.pth"
 PTH_LINE = (  # (any failure is swallowed: a half-installed package must not print at every start)
-    'import sys; exec("try:\\n import safemerge_ext._autoload_hook\\nexcept Exception:\\n pass")\n'
+    'import sys; exec("try:\\n from importlib.util import find_spec, module_from_spec, spec_from_file_location\\n'
+    ' from os.path import join\\n n = \'safemerge_ext._autoload_hook\'\\n'
+    ' s = spec_from_file_location(n, join(find_spec(\'safemerge_ext\').submodule_search_locations[0], \'_autoload_hook.py\'))\\n'
+    ' sys.modules[n] = m = module_from_spec(s)\\n s.loader.exec_module(m)\\n'
+    'except Exception:\\n sys.modules.pop(\'safemerge_ext._autoload_hook\', None)")\n'
 )
 ENV = "SAFEMERGE_NO_AUTOLOAD"
 

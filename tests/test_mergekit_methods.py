@@ -943,6 +943,25 @@ def test_pth_hook_is_lazy_and_registers_on_mergekit_import(tmp_path):
     assert hook == "hook" and imported == "[]" and registered == "registered"
 
 
+def test_pth_hook_leaves_the_package_to_be_imported_from_sys_path_as_it_is_later(tmp_path):
+    """The .pth ran before the working directory joins sys.path: importing the package there made the
+    installed copy win over a source checkout run from its folder (python -m pytest in a clone)."""
+    site_dir = tmp_path / "site"
+    autoload.enable(site_dir)
+    checkout = tmp_path / "checkout" / "safemerge_ext"
+    checkout.mkdir(parents=True)
+    (checkout / "__init__.py").write_text("WHERE = 'checkout'\n")
+    code = ("import site, sys\nsite.addsitedir(sys.argv[1])\n"
+            "print('safemerge_ext' in sys.modules, 'safemerge_ext._autoload_hook' in sys.modules)\n"
+            "sys.path.insert(0, sys.argv[2])\nimport safemerge_ext\nprint(getattr(safemerge_ext, 'WHERE', 'installed'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "SAFEMERGE_NO_AUTOLOAD"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    for off in ("", "1"):
+        res = subprocess.run([sys.executable, "-c", code, str(site_dir), str(checkout.parent)], capture_output=True,
+                             text=True, env={**env, "SAFEMERGE_NO_AUTOLOAD": off})
+        assert res.returncode == 0 and res.stdout.split() == ["False", "True", "checkout"], res.stdout + res.stderr
+
+
 def test_no_autoload_env_turns_the_hook_off(tmp_path):
     hook, imported, registered = _probe(tmp_path, SAFEMERGE_NO_AUTOLOAD="1")[:3]
     assert imported == "[]" and registered == "absent"
