@@ -9,6 +9,17 @@ import torch
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def built_file(module: str) -> str | None:
+    """The file of an extension module that is installed (whether or not it loads), else None."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None else None
+
+
 def require(reason: str | None) -> None:
     """Raise the backend's unavailability reason, if any, as one RuntimeError line."""
     if reason:

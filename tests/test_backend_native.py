@@ -831,6 +831,27 @@ def test_unavailable_reasons_are_strings():
         assert cuda_backend.unavailable_reason() is not None
 
 
+@pytest.mark.parametrize("which", ["cpp", "cuda"])
+def test_an_extension_that_is_there_but_does_not_load_is_not_called_unbuilt(monkeypatch, tmp_path, which):
+    """A built .so that fails to load (a libstdc++ or driver mismatch) was reported as "not built"."""
+    from safemerge_ext import _native, cpp_backend, cuda_backend
+
+    mod, name = (cpp_backend, "_cpu") if which == "cpp" else (cuda_backend, "_cuda")
+    loaded = getattr(mod, name)
+    monkeypatch.setattr(mod, name, None)
+    monkeypatch.setattr(mod, "_IMPORT_ERROR", "undefined symbol: _ZTVN10__cxxabiv117__class_type_infoE")
+    so = tmp_path / f"{name}.cpython-311-x86_64-linux-gnu.so"
+    monkeypatch.setattr(mod, "built_file", lambda m: str(so) if m == f"safemerge_ext.{name}" else None)
+    reason = mod.unavailable_reason()
+    assert reason.startswith(f"the {'C++' if which == 'cpp' else 'CUDA'} extension {so} is installed but does not "
+                             "load (undefined symbol: ") and "reinstall safemerge-ext" in reason, reason
+    monkeypatch.setattr(mod, "built_file", lambda m: None)
+    assert "extension was not built" in mod.unavailable_reason()
+    assert _native.built_file("safemerge_ext.no_such_extension") is None
+    if loaded is not None:
+        assert _native.built_file(f"safemerge_ext.{name}") == loaded.__file__
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA sources: compiled with nvcc here (nothing can run them without a GPU)
 
