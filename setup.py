@@ -156,15 +156,21 @@ class BuildNative(build_ext):
         for ext in self.extensions:
             if ext.name.endswith("._cpu"):
                 ext.extra_compile_args += _CPU_FLAGS
-                if _compiler_accepts(self.compiler, ["-fopenmp"], _OMP_PROBE):
+                works = _compiler_accepts(self.compiler, [], "int main() { return 0; }\n")
+                if not works:
+                    # (then every probe fails too: no OpenMP or AMX verdict, the build's own error follows)
+                    cxx = (getattr(self.compiler, "compiler_so", None) or ["?"])[0]
+                    _say(f"WARNING: the C++ compiler ({cxx}) does not build a test program; safemerge_ext._cpu is "
+                         "tried all the same")
+                elif _compiler_accepts(self.compiler, ["-fopenmp"], _OMP_PROBE):
                     ext.extra_compile_args.append("-fopenmp")
                     ext.extra_link_args.append("-fopenmp")
                     _say("C++ extension safemerge_ext._cpu: OpenMP enabled (-fopenmp)")
                 else:
                     _say("WARNING: the compiler does not accept -fopenmp; safemerge_ext._cpu is built "
                          "single-threaded")
-                if platform.machine().lower() in ("x86_64", "amd64") and not _compiler_accepts(
-                        self.compiler, [], _AMX_PROBE):
+                if platform.machine().lower() in ("x86_64", "amd64") and works \
+                        and not _compiler_accepts(self.compiler, [], _AMX_PROBE):
                     ext.define_macros.append(("SM_NO_AMX", "1"))
                     _say("C++ extension safemerge_ext._cpu: the toolchain cannot build the AMX kernels; "
                          "left out (the AVX-512 ones stay)")
