@@ -87,7 +87,8 @@ def disable(target: str | os.PathLike | None = None) -> str:
         f.unlink()
     except OSError as exc:
         raise SafeMergeError(f"cannot remove {f} ({exc.strerror}): run this with write access") from None
-    return f"autoload disabled: removed {f} (use safemerge-yaml, or set {ENV}=1 for one run)"
+    return (f"autoload disabled: removed {f} (plain mergekit-yaml no longer finds the methods, safemerge-yaml "
+            "still does; `safemerge autoload enable` puts it back)")
 
 
 _FINDS = ("import site, sys\n"
