@@ -266,6 +266,8 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
             lpath = _local_dir(ref.lora.path, f"{label}: LoRA adapter")
             adapters.append((label, ref, read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True)))
     base_label, _, base = readers[0]
+    if has_lora:
+        _check_lora_architecture(base)
     vocab = _vocab_size(base.path)
     # (mergekit's tokenizer settings align the embedding rows; --unsafe-truncate-embeddings cuts them)
     aligns_vocab = config.tokenizer is not None or config.tokenizer_source is not None or truncate_embeddings
@@ -307,6 +309,25 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
     inputs = tuple((f"{label} model", r.path) for label, _, r in readers) + tuple(
         (f"{label} LoRA adapter", a.path) for label, _, a in adapters)
     return has_lora, checked, inputs
+
+
+def _check_lora_architecture(base: Any) -> None:
+    """mergekit infers the layout of a model it has no architecture definition for from every input's
+    files, and (0.1.5) fails on a ``model+lora`` input there with "LoRA not merged"; say what to do."""
+    from mergekit.architecture import arch_info_for_config
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(base.path))
+    except Exception:  # (custom code, say: left to mergekit)
+        return
+    if arch_info_for_config(config) is None:
+        arch = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise SafeMergeError(
+            f"mergekit has no architecture definition for {arch} (the aligned model), and cannot take model+lora "
+            "inputs for it; fold each LoRA into its model first (PEFT: merge_and_unload, save_pretrained) and give "
+            "those folders, or use `safemerge merge --output model`, which takes the adapters as they are"
+        )
 
 
 def _planned_names(model_dir: Path) -> set[str]:

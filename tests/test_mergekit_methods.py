@@ -358,6 +358,26 @@ def test_aligned_plus_lora_inputs_with_lora_merge_cache(pico, tmp_path):
     assert {m: f for m, f in flags.items()} == {r["module"]: r["flagged"] for r in report["layers"]}
 
 
+def test_lora_inputs_on_an_architecture_mergekit_does_not_define_are_refused_before_the_run(pico, tmp_path):
+    """mergekit 0.1.5 infers such a model's layout from every input's files and fails on a model+lora
+    input there ("LoRA not merged - use .merged()"); safemerge-yaml says what to do instead."""
+    models = {}
+    for role in ("aligned", "unaligned"):
+        models[role] = tmp_path / role
+        shutil.copytree(getattr(pico, role), models[role])
+        cfg = json.loads((models[role] / "config.json").read_text())
+        (models[role] / "config.json").write_text(json.dumps({**cfg, "architectures": ["PicoLlamaForCausalLM"]}))
+    lora = recipe(pico, unaligned=str(models["unaligned"]),
+                  task=f"{models['aligned']}+{pico.lora_task}", safety=f"{models['aligned']}+{pico.lora_safety}")
+    lora["base_model"] = str(models["aligned"])
+    with pytest.raises(SafeMergeError, match=r"^mergekit has no architecture definition for PicoLlamaForCausalLM "
+                       r"\(the aligned model\), and cannot take model\+lora inputs for it; fold each LoRA"):
+        validate_recipe(lora)
+    full = recipe(pico)
+    full["base_model"] = str(models["aligned"])
+    validate_recipe(full)  # (full models: mergekit infers the layout from their files)
+
+
 def test_lora_inputs_that_peft_folds_are_taken_by_safemerge_yaml(pico, tmp_path):
     """A model+lora input is folded by PEFT before the method sees it, so a DoRA task adapter with
     a saved lm_head (modules_to_save) is scored as W_task - W_aligned of the folded model: the
