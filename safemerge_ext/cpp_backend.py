@@ -154,6 +154,16 @@ def _blocks(n: int, size: int):
         yield i0, min(i0 + size, n)
 
 
+_SQ_CHUNK = 1 << 18  # elements upcast at a time by _square_sum (2 MiB of float64)
+
+
+def _square_sum(t: torch.Tensor) -> float:
+    """The float64 sum of the squares of a 2-D fp32 block, a few rows at a time: ``t.double()`` whole
+    would be twice the block (M_J is up to 64 MiB) and its square as much again."""
+    rows = max(1, _SQ_CHUNK // max(t.shape[1], 1))
+    return sum(float(t[i:i + rows].double().square().sum()) for i in range(0, t.shape[0], rows))
+
+
 def _v(wa: torch.Tensor, wu: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
     return wa[i0:i1].float() - wu[i0:i1].float()
 
@@ -161,7 +171,8 @@ def _v(wa: torch.Tensor, wu: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
 def _fullrank_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, sums: dict[str, float]):
     """Yield (J, M_J, row_block_N) over column blocks J of dW: M_J = V^T dW[:, J] is accumulated
     over row blocks of V and dW (BLAS addmm), then N[:, J] = V M_J is produced one row block at a
-    time. Memory: M_J (at most _M_BYTES) plus a few row blocks; V, dW and C are never formed whole.
+    time. Memory: M_J (at most _M_BYTES) plus a few row blocks (and float64 sums taken a few rows at a
+    time); V, dW and C are never formed whole.
     ``sums`` receives ||V||^2 ("vsq") and ||dW||^2 ("d2") as float64 sums."""
     d_out, d_in = wa.shape
     cols = max(_MIN_COLS, min(d_in, _M_BYTES // (4 * max(d_in, 1))))
@@ -173,9 +184,10 @@ def _fullrank_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, su
             D = delta[i0:i1, j0:j1].float()
             M.addmm_(V.t(), D)
             if j0 == 0:
-                sums["vsq"] += float(V.double().square().sum())
-            sums["d2"] += float(D.double().square().sum())
+                sums["vsq"] += _square_sum(V)
+            sums["d2"] += _square_sum(D)
         yield slice(j0, j1), M, ((i0, i1, _v(wa, wu, i0, i1) @ M) for i0, i1 in _blocks(d_out, _ROW_BLOCK))
+        del M  # (the caller drops its references too: one M_J at a time, not two)
 
 
 def _checked_delta(wa: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -193,9 +205,10 @@ def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tu
     m2 = n2 = 0.0
     sums: dict[str, float] = {}
     for _, M, rows in _fullrank_blocks(wa, wu, delta, sums):
-        m2 += float(M.double().square().sum())
+        m2 += _square_sum(M)
         for _, _, N in rows:
-            n2 += float(N.double().square().sum())
+            n2 += _square_sum(N)
+        del M, rows, N
     return m2, n2, sums["d2"], sums["vsq"]
 
 
@@ -205,7 +218,8 @@ def project_full(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tup
     delta = _checked_delta(wa, delta)
     out = torch.empty(wa.shape, dtype=torch.float32)
     sums: dict[str, float] = {}
-    for J, _, rows in _fullrank_blocks(wa, wu, delta, sums):
+    for J, M, rows in _fullrank_blocks(wa, wu, delta, sums):
         for i0, i1, N in rows:
             out[i0:i1, J] = N
+        del M, rows, N
     return out, sums["vsq"]
