@@ -1047,13 +1047,21 @@ def test_prefetch_holds_at_most_its_budget():
     # at most 6 ahead, or one item alone when it is bigger; plus the one being consumed
     assert peak <= max(6, max(sizes)) + max(sizes), peak
 
-    # and at most `depth` items, whatever their size
-    held = peak = 0
-    for i, _ in prefetch(range(len(sizes)), load, size=lambda i: 0, depth=2):
-        time.sleep(0.005)
+    # and at most `depth` items ahead, whatever their size, plus the one being consumed (counted: a
+    # bound in bytes let depth 3 pass for depth 2)
+    def count(i):
+        nonlocal held, peak
         with lock:
-            held -= sizes[i]
-    assert peak <= sum(sorted(sizes)[-3:]), peak
+            held += 1
+            peak = max(peak, held)
+
+    for depth in (1, 2, 3):
+        held = peak = 0
+        for i, _ in prefetch(range(len(sizes)), count, size=lambda i: 0, depth=depth):
+            time.sleep(0.005)
+            with lock:
+                held -= 1
+        assert 2 <= peak <= depth + 1, (depth, peak)
 
     started = []
     gen = prefetch(range(100), lambda i: started.append(i), depth=2)
