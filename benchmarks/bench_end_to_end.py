@@ -166,7 +166,8 @@ def run_copy_floor(data: Path, adapters: str, out: Path, **_) -> dict:
     return {"time_s": time.perf_counter() - t0, "bytes_read": nbytes, "base_rss_mb": base}
 
 
-def _ours(data: Path, adapters: str, out: Path, output: str, backend: str, device: str, plot: bool = True) -> dict:
+def _ours(data: Path, adapters: str, out: Path, output: str, backend: str, device: str, plot: bool = True,
+          threshold: float = TAU) -> dict:
     t0 = time.perf_counter()
     from safemerge_ext import backends, pipeline
 
@@ -178,7 +179,7 @@ def _ours(data: Path, adapters: str, out: Path, output: str, backend: str, devic
     t_import = time.perf_counter() - t0
     warmup = _warm_gpu(data, adapters, backend) if device == "cuda" else 0.0
     base = base_rss_mb()
-    settings = pipeline.MergeSettings(pipeline.Selection(threshold=TAU), alpha=ALPHA, output=output)
+    settings = pipeline.MergeSettings(pipeline.Selection(threshold=threshold), alpha=ALPHA, output=output)
     t1 = time.perf_counter()
     rep = pipeline.merge(data / "aligned", data / "unaligned", data / f"task-{adapters}", data / f"safety-{adapters}",
                          out, settings, backend=backend, device=device, progress=False, plot=plot)
@@ -212,20 +213,22 @@ def _warm_gpu(data: Path, adapters: str, backend: str) -> float:
     return time.perf_counter() - t0
 
 
-def run_ours_adapter(data: Path, adapters: str, out: Path, backend: str = "auto", device: str = "cpu", **_) -> dict:
-    return _ours(data, adapters, out, "adapter", backend, device)
+def run_ours_adapter(data: Path, adapters: str, out: Path, backend: str = "auto", device: str = "cpu",
+                     threshold: float = TAU, **_) -> dict:
+    return _ours(data, adapters, out, "adapter", backend, device, threshold=threshold)
 
 
 def run_ours_adapter_noplot(data: Path, adapters: str, out: Path, backend: str = "auto", device: str = "cpu",
-                            **_) -> dict:
-    return _ours(data, adapters, out, "adapter", backend, device, plot=False)
+                            threshold: float = TAU, **_) -> dict:
+    return _ours(data, adapters, out, "adapter", backend, device, plot=False, threshold=threshold)
 
 
-def run_ours_model(data: Path, adapters: str, out: Path, backend: str = "auto", device: str = "cpu", **_) -> dict:
-    return _ours(data, adapters, out, "model", backend, device)
+def run_ours_model(data: Path, adapters: str, out: Path, backend: str = "auto", device: str = "cpu",
+                   threshold: float = TAU, **_) -> dict:
+    return _ours(data, adapters, out, "model", backend, device, threshold=threshold)
 
 
-def run_reference(data: Path, adapters: str, out: Path, **_) -> dict:
+def run_reference(data: Path, adapters: str, out: Path, threshold: float = TAU, **_) -> dict:
     t0 = time.perf_counter()
     import torch
     from peft import PeftModel
@@ -254,7 +257,7 @@ def run_reference(data: Path, adapters: str, out: Path, **_) -> dict:
             if key in C and hasattr(mod, "lora_A"):
                 dW = mod.lora_B["task"].weight @ mod.lora_A["task"].weight * mod.scaling["task"]
                 cos = torch.nn.functional.cosine_similarity((C[key] @ dW).flatten(), dW.flatten(), dim=0)
-                if float(cos) < TAU:
+                if float(cos) < threshold:
                     flagged.append(key)
     model.add_weighted_adapter(["task", "safety"], [ALPHA, 1 - ALPHA], "merged", combination_type="linear")
     with torch.no_grad():
@@ -306,7 +309,7 @@ CONTENDERS = {
 def child(name: str, opts: dict) -> None:
     fn = CONTENDERS[name.split(":")[0]]
     res = fn(Path(opts["data"]), opts["adapters"], Path(opts["out"]), backend=opts.get("backend", "auto"),
-             device=opts.get("device", "cpu"))
+             device=opts.get("device", "cpu"), threshold=opts.get("threshold", TAU))
     res["peak_rss_mb"] = peak_mb()
     try:
         import torch
@@ -483,6 +486,9 @@ def main() -> None:
                          "saves by default)")
     ap.add_argument("--skip", nargs="*", default=[], help="contenders to leave out, by name or by the part before \":\" (e.g. reference mergekit safemerge-adapter:torch)")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--threshold", type=float, default=TAU,
+                    help=f"SafeMERGE's tau for our contenders and the reference (default {TAU}, the paper's; the "
+                         "synthetic models' cosines spread around it at llama shapes, above it at tiny)")
     ap.add_argument("--cold", action="store_true",
                     help="drop the page cache before every contender (root): disk-bound figures instead of warm-cache ones")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -544,7 +550,8 @@ def main() -> None:
             huge[0] = huge_folio_share(files)
         for i, name in enumerate(names):
             opts = {"data": str(data), "adapters": args.adapters, "out": str(tmp / f"o{i}"),
-                    "backend": name.split(":")[1] if ":" in name else "auto", "device": args.device}
+                    "backend": name.split(":")[1] if ":" in name else "auto", "device": args.device,
+                    "threshold": args.threshold}
             best = None
             for rep in range(1 if name in ("reference", "mergekit") else args.repeat):
                 print(f"running {name} ..." + (f" ({rep + 1}/{args.repeat})" if args.repeat > 1 else ""), flush=True)
@@ -587,7 +594,7 @@ def main() -> None:
     flagged = {r["name"]: r["flagged"] for r in rows if "flagged" in r and "error" not in r}
     if len(set(flagged.values())) > 1:  # (the same selection, computed by each: a contender that differs is wrong)
         print(f"WARNING: the contenders flagged different layer counts: {flagged}", flush=True)
-    meta = {"shape": args.shape, "adapters": args.adapters, "adapter_dtype": args.adapter_dtype,
+    meta = {"shape": args.shape, "adapters": args.adapters, "adapter_dtype": args.adapter_dtype, "threshold": args.threshold,
             "flagged_agree": len(set(flagged.values())) <= 1,
             "cache": "cold" if args.cold else "warm", "device": args.device,
             "gpu": _gpu_name() if args.device == "cuda" else None, "host": socket.gethostname(), "machine": machine(),
