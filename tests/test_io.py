@@ -785,7 +785,7 @@ def test_model_writer_checks_a_bounded_distance_ahead(fx, tmp_path, monkeypatch)
     from safemerge_ext.io import model_writer
 
     reader = ModelReader(fx.aligned)
-    order = [n for names in reader.shards().values() for n in names]
+    order = [n for names in reader.shards(as_stored=True).values() for n in names]
     sizes = [reader.layout(n)[2] for n in order]
     start = dict(zip(order, [sum(sizes[:i]) for i in range(len(order))]))
     budget = 2 * max(sizes)
@@ -1098,6 +1098,36 @@ def test_model_output_refuses_an_update_that_overflows_the_dtype(tmp_path):
     save_file({"w": torch.randn(8, 4).half()}, str(src / "model.safetensors"))
     with pytest.raises(SafeMergeError, match=r"tensor w: the weight plus its update overflows torch.float16"):
         write_model(ModelReader(src), out, lambda n: torch.full((8, 4), 1e6) if n == "w" else None)
+
+
+def test_model_output_lays_tensors_out_as_the_input_does(tmp_path):
+    """Each output shard keeps its input's order of tensors (safetensors writes wider dtypes first, which
+    aligns every tensor to its element size): written in model order, fp32 and int64 tensors after an
+    odd-sized bool or bf16 one landed at misaligned offsets."""
+    def offsets(path):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        return {k: v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    g = torch.Generator().manual_seed(3)
+    tensors = {"model.a_mask": torch.tensor([True, False, True]), "model.b_norm.weight": torch.randn(5, generator=g),
+               "model.c_pos": torch.arange(3, dtype=torch.int64), "model.d_proj.weight": torch.randn(3, 5, generator=g)
+               .bfloat16(), "model.e_scale": torch.randn(3, generator=g).half()}
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt", "producer": "test"})
+    out.mkdir()
+    want = offsets(src / "model.safetensors")
+    assert sorted(want, key=want.get) != sorted(want, key=natural_key)  # (else the test could not fail)
+    write_model(ModelReader(src), out, lambda n: torch.full((3, 5), 0.5) if n == "model.d_proj.weight" else None)
+    got = offsets(out / "model.safetensors")
+    assert got == want
+    sizes = {k: v.element_size() for k, v in tensors.items()}
+    assert all(got[k] % sizes[k] == 0 for k in got), got
+    merged = load_file(out / "model.safetensors")
+    assert torch.equal(merged["model.d_proj.weight"], (tensors["model.d_proj.weight"].float() + 0.5).bfloat16())
+    assert all(torch.equal(merged[k], v) for k, v in tensors.items() if k != "model.d_proj.weight")
 
 
 @pytest.mark.parametrize("where", ["top", "text_config"])

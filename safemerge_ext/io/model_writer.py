@@ -178,7 +178,7 @@ class _FiniteAhead:
 
     def __init__(self, reader: ModelReader, checked: Collection[str]) -> None:
         self.reader = reader
-        self.order = [name for names in reader.shards().values() for name in names]
+        self.order = [name for names in reader.shards(as_stored=True).values() for name in names]
         sizes = [reader.layout(n)[2] for n in self.order]
         self.start = dict(zip(self.order, accumulate(sizes, initial=0)))
         self.end = {n: self.start[n] + size for n, size in zip(self.order, sizes)}
@@ -208,7 +208,7 @@ class _FiniteAhead:
 def _write_shards(reader: ModelReader, out_dir: Path, update_for: Callable[[str], Update | None],
                   on_tensor: Callable[[str], None] | None, finite: _FiniteAhead) -> int:
     written = 0
-    for shard, names in reader.shards().items():
+    for shard, names in reader.shards(as_stored=True).items():
         layout = [(name, *reader.layout(name)) for name in names]
         with StreamingWriter(out_dir / shard, layout, metadata=reader.metadata(shard)) as out:
             for name in names:

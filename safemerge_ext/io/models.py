@@ -370,13 +370,18 @@ class ModelReader:
     def shard_of(self, name: str) -> str:
         return self._weight_map[name]
 
-    def shards(self) -> "OrderedDict[str, list[str]]":
-        """Shard file -> its tensor names (model order), shards in file-name order."""
+    def shards(self, as_stored: bool = False) -> "OrderedDict[str, list[str]]":
+        """Shard file -> its tensor names (model order; ``as_stored``: in the order of their bytes in
+        the file, which reads each file front to back and, written so, keeps the alignment its
+        writer gave each tensor), shards in file-name order."""
         out: OrderedDict[str, list[str]] = OrderedDict()
         for shard in sorted(set(self._weight_map.values())):
             out[shard] = []
         for name in self.names:
             out[self._weight_map[name]].append(name)
+        if as_stored:
+            for names in out.values():
+                names.sort(key=lambda n: self._entry(n)[1][2])
         return out
 
     @property
