@@ -342,65 +342,94 @@ duplicate), so many tiny-rank modules in one batch could use up the process's de
 def prefetch(
     items: Iterable[Any], load: Callable[[Any], Any], *, size: Callable[[Any], int] = lambda _: 0,
     budget: int = 0, depth: int = 2,
-) -> Iterator[tuple[Any, Any]]:
+) -> "Prefetch":
     """Yield (item, load(item)) while a background thread loads ahead.
 
     The thread holds at most ``depth`` loaded items the consumer has not taken yet, counting the
     one it is loading, and, when ``budget`` is set, at most ``budget`` of them in units of
     ``size(item)``; always at least one. The consumer must drop its reference to an item before
-    asking for the next for the bound to cover it. (To load in the caller's thread instead, see
-    :func:`in_batches`.)
+    asking for the next for the bound to cover it. ``close()`` stops the thread and waits for it;
+    ``abandon()`` stops it without waiting (a Ctrl-C must not wait out a read stalled on a network
+    mount). (To load in the caller's thread instead, see :func:`in_batches`.)
     """
     if depth < 1:
         raise ValueError(f"depth must be at least 1; got {depth}")
-    q: queue.Queue = queue.Queue()
-    cond = threading.Condition()
-    ahead = count = 0
-    stop = threading.Event()
+    return Prefetch(items, load, size, budget, depth)
+
+
+class Prefetch:
+    """The iterator :func:`prefetch` returns."""
+
     _END = object()
 
-    def over(n: int) -> bool:
-        return count > 0 and (count >= depth or (budget > 0 and ahead + n > budget))
+    def __init__(self, items: Iterable[Any], load: Callable[[Any], Any], size: Callable[[Any], int], budget: int,
+                 depth: int) -> None:
+        self._q: queue.Queue = queue.Queue()
+        self._cond = threading.Condition()
+        self._ahead = self._count = 0
+        self._stop = threading.Event()
+        self._done = False
+        self._items, self._load, self._size, self._budget, self._depth = items, load, size, budget, depth
+        self._thread = threading.Thread(target=self._work, name="safemerge-prefetch", daemon=True)
+        self._thread.start()
 
-    def worker() -> None:
-        nonlocal ahead, count
+    def _over(self, n: int) -> bool:
+        return self._count > 0 and (self._count >= self._depth or (self._budget > 0 and self._ahead + n > self._budget))
+
+    def _work(self) -> None:
         try:
-            for it in items:
-                n = size(it)
-                with cond:
-                    while over(n) and not stop.is_set():
-                        cond.wait()
-                    if stop.is_set():
+            for it in self._items:
+                n = self._size(it)
+                with self._cond:
+                    while self._over(n) and not self._stop.is_set():
+                        self._cond.wait()
+                    if self._stop.is_set():
                         return
-                    ahead += n
-                    count += 1
-                q.put((it, n, load(it), None))
+                    self._ahead += n
+                    self._count += 1
+                self._q.put((it, n, self._load(it), None))
         except BaseException as exc:  # handed to the consumer, raised there
-            q.put((None, 0, None, exc))
-        q.put(_END)
+            self._q.put((None, 0, None, exc))
+        self._q.put(self._END)
 
-    t = threading.Thread(target=worker, name="safemerge-prefetch", daemon=True)
-    t.start()
-    try:
-        while True:
-            got = q.get()
-            if got is _END:
-                return
-            it, n, value, exc = got
-            got = None
-            if exc is not None:
-                raise exc
-            with cond:
-                ahead -= n
-                count -= 1
-                cond.notify()
-            yield it, value
-            value = None  # the consumer's reference is then the only one
-    finally:
-        stop.set()
-        with cond:
-            cond.notify_all()
-        t.join()
+    def __iter__(self) -> "Prefetch":
+        return self
+
+    def __next__(self) -> tuple[Any, Any]:
+        if self._done:
+            raise StopIteration
+        got = self._q.get()
+        if got is self._END:
+            self.close()
+            raise StopIteration
+        it, n, value, exc = got
+        del got
+        if exc is not None:
+            self.close()
+            raise exc
+        with self._cond:
+            self._ahead -= n
+            self._count -= 1
+            self._cond.notify()
+        return it, value  # (the consumer's reference is then the only one)
+
+    def abandon(self) -> None:
+        """Stop the thread without waiting for a load in progress (it ends when that load returns)."""
+        self._done = True
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop the thread and wait for it; what it loaded ahead is let go."""
+        self.abandon()
+        self._thread.join()
+        while not self._q.empty():
+            self._q.get_nowait()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_thread"):
+            self.abandon()
 
 
 def in_batches(
@@ -571,7 +600,12 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
         # (at once, not when an exception's traceback lets go of this frame: the read-ahead
         # thread stops, and what the loaders hold ahead, mapped pairs or pinned buffers, goes)
         if pairs is not None:
-            pairs.close()
+            # (a Ctrl-C or SIGTERM does not wait for a read in progress, which a stalled network
+            # mount can make last minutes: the read-ahead thread ends when that read returns)
+            if isinstance(pairs, Prefetch) and isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit)):
+                pairs.abandon()
+            else:
+                pairs.close()
         bar.close()
         if cuda:  # (torch keeps freed pinned buffers for reuse, rounded up to a power of two: 2-3 GB
             # after a 70B model's MLPs; a program that goes on after the run gets them back)

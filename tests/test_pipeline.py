@@ -1073,6 +1073,60 @@ def test_prefetch_holds_at_most_its_budget():
         next(prefetch(range(3), load, depth=0))
 
 
+def test_an_interrupted_run_does_not_wait_for_a_stalled_read(fx, monkeypatch):
+    """A Ctrl-C (or SIGTERM) while the read-ahead thread is stuck in a read (a stalled network mount)
+    ended the run only when that read returned: the read-ahead is let go, not waited for; any other
+    way out of the loop still waits for it."""
+    import signal
+    import threading
+    import time
+
+    from safemerge_ext import pipeline
+    from safemerge_ext.io.models import ModelReader
+    from safemerge_ext.pipeline import prefetch
+
+    stalled, release = threading.Event(), threading.Event()
+    real = ModelReader.will_need
+
+    def will_need(self, name):
+        if "layers.1." in name:
+            stalled.set()
+            release.wait(30)
+        return real(self, name)
+
+    def ctrl_c():  # (the main thread then waits for the stalled read: a Ctrl-C arrives)
+        if stalled.wait(20):
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(ModelReader, "resident", lambda self, name: False)  # (the read-ahead path)
+    monkeypatch.setattr(ModelReader, "will_need", will_need)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.score(fx.aligned, fx.unaligned, fx.task, backend="torch", progress=False)
+        assert stalled.is_set() and time.perf_counter() - t0 < 5
+    finally:
+        release.set()
+        signal.signal(signal.SIGINT, previous)
+
+    # prefetch itself: abandon() returns at once, close() waits for the load in progress
+    gate = threading.Event()
+    for stop in ("abandon", "close"):
+        gate.clear()
+        it = prefetch(range(3), lambda i: gate.wait(30) if i == 1 else i, depth=1)
+        assert next(it) == (0, 0)
+        time.sleep(0.05)
+        t0 = time.perf_counter()
+        if stop == "close":
+            threading.Timer(0.5, gate.set).start()
+        getattr(it, stop)()
+        took = time.perf_counter() - t0
+        assert (took < 0.3) if stop == "abandon" else (0.4 < took < 10), (stop, took)
+        gate.set()
+
+
 def test_in_batches_loads_a_batch_ahead_in_the_callers_thread_and_lets_go():
     import gc
     import threading
