@@ -773,8 +773,9 @@ if _hook is not None and getattr(_hook, "pending", False):  # mergekit was first
 _lock = threading.Lock()
 _pending: dict[str, str] = {}  # sidecar path -> report target (directory or .json path)
 _started: dict[str, float] = {}  # sidecar path -> time of this run's first record there
-_failed: set[str] = set()  # sidecar paths whose run raised in a method: its records are void
+_failed: dict[str, str] = {}  # sidecar path -> why its run ended in a method (its records are void)
 _override: str | None = None
+_entered: list[Any] = []  # [the value before the first open report_to, then the open ones in the order entered]
 _atexit_registered = False
 _cli_out: list[str | None] = []
 
@@ -791,12 +792,21 @@ class report_to:
 
     def __enter__(self) -> "report_to":
         global _override
-        self._prev, _override = _override, self.path
+        with _lock:
+            if not _entered:
+                _entered.append(_override)  # (what was there before the first: restored after the last)
+            _entered.append(self)
+            _override = self.path
         return self
 
     def __exit__(self, *exc: object) -> None:
         global _override
-        _override = self._prev
+        with _lock:  # (blocks entered in one thread and left in another order: the latest still open wins)
+            for i in range(len(_entered) - 1, 0, -1):
+                if _entered[i] is self:
+                    del _entered[i]
+                    break
+            _override = _entered[-1].path if len(_entered) > 1 else _entered.pop() if _entered else None
 
 
 def _mergekit_yaml_args() -> dict[str, Any]:
@@ -818,11 +828,35 @@ def _mergekit_yaml_out() -> str | None:
     return _cli_out[0]
 
 
+_HERE: list[str] = []  # (once per process: "<pid namespace>-<host>")
+
+
+def _here() -> str:
+    """Where this process runs, for its sidecar's name: the pid namespace (Linux: each container has
+    its own, where pids start again at 1) and the host (a report folder on a network mount is shared
+    by other machines' runs), so that a pid names one process among all that may share the folder."""
+    if not _HERE:
+        import socket
+
+        try:
+            ns = str(os.stat("/proc/self/ns/pid").st_ino)
+        except OSError:
+            ns = "0"
+        host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+        _HERE.append(f"{ns}-{host}")
+    return _HERE[0]
+
+
+def _run_id(pid: int | None = None) -> str:
+    """The part of a sidecar's name that names its process: "<pid>-<pid namespace>-<host>"."""
+    return f"{os.getpid() if pid is None else pid}-{_here()}"
+
+
 def _locations(report_path: str | os.PathLike, pid: int | str | None = None) -> tuple[Path, Path, Path]:
     """(sidecar, json, png) for a directory or a ``.json`` file path. The sidecar is this process's
-    own (its pid in the name; another ``pid`` on request): two runs that share a report location
-    never mix their layers."""
-    p, pid = Path(os.path.expanduser(os.fspath(report_path))), os.getpid() if pid is None else pid
+    own (its pid, pid namespace and host in the name; another ``pid`` part on request): two runs that
+    share a report location never mix their layers, in containers or on other hosts too."""
+    p, pid = Path(os.path.expanduser(os.fspath(report_path))), _run_id() if pid is None else pid
     if p.suffix.lower() == ".json":
         return p.with_name(f"{p.name}.{pid}.layers.jsonl"), p, p.with_suffix(".png")
     return p / SIDECAR.format(pid=pid), p / REPORT_JSON, p / REPORT_PNG
@@ -846,11 +880,12 @@ def _failing_run(report_path: str) -> Iterator[None]:
     try:
         raise_pending()
         yield
-    except BaseException:
+    except BaseException as exc:
         target = _target(report_path)
         if target:
             with _lock:
-                _failed.add(_key(target))
+                _failed[_key(target)] = ("the run was interrupted" if isinstance(exc, KeyboardInterrupt)
+                                         else "a merge method raised an error")
         raise
 
 
@@ -884,7 +919,7 @@ def _append(report_path: str, line: dict[str, Any]) -> None:
         # here too; mergekit-yaml and safemerge-yaml then still discard them, at exit or on failure.)
         if key not in _started or key in _failed:
             _started[key] = time.time()
-            _failed.discard(key)
+            _failed.pop(key, None)
             mode = "w"
             _drop_dead_sidecars(target)
         _pending[key] = os.fspath(target)
@@ -937,8 +972,10 @@ def _drop_dead_sidecars(target: str | os.PathLike) -> None:
     except OSError:
         return
     for p in stale:
-        pid = p.name[len(head):len(p.name) - len(tail)]
-        if pid.isdecimal() and int(pid) != os.getpid() and not _alive(int(pid)):
+        pid, _, where = p.name[len(head):len(p.name) - len(tail)].partition("-")
+        # (only this host's and pid namespace's: another's pid means nothing here; a name of pid
+        # alone is an older version's, from before runs were told apart by where they ran)
+        if pid.isdecimal() and where in ("", _here()) and int(pid) != os.getpid() and not _alive(int(pid)):
             try:
                 p.unlink()
             except OSError:
@@ -968,7 +1005,7 @@ def discard_report(report_path: str | os.PathLike) -> None:
     with _lock:
         _pending.pop(key, None)
         _started.pop(key, None)
-        _failed.discard(key)
+        _failed.pop(key, None)
         try:
             sidecar.unlink(missing_ok=True)
         except OSError:  # (its folder cannot hold it: then there is nothing to forget)
@@ -981,7 +1018,7 @@ def _unfinished(key: str) -> str | None:
     as sys.last_value) or an OUT_PATH that got no config.json after the run's last record (mergekit
     writes it once every tensor is written; an interrupted run, Ctrl-C included, never gets there)."""
     if key in _failed:
-        return "a merge method raised an error"
+        return _failed[key]
     out = _mergekit_yaml_out()
     if not out:  # (in a program of one's own, finalize_report says when a run is over)
         return None
@@ -1165,7 +1202,7 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
         _pending.pop(key, None)
         _started.pop(key, None)
         if key in _failed:  # the run did not finish: its records describe part of it
-            _failed.discard(key)
+            _failed.pop(key, None)
             sidecar.unlink(missing_ok=True)
             return None
         if not sidecar.is_file():

@@ -1300,6 +1300,58 @@ def test_exit_hook_says_which_part_of_the_report_it_could_not_write(pico, tmp_pa
     assert (out / "safemerge_report.json").is_file() and not list(out.glob(".safemerge_layers*"))
 
 
+def test_sidecars_are_named_by_pid_namespace_and_host_too(tmp_path, monkeypatch):
+    """Two containers' runs (each pid 1) sharing a report folder took one sidecar, and one host's run took
+    a container's live one for a dead process's and deleted it: the reports came out mixed, exit 0."""
+    from safemerge_ext import mergekit_methods as mm
+
+    sidecar = mm._locations(tmp_path)[0].name
+    assert sidecar == f".safemerge_layers.{os.getpid()}-{mm._here()}.jsonl"
+    ns, host = mm._here().split("-", 1)
+    assert ns.isdecimal() and host and "-" not in host
+    if Path("/proc/self/ns/pid").exists():
+        assert ns == str(os.stat("/proc/self/ns/pid").st_ino)
+    other = mm.SIDECAR.format(pid=f"{os.getpid()}-{int(ns) + 1}-{host}")  # (the same pid in another container)
+    (tmp_path / other).write_text("{}\n")
+    monkeypatch.setattr(mm, "_alive", lambda pid: False)
+    mm._drop_dead_sidecars(tmp_path)
+    assert (tmp_path / other).exists()
+
+
+def test_a_ctrl_c_inside_a_method_is_told_as_an_interrupt_not_an_error(tmp_path, monkeypatch):
+    """Plain mergekit-yaml stopped with Ctrl-C said "no report: a merge method raised an error"."""
+    from safemerge_ext import mergekit_methods as mm
+
+    monkeypatch.setattr(mm, "_failed", {})
+    for exc, why in ((KeyboardInterrupt(), "the run was interrupted"), (ValueError("x"), "a merge method raised an error")):
+        target = tmp_path / type(exc).__name__
+        with pytest.raises(type(exc)):
+            with mm._failing_run(str(target)):
+                raise exc
+        assert mm._unfinished(mm._key(target)) == why
+
+
+def test_report_to_blocks_left_in_another_order_keep_the_open_ones(tmp_path, monkeypatch):
+    """report_to entered by two threads (A, then B) and left in that order restored what was there
+    before B, A's folder, for good: later runs of the process reported into A's folder."""
+    from safemerge_ext import mergekit_methods as mm
+
+    monkeypatch.setattr(mm, "_override", None)
+    monkeypatch.setattr(mm, "_entered", [])
+    a, b = mm.report_to(tmp_path / "a"), mm.report_to(tmp_path / "b")
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert mm._override == str(tmp_path / "b")
+    b.__exit__(None, None, None)
+    assert mm._override is None and mm._entered == []
+    with mm.report_to(tmp_path / "a"):
+        with mm.report_to(tmp_path / "b"):
+            assert mm._override == str(tmp_path / "b")
+        assert mm._override == str(tmp_path / "a")
+    assert mm._override is None
+
+
 @pytest.mark.parametrize("where", ["folder", "json-file", "json-file-with-star"])
 def test_a_killed_runs_sidecar_is_dropped_by_the_next_run(pico, tmp_path, monkeypatch, where):
     """A mergekit-yaml killed by SIGTERM (no exit hook runs) leaves its sidecar in OUT_PATH; the
@@ -1314,15 +1366,21 @@ def test_a_killed_runs_sidecar_is_dropped_by_the_next_run(pico, tmp_path, monkey
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid, live_pid = int(dead.stdout), os.getppid()
     name = (lambda pid: mm.SIDECAR.format(pid=pid)) if where == "folder" else (lambda pid: f"{report}.{pid}.layers.jsonl")
-    (out / name(dead_pid)).write_text("{}\n")
-    (out / name(live_pid)).write_text("{}\n")
+    here = mm._here()
+    # (another container's or host's pid names nothing here, dead or alive: left alone; a name of the
+    # pid alone is an older version's)
+    gone = [name(f"{dead_pid}-{here}"), name(dead_pid)]
+    kept = [name(f"{live_pid}-{here}"), name(live_pid), name(f"{dead_pid}-1234-elsewhere"),
+            name(f"{dead_pid}-{here.split('-', 1)[0]}-otherhost")]
+    for n in gone + kept:
+        (out / n).write_text("{}\n")
     monkeypatch.setattr(mm, "_override", None)
     monkeypatch.delenv(mm.REPORT_DIR_ENV, raising=False)
     cfg = recipe(pico, params={"threshold": TAU, "report_path": str(target)})
     register_methods()
     run_merge(MergeConfiguration.model_validate(cfg), str(out),
               MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
-    assert not (out / name(dead_pid)).exists() and (out / name(live_pid)).exists()
+    assert not any((out / n).exists() for n in gone) and all((out / n).exists() for n in kept)
     assert mm.finalize_report(target)["layers"]
 
 
