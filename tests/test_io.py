@@ -9,6 +9,7 @@ import math
 import mmap
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -891,6 +892,39 @@ def test_staged_output_is_all_or_nothing(tmp_path):
     with staged_dir(tmp_path / "b", force=True) as tmp:
         (tmp / "f").write_text("new")
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["f"]
+    # another --force run's output put in place between this one's two renames (old aside, new in)
+    import safemerge_ext.io.output as output
+
+    real = output._put_in_place
+
+    def racing(tmp, final, *a, **k):
+        real_rename = Path.rename
+
+        def rename(self, target):
+            if self == tmp:
+                final.mkdir()
+                (final / "theirs").write_text("B")
+            return real_rename(self, target)
+        Path.rename = rename
+        try:
+            return real(tmp, final, *a, **k)
+        finally:
+            Path.rename = real_rename
+    output._put_in_place = racing
+    try:
+        with pytest.raises(SafeMergeError, match=r"b was written by another run while this one replaced it; this run's "
+                                                 r"output is not kept, and the output it moved aside is at .*\.b\.old-"):
+            with staged_dir(tmp_path / "b", force=True) as tmp:
+                (tmp / "f").write_text("A")
+    finally:
+        output._put_in_place = real
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["theirs"]
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith(".b.old-")]
+    assert [p.name for p in aside.iterdir()] == ["f"] and (aside / "f").read_text() == "new"
+    shutil.rmtree(aside)
+    shutil.rmtree(tmp_path / "b")
+    with staged_dir(tmp_path / "b", force=True) as tmp:
+        (tmp / "f").write_text("new")
     with pytest.raises(RuntimeError):
         with staged_dir(tmp_path / "x" / "y" / "c", force=False):
             raise RuntimeError("the run failed")

@@ -509,7 +509,13 @@ def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Pat
             tmp.rename(final)  # (fails, rather than replaces, if a non-empty out appeared meanwhile)
         except OSError as exc:
             if old is not None:
-                old.rename(final)
+                try:
+                    old.rename(final)
+                except OSError:  # (another run's output took the place between the two renames)
+                    raise SafeMergeError(
+                        f"{flag} {final} was written by another run while this one replaced it; this run's output "
+                        f"is not kept, and the output it moved aside is at {old}: delete it, or move it back"
+                    ) from None
                 old = None
             raise SafeMergeError(f"{flag} {final}: could not move the finished output into place ({exc}); "
                                  "nothing was replaced") from None
