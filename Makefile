@@ -11,11 +11,13 @@ STAMP  := $(VENV)/.installed
 
 # PYTHON given to make, and a $(VENV) made by another Python: say so rather than use that one
 ifneq ($(filter command line environment,$(origin PYTHON)),)
+ifneq ($(filter-out clean,$(or $(MAKECMDGOALS),all)),)
 ifneq ($(wildcard $(BIN)/python),)
 VENV_PY := $(shell $(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 WANT_PY := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 ifneq ($(VENV_PY),$(WANT_PY))
 $(error $(VENV) has Python $(or $(VENV_PY),?) but PYTHON=$(PYTHON) is $(or $(WANT_PY),not found); `make clean` first to make $(VENV) again with it)
+endif
 endif
 endif
 endif

@@ -90,7 +90,11 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
         ns, extra = self.parse_known_args(args, namespace)
         if extra:  # (argparse says so in the top parser's name, pointing at a --help without the flags)
-            self._chosen(ns).error(f"unrecognized arguments: {' '.join(extra)}")
+            argv = list(sys.argv[1:] if args is None else args)
+            command = getattr(ns, "command", None)
+            before = argv[:argv.index(command)] if command in argv else argv
+            (self if any(e in before for e in extra) else self._chosen(ns)).error(
+                f"unrecognized arguments: {' '.join(extra)}")
         return ns
 
     def _chosen(self, ns: argparse.Namespace) -> "_Parser":

@@ -208,7 +208,8 @@ def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tu
         m2 += _square_sum(M)
         for _, _, N in rows:
             n2 += _square_sum(N)
-        del M, rows, N
+            del N
+        del M, rows
     return m2, n2, sums["d2"], sums["vsq"]
 
 
@@ -221,5 +222,6 @@ def project_full(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tup
     for J, M, rows in _fullrank_blocks(wa, wu, delta, sums):
         for i0, i1, N in rows:
             out[i0:i1, J] = N
-        del M, rows, N
+            del N
+        del M, rows
     return out, sums["vsq"]

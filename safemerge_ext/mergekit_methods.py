@@ -174,9 +174,13 @@ def _roles(group: TensorGroup, role: Any, method: str) -> dict[str, torch.Tensor
     return out
 
 
-# embedding tables mergekit gives no vocabulary axis: GPT-2's wpe, BERT's position_embeddings and
-# token_type_embeddings, a vision tower's pos_embed, Whisper's embed_positions (no linear layer is named so)
-_TABLE = re.compile(r"(?:^|\.)(?:wpe|wte|pos_embed|embed_positions|embed_tokens|\w*embeddings?)$")
+# tables that are no linear layer, by name (mergekit gives them no vocabulary axis, or has no definition of
+# the architecture): GPT-2's wpe, BERT's position_embeddings and token_type_embeddings, a vision tower's
+# pos_embed and position_embedding, Whisper's embed_positions, Llama 4's positional_embedding_vlm, T5's
+# relative_attention_bias; and the vocabulary tables. (Not any "*embedding": SigLIP2's patch_embedding is
+# a linear layer.)
+_TABLE = re.compile(r"(?:^|\.)(?:wpe|wte|pos_embed|embed_positions|embed_tokens|word_embeddings|position_embeddings?"
+                    r"|token_type_embeddings|positional_embedding\w*|relative_attention_bias)$")
 
 
 def _scorable(group: TensorGroup, t: torch.Tensor) -> bool:
@@ -211,6 +215,10 @@ def _conv1d(group: TensorGroup) -> bool:
                     cached = try_to_load_from_cache(path, "config.json", revision=getattr(ref.model, "revision", None))
                     folder = str(Path(cached).parent) if isinstance(cached, str) else None
             _model_types[key] = config_value(folder, "model_type") if folder else None
+            if _model_types[key] is None:
+                LOG.warning("safemerge-ext: cannot read the model type of %s (its config.json): a GPT-2-family "
+                            "Conv1D weight such as %s would be scored as stored, transposed; give a local folder", path,
+                            group.metadata.name)
         return is_conv1d(_model_types[key], module)
 
 
@@ -802,11 +810,11 @@ class report_to:
     def __exit__(self, *exc: object) -> None:
         global _override
         with _lock:  # (blocks entered in one thread and left in another order: the latest still open wins)
-            for i in range(len(_entered) - 1, 0, -1):
-                if _entered[i] is self:
-                    del _entered[i]
-                    break
-            _override = _entered[-1].path if len(_entered) > 1 else _entered.pop() if _entered else None
+            open_at = [i for i in range(1, len(_entered)) if _entered[i] is self]
+            if not open_at:  # (left twice, or never entered: nothing of this block to undo)
+                return
+            del _entered[open_at[-1]]
+            _override = _entered[-1].path if len(_entered) > 1 else _entered.pop()
 
 
 def _mergekit_yaml_args() -> dict[str, Any]:

@@ -357,40 +357,50 @@ def prefetch(
     return Prefetch(items, load, size, budget, depth)
 
 
-class Prefetch:
-    """The iterator :func:`prefetch` returns."""
+class _Ahead:
+    """What the read-ahead thread shares with its :class:`Prefetch` (the thread holds this, never the
+    Prefetch, so a Prefetch its consumer drops is collected, and its ``__del__`` stops the thread)."""
 
-    _END = object()
+    END = object()
 
     def __init__(self, items: Iterable[Any], load: Callable[[Any], Any], size: Callable[[Any], int], budget: int,
                  depth: int) -> None:
-        self._q: queue.Queue = queue.Queue()
-        self._cond = threading.Condition()
-        self._ahead = self._count = 0
-        self._stop = threading.Event()
+        self.q: queue.Queue = queue.Queue()
+        self.cond = threading.Condition()
+        self.ahead = self.count = 0
+        self.stop = threading.Event()
+        self.items, self.load, self.size, self.budget, self.depth = items, load, size, budget, depth
+
+    def over(self, n: int) -> bool:
+        return self.count > 0 and (self.count >= self.depth or (self.budget > 0 and self.ahead + n > self.budget))
+
+
+def _read_ahead(a: _Ahead) -> None:
+    try:
+        for it in a.items:
+            n = a.size(it)
+            with a.cond:
+                while a.over(n) and not a.stop.is_set():
+                    a.cond.wait()
+                if a.stop.is_set():
+                    return
+                a.ahead += n
+                a.count += 1
+            a.q.put((it, n, a.load(it), None))
+    except BaseException as exc:  # handed to the consumer, raised there
+        a.q.put((None, 0, None, exc))
+    a.q.put(_Ahead.END)
+
+
+class Prefetch:
+    """The iterator :func:`prefetch` returns."""
+
+    def __init__(self, items: Iterable[Any], load: Callable[[Any], Any], size: Callable[[Any], int], budget: int,
+                 depth: int) -> None:
+        self._a = _Ahead(items, load, size, budget, depth)
         self._done = False
-        self._items, self._load, self._size, self._budget, self._depth = items, load, size, budget, depth
-        self._thread = threading.Thread(target=self._work, name="safemerge-prefetch", daemon=True)
+        self._thread = threading.Thread(target=_read_ahead, args=(self._a,), name="safemerge-prefetch", daemon=True)
         self._thread.start()
-
-    def _over(self, n: int) -> bool:
-        return self._count > 0 and (self._count >= self._depth or (self._budget > 0 and self._ahead + n > self._budget))
-
-    def _work(self) -> None:
-        try:
-            for it in self._items:
-                n = self._size(it)
-                with self._cond:
-                    while self._over(n) and not self._stop.is_set():
-                        self._cond.wait()
-                    if self._stop.is_set():
-                        return
-                    self._ahead += n
-                    self._count += 1
-                self._q.put((it, n, self._load(it), None))
-        except BaseException as exc:  # handed to the consumer, raised there
-            self._q.put((None, 0, None, exc))
-        self._q.put(self._END)
 
     def __iter__(self) -> "Prefetch":
         return self
@@ -398,8 +408,8 @@ class Prefetch:
     def __next__(self) -> tuple[Any, Any]:
         if self._done:
             raise StopIteration
-        got = self._q.get()
-        if got is self._END:
+        got = self._a.q.get()
+        if got is _Ahead.END:
             self.close()
             raise StopIteration
         it, n, value, exc = got
@@ -407,28 +417,28 @@ class Prefetch:
         if exc is not None:
             self.close()
             raise exc
-        with self._cond:
-            self._ahead -= n
-            self._count -= 1
-            self._cond.notify()
+        with self._a.cond:
+            self._a.ahead -= n
+            self._a.count -= 1
+            self._a.cond.notify()
         return it, value  # (the consumer's reference is then the only one)
 
     def abandon(self) -> None:
         """Stop the thread without waiting for a load in progress (it ends when that load returns)."""
         self._done = True
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
+        self._a.stop.set()
+        with self._a.cond:
+            self._a.cond.notify_all()
 
     def close(self) -> None:
         """Stop the thread and wait for it; what it loaded ahead is let go."""
         self.abandon()
         self._thread.join()
-        while not self._q.empty():
-            self._q.get_nowait()
+        while not self._a.q.empty():
+            self._a.q.get_nowait()
 
-    def __del__(self) -> None:
-        if hasattr(self, "_thread"):
+    def __del__(self) -> None:  # (a consumer that left the loop early without close(): the thread stops)
+        if hasattr(self, "_a"):
             self.abandon()
 
 

@@ -319,9 +319,10 @@ def _check_lora_architecture(base: Any) -> None:
 
     try:
         config = AutoConfig.from_pretrained(str(base.path))
-    except Exception:  # (custom code, say: left to mergekit)
+        known = arch_info_for_config(config) is not None
+    except Exception:  # (custom code, no or several architectures: left to mergekit)
         return
-    if arch_info_for_config(config) is None:
+    if not known:
         arch = ", ".join(getattr(config, "architectures", None) or [config.model_type])
         raise SafeMergeError(
             f"mergekit has no architecture definition for {arch} (the aligned model), and cannot take model+lora "

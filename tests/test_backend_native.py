@@ -831,6 +831,19 @@ def test_unavailable_reasons_are_strings():
         assert cuda_backend.unavailable_reason() is not None
 
 
+@pytest.mark.parametrize("shape", [(0, 8), (8, 0), (0, 0)])
+def test_cpp_fullrank_of_an_empty_weight(shape):
+    """The blocked full-rank path called directly (ops refuses empty weights before): sums of nothing."""
+    from safemerge_ext import cpp_backend
+
+    if cpp_backend.unavailable_reason():
+        pytest.skip(cpp_backend.unavailable_reason())
+    z = torch.zeros(shape)
+    assert cpp_backend.fullrank_sums(z, z, z) == (0.0, 0.0, 0.0, 0.0)
+    out, vsq = cpp_backend.project_full(z, z, z)
+    assert out.shape == shape and vsq == 0.0
+
+
 @pytest.mark.parametrize("which", ["cpp", "cuda"])
 def test_an_extension_that_is_there_but_does_not_load_is_not_called_unbuilt(monkeypatch, tmp_path, which):
     """A built .so that fails to load (a libstdc++ or driver mismatch) was reported as "not built"."""

@@ -363,6 +363,16 @@ def test_nan_in_a_copied_tensor_with_model_output(fx, tmp_path, capsys):
                  "--safety-adapter", str(fx.safety), "--out", str(out), "--no-progress"]) == 0
 
 
+def test_an_unknown_flag_is_blamed_on_the_parser_it_was_given_to(capsys):
+    """Before the subcommand: safemerge's own --help; after it: the subcommand's."""
+    for argv, prog in ((["--bogus", "score", "--aligned", "a", "--unaligned", "b", "--adapter", "c"], "safemerge"),
+                       (["score", "--aligned", "a", "--unaligned", "b", "--adapter", "c", "--bogus"], "safemerge score")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip() == f"{prog}: error: unrecognized arguments: --bogus (see {prog} --help)"
+
+
 def test_settings_validated_in_api():
     from safemerge_ext.pipeline import MergeSettings, Selection
 

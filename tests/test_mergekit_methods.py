@@ -232,6 +232,28 @@ def gpt2_models(tmp_path_factory):
     return types.SimpleNamespace(**paths)
 
 
+@pytest.mark.parametrize("name, scored", [
+    ("transformer.wpe.weight", False), ("bert.embeddings.position_embeddings.weight", False),
+    ("bert.embeddings.token_type_embeddings.weight", False), ("model.visual.pos_embed.weight", False),
+    ("model.embed_positions.weight", False), ("vision_model.positional_embedding_vlm", False),
+    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", False),
+    ("embeddings.position_embedding.weight", False),
+    ("model.layers.0.self_attn.q_proj.weight", True), ("transformer.h.0.attn.c_attn.weight", True),
+    ("vision_model.embeddings.patch_embedding.weight", True),  # (SigLIP2's: a linear layer)
+    ("patch_embedding.linear.weight", True), ("model.embed_proj.weight", True),
+])
+def test_tables_that_are_no_linear_layer_are_passed_through(name, scored):
+    """Position, token-type and relative-position tables carry no vocabulary axis in mergekit's
+    definitions, and are no linear layer: not scored; a linear layer named "*embedding" is."""
+    from mergekit.merge_methods.base import TensorMetadata
+
+    from safemerge_ext.mergekit_methods import _scorable
+
+    group = types.SimpleNamespace(metadata=TensorMetadata(name=name, vocabulary_axis=None))
+    assert _scorable(group, torch.randn(8, 4)) is scored
+    assert not _scorable(types.SimpleNamespace(metadata=TensorMetadata(name=name, vocabulary_axis=0)), torch.randn(8, 4))
+
+
 @pytest.mark.parametrize("method", ["safelora", "safemerge", "resta"])
 def test_conv1d_layers_are_scored_as_the_linear_map_they_compute(gpt2_models, tmp_path, method):
     """GPT-2 stores c_attn/c_proj/c_fc as d_in x d_out: C = V V^T / ||V|| is formed on the output side of the
@@ -376,6 +398,20 @@ def test_lora_inputs_on_an_architecture_mergekit_does_not_define_are_refused_bef
     full = recipe(pico)
     full["base_model"] = str(models["aligned"])
     validate_recipe(full)  # (full models: mergekit infers the layout from their files)
+
+
+@pytest.mark.parametrize("architectures", [None, ["LlamaForCausalLM", "LlamaModel"]])
+def test_the_architecture_check_leaves_configs_it_cannot_read_to_mergekit(pico, tmp_path, architectures):
+    """A config without architectures (or with two) made mergekit's lookup raise inside the check: a
+    traceback from safemerge-yaml, where the run before said one line."""
+    aligned = tmp_path / "aligned"
+    shutil.copytree(pico.aligned, aligned)
+    cfg = json.loads((aligned / "config.json").read_text())
+    cfg.pop("architectures", None)
+    (aligned / "config.json").write_text(json.dumps({**cfg, **({"architectures": architectures} if architectures else {})}))
+    lora = recipe(pico, task=f"{aligned}+{pico.lora_task}", safety=f"{aligned}+{pico.lora_safety}")
+    lora["base_model"] = str(aligned)
+    validate_recipe(lora)
 
 
 def test_lora_inputs_that_peft_folds_are_taken_by_safemerge_yaml(pico, tmp_path):

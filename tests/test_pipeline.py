@@ -1073,6 +1073,38 @@ def test_prefetch_holds_at_most_its_budget():
         next(prefetch(range(3), load, depth=0))
 
 
+def test_prefetch_left_early_without_close_stops_its_thread():
+    """A consumer that leaves the loop early (break, an exception) and drops the iterator: its thread stops
+    and what it loaded ahead is let go (the thread held the iterator, so nothing was ever collected)."""
+    import gc
+    import threading
+    import time
+    import weakref
+
+    from safemerge_ext.pipeline import prefetch
+
+    class Item:
+        pass
+
+    loaded = []
+
+    def load(i):
+        item = Item()
+        loaded.append(weakref.ref(item))
+        return item
+
+    for _, item in prefetch(range(100), load, depth=2):
+        break
+    del item
+    deadline = time.time() + 5
+    while time.time() < deadline and (any(t.name == "safemerge-prefetch" for t in threading.enumerate())
+                                      or any(r() is not None for r in loaded)):
+        gc.collect()
+        time.sleep(0.02)
+    assert not any(t.name == "safemerge-prefetch" for t in threading.enumerate())
+    assert 2 <= len(loaded) <= 4 and all(r() is None for r in loaded), len(loaded)
+
+
 def test_an_interrupted_run_does_not_wait_for_a_stalled_read(fx, monkeypatch):
     """A Ctrl-C (or SIGTERM) while the read-ahead thread is stuck in a read (a stalled network mount)
     ended the run only when that read returned: the read-ahead is let go, not waited for; any other
