@@ -20,6 +20,14 @@ def built_file(module: str) -> str | None:
     return spec.origin if spec is not None else None
 
 
+def does_not_load(what: str, module: str, error: str | None) -> str | None:
+    """Why an extension that failed to import is unavailable, where its file is there (a library
+    mismatch, which rebuilding fixes); None where it was never built."""
+    built = built_file(module)
+    return (f"the {what} extension {built} is installed but does not load ({error}); reinstall safemerge-ext to "
+            "build it for this system") if built else None
+
+
 def require(reason: str | None) -> None:
     """Raise the backend's unavailability reason, if any, as one RuntimeError line."""
     if reason:

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from safemerge_ext import reference
-from safemerge_ext._native import DTYPE_CODE, aligned, built_file, check_weights, require
+from safemerge_ext._native import DTYPE_CODE, aligned, check_weights, does_not_load, require
 
 NAME = "cpp"
 
@@ -69,11 +69,7 @@ _warned: set[str] = set()
 def unavailable_reason() -> str | None:
     """None when the extension is importable, else why the ``cpp`` backend cannot run."""
     if _cpu is None:
-        built = built_file("safemerge_ext._cpu")
-        if built:  # (a failed load is no missing build: rebuilding against this system's libraries is the fix)
-            return (f"the C++ extension {built} is installed but does not load ({_IMPORT_ERROR}); reinstall "
-                    "safemerge-ext to build it for this system")
-        return (
+        return does_not_load("C++", "safemerge_ext._cpu", _IMPORT_ERROR) or (
             "the C++ extension was not built (SAFEMERGE_SKIP_NATIVE=1, no compiler, or a failed build; "
             f"reinstall safemerge-ext to build it): {_IMPORT_ERROR}"
         )

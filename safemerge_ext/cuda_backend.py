@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from safemerge_ext._native import DTYPE_CODE, built_file, check_weights, require, unit_rows
+from safemerge_ext._native import DTYPE_CODE, check_weights, does_not_load, require, unit_rows
 
 NAME = "cuda"
 
@@ -29,11 +29,7 @@ _MIN_COLS = 256
 def unavailable_reason() -> str | None:
     """None when the extension is importable and a CUDA device is visible, else the reason."""
     if _cuda is None:
-        built = built_file("safemerge_ext._cuda")
-        if built:
-            return (f"the CUDA extension {built} is installed but does not load ({_IMPORT_ERROR}); reinstall "
-                    "safemerge-ext to build it for this system")
-        return (
+        return does_not_load("CUDA", "safemerge_ext._cuda", _IMPORT_ERROR) or (
             "the CUDA extension was not built (it needs nvcc at install time, and SAFEMERGE_BUILD_CUDA=1 to build it "
             f"for a CPU build of torch; `pip install -v` shows why it was skipped): {_IMPORT_ERROR}"
         )

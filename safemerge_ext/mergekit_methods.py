@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dis
+import functools
 import glob
 import json
 import logging
@@ -50,7 +51,7 @@ from safemerge_ext._env import switched_on
 from safemerge_ext._signals import raise_pending
 from safemerge_ext.backends import EXACT, PRECISIONS, backend_detail, requested_precision
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.models import ModelReader, all_finite, config_value, is_conv1d
+from safemerge_ext.io.models import ModelReader, all_finite, config_value, is_conv1d, named_like_conv1d
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import PEFT_LINEAR, USES_DENSITY, USES_SEED, combine_full, seeded
 from safemerge_ext.report import (REPORT_JSON, REPORT_PNG, LayerRecord, PlotUnavailable, build_report, plot,
@@ -194,17 +195,23 @@ def _scorable(group: TensorGroup, t: torch.Tensor) -> bool:
 _model_types: dict[tuple[str, int], object] = {}
 
 
+def _stamped(path: str) -> tuple[str, int]:
+    """(path, its folder's time of last change; 0 for what is no local folder, a Hub id): a cache key
+    that a folder rewritten between two merges of one process does not match."""
+    return path, Path(path).stat().st_mtime_ns if Path(path).is_dir() else 0
+
+
 def _conv1d(group: TensorGroup) -> bool:
     """Whether the group's weight is a Conv1D layer's (stored d_in x d_out, the transpose of the linear
     map it computes: GPT-2 and its family), by the aligned model's config."""
     module = _module(group.metadata.name)
-    if group.base is None or not is_conv1d("gpt2", module):  # (no config read for other layers)
+    if group.base is None or not named_like_conv1d(module):  # (no config read for other layers)
         return False
     ref = group.base.id
     path = getattr(getattr(ref, "model", None), "path", None)
     if not isinstance(path, str) or not path:
         return False
-    key = (path, Path(path).stat().st_mtime_ns if Path(path).is_dir() else 0)
+    key = _stamped(path)
     with _readers_lock:
         if key not in _model_types:
             folder: str | None = path if key[1] else None
@@ -247,7 +254,10 @@ def _nonfinite(inputs: dict[str, torch.Tensor]) -> str | None:
 
 
 def _score(name: str, wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor, precision: str | None,
-           inputs: dict[str, torch.Tensor]) -> ops.Score:
+           inputs: dict[str, torch.Tensor], conv1d: bool = False) -> ops.Score:
+    """The score of dW; ``conv1d``: of the linear map the stored (d_in x d_out) tensors are the transpose of."""
+    if conv1d:
+        wa, wu, dW = wa.T, wu.T, dW.T
     try:
         return ops.subspace_score(wa, wu, delta=dW, precision=precision)
     except FloatingPointError as exc:
@@ -317,7 +327,7 @@ def _bytes_read(group: TensorGroup) -> int:
         stored = None
         path = getattr(getattr(e.id, "model", None), "path", None)  # (a ModelReference's local folder or Hub id)
         if name and isinstance(path, str) and path and not getattr(e.id, "lora", None):
-            key = (path, Path(path).stat().st_mtime_ns if Path(path).is_dir() else 0)
+            key = _stamped(path)
             with _readers_lock:  # (the headers stay parsed; no file stays open between tensors)
                 if key not in _readers:
                     try:
@@ -425,7 +435,7 @@ class _Scored:
         wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
         dW = task.to(wd) - wa
         conv1d = _conv1d(group)
-        score = _score(name, wa.T, wu.T, dW.T, precision, t) if conv1d else _score(name, wa, wu, dW, precision, t)
+        score = _score(name, wa, wu, dW, precision, t, conv1d)
         rounding = _value_precision(task)
         return cls(name, task, wd, wa, wu, dW, score, _rounding_band(rounding, task, wa, score.delta_norm), rounding,
                    _task_lora(group, role), start, precision, conv1d)
@@ -558,7 +568,7 @@ def _resta_tensor(
     score = None
     if _scorable(group, task):
         dW = task.to(wd) - wa
-        score = _score(name, wa.T, wu.T, dW.T, precision, t) if _conv1d(group) else _score(name, wa, wu, dW, precision, t)
+        score = _score(name, wa, wu, dW, precision, t, _conv1d(group))
         del dW
     shift = wa - wu  # inputs are borrowed: never modified in place
     del wa, wu
@@ -783,7 +793,8 @@ _pending: dict[str, str] = {}  # sidecar path -> report target (directory or .js
 _started: dict[str, float] = {}  # sidecar path -> time of this run's first record there
 _failed: dict[str, str] = {}  # sidecar path -> why its run ended in a method (its records are void)
 _override: str | None = None
-_entered: list[Any] = []  # [the value before the first open report_to, then the open ones in the order entered]
+_entered: list[Any] = []  # the open report_to blocks, in the order entered
+_before: str | None = None  # _override before the first of them
 _atexit_registered = False
 _cli_out: list[str | None] = []
 
@@ -799,10 +810,10 @@ class report_to:
         self.path = None if path is None else os.fspath(path)
 
     def __enter__(self) -> "report_to":
-        global _override
+        global _override, _before
         with _lock:
             if not _entered:
-                _entered.append(_override)  # (what was there before the first: restored after the last)
+                _before = _override  # (restored after the last)
             _entered.append(self)
             _override = self.path
         return self
@@ -810,11 +821,11 @@ class report_to:
     def __exit__(self, *exc: object) -> None:
         global _override
         with _lock:  # (blocks entered in one thread and left in another order: the latest still open wins)
-            open_at = [i for i in range(1, len(_entered)) if _entered[i] is self]
+            open_at = [i for i, b in enumerate(_entered) if b is self]
             if not open_at:  # (left twice, or never entered: nothing of this block to undo)
                 return
             del _entered[open_at[-1]]
-            _override = _entered[-1].path if len(_entered) > 1 else _entered.pop()
+            _override = _entered[-1].path if _entered else _before
 
 
 def _mergekit_yaml_args() -> dict[str, Any]:
@@ -836,23 +847,19 @@ def _mergekit_yaml_out() -> str | None:
     return _cli_out[0]
 
 
-_HERE: list[str] = []  # (once per process: "<pid namespace>-<host>")
-
-
+@functools.lru_cache(maxsize=None)
 def _here() -> str:
     """Where this process runs, for its sidecar's name: the pid namespace (Linux: each container has
     its own, where pids start again at 1) and the host (a report folder on a network mount is shared
     by other machines' runs), so that a pid names one process among all that may share the folder."""
-    if not _HERE:
-        import socket
+    import socket
 
-        try:
-            ns = str(os.stat("/proc/self/ns/pid").st_ino)
-        except OSError:
-            ns = "0"
-        host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
-        _HERE.append(f"{ns}-{host}")
-    return _HERE[0]
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        ns = "0"
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+    return f"{ns}-{host}"
 
 
 def _run_id(pid: int | None = None) -> str:

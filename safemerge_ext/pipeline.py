@@ -398,7 +398,6 @@ class Prefetch:
     def __init__(self, items: Iterable[Any], load: Callable[[Any], Any], size: Callable[[Any], int], budget: int,
                  depth: int) -> None:
         self._a = _Ahead(items, load, size, budget, depth)
-        self._done = False
         self._thread = threading.Thread(target=_read_ahead, args=(self._a,), name="safemerge-prefetch", daemon=True)
         self._thread.start()
 
@@ -406,7 +405,7 @@ class Prefetch:
         return self
 
     def __next__(self) -> tuple[Any, Any]:
-        if self._done:
+        if self._a.stop.is_set():
             raise StopIteration
         got = self._a.q.get()
         if got is _Ahead.END:
@@ -425,7 +424,6 @@ class Prefetch:
 
     def abandon(self) -> None:
         """Stop the thread without waiting for a load in progress (it ends when that load returns)."""
-        self._done = True
         self._a.stop.set()
         with self._a.cond:
             self._a.cond.notify_all()

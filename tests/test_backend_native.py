@@ -854,12 +854,13 @@ def test_an_extension_that_is_there_but_does_not_load_is_not_called_unbuilt(monk
     monkeypatch.setattr(mod, name, None)
     monkeypatch.setattr(mod, "_IMPORT_ERROR", "undefined symbol: _ZTVN10__cxxabiv117__class_type_infoE")
     so = tmp_path / f"{name}.cpython-311-x86_64-linux-gnu.so"
-    monkeypatch.setattr(mod, "built_file", lambda m: str(so) if m == f"safemerge_ext.{name}" else None)
+    monkeypatch.setattr(_native, "built_file", lambda m: str(so) if m == f"safemerge_ext.{name}" else None)
     reason = mod.unavailable_reason()
     assert reason.startswith(f"the {'C++' if which == 'cpp' else 'CUDA'} extension {so} is installed but does not "
                              "load (undefined symbol: ") and "reinstall safemerge-ext" in reason, reason
-    monkeypatch.setattr(mod, "built_file", lambda m: None)
+    monkeypatch.setattr(_native, "built_file", lambda m: None)
     assert "extension was not built" in mod.unavailable_reason()
+    monkeypatch.undo()
     assert _native.built_file("safemerge_ext.no_such_extension") is None
     if loaded is not None:
         assert _native.built_file(f"safemerge_ext.{name}") == loaded.__file__

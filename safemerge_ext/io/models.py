@@ -156,10 +156,15 @@ _CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transfor
 _CONV1D_LAYERS = frozenset({"c_attn", "c_proj", "c_fc", "c_fc2", "q_attn"})
 
 
+def named_like_conv1d(module: str) -> bool:
+    """Whether ``module`` is named as a Conv1D layer is in the models that have them."""
+    return module.rsplit(".", 1)[-1] in _CONV1D_LAYERS
+
+
 def is_conv1d(model_type: object, module: str) -> bool:
     """Whether ``module`` of a ``model_type`` model is a Conv1D layer: its weight is stored
     d_in x d_out, the transpose of the linear map SPEC's formulas take."""
-    return model_type in _CONV1D_MODELS and module.rsplit(".", 1)[-1] in _CONV1D_LAYERS
+    return model_type in _CONV1D_MODELS and named_like_conv1d(module)
 
 
 def ties_embeddings(model_dir: str | os.PathLike) -> bool:
