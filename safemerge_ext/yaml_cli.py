@@ -29,9 +29,8 @@ from safemerge_ext.backends import requested_precision
 from safemerge_ext.errors import SafeMergeError, symlink_loop
 from safemerge_ext.io.model_writer import untie_stored_head
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir
-from safemerge_ext.mergekit_methods import (
-    METHOD_NAMES, ROLES, discard_report, finalize_report, refusal, register_methods, report_files,
-)
+from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, register_methods
+from safemerge_ext.mergekit_run import discard_report, finalize_report, refusal, report_files
 from safemerge_ext.report import REPORT_JSON, PlotUnavailable, plot, summary_table, write_json
 
 # what mergekit's dtype / out_dtype take for a merge (mergekit.common.dtype_from_name also takes int64)

@@ -348,7 +348,8 @@ def test_numbers_written_as_text_pass_as_mergekit_reads_them():
     parameter in their messages let it through, and refuse what is no number in one line."""
     from pydantic import TypeAdapter, ValidationError
 
-    from safemerge_ext.mergekit_methods import Fraction, Seed, Threshold, refusal
+    from safemerge_ext.mergekit_methods import Fraction, Seed, Threshold
+    from safemerge_ext.mergekit_run import refusal
 
     assert TypeAdapter(Threshold).validate_python("1e-1") == pytest.approx(0.1)
     assert TypeAdapter(Fraction).validate_python("0.8") == pytest.approx(0.8)
@@ -847,15 +848,15 @@ def test_filtered_whole_numbers_are_no_gradient(pico):
 def test_report_path_forms(tmp_path, monkeypatch):
     """report_path: "~" is the home folder (as in a shell), ".JSON" names a file as ".json" does,
     and a path that is a file where a folder is meant is one line of error, not a traceback."""
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert mm.report_files("~/reports") == (tmp_path / "home" / "reports" / mm.REPORT_JSON,
-                                            tmp_path / "home" / "reports" / mm.REPORT_PNG)
-    assert mm.report_files(tmp_path / "r.JSON") == (tmp_path / "r.JSON", tmp_path / "r.png")
+    assert mr.report_files("~/reports") == (tmp_path / "home" / "reports" / mr.REPORT_JSON,
+                                            tmp_path / "home" / "reports" / mr.REPORT_PNG)
+    assert mr.report_files(tmp_path / "r.JSON") == (tmp_path / "r.JSON", tmp_path / "r.png")
     (tmp_path / "afile").write_text("mine")
     with pytest.raises(SafeMergeError) as err:
-        mm._append(str(tmp_path / "afile"), {"module": "m"})
+        mr._append(str(tmp_path / "afile"), {"module": "m"})
     assert str(err.value) == (f"report_path {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder; give "
                               "a folder, or a file name ending in .json")
     assert (tmp_path / "afile").read_text() == "mine"
@@ -881,6 +882,7 @@ def test_refusal_tells_own_errors_from_others():
     from pydantic import BaseModel, TypeAdapter, ValidationError
 
     from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
     def caught(fn):
         try:
@@ -891,10 +893,10 @@ def test_refusal_tells_own_errors_from_others():
 
     alpha = caught(lambda: TypeAdapter(mm.Fraction).validate_python(1.8))
     assert isinstance(alpha, ValidationError)
-    assert mm.refusal(alpha) == "alpha must lie in [0, 1] (the task update's weight); got 1.8"
+    assert mr.refusal(alpha) == "alpha must lie in [0, 1] (the task update's weight); got 1.8"
     from safemerge_ext import merge as merging
 
-    assert mm.refusal(caught(lambda: merging.validate("linear", 0.5, 7.0))) == (
+    assert mr.refusal(caught(lambda: merging.validate("linear", 0.5, 7.0))) == (
         "density must lie in (0, 1] (the fraction of each update kept); got 7.0")
 
     class Both(BaseModel):
@@ -902,20 +904,20 @@ def test_refusal_tells_own_errors_from_others():
         n: int
 
     both = caught(lambda: Both(alpha=1.8, n="x"))
-    assert mm.refusal(both) is None  # (one of its errors is pydantic's own: keep the traceback)
-    assert mm.refusal(caught(lambda: Both(alpha=-1, n=1))) == "alpha must lie in [0, 1] (the task update's weight); got -1.0"
+    assert mr.refusal(both) is None  # (one of its errors is pydantic's own: keep the traceback)
+    assert mr.refusal(caught(lambda: Both(alpha=-1, n=1))) == "alpha must lie in [0, 1] (the task update's weight); got -1.0"
     for kind, bad, want in ((mm.MergeName, "lineer", "merge must be one of linear, ties, dare_linear, dare_ties"),
                             (mm.Role, "unalign", "role must be one of task, safety, unaligned"),
                             (mm.Precision, "fp8", "precision must be one of ieee, tf32, tf32x3, bf16"),
                             (mm.Precision, 16, "precision must be one of ieee, tf32, tf32x3, bf16")):
-        assert mm.refusal(caught(lambda: TypeAdapter(kind).validate_python(bad))) == f"{want}; got {bad!r}"
-    assert mm.refusal(caught(lambda: TypeAdapter(mm.MergeName).validate_python("peft-linear"))) == (
+        assert mr.refusal(caught(lambda: TypeAdapter(kind).validate_python(bad))) == f"{want}; got {bad!r}"
+    assert mr.refusal(caught(lambda: TypeAdapter(mm.MergeName).validate_python("peft-linear"))) == (
         "merge must be one of linear, ties, dare_linear, dare_ties; got 'peft-linear' (it mixes two LoRA adapters' "
         "factors, which mergekit folds into full weights first; use safemerge merge --method peft-linear with the adapters)")
     assert TypeAdapter(mm.Precision).validate_python(None) is None
     assert TypeAdapter(mm.Precision).validate_python("tf32") == "tf32"
     assert TypeAdapter(mm.Role).validate_python("safety") == "safety"
-    assert mm.refusal(caught(lambda: int("x"))) is None
+    assert mr.refusal(caught(lambda: int("x"))) is None
     # in the package's own files: a raise statement (one line or several) is a refusal; a builtin's
     # ValueError from there (an unpacking that does not fit) is a bug, which keeps its traceback
     here = str(Path(mm.__file__).parent / "probe.py")
@@ -923,18 +925,19 @@ def test_refusal_tells_own_errors_from_others():
     exec(compile("def one():\n    raise ValueError('bad value; give a good one')\n"
                  "def several(v):\n    raise ValueError(\n        f'bad {v}; '\n        'give a good one'\n    ) from None\n"
                  "def unpack(name):\n    head, tail = name.split('*')\n", here, "exec"), scope)
-    assert mm.refusal(caught(scope["one"])) == "bad value; give a good one"
-    assert mm.refusal(caught(lambda: scope["several"](3))) == "bad 3; give a good one"
-    assert mm.refusal(caught(lambda: scope["unpack"]("a*b*c"))) is None
-    assert mm.refusal(caught(lambda: TypeAdapter(int).validate_python("x"))) is None
-    assert mm.refusal(caught(lambda: torch.zeros(2).view(3))) is None
-    assert mm.refusal(SafeMergeError("bad input\nsecond line")) == "bad input"
+    assert mr.refusal(caught(scope["one"])) == "bad value; give a good one"
+    assert mr.refusal(caught(lambda: scope["several"](3))) == "bad 3; give a good one"
+    assert mr.refusal(caught(lambda: scope["unpack"]("a*b*c"))) is None
+    assert mr.refusal(caught(lambda: TypeAdapter(int).validate_python("x"))) is None
+    assert mr.refusal(caught(lambda: torch.zeros(2).view(3))) is None
+    assert mr.refusal(SafeMergeError("bad input\nsecond line")) == "bad input"
 
 
 def test_excepthook_only_in_mergekit_yaml(monkeypatch, capsys):
     """register_methods() installs the hook in mergekit-yaml only; it prints a refusal's line and
     hands every other error (and any with SAFEMERGE_TRACEBACK=1) to the hook it replaced."""
     from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
     from safemerge_ext import _faults
 
@@ -949,7 +952,7 @@ def test_excepthook_only_in_mergekit_yaml(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["/venv/bin/mergekit-yaml", "r.yml", "out"])
     mm.register_methods()
     mm.register_methods()  # (idempotent: the hook it replaced stays the one it hands on to)
-    assert sys.excepthook is mm._excepthook and mm._prev_excepthook is before
+    assert sys.excepthook is mr._excepthook and mr._prev_excepthook is before
     assert lines[-1] == _faults.bus_error_line("mergekit-yaml", "what it wrote to OUT_PATH is incomplete")
 
     try:
@@ -1249,7 +1252,7 @@ dtype: float32
 def test_sidecars_of_other_runs_are_left_alone(tmp_path, monkeypatch):
     """Two processes reporting to one location at once (as two merges with one report_path do)
     keep their layers apart: each appends to and assembles only its own sidecar."""
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
     from safemerge_ext.report import LayerRecord
 
     settings = {"threshold": 0.35, "alpha": 0.8, "merge": "linear", "density": 1.0, "seed": 0,
@@ -1261,15 +1264,15 @@ def test_sidecars_of_other_runs_are_left_alone(tmp_path, monkeypatch):
                 "time_s": 0.1, "end": 1.0, "bytes": 8, "layer": rec.to_json()}
 
     out = tmp_path / "shared"
-    monkeypatch.setattr(mm, "_alive", lambda pid: True)  # (both "processes" are running)
+    monkeypatch.setattr(mr, "_alive", lambda pid: True)  # (both "processes" are running)
     for pid, module in ((1111, "model.layers.0.a"), (2222, "model.layers.0.b"), (1111, "model.layers.1.a"),
                         (2222, "model.layers.1.b")):
-        monkeypatch.setattr(mm.os, "getpid", lambda pid=pid: pid)
-        mm._append(str(out), line(module))
+        monkeypatch.setattr(mr.os, "getpid", lambda pid=pid: pid)
+        mr._append(str(out), line(module))
     reports = {}
     for pid in (1111, 2222):
-        monkeypatch.setattr(mm.os, "getpid", lambda pid=pid: pid)
-        reports[pid] = [r["module"] for r in mm.finalize_report(out)["layers"]]
+        monkeypatch.setattr(mr.os, "getpid", lambda pid=pid: pid)
+        reports[pid] = [r["module"] for r in mr.finalize_report(out)["layers"]]
     assert reports == {1111: ["model.layers.0.a", "model.layers.1.a"], 2222: ["model.layers.0.b", "model.layers.1.b"]}
     assert not list(out.glob(".safemerge_layers*.jsonl"))
 
@@ -1279,7 +1282,7 @@ def test_a_dead_process_is_told_on_windows_without_os_kill(monkeypatch):
     (taken for alive): there the liveness check asks OpenProcess / GetExitCodeProcess."""
     import ctypes
 
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
     procs = {10: 259, 11: 0}  # 10 runs (STILL_ACTIVE), 11 has exited; 12 is someone else's; 13 is gone
     last = {"error": 0}
@@ -1305,32 +1308,32 @@ def test_a_dead_process_is_told_on_windows_without_os_kill(monkeypatch):
                                      CloseHandle=Fn(closed.append))
     monkeypatch.setattr(ctypes, "WinDLL", lambda name, use_last_error=False: kernel32, raising=False)
     monkeypatch.setattr(ctypes, "get_last_error", lambda: last["error"], raising=False)
-    monkeypatch.setattr(mm.os, "name", "nt")
-    monkeypatch.setattr(mm.os, "kill", lambda *a: pytest.fail("os.kill must not be called on Windows"))
-    assert [mm._alive(pid) for pid in (10, 11, 12, 13)] == [True, False, True, False]
+    monkeypatch.setattr(mr.os, "name", "nt")
+    monkeypatch.setattr(mr.os, "kill", lambda *a: pytest.fail("os.kill must not be called on Windows"))
+    assert [mr._alive(pid) for pid in (10, 11, 12, 13)] == [True, False, True, False]
     assert closed == [1010, 1011]
 
 
 def test_exit_hook_says_which_part_of_the_report_it_could_not_write(pico, tmp_path, monkeypatch, caplog):
     """At exit, a report whose plot cannot be written (a full disk) is one error line naming the
     report's location (not the hidden sidecar) and that its JSON is there, the plot not."""
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
     out = tmp_path / "out"
-    monkeypatch.setattr(mm, "_cli_out", [str(out)])
-    monkeypatch.setattr(mm, "_override", None)
-    monkeypatch.delenv(mm.REPORT_DIR_ENV, raising=False)
+    monkeypatch.setattr(mr, "_cli_out", [str(out)])
+    monkeypatch.setattr(mr, "_override", None)
+    monkeypatch.delenv(mr.REPORT_DIR_ENV, raising=False)
 
     def full(report, path):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(mm, "plot", full)
+    monkeypatch.setattr(mr, "plot", full)
     register_methods()
     run_merge(MergeConfiguration.model_validate(recipe(pico, params={"threshold": TAU})), str(out),
               MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
-    with caplog.at_level("ERROR", logger=mm.LOG.name):
-        mm._finalize_pending()
-    assert [r.getMessage() for r in caplog.records if r.name == mm.LOG.name] == [
+    with caplog.at_level("ERROR", logger=mr.LOG.name):
+        mr._finalize_pending()
+    assert [r.getMessage() for r in caplog.records if r.name == mr.LOG.name] == [
         f"safemerge-ext: could not write the report at {out} (its JSON is written, the plot is not): [Errno 28] No "
         f"space left on device: '{out / 'safemerge_report.png'}'"]
     assert (out / "safemerge_report.json").is_file() and not list(out.glob(".safemerge_layers*"))
@@ -1339,53 +1342,53 @@ def test_exit_hook_says_which_part_of_the_report_it_could_not_write(pico, tmp_pa
 def test_sidecars_are_named_by_pid_namespace_and_host_too(tmp_path, monkeypatch):
     """Two containers' runs (each pid 1) sharing a report folder took one sidecar, and one host's run took
     a container's live one for a dead process's and deleted it: the reports came out mixed, exit 0."""
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
-    sidecar = mm._locations(tmp_path)[0].name
-    assert sidecar == f".safemerge_layers.{os.getpid()}-{mm._here()}.jsonl"
-    ns, host = mm._here().split("-", 1)
+    sidecar = mr._locations(tmp_path)[0].name
+    assert sidecar == f".safemerge_layers.{os.getpid()}-{mr._here()}.jsonl"
+    ns, host = mr._here().split("-", 1)
     assert ns.isdecimal() and host and "-" not in host
     if Path("/proc/self/ns/pid").exists():
         assert ns == str(os.stat("/proc/self/ns/pid").st_ino)
-    other = mm.SIDECAR.format(pid=f"{os.getpid()}-{int(ns) + 1}-{host}")  # (the same pid in another container)
+    other = mr.SIDECAR.format(pid=f"{os.getpid()}-{int(ns) + 1}-{host}")  # (the same pid in another container)
     (tmp_path / other).write_text("{}\n")
-    monkeypatch.setattr(mm, "_alive", lambda pid: False)
-    mm._drop_dead_sidecars(tmp_path)
+    monkeypatch.setattr(mr, "_alive", lambda pid: False)
+    mr._drop_dead_sidecars(tmp_path)
     assert (tmp_path / other).exists()
 
 
 def test_a_ctrl_c_inside_a_method_is_told_as_an_interrupt_not_an_error(tmp_path, monkeypatch):
     """Plain mergekit-yaml stopped with Ctrl-C said "no report: a merge method raised an error"."""
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
-    monkeypatch.setattr(mm, "_failed", {})
+    monkeypatch.setattr(mr, "_failed", {})
     for exc, why in ((KeyboardInterrupt(), "the run was interrupted"), (ValueError("x"), "a merge method raised an error")):
         target = tmp_path / type(exc).__name__
         with pytest.raises(type(exc)):
-            with mm._failing_run(str(target)):
+            with mr._failing_run(str(target)):
                 raise exc
-        assert mm._unfinished(mm._key(target)) == why
+        assert mr._unfinished(mr._key(target)) == why
 
 
 def test_report_to_blocks_left_in_another_order_keep_the_open_ones(tmp_path, monkeypatch):
     """report_to entered by two threads (A, then B) and left in that order restored what was there
     before B, A's folder, for good: later runs of the process reported into A's folder."""
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
-    monkeypatch.setattr(mm, "_override", None)
-    monkeypatch.setattr(mm, "_entered", [])
-    a, b = mm.report_to(tmp_path / "a"), mm.report_to(tmp_path / "b")
+    monkeypatch.setattr(mr, "_override", None)
+    monkeypatch.setattr(mr, "_entered", [])
+    a, b = mr.report_to(tmp_path / "a"), mr.report_to(tmp_path / "b")
     a.__enter__()
     b.__enter__()
     a.__exit__(None, None, None)
-    assert mm._override == str(tmp_path / "b")
+    assert mr._override == str(tmp_path / "b")
     b.__exit__(None, None, None)
-    assert mm._override is None and mm._entered == []
-    with mm.report_to(tmp_path / "a"):
-        with mm.report_to(tmp_path / "b"):
-            assert mm._override == str(tmp_path / "b")
-        assert mm._override == str(tmp_path / "a")
-    assert mm._override is None
+    assert mr._override is None and mr._entered == []
+    with mr.report_to(tmp_path / "a"):
+        with mr.report_to(tmp_path / "b"):
+            assert mr._override == str(tmp_path / "b")
+        assert mr._override == str(tmp_path / "a")
+    assert mr._override is None
 
 
 @pytest.mark.parametrize("where", ["folder", "json-file", "json-file-with-star"])
@@ -1393,7 +1396,7 @@ def test_a_killed_runs_sidecar_is_dropped_by_the_next_run(pico, tmp_path, monkey
     """A mergekit-yaml killed by SIGTERM (no exit hook runs) leaves its sidecar in OUT_PATH; the
     next run there removes it (its process is gone) instead of shipping it inside the model, and
     leaves a live process's alone."""
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
     out = tmp_path / "out"
     report = "rep*ort.json" if where == "json-file-with-star" else "report.json"  # (a "*" is a name's letter too)
@@ -1401,8 +1404,8 @@ def test_a_killed_runs_sidecar_is_dropped_by_the_next_run(pico, tmp_path, monkey
     out.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid, live_pid = int(dead.stdout), os.getppid()
-    name = (lambda pid: mm.SIDECAR.format(pid=pid)) if where == "folder" else (lambda pid: f"{report}.{pid}.layers.jsonl")
-    here = mm._here()
+    name = (lambda pid: mr.SIDECAR.format(pid=pid)) if where == "folder" else (lambda pid: f"{report}.{pid}.layers.jsonl")
+    here = mr._here()
     # (another container's or host's pid names nothing here, dead or alive: left alone; a name of the
     # pid alone is an older version's)
     gone = [name(f"{dead_pid}-{here}"), name(dead_pid)]
@@ -1410,14 +1413,14 @@ def test_a_killed_runs_sidecar_is_dropped_by_the_next_run(pico, tmp_path, monkey
             name(f"{dead_pid}-{here.split('-', 1)[0]}-otherhost")]
     for n in gone + kept:
         (out / n).write_text("{}\n")
-    monkeypatch.setattr(mm, "_override", None)
-    monkeypatch.delenv(mm.REPORT_DIR_ENV, raising=False)
+    monkeypatch.setattr(mr, "_override", None)
+    monkeypatch.delenv(mr.REPORT_DIR_ENV, raising=False)
     cfg = recipe(pico, params={"threshold": TAU, "report_path": str(target)})
     register_methods()
     run_merge(MergeConfiguration.model_validate(cfg), str(out),
               MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
     assert not any((out / n).exists() for n in gone) and all((out / n).exists() for n in kept)
-    assert mm.finalize_report(target)["layers"]
+    assert mr.finalize_report(target)["layers"]
 
 
 @pytest.mark.parametrize("how", ["console-script", "python-m"])
@@ -1429,9 +1432,9 @@ def test_report_location_of_a_running_mergekit_yaml(monkeypatch, tmp_path, how):
 
     from mergekit.scripts import run_yaml
 
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
-    monkeypatch.setattr(mm, "_cli_out", [])
+    monkeypatch.setattr(mr, "_cli_out", [])
     if how == "python-m":
         fake = types.ModuleType("__main__")
         fake.__spec__ = importlib.machinery.ModuleSpec("mergekit.scripts.run_yaml", None)
@@ -1442,7 +1445,7 @@ def test_report_location_of_a_running_mergekit_yaml(monkeypatch, tmp_path, how):
     else:
         argv0 = "/venv/bin/mergekit-yaml"
     monkeypatch.setattr(sys, "argv", [argv0, str(tmp_path / "r.yml"), str(tmp_path / "out"), "--cuda"])
-    assert mm._mergekit_yaml_out() == str(tmp_path / "out")
+    assert mr._mergekit_yaml_out() == str(tmp_path / "out")
 
 
 def test_failed_safemerge_yaml_leaves_no_folders(pico, tmp_path, monkeypatch, capsys):
@@ -1542,7 +1545,7 @@ def test_nan_in_any_input_it_writes_from_is_refused(pico, tmp_path, where):
     mergekit-yaml (not a traceback)."""
     from mergekit_fixtures import save_model
 
-    from safemerge_ext.mergekit_methods import refusal
+    from safemerge_ext.mergekit_run import refusal
 
     _, flags = reference(pico, "safemerge")
     flagged = sorted(m for m, f in flags.items() if f)
@@ -1596,7 +1599,7 @@ def _nan_task(pico, tmp_path: Path) -> Path:
 def test_a_failed_run_gives_no_report_and_leaves_nothing_for_the_next(pico, tmp_path):
     """A run that fails part way gives no report, and a run after it at the same report location (in
     the same process) reports its own layers only."""
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
     loc = tmp_path / "reports"
     bad = recipe(pico, params={"threshold": TAU}, task=str(_nan_task(pico, tmp_path)))
@@ -1615,30 +1618,30 @@ def test_a_failed_run_gives_no_report_and_leaves_nothing_for_the_next(pico, tmp_
     assert [r["module"] for r in rep["layers"]] == [r["module"] for r in clean["layers"]]
     assert all(".layers.0." in r["module"] for r in rep["layers"])
     assert rep["settings"]["threshold"] == 0.9 and rep["bytes_read"] == clean["bytes_read"]
-    assert not mm.pending_reports() or all("reports" not in k for k in mm.pending_reports())
+    assert not mr.pending_reports() or all("reports" not in k for k in mr.pending_reports())
 
 
 def test_exit_hook_writes_no_report_for_an_unfinished_mergekit_yaml(pico, tmp_path, monkeypatch):
     """Plain mergekit-yaml assembles the report at exit; it does not when the process is dying of an
     error, or when OUT got no config.json from this run (mergekit writes it after every tensor:
     an interrupted run never does)."""
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
     out = tmp_path / "out"
-    monkeypatch.setattr(mm, "_cli_out", [str(out)])
-    monkeypatch.setattr(mm, "_override", None)
-    monkeypatch.delenv(mm.REPORT_DIR_ENV, raising=False)
+    monkeypatch.setattr(mr, "_cli_out", [str(out)])
+    monkeypatch.setattr(mr, "_override", None)
+    monkeypatch.delenv(mr.REPORT_DIR_ENV, raising=False)
     cfg = recipe(pico, params={"threshold": TAU})
 
     def run_then_exit(prepare=None) -> bool:
         register_methods()
         run_merge(MergeConfiguration.model_validate(cfg), str(out),
                   MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
-        assert mm.pending_reports()
+        assert mr.pending_reports()
         if prepare:
             prepare()
-        mm._finalize_pending()
-        assert not mm.pending_reports() and not list(out.glob("*.jsonl"))
+        mr._finalize_pending()
+        assert not mr.pending_reports() and not list(out.glob("*.jsonl"))
         done = (out / "safemerge_report.json").is_file()
         (out / "safemerge_report.json").unlink(missing_ok=True)
         return done
@@ -1658,27 +1661,27 @@ def test_exit_hook_unties_a_head_the_output_stores(pico, tmp_path, monkeypatch, 
     but the merge writes a head of its own (a task model PEFT untied), the exit hook unties the
     output's config, as safemerge-yaml does, and the report says so; an untied base is left as it
     was."""
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
 
     tied = tmp_path / "tied"
     for name in ("aligned", "unaligned", "task", "safety"):
         m = Path(shutil.copytree(getattr(pico, name), tied / name))
         cfg = json.loads((m / "config.json").read_text())
         (m / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
-    monkeypatch.setattr(mm, "_override", None)
-    monkeypatch.delenv(mm.REPORT_DIR_ENV, raising=False)
+    monkeypatch.setattr(mr, "_override", None)
+    monkeypatch.delenv(mr.REPORT_DIR_ENV, raising=False)
 
     def run(models: Path) -> tuple[dict, dict]:
         out = tmp_path / f"out-{models.name}"
         shutil.rmtree(out, ignore_errors=True)
-        monkeypatch.setattr(mm, "_cli_out", [str(out)])
+        monkeypatch.setattr(mr, "_cli_out", [str(out)])
         cfg = recipe(pico, params={"threshold": TAU}, task=str(models / "task"), safety=str(models / "safety"),
                      unaligned=str(models / "unaligned"))
         register_methods()
         run_merge(MergeConfiguration.model_validate({**cfg, "base_model": str(models / "aligned")}), str(out),
                   MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
         assert "lm_head.weight" in read_model(out)
-        mm._finalize_pending()
+        mr._finalize_pending()
         return (json.loads((out / "config.json").read_text()),
                 json.loads((out / "safemerge_report.json").read_text()))
 
@@ -1700,7 +1703,7 @@ def test_exit_hook_unties_a_head_the_output_stores(pico, tmp_path, monkeypatch, 
 
     from safemerge_ext import yaml_cli  # the same through safemerge-yaml: config, report and stderr
 
-    monkeypatch.setattr(mm, "_cli_out", [None])
+    monkeypatch.setattr(mr, "_cli_out", [None])
     cfg = recipe(pico, params={"threshold": TAU}, task=str(tied / "task"), safety=str(tied / "safety"),
                  unaligned=str(tied / "unaligned"))
     out = tmp_path / "out-yaml"
@@ -1743,7 +1746,7 @@ def test_failed_safemerge_yaml_writes_no_report_at_its_report_path(pico, tmp_pat
     appearing while the run wrote)."""
     import mergekit.merge
 
-    from safemerge_ext import mergekit_methods as mm
+    from safemerge_ext import mergekit_run as mr
     from safemerge_ext import yaml_cli
 
     own, out = tmp_path / "own", tmp_path / "out"
@@ -1760,7 +1763,7 @@ def test_failed_safemerge_yaml_writes_no_report_at_its_report_path(pico, tmp_pat
     monkeypatch.setattr(mergekit.merge, "run_merge", then_out_appears)
     with pytest.raises(SystemExit) as done:
         yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(out)])
-    mm._finalize_pending()  # what the exit hook does
+    mr._finalize_pending()  # what the exit hook does
     err = capsys.readouterr().err
     assert done.value.code == 1
     assert {"in-a-method": "NaN or Inf", "in-mergekit": "No space left on device",
@@ -2099,7 +2102,7 @@ def test_plain_mergekit_refuses_a_lora_targeting_a_module_the_model_lacks(pico, 
     as safemerge-yaml does before the run, and mergekit-yaml prints the one line."""
     from safetensors.torch import load_file, save_file
 
-    from safemerge_ext.mergekit_methods import refusal
+    from safemerge_ext.mergekit_run import refusal
 
     adapter = Path(shutil.copytree(pico.lora_task, tmp_path / "lora"))
     factors = load_file(adapter / "adapter_model.safetensors")
