@@ -1022,7 +1022,7 @@ def test_prefetch_holds_at_most_its_budget():
     import threading
     import time
 
-    from safemerge_ext.pipeline import prefetch
+    from safemerge_ext.io.read_ahead import prefetch
 
     sizes = [5, 1, 1, 7, 2, 2, 2, 9, 1, 3]
     held, peak, loaded = 0, 0, []
@@ -1081,7 +1081,7 @@ def test_prefetch_left_early_without_close_stops_its_thread():
     import time
     import weakref
 
-    from safemerge_ext.pipeline import prefetch
+    from safemerge_ext.io.read_ahead import prefetch
 
     class Item:
         pass
@@ -1115,7 +1115,7 @@ def test_an_interrupted_run_does_not_wait_for_a_stalled_read(fx, monkeypatch):
 
     from safemerge_ext import pipeline
     from safemerge_ext.io.models import ModelReader
-    from safemerge_ext.pipeline import prefetch
+    from safemerge_ext.io.read_ahead import prefetch
 
     stalled, release = threading.Event(), threading.Event()
     real = ModelReader.will_need
@@ -1164,7 +1164,7 @@ def test_in_batches_loads_a_batch_ahead_in_the_callers_thread_and_lets_go():
     import threading
     import weakref
 
-    from safemerge_ext.pipeline import in_batches
+    from safemerge_ext.io.read_ahead import in_batches
 
     class Item:
         pass
@@ -1341,7 +1341,7 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(fx, capsys, progress):
 
 
 def test_prefetch_raises_reader_errors():
-    from safemerge_ext.pipeline import prefetch
+    from safemerge_ext.io.read_ahead import prefetch
 
     def load(i):
         if i == 2:
