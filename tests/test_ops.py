@@ -356,7 +356,7 @@ def test_selection_rules():
     assert sum(Selection(fraction=1e-10).flag(ten)) == 1  # any fraction > 0 flags ceil(F x n) >= 1
     assert sum(Selection(fraction=0.2000000001).flag(ten)) == 3
     assert sum(Selection(fraction=np.float64(0.3)).flag(ten)) == 3  # a numpy scalar from the Python API
-    assert sum(Selection(fraction=0.3).flag(scores)) == 2  # n counts only the 5 defined scores
+    assert sum(Selection(fraction=0.4).flag(scores)) == 2  # ceil(0.4 x 5 defined scores); of all 6 it would be 3
     assert Selection(num_layers=np.int64(2)).flag(scores) == Selection(num_layers=2).flag(scores)
     # the Python API's wrong types: one ValueError when built, not a TypeError when flagging
     for kw, msg in (({"num_layers": 2.5}, "num_layers must be a whole number; got 2.5"),
@@ -369,8 +369,8 @@ def test_selection_rules():
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_sums_that_lost_their_digits_are_an_error_not_a_score(backend):
-    """Weights near 1e-20 make fp32's P = V T subnormal: the raw cosine leaves [-1, 1], which is
-    an error, not a score clamped to 1.0."""
+    """Weights near 1e-20 make fp32's P = V T subnormal: the sums have lost their digits, which is
+    an error, not a score (T and P below fp32's full precision are caught before any cosine)."""
     g = torch.Generator().manual_seed(14)
     base = torch.randn(40, 70, generator=g, dtype=torch.float64) * 0.02  # weights of 0.02, V of 0.002
     wa, wu = ((base + 0.002 * torch.randn(40, 70, generator=g, dtype=torch.float64)) * 1e-20).float(), (base * 1e-20).float()
@@ -379,6 +379,70 @@ def test_sums_that_lost_their_digits_are_an_error_not_a_score(backend):
         ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend)
     want = ref_cosine(wa * 1e20, wu * 1e20, B @ A)  # (the same layer at a scale fp32 keeps)
     assert abs(ops.subspace_score(wa * 1e20, wu * 1e20, lora_A=A, lora_B=B, backend=backend).cosine - want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_an_update_along_v_itself_scores_1_never_more(backend):
+    """V = u v^T and dW = V (a LoRA update B = u, A = v, or a full one): rho = 1 exactly; the fp32
+    sums land within 1e-6 either side, and a cosine is never above 1."""
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        u, v = torch.randn(48, 1, generator=g), torch.randn(1, 40, generator=g)
+        wu = torch.randn(48, 40, generator=g)
+        wa = wu + u @ v
+        for kw in ({"lora_A": v, "lora_B": u}, {"delta": wa - wu}):
+            c = ops.subspace_cosine(wa, wu, **kw, backend=backend)
+            assert abs(c - 1.0) < 1e-6 and c <= 1.0, (seed, sorted(kw), repr(c))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_cosine_beyond_rounding_is_an_error_and_within_rounding_is_clamped(backend, monkeypatch):
+    """A raw cosine of 1 + 1e-4 (fp32 rounding) is returned as 1.0; one of 1.01 means the sums lost
+    their digits: an error, not a score clamped to 1."""
+    from safemerge_ext import reference
+
+    impl = backends.resolve(backend, "cpu")[1]
+    real = getattr(impl, "lowrank_traces", reference.lowrank_traces)
+    g = torch.Generator().manual_seed(40)
+    u, v = torch.randn(48, 1, generator=g), torch.randn(1, 40, generator=g)
+    wu = torch.randn(48, 40, generator=g)
+    wa = wu + u @ v  # rho = 1
+    for factor, raises in ((1 + 1e-4, False), (1.01, True)):
+        def scaled(*a, f=factor):
+            inner, n2, d2 = real(*a)
+            return inner * f, n2, d2
+
+        monkeypatch.setattr(impl, "lowrank_traces", scaled, raising=False)
+        if raises:
+            with pytest.raises(FloatingPointError, match="lost their precision"):
+                ops.subspace_score(wa, wu, lora_A=v, lora_B=u, backend=backend)
+        else:
+            assert ops.subspace_cosine(wa, wu, lora_A=v, lora_B=u, backend=backend) == 1.0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_score_carries_the_norms_behind_it(backend):
+    """Score.v_norm = ||V||, Score.delta_norm = ||dW|| (of B A as given: no adapter scaling here)."""
+    wa, wu, A, B = inputs(seed=30)
+    V = wa.double() - wu.double()
+    for kw, dW in (({"lora_A": A, "lora_B": B}, B.double() @ A.double()), ({"delta": B @ A}, (B @ A).double())):
+        s = ops.subspace_score(wa, wu, **kw, backend=backend)
+        assert math.isclose(s.v_norm, float(V.norm()), rel_tol=1e-6), s
+        assert math.isclose(s.delta_norm, float(dW.norm()), rel_tol=1e-5), s
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_tiny_v_with_a_large_update_is_scored(backend):
+    """V of 1e-22 (its squares below fp32's range) with an update of 1e17: every product the score
+    needs is in fp32's normal range (V^T dW ~ 1e-4, V V^T dW ~ 1e-26), so the layer is scored;
+    only the squares of V and dW need float64."""
+    g = torch.Generator().manual_seed(1)
+    wu = torch.randn(40, 60, generator=g) * 1e-21
+    wa = wu + torch.randn(40, 60, generator=g) * 1e-22
+    dW = torch.randn(40, 60, generator=g) * 1e17
+    s = ops.subspace_score(wa, wu, delta=dW, backend=backend)
+    assert s.reason is None and abs(s.cosine - ref_cosine(wa, wu, dW)) < 1e-5, s
+    assert abs(s.v_norm - float((wa.double() - wu.double()).norm())) < 1e-5 * s.v_norm
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -594,6 +658,25 @@ def test_merges_at_density_1_are_peft_s_without_its_warning(method):
         warnings.simplefilter("ignore")
         want = getattr(merge_utils, method)(tensors, weights, 1.0)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
+def test_density_is_the_fraction_kept(method):
+    """density is the fraction of entries kept (at 0.2, not 0.8): TIES keeps the largest 20% of the
+    update unchanged; DARE keeps each entry with probability 0.2, rescaled by 1 / 0.2."""
+    from safemerge_ext.merge import combine_full
+
+    g = torch.Generator().manual_seed(31)
+    f, s = (torch.randn(64, 80, generator=g, dtype=torch.float64) for _ in range(2))
+    got = combine_full(f, s, alpha=1.0, method=method, density=0.2, seed=5, module="m")  # alpha 1: f alone
+    kept = got != 0
+    if method == "ties":
+        assert int(kept.sum()) == int(0.2 * f.numel())
+        assert float(f.abs()[kept].min()) >= float(f.abs()[~kept].max())
+        assert torch.equal(got[kept], f[kept])
+    else:  # (5120 draws: 5 sigma is +-0.028)
+        assert abs(float(kept.double().mean()) - 0.2) < 0.03
+        assert torch.allclose(got[kept], f[kept] / 0.2, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

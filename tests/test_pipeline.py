@@ -513,6 +513,40 @@ def test_merge_model_output(fx, tmp_path):
             assert torch.equal(got[k], v), k
 
 
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_masks_are_drawn_per_module_and_seed(method):
+    """The same module and seed draw the same DARE mask; another module or another seed, another."""
+    from safemerge_ext.merge import combine_full
+
+    g = torch.Generator().manual_seed(32)
+    f, s = (torch.randn(64, 80, generator=g) for _ in range(2))
+
+    def mask(seed, module):
+        return combine_full(f, s, alpha=1.0, method=method, density=0.5, seed=seed, module=module) != 0
+
+    a = mask(5, "model.layers.0.mlp.up_proj")
+    assert torch.equal(a, mask(5, "model.layers.0.mlp.up_proj"))
+    assert not torch.equal(a, mask(5, "model.layers.1.mlp.up_proj"))
+    assert not torch.equal(a, mask(6, "model.layers.0.mlp.up_proj"))
+
+
+def test_report_norms_are_those_of_the_scaled_update(fx):
+    """The report's delta_norm is ||s B A|| (the adapter's scaling applied), v_norm is ||V||."""
+    from weights import load_adapter, load_model
+
+    from safemerge_ext import pipeline
+
+    rep = pipeline.score(fx.aligned, fx.unaligned, fx.task, progress=False)
+    wa, wu, task = load_model(fx.aligned), load_model(fx.unaligned), load_adapter(fx.task)
+    assert {s for (_, _, s) in task.values()} != {1.0}  # (a scaling that is not 1, or this checks nothing)
+    assert len(rep["layers"]) == len(task)
+    for r in rep["layers"]:
+        A, B, s = task[r["module"]]
+        w = f"{r['module']}.weight"
+        assert math.isclose(r["delta_norm"], float((s * B.double() @ A.double()).norm()), rel_tol=1e-5), r
+        assert math.isclose(r["v_norm"], float((wa[w].double() - wu[w].double()).norm()), rel_tol=1e-5), r
+
+
 def test_dare_masks_do_not_depend_on_threads():
     """Modules merged in several threads at once (mergekit runs one per GPU) draw the same DARE
     masks as one after another: seeding and drawing from the global generator is one step."""
