@@ -1304,3 +1304,60 @@ def test_a_second_interrupt_does_not_cut_the_clean_up_short(tmp_path, monkeypatc
             (tmp / "shard.safetensors").write_bytes(b"x" * 4096)
             raise OSError(28, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_streaming_writer_refuses_a_wrong_shape_and_an_incomplete_file(tmp_path):
+    from safemerge_ext.io.safetensors_stream import StreamingWriter
+
+    with pytest.raises(ValueError, match=r"expected w \(2, 3\) F32 next, got w \(3, 2\) F32"):
+        with StreamingWriter(tmp_path / "s.safetensors", [("w", (2, 3), torch.float32)]) as sw:
+            sw.write("w", torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"only 1 of 2 tensors were written"):
+        with StreamingWriter(tmp_path / "t.safetensors", [("a", (2,), torch.float32), ("b", (2,), torch.float32)]) as sw:
+            sw.write("a", torch.zeros(2))
+
+
+def test_nan_in_a_tensor_larger_than_the_lookahead_is_refused(fx, tmp_path, monkeypatch):
+    from safemerge_ext.io import model_writer
+
+    a = tmp_path / "a"
+    shutil.copytree(fx.aligned, a)
+    name = "model.norm.weight"
+    shard = a / json.loads((a / "model.safetensors.index.json").read_text())["weight_map"][name]
+    sd = load_file(shard)
+    sd[name][3] = float("nan")
+    save_file(sd, shard, metadata={"format": "pt"})
+    monkeypatch.setattr(model_writer, "LOOKAHEAD_BYTES", 1)  # every tensor is larger (a 70B model's 2 GB embedding vs 1 GiB)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SafeMergeError, match=f"tensor {name} contains NaN or Inf"):
+        write_model(ModelReader(a), tmp_path / "out", lambda n: None)
+
+
+def test_write_model_returns_the_bytes_it_wrote(fx, tmp_path):
+    r = ModelReader(fx.aligned)
+    (tmp_path / "o").mkdir()
+    got = write_model(r, tmp_path / "o", lambda n: None)
+    assert got == sum(r.layout(n)[2] for n in r.names) > 0
+
+
+def test_check_fits_names_a_module_whose_shape_is_not_the_weights(fx, tmp_path):
+    from safemerge_ext.io.adapters import check_fits, read_adapter
+
+    q0 = "model.layers.0.self_attn.q_proj"
+    t = tmp_path / "t"
+    shutil.copytree(fx.task, t)
+    sd = load_file(t / "adapter_model.safetensors")
+    key = f"base_model.model.{q0}.lora_B.weight"
+    sd[key] = sd[key][:32].clone()
+    save_file(sd, t / "adapter_model.safetensors")
+    with pytest.raises(SafeMergeError) as err:
+        check_fits(read_adapter(t, "x", folded=True), ModelReader(fx.aligned), "role task")
+    assert str(err.value) == (f"role task: LoRA adapter {t} module {q0} is 32x64 but the weight {q0}.weight is 64x64")
+
+
+def test_a_module_name_two_weights_end_with_resolves_to_none(tmp_path):
+    save_file({"text.layers.0.q.weight": torch.zeros(2, 2), "vision.layers.0.q.weight": torch.ones(2, 2),
+               "text.layers.1.q.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    r = ModelReader(tmp_path)
+    assert r.resolve_module("layers.1.q") == "text.layers.1.q.weight"  # (one weight ends so: that one)
+    assert r.resolve_module("layers.0.q") is None  # (two do: neither, rather than the wrong tower)

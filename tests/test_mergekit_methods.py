@@ -2187,3 +2187,30 @@ def test_a_role_default_comes_from_where_mergekit_reads_it(where):
         cfg["parameters"] = {"role": "unaligned"}
     assert _check_roles("safemerge", MergeConfiguration.model_validate(cfg)) == {
         "task": "./t", "safety": "./s", "unaligned": "./u"}
+
+
+def test_a_threshold_equal_to_a_score_flags_for_safelora_not_for_safemerge(pico, tmp_path):
+    _, first = merge(recipe(pico, "safelora", params={"threshold": TAU}), tmp_path / "a")
+    row = next(r for r in first["layers"] if r["cosine"] is not None and r["flagged"])
+    tau = row["cosine"]  # (the run's own float, exact through JSON)
+    _, lora = merge(recipe(pico, "safelora", params={"threshold": tau}), tmp_path / "b")
+    _, smerge = merge(recipe(pico, "safemerge", params={"threshold": tau}), tmp_path / "c")
+    lora_row = {r["module"]: r for r in lora["layers"]}[row["module"]]
+    smerge_row = {r["module"]: r for r in smerge["layers"]}[row["module"]]
+    assert lora_row["cosine"] == smerge_row["cosine"] == tau
+    assert lora_row["flagged"] and not smerge_row["flagged"]
+
+
+def test_safemerge_dare_uses_its_seed(pico, tmp_path):
+    from test_pipeline import ref_sparse
+
+    params = {"threshold": TAU, "merge": "dare_linear", "density": 0.5, "seed": 5}
+    got, report = merge(recipe(pico, params=params), tmp_path / "o")
+    A, T, S = read_model(pico.aligned), read_model(pico.task), read_model(pico.safety)
+    flagged = [r["module"] for r in report["layers"] if r["flagged"]]
+    assert flagged and report["settings"]["seed"] == 5
+    for m in flagged:
+        n = m + ".weight"
+        wa = A[n].double()
+        want = wa + ref_sparse("dare_linear", T[n].double() - wa, S[n].double() - wa, 0.8, 0.5, 5, m)
+        assert_close(got[n], want, atol=1e-5, rtol=1e-5, what=n)

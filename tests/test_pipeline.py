@@ -8,6 +8,8 @@ import json
 import math
 import os
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import types
@@ -15,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from numerics import assert_close, ref_cosine, ref_project
-from safemerge_ext import backends
+from safemerge_ext import backends, pipeline
 from safemerge_ext.cli import main
 from weights import load_adapter, load_model
 
@@ -532,10 +534,6 @@ def test_dare_masks_are_drawn_per_module_and_seed(method):
 
 def test_report_norms_are_those_of_the_scaled_update(fx):
     """The report's delta_norm is ||s B A|| (the adapter's scaling applied), v_norm is ||V||."""
-    from weights import load_adapter, load_model
-
-    from safemerge_ext import pipeline
-
     rep = pipeline.score(fx.aligned, fx.unaligned, fx.task, progress=False)
     wa, wu, task = load_model(fx.aligned), load_model(fx.unaligned), load_adapter(fx.task)
     assert {s for (_, _, s) in task.values()} != {1.0}  # (a scaling that is not 1, or this checks nothing)
@@ -1876,3 +1874,77 @@ def test_runs_without_linux_only_calls(fx, tmp_path, monkeypatch, system):
         assert all((tmp_path / a / f).read_bytes() == (tmp_path / b / f).read_bytes() for f in files), (a, files)
     linux, here = report_of(tmp_path / "linux"), json.loads((tmp_path / "score.json").read_text())
     assert [(r["module"], r["cosine"]) for r in linux["layers"]] == [(r["module"], r["cosine"]) for r in here["layers"]]
+
+
+def test_report_counts_and_cosine_summary(fx, tmp_path):
+    task = tmp_path / "task"
+    shutil.copytree(fx.task, task)
+    cfg = json.loads((task / "adapter_config.json").read_text())
+    m = "model.layers.0.self_attn.q_proj"  # the first layer: degenerate (scaling 0)
+    cfg["alpha_pattern"] = {**(cfg.get("alpha_pattern") or {}), m: 0}
+    (task / "adapter_config.json").write_text(json.dumps(cfg))
+    rep = pipeline.project(fx.aligned, fx.unaligned, task, tmp_path / "p", pipeline.Selection(num_layers=4),
+                           plot=False, progress=False)
+    cos = [r["cosine"] for r in rep["layers"] if r["cosine"] is not None]
+    flagged = [r for r in rep["layers"] if r["flagged"]]
+    assert rep["counts"] == {"layers": 21, "scored": 20, "degenerate": 1, "flagged": len(flagged)} and len(flagged) == 4
+    assert rep["cosine"] == {"min": min(cos), "median": statistics.median(cos), "max": max(cos)}
+    assert len(cos) % 2 == 0 and statistics.median(cos) != statistics.mean(cos)  # (median tells from mean)
+
+
+def test_report_flagged_count_with_the_first_layer_flagged(fx, tmp_path):
+    rep = pipeline.project(fx.aligned, fx.unaligned, fx.task, tmp_path / "p", pipeline.Selection(threshold=1.0),
+                           plot=False, progress=False)
+    assert rep["layers"][0]["flagged"] and rep["counts"]["flagged"] == sum(r["flagged"] for r in rep["layers"]) == 21
+
+
+@pytest.mark.parametrize("output", ["adapter", "model"])
+def test_merge_report_records_the_output_kind(fx, tmp_path, output):
+    rep = pipeline.merge(fx.aligned, fx.unaligned, fx.task, fx.safety, tmp_path / "m",
+                         pipeline.MergeSettings(pipeline.Selection(num_layers=2), output=output), plot=False,
+                         progress=False)
+    assert rep["settings"]["output"] == output
+
+
+@pytest.mark.parametrize("k, warned", [(21, False), (22, True)])
+def test_num_layers_one_beyond_scorable_warns(fx, tmp_path, k, warned):
+    rep = pipeline.project(fx.aligned, fx.unaligned, fx.task, tmp_path / "p", pipeline.Selection(num_layers=k),
+                           plot=False, progress=False)
+    said = [w for w in rep["warnings"] if "exceeds the 21 scorable layers" in w]
+    assert said == ([f"--num-layers {k} exceeds the 21 scorable layers; all of them were flagged"] if warned else [])
+
+
+def test_cli_default_thresholds(fx, tmp_path):
+    assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", fx.task,
+                    "--safety-adapter", fx.safety, "--out", tmp_path / "m", "--no-plot"]) == 0
+    assert run_cli(["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--out", tmp_path / "p", "--no-plot"]) == 0
+    m = json.loads((tmp_path / "m" / "safemerge_report.json").read_text())
+    p = json.loads((tmp_path / "p" / "safemerge_report.json").read_text())
+    assert (m["settings"]["threshold"], m["settings"]["comparison"]) == (0.35, "<")
+    assert (p["settings"]["threshold"], p["settings"]["comparison"]) == (0.5, "<=")
+    for rep, tau, cmp in ((m, 0.35, float.__lt__), (p, 0.5, float.__le__)):
+        assert [r["flagged"] for r in rep["layers"]] == [r["cosine"] is not None and cmp(r["cosine"], tau)
+                                                         for r in rep["layers"]]
+
+
+def test_read_order_reads_each_shard_front_to_back(tmp_path):
+    import types
+
+    from safemerge_ext.pipeline import read_order
+
+    w = {f"model.layers.{i}.self_attn.q_proj.weight": torch.full((2, 2), float(i)) for i in range(3)}
+    # layers 0 and 2 in the second file, layer 1 in the first
+    placement = {0: "model-00002-of-00002.safetensors", 1: "model-00001-of-00002.safetensors",
+                 2: "model-00002-of-00002.safetensors"}
+    for shard in set(placement.values()):
+        save_file({f"model.layers.{i}.self_attn.q_proj.weight": w[f"model.layers.{i}.self_attn.q_proj.weight"]
+                   for i, s in placement.items() if s == shard}, tmp_path / shard)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {f"model.layers.{i}.self_attn.q_proj.weight": s for i, s in placement.items()}}))
+    from safemerge_ext.io.models import ModelReader
+
+    run = types.SimpleNamespace(aligned=ModelReader(tmp_path),
+                                layers=[types.SimpleNamespace(weight=f"model.layers.{i}.self_attn.q_proj.weight")
+                                        for i in range(3)])
+    assert read_order(run) == [1, 0, 2]
