@@ -1209,3 +1209,18 @@ def test_sigbus_writes_the_line_and_still_ends_the_process(tmp_path, case):
     assert said[:1] == want.get(case, ["probe: the file went away"]), res.stderr
     assert res.stderr.count("went away") == len(want.get(case, ["once"])), res.stderr
     assert ("Fatal Python error: Bus error" in res.stderr) == (case == "line-and-faulthandler"), res.stderr
+
+
+@needs_cpp
+def test_cpp_vsq_partials_are_summed_in_float64():
+    """||V||^2's per-work-item partials (16 row groups of 256 rows here) are added in float64: one
+    entry of 2^20 in the first group and 4064 ones after it. Every partial is exact, and so is their
+    float64 sum; an fp32 sum drops every later group's 256 (the fp32 ulp at 2^40 is 2^17). (The
+    first 32 rows, one block of V formed at once, hold the large entry alone.)"""
+    from safemerge_ext import cpp_backend as cpp
+
+    wa = torch.ones(4096, 1)
+    wa[:32] = 0.0
+    wa[0, 0] = 2.0**20
+    _, _, vsq = cpp.lowrank_passes(wa, torch.zeros_like(wa), torch.ones(4096, 1))
+    assert vsq == 2.0**40 + 4064

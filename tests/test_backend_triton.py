@@ -562,3 +562,62 @@ def test_interpreted_launches_from_threads_take_turns():
             together = list(pool.map(lambda j: ops.subspace_cosine(j[0], j[1], lora_A=j[2], lora_B=j[3], backend="triton"),
                                      jobs))
             assert together == alone
+
+
+def _view(t: torch.Tensor, pad: int = 29) -> torch.Tensor:
+    """t as a column slice of a wider tensor: unit column stride, row stride d_in + pad (kept as a view)."""
+    wide = torch.full((t.shape[0], t.shape[1] + pad), float("nan"), dtype=t.dtype, device=t.device)
+    wide[:, 3:3 + t.shape[1]] = t
+    return wide[:, 3:3 + t.shape[1]]
+
+
+@pytest.mark.parametrize("which", ["wa", "wu"])
+def test_lowrank_weights_with_different_row_strides(which):
+    """wa and wu (and dW) each have their own row stride: a kernel that reads one with the other's
+    stride is wrong whenever they differ (a column slice of one, a contiguous other)."""
+    wa, wu, g = _layer(67, 131, torch.bfloat16, _seed("rowstride", which))
+    B = (torch.randn(67, 5, generator=g) * 0.1).to(DEVICE)
+    args = (_view(wa), wu) if which == "wa" else (wa, _view(wu))
+    assert args[0].stride(0) != args[1].stride(0)
+    T, P, vsq = tk.lowrank_passes(*args, B)
+    T_ref, P_ref, vsq_ref = ref_lowrank_passes(wa.cpu(), wu.cpu(), B.cpu())
+    _close(T, T_ref, "T")
+    _close(P, P_ref, "P")
+    _rel(vsq, vsq_ref, "||V||^2")
+
+
+@pytest.mark.parametrize("which", ["wa", "wu", "delta"])
+def test_fullrank_inputs_with_different_row_strides(which):
+    wa, wu, g = _layer(67, 131, torch.float16, _seed("rowstride-full", which))
+    delta = (torch.randn(67, 131, generator=g) * 0.001).to(torch.float16).to(DEVICE)
+    ins = {"wa": wa, "wu": wu, "delta": delta}
+    ins[which] = _view(ins[which])
+    *want, N_ref = ref_fullrank(wa.cpu(), wu.cpu(), delta.cpu())
+    got = fullrank.fullrank_sums(ins["wa"], ins["wu"], ins["delta"])
+    for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), got, want):
+        _rel(a, b, name)
+    N, _ = fullrank.project_full(ins["wa"], ins["wu"], ins["delta"])
+    _close(N, N_ref, "N")
+
+
+@pytest.mark.parametrize("r", [17, 33, 65, 129], ids=lambda r: f"r={r}")
+def test_lowrank_ranks_one_past_a_power_of_two(r):
+    """The rank tile R_PAD must cover r when r is one past a power of two (ranks of merged adapters,
+    r_f + r_s, and rank_pattern ranks are arbitrary): the tested ranks are powers of two, 5 and 44."""
+    wa, wu, g = _layer(67, 131, torch.bfloat16, _seed("rank+1", r))
+    B = (torch.randn(67, r, generator=g) * 0.1).to(DEVICE)
+    T, P, vsq = tk.lowrank_passes(wa, wu, B)
+    T_ref, P_ref, _ = ref_lowrank_passes(wa.cpu(), wu.cpu(), B.cpu())
+    _close(T, T_ref, "T")
+    _close(P, P_ref, "P")
+
+
+def test_split_partials_are_summed_in_float64():
+    """Row chunks whose partials of T cancel (2^24 + 1 - 2^24): summed in fp32 on the host they give
+    0, in float64 the exact 1. Each chunk's partial is exact here, so only the host sum can lose it."""
+    V = torch.zeros(48, 16)
+    V[0, 0], V[16, 0], V[32, 0] = 2.0**24, 1.0, -(2.0**24)  # one non-zero a chunk of 16 rows
+    wa, wu = V.to(DEVICE), torch.zeros_like(V).to(DEVICE)
+    B = torch.ones(48, 1, device=DEVICE)
+    T, P, _ = lowrank.lowrank_passes(wa, wu, B, block_m=16, block_n=16, block_k=16, split=3)
+    assert T[0, 0].item() == 1.0 and not T[1:].any()

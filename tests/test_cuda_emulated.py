@@ -232,3 +232,45 @@ def test_emulation_refuses_a_barrier_some_threads_skip(self_test):
     out = torch.zeros(64, dtype=torch.int32)
     err = self_test.run_diverge(ctypes.c_void_p(out.data_ptr()))
     assert err is not None and b"1 threads of block (0, 0) returned while 63 wait at __syncthreads()" in err
+
+
+def test_weights_with_different_row_strides(cuda_backend):
+    """wa, wu and dW each have their own row stride (lda, ldu, ldd): a column slice of one beside a
+    contiguous other. (test_row_strides_and_fp64_weights slices both alike, so lda == ldu there.)"""
+    wa, wu, g = _layer(150, 300, torch.bfloat16, "strides-differ")
+    B = torch.randn(150, 12, generator=g) * 0.01
+    dW = (torch.randn(150, 233, generator=g) * 0.001).bfloat16()
+    wa_s, wu_s = wa[:, 17:250], wu[:, 17:250]
+    for a, u in ((wa_s, wu_s.contiguous()), (wa_s.contiguous(), wu_s)):
+        assert a.stride(0) != u.stride(0)
+        _check_passes(cuda_backend, a, u, B, 2e-5)
+    wide = torch.zeros(150, 300, dtype=torch.bfloat16)
+    wide[:, 40:273] = dW
+    for a, u, d in ((wa_s.contiguous(), wu_s.contiguous(), wide[:, 40:273]), (wa_s, wu_s, dW)):
+        assert d.stride(0) != a.stride(0)
+        _check_fullrank(cuda_backend, a, u, d)
+
+
+def test_vsq_is_summed_in_float64_across_row_tiles(cuda_backend):
+    """One large entry alone in its 32-row tile and 4064 small ones in later tiles of its column:
+    every tile's fp32 sum of squares is exact, and so is their float64 sum; summed in fp32 across
+    tiles the small ones vanish (2^28 + 16 per thread-tile rounds back to 2^28)."""
+    wa = torch.full((4096, 1), 2.0)
+    wa[:32] = 0.0
+    wa[0, 0] = 2.0**14
+    wu = torch.zeros_like(wa)
+    _, _, vsq = cuda_backend.lowrank_passes(wa, wu, torch.ones(4096, 1))
+    assert vsq == 2.0**28 + 4.0 * 4064
+
+
+def test_fullrank_squares_tiles_past_the_fp32_range(cuda_backend):
+    """As the Triton test of that name: entries of M and N above ~1.8e19 are finite in fp32 but
+    their fp32 squares are not; the tile sums square them in float64."""
+    g = torch.Generator().manual_seed(7)
+    wa, wu, delta = ((torch.rand(40, 56, generator=g) + 0.5) * 1e8 * torch.randn(40, 56, generator=g).sign()
+                     for _ in range(3))
+    got = cuda_backend.fullrank_sums(wa, wu, delta)
+    want = ref_fullrank(wa, wu, delta)[:4]
+    assert want[1] > 1e50
+    for name, a, b in zip(("||M||^2", "||N||^2", "||dW||^2", "||V||^2"), got, want):
+        assert math.isclose(a, b, rel_tol=1e-5), f"{name}: {a} != {b}"
