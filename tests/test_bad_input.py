@@ -1799,3 +1799,40 @@ def test_a_report_link_to_nothing_makes_no_folders_where_it_points(fx, tmp_path,
     far.parent.mkdir(parents=True)
     assert main(args + [str(link)]) == 0
     assert json.loads(far.read_text())["layers"] and link.is_symlink() and link.resolve() == far
+
+
+MODELS = ["--aligned", "a", "--unaligned", "u"]
+MERGE = ["merge", *MODELS, "--task-adapter", "t", "--safety-adapter", "s", "--out", "o"]
+SCORE = ["score", *MODELS, "--adapter", "t"]
+PROJECT = ["project", *MODELS, "--adapter", "t", "--out", "o"]
+
+
+@pytest.mark.parametrize("argv, dest, value", [
+    (MERGE + ["--alpha", "0"], "alpha", 0.0),            # (the closed ends are in range)
+    (MERGE + ["--alpha", "1"], "alpha", 1.0),
+    (MERGE + ["--threshold", "-1"], "threshold", -1.0),
+    (SCORE + ["--threshold", "-1"], "threshold", -1.0),
+    (PROJECT + ["--threshold", "1"], "threshold", 1.0),
+    (MERGE + ["--density", "1"], "density", 1.0),        # ((0, 1] holds 1, the default)
+    (MERGE + ["--fraction", "1"], "fraction", 1.0),
+    (MERGE + ["--num-layers", "1"], "num_layers", 1),
+])
+def test_range_ends_that_are_in_range_are_taken(argv, dest, value):
+    from safemerge_ext.cli import build_parser
+
+    assert getattr(build_parser().parse_args(argv), dest) == value
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (SCORE + ["--threshold", "1.5"], "safemerge score: error: argument --threshold: --threshold must lie in [-1, 1]"),
+    (PROJECT + ["--threshold", "-1.5"], "safemerge project: error: argument --threshold: --threshold must lie in [-1, 1]"),
+    (PROJECT + ["--num-layers", "0"], "safemerge project: error: argument --num-layers: must be at least 1; got 0"),
+])
+def test_score_and_project_check_their_ranges_too(capsys, argv, expect):
+    from safemerge_ext.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(expect) and "\n" not in err, err

@@ -828,3 +828,24 @@ def test_what_is_not_a_tensor_is_one_line():
     for call, msg in calls:
         with pytest.raises(ValueError, match=msg + r" \(convert it with torch.as_tensor\)$"):
             call()
+
+
+def test_backend_requested_auto_from_the_environment_is_plain_auto(monkeypatch):
+    """SAFEMERGE_BACKEND=auto chose nothing: the report records plain 'auto'."""
+    for value in ("auto", " AUTO "):
+        monkeypatch.setenv("SAFEMERGE_BACKEND", value)
+        assert backends.requested_backend(None) == "auto"
+        assert backends.requested_backend("auto") == "auto"
+    monkeypatch.setenv("SAFEMERGE_BACKEND", "torch")
+    assert backends.requested_backend(None) == "torch (SAFEMERGE_BACKEND)"
+    assert backends.requested_backend("auto", honour_env=False) == "auto"
+
+
+def test_the_backends_offered_instead_run_on_that_device(monkeypatch):
+    """An explicit backend that cannot run on the device offers only those `auto` would
+    run there: never Triton (CUDA-only, interpreted only by name) for mps or cuda tensors of cpp."""
+    monkeypatch.delenv("SAFEMERGE_BACKEND", raising=False)
+    for device in ("mps", "meta"):
+        with pytest.raises(ValueError) as err:
+            backends.resolve("cpp", device)
+        assert str(err.value).endswith("another backend (torch)"), str(err.value)

@@ -330,3 +330,32 @@ def test_the_checkouts_kernels_folder_does_not_shadow_hugging_faces_kernels():
     assert res.returncode == 0, res.stderr[-2000:]
     hf, ours = res.stdout.split()
     assert not Path(hf).resolve().is_relative_to(ROOT / "kernels") and ours == "triton", res.stdout
+
+
+def test_backends_command_gives_each_unavailable_backends_reason(monkeypatch, capsys):
+    """`safemerge backends` prints the reason, not only 'unavailable' (the README test
+    compares the first word of each line only)."""
+    from safemerge_ext import backends
+    from safemerge_ext.cli import main
+
+    monkeypatch.setattr(backends, "available_backends", lambda load=False: {
+        "triton": "no CUDA device", "cuda": "the CUDA extension was not built", "cpp": None, "torch": None})
+    monkeypatch.setattr(backends, "backend_detail", lambda name: "baseline kernels, 2 threads" if name == "cpp" else None)
+    assert main(["backends"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "triton  unavailable: no CUDA device", "cuda    unavailable: the CUDA extension was not built",
+        "cpp     available (baseline kernels, 2 threads)", "torch   available"]
+
+
+def test_autoload_status_command_asks_what_mergekit_finds(monkeypatch, capsys, tmp_path):
+    """`safemerge autoload status` runs the fresh-interpreter check (the one CLI test of it
+    sets SAFEMERGE_NO_AUTOLOAD, where the check is skipped either way)."""
+    from safemerge_ext import autoload
+    from safemerge_ext.cli import main
+
+    monkeypatch.delenv("SAFEMERGE_NO_AUTOLOAD", raising=False)
+    monkeypatch.setattr(autoload, "_pth_files", lambda: [tmp_path / autoload.PTH_NAME])
+    monkeypatch.setattr(autoload, "mergekit_finds", lambda *d: (["resta", "safelora", "safemerge"], ""))
+    assert main(["autoload", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "\nmergekit-yaml finds: resta, safelora, safemerge\nstate: enabled" in out, out
