@@ -5,6 +5,7 @@ an optional dependency is missing."""
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 import tarfile
@@ -359,3 +360,60 @@ def test_autoload_status_command_asks_what_mergekit_finds(monkeypatch, capsys, t
     assert main(["autoload", "status"]) == 0
     out = capsys.readouterr().out
     assert "\nmergekit-yaml finds: resta, safelora, safemerge\nstate: enabled" in out, out
+
+
+@pytest.mark.parametrize("value, off", [("", False), ("0", False), ("false", False), ("no", False), ("off", False),
+                                        (" OFF ", False), ("1", True), ("yes", True), ("true", True)])
+def test_the_switch_reads_the_same_in_the_hook_and_the_package(monkeypatch, value, off):
+    """SAFEMERGE_NO_AUTOLOAD=0/false/no/off leaves the autoload on, in the start-up hook
+    and in `safemerge autoload status` alike."""
+    from safemerge_ext import _autoload_hook, _env, autoload
+
+    monkeypatch.setenv("SAFEMERGE_NO_AUTOLOAD", value)
+    assert _autoload_hook.disabled() is off
+    assert _env.switched_on("SAFEMERGE_NO_AUTOLOAD") is off
+    if off:  # (on, status would run its fresh-interpreter check)
+        assert autoload.status().endswith("state: disabled")
+
+
+def _only_sites(monkeypatch, venv, user=None):
+    from safemerge_ext import autoload
+
+    monkeypatch.setattr(autoload, "site_packages", lambda: venv)
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(venv)])
+    monkeypatch.setattr(site, "ENABLE_USER_SITE", user is not None)
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(user) if user else "")
+
+
+def test_disable_names_a_copy_in_another_site_directory(tmp_path, monkeypatch):
+    """disable in a venv whose .pth is absent, while one in the user site is active: says so."""
+    from safemerge_ext import autoload
+
+    venv, user = tmp_path / "venv", tmp_path / "user"
+    venv.mkdir()
+    autoload.enable(user)
+    _only_sites(monkeypatch, venv, user)
+    msg = autoload.disable()
+    assert msg.startswith("autoload already disabled") and f"another copy is active: {user / autoload.PTH_NAME}" in msg
+
+
+def test_a_pth_in_the_user_site_counts(tmp_path, monkeypatch):
+    """pip install --user puts the .pth in the user site, which Python runs at start-up."""
+    from safemerge_ext import autoload
+
+    venv, user = tmp_path / "venv", tmp_path / "user"
+    venv.mkdir()
+    autoload.enable(user)
+    _only_sites(monkeypatch, venv, user)
+    assert autoload._pth_files() == [user / autoload.PTH_NAME]
+    assert autoload.status().endswith("state: enabled")
+
+
+def test_enable_rewrites_a_stale_pth(tmp_path):
+    """A .pth of another version (another line) is replaced, not taken as enabled."""
+    from safemerge_ext import autoload
+
+    f = tmp_path / autoload.PTH_NAME
+    f.write_text("import safemerge_ext._old_hook\n")
+    assert autoload.enable(tmp_path).startswith("autoload enabled: ")
+    assert f.read_text() == autoload.PTH_LINE
