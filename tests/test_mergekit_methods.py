@@ -2216,15 +2216,6 @@ def test_safemerge_dare_uses_its_seed(pico, tmp_path):
         assert_close(got[n], want, atol=1e-5, rtol=1e-5, what=n)
 
 
-def _role_recipe(p, method="safemerge", **extra_models):
-    refs = {"task": str(p.task), "unaligned": str(p.unaligned)}
-    if method == "safemerge":
-        refs["safety"] = str(p.safety)
-    models = [{"model": ref, "parameters": {"role": role}} for role, ref in refs.items()]
-    models += [{"model": ref, "parameters": {"role": role}} for role, ref in extra_models.items()]
-    return {"merge_method": method, "base_model": str(p.aligned), "models": models, "parameters": {}, "dtype": "float32"}
-
-
 def _refused_recipe(cfg, culprit):
     with pytest.raises(SafeMergeError) as err:
         validate_recipe(cfg, "r.yml")
@@ -2232,19 +2223,19 @@ def _refused_recipe(cfg, culprit):
 
 
 def test_the_base_model_listed_with_a_role_is_refused(pico):
-    cfg = _role_recipe(pico)
+    cfg = recipe(pico)
     cfg["models"].append({"model": str(pico.aligned), "parameters": {"role": "task"}})
     _refused_recipe(cfg, f"{pico.aligned} is the base_model (the aligned model) and must not have a role; got role 'task'")
 
 
 def test_a_role_the_method_does_not_take_is_refused(pico):
     """A safety model left in a safelora recipe, or a role that is no role at all"""
-    _refused_recipe(_role_recipe(pico, "safelora", safety=str(pico.safety)), "has role 'safety'; safelora takes the roles task, unaligned")
-    _refused_recipe(_role_recipe(pico, "safemerge", bogus=str(pico.safety)), "has role 'bogus'; safemerge takes the roles")
+    _refused_recipe(recipe(pico, "safelora", safety=str(pico.safety)), "has role 'safety'; safelora takes the roles task, unaligned")
+    _refused_recipe(recipe(pico, "safemerge", bogus=str(pico.safety)), "has role 'bogus'; safemerge takes the roles")
 
 
 def test_a_recipe_without_base_model_is_one_line(pico):
-    cfg = _role_recipe(pico)
+    cfg = recipe(pico)
     del cfg["base_model"]
     _refused_recipe(cfg, "base_model is missing; set it to the aligned model")
 
@@ -2253,6 +2244,6 @@ def test_a_model_path_that_is_a_file_is_no_folder(pico, tmp_path):
     """A file where a model folder belongs: the folder message, not ModelReader's"""
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"")
-    cfg = _role_recipe(pico)
+    cfg = recipe(pico)
     cfg["models"][0]["model"] = str(f)
     _refused_recipe(cfg, "no such directory; safemerge-yaml reads local Hugging Face folders only")
