@@ -508,11 +508,11 @@ def run_fullrank(args: argparse.Namespace, providers: list[str], meta: dict, tim
         for name, ms in times.items():
             rows.append({
                 "provider": name, "shape": f"{d_out}x{d_in}", "r": "full", "time_ms": round(ms, 3),
-                "gbps": round(nbytes / ms / 1e6, 2), "tflops": float(f"{flops / ms / 1e9:.4g}"),
+                "gbps": _sig3(nbytes / ms / 1e6), "tflops": float(f"{flops / ms / 1e9:.4g}"),
                 "pct_bf16_mm": round(100 * flops / ms / 1e9 / tc, 1) if tc else None,
                 "pct_bf16_peak": (round(100 * flops / ms / 1e9 / meta["bf16_tflops_datasheet"], 1)
                                   if "bf16_tflops_datasheet" in meta else None),
-                "x_floor": round(ms / floor_ms, 2), "x_naive": _ratio(naive_ms / ms),
+                "x_floor": round(ms / floor_ms, 2), "x_naive": _sig3(naive_ms / ms),
                 "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
                 "loadavg_1m": round(os.getloadavg()[0], 2), "mm_gflops": round(gflops, 1), **pages, **meta,
             })
@@ -623,12 +623,12 @@ def run(args: argparse.Namespace, save: Callable[[list[dict]], None] = lambda ro
             for name, ms in times.items():
                 rows.append({
                     "provider": name, "shape": f"{d_out}x{d_in}", "r": r, "time_ms": round(ms, 3),
-                    "gbps": round(nbytes / ms / 1e6, 2), "x_floor": round(ms / floor_ms, 2),
+                    "gbps": _sig3(nbytes / ms / 1e6), "x_floor": round(ms / floor_ms, 2),
                     "pct_copy_bw": round(100 * nbytes / ms / 1e6 / meta["copy_gbps"], 1) if "copy_gbps" in meta else None,
                     "pct_hbm_peak": (round(100 * nbytes / ms / 1e6 / meta["hbm_gbps_datasheet"], 1)
                                      if "hbm_gbps_datasheet" in meta else None),
-                    "x_naive": _ratio(naive_ms / ms),
-                    "x_materialized": _ratio(mat_ms / ms) if mat_ms is not None else None,
+                    "x_naive": _sig3(naive_ms / ms),
+                    "x_materialized": _sig3(mat_ms / ms) if mat_ms is not None else None,
                     "floor_ms": round(floor_ms, 3), "read_ms": round(read_ms, 3), "arith_ms": round(arith_ms, 3),
                     # (how near the copy bandwidth the floor's own read runs: a slow read would flatter x_floor)
                     "read_pct_copy": (round(100 * nbytes / read_ms / 1e6 / meta["copy_gbps"], 1)
@@ -678,8 +678,9 @@ _COLS_FULL = ["shape", "provider", "time_ms", "tflops", "pct_bf16_mm", "pct_bf16
               "floor_ms", "read_ms", "arith_ms", "mm_gflops", "pages"]
 
 
-def _ratio(x: float) -> float:
-    """A speed-up kept to 3 significant digits (two decimals would print a tiny-shape 0.004 as 0)."""
+def _sig3(x: float) -> float:
+    """A speed-up or a rate kept to 3 significant digits (two decimals would record a tiny shape's
+    0.004 as 0)."""
     return float(f"{x:.3g}")
 
 

@@ -1836,3 +1836,20 @@ def test_score_and_project_check_their_ranges_too(capsys, argv, expect):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(expect) and "\n" not in err, err
+
+
+def test_interrupts_held_sends_on_what_it_held():
+    """A Ctrl-C during held clean-up is noted, then raised at the end with resend (the
+    clean-up of a failed run: the run then ends as interrupted), and dropped without it."""
+    import signal
+
+    from safemerge_ext._signals import interrupts_held
+
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held() as held:
+            signal.raise_signal(signal.SIGINT)
+            assert held == [signal.SIGINT]  # (noted, not raised, inside)
+    with interrupts_held(resend=False) as held:
+        signal.raise_signal(signal.SIGINT)
+    assert held == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
