@@ -833,6 +833,7 @@ def cb(signum):
 '''
 ns = {"__name__": "importlib._bootstrap"}
 exec(compile(source, "<frozen importlib._bootstrap>", "exec"), ns)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (as a terminal's run has it; a background job ignores it)
 where = held = result = None
 with sigterm_as_interrupt():
     try:

@@ -1064,7 +1064,6 @@ def test_autoload_enable_disable_status(tmp_path):
     assert "already enabled" in autoload.enable(d)
     assert "disabled" in autoload.disable(d) and not (d / autoload.PTH_NAME).exists()
     assert "already disabled" in autoload.disable(d)
-    assert "state:" in autoload.status()
 
 
 def test_autoload_counts_only_site_directories(tmp_path, monkeypatch):
