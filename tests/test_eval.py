@@ -1499,17 +1499,11 @@ def test_vllm_run_records_no_batch_size_and_gets_bfloat16(tiny_chat_model: tuple
         assert VllmEngine().dtype == want and VllmEngine(dtype="bfloat16").dtype == "bfloat16", (cap, cuda)
 
 
-def _eval_error_line(capsys):
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("safemerge: error: "), err
-    return err
-
-
 def test_adapter_with_several_models_is_refused(tiny_chat_model, capsys):
     """--adapter with two --model: one line, exit 2."""
     model, adapter = tiny_chat_model
     assert main(["eval", "--model", f"a={model}", "--model", f"b={model}", "--adapter", str(adapter)]) == 2
-    assert "--adapter applies to a single --model" in _eval_error_line(capsys)
+    assert "--adapter applies to a single --model" in _one_line_error(capsys)
 
 
 def test_eval_defaults_reach_the_engine_and_the_budget(tiny_chat_model, tmp_path, capsys, monkeypatch):
@@ -1530,7 +1524,7 @@ def test_eval_defaults_reach_the_engine_and_the_budget(tiny_chat_model, tmp_path
     monkeypatch.setattr(run, "evaluate", stop)
     assert main(["eval", "--model", str(model), "--limit", "1", "--benign", "none", "--utility", str(util),
                  "--max-new-tokens", "5", "--utility-max-new-tokens", "9"]) == 2
-    assert "stopped before generating" in _eval_error_line(capsys)
+    assert "stopped before generating" in _one_line_error(capsys)
     assert seen["engine"]["batch_size"] == 8
     b = seen["budget"]
     assert (b.batch_size, b.seed, b.max_new_tokens, b.utility_max_new_tokens) == (8, 0, 5, 9)
@@ -1548,4 +1542,4 @@ def test_vllm_with_a_llama_guard_judge_checks_the_device_first(tiny_chat_model, 
     monkeypatch.setattr(judges.LlamaGuardJudge, "__init__", lambda *a, **k: pytest.fail("the judge loaded first"))
     assert main(["eval", "--engine", "vllm", "--model", str(model), "--judge", f"llama-guard:{model}",
                  "--device", "meta", "--limit", "1", "--benign", "none"]) == 2
-    assert "--device meta: eval generates on cpu" in _eval_error_line(capsys)
+    assert "--device meta: eval generates on cpu" in _one_line_error(capsys)
