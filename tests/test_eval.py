@@ -209,7 +209,11 @@ def test_gsm8k_correct_and_missing_gold() -> None:
                                          # "answer" as a verb, or a label within a phrase: no stated answer
                                          ("Yes. Results of the trial answer no specific question about dose.",
                                           "yes"),
-                                         ("No. The data could answer yes or no definitively.", "no")])
+                                         ("No. The data could answer yes or no definitively.", "no"),
+                                         # a "no" within a phrase, then the label on its own
+                                         ("No doubt about it: yes.", "yes"),
+                                         ("There is no clear evidence either way, so maybe.", "maybe"),
+                                         ("The trial shows no effect on mortality.", "no")])
 def test_pubmedqa_prediction(pred: str, label: str | None) -> None:
     assert pubmedqa_prediction(pred) == label
 

@@ -111,15 +111,18 @@ _ALONE = r"(yes|no|maybe)\b(?=[\s*_\"']*(?:[.,;:!)\n]|$))"
 _STATED = re.compile(rf"\banswer(?:[ \t]+is)?[ \t]*[:\-]?[\s*_\"']*{_ALONE}", re.IGNORECASE)
 # a label that opens the response on its own
 _OPENING = re.compile(rf"^[\s*_\"']*{_ALONE}", re.IGNORECASE)
+# a label on its own anywhere ("No doubt about it: yes.": the "yes")
+_ANY_ALONE = re.compile(rf"\b{_ALONE}", re.IGNORECASE)
 
 
 def pubmedqa_prediction(text: str) -> str | None:
     """The label the response states: the last "answer (is)(:) yes/no/maybe", else the label it opens
-    with on its own ("Yes." / "No, ..."), else its first yes/no/maybe word (lower case); or None."""
+    with on its own ("Yes." / "No, ..."), else its first label on its own ("..., so maybe."), else its
+    first yes/no/maybe word (lower case); or None."""
     stated = _STATED.findall(text)
     if stated:
         return stated[-1].lower()
-    m = _OPENING.match(text) or _LABEL.search(text)
+    m = _OPENING.match(text) or _ANY_ALONE.search(text) or _LABEL.search(text)
     return m.group(1).lower() if m else None
 
 
