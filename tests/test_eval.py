@@ -184,6 +184,18 @@ def test_gsm8k_gold(answer: str, gold: str) -> None:
     ("#### 1/2", "0.5"),
     ("#### 3/4 of the cake", "0.75"),
     ("#### 1/3", "1/3"),                            # (no gold GSM8K answer is such a fraction)
+    # no answer line: the last LaTeX box, before the last number
+    (r"So she pays \boxed{18}. Check: 18 + 2 = 20.", "18"),
+    (r"First \boxed{3}, then \boxed{\$1{,}250} in all (2 steps).", "1250"),
+    (r"The answer is \boxed{18 \text{ dollars}} for 3 items.", "18"),
+    (r"\boxed{1\,000} and 7", "1000"),
+    (r"\boxed{x = 5}, so 2x = 10", "5"),
+    (r"$\boxed{-\dfrac{3}{4}}$ of 8", "-0.75"),
+    (r"\boxed{\frac{-1}{2}} or 7", "-0.5"),
+    (r"\boxed{3/8} of 16", "0.375"),
+    ("#### 5\nor \\boxed{6}", "5"),                 # the answer line first
+    (r"\boxed{} 7", "7"),                           # an empty box, and one cut off by the budget
+    (r"Total 4, so \boxed{12", "12"),
 ])
 def test_gsm8k_prediction(pred: str, expected: str | None) -> None:
     assert gsm8k_prediction(pred) == expected

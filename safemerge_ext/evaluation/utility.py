@@ -79,11 +79,38 @@ def _fraction(num: str, den: str) -> str:
     return _canon(f"{float(value):.{digits}f}") if digits else _canon(str(value))
 
 
+_BOXED_FRACTION = re.compile(rf"(-?)\\[dt]?frac\{{(-?)({_UNSIGNED})\}}\{{(\d+)\}}|(-?)({_UNSIGNED})/(\d+)")
+
+
+def _boxed(text: str) -> str | None:
+    """The number in the last LaTeX ``\\boxed{...}`` (as many models end a solution): a fraction
+    (``\\frac{1}{2}``, ``1/2``) as its value, else the last number in the box (``\\$18``,
+    ``18 \\text{ dollars}``, ``x = 5``, ``1{,}000``); None where there is no box or no number in it."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    while i < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    if depth:
+        return None  # (an unclosed box: cut off by the token budget)
+    box = re.sub(r"\\[ ,;:!]", "", text[start + len("\\boxed{"):i - 1]).replace("{,}", ",").replace(" ", "")
+    frac = _BOXED_FRACTION.fullmatch(box)
+    if frac is not None:
+        outer, sign, num, den = frac.groups()[:4] if frac.group(3) else ("", *frac.groups()[4:])
+        if int(den):
+            return _fraction(("-" if (outer == "-") != (sign == "-") else "") + num, den)
+    nums = _NUM.findall(box)
+    return _canon(nums[-1]) if nums else None
+
+
 def gsm8k_prediction(text: str) -> str | None:
     """The model's final number: that of its last ``#### N`` answer line (``#### Answer: **42**``,
     ``#### Answer (in dollars): 18``, ``#### The final answer is 18`` and ``#### -$5`` too; an equation's
     result, ``#### 30 - 12 = 18``; a fraction's value, ``#### 1/2``; a Markdown heading like ``#### Step 2``
-    or ``#### 1. Understand the problem`` is none), else the last number it wrote."""
+    or ``#### 1. Understand the problem`` is none), else the number of its last ``\\boxed{...}``, else
+    the last number it wrote."""
     text = text.replace("\u2212", "-")  # a typeset minus sign
     finals = list(_FINAL.finditer(text))
     if finals:
@@ -95,6 +122,9 @@ def gsm8k_prediction(text: str) -> str | None:
         if over is not None and int(over.group(1)):
             return _fraction("".join(last.groups()), over.group(1))
         return _canon("".join(last.groups()))
+    boxed = _boxed(text)
+    if boxed is not None:
+        return boxed
     nums = _NUM.findall(text)
     return _canon(nums[-1]) if nums else None
 
