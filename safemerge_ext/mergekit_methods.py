@@ -631,10 +631,10 @@ def _check_planned_config(name: str, caller: Any) -> None:
         from safemerge_ext.yaml_cli import check_parameter_names
 
         check_parameter_names(config, name, "merge_config (as mergekit's planner lays it out)")
-    _check_device(planner.options)
+    check_device(planner.options)
 
 
-def _check_device(options: Any) -> None:
+def check_device(options: Any) -> None:
     """mergekit's math device (``--cuda``, ``--device``; ``MergeOptions.cuda``/``.device``) refused
     in one line where torch cannot use it, before the merge starts (mergekit alone fails at its
     first tensor, with a traceback). A device type torch cannot be asked about is left to mergekit."""

@@ -29,7 +29,7 @@ from safemerge_ext.backends import requested_precision
 from safemerge_ext.errors import SafeMergeError, symlink_loop
 from safemerge_ext.io.model_writer import untie_stored_head
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir
-from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, register_methods
+from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, check_device, register_methods
 from safemerge_ext.mergekit_run import discard_report, finalize_report, refusal, report_files
 from safemerge_ext.report import REPORT_JSON, PlotUnavailable, plot, summary_table, write_json
 
@@ -449,6 +449,15 @@ def _fail(msg: str) -> None:
     sys.exit(1)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is ("expected ',' or ']', but got '<stream end>' at line 3, column 1"),
+    on one line."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if not problem:
+        return str(exc).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
 @click.command("safemerge-yaml", cls=PrettyPrintHelp)
 @click.argument("config_file")
 @click.argument("out_path")
@@ -469,9 +478,10 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     try:
         data = yaml.safe_load(source)
     except yaml.YAMLError as exc:
-        _fail(f"{config_file}: not valid YAML ({str(exc).splitlines()[0]})")
+        _fail(f"{config_file}: not valid YAML ({_yaml_problem(exc)})")
     try:
         checked = validate_recipe(data, config_file, truncate_embeddings=merge_options.unsafe_truncate_embeddings)
+        check_device(merge_options)  # (before mergekit folds any LoRA input: minutes for a 7B model)
     except SafeMergeError as exc:
         _fail(str(exc))
     try:

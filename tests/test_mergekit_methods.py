@@ -837,6 +837,41 @@ def test_run_merge_refuses_a_device_torch_lacks(pico, tmp_path, options, want):
     assert not (tmp_path / "o").exists()
 
 
+def test_safemerge_yaml_refuses_a_missing_device_before_folding_any_lora(pico, tmp_path, capsys):
+    """safemerge-yaml checks mergekit's --cuda with the recipe, before mergekit folds a model+lora
+    input into the LoRA cache (for a 7B recipe, minutes and a model copy on disk)."""
+    from safemerge_ext import yaml_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for a torch that sees no CUDA device")
+    cache = tmp_path / "lora-cache"
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out"), "--no-copy-tokenizer", "--cuda",
+                       "--lora-merge-cache", str(cache)])
+    assert done.value.code == 1
+    assert capsys.readouterr().err == (f"safemerge-yaml: error: mergekit's --cuda (MergeOptions.cuda): torch "
+                                       f"{torch.__version__} has no usable cuda device here; merge without --cuda, "
+                                       "on the CPU\n")
+    assert not cache.exists() or not any(cache.iterdir())
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, want", [
+    ("merge_method: safemerge\nbase_model: [\n", "expected the node content, but found '<stream end>' at line 3, column 1"),
+    ("merge_method: safemerge\nbase_model: a: b\n", "mapping values are not allowed here at line 2, column 14"),
+])
+def test_safemerge_yaml_says_where_the_yaml_is_broken(tmp_path, capsys, text, want):
+    """A recipe that is not YAML: one line with PyYAML's problem and its line and column."""
+    from safemerge_ext import yaml_cli
+
+    (tmp_path / "bad.yml").write_text(text)
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(tmp_path / "bad.yml"), str(tmp_path / "out")])
+    assert done.value.code == 1
+    assert capsys.readouterr().err == f"safemerge-yaml: error: {tmp_path / 'bad.yml'}: not valid YAML ({want})\n"
+
+
 def test_filtered_whole_numbers_are_no_gradient(pico):
     """A list of {filter, value} conditions gives each layer one condition's value: whole numbers
     there are no gradient (mergekit interpolates nothing), so the recipe passes."""
