@@ -2,6 +2,7 @@
 
 import errno
 import os
+from pathlib import Path
 
 
 class SafeMergeError(Exception):
@@ -26,3 +27,13 @@ def is_link_loop(path: "str | os.PathLike[str]") -> bool:
 def link_loop_error(flag: str, path: "str | os.PathLike[str]") -> SafeMergeError:
     return SafeMergeError(f"{flag} {path} is a symbolic link loop (it leads back to itself); remove the link or "
                           "give another path")
+
+
+def not_a_folder(flag: str, path: "str | os.PathLike[str]", want: str) -> SafeMergeError:
+    """The error for a path that should be a folder: a file there (``config.json``,
+    ``adapter_config.json`` given for their folder) is called a file, with its folder to give;
+    else "no such directory". ``want`` says what folder to give."""
+    p = Path(path)
+    if p.exists():
+        return SafeMergeError(f"{flag} {path}: a file, not a folder; give the folder that holds it ({p.parent}), {want}")
+    return SafeMergeError(f"{flag} {path}: no such directory; give {want}")

@@ -26,7 +26,7 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from safemerge_ext._faults import bus_error_line, explain_bus_errors
 from safemerge_ext._signals import exit_code, interrupts_held, sigterm_as_interrupt, what_ended
 from safemerge_ext.backends import requested_precision
-from safemerge_ext.errors import SafeMergeError, symlink_loop
+from safemerge_ext.errors import SafeMergeError, not_a_folder, symlink_loop
 from safemerge_ext.io.model_writer import untie_stored_head
 from safemerge_ext.io.output import check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir
 from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, check_device, register_methods
@@ -239,10 +239,8 @@ def _local_dir(path: str, what: str) -> Path:
     if not p.is_absolute():
         p = Path.cwd() / p
     if not p.is_dir():
-        raise SafeMergeError(
-            f"{what} {path}: no such directory; safemerge-yaml reads local Hugging Face folders only "
-            f"(relative paths are relative to the working directory {Path.cwd()})"
-        )
+        raise not_a_folder(what, path, "a local Hugging Face folder: safemerge-yaml reads those only (relative "
+                                       f"paths are relative to the working directory {Path.cwd()})")
     return p
 
 

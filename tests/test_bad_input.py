@@ -57,6 +57,13 @@ def case_models(fx, tmp: Path, kind: str):
     a, u, t, s = fx.aligned, fx.unaligned, fx.task, fx.safety
     if kind == "missing_dir":
         return tmp / "nope", u, t, s, ["--aligned", "nope", "no such directory"]
+    if kind == "aligned_is_a_file":  # (its config.json given for the folder: no "no such directory")
+        return a / "config.json", u, t, s, [f"--aligned {a / 'config.json'}: a file, not a folder; give the folder that "
+                                            f"holds it ({a}), a local Hugging Face model folder"]
+    if kind == "adapter_is_a_file":
+        return a, u, t, s / "adapter_config.json", [
+            f"--safety-adapter {s / 'adapter_config.json'}: a file, not a folder; give the folder that holds it ({s}), "
+            "a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"]
     if kind == "missing_tensor":
         u = copy(fx.unaligned, tmp / "u")
         edit_tensor(u, f"{Q0}.weight", lambda sd: sd.pop(f"{Q0}.weight"))
@@ -294,7 +301,7 @@ def case_models(fx, tmp: Path, kind: str):
     raise KeyError(kind)
 
 
-CASES = ["missing_dir", "missing_tensor", "stale_index_aligned", "stale_index_unaligned", "missing_shard", "truncated", "shape", "dtype", "bin_only", "nan_weight", "inf_weight",
+CASES = ["missing_dir", "aligned_is_a_file", "adapter_is_a_file", "missing_tensor", "stale_index_aligned", "stale_index_unaligned", "missing_shard", "truncated", "shape", "dtype", "bin_only", "nan_weight", "inf_weight",
          "nan_adapter", "unknown_module", "adapter_shape", "dora", "not_lora", "rank_mismatch", "no_adapter_file",
          "truncated_adapter", "safety_lacks_module", "foreign_safety_module", "pissa", "config_not_object",
          "config_r_null", "config_bad_pattern", "rank_zero", "two_factor_sets", "header_shape", "adapter_lacks_factor",
@@ -361,6 +368,19 @@ def test_nan_in_a_copied_tensor_with_model_output(fx, tmp_path, capsys):
     # the adapter output never reads that tensor
     assert main(["merge", "--aligned", str(a), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
                  "--safety-adapter", str(fx.safety), "--out", str(out), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("command", ["merge", "project"])
+def test_an_empty_out_is_called_empty(fx, tmp_path, capsys, monkeypatch, command):
+    """--out "" (an unset shell variable in --out "$OUT") is called empty, not "the working
+    directory", which is what Path("") means; nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    argv = [command, "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--out", "", "--no-progress"]
+    argv += (["--task-adapter", str(fx.task), "--safety-adapter", str(fx.safety)] if command == "merge"
+             else ["--adapter", str(fx.task)])
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "safemerge: error: --out is empty; give a path\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unknown_flag_is_blamed_on_the_parser_it_was_given_to(capsys):

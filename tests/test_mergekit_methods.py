@@ -2275,9 +2275,14 @@ def test_a_recipe_without_base_model_is_one_line(pico):
 
 
 def test_a_model_path_that_is_a_file_is_no_folder(pico, tmp_path):
-    """A file where a model folder belongs: the folder message, not ModelReader's"""
+    """A file where a model folder belongs (its config.json, a shard) is called a file, with its
+    folder to give; a path that does not exist is no such directory."""
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"")
     cfg = recipe(pico)
     cfg["models"][0]["model"] = str(f)
-    _refused_recipe(cfg, "no such directory; safemerge-yaml reads local Hugging Face folders only")
+    _refused_recipe(cfg, f"{f}: a file, not a folder; give the folder that holds it ({tmp_path}), a local Hugging "
+                         "Face folder: safemerge-yaml reads those only")
+    cfg["models"][0]["model"] = str(tmp_path / "nope")
+    _refused_recipe(cfg, f"{tmp_path / 'nope'}: no such directory; give a local Hugging Face folder: safemerge-yaml "
+                         "reads those only")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.errors import SafeMergeError, not_a_folder
 from safemerge_ext.io.models import ModelReader, canonical_name, natural_key
 from safemerge_ext.io.safetensors_stream import StreamingWriter
 
@@ -146,7 +146,7 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter", *, folded: bo
     p = Path(path)
     cfg_path, w_path = p / CONFIG, p / WEIGHTS
     if not p.is_dir():
-        raise SafeMergeError(f"{flag} {p}: no such directory; give a PEFT adapter folder (adapter_config.json + {WEIGHTS})")
+        raise not_a_folder(flag, p, f"a PEFT adapter folder (adapter_config.json + {WEIGHTS})")
     if not cfg_path.is_file():
         named = sorted(d.name for d in p.iterdir() if (d / CONFIG).is_file())
         if named:  # save_pretrained puts every adapter but "default" in a subfolder of its name

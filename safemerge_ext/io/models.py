@@ -38,7 +38,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from safemerge_ext import _mapped
-from safemerge_ext.errors import SafeMergeError, is_link_loop, link_loop_error
+from safemerge_ext.errors import SafeMergeError, is_link_loop, link_loop_error, not_a_folder
 from safemerge_ext.io import pagecache
 from safemerge_ext.io.safetensors_stream import TORCH_DTYPES, tensor_nbytes
 
@@ -325,7 +325,7 @@ class ModelReader:
         if is_link_loop(p):
             raise link_loop_error(self.flag, p)
         if not p.is_dir():
-            raise SafeMergeError(f"{self.flag} {p}: no such directory; give a local Hugging Face model folder")
+            raise not_a_folder(self.flag, p, "a local Hugging Face model folder")
         if self._single == SINGLE and (p / INDEX).is_file():
             try:
                 weight_map = json.loads((p / INDEX).read_text())["weight_map"]

@@ -23,6 +23,8 @@ def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False)
     writable directory (missing folders in between are made when the output is written). With
     ``follow_links`` (a file that replaces what a link names: see :func:`write_files`), a link that
     names nothing must name a file in a folder that exists (no folders are made where it points)."""
+    if not os.fspath(path):  # (Path("") is ".", the working directory: an unset shell variable, say)
+        raise SafeMergeError(f"{flag} is empty; give a path")
     p = Path(path)
     if claim_descriptor(p, flag):  # (this process's own stdout, say: written into as it is)
         return p
