@@ -241,13 +241,14 @@ def open_run(
         )
     run.adapter_bytes = task.nbytes + (safety.nbytes if safety is not None else 0)
     for adapter in (task, safety) if safety is not None else (task,):
-        missed = untargeted(adapter)
+        missed, keys = untargeted(adapter)
         if missed:
+            said = ", ".join(f"{k} {adapter.config.get(k)!r}" for k in keys)
             run.warnings.append(
-                f"{adapter.flag} {adapter.path}: its target_modules ({adapter.config.get('target_modules')!r}) does "
-                f"not name {len(missed)} of the {len(adapter.modules)} modules whose factors it holds (first: "
-                f"{missed[0]}): PEFT loads the adapter without them, and so the adapter written from its config; "
-                "here they are scored and merged as the factors say, and --output model adds them"
+                f"{adapter.flag} {adapter.path}: its config ({said}) leaves out {len(missed)} of the "
+                f"{len(adapter.modules)} modules whose factors it holds (first: {missed[0]}): PEFT loads the adapter "
+                "without them, and so the adapter written from its config; here they are scored and merged as the "
+                "factors say, and --output model adds them"
             )
     if safety is not None:
         paired = {id(layer.safety) for layer in layers}  # (by any of the names it goes by)

@@ -1361,3 +1361,40 @@ def test_a_module_name_two_weights_end_with_resolves_to_none(tmp_path):
     r = ModelReader(tmp_path)
     assert r.resolve_module("layers.1.q") == "text.layers.1.q.weight"  # (one weight ends so: that one)
     assert r.resolve_module("layers.0.q") is None  # (two do: neither, rather than the wrong tower)
+
+
+_NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.12.mlp.down_proj",
+          "model.layers.1.block_sparse_moe.experts.0.w1", "transformer.h.3.attn.c_attn", "lm_head",
+          "model.language_model.layers.2.self_attn.q_proj", "language_model.model.layers.2.self_attn.o_proj",
+          "layers.0.self_attn.k_proj", "model.proj.0"]  # (no layer index for PEFT: the first part; the last)
+
+
+@pytest.mark.parametrize("config", [
+    {"target_modules": ["q_proj", "v_proj", "down_proj", "w1", "c_attn", "lm_head", "o_proj"]},
+    {"target_modules": ["q_proj"]},
+    {"target_modules": ["q_proj", "v_proj", "down_proj", "w1", "o_proj"], "layers_to_transform": [0, 2]},
+    {"target_modules": ["q_proj", "v_proj", "w1"], "layers_to_transform": 1},
+    {"target_modules": ["q_proj", "v_proj", "c_attn"], "layers_to_transform": [3], "layers_pattern": "h"},
+    {"target_modules": ["q_proj", "c_attn", "o_proj"], "layers_to_transform": [2, 3], "layers_pattern": ["h", "layers"]},
+    {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": []},
+    {"target_modules": ["q_proj", "k_proj", "proj.0"], "layers_to_transform": [0]},
+    {"target_modules": ["q_proj", "v_proj", "down_proj"], "exclude_modules": ["model.layers.1.self_attn.v_proj"]},
+    {"target_modules": r".*_proj", "exclude_modules": r".*layers\.(0|2)\..*"},
+])
+def test_untargeted_follows_peft(config):
+    """The modules an adapter's config leaves out are those PEFT's own check does not target (peft's
+    check_target_module_exists, per name as written and as transformers names it in memory)."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from safemerge_ext.io.adapters import untargeted
+    from safemerge_ext.io.models import canonical_name
+
+    peft_cfg = LoraConfig(**config)
+    found = {m: check_target_module_exists(peft_cfg, m) for n in _NAMES for m in (n, canonical_name(n))}
+    loads = {n: any(bool(found[m]) for m in (n, canonical_name(n))) for n in _NAMES}  # (an exclusion is falsy)
+    missed, keys = untargeted(SimpleNamespace(config=config, modules=dict.fromkeys(_NAMES)))
+    assert sorted(missed) == sorted(n for n in _NAMES if not loads[n])
+    assert set(keys) <= set(config) and bool(keys) == bool(missed)

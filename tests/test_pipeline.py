@@ -722,14 +722,24 @@ def test_factors_of_modules_the_config_does_not_target_are_merged_and_said(fx, t
     n = len(load_adapter(fx.task))
     n_q = sum(m.endswith(".q_proj") for m in load_adapter(fx.task))
     said = [w for w in rep["warnings"] if "target_modules" in w]
-    assert len(said) == 1 and f"does not name {n - n_q} of the {n} modules whose factors it holds" in said[0] \
-        and "(first: model.layers.0.self_attn.k_proj)" in said[0], said
+    assert len(said) == 1 and (f"its config (target_modules ['q_proj']) leaves out {n - n_q} of the {n} modules whose "
+                               "factors it holds (first: model.layers.0.self_attn.k_proj)") in said[0], said
     assert not [w for w in rep0["warnings"] if "target_modules" in w]
     cfg["target_modules"] = r".*\.(q|k|v|o|gate|up|down)_proj"
     (task / "adapter_config.json").write_text(json.dumps(cfg))
     assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", task,
                     "--report", tmp_path / "r.json"]) == 0
     assert not [w for w in json.loads((tmp_path / "r.json").read_text())["warnings"] if "target_modules" in w]
+    # layers_to_transform (with a listed target_modules) keeps only those layers' modules in PEFT
+    cfg["target_modules"], cfg["layers_to_transform"] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                         "down_proj"], [1]
+    (task / "adapter_config.json").write_text(json.dumps(cfg))
+    assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", task,
+                    "--report", tmp_path / "r.json"]) == 0
+    n_1 = sum(".layers.1." in m for m in load_adapter(fx.task))
+    said = [w for w in json.loads((tmp_path / "r.json").read_text())["warnings"] if "leaves out" in w]
+    assert len(said) == 1 and (f"its config (layers_to_transform [1]) leaves out {n - n_1} of the {n} modules whose "
+                               "factors it holds (first: model.layers.0.self_attn.q_proj)") in said[0], said
 
 
 def test_project_float8_adapter(fx, tmp_path, capsys):

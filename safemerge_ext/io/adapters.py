@@ -332,25 +332,61 @@ class OutModule:
         return cls(m.name, (m.rank, m.d_in), (m.d_out, m.rank), dtypes, m.alpha, make)
 
 
-def untargeted(adapter: LoraAdapter) -> list[str]:
-    """The modules whose factors the adapter holds but that its config's ``target_modules`` names
-    neither as written nor as transformers names them in memory (PEFT's rule: a list entry is the
-    name or a dotted suffix of it, a string a regular expression matched whole; ``all-linear`` and
-    a missing or null value are PEFT's to resolve): PEFT loads the adapter without them."""
-    tm = adapter.config.get("target_modules")
-    if isinstance(tm, str):
-        if tm == "all-linear":
-            return []
-        try:
-            rx = re.compile(tm)
-        except re.error:
-            return []
-        named = lambda n: rx.fullmatch(n) is not None  # noqa: E731
-    elif isinstance(tm, (list, tuple)) and tm and all(isinstance(t, str) for t in tm):
-        named = lambda n: any(n == t or n.endswith("." + t) for t in tm)  # noqa: E731
-    else:
-        return []
-    return sorted((m for m in adapter.modules if not (named(m) or named(canonical_name(m)))), key=natural_key)
+def _layer_index(name: str, patterns: Any) -> int | None:
+    """The layer number in a module's name, as PEFT finds it for ``layers_to_transform``: the first
+    number that is a whole dotted part after at least two parts (``model.layers.3.mlp``: 3), or with
+    ``layers_pattern`` the number right after the first part it names (``h`` in ``transformer.h.3``)."""
+    if not patterns:
+        parts = name.split(".")
+        return next((int(p) for p in parts[2:-1] if p.isdecimal()), None)
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def untargeted(adapter: LoraAdapter) -> tuple[list[str], list[str]]:
+    """The modules whose factors the adapter holds but that PEFT leaves out when it loads the adapter,
+    by its config (PEFT's rules: ``exclude_modules``, a name or dotted suffix in a list, a regular
+    expression matched whole in a string; ``target_modules`` the same, and ``layers_to_transform``
+    (with ``layers_pattern``) keeps a listed ``target_modules``' modules of those layers only;
+    ``all-linear`` and a missing or null value are PEFT's to resolve), each module tried as written
+    and as transformers names it in memory. Also returns the config keys that left modules out."""
+    cfg = adapter.config
+
+    def rule(value: Any) -> Any:
+        """``value``'s test of a name, None where it cannot be decided here."""
+        if isinstance(value, str):
+            try:
+                rx = re.compile(value)
+            except re.error:
+                return None
+            return lambda n: rx.fullmatch(n) is not None
+        if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) for t in value):
+            return lambda n: any(n == t or n.endswith("." + t) for t in value)
+        return None
+
+    tm = cfg.get("target_modules")
+    targets = None if tm == "all-linear" else rule(tm)
+    excluded = rule(cfg.get("exclude_modules"))
+    layers = cfg.get("layers_to_transform")
+    by_layer = (isinstance(tm, (list, tuple)) and targets is not None and not isinstance(layers, bool)
+                and (isinstance(layers, int) or (isinstance(layers, (list, tuple)) and len(layers) > 0)))
+    wanted = {layers} if isinstance(layers, int) else set(layers) if by_layer else set()
+    missed, why = [], set()
+    for m in sorted(adapter.modules, key=natural_key):
+        names = dict.fromkeys((m, canonical_name(m)))
+        if excluded is not None and any(excluded(n) for n in names):
+            missed.append(m)
+            why.add("exclude_modules")
+        elif targets is not None and not any(targets(n) for n in names):
+            missed.append(m)
+            why.add("target_modules")
+        elif by_layer and not any(_layer_index(n, cfg.get("layers_pattern")) in wanted for n in names):
+            missed.append(m)
+            why.add("layers_to_transform")
+    return missed, [k for k in ("target_modules", "layers_to_transform", "exclude_modules") if k in why]
 
 
 def unit_alpha(rank: int, use_rslora: bool) -> float:
