@@ -1,7 +1,8 @@
 """``safemerge``: score, merge and project LoRA adapters against a model's safety subspace.
 
 A thin face over ``safemerge_ext.pipeline``. Parsing imports nothing heavy, so ``--help`` answers
-without torch; every bad input ends as one ``safemerge: error: ...`` line and exit code 2.
+without torch; every bad input ends as one line and exit code 2: ``safemerge: error: ...`` for what a
+run finds, ``safemerge <command>: error: ...`` for what the command line itself gets wrong.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="scoring backend: auto = triton on CUDA, else the CUDA extension; the C++ extension on the CPU; "
                         "torch is the pure-PyTorch reference. Env SAFEMERGE_BACKEND sets the default (default: auto)")
-    p.add_argument("--device", default="cpu", metavar="cpu|cuda",
-                   help="device the weights are scored on; cuda stages through pinned memory (default: cpu)")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                   help="device the weights are scored on; cuda (or cuda:N) stages through pinned memory (default: cpu)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="operand precision the triton kernels may use on a GPU: ieee = exact fp32 (default); tf32x3 "
                         "near-fp32 on tensor cores; tf32 and bf16 (about 3 digits per product) trade accuracy for the "
@@ -82,7 +83,13 @@ def positive_int(text: str) -> int:
 
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors as one line (what is wrong, and where the usage is) and exit code 2;
-    subcommands' parsers are of this class too."""
+    subcommands' parsers are of this class too. Flags are taken whole: an abbreviation ("--thresh")
+    is refused, as a misspelt recipe parameter is, so a script's flags cannot change meaning when a
+    later version adds a flag with the same start."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -7,7 +7,8 @@ backend-dispatched math as the CLI) and, if flagged, merged (SafeMERGE, via
 :func:`safemerge_ext.merge.combine_full`) or projected (Safe LoRA, via
 :func:`safemerge_ext.ops.project_delta`). Everything else -- 1-D tensors, embeddings and ``lm_head``
 (not linear layers LoRA targets; their rows are the vocabulary), position and token-type embedding
-tables, degenerate layers -- is the task model's tensor, bit for bit. A Conv1D layer (GPT-2 and its
+tables, degenerate layers -- is the task model's tensor, bit for bit. (``resta`` is no selection: it
+adds ``beta (W_aligned - W_unaligned)`` to every floating tensor.) A Conv1D layer (GPT-2 and its
 family store the weight d_in x d_out) is scored and projected as the linear map it computes, the
 transpose. Inputs are upcast to fp32 here; no kernel stacks its inputs.
 

@@ -383,6 +383,22 @@ def test_an_empty_out_is_called_empty(fx, tmp_path, capsys, monkeypatch, command
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv, want", [
+    (["merge", "--aligned", "a", "--unaligned", "b", "--task-adapter", "c", "--safety-adapter", "d", "--out", "e",
+      "--thresh", "0.3"], "unrecognized arguments: --thresh 0.3"),
+    (["score", "--aligned", "a", "--unaligned", "b", "--adapt", "c"], "the following arguments are required: --adapter"),
+    (["eval", "--model", "m", "--harm", "x"], "unrecognized arguments: --harm x"),
+])
+def test_an_abbreviated_flag_is_refused(capsys, argv, want):
+    """Flags are taken whole (argparse would read --thresh as --threshold): a script's flags cannot
+    change meaning when a later flag shares their start; one line, as for a misspelt flag."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"safemerge {argv[0]}: error: {want} (see safemerge {argv[0]} --help)\n"
+
+
 def test_an_unknown_flag_is_blamed_on_the_parser_it_was_given_to(capsys):
     """Before the subcommand: safemerge's own --help; after it: the subcommand's."""
     for argv, prog in ((["--bogus", "score", "--aligned", "a", "--unaligned", "b", "--adapter", "c"], "safemerge"),
