@@ -99,7 +99,9 @@ def _check_parameters(method: str, params: dict[str, Any], where: str, *, on_mod
 
     specs = _specs(method)
     for name, setting in (params or {}).items():
-        if name == "role":
+        if name == "role":  # (which roles the models have between them is _check_roles'; a value is checked here)
+            if not isinstance(setting, str) or setting not in ROLES[method]:
+                raise SafeMergeError(f"{where}: role {setting!r}; {method} takes the roles {', '.join(ROLES[method])}")
             continue
         if name not in specs:
             raise SafeMergeError(f"{where}: unknown parameter {name!r} for {method}; known: role, {', '.join(specs)}")

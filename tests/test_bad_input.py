@@ -139,7 +139,8 @@ def case_models(fx, tmp: Path, kind: str):
     if kind == "not_lora":
         s = copy(fx.safety, tmp / "s")
         edit_adapter(s, config=lambda c: c.__setitem__("peft_type", "IA3"))
-        return a, u, t, s, ["--safety-adapter", "IA3", "only LoRA"]
+        return a, u, t, s, ["--safety-adapter", "IA3", "only LoRA adapters are supported (give a LoRA adapter saved by "
+                            "PEFT's save_pretrained: its config has peft_type LORA)"]
     if kind == "rank_mismatch":
         t = copy(fx.task, tmp / "t")
         edit_adapter(t, config=lambda c: c.__setitem__("rank_pattern", {}))
@@ -147,7 +148,8 @@ def case_models(fx, tmp: Path, kind: str):
     if kind == "no_adapter_file":
         t = copy(fx.task, tmp / "t")
         (t / "adapter_model.safetensors").unlink()
-        return a, u, t, s, ["--task-adapter", "adapter_model.safetensors"]
+        return a, u, t, s, [f"--task-adapter {t}: no adapter_model.safetensors beside its adapter_config.json; give the "
+                            "folder PEFT's save_pretrained wrote, which holds both"]
     if kind == "truncated_adapter":
         t = copy(fx.task, tmp / "t")
         f = t / "adapter_model.safetensors"
@@ -717,7 +719,7 @@ def test_adapters_whose_factors_are_not_the_update_are_refused(fx, tmp_path, key
         read_adapter(t, "--task-adapter")
 
 
-@pytest.mark.parametrize("kind", ["base_layer", "whole_layer", "embedding", "bias", "named"])
+@pytest.mark.parametrize("kind", ["base_layer", "whole_layer", "embedding", "bias", "named", "foreign_names"])
 def test_what_peft_saves_beside_the_factors_is_named(fx, tmp_path, kind):
     """Tensors PEFT saves that are not LoRA factors get an error saying what they are and what to do."""
     from safemerge_ext.errors import SafeMergeError
@@ -739,6 +741,13 @@ def test_what_peft_saves_beside_the_factors_is_named(fx, tmp_path, kind):
         edit_adapter(t, config=lambda c: c.__setitem__("bias", "lora_only"),
                      tensors=lambda sd: sd.__setitem__(f"{pre}{Q0}.base_layer.bias", torch.randn(64)))
         path, want = t, rf"{Q0}\.base_layer\.bias is a trained bias \(bias: 'lora_only'\).*; safemerge-yaml takes it"
+    elif kind == "foreign_names":  # factors saved by another tool: not "the whole weight"
+        def rename(sd):
+            for ab in "AB":
+                sd[f"{pre}{Q0}.lora{ab}.weight"] = sd.pop(f"{pre}{Q0}.lora_{ab}.weight")
+        edit_adapter(t, tensors=rename)
+        path, want = t, (rf"tensor {pre}{Q0}\.lora[AB]\.weight is not named as PEFT names LoRA factors "
+                         r"\(<module>\.lora_A\.weight and <module>\.lora_B\.weight\); convert the adapter to PEFT's format")
     else:  # save_pretrained of an adapter named gsm8k writes it into a subfolder
         parent = tmp_path / "named"
         parent.mkdir()

@@ -1352,7 +1352,8 @@ def test_check_fits_names_a_module_whose_shape_is_not_the_weights(fx, tmp_path):
     save_file(sd, t / "adapter_model.safetensors")
     with pytest.raises(SafeMergeError) as err:
         check_fits(read_adapter(t, "x", folded=True), ModelReader(fx.aligned), "role task")
-    assert str(err.value) == (f"role task: LoRA adapter {t} module {q0} is 32x64 but the weight {q0}.weight is 64x64")
+    assert str(err.value) == (f"role task: LoRA adapter {t} module {q0} is 32x64 but the weight {q0}.weight is 64x64; "
+                              "the adapter belongs to another model")
 
 
 def test_a_module_name_two_weights_end_with_resolves_to_none(tmp_path):

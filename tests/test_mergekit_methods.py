@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import re
 import subprocess
 import sys
 import sysconfig
@@ -835,6 +836,21 @@ def test_run_merge_refuses_a_device_torch_lacks(pico, tmp_path, options, want):
         merge(recipe(pico, params={"threshold": TAU}), tmp_path / "o", **options)
     assert str(err.value) == "mergekit's " + want.format(v=torch.__version__)
     assert not (tmp_path / "o").exists()
+
+
+def test_an_unknown_role_names_its_model(pico, tmp_path):
+    """run_merge (and plain mergekit-yaml) with a role no method has: one line that names the model,
+    as safemerge-yaml's does, not pydantic's multi-line error about a literal."""
+    cfg = recipe(pico, params={"threshold": TAU})
+    (bad,) = [m for m in cfg["models"] if m["parameters"]["role"] == "safety"]
+    bad["parameters"]["role"] = "safe"
+    with pytest.raises(SafeMergeError) as err:
+        merge(cfg, tmp_path / "o")
+    assert str(err.value).endswith(f": model {pico.safety}: role 'safe'; safemerge takes the roles task, safety, "
+                                   "unaligned"), str(err.value)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SafeMergeError, match=f"model {re.escape(str(pico.safety))} has role 'safe'; safemerge takes"):
+        validate_recipe(cfg, "r.yml")
 
 
 def test_safemerge_yaml_refuses_a_missing_device_before_folding_any_lora(pico, tmp_path, capsys):

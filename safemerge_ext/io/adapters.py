@@ -161,7 +161,8 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter", *, folded: bo
         raise SafeMergeError(f"{flag} {cfg_path}: not a PEFT config (a JSON object); re-save the adapter with save_pretrained")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise SafeMergeError(f"{flag} {cfg_path}: peft_type is {peft_type or 'missing'}; only LoRA adapters are supported")
+        raise SafeMergeError(f"{flag} {cfg_path}: peft_type is {peft_type or 'missing'}; only LoRA adapters are supported "
+                             "(give a LoRA adapter saved by PEFT's save_pretrained: its config has peft_type LORA)")
     for key, why in _UNSUPPORTED.items():
         if folded and key in _FOLDED_BY_PEFT:
             continue
@@ -181,7 +182,8 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter", *, folded: bo
             raise SafeMergeError(
                 f"{flag} {p} has only adapter_model.bin: re-save it with safetensors (save_pretrained(dir, safe_serialization=True))"
             )
-        raise SafeMergeError(f"{flag} {p}: no {WEIGHTS}")
+        raise SafeMergeError(f"{flag} {p}: no {WEIGHTS} beside its {CONFIG}; give the folder PEFT's save_pretrained "
+                             "wrote, which holds both")
 
     r_default, alpha_default, rank_pattern, alpha_pattern = _ranks_and_alphas(config, f"{flag} {cfg_path}")
     reader = ModelReader(p, flag, single=WEIGHTS)
@@ -278,6 +280,11 @@ def _not_a_factor(key: str, names: list[str], config: dict[str, Any], where: str
         return SafeMergeError(
             f"{where}: tensor {key} is a trained bias (bias: {config.get('bias')!r}); bias terms are not part of "
             f"the B @ A update, so this adapter is not supported here{_FOLD}"
+        )
+    if "lora" in key.rsplit(".", 2)[-2].lower():  # ("...q_proj.loraA.weight": factors named by another tool)
+        return SafeMergeError(
+            f"{where}: tensor {key} is not named as PEFT names LoRA factors (<module>.lora_A.weight and "
+            "<module>.lora_B.weight); convert the adapter to PEFT's format (save it with PEFT's save_pretrained)"
         )
     if ".lora_" not in key and key.endswith(".weight"):  # (save_embedding_layers=True: the whole layer)
         return SafeMergeError(
@@ -427,7 +434,7 @@ def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
         if m.d_out != d_out or m.d_in != d_in:
             raise SafeMergeError(
                 f"{label}: LoRA adapter {adapter.path} module {module} is {m.d_out}x{m.d_in} "
-                f"but the weight {wname} is {d_out}x{d_in}"
+                f"but the weight {wname} is {d_out}x{d_in}; the adapter belongs to another model"
             )
 
 
