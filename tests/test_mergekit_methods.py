@@ -1903,8 +1903,18 @@ def test_safemerge_yaml_sigterm_cleans_up(pico, tmp_path):
 
 
 _YAML_TERM_AT_START_DRIVER = """
-import os, signal, sys, threading
-threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()  # (while mergekit is imported)
+import os, signal, sys
+
+
+class TermAtMergekit:  # SIGTERM as mergekit's import begins (a timer raced the start-up under load)
+    def find_spec(self, name, path=None, target=None):
+        if name == "mergekit":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+
+sys.meta_path.insert(0, TermAtMergekit())
 from safemerge_ext import cli
 sys.argv = ["safemerge-yaml", *sys.argv[1:]]
 cli.yaml_main()  # (as the console script calls it)
