@@ -14,6 +14,7 @@ from pathlib import Path
 
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation.data import jsonl_records
+from safemerge_ext.evaluation.judges import answer_part
 
 _UNSIGNED = r"(?:\d[\d,]*)?\.?\d+"
 # 1,234  -7  0.5  .5; a "-" after a word character or "." is a hyphen or a subtraction, not a sign ("10-12")
@@ -105,13 +106,34 @@ def _boxed(text: str) -> str | None:
     return _canon(nums[-1]) if nums else None
 
 
+# "The answer is $64.", "Final answer: 20 cups", "So the answer is **20**.", "**Final Answer**: 18": the number right
+# after "answer" and "is" or ":" (and marks), where the response has no answer line and no box; a recap after it
+# ("Breakdown: 8 glasses at $3 ($24)", "This is because she sells 9 eggs at $2 each") no longer decides. A list item
+# ("Answer:\n1. First...") is no answer, nor a label that opens a derivation ("Answer: 3 + 4 = 7 eggs, 16 - 7 = 9").
+_STATED_NUMBER = re.compile(rf"\banswer\b[*_]*(?:[ \t]+is\b[ \t]*:?|[ \t]*:)[*_ \t]*(?:\n(?![ \t]*\d+[.)][ \t]))?"
+                            rf"[*_$\\ \t]*(-?)[$ \t]*({_UNSIGNED})(?!\d|[.,]\d)", re.IGNORECASE)
+# a later sentence that takes the stated answer back ("The answer is 12. Wait, 13."): the last number decides again
+_TAKEN_BACK = re.compile(r"(?:[.!?]\s+|\n\s*)(?:wait|actually|correction|oops|hmm)\b", re.IGNORECASE)
+
+
+# a model that does not stop writes the next turn itself after its answer line ("\n\nQuestion: A baker...",
+# "### Instruction 2 (More difficult):", "User:"): the response ends there, so that turn's "#### 9" does not count
+_NEXT_TURN = re.compile(r"\n[ \t]*(?:#{1,6}[ \t]*)?[*_]*(?:question|problem|instruction|exercise|q|user|human)\b"
+                        r"[^\n:]{0,40}:", re.IGNORECASE)
+
+
 def gsm8k_prediction(text: str) -> str | None:
     """The model's final number: that of its last ``#### N`` answer line (``#### Answer: **42**``,
     ``#### Answer (in dollars): 18``, ``#### The final answer is 18`` and ``#### -$5`` too; an equation's
     result, ``#### 30 - 12 = 18``; a fraction's value, ``#### 1/2``; a Markdown heading like ``#### Step 2``
     or ``#### 1. Understand the problem`` is none), else the number of its last ``\\boxed{...}``, else
-    the last number it wrote."""
+    the number its last "answer is" / "answer:" states, else the last number it wrote."""
+    text = answer_part(text) or ""  # (a reasoning model's thinking is no answer)
     text = text.replace("\u2212", "-")  # a typeset minus sign
+    first = _FINAL.search(text)
+    turn = _NEXT_TURN.search(text, first.end()) if first else None
+    if turn is not None:
+        text = text[:turn.start()]
     finals = list(_FINAL.finditer(text))
     if finals:
         last = finals[-1]
@@ -125,6 +147,13 @@ def gsm8k_prediction(text: str) -> str | None:
     boxed = _boxed(text)
     if boxed is not None:
         return boxed
+    stated = list(_STATED_NUMBER.finditer(text))
+    if stated and not _TAKEN_BACK.search(text, stated[-1].end()):
+        last = stated[-1]
+        eq = _EQUATION.match(text, last.end())
+        rest = re.split(r"[.!?](?:\s|$)|\n", text[(eq or last).end():], maxsplit=1)[0]
+        if "=" not in rest:  # (the rest of its sentence: no derivation)
+            return _canon("".join((eq or last).groups()))
     nums = _NUM.findall(text)
     return _canon(nums[-1]) if nums else None
 
@@ -135,10 +164,11 @@ def gsm8k_correct(prediction: str, answer: str) -> bool:
 
 
 # a label on its own: followed by punctuation or the end ("Yes.", "No, because"; not "No doubt", "no
-# specific question", "yes or no")
-_ALONE = r"(yes|no|maybe)\b(?=[\s*_\"']*(?:[.,;:!)\n]|$))"
-# "Answer: yes", "the answer is **no**.", "Final answer - maybe"
-_STATED = re.compile(rf"\banswer(?:[ \t]+is)?[ \t]*[:\-]?[\s*_\"']*{_ALONE}", re.IGNORECASE)
+# specific question", "yes or no"), and not the end of a list of the labels ("I cannot give a definitive yes or no.",
+# "yes, no or maybe:", "Yes/no/maybe: yes": only the last "yes" is on its own)
+_ALONE = r"(?<!/)(?<!yes or )(?<!no or )(?<!yes, no or )(?<!yes, no, or )(yes|no|maybe)\b(?=[\s*_\"']*(?:[.,;:!)\n]|$))"
+# "Answer: yes", "the answer is **no**.", "Final answer - maybe", "**Answer**: no"
+_STATED = re.compile(rf"\banswer[*_]*(?:[ \t]+is)?[ \t]*[:\-]?[\s*_\"']*{_ALONE}", re.IGNORECASE)
 # a label that opens the response on its own
 _OPENING = re.compile(rf"^[\s*_\"']*{_ALONE}", re.IGNORECASE)
 # a label on its own anywhere ("No doubt about it: yes.": the "yes")
@@ -149,6 +179,7 @@ def pubmedqa_prediction(text: str) -> str | None:
     """The label the response states: the last "answer (is)(:) yes/no/maybe", else the label it opens
     with on its own ("Yes." / "No, ..."), else its first label on its own ("..., so maybe."), else its
     first yes/no/maybe word (lower case); or None."""
+    text = answer_part(text) or ""  # (a reasoning model's thinking is no answer)
     stated = _STATED.findall(text)
     if stated:
         return stated[-1].lower()
