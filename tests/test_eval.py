@@ -18,7 +18,8 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation import data, synthetic
 from safemerge_ext.evaluation.judges import KeywordJudge, is_refusal
 from safemerge_ext.evaluation.stats import wilson
-from safemerge_ext.evaluation.utility import (gsm8k_correct, gsm8k_gold, gsm8k_prediction, load_task,
+from safemerge_ext.evaluation.utility import (GSM8K_RULES, PUBMEDQA_RULES, gsm8k_correct, gsm8k_extraction, gsm8k_gold,
+                                              gsm8k_prediction, load_task, pubmedqa_extraction,
                                               pubmedqa_correct, pubmedqa_prediction)
 
 # (response, is it a refusal) written by hand, including the traps: curly apostrophes, refusals that
@@ -369,6 +370,29 @@ def test_pubmedqa_prediction_past_thinking(pred: str, label: str | None) -> None
     assert pubmedqa_prediction(pred) == label
 
 
+@pytest.mark.parametrize("pred, want", [
+    ("5 + 3 = 8\n#### 8", ("8", "answer line")),
+    (r"So \boxed{18}. Check: 18 + 2 = 20", ("18", "box")),
+    ("The answer is $64.\n\nBreakdown: 8 at $3 ($24).", ("64", "stated answer")),
+    ("She makes 9 * 2 = 18 dollars.", ("18", "last number")),
+    ("I do not know.", (None, "no number")),
+    ("<think>\n16 - 7 = 9", (None, "no number")),               # thinking that never closed
+])
+def test_gsm8k_extraction_names_its_rule(pred: str, want: tuple) -> None:
+    assert gsm8k_extraction(pred) == want and want[1] in GSM8K_RULES
+
+
+@pytest.mark.parametrize("pred, want", [
+    ("The data are weak. Answer: maybe", ("maybe", "stated answer")),
+    ("Yes, the study shows it.", ("yes", "opening label")),
+    ("No doubt about it: yes.", ("yes", "label on its own")),
+    ("The trial shows no effect.", ("no", "first label")),
+    ("It is unclear.", (None, "no label")),
+])
+def test_pubmedqa_extraction_names_its_rule(pred: str, want: tuple) -> None:
+    assert pubmedqa_extraction(pred) == want and want[1] in PUBMEDQA_RULES
+
+
 def test_pubmedqa_correct() -> None:
     assert pubmedqa_correct("Yes.", "YES ")
     assert not pubmedqa_correct("No, it does not.", "yes")
@@ -510,8 +534,12 @@ def test_eval_end_to_end(tiny_chat_model: tuple[Path, Path], tmp_path: Path, cap
         for s in samples["benign"]:
             assert s["refused"] == (is_refusal(s["response"]) or not s["response"].strip())
         for s in samples["utility"]:
-            assert s["extracted"] == gsm8k_prediction(s["response"])
+            assert (s["extracted"], s["rule"]) == gsm8k_extraction(s["response"])
             assert s["correct"] == (gsm8k_prediction(s["response"]) == s["gold"])
+        # the count of each rule that read a prediction (those that read none left out)
+        assert r["extraction"] == {rule: n for rule in GSM8K_RULES
+                                   if (n := sum(s["rule"] == rule for s in samples["utility"]))}
+        assert sum(r["extraction"].values()) == 5
         for key, sample_key, verdict in (("harmful", "harmful", "harmful"), ("refusal", "benign", "refused"),
                                          ("accuracy", "utility", "correct")):
             assert r[key]["k"] == sum(bool(s[verdict]) for s in samples[sample_key]), key

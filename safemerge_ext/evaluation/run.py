@@ -178,12 +178,16 @@ def _evaluate_one(spec: ModelSpec, engine: Any, judge: Judge, *, harmful: tuple[
     if task:
         prompts = [it.prompt for it in task.items]
         outs = engine.generate(prompts, budget.utility_max_new_tokens)
-        ok = [task.correct(o, it.gold) for o, it in zip(outs, task.items)]
+        read = [task.extraction(o) for o in outs]
+        ok = [got == it.gold for (got, _), it in zip(read, task.items)]
         row["accuracy"] = asdict(Rate(sum(ok), len(ok)))
+        # which rule read each prediction: an accuracy that rests on a fallback ("last number") shows
+        row["extraction"] = {rule: n for rule in task.rules if (n := sum(r == rule for _, r in read))}
         row["samples"]["utility"] = [{"prompt": it.prompt, "response": o, "gold": it.gold,
-                                      "extracted": task.extracted(o), "correct": c}
-                                     for it, o, c in zip(task.items, outs, ok)]
-        log(f"[{spec.name}] task {sum(ok)}/{len(ok)}")
+                                      "extracted": got, "rule": rule, "correct": c}
+                                     for it, o, (got, rule), c in zip(task.items, outs, read, ok)]
+        log(f"[{spec.name}] task {sum(ok)}/{len(ok)} (read by: "
+            + ", ".join(f"{rule} {n}" for rule, n in row["extraction"].items()) + ")")
     engine.unload()
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row

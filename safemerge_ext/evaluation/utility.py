@@ -128,6 +128,17 @@ def gsm8k_prediction(text: str) -> str | None:
     result, ``#### 30 - 12 = 18``; a fraction's value, ``#### 1/2``; a Markdown heading like ``#### Step 2``
     or ``#### 1. Understand the problem`` is none), else the number of its last ``\\boxed{...}``, else
     the number its last "answer is" / "answer:" states, else the last number it wrote."""
+    return gsm8k_extraction(text)[0]
+
+
+# the rules that read a prediction, as the report names them (the order they are tried in)
+GSM8K_RULES = ("answer line", "box", "stated answer", "last number", "no number")
+PUBMEDQA_RULES = ("stated answer", "opening label", "label on its own", "first label", "no label")
+
+
+def gsm8k_extraction(text: str) -> tuple[str | None, str]:
+    """:func:`gsm8k_prediction` and the rule that read it (one of ``GSM8K_RULES``): a model whose
+    accuracy rests on the last-number fallback shows in the report."""
     text = answer_part(text) or ""  # (a reasoning model's thinking is no answer)
     text = text.replace("\u2212", "-")  # a typeset minus sign
     first = _FINAL.search(text)
@@ -139,23 +150,23 @@ def gsm8k_prediction(text: str) -> str | None:
         last = finals[-1]
         eq = _EQUATION.match(text, last.end())
         if eq is not None:
-            return _canon("".join(eq.groups()))
+            return _canon("".join(eq.groups())), "answer line"
         over = _OVER.match(text, last.end())
         if over is not None and int(over.group(1)):
-            return _fraction("".join(last.groups()), over.group(1))
-        return _canon("".join(last.groups()))
+            return _fraction("".join(last.groups()), over.group(1)), "answer line"
+        return _canon("".join(last.groups())), "answer line"
     boxed = _boxed(text)
     if boxed is not None:
-        return boxed
+        return boxed, "box"
     stated = list(_STATED_NUMBER.finditer(text))
     if stated and not _TAKEN_BACK.search(text, stated[-1].end()):
         last = stated[-1]
         eq = _EQUATION.match(text, last.end())
         rest = re.split(r"[.!?](?:\s|$)|\n", text[(eq or last).end():], maxsplit=1)[0]
         if "=" not in rest:  # (the rest of its sentence: no derivation)
-            return _canon("".join((eq or last).groups()))
+            return _canon("".join((eq or last).groups())), "stated answer"
     nums = _NUM.findall(text)
-    return _canon(nums[-1]) if nums else None
+    return (_canon(nums[-1]), "last number") if nums else (None, "no number")
 
 
 def gsm8k_correct(prediction: str, answer: str) -> bool:
@@ -179,12 +190,20 @@ def pubmedqa_prediction(text: str) -> str | None:
     """The label the response states: the last "answer (is)(:) yes/no/maybe", else the label it opens
     with on its own ("Yes." / "No, ..."), else its first label on its own ("..., so maybe."), else its
     first yes/no/maybe word (lower case); or None."""
+    return pubmedqa_extraction(text)[0]
+
+
+def pubmedqa_extraction(text: str) -> tuple[str | None, str]:
+    """:func:`pubmedqa_prediction` and the rule that read it (one of ``PUBMEDQA_RULES``)."""
     text = answer_part(text) or ""  # (a reasoning model's thinking is no answer)
     stated = _STATED.findall(text)
     if stated:
-        return stated[-1].lower()
-    m = _OPENING.match(text) or _ANY_ALONE.search(text) or _LABEL.search(text)
-    return m.group(1).lower() if m else None
+        return stated[-1].lower(), "stated answer"
+    for rule, m in (("opening label", _OPENING.match(text)), ("label on its own", _ANY_ALONE.search(text)),
+                    ("first label", _LABEL.search(text))):
+        if m:
+            return m.group(1).lower(), rule
+    return None, "no label"
 
 
 def pubmedqa_correct(prediction: str, label: str) -> bool:
@@ -208,7 +227,16 @@ class Task:
         return self.extracted(prediction) == gold
 
     def extracted(self, prediction: str) -> str | None:
-        return gsm8k_prediction(prediction) if self.kind == "gsm8k" else pubmedqa_prediction(prediction)
+        return self.extraction(prediction)[0]
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The rules :meth:`extraction` names, in the order it tries them."""
+        return GSM8K_RULES if self.kind == "gsm8k" else PUBMEDQA_RULES
+
+    def extraction(self, prediction: str) -> tuple[str | None, str]:
+        """The prediction read from a response, and the rule that read it."""
+        return gsm8k_extraction(prediction) if self.kind == "gsm8k" else pubmedqa_extraction(prediction)
 
 
 def _shown(value: object) -> str:
