@@ -3,7 +3,7 @@ clean-up (temporary outputs removed, an output that --force was replacing put ba
 ``kill`` or a job scheduler's stop too, not only for an interactive interrupt.
 
 Neither is raised while an import is under way, nor in a callback that C code runs and whose
-exception it prints and drops (isinstance's ABC checks, weakref finalizers). Inside the import
+exception it prints and drops (isinstance's ABC checks, weakref finalizers, ``__del__`` methods). Inside the import
 machinery an exception can leave the global import lock held (``importlib._bootstrap``'s
 module-lock callbacks take it before their ``try``), and then every other thread that imports (the
 plot's background import, the read-ahead) waits forever; inside a module's initialization (torch's
@@ -42,9 +42,12 @@ _waiting: dict[int, float] = {}  # signal -> when it first came during an import
 
 def _importing(frame: object) -> bool:
     """Whether the code a signal interrupted runs inside an import (the import machinery's own, or
-    a module's initialization that it called, anywhere up the stack) or a callback from C."""
+    a module's initialization that it called, anywhere up the stack) or a callback from C (a
+    ``__del__`` method among them: Python prints its exception, "Exception ignored in", and drops it)."""
     while frame is not None:
         if getattr(frame, "f_globals", {}).get("__name__") in _DEFER_IN:
+            return True
+        if getattr(getattr(frame, "f_code", None), "co_name", None) == "__del__":
             return True
         frame = getattr(frame, "f_back", None)
     return False

@@ -512,7 +512,8 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
             report_at = own or tmp
             try:  # (from the LoRA cache's making on: its finally removes it)
                 if checked.has_lora and not merge_options.lora_merge_cache:  # beside tmp, gone before staged_dir ends
-                    lora_cache = str(scratch_dir(out, "lora"))
+                    with interrupts_held():  # (made and known as one step)
+                        lora_cache = str(scratch_dir(out, "lora"))
                     merge_options = merge_options.model_copy(update={"lora_merge_cache": lora_cache})
                 # the report location travels with the recipe (no process-wide setting), so merges
                 # in other threads of this process keep their own reports
@@ -529,8 +530,9 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                 if card.is_file():  # mergekit titles the card after the folder it wrote: the temporary one
                     card.write_text(card.read_text(encoding="utf-8").replace(tmp.name, out.name), encoding="utf-8")
             finally:
-                if lora_cache:
-                    shutil.rmtree(lora_cache, ignore_errors=True)
+                if lora_cache:  # (whole: a Ctrl-C here waits, and the run ends on it after)
+                    with interrupts_held():
+                        shutil.rmtree(lora_cache, ignore_errors=True)
     except BaseException as exc:  # one line; nothing is left at OUT, and no report of the part that ran
         if not isinstance(exc, Exception) and committed(out):  # (a Ctrl-C as OUT was put in place: it is complete)
             _done["out"] = out

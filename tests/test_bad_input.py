@@ -913,6 +913,90 @@ def test_a_signal_inside_the_import_machinery_is_raised_once_out_of_it(sig, rais
     assert res.stdout.split() == ["after", "False", raised], (res.stdout, res.stderr[-2000:])
 
 
+def test_a_signal_inside_a_del_method_waits_until_it_is_over():
+    """A Ctrl-C that lands in a __del__ (ModelReader's, as `merge --force` ended) is raised once the
+    method is done: Python prints a __del__'s exception ("Exception ignored in ...", a traceback) and
+    drops it, as it does a weakref finalizer's (review130)."""
+    import gc
+    import signal
+    import sys
+    import time
+
+    from safemerge_ext._signals import sigterm_as_interrupt
+
+    unraisable, finished = [], []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+
+    class Reader:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # (Ctrl-C while it closes its files)
+            finished.append(sum(range(10000)))  # (bytecodes for a handler to run in)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigterm_as_interrupt():
+                r = Reader()
+                del r
+                gc.collect()
+                time.sleep(0.5)  # (the signal, sent again, lands here)
+    finally:
+        sys.unraisablehook = hook
+    assert unraisable == [] and finished, [u.exc_value for u in unraisable]
+
+
+def test_score_interrupt_between_its_two_files_replaces_both(fx, tmp_path, monkeypatch, capsys):
+    """`score --report R --plot P` writes both whole or neither: a Ctrl-C between the two renames
+    waits for the second, and the run ends on it with both in place (review130: P was new, R old,
+    and the line said nothing was written)."""
+    import signal
+
+    import safemerge_ext.io.output as output
+
+    r, p = tmp_path / "r.json", tmp_path / "p.png"
+    r.write_text("OLD REPORT\n")
+    p.write_bytes(b"OLD PLOT")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)  # (Ctrl-C right after the first rename)
+
+    monkeypatch.setattr(output.os, "replace", replace)
+    code = main(["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+                 "--report", str(r), "--plot", str(p), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 130 and len(calls) == 2, err
+    assert r.read_text() != "OLD REPORT\n" and p.read_bytes()[:4] == b"\x89PNG"
+    assert "nothing was written" not in err and err.count("\n") == 1, err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["p.png", "r.json"]
+
+
+def test_an_interrupt_as_the_staging_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """A signal that lands as the hidden staging folder's mkdir returns (before staged_dir knew of
+    it) is raised once it does: the folder is taken back (review130 found an empty .out.tmp-* left
+    after 'nothing was written', SIGTERM 1.58 s into a project run)."""
+    import pathlib
+    import signal
+
+    from safemerge_ext._signals import sigterm_as_interrupt
+    from safemerge_ext.io import output
+
+    real = pathlib.Path.mkdir
+
+    def mkdir(self, *a, **k):
+        real(self, *a, **k)
+        if ".out.tmp-" in self.name:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt(), output.staged_dir(tmp_path / "out", force=False):
+            pytest.fail("the interrupt comes before the body")
+    assert list(tmp_path.iterdir()) == []
+
+
 _BUS_DRIVER = """
 import sys
 from pathlib import Path

@@ -1933,6 +1933,50 @@ def test_safemerge_yaml_sigterm_during_its_imports_ends_in_one_line(pico, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
 
 
+_YAML_LORA_SIGNAL_DRIVER = r"""
+import pathlib, shutil, signal, sys
+where = sys.argv.pop(1)
+real_mkdir, real_rmtree = pathlib.Path.mkdir, shutil.rmtree
+
+
+def mkdir(self, *a, **k):
+    real_mkdir(self, *a, **k)
+    if where == "made" and ".lora-" in self.name:
+        signal.raise_signal(signal.SIGINT)  # (Ctrl-C as the folds' folder is made)
+
+
+def rmtree(path, *a, **k):
+    if where == "deleting" and ".lora-" in str(path):
+        real_rmtree(sorted(pathlib.Path(path).iterdir())[0])
+        signal.raise_signal(signal.SIGINT)  # (Ctrl-C while the folds are deleted)
+    return real_rmtree(path, *a, **k)
+
+
+pathlib.Path.mkdir, shutil.rmtree = mkdir, rmtree
+from safemerge_ext import cli
+sys.argv = ["safemerge-yaml", *sys.argv[1:]]
+cli.yaml_main()
+"""
+
+
+@pytest.mark.parametrize("where", ["made", "deleting"])
+def test_safemerge_yaml_ctrl_c_at_its_lora_folder_leaves_nothing(pico, tmp_path, where):
+    """A Ctrl-C as safemerge-yaml makes its hidden folder of LoRA folds, or while it deletes it,
+    waits for that step: the run ends in its one line with nothing beside OUT_PATH (review130: a
+    half-deleted, model-sized .OUT.lora-* was left, which the next run called a killed run's)."""
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}",
+                 safety=f"{pico.aligned}+{pico.lora_safety}")
+    recipe_file = _write(cfg, tmp_path / "r.yml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", _YAML_LORA_SIGNAL_DRIVER, where, str(recipe_file),
+                          str(tmp_path / "out"), "--no-copy-tokenizer"], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == f"safemerge-yaml: interrupted; nothing was written to OUT_PATH " \
+                                                  f"{tmp_path / 'out'}", res.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
+
+
 _YAML_EXIT_DRIVER = """
 import sys
 from safemerge_ext import cli

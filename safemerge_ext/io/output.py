@@ -26,6 +26,7 @@ def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False)
     if not os.fspath(path):  # (Path("") is ".", the working directory: an unset shell variable, say)
         raise SafeMergeError(f"{flag} is empty; give a path")
     p = Path(path)
+    _committed.discard(os.path.abspath(p))  # (a run for it starts: not in place until it is written)
     if claim_descriptor(p, flag):  # (this process's own stdout, say: written into as it is)
         return p
     if is_link_loop(p):
@@ -306,18 +307,21 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
             else:
                 for parent in reversed([path.parent, *path.parent.parents]):
                     if not parent.exists():
-                        parent.mkdir()
-                        made.append(parent)
+                        with interrupts_held():  # (made and known as one step)
+                            parent.mkdir()
+                            made.append(parent)
                 temps.append(path.with_name(_hidden_name(path.name, f"tmp-{secrets.token_hex(4)}{suffix}")))
             fill(temps[-1])
         raise_pending()  # (a Ctrl-C that library code swallowed while they were written: none replaces its path)
         for (path, _, into), tmp in zip(targets, temps):  # (what cannot be taken back first)
             if into:
                 _write_into(tmp, path)
-        for (path, _, into), tmp in zip(targets, temps):
-            if not into:
-                os.replace(tmp, path)
-        made = []
+        with interrupts_held():  # (every path replaced, or none: an interrupt comes after the last)
+            for (path, _, into), tmp in zip(targets, temps):
+                if not into:
+                    os.replace(tmp, path)
+            made, temps = [], []
+            _committed.update(os.path.abspath(p) for p, _ in files)
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
@@ -451,11 +455,12 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
         final.parent.mkdir(parents=True, exist_ok=True)
         while tmp is None:
             candidate = _sibling(final, "tmp")
-            try:
-                candidate.mkdir()
-            except FileExistsError:
-                continue
-            tmp = candidate
+            with interrupts_held():  # (made and known as one step: an interrupt between them would leave it)
+                try:
+                    candidate.mkdir()
+                except FileExistsError:
+                    continue
+                tmp = candidate
         yield tmp
     except BaseException as exc:
         undo(exc)
