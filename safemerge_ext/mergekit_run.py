@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from safemerge_ext._env import switched_on
-from safemerge_ext._signals import raise_pending
+from safemerge_ext._signals import exit_code, raise_pending, what_ended
 from safemerge_ext.backends import EXACT
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.merge import METHODS as MERGE_METHODS
@@ -125,10 +126,24 @@ _prev_excepthook = sys.excepthook
 
 def _install_excepthook() -> None:
     """In ``mergekit-yaml``, an uncaught refusal prints its one line instead of mergekit's traceback
-    (``SAFEMERGE_TRACEBACK=1`` keeps the traceback); every other error goes to the hook before."""
+    (``SAFEMERGE_TRACEBACK=1`` keeps the traceback); every other error goes to the hook before.
+    A Ctrl-C is noted as it is raised (see :func:`_unfinished`)."""
     global _prev_excepthook
     if sys.excepthook is not _excepthook:
         _prev_excepthook, sys.excepthook = sys.excepthook, _excepthook
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _noted_interrupt)
+
+
+_interrupts: list[int] = []  # the Ctrl-Cs a mergekit-yaml run got
+
+
+def _noted_interrupt(signum: int, frame: Any) -> None:
+    """Python's own Ctrl-C, noted first: click ends such a run as "Aborted!" (exit 1), which leaves
+    no trace an exit hook could see."""
+    _interrupts.append(signum)
+    raise KeyboardInterrupt
 
 # ---------------------------------------------------------------------------------------------
 # reports: a locked JSON-lines sidecar per report location, assembled at the end
@@ -375,8 +390,8 @@ def discard_report(report_path: str | os.PathLike) -> None:
 def _unfinished(key: str) -> str | None:
     """Why the run that wrote sidecar ``key`` did not finish (None: nothing says so), at exit: a
     method that raised; in a running ``mergekit-yaml``, also an uncaught exception (Python keeps it
-    as sys.last_value) or an OUT_PATH that got no config.json after the run's last record (mergekit
-    writes it once every tensor is written; an interrupted run, Ctrl-C included, never gets there)."""
+    as sys.last_value), a Ctrl-C, or an OUT_PATH that got no config.json after the run's last record
+    (mergekit writes it once every tensor is written)."""
     if key in _failed:
         return _failed[key]
     out = _mergekit_yaml_out()
@@ -384,6 +399,8 @@ def _unfinished(key: str) -> str | None:
         return None
     if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
         return "the merge stopped on an error"
+    if _interrupts:  # (a Ctrl-C as mergekit finished, after its config.json: "Aborted!")
+        return "the run was interrupted"
     try:
         config_written = os.stat(Path(out) / "config.json").st_mtime
     except OSError:
@@ -418,6 +435,12 @@ def _finalize_pending() -> None:
             json_path, png_path = report_files(target)
             half = " (its JSON is written, the plot is not)" if json_path.is_file() and not png_path.is_file() else ""
             LOG.error("safemerge-ext: could not write the report at %s%s: %s", target, half, exc)
+        except KeyboardInterrupt as exc:  # (Ctrl-C while it is written: none, and the run ends on it)
+            for path in report_files(target):  # (whole or not at all)
+                path.unlink(missing_ok=True)
+            print(f"safemerge-ext: {what_ended(exc)} while the report was written; no report at {target}",
+                  file=sys.stderr, flush=True)
+            os._exit(exit_code(exc))  # (an exception here would be printed with its traceback, and the exit be 0)
 
 
 def _untie_mergekit_yaml_out() -> list[str]:

@@ -608,7 +608,7 @@ def after_the_run(signum: int | BaseException) -> str | None:
     return f"safemerge-yaml: {what_ended(signum)} after the merge: {done} is complete" if done is not None else None
 
 
-if __name__ == "__main__":  # (through the console script's entry: its signal handling from the start)
+if __name__ == "__main__":  # (python -m: the imports above ran before any signal handling; safemerge-yaml has it)
     from safemerge_ext.cli import yaml_main
 
     yaml_main()

@@ -713,6 +713,78 @@ def test_plain_mergekit_yaml_finds_the_methods(pico, tmp_path):
     assert not list(out.glob(".safemerge_layers*.jsonl"))
 
 
+_MK_EXIT_HOOK_DRIVER = r"""
+import sys
+import mergekit.merge  # (the autoload hook registers the methods)
+import safemerge_ext.mergekit_run as mr
+
+
+def plot(report, path):  # (a Ctrl-C while the exit hook draws the report's plot)
+    raise KeyboardInterrupt
+
+
+mr.plot = plot
+from mergekit.scripts.run_yaml import main
+sys.argv[0] = "mergekit-yaml"
+main()
+"""
+
+
+def test_plain_mergekit_yaml_ctrl_c_while_its_report_is_written(pico, tmp_path):
+    """A Ctrl-C while plain mergekit-yaml's exit hook writes the report: one line, exit 130, and no
+    report (review130: a traceback "Exception ignored in atexit callback", exit 0, and the JSON
+    without its plot)."""
+    if not (autoload.site_packages() / autoload.PTH_NAME).is_file():
+        pytest.skip(f"{autoload.PTH_NAME} is not in {autoload.site_packages()}")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("SAFEMERGE_NO_AUTOLOAD", "SAFEMERGE_REPORT_DIR")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-c", _MK_EXIT_HOOK_DRIVER, str(_write(recipe(pico, params={"threshold": TAU}),
+                          tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == f"safemerge-ext: interrupted while the report was written; no report " \
+                                                  f"at {out}"
+    assert (out / "config.json").is_file()  # (mergekit's output stays: it is mergekit's, written in place)
+    assert not (out / "safemerge_report.json").exists() and not (out / "safemerge_report.png").exists()
+
+
+_MK_AFTER_CONFIG_DRIVER = r"""
+import signal, sys
+sys.argv[0] = "mergekit-yaml"  # (as the console script starts: before mergekit is imported)
+import mergekit.merge
+
+
+def card(*a, **k):  # (mergekit writes the model card right after OUT_PATH/config.json)
+    signal.raise_signal(signal.SIGINT)
+
+
+mergekit.merge.generate_card = card
+from mergekit.scripts.run_yaml import main
+sys.argv[0] = "mergekit-yaml"
+main()
+"""
+
+
+def test_plain_mergekit_yaml_interrupted_after_its_config_gets_no_report(pico, tmp_path):
+    """A Ctrl-C after mergekit wrote config.json but before the run ended (click's "Aborted!", exit
+    1): no report, as for any interrupted run (review130: the exit hook took config.json for the end
+    of the run and wrote the report and its summary)."""
+    if not (autoload.site_packages() / autoload.PTH_NAME).is_file():
+        pytest.skip(f"{autoload.PTH_NAME} is not in {autoload.site_packages()}")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("SAFEMERGE_NO_AUTOLOAD", "SAFEMERGE_REPORT_DIR")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-c", _MK_AFTER_CONFIG_DRIVER, str(_write(recipe(pico, params={"threshold": TAU}),
+                          tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 1 and "Aborted!" in res.stderr, res.stderr[-3000:]
+    assert (out / "config.json").is_file()  # (the interrupt came after it)
+    assert res.stderr.strip().splitlines()[-1].endswith("safemerge-ext: no report: the run was interrupted"), \
+        res.stderr[-2000:]
+    assert not (out / "safemerge_report.json").exists() and not list(out.glob(".safemerge_layers*"))
+
+
 def test_plain_mergekit_yaml_refusal_is_one_line(pico, tmp_path):
     """A parameter these methods refuse ends plain mergekit-yaml in one line (exit 1), not in
     mergekit's traceback; SAFEMERGE_TRACEBACK=1 brings the traceback back."""
