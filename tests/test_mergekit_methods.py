@@ -713,8 +713,22 @@ def test_plain_mergekit_yaml_finds_the_methods(pico, tmp_path):
     assert not list(out.glob(".safemerge_layers*.jsonl"))
 
 
+def _run_plain_mergekit_yaml(driver: str, pico, tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """(OUT_PATH, the finished process) of ``driver`` (a plain mergekit-yaml run, patched) on the
+    safemerge recipe, with the autoload hook on (skipped where its .pth is not installed)."""
+    if not (autoload.site_packages() / autoload.PTH_NAME).is_file():
+        pytest.skip(f"{autoload.PTH_NAME} is not in {autoload.site_packages()}")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("SAFEMERGE_NO_AUTOLOAD", "SAFEMERGE_REPORT_DIR")}
+    env["PYTHONPATH"] = str(ROOT)
+    recipe_file = _write(recipe(pico, params={"threshold": TAU}), tmp_path / "r.yml")
+    return out, subprocess.run([sys.executable, "-c", driver, str(recipe_file), str(out), "--no-copy-tokenizer"],
+                               capture_output=True, text=True, timeout=300, env=env)
+
+
 _MK_EXIT_HOOK_DRIVER = r"""
 import sys
+sys.argv[0] = "mergekit-yaml"  # (as the console script starts: before mergekit is imported)
 import mergekit.merge  # (the autoload hook registers the methods)
 import safemerge_ext.mergekit_run as mr
 
@@ -725,7 +739,6 @@ def plot(report, path):  # (a Ctrl-C while the exit hook draws the report's plot
 
 mr.plot = plot
 from mergekit.scripts.run_yaml import main
-sys.argv[0] = "mergekit-yaml"
 main()
 """
 
@@ -734,14 +747,7 @@ def test_plain_mergekit_yaml_ctrl_c_while_its_report_is_written(pico, tmp_path):
     """A Ctrl-C while plain mergekit-yaml's exit hook writes the report: one line, exit 130, and no
     report (review130: a traceback "Exception ignored in atexit callback", exit 0, and the JSON
     without its plot)."""
-    if not (autoload.site_packages() / autoload.PTH_NAME).is_file():
-        pytest.skip(f"{autoload.PTH_NAME} is not in {autoload.site_packages()}")
-    out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("SAFEMERGE_NO_AUTOLOAD", "SAFEMERGE_REPORT_DIR")}
-    env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run([sys.executable, "-c", _MK_EXIT_HOOK_DRIVER, str(_write(recipe(pico, params={"threshold": TAU}),
-                          tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"], capture_output=True, text=True,
-                         timeout=300, env=env)
+    out, res = _run_plain_mergekit_yaml(_MK_EXIT_HOOK_DRIVER, pico, tmp_path)
     assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1] == f"safemerge-ext: interrupted while the report was written; no report " \
                                                   f"at {out}"
@@ -761,7 +767,6 @@ def card(*a, **k):  # (mergekit writes the model card right after OUT_PATH/confi
 
 mergekit.merge.generate_card = card
 from mergekit.scripts.run_yaml import main
-sys.argv[0] = "mergekit-yaml"
 main()
 """
 
@@ -770,14 +775,7 @@ def test_plain_mergekit_yaml_interrupted_after_its_config_gets_no_report(pico, t
     """A Ctrl-C after mergekit wrote config.json but before the run ended (click's "Aborted!", exit
     1): no report, as for any interrupted run (review130: the exit hook took config.json for the end
     of the run and wrote the report and its summary)."""
-    if not (autoload.site_packages() / autoload.PTH_NAME).is_file():
-        pytest.skip(f"{autoload.PTH_NAME} is not in {autoload.site_packages()}")
-    out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("SAFEMERGE_NO_AUTOLOAD", "SAFEMERGE_REPORT_DIR")}
-    env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run([sys.executable, "-c", _MK_AFTER_CONFIG_DRIVER, str(_write(recipe(pico, params={"threshold": TAU}),
-                          tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"], capture_output=True, text=True,
-                         timeout=300, env=env)
+    out, res = _run_plain_mergekit_yaml(_MK_AFTER_CONFIG_DRIVER, pico, tmp_path)
     assert res.returncode == 1 and "Aborted!" in res.stderr, res.stderr[-3000:]
     assert (out / "config.json").is_file()  # (the interrupt came after it)
     assert res.stderr.strip().splitlines()[-1].endswith("safemerge-ext: no report: the run was interrupted"), \
