@@ -380,8 +380,9 @@ def _failed(exc: BaseException, args: argparse.Namespace, target: str | None) ->
         from safemerge_ext.io.output import committed
 
         what = what_ended(exc)
-        outputs = [getattr(args, k, None) for k in ("out", "report", "plot")]
-        if any(p and committed(p) for p in outputs):  # (it came as the output was put in place)
+        outputs = (getattr(args, "out", None), getattr(args, "report", None),
+                   getattr(args, "plot", None) if args.command == "score" else None)  # (merge's "plot" is a switch)
+        if any(p and committed(p) for p in outputs):  # (it came as they were put in place)
             _warn(f"{what} after the run: {target} is complete; its summary was cut short", prefix="safemerge")
         else:
             print(f"safemerge: {what}; nothing was written" + (f" to {target}" if target else ""),
