@@ -188,6 +188,9 @@ def test_gsm8k_gold(answer: str, gold: str) -> None:
     ("#### 18 (3 boxes = 6 each)", "18"),          # words before the "=": no equation
     ("#### 24 = 4 * 6", "24"),                      # the answer first, then how: no equation either
     ("#### 10 = 2 + 8 dollars", "10"),
+    ("#### 9 x 2 = 18", "18"),                       # an "x" before a number is a times sign
+    ("#### 4 x $3 = $12", "12"),
+    ("#### 5 xylophones", "5"),
     ("#### 1/2", "0.5"),
     ("#### 3/4 of the cake", "0.75"),
     ("#### 1/3", "1/3"),                            # (no gold GSM8K answer is such a fraction)

@@ -55,10 +55,11 @@ def gsm8k_gold(answer: str) -> str:
     return _canon(m.group())
 
 
-# after the number of a "####" line: an equation's result ("#### 30 - 12 = 18": an operator right after the
-# number, only arithmetic up to the last "="; "#### 24 = 4 * 6" answers 24), or a fraction's denominator
-# ("#### 1/2")
-_EQUATION = re.compile(rf"[ \t]*[+\-*/×÷][ \t\d.,+\-*/×÷()$=]*=[*_$ \t]*(-?)[$ \t]*({_UNSIGNED})(?!\d|[.,]\d)")
+# after the number of a "####" line: an equation's result ("#### 30 - 12 = 18", "#### 9 x 2 = 18": an operator
+# right after the number, an "x" before a number too, only arithmetic up to the last "="; "#### 24 = 4 * 6"
+# answers 24), or a fraction's denominator ("#### 1/2")
+_EQUATION = re.compile(rf"[ \t]*(?:[+\-*/×÷]|x(?=[ \t]*[\d$(]))(?:[ \t\d.,+\-*/×÷()$=]|x(?=[ \t]*[\d$(]))*=[*_$ \t]*"
+                       rf"(-?)[$ \t]*({_UNSIGNED})(?!\d|[.,]\d)")
 _OVER = re.compile(r"[ \t]*/[ \t]*(\d+)(?!\d|[.,]\d)")
 
 
