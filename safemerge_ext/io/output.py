@@ -288,8 +288,9 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
     this process such as ``/dev/stdout``, a device, a pipe: see :func:`descriptor_of` and
     :func:`is_special`) gets its bytes from a temporary in the system's temporary folder, before
     any file is replaced; bytes a pipe took cannot be taken back if a later one fails."""
-    targets = []
+    targets, given = [], []
     for p, fill in files:
+        given.append(os.path.abspath(p))
         path = Path(p)
         into = descriptor_of(path) is not None or is_special(path)
         if not into and path.is_symlink():
@@ -321,7 +322,7 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
                 if not into:
                     os.replace(tmp, path)
             made, temps = [], []
-            _committed.update(os.path.abspath(p) for p, _ in files)
+            _committed.update(given)
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
