@@ -223,20 +223,14 @@ class Task:
     name: str
     items: list[TaskItem]
 
-    def correct(self, prediction: str, gold: str) -> bool:
-        """``gold`` is the already extracted answer (a canonical number, or yes/no/maybe)."""
-        return self.extracted(prediction) == gold
-
-    def extracted(self, prediction: str) -> str | None:
-        return self.extraction(prediction)[0]
-
     @property
     def rules(self) -> tuple[str, ...]:
         """The rules :meth:`extraction` names, in the order it tries them."""
         return GSM8K_RULES if self.kind == "gsm8k" else PUBMEDQA_RULES
 
     def extraction(self, prediction: str) -> tuple[str | None, str]:
-        """The prediction read from a response, and the rule that read it."""
+        """The prediction read from a response (compared with an item's already extracted ``gold``),
+        and the rule that read it."""
         return gsm8k_extraction(prediction) if self.kind == "gsm8k" else pubmedqa_extraction(prediction)
 
 
