@@ -586,7 +586,7 @@ def score(
     files = [(plot_path, plot_writer(report, plot_path))] if plot_path else []
     if report_path:
         files.append((report_path, json_writer(report)))
-    write_files(files)
+    write_files(files, prog="safemerge")
     return report
 
 

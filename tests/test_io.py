@@ -1006,6 +1006,40 @@ def test_what_a_killed_run_left_is_named(tmp_path, capsys):
     assert "the output it was replacing" in line[left[1]]
 
 
+def test_a_killed_runs_leftovers_are_named_before_already_exists(tmp_path, capsys):
+    """A rerun without --force onto an output that exists still names what a killed --force run
+    left beside it (the refusal is where the user reads; review130 left this open)."""
+    from safemerge_ext.io.output import staged_dir
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / ".out.old-0a1b2c3d").mkdir()
+    with pytest.raises(SafeMergeError, match="already exists"):
+        with staged_dir(tmp_path / "out", force=False):
+            pass
+    err = capsys.readouterr().err
+    assert f"{tmp_path / '.out.old-0a1b2c3d'} holds the output it was replacing" in err
+
+
+def test_a_killed_runs_file_temporaries_are_named(tmp_path, capsys):
+    """Files written whole (score's --report and --plot) name the temporaries a killed run left
+    beside them (``.p.png.tmp-<hex>.png``), and leave them; other names are not taken for them."""
+    from safemerge_ext.io.output import write_files
+
+    left = {tmp_path / ".p.png.tmp-0a1b2c3d.png": tmp_path / "p.png", tmp_path / ".r.json.tmp-99887766.json": tmp_path / "r.json"}
+    others = [tmp_path / ".p.png.tmp-0a1b2c3d.json", tmp_path / ".p.png.tmp-mine.png", tmp_path / ".q.png.tmp-0a1b2c3d.png"]
+    for p in [*left, *others]:
+        p.write_text("partial")
+    write_files([(tmp_path / "p.png", lambda t: t.write_text("png")), (tmp_path / "r.json", lambda t: t.write_text("{}"))],
+                prog="safemerge")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(p.exists() for p in [*left, *others])
+    for p, final in left.items():
+        line = next(ln for ln in err if str(p) in ln)
+        assert line.startswith("safemerge: warning:") and f"a partial output of an earlier run for {final} that" in line
+    write_files([(tmp_path / "p.png", lambda t: t.write_text("png"))])  # (without prog: a library call, silent)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("stem", ["r" * 250, "é" * 122 + "r"])  # 250 and 245 + 5 bytes: valid names
 def test_outputs_near_the_file_name_limit(tmp_path, stem):
     """A valid name near the 255-byte limit still gets a temporary (and a backup) beside it."""

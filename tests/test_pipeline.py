@@ -160,6 +160,20 @@ def test_score_report_to_stdout_keeps_the_shells_redirection(fx, tmp_path, mode,
     assert done.stderr.split()[:5] == ["layer", "shape", "rank", "cosine", "flagged"]
 
 
+def test_score_names_the_report_temporaries_a_killed_run_left(fx, tmp_path, capsys):
+    """A SIGKILLed `score --report R --plot P` leaves hidden temporaries beside R and P; the next
+    run names them (review130 left them unnamed)."""
+    left = [tmp_path / ".p.png.tmp-0a1b2c3d.png", tmp_path / ".r.json.tmp-0a1b2c3d.json"]
+    for p in left:
+        p.write_bytes(b"partial")
+    assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--report", tmp_path / "r.json", "--plot", tmp_path / "p.png"]) == 0
+    err = capsys.readouterr().err
+    for p in left:
+        assert f"safemerge: warning: {p} holds a partial output of an earlier run" in err
+    assert json.loads((tmp_path / "r.json").read_text())["counts"]["scored"] == 21
+
+
 def test_score_report_to_a_descriptor_that_cannot_take_it_is_one_line(fx, tmp_path):
     """A closed stdout, a /dev/fd/N that is not open (or open for reading), and standard input are
     refused before any work: one line, nothing written (the run's own files would otherwise take

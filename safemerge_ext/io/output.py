@@ -280,14 +280,20 @@ def write_whole(path: str | os.PathLike, fill: Callable[[Path], object]) -> None
     write_files([(path, fill)])
 
 
-def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object]]]) -> None:
+def _temp_suffix(path: Path) -> str:
+    """The suffix of a file's temporaries: its own (a format's, for writers that read it), if short."""
+    return path.suffix if len(path.suffix) <= 16 else ""
+
+
+def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object]]], prog: str | None = None) -> None:
     """Each ``(path, fill)``: ``fill(tmp)`` writes a temporary beside ``path``; once all are
     written, each replaces its ``path``. A failure or an interruption while any is written leaves
     every ``path`` as it was, and takes back the folders made for them. A ``path`` that links to a
     file replaces that file (the link stays). One that is written into instead (a descriptor of
     this process such as ``/dev/stdout``, a device, a pipe: see :func:`descriptor_of` and
     :func:`is_special`) gets its bytes from a temporary in the system's temporary folder, before
-    any file is replaced; bytes a pipe took cannot be taken back if a later one fails."""
+    any file is replaced; bytes a pipe took cannot be taken back if a later one fails. With
+    ``prog`` (the command, for warnings), the temporaries a killed run left beside a path are named."""
     targets, given = [], []
     for p, fill in files:
         given.append(os.path.abspath(p))
@@ -296,11 +302,13 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
         if not into and path.is_symlink():
             path = Path(os.path.realpath(path))
         targets.append((path, fill, into))
+        if prog is not None and not into:
+            _warn_leftovers(path.absolute(), "", prog, _temp_suffix(path), kinds=("tmp",))
     made: list[Path] = []
     temps: list[Path] = []
     try:
         for path, fill, into in targets:
-            suffix = path.suffix if len(path.suffix) <= 16 else ""  # (a format's, for writers that read it)
+            suffix = _temp_suffix(path)
             if into:
                 handle, name = tempfile.mkstemp(prefix="safemerge-", suffix=suffix)
                 os.close(handle)
@@ -398,22 +406,26 @@ LEFTOVERS = {"tmp": "a partial output", "old": "the output it was replacing",
              "lora": "the LoRA inputs folded by mergekit (its --lora-merge-cache)"}
 
 
-def _warn_leftovers(final: Path, flag: str, prog: str = "safemerge") -> None:
+def _warn_leftovers(final: Path, flag: str, prog: str = "safemerge", suffix: str = "",
+                    kinds: Iterable[str] = LEFTOVERS) -> None:
     """Name the hidden siblings a killed run left (SIGKILL, OOM, power loss: nothing could clean
-    up), which can be as large as a model. They are not deleted: another run may be writing one."""
+    up), which can be as large as a model. They are not deleted: another run may be writing one.
+    ``suffix`` ends a file's temporaries (see :func:`write_files`); ``flag`` may be empty."""
     if not final.parent.is_dir():
         return
-    prefixes = {kind: _hidden_name(final.name, f"{kind}-00000000")[:-8] for kind in LEFTOVERS}
+    prefixes = {kind: _hidden_name(final.name, f"{kind}-00000000{suffix}")[:-8 - len(suffix)] for kind in kinds}
     try:
         names = sorted(p.name for p in final.parent.iterdir())
     except OSError:
         return
+    what = f"{flag} {final}" if flag else str(final)
     for name in names:
         for kind, prefix in prefixes.items():
-            tail = name[len(prefix):]
-            if name.startswith(prefix) and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail):
-                print(f"{prog}: warning: {final.parent / name} holds {LEFTOVERS[kind]} of an earlier run for {flag} "
-                      f"{final} that was killed; delete it unless a run is writing there now", file=sys.stderr)
+            tail = name[len(prefix):len(name) - len(suffix)]
+            if (name.startswith(prefix) and name.endswith(suffix) and len(tail) == 8
+                    and all(c in "0123456789abcdef" for c in tail)):
+                print(f"{prog}: warning: {final.parent / name} holds {LEFTOVERS[kind]} of an earlier run for {what} "
+                      f"that was killed; delete it unless a run is writing there now", file=sys.stderr)
 
 
 _committed: set[str] = set()  # outputs this process put in place (staged_dir's final rename)
@@ -435,6 +447,8 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
     ``force``, an ``out`` that appeared while the run was writing is never replaced. ``flag`` names
     the output in errors, ``prog`` the command in warnings.
     """
+    if os.fspath(out):  # (before any refusal: a rerun without --force is where a user learns of them)
+        _warn_leftovers(Path(out), flag, prog)
     final = check_out(out, force, flag)
     made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # parents this run adds
     tmp: Path | None = None
@@ -451,7 +465,6 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
                 except OSError:
                     break
 
-    _warn_leftovers(final, flag, prog)
     try:  # (from the first folder made: an interrupt anywhere after it takes back what was made)
         final.parent.mkdir(parents=True, exist_ok=True)
         while tmp is None:
