@@ -58,6 +58,29 @@ CPU_BACKENDS = [n for n in ("cpp", "torch") if backends.available_backends()[n] 
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scores_keep_the_relations_the_math_has(backend):
+    """Transformed inputs that SPEC §1 says give the same score (review133's metamorphic relations):
+    V -> -V and dW -> -dW (bit for bit: C and the cosine are even in both), zero rank columns,
+    (B c, A / c), a consistent permutation of rows and columns, delta = B A; and C B is even in V."""
+    wa, wu, A, B = inputs(d_out=33, d_in=17, r=4, seed=5)
+    g = torch.Generator().manual_seed(6)
+
+    def score(wa, wu, A, B):
+        return ops.subspace_cosine(wa, wu, lora_A=A, lora_B=B, backend=backend)
+
+    s0 = score(wa, wu, A, B)
+    assert 0.05 < s0 < 0.95  # (a relation between 0s and 1s could hold by accident)
+    assert score(wu, wa, A, B) == s0 and score(wa, wu, -A, B) == s0
+    padded_A, padded_B = torch.cat([A, torch.randn(2, 17, generator=g)]), torch.cat([B, torch.zeros(33, 2)], 1)
+    assert score(wa, wu, padded_A, padded_B) == pytest.approx(s0, abs=1e-7)
+    assert score(wa, wu, A / 4, B * 4) == pytest.approx(s0, abs=1e-7)
+    rows, cols = torch.randperm(33, generator=g), torch.randperm(17, generator=g)
+    assert score(wa[rows][:, cols], wu[rows][:, cols], A[:, cols], B[rows]) == pytest.approx(s0, abs=1e-7)
+    assert ops.subspace_cosine(wa, wu, delta=B @ A, backend=backend) == pytest.approx(s0, abs=1e-7)
+    assert torch.equal(ops.project_lora_B(wa, wu, B, backend=backend), ops.project_lora_B(wu, wa, B, backend=backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_bad_tensors_get_one_clear_error_and_are_left_alone(backend):
     """What the API refuses, on every backend alike, without touching the caller's tensors: integer
     factors or updates (the projection was cast back to int), meta tensors, weights of two dtypes,

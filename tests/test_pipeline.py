@@ -1972,3 +1972,27 @@ def test_read_order_reads_each_shard_front_to_back(tmp_path):
                                 layers=[types.SimpleNamespace(weight=f"model.layers.{i}.self_attn.q_proj.weight")
                                         for i in range(3)])
     assert read_order(run) == [1, 0, 2]
+
+
+def test_merge_is_the_same_for_another_shard_layout_and_an_exact_reparametrisation(fx, tmp_path):
+    """The same weights in one shard with the tensors in reverse order, and a task adapter stored as
+    (4 B, A / 4) (exact in binary): the same cosines, flags and output tensors, bit for bit
+    (review133's layout and reparametrisation relations)."""
+    for name in ("aligned", "unaligned"):
+        src, dst = getattr(fx, name), tmp_path / name
+        dst.mkdir()
+        shutil.copy(src / "config.json", dst / "config.json")
+        weights = load_model(src)
+        save_file({k: weights[k] for k in sorted(weights, reverse=True)}, dst / "model.safetensors", {"format": "pt"})
+    (tmp_path / "task").mkdir()
+    shutil.copy(fx.task / "adapter_config.json", tmp_path / "task" / "adapter_config.json")
+    save_file({k: v * (4 if ".lora_B." in k else 0.25) for k, v in load_file(fx.task / "adapter_model.safetensors").items()},
+              tmp_path / "task" / "adapter_model.safetensors")
+    settings = pipeline.MergeSettings(pipeline.Selection(threshold=0.2), output="model")
+    runs = [pipeline.merge(*inputs, fx.safety, tmp_path / f"out{i}", settings, backend="cpp", plot=False, progress=False)
+            for i, inputs in enumerate([(fx.aligned, fx.unaligned, fx.task),
+                                        (tmp_path / "aligned", tmp_path / "unaligned", tmp_path / "task")])]
+    first, second = ([(rec["module"], rec["cosine"], rec["flagged"]) for rec in run["layers"]] for run in runs)
+    assert first == second and 0 < sum(flag for _, _, flag in first) < len(first)
+    a, b = load_model(tmp_path / "out0"), load_model(tmp_path / "out1")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
