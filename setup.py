@@ -251,7 +251,8 @@ def _nvcc_arch_flags() -> list[str]:
     flags = []
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    ptx = archs[-1].rstrip("af")  # (PTX for "90a" or "100f" would not JIT on later GPUs)
+    flags += ["-gencode", f"arch=compute_{ptx},code=compute_{ptx}"]
     return flags
 
 
@@ -287,10 +288,24 @@ def _warn_cuda_mismatch(nvcc: str) -> None:
              f"and the other backends are used); put a CUDA {torch_cuda.split('.')[0]} nvcc first on PATH or set NVCC")
 
 
+def _nvcc_top(nvcc: str) -> str | None:
+    """The toolkit nvcc compiles with: a dry run prints it (``#$ TOP=...``), also through a wrapper
+    script outside the toolkit (/usr/local/bin/nvcc); None when it does not say."""
+    try:
+        done = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ TOP=(.+?)\s*$", done.stderr + done.stdout, re.M)
+    return str(Path(m.group(1)).resolve()) if m else None
+
+
 def _cuda_lib_dirs(nvcc: str) -> list[str]:
-    """Library folders of the CUDA toolkit (nvcc may be a wrapper script outside the toolkit)."""
-    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), str(Path(nvcc).resolve().parent.parent),
-             "/usr/local/cuda"]
+    """Library folders of the CUDA toolkit nvcc belongs to first (its static runtime must match what
+    nvcc compiled: CUDA_HOME may name a newer toolkit than the NVCC a user chose to match torch's
+    CUDA), then CUDA_HOME's, CUDA_PATH's and /usr/local/cuda's."""
+    roots = [_nvcc_top(nvcc), str(Path(nvcc).resolve().parent.parent), os.environ.get("CUDA_HOME"),
+             os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     dirs = []
     for root in filter(None, roots):
         for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):

@@ -77,11 +77,29 @@ def unavailable_reason() -> str | None:
 
 
 def load() -> None:
-    """Import the kernels (and triton) now, as ``auto`` does before it picks this backend: an
-    install that fails to import (a triton built for another CUDA, say) raises RuntimeError, one
-    line, and ``auto`` goes on to the next backend."""
+    """Import the kernels (and triton) now, as ``auto`` does before it picks this backend, and on a
+    GPU set up triton's CUDA driver: an install that fails to import (a triton built for another
+    CUDA, say) or a machine where triton cannot build its launcher raises RuntimeError, one line,
+    and ``auto`` goes on to the next backend."""
     for name in ("lowrank", "fullrank"):
         _op(name)
+    from ._launch import interpret_enabled
+
+    if torch.cuda.is_available() and not interpret_enabled():
+        _check_driver()
+
+
+def _check_driver() -> None:
+    """triton compiles its CUDA launcher with the system's C compiler on first use (cached after):
+    with no compiler or no Python headers the first kernel launch fails, after ``auto`` chose it."""
+    from triton.runtime import driver
+
+    try:
+        driver.active  # (reading it makes the driver, which builds the launcher)
+    except Exception as exc:
+        why = (str(exc).strip().splitlines() or [""])[0]
+        raise RuntimeError(f"triton backend: triton could not set up its CUDA driver (it builds a launcher with "
+                           f"gcc, clang or $CC and Python's headers): {type(exc).__name__}: {why}") from exc
 
 
 def _op(name: str) -> ModuleType:

@@ -8,9 +8,11 @@ string in :func:`available_backends`, and an error only when that backend is ask
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -25,6 +27,40 @@ PRECISION_ENV_VAR = "SAFEMERGE_PRECISION"
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 EXACT = "ieee"
 TENSOR_CORE_BACKENDS = ("triton",)
+
+
+@contextlib.contextmanager
+def exact_fp32_matmuls() -> Iterator[None]:
+    """torch's fp32 products in full fp32 inside (a decorator too), whatever the program set: a
+    ``torch.set_float32_matmul_precision("medium")`` makes them bf16 on CPUs with AMX and TF32 on
+    GPUs, which would change the scores (and merged weights) that the report says were computed
+    in exact fp32. The settings are put back after; they are process-wide, so another thread's
+    products in the meantime are exact too."""
+    import torch
+
+    matmul = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    if all(hasattr(m, "fp32_precision") for m in matmul):  # torch >= 2.9: a setting per backend
+        saved = [m.fp32_precision for m in matmul]  # (the one in force: "none" when none was set)
+        if all(s in ("ieee", "none") for s in saved):
+            yield
+            return
+        try:
+            for m in matmul:
+                m.fp32_precision = "ieee"
+            yield
+        finally:
+            for m, s in zip(matmul, saved):
+                m.fp32_precision = s
+        return
+    saved = torch.get_float32_matmul_precision()
+    if saved == "highest":
+        yield
+        return
+    try:
+        torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from pydantic import AfterValidator, BeforeValidator
 from typing_extensions import Annotated
 
 from safemerge_ext import ops
-from safemerge_ext.backends import PRECISIONS, backend_detail, requested_precision
+from safemerge_ext.backends import PRECISIONS, backend_detail, exact_fp32_matmuls, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import ModelReader, all_finite, config_value, is_conv1d, named_like_conv1d
 from safemerge_ext.merge import METHODS as MERGE_METHODS
@@ -468,6 +468,7 @@ def safemerge_method(
         return _safemerge_tensor(group, role, threshold, alpha, merge, density, seed, report_path, precision)
 
 
+@exact_fp32_matmuls()
 def _safemerge_tensor(
     group: TensorGroup, role: Any, threshold: float, alpha: float, merge: str, density: float,
     seed: int, report_path: str, precision: str | None,
@@ -507,6 +508,7 @@ def safelora_method(
         return _safelora_tensor(group, role, threshold, report_path, precision)
 
 
+@exact_fp32_matmuls()
 def _safelora_tensor(
     group: TensorGroup, role: Any, threshold: float, report_path: str, precision: str | None,
 ) -> torch.Tensor:
@@ -542,6 +544,7 @@ def resta_method(
         return _resta_tensor(group, role, beta, density, seed, report_path, precision)
 
 
+@exact_fp32_matmuls()
 def _resta_tensor(
     group: TensorGroup, role: Any, beta: float, density: float, seed: int, report_path: str,
     precision: str | None,

@@ -153,6 +153,7 @@ def _cos(num: float, n2: float, d2: float) -> float:
     return num / denom if denom > 0 else math.nan
 
 
+@backends.exact_fp32_matmuls()
 def subspace_score(
     w_aligned: torch.Tensor,
     w_unaligned: torch.Tensor,
@@ -272,6 +273,7 @@ def subspace_cosine(
     ).cosine
 
 
+@backends.exact_fp32_matmuls()
 def project_lora_B(
     w_aligned: torch.Tensor, w_unaligned: torch.Tensor, lora_B: torch.Tensor, backend: str = "auto",
     precision: str | None = None,
@@ -329,6 +331,7 @@ def lost_in_cast(x: torch.Tensor, dtype: torch.dtype) -> float | None:
     return err if err > torch.finfo(dtype).eps else None
 
 
+@backends.exact_fp32_matmuls()
 def project_delta(
     w_aligned: torch.Tensor, w_unaligned: torch.Tensor, delta: torch.Tensor, backend: str = "auto",
     precision: str | None = None,

@@ -23,6 +23,7 @@ import torch
 from safemerge_ext import merge as merging
 from safemerge_ext import ops
 from safemerge_ext._signals import raise_pending
+from safemerge_ext.backends import exact_fp32_matmuls
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
                                        global_scaling, read_adapter, untargeted, write_adapter)
@@ -537,6 +538,7 @@ def _save_report(report: dict[str, Any], folder: Path, with_plot: bool) -> None:
 # --- commands --------------------------------------------------------------------------------
 
 
+@exact_fp32_matmuls()
 def score(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, *,
     threshold: float = 0.35, backend: str = "auto", device: str = "cpu", precision: str | None = None,
@@ -638,6 +640,7 @@ def _note_vllm(run: Run, off_default: list[str]) -> None:
         )
 
 
+@exact_fp32_matmuls()
 def merge(
     aligned: str | Path, unaligned: str | Path, task_adapter: str | Path, safety_adapter: str | Path, out: str | Path,
     settings: MergeSettings, *, backend: str = "auto", device: str = "cpu", precision: str | None = None,
@@ -751,6 +754,7 @@ def merge(
     return report
 
 
+@exact_fp32_matmuls()
 def project(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, out: str | Path, selection: Selection, *,
     output: str = "adapter", backend: str = "auto", device: str = "cpu", precision: str | None = None,

@@ -80,6 +80,41 @@ def test_scores_keep_the_relations_the_math_has(backend):
     assert torch.equal(ops.project_lora_B(wa, wu, B, backend=backend), ops.project_lora_B(wu, wa, B, backend=backend))
 
 
+@pytest.mark.parametrize("setting", ["legacy", "per-backend"])
+def test_a_programs_reduced_matmul_precision_does_not_reach_the_scores(setting):
+    """A program that set `torch.set_float32_matmul_precision("medium")` (bf16 products on CPUs
+    with AMX, TF32 on GPUs) got torch-backend scores 5e-5 off on this machine while the report said
+    exact fp32 (review132): the ops run exact, and the program's setting is put back after."""
+    wa, wu, A, B = inputs(d_out=300, d_in=200, r=8, seed=3)
+    want = ref_cosine(wa, wu, B.double() @ A.double())
+    matmul = torch.backends.mkldnn.matmul
+    per_backend = hasattr(matmul, "fp32_precision")
+    if setting == "per-backend" and not per_backend:
+        pytest.skip("torch < 2.9 has no per-backend precision setting")
+
+    def state():
+        return (torch.backends.cuda.matmul.fp32_precision, matmul.fp32_precision) if per_backend \
+            else torch.get_float32_matmul_precision()
+
+    saved = state()
+    if setting == "legacy":
+        torch.set_float32_matmul_precision("medium")
+    else:
+        matmul.fp32_precision = "bf16"
+    try:
+        before = state()
+        for backend in CPU_BACKENDS:
+            assert abs(ops.subspace_cosine(wa, wu, lora_A=A, lora_B=B, backend=backend) - want) < 1e-6, backend
+            got, ref = ops.project_lora_B(wa, wu, B, backend=backend), ref_project(wa, wu, B)
+            assert float((got.double() - ref).abs().max()) < 1e-5 * float(ref.abs().max()), backend
+        assert state() == before
+    finally:
+        if per_backend:
+            torch.backends.cuda.matmul.fp32_precision, matmul.fp32_precision = saved
+        else:
+            torch.set_float32_matmul_precision(saved)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_bad_tensors_get_one_clear_error_and_are_left_alone(backend):
     """What the API refuses, on every backend alike, without touching the caller's tensors: integer
@@ -579,6 +614,36 @@ def test_auto_goes_past_a_triton_that_fails_to_import(tmp_path):
             assert got["auto"] != "triton" and got["triton"] == why
         else:
             assert got["listed"] == why
+
+
+_NO_COMPILER = r"""
+import json, sys
+import torch
+torch.cuda.is_available = lambda: True  # (a GPU machine without a C compiler)
+from safemerge_ext import backends
+name, _ = backends.resolve("auto", "cuda")
+print(json.dumps({"auto": name, "triton": backends.available_backends()["triton"]}))
+"""
+
+
+def test_auto_goes_past_a_triton_that_cannot_build_its_launcher(tmp_path):
+    """triton builds its CUDA launcher with the system's C compiler at the first launch: where it
+    cannot (no gcc, no Python headers), `auto` used to pick triton and the run stopped at the first
+    layer; loading the backend now sets triton's driver up, and `auto` goes on (review132)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "SAFEMERGE_BACKEND": "auto", "CC": str(tmp_path / "no-cc"),
+           "TRITON_CACHE_DIR": str(tmp_path / "cache"), "TRITON_LIBCUDA_PATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _NO_COMPILER], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["auto"] != "triton", got
+    assert got["triton"].startswith("triton could not set up its CUDA driver (it builds a launcher with gcc, "
+                                    "clang or $CC and Python's headers): "), got
+    assert "\n" not in got["triton"]
 
 
 _DISPATCH_ON_A_GPU = r"""

@@ -5,6 +5,7 @@ an optional dependency is missing."""
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -216,8 +217,55 @@ def test_cuda_arch_setting_is_read_as_nvcc_and_torch_write_it(monkeypatch, capsy
         return
     assert mod["_cuda_archs"]() == archs
     flags = mod["_nvcc_arch_flags"]()
-    assert flags[-1] == f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"
+    ptx = {"90a": "90"}.get(archs[-1], archs[-1])  # (an arch-specific "a" PTX would not JIT on later GPUs)
+    assert flags[-1] == f"arch=compute_{ptx},code=compute_{ptx}"
     assert [f for f in flags[1::2]][:-1] == [f"arch=compute_{a},code=sm_{a}" for a in archs]
+
+
+def _fake_toolkit(root: Path) -> Path:
+    """A toolkit folder with a static runtime and an nvcc whose dry run names it, as the real one does."""
+    (root / "bin").mkdir(parents=True)
+    (root / "lib64").mkdir()
+    (root / "lib64" / "libcudart_static.a").write_bytes(b"")
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\necho "#$ _HERE_={root}/bin" >&2\necho "#$ TOP={root}/bin/.." >&2\n')
+    nvcc.chmod(0o755)
+    return nvcc
+
+
+@pytest.mark.parametrize("through", ["nvcc", "wrapper"])
+def test_the_cuda_runtime_linked_is_nvccs_own(monkeypatch, tmp_path, through):
+    """NVCC set to a CUDA 12 toolkit to match torch (the advice the mismatch warning gives) while
+    CUDA_HOME names CUDA 13: the objects nvcc 12 compiled are linked with CUDA 12's static runtime
+    (CUDA_HOME's came first, and the extension then needed a CUDA 13 driver); also where NVCC is a
+    wrapper script outside the toolkit (review132)."""
+    mod = _setup_module(monkeypatch)
+    nvcc = _fake_toolkit(tmp_path / "cuda-12.4")
+    _fake_toolkit(tmp_path / "cuda-13.0")
+    if through == "wrapper":
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "nvcc").write_text(f'#!/bin/sh\nexec {nvcc} "$@"\n')
+        (tmp_path / "bin" / "nvcc").chmod(0o755)
+        nvcc = tmp_path / "bin" / "nvcc"
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda-13.0"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    dirs = mod["_cuda_lib_dirs"](str(nvcc))
+    assert dirs[0] == str(tmp_path / "cuda-12.4" / "lib64") and str(tmp_path / "cuda-13.0" / "lib64") in dirs
+
+
+def test_the_real_nvcc_names_its_toolkit(monkeypatch, tmp_path):
+    """The dry run the build reads the toolkit from works with the nvcc on PATH (a wrapper script
+    here), whatever CUDA_HOME says."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found on PATH")
+    mod = _setup_module(monkeypatch)
+    top = mod["_nvcc_top"](nvcc)
+    assert top is not None and Path(top, "bin", "nvcc").is_file()
+    monkeypatch.setenv("CUDA_HOME", str(_fake_toolkit(tmp_path / "other").parent.parent))
+    dirs = mod["_cuda_lib_dirs"](nvcc)
+    if (Path(top) / "lib64" / "libcudart_static.a").exists():
+        assert dirs[0] == str(Path(top) / "lib64")
 
 
 @pytest.mark.parametrize("value", ["0", "false", "off"])
