@@ -609,13 +609,15 @@ def _check_mergekit_yaml_recipe(name: str) -> None:
         import yaml
         from mergekit.config import MergeConfiguration
 
-        config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe).read_text(encoding="utf-8")))
+        data = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
+        config = MergeConfiguration.model_validate(data)
     except Exception:
         return
     if config.merge_method != name:
         return
-    from safemerge_ext.yaml_cli import check_parameter_names
+    from safemerge_ext.yaml_cli import check_parameter_names, check_recipe_keys
 
+    check_recipe_keys(data, recipe)
     check_parameter_names(config, name, recipe)
 
 
@@ -632,9 +634,10 @@ def _check_planned_config(name: str, caller: Any) -> None:
         return
     config = planner.config
     if config.merge_method == name:
-        from safemerge_ext.yaml_cli import check_parameter_names
+        from safemerge_ext.yaml_cli import check_layer_ranges, check_parameter_names
 
         check_parameter_names(config, name, "merge_config (as mergekit's planner lays it out)")
+        check_layer_ranges(config, name, "merge_config (as mergekit's planner lays it out)")
     check_device(planner.options)
 
 
@@ -642,6 +645,11 @@ def check_device(options: Any) -> None:
     """mergekit's math device (``--cuda``, ``--device``; ``MergeOptions.cuda``/``.device``) refused
     in one line where torch cannot use it, before the merge starts (mergekit alone fails at its
     first tensor, with a traceback). A device type torch cannot be asked about is left to mergekit."""
+    if getattr(options, "multi_gpu", False):  # (mergekit's MultiGPUExecutor reads the accelerator's type)
+        acc = getattr(torch, "accelerator", None)
+        if (acc.current_accelerator() if acc is not None else None) is None and not torch.cuda.is_available():
+            raise SafeMergeError(f"mergekit's --multi-gpu (MergeOptions.multi_gpu): torch {torch.__version__} sees "
+                                 "no accelerator here; merge without --multi-gpu, on the CPU")
     device = str(getattr(options, "device", None) or "cpu")
     flag = getattr(options, "cuda", False) and device == "cuda"
     given = "--cuda (MergeOptions.cuda)" if flag else f"--device {device} (MergeOptions.device)"

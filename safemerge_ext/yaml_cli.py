@@ -216,6 +216,11 @@ def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
                 raise SafeMergeError(
                     f"{label}: model {ref} has no role; add parameters: {{role: {'|'.join(ROLES[method])}}}"
                 )
+            if not isinstance(role, (str, int, float, bool)):  # (a gradient or a list of {filter, value})
+                raise SafeMergeError(
+                    f"{label}: model {ref}: role must be one value for the whole model, not a list or a filter; "
+                    f"give one of {', '.join(ROLES[method])}"
+                )
             if not isinstance(role, str) or role not in ROLES[method]:
                 raise SafeMergeError(
                     f"{label}: model {ref} has role {role!r}; {method} takes the roles {', '.join(ROLES[method])}"
@@ -353,6 +358,103 @@ def _vocab_size(model_dir: Path) -> int | None:
     return size if isinstance(size, int) else None
 
 
+_LORA_MERGE_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _check_lora_merge_dtype(name: str | None) -> None:
+    """--lora-merge-dtype as mergekit reads it (else it fails when it folds the first LoRA input,
+    minutes in, with a line that does not name the option)."""
+    if name and name.removeprefix("torch.") not in _LORA_MERGE_DTYPES:
+        raise SafeMergeError(f"--lora-merge-dtype {name}: not a dtype mergekit folds LoRA inputs in; "
+                             f"use {', '.join(_LORA_MERGE_DTYPES)} (float32 is the default here)")
+
+
+def check_recipe_keys(data: Any, recipe: str | os.PathLike = "recipe") -> None:
+    """Keys mergekit's configuration does not declare, at the top, on a slice, a source, a model, a
+    module, a parameter's ``{value, filter}`` or the tokenizer's settings: pydantic drops them
+    without a word (a misspelt ``paramters:`` merges at the defaults, a misspelt ``fliter:`` gives
+    its value to every tensor), so refuse them, naming the nearest key."""
+    import difflib
+
+    from mergekit.config import (ConditionalParameter, InputModelDefinition, InputSliceDefinition,
+                                 OutputModuleDefinition, OutputSliceDefinition)
+    from mergekit.tokenizer.config import TokenEmbeddingConfig, TokenizerConfig
+
+    def check(item: Any, cls: Any, where: str) -> None:
+        if not isinstance(item, dict):
+            return
+        known = sorted(cls.model_fields)
+        for key in item:
+            if key not in cls.model_fields:
+                near = difflib.get_close_matches(str(key), known, n=1)
+                raise SafeMergeError(f"{recipe}: {where}{key!r} is no key mergekit reads (it would drop it "
+                                     "without a word); " + (f"did you mean {near[0]}?" if near
+                                                            else f"the keys there are {', '.join(known)}"))
+
+    def parameters(item: Any, where: str) -> None:
+        params = item.get("parameters") if isinstance(item, dict) else None
+        for name, value in params.items() if isinstance(params, dict) else ():
+            for k, cond in enumerate(value if isinstance(value, list) else [value]):
+                at = f"[{k}]" if isinstance(value, list) else ""
+                check(cond, ConditionalParameter, f"{where}parameters.{name}{at}: ")
+
+    def slices(items: Any, where: str) -> None:
+        for i, sl in enumerate(items if isinstance(items, list) else []):
+            check(sl, OutputSliceDefinition, f"{where}slices[{i}]: ")
+            parameters(sl, f"{where}slices[{i}].")
+            for j, src in enumerate((sl.get("sources") or []) if isinstance(sl, dict) else []):
+                check(src, InputSliceDefinition, f"{where}slices[{i}].sources[{j}]: ")
+                parameters(src, f"{where}slices[{i}].sources[{j}].")
+
+    def models(items: Any, where: str) -> None:
+        for i, m in enumerate(items if isinstance(items, list) else []):
+            check(m, InputModelDefinition, f"{where}models[{i}]: ")
+            parameters(m, f"{where}models[{i}].")
+
+    if not isinstance(data, dict):
+        return
+    check(data, MergeConfiguration, "")
+    parameters(data, "")
+    slices(data.get("slices"), "")
+    models(data.get("models"), "")
+    modules = data.get("modules")
+    for name, mod in modules.items() if isinstance(modules, dict) else ():
+        check(mod, OutputModuleDefinition, f"modules.{name}: ")
+        parameters(mod, f"modules.{name}.")
+        if isinstance(mod, dict):
+            slices(mod.get("slices"), f"modules.{name}.")
+            models(mod.get("models"), f"modules.{name}.")
+    tokenizer = data.get("tokenizer")
+    check(tokenizer, TokenizerConfig, "tokenizer: ")
+    tokens = tokenizer.get("tokens") if isinstance(tokenizer, dict) else None
+    for token, setting in tokens.items() if isinstance(tokens, dict) else ():
+        check(setting, TokenEmbeddingConfig, f"tokenizer.tokens.{token}: ")
+
+
+def check_layer_ranges(config: MergeConfiguration, method: str, recipe: str | os.PathLike = "recipe") -> None:
+    """Every source of a slice covers the layers the aligned model's source covers: the methods read
+    a layer's task update as W_task - W_aligned and V as W_aligned - W_unaligned of the tensors
+    mergekit pairs by position, so a source offset to other layers would be scored and merged as
+    an update that no fine-tuning made."""
+    def walk(items: Any, where: str) -> None:
+        for i, sl in enumerate(items or []):
+            base = getattr(sl, "base_model", None) or config.base_model
+            ref = next((s for s in sl.sources if s.model == base), None)
+            if ref is None:  # (_check_roles says so)
+                continue
+            for s in sl.sources:
+                if tuple(s.layer_range) != tuple(ref.layer_range):
+                    raise SafeMergeError(
+                        f"{recipe}: {where}slices[{i}]: model {s.model} takes layer_range {list(s.layer_range)} "
+                        f"but the base_model {base} (the aligned model) takes {list(ref.layer_range)}; {method} "
+                        "pairs every layer with the same layer of the aligned model: give each source the "
+                        "base_model's layer_range (for a frankenmerge, add one slice per range)")
+
+    walk(config.slices, "")
+    for name, mod in (config.modules or {}).items():
+        walk(mod.slices, f"modules.{name}.")
+
+
 def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe", truncate_embeddings: bool = False) -> Checked:
     """Check a recipe (parsed YAML) before any weight is read; raise SafeMergeError naming the culprit.
     ``truncate_embeddings``: mergekit's --unsafe-truncate-embeddings is on (vocabularies may differ)."""
@@ -365,6 +467,7 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe", truncate_em
             f"{recipe}: merge_method {method!r} is not one of {', '.join(METHOD_NAMES)}; "
             "use plain mergekit-yaml for mergekit's own methods"
         )
+    check_recipe_keys(data, recipe)
     try:
         config = MergeConfiguration.model_validate(data)
     except Exception as exc:  # pydantic: keep the first error, on one line
@@ -385,6 +488,7 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe", truncate_em
         except ValueError as exc:
             raise SafeMergeError(str(exc)) from None
     roles = _check_roles(method, config)
+    check_layer_ranges(config, method, recipe)
     has_lora, checked, inputs = _check_models(config, roles, truncate_embeddings)
     return Checked(config, method, roles, has_lora, checked, inputs)
 
@@ -482,6 +586,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     try:
         checked = validate_recipe(data, config_file, truncate_embeddings=merge_options.unsafe_truncate_embeddings)
         check_device(merge_options)  # (before mergekit folds any LoRA input: minutes for a 7B model)
+        _check_lora_merge_dtype(merge_options.lora_merge_dtype)
     except SafeMergeError as exc:
         _fail(str(exc))
     try:

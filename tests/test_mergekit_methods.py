@@ -812,6 +812,12 @@ def test_plain_mergekit_yaml_refusal_is_one_line(pico, tmp_path):
     assert refusal(typo) == (
         f"mergekit-yaml: error: {typo}: parameters: unknown parameter 'treshold' for safemerge; known: role, "
         "threshold, alpha, merge, density, seed, report_path, precision")
+    # a misspelt key of the recipe itself, which mergekit's configuration drops (review134)
+    cfg = recipe(pico, params={"threshold": TAU})
+    cfg["paramters"] = cfg.pop("parameters")
+    typo = _write(cfg, tmp_path / "typo-key.yml")
+    assert refusal(typo) == (f"mergekit-yaml: error: {typo}: 'paramters' is no key mergekit reads (it would drop it "
+                             "without a word); did you mean parameters?")
     if not torch.cuda.is_available():  # --cuda where torch sees no CUDA device: one line too
         good = _write(recipe(pico, params={"threshold": TAU}), tmp_path / "good.yml")
         assert refusal(good, "--cuda") == (
@@ -941,6 +947,90 @@ def test_safemerge_yaml_refuses_a_missing_device_before_folding_any_lora(pico, t
                                        "on the CPU\n")
     assert not cache.exists() or not any(cache.iterdir())
     assert not (tmp_path / "out").exists()
+
+
+def test_safemerge_yaml_refuses_multi_gpu_without_an_accelerator_and_a_bad_lora_merge_dtype(pico, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """--multi-gpu where torch sees no accelerator (mergekit 0.1.5's executor fails with "'NoneType'
+    object has no attribute 'type'") and a --lora-merge-dtype mergekit cannot fold in ("fp32": its
+    "Unimplemented dtype" named no option) were found only after every LoRA input was folded
+    (review134): both are refused with the recipe, in one line."""
+    from safemerge_ext import yaml_cli
+
+    if hasattr(torch, "accelerator"):
+        monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cache = tmp_path / "lora-cache"
+    cfg = _write(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}"), tmp_path / "r.yml")
+    for flags, want in ((["--multi-gpu"], f"mergekit's --multi-gpu (MergeOptions.multi_gpu): torch {torch.__version__} "
+                                         "sees no accelerator here; merge without --multi-gpu, on the CPU"),
+                        (["--lora-merge-dtype", "fp32"], "--lora-merge-dtype fp32: not a dtype mergekit folds LoRA "
+                         "inputs in; use float32, bfloat16, float16, float64 (float32 is the default here)")):
+        with pytest.raises(SystemExit) as done:
+            yaml_cli.main([str(cfg), str(tmp_path / "out"), "--no-copy-tokenizer", "--lora-merge-cache", str(cache),
+                           *flags])
+        assert done.value.code == 1
+        assert capsys.readouterr().err == f"safemerge-yaml: error: {want}\n"
+        assert not cache.exists() or not any(cache.iterdir())
+        assert not (tmp_path / "out").exists()
+
+
+def _sliced(p, task_range: tuple[int, int]) -> dict:
+    """safemerge over one slice of the pico models, the task's source taking ``task_range``."""
+    def source(path, role=None, layers=(0, 1)):
+        return {"model": str(path), "layer_range": list(layers), **({"parameters": {"role": role}} if role else {})}
+
+    return {"merge_method": "safemerge", "base_model": str(p.aligned), "dtype": "float32",
+            "parameters": {"threshold": TAU},
+            "slices": [{"sources": [source(p.aligned), source(p.task, "task", task_range), source(p.safety, "safety"),
+                                    source(p.unaligned, "unaligned")]}]}
+
+
+def test_a_slice_source_offset_to_other_layers_is_refused_before_the_merge(pico, tmp_path):
+    """W_task of layer 1 minus W_aligned of layer 0 is no task update: safemerge-yaml and run_merge
+    scored and merged it without a word (review134); each source must take the aligned model's
+    layers."""
+    with pytest.raises(SafeMergeError, match=r"r.yml: slices\[0\]: model .*task takes layer_range \[1, 2\] but the "
+                                             r"base_model .* \(the aligned model\) takes \[0, 1\]; safemerge pairs"):
+        validate_recipe(_sliced(pico, (1, 2)), "r.yml")
+    register_methods()
+    with report_to(tmp_path / "o"), pytest.raises(SafeMergeError, match=r"slices\[0\]: .* takes layer_range \[1, 2\]"):
+        run_merge(MergeConfiguration.model_validate(_sliced(pico, (1, 2))), str(tmp_path / "o"),
+                  MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    validate_recipe(_sliced(pico, (0, 1)), "r.yml")  # (the same layers pass, as any frankenmerge slice does)
+    got, _ = merge(_sliced(pico, (1, 2)) | {"slices": [{"sources": [
+        dict(s, layer_range=[1, 2]) for s in _sliced(pico, (1, 2))["slices"][0]["sources"]]}]}, tmp_path / "o2")
+    assert got  # (one slice of other layers, all its sources alike: merged)
+
+
+@pytest.mark.parametrize("edit, want", [
+    (lambda r: r.__setitem__("paramters", r.pop("parameters")), r"r.yml: 'paramters' is no key mergekit reads .* did "
+                                                                r"you mean parameters\?"),
+    (lambda r: r.__setitem__("tokenizer_sorce", "base"), "'tokenizer_sorce' .* did you mean tokenizer_source"),
+    (lambda r: r["models"][0].__setitem__("paramters", {"threshold": 0.5}), r"models\[0\]: 'paramters'"),
+    (lambda r: r.__setitem__("parameters", {"threshold": [{"fliter": "self_attn", "value": 0.5}, {"value": TAU}]}),
+     r"parameters.threshold\[0\]: 'fliter' .* did you mean filter"),
+    (lambda r: r.__setitem__("tokenizer", {"source": "base", "tokns": {}}), r"tokenizer: 'tokns' .* did you mean tokens"),
+    (lambda r: r.__setitem__("embed_slerp", True), "'embed_slerp' is no key mergekit reads"),
+], ids=["parameters", "tokenizer_source", "model-parameters", "filter", "tokenizer-tokens", "unknown"])
+def test_a_key_mergekit_drops_is_refused(pico, tmp_path, edit, want):
+    """mergekit's configuration drops keys it does not declare: a misspelt `paramters:` merged at the
+    default threshold instead of the recipe's, a misspelt `fliter:` gave its value to every tensor,
+    with no word (review134). safemerge-yaml refuses them with the recipe (plain mergekit-yaml too:
+    test_plain_mergekit_yaml_refusal_is_one_line)."""
+    cfg = recipe(pico, params={"threshold": TAU})
+    edit(cfg)
+    with pytest.raises(SafeMergeError, match=want):
+        validate_recipe(cfg, "r.yml")
+
+
+def test_a_role_given_per_tensor_is_refused_in_words(pico):
+    """A role is one value for the whole model; a filter list printed pydantic's objects (review134)."""
+    cfg = recipe(pico, params={"threshold": TAU})
+    cfg["models"][1]["parameters"]["role"] = [{"filter": "self_attn", "value": "safety"}, {"value": "task"}]
+    with pytest.raises(SafeMergeError, match=r"role must be one value for the whole model, not a list or a filter; "
+                                             r"give one of task, safety, unaligned$"):
+        validate_recipe(cfg, "r.yml")
 
 
 @pytest.mark.parametrize("text, want", [
