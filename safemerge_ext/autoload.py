@@ -63,11 +63,11 @@ def enable(target: str | os.PathLike | None = None) -> str:
     """Write the .pth into ``target`` (default: the active site-packages); return a message."""
     d = Path(target) if target is not None else site_packages()
     f = d / PTH_NAME
-    if f.is_file() and f.read_text() == PTH_LINE:
+    if f.is_file() and f.read_text(encoding="utf-8") == PTH_LINE:
         return f"autoload already enabled: {f}"
     try:
         d.mkdir(parents=True, exist_ok=True)
-        f.write_text(PTH_LINE)
+        f.write_text(PTH_LINE, encoding="utf-8")
     except OSError as exc:
         raise SafeMergeError(
             f"cannot write {f} ({exc.strerror}): run this with the environment's own python, or with write access"

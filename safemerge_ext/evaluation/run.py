@@ -314,7 +314,7 @@ def write(result: dict[str, Any], out: Path, *, partial: bool = False) -> tuple[
     where there was none. A complete pair removes the partial pair an earlier, failed run left."""
     js, png = (out / name for name in (PARTIAL_FILES if partial else OUT_FILES))
     write_files([(png, lambda tmp: plot(result, tmp)),
-                 (js, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))], prog="safemerge")
+                 (js, lambda tmp: tmp.write_text(json.dumps(result, indent=1), encoding="utf-8"))], prog="safemerge")
     if not partial:
         for name in PARTIAL_FILES:
             (out / name).unlink(missing_ok=True)

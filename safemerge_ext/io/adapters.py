@@ -154,7 +154,7 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter", *, folded: bo
                                  f"pass one of those, e.g. {p / named[0]}")
         raise SafeMergeError(f"{flag} {p}: no {CONFIG}; give a folder saved by PeftModel.save_pretrained")
     try:
-        config = json.loads(cfg_path.read_text())
+        config = json.loads(cfg_path.read_bytes())  # (JSON is UTF-8 whatever the locale; bytes: json detects it)
     except (ValueError, RecursionError) as exc:
         raise SafeMergeError(f"{flag} {cfg_path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
@@ -484,5 +484,5 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
             w.write(a_name, A)
             w.write(b_name, B)
             del A, B
-    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return off_default

@@ -132,7 +132,7 @@ def untie_updated_head(out_dir: Path, updated: Collection[str]) -> str | None:
     if head is None or not path.is_file():
         return None
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
     if not isinstance(cfg, dict) or not ties_embeddings(out_dir):
@@ -142,7 +142,7 @@ def untie_updated_head(out_dir: Path, updated: Collection[str]) -> str | None:
         holders = [c for c in (cfg, cfg.get("text_config")) if isinstance(c, dict)]
     for c in holders:
         c["tie_word_embeddings"] = False
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return (f"{head} is written as its own tensor, but the config ties it to the input embeddings "
             "(tie_word_embeddings); the output's config.json unties them (tie_word_embeddings: false), so "
             "loaders use the written head")

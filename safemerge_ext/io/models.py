@@ -141,7 +141,7 @@ def config_value(model_dir: str | os.PathLike, key: str) -> object:
     """``key`` from a model folder's config.json, or from its ``text_config`` (multimodal models);
     None where the file or the key is missing."""
     try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        cfg = json.loads((Path(model_dir) / "config.json").read_bytes())
     except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(cfg, dict):
@@ -328,7 +328,7 @@ class ModelReader:
             raise not_a_folder(self.flag, p, "a local Hugging Face model folder")
         if self._single == SINGLE and (p / INDEX).is_file():
             try:
-                weight_map = json.loads((p / INDEX).read_text())["weight_map"]
+                weight_map = json.loads((p / INDEX).read_bytes())["weight_map"]
                 if not isinstance(weight_map, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
                 ):
