@@ -28,7 +28,8 @@ from safemerge_ext._signals import exit_code, interrupts_held, sigterm_as_interr
 from safemerge_ext.backends import requested_precision
 from safemerge_ext.errors import SafeMergeError, not_a_folder, symlink_loop
 from safemerge_ext.io.model_writer import untie_stored_head
-from safemerge_ext.io.output import check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir
+from safemerge_ext.io.output import (check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir,
+                                     umask_modes)
 from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, check_device, register_methods
 from safemerge_ext.mergekit_run import discard_report, finalize_report, refusal, report_files
 from safemerge_ext.report import REPORT_JSON, PlotUnavailable, plot, summary_table, write_json
@@ -634,6 +635,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                 card = tmp / "README.md"
                 if card.is_file():  # mergekit titles the card after the folder it wrote: the temporary one
                     card.write_text(card.read_text(encoding="utf-8").replace(tmp.name, out.name), encoding="utf-8")
+                umask_modes(tmp)  # (safetensors >= 0.8 writes mergekit's shards 0600)
             finally:
                 if lora_cache:  # (whole: a Ctrl-C here waits, and the run ends on it after)
                     with interrupts_held():

@@ -975,6 +975,30 @@ def test_safemerge_yaml_refuses_multi_gpu_without_an_accelerator_and_a_bad_lora_
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_safemerge_yaml_output_files_follow_the_umask(pico, tmp_path, umask):
+    """safetensors 0.8 writes mergekit's shards 0600 whatever the umask (safetensors#782), so
+    another account serving the merged model could not read its weights while every other file
+    was readable (review135): the output's files all get the umask's modes."""
+    import stat
+
+    from safemerge_ext import yaml_cli
+
+    out = tmp_path / "out"
+    old = os.umask(umask)
+    try:
+        with pytest.raises(SystemExit) as done:
+            yaml_cli.main([str(_write(recipe(pico, params={"threshold": TAU}), tmp_path / "r.yml")), str(out),
+                           "--no-copy-tokenizer"])
+    finally:
+        os.umask(old)
+    assert done.value.code in (0, None)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert any(name.endswith(".safetensors") for name in modes) and "safemerge_report.json" in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
 def _sliced(p, task_range: tuple[int, int]) -> dict:
     """safemerge over one slice of the pico models, the task's source taking ``task_range``."""
     def source(path, role=None, layers=(0, 1)):

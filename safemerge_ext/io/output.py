@@ -355,6 +355,34 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (os.umask sets it, for a
+    moment, for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_modes(folder: Path) -> None:
+    """Give the files in ``folder`` that another writer made owner-only the mode a plain ``open``
+    gives (``0o666 & ~umask``), as the rest of the output has: safetensors 0.8 writes through a
+    0600 temporary file (safetensors#782), so another account serving the model could not read it."""
+    want = 0o666 & ~_umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode) and not mode & 0o077 and stat.S_IMODE(mode) != want:
+                os.chmod(path, want)
+
+
 def sync_tree(folder: Path) -> None:
     """Put what ``folder`` holds on disk (its files' data, then the folders' entries), so that a
     rename of it that follows never publishes files whose data a power loss would take back."""
