@@ -1913,6 +1913,32 @@ def test_an_unreadable_shard_says_to_fix_its_permissions(fx, tmp_path, capsys, m
         and "cannot read it (Permission denied); give this user read access to it" in err, err
 
 
+def test_an_unreadable_side_file_is_refused_before_any_shard_is_written(fx, tmp_path, capsys, monkeypatch):
+    """--output model copies the aligned model's side files (generation_config.json, the tokenizer's)
+    after every shard is written: one this user cannot read failed only then, 140 GB later for a
+    70B model (review135). It is refused with the headers, in the words an unreadable shard gets."""
+    import safemerge_ext.io.model_writer as model_writer
+
+    denied = Path(fx.aligned) / "generation_config.json"
+    assert denied.is_file()
+
+    def deny(path, *a, **k):
+        if Path(path) == denied:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return open(path, *a, **k)
+
+    monkeypatch.setattr(model_writer, "open", deny, raising=False)
+    shards = []
+    monkeypatch.setattr(model_writer, "_write_shards", lambda *a, **k: shards.append(a) or 0)
+    assert main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter",
+                 str(fx.task), "--safety-adapter", str(fx.safety), "--out", str(tmp_path / "out"), "--output", "model",
+                 "--no-progress", "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"safemerge: error: --aligned {denied}: cannot read it (Permission denied), and --output model "
+                   "copies it; give this user read access to it"), err
+    assert not shards and not (tmp_path / "out").exists()
+
+
 def test_a_report_link_to_nothing_makes_no_folders_where_it_points(fx, tmp_path, capsys):
     """--report through a link that names nothing: written where it points when that folder
     exists (the link stays); refused in one line when it does not, with no folder made there."""

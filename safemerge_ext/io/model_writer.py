@@ -35,16 +35,21 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h
 RUN_FILES = ("safemerge_report.json", "safemerge_report.png")
 
 
+def side_files(src: Path) -> list[Path]:
+    """The files :func:`copy_side_files` copies: config, generation config, tokenizer and other small
+    non-weight files (not weights, nor an index of weights: a pytorch_model.bin.index.json beside the
+    safetensors would name files the output does not have; nor an earlier run's report)."""
+    return [f for f in sorted(src.iterdir())
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")
+            and f.name not in RUN_FILES]
+
+
 def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy config, generation config, tokenizer and other small non-weight files (not weights, nor
-    an index of weights: a pytorch_model.bin.index.json beside the safetensors would name files the
-    output does not have; nor an earlier run's report)."""
+    """Copy :func:`side_files` of ``src`` into ``dst``."""
     copied = []
-    for f in sorted(src.iterdir()):
-        if (f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")
-                and f.name not in RUN_FILES):
-            shutil.copyfile(f, dst / f.name)  # (contents only: the output's files all get the umask's mode)
-            copied.append(f.name)
+    for f in side_files(src):
+        shutil.copyfile(f, dst / f.name)  # (contents only: the output's files all get the umask's mode)
+        copied.append(f.name)
     return copied
 
 
@@ -150,12 +155,19 @@ def untie_updated_head(out_dir: Path, updated: Collection[str]) -> str | None:
 
 def check_model_output(reader: ModelReader) -> None:
     """What :func:`write_model` needs of the model, from its headers alone, so that a run can refuse
-    before it reads any weight: every shard's header parses and lays out, and the index lists every
-    tensor."""
+    before it reads any weight: every shard's header parses and lays out, the index lists every
+    tensor, and every side file it copies can be read."""
     _check_index(reader)
     for names in reader.shards().values():
         for name in names:
             reader.layout(name)
+    for f in side_files(reader.path):  # (copied after every shard is written: an unreadable one fails now)
+        try:
+            with open(f, "rb"):
+                pass
+        except OSError as exc:
+            raise SafeMergeError(f"{reader.flag} {f}: cannot read it ({exc.strerror or exc}), and --output model "
+                                 "copies it; give this user read access to it") from None
 
 
 def _check_index(reader: ModelReader) -> None:
