@@ -259,11 +259,14 @@ def _say_done(args: argparse.Namespace, report: dict) -> int:
 
         sent = [getattr(args, name, None) for name in ("report", "plot")] if per_layer else []
         stream = sys.stderr if any(p and descriptor_of(p) == 1 for p in sent) else sys.stdout
+        if stream is None:  # (started with it closed, `>&-`: print() would drop the lines without a word)
+            raise OSError(errno.EBADF, "standard output is closed")
         enc = getattr(stream, "encoding", None) or "utf-8"  # (a path the terminal cannot show: escaped)
         print("\n".join(lines).encode(enc, "backslashreplace").decode(enc, "replace"), file=stream, flush=True)
     except OSError as exc:  # (a pipe closed early: `safemerge merge ... | head`)
         try:  # (and no second broken-pipe error when the interpreter flushes stdout at exit)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            if sys.stdout is not None:  # (closed at start: fd 1 may be one of this run's files now)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError):
             pass
         if args.command == "score" and _target(args) is None and exc.errno != errno.EPIPE:

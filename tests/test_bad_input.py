@@ -1705,6 +1705,28 @@ def test_score_whose_table_is_lost_is_an_error(fx, tmp_path):
     assert proc.returncode == 0 and "could not be printed (Broken pipe)" in proc.stderr, proc.stderr
 
 
+def test_score_started_with_stdout_closed_says_its_table_is_lost(fx, tmp_path):
+    """`safemerge score ... >&-`: Python then has no sys.stdout and print() drops the lines without
+    a word, so the run ended 0 having given nothing (review135). As with a full disk: one line,
+    exit 2; with --report the scores are in the file, and the table a warning."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "safemerge_ext", "score", "--aligned", str(fx.aligned), "--unaligned",
+            str(fx.unaligned), "--adapter", str(fx.task), "--no-progress"]
+    proc = subprocess.run(argv, stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 2 and proc.stderr == (
+        "safemerge: error: the scores could not be printed (standard output is closed); score wrote nothing else "
+        "(--report FILE keeps them in a file)\n"), proc.stderr
+    report = tmp_path / "r.json"
+    proc = subprocess.run(argv + ["--report", str(report)], stderr=subprocess.PIPE, text=True, timeout=300,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 0 and proc.stderr == (
+        f"safemerge: warning: --report {report} is complete; its summary could not be printed (standard output is "
+        "closed)\n"), proc.stderr
+    assert json.loads(report.read_text())["counts"]["scored"] == 21
+
+
 def test_the_same_folder_as_both_models_is_refused(fx, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(fx.aligned.parent)
     argv = _merge_argv(fx, tmp_path / "out")
