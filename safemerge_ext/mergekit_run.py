@@ -243,6 +243,17 @@ def _target(report_path: str) -> str | None:
     return report_path or _override or os.environ.get(REPORT_DIR_ENV) or _mergekit_yaml_out()
 
 
+def _named(report_path: str) -> tuple[str, str]:
+    """(the setting the report's location came from, as an error names it; what to set instead)."""
+    if report_path:
+        return f"report_path {report_path}", "give a report_path that can be written"
+    if _override:
+        return f"report_to({_override})", "report to a folder that can be written"
+    if os.environ.get(REPORT_DIR_ENV):
+        return f"{REPORT_DIR_ENV}={os.environ[REPORT_DIR_ENV]}", f"set {REPORT_DIR_ENV} to a folder that can be written"
+    return f"OUT_PATH {_mergekit_yaml_out()}", "give an OUT_PATH that can be written"
+
+
 def _key(target: str | os.PathLike) -> str:
     return str(_locations(target)[0].resolve())
 
@@ -283,11 +294,11 @@ def _append(report_path: str, line: dict[str, Any]) -> None:
         try:
             sidecar.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # (mergekit-yaml checks no parameter before it merges: say so in one line)
-            folder = sidecar.parent
+            folder, (setting, instead) = sidecar.parent, _named(report_path)
             why = (f"{folder} is a file, not a folder; give a folder, or a file name ending in .json"
                    if folder.exists() and not folder.is_dir() else
-                   f"cannot make the folder {folder} ({exc.strerror or exc}); give a report_path that can be written")
-            raise SafeMergeError(f"report_path {target}: {why}") from None
+                   f"cannot make the folder {folder} ({exc.strerror or exc}); {instead}")
+            raise SafeMergeError(f"{setting}: {why}") from None
         mode = "a"
         # this run's first record here: drop a stale sidecar. (With mergekit's --multi-gpu executor,
         # the other GPUs' workers of a run that failed may still record after the failure and land

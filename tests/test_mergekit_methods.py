@@ -1095,6 +1095,16 @@ def test_report_path_forms(tmp_path, monkeypatch):
     assert str(err.value) == (f"report_path {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a folder; give "
                               "a folder, or a file name ending in .json")
     assert (tmp_path / "afile").read_text() == "mine"
+    # a location no recipe gave is named by the setting it came from (it said "report_path", review135)
+    unmakeable = tmp_path / "afile" / "reports"
+    monkeypatch.setenv("SAFEMERGE_REPORT_DIR", str(unmakeable))
+    with pytest.raises(SafeMergeError) as err:
+        mr._append("", {"module": "m"})
+    assert str(err.value) == (f"SAFEMERGE_REPORT_DIR={unmakeable}: cannot make the folder {unmakeable} (Not a "
+                              "directory); set SAFEMERGE_REPORT_DIR to a folder that can be written")
+    with mr.report_to(unmakeable), pytest.raises(SafeMergeError) as err:
+        mr._append("", {"module": "m"})
+    assert str(err.value).startswith(f"report_to({unmakeable}): cannot make the folder {unmakeable} (Not a directory)")
 
 
 def test_safemerge_yaml_report_path_under_home(pico, tmp_path, monkeypatch):
