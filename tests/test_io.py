@@ -1003,7 +1003,8 @@ def test_what_a_killed_run_left_is_named(tmp_path, capsys):
     assert len(err) == 2 and all(p.is_dir() for p in left)
     line = {p: next(ln for ln in err if str(p) in ln) for p in left}
     assert "a partial output" in line[left[0]] and "--out" in line[left[0]] and "killed" in line[left[0]]
-    assert "the output it was replacing" in line[left[1]]
+    assert "the output an earlier run for --out" in line[left[1]]
+    assert "did not delete (it was killed, or was denied)" in line[left[1]]
 
 
 def test_a_killed_runs_leftovers_are_named_before_already_exists(tmp_path, capsys):
@@ -1017,7 +1018,7 @@ def test_a_killed_runs_leftovers_are_named_before_already_exists(tmp_path, capsy
         with staged_dir(tmp_path / "out", force=False):
             pass
     err = capsys.readouterr().err
-    assert f"{tmp_path / '.out.old-0a1b2c3d'} holds the output it was replacing" in err
+    assert f"{tmp_path / '.out.old-0a1b2c3d'} holds the output an earlier run for --out" in err
 
 
 def test_a_killed_runs_file_temporaries_are_named(tmp_path, capsys):

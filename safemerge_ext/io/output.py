@@ -430,8 +430,10 @@ def scratch_dir(out: str | os.PathLike, kind: str) -> Path:
 
 
 # the hidden siblings a run for an output makes, by kind, and what a killed run's one holds
-LEFTOVERS = {"tmp": "a partial output", "old": "the output it was replacing",
-             "lora": "the LoRA inputs folded by mergekit (its --lora-merge-cache)"}
+LEFTOVERS = {"tmp": "a partial output of an earlier run for {what} that was killed",
+             "old": "the output an earlier run for {what} replaced and did not delete (it was killed, or was denied)",
+             "lora": "the LoRA inputs folded by mergekit (its --lora-merge-cache) of an earlier run for {what} that "
+                     "was killed"}
 
 
 def _warn_leftovers(final: Path, flag: str, prog: str = "safemerge", suffix: str = "",
@@ -452,8 +454,8 @@ def _warn_leftovers(final: Path, flag: str, prog: str = "safemerge", suffix: str
             tail = name[len(prefix):len(name) - len(suffix)]
             if (name.startswith(prefix) and name.endswith(suffix) and len(tail) == 8
                     and all(c in "0123456789abcdef" for c in tail)):
-                print(f"{prog}: warning: {final.parent / name} holds {LEFTOVERS[kind]} of an earlier run for {what} "
-                      f"that was killed; delete it unless a run is writing there now", file=sys.stderr)
+                print(f"{prog}: warning: {final.parent / name} holds {LEFTOVERS[kind].format(what=what)}; delete it "
+                      "unless a run is writing there now", file=sys.stderr)
 
 
 _committed: set[str] = set()  # outputs this process put in place (staged_dir's final rename)
