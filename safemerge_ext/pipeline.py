@@ -655,7 +655,7 @@ def merge(
     settings = dataclasses.replace(settings, selection=dataclasses.replace(settings.selection, inclusive=False))
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned),
                                   ("--task-adapter", task_adapter), ("--safety-adapter", safety_adapter)),
-              marker=REPORT_JSON)
+              marker=REPORT_JSON, prog="safemerge")
     task = read_adapter(task_adapter, "--task-adapter")
     safety = read_adapter(safety_adapter, "--safety-adapter")
     run = open_run(aligned, unaligned, task, safety, device=device, backend=backend, precision=precision,
@@ -769,7 +769,7 @@ def project(
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter)),
-              marker=REPORT_JSON)
+              marker=REPORT_JSON, prog="safemerge")
     task = read_adapter(adapter, "--adapter")
     run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision,
                    honour_env=honour_env)

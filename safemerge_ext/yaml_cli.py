@@ -591,7 +591,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     except SafeMergeError as exc:
         _fail(str(exc))
     try:
-        out = check_out(out_path, force, "OUT_PATH", inputs=checked.inputs, marker=REPORT_JSON)
+        out = check_out(out_path, force, "OUT_PATH", inputs=checked.inputs, marker=REPORT_JSON, prog="safemerge-yaml")
     except SafeMergeError as exc:
         _fail(str(exc))
     if checked.has_lora and not merge_options.lora_merge_dtype:

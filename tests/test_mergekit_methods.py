@@ -999,6 +999,23 @@ def test_safemerge_yaml_output_files_follow_the_umask(pico, tmp_path, umask):
     assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
+def test_safemerge_yaml_refused_because_the_output_exists_names_a_killed_runs_leftovers(pico, tmp_path, capsys):
+    """The leftovers of a killed run beside an OUT_PATH that exists are named before the refusal
+    (they went unnamed until a --force run; review130)."""
+    from safemerge_ext import yaml_cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / ".out.tmp-0a1b2c3d").mkdir()
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(recipe(pico, params={"threshold": TAU}), tmp_path / "r.yml")), str(out)])
+    assert done.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"safemerge-yaml: warning: {tmp_path / '.out.tmp-0a1b2c3d'} holds a partial output of an "
+                      f"earlier run for OUT_PATH {out} that was killed; delete it unless a run is writing there now")
+    assert err[1].startswith(f"safemerge-yaml: error: OUT_PATH {out} already exists") and len(err) == 2
+
+
 def _sliced(p, task_range: tuple[int, int]) -> dict:
     """safemerge over one slice of the pico models, the task's source taking ``task_range``."""
     def source(path, role=None, layers=(0, 1)):

@@ -2016,3 +2016,17 @@ def test_a_programs_reduced_matmul_precision_does_not_reach_the_merged_model(fx,
     assert [rec["cosine"] for rec in medium["layers"]] == [rec["cosine"] for rec in exact["layers"]]
     a, b = load_model(tmp_path / "exact"), load_model(tmp_path / "medium")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rerun_refused_because_the_output_exists_names_a_killed_runs_leftovers(fx, tmp_path, capsys):
+    """`safemerge merge --out X` onto an X that exists, beside which a killed --force run left the
+    output it moved aside: the refusal came first and the leftover went unnamed (review130); it is
+    named before the refusal now."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / ".out.old-0a1b2c3d").mkdir()
+    assert run_cli(merge_args(fx, out, "--threshold", "0.3")) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith(f"safemerge: warning: {tmp_path / '.out.old-0a1b2c3d'} holds the "
+                                               f"output an earlier run for --out {out} replaced"), err
+    assert err[1] == f"safemerge: error: --out {out} already exists; choose a new path or pass --force to replace it"

@@ -52,12 +52,14 @@ def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False)
 
 
 def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
-              inputs: Iterable[tuple[str, str | os.PathLike]] = (), marker: str | None = None) -> Path:
+              inputs: Iterable[tuple[str, str | os.PathLike]] = (), marker: str | None = None,
+              prog: str | None = None) -> Path:
     """Fail early when the output (``flag`` names it in errors) exists and --force was not given, or
     could not be made, or when replacing it would delete the working directory or one of
     ``inputs`` ((flag, path) pairs: --force replaces the whole folder), or a file system mounted
     inside it; with ``marker`` (a file every output of the command holds), a folder that is neither
-    empty nor holds it is not replaced either."""
+    empty nor holds it is not replaced either. With ``prog`` (the command, for warnings), an output
+    refused because it exists first has the hidden leftovers of a killed run beside it named."""
     p = check_parent(out, flag)
     here, where = Path.cwd().resolve(), p.resolve()
     if where == here or where in here.parents:  # (and Path(".").name is empty)
@@ -76,6 +78,8 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
                                      "and the output would replace; choose a new folder")
     _committed.discard(os.path.abspath(p))  # (a run for it starts: not in place until staged_dir says so)
     if (p.exists() or p.is_symlink()) and not force:
+        if prog is not None:  # (a rerun without --force is where a user learns of them)
+            _warn_leftovers(p, flag, prog)
         raise SafeMergeError(f"{flag} {p} already exists; choose a new path or pass --force to replace it")
     if p.exists() and not p.is_dir():
         raise SafeMergeError(f"{flag} {p} exists and is not a directory; remove it or choose another path")
@@ -477,9 +481,7 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
     ``force``, an ``out`` that appeared while the run was writing is never replaced. ``flag`` names
     the output in errors, ``prog`` the command in warnings.
     """
-    if os.fspath(out):  # (before any refusal: a rerun without --force is where a user learns of them)
-        _warn_leftovers(Path(out), flag, prog)
-    final = check_out(out, force, flag)
+    final = check_out(out, force, flag, prog=prog)
     made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # parents this run adds
     tmp: Path | None = None
 
@@ -495,6 +497,7 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
                 except OSError:
                     break
 
+    _warn_leftovers(final, flag, prog)
     try:  # (from the first folder made: an interrupt anywhere after it takes back what was made)
         final.parent.mkdir(parents=True, exist_ok=True)
         while tmp is None:
