@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import contextvars
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -27,6 +29,46 @@ PRECISION_ENV_VAR = "SAFEMERGE_PRECISION"
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 EXACT = "ieee"
 TENSOR_CORE_BACKENDS = ("triton",)
+# set (in one thread or task only) where a caller turns a backend's "is off" warning into an error of its own
+QUIET = contextvars.ContextVar("safemerge_quiet_backend_warnings", default=False)
+
+
+_exact_lock = threading.Lock()
+_exact_depth = 0  # calls inside exact_fp32_matmuls now, in every thread
+_exact_saved: tuple[str, object] | None = None  # what the first of them found, put back by the last
+
+
+def _matmul_settings(torch: ModuleType) -> list | None:
+    matmul = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    return matmul if all(hasattr(m, "fp32_precision") for m in matmul) else None  # torch >= 2.9
+
+
+def _make_exact(torch: ModuleType) -> tuple[str, object] | None:
+    """Switch torch's fp32 products to full fp32; what to put back (None: they were exact)."""
+    matmul = _matmul_settings(torch)
+    if matmul is not None:
+        saved = [m.fp32_precision for m in matmul]  # (the one in force: "none" when none was set)
+        if all(s in ("ieee", "none") for s in saved):
+            return None
+        for m in matmul:
+            m.fp32_precision = "ieee"
+        return ("per-backend", saved)
+    saved = torch.get_float32_matmul_precision()
+    if saved == "highest":
+        return None
+    torch.set_float32_matmul_precision("highest")
+    return ("global", saved)
+
+
+def _put_back(torch: ModuleType, saved: tuple[str, object] | None) -> None:
+    if saved is None:
+        return
+    kind, value = saved
+    if kind == "per-backend":
+        for m, s in zip(_matmul_settings(torch), value):
+            m.fp32_precision = s
+    else:
+        torch.set_float32_matmul_precision(value)
 
 
 @contextlib.contextmanager
@@ -34,33 +76,24 @@ def exact_fp32_matmuls() -> Iterator[None]:
     """torch's fp32 products in full fp32 inside (a decorator too), whatever the program set: a
     ``torch.set_float32_matmul_precision("medium")`` makes them bf16 on CPUs with AMX and TF32 on
     GPUs, which would change the scores (and merged weights) that the report says were computed
-    in exact fp32. The settings are put back after; they are process-wide, so another thread's
-    products in the meantime are exact too."""
+    in exact fp32. The settings are process-wide: the first call to enter (in any thread) switches
+    them, and the last to leave puts back what the first found, so overlapping calls in several
+    threads stay exact until all are done (another thread's products in the meantime are exact too)."""
+    global _exact_depth, _exact_saved
     import torch
 
-    matmul = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
-    if all(hasattr(m, "fp32_precision") for m in matmul):  # torch >= 2.9: a setting per backend
-        saved = [m.fp32_precision for m in matmul]  # (the one in force: "none" when none was set)
-        if all(s in ("ieee", "none") for s in saved):
-            yield
-            return
-        try:
-            for m in matmul:
-                m.fp32_precision = "ieee"
-            yield
-        finally:
-            for m, s in zip(matmul, saved):
-                m.fp32_precision = s
-        return
-    saved = torch.get_float32_matmul_precision()
-    if saved == "highest":
-        yield
-        return
+    with _exact_lock:
+        if _exact_depth == 0:
+            _exact_saved = _make_exact(torch)
+        _exact_depth += 1
     try:
-        torch.set_float32_matmul_precision("highest")
         yield
     finally:
-        torch.set_float32_matmul_precision(saved)
+        with _exact_lock:
+            _exact_depth -= 1
+            if _exact_depth == 0:
+                saved, _exact_saved = _exact_saved, None
+                _put_back(torch, saved)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from safemerge_ext import reference
+from safemerge_ext import backends, reference
 from safemerge_ext._native import DTYPE_CODE, aligned, check_weights, does_not_load, require
 
 NAME = "cpp"
@@ -57,7 +57,7 @@ def _apply_isa() -> str | None:
         runs = [name for name in ISAS[1:] if _cpu.set_isa(name)]
         _cpu.set_isa(prev)
         reason = f"{ISA_ENV_VAR}={want}: this CPU cannot run those kernels; it runs {', '.join(runs)}"
-    if want not in _warned:  # `auto` then scores with torch, 5-20x slower: say so once
+    if want not in _warned and not backends.QUIET.get():  # `auto` then scores with torch, 5-20x slower: say so once
         _warned.add(want)
         warnings.warn(f"the C++ backend is off: {reason}", stacklevel=2)
     return reason

@@ -12,8 +12,8 @@ import dataclasses
 import math
 import os
 import sys
+import numbers
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,14 +135,17 @@ def open_run(
     if Path(aligned_dir).resolve() == Path(unaligned_dir).resolve():
         raise SafeMergeError(f"--aligned and --unaligned are the same folder ({aligned_dir}), so V = W_aligned - "
                              "W_unaligned is zero everywhere; give as --unaligned the base model --aligned was tuned from")
+    # (a bad SAFEMERGE_CPU_ISA is an error below, not also a warning; not warnings.catch_warnings(),
+    # whose filter list is process-wide: two runs in threads would leave its filter to the program)
+    quiet = ops.backends.QUIET.set(True)
     try:
-        with warnings.catch_warnings():  # (a bad SAFEMERGE_CPU_ISA is an error below, not also a warning)
-            warnings.filterwarnings("ignore", message="the C\\+\\+ backend is off")
-            backend_name, _ = ops.backends.resolve(backend, dev.type, honour_env=honour_env)
-            isa_off = ops.backends.unavailable_reason("cpp") if dev.type == "cpu" and backend_name != "cpp" else None
+        backend_name, _ = ops.backends.resolve(backend, dev.type, honour_env=honour_env)
+        isa_off = ops.backends.unavailable_reason("cpp") if dev.type == "cpu" and backend_name != "cpp" else None
     except ValueError as exc:  # (a message that starts with SAFEMERGE_BACKEND: the environment chose)
         msg = str(exc)
         raise SafeMergeError(msg if msg.startswith(ops.backends.ENV_VAR) else f"--backend {backend}: {msg}") from None
+    finally:
+        ops.backends.QUIET.reset(quiet)
     if isa_off and ops.backends.requested_backend(backend, honour_env) == "auto":
         from safemerge_ext.cpp_backend import ISA_ENV_VAR  # (loaded: its reason is one of its own)
 
@@ -606,6 +609,12 @@ class MergeSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.selection, Selection):
             raise TypeError(f"selection must be a Selection, e.g. Selection(threshold=0.35); got {self.selection!r}")
+        for name in ("alpha", "density"):  # (checked here, not after every layer is scored)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a number; got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer; got {self.seed!r}")
         merging.validate(self.method, self.alpha, self.density, lora=True)
         if self.density != 1.0 and self.method not in merging.USES_DENSITY:  # (it would change nothing)
             raise ValueError(f"density applies to method ties, dare_linear and dare_ties; {self.method} keeps every "

@@ -115,6 +115,42 @@ def test_a_programs_reduced_matmul_precision_does_not_reach_the_scores(setting):
             torch.set_float32_matmul_precision(saved)
 
 
+def test_overlapping_calls_in_threads_stay_exact_fp32():
+    """The first of two overlapping calls to leave put the program's "medium" back while the other
+    still computed, whose products then ran in bf16 (review136): the last to leave puts it back."""
+    import threading
+
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def first():
+            with backends.exact_fp32_matmuls():
+                first_in.set()
+                second_in.wait(10)
+            first_out.set()
+
+        def second():
+            first_in.wait(10)
+            with backends.exact_fp32_matmuls():
+                second_in.set()
+                first_out.wait(10)
+                seen["mkldnn"] = getattr(torch.backends.mkldnn.matmul, "fp32_precision", None)
+                seen["legacy"] = torch.get_float32_matmul_precision()
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert seen["mkldnn"] in (None, "ieee") and (seen["mkldnn"] is not None or seen["legacy"] == "highest"), seen
+        assert torch.get_float32_matmul_precision() == "medium"  # (the program's again, after the last)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_bad_tensors_get_one_clear_error_and_are_left_alone(backend):
     """What the API refuses, on every backend alike, without touching the caller's tensors: integer

@@ -2030,3 +2030,68 @@ def test_a_rerun_refused_because_the_output_exists_names_a_killed_runs_leftovers
     assert len(err) == 2 and err[0].startswith(f"safemerge: warning: {tmp_path / '.out.old-0a1b2c3d'} holds the "
                                                f"output an earlier run for --out {out} replaced"), err
     assert err[1] == f"safemerge: error: --out {out} already exists; choose a new path or pass --force to replace it"
+
+
+def test_concurrent_runs_leave_the_programs_warning_filters_alone(fx, monkeypatch):
+    """Two runs whose backend choice overlapped (pipeline calls are thread-safe) left an "ignore"
+    filter in the program's warnings for good: warnings.catch_warnings() is process-wide, and the
+    run that entered last put back, as it left last, the list it found (review136)."""
+    import threading
+    import time
+    import warnings
+
+    real, lock, arrived = pipeline.ops.backends.resolve, threading.Lock(), []
+    both = threading.Barrier(2)
+
+    def overlapping(*args, **kwargs):
+        with lock:
+            first_call = threading.current_thread() not in arrived  # (the run's own choice; ops ask again)
+            if first_call:
+                arrived.append(threading.current_thread())
+            last = len(arrived) == 2
+        if first_call:
+            both.wait(20)  # (both runs inside their backend choice at once)
+            if last:
+                time.sleep(0.3)  # (the run that came last leaves last)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.ops.backends, "resolve", overlapping)
+    before, errors = list(warnings.filters), []
+
+    def run():
+        try:
+            pipeline.score(fx.aligned, fx.unaligned, fx.task, progress=False)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(arrived) == 2
+    assert list(warnings.filters) == before
+
+
+def test_the_error_type_is_importable_from_the_package():
+    """`from safemerge_ext import SafeMergeError`, where a caller looks for it (review136)."""
+    import safemerge_ext
+    from safemerge_ext.errors import SafeMergeError
+
+    assert safemerge_ext.SafeMergeError is SafeMergeError and "SafeMergeError" in safemerge_ext.__all__
+
+
+@pytest.mark.parametrize("settings, want", [
+    (dict(seed="x"), "seed must be an integer; got 'x'"),
+    (dict(seed=1.5), "seed must be an integer; got 1.5"),
+    (dict(seed=True), "seed must be an integer; got True"),
+    (dict(seed=None), "seed must be an integer; got None"),
+    (dict(density="0.5"), "density must be a number; got '0.5'"),
+    (dict(alpha="0.8"), "alpha must be a number; got '0.8'"),
+])
+def test_merge_settings_refuse_what_the_merge_would_fail_on_late(settings, want):
+    """A seed that is no integer failed after every layer was scored (int('x')), or was recorded as
+    1.5 while the masks came from int(1.5); a number given as text raised TypeError: refused when
+    the settings are made (review136)."""
+    with pytest.raises(ValueError, match=re.escape(want)):
+        pipeline.MergeSettings(pipeline.Selection(num_layers=4), **{"method": "dare_ties", "density": 0.5, **settings})
