@@ -44,13 +44,19 @@ ISAS = ("best", "x86-64-v4-amx", "x86-64-v4-512", "x86-64-v4", "x86-64-v3", "bas
 
 def _apply_isa() -> str | None:
     """Select the kernels ``SAFEMERGE_CPU_ISA`` names; the reason when it names none this CPU can
-    run. Unset, it leaves the selection as it is (the CPU's pick, or the last one made)."""
+    run. Unset, it leaves the selection as it is (the CPU's pick, or one a caller made with
+    ``_cpu.set_isa``), except one the variable made, which goes back to the CPU's pick."""
+    global _env_isa
     want = os.environ.get(ISA_ENV_VAR, "").strip().lower()
     if not want:
+        if _env_isa is not None and _cpu.isa() == _env_isa:  # (unset since: the default again)
+            _cpu.set_isa("best")
+        _env_isa = None
         return None
     if want not in ISAS:
         reason = f"{ISA_ENV_VAR}={want!r} is not one of {', '.join(ISAS)}; unset it or pick one of them"
     elif _cpu.isa() == want or _cpu.set_isa(want):
+        _env_isa = _cpu.isa()
         return None
     else:
         prev = _cpu.isa()
@@ -64,6 +70,7 @@ def _apply_isa() -> str | None:
 
 
 _warned: set[str] = set()
+_env_isa: str | None = None  # the kernels SAFEMERGE_CPU_ISA selected, while they are in use
 
 
 def unavailable_reason() -> str | None:

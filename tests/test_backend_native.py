@@ -769,6 +769,15 @@ def test_cpp_isa_env_override(monkeypatch, recwarn, capsys):
         monkeypatch.delenv(cpp_backend.ISA_ENV_VAR)
         _cpu.set_isa("best")
         assert backends.available_backends()["cpp"] is None and _cpu.isa() == best
+        # the variable unset again in the same process: the CPU's pick again (it kept the variable's,
+        # review136), while a pick made with set_isa stays
+        monkeypatch.setenv(cpp_backend.ISA_ENV_VAR, "baseline")
+        assert backends.available_backends()["cpp"] is None and _cpu.isa() == "baseline"
+        monkeypatch.delenv(cpp_backend.ISA_ENV_VAR)
+        assert backends.available_backends()["cpp"] is None and _cpu.isa() == best
+        assert backends.backend_detail("cpp").startswith(f"{best} kernels, ")
+        _cpu.set_isa("baseline")
+        assert backends.available_backends()["cpp"] is None and _cpu.isa() == "baseline"
     finally:
         _cpu.set_isa("best")
 
