@@ -8,11 +8,13 @@ before any weight is read.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import math
+import numbers
 import os
 import sys
-import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,9 +89,23 @@ class Run:
         return {layer.weight for layer in self.layers}
     started: float = field(default_factory=time.perf_counter)
 
+    reading: Prefetch | None = field(default=None, repr=False)  # a read-ahead a Ctrl-C did not wait for
+
     @property
     def bytes_read(self) -> int:
         return self.aligned.bytes_read + self.unaligned.bytes_read + self.adapter_bytes
+
+    def still_reading(self) -> bool:
+        """Whether a read the run did not wait for (a Ctrl-C during a stalled read) still goes on."""
+        return self.reading is not None and not self.reading.finished(timeout=0.5)
+
+    def close(self) -> None:
+        """Close the models' and adapters' files now (else when the last reference goes)."""
+        readers = [self.aligned, self.unaligned]
+        for layer in self.layers:
+            readers += [layer.task.reader] + ([layer.safety.reader] if layer.safety is not None else [])
+        for reader in {id(r): r for r in readers}.values():
+            reader.close()
 
     def tick(self, key: str, since: float) -> float:
         now = time.perf_counter()
@@ -112,6 +128,37 @@ def resolve_device(name: str, *, scoring: bool = True) -> torch.device:
         raise SafeMergeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                              "use cuda or cuda:N with a smaller N")
     return dev
+
+
+_OPENED: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("safemerge_opened", default=None)
+
+
+def _opened(thing: Any) -> Any:
+    """Note a file reader (a Run, a model, an adapter) a command opened, which it closes when it ends
+    (:func:`_closes_files`)."""
+    noted = _OPENED.get()
+    if noted is not None:
+        noted.append(thing)
+    return thing
+
+
+def _closes_files(fn: Any) -> Any:
+    """A command that closes the model and adapter files it opened as it ends, also when it fails:
+    a program that keeps the exception (a notebook keeps the last one) kept them, and the mapped
+    weights its frames held, open until it let go of it."""
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        noted: list[Any] = []
+        token = _OPENED.set(noted)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _OPENED.reset(token)
+            # (files a read still uses are left to close when the last reference goes)
+            if not any(isinstance(thing, Run) and thing.still_reading() for thing in noted):
+                for thing in reversed(noted):
+                    thing.close()
+    return command
 
 
 def open_run(
@@ -160,8 +207,8 @@ def open_run(
     if requested == "bf16" and backend_name in ops.backends.TENSOR_CORE_BACKENDS and dev.type != "cuda":
         raise SafeMergeError("--precision bf16 needs a GPU: triton's interpreter does not round operands to bf16 "
                              "as the tensor cores do; use ieee, tf32 or tf32x3 here")
-    aligned = ModelReader(aligned_dir, "--aligned")
-    unaligned = ModelReader(unaligned_dir, "--unaligned")
+    aligned = _opened(ModelReader(aligned_dir, "--aligned"))
+    unaligned = _opened(ModelReader(unaligned_dir, "--unaligned"))
     layers: list[Layer] = []
     # (the safety adapter's modules by every name they go by: one trained on another transformers
     # version may name a vision-language model's modules differently)
@@ -236,8 +283,8 @@ def open_run(
                     f"{shape[0]}x{shape[1]}; the adapter belongs to another model"
                 )
         layers.append(Layer(module, weight, shape, lm, sm, uweight))
-    run = Run(aligned, unaligned, layers, dev, backend_name, used, requested,
-              ops.backends.requested_backend(backend, honour_env))
+    run = _opened(Run(aligned, unaligned, layers, dev, backend_name, used, requested,
+                      ops.backends.requested_backend(backend, honour_env)))
     if used != requested:
         run.warnings.append(
             f"precision {requested} applies to the triton backend on a GPU only; the {backend_name} backend "
@@ -439,28 +486,32 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
         else:
             pairs = prefetch(read_order(run), load, size=pair_bytes, budget=READ_AHEAD_BYTES, depth=READ_AHEAD_LAYERS)
         for i, (wa, wu, ready, (A, B)) in pairs:
-            raise_pending()  # (a Ctrl-C that library code swallowed: acted on now, not after the last layer)
-            layer = run.layers[i]
-            if ready is not None:
-                torch.cuda.current_stream(run.device).wait_event(ready)
-                wa.record_stream(torch.cuda.current_stream(run.device))
-                wu.record_stream(torch.cuda.current_stream(run.device))
             try:
-                scores[i] = ops.subspace_score(
-                    wa, wu, lora_A=A, lora_B=B, backend=run.backend,
-                    precision=run.precision, with_projection=with_projection,
-                    file_backed=ready is None and run.aligned.is_mapped(wa) and run.unaligned.is_mapped(wu),
-                )
-            except FloatingPointError:
-                raise _non_finite(run, layer, wa, wu) from None
-            if layer.task.scaling == 0 and not math.isnan(scores[i].cosine):  # (B A scaled by 0: no update)
-                scores[i] = dataclasses.replace(scores[i], cosine=math.nan, projected_B=None,
-                                                reason="the update is zero (its scaling, lora_alpha, is 0)")
-            if scores[i].projected_B is not None and scores[i].projected_B.device.type != "cpu":
-                # (kept until the output is written, which reads it on the CPU: not in GPU memory,
-                # where every layer's would add up, 1.7 GB for a 70B model at r = 64)
-                scores[i] = dataclasses.replace(scores[i], projected_B=scores[i].projected_B.cpu())
-            del wa, wu, ready, A, B  # unmaps the pair (CPU) before the next read is admitted (see prefetch)
+                raise_pending()  # (a Ctrl-C that library code swallowed: acted on now, not after the last layer)
+                layer = run.layers[i]
+                if ready is not None:
+                    torch.cuda.current_stream(run.device).wait_event(ready)
+                    wa.record_stream(torch.cuda.current_stream(run.device))
+                    wu.record_stream(torch.cuda.current_stream(run.device))
+                try:
+                    scores[i] = ops.subspace_score(
+                        wa, wu, lora_A=A, lora_B=B, backend=run.backend,
+                        precision=run.precision, with_projection=with_projection,
+                        file_backed=ready is None and run.aligned.is_mapped(wa) and run.unaligned.is_mapped(wu),
+                    )
+                except FloatingPointError as exc:
+                    exc.__traceback__ = None  # (its frames hold the pair: not kept by the error that replaces it)
+                    raise _non_finite(run, layer, wa, wu) from None
+                if layer.task.scaling == 0 and not math.isnan(scores[i].cosine):  # (B A scaled by 0: no update)
+                    scores[i] = dataclasses.replace(scores[i], cosine=math.nan, projected_B=None,
+                                                    reason="the update is zero (its scaling, lora_alpha, is 0)")
+                if scores[i].projected_B is not None and scores[i].projected_B.device.type != "cpu":
+                    # (kept until the output is written, which reads it on the CPU: not in GPU memory,
+                    # where every layer's would add up, 1.7 GB for a 70B model at r = 64)
+                    scores[i] = dataclasses.replace(scores[i], projected_B=scores[i].projected_B.cpu())
+            finally:  # unmaps the pair (CPU) before the next read is admitted (see prefetch), and one an
+                # error came with is not kept, mapped or on the GPU, by its traceback
+                del wa, wu, ready, A, B
             bar.update(1)
     finally:
         # (at once, not when an exception's traceback lets go of this frame: the read-ahead
@@ -470,6 +521,7 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
             # mount can make last minutes: the read-ahead thread ends when that read returns)
             if isinstance(pairs, Prefetch) and isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit)):
                 pairs.abandon()
+                run.reading = pairs
             else:
                 pairs.close()
         bar.close()
@@ -541,6 +593,7 @@ def _save_report(report: dict[str, Any], folder: Path, with_plot: bool) -> None:
 # --- commands --------------------------------------------------------------------------------
 
 
+@_closes_files
 @exact_fp32_matmuls()
 def score(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, *,
@@ -573,7 +626,7 @@ def score(
                              f"{Path(report_path) / REPORT_JSON}")
     if plot_path:
         check_plot_path(plot_path)
-    task = read_adapter(adapter, "--adapter")
+    task = _opened(read_adapter(adapter, "--adapter"))
     run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision,
                    honour_env=honour_env)
     if plot_path:
@@ -649,6 +702,7 @@ def _note_vllm(run: Run, off_default: list[str]) -> None:
         )
 
 
+@_closes_files
 @exact_fp32_matmuls()
 def merge(
     aligned: str | Path, unaligned: str | Path, task_adapter: str | Path, safety_adapter: str | Path, out: str | Path,
@@ -665,8 +719,8 @@ def merge(
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned),
                                   ("--task-adapter", task_adapter), ("--safety-adapter", safety_adapter)),
               marker=REPORT_JSON, prog="safemerge")
-    task = read_adapter(task_adapter, "--task-adapter")
-    safety = read_adapter(safety_adapter, "--safety-adapter")
+    task = _opened(read_adapter(task_adapter, "--task-adapter"))
+    safety = _opened(read_adapter(safety_adapter, "--safety-adapter"))
     run = open_run(aligned, unaligned, task, safety, device=device, backend=backend, precision=precision,
                    honour_env=honour_env)
     if settings.output == "model":
@@ -763,6 +817,7 @@ def merge(
     return report
 
 
+@_closes_files
 @exact_fp32_matmuls()
 def project(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, out: str | Path, selection: Selection, *,
@@ -779,7 +834,7 @@ def project(
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter)),
               marker=REPORT_JSON, prog="safemerge")
-    task = read_adapter(adapter, "--adapter")
+    task = _opened(read_adapter(adapter, "--adapter"))
     run = open_run(aligned, unaligned, task, device=device, backend=backend, precision=precision,
                    honour_env=honour_env)
     if output == "model":

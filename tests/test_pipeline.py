@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from numerics import assert_close, ref_cosine, ref_project
 from safemerge_ext import backends, pipeline
 from safemerge_ext.cli import main
+from safemerge_ext.errors import SafeMergeError
 from weights import load_adapter, load_model
 
 def _runs_on_cpu(name: str) -> bool:
@@ -2095,3 +2096,54 @@ def test_merge_settings_refuse_what_the_merge_would_fail_on_late(settings, want)
     the settings are made (review136)."""
     with pytest.raises(ValueError, match=re.escape(want)):
         pipeline.MergeSettings(pipeline.Selection(num_layers=4), **{"method": "dare_ties", "density": 0.5, **settings})
+
+
+def _held_files(root: Path) -> tuple[set[str], int]:
+    """The files under ``root`` this process holds open, and how many of its mappings are of them."""
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    with open("/proc/self/maps") as maps:
+        mapped = sum(str(root) in line for line in maps)
+    return {f for f in fds if f.startswith(str(root))}, mapped
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+@pytest.mark.parametrize("failure", ["lost-precision", "ctrl-c"])
+def test_a_failed_run_keeps_no_file_open_while_its_error_is_kept(fx, tmp_path, monkeypatch, failure):
+    """A program that keeps the error of a failed run (a notebook keeps the last one) kept every
+    shard and adapter open, and the pair it was scoring mapped, through the traceback's frames
+    (review136): a run closes what it opened as it fails, and its error holds no pair."""
+    import gc
+
+    calls = []
+    if failure == "lost-precision":  # (raised inside ops, whose frames hold the pair)
+        real = pipeline.ops._cos
+
+        def fails_at_the_third(*args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise FloatingPointError("lost")
+            return real(*args)
+
+        monkeypatch.setattr(pipeline.ops, "_cos", fails_at_the_third)
+    else:  # (a Ctrl-C acted on at the top of a layer)
+        def fails_at_the_third():
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(pipeline, "raise_pending", fails_at_the_third)
+    root = Path(fx.aligned).parent
+    gc.collect()
+    before = _held_files(root)
+    with pytest.raises((SafeMergeError, KeyboardInterrupt)) as kept:
+        pipeline.merge(fx.aligned, fx.unaligned, fx.task, fx.safety, tmp_path / "out",
+                       pipeline.MergeSettings(pipeline.Selection(threshold=0.3)), plot=False, progress=False)
+    assert kept.value is not None and len(calls) == 3
+    held, mapped = _held_files(root)
+    assert held <= before[0] and mapped <= before[1], (held - before[0], mapped, before[1])
+    assert not (tmp_path / "out").exists()

@@ -133,6 +133,11 @@ class LoraAdapter:
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self.modules.values())
 
+    def close(self) -> None:
+        """Close the adapter's file now (else when the last reference to it goes)."""
+        for reader in {id(m.reader): m.reader for m in self.modules.values()}.values():
+            reader.close()
+
 
 def read_adapter(path: str | os.PathLike, flag: str = "--adapter", *, folded: bool = False) -> LoraAdapter:
     """Open and validate a PEFT LoRA adapter folder: config, names, shapes, ranks, and that every

@@ -95,10 +95,18 @@ class Prefetch:
         return it, value  # (the consumer's reference is then the only one)
 
     def abandon(self) -> None:
-        """Stop the thread without waiting for a load in progress (it ends when that load returns)."""
+        """Stop the thread without waiting for a load in progress (it ends when that load returns);
+        what it loaded ahead is let go."""
         self._a.stop.set()
         with self._a.cond:
             self._a.cond.notify_all()
+        while not self._a.q.empty():
+            self._a.q.get_nowait()
+
+    def finished(self, timeout: float = 0.0) -> bool:
+        """Whether the thread has ended, waiting up to ``timeout`` seconds for it."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def close(self) -> None:
         """Stop the thread and wait for it; what it loaded ahead is let go."""
