@@ -9,8 +9,8 @@ string in :func:`available_backends`, and an error only when that backend is ask
 from __future__ import annotations
 
 import contextlib
-import importlib
 import contextvars
+import importlib
 import os
 import sys
 import threading
