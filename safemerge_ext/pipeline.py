@@ -769,7 +769,13 @@ def merge(
             if dW is not None:
                 B, A, rel = merging.truncated_factors(dW, t.rank + s.rank)
                 rec.extra["svd_rel_error"] = rel
-            return A.to(dt), B.to(dt) / scaling
+            B = B.to(dt) / scaling
+            if not bool(torch.isfinite(B).all()):  # (the scales folded into B: a huge lora_alpha overflows here)
+                raise SafeMergeError(
+                    f"module {layer.module}: its merged lora_B overflows {dt} (Inf) once the adapters' scalings are "
+                    f"folded in; check lora_alpha and alpha_pattern in {t.reader.path / 'adapter_config.json'} and "
+                    f"{s.reader.path / 'adapter_config.json'}; nothing was written")
+            return A.to(dt), B
 
         # written at the task adapter's default scaling (B divided by it), which is the one scaling
         # vLLM applies to every module; PEFT reads this module's own alpha (see write_adapter)

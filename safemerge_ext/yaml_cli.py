@@ -584,6 +584,8 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         data = yaml.safe_load(source)
     except yaml.YAMLError as exc:
         _fail(f"{config_file}: not valid YAML ({_yaml_problem(exc)})")
+    except RecursionError:  # (PyYAML parses nested collections recursively)
+        _fail(f"{config_file}: not valid YAML (collections nested too deeply to read); give a recipe as mergekit documents it")
     try:
         checked = validate_recipe(data, config_file, truncate_embeddings=merge_options.unsafe_truncate_embeddings)
         check_device(merge_options)  # (before mergekit folds any LoRA input: minutes for a 7B model)

@@ -2031,3 +2031,79 @@ def test_interrupts_held_sends_on_what_it_held():
         signal.raise_signal(signal.SIGINT)
     assert held == [signal.SIGINT]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# Found by mutation fuzzing of the input files (review137): each ended in a Python traceback, or
+# in an adapter of Inf, instead of one line and exit 2 with nothing at --out.
+
+
+def _fuzz_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _fuzz_edit(folder: Path, name: str, **changes) -> None:
+    cfg = json.loads((folder / name).read_text())
+    cfg.update(changes)
+    (folder / name).write_text(json.dumps(cfg))
+
+
+def _fuzz_models(fx, aligned=None):
+    return ["--aligned", str(aligned or fx.aligned), "--unaligned", str(fx.unaligned), "--no-progress"]
+
+
+def _fuzz_one_line(capsys, *want: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("safemerge: error: "), err
+    for w in want:
+        assert w in err, err
+    return err
+
+
+def test_an_adapter_tensor_named_without_a_dot_is_one_line(fx, tmp_path, capsys):
+    task = _fuzz_copy(fx.task, tmp_path / "task")
+    path = task / "adapter_model.safetensors"
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    hdr = json.loads(data[8:8 + n])
+    end = max(v["data_offsets"][1] for k, v in hdr.items() if k != "__metadata__")
+    hdr["extra"] = {"dtype": "F32", "shape": [0], "data_offsets": [end, end]}
+    blob = json.dumps(hdr).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
+    assert main(["score", *_fuzz_models(fx), "--adapter", str(task)]) == 2
+    _fuzz_one_line(capsys, str(path), "extra")
+
+
+@pytest.mark.parametrize("model_type", [["llama"], {"name": "llama"}])
+def test_a_model_type_that_is_no_string_is_not_a_traceback(fx, tmp_path, capsys, model_type):
+    aligned = _fuzz_copy(fx.aligned, tmp_path / "aligned")
+    _fuzz_edit(aligned, "config.json", model_type=model_type)
+    # (model_type only tells Conv1D models apart: this one is a Llama by its tensors)
+    assert main(["score", *_fuzz_models(fx, aligned), "--adapter", str(fx.task)]) == 0
+
+
+@pytest.mark.parametrize("pattern", ["lay(ers", 1])
+@pytest.mark.parametrize("command", ["score", "project"])
+def test_a_bad_layers_pattern_is_one_line(fx, tmp_path, capsys, pattern, command):
+    task = _fuzz_copy(fx.task, tmp_path / "task")
+    _fuzz_edit(task, "adapter_config.json", layers_to_transform=[0], layers_pattern=pattern)
+    out = tmp_path / "out"
+    argv = [command, *_fuzz_models(fx), "--adapter", str(task)] + (["--out", str(out), "--no-plot"] if command == "project" else [])
+    assert main(argv) == 2
+    _fuzz_one_line(capsys, str(task / "adapter_config.json"), "layers_pattern")
+    assert not out.exists()
+
+
+def test_a_scaling_that_overflows_the_merged_adapter_is_one_line(fx, tmp_path, capsys):
+    safety = _fuzz_copy(fx.safety, tmp_path / "safety")
+    _fuzz_edit(safety, "adapter_config.json", lora_alpha=1e308)
+    out = tmp_path / "merged"
+    code = main(["merge", *_fuzz_models(fx), "--task-adapter", str(fx.task), "--safety-adapter", str(safety),
+                 "--out", str(out), "--threshold", "1", "--no-plot"])
+    assert code == 2
+    _fuzz_one_line(capsys, "overflow", "lora_alpha")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["safety"]

@@ -1074,6 +1074,21 @@ def test_a_role_given_per_tensor_is_refused_in_words(pico):
         validate_recipe(cfg, "r.yml")
 
 
+def test_safemerge_yaml_says_a_too_deeply_nested_recipe_in_one_line(tmp_path, capsys):
+    """PyYAML reads nested collections recursively: 2000 of them were a RecursionError's traceback
+    (review137)."""
+    from safemerge_ext import yaml_cli
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("merge_method: safemerge\nfoo: " + "[" * 2000 + "]" * 2000 + "\n")
+    with pytest.raises(SystemExit) as exc:
+        yaml_cli.main([str(recipe), str(tmp_path / "out")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(recipe) in err and "not valid YAML" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("text, want", [
     ("merge_method: safemerge\nbase_model: [\n", "expected the node content, but found '<stream end>' at line 3, column 1"),
     ("merge_method: safemerge\nbase_model: a: b\n", "mapping values are not allowed here at line 2, column 14"),

@@ -191,6 +191,7 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter", *, folded: bo
                              "wrote, which holds both")
 
     r_default, alpha_default, rank_pattern, alpha_pattern = _ranks_and_alphas(config, f"{flag} {cfg_path}")
+    _check_layers_pattern(config, f"{flag} {cfg_path}")
     reader = ModelReader(p, flag, single=WEIGHTS)
     keys: dict[str, dict[str, str]] = {}
     for key in reader.names:
@@ -267,6 +268,24 @@ def _ranks_and_alphas(config: dict[str, Any], where: str) -> tuple[int, float, d
     return int(r_default), alpha_default, patterns[0], patterns[1]
 
 
+def _check_layers_pattern(config: dict[str, Any], where: str) -> None:
+    """``layers_pattern`` as PEFT reads it where ``layers_to_transform`` is set: a name (a regular
+    expression) or a list of them, of the model's list of layers (``layers``, ``h``)."""
+    layers, pattern = config.get("layers_to_transform"), config.get("layers_pattern")
+    if layers in (None, [], ()) or isinstance(layers, bool) or not pattern:
+        return
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    if not (isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns)):
+        raise SafeMergeError(f"{where}: layers_pattern is {pattern!r}, not the name (or a list of names) of the "
+                             "model's list of layers, e.g. 'layers'; correct it or re-save the adapter with save_pretrained")
+    for p in patterns:
+        try:
+            re.compile(rf"(?:^|.*?\.){p}\.(\d+)\.")
+        except re.error as exc:
+            raise SafeMergeError(f"{where}: layers_pattern has {p!r}, not a regular expression ({exc}); correct it "
+                                 "or re-save the adapter with save_pretrained") from None
+
+
 def _not_a_factor(key: str, names: list[str], config: dict[str, Any], where: str) -> SafeMergeError:
     """The error for a tensor that is not a LoRA factor, naming what it is where PEFT's names say."""
     embedding = next((n for n in names if ".lora_embedding_" in n), None)
@@ -286,7 +305,8 @@ def _not_a_factor(key: str, names: list[str], config: dict[str, Any], where: str
             f"{where}: tensor {key} is a trained bias (bias: {config.get('bias')!r}); bias terms are not part of "
             f"the B @ A update, so this adapter is not supported here{_FOLD}"
         )
-    if "lora" in key.rsplit(".", 2)[-2].lower():  # ("...q_proj.loraA.weight": factors named by another tool)
+    parts = key.rsplit(".", 2)  # (a name without a dot, "extra", has no module part)
+    if len(parts) > 1 and "lora" in parts[-2].lower():  # ("...q_proj.loraA.weight": factors named by another tool)
         return SafeMergeError(
             f"{where}: tensor {key} is not named as PEFT names LoRA factors (<module>.lora_A.weight and "
             "<module>.lora_B.weight); convert the adapter to PEFT's format (save it with PEFT's save_pretrained)"

@@ -164,7 +164,8 @@ def named_like_conv1d(module: str) -> bool:
 def is_conv1d(model_type: object, module: str) -> bool:
     """Whether ``module`` of a ``model_type`` model is a Conv1D layer: its weight is stored
     d_in x d_out, the transpose of the linear map SPEC's formulas take."""
-    return model_type in _CONV1D_MODELS and named_like_conv1d(module)
+    # (config.json is the user's: a model_type that is a list or an object names no Conv1D model)
+    return isinstance(model_type, str) and model_type in _CONV1D_MODELS and named_like_conv1d(module)
 
 
 def ties_embeddings(model_dir: str | os.PathLike) -> bool:
