@@ -609,14 +609,19 @@ def _check_mergekit_yaml_recipe(name: str) -> None:
         import yaml
         from mergekit.config import MergeConfiguration
 
-        data = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
+        text = Path(recipe).read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
         config = MergeConfiguration.model_validate(data)
     except Exception:
         return
     if config.merge_method != name:
         return
-    from safemerge_ext.yaml_cli import check_parameter_names, check_recipe_keys
+    from safemerge_ext.yaml_cli import check_parameter_names, check_recipe_keys, load_recipe, yaml_problem
 
+    try:  # (a key given twice: mergekit took the last one without a word)
+        load_recipe(text)
+    except yaml.YAMLError as exc:
+        raise SafeMergeError(f"{recipe}: {yaml_problem(exc)}") from None
     check_recipe_keys(data, recipe)
     check_parameter_names(config, name, recipe)
 

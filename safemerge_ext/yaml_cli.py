@@ -554,7 +554,38 @@ def _fail(msg: str) -> None:
     sys.exit(1)
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last
+    without a word, so a second ``threshold:`` further down would quietly replace the first."""
+
+
+def _no_key_twice(loader: _RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # (`<<: *defaults`, whose keys the mapping may override)
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # (an unhashable key: PyYAML's own error follows)
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice (also at line {first}); "
+                                                    "keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_key_twice)
+
+
+def load_recipe(source: str) -> Any:
+    """A YAML recipe's data, as ``yaml.safe_load`` reads it, except that a key given twice in one
+    mapping raises (``yaml.YAMLError``)."""
+    return yaml.load(source, Loader=_RecipeLoader)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
     """PyYAML's problem and where it is ("expected ',' or ']', but got '<stream end>' at line 3, column 1"),
     on one line."""
     problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
@@ -581,9 +612,9 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     except UnicodeDecodeError:
         _fail(f"{config_file}: not a text file in UTF-8; give a YAML recipe")
     try:
-        data = yaml.safe_load(source)
+        data = load_recipe(source)
     except yaml.YAMLError as exc:
-        _fail(f"{config_file}: not valid YAML ({_yaml_problem(exc)})")
+        _fail(f"{config_file}: not valid YAML ({yaml_problem(exc)})")
     except RecursionError:  # (PyYAML parses nested collections recursively)
         _fail(f"{config_file}: not valid YAML (collections nested too deeply to read); give a recipe as mergekit documents it")
     try:

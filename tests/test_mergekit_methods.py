@@ -1089,6 +1089,27 @@ def test_safemerge_yaml_says_a_too_deeply_nested_recipe_in_one_line(tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_a_recipe_key_given_twice_is_refused(pico, tmp_path, capsys, monkeypatch):
+    """PyYAML keeps the last of two equal keys without a word: a second `threshold:` further down
+    quietly replaced the first (review137). safemerge-yaml and plain mergekit-yaml's check refuse it."""
+    from safemerge_ext import mergekit_methods, yaml_cli
+
+    text = yaml.safe_dump(recipe(pico, params={"threshold": TAU})) + "parameters:\n  threshold: 0.1\n"
+    (tmp_path / "r.yml").write_text(text)
+    line = text.count("\n") - 1
+    want = f"key 'parameters' is given twice (also at line {text.splitlines().index('parameters:') + 1}); keep one " \
+           f"at line {line}, column 1"
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(tmp_path / "r.yml"), str(tmp_path / "out")])
+    assert done.value.code == 1 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err == f"safemerge-yaml: error: {tmp_path / 'r.yml'}: not valid YAML ({want})\n"
+    monkeypatch.setattr(mergekit_methods, "_in_mergekit_yaml", lambda: True)
+    monkeypatch.setattr(mergekit_methods, "_mergekit_yaml_args", lambda: {"config_file": str(tmp_path / "r.yml")})
+    monkeypatch.setattr(mergekit_methods, "_recipe_checked", [])
+    with pytest.raises(SafeMergeError, match=re.escape(f"{tmp_path / 'r.yml'}: {want}")):
+        mergekit_methods._check_mergekit_yaml_recipe("safemerge")
+
+
 @pytest.mark.parametrize("text, want", [
     ("merge_method: safemerge\nbase_model: [\n", "expected the node content, but found '<stream end>' at line 3, column 1"),
     ("merge_method: safemerge\nbase_model: a: b\n", "mapping values are not allowed here at line 2, column 14"),
