@@ -108,7 +108,8 @@ def _cuda_torch() -> tuple[bool | None, str]:
                 return False, f"torch {version} installed in {where} is a CPU build"
             return True, f"torch {version} (CUDA {cuda}) installed in {where}"
         return None, (f"torch is not importable in the build environment ({type(exc).__name__}: pip's build "
-                      "isolation?) nor installed where the package goes, and the extension links no torch")
+                      "isolation, or `python -m build`/uv's own build venv?) nor installed where the package goes, "
+                      "and the extension links no torch; SAFEMERGE_BUILD_CUDA=0 leaves it out")
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} in the build environment is a CPU build"
     return True, f"torch {torch.__version__} (CUDA {torch.version.cuda})"

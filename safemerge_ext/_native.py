@@ -28,6 +28,27 @@ def does_not_load(what: str, module: str, error: str | None) -> str | None:
             "build it for this system") if built else None
 
 
+def checkout_hint() -> str:
+    """" (...)" when safemerge_ext is imported from a source checkout (setup.py beside it) that holds
+    no built extension while the installed distribution lies elsewhere: `python -m safemerge_ext...`
+    run in the clone after a plain `pip install .` puts the checkout first on sys.path."""
+    from importlib import metadata
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent
+    if not (pkg.parent / "setup.py").is_file():
+        return ""
+    try:  # (an editable install lists no package file: nothing is shadowed there)
+        dist = metadata.distribution("safemerge-ext")
+        init = next((f for f in dist.files or () if str(f) == "safemerge_ext/__init__.py"), None)
+        if init is None or Path(dist.locate_file(init)).resolve() == pkg / "__init__.py":
+            return ""
+    except Exception:
+        return ""
+    return (f" (safemerge_ext is imported from the source checkout {pkg.parent}, not the installed copy: "
+            "run from another folder, use the `safemerge` command, or `pip install -e .`)")
+
+
 def require(reason: str | None) -> None:
     """Raise the backend's unavailability reason, if any, as one RuntimeError line."""
     if reason:

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from safemerge_ext import backends, reference
-from safemerge_ext._native import DTYPE_CODE, aligned, check_weights, does_not_load, require
+from safemerge_ext._native import DTYPE_CODE, aligned, check_weights, checkout_hint, does_not_load, require
 
 NAME = "cpp"
 
@@ -78,7 +78,7 @@ def unavailable_reason() -> str | None:
     if _cpu is None:
         return does_not_load("C++", "safemerge_ext._cpu", _IMPORT_ERROR) or (
             "the C++ extension was not built (SAFEMERGE_SKIP_NATIVE=1, no compiler, or a failed build; "
-            f"reinstall safemerge-ext to build it): {_IMPORT_ERROR}"
+            f"reinstall safemerge-ext to build it): {_IMPORT_ERROR}" + checkout_hint()
         )
     return _apply_isa()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from safemerge_ext._native import DTYPE_CODE, check_weights, does_not_load, require, unit_rows
+from safemerge_ext._native import DTYPE_CODE, check_weights, checkout_hint, does_not_load, require, unit_rows
 
 NAME = "cuda"
 
@@ -31,7 +31,7 @@ def unavailable_reason() -> str | None:
     if _cuda is None:
         return does_not_load("CUDA", "safemerge_ext._cuda", _IMPORT_ERROR) or (
             "the CUDA extension was not built (it needs nvcc at install time, and SAFEMERGE_BUILD_CUDA=1 to build it "
-            f"for a CPU build of torch; `pip install -v` shows why it was skipped): {_IMPORT_ERROR}"
+            f"for a CPU build of torch; `pip install -v` shows why it was skipped): {_IMPORT_ERROR}" + checkout_hint()
         )
     problem = _cuda.device_problem()
     if problem:

@@ -465,3 +465,28 @@ def test_enable_rewrites_a_stale_pth(tmp_path):
     f.write_text("import safemerge_ext._old_hook\n")
     assert autoload.enable(tmp_path).startswith("autoload enabled: ")
     assert f.read_text() == autoload.PTH_LINE
+
+
+def test_a_checkout_that_hides_the_installed_package_is_named(monkeypatch, tmp_path):
+    """`python -m safemerge_ext ...` in the checkout after a plain `pip install .` imports the
+    checkout's package, which has no built extension: the backends' reason said to reinstall, which
+    does not help (review138); it names the checkout. Not where the installed copy is this one."""
+    from importlib import metadata
+
+    from safemerge_ext import _native
+
+    class Installed:
+        files = ["safemerge_ext/__init__.py"]
+
+        def __init__(self, site: Path) -> None:
+            self.site = site
+
+        def locate_file(self, f):
+            return self.site / str(f)
+
+    monkeypatch.setattr(metadata, "distribution", lambda name: Installed(tmp_path / "site-packages"))
+    assert _native.checkout_hint() == (f" (safemerge_ext is imported from the source checkout {ROOT}, not the "
+                                       "installed copy: run from another folder, use the `safemerge` command, or "
+                                       "`pip install -e .`)")
+    monkeypatch.setattr(metadata, "distribution", lambda name: Installed(ROOT))  # (the checkout is the install)
+    assert _native.checkout_hint() == ""
