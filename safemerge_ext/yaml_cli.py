@@ -29,10 +29,10 @@ from safemerge_ext.backends import requested_precision
 from safemerge_ext.errors import SafeMergeError, not_a_folder, symlink_loop
 from safemerge_ext.io.model_writer import untie_stored_head
 from safemerge_ext.io.output import (check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir,
-                                     umask_modes)
+                                     umask_modes, write_files)
 from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, check_device, register_methods
 from safemerge_ext.mergekit_run import discard_report, finalize_report, refusal, report_files
-from safemerge_ext.report import REPORT_JSON, PlotUnavailable, plot, summary_table, write_json
+from safemerge_ext.report import REPORT_JSON, PlotUnavailable, json_writer, plot_writer, summary_table
 
 # what mergekit's dtype / out_dtype take for a merge (mergekit.common.dtype_from_name also takes int64)
 DTYPES = ("bfloat16", "float16", "float32", "float64")
@@ -692,11 +692,12 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         own_json, own_png = report_files(own)
         try:
             own_json.parent.mkdir(parents=True, exist_ok=True)
-            write_json(report, own_json)
-            try:
-                plot(report, own_png)
+            files = [(own_json, json_writer(report))]
+            try:  # (both rendered, then both renamed into place: never another run's plot beside this JSON)
+                files.insert(0, (own_png, plot_writer(report, own_png)))
             except PlotUnavailable:  # (finalize_report warned already)
                 pass
+            write_files(files)
         except OSError as exc:
             _fail(f"report_path {own}: the merge and its report are in {out}, but the copy could not be written "
                   f"({exc.strerror or exc}); copy {out / own_json.name} yourself")

@@ -2359,12 +2359,44 @@ def test_safemerge_yaml_report_copy_that_fails_is_one_line_after_the_merge(pico,
 
     own, out = tmp_path / "own", tmp_path / "out"
     cfg = recipe(pico, params={"threshold": TAU, "report_path": str(own)})
-    monkeypatch.setattr(yaml_cli, "write_json", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    monkeypatch.setattr(yaml_cli, "write_files", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     with pytest.raises(SystemExit) as done:
         yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]  # (not mergekit's bars)
     assert done.value.code == 1 and len(err) == 1 and "the merge and its report are in" in err[0], err
     assert (out / "safemerge_report.json").is_file() and (out / "config.json").is_file()
+
+
+def test_safemerge_yaml_report_path_copy_is_one_pair(pico, tmp_path, capsys, monkeypatch):
+    """The report_path copy is its JSON and plot together, or neither: the JSON was written, then the
+    plot rendered, so a run whose plot there failed (a full disk), or a second run sharing the
+    report_path, left one run's JSON beside another's plot (review139)."""
+    from safemerge_ext import yaml_cli
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "safemerge_report.json").write_text('{"from": "the other run"}\n')
+    (own / "safemerge_report.png").write_bytes(b"the other run's plot")
+    real = yaml_cli.plot_writer
+
+    def full_in_own(report, path):
+        save = real(report, path)
+        if Path(path).parent != own:
+            return save
+
+        def fails(tmp):
+            raise OSError(28, "No space left on device")
+        return fails
+
+    monkeypatch.setattr(yaml_cli, "plot_writer", full_in_own)
+    cfg = recipe(pico, params={"threshold": TAU, "report_path": str(own)})
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out"), "--no-copy-tokenizer"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]
+    assert done.value.code == 1 and len(err) == 1 and "No space left on device" in err[0], err
+    assert (own / "safemerge_report.json").read_text() == '{"from": "the other run"}\n'
+    assert (own / "safemerge_report.png").read_bytes() == b"the other run's plot"
+    assert (tmp_path / "out" / "safemerge_report.json").is_file()
 
 
 def test_the_autoload_hook_never_breaks_mergekit_under_warnings_as_errors(monkeypatch, capsys):
