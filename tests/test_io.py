@@ -1463,3 +1463,27 @@ def test_json_inputs_are_read_as_utf8_in_any_locale(fx, tmp_path):
                            "--threshold", "0.2", "--no-plot", "--no-progress"], capture_output=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr.decode("utf-8", "replace")[-2000:]
     assert json.loads((tmp_path / "out" / "config.json").read_bytes())["_name_or_path"] == where
+
+
+def test_a_force_run_whose_output_another_run_moved_aside_first_goes_on(tmp_path, monkeypatch):
+    """Two --force runs onto one output: when the other moved it aside between this run's look and
+    its own move, this run said "--force could not move the existing output aside (No such file or
+    directory); remove it yourself" (review139). There is nothing left to move: it goes on."""
+    from safemerge_ext.io import output
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "f").write_text("old")
+    real = Path.rename
+
+    def the_other_run_first(self, target):
+        if self == final and ".out.old-" in str(target):  # (the other run's move of it, just before ours)
+            real(self, tmp_path / ".out.old-0a1b2c3d")
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", the_other_run_first)
+    with output.staged_dir(final, force=True) as tmp:
+        (tmp / "f").write_text("new")
+    assert (final / "f").read_text() == "new"
+    assert (tmp_path / ".out.old-0a1b2c3d" / "f").read_text() == "old"  # (the other run's to delete)

@@ -554,11 +554,13 @@ def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Pat
             aside = _sibling(final, "old")
             try:
                 final.rename(aside)
+                old = aside
+            except FileNotFoundError:  # (another --force run moved it aside first: nothing to move)
+                pass
             except OSError as exc:  # (a mount point, an immutable folder, a parent one cannot write)
                 raise SafeMergeError(f"{flag} {final}: --force could not move the existing output aside "
                                      f"({exc.strerror or exc}); nothing was replaced: remove it yourself or choose "
                                      "another path") from None
-            old = aside
         try:
             tmp.rename(final)  # (fails, rather than replaces, if a non-empty out appeared meanwhile)
         except OSError as exc:
