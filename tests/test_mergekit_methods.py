@@ -2256,7 +2256,7 @@ def stopped(report, path):  # the merge is in place; the copy at report_path is 
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(30)
 
-yaml_cli.plot = stopped
+yaml_cli.plot_writer = stopped
 yaml_cli.main(sys.argv[1:])
 """
 
