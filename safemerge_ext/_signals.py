@@ -54,6 +54,9 @@ def _importing(frame: object) -> bool:
 
 
 _timers: dict[int, threading.Timer] = {}  # signal -> the re-send on its way
+# (Windows' os.kill is TerminateProcess for any signal but CTRL_C_EVENT/CTRL_BREAK_EVENT: the
+# re-send there goes through interrupt_main, which runs the signal's Python handler in the main thread)
+_RESEND_BY_KILL = os.name != "nt"
 
 
 def _again_later(signum: int) -> None:
@@ -65,7 +68,12 @@ def _again_later(signum: int) -> None:
 
     def fire() -> None:
         _timers.pop(signum, None)  # (before the signal: its handler may need to wait again)
-        os.kill(os.getpid(), signum)
+        if _RESEND_BY_KILL:
+            os.kill(os.getpid(), signum)
+        else:
+            import _thread
+
+            _thread.interrupt_main(signum)  # (3.10+: a signal number)
 
     timer = _timers[signum] = threading.Timer(RETRY_S, fire)
     timer.daemon = True

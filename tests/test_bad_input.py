@@ -1554,6 +1554,44 @@ def test_leaving_a_run_calls_off_what_it_did_not_act_on():
     assert (res.returncode, res.stdout.strip()) == (0, "1 0 []"), res.stderr[-2000:]
 
 
+_WINDOWS_RESEND_DRIVER = """
+import os, signal, time
+from safemerge_ext import _signals
+from safemerge_ext._signals import sigterm_as_interrupt
+
+def terminate(pid, sig):  # (what Windows' os.kill does for any signal but its two console events)
+    print("TerminateProcess", sig, flush=True)
+    os._exit(sig)
+
+os.kill = terminate
+_signals._RESEND_BY_KILL = False
+ns = {"__name__": "importlib._bootstrap"}
+exec("import sys\\ndef here():\\n    return sys._getframe()\\n", ns)
+with sigterm_as_interrupt():
+    try:
+        _signals._interrupt(signal.SIGINT, ns["here"]())  # (Ctrl-C during an import: sent again later)
+        time.sleep(1)  # (interrupt_main wakes no sleep off Windows: the handler runs after it)
+        print("not interrupted", flush=True)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt", _signals._raised, flush=True)
+"""
+
+
+def test_a_signal_put_off_during_an_import_comes_back_as_the_signal_on_windows():
+    """On Windows os.kill ends the process (TerminateProcess) for any signal but its console
+    events, so a Ctrl-C put off during an import would kill the run with exit 2 and no clean-up:
+    there the re-send runs the signal's handler in the main thread instead."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-c", _WINDOWS_RESEND_DRIVER], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert (res.returncode, res.stdout.strip()) == (0, f"KeyboardInterrupt [{int(signal.SIGINT)}]"), \
+        res.stdout + res.stderr[-2000:]
+
+
 _EXIT_HANDLERS_DRIVER = """
 import atexit, sys
 from safemerge_ext import cli
