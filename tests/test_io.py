@@ -935,6 +935,32 @@ def test_staged_output_is_all_or_nothing(tmp_path):
         staged_dir(tmp_path / "dangling", force=False).__enter__()
 
 
+def test_windows_syncs_through_a_handle_that_may_write(tmp_path, monkeypatch):
+    """Windows' fsync is FlushFileBuffers, which fails on a read-only handle (and the failure is
+    one _fsync lets pass): there the file is opened for writing, and read-only only where it must be."""
+    from safemerge_ext.io import output
+
+    real_open, real_fsync, opened, synced = os.open, os.fsync, [], []
+
+    def fake_open(path, flags, *rest):
+        opened.append((os.path.basename(path), flags & (os.O_RDONLY | os.O_WRONLY | os.O_RDWR)))
+        if flags & os.O_RDWR and os.path.basename(path) == "read-only":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *rest)
+
+    for name in ("shard", "read-only"):
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "name", "nt")
+    output._fsync(tmp_path / "shard")
+    output._fsync(tmp_path / "read-only")
+    output._fsync(tmp_path)  # (Windows opens no folder)
+    monkeypatch.undo()
+    assert opened == [("shard", os.O_RDWR), ("read-only", os.O_RDWR), ("read-only", os.O_RDONLY)]
+    assert len(synced) == 2
+
+
 def test_staged_output_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
     """Every file and folder of the output is synced before the rename that publishes it, and the
     rename (the parent folder) before --force deletes the output it replaced."""

@@ -349,7 +349,15 @@ def _fsync(path: Path) -> None:
     """Flush a file's data (or a folder's entries; not on Windows, which opens no folder) to the disk."""
     if os.name == "nt" and path.is_dir():
         return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    # (Windows' fsync is FlushFileBuffers, which needs a handle with write access: on a read-only
+    # one it fails, EBADF below, and nothing would be flushed; a read-only file there is opened as one)
+    binary = getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, (os.O_RDWR if os.name == "nt" else os.O_RDONLY) | binary)
+    except PermissionError:
+        if os.name != "nt":
+            raise
+        fd = os.open(path, os.O_RDONLY | binary)
     try:
         os.fsync(fd)
     except OSError as exc:  # (a file system that cannot sync a folder, or a file opened read-only)
