@@ -664,7 +664,10 @@ def check_device(options: Any) -> None:
         raise SafeMergeError(f"mergekit's {given}: not a device name torch knows; use cpu, cuda or cuda:N") from None
     if dev.type == "cpu":
         return
-    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    if dev.type == "mps":  # (the scores, projections and their checks are float64, which MPS does not have)
+        raise SafeMergeError(f"mergekit's {given}: safemerge-ext's methods compute in float64, which Apple's MPS "
+                             "cannot hold; use --device cpu")
+    backend = getattr(torch, dev.type, None)
     available, count = getattr(backend, "is_available", None), getattr(backend, "device_count", None)
     if not callable(available):
         return

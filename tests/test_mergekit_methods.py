@@ -900,7 +900,9 @@ def test_run_merge_refuses_a_misspelt_parameter(pico, tmp_path, where):
                      "on the CPU"),
     ({"device": "cuda:1"}, "--device cuda:1 (MergeOptions.device): torch {v} has no usable cuda device here; "
                            "use --device cpu"),
-    ({"device": "mps"}, "--device mps (MergeOptions.device): torch {v} has no usable mps device here; use --device cpu"),
+    # (with or without an Apple GPU: the scores and their checks are float64, which MPS lacks)
+    ({"device": "mps"}, "--device mps (MergeOptions.device): safemerge-ext's methods compute in float64, which "
+                        "Apple's MPS cannot hold; use --device cpu"),
     ({"device": "CUDA"}, "--device CUDA (MergeOptions.device): not a device name torch knows; use cpu, cuda or cuda:N"),
 ])
 def test_run_merge_refuses_a_device_torch_lacks(pico, tmp_path, options, want):
