@@ -203,8 +203,9 @@ class BuildNative(build_ext):
         headers = sorted(f"{CSRC}/{p.name}" for p in (HERE / CSRC).glob("*.h"))
         for src in cu:
             obj = build_dir / (Path(src).stem + ".o")
-            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                   "-Xcompiler", "-fvisibility=hidden", *_nvcc_arch_flags(), *include]
+            host = (["-Xcompiler", "/MD"] if os.name == "nt"  # (nvcc's host compiler there is cl.exe; setuptools' CRT)
+                    else ["-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden"])
+            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", *host, *_nvcc_arch_flags(), *include]
             # (nvcc takes a minute a build: skipped where the object is newer than its sources and
             # was made by this same command, e.g. a second call on a warm GPU machine)
             stamp = obj.with_suffix(".cmd")
@@ -309,9 +310,10 @@ def _cuda_lib_dirs(nvcc: str) -> list[str]:
              os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     dirs = []
     for root in filter(None, roots):
-        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+        for sub in ("lib64", "lib", "lib/x64", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib",
+                    "targets/aarch64-linux/lib"):
             p = Path(root) / sub
-            if (p / "libcudart_static.a").exists() and str(p) not in dirs:
+            if ((p / "libcudart_static.a").exists() or (p / "cudart_static.lib").exists()) and str(p) not in dirs:
                 dirs.append(str(p))
     return dirs
 
@@ -355,7 +357,8 @@ def native_extensions() -> list:
                 cxx_std=17,
                 # static runtime: no libcudart.so needed at import; torch's streams are driver handles
                 library_dirs=_cuda_lib_dirs(nvcc),
-                libraries=["cudart_static", "dl", "rt", "pthread"],
+                # (dl, rt and pthread are glibc's; Windows links cudart_static.lib alone)
+                libraries=["cudart_static"] if os.name == "nt" else ["cudart_static", "dl", "rt", "pthread"],
             )
         )
     else:

@@ -253,6 +253,21 @@ def test_the_cuda_runtime_linked_is_nvccs_own(monkeypatch, tmp_path, through):
     assert dirs[0] == str(tmp_path / "cuda-12.4" / "lib64") and str(tmp_path / "cuda-13.0" / "lib64") in dirs
 
 
+@pytest.mark.parametrize("layout, runtime", [("targets/aarch64-linux/lib", "libcudart_static.a"),  # (Jetson)
+                                             ("lib/x64", "cudart_static.lib")])  # (Windows)
+def test_the_cuda_runtime_is_found_where_other_toolkits_keep_it(monkeypatch, tmp_path, layout, runtime):
+    """A Jetson toolkit keeps its static runtime under targets/aarch64-linux/lib, a Windows one
+    under lib/x64 as cudart_static.lib: the build links it from there (review141)."""
+    mod = _setup_module(monkeypatch)
+    nvcc = _fake_toolkit(tmp_path / "cuda")
+    (tmp_path / "cuda" / "lib64" / "libcudart_static.a").unlink()
+    (tmp_path / "cuda" / layout).mkdir(parents=True)
+    (tmp_path / "cuda" / layout / runtime).write_bytes(b"")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    assert mod["_cuda_lib_dirs"](str(nvcc))[0] == str(tmp_path / "cuda" / layout)  # (then /usr/local/cuda's, if any)
+
+
 def test_the_real_nvcc_names_its_toolkit(monkeypatch, tmp_path):
     """The dry run the build reads the toolkit from works with the nvcc on PATH (a wrapper script
     here), whatever CUDA_HOME says."""
