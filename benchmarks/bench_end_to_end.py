@@ -59,10 +59,13 @@ ALPHA, TAU = 0.8, 0.35
 
 
 def _status(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # (no /proc: macOS, Windows)
+        pass
     return float("nan")
 
 
@@ -71,8 +74,17 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    """Peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited across exec)."""
-    return _status("VmHWM")
+    """Peak RSS of this process (VmHWM: unlike ru_maxrss it is not inherited across exec); where
+    there is no /proc, ru_maxrss (bytes on macOS, KiB elsewhere; it counts from the process start)."""
+    peak = _status("VmHWM")
+    if peak == peak:
+        return peak
+    try:
+        import resource
+    except ImportError:  # (Windows)
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
 
 
 def base_rss_mb() -> float:
@@ -460,7 +472,8 @@ def interpreter_baseline() -> dict:
                          capture_output=True, text=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "pass"])
-    return {"rss_mb": int(out.stdout) / 1024, "start_s": time.perf_counter() - t0}
+    rss = int(out.stdout) / 1024 if out.stdout.strip().isdigit() else float("nan")  # (no /proc: not Linux)
+    return {"rss_mb": rss, "start_s": time.perf_counter() - t0}
 
 
 def git_sha() -> str:

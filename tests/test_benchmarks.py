@@ -370,6 +370,28 @@ def test_bench_end_to_end_tiny(tmp_path):
         assert "base_rss_mb" in rows[name] and rows[name]["rss_over_base_mb"] < 100, rows[name]
 
 
+def test_bench_end_to_end_measures_memory_without_proc(monkeypatch):
+    """Off Linux (macOS, Windows) there is no /proc: the memory columns fall back to the peak
+    getrusage gives, or NaN, and the benchmark runs rather than failing in every child."""
+    import builtins
+    import math
+
+    import bench_end_to_end as bench
+
+    real_open = builtins.open
+
+    def no_proc(file, *args, **kwargs):
+        if str(file).startswith("/proc/"):
+            raise FileNotFoundError(2, "No such file or directory", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    assert math.isnan(bench.rss_mb()) and math.isnan(bench.base_rss_mb())
+    assert bench.peak_mb() > 10  # (ru_maxrss: this interpreter, torch imported)
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout="", stderr=""))
+    assert math.isnan(bench.interpreter_baseline()["rss_mb"])
+
+
 def test_bench_end_to_end_uses_data_drawn_on_its_device(tmp_path, monkeypatch):
     """gpu_session.sh draws the data on the GPU (make_synthetic --device cuda) and then runs the
     benchmark with --device cuda: the benchmark asks for the draw of its own device, which is kept,
