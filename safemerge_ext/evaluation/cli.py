@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -81,11 +82,14 @@ def run(args: argparse.Namespace) -> int:
 
         if args.data_command == "fetch":
             dest = data.fetch(args.name, source_files=args.source_files, wheel=args.wheel)
-            print(data.fetch_summary(args.name, dest))
+            lines = [data.fetch_summary(args.name, dest)]
         else:
-            print(f"cache: {data.cache_dir()}")
-            for name, title, where in data.status():
-                print(f"{name:12s} {title}\n{'':12s} {where}")
+            lines = [f"cache: {data.cache_dir()}"]
+            lines += [f"{name:12s} {title}\n{'':12s} {where}" for name, title, where in data.status()]
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:  # (`safemerge data list | head -1`: the reader took what it wanted)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nor again at exit)
         return 0
     return _eval(args)
 

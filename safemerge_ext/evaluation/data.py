@@ -28,9 +28,16 @@ from safemerge_ext.errors import SafeMergeError
 
 
 def cache_dir() -> Path:
-    """``$SAFEMERGE_DATA``, else ``~/.cache/safemerge``: where fetched sets and wheels live."""
-    d = Path(os.environ.get("SAFEMERGE_DATA") or Path.home() / ".cache" / "safemerge")
-    d.mkdir(parents=True, exist_ok=True)
+    """``$SAFEMERGE_DATA`` (``~`` expanded), else ``~/.cache/safemerge``: where fetched sets and
+    wheels live. Not made here: what writes into it makes its folders (listing makes nothing)."""
+    given = os.environ.get("SAFEMERGE_DATA", "")
+    if given and not given.strip():  # (a folder named " " in the working directory, else)
+        raise SafeMergeError(f"SAFEMERGE_DATA={given!r} is only white space; point it at a folder or unset it")
+    d = Path(given).expanduser() if given else Path.home() / ".cache" / "safemerge"
+    if d.exists() and not d.is_dir():
+        where = f"SAFEMERGE_DATA={given}" if given else f"the data cache {d}"
+        raise SafeMergeError(f"{where} is a file, not a folder; point SAFEMERGE_DATA at a folder"
+                             + (" or unset it" if given else ""))
     return d
 
 
