@@ -29,6 +29,16 @@ def link_loop_error(flag: str, path: "str | os.PathLike[str]") -> SafeMergeError
                           "give another path")
 
 
+def blank_path(flag: str, path: "str | os.PathLike[str]") -> SafeMergeError | None:
+    """The error for a path that is empty or only white space (an unset shell variable, a stray
+    quote), else None: ``Path("")`` is the working directory, which would be read or written instead."""
+    text = os.fspath(path)
+    if text.strip():
+        return None
+    return SafeMergeError(f"{flag} is empty; give a path" if not text else
+                          f"{flag} {text!r} is only white space; give a path")
+
+
 def not_a_folder(flag: str, path: "str | os.PathLike[str]", want: str) -> SafeMergeError:
     """The error for a path that should be a folder: a file there (``config.json``,
     ``adapter_config.json`` given for their folder) is called a file, with its folder to give;

@@ -32,7 +32,7 @@ from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha
 from safemerge_ext.io.model_writer import check_model_output, write_model
 from safemerge_ext.io.models import (INDEX, ModelReader, config_value, is_conv1d, is_tied_head, module_key,
                                      natural_key)
-from safemerge_ext.io.output import check_not_input, check_out, check_parent, staged_dir, write_files
+from safemerge_ext.io.output import check_given, check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.io.read_ahead import Prefetch, in_batches, prefetch
 from safemerge_ext.report import (
     REPORT_JSON,
@@ -604,6 +604,7 @@ def score(
     """Score one adapter's layers; flag by SafeMERGE's rule at ``threshold`` for the report only."""
     selection = Selection(threshold=threshold)
     inputs = (("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter))
+    check_given(inputs)
     for path, flag in ((report_path, "--report"), (plot_path, "--plot")):
         if path is not None and not str(path).strip():
             raise SafeMergeError(f"{flag} is empty; give a file name or leave {flag} out")
@@ -719,6 +720,10 @@ def merge(
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned),
                                   ("--task-adapter", task_adapter), ("--safety-adapter", safety_adapter)),
               marker=REPORT_JSON, prog="safemerge")
+    if Path(task_adapter).resolve() == Path(safety_adapter).resolve():
+        raise SafeMergeError(f"--task-adapter and --safety-adapter are the same folder ({task_adapter}), so a flagged "
+                             "layer would get the task update back, with no safety in it; give as --safety-adapter "
+                             "the adapter trained on safety data")
     task = _opened(read_adapter(task_adapter, "--task-adapter"))
     safety = _opened(read_adapter(safety_adapter, "--safety-adapter"))
     run = open_run(aligned, unaligned, task, safety, device=device, backend=backend, precision=precision,

@@ -385,6 +385,45 @@ def test_an_empty_out_is_called_empty(fx, tmp_path, capsys, monkeypatch, command
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command, flag, value", [
+    ("score", "--aligned", ""), ("score", "--adapter", " "), ("merge", "--unaligned", ""),
+    ("merge", "--task-adapter", ""), ("merge", "--safety-adapter", "\t"), ("project", "--adapter", ""),
+    ("merge", "--out", "  "), ("project", "--out", " ")])
+def test_an_empty_or_blank_path_is_called_so(fx, tmp_path, capsys, monkeypatch, command, flag, value):
+    """An input or --out that is empty or only white space (an unset variable, a stray quote) is
+    refused naming the flag: Path("") is the working directory, which was scored when the run
+    started inside a model folder, and --out " " wrote a folder named " " (review140)."""
+    monkeypatch.chdir(fx.aligned)  # (where "" would read as a model folder)
+    argv = {"score": ["score", "--adapter", str(fx.task)],
+            "merge": ["merge", "--task-adapter", str(fx.task), "--safety-adapter", str(fx.safety),
+                      "--out", str(tmp_path / "o")],
+            "project": ["project", "--adapter", str(fx.task), "--out", str(tmp_path / "o")]}[command]
+    argv += ["--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--no-progress"]
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    assert main(argv) == 2
+    want = f"{flag} is empty; give a path" if not value else f"{flag} {value!r} is only white space; give a path"
+    assert capsys.readouterr().err == f"safemerge: error: {want}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_adapter_as_task_and_safety_is_refused(fx, tmp_path, capsys, monkeypatch):
+    """merge with the task adapter given again as --safety-adapter merged a flagged layer as
+    alpha dW + (1 - alpha) dW = dW, exit 0, no safety in it (review140): refused as the same
+    model twice is."""
+    monkeypatch.chdir(fx.task.parent)
+    argv = _merge_argv(fx, tmp_path / "out")
+    argv[argv.index("--safety-adapter") + 1] = f"./{fx.task.name}/."
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"safemerge: error: --task-adapter and --safety-adapter are the same folder ({fx.task}), so a flagged layer "
+        "would get the task update back, with no safety in it; give as --safety-adapter the adapter trained on "
+        "safety data\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv, want", [
     (["merge", "--aligned", "a", "--unaligned", "b", "--task-adapter", "c", "--safety-adapter", "d", "--out", "e",
       "--thresh", "0.3"], "unrecognized arguments: --thresh 0.3"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from safemerge_ext._signals import interrupts_held, raise_pending, send_on
-from safemerge_ext.errors import SafeMergeError, is_link_loop, link_loop_error
+from safemerge_ext.errors import SafeMergeError, blank_path, is_link_loop, link_loop_error
 
 
 def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False) -> Path:
@@ -23,8 +23,9 @@ def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False)
     writable directory (missing folders in between are made when the output is written). With
     ``follow_links`` (a file that replaces what a link names: see :func:`write_files`), a link that
     names nothing must name a file in a folder that exists (no folders are made where it points)."""
-    if not os.fspath(path):  # (Path("") is ".", the working directory: an unset shell variable, say)
-        raise SafeMergeError(f"{flag} is empty; give a path")
+    blank = blank_path(flag, path)
+    if blank is not None:
+        raise blank
     p = Path(path)
     _committed.discard(os.path.abspath(p))  # (a run for it starts: not in place until it is written)
     if claim_descriptor(p, flag):  # (this process's own stdout, say: written into as it is)
@@ -51,6 +52,15 @@ def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False)
     return p
 
 
+def check_given(inputs: Iterable[tuple[str, str | os.PathLike]]) -> None:
+    """Refuse an input path ((flag, path) pairs) that is empty or only white space: read as the
+    working directory, it would be scored (run from inside a model folder) or named as "."."""
+    for name, path in inputs:
+        blank = blank_path(name, path)
+        if blank is not None:
+            raise blank
+
+
 def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
               inputs: Iterable[tuple[str, str | os.PathLike]] = (), marker: str | None = None,
               prog: str | None = None) -> Path:
@@ -60,6 +70,7 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
     inside it; with ``marker`` (a file every output of the command holds), a folder that is neither
     empty nor holds it is not replaced either. With ``prog`` (the command, for warnings), an output
     refused because it exists first has the hidden leftovers of a killed run beside it named."""
+    check_given(inputs)
     p = check_parent(out, flag)
     here, where = Path.cwd().resolve(), p.resolve()
     if where == here or where in here.parents:  # (and Path(".").name is empty)
