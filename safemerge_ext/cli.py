@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 from typing import Any, NoReturn, Sequence
 
@@ -90,11 +91,21 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # (argparse reads "-1e-3" and "-inf" as flags, "expected one argument", where "-0.001" is a
+        # number; no flag here looks like a number)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        argv = list(sys.argv[1:] if args is None else args)
+        commands = [c for a in self._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices]
+        if commands and not any(a in commands for a in argv):  # (argparse would only say a command is missing)
+            unknown = [a for a in argv if a.startswith("-") and a not in self._option_string_actions]
+            if unknown:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}, and no command (one of {', '.join(commands)})")
         ns, extra = self.parse_known_args(args, namespace)
         if extra:  # (argparse says so in the top parser's name, pointing at a --help without the flags)
             argv = list(sys.argv[1:] if args is None else args)
@@ -121,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(cos(C dW, dW) with C = V V^T/||V||, V = W_aligned - W_unaligned) and merge only those "
                     "with a safety update. Reads one tensor at a time from safetensors.",
     )
+    from safemerge_ext import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("score", help="score an adapter's layers; no merge",

@@ -450,6 +450,40 @@ def test_an_unknown_flag_is_blamed_on_the_parser_it_was_given_to(capsys):
         assert capsys.readouterr().err.strip() == f"{prog}: error: unrecognized arguments: --bogus (see {prog} --help)"
 
 
+def test_an_unknown_flag_without_a_command_is_named_and_version_answers(capsys):
+    """`safemerge -c` said only that a command was missing; the flag is named too. `--version`
+    answers (it was such an unknown flag)."""
+    with pytest.raises(SystemExit) as e:
+        main(["-c"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "safemerge: error: unrecognized arguments: -c, and no command (one of score, merge, project, backends, "
+        "autoload, eval, data) (see safemerge --help)\n")
+    from safemerge_ext import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"safemerge {__version__}\n"
+
+
+@pytest.mark.parametrize("value, error", [("-1e-3", None), ("-1E-1", None), ("-.5", None), ("-inf", "got -inf"),
+                                          ("-Infinity", "got -Infinity"), ("-nan", "got -nan")])
+def test_a_negative_number_in_exponent_form_is_a_value(fx, tmp_path, capsys, value, error):
+    """argparse took "-1e-3" and "-inf" for flags ("expected one argument") where "-0.001" was
+    read: a number however it is written, its range checked (review140)."""
+    argv = ["score", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+            "--no-progress", "--report", str(tmp_path / "r.json"), "--threshold", value]
+    if error is None:
+        assert main(argv) == 0
+        assert json.loads((tmp_path / "r.json").read_text())["settings"]["threshold"] == float(value)
+        return
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"safemerge score: error: argument --threshold: --threshold must lie in "
+                                       f"[-1, 1]; {error} (see safemerge score --help)\n")
+
+
 def test_settings_validated_in_api():
     from safemerge_ext.pipeline import MergeSettings, Selection
 
