@@ -82,6 +82,15 @@ def positive_int(text: str) -> int:
     return v
 
 
+def _report_file(value: str) -> str:
+    """``--report``'s FILE; ``-`` is standard output, as ``/dev/stdout`` (a file named "-" was written)."""
+    if value != "-":
+        return value
+    if not os.path.exists("/dev/stdout"):
+        raise argparse.ArgumentTypeError("- (standard output) needs /dev/stdout, which this system lacks; give a file name")
+    return "/dev/stdout"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors as one line (what is wrong, and where the usage is) and exit code 2;
     subcommands' parsers are of this class too. Flags are taken whole: an abbreviation ("--thresh")
@@ -143,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT LoRA adapter folder to score")
     p.add_argument("--threshold", type=_unit_float("--threshold", -1, 1), default=0.35,
                    help="layers with cosine < threshold are marked as SafeMERGE would flag them (default: 0.35)")
-    p.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    p.add_argument("--report", metavar="FILE", type=_report_file, help="write the JSON report here (- for stdout)")
     p.add_argument("--plot", metavar="FILE", help="write the per-layer cosine plot here (.png, .pdf, .svg, ...)")
     _add_runtime(p)
 

@@ -137,12 +137,13 @@ def test_score_writes_into_pipes_and_through_links(fx, tmp_path):
 
 
 @pytest.mark.parametrize("mode, spelling", [("wb", "/dev/stdout"), ("ab", "/dev/stdout"), ("wb", "//dev/stdout"),
-                                            ("wb", "link")], ids=["redirected", "appended", "two-slashes", "link"])
+                                            ("wb", "link"), ("ab", "-")],
+                         ids=["redirected", "appended", "two-slashes", "link", "dash"])
 def test_score_report_to_stdout_keeps_the_shells_redirection(fx, tmp_path, mode, spelling):
     """`safemerge score ... --report /dev/stdout > file` (or `>> file`, or a link to /dev/stdout):
     the JSON goes through the process's own stdout, so the file keeps what was there (>>); it is
     not replaced by a file holding the report alone. The table goes to stderr then, so that stdout
-    holds the JSON alone (`| jq .`)."""
+    holds the JSON alone (`| jq .`). `--report -` is stdout too (it wrote a file named "-")."""
     import subprocess
 
     log = tmp_path / "log.txt"
@@ -153,12 +154,14 @@ def test_score_report_to_stdout_keeps_the_shells_redirection(fx, tmp_path, mode,
     with open(log, mode) as out:
         done = subprocess.run([sys.executable, "-m", "safemerge_ext", "score", "--aligned", str(fx.aligned),
                                "--unaligned", str(fx.unaligned), "--adapter", str(fx.task), "--no-progress",
-                               "--report", spelling], stdout=out, stderr=subprocess.PIPE, text=True, timeout=300)
+                               "--report", spelling], stdout=out, stderr=subprocess.PIPE, text=True, timeout=300,
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr[-2000:]
     head = "before\n" if mode == "ab" else ""
     text = log.read_text()
     assert text.startswith(head) and json.loads(text[len(head):])["counts"]["scored"] == 21, text[:200]
     assert done.stderr.split()[:5] == ["layer", "shape", "rank", "cosine", "flagged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["log.txt", *(["link"] * (spelling.endswith("link")))])
 
 
 def test_score_names_the_report_temporaries_a_killed_run_left(fx, tmp_path, capsys):
