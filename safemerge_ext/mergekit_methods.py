@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import numbers
+import os
 import re
 import sys
 import threading
@@ -36,7 +37,7 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import AfterValidator, BeforeValidator
 from typing_extensions import Annotated
 
-from safemerge_ext import ops
+from safemerge_ext import backends, ops
 from safemerge_ext.backends import PRECISIONS, backend_detail, exact_fp32_matmuls, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import ModelReader, all_finite, config_value, is_conv1d, named_like_conv1d
@@ -662,6 +663,7 @@ def check_device(options: Any) -> None:
         dev = torch.device(device)
     except RuntimeError:
         raise SafeMergeError(f"mergekit's {given}: not a device name torch knows; use cpu, cuda or cuda:N") from None
+    _check_backend_setting(dev.type)
     if dev.type == "cpu":
         return
     if dev.type == "mps":  # (the scores, projections and their checks are float64, which MPS does not have)
@@ -677,6 +679,21 @@ def check_device(options: Any) -> None:
     if dev.index is not None and callable(count) and dev.index >= count():
         raise SafeMergeError(f"mergekit's {given}: this machine has {count()} {dev.type} device(s); "
                              f"use {dev.type} or {dev.type}:N with a smaller N")
+
+
+def _check_backend_setting(device_type: str) -> None:
+    """``SAFEMERGE_BACKEND`` naming no backend, or one that cannot run on mergekit's device or is not
+    built: refused before the merge (the methods meet it at their first tensor, after every LoRA
+    input was folded)."""
+    if os.environ.get(backends.ENV_VAR, "").strip().lower() in ("", backends.AUTO):
+        return
+    quiet = backends.QUIET.set(True)
+    try:
+        backends.resolve(None, device_type)
+    except ValueError as exc:  # (its message starts with the setting)
+        raise SafeMergeError(str(exc)) from None
+    finally:
+        backends.QUIET.reset(quiet)
 
 
 for _method in _METHODS.values():

@@ -26,7 +26,7 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from safemerge_ext._faults import bus_error_line, explain_bus_errors
 from safemerge_ext._signals import exit_code, interrupts_held, sigterm_as_interrupt, what_ended
 from safemerge_ext.backends import requested_precision
-from safemerge_ext.errors import SafeMergeError, not_a_folder, symlink_loop
+from safemerge_ext.errors import SafeMergeError, blank_path, not_a_folder, symlink_loop
 from safemerge_ext.io.model_writer import untie_stored_head
 from safemerge_ext.io.output import (check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir,
                                      umask_modes, write_files)
@@ -52,6 +52,14 @@ class Checked:
 
 def _ref_str(ref: Any) -> str:
     return str(ref)
+
+
+def _same_model_key(ref: Any) -> tuple:
+    """What makes two model references one input: the model's and LoRA's folders (resolved: ./a and
+    a/ are one), and their revisions."""
+    def where(path: Any) -> tuple | None:
+        return None if path is None else (os.path.realpath(os.path.expanduser(path.path)), path.revision)
+    return where(ref.model), where(ref.lora), ref.override_architecture
 
 
 def _is_condition(setting: Any) -> bool:
@@ -200,6 +208,7 @@ def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
             raise SafeMergeError(f"{label}: parameters: report_path is a setting of the whole run; "
                                  "move it to the recipe's top-level parameters:")
         found: dict[str, list[str]] = {}
+        same: dict[tuple, tuple[Any, str]] = {}
         # (as mergekit reads a parameter: the model's own, else its slice's, its module's, the recipe's)
         module = (config.modules or {}).get(label.split(".")[1]) if label.startswith("modules.") else None
         chain = [own, dict(module.parameters or {}) if module is not None else {}, dict(config.parameters or {})]
@@ -226,6 +235,15 @@ def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
                 raise SafeMergeError(
                     f"{label}: model {ref} has role {role!r}; {method} takes the roles {', '.join(ROLES[method])}"
                 )
+            key = _same_model_key(ref)
+            if key in same:  # (mergekit refuses it too, "Duplicate merge inputs", but after folding every LoRA)
+                first, first_role = same[key]
+                raise SafeMergeError(
+                    f"{label}: models {first} (role {first_role}) and {ref} (role {role}) are the same model"
+                    + (", so a flagged layer would get the task update back, with no safety in it"
+                       if {first_role, role} == {"task", "safety"} else "")
+                    + "; give each role its own model")
+            same[key] = (ref, role)
             found.setdefault(role, []).append(_ref_str(ref))
             _check_parameters(method, params, f"{label}: model {ref}", on_model=True)
         if "slices[" in label and not any(ref == base for ref, _ in inputs):  # (mergekit adds it to models: only)
@@ -510,13 +528,22 @@ def _check_report_path(own: str, out: Path, inputs: tuple[tuple[str, Path], ...]
                              "leave report_path out or choose a folder elsewhere")
 
 
-def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str) -> None:
-    """A ``--lora-merge-cache`` that an earlier run filled: mergekit reuses a folded model by the
-    adapter's and the model's paths alone, so one folded in another dtype, or cut short, would be
-    scored as this run's task model. Refuse those (headers only)."""
+def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str, out: Path | None = None) -> None:
+    """A ``--lora-merge-cache`` that is a file, or OUT_PATH or inside it (the output replaces it: the
+    run failed after folding every LoRA, or --force deleted the cache); one that an earlier run
+    filled: mergekit reuses a folded model by the adapter's and the model's paths alone, so one
+    folded in another dtype, or cut short, would be scored as this run's task model. Refuse those
+    (headers only)."""
     import torch
 
     from safemerge_ext.io.models import ModelReader
+
+    where = Path(cache).resolve()
+    if out is not None and (where == out.resolve() or out.resolve() in where.parents):
+        raise SafeMergeError(f"--lora-merge-cache {cache} is OUT_PATH or inside it, which the output replaces; give "
+                             "a folder elsewhere (or leave the option out: a temporary one is used)")
+    if where.exists() and not where.is_dir():
+        raise SafeMergeError(f"--lora-merge-cache {cache} is a file; give a folder")
 
     want = getattr(torch, dtype, None) if dtype else None
     for _, _, inputs, _ in _groups(config):
@@ -604,6 +631,9 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     """Merge with safemerge / safelora / resta after checking the recipe; write the report into OUT_PATH."""
     _done["target"] = Path(out_path)  # (for an interrupt's line)
     explain_bus_errors(bus_error_line("safemerge-yaml", f"nothing was written to OUT_PATH {out_path}"))
+    blank = blank_path("CONFIG_FILE", config_file)
+    if blank is not None:  # (Path("") is the working directory: "Is a directory")
+        _fail(str(blank))
     merge_options.apply_global_options()
     try:
         source = Path(config_file).read_text(encoding="utf-8")
@@ -633,7 +663,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         merge_options = merge_options.model_copy(update={"lora_merge_dtype": "float32"})
     if checked.has_lora and merge_options.lora_merge_cache:
         try:
-            _check_lora_cache(checked.config, merge_options.lora_merge_cache, merge_options.lora_merge_dtype)
+            _check_lora_cache(checked.config, merge_options.lora_merge_cache, merge_options.lora_merge_dtype, out)
         except SafeMergeError as exc:
             _fail(str(exc))
     own = (checked.config.parameters or {}).get("report_path")
@@ -706,10 +736,36 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     click.echo(f"merged model and report written to {out}")
 
 
-for _param in _command.params:  # (mergekit's help for it; this command's default differs)
-    if _param.name == "lora_merge_dtype":
+class _ShardSize(click.ParamType):
+    """mergekit's ``--out-shard-size`` (500M, 5B, ...), a bad one refused as a usage error: mergekit's
+    own type raises a bare ValueError, a traceback, and takes -1."""
+
+    name = "size"
+
+    def __init__(self, inner: click.ParamType) -> None:
+        self.inner = inner
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            size = value if isinstance(value, int) else self.inner.convert(value, param, ctx)
+        except (ValueError, TypeError):
+            size = None
+        if not isinstance(size, int) or size < 1:
+            self.fail(f"{value!r} is not a size such as 500M or 5B", param, ctx)
+        return size
+
+
+# mergekit's options whose bad values fail (with a traceback) only once mergekit applies them
+for _param in _command.params:
+    if _param.name == "lora_merge_dtype":  # (mergekit's help for it; this command's default differs)
         _param.help = ("Override dtype when applying LoRAs (default here: float32, so that a bf16 model's "
                        "adapter update is not rounded before it is scored)")
+    elif _param.name == "out_shard_size":
+        _param.type = _ShardSize(_param.type)
+    elif _param.name == "num_threads":  # (torch.set_num_threads)
+        _param.type = click.IntRange(min=1)
+    elif _param.name == "random_seed":  # (numpy's seeds)
+        _param.type = click.IntRange(0, 2**32 - 1)
 
 _done: dict[str, Path] = {}  # "target": OUT_PATH as given; "out": OUT_PATH, once the merge is in place there
 
@@ -730,7 +786,11 @@ def main(argv: list[str] | None = None) -> None:
                        "summary was cut short" if done is not None else f"safemerge-yaml: {what}; nothing was written"
                        + (f" to OUT_PATH {target}" if target is not None else ""), err=True)
         sys.exit(exit_code(cause))
-    except click.ClickException as exc:  # usage errors, as click shows them
+    except click.UsageError as exc:  # one line, as safemerge's are (click's own is a usage block and a hint)
+        click.echo(f"safemerge-yaml: error: {' '.join(exc.format_message().split())} (see safemerge-yaml --help)",
+                   err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except RuntimeError as exc:

@@ -977,6 +977,117 @@ def test_safemerge_yaml_refuses_multi_gpu_without_an_accelerator_and_a_bad_lora_
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, want", [
+    (["-j", "0"], "Invalid value for '--num-threads' / '-j': 0 is not in the range x>=1."),
+    (["--random-seed", "-1"], "Invalid value for '--random-seed': -1 is not in the range 0<=x<=4294967295."),
+    (["--random-seed", "4294967296"], "Invalid value for '--random-seed': 4294967296 is not in the range "
+                                      "0<=x<=4294967295."),
+    (["--out-shard-size", "-1"], "Invalid value for '--out-shard-size': '-1' is not a size such as 500M or 5B"),
+    (["--out-shard-size", "abc"], "Invalid value for '--out-shard-size': 'abc' is not a size such as 500M or 5B"),
+    (["--forc"], "No such option '--forc'. Did you mean '--force'?"),
+    ([], "Missing argument 'OUT_PATH'."),
+])
+def test_safemerge_yaml_command_line_errors_are_one_line(pico, tmp_path, capsys, flags, want):
+    """mergekit's -j 0, --random-seed -1 and --out-shard-size abc ended in a traceback once mergekit
+    applied them (torch.set_num_threads, numpy's seed, a bare ValueError), and click's usage errors
+    were a usage block, a hint and the error (review140): one line, exit 2, nothing written."""
+    from safemerge_ext import yaml_cli
+
+    argv = [str(_write(recipe(pico, params={"threshold": TAU}), tmp_path / "r.yml"))]
+    argv += [str(tmp_path / "out"), "--no-copy-tokenizer", *flags] if flags else []
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main(argv)
+    assert done.value.code == 2
+    assert capsys.readouterr().err == f"safemerge-yaml: error: {want} (see safemerge-yaml --help)\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_safemerge_yaml_takes_a_shard_size(pico, tmp_path):
+    """--out-shard-size as mergekit reads it (500M, 5B, a number) still works through the check."""
+    from safemerge_ext import yaml_cli
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(recipe(pico, params={"threshold": TAU}), tmp_path / "r.yml")), str(out),
+                       "--no-copy-tokenizer", "--out-shard-size", "20K"])
+    assert done.value.code in (0, None)
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+
+
+@pytest.mark.parametrize("where", ["out", "inside", "file"])
+def test_safemerge_yaml_refuses_a_lora_cache_the_output_would_replace(pico, tmp_path, capsys, where):
+    """--lora-merge-cache OUT_PATH failed after every LoRA was folded ("appeared while this run was
+    writing"), one inside OUT_PATH was deleted by --force, a file failed after the work
+    (review140): refused with the recipe, nothing folded."""
+    from safemerge_ext import yaml_cli
+
+    out = tmp_path / "out"
+    cache = {"out": out, "inside": out / "cache", "file": tmp_path / "r.yml"}[where]
+    cfg = _write(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}"), tmp_path / "r.yml")
+    if where == "inside":
+        out.mkdir()
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(cfg), str(out), "--no-copy-tokenizer", "--force", "--lora-merge-cache", str(cache)])
+    assert done.value.code == 1
+    want = (f"--lora-merge-cache {cache} is a file; give a folder" if where == "file" else
+            f"--lora-merge-cache {cache} is OUT_PATH or inside it, which the output replaces; give a folder "
+            "elsewhere (or leave the option out: a temporary one is used)")
+    assert capsys.readouterr().err == f"safemerge-yaml: error: {want}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["r.yml", *(["out"] if where == "inside" else [])])
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("value, want", [
+    ("bogus", "SAFEMERGE_BACKEND must be one of auto, triton, cuda, cpp, torch; got 'bogus'"),
+    ("cuda", "SAFEMERGE_BACKEND=cuda: backend 'cuda' runs on cuda tensors, not cpu: use --device cuda or another "
+             "backend ({others})"),
+])
+def test_safemerge_yaml_checks_the_backend_setting_before_folding(pico, tmp_path, capsys, monkeypatch, value, want):
+    """SAFEMERGE_BACKEND naming no backend, or one that cannot run on mergekit's device, failed at
+    the first tensor, after every LoRA input was folded (review140); SAFEMERGE_PRECISION was
+    already checked with the recipe: so is this, for plain mergekit-yaml's check too."""
+    from safemerge_ext import yaml_cli
+    from safemerge_ext.backends import available_backends
+
+    monkeypatch.setenv("SAFEMERGE_BACKEND", value)
+    others = ", ".join(n for n in ("cpp", "torch") if available_backends()[n] is None)
+    cache = tmp_path / "lora-cache"
+    cfg = _write(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}"), tmp_path / "r.yml")
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(cfg), str(tmp_path / "out"), "--no-copy-tokenizer", "--lora-merge-cache", str(cache)])
+    assert done.value.code == 1
+    assert capsys.readouterr().err == f"safemerge-yaml: error: {want.format(others=others)}\n"
+    assert not cache.exists() and not (tmp_path / "out").exists()
+    with pytest.raises(SafeMergeError) as err:  # (run_merge: what plain mergekit-yaml runs)
+        merge(recipe(pico, params={"threshold": TAU}), tmp_path / "o")
+    assert str(err.value) == want.format(others=others) and not (tmp_path / "o").exists()
+
+
+def test_safemerge_yaml_refuses_one_model_in_two_roles(pico, tmp_path, capsys):
+    """The task model given again as the safety model (./a and a/ are one folder): mergekit refuses
+    it too ("Duplicate merge inputs"), but only after folding every LoRA input (review140)."""
+    from safemerge_ext import yaml_cli
+
+    cfg = recipe(pico, params={"threshold": TAU}, safety=f"{pico.task}/")
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out"), "--no-copy-tokenizer"])
+    assert done.value.code == 1
+    assert capsys.readouterr().err == (
+        f"safemerge-yaml: error: models: models {pico.task} (role task) and {pico.task}/ (role safety) are the same "
+        "model, so a flagged layer would get the task update back, with no safety in it; give each role its own "
+        "model\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_safemerge_yaml_calls_an_empty_recipe_path_so(tmp_path, capsys):
+    from safemerge_ext import yaml_cli
+
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main(["", str(tmp_path / "out")])
+    assert done.value.code == 1
+    assert capsys.readouterr().err == "safemerge-yaml: error: CONFIG_FILE is empty; give a path\n"
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_safemerge_yaml_output_files_follow_the_umask(pico, tmp_path, umask):
@@ -1233,7 +1344,7 @@ def test_refusal_tells_own_errors_from_others():
     assert mr.refusal(SafeMergeError("bad input\nsecond line")) == "bad input"
 
 
-def test_excepthook_only_in_mergekit_yaml(monkeypatch, capsys):
+def test_excepthook_only_in_mergekit_yaml(monkeypatch, capsys, request):
     """register_methods() installs the hook in mergekit-yaml only; it prints a refusal's line and
     hands every other error (and any with SAFEMERGE_TRACEBACK=1) to the hook it replaced."""
     from safemerge_ext import mergekit_methods as mm
@@ -1247,6 +1358,11 @@ def test_excepthook_only_in_mergekit_yaml(monkeypatch, capsys):
     monkeypatch.setattr(_faults, "explain_bus_errors", lines.append)
     monkeypatch.delenv("SAFEMERGE_TRACEBACK", raising=False)
     monkeypatch.setattr(sys, "argv", ["/venv/bin/pytest"])
+    # (the hook also notes Ctrl-C in a SIGINT handler of its own: put back as the test ends, for
+    # the later tests, which check the handlers they find)
+    import signal
+
+    request.addfinalizer(lambda previous=signal.getsignal(signal.SIGINT): signal.signal(signal.SIGINT, previous))
     mm.register_methods()
     assert sys.excepthook is before and lines == []
     monkeypatch.setattr(sys, "argv", ["/venv/bin/mergekit-yaml", "r.yml", "out"])
