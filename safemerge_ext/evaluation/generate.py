@@ -222,12 +222,18 @@ def chat_tokenizer(path: str | Path, flag: str,
     from transformers import AutoTokenizer
 
     folder = Path(path)
+    if folder.is_dir() and not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        # (transformers 5.0 builds a blank tokenizer from config.json alone instead of failing)
+        raise SafeMergeError(f"{flag}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                             "save the tokenizer into it with tokenizer.save_pretrained")
     try:
         tok = AutoTokenizer.from_pretrained(folder)
-    except _load_errors() as exc:
+    except Exception as exc:  # (transformers 4.x lets tokenizers' bare Exception for a bad tokenizer.json through)
         bad = _bad_json(folder)
         if bad:
             raise SafeMergeError(f"{flag}: {bad}; repair or replace the file") from None
+        if not isinstance(exc, _load_errors()):
+            raise
         if not any((folder / n).is_file() for n in TOKENIZER_FILES):
             raise SafeMergeError(f"{flag}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                                  "save the tokenizer into it with tokenizer.save_pretrained") from None
@@ -328,8 +334,10 @@ class TransformersEngine:
         stop = list(dict.fromkeys(x for t in ends if t is not None for x in (t if isinstance(t, list) else [t])))
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
+            # (a fast tokenizer without model_input_names returns token_type_ids, which generate()
+            # refuses in transformers 4.x)
             enc = self.tok([texts[j] for j in idx], return_tensors="pt", padding=True,
-                           add_special_tokens=False).to(self.device)
+                           add_special_tokens=False, return_token_type_ids=False).to(self.device)
             with torch.no_grad():
                 gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                           pad_token_id=self.tok.pad_token_id, eos_token_id=stop or None,

@@ -200,7 +200,8 @@ class LlamaGuardJudge:
             chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
                      for p, r in zip(prompts[i:i + self.batch_size], responses[i:i + self.batch_size])]
             texts = [chat_prompt(self.tok, c, add_generation_prompt=False) for c in chats]
-            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                           return_token_type_ids=False).to(self.device)
             with torch.no_grad():
                 gen = self.model.generate(**enc, max_new_tokens=10, do_sample=False, pad_token_id=self.tok.pad_token_id)
             out += [s.strip() for s in self.tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
