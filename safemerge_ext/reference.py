@@ -30,6 +30,13 @@ _ROW_BLOCK = 256
 _COL_BLOCK = 256
 
 
+def detail() -> str:
+    """What this backend runs with, for ``safemerge backends`` and the report: torch's version and
+    its CPU threads (its BLAS matmuls' sums follow the thread count, so the bits on the CPU do)."""
+    threads = torch.get_num_threads()
+    return f"torch {torch.__version__}, {threads} CPU thread{'s' if threads != 1 else ''}"
+
+
 def _sq(x: torch.Tensor) -> torch.Tensor:
     """Sum of squares in float64, squared in float64 too (fp32 squares of entries below 1e-19 are 0)."""
     return x.double().square().sum()

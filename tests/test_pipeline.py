@@ -92,6 +92,9 @@ def test_score_matches_float64(fx, tmp_path, backend):
         from safemerge_ext import _cpu
 
         assert rep["backend_detail"].startswith(f"{_cpu.isa()} kernels, ")
+    elif backend == "torch":  # (its sums follow its thread count: named, so the report says what gave its bits)
+        n = torch.get_num_threads()
+        assert rep["backend_detail"] == f"torch {torch.__version__}, {n} CPU thread{'s' if n != 1 else ''}"
     else:
         assert rep["backend_detail"] is None
     got = {r["module"]: r["cosine"] for r in rep["layers"]}
