@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -697,7 +698,11 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                     click.echo(f"safemerge-yaml: warning: {untied}", err=True)
                 card = tmp / "README.md"
                 if card.is_file():  # mergekit titles the card after the folder it wrote: the temporary one
-                    card.write_text(card.read_text(encoding="utf-8").replace(tmp.name, out.name), encoding="utf-8")
+                    text = card.read_text(encoding="utf-8").replace(tmp.name, out.name)
+                    # (and lists the models from a set, in an order that changes run to run: sorted)
+                    text = re.sub(r"(included in the merge:\n)((?:\* .*\n)+)",
+                                  lambda m: m[1] + "".join(sorted(m[2].splitlines(True))), text)
+                    card.write_text(text, encoding="utf-8")
                 umask_modes(tmp)  # (safetensors >= 0.8 writes mergekit's shards 0600)
             finally:
                 if lora_cache:  # (whole: a Ctrl-C here waits, and the run ends on it after)

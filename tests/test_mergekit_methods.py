@@ -1597,6 +1597,9 @@ def test_tiny_recipe_runs_through_safemerge_yaml(pico, tmp_path, capsys, monkeyp
     assert [Path(o.lora_merge_cache).name[:-8] for o in seen] == [".merged.lora-"]
     card = (out / "README.md").read_text()
     assert "merged" in card and ".tmp-" not in card
+    # (mergekit lists the models from a set, in PYTHONHASHSEED's order: sorted, the same every run)
+    listed = card.split("included in the merge:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(listed) == 3 and listed == sorted(listed), listed
     assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()
 
 
