@@ -369,6 +369,17 @@ def _check_loras(group: TensorGroup, role: Any) -> None:
             _loras_checked.add(key)
 
 
+def _models(group: TensorGroup, role: Any) -> dict[str, dict[str, str | None]]:
+    """The inputs by role (the base model as "aligned"), as the report records them: each model's
+    path (a folder, or a Hub id) and its LoRA's, for ``model+lora``."""
+    def ref(e: Any) -> dict[str, str | None]:
+        model, lora = getattr(e.id, "model", None), getattr(e.id, "lora", None)
+        return {"model": getattr(model, "path", str(e.id)), "lora": getattr(lora, "path", None)}
+    out = {"aligned": ref(group.base)} if group.base is not None else {}
+    out.update({str(role[e.id]): ref(e) for e in group.non_base})
+    return out
+
+
 def _task_lora(group: TensorGroup, role: Any) -> bool:
     """Whether the task input is ``model+lora`` (mergekit folded the adapter before loading it)."""
     return any(role[e.id] == "task" and getattr(e.id, "lora", None) for e in group.non_base)
@@ -378,6 +389,7 @@ def _record(
     method: str, group: TensorGroup, score: ops.Score, *, flagged: bool, action: str, settings: dict[str, Any],
     src_dtype: torch.dtype, band: float | None, elapsed: float, nbytes: int, report_path: str,
     precision: str | None, rounding: torch.dtype | None = None, task_lora: bool = False,
+    models: dict[str, dict[str, str | None]] | None = None,
 ) -> None:
     name = group.metadata.name or "?"
     rec = LayerRecord(
@@ -393,6 +405,9 @@ def _record(
                "task_lora": task_lora, "rounding_band": band, **settings},
     )
     _append(report_path, {"method": method, "backend": score.backend, "backend_detail": backend_detail(score.backend),
+                          "backend_requested": backends.requested_backend(None),
+                          "device": str(group.base.tensor.device) if group.base is not None else None,
+                          "models": models or {},
                           "precision": score.precision,
                           "precision_requested": requested_precision(precision),
                           "time_s": elapsed, "end": time.time(), "bytes": nbytes, "layer": rec.to_json()})
@@ -415,6 +430,7 @@ class _Scored:
     start: float
     precision: str | None
     conv1d: bool  # (wa, wu and dW as stored, d_in x d_out; scored and projected transposed)
+    models: dict[str, dict[str, str | None]]
 
     @classmethod
     def of(cls, group: TensorGroup, t: dict[str, torch.Tensor], role: Any, precision: str | None) -> "_Scored":
@@ -427,7 +443,7 @@ class _Scored:
         score = _score(name, wa, wu, dW, precision, t, conv1d)
         rounding = _value_precision(task)
         return cls(name, task, wd, wa, wu, dW, score, _rounding_band(rounding, task, wa, score.delta_norm), rounding,
-                   _task_lora(group, role), start, precision, conv1d)
+                   _task_lora(group, role), start, precision, conv1d, _models(group, role))
 
     def projected(self) -> torch.Tensor:
         """C dW (Safe LoRA's update), in the stored layout."""
@@ -440,7 +456,7 @@ class _Scored:
         _record(method, group, self.score, flagged=flagged, action=action, settings=settings,
                 src_dtype=self.task.dtype, band=self.band, elapsed=time.perf_counter() - self.start,
                 nbytes=_bytes_read(group), report_path=report_path,
-                precision=self.precision, rounding=self.rounding, task_lora=self.task_lora)
+                precision=self.precision, rounding=self.rounding, task_lora=self.task_lora, models=self.models)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,7 +590,7 @@ def _resta_tensor(
         _record("resta", group, score, flagged=False, action="shifted", settings={"beta": beta, "density": density,
                 "seed": seed}, src_dtype=task.dtype, band=None, elapsed=time.perf_counter() - start,
                 nbytes=_bytes_read(group), report_path=report_path,
-                precision=precision, task_lora=_task_lora(group, role))
+                precision=precision, task_lora=_task_lora(group, role), models=_models(group, role))
     return out
 
 

@@ -515,6 +515,27 @@ def _settings(method: str, layers: list[LayerRecord]) -> dict[str, Any]:
     return settings
 
 
+def _model_refs(lines: list[dict[str, Any]]) -> dict[str, str]:
+    """The run's inputs by role as mergekit names them (``path`` or ``path+lora``), from its records."""
+    refs: dict[str, str] = {}
+    for ln in lines:
+        for role, ref in (ln.get("models") or {}).items():
+            refs.setdefault(role, ref["model"] + (f"+{ref['lora']}" if ref.get("lora") else ""))
+    return refs
+
+
+def _inputs(lines: list[dict[str, Any]]) -> dict[str, str]:
+    """The run's local input folders by role (a LoRA's as "<role>_lora"), for the report's record
+    of them; Hub ids, which mergekit fetched, are left out."""
+    found: dict[str, str] = {}
+    for ln in lines:
+        for role, ref in (ln.get("models") or {}).items():
+            for key, path in ((role, ref.get("model")), (f"{role}_lora", ref.get("lora"))):
+                if path and key not in found and os.path.isdir(os.path.expanduser(path)):
+                    found[key] = os.path.expanduser(path)
+    return found
+
+
 def _unreachable_threshold(method: str, layers: list[LayerRecord]) -> list[str]:
     """A warning when one threshold serves every layer and can flag none (a threshold that varies
     by layer may mean "never flag" for some on purpose)."""
@@ -608,11 +629,16 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
     backends = sorted({ln["backend"] for ln in lines})
     precisions = sorted({ln.get("precision", EXACT) for ln in lines})
     details = sorted({ln["backend_detail"] for ln in lines if ln.get("backend_detail")})
+    settings, inputs = _settings(method, layers), _inputs(lines)
+    for key in ("device", "backend_requested", "precision_requested"):  # (as the command line's reports say them)
+        values = sorted({str(ln.get(key)) for ln in lines if ln.get(key) is not None})
+        settings[key] = ",".join(values) or None
     report = build_report(
         command=command,
         method=method,
         layers=layers,
-        settings=_settings(method, layers),
+        settings={"models": _model_refs(lines), **settings},
+        inputs=inputs,
         backend=backends[0] if len(backends) == 1 else ",".join(backends),
         precision=",".join(precisions),
         backend_detail="; ".join(details) or None,

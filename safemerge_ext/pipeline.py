@@ -577,10 +577,11 @@ def _records(run: Run, scores: list[ops.Score], flags: list[bool], action: str) 
 
 def _finish(run: Run, command: str, method: str, records: list[LayerRecord], settings: dict[str, Any]) -> dict[str, Any]:
     run.timings["total_s"] = time.perf_counter() - run.started
+    inputs = {k: settings[k] for k in ("aligned", "unaligned", "adapter", "task_adapter", "safety_adapter") if k in settings}
     return build_report(
         command=command, method=method, layers=records, settings=settings, backend=run.backend,
         precision=run.precision, timings=run.timings, bytes_read=run.bytes_read, warnings=run.warnings,
-        backend_detail=ops.backends.backend_detail(run.backend),
+        backend_detail=ops.backends.backend_detail(run.backend), inputs=inputs,
     )
 
 

@@ -70,15 +70,21 @@ def build_report(
     warnings: list[str] | None = None,
     precision: str = "ieee",
     backend_detail: str | None = None,
+    inputs: dict[str, str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report dict (JSON-ready) from the layer records and the run's facts;
     ``precision`` is the operand precision the backend computed with (``backends.PRECISIONS``),
     ``backend_detail`` what it ran with (the C++ kernels' instruction set: their bits differ; None for a
-    backend with one build)."""
+    backend with one build), ``inputs`` the input folders by role (recorded as they are on disk)."""
+    from safemerge_ext import provenance
+
     scores = [r.cosine for r in layers if math.isfinite(r.cosine)]
     return {
         "tool": "safemerge-ext",
         "version": __version__,
+        "schema_version": provenance.SCHEMA_VERSION,
+        "environment": provenance.environment(),
+        "inputs": {role: provenance.fingerprint(path) for role, path in (inputs or {}).items()},
         "command": command,
         "method": method,
         "settings": settings,

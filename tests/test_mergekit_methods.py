@@ -4,6 +4,7 @@ recipes, the safemerge-yaml and mergekit-yaml console scripts, and the start-up 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -914,6 +915,27 @@ def test_run_merge_refuses_a_device_torch_lacks(pico, tmp_path, options, want):
         merge(recipe(pico, params={"threshold": TAU}), tmp_path / "o", **options)
     assert str(err.value) == "mergekit's " + want.format(v=torch.__version__)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_mergekit_report_says_what_ran_on_what(pico, tmp_path, monkeypatch):
+    """The mergekit faces' report records, as the command line's does, the inputs by role (with a
+    LoRA's folder), how each input was on disk, the device, the backend and precision asked for,
+    the libraries and the report's schema version (review143: none of these were there)."""
+    monkeypatch.setenv("SAFEMERGE_BACKEND", "torch")
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
+    _, report = merge(cfg, tmp_path / "o", lora_merge_dtype="float32", lora_merge_cache=str(tmp_path / "cache"))
+    assert report["schema_version"] == 1
+    assert {"torch", "mergekit"} <= set(report["environment"]["libraries"])
+    s = report["settings"]
+    assert s["models"] == {"aligned": str(pico.aligned), "task": f"{pico.aligned}+{pico.lora_task}",
+                           "unaligned": str(pico.unaligned), "safety": str(pico.safety)}
+    assert (s["device"], s["backend_requested"], s["precision_requested"]) == ("cpu", "torch (SAFEMERGE_BACKEND)", "ieee")
+    assert set(report["inputs"]) == {"aligned", "task", "task_lora", "unaligned", "safety"}
+    lora = report["inputs"]["task_lora"]
+    assert lora["path"] == str(Path(pico.lora_task).resolve())
+    assert lora["files"]["adapter_config.json"]["sha256"] == hashlib.sha256(
+        (Path(pico.lora_task) / "adapter_config.json").read_bytes()).hexdigest()
+    assert "header_sha256" in lora["files"]["adapter_model.safetensors"]
 
 
 def test_an_unknown_role_names_its_model(pico, tmp_path):

@@ -57,6 +57,31 @@ def report_of(out: Path) -> dict:
     return json.loads((out / "safemerge_report.json").read_text())
 
 
+def test_the_report_says_how_its_inputs_were_on_disk(fx, tmp_path):
+    """The report records its schema version, the libraries the run imported, and each input as it
+    was: path, files with size and time, JSON files' and safetensors headers' SHA-256 (review143:
+    an adapter retrained in place gave a report that could not be told apart)."""
+    import hashlib
+
+    out = tmp_path / "out"
+    assert run_cli(merge_args(fx, out, "--no-plot")) == 0
+    rep = report_of(out)
+    assert rep["schema_version"] == 1 and rep["environment"]["libraries"]["torch"] == torch.__version__
+    assert set(rep["inputs"]) == {"aligned", "unaligned", "task_adapter", "safety_adapter"}
+    task = rep["inputs"]["task_adapter"]
+    assert task["path"] == str(Path(fx.task).resolve())
+    files = task["files"]
+    assert files["adapter_config.json"]["sha256"] == hashlib.sha256(
+        (Path(fx.task) / "adapter_config.json").read_bytes()).hexdigest()
+    raw = (Path(fx.task) / "adapter_model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert files["adapter_model.safetensors"] == {
+        "bytes": len(raw), "modified": files["adapter_model.safetensors"]["modified"],
+        "header_sha256": hashlib.sha256(raw[8:8 + n]).hexdigest()}
+    shards = [f for f in rep["inputs"]["aligned"]["files"] if f.endswith(".safetensors")]
+    assert len(shards) == len(list(Path(fx.aligned).glob("*.safetensors"))) > 1
+
+
 def peft_merged_weights(aligned: Path, adapter: Path) -> dict[str, torch.Tensor]:
     """Load the adapter with PEFT onto the aligned model and fold it in: what a user would get."""
     from peft import PeftModel
