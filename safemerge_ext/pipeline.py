@@ -123,7 +123,7 @@ def resolve_device(name: str, *, scoring: bool = True) -> torch.device:
     if scoring and dev.type not in ("cpu", "cuda"):  # (the scorer would run on the CPU and the report name this one)
         raise SafeMergeError(f"--device {name}: scoring runs on cpu or cuda only; use --device cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SafeMergeError("--device cuda: no CUDA device is available here; use --device cpu")
+        raise SafeMergeError(f"--device {name}: no CUDA device is available here; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise SafeMergeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                              "use cuda or cuda:N with a smaller N")
@@ -578,10 +578,14 @@ def _records(run: Run, scores: list[ops.Score], flags: list[bool], action: str) 
 def _finish(run: Run, command: str, method: str, records: list[LayerRecord], settings: dict[str, Any]) -> dict[str, Any]:
     run.timings["total_s"] = time.perf_counter() - run.started
     inputs = {k: settings[k] for k in ("aligned", "unaligned", "adapter", "task_adapter", "safety_adapter") if k in settings}
+    headers: dict[str, str] = {}
+    for reader in {id(r): r for r in (run.aligned, run.unaligned, *(m.reader for layer in run.layers
+                                                                    for m in (layer.task, layer.safety) if m is not None))}.values():
+        headers.update(reader.header_digests())
     return build_report(
         command=command, method=method, layers=records, settings=settings, backend=run.backend,
         precision=run.precision, timings=run.timings, bytes_read=run.bytes_read, warnings=run.warnings,
-        backend_detail=ops.backends.backend_detail(run.backend), inputs=inputs,
+        backend_detail=ops.backends.backend_detail(run.backend), inputs=inputs, headers=headers,
     )
 
 

@@ -44,10 +44,11 @@ def _distribution_version(name: str) -> str | None:
         return None
 
 
-def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+def fingerprint(path: str | os.PathLike, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """One input folder (or file) as it is now: its resolved path, the Hugging Face repository and
     revision where it is a snapshot in a Hub cache, and per file its size, modification time (UTC)
-    and, for JSON files, the SHA-256 of the file, for safetensors files that of its header."""
+    and, for JSON files, the SHA-256 of the file, for safetensors files that of its header
+    (``headers``: those the run read, by resolved path, taken as they are: a file is opened once)."""
     p = Path(path).resolve()
     out: dict[str, Any] = {"path": str(p)}
     parts = Path(os.path.abspath(path)).parts  # (a snapshot's files link into blobs/: the unresolved path)
@@ -57,13 +58,13 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
             out["hub"] = {"repo": parts[i - 1].removeprefix("models--").replace("--", "/"), "revision": parts[i + 1]}
     try:
         files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
-        out["files"] = {f.name: _file(f) for f in files}
+        out["files"] = {f.name: _file(f, (headers or {}).get(os.path.realpath(f))) for f in files}
     except OSError:  # (gone or unreadable since the run read it)
         out["files"] = {}
     return out
 
 
-def _file(f: Path) -> dict[str, Any]:
+def _file(f: Path, header_sha256: str | None = None) -> dict[str, Any]:
     st = f.stat()
     entry: dict[str, Any] = {
         "bytes": st.st_size,
@@ -72,6 +73,8 @@ def _file(f: Path) -> dict[str, Any]:
     try:
         if f.suffix == ".json" and st.st_size <= _SMALL:
             entry["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+        elif f.suffix == ".safetensors" and header_sha256 is not None:
+            entry["header_sha256"] = header_sha256
         elif f.suffix == ".safetensors":
             with open(f, "rb") as fh:
                 head = fh.read(8)

@@ -71,11 +71,13 @@ def build_report(
     precision: str = "ieee",
     backend_detail: str | None = None,
     inputs: dict[str, str | os.PathLike] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report dict (JSON-ready) from the layer records and the run's facts;
     ``precision`` is the operand precision the backend computed with (``backends.PRECISIONS``),
     ``backend_detail`` what it ran with (the C++ kernels' instruction set: their bits differ; None for a
-    backend with one build), ``inputs`` the input folders by role (recorded as they are on disk)."""
+    backend with one build), ``inputs`` the input folders by role (recorded as they are on disk;
+    ``headers``: the safetensors headers' digests the run has, see :func:`provenance.fingerprint`)."""
     from safemerge_ext import provenance
 
     scores = [r.cosine for r in layers if math.isfinite(r.cosine)]
@@ -84,7 +86,7 @@ def build_report(
         "version": __version__,
         "schema_version": provenance.SCHEMA_VERSION,
         "environment": provenance.environment(),
-        "inputs": {role: provenance.fingerprint(path) for role, path in (inputs or {}).items()},
+        "inputs": {role: provenance.fingerprint(path, headers) for role, path in (inputs or {}).items()},
         "command": command,
         "method": method,
         "settings": settings,

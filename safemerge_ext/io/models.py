@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import math
 import mmap
@@ -316,6 +317,7 @@ class ModelReader:
         self._null: int | None = None  # /dev/null, the sink of will_need's sendfile; -1: fadvise instead
         # shard -> {name: (dtype code, shape, absolute start, absolute end)}, and its __metadata__
         self._headers: dict[str, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
+        self._digests: dict[str, str] = {}  # shard -> SHA-256 of its header, as read
         self._metadata: dict[str, dict[str, str] | None] = {}
         self._weight_map = self._read_layout()
         self._names: list[str] | None = None  # (sorted once: the layout does not change)
@@ -335,7 +337,9 @@ class ModelReader:
                 ):
                     raise ValueError("weight_map is not a table of tensor names to shard files")
             except (ValueError, KeyError, TypeError, RecursionError) as exc:
-                raise SafeMergeError(f"{self.flag} {p / INDEX}: not a valid safetensors index ({exc}); re-save the model") from None
+                why = ("it has no weight_map table" if isinstance(exc, (KeyError, TypeError)) else
+                       " ".join(str(exc).split()))
+                raise SafeMergeError(f"{self.flag} {p / INDEX}: not a valid safetensors index ({why}); re-save the model") from None
             for shard in sorted(set(weight_map.values())):
                 if Path(shard).name != shard or shard in (".", ".."):
                     raise SafeMergeError(
@@ -394,6 +398,11 @@ class ModelReader:
     def is_sharded(self) -> bool:
         return self._single == SINGLE and (self.path / INDEX).is_file()
 
+    def header_digests(self) -> dict[str, str]:
+        """The SHA-256 of each header this reader has read, by the file's resolved path (the report
+        records them without opening the files again)."""
+        return {os.path.realpath(self.path / shard): digest for shard, digest in self._digests.items()}
+
     def _header(self, shard: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
         """Parse (once) a shard's safetensors header: dtype, shape and absolute byte range per tensor."""
         hdr = self._headers.get(shard)
@@ -406,7 +415,9 @@ class ModelReader:
             (n,) = struct.unpack("<Q", _pread_all(fd, 8, 0))
             if not 0 < n <= min(_MAX_HEADER, size - 8):
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
-            raw = json.loads(_pread_all(fd, n, 8))
+            blob = _pread_all(fd, n, 8)
+            self._digests[shard] = hashlib.sha256(blob).hexdigest()  # (for the report's record of the input)
+            raw = json.loads(blob)
             if not isinstance(raw, dict):
                 raise ValueError("the header is not a JSON object")
             hdr = {}
