@@ -146,7 +146,7 @@ def _load(spec: BackendSpec, fresh: bool = False) -> ModuleType | str:
         try:
             mod = importlib.import_module(spec.module)
         except Exception as exc:  # any import failure is a reason, never a crash
-            _loaded[spec.name] = f"{type(exc).__name__}: {exc}".strip()
+            _loaded[spec.name] = f"{type(exc).__name__}: {' '.join(str(exc).split())}".strip()  # (one line)
             return _loaded[spec.name]
         # (a module is kept; while it is unavailable its reason is asked again each time: it may
         # follow the environment, as Triton's does TRITON_INTERPRET until triton is imported)

@@ -450,8 +450,12 @@ def yaml_main(argv: Sequence[str] | None = None) -> None:
             try:
                 from safemerge_ext import yaml_cli
             except ImportError as exc:
-                print(f"safemerge-yaml: error: it needs mergekit ({exc}): pip install 'safemerge-ext[mergekit]'",
-                      file=sys.stderr)
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                missing = isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "mergekit"
+                print("safemerge-yaml: error: it needs mergekit: pip install 'safemerge-ext[mergekit]'" if missing else
+                      f"safemerge-yaml: error: mergekit is installed but does not import ({first}); install the "
+                      "versions of its requirements it supports (python -c 'import mergekit.options' shows where "
+                      "it fails)", file=sys.stderr)
                 sys.exit(1)
             try:
                 yaml_cli.main(None if argv is None else list(argv))

@@ -198,12 +198,13 @@ def _base_model(config: MergeConfiguration, recipe: str | os.PathLike = "recipe"
     return next(iter(bases.values()))
 
 
-def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
+def _check_roles(method: str, config: MergeConfiguration, recipe: str | os.PathLike = "recipe") -> dict[str, str]:
     roles: dict[str, str] = {}
     groups = _groups(config)
     if not groups:
-        raise SafeMergeError(f"recipe: no models; list the {', '.join(ROLES[method])} models under models:")
-    for label, base, inputs, own in groups:
+        raise SafeMergeError(f"{recipe}: no models; list the {', '.join(ROLES[method])} models under models:")
+    for group_label, base, inputs, own in groups:
+        label = f"{recipe}: {group_label}"  # (every line below names the recipe file, as its siblings do)
         _check_parameters(method, own, f"{label}: parameters")
         if "report_path" in own:  # (mergekit would rank it above the recipe's: part of the report would go there)
             raise SafeMergeError(f"{label}: parameters: report_path is a setting of the whole run; "
@@ -211,7 +212,7 @@ def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
         found: dict[str, list[str]] = {}
         same: dict[tuple, tuple[Any, str]] = {}
         # (as mergekit reads a parameter: the model's own, else its slice's, its module's, the recipe's)
-        module = (config.modules or {}).get(label.split(".")[1]) if label.startswith("modules.") else None
+        module = (config.modules or {}).get(group_label.split(".")[1]) if group_label.startswith("modules.") else None
         chain = [own, dict(module.parameters or {}) if module is not None else {}, dict(config.parameters or {})]
         default = next((c["role"] for c in chain if "role" in c), None)
         for ref, params in inputs:
@@ -247,7 +248,7 @@ def _check_roles(method: str, config: MergeConfiguration) -> dict[str, str]:
             same[key] = (ref, role)
             found.setdefault(role, []).append(_ref_str(ref))
             _check_parameters(method, params, f"{label}: model {ref}", on_model=True)
-        if "slices[" in label and not any(ref == base for ref, _ in inputs):  # (mergekit adds it to models: only)
+        if "slices[" in group_label and not any(ref == base for ref, _ in inputs):  # (mergekit adds it to models: only)
             raise SafeMergeError(f"{label}: the base_model {base} (the aligned model) is not one of the slice's "
                                  "sources; add it as a source with the same layer_range")
         for r in ROLES[method]:
@@ -272,6 +273,7 @@ def _local_dir(path: str, what: str) -> Path:
 
 
 def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_embeddings: bool = False,
+                  method: str = "safemerge", recipe: str | os.PathLike = "recipe",
                   ) -> tuple[bool, int, tuple[tuple[str, Path], ...]]:
     """Paths exist; every tensor of the aligned model is in every input with the same shape (a
     resized vocabulary only with the recipe's tokenizer settings), 2-D weights in the same dtype in
@@ -291,7 +293,7 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
             adapters.append((label, ref, read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True)))
     base_label, _, base = readers[0]
     if has_lora:
-        _check_lora_architecture(base)
+        _check_lora_architecture(base, method, recipe)
     vocab = _vocab_size(base.path)
     # (mergekit's tokenizer settings align the embedding rows; --unsafe-truncate-embeddings cuts them)
     aligns_vocab = config.tokenizer is not None or config.tokenizer_source is not None or truncate_embeddings
@@ -335,7 +337,7 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
     return has_lora, checked, inputs
 
 
-def _check_lora_architecture(base: Any) -> None:
+def _check_lora_architecture(base: Any, method: str, recipe: str | os.PathLike) -> None:
     """mergekit infers the layout of a model it has no architecture definition for from every input's
     files, and (0.1.5) fails on a ``model+lora`` input there with "LoRA not merged"; say what to do."""
     from mergekit.architecture import arch_info_for_config
@@ -348,10 +350,11 @@ def _check_lora_architecture(base: Any) -> None:
         return
     if not known:
         arch = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        cli = {"safemerge": "safemerge merge --output model", "safelora": "safemerge project --output model"}.get(method)
         raise SafeMergeError(
-            f"mergekit has no architecture definition for {arch} (the aligned model), and cannot take model+lora "
-            "inputs for it; fold each LoRA into its model first (PEFT: merge_and_unload, save_pretrained) and give "
-            "those folders, or use `safemerge merge --output model`, which takes the adapters as they are"
+            f"{recipe}: mergekit has no architecture definition for {arch} (the aligned model), and cannot take "
+            "model+lora inputs for it; fold each LoRA into its model first (PEFT: merge_and_unload, save_pretrained) "
+            "and give those folders" + (f", or use `{cli}`, which takes the adapters as they are" if cli else "")
         )
 
 
@@ -507,9 +510,9 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe", truncate_em
             requested_precision(None)
         except ValueError as exc:
             raise SafeMergeError(str(exc)) from None
-    roles = _check_roles(method, config)
+    roles = _check_roles(method, config, recipe)
     check_layer_ranges(config, method, recipe)
-    has_lora, checked, inputs = _check_models(config, roles, truncate_embeddings)
+    has_lora, checked, inputs = _check_models(config, roles, truncate_embeddings, method, recipe)
     return Checked(config, method, roles, has_lora, checked, inputs)
 
 

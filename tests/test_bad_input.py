@@ -638,12 +638,16 @@ def test_unavailable_backend_is_one_line(fx, tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for machines without CUDA")
-def test_device_cuda_without_gpu(fx, tmp_path, capsys):
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_device_cuda_without_gpu(fx, tmp_path, capsys, device):
+    """One line that echoes the --device given (cuda:1 was named "--device cuda": review144)."""
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for a machine without a CUDA device")
     out = tmp_path / "out"
     code = main(["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
-                 "--safety-adapter", str(fx.safety), "--out", str(out), "--device", "cuda", "--no-progress"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "--device cuda" in err and "--device cpu" in err
+                 "--safety-adapter", str(fx.safety), "--out", str(out), "--device", device, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"safemerge: error: --device {device}: no CUDA device is available here; use --device cpu\n"
     assert leftovers(tmp_path, "out") == []
 
 

@@ -579,11 +579,21 @@ def test_eval_end_to_end(tiny_chat_model: tuple[Path, Path], tmp_path: Path, cap
     assert printed.index("paired, exact McNemar") > printed.index("sets: harmful=")
 
 
-def test_eval_bad_input_is_one_line(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+def test_eval_bad_input_is_one_line(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     model, _ = tiny_chat_model
     assert main(["eval", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "does not exist" in err
+    assert err.count("\n") == 0 and "no such directory; give a Hugging Face model folder" in err
+    # (a file in the folder given for it: named as a file, with its folder to give; it said "does not exist")
+    assert main(["eval", "--model", str(model / "config.json")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{model / 'config.json'}: a file, not a folder; give the folder that holds it ({model}), a Hugging Face "
+        "model folder")
+    # (a set no registry carries: "run safemerge data fetch advbench" failed again, asking for --from)
+    monkeypatch.setenv("SAFEMERGE_DATA", str(tmp_path / "cache"))
+    assert main(["eval", "--model", str(model), "--harmful", "advbench"]) == 2
+    assert "run safemerge data fetch advbench --from FILE, FILE being" in capsys.readouterr().err
     assert main(["eval", "--model", f"a={model}", "--model", f"a={model}"]) == 2
     assert "names repeat" in capsys.readouterr().err
     assert main(["eval", "--model", str(model), "--harmful", "safemerge:nope"]) == 2
@@ -1671,8 +1681,10 @@ def test_vllm_refuses_an_adapter_whose_patterns_it_would_ignore(
     assert main(["eval", "--engine", "vllm", "--model", f"{model}+{patterned}", "--limit", "1", "--benign", "none"]) == 2
     err = _one_line_error(capsys)
     assert f"--model {model}+{patterned}: --engine vllm scales every module of the adapter by lora_alpha / r" in err
-    assert refused in err and err.endswith("; use --engine transformers, or evaluate the model with the adapter "
-                                           "merged in (safemerge merge --output model)")
+    # (it advised `safemerge merge --output model`, which SafeMERGEs with a safety adapter: review144)
+    assert refused in err and err.endswith(
+        "; use --engine transformers, or fold the adapter into its model (PEFT: merge_and_unload, save_pretrained; "
+        "for a safemerge merge/project output, rerun that command with --output model) and pass that folder as --model")
 
 
 def test_vllm_options_are_checked_before_anything_loads(tiny_chat_model: tuple[Path, Path], capsys,

@@ -395,9 +395,13 @@ def test_lora_inputs_on_an_architecture_mergekit_does_not_define_are_refused_bef
     lora = recipe(pico, unaligned=str(models["unaligned"]),
                   task=f"{models['aligned']}+{pico.lora_task}", safety=f"{models['aligned']}+{pico.lora_safety}")
     lora["base_model"] = str(models["aligned"])
-    with pytest.raises(SafeMergeError, match=r"^mergekit has no architecture definition for PicoLlamaForCausalLM "
-                       r"\(the aligned model\), and cannot take model\+lora inputs for it; fold each LoRA"):
+    with pytest.raises(SafeMergeError, match=r"^recipe: mergekit has no architecture definition for "
+                       r"PicoLlamaForCausalLM \(the aligned model\), and cannot take model\+lora inputs for it; fold "
+                       r"each LoRA .*, or use `safemerge merge --output model`, which takes the adapters as they are$"):
         validate_recipe(lora)
+    with pytest.raises(SafeMergeError, match=r"^r\.yml: mergekit .*and give those folders$"):  # (resta: no CLI face)
+        validate_recipe({**lora, "merge_method": "resta", "parameters": {"beta": 0.5},
+                         "models": [m for m in lora["models"] if m["parameters"]["role"] != "safety"]}, "r.yml")
     full = recipe(pico)
     full["base_model"] = str(models["aligned"])
     validate_recipe(full)  # (full models: mergekit infers the layout from their files)
@@ -1085,6 +1089,55 @@ def test_safemerge_yaml_checks_the_backend_setting_before_folding(pico, tmp_path
     assert str(err.value) == want.format(others=others) and not (tmp_path / "o").exists()
 
 
+def test_safemerge_yaml_refuses_a_bad_cpu_isa_setting_as_safemerge_does(pico, tmp_path, capsys, monkeypatch):
+    """SAFEMERGE_CPU_ISA naming no kernels, under backend auto: `safemerge` refuses it in one line;
+    safemerge-yaml merged on torch after a two-line Python UserWarning inside mergekit's progress
+    bar (review144). Now the same one line, before the merge."""
+    from safemerge_ext import backends, cpp_backend, yaml_cli
+
+    if backends.available_backends()["cpp"] is not None:
+        pytest.skip("the C++ backend is unavailable here")
+    monkeypatch.setattr(cpp_backend, "_warned", set())
+    try:
+        monkeypatch.setenv("SAFEMERGE_CPU_ISA", "avx9")
+        with pytest.raises(SystemExit) as done:
+            yaml_cli.main([str(_write(recipe(pico, params={"threshold": TAU}), tmp_path / "r.yml")),
+                           str(tmp_path / "out"), "--no-copy-tokenizer"])
+        assert done.value.code == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("safemerge-yaml: error: SAFEMERGE_CPU_ISA='avx9' is not one "
+                                                       "of best, "), err
+        assert "SAFEMERGE_BACKEND=torch" in err and not (tmp_path / "out").exists()
+    finally:
+        monkeypatch.delenv("SAFEMERGE_CPU_ISA")
+        backends.available_backends()  # (puts back the CPU's own kernels)
+
+
+@pytest.mark.parametrize("broken, want", [
+    ("missing", "safemerge-yaml: error: it needs mergekit: pip install 'safemerge-ext[mergekit]'"),
+    ("other version", "safemerge-yaml: error: mergekit is installed but does not import (cannot import name "
+                      "'MergeOptions' from 'mergekit.options' (unknown location)); install the versions of its "
+                      "requirements it supports (python -c 'import mergekit.options' shows where it fails)"),
+])
+def test_safemerge_yaml_says_whether_mergekit_is_missing_or_broken(capsys, monkeypatch, broken, want):
+    """Any ImportError was "it needs mergekit: pip install ...", also where mergekit is installed and
+    does not import as this package expects, where reinstalling changes nothing (review144)."""
+    import safemerge_ext
+    from safemerge_ext.cli import yaml_main
+
+    monkeypatch.delitem(sys.modules, "safemerge_ext.yaml_cli")
+    monkeypatch.delattr(safemerge_ext, "yaml_cli")
+    if broken == "missing":  # (as Python reads a None there: not installed)
+        for name in ("mergekit", "mergekit.config"):
+            monkeypatch.setitem(sys.modules, name, None)
+    else:
+        monkeypatch.setitem(sys.modules, "mergekit.options", types.ModuleType("mergekit.options"))
+    with pytest.raises(SystemExit) as done:
+        yaml_main(["r.yml", "out"])
+    assert done.value.code == 1
+    assert capsys.readouterr().err == want + "\n"
+
+
 def test_safemerge_yaml_refuses_one_model_in_two_roles(pico, tmp_path, capsys):
     """The task model given again as the safety model (./a and a/ are one folder): mergekit refuses
     it too ("Duplicate merge inputs"), but only after folding every LoRA input (review140)."""
@@ -1095,7 +1148,8 @@ def test_safemerge_yaml_refuses_one_model_in_two_roles(pico, tmp_path, capsys):
         yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out"), "--no-copy-tokenizer"])
     assert done.value.code == 1
     assert capsys.readouterr().err == (
-        f"safemerge-yaml: error: models: models {pico.task} (role task) and {pico.task}/ (role safety) are the same "
+        f"safemerge-yaml: error: {tmp_path / 'r.yml'}: models: models {pico.task} (role task) and {pico.task}/ (role "
+        "safety) are the same "
         "model, so a flagged layer would get the task update back, with no safety in it; give each role its own "
         "model\n")
     assert not (tmp_path / "out").exists()

@@ -142,11 +142,11 @@ def _eval(args: argparse.Namespace) -> int:
         files = (("--harmful", args.harmful), ("--benign", args.benign if args.benign != "none" else None),
                  ("--utility", args.utility))
         runner.check_out(Path(args.out), [(flag, spec) for flag, spec in files if spec and Path(spec).is_file()])
-    harmful = data.resolve_prompts(args.harmful)
+    harmful = data.resolve_prompts(args.harmful, "--harmful")
     harmful = (harmful[0], runner.subsample(harmful[1], args.limit, args.seed, "harmful"))
     benign = None
     if args.benign != "none":
-        benign = data.resolve_prompts(args.benign)
+        benign = data.resolve_prompts(args.benign, "--benign")
         benign = (benign[0], runner.subsample(benign[1], args.benign_limit, args.seed, "benign"))
     task = None
     if args.utility:

