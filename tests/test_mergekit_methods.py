@@ -2697,7 +2697,7 @@ def test_plain_mergekit_refuses_a_lora_targeting_a_module_the_model_lacks(pico, 
         merge(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{adapter}"), tmp_path / "o",
               lora_merge_cache=str(tmp_path / "cache"))
     want = (f"role task: LoRA adapter {adapter} targets model.layers.0.self_attn.foo_proj, which {pico.aligned} "
-            "does not have")
+            "does not have; give the model the adapter was trained on")
     assert str(err.value) == want and refusal(err.value) == want
     merge(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}"), tmp_path / "fine",
           lora_merge_cache=str(tmp_path / "cache2"))

