@@ -70,7 +70,9 @@ def test_safemerge_yaml_without_mergekit_is_one_line(monkeypatch, capsys):
     from safemerge_ext.cli import yaml_main
 
     monkeypatch.delattr(safemerge_ext, "yaml_cli", raising=False)
-    monkeypatch.setitem(sys.modules, "safemerge_ext.yaml_cli", None)  # as if mergekit could not be imported
+    monkeypatch.delitem(sys.modules, "safemerge_ext.yaml_cli", raising=False)
+    for name in ("mergekit", "mergekit.config"):  # (as Python reads a None there: not installed)
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(SystemExit) as done:
         yaml_main(["r.yml", "out"])
     err = capsys.readouterr().err.strip()
