@@ -206,6 +206,20 @@ def backend_detail(name: str) -> str | None:
     return describe() if callable(describe) else None
 
 
+def cpu_isa_refusal(device_type: str, choose_torch: str) -> str | None:
+    """Under backend ``auto``: the line refusing a ``SAFEMERGE_CPU_ISA`` that turned the C++ backend
+    off on the CPU (torch would score 5-20x slower without a word in the report), else None;
+    ``choose_torch`` says how the user asks for torch instead."""
+    off = unavailable_reason("cpp") if device_type == "cpu" else None
+    if not off:
+        return None
+    from safemerge_ext.cpp_backend import ISA_ENV_VAR  # (loaded: its reason is one of its own)
+
+    if not off.startswith(ISA_ENV_VAR):
+        return None
+    return f"{off} (else the C++ backend is off and torch scores 5-20x slower; {choose_torch} chooses that)"
+
+
 def resolve(name: str | None, device_type: str, *, honour_env: bool = True) -> tuple[str, ModuleType]:
     """Return (name, module) for a request on a device type.
 

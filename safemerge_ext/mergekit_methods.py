@@ -706,12 +706,9 @@ def _check_backend_setting(device_type: str) -> None:
         if os.environ.get(backends.ENV_VAR, "").strip().lower() in ("", backends.AUTO):
             # as safemerge's commands: a bad SAFEMERGE_CPU_ISA under auto is one line before the merge, not a
             # Python UserWarning (two lines, a source path) inside mergekit's progress bar and a torch fallback
-            from safemerge_ext.cpp_backend import ISA_ENV_VAR
-
-            off = backends.unavailable_reason("cpp") if device_type == "cpu" else None
-            if off and off.startswith(ISA_ENV_VAR):
-                raise SafeMergeError(f"{off} (else the C++ backend is off and torch scores 5-20x slower; "
-                                     "SAFEMERGE_BACKEND=torch chooses that)")
+            refusal = backends.cpu_isa_refusal(device_type, "SAFEMERGE_BACKEND=torch")
+            if refusal:
+                raise SafeMergeError(refusal)
             return
         backends.resolve(None, device_type)
     except ValueError as exc:  # (its message starts with the setting)

@@ -187,18 +187,14 @@ def open_run(
     quiet = ops.backends.QUIET.set(True)
     try:
         backend_name, _ = ops.backends.resolve(backend, dev.type, honour_env=honour_env)
-        isa_off = ops.backends.unavailable_reason("cpp") if dev.type == "cpu" and backend_name != "cpp" else None
+        isa_off = ops.backends.cpu_isa_refusal(dev.type, "--backend torch") if backend_name != "cpp" else None
     except ValueError as exc:  # (a message that starts with SAFEMERGE_BACKEND: the environment chose)
         msg = str(exc)
         raise SafeMergeError(msg if msg.startswith(ops.backends.ENV_VAR) else f"--backend {backend}: {msg}") from None
     finally:
         ops.backends.QUIET.reset(quiet)
     if isa_off and ops.backends.requested_backend(backend, honour_env) == "auto":
-        from safemerge_ext.cpp_backend import ISA_ENV_VAR  # (loaded: its reason is one of its own)
-
-        if isa_off.startswith(ISA_ENV_VAR):
-            raise SafeMergeError(f"{isa_off} (else the C++ backend is off and torch scores 5-20x slower; "
-                                 "--backend torch chooses that)")
+        raise SafeMergeError(isa_off)
     try:
         requested = ops.backends.requested_precision(precision)
     except ValueError as exc:
