@@ -668,8 +668,10 @@ class MergeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number; got {value!r}")
+            object.__setattr__(self, name, float(value))  # (a NumPy scalar becomes a Python float)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed must be an integer; got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
         merging.validate(self.method, self.alpha, self.density, lora=True)
         if self.density != 1.0 and self.method not in merging.USES_DENSITY:  # (it would change nothing)
             raise ValueError(f"density applies to method ties, dare_linear and dare_ties; {self.method} keeps every "

@@ -31,6 +31,9 @@ class Selection:
             if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
                 what = "a whole number" if kinds is numbers.Integral else "a number"
                 raise ValueError(f"{name} must be {what}; got {value!r}")
+            if value is not None:  # (a NumPy scalar, e.g. a tau from np.quantile, becomes a Python number:
+                # compared in float64 and written to the report's JSON as any other)
+                object.__setattr__(self, name, int(value) if kinds is numbers.Integral else float(value))
         if self.threshold is not None and not (-1.0 <= self.threshold <= 1.0 and math.isfinite(self.threshold)):
             raise ValueError(f"threshold must lie in [-1, 1] (it is compared with a cosine); got {self.threshold}")
         if self.num_layers is not None and self.num_layers < 1:
@@ -61,7 +64,7 @@ class Selection:
         valid = [i for i, s in enumerate(scores) if not math.isnan(s)]
         if self.threshold is not None:
             tau = self.threshold
-            return [(not math.isnan(s)) and (s <= tau if self.inclusive else s < tau) for s in scores]
+            return [(not math.isnan(s)) and bool(s <= tau if self.inclusive else s < tau) for s in scores]
         # ceil(F x n) of the decimal F as written: 0.3 x 10 is 3 (not ceil(3.0000000000000004) = 4),
         # and any F > 0 flags at least one layer
         k = self.num_layers if self.num_layers is not None else math.ceil(Fraction(repr(float(self.fraction))) * len(valid))

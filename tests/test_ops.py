@@ -452,6 +452,9 @@ def test_selection_rules():
     assert sum(Selection(fraction=np.float64(0.3)).flag(ten)) == 3  # a numpy scalar from the Python API
     assert sum(Selection(fraction=0.4).flag(scores)) == 2  # ceil(0.4 x 5 defined scores); of all 6 it would be 3
     assert Selection(num_layers=np.int64(2)).flag(scores) == Selection(num_layers=2).flag(scores)
+    # a float32 threshold is the number it holds, compared in float64 (not the score cast to float32)
+    assert Selection(threshold=np.float32(0.2)).flag([0.2000000020, 0.2000000040]) == [True, False]
+    assert all(type(f) is bool for f in Selection(threshold=np.float64(0.35)).flag(scores))
     # the Python API's wrong types: one ValueError when built, not a TypeError when flagging
     for kw, msg in (({"num_layers": 2.5}, "num_layers must be a whole number; got 2.5"),
                     ({"num_layers": True}, "num_layers must be a whole number; got True"),

@@ -1606,6 +1606,35 @@ def test_each_method_flags_by_its_own_comparison_through_the_api(fx, tmp_path):
         assert rep["settings"]["comparison"] == "<" and not {r["module"]: r["flagged"] for r in rep["layers"]}[m]
 
 
+def test_numpy_settings_from_the_python_api_give_the_same_run(fx, tmp_path):
+    """A threshold picked with NumPy (np.quantile of a score run), a count or a seed as NumPy scalars:
+    the run is the one the equal Python numbers give, report written (review146: the report's JSON
+    failed, TypeError on an int64, after every layer was scored and the output built)."""
+    import numpy as np
+
+    scores = [r["cosine"] for r in pipeline.score(fx.aligned, fx.unaligned, fx.task, progress=False)["layers"]]
+    tau = np.quantile(scores, 0.3)
+    rep = pipeline.score(fx.aligned, fx.unaligned, fx.task, threshold=tau, report_path=tmp_path / "s.json",
+                         progress=False)
+    assert json.loads((tmp_path / "s.json").read_text())["counts"] == rep["counts"]
+    assert rep["counts"]["flagged"] == sum(s < float(tau) for s in scores) > 0
+    for i, (given, plain) in enumerate((
+            (pipeline.Selection(threshold=tau), pipeline.Selection(threshold=float(tau))),
+            (pipeline.Selection(num_layers=np.int64(3)), pipeline.Selection(num_layers=3)))):
+        kw = dict(method="dare_ties", density=0.5)
+        runs = [pipeline.merge(fx.aligned, fx.unaligned, fx.task, fx.safety, tmp_path / f"{name}{i}",
+                               pipeline.MergeSettings(sel, seed=seed, alpha=alpha, **kw), plot=False, progress=False)
+                for name, sel, seed, alpha in (("np", given, np.int64(7), np.float32(0.75)), ("py", plain, 7, 0.75))]
+        assert [r["flagged"] for r in runs[0]["layers"]] == [r["flagged"] for r in runs[1]["layers"]]
+        assert sum(r["flagged"] for r in runs[0]["layers"]) > 0
+        settings = [{k: v for k, v in report_of(tmp_path / f"{n}{i}")["settings"].items() if k != "out"} for n in ("np", "py")]
+        assert settings[0] == settings[1] and settings[0]["seed"] == 7
+        assert load_file(tmp_path / f"np{i}" / "adapter_model.safetensors").keys() == \
+            load_file(tmp_path / f"py{i}" / "adapter_model.safetensors").keys()
+        for k, v in load_file(tmp_path / f"np{i}" / "adapter_model.safetensors").items():
+            assert torch.equal(v, load_file(tmp_path / f"py{i}" / "adapter_model.safetensors")[k]), k
+
+
 def test_a_module_scaled_by_zero_is_degenerate(fx, tmp_path):
     """alpha_pattern 0 for a module: its update is zero, so it is never flagged, with the reason."""
     import shutil
