@@ -119,6 +119,25 @@ _LOST = ("the fp32 sums lost their precision: the weights or the update are too 
          "to score, or the update's factors cancel (B A is almost zero next to B and A)")
 
 
+# ||B A||^2 against ||B||^2 ||A||^2: below 2^-20 (factors 2^10 larger than their product) the
+# factors are re-made; below 2^-40 the product is under fp32's resolution of them (an error, not a
+# score); below 2^-80 float64's QR cannot tell it from zero either
+_CANCELLING, _CANCELLED, _FLOAT64_NOISE = 2.0 ** -20, 2.0 ** -40, 2.0 ** -80
+
+
+def _square_sum64(t: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(t if t.dtype in _FLOATS else t.double(), dtype=torch.float64)) ** 2
+
+
+def _refactored(lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """fp32 factors ``A2``, ``B2`` of the same product ``B A`` whose rows and columns are orthogonal
+    (float64 thin QRs of B and A^T, then an SVD of the r x r core), and ``||B A||^2`` from that core."""
+    Qb, Rb = torch.linalg.qr(lora_B.double())
+    Qa, Ra = torch.linalg.qr(lora_A.double().t())
+    U, S, Wh = torch.linalg.svd(Rb @ Ra.t(), full_matrices=False)
+    return (Wh @ Qa.t()).float(), (Qb @ (U * S)).float(), float(S.square().sum())
+
+
 def _non_finite(message: str, *tensors: torch.Tensor | None) -> FloatingPointError:
     """``message`` where an input holds NaN or Inf; where every input is finite, an fp32 sum
     overflowed instead (entries near 1e30), which is the lost-precision error. Reads the inputs
@@ -206,9 +225,26 @@ def subspace_score(
         inner, n2, d2 = traces(T, P, lora_A, lora_B)
         if _below_full_precision(T, P):  # (the score would be off in its fourth digit)
             raise FloatingPointError(_LOST)
+        projected = P / math.sqrt(vsq) if with_projection and vsq > 0 else None  # (C B of the factors given)
+        scale = _square_sum64(lora_B) * _square_sum64(lora_A)
+        if d2 < _CANCELLING * scale:
+            # B A is far smaller than B and A: T's fp32 rounding (relative to ||V|| ||B||) no longer
+            # cancels as B A does, and the cosine drifts by about 2^-26 ||B|| ||A|| / ||B A||. Scored
+            # again with factors of the same product that do not cancel (a second read of the pair)
+            A2, B2, s2 = _refactored(lora_A, lora_B)
+            if s2 <= _CANCELLED * scale:  # below what fp32 resolves of its factors: noise, or zero
+                if d2 > 0.0 or s2 > _FLOAT64_NOISE * scale:
+                    raise FloatingPointError(
+                        f"the update's factors cancel: ||B A|| is {math.sqrt(s2 / scale):.1e} of ||B|| ||A||, "
+                        "below what fp32 resolves of them (2^-20), so B A is rounding noise; rebuild the adapter "
+                        "without the parts that cancel, or leave this module out of it")
+            else:
+                T, P2, vsq = impl.lowrank_passes(wa, wu, B2.to(wa.device), **release, **kw)
+                inner, n2, d2 = traces(T, P2, A2, B2)
+                if _below_full_precision(T, P2):
+                    raise FloatingPointError(_LOST)
         # rho = (inner/||V||) / (sqrt(n2)/||V|| * sqrt(d2)): ||V|| cancels.
         num = inner
-        projected = P / math.sqrt(vsq) if with_projection and vsq > 0 else None
     else:
         if delta.shape != wa.shape:
             raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")

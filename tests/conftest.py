@@ -27,3 +27,16 @@ def fx_bf16(tmp_path_factory):
     from safemerge_ext.demo import build
 
     return build(tmp_path_factory.mktemp("fxbf16") / "m", layers=2, dtype=torch.bfloat16, seed=1)
+
+
+@pytest.fixture
+def matmul_precision_restored():
+    """Puts torch's fp32 matmul precision back as a test found it: the legacy setting, then the
+    per-backend ones (torch >= 2.9), whose "none" inherits the legacy one. (Restoring only one of
+    them left "medium" behind for the next test, bf16 products on AMX CPUs.)"""
+    per_backend = [m for m in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul) if hasattr(m, "fp32_precision")]
+    legacy, saved = torch.get_float32_matmul_precision(), [m.fp32_precision for m in per_backend]
+    yield
+    torch.set_float32_matmul_precision(legacy)
+    for m, value in zip(per_backend, saved):
+        m.fp32_precision = value

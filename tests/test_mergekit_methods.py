@@ -2835,18 +2835,15 @@ def test_a_model_path_that_is_a_file_is_no_folder(pico, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["safemerge", "safelora"])
+@pytest.mark.usefixtures("matmul_precision_restored")
 def test_a_programs_reduced_matmul_precision_does_not_reach_a_recipes_output(pico, tmp_path, monkeypatch, method):
     """A program calling run_merge after `torch.set_float32_matmul_precision("medium")` (bf16
     products on CPUs with AMX) got other scores and weights than the report's exact fp32 said
     (review132): each method computes exact, and the program's setting is put back."""
     monkeypatch.setenv("SAFEMERGE_BACKEND", "torch")  # (the C++ kernels use no torch product)
     exact, report = merge(recipe(pico, method, {"threshold": TAU}), tmp_path / "exact")
-    saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
-    try:
-        medium, medium_report = merge(recipe(pico, method, {"threshold": TAU}), tmp_path / "medium")
-        assert torch.get_float32_matmul_precision() == "medium"
-    finally:
-        torch.set_float32_matmul_precision(saved)
+    medium, medium_report = merge(recipe(pico, method, {"threshold": TAU}), tmp_path / "medium")
+    assert torch.get_float32_matmul_precision() == "medium"
     assert exact.keys() == medium.keys() and all(torch.equal(exact[k], medium[k]) for k in exact)
     assert [rec["cosine"] for rec in medium_report["layers"]] == [rec["cosine"] for rec in report["layers"]]

@@ -81,6 +81,7 @@ def test_scores_keep_the_relations_the_math_has(backend):
 
 
 @pytest.mark.parametrize("setting", ["legacy", "per-backend"])
+@pytest.mark.usefixtures("matmul_precision_restored")
 def test_a_programs_reduced_matmul_precision_does_not_reach_the_scores(setting):
     """A program that set `torch.set_float32_matmul_precision("medium")` (bf16 products on CPUs
     with AMX, TF32 on GPUs) got torch-backend scores 5e-5 off on this machine while the report said
@@ -96,59 +97,49 @@ def test_a_programs_reduced_matmul_precision_does_not_reach_the_scores(setting):
         return (torch.backends.cuda.matmul.fp32_precision, matmul.fp32_precision) if per_backend \
             else torch.get_float32_matmul_precision()
 
-    saved = state()
     if setting == "legacy":
         torch.set_float32_matmul_precision("medium")
     else:
         matmul.fp32_precision = "bf16"
-    try:
-        before = state()
-        for backend in CPU_BACKENDS:
-            assert abs(ops.subspace_cosine(wa, wu, lora_A=A, lora_B=B, backend=backend) - want) < 1e-6, backend
-            got, ref = ops.project_lora_B(wa, wu, B, backend=backend), ref_project(wa, wu, B)
-            assert float((got.double() - ref).abs().max()) < 1e-5 * float(ref.abs().max()), backend
-        assert state() == before
-    finally:
-        if per_backend:
-            torch.backends.cuda.matmul.fp32_precision, matmul.fp32_precision = saved
-        else:
-            torch.set_float32_matmul_precision(saved)
+    before = state()
+    for backend in CPU_BACKENDS:
+        assert abs(ops.subspace_cosine(wa, wu, lora_A=A, lora_B=B, backend=backend) - want) < 1e-6, backend
+        got, ref = ops.project_lora_B(wa, wu, B, backend=backend), ref_project(wa, wu, B)
+        assert float((got.double() - ref).abs().max()) < 1e-5 * float(ref.abs().max()), backend
+    assert state() == before
 
 
+@pytest.mark.usefixtures("matmul_precision_restored")
 def test_overlapping_calls_in_threads_stay_exact_fp32():
     """The first of two overlapping calls to leave put the program's "medium" back while the other
     still computed, whose products then ran in bf16 (review136): the last to leave puts it back."""
     import threading
 
-    saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
-    try:
-        first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
-        seen = {}
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
 
-        def first():
-            with backends.exact_fp32_matmuls():
-                first_in.set()
-                second_in.wait(10)
-            first_out.set()
+    def first():
+        with backends.exact_fp32_matmuls():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
 
-        def second():
-            first_in.wait(10)
-            with backends.exact_fp32_matmuls():
-                second_in.set()
-                first_out.wait(10)
-                seen["mkldnn"] = getattr(torch.backends.mkldnn.matmul, "fp32_precision", None)
-                seen["legacy"] = torch.get_float32_matmul_precision()
+    def second():
+        first_in.wait(10)
+        with backends.exact_fp32_matmuls():
+            second_in.set()
+            first_out.wait(10)
+            seen["mkldnn"] = getattr(torch.backends.mkldnn.matmul, "fp32_precision", None)
+            seen["legacy"] = torch.get_float32_matmul_precision()
 
-        threads = [threading.Thread(target=first), threading.Thread(target=second)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
-        assert seen["mkldnn"] in (None, "ieee") and (seen["mkldnn"] is not None or seen["legacy"] == "highest"), seen
-        assert torch.get_float32_matmul_precision() == "medium"  # (the program's again, after the last)
-    finally:
-        torch.set_float32_matmul_precision(saved)
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen["mkldnn"] in (None, "ieee") and (seen["mkldnn"] is not None or seen["legacy"] == "highest"), seen
+    assert torch.get_float32_matmul_precision() == "medium"  # (the program's again, after the last)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -585,6 +576,38 @@ def test_factors_that_cancel_give_no_score(backend):
         assert "factors cancel" in str(exc)
     else:
         assert math.isnan(s.cosine) and s.reason == "the update is zero", s
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + [n for n in ("triton",) if backends.available_backends()[n] is None])
+@pytest.mark.parametrize("shape", [(256, 192), (130, 300)])
+def test_factors_that_nearly_cancel_are_scored_or_refused(backend, shape):
+    """B = [b, b + eps e], A = [a; -a]: B A = -eps e a is a real update, eps/2 of its factors. The fp32
+    T = V^T B rounds relative to B, not to B A: the cosine drifted by about 2^-26 / (eps/2) (3e-7:
+    0.35 for 0.29, a flag flipped; review145). Down to 2^-20 of the factors it is scored as the
+    product of factors that do not cancel; below, it is an error, never a cosine made of noise."""
+    g = torch.Generator().manual_seed(shape[0])
+    d_out, d_in = shape
+    wu = torch.randn(d_out, d_in, generator=g) * 0.02
+    wa = wu + 0.002 * torch.randn(d_out, d_in, generator=g)
+    b, e = torch.randn(d_out, 1, generator=g), torch.randn(d_out, 1, generator=g)
+    a = torch.randn(1, d_in, generator=g)
+    for eps in (1e-2, 1e-4, 1e-5):
+        B, A = torch.cat([b, b + eps * e], 1), torch.cat([a, -a], 0)
+        want = ref_cosine(wa, wu, B.double() @ A.double())
+        s = ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend)
+        assert s.reason is None and abs(s.cosine - want) < 1e-5, (eps, s, want)
+        assert s.delta_norm == pytest.approx(float((B.double() @ A.double()).norm()), rel=1e-5)
+        for dtype in (torch.bfloat16, torch.float16):  # (factors read in their own dtype)
+            Bh, Ah = B.to(dtype), A.to(dtype)
+            want = ref_cosine(wa, wu, Bh.double() @ Ah.double())
+            assert abs(ops.subspace_cosine(wa, wu, lora_A=Ah, lora_B=Bh, backend=backend) - want) < 1e-5
+    for eps in (1e-6, 3e-8):
+        B, A = torch.cat([b, b + eps * e], 1), torch.cat([a, -a], 0)
+        with pytest.raises(FloatingPointError, match="the update's factors cancel: .* rebuild the adapter"):
+            ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend)
+    B, A = torch.cat([b, b], 1), torch.cat([a, -a], 0)  # (exactly zero)
+    s = ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend)
+    assert math.isnan(s.cosine) and s.reason == "the update is zero"
 
 
 def test_backend_reasons_follow_the_environment(monkeypatch):

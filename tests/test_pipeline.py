@@ -2059,6 +2059,7 @@ def test_merge_is_the_same_for_another_shard_layout_and_an_exact_reparametrisati
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.usefixtures("matmul_precision_restored")
 def test_a_programs_reduced_matmul_precision_does_not_reach_the_merged_model(fx, tmp_path):
     """`torch.set_float32_matmul_precision("medium")` in the calling program (bf16 products on CPUs
     with AMX) changed the scores and the merged weights (B @ A) of a Python-API run whose report
@@ -2066,14 +2067,10 @@ def test_a_programs_reduced_matmul_precision_does_not_reach_the_merged_model(fx,
     settings = pipeline.MergeSettings(pipeline.Selection(threshold=0.2), output="model")
     exact = pipeline.merge(fx.aligned, fx.unaligned, fx.task, fx.safety, tmp_path / "exact", settings, backend="torch",
                            plot=False, progress=False)
-    saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
-    try:
-        medium = pipeline.merge(fx.aligned, fx.unaligned, fx.task, fx.safety, tmp_path / "medium", settings,
-                                backend="torch", plot=False, progress=False)
-        assert torch.get_float32_matmul_precision() == "medium"
-    finally:
-        torch.set_float32_matmul_precision(saved)
+    medium = pipeline.merge(fx.aligned, fx.unaligned, fx.task, fx.safety, tmp_path / "medium", settings,
+                            backend="torch", plot=False, progress=False)
+    assert torch.get_float32_matmul_precision() == "medium"
     assert [rec["cosine"] for rec in medium["layers"]] == [rec["cosine"] for rec in exact["layers"]]
     a, b = load_model(tmp_path / "exact"), load_model(tmp_path / "medium")
     assert all(torch.equal(a[k], b[k]) for k in a)
