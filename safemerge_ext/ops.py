@@ -125,6 +125,24 @@ _LOST = ("the fp32 sums lost their precision: the weights or the update are too 
 _CANCELLING, _CANCELLED, _FLOAT64_NOISE = 2.0 ** -20, 2.0 ** -40, 2.0 ** -80
 
 
+_SQUARES_SAFE = (2.0 ** -60, 2.0 ** 100)  # sums of fp32 squares trusted between these
+
+
+def _checked_sum(value: float, *tensors: torch.Tensor) -> float:
+    """A backend's sum of squares (``||V||^2`` of ``tensors = (wa, wu)``, or ``||dW||^2`` of one
+    tensor), summed again in float64 where its fp32 squares may have gone subnormal (entries below
+    about 1e-19) or overflowed (above about 1e19): those kernels square in fp32, and the C++ build
+    for one CPU kept digits another lost (review145: a Safe LoRA projection 2.7x off at V ~ 1e-23).
+    Real weights sum to far inside the range, and pay nothing; the rest pay one more read."""
+    if math.isfinite(value) and _SQUARES_SAFE[0] <= value <= _SQUARES_SAFE[1]:
+        return value
+    if len(tensors) == 2:
+        return reference._vsq(*tensors)
+    (t,) = tensors
+    rows = max(1, (1 << 20) // max(t.shape[1], 1))
+    return sum(float(reference._sq(t[i:i + rows])) for i in range(0, t.shape[0], rows))
+
+
 def _square_sum64(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t if t.dtype in _FLOATS else t.double(), dtype=torch.float64)) ** 2
 
@@ -219,6 +237,7 @@ def subspace_score(
         drop = file_backed and name == "cpp" and wa is w_aligned and wu is w_unaligned
         release = {"release_behind": True} if drop else {}
         T, P, vsq = impl.lowrank_passes(wa, wu, B, **release, **kw)
+        vsq = _checked_sum(vsq, wa, wu)
         # with G = A A^T: <C dW, dW> = <T^T T, G>/||V||, ||C dW||^2 = <P^T P, G>/||V||^2,
         # ||dW||^2 = <B^T B, G>
         traces = getattr(impl, "lowrank_traces", reference.lowrank_traces)
@@ -239,7 +258,7 @@ def subspace_score(
                         "below what fp32 resolves of them (2^-20), so B A is rounding noise; rebuild the adapter "
                         "without the parts that cancel, or leave this module out of it")
             else:
-                T, P2, vsq = impl.lowrank_passes(wa, wu, B2.to(wa.device), **release, **kw)
+                T, P2, _ = impl.lowrank_passes(wa, wu, B2.to(wa.device), **release, **kw)
                 inner, n2, d2 = traces(T, P2, A2, B2)
                 if _below_full_precision(T, P2):
                     raise FloatingPointError(_LOST)
@@ -249,7 +268,9 @@ def subspace_score(
         if delta.shape != wa.shape:
             raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")
         _check_update("delta", delta)
-        m2, n2, d2, vsq = impl.fullrank_sums(wa, wu, _operand(delta).to(wa.device).contiguous(), **kw)
+        dW = _operand(delta).to(wa.device).contiguous()
+        m2, n2, d2, vsq = impl.fullrank_sums(wa, wu, dW, **kw)
+        vsq, d2 = _checked_sum(vsq, wa, wu), _checked_sum(d2, dW)
         num, projected = m2, None
         d_out, d_in = wa.shape  # (M = V^T dW, N = V M: their entries' RMS below 2^-120, see above)
         if 0.0 < m2 < _FP32_FULL ** 2 * d_in * d_in or 0.0 < n2 < _FP32_FULL ** 2 * d_out * d_in:
@@ -322,10 +343,9 @@ def project_lora_B(
     _check_update("lora_B", lora_B)
     w_aligned, w_unaligned, lora_B = w_aligned.detach(), w_unaligned.detach(), lora_B.detach()
     _, impl, kw, _ = _resolve(backend, w_aligned.device.type, precision)
-    T, P, vsq = impl.lowrank_passes(
-        *_pair(w_aligned.contiguous(), w_unaligned.contiguous()), _operand(lora_B).to(w_aligned.device).contiguous(),
-        **kw
-    )
+    wa, wu = _pair(w_aligned.contiguous(), w_unaligned.contiguous())
+    T, P, vsq = impl.lowrank_passes(wa, wu, _operand(lora_B).to(w_aligned.device).contiguous(), **kw)
+    vsq = _checked_sum(vsq, wa, wu)
     if not math.isfinite(vsq) or not torch.isfinite(P).all():
         raise _non_finite("the weights or lora_B contain NaN or Inf", w_aligned, w_unaligned, lora_B)
     if _v_is_zero(vsq, w_aligned, w_unaligned):
@@ -380,8 +400,9 @@ def project_delta(
     _check_update("delta", delta)
     w_aligned, w_unaligned, delta = w_aligned.detach(), w_unaligned.detach(), delta.detach()
     _, impl, kw, _ = _resolve(backend, w_aligned.device.type, precision)
-    N, vsq = impl.project_full(*_pair(w_aligned.contiguous(), w_unaligned.contiguous()),
-                               _operand(delta).to(w_aligned.device).contiguous(), **kw)
+    wa, wu = _pair(w_aligned.contiguous(), w_unaligned.contiguous())
+    N, vsq = impl.project_full(wa, wu, _operand(delta).to(w_aligned.device).contiguous(), **kw)
+    vsq = _checked_sum(vsq, wa, wu)
     if not math.isfinite(vsq) or not torch.isfinite(N).all():
         raise _non_finite("the weights or the update contain NaN or Inf", w_aligned, w_unaligned, delta)
     if _v_is_zero(vsq, w_aligned, w_unaligned):

@@ -533,6 +533,33 @@ def test_a_tiny_v_with_a_large_update_is_scored(backend):
     assert abs(s.v_norm - float((wa.double() - wu.double()).norm())) < 1e-5 * s.v_norm
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS + [n for n in ("triton",) if backends.available_backends()[n] is None])
+@pytest.mark.parametrize("v, b", [(1e-23, 1e22), (1e-24, 1e30), (1e18, 1e-19)], ids=["tiny-V", "tinier-V", "huge-V"])
+def test_norms_of_v_beyond_fp32_squares_are_exact_on_every_backend(backend, v, b):
+    """||V||^2 from fp32 squares: V ~ 1e-23 gave Safe LoRA's C B 2.7x too large on the C++ and
+    Triton backends (no error), V ~ 1e-24 an error, V ~ 1e18 an error on some CPUs' builds only
+    (review145). Every product the ops need is in fp32's range; ||V|| and ||dW|| are summed again
+    in float64 where their fp32 squares cannot be trusted: scores, norms and projections match
+    float64 on every backend."""
+    g = torch.Generator().manual_seed(21)
+    wu = torch.randn(70, 90, generator=g) * v * 10
+    wa = wu + torch.randn(70, 90, generator=g) * v
+    A, B = torch.randn(4, 90, generator=g), torch.randn(70, 4, generator=g) * b
+    V = wa.double() - wu.double()
+    for kw, dW in (({"lora_A": A, "lora_B": B}, B.double() @ A.double()), ({"delta": (B @ A)}, (B @ A).double())):
+        s = ops.subspace_score(wa, wu, **kw, backend=backend, with_projection="lora_A" in kw)
+        assert s.reason is None and abs(s.cosine - ref_cosine(wa, wu, dW)) < 1e-5, (kw.keys(), s)
+        assert s.v_norm == pytest.approx(float(V.norm()), rel=1e-5)
+        assert s.delta_norm == pytest.approx(float(dW.norm()), rel=1e-5)
+    want = ref_project(wa, wu, B)
+    for got in (ops.project_lora_B(wa, wu, B, backend=backend),
+                ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend, with_projection=True).projected_B):
+        assert float((got.double() - want).norm()) < 1e-5 * float(want.norm())
+    want = ref_project(wa, wu, (B @ A).double())
+    got = ops.project_delta(wa, wu, B @ A, backend=backend)
+    assert float((got.double() - want).norm()) < 1e-5 * float(want.norm())
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_tiny_but_nonzero_v_or_update_is_never_called_zero(backend):
     """Entries below about 1e-19 square to 0 in fp32: a V or an update made of them is not zero,
