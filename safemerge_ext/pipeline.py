@@ -775,6 +775,12 @@ def merge(
         def make() -> tuple[torch.Tensor, torch.Tensor]:
             dW, B, A = merged_update(layer)
             if dW is not None:
+                if not bool(torch.isfinite(dW).all()):  # (an SVD of it fails with a LinAlgError)
+                    raise SafeMergeError(
+                        f"module {layer.module}: its merged update overflows {dW.dtype} (Inf) once the adapters' "
+                        f"B A and scalings are combined; check the factors and lora_alpha/alpha_pattern in "
+                        f"{t.reader.path / 'adapter_config.json'} and {s.reader.path / 'adapter_config.json'}; "
+                        "nothing was written")
                 B, A, rel = merging.truncated_factors(dW, t.rank + s.rank)
                 rec.extra["svd_rel_error"] = rel
             B = B.to(dt) / scaling

@@ -2221,12 +2221,15 @@ def test_a_bad_layers_pattern_is_one_line(fx, tmp_path, capsys, pattern, command
     assert not out.exists()
 
 
-def test_a_scaling_that_overflows_the_merged_adapter_is_one_line(fx, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear"])
+def test_a_scaling_that_overflows_the_merged_adapter_is_one_line(fx, tmp_path, capsys, method):
+    """(ties and dare re-factor the merged update with an SVD: an Inf in it was a LinAlgError
+    traceback, exit 1; review145)"""
     safety = _fuzz_copy(fx.safety, tmp_path / "safety")
-    _fuzz_edit(safety, "adapter_config.json", lora_alpha=1e308)
+    _fuzz_edit(safety, "adapter_config.json", lora_alpha=1e39 if method != "linear" else 1e308)
     out = tmp_path / "merged"
     code = main(["merge", *_fuzz_models(fx), "--task-adapter", str(fx.task), "--safety-adapter", str(safety),
-                 "--out", str(out), "--threshold", "1", "--no-plot"])
+                 "--out", str(out), "--threshold", "1", "--no-plot", "--method", method])
     assert code == 2
     _fuzz_one_line(capsys, "overflow", "lora_alpha")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["safety"]
