@@ -73,10 +73,13 @@ def peft_linear(
         raise ValueError(f"peft-linear needs factors of one shape (PEFT's linear combination needs equal ranks); "
                          f"got lora_A {tuple(A_f.shape)} and {tuple(A_s.shape)}")
     wd = torch.float64 if torch.float64 in (B_f.dtype, A_f.dtype, B_s.dtype, A_s.dtype) else torch.float32
-    # (as PEFT: Python floats into a tensor of the default dtype; alpha in [0, 1], so no signs)
-    weights = torch.tensor([math.sqrt(alpha * s_f), math.sqrt((1.0 - alpha) * s_s)])
-    A = merge_utils.task_arithmetic([A_f.to(wd), A_s.to(wd)], weights)
-    B = merge_utils.task_arithmetic([B_f.to(wd), B_s.to(wd)], weights)
+    # (as PEFT: Python floats into a tensor of the default dtype; a weight times scaling below 0, a
+    # negative lora_alpha, puts its sign on A's weight alone)
+    scaled = (alpha * s_f, (1.0 - alpha) * s_s)
+    weights_B = torch.tensor([math.sqrt(abs(w)) for w in scaled])
+    weights_A = torch.tensor([math.sqrt(abs(w)) * (1 if w >= 0 else -1) for w in scaled])
+    A = merge_utils.task_arithmetic([A_f.to(wd), A_s.to(wd)], weights_A)
+    B = merge_utils.task_arithmetic([B_f.to(wd), B_s.to(wd)], weights_B)
     return (B if scale == 1.0 else B * scale), A
 
 

@@ -415,7 +415,7 @@ def test_adapters_trained_on_different_base_models_are_warned_of(fx, tmp_path):
             assert warned == [], what
 
 
-def _equal_rank_adapters(fx, root: Path, rslora: bool, ranks: dict[str, int]) -> tuple[Path, Path]:
+def _equal_rank_adapters(fx, root: Path, rslora: bool, ranks: dict[str, int], task_alpha: int = 8) -> tuple[Path, Path]:
     """A task and a safety adapter of one rank (and ``ranks`` as both one's rank_pattern) on fx's
     aligned model, as PEFT's linear combination needs (the task's rsLoRA as asked; different
     alphas, so the sqrt-weights differ)."""
@@ -425,7 +425,7 @@ def _equal_rank_adapters(fx, root: Path, rslora: bool, ranks: dict[str, int]) ->
     from safemerge_ext.demo import TARGETS
 
     paths = []
-    for i, (name, alpha, rs) in enumerate((("task", 8, rslora), ("safety", 12, False))):
+    for i, (name, alpha, rs) in enumerate((("task", task_alpha, rslora), ("safety", 12, False))):
         torch.manual_seed(100 + i)
         base = LlamaForCausalLM.from_pretrained(fx.aligned, dtype=torch.float32)
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=alpha, use_rslora=rs, target_modules=TARGETS,
@@ -439,18 +439,20 @@ def _equal_rank_adapters(fx, root: Path, rslora: bool, ranks: dict[str, int]) ->
     return paths[0], paths[1]
 
 
-@pytest.mark.parametrize("rslora, ranks", [(False, {}), (True, {}), (True, {"v_proj": 2}), (True, {"o_proj": 8})],
-                         ids=["lora", "rslora", "rslora-smaller-pattern", "rslora-larger-pattern"])
-def test_peft_linear_reproduces_peft_add_weighted_adapter(fx, tmp_path, rslora, ranks):
+@pytest.mark.parametrize("rslora, ranks, task_alpha", [(False, {}, 8), (True, {}, 8), (True, {"v_proj": 2}, 8),
+                                                      (True, {"o_proj": 8}, 8), (False, {}, -8)],
+                         ids=["lora", "rslora", "rslora-smaller-pattern", "rslora-larger-pattern", "negative-alpha"])
+def test_peft_linear_reproduces_peft_add_weighted_adapter(fx, tmp_path, rslora, ranks, task_alpha):
     """--method peft-linear gives, in the flagged layers, what the reference code gets from PEFT's
     add_weighted_adapter([task, safety], [alpha, 1 - alpha], combination_type="linear") (cross
     terms and PEFT's new scaling included: with rsLoRA, r / sqrt(r) at the task adapter's largest
     rank, whatever a module's own), as a model and as an adapter that PEFT loads; the other layers
-    keep the task update; and it differs from the exact linear merge."""
+    keep the task update; and it differs from the exact linear merge. A negative lora_alpha: PEFT
+    puts the sign on A's weight (it was "math domain error"; review145)."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    task, safety = _equal_rank_adapters(fx, tmp_path, rslora, ranks)
+    task, safety = _equal_rank_adapters(fx, tmp_path, rslora, ranks, task_alpha)
     alpha = 0.7
     base = LlamaForCausalLM.from_pretrained(fx.aligned, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, task, adapter_name="task")
