@@ -27,6 +27,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -123,7 +124,9 @@ Threshold = Annotated[float, _no_switch("threshold"), _in_range("threshold", -1.
 Fraction = Annotated[float, _no_switch("alpha"), _in_range("alpha", 0.0, 1.0, "the task update's weight")]
 Density = Annotated[float, _no_switch("density"),
                     _in_range("density", 0.0, 1.0, "the fraction of each update kept", lo_open=True)]
-Beta = Annotated[float, _no_switch("beta"), _in_range("beta", 0.0, math.inf, "the weight of the safety vector")]
+# (at most fp32's largest: torch.add takes it as an fp32 factor, and refused more with a RuntimeError)
+Beta = Annotated[float, _no_switch("beta"), _in_range("beta", 0.0, float(torch.finfo(torch.float32).max),
+                                                      "the weight of the safety vector")]
 Seed = Annotated[int, _no_switch("seed", "whole number")]
 MergeName = Annotated[Literal["linear", "ties", "dare_linear", "dare_ties"], _one_of("merge", tuple(MERGE_METHODS), hints={
     PEFT_LINEAR: "it mixes two LoRA adapters' factors, which mergekit folds into full weights first; "
@@ -654,6 +657,7 @@ def _check_planned_config(name: str, caller: Any) -> None:
     planner = caller.f_locals.get("self")
     if not isinstance(planner, MergePlanner):
         return
+    _read_afresh(planner)
     config = planner.config
     if config.merge_method == name:
         from safemerge_ext.yaml_cli import check_layer_ranges, check_parameter_names
@@ -661,6 +665,24 @@ def _check_planned_config(name: str, caller: Any) -> None:
         check_parameter_names(config, name, "merge_config (as mergekit's planner lays it out)")
         check_layer_ranges(config, name, "merge_config (as mergekit's planner lays it out)")
     check_device(planner.options)
+
+
+_planned: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners whose run reads its inputs afresh
+
+
+def _read_afresh(planner: Any) -> None:
+    """Once per run, before it plans a tensor: have it read its inputs as they are now. mergekit
+    keeps one loader per model for the life of the process (``LoaderCache.loaders``, never
+    emptied), with the shard it last read open: a program's second merge read a model saved again
+    since, or a LoRA's deleted fold, from the first run's files (review147). The run's loaders are
+    made again from a new table (a new dict: a run in another thread keeps the one it holds, and
+    the old loaders close once unused)."""
+    if planner in _planned:
+        return
+    _planned.add(planner)
+    from mergekit.io.tasks import LoaderCache
+
+    LoaderCache.loaders = {}
 
 
 def check_device(options: Any) -> None:

@@ -532,12 +532,57 @@ def _check_report_path(own: str, out: Path, inputs: tuple[tuple[str, Path], ...]
                              "leave report_path out or choose a folder elsewhere")
 
 
-def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str, out: Path | None = None) -> None:
+FOLD_STAMP = ".safemerge-fold.json"  # in a --lora-merge-cache entry: what it was folded from
+
+
+def _fold_source(ref: Any) -> dict[str, Any]:
+    """The model and the LoRA a ``model+lora`` reference folds, as they are on disk now (paths
+    resolved; each file's size, time and JSON or header digest: ``provenance.fingerprint``; the
+    adapter's weights' whole SHA-256 too, since one retrained in place keeps its size and header)."""
+    import hashlib
+
+    from safemerge_ext.provenance import fingerprint
+
+    source = {part: {**fingerprint(os.path.expanduser(path.path)), "revision": path.revision}
+              for part, path in (("model", ref.model), ("lora", ref.lora))}
+    folder = Path(source["lora"]["path"])
+    for name, entry in source["lora"].get("files", {}).items():
+        if name.endswith((".safetensors", ".bin")):
+            digest = hashlib.sha256()
+            try:
+                with open(folder / name, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 22), b""):
+                        digest.update(block)
+            except OSError:  # (unreadable: then mergekit's fold says so)
+                continue
+            entry["sha256"] = digest.hexdigest()
+    return source
+
+
+def _changed(then: dict[str, Any], now: dict[str, Any]) -> str:
+    """What differs between two ``_fold_source`` records, in words."""
+    for part, what in (("lora", "the adapter"), ("model", "the model")):
+        a, b = then.get(part) or {}, now[part]
+        if a.get("path") != b["path"] or a.get("revision") != b["revision"]:
+            return f"{what} was {a.get('path')}, now {b['path']}"
+        files = sorted(set(a.get("files") or {}) | set(b["files"]))
+        name = next((f for f in files if (a.get("files") or {}).get(f) != b["files"].get(f)), None)
+        if name is not None:
+            return f"{what}'s {name} has changed since (it is {b['path']})"
+    return "it differs"
+
+
+def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str,
+                      out: Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
     """A ``--lora-merge-cache`` that is a file, or OUT_PATH or inside it (the output replaces it: the
     run failed after folding every LoRA, or --force deleted the cache); one that an earlier run
-    filled: mergekit reuses a folded model by the adapter's and the model's paths alone, so one
-    folded in another dtype, or cut short, would be scored as this run's task model. Refuse those
-    (headers only)."""
+    filled: mergekit reuses a folded model by the adapter's and the model's paths alone (as written),
+    so one folded from another adapter at that path (retrained in place, or another project's
+    ``./adapter``), in another dtype, or cut short would be scored as this run's task model. Refuse
+    those (headers only; an entry records what it was folded from in ``FOLD_STAMP``). Returns the
+    entries this run will fold, with the record to leave in each (:func:`_stamp_folds`)."""
+    import json
+
     import torch
 
     from safemerge_ext.io.models import ModelReader
@@ -550,12 +595,19 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str, out: P
         raise SafeMergeError(f"--lora-merge-cache {cache} is a file; give a folder")
 
     want = getattr(torch, dtype, None) if dtype else None
+    to_fold: dict[Path, dict[str, Any]] = {}
+    seen: set[Path] = set()
     for _, _, inputs, _ in _groups(config):
         for ref, _ in inputs:
             if ref.lora is None:
                 continue
             entry = Path(cache) / f"{ref.model._unique_id()}_{ref.lora._unique_id()}"
+            if entry in seen:
+                continue
+            seen.add(entry)
+            source = _fold_source(ref)
             if not entry.exists():
+                to_fold[entry] = source
                 continue
             redo = f"remove {entry} so that mergekit folds {_ref_str(ref)} again"
             try:
@@ -569,6 +621,38 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str, out: P
                     f"--lora-merge-cache {cache}: {entry} holds {_ref_str(ref)} folded in "
                     f"{str(got).removeprefix('torch.')}, not {dtype} as this run folds it; {redo}, "
                     f"or pass --lora-merge-dtype {str(got).removeprefix('torch.')}")
+            try:
+                then = json.loads((entry / FOLD_STAMP).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise SafeMergeError(
+                    f"--lora-merge-cache {cache}: {entry} does not record what it was folded from (plain "
+                    "mergekit-yaml made it, or a run stopped before recording it), and mergekit would reuse it "
+                    f"by the paths alone, whatever is at them now; {redo}") from None
+            except (OSError, ValueError) as exc:
+                raise SafeMergeError(f"--lora-merge-cache {cache}: {entry / FOLD_STAMP} cannot be read "
+                                     f"({getattr(exc, 'strerror', None) or exc}); {redo}") from None
+            if not isinstance(then, dict) or then != source:
+                raise SafeMergeError(
+                    f"--lora-merge-cache {cache}: {entry} was folded from another {_ref_str(ref)} than the one "
+                    f"there now ({_changed(then if isinstance(then, dict) else {}, source)}), and mergekit would "
+                    f"reuse it; {redo}")
+    return list(to_fold.items())
+
+
+def _stamp_folds(folds: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Leave in each entry this run had mergekit fold the record of what it was folded from (taken
+    before the run), so that a later run can tell whether the entry still matches its inputs. An
+    entry that cannot take it is left without one (a later run then refuses it, naming it)."""
+    import json
+
+    for entry, source in folds:
+        if entry.is_dir():
+            try:
+                write_files([(entry / FOLD_STAMP, lambda tmp, s=source: tmp.write_text(
+                    json.dumps(s, indent=1, sort_keys=True) + "\n", encoding="utf-8"))])
+            except OSError as exc:
+                click.echo(f"safemerge-yaml: warning: --lora-merge-cache entry {entry}: could not record what it "
+                           f"was folded from ({exc.strerror or exc}); a later run will refuse it", err=True)
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -665,9 +749,11 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         # W_aligned + B A in fp32: in the model's bf16 the adapter's update would be rounded
         # relative to the weights before it is recovered as W_task - W_aligned and scored
         merge_options = merge_options.model_copy(update={"lora_merge_dtype": "float32"})
+    folds: list[tuple[Path, dict[str, Any]]] = []
     if checked.has_lora and merge_options.lora_merge_cache:
         try:
-            _check_lora_cache(checked.config, merge_options.lora_merge_cache, merge_options.lora_merge_dtype, out)
+            folds = _check_lora_cache(checked.config, merge_options.lora_merge_cache, merge_options.lora_merge_dtype,
+                                      out)
         except SafeMergeError as exc:
             _fail(str(exc))
     own = (checked.config.parameters or {}).get("report_path")
@@ -692,7 +778,10 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                 # in other threads of this process keep their own reports
                 config = checked.config if own else checked.config.model_copy(
                     update={"parameters": {**(checked.config.parameters or {}), "report_path": str(tmp)}})
-                run_merge(config, str(tmp), options=merge_options, config_source=source)
+                try:
+                    run_merge(config, str(tmp), options=merge_options, config_source=source)
+                finally:  # (also after a failure: the folds mergekit made are whole or refused as cut short)
+                    _stamp_folds(folds)
                 untied = untie_stored_head(tmp)  # (mergekit copies the base model's tie_word_embeddings)
                 # into OUT as always; to report_path only once OUT is in place (below)
                 report = finalize_report(own or tmp, command="safemerge-yaml", into=tmp,

@@ -1381,6 +1381,8 @@ def test_refusal_tells_own_errors_from_others():
     alpha = caught(lambda: TypeAdapter(mm.Fraction).validate_python(1.8))
     assert isinstance(alpha, ValidationError)
     assert mr.refusal(alpha) == "alpha must lie in [0, 1] (the task update's weight); got 1.8"
+    beta = caught(lambda: TypeAdapter(mm.Beta).validate_python(1e39))  # (review145: a RuntimeError at a tensor)
+    assert mr.refusal(beta) == "beta must lie in [0, 3.40282e+38] (the weight of the safety vector); got 1e+39"
     from safemerge_ext import merge as merging
 
     assert mr.refusal(caught(lambda: merging.validate("linear", 0.5, 7.0))) == (
@@ -2641,33 +2643,57 @@ def test_safemerge_yaml_help_gives_its_own_lora_merge_dtype_default(capsys):
     assert done.value.code == 0 and "--lora-merge-dtype TEXT Override dtype when applying LoRAs (default here: float32" in text
 
 
-@pytest.mark.parametrize("state", ["bf16", "cut-short", "fp32"])
+@pytest.mark.parametrize("state", ["bf16", "cut-short", "plain", "fp32", "retrained", "other-project"])
 def test_safemerge_yaml_refuses_a_lora_cache_folded_otherwise(pico, tmp_path, capsys, monkeypatch, state):
-    """mergekit reuses a --lora-merge-cache entry by the two paths alone: one folded in bf16 by an
-    earlier run, or left incomplete, would be scored as this run's (fp32) task model. It is refused
-    before the merge; an entry folded as this run folds is reused."""
-    from mergekit.io.tasks import LoaderCache
+    """mergekit reuses a --lora-merge-cache entry by the two paths alone (as written): one folded in
+    bf16 by an earlier run, left incomplete, folded from the adapter before it was retrained in
+    place, or from another project's ./lora (review147: the old adapter was merged, the report
+    named the new one), would be scored as this run's task model. safemerge-yaml records in each
+    entry it has mergekit fold what it was folded from, and refuses an entry that does not match
+    (or has no record: plain mergekit-yaml's) before the merge; one that matches is reused."""
+    from safetensors.torch import load_file, save_file
 
     from safemerge_ext import yaml_cli
 
-    monkeypatch.setattr(LoaderCache, "loaders", {})  # (mergekit keeps earlier tests' folds in the process)
     cache, out = tmp_path / "cache", tmp_path / "out"
-    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
+    for project in ("a", "b"):
+        shutil.copytree(pico.lora_task, tmp_path / project / "lora")
+    monkeypatch.chdir(tmp_path / "a")
+    cfg = _write(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+./lora"), tmp_path / "r.yml")
+
+    def run(to: Path) -> int:
+        with pytest.raises(SystemExit) as done:
+            yaml_cli.main([str(cfg), str(to), "--no-copy-tokenizer", "--lora-merge-cache", str(cache)])
+        return done.value.code
+
+    entry = cache / _lora_entries(yaml.safe_load(cfg.read_text()))[0]
     if state == "cut-short":
-        (cache / next(iter(_lora_entries(cfg)))).mkdir(parents=True)  # (as a fold stopped after mergekit's mkdir)
-    else:
-        merge(cfg, tmp_path / "earlier", lora_merge_cache=str(cache),
+        entry.mkdir(parents=True)  # (as a fold stopped after mergekit's mkdir)
+    elif state in ("bf16", "plain"):  # (run_merge: what plain mergekit-yaml runs)
+        merge(yaml.safe_load(cfg.read_text()), tmp_path / "earlier", lora_merge_cache=str(cache),
               lora_merge_dtype="bfloat16" if state == "bf16" else "float32")
-    with pytest.raises(SystemExit) as done:
-        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(out), "--no-copy-tokenizer",
-                       "--lora-merge-cache", str(cache)])
+    else:
+        assert run(tmp_path / "earlier") == 0 and (entry / yaml_cli.FOLD_STAMP).is_file()
+    if state == "retrained":  # (same size, same header: other weights)
+        factors = load_file(tmp_path / "a" / "lora" / "adapter_model.safetensors")
+        save_file({k: v * 1.5 for k, v in factors.items()}, str(tmp_path / "a" / "lora" / "adapter_model.safetensors"))
+    elif state == "other-project":
+        monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    code = run(out)
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]
     if state == "fp32":
-        assert done.value.code == 0 and (out / "safemerge_report.json").is_file(), err
+        assert code == 0 and (out / "safemerge_report.json").is_file(), err
         return
-    why = "folded in bfloat16, not float32" if state == "bf16" else "holds no complete model"
-    assert done.value.code == 1 and len(err) == 1 and why in err[0] and "--lora-merge-cache" in err[0], err
+    why = {"bf16": "folded in bfloat16, not float32", "cut-short": "holds no complete model",
+           "plain": "does not record what it was folded from (plain mergekit-yaml made it",
+           "retrained": f"the adapter's adapter_model.safetensors has changed since (it is {tmp_path / 'a' / 'lora'})",
+           "other-project": f"the adapter was {tmp_path / 'a' / 'lora'}, now {tmp_path / 'b' / 'lora'}"}[state]
+    assert code == 1 and len(err) == 1 and why in err[0] and f"remove {entry} so that mergekit folds" in err[0], err
     assert not out.exists()
+    shutil.rmtree(entry)  # (as the line says)
+    assert run(out) == 0 and (entry / yaml_cli.FOLD_STAMP).is_file()
+    assert run(tmp_path / "again") == 0  # (and then reused)
 
 
 def _lora_entries(cfg: dict) -> list[str]:
@@ -2847,3 +2873,26 @@ def test_a_programs_reduced_matmul_precision_does_not_reach_a_recipes_output(pic
     assert torch.get_float32_matmul_precision() == "medium"
     assert exact.keys() == medium.keys() and all(torch.equal(exact[k], medium[k]) for k in exact)
     assert [rec["cosine"] for rec in medium_report["layers"]] == [rec["cosine"] for rec in report["layers"]]
+
+
+def test_a_second_merge_in_one_process_reads_its_inputs_as_they_are_now(pico, tmp_path):
+    """mergekit keeps one loader per model for the life of the process: a program that merged,
+    saved its task model again and merged again got the old lm_head (the shard left open) beside
+    the new scores (review147). Each run_merge now reads its inputs afresh: the second run is the
+    one a run on a copy of the new task model (another path, so no loader) gives."""
+    from mergekit_fixtures import save_model
+
+    task = tmp_path / "task"
+    shutil.copytree(pico.task, task)
+    first, _ = merge(recipe(pico, task=str(task), params={"threshold": TAU}), tmp_path / "o1")
+    g = torch.Generator().manual_seed(5)
+    sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.dim() == 2 else v for k, v in read_model(task).items()}
+    shutil.rmtree(task)
+    save_model(sd, task)  # (retrained, saved in place)
+    shutil.copytree(task, tmp_path / "task_copy")
+    again, report = merge(recipe(pico, task=str(task), params={"threshold": TAU}), tmp_path / "o2")
+    fresh, fresh_report = merge(recipe(pico, task=str(tmp_path / "task_copy"), params={"threshold": TAU}),
+                                tmp_path / "o3")
+    assert again.keys() == fresh.keys() and all(torch.equal(again[k], fresh[k]) for k in again)
+    assert not torch.equal(again["lm_head.weight"], first["lm_head.weight"])
+    assert [r["cosine"] for r in report["layers"]] == [r["cosine"] for r in fresh_report["layers"]]
