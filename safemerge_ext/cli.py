@@ -167,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=_unit_float("--threshold", -1, 1),
                    help="flag layers with cosine < threshold (default: 0.35)")
-    g.add_argument("--num-layers", type=positive_int, metavar="K", help="flag the K layers with the lowest cosine")
+    g.add_argument("--num-layers", type=positive_int, metavar="K",
+                   help="flag the K layers with the lowest cosine (equal cosines: the earlier layer first)")
     g.add_argument("--fraction", type=_unit_float("--fraction", 0, 1, lo_open=True), metavar="F",
-                   help="flag the lowest ceil(F x n) of the n scored layers")
+                   help="flag the lowest ceil(F x n) of the n scored layers (equal cosines: the earlier layer first)")
     p.add_argument("--alpha", type=_unit_float("--alpha", 0, 1), default=0.8,
                    help="weight of the task update in flagged layers; the safety update gets 1 - alpha (default: 0.8)")
     p.add_argument("--method", choices=METHODS, default="linear",
@@ -191,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=_unit_float("--threshold", -1, 1),
                    help="project layers with cosine <= threshold (default: 0.5)")
-    g.add_argument("--num-layers", type=positive_int, metavar="K", help="project the K layers with the lowest cosine")
+    g.add_argument("--num-layers", type=positive_int, metavar="K",
+                   help="project the K layers with the lowest cosine (equal cosines: the earlier layer first)")
     _add_runtime(p)
 
     p = sub.add_parser("backends", help="list the scoring backends and why any is unavailable",

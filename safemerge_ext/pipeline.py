@@ -549,7 +549,11 @@ def _select(run: Run, scores: list[ops.Score], selection: Selection) -> list[boo
         run.warnings.append(
             f"--num-layers {selection.num_layers} exceeds the {scorable} scorable layers; all of them were flagged"
         )
-    return selection.flag([s.cosine for s in scores])
+    flags = selection.flag([s.cosine for s in scores])
+    tie = selection.tie_cut([s.cosine for s in scores], flags)
+    if tie:
+        run.warnings.append(tie)
+    return flags
 
 
 def _records(run: Run, scores: list[ops.Score], flags: list[bool], action: str) -> list[LayerRecord]:

@@ -292,8 +292,21 @@ def _fmt_bytes(n: int) -> str:
 def layer_table(report: dict[str, Any]) -> str:
     """The per-layer table, in model order: each scored module's shape, rank, cosine, whether it is
     flagged and, for a layer that could not be scored, why."""
+    rule = _threshold_rule(report)
+
     def cos(v: Any) -> str:
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "n/a"
+        if rule is None:
+            return f"{v:.4f}"
+        # near the threshold, the digits that show which side of it the cosine lies on (0.1425
+        # would read as not below a threshold of 0.14248)
+        tau, below = rule[0], rule[1]
+        for digits in range(4, 17):
+            text = f"{v:.{digits}f}"
+            if below(float(text), tau) == below(v, tau):
+                return text
+        return repr(v)
 
     head = ("layer", "shape", "rank", "cosine", "flagged")
     rows = [(r["module"], "x".join(str(n) for n in r.get("shape") or ()) or "-",
@@ -310,6 +323,31 @@ def layer_table(report: dict[str, Any]) -> str:
     return "\n".join([line(head), *(line(row) for row in rows)])
 
 
+def _threshold_rule(report: dict[str, Any]) -> tuple[float, Callable[[float, float], bool], str] | None:
+    """(threshold, the test that flags, its sign) of a run that flagged by one threshold, else None."""
+    settings = report.get("settings") or {}
+    tau, sign = settings.get("threshold"), settings.get("comparison")
+    if settings.get("selection") != "threshold" or isinstance(tau, bool) or not isinstance(tau, (int, float)) \
+            or sign not in ("<", "<="):
+        return None
+    return float(tau), (lambda a, b: a <= b) if sign == "<=" else (lambda a, b: a < b), sign
+
+
+def _rule_text(report: dict[str, Any]) -> str:
+    """How the run chose its flagged layers, for the summary: "cosine < 0.35", "the 4 lowest", ..."""
+    rule = _threshold_rule(report)
+    if rule is not None:
+        return f"cosine {rule[2]} {rule[0]!r}"
+    settings = report.get("settings") or {}
+    if settings.get("selection") == "num_layers":
+        return f"the {settings.get('num_layers')} lowest"
+    if settings.get("selection") == "fraction":
+        return f"the lowest {settings.get('fraction')!r} of the scored"
+    if isinstance(settings.get("selection"), str) and settings["selection"].startswith("threshold"):
+        return f"cosine {settings.get('comparison')} each layer's threshold"
+    return ""
+
+
 def summary_table(report: dict[str, Any], *, name_flagged: bool = True) -> str:
     """A compact, fixed-width summary of the run for the terminal (``name_flagged``: with a line
     naming the first flagged layers, which the per-layer table already shows)."""
@@ -324,7 +362,7 @@ def summary_table(report: dict[str, Any], *, name_flagged: bool = True) -> str:
         ("backend", report["backend"] + ("" if report.get("precision", "ieee") == "ieee"
                                          else f" ({report['precision']} operands)")),
         ("layers scored", f"{c['scored']} of {c['layers']}" + (f" ({c['degenerate']} degenerate)" if c["degenerate"] else "")),
-        ("flagged", str(c["flagged"])),
+        ("flagged", str(c["flagged"]) + (f"  ({rule})" if (rule := _rule_text(report)) else "")),
         ("cosine min / median / max", f"{f(cos['min'])} / {f(cos['median'])} / {f(cos['max'])}"),
         ("time", f"{t.get('total_s', 0.0):.2f} s"),
         ("bytes read", _fmt_bytes(report["bytes_read"])),

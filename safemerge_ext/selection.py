@@ -51,8 +51,24 @@ class Selection:
             "threshold": self.threshold,
             "num_layers": self.num_layers,
             "fraction": self.fraction,
-            "comparison": "<=" if self.inclusive else "<",
+            "comparison": ("<=" if self.inclusive else "<") if self.threshold is not None else None,
         }
+
+    def tie_cut(self, scores: Sequence[float], flags: Sequence[bool]) -> str | None:
+        """In the k-lowest modes, a warning when the cut falls between layers of one cosine (the
+        earlier in model order is flagged), else None."""
+        if self.threshold is not None:
+            return None
+        flagged = [s for s, f in zip(scores, flags) if f]
+        if not flagged:
+            return None
+        last = max(flagged)
+        left = [i for i, (s, f) in enumerate(zip(scores, flags)) if not f and s == last]
+        if not left:
+            return None
+        rule = f"--num-layers {self.num_layers}" if self.num_layers is not None else f"--fraction {self.fraction:g}"
+        return (f"{rule}: the cut falls between layers of equal cosine {last!r}: {len(left)} later one(s) in model "
+                "order left unflagged (ties go to the earlier layer)")
 
     @property
     def never_flags(self) -> str | None:

@@ -281,6 +281,64 @@ def test_layer_table_says_why_a_layer_is_unscored():
     assert [line[:end][-6:] for line in lines] == ["cosine", "0.1235", "   n/a"]
 
 
+def test_the_table_and_summary_explain_a_selection():
+    """Near the threshold the table prints the digits that show which side of it a cosine lies on
+    (0.1425 read as not below 0.14248; review146), and the summary says how layers were flagged."""
+    from safemerge_ext.report import layer_table, summary_table
+
+    rows = [{"module": "a", "cosine": 0.1424765664, "flagged": True}, {"module": "b", "cosine": 0.3, "flagged": False},
+            {"module": "c", "cosine": 0.14248000001, "flagged": False}]
+    rep = {"method": "safemerge", "backend": "cpp", "counts": {"scored": 3, "layers": 3, "degenerate": 0, "flagged": 1},
+           "cosine": {"min": 0.14, "median": 0.14, "max": 0.3}, "timings": {}, "bytes_read": 0, "warnings": [],
+           "settings": {"selection": "threshold", "threshold": 0.14248, "comparison": "<"}, "layers": rows}
+    cells = [line.split()[3] for line in layer_table(rep).splitlines()[1:]]
+    assert cells == ["0.142477", "0.3000", "0.1425"]
+    assert all((float(c) < 0.14248) == r["flagged"] for c, r in zip(cells, rows))
+    assert "flagged                    1  (cosine < 0.14248)" in summary_table(rep)
+    for settings, rule in (({"selection": "num_layers", "num_layers": 4, "comparison": None}, "the 4 lowest"),
+                           ({"selection": "fraction", "fraction": 0.3, "comparison": None}, "the lowest 0.3 of the scored"),
+                           ({"selection": "threshold", "threshold": 0.5, "comparison": "<="}, "cosine <= 0.5")):
+        rep["settings"] = settings
+        assert f"1  ({rule})" in summary_table(rep)
+        if settings["selection"] != "threshold":  # (no threshold: 4 decimals)
+            assert [line.split()[3] for line in layer_table(rep).splitlines()[1:]] == ["0.1425", "0.3000", "0.1425"]
+
+
+def test_a_cut_between_equal_cosines_is_a_warning(fx, tmp_path):
+    """--num-layers / --fraction: equal cosines go to the earlier layer; a cut that falls between
+    them flagged one of two identical layers without a word (review146), and recorded a
+    comparison that was never made."""
+    from safetensors import safe_open
+
+    root = Path(shutil.copytree(Path(fx.aligned).parent, tmp_path / "m"))
+    a, b = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+
+    def patch(f: Path, edit) -> None:
+        with safe_open(f, "pt") as fh:
+            t, meta = {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
+        save_file(edit(t), str(f), metadata=meta)
+
+    for m in ("aligned", "unaligned"):
+        where = json.loads((root / m / "model.safetensors.index.json").read_text())["weight_map"]
+        with safe_open(root / m / where[a + ".weight"], "pt") as fh:
+            w = fh.get_tensor(a + ".weight")
+        patch(root / m / where[b + ".weight"], lambda t: {**t, b + ".weight": w.clone()})
+    patch(root / "task" / "adapter_model.safetensors",
+          lambda t: {**t, **{k.replace(a, b): v.clone() for k, v in t.items() if a in k}})
+    cos = {r["module"]: r["cosine"] for r in pipeline.score(root / "aligned", root / "unaligned", root / "task",
+                                                            progress=False)["layers"]}
+    assert cos[a] == cos[b]
+    k = sorted(cos.values()).index(cos[a]) + 1  # (the cut right after the first of the two)
+    out = tmp_path / "out"
+    assert run_cli(["merge", "--aligned", root / "aligned", "--unaligned", root / "unaligned", "--task-adapter",
+                    root / "task", "--safety-adapter", root / "safety", "--out", out, "--no-plot", "--num-layers", k]) == 0
+    rep = report_of(out)
+    flags = {r["module"]: r["flagged"] for r in rep["layers"]}
+    assert flags[a] and not flags[b] and rep["settings"]["comparison"] is None
+    assert f"--num-layers {k}: the cut falls between layers of equal cosine {cos[a]!r}: 1 later one(s) in model order " \
+        "left unflagged (ties go to the earlier layer)" in rep["warnings"], rep["warnings"]
+
+
 def test_score_bf16_models(fx_bf16, tmp_path):
     """bf16 checkpoints are read as stored; differences are exact in fp32."""
     ref = refs(fx_bf16)
