@@ -14,9 +14,11 @@ Layers are in model order; an undefined cosine is ``null`` with the reason in ``
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import os
+import re
 import statistics
 import threading
 from dataclasses import asdict, dataclass, field
@@ -246,24 +248,34 @@ def plot_writer(report: dict[str, Any], path: str | os.PathLike) -> Callable[[Pa
     # zlib level 1 instead of 6: 4-6 ms less of a 65-70 ms render, for a PNG about 8% larger
     fmt = Path(path).suffix.lower().lstrip(".") or "png"
     kw: dict[str, Any] = {"pil_kwargs": {"compress_level": 1}} if fmt == "png" else {}
-    # the same run, the same bytes: no date (SVG's dc:date, PDF's CreationDate) and, for SVG, ids
-    # from a fixed salt (else a random one each save); PostScript's date goes only with
-    # SOURCE_DATE_EPOCH, and its title would name the temporary file, so it gets a file object
+    # the same run, the same bytes: no date (SVG's dc:date, PDF's CreationDate, PostScript's
+    # %%CreationDate line, svgz's gzip header) and, for SVG, ids from a fixed salt (else a random
+    # one each save); PostScript's title and svgz's header would name the temporary file, so both
+    # are rendered to memory first
     kw.update({"svg": {"metadata": {"Date": None}}, "svgz": {"metadata": {"Date": None}},
                "pdf": {"metadata": {"CreationDate": None}}}.get(fmt, {}))
     if fmt in ("ps", "eps"):
         def save_ps(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                fig.savefig(f, format=fmt, **kw)
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, **kw)
+            tmp.write_bytes(re.sub(rb"^%%CreationDate:[^\n]*\n", b"", buf.getvalue(), count=1, flags=re.M))
         return save_ps
     if fmt not in ("svg", "svgz"):
         return lambda tmp: fig.savefig(tmp, format=fmt, **kw)
 
     def save_svg(tmp: Path) -> None:
+        import gzip
+
         import matplotlib
 
+        buf = io.BytesIO()
         with matplotlib.rc_context({"svg.hashsalt": "safemerge-ext"}):
-            fig.savefig(tmp, format=fmt, **kw)
+            fig.savefig(buf, format="svg", **kw)
+        if fmt == "svg":
+            tmp.write_bytes(buf.getvalue())
+            return
+        with open(tmp, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as z:
+            z.write(buf.getvalue())
     return save_svg
 
 

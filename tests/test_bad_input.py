@@ -1222,10 +1222,11 @@ def test_out_is_never_the_working_directory(fx, tmp_path, capsys, monkeypatch):
         assert code == 2 and err == f"safemerge: error: --out {out} is the working directory or holds it; choose a new folder"
 
 
-@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg"])
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg", ".svgz", ".ps", ".eps"])
 def test_score_plots_in_the_format_its_name_says(fx, tmp_path, suffix):
     """The plot's format follows its name; two runs give the same bytes (SVG carried a date and
-    random ids, PDF a creation date: review143)."""
+    random ids, PDF a creation date: review143; svgz's gzip header the time and the temporary
+    file's name, PostScript the date: review146)."""
     plots = []
     for run in ("a", "b"):
         plots.append(tmp_path / f"{run}{suffix}")
@@ -1234,7 +1235,12 @@ def test_score_plots_in_the_format_its_name_says(fx, tmp_path, suffix):
         if run == "a":
             time.sleep(1.1)  # (dates in whole seconds)
     head = plots[0].read_bytes()[:8]
-    assert {".png": head.startswith(b"\x89PNG"), ".pdf": head.startswith(b"%PDF"), ".svg": b"<?xml" in head}[suffix]
+    assert {".png": head.startswith(b"\x89PNG"), ".pdf": head.startswith(b"%PDF"), ".svg": b"<?xml" in head,
+            ".svgz": head.startswith(b"\x1f\x8b"), ".ps": head.startswith(b"%!PS"), ".eps": head.startswith(b"%!PS")}[suffix]
+    if suffix == ".svgz":
+        import gzip
+
+        assert gzip.decompress(plots[0].read_bytes()).startswith(b"<?xml")
     assert plots[0].read_bytes() == plots[1].read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in plots)
 
