@@ -32,10 +32,11 @@ from safemerge_ext._env import switched_on
 from safemerge_ext._signals import exit_code, raise_pending, what_ended
 from safemerge_ext.backends import EXACT
 from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.io.output import write_files
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import USES_DENSITY, USES_SEED
-from safemerge_ext.report import (REPORT_JSON, REPORT_PNG, LayerRecord, PlotUnavailable, build_report, plot,
-                                  summary_table, write_json)
+from safemerge_ext.report import (REPORT_JSON, REPORT_PNG, LayerRecord, PlotUnavailable, build_report, json_writer,
+                                  plot_writer, summary_table, write_json)
 from safemerge_ext.selection import unreachable_threshold
 
 __all__ = [
@@ -654,9 +655,11 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
             if math.isfinite(r.cosine) and abs(r.cosine - r.extra["threshold"]) <= r.extra["rounding_band"]
         )
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(report, json_path)
-    try:
-        plot(report, png_path)
+    try:  # (both rendered, then both renamed into place: never another run's plot beside this JSON)
+        write_files([(png_path, plot_writer(report, png_path)), (json_path, json_writer(report))])
     except PlotUnavailable as exc:  # (no recipe switch turns the plot off: the JSON report is the report)
-        LOG.warning("safemerge-ext: %s; %s has no plot", exc.reason, json_path)
+        write_json(report, json_path)
+        png_path.unlink(missing_ok=True)  # (an earlier run's, which this JSON does not describe)
+        LOG.warning("safemerge-ext: %s; the report %s has no plot", exc.reason,
+                    json_path.name if into is not None else json_path)
     return report

@@ -825,6 +825,8 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
             except PlotUnavailable:  # (finalize_report warned already)
                 pass
             write_files(files)
+            if len(files) == 1:
+                own_png.unlink(missing_ok=True)  # (an earlier run's, which this JSON does not describe)
         except OSError as exc:
             _fail(f"report_path {own}: the merge and its report are in {out}, but the copy could not be written "
                   f"({exc.strerror or exc}); copy {out / own_json.name} yourself")

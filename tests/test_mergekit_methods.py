@@ -2615,15 +2615,21 @@ def test_the_autoload_hook_never_breaks_mergekit_under_warnings_as_errors(monkey
 
 def test_safemerge_yaml_without_a_working_matplotlib_writes_the_json_report(pico, tmp_path, capsys, monkeypatch, caplog):
     """A recipe has no switch for the plot: when matplotlib does not import, the merge and the
-    JSON report (and its copy at report_path) are still written, with a warning."""
+    JSON report (and its copy at report_path) are still written, with a warning; an earlier run's
+    plot at report_path (or in a plain mergekit-yaml's OUT_PATH) goes, not to be read beside this
+    run's JSON (review147)."""
     from safemerge_ext import report, yaml_cli
+
+    own, out = tmp_path / "own", tmp_path / "out"
+    cfg = recipe(pico, params={"threshold": TAU, "report_path": str(own)})
+    with pytest.raises(SystemExit) as done:  # (an earlier run, plotted)
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "earlier"), "--no-copy-tokenizer"])
+    assert done.value.code == 0 and (own / "safemerge_report.png").is_file()
 
     def broken():
         raise ImportError("numpy.core.multiarray failed to import")
 
     monkeypatch.setattr(report, "_import_agg", broken)
-    own, out = tmp_path / "own", tmp_path / "out"
-    cfg = recipe(pico, params={"threshold": TAU, "report_path": str(own)})
     with pytest.raises(SystemExit) as done:
         yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"])
     assert done.value.code == 0 and (out / "config.json").is_file()
@@ -2631,7 +2637,12 @@ def test_safemerge_yaml_without_a_working_matplotlib_writes_the_json_report(pico
         assert sorted(p.name for p in folder.iterdir() if p.name.startswith("safemerge_report")) == [
             "safemerge_report.json"]
     assert any("could not be imported (ImportError: numpy.core.multiarray failed to import)" in r.getMessage()
-               and "has no plot" in r.getMessage() for r in caplog.records)
+               and "the report safemerge_report.json has no plot" in r.getMessage() for r in caplog.records)
+    plain = tmp_path / "plain"  # (finalize_report, as plain mergekit-yaml's exit hook calls it)
+    plain.mkdir()
+    (plain / "safemerge_report.png").write_bytes(b"an earlier run's plot")
+    merge(recipe(pico, params={"threshold": TAU}), plain)
+    assert (plain / "safemerge_report.json").is_file() and not (plain / "safemerge_report.png").exists()
 
 
 def test_safemerge_yaml_help_gives_its_own_lora_merge_dtype_default(capsys):
