@@ -1286,8 +1286,15 @@ def test_side_files_leave_out_indexes_of_weights_not_copied_and_earlier_reports(
                  # other formats' weights (GPT-2's repository ships these): they would load unmerged
                  "tf_model.h5", "flax_model.msgpack", "rust_model.ot", "64.tflite", "model.onnx", "model.onnx_data"):
         (src / name).write_text("{}")
+    # an earlier merge's recipe, card and report sidecar (review147); a model's own card is kept
+    for name in ("mergekit_config.yml", ".safemerge_layers.4242-1-host.jsonl"):
+        (src / name).write_text("x")
+    (src / "README.md").write_text("---\nbase_model: []\nlibrary_name: transformers\ntags:\n- mergekit\n- merge\n\n"
+                                   "---\n# merged\n\nThis is a merge of pre-trained language models created using mergekit.\n")
     (src / "config.json").chmod(0o444)  # (a read-only model store: the output's copy is the user's to edit)
     assert copy_side_files(src, dst) == ["config.json", "tokenizer.json"]
+    (src / "README.md").write_text("---\nlicense: llama2\ntags:\n- facebook\n- llama\n---\n# Llama 2 (it mentions mergekit)\n")
+    assert copy_side_files(src, tmp_path) == ["README.md", "config.json", "tokenizer.json"]
     mask = os.umask(0)
     os.umask(mask)
     assert (dst / "config.json").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -32,16 +32,32 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h
 
 # the report a run writes beside its output (report.REPORT_JSON, REPORT_PNG): one found in the
 # input is an earlier run's, about another merge
-RUN_FILES = ("safemerge_report.json", "safemerge_report.png")
+RUN_FILES = ("safemerge_report.json", "safemerge_report.png", "mergekit_config.yml")
+
+
+def _merge_card(f: Path) -> bool:
+    """Whether ``f`` is the model card mergekit wrote for an earlier merge (a ``mergekit`` tag in
+    its front matter): it describes that merge, not this output."""
+    if f.name != "README.md":
+        return False
+    try:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    front = head.split("\n---", 1)[0] if head.startswith("---") else ""
+    return any(line.strip() == "- mergekit" for line in front.splitlines())
 
 
 def side_files(src: Path) -> list[Path]:
     """The files :func:`copy_side_files` copies: config, generation config, tokenizer and other small
     non-weight files (not weights, nor an index of weights: a pytorch_model.bin.index.json beside the
-    safetensors would name files the output does not have; nor an earlier run's report)."""
+    safetensors would name files the output does not have; nor what describes an earlier run where
+    ``src`` is itself a merge: its report, mergekit's recipe and card, hidden files such as a report's
+    sidecar)."""
     return [f for f in sorted(src.iterdir())
             if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")
-            and f.name not in RUN_FILES]
+            and f.name not in RUN_FILES and not f.name.startswith(".") and not _merge_card(f)]
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
