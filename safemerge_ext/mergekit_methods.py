@@ -45,8 +45,8 @@ from safemerge_ext.io.models import ModelReader, all_finite, config_value, is_co
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import PEFT_LINEAR, combine_full, seeded
 from safemerge_ext.mergekit_run import (REPORT_DIR_ENV, SIDECAR, _append, _failing_run, _in_mergekit_yaml,
-                                        _install_excepthook, _mergekit_yaml_args, discard_report, finalize_report,
-                                        pending_reports, report_files, report_to)
+                                        _install_excepthook, _mergekit_yaml_args, _mergekit_yaml_out, discard_report,
+                                        finalize_report, pending_reports, report_files, report_to)
 from safemerge_ext.report import LayerRecord
 
 __all__ = [  # (with the report API of mergekit_run, which a recipe's user reaches from here)
@@ -505,7 +505,7 @@ def _safemerge_tensor(
         merged = combine_full(s.dW, dWs, alpha=alpha, method=merge, density=density, seed=seed, module=_module(s.name))
         del dWs
         out = _finite(s.name, (s.wa + merged.to(s.wd)).to(s.task.dtype), t)
-    s.record("safemerge", group, flagged, "merged" if flagged else "kept",
+    s.record("safemerge", group, flagged, "merged" if flagged else "skipped" if s.score.reason else "kept",
              {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed}, report_path)
     return out
 
@@ -540,7 +540,8 @@ def _safelora_tensor(
     out = s.task
     if flagged:
         out = _finite(s.name, (s.wa + s.projected().to(s.wd)).to(s.task.dtype), t)
-    s.record("safelora", group, flagged, "projected" if flagged else "kept", {"threshold": threshold}, report_path)
+    s.record("safelora", group, flagged, "projected" if flagged else "skipped" if s.score.reason else "kept",
+             {"threshold": threshold}, report_path)
     return out
 
 
@@ -659,7 +660,16 @@ def _check_planned_config(name: str, caller: Any) -> None:
         return
     _read_afresh(planner)
     config = planner.config
+    if config.merge_method == name and planner not in _noted:
+        _noted.add(planner)
+        from safemerge_ext.mergekit_run import note_run_settings
+
+        loras = any(getattr(ref, "lora", None) is not None for ref in config.referenced_models())
+        note_run_settings(str((config.parameters or {}).get("report_path") or ""), {
+            "dtype": config.dtype, "out_dtype": config.out_dtype,
+            "lora_merge_dtype": getattr(planner.options, "lora_merge_dtype", None) if loras else None})
     if config.merge_method == name:
+        _check_out_is_no_input(config, caller)
         from safemerge_ext.yaml_cli import check_layer_ranges, check_parameter_names
 
         check_parameter_names(config, name, "merge_config (as mergekit's planner lays it out)")
@@ -668,6 +678,7 @@ def _check_planned_config(name: str, caller: Any) -> None:
 
 
 _planned: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners whose run reads its inputs afresh
+_noted: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners whose settings the report will record
 
 
 def _read_afresh(planner: Any) -> None:
@@ -683,6 +694,26 @@ def _read_afresh(planner: Any) -> None:
     from mergekit.io.tasks import LoaderCache
 
     LoaderCache.loaders = {}
+
+
+def _check_out_is_no_input(config: Any, planner_frame: Any) -> None:
+    """OUT_PATH (``run_merge``'s ``out_path``) that is one of the recipe's model or LoRA folders:
+    mergekit writes in place, so the merged model would land beside that model's own files, and
+    the folder would hold two (safemerge-yaml refuses it; so does this, before anything is written)."""
+    out, flag = _mergekit_yaml_out(), "OUT_PATH"
+    frame = planner_frame
+    while not out and frame is not None and frame.f_code.co_name != "run_merge":
+        frame = frame.f_back  # (the planner plans from plan_to_disk, which run_merge calls)
+    if frame is not None and not out:
+        out, flag = frame.f_locals.get("out_path"), "run_merge's out_path"
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        return
+    where = os.path.realpath(os.path.expanduser(out))
+    for ref in config.referenced_models():
+        for part in (ref.model, getattr(ref, "lora", None)):
+            if part is not None and os.path.realpath(os.path.expanduser(part.path)) == where:
+                raise SafeMergeError(f"{flag} {out} is the folder of the recipe's input {ref}, where mergekit would "
+                                     "write the merged model beside that model's own files; give a new folder")
 
 
 def check_device(options: Any) -> None:

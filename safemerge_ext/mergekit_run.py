@@ -12,6 +12,7 @@ warning says so).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dis
 import functools
 import glob
@@ -32,11 +33,10 @@ from safemerge_ext._env import switched_on
 from safemerge_ext._signals import exit_code, raise_pending, what_ended
 from safemerge_ext.backends import EXACT
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.output import write_files
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import USES_DENSITY, USES_SEED
-from safemerge_ext.report import (REPORT_JSON, REPORT_PNG, LayerRecord, PlotUnavailable, build_report, json_writer,
-                                  plot_writer, summary_table, write_json)
+from safemerge_ext.report import (REPORT_JSON, REPORT_PNG, LayerRecord, PlotUnavailable, build_report, plot,
+                                  summary_table, write_json)
 from safemerge_ext.selection import unreachable_threshold
 
 __all__ = [
@@ -153,6 +153,17 @@ _lock = threading.Lock()
 _pending: dict[str, str] = {}  # sidecar path -> report target (directory or .json path)
 _started: dict[str, float] = {}  # sidecar path -> time of this run's first record there
 _failed: dict[str, str] = {}  # sidecar path -> why its run ended in a method (its records are void)
+_run_settings: dict[str, dict[str, Any]] = {}  # sidecar path -> the recipe's settings no record carries
+
+
+def note_run_settings(report_path: str, settings: dict[str, Any]) -> None:
+    """Settings of a run that shape its output but reach no method (the recipe's ``dtype`` and
+    ``out_dtype``, mergekit's ``--lora-merge-dtype``), noted when it is planned for the report at
+    its ``report_path`` (as the methods resolve it) to record with the rest."""
+    target = _target(report_path)
+    if target:
+        with _lock:
+            _run_settings[str(_locations(target)[0].resolve())] = dict(settings)
 _override: str | None = None
 _entered: list[Any] = []  # the open report_to blocks, in the order entered
 _before: str | None = None  # _override before the first of them
@@ -393,6 +404,7 @@ def discard_report(report_path: str | os.PathLike) -> None:
         _pending.pop(key, None)
         _started.pop(key, None)
         _failed.pop(key, None)
+        _run_settings.pop(key, None)
         try:
             sidecar.unlink(missing_ok=True)
         except OSError:  # (its folder cannot hold it: then there is nothing to forget)
@@ -440,7 +452,8 @@ def _finalize_pending() -> None:
                 continue
             if untied is None:
                 untied = _untie_mergekit_yaml_out()
-            rep = finalize_report(_pending[key], warnings=untied)
+            rep = finalize_report(_pending[key], warnings=untied,
+                                  command="mergekit-yaml" if _mergekit_yaml_out() else "run_merge")
             if rep is not None:
                 print(summary_table(rep), file=sys.stderr)
         except Exception as exc:  # at exit: report, never raise
@@ -506,6 +519,8 @@ def _settings(method: str, layers: list[LayerRecord]) -> dict[str, Any]:
         for key, users in (("density", USES_DENSITY), ("seed", USES_SEED)):
             if settings["merge"] not in users:
                 settings[key] = None
+    if method == "resta" and settings["density"] == 1.0:  # (no mask is drawn)
+        settings["seed"] = None
     if method != "resta":
         fixed = not isinstance(settings["threshold"], str)
         settings.update({"selection": "threshold" if fixed else "threshold (per layer)",
@@ -601,7 +616,7 @@ def _timings(lines: list[dict[str, Any]]) -> dict[str, float]:
     return {"tensors_s": busy, "total_s": (max(ends) - min(starts)) if ends else busy}
 
 
-def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-yaml",
+def finalize_report(report_path: str | os.PathLike, *, command: str = "run_merge",
                     into: str | os.PathLike | None = None, warnings: Sequence[str] = ()) -> dict[str, Any] | None:
     """Assemble the sidecar at ``report_path`` (directory or ``.json``) into the JSON + PNG report,
     written there (or into the folder ``into``); ``warnings``: the caller's own, added to the
@@ -617,6 +632,7 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
     with _lock:
         _pending.pop(key, None)
         _started.pop(key, None)
+        noted = _run_settings.pop(key, {})
         if key in _failed:  # the run did not finish: its records describe part of it
             _failed.pop(key, None)
             sidecar.unlink(missing_ok=True)
@@ -630,7 +646,7 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
     backends = sorted({ln["backend"] for ln in lines})
     precisions = sorted({ln.get("precision", EXACT) for ln in lines})
     details = sorted({ln["backend_detail"] for ln in lines if ln.get("backend_detail")})
-    settings, inputs = _settings(method, layers), _inputs(lines)
+    settings, inputs = {**_settings(method, layers), **noted}, _inputs(lines)
     for key in ("device", "backend_requested", "precision_requested"):  # (as the command line's reports say them)
         values = sorted({str(ln.get(key)) for ln in lines if ln.get(key) is not None})
         settings[key] = ",".join(values) or None
@@ -655,11 +671,15 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "mergekit-
             if math.isfinite(r.cosine) and abs(r.cosine - r.extra["threshold"]) <= r.extra["rounding_band"]
         )
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    try:  # (both rendered, then both renamed into place: never another run's plot beside this JSON)
-        write_files([(png_path, plot_writer(report, png_path)), (json_path, json_writer(report))])
-    except PlotUnavailable as exc:  # (no recipe switch turns the plot off: the JSON report is the report)
-        write_json(report, json_path)
-        png_path.unlink(missing_ok=True)  # (an earlier run's, which this JSON does not describe)
+    write_json(report, json_path)
+    try:
+        plot(report, png_path)
+    except BaseException as exc:  # (never an earlier run's plot beside this JSON)
+        with contextlib.suppress(OSError):
+            png_path.unlink(missing_ok=True)
+        if not isinstance(exc, PlotUnavailable):
+            raise
+        # (no recipe switch turns the plot off: the JSON report is the report)
         LOG.warning("safemerge-ext: %s; the report %s has no plot", exc.reason,
                     json_path.name if into is not None else json_path)
     return report

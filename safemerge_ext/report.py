@@ -41,7 +41,7 @@ class LayerRecord:
     cosine: float
     flagged: bool = False
     reason: str | None = None
-    action: str = "kept"  # kept | merged | projected | skipped
+    action: str = "kept"  # kept | merged | projected | skipped (degenerate) | shifted (resta)
     shape: tuple[int, ...] = ()
     rank: int | None = None
     v_norm: float | None = None

@@ -134,6 +134,9 @@ def check_report(report: dict, flags: dict[str, bool], method: str) -> None:
     assert {m: r["flagged"] for m, r in layers.items()} == flags
     assert layers[V_ZERO[:-7]]["cosine"] is None and "V = 0" in layers[V_ZERO[:-7]]["reason"]
     assert layers[DW_ZERO[:-7]]["cosine"] is None and "zero" in layers[DW_ZERO[:-7]]["reason"]
+    if method != "resta":  # (the words the commands' reports use: degenerate layers are skipped; review148)
+        assert {layers[w[:-7]]["action"] for w in (V_ZERO, DW_ZERO)} == {"skipped"}
+        assert {r["action"] for r in report["layers"] if not r["flagged"] and r["cosine"] is not None} <= {"kept"}
     assert report["counts"]["flagged"] == sum(flags.values())
     if report["backend"] == "cpp":  # which kernels scored (their bits differ between ISA builds)
         from safemerge_ext import _cpu
@@ -151,6 +154,10 @@ def test_safemerge_linear_matches_float64_reference(pico, tmp_path):
     check_all(got, want)
     check_report(report, flags, "safemerge")
     assert report["settings"]["threshold"] == TAU and report["settings"]["comparison"] == "<"
+    # (and the recipe's settings no method sees, which shape the output too: review148)
+    assert (report["settings"]["dtype"], report["settings"]["out_dtype"], report["settings"]["lora_merge_dtype"]) == (
+        "float32", None, None)
+    assert report["command"] == "run_merge"  # (finalize_report from a program: no mergekit-yaml ran)
     assert (tmp_path / "o" / "safemerge_report.png").stat().st_size > 0
     task = read_model(pico.task)
     for name, t in task.items():  # kept layers and every non-linear tensor: the task model's, bit for bit
@@ -296,11 +303,13 @@ def test_resta_matches_float64_reference(pico, tmp_path):
     # the report says what check_all just verified: the norms are shifted too, not the task model's
     assert "every floating-point tensor, scored or not, is shifted" in report["settings"]["scored"]
     assert not torch.equal(got["model.norm.weight"], read_model(pico.task)["model.norm.weight"])
+    assert (report["settings"]["density"], report["settings"]["seed"]) == (1.0, None)  # (no mask drawn: review148)
 
 
 def test_resta_dare_is_seeded(pico, tmp_path):
     params = {"beta": 0.5, "density": 0.5, "seed": 3}
-    a, _ = merge(recipe(pico, "resta", params=params), tmp_path / "a")
+    a, rep = merge(recipe(pico, "resta", params=params), tmp_path / "a")
+    assert (rep["settings"]["density"], rep["settings"]["seed"]) == (0.5, 3)
     b, _ = merge(recipe(pico, "resta", params=params), tmp_path / "b")
     task, dense = read_model(pico.task), reference(pico, "resta")[0]
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -368,6 +377,10 @@ def test_aligned_plus_lora_inputs_with_lora_merge_cache(pico, tmp_path):
     cache = tmp_path / "lora-cache"
     cfg = recipe(pico, params={"threshold": TAU, "alpha": 0.8},
                  task=f"{pico.aligned}+{pico.lora_task}", safety=f"{pico.aligned}+{pico.lora_safety}")
+    got, report = merge({**cfg, "out_dtype": "bfloat16"}, tmp_path / "bf16", lora_merge_cache=str(cache),
+                        lora_merge_dtype="float32")
+    assert (report["settings"]["dtype"], report["settings"]["out_dtype"], report["settings"]["lora_merge_dtype"]) == (
+        "float32", "bfloat16", "float32")
     got, report = merge(cfg, tmp_path / "o", lora_merge_cache=str(cache))
     assert any(cache.iterdir()), "mergekit did not use --lora-merge-cache"
     A = read_model(pico.aligned)
@@ -2907,3 +2920,17 @@ def test_a_second_merge_in_one_process_reads_its_inputs_as_they_are_now(pico, tm
     assert again.keys() == fresh.keys() and all(torch.equal(again[k], fresh[k]) for k in again)
     assert not torch.equal(again["lm_head.weight"], first["lm_head.weight"])
     assert [r["cosine"] for r in report["layers"]] == [r["cosine"] for r in fresh_report["layers"]]
+
+
+def test_an_out_path_that_is_an_input_folder_is_refused_before_anything_is_written(pico, tmp_path):
+    """mergekit writes in place: run_merge (plain mergekit-yaml alike) into the task model's folder
+    wrote the merged model.safetensors beside the task's own shards and index, two models in one
+    folder (review147); safemerge-yaml refused it, and now the methods do, while mergekit plans."""
+    task = Path(shutil.copytree(pico.task, tmp_path / "task"))
+    before = sorted(p.name for p in task.iterdir())
+    with pytest.raises(SafeMergeError) as err:
+        merge(recipe(pico, task=str(task), params={"threshold": TAU}), task)
+    assert str(err.value) == (f"run_merge's out_path {task} is the folder of the recipe's input {task}, where mergekit "
+                              "would write the merged model beside that model's own files; give a new folder")
+    assert sorted(p.name for p in task.iterdir()) == before
+    merge(recipe(pico, task=str(task), params={"threshold": TAU}), task / "merged")  # (a new folder inside it: fine)
