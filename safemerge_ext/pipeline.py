@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import heapq
 import math
 import numbers
 import os
@@ -423,7 +424,32 @@ def read_order(run: Run) -> list[int]:
     return sorted(range(len(run.layers)), key=lambda i: (shard_rank[run.aligned.shard_of(run.layers[i].weight)], i))
 
 
-def score_layers(run: Run, *, progress: bool | None = None, with_projection: bool = False) -> list[ops.Score]:
+class _KeptProjections:
+    """Which layers' Safe LoRA ``C @ B`` a run keeps while it scores the rest: those ``selection``
+    may flag (with a threshold, the ones it flags; with a count or a fraction, the k lowest so far,
+    k an upper bound), the others' dropped at once. Every layer's until the end was 1.7 GB for a
+    70B model at r = 64 (review149)."""
+
+    def __init__(self, selection: Selection, n: int) -> None:
+        self.selection, self.heap = selection, []
+        self.k = selection.count(n)  # (of all n layers: at least as many as of the scorable ones)
+
+    def add(self, scores: list[ops.Score], i: int) -> None:
+        s = scores[i]
+        if s.projected_B is None:
+            return
+        if math.isnan(s.cosine) or (self.k is None and not self.selection.flag([s.cosine])[0]):
+            scores[i] = dataclasses.replace(s, projected_B=None)
+            return
+        if self.k is not None:  # (the one to drop: the largest cosine, the later layer of equal ones)
+            heapq.heappush(self.heap, (-s.cosine, -i))
+            if len(self.heap) > self.k:
+                j = -heapq.heappop(self.heap)[1]
+                scores[j] = dataclasses.replace(scores[j], projected_B=None)
+
+
+def score_layers(run: Run, *, progress: bool | None = None, with_projection: bool | Selection = False,
+                 ) -> list[ops.Score]:
     """Score every layer's task update, reading each weight pair once, with read-ahead.
 
     On the CPU a background thread reads the next layers into the page cache (``will_need``),
@@ -436,8 +462,10 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
     thread instead (measured, warm 1B q/v: about 5 ms of 90), a batch of them at a time, with their
     adapter factors (see ``in_batches``). On CUDA the thread reads the next layers into
     pinned memory and copies them on a side stream, and the scorer waits on an event. Scores
-    come back in model order.
+    come back in model order. ``with_projection``: with Safe LoRA's ``C @ B`` (a Selection: only
+    for the layers it may flag, see :class:`_KeptProjections`).
     """
+    keeper = _KeptProjections(with_projection, len(run.layers)) if isinstance(with_projection, Selection) else None
     cuda = run.device.type == "cuda"
     side = torch.cuda.Stream(run.device) if cuda else None
     cached = not cuda and all(
@@ -492,7 +520,7 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
                 try:
                     scores[i] = ops.subspace_score(
                         wa, wu, lora_A=A, lora_B=B, backend=run.backend,
-                        precision=run.precision, with_projection=with_projection,
+                        precision=run.precision, with_projection=bool(with_projection),
                         file_backed=ready is None and run.aligned.is_mapped(wa) and run.unaligned.is_mapped(wu),
                     )
                 except FloatingPointError as exc:
@@ -505,6 +533,8 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
                     # (kept until the output is written, which reads it on the CPU: not in GPU memory,
                     # where every layer's would add up, 1.7 GB for a 70B model at r = 64)
                     scores[i] = dataclasses.replace(scores[i], projected_B=scores[i].projected_B.cpu())
+                if keeper is not None:
+                    keeper.add(scores, i)
             finally:  # unmaps the pair (CPU) before the next read is admitted (see prefetch), and one an
                 # error came with is not kept, mapped or on the GPU, by its traceback
                 del wa, wu, ready, A, B
@@ -867,7 +897,7 @@ def project(
         check_default_rank(task)
     if plot:
         preload_plotting()
-    scores = score_layers(run, progress=progress, with_projection=True)
+    scores = score_layers(run, progress=progress, with_projection=selection)
     flags = _select(run, scores, selection)
     records = _records(run, scores, flags, "projected")
     t0 = time.perf_counter()

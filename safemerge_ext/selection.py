@@ -75,15 +75,21 @@ class Selection:
         """Why this rule can flag no layer (a threshold the score never falls below), else None."""
         return unreachable_threshold(self.threshold, self.inclusive) if self.threshold is not None else None
 
+    def count(self, n: int) -> int | None:
+        """How many of ``n`` scored layers a count or a fraction flags (None for a threshold)."""
+        if self.threshold is not None:
+            return None
+        # ceil(F x n) of the decimal F as written: 0.3 x 10 is 3 (not ceil(3.0000000000000004) = 4),
+        # and any F > 0 flags at least one layer
+        return self.num_layers if self.num_layers is not None else math.ceil(Fraction(repr(float(self.fraction))) * n)
+
     def flag(self, scores: Sequence[float]) -> list[bool]:
         """One flag per score, in the given (model) order."""
         valid = [i for i, s in enumerate(scores) if not math.isnan(s)]
         if self.threshold is not None:
             tau = self.threshold
             return [(not math.isnan(s)) and bool(s <= tau if self.inclusive else s < tau) for s in scores]
-        # ceil(F x n) of the decimal F as written: 0.3 x 10 is 3 (not ceil(3.0000000000000004) = 4),
-        # and any F > 0 flags at least one layer
-        k = self.num_layers if self.num_layers is not None else math.ceil(Fraction(repr(float(self.fraction))) * len(valid))
+        k = self.count(len(valid))
         lowest = set(sorted(valid, key=lambda i: (scores[i], i))[:k])
         return [i in lowest for i in range(len(scores))]
 

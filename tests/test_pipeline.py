@@ -339,6 +339,26 @@ def test_a_cut_between_equal_cosines_is_a_warning(fx, tmp_path):
         "left unflagged (ties go to the earlier layer)" in rep["warnings"], rep["warnings"]
 
 
+def test_project_keeps_only_the_projections_it_may_write(fx):
+    """Safe LoRA kept C @ B of every layer until the end (1.7 GB for a 70B model at r = 64;
+    review149): only those the selection may flag are kept, each as the full run computes it."""
+    from safemerge_ext.io.adapters import read_adapter
+
+    run = pipeline.open_run(fx.aligned, fx.unaligned, read_adapter(fx.task, "--adapter"))
+    every = pipeline.score_layers(run, progress=False, with_projection=True)
+    cos = [s.cosine for s in every]
+    tau = sorted(cos)[7]
+    for sel in (pipeline.Selection(threshold=tau, inclusive=True), pipeline.Selection(num_layers=5),
+                pipeline.Selection(fraction=0.3), pipeline.Selection(num_layers=99)):
+        kept = pipeline.score_layers(run, progress=False, with_projection=sel)
+        held = [i for i, s in enumerate(kept) if s.projected_B is not None]
+        flagged = [i for i, f in enumerate(sel.flag(cos)) if f]
+        assert held == flagged, sel  # (these scores have no ties: the k lowest so far are the k lowest)
+        assert all(torch.equal(kept[i].projected_B, every[i].projected_B) for i in held)
+        assert [s.cosine for s in kept] == cos
+    run.close()
+
+
 def test_score_bf16_models(fx_bf16, tmp_path):
     """bf16 checkpoints are read as stored; differences are exact in fp32."""
     ref = refs(fx_bf16)
