@@ -681,19 +681,53 @@ _planned: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners whose run r
 _noted: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners whose settings the report will record
 
 
+_loader_files: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()  # loader -> its files' stats
+
+
+def _files_now(loader: Any) -> tuple:
+    """(path, inode, size, mtime) of each file a mergekit loader reads (None for one gone)."""
+    index = loader.index
+    out = []
+    for name in sorted(set(index.tensor_paths.values())):
+        path = os.path.join(index.base_path, name)
+        try:
+            st = os.stat(path)
+            out.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((path, None))
+    return tuple(out)
+
+
 def _read_afresh(planner: Any) -> None:
     """Once per run, before it plans a tensor: have it read its inputs as they are now. mergekit
     keeps one loader per model for the life of the process (``LoaderCache.loaders``, never
     emptied), with the shard it last read open: a program's second merge read a model saved again
-    since, or a LoRA's deleted fold, from the first run's files (review147). The run's loaders are
-    made again from a new table (a new dict: a run in another thread keeps the one it holds, and
-    the old loaders close once unused)."""
+    since, or a LoRA's deleted fold, from the first run's files (review147). A loader is dropped
+    (mergekit makes it again at its next use) where its files changed or went since a run with
+    these methods last saw it, or it reads another folder than the reference names now (a relative
+    path from another working directory; a LoRA folded into another run's cache); the others,
+    which a run in another thread may be using, stay."""
     if planner in _planned:
         return
     _planned.add(planner)
     from mergekit.io.tasks import LoaderCache
 
-    LoaderCache.loaders = {}
+    cache = getattr(planner.options, "lora_merge_cache", None)
+    for model, loader in list(LoaderCache.loaders.items()):
+        try:
+            now = _files_now(loader)
+            if model.lora is not None:
+                folder = os.path.join(cache or "", f"{model.model._unique_id()}_{model.lora._unique_id()}")
+            else:
+                folder = os.path.expanduser(model.model.path)
+            elsewhere = (model.lora is not None or os.path.isdir(folder)) and \
+                os.path.realpath(loader.index.base_path) != os.path.realpath(folder)
+        except Exception:  # (a loader or reference of another shape: mergekit's own business)
+            continue
+        if elsewhere or (not cache and model.lora is not None) or _loader_files.get(loader, now) != now:
+            LoaderCache.loaders.pop(model, None)
+        else:
+            _loader_files[loader] = now
 
 
 def _check_out_is_no_input(config: Any, planner_frame: Any) -> None:

@@ -123,6 +123,7 @@ _LOST = ("the fp32 sums lost their precision: the weights or the update are too 
 # factors are re-made; below 2^-40 the product is under fp32's resolution of them (an error, not a
 # score); below 2^-80 float64's QR cannot tell it from zero either
 _CANCELLING, _CANCELLED, _FLOAT64_NOISE = 2.0 ** -20, 2.0 ** -40, 2.0 ** -80
+CANCELLED = "the update's factors cancel"  # (how that error begins)
 
 
 _SQUARES_SAFE = (2.0 ** -60, 2.0 ** 100)  # sums of fp32 squares trusted between these
@@ -136,6 +137,8 @@ def _checked_sum(value: float, *tensors: torch.Tensor) -> float:
     Real weights sum to far inside the range, and pay nothing; the rest pay one more read."""
     if math.isfinite(value) and _SQUARES_SAFE[0] <= value <= _SQUARES_SAFE[1]:
         return value
+    if value == 0.0 and (torch.equal(*tensors) if len(tensors) == 2 else not bool(tensors[0].any())):
+        return 0.0  # (V = 0, or dW = 0, indeed: one comparison, not a float64 sum)
     if len(tensors) == 2:
         return reference._vsq(*tensors)
     (t,) = tensors
@@ -254,7 +257,7 @@ def subspace_score(
             if s2 <= _CANCELLED * scale:  # below what fp32 resolves of its factors: noise, or zero
                 if d2 > 0.0 or s2 > _FLOAT64_NOISE * scale:
                     raise FloatingPointError(
-                        f"the update's factors cancel: ||B A|| is {math.sqrt(s2 / scale):.1e} of ||B|| ||A||, "
+                        f"{CANCELLED}: ||B A|| is {math.sqrt(s2 / scale):.1e} of ||B|| ||A||, "
                         "below what fp32 resolves of them (2^-20), so B A is rounding noise; rebuild the adapter "
                         "without the parts that cancel, or leave this module out of it")
             else:

@@ -48,7 +48,7 @@ from safemerge_ext.report import (
     summary_table,
     write_json,
 )
-from safemerge_ext.selection import Selection
+from safemerge_ext.selection import Selection, _as_float
 
 OUTPUTS = ("adapter", "model")
 
@@ -406,7 +406,10 @@ def _progress_bar(total: int, desc: str, progress: bool | None):
     return tqdm(total=total, desc=desc, unit="layer", leave=False, disable=False)
 
 
-def _non_finite(run: Run, layer: Layer, wa: torch.Tensor, wu: torch.Tensor) -> SafeMergeError:
+def _non_finite(run: Run, layer: Layer, wa: torch.Tensor, wu: torch.Tensor, exc: BaseException | None = None,
+                ) -> SafeMergeError:
+    if exc is not None and str(exc).startswith(ops.CANCELLED):  # (ops' diagnosis, with what to do)
+        return SafeMergeError(f"scoring {layer.module} of {layer.task.reader.path}: {exc}")
     for reader, t, name in ((run.aligned, wa, layer.weight), (run.unaligned, wu, layer.unaligned_weight)):
         if not torch.isfinite(t).all():
             return SafeMergeError(
@@ -525,7 +528,7 @@ def score_layers(run: Run, *, progress: bool | None = None, with_projection: boo
                     )
                 except FloatingPointError as exc:
                     exc.__traceback__ = None  # (its frames hold the pair: not kept by the error that replaces it)
-                    raise _non_finite(run, layer, wa, wu) from None
+                    raise _non_finite(run, layer, wa, wu, exc) from None
                 if layer.task.scaling == 0 and not math.isnan(scores[i].cosine):  # (B A scaled by 0: no update)
                     scores[i] = dataclasses.replace(scores[i], cosine=math.nan, projected_B=None,
                                                     reason="the update is zero (its scaling, lora_alpha, is 0)")
@@ -702,7 +705,7 @@ class MergeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a number; got {value!r}")
-            object.__setattr__(self, name, float(value))  # (a NumPy scalar becomes a Python float)
+            object.__setattr__(self, name, _as_float(value))  # (a NumPy scalar becomes a Python float)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed must be an integer; got {self.seed!r}")
         object.__setattr__(self, "seed", int(self.seed))

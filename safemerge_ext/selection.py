@@ -13,6 +13,14 @@ from fractions import Fraction
 from typing import Sequence
 
 
+def _as_float(value: numbers.Real) -> float:
+    """A Python float of any real (beyond float's range: infinite, for the range checks to refuse)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 @dataclass(frozen=True)
 class Selection:
     """A validated selection rule; exactly one of threshold, num_layers or fraction is set."""
@@ -33,7 +41,7 @@ class Selection:
                 raise ValueError(f"{name} must be {what}; got {value!r}")
             if value is not None:  # (a NumPy scalar, e.g. a tau from np.quantile, becomes a Python number:
                 # compared in float64 and written to the report's JSON as any other)
-                object.__setattr__(self, name, int(value) if kinds is numbers.Integral else float(value))
+                object.__setattr__(self, name, int(value) if kinds is numbers.Integral else _as_float(value))
         if self.threshold is not None and not (-1.0 <= self.threshold <= 1.0 and math.isfinite(self.threshold)):
             raise ValueError(f"threshold must lie in [-1, 1] (it is compared with a cosine); got {self.threshold}")
         if self.num_layers is not None and self.num_layers < 1:
@@ -68,7 +76,8 @@ class Selection:
             return None
         rule = f"--num-layers {self.num_layers}" if self.num_layers is not None else f"--fraction {self.fraction:g}"
         return (f"{rule}: the cut falls between layers of equal cosine {last!r}: {len(left)} later one(s) in model "
-                "order left unflagged (ties go to the earlier layer)")
+                "order left unflagged (ties go to the earlier layer); to treat them alike, flag one layer more or "
+                "fewer per tied layer, or flag by --threshold")
 
     @property
     def never_flags(self) -> str | None:

@@ -580,7 +580,8 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str,
     so one folded from another adapter at that path (retrained in place, or another project's
     ``./adapter``), in another dtype, or cut short would be scored as this run's task model. Refuse
     those (headers only; an entry records what it was folded from in ``FOLD_STAMP``). Returns the
-    entries this run will fold, with the record to leave in each (:func:`_stamp_folds`)."""
+    recipe's entries, each with the record to leave in it where this run will fold it (None: one
+    that matches, reused; see :func:`_folding_into`)."""
     import json
 
     import torch
@@ -595,64 +596,81 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str,
         raise SafeMergeError(f"--lora-merge-cache {cache} is a file; give a folder")
 
     want = getattr(torch, dtype, None) if dtype else None
-    to_fold: dict[Path, dict[str, Any]] = {}
+    to_fold: dict[Path, dict[str, Any] | None] = {}
     seen: set[Path] = set()
-    for _, _, inputs, _ in _groups(config):
-        for ref, _ in inputs:
-            if ref.lora is None:
-                continue
-            entry = Path(cache) / f"{ref.model._unique_id()}_{ref.lora._unique_id()}"
-            if entry in seen:
-                continue
-            seen.add(entry)
-            source = _fold_source(ref)
-            if not entry.exists():
-                to_fold[entry] = source
-                continue
-            redo = f"remove {entry} so that mergekit folds {_ref_str(ref)} again"
-            try:
-                with ModelReader(entry, flag="--lora-merge-cache entry") as reader:
-                    got = next((reader.meta(n)[1] for n in reader.names if len(reader.meta(n)[0]) == 2), None)
-            except SafeMergeError:
-                raise SafeMergeError(f"--lora-merge-cache {cache}: {entry} holds no complete model (an interrupted "
-                                     f"fold?); {redo}") from None
-            if want is not None and got is not None and got != want:
-                raise SafeMergeError(
-                    f"--lora-merge-cache {cache}: {entry} holds {_ref_str(ref)} folded in "
-                    f"{str(got).removeprefix('torch.')}, not {dtype} as this run folds it; {redo}, "
-                    f"or pass --lora-merge-dtype {str(got).removeprefix('torch.')}")
-            try:
-                then = json.loads((entry / FOLD_STAMP).read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise SafeMergeError(
-                    f"--lora-merge-cache {cache}: {entry} does not record what it was folded from (plain "
-                    "mergekit-yaml made it, or a run stopped before recording it), and mergekit would reuse it "
-                    f"by the paths alone, whatever is at them now; {redo}") from None
-            except (OSError, ValueError) as exc:
-                raise SafeMergeError(f"--lora-merge-cache {cache}: {entry / FOLD_STAMP} cannot be read "
-                                     f"({getattr(exc, 'strerror', None) or exc}); {redo}") from None
-            if not isinstance(then, dict) or then != source:
-                raise SafeMergeError(
-                    f"--lora-merge-cache {cache}: {entry} was folded from another {_ref_str(ref)} than the one "
-                    f"there now ({_changed(then if isinstance(then, dict) else {}, source)}), and mergekit would "
-                    f"reuse it; {redo}")
+    for ref in config.referenced_models():  # (the base model's too: mergekit folds it into the cache alike)
+        if ref.lora is None:
+            continue
+        entry = Path(cache) / f"{ref.model._unique_id()}_{ref.lora._unique_id()}"
+        if entry in seen:
+            continue
+        seen.add(entry)
+        source = _fold_source(ref)
+        if not entry.exists():
+            to_fold[entry] = source
+            continue
+        to_fold[entry] = None
+        redo = f"remove {entry} so that mergekit folds {_ref_str(ref)} again"
+        try:
+            with ModelReader(entry, flag="--lora-merge-cache entry") as reader:
+                got = next((reader.meta(n)[1] for n in reader.names if len(reader.meta(n)[0]) == 2), None)
+        except SafeMergeError:
+            raise SafeMergeError(f"--lora-merge-cache {cache}: {entry} holds no complete model (an interrupted "
+                                 f"fold?); {redo}") from None
+        if want is not None and got is not None and got != want:
+            raise SafeMergeError(
+                f"--lora-merge-cache {cache}: {entry} holds {_ref_str(ref)} folded in "
+                f"{str(got).removeprefix('torch.')}, not {dtype} as this run folds it; {redo}, "
+                f"or pass --lora-merge-dtype {str(got).removeprefix('torch.')}")
+        try:
+            then = json.loads((entry / FOLD_STAMP).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SafeMergeError(
+                f"--lora-merge-cache {cache}: {entry} does not record what it was folded from (plain "
+                "mergekit-yaml made it, or a run stopped before recording it), and mergekit would reuse it "
+                f"by the paths alone, whatever is at them now; {redo}") from None
+        except (OSError, ValueError) as exc:
+            raise SafeMergeError(f"--lora-merge-cache {cache}: {entry / FOLD_STAMP} cannot be read "
+                                 f"({getattr(exc, 'strerror', None) or exc}); {redo}") from None
+        if not isinstance(then, dict) or then != source:
+            raise SafeMergeError(
+                f"--lora-merge-cache {cache}: {entry} was folded from another {_ref_str(ref)} than the one "
+                f"there now ({_changed(then if isinstance(then, dict) else {}, source)}), and mergekit would "
+                f"reuse it; {redo}")
     return list(to_fold.items())
 
 
-def _stamp_folds(folds: list[tuple[Path, dict[str, Any]]]) -> None:
-    """Leave in each entry this run had mergekit fold the record of what it was folded from (taken
-    before the run), so that a later run can tell whether the entry still matches its inputs. An
-    entry that cannot take it is left without one (a later run then refuses it, naming it)."""
+def _folding_into(cache: str, folds: list[tuple[Path, dict[str, Any] | None]]) -> Path:
+    """A private folder in the cache for this run's mergekit to fold into: the entries it reuses
+    linked there, the ones it folds made there (so that a run beside it, sharing the cache, never
+    takes a fold half made, or made from its own folder's ``./adapter``; review150)."""
+    import tempfile
+
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=".safemerge-folding-", dir=cache))
+    for entry, source in folds:
+        if source is None:
+            (private / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
+    return private
+
+
+def _keep_folds(private: Path, folds: list[tuple[Path, dict[str, Any] | None]]) -> None:
+    """After a run that succeeded: each fold it made gets the record of what it was folded from
+    (taken before the run) and moves into the cache, unless a run beside it put that entry there
+    first (then that one stays: it was checked as this run's was)."""
     import json
 
     for entry, source in folds:
-        if entry.is_dir():
-            try:
-                write_files([(entry / FOLD_STAMP, lambda tmp, s=source: tmp.write_text(
-                    json.dumps(s, indent=1, sort_keys=True) + "\n", encoding="utf-8"))])
-            except OSError as exc:
-                click.echo(f"safemerge-yaml: warning: --lora-merge-cache entry {entry}: could not record what it "
-                           f"was folded from ({exc.strerror or exc}); a later run will refuse it", err=True)
+        made = private / entry.name
+        if source is None or not made.is_dir() or made.is_symlink():
+            continue
+        try:
+            (made / FOLD_STAMP).write_text(json.dumps(source, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            os.rename(made, entry)
+        except OSError as exc:
+            if not entry.is_dir():
+                click.echo(f"safemerge-yaml: warning: --lora-merge-cache: the fold of {entry.name} could not be kept "
+                           f"({exc.strerror or exc}); a later run folds it again", err=True)
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -749,7 +767,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         # W_aligned + B A in fp32: in the model's bf16 the adapter's update would be rounded
         # relative to the weights before it is recovered as W_task - W_aligned and scored
         merge_options = merge_options.model_copy(update={"lora_merge_dtype": "float32"})
-    folds: list[tuple[Path, dict[str, Any]]] = []
+    folds: list[tuple[Path, dict[str, Any] | None]] = []
     if checked.has_lora and merge_options.lora_merge_cache:
         try:
             folds = _check_lora_cache(checked.config, merge_options.lora_merge_cache, merge_options.lora_merge_dtype,
@@ -763,7 +781,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
             _check_report_path(own, out, checked.inputs)
         except SafeMergeError as exc:
             _fail(str(exc))
-    report, report_at, lora_cache = None, own, None
+    report, report_at, lora_cache, private = None, own, None, None
     try:
         from mergekit.merge import run_merge
 
@@ -774,14 +792,18 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                     with interrupts_held():  # (made and known as one step)
                         lora_cache = str(scratch_dir(out, "lora"))
                     merge_options = merge_options.model_copy(update={"lora_merge_cache": lora_cache})
+                elif folds:
+                    with interrupts_held():  # (made and known as one step)
+                        private = _folding_into(merge_options.lora_merge_cache, folds)
+                    merge_options = merge_options.model_copy(update={"lora_merge_cache": str(private)})
                 # the report location travels with the recipe (no process-wide setting), so merges
                 # in other threads of this process keep their own reports
                 config = checked.config if own else checked.config.model_copy(
                     update={"parameters": {**(checked.config.parameters or {}), "report_path": str(tmp)}})
-                try:
-                    run_merge(config, str(tmp), options=merge_options, config_source=source)
-                finally:  # (also after a failure: the folds mergekit made are whole or refused as cut short)
-                    _stamp_folds(folds)
+                run_merge(config, str(tmp), options=merge_options, config_source=source)
+                if private is not None:
+                    with interrupts_held():
+                        _keep_folds(private, folds)
                 untied = untie_stored_head(tmp)  # (mergekit copies the base model's tie_word_embeddings)
                 # into OUT as always; to report_path only once OUT is in place (below)
                 report = finalize_report(own or tmp, command="safemerge-yaml", into=tmp,
@@ -797,9 +819,10 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                     card.write_text(text, encoding="utf-8")
                 umask_modes(tmp)  # (safetensors >= 0.8 writes mergekit's shards 0600)
             finally:
-                if lora_cache:  # (whole: a Ctrl-C here waits, and the run ends on it after)
-                    with interrupts_held():
-                        shutil.rmtree(lora_cache, ignore_errors=True)
+                for scratch in (lora_cache, private):  # (whole: a Ctrl-C here waits, and the run ends on it after)
+                    if scratch:
+                        with interrupts_held():
+                            shutil.rmtree(scratch, ignore_errors=True)
     except BaseException as exc:  # one line; nothing is left at OUT, and no report of the part that ran
         if not isinstance(exc, Exception) and committed(out):  # (a Ctrl-C as OUT was put in place: it is complete)
             _done["out"] = out

@@ -2239,3 +2239,22 @@ def test_a_scaling_that_overflows_the_merged_adapter_is_one_line(fx, tmp_path, c
     assert code == 2
     _fuzz_one_line(capsys, "overflow", "lora_alpha")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["safety"]
+
+
+def test_factors_that_cancel_are_named_with_what_to_do(fx, tmp_path, capsys):
+    """A module whose LoRA factors cancel below fp32's resolution: the command's line names the
+    module, the adapter and what to do, as ops says it (it gave the generic lost-precision line;
+    review150)."""
+    from safetensors.torch import load_file, save_file
+
+    task = _fuzz_copy(fx.task, tmp_path / "task")
+    f = task / "adapter_model.safetensors"
+    factors = load_file(f)
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    A, B = factors[q + ".lora_A.weight"].clone(), factors[q + ".lora_B.weight"].clone()
+    B[:, 1], A[1] = B[:, 0] * (1 + 2.0 ** -23), -A[0]  # (component 1 all but cancels component 0)
+    B[:, 3], A[3] = B[:, 2] * (1 + 2.0 ** -23), -A[2]
+    save_file({**factors, q + ".lora_A.weight": A, q + ".lora_B.weight": B}, str(f))
+    assert main(["score", *_fuzz_models(fx), "--adapter", str(task)]) == 2
+    _fuzz_one_line(capsys, f"scoring model.layers.0.self_attn.q_proj of {task}: the update's factors cancel",
+                   "rebuild the adapter")

@@ -2934,3 +2934,49 @@ def test_an_out_path_that_is_an_input_folder_is_refused_before_anything_is_writt
                               "would write the merged model beside that model's own files; give a new folder")
     assert sorted(p.name for p in task.iterdir()) == before
     merge(recipe(pico, task=str(task), params={"threshold": TAU}), task / "merged")  # (a new folder inside it: fine)
+
+
+def test_safemerge_yaml_folds_privately_and_checks_a_base_models_lora_too(pico, tmp_path, monkeypatch, capsys):
+    """Two runs sharing a --lora-merge-cache: each folds into a private folder of it and moves the
+    fold in, with its record, only once its merge succeeded (review150: a run beside another took
+    that run's fold, made from the other folder's ./adapter, and stamped it as its own). A
+    base_model given as model+lora is folded into the cache too: its entry is recorded and checked
+    as the models' are (it was neither)."""
+    import mergekit.merge
+    from safetensors.torch import load_file, save_file
+
+    from safemerge_ext import yaml_cli
+
+    cache = tmp_path / "cache"
+    base_lora = Path(shutil.copytree(pico.lora_safety, tmp_path / "base_lora"))
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
+    cfg["base_model"] = f"{pico.aligned}+{base_lora}"
+    base = MergeConfiguration.model_validate(cfg).base_model
+    entries = [cache / e for e in _lora_entries(cfg)] + [cache / f"{base.model._unique_id()}_{base.lora._unique_id()}"]
+    seen = []
+    real = mergekit.merge.run_merge
+
+    def spy(config, out, options, **kw):
+        seen.append(Path(options.lora_merge_cache))
+        assert not any(e.exists() for e in entries)  # (nothing in the shared cache while it folds)
+        return real(config, out, options=options, **kw)
+
+    monkeypatch.setattr(mergekit.merge, "run_merge", spy)
+    recipe_file = _write(cfg, tmp_path / "r.yml")
+
+    def run(to: str) -> int:
+        with pytest.raises(SystemExit) as done:
+            yaml_cli.main([str(recipe_file), str(tmp_path / to), "--no-copy-tokenizer", "--lora-merge-cache", str(cache)])
+        return done.value.code
+
+    assert run("o1") == 0
+    assert seen[0].parent == cache and seen[0].name.startswith(".safemerge-folding-") and not seen[0].exists()
+    assert all((e / yaml_cli.FOLD_STAMP).is_file() for e in entries) and len(set(entries)) == 2
+    assert sorted(p.name for p in cache.iterdir()) == sorted(e.name for e in entries)
+    monkeypatch.setattr(mergekit.merge, "run_merge", real)
+    factors = load_file(base_lora / "adapter_model.safetensors")  # (the base's adapter retrained in place)
+    save_file({k: v * 2 for k, v in factors.items()}, str(base_lora / "adapter_model.safetensors"))
+    capsys.readouterr()
+    assert run("o2") == 1
+    err = capsys.readouterr().err
+    assert f"was folded from another {pico.aligned}+{base_lora}" in err and "adapter_model.safetensors has changed" in err

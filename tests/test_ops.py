@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -446,6 +447,10 @@ def test_selection_rules():
     # a float32 threshold is the number it holds, compared in float64 (not the score cast to float32)
     assert Selection(threshold=np.float32(0.2)).flag([0.2000000020, 0.2000000040]) == [True, False]
     assert all(type(f) is bool for f in Selection(threshold=np.float64(0.35)).flag(scores))
+    # beyond float's range: the range's one line, not an OverflowError from the conversion (review150)
+    for kw in ({"threshold": 10 ** 400}, {"fraction": Fraction(10 ** 400, 3)}):
+        with pytest.raises(ValueError, match="must lie in"):
+            Selection(**kw)
     # the Python API's wrong types: one ValueError when built, not a TypeError when flagging
     for kw, msg in (({"num_layers": 2.5}, "num_layers must be a whole number; got 2.5"),
                     ({"num_layers": True}, "num_layers must be a whole number; got True"),
@@ -558,6 +563,25 @@ def test_norms_of_v_beyond_fp32_squares_are_exact_on_every_backend(backend, v, b
     want = ref_project(wa, wu, (B @ A).double())
     got = ops.project_delta(wa, wu, B @ A, backend=backend)
     assert float((got.double() - want).norm()) < 1e-5 * float(want.norm())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_identical_weights_are_compared_not_summed_again(backend, monkeypatch):
+    """V = 0 sums to 0 on every backend: one comparison of the pair says so, not a float64 sum of
+    it too (that made V = 0 layers 4x slower; review150)."""
+    from safemerge_ext import reference
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(50, 40, generator=g)
+    A, B = torch.randn(2, 40, generator=g), torch.randn(50, 2, generator=g)
+    import types
+
+    spy = types.SimpleNamespace(**{k: getattr(reference, k) for k in dir(reference) if not k.startswith("__")})
+    spy._vsq = lambda *a: pytest.fail("||V||^2 summed again")
+    monkeypatch.setattr(ops, "reference", spy)  # (what ops itself calls; the backends keep theirs)
+    for kw in ({"lora_A": A, "lora_B": B}, {"delta": B @ A}):
+        s = ops.subspace_score(w, w.clone(), **kw, backend=backend)
+        assert math.isnan(s.cosine) and "V = 0" in s.reason or "identical" in s.reason, s
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -336,7 +336,8 @@ def test_a_cut_between_equal_cosines_is_a_warning(fx, tmp_path):
     flags = {r["module"]: r["flagged"] for r in rep["layers"]}
     assert flags[a] and not flags[b] and rep["settings"]["comparison"] is None
     assert f"--num-layers {k}: the cut falls between layers of equal cosine {cos[a]!r}: 1 later one(s) in model order " \
-        "left unflagged (ties go to the earlier layer)" in rep["warnings"], rep["warnings"]
+        "left unflagged (ties go to the earlier layer); to treat them alike, flag one layer more or fewer per tied " \
+        "layer, or flag by --threshold" in rep["warnings"], rep["warnings"]
 
 
 def test_project_keeps_only_the_projections_it_may_write(fx):
