@@ -627,7 +627,7 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str,
         except FileNotFoundError:
             raise SafeMergeError(
                 f"--lora-merge-cache {cache}: {entry} does not record what it was folded from (plain "
-                "mergekit-yaml made it, or a run stopped before recording it), and mergekit would reuse it "
+                "mergekit-yaml made it, or an older safemerge-yaml), and mergekit would reuse it "
                 f"by the paths alone, whatever is at them now; {redo}") from None
         except (OSError, ValueError) as exc:
             raise SafeMergeError(f"--lora-merge-cache {cache}: {entry / FOLD_STAMP} cannot be read "
@@ -657,7 +657,7 @@ def _folding_into(cache: str, folds: list[tuple[Path, dict[str, Any] | None]]) -
 def _keep_folds(private: Path, folds: list[tuple[Path, dict[str, Any] | None]]) -> None:
     """After a run that succeeded: each fold it made gets the record of what it was folded from
     (taken before the run) and moves into the cache, unless a run beside it put that entry there
-    first (then that one stays: it was checked as this run's was)."""
+    first (then that one stays, with its own record, which a later run checks)."""
     import json
 
     for entry, source in folds:
