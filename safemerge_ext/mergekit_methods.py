@@ -681,53 +681,27 @@ _planned: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners whose run r
 _noted: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners whose settings the report will record
 
 
-_loader_files: "weakref.WeakKeyDictionary[Any, tuple]" = weakref.WeakKeyDictionary()  # loader -> its files' stats
-
-
-def _files_now(loader: Any) -> tuple:
-    """(path, inode, size, mtime) of each file a mergekit loader reads (None for one gone)."""
-    index = loader.index
-    out = []
-    for name in sorted(set(index.tensor_paths.values())):
-        path = os.path.join(index.base_path, name)
-        try:
-            st = os.stat(path)
-            out.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append((path, None))
-    return tuple(out)
-
-
 def _read_afresh(planner: Any) -> None:
     """Once per run, before it plans a tensor: have it read its inputs as they are now. mergekit
     keeps one loader per model for the life of the process (``LoaderCache.loaders``, never
     emptied), with the shard it last read open: a program's second merge read a model saved again
-    since, or a LoRA's deleted fold, from the first run's files (review147). A loader is dropped
-    (mergekit makes it again at its next use) where its files changed or went since a run with
-    these methods last saw it, or it reads another folder than the reference names now (a relative
-    path from another working directory; a LoRA folded into another run's cache); the others,
-    which a run in another thread may be using, stay."""
+    since, or a LoRA's deleted fold, from the first run's files (review147). Each of this run's
+    models gets a new loader, made as mergekit makes one (its LoRA folded into this run's cache);
+    the entry is replaced, never removed, so a run in another thread that looks the model up at
+    that moment finds one (removing it was a KeyError there; review150, review151)."""
     if planner in _planned:
         return
     _planned.add(planner)
     from mergekit.io.tasks import LoaderCache
 
-    cache = getattr(planner.options, "lora_merge_cache", None)
-    for model, loader in list(LoaderCache.loaders.items()):
-        try:
-            now = _files_now(loader)
-            if model.lora is not None:
-                folder = os.path.join(cache or "", f"{model.model._unique_id()}_{model.lora._unique_id()}")
-            else:
-                folder = os.path.expanduser(model.model.path)
-            elsewhere = (model.lora is not None or os.path.isdir(folder)) and \
-                os.path.realpath(loader.index.base_path) != os.path.realpath(folder)
-        except Exception:  # (a loader or reference of another shape: mergekit's own business)
+    cache = LoaderCache()  # (this thread's, set up by this run's run_merge)
+    for model in planner.config.referenced_models():
+        if model not in LoaderCache.loaders:
             continue
-        if elsewhere or (not cache and model.lora is not None) or _loader_files.get(loader, now) != now:
-            LoaderCache.loaders.pop(model, None)
-        else:
-            _loader_files[loader] = now
+        merged = model.merged(cache_dir=cache.lora_cache_dir, trust_remote_code=cache.trust_remote_code,
+                              lora_merge_dtype=cache.lora_merge_dtype)
+        LoaderCache.loaders[model] = merged.lazy_loader(cache_dir=cache.hf_cache_dir,
+                                                        lazy_unpickle=cache.lazy_unpickle)
 
 
 def _check_out_is_no_input(config: Any, planner_frame: Any) -> None:

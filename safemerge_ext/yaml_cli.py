@@ -9,6 +9,7 @@ Every bad input is one line on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -640,17 +641,41 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str,
     return list(to_fold.items())
 
 
+FOLDING = ".safemerge-folding-"  # a run's private folder in a --lora-merge-cache
+
+
+def _clear_dead_folds(cache: str) -> None:
+    """Remove the private folders that runs of this host left in the cache when they died (killed:
+    no cleanup ran), whole models each, which no run would reuse or show (review151)."""
+    from safemerge_ext.mergekit_run import _alive, _run_id
+
+    here = _run_id().split("-", 1)[1]
+    with contextlib.suppress(OSError):
+        for left in Path(cache).glob(FOLDING + "*"):
+            pid = left.name[len(FOLDING):].split("-", 1)[0]
+            if pid.isdigit() and left.name.startswith(f"{FOLDING}{pid}-{here}-") and not _alive(int(pid)):
+                shutil.rmtree(left, ignore_errors=True)
+
+
 def _folding_into(cache: str, folds: list[tuple[Path, dict[str, Any] | None]]) -> Path:
     """A private folder in the cache for this run's mergekit to fold into: the entries it reuses
-    linked there, the ones it folds made there (so that a run beside it, sharing the cache, never
-    takes a fold half made, or made from its own folder's ``./adapter``; review150)."""
+    linked there (where the file system has no links, folded there again), the ones it folds made
+    there (so that a run beside it, sharing the cache, never takes a fold half made, or made from
+    its own folder's ``./adapter``; review150)."""
     import tempfile
 
+    from safemerge_ext.mergekit_run import _run_id
+
     Path(cache).mkdir(parents=True, exist_ok=True)
-    private = Path(tempfile.mkdtemp(prefix=".safemerge-folding-", dir=cache))
-    for entry, source in folds:
-        if source is None:
-            (private / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
+    private = Path(tempfile.mkdtemp(prefix=f"{FOLDING}{_run_id()}-", dir=cache))
+    try:
+        for entry, source in folds:
+            if source is None:
+                with contextlib.suppress(OSError):
+                    (private / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
+    except BaseException:
+        shutil.rmtree(private, ignore_errors=True)
+        raise
     return private
 
 
@@ -772,6 +797,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
         try:
             folds = _check_lora_cache(checked.config, merge_options.lora_merge_cache, merge_options.lora_merge_dtype,
                                       out)
+            _clear_dead_folds(merge_options.lora_merge_cache)
         except SafeMergeError as exc:
             _fail(str(exc))
     own = (checked.config.parameters or {}).get("report_path")
@@ -792,7 +818,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                     with interrupts_held():  # (made and known as one step)
                         lora_cache = str(scratch_dir(out, "lora"))
                     merge_options = merge_options.model_copy(update={"lora_merge_cache": lora_cache})
-                elif folds:
+                elif any(source is not None for _, source in folds):  # (else a cache read only is fine)
                     with interrupts_held():  # (made and known as one step)
                         private = _folding_into(merge_options.lora_merge_cache, folds)
                     merge_options = merge_options.model_copy(update={"lora_merge_cache": str(private)})

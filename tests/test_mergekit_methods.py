@@ -2902,24 +2902,36 @@ def test_a_programs_reduced_matmul_precision_does_not_reach_a_recipes_output(pic
 def test_a_second_merge_in_one_process_reads_its_inputs_as_they_are_now(pico, tmp_path):
     """mergekit keeps one loader per model for the life of the process: a program that merged,
     saved its task model again and merged again got the old lm_head (the shard left open) beside
-    the new scores (review147). Each run_merge now reads its inputs afresh: the second run is the
-    one a run on a copy of the new task model (another path, so no loader) gives."""
+    the new scores (review147). Each run_merge now reads its inputs afresh: each later run is the
+    one a run on a copy of the new task model (another path, so no loader) gives; a third too
+    (review151: the loader the second run made was kept whatever changed after), and after a run
+    with another method, which made the loader."""
     from mergekit_fixtures import save_model
 
     task = tmp_path / "task"
     shutil.copytree(pico.task, task)
     first, _ = merge(recipe(pico, task=str(task), params={"threshold": TAU}), tmp_path / "o1")
-    g = torch.Generator().manual_seed(5)
-    sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.dim() == 2 else v for k, v in read_model(task).items()}
-    shutil.rmtree(task)
-    save_model(sd, task)  # (retrained, saved in place)
-    shutil.copytree(task, tmp_path / "task_copy")
-    again, report = merge(recipe(pico, task=str(task), params={"threshold": TAU}), tmp_path / "o2")
-    fresh, fresh_report = merge(recipe(pico, task=str(tmp_path / "task_copy"), params={"threshold": TAU}),
-                                tmp_path / "o3")
-    assert again.keys() == fresh.keys() and all(torch.equal(again[k], fresh[k]) for k in again)
-    assert not torch.equal(again["lm_head.weight"], first["lm_head.weight"])
-    assert [r["cosine"] for r in report["layers"]] == [r["cosine"] for r in fresh_report["layers"]]
+    runs = []
+    for seed in (5, 6, 7):
+        if seed == 7:  # (a linear merge of the task model first: mergekit's loader, not made by these methods)
+            cfg = {"merge_method": "linear", "models": [{"model": str(task), "parameters": {"weight": 1.0}}],
+                   "dtype": "float32"}
+            run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / f"lin{seed}"),
+                      MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+        g = torch.Generator().manual_seed(seed)
+        sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.dim() == 2 else v
+              for k, v in read_model(task).items()}
+        shutil.rmtree(task)
+        save_model(sd, task)  # (retrained, saved in place)
+        shutil.copytree(task, tmp_path / f"task_copy{seed}")
+        runs.append(merge(recipe(pico, task=str(task), params={"threshold": TAU}), tmp_path / f"o2-{seed}"))
+    for seed, (again, report) in zip((5, 6, 7), runs):  # (after: no run between the ones above)
+        fresh, fresh_report = merge(recipe(pico, task=str(tmp_path / f"task_copy{seed}"), params={"threshold": TAU}),
+                                    tmp_path / f"o3-{seed}")
+        assert again.keys() == fresh.keys() and all(torch.equal(again[k], fresh[k]) for k in again), seed
+        assert not torch.equal(again["lm_head.weight"], first["lm_head.weight"])
+        assert [r["cosine"] for r in report["layers"]] == [r["cosine"] for r in fresh_report["layers"]]
+        first = again
 
 
 def test_an_out_path_that_is_an_input_folder_is_refused_before_anything_is_written(pico, tmp_path):
@@ -2973,6 +2985,21 @@ def test_safemerge_yaml_folds_privately_and_checks_a_base_models_lora_too(pico, 
     assert seen[0].parent == cache and seen[0].name.startswith(".safemerge-folding-") and not seen[0].exists()
     assert all((e / yaml_cli.FOLD_STAMP).is_file() for e in entries) and len(set(entries)) == 2
     assert sorted(p.name for p in cache.iterdir()) == sorted(e.name for e in entries)
+    # a run's private folder that a killed run of this host left (a whole fold) goes; another
+    # host's, or a live run's, stays; a run that reuses every entry writes nothing to the cache
+    # (which may be read only: review151)
+    from safemerge_ext.mergekit_run import _run_id
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = {name: cache / f".safemerge-folding-{name}-x1" for name in (_run_id(int(dead.stdout)), _run_id(), "1-0-elsewhere")}
+    for folder in left.values():
+        (folder / "entry").mkdir(parents=True)
+    monkeypatch.setattr(mergekit.merge, "run_merge", lambda config, out, options, **kw: seen.append(
+        Path(options.lora_merge_cache)) or real(config, out, options=options, **kw))
+    assert run("o1b") == 0 and seen[-1] == cache
+    assert not left[_run_id(int(dead.stdout))].exists() and left[_run_id()].exists() and left["1-0-elsewhere"].exists()
+    for folder in left.values():
+        shutil.rmtree(folder, ignore_errors=True)
     monkeypatch.setattr(mergekit.merge, "run_merge", real)
     factors = load_file(base_lora / "adapter_model.safetensors")  # (the base's adapter retrained in place)
     save_file({k: v * 2 for k, v in factors.items()}, str(base_lora / "adapter_model.safetensors"))
