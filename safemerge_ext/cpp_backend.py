@@ -157,20 +157,6 @@ def _blocks(n: int, size: int):
         yield i0, min(i0 + size, n)
 
 
-_SQ_CHUNK = 1 << 18  # elements upcast at a time by _square_sum (2 MiB of float64)
-
-
-def _square_sum(t: torch.Tensor) -> float:
-    """The float64 sum of the squares of a 2-D fp32 block, a few rows at a time: ``t.double()`` whole
-    would be twice the block (M_J is up to 64 MiB) and its square as much again."""
-    rows = max(1, _SQ_CHUNK // max(t.shape[1], 1))
-    return sum(float(t[i:i + rows].double().square().sum()) for i in range(0, t.shape[0], rows))
-
-
-def _v(wa: torch.Tensor, wu: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
-    return wa[i0:i1].float() - wu[i0:i1].float()
-
-
 def _fullrank_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, sums: dict[str, float]):
     """Yield (J, M_J, row_block_N) over column blocks J of dW: M_J = V^T dW[:, J] is accumulated
     over row blocks of V and dW (BLAS addmm), then N[:, J] = V M_J is produced one row block at a
@@ -183,13 +169,13 @@ def _fullrank_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, su
     for j0, j1 in _blocks(d_in, cols):
         M = torch.zeros(d_in, j1 - j0, dtype=torch.float32)
         for i0, i1 in _blocks(d_out, _ROW_BLOCK):
-            V = _v(wa, wu, i0, i1)
+            V = reference._v_block(wa, wu, i0, i1)
             D = delta[i0:i1, j0:j1].float()
             M.addmm_(V.t(), D)
             if j0 == 0:
-                sums["vsq"] += _square_sum(V)
-            sums["d2"] += _square_sum(D)
-        yield slice(j0, j1), M, ((i0, i1, _v(wa, wu, i0, i1) @ M) for i0, i1 in _blocks(d_out, _ROW_BLOCK))
+                sums["vsq"] += reference._square_sum(V)
+            sums["d2"] += reference._square_sum(D)
+        yield slice(j0, j1), M, ((i0, i1, reference._v_block(wa, wu, i0, i1) @ M) for i0, i1 in _blocks(d_out, _ROW_BLOCK))
         del M  # (the caller drops its references too: one M_J at a time, not two)
 
 
@@ -208,9 +194,9 @@ def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tu
     m2 = n2 = 0.0
     sums: dict[str, float] = {}
     for _, M, rows in _fullrank_blocks(wa, wu, delta, sums):
-        m2 += _square_sum(M)
+        m2 += reference._square_sum(M)
         for _, _, N in rows:
-            n2 += _square_sum(N)
+            n2 += reference._square_sum(N)
             del N
         del M, rows
     return m2, n2, sums["d2"], sums["vsq"]

@@ -658,10 +658,12 @@ def _check_planned_config(name: str, caller: Any) -> None:
     planner = caller.f_locals.get("self")
     if not isinstance(planner, MergePlanner):
         return
-    _read_afresh(planner)
     config = planner.config
-    if config.merge_method == name and planner not in _noted:
-        _noted.add(planner)
+    first = planner not in _planned
+    _planned.add(planner)
+    if first:
+        _read_afresh(planner)
+    if first and config.merge_method == name:
         from safemerge_ext.mergekit_run import note_run_settings
 
         loras = any(getattr(ref, "lora", None) is not None for ref in config.referenced_models())
@@ -677,8 +679,7 @@ def _check_planned_config(name: str, caller: Any) -> None:
     check_device(planner.options)
 
 
-_planned: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners whose run reads its inputs afresh
-_noted: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners whose settings the report will record
+_planned: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners seen: their run reads its inputs afresh, once
 
 
 def _read_afresh(planner: Any) -> None:
@@ -689,9 +690,6 @@ def _read_afresh(planner: Any) -> None:
     models gets a new loader, made as mergekit makes one (its LoRA folded into this run's cache);
     the entry is replaced, never removed, so a run in another thread that looks the model up at
     that moment finds one (removing it was a KeyError there; review150, review151)."""
-    if planner in _planned:
-        return
-    _planned.add(planner)
     from mergekit.io.tasks import LoaderCache
 
     cache = LoaderCache()  # (this thread's, set up by this run's run_merge)

@@ -141,9 +141,7 @@ def _checked_sum(value: float, *tensors: torch.Tensor) -> float:
         return 0.0  # (V = 0, or dW = 0, indeed: one comparison, not a float64 sum)
     if len(tensors) == 2:
         return reference._vsq(*tensors)
-    (t,) = tensors
-    rows = max(1, (1 << 20) // max(t.shape[1], 1))
-    return sum(float(reference._sq(t[i:i + rows])) for i in range(0, t.shape[0], rows))
+    return reference._square_sum(tensors[0])
 
 
 def _square_sum64(t: torch.Tensor) -> float:

@@ -42,6 +42,16 @@ def _sq(x: torch.Tensor) -> torch.Tensor:
     return x.double().square().sum()
 
 
+_SQ_CHUNK = 1 << 18  # elements upcast at a time by _square_sum (2 MiB of float64)
+
+
+def _square_sum(t: torch.Tensor) -> float:
+    """The float64 sum of the squares of a 2-D tensor, a few rows at a time: ``t.double()`` whole
+    would be twice the tensor (a full-rank block M_J is up to 64 MiB) and its square as much again."""
+    rows = max(1, _SQ_CHUNK // max(t.shape[1], 1))
+    return sum(float(_sq(t[i:i + rows])) for i in range(0, t.shape[0], rows))
+
+
 def _v_block(wa: torch.Tensor, wu: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
     return wa[i0:i1].float() - wu[i0:i1].float()
 

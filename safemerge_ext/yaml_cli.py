@@ -549,14 +549,11 @@ def _fold_source(ref: Any) -> dict[str, Any]:
     folder = Path(source["lora"]["path"])
     for name, entry in source["lora"].get("files", {}).items():
         if name.endswith((".safetensors", ".bin")):
-            digest = hashlib.sha256()
             try:
                 with open(folder / name, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 22), b""):
-                        digest.update(block)
+                    entry["sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
             except OSError:  # (unreadable: then mergekit's fold says so)
                 continue
-            entry["sha256"] = digest.hexdigest()
     return source
 
 

@@ -786,12 +786,12 @@ def test_cpp_isa_env_override(monkeypatch, recwarn, capsys):
 def test_cpp_fullrank_column_blocks(monkeypatch):
     """fullrank_sums / project_full with M_J split into several column blocks and the squares
     summed in several row chunks, against float64."""
-    from safemerge_ext import cpp_backend
+    from safemerge_ext import cpp_backend, reference
 
     monkeypatch.setattr(cpp_backend, "_M_BYTES", 4 * 131 * 40)  # M_J of 40 columns: 4 column blocks
     monkeypatch.setattr(cpp_backend, "_MIN_COLS", 40)
     monkeypatch.setattr(cpp_backend, "_ROW_BLOCK", 32)
-    monkeypatch.setattr(cpp_backend, "_SQ_CHUNK", 7 * 131)  # float64 squares summed 7 rows at a time
+    monkeypatch.setattr(reference, "_SQ_CHUNK", 7 * 131)  # float64 squares summed 7 rows at a time
     wa, wu, g = _layer(67, 131, torch.bfloat16, _seed("fullrank"))
     dW = torch.randn(67, 131, generator=g) * 0.001
     V, D = wa.double() - wu.double(), dW.double()
