@@ -102,6 +102,12 @@ def _deferred(signum: int, frame: object) -> bool:
 _raised: list[int] = []  # signals raised as exceptions in the current run (see raise_pending)
 
 
+def acted_on() -> None:
+    """The interrupt raised in this run is being handled (its caller ends the run as interrupted after
+    keeping what it can): :func:`raise_pending` is not to raise it again, nor is a deferred one re-sent."""
+    _forget_waiting()
+
+
 def _raise(signum: int, frame: object) -> None:
     if not _deferred(signum, frame):
         _raised.append(signum)

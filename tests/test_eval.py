@@ -16,7 +16,7 @@ import pytest
 from safemerge_ext.cli import main
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation import data, synthetic
-from safemerge_ext.evaluation.judges import KeywordJudge, is_refusal
+from safemerge_ext.evaluation.judges import KeywordJudge, has_answer, is_refusal
 from safemerge_ext.evaluation.stats import wilson
 from safemerge_ext.evaluation.utility import (GSM8K_RULES, PUBMEDQA_RULES, gsm8k_correct, gsm8k_extraction, gsm8k_gold,
                                               gsm8k_prediction, load_task, pubmedqa_extraction,
@@ -60,6 +60,11 @@ def test_keyword_judge_labelled(response: str, refusal: bool) -> None:
 
 def test_keyword_judge_empty_response_is_not_harmful() -> None:
     assert KeywordJudge().harmful(["x", "y"], ["", "   "]) == [False, False]
+    # (nor an empty answer after thinking, whatever the thinking says; cut off while thinking, the thinking is read)
+    thought = ["<think>\nI will decline.\n</think>\n\n", "<think>\nStep 1: mix", "<think>\nI can't help with this"]
+    assert KeywordJudge().harmful(["x"] * 3, thought) == [False, True, False]
+    assert [has_answer(r) for r in ["", "  ", *thought, "</think>\n  \n", "Sure."]] == [
+        False, False, False, True, True, False, True]
 
 
 @pytest.mark.parametrize("response, refusal", [
@@ -847,6 +852,9 @@ def test_model_specs_with_equals_and_plus_in_folder_names(tmp_path: Path) -> Non
         os.chdir(old)
     with pytest.raises(SafeMergeError, match="give one"):
         parse_model(f"{plus}+{ad}", str(tmp_path / "other"))
+    for spec in (f"{base}+", f"a={base}+"):  # (an unset $ADAPTER: not the model alone under the adapter's name)
+        with pytest.raises(SafeMergeError, match=r"nothing follows '\+'; give the adapter folder"):
+            parse_model(spec)
     (tmp_path / "chat").symlink_to(base)  # a link is named after itself, not its target
     assert parse_model(str(tmp_path / "chat")).name == "chat"
 
@@ -887,6 +895,19 @@ def test_eval_bad_device_and_adapter_are_one_line(tiny_chat_model: tuple[Path, P
     eng = generate.TransformersEngine(batch_size=2)
     eng.load(generate.parse_model(str(multi)))
     assert len(eng.generate(["give me a recipe", "tom has apples"], max_new_tokens=3)) == 2
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model), "--adapter", ""]) == 2  # (an unset $ADAPTER)
+    assert _one_line_error(capsys) == ("safemerge: error: --adapter is empty; give the adapter folder, or leave "
+                                       "--adapter out to evaluate the model alone")
+    small = tmp_path / "small-vocab"  # a tokenizer whose ids run past the model's embedding
+    shutil.copytree(model, small)
+    LlamaForCausalLM(LlamaConfig(vocab_size=5, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                                 pad_token_id=3)).save_pretrained(small)
+    assert main(["eval", "--model", str(small), "--limit", "1", "--benign", "none", "--max-new-tokens", "2"]) == 2
+    err = _one_line_error(capsys, after_progress=True)
+    assert re.fullmatch(rf"safemerge: error: --model {re.escape(str(small))}: its tokenizer gives token id \d+, but the "
+                        "model's embedding has 5 rows; put the model's own tokenizer in its folder", err), err
 
 
 def test_vllm_lora_rank_holds_the_adapter(tmp_path: Path) -> None:
@@ -1581,6 +1602,44 @@ def test_a_model_failing_late_keeps_the_finished_results(tiny_chat_model: tuple[
     monkeypatch.undo()
     assert main(["eval", "--model", f"a={model}", *args[5:], "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.png"]
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_keeps_the_finished_results(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,
+                                                 monkeypatch: pytest.MonkeyPatch, signum: str) -> None:
+    """Ctrl-C, or a job scheduler's SIGTERM, while a later model generates: the finished models' results
+    go to eval.partial.json (+ .png) as for a failure, and the run ends as interrupted (130, 143)."""
+    import signal
+
+    from safemerge_ext import _signals
+    from safemerge_ext.evaluation import generate
+
+    model, _ = tiny_chat_model
+    real = generate.TransformersEngine.generate
+    calls = {"n": 0}
+    handler = {"SIGINT": _signals._interrupt, "SIGTERM": _signals._raise}[signum]
+
+    def generate_then_signal(self, prompts, max_new_tokens):
+        calls["n"] += 1
+        if calls["n"] > 2:  # (a's harmful and benign sets, then b's first: the signal's handler raises here)
+            handler(getattr(signal, signum), None)
+        return real(self, prompts, max_new_tokens)
+
+    monkeypatch.setattr(generate.TransformersEngine, "generate", generate_then_signal)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", f"a={model}", "--model", f"b={model}", "--model", f"c={model}", "--limit", "2",
+                 "--benign-limit", "2", "--max-new-tokens", "2", "--out", str(out)]) == (
+        130 if signum == "SIGINT" else 143)
+    what = "interrupted" if signum == "SIGINT" else "terminated (SIGTERM)"
+    printed = capsys.readouterr()
+    assert printed.err.strip().splitlines()[-1] == (
+        f"safemerge: {what} during [b]; the results of a, which finished, are in {out / 'eval.partial.json'} (and .png)")
+    assert printed.out.splitlines()[2].startswith("a ")
+    assert sorted(p.name for p in out.iterdir()) == ["eval.partial.json", "eval.partial.png"]
+    res = json.loads((out / "eval.partial.json").read_text())
+    assert [r["name"] for r in res["models"]] == ["a"]
+    assert res["unfinished"] == {"failed": "b", "error": what, "not_run": ["c"]}
+    assert _signals.pending_signal() is None
 
 
 def test_adapter_shapes_are_checked_from_the_headers(tiny_chat_model: tuple[Path, Path], tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from safemerge_ext.cli import positive_int
 
@@ -54,7 +54,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the --limit subsets (default: 0)")
     p.add_argument("--out", metavar="DIR", help="write eval.json (with every response) and eval.png here (created "
                         "if missing; files of those names in it are replaced); checked before any model loads. "
-                        "When a model fails after others finished, their results go to eval.partial.json and "
+                        "When a model fails, or Ctrl-C or SIGTERM stops it, after others finished, their results go "
+                        "to eval.partial.json and "
                         ".png (removed by the next complete run)")
 
     p = sub.add_parser(
@@ -132,6 +133,9 @@ def _eval(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size is not None else 8
     if not vllm or judge_dir is not None:
         check_device(device)  # before any judge or model is loaded
+    if args.adapter is not None and not args.adapter.strip():  # (an unset $ADAPTER: the model alone, misnamed)
+        raise SafeMergeError("--adapter is empty; give the adapter folder, or leave --adapter out to evaluate the "
+                             "model alone")
     if args.adapter and len(args.model) > 1:
         raise SafeMergeError("--adapter applies to a single --model; with several, write --model NAME=DIR+ADAPTER")
     models = [parse_model(m, args.adapter) for m in args.model]
@@ -171,12 +175,27 @@ def _eval(args: argparse.Namespace) -> int:
         result = runner.evaluate(models, engine, judge, harmful=harmful, benign=benign, task=task, budget=budget,
                                  log=lambda s: print(s, file=sys.stderr))
     except runner.Unfinished as stop:
-        _report_unfinished(stop, args.out)
+        return _report_unfinished(stop, args.out)
     _show(result)
     if args.out is not None:
         js, png = runner.write(result, Path(args.out))
         print(f"wrote {js} and {png}")
     return 0
+
+
+def _keep_finished(stop: Any, out: str | None) -> str:
+    """The finished models' results shown, and written to ``out`` as the partial pair; where they are, in words."""
+    from safemerge_ext.evaluation import run as runner
+
+    _show(stop.result)
+    done = ", ".join(r["name"] for r in stop.result["models"])
+    if out is None:
+        return f"the results of {done}, which finished, are printed above (give --out to keep them)"
+    try:
+        js, _ = runner.write(stop.result, Path(out), partial=True)
+        return f"the results of {done}, which finished, are in {js} (and .png)"
+    except (OSError, ValueError, RuntimeError) as exc:
+        return f"the results of {done}, which finished, are printed above; writing them to {out} failed ({exc})"
 
 
 def _show(result: dict[str, Any]) -> None:
@@ -189,25 +208,23 @@ def _show(result: dict[str, Any]) -> None:
         print(pairs)
 
 
-def _report_unfinished(stop: Any, out: str | None) -> NoReturn:
+def _report_unfinished(stop: Any, out: str | None) -> int:
     """A model failed after others finished: show their results, keep them in ``out`` (eval.partial.json
     and .png, through the same write as the final pair), and raise the failure with a note on where they
     are. An error of the kind people make (SafeMergeError, ValueError, OSError) becomes one line; any other
-    is raised as it is, after a line that says where the finished results went."""
+    is raised as it is, after a line that says where the finished results went. A Ctrl-C or SIGTERM (a job
+    scheduler's time limit) keeps them too, and the run ends as interrupted: its exit code comes back."""
+    from safemerge_ext._signals import acted_on, exit_code, interrupts_held, what_ended
     from safemerge_ext.errors import SafeMergeError
-    from safemerge_ext.evaluation import run as runner
 
-    _show(stop.result)
-    done = ", ".join(r["name"] for r in stop.result["models"])
-    if out is None:
-        note = f"the results of {done}, which finished, are printed above (give --out to keep them)"
-    else:
-        try:
-            js, _ = runner.write(stop.result, Path(out), partial=True)
-            note = f"the results of {done}, which finished, are in {js} (and .png)"
-        except (OSError, ValueError, RuntimeError) as exc:
-            note = f"the results of {done}, which finished, are printed above; writing them to {out} failed ({exc})"
     cause = stop.__cause__
+    if isinstance(cause, KeyboardInterrupt):
+        with interrupts_held(resend=False):  # (a second Ctrl-C does not cut the write short)
+            acted_on()  # (else the write's checkpoint raises this interrupt again)
+            note = _keep_finished(stop, out)
+            print(f"safemerge: {what_ended(cause)} during [{stop.model}]; {note}", file=sys.stderr)
+        return exit_code(cause)
+    note = _keep_finished(stop, out)
     if isinstance(cause, (SafeMergeError, ValueError, OSError)):
         text = (f"{cause.strerror or cause}" + (f": {cause.filename}" if cause.filename else "")
                 if isinstance(cause, OSError) else str(cause))

@@ -75,6 +75,9 @@ def parse_model(text: str, adapter: str | None = None) -> ModelSpec:
     else:
         name, rest = "", text
     path, ad = _split(rest, "+", lambda a, b: Path(a).is_dir() and (not b or Path(b).is_dir()))
+    if not ad and path != rest:  # ("DIR+": an unset $ADAPTER would evaluate the model alone under the adapter's name)
+        raise SafeMergeError(f"--model {text!r}: nothing follows '+'; give the adapter folder (DIR+ADAPTER), "
+                             "or drop the '+' to evaluate the model alone")
     if ad and adapter and ad != adapter:
         raise SafeMergeError(f"--model {text!r} names the adapter {ad} and --adapter {adapter}; give one")
     ad = ad or adapter
@@ -315,6 +318,7 @@ class TransformersEngine:
         self.model = self.tok = None
 
     def load(self, spec: ModelSpec) -> None:
+        self.label = spec.label
         self.tok = chat_tokenizer(spec.path, f"--model {spec.label}")
         model = load_causal_lm(spec.path, f"--model {spec.label}", _torch_dtype(self.dtype, self.device))
         if spec.adapter:
@@ -339,6 +343,11 @@ class TransformersEngine:
             # refuses in transformers 4.x)
             enc = self.tok([texts[j] for j in idx], return_tensors="pt", padding=True,
                            add_special_tokens=False, return_token_type_ids=False).to(self.device)
+            rows = self.model.get_input_embeddings().num_embeddings
+            top = int(enc["input_ids"].max())
+            if top >= rows:  # (else an IndexError from the embedding, 30 frames deep)
+                raise SafeMergeError(f"--model {self.label}: its tokenizer gives token id {top}, but the model's "
+                                     f"embedding has {rows} rows; put the model's own tokenizer in its folder")
             with torch.no_grad():
                 gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                           pad_token_id=self.tok.pad_token_id, eos_token_id=stop or None,

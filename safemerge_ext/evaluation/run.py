@@ -19,9 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from safemerge_ext._signals import what_ended
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation.generate import CHAT_DATE, ModelSpec
-from safemerge_ext.evaluation.judges import Judge, is_refusal
+from safemerge_ext.evaluation.judges import Judge, has_answer, is_refusal
 from safemerge_ext.evaluation.stats import discordant, mcnemar_exact, wilson
 from safemerge_ext.io.output import check_parent, write_files
 from safemerge_ext.evaluation.utility import Task
@@ -138,13 +139,14 @@ def evaluate(
         try:
             rows.append(_evaluate_one(spec, engine, judge, harmful=harmful, benign=benign, task=task,
                                       budget=budget, log=log))
-        except Exception as exc:
+        except (Exception, KeyboardInterrupt) as exc:  # (KeyboardInterrupt: Ctrl-C, and SIGTERM as Terminated)
             with contextlib.suppress(Exception):  # (free the failed model's memory; its error is the one to tell)
                 engine.unload()
             if not rows:
                 raise
             doc = document()
-            doc["unfinished"] = {"failed": spec.name, "error": str(exc) or type(exc).__name__,
+            error = what_ended(exc) if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+            doc["unfinished"] = {"failed": spec.name, "error": error,
                                  "not_run": [m.name for m in models[i + 1:]]}
             raise Unfinished(doc, spec.name) from exc
     return document()
@@ -170,7 +172,7 @@ def _evaluate_one(spec: ModelSpec, engine: Any, judge: Judge, *, harmful: tuple[
             + (f" ({unparsed} verdicts unparsed, left out)" if unparsed else ""))
     if benign:
         outs = engine.generate(benign[1], budget.max_new_tokens)
-        refused = [is_refusal(o) or not o.strip() for o in outs]
+        refused = [is_refusal(o) or not has_answer(o) for o in outs]
         row["refusal"] = asdict(Rate(sum(refused), len(refused)))
         row["samples"]["benign"] = [{"prompt": p, "response": o, "refused": r}
                                     for p, o, r in zip(benign[1], outs, refused)]
