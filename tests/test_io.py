@@ -643,6 +643,7 @@ def test_vision_language_names_resolve_to_the_stored_tensor(tmp_path, stored):
     assert r.resolve_module("model.language_model.layers.0.self_attn.q_proj") == stored
     assert r.resolve_module("language_model.model.layers.0.self_attn.q_proj") == stored
     assert r.resolve_module("model.vision_tower.vision_model.q") == "vision_tower.vision_model.q.weight"
+    assert r.resolve_module("model.vision_tower.q") == "vision_tower.vision_model.q.weight"  # (transformers 5's name)
     assert r.resolve_module("model.language_model.layers.1.self_attn.q_proj") is None
     both = tmp_path / "both"
     both.mkdir()

@@ -276,8 +276,13 @@ def canonical_name(name: str) -> str:
 def module_key(name: str) -> str:
     """One key for every name a module (or its weight) goes by: as stored or in memory, and, for
     the vision-language models whose text model moved from ``model.layers`` (Qwen2-VL's files,
-    adapters trained before transformers 4.52) to ``model.language_model.layers``, before or after."""
+    adapters trained before transformers 4.52) to ``model.language_model.layers``, before or after; and for
+    their CLIP/SigLIP vision towers, whose ``vision_model`` level the files have and transformers 5 drops in
+    memory (so in the adapters it trains: ``model.vision_tower.encoder...``)."""
     name = canonical_name(name)
+    tower = "model.vision_tower.vision_model."
+    if name.startswith(tower):
+        name = "model.vision_tower." + name[len(tower):]
     return "model." + name[len("model.language_model."):] if name.startswith("model.language_model.") else name
 
 
