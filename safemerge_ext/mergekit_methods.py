@@ -670,6 +670,7 @@ def _check_planned_config(name: str, caller: Any) -> None:
         note_run_settings(str((config.parameters or {}).get("report_path") or ""), {
             "dtype": config.dtype, "out_dtype": config.out_dtype,
             "lora_merge_dtype": getattr(planner.options, "lora_merge_dtype", None) if loras else None})
+        _check_plan_covers(planner)
     if config.merge_method == name:
         _check_out_is_no_input(config, caller)
         from safemerge_ext.yaml_cli import check_layer_ranges, check_parameter_names
@@ -680,6 +681,22 @@ def _check_planned_config(name: str, caller: Any) -> None:
 
 
 _planned: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners seen: their run reads its inputs afresh, once
+
+
+def _check_plan_covers(planner: Any) -> None:
+    """The planner's architecture has a place for every tensor of the aligned model (a local folder;
+    see ``yaml_cli.check_plan_covers``): else mergekit writes the merged model without them."""
+    from safemerge_ext.yaml_cli import check_plan_covers
+
+    base = planner.config.base_model
+    path = getattr(getattr(base, "model", None), "path", None)
+    if not isinstance(path, str) or not Path(path).is_dir():
+        return
+    try:
+        reader = ModelReader(path, flag="base_model (aligned)")
+    except (SafeMergeError, ValueError, OSError):  # (what mergekit reads: its own error comes when it does)
+        return
+    check_plan_covers(planner.arch_info, reader, "merge_config")
 
 
 def _read_afresh(planner: Any) -> None:

@@ -299,6 +299,9 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
     # (mergekit's tokenizer settings align the embedding rows; --unsafe-truncate-embeddings cuts them)
     aligns_vocab = config.tokenizer is not None or config.tokenizer_source is not None or truncate_embeddings
     planned = _planned_names(base.path)
+    arch = _architecture(config)
+    if arch is not None:
+        check_plan_covers(arch, base, recipe)
     checked = 0
     for name in base.names:
         shape, dtype = base.meta(name)
@@ -372,6 +375,58 @@ def _planned_names(model_dir: Path) -> set[str]:
     except Exception:  # (a config transformers cannot read: mergekit will say so itself)
         return set()
     return {n for w in weights if not w.optional for n in (w.name, *(w.aliases or ()))}
+
+
+def _architecture(config: MergeConfiguration) -> Any:
+    """mergekit's architecture for the merge (headers and configs only); None where it cannot make one
+    (mixed architectures, custom code: mergekit says so when it runs)."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.options import MergeOptions
+
+    try:
+        return get_architecture_info(config, MergeOptions())
+    except Exception:
+        return None
+
+
+def check_plan_covers(arch: Any, aligned: Any, where: str | os.PathLike) -> None:
+    """Refuse, before anything loads, where mergekit's architecture for the merge (its JSON definition,
+    or the one it infers from the files) has no entry for some of the aligned model's tensors: its plan
+    has no task for them, and it writes the merged model without them, with no word (the biases of a
+    Llama checkpoint with attention_bias, which llama.json does not list; a LLaVA checkpoint's whole
+    language model, which the inferred layout names as transformers does in memory). A tensor counts as
+    planned by its name, an alias or tied name, or the name transformers' conversion of the checkpoint
+    gives it (fused MoE experts). ``aligned``: its ModelReader."""
+    try:
+        from transformers import AutoConfig
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        cfg = AutoConfig.from_pretrained(str(aligned.path))
+        weights = arch.all_weights(cfg)
+        transforms = get_checkpoint_conversion_mapping(cfg.model_type) or []
+    except Exception:  # (a config transformers cannot read, custom code: left to mergekit)
+        return
+    planned = {n for w in weights for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
+
+    def in_plan(name: str) -> bool:
+        if name in planned:
+            return True
+        for transform in transforms:  # (in order, each on the name the ones before gave, as mergekit loads)
+            renamed, pattern = transform.rename_source_key(name)
+            if pattern is not None:
+                name = renamed
+                if name in planned:
+                    return True
+        return False
+
+    left = [n for n in aligned.names if not n.endswith(".inv_freq") and not in_plan(n)]  # (a buffer: never merged)
+    if left:
+        archs = ", ".join(getattr(cfg, "architectures", None) or [cfg.model_type])
+        raise SafeMergeError(
+            f"{where}: mergekit's layout of {archs} has no place for {len(left)} of the aligned model's "
+            f"{len(aligned.names)} tensors (first: {left[0]}), so it would write the merged model without them; "
+            "mergekit cannot merge these files as they are (with LoRA adapters, `safemerge merge --output model` "
+            "keeps every tensor)")
 
 
 def _vocab_size(model_dir: Path) -> int | None:

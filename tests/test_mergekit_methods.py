@@ -3007,3 +3007,39 @@ def test_safemerge_yaml_folds_privately_and_checks_a_base_models_lora_too(pico, 
     assert run("o2") == 1
     err = capsys.readouterr().err
     assert f"was folded from another {pico.aligned}+{base_lora}" in err and "adapter_model.safetensors has changed" in err
+
+
+def test_tensors_mergekit_has_no_place_for_are_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """A Llama checkpoint with attention_bias: mergekit's llama.json lists no biases, so its plan has no
+    task for them and it wrote the merged model without them, with no word (review153; a LLaVA
+    checkpoint's language model went the same way, review154). safemerge-yaml and run_merge refuse in
+    one line, before any tensor loads; nothing is written."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safemerge_ext import yaml_cli
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, attention_bias=True, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    for role in ("aligned", "unaligned", "task", "safety"):
+        LlamaForCausalLM(cfg).save_pretrained(tmp_path / role)
+    capsys.readouterr()
+    models = {r: str(tmp_path / r) for r in ("task", "safety", "unaligned")}
+    rcp = {"merge_method": "safemerge", "base_model": str(tmp_path / "aligned"), "dtype": "float32",
+           "models": [{"model": ref, "parameters": {"role": role}} for role, ref in models.items()],
+           "parameters": {"threshold": TAU}}
+    want = ("mergekit's layout of LlamaForCausalLM has no place for 8 of the aligned model's 29 tensors (first: "
+            "model.layers.0.self_attn.q_proj.bias), so it would write the merged model without them; mergekit "
+            "cannot merge these files as they are (with LoRA adapters, `safemerge merge --output model` keeps every "
+            "tensor)")
+    import mergekit.io.tasks
+
+    monkeypatch.setattr(mergekit.io.tasks.LoadTensor, "execute", lambda self: pytest.fail("a tensor loaded"))
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(rcp, tmp_path / "r.yml")), str(tmp_path / "out"), "--no-copy-tokenizer"])
+    assert done.value.code == 1
+    assert capsys.readouterr().err == f"safemerge-yaml: error: {tmp_path / 'r.yml'}: {want}\n"
+    with pytest.raises(SafeMergeError) as err:
+        merge(rcp, tmp_path / "out")
+    assert str(err.value) == f"merge_config: {want}"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
