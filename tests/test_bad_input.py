@@ -767,7 +767,10 @@ def test_adapters_that_rewrite_the_base_are_refused(fx, tmp_path, init):
 @pytest.mark.parametrize("key, value, remedy", [
     ("use_dora", True, "safemerge-yaml takes it as aligned+adapter"),
     ("modules_to_save", ["lm_head"], "safemerge-yaml takes it as aligned+adapter"),
-    ("lora_bias", True, "safemerge-yaml takes it as aligned+adapter"),
+    ("lora_bias", True, "safemerge-yaml takes it as aligned+adapter in a recipe where every layer it adapts has a "
+                        "bias"),
+    ("velora_config", {}, "safemerge-yaml takes it as aligned+adapter"),
+    ("monteclora_config", {"monteclora_n": 8}, "safemerge-yaml takes it as aligned+adapter"),
     ("fan_in_fan_out", True, "fold it into the model with PEFT (merge_and_unload, save_pretrained) and merge that model as a full fine-tune"),
     ("layer_replication", [[0, 1], [1, 2]], "train the adapter without layer_replication"),
 ])
@@ -2258,3 +2261,20 @@ def test_factors_that_cancel_are_named_with_what_to_do(fx, tmp_path, capsys):
     assert main(["score", *_fuzz_models(fx), "--adapter", str(task)]) == 2
     _fuzz_one_line(capsys, f"scoring model.layers.0.self_attn.q_proj of {task}: the update's factors cancel",
                    "rebuild the adapter")
+
+
+def test_a_lora_bias_adapter_on_layers_without_bias_is_refused_for_safemerge_yaml(fx, tmp_path):
+    """lora_bias: PEFT folds the adapter's bias into the layer's own, and cannot where the layer has
+    none (Llama): safemerge-yaml ended in PEFT's RuntimeError, naming no adapter (review153). Refused
+    when the adapter is checked against the model, before any fold."""
+    from safemerge_ext.errors import SafeMergeError
+    from safemerge_ext.io.adapters import check_fits, read_adapter
+    from safemerge_ext.io.models import ModelReader
+
+    t = copy(fx.task, tmp_path / "t")
+    edit_adapter(t, config=lambda c: c.__setitem__("lora_bias", True))
+    adapter = read_adapter(t, "role task: LoRA adapter", folded=True)
+    with pytest.raises(SafeMergeError, match=rf"^role task: LoRA adapter {re.escape(str(t))} has lora_bias: true, but "
+                                             r"\S+ of \S+ has no bias for PEFT to fold the adapter's bias into .*; "
+                                             "train the adapter without lora_bias$"):
+        check_fits(adapter, ModelReader(fx.aligned), "role task")

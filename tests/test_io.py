@@ -1448,6 +1448,8 @@ _NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", 
     {"target_modules": ["q_proj", "c_attn", "o_proj"], "layers_to_transform": [2, 3], "layers_pattern": ["h", "layers"]},
     {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": []},
     {"target_modules": ["q_proj", "k_proj", "proj.0"], "layers_to_transform": [0]},
+    # (a module listed by its full name: PEFT loads it whatever layers_to_transform says)
+    {"target_modules": ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"], "layers_to_transform": [1]},
     {"target_modules": ["q_proj", "v_proj", "down_proj"], "exclude_modules": ["model.layers.1.self_attn.v_proj"]},
     {"target_modules": r".*_proj", "exclude_modules": r".*layers\.(0|2)\..*"},
 ])

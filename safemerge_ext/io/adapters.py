@@ -42,13 +42,19 @@ _UNSUPPORTED = {
     "kasa_config": "KaSA truncates the base weights and puts learned singular values between A and B",
     "use_qalora": "QA-LoRA applies lora_A to group-pooled inputs, so B @ A is not the weight update",
     "arrow_config": "Arrow routes each token between several adapters",
+    # (their B A is the update, as peft's merge computes it, but the file holds more than the factors)
+    "velora_config": "VeLoRA adapters (velora_config) save activation-compression buffers (lora_velora_*) beside "
+                     "the factors",
+    "monteclora_config": "MonteCLoRA adapters (monteclora_config) save a variational sampler "
+                         "(lora_monteclora_sampler.*) beside the factors",
     "layer_replication": "layer_replication builds the adapted model from copies of the checkpoint's layers, "
                          "whose layer numbers are not the checkpoint's",
 }
 
 # Of those, what PEFT's merge_and_unload folds into the weights as the adapted model computes
 # them: right for mergekit's model+lora inputs, scored as W_task - W_aligned.
-_FOLDED_BY_PEFT = frozenset({"use_dora", "modules_to_save", "lora_bias", "trainable_token_indices"})
+_FOLDED_BY_PEFT = frozenset({"use_dora", "modules_to_save", "lora_bias", "trainable_token_indices", "velora_config",
+                             "monteclora_config"})
 
 _REMEDY = {
     # (peft's target_modules="all-linear" adds the experts' parameters on transformers 5 MoE models)
@@ -60,6 +66,9 @@ _REMEDY = {
 # (what PEFT folds into the weights, a safemerge-yaml recipe takes as aligned+adapter)
 _FOLD = "; safemerge-yaml takes it as aligned+adapter in a recipe (PEFT folds it into the weights first)"
 _REMEDY.update(dict.fromkeys(_FOLDED_BY_PEFT, _FOLD))
+_REMEDY["lora_bias"] = ("; safemerge-yaml takes it as aligned+adapter in a recipe where every layer it adapts has a "
+                        "bias (PEFT folds the LoRA bias into that bias; a model without linear biases, such as Llama, "
+                        "cannot take it: train the adapter without lora_bias)")
 _REMEDY["layer_replication"] = "; train the adapter without layer_replication"
 
 # init_lora_weights values for which PEFT subtracts the initial factors from the base weights when
@@ -426,7 +435,9 @@ def untargeted(adapter: LoraAdapter) -> tuple[list[str], list[str]]:
         elif targets is not None and not any(targets(n) for n in names):
             missed.append(m)
             why.add("target_modules")
-        elif by_layer and not any(_layer_index(n, cfg.get("layers_pattern")) in wanted for n in names):
+        # (PEFT applies layers_to_transform to suffix matches only: a module listed by its full name is always loaded)
+        elif by_layer and not any(n in tm for n in names) and not any(
+                _layer_index(n, cfg.get("layers_pattern")) in wanted for n in names):
             missed.append(m)
             why.add("layers_to_transform")
     return missed, [k for k in ("target_modules", "layers_to_transform", "exclude_modules") if k in why]
@@ -468,6 +479,12 @@ def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
                    if is_tied_head(module, reader.path) else "does not have; give the model the adapter was trained on")
             )
         d_out, d_in = reader.meta(wname)[0]
+        if adapter.config.get("lora_bias") and wname.endswith(".weight") and wname[:-len("weight")] + "bias" not in reader:
+            raise SafeMergeError(
+                f"{label}: LoRA adapter {adapter.path} has lora_bias: true, but {wname[:-len('.weight')]} of "
+                f"{reader.path} has no bias for PEFT to fold the adapter's bias into (PEFT cannot merge it); train "
+                "the adapter without lora_bias"
+            )
         if m.d_out != d_out or m.d_in != d_in:
             raise SafeMergeError(
                 f"{label}: LoRA adapter {adapter.path} module {module} is {m.d_out}x{m.d_in} "
