@@ -178,9 +178,129 @@ _TABLE = re.compile(r"(?:^|\.)(?:wpe|wte|pos_embed|embed_positions|embed_tokens|
 
 def _scorable(group: TensorGroup, t: torch.Tensor) -> bool:
     """2-D floating weights of linear layers: not vocabulary tables (embeddings, lm_head) nor other
-    embedding tables (positions, token types)."""
+    embedding tables (positions, token types), nor the 2-D biases of an MoE layer's experts."""
     return (t.dim() == 2 and t.is_floating_point() and group.metadata.vocabulary_axis is None
-            and not _TABLE.search(_module(group.metadata.name)))
+            and not _TABLE.search(_module(group.metadata.name)) and not (group.metadata.name or "").endswith("bias"))
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One linear map a method scores within a tensor: the whole 2-D weight, or one expert's (and,
+    in a fused gate_up_proj, its gate or its up projection) in a 3-D MoE experts weight."""
+
+    module: str  # the report's name for it
+    transposed: bool  # stored d_in x d_out (a Conv1D layer, transposed experts): scored transposed
+    expert: int | None = None
+    rows: slice | None = None  # its output rows (of the gate or up projection), along the output axis
+
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        """Its part of ``x`` (a tensor of the group's shape), in the stored layout: a view."""
+        y = x if self.expert is None else x[self.expert]
+        if self.rows is None:
+            return y
+        return y[:, self.rows] if self.transposed else y[self.rows]
+
+
+def _pieces(group: TensorGroup, t: torch.Tensor) -> list[_Piece]:
+    """The linear maps to score in the group's tensor (``t``, the task's): none where it is no linear
+    layer's weight; one for a 2-D weight; one per expert (and projection) for an MoE layer's 3-D
+    experts weight (mergekit reads a transformers 5 MoE checkpoint's experts fused, as transformers
+    does: ``mlp.experts.gate_up_proj`` (E, 2I, H), ``mlp.experts.down_proj`` (E, H, I); each expert's
+    gate, up and down projection is scored, and merged, on its own, as the per-expert checkpoint has
+    them and as a full fine-tune's own files would be scored)."""
+    name = group.metadata.name or "?"
+    if _scorable(group, t):
+        return [_Piece(_module(name), _conv1d(group))]
+    module, _, param = name.rpartition(".")
+    if (t.dim() != 3 or not t.is_floating_point() or group.metadata.vocabulary_axis is not None
+            or module.rsplit(".", 1)[-1] != "experts" or param.endswith("bias")):
+        return []
+    transposed, parts = _expert_layout(group, tuple(t.shape))
+    return [_Piece(f"{module}.{e}.{suffix}", transposed, e, rows) for e in range(t.shape[0]) for suffix, rows in parts]
+
+
+def expert_parts(param: str, shape: tuple[int, ...], hidden: int | None, declared: dict[str, bool] | None,
+                 ) -> tuple[bool, list[tuple[str, slice | None]]] | None:
+    """How a 3-D experts weight (E, a, b) holds each expert's linear maps: whether a slice is stored
+    d_in x d_out (transposed), and each map's name and output rows (a fused gate_up_proj: the gate's,
+    then the up projection's, or interleaved). ``declared``: what transformers' experts module says
+    (``is_transposed``, ``has_gate``, ``is_concatenated``), where it says it; else the orientation is
+    read from the model's hidden size (the input of gate and up, the output of down); None where
+    neither decides it."""
+    _, a, b = shape
+    declared = declared or {}
+    transposed = declared.get("is_transposed")
+    if transposed is None and hidden is not None:
+        output_is_hidden = "down" in param
+        stored = (a == hidden, b == hidden)  # (the rows, the columns of a slice)
+        if stored[0] != stored[1]:
+            transposed = stored[1] if output_is_hidden else stored[0]
+    if transposed is None:
+        return None
+    outputs = b if transposed else a
+    if "gate_up" in param and declared.get("has_gate", True) and outputs % 2 == 0:
+        half = outputs // 2
+        rows = ((slice(0, half), slice(half, outputs)) if declared.get("is_concatenated", True)
+                else (slice(0, outputs, 2), slice(1, outputs, 2)))
+        return transposed, [("gate_proj", rows[0]), ("up_proj", rows[1])]
+    return transposed, [(param, None)]
+
+
+# (model folder, its time of last change) -> (hidden size, {experts module: what it declares}); None: no config
+_expert_modules: dict[tuple[str, int], tuple[int | None, dict[str, dict[str, bool]]] | None] = {}
+
+
+def _expert_layout(group: TensorGroup, shape: tuple[int, ...]) -> tuple[bool, list[tuple[str, slice | None]]]:
+    """``expert_parts`` for the group's experts weight, with what the aligned model's transformers
+    class declares (its experts modules, built on the meta device once per model: no memory, no
+    weights read); one line where the layout cannot be told."""
+    name = group.metadata.name or "?"
+    module, _, param = name.rpartition(".")
+    path = getattr(getattr(getattr(group.base, "id", None), "model", None), "path", None)
+    known = None
+    if isinstance(path, str) and path:
+        key = _stamped(path)
+        with _readers_lock:
+            if key not in _expert_modules:
+                _expert_modules[key] = _declared_experts(path) if key[1] else None
+            known = _expert_modules[key]
+    hidden, declared = known if known is not None else (None, {})
+    got = expert_parts(param, shape, hidden, declared.get(module))
+    if got is None:
+        raise SafeMergeError(
+            f"tensor {name}: an MoE experts weight of shape {shape} whose layout (which axis is an expert's output) "
+            f"neither transformers' definition of the aligned model nor its hidden size ({hidden}) tells; "
+            "safemerge-ext cannot score it. Save the models with one 2-D weight per expert, or merge the experts "
+            "with another method")
+    return got
+
+
+def _declared_experts(folder: str) -> tuple[int | None, dict[str, dict[str, bool]]] | None:
+    """The model's hidden size, and what each of its experts modules declares of its weights' layout
+    (transformers 5's ``use_experts_implementation``: is_transposed, has_gate, is_concatenated)."""
+    try:
+        import transformers
+
+        cfg = transformers.AutoConfig.from_pretrained(folder)
+    except Exception:  # (custom code, a config transformers cannot read)
+        return None
+    text = getattr(cfg, "text_config", None) or cfg
+    hidden = getattr(text, "hidden_size", None)
+    declared: dict[str, dict[str, bool]] = {}
+    cls = next((c for c in (getattr(transformers, a, None) for a in getattr(cfg, "architectures", None) or [])
+                if c is not None), None)
+    if cls is not None:
+        try:
+            with torch.device("meta"):
+                model = cls(cfg)
+            for mname, mod in model.named_modules():
+                if isinstance(getattr(mod, "is_transposed", None), bool):
+                    declared[mname] = {k: getattr(mod, k) for k in ("is_transposed", "has_gate", "is_concatenated")
+                                       if isinstance(getattr(mod, k, None), bool)}
+            del model
+        except Exception:  # (a class that cannot be built from this config here: the shapes decide)
+            pass
+    return (hidden if isinstance(hidden, int) else None), declared
 
 
 # (aligned model folder or Hub id, its time of last change) -> its config's model_type
@@ -246,9 +366,10 @@ def _nonfinite(inputs: dict[str, torch.Tensor]) -> str | None:
 
 
 def _score(name: str, wa: torch.Tensor, wu: torch.Tensor, dW: torch.Tensor, precision: str | None,
-           inputs: dict[str, torch.Tensor], conv1d: bool = False) -> ops.Score:
-    """The score of dW; ``conv1d``: of the linear map the stored (d_in x d_out) tensors are the transpose of."""
-    if conv1d:
+           inputs: dict[str, torch.Tensor], transposed: bool = False) -> ops.Score:
+    """The score of dW; ``transposed``: of the linear map the stored (d_in x d_out) tensors are the
+    transpose of (a Conv1D layer, transposed experts)."""
+    if transposed:
         wa, wu, dW = wa.T, wu.T, dW.T
     try:
         return ops.subspace_score(wa, wu, delta=dW, precision=precision)
@@ -392,20 +513,21 @@ def _record(
     method: str, group: TensorGroup, score: ops.Score, *, flagged: bool, action: str, settings: dict[str, Any],
     src_dtype: torch.dtype, band: float | None, elapsed: float, nbytes: int, report_path: str,
     precision: str | None, rounding: torch.dtype | None = None, task_lora: bool = False,
-    models: dict[str, dict[str, str | None]] | None = None,
+    models: dict[str, dict[str, str | None]] | None = None, piece: _Piece | None = None,
 ) -> None:
     name = group.metadata.name or "?"
+    whole = piece is None or piece.expert is None
     rec = LayerRecord(
-        module=_module(name),
+        module=_module(name) if piece is None else piece.module,
         cosine=score.cosine,
         flagged=flagged,
         reason=score.reason,
         action=action,
-        shape=tuple(group.base.tensor.shape),
+        shape=tuple(group.base.tensor.shape if whole else piece.of(group.base.tensor).shape),
         v_norm=score.v_norm,
         delta_norm=score.delta_norm,
-        extra={"tensor": name, "input_dtype": _dtype_name(src_dtype), "rounding_dtype": _dtype_name(rounding),
-               "task_lora": task_lora, "rounding_band": band, **settings},
+        extra={"tensor": name, **({} if whole else {"expert": piece.expert}), "input_dtype": _dtype_name(src_dtype),
+               "rounding_dtype": _dtype_name(rounding), "task_lora": task_lora, "rounding_band": band, **settings},
     )
     _append(report_path, {"method": method, "backend": score.backend, "backend_detail": backend_detail(score.backend),
                           "backend_requested": backends.requested_backend(None),
@@ -418,9 +540,10 @@ def _record(
 
 @dataclass
 class _Scored:
-    """One 2-D weight scored for safemerge / safelora: fp32 inputs, dW_f, its score, the clock."""
+    """One linear map (a ``_Piece``) scored for safemerge / safelora: fp32 inputs, dW_f, its score, the clock."""
 
-    name: str
+    name: str  # the tensor's, or for an expert's piece, the piece's (in error messages)
+    piece: _Piece
     task: torch.Tensor
     wd: torch.dtype
     wa: torch.Tensor
@@ -432,34 +555,47 @@ class _Scored:
     task_lora: bool
     start: float
     precision: str | None
-    conv1d: bool  # (wa, wu and dW as stored, d_in x d_out; scored and projected transposed)
     models: dict[str, dict[str, str | None]]
 
     @classmethod
-    def of(cls, group: TensorGroup, t: dict[str, torch.Tensor], role: Any, precision: str | None) -> "_Scored":
+    def of(cls, group: TensorGroup, t: dict[str, torch.Tensor], role: Any, precision: str | None,
+           piece: _Piece) -> "_Scored":
         start = time.perf_counter()
-        task = t["task"]
-        name, wd = group.metadata.name or "?", _work_dtype(task)
-        wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
+        task = piece.of(t["task"])
+        name = group.metadata.name or "?" if piece.expert is None else piece.module
+        wd = _work_dtype(task)
+        wa, wu = piece.of(t["aligned"]).to(wd), piece.of(t["unaligned"]).to(wd)
         dW = task.to(wd) - wa
-        conv1d = _conv1d(group)
-        score = _score(name, wa, wu, dW, precision, t, conv1d)
+        score = _score(name, wa, wu, dW, precision, t, piece.transposed)
         rounding = _value_precision(task)
-        return cls(name, task, wd, wa, wu, dW, score, _rounding_band(rounding, task, wa, score.delta_norm), rounding,
-                   _task_lora(group, role), start, precision, conv1d, _models(group, role))
+        return cls(name, piece, task, wd, wa, wu, dW, score, _rounding_band(rounding, task, wa, score.delta_norm),
+                   rounding, _task_lora(group, role), start, precision, _models(group, role))
 
     def projected(self) -> torch.Tensor:
         """C dW (Safe LoRA's update), in the stored layout."""
-        if self.conv1d:
+        if self.piece.transposed:
             return ops.project_delta(self.wa.T, self.wu.T, self.dW.T, precision=self.precision).T
         return ops.project_delta(self.wa, self.wu, self.dW, precision=self.precision)
 
     def record(self, method: str, group: TensorGroup, flagged: bool, action: str, settings: dict[str, Any],
-               report_path: str) -> None:
+               report_path: str, pieces: int = 1) -> None:
         _record(method, group, self.score, flagged=flagged, action=action, settings=settings,
                 src_dtype=self.task.dtype, band=self.band, elapsed=time.perf_counter() - self.start,
-                nbytes=_bytes_read(group), report_path=report_path,
-                precision=self.precision, rounding=self.rounding, task_lora=self.task_lora, models=self.models)
+                nbytes=_bytes_read(group) // pieces, report_path=report_path,
+                precision=self.precision, rounding=self.rounding, task_lora=self.task_lora, models=self.models,
+                piece=self.piece)
+
+
+def _put(out: torch.Tensor, task: torch.Tensor, piece: _Piece, pieces: list[_Piece], value: torch.Tensor,
+         ) -> torch.Tensor:
+    """The tensor a method returns, with ``value`` (a flagged piece's new weights) in ``piece``'s place:
+    ``value`` itself for a whole 2-D weight; for an expert's, a copy of the task's tensor, made once."""
+    if len(pieces) == 1 and piece.expert is None:
+        return value
+    if out is task:
+        out = task.clone()
+    piece.of(out).copy_(value)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,19 +630,22 @@ def _safemerge_tensor(
     seed: int, report_path: str, precision: str | None,
 ) -> torch.Tensor:
     t = _roles(group, role, "safemerge")
-    if not _scorable(group, t["task"]):
+    pieces = _pieces(group, t["task"])
+    if not pieces:
         return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
     _finite(group.metadata.name or "?", t["safety"], {"safety": t["safety"]})  # flagged or not
-    s = _Scored.of(group, t, role, precision)
-    flagged = not math.isnan(s.score.cosine) and s.score.cosine < threshold
-    out = s.task
-    if flagged:
-        dWs = t["safety"].to(s.wd) - s.wa
-        merged = combine_full(s.dW, dWs, alpha=alpha, method=merge, density=density, seed=seed, module=_module(s.name))
-        del dWs
-        out = _finite(s.name, (s.wa + merged.to(s.wd)).to(s.task.dtype), t)
-    s.record("safemerge", group, flagged, "merged" if flagged else "skipped" if s.score.reason else "kept",
-             {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed}, report_path)
+    out = t["task"]
+    for piece in pieces:
+        s = _Scored.of(group, t, role, precision, piece)
+        flagged = not math.isnan(s.score.cosine) and s.score.cosine < threshold
+        if flagged:
+            dWs = piece.of(t["safety"]).to(s.wd) - s.wa
+            merged = combine_full(s.dW, dWs, alpha=alpha, method=merge, density=density, seed=seed, module=piece.module)
+            del dWs
+            out = _put(out, t["task"], piece, pieces, _finite(s.name, (s.wa + merged.to(s.wd)).to(s.task.dtype), t))
+        s.record("safemerge", group, flagged, "merged" if flagged else "skipped" if s.score.reason else "kept",
+                 {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed},
+                 report_path, len(pieces))
     return out
 
 
@@ -533,15 +672,17 @@ def _safelora_tensor(
     group: TensorGroup, role: Any, threshold: float, report_path: str, precision: str | None,
 ) -> torch.Tensor:
     t = _roles(group, role, "safelora")
-    if not _scorable(group, t["task"]):
+    pieces = _pieces(group, t["task"])
+    if not pieces:
         return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
-    s = _Scored.of(group, t, role, precision)
-    flagged = not math.isnan(s.score.cosine) and s.score.cosine <= threshold
-    out = s.task
-    if flagged:
-        out = _finite(s.name, (s.wa + s.projected().to(s.wd)).to(s.task.dtype), t)
-    s.record("safelora", group, flagged, "projected" if flagged else "skipped" if s.score.reason else "kept",
-             {"threshold": threshold}, report_path)
+    out = t["task"]
+    for piece in pieces:
+        s = _Scored.of(group, t, role, precision, piece)
+        flagged = not math.isnan(s.score.cosine) and s.score.cosine <= threshold
+        if flagged:
+            out = _put(out, t["task"], piece, pieces, _finite(s.name, (s.wa + s.projected().to(s.wd)).to(s.task.dtype), t))
+        s.record("safelora", group, flagged, "projected" if flagged else "skipped" if s.score.reason else "kept",
+                 {"threshold": threshold}, report_path, len(pieces))
     return out
 
 
@@ -574,14 +715,19 @@ def _resta_tensor(
     task = t["task"]
     if not task.is_floating_point():
         return task
-    start = time.perf_counter()
     name, wd = group.metadata.name or "?", _work_dtype(task)
     wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
-    score = None
-    if _scorable(group, task):
-        dW = task.to(wd) - wa
-        score = _score(name, wa, wu, dW, precision, t, _conv1d(group))
-        del dW
+    pieces = _pieces(group, task)
+    scored = []
+    for piece in pieces:
+        start = time.perf_counter()
+        pa = piece.of(wa)
+        dW = piece.of(task).to(wd) - pa
+        score = _score(name if piece.expert is None else piece.module, pa, piece.of(wu), dW, precision, t,
+                       piece.transposed)
+        scored.append((piece, score, time.perf_counter() - start))
+        del dW, pa
+    start = time.perf_counter()
     shift = wa - wu  # inputs are borrowed: never modified in place
     del wa, wu
     if density < 1.0:
@@ -590,11 +736,12 @@ def _resta_tensor(
         with seeded(seed, _module(name), shift.device):
             shift = random_pruning(shift, density, rescale=True)
     out = _finite(name, torch.add(task.to(wd), shift, alpha=beta).to(task.dtype), t)
-    if score is not None:
+    shifting = (time.perf_counter() - start) / max(len(pieces), 1)
+    for piece, score, elapsed in scored:
         _record("resta", group, score, flagged=False, action="shifted", settings={"beta": beta, "density": density,
-                "seed": seed}, src_dtype=task.dtype, band=None, elapsed=time.perf_counter() - start,
-                nbytes=_bytes_read(group), report_path=report_path,
-                precision=precision, task_lora=_task_lora(group, role), models=_models(group, role))
+                "seed": seed}, src_dtype=task.dtype, band=None, elapsed=elapsed + shifting,
+                nbytes=_bytes_read(group) // len(pieces), report_path=report_path,
+                precision=precision, task_lora=_task_lora(group, role), models=_models(group, role), piece=piece)
     return out
 
 

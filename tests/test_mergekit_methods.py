@@ -3043,3 +3043,138 @@ def test_tensors_mergekit_has_no_place_for_are_refused_before_loading(tmp_path, 
         merge(rcp, tmp_path / "out")
     assert str(err.value) == f"merge_config: {want}"
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """Pico Mixtral models (4 experts; hidden 32, intermediate 16, so a gate_up_proj slice is 32 x 32 and
+    its layout cannot be told from its shape): transformers 5 holds the experts fused in memory, as
+    mergekit reads them, and saves them one 2-D weight per expert, as checkpoints have them."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    root = tmp_path_factory.mktemp("moe")
+    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(cfg).float()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(7)
+
+    def drift(x: torch.Tensor, scale: float, low_rank: bool) -> torch.Tensor:
+        """Per 2-D slice: a rank-3 shift (the safety subspace), or one that mixes it with noise by a random share."""
+        if x.dim() < 2:
+            return torch.randn(x.shape, generator=g) * scale
+        out = torch.empty_like(x)
+        for idx in (range(x.shape[0]) if x.dim() == 3 else [...]):
+            s = x[idx]
+            U = torch.randn(s.shape[0], 3, generator=g)
+            inside = U @ torch.randn(3, s.shape[1], generator=g)
+            mix = 1.0 if low_rank else float(torch.rand((), generator=g))
+            noise = torch.randn(s.shape, generator=g)
+            out[idx] = (mix * inside / inside.norm() + (1 - mix) * noise / noise.norm()) * scale * s.numel() ** 0.5
+        return out
+
+    states = {"unaligned": base}
+    states["aligned"] = {k: v + drift(v, 0.02, True) for k, v in base.items()}
+    states["task"] = {k: v + drift(v, 0.02, False) for k, v in states["aligned"].items()}
+    states["safety"] = {k: v + drift(v, 0.01, False) for k, v in states["aligned"].items()}
+    for role, sd in states.items():
+        model.load_state_dict(sd)
+        model.save_pretrained(root / role)
+    return root
+
+
+def _moe_pieces(root: Path) -> dict[str, tuple[str, int, slice]]:
+    """Each expert projection's report name -> (fused tensor, expert, output rows), from the files' 2-D names."""
+    stored = read_model(root / "aligned")
+    pieces = {}
+    for k, t in stored.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight", k)
+        if m:
+            layer, e, w = m.groups()
+            fused = f"model.layers.{layer}.mlp.experts.{'down_proj' if w == 'w2' else 'gate_up_proj'}"
+            rows = slice(0, t.shape[0]) if w != "w3" else slice(t.shape[0], 2 * t.shape[0])
+            part = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[w]
+            pieces[f"model.layers.{layer}.mlp.experts.{e}.{part}"] = (k, fused, int(e), rows)
+    return pieces
+
+
+@pytest.mark.parametrize("method", ["safemerge", "safelora"])
+def test_moe_experts_are_scored_and_merged_one_projection_at_a_time(moe_models, tmp_path, method):
+    """mergekit reads a transformers 5 MoE checkpoint's experts as fused 3-D tensors; they were passed
+    through as the task model's, unscored, with no word (review154). Each expert's gate, up and down
+    projection is scored against its own 2-D weights in the files (float64), and the flagged ones are
+    merged (safemerge) or projected (safelora) on their own."""
+    root = moe_models
+    disk = {role: read_model(root / role) for role in ("aligned", "unaligned", "task", "safety")}
+    pieces = _moe_pieces(root)
+    assert len(pieces) == 2 * 4 * 3
+    cos = {m: ref_cos(disk["aligned"][k], disk["unaligned"][k], disk["task"][k].double() - disk["aligned"][k].double())
+           for m, (k, *_) in pieces.items()}
+    ordered = sorted(cos.values())
+    tau = (ordered[len(cos) // 2 - 1] + ordered[len(cos) // 2]) / 2  # (between two pieces: no tie to round either way)
+    params = {"threshold": tau} if method == "safelora" else {"threshold": tau, "alpha": 0.8}
+    roles = {"task": str(root / "task"), "unaligned": str(root / "unaligned")}
+    if method == "safemerge":
+        roles["safety"] = str(root / "safety")
+    cfg = {"merge_method": method, "base_model": str(root / "aligned"), "dtype": "float32", "parameters": params,
+           "models": [{"model": ref, "parameters": {"role": role}} for role, ref in roles.items()]}
+    out, report = merge(cfg, tmp_path / "out")
+    records = {r["module"]: r for r in report["layers"]}
+    for m, (k, fused, e, rows) in pieces.items():
+        rec = records[m]
+        assert rec["tensor"] == fused and rec["expert"] == e and rec["shape"] == list(disk["aligned"][k].shape)
+        assert math.isclose(rec["cosine"], cos[m], rel_tol=1e-5, abs_tol=1e-6), (m, rec["cosine"], cos[m])
+        flagged = cos[m] < tau if method == "safemerge" else cos[m] <= tau
+        assert rec["flagged"] == flagged, m
+        wa, wu, wt = (disk[r][k].double() for r in ("aligned", "unaligned", "task"))
+        if not flagged:
+            want = wt
+        elif method == "safemerge":
+            want = wa + 0.8 * (wt - wa) + 0.2 * (disk["safety"][k].double() - wa)
+        else:
+            V = wa - wu
+            want = wa + V @ V.T / V.norm() @ (wt - wa)
+        got = out[fused][e][rows].double()
+        assert torch.allclose(got, want, rtol=0, atol=1e-6 * float(want.abs().max())), (m, float((got - want).abs().max()))
+    assert 0 < sum(r["flagged"] for r in records.values() if "expert" in r) < len(pieces)
+
+
+def test_expert_parts_read_the_layout_declared_or_from_the_hidden_size():
+    """An experts weight (E, a, b): transposed where transformers declares it (gpt-oss) or where only the
+    hidden size on the other axis tells it (Llama 4's undeclared experts); a fused gate_up_proj splits into
+    its gate and up rows, halves or interleaved; undecidable is None (the method refuses it)."""
+    from safemerge_ext.mergekit_methods import expert_parts
+
+    assert expert_parts("gate_up_proj", (4, 96, 32), 32, None) == (False, [("gate_proj", slice(0, 48)),
+                                                                          ("up_proj", slice(48, 96))])
+    assert expert_parts("down_proj", (4, 32, 48), 32, None) == (False, [("down_proj", None)])
+    assert expert_parts("gate_up_proj", (16, 32, 96), 32, None) == (True, [("gate_proj", slice(0, 48)),
+                                                                           ("up_proj", slice(48, 96))])
+    assert expert_parts("down_proj", (16, 48, 32), 32, None) == (True, [("down_proj", None)])
+    gpt_oss = {"is_transposed": True, "has_gate": True, "is_concatenated": False}
+    assert expert_parts("gate_up_proj", (4, 32, 32), 32, gpt_oss) == (True, [("gate_proj", slice(0, 32, 2)),
+                                                                           ("up_proj", slice(1, 32, 2))])
+    assert expert_parts("up_proj", (4, 32, 32), 32, {"is_transposed": False, "has_gate": False}) == (
+        False, [("up_proj", None)])
+    assert expert_parts("gate_up_proj", (4, 32, 32), 32, None) is None  # (2 I = H: either way round)
+    assert expert_parts("down_proj", (4, 32, 48), None, None) is None
+
+
+def test_an_moe_experts_weight_of_unknown_layout_is_refused(moe_models, tmp_path, monkeypatch):
+    """Where neither transformers nor the shapes tell which axis is an expert's output, the experts are
+    not scored the wrong way round, nor passed through: one line names the tensor."""
+    from safemerge_ext import mergekit_methods
+
+    monkeypatch.setattr(mergekit_methods, "_declared_experts", lambda folder: (32, {}))
+    mergekit_methods._expert_modules.clear()
+    root = moe_models
+    cfg = {"merge_method": "safemerge", "base_model": str(root / "aligned"), "dtype": "float32",
+           "parameters": {"threshold": 0.5},
+           "models": [{"model": str(root / r), "parameters": {"role": r}} for r in ("task", "safety", "unaligned")]}
+    try:
+        with pytest.raises(SafeMergeError, match=r"^tensor model\.layers\.\d\.mlp\.experts\.gate_up_proj: an MoE experts "
+                                                 r"weight of shape \(4, 32, 32\) whose layout .* hidden size \(32\) tells"):
+            merge(cfg, tmp_path / "out")
+    finally:
+        mergekit_methods._expert_modules.clear()
