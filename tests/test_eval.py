@@ -1828,6 +1828,7 @@ def test_eval_defaults_reach_the_engine_and_the_budget(tiny_chat_model, tmp_path
     assert seen["engine"]["batch_size"] == 8
     b = seen["budget"]
     assert (b.batch_size, b.seed, b.max_new_tokens, b.utility_max_new_tokens) == (8, 0, 5, 9)
+    assert (b.device, b.dtype) == ("cpu", "float32")  # (they change greedy outputs: eval.json records them)
 
 
 def test_vllm_with_a_llama_guard_judge_checks_the_device_first(tiny_chat_model, capsys, monkeypatch):

@@ -99,7 +99,7 @@ def _eval(args: argparse.Namespace) -> int:
     from safemerge_ext.errors import SafeMergeError
     from safemerge_ext.evaluation import data, run as runner
     from safemerge_ext.evaluation.generate import (check_adapter_fits, check_device, check_vllm_adapter, chat_tokenizer,
-                                                   make_engine, parse_model, require_vllm)
+                                                   _torch_dtype, make_engine, parse_model, require_vllm)
     from safemerge_ext.evaluation.judges import make_judge
     from safemerge_ext.evaluation.utility import load_task
 
@@ -170,7 +170,8 @@ def _eval(args: argparse.Namespace) -> int:
                            utility=len(task.items) if task else 0, max_new_tokens=args.max_new_tokens,
                            utility_max_new_tokens=args.utility_max_new_tokens or args.max_new_tokens,
                            batch_size=None if vllm else batch_size, engine=args.engine, judge=judge.name,
-                           seed=args.seed)
+                           seed=args.seed, device=None if vllm else device,
+                           dtype=args.dtype if vllm else str(_torch_dtype(args.dtype, device)).replace("torch.", ""))
     try:
         result = runner.evaluate(models, engine, judge, harmful=harmful, benign=benign, task=task, budget=budget,
                                  log=lambda s: print(s, file=sys.stderr))

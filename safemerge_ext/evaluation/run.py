@@ -41,6 +41,10 @@ class Budget:
     seed: int
     # (None with vLLM, which schedules its own batches)
     chat_date: str = CHAT_DATE  # the date_string every chat template was given (see generate.CHAT_DATE)
+    # the generating models' device and weights dtype, which change greedy outputs (device None: vLLM's GPUs;
+    # dtype "auto" with vLLM: bfloat16, or float16 on a GPU without it)
+    device: str | None = None
+    dtype: str = "auto"
 
 
 @dataclass
