@@ -287,8 +287,9 @@ def _declared_experts(folder: str) -> tuple[int | None, dict[str, dict[str, bool
     text = getattr(cfg, "text_config", None) or cfg
     hidden = getattr(text, "hidden_size", None)
     declared: dict[str, dict[str, bool]] = {}
-    cls = next((c for c in (getattr(transformers, a, None) for a in getattr(cfg, "architectures", None) or [])
-                if c is not None), None)
+    from safemerge_ext.yaml_cli import transformers_class
+
+    cls = transformers_class(cfg)
     if cls is not None:
         try:
             with torch.device("meta"):

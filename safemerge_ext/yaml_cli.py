@@ -389,6 +389,14 @@ def _architecture(config: MergeConfiguration) -> Any:
         return None
 
 
+def transformers_class(config: Any) -> Any:
+    """The transformers class its ``architectures`` name (the first one transformers has), or None."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    return next((c for c in (getattr(transformers, a, None) for a in names) if isinstance(c, type)), None)
+
+
 def check_plan_covers(arch: Any, aligned: Any, where: str | os.PathLike) -> None:
     """Refuse, before anything loads, where mergekit's architecture for the merge (its JSON definition,
     or the one it infers from the files) has no entry for some of the aligned model's tensors: its plan
@@ -406,7 +414,12 @@ def check_plan_covers(arch: Any, aligned: Any, where: str | os.PathLike) -> None
         transforms = get_checkpoint_conversion_mapping(cfg.model_type) or []
     except Exception:  # (a config transformers cannot read, custom code: left to mergekit)
         return
-    planned = {n for w in weights for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
+    stored = set(aligned.names)
+
+    def kept(w: Any) -> bool:  # (mergekit plans an optional weight only where the files hold one of its names:
+        return not w.optional or any(n in stored for n in (w.name, *(w.aliases or ())))  # not a converted one)
+
+    planned = {n for w in weights if kept(w) for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
 
     def in_plan(name: str) -> bool:
         if name in planned:
@@ -419,7 +432,12 @@ def check_plan_covers(arch: Any, aligned: Any, where: str | os.PathLike) -> None
                     return True
         return False
 
-    left = [n for n in aligned.names if not n.endswith(".inv_freq") and not in_plan(n)]  # (a buffer: never merged)
+    # (buffers: rotary inv_freq, and what older checkpoints saved and transformers ignores on load, as the model
+    # class lists it: GPT-2's h.N.attn.bias causal masks in openai-community/gpt2; never merged, never needed)
+    cls = transformers_class(cfg)
+    ignored = [re.compile(p) for p in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []]
+    left = [n for n in aligned.names
+            if not n.endswith(".inv_freq") and not any(p.search(n) for p in ignored) and not in_plan(n)]
     if left:
         archs = ", ".join(getattr(cfg, "architectures", None) or [cfg.model_type])
         raise SafeMergeError(
@@ -604,11 +622,14 @@ def _fold_source(ref: Any) -> dict[str, Any]:
     folder = Path(source["lora"]["path"])
     for name, entry in source["lora"].get("files", {}).items():
         if name.endswith((".safetensors", ".bin")):
+            digest = hashlib.sha256()  # (hashlib.file_digest is 3.11's; 3.10 is supported)
             try:
                 with open(folder / name, "rb") as fh:
-                    entry["sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
+                    for block in iter(lambda: fh.read(1 << 22), b""):
+                        digest.update(block)
             except OSError:  # (unreadable: then mergekit's fold says so)
                 continue
+            entry["sha256"] = digest.hexdigest()
     return source
 
 

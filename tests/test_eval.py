@@ -1608,7 +1608,8 @@ def test_a_model_failing_late_keeps_the_finished_results(tiny_chat_model: tuple[
 def test_an_interrupt_keeps_the_finished_results(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,
                                                  monkeypatch: pytest.MonkeyPatch, signum: str) -> None:
     """Ctrl-C, or a job scheduler's SIGTERM, while a later model generates: the finished models' results
-    go to eval.partial.json (+ .png) as for a failure, and the run ends as interrupted (130, 143)."""
+    go to eval.partial.json (+ .png) as for a failure, and the run ends as interrupted (130, 143); a
+    second Ctrl-C while the interrupted model unloads loses nothing either (review155)."""
     import signal
 
     from safemerge_ext import _signals
@@ -1626,6 +1627,14 @@ def test_an_interrupt_keeps_the_finished_results(tiny_chat_model: tuple[Path, Pa
         return real(self, prompts, max_new_tokens)
 
     monkeypatch.setattr(generate.TransformersEngine, "generate", generate_then_signal)
+    real_unload = generate.TransformersEngine.unload
+
+    def unload_under_a_second_ctrl_c(self):  # (vLLM's unload takes seconds: a second Ctrl-C lands in it)
+        real_unload(self)
+        if calls["n"] > 2:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(generate.TransformersEngine, "unload", unload_under_a_second_ctrl_c)
     out = tmp_path / "out"
     assert main(["eval", "--model", f"a={model}", "--model", f"b={model}", "--model", f"c={model}", "--limit", "2",
                  "--benign-limit", "2", "--max-new-tokens", "2", "--out", str(out)]) == (

@@ -3178,3 +3178,49 @@ def test_an_moe_experts_weight_of_unknown_layout_is_refused(moe_models, tmp_path
             merge(cfg, tmp_path / "out")
     finally:
         mergekit_methods._expert_modules.clear()
+
+
+@pytest.mark.parametrize("case", ["gpt2_hub_buffers", "moe_dense_first_layer"])
+def test_plan_coverage_keeps_what_transformers_ignores_and_sees_optional_experts(tmp_path, case):
+    """GPT-2 checkpoints as the Hub has them carry h.N.attn.bias causal masks that transformers ignores on
+    load and mergekit plans nowhere: merged without them, as before (review155). An MoE whose first layer
+    is dense (mlp_only_layers; DeepSeek-V3's first_k_dense_replace): mergekit infers its fused experts as
+    optional and plans them only under a name the files hold, which they do not (they hold one 2-D weight
+    per expert): mergekit dropped them all, and this refuses it (review156)."""
+    import transformers
+
+    from safemerge_ext.io.models import ModelReader
+    from safemerge_ext.yaml_cli import _architecture, check_plan_covers
+
+    torch.manual_seed(0)
+    if case == "gpt2_hub_buffers":
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                          num_experts_per_tok=2, moe_intermediate_size=24,
+                                          shared_expert_intermediate_size=48, mlp_only_layers=[0],
+                                          tie_word_embeddings=False)
+        model = transformers.Qwen2MoeForCausalLM(cfg)
+    for role in ("aligned", "task"):
+        model.save_pretrained(tmp_path / role)
+        if case == "gpt2_hub_buffers":  # (the Hub's files: the causal-mask buffers saved beside the weights)
+            from safetensors.torch import load_file, save_file
+
+            f = tmp_path / role / "model.safetensors"
+            sd = load_file(f)
+            sd.update({f"transformer.h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 16, 16)) for i in range(2)})
+            save_file(sd, f, metadata={"format": "pt"})
+    config = MergeConfiguration.model_validate({
+        "merge_method": "linear", "base_model": str(tmp_path / "aligned"),
+        "models": [{"model": str(tmp_path / r), "parameters": {"weight": 1.0}} for r in ("aligned", "task")]})
+    reader = ModelReader(tmp_path / "aligned")
+    if case == "gpt2_hub_buffers":
+        assert "transformer.h.0.attn.bias" in reader
+        check_plan_covers(_architecture(config), reader, "r.yml")
+    else:
+        with pytest.raises(SafeMergeError, match=r"^r\.yml: mergekit's layout of Qwen2MoeForCausalLM has no place for "
+                                                 r"12 of the aligned model's \d+ tensors \(first: model\.layers\.1\.mlp"
+                                                 r"\.experts\.0\."):
+            check_plan_covers(_architecture(config), reader, "r.yml")

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from safemerge_ext._signals import what_ended
+from safemerge_ext._signals import interrupts_held, what_ended
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.evaluation.generate import CHAT_DATE, ModelSpec
 from safemerge_ext.evaluation.judges import Judge, has_answer, is_refusal
@@ -144,7 +144,9 @@ def evaluate(
             rows.append(_evaluate_one(spec, engine, judge, harmful=harmful, benign=benign, task=task,
                                       budget=budget, log=log))
         except (Exception, KeyboardInterrupt) as exc:  # (KeyboardInterrupt: Ctrl-C, and SIGTERM as Terminated)
-            with contextlib.suppress(Exception):  # (free the failed model's memory; its error is the one to tell)
+            # (free the failed model's memory, seconds for vLLM: a Ctrl-C meanwhile is dropped, not raised, since
+            # the run ends here anyway, and raised it would lose the finished models' results)
+            with interrupts_held(resend=False), contextlib.suppress(Exception):
                 engine.unload()
             if not rows:
                 raise
