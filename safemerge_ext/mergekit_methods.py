@@ -205,17 +205,25 @@ def _pieces(group: TensorGroup, t: torch.Tensor) -> list[_Piece]:
     """The linear maps to score in the group's tensor (``t``, the task's): none where it is no linear
     layer's weight; one for a 2-D weight; one per expert (and projection) for an MoE layer's 3-D
     experts weight (mergekit reads a transformers 5 MoE checkpoint's experts fused, as transformers
-    does: ``mlp.experts.gate_up_proj`` (E, 2I, H), ``mlp.experts.down_proj`` (E, H, I); each expert's
-    gate, up and down projection is scored, and merged, on its own, as the per-expert checkpoint has
-    them and as a full fine-tune's own files would be scored)."""
+    does: ``mlp.experts.gate_up_proj`` (E, 2I, H), ``mlp.experts.down_proj`` (E, H, I); some
+    definitions name the files' fused tensors, Granite 4's ``block_sparse_moe.input_linear``). Each
+    expert's gate, up and down projection is scored, and merged, on its own, as the per-expert
+    checkpoint has them and as a full fine-tune's own files would be scored."""
     name = group.metadata.name or "?"
     if _scorable(group, t):
         return [_Piece(_module(name), _conv1d(group))]
-    module, _, param = name.rpartition(".")
-    if (t.dim() != 3 or not t.is_floating_point() or group.metadata.vocabulary_axis is not None
-            or module.rsplit(".", 1)[-1] != "experts" or param.endswith("bias")):
+    if t.dim() != 3 or not t.is_floating_point() or group.metadata.vocabulary_axis is not None or name.endswith("bias"):
         return []
-    transposed, parts = _expert_layout(group, tuple(t.shape))
+    info = _experts_info(group)
+    module, _, param = (info.in_memory(name) if info is not None else name).rpartition(".")
+    if module.rsplit(".", 1)[-1] != "experts":
+        if info is not None and info.experts is not None and t.shape[0] == info.experts:
+            raise SafeMergeError(
+                f"tensor {name}: a 3-D weight {tuple(t.shape)} over the model's {info.experts} experts that is no "
+                "experts module transformers defines, so safemerge-ext cannot tell its experts' linear maps apart "
+                "to score them; merge these models with another method")
+        return []
+    transposed, parts = _expert_layout(name, f"{module}.{param}", tuple(t.shape), info)
     return [_Piece(f"{module}.{e}.{suffix}", transposed, e, rows) for e in range(t.shape[0]) for suffix, rows in parts]
 
 
@@ -246,26 +254,75 @@ def expert_parts(param: str, shape: tuple[int, ...], hidden: int | None, declare
     return transposed, [(param, None)]
 
 
-# (model folder, its time of last change) -> (hidden size, {experts module: what it declares}); None: no config
-_expert_modules: dict[tuple[str, int], tuple[int | None, dict[str, dict[str, bool]]] | None] = {}
+@dataclass
+class _ExpertsInfo:
+    """What the aligned model's config and transformers' definition of it say of its experts."""
+
+    folder: str
+    hidden: int | None
+    experts: int | None  # per MoE layer
+    transforms: list[Any]  # transformers' conversion of its checkpoints to its in-memory names
+    declared: dict[str, dict[str, Any]] | None = None  # experts module -> its layout (see _declared_experts)
+
+    def in_memory(self, name: str) -> str:
+        """``name`` as transformers names the tensor in memory (the renames its checkpoint conversion makes)."""
+        for transform in self.transforms:
+            renamed, pattern = transform.rename_source_key(name)
+            if pattern is not None:
+                name = renamed
+        return name
 
 
-def _expert_layout(group: TensorGroup, shape: tuple[int, ...]) -> tuple[bool, list[tuple[str, slice | None]]]:
-    """``expert_parts`` for the group's experts weight, with what the aligned model's transformers
-    class declares (its experts modules, built on the meta device once per model: no memory, no
-    weights read); one line where the layout cannot be told."""
-    name = group.metadata.name or "?"
-    module, _, param = name.rpartition(".")
-    path = getattr(getattr(getattr(group.base, "id", None), "model", None), "path", None)
-    known = None
-    if isinstance(path, str) and path:
-        key = _stamped(path)
+# (the aligned model's folder, its time of last change) -> its _ExpertsInfo; None: no config to read
+_experts_infos: dict[tuple[str, int], _ExpertsInfo | None] = {}
+
+
+def _experts_info(group: TensorGroup) -> _ExpertsInfo | None:
+    folder = _config_folder(group)
+    if folder is None:
+        return None
+    key = _stamped(folder)
+    with _readers_lock:
+        if key not in _experts_infos:
+            _experts_infos[key] = _read_experts_info(folder)
+        return _experts_infos[key]
+
+
+def _read_experts_info(folder: str) -> _ExpertsInfo | None:
+    try:
+        import transformers
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        cfg = transformers.AutoConfig.from_pretrained(folder)
+        transforms = list(get_checkpoint_conversion_mapping(cfg.model_type) or [])
+    except Exception:  # (custom code, a config transformers cannot read)
+        return None
+    text = getattr(cfg, "text_config", None) or cfg
+    hidden = getattr(text, "hidden_size", None)
+    experts = next((v for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(v := getattr(text, k, None), int) and not isinstance(v, bool)), None)
+    return _ExpertsInfo(folder, hidden if isinstance(hidden, int) else None, experts, transforms)
+
+
+def _expert_layout(name: str, as_named: str, shape: tuple[int, ...], info: _ExpertsInfo | None,
+                   ) -> tuple[bool, list[tuple[str, slice | None]]]:
+    """``expert_parts`` for the experts weight ``name`` (``as_named`` in memory), with what the aligned
+    model's transformers class declares (its experts modules, built on the meta device once per model:
+    no memory, no weights read); one line where the layout cannot be told."""
+    module, _, param = as_named.rpartition(".")
+    mine: dict[str, Any] = {}
+    if info is not None:
         with _readers_lock:
-            if key not in _expert_modules:
-                _expert_modules[key] = _declared_experts(path) if key[1] else None
-            known = _expert_modules[key]
-    hidden, declared = known if known is not None else (None, {})
-    got = expert_parts(param, shape, hidden, declared.get(module))
+            if info.declared is None:
+                info.declared = _declared_experts(info.folder)
+        mine = dict(info.declared.get(module) or {})
+        held = mine.pop(f"shape:{param}", None)  # (its shape in transformers' model)
+        if held is not None and shape[1:] != held[1:] and shape[1:] == held[1:][::-1]:
+            # the files hold it transposed, and transformers' conversion turns it on load (a Qwen3-VL-MoE
+            # checkpoint from the Hub), where mergekit hands it over as stored
+            mine["is_transposed"] = not mine.get("is_transposed", False)
+    hidden = info.hidden if info is not None else None
+    got = expert_parts(param, shape, hidden, mine)
     if got is None:
         raise SafeMergeError(
             f"tensor {name}: an MoE experts weight of shape {shape} whose layout (which axis is an expert's output) "
@@ -275,33 +332,33 @@ def _expert_layout(group: TensorGroup, shape: tuple[int, ...]) -> tuple[bool, li
     return got
 
 
-def _declared_experts(folder: str) -> tuple[int | None, dict[str, dict[str, bool]]] | None:
-    """The model's hidden size, and what each of its experts modules declares of its weights' layout
-    (transformers 5's ``use_experts_implementation``: is_transposed, has_gate, is_concatenated)."""
+def _declared_experts(folder: str) -> dict[str, dict[str, Any]]:
+    """What each experts module of the model declares of its weights' layout (transformers 5's
+    ``use_experts_implementation``: is_transposed, has_gate, is_concatenated), and its 3-D
+    parameters' shapes in memory (``shape:NAME``)."""
+    from safemerge_ext.yaml_cli import transformers_class
+
+    declared: dict[str, dict[str, Any]] = {}
     try:
         import transformers
 
         cfg = transformers.AutoConfig.from_pretrained(folder)
-    except Exception:  # (custom code, a config transformers cannot read)
-        return None
-    text = getattr(cfg, "text_config", None) or cfg
-    hidden = getattr(text, "hidden_size", None)
-    declared: dict[str, dict[str, bool]] = {}
-    from safemerge_ext.yaml_cli import transformers_class
-
-    cls = transformers_class(cfg)
-    if cls is not None:
-        try:
-            with torch.device("meta"):
-                model = cls(cfg)
-            for mname, mod in model.named_modules():
-                if isinstance(getattr(mod, "is_transposed", None), bool):
-                    declared[mname] = {k: getattr(mod, k) for k in ("is_transposed", "has_gate", "is_concatenated")
-                                       if isinstance(getattr(mod, k, None), bool)}
-            del model
-        except Exception:  # (a class that cannot be built from this config here: the shapes decide)
-            pass
-    return (hidden if isinstance(hidden, int) else None), declared
+        cls = transformers_class(cfg)
+        if cls is None:
+            return declared
+        with torch.device("meta"):
+            model = cls(cfg)
+        for mname, mod in model.named_modules():
+            mine = {k: getattr(mod, k) for k in ("is_transposed", "has_gate", "is_concatenated")
+                    if isinstance(getattr(mod, k, None), bool)}
+            if mname.rsplit(".", 1)[-1] == "experts":
+                mine.update({f"shape:{p}": tuple(t.shape) for p, t in mod.named_parameters(recurse=False) if t.dim() == 3})
+            if mine:
+                declared[mname] = mine
+        del model
+    except Exception:  # (a class that cannot be built from this config here: the shapes decide)
+        pass
+    return declared
 
 
 # (aligned model folder or Hub id, its time of last change) -> its config's model_type
@@ -314,26 +371,36 @@ def _stamped(path: str) -> tuple[str, int]:
     return path, Path(path).stat().st_mtime_ns if Path(path).is_dir() else 0
 
 
+def _config_folder(group: TensorGroup) -> str | None:
+    """The folder holding the aligned model's config.json: its own, or for a Hub id the cache's copy
+    (mergekit fetched it there); None where there is none."""
+    ref = group.base.id if group.base is not None else None
+    path = getattr(getattr(ref, "model", None), "path", None)
+    if not isinstance(path, str) or not path:
+        return None
+    if Path(path).is_dir():
+        return path
+    with contextlib.suppress(Exception):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json", revision=getattr(ref.model, "revision", None))
+        return str(Path(cached).parent) if isinstance(cached, str) else None
+    return None
+
+
 def _conv1d(group: TensorGroup) -> bool:
     """Whether the group's weight is a Conv1D layer's (stored d_in x d_out, the transpose of the linear
     map it computes: GPT-2 and its family), by the aligned model's config."""
     module = _module(group.metadata.name)
     if group.base is None or not named_like_conv1d(module):  # (no config read for other layers)
         return False
-    ref = group.base.id
-    path = getattr(getattr(ref, "model", None), "path", None)
+    path = getattr(getattr(group.base.id, "model", None), "path", None)
     if not isinstance(path, str) or not path:
         return False
     key = _stamped(path)
     with _readers_lock:
         if key not in _model_types:
-            folder: str | None = path if key[1] else None
-            if folder is None:  # (a Hub id: mergekit fetched its config into the cache, read there)
-                with contextlib.suppress(Exception):
-                    from huggingface_hub import try_to_load_from_cache
-
-                    cached = try_to_load_from_cache(path, "config.json", revision=getattr(ref.model, "revision", None))
-                    folder = str(Path(cached).parent) if isinstance(cached, str) else None
+            folder = _config_folder(group)
             _model_types[key] = config_value(folder, "model_type") if folder else None
             if _model_types[key] is None:
                 LOG.warning("safemerge-ext: cannot read the model type of %s (its config.json): a GPT-2-family "

@@ -3166,8 +3166,8 @@ def test_an_moe_experts_weight_of_unknown_layout_is_refused(moe_models, tmp_path
     not scored the wrong way round, nor passed through: one line names the tensor."""
     from safemerge_ext import mergekit_methods
 
-    monkeypatch.setattr(mergekit_methods, "_declared_experts", lambda folder: (32, {}))
-    mergekit_methods._expert_modules.clear()
+    monkeypatch.setattr(mergekit_methods, "_declared_experts", lambda folder: {})
+    mergekit_methods._experts_infos.clear()
     root = moe_models
     cfg = {"merge_method": "safemerge", "base_model": str(root / "aligned"), "dtype": "float32",
            "parameters": {"threshold": 0.5},
@@ -3177,7 +3177,7 @@ def test_an_moe_experts_weight_of_unknown_layout_is_refused(moe_models, tmp_path
                                                  r"weight of shape \(4, 32, 32\) whose layout .* hidden size \(32\) tells"):
             merge(cfg, tmp_path / "out")
     finally:
-        mergekit_methods._expert_modules.clear()
+        mergekit_methods._experts_infos.clear()
 
 
 @pytest.mark.parametrize("case", ["gpt2_hub_buffers", "moe_dense_first_layer"])
@@ -3224,3 +3224,69 @@ def test_plan_coverage_keeps_what_transformers_ignores_and_sees_optional_experts
                                                  r"12 of the aligned model's \d+ tensors \(first: model\.layers\.1\.mlp"
                                                  r"\.experts\.0\."):
             check_plan_covers(_architecture(config), reader, "r.yml")
+
+
+def test_experts_named_as_the_files_store_them_are_scored_per_expert(tmp_path, monkeypatch):
+    """Granite 4's mergekit definition names its experts as the files store them, fused 3-D
+    (block_sparse_moe.input_linear.weight (E, 2I, H), output_linear.weight (E, H, I)); they passed
+    through as the task model's, unscored (review156). Read through transformers' conversion names,
+    they are experts modules: each expert's gate, up and down projection is scored and merged."""
+    import transformers
+
+    cfg = transformers.GraniteMoeHybridConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=24, shared_intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
+        mamba_expand=2, mamba_chunk_size=16, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.GraniteMoeHybridForCausalLM(cfg)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, role in enumerate(("unaligned", "aligned", "task", "safety")):
+        model.load_state_dict({k: v + 0.01 * (i + 1) * torch.randn_like(v) for k, v in base.items()})
+        model.save_pretrained(tmp_path / role)
+    disk = {r: read_model(tmp_path / r) for r in ("aligned", "unaligned", "task", "safety")}
+    fused = [k for k, t in disk["aligned"].items() if t.dim() == 3 and "block_sparse_moe" in k]
+    assert len(fused) == 4
+    cfg = {"merge_method": "safemerge", "base_model": str(tmp_path / "aligned"), "dtype": "float32",
+           "parameters": {"threshold": 1.0, "alpha": 0.8},
+           "models": [{"model": str(tmp_path / r), "parameters": {"role": r}} for r in ("task", "safety", "unaligned")]}
+    out, report = merge(cfg, tmp_path / "out")
+    records = {r["module"]: r for r in report["layers"] if r["tensor"] in fused}
+    assert len(records) == 2 * 4 * 3
+    for k in fused:
+        wa, wu, wt, ws = (disk[r][k].double() for r in ("aligned", "unaligned", "task", "safety"))
+        want = wa + 0.8 * (wt - wa) + 0.2 * (ws - wa)  # (threshold 1: every projection flagged)
+        assert torch.allclose(out[k].double(), want, rtol=0, atol=1e-6), k
+        module = k.replace("input_linear.weight", "experts").replace("output_linear.weight", "experts")
+        for e in range(4):
+            parts = ({"gate_proj": slice(0, 24), "up_proj": slice(24, 48)} if "input_linear" in k
+                     else {"down_proj": slice(None)})
+            for part, rows in parts.items():
+                rec = records[f"{module}.{e}.{part}"]
+                want_cos = ref_cos(wa[e][rows], wu[e][rows], wt[e][rows] - wa[e][rows])
+                assert math.isclose(rec["cosine"], want_cos, rel_tol=1e-5, abs_tol=1e-6) and rec["flagged"]
+
+    # a 3-D weight over the model's experts that is no experts module (were the conversion to name none):
+    # refused, not passed through
+    from safemerge_ext import mergekit_methods
+
+    monkeypatch.setattr(mergekit_methods._ExpertsInfo, "in_memory", lambda self, name: name)
+    with pytest.raises(SafeMergeError, match=r"^tensor model\.layers\.0\.block_sparse_moe\.input_linear\.weight: a "
+                                             r"3-D weight \(4, 48, 32\) over the model's 4 experts that is no experts "
+                                             "module transformers defines"):
+        merge(cfg, tmp_path / "out2")
+
+
+def test_experts_stored_as_the_transpose_of_the_model_are_scored_as_stored():
+    """A Qwen3-VL-MoE checkpoint from the Hub stores gate_up_proj (E, H, 2I), which transformers 5 turns
+    to its model's (E, 2I, H) on load and mergekit hands over as stored: the slices are transposed
+    relative to what the experts module declares (review156: every projection was scored the wrong way)."""
+    from safemerge_ext.mergekit_methods import _ExpertsInfo, _expert_layout
+
+    info = _ExpertsInfo("unused", hidden=32, experts=4, transforms=[], declared={
+        "model.layers.0.mlp.experts": {"is_transposed": False, "has_gate": True, "is_concatenated": True,
+                                       "shape:gate_up_proj": (4, 96, 32), "shape:down_proj": (4, 32, 48)}})
+    as_stored = _expert_layout("x", "model.layers.0.mlp.experts.gate_up_proj", (4, 32, 96), info)
+    assert as_stored == (True, [("gate_proj", slice(0, 48)), ("up_proj", slice(48, 96))])
+    assert _expert_layout("x", "model.layers.0.mlp.experts.down_proj", (4, 48, 32), info) == (True, [("down_proj", None)])
+    assert _expert_layout("x", "model.layers.0.mlp.experts.down_proj", (4, 32, 48), info) == (False, [("down_proj", None)])
