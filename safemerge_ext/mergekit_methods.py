@@ -504,6 +504,7 @@ def _bytes_read(group: TensorGroup) -> int:
     size is the safetensors header's; as received where the file is not known (a LoRA that
     mergekit folded into its cache, a Hub id)."""
     name, total = group.metadata.name, 0
+    info = _experts_info(group) if name else None  # (outside the lock: it takes it)
     for e in group.entries:
         stored = None
         path = getattr(getattr(e.id, "model", None), "path", None)  # (a ModelReference's local folder or Hub id)
@@ -516,15 +517,39 @@ def _bytes_read(group: TensorGroup) -> int:
                     except SafeMergeError:
                         _readers[key] = None
                 reader = _readers[key]
-                if reader is not None and name in reader:
+                names = _stored_names_of(name, reader, info)
+                if names:
                     try:
-                        stored = reader.layout(name)[2]
+                        stored = sum(reader.layout(n)[2] for n in names)
                     except SafeMergeError:
                         stored = None
                     finally:
                         reader.close()
         total += stored if stored is not None else e.tensor.numel() * e.tensor.element_size()
     return total
+
+
+def _stored_names_of(name: str, reader: ModelReader | None, info: "_ExpertsInfo | None") -> list[str]:
+    """The files' tensors mergekit reads as ``name``: itself, else those transformers' conversion turns
+    into it (a fused MoE experts weight from per-expert tensors, a renamed router); none where unknown."""
+    if reader is None:
+        return []
+    if name in reader:
+        return [name]
+    return _stored_as(reader, info).get(name, []) if info is not None and info.transforms else []
+
+
+_stored_names: "weakref.WeakKeyDictionary[Any, dict[str, list[str]]]" = weakref.WeakKeyDictionary()
+
+
+def _stored_as(reader: ModelReader, info: "_ExpertsInfo") -> dict[str, list[str]]:
+    """The files' tensor names by the name transformers' conversion gives them in memory (once per reader)."""
+    if reader not in _stored_names:
+        by: dict[str, list[str]] = {}
+        for n in reader.names:
+            by.setdefault(info.in_memory(n), []).append(n)
+        _stored_names[reader] = by
+    return _stored_names[reader]
 
 
 # (model folder, LoRA folder, their times of last change) already checked by _check_loras

@@ -3290,3 +3290,24 @@ def test_experts_stored_as_the_transpose_of_the_model_are_scored_as_stored():
     assert as_stored == (True, [("gate_proj", slice(0, 48)), ("up_proj", slice(48, 96))])
     assert _expert_layout("x", "model.layers.0.mlp.experts.down_proj", (4, 48, 32), info) == (True, [("down_proj", None)])
     assert _expert_layout("x", "model.layers.0.mlp.experts.down_proj", (4, 32, 48), info) == (False, [("down_proj", None)])
+
+
+def test_bytes_read_are_the_stored_sizes_of_converted_tensors_too(moe_models, tmp_path):
+    """mergekit reads a Mixtral's experts and router under transformers' names, which the files do not
+    hold: the report counted them at the size received in the recipe's dtype (review155, review157). The
+    files' tensors that the conversion turns into them are counted as stored, whatever ``dtype`` says."""
+    from safemerge_ext.io.models import ModelReader
+
+    root = moe_models
+    stored = 0
+    for role in ("aligned", "task", "safety", "unaligned"):
+        reader = ModelReader(root / role)
+        stored += sum(reader.layout(n)[2] for n in reader.names
+                      if re.search(r"(self_attn\.[qkvo]_proj|block_sparse_moe\.(experts\.\d+\.w[123]|gate))\.weight$", n))
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = {"merge_method": "safemerge", "base_model": str(root / "aligned"), "dtype": dtype,
+               "parameters": {"threshold": 0.5},
+               "models": [{"model": str(root / r), "parameters": {"role": r}} for r in ("task", "safety", "unaligned")]}
+        got[dtype] = merge(cfg, tmp_path / dtype)[1]["bytes_read"]
+    assert got == {"float32": stored, "bfloat16": stored}
