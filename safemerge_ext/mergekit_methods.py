@@ -671,12 +671,19 @@ class _Scored:
         return ops.project_delta(self.wa, self.wu, self.dW, precision=self.precision)
 
     def record(self, method: str, group: TensorGroup, flagged: bool, action: str, settings: dict[str, Any],
-               report_path: str, pieces: int = 1) -> None:
+               report_path: str, nbytes: int) -> None:
         _record(method, group, self.score, flagged=flagged, action=action, settings=settings,
                 src_dtype=self.task.dtype, band=self.band, elapsed=time.perf_counter() - self.start,
-                nbytes=_bytes_read(group) // pieces, report_path=report_path,
+                nbytes=nbytes, report_path=report_path,
                 precision=self.precision, rounding=self.rounding, task_lora=self.task_lora, models=self.models,
                 piece=self.piece)
+
+
+def _shares(group: TensorGroup, pieces: list[_Piece]) -> list[int]:
+    """The group's bytes read (one reckoning per tensor), split among its pieces to add up exactly."""
+    total = _bytes_read(group)
+    n = len(pieces)
+    return [total // n + (i < total % n) for i in range(n)]
 
 
 def _put(out: torch.Tensor, task: torch.Tensor, piece: _Piece, pieces: list[_Piece], value: torch.Tensor,
@@ -728,7 +735,7 @@ def _safemerge_tensor(
         return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
     _finite(group.metadata.name or "?", t["safety"], {"safety": t["safety"]})  # flagged or not
     out = t["task"]
-    for piece in pieces:
+    for piece, nbytes in zip(pieces, _shares(group, pieces)):
         s = _Scored.of(group, t, role, precision, piece)
         flagged = not math.isnan(s.score.cosine) and s.score.cosine < threshold
         if flagged:
@@ -738,7 +745,7 @@ def _safemerge_tensor(
             out = _put(out, t["task"], piece, pieces, _finite(s.name, (s.wa + merged.to(s.wd)).to(s.task.dtype), t))
         s.record("safemerge", group, flagged, "merged" if flagged else "skipped" if s.score.reason else "kept",
                  {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed},
-                 report_path, len(pieces))
+                 report_path, nbytes)
     return out
 
 
@@ -769,13 +776,13 @@ def _safelora_tensor(
     if not pieces:
         return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
     out = t["task"]
-    for piece in pieces:
+    for piece, nbytes in zip(pieces, _shares(group, pieces)):
         s = _Scored.of(group, t, role, precision, piece)
         flagged = not math.isnan(s.score.cosine) and s.score.cosine <= threshold
         if flagged:
             out = _put(out, t["task"], piece, pieces, _finite(s.name, (s.wa + s.projected().to(s.wd)).to(s.task.dtype), t))
         s.record("safelora", group, flagged, "projected" if flagged else "skipped" if s.score.reason else "kept",
-                 {"threshold": threshold}, report_path, len(pieces))
+                 {"threshold": threshold}, report_path, nbytes)
     return out
 
 
@@ -830,11 +837,12 @@ def _resta_tensor(
             shift = random_pruning(shift, density, rescale=True)
     out = _finite(name, torch.add(task.to(wd), shift, alpha=beta).to(task.dtype), t)
     shifting = (time.perf_counter() - start) / max(len(pieces), 1)
-    for piece, score, elapsed in scored:
+    task_lora, models = _task_lora(group, role), _models(group, role)
+    for (piece, score, elapsed), nbytes in zip(scored, _shares(group, pieces) if pieces else []):
         _record("resta", group, score, flagged=False, action="shifted", settings={"beta": beta, "density": density,
                 "seed": seed}, src_dtype=task.dtype, band=None, elapsed=elapsed + shifting,
-                nbytes=_bytes_read(group) // len(pieces), report_path=report_path,
-                precision=precision, task_lora=_task_lora(group, role), models=_models(group, role), piece=piece)
+                nbytes=nbytes, report_path=report_path,
+                precision=precision, task_lora=task_lora, models=models, piece=piece)
     return out
 
 
