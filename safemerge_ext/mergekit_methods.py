@@ -41,7 +41,8 @@ from typing_extensions import Annotated
 from safemerge_ext import backends, ops
 from safemerge_ext.backends import PRECISIONS, backend_detail, exact_fp32_matmuls, requested_precision
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.models import ModelReader, all_finite, config_value, is_conv1d, named_like_conv1d
+from safemerge_ext.io.models import (EXPERTS_KEYS, ModelReader, all_finite, config_value, is_conv1d,
+                                     named_like_conv1d)
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import PEFT_LINEAR, combine_full, seeded
 from safemerge_ext.mergekit_run import (REPORT_DIR_ENV, SIDECAR, _append, _failing_run, _in_mergekit_yaml,
@@ -299,7 +300,7 @@ def _read_experts_info(folder: str) -> _ExpertsInfo | None:
         return None
     text = getattr(cfg, "text_config", None) or cfg
     hidden = getattr(text, "hidden_size", None)
-    experts = next((v for k in ("num_local_experts", "num_experts", "n_routed_experts")
+    experts = next((v for k in EXPERTS_KEYS
                     if isinstance(v := getattr(text, k, None), int) and not isinstance(v, bool)), None)
     return _ExpertsInfo(folder, hidden if isinstance(hidden, int) else None, experts, transforms)
 

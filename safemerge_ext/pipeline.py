@@ -32,7 +32,7 @@ from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha
                                        global_scaling, read_adapter, untargeted, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
 from safemerge_ext.io.models import (INDEX, ModelReader, config_value, is_conv1d, is_tied_head, module_key,
-                                     natural_key)
+                                     natural_key, renamed_on_load)
 from safemerge_ext.io.output import check_given, check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.io.read_ahead import Prefetch, in_batches, prefetch
 from safemerge_ext.report import (
@@ -837,7 +837,8 @@ def merge(
         if settings.output == "adapter":
             modules = [merged_module(layer, rec) if rec.flagged else OutModule.from_lora(layer.task)
                        for layer, rec in zip(run.layers, records)]
-            _note_vllm(run, write_adapter(tmp, task.config, modules))  # makes each module's factors as it writes it
+            _note_vllm(run, write_adapter(tmp, task.config, modules,  # makes each module's factors as it writes it
+                                          renamed_on_load(run.aligned.path, [m.name for m in modules])))
             lossy = [rec.extra["svd_rel_error"] for rec in records if rec.extra.get("svd_rel_error", 0.0) > SVD_WARN]
             if lossy:
                 run.warnings.append(
@@ -928,10 +929,9 @@ def project(
         )
     with staged_dir(out, force) as tmp:
         if output == "adapter":
-            _note_vllm(run, write_adapter(tmp, task.config, [
-                OutModule.from_lora(layer.task, new_B.get(layer.module))
-                for layer in run.layers
-            ]))
+            modules = [OutModule.from_lora(layer.task, new_B.get(layer.module)) for layer in run.layers]
+            _note_vllm(run, write_adapter(tmp, task.config, modules,
+                                          renamed_on_load(run.aligned.path, [m.name for m in modules])))
         else:
             by_weight = {layer.weight: layer for layer in run.layers}
 

@@ -1320,7 +1320,7 @@ def test_moe_all_linear_adapter_is_refused_with_what_to_train_instead(tmp_path):
         read_adapter(tmp_path / "moe", "--task-adapter")
     msg = str(err.value)
     assert "\n" not in msg and "--task-adapter" in msg and "target_parameters is set" in msg, msg
-    assert "train it with target_modules alone" in msg, msg
+    assert "train it with target_modules naming only the attention and other linear layers" in msg, msg
 
 
 def _score(fx, *extra):

@@ -743,6 +743,36 @@ def test_written_mixed_rank_adapter_loads_in_peft(fx, tmp_path):
     assert seen == set(want)
 
 
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_at_rank_keeps_the_update_at_another_rank_and_scaling(rslora, dtype):
+    """at_rank pads A with zero rows and B with zero columns and folds the change of scaling into
+    B: scaling * B @ A is the module's own (in float64, up to B's rounding once rescaled in fp32);
+    at the module's own scaling B keeps its dtype and values."""
+    from safemerge_ext.io.adapters import alpha_for, at_rank
+
+    g = torch.Generator().manual_seed(11)
+    A, B = torch.randn(3, 10, generator=g).to(dtype), torch.randn(7, 3, generator=g).to(dtype)
+    m = OutModule.of("model.layers.0.block_sparse_moe.gate", A, B, alpha=alpha_for(0.5, 3, rslora))
+    want = 0.5 * B.double() @ A.double()
+    for scaling, rank in ((0.5, 8), (2.0, 8), (2.0, 3)):
+        out = at_rank(m, rank, alpha_for(scaling, rank, rslora), rslora)
+        A2, B2 = out.make()
+        assert out.rank == rank and A2.shape == (rank, 10) == out.shape_A and B2.shape == (7, rank) == out.shape_B
+        assert (A2.dtype, B2.dtype) == out.dtypes and A2.dtype == dtype
+        assert torch.equal(A2[:3], A) and not A2[3:].any() and not B2[:, 3:].any()
+        if scaling == 0.5:
+            assert B2.dtype == dtype and torch.equal(B2[:, :3], B)
+        else:
+            assert B2.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        got = out.alpha / unit_alpha(rank, rslora) * B2.double() @ A2.double()
+        assert_close(got, want, atol=1e-12, rtol=1e-6, what=f"scaling {scaling}, rank {rank}")
+    huge = at_rank(OutModule.of("m", A.float(), B.float() * 1e30, alpha=alpha_for(1e9, 3, rslora)), 8,
+                   alpha_for(1e-9, 8, rslora), rslora)
+    with pytest.raises(SafeMergeError, match=r"^module m: its lora_B overflows torch.float32 \(Inf\)"):
+        huge.make()
+
+
 @pytest.mark.parametrize("patch_bytes", [8 << 20, 4 * 64 * 5], ids=["one-block", "blocks-of-5-rows"])
 def test_model_writer_streams_and_copies(fx, fx_bf16, tmp_path, monkeypatch, patch_bytes):
     """Dense and low-rank updates are added in fp32 a block of rows at a time (blocks of 5 rows

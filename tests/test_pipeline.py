@@ -2285,3 +2285,78 @@ def test_a_failed_run_keeps_no_file_open_while_its_error_is_kept(fx, tmp_path, m
     held, mapped = _held_files(root)
     assert held <= before[0] and mapped <= before[1], (held - before[0], mapped, before[1])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def mixtral_v4_adapters(tmp_path_factory):
+    """A tiny Mixtral saved by transformers (the files keep the transformers-4 names:
+    block_sparse_moe.gate, experts.N.w1/w2/w3) and adapters in that naming, as trained before
+    transformers 5 (per-expert nn.Linear LoRAs, the router a Linear too): the task adapter gives
+    the routers another scaling through alpha_pattern."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("mixtral")
+    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=64, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg)
+    model.save_pretrained(root / "aligned")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(root / "unaligned")
+    shapes = {n[:-len(".weight")]: t.shape for n, t in load_model(root / "aligned").items()
+              if re.search(r"\.(q_proj|v_proj|gate|w1|w2|w3)\.weight$", n)}
+    assert any(".block_sparse_moe.experts.3.w2" in m for m in shapes)
+    for name, seed, r, alphas in (("task", 1, 4, {r".*\.gate": 2}), ("safety", 2, 2, {})):
+        torch.manual_seed(seed)
+        factors = {}
+        for m, (d_out, d_in) in shapes.items():
+            factors[f"base_model.model.{m}.lora_A.weight"] = 0.1 * torch.randn(r, d_in)
+            factors[f"base_model.model.{m}.lora_B.weight"] = 0.1 * torch.randn(d_out, r)
+        (root / name).mkdir()
+        save_file(factors, str(root / name / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (root / name / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "alpha_pattern": alphas,
+            "rank_pattern": {}, "target_modules": ["q_proj", "v_proj", "gate", "w1", "w2", "w3"], "bias": "none",
+            "lora_dropout": 0.0, "peft_version": "0.13.2"}))
+    return types.SimpleNamespace(**{k: root / k for k in ("aligned", "unaligned", "task", "safety")})
+
+
+def test_an_moe_adapter_in_transformers_4_naming_gives_adapters_peft_loads(mixtral_v4_adapters, tmp_path):
+    """PEFT loads a transformers-4 Mixtral adapter on transformers 5 by converting it: the routers
+    become parameter LoRAs on mlp.gate.weight and each layer's experts are stacked (w1 and w3 fused)
+    into one LoRA on experts.gate_up_proj / down_proj, at the config's default r and lora_alpha.
+    The adapters merge and project write (flagged modules of rank r_task + r_safety, the others
+    r_task) keep those modules at the default rank and scaling (zero-padded, the scaling folded into
+    B), so PEFT loads them to exactly what --output model writes (review158: the merged adapter
+    failed to load, its routers and experts at ranks no pattern reached)."""
+    from peft import PeftModel
+    from transformers import MixtralForCausalLM
+
+    fx = mixtral_v4_adapters
+
+    def folded(adapter: Path) -> dict[str, torch.Tensor]:
+        base = MixtralForCausalLM.from_pretrained(fx.aligned, dtype=torch.float32)
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+
+    for args in (["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", fx.task,
+                  "--safety-adapter", fx.safety, "--num-layers", 6, "--no-plot"],
+                 ["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                  "--num-layers", 6, "--no-plot"]):
+        assert run_cli([*args, "--out", tmp_path / "model", "--output", "model", "--force"]) == 0
+        flagged = [r["module"] for r in report_of(tmp_path / "model")["layers"] if r["flagged"]]
+        assert len(flagged) == 6 and any(".experts." in m for m in flagged), flagged
+        assert run_cli([*args, "--out", tmp_path / "adapter", "--force"]) == 0
+        config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+        ranks = {m: A.shape[0] for m, (A, _, _) in load_adapter(tmp_path / "adapter").items()}
+        attention = {ranks[m] for m in ranks if ".self_attn." in m}
+        assert ranks and all(r == config["r"] for m, r in ranks.items() if ".block_sparse_moe." in m)
+        if args[0] == "merge":
+            # (mixed ranks: the attention modules keep rank 4, the routers and experts are padded to 6)
+            assert attention == {4} and config["r"] == 6
+        want = MixtralForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).state_dict()
+        got = folded(tmp_path / "adapter")
+        assert set(got) == set(want)
+        for name, t in want.items():
+            assert_close(got[name], t.double(), atol=2e-6, rtol=1e-5, what=f"{args[0]}: {name}")

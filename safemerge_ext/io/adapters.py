@@ -15,9 +15,9 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 import torch
 
@@ -58,8 +58,9 @@ _FOLDED_BY_PEFT = frozenset({"use_dora", "modules_to_save", "lora_bias", "traina
 
 _REMEDY = {
     # (peft's target_modules="all-linear" adds the experts' parameters on transformers 5 MoE models)
-    "target_parameters": "; train it with target_modules alone (list the linear layers; on MoE models peft's "
-                         "'all-linear' also targets the experts' parameters)",
+    "target_parameters": "; train it with target_modules naming only the attention and other linear layers (on "
+                         "transformers-5 MoE models PEFT turns a router or experts named there, or reached by "
+                         "'all-linear', into target_parameters)",
     "fan_in_fan_out": "; fold it into the model with PEFT (merge_and_unload, save_pretrained) and merge that "
                       "model as a full fine-tune with safemerge-yaml",
 }
@@ -499,7 +500,33 @@ def global_scaling(config: dict[str, Any]) -> float:
     return alpha / (math.sqrt(r) if config.get("use_rslora", False) else r)
 
 
-def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules: list[OutModule]) -> list[str]:
+def at_rank(m: OutModule, rank: int, alpha: float, use_rslora: bool) -> OutModule:
+    """``m`` as a module of ``rank`` (at least its own) and ``alpha``: the same update, its A
+    padded with zero rows and its B with zero columns, B rescaled from ``m``'s scaling to theirs (in
+    fp32 at least, as a merge writes its factors, where the scalings differ)."""
+    factor = (m.alpha / unit_alpha(m.rank, use_rslora)) / (alpha / unit_alpha(rank, use_rslora))
+    same = math.isclose(factor, 1.0, rel_tol=1e-12, abs_tol=0.0)
+    if rank == m.rank and same:
+        return replace(m, alpha=alpha)
+    dtype_B = m.dtypes[1] if same else torch.float64 if m.dtypes[1] == torch.float64 else torch.float32
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        A, B = m.make()
+        if not same:
+            B = B.to(dtype_B) * factor
+            if not bool(torch.isfinite(B).all()):
+                raise SafeMergeError(
+                    f"module {m.name}: its lora_B overflows {dtype_B} (Inf) when written at the adapter's default "
+                    f"scaling (x{factor:.3g}, which PEFT needs for it); check lora_alpha and "
+                    "alpha_pattern of the input adapters; nothing was written")
+        return (torch.cat([A, A.new_zeros(rank - m.rank, A.shape[1])]),
+                torch.cat([B, B.new_zeros(B.shape[0], rank - m.rank)], dim=1))
+
+    return OutModule(m.name, (rank, m.shape_A[1]), (m.shape_B[0], rank), (m.dtypes[0], dtype_B), alpha, make)
+
+
+def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules: list[OutModule],
+                  at_default: Collection[str] = ()) -> list[str]:
     """Write a PEFT adapter; every module gets an explicit ``rank_pattern``/``alpha_pattern`` entry
     (two where its name is in an older transformers naming: that and the current one).
 
@@ -507,6 +534,9 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     independent of the template's default ``r`` / ``lora_alpha`` and of any regex it had. The
     defaults become the largest rank and the template's scaling (see :func:`global_scaling`), so
     a server that reads only them (vLLM) gets every module right whose scaling is that one.
+    The modules named in ``at_default`` are written at those defaults (see :func:`at_rank`): PEFT
+    meets them under names no per-module entry reaches (see ``models.renamed_on_load``), and stacks
+    a MoE layer's experts, which must then share one rank.
     Returns the modules whose scaling is another one (in the order written).
     """
     out = Path(out_dir)
@@ -515,6 +545,11 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     # the factors are loaded over whatever PEFT initializes; an init scheme here could only refuse
     # the new ranks (orthogonal init needs an even rank, and a merge writes r_task + r_safety)
     config["init_lora_weights"] = True
+    rslora, default = bool(template.get("use_rslora", False)), global_scaling(template)
+    if modules:
+        r_max = max(m.rank for m in modules)
+        alpha_max = alpha_for(default, r_max, rslora)
+        modules = [at_rank(m, r_max, alpha_max, rslora) if m.name in at_default else m for m in modules]
     # (a module in a naming that transformers has since changed, language_model.model.layers... of a
     # vision-language adapter saved before 4.52: under that name and the one PEFT now meets it by)
     spellings = {m.name: dict.fromkeys((m.name, canonical_name(m.name))) for m in modules}
@@ -522,10 +557,8 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     config["alpha_pattern"] = {k: m.alpha for m in modules for k in spellings[m.name]}
     # PEFT reads the patterns; vLLM reads only r (checked against its max_lora_rank) and the one
     # scaling lora_alpha / r: r becomes the largest rank written, at the template's scaling
-    rslora, default = bool(template.get("use_rslora", False)), global_scaling(template)
     if modules:
-        r_max = max(m.rank for m in modules)
-        config["r"], config["lora_alpha"] = r_max, alpha_for(default, r_max, rslora)
+        config["r"], config["lora_alpha"] = r_max, alpha_max
     off_default = [m.name for m in modules
                    if not math.isclose(m.alpha / unit_alpha(m.rank, rslora), default, rel_tol=1e-9, abs_tol=0.0)]
     layout = []
