@@ -30,7 +30,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 from mergekit.merge_methods.base import BasePolicy, InputContract, PerNonBase, TensorGroup
@@ -699,6 +699,26 @@ def _put(out: torch.Tensor, task: torch.Tensor, piece: _Piece, pieces: list[_Pie
     return out
 
 
+def _per_piece(group: TensorGroup, t: dict[str, torch.Tensor], role: Any, precision: str | None, method: str,
+               flags: Callable[[float], bool], update: Callable[[_Scored], torch.Tensor], action: str,
+               settings: dict[str, Any], report_path: str) -> torch.Tensor:
+    """The task's tensor with each scorable piece that ``flags`` (on its cosine) given W_aligned +
+    ``update`` (the piece's new update), each piece recorded; a tensor with no piece is checked and
+    passed through."""
+    pieces = _pieces(group, t["task"])
+    if not pieces:
+        return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
+    out = t["task"]
+    for piece, nbytes in zip(pieces, _shares(group, pieces)):
+        s = _Scored.of(group, t, role, precision, piece)
+        flagged = not math.isnan(s.score.cosine) and flags(s.score.cosine)
+        if flagged:
+            out = _put(out, t["task"], piece, pieces, _finite(s.name, (s.wa + update(s).to(s.wd)).to(s.task.dtype), t))
+        s.record(method, group, flagged, action if flagged else "skipped" if s.score.reason else "kept", settings,
+                 report_path, nbytes)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # the three methods
 
@@ -731,23 +751,16 @@ def _safemerge_tensor(
     seed: int, report_path: str, precision: str | None,
 ) -> torch.Tensor:
     t = _roles(group, role, "safemerge")
-    pieces = _pieces(group, t["task"])
-    if not pieces:
-        return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
-    _finite(group.metadata.name or "?", t["safety"], {"safety": t["safety"]})  # flagged or not
-    out = t["task"]
-    for piece, nbytes in zip(pieces, _shares(group, pieces)):
-        s = _Scored.of(group, t, role, precision, piece)
-        flagged = not math.isnan(s.score.cosine) and s.score.cosine < threshold
-        if flagged:
-            dWs = piece.of(t["safety"]).to(s.wd) - s.wa
-            merged = combine_full(s.dW, dWs, alpha=alpha, method=merge, density=density, seed=seed, module=piece.module)
-            del dWs
-            out = _put(out, t["task"], piece, pieces, _finite(s.name, (s.wa + merged.to(s.wd)).to(s.task.dtype), t))
-        s.record("safemerge", group, flagged, "merged" if flagged else "skipped" if s.score.reason else "kept",
-                 {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed},
-                 report_path, nbytes)
-    return out
+    if _pieces(group, t["task"]):
+        _finite(group.metadata.name or "?", t["safety"], {"safety": t["safety"]})  # flagged or not
+
+    def merged(s: _Scored) -> torch.Tensor:
+        dWs = s.piece.of(t["safety"]).to(s.wd) - s.wa
+        return combine_full(s.dW, dWs, alpha=alpha, method=merge, density=density, seed=seed, module=s.piece.module)
+
+    return _per_piece(group, t, role, precision, "safemerge", lambda cos: cos < threshold, merged, "merged",
+                      {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed},
+                      report_path)
 
 
 @merge_method(
@@ -773,18 +786,8 @@ def _safelora_tensor(
     group: TensorGroup, role: Any, threshold: float, report_path: str, precision: str | None,
 ) -> torch.Tensor:
     t = _roles(group, role, "safelora")
-    pieces = _pieces(group, t["task"])
-    if not pieces:
-        return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
-    out = t["task"]
-    for piece, nbytes in zip(pieces, _shares(group, pieces)):
-        s = _Scored.of(group, t, role, precision, piece)
-        flagged = not math.isnan(s.score.cosine) and s.score.cosine <= threshold
-        if flagged:
-            out = _put(out, t["task"], piece, pieces, _finite(s.name, (s.wa + s.projected().to(s.wd)).to(s.task.dtype), t))
-        s.record("safelora", group, flagged, "projected" if flagged else "skipped" if s.score.reason else "kept",
-                 {"threshold": threshold}, report_path, nbytes)
-    return out
+    return _per_piece(group, t, role, precision, "safelora", lambda cos: cos <= threshold, _Scored.projected,
+                      "projected", {"threshold": threshold}, report_path)
 
 
 @merge_method(
