@@ -264,6 +264,7 @@ class _ExpertsInfo:
     experts: int | None  # per MoE layer
     transforms: list[Any]  # transformers' conversion of its checkpoints to its in-memory names
     declared: dict[str, dict[str, Any]] | None = None  # experts module -> its layout (see _declared_experts)
+    config: Any = None  # transformers' config of the model, read once
 
     def in_memory(self, name: str) -> str:
         """``name`` as transformers names the tensor in memory (the renames its checkpoint conversion makes)."""
@@ -302,7 +303,7 @@ def _read_experts_info(folder: str) -> _ExpertsInfo | None:
     hidden = getattr(text, "hidden_size", None)
     experts = next((v for k in EXPERTS_KEYS
                     if isinstance(v := getattr(text, k, None), int) and not isinstance(v, bool)), None)
-    return _ExpertsInfo(folder, hidden if isinstance(hidden, int) else None, experts, transforms)
+    return _ExpertsInfo(folder, hidden if isinstance(hidden, int) else None, experts, transforms, config=cfg)
 
 
 def _expert_layout(name: str, as_named: str, shape: tuple[int, ...], info: _ExpertsInfo | None,
@@ -315,7 +316,7 @@ def _expert_layout(name: str, as_named: str, shape: tuple[int, ...], info: _Expe
     if info is not None:
         with _readers_lock:
             if info.declared is None:
-                info.declared = _declared_experts(info.folder)
+                info.declared = _declared_experts(info.config)
         mine = dict(info.declared.get(module) or {})
         held = mine.pop(f"shape:{param}", None)  # (its shape in transformers' model)
         if held is not None and shape[1:] != held[1:] and shape[1:] == held[1:][::-1]:
@@ -333,7 +334,7 @@ def _expert_layout(name: str, as_named: str, shape: tuple[int, ...], info: _Expe
     return got
 
 
-def _declared_experts(folder: str) -> dict[str, dict[str, Any]]:
+def _declared_experts(cfg: Any) -> dict[str, dict[str, Any]]:
     """What each experts module of the model declares of its weights' layout (transformers 5's
     ``use_experts_implementation``: is_transposed, has_gate, is_concatenated), and its 3-D
     parameters' shapes in memory (``shape:NAME``)."""
@@ -341,9 +342,6 @@ def _declared_experts(folder: str) -> dict[str, dict[str, Any]]:
 
     declared: dict[str, dict[str, Any]] = {}
     try:
-        import transformers
-
-        cfg = transformers.AutoConfig.from_pretrained(folder)
         cls = transformers_class(cfg)
         if cls is None:
             return declared

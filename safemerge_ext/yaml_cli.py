@@ -293,15 +293,16 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
             lpath = _local_dir(ref.lora.path, f"{label}: LoRA adapter")
             adapters.append((label, ref, read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True)))
     base_label, _, base = readers[0]
-    if has_lora:
-        _check_lora_architecture(base, method, recipe)
+    base_config = _transformers_config(base.path)
+    if has_lora and base_config is not None:
+        _check_lora_architecture(base_config, method, recipe)
     vocab = _vocab_size(base.path)
     # (mergekit's tokenizer settings align the embedding rows; --unsafe-truncate-embeddings cuts them)
     aligns_vocab = config.tokenizer is not None or config.tokenizer_source is not None or truncate_embeddings
-    planned = _planned_names(base.path)
+    planned = _planned_names(base_config) if base_config is not None else set()
     arch = _architecture(config)
     if arch is not None:
-        check_plan_covers(arch, base, recipe)
+        check_plan_covers(arch, base, recipe, base_config)
     checked = 0
     for name in base.names:
         shape, dtype = base.meta(name)
@@ -341,14 +342,24 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
     return has_lora, checked, inputs
 
 
-def _check_lora_architecture(base: Any, method: str, recipe: str | os.PathLike) -> None:
+def _transformers_config(model_dir: str | os.PathLike) -> Any:
+    """transformers' config of a model folder; None where transformers cannot read it (custom code:
+    left to mergekit)."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(model_dir))
+    except Exception:
+        return None
+
+
+def _check_lora_architecture(config: Any, method: str, recipe: str | os.PathLike) -> None:
     """mergekit infers the layout of a model it has no architecture definition for from every input's
-    files, and (0.1.5) fails on a ``model+lora`` input there with "LoRA not merged"; say what to do."""
+    files, and (0.1.5) fails on a ``model+lora`` input there with "LoRA not merged"; say what to do.
+    ``config``: the aligned model's (transformers')."""
     from mergekit.architecture import arch_info_for_config
-    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(base.path))
         known = arch_info_for_config(config) is not None
     except Exception:  # (custom code, no or several architectures: left to mergekit)
         return
@@ -362,14 +373,13 @@ def _check_lora_architecture(base: Any, method: str, recipe: str | os.PathLike) 
         )
 
 
-def _planned_names(model_dir: Path) -> set[str]:
-    """The tensors mergekit's architecture definition for this model requires in every input (names
-    and aliases; empty where mergekit has no definition, and then infers one from the tensors)."""
+def _planned_names(cfg: Any) -> set[str]:
+    """The tensors mergekit's architecture definition for the model of this (transformers') config
+    requires in every input (names and aliases; empty where mergekit has no definition, and then
+    infers one from the tensors)."""
     try:
         from mergekit.architecture import arch_info_for_config
-        from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(model_dir)
         arch = arch_info_for_config(cfg)
         weights = arch.all_weights(cfg) if arch is not None else []
     except Exception:  # (a config transformers cannot read: mergekit will say so itself)
@@ -397,19 +407,19 @@ def transformers_class(config: Any) -> Any:
     return next((c for c in (getattr(transformers, a, None) for a in names) if isinstance(c, type)), None)
 
 
-def check_plan_covers(arch: Any, aligned: Any, where: str | os.PathLike) -> None:
+def check_plan_covers(arch: Any, aligned: Any, where: str | os.PathLike, cfg: Any = None) -> None:
     """Refuse, before anything loads, where mergekit's architecture for the merge (its JSON definition,
     or the one it infers from the files) has no entry for some of the aligned model's tensors: its plan
     has no task for them, and it writes the merged model without them, with no word (the biases of a
     Llama checkpoint with attention_bias, which llama.json does not list; a LLaVA checkpoint's whole
     language model, which the inferred layout names as transformers does in memory). A tensor counts as
     planned by its name, an alias or tied name, or the name transformers' conversion of the checkpoint
-    gives it (fused MoE experts). ``aligned``: its ModelReader."""
+    gives it (fused MoE experts). ``aligned``: its ModelReader; ``cfg``: its transformers config, where
+    read already."""
     try:
-        from transformers import AutoConfig
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-        cfg = AutoConfig.from_pretrained(str(aligned.path))
+        cfg = cfg if cfg is not None else _transformers_config(aligned.path)
         weights = arch.all_weights(cfg)
         transforms = get_checkpoint_conversion_mapping(cfg.model_type) or []
     except Exception:  # (a config transformers cannot read, custom code: left to mergekit)

@@ -3166,7 +3166,7 @@ def test_an_moe_experts_weight_of_unknown_layout_is_refused(moe_models, tmp_path
     not scored the wrong way round, nor passed through: one line names the tensor."""
     from safemerge_ext import mergekit_methods
 
-    monkeypatch.setattr(mergekit_methods, "_declared_experts", lambda folder: {})
+    monkeypatch.setattr(mergekit_methods, "_declared_experts", lambda cfg: {})
     mergekit_methods._experts_infos.clear()
     root = moe_models
     cfg = {"merge_method": "safemerge", "base_model": str(root / "aligned"), "dtype": "float32",
