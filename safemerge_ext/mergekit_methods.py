@@ -366,7 +366,7 @@ _model_types: dict[tuple[str, int], object] = {}
 
 def _stamped(path: str) -> tuple[str, int]:
     """(path, its folder's time of last change; 0 for what is no local folder, a Hub id): a cache key
-    that a folder rewritten between two merges of one process does not match."""
+    (the caches are emptied at each run's start: files rewritten in place leave the time as it was)."""
     return path, Path(path).stat().st_mtime_ns if Path(path).is_dir() else 0
 
 
@@ -491,8 +491,9 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).replace("torch.", "")
 
 
-# (local model folder, its time of last change) -> its header reader (None: not one); the time keeps a
-# folder rewritten between two merges of one process from being read with its old headers
+# (local model folder, its time of last change) -> its header reader (None: not one); emptied at each
+# run's start (_forget_inputs), and the time keeps a folder to which a run adds files from being read
+# with its old headers
 _readers: dict[tuple[str, int], ModelReader | None] = {}
 _readers_lock = threading.Lock()
 
@@ -557,7 +558,7 @@ _loras_checked: set[tuple[str, str, int, int]] = set()
 
 def _check_loras(group: TensorGroup, role: Any) -> None:
     """Each local ``model+lora`` input's adapter fits its model (headers only; once per pair and
-    process): mergekit folds the adapter before a method sees a tensor, and drops a module the
+    run): mergekit folds the adapter before a method sees a tensor, and drops a module the
     model does not have without a word."""
     for e in group.entries:
         lora, model = getattr(e.id, "lora", None), getattr(e.id, "model", None)
@@ -912,6 +913,7 @@ def _check_planned_config(name: str, caller: Any) -> None:
     first = planner not in _planned
     _planned.add(planner)
     if first:
+        _forget_inputs()
         _read_afresh(planner)
     if first and config.merge_method == name:
         from safemerge_ext.mergekit_run import note_run_settings
@@ -947,6 +949,15 @@ def _check_plan_covers(planner: Any) -> None:
     except (SafeMergeError, ValueError, OSError):  # (what mergekit reads: its own error comes when it does)
         return
     check_plan_covers(planner.arch_info, reader, "merge_config")
+
+
+def _forget_inputs() -> None:
+    """Once per run: drop what earlier runs of the process read of their inputs (parsed headers,
+    configs, the adapters checked against their models). Their folders' times, which key those, stay
+    as they were when files are rewritten in place (``cp`` over them; review160)."""
+    with _readers_lock:
+        for cache in (_readers, _model_types, _experts_infos, _loras_checked):
+            cache.clear()
 
 
 def _read_afresh(planner: Any) -> None:
