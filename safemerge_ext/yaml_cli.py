@@ -622,13 +622,19 @@ FOLD_STAMP = ".safemerge-fold.json"  # in a --lora-merge-cache entry: what it wa
 def _fold_source(ref: Any) -> dict[str, Any]:
     """The model and the LoRA a ``model+lora`` reference folds, as they are on disk now (paths
     resolved; each file's size, time and JSON or header digest: ``provenance.fingerprint``; the
-    adapter's weights' whole SHA-256 too, since one retrained in place keeps its size and header)."""
+    adapter's weights' whole SHA-256 too, since one retrained in place keeps its size and header;
+    the model's files' times to the nanosecond, not hashed: a model is many GB, and a save within
+    the second of the last one kept its record's time to the second)."""
     import hashlib
 
     from safemerge_ext.provenance import fingerprint
 
     source = {part: {**fingerprint(os.path.expanduser(path.path)), "revision": path.revision}
               for part, path in (("model", ref.model), ("lora", ref.lora))}
+    model = Path(source["model"]["path"])
+    for name, entry in source["model"].get("files", {}).items():
+        with contextlib.suppress(OSError):
+            entry["modified_ns"] = (model / name).stat().st_mtime_ns
     folder = Path(source["lora"]["path"])
     for name, entry in source["lora"].get("files", {}).items():
         if name.endswith((".safetensors", ".bin")):
@@ -641,6 +647,13 @@ def _fold_source(ref: Any) -> dict[str, Any]:
                 continue
             entry["sha256"] = digest.hexdigest()
     return source
+
+
+def _model_files(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A ``_fold_source`` record's entries for the model's files (empty where it has none)."""
+    model = record.get("model")
+    files = model.get("files") if isinstance(model, dict) else None
+    return {n: f for n, f in files.items() if isinstance(f, dict)} if isinstance(files, dict) else {}
 
 
 def _changed(then: dict[str, Any], now: dict[str, Any]) -> str:
@@ -716,6 +729,9 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str,
         except (OSError, ValueError) as exc:
             raise SafeMergeError(f"--lora-merge-cache {cache}: {entry / FOLD_STAMP} cannot be read "
                                  f"({getattr(exc, 'strerror', None) or exc}); {redo}") from None
+        if isinstance(then, dict) and not any("modified_ns" in f for f in _model_files(then).values()):
+            source = {**source, "model": {**source["model"], "files": {  # (a record from before they had it)
+                n: {k: v for k, v in f.items() if k != "modified_ns"} for n, f in _model_files(source).items()}}}
         if not isinstance(then, dict) or then != source:
             raise SafeMergeError(
                 f"--lora-merge-cache {cache}: {entry} was folded from another {_ref_str(ref)} than the one "

@@ -2667,14 +2667,18 @@ def test_safemerge_yaml_help_gives_its_own_lora_merge_dtype_default(capsys):
     assert done.value.code == 0 and "--lora-merge-dtype TEXT Override dtype when applying LoRAs (default here: float32" in text
 
 
-@pytest.mark.parametrize("state", ["bf16", "cut-short", "plain", "fp32", "retrained", "other-project"])
+@pytest.mark.parametrize("state", ["bf16", "cut-short", "plain", "fp32", "retrained", "other-project", "model-resaved",
+                                   "older-record"])
 def test_safemerge_yaml_refuses_a_lora_cache_folded_otherwise(pico, tmp_path, capsys, monkeypatch, state):
     """mergekit reuses a --lora-merge-cache entry by the two paths alone (as written): one folded in
     bf16 by an earlier run, left incomplete, folded from the adapter before it was retrained in
     place, or from another project's ./lora (review147: the old adapter was merged, the report
-    named the new one), would be scored as this run's task model. safemerge-yaml records in each
-    entry it has mergekit fold what it was folded from, and refuses an entry that does not match
-    (or has no record: plain mergekit-yaml's) before the merge; one that matches is reused."""
+    named the new one), or from the model's weights before they were saved again in place, within
+    the second and with the same header (review160), would be scored as this run's task model.
+    safemerge-yaml records in each entry it has mergekit fold what it was folded from, and refuses
+    an entry that does not match (or has no record: plain mergekit-yaml's) before the merge; one
+    that matches is reused, and so is one recorded before the model's times were kept to the
+    nanosecond."""
     from safetensors.torch import load_file, save_file
 
     from safemerge_ext import yaml_cli
@@ -2683,7 +2687,8 @@ def test_safemerge_yaml_refuses_a_lora_cache_folded_otherwise(pico, tmp_path, ca
     for project in ("a", "b"):
         shutil.copytree(pico.lora_task, tmp_path / project / "lora")
     monkeypatch.chdir(tmp_path / "a")
-    cfg = _write(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+./lora"), tmp_path / "r.yml")
+    model = Path(shutil.copytree(pico.aligned, tmp_path / "model"))
+    cfg = _write(recipe(pico, params={"threshold": TAU}, task=f"{model}+./lora"), tmp_path / "r.yml")
 
     def run(to: Path) -> int:
         with pytest.raises(SystemExit) as done:
@@ -2703,16 +2708,29 @@ def test_safemerge_yaml_refuses_a_lora_cache_folded_otherwise(pico, tmp_path, ca
         save_file({k: v * 1.5 for k, v in factors.items()}, str(tmp_path / "a" / "lora" / "adapter_model.safetensors"))
     elif state == "other-project":
         monkeypatch.chdir(tmp_path / "b")
+    elif state == "model-resaved":  # (same size, same header, other weights; its time moved less than a second)
+        shard = sorted(model.glob("*.safetensors"))[0]
+        st = shard.stat()
+        save_file({k: v * 1.5 for k, v in load_file(shard).items()}, str(shard), metadata={"format": "pt"})
+        assert shard.stat().st_size == st.st_size
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns // 10**9 * 10**9 + (st.st_mtime_ns + 1) % 10**9))
+    elif state == "older-record":
+        stamp = entry / yaml_cli.FOLD_STAMP
+        record = json.loads(stamp.read_text())
+        assert all(f.pop("modified_ns") for f in record["model"]["files"].values())
+        stamp.write_text(json.dumps(record))
     capsys.readouterr()
     code = run(out)
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]
-    if state == "fp32":
+    if state in ("fp32", "older-record"):
         assert code == 0 and (out / "safemerge_report.json").is_file(), err
         return
     why = {"bf16": "folded in bfloat16, not float32", "cut-short": "holds no complete model",
            "plain": "does not record what it was folded from (plain mergekit-yaml made it",
            "retrained": f"the adapter's adapter_model.safetensors has changed since (it is {tmp_path / 'a' / 'lora'})",
-           "other-project": f"the adapter was {tmp_path / 'a' / 'lora'}, now {tmp_path / 'b' / 'lora'}"}[state]
+           "other-project": f"the adapter was {tmp_path / 'a' / 'lora'}, now {tmp_path / 'b' / 'lora'}",
+           "model-resaved": f"the model's {sorted(model.glob('*.safetensors'))[0].name} has changed since (it is {model})",
+           }[state]
     assert code == 1 and len(err) == 1 and why in err[0] and f"remove {entry} so that mergekit folds" in err[0], err
     assert not out.exists()
     shutil.rmtree(entry)  # (as the line says)
@@ -2932,6 +2950,44 @@ def test_a_second_merge_in_one_process_reads_its_inputs_as_they_are_now(pico, tm
         assert not torch.equal(again["lm_head.weight"], first["lm_head.weight"])
         assert [r["cosine"] for r in report["layers"]] == [r["cosine"] for r in fresh_report["layers"]]
         first = again
+
+
+def test_a_second_merge_reads_files_rewritten_in_place_afresh(pico, tmp_path):
+    """Files copied over (cp, shutil.copyfile) leave their folder's time as it was, which keyed what
+    a run kept of its inputs for the next run of the process (review160): a task model's shards
+    rewritten in bf16 were counted in bytes_read at their old fp32 size, and an adapter rewritten to
+    target a module the model lacks was not checked again (mergekit dropped that module). Each run
+    now reads them afresh, as a new process does."""
+    from safetensors.torch import load_file, save_file
+
+    def copy_over(files: dict[str, dict[str, torch.Tensor]], folder: Path, staging: Path) -> None:
+        staging.mkdir()
+        before = folder.stat().st_mtime_ns
+        for name, tensors in files.items():
+            save_file(tensors, str(staging / name), metadata={"format": "pt"})
+            shutil.copyfile(staging / name, folder / name)
+        assert folder.stat().st_mtime_ns == before
+
+    task = Path(shutil.copytree(pico.task, tmp_path / "task"))
+    cfg = recipe(pico, task=str(task), params={"threshold": TAU})
+    _, fp32 = merge(cfg, tmp_path / "o1")
+    copy_over({f.name: {k: v.to(torch.bfloat16) for k, v in load_file(f).items()} for f in task.glob("*.safetensors")},
+              task, tmp_path / "bf16")
+    _, again = merge(cfg, tmp_path / "o2")
+    _, fresh = merge(recipe(pico, task=str(shutil.copytree(task, tmp_path / "task-copy")), params={"threshold": TAU}),
+                     tmp_path / "o3")
+    assert again["bytes_read"] == fresh["bytes_read"] < fp32["bytes_read"]
+
+    lora = Path(shutil.copytree(pico.lora_task, tmp_path / "lora"))
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{lora}")
+    merge(cfg, tmp_path / "o4", lora_merge_cache=str(tmp_path / "c4"))
+    factors = load_file(lora / "adapter_model.safetensors")
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    for ab in ("lora_A", "lora_B"):
+        factors[f"{q[:-len('q_proj')]}foo_proj.{ab}.weight"] = factors[f"{q}.{ab}.weight"].clone()
+    copy_over({"adapter_model.safetensors": factors}, lora, tmp_path / "spoilt")
+    with pytest.raises(SafeMergeError, match="foo_proj, which .* does not have; give the model the adapter was"):
+        merge(cfg, tmp_path / "o5", lora_merge_cache=str(tmp_path / "c5"))
 
 
 def test_an_out_path_that_is_an_input_folder_is_refused_before_anything_is_written(pico, tmp_path):
