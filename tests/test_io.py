@@ -744,11 +744,12 @@ def test_written_mixed_rank_adapter_loads_in_peft(fx, tmp_path):
 
 
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn])
 def test_at_rank_keeps_the_update_at_another_rank_and_scaling(rslora, dtype):
     """at_rank pads A with zero rows and B with zero columns and folds the change of scaling into
     B: scaling * B @ A is the module's own (in float64, up to B's rounding once rescaled in fp32);
-    at the module's own scaling B keeps its dtype and values."""
+    at the module's own scaling B keeps its dtype and values (float8 becomes fp32, which PEFT can
+    stack with other modules)."""
     from safemerge_ext.io.adapters import alpha_for, at_rank
 
     g = torch.Generator().manual_seed(11)
@@ -759,10 +760,11 @@ def test_at_rank_keeps_the_update_at_another_rank_and_scaling(rslora, dtype):
         out = at_rank(m, rank, alpha_for(scaling, rank, rslora), rslora)
         A2, B2 = out.make()
         assert out.rank == rank and A2.shape == (rank, 10) == out.shape_A and B2.shape == (7, rank) == out.shape_B
-        assert (A2.dtype, B2.dtype) == out.dtypes and A2.dtype == dtype
-        assert torch.equal(A2[:3], A) and not A2[3:].any() and not B2[:, 3:].any()
+        kept = torch.float32 if dtype == torch.float8_e4m3fn else dtype
+        assert (A2.dtype, B2.dtype) == out.dtypes and A2.dtype == kept
+        assert torch.equal(A2[:3], A.to(kept)) and not A2[3:].any() and not B2[:, 3:].any()
         if scaling == 0.5:
-            assert B2.dtype == dtype and torch.equal(B2[:, :3], B)
+            assert B2.dtype == kept and torch.equal(B2[:, :3], B.to(kept))
         else:
             assert B2.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         got = out.alpha / unit_alpha(rank, rslora) * B2.double() @ A2.double()

@@ -2323,26 +2323,40 @@ def mixtral_v4_adapters(tmp_path_factory):
     return types.SimpleNamespace(**{k: root / k for k in ("aligned", "unaligned", "task", "safety")})
 
 
-def test_an_moe_adapter_in_transformers_4_naming_gives_adapters_peft_loads(mixtral_v4_adapters, tmp_path):
+@pytest.mark.parametrize("variant", ["as-trained", "lora_alpha-0", "float8"])
+def test_an_moe_adapter_in_transformers_4_naming_gives_adapters_peft_loads(mixtral_v4_adapters, tmp_path, variant):
     """PEFT loads a transformers-4 Mixtral adapter on transformers 5 by converting it: the routers
     become parameter LoRAs on mlp.gate.weight and each layer's experts are stacked (w1 and w3 fused)
     into one LoRA on experts.gate_up_proj / down_proj, at the config's default r and lora_alpha.
     The adapters merge and project write (flagged modules of rank r_task + r_safety, the others
     r_task) keep those modules at the default rank and scaling (zero-padded, the scaling folded into
     B), so PEFT loads them to exactly what --output model writes (review158: the merged adapter
-    failed to load, its routers and experts at ranks no pattern reached)."""
+    failed to load, its routers and experts at ranks no pattern reached). Also from a task adapter
+    whose default scaling is 0 (lora_alpha 0, its patterns giving the scalings: the defaults become
+    scaling 1) and from float8 factors (those modules written in fp32: torch does not promote float8
+    where PEFT stacks the experts) (review159)."""
     from peft import PeftModel
     from transformers import MixtralForCausalLM
 
     fx = mixtral_v4_adapters
+    task = fx.task
+    if variant != "as-trained":
+        task = Path(shutil.copytree(fx.task, tmp_path / "task"))
+        if variant == "lora_alpha-0":
+            config = json.loads((task / "adapter_config.json").read_text())
+            config.update(lora_alpha=0, alpha_pattern={r".*\.gate": 2, "q_proj": 8, "w2": 8, "w1": 4, "w3": 4})
+            (task / "adapter_config.json").write_text(json.dumps(config))
+        else:
+            factors = load_file(task / "adapter_model.safetensors")
+            save_file({k: v.to(torch.float8_e4m3fn) for k, v in factors.items()}, str(task / "adapter_model.safetensors"))
 
     def folded(adapter: Path) -> dict[str, torch.Tensor]:
         base = MixtralForCausalLM.from_pretrained(fx.aligned, dtype=torch.float32)
         return PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
 
-    for args in (["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", fx.task,
+    for args in (["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", task,
                   "--safety-adapter", fx.safety, "--num-layers", 6, "--no-plot"],
-                 ["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                 ["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", task,
                   "--num-layers", 6, "--no-plot"]):
         assert run_cli([*args, "--out", tmp_path / "model", "--output", "model", "--force"]) == 0
         flagged = [r["module"] for r in report_of(tmp_path / "model")["layers"] if r["flagged"]]
@@ -2355,6 +2369,8 @@ def test_an_moe_adapter_in_transformers_4_naming_gives_adapters_peft_loads(mixtr
         if args[0] == "merge":
             # (mixed ranks: the attention modules keep rank 4, the routers and experts are padded to 6)
             assert attention == {4} and config["r"] == 6
+        if variant == "lora_alpha-0":
+            assert config["lora_alpha"] == config["r"]
         want = MixtralForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).state_dict()
         got = folded(tmp_path / "adapter")
         assert set(got) == set(want)

@@ -501,19 +501,24 @@ def global_scaling(config: dict[str, Any]) -> float:
 
 
 def at_rank(m: OutModule, rank: int, alpha: float, use_rslora: bool) -> OutModule:
-    """``m`` as a module of ``rank`` (at least its own) and ``alpha``: the same update, its A
-    padded with zero rows and its B with zero columns, B rescaled from ``m``'s scaling to theirs (in
-    fp32 at least, as a merge writes its factors, where the scalings differ)."""
+    """``m`` as a module of ``rank`` (at least its own) and ``alpha`` (not 0): the same update, its
+    A padded with zero rows and its B with zero columns, B rescaled from ``m``'s scaling to theirs (in
+    fp32 at least, as a merge writes its factors, where the scalings differ). float8 factors become
+    fp32: PEFT stacks such modules with others, and torch does not promote float8."""
     factor = (m.alpha / unit_alpha(m.rank, use_rslora)) / (alpha / unit_alpha(rank, use_rslora))
     same = math.isclose(factor, 1.0, rel_tol=1e-12, abs_tol=0.0)
-    if rank == m.rank and same:
+    f8 = any(d.is_floating_point and d.itemsize == 1 for d in m.dtypes)
+    if rank == m.rank and same and not f8:
         return replace(m, alpha=alpha)
-    dtype_B = m.dtypes[1] if same else torch.float64 if m.dtypes[1] == torch.float64 else torch.float32
+    dtype_A = torch.float32 if f8 else m.dtypes[0]
+    dtype_B = m.dtypes[1] if same and not f8 else torch.float64 if m.dtypes[1] == torch.float64 else torch.float32
 
     def make() -> tuple[torch.Tensor, torch.Tensor]:
         A, B = m.make()
+        A = A.to(dtype_A)
+        B = B.to(dtype_B)
         if not same:
-            B = B.to(dtype_B) * factor
+            B = B * factor
             if not bool(torch.isfinite(B).all()):
                 raise SafeMergeError(
                     f"module {m.name}: its lora_B overflows {dtype_B} (Inf) when written at the adapter's default "
@@ -522,7 +527,7 @@ def at_rank(m: OutModule, rank: int, alpha: float, use_rslora: bool) -> OutModul
         return (torch.cat([A, A.new_zeros(rank - m.rank, A.shape[1])]),
                 torch.cat([B, B.new_zeros(B.shape[0], rank - m.rank)], dim=1))
 
-    return OutModule(m.name, (rank, m.shape_A[1]), (m.shape_B[0], rank), (m.dtypes[0], dtype_B), alpha, make)
+    return OutModule(m.name, (rank, m.shape_A[1]), (m.shape_B[0], rank), (dtype_A, dtype_B), alpha, make)
 
 
 def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules: list[OutModule],
@@ -546,6 +551,8 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     # the new ranks (orthogonal init needs an even rank, and a merge writes r_task + r_safety)
     config["init_lora_weights"] = True
     rslora, default = bool(template.get("use_rslora", False)), global_scaling(template)
+    if default == 0 and any(m.name in at_default for m in modules):
+        default = 1.0  # (PEFT loads those at the default scaling: lora_alpha 0 would drop their updates)
     if modules:
         r_max = max(m.rank for m in modules)
         alpha_max = alpha_for(default, r_max, rslora)
