@@ -154,6 +154,32 @@ _pending: dict[str, str] = {}  # sidecar path -> report target (directory or .js
 _started: dict[str, float] = {}  # sidecar path -> time of this run's first record there
 _failed: dict[str, str] = {}  # sidecar path -> why its run ended in a method (its records are void)
 _run_settings: dict[str, dict[str, Any]] = {}  # sidecar path -> the recipe's settings no record carries
+_dropped: dict[str, str] = {}  # sidecar path -> a warning for its report: an earlier run's records were dropped
+
+
+def begin_run(report_path: str) -> None:
+    """A new run is planned that reports at ``report_path`` (as the methods resolve it). Where an
+    earlier run of this process recorded there and its report was neither written nor discarded (a
+    program that calls finalize_report once after several merges, or leaves it to the exit hook),
+    its records are dropped, so that the report is of one run (it was the last run's layers with
+    the first run's models and inputs, and the bytes of both; review160); a warning says so, logged
+    now and in the report."""
+    target = _target(report_path)
+    if not target:
+        return
+    sidecar = _locations(target)[0]
+    key = str(sidecar.resolve())
+    with _lock:
+        if key not in _started or key in _failed:  # (nothing, or a failed run's: its first record drops them)
+            return
+        for state in (_pending, _started, _run_settings):
+            state.pop(key, None)
+        with contextlib.suppress(OSError):
+            sidecar.unlink(missing_ok=True)
+        _dropped[key] = (f"the report at {target} is of this run only: an earlier run_merge of this process recorded "
+                         "there too and its report was not written (call finalize_report after each run), so its "
+                         "records were dropped")
+        LOG.warning("safemerge-ext: %s", _dropped[key])
 
 
 def note_run_settings(report_path: str, settings: dict[str, Any]) -> None:
@@ -405,6 +431,7 @@ def discard_report(report_path: str | os.PathLike) -> None:
         _started.pop(key, None)
         _failed.pop(key, None)
         _run_settings.pop(key, None)
+        _dropped.pop(key, None)
         try:
             sidecar.unlink(missing_ok=True)
         except OSError:  # (its folder cannot hold it: then there is nothing to forget)
@@ -633,6 +660,7 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "run_merge
         _pending.pop(key, None)
         _started.pop(key, None)
         noted = _run_settings.pop(key, {})
+        dropped = _dropped.pop(key, None)
         if key in _failed:  # the run did not finish: its records describe part of it
             _failed.pop(key, None)
             sidecar.unlink(missing_ok=True)
@@ -662,7 +690,7 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "run_merge
         timings=_timings(lines),
         bytes_read=sum(ln["bytes"] for ln in lines),
         warnings=(_unreachable_threshold(method, layers) + _precision_warnings(method, layers) + _unused_precision(lines)
-                  + _unused_density(method, layers) + list(warnings)),
+                  + _unused_density(method, layers) + ([dropped] if dropped else []) + list(warnings)),
     )
     band_layers = [r for r in layers if r.extra.get("rounding_band") is not None]
     if band_layers and method != "resta":

@@ -2990,6 +2990,32 @@ def test_a_second_merge_reads_files_rewritten_in_place_afresh(pico, tmp_path):
         merge(cfg, tmp_path / "o5", lora_merge_cache=str(tmp_path / "c5"))
 
 
+def test_two_runs_reporting_to_one_place_give_the_report_of_the_last(pico, tmp_path):
+    """A program that merges twice into one report location and writes the report once (review160:
+    it had the second run's layers, the first run's models and inputs, and both runs' bytes) gets
+    the report of the second run alone, with a warning that the first run's records were dropped."""
+    from mergekit_fixtures import save_model
+
+    g = torch.Generator().manual_seed(3)
+    task2 = tmp_path / "task2"
+    save_model({k: v + 0.2 * torch.randn(v.shape, generator=g) if v.dim() == 2 else v
+                for k, v in read_model(pico.task).items()}, task2)
+    options = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
+    register_methods()
+    with report_to(tmp_path / "both"):
+        for i, task in enumerate((pico.task, task2)):
+            run_merge(MergeConfiguration.model_validate(recipe(pico, task=str(task), params={"threshold": TAU})),
+                      str(tmp_path / f"o{i}"), options)
+    both = finalize_report(tmp_path / "both")
+    _, alone = merge(recipe(pico, task=str(task2), params={"threshold": TAU}), tmp_path / "alone")
+    assert both["settings"]["models"] == alone["settings"]["models"] and both["settings"]["models"]["task"] == str(task2)
+    assert both["inputs"] == alone["inputs"] and both["bytes_read"] == alone["bytes_read"]
+    assert [(r["module"], r["cosine"]) for r in both["layers"]] == [(r["module"], r["cosine"]) for r in alone["layers"]]
+    dropped = [w for w in both["warnings"] if "an earlier run_merge of this process recorded there too" in w]
+    assert len(dropped) == 1 and str(tmp_path / "both") in dropped[0], both["warnings"]
+    assert not any("earlier run_merge" in w for w in alone["warnings"])
+
+
 def test_an_out_path_that_is_an_input_folder_is_refused_before_anything_is_written(pico, tmp_path):
     """mergekit writes in place: run_merge (plain mergekit-yaml alike) into the task model's folder
     wrote the merged model.safetensors beside the task's own shards and index, two models in one
