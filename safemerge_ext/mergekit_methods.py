@@ -178,10 +178,11 @@ _TABLE = re.compile(r"(?:^|\.)(?:wpe|wte|pos_embed|embed_positions|embed_tokens|
 
 
 def _scorable(group: TensorGroup, t: torch.Tensor) -> bool:
-    """2-D floating weights of linear layers: not vocabulary tables (embeddings, lm_head) nor other
-    embedding tables (positions, token types), nor the 2-D biases of an MoE layer's experts."""
+    """2-D floating weights of linear layers (a module's ``weight``): not vocabulary tables
+    (embeddings, lm_head) nor other embedding tables (positions, token types), nor 2-D parameters
+    of other kinds (a Mamba mixer's ``A_log``, the 2-D biases of an MoE layer's experts)."""
     return (t.dim() == 2 and t.is_floating_point() and group.metadata.vocabulary_axis is None
-            and not _TABLE.search(_module(group.metadata.name)) and not (group.metadata.name or "").endswith("bias"))
+            and (group.metadata.name or "").endswith(".weight") and not _TABLE.search(_module(group.metadata.name)))
 
 
 @dataclass(frozen=True)
@@ -569,7 +570,7 @@ def _check_loras(group: TensorGroup, role: Any) -> None:
         with _readers_lock:
             if key in _loras_checked:
                 continue
-        from safemerge_ext.io.adapters import check_fits, read_adapter
+        from safemerge_ext.io.adapters import check_fits, check_fold_keeps_scalings, read_adapter
 
         label = "base_model" if e.is_base else f"role {role[e.id]}"
         reader = adapter = None
@@ -579,6 +580,7 @@ def _check_loras(group: TensorGroup, role: Any) -> None:
         try:
             if adapter is not None:
                 check_fits(adapter, reader, label)
+                check_fold_keeps_scalings(adapter, mpath, label)
         finally:
             if reader is not None:
                 reader.close()
@@ -915,15 +917,6 @@ def _check_planned_config(name: str, caller: Any) -> None:
     if first:
         _forget_inputs()
         _read_afresh(planner)
-    if first and config.merge_method == name:
-        from safemerge_ext.mergekit_run import begin_run, note_run_settings
-
-        loras = any(getattr(ref, "lora", None) is not None for ref in config.referenced_models())
-        begin_run(str((config.parameters or {}).get("report_path") or ""))
-        note_run_settings(str((config.parameters or {}).get("report_path") or ""), {
-            "dtype": config.dtype, "out_dtype": config.out_dtype,
-            "lora_merge_dtype": getattr(planner.options, "lora_merge_dtype", None) if loras else None})
-        _check_plan_covers(planner)
     if config.merge_method == name:
         _check_out_is_no_input(config, caller)
         from safemerge_ext.yaml_cli import check_layer_ranges, check_parameter_names
@@ -931,6 +924,17 @@ def _check_planned_config(name: str, caller: Any) -> None:
         check_parameter_names(config, name, "merge_config (as mergekit's planner lays it out)")
         check_layer_ranges(config, name, "merge_config (as mergekit's planner lays it out)")
     check_device(planner.options)
+    if first and config.merge_method == name:
+        _check_plan_covers(planner)
+        # (once nothing refuses the run: a refused one leaves an earlier run's records as they were; its
+        # report_path is the recipe's, as check_parameter_names allows no other)
+        from safemerge_ext.mergekit_run import begin_run, note_run_settings
+
+        loras = any(getattr(ref, "lora", None) is not None for ref in config.referenced_models())
+        begin_run(str((config.parameters or {}).get("report_path") or ""))
+        note_run_settings(str((config.parameters or {}).get("report_path") or ""), {
+            "dtype": config.dtype, "out_dtype": config.out_dtype,
+            "lora_merge_dtype": getattr(planner.options, "lora_merge_dtype", None) if loras else None})
 
 
 _planned: "weakref.WeakSet[Any]" = weakref.WeakSet()  # the planners seen: their run reads its inputs afresh, once

@@ -178,6 +178,7 @@ def check_parameter_names(config: MergeConfiguration, method: str, recipe: str |
     _check_module_parameters(config, method, recipe)
     for label, _base, inputs, own in _groups(config):
         _check_parameters(method, own, f"{recipe}: {label}: parameters")
+        _check_run_settings(own, f"{recipe}: {label}")
         for ref, params in inputs:
             _check_parameters(method, params, f"{recipe}: {label}: model {ref}", on_model=True)
 
@@ -186,6 +187,15 @@ def _check_module_parameters(config: MergeConfiguration, method: str, recipe: st
     """A module's own parameters (mergekit reads them for its slices too)."""
     for mname, mod in (config.modules or {}).items():
         _check_parameters(method, dict(mod.parameters or {}), f"{recipe}: modules.{mname}: parameters")
+        _check_run_settings(dict(mod.parameters or {}), f"{recipe}: modules.{mname}")
+
+
+def _check_run_settings(own: dict[str, Any], label: str) -> None:
+    """A slice's or module's parameters hold no ``report_path``: mergekit would rank it above the
+    recipe's, so part of the report would go there, and a run's report is of the whole run."""
+    if "report_path" in own:
+        raise SafeMergeError(f"{label}: parameters: report_path is a setting of the whole run; "
+                             "move it to the recipe's top-level parameters:")
 
 
 def _base_model(config: MergeConfiguration, recipe: str | os.PathLike = "recipe") -> Any:
@@ -207,9 +217,7 @@ def _check_roles(method: str, config: MergeConfiguration, recipe: str | os.PathL
     for group_label, base, inputs, own in groups:
         label = f"{recipe}: {group_label}"  # (every line below names the recipe file, as its siblings do)
         _check_parameters(method, own, f"{label}: parameters")
-        if "report_path" in own:  # (mergekit would rank it above the recipe's: part of the report would go there)
-            raise SafeMergeError(f"{label}: parameters: report_path is a setting of the whole run; "
-                                 "move it to the recipe's top-level parameters:")
+        _check_run_settings(own, label)
         found: dict[str, list[str]] = {}
         same: dict[tuple, tuple[Any, str]] = {}
         # (as mergekit reads a parameter: the model's own, else its slice's, its module's, the recipe's)
@@ -279,7 +287,7 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
     """Paths exist; every tensor of the aligned model is in every input with the same shape (a
     resized vocabulary only with the recipe's tokenizer settings), 2-D weights in the same dtype in
     the unaligned one (headers only)."""
-    from safemerge_ext.io.adapters import check_fits, read_adapter
+    from safemerge_ext.io.adapters import check_fits, check_fold_keeps_scalings, read_adapter
     from safemerge_ext.io.models import ModelReader
 
     by_str = {str(r): r for _, _, inputs, _ in _groups(config) for r, _ in inputs}
@@ -336,7 +344,9 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
                 )
         checked += len(shape) == 2
     for label, ref, adapter in adapters:
-        check_fits(adapter, next(r for lbl, _, r in readers if lbl == label), label)
+        reader = next(r for lbl, _, r in readers if lbl == label)
+        check_fits(adapter, reader, label)
+        check_fold_keeps_scalings(adapter, reader.path, label)
     inputs = tuple((f"{label} model", r.path) for label, _, r in readers) + tuple(
         (f"{label} LoRA adapter", a.path) for label, _, a in adapters)
     return has_lora, checked, inputs

@@ -3014,6 +3014,54 @@ def test_two_runs_reporting_to_one_place_give_the_report_of_the_last(pico, tmp_p
     dropped = [w for w in both["warnings"] if "an earlier run_merge of this process recorded there too" in w]
     assert len(dropped) == 1 and str(tmp_path / "both") in dropped[0], both["warnings"]
     assert not any("earlier run_merge" in w for w in alone["warnings"])
+    # a run refused as mergekit plans it drops nothing (review161), and a slice's report_path, which
+    # would send part of a run's records elsewhere, is refused as safemerge-yaml refuses it
+    task = Path(shutil.copytree(pico.task, tmp_path / "task"))
+    sliced = recipe(pico, task=str(task2), params={"threshold": TAU})
+    sliced["slices"] = [{"sources": [{**m, "layer_range": [0, 2]} for m in sliced.pop("models")]
+                         + [{"model": sliced["base_model"], "layer_range": [0, 2]}],
+                         "parameters": {"report_path": str(tmp_path / "slice-report")}}]
+    with report_to(tmp_path / "kept"):
+        run_merge(MergeConfiguration.model_validate(recipe(pico, task=str(task2), params={"threshold": TAU})),
+                  str(tmp_path / "o3"), options)
+        with pytest.raises(SafeMergeError, match="is the folder of the recipe's input"):
+            run_merge(MergeConfiguration.model_validate(recipe(pico, task=str(task), params={"threshold": TAU})),
+                      str(task), options)
+        with pytest.raises(SafeMergeError, match=r"slices\[0\]: parameters: report_path is a setting of the whole run"):
+            run_merge(MergeConfiguration.model_validate(sliced), str(tmp_path / "o4"), options)
+    kept = finalize_report(tmp_path / "kept")
+    assert [(r["module"], r["cosine"]) for r in kept["layers"]] == [(r["module"], r["cosine"]) for r in alone["layers"]]
+    assert kept["bytes_read"] == alone["bytes_read"] and not any("earlier run_merge" in w for w in kept["warnings"])
+
+
+@pytest.mark.parametrize("method", ["safemerge", "safelora"])
+def test_a_mamba_mixers_a_log_is_no_linear_layer(tmp_path, method):
+    """A Mamba mixer's A_log (d_inner x d_state, the log of the state matrix: a parameter, no linear
+    layer's weight) passes through as the task's, unscored (review162: it was scored, flagged and
+    merged or projected); its linear layers are scored as before."""
+    import transformers
+
+    cfg = transformers.MambaConfig(vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2,
+                                   time_step_rank=4, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(cfg)
+    for role, scale in (("unaligned", 0.0), ("aligned", 0.05), ("task", 0.05), ("safety", 0.03)):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(scale * torch.randn_like(p))
+        model.save_pretrained(tmp_path / role)
+    roles = ["task", "unaligned"] + (["safety"] if method == "safemerge" else [])
+    got, report = merge({"merge_method": method, "base_model": str(tmp_path / "aligned"), "dtype": "float32",
+                         "parameters": {"threshold": 1.0},  # (every scored layer flagged)
+                         "models": [{"model": str(tmp_path / r), "parameters": {"role": r}} for r in roles]},
+                        tmp_path / "out")
+    task = read_model(tmp_path / "task")
+    a_log = [k for k in task if k.endswith(".A_log")]
+    assert len(a_log) == 2 and all(torch.equal(got[k], task[k]) for k in a_log)
+    scored = {r["module"] for r in report["layers"]}
+    assert not any("A_log" in m for m in scored)
+    assert {f"backbone.layers.{i}.mixer.{p}" for i in (0, 1) for p in ("in_proj", "x_proj", "dt_proj", "out_proj")} <= scored
+    assert all(r["flagged"] for r in report["layers"] if r["reason"] is None)
 
 
 def test_an_out_path_that_is_an_input_folder_is_refused_before_anything_is_written(pico, tmp_path):
@@ -3164,6 +3212,60 @@ def moe_models(tmp_path_factory):
         model.load_state_dict(sd)
         model.save_pretrained(root / role)
     return root
+
+
+@pytest.mark.parametrize("case", ["default", "alpha_pattern", "rank_pattern", "rslora"])
+def test_a_transformers_4_moe_lora_is_taken_only_where_peft_folds_it_as_trained(moe_models, tmp_path, capsys, case):
+    """mergekit folds a model+lora input with PEFT, which with transformers 5 folds a transformers-4
+    MoE adapter's router and experts (block_sparse_moe.gate, experts.N.w1/w2/w3) at the adapter's
+    default r and lora_alpha, and fuses w1 and w3 by doubling both: an alpha_pattern for them was
+    lost, so their update was scaled wrong in the merge, with no word (review162); a rank_pattern made
+    PEFT's fold fail; under rsLoRA the fusion scales w1 and w3 by sqrt(2). safemerge-yaml and the
+    methods refuse those adapters in one line and take the others."""
+    from safetensors.torch import save_file
+
+    from safemerge_ext import yaml_cli
+
+    aligned = read_model(moe_models / "aligned")
+    r = 2 if case == "rank_pattern" else 4
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    g = torch.Generator().manual_seed(1)
+    factors = {}
+    for name, w in aligned.items():
+        if re.search(r"\.(q_proj|gate|w1|w2|w3)\.weight$", name):
+            m = name[:-len(".weight")]
+            rank = 4 if case == "rank_pattern" and m.endswith(".w2") else r
+            factors[f"base_model.model.{m}.lora_A.weight"] = 0.1 * torch.randn(rank, w.shape[1], generator=g)
+            factors[f"base_model.model.{m}.lora_B.weight"] = 0.1 * torch.randn(w.shape[0], rank, generator=g)
+    save_file(factors, str(lora / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (lora / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "bias": "none",
+        "target_modules": ["q_proj", "gate", "w1", "w2", "w3"], "use_rslora": case == "rslora",
+        "alpha_pattern": {"w2": 4 * r} if case == "alpha_pattern" else {},
+        "rank_pattern": {"w2": 4} if case == "rank_pattern" else {}}))
+    cfg = {"merge_method": "safelora", "base_model": str(moe_models / "aligned"), "dtype": "float32",
+           "parameters": {"threshold": 0.5},
+           "models": [{"model": f"{moe_models / 'aligned'}+{lora}", "parameters": {"role": "task"}},
+                      {"model": str(moe_models / "unaligned"), "parameters": {"role": "unaligned"}}]}
+    recipe_file = _write(cfg, tmp_path / "r.yml")
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(recipe_file), str(tmp_path / "yaml-out"), "--no-copy-tokenizer"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]
+    if case == "default":
+        assert done.value.code == 0 and not err, err
+        merge(cfg, tmp_path / "out", lora_merge_cache=str(tmp_path / "cache"))
+        return
+    want = {"alpha_pattern": "gives model.layers.0.block_sparse_moe.experts.0.w2 rank 4 and scaling 4 (rank_pattern/",
+            "rank_pattern": "gives model.layers.0.block_sparse_moe.experts.0.w2 rank 4 and scaling 1 (rank_pattern/",
+            "rslora": "has use_rslora, and PEFT with transformers 5 folds its w1 and w3 into "
+                      "model.layers.0.mlp.experts.gate_up_proj at twice r and lora_alpha"}[case]
+    assert done.value.code == 1 and len(err) == 1 and want in err[0], err
+    assert "the safemerge command (merge or project, with --output model)" in err[0]
+    # (run_merge: mergekit folds before the methods see the recipe; there PEFT's fold fails on the rank itself)
+    with pytest.raises(RuntimeError if case == "rank_pattern" else SafeMergeError,
+                       match="size mismatch" if case == "rank_pattern" else re.escape(want)):
+        merge(cfg, tmp_path / "out", lora_merge_cache=str(tmp_path / "cache"))
 
 
 def _moe_pieces(root: Path) -> dict[str, tuple[str, int, slice]]:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Collection, Iterable
 import torch
 
 from safemerge_ext.errors import SafeMergeError, not_a_folder
-from safemerge_ext.io.models import ModelReader, canonical_name, natural_key
+from safemerge_ext.io.models import ModelReader, canonical_name, natural_key, renamed_on_load
 from safemerge_ext.io.safetensors_stream import StreamingWriter
 
 CONFIG = "adapter_config.json"
@@ -491,6 +491,39 @@ def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
                 f"{label}: LoRA adapter {adapter.path} module {module} is {m.d_out}x{m.d_in} "
                 f"but the weight {wname} is {d_out}x{d_in}; the adapter belongs to another model"
             )
+
+
+def check_fold_keeps_scalings(adapter: LoraAdapter, model_dir: str | os.PathLike, label: str) -> None:
+    """For an adapter that PEFT folds into its model (mergekit's ``model+lora``): PEFT with
+    transformers 5 folds a transformers-4 MoE adapter's router and experts (see
+    ``models.renamed_on_load``) at the adapter's default ``r`` and ``lora_alpha``, and fuses w1 and
+    w3 by doubling both (under ``use_rslora`` that scales them by sqrt(2)). Refuse, in one line, an
+    adapter whose patterns give such a module another rank or scaling, or that fuses under rsLoRA:
+    its fold would not be the model it was trained to be (review162)."""
+    renamed = renamed_on_load(model_dir, adapter.modules)
+    if not renamed:
+        return
+    r, alpha, scaling = adapter.config.get("r", 8), adapter.config.get("lora_alpha", 8), global_scaling(adapter.config)
+    remedy = ("; the safemerge command (merge or project, with --output model) reads the adapter as trained and "
+              "takes it as it is")
+    for name in sorted(renamed, key=natural_key):
+        m = adapter.modules[name]
+        if m.rank != r or not math.isclose(m.scaling, scaling, rel_tol=1e-9, abs_tol=0.0):
+            raise SafeMergeError(
+                f"{label}: LoRA adapter {adapter.path} gives {name} rank {m.rank} and scaling {m.scaling:.4g} "
+                f"(rank_pattern/alpha_pattern), but PEFT with transformers 5 folds a transformers-4 MoE adapter's "
+                f"router and experts at its default r ({r}) and lora_alpha ({alpha}), so the folded task model "
+                f"would not be the one trained{remedy}")
+    if adapter.use_rslora:
+        leaves: dict[str, set[str]] = {}
+        for name, new in renamed.items():
+            leaves.setdefault(new, set()).add(name.rsplit(".", 1)[-1])
+        fused = next((new for new, parts in leaves.items() if len(parts) > 1), None)
+        if fused is not None:
+            raise SafeMergeError(
+                f"{label}: LoRA adapter {adapter.path} has use_rslora, and PEFT with transformers 5 folds its "
+                f"{' and '.join(sorted(leaves[fused]))} into {fused} at twice r and lora_alpha, which scales "
+                f"their update by sqrt(2) under rsLoRA, so the folded task model would not be the one trained{remedy}")
 
 
 def global_scaling(config: dict[str, Any]) -> float:

@@ -283,26 +283,28 @@ def experts_count(model_dir: str | os.PathLike) -> int | None:
                  and not isinstance(v, bool) and v > 0), None)
 
 
-def renamed_on_load(model_dir: str | os.PathLike, modules: Iterable[str]) -> set[str]:
+def renamed_on_load(model_dir: str | os.PathLike, modules: Iterable[str]) -> dict[str, str]:
     """Of ``modules`` (named as the model's files name them), those whose weight transformers'
     conversion of the model's checkpoints renames or fuses on load, beyond the prefix moves
-    :func:`canonical_name` follows: a Mixtral's router (``block_sparse_moe.gate``, ``mlp.gate`` in
-    transformers 5) and experts (``experts.N.w1``, fused into ``experts.gate_up_proj``). PEFT loads
-    an adapter's LoRA on them under those names, which no per-module ``rank_pattern`` key reaches.
-    Empty where transformers has no such conversion for the model (transformers 4: none at all), and
-    for models whose config counts no experts: the renames that matter here are of MoE layers, and
-    importing transformers costs the adapter commands seconds they otherwise do without."""
+    :func:`canonical_name` follows, each with the name it gets: a Mixtral's router
+    (``block_sparse_moe.gate``: ``mlp.gate.weight`` in transformers 5) and experts
+    (``experts.N.w1`` and ``w3``: ``experts.gate_up_proj``). PEFT loads an adapter's LoRA on them
+    under those names, which no per-module ``rank_pattern`` key reaches, at the adapter's default
+    ``r`` and ``lora_alpha``. Empty where transformers has no such conversion for the model
+    (transformers 4: none at all), and for models whose config counts no experts: the renames that
+    matter here are of MoE layers, and importing transformers costs the adapter commands seconds
+    they otherwise do without."""
     model_type = config_value(model_dir, "model_type")
     modules = [m for m in modules if canonical_name(m) == m]
     if not isinstance(model_type, str) or not modules or experts_count(model_dir) is None:
-        return set()
+        return {}
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
         transforms = get_checkpoint_conversion_mapping(model_type) or []
     except Exception:  # (transformers 4 has no conversion mapping; nor does PEFT convert there)
-        return set()
-    renamed = set()
+        return {}
+    renamed = {}
     for module in modules:
         name = module + ".weight"
         for transform in transforms:  # (in order, each on the name the ones before gave)
@@ -310,7 +312,7 @@ def renamed_on_load(model_dir: str | os.PathLike, modules: Iterable[str]) -> set
             if pattern is not None:
                 name = new
         if name != module + ".weight":
-            renamed.add(module)
+            renamed[module] = name
     return renamed
 
 
