@@ -177,12 +177,18 @@ _TABLE = re.compile(r"(?:^|\.)(?:wpe|wte|pos_embed|embed_positions|embed_tokens|
                     r"|token_type_embeddings|positional_embedding\w*|relative_attention_bias)$")
 
 
+# 2-D parameters that are no linear map: a Mamba mixer's A_log (d_inner x d_state, the log of its state
+# matrix); the 2-D biases of an MoE layer's experts. (Not "anything but .weight": DBRX stores its experts'
+# linear maps as ffn.experts.mlp.w1, v1, w2; review163.)
+_NOT_LINEAR = re.compile(r"(?:^|\.)A_log$|bias$")
+
+
 def _scorable(group: TensorGroup, t: torch.Tensor) -> bool:
-    """2-D floating weights of linear layers (a module's ``weight``): not vocabulary tables
-    (embeddings, lm_head) nor other embedding tables (positions, token types), nor 2-D parameters
-    of other kinds (a Mamba mixer's ``A_log``, the 2-D biases of an MoE layer's experts)."""
+    """2-D floating weights of linear layers: not vocabulary tables (embeddings, lm_head) nor other
+    embedding tables (positions, token types), nor the other 2-D parameters in ``_NOT_LINEAR``."""
+    name = group.metadata.name or ""
     return (t.dim() == 2 and t.is_floating_point() and group.metadata.vocabulary_axis is None
-            and (group.metadata.name or "").endswith(".weight") and not _TABLE.search(_module(group.metadata.name)))
+            and not _TABLE.search(_module(name)) and not _NOT_LINEAR.search(name))
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,8 @@ def _check_parameters(method: str, params: dict[str, Any], where: str, *, on_mod
         if on_model:
             raise SafeMergeError(
                 f"{where}: {name} is a setting of the whole merge, which mergekit does not read from a model; "
-                "move it to the recipe's (or the slice's) parameters:"
+                + ("move it to the recipe's top-level parameters:" if name == "report_path"
+                   else "move it to the recipe's (or the slice's) parameters:")
             )
         values = _setting_values(setting)
         if not values:  # (mergekit reads an empty list as "not given" and uses the default)

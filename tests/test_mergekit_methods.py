@@ -553,6 +553,8 @@ def _mismatched_model(tmp: Path) -> Path:
                               "merge --method peft-linear with the adapters)"),
         ("unknown_precision", "precision must be one of ieee, tf32, tf32x3, bf16; got 'fp8'"),
         ("model_level_threshold", "threshold is a setting of the whole merge, which mergekit does not read from a model"),
+        ("model_level_report_path", "report_path is a setting of the whole merge, which mergekit does not read from a "
+                                    "model; move it to the recipe's top-level parameters:"),
         ("slice_typo", "slices[0]: parameters: unknown parameter 'thresold'"),
         ("slice_merge", "slices[0]: parameters: merge must be one of linear, ties, dare_linear, dare_ties; got 'slerp'"),
         ("dtype", "dtype must be one of bfloat16, float16, float32, float64; got 'bf16'"),
@@ -595,6 +597,8 @@ def test_bad_recipes_fail_before_loading_weights(pico, tmp_path, no_weight_reads
         cfg["parameters"]["precision"] = "fp8"
     elif case == "model_level_threshold":
         models[0]["parameters"]["threshold"] = 0.6
+    elif case == "model_level_report_path":
+        models[0]["parameters"]["report_path"] = str(tmp_path / "model-report")
     elif case in ("slice_typo", "slice_merge", "slice_report_path"):
         own = {"slice_typo": {"thresold": 0.9}, "slice_merge": {"merge": "slerp"},
                "slice_report_path": {"threshold": 0.9, "report_path": str(tmp_path / "slice-report")}}[case]
@@ -3064,6 +3068,30 @@ def test_a_mamba_mixers_a_log_is_no_linear_layer(tmp_path, method):
     assert all(r["flagged"] for r in report["layers"] if r["reason"] is None)
 
 
+def test_dbrx_experts_stored_without_weight_in_their_name_are_scored(tmp_path):
+    """DBRX stores each layer's experts as 2-D parameters ffn.experts.mlp.w1, v1, w2 (no ".weight"):
+    they are linear maps and are scored (review163: the fix for Mamba's A_log passed them through)."""
+    import transformers
+
+    cfg = transformers.DbrxConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=64, max_seq_len=64,
+                                  ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 2, "moe_top_k": 1},
+                                  attn_config={"kv_n_heads": 2})
+    cfg.attn_config.rope_theta = 10000.0  # (transformers' DbrxAttention reads it; this config lacks it)
+    torch.manual_seed(0)
+    model = transformers.DbrxForCausalLM(cfg)
+    for role, scale in (("unaligned", 0.0), ("aligned", 0.05), ("task", 0.05)):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(scale * torch.randn_like(p))
+        model.save_pretrained(tmp_path / role)
+    _, report = merge({"merge_method": "safelora", "base_model": str(tmp_path / "aligned"), "dtype": "float32",
+                       "parameters": {"threshold": 0.5},
+                       "models": [{"model": str(tmp_path / r), "parameters": {"role": r}} for r in ("task", "unaligned")]},
+                      tmp_path / "out")
+    scored = {r["module"] for r in report["layers"]}
+    assert {f"transformer.blocks.{i}.ffn.experts.mlp.{w}" for i in (0, 1) for w in ("w1", "v1", "w2")} <= scored, scored
+
+
 def test_an_out_path_that_is_an_input_folder_is_refused_before_anything_is_written(pico, tmp_path):
     """mergekit writes in place: run_merge (plain mergekit-yaml alike) into the task model's folder
     wrote the merged model.safetensors beside the task's own shards and index, two models in one
@@ -3214,14 +3242,16 @@ def moe_models(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("case", ["default", "alpha_pattern", "rank_pattern", "rslora"])
+@pytest.mark.parametrize("case", ["default", "same_alpha", "alpha_pattern", "new_name_pattern", "rank_pattern", "rslora"])
 def test_a_transformers_4_moe_lora_is_taken_only_where_peft_folds_it_as_trained(moe_models, tmp_path, capsys, case):
     """mergekit folds a model+lora input with PEFT, which with transformers 5 folds a transformers-4
-    MoE adapter's router and experts (block_sparse_moe.gate, experts.N.w1/w2/w3) at the adapter's
-    default r and lora_alpha, and fuses w1 and w3 by doubling both: an alpha_pattern for them was
-    lost, so their update was scaled wrong in the merge, with no word (review162); a rank_pattern made
-    PEFT's fold fail; under rsLoRA the fusion scales w1 and w3 by sqrt(2). safemerge-yaml and the
-    methods refuse those adapters in one line and take the others."""
+    MoE adapter's router and experts (block_sparse_moe.gate, experts.N.w1/w2/w3) under their new
+    names (mlp.gate.weight, experts.gate_up_proj/down_proj), looking the patterns up by those, and
+    fuses w1 and w3 by doubling r and lora_alpha: an alpha_pattern for w2 was lost, so its update was
+    scaled wrong in the merge, with no word (review162), and one for down_proj, meant for another
+    model, applied (review163); a rank_pattern made PEFT's fold fail; under rsLoRA the fusion scales
+    w1 and w3 by sqrt(2). safemerge-yaml and the methods refuse those adapters in one line and take
+    the others (an alpha_pattern that gives w2 the default alpha anyway)."""
     from safetensors.torch import save_file
 
     from safemerge_ext import yaml_cli
@@ -3242,7 +3272,8 @@ def test_a_transformers_4_moe_lora_is_taken_only_where_peft_folds_it_as_trained(
     (lora / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "bias": "none",
         "target_modules": ["q_proj", "gate", "w1", "w2", "w3"], "use_rslora": case == "rslora",
-        "alpha_pattern": {"w2": 4 * r} if case == "alpha_pattern" else {},
+        "alpha_pattern": {"alpha_pattern": {"w2": 4 * r}, "same_alpha": {"w2": 2 * r},
+                          "new_name_pattern": {"down_proj": 4 * r}}.get(case, {}),
         "rank_pattern": {"w2": 4} if case == "rank_pattern" else {}}))
     cfg = {"merge_method": "safelora", "base_model": str(moe_models / "aligned"), "dtype": "float32",
            "parameters": {"threshold": 0.5},
@@ -3252,14 +3283,19 @@ def test_a_transformers_4_moe_lora_is_taken_only_where_peft_folds_it_as_trained(
     with pytest.raises(SystemExit) as done:
         yaml_cli.main([str(recipe_file), str(tmp_path / "yaml-out"), "--no-copy-tokenizer"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]
-    if case == "default":
+    if case in ("default", "same_alpha"):
         assert done.value.code == 0 and not err, err
         merge(cfg, tmp_path / "out", lora_merge_cache=str(tmp_path / "cache"))
         return
-    want = {"alpha_pattern": "gives model.layers.0.block_sparse_moe.experts.0.w2 rank 4 and scaling 4 (rank_pattern/",
-            "rank_pattern": "gives model.layers.0.block_sparse_moe.experts.0.w2 rank 4 and scaling 1 (rank_pattern/",
-            "rslora": "has use_rslora, and PEFT with transformers 5 folds its w1 and w3 into "
-                      "model.layers.0.mlp.experts.gate_up_proj at twice r and lora_alpha"}[case]
+    w1, w2 = (f"folds its model.layers.0.block_sparse_moe.experts.0.{w} (a transformers-4 MoE module) " for w in ("w1", "w2"))
+    want = {"alpha_pattern": f"{w2}as model.layers.0.mlp.experts.down_proj at rank 4 and scaling 2, but the adapter "
+                             "gives it scaling 4 (",
+            "new_name_pattern": f"{w2}as model.layers.0.mlp.experts.down_proj at rank 4 and scaling 4, but the adapter "
+                                "gives it scaling 2 (",
+            "rank_pattern": f"{w2}as model.layers.0.mlp.experts.down_proj at rank 2 and scaling 2, but the adapter "
+                            "gives it rank 4 and scaling 1 (",
+            "rslora": f"{w1}as part of model.layers.0.mlp.experts.gate_up_proj at rank 8 and scaling 5.657, but the "
+                      "adapter gives it scaling 4 ("}[case]
     assert done.value.code == 1 and len(err) == 1 and want in err[0], err
     assert "the safemerge command (merge or project, with --output model)" in err[0]
     # (run_merge: mergekit folds before the methods see the recipe; there PEFT's fold fails on the rank itself)

@@ -496,34 +496,44 @@ def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
 def check_fold_keeps_scalings(adapter: LoraAdapter, model_dir: str | os.PathLike, label: str) -> None:
     """For an adapter that PEFT folds into its model (mergekit's ``model+lora``): PEFT with
     transformers 5 folds a transformers-4 MoE adapter's router and experts (see
-    ``models.renamed_on_load``) at the adapter's default ``r`` and ``lora_alpha``, and fuses w1 and
-    w3 by doubling both (under ``use_rslora`` that scales them by sqrt(2)). Refuse, in one line, an
-    adapter whose patterns give such a module another rank or scaling, or that fuses under rsLoRA:
-    its fold would not be the model it was trained to be (review162)."""
+    ``models.renamed_on_load``) under their new names (``mlp.gate.weight``, ``experts.gate_up_proj``,
+    ``experts.down_proj``), each layer's experts stacked, w1 and w3 fused with ``.*\\.gate_up_proj``
+    patterns of twice ``r`` and ``lora_alpha`` added after the adapter's own; it looks
+    ``rank_pattern``/``alpha_pattern`` up by those names. Refuse, in one line, an adapter for which
+    that gives such a module another rank or scaling than it was trained with (an alpha_pattern
+    written for ``w2``: folded at the default; under rsLoRA the fused pair scaled by sqrt(2)): its
+    fold would not be the model it was trained to be (review162, review163)."""
     renamed = renamed_on_load(model_dir, adapter.modules)
     if not renamed:
         return
-    r, alpha, scaling = adapter.config.get("r", 8), adapter.config.get("lora_alpha", 8), global_scaling(adapter.config)
-    remedy = ("; the safemerge command (merge or project, with --output model) reads the adapter as trained and "
-              "takes it as it is")
+    r, alpha, rank_pattern, alpha_pattern = _ranks_and_alphas(adapter.config, f"{label}: {adapter.path / CONFIG}")
+    leaves: dict[str, list[str]] = {}  # (a new name's own leaf names, as each layer's experts fuse them)
+    for name, new in renamed.items():
+        group = leaves.setdefault(new, [])
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in group:
+            group.append(leaf)
     for name in sorted(renamed, key=natural_key):
-        m = adapter.modules[name]
-        if m.rank != r or not math.isclose(m.scaling, scaling, rel_tol=1e-9, abs_tol=0.0):
+        m, new = adapter.modules[name], renamed[name]
+        fused = leaves[new]
+        ranks, alphas = dict(rank_pattern), dict(alpha_pattern)
+        if len(fused) > 1:  # (as PEFT's conversion adds them: after the adapter's own, first match wins)
+            key = rf".*\.{re.escape(new.rsplit('.', 1)[-1])}"
+            ranks[key], alphas[key] = r * len(fused), alpha * len(fused)
+        rk, ak = pattern_key(ranks, new), pattern_key(alphas, new)
+        rank = int(ranks[rk]) if rk is not None else r
+        got = (float(alphas[ak]) if ak is not None else alpha) / unit_alpha(rank, adapter.use_rslora)
+        siblings = [adapter.modules.get(name[: -len(name.rsplit(".", 1)[-1])] + leaf) for leaf in fused]
+        want_rank = sum(s.rank for s in siblings if s is not None)
+        if rank != want_rank or not math.isclose(got, m.scaling, rel_tol=1e-9, abs_tol=0.0):
+            part = f"as part of {new}" if len(fused) > 1 else f"as {new}"
             raise SafeMergeError(
-                f"{label}: LoRA adapter {adapter.path} gives {name} rank {m.rank} and scaling {m.scaling:.4g} "
-                f"(rank_pattern/alpha_pattern), but PEFT with transformers 5 folds a transformers-4 MoE adapter's "
-                f"router and experts at its default r ({r}) and lora_alpha ({alpha}), so the folded task model "
-                f"would not be the one trained{remedy}")
-    if adapter.use_rslora:
-        leaves: dict[str, set[str]] = {}
-        for name, new in renamed.items():
-            leaves.setdefault(new, set()).add(name.rsplit(".", 1)[-1])
-        fused = next((new for new, parts in leaves.items() if len(parts) > 1), None)
-        if fused is not None:
-            raise SafeMergeError(
-                f"{label}: LoRA adapter {adapter.path} has use_rslora, and PEFT with transformers 5 folds its "
-                f"{' and '.join(sorted(leaves[fused]))} into {fused} at twice r and lora_alpha, which scales "
-                f"their update by sqrt(2) under rsLoRA, so the folded task model would not be the one trained{remedy}")
+                f"{label}: LoRA adapter {adapter.path}: PEFT with transformers 5 folds its {name} (a "
+                f"transformers-4 MoE module) {part} at rank {rank} and scaling {got:.4g}, but the adapter gives it "
+                f"{'rank ' + str(want_rank) + ' and ' if rank != want_rank else ''}scaling {m.scaling:.4g} "
+                "(its r, lora_alpha, rank_pattern, alpha_pattern and use_rslora), so the folded task model would "
+                "not be the one trained; the safemerge command (merge or project, with --output model) reads the "
+                "adapter as trained and takes it as it is")
 
 
 def global_scaling(config: dict[str, Any]) -> float:
