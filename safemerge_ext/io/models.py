@@ -289,8 +289,8 @@ def renamed_on_load(model_dir: str | os.PathLike, modules: Iterable[str]) -> dic
     :func:`canonical_name` follows, each with the name it gets: a Mixtral's router
     (``block_sparse_moe.gate``: ``mlp.gate.weight`` in transformers 5) and experts
     (``experts.N.w1`` and ``w3``: ``experts.gate_up_proj``). PEFT loads an adapter's LoRA on them
-    under those names, which no per-module ``rank_pattern`` key reaches, at the adapter's default
-    ``r`` and ``lora_alpha``. Empty where transformers has no such conversion for the model
+    under those names, looking ``rank_pattern``/``alpha_pattern`` up by them, so a per-module key in
+    the files' naming does not reach them. Empty where transformers has no such conversion for the model
     (transformers 4: none at all), and for models whose config counts no experts: the renames that
     matter here are of MoE layers, and importing transformers costs the adapter commands seconds
     they otherwise do without."""
