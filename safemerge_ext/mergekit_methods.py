@@ -42,7 +42,7 @@ from safemerge_ext import backends, ops
 from safemerge_ext.backends import PRECISIONS, backend_detail, exact_fp32_matmuls, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import (EXPERTS_KEYS, ModelReader, all_finite, config_value, is_conv1d,
-                                     named_like_conv1d)
+                                     named_like_conv1d, renamings)
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import PEFT_LINEAR, combine_full, seeded
 from safemerge_ext.mergekit_run import (REPORT_DIR_ENV, SIDECAR, _append, _failing_run, _in_mergekit_yaml,
@@ -275,11 +275,7 @@ class _ExpertsInfo:
 
     def in_memory(self, name: str) -> str:
         """``name`` as transformers names the tensor in memory (the renames its checkpoint conversion makes)."""
-        for transform in self.transforms:
-            renamed, pattern = transform.rename_source_key(name)
-            if pattern is not None:
-                name = renamed
-        return name
+        return renamings(self.transforms, name)[-1]
 
 
 # (the aligned model's folder, its time of last change) -> its _ExpertsInfo; None: no config to read
@@ -706,13 +702,13 @@ def _put(out: torch.Tensor, task: torch.Tensor, piece: _Piece, pieces: list[_Pie
     return out
 
 
-def _per_piece(group: TensorGroup, t: dict[str, torch.Tensor], role: Any, precision: str | None, method: str,
-               flags: Callable[[float], bool], update: Callable[[_Scored], torch.Tensor], action: str,
-               settings: dict[str, Any], report_path: str) -> torch.Tensor:
-    """The task's tensor with each scorable piece that ``flags`` (on its cosine) given W_aligned +
-    ``update`` (the piece's new update), each piece recorded; a tensor with no piece is checked and
-    passed through."""
-    pieces = _pieces(group, t["task"])
+def _per_piece(group: TensorGroup, t: dict[str, torch.Tensor], pieces: list[_Piece], role: Any,
+               precision: str | None, method: str, flags: Callable[[float], bool],
+               update: Callable[[_Scored], torch.Tensor], action: str, settings: dict[str, Any],
+               report_path: str) -> torch.Tensor:
+    """The task's tensor with each of its ``pieces`` (``_pieces``) that ``flags`` (on its cosine)
+    given W_aligned + ``update`` (the piece's new update), each piece recorded; a tensor with no
+    piece is checked and passed through."""
     if not pieces:
         return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
     out = t["task"]
@@ -758,14 +754,15 @@ def _safemerge_tensor(
     seed: int, report_path: str, precision: str | None,
 ) -> torch.Tensor:
     t = _roles(group, role, "safemerge")
-    if _pieces(group, t["task"]):
+    pieces = _pieces(group, t["task"])
+    if pieces:
         _finite(group.metadata.name or "?", t["safety"], {"safety": t["safety"]})  # flagged or not
 
     def merged(s: _Scored) -> torch.Tensor:
         dWs = s.piece.of(t["safety"]).to(s.wd) - s.wa
         return combine_full(s.dW, dWs, alpha=alpha, method=merge, density=density, seed=seed, module=s.piece.module)
 
-    return _per_piece(group, t, role, precision, "safemerge", lambda cos: cos < threshold, merged, "merged",
+    return _per_piece(group, t, pieces, role, precision, "safemerge", lambda cos: cos < threshold, merged, "merged",
                       {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed},
                       report_path)
 
@@ -793,8 +790,8 @@ def _safelora_tensor(
     group: TensorGroup, role: Any, threshold: float, report_path: str, precision: str | None,
 ) -> torch.Tensor:
     t = _roles(group, role, "safelora")
-    return _per_piece(group, t, role, precision, "safelora", lambda cos: cos <= threshold, _Scored.projected,
-                      "projected", {"threshold": threshold}, report_path)
+    return _per_piece(group, t, _pieces(group, t["task"]), role, precision, "safelora", lambda cos: cos <= threshold,
+                      _Scored.projected, "projected", {"threshold": threshold}, report_path)
 
 
 @merge_method(

@@ -427,6 +427,8 @@ def check_plan_covers(arch: Any, aligned: Any, where: str | os.PathLike, cfg: An
     planned by its name, an alias or tied name, or the name transformers' conversion of the checkpoint
     gives it (fused MoE experts). ``aligned``: its ModelReader; ``cfg``: its transformers config, where
     read already."""
+    from safemerge_ext.io.models import renamings
+
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
@@ -442,16 +444,8 @@ def check_plan_covers(arch: Any, aligned: Any, where: str | os.PathLike, cfg: An
 
     planned = {n for w in weights if kept(w) for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
 
-    def in_plan(name: str) -> bool:
-        if name in planned:
-            return True
-        for transform in transforms:  # (in order, each on the name the ones before gave, as mergekit loads)
-            renamed, pattern = transform.rename_source_key(name)
-            if pattern is not None:
-                name = renamed
-                if name in planned:
-                    return True
-        return False
+    def in_plan(name: str) -> bool:  # (as mergekit loads it: by any name the conversion gives it on the way)
+        return any(n in planned for n in renamings(transforms, name))
 
     # (buffers: rotary inv_freq, and what older checkpoints saved and transformers ignores on load, as the model
     # class lists it: GPT-2's h.N.attn.bias causal masks in openai-community/gpt2; never merged, never needed)

@@ -283,6 +283,18 @@ def experts_count(model_dir: str | os.PathLike) -> int | None:
                  and not isinstance(v, bool) and v > 0), None)
 
 
+def renamings(transforms: Iterable[Any], name: str) -> list[str]:
+    """``name``, then each name transformers' checkpoint conversion (``transforms``, from
+    ``get_checkpoint_conversion_mapping``) gives it in turn, in order, each on the name the ones
+    before gave: the last is its name in memory."""
+    names = [name]
+    for transform in transforms:
+        renamed, pattern = transform.rename_source_key(names[-1])
+        if pattern is not None:
+            names.append(renamed)
+    return names
+
+
 def renamed_on_load(model_dir: str | os.PathLike, modules: Iterable[str]) -> dict[str, str]:
     """Of ``modules`` (named as the model's files name them), those whose weight transformers'
     conversion of the model's checkpoints renames or fuses on load, beyond the prefix moves
@@ -306,11 +318,7 @@ def renamed_on_load(model_dir: str | os.PathLike, modules: Iterable[str]) -> dic
         return {}
     renamed = {}
     for module in modules:
-        name = module + ".weight"
-        for transform in transforms:  # (in order, each on the name the ones before gave)
-            new, pattern = transform.rename_source_key(name)
-            if pattern is not None:
-                name = new
+        name = renamings(transforms, module + ".weight")[-1]
         if name != module + ".weight":
             renamed[module] = name
     return renamed
