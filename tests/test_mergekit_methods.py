@@ -3304,6 +3304,63 @@ def test_a_transformers_4_moe_lora_is_taken_only_where_peft_folds_it_as_trained(
         merge(cfg, tmp_path / "out", lora_merge_cache=str(tmp_path / "cache"))
 
 
+def test_a_transformers_4_moe_lora_that_peft_does_not_convert_is_refused_as_a_model_lora_input(tmp_path, capsys):
+    """Granite-MoE-Hybrid's router (block_sparse_moe.router.layer) is renamed on load by transformers 5
+    (router.weight), and PEFT 0.21 converts no transformers-4 adapter for that model: it folds such an
+    adapter without the router's LoRA, with no word, so mergekit merged a task model that lacked the
+    update (review164). safemerge-yaml and the methods refuse it in one line."""
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import save_file
+
+    from safemerge_ext import yaml_cli
+
+    cfg = transformers.GraniteMoeHybridConfig(
+        hidden_size=32, intermediate_size=48, shared_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["attention", "attention"], mamba_n_heads=8, mamba_d_head=8)
+    torch.manual_seed(0)
+    model = transformers.GraniteMoeHybridForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "aligned")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "unaligned")
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    factors = {}
+    for name, w in read_model(tmp_path / "aligned").items():
+        if re.search(r"\.(q_proj|router\.layer)\.weight$", name):
+            m = name[:-len(".weight")]
+            factors[f"base_model.model.{m}.lora_A.weight"] = 0.1 * torch.randn(4, w.shape[1])
+            factors[f"base_model.model.{m}.lora_B.weight"] = 0.1 * torch.randn(w.shape[0], 4)
+    save_file(factors, str(lora / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (lora / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "bias": "none",
+        "target_modules": ["q_proj", "layer"]}))
+    # what is refused: PEFT's fold leaves the routers as they were
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "aligned")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    folded = PeftModel.from_pretrained(base, lora).merge_and_unload().state_dict()
+    changed = {k for k in folded if not torch.equal(folded[k], before[k])}
+    assert changed and not any("router" in k for k in changed), changed
+
+    recipe = {"merge_method": "safelora", "base_model": str(tmp_path / "aligned"), "dtype": "float32",
+              "parameters": {"threshold": 0.5},
+              "models": [{"model": f"{tmp_path / 'aligned'}+{lora}", "parameters": {"role": "task"}},
+                         {"model": str(tmp_path / "unaligned"), "parameters": {"role": "unaligned"}}]}
+    recipe_file = _write(recipe, tmp_path / "r.yml")
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(recipe_file), str(tmp_path / "yaml-out"), "--no-copy-tokenizer"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]
+    want = ("folds nothing of its model.layers.0.block_sparse_moe.router.layer (and 1 more): transformers renames "
+            "that transformers-4 MoE module's weight on load (to model.layers.0.block_sparse_moe.router.weight)")
+    assert done.value.code == 1 and len(err) == 1 and want in err[0], err
+    assert not (tmp_path / "yaml-out").exists()
+    with pytest.raises(SafeMergeError, match=re.escape(want)):
+        merge(recipe, tmp_path / "out", lora_merge_cache=str(tmp_path / "cache"))
+
+
 def _moe_pieces(root: Path) -> dict[str, tuple[str, int, slice]]:
     """Each expert projection's report name -> (fused tensor, expert, output rows), from the files' 2-D names."""
     stored = read_model(root / "aligned")

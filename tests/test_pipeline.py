@@ -23,6 +23,7 @@ from numerics import assert_close, ref_cosine, ref_project
 from safemerge_ext import backends, pipeline
 from safemerge_ext.cli import main
 from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.io.models import natural_key
 from weights import load_adapter, load_model
 
 def _runs_on_cpu(name: str) -> bool:
@@ -2376,3 +2377,52 @@ def test_an_moe_adapter_in_transformers_4_naming_gives_adapters_peft_loads(mixtr
         assert set(got) == set(want)
         for name, t in want.items():
             assert_close(got[name], t.double(), atol=2e-6, rtol=1e-5, what=f"{args[0]}: {name}")
+        assert not any("PEFT converts no adapter" in w for w in report_of(tmp_path / "adapter")["warnings"])
+
+
+def test_an_adapter_with_moe_modules_peft_does_not_convert_is_written_with_a_warning(tmp_path):
+    """Qwen2-MoE's files keep one 2-D weight per expert (experts.N.gate_proj/up_proj/down_proj), which
+    transformers 5 fuses on load; PEFT 0.21 converts transformers-4 adapters for Qwen3-MoE but not for
+    Qwen2-MoE itself, so it loads an adapter with LoRAs on those experts without them, with no word
+    (review164). The adapter merge writes is the right one, and the report says where PEFT will lose
+    part of it; --output model applies every update."""
+    import transformers
+    from peft import PeftModel
+
+    cfg = transformers.Qwen2MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                                      shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "aligned")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "unaligned")
+    shapes = {n[:-len(".weight")]: t.shape for n, t in load_model(tmp_path / "aligned").items()
+              if re.search(r"(\.experts\.\d+\.(gate|up|down)_proj|\.q_proj)\.weight$", n)}
+    for name, r in (("task", 4), ("safety", 2)):
+        factors = {}
+        for m, (d_out, d_in) in shapes.items():
+            factors[f"base_model.model.{m}.lora_A.weight"] = 0.1 * torch.randn(r, d_in)
+            factors[f"base_model.model.{m}.lora_B.weight"] = 0.1 * torch.randn(d_out, r)
+        (tmp_path / name).mkdir()
+        save_file(factors, str(tmp_path / name / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "bias": "none",
+            "target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"]}))
+    args = ["merge", "--aligned", tmp_path / "aligned", "--unaligned", tmp_path / "unaligned", "--task-adapter",
+            tmp_path / "task", "--safety-adapter", tmp_path / "safety", "--num-layers", 4, "--no-plot", "--force"]
+    assert run_cli([*args, "--out", tmp_path / "adapter"]) == 0
+    assert run_cli([*args, "--out", tmp_path / "model", "--output", "model"]) == 0
+    warned = [w for w in report_of(tmp_path / "adapter")["warnings"] if "PEFT converts no adapter" in w]
+    experts = sorted((m for m in shapes if ".experts." in m), key=natural_key)
+    assert len(warned) == 1 and warned[0].startswith(f"{len(experts)} module(s) of the written adapter (first: "
+                                                     f"{experts[0]})"), warned
+    assert not any("PEFT converts no adapter" in w for w in report_of(tmp_path / "model")["warnings"])
+    # what it warns of: PEFT's fold of the written adapter is --output model's but for the experts
+    base = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "aligned", dtype=torch.float32)
+    got = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
+    want = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).state_dict()
+    lost = {n for n in want if not torch.allclose(got[n], want[n], atol=2e-6, rtol=1e-5)}
+    assert lost == {n for n in want if ".mlp.experts." in n}, sorted(lost)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Collection, Iterable
 import torch
 
 from safemerge_ext.errors import SafeMergeError, not_a_folder
-from safemerge_ext.io.models import ModelReader, canonical_name, natural_key, renamed_on_load
+from safemerge_ext.io.models import ModelReader, canonical_name, config_value, natural_key, renamed_on_load
 from safemerge_ext.io.safetensors_stream import StreamingWriter
 
 CONFIG = "adapter_config.json"
@@ -493,6 +493,28 @@ def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
             )
 
 
+def left_out_by_peft(model_dir: str | os.PathLike, renamed: Collection[str]) -> list[str]:
+    """Of the modules whose weight transformers renames on load (``renamed``, from
+    ``models.renamed_on_load``), those that PEFT's conversion of transformers-4 adapters does not
+    reach for this model: PEFT with transformers 5 loads no LoRA onto them (it drops their factors
+    with no word, review164), so an adapter's update to them is lost wherever PEFT loads it. Read from
+    PEFT's own conversion tables (in 0.21: Mixtral and the models transformers converts as
+    Qwen2-MoE, not Qwen2-MoE itself, Jamba or Granite-MoE-Hybrid); none where this PEFT has no such
+    tables, since then it cannot be told."""
+    if not renamed:
+        return []
+    try:
+        from peft.utils import transformers_weight_conversion as peft_conversion
+
+        base = peft_conversion._MODEL_TO_CONVERSION_PATTERN.get(config_value(model_dir, "model_type"))
+        old_names = peft_conversion._MOE_TARGET_MODULE_MAPPING.get(base) or {}
+        fused = peft_conversion._MOE_FUSED_TARGETS.get(base)
+    except Exception:  # (a PEFT without these tables)
+        return []
+    reached = set(old_names) if fused else set()  # (PEFT converts a model's names only where it knows its fusions)
+    return sorted((m for m in renamed if m.rsplit(".", 1)[-1] not in reached), key=natural_key)
+
+
 def check_fold_keeps_scalings(adapter: LoraAdapter, model_dir: str | os.PathLike, label: str) -> None:
     """For an adapter that PEFT folds into its model (mergekit's ``model+lora``): PEFT with
     transformers 5 folds a transformers-4 MoE adapter's router and experts (see
@@ -504,6 +526,14 @@ def check_fold_keeps_scalings(adapter: LoraAdapter, model_dir: str | os.PathLike
     written for ``w2``: folded at the default; under rsLoRA the fused pair scaled by sqrt(2)): its
     fold would not be the model it was trained to be (review162, review163)."""
     renamed = renamed_on_load(model_dir, adapter.modules)
+    left_out = left_out_by_peft(model_dir, renamed)
+    if left_out:
+        raise SafeMergeError(
+            f"{label}: LoRA adapter {adapter.path}: PEFT with transformers 5 folds nothing of its {left_out[0]}"
+            f"{f' (and {len(left_out) - 1} more)' if len(left_out) > 1 else ''}: transformers renames that "
+            f"transformers-4 MoE module's weight on load (to {renamed[left_out[0]]}) and PEFT converts no adapter "
+            "for it in this model, so the folded task model would lack its update; the safemerge command (merge or "
+            "project, with --output model) reads the adapter as trained and applies it")
     if not renamed:
         return
     r, alpha, rank_pattern, alpha_pattern = _ranks_and_alphas(adapter.config, f"{label}: {adapter.path / CONFIG}")
