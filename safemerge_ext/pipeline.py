@@ -29,10 +29,10 @@ from safemerge_ext._signals import raise_pending
 from safemerge_ext.backends import exact_fp32_matmuls
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
-                                       global_scaling, left_out_by_peft, read_adapter, untargeted, write_adapter)
+                                       global_scaling, peft_moe_names, read_adapter, untargeted, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
 from safemerge_ext.io.models import (INDEX, ModelReader, config_value, is_conv1d, is_tied_head, module_key,
-                                     natural_key, renamed_on_load)
+                                     natural_key)
 from safemerge_ext.io.output import check_given, check_not_input, check_out, check_parent, staged_dir, write_files
 from safemerge_ext.io.read_ahead import Prefetch, in_batches, prefetch
 from safemerge_ext.report import (
@@ -743,17 +743,16 @@ def _note_vllm(run: Run, off_default: list[str]) -> None:
         )
 
 
-def _renamed_on_load(run: Run, modules: list[OutModule]) -> dict[str, str]:
-    """The written adapter's modules that transformers renames on load (see ``write_adapter``), with
-    a warning for those PEFT then loads no LoRA onto (``adapters.left_out_by_peft``)."""
-    renamed = renamed_on_load(run.aligned.path, [m.name for m in modules])
-    left_out = left_out_by_peft(run.aligned.path, renamed)
-    if left_out:
+def _peft_names(run: Run, modules: list[OutModule]) -> dict[str, str]:
+    """The written adapter's modules that PEFT loads under another name (see ``write_adapter``), with
+    a warning for those it loads nowhere (``adapters.peft_moe_names``)."""
+    renamed, lost = peft_moe_names(run.aligned.path, [m.name for m in modules])
+    if lost:
+        first = next(iter(lost))
         run.warnings.append(
-            f"{len(left_out)} module(s) of the written adapter (first: {left_out[0]}) are transformers-4 MoE modules "
-            f"whose weights transformers 5 renames on load and PEFT converts no adapter for in this model: PEFT "
-            "loads the adapter without them (with no word), so their updates are lost there; --output model "
-            "applies them"
+            f"{len(lost)} transformers-4 MoE module(s) of the written adapter (first: {first}) that PEFT with "
+            f"transformers 5 loads nowhere ({lost[first]}): PEFT loads the adapter without them, with no word, so "
+            "their updates are lost there; --output model applies them"
         )
     return renamed
 
@@ -853,7 +852,7 @@ def merge(
             modules = [merged_module(layer, rec) if rec.flagged else OutModule.from_lora(layer.task)
                        for layer, rec in zip(run.layers, records)]
             _note_vllm(run, write_adapter(tmp, task.config, modules,  # makes each module's factors as it writes it
-                                          _renamed_on_load(run, modules)))
+                                          _peft_names(run, modules)))
             lossy = [rec.extra["svd_rel_error"] for rec in records if rec.extra.get("svd_rel_error", 0.0) > SVD_WARN]
             if lossy:
                 run.warnings.append(
@@ -945,7 +944,7 @@ def project(
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             modules = [OutModule.from_lora(layer.task, new_B.get(layer.module)) for layer in run.layers]
-            _note_vllm(run, write_adapter(tmp, task.config, modules, _renamed_on_load(run, modules)))
+            _note_vllm(run, write_adapter(tmp, task.config, modules, _peft_names(run, modules)))
         else:
             by_weight = {layer.weight: layer for layer in run.layers}
 

@@ -1691,6 +1691,30 @@ def test_adapter_shapes_are_checked_from_the_headers(tiny_chat_model: tuple[Path
         check_adapter_fits(ModelSpec("g", str(tmp_path / "gpt2-small"), str(tmp_path / "gpt2-adapter")))
 
 
+def test_an_moe_adapter_peft_would_fold_otherwise_is_refused_before_any_model_loads(tmp_path: Path) -> None:
+    """PEFT with transformers 5 loads a transformers-4 MoE adapter converted: a Qwen3-MoE router at the
+    default scaling whatever alpha_pattern says, a dense layer's gate_proj nowhere. Its load gives no
+    error, only another model than the one trained, which eval then measured (review165); the
+    adapter check refuses it in one line, as the model+lora route does, and takes a plain one."""
+    from weights import qwen3_moe_v4
+
+    from safemerge_ext.evaluation.generate import ModelSpec, check_adapter_fits
+
+    moe = qwen3_moe_v4(tmp_path / "moe", [])
+    check_adapter_fits(ModelSpec("m", str(moe / "aligned"), str(moe / "task")))
+    patterned = qwen3_moe_v4(tmp_path / "patterned", [], alpha_pattern={"gate": 2})
+    spec = ModelSpec("m", str(patterned / "aligned"), str(patterned / "task"))
+    with pytest.raises(SafeMergeError, match=re.escape(
+            f"--model {spec.label}: LoRA adapter {patterned / 'task'}: PEFT with transformers 5 folds its "
+            "model.layers.0.mlp.gate (a transformers-4 MoE module) as model.layers.0.mlp.gate.weight at rank 4 and "
+            "scaling 2, but the adapter gives it scaling 0.5 (")):
+        check_adapter_fits(spec)
+    dense = qwen3_moe_v4(tmp_path / "dense", [1])
+    with pytest.raises(SafeMergeError, match=re.escape(
+            "folds nothing of its transformers-4 MoE module model.layers.1.mlp.gate_proj (nor 2 more)")):
+        check_adapter_fits(ModelSpec("m", str(dense / "aligned"), str(dense / "task")))
+
+
 def _fake_vllm(monkeypatch: pytest.MonkeyPatch, answers: dict[str, str] | None = None,
                made: list[dict] | None = None) -> None:
     """vLLM (not installed here) stood in for: LLM records its arguments, and answers every prompt of the

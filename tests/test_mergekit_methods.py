@@ -3353,8 +3353,10 @@ def test_a_transformers_4_moe_lora_that_peft_does_not_convert_is_refused_as_a_mo
     with pytest.raises(SystemExit) as done:
         yaml_cli.main([str(recipe_file), str(tmp_path / "yaml-out"), "--no-copy-tokenizer"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]
-    want = ("folds nothing of its model.layers.0.block_sparse_moe.router.layer (and 1 more): transformers renames "
-            "that transformers-4 MoE module's weight on load (to model.layers.0.block_sparse_moe.router.weight)")
+    want = ("folds nothing of its transformers-4 MoE module model.layers.0.block_sparse_moe.router.layer (nor 1 "
+            "more): transformers renames that module's weight on load (to "
+            "model.layers.0.block_sparse_moe.router.weight) and PEFT converts no adapter for it in this model "
+            "(granitemoehybrid)")
     assert done.value.code == 1 and len(err) == 1 and want in err[0], err
     assert not (tmp_path / "yaml-out").exists()
     with pytest.raises(SafeMergeError, match=re.escape(want)):

@@ -24,7 +24,7 @@ from safemerge_ext import backends, pipeline
 from safemerge_ext.cli import main
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import natural_key
-from weights import load_adapter, load_model
+from weights import load_adapter, load_model, qwen3_moe_v4
 
 def _runs_on_cpu(name: str) -> bool:
     try:
@@ -2377,7 +2377,7 @@ def test_an_moe_adapter_in_transformers_4_naming_gives_adapters_peft_loads(mixtr
         assert set(got) == set(want)
         for name, t in want.items():
             assert_close(got[name], t.double(), atol=2e-6, rtol=1e-5, what=f"{args[0]}: {name}")
-        assert not any("PEFT converts no adapter" in w for w in report_of(tmp_path / "adapter")["warnings"])
+        assert not any("loads nowhere" in w for w in report_of(tmp_path / "adapter")["warnings"])
 
 
 def test_an_adapter_with_moe_modules_peft_does_not_convert_is_written_with_a_warning(tmp_path):
@@ -2417,8 +2417,8 @@ def test_an_adapter_with_moe_modules_peft_does_not_convert_is_written_with_a_war
     assert run_cli([*args, "--out", tmp_path / "model", "--output", "model"]) == 0
     warned = [w for w in report_of(tmp_path / "adapter")["warnings"] if "PEFT converts no adapter" in w]
     experts = sorted((m for m in shapes if ".experts." in m), key=natural_key)
-    assert len(warned) == 1 and warned[0].startswith(f"{len(experts)} module(s) of the written adapter (first: "
-                                                     f"{experts[0]})"), warned
+    assert len(warned) == 1 and warned[0].startswith(f"{len(experts)} transformers-4 MoE module(s) of the written "
+                                                     f"adapter (first: {experts[0]}) that PEFT"), warned
     assert not any("PEFT converts no adapter" in w for w in report_of(tmp_path / "model")["warnings"])
     # what it warns of: PEFT's fold of the written adapter is --output model's but for the experts
     base = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "aligned", dtype=torch.float32)
@@ -2426,3 +2426,80 @@ def test_an_adapter_with_moe_modules_peft_does_not_convert_is_written_with_a_war
     want = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).state_dict()
     lost = {n for n in want if not torch.allclose(got[n], want[n], atol=2e-6, rtol=1e-5)}
     assert lost == {n for n in want if ".mlp.experts." in n}, sorted(lost)
+
+
+def test_peft_loads_a_qwen3_moe_routers_lora_at_the_default_rank_and_scaling(tmp_path):
+    """PEFT 0.21 converts a transformers-4 Qwen3-MoE adapter: its router (mlp.gate, a name that
+    transformers keeps) becomes a parameter LoRA on mlp.gate.weight, at the config's default r and
+    lora_alpha whatever a pattern keyed by mlp.gate says. The adapter merge wrote kept an unflagged
+    router at the task's rank through rank_pattern, which PEFT could not load (size mismatch,
+    review165); it is written at the default rank and scaling now, so PEFT's fold of it is --output
+    model's. A model+lora input whose alpha_pattern gives the router another scaling is refused (PEFT
+    folds it at the default: checked here against PEFT's own fold)."""
+    import transformers
+    from peft import PeftModel
+
+    from safemerge_ext.io.adapters import check_fold_keeps_scalings, read_adapter
+
+    root = qwen3_moe_v4(tmp_path, [])
+    args = ["merge", "--aligned", root / "aligned", "--unaligned", root / "unaligned", "--task-adapter",
+            root / "task", "--safety-adapter", root / "safety", "--num-layers", 6, "--no-plot", "--force"]
+    assert run_cli([*args, "--out", tmp_path / "adapter"]) == 0
+    assert run_cli([*args, "--out", tmp_path / "model", "--output", "model"]) == 0
+    routers = [r for r in report_of(tmp_path / "model")["layers"] if r["module"].endswith(".mlp.gate")]
+    assert len(routers) == 2 and not any(r["flagged"] for r in routers)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 6 and load_adapter(tmp_path / "adapter")["model.layers.0.mlp.gate"][0].shape[0] == 6
+
+    def folded(adapter: Path) -> dict[str, torch.Tensor]:
+        base = transformers.Qwen3MoeForCausalLM.from_pretrained(root / "aligned", dtype=torch.float32)
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+
+    want = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).state_dict()
+    got = folded(tmp_path / "adapter")
+    for name, t in want.items():
+        assert_close(got[name], t.double(), atol=2e-6, rtol=1e-5, what=name)
+
+    check_fold_keeps_scalings(read_adapter(root / "task"), root / "aligned", "role task")
+    patterned = Path(shutil.copytree(root / "task", tmp_path / "patterned"))
+    config = json.loads((patterned / "adapter_config.json").read_text())
+    (patterned / "adapter_config.json").write_text(json.dumps({**config, "alpha_pattern": {"gate": 2}}))
+    with pytest.raises(SafeMergeError, match=re.escape(
+            "folds its model.layers.0.mlp.gate (a transformers-4 MoE module) as model.layers.0.mlp.gate.weight at "
+            "rank 4 and scaling 2, but the adapter gives it scaling 0.5 (")):
+        check_fold_keeps_scalings(read_adapter(patterned), root / "aligned", "role task")
+    A, B, _ = load_adapter(patterned)["model.layers.0.mlp.gate"]
+    router = "model.layers.0.mlp.gate.weight"
+    assert_close(folded(patterned)[router], load_model(root / "aligned")[router].double() + 2.0 * (B @ A).double(),
+                 atol=2e-6, rtol=1e-5, what="PEFT's fold of the router")
+
+
+def test_a_qwen3_moe_adapter_with_dense_layers_is_one_peft_cannot_load(tmp_path):
+    """PEFT 0.21 retargets every gate_proj/up_proj/down_proj LoRA of a transformers-4 Qwen3-MoE
+    adapter to the experts' fused weights, so a dense layer's (mlp_only_layers; DeepSeek's first
+    layers and shared experts alike) are lost, with no word. merge's adapter says so in its report,
+    and the fold route refuses such an adapter (review165)."""
+    import transformers
+    from peft import PeftModel
+
+    from safemerge_ext.io.adapters import check_fold_keeps_scalings, read_adapter
+
+    root = qwen3_moe_v4(tmp_path, [0])
+    args = ["merge", "--aligned", root / "aligned", "--unaligned", root / "unaligned", "--task-adapter",
+            root / "task", "--safety-adapter", root / "safety", "--num-layers", 4, "--no-plot", "--force"]
+    assert run_cli([*args, "--out", tmp_path / "adapter"]) == 0
+    assert run_cli([*args, "--out", tmp_path / "model", "--output", "model"]) == 0
+    warned = [w for w in report_of(tmp_path / "adapter")["warnings"] if "loads nowhere" in w]
+    assert len(warned) == 1 and warned[0].startswith(
+        "3 transformers-4 MoE module(s) of the written adapter (first: model.layers.0.mlp.gate_proj) that PEFT with "
+        "transformers 5 loads nowhere (PEFT retargets every gate_proj LoRA to the experts' fused gate_up_proj"), warned
+    with pytest.raises(SafeMergeError, match=re.escape(
+            "folds nothing of its transformers-4 MoE module model.layers.0.mlp.gate_proj (nor 2 more): PEFT retargets")):
+        check_fold_keeps_scalings(read_adapter(root / "task"), root / "aligned", "role task")
+    # what it warns of: PEFT's fold of the written adapter leaves the dense layer as it was
+    base = transformers.Qwen3MoeForCausalLM.from_pretrained(root / "aligned", dtype=torch.float32)
+    got = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
+    before = load_model(root / "aligned")
+    want = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).state_dict()
+    dense = "model.layers.0.mlp.gate_proj.weight"
+    assert torch.equal(got[dense], before[dense]) and not torch.allclose(want[dense], before[dense])

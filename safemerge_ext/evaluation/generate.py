@@ -153,7 +153,9 @@ def check_adapter_fits(spec: ModelSpec) -> None:
 
     Only shapes are read (safetensors headers), so this takes a moment where loading and failing takes
     minutes, after the models before it have run. A module the base files do not name, a quantized base
-    model (packed weights) and a base model in .bin files are left to the load, which reports them."""
+    model (packed weights) and a base model in .bin files are left to the load, which reports them. On an
+    MoE model, also refuse a transformers-4 adapter that PEFT would fold otherwise than it was trained
+    (``adapters.check_fold_keeps_scalings``): its load gives no error, only another model."""
     if not spec.adapter:
         return
     from safemerge_ext.io.adapters import peft_module
@@ -180,6 +182,16 @@ def check_adapter_fits(spec: ModelSpec) -> None:
                 f"--model {spec.label}: the adapter does not fit the model: adapter {spec.adapter} changes {mod} by a "
                 f"{update} update (lora_B {ab['B']} @ lora_A {ab['A']}), but {mod}.weight in {spec.path} has shape "
                 f"{have}; give the base model it was trained on")
+    from safemerge_ext.io.adapters import check_fold_keeps_scalings, read_adapter
+    from safemerge_ext.io.models import experts_count
+
+    if experts_count(base) is None:
+        return
+    try:
+        lora = read_adapter(adapter)
+    except SafeMergeError:  # (what only PEFT takes, DoRA and the like: its load says what it cannot)
+        return
+    check_fold_keeps_scalings(lora, base, f"--model {spec.label}")
 
 
 def _torch_dtype(name: str, device: str):

@@ -22,7 +22,8 @@ from typing import Any, Callable, Collection, Iterable
 import torch
 
 from safemerge_ext.errors import SafeMergeError, not_a_folder
-from safemerge_ext.io.models import ModelReader, canonical_name, config_value, natural_key, renamed_on_load
+from safemerge_ext.io.models import (ModelReader, canonical_name, config_value, experts_count, natural_key,
+                                     renamed_on_load)
 from safemerge_ext.io.safetensors_stream import StreamingWriter
 
 CONFIG = "adapter_config.json"
@@ -493,30 +494,60 @@ def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
             )
 
 
-def left_out_by_peft(model_dir: str | os.PathLike, renamed: Collection[str]) -> list[str]:
-    """Of the modules whose weight transformers renames on load (``renamed``, from
-    ``models.renamed_on_load``), those that PEFT's conversion of transformers-4 adapters does not
-    reach for this model: PEFT with transformers 5 loads no LoRA onto them (it drops their factors
-    with no word, review164), so an adapter's update to them is lost wherever PEFT loads it. Read from
-    PEFT's own conversion tables (in 0.21: Mixtral and the models transformers converts as
-    Qwen2-MoE, not Qwen2-MoE itself, Jamba or Granite-MoE-Hybrid); none where this PEFT has no such
-    tables, since then it cannot be told."""
-    if not renamed:
-        return []
+def _peft_moe_tables(model_type: object) -> tuple[dict[str, str], dict[str, Any]] | None:
+    """PEFT's tables for converting a transformers-4 MoE adapter of ``model_type``: each old leaf
+    name -> the name it targets instead, and the fusions; both empty where PEFT converts none for it,
+    None where this PEFT (or transformers) has no such tables, so nothing can be told."""
     try:
-        from peft.utils import transformers_weight_conversion as peft_conversion
+        from peft.utils import transformers_weight_conversion as conversion
 
-        base = peft_conversion._MODEL_TO_CONVERSION_PATTERN.get(config_value(model_dir, "model_type"))
-        old_names = peft_conversion._MOE_TARGET_MODULE_MAPPING.get(base) or {}
-        fused = peft_conversion._MOE_FUSED_TARGETS.get(base)
-    except Exception:  # (a PEFT without these tables)
-        return []
-    reached = set(old_names) if fused else set()  # (PEFT converts a model's names only where it knows its fusions)
-    return sorted((m for m in renamed if m.rsplit(".", 1)[-1] not in reached), key=natural_key)
+        if conversion.get_checkpoint_conversion_mapping(model_type) is None:
+            return {}, {}
+        base = conversion._MODEL_TO_CONVERSION_PATTERN.get(model_type)
+        mapping, fused = conversion._MOE_TARGET_MODULE_MAPPING.get(base) or {}, conversion._MOE_FUSED_TARGETS.get(base)
+    except Exception:  # (a PEFT without them; transformers 4, where PEFT converts nothing)
+        return None
+    return (dict(mapping), dict(fused)) if mapping and fused else ({}, {})  # (it converts only where it knows both)
+
+
+def peft_moe_names(model_dir: str | os.PathLike, modules: Collection[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """How PEFT with transformers 5 loads an adapter with ``modules`` (named as the model's files name
+    them) onto an MoE model, where it converts adapters trained on transformers 4: the modules it
+    loads under another name (the one it looks ``rank_pattern``/``alpha_pattern`` up by: the name
+    transformers gives their weight on load, ``models.renamed_on_load``, or for a router that keeps its
+    name, Qwen3-MoE's ``mlp.gate``, its weight's), and those whose LoRA it loads nowhere, each with
+    why. PEFT's conversion works by leaf name, from its own tables (read here, so they follow the
+    installed PEFT): it converts none for a model missing there (0.21: Qwen2-MoE itself, Jamba,
+    Granite-MoE-Hybrid), so their renamed modules are lost, and it retargets every module with a
+    converted leaf name to the experts, so a dense layer's or shared expert's ``gate_proj`` is lost too
+    (and, with it, PEFT 0.21 loads none of the experts' LoRAs either: a DeepSeek-V3). Dense models:
+    nothing (nor any import)."""
+    renamed = renamed_on_load(model_dir, modules)
+    model_type = config_value(model_dir, "model_type")
+    if not renamed and experts_count(model_dir) is None:
+        return renamed, {}
+    tables = _peft_moe_tables(model_type)
+    if tables is None:
+        return renamed, {}
+    mapping, _ = tables
+    lost = {m: f"transformers renames that module's weight on load (to {new}) and PEFT converts no adapter for it "
+               f"in this model ({model_type})"
+            for m, new in renamed.items() if m.rsplit(".", 1)[-1] not in mapping}
+    for m in modules:
+        leaf = m.rsplit(".", 1)[-1]
+        if m in renamed or leaf not in mapping or canonical_name(m) != m:
+            continue
+        if mapping[leaf] == f"{leaf}.weight":  # (a router PEFT wraps as a parameter, its name unchanged)
+            renamed[m] = f"{m}.weight"
+        else:
+            lost[m] = (f"PEFT retargets every {leaf} LoRA to the experts' fused {mapping[leaf]}, which this "
+                       "module (no routed expert's) is not part of")
+    return renamed, dict(sorted(lost.items(), key=lambda kv: natural_key(kv[0])))
 
 
 def check_fold_keeps_scalings(adapter: LoraAdapter, model_dir: str | os.PathLike, label: str) -> None:
-    """For an adapter that PEFT folds into its model (mergekit's ``model+lora``): PEFT with
+    """For an adapter that PEFT folds into its model (mergekit's ``model+lora``, ``safemerge eval``'s
+    ``model+adapter``): PEFT with
     transformers 5 folds a transformers-4 MoE adapter's router and experts (see
     ``models.renamed_on_load``) under their new names (``mlp.gate.weight``, ``experts.gate_up_proj``,
     ``experts.down_proj``), each layer's experts stacked, w1 and w3 fused with ``.*\\.gate_up_proj``
@@ -525,15 +556,14 @@ def check_fold_keeps_scalings(adapter: LoraAdapter, model_dir: str | os.PathLike
     that gives such a module another rank or scaling than it was trained with (an alpha_pattern
     written for ``w2``: folded at the default; under rsLoRA the fused pair scaled by sqrt(2)): its
     fold would not be the model it was trained to be (review162, review163)."""
-    renamed = renamed_on_load(model_dir, adapter.modules)
-    left_out = left_out_by_peft(model_dir, renamed)
-    if left_out:
+    renamed, lost = peft_moe_names(model_dir, adapter.modules)
+    if lost:
+        first = next(iter(lost))
         raise SafeMergeError(
-            f"{label}: LoRA adapter {adapter.path}: PEFT with transformers 5 folds nothing of its {left_out[0]}"
-            f"{f' (and {len(left_out) - 1} more)' if len(left_out) > 1 else ''}: transformers renames that "
-            f"transformers-4 MoE module's weight on load (to {renamed[left_out[0]]}) and PEFT converts no adapter "
-            "for it in this model, so the folded task model would lack its update; the safemerge command (merge or "
-            "project, with --output model) reads the adapter as trained and applies it")
+            f"{label}: LoRA adapter {adapter.path}: PEFT with transformers 5 folds nothing of its transformers-4 MoE "
+            f"module {first}{f' (nor {len(lost) - 1} more)' if len(lost) > 1 else ''}: {lost[first]}; so the "
+            "model PEFT folds from it lacks its update; the safemerge command (merge or project, with --output model) "
+            "reads the adapter as trained and applies it")
     if not renamed:
         return
     r, alpha, rank_pattern, alpha_pattern = _ranks_and_alphas(adapter.config, f"{label}: {adapter.path / CONFIG}")
@@ -561,8 +591,8 @@ def check_fold_keeps_scalings(adapter: LoraAdapter, model_dir: str | os.PathLike
                 f"{label}: LoRA adapter {adapter.path}: PEFT with transformers 5 folds its {name} (a "
                 f"transformers-4 MoE module) {part} at rank {rank} and scaling {got:.4g}, but the adapter gives it "
                 f"{'rank ' + str(want_rank) + ' and ' if rank != want_rank else ''}scaling {m.scaling:.4g} "
-                "(its r, lora_alpha, rank_pattern, alpha_pattern and use_rslora), so the folded task model would "
-                "not be the one trained; the safemerge command (merge or project, with --output model) reads the "
+                "(its r, lora_alpha, rank_pattern, alpha_pattern and use_rslora), so the model PEFT folds from it "
+                "is not the one trained; the safemerge command (merge or project, with --output model) reads the "
                 "adapter as trained and takes it as it is")
 
 
