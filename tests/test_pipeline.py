@@ -2503,3 +2503,22 @@ def test_a_qwen3_moe_adapter_with_dense_layers_is_one_peft_cannot_load(tmp_path)
     want = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).state_dict()
     dense = "model.layers.0.mlp.gate_proj.weight"
     assert torch.equal(got[dense], before[dense]) and not torch.allclose(want[dense], before[dense])
+
+
+def test_a_transformers_4_moe_adapter_that_peft_saved_again_is_refused_with_what_to_give(mixtral_v4_adapters,
+                                                                                        tmp_path):
+    """PEFT loads a transformers-4 Mixtral adapter converted and saves it so: target_parameters on the
+    stacked experts and routers. That form is refused; the line no longer only says to train the
+    adapter again with target_modules, which this one was (review166): the copy saved before the load
+    is the one to give."""
+    from peft import PeftModel
+    from transformers import MixtralForCausalLM
+
+    from safemerge_ext.io.adapters import read_adapter
+
+    base = MixtralForCausalLM.from_pretrained(mixtral_v4_adapters.aligned, dtype=torch.float32)
+    PeftModel.from_pretrained(base, mixtral_v4_adapters.task).save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())["target_parameters"]
+    with pytest.raises(SafeMergeError, match="target_parameters is set.*it also saves an adapter trained on "
+                                             "transformers 4 so once it has loaded it: give the copy saved before"):
+        read_adapter(tmp_path / "resaved", "--task-adapter")

@@ -61,7 +61,8 @@ _REMEDY = {
     # (peft's target_modules="all-linear" adds the experts' parameters on transformers 5 MoE models)
     "target_parameters": "; train it with target_modules naming only the attention and other linear layers (on "
                          "transformers-5 MoE models PEFT turns a router or experts named there, or reached by "
-                         "'all-linear', into target_parameters)",
+                         "'all-linear', into target_parameters; it also saves an adapter trained on transformers 4 "
+                         "so once it has loaded it: give the copy saved before)",
     "fan_in_fan_out": "; fold it into the model with PEFT (merge_and_unload, save_pretrained) and merge that "
                       "model as a full fine-tune with safemerge-yaml",
 }
