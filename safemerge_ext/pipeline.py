@@ -939,7 +939,8 @@ def project(
         module, dtype, why = kept[0]
         run.warnings.append(
             f"lora_B of {len(kept)} projected module(s) written in float32, not the adapter's {dtype}: C @ lora_B of "
-            f"{module}{' (the first)' if len(kept) > 1 else ''} {why}; PEFT loads mixed dtypes (in float32 by default)"
+            f"{module}{' (the first)' if len(kept) > 1 else ''} {why}; PeftModel loads mixed dtypes (in float32 by "
+            "default; transformers' load_adapter in the model's dtype)"
         )
     with staged_dir(out, force) as tmp:
         if output == "adapter":
