@@ -1715,6 +1715,57 @@ def test_an_moe_adapter_peft_would_fold_otherwise_is_refused_before_any_model_lo
         check_adapter_fits(ModelSpec("m", str(dense / "aligned"), str(dense / "task")))
 
 
+def test_vision_language_moe_models_are_loaded_by_the_class_their_adapter_names(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """AutoModelForCausalLM has no class for Qwen3-VL-MoE's config (eval refused a sound folder), and
+    loads Qwen3.5-MoE as its text-only model, whose modules are model.layers...: an adapter trained on
+    the vision-language model (model.language_model.layers...) matched none of them (review165). Eval
+    now loads those with AutoModelForImageTextToText, and the model it builds with the adapter is
+    PEFT's fold of it on that class; without such an adapter it keeps the causal-LM class."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, Qwen3VLMoeConfig,
+                              Qwen3VLMoeForConditionalGeneration)
+
+    from safemerge_ext.evaluation import generate
+    from safemerge_ext.evaluation.generate import ModelSpec, TransformersEngine
+
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+                  num_position_embeddings=16)
+    text = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, num_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(
+        text_config={**text, "intermediate_size": 48, "moe_intermediate_size": 24, "decoder_sparse_step": 1,
+                     "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True}},
+        vision_config={**vision, "spatial_merge_size": 2, "temporal_patch_size": 2, "deepstack_visual_indexes": [0]},
+        image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63,
+    )).save_pretrained(tmp_path / "vl")
+    assert type(generate.load_causal_lm(tmp_path / "vl", "--model vl", torch.float32)).__name__ == (
+        "Qwen3VLMoeForConditionalGeneration")
+    cfg = Qwen3_5MoeConfig(
+        text_config={**text, "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+                     "linear_num_value_heads": 4, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16,
+                     "layer_types": ["linear_attention", "full_attention"]},
+        vision_config=vision, image_token_id=60, video_token_id=61, vision_start_token_id=62, vision_end_token_id=63)
+    model = Qwen3_5MoeForConditionalGeneration(cfg).eval()
+    model.save_pretrained(tmp_path / "q35")
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "out_proj"],
+                                     init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    plain = generate.load_causal_lm(tmp_path / "q35", "--model q35", torch.float32)
+    assert type(plain).__name__ == "Qwen3_5MoeForCausalLM"
+    monkeypatch.setattr(generate, "chat_tokenizer", lambda *a, **k: None)  # (building the model needs none)
+    engine = TransformersEngine()
+    engine.load(ModelSpec("tuned", str(tmp_path / "q35"), str(tmp_path / "adapter")))
+    base = Qwen3_5MoeForConditionalGeneration.from_pretrained(tmp_path / "q35", dtype=torch.float32)
+    q = "model.language_model.layers.1.self_attn.q_proj.weight"
+    before = base.state_dict()[q].clone()
+    want = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
+    got = engine.model.state_dict()
+    assert set(got) == set(want) and not torch.equal(want[q], before)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
 def _fake_vllm(monkeypatch: pytest.MonkeyPatch, answers: dict[str, str] | None = None,
                made: list[dict] | None = None) -> None:
     """vLLM (not installed here) stood in for: LLM records its arguments, and answers every prompt of the

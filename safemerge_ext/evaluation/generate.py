@@ -263,13 +263,34 @@ def chat_tokenizer(path: str | Path, flag: str,
     return tok
 
 
-def load_causal_lm(path: str | Path, flag: str, dtype: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` with a one-line error naming ``flag``."""
-    from transformers import AutoModelForCausalLM
+def _generating_class(folder: Path, adapter: str | None) -> Any:
+    """The auto class to load ``folder`` with: ``AutoModelForCausalLM``, or, for a vision-language
+    model, ``AutoModelForImageTextToText`` where the first has no class for its config (Qwen3-VL-MoE)
+    or where its adapter names the text model as the full model does (``model.language_model.``;
+    the causal-LM class of Qwen3.5-MoE names it ``model.``, and PEFT loaded none of it, review165).
+    Its text-only prompts are answered by the same text model either way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    try:
+        from transformers import AutoModelForImageTextToText
+
+        config = type(AutoConfig.from_pretrained(folder))
+    except Exception:  # (an older transformers; a config it cannot read: the load below says what is wrong)
+        return AutoModelForCausalLM
+    if config not in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForCausalLM
+    if config not in AutoModelForCausalLM._model_mapping:
+        return AutoModelForImageTextToText
+    names = _adapter_shapes(Path(adapter)) if adapter else None
+    return AutoModelForImageTextToText if names and any(".language_model." in n for n in names) else AutoModelForCausalLM
+
+
+def load_causal_lm(path: str | Path, flag: str, dtype: Any, adapter: str | None = None) -> Any:
+    """The model in ``path`` for generation (see :func:`_generating_class`; ``adapter``: the one that
+    will be merged into it), with a one-line error naming ``flag``."""
     folder = Path(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        return _generating_class(folder, adapter).from_pretrained(folder, dtype=dtype)
     except _load_errors() as exc:
         bad = _bad_json(folder)
         if bad:
@@ -332,7 +353,7 @@ class TransformersEngine:
     def load(self, spec: ModelSpec) -> None:
         self.label = spec.label
         self.tok = chat_tokenizer(spec.path, f"--model {spec.label}")
-        model = load_causal_lm(spec.path, f"--model {spec.label}", _torch_dtype(self.dtype, self.device))
+        model = load_causal_lm(spec.path, f"--model {spec.label}", _torch_dtype(self.dtype, self.device), spec.adapter)
         if spec.adapter:
             model = _merge_adapter(model, spec)
         self.model = model.to(self.device).eval()
