@@ -3311,7 +3311,7 @@ def test_a_transformers_4_moe_lora_that_peft_does_not_convert_is_refused_as_a_mo
     update (review164). safemerge-yaml and the methods refuse it in one line."""
     import transformers
     from peft import PeftModel
-    from safetensors.torch import save_file
+    from weights import twins_and_v4_adapters
 
     from safemerge_ext import yaml_cli
 
@@ -3320,24 +3320,9 @@ def test_a_transformers_4_moe_lora_that_peft_does_not_convert_is_refused_as_a_mo
         num_key_value_heads=2, vocab_size=64, num_local_experts=4, num_experts_per_tok=2,
         layer_types=["attention", "attention"], mamba_n_heads=8, mamba_d_head=8)
     torch.manual_seed(0)
-    model = transformers.GraniteMoeHybridForCausalLM(cfg)
-    model.save_pretrained(tmp_path / "aligned")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "unaligned")
-    lora = tmp_path / "lora"
-    lora.mkdir()
-    factors = {}
-    for name, w in read_model(tmp_path / "aligned").items():
-        if re.search(r"\.(q_proj|router\.layer)\.weight$", name):
-            m = name[:-len(".weight")]
-            factors[f"base_model.model.{m}.lora_A.weight"] = 0.1 * torch.randn(4, w.shape[1])
-            factors[f"base_model.model.{m}.lora_B.weight"] = 0.1 * torch.randn(w.shape[0], 4)
-    save_file(factors, str(lora / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (lora / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "bias": "none",
-        "target_modules": ["q_proj", "layer"]}))
+    twins_and_v4_adapters(transformers.GraniteMoeHybridForCausalLM(cfg), tmp_path, r"\.(q_proj|router\.layer)",
+                          ["q_proj", "layer"])
+    lora = tmp_path / "task"
     # what is refused: PEFT's fold leaves the routers as they were
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "aligned")
     before = {k: v.clone() for k, v in base.state_dict().items()}

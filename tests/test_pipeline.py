@@ -24,7 +24,7 @@ from safemerge_ext import backends, pipeline
 from safemerge_ext.cli import main
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import natural_key
-from weights import load_adapter, load_model, qwen3_moe_v4
+from weights import load_adapter, load_model, qwen3_moe_v4, twins_and_v4_adapters
 
 def _runs_on_cpu(name: str) -> bool:
     try:
@@ -2393,30 +2393,14 @@ def test_an_adapter_with_moe_modules_peft_does_not_convert_is_written_with_a_war
                                       shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=64, num_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
-    model = transformers.Qwen2MoeForCausalLM(cfg)
-    model.save_pretrained(tmp_path / "aligned")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "unaligned")
-    shapes = {n[:-len(".weight")]: t.shape for n, t in load_model(tmp_path / "aligned").items()
-              if re.search(r"(\.experts\.\d+\.(gate|up|down)_proj|\.q_proj)\.weight$", n)}
-    for name, r in (("task", 4), ("safety", 2)):
-        factors = {}
-        for m, (d_out, d_in) in shapes.items():
-            factors[f"base_model.model.{m}.lora_A.weight"] = 0.1 * torch.randn(r, d_in)
-            factors[f"base_model.model.{m}.lora_B.weight"] = 0.1 * torch.randn(d_out, r)
-        (tmp_path / name).mkdir()
-        save_file(factors, str(tmp_path / name / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp_path / name / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "bias": "none",
-            "target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"]}))
+    twins_and_v4_adapters(transformers.Qwen2MoeForCausalLM(cfg), tmp_path,
+                          r"(\.experts\.\d+\.(gate|up|down)_proj|\.q_proj)", ["q_proj", "gate_proj", "up_proj", "down_proj"])
     args = ["merge", "--aligned", tmp_path / "aligned", "--unaligned", tmp_path / "unaligned", "--task-adapter",
             tmp_path / "task", "--safety-adapter", tmp_path / "safety", "--num-layers", 4, "--no-plot", "--force"]
     assert run_cli([*args, "--out", tmp_path / "adapter"]) == 0
     assert run_cli([*args, "--out", tmp_path / "model", "--output", "model"]) == 0
     warned = [w for w in report_of(tmp_path / "adapter")["warnings"] if "PEFT converts no adapter" in w]
-    experts = sorted((m for m in shapes if ".experts." in m), key=natural_key)
+    experts = sorted((m for m in load_adapter(tmp_path / "task") if ".experts." in m), key=natural_key)
     assert len(warned) == 1 and warned[0].startswith(f"{len(experts)} transformers-4 MoE module(s) of the written "
                                                      f"adapter (first: {experts[0]}) that PEFT"), warned
     assert not any("PEFT converts no adapter" in w for w in report_of(tmp_path / "model")["warnings"])

@@ -40,27 +40,24 @@ def load_adapter(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, floa
     return out
 
 
-def qwen3_moe_v4(root: Path, dense_layers: list[int], alpha_pattern: dict[str, float] | None = None) -> Path:
-    """A tiny Qwen3-MoE (its files keep one 2-D weight per expert; ``dense_layers`` get a dense MLP)
-    and transformers-4-named task (r 4) and safety (r 2) adapters on q_proj, the router (mlp.gate) and
-    every gate/up/down projection."""
+def twins_and_v4_adapters(model: torch.nn.Module, root: Path, modules: str, target_modules: list[str],
+                          alpha_pattern: dict[str, float] | None = None) -> Path:
+    """``model`` saved as ``root``/aligned and, perturbed, as ``root``/unaligned (its files keep the
+    checkpoint naming: one 2-D weight per expert for the MoE models that had one before transformers
+    5), and task (r 4; ``alpha_pattern``) and safety (r 2) adapters written by hand in that naming on
+    the modules whose names match ``modules``, as adapters trained before transformers 5 are."""
     import re
 
-    import transformers
     from safetensors.torch import save_file
 
-    cfg = transformers.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      vocab_size=64, num_experts=4, num_experts_per_tok=2, mlp_only_layers=dense_layers)
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(cfg)
     model.save_pretrained(root / "aligned")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     model.save_pretrained(root / "unaligned")
     shapes = {n[:-len(".weight")]: t.shape for n, t in load_model(root / "aligned").items()
-              if re.search(r"\.(q_proj|gate_proj|up_proj|down_proj|mlp\.gate)\.weight$", n)}
+              if re.search(rf"{modules}\.weight$", n)}
+    assert shapes, f"no weight of the model matches {modules}"
     for name, r in (("task", 4), ("safety", 2)):
         factors = {}
         for m, (d_out, d_in) in shapes.items():
@@ -71,5 +68,19 @@ def qwen3_moe_v4(root: Path, dense_layers: list[int], alpha_pattern: dict[str, f
         (root / name / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "bias": "none",
             "alpha_pattern": alpha_pattern if name == "task" and alpha_pattern else {},
-            "target_modules": ["q_proj", "gate", "gate_proj", "up_proj", "down_proj"]}))
+            "target_modules": target_modules}))
     return root
+
+
+def qwen3_moe_v4(root: Path, dense_layers: list[int], alpha_pattern: dict[str, float] | None = None) -> Path:
+    """A tiny Qwen3-MoE (``dense_layers`` get a dense MLP) with transformers-4-named adapters on
+    q_proj, the router (mlp.gate) and every gate/up/down projection (see twins_and_v4_adapters)."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      vocab_size=64, num_experts=4, num_experts_per_tok=2, mlp_only_layers=dense_layers)
+    torch.manual_seed(0)
+    return twins_and_v4_adapters(transformers.Qwen3MoeForCausalLM(cfg), root,
+                                 r"\.(q_proj|gate_proj|up_proj|down_proj|mlp\.gate)",
+                                 ["q_proj", "gate", "gate_proj", "up_proj", "down_proj"], alpha_pattern)
