@@ -2300,27 +2300,9 @@ def mixtral_v4_adapters(tmp_path_factory):
     cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, vocab_size=64, num_local_experts=4, num_experts_per_tok=2)
     torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(cfg)
-    model.save_pretrained(root / "aligned")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    model.save_pretrained(root / "unaligned")
-    shapes = {n[:-len(".weight")]: t.shape for n, t in load_model(root / "aligned").items()
-              if re.search(r"\.(q_proj|v_proj|gate|w1|w2|w3)\.weight$", n)}
-    assert any(".block_sparse_moe.experts.3.w2" in m for m in shapes)
-    for name, seed, r, alphas in (("task", 1, 4, {r".*\.gate": 2}), ("safety", 2, 2, {})):
-        torch.manual_seed(seed)
-        factors = {}
-        for m, (d_out, d_in) in shapes.items():
-            factors[f"base_model.model.{m}.lora_A.weight"] = 0.1 * torch.randn(r, d_in)
-            factors[f"base_model.model.{m}.lora_B.weight"] = 0.1 * torch.randn(d_out, r)
-        (root / name).mkdir()
-        save_file(factors, str(root / name / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (root / name / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "alpha_pattern": alphas,
-            "rank_pattern": {}, "target_modules": ["q_proj", "v_proj", "gate", "w1", "w2", "w3"], "bias": "none",
-            "lora_dropout": 0.0, "peft_version": "0.13.2"}))
+    twins_and_v4_adapters(transformers.MixtralForCausalLM(cfg), root, r"\.(q_proj|v_proj|gate|w1|w2|w3)",
+                          ["q_proj", "v_proj", "gate", "w1", "w2", "w3"], alpha_pattern={r".*\.gate": 2})
+    assert any(".block_sparse_moe.experts.3.w2" in m for m in load_adapter(root / "task"))
     return types.SimpleNamespace(**{k: root / k for k in ("aligned", "unaligned", "task", "safety")})
 
 
