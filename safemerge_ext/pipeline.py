@@ -743,9 +743,10 @@ def _note_vllm(run: Run, off_default: list[str]) -> None:
         )
 
 
-def _peft_names(run: Run, modules: list[OutModule]) -> dict[str, str]:
+def _peft_names(run: Run, modules: list[OutModule], use_rslora: bool) -> dict[str, str]:
     """The written adapter's modules that PEFT loads under another name (see ``write_adapter``), with
-    a warning for those it loads nowhere (``adapters.peft_moe_names``)."""
+    a warning for those it loads nowhere (``adapters.peft_moe_names``) and, under rsLoRA, for those
+    whose update its fusion rescales."""
     renamed, lost = peft_moe_names(run.aligned.path, [m.name for m in modules])
     if lost:
         first = next(iter(lost))
@@ -753,6 +754,19 @@ def _peft_names(run: Run, modules: list[OutModule]) -> dict[str, str]:
             f"{len(lost)} transformers-4 MoE module(s) of the written adapter (first: {first}) that PEFT with "
             f"transformers 5 loads nowhere ({lost[first]}): PEFT loads the adapter without them, with no word, so "
             "their updates are lost there; --output model applies them"
+        )
+    fused: dict[str, list[str]] = {}  # (the modules PEFT stacks into each new name)
+    for module, new in renamed.items():
+        if module not in lost:
+            fused.setdefault(new, []).append(module)
+    pairs = sorted((m for ms in fused.values() if len({x.rsplit(".", 1)[-1] for x in ms}) > 1 for m in ms),
+                   key=natural_key)
+    if use_rslora and pairs:
+        run.warnings.append(
+            f"{len(pairs)} transformers-4 MoE expert module(s) of the written adapter (first: {pairs[0]}) that PEFT "
+            "with transformers 5 fuses in pairs (w1 with w3, gate_proj with up_proj) into one LoRA of twice the rank "
+            "and lora_alpha, which under use_rslora scales their update by sqrt(2): PEFT's load of the adapter is not "
+            "the merged model; --output model applies them as merged"
         )
     return renamed
 
@@ -852,7 +866,7 @@ def merge(
             modules = [merged_module(layer, rec) if rec.flagged else OutModule.from_lora(layer.task)
                        for layer, rec in zip(run.layers, records)]
             _note_vllm(run, write_adapter(tmp, task.config, modules,  # makes each module's factors as it writes it
-                                          _peft_names(run, modules)))
+                                          _peft_names(run, modules, task.use_rslora)))
             lossy = [rec.extra["svd_rel_error"] for rec in records if rec.extra.get("svd_rel_error", 0.0) > SVD_WARN]
             if lossy:
                 run.warnings.append(
@@ -945,7 +959,7 @@ def project(
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             modules = [OutModule.from_lora(layer.task, new_B.get(layer.module)) for layer in run.layers]
-            _note_vllm(run, write_adapter(tmp, task.config, modules, _peft_names(run, modules)))
+            _note_vllm(run, write_adapter(tmp, task.config, modules, _peft_names(run, modules, task.use_rslora)))
         else:
             by_weight = {layer.weight: layer for layer in run.layers}
 

@@ -2488,3 +2488,64 @@ def test_a_transformers_4_moe_adapter_that_peft_saved_again_is_refused_with_what
     with pytest.raises(SafeMergeError, match="target_parameters is set.*it also saves an adapter trained on "
                                              "transformers 4 so once it has loaded it: give the copy saved before"):
         read_adapter(tmp_path / "resaved", "--task-adapter")
+
+
+def test_an_rslora_moe_adapter_in_transformers_4_naming_is_written_with_a_warning(mixtral_v4_adapters, tmp_path):
+    """PEFT fuses a Mixtral's w1 and w3 LoRAs into one of twice the rank and lora_alpha, which under
+    rsLoRA (alpha / sqrt(r)) scales their update by sqrt(2): PEFT's fold of the adapter merge writes
+    from an rsLoRA task adapter differs from --output model there, and only there; the report says so
+    (review167: it said nothing)."""
+    from peft import PeftModel
+    from transformers import MixtralForCausalLM
+
+    fx = mixtral_v4_adapters
+    task = Path(shutil.copytree(fx.task, tmp_path / "task"))
+    config = json.loads((task / "adapter_config.json").read_text())
+    (task / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    args = ["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", task,
+            "--safety-adapter", fx.safety, "--num-layers", 6, "--no-plot", "--force"]
+    assert run_cli([*args, "--out", tmp_path / "adapter"]) == 0
+    assert run_cli([*args, "--out", tmp_path / "model", "--output", "model"]) == 0
+    warned = [w for w in report_of(tmp_path / "adapter")["warnings"] if "scales their update by sqrt(2)" in w]
+    assert len(warned) == 1 and warned[0].startswith(
+        "16 transformers-4 MoE expert module(s) of the written adapter (first: "
+        "model.layers.0.block_sparse_moe.experts.0.w1)"), warned
+    assert not any("sqrt(2)" in w for w in report_of(tmp_path / "model")["warnings"])
+    before = load_model(fx.aligned)
+    base = MixtralForCausalLM.from_pretrained(fx.aligned, dtype=torch.float32)
+    got = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
+    want = MixtralForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).state_dict()
+    off = {n for n in want if not torch.allclose(got[n], want[n], atol=2e-6, rtol=1e-5)}
+    assert off == {n for n in want if n.endswith("experts.gate_up_proj")}, sorted(off)
+    n = "model.layers.0.mlp.experts.gate_up_proj"
+    stored = torch.cat([torch.stack([before[f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"]
+                                     for e in range(4)]) for w in ("w1", "w3")], dim=1)
+    assert_close(got[n] - stored, (want[n] - stored).double() * math.sqrt(2), atol=2e-6, rtol=1e-5, what=n)
+
+
+def test_an_moe_model_that_counts_its_experts_as_moe_num_experts_is_one(tmp_path):
+    """Ernie-4.5-MoE's config counts its experts as moe_num_experts: it was taken for a dense model, so
+    an adapter whose shared experts' LoRAs PEFT loses (it converts Ernie's transformers-4 adapters as
+    Qwen2-MoE's) was accepted on the fold routes (review167)."""
+    import transformers
+    from peft import PeftModel
+
+    from safemerge_ext.io.adapters import check_fold_keeps_scalings, read_adapter
+    from safemerge_ext.io.models import experts_count
+
+    cfg = transformers.Ernie4_5_MoeConfig(hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          vocab_size=64, moe_num_experts=4, moe_k=2, moe_layer_start_index=1,
+                                          moe_num_shared_experts=1)
+    torch.manual_seed(0)
+    twins_and_v4_adapters(transformers.Ernie4_5_MoeForCausalLM(cfg), tmp_path,
+                          r"\.(q_proj|shared_experts\.(gate|up|down)_proj)", ["q_proj", "gate_proj", "up_proj", "down_proj"])
+    assert experts_count(tmp_path / "aligned") == 4
+    with pytest.raises(SafeMergeError, match=re.escape(
+            "folds nothing of its transformers-4 MoE module model.layers.1.mlp.shared_experts.gate_proj (nor 2 more): "
+            "PEFT retargets every gate_proj LoRA")):
+        check_fold_keeps_scalings(read_adapter(tmp_path / "task"), tmp_path / "aligned", "role task")
+    base = transformers.Ernie4_5_MoeForCausalLM.from_pretrained(tmp_path / "aligned", dtype=torch.float32)
+    folded = PeftModel.from_pretrained(base, tmp_path / "task").merge_and_unload().state_dict()
+    shared = "model.layers.1.mlp.shared_experts.gate_proj.weight"
+    assert torch.equal(folded[shared], load_model(tmp_path / "aligned")[shared])

@@ -521,7 +521,7 @@ def peft_moe_names(model_dir: str | os.PathLike, modules: Collection[str]) -> tu
     installed PEFT): it converts none for a model missing there (0.21: Qwen2-MoE itself, Jamba,
     Granite-MoE-Hybrid), so their renamed modules are lost, and it retargets every module with a
     converted leaf name to the experts, so a dense layer's or shared expert's ``gate_proj`` is lost too
-    (and, with it, PEFT 0.21 loads none of the experts' LoRAs either: a DeepSeek-V3). Dense models:
+    (in a tiny DeepSeek-V3 with no dense layer, the routed experts' LoRAs were lost with them). Dense models:
     nothing (nor any import)."""
     renamed = renamed_on_load(model_dir, modules)
     model_type = config_value(model_dir, "model_type")

@@ -274,7 +274,7 @@ def canonical_name(name: str) -> str:
 
 
 # what transformers' MoE configs call the number of experts in a layer
-EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def experts_count(model_dir: str | os.PathLike) -> int | None:
