@@ -743,11 +743,11 @@ def _note_vllm(run: Run, off_default: list[str]) -> None:
         )
 
 
-def _peft_names(run: Run, modules: list[OutModule], use_rslora: bool) -> dict[str, str]:
-    """The written adapter's modules that PEFT loads under another name (see ``write_adapter``), with
-    a warning for those it loads nowhere (``adapters.peft_moe_names``) and, under rsLoRA, for those
-    whose update its fusion rescales."""
-    renamed, lost = peft_moe_names(run.aligned.path, [m.name for m in modules])
+def _peft_names(run: Run, modules: list[OutModule], task: LoraAdapter) -> dict[str, str]:
+    """The written adapter's modules (the ``task`` adapter's config) that PEFT loads under another name
+    (see ``write_adapter``), with a warning for those it loads nowhere (``adapters.peft_moe_names``)
+    and, under rsLoRA, for those whose update its fusion rescales."""
+    renamed, lost = peft_moe_names(run.aligned.path, [m.name for m in modules], task.config.get("target_modules"))
     if lost:
         first = next(iter(lost))
         run.warnings.append(
@@ -761,7 +761,7 @@ def _peft_names(run: Run, modules: list[OutModule], use_rslora: bool) -> dict[st
             fused.setdefault(new, []).append(module)
     pairs = sorted((m for ms in fused.values() if len({x.rsplit(".", 1)[-1] for x in ms}) > 1 for m in ms),
                    key=natural_key)
-    if use_rslora and pairs:
+    if task.use_rslora and pairs:
         run.warnings.append(
             f"{len(pairs)} transformers-4 MoE expert module(s) of the written adapter (first: {pairs[0]}) that PEFT "
             "with transformers 5 fuses in pairs (w1 with w3, gate_proj with up_proj) into one LoRA of twice the rank "
@@ -866,7 +866,7 @@ def merge(
             modules = [merged_module(layer, rec) if rec.flagged else OutModule.from_lora(layer.task)
                        for layer, rec in zip(run.layers, records)]
             _note_vllm(run, write_adapter(tmp, task.config, modules,  # makes each module's factors as it writes it
-                                          _peft_names(run, modules, task.use_rslora)))
+                                          _peft_names(run, modules, task)))
             lossy = [rec.extra["svd_rel_error"] for rec in records if rec.extra.get("svd_rel_error", 0.0) > SVD_WARN]
             if lossy:
                 run.warnings.append(
@@ -959,7 +959,7 @@ def project(
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             modules = [OutModule.from_lora(layer.task, new_B.get(layer.module)) for layer in run.layers]
-            _note_vllm(run, write_adapter(tmp, task.config, modules, _peft_names(run, modules, task.use_rslora)))
+            _note_vllm(run, write_adapter(tmp, task.config, modules, _peft_names(run, modules, task)))
         else:
             by_weight = {layer.weight: layer for layer in run.layers}
 

@@ -2549,3 +2549,44 @@ def test_an_moe_model_that_counts_its_experts_as_moe_num_experts_is_one(tmp_path
     folded = PeftModel.from_pretrained(base, tmp_path / "task").merge_and_unload().state_dict()
     shared = "model.layers.1.mlp.shared_experts.gate_proj.weight"
     assert torch.equal(folded[shared], load_model(tmp_path / "aligned")[shared])
+
+
+@pytest.mark.parametrize("regex, lost", [(r".*\.(q_proj|v_proj|gate|w1|w2|w3)", False),
+                                         (r".*\.(q_proj|v_proj|block_sparse_moe\.gate|experts\.\d+\.w[123])", True)])
+def test_a_regex_target_modules_is_read_as_peft_resolves_it_on_transformers_5(mixtral_v4_adapters, tmp_path, regex,
+                                                                              lost):
+    """PEFT resolves an adapter's regex target_modules against the transformers-5 names (mlp.gate,
+    probing experts.w1 for the fused experts): one that spells the transformers-4 paths
+    (block_sparse_moe.gate, experts.N.w1) reaches no router or expert there, and PEFT folds the
+    adapter without them, with no word (review167). Such an adapter is refused as a model+lora input
+    and its written adapter is warned of; one whose names PEFT resolves is taken, as PEFT folds it."""
+    from peft import PeftModel
+    from transformers import MixtralForCausalLM
+
+    from safemerge_ext.io.adapters import check_fold_keeps_scalings, read_adapter
+
+    fx = mixtral_v4_adapters
+    task = Path(shutil.copytree(fx.task, tmp_path / "task"))
+    config = json.loads((task / "adapter_config.json").read_text())
+    (task / "adapter_config.json").write_text(json.dumps({**config, "target_modules": regex, "alpha_pattern": {}}))
+    base = MixtralForCausalLM.from_pretrained(fx.aligned, dtype=torch.float32)
+    folded = PeftModel.from_pretrained(base, task).merge_and_unload().state_dict()
+    stored = load_model(fx.aligned)["model.layers.0.block_sparse_moe.gate.weight"]
+    A, B, scaling = load_adapter(task)["model.layers.0.block_sparse_moe.gate"]
+    router = folded["model.layers.0.mlp.gate.weight"]
+    if not lost:
+        check_fold_keeps_scalings(read_adapter(task), fx.aligned, "role task")
+        assert_close(router, stored.double() + scaling * (B @ A).double(), atol=2e-6, rtol=1e-5, what="router")
+        return
+    assert torch.equal(router, stored)
+    want = (f"folds nothing of its transformers-4 MoE module model.layers.0.block_sparse_moe.experts.0.w1 (nor 25 "
+            f"more): the adapter's target_modules regex {regex!r}, which PEFT matches against the transformers-5 "
+            "names (model.layers.0.mlp.experts.gate_up_proj), reaches no w1 there")
+    with pytest.raises(SafeMergeError, match=re.escape(want)):
+        check_fold_keeps_scalings(read_adapter(task), fx.aligned, "role task")
+    assert run_cli(["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", task,
+                    "--num-layers", 2, "--no-plot", "--out", tmp_path / "adapter"]) == 0
+    warned = [w for w in report_of(tmp_path / "adapter")["warnings"] if "loads nowhere" in w]
+    assert len(warned) == 1 and warned[0].startswith(
+        "26 transformers-4 MoE module(s) of the written adapter (first: model.layers.0.block_sparse_moe.experts.0.w1)"
+    ), warned

@@ -511,7 +511,8 @@ def _peft_moe_tables(model_type: object) -> tuple[dict[str, str], dict[str, Any]
     return (dict(mapping), dict(fused)) if mapping and fused else ({}, {})  # (it converts only where it knows both)
 
 
-def peft_moe_names(model_dir: str | os.PathLike, modules: Collection[str]) -> tuple[dict[str, str], dict[str, str]]:
+def peft_moe_names(model_dir: str | os.PathLike, modules: Collection[str], target_modules: object = None,
+                   ) -> tuple[dict[str, str], dict[str, str]]:
     """How PEFT with transformers 5 loads an adapter with ``modules`` (named as the model's files name
     them) onto an MoE model, where it converts adapters trained on transformers 4: the modules it
     loads under another name (the one it looks ``rank_pattern``/``alpha_pattern`` up by: the name
@@ -521,8 +522,10 @@ def peft_moe_names(model_dir: str | os.PathLike, modules: Collection[str]) -> tu
     installed PEFT): it converts none for a model missing there (0.21: Qwen2-MoE itself, Jamba,
     Granite-MoE-Hybrid), so their renamed modules are lost, and it retargets every module with a
     converted leaf name to the experts, so a dense layer's or shared expert's ``gate_proj`` is lost too
-    (in a tiny DeepSeek-V3 with no dense layer, the routed experts' LoRAs were lost with them). Dense models:
-    nothing (nor any import)."""
+    (in a tiny DeepSeek-V3 with no dense layer, the routed experts' LoRAs were lost with them). A regex
+    ``target_modules`` (the adapter config's) it matches against the transformers-5 names, probing
+    ``experts.w1`` for the fused experts: the modules whose leaf name it reaches no way there are lost
+    (``experts\\.\\d+\\.w1`` spells the old path, review167). Dense models: nothing (nor any import)."""
     renamed = renamed_on_load(model_dir, modules)
     model_type = config_value(model_dir, "model_type")
     if not renamed and experts_count(model_dir) is None:
@@ -543,6 +546,24 @@ def peft_moe_names(model_dir: str | os.PathLike, modules: Collection[str]) -> tu
         else:
             lost[m] = (f"PEFT retargets every {leaf} LoRA to the experts' fused {mapping[leaf]}, which this "
                        "module (no routed expert's) is not part of")
+    if isinstance(target_modules, str) and target_modules.lower() != "all-linear" and mapping:
+        try:
+            regex = re.compile(target_modules)
+        except re.error:  # (PEFT's load fails on it, and says so)
+            regex = None
+        reached = set()  # (the leaf names PEFT resolves the regex to, as its conversion does)
+        for m in modules if regex is not None else ():
+            leaf = m.rsplit(".", 1)[-1]
+            container, _, param = renamed.get(m, f"{m}.weight").rpartition(".")
+            keys = [k for k in (container, f"{container}.{param}") if k.rsplit(".", 1)[-1] == leaf]
+            keys += [f"{container}.{leaf}"] if param == mapping.get(leaf) else []
+            if any(regex.fullmatch(k) for k in keys):
+                reached.add(leaf)
+        for m, new in renamed.items():
+            leaf = m.rsplit(".", 1)[-1]
+            if regex is not None and m not in lost and leaf in mapping and leaf not in reached:
+                lost[m] = (f"the adapter's target_modules regex {target_modules!r}, which PEFT matches against the "
+                           f"transformers-5 names ({new}), reaches no {leaf} there")
     return renamed, dict(sorted(lost.items(), key=lambda kv: natural_key(kv[0])))
 
 
@@ -557,7 +578,7 @@ def check_fold_keeps_scalings(adapter: LoraAdapter, model_dir: str | os.PathLike
     that gives such a module another rank or scaling than it was trained with (an alpha_pattern
     written for ``w2``: folded at the default; under rsLoRA the fused pair scaled by sqrt(2)): its
     fold would not be the model it was trained to be (review162, review163)."""
-    renamed, lost = peft_moe_names(model_dir, adapter.modules)
+    renamed, lost = peft_moe_names(model_dir, adapter.modules, adapter.config.get("target_modules"))
     if lost:
         first = next(iter(lost))
         raise SafeMergeError(
