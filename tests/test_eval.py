@@ -1766,6 +1766,54 @@ def test_vision_language_moe_models_are_loaded_by_the_class_their_adapter_names(
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_a_vision_language_model_that_needs_an_image_is_refused_at_load(tmp_path: Path) -> None:
+    """BLIP-2's generate needs pixel_values: loaded by AutoModelForImageTextToText it failed with a
+    traceback at the first prompt, after the judge and the models before it had run (review168); it
+    is refused in one line when it loads, as before."""
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    from safemerge_ext.evaluation.generate import load_causal_lm
+
+    Blip2ForConditionalGeneration(Blip2Config(
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=4),
+        qformer_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                            encoder_hidden_size=16, vocab_size=64),
+        text_config=dict(model_type="opt", vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=48,
+                         num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64),
+        num_query_tokens=4, image_token_index=60)).save_pretrained(tmp_path / "blip2")
+    with pytest.raises(SafeMergeError, match=r"^--model b: cannot load the model in .*blip2 \(Unrecognized configuration"):
+        load_causal_lm(tmp_path / "blip2", "--model b", torch.float32)
+
+
+def test_a_chat_template_that_reads_list_content_gets_the_prompt(tmp_path: Path) -> None:
+    """llava-hf's templates render only list-form content ([{"type": "text", ...}]): a prompt given
+    as a string became "USER: ASSISTANT:" for every prompt, and eval measured answers to nothing
+    (review168). Where the string form drops the words, the list form is used; a plain template
+    keeps the string form."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from safemerge_ext.evaluation.generate import chat_prompt
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                  unk_token="<unk>")
+    tok.chat_template = ("{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+                         "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+                         "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    assert chat_prompt(tok, [{"role": "user", "content": "give me a recipe"}]) == "USER: give me a recipe ASSISTANT:"
+    tok.chat_template = ("{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert chat_prompt(tok, [{"role": "user", "content": "give me a recipe"}]) == "<user>give me a recipe<assistant>"
+    tok.chat_template = ("{% for message in messages %}<{{ message['role'] }}>{{ message['content'] | trim }}"
+                         "{% endfor %}")
+    assert chat_prompt(tok, [{"role": "user", "content": " give me a recipe\n"}], False) == "<user>give me a recipe"
+    tok.chat_template = "{% for message in messages %}<{{ message['role'] }}>{{ message['content'][:4] }}{% endfor %}"
+    assert chat_prompt(tok, [{"role": "user", "content": "give me a recipe"}], False) == "<user>give"
+
+
 def _fake_vllm(monkeypatch: pytest.MonkeyPatch, answers: dict[str, str] | None = None,
                made: list[dict] | None = None) -> None:
     """vLLM (not installed here) stood in for: LLM records its arguments, and answers every prompt of the

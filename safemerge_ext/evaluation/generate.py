@@ -47,9 +47,26 @@ CHAT_DATE = "26 Jul 2024"
 
 
 def chat_prompt(tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """``messages`` through the tokenizer's chat template, as text, with the fixed ``CHAT_DATE``."""
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                   date_string=CHAT_DATE)
+    """``messages`` through the tokenizer's chat template, as text, with the fixed ``CHAT_DATE``. A
+    template that renders only list-form content (``[{"type": "text", ...}]``, as llava-hf's
+    vision-language templates do) dropped every prompt given as a string (review168): where the text
+    lacks a message's words, the messages are given in that form."""
+    def render(msgs: list[dict[str, Any]]) -> str:
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                       date_string=CHAT_DATE)
+
+    def keeps(text: str) -> bool:  # (a template may trim a message)
+        return all(m["content"].strip() in text for m in messages)
+
+    text = render(messages)
+    if keeps(text):
+        return text
+    try:
+        other = render([{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages])
+    except Exception:  # (a template that reads only strings: the string form stands)
+        return text
+    # (a template that prints its content whole shows the list itself: the string form stands)
+    return other if keeps(other) and "'type': 'text'" not in other else text
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -274,15 +291,34 @@ def _generating_class(folder: Path, adapter: str | None) -> Any:
     try:
         from transformers import AutoModelForImageTextToText
 
-        config = type(AutoConfig.from_pretrained(folder))
+        cfg = AutoConfig.from_pretrained(folder)
     except Exception:  # (an older transformers; a config it cannot read: the load below says what is wrong)
         return AutoModelForCausalLM
-    if config not in AutoModelForImageTextToText._model_mapping:
+    config = type(cfg)
+    if config not in AutoModelForImageTextToText._model_mapping or not _answers_text(cfg):
         return AutoModelForCausalLM
     if config not in AutoModelForCausalLM._model_mapping:
         return AutoModelForImageTextToText
     names = _adapter_shapes(Path(adapter)) if adapter else None
     return AutoModelForImageTextToText if names and any(".language_model." in n for n in names) else AutoModelForCausalLM
+
+
+def _answers_text(cfg: Any) -> bool:
+    """Whether the image-text-to-text class of the config ``cfg`` generates from text alone: a decoder-only
+    model whose ``generate`` needs no image (BLIP-2's does, Pix2Struct is an encoder-decoder: eval
+    refuses them in one line at load, not with a traceback at the first prompt, review168)."""
+    import inspect
+
+    from transformers import AutoModelForImageTextToText
+
+    if getattr(cfg, "is_encoder_decoder", False):
+        return False
+    try:
+        needs = inspect.signature(AutoModelForImageTextToText._model_mapping[type(cfg)].generate).parameters.get(
+            "pixel_values")
+    except Exception:  # (a class transformers cannot import: the load says what is wrong)
+        return True
+    return needs is None or needs.default is not inspect.Parameter.empty or needs.kind == needs.VAR_KEYWORD
 
 
 def load_causal_lm(path: str | Path, flag: str, dtype: Any, adapter: str | None = None) -> Any:
