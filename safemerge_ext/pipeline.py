@@ -29,7 +29,8 @@ from safemerge_ext._signals import raise_pending
 from safemerge_ext.backends import exact_fp32_matmuls
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
-                                       global_scaling, peft_moe_names, read_adapter, untargeted, write_adapter)
+                                       fused_leaves, global_scaling, peft_moe_names, read_adapter, untargeted,
+                                       write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
 from safemerge_ext.io.models import (INDEX, ModelReader, config_value, is_conv1d, is_tied_head, module_key,
                                      natural_key)
@@ -755,12 +756,9 @@ def _peft_names(run: Run, modules: list[OutModule], task: LoraAdapter) -> dict[s
             f"transformers 5 loads nowhere ({lost[first]}): PEFT loads the adapter without them, with no word, so "
             "their updates are lost there; --output model applies them"
         )
-    fused: dict[str, list[str]] = {}  # (the modules PEFT stacks into each new name)
-    for module, new in renamed.items():
-        if module not in lost:
-            fused.setdefault(new, []).append(module)
-    pairs = sorted((m for ms in fused.values() if len({x.rsplit(".", 1)[-1] for x in ms}) > 1 for m in ms),
-                   key=natural_key)
+    loaded = {m: new for m, new in renamed.items() if m not in lost}
+    leaves = fused_leaves(loaded)
+    pairs = sorted((m for m, new in loaded.items() if len(leaves[new]) > 1), key=natural_key)
     if task.use_rslora and pairs:
         run.warnings.append(
             f"{len(pairs)} transformers-4 MoE expert module(s) of the written adapter (first: {pairs[0]}) that PEFT "

@@ -567,6 +567,18 @@ def peft_moe_names(model_dir: str | os.PathLike, modules: Collection[str], targe
     return renamed, dict(sorted(lost.items(), key=lambda kv: natural_key(kv[0])))
 
 
+def fused_leaves(renamed: dict[str, str]) -> dict[str, list[str]]:
+    """Each name PEFT loads modules under (``renamed``: module -> that name) -> the leaf names of the
+    modules it stacks there, in order: two where each layer's experts fuse a pair (w1 and w3)."""
+    leaves: dict[str, list[str]] = {}
+    for name, new in renamed.items():
+        group = leaves.setdefault(new, [])
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in group:
+            group.append(leaf)
+    return leaves
+
+
 def check_fold_keeps_scalings(adapter: LoraAdapter, model_dir: str | os.PathLike, label: str) -> None:
     """For an adapter that PEFT folds into its model (mergekit's ``model+lora``, ``safemerge eval``'s
     ``model+adapter``): PEFT with
@@ -589,12 +601,7 @@ def check_fold_keeps_scalings(adapter: LoraAdapter, model_dir: str | os.PathLike
     if not renamed:
         return
     r, alpha, rank_pattern, alpha_pattern = _ranks_and_alphas(adapter.config, f"{label}: {adapter.path / CONFIG}")
-    leaves: dict[str, list[str]] = {}  # (a new name's own leaf names, as each layer's experts fuse them)
-    for name, new in renamed.items():
-        group = leaves.setdefault(new, [])
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf not in group:
-            group.append(leaf)
+    leaves = fused_leaves(renamed)
     for name in sorted(renamed, key=natural_key):
         m, new = adapter.modules[name], renamed[name]
         fused = leaves[new]
