@@ -2551,6 +2551,44 @@ def test_an_moe_model_that_counts_its_experts_as_moe_num_experts_is_one(tmp_path
     assert torch.equal(folded[shared], load_model(tmp_path / "aligned")[shared])
 
 
+def test_an_omni_model_counts_the_experts_its_thinker_config_gives(tmp_path):
+    """Qwen3-Omni-MoE's config.json keeps its language model's experts count under
+    thinker_config.text_config: the model was taken for a dense one, so an adapter whose dense
+    layer's gate/up/down LoRAs PEFT loses (it retargets them to the experts) was accepted on the fold
+    routes (review167 noted it)."""
+    import transformers
+    from peft import PeftModel
+
+    from safemerge_ext.io.adapters import check_fold_keeps_scalings, read_adapter
+    from safemerge_ext.io.models import experts_count
+
+    text = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64, num_experts=4,
+                num_experts_per_tok=2, mlp_only_layers=[0])
+    audio = dict(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, num_mel_bins=16,
+                 output_dim=32, n_window=4, downsample_hidden_size=8)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                  deepstack_visual_indexes=[0], patch_size=4, spatial_merge_size=1)
+    cfg = transformers.Qwen3OmniMoeConfig(thinker_config=dict(text_config=text, audio_config=audio,
+                                                              vision_config=vision), enable_audio_output=False)
+    torch.manual_seed(0)
+    twins_and_v4_adapters(transformers.Qwen3OmniMoeForConditionalGeneration(cfg), tmp_path,
+                          r"thinker\.model\.layers\.\d+\.(self_attn\.q_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)",
+                          ["q_proj", "gate_proj", "up_proj", "down_proj"])
+    assert experts_count(tmp_path / "aligned") == 4
+    with pytest.raises(SafeMergeError, match=re.escape(
+            "folds nothing of its transformers-4 MoE module thinker.model.layers.0.mlp.gate_proj (nor 2 more): "
+            "PEFT retargets every gate_proj LoRA")):
+        check_fold_keeps_scalings(read_adapter(tmp_path / "task"), tmp_path / "aligned", "role task")
+    base = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(tmp_path / "aligned", dtype=torch.float32)
+    dense, experts = (f"thinker.model.language_model.layers.{n}" for n in ("0.mlp.gate_proj.weight",
+                                                                        "1.mlp.experts.down_proj"))
+    before = {k: base.state_dict()[k].clone() for k in (dense, experts)}
+    folded = PeftModel.from_pretrained(base, tmp_path / "task").merge_and_unload().state_dict()
+    assert torch.equal(folded[dense], before[dense])  # (lost: PEFT loaded it on the experts)
+    assert not torch.equal(folded[experts], before[experts])
+
+
 @pytest.mark.parametrize("regex, lost", [(r".*\.(q_proj|v_proj|gate|w1|w2|w3)", False),
                                          (r".*\.(q_proj|v_proj|block_sparse_moe\.gate|experts\.\d+\.w[123])", True)])
 def test_a_regex_target_modules_is_read_as_peft_resolves_it_on_transformers_5(mixtral_v4_adapters, tmp_path, regex,

@@ -138,17 +138,25 @@ def _copy_buffered(src: int, dst: int, offset: int, count: int) -> int:
     return done
 
 
+# where composite models keep their language model's settings in config.json: multimodal models'
+# text_config, the Omni models' thinker's (Qwen2.5-Omni, Qwen3-Omni-MoE)
+_TEXT_SECTIONS = (("text_config",), ("thinker_config", "text_config"))
+
+
 def config_value(model_dir: str | os.PathLike, key: str) -> object:
-    """``key`` from a model folder's config.json, or from its ``text_config`` (multimodal models);
-    None where the file or the key is missing."""
+    """``key`` from a model folder's config.json, or from its language model's section (``text_config``,
+    or ``thinker_config.text_config``); None where the file or the key is missing."""
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_bytes())
     except (OSError, ValueError, RecursionError):
         return None
-    if not isinstance(cfg, dict):
-        return None
-    text = cfg.get("text_config")
-    return cfg.get(key, text.get(key) if isinstance(text, dict) else None)
+    for path in ((),) + _TEXT_SECTIONS:
+        section = cfg
+        for name in path:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict) and key in section:
+            return section[key]
+    return None
 
 
 # transformers models whose projections are Conv1D layers (GPT-2's weight layout, d_in x d_out; JAIS
