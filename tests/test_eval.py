@@ -1225,6 +1225,21 @@ def test_model_folder_errors_are_one_line_and_early(tiny_chat_model: tuple[Path,
         generate.TransformersEngine().load(generate.parse_model(str(trunc)))
 
 
+@pytest.mark.parametrize("field, value", [("added_tokens_decoder", []), ("tokenizer_class", 5)])
+def test_a_tokenizer_config_field_of_another_type_is_one_line(tiny_chat_model: tuple[Path, Path], tmp_path: Path,
+                                                              field: str, value: object) -> None:
+    """transformers raises an AttributeError for these: it was a traceback."""
+    from safemerge_ext.evaluation.generate import chat_tokenizer
+
+    model, _ = tiny_chat_model
+    folder = shutil.copytree(model, tmp_path / "model")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(SafeMergeError, match=rf"^--model: cannot load the tokenizer of {re.escape(str(folder))} "
+                                             r"\(.*\); save it again with tokenizer\.save_pretrained$"):
+        chat_tokenizer(folder, "--model")
+
+
 def test_adapter_folder_without_weights_is_refused(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """adapter_config.json alone would send peft to the Hub (the folder taken for a repo id): refused first."""

@@ -265,7 +265,8 @@ def chat_tokenizer(path: str | Path, flag: str,
         bad = _bad_json(folder)
         if bad:
             raise SafeMergeError(f"{flag}: {bad}; repair or replace the file") from None
-        if not isinstance(exc, _load_errors()):
+        # (an AttributeError: a field of tokenizer_config.json of another type, added_tokens_decoder a list)
+        if not isinstance(exc, _load_errors() + (AttributeError,)):
             raise
         if not any((folder / n).is_file() for n in TOKENIZER_FILES):
             raise SafeMergeError(f"{flag}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
