@@ -1240,6 +1240,31 @@ def test_a_tokenizer_config_field_of_another_type_is_one_line(tiny_chat_model: t
         chat_tokenizer(folder, "--model")
 
 
+def test_a_processor_chat_template_json_is_the_models_template(tiny_chat_model: tuple[Path, Path],
+                                                                tmp_path: Path) -> None:
+    """A vision-language folder saved by a transformers-4 processor (llava-hf's) keeps its chat template
+    in chat_template.json, which the tokenizer does not read: the model was refused as having none.
+    A file without a template string is one line naming it."""
+    from safemerge_ext.evaluation.generate import chat_prompt, chat_tokenizer
+
+    model, _ = tiny_chat_model
+    folder = shutil.copytree(model, tmp_path / "model")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SafeMergeError, match="has no chat template"):
+        chat_tokenizer(folder, "--model")
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    messages = [{"role": "user", "content": "say the words"}]
+    assert chat_prompt(chat_tokenizer(folder, "--model"), messages) == chat_prompt(chat_tokenizer(model, "--model"),
+                                                                                   messages)
+    (folder / "chat_template.json").write_text(json.dumps({"template": CHAT_TEMPLATE}))
+    with pytest.raises(SafeMergeError, match=rf"^--model: {re.escape(str(folder / 'chat_template.json'))} holds no "
+                                             "chat template"):
+        chat_tokenizer(folder, "--model")
+
+
 def test_adapter_folder_without_weights_is_refused(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """adapter_config.json alone would send peft to the Hub (the folder taken for a repo id): refused first."""

@@ -274,11 +274,30 @@ def chat_tokenizer(path: str | Path, flag: str,
         raise SafeMergeError(f"{flag}: cannot load the tokenizer of {folder} ({_gist(exc)}); "
                              "save it again with tokenizer.save_pretrained") from None
     if tok.chat_template is None:
+        tok.chat_template = _processor_template(folder, flag)
+    if tok.chat_template is None:
         raise SafeMergeError(f"{flag}: the tokenizer of {folder} has no chat template; {no_template}")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
+
+
+def _processor_template(folder: Path, flag: str) -> str | None:
+    """The chat template a vision-language model's processor saved as ``chat_template.json`` (as
+    transformers 4 did, and llava-hf's folders have it), which the tokenizer does not read; None
+    where the folder has no such file."""
+    legacy = folder / "chat_template.json"
+    if not legacy.is_file():
+        return None
+    try:
+        template = json.loads(legacy.read_bytes()).get("chat_template")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        template = None
+    if not isinstance(template, str) or not template.strip():
+        raise SafeMergeError(f"{flag}: {legacy} holds no chat template (a \"chat_template\" string); repair it, "
+                             "or save the processor again with processor.save_pretrained")
+    return template
 
 
 def _generating_class(folder: Path, adapter: str | None) -> Any:
