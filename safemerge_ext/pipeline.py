@@ -753,8 +753,9 @@ def _peft_names(run: Run, modules: list[OutModule], task: LoraAdapter) -> dict[s
         first = next(iter(lost))
         run.warnings.append(
             f"{len(lost)} transformers-4 MoE module(s) of the written adapter (first: {first}) that PEFT with "
-            f"transformers 5 loads nowhere ({lost[first]}): PEFT loads the adapter without them, with no word, so "
-            "their updates are lost there; --output model applies them"
+            f"transformers 5 loads nowhere ({lost[first]}): PEFT loads the adapter without them, with no word (or, for "
+            "a module it cannot wrap, such as Qwen2-MoE's router, refuses the adapter), so their updates are lost "
+            "there; --output model applies them"
         )
     loaded = {m: new for m, new in renamed.items() if m not in lost}
     leaves = fused_leaves(loaded)
