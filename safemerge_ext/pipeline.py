@@ -734,20 +734,10 @@ def _check_equal_ranks(run: Run) -> None:
             )
 
 
-def _note_vllm(run: Run, off_default: list[str]) -> None:
-    """Warn when the written adapter has modules whose scaling is not its default one."""
-    if off_default:
-        run.warnings.append(
-            f"{len(off_default)} module(s) (first: {off_default[0]}) keep the scaling the task adapter's "
-            "rank_pattern/alpha_pattern gave them: PEFT reads it, vLLM does not (it applies lora_alpha / r to all); "
-            "for vLLM, use --output model"
-        )
-
-
 def _peft_names(run: Run, modules: list[OutModule], task: LoraAdapter) -> dict[str, str]:
-    """The written adapter's modules (the ``task`` adapter's config) that PEFT loads under another name
-    (see ``write_adapter``), with a warning for those it loads nowhere (``adapters.peft_moe_names``)
-    and, under rsLoRA, for those whose update its fusion rescales."""
+    """The written adapter's modules (the ``task`` adapter's config) that PEFT loads under another name,
+    stacked with others (see ``write_adapter``), with a warning for those it loads nowhere
+    (``adapters.peft_moe_names``) and, under rsLoRA, for those whose update its fusion rescales."""
     renamed, lost = peft_moe_names(run.aligned.path, [m.name for m in modules], task.config.get("target_modules"))
     if lost:
         first = next(iter(lost))
@@ -855,8 +845,7 @@ def merge(
                     f"{s.reader.path / 'adapter_config.json'}; nothing was written")
             return A.to(dt), B
 
-        # written at the task adapter's default scaling (B divided by it), which is the one scaling
-        # vLLM applies to every module; PEFT reads this module's own alpha (see write_adapter)
+        # written at the task adapter's default scaling (B divided by it), as every module is (write_adapter)
         return OutModule(layer.module, (rank, t.d_in), (t.d_out, rank), (dt, dt),
                          alpha_for(scaling, rank, use_rslora), make)
 
@@ -864,8 +853,8 @@ def merge(
         if settings.output == "adapter":
             modules = [merged_module(layer, rec) if rec.flagged else OutModule.from_lora(layer.task)
                        for layer, rec in zip(run.layers, records)]
-            _note_vllm(run, write_adapter(tmp, task.config, modules,  # makes each module's factors as it writes it
-                                          _peft_names(run, modules, task)))
+            # (makes each module's factors as it writes it)
+            write_adapter(tmp, task.config, modules, _peft_names(run, modules, task))
             lossy = [rec.extra["svd_rel_error"] for rec in records if rec.extra.get("svd_rel_error", 0.0) > SVD_WARN]
             if lossy:
                 run.warnings.append(
@@ -958,7 +947,7 @@ def project(
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             modules = [OutModule.from_lora(layer.task, new_B.get(layer.module)) for layer in run.layers]
-            _note_vllm(run, write_adapter(tmp, task.config, modules, _peft_names(run, modules, task)))
+            write_adapter(tmp, task.config, modules, _peft_names(run, modules, task))
         else:
             by_weight = {layer.weight: layer for layer in run.layers}
 

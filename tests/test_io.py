@@ -709,11 +709,17 @@ def test_adapter_scaling_equals_peft(fx):
     assert task["model.layers.0.self_attn.v_proj"].rank == 2 and task["model.layers.0.self_attn.o_proj"].alpha == 3.0
 
 
-def test_written_mixed_rank_adapter_loads_in_peft(fx, tmp_path):
+def test_modules_of_mixed_ranks_and_scalings_are_written_at_one_rank_and_scaling(fx, tmp_path):
+    """Each module's update is written as given, but all at the largest rank (zero-padded) and the
+    template's default scaling, with no rank_pattern/alpha_pattern: vLLM reads only r and lora_alpha,
+    llama.cpp scales each tensor by lora_alpha over its own rank, TGI/LoRAX stack a module's factors
+    across layers (a merge's mixed ranks were mis-scaled or failed there, review169). PEFT loads it
+    and folds each module's update as given."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
     template = json.loads((fx.task / "adapter_config.json").read_text())
+    assert template["rank_pattern"] and template["alpha_pattern"]  # (which the written adapter must not keep)
     ad = read_adapter(fx.task)
     torch.manual_seed(3)
     mods, want = [], {}
@@ -722,23 +728,30 @@ def test_written_mixed_rank_adapter_loads_in_peft(fx, tmp_path):
         A, B = torch.randn(r, m.d_in), torch.randn(m.d_out, r)
         rsl = i % 2 == 0
         mods.append(OutModule.of(name, A, B, unit_alpha(r, rsl) if rsl else 2.0 * r))
-        want[name] = r
+        want[name] = mods[-1].alpha / r * (B.double() @ A.double())
     # unit_alpha gives scaling exactly 1 under both rules
     assert all(unit_alpha(r, u) / (math.sqrt(r) if u else r) == 1.0 for r in range(1, 300) for u in (True, False))
-    # use_rslora=False: the rsLoRA-style alphas give scaling sqrt(r)/r; PEFT must load each as written.
+    # use_rslora=False: the rsLoRA-style alphas give scaling sqrt(r)/r, which the default does not.
     # The template's init scheme is not kept: PEFT's orthogonal init refuses odd ranks when loading.
     write_adapter(tmp_path / "ad", {**template, "use_rslora": False, "init_lora_weights": "orthogonal"}, mods)
-    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] is True and config["rank_pattern"] == {} == config["alpha_pattern"]
+    default = template["lora_alpha"] / template["r"]
+    assert config["r"] == 11 and math.isclose(config["lora_alpha"] / 11, default, rel_tol=1e-12)
+    written = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    for name, update in want.items():
+        A, B = (written[f"base_model.model.{name}.lora_{f}.weight"] for f in "AB")
+        assert A.shape[0] == B.shape[1] == 11, name  # (llama.cpp's rank: each tensor's own)
+        assert_close(default * (B.double() @ A.double()), update, atol=1e-5, rtol=1e-5, what=name)
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(fx.aligned), tmp_path / "ad")
     seen = set()
     for name, mod in model.named_modules():
         key = name.removeprefix("base_model.model.")
         if key in want and hasattr(mod, "lora_A"):
-            r, m = want[key], next(m for m in mods if m.name == key)
-            assert mod.lora_A["default"].weight.shape[0] == r, key
-            assert math.isclose(mod.scaling["default"], m.alpha / r, rel_tol=1e-12), key
-            A, B = m.make()
-            assert torch.equal(mod.lora_A["default"].weight, A) and torch.equal(mod.lora_B["default"].weight, B), key
+            assert mod.lora_A["default"].weight.shape[0] == 11, key
+            assert math.isclose(mod.scaling["default"], default, rel_tol=1e-12), key
+            got = mod.scaling["default"] * (mod.lora_B["default"].weight.double() @ mod.lora_A["default"].weight.double())
+            assert_close(got, want[key], atol=1e-5, rtol=1e-5, what=key)
             seen.add(key)
     assert seen == set(want)
 

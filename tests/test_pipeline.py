@@ -411,20 +411,27 @@ def test_merge_linear_adapter_exact(fx, tmp_path, adapter_dtype):
     flagged = {r["module"] for r in rep["layers"] if r["flagged"]}
     assert flagged == {m for m, c in ref.items() if c < tau} and len(flagged) == 8
 
-    # unflagged layers reproduce the task adapter exactly (same bits, same rank and alpha)
-    task_sd = load_file(fx.task / "adapter_model.safetensors")
+    # every module at the largest rank r_f + r_s and one scaling (write_adapter); unflagged layers keep the
+    # task adapter's factors, zero-padded: the same bits, B rescaled (in fp32) where its scaling was another
     out_sd = load_file(out / "adapter_model.safetensors")
     cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 + 6 and cfg["rank_pattern"] == {} == cfg["alpha_pattern"]
+    default = cfg["lora_alpha"] / cfg["r"]
     task_ad = load_adapter(fx.task)
     for m in ref:
-        key = f"base_model.model.{m}.lora_A.weight"
+        A, B = (out_sd[f"base_model.model.{m}.lora_{f}.weight"] for f in "AB")
+        tA, tB, ts = task_ad[m]
+        r = tA.shape[0] if m not in flagged else tA.shape[0] + 6  # r_f, or r_f + r_s
+        assert A.shape[0] == B.shape[1] == 10 and not A[r:].any() and not B[:, r:].any(), m
         if m not in flagged:
-            assert torch.equal(out_sd[key], task_sd[key])
-            assert torch.equal(out_sd[key.replace("lora_A", "lora_B")], task_sd[key.replace("lora_A", "lora_B")])
+            assert torch.equal(A[:r], tA), m
+            if ts == default:
+                assert torch.equal(B[:, :r], tB), m
+            else:
+                assert B.dtype == torch.float32 and m.endswith(("v_proj", "o_proj")), m  # (their patterns)
+                assert_close(default * B[:, :r].double(), ts * tB.double(), atol=0.0, rtol=1e-7, what=m)
         else:
-            assert out_sd[key].shape[0] == task_ad[m][0].shape[0] + 6  # r_f + r_s
-            assert cfg["rank_pattern"][m] == out_sd[key].shape[0]
-            assert out_sd[key].dtype == out_sd[key.replace("lora_A", "lora_B")].dtype == torch.float32
+            assert A.dtype == B.dtype == torch.float32
 
     # the adapter, loaded by PEFT onto the aligned model, gives aligned + the SafeMERGE update
     merged = peft_merged_weights(fx.aligned, out)
@@ -564,7 +571,8 @@ def test_peft_linear_reproduces_peft_add_weighted_adapter(fx, tmp_path, rslora, 
                 exact = aligned[w].double() + expected_update(types.SimpleNamespace(task=task, safety=safety),
                                                               {m}, alpha)[m]
                 assert (want - exact).abs().max() > 1e-3, m  # (the cross terms are there)
-                assert written[m][0].shape[0] == task_w[m][0].shape[0], m  # (rank r, not r_task + r_safety)
+                A = written[m][0]  # (rank r, not r_task + r_safety: the rows past it are zero padding)
+                assert int(A.abs().sum(1).gt(0).sum()) == task_w[m][0].shape[0], m
             else:
                 A, B, s = task_w[m]
                 want = aligned[w].double() + B.double() @ A.double() * s
@@ -583,38 +591,42 @@ def test_peft_linear_needs_equal_ranks(fx, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_merged_adapter_is_read_right_by_a_server_that_reads_only_r_and_lora_alpha(fx, tmp_path):
-    """vLLM applies one scaling, lora_alpha / r (/ sqrt(r) with rsLoRA), to every module, reads
-    neither rank_pattern nor alpha_pattern, and checks r against its max_lora_rank. The merged
-    adapter keeps its flagged modules (rank r_task + r_safety, scales folded) at that scaling and
-    sets r to its largest rank: from a task adapter without patterns, every module reads right."""
-    def scalings(out: Path) -> tuple[float, dict[str, float], dict]:
-        cfg = json.loads((out / "adapter_config.json").read_text())
-        root = math.sqrt if cfg["use_rslora"] else float
-        ranks = {k.split(".lora_A")[0].removeprefix("base_model.model."): v.shape[0]
-                 for k, v in load_file(out / "adapter_model.safetensors").items() if ".lora_A" in k}
-        assert cfg["r"] == max(ranks.values()) and cfg["rank_pattern"] == ranks
-        return cfg["lora_alpha"] / root(cfg["r"]), {m: cfg["alpha_pattern"][m] / root(r) for m, r in ranks.items()}, cfg
-
-    # the demo's safety adapter (rsLoRA r 6, lora_alpha 12, no patterns) as the task adapter
-    out = tmp_path / "plain"
-    assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", fx.safety,
-                    "--safety-adapter", fx.task, "--out", out, "--num-layers", 6, "--no-plot"]) == 0
-    default, own, cfg = scalings(out)
-    assert cfg["r"] == 6 + 4 and math.isclose(default, 12 / math.sqrt(6), rel_tol=1e-12)
-    assert all(math.isclose(s, default, rel_tol=1e-12) for s in own.values()), own
-    assert not [w for w in report_of(out)["warnings"] if "vLLM" in w]
-    # the demo's task adapter sets v_proj's rank and o_proj's alpha by pattern: those of its modules
-    # that are kept as they are read wrong where only lora_alpha / r is read, and the report says so
-    out = tmp_path / "patterned"
-    assert run_cli(merge_args(fx, out, "--num-layers", 6, "--no-plot")) == 0
-    default, own, _ = scalings(out)
+@pytest.mark.parametrize("as_task", ["task", "safety"], ids=["patterned", "rslora"])
+def test_merged_adapter_is_read_alike_by_peft_vllm_llamacpp_and_tgi(fx, tmp_path, as_task):
+    """A merged adapter has flagged modules of rank r_task + r_safety among the task's: written each at
+    its own rank and scaling (rank_pattern/alpha_pattern), llama.cpp (which scales each tensor by
+    lora_alpha over its own rank) gave the kept ones (r_task + r_safety) / r_task times their update,
+    and TGI/LoRAX (which stack a module's factors across layers) failed to load it (review169); vLLM
+    reads neither pattern, so a task adapter's own patterns were lost there. Every module is now at
+    the largest rank (zero-padded) and one scaling, which each loader's rule reads as PEFT does.
+    The demo's task adapter sets v_proj's rank and o_proj's alpha by pattern; its safety adapter is rsLoRA."""
+    task, safety = (fx.task, fx.safety) if as_task == "task" else (fx.safety, fx.task)
+    out = tmp_path / "out"
+    assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", task,
+                    "--safety-adapter", safety, "--out", out, "--num-layers", 6, "--no-plot"]) == 0
     flagged = {r["module"] for r in report_of(out)["layers"] if r["flagged"]}
-    off = {m for m, s in own.items() if not math.isclose(s, default, rel_tol=1e-9)}
-    assert off and off == {m for m in own if m.endswith(("v_proj", "o_proj")) and m not in flagged}
-    assert all(math.isclose(own[m], 8 / 4, rel_tol=1e-12) for m in flagged)
-    warned = [w for w in report_of(out)["warnings"] if "vLLM" in w]
-    assert len(warned) == 1 and warned[0].startswith(f"{len(off)} module(s) (first: "), warned
+    assert len(flagged) == 6
+    want = expected_update(types.SimpleNamespace(task=task, safety=safety), flagged, 0.8)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {} == cfg["alpha_pattern"] and cfg["r"] == 4 + 6
+    rslora = cfg["use_rslora"]
+    assert rslora == (as_task == "safety")
+    sd = load_file(out / "adapter_model.safetensors")
+    by_kind: dict[str, set[int]] = {}
+    for m, update in want.items():
+        A, B = sd[f"base_model.model.{m}.lora_A.weight"], sd[f"base_model.model.{m}.lora_B.weight"]
+        by_kind.setdefault(m.rsplit(".", 1)[-1], set()).add(A.shape[0])
+        vllm = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if rslora else cfg["r"])  # (one scaling for all)
+        assert_close(vllm * B.double() @ A.double(), update, atol=1e-6, rtol=1e-6, what=f"vLLM {m}")
+        if not rslora:  # (llama.cpp has no rsLoRA, for any adapter)
+            assert math.isclose(cfg["lora_alpha"] / A.shape[0], vllm, rel_tol=1e-12), f"llama.cpp {m}"
+    assert all(len(ranks) == 1 for ranks in by_kind.values()), by_kind  # (TGI stacks them)
+    peft = peft_merged_weights(fx.aligned, out)
+    aligned = load_model(fx.aligned)
+    for m, update in want.items():
+        assert_close(peft[f"{m}.weight"], aligned[f"{m}.weight"].double() + update, atol=2e-6, rtol=1e-5,
+                     what=f"PEFT {m}")
+    assert not [w for w in report_of(out)["warnings"] if "vLLM" in w]
 
 
 def test_merge_model_output(fx, tmp_path):
@@ -790,12 +802,14 @@ def test_project_safe_lora(fx, tmp_path, output):
     if output == "adapter":
         got = load_adapter(out)
         for m, (A, B, s) in task.items():
-            Ao, Bo, so = got[m]
-            assert torch.equal(Ao, A) and so == s
-            if m in flagged:
-                assert_close(Bo, ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B), atol=1e-6, rtol=1e-5, what=m)
+            Ao, Bo, so = got[m]  # (at the written adapter's one rank and scaling: A the same, zero-padded)
+            r = A.shape[0]
+            assert torch.equal(Ao[:r], A) and not Ao[r:].any() and not Bo[:, r:].any()
+            want = ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B) if m in flagged else B.double()
+            if m in flagged or so != s:
+                assert_close(so * Bo[:, :r], s * want, atol=1e-6, rtol=1e-5, what=m)
             else:
-                assert torch.equal(Bo, B)
+                assert torch.equal(Bo[:, :r], B)
     else:
         got = load_model(out)
         for m, (A, B, s) in task.items():
@@ -887,7 +901,10 @@ def test_project_float8_adapter(fx, tmp_path, capsys):
     wa, wu = load_model(fx.aligned), load_model(fx.unaligned)
     stored = load_file(out / "adapter_model.safetensors")
     task = load_adapter(adapter)
-    assert len(flagged) == 3 and all(v.dtype == torch.float8_e4m3fn for v in stored.values())
+    # (the modules fx's patterns give another rank or scaling, v_proj and o_proj, are padded or rescaled to
+    # the adapter's one rank and scaling, in fp32, which float8 cannot be padded or multiplied in)
+    assert len(flagged) == 3 and all(v.dtype == (torch.float32 if k.split(".lora_")[0].endswith(("v_proj", "o_proj"))
+                                                 else torch.float8_e4m3fn) for k, v in stored.items())
     for m in flagged:
         _, B, _ = task[m]
         Bo = load_adapter(out)[m][1]
@@ -911,6 +928,9 @@ def test_project_float8_adapter(fx, tmp_path, capsys):
     wide = []
     for m in task:
         Bo = stored[f"base_model.model.{m}.lora_B.weight"]
+        if m.endswith(("v_proj", "o_proj")):  # (padded or rescaled, as above)
+            assert Bo.dtype == torch.float32
+            continue
         if m not in flagged:
             assert Bo.dtype == torch.float8_e4m3fn and torch.equal(Bo.view(torch.uint8), task[m][1].view(torch.uint8))
             continue
@@ -956,17 +976,22 @@ def test_project_fp16_adapter_keeps_projections_below_fp16s_normal_range(fx, tmp
                      r"errs by [\d.]+%", err), err
     flagged = [r["module"] for r in report_of(out)["layers"] if r["flagged"]]
     stored = load_file(out / "adapter_model.safetensors")
-    for m, (A, B, _) in task.items():
-        Bo = stored[f"base_model.model.{m}.lora_B.weight"]
-        assert torch.equal(stored[f"base_model.model.{m}.lora_A.weight"], A)
+    default = load_adapter(out)[flagged[0]][2]  # (every module's scaling in the written adapter)
+    for m, (A, B, s) in task.items():
+        r = A.shape[0]
+        Bo = stored[f"base_model.model.{m}.lora_B.weight"][:, :r]
+        assert torch.equal(stored[f"base_model.model.{m}.lora_A.weight"][:r], A)
         if m in flagged:
-            want = ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B)
+            want = ref_project(wa[f"{m}.weight"], wu[f"{m}.weight"], B) * (s / default)
             assert Bo.dtype == torch.float32
             assert_close(Bo, want, atol=1e-6 * float(want.abs().max()), rtol=1e-5, what=m)
             lost = float((want.half().double() - want).norm() / want.norm())
             assert lost > torch.finfo(torch.float16).eps, (m, lost)  # (what fp16 would have kept)
-        else:
+        elif s == default:
             assert Bo.dtype == torch.float16 and torch.equal(Bo, B)
+        else:  # (rescaled to the one scaling, in fp32: the patterned v_proj and o_proj)
+            assert Bo.dtype == torch.float32 and m.endswith(("v_proj", "o_proj"))
+            assert_close(Bo * default, B.double() * s, atol=0.0, rtol=1e-7, what=m)
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
@@ -1849,8 +1874,9 @@ def in_older_vlm_naming(adapter: Path, dest: Path) -> Path:
 def test_an_adapter_in_the_older_vlm_naming_merges_to_one_peft_loads(gemma3_vlm, tmp_path):
     """A task adapter saved before transformers 4.52 names the text modules language_model.model...;
     PEFT now meets them as model.language_model...: the merged adapter (flagged modules of rank
-    r_task + r_safety, the others r_task) gives every module its rank and alpha under both names,
-    so PEFT loads it onto the model to the SafeMERGE update."""
+    r_task + r_safety, the others r_task, zero-padded to it) has one rank and scaling, which no
+    per-module pattern under either name need carry, so PEFT loads it onto the model to the
+    SafeMERGE update."""
     from peft import PeftModel
     from transformers import Gemma3ForConditionalGeneration
 
@@ -1861,7 +1887,8 @@ def test_an_adapter_in_the_older_vlm_naming_merges_to_one_peft_loads(gemma3_vlm,
                     "--safety-adapter", fx.safety, "--out", out, "--num-layers", 3, "--no-plot"]) == 0
     flagged = {r["module"] for r in report_of(out)["layers"] if r["flagged"]}
     ranks = {m: A.shape[0] for m, (A, _, _) in load_adapter(out).items()}
-    assert len(flagged) == 3 and len(set(ranks.values())) > 1  # (mixed ranks: the patterns must reach PEFT)
+    assert len(flagged) == 3 and set(ranks.values()) == {6}  # (r_task + r_safety)
+    assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"] == {}
     base = Gemma3ForConditionalGeneration.from_pretrained(fx.aligned, dtype=torch.float32)
     folded = PeftModel.from_pretrained(base, out).merge_and_unload().state_dict()
     wa = load_model(fx.aligned)
@@ -2312,7 +2339,7 @@ def test_an_moe_adapter_in_transformers_4_naming_gives_adapters_peft_loads(mixtr
     become parameter LoRAs on mlp.gate.weight and each layer's experts are stacked (w1 and w3 fused)
     into one LoRA on experts.gate_up_proj / down_proj, at the config's default r and lora_alpha.
     The adapters merge and project write (flagged modules of rank r_task + r_safety, the others
-    r_task) keep those modules at the default rank and scaling (zero-padded, the scaling folded into
+    r_task) have every module at the default rank and scaling (zero-padded, the scaling folded into
     B), so PEFT loads them to exactly what --output model writes (review158: the merged adapter
     failed to load, its routers and experts at ranks no pattern reached). Also from a task adapter
     whose default scaling is 0 (lora_alpha 0, its patterns giving the scalings: the defaults become
@@ -2348,10 +2375,9 @@ def test_an_moe_adapter_in_transformers_4_naming_gives_adapters_peft_loads(mixtr
         config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
         ranks = {m: A.shape[0] for m, (A, _, _) in load_adapter(tmp_path / "adapter").items()}
         attention = {ranks[m] for m in ranks if ".self_attn." in m}
-        assert ranks and all(r == config["r"] for m, r in ranks.items() if ".block_sparse_moe." in m)
-        if args[0] == "merge":
-            # (mixed ranks: the attention modules keep rank 4, the routers and experts are padded to 6)
-            assert attention == {4} and config["r"] == 6
+        assert ranks and set(ranks.values()) == {config["r"]} and config["rank_pattern"] == {}
+        if args[0] == "merge":  # (the attention modules too: rank 4, padded to 6 with the others)
+            assert attention == {6} and config["r"] == 6
         if variant == "lora_alpha-0":
             assert config["lora_alpha"] == config["r"]
         want = MixtralForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32).state_dict()

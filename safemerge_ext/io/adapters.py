@@ -632,15 +632,16 @@ def global_scaling(config: dict[str, Any]) -> float:
     return alpha / (math.sqrt(r) if config.get("use_rslora", False) else r)
 
 
-def at_rank(m: OutModule, rank: int, alpha: float, use_rslora: bool) -> OutModule:
+def at_rank(m: OutModule, rank: int, alpha: float, use_rslora: bool, stacked: bool = True) -> OutModule:
     """``m`` as a module of ``rank`` (at least its own) and ``alpha`` (not 0): the same update, its
     A padded with zero rows and its B with zero columns, B rescaled from ``m``'s scaling to theirs (in
     fp32 at least, as a merge writes its factors, where the scalings differ). float8 factors become
-    fp32: PEFT stacks such modules with others, and torch does not promote float8."""
+    fp32 where they change, and where PEFT stacks the module with others (``stacked``, MoE experts):
+    torch does not promote float8."""
     factor = (m.alpha / unit_alpha(m.rank, use_rslora)) / (alpha / unit_alpha(rank, use_rslora))
     same = math.isclose(factor, 1.0, rel_tol=1e-12, abs_tol=0.0)
     f8 = any(d.is_floating_point and d.itemsize == 1 for d in m.dtypes)
-    if rank == m.rank and same and not f8:
+    if rank == m.rank and same and not (f8 and stacked):
         return replace(m, alpha=alpha)
     dtype_A = torch.float32 if f8 else m.dtypes[0]
     dtype_B = m.dtypes[1] if same and not f8 else torch.float64 if m.dtypes[1] == torch.float64 else torch.float32
@@ -663,43 +664,31 @@ def at_rank(m: OutModule, rank: int, alpha: float, use_rslora: bool) -> OutModul
 
 
 def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules: list[OutModule],
-                  at_default: Collection[str] = ()) -> list[str]:
-    """Write a PEFT adapter; every module gets an explicit ``rank_pattern``/``alpha_pattern`` entry
-    (two where its name is in an older transformers naming: that and the current one).
-
-    Explicit per-module entries make mixed ranks load in PEFT and keep each module's scaling
-    independent of the template's default ``r`` / ``lora_alpha`` and of any regex it had. The
-    defaults become the largest rank and the template's scaling (see :func:`global_scaling`), so
-    a server that reads only them (vLLM) gets every module right whose scaling is that one.
-    The modules named in ``at_default`` are written at those defaults (see :func:`at_rank`): PEFT
-    meets them under names no per-module entry reaches (see ``models.renamed_on_load``), and stacks
-    a MoE layer's experts, which must then share one rank.
-    Returns the modules whose scaling is another one (in the order written).
-    """
+                  stacked: Collection[str] = ()) -> None:
+    """Write a PEFT adapter (``template``: the task adapter's config) whose modules all have one rank
+    and one scaling: the largest rank, at the template's default scaling (:func:`global_scaling`),
+    each module's factors padded with zeros and its B rescaled where its own scaling differs
+    (:func:`at_rank`; the same update). Every loader then reads it as PEFT does: vLLM reads only ``r``
+    and ``lora_alpha``, llama.cpp (and Ollama) scale each tensor by ``lora_alpha`` over its own rank,
+    TGI and LoRAX stack a module's factors across layers (a merge's flagged layers, of rank r_task +
+    r_safety, among the others mis-scaled or failed there, review169), and PEFT stacks an MoE layer's
+    experts (the modules named in ``stacked``), meeting them under names no per-module entry reaches
+    (``models.renamed_on_load``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(template)
     # the factors are loaded over whatever PEFT initializes; an init scheme here could only refuse
     # the new ranks (orthogonal init needs an even rank, and a merge writes r_task + r_safety)
     config["init_lora_weights"] = True
-    rslora, default = bool(template.get("use_rslora", False)), global_scaling(template)
-    if default == 0 and any(m.name in at_default for m in modules):
-        default = 1.0  # (PEFT loads those at the default scaling: lora_alpha 0 would drop their updates)
+    rslora = bool(template.get("use_rslora", False))
+    # (a lora_alpha of 0 would drop every update: the modules keep theirs at scaling 1)
+    scaling = global_scaling(template) or 1.0
     if modules:
         r_max = max(m.rank for m in modules)
-        alpha_max = alpha_for(default, r_max, rslora)
-        modules = [at_rank(m, r_max, alpha_max, rslora) if m.name in at_default else m for m in modules]
-    # (a module in a naming that transformers has since changed, language_model.model.layers... of a
-    # vision-language adapter saved before 4.52: under that name and the one PEFT now meets it by)
-    spellings = {m.name: dict.fromkeys((m.name, canonical_name(m.name))) for m in modules}
-    config["rank_pattern"] = {k: m.rank for m in modules for k in spellings[m.name]}
-    config["alpha_pattern"] = {k: m.alpha for m in modules for k in spellings[m.name]}
-    # PEFT reads the patterns; vLLM reads only r (checked against its max_lora_rank) and the one
-    # scaling lora_alpha / r: r becomes the largest rank written, at the template's scaling
-    if modules:
-        config["r"], config["lora_alpha"] = r_max, alpha_max
-    off_default = [m.name for m in modules
-                   if not math.isclose(m.alpha / unit_alpha(m.rank, rslora), default, rel_tol=1e-9, abs_tol=0.0)]
+        config["r"], config["lora_alpha"] = r_max, alpha_for(scaling, r_max, rslora)
+        modules = [at_rank(m, r_max, config["lora_alpha"], rslora, m.name in stacked) for m in modules]
+    # (the template's own patterns would give some modules other ranks or scalings than written)
+    config["rank_pattern"], config["alpha_pattern"] = {}, {}
     layout = []
     for m in modules:
         layout.append((f"{PEFT_PREFIX}{m.name}.lora_A.weight", m.shape_A, m.dtypes[0]))
@@ -711,4 +700,3 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
             w.write(b_name, B)
             del A, B
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return off_default
