@@ -1,6 +1,8 @@
 """SIGTERM handled as Ctrl-C is: raised in the main thread as an exception, so the commands'
 clean-up (temporary outputs removed, an output that --force was replacing put back) runs for a
-``kill`` or a job scheduler's stop too, not only for an interactive interrupt.
+``kill`` or a job scheduler's stop too, not only for an interactive interrupt. SIGHUP (the terminal
+closed, an ssh connection dropped) and SIGQUIT (Ctrl-\\) are handled as SIGTERM is, where the
+platform has them (not Windows): each ends a run with 128 + its number and its name in the line.
 
 Neither is raised while an import is under way, nor in a callback that C code runs and whose
 exception it prints and drops (isinstance's ABC checks, weakref finalizers, ``__del__`` methods). Inside the import
@@ -24,8 +26,17 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
+# the signals that end a run as SIGTERM does (the others of these are POSIX's only)
+ENDING = tuple(sig for sig in (getattr(signal, name, None) for name in ("SIGTERM", "SIGHUP", "SIGQUIT"))
+               if sig is not None)
+
+
 class Terminated(KeyboardInterrupt):
-    """The process got SIGTERM."""
+    """The process got SIGTERM, or another of ``ENDING`` (``signum`` says which)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = signum
 
 
 # (the modules' names, frozen or not: -X frozen_modules=off runs them from their .py files), and
@@ -111,7 +122,7 @@ def acted_on() -> None:
 def _raise(signum: int, frame: object) -> None:
     if not _deferred(signum, frame):
         _raised.append(signum)
-        raise Terminated()
+        raise Terminated(signum)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -120,15 +131,25 @@ def _interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt()
 
 
+def _signum(cause: BaseException | int) -> int:
+    """The signal behind an interrupt: its exception's (Terminated, KeyboardInterrupt) or its number."""
+    if isinstance(cause, Terminated):
+        return cause.signum
+    return signal.SIGINT if isinstance(cause, BaseException) else cause
+
+
 def what_ended(cause: BaseException | int) -> str:
     """How the commands' lines name an interrupt: its exception (Terminated, KeyboardInterrupt) or
-    its signal number."""
-    return "terminated (SIGTERM)" if isinstance(cause, Terminated) or cause == signal.SIGTERM else "interrupted"
+    its signal number ("terminated (SIGHUP)", "interrupted" for Ctrl-C)."""
+    signum = _signum(cause)
+    return f"terminated ({signal.Signals(signum).name})" if signum in ENDING else "interrupted"
 
 
 def exit_code(cause: BaseException | int) -> int:
-    """The exit status of a run that an interrupt ended: 143 for SIGTERM, 130 for Ctrl-C."""
-    return 143 if isinstance(cause, Terminated) or cause == signal.SIGTERM else 130
+    """The exit status of a run that an interrupt ended: 128 + the signal's number as a shell reports
+    it (143 for SIGTERM, 129 for SIGHUP, 131 for SIGQUIT), 130 for Ctrl-C."""
+    signum = _signum(cause)
+    return 128 + signum if signum in ENDING else 130
 
 
 def pending_signal() -> int | None:
@@ -145,16 +166,17 @@ def raise_pending() -> None:
     if _raised:
         signum = _raised[-1]
         _raised.clear()
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        raise Terminated(signum) if signum in ENDING else KeyboardInterrupt()
 
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM raises :class:`Terminated` (where nobody else has a handler for it),
-    and SIGINT raises KeyboardInterrupt as Python's own handler does, both outside imports and
-    callbacks from C only (see above); only in the main thread, where Python delivers signals."""
+    """While inside, SIGTERM, SIGHUP and SIGQUIT raise :class:`Terminated` (where nobody else has a
+    handler for them: one ignored, ``nohup``'s SIGHUP, stays ignored), and SIGINT raises
+    KeyboardInterrupt as Python's own handler does, all outside imports and callbacks from C only
+    (see above); only in the main thread, where Python delivers signals."""
     main = threading.current_thread() is threading.main_thread()
-    ours = {sig: handler for sig, handler, theirs in ((signal.SIGTERM, _raise, (signal.SIG_DFL, None)),
+    ours = {sig: handler for sig, handler, theirs in (*((sig, _raise, (signal.SIG_DFL, None)) for sig in ENDING),
                                                      (signal.SIGINT, _interrupt, (signal.default_int_handler,)))
             if main and signal.getsignal(sig) in theirs}
     previous = {sig: signal.signal(sig, handler) for sig, handler in ours.items()}
@@ -171,17 +193,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 @contextmanager
 def interrupts_held(resend: bool = True) -> Iterator[list[int]]:
-    """While inside, SIGINT and SIGTERM are noted, not raised: clean-up (a staging folder of
-    partial shards deleted) is not cut short by Ctrl-C. Those that came are sent again at the end
-    (``resend``), or dropped where the caller is ending on an interrupt already; the list of those
-    that came is yielded (a caller that does not resend can send them on later with
+    """While inside, SIGINT and the ``ENDING`` signals are noted, not raised: clean-up (a staging
+    folder of partial shards deleted) is not cut short by Ctrl-C. Those that came are sent again at
+    the end (``resend``), or dropped where the caller is ending on an interrupt already; the list of
+    those that came is yielded (a caller that does not resend can send them on later with
     :func:`send_on`). Main thread only (elsewhere: no change)."""
     if threading.current_thread() is not threading.main_thread():
         yield []
         return
     previous, held = {}, []
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, *ENDING):
             old = signal.getsignal(sig)
             if old is not None and old is not signal.SIG_IGN:  # (None: set outside Python, left alone)
                 previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
@@ -201,9 +223,9 @@ def send_on(held: list[int]) -> None:
 
 def exit_on_signal(line: Callable[[int], str | None]) -> None:
     """From here to the end of the process (the interpreter's teardown, half a second or more with
-    torch loaded), SIGINT and SIGTERM end it at once, with exit 130 / 143 and ``line(signum)``
-    (if any) on stderr, instead of killing it with no word. For a command whose work is done and
-    said. Main thread only; handlers someone else installed are left alone."""
+    torch loaded), SIGINT and the ``ENDING`` signals end it at once, with :func:`exit_code`'s status
+    and ``line(signum)`` (if any) on stderr, instead of killing it with no word. For a command whose
+    work is done and said. Main thread only; handlers someone else installed are left alone."""
     if threading.current_thread() is not threading.main_thread():
         return
 
@@ -217,7 +239,7 @@ def exit_on_signal(line: Callable[[int], str | None]) -> None:
             pass
         os._exit(exit_code(signum))
 
-    for sig, theirs in ((signal.SIGTERM, (signal.SIG_DFL, _raise)),
+    for sig, theirs in (*((sig, (signal.SIG_DFL, _raise)) for sig in ENDING),
                         (signal.SIGINT, (signal.default_int_handler, _interrupt))):
         if signal.getsignal(sig) in theirs:
             signal.signal(sig, handler)

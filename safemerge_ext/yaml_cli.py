@@ -1023,8 +1023,8 @@ _done: dict[str, Path] = {}  # "target": OUT_PATH as given; "out": OUT_PATH, onc
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point (``safemerge-yaml``). Ctrl-C and SIGTERM end in one line (exit 130
-    and 143), after the command's own clean-up, not in click's "Aborted!"."""
+    """Console-script entry point (``safemerge-yaml``). Ctrl-C, SIGTERM and SIGHUP end in one line
+    (exit 130, 143 and 129; SIGQUIT 131), after the command's own clean-up, not in click's "Aborted!"."""
     _done.clear()
     try:
         with sigterm_as_interrupt():

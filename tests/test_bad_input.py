@@ -909,9 +909,11 @@ from pathlib import Path
 from safemerge_ext import pipeline
 from safemerge_ext.cli import main
 
+SIG = signal.Signals[sys.argv.pop(1)]
+
 def stopped(out, *a, **k):  # half an output written, then the scheduler stops the job
     (Path(out) / "adapter_model.safetensors").write_bytes(b"partial")
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), SIG)
     time.sleep(30)
 
 pipeline.write_adapter = stopped
@@ -919,9 +921,11 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigterm_cleans_up_as_ctrl_c_does(fx, tmp_path):
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGQUIT", 131)])
+def test_sigterm_cleans_up_as_ctrl_c_does(fx, tmp_path, sig, code):
     """SIGTERM (kill, a job scheduler's stop) mid-write: one line, exit 143, no partial output, and
-    an output that --force was replacing is still there."""
+    an output that --force was replacing is still there. SIGHUP (the terminal closed, ssh dropped)
+    and SIGQUIT (Ctrl-\\) alike, with 129 / 131: they killed the run and left its temporary folders."""
     import subprocess
     import sys
 
@@ -932,11 +936,35 @@ def test_sigterm_cleans_up_as_ctrl_c_does(fx, tmp_path):
     args = ["merge", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--task-adapter", str(fx.task),
             "--safety-adapter", str(fx.safety), "--out", str(out), "--force", "--no-plot", "--no-progress"]
     env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    res = subprocess.run([sys.executable, "-c", _TERM_DRIVER, *args], capture_output=True, text=True, timeout=120,
-                         env=env)
-    assert res.returncode == 143, res.stderr[-2000:]
-    assert res.stderr.strip() == f"safemerge: terminated (SIGTERM); nothing was written to --out {out}", res.stderr
+    res = subprocess.run([sys.executable, "-c", _TERM_DRIVER, sig, *args], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == code, res.stderr[-2000:]
+    assert res.stderr.strip() == f"safemerge: terminated ({sig}); nothing was written to --out {out}", res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "keep.txt").read_text() == "mine"
+
+
+_NO_POSIX_SIGNALS_DRIVER = """
+import signal
+del signal.SIGHUP, signal.SIGQUIT  # (as on Windows)
+from safemerge_ext import _signals
+
+with _signals.sigterm_as_interrupt():
+    pass
+print(_signals.ENDING == (signal.SIGTERM,), _signals.exit_code(_signals.Terminated()),
+      _signals.what_ended(signal.SIGTERM), flush=True)
+"""
+
+
+def test_the_signals_handled_are_those_the_platform_has():
+    """SIGHUP and SIGQUIT are handled where they exist; Windows has neither, and there SIGTERM and
+    Ctrl-C are handled as before."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run([sys.executable, "-c", _NO_POSIX_SIGNALS_DRIVER], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert (res.returncode, res.stdout.split()) == (0, ["True", "143", "terminated", "(SIGTERM)"]), res.stderr[-2000:]
 
 
 _IMPORT_LOCK_DRIVER = """

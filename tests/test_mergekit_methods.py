@@ -2342,9 +2342,11 @@ from pathlib import Path
 import mergekit.merge
 from safemerge_ext import yaml_cli
 
+SIG = signal.Signals[sys.argv.pop(1)]
+
 def stopped(config, out, *a, **k):  # part of the model written, then the job is stopped
     (Path(out) / "model-00001-of-00002.safetensors").write_bytes(b"partial")
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), SIG)
     time.sleep(30)
 
 mergekit.merge.run_merge = stopped
@@ -2352,15 +2354,17 @@ yaml_cli.main(sys.argv[1:])
 """
 
 
-def test_safemerge_yaml_sigterm_cleans_up(pico, tmp_path):
-    """SIGTERM mid-merge: one line, exit 143, nothing at OUT_PATH, no LoRA cache left beside it."""
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_safemerge_yaml_sigterm_cleans_up(pico, tmp_path, sig, code):
+    """SIGTERM mid-merge: one line, exit 143, nothing at OUT_PATH, no LoRA cache left beside it;
+    SIGHUP (the terminal closed) alike, with 129 (it killed the run and left both folders)."""
     cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
     recipe_file = _write(cfg, tmp_path / "r.yml")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", _YAML_TERM_DRIVER, str(recipe_file), str(tmp_path / "out")],
+    res = subprocess.run([sys.executable, "-c", _YAML_TERM_DRIVER, sig, str(recipe_file), str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 143, res.stderr[-3000:]
-    assert res.stderr.strip().splitlines()[-1] == ("safemerge-yaml: terminated (SIGTERM); nothing was written to "
+    assert res.returncode == code, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (f"safemerge-yaml: terminated ({sig}); nothing was written to "
                                                    f"OUT_PATH {tmp_path / 'out'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
 
