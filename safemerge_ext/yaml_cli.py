@@ -30,8 +30,8 @@ from safemerge_ext._signals import exit_code, interrupts_held, sigterm_as_interr
 from safemerge_ext.backends import requested_precision
 from safemerge_ext.errors import SafeMergeError, blank_path, not_a_folder, symlink_loop
 from safemerge_ext.io.model_writer import untie_stored_head
-from safemerge_ext.io.output import (check_not_input, check_out, check_parent, committed, scratch_dir, staged_dir,
-                                     umask_modes, write_files)
+from safemerge_ext.io.output import (check_links_lead, check_not_input, check_out, check_parent, committed,
+                                     scratch_dir, staged_dir, umask_modes, write_files)
 from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, check_device, register_methods
 from safemerge_ext.mergekit_run import discard_report, finalize_report, refusal, report_files
 from safemerge_ext.report import REPORT_JSON, PlotUnavailable, json_writer, plot_writer, summary_table
@@ -676,9 +676,9 @@ def _changed(then: dict[str, Any], now: dict[str, Any]) -> str:
 
 def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str,
                       out: Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
-    """A ``--lora-merge-cache`` that is a file, or OUT_PATH or inside it (the output replaces it: the
-    run failed after folding every LoRA, or --force deleted the cache); one that an earlier run
-    filled: mergekit reuses a folded model by the adapter's and the model's paths alone (as written),
+    """A ``--lora-merge-cache`` that is a file, a link that names nothing or is under one (it could
+    not be made), or OUT_PATH or inside it (the output replaces it: the run failed after folding
+    every LoRA, or --force deleted the cache); one that an earlier run filled: mergekit reuses a folded model by the adapter's and the model's paths alone (as written),
     so one folded from another adapter at that path (retrained in place, or another project's
     ``./adapter``), in another dtype, or cut short would be scored as this run's task model. Refuse
     those (headers only; an entry records what it was folded from in ``FOLD_STAMP``). Returns the
@@ -690,6 +690,7 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str,
 
     from safemerge_ext.io.models import ModelReader
 
+    check_links_lead(cache, "--lora-merge-cache", itself=True)
     where = Path(cache).resolve()
     if out is not None and (where == out.resolve() or out.resolve() in where.parents):
         raise SafeMergeError(f"--lora-merge-cache {cache} is OUT_PATH or inside it, which the output replaces; give "

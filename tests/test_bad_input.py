@@ -2121,6 +2121,26 @@ def test_an_unreadable_side_file_is_refused_before_any_shard_is_written(fx, tmp_
     assert not shards and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag", ["--out", "--report"])
+def test_a_path_under_a_link_to_nothing_is_refused_before_the_run(fx, tmp_path, capsys, flag):
+    """--out or --report under a symbolic link that names nothing (``big -> /mnt/unplugged``): one
+    line before the run, naming the link and where it points; the run scored and merged everything,
+    then failed with "File exists: big"."""
+    far = tmp_path / "unplugged" / "models"
+    big = tmp_path / "big"
+    big.symlink_to(far)
+    path = big / "sub" / "merged"
+    args = (["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task, "--report", path]
+            if flag == "--report" else
+            ["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", fx.task,
+             "--safety-adapter", fx.safety, "--out", path])
+    assert main([str(a) for a in args] + ["--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"safemerge: error: {flag} {path}: {big} links to {far}, which does not exist; create it, "
+                            "or give a path that is no such link\n"), captured.err
+    assert not captured.out and sorted(p.name for p in tmp_path.iterdir()) == ["big"]
+
+
 def test_a_report_link_to_nothing_makes_no_folders_where_it_points(fx, tmp_path, capsys):
     """--report through a link that names nothing: written where it points when that folder
     exists (the link stays); refused in one line when it does not, with no folder made there."""

@@ -1080,6 +1080,32 @@ def test_safemerge_yaml_refuses_a_lora_cache_the_output_would_replace(pico, tmp_
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize("where", ["OUT_PATH", "cache", "cache under"])
+def test_safemerge_yaml_refuses_a_path_through_a_link_to_nothing(pico, tmp_path, capsys, where):
+    """OUT_PATH under a symbolic link that names nothing (an unmounted disk), or a
+    --lora-merge-cache that is or is under one: one line with the recipe, naming the link and where
+    it points; the run merged everything, or folded, then failed with a raw FileExistsError."""
+    from safemerge_ext import yaml_cli
+
+    far = tmp_path / "unplugged"
+    big = tmp_path / "big"
+    big.symlink_to(far)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    if where == "OUT_PATH":
+        out = big / "out"
+    else:
+        cache = big / "cache" if where == "cache under" else big
+    cfg = _write(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}"), tmp_path / "r.yml")
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(cfg), str(out), "--no-copy-tokenizer", "--lora-merge-cache", str(cache)])
+    flag, path = ("OUT_PATH", out) if where == "OUT_PATH" else ("--lora-merge-cache", cache)
+    named = f"{flag} {path}" + (f": {big}" if path != big else "")
+    assert done.value.code == 1
+    assert capsys.readouterr().err == (f"safemerge-yaml: error: {named} links to {far}, which does not exist; create "
+                                       "it, or give a path that is no such link\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "r.yml"]
+
+
 @pytest.mark.parametrize("value, want", [
     ("bogus", "SAFEMERGE_BACKEND must be one of auto, triton, cuda, cpp, torch; got 'bogus'"),
     ("cuda", "SAFEMERGE_BACKEND=cuda: backend 'cuda' runs on cuda tensors, not cpu: use --device cuda or another "

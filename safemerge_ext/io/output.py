@@ -42,6 +42,7 @@ def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False)
         if not os.access(p, os.W_OK):
             raise SafeMergeError(f"{flag} {p} is not writable; choose another path")
         return p
+    check_links_lead(p, flag)
     anc = p.absolute().parent
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
@@ -50,6 +51,23 @@ def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False)
     if not os.access(anc, os.W_OK | os.X_OK):
         raise SafeMergeError(f"{flag} {p}: the folder {anc} is not writable; choose another path")
     return p
+
+
+def check_links_lead(path: str | os.PathLike, flag: str, itself: bool = False) -> None:
+    """Refuse a path under a symbolic link that names nothing (an unmounted disk, a removed folder),
+    or ``itself`` such a link (a folder to be made there): its folders could not be made, and the
+    run would fail only as it writes, after all its work."""
+    p = Path(path)
+    whole = p.absolute()
+    for link in [whole] * itself + list(whole.parents):
+        if link.exists():  # (and so does every folder above it)
+            return
+        named = (flag, p) if link == whole else (f"{flag} {p}:", link)
+        if is_link_loop(link):
+            raise link_loop_error(*named)
+        if link.is_symlink():
+            raise SafeMergeError(f"{named[0]} {named[1]} links to {os.path.realpath(link)}, which does not exist; "
+                                 "create it, or give a path that is no such link")
 
 
 def check_given(inputs: Iterable[tuple[str, str | os.PathLike]]) -> None:
