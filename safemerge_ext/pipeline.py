@@ -34,7 +34,8 @@ from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha
 from safemerge_ext.io.model_writer import check_model_output, write_model
 from safemerge_ext.io.models import (INDEX, ModelReader, config_value, is_conv1d, is_tied_head, module_key,
                                      natural_key)
-from safemerge_ext.io.output import check_given, check_not_input, check_out, check_parent, staged_dir, write_files
+from safemerge_ext.io.output import (check_given, check_not_input, check_out, check_parent, put_at, staged_dir,
+                                     write_files)
 from safemerge_ext.io.read_ahead import Prefetch, in_batches, prefetch
 from safemerge_ext.report import (
     REPORT_JSON,
@@ -880,7 +881,7 @@ def merge(
         report = _finish(run, "merge", "safemerge", records, {
             "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
             "task_adapter": str(Path(task_adapter).resolve()), "safety_adapter": str(Path(safety_adapter).resolve()),
-            "out": str(Path(out).resolve()), **settings.selection.describe(), "alpha": settings.alpha,
+            "out": str(put_at(out)), **settings.selection.describe(), "alpha": settings.alpha,
             "merge": settings.method, "output": settings.output,
             # (null where the method has no use for them: linear keeps every entry, only DARE draws)
             "density": settings.density if settings.method in merging.USES_DENSITY else None,
@@ -962,7 +963,7 @@ def project(
         run.tick("write_s", t0)
         report = _finish(run, "project", "safelora", records, {
             "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
-            "adapter": str(Path(adapter).resolve()), "out": str(Path(out).resolve()), **selection.describe(),
+            "adapter": str(Path(adapter).resolve()), "out": str(put_at(out)), **selection.describe(),
             "output": output, "device": device, "backend_requested": run.backend_requested,
             "precision_requested": run.precision_requested,
         })

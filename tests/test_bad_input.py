@@ -1244,6 +1244,28 @@ def test_force_replaces_a_symlinked_output_without_leftovers(tmp_path):
     assert not link.is_symlink() and (link / "new.txt").is_file() and (target / "keep.txt").read_text() == "theirs"
 
 
+@pytest.mark.parametrize("command", ["merge", "project"])
+def test_a_symlinked_out_is_recorded_as_the_folder_written(fx, tmp_path, command):
+    """--out latest -> an earlier output, with --force: the link is replaced by the new folder, and
+    the report's settings.out names that folder (it named the link's old target, left as it was)."""
+    earlier = tmp_path / "runs" / "earlier"
+    earlier.mkdir(parents=True)
+    (earlier / "safemerge_report.json").write_text("{}")
+    where = tmp_path / "here"
+    where.mkdir()
+    (tmp_path / "to-here").symlink_to(where)
+    link = where / "latest"
+    link.symlink_to(earlier)
+    out = tmp_path / "to-here" / "latest"  # (a parent through a link: resolved)
+    args = (_merge_argv(fx, out, "--force") if command == "merge" else
+            ["project", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(fx.task),
+             "--out", str(out), "--force", "--no-plot", "--no-progress"])
+    assert main(args) == 0
+    report = json.loads((link / "safemerge_report.json").read_text())
+    assert not link.is_symlink() and report["settings"]["out"] == str(where.resolve() / "latest")
+    assert [p.name for p in earlier.iterdir()] == ["safemerge_report.json"]
+
+
 def test_out_is_never_the_working_directory(fx, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for out in (".", str(tmp_path), str(tmp_path.parent)):

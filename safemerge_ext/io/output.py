@@ -117,6 +117,13 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
     return p
 
 
+def put_at(out: str | os.PathLike) -> Path:
+    """The folder an output is written as, absolute: its parent resolved, its own name kept (an
+    ``out`` that is a symbolic link is replaced by the output, not followed: see :func:`check_out`)."""
+    p = Path(out).absolute()
+    return p.parent.resolve() / p.name
+
+
 def _check_replaceable(p: Path, flag: str, marker: str | None) -> None:
     """--force deletes the folder it replaces: never one with a file system mounted inside it (a
     bind mount of an input would be emptied; resolved paths do not show it), and with ``marker``
