@@ -22,6 +22,8 @@ from typing import Any
 
 import click
 import yaml
+from pydantic import BaseModel
+from mergekit.common import ModelPath
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
@@ -270,6 +272,26 @@ def _check_roles(method: str, config: MergeConfiguration, recipe: str | os.PathL
                 )
             roles[r] = got[0]
     return roles
+
+
+def _expand_home(value: Any) -> Any:
+    """``value`` (a parsed recipe, or a part of it) with each model and LoRA path that starts with
+    ``~`` expanded, as the report_path and the rest of safemerge-yaml read paths: mergekit takes it
+    as written (a folder named "~", else a Hub id). Parts with nothing to expand are kept as they are."""
+    if isinstance(value, ModelPath):
+        home = os.path.expanduser(value.path)
+        return value if home == value.path else value.model_copy(update={"path": home})
+    if isinstance(value, BaseModel):
+        changed = {name: new for name in type(value).model_fields
+                   if (new := _expand_home(old := getattr(value, name))) is not old}
+        return value.model_copy(update=changed) if changed else value
+    if isinstance(value, (list, tuple)):
+        items = [_expand_home(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if isinstance(value, dict):
+        items = {k: _expand_home(v) for k, v in value.items()}
+        return value if all(items[k] is v for k, v in value.items()) else items
+    return value
 
 
 def _local_dir(path: str, what: str) -> Path:
@@ -587,6 +609,7 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe", truncate_em
         first = errors[0] if errors else {"loc": (), "msg": str(exc)}
         loc = ".".join(str(p) for p in first.get("loc", ()))
         raise SafeMergeError(f"{recipe}: invalid recipe at {loc or 'top level'}: {first.get('msg')}") from None
+    config = _expand_home(config)  # (what mergekit is given too)
     _base_model(config, recipe)
     for key in ("dtype", "out_dtype"):
         name = getattr(config, key, None)

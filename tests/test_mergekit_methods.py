@@ -1406,6 +1406,32 @@ def test_safemerge_yaml_report_path_under_home(pico, tmp_path, monkeypatch):
     assert not (tmp_path / "~").exists()
 
 
+def test_safemerge_yaml_model_paths_under_home(pico, tmp_path, monkeypatch):
+    """Model and LoRA paths written "~/..." are read under the home folder, as report_path is (they
+    were refused as "no such directory"), and mergekit is given them expanded (it would look for a
+    folder named "~", then ask the Hub)."""
+    import mergekit.merge
+
+    from safemerge_ext import yaml_cli
+
+    monkeypatch.setenv("HOME", str(pico.root))
+    monkeypatch.chdir(tmp_path)
+    home = {name: f"~/{getattr(pico, name).relative_to(pico.root)}" for name in ("aligned", "unaligned", "task",
+                                                                                  "safety", "lora_task")}
+    cfg = {**recipe(pico, params={"threshold": TAU}, task=f"{home['aligned']}+{home['lora_task']}",
+                    safety=home["safety"], unaligned=home["unaligned"]), "base_model": home["aligned"]}
+    seen, real = [], mergekit.merge.run_merge
+    monkeypatch.setattr(mergekit.merge, "run_merge", lambda config, *a, **k: (seen.append(config),
+                                                                             real(config, *a, **k))[1])
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out"), "--no-copy-tokenizer"])
+    assert done.value.code == 0
+    (config,) = seen
+    paths = {p.path for ref in config.referenced_models() for p in (ref.model, ref.lora) if p is not None}
+    assert paths == {str(pico.aligned), str(pico.unaligned), str(pico.safety), str(pico.lora_task)}
+    assert (tmp_path / "out" / "safemerge_report.json").is_file() and not (tmp_path / "~").exists()
+
+
 def test_refusal_tells_own_errors_from_others():
     """Only errors a ``raise`` in safemerge_ext threw (directly, or as the cause of pydantic's
     error for a parameter check) count as refusals; a ValueError from elsewhere does not."""
