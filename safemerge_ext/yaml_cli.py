@@ -22,10 +22,10 @@ from typing import Any
 
 import click
 import yaml
-from pydantic import BaseModel
 from mergekit.common import ModelPath
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+from pydantic import BaseModel
 
 from safemerge_ext._faults import bus_error_line, explain_bus_errors
 from safemerge_ext._signals import exit_code, interrupts_held, sigterm_as_interrupt, what_ended
@@ -701,9 +701,10 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str,
                       out: Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
     """A ``--lora-merge-cache`` that is a file, a link that names nothing or is under one (it could
     not be made), or OUT_PATH or inside it (the output replaces it: the run failed after folding
-    every LoRA, or --force deleted the cache); one that an earlier run filled: mergekit reuses a folded model by the adapter's and the model's paths alone (as written),
-    so one folded from another adapter at that path (retrained in place, or another project's
-    ``./adapter``), in another dtype, or cut short would be scored as this run's task model. Refuse
+    every LoRA, or --force deleted the cache); one that an earlier run filled: mergekit reuses a
+    folded model by the adapter's and the model's paths alone (as written), so one folded from
+    another adapter at that path (retrained in place, or another project's ``./adapter``), in
+    another dtype, or cut short would be scored as this run's task model. Refuse
     those (headers only; an entry records what it was folded from in ``FOLD_STAMP``). Returns the
     recipe's entries, each with the record to leave in it where this run will fold it (None: one
     that matches, reused; see :func:`_folding_into`)."""
