@@ -1,8 +1,9 @@
 """SIGTERM handled as Ctrl-C is: raised in the main thread as an exception, so the commands'
 clean-up (temporary outputs removed, an output that --force was replacing put back) runs for a
 ``kill`` or a job scheduler's stop too, not only for an interactive interrupt. SIGHUP (the terminal
-closed, an ssh connection dropped) and SIGQUIT (Ctrl-\\) are handled as SIGTERM is, where the
-platform has them (not Windows): each ends a run with 128 + its number and its name in the line.
+closed, an ssh connection dropped) is handled as SIGTERM is, where the platform has it (not
+Windows), ending a run with 129 and its name in the line. SIGQUIT (Ctrl-\\) is left alone: it stays
+the way to end at once a run that Ctrl-C cannot reach (stuck in C code), leaving its temporary folders.
 
 Neither is raised while an import is under way, nor in a callback that C code runs and whose
 exception it prints and drops (isinstance's ABC checks, weakref finalizers, ``__del__`` methods). Inside the import
@@ -26,9 +27,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 
-# the signals that end a run as SIGTERM does (the others of these are POSIX's only)
-ENDING = tuple(sig for sig in (getattr(signal, name, None) for name in ("SIGTERM", "SIGHUP", "SIGQUIT"))
-               if sig is not None)
+# the signals that end a run as SIGTERM does (SIGHUP is POSIX's only)
+ENDING = tuple(sig for sig in (getattr(signal, name, None) for name in ("SIGTERM", "SIGHUP")) if sig is not None)
 
 
 class Terminated(KeyboardInterrupt):
@@ -147,9 +147,19 @@ def what_ended(cause: BaseException | int) -> str:
 
 def exit_code(cause: BaseException | int) -> int:
     """The exit status of a run that an interrupt ended: 128 + the signal's number as a shell reports
-    it (143 for SIGTERM, 129 for SIGHUP, 131 for SIGQUIT), 130 for Ctrl-C."""
+    it (143 for SIGTERM, 129 for SIGHUP), 130 for Ctrl-C."""
     signum = _signum(cause)
     return 128 + signum if signum in ENDING else 130
+
+
+def say(line: str) -> None:
+    """``line`` on stderr, the one that ends a run on a signal: dropped where stderr cannot take it
+    (SIGHUP's closed terminal fails the write with EIO, a dropped ssh connection with EPIPE), so the
+    run still ends with the signal's status, not 1 and a traceback."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def pending_signal() -> int | None:
@@ -171,7 +181,7 @@ def raise_pending() -> None:
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM, SIGHUP and SIGQUIT raise :class:`Terminated` (where nobody else has a
+    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` (where nobody else has a
     handler for them: one ignored, ``nohup``'s SIGHUP, stays ignored), and SIGINT raises
     KeyboardInterrupt as Python's own handler does, all outside imports and callbacks from C only
     (see above); only in the main thread, where Python delivers signals."""

@@ -402,7 +402,7 @@ def _exit_now(code: int) -> None:
 
 def _failed(exc: BaseException, args: argparse.Namespace, target: str | None) -> int:
     """The one line for a run that ended on ``exc``, printed; its exit code."""
-    from safemerge_ext._signals import exit_code, what_ended
+    from safemerge_ext._signals import exit_code, say, what_ended
 
     if isinstance(exc, KeyboardInterrupt):
         from safemerge_ext.io.output import committed
@@ -413,8 +413,7 @@ def _failed(exc: BaseException, args: argparse.Namespace, target: str | None) ->
         if any(p and committed(p) for p in outputs):  # (it came as they were put in place)
             _warn(f"{what} after the run: {target} is complete; its summary was cut short", prefix="safemerge")
         else:
-            print(f"safemerge: {what}; nothing was written" + (f" to {target}" if target else ""),
-                  file=sys.stderr)
+            say(f"safemerge: {what}; nothing was written" + (f" to {target}" if target else ""))
         return exit_code(exc)
     if isinstance(exc, OSError):  # disk full, permissions, a path that vanished: still one line
         if exc.errno in _FULL and target:  # (named by what the user asked for, not the temporary file that filled)
@@ -444,7 +443,7 @@ def _after_the_run(signum: int, code: int, target: str | None) -> str | None:
 def yaml_main(argv: Sequence[str] | None = None) -> None:
     """``safemerge-yaml``: mergekit-yaml with the plugin; one line when mergekit is not installed.
     Ctrl-C and SIGTERM are handled from the start: mergekit's imports take seconds."""
-    from safemerge_ext._signals import exit_code, pending_signal, sigterm_as_interrupt, what_ended
+    from safemerge_ext._signals import exit_code, pending_signal, say, sigterm_as_interrupt, what_ended
 
     code: object = None
     try:
@@ -465,15 +464,14 @@ def yaml_main(argv: Sequence[str] | None = None) -> None:
                 code = exc.code
                 late = pending_signal()  # (one that waited for an import, or was swallowed, as the run finished)
                 if late is not None and code == 0:
-                    print(yaml_cli.after_the_run(late) or f"safemerge-yaml: {what_ended(late)} after the run",
-                          file=sys.stderr)
+                    say(yaml_cli.after_the_run(late) or f"safemerge-yaml: {what_ended(late)} after the run")
                     code = exit_code(late)
                     raise SystemExit(code) from None
                 raise
     except KeyboardInterrupt as exc:  # (during the imports, or in the moments around the command's own handling)
         yaml_cli = sys.modules.get("safemerge_ext.yaml_cli")
         done = yaml_cli.after_the_run(exc) if yaml_cli is not None else None
-        print(done or f"safemerge-yaml: {what_ended(exc)}; nothing was written", file=sys.stderr)
+        say(done or f"safemerge-yaml: {what_ended(exc)}; nothing was written")
         sys.exit(exit_code(exc))
     finally:  # (the handlers above are gone by now: the interpreter's teardown, a second or so, is left)
         if argv is None and "safemerge_ext.yaml_cli" in sys.modules:

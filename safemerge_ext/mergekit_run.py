@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from safemerge_ext._env import switched_on
-from safemerge_ext._signals import exit_code, raise_pending, what_ended
+from safemerge_ext._signals import exit_code, raise_pending, say, what_ended
 from safemerge_ext.backends import EXACT
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.merge import METHODS as MERGE_METHODS
@@ -490,8 +490,7 @@ def _finalize_pending() -> None:
         except KeyboardInterrupt as exc:  # (Ctrl-C while it is written: none, and the run ends on it)
             for path in report_files(target):  # (whole or not at all)
                 path.unlink(missing_ok=True)
-            print(f"safemerge-ext: {what_ended(exc)} while the report was written; no report at {target}",
-                  file=sys.stderr, flush=True)
+            say(f"safemerge-ext: {what_ended(exc)} while the report was written; no report at {target}")
             os._exit(exit_code(exc))  # (an exception here would be printed with its traceback, and the exit be 0)
 
 

@@ -28,7 +28,7 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from pydantic import BaseModel
 
 from safemerge_ext._faults import bus_error_line, explain_bus_errors
-from safemerge_ext._signals import exit_code, interrupts_held, sigterm_as_interrupt, what_ended
+from safemerge_ext._signals import exit_code, interrupts_held, say, sigterm_as_interrupt, what_ended
 from safemerge_ext.backends import requested_precision
 from safemerge_ext.errors import SafeMergeError, blank_path, not_a_folder, symlink_loop
 from safemerge_ext.io.model_writer import untie_stored_head
@@ -1049,7 +1049,7 @@ _done: dict[str, Path] = {}  # "target": OUT_PATH as given; "out": OUT_PATH, onc
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``safemerge-yaml``). Ctrl-C, SIGTERM and SIGHUP end in one line
-    (exit 130, 143 and 129; SIGQUIT 131), after the command's own clean-up, not in click's "Aborted!"."""
+    (exit 130, 143 and 129), after the command's own clean-up, not in click's "Aborted!"."""
     _done.clear()
     try:
         with sigterm_as_interrupt():
@@ -1059,9 +1059,9 @@ def main(argv: list[str] | None = None) -> None:
         what = what_ended(cause)
         with interrupts_held(resend=False):  # (a second Ctrl-C does not cut this line short)
             done, target = _done.get("out"), _done.get("target")
-            click.echo(f"safemerge-yaml: {what} after the merge: {done} is complete; the report_path copy or the "
-                       "summary was cut short" if done is not None else f"safemerge-yaml: {what}; nothing was written"
-                       + (f" to OUT_PATH {target}" if target is not None else ""), err=True)
+            say(f"safemerge-yaml: {what} after the merge: {done} is complete; the report_path copy or the summary "
+                "was cut short" if done is not None else f"safemerge-yaml: {what}; nothing was written"
+                + (f" to OUT_PATH {target}" if target is not None else ""))
         sys.exit(exit_code(cause))
     except click.UsageError as exc:  # one line, as safemerge's are (click's own is a usage block and a hint)
         click.echo(f"safemerge-yaml: error: {' '.join(exc.format_message().split())} (see safemerge-yaml --help)",

@@ -215,7 +215,7 @@ def _report_unfinished(stop: Any, out: str | None) -> int:
     are. An error of the kind people make (SafeMergeError, ValueError, OSError) becomes one line; any other
     is raised as it is, after a line that says where the finished results went. A Ctrl-C or SIGTERM (a job
     scheduler's time limit) keeps them too, and the run ends as interrupted: its exit code comes back."""
-    from safemerge_ext._signals import acted_on, exit_code, interrupts_held, what_ended
+    from safemerge_ext._signals import acted_on, exit_code, interrupts_held, say, what_ended
     from safemerge_ext.errors import SafeMergeError
 
     cause = stop.__cause__
@@ -223,7 +223,7 @@ def _report_unfinished(stop: Any, out: str | None) -> int:
         with interrupts_held(resend=False):  # (a second Ctrl-C does not cut the write short)
             acted_on()  # (else the write's checkpoint raises this interrupt again)
             note = _keep_finished(stop, out)
-            print(f"safemerge: {what_ended(cause)} during [{stop.model}]; {note}", file=sys.stderr)
+            say(f"safemerge: {what_ended(cause)} during [{stop.model}]; {note}")
         return exit_code(cause)
     note = _keep_finished(stop, out)
     if isinstance(cause, (SafeMergeError, ValueError, OSError)):
