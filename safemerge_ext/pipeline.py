@@ -735,6 +735,28 @@ def _check_equal_ranks(run: Run) -> None:
             )
 
 
+# a written adapter past this many times the factors its modules' own ranks need is said in the report
+# (a merge's flagged r_task + r_safety among the task's r_task stays below it unless r_safety >= 3 r_task)
+PADDING_WARN = 4.0
+
+
+def _note_padding(run: Run, modules: list[OutModule]) -> None:
+    """Warn where one rank for every module (``write_adapter``) makes the written adapter many times
+    larger than per-module ranks would: a task adapter whose ``rank_pattern`` gives one module rank
+    256 and the rest 8 has every module written at 256, and vLLM then needs --max-lora-rank 256."""
+    if not modules:
+        return
+    sides = [m.shape_A[1] + m.shape_B[0] for m in modules]
+    widest = max(modules, key=lambda m: m.rank)
+    own, padded = sum(m.rank * n for m, n in zip(modules, sides)), widest.rank * sum(sides)
+    if padded > PADDING_WARN * own:
+        run.warnings.append(
+            f"the written adapter holds {padded / own:.1f}x the factors its modules' own ranks need: every module "
+            f"is written at r = {widest.rank}, the rank of {widest.name}, zero-padded, so that every loader (vLLM, "
+            "llama.cpp, TGI) reads it as PEFT does; --output model writes the model with the updates instead"
+        )
+
+
 def _peft_names(run: Run, modules: list[OutModule], task: LoraAdapter) -> dict[str, str]:
     """The written adapter's modules (the ``task`` adapter's config) that PEFT loads under another name,
     stacked with others (see ``write_adapter``), with a warning for those it loads nowhere
@@ -854,6 +876,7 @@ def merge(
         if settings.output == "adapter":
             modules = [merged_module(layer, rec) if rec.flagged else OutModule.from_lora(layer.task)
                        for layer, rec in zip(run.layers, records)]
+            _note_padding(run, modules)
             # (makes each module's factors as it writes it)
             write_adapter(tmp, task.config, modules, _peft_names(run, modules, task))
             lossy = [rec.extra["svd_rel_error"] for rec in records if rec.extra.get("svd_rel_error", 0.0) > SVD_WARN]
@@ -948,6 +971,7 @@ def project(
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             modules = [OutModule.from_lora(layer.task, new_B.get(layer.module)) for layer in run.layers]
+            _note_padding(run, modules)
             write_adapter(tmp, task.config, modules, _peft_names(run, modules, task))
         else:
             by_weight = {layer.weight: layer for layer in run.layers}

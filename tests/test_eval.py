@@ -1920,8 +1920,9 @@ def test_vllm_refuses_an_adapter_whose_patterns_it_would_ignore(
     assert f"--model {model}+{patterned}: --engine vllm scales every module of the adapter by lora_alpha / r" in err
     # (it advised `safemerge merge --output model`, which SafeMERGEs with a safety adapter: review144)
     assert refused in err and err.endswith(
-        "; use --engine transformers, or fold the adapter into its model (PEFT: merge_and_unload, save_pretrained; "
-        "for a safemerge merge/project output, rerun that command with --output model) and pass that folder as --model")
+        "; use --engine transformers, or fold the adapter into its model (PEFT: merge_and_unload, save_pretrained) "
+        "and pass that folder as --model; safemerge merge/project now write adapters with no such patterns: rerun one "
+        "written by an older version")
 
 
 def test_vllm_options_are_checked_before_anything_loads(tiny_chat_model: tuple[Path, Path], capsys,

@@ -626,7 +626,36 @@ def test_merged_adapter_is_read_alike_by_peft_vllm_llamacpp_and_tgi(fx, tmp_path
     for m, update in want.items():
         assert_close(peft[f"{m}.weight"], aligned[f"{m}.weight"].double() + update, atol=2e-6, rtol=1e-5,
                      what=f"PEFT {m}")
-    assert not [w for w in report_of(out)["warnings"] if "vLLM" in w]
+    assert not [w for w in report_of(out)["warnings"] if "vLLM" in w]  # (the padding of r 4 to 10 is not said)
+
+
+def test_an_adapter_padded_many_times_over_is_said(fx, tmp_path):
+    """One rank for every module: a task adapter whose rank_pattern gives one module rank 32 (the
+    rest 4 and 2) is written all at 32, about 6x its factors, and the report says so (review172)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    task = Path(shutil.copytree(fx.task, tmp_path / "task"))
+    q0 = "model.layers.0.self_attn.q_proj"
+    factors = load_file(task / "adapter_model.safetensors")
+    d_out, d_in = (factors[f"base_model.model.{q0}.lora_{f}.weight"].shape[i] for f, i in (("B", 0), ("A", 1)))
+    torch.manual_seed(5)
+    factors[f"base_model.model.{q0}.lora_A.weight"] = 0.1 * torch.randn(32, d_in)
+    factors[f"base_model.model.{q0}.lora_B.weight"] = 0.1 * torch.randn(d_out, 32)
+    save_file(factors, str(task / "adapter_model.safetensors"))
+    config = json.loads((task / "adapter_config.json").read_text())
+    config["rank_pattern"] = {**config["rank_pattern"], rf"^{re.escape(q0)}$": 32}
+    (task / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "p"
+    assert run_cli(["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", task, "--out", out,
+                    "--num-layers", 2, "--no-plot"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 32
+    said = [w for w in report_of(out)["warnings"] if "own ranks need" in w]
+    assert len(said) == 1 and re.fullmatch(
+        r"the written adapter holds \d+\.\dx the factors its modules' own ranks need: every module is written at "
+        rf"r = 32, the rank of {re.escape(q0)}, zero-padded, .*", said[0]), said
+    assert float(said[0].split("holds ")[1].split("x")[0]) > 5
 
 
 def test_merge_model_output(fx, tmp_path):

@@ -652,8 +652,9 @@ def check_vllm_adapter(spec: ModelSpec) -> None:
             f"--model {spec.label}: --engine vllm scales every module of the adapter by lora_alpha / r "
             f"({text(alpha, r)}), but its rank_pattern/alpha_pattern give {len(off)} of {len(modules)} modules "
             f"another scaling (first: {mod}, {text(m_alpha, m_rank)}); use --engine transformers, or fold the "
-            "adapter into its model (PEFT: merge_and_unload, save_pretrained; for a safemerge merge/project "
-            "output, rerun that command with --output model) and pass that folder as --model")
+            "adapter into its model (PEFT: merge_and_unload, save_pretrained) and pass that folder as --model; "
+            "safemerge merge/project now write adapters with no such patterns: rerun one written by an older "
+            "version")
 
 
 def make_engine(name: str, *, device: str = "cpu", dtype: str = "auto", batch_size: int = 8,

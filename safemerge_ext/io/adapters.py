@@ -672,8 +672,7 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     and ``lora_alpha``, llama.cpp (and Ollama) scale each tensor by ``lora_alpha`` over its own rank,
     TGI and LoRAX stack a module's factors across layers (a merge's flagged layers, of rank r_task +
     r_safety, among the others mis-scaled or failed there, review169), and PEFT stacks an MoE layer's
-    experts (the modules named in ``stacked``), meeting them under names no per-module entry reaches
-    (``models.renamed_on_load``)."""
+    experts (the modules named in ``stacked``: ``models.renamed_on_load``), which must share one rank."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(template)
