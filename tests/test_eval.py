@@ -1265,6 +1265,42 @@ def test_a_processor_chat_template_json_is_the_models_template(tiny_chat_model: 
         chat_tokenizer(folder, "--model")
 
 
+def test_vllm_takes_a_processor_chat_template_json_too(tiny_chat_model: tuple[Path, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's tokenizer (the folder's, read by transformers) has no template where the processor saved it
+    as chat_template.json: the vLLM engine renders the prompts with that one, as the transformers engine."""
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    from safemerge_ext.evaluation import generate
+
+    model, _ = tiny_chat_model
+    folder = shutil.copytree(model, tmp_path / "model")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template is None
+    sent = []
+    fake_llm = types.SimpleNamespace(
+        get_tokenizer=lambda: tok,
+        generate=lambda prompts, params, lora_request=None, use_tqdm=True: sent.extend(prompts) or [
+            types.SimpleNamespace(outputs=[types.SimpleNamespace(text="ok")]) for _ in prompts])
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", types.SimpleNamespace(LoRARequest=lambda *a: a))
+    vl = generate.VllmEngine.__new__(generate.VllmEngine)
+    vl.llm, vl.spec = fake_llm, generate.ModelSpec("m", str(folder))
+    assert vl.generate(["say the words"], 4) == ["ok"]
+    messages = [{"role": "user", "content": "say the words"}]
+    want = generate.chat_prompt(generate.chat_tokenizer(model, "--model"), messages)
+    assert sent == [{"prompt_token_ids": tok(want, add_special_tokens=False)["input_ids"]}]
+
+
 def test_adapter_folder_without_weights_is_refused(tiny_chat_model: tuple[Path, Path], tmp_path: Path, capsys,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """adapter_config.json alone would send peft to the Hub (the folder taken for a repo id): refused first."""

@@ -568,6 +568,8 @@ class VllmEngine:
         # the prompt is rendered here, as TransformersEngine does (the same text, the fixed CHAT_DATE), and
         # given as token ids: vLLM would add a second BOS to the template's own
         tok = self.llm.get_tokenizer()
+        if tok.chat_template is None:  # (as chat_tokenizer does for the transformers engine)
+            tok.chat_template = _processor_template(Path(self.spec.path), f"--model {self.spec.label}")
         ids = [tok(chat_prompt(tok, [{"role": "user", "content": p}]), add_special_tokens=False)["input_ids"]
                for p in prompts]
         res = self.llm.generate([{"prompt_token_ids": x} for x in ids],
