@@ -6,8 +6,10 @@
 updates, weighted ``alpha`` and ``1 - alpha`` before they are merged, as the formula says: TIES then
 elects each entry's sign on the weighted updates (PEFT's ``add_weighted_adapter`` weights them only
 after the election, so there an update of weight 0 still decides signs, and halves the entries where
-the two agree). DARE's random mask is drawn from a generator seeded by (seed, module name), so a run
-is reproducible whatever the order.
+the two agree). DARE's random mask is drawn as ``merge_utils.random_pruning`` draws it, from a
+generator of the call's own seeded by (seed, module name), so a run is reproducible whatever the
+order, and other threads' draws from torch's global generator neither change it nor repeat
+(review174: seeding and restoring the global one did both).
 
 ``peft-linear`` (LoRA adapters only) is the reference code's combination, for reproducing its
 numbers: PEFT's ``add_weighted_adapter([task, safety], [alpha, 1 - alpha], combination_type="linear")``,
@@ -18,11 +20,8 @@ each through ``merge_utils.task_arithmetic`` as PEFT runs it), so its update car
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 import zlib
-from typing import Iterator
 
 import torch
 
@@ -97,17 +96,14 @@ def module_seed(seed: int, module: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(module.encode())) % (2**63 - 1)
 
 
-_RNG_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def seeded(seed: int, module: str, device: torch.device) -> Iterator[None]:
-    """The global generator (which ``peft.utils.merge_utils`` draws DARE's masks from) seeded for
-    one module, then restored. One module at a time: mergekit may run tensors in several threads
-    (one per GPU), and a draw between another thread's seeding and its draw would change both."""
-    with _RNG_LOCK, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(module_seed(seed, module))
-        yield
+def dare_pruned(tensors: list[torch.Tensor], density: float, seed: int, module: str) -> list[torch.Tensor]:
+    """DARE's random pruning of ``tensors``, in turn, as ``merge_utils.random_pruning(t, density,
+    rescale=True)`` does it (each entry kept with probability ``density``, the kept ones divided by
+    it; the same bits as that function after ``torch.manual_seed``), its mask drawn from a generator
+    seeded for this module: no other thread's draw shares it."""
+    generator = torch.Generator(device=tensors[0].device)
+    generator.manual_seed(module_seed(seed, module))
+    return [t * torch.bernoulli(torch.full_like(t, density), generator=generator) / density for t in tensors]
 
 
 def combine_full(
@@ -132,11 +128,13 @@ def combine_full(
         return merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
     if method == "ties":
         return merge_utils.ties(tensors, weights, density)
-    with seeded(seed, module, dW_f.device):
-        if method == "dare_linear":
-            return merge_utils.dare_linear(tensors, weights, density)
-        if method == "dare_ties":
-            return merge_utils.dare_ties(tensors, weights, density)
+    # DARE: merge_utils.dare_linear / dare_ties with the pruning drawn from our own generator
+    stacked = torch.stack(dare_pruned(tensors, density, seed, module))
+    if method == "dare_linear":
+        return (stacked * merge_utils.reshape_weight_task_tensors(stacked, weights)).sum(dim=0)
+    if method == "dare_ties":
+        mask = merge_utils.calculate_majority_sign_mask(stacked, method="total")
+        return merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
     raise AssertionError(method)  # (validate() admits only METHODS)
 
 

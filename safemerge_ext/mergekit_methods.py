@@ -44,7 +44,7 @@ from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import (EXPERTS_KEYS, ModelReader, all_finite, config_value, is_conv1d,
                                      named_like_conv1d, renamings)
 from safemerge_ext.merge import METHODS as MERGE_METHODS
-from safemerge_ext.merge import PEFT_LINEAR, combine_full, seeded
+from safemerge_ext.merge import PEFT_LINEAR, combine_full, dare_pruned
 from safemerge_ext.mergekit_run import (REPORT_DIR_ENV, SIDECAR, _append, _failing_run, _in_mergekit_yaml,
                                         _install_excepthook, _mergekit_yaml_args, _mergekit_yaml_out, discard_report,
                                         finalize_report, pending_reports, report_files, report_to)
@@ -839,10 +839,7 @@ def _resta_tensor(
     shift = wa - wu  # inputs are borrowed: never modified in place
     del wa, wu
     if density < 1.0:
-        from peft.utils.merge_utils import random_pruning
-
-        with seeded(seed, _module(name), shift.device):
-            shift = random_pruning(shift, density, rescale=True)
+        shift = dare_pruned([shift], density, seed, _module(name))[0]
     out = _finite(name, torch.add(task.to(wd), shift, alpha=beta).to(task.dtype), t)
     shifting = (time.perf_counter() - start) / max(len(pieces), 1)
     task_lora, models = _task_lora(group, role), _models(group, role)

@@ -816,6 +816,45 @@ def test_combine_full_keeps_float64_updates_in_float64():
     assert concat_lora(Bf.half(), Af.half(), 0.3, Bs.float(), As.float(), 1.7, 0.7)[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_draws_from_a_generator_of_its_own(method):
+    """DARE's mask is PEFT's (merge_utils.dare_* after torch.manual_seed(module_seed), the same bits)
+    but drawn from the call's own generator: merges beside a thread drawing from torch's global
+    generator are the same, and that thread's numbers do not repeat. Seeding and restoring the
+    global generator made both depend on the timing (review174)."""
+    import threading
+
+    from peft.utils import merge_utils
+
+    from safemerge_ext.merge import combine_full, module_seed
+
+    g = torch.Generator().manual_seed(20)
+    f, s = (torch.randn(96, 80, generator=g) for _ in range(2))
+    torch.manual_seed(module_seed(4, "m"))
+    peft = getattr(merge_utils, method)([f * 0.8, s * 0.2] if method == "dare_ties" else [f, s],
+                                        torch.tensor([1.0, 1.0]) if method == "dare_ties" else torch.tensor([0.8, 0.2]),
+                                        0.4)
+    alone = combine_full(f, s, alpha=0.8, method=method, density=0.4, seed=4, module="m")
+    assert torch.equal(alone, peft)
+    stop, drawn = threading.Event(), []
+
+    def draw() -> None:
+        while not (stop.is_set() and len(drawn) >= 2000):
+            drawn.extend(torch.randint(0, 2**62, (64,)).tolist())
+
+    thread = threading.Thread(target=draw)
+    thread.start()
+    while not drawn:  # (drawing before the merges begin)
+        threading.Event().wait(0.001)
+    try:
+        beside = [combine_full(f, s, alpha=0.8, method=method, density=0.4, seed=4, module="m") for _ in range(20)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(torch.equal(b, alone) for b in beside)
+    assert len(set(drawn)) == len(drawn) >= 2000
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_ties_merges_the_weighted_updates(method):
     """merge(alpha dW_f, (1 - alpha) dW_s): TIES elects each entry's sign on the weighted updates.
