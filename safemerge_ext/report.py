@@ -119,12 +119,12 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".eps", ".ps", ".jpg", ".jpeg"
 
 def check_plot_path(path: str | os.PathLike, flag: str = "--plot") -> None:
     """Fail early on a plot path that is a folder or has no image suffix (matplotlib would add
-    ``.png`` to it and write elsewhere)."""
+    ``.png`` to it and write elsewhere). A SafeMergeError, as the pipeline's other output checks."""
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"{flag} {p} is a folder; give a file name such as {p / REPORT_PNG}")
+        raise SafeMergeError(f"{flag} {p} is a folder; give a file name such as {p / REPORT_PNG}")
     if p.suffix.lower() not in PLOT_SUFFIXES:
-        raise ValueError(f"{flag} {p}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
+        raise SafeMergeError(f"{flag} {p}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
 
 
 def json_writer(report: dict[str, Any]) -> Callable[[Path], object]:

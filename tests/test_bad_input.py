@@ -1317,6 +1317,17 @@ def test_score_refuses_a_bad_plot_path_before_writing_anything(fx, tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]
 
 
+def test_the_api_refuses_a_bad_plot_path_as_it_refuses_other_outputs(fx, tmp_path):
+    """pipeline.score raises SafeMergeError for a bad plot_path, as the README says of every output
+    problem (it was a ValueError: review174)."""
+    from safemerge_ext import pipeline
+    from safemerge_ext.errors import SafeMergeError
+
+    with pytest.raises(SafeMergeError, match="must end in one of"):
+        pipeline.score(fx.aligned, fx.unaligned, fx.task, report_path=tmp_path / "r.json", plot_path=tmp_path / "r.txt")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_report_that_fails_to_write_leaves_the_old_one(tmp_path, monkeypatch):
     """Reports are written beside their path and renamed over it: a full disk mid-write leaves the
     previous report whole."""
