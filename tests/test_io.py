@@ -65,6 +65,40 @@ def test_each_weight_file_is_opened_once(fx, tmp_path, monkeypatch, output):
     assert sorted(opened) == sorted(set(opened)), sorted(opened)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc/self/fd")
+def test_an_interrupt_as_a_shard_is_opened_leaves_it_closed(fx, monkeypatch):
+    """CPython acts on a Ctrl-C as a call returns, before its result is stored: the descriptor a bare
+    os.open returned then stayed open, owned by nothing, until the process ended (a notebook's model
+    folder could not be deleted on Windows, review174). The file object the reader opens now is
+    dropped with the interrupt, and closed."""
+    import builtins
+
+    from safemerge_ext import pipeline
+    from safemerge_ext.io import models
+
+    shard = sorted(Path(fx.aligned).glob("*.safetensors"))[0]
+
+    def interrupted(path, *a, **k):  # (the file opened and returned, then the interrupt)
+        f = builtins.open(path, *a, **k)
+        if Path(path) == shard:
+            raise KeyboardInterrupt
+        return f
+
+    def still_open() -> list[str]:
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                pass
+        return [n for n in names if n == str(shard.resolve())]
+
+    monkeypatch.setattr(models, "open", interrupted, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.score(fx.aligned, fx.unaligned, fx.task)
+    assert still_open() == []
+
+
 def test_headers_are_read_whole_through_short_reads(fx, monkeypatch):
     """A file system that returns short reads (FUSE, some NFS set-ups) still gives whole headers."""
     from safemerge_ext.io import models
@@ -89,7 +123,7 @@ def test_too_many_open_files_says_to_raise_the_limit(fx, monkeypatch):
         raise OSError(errno.EMFILE, "Too many open files", str(path))
 
     reader = ModelReader(fx.aligned, "--aligned")
-    monkeypatch.setattr(models.os, "open", emfile)
+    monkeypatch.setattr(models, "open", emfile, raising=False)  # (the reader's shard files)
     with pytest.raises(SafeMergeError, match=r"--aligned .*safetensors: cannot open it: too many open files .*ulimit -n"):
         reader.layout(reader.names[0])
 

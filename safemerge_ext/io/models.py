@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import io
 import json
 import math
 import mmap
@@ -71,7 +72,6 @@ class _NotHere(Exception):
 # errors that mean "this kernel or file system pair cannot copy this way", not "the copy failed"
 # (ENOTSOCK: macOS's sendfile writes only to sockets)
 _UNSUPPORTED = {errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.ENOTSOCK}
-_O_BINARY = getattr(os, "O_BINARY", 0)  # (Windows opens files in text mode without it)
 _seek_lock = threading.Lock()
 
 
@@ -376,9 +376,12 @@ class ModelReader:
         self._single = single
         self.bytes_read = 0
         self._lock = threading.Lock()
-        self._fds: dict[str, int] = {}
+        # shard -> its file, open for reading (a file object, not a bare descriptor: an interrupt raised as
+        # open() returns drops the object, which closes it; a bare os.open's number was lost open, review174)
+        self._files: dict[str, io.FileIO] = {}
         self._maps: dict[int, tuple[int, int]] = {}  # id(mmap) -> its address range, while it lives
         self._null: int | None = None  # /dev/null, the sink of will_need's sendfile; -1: fadvise instead
+        self._null_file: io.FileIO | None = None
         # shard -> {name: (dtype code, shape, absolute start, absolute end)}, and its __metadata__
         self._headers: dict[str, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
         self._digests: dict[str, str] = {}  # shard -> SHA-256 of its header, as read
@@ -634,10 +637,10 @@ class ModelReader:
 
     def _fd(self, shard: str) -> int:
         with self._lock:
-            fd = self._fds.get(shard)
-            if fd is None:
-                fd = self._fds[shard] = os.open(self.path / shard, os.O_RDONLY | _O_BINARY)
-            return fd
+            f = self._files.get(shard)
+            if f is None:
+                f = self._files[shard] = open(self.path / shard, "rb", buffering=0)
+            return f.fileno()
 
     def holds_floats(self, name: str) -> bool:
         """Whether a tensor's dtype is a floating type torch can hold (the ones NaN/Inf apply to)."""
@@ -753,7 +756,9 @@ class ModelReader:
             return
         with self._lock:
             if self._null is None:
-                self._null = os.open(os.devnull, os.O_WRONLY) if hasattr(os, "sendfile") else -1
+                if hasattr(os, "sendfile"):
+                    self._null_file = open(os.devnull, "wb", buffering=0)
+                self._null = self._null_file.fileno() if self._null_file is not None else -1
             null = self._null
         if null >= 0:
             try:
@@ -765,20 +770,20 @@ class ModelReader:
                 return
             except OSError:
                 with self._lock:
-                    if self._null == null:
-                        os.close(null)
-                        self._null = -1
+                    if self._null == null and self._null_file is not None:
+                        self._null_file.close()
+                        self._null, self._null_file = -1, None
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         with self._lock:
-            if self._null is not None and self._null >= 0:
-                os.close(self._null)
-            self._null = None
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            if self._null_file is not None:
+                self._null_file.close()
+            self._null, self._null_file = None, None
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
 
     def __del__(self) -> None:
         try:
