@@ -10,6 +10,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -712,12 +713,30 @@ def _dated_tokenizer():
     return tok
 
 
-def test_chat_templates_get_a_fixed_date(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A template that reads the clock (strftime_now) gets generate.CHAT_DATE instead, for the models under
-    evaluation (both engines) and for the Llama Guard judge: greedy outputs must not change with the day."""
+def _recording_vllm(monkeypatch: pytest.MonkeyPatch, tok: Any, path: str) -> tuple[Any, list]:
+    """A VllmEngine for the model at ``path`` whose vLLM (not installed here) is stood in for by
+    modules that record the prompts generate is given (the list returned), answering " ok "."""
     import sys
     import types
 
+    from safemerge_ext.evaluation import generate
+
+    sent: list = []
+    fake_llm = types.SimpleNamespace(
+        get_tokenizer=lambda: tok,
+        generate=lambda prompts, params, lora_request=None, use_tqdm=True: sent.extend(prompts) or [
+            types.SimpleNamespace(outputs=[types.SimpleNamespace(text=" ok ")]) for _ in prompts])
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", types.SimpleNamespace(LoRARequest=lambda *a: a))
+    vl = generate.VllmEngine.__new__(generate.VllmEngine)
+    vl.llm, vl.spec = fake_llm, generate.ModelSpec("m", path)
+    return vl, sent
+
+
+def test_chat_templates_get_a_fixed_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template that reads the clock (strftime_now) gets generate.CHAT_DATE instead, for the models under
+    evaluation (both engines) and for the Llama Guard judge: greedy outputs must not change with the day."""
     import torch
 
     from safemerge_ext.evaluation import generate
@@ -739,16 +758,7 @@ def test_chat_templates_get_a_fixed_date(monkeypatch: pytest.MonkeyPatch) -> Non
     assert judge.verdicts(["how to do it"], ["sure here is how"]) == [
         "system Today Date: 26 Jul 2024 user how to do it assistant sure here is how"]
 
-    sent = []  # vLLM (not installed here) stood in for by modules that record what generate is given
-    fake_llm = types.SimpleNamespace(
-        get_tokenizer=lambda: tok,
-        generate=lambda prompts, params, lora_request=None, use_tqdm=True: sent.extend(prompts) or [
-            types.SimpleNamespace(outputs=[types.SimpleNamespace(text=" ok ")]) for _ in prompts])
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
-    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", types.SimpleNamespace(LoRARequest=lambda *a: a))
-    vl = generate.VllmEngine.__new__(generate.VllmEngine)
-    vl.llm, vl.spec = fake_llm, generate.ModelSpec("m", "dir")
+    vl, sent = _recording_vllm(monkeypatch, tok, "dir")
     assert vl.generate(["how to do it"], 4) == ["ok"]
     assert sent == [{"prompt_token_ids": tok(eng.chat_texts(["how to do it"])[0], add_special_tokens=False)["input_ids"]}]
     assert tok.decode(sent[0]["prompt_token_ids"]).startswith("<|im_start|> system Today Date: 26 Jul 2024")
@@ -1240,6 +1250,16 @@ def test_a_tokenizer_config_field_of_another_type_is_one_line(tiny_chat_model: t
         chat_tokenizer(folder, "--model")
 
 
+def _without_chat_template(model: Path, dest: Path) -> Path:
+    """A copy of the model folder ``model`` at ``dest`` whose tokenizer has no chat template."""
+    folder = shutil.copytree(model, dest)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
 def test_a_processor_chat_template_json_is_the_models_template(tiny_chat_model: tuple[Path, Path],
                                                                 tmp_path: Path) -> None:
     """A vision-language folder saved by a transformers-4 processor (llava-hf's) keeps its chat template
@@ -1248,11 +1268,7 @@ def test_a_processor_chat_template_json_is_the_models_template(tiny_chat_model: 
     from safemerge_ext.evaluation.generate import chat_prompt, chat_tokenizer
 
     model, _ = tiny_chat_model
-    folder = shutil.copytree(model, tmp_path / "model")
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    folder = _without_chat_template(model, tmp_path / "model")
     with pytest.raises(SafeMergeError, match="has no chat template"):
         chat_tokenizer(folder, "--model")
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
@@ -1269,32 +1285,16 @@ def test_vllm_takes_a_processor_chat_template_json_too(tiny_chat_model: tuple[Pa
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM's tokenizer (the folder's, read by transformers) has no template where the processor saved it
     as chat_template.json: the vLLM engine renders the prompts with that one, as the transformers engine."""
-    import sys
-    import types
-
     from transformers import AutoTokenizer
 
     from safemerge_ext.evaluation import generate
 
     model, _ = tiny_chat_model
-    folder = shutil.copytree(model, tmp_path / "model")
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    folder = _without_chat_template(model, tmp_path / "model")
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     tok = AutoTokenizer.from_pretrained(folder)
     assert tok.chat_template is None
-    sent = []
-    fake_llm = types.SimpleNamespace(
-        get_tokenizer=lambda: tok,
-        generate=lambda prompts, params, lora_request=None, use_tqdm=True: sent.extend(prompts) or [
-            types.SimpleNamespace(outputs=[types.SimpleNamespace(text="ok")]) for _ in prompts])
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=lambda **kw: kw))
-    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", types.SimpleNamespace(LoRARequest=lambda *a: a))
-    vl = generate.VllmEngine.__new__(generate.VllmEngine)
-    vl.llm, vl.spec = fake_llm, generate.ModelSpec("m", str(folder))
+    vl, sent = _recording_vllm(monkeypatch, tok, str(folder))
     assert vl.generate(["say the words"], 4) == ["ok"]
     messages = [{"role": "user", "content": "say the words"}]
     want = generate.chat_prompt(generate.chat_tokenizer(model, "--model"), messages)
