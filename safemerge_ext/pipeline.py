@@ -736,7 +736,7 @@ def _check_equal_ranks(run: Run) -> None:
 
 
 # a written adapter past this many times the factors its modules' own ranks need is said in the report
-# (a merge's flagged r_task + r_safety among the task's r_task stays below it unless r_safety >= 3 r_task)
+# (a merge's flagged r_task + r_safety among the task's r_task stays below it unless r_safety > 3 r_task)
 PADDING_WARN = 4.0
 
 
