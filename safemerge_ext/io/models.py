@@ -380,8 +380,8 @@ class ModelReader:
         # open() returns drops the object, which closes it; a bare os.open's number was lost open, review174)
         self._files: dict[str, io.FileIO] = {}
         self._maps: dict[int, tuple[int, int]] = {}  # id(mmap) -> its address range, while it lives
-        self._null: int | None = None  # /dev/null, the sink of will_need's sendfile; -1: fadvise instead
-        self._null_file: io.FileIO | None = None
+        self._null: io.FileIO | None = None  # /dev/null, the sink of will_need's sendfile, once opened
+        self._use_sendfile = hasattr(os, "sendfile")  # (False once it fails here: posix_fadvise instead)
         # shard -> {name: (dtype code, shape, absolute start, absolute end)}, and its __metadata__
         self._headers: dict[str, dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
         self._digests: dict[str, str] = {}  # shard -> SHA-256 of its header, as read
@@ -755,32 +755,30 @@ class ModelReader:
         if pagecache.resident(fd, start, end):
             return
         with self._lock:
-            if self._null is None:
-                if hasattr(os, "sendfile"):
-                    self._null_file = open(os.devnull, "wb", buffering=0)
-                self._null = self._null_file.fileno() if self._null_file is not None else -1
-            null = self._null
-        if null >= 0:
+            if self._use_sendfile and self._null is None:
+                self._null = open(os.devnull, "wb", buffering=0)
+            null = self._null if self._use_sendfile else None
+        if null is not None:
             try:
                 while start < end:
-                    sent = os.sendfile(null, fd, start, end - start)
+                    sent = os.sendfile(null.fileno(), fd, start, end - start)
                     if sent <= 0:  # the file ended early; map() or get() will say so
                         return
                     start += sent
                 return
-            except OSError:
+            except (OSError, ValueError):  # (ValueError: the sink closed by another thread's failure)
                 with self._lock:
-                    if self._null == null and self._null_file is not None:
-                        self._null_file.close()
-                        self._null, self._null_file = -1, None
+                    if self._null is null:
+                        null.close()
+                        self._null, self._use_sendfile = None, False
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         with self._lock:
-            if self._null_file is not None:
-                self._null_file.close()
-            self._null, self._null_file = None, None
+            if self._null is not None:
+                self._null.close()
+            self._null = None
             for f in self._files.values():
                 f.close()
             self._files.clear()
