@@ -45,9 +45,10 @@ from safemerge_ext.io.models import (EXPERTS_KEYS, ModelReader, all_finite, conf
                                      named_like_conv1d, renamings)
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import PEFT_LINEAR, combine_full, dare_pruned
-from safemerge_ext.mergekit_run import (REPORT_DIR_ENV, SIDECAR, _append, _failing_run, _in_mergekit_yaml,
-                                        _install_excepthook, _mergekit_yaml_args, _mergekit_yaml_out, discard_report,
-                                        finalize_report, pending_reports, report_files, report_to)
+from safemerge_ext.mergekit_run import (REPORT_DIR_ENV, SIDECAR, _append, _failing_run, _in_mergekit_multi,
+                                        _in_mergekit_yaml, _install_excepthook, _mergekit_multi_args,
+                                        _mergekit_yaml_args, _mergekit_yaml_out, discard_report, finalize_report,
+                                        mergekit_cli, pending_reports, report_files, report_to)
 from safemerge_ext.report import LayerRecord
 
 __all__ = [  # (with the report API of mergekit_run, which a recipe's user reaches from here)
@@ -874,30 +875,41 @@ _recipe_checked: list[str] = []
 
 def _check_mergekit_yaml_recipe(name: str) -> None:
     """Once per process: in ``mergekit-yaml``, the recipe named on its command line, checked as
-    safemerge-yaml checks its parameters (``yaml_cli.check_parameter_names``)."""
-    if _recipe_checked or not _in_mergekit_yaml():
+    safemerge-yaml checks its parameters (``yaml_cli.check_parameter_names``); in ``mergekit-multi``,
+    each of its recipes that merges with these methods (when the first of them is planned)."""
+    multi = _in_mergekit_multi()
+    if _recipe_checked or not (_in_mergekit_yaml() or multi):
         return
     _recipe_checked.append(name)
-    recipe = _mergekit_yaml_args().get("config_file")
+    recipe = (_mergekit_multi_args() if multi else _mergekit_yaml_args()).get("config_file")
     try:  # (mergekit has read and validated this file already: anything odd here is not ours to report)
         import yaml
         from mergekit.config import MergeConfiguration
 
         text = Path(recipe).read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-        config = MergeConfiguration.model_validate(data)
+        documents = list(yaml.safe_load_all(text)) if multi else [yaml.safe_load(text)]
     except Exception:
         return
-    if config.merge_method != name:
-        return
-    from safemerge_ext.yaml_cli import check_parameter_names, check_recipe_keys, load_recipe, yaml_problem
+    from safemerge_ext.yaml_cli import check_parameter_names, check_recipe_keys, load_recipes, yaml_problem
 
     try:  # (a key given twice: mergekit took the last one without a word)
-        load_recipe(text)
+        load_recipes(text)
     except yaml.YAMLError as exc:
         raise SafeMergeError(f"{recipe}: {yaml_problem(exc)}") from None
-    check_recipe_keys(data, recipe)
-    check_parameter_names(config, name, recipe)
+    for data in documents:
+        if not isinstance(data, dict) or data.get("merge_method") not in _METHODS:
+            continue
+        where = recipe
+        if multi:  # (mergekit-multi's own key: the stage's name, which later recipes give as a model)
+            data = dict(data)
+            stage = data.pop("name", None)
+            where = f"{recipe} ({f'recipe {stage}' if stage is not None else 'the final recipe'})"
+        try:
+            config = MergeConfiguration.model_validate(data)
+        except Exception:
+            continue
+        check_recipe_keys(data, where)
+        check_parameter_names(config, config.merge_method, where)
 
 
 def _check_planned_config(name: str, caller: Any) -> None:
@@ -918,11 +930,17 @@ def _check_planned_config(name: str, caller: Any) -> None:
         _forget_inputs()
         _read_afresh(planner)
     if config.merge_method == name:
-        _check_out_is_no_input(config, caller)
-        from safemerge_ext.yaml_cli import check_layer_ranges, check_parameter_names
+        out = _check_out_is_no_input(config, caller)
+        if first and out is not None and _in_mergekit_multi():
+            from safemerge_ext.mergekit_run import begin_stage
 
-        check_parameter_names(config, name, "merge_config (as mergekit's planner lays it out)")
-        check_layer_ranges(config, name, "merge_config (as mergekit's planner lays it out)")
+            begin_stage(out)
+        from safemerge_ext.yaml_cli import check_layer_ranges, check_parameter_names, check_roles
+
+        laid_out = "merge_config (as mergekit's planner lays it out)"
+        check_parameter_names(config, name, laid_out)
+        check_roles(name, config, laid_out)
+        check_layer_ranges(config, name, laid_out)
     check_device(planner.options)
     if first and config.merge_method == name:
         _check_plan_covers(planner)
@@ -985,10 +1003,11 @@ def _read_afresh(planner: Any) -> None:
                                                         lazy_unpickle=cache.lazy_unpickle)
 
 
-def _check_out_is_no_input(config: Any, planner_frame: Any) -> None:
+def _check_out_is_no_input(config: Any, planner_frame: Any) -> str | os.PathLike | None:
     """OUT_PATH (``run_merge``'s ``out_path``) that is one of the recipe's model or LoRA folders:
     mergekit writes in place, so the merged model would land beside that model's own files, and
-    the folder would hold two (safemerge-yaml refuses it; so does this, before anything is written)."""
+    the folder would hold two (safemerge-yaml refuses it; so does this, before anything is written).
+    Returns OUT_PATH (None where it cannot be told)."""
     out, flag = _mergekit_yaml_out(), "OUT_PATH"
     frame = planner_frame
     while not out and frame is not None and frame.f_code.co_name != "run_merge":
@@ -996,13 +1015,14 @@ def _check_out_is_no_input(config: Any, planner_frame: Any) -> None:
     if frame is not None and not out:
         out, flag = frame.f_locals.get("out_path"), "run_merge's out_path"
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
-        return
+        return None
     where = os.path.realpath(os.path.expanduser(out))
     for ref in config.referenced_models():
         for part in (ref.model, getattr(ref, "lora", None)):
             if part is not None and os.path.realpath(os.path.expanduser(part.path)) == where:
                 raise SafeMergeError(f"{flag} {out} is the folder of the recipe's input {ref}, where mergekit would "
                                      "write the merged model beside that model's own files; give a new folder")
+    return out
 
 
 def check_device(options: Any) -> None:
@@ -1080,12 +1100,14 @@ def register_methods() -> list[str]:
             continue
         registry.register(method)
         done.append(name)
-    if _in_mergekit_yaml():
+    cli = mergekit_cli()
+    if cli is not None:
         _install_excepthook()
         from safemerge_ext._faults import bus_error_line, explain_bus_errors
 
         # (mergekit's own argv parsing may be half imported yet: OUT_PATH is not named here)
-        explain_bus_errors(bus_error_line("mergekit-yaml", "what it wrote to OUT_PATH is incomplete"))
+        explain_bus_errors(bus_error_line(cli, "what it wrote to OUT_PATH is incomplete" if cli == "mergekit-yaml"
+                                          else "what it wrote to the stage's output folder is incomplete"))
     return done
 
 

@@ -1,12 +1,13 @@
 """A merge run through mergekit, around the methods of :mod:`safemerge_ext.mergekit_methods`: its
-report, and in plain ``mergekit-yaml`` the one-line refusals.
+report, and in plain ``mergekit-yaml`` and ``mergekit-multi`` the one-line refusals.
 
 Reports: mergekit has no end-of-run hook and may run tensors in several threads, so every scored
 tensor appends one JSON line to a sidecar file under a lock; :func:`finalize_report` (called by
-``safemerge-yaml``, by tests, and at interpreter exit for plain ``mergekit-yaml``) turns it into
+``safemerge-yaml``, by tests, and at interpreter exit for plain ``mergekit-yaml``; in
+``mergekit-multi`` also when the next stage with these methods is planned) turns it into
 ``safemerge_report.json`` + ``.png``. Where: the ``report_path`` parameter, else
-``$SAFEMERGE_REPORT_DIR``, else the ``OUT_PATH`` of a running ``mergekit-yaml``, else none (a
-warning says so).
+``$SAFEMERGE_REPORT_DIR``, else the ``OUT_PATH`` of a running ``mergekit-yaml`` (the output folder
+of the running ``mergekit-multi`` stage), else none (a warning says so).
 """
 
 from __future__ import annotations
@@ -74,6 +75,22 @@ def _in_mergekit_yaml() -> bool:
     return _run_yaml_is_main() or (bool(sys.argv) and os.path.basename(sys.argv[0]).startswith("mergekit-yaml"))
 
 
+def _multimerge_is_main() -> bool:
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return main_spec is not None and main_spec.name == "mergekit.scripts.multimerge"
+
+
+def _in_mergekit_multi() -> bool:
+    """Whether this process is a ``mergekit-multi`` run: several recipes, each a ``run_merge`` into
+    its own output folder, one after the other."""
+    return _multimerge_is_main() or (bool(sys.argv) and os.path.basename(sys.argv[0]).startswith("mergekit-multi"))
+
+
+def mergekit_cli() -> str | None:
+    """The mergekit console script this process runs, as its error lines name it; None in a program."""
+    return "mergekit-yaml" if _in_mergekit_yaml() else "mergekit-multi" if _in_mergekit_multi() else None
+
+
 _RAISE = dis.opmap["RAISE_VARARGS"]
 
 
@@ -117,7 +134,7 @@ def _excepthook(etype: type[BaseException], value: BaseException, tb: Any) -> No
     if msg is None:
         return _prev_excepthook(etype, value, tb)
     try:
-        print(f"mergekit-yaml: error: {msg}", file=sys.stderr, flush=True)
+        print(f"{mergekit_cli() or 'mergekit'}: error: {msg}", file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
 
@@ -126,7 +143,7 @@ _prev_excepthook = sys.excepthook
 
 
 def _install_excepthook() -> None:
-    """In ``mergekit-yaml``, an uncaught refusal prints its one line instead of mergekit's traceback
+    """In ``mergekit-yaml`` (``mergekit-multi``), an uncaught refusal prints its one line instead of mergekit's traceback
     (``SAFEMERGE_TRACEBACK=1`` keeps the traceback); every other error goes to the hook before.
     A Ctrl-C is noted as it is raised (see :func:`_unfinished`)."""
     global _prev_excepthook
@@ -195,6 +212,8 @@ _entered: list[Any] = []  # the open report_to blocks, in the order entered
 _before: str | None = None  # _override before the first of them
 _atexit_registered = False
 _cli_out: list[str | None] = []
+_stage_out: list[str] = []  # mergekit-multi: the output folder of the stage now planned or running
+_stage_outs: dict[str, str] = {}  # mergekit-multi: sidecar path -> the output folder of the stage that recorded there
 
 
 class report_to:
@@ -229,13 +248,34 @@ class report_to:
 def _mergekit_yaml_args() -> dict[str, Any]:
     """The arguments of a running ``mergekit-yaml`` (argv parsed with mergekit's own click command);
     empty in any other process, or where they cannot be parsed (never a reason to break a merge)."""
-    run_yaml = sys.modules.get("__main__" if _run_yaml_is_main() else "mergekit.scripts.run_yaml")
-    if run_yaml is None or not _in_mergekit_yaml():
+    if not _in_mergekit_yaml():
+        return {}
+    return _cli_args("mergekit-yaml", "__main__" if _run_yaml_is_main() else "mergekit.scripts.run_yaml")
+
+
+def _mergekit_multi_args() -> dict[str, Any]:
+    """The arguments of a running ``mergekit-multi``, as :func:`_mergekit_yaml_args` reads them."""
+    if not _in_mergekit_multi():
+        return {}
+    return _cli_args("mergekit-multi", "__main__" if _multimerge_is_main() else "mergekit.scripts.multimerge")
+
+
+def _cli_args(name: str, module: str) -> dict[str, Any]:
+    script = sys.modules.get(module)
+    if script is None:
         return {}
     try:
-        return dict(run_yaml.main.make_context("mergekit-yaml", list(sys.argv[1:]), resilient_parsing=True).params)
+        return dict(script.main.make_context(name, list(sys.argv[1:]), resilient_parsing=True).params)
     except Exception:
         return {}
+
+
+def begin_stage(out: str | os.PathLike) -> None:
+    """``mergekit-multi`` plans a stage with these methods that writes to ``out``: the reports of
+    the stages before it are written now (their runs are over; a later stage reporting to the same
+    place would drop their records), and this stage reports into ``out`` unless told otherwise."""
+    _finalize_pending()
+    _stage_out[:] = [os.fspath(out)]
 
 
 def _mergekit_yaml_out() -> str | None:
@@ -278,7 +318,8 @@ def _locations(report_path: str | os.PathLike, pid: int | str | None = None) -> 
 def _target(report_path: str) -> str | None:
     """Where a method's records go: its ``report_path``, else ``report_to``'s, else
     ``$SAFEMERGE_REPORT_DIR``, else a running ``mergekit-yaml``'s OUT_PATH (None: nowhere)."""
-    return report_path or _override or os.environ.get(REPORT_DIR_ENV) or _mergekit_yaml_out()
+    return (report_path or _override or os.environ.get(REPORT_DIR_ENV) or _mergekit_yaml_out()
+            or (_stage_out[0] if _stage_out else None))
 
 
 def _named(report_path: str) -> tuple[str, str]:
@@ -289,7 +330,9 @@ def _named(report_path: str) -> tuple[str, str]:
         return f"report_to({_override})", "report to a folder that can be written"
     if os.environ.get(REPORT_DIR_ENV):
         return f"{REPORT_DIR_ENV}={os.environ[REPORT_DIR_ENV]}", f"set {REPORT_DIR_ENV} to a folder that can be written"
-    return f"OUT_PATH {_mergekit_yaml_out()}", "give an OUT_PATH that can be written"
+    if _mergekit_yaml_out():
+        return f"OUT_PATH {_mergekit_yaml_out()}", "give an OUT_PATH that can be written"
+    return f"the stage's output folder {_stage_out[0]}", "give the stage a report_path that can be written"
 
 
 def _key(target: str | os.PathLike) -> str:
@@ -346,6 +389,8 @@ def _append(report_path: str, line: dict[str, Any]) -> None:
             _failed.pop(key, None)
             mode = "w"
             _drop_dead_sidecars(target)
+            if _stage_out:
+                _stage_outs[key] = _stage_out[0]
         _pending[key] = os.fspath(target)
         if not _atexit_registered:
             atexit.register(_finalize_pending)
@@ -442,16 +487,20 @@ def _unfinished(key: str) -> str | None:
     """Why the run that wrote sidecar ``key`` did not finish (None: nothing says so), at exit: a
     method that raised; in a running ``mergekit-yaml``, also an uncaught exception (Python keeps it
     as sys.last_value), a Ctrl-C, or an OUT_PATH that got no config.json after the run's last record
-    (mergekit writes it once every tensor is written)."""
+    (mergekit writes it once every tensor is written); in ``mergekit-multi``, a stage's output folder
+    that got none (an error or a Ctrl-C in a later stage leaves an earlier one finished)."""
     if key in _failed:
         return _failed[key]
     out = _mergekit_yaml_out()
+    if out:
+        if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+            return "the merge stopped on an error"
+        if _interrupts:  # (a Ctrl-C as mergekit finished, after its config.json: "Aborted!")
+            return "the run was interrupted"
+    else:
+        out = _stage_outs.get(key)
     if not out:  # (in a program of one's own, finalize_report says when a run is over)
         return None
-    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
-        return "the merge stopped on an error"
-    if _interrupts:  # (a Ctrl-C as mergekit finished, after its config.json: "Aborted!")
-        return "the run was interrupted"
     try:
         config_written = os.stat(Path(out) / "config.json").st_mtime
     except OSError:
@@ -468,19 +517,22 @@ def _unfinished(key: str) -> str | None:
 
 
 def _finalize_pending() -> None:
-    untied: list[str] | None = None  # (once per process, for the first finished run)
+    untied: list[str] | None = None  # (mergekit-yaml: once per process, for the first finished run)
     for key in pending_reports():
         target = _pending.get(key, key)
         try:
-            why = _unfinished(key)
+            why, stage = _unfinished(key), _stage_outs.pop(key, None)
             if why is not None:
                 discard_report(_pending[key])
                 LOG.error("safemerge-ext: no report: %s", why)
                 continue
-            if untied is None:
-                untied = _untie_mergekit_yaml_out()
-            rep = finalize_report(_pending[key], warnings=untied,
-                                  command="mergekit-yaml" if _mergekit_yaml_out() else "run_merge")
+            if stage is not None:  # (mergekit-multi: each stage's own output)
+                stage_untied = _untie(stage)
+            else:
+                if untied is None:
+                    untied = _untie(_mergekit_yaml_out())
+                stage_untied = untied
+            rep = finalize_report(_pending[key], warnings=stage_untied, command=mergekit_cli() or "run_merge")
             if rep is not None:
                 print(summary_table(rep), file=sys.stderr)
         except Exception as exc:  # at exit: report, never raise
@@ -494,11 +546,10 @@ def _finalize_pending() -> None:
             os._exit(exit_code(exc))  # (an exception here would be printed with its traceback, and the exit be 0)
 
 
-def _untie_mergekit_yaml_out() -> list[str]:
-    """In a finished ``mergekit-yaml`` run: a head its OUT_PATH stores (a task model that PEFT
-    untied) beside a config mergekit copied from a tied base model is untied there, as
-    ``safemerge-yaml`` does; returns the warning, if any."""
-    out = _mergekit_yaml_out()
+def _untie(out: str | None) -> list[str]:
+    """In a finished ``mergekit-yaml`` run (a ``mergekit-multi`` stage): a head its OUT_PATH stores
+    (a task model that PEFT untied) beside a config mergekit copied from a tied base model is
+    untied there, as ``safemerge-yaml`` does; returns the warning, if any."""
     if not out:
         return []
     from safemerge_ext.io.model_writer import untie_stored_head

@@ -112,7 +112,7 @@ def _check_parameters(method: str, params: dict[str, Any], where: str, *, on_mod
 
     specs = _specs(method)
     for name, setting in (params or {}).items():
-        if name == "role":  # (which roles the models have between them is _check_roles'; a value is checked here)
+        if name == "role":  # (which roles the models have between them is check_roles'; a value is checked here)
             if not isinstance(setting, str) or setting not in ROLES[method]:
                 raise SafeMergeError(f"{where}: role {setting!r}; {method} takes the roles {', '.join(ROLES[method])}")
             continue
@@ -212,7 +212,9 @@ def _base_model(config: MergeConfiguration, recipe: str | os.PathLike = "recipe"
     return next(iter(bases.values()))
 
 
-def _check_roles(method: str, config: MergeConfiguration, recipe: str | os.PathLike = "recipe") -> dict[str, str]:
+def check_roles(method: str, config: MergeConfiguration, recipe: str | os.PathLike = "recipe") -> dict[str, str]:
+    """Each role given to exactly one model, never to the base model, and no two roles to one model
+    however its path is spelt (mergekit's own check compares the spellings); returns role -> model."""
     roles: dict[str, str] = {}
     groups = _groups(config)
     if not groups:
@@ -535,6 +537,9 @@ def check_recipe_keys(data: Any, recipe: str | os.PathLike = "recipe") -> None:
     def slices(items: Any, where: str) -> None:
         for i, sl in enumerate(items if isinstance(items, list) else []):
             check(sl, OutputSliceDefinition, f"{where}slices[{i}]: ")
+            if isinstance(sl, dict) and sl.get("residual_weight") is not None:  # (declared; no mergekit code reads it)
+                raise SafeMergeError(f"{recipe}: {where}slices[{i}]: residual_weight is a key mergekit accepts but "
+                                     "never applies (the merge would ignore it); remove it")
             parameters(sl, f"{where}slices[{i}].")
             for j, src in enumerate((sl.get("sources") or []) if isinstance(sl, dict) else []):
                 check(src, InputSliceDefinition, f"{where}slices[{i}].sources[{j}]: ")
@@ -574,7 +579,7 @@ def check_layer_ranges(config: MergeConfiguration, method: str, recipe: str | os
         for i, sl in enumerate(items or []):
             base = getattr(sl, "base_model", None) or config.base_model
             ref = next((s for s in sl.sources if s.model == base), None)
-            if ref is None:  # (_check_roles says so)
+            if ref is None:  # (check_roles says so)
                 continue
             for s in sl.sources:
                 if tuple(s.layer_range) != tuple(ref.layer_range):
@@ -622,7 +627,7 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe", truncate_em
             requested_precision(None)
         except ValueError as exc:
             raise SafeMergeError(str(exc)) from None
-    roles = _check_roles(method, config, recipe)
+    roles = check_roles(method, config, recipe)
     check_layer_ranges(config, method, recipe)
     has_lora, checked, inputs = _check_models(config, roles, truncate_embeddings, method, recipe)
     return Checked(config, method, roles, has_lora, checked, inputs)
@@ -870,6 +875,11 @@ def load_recipe(source: str) -> Any:
     """A YAML recipe's data, as ``yaml.safe_load`` reads it, except that a key given twice in one
     mapping raises (``yaml.YAMLError``)."""
     return yaml.load(source, Loader=_RecipeLoader)
+
+
+def load_recipes(source: str) -> list[Any]:
+    """Every document of a YAML stream (``mergekit-multi``'s recipes), as :func:`load_recipe` reads one."""
+    return list(yaml.load_all(source, Loader=_RecipeLoader))
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:

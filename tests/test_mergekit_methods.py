@@ -673,11 +673,15 @@ def test_plain_run_merge_rejects_bad_parameters_while_planning(pico, tmp_path, p
 
 
 def test_plain_run_merge_names_a_duplicate_role(pico, tmp_path):
+    """Refused when mergekit plans the merge (it was at the first tensor, naming it), as a recipe is."""
     cfg = recipe(pico)
     cfg["models"][1]["parameters"]["role"] = "task"
     register_methods()
-    with pytest.raises(Exception, match="role 'task' must be given to exactly one model.*tensor "):
+    with pytest.raises(SafeMergeError) as err:
         run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "o"), MergeOptions(copy_tokenizer=False, quiet=True))
+    assert str(err.value) == ("merge_config (as mergekit's planner lays it out): modules.default.slices[0]: role 'task' "
+                              f"must be given to exactly one model; it is given to 2: {pico.task}, {pico.unaligned}")
+    assert not (tmp_path / "o").exists()
 
 
 # -- console scripts ------------------------------------------------------------------------------
@@ -845,6 +849,43 @@ def test_plain_mergekit_yaml_refusal_is_one_line(pico, tmp_path):
         assert refusal(good, "--cuda") == (
             f"mergekit-yaml: error: mergekit's --cuda (MergeOptions.cuda): torch {torch.__version__} has no usable "
             "cuda device here; merge without --cuda, on the CPU")
+
+
+def test_mergekit_multi_stages_report_into_their_outputs_and_refuse_in_one_line(pico, tmp_path):
+    """mergekit-multi (several recipes, each run_merge'd into its own folder): each stage with these
+    methods reports into that folder, and a misspelt key in any of its recipes ends the run in one
+    line before anything is merged (review176: they merged with no report, at the default setting,
+    and a refusal was a traceback)."""
+    exe = _script("mergekit-multi")
+    if not (autoload.site_packages() / autoload.PTH_NAME).is_file():
+        pytest.skip(f"{autoload.PTH_NAME} is not in {autoload.site_packages()}: reinstall (pip install -e .)")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SAFEMERGE_NO_AUTOLOAD", "SAFEMERGE_TRACEBACK", "SAFEMERGE_REPORT_DIR")}
+    first = {"name": "first", **recipe(pico, params={"threshold": 0.5})}
+    second = recipe(pico, params={"threshold": TAU}, task="first")  # (the final recipe: into --out-path)
+    stages = tmp_path / "stages"
+
+    def run(docs: list[dict]) -> subprocess.CompletedProcess:
+        (tmp_path / "multi.yml").write_text(yaml.safe_dump_all(docs))
+        return subprocess.run([exe, str(tmp_path / "multi.yml"), "-I", str(stages), "--out-path", str(tmp_path / "out"),
+                               "--no-copy-tokenizer"], capture_output=True, text=True, env=env)
+
+    typo = dict(second, paramters=second["parameters"])
+    del typo["parameters"]
+    res = run([first, typo])
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"mergekit-multi: error: {tmp_path / 'multi.yml'} (the final recipe): 'paramters' is no key mergekit reads "
+        "(it would drop it without a word); did you mean parameters?")
+    assert not (stages / "first").exists() and not (tmp_path / "out").exists()
+
+    res = run([first, second])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for folder, threshold, task in ((stages / "first", 0.5, str(pico.task)), (tmp_path / "out", TAU, str(stages / "first"))):
+        report = json.loads((folder / "safemerge_report.json").read_text())
+        assert (report["command"], report["settings"]["threshold"]) == ("mergekit-multi", threshold)
+        assert report["settings"]["models"]["task"] == task
+        assert not list(folder.glob(".safemerge_layers*"))
 
 
 def test_safemerge_yaml_explains_a_bus_error(tmp_path, monkeypatch):
@@ -1198,6 +1239,26 @@ def test_safemerge_yaml_refuses_one_model_in_two_roles(pico, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("case", ["two-roles", "base-role"])
+def test_run_merge_checks_the_roles_as_safemerge_yaml_does(pico, tmp_path, case):
+    """run_merge (plain mergekit-yaml, mergekit-multi): the task model given again as the safety
+    model under another spelling passed mergekit's "Duplicate merge inputs" check and merged every
+    flagged layer back to the task update, exit 0; a role on the base model was dropped without a
+    word (review176). Both are refused before the merge, as safemerge-yaml refuses them."""
+    cfg = recipe(pico, params={"threshold": TAU}, safety=f"{pico.task}/")
+    want = (f"models {pico.task} (role task) and {pico.task}/ (role safety) are the same model, so a flagged layer "
+            "would get the task update back, with no safety in it; give each role its own model")
+    if case == "base-role":
+        cfg = recipe(pico, params={"threshold": TAU})
+        cfg["models"].append({"model": str(pico.aligned), "parameters": {"role": "safety"}})
+        want = f"{pico.aligned} is the base_model (the aligned model) and must not have a role; got role 'safety'"
+    with pytest.raises(SafeMergeError) as err:
+        merge(cfg, tmp_path / "o")
+    assert str(err.value).startswith("merge_config (as mergekit's planner lays it out): "), str(err.value)
+    assert str(err.value).endswith(want), str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
 def test_safemerge_yaml_calls_an_empty_recipe_path_so(tmp_path, capsys):
     from safemerge_ext import yaml_cli
 
@@ -1294,6 +1355,17 @@ def test_a_key_mergekit_drops_is_refused(pico, tmp_path, edit, want):
     cfg = recipe(pico, params={"threshold": TAU})
     edit(cfg)
     with pytest.raises(SafeMergeError, match=want):
+        validate_recipe(cfg, "r.yml")
+
+
+def test_a_slice_residual_weight_is_refused(pico):
+    """mergekit 0.1.5 declares a slice's residual_weight and never reads it: a recipe that sets it
+    merged as if it were not there (review176)."""
+    cfg = _sliced(pico, (0, 1))
+    validate_recipe(cfg, "r.yml")
+    cfg["slices"][0]["residual_weight"] = 0.5
+    with pytest.raises(SafeMergeError, match=r"^r\.yml: slices\[0\]: residual_weight is a key mergekit accepts but "
+                                             r"never applies \(the merge would ignore it\); remove it$"):
         validate_recipe(cfg, "r.yml")
 
 
@@ -2883,7 +2955,7 @@ def test_a_role_default_comes_from_where_mergekit_reads_it(where):
     module's, else the recipe's parameters; the nearest wins."""
     from mergekit.config import MergeConfiguration
 
-    from safemerge_ext.yaml_cli import _check_roles
+    from safemerge_ext.yaml_cli import check_roles
 
     sources = [{"model": "./a", "layer_range": [0, 2]}, {"model": "./t", "layer_range": [0, 2]}] + [
         {"model": f"./{r[0]}", "layer_range": [0, 2], "parameters": {"role": r}} for r in ("safety", "unaligned")]
@@ -2893,7 +2965,7 @@ def test_a_role_default_comes_from_where_mergekit_reads_it(where):
     table["parameters"] = {"role": "task"}
     if where != "top":  # (a farther default loses to the nearer one)
         cfg["parameters"] = {"role": "unaligned"}
-    assert _check_roles("safemerge", MergeConfiguration.model_validate(cfg)) == {
+    assert check_roles("safemerge", MergeConfiguration.model_validate(cfg)) == {
         "task": "./t", "safety": "./s", "unaligned": "./u"}
 
 
