@@ -52,25 +52,27 @@ def _square_sum(t: torch.Tensor) -> float:
     return sum(float(_sq(t[i:i + rows])) for i in range(0, t.shape[0], rows))
 
 
-def _v_block(wa: torch.Tensor, wu: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
-    return wa[i0:i1].float() - wu[i0:i1].float()
+def _v_block(wa: torch.Tensor, wu: torch.Tensor, i0: int, i1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return wa[i0:i1].to(dtype) - wu[i0:i1].to(dtype)
 
 
-def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """T = V^T B and ||V||^2 in one pass over V, then P = V T in a second pass."""
+def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """T = V^T B and ||V||^2 in one pass over V, then P = V T in a second pass (in ``dtype``:
+    float64 where ops rescores an ill-conditioned layer)."""
     d_out, d_in = wa.shape
-    B = lora_B.float()
-    T = torch.zeros(d_in, B.shape[1], dtype=torch.float32, device=wa.device)
+    B = lora_B.to(dtype)
+    T = torch.zeros(d_in, B.shape[1], dtype=dtype, device=wa.device)
     vsq = torch.zeros((), dtype=torch.float64, device=wa.device)
     for i0 in range(0, d_out, _ROW_BLOCK):
         i1 = min(i0 + _ROW_BLOCK, d_out)
-        V = _v_block(wa, wu, i0, i1)
+        V = _v_block(wa, wu, i0, i1, dtype)
         T.addmm_(V.t(), B[i0:i1])
         vsq += _sq(V)
-    P = torch.empty(d_out, B.shape[1], dtype=torch.float32, device=wa.device)
+    P = torch.empty(d_out, B.shape[1], dtype=dtype, device=wa.device)
     for i0 in range(0, d_out, _ROW_BLOCK):
         i1 = min(i0 + _ROW_BLOCK, d_out)
-        torch.mm(_v_block(wa, wu, i0, i1), T, out=P[i0:i1])
+        torch.mm(_v_block(wa, wu, i0, i1, dtype), T, out=P[i0:i1])
     return T, P, float(vsq)
 
 
@@ -82,21 +84,23 @@ def lowrank_traces(T: torch.Tensor, P: torch.Tensor, lora_A: torch.Tensor, lora_
     return (float(((T.t() @ T) * G).sum()), float(((P.t() @ P) * G).sum()), float(((B.t() @ B) * G).sum()))
 
 
-def _vt_v_dw_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor):
+def _vt_v_dw_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype = torch.float32):
     """Yield (J, M_J, N_J) with M_J = V^T dW[:, J] and N_J = V M_J for column blocks J."""
-    V = wa.float() - wu.float()
+    V = wa.to(dtype) - wu.to(dtype)
     d_in = wa.shape[1]
     for j0 in range(0, d_in, _COL_BLOCK):
         j1 = min(j0 + _COL_BLOCK, d_in)
-        D = delta[:, j0:j1].float()
+        D = delta[:, j0:j1].to(dtype)
         M = V.t() @ D
         yield slice(j0, j1), D, M, V @ M
 
 
-def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float, float]:
-    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 in float64 sums over column blocks."""
+def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor,
+                  dtype: torch.dtype = torch.float32) -> tuple[float, float, float, float]:
+    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 in float64 sums over column blocks (of
+    products in ``dtype``)."""
     m2 = n2 = d2 = 0.0
-    for _, D, M, N in _vt_v_dw_blocks(wa, wu, delta):
+    for _, D, M, N in _vt_v_dw_blocks(wa, wu, delta, dtype):
         m2 += float(_sq(M))
         n2 += float(_sq(N))
         d2 += float(_sq(D))

@@ -659,6 +659,44 @@ def test_factors_that_nearly_cancel_are_scored_or_refused(backend, shape):
     B, A = torch.cat([b, b], 1), torch.cat([a, -a], 0)  # (exactly zero)
     s = ops.subspace_score(wa, wu, lora_A=A, lora_B=B, backend=backend)
     assert math.isnan(s.cosine) and s.reason == "the update is zero"
+    # exactly zero at rank 2 too (PEFT's add_weighted_adapter([x, x], [1, -1], "cat")): the backend's
+    # ||B A||^2 is then its rounding, of either sign, and the C++ one's positive noise was refused as
+    # factors that cancel, for some draws (review178)
+    for _ in range(8):
+        b2, a2 = torch.randn(d_out, 2, generator=g), torch.randn(2, d_in, generator=g)
+        s = ops.subspace_score(wa, wu, lora_A=torch.cat([a2, -a2], 0), lora_B=torch.cat([b2, b2], 1), backend=backend)
+        assert math.isnan(s.cosine) and s.reason == "the update is zero" and s.delta_norm == 0.0, s
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + [n for n in ("triton",) if backends.available_backends()[n] is None])
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_an_update_in_the_weakest_directions_of_v_is_scored_in_float64(backend, full, monkeypatch):
+    """V with singular values from 1 down to 1e-4 and dW along the weakest one: fp32's rounding of
+    V^T dW, relative to ||V||, swamped the signal (0.79 for 0.94, and another value per backend;
+    review178). Such a layer is scored again in float64; an update that meets V's directions as
+    any real one does (1% of it elsewhere) is not, and is right in fp32."""
+    from safemerge_ext import reference
+
+    g = torch.Generator().manual_seed(11)
+    d_out, d_in = 64, 96
+    U, _ = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64))
+    W, _ = torch.linalg.qr(torch.randn(d_in, d_out, generator=g, dtype=torch.float64))
+    wa = ((U * torch.logspace(0, -4, d_out, dtype=torch.float64)) @ W.t()).float()
+    wu = 0.01 * torch.randn(d_out, d_in, generator=g)
+    wa += wu  # (V = wa - wu up to fp32 rounding; the reference reads the same fp32 pair)
+    rescored = []
+    passes, sums = reference.lowrank_passes, reference.fullrank_sums
+    monkeypatch.setattr(reference, "lowrank_passes", lambda *a, **k: rescored.append(k) or passes(*a, **k))
+    monkeypatch.setattr(reference, "fullrank_sums", lambda *a, **k: rescored.append(k) or sums(*a, **k))
+    for mix, float64 in ((0.0, True), (0.01, False)):
+        B = (U[:, -1:] + mix * torch.randn(d_out, 1, generator=g, dtype=torch.float64)).float()
+        A = torch.randn(1, d_in, generator=g)
+        update = {"delta": B @ A} if full else {"lora_A": A, "lora_B": B}
+        want = ref_cosine(wa, wu, (B @ A).double() if full else B.double() @ A.double())
+        rescored.clear()
+        s = ops.subspace_score(wa, wu, backend=backend, **update)
+        assert abs(s.cosine - want) < 1e-6, (mix, s.cosine, want)
+        assert [k.get("dtype") for k in rescored if k.get("dtype") == torch.float64] == [torch.float64] * float64
 
 
 def test_backend_reasons_follow_the_environment(monkeypatch):
