@@ -886,30 +886,43 @@ def _check_mergekit_yaml_recipe(name: str) -> None:
         import yaml
         from mergekit.config import MergeConfiguration
 
-        text = Path(recipe).read_text(encoding="utf-8")
-        documents = list(yaml.safe_load_all(text)) if multi else [yaml.safe_load(text)]
+        nodes = list(yaml.compose_all(Path(recipe).read_text(encoding="utf-8"), Loader=yaml.SafeLoader))
+        documents = [(node, yaml.SafeLoader("").construct_document(node)) for node in nodes if node is not None]
     except Exception:
         return
-    from safemerge_ext.yaml_cli import check_parameter_names, check_recipe_keys, load_recipes, yaml_problem
+    from safemerge_ext.yaml_cli import check_parameter_names, check_recipe_keys, check_roles, strict_document
 
-    try:  # (a key given twice: mergekit took the last one without a word)
-        load_recipes(text)
-    except yaml.YAMLError as exc:
-        raise SafeMergeError(f"{recipe}: {yaml_problem(exc)}") from None
-    for data in documents:
+    for node, data in documents:  # (mergekit-multi's recipes: a file of several)
         if not isinstance(data, dict) or data.get("merge_method") not in _METHODS:
             continue
         where = recipe
         if multi:  # (mergekit-multi's own key: the stage's name, which later recipes give as a model)
             data = dict(data)
-            stage = data.pop("name", None)
-            where = f"{recipe} ({f'recipe {stage}' if stage is not None else 'the final recipe'})"
+            where = _stage_label(recipe, data.pop("name", None))
+        strict_document(node, where)  # (a key given twice: mergekit took the last one without a word)
         try:
             config = MergeConfiguration.model_validate(data)
         except Exception:
             continue
         check_recipe_keys(data, where)
         check_parameter_names(config, config.merge_method, where)
+        check_roles(config.merge_method, config, where)
+
+
+def _stage_label(recipe: str | os.PathLike, name: str | None) -> str:
+    """How a refusal names one of a mergekit-multi file's recipes."""
+    return f"{recipe} ({f'recipe {name}' if name is not None else 'the final recipe'})"
+
+
+def _planned_label(out: str | os.PathLike | None) -> str:
+    """How a refusal names the configuration mergekit's planner plans (in mergekit-multi, with its recipe)."""
+    laid_out = "merge_config (as mergekit's planner lays it out)"
+    args = _mergekit_multi_args()
+    if not args or out is None:
+        return laid_out
+    folder, staged = Path(os.path.abspath(out)), Path(os.path.abspath(args.get("intermediate_dir") or ""))
+    name = folder.name if folder.parent == staged else None
+    return f"{_stage_label(args.get('config_file'), name)}: {laid_out}"
 
 
 def _check_planned_config(name: str, caller: Any) -> None:
@@ -937,7 +950,7 @@ def _check_planned_config(name: str, caller: Any) -> None:
             begin_stage(out)
         from safemerge_ext.yaml_cli import check_layer_ranges, check_parameter_names, check_roles
 
-        laid_out = "merge_config (as mergekit's planner lays it out)"
+        laid_out = _planned_label(out)
         check_parameter_names(config, name, laid_out)
         check_roles(name, config, laid_out)
         check_layer_ranges(config, name, laid_out)

@@ -4,7 +4,7 @@ report, and in plain ``mergekit-yaml`` and ``mergekit-multi`` the one-line refus
 Reports: mergekit has no end-of-run hook and may run tensors in several threads, so every scored
 tensor appends one JSON line to a sidecar file under a lock; :func:`finalize_report` (called by
 ``safemerge-yaml``, by tests, and at interpreter exit for plain ``mergekit-yaml``; in
-``mergekit-multi`` also when the next stage with these methods is planned) turns it into
+``mergekit-multi`` as each stage's ``run_merge`` returns) turns it into
 ``safemerge_report.json`` + ``.png``. Where: the ``report_path`` parameter, else
 ``$SAFEMERGE_REPORT_DIR``, else the ``OUT_PATH`` of a running ``mergekit-yaml`` (the output folder
 of the running ``mergekit-multi`` stage), else none (a warning says so).
@@ -271,11 +271,25 @@ def _cli_args(name: str, module: str) -> dict[str, Any]:
 
 
 def begin_stage(out: str | os.PathLike) -> None:
-    """``mergekit-multi`` plans a stage with these methods that writes to ``out``: the reports of
-    the stages before it are written now (their runs are over; a later stage reporting to the same
-    place would drop their records), and this stage reports into ``out`` unless told otherwise."""
-    _finalize_pending()
+    """``mergekit-multi`` plans a stage with these methods that writes to ``out``: it reports into
+    ``out`` unless told otherwise, and from now on each stage's ``run_merge`` is watched."""
     _stage_out[:] = [os.fspath(out)]
+    script = sys.modules.get("__main__" if _multimerge_is_main() else "mergekit.scripts.multimerge")
+    original = getattr(script, "run_merge", None)
+    if not callable(original) or getattr(original, "_safemerge_stages", False):
+        return
+
+    @functools.wraps(original)
+    def run_stage(*args: Any, **kwargs: Any) -> Any:
+        # mergekit-multi runs a stage only once those before it have returned: their reports are
+        # written (and a head untied) now, before this stage reads their folders or is killed
+        _finalize_pending()
+        result = original(*args, **kwargs)
+        _finalize_pending()  # (this one's, when it was one of these methods'; a stage that raised has none)
+        return result
+
+    run_stage._safemerge_stages = True  # type: ignore[attr-defined]
+    script.run_merge = run_stage
 
 
 def _mergekit_yaml_out() -> str | None:
@@ -485,22 +499,19 @@ def discard_report(report_path: str | os.PathLike) -> None:
 
 def _unfinished(key: str) -> str | None:
     """Why the run that wrote sidecar ``key`` did not finish (None: nothing says so), at exit: a
-    method that raised; in a running ``mergekit-yaml``, also an uncaught exception (Python keeps it
-    as sys.last_value), a Ctrl-C, or an OUT_PATH that got no config.json after the run's last record
-    (mergekit writes it once every tensor is written); in ``mergekit-multi``, a stage's output folder
-    that got none (an error or a Ctrl-C in a later stage leaves an earlier one finished)."""
+    method that raised; in a running ``mergekit-yaml`` (a ``mergekit-multi`` stage), also an
+    uncaught exception (Python keeps it as sys.last_value), a Ctrl-C, or an OUT_PATH (the stage's
+    folder) that got no config.json after the run's last record (mergekit writes it once every
+    tensor is written). A mergekit-multi stage followed by another has its report by then."""
     if key in _failed:
         return _failed[key]
-    out = _mergekit_yaml_out()
-    if out:
-        if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
-            return "the merge stopped on an error"
-        if _interrupts:  # (a Ctrl-C as mergekit finished, after its config.json: "Aborted!")
-            return "the run was interrupted"
-    else:
-        out = _stage_outs.get(key)
+    out = _mergekit_yaml_out() or _stage_outs.get(key)
     if not out:  # (in a program of one's own, finalize_report says when a run is over)
         return None
+    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+        return "the merge stopped on an error"
+    if _interrupts:  # (a Ctrl-C as mergekit finished, after its config.json: "Aborted!")
+        return "the run was interrupted"
     try:
         config_written = os.stat(Path(out) / "config.json").st_mtime
     except OSError:

@@ -877,9 +877,13 @@ def load_recipe(source: str) -> Any:
     return yaml.load(source, Loader=_RecipeLoader)
 
 
-def load_recipes(source: str) -> list[Any]:
-    """Every document of a YAML stream (``mergekit-multi``'s recipes), as :func:`load_recipe` reads one."""
-    return list(yaml.load_all(source, Loader=_RecipeLoader))
+def strict_document(node: yaml.Node, recipe: str | os.PathLike) -> None:
+    """One composed document of a YAML stream (a ``mergekit-multi`` recipe) refused where it gives
+    a key twice in one mapping, as :func:`load_recipe` refuses a file."""
+    try:
+        _RecipeLoader("").construct_document(node)
+    except yaml.YAMLError as exc:
+        raise SafeMergeError(f"{recipe}: {yaml_problem(exc)}") from None
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:

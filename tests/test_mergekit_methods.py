@@ -888,6 +888,55 @@ def test_mergekit_multi_stages_report_into_their_outputs_and_refuse_in_one_line(
         assert not list(folder.glob(".safemerge_layers*"))
 
 
+def test_mergekit_multi_writes_a_stage_report_and_unties_its_head_before_the_next_stage(pico, tmp_path):
+    """A stage's report waited for the next stage of these methods, or the exit: a later stage
+    killed (SIGTERM skips atexit) lost it, and its head was untied only after a later stage had
+    copied its tied config (review177). Both happen as the stage's run_merge returns: here a later
+    stage fails, and the reports and configs before it are as they should be. A key given twice in
+    a recipe of mergekit's own methods is left to mergekit, as in mergekit-yaml."""
+    exe = _script("mergekit-multi")
+    if not (autoload.site_packages() / autoload.PTH_NAME).is_file():
+        pytest.skip(f"{autoload.PTH_NAME} is not in {autoload.site_packages()}: reinstall (pip install -e .)")
+    tied = tmp_path / "tied"
+    for name in ("aligned", "unaligned", "task", "safety"):
+        m = Path(shutil.copytree(getattr(pico, name), tied / name))
+        cfg = json.loads((m / "config.json").read_text())
+        (m / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    first = {"name": "first", **recipe(pico, params={"threshold": TAU}, task=str(tied / "task"),
+                                       safety=str(tied / "safety"), unaligned=str(tied / "unaligned")),
+             "base_model": str(tied / "aligned")}
+    copy = "name: copy\nmerge_method: linear\ndtype: float32\ndtype: float32\nmodels:\n  - model: first\n" \
+           "    parameters: {weight: 1.0}\n"
+    broken = {"merge_method": "linear", "models": [{"model": str(tmp_path / "missing"), "parameters": {"weight": 1.0}}]}
+    (tmp_path / "multi.yml").write_text(yaml.safe_dump(first) + "---\n" + copy + "---\n" + yaml.safe_dump(broken))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SAFEMERGE_NO_AUTOLOAD", "SAFEMERGE_TRACEBACK", "SAFEMERGE_REPORT_DIR")}
+    res = subprocess.run([exe, str(tmp_path / "multi.yml"), "-I", str(tmp_path / "stages"), "--out-path",
+                          str(tmp_path / "out"), "--no-copy-tokenizer"], capture_output=True, text=True,
+                         env={**env, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode != 0 and "is given twice" not in res.stderr, res.stderr[-3000:]
+    stage = tmp_path / "stages" / "first"
+    report = json.loads((stage / "safemerge_report.json").read_text())
+    assert report["command"] == "mergekit-multi" and report["layers"]
+    assert any("lm_head.weight is written as its own tensor" in w for w in report["warnings"])
+    assert not list(stage.glob(".safemerge_layers*"))
+    for folder in (stage, tmp_path / "stages" / "copy"):
+        assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is False, folder
+
+
+def test_mergekit_multi_refusals_name_the_recipe(monkeypatch, tmp_path):
+    """What mergekit's planner plans in a mergekit-multi run is named with its recipe in a refusal."""
+    from safemerge_ext import mergekit_methods as mm
+
+    args = {"config_file": "m.yml", "intermediate_dir": str(tmp_path / "I")}
+    monkeypatch.setattr(mm, "_mergekit_multi_args", lambda: args)
+    laid_out = "merge_config (as mergekit's planner lays it out)"
+    assert mm._planned_label(tmp_path / "I" / "sm") == f"m.yml (recipe sm): {laid_out}"
+    assert mm._planned_label(str(tmp_path / "out")) == f"m.yml (the final recipe): {laid_out}"
+    monkeypatch.setattr(mm, "_mergekit_multi_args", lambda: {})
+    assert mm._planned_label(tmp_path / "I" / "sm") == laid_out
+
+
 def test_safemerge_yaml_explains_a_bus_error(tmp_path, monkeypatch):
     """safemerge-yaml sets the line a SIGBUS (a mapped model file cut short) ends the run with,
     before it reads anything."""
