@@ -291,8 +291,7 @@ def subspace_score(
         num, projected = m2, None
 
         def exact() -> tuple[float, float, float]:
-            e_m2, e_n2, e_d2, _ = reference.fullrank_sums(wa, wu, dW, dtype=torch.float64)
-            return e_m2, e_n2, e_d2
+            return reference.fullrank_sums64(wa, wu, dW)
         d_out, d_in = wa.shape  # (M = V^T dW, N = V M: their entries' RMS below 2^-120, see above)
         if 0.0 < m2 < _FP32_FULL ** 2 * d_in * d_in or 0.0 < n2 < _FP32_FULL ** 2 * d_out * d_in:
             raise FloatingPointError(_LOST)

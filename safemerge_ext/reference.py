@@ -84,27 +84,44 @@ def lowrank_traces(T: torch.Tensor, P: torch.Tensor, lora_A: torch.Tensor, lora_
     return (float(((T.t() @ T) * G).sum()), float(((P.t() @ P) * G).sum()), float(((B.t() @ B) * G).sum()))
 
 
-def _vt_v_dw_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype = torch.float32):
+def _vt_v_dw_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor):
     """Yield (J, M_J, N_J) with M_J = V^T dW[:, J] and N_J = V M_J for column blocks J."""
-    V = wa.to(dtype) - wu.to(dtype)
+    V = wa.float() - wu.float()
     d_in = wa.shape[1]
     for j0 in range(0, d_in, _COL_BLOCK):
         j1 = min(j0 + _COL_BLOCK, d_in)
-        D = delta[:, j0:j1].to(dtype)
+        D = delta[:, j0:j1].float()
         M = V.t() @ D
         yield slice(j0, j1), D, M, V @ M
 
 
-def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor,
-                  dtype: torch.dtype = torch.float32) -> tuple[float, float, float, float]:
-    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 in float64 sums over column blocks (of
-    products in ``dtype``)."""
+def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float, float]:
+    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 in float64 sums over column blocks."""
     m2 = n2 = d2 = 0.0
-    for _, D, M, N in _vt_v_dw_blocks(wa, wu, delta, dtype):
+    for _, D, M, N in _vt_v_dw_blocks(wa, wu, delta):
         m2 += float(_sq(M))
         n2 += float(_sq(N))
         d2 += float(_sq(D))
     return m2, n2, d2, _vsq(wa, wu)
+
+
+def fullrank_sums64(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float]:
+    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2 with every product in float64 (ops' rescoring of an
+    ill-conditioned layer): V formed a row block at a time, twice per block of dW's columns, so
+    memory stays at a few float64 blocks (M_J is d_in x 1024) for any layer."""
+    d_out, d_in = wa.shape
+    m2 = n2 = d2 = 0.0
+    for j0 in range(0, d_in, 4 * _COL_BLOCK):
+        j1 = min(j0 + 4 * _COL_BLOCK, d_in)
+        M = torch.zeros(d_in, j1 - j0, dtype=torch.float64, device=wa.device)
+        for i0 in range(0, d_out, _ROW_BLOCK):
+            i1 = min(i0 + _ROW_BLOCK, d_out)
+            M.addmm_(_v_block(wa, wu, i0, i1, torch.float64).t(), delta[i0:i1, j0:j1].double())
+        m2 += float(_sq(M))
+        d2 += _square_sum(delta[:, j0:j1])
+        for i0 in range(0, d_out, _ROW_BLOCK):
+            n2 += float(_sq(_v_block(wa, wu, i0, min(i0 + _ROW_BLOCK, d_out), torch.float64) @ M))
+    return m2, n2, d2
 
 
 def _vsq(wa: torch.Tensor, wu: torch.Tensor) -> float:

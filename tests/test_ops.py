@@ -685,9 +685,9 @@ def test_an_update_in_the_weakest_directions_of_v_is_scored_in_float64(backend, 
     wu = 0.01 * torch.randn(d_out, d_in, generator=g)
     wa += wu  # (V = wa - wu up to fp32 rounding; the reference reads the same fp32 pair)
     rescored = []
-    passes, sums = reference.lowrank_passes, reference.fullrank_sums
+    passes, sums64 = reference.lowrank_passes, reference.fullrank_sums64
     monkeypatch.setattr(reference, "lowrank_passes", lambda *a, **k: rescored.append(k) or passes(*a, **k))
-    monkeypatch.setattr(reference, "fullrank_sums", lambda *a, **k: rescored.append(k) or sums(*a, **k))
+    monkeypatch.setattr(reference, "fullrank_sums64", lambda *a: rescored.append({"dtype": torch.float64}) or sums64(*a))
     for mix, float64 in ((0.0, True), (0.01, False)):
         B = (U[:, -1:] + mix * torch.randn(d_out, 1, generator=g, dtype=torch.float64)).float()
         A = torch.randn(1, d_in, generator=g)
