@@ -914,15 +914,30 @@ def _stage_label(recipe: str | os.PathLike, name: str | None) -> str:
     return f"{recipe} ({f'recipe {name}' if name is not None else 'the final recipe'})"
 
 
+def _check_no_residual_weight(config: Any, label: str) -> None:
+    """A slice's ``residual_weight``, which mergekit 0.1.5 declares and never applies, refused where
+    the configuration comes from Python too (a recipe's is refused with its other keys)."""
+    places = [("", config.slices)] + [(f"modules.{n}.", m.slices) for n, m in (config.modules or {}).items()]
+    for where, slices in places:
+        for i, sl in enumerate(slices or []):
+            if getattr(sl, "residual_weight", None) is not None:
+                raise SafeMergeError(f"{label}: {where}slices[{i}]: residual_weight is a key mergekit accepts but "
+                                     "never applies (the merge would ignore it); remove it")
+
+
 def _planned_label(out: str | os.PathLike | None) -> str:
     """How a refusal names the configuration mergekit's planner plans (in mergekit-multi, with its recipe)."""
     laid_out = "merge_config (as mergekit's planner lays it out)"
     args = _mergekit_multi_args()
     if not args or out is None:
         return laid_out
-    folder, staged = Path(os.path.abspath(out)), Path(os.path.abspath(args.get("intermediate_dir") or ""))
-    name = folder.name if folder.parent == staged else None
-    return f"{_stage_label(args.get('config_file'), name)}: {laid_out}"
+    folder = os.path.abspath(out)
+    if args.get("out_path") and folder == os.path.abspath(args["out_path"]):
+        return f"{_stage_label(args.get('config_file'), None)}: {laid_out}"
+    name = os.path.relpath(folder, os.path.abspath(args.get("intermediate_dir") or ""))
+    if name.startswith(os.pardir) or name == os.curdir:
+        return laid_out
+    return f"{_stage_label(args.get('config_file'), name.replace(os.sep, '/'))}: {laid_out}"
 
 
 def _check_planned_config(name: str, caller: Any) -> None:
@@ -951,6 +966,7 @@ def _check_planned_config(name: str, caller: Any) -> None:
         from safemerge_ext.yaml_cli import check_layer_ranges, check_parameter_names, check_roles
 
         laid_out = _planned_label(out)
+        _check_no_residual_weight(config, laid_out)
         check_parameter_names(config, name, laid_out)
         check_roles(name, config, laid_out)
         check_layer_ranges(config, name, laid_out)

@@ -928,13 +928,28 @@ def test_mergekit_multi_refusals_name_the_recipe(monkeypatch, tmp_path):
     """What mergekit's planner plans in a mergekit-multi run is named with its recipe in a refusal."""
     from safemerge_ext import mergekit_methods as mm
 
-    args = {"config_file": "m.yml", "intermediate_dir": str(tmp_path / "I")}
+    args = {"config_file": "m.yml", "intermediate_dir": str(tmp_path / "I"), "out_path": str(tmp_path / "I" / "final")}
     monkeypatch.setattr(mm, "_mergekit_multi_args", lambda: args)
     laid_out = "merge_config (as mergekit's planner lays it out)"
     assert mm._planned_label(tmp_path / "I" / "sm") == f"m.yml (recipe sm): {laid_out}"
-    assert mm._planned_label(str(tmp_path / "out")) == f"m.yml (the final recipe): {laid_out}"
+    assert mm._planned_label(tmp_path / "I" / "a" / "b") == f"m.yml (recipe a/b): {laid_out}"  # (a stage named a/b)
+    assert mm._planned_label(str(tmp_path / "I" / "final")) == f"m.yml (the final recipe): {laid_out}"
+    assert mm._planned_label(tmp_path / "elsewhere") == laid_out
     monkeypatch.setattr(mm, "_mergekit_multi_args", lambda: {})
     assert mm._planned_label(tmp_path / "I" / "sm") == laid_out
+
+
+def test_run_merge_refuses_a_slice_residual_weight(pico, tmp_path):
+    """run_merge from Python: a slice's residual_weight, which mergekit never applies, is refused
+    as a recipe's is (review179)."""
+    cfg = _sliced(pico, (0, 1))
+    cfg["slices"][0]["residual_weight"] = 0.3
+    with pytest.raises(SafeMergeError) as err:
+        merge(cfg, tmp_path / "o")
+    assert str(err.value).startswith("merge_config (as mergekit's planner lays it out): "), str(err.value)
+    assert str(err.value).endswith("slices[0]: residual_weight is a key mergekit accepts but never applies (the merge "
+                                   "would ignore it); remove it"), str(err.value)
+    assert not (tmp_path / "o").exists()
 
 
 def test_safemerge_yaml_explains_a_bus_error(tmp_path, monkeypatch):
