@@ -890,7 +890,8 @@ def _check_mergekit_yaml_recipe(name: str) -> None:
         documents = [(node, yaml.SafeLoader("").construct_document(node)) for node in nodes if node is not None]
     except Exception:
         return
-    from safemerge_ext.yaml_cli import check_parameter_names, check_recipe_keys, check_roles, strict_document
+    from safemerge_ext.yaml_cli import (check_layer_ranges, check_parameter_names, check_recipe_keys, check_roles,
+                                        strict_document)
 
     for node, data in documents:  # (mergekit-multi's recipes: a file of several)
         if not isinstance(data, dict) or data.get("merge_method") not in _METHODS:
@@ -907,6 +908,7 @@ def _check_mergekit_yaml_recipe(name: str) -> None:
         check_recipe_keys(data, where)
         check_parameter_names(config, config.merge_method, where)
         check_roles(config.merge_method, config, where)
+        check_layer_ranges(config, config.merge_method, where)
 
 
 def _stage_label(recipe: str | os.PathLike, name: str | None) -> str:

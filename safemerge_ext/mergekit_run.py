@@ -149,9 +149,15 @@ def _install_excepthook() -> None:
     global _prev_excepthook
     if sys.excepthook is not _excepthook:
         _prev_excepthook, sys.excepthook = sys.excepthook, _excepthook
-    if threading.current_thread() is threading.main_thread() \
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _noted_interrupt)
+    if mergekit_cli() == "mergekit-multi":  # (a stage killed after its config.json must not look done: below)
+        for name in ("SIGTERM", "SIGHUP"):
+            signum = getattr(signal, name, None)
+            if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:  # (nohup's ignored SIGHUP stays so)
+                signal.signal(signum, _noted_termination)
 
 
 _interrupts: list[int] = []  # the Ctrl-Cs a mergekit-yaml run got
@@ -162,6 +168,13 @@ def _noted_interrupt(signum: int, frame: Any) -> None:
     no trace an exit hook could see."""
     _interrupts.append(signum)
     raise KeyboardInterrupt
+
+
+def _noted_termination(signum: int, frame: Any) -> None:
+    """mergekit-multi's SIGTERM/SIGHUP: noted, and the run ends with the signal's exit status
+    through the exit hook, which voids the stage it stopped (the default action skips the hook)."""
+    _interrupts.append(signum)
+    raise SystemExit(128 + signum)
 
 # ---------------------------------------------------------------------------------------------
 # reports: a locked JSON-lines sidecar per report location, assembled at the end
@@ -530,12 +543,13 @@ def _unfinished(key: str) -> str | None:
 def _finalize_pending() -> None:
     untied: list[str] | None = None  # (mergekit-yaml: once per process, for the first finished run)
     for key in pending_reports():
-        target = _pending.get(key, key)
+        target, stage = _pending.get(key, key), None
         try:
             why, stage = _unfinished(key), _stage_outs.pop(key, None)
             if why is not None:
                 discard_report(_pending[key])
                 LOG.error("safemerge-ext: no report: %s", why)
+                _redo_stage(stage)
                 continue
             if stage is not None:  # (mergekit-multi: each stage's own output)
                 stage_untied = _untie(stage)
@@ -554,7 +568,20 @@ def _finalize_pending() -> None:
             for path in report_files(target):  # (whole or not at all)
                 path.unlink(missing_ok=True)
             say(f"safemerge-ext: {what_ended(exc)} while the report was written; no report at {target}")
+            _redo_stage(stage)
             os._exit(exit_code(exc))  # (an exception here would be printed with its traceback, and the exit be 0)
+
+
+def _redo_stage(stage: str | None) -> None:
+    """A mergekit-multi stage that gets no report: its config.json is removed, so that the next run
+    merges it again (mergekit-multi's --lazy takes a folder with one for a finished stage, and would
+    feed it, reportless and perhaps with its head still tied, to the stages after it)."""
+    if stage is None:
+        return
+    with contextlib.suppress(OSError):
+        (Path(stage) / "config.json").unlink()
+        say(f"safemerge-ext: removed {Path(stage) / 'config.json'}, so that mergekit-multi merges that stage "
+            "again on its next run")
 
 
 def _untie(out: str | None) -> list[str]:

@@ -924,6 +924,56 @@ def test_mergekit_multi_writes_a_stage_report_and_unties_its_head_before_the_nex
         assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is False, folder
 
 
+def test_mergekit_multi_stage_without_a_report_is_merged_again_next_time(pico, tmp_path, monkeypatch, capsys,
+                                                                         request):
+    """A mergekit-multi stage voided at exit (a Ctrl-C, an error, a SIGTERM, after mergekit wrote its
+    config.json) kept that config.json, and mergekit-multi's --lazy took the folder for a finished
+    stage on the next run: reused without a report, its head perhaps still tied (review180). Its
+    config.json is removed; a finished stage keeps it. SIGTERM and SIGHUP end a mergekit-multi run
+    through the exit hook."""
+    import signal
+
+    from safemerge_ext import mergekit_run as mr
+
+    monkeypatch.setattr(mr, "_override", None)
+    monkeypatch.delenv(mr.REPORT_DIR_ENV, raising=False)
+    monkeypatch.setattr(mr, "_cli_out", [None])
+
+    def stage(name: str, interrupted: bool) -> Path:
+        out = tmp_path / name
+        monkeypatch.setattr(mr, "_stage_out", [str(out)])
+        monkeypatch.setattr(mr, "_interrupts", [signal.SIGTERM] if interrupted else [])
+        register_methods()
+        run_merge(MergeConfiguration.model_validate(recipe(pico, params={"threshold": TAU})), str(out),
+                  MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+        mr._finalize_pending()
+        return out
+
+    done = stage("done", interrupted=False)
+    assert (done / "config.json").is_file() and (done / "safemerge_report.json").is_file()
+    capsys.readouterr()
+    voided = stage("voided", interrupted=True)
+    assert not (voided / "config.json").exists() and not (voided / "safemerge_report.json").exists()
+    assert not list(voided.glob(".safemerge_layers*")) and (voided / "model.safetensors").is_file()
+    assert f"removed {voided / 'config.json'}, so that mergekit-multi merges that stage again" in capsys.readouterr().err
+
+    before = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for n, handler in before.items():
+        request.addfinalizer(lambda n=n, handler=handler: signal.signal(n, handler))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    for n in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(n, signal.SIG_DFL)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/mergekit-yaml", "r.yml", "out"])
+    mr._install_excepthook()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (mergekit-yaml: as it was)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/mergekit-multi", "m.yml", "-I", "I"])
+    mr._install_excepthook()
+    assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGHUP) is mr._noted_termination
+    with pytest.raises(SystemExit) as ended:
+        mr._noted_termination(signal.SIGTERM, None)
+    assert ended.value.code == 143 and mr._interrupts[-1] == signal.SIGTERM
+
+
 def test_mergekit_multi_refusals_name_the_recipe(monkeypatch, tmp_path):
     """What mergekit's planner plans in a mergekit-multi run is named with its recipe in a refusal."""
     from safemerge_ext import mergekit_methods as mm
@@ -1476,6 +1526,33 @@ def test_a_recipe_key_given_twice_is_refused(pico, tmp_path, capsys, monkeypatch
     monkeypatch.setattr(mergekit_methods, "_recipe_checked", [])
     with pytest.raises(SafeMergeError, match=re.escape(f"{tmp_path / 'r.yml'}: {want}")):
         mergekit_methods._check_mergekit_yaml_recipe("safemerge")
+
+
+def test_mergekit_multi_checks_every_recipe_of_its_file_up_front(pico, tmp_path, monkeypatch):
+    """mergekit-multi's recipes that use these methods are all checked when the first is planned,
+    layer ranges included (review180: a final recipe's offset slice was refused only after the
+    stages before it had merged); mergekit's own recipes are left to it."""
+    from safemerge_ext import mergekit_methods
+
+    first = {"name": "first", **recipe(pico, params={"threshold": TAU})}
+    linear = "name: lin\nmerge_method: linear\ndtype: float32\ndtype: float32\nmodels: [{model: first}]\n"
+    final = _sliced(pico, (0, 1))
+    final["slices"][0]["sources"][3]["layer_range"] = [0, 1]  # (the unaligned model's: other layers than [0, 2])
+    final["slices"][0]["sources"][0]["layer_range"] = [0, 2]
+    for src in final["slices"][0]["sources"][1:3]:
+        src["layer_range"] = [0, 2]
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(first) + "---\n" + linear + "---\n" + yaml.safe_dump(final))
+    monkeypatch.setattr(mergekit_methods, "_in_mergekit_yaml", lambda: False)
+    monkeypatch.setattr(mergekit_methods, "_in_mergekit_multi", lambda: True)
+    monkeypatch.setattr(mergekit_methods, "_mergekit_multi_args", lambda: {"config_file": str(tmp_path / "m.yml")})
+    monkeypatch.setattr(mergekit_methods, "_recipe_checked", [])
+    with pytest.raises(SafeMergeError, match=re.escape(f"{tmp_path / 'm.yml'} (the final recipe): slices[0]: model "
+                                                       f"{pico.unaligned} takes layer_range [0, 1] but the ")):
+        mergekit_methods._check_mergekit_yaml_recipe("safemerge")
+    final["slices"][0]["sources"][3]["layer_range"] = [0, 2]
+    (tmp_path / "m.yml").write_text(yaml.safe_dump(first) + "---\n" + linear + "---\n" + yaml.safe_dump(final))
+    monkeypatch.setattr(mergekit_methods, "_recipe_checked", [])
+    mergekit_methods._check_mergekit_yaml_recipe("safemerge")  # (lin's dtype given twice: mergekit's to read)
 
 
 @pytest.mark.parametrize("text, want", [
