@@ -143,9 +143,10 @@ _prev_excepthook = sys.excepthook
 
 
 def _install_excepthook() -> None:
-    """In ``mergekit-yaml`` (``mergekit-multi``), an uncaught refusal prints its one line instead of mergekit's traceback
-    (``SAFEMERGE_TRACEBACK=1`` keeps the traceback); every other error goes to the hook before.
-    A Ctrl-C is noted as it is raised (see :func:`_unfinished`)."""
+    """In ``mergekit-yaml`` (``mergekit-multi``), an uncaught refusal prints its one line instead of
+    mergekit's traceback (``SAFEMERGE_TRACEBACK=1`` keeps the traceback); every other error goes to
+    the hook before. A Ctrl-C is noted as it is raised (see :func:`_unfinished`); in mergekit-multi
+    a SIGTERM or SIGHUP too, and it ends the run through the exit hook."""
     global _prev_excepthook
     if sys.excepthook is not _excepthook:
         _prev_excepthook, sys.excepthook = sys.excepthook, _excepthook
@@ -160,7 +161,7 @@ def _install_excepthook() -> None:
                 signal.signal(signum, _noted_termination)
 
 
-_interrupts: list[int] = []  # the Ctrl-Cs a mergekit-yaml run got
+_interrupts: list[int] = []  # the Ctrl-Cs a mergekit-yaml run got (and a mergekit-multi run's SIGTERMs, SIGHUPs)
 
 
 def _noted_interrupt(signum: int, frame: Any) -> None:
