@@ -119,23 +119,18 @@ def combine_full(
     if method in ("ties", "dare_ties"):  # (the sign election sees the weighted updates: see the module's docstring)
         tensors = [tensors[0] * alpha, tensors[1] * (1.0 - alpha)]
         weights = torch.ones_like(weights)
-    if method == "linear" or (method == "dare_linear" and density >= 1.0):
-        return merge_utils.task_arithmetic(tensors, weights)
-    if density >= 1.0:  # ties and dare_ties keeping every entry: peft's steps less its prune, which would
-        # only warn, at every call, that it prunes nothing (the same bits, no random draw either way)
-        stacked = torch.stack(tensors)
-        mask = merge_utils.calculate_majority_sign_mask(stacked, method="total")
-        return merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
-    if method == "ties":
+    if method in ("dare_linear", "dare_ties") and density < 1.0:
+        # merge_utils.dare_linear / dare_ties, with the pruning drawn from our own generator
+        tensors = dare_pruned(tensors, density, seed, module)
+    elif method == "ties" and density < 1.0:
         return merge_utils.ties(tensors, weights, density)
-    # DARE: merge_utils.dare_linear / dare_ties with the pruning drawn from our own generator
-    stacked = torch.stack(dare_pruned(tensors, density, seed, module))
-    if method == "dare_linear":
-        return (stacked * merge_utils.reshape_weight_task_tensors(stacked, weights)).sum(dim=0)
-    if method == "dare_ties":
-        mask = merge_utils.calculate_majority_sign_mask(stacked, method="total")
-        return merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
-    raise AssertionError(method)  # (validate() admits only METHODS)
+    if method in ("linear", "dare_linear"):
+        return merge_utils.task_arithmetic(tensors, weights)
+    # ties and dare_ties after pruning (none at density 1: peft's own prune would only warn, at every
+    # call, that it prunes nothing; the same bits): elect signs, keep the agreeing entries
+    stacked = torch.stack(tensors)
+    mask = merge_utils.calculate_majority_sign_mask(stacked, method="total")
+    return merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
 
 
 def truncated_factors(dW: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
