@@ -923,8 +923,9 @@ def _check_no_residual_weight(config: Any, label: str) -> None:
     for where, slices in places:
         for i, sl in enumerate(slices or []):
             if getattr(sl, "residual_weight", None) is not None:
-                raise SafeMergeError(f"{label}: {where}slices[{i}]: residual_weight is a key mergekit accepts but "
-                                     "never applies (the merge would ignore it); remove it")
+                from safemerge_ext.yaml_cli import RESIDUAL_WEIGHT_UNUSED
+
+                raise SafeMergeError(f"{label}: {where}slices[{i}]: {RESIDUAL_WEIGHT_UNUSED}")
 
 
 def _planned_label(out: str | os.PathLike | None) -> str:

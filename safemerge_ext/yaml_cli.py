@@ -505,6 +505,11 @@ def _check_lora_merge_dtype(name: str | None) -> None:
                              f"use {', '.join(_LORA_MERGE_DTYPES)} (float32 is the default here)")
 
 
+# (a slice's residual_weight: mergekit 0.1.5 declares it and no code of its reads it)
+RESIDUAL_WEIGHT_UNUSED = ("residual_weight is a key mergekit accepts but never applies (the merge would ignore it); "
+                          "remove it")
+
+
 def check_recipe_keys(data: Any, recipe: str | os.PathLike = "recipe") -> None:
     """Keys mergekit's configuration does not declare, at the top, on a slice, a source, a model, a
     module, a parameter's ``{value, filter}`` or the tokenizer's settings: pydantic drops them
@@ -538,8 +543,7 @@ def check_recipe_keys(data: Any, recipe: str | os.PathLike = "recipe") -> None:
         for i, sl in enumerate(items if isinstance(items, list) else []):
             check(sl, OutputSliceDefinition, f"{where}slices[{i}]: ")
             if isinstance(sl, dict) and sl.get("residual_weight") is not None:  # (declared; no mergekit code reads it)
-                raise SafeMergeError(f"{recipe}: {where}slices[{i}]: residual_weight is a key mergekit accepts but "
-                                     "never applies (the merge would ignore it); remove it")
+                raise SafeMergeError(f"{recipe}: {where}slices[{i}]: {RESIDUAL_WEIGHT_UNUSED}")
             parameters(sl, f"{where}slices[{i}].")
             for j, src in enumerate((sl.get("sources") or []) if isinstance(sl, dict) else []):
                 check(src, InputSliceDefinition, f"{where}slices[{i}].sources[{j}]: ")
