@@ -52,6 +52,11 @@ def _add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", choices=("adapter", "model"), default="adapter",
                    help="adapter: a PEFT LoRA adapter for --aligned (default); model: the full aligned model with the "
                         "updates added, same sharding, config and tokenizer files copied")
+    p.add_argument("--adapter-ranks", choices=("uniform", "per-module"), default=None,
+                   help="with --output adapter: uniform (default) writes every module at one rank, the largest, "
+                        "zero-padded, which vLLM, llama.cpp, Ollama, TGI and LoRAX read as PEFT does; per-module keeps "
+                        "each module's own rank through rank_pattern/alpha_pattern: a smaller file that PEFT and "
+                        "transformers' load_adapter read, those others not")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it exists: a previous output (it holds safemerge_report.json) or an "
                         "empty folder, and only once the run has succeeded")
@@ -236,6 +241,9 @@ def _run(args: argparse.Namespace) -> int:
     # (SAFEMERGE_BACKEND sets the default: an explicit --backend, auto included, wins over it)
     common = {"backend": args.backend or "auto", "honour_env": args.backend is None, "device": args.device,
               "precision": args.precision, "progress": progress}
+    if args.command in ("merge", "project") and args.adapter_ranks is not None and args.output != "adapter":
+        raise ValueError(f"--adapter-ranks applies to --output adapter; --output {args.output} writes the model's "
+                         "weights")
     if args.command == "score":
         report = pipeline.score(args.aligned, args.unaligned, args.adapter, threshold=args.threshold,
                                 report_path=args.report, plot_path=args.plot, **common)
@@ -251,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = pipeline.MergeSettings(
             pipeline.Selection(threshold=threshold, num_layers=args.num_layers, fraction=args.fraction),
             alpha=args.alpha, method=args.method, density=1.0 if args.density is None else args.density,
-            seed=args.seed or 0, output=args.output,
+            seed=args.seed or 0, output=args.output, adapter_ranks=args.adapter_ranks or "uniform",
         )
         report = pipeline.merge(args.aligned, args.unaligned, args.task_adapter, args.safety_adapter, args.out,
                                 settings, force=args.force, plot=args.plot, **common)
@@ -259,7 +267,8 @@ def _run(args: argparse.Namespace) -> int:
         threshold = 0.5 if args.num_layers is None and args.threshold is None else args.threshold
         selection = pipeline.Selection(threshold=threshold, num_layers=args.num_layers, inclusive=True)
         report = pipeline.project(args.aligned, args.unaligned, args.adapter, args.out, selection,
-                                  output=args.output, force=args.force, plot=args.plot, **common)
+                                  output=args.output, adapter_ranks=args.adapter_ranks or "uniform", force=args.force,
+                                  plot=args.plot, **common)
     return _say_done(args, report)
 
 

@@ -28,9 +28,9 @@ from safemerge_ext import ops
 from safemerge_ext._signals import raise_pending
 from safemerge_ext.backends import exact_fp32_matmuls
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.adapters import (LoraAdapter, LoraModule, OutModule, alpha_for, check_default_rank,
-                                       fused_leaves, global_scaling, peft_moe_names, read_adapter, untargeted,
-                                       write_adapter)
+from safemerge_ext.io.adapters import (ADAPTER_RANKS, LoraAdapter, LoraModule, OutModule, alpha_for,
+                                       check_default_rank, check_per_module, fused_leaves, global_scaling,
+                                       peft_moe_names, read_adapter, untargeted, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
 from safemerge_ext.io.models import (INDEX, ModelReader, config_value, is_conv1d, is_tied_head, module_key,
                                      natural_key)
@@ -699,6 +699,7 @@ class MergeSettings:
     density: float = 1.0
     seed: int = 0
     output: str = "adapter"
+    adapter_ranks: str = "uniform"
 
     def __post_init__(self) -> None:
         if not isinstance(self.selection, Selection):
@@ -720,6 +721,14 @@ class MergeSettings:
                              "draws nothing")
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {self.output!r}")
+        _check_adapter_ranks(self.adapter_ranks, self.output)
+
+
+def _check_adapter_ranks(adapter_ranks: str, output: str) -> None:
+    if adapter_ranks not in ADAPTER_RANKS:
+        raise ValueError(f"adapter_ranks must be one of {', '.join(ADAPTER_RANKS)}; got {adapter_ranks!r}")
+    if adapter_ranks != "uniform" and output != "adapter":  # (it would change nothing)
+        raise ValueError(f"adapter_ranks applies to output adapter; output {output} writes the model's weights")
 
 
 def _check_equal_ranks(run: Run) -> None:
@@ -753,8 +762,16 @@ def _note_padding(run: Run, modules: list[OutModule]) -> None:
         run.warnings.append(
             f"the written adapter holds {padded / own:.1f}x the factors its modules' own ranks need: every module "
             f"is written at r = {widest.rank}, the rank of {widest.name}, zero-padded, so that every loader (vLLM, "
-            "llama.cpp, TGI) reads it as PEFT does; --output model writes the model with the updates instead"
+            "llama.cpp, TGI) reads it as PEFT does; --adapter-ranks per-module keeps each module's own rank (for PEFT "
+            "only), and --output model writes the model with the updates instead"
         )
+
+
+def _check_per_module(run: Run, task: LoraAdapter, adapter_ranks: str) -> None:
+    """Before any scoring: a per-module adapter is refused where PEFT loads modules under other names
+    (see ``write_adapter``), which is known from the task adapter's modules alone."""
+    if adapter_ranks == "per-module":
+        check_per_module(peft_moe_names(run.aligned.path, list(task.modules), task.config.get("target_modules"))[0])
 
 
 def _peft_names(run: Run, modules: list[OutModule], task: LoraAdapter) -> dict[str, str]:
@@ -812,6 +829,7 @@ def merge(
         check_model_output(run.aligned)
     else:
         check_default_rank(task)
+        _check_per_module(run, task, settings.adapter_ranks)
     if settings.method == merging.PEFT_LINEAR:
         _check_equal_ranks(run)
     if plot:
@@ -876,9 +894,10 @@ def merge(
         if settings.output == "adapter":
             modules = [merged_module(layer, rec) if rec.flagged else OutModule.from_lora(layer.task)
                        for layer, rec in zip(run.layers, records)]
-            _note_padding(run, modules)
+            if settings.adapter_ranks == "uniform":
+                _note_padding(run, modules)
             # (makes each module's factors as it writes it)
-            write_adapter(tmp, task.config, modules, _peft_names(run, modules, task))
+            write_adapter(tmp, task.config, modules, _peft_names(run, modules, task), settings.adapter_ranks)
             lossy = [rec.extra["svd_rel_error"] for rec in records if rec.extra.get("svd_rel_error", 0.0) > SVD_WARN]
             if lossy:
                 run.warnings.append(
@@ -906,6 +925,7 @@ def merge(
             "task_adapter": str(Path(task_adapter).resolve()), "safety_adapter": str(Path(safety_adapter).resolve()),
             "out": str(put_at(out)), **settings.selection.describe(), "alpha": settings.alpha,
             "merge": settings.method, "output": settings.output,
+            "adapter_ranks": settings.adapter_ranks if settings.output == "adapter" else None,
             # (null where the method has no use for them: linear keeps every entry, only DARE draws)
             "density": settings.density if settings.method in merging.USES_DENSITY else None,
             "seed": settings.seed if settings.method in merging.USES_SEED else None,
@@ -919,17 +939,20 @@ def merge(
 @exact_fp32_matmuls()
 def project(
     aligned: str | Path, unaligned: str | Path, adapter: str | Path, out: str | Path, selection: Selection, *,
-    output: str = "adapter", backend: str = "auto", device: str = "cpu", precision: str | None = None,
-    force: bool = False, progress: bool | None = None, plot: bool = True, honour_env: bool = True,
+    output: str = "adapter", adapter_ranks: str = "uniform", backend: str = "auto", device: str = "cpu",
+    precision: str | None = None, force: bool = False, progress: bool | None = None, plot: bool = True,
+    honour_env: bool = True,
 ) -> dict[str, Any]:
     """Safe LoRA: flagged layers (cosine <= threshold, or the k lowest) get ``lora_B <- C lora_B``
-    (``<=`` as Safe LoRA defines it, whatever ``selection.inclusive`` says)."""
+    (``<=`` as Safe LoRA defines it, whatever ``selection.inclusive`` says). ``adapter_ranks``: see
+    ``io.adapters.write_adapter``."""
     if not isinstance(selection, Selection):
         raise TypeError(f"selection must be a Selection, e.g. Selection(threshold=0.5) or Selection(num_layers=4); "
                         f"got {selection!r}")
     selection = dataclasses.replace(selection, inclusive=True)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+    _check_adapter_ranks(adapter_ranks, output)
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned), ("--adapter", adapter)),
               marker=REPORT_JSON, prog="safemerge")
     task = _opened(read_adapter(adapter, "--adapter"))
@@ -939,6 +962,7 @@ def project(
         check_model_output(run.aligned)
     else:
         check_default_rank(task)
+        _check_per_module(run, task, adapter_ranks)
     if plot:
         preload_plotting()
     scores = score_layers(run, progress=progress, with_projection=selection)
@@ -971,8 +995,9 @@ def project(
     with staged_dir(out, force) as tmp:
         if output == "adapter":
             modules = [OutModule.from_lora(layer.task, new_B.get(layer.module)) for layer in run.layers]
-            _note_padding(run, modules)
-            write_adapter(tmp, task.config, modules, _peft_names(run, modules, task))
+            if adapter_ranks == "uniform":
+                _note_padding(run, modules)
+            write_adapter(tmp, task.config, modules, _peft_names(run, modules, task), adapter_ranks)
         else:
             by_weight = {layer.weight: layer for layer in run.layers}
 
@@ -988,8 +1013,8 @@ def project(
         report = _finish(run, "project", "safelora", records, {
             "aligned": str(Path(aligned).resolve()), "unaligned": str(Path(unaligned).resolve()),
             "adapter": str(Path(adapter).resolve()), "out": str(put_at(out)), **selection.describe(),
-            "output": output, "device": device, "backend_requested": run.backend_requested,
-            "precision_requested": run.precision_requested,
+            "output": output, "adapter_ranks": adapter_ranks if output == "adapter" else None, "device": device,
+            "backend_requested": run.backend_requested, "precision_requested": run.precision_requested,
         })
         _save_report(report, tmp, plot)
     return report

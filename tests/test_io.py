@@ -791,6 +791,63 @@ def test_modules_of_mixed_ranks_and_scalings_are_written_at_one_rank_and_scaling
 
 
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_per_module_ranks_are_written_as_patterns_peft_reads(fx, tmp_path, rslora):
+    """ranks="per-module": each module at its own rank (1..11 across modules, names like layers.1 and
+    layers.11 among them), the most common one the default, the others through rank_pattern and
+    alpha_pattern at the template's one scaling; PEFT builds every module at its rank and folds its
+    update as given."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    template = {**json.loads((fx.task / "adapter_config.json").read_text()), "use_rslora": rslora}
+    ad = read_adapter(fx.task)
+    torch.manual_seed(4)
+    mods, want = [], {}
+    for i, (name, m) in enumerate(ad.modules.items()):
+        r = 3 if i % 3 == 0 else 1 + i % 11
+        A, B = torch.randn(r, m.d_in), torch.randn(m.d_out, r)
+        mods.append(OutModule.of(name, A, B, 1.5 * r))
+        want[name] = (r, mods[-1].alpha / (math.sqrt(r) if rslora else r) * (B.double() @ A.double()))
+    write_adapter(tmp_path / "ad", template, mods, ranks="per-module")
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["r"] == 3 and len(config["rank_pattern"]) == sum(r != 3 for r, _ in want.values())
+    default = template["lora_alpha"] / (math.sqrt(template["r"]) if rslora else template["r"])
+    written = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    assert {n: written[f"base_model.model.{n}.lora_A.weight"].shape[0] for n in want} == {n: r for n, (r, _) in want.items()}
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(fx.aligned), tmp_path / "ad")
+    seen = set()
+    for name, mod in model.named_modules():
+        key = name.removeprefix("base_model.model.")
+        if key in want and hasattr(mod, "lora_A"):
+            assert mod.lora_A["default"].weight.shape[0] == want[key][0], key
+            assert math.isclose(mod.scaling["default"], default, rel_tol=1e-12), key
+            got = mod.scaling["default"] * (mod.lora_B["default"].weight.double() @ mod.lora_A["default"].weight.double())
+            assert_close(got, want[key][1], atol=1e-5, rtol=1e-5, what=key)
+            seen.add(key)
+    assert seen == set(want)
+
+
+def test_per_module_rank_patterns_tell_apart_a_name_that_ends_with_another(tmp_path):
+    """PEFT matches a pattern key against the end of a module's name, the first key that matches
+    winning: a module at the default rank whose name ends with another module's name (y.x.q_proj,
+    x.q_proj) gets a key of its own, ahead of the shorter one, so each module gets its own rank as
+    PEFT's own lookup resolves it."""
+    from peft.utils.other import get_pattern_key
+
+    torch.manual_seed(6)
+    ranks = {"x.q_proj": 2, "y.x.q_proj": 4, "z.q_proj": 4, "w.q_proj": 4, "v.y.x.q_proj": 2}
+    mods = [OutModule.of(n, torch.randn(r, 8), torch.randn(8, r), float(r)) for n, r in ranks.items()]
+    write_adapter(tmp_path / "ad", {"r": 4, "lora_alpha": 4}, mods, ranks="per-module")
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["r"] == 4
+    for name, r in ranks.items():
+        key = get_pattern_key(config["rank_pattern"].keys(), name)
+        assert config["rank_pattern"].get(key, config["r"]) == r, (name, key, config["rank_pattern"])
+        akey = get_pattern_key(config["alpha_pattern"].keys(), name)
+        assert config["alpha_pattern"].get(akey, config["lora_alpha"]) == r, name
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn])
 def test_at_rank_keeps_the_update_at_another_rank_and_scaling(rslora, dtype):
     """at_rank pads A with zero rows and B with zero columns and folds the change of scaling into

@@ -658,6 +658,68 @@ def test_an_adapter_padded_many_times_over_is_said(fx, tmp_path):
     assert float(said[0].split("holds ")[1].split("x")[0]) > 5
 
 
+@pytest.mark.parametrize("as_task", ["task", "safety"], ids=["patterned", "rslora"])
+def test_per_module_ranks_keep_each_modules_rank_and_peft_folds_the_same(fx, tmp_path, as_task):
+    """--adapter-ranks per-module (SPEC section 1's form): every module at its own rank (flagged ones
+    r_task + r_safety, the rest the task adapter's, v_proj's from its rank_pattern), the default r
+    the most common, the others given by rank_pattern/alpha_pattern at the adapter's one scaling; PEFT
+    folds it to the same model as the uniform adapter, from a smaller file. merge and project."""
+    task, safety = (fx.task, fx.safety) if as_task == "task" else (fx.safety, fx.task)
+    own = {m: A.shape[0] for m, (A, _, _) in load_adapter(task).items()}
+    r_task, r_safety = (json.loads((a / "adapter_config.json").read_text())["r"] for a in (task, safety))
+    assert len(set(own.values())) > 1 or as_task == "safety"
+    for cmd in ("merge", "project"):
+        args = (["merge", "--task-adapter", task, "--safety-adapter", safety] if cmd == "merge" else
+                ["project", "--adapter", task])
+        args += ["--aligned", fx.aligned, "--unaligned", fx.unaligned, "--num-layers", 6, "--no-plot"]
+        for ranks in ("uniform", "per-module"):
+            assert run_cli([*args, "--out", tmp_path / f"{cmd}-{ranks}", "--adapter-ranks", ranks]) == 0
+        out, uniform = tmp_path / f"{cmd}-per-module", tmp_path / f"{cmd}-uniform"
+        flagged = {r["module"] for r in report_of(out)["layers"] if r["flagged"]}
+        assert len(flagged) == 6 and flagged == {r["module"] for r in report_of(uniform)["layers"] if r["flagged"]}
+        assert report_of(out)["settings"]["adapter_ranks"] == "per-module"
+        want = {m: own[m] + (r_safety if cmd == "merge" and m in flagged else 0) for m in own}
+        got = {m: (A.shape[0], B.shape[1]) for m, (A, B, _) in load_adapter(out).items()}
+        assert got == {m: (r, r) for m, r in want.items()}
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        counts = [list(want.values()).count(r) for r in sorted(set(want.values()))]
+        assert cfg["r"] == sorted(set(want.values()))[counts.index(max(counts))]
+        assert len(cfg["rank_pattern"]) == sum(r != cfg["r"] for r in want.values()) == len(cfg["alpha_pattern"])
+        rslora = cfg["use_rslora"]
+        one = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if rslora else cfg["r"])
+        assert all(math.isclose(cfg["alpha_pattern"][k] / (math.sqrt(r) if rslora else r), one, rel_tol=1e-12)
+                   for k, r in cfg["rank_pattern"].items())
+        size = {p: (p / "adapter_model.safetensors").stat().st_size for p in (out, uniform)}
+        assert size[out] < size[uniform] if len(set(want.values())) > 1 else size[out] == size[uniform], size
+        peft, peft_uniform = peft_merged_weights(fx.aligned, out), peft_merged_weights(fx.aligned, uniform)
+        for m in own:
+            assert_close(peft[f"{m}.weight"], peft_uniform[f"{m}.weight"].double(), atol=2e-6, rtol=1e-5,
+                         what=f"{cmd} {m}")
+        if cmd == "merge":
+            aligned = load_model(fx.aligned)
+            for m, update in expected_update(types.SimpleNamespace(task=task, safety=safety), flagged, 0.8).items():
+                assert_close(peft[f"{m}.weight"], aligned[f"{m}.weight"].double() + update, atol=2e-6, rtol=1e-5,
+                             what=f"PEFT {m}")
+        assert not [w for w in report_of(out)["warnings"] if "own ranks need" in w]
+
+
+def test_per_module_ranks_apply_to_an_adapter_output_only(fx, tmp_path, capsys):
+    """--adapter-ranks with --output model would change nothing: refused in one line, before any
+    work; so is a MergeSettings or project() call that asks for it."""
+    out = tmp_path / "m"
+    assert run_cli(merge_args(fx, out, "--output", "model", "--adapter-ranks", "per-module")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["safemerge: error: --adapter-ranks applies to --output adapter; --output model writes the model's "
+                   "weights"], err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="adapter_ranks applies to output adapter; output model"):
+        pipeline.MergeSettings(pipeline.Selection(num_layers=2), output="model", adapter_ranks="per-module")
+    with pytest.raises(ValueError, match="adapter_ranks must be one of uniform, per-module; got 'mixed'"):
+        pipeline.project(fx.aligned, fx.unaligned, fx.task, out, pipeline.Selection(num_layers=2),
+                         adapter_ranks="mixed")
+    assert not out.exists()
+
+
 def test_merge_model_output(fx, tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -1926,6 +1988,33 @@ def test_an_adapter_in_the_older_vlm_naming_merges_to_one_peft_loads(gemma3_vlm,
         assert_close(folded[f"{m}.weight"], wa[_stored(m)].double() + d, atol=2e-6, rtol=1e-5, what=m)
 
 
+@pytest.mark.parametrize("naming", ["in-memory", "older"])
+def test_per_module_ranks_reach_a_vlm_adapters_modules_under_either_naming(gemma3_vlm, tmp_path, naming):
+    """PEFT looks rank_pattern/alpha_pattern up by the names the loading transformers gives the
+    modules (model.language_model... since 4.52): a per-module adapter from a task adapter in the
+    older naming (language_model.model...) keys each module by both, so PEFT folds every flagged
+    module at its own rank r_task + r_safety."""
+    from peft import PeftModel
+    from transformers import Gemma3ForConditionalGeneration
+
+    fx = gemma3_vlm
+    task = fx.task if naming == "in-memory" else in_older_vlm_naming(fx.task, tmp_path / "task-old")
+    out = tmp_path / "a"
+    assert run_cli(["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", task,
+                    "--safety-adapter", fx.safety, "--out", out, "--num-layers", 3, "--no-plot",
+                    "--adapter-ranks", "per-module"]) == 0
+    flagged = {r["module"] for r in report_of(out)["layers"] if r["flagged"]}
+    ranks = {m: A.shape[0] for m, (A, _, _) in load_adapter(out).items()}
+    assert len(flagged) == 3 and {m: r for m, r in ranks.items() if r == 6}.keys() == flagged
+    assert set(ranks.values()) == {4, 6} and json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    base = Gemma3ForConditionalGeneration.from_pretrained(fx.aligned, dtype=torch.float32)
+    folded = PeftModel.from_pretrained(base, out).merge_and_unload().state_dict()
+    wa = load_model(fx.aligned)
+    in_memory = {m.replace("language_model.model.", "model.language_model.", 1) for m in flagged}
+    for m, d in expected_update(fx, in_memory, 0.8).items():
+        assert_close(folded[f"{m}.weight"], wa[_stored(m)].double() + d, atol=2e-6, rtol=1e-5, what=m)
+
+
 def test_safety_adapter_trained_on_the_bare_model_pairs_by_the_weight_it_adapts(fx, tmp_path):
     """A safety adapter PEFT trained on the bare LlamaModel names its modules layers.N... where the
     task adapter (trained on LlamaForCausalLM) has model.layers.N...: both adapt the same weights,
@@ -2415,6 +2504,25 @@ def test_an_moe_adapter_in_transformers_4_naming_gives_adapters_peft_loads(mixtr
         for name, t in want.items():
             assert_close(got[name], t.double(), atol=2e-6, rtol=1e-5, what=f"{args[0]}: {name}")
         assert not any("loads nowhere" in w for w in report_of(tmp_path / "adapter")["warnings"])
+
+
+def test_per_module_ranks_are_refused_for_an_moe_adapter_peft_stacks(mixtral_v4_adapters, tmp_path, capsys,
+                                                                        monkeypatch):
+    """PEFT loads a transformers-4 MoE adapter's routers and experts under other names, each layer's
+    experts stacked into one LoRA of one rank: per-module patterns cannot reach them, so
+    --adapter-ranks per-module is refused in one line, before any layer is scored."""
+    fx = mixtral_v4_adapters
+    scored = []
+    monkeypatch.setattr(pipeline, "score_layers", lambda *a, **k: scored.append(1))
+    out = tmp_path / "a"
+    assert run_cli(["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--out", out, "--num-layers", 2, "--adapter-ranks", "per-module"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(
+        r"safemerge: error: --adapter-ranks per-module: PEFT with transformers 5 loads this transformers-4 MoE "
+        r"adapter's router and expert modules \(first: model\.layers\.0\.block_sparse_moe\.experts\.0\.w1\) under "
+        r"other names, .*; nothing was written; use --adapter-ranks uniform \(the default\)", err[0]), err
+    assert not out.exists() and not scored
 
 
 def test_an_adapter_with_moe_modules_peft_does_not_convert_is_written_with_a_warning(tmp_path):

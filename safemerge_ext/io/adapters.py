@@ -22,8 +22,8 @@ from typing import Any, Callable, Collection, Iterable
 import torch
 
 from safemerge_ext.errors import SafeMergeError, not_a_folder
-from safemerge_ext.io.models import (ModelReader, canonical_name, config_value, experts_count, natural_key,
-                                     renamed_on_load)
+from safemerge_ext.io.models import (ModelReader, canonical_name, config_value, experts_count, namings,
+                                     natural_key, renamed_on_load)
 from safemerge_ext.io.safetensors_stream import StreamingWriter
 
 CONFIG = "adapter_config.json"
@@ -663,16 +663,76 @@ def at_rank(m: OutModule, rank: int, alpha: float, use_rslora: bool, stacked: bo
     return OutModule(m.name, (rank, m.shape_A[1]), (m.shape_B[0], rank), (dtype_A, dtype_B), alpha, make)
 
 
+ADAPTER_RANKS = ("uniform", "per-module")
+
+
+def _module_key(name: str, others: Collection[str]) -> str:
+    """A ``rank_pattern``/``alpha_pattern`` key that PEFT matches (``(.*\\.)?key$``) to this module
+    alone, under either naming transformers may load it by (``models.namings``), whatever the keys'
+    order (PEFT takes the first that matches, and sorts them when it saves a config): a naming that
+    another of its own ends with is dropped, as the match takes such suffixes anyway, unless one of
+    ``others`` (the other modules' namings) ends with it too; then each naming must match whole
+    (``\\A``)."""
+    forms = namings(name)
+    if any(o.endswith("." + f) for o in others for f in forms):
+        return "|".join(r"\A" + re.escape(f) for f in forms)
+    kept = [f for f in forms if not any(g != f and f.endswith("." + g) for g in forms)]
+    return "|".join(re.escape(f) for f in kept)
+
+
+def _per_module_patterns(modules: list[OutModule], scaling: float, rslora: bool) -> tuple[int, dict, dict]:
+    """The default rank (the most common; the smaller on a tie) and the patterns that give every other
+    module its own rank at ``scaling``; checked as PEFT matches them, under every naming of every
+    module: its own key matches it and no other does."""
+    counts: dict[int, int] = {}
+    for m in modules:
+        counts[m.rank] = counts.get(m.rank, 0) + 1
+    r_default = min(counts, key=lambda r: (-counts[r], r))
+    names = {m.name: namings(m.name) for m in modules}
+    every = [n for forms in names.values() for n in forms]
+    own = {m.name: _module_key(m.name, [n for n in every if n not in names[m.name]])
+           for m in modules if m.rank != r_default}
+    ranks = {own[m.name]: m.rank for m in sorted(modules, key=lambda m: natural_key(m.name)) if m.name in own}
+    for m in modules:
+        for name in names[m.name]:
+            hits = [k for k in ranks if pattern_key([k], name) is not None]
+            if hits != ([own[m.name]] if m.name in own else []):
+                raise SafeMergeError(
+                    f"--adapter-ranks per-module: the rank_pattern key of module {m.name} is not the only one that "
+                    f"PEFT matches to it ({', '.join(map(repr, hits)) or 'none'}); nothing was written; write the "
+                    "adapter with one rank for every module (--adapter-ranks uniform, the default)")
+    return r_default, ranks, {k: alpha_for(scaling, r, rslora) for k, r in ranks.items()}
+
+
+def check_per_module(renamed: Collection[str]) -> None:
+    """An adapter with per-module ranks is refused where PEFT loads modules (``renamed``, from
+    ``peft_moe_names``) under other names, which its patterns would not reach."""
+    if renamed:
+        first = sorted(renamed, key=natural_key)[0]
+        raise SafeMergeError(
+            f"--adapter-ranks per-module: PEFT with transformers 5 loads this transformers-4 MoE adapter's router and "
+            f"expert modules (first: {first}) under other names, each layer's experts stacked into one LoRA of one "
+            "rank, where per-module patterns do not reach; nothing was written; use --adapter-ranks uniform (the "
+            "default)")
+
+
 def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules: list[OutModule],
-                  stacked: Collection[str] = ()) -> None:
-    """Write a PEFT adapter (``template``: the task adapter's config) whose modules all have one rank
-    and one scaling: the largest rank, at the template's default scaling (:func:`global_scaling`),
-    each module's factors padded with zeros and its B rescaled where its own scaling differs
-    (:func:`at_rank`; the same update). Every loader then reads it as PEFT does: vLLM reads only ``r``
-    and ``lora_alpha``, llama.cpp (and Ollama) scale each tensor by ``lora_alpha`` over its own rank,
-    TGI and LoRAX stack a module's factors across layers (a merge's flagged layers, of rank r_task +
-    r_safety, among the others mis-scaled or failed there, review169), and PEFT stacks an MoE layer's
-    experts (the modules named in ``stacked``: ``models.renamed_on_load``), which must share one rank."""
+                  stacked: Collection[str] = (), ranks: str = "uniform") -> None:
+    """Write a PEFT adapter (``template``: the task adapter's config) whose modules all have one
+    scaling, the template's default (:func:`global_scaling`), each module's B rescaled where its own
+    scaling differs (:func:`at_rank`; the same update). With ``ranks="uniform"`` every module has one
+    rank, the largest, its factors padded with zeros, and no patterns: every loader then reads it as
+    PEFT does: vLLM reads only ``r`` and ``lora_alpha``, llama.cpp (and Ollama) scale each tensor by
+    ``lora_alpha`` over its own rank, TGI and LoRAX stack a module's factors across layers (a merge's
+    flagged layers, of rank r_task + r_safety, among the others mis-scaled or failed there,
+    review169), and PEFT stacks an MoE layer's experts (the modules named in ``stacked``:
+    ``models.renamed_on_load``), which must share one rank. With ``ranks="per-module"`` each module
+    keeps its own rank through ``rank_pattern``/``alpha_pattern`` (SPEC §1): a smaller file that PEFT
+    (and transformers' ``load_adapter``) reads, those other loaders not."""
+    if ranks not in ADAPTER_RANKS:
+        raise ValueError(f"ranks must be one of {', '.join(ADAPTER_RANKS)}; got {ranks!r}")
+    if ranks == "per-module":
+        check_per_module(stacked)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(template)
@@ -682,12 +742,16 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     rslora = bool(template.get("use_rslora", False))
     # (a lora_alpha of 0 would drop every update: the modules keep theirs at scaling 1)
     scaling = global_scaling(template) or 1.0
-    if modules:
+    # (the template's own patterns would give some modules other ranks or scalings than written)
+    config["rank_pattern"], config["alpha_pattern"] = {}, {}
+    if modules and ranks == "per-module":
+        r_default, config["rank_pattern"], config["alpha_pattern"] = _per_module_patterns(modules, scaling, rslora)
+        config["r"], config["lora_alpha"] = r_default, alpha_for(scaling, r_default, rslora)
+        modules = [at_rank(m, m.rank, alpha_for(scaling, m.rank, rslora), rslora, False) for m in modules]
+    elif modules:
         r_max = max(m.rank for m in modules)
         config["r"], config["lora_alpha"] = r_max, alpha_for(scaling, r_max, rslora)
         modules = [at_rank(m, r_max, config["lora_alpha"], rslora, m.name in stacked) for m in modules]
-    # (the template's own patterns would give some modules other ranks or scalings than written)
-    config["rank_pattern"], config["alpha_pattern"] = {}, {}
     layout = []
     for m in modules:
         layout.append((f"{PEFT_PREFIX}{m.name}.lora_A.weight", m.shape_A, m.dtypes[0]))

@@ -281,6 +281,18 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def namings(name: str) -> list[str]:
+    """Every name a module goes by (``canonical_name``'s naming and the stored one, where they
+    differ): PEFT looks an adapter's patterns up by the name the loading transformers gives it."""
+    forms = {name, canonical_name(name)}
+    dotted = canonical_name(name) + "."
+    for stored, in_memory in _STORED_PREFIXES:
+        if dotted.startswith(in_memory):
+            forms.add((stored + dotted[len(in_memory):])[:-1])
+            break
+    return sorted(forms)
+
+
 # what transformers' MoE configs call the number of experts in a layer
 EXPERTS_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
