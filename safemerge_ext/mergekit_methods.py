@@ -43,6 +43,7 @@ from safemerge_ext.backends import PRECISIONS, backend_detail, exact_fp32_matmul
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import (EXPERTS_KEYS, ModelReader, all_finite, config_value, is_conv1d,
                                      named_like_conv1d, renamings)
+from safemerge_ext.io.places import same_place
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import PEFT_LINEAR, combine_full, dare_pruned
 from safemerge_ext.mergekit_run import (REPORT_DIR_ENV, SIDECAR, _append, _failing_run, _in_mergekit_multi,
@@ -1048,10 +1049,9 @@ def _check_out_is_no_input(config: Any, planner_frame: Any) -> str | os.PathLike
         out, flag = frame.f_locals.get("out_path"), "run_merge's out_path"
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
         return None
-    where = os.path.realpath(os.path.expanduser(out))
     for ref in config.referenced_models():
         for part in (ref.model, getattr(ref, "lora", None)):
-            if part is not None and os.path.realpath(os.path.expanduser(part.path)) == where:
+            if part is not None and same_place(part.path, out):
                 raise SafeMergeError(f"{flag} {out} is the folder of the recipe's input {ref}, where mergekit would "
                                      "write the merged model beside that model's own files; give a new folder")
     return out

@@ -32,6 +32,7 @@ from safemerge_ext.io.adapters import (ADAPTER_RANKS, LoraAdapter, LoraModule, O
                                        check_default_rank, check_per_module, fused_leaves, global_scaling,
                                        peft_moe_names, read_adapter, untargeted, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
+from safemerge_ext.io.places import same_place
 from safemerge_ext.io.models import (INDEX, ModelReader, config_value, is_conv1d, is_tied_head, module_key,
                                      natural_key)
 from safemerge_ext.io.output import (check_given, check_not_input, check_out, check_parent, put_at, staged_dir,
@@ -182,7 +183,7 @@ def open_run(
     operand precision (None: ``SAFEMERGE_PRECISION``, else exact ``ieee``); a run whose backend
     cannot use it says so."""
     dev = resolve_device(device)
-    if Path(aligned_dir).resolve() == Path(unaligned_dir).resolve():
+    if same_place(aligned_dir, unaligned_dir):
         raise SafeMergeError(f"--aligned and --unaligned are the same folder ({aligned_dir}), so V = W_aligned - "
                              "W_unaligned is zero everywhere; give as --unaligned the base model --aligned was tuned from")
     # (a bad SAFEMERGE_CPU_ISA is an error below, not also a warning; not warnings.catch_warnings(),
@@ -817,7 +818,7 @@ def merge(
     check_out(out, force, inputs=(("--aligned", aligned), ("--unaligned", unaligned),
                                   ("--task-adapter", task_adapter), ("--safety-adapter", safety_adapter)),
               marker=REPORT_JSON, prog="safemerge")
-    if Path(task_adapter).resolve() == Path(safety_adapter).resolve():
+    if same_place(task_adapter, safety_adapter):
         raise SafeMergeError(f"--task-adapter and --safety-adapter are the same folder ({task_adapter}), so a flagged "
                              "layer would get the task update back, with no safety in it; give as --safety-adapter "
                              "the adapter trained on safety data")

@@ -32,6 +32,7 @@ from safemerge_ext._signals import exit_code, interrupts_held, say, sigterm_as_i
 from safemerge_ext.backends import requested_precision
 from safemerge_ext.errors import SafeMergeError, blank_path, not_a_folder, symlink_loop
 from safemerge_ext.io.model_writer import untie_stored_head
+from safemerge_ext.io.places import identity, within
 from safemerge_ext.io.output import (check_links_lead, check_not_input, check_out, check_parent, committed,
                                      scratch_dir, staged_dir, umask_modes, write_files)
 from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, check_device, register_methods
@@ -62,7 +63,7 @@ def _same_model_key(ref: Any) -> tuple:
     """What makes two model references one input: the model's and LoRA's folders (resolved: ./a and
     a/ are one), and their revisions."""
     def where(path: Any) -> tuple | None:
-        return None if path is None else (os.path.realpath(os.path.expanduser(path.path)), path.revision)
+        return None if path is None else (identity(path.path), path.revision)
     return where(ref.model), where(ref.lora), ref.override_architecture
 
 
@@ -224,7 +225,7 @@ def check_roles(method: str, config: MergeConfiguration, recipe: str | os.PathLi
         _check_parameters(method, own, f"{label}: parameters")
         _check_run_settings(own, label)
         found: dict[str, list[str]] = {}
-        same: dict[tuple, tuple[Any, str]] = {}
+        same: dict[tuple, tuple[Any, str | None]] = {_same_model_key(base): (base, None)} if base is not None else {}
         # (as mergekit reads a parameter: the model's own, else its slice's, its module's, the recipe's)
         module = (config.modules or {}).get(group_label.split(".")[1]) if group_label.startswith("modules.") else None
         chain = [own, dict(module.parameters or {}) if module is not None else {}, dict(config.parameters or {})]
@@ -255,7 +256,8 @@ def check_roles(method: str, config: MergeConfiguration, recipe: str | os.PathLi
             if key in same:  # (mergekit refuses it too, "Duplicate merge inputs", but after folding every LoRA)
                 first, first_role = same[key]
                 raise SafeMergeError(
-                    f"{label}: models {first} (role {first_role}) and {ref} (role {role}) are the same model"
+                    f"{label}: models {first} ({'the base_model' if first_role is None else 'role ' + first_role}) "
+                    f"and {ref} (role {role}) are the same model"
                     + (", so a flagged layer would get the task update back, with no safety in it"
                        if {first_role, role} == {"task", "safety"} else "")
                     + "; give each role its own model")
@@ -647,8 +649,7 @@ def _check_report_path(own: str, out: Path, inputs: tuple[tuple[str, Path], ...]
         if f.is_dir():
             raise SafeMergeError(f"report_path {own}: {f} is a folder; choose another report_path")
         check_not_input(f, "report_path", inputs)
-    where, o = Path(own).resolve(), out.resolve()
-    if where == o or o in where.parents:
+    if within(own, out):
         raise SafeMergeError(f"report_path {own} is OUT_PATH or inside it, where the report is written anyway; "
                              "leave report_path out or choose a folder elsewhere")
 
@@ -725,7 +726,7 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str,
 
     check_links_lead(cache, "--lora-merge-cache", itself=True)
     where = Path(cache).resolve()
-    if out is not None and (where == out.resolve() or out.resolve() in where.parents):
+    if out is not None and within(where, out):
         raise SafeMergeError(f"--lora-merge-cache {cache} is OUT_PATH or inside it, which the output replaces; give "
                              "a folder elsewhere (or leave the option out: a temporary one is used)")
     if where.exists() and not where.is_dir():

@@ -40,3 +40,26 @@ def matmul_precision_restored():
     torch.set_float32_matmul_precision(legacy)
     for m, value in zip(per_backend, saved):
         m.fp32_precision = value
+
+
+@pytest.fixture
+def alias(tmp_path):
+    """alias(folder) -> another path to the same folder, by a bind mount (as a case-insensitive
+    file system gives one folder two spellings, Task and task): no string compare tells them apart.
+    Skips where mounting is not permitted (not root, or a container without CAP_SYS_ADMIN)."""
+    import subprocess
+
+    mounted = []
+
+    def make(folder) -> "os.PathLike":
+        where = tmp_path / f"alias{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "--bind", str(folder), str(where)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"a bind mount is not permitted here: {done.stderr.strip() or done.returncode}")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in reversed(mounted):
+        subprocess.run(["umount", str(where)], check=True)

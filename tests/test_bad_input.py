@@ -425,6 +425,31 @@ def test_one_adapter_as_task_and_safety_is_refused(fx, tmp_path, capsys, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("case", ["task-as-safety", "aligned-as-unaligned", "out-is-the-adapter"])
+def test_one_folder_under_another_path_is_refused_as_the_same(fx, tmp_path, capsys, alias, case):
+    """The same-folder checks compared resolved path strings, which a second path to one folder
+    passes: on macOS' case-insensitive disks runs/Task for runs/task, here a bind mount. The task
+    adapter given again as --safety-adapter merged with no safety in it, exit 0 (review181); they
+    are now told apart by device and inode."""
+    if case == "out-is-the-adapter":
+        adapter = shutil.copytree(fx.task, tmp_path / "adapter")
+        argv = ["project", "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--adapter", str(adapter),
+                "--out", str(alias(adapter)), "--force", "--no-plot", "--no-progress"]
+        want = f"--out {argv[8]} is --adapter {adapter} or holds it, which the output would replace; choose a new folder"
+    else:
+        flag, src, what = (("--safety-adapter", fx.task, "--task-adapter and --safety-adapter")
+                           if case == "task-as-safety" else ("--unaligned", fx.aligned, "--aligned and --unaligned"))
+        argv = _merge_argv(fx, tmp_path / "out")
+        argv[argv.index(flag) + 1] = str(alias(src))
+        want = f"{what} are the same folder ({src if case == 'aligned-as-unaligned' else fx.task}), "
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"safemerge: error: {want}"), err
+    assert not (tmp_path / "out").exists()
+    if case == "out-is-the-adapter":
+        assert sorted(p.name for p in adapter.iterdir()) == sorted(p.name for p in fx.task.iterdir())
+
+
 @pytest.mark.parametrize("argv, want", [
     (["merge", "--aligned", "a", "--unaligned", "b", "--task-adapter", "c", "--safety-adapter", "d", "--out", "e",
       "--thresh", "0.3"], "unrecognized arguments: --thresh 0.3"),

@@ -3375,6 +3375,36 @@ def test_an_out_path_that_is_an_input_folder_is_refused_before_anything_is_writt
     merge(recipe(pico, task=str(task), params={"threshold": TAU}), task / "merged")  # (a new folder inside it: fine)
 
 
+@pytest.mark.parametrize("case", ["task-as-safety", "base-as-unaligned", "out-path-is-the-task"])
+def test_one_folder_under_another_path_is_one_model_in_a_recipe(pico, tmp_path, alias, case):
+    """A second path to one folder (macOS' case-insensitive disks: ./Task for ./task; here a bind
+    mount) passed the recipe's same-model checks, which compared spellings: the task model given
+    again as the safety model merged with no safety in it (review181). Told apart by device and
+    inode now: two roles, a role on the base model, and an out_path mergekit would write into."""
+    from mergekit.config import MergeConfiguration
+
+    from safemerge_ext.yaml_cli import check_roles
+
+    if case == "out-path-is-the-task":
+        task = Path(shutil.copytree(pico.task, tmp_path / "task"))
+        out = alias(task)
+        with pytest.raises(SafeMergeError) as err:
+            merge(recipe(pico, task=str(task), params={"threshold": TAU}), out)
+        assert str(err.value) == (f"run_merge's out_path {out} is the folder of the recipe's input {task}, where "
+                                  "mergekit would write the merged model beside that model's own files; give a new "
+                                  "folder")
+        assert sorted(p.name for p in task.iterdir()) == sorted(p.name for p in pico.task.iterdir())
+        return
+    role, src = ("safety", pico.task) if case == "task-as-safety" else ("unaligned", pico.aligned)
+    other = alias(src)
+    cfg = MergeConfiguration.model_validate(recipe(pico, **{role: str(other)}))
+    with pytest.raises(SafeMergeError) as err:
+        check_roles("safemerge", cfg, "r.yml")
+    first = f"{pico.task} (role task)" if case == "task-as-safety" else f"{pico.aligned} (the base_model)"
+    assert str(err.value).startswith(f"r.yml: models: models {first} and {other} (role {role}) are the same model"), \
+        str(err.value)
+
+
 def test_safemerge_yaml_folds_privately_and_checks_a_base_models_lora_too(pico, tmp_path, monkeypatch, capsys):
     """Two runs sharing a --lora-merge-cache: each folds into a private folder of it and moves the
     fold in, with its record, only once its merge succeeded (review150: a run beside another took

@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 from safemerge_ext._signals import interrupts_held, raise_pending, send_on
 from safemerge_ext.errors import SafeMergeError, blank_path, is_link_loop, link_loop_error
+from safemerge_ext.io.places import same_place, within
 
 
 def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False) -> Path:
@@ -91,18 +92,18 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
     check_given(inputs)
     p = check_parent(out, flag)
     here, where = Path.cwd().resolve(), p.resolve()
-    if where == here or where in here.parents:  # (and Path(".").name is empty)
+    if within(here, where):  # (and Path(".").name is empty)
         raise SafeMergeError(f"{flag} {out} is the working directory or holds it; choose a new folder")
     for name, path in inputs:
         if is_link_loop(path):
             raise link_loop_error(name, path)
         src = Path(path).resolve()
-        if where == src or where in src.parents:
+        if within(src, where):
             raise SafeMergeError(f"{flag} {out} is {name} {path} or holds it, which the output would replace; "
                                  "choose a new folder")
         # (a Hugging Face cache: snapshots/<rev>/* link into blobs/, which --force would delete)
         for link, target in (_links(src) if force and p.exists() else ()):
-            if where == target or where in target.parents:
+            if within(target, where):
                 raise SafeMergeError(f"{flag} {out} holds {target}, which {name} {Path(path) / link} links to "
                                      "and the output would replace; choose a new folder")
     _committed.discard(os.path.abspath(p))  # (a run for it starts: not in place until staged_dir says so)
@@ -191,11 +192,10 @@ def check_not_input(path: str | os.PathLike, flag: str, inputs: Iterable[tuple[s
     path) pairs) itself, or a file in one of those folders (a new file beside them is fine)."""
     p = Path(path).resolve()
     for name, src in inputs:
-        s = Path(src).resolve()
-        if p == s:
+        if same_place(p, src):
             raise SafeMergeError(f"{flag} {path} is {name} {src} itself, which writing it would replace; "
                                  "choose another path")
-        if s in p.parents and p.exists():
+        if p.exists() and within(p.parent, src):
             raise SafeMergeError(f"{flag} {path} is a file of {name} {src}, which writing it would replace; "
                                  "choose another path")
 
