@@ -25,6 +25,10 @@ endif
 .PHONY: setup demo test bench clean experiment experiment-retrain
 
 $(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null || { \
+	  v=$$($(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null); \
+	  if [ -n "$$v" ]; then what="is Python $$v"; else what="was not found"; fi; \
+	  echo "$(PYTHON) $$what; safemerge-ext needs Python 3.10 or later: make PYTHON=python3.11 (or another 3.10+)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 

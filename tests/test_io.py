@@ -1098,6 +1098,32 @@ def test_windows_syncs_through_a_handle_that_may_write(tmp_path, monkeypatch):
     assert len(synced) == 2
 
 
+def test_macos_syncs_past_the_drives_cache(tmp_path, monkeypatch):
+    """macOS' fsync leaves the data in the drive's write cache, which a power loss empties: there
+    each file is flushed with F_FULLFSYNC, and with fsync only where the file system lacks it."""
+    import fcntl
+
+    from safemerge_ext.io import output
+
+    calls = []
+    real_fsync = os.fsync
+    (tmp_path / "shard").write_bytes(b"x")
+    monkeypatch.setattr(fcntl, "F_FULLFSYNC", 51, raising=False)  # (darwin's value; Linux has none)
+
+    def fake_fcntl(fd, cmd, *rest):
+        calls.append(("fcntl", cmd))
+        if len(calls) > 1:
+            raise OSError(errno.ENOTSUP, "Operation not supported")
+        return 0
+    monkeypatch.setattr(fcntl, "fcntl", fake_fcntl)
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync",)), real_fsync(fd))[1])
+    monkeypatch.setattr(sys, "platform", "darwin")
+    output._fsync(tmp_path / "shard")
+    output._fsync(tmp_path / "shard")  # (F_FULLFSYNC refused this time)
+    monkeypatch.undo()
+    assert calls == [("fcntl", 51), ("fcntl", 51), ("fsync",)]
+
+
 def test_staged_output_is_on_disk_before_it_is_published(tmp_path, monkeypatch):
     """Every file and folder of the output is synced before the rename that publishes it, and the
     rename (the parent folder) before --force deletes the output it replaced."""

@@ -507,3 +507,30 @@ def test_a_checkout_that_hides_the_installed_package_is_named(monkeypatch, tmp_p
                                        "`pip install -e .`)")
     monkeypatch.setattr(metadata, "distribution", lambda name: Installed(ROOT))  # (the checkout is the install)
     assert _native.checkout_hint() == ""
+
+
+@pytest.mark.parametrize("case", ["old", "missing"])
+def test_make_setup_names_a_python_too_old_before_anything_is_installed(tmp_path, case):
+    """`make setup` with a Python before 3.10 (macOS' Command Line Tools give 3.9) made the venv and
+    then failed at torch with pip's ResolutionImpossible, no word of the Python: now one line names
+    it, and nothing is made."""
+    if case == "old":
+        import glob
+
+        found = [shutil.which(f"python3.{v}") for v in (9, 8, 7)] + sorted(
+            glob.glob(os.path.expanduser("~/.pyenv/versions/3.[6-9].*/bin/python3")))
+        runs = [(p, subprocess.run([p, "-c", "import platform; print(platform.python_version())"],
+                                   capture_output=True, text=True)) for p in found if p]
+        python, version = next(((p, r.stdout.strip()) for p, r in runs if r.returncode == 0), (None, None))
+        if python is None:
+            pytest.skip("no Python before 3.10 on this machine")
+        want = f"{python} is Python {version}; safemerge-ext needs Python 3.10 or later"
+    else:
+        python = str(tmp_path / "no-such-python")
+        want = f"{python} was not found; safemerge-ext needs Python 3.10 or later"
+    venv = tmp_path / "venv"
+    done = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), f"VENV={venv}", f"PYTHON={python}", "setup"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stdout.startswith(want), (done.stdout, done.stderr)
+    assert not venv.exists()
