@@ -243,7 +243,7 @@ def _run(args: argparse.Namespace) -> int:
               "precision": args.precision, "progress": progress}
     if args.command in ("merge", "project") and args.adapter_ranks is not None and args.output != "adapter":
         raise ValueError(f"--adapter-ranks applies to --output adapter; --output {args.output} writes the model's "
-                         "weights")
+                         "weights: leave --adapter-ranks out")
     if args.command == "score":
         report = pipeline.score(args.aligned, args.unaligned, args.adapter, threshold=args.threshold,
                                 report_path=args.report, plot_path=args.plot, **common)

@@ -32,7 +32,7 @@ from safemerge_ext.io.adapters import (ADAPTER_RANKS, LoraAdapter, LoraModule, O
                                        check_default_rank, check_per_module, fused_leaves, global_scaling,
                                        peft_moe_names, read_adapter, untargeted, write_adapter)
 from safemerge_ext.io.model_writer import check_model_output, write_model
-from safemerge_ext.io.places import same_place
+from safemerge_ext.io.places import same_place, within
 from safemerge_ext.io.models import (INDEX, ModelReader, config_value, is_conv1d, is_tied_head, module_key,
                                      natural_key)
 from safemerge_ext.io.output import (check_given, check_not_input, check_out, check_parent, put_at, staged_dir,
@@ -657,11 +657,10 @@ def score(
             check_parent(path, flag, follow_links=True)
             check_not_input(path, flag, inputs)
     if report_path and plot_path:
-        rp, pp = Path(report_path).resolve(), Path(plot_path).resolve()
-        if rp == pp:
+        if same_place(report_path, plot_path):
             raise SafeMergeError(f"--report and --plot are both {report_path}; give them different names")
-        if pp in rp.parents or rp in pp.parents:
-            inner, outer = ("--report", "--plot") if pp in rp.parents else ("--plot", "--report")
+        if within(report_path, plot_path) or within(plot_path, report_path):
+            inner, outer = ("--report", "--plot") if within(report_path, plot_path) else ("--plot", "--report")
             raise SafeMergeError(f"{inner} would lie inside {outer}, which is a file; give them separate names")
     if report_path and Path(report_path).is_dir():
         raise SafeMergeError(f"--report {report_path} is a folder; give a file name such as "

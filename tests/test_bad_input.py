@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from safemerge_ext._signals import Terminated
 from safemerge_ext.cli import main
+from safemerge_ext.errors import SafeMergeError
 
 Q0 = "model.layers.0.self_attn.q_proj"
 
@@ -407,6 +408,21 @@ def test_an_empty_or_blank_path_is_called_so(fx, tmp_path, capsys, monkeypatch, 
     assert main(argv) == 2
     want = f"{flag} is empty; give a path" if not value else f"{flag} {value!r} is only white space; give a path"
     assert capsys.readouterr().err == f"safemerge: error: {want}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("which", ["safety_adapter", "out"])
+def test_a_nul_in_a_path_given_to_the_api_is_one_line(fx, tmp_path, which):
+    """The Python API can pass a path with a NUL character (the command line cannot): it raised
+    posixpath's bare ValueError ("embedded null byte"); now the flag and the path are named."""
+    from safemerge_ext import pipeline
+
+    paths = {"safety_adapter": fx.safety, "out": tmp_path / "out", which: f"{tmp_path}/x\0y"}
+    flag = {"safety_adapter": "--safety-adapter", "out": "--out"}[which]
+    with pytest.raises(SafeMergeError) as err:
+        pipeline.merge(fx.aligned, fx.unaligned, fx.task, paths["safety_adapter"], paths["out"],
+                       pipeline.MergeSettings(pipeline.Selection(num_layers=2)), plot=False, progress=False)
+    assert str(err.value) == f"{flag} {paths[which]!r} holds a NUL character, which no path can; give a path"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -933,6 +949,7 @@ import os, signal, sys, time
 from pathlib import Path
 from safemerge_ext import pipeline
 from safemerge_ext.cli import main
+from safemerge_ext.errors import SafeMergeError
 
 SIG = signal.Signals[sys.argv.pop(1)]
 CLOSED = sys.argv.pop(1) == "closed"
@@ -1144,6 +1161,7 @@ import sys
 from pathlib import Path
 from safemerge_ext import pipeline
 from safemerge_ext.cli import main
+from safemerge_ext.errors import SafeMergeError
 
 real = pipeline.ops.subspace_score
 
@@ -1433,6 +1451,22 @@ def test_score_refuses_report_and_plot_paths_that_cannot_both_be_written(fx, tmp
     err = capsys.readouterr().err.strip()
     assert code == 2 and culprit in err and "\n" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["same-file", "report-inside-plot"])
+def test_score_tells_report_and_plot_apart_under_another_path(fx, tmp_path, capsys, alias, case):
+    """--report out/r.png --plot <another path to out>/r.png wrote the JSON over the plot, exit 0
+    (review183): the two are compared by place, also before either exists."""
+    (tmp_path / "out").mkdir()
+    other = alias(tmp_path / "out")
+    report, plot = ((tmp_path / "out" / "r.png", other / "r.png") if case == "same-file" else
+                    (tmp_path / "out" / "p.png" / "r.json", other / "p.png"))
+    assert _score(fx, "--report", str(report), "--plot", str(plot)) == 2
+    err = capsys.readouterr().err.strip()
+    want = ("--report and --plot are both" if case == "same-file" else
+            "--report would lie inside --plot, which is a file")
+    assert want in err and "\n" not in err, err
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_score_writes_its_report_and_plot_both_or_neither(fx, tmp_path, capsys, monkeypatch):

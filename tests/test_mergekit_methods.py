@@ -3405,6 +3405,33 @@ def test_one_folder_under_another_path_is_one_model_in_a_recipe(pico, tmp_path, 
         str(err.value)
 
 
+@pytest.mark.parametrize("what", ["report_path", "--lora-merge-cache"])
+def test_a_path_inside_an_out_path_yet_to_be_made_is_found_under_another_path(pico, tmp_path, alias, capsys,
+                                                                              monkeypatch, what):
+    """An OUT_PATH that does not exist yet has no inode: report_path or --lora-merge-cache inside it,
+    spelt through another path to its folder (a bind mount here), merged in full and then failed,
+    OUT_PATH "appeared while this run was writing", leaving the folder behind (review183). A path
+    yet to be made is told by its nearest folder that exists, with the names below it."""
+    import mergekit.merge
+
+    from safemerge_ext import yaml_cli
+
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    out, inside = parent / "out", alias(parent) / "out" / "sub"
+    params = {"threshold": TAU, **({"report_path": str(inside)} if what == "report_path" else {})}
+    lora = {"task": f"{pico.aligned}+{pico.lora_task}"} if what == "--lora-merge-cache" else {}  # (a cache in use)
+    argv = [str(_write(recipe(pico, params=params, **lora), tmp_path / "r.yml")), str(out)]
+    argv += ["--lora-merge-cache", str(inside)] if what == "--lora-merge-cache" else []
+    monkeypatch.setattr(mergekit.merge, "run_merge", lambda *a, **k: pytest.fail("merged despite a bad path"))
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 1 and len(err) == 1 and err[0].startswith(
+        f"safemerge-yaml: error: {what} {inside} is OUT_PATH or inside it"), err
+    assert not out.exists()
+
+
 def test_safemerge_yaml_folds_privately_and_checks_a_base_models_lora_too(pico, tmp_path, monkeypatch, capsys):
     """Two runs sharing a --lora-merge-cache: each folds into a private folder of it and moves the
     fold in, with its record, only once its merge succeeded (review150: a run beside another took

@@ -710,7 +710,7 @@ def test_per_module_ranks_apply_to_an_adapter_output_only(fx, tmp_path, capsys):
     assert run_cli(merge_args(fx, out, "--output", "model", "--adapter-ranks", "per-module")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["safemerge: error: --adapter-ranks applies to --output adapter; --output model writes the model's "
-                   "weights"], err
+                   "weights: leave --adapter-ranks out"], err
     assert not out.exists()
     with pytest.raises(ValueError, match="adapter_ranks applies to output adapter; output model"):
         pipeline.MergeSettings(pipeline.Selection(num_layers=2), output="model", adapter_ranks="per-module")
