@@ -172,9 +172,12 @@ def test_score_report_to_stdout_keeps_the_shells_redirection(fx, tmp_path, mode,
     """`safemerge score ... --report /dev/stdout > file` (or `>> file`, or a link to /dev/stdout):
     the JSON goes through the process's own stdout, so the file keeps what was there (>>); it is
     not replaced by a file holding the report alone. The table goes to stderr then, so that stdout
-    holds the JSON alone (`| jq .`). `--report -` is stdout too (it wrote a file named "-")."""
+    holds the JSON alone (`| jq .`). `--report -` is stdout too (it wrote a file named "-"). The
+    copy made in the temporary folder on the way is deleted (every run left one, review182)."""
     import subprocess
 
+    temp = tmp_path.parent / f"{tmp_path.name}-tmpdir"
+    temp.mkdir()
     log = tmp_path / "log.txt"
     log.write_text("before\n")
     if spelling == "link":
@@ -184,8 +187,10 @@ def test_score_report_to_stdout_keeps_the_shells_redirection(fx, tmp_path, mode,
         done = subprocess.run([sys.executable, "-m", "safemerge_ext", "score", "--aligned", str(fx.aligned),
                                "--unaligned", str(fx.unaligned), "--adapter", str(fx.task), "--no-progress",
                                "--report", spelling], stdout=out, stderr=subprocess.PIPE, text=True, timeout=300,
-                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                                 "TMPDIR": str(temp)})
     assert done.returncode == 0, done.stderr[-2000:]
+    assert list(temp.iterdir()) == []
     head = "before\n" if mode == "ab" else ""
     text = log.read_text()
     assert text.startswith(head) and json.loads(text[len(head):])["counts"]["scored"] == 21, text[:200]

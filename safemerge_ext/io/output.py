@@ -369,7 +369,8 @@ def write_files(files: Iterable[tuple[str | os.PathLike, Callable[[Path], object
             for (path, _, into), tmp in zip(targets, temps):
                 if not into:
                     os.replace(tmp, path)
-            made, temps = [], []
+            # (the renamed ones are gone; those copied into a descriptor or device are deleted below)
+            made, temps = [], [tmp for (_, _, into), tmp in zip(targets, temps) if into]
             _committed.update(given)
     finally:
         for tmp in temps:
