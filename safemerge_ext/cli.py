@@ -28,8 +28,8 @@ _MODELS_HELP = {
 
 
 def _add_models(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--aligned", required=True, metavar="DIR", help=_MODELS_HELP["aligned"])
-    p.add_argument("--unaligned", required=True, metavar="DIR", help=_MODELS_HELP["unaligned"])
+    p.add_argument("--aligned", required=True, metavar="DIR", type=_home, help=_MODELS_HELP["aligned"])
+    p.add_argument("--unaligned", required=True, metavar="DIR", type=_home, help=_MODELS_HELP["unaligned"])
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def _add_out(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="DIR",
+    p.add_argument("--out", required=True, metavar="DIR", type=_home,
                    help="output folder; written to a temporary sibling and renamed at the end, so a failed run leaves nothing")
     p.add_argument("--output", choices=("adapter", "model"), default="adapter",
                    help="adapter: a PEFT LoRA adapter for --aligned (default); model: the full aligned model with the "
@@ -87,10 +87,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+def _home(value: str) -> str:
+    """A path with a leading ``~`` expanded, as recipes' paths are: the shell leaves it in
+    ``--out=~/x``, in quotes, and on Windows, where a folder named "~" was made instead."""
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
 def _report_file(value: str) -> str:
     """``--report``'s FILE; ``-`` is standard output, as ``/dev/stdout`` (a file named "-" was written)."""
     if value != "-":
-        return value
+        return _home(value)
     if not os.path.exists("/dev/stdout"):
         raise argparse.ArgumentTypeError("- (standard output) needs /dev/stdout, which this system lacks; give a file name")
     return "/dev/stdout"
@@ -154,19 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score an adapter's layers; no merge",
                        description="Score every layer of a LoRA adapter against the safety subspace and report it.")
     _add_models(p)
-    p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT LoRA adapter folder to score")
+    p.add_argument("--adapter", required=True, metavar="DIR", type=_home, help="the PEFT LoRA adapter folder to score")
     p.add_argument("--threshold", type=_unit_float("--threshold", -1, 1), default=0.35,
                    help="layers with cosine < threshold are marked as SafeMERGE would flag them (default: 0.35)")
     p.add_argument("--report", metavar="FILE", type=_report_file, help="write the JSON report here (- for stdout)")
-    p.add_argument("--plot", metavar="FILE", help="write the per-layer cosine plot here (.png, .pdf, .svg, ...)")
+    p.add_argument("--plot", metavar="FILE", type=_home, help="write the per-layer cosine plot here (.png, .pdf, .svg, ...)")
     _add_runtime(p)
 
     p = sub.add_parser("merge", help="SafeMERGE a task adapter with a safety adapter",
                        description="Score the task adapter; merge the flagged layers with the safety adapter "
                                    "(alpha * dW_task + (1 - alpha) * dW_safety, or ties/DARE); keep every other layer.")
     _add_models(p)
-    p.add_argument("--task-adapter", required=True, metavar="DIR", help="the task (fine-tuning) LoRA adapter")
-    p.add_argument("--safety-adapter", required=True, metavar="DIR",
+    p.add_argument("--task-adapter", required=True, metavar="DIR", type=_home, help="the task (fine-tuning) LoRA adapter")
+    p.add_argument("--safety-adapter", required=True, metavar="DIR", type=_home,
                    help="a LoRA adapter trained on safety data on the same aligned model and target modules")
     _add_out(p)
     g = p.add_mutually_exclusive_group()
@@ -192,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("project", help="Safe LoRA: project flagged layers onto the safety subspace",
                        description="Safe LoRA baseline: layers with cosine <= threshold (or the K lowest) get lora_B <- C lora_B.")
     _add_models(p)
-    p.add_argument("--adapter", required=True, metavar="DIR", help="the PEFT LoRA adapter to project")
+    p.add_argument("--adapter", required=True, metavar="DIR", type=_home, help="the PEFT LoRA adapter to project")
     _add_out(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--threshold", type=_unit_float("--threshold", -1, 1),

@@ -725,6 +725,24 @@ def test_per_module_ranks_apply_to_an_adapter_output_only(fx, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_leading_tilde_in_a_command_line_path_is_the_home_folder(fx, tmp_path, monkeypatch):
+    """The shell leaves ~ alone in `--out=~/x`, in quotes, and on Windows: the command made a folder
+    named "~" in the working directory (review181). Paths starting with ~ are expanded, as a
+    recipe's are."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    (home / "task").symlink_to(fx.task)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert run_cli(["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", "~/task",
+                    "--out=~/out", "--num-layers", 2, "--no-plot"]) == 0
+    assert (home / "out" / "adapter_model.safetensors").is_file() and list(work.iterdir()) == []
+    assert report_of(home / "out")["settings"]["adapter"] == str(fx.task.resolve())
+    assert run_cli(["score", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", "~/task",
+                    "--report=~/r.json", "--plot=~/p.png"]) == 0
+    assert (home / "r.json").is_file() and (home / "p.png").is_file() and list(work.iterdir()) == []
+
+
 def test_merge_model_output(fx, tmp_path):
     from transformers import LlamaForCausalLM
 
