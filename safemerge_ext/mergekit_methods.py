@@ -574,7 +574,8 @@ def _check_loras(group: TensorGroup, role: Any) -> None:
         with _readers_lock:
             if key in _loras_checked:
                 continue
-        from safemerge_ext.io.adapters import check_fits, check_fold_keeps_scalings, read_adapter
+        from safemerge_ext.io.adapters import (check_fits, check_fold_keeps_scalings, check_peft_loads_factors,
+                                               read_adapter)
 
         label = "base_model" if e.is_base else f"role {role[e.id]}"
         reader = adapter = None
@@ -584,6 +585,7 @@ def _check_loras(group: TensorGroup, role: Any) -> None:
         try:
             if adapter is not None:
                 check_fits(adapter, reader, label)
+                check_peft_loads_factors(adapter, reader, label)
                 check_fold_keeps_scalings(adapter, mpath, label)
         finally:
             if reader is not None:

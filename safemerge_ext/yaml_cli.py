@@ -314,69 +314,74 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
     """Paths exist; every tensor of the aligned model is in every input with the same shape (a
     resized vocabulary only with the recipe's tokenizer settings), 2-D weights in the same dtype in
     the unaligned one (headers only)."""
-    from safemerge_ext.io.adapters import check_fits, check_fold_keeps_scalings, read_adapter
+    from safemerge_ext.io.adapters import check_fits, check_fold_keeps_scalings, check_peft_loads_factors, read_adapter
     from safemerge_ext.io.models import ModelReader
 
     by_str = {str(r): r for _, _, inputs, _ in _groups(config) for r, _ in inputs}
     refs = [("base_model (aligned)", _base_model(config))] + [(f"role {r}", by_str[s]) for r, s in roles.items()]
     readers, adapters, has_lora = [], [], False
-    for label, ref in refs:
-        path = _local_dir(ref.model.path, f"{label}: model")
-        readers.append((label, ref, ModelReader(path, flag=f"{label}: model")))
-        if ref.lora is not None:
-            has_lora = True
-            lpath = _local_dir(ref.lora.path, f"{label}: LoRA adapter")
-            adapters.append((label, ref, read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True)))
-    base_label, _, base = readers[0]
-    base_config = _transformers_config(base.path)
-    if has_lora and base_config is not None:
-        _check_lora_architecture(base_config, method, recipe)
-    vocab = _vocab_size(base.path)
-    # (mergekit's tokenizer settings align the embedding rows; --unsafe-truncate-embeddings cuts them)
-    aligns_vocab = config.tokenizer is not None or config.tokenizer_source is not None or truncate_embeddings
-    planned = _planned_names(base_config) if base_config is not None else set()
-    arch = _architecture(config)
-    if arch is not None:
-        check_plan_covers(arch, base, recipe, base_config)
-    checked = 0
-    for name in base.names:
-        shape, dtype = base.meta(name)
-        if len(shape) != 2 and name not in planned:  # (a buffer such as rotary_emb.inv_freq: not merged)
-            continue
-        for label, ref, reader in readers[1:]:
-            if name not in reader:
-                raise SafeMergeError(
-                    f"tensor {name} is in the aligned model but missing from {label} ({ref.model.path}); "
-                    "all models must share one architecture"
-                )
-            other, other_dtype = reader.meta(name)
-            if len(shape) == 2 and label == "role unaligned" and other_dtype != dtype:  # as the CLI: V = W_a - W_u
-                raise SafeMergeError(                                  # must not carry one model's rounding alone
-                    f"tensor {name} is {dtype} in the aligned model but {other_dtype} in {label} "
-                    f"({ref.model.path}): save both models in one dtype so their difference is meaningful"
-                )
-            differ = [a for a, b in zip(shape, other) if a != b]
-            if differ and vocab is not None and len(other) == len(shape) == 2 and all(a == vocab for a in differ):
-                if aligns_vocab:
-                    continue  # a vocabulary table with added tokens: mergekit's tokenizer settings align it
-                raise SafeMergeError(
-                    f"tensor {name} has {other[0]} rows in {label} ({ref.model.path}) but {shape[0]} in the aligned "
-                    "model (a resized vocabulary): add tokenizer: {source: base} (or union) to the recipe, so "
-                    "mergekit aligns the embedding rows"
-                )
-            if tuple(other) != tuple(shape):
-                raise SafeMergeError(
-                    f"tensor {name} has shape {tuple(shape)} in the aligned model but {tuple(other)} in {label} "
-                    f"({ref.model.path}): the models must share one architecture"
-                )
-        checked += len(shape) == 2
-    for label, ref, adapter in adapters:
-        reader = next(r for lbl, _, r in readers if lbl == label)
-        check_fits(adapter, reader, label)
-        check_fold_keeps_scalings(adapter, reader.path, label)
-    inputs = tuple((f"{label} model", r.path) for label, _, r in readers) + tuple(
-        (f"{label} LoRA adapter", a.path) for label, _, a in adapters)
-    return has_lora, checked, inputs
+    try:  # (headers only: every file is closed as the check ends, a refusal too, whose traceback keeps them)
+        for label, ref in refs:
+            path = _local_dir(ref.model.path, f"{label}: model")
+            readers.append((label, ref, ModelReader(path, flag=f"{label}: model")))
+            if ref.lora is not None:
+                has_lora = True
+                lpath = _local_dir(ref.lora.path, f"{label}: LoRA adapter")
+                adapters.append((label, ref, read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True)))
+        base_label, _, base = readers[0]
+        base_config = _transformers_config(base.path)
+        if has_lora and base_config is not None:
+            _check_lora_architecture(base_config, method, recipe)
+        vocab = _vocab_size(base.path)
+        # (mergekit's tokenizer settings align the embedding rows; --unsafe-truncate-embeddings cuts them)
+        aligns_vocab = config.tokenizer is not None or config.tokenizer_source is not None or truncate_embeddings
+        planned = _planned_names(base_config) if base_config is not None else set()
+        arch = _architecture(config)
+        if arch is not None:
+            check_plan_covers(arch, base, recipe, base_config)
+        checked = 0
+        for name in base.names:
+            shape, dtype = base.meta(name)
+            if len(shape) != 2 and name not in planned:  # (a buffer such as rotary_emb.inv_freq: not merged)
+                continue
+            for label, ref, reader in readers[1:]:
+                if name not in reader:
+                    raise SafeMergeError(
+                        f"tensor {name} is in the aligned model but missing from {label} ({ref.model.path}); "
+                        "all models must share one architecture"
+                    )
+                other, other_dtype = reader.meta(name)
+                if len(shape) == 2 and label == "role unaligned" and other_dtype != dtype:  # as the CLI: V = W_a - W_u
+                    raise SafeMergeError(                                  # must not carry one model's rounding alone
+                        f"tensor {name} is {dtype} in the aligned model but {other_dtype} in {label} "
+                        f"({ref.model.path}): save both models in one dtype so their difference is meaningful"
+                    )
+                differ = [a for a, b in zip(shape, other) if a != b]
+                if differ and vocab is not None and len(other) == len(shape) == 2 and all(a == vocab for a in differ):
+                    if aligns_vocab:
+                        continue  # a vocabulary table with added tokens: mergekit's tokenizer settings align it
+                    raise SafeMergeError(
+                        f"tensor {name} has {other[0]} rows in {label} ({ref.model.path}) but {shape[0]} in the "
+                        "aligned model (a resized vocabulary): add tokenizer: {source: base} (or union) to the recipe, so "
+                        "mergekit aligns the embedding rows"
+                    )
+                if tuple(other) != tuple(shape):
+                    raise SafeMergeError(
+                        f"tensor {name} has shape {tuple(shape)} in the aligned model but {tuple(other)} in {label} "
+                        f"({ref.model.path}): the models must share one architecture"
+                    )
+            checked += len(shape) == 2
+        for label, ref, adapter in adapters:
+            reader = next(r for lbl, _, r in readers if lbl == label)
+            check_fits(adapter, reader, label)
+            check_peft_loads_factors(adapter, reader, label)
+            check_fold_keeps_scalings(adapter, reader.path, label)
+        inputs = tuple((f"{label} model", r.path) for label, _, r in readers) + tuple(
+            (f"{label} LoRA adapter", a.path) for label, _, a in adapters)
+        return has_lora, checked, inputs
+    finally:
+        for _, _, opened in readers + adapters:
+            opened.close()
 
 
 def _transformers_config(model_dir: str | os.PathLike) -> Any:

@@ -841,7 +841,8 @@ def test_adapters_whose_factors_are_not_the_update_are_refused(fx, tmp_path, key
         read_adapter(t, "--task-adapter")
 
 
-@pytest.mark.parametrize("kind", ["base_layer", "whole_layer", "embedding", "bias", "named", "foreign_names"])
+@pytest.mark.parametrize("kind", ["base_layer", "whole_layer", "embedding", "bias", "named", "foreign_names", "mlx",
+                                  "diffusers", "kohya", "mlx_config"])
 def test_what_peft_saves_beside_the_factors_is_named(fx, tmp_path, kind):
     """Tensors PEFT saves that are not LoRA factors get an error saying what they are and what to do."""
     from safemerge_ext.errors import SafeMergeError
@@ -869,7 +870,24 @@ def test_what_peft_saves_beside_the_factors_is_named(fx, tmp_path, kind):
                 sd[f"{pre}{Q0}.lora{ab}.weight"] = sd.pop(f"{pre}{Q0}.lora_{ab}.weight")
         edit_adapter(t, tensors=rename)
         path, want = t, (rf"tensor {pre}{Q0}\.lora[AB]\.weight is not named as PEFT names LoRA factors "
-                         r"\(<module>\.lora_A\.weight and <module>\.lora_B\.weight\); convert the adapter to PEFT's format")
+                         r"\(<module>\.lora_A\.weight and <module>\.lora_B\.weight\), but as another tool does .*; "
+                         r"convert the adapter to PEFT's names and format$")
+    elif kind in ("mlx", "diffusers", "kohya"):  # (review184: "the whole weight ... save_embedding_layers")
+        names = {"mlx": ("lora_a", "lora_b"), "diffusers": ("lora.down.weight", "lora.up.weight"),
+                 "kohya": ("lora_down.weight", "lora_up.weight")}[kind]
+
+        def rename(sd):
+            for ab, new in zip("AB", names):
+                sd[f"{pre}{Q0}.{new}"] = sd.pop(f"{pre}{Q0}.lora_{ab}.weight")
+        edit_adapter(t, tensors=rename)
+        path, want = t, (rf"tensor {pre}{Q0}\.{re.escape(names[0]) if kind != 'diffusers' else 'lora.(down|up).weight'}"
+                         r".* but as another tool does \(mlx-lm's lora_a/lora_b, diffusers' lora\.down/lora\.up, kohya's "
+                         r"lora_down/lora_up\); convert the adapter to PEFT's names and format$")
+    elif kind == "mlx_config":  # (mlx-lm writes its own adapter_config.json: no peft_type)
+        (t / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 16,
+                                                           "lora_parameters": {"rank": 8, "scale": 20.0}}))
+        path, want = t, (r"adapter_config.json: an mlx-lm adapter \(lora_parameters, no peft_type\); convert it to "
+                         r"PEFT's format")
     else:  # save_pretrained of an adapter named gsm8k writes it into a subfolder
         parent = tmp_path / "named"
         parent.mkdir()

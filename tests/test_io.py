@@ -827,6 +827,18 @@ def test_per_module_ranks_are_written_as_patterns_peft_reads(fx, tmp_path, rslor
     assert seen == set(want)
 
 
+def test_a_written_adapter_spells_peft_type_as_peft_reads_it(tmp_path):
+    """An input config with peft_type "lora" (read here in any case) was copied to the written
+    adapter, which PEFT then could not load (KeyError: 'lora'; review184)."""
+    from peft import PeftConfig
+
+    torch.manual_seed(7)
+    mods = [OutModule.of("model.layers.0.self_attn.q_proj", torch.randn(2, 8), torch.randn(8, 2), 2.0)]
+    write_adapter(tmp_path / "ad", {"peft_type": "lora", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"]}, mods)
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert PeftConfig.from_pretrained(str(tmp_path / "ad")).peft_type == "LORA"
+
+
 def test_per_module_rank_patterns_tell_apart_a_name_that_ends_with_another(tmp_path):
     """PEFT matches a pattern key against the end of a module's name, the first key that matches
     winning: a module at the default rank whose name ends with another module's name (y.x.q_proj,
@@ -1331,6 +1343,27 @@ def test_a_single_file_beside_an_index_of_other_shards_is_refused(fx, tmp_path):
         ModelReader(model, "--aligned")
     index["weight_map"] = {k: "model.safetensors" for k in index["weight_map"]}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert ModelReader(model, "--aligned").shards().keys() == {"model.safetensors"}
+
+
+def test_a_stale_index_that_a_save_in_place_left_is_named_so(fx, tmp_path):
+    """transformers' save_pretrained into a folder that held a sharded save deletes the old shards
+    and leaves their index: the folder was refused as "missing a shard; copy the complete model
+    folder", though it is complete and transformers loads it (review184). The index is named stale."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    model = tmp_path / "m"
+    shutil.copytree(fx.aligned, model)
+    LlamaForCausalLM.from_pretrained(model).save_pretrained(model, max_shard_size="100GB")
+    assert (model / "model.safetensors").is_file() and (model / "model.safetensors.index.json").is_file()
+    with pytest.raises(SafeMergeError) as err:
+        ModelReader(model, "--aligned")
+    assert re.fullmatch(rf"--aligned {re.escape(str(model))} holds model.safetensors, which transformers loads, and "
+                        r"model.safetensors.index.json, which lists shard model-000\d\d-of-000\d\d.safetensors, which is "
+                        r"missing: the index is stale \(a save in place leaves it\); remove it", str(err.value)), err.value
+    (model / "model.safetensors.index.json").unlink()
     assert ModelReader(model, "--aligned").shards().keys() == {"model.safetensors"}
 
 

@@ -2374,6 +2374,49 @@ def _nan_task(pico, tmp_path: Path) -> Path:
     return tmp_path / "task-nan"
 
 
+@pytest.mark.parametrize("variant", ["bare-model", "no-prefix", "adapter-name", "default-name"])
+def test_a_model_lora_whose_factors_peft_does_not_load_is_refused(pico, tmp_path, capsys, variant):
+    """mergekit folds a model+lora input with PEFT, which loads a module's factors only as
+    base_model.model.<its name in the model>.lora_A.weight (lora_A.default.weight too): an adapter
+    saved from the bare LlamaModel, keys without the prefix or with another adapter name were
+    checked loosely and passed, PEFT folded none of them (or its random initial factors), and the
+    merge took that for the task update, exit 0 (review184). Refused in one line now, by
+    safemerge-yaml and by the methods under run_merge; the default adapter name merges."""
+    from safetensors.torch import load_file, save_file
+
+    from safemerge_ext import yaml_cli
+
+    lora = Path(shutil.copytree(pico.lora_task, tmp_path / "lora"))
+    rename = {"bare-model": lambda k: k.replace("base_model.model.model.", "base_model.model."),
+              "no-prefix": lambda k: k.removeprefix("base_model.model."),
+              "adapter-name": lambda k: k.replace(".weight", ".sft.weight"),
+              "default-name": lambda k: k.replace(".weight", ".default.weight")}[variant]
+    factors = load_file(lora / "adapter_model.safetensors")
+    save_file({rename(k): v for k, v in factors.items()}, str(lora / "adapter_model.safetensors"))
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{lora}")
+    out = tmp_path / "out"
+    if variant == "default-name":
+        want, _ = merge(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}"), tmp_path / "w",
+                        lora_merge_cache=str(tmp_path / "c1"))
+        got, _ = merge(cfg, tmp_path / "got", lora_merge_cache=str(tmp_path / "c2"))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        return
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(out), "--no-copy-tokenizer"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]
+    assert done.value.code == 1 and len(err) == 1, err
+    assert f"role task: LoRA adapter {lora}: PEFT loads a module's factors only as base_model.model.<the module's " \
+           "name in the model>.lora_A.weight" in err[0] and "give it to the safemerge command" in err[0], err
+    assert ("the model names that module model.layers." if variant == "bare-model" else "is not named") in err[0]
+    assert not out.exists()
+    # (the refused check's readers are closed, though the refusal's traceback, kept by `done`, holds them)
+    held = [t for t in (os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd"))
+            if t.startswith(str(pico.root)) and t.endswith(".safetensors")]
+    assert held == [], held
+    with pytest.raises(SafeMergeError, match="PEFT would fold that module at its initial values"):
+        merge(cfg, out, lora_merge_cache=str(tmp_path / "c3"))
+
+
 def test_a_failed_run_gives_no_report_and_leaves_nothing_for_the_next(pico, tmp_path):
     """A run that fails part way gives no report, and a run after it at the same report location (in
     the same process) reports its own layers only."""

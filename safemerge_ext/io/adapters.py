@@ -187,6 +187,9 @@ def read_adapter(path: str | os.PathLike, flag: str = "--adapter", *, folded: bo
     if not isinstance(config, dict):
         raise SafeMergeError(f"{flag} {cfg_path}: not a PEFT config (a JSON object); re-save the adapter with save_pretrained")
     peft_type = str(config.get("peft_type", "")).upper()
+    if not peft_type and "lora_parameters" in config:  # (mlx-lm's adapter_config.json)
+        raise SafeMergeError(f"{flag} {cfg_path}: an mlx-lm adapter (lora_parameters, no peft_type); convert it to "
+                             "PEFT's format (adapter_config.json with peft_type LORA, adapter_model.safetensors)")
     if peft_type != "LORA":
         raise SafeMergeError(f"{flag} {cfg_path}: peft_type is {peft_type or 'missing'}; only LoRA adapters are supported "
                              "(give a LoRA adapter saved by PEFT's save_pretrained: its config has peft_type LORA)")
@@ -328,11 +331,11 @@ def _not_a_factor(key: str, names: list[str], config: dict[str, Any], where: str
             f"{where}: tensor {key} is a trained bias (bias: {config.get('bias')!r}); bias terms are not part of "
             f"the B @ A update, so this adapter is not supported here{_FOLD}"
         )
-    parts = key.rsplit(".", 2)  # (a name without a dot, "extra", has no module part)
-    if len(parts) > 1 and "lora" in parts[-2].lower():  # ("...q_proj.loraA.weight": factors named by another tool)
+    if "lora" in key.lower() and "lora_magnitude" not in key:  # (factors named by another tool)
         return SafeMergeError(
             f"{where}: tensor {key} is not named as PEFT names LoRA factors (<module>.lora_A.weight and "
-            "<module>.lora_B.weight); convert the adapter to PEFT's format (save it with PEFT's save_pretrained)"
+            "<module>.lora_B.weight), but as another tool does (mlx-lm's lora_a/lora_b, diffusers' lora.down/lora.up, "
+            "kohya's lora_down/lora_up); convert the adapter to PEFT's names and format"
         )
     if ".lora_" not in key and key.endswith(".weight"):  # (save_embedding_layers=True: the whole layer)
         return SafeMergeError(
@@ -493,6 +496,32 @@ def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
                 f"{label}: LoRA adapter {adapter.path} module {module} is {m.d_out}x{m.d_in} "
                 f"but the weight {wname} is {d_out}x{d_in}; the adapter belongs to another model"
             )
+
+
+def check_peft_loads_factors(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
+    """For an adapter that PEFT loads and folds into its model (mergekit's ``model+lora``): PEFT
+    loads a module's factors only under ``base_model.model.<the module's name in the model>.lora_A.weight``
+    (or ``lora_A.default.weight``; lora_B alike), and skips any other name with a warning (an adapter
+    saved from the bare LlamaModel, keys without that prefix, another adapter name in them), folding
+    that module at its initial values: none (B = 0), or PEFT's random ones (init_lora_weights false),
+    which the merge would then take for the task update, with exit 0 (review184). The safemerge
+    command reads such an adapter by its weights' names; refuse it here, in one line."""
+    for name, m in adapter.modules.items():
+        ok = {f"{PEFT_PREFIX}{name}.lora_{f}.{tail}" for f in "AB" for tail in ("weight", "default.weight")}
+        wname = reader.resolve_module(name)
+        if wname is not None and canonical_name(wname) != canonical_name(f"{name}.weight"):
+            why = f"the model names that module {wname[: -len('.weight')]}, not {name}"
+        elif not set(m.keys) <= ok:
+            why = (f"its factor {next(k for k in m.keys if k not in ok)} is not named "
+                   f"{PEFT_PREFIX}{name}.lora_A.weight / lora_B.weight")
+        else:
+            continue
+        raise SafeMergeError(
+            f"{label}: LoRA adapter {adapter.path}: PEFT loads a module's factors only as "
+            f"{PEFT_PREFIX}<the module's name in the model>.lora_A.weight, and {why}, so PEFT would fold that "
+            "module at its initial values, not its update; save the adapter with PeftModel.save_pretrained on the "
+            "model it is for (AutoModelForCausalLM), or give it to the safemerge command (merge or project), which "
+            "reads it as it is")
 
 
 def _peft_moe_tables(model_type: object) -> tuple[dict[str, str], dict[str, Any]] | None:
@@ -736,6 +765,7 @@ def write_adapter(out_dir: str | os.PathLike, template: dict[str, Any], modules:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(template)
+    config["peft_type"] = "LORA"  # (as PEFT spells it: it reads no other case, which the input may have)
     # the factors are loaded over whatever PEFT initializes; an init scheme here could only refuse
     # the new ranks (orthogonal init needs an even rank, and a merge writes r_task + r_safety)
     config["init_lora_weights"] = True

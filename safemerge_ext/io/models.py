@@ -425,6 +425,10 @@ class ModelReader:
                         f"{self.flag} {p / INDEX} lists shard {shard!r}, which is not a file name in the model folder; "
                         "re-save the model"
                     )
+                if not (p / shard).is_file() and (p / SINGLE).is_file():  # (transformers re-saved it in place)
+                    raise SafeMergeError(
+                        f"{self.flag} {p} holds {SINGLE}, which transformers loads, and {INDEX}, which lists shard "
+                        f"{shard}, which is missing: the index is stale (a save in place leaves it); remove it")
                 if not (p / shard).is_file():
                     raise SafeMergeError(
                         f"{self.flag} {p / INDEX} lists shard {shard}, which is missing; copy the complete model folder"
