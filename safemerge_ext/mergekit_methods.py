@@ -984,7 +984,7 @@ def _check_planned_config(name: str, caller: Any) -> None:
         from safemerge_ext.mergekit_run import begin_run, note_run_settings
 
         loras = any(getattr(ref, "lora", None) is not None for ref in config.referenced_models())
-        begin_run(str((config.parameters or {}).get("report_path") or ""))
+        begin_run(str((config.parameters or {}).get("report_path") or ""), out)
         note_run_settings(str((config.parameters or {}).get("report_path") or ""), {
             "dtype": config.dtype, "out_dtype": config.out_dtype,
             "lora_merge_dtype": getattr(planner.options, "lora_merge_dtype", None) if loras else None})

@@ -34,6 +34,7 @@ from safemerge_ext._env import switched_on
 from safemerge_ext._signals import exit_code, raise_pending, say, what_ended
 from safemerge_ext.backends import EXACT
 from safemerge_ext.errors import SafeMergeError
+from safemerge_ext.io.places import within
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import USES_DENSITY, USES_SEED
 from safemerge_ext.report import (REPORT_JSON, REPORT_PNG, LayerRecord, PlotUnavailable, build_report, plot,
@@ -145,8 +146,8 @@ _prev_excepthook = sys.excepthook
 def _install_excepthook() -> None:
     """In ``mergekit-yaml`` (``mergekit-multi``), an uncaught refusal prints its one line instead of
     mergekit's traceback (``SAFEMERGE_TRACEBACK=1`` keeps the traceback); every other error goes to
-    the hook before. A Ctrl-C is noted as it is raised (see :func:`_unfinished`); in mergekit-multi
-    a SIGTERM or SIGHUP too, and it ends the run through the exit hook."""
+    the hook before. A Ctrl-C is noted as it is raised (see :func:`_unfinished`); a SIGTERM or
+    SIGHUP too, and it ends the run through the exit hook."""
     global _prev_excepthook
     if sys.excepthook is not _excepthook:
         _prev_excepthook, sys.excepthook = sys.excepthook, _excepthook
@@ -154,14 +155,14 @@ def _install_excepthook() -> None:
         return
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _noted_interrupt)
-    if mergekit_cli() == "mergekit-multi":  # (a stage killed after its config.json must not look done: below)
+    if mergekit_cli():  # (a run killed after its config.json must not look done, nor its sidecar stay: below)
         for name in ("SIGTERM", "SIGHUP"):
             signum = getattr(signal, name, None)
             if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:  # (nohup's ignored SIGHUP stays so)
                 signal.signal(signum, _noted_termination)
 
 
-_interrupts: list[int] = []  # the Ctrl-Cs a mergekit-yaml run got (and a mergekit-multi run's SIGTERMs, SIGHUPs)
+_interrupts: list[int] = []  # the Ctrl-Cs, SIGTERMs and SIGHUPs a mergekit-yaml (mergekit-multi) run got
 
 
 def _noted_interrupt(signum: int, frame: Any) -> None:
@@ -172,8 +173,10 @@ def _noted_interrupt(signum: int, frame: Any) -> None:
 
 
 def _noted_termination(signum: int, frame: Any) -> None:
-    """mergekit-multi's SIGTERM/SIGHUP: noted, and the run ends with the signal's exit status
-    through the exit hook, which voids the stage it stopped (the default action skips the hook)."""
+    """mergekit-yaml's (mergekit-multi's) SIGTERM/SIGHUP: noted, and the run ends with the signal's
+    exit status through the exit hook, which says there is no report and why, removes the run's
+    records and voids a mergekit-multi stage it stopped (the default action skips the hook, and
+    ended the run without a word, its records left in OUT_PATH; review182)."""
     _interrupts.append(signum)
     raise SystemExit(128 + signum)
 
@@ -188,16 +191,19 @@ _run_settings: dict[str, dict[str, Any]] = {}  # sidecar path -> the recipe's se
 _dropped: dict[str, str] = {}  # sidecar path -> a warning for its report: an earlier run's records were dropped
 
 
-def begin_run(report_path: str) -> None:
+def begin_run(report_path: str, out: str | os.PathLike | None = None) -> None:
     """A new run is planned that reports at ``report_path`` (as the methods resolve it). Where an
     earlier run of this process recorded there and its report was neither written nor discarded (a
     program that calls finalize_report once after several merges, or leaves it to the exit hook),
     its records are dropped, so that the report is of one run (it was the last run's layers with
     the first run's models and inputs, and the bytes of both; review160); a warning says so, logged
-    now and in the report."""
+    now and in the report. ``out``: the folder mergekit writes in place (see
+    :func:`_remove_earlier_report`)."""
     target = _target(report_path)
     if not target:
         return
+    if out is not None:
+        _remove_earlier_report(target, out)
     sidecar = _locations(target)[0]
     key = str(sidecar.resolve())
     with _lock:
@@ -211,6 +217,27 @@ def begin_run(report_path: str) -> None:
                          "there too and its report was not written (call finalize_report after each run), so its "
                          "records were dropped")
         LOG.warning("safemerge-ext: %s", _dropped[key])
+
+
+def _remove_earlier_report(target: str, out: str | os.PathLike) -> None:
+    """An earlier run's report at ``target`` inside ``out`` goes as this run starts: mergekit writes
+    its output folder in place, so a rerun stopped part way left new weights beside the old run's
+    report, which a reader took for theirs (review182); a run that does not finish has no report. A
+    ``.json`` there that is no report of these methods is left for the end of the run, which
+    replaces it; a report elsewhere (a ``report_path``, which safemerge-yaml replaces only once its
+    run is done) stays as it is."""
+    json_path, png_path = report_files(target)
+    if not within(json_path.parent, out):
+        return
+    try:
+        earlier = json.loads(json_path.read_text(encoding="utf-8"))
+        ours = isinstance(earlier, dict) and {"method", "layers", "counts"} <= earlier.keys()
+    except (OSError, ValueError):
+        ours = False
+    for path in (json_path, png_path) if ours else (png_path,):
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                path.unlink()
 
 
 def note_run_settings(report_path: str, settings: dict[str, Any]) -> None:
@@ -379,7 +406,8 @@ def _failing_run(report_path: str) -> Iterator[None]:
         target = _target(report_path)
         if target:
             with _lock:
-                _failed[_key(target)] = ("the run was interrupted" if isinstance(exc, KeyboardInterrupt)
+                # (SystemExit: a SIGTERM or SIGHUP, see _noted_termination)
+                _failed[_key(target)] = ("the run was interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit))
                                          else "a merge method raised an error")
         raise
 
@@ -549,6 +577,9 @@ def _finalize_pending() -> None:
             why, stage = _unfinished(key), _stage_outs.pop(key, None)
             if why is not None:
                 discard_report(_pending[key])
+                out = _mergekit_yaml_out() if stage is None else None
+                if out and out not in why:  # (mergekit writes OUT_PATH in place: what it holds now is no merge)
+                    why += f"; OUT_PATH {out} holds what was written before that: merge again into it, or delete it"
                 LOG.error("safemerge-ext: no report: %s", why)
                 _redo_stage(stage)
                 continue

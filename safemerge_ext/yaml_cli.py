@@ -1019,14 +1019,13 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     _done["out"] = out  # (an interrupt from here on cuts short the report copy or the summary only)
     if report is not None and own:
         own_json, own_png = report_files(own)
-        try:
-            own_json.parent.mkdir(parents=True, exist_ok=True)
+        try:  # (write_files makes report_path's folder where the run's records have not)
             files = [(own_json, json_writer(report))]
             try:  # (both rendered, then both renamed into place: never another run's plot beside this JSON)
                 files.insert(0, (own_png, plot_writer(report, own_png)))
             except PlotUnavailable:  # (finalize_report warned already)
                 pass
-            write_files(files)
+            write_files(files, prog="safemerge-yaml")  # (naming what a killed copy left there)
             if len(files) == 1:
                 own_png.unlink(missing_ok=True)  # (an earlier run's, which this JSON does not describe)
         except OSError as exc:

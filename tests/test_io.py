@@ -1208,6 +1208,29 @@ def test_what_a_killed_run_left_is_named(tmp_path, capsys):
     assert "did not delete (it was killed, or was denied)" in line[left[1]]
 
 
+def test_a_finished_output_a_killed_run_left_is_not_called_partial(tmp_path, capsys):
+    """SIGKILL between --force's two renames (the old output moved aside, the new one not yet in
+    place) leaves the new output whole, report written, in .out.tmp-<hex>: the next run called it
+    "a partial output ... delete it" (review182). It says it is finished, and how to keep it."""
+    from safemerge_ext.io.output import staged_dir
+
+    done, partial = tmp_path / ".out.tmp-0a1b2c3d", tmp_path / ".out.tmp-99887766"
+    for p in (done, partial):
+        p.mkdir()
+        (p / "adapter_model.safetensors").write_bytes(b"x")
+    (done / "safemerge_report.json").write_text("{}")
+    with staged_dir(tmp_path / "out", force=False) as tmp:
+        (tmp / "f").write_text("x")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    line = {p: next(ln for ln in err if str(p) in ln) for p in (done, partial)}
+    assert line[done] == (f"safemerge: warning: {done} holds the finished output (its report written) of an earlier "
+                          f"run for --out {tmp_path / 'out'} that was killed as it put it in place; rename it to keep "
+                          "it, or delete it")
+    assert "a partial output" in line[partial]
+    assert (done / "safemerge_report.json").is_file() and partial.is_dir()
+
+
 def test_a_killed_runs_leftovers_are_named_before_already_exists(tmp_path, capsys):
     """A rerun without --force onto an output that exists still names what a killed --force run
     left beside it (the refusal is where the user reads; review130 left this open)."""

@@ -804,9 +804,50 @@ def test_plain_mergekit_yaml_interrupted_after_its_config_gets_no_report(pico, t
     out, res = _run_plain_mergekit_yaml(_MK_AFTER_CONFIG_DRIVER, pico, tmp_path)
     assert res.returncode == 1 and "Aborted!" in res.stderr, res.stderr[-3000:]
     assert (out / "config.json").is_file()  # (the interrupt came after it)
-    assert res.stderr.strip().splitlines()[-1].endswith("safemerge-ext: no report: the run was interrupted"), \
-        res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].endswith(
+        f"safemerge-ext: no report: the run was interrupted; OUT_PATH {out} holds what was written before that: merge "
+        "again into it, or delete it"), res.stderr[-2000:]
     assert not (out / "safemerge_report.json").exists() and not list(out.glob(".safemerge_layers*"))
+
+
+_MK_TERM_DRIVER = r"""
+import signal, sys
+sys.argv[0] = "mergekit-yaml"  # (as the console script starts: before mergekit is imported)
+import mergekit.merge
+import mergekit.io.tensor_writer as tw
+import safemerge_ext.mergekit_run as mr
+
+SIG = getattr(signal, sys.argv.pop(1))
+real = tw.TensorWriter.save_tensor
+
+
+def save_tensor(self, *a, **k):  # (the signal comes as mergekit writes a tensor once a layer was recorded)
+    if mr.pending_reports():
+        signal.raise_signal(SIG)
+    return real(self, *a, **k)
+
+
+tw.TensorWriter.save_tensor = save_tensor
+from mergekit.scripts.run_yaml import main
+main()
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_plain_mergekit_yaml_terminated_says_so_and_leaves_no_records(pico, tmp_path, sig):
+    """SIGTERM or SIGHUP (a scheduler's stop, a closed terminal) ended plain mergekit-yaml without a
+    word, its records left in OUT_PATH as a hidden .safemerge_layers file (review182; only
+    mergekit-multi had a handler). Now the run ends through the exit hook: exit 128 + the signal,
+    one line that says there is no report and what OUT_PATH holds, no records left."""
+    import signal
+
+    out, res = _run_plain_mergekit_yaml(_MK_TERM_DRIVER.replace("sys.argv.pop(1)", repr(sig)), pico, tmp_path)
+    assert res.returncode == 128 + getattr(signal, sig) and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].endswith(
+        f"safemerge-ext: no report: the run was interrupted; OUT_PATH {out} holds what was written before that: merge "
+        "again into it, or delete it"), res.stderr[-2000:]
+    assert not list(out.glob(".safemerge_layers*")) and not (out / "safemerge_report.json").exists()
+    assert not (out / "config.json").exists()
 
 
 def test_plain_mergekit_yaml_refusal_is_one_line(pico, tmp_path):
@@ -963,12 +1004,15 @@ def test_mergekit_multi_stage_without_a_report_is_merged_again_next_time(pico, t
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)
     for n in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(n, signal.SIG_DFL)
-    monkeypatch.setattr(sys, "argv", ["/venv/bin/mergekit-yaml", "r.yml", "out"])
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/python", "my_program.py"])
     mr._install_excepthook()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (mergekit-yaml: as it was)
-    monkeypatch.setattr(sys, "argv", ["/venv/bin/mergekit-multi", "m.yml", "-I", "I"])
-    mr._install_excepthook()
-    assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGHUP) is mr._noted_termination
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (a program of one's own: as it was)
+    for script in (["/venv/bin/mergekit-yaml", "r.yml", "out"], ["/venv/bin/mergekit-multi", "m.yml", "-I", "I"]):
+        for n in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(n, signal.SIG_DFL)
+        monkeypatch.setattr(sys, "argv", script)
+        mr._install_excepthook()
+        assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGHUP) is mr._noted_termination
     with pytest.raises(SystemExit) as ended:
         mr._noted_termination(signal.SIGTERM, None)
     assert ended.value.code == 143 and mr._interrupts[-1] == signal.SIGTERM
@@ -1718,11 +1762,12 @@ def test_excepthook_only_in_mergekit_yaml(monkeypatch, capsys, request):
     monkeypatch.setattr(_faults, "explain_bus_errors", lines.append)
     monkeypatch.delenv("SAFEMERGE_TRACEBACK", raising=False)
     monkeypatch.setattr(sys, "argv", ["/venv/bin/pytest"])
-    # (the hook also notes Ctrl-C in a SIGINT handler of its own: put back as the test ends, for
-    # the later tests, which check the handlers they find)
+    # (the hook also notes Ctrl-C, SIGTERM and SIGHUP in handlers of its own: put back as the test
+    # ends, for the later tests, which check the handlers they find)
     import signal
 
-    request.addfinalizer(lambda previous=signal.getsignal(signal.SIGINT): signal.signal(signal.SIGINT, previous))
+    for n in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        request.addfinalizer(lambda n=n, previous=signal.getsignal(n): signal.signal(n, previous))
     mm.register_methods()
     assert sys.excepthook is before and lines == []
     monkeypatch.setattr(sys, "argv", ["/venv/bin/mergekit-yaml", "r.yml", "out"])
@@ -2442,6 +2487,29 @@ def test_a_failed_run_gives_no_report_and_leaves_nothing_for_the_next(pico, tmp_
     assert not mr.pending_reports() or all("reports" not in k for k in mr.pending_reports())
 
 
+@pytest.mark.parametrize("earlier", ["report", "plot-only", "not-a-report"])
+def test_a_rerun_into_an_earlier_output_that_fails_leaves_no_earlier_report(pico, tmp_path, earlier):
+    """mergekit writes OUT_PATH in place: a second run into the first one's folder, stopped part
+    way, left its weights beside the first run's report (and a plot drawn for it), which read as
+    the report of what was there (review182). The earlier report goes as the run starts; a .json
+    there that is no report of ours is left to the end of the run, as before."""
+    out = tmp_path / "out"
+    merge(recipe(pico, params={"threshold": TAU}), out)
+    assert (out / "safemerge_report.json").is_file() and (out / "safemerge_report.png").is_file()
+    if earlier == "plot-only":
+        (out / "safemerge_report.json").unlink()
+    elif earlier == "not-a-report":
+        (out / "safemerge_report.json").write_text('{"mine": 1}')
+    bad = recipe(pico, params={"threshold": 0.6}, task=str(_nan_task(pico, tmp_path)))
+    with pytest.raises(Exception, match="NaN or Inf"):
+        merge(bad, out)
+    assert not (out / "safemerge_report.png").exists()
+    if earlier == "not-a-report":
+        assert (out / "safemerge_report.json").read_text() == '{"mine": 1}'
+    else:
+        assert not (out / "safemerge_report.json").exists()
+
+
 def test_exit_hook_writes_no_report_for_an_unfinished_mergekit_yaml(pico, tmp_path, monkeypatch):
     """Plain mergekit-yaml assembles the report at exit; it does not when the process is dying of an
     error, or when OUT got no config.json from this run (mergekit writes it after every tensor:
@@ -2925,6 +2993,25 @@ def test_safemerge_yaml_report_path_copy_is_one_pair(pico, tmp_path, capsys, mon
     assert (own / "safemerge_report.json").read_text() == '{"from": "the other run"}\n'
     assert (own / "safemerge_report.png").read_bytes() == b"the other run's plot"
     assert (tmp_path / "out" / "safemerge_report.json").is_file()
+
+
+def test_safemerge_yaml_report_path_copy_names_what_a_killed_copy_left(pico, tmp_path, capsys):
+    """A SIGKILL during the report_path copy leaves its hidden temporaries beside report_path, which
+    the next run neither named nor removed (review182): the next copy names them."""
+    from safemerge_ext import yaml_cli
+
+    own = tmp_path / "rp" / "run.json"
+    own.parent.mkdir()
+    left = own.parent / ".run.json.tmp-0a1b2c3d.json"
+    left.write_text("{")
+    cfg = recipe(pico, params={"threshold": TAU, "report_path": str(own)})
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out"), "--no-copy-tokenizer"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("safemerge-yaml:")]
+    assert done.value.code in (0, None) and own.is_file() and left.is_file()
+    assert (tmp_path / "out" / "safemerge_report.json").is_file()
+    assert err == [f"safemerge-yaml: warning: {left} holds a partial output of an earlier run for {own} that was "
+                   "killed; delete it unless a run is writing there now"], err
 
 
 def test_the_autoload_hook_never_breaks_mergekit_under_warnings_as_errors(monkeypatch, capsys):

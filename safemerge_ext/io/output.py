@@ -493,6 +493,8 @@ def scratch_dir(out: str | os.PathLike, kind: str) -> Path:
 
 
 # the hidden siblings a run for an output makes, by kind, and what a killed run's one holds
+# (report.REPORT_JSON) every output of the commands holds it, written last: a staged folder with it is finished
+_FINISHED = "safemerge_report.json"
 LEFTOVERS = {"tmp": "a partial output of an earlier run for {what} that was killed",
              "old": "the output an earlier run for {what} replaced and did not delete (it was killed, or was denied)",
              "lora": "the LoRA inputs folded by mergekit (its --lora-merge-cache) of an earlier run for {what} that "
@@ -517,6 +519,11 @@ def _warn_leftovers(final: Path, flag: str, prog: str = "safemerge", suffix: str
             tail = name[len(prefix):len(name) - len(suffix)]
             if (name.startswith(prefix) and name.endswith(suffix) and len(tail) == 8
                     and all(c in "0123456789abcdef" for c in tail)):
+                if kind == "tmp" and (final.parent / name / _FINISHED).is_file():  # (killed as it was put in place)
+                    print(f"{prog}: warning: {final.parent / name} holds the finished output (its report written) of an "
+                          f"earlier run for {what} that was killed as it put it in place; rename it to keep it, or "
+                          "delete it", file=sys.stderr)
+                    continue
                 print(f"{prog}: warning: {final.parent / name} holds {LEFTOVERS[kind].format(what=what)}; delete it "
                       "unless a run is writing there now", file=sys.stderr)
 
