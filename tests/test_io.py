@@ -827,6 +827,38 @@ def test_per_module_ranks_are_written_as_patterns_peft_reads(fx, tmp_path, rslor
     assert seen == set(want)
 
 
+def test_a_vlm_adapter_peft_loads_under_transformers_renaming_is_not_refused(tmp_path):
+    """Qwen2-VL's files name the text model model.layers..., transformers and the adapters PEFT
+    trains on it model.language_model.layers..., which PEFT loads through transformers' renaming:
+    the model+lora check refused it as a name PEFT would not load (review185). A bare model's names
+    (layers...) are still refused."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from safemerge_ext.io.adapters import check_peft_loads_factors
+
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, in_chans=3, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2))
+    model = Qwen2VLForConditionalGeneration(cfg)
+    model.save_pretrained(tmp_path / "base")
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "lora")
+    reader = ModelReader(tmp_path / "base", "model")
+    assert "model.layers.0.self_attn.q_proj.weight" in reader.names
+    adapter = read_adapter(tmp_path / "lora", "lora", folded=True)
+    assert "model.language_model.layers.0.self_attn.q_proj" in adapter.modules
+    check_peft_loads_factors(adapter, reader, "role task")
+    factors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    save_file({k.replace("base_model.model.model.language_model.", "base_model.model."): v
+               for k, v in factors.items()}, str(tmp_path / "lora" / "adapter_model.safetensors"))
+    with pytest.raises(SafeMergeError, match="the model names that module model.layers.0.self_attn.q_proj, not layers"):
+        check_peft_loads_factors(read_adapter(tmp_path / "lora", "lora", folded=True), reader, "role task")
+
+
 def test_a_written_adapter_spells_peft_type_as_peft_reads_it(tmp_path):
     """An input config with peft_type "lora" (read here in any case) was copied to the written
     adapter, which PEFT then could not load (KeyError: 'lora'; review184)."""

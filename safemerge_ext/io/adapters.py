@@ -22,8 +22,8 @@ from typing import Any, Callable, Collection, Iterable
 import torch
 
 from safemerge_ext.errors import SafeMergeError, not_a_folder
-from safemerge_ext.io.models import (ModelReader, canonical_name, config_value, experts_count, namings,
-                                     natural_key, renamed_on_load)
+from safemerge_ext.io.models import (ModelReader, canonical_name, config_value, experts_count, module_key,
+                                     namings, natural_key, renamed_on_load)
 from safemerge_ext.io.safetensors_stream import StreamingWriter
 
 CONFIG = "adapter_config.json"
@@ -509,7 +509,8 @@ def check_peft_loads_factors(adapter: LoraAdapter, reader: ModelReader, label: s
     for name, m in adapter.modules.items():
         ok = {f"{PEFT_PREFIX}{name}.lora_{f}.{tail}" for f in "AB" for tail in ("weight", "default.weight")}
         wname = reader.resolve_module(name)
-        if wname is not None and canonical_name(wname) != canonical_name(f"{name}.weight"):
+        # (module_key: the namings transformers renames on load, as PEFT loads them; a bare model's is none)
+        if wname is not None and module_key(wname) != module_key(f"{name}.weight"):
             why = f"the model names that module {wname[: -len('.weight')]}, not {name}"
         elif not set(m.keys) <= ok:
             why = (f"its factor {next(k for k in m.keys if k not in ok)} is not named "
