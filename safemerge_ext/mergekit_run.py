@@ -28,7 +28,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from safemerge_ext._env import switched_on
 from safemerge_ext._signals import exit_code, raise_pending, say, what_ended
@@ -189,6 +189,7 @@ _started: dict[str, float] = {}  # sidecar path -> time of this run's first reco
 _failed: dict[str, str] = {}  # sidecar path -> why its run ended in a method (its records are void)
 _run_settings: dict[str, dict[str, Any]] = {}  # sidecar path -> the recipe's settings no record carries
 _dropped: dict[str, str] = {}  # sidecar path -> a warning for its report: an earlier run's records were dropped
+_begun: dict[str, tuple[float, str]] = {}  # sidecar path -> (when the run was planned, the folder mergekit writes)
 
 
 def begin_run(report_path: str, out: str | os.PathLike | None = None) -> None:
@@ -202,10 +203,10 @@ def begin_run(report_path: str, out: str | os.PathLike | None = None) -> None:
     target = _target(report_path)
     if not target:
         return
-    if out is not None:
-        _remove_earlier_report(target, out)
     sidecar = _locations(target)[0]
     key = str(sidecar.resolve())
+    if out is not None:
+        _begun[key] = (time.time(), os.fspath(out))
     with _lock:
         if key not in _started or key in _failed:  # (nothing, or a failed run's: its first record drops them)
             return
@@ -219,15 +220,19 @@ def begin_run(report_path: str, out: str | os.PathLike | None = None) -> None:
         LOG.warning("safemerge-ext: %s", _dropped[key])
 
 
-def _remove_earlier_report(target: str, out: str | os.PathLike) -> None:
-    """An earlier run's report at ``target`` inside ``out`` goes as this run starts: mergekit writes
-    its output folder in place, so a rerun stopped part way left new weights beside the old run's
-    report, which a reader took for theirs (review182); a run that does not finish has no report. A
-    ``.json`` there that is no report of these methods is left for the end of the run, which
-    replaces it; a report elsewhere (a ``report_path``, which safemerge-yaml replaces only once its
-    run is done) stays as it is."""
+def _remove_earlier_report(key: str, target: str) -> None:
+    """A run that did not finish (sidecar ``key``, reporting at ``target``) after mergekit wrote
+    into its output folder (in place): an earlier run's report there goes, since it no longer
+    describes what the folder holds (a rerun stopped part way left new weights beside it, which a
+    reader took for theirs; review182). Where the run wrote nothing there (refused, or stopped
+    before its first tensor), the earlier output and its report stand as they were (review185). A
+    ``.json`` there that is no report of these methods is left; a report elsewhere (a
+    ``report_path``, which safemerge-yaml replaces only once its run is done) stays as it is."""
+    begun, out = _begun.pop(key, (None, None))
+    if begun is None:
+        return
     json_path, png_path = report_files(target)
-    if not within(json_path.parent, out):
+    if not within(json_path.parent, out) or not _written_since(out, begun, (json_path, png_path, Path(key))):
         return
     try:
         earlier = json.loads(json_path.read_text(encoding="utf-8"))
@@ -238,6 +243,18 @@ def _remove_earlier_report(target: str, out: str | os.PathLike) -> None:
         with contextlib.suppress(OSError):
             if path.is_file():
                 path.unlink()
+
+
+def _written_since(folder: str, since: float, besides: Iterable[Path]) -> bool:
+    """Whether a file in ``folder`` (not one of ``besides``) changed at or after ``since`` (its clock:
+    a new file's own time, against the folder's file system; a second of slack)."""
+    skip = {os.path.realpath(p) for p in besides}
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.is_file() and e.stat().st_mtime >= since - 1.0 and os.path.realpath(e.path) not in skip
+                       for e in entries)
+    except OSError:
+        return False
 
 
 def note_run_settings(report_path: str, settings: dict[str, Any]) -> None:
@@ -577,6 +594,7 @@ def _finalize_pending() -> None:
             why, stage = _unfinished(key), _stage_outs.pop(key, None)
             if why is not None:
                 discard_report(_pending[key])
+                _remove_earlier_report(key, target)
                 out = _mergekit_yaml_out() if stage is None else None
                 if out and out not in why:  # (mergekit writes OUT_PATH in place: what it holds now is no merge)
                     why += f"; OUT_PATH {out} holds what was written before that: merge again into it, or delete it"
@@ -779,6 +797,7 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "run_merge
     with _lock:
         _pending.pop(key, None)
         _started.pop(key, None)
+        _begun.pop(key, None)
         noted = _run_settings.pop(key, {})
         dropped = _dropped.pop(key, None)
         if key in _failed:  # the run did not finish: its records describe part of it

@@ -2487,12 +2487,18 @@ def test_a_failed_run_gives_no_report_and_leaves_nothing_for_the_next(pico, tmp_
     assert not mr.pending_reports() or all("reports" not in k for k in mr.pending_reports())
 
 
-@pytest.mark.parametrize("earlier", ["report", "plot-only", "not-a-report"])
+@pytest.mark.parametrize("earlier", ["report", "plot-only", "not-a-report", "refused-before-writing"])
 def test_a_rerun_into_an_earlier_output_that_fails_leaves_no_earlier_report(pico, tmp_path, earlier):
     """mergekit writes OUT_PATH in place: a second run into the first one's folder, stopped part
     way, left its weights beside the first run's report (and a plot drawn for it), which read as
-    the report of what was there (review182). The earlier report goes as the run starts; a .json
-    there that is no report of ours is left to the end of the run, as before."""
+    the report of what was there (review182). A run that did not finish and wrote into the folder
+    takes the earlier report with it (a .json there that is no report of ours stays); one refused
+    before it wrote anything leaves the earlier output and its report as they were (review185: the
+    report of a complete output was deleted as the refused run was planned)."""
+    from safetensors.torch import load_file, save_file
+
+    from safemerge_ext import mergekit_run as mr
+
     out = tmp_path / "out"
     merge(recipe(pico, params={"threshold": TAU}), out)
     assert (out / "safemerge_report.json").is_file() and (out / "safemerge_report.png").is_file()
@@ -2500,9 +2506,21 @@ def test_a_rerun_into_an_earlier_output_that_fails_leaves_no_earlier_report(pico
         (out / "safemerge_report.json").unlink()
     elif earlier == "not-a-report":
         (out / "safemerge_report.json").write_text('{"mine": 1}')
-    bad = recipe(pico, params={"threshold": 0.6}, task=str(_nan_task(pico, tmp_path)))
-    with pytest.raises(Exception, match="NaN or Inf"):
-        merge(bad, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if earlier == "refused-before-writing":  # (factors PEFT would not load: refused before a tensor is written)
+        lora = Path(shutil.copytree(pico.lora_task, tmp_path / "lora"))
+        factors = load_file(lora / "adapter_model.safetensors")
+        save_file({k.replace("base_model.model.model.", "base_model.model."): v for k, v in factors.items()},
+                  str(lora / "adapter_model.safetensors"))
+        bad, why = recipe(pico, params={"threshold": 0.6}, task=f"{pico.aligned}+{lora}"), "initial values"
+    else:
+        bad, why = recipe(pico, params={"threshold": 0.6}, task=str(_nan_task(pico, tmp_path))), "NaN or Inf"
+    with pytest.raises(Exception, match=why):
+        merge(bad, out, lora_merge_cache=str(tmp_path / "cache"))
+    mr._finalize_pending()  # (the exit hook's work: no report for the run that failed)
+    if earlier == "refused-before-writing":
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        return
     assert not (out / "safemerge_report.png").exists()
     if earlier == "not-a-report":
         assert (out / "safemerge_report.json").read_text() == '{"mine": 1}'
