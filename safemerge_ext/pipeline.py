@@ -890,7 +890,7 @@ def merge(
         return OutModule(layer.module, (rank, t.d_in), (t.d_out, rank), (dt, dt),
                          alpha_for(scaling, rank, use_rslora), make)
 
-    with staged_dir(out, force) as tmp:
+    with staged_dir(out, force, marker=REPORT_JSON) as tmp:
         if settings.output == "adapter":
             modules = [merged_module(layer, rec) if rec.flagged else OutModule.from_lora(layer.task)
                        for layer, rec in zip(run.layers, records)]
@@ -992,7 +992,7 @@ def project(
             f"{module}{' (the first)' if len(kept) > 1 else ''} {why}; PeftModel loads mixed dtypes (in float32 by "
             "default; transformers' load_adapter in the model's dtype)"
         )
-    with staged_dir(out, force) as tmp:
+    with staged_dir(out, force, marker=REPORT_JSON) as tmp:
         if output == "adapter":
             modules = [OutModule.from_lora(layer.task, new_B.get(layer.module)) for layer in run.layers]
             if adapter_ranks == "uniform":

@@ -34,7 +34,7 @@ from safemerge_ext.errors import SafeMergeError, blank_path, not_a_folder, symli
 from safemerge_ext.io.model_writer import untie_stored_head
 from safemerge_ext.io.places import identity, within
 from safemerge_ext.io.output import (check_links_lead, check_not_input, check_out, check_parent, committed,
-                                     scratch_dir, staged_dir, umask_modes, write_files)
+                                     let_go, scratch_dir, staged_dir, umask_modes, write_files)
 from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, check_device, register_methods
 from safemerge_ext.mergekit_run import discard_report, finalize_report, refusal, report_files
 from safemerge_ext.report import REPORT_JSON, PlotUnavailable, json_writer, plot_writer, summary_table
@@ -758,7 +758,8 @@ def _check_lora_cache(config: MergeConfiguration, cache: str, dtype: str,
                 got = next((reader.meta(n)[1] for n in reader.names if len(reader.meta(n)[0]) == 2), None)
         except SafeMergeError:
             raise SafeMergeError(f"--lora-merge-cache {cache}: {entry} holds no complete model (an interrupted "
-                                 f"fold?); {redo}") from None
+                                 "fold, or one a plain mergekit-yaml run is making now); once no run is folding into "
+                                 f"the cache, {redo}") from None
         if want is not None and got is not None and got != want:
             raise SafeMergeError(
                 f"--lora-merge-cache {cache}: {entry} holds {_ref_str(ref)} folded in "
@@ -964,7 +965,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     try:
         from mergekit.merge import run_merge
 
-        with staged_dir(out, force, "OUT_PATH", "safemerge-yaml") as tmp:
+        with staged_dir(out, force, "OUT_PATH", "safemerge-yaml", marker=REPORT_JSON) as tmp:
             report_at = own or tmp
             try:  # (from the LoRA cache's making on: its finally removes it)
                 if checked.has_lora and not merge_options.lora_merge_cache:  # beside tmp, gone before staged_dir ends
@@ -1002,6 +1003,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
                     if scratch:
                         with interrupts_held():
                             shutil.rmtree(scratch, ignore_errors=True)
+                            let_go(Path(scratch))
     except BaseException as exc:  # one line; nothing is left at OUT, and no report of the part that ran
         if not isinstance(exc, Exception) and committed(out):  # (a Ctrl-C as OUT was put in place: it is complete)
             _done["out"] = out

@@ -1543,6 +1543,36 @@ def _merge_argv(fx, out, *extra):
             "--safety-adapter", str(fx.safety), "--out", str(out), "--no-plot", "--no-progress", *extra]
 
 
+@pytest.mark.parametrize("command", ["merge", "project", "merge --output model"])
+def test_force_keeps_a_folder_that_appeared_at_out_during_the_run(fx, tmp_path, capsys, monkeypatch, command):
+    """review186: --force checked --out only as the run started, so a folder another program made
+    there while the run worked (a download into it, a copy) was deleted at the end without a word,
+    exit 0. It is kept, and the run says why it replaced nothing."""
+    from safemerge_ext.io import output
+
+    out = tmp_path / "out"
+    real = output.sync_tree
+
+    def then_a_folder_appears(folder):  # (as the finished output is about to be put in place)
+        out.mkdir()
+        (out / "thesis.txt").write_text("mine")
+        real(folder)
+
+    monkeypatch.setattr(output, "sync_tree", then_a_folder_appears)
+    name, *extra = command.split()
+    argv = [name, "--aligned", str(fx.aligned), "--unaligned", str(fx.unaligned), "--out", str(out), "--force",
+            "--no-plot", "--no-progress", *extra]
+    argv += (["--task-adapter", str(fx.task), "--safety-adapter", str(fx.safety)] if name == "merge"
+             else ["--adapter", str(fx.task)])
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"safemerge: error: --out {out} appeared while this run was writing and is no earlier output (no "
+        "safemerge_report.json in it): --force would delete all of it, so nothing was replaced; remove it yourself "
+        "or choose another path\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.txt"] and (out / "thesis.txt").read_text() == "mine"
+
+
 def test_an_interrupt_while_the_replaced_output_is_deleted_ends_as_interrupted(fx, tmp_path, capsys, monkeypatch):
     """--force: Ctrl-C or SIGTERM while the output that was replaced is deleted (the new one in
     place): the run ends 130 / 143 (a `&&` chain stops), says --out is complete, and names what is

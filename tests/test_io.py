@@ -3,6 +3,7 @@ that PEFT loads, and the streamed full-model writer."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -1261,6 +1262,106 @@ def test_a_finished_output_a_killed_run_left_is_not_called_partial(tmp_path, cap
                           "it, or delete it")
     assert "a partial output" in line[partial]
     assert (done / "safemerge_report.json").is_file() and partial.is_dir()
+
+
+@pytest.mark.parametrize("appeared", ["folder", "file", "output", "empty"])
+def test_force_never_deletes_what_appeared_at_out_during_the_run(tmp_path, capsys, appeared):
+    """--force replaces an earlier output or an empty folder, never a folder of other files: the
+    check ran only as the run started, so a folder another program made at --out while the run
+    worked (a download, a copy) was deleted at the end, exit 0 (review186). What appeared is looked
+    at once moved aside: a folder of other files or a file stays, and nothing is replaced."""
+    from safemerge_ext.io.output import staged_dir
+
+    out = tmp_path / "out"
+    refuse = appeared in ("folder", "file")
+    with pytest.raises(SafeMergeError) if refuse else contextlib.nullcontext() as refused:
+        with staged_dir(out, force=True, marker="safemerge_report.json") as tmp:
+            (tmp / "adapter_model.safetensors").write_text("new")
+            if appeared == "file":
+                out.write_text("mine")
+            else:
+                out.mkdir()
+                if appeared != "empty":
+                    (out / ("safemerge_report.json" if appeared == "output" else "thesis.txt")).write_text("mine")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["out"]  # (no temporary, no folder moved aside)
+    if refuse:
+        assert str(refused.value) == (
+            f"--out {out} appeared while this run was writing and is no earlier output (no safemerge_report.json "
+            "in it): --force would delete all of it, so nothing was replaced; remove it yourself or choose another "
+            "path")
+        if appeared == "file":
+            assert out.read_text() == "mine"
+        else:
+            assert sorted(p.name for p in out.iterdir()) == ["thesis.txt"] and (out / "thesis.txt").read_text() == "mine"
+    else:
+        assert sorted(p.name for p in out.iterdir()) == ["adapter_model.safetensors"]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_second_run_for_an_output_being_written_is_refused(tmp_path, capsys):
+    """Two --force runs writing one output at once both said they wrote it (the first one's output
+    deleted by the second), and each called the other's live temporary a killed run's leftover, to
+    be renamed or deleted (review186). A run holds its temporary (a lock the system drops when the
+    process dies): a second run for the output is refused as it starts writing, naming the first,
+    whose output is then put in place; a live run's folder is never named as a leftover."""
+    from safemerge_ext.io.output import staged_dir
+
+    out = tmp_path / "out"
+    with staged_dir(out, force=True) as first:
+        (first / "safemerge_report.json").write_text("{}")  # (finished: the report is written last)
+        for force in (True, False):
+            with pytest.raises(SafeMergeError) as refused:
+                with staged_dir(out, force=force) as second:
+                    pytest.fail("a second run wrote into the output")
+            assert str(refused.value) == (f"--out {out}: another run is writing it now (in {first}); wait for it to "
+                                          "finish, or choose another path")
+        assert capsys.readouterr().err == ""  # (the first run's temporary is no leftover)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # (the second's taken back)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "safemerge_report.json").is_file()
+    with staged_dir(out, force=True) as second:  # (once the first is done, --force replaces its output)
+        (second / "f").write_text("x")
+    assert sorted(p.name for p in out.iterdir()) == ["f"] and capsys.readouterr().err == ""
+
+
+def test_a_killed_processes_temporary_is_named_a_leftover(tmp_path, capsys):
+    """The lock that marks a live run's temporary goes with the process, however it ends: a
+    temporary a killed process held is named as a leftover again, and refuses no run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from safemerge_ext.io.output import staged_dir\n"
+            "with staged_dir(sys.argv[1], force=False) as tmp:\n"
+            "    print(tmp, flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    try:
+        held = Path(proc.stdout.readline().strip())
+        assert held.is_dir()
+        from safemerge_ext.io.output import _live
+
+        assert _live(held)
+    finally:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+    assert not _live(held)
+    from safemerge_ext.io.output import staged_dir
+
+    with staged_dir(tmp_path / "out", force=False) as tmp:
+        (tmp / "f").write_text("x")
+    assert f"{held} holds a partial output of an earlier run for --out" in capsys.readouterr().err
+    assert held.is_dir()
+
+    from safemerge_ext.io.output import let_go, scratch_dir
+
+    folds = scratch_dir(tmp_path / "next", "lora")  # (safemerge-yaml's LoRA folds: held alike)
+    with staged_dir(tmp_path / "next", force=False) as tmp:
+        (tmp / "f").write_text("x")
+    assert capsys.readouterr().err == ""
+    let_go(folds)
+    with staged_dir(tmp_path / "next", force=True) as tmp:
+        (tmp / "f").write_text("x")
+    assert f"{folds} holds the LoRA inputs folded by mergekit" in capsys.readouterr().err
 
 
 def test_a_killed_runs_leftovers_are_named_before_already_exists(tmp_path, capsys):

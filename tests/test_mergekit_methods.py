@@ -2680,6 +2680,32 @@ def test_failed_safemerge_yaml_writes_no_report_at_its_report_path(pico, tmp_pat
     assert not own.exists() or not any(own.iterdir()), sorted(p.name for p in own.iterdir())
 
 
+def test_safemerge_yaml_force_keeps_a_folder_that_appeared_at_out_path(pico, tmp_path, capsys, monkeypatch):
+    """review186: safemerge-yaml --force with OUT_PATH absent as it started deleted a folder of
+    other files that was made there while mergekit ran. It is kept, and the run says why."""
+    import mergekit.merge
+
+    from safemerge_ext import yaml_cli
+
+    out = tmp_path / "out"
+    real = mergekit.merge.run_merge
+
+    def then_a_folder_appears(*a, **k):
+        real(*a, **k)
+        out.mkdir()
+        (out / "thesis.txt").write_text("mine")
+
+    monkeypatch.setattr(mergekit.merge, "run_merge", then_a_folder_appears)
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(recipe(pico, params={"threshold": TAU}), tmp_path / "r.yml")), str(out), "--force"])
+    assert done.value.code == 1
+    err = capsys.readouterr().err
+    assert (f"safemerge-yaml: error: OUT_PATH {out} appeared while this run was writing and is no earlier output "
+            "(no safemerge_report.json in it): --force would delete all of it, so nothing was replaced") in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yml"]
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.txt"]
+
+
 def test_safemerge_yaml_full_disk_and_a_killed_runs_lora_folds(pico, tmp_path, capsys, monkeypatch):
     """A full disk is named by OUT_PATH, with what to do, also where safetensors reports it as text
     only (its Rust I/O error); with LoRA inputs the line adds that the folded models need room

@@ -10,6 +10,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -17,6 +18,11 @@ from typing import Callable, Iterable, Iterator
 from safemerge_ext._signals import interrupts_held, raise_pending, send_on
 from safemerge_ext.errors import SafeMergeError, blank_path, is_link_loop, link_loop_error
 from safemerge_ext.io.places import same_place, within
+
+try:
+    import fcntl
+except ImportError:  # (Windows: no working folder is told from a killed run's)
+    fcntl = None  # type: ignore[assignment]
 
 
 def check_parent(path: str | os.PathLike, flag: str, follow_links: bool = False) -> Path:
@@ -131,17 +137,23 @@ def _check_replaceable(p: Path, flag: str, marker: str | None) -> None:
     only a previous output or an empty folder (a mistyped --out is not deleted)."""
     if marker is not None:  # (first: where no mount table is read, the mount check walks the folder)
         try:
-            with os.scandir(p) as entries:
-                empty = next(entries, None) is None
+            other = _holds_other_files(p, marker)
         except OSError as exc:
             raise SafeMergeError(f"{flag} {p}: cannot list it ({exc.strerror or exc}); choose another path") from None
-        if not empty and not (p / marker).is_file():
+        if other:
             raise SafeMergeError(f"{flag} {p} holds no {marker}, which every output of safemerge holds, and --force "
                                  "would delete all of it; remove it yourself or choose another path")
     mounted = mounts_under(p)
     if mounted:
         raise SafeMergeError(f"{flag} {p} has {mounted[0]} mounted inside it, whose files --force would delete; "
                              "unmount it or choose another path")
+
+
+def _holds_other_files(p: Path, marker: str) -> bool:
+    """Whether the folder ``p`` is neither empty nor an output (``marker`` in it): not --force's to delete."""
+    with os.scandir(p) as entries:
+        empty = next(entries, None) is None
+    return not empty and not (p / marker).is_file()
 
 
 _MOUNTINFO = "/proc/self/mountinfo"
@@ -481,15 +493,69 @@ def _sibling(final: Path, kind: str) -> Path:
 
 def scratch_dir(out: str | os.PathLike, kind: str) -> Path:
     """Make a hidden working folder beside ``out`` (``.<name>.<kind>-<random>``, as the staged
-    output's), which a later run for ``out`` names if a killed run left it (see LEFTOVERS)."""
+    output's), which a later run for ``out`` names if a killed run left it (see LEFTOVERS). It is
+    held (:func:`hold`) until :func:`let_go`."""
     final = Path(out).absolute()
     while True:
         p = _sibling(final, kind)
         try:
             p.mkdir(mode=0o700)
-            return p
         except FileExistsError:
             continue
+        hold(p)
+        return p
+
+
+_held: dict[str, int] = {}  # working folders of this process: path as made -> a descriptor locking it
+
+
+def hold(folder: Path) -> None:
+    """Mark ``folder`` as worked in by a live run until :func:`let_go` (an exclusive ``flock`` on a
+    descriptor of it, which the system drops when the process dies, however it dies): a run for the
+    same output tells it from a killed run's leftover. Where locks are not had, nothing is marked."""
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return
+    for _ in range(200):  # (another run's look at it, a shared lock, lasts microseconds)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(0.001)
+            continue
+        except OSError:  # (a file system without locks)
+            break
+        _held[os.fspath(folder)] = fd
+        return
+    os.close(fd)
+
+
+def let_go(folder: Path) -> None:
+    """End :func:`hold` of ``folder`` (by the path it was held under)."""
+    fd = _held.pop(os.fspath(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _live(path: Path) -> bool:
+    """Whether a live run holds ``path`` (see :func:`hold`)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (and with it the shared lock)
+    return False
 
 
 # the hidden siblings a run for an output makes, by kind, and what a killed run's one holds
@@ -501,11 +567,8 @@ LEFTOVERS = {"tmp": "a partial output of an earlier run for {what} that was kill
                      "was killed"}
 
 
-def _warn_leftovers(final: Path, flag: str, prog: str = "safemerge", suffix: str = "",
-                    kinds: Iterable[str] = LEFTOVERS) -> None:
-    """Name the hidden siblings a killed run left (SIGKILL, OOM, power loss: nothing could clean
-    up), which can be as large as a model. They are not deleted: another run may be writing one.
-    ``suffix`` ends a file's temporaries (see :func:`write_files`); ``flag`` may be empty."""
+def _siblings(final: Path, kinds: Iterable[str] = LEFTOVERS, suffix: str = "") -> Iterator[tuple[str, Path]]:
+    """(kind, path) of the hidden siblings runs for ``final`` make (``.<name>.<kind>-<8 hex>``), by name."""
     if not final.parent.is_dir():
         return
     prefixes = {kind: _hidden_name(final.name, f"{kind}-00000000{suffix}")[:-8 - len(suffix)] for kind in kinds}
@@ -513,19 +576,31 @@ def _warn_leftovers(final: Path, flag: str, prog: str = "safemerge", suffix: str
         names = sorted(p.name for p in final.parent.iterdir())
     except OSError:
         return
-    what = f"{flag} {final}" if flag else str(final)
     for name in names:
         for kind, prefix in prefixes.items():
             tail = name[len(prefix):len(name) - len(suffix)]
             if (name.startswith(prefix) and name.endswith(suffix) and len(tail) == 8
                     and all(c in "0123456789abcdef" for c in tail)):
-                if kind == "tmp" and (final.parent / name / _FINISHED).is_file():  # (killed as it was put in place)
-                    print(f"{prog}: warning: {final.parent / name} holds the finished output (its report written) of an "
-                          f"earlier run for {what} that was killed as it put it in place; rename it to keep it, or "
-                          "delete it", file=sys.stderr)
-                    continue
-                print(f"{prog}: warning: {final.parent / name} holds {LEFTOVERS[kind].format(what=what)}; delete it "
-                      "unless a run is writing there now", file=sys.stderr)
+                yield kind, final.parent / name
+
+
+def _warn_leftovers(final: Path, flag: str, prog: str = "safemerge", suffix: str = "",
+                    kinds: Iterable[str] = LEFTOVERS) -> None:
+    """Name the hidden siblings a killed run left (SIGKILL, OOM, power loss: nothing could clean
+    up), which can be as large as a model. They are not deleted: another run may be writing one
+    (a live run's own folders, which it holds, are not named). ``suffix`` ends a file's
+    temporaries (see :func:`write_files`); ``flag`` may be empty."""
+    what = f"{flag} {final}" if flag else str(final)
+    for kind, path in _siblings(final, kinds, suffix):
+        if _live(path):
+            continue
+        if kind == "tmp" and (path / _FINISHED).is_file():  # (killed as it was put in place)
+            print(f"{prog}: warning: {path} holds the finished output (its report written) of an "
+                  f"earlier run for {what} that was killed as it put it in place; rename it to keep it, or "
+                  "delete it", file=sys.stderr)
+            continue
+        print(f"{prog}: warning: {path} holds {LEFTOVERS[kind].format(what=what)}; delete it "
+              "unless a run is writing there now", file=sys.stderr)
 
 
 _committed: set[str] = set()  # outputs this process put in place (staged_dir's final rename)
@@ -538,14 +613,18 @@ def committed(out: str | os.PathLike) -> bool:
 
 
 @contextmanager
-def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: str = "safemerge") -> Iterator[Path]:
+def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: str = "safemerge",
+               marker: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory next to ``out``; on success it replaces ``out``, else vanishes.
 
     The temporary sits in the same parent so the final rename is atomic on one file system. It is
     made with ``mkdir`` under the process umask (as a plain ``mkdir`` of ``out`` would be), not
     ``mkdtemp``'s 0700, so the output is as readable as any other folder the user makes. Without
-    ``force``, an ``out`` that appeared while the run was writing is never replaced. ``flag`` names
-    the output in errors, ``prog`` the command in warnings.
+    ``force``, an ``out`` that appeared while the run was writing is never replaced; with it and
+    ``marker`` (as :func:`check_out`'s), one that appeared is replaced only if it is an output or
+    empty. While another run writes the same ``out`` (its temporary held: :func:`hold`), this one
+    is refused as it starts writing. ``flag`` names the output in errors, ``prog`` the command in
+    warnings.
     """
     final = check_out(out, force, flag, prog=prog)
     made = [p for p in (final.parent, *final.parent.parents) if not p.exists()]  # parents this run adds
@@ -557,6 +636,7 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
         with interrupts_held(resend=not isinstance(failure, KeyboardInterrupt)):
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+                let_go(tmp)
             for p in made:  # deepest first; only if still empty
                 try:
                     p.rmdir()
@@ -574,6 +654,11 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
                 except FileExistsError:
                     continue
                 tmp = candidate
+                hold(tmp)
+        for _, other in _siblings(final, ("tmp",)):
+            if other != tmp and _live(other):
+                raise SafeMergeError(f"{flag} {final}: another run is writing it now (in {other}); wait for it to "
+                                     "finish, or choose another path")
         yield tmp
     except BaseException as exc:
         undo(exc)
@@ -583,7 +668,9 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
         raise_pending()  # (a Ctrl-C that library code swallowed while the output was written: not committed)
         sync_tree(tmp)  # (the data on disk before the name: never an output of empty files after a power loss)
         with interrupts_held(resend=False) as held:  # (the renames and their fsync: sent on once the run is done)
-            old = _put_in_place(tmp, final, force, flag, made)
+            old = _put_in_place(tmp, final, force, flag, made, marker)
+            if old is not None:
+                hold(old)  # (being deleted, not a killed run's leftover)
     except BaseException as exc:
         if old is not None and not (final.exists() or final.is_symlink()):
             old.rename(final)
@@ -591,6 +678,7 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
         if not isinstance(exc, KeyboardInterrupt):
             send_on(held)  # (a Ctrl-C that came while the renames failed: the run ends on it)
         raise
+    let_go(tmp)  # (the output, in place)
     if old is not None:
         try:
             _remove_replaced(old, final, flag, prog)
@@ -600,15 +688,19 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
             print(f"{prog}: warning: {flag} {final} was written, but deleting the output it replaced was "
                   f"interrupted; delete {old} by hand", file=sys.stderr)
             raise
+        finally:
+            let_go(old)
     # a Ctrl-C held during the renames cut nothing short: sent on now (the run ends as interrupted,
     # and committed() tells the command that its output is complete)
     send_on(held)
 
 
-def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Path]) -> Path | None:
+def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Path],
+                  marker: str | None = None) -> Path | None:
     """Rename the finished ``tmp`` to ``final`` (moving an existing output aside first, with
-    ``force``), record it for :func:`committed`, and sync the renames; returns where the replaced
-    output went, if any. Runs with interrupts held: a rename is not cut in half by Ctrl-C."""
+    ``force``: with ``marker``, only an output or an empty folder), record it for :func:`committed`,
+    and sync the renames; returns where the replaced output went, if any. Runs with interrupts held:
+    a rename is not cut in half by Ctrl-C."""
     old = None
     try:
         if final.exists() or final.is_symlink():
@@ -627,6 +719,17 @@ def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Pat
                 raise SafeMergeError(f"{flag} {final}: --force could not move the existing output aside "
                                      f"({exc.strerror or exc}); nothing was replaced: remove it yourself or choose "
                                      "another path") from None
+            # (looked at once moved aside: what took the name while the run wrote, a folder of other
+            # files or a file, is not deleted)
+            if old is not None and marker is not None and not old.is_symlink():
+                try:
+                    other = not old.is_dir() or _holds_other_files(old, marker)
+                except OSError:
+                    other = True
+                if other:  # (the except below puts it back)
+                    raise SafeMergeError(f"{flag} {final} appeared while this run was writing and is no earlier "
+                                         f"output (no {marker} in it): --force would delete all of it, so nothing was "
+                                         "replaced; remove it yourself or choose another path")
         try:
             tmp.rename(final)  # (fails, rather than replaces, if a non-empty out appeared meanwhile)
         except OSError as exc:
