@@ -1398,6 +1398,24 @@ def test_a_killed_runs_file_temporaries_are_named(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_fifo_named_as_a_temporary_is_not_waited_on(tmp_path, capsys):
+    """Whether a run holds a temporary is asked by opening it: a FIFO of that name (no run made it)
+    is not waited on (an open for reading blocks until a writer comes), and is named as left."""
+    import threading
+
+    from safemerge_ext.io.output import write_files
+
+    fifo = tmp_path / ".r.json.tmp-0a1b2c3d.json"
+    os.mkfifo(fifo)
+    writing = threading.Thread(target=write_files, args=([(tmp_path / "r.json", lambda t: t.write_text("{}"))],),
+                               kwargs={"prog": "safemerge"}, daemon=True)
+    writing.start()
+    writing.join(timeout=20)
+    assert not writing.is_alive()
+    assert (tmp_path / "r.json").read_text() == "{}"
+    assert f"{fifo} holds a partial output" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stem", ["r" * 250, "é" * 122 + "r"])  # 250 and 245 + 5 bytes: valid names
 def test_outputs_near_the_file_name_limit(tmp_path, stem):
     """A valid name near the 255-byte limit still gets a temporary (and a backup) beside it."""
