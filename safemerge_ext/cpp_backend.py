@@ -136,11 +136,19 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor, *,
     return T, P, float(vsq)
 
 
+# Above this rank the reference's float64 BLAS Grams are faster than the extension's (which grow
+# as r^2 per row): measured on the 2-core Xeon, 11008x4096, cpp / torch: r=128 0.036 / 0.025 s,
+# r=256 0.13 / 0.056 s, r=512 0.55 / 0.17 s, r=1024 2.8 / 0.55 s (review187: merged adapters have
+# r_task + r_safety, 512 for two r=256 adapters). Both are float64 sums of exact products.
+TRACES_MAX_RANK = 128
+
+
 def lowrank_traces(T: torch.Tensor, P: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[float, float, float]:
     """``<T^T T, G>``, ``<P^T P, G>``, ``<B^T B, G>`` with ``G = A A^T`` in one call (float64 sums of
-    exact fp32 products); factors in a dtype the extension does not read go to the reference."""
+    exact fp32 products); factors in a dtype the extension does not read, and ranks above
+    ``TRACES_MAX_RANK``, go to the reference."""
     if (_cpu is None or lora_A.dtype not in DTYPE_CODE or lora_B.dtype not in DTYPE_CODE
-            or lora_A.device.type != "cpu" or lora_B.device.type != "cpu"):
+            or lora_A.device.type != "cpu" or lora_B.device.type != "cpu" or T.shape[1] > TRACES_MAX_RANK):
         return reference.lowrank_traces(T, P, lora_A, lora_B)
     d_in, r = T.shape
     d_out = P.shape[0]

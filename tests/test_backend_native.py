@@ -193,7 +193,7 @@ def test_same_bits_twice(backend, dtype):
 TRACE_BACKENDS = ["torch"] + (["cpp"] if _AVAILABLE["cpp"] is None else [])
 # (d_out, d_in): one chunk; several chunks of 256 rows (d_out 2000: 8 chunks, d_in 600: 3); odd sizes
 TRACE_SHAPES = [(256, 256), (2000, 600), (67, 131)]
-TRACE_RANKS = [1, 3, 8, 13, 64, 128]  # rank 64 and up: above the threshold where the Grams go parallel
+TRACE_RANKS = [1, 3, 8, 13, 64, 128, 300]  # 64 and up: the Grams go parallel; 300: cpp hands them to torch
 
 
 def _traces_ref(T, P, A, B):
@@ -265,6 +265,16 @@ def test_cpp_traces_bits_independent_of_thread_count_and_isa():
                 assert call(2) == first, isa
             finally:
                 _cpu.set_isa("best")
+
+
+@needs_cpp
+def test_cpp_traces_above_their_rank_use_the_reference():
+    """Above TRACES_MAX_RANK (merged adapters of r_task + r_safety: 512 for two r=256 adapters) the
+    float64 BLAS Grams of the reference are faster than the extension's, which grow as r^2 a row."""
+    from safemerge_ext import cpp_backend, reference
+
+    T, P, A, B = _traces_inputs(300, 200, cpp_backend.TRACES_MAX_RANK + 1, torch.bfloat16, _seed("traces-rank"))
+    assert cpp_backend.lowrank_traces(T, P, A, B) == reference.lowrank_traces(T, P, A, B)
 
 
 @needs_cpp
