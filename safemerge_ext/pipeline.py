@@ -17,9 +17,10 @@ import numbers
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -800,6 +801,24 @@ def _peft_names(run: Run, modules: list[OutModule], task: LoraAdapter) -> dict[s
     return renamed
 
 
+@contextmanager
+def _whole_update_memory(layer: Layer, method: str) -> Iterator[None]:
+    """ties and dare_* hold a flagged module's whole merged update in fp32, several copies at once
+    (about 15 in PEFT's pruning and sign election: review187 measured 14.4): where that does not
+    fit, one line that says so, not the allocator's traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+                or ("allocate" in str(exc) and "memory" in str(exc))):
+            raise
+        d_out, d_in = layer.shape
+        raise SafeMergeError(
+            f"module {layer.module} ({d_out}x{d_in}): out of memory forming its {method} merge, which holds the whole "
+            f"update in fp32 several times over (about {15 * 4 * d_out * d_in / 1e9:.1f} GB); run it on a machine "
+            "with more memory, or use --method linear, which merges the factors; nothing was written") from None
+
+
 @_closes_files
 @exact_fp32_matmuls()
 def merge(
@@ -845,6 +864,10 @@ def merge(
 
     def merged_update(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(full dW or None, B, A) of a flagged layer's merged update (fp32)."""
+        with _whole_update_memory(layer, settings.method):
+            return _merged_update(layer)
+
+    def _merged_update(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         t, s = layer.task, layer.safety
         if settings.method == "linear":
             B, A = merging.concat_lora(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha)
@@ -876,7 +899,9 @@ def merge(
                         f"B A and scalings are combined; check the factors and lora_alpha/alpha_pattern in "
                         f"{t.reader.path / 'adapter_config.json'} and {s.reader.path / 'adapter_config.json'}; "
                         "nothing was written")
-                B, A, rel = merging.truncated_factors(dW, t.rank + s.rank)
+                with _whole_update_memory(layer, settings.method):
+                    B, A, rel = merging.truncated_factors(dW, t.rank + s.rank, seed=settings.seed,
+                                                          module=layer.module)
                 rec.extra["svd_rel_error"] = rel
             B = B.to(dt) / scaling
             if not bool(torch.isfinite(B).all()):  # (the scales folded into B: a huge lora_alpha overflows here)

@@ -1543,6 +1543,34 @@ def _merge_argv(fx, out, *extra):
             "--safety-adapter", str(fx.safety), "--out", str(out), "--no-plot", "--no-progress", *extra]
 
 
+@pytest.mark.parametrize("where, output", [("combine_full", "adapter"), ("combine_full", "model"),
+                                           ("truncated_factors", "adapter")])
+def test_ties_out_of_memory_is_one_line(fx, tmp_path, capsys, monkeypatch, where, output):
+    """ties/dare hold a flagged module's whole update in fp32 several times over (a LoRA'd 70B lm_head:
+    tens of GB, review187): where the allocator fails, one line names the module and what to do,
+    not torch's traceback; nothing is written."""
+    from safemerge_ext import merge as merging
+
+    def no_memory(*a, **k):
+        if where == "truncated_factors":
+            raise MemoryError()
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
+                           "tried to allocate 4202692608 bytes.")
+
+    monkeypatch.setattr(merging, where, no_memory)
+    out = tmp_path / "out"
+    assert main(_merge_argv(fx, out, "--method", "ties", "--threshold", "1", "--output", output)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.fullmatch(
+        r"safemerge: error: module \S+ \(\d+x\d+\): out of memory forming its ties merge, which holds the whole "
+        r"update in fp32 several times over \(about \d+\.\d GB\); run it on a machine with more memory, or use "
+        r"--method linear, which merges the factors; nothing was written\n", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setattr(merging, where, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # (other errors are not taken for memory)
+        main(_merge_argv(fx, out, "--method", "ties", "--threshold", "1", "--output", output))
+
+
 @pytest.mark.parametrize("command", ["merge", "project", "merge --output model"])
 def test_force_keeps_a_folder_that_appeared_at_out_during_the_run(fx, tmp_path, capsys, monkeypatch, command):
     """review186: --force checked --out only as the run started, so a folder another program made

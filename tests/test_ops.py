@@ -854,6 +854,39 @@ def test_combine_full_keeps_float64_updates_in_float64():
     assert concat_lora(Bf.half(), Af.half(), 0.3, Bs.float(), As.float(), 1.7, 0.7)[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_truncated_factors_of_a_large_update_are_near_the_best(monkeypatch, method, dtype):
+    """ties/dare written as an adapter keep r_task + r_safety components of the merged update. A
+    full SVD of a large one took minutes (396 s for one 28672x8192 module, review187): above
+    EXACT_SVD_MAX_SIDE (lowered here) a seeded randomized SVD gives factors whose error is the best
+    rank-k error to 1e-3 of itself, reports that error as it is, and is the same run to run; a
+    small update still gets the exact SVD."""
+    from safemerge_ext import merge as merging
+
+    g = torch.Generator().manual_seed(31)
+    m, n, rt, rs = 600, 400, 8, 6
+    Bt, At, Bs, As = (torch.randn(*shape, generator=g, dtype=dtype) * 0.05
+                      for shape in ((m, rt), (rt, n), (m, rs), (rs, n)))
+    dW = merging.combine_full(Bt @ At, Bs @ As, alpha=0.7, method=method, density=0.5, seed=2, module="m")
+    U, S, Vh = torch.linalg.svd(dW.double(), full_matrices=False)
+    k = rt + rs
+    best = math.sqrt(float(S[k:].square().sum() / S.square().sum()))
+    exact = merging.truncated_factors(dW, k)
+    assert abs(exact[2] - best) <= 1e-6 * best
+    monkeypatch.setattr(merging, "EXACT_SVD_MAX_SIDE", 64)
+    B, A, rel = merging.truncated_factors(dW, k, seed=2, module="layers.0.q_proj")
+    assert B.shape == (m, k) and A.shape == (k, n) and B.dtype == A.dtype == dtype
+    actual = float((dW.double() - B.double() @ A.double()).norm() / dW.double().norm())
+    # (DARE's pruning leaves no gap between the kept and the dropped singular values here, the
+    # hardest case for a sketch: 4e-4 off the best; ties, with its gap, 1e-6)
+    assert abs(rel - actual) <= 1e-5 * actual and best <= actual * (1 + 1e-6) and actual <= best * (1 + 1e-3)
+    again = merging.truncated_factors(dW, k, seed=2, module="layers.0.q_proj")
+    assert torch.equal(again[0], B) and torch.equal(again[1], A) and again[2] == rel
+    other = merging.truncated_factors(dW, k, seed=3, module="layers.0.q_proj")  # (another sketch, as good)
+    assert not torch.equal(other[0], B) and abs(other[2] - best) <= 1e-3 * best
+
+
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare_draws_from_a_generator_of_its_own(method):
     """DARE's mask is PEFT's (merge_utils.dare_* after torch.manual_seed(module_seed), the same bits)
