@@ -1069,6 +1069,53 @@ def test_fetches_and_reads_of_one_set_at_once(tmp_path: Path, monkeypatch: pytes
     assert sorted(p.name for p in (tmp_path / "cache" / "sets").iterdir()) == [".lock", "hex-phi"]
 
 
+def test_an_interrupt_during_a_fetchs_swap_keeps_a_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C (or SIGTERM) between the swap's two renames left neither set in place, the old one
+    in a hidden folder no message named (review188): it waits for the swap, then ends the fetch,
+    and the new set is in place; a killed fetch's hidden copy goes at the next fetch."""
+    import signal
+
+    monkeypatch.setenv("SAFEMERGE_DATA", str(tmp_path / "cache"))
+    for tag in "ab":
+        (tmp_path / f"{tag}.txt").write_text(f"{tag} request\n")
+    data.fetch("hex-phi", source_files=[str(tmp_path / "a.txt")])
+    left = tmp_path / "cache" / "sets" / ".hex-phi.old-deadbeef"
+    left.mkdir()
+    real = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # (a Ctrl-C between the two renames)
+        return real(src, dst)
+
+    monkeypatch.setattr(data.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        data.fetch("hex-phi", source_files=[str(tmp_path / "b.txt")])
+    assert len(calls) == 2
+    monkeypatch.setattr(data.os, "replace", real)
+    assert data.read_set("hex-phi") == ["b request"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "sets").iterdir()) == [".lock", "hex-phi"]
+
+
+def test_a_fifo_for_the_lock_file_is_not_waited_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening the cache's lock file does not wait on a FIFO put there (review188: data list and
+    fetch hung for good)."""
+    import threading
+
+    monkeypatch.setenv("SAFEMERGE_DATA", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "sets").mkdir(parents=True)
+    os.mkfifo(tmp_path / "cache" / "sets" / ".lock")
+    (tmp_path / "a.txt").write_text("a request\n")
+    done: list[object] = []
+    work = threading.Thread(target=lambda: done.append((data.status(), data.fetch("hex-phi", source_files=[
+        str(tmp_path / "a.txt")]), data.read_set("hex-phi"))), daemon=True)
+    work.start()
+    work.join(timeout=20)
+    assert not work.is_alive() and done and done[0][2] == ["a request"]
+
+
 def test_prompt_file_encoding_bom_and_null(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """A non-UTF-8 file names itself and the line; a byte-order mark is dropped from .txt and .jsonl;
     a null or numeric prompt is an error naming its line; U+2028 inside a JSON string splits nothing."""

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -1286,10 +1287,10 @@ def test_force_never_deletes_what_appeared_at_out_during_the_run(tmp_path, capsy
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["out"]  # (no temporary, no folder moved aside)
     if refuse:
+        why = " (no safemerge_report.json in it)" if appeared == "folder" else ""
         assert str(refused.value) == (
-            f"--out {out} appeared while this run was writing and is no earlier output (no safemerge_report.json "
-            "in it): --force would delete all of it, so nothing was replaced; remove it yourself or choose another "
-            "path")
+            f"--out {out} appeared while this run was writing and is no earlier output{why}: --force would delete "
+            "all of it, so nothing was replaced; remove it yourself or choose another path")
         if appeared == "file":
             assert out.read_text() == "mine"
         else:
@@ -1315,13 +1316,87 @@ def test_a_second_run_for_an_output_being_written_is_refused(tmp_path, capsys):
                 with staged_dir(out, force=force) as second:
                     pytest.fail("a second run wrote into the output")
             assert str(refused.value) == (f"--out {out}: another run is writing it now (in {first}); wait for it to "
-                                          "finish, or choose another path")
+                                          "finish (then pass --force to replace its output), or choose another path")
         assert capsys.readouterr().err == ""  # (the first run's temporary is no leftover)
         assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # (the second's taken back)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "safemerge_report.json").is_file()
     with staged_dir(out, force=True) as second:  # (once the first is done, --force replaces its output)
         (second / "f").write_text("x")
     assert sorted(p.name for p in out.iterdir()) == ["f"] and capsys.readouterr().err == ""
+    from safemerge_ext.io import output
+
+    assert output._held == {}  # (every folder held let go: the temporaries, the output moved aside)
+
+
+def test_two_runs_that_start_writing_at_once_one_goes_on(tmp_path, monkeypatch):
+    """Two runs that started writing one output at the same moment each saw the other's temporary
+    and both were refused (review188: 4 of 30): each lets go and looks again once, after a random
+    moment, so that one of them writes the output and the other is refused. (Each holds its
+    temporary before either looks: the moment made exact.)"""
+    import threading
+
+    from safemerge_ext.io import output
+
+    real_hold = output.hold
+    for round_ in range(4):
+        out = tmp_path / f"out{round_}"
+        both_held = threading.Barrier(2)
+        first = threading.local()
+        results: list[str] = []
+
+        def hold(folder):
+            real_hold(folder)
+            if not getattr(first, "done", False):
+                first.done = True
+                both_held.wait(timeout=10)
+
+        monkeypatch.setattr(output, "hold", hold)
+
+        def run(tag: str) -> None:
+            try:
+                with output.staged_dir(out, force=True) as tmp:
+                    (tmp / "f").write_text(tag)
+                    time.sleep(0.5)  # (still writing when the other looks again)
+                results.append("wrote")
+            except SafeMergeError as exc:
+                results.append("refused" if "another run is writing it now" in str(exc) else str(exc))
+
+        threads = [threading.Thread(target=run, args=(t,)) for t in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == ["refused", "wrote"], results
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".out{round_}")) == []
+    assert output._held == {}
+
+
+def test_a_forked_child_does_not_hold_its_parents_temporary(tmp_path):
+    """A child forked inside a run (a library caller's multiprocessing worker) kept the run's lock
+    after the parent was killed, and every later run was refused (review188): the child closes
+    its copies; the parent's hold stays."""
+    from safemerge_ext.io import output
+
+    with output.staged_dir(tmp_path / "out", force=False) as tmp:
+        pid = os.fork()
+        if pid == 0:  # (the child: nothing held here, and closing its copies left the parent's lock)
+            os._exit(0 if output._held == {} else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert output._live(tmp) and str(tmp) in output._held
+
+
+def test_a_name_cut_short_is_not_taken_for_another_outputs(tmp_path):
+    """Names near the limit are cut short in their temporaries, so two outputs can share a prefix
+    (review188): a run for one is not refused while a run for the other writes."""
+    from safemerge_ext.io import output
+
+    a, b = tmp_path / ("x" * 250 + "_a"), tmp_path / ("x" * 250 + "_b")
+    with output.staged_dir(a, force=False) as tmp:
+        (tmp / "f").write_text("a")
+        with output.staged_dir(b, force=False) as other:
+            (other / "f").write_text("b")
+    assert (a / "f").read_text() == "a" and (b / "f").read_text() == "b"
 
 
 def test_a_killed_processes_temporary_is_named_a_leftover(tmp_path, capsys):

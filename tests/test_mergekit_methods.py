@@ -2846,6 +2846,22 @@ cli.yaml_main()
 """
 
 
+def test_safemerge_yaml_lets_go_of_its_folders(pico, tmp_path, capsys):
+    """The hidden folders a run holds (its LoRA folds, its temporary) are let go once it is done:
+    a later run in the process (a notebook, a sweep) is not refused, nor are descriptors kept."""
+    from safemerge_ext.io import output
+    from safemerge_ext.yaml_cli import main as yaml_main
+
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}")
+    recipe_file = _write(cfg, tmp_path / "r.yml")
+    for force in ([], ["--force"]):
+        with pytest.raises(SystemExit) as done:
+            yaml_main([str(recipe_file), str(tmp_path / "out"), "--no-copy-tokenizer", *force])
+        assert done.value.code in (0, None), capsys.readouterr().err
+        assert output._held == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yml"]
+
+
 @pytest.mark.parametrize("where", ["made", "deleting"])
 def test_safemerge_yaml_ctrl_c_at_its_lora_folder_leaves_nothing(pico, tmp_path, where):
     """A Ctrl-C as safemerge-yaml makes its hidden folder of LoRA folds, or while it deletes it,

