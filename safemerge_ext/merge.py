@@ -152,12 +152,20 @@ def truncated_factors(dW: torch.Tensor, rank: int, *, seed: int = 0, module: str
     if min(dW.shape) <= EXACT_SVD_MAX_SIDE or 2 * (k + _OVERSAMPLE) >= min(dW.shape):
         U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
         total = float(S.double().square().sum())
-    else:
-        U, S, Vh = _randomized_svd(dW, k + _OVERSAMPLE, module_seed(seed, module))
-        total = sum(float(dW[i:i + 1024].double().square().sum()) for i in range(0, dW.shape[0], 1024))
-    kept = float(S[:k].double().square().sum())
-    rel = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
-    return U[:, :k] * S[:k], Vh[:k].contiguous(), rel
+        rel = math.sqrt(float(S[k:].double().square().sum()) / total) if total > 0 else 0.0
+        return U[:, :k] * S[:k], Vh[:k].contiguous(), rel
+    # (the sketch's own stream: not DARE's mask's, which made dW)
+    U, S, Vh = _randomized_svd(dW, k + _OVERSAMPLE, module_seed(seed, f"{module}/svd"))
+    B, A = U[:, :k] * S[:k], Vh[:k].contiguous()
+    # the factors' own error, in float64 a block of rows at a time (||dW||^2 - sum S_k^2 would lose
+    # the small errors to the fp32 singular values' rounding: review189)
+    total = err = 0.0
+    A64 = A.double()
+    for i in range(0, dW.shape[0], 1024):
+        rows = dW[i:i + 1024].double()
+        total += float(rows.square().sum())
+        err += float((rows - B[i:i + 1024].double() @ A64).square().sum())
+    return B, A, (math.sqrt(err / total) if total > 0 else 0.0)
 
 
 def _randomized_svd(dW: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import heapq
 import math
 import numbers
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -813,10 +814,12 @@ def _whole_update_memory(layer: Layer, method: str) -> Iterator[None]:
                 or ("allocate" in str(exc) and "memory" in str(exc))):
             raise
         d_out, d_in = layer.shape
+        asked = re.search(r"allocate (\d+) bytes", str(exc))  # (torch's words: kept, a size out of line shows a bug)
+        more = f", {int(asked[1]) / 1e9:.1f} GB asked for at once" if asked else ""
         raise SafeMergeError(
             f"module {layer.module} ({d_out}x{d_in}): out of memory forming its {method} merge, which holds the whole "
-            f"update in fp32 several times over (about {15 * 4 * d_out * d_in / 1e9:.1f} GB); run it on a machine "
-            "with more memory, or use --method linear, which merges the factors; nothing was written") from None
+            f"update in fp32 several times over (about {15 * 4 * d_out * d_in / 1e9:.1f} GB{more}); run it on a "
+            "machine with more memory, or use --method linear, which merges the factors; nothing was written") from None
 
 
 @_closes_files
@@ -864,6 +867,8 @@ def merge(
 
     def merged_update(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(full dW or None, B, A) of a flagged layer's merged update (fp32)."""
+        if settings.method in ("linear", merging.PEFT_LINEAR):  # (factors: nothing whole)
+            return _merged_update(layer)
         with _whole_update_memory(layer, settings.method):
             return _merged_update(layer)
 
