@@ -1115,7 +1115,11 @@ def test_a_signal_inside_a_del_method_waits_until_it_is_over():
                 r = Reader()
                 del r
                 gc.collect()
-                time.sleep(0.5)  # (the signal, sent again, lands here)
+                # (the signal, sent again 10 ms later from a timer thread, lands here: given 5 s, as a
+                # loaded CI machine once took more than the 0.5 s this waited)
+                deadline = time.monotonic() + 5.0
+                while time.monotonic() < deadline:
+                    time.sleep(0.05)
     finally:
         sys.unraisablehook = hook
     assert unraisable == [] and finished, [u.exc_value for u in unraisable]
