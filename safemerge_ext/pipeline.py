@@ -867,12 +867,6 @@ def merge(
 
     def merged_update(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(full dW or None, B, A) of a flagged layer's merged update (fp32)."""
-        if settings.method in ("linear", merging.PEFT_LINEAR):  # (factors: nothing whole)
-            return _merged_update(layer)
-        with _whole_update_memory(layer, settings.method):
-            return _merged_update(layer)
-
-    def _merged_update(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         t, s = layer.task, layer.safety
         if settings.method == "linear":
             B, A = merging.concat_lora(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha)
@@ -880,8 +874,9 @@ def merge(
         if settings.method == merging.PEFT_LINEAR:
             B, A = merging.peft_linear(t.B, t.A, t.scaling, s.B, s.A, s.scaling, settings.alpha, scale=peft_scale)
             return None, B, A
-        dW = merging.combine_full(t.delta(), s.delta(), alpha=settings.alpha, method=settings.method,
-                                  density=settings.density, seed=settings.seed, module=layer.module)
+        with _whole_update_memory(layer, settings.method):
+            dW = merging.combine_full(t.delta(), s.delta(), alpha=settings.alpha, method=settings.method,
+                                      density=settings.density, seed=settings.seed, module=layer.module)
         return dW, None, None
 
     def merged_module(layer: Layer, rec: LayerRecord) -> OutModule:
