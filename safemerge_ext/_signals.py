@@ -13,7 +13,10 @@ plot's background import, the read-ahead) waits forever; inside a module's initi
 C code importing numpy) it can be swallowed, the run going on to exit 0, or leave a module
 half-initialized. A signal that arrives then is delivered again a moment later, until the import
 is done (or ``PATIENCE_S`` has passed: an import that hangs does not make the process deaf to
-Ctrl-C). One that is swallowed all the same is raised again at the commands' checkpoints
+Ctrl-C). One raised in a callback from C that these checks cannot see (a library's weakref callback,
+a generator closed as it is collected, both run by the garbage collector wherever the main thread
+is) reaches ``sys.unraisablehook`` instead of being printed and dropped: it is delivered again a
+moment later too. One that is swallowed all the same is raised again at the commands' checkpoints
 (:func:`raise_pending`)."""
 
 from __future__ import annotations
@@ -169,34 +172,60 @@ def pending_signal() -> int | None:
 
 
 def raise_pending() -> None:
-    """Raise again a signal whose exception the code it landed in swallowed (a weakref callback, a
-    library calling back into Python from C: both print it and go on), so that no Ctrl-C or SIGTERM
-    is lost: the commands call this per layer, and before an output is put in place. A no-op
-    outside :func:`sigterm_as_interrupt` (leaving it forgets what the run did not act on)."""
+    """Raise again a signal whose exception the code it landed in swallowed (a library calling back
+    into Python from C that catches what it calls), so that no Ctrl-C or SIGTERM is lost: the
+    commands call this per layer, and before an output is put in place. A re-send of it on its way
+    is called off (this is its delivery: a second one would cut short the clean-up it starts). A
+    no-op outside :func:`sigterm_as_interrupt` (leaving it forgets what the run did not act on)."""
     if _raised:
         signum = _raised[-1]
         _raised.clear()
+        timer = _timers.pop(signum, None)
+        if timer is not None:
+            timer.cancel()
         raise Terminated(signum) if signum in ENDING else KeyboardInterrupt()
+
+
+def _dropping(previous: Callable[[object], object]) -> Callable[[object], None]:
+    """A ``sys.unraisablehook`` that sends again, a moment later, an interrupt of this run that C code
+    is about to print and drop (raised into a callback it ran: see the module's docstring), and
+    hands anything else to ``previous``."""
+
+    def hook(unraisable: object) -> None:
+        exc = getattr(unraisable, "exc_value", None)
+        if (isinstance(exc, KeyboardInterrupt) and _raised and _signum(exc) == _raised[-1]
+                and threading.current_thread() is threading.main_thread()):
+            _again_later(_signum(exc))
+            return
+        previous(unraisable)
+
+    return hook
 
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """While inside, SIGTERM and SIGHUP raise :class:`Terminated` (where nobody else has a
     handler for them: one ignored, ``nohup``'s SIGHUP, stays ignored), and SIGINT raises
-    KeyboardInterrupt as Python's own handler does, all outside imports and callbacks from C only
-    (see above); only in the main thread, where Python delivers signals."""
+    KeyboardInterrupt as Python's own handler does, all outside imports and callbacks from C only,
+    and one that C code drops is sent again (see above); only in the main thread, where Python
+    delivers signals."""
     main = threading.current_thread() is threading.main_thread()
     ours = {sig: handler for sig, handler, theirs in (*((sig, _raise, (signal.SIG_DFL, None)) for sig in ENDING),
                                                      (signal.SIGINT, _interrupt, (signal.default_int_handler,)))
             if main and signal.getsignal(sig) in theirs}
     previous = {sig: signal.signal(sig, handler) for sig, handler in ours.items()}
+    theirs_hook = sys.unraisablehook
+    hook = _dropping(theirs_hook) if ours else None
     if ours:
         _forget_waiting()
+        sys.unraisablehook = hook
     try:
         yield
     finally:
         if ours:
             _forget_waiting()  # (what the run did not act on stays with it)
+            if sys.unraisablehook is hook:  # (one set inside since stays: it is the newer)
+                sys.unraisablehook = theirs_hook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
