@@ -44,10 +44,10 @@ class Terminated(KeyboardInterrupt):
 
 # (the modules' names, frozen or not: -X frozen_modules=off runs them from their .py files), and
 # the callbacks that C code runs and whose exceptions it prints and drops: isinstance's ABC checks,
-# weakref finalizers
+# weakref finalizers, WeakSet's and WeakValueDictionary's removals
 _IMPORT_MACHINERY = frozenset({"importlib._bootstrap", "importlib._bootstrap_external",
                                "_frozen_importlib", "_frozen_importlib_external"})
-_CALLED_FROM_C = frozenset({"abc", "_py_abc", "weakref"})
+_CALLED_FROM_C = frozenset({"abc", "_py_abc", "weakref", "_weakrefset"})
 _DEFER_IN = _IMPORT_MACHINERY | _CALLED_FROM_C
 RETRY_S = 0.01  # how soon a signal that came during an import is delivered again
 PATIENCE_S = 10.0  # how long a signal waits for an import to end before it is raised anyway
@@ -61,13 +61,17 @@ def _importing(frame: object) -> bool:
     while frame is not None:
         if getattr(frame, "f_globals", {}).get("__name__") in _DEFER_IN:
             return True
-        if getattr(getattr(frame, "f_code", None), "co_name", None) == "__del__":
+        code = getattr(frame, "f_code", None)
+        if getattr(code, "co_name", None) == "__del__" or code is _HOOK_CODE:
             return True
         frame = getattr(frame, "f_back", None)
     return False
 
 
-_timers: dict[int, threading.Timer] = {}  # signal -> the re-send on its way
+_timers: dict[int, threading.Timer] = {}  # signal -> the re-send waiting to go
+_in_flight: set[int] = set()  # re-sent (by a timer), not arrived yet
+_called_off: set[int] = set()  # in flight when the interrupt was delivered otherwise: its arrival is ignored
+_lock = threading.RLock()  # (reentrant: the handler can run in the main thread while it holds it)
 # (Windows' os.kill is TerminateProcess for any signal but CTRL_C_EVENT/CTRL_BREAK_EVENT: the
 # re-send there goes through interrupt_main, which runs the signal's Python handler in the main thread)
 _RESEND_BY_KILL = os.name != "nt"
@@ -81,7 +85,11 @@ def _again_later(signum: int) -> None:
         return
 
     def fire() -> None:
-        _timers.pop(signum, None)  # (before the signal: its handler may need to wait again)
+        with _lock:
+            if _timers.get(signum) is not timer:  # (called off as it was due)
+                return
+            del _timers[signum]  # (before the signal: its handler may need to wait again)
+            _in_flight.add(signum)
         if _RESEND_BY_KILL:
             os.kill(os.getpid(), signum)
         else:
@@ -94,12 +102,35 @@ def _again_later(signum: int) -> None:
     timer.start()
 
 
+def _call_off(*signums: int) -> None:
+    """These interrupts are delivered (or the run is over): a re-send of one still to go is called
+    off, and one already sent is ignored when it lands (a second KeyboardInterrupt would cut short
+    the clean-up the first one started)."""
+    with _lock:
+        for signum in signums:
+            timer = _timers.pop(signum, None)
+            if timer is not None:
+                timer.cancel()
+            if signum in _in_flight:
+                _called_off.add(signum)
+
+
+def _arrived(signum: int) -> bool:
+    """The handler's first step: whether this arrival of ``signum`` is to be acted on (not a re-send
+    called off after it was sent)."""
+    with _lock:
+        _in_flight.discard(signum)
+        if signum in _called_off:
+            _called_off.discard(signum)
+            return False
+    return True
+
+
 def _forget_waiting() -> None:
     """The run is over: re-sends still on their way are called off (they would land in whatever
     the process runs next, a host program's code), and nothing is pending."""
-    for timer in list(_timers.values()):
-        timer.cancel()
-    _timers.clear()
+    with _lock:
+        _call_off(*_timers, *_in_flight)
     _waiting.clear()
     _raised.clear()
 
@@ -123,13 +154,15 @@ def acted_on() -> None:
 
 
 def _raise(signum: int, frame: object) -> None:
-    if not _deferred(signum, frame):
+    if _arrived(signum) and not _deferred(signum, frame):
+        _call_off(signum)  # (a re-send of an earlier one is the same request)
         _raised.append(signum)
         raise Terminated(signum)
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    if not _deferred(signum, frame):
+    if _arrived(signum) and not _deferred(signum, frame):
+        _call_off(signum)
         _raised.append(signum)
         raise KeyboardInterrupt()
 
@@ -180,9 +213,7 @@ def raise_pending() -> None:
     if _raised:
         signum = _raised[-1]
         _raised.clear()
-        timer = _timers.pop(signum, None)
-        if timer is not None:
-            timer.cancel()
+        _call_off(signum)
         raise Terminated(signum) if signum in ENDING else KeyboardInterrupt()
 
 
@@ -202,6 +233,9 @@ def _dropping(previous: Callable[[object], object]) -> Callable[[object], None]:
     return hook
 
 
+_HOOK_CODE = _dropping(print).__code__  # (a signal that lands in the hook waits for it to end)
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """While inside, SIGTERM and SIGHUP raise :class:`Terminated` (where nobody else has a
@@ -218,16 +252,21 @@ def sigterm_as_interrupt() -> Iterator[None]:
     hook = _dropping(theirs_hook) if ours else None
     if ours:
         _forget_waiting()
+        with _lock:
+            _in_flight.clear()  # (a new run: what an earlier one sent has landed, or never will)
+            _called_off.clear()
         sys.unraisablehook = hook
     try:
         yield
     finally:
-        if ours:
-            _forget_waiting()  # (what the run did not act on stays with it)
-            if sys.unraisablehook is hook:  # (one set inside since stays: it is the newer)
+        try:
+            if ours:
+                _forget_waiting()  # (what the run did not act on stays with it)
+        finally:  # (a re-send that fires as the run ends is raised here: the handlers still go back)
+            if ours and sys.unraisablehook is hook:  # (one set inside since stays: it is the newer)
                 sys.unraisablehook = theirs_hook
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 @contextmanager

@@ -1141,8 +1141,8 @@ def _collected_with(callback):
 def test_a_signal_landing_in_a_callback_the_collector_runs_is_raised_after_it():
     """A Ctrl-C re-sent after a __del__ that lands in a library's weakref callback, run by the
     collector (a full collection after many tests is longer than the 10 ms the re-send waits), is
-    not printed and dropped: it comes again and is raised once the callback is done (CI lost it so:
-    DID NOT RAISE in the test above, 2 of 7 runs)."""
+    not printed and dropped: it comes again and is raised after the callback (CI lost it so: DID
+    NOT RAISE in the test above, 2 of 7 runs)."""
     import gc
     import signal
     import sys
@@ -1150,8 +1150,9 @@ def test_a_signal_landing_in_a_callback_the_collector_runs_is_raised_after_it():
 
     from safemerge_ext._signals import sigterm_as_interrupt
 
-    unraisable, finished = [], []
+    unraisable = []
     hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    collecting = gc.isenabled()
 
     class Reader:
         def __del__(self):
@@ -1159,37 +1160,56 @@ def test_a_signal_landing_in_a_callback_the_collector_runs_is_raised_after_it():
 
     def slow(ref):
         time.sleep(0.5)  # (the re-send lands in here)
-        finished.append(sum(range(10000)))
 
+    gc.disable()  # (the callback runs in the collection below, not in one before the __del__)
     try:
         with pytest.raises(KeyboardInterrupt):
             with sigterm_as_interrupt():
                 ref = _collected_with(slow)
                 r = Reader()
                 del r
+                assert ref() is not None
                 gc.collect()
                 deadline = time.monotonic() + 5.0
                 while time.monotonic() < deadline:
                     time.sleep(0.05)
     finally:
         sys.unraisablehook = hook
+        if collecting:
+            gc.enable()
     assert ref() is None and unraisable == [], [u.exc_value for u in unraisable]
 
 
-def test_a_dropped_signal_raised_at_a_checkpoint_is_not_sent_again():
-    """A Ctrl-C dropped by C code is sent again a moment later, unless a checkpoint (raise_pending)
-    raises it first: then the run's clean-up is not cut short by a second one. A hook set inside
-    the run stays; the one from before comes back after it."""
+@pytest.mark.parametrize("delivered_by", ["checkpoint", "second Ctrl-C", "checkpoint, re-send sent"])
+def test_a_dropped_signal_delivered_otherwise_is_not_sent_again(monkeypatch, delivered_by):
+    """A Ctrl-C dropped by C code is sent again a moment later, unless it is delivered first: by a
+    checkpoint (raise_pending), by a second Ctrl-C (the same request), or by a checkpoint while the
+    re-send is already sent (it is ignored when it lands). The run's clean-up is not cut short by a
+    second KeyboardInterrupt (review190). A hook set inside the run stays; the one from before comes
+    back after it."""
     import gc
     import signal
     import sys
+    import threading
     import time
 
+    from safemerge_ext import _signals
     from safemerge_ext._signals import raise_pending, sigterm_as_interrupt
 
     unraisable, seen = [], []
     sink = unraisable.append
     hook, sys.unraisablehook = sys.unraisablehook, sink
+    go, kill = threading.Event(), os.kill
+
+    def late_kill(pid, signum):  # (the timer thread, past its check, sends the signal late)
+        go.wait(10)
+        kill(pid, signum)
+
+    if delivered_by == "checkpoint, re-send sent":
+        monkeypatch.setattr(_signals.os, "kill", late_kill)
+    else:
+        monkeypatch.setattr(_signals, "RETRY_S", 5.0)  # (the re-send cannot come first)
+        go.set()
 
     def ctrl_c(ref):
         signal.raise_signal(signal.SIGINT)  # (raised in the callback, dropped by the collector)
@@ -1197,12 +1217,25 @@ def test_a_dropped_signal_raised_at_a_checkpoint_is_not_sent_again():
 
     try:
         with sigterm_as_interrupt():
-            ref = _collected_with(ctrl_c)
-            gc.collect()
-            with pytest.raises(KeyboardInterrupt):
-                raise_pending()
             try:
-                time.sleep(0.5)  # (the clean-up: no second KeyboardInterrupt lands in it)
+                ref = _collected_with(ctrl_c)
+                gc.collect()
+                assert signal.SIGINT in {*_signals._timers, *_signals._in_flight}, unraisable
+                if delivered_by == "second Ctrl-C":
+                    with pytest.raises(KeyboardInterrupt):
+                        signal.raise_signal(signal.SIGINT)
+                elif delivered_by == "checkpoint":
+                    with pytest.raises(KeyboardInterrupt):
+                        raise_pending()
+                else:
+                    deadline = time.monotonic() + 5.0
+                    while signal.SIGINT not in _signals._in_flight and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    with pytest.raises(KeyboardInterrupt):
+                        raise_pending()
+                    go.set()
+                assert _signals._timers == {}  # (called off)
+                time.sleep(0.3)  # (the clean-up: no second KeyboardInterrupt lands in it)
             except KeyboardInterrupt:
                 seen.append("a second Ctrl-C")
         assert sys.unraisablehook is sink
@@ -1211,7 +1244,68 @@ def test_a_dropped_signal_raised_at_a_checkpoint_is_not_sent_again():
         assert sys.unraisablehook is print
     finally:
         sys.unraisablehook = hook
+        go.set()
     assert ref() is None and seen == [] and unraisable == [], [u.exc_value for u in unraisable]
+
+
+def test_a_signal_landing_in_the_unraisable_hook_is_raised_after_it():
+    """A Ctrl-C that lands while the hook reports another callback's error (Python drops whatever an
+    unraisable hook raises) waits for the hook to end, and is raised after it (review190)."""
+    import gc
+    import signal
+    import sys
+    import time
+
+    from safemerge_ext._signals import sigterm_as_interrupt
+
+    reported = []
+
+    def sink(unraisable):
+        reported.append(unraisable.exc_type)
+        signal.raise_signal(signal.SIGINT)  # (Ctrl-C while the error is printed)
+
+    def broken(ref):
+        raise ValueError("a library's callback fails")
+
+    hook, sys.unraisablehook = sys.unraisablehook, sink
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigterm_as_interrupt():
+                ref = _collected_with(broken)
+                gc.collect()
+                deadline = time.monotonic() + 5.0
+                while time.monotonic() < deadline:
+                    time.sleep(0.05)
+    finally:
+        sys.unraisablehook = hook
+    assert ref() is None and reported == [ValueError]
+
+
+def test_an_interrupt_as_the_run_ends_still_puts_the_handlers_back(monkeypatch):
+    """A re-send that fires as the run ends (raised inside sigterm_as_interrupt's own clean-up)
+    ends the run, and Python's handlers and the unraisable hook are back all the same (review190)."""
+    import signal
+    import sys
+
+    from safemerge_ext import _signals
+    from safemerge_ext._signals import sigterm_as_interrupt
+
+    forget, calls = _signals._forget_waiting, []
+
+    def landing():
+        calls.append(1)
+        forget()
+        if len(calls) == 2:
+            raise KeyboardInterrupt()  # (the signal, landing in the run's last lines)
+
+    monkeypatch.setattr(_signals, "_forget_waiting", landing)
+    hook = sys.unraisablehook
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGINT) is _signals._interrupt
+    assert len(calls) == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and sys.unraisablehook is hook
 
 
 def test_score_interrupt_between_its_two_files_replaces_both(fx, tmp_path, monkeypatch, capsys):
