@@ -2,9 +2,10 @@
 ``safemerge_ext._cpu`` extension (csrc/cpu_ops.cpp), which reads fp32/fp16/bf16 weights in place
 through their data pointers and never stores V.
 
-The full-rank ops (``fullrank_sums``, ``project_full``) are GEMM-shaped, so here they are blocked
-BLAS matmuls from torch that form V and dW one block at a time: memory stays at a few blocks and
-the speed is the BLAS's. The contract is the one written out in ``safemerge_ext.reference``.
+The full-rank ops (``fullrank_sums``, ``project_full``) are GEMM-shaped, so here they are the
+reference's blocked BLAS matmuls (``reference.fullrank_blocks``), which form V and dW one block at a
+time: memory stays at a few blocks and the speed is the BLAS's. The contract is the one written out
+in ``safemerge_ext.reference``.
 """
 
 from __future__ import annotations
@@ -160,33 +161,6 @@ def lowrank_traces(T: torch.Tensor, P: torch.Tensor, lora_A: torch.Tensor, lora_
                                DTYPE_CODE[A.dtype], d_out, d_in, r, torch.get_num_threads())
 
 
-def _blocks(n: int, size: int):
-    for i0 in range(0, n, size):
-        yield i0, min(i0 + size, n)
-
-
-def _fullrank_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, sums: dict[str, float]):
-    """Yield (J, M_J, row_block_N) over column blocks J of dW: M_J = V^T dW[:, J] is accumulated
-    over row blocks of V and dW (BLAS addmm), then N[:, J] = V M_J is produced one row block at a
-    time. Memory: M_J (at most _M_BYTES) plus a few row blocks (and float64 sums taken a few rows at a
-    time); V, dW and C are never formed whole.
-    ``sums`` receives ||V||^2 ("vsq") and ||dW||^2 ("d2") as float64 sums."""
-    d_out, d_in = wa.shape
-    cols = max(_MIN_COLS, min(d_in, _M_BYTES // (4 * max(d_in, 1))))
-    sums["vsq"] = sums["d2"] = 0.0
-    for j0, j1 in _blocks(d_in, cols):
-        M = torch.zeros(d_in, j1 - j0, dtype=torch.float32)
-        for i0, i1 in _blocks(d_out, _ROW_BLOCK):
-            V = reference._v_block(wa, wu, i0, i1)
-            D = delta[i0:i1, j0:j1].float()
-            M.addmm_(V.t(), D)
-            if j0 == 0:
-                sums["vsq"] += reference._square_sum(V)
-            sums["d2"] += reference._square_sum(D)
-        yield slice(j0, j1), M, ((i0, i1, reference._v_block(wa, wu, i0, i1) @ M) for i0, i1 in _blocks(d_out, _ROW_BLOCK))
-        del M  # (the caller drops its references too: one M_J at a time, not two)
-
-
 def _checked_delta(wa: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     if delta.shape != wa.shape:
         raise ValueError(f"delta has shape {tuple(delta.shape)} but the weights {tuple(wa.shape)}")
@@ -195,30 +169,17 @@ def _checked_delta(wa: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+def _sizes() -> dict[str, int]:
+    return {"row_block": _ROW_BLOCK, "m_bytes": _M_BYTES, "min_cols": _MIN_COLS}
+
+
 def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float, float]:
     """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 from blocked BLAS matmuls (float64 sums)."""
     wa, wu = check_weights(wa, wu, NAME, "cpu")
-    delta = _checked_delta(wa, delta)
-    m2 = n2 = 0.0
-    sums: dict[str, float] = {}
-    for _, M, rows in _fullrank_blocks(wa, wu, delta, sums):
-        m2 += reference._square_sum(M)
-        for _, _, N in rows:
-            n2 += reference._square_sum(N)
-            del N
-        del M, rows
-    return m2, n2, sums["d2"], sums["vsq"]
+    return reference.fullrank_sums(wa, wu, _checked_delta(wa, delta), **_sizes())
 
 
 def project_full(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, float]:
     """N = V (V^T dW) in fp32 (C dW times ||V||) and ||V||^2, with the blocks of :func:`fullrank_sums`."""
     wa, wu = check_weights(wa, wu, NAME, "cpu")
-    delta = _checked_delta(wa, delta)
-    out = torch.empty(wa.shape, dtype=torch.float32)
-    sums: dict[str, float] = {}
-    for J, M, rows in _fullrank_blocks(wa, wu, delta, sums):
-        for i0, i1, N in rows:
-            out[i0:i1, J] = N
-            del N
-        del M, rows
-    return out, sums["vsq"]
+    return reference.project_full(wa, wu, _checked_delta(wa, delta), **_sizes())

@@ -26,8 +26,12 @@ import torch
 NAME = "torch"
 # Rows of V formed at once: 256 x 14336 fp32 is 14 MiB, small next to the inputs.
 _ROW_BLOCK = 256
-# Columns of dW handled at once in the full-rank path: bounds M = V^T dW[:, J] to d_in x 256.
+# Columns of dW handled at once by the float64 rescoring (fullrank_sums64: 4 x this).
 _COL_BLOCK = 256
+# Full-rank path: the budget for M_J = V^T dW[:, J] (d_in x |J| fp32), which sets the column block;
+# at least 256 columns.
+_M_BYTES = 64 << 20
+_MIN_COLS = 256
 
 
 def detail() -> str:
@@ -84,25 +88,48 @@ def lowrank_traces(T: torch.Tensor, P: torch.Tensor, lora_A: torch.Tensor, lora_
     return (float(((T.t() @ T) * G).sum()), float(((P.t() @ P) * G).sum()), float(((B.t() @ B) * G).sum()))
 
 
-def _vt_v_dw_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor):
-    """Yield (J, M_J, N_J) with M_J = V^T dW[:, J] and N_J = V M_J for column blocks J."""
-    V = wa.float() - wu.float()
-    d_in = wa.shape[1]
-    for j0 in range(0, d_in, _COL_BLOCK):
-        j1 = min(j0 + _COL_BLOCK, d_in)
-        D = delta[:, j0:j1].float()
-        M = V.t() @ D
-        yield slice(j0, j1), D, M, V @ M
+def _blocks(n: int, size: int):
+    for i0 in range(0, n, size):
+        yield i0, min(i0 + size, n)
 
 
-def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float, float]:
-    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 in float64 sums over column blocks."""
-    m2 = n2 = d2 = 0.0
-    for _, D, M, N in _vt_v_dw_blocks(wa, wu, delta):
-        m2 += float(_sq(M))
-        n2 += float(_sq(N))
-        d2 += float(_sq(D))
-    return m2, n2, d2, _vsq(wa, wu)
+def fullrank_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, sums: dict[str, float], *,
+                    row_block: int | None = None, m_bytes: int | None = None, min_cols: int | None = None):
+    """Yield (J, M_J, row_blocks_of_N) over column blocks J of dW: M_J = V^T dW[:, J] is accumulated
+    over row blocks of V and dW (addmm), then N[:, J] = V M_J is produced one row block at a time.
+    Memory: M_J (at most ``m_bytes``) plus a few row blocks (and float64 sums taken a few rows at a
+    time); V, dW and C are never formed whole. ``sums`` receives ||V||^2 ("vsq") and ||dW||^2 ("d2")
+    as float64 sums. The C++ backend's full-rank ops are these blocks too (with its own sizes)."""
+    row_block, m_bytes = row_block or _ROW_BLOCK, m_bytes or _M_BYTES
+    d_out, d_in = wa.shape
+    cols = max(min_cols or _MIN_COLS, min(d_in, m_bytes // (4 * max(d_in, 1))))
+    sums["vsq"] = sums["d2"] = 0.0
+    for j0, j1 in _blocks(d_in, cols):
+        M = torch.zeros(d_in, j1 - j0, dtype=torch.float32, device=wa.device)
+        for i0, i1 in _blocks(d_out, row_block):
+            V = _v_block(wa, wu, i0, i1)
+            D = delta[i0:i1, j0:j1].float()
+            M.addmm_(V.t(), D)
+            if j0 == 0:
+                sums["vsq"] += _square_sum(V)
+            sums["d2"] += _square_sum(D)
+        yield slice(j0, j1), M, ((i0, i1, _v_block(wa, wu, i0, i1) @ M) for i0, i1 in _blocks(d_out, row_block))
+        del M  # (the caller drops its references too: one M_J at a time, not two)
+
+
+def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor,
+                  **sizes: int) -> tuple[float, float, float, float]:
+    """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 in float64 sums over the blocks of
+    :func:`fullrank_blocks` (``sizes``: its block sizes)."""
+    m2 = n2 = 0.0
+    sums: dict[str, float] = {}
+    for _, M, rows in fullrank_blocks(wa, wu, delta, sums, **sizes):
+        m2 += _square_sum(M)
+        for _, _, N in rows:
+            n2 += _square_sum(N)
+            del N
+        del M, rows
+    return m2, n2, sums["d2"], sums["vsq"]
 
 
 def fullrank_sums64(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float]:
@@ -131,9 +158,14 @@ def _vsq(wa: torch.Tensor, wu: torch.Tensor) -> float:
     return total
 
 
-def project_full(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """V (V^T dW) in fp32, column block by column block (C dW times ||V||), and ||V||^2."""
+def project_full(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor,
+                 **sizes: int) -> tuple[torch.Tensor, float]:
+    """V (V^T dW) in fp32 (C dW times ||V||) and ||V||^2, with the blocks of :func:`fullrank_blocks`."""
     out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
-    for J, _, _, N in _vt_v_dw_blocks(wa, wu, delta):
-        out[:, J] = N
-    return out, _vsq(wa, wu)
+    sums: dict[str, float] = {}
+    for J, M, rows in fullrank_blocks(wa, wu, delta, sums, **sizes):
+        for i0, i1, N in rows:
+            out[i0:i1, J] = N
+            del N
+        del M, rows
+    return out, sums["vsq"]

@@ -170,41 +170,48 @@ def test_help_answers_without_torch():
 
 FULLRANK_PEAK = """
 import sys, torch
-from safemerge_ext import cpp_backend as cb
-if cb._cpu is None:
-    print("skip"); sys.exit(0)
-g = torch.Generator().manual_seed(int(sys.argv[1]))
-wa = torch.randn(1024, 8192, generator=g).bfloat16()
-wu = (wa.float() + 0.01 * torch.randn(1024, 8192, generator=g)).bfloat16()
-dW = (0.01 * torch.randn(1024, 8192, generator=g)).bfloat16()
+seed, op, backend, d_out, d_in, m_bytes = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:])
+if backend == "cpp":
+    from safemerge_ext import cpp_backend as cb
+    if cb._cpu is None:
+        print("skip"); sys.exit(0)
+else:
+    from safemerge_ext import reference as cb
+g = torch.Generator().manual_seed(int(seed))
+wa = torch.randn(d_out, d_in, generator=g).bfloat16()
+wu = (wa.float() + 0.01 * torch.randn(d_out, d_in, generator=g)).bfloat16()
+dW = (0.01 * torch.randn(d_out, d_in, generator=g)).bfloat16()
 cb.fullrank_sums(wa[:256, :512], wu[:256, :512], dW[:256, :512])  # (BLAS and OpenMP set up)
-cb._M_BYTES = 128 << 20  # (M_J of 8192 x 4096: the blocks and BLAS's buffers are small beside it)
+cb._M_BYTES = m_bytes  # (M_J: the blocks and BLAS's buffers are small beside it)
 def rss(key):
     return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key))) * 1024
 open('/proc/self/clear_refs', 'w').write('5')  # (VmHWM from here)
 before = rss('VmRSS')
-getattr(cb, sys.argv[2])(wa, wu, dW)
+getattr(cb, op)(wa, wu, dW)
 print(rss('VmHWM') - before)
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 @pytest.mark.parametrize("op", ["fullrank_sums", "project_full"])
-def test_cpu_fullrank_path_holds_one_column_block_and_a_few_rows(op):
-    """The C++ backend's full-rank path forms M_J = V^T dW[:, J] (128 MiB here) one column block at a time, plus
-    row blocks of V, dW and V M_J (8 MiB each), BLAS's buffers and what the allocator keeps of freed blocks
-    (together 60-90 MiB here; allowed 128); its float64 sums took a
-    float64 copy of M_J and its square (peaking at 5x M_J), and the next block was allocated while the
-    caller still held the last."""
-    res = subprocess.run([sys.executable, "-c", FULLRANK_PEAK, "7", op], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+@pytest.mark.parametrize("backend, d_out, d_in, m_bytes, slack", [("cpp", 1024, 8192, 128 << 20, 128 << 20),
+                                                                   ("torch", 16384, 1024, 4 << 20, 64 << 20)])
+def test_cpu_fullrank_path_holds_one_column_block_and_a_few_rows(op, backend, d_out, d_in, m_bytes, slack):
+    """The full-rank path (C++ and torch backends) forms M_J = V^T dW[:, J] (128 MiB for the
+    C++ case) one column block at a time, plus row blocks of V, dW and V M_J, BLAS's buffers and
+    what the allocator keeps of freed blocks (60-90 MiB for the C++ case, allowed 128; 18 MiB for the
+    torch case, allowed 64); its float64
+    sums took a float64 copy of M_J and its square (peaking at 5x M_J), and the next block was
+    allocated while the caller still held the last. The torch backend formed V whole in fp32 and
+    two fp32 copies of the weights on the way (192 MiB for the torch case; review187)."""
+    res = subprocess.run([sys.executable, "-c", FULLRANK_PEAK, "7", op, backend, str(d_out), str(d_in), str(m_bytes)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if res.returncode != 0 and "clear_refs" in res.stderr:
         pytest.skip(f"cannot reset the peak RSS here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr[-2000:]
     if res.stdout.strip() == "skip":
         pytest.skip("the C++ extension is not built")
     grow = int(res.stdout.split()[-1])
-    m_bytes = 128 << 20
-    out = 1024 * 8192 * 4 if op == "project_full" else 0  # (its result, fp32)
-    print(f"{op}: peak RSS +{grow / 2**20:.1f} MiB (M_J {m_bytes / 2**20:.0f} MiB, result {out / 2**20:.0f} MiB)")
-    assert grow < m_bytes + out + (128 << 20), f"{op} peaked {grow / 2**20:.1f} MiB above its inputs"
+    out = d_out * d_in * 4 if op == "project_full" else 0  # (its result, fp32)
+    print(f"{backend} {op}: peak RSS +{grow / 2**20:.1f} MiB (M_J {m_bytes / 2**20:.0f} MiB, result {out / 2**20:.0f} MiB)")
+    assert grow < m_bytes + out + slack, f"{op} peaked {grow / 2**20:.1f} MiB above its inputs"
