@@ -1090,39 +1090,14 @@ def test_a_signal_inside_the_import_machinery_is_raised_once_out_of_it(sig, rais
     assert res.stdout.split() == ["after", "False", raised], (res.stdout, res.stderr[-2000:])
 
 
-def test_a_signal_inside_a_del_method_waits_until_it_is_over():
-    """A Ctrl-C that lands in a __del__ (ModelReader's, as `merge --force` ended) is raised once the
-    method is done: Python prints a __del__'s exception ("Exception ignored in ...", a traceback) and
-    drops it, as it does a weakref finalizer's (review130)."""
-    import gc
-    import signal
-    import sys
+def _until_interrupted(seconds: float = 5.0) -> None:
+    """Sleep until a KeyboardInterrupt lands here (re-sent 10 ms later from a timer thread), at most
+    ``seconds``: a loaded CI machine once took more than 0.5 s."""
     import time
 
-    from safemerge_ext._signals import sigterm_as_interrupt
-
-    unraisable, finished = [], []
-    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
-
-    class Reader:
-        def __del__(self):
-            signal.raise_signal(signal.SIGINT)  # (Ctrl-C while it closes its files)
-            finished.append(sum(range(10000)))  # (bytecodes for a handler to run in)
-
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with sigterm_as_interrupt():
-                r = Reader()
-                del r
-                gc.collect()
-                # (the signal, sent again 10 ms later from a timer thread, lands here: given 5 s, as a
-                # loaded CI machine once took more than the 0.5 s this waited)
-                deadline = time.monotonic() + 5.0
-                while time.monotonic() < deadline:
-                    time.sleep(0.05)
-    finally:
-        sys.unraisablehook = hook
-    assert unraisable == [] and finished, [u.exc_value for u in unraisable]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _collected_with(callback):
@@ -1138,46 +1113,71 @@ def _collected_with(callback):
     return weakref.ref(a, callback)
 
 
-def test_a_signal_landing_in_a_callback_the_collector_runs_is_raised_after_it():
+class _Reader:
+    """A Ctrl-C while it closes its files (a ModelReader's __del__, as `merge --force` ended)."""
+
+    def __init__(self, finished: list) -> None:
+        self.finished = finished
+
+    def __del__(self):
+        import signal
+
+        signal.raise_signal(signal.SIGINT)
+        self.finished.append(sum(range(10000)))  # (bytecodes for a handler to run in)
+
+
+def test_a_signal_inside_a_del_method_waits_until_it_is_over(monkeypatch):
+    """A Ctrl-C that lands in a __del__ (ModelReader's, as `merge --force` ended) is raised once the
+    method is done: Python prints a __del__'s exception ("Exception ignored in ...", a traceback) and
+    drops it, as it does a weakref finalizer's (review130)."""
+    import gc
+    import sys
+
+    from safemerge_ext._signals import sigterm_as_interrupt
+
+    unraisable, finished = [], []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            r = _Reader(finished)
+            del r
+            gc.collect()
+            _until_interrupted()
+    assert unraisable == [] and finished, [u.exc_value for u in unraisable]
+
+
+def test_a_signal_landing_in_a_callback_the_collector_runs_is_raised_after_it(monkeypatch):
     """A Ctrl-C re-sent after a __del__ that lands in a library's weakref callback, run by the
     collector (a full collection after many tests is longer than the 10 ms the re-send waits), is
     not printed and dropped: it comes again and is raised after the callback (CI lost it so: DID
     NOT RAISE in the test above, 2 of 7 runs)."""
     import gc
-    import signal
     import sys
     import time
 
     from safemerge_ext._signals import sigterm_as_interrupt
 
-    unraisable = []
-    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
-    collecting = gc.isenabled()
-
-    class Reader:
-        def __del__(self):
-            signal.raise_signal(signal.SIGINT)  # (deferred: sent again 10 ms later)
+    unraisable, finished = [], []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
 
     def slow(ref):
         time.sleep(0.5)  # (the re-send lands in here)
 
+    collecting = gc.isenabled()
     gc.disable()  # (the callback runs in the collection below, not in one before the __del__)
     try:
         with pytest.raises(KeyboardInterrupt):
             with sigterm_as_interrupt():
                 ref = _collected_with(slow)
-                r = Reader()
+                r = _Reader(finished)
                 del r
                 assert ref() is not None
                 gc.collect()
-                deadline = time.monotonic() + 5.0
-                while time.monotonic() < deadline:
-                    time.sleep(0.05)
+                _until_interrupted()
     finally:
-        sys.unraisablehook = hook
         if collecting:
             gc.enable()
-    assert ref() is None and unraisable == [], [u.exc_value for u in unraisable]
+    assert ref() is None and finished and unraisable == [], [u.exc_value for u in unraisable]
 
 
 @pytest.mark.parametrize("delivered_by", ["checkpoint", "second Ctrl-C", "checkpoint, re-send sent"])
@@ -1198,7 +1198,7 @@ def test_a_dropped_signal_delivered_otherwise_is_not_sent_again(monkeypatch, del
 
     unraisable, seen = [], []
     sink = unraisable.append
-    hook, sys.unraisablehook = sys.unraisablehook, sink
+    monkeypatch.setattr(sys, "unraisablehook", sink)
     go, kill = threading.Event(), os.kill
 
     def late_kill(pid, signum):  # (the timer thread, past its check, sends the signal late)
@@ -1243,18 +1243,16 @@ def test_a_dropped_signal_delivered_otherwise_is_not_sent_again(monkeypatch, del
             sys.unraisablehook = print
         assert sys.unraisablehook is print
     finally:
-        sys.unraisablehook = hook
         go.set()
     assert ref() is None and seen == [] and unraisable == [], [u.exc_value for u in unraisable]
 
 
-def test_a_signal_landing_in_the_unraisable_hook_is_raised_after_it():
+def test_a_signal_landing_in_the_unraisable_hook_is_raised_after_it(monkeypatch):
     """A Ctrl-C that lands while the hook reports another callback's error (Python drops whatever an
     unraisable hook raises) waits for the hook to end, and is raised after it (review190)."""
     import gc
     import signal
     import sys
-    import time
 
     from safemerge_ext._signals import sigterm_as_interrupt
 
@@ -1267,17 +1265,12 @@ def test_a_signal_landing_in_the_unraisable_hook_is_raised_after_it():
     def broken(ref):
         raise ValueError("a library's callback fails")
 
-    hook, sys.unraisablehook = sys.unraisablehook, sink
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with sigterm_as_interrupt():
-                ref = _collected_with(broken)
-                gc.collect()
-                deadline = time.monotonic() + 5.0
-                while time.monotonic() < deadline:
-                    time.sleep(0.05)
-    finally:
-        sys.unraisablehook = hook
+    monkeypatch.setattr(sys, "unraisablehook", sink)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            ref = _collected_with(broken)
+            gc.collect()
+            _until_interrupted()
     assert ref() is None and reported == [ValueError]
 
 
