@@ -52,8 +52,16 @@ _SQ_CHUNK = 1 << 18  # elements upcast at a time by _square_sum (2 MiB of float6
 def _square_sum(t: torch.Tensor) -> float:
     """The float64 sum of the squares of a 2-D tensor, a few rows at a time: ``t.double()`` whole
     would be twice the tensor (a full-rank block M_J is up to 64 MiB) and its square as much again."""
+    return float(_square_sums(t))
+
+
+def _square_sums(t: torch.Tensor) -> torch.Tensor:
+    """:func:`_square_sum` as a float64 tensor on ``t``'s device (no wait for a GPU per chunk)."""
     rows = max(1, _SQ_CHUNK // max(t.shape[1], 1))
-    return sum(float(_sq(t[i:i + rows])) for i in range(0, t.shape[0], rows))
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for i in range(0, t.shape[0], rows):
+        total += _sq(t[i:i + rows])
+    return total
 
 
 def _v_block(wa: torch.Tensor, wu: torch.Tensor, i0: int, i1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -93,17 +101,19 @@ def _blocks(n: int, size: int):
         yield i0, min(i0 + size, n)
 
 
-def fullrank_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, sums: dict[str, float], *,
+def fullrank_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, sums: dict[str, torch.Tensor], *,
                     row_block: int | None = None, m_bytes: int | None = None, min_cols: int | None = None):
     """Yield (J, M_J, row_blocks_of_N) over column blocks J of dW: M_J = V^T dW[:, J] is accumulated
     over row blocks of V and dW (addmm), then N[:, J] = V M_J is produced one row block at a time.
     Memory: M_J (at most ``m_bytes``) plus a few row blocks (and float64 sums taken a few rows at a
     time); V, dW and C are never formed whole. ``sums`` receives ||V||^2 ("vsq") and ||dW||^2 ("d2")
-    as float64 sums. The C++ backend's full-rank ops are these blocks too (with its own sizes)."""
-    row_block, m_bytes = row_block or _ROW_BLOCK, m_bytes or _M_BYTES
+    as float64 sums (0-d tensors on the weights' device). The C++ backend's full-rank ops are these
+    blocks too (with its own sizes)."""
+    row_block = _ROW_BLOCK if row_block is None else row_block
+    m_bytes = _M_BYTES if m_bytes is None else m_bytes
     d_out, d_in = wa.shape
-    cols = max(min_cols or _MIN_COLS, min(d_in, m_bytes // (4 * max(d_in, 1))))
-    sums["vsq"] = sums["d2"] = 0.0
+    cols = max(_MIN_COLS if min_cols is None else min_cols, min(d_in, m_bytes // (4 * max(d_in, 1))))
+    sums["vsq"], sums["d2"] = (torch.zeros((), dtype=torch.float64, device=wa.device) for _ in range(2))
     for j0, j1 in _blocks(d_in, cols):
         M = torch.zeros(d_in, j1 - j0, dtype=torch.float32, device=wa.device)
         for i0, i1 in _blocks(d_out, row_block):
@@ -111,8 +121,8 @@ def fullrank_blocks(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor, sum
             D = delta[i0:i1, j0:j1].float()
             M.addmm_(V.t(), D)
             if j0 == 0:
-                sums["vsq"] += _square_sum(V)
-            sums["d2"] += _square_sum(D)
+                sums["vsq"] += _square_sums(V)
+            sums["d2"] += _square_sums(D)
         yield slice(j0, j1), M, ((i0, i1, _v_block(wa, wu, i0, i1) @ M) for i0, i1 in _blocks(d_out, row_block))
         del M  # (the caller drops its references too: one M_J at a time, not two)
 
@@ -121,15 +131,15 @@ def fullrank_sums(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor,
                   **sizes: int) -> tuple[float, float, float, float]:
     """||V^T dW||^2, ||V V^T dW||^2, ||dW||^2, ||V||^2 in float64 sums over the blocks of
     :func:`fullrank_blocks` (``sizes``: its block sizes)."""
-    m2 = n2 = 0.0
-    sums: dict[str, float] = {}
+    m2 = n2 = torch.zeros((), dtype=torch.float64, device=wa.device)
+    sums: dict[str, torch.Tensor] = {}
     for _, M, rows in fullrank_blocks(wa, wu, delta, sums, **sizes):
-        m2 += _square_sum(M)
+        m2 = m2 + _square_sums(M)
         for _, _, N in rows:
-            n2 += _square_sum(N)
+            n2 = n2 + _square_sums(N)
             del N
         del M, rows
-    return m2, n2, sums["d2"], sums["vsq"]
+    return float(m2), float(n2), float(sums["d2"]), float(sums["vsq"])
 
 
 def fullrank_sums64(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float]:
@@ -162,10 +172,10 @@ def project_full(wa: torch.Tensor, wu: torch.Tensor, delta: torch.Tensor,
                  **sizes: int) -> tuple[torch.Tensor, float]:
     """V (V^T dW) in fp32 (C dW times ||V||) and ||V||^2, with the blocks of :func:`fullrank_blocks`."""
     out = torch.empty(delta.shape, dtype=torch.float32, device=delta.device)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     for J, M, rows in fullrank_blocks(wa, wu, delta, sums, **sizes):
         for i0, i1, N in rows:
             out[i0:i1, J] = N
             del N
         del M, rows
-    return out, sums["vsq"]
+    return out, float(sums["vsq"])
