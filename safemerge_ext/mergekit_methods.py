@@ -417,6 +417,31 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+_BLOCK_ELEMS = 1 << 20  # elements of a row block formed at once in the work dtype (4 MiB of fp32)
+
+
+def _row_blocks(x: torch.Tensor) -> list[slice]:
+    rows = max(1, _BLOCK_ELEMS // max(1, x.shape[-1]))
+    return [slice(i, i + rows) for i in range(0, x.shape[0], rows)]
+
+
+def _minus(a: torch.Tensor, b: torch.Tensor, wd: torch.dtype) -> torch.Tensor:
+    """``a - b`` in ``wd``, formed a block of rows at a time: no whole ``wd`` copy of either."""
+    out = torch.empty(a.shape, dtype=wd, device=a.device)
+    for r in _row_blocks(a):
+        torch.sub(a[r].to(wd), b[r].to(wd), out=out[r])
+    return out
+
+
+def _as_scored(wa: torch.Tensor, wu: torch.Tensor, wd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights as ``ops`` scores them: as stored where it reads that dtype (it forms V in fp32 a
+    block at a time, the same values as from fp32 copies), else both in ``wd`` (two dtypes; float64
+    weights with a task below it)."""
+    if wa.dtype == wu.dtype and wa.dtype in (torch.float32, torch.float16, torch.bfloat16, wd):
+        return wa, wu
+    return wa.to(wd), wu.to(wd)
+
+
 def _module(name: str | None) -> str:
     name = name or "?"
     return name[: -len(".weight")] if name.endswith(".weight") else name
@@ -488,7 +513,8 @@ def _rounding_band(src_dtype: torch.dtype | None, wt: torch.Tensor, wa: torch.Te
     if u is None or d_norm <= 0:
         return None
     wide = torch.promote_types(wt.dtype, torch.float32)  # (a float64 load of half-precision values too)
-    err = u * (float(torch.linalg.vector_norm(wt, dtype=wide)) + float(torch.linalg.vector_norm(wa)))
+    err = u * (float(torch.linalg.vector_norm(wt, dtype=wide))
+               + float(torch.linalg.vector_norm(wa, dtype=torch.promote_types(wa.dtype, wide))))
     return min(2.0, 2.0 * err / d_norm)
 
 
@@ -641,7 +667,8 @@ def _record(
 
 @dataclass
 class _Scored:
-    """One linear map (a ``_Piece``) scored for safemerge / safelora: fp32 inputs, dW_f, its score, the clock."""
+    """One linear map (a ``_Piece``) scored for safemerge / safelora: its weights as stored, dW_f
+    (fp32, or float64 for a float64 task), its score, the clock."""
 
     name: str  # the tensor's, or for an expert's piece, the piece's (in error messages)
     piece: _Piece
@@ -665,18 +692,29 @@ class _Scored:
         task = piece.of(t["task"])
         name = group.metadata.name or "?" if piece.expert is None else piece.module
         wd = _work_dtype(task)
-        wa, wu = piece.of(t["aligned"]).to(wd), piece.of(t["unaligned"]).to(wd)
-        dW = task.to(wd) - wa
-        score = _score(name, wa, wu, dW, precision, t, piece.transposed)
+        wa, wu = piece.of(t["aligned"]), piece.of(t["unaligned"])
+        dW = _minus(task, wa, wd)
+        score = _score(name, *_as_scored(wa, wu, wd), dW, precision, t, piece.transposed)
         rounding = _value_precision(task)
         return cls(name, piece, task, wd, wa, wu, dW, score, _rounding_band(rounding, task, wa, score.delta_norm),
                    rounding, _task_lora(group, role), start, precision, _models(group, role))
 
     def projected(self) -> torch.Tensor:
-        """C dW (Safe LoRA's update), in the stored layout."""
+        """W_aligned + C dW (Safe LoRA's weights), in the stored layout and dtype."""
+        wa, wu = _as_scored(self.wa, self.wu, self.wd)
         if self.piece.transposed:
-            return ops.project_delta(self.wa.T, self.wu.T, self.dW.T, precision=self.precision).T
-        return ops.project_delta(self.wa, self.wu, self.dW, precision=self.precision)
+            N = ops.project_delta(wa.T, wu.T, self.dW.T, precision=self.precision).T
+        else:
+            N = ops.project_delta(wa, wu, self.dW, precision=self.precision)
+        return self.plus(lambda r: N[r].to(self.wd))
+
+    def plus(self, update: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """W_aligned + ``update(rows)`` a block of rows at a time, in the stored dtype: the new weights
+        without a whole work-dtype copy of W_aligned or of their sum."""
+        out = torch.empty(self.task.shape, dtype=self.task.dtype, device=self.task.device)
+        for r in _row_blocks(out):
+            out[r] = self.wa[r].to(self.wd) + update(r)
+        return out
 
     def record(self, method: str, group: TensorGroup, flagged: bool, action: str, settings: dict[str, Any],
                report_path: str, nbytes: int) -> None:
@@ -708,11 +746,11 @@ def _put(out: torch.Tensor, task: torch.Tensor, piece: _Piece, pieces: list[_Pie
 
 def _per_piece(group: TensorGroup, t: dict[str, torch.Tensor], pieces: list[_Piece], role: Any,
                precision: str | None, method: str, flags: Callable[[float], bool],
-               update: Callable[[_Scored], torch.Tensor], action: str, settings: dict[str, Any],
+               weights: Callable[[_Scored], torch.Tensor], action: str, settings: dict[str, Any],
                report_path: str) -> torch.Tensor:
     """The task's tensor with each of its ``pieces`` (``_pieces``) that ``flags`` (on its cosine)
-    given W_aligned + ``update`` (the piece's new update), each piece recorded; a tensor with no
-    piece is checked and passed through."""
+    given ``weights`` (the piece's new weights, W_aligned + its new update), each piece recorded; a
+    tensor with no piece is checked and passed through."""
     if not pieces:
         return _finite(group.metadata.name or "?", t["task"], {"task": t["task"]})
     out = t["task"]
@@ -720,7 +758,7 @@ def _per_piece(group: TensorGroup, t: dict[str, torch.Tensor], pieces: list[_Pie
         s = _Scored.of(group, t, role, precision, piece)
         flagged = not math.isnan(s.score.cosine) and flags(s.score.cosine)
         if flagged:
-            out = _put(out, t["task"], piece, pieces, _finite(s.name, (s.wa + update(s).to(s.wd)).to(s.task.dtype), t))
+            out = _put(out, t["task"], piece, pieces, _finite(s.name, weights(s), t))
         s.record(method, group, flagged, action if flagged else "skipped" if s.score.reason else "kept", settings,
                  report_path, nbytes)
     return out
@@ -763,8 +801,14 @@ def _safemerge_tensor(
         _finite(group.metadata.name or "?", t["safety"], {"safety": t["safety"]})  # flagged or not
 
     def merged(s: _Scored) -> torch.Tensor:
-        dWs = s.piece.of(t["safety"]).to(s.wd) - s.wa
-        return combine_full(s.dW, dWs, alpha=alpha, method=merge, density=density, seed=seed, module=s.piece.module)
+        safety = s.piece.of(t["safety"])
+        if merge == "linear":  # (elementwise: the same bits a block of rows at a time)
+            return s.plus(lambda r: combine_full(s.dW[r], _minus(safety[r], s.wa[r], s.wd), alpha=alpha,
+                                                 method=merge, density=density, seed=seed,
+                                                 module=s.piece.module).to(s.wd))
+        update = combine_full(s.dW, _minus(safety, s.wa, s.wd), alpha=alpha, method=merge, density=density,
+                              seed=seed, module=s.piece.module).to(s.wd)  # (ties' threshold is the whole tensor's)
+        return s.plus(lambda r: update[r])
 
     return _per_piece(group, t, pieces, role, precision, "safemerge", lambda cos: cos < threshold, merged, "merged",
                       {"threshold": threshold, "alpha": alpha, "merge": merge, "density": density, "seed": seed},
