@@ -1331,18 +1331,23 @@ def test_a_second_run_for_an_output_being_written_is_refused(tmp_path, capsys):
 def test_two_runs_that_start_writing_at_once_one_goes_on(tmp_path, monkeypatch):
     """Two runs that started writing one output at the same moment each saw the other's temporary
     and both were refused (review188: 4 of 30): each lets go and looks again once, after a random
-    moment, so that one of them writes the output and the other is refused. (Each holds its
-    temporary before either looks: the moment made exact.)"""
+    moment, so that one of them writes the output and the other is refused. (Both have passed the
+    check at the start, and each holds its temporary before either looks: the moment made exact.)"""
     import threading
 
     from safemerge_ext.io import output
 
-    real_hold = output.hold
+    real_hold, real_check_out = output.hold, output.check_out
     for round_ in range(4):
         out = tmp_path / f"out{round_}"
-        both_held = threading.Barrier(2)
+        both_checked, both_held = threading.Barrier(2), threading.Barrier(2)
         first = threading.local()
         results: list[str] = []
+
+        def check_out(*args, **kwargs):
+            checked = real_check_out(*args, **kwargs)
+            both_checked.wait(timeout=10)
+            return checked
 
         def hold(folder):
             real_hold(folder)
@@ -1351,6 +1356,7 @@ def test_two_runs_that_start_writing_at_once_one_goes_on(tmp_path, monkeypatch):
                 both_held.wait(timeout=10)
 
         monkeypatch.setattr(output, "hold", hold)
+        monkeypatch.setattr(output, "check_out", check_out)
 
         def run(tag: str) -> None:
             try:

@@ -2340,6 +2340,30 @@ def test_a_rerun_refused_because_the_output_exists_names_a_killed_runs_leftovers
     assert err[1] == f"safemerge: error: --out {out} already exists; choose a new path or pass --force to replace it"
 
 
+def test_a_run_for_an_output_another_run_is_writing_is_refused_before_it_reads(fx, tmp_path, monkeypatch, capsys):
+    """A second `safemerge merge` for an output that a first run is writing read and scored every
+    layer and was refused only as it started writing: minutes of a 70B merge for one line. It is
+    refused as it starts now, with or without --force, for an adapter and for a model output; the
+    first run's temporary is left as it is, and once that run is done a rerun writes."""
+    from safemerge_ext import ops
+    from safemerge_ext.io.output import staged_dir
+
+    scored: list[object] = []
+    real = ops.subspace_score
+    monkeypatch.setattr(ops, "subspace_score", lambda *a, **k: scored.append(a) or real(*a, **k))
+    out = tmp_path / "out"
+    with staged_dir(out, force=True) as first:
+        (first / "safemerge_report.json").write_text("{}")  # (an output: --force may replace it later)
+        for extra in ((), ("--force",), ("--output", "model", "--force")):
+            assert run_cli(merge_args(fx, out, "--no-plot", *extra)) == 2
+            assert capsys.readouterr().err.splitlines() == [
+                f"safemerge: error: --out {out}: another run is writing it now (in {first}); wait for it to finish "
+                "(then pass --force to replace its output), or choose another path"]
+        assert scored == [] and sorted(p.name for p in tmp_path.iterdir()) == [first.name]
+    assert run_cli(merge_args(fx, out, "--no-plot", "--force")) == 0 and scored
+    assert (out / "safemerge_report.json").is_file()
+
+
 def test_concurrent_runs_leave_the_programs_warning_filters_alone(fx, monkeypatch):
     """Two runs whose backend choice overlapped (pipeline calls are thread-safe) left an "ignore"
     filter in the program's warnings for good: warnings.catch_warnings() is process-wide, and the

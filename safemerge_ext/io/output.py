@@ -93,8 +93,9 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
     """Fail early when the output (``flag`` names it in errors) exists and --force was not given, or
     could not be made, or when replacing it would delete the working directory or one of
     ``inputs`` ((flag, path) pairs: --force replaces the whole folder), or a file system mounted
-    inside it; with ``marker`` (a file every output of the command holds), a folder that is neither
-    empty nor holds it is not replaced either. With ``prog`` (the command, for warnings), an output
+    inside it, or while another run is writing it (it would be refused as it started writing, its
+    models read and scored for nothing); with ``marker`` (a file every output of the command holds), a
+    folder that is neither empty nor holds it is not replaced either. With ``prog`` (the command, for warnings), an output
     refused because it exists first has the hidden leftovers of a killed run beside it named."""
     check_given(inputs)
     p = check_parent(out, flag)
@@ -113,6 +114,9 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
             if within(target, where):
                 raise SafeMergeError(f"{flag} {out} holds {target}, which {name} {Path(path) / link} links to "
                                      "and the output would replace; choose a new folder")
+    other = _writer(p.absolute())
+    if other is not None:  # (before its models are read and scored: refused as it would start writing anyway)
+        raise _busy(flag, p, other)
     _committed.discard(os.path.abspath(p))  # (a run for it starts: not in place until staged_dir says so)
     if (p.exists() or p.is_symlink()) and not force:
         if prog is not None:  # (a rerun without --force is where a user learns of them)
@@ -708,23 +712,34 @@ def staged_dir(out: str | os.PathLike, force: bool, flag: str = "--out", prog: s
     send_on(held)
 
 
-def _check_alone(final: Path, tmp: Path, flag: str) -> None:
-    """Refuse to write ``final`` while another run holds a temporary for it. Two runs that start
-    writing at the same moment each see the other's: each lets go of its own and looks again once,
-    after a random moment, so that one of them goes on. (A name cut short to fit beside ``final``
-    could be another output's: not looked at.)"""
+def _writer(final: Path, mine: Path | None = None) -> Path | None:
+    """The temporary of a live run writing ``final`` (held: :func:`hold`) other than ``mine``; None
+    when there is none. (A name cut short to fit beside ``final`` could be another output's: not
+    looked at.)"""
     if _hidden_name(final.name, "tmp-00000000") != f".{final.name}.tmp-00000000":
-        return
+        return None
+    return next((o for _, o in _siblings(final, ("tmp",)) if o != mine and _live(o)), None)
+
+
+def _busy(flag: str, final: Path, other: Path) -> SafeMergeError:
+    return SafeMergeError(f"{flag} {final}: another run is writing it now (in {other}); wait for it to finish (then "
+                          "pass --force to replace its output), or choose another path")
+
+
+def _check_alone(final: Path, tmp: Path, flag: str) -> None:
+    """Refuse to write ``final`` while another run holds a temporary for it (:func:`check_out` refused
+    one already writing when this run started; this is for one that started since). Two runs that
+    start writing at the same moment each see the other's: each lets go of its own and looks again
+    once, after a random moment, so that one of them goes on."""
     for attempt in range(2):
-        other = next((o for _, o in _siblings(final, ("tmp",)) if o != tmp and _live(o)), None)
+        other = _writer(final, tmp)
         if other is None:
             return
         if attempt == 0:
             let_go(tmp)
             time.sleep(random.uniform(0.02, 0.2))
             hold(tmp)
-    raise SafeMergeError(f"{flag} {final}: another run is writing it now (in {other}); wait for it to finish (then "
-                         "pass --force to replace its output), or choose another path")
+    raise _busy(flag, final, other)
 
 
 def _put_in_place(tmp: Path, final: Path, force: bool, flag: str, made: list[Path],
