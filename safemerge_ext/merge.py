@@ -96,13 +96,20 @@ def module_seed(seed: int, module: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(module.encode())) % (2**63 - 1)
 
 
+def dare_generator(seed: int, module: str, device: torch.device) -> torch.Generator:
+    """The generator DARE draws ``module``'s masks from: its own, seeded by (seed, module), so that
+    no other thread's draw shares it."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(module_seed(seed, module))
+    return generator
+
+
 def dare_pruned(tensors: list[torch.Tensor], density: float, seed: int, module: str) -> list[torch.Tensor]:
     """DARE's random pruning of ``tensors``, in turn, as ``merge_utils.random_pruning(t, density,
     rescale=True)`` does it (each entry kept with probability ``density``, the kept ones divided by
-    it; the same bits as that function after ``torch.manual_seed``), its mask drawn from a generator
-    seeded for this module: no other thread's draw shares it."""
-    generator = torch.Generator(device=tensors[0].device)
-    generator.manual_seed(module_seed(seed, module))
+    it; the same bits as that function after ``torch.manual_seed``), its masks drawn from
+    :func:`dare_generator`."""
+    generator = dare_generator(seed, module, tensors[0].device)
     return [t * torch.bernoulli(torch.full_like(t, density), generator=generator) / density for t in tensors]
 
 

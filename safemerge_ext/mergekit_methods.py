@@ -45,7 +45,7 @@ from safemerge_ext.io.models import (EXPERTS_KEYS, ModelReader, all_finite, conf
                                      named_like_conv1d, renamings)
 from safemerge_ext.io.places import same_place
 from safemerge_ext.merge import METHODS as MERGE_METHODS
-from safemerge_ext.merge import PEFT_LINEAR, combine_full, dare_pruned
+from safemerge_ext.merge import PEFT_LINEAR, combine_full, dare_generator
 from safemerge_ext.mergekit_run import (REPORT_DIR_ENV, SIDECAR, _append, _failing_run, _in_mergekit_multi,
                                         _in_mergekit_yaml, _install_excepthook, _mergekit_multi_args,
                                         _mergekit_yaml_args, _mergekit_yaml_out, discard_report, finalize_report,
@@ -421,7 +421,8 @@ _BLOCK_ELEMS = 1 << 20  # elements of a row block formed at once in the work dty
 
 
 def _row_blocks(x: torch.Tensor) -> list[slice]:
-    rows = max(1, _BLOCK_ELEMS // max(1, x.shape[-1]))
+    """Slices of ``x``'s first dimension of about ``_BLOCK_ELEMS`` elements each (at least one index)."""
+    rows = max(1, _BLOCK_ELEMS // max(1, math.prod(x.shape[1:])))
     return [slice(i, i + rows) for i in range(0, x.shape[0], rows)]
 
 
@@ -494,11 +495,7 @@ def _value_precision(t: torch.Tensor) -> torch.dtype | None:
 
     # a block of rows at a time (temporaries of a few MiB, not of the tensor), stopping at the first
     # that fails: most fp32 weights fail on their first rows
-    if t.dim() == 0:
-        blocks = [t]
-    else:
-        rows = max(1, (1 << 20) // max(1, t.shape[-1])) if t.dim() == 2 else max(1, t.shape[0])
-        blocks = [t[i : i + rows] for i in range(0, t.shape[0], rows)]
+    blocks = [t] if t.dim() == 0 else [t[r] for r in _row_blocks(t)]
     return next((h for h in _UNIT_ROUNDOFF if all(exact(b, h) for b in blocks)), None)
 
 
@@ -872,23 +869,19 @@ def _resta_tensor(
     if not task.is_floating_point():
         return task
     name, wd = group.metadata.name or "?", _work_dtype(task)
-    wa, wu = t["aligned"].to(wd), t["unaligned"].to(wd)
+    wa, wu = t["aligned"], t["unaligned"]
     pieces = _pieces(group, task)
     scored = []
     for piece in pieces:
         start = time.perf_counter()
         pa = piece.of(wa)
-        dW = piece.of(task).to(wd) - pa
-        score = _score(name if piece.expert is None else piece.module, pa, piece.of(wu), dW, precision, t,
-                       piece.transposed)
+        dW = _minus(piece.of(task), pa, wd)
+        score = _score(name if piece.expert is None else piece.module, *_as_scored(pa, piece.of(wu), wd), dW,
+                       precision, t, piece.transposed)
         scored.append((piece, score, time.perf_counter() - start))
-        del dW, pa
+        del dW
     start = time.perf_counter()
-    shift = wa - wu  # inputs are borrowed: never modified in place
-    del wa, wu
-    if density < 1.0:
-        shift = dare_pruned([shift], density, seed, _module(name))[0]
-    out = _finite(name, torch.add(task.to(wd), shift, alpha=beta).to(task.dtype), t)
+    out = _finite(name, _shifted(task, wa, wu, beta, density, seed, _module(name)), t)
     shifting = (time.perf_counter() - start) / max(len(pieces), 1)
     task_lora, models = _task_lora(group, role), _models(group, role)
     for (piece, score, elapsed), nbytes in zip(scored, _shares(group, pieces) if pieces else []):
@@ -897,6 +890,28 @@ def _resta_tensor(
                 nbytes=nbytes, report_path=report_path,
                 precision=precision, task_lora=task_lora, models=models, piece=piece)
     return out
+
+
+def _shifted(task: torch.Tensor, wa: torch.Tensor, wu: torch.Tensor, beta: float, density: float, seed: int,
+             module: str) -> torch.Tensor:
+    """``W_task + beta * DARE(W_aligned - W_unaligned)`` in the task's dtype, formed a block of rows
+    at a time in the work dtype (elementwise: the same bits as whole, without whole work-dtype copies
+    of the three). DARE's mask is drawn whole, in the order of the tensor's entries, as
+    ``merge.dare_pruned`` draws it."""
+    wd, shape = _work_dtype(task), task.shape
+    flat = (-1, shape[-1]) if task.dim() >= 2 else (1, -1)  # (experts, 1-D and 0-D tensors: rows as a matrix's)
+    task, wa, wu = task.reshape(flat), wa.reshape(flat), wu.reshape(flat)
+    mask = None
+    if density < 1.0:
+        mask = torch.bernoulli(torch.full(task.shape, density, dtype=wd, device=task.device),
+                               generator=dare_generator(seed, module, task.device))
+    out = torch.empty(task.shape, dtype=task.dtype, device=task.device)
+    for r in _row_blocks(out):
+        shift = wa[r].to(wd) - wu[r].to(wd)
+        if mask is not None:
+            shift = shift * mask[r] / density
+        out[r] = torch.add(task[r].to(wd), shift, alpha=beta)
+    return out.view(shape)
 
 
 _METHODS = {"safemerge": safemerge_method, "safelora": safelora_method, "resta": resta_method}

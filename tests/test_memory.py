@@ -222,7 +222,7 @@ import sys, torch
 import peft.utils.merge_utils  # (imported before the peak is reset: a module, not the merge)
 from mergekit.merge_methods.base import TensorGroup
 from safemerge_ext import mergekit_methods as mm
-d = int(sys.argv[1])
+d, method, density = int(sys.argv[1]), sys.argv[3], float(sys.argv[4])
 g = torch.Generator().manual_seed(int(sys.argv[2]))
 def weights(base=None, s=0.0):  # (bf16, made a few rows at a time: no fp32 copy before the peak)
     out = torch.empty(d, d, dtype=torch.bfloat16)
@@ -231,32 +231,44 @@ def weights(base=None, s=0.0):  # (bf16, made a few rows at a time: no fp32 copy
         out[i:i + 256] = r if base is None else base[i:i + 256].float() + s * r
     return out
 wa = weights()
-t = {"aligned": wa, "task": weights(wa, 0.02), "unaligned": weights(wa, 0.01), "safety": weights(wa, 0.02)}
+t = {"aligned": wa, "task": weights(wa, 0.02), "unaligned": weights(wa, 0.01)}
+if method == "safemerge":
+    t["safety"] = weights(wa, 0.02)
 ids = list(t)
 group = TensorGroup.from_tensors(list(t.values()), ids=ids, base_index=0, name="model.layers.0.mlp.up_proj.weight")
+role = {i: i for i in ids[1:]}
+def run(threshold):
+    if method == "safemerge":
+        return mm._safemerge_tensor(group, role, threshold, 0.8, "linear", 1.0, 0, "", None)
+    return mm._resta_tensor(group, role, 0.5, density, 0, "", None)
 def rss(key):
     return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key))) * 1024
-mm._safemerge_tensor(group, {i: i for i in ids[1:]}, 0.35, 0.8, "linear", 1.0, 0, "", None)  # (BLAS set up)
+run(0.35)  # (BLAS set up)
 open('/proc/self/clear_refs', 'w').write('5')
 before = rss('VmRSS')
-out = mm._safemerge_tensor(group, {i: i for i in ids[1:]}, 1.01, 0.8, "linear", 1.0, 0, "", None)  # (flagged)
+out = run(1.01)  # (safemerge: flagged)
 assert out.dtype == torch.bfloat16 and not torch.equal(out, t["task"])
 print(rss('VmHWM') - before)
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
-def test_mergekit_safemerge_linear_holds_few_copies_of_a_flagged_tensor():
-    """The safemerge mergekit method on a flagged bf16 tensor with the linear merge holds dW_f and
-    the score's M_J (one fp32 copy each), row blocks and its bf16 result: 2.3-2.4 fp32 copies of
-    the tensor measured (4096x4096); it held fp32 copies of W_aligned, W_unaligned, dW_s, the merge's
-    stack and sum, and their sum with W_aligned besides (9.2; review187: 10.1 GiB for 8192x28672)."""
+@pytest.mark.parametrize("method, density, limit", [("safemerge", 1.0, 4.5), ("resta", 1.0, 3.5), ("resta", 0.5, 3.5)])
+def test_mergekit_methods_hold_few_copies_of_a_tensor(method, density, limit):
+    """The mergekit methods on a bf16 4096x4096 tensor, peak RSS above the inputs in fp32 copies of
+    it, measured. safemerge, flagged, linear merge: dW_f and the score's M_J (one each), row blocks
+    and its bf16 result, 2.3-2.4; it held fp32 copies of W_aligned, W_unaligned, dW_s, the merge's
+    stack and sum, and their sum with W_aligned besides (9.2; review187: 10.1 GiB for 8192x28672).
+    resta: dW and M_J while it scores, then row blocks and its bf16 result, or DARE's mask (drawn
+    whole: two fp32 copies as it is drawn), 2.2-2.4 with or without DARE; it held fp32 copies of
+    W_aligned and W_unaligned throughout, with dW and W_task's while it scored, then their
+    difference, W_task's and the sum (4.1; 4.2 with DARE)."""
     d = 4096
-    res = subprocess.run([sys.executable, "-c", MERGEKIT_PEAK, str(d), "11"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = subprocess.run([sys.executable, "-c", MERGEKIT_PEAK, str(d), "11", method, str(density)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if res.returncode != 0 and "clear_refs" in res.stderr:
         pytest.skip(f"cannot reset the peak RSS here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr[-2000:]
     copies = int(res.stdout.split()[-1]) / (d * d * 4)
-    print(f"safemerge linear: peak RSS {copies:.1f} fp32 copies of the tensor")
-    assert copies < 4.5, f"the flagged tensor's merge peaked at {copies:.1f} fp32 copies of it"
+    print(f"{method} (density {density}): peak RSS {copies:.1f} fp32 copies of the tensor")
+    assert copies < limit, f"{method} peaked at {copies:.1f} fp32 copies of the tensor (limit {limit})"
