@@ -108,36 +108,67 @@ def dare_pruned(tensors: list[torch.Tensor], density: float, seed: int, module: 
     """DARE's random pruning of ``tensors``, in turn, as ``merge_utils.random_pruning(t, density,
     rescale=True)`` does it (each entry kept with probability ``density``, the kept ones divided by
     it; the same bits as that function after ``torch.manual_seed``), its masks drawn from
-    :func:`dare_generator`."""
+    :func:`dare_generator`. The list is pruned in place: each tensor's pruned copy replaces it, so
+    that only one is held twice at a time (the tensors themselves are not modified)."""
     generator = dare_generator(seed, module, tensors[0].device)
-    return [t * torch.bernoulli(torch.full_like(t, density), generator=generator) / density for t in tensors]
+    for i, t in enumerate(tensors):
+        kept = t * torch.bernoulli(torch.full_like(t, density), generator=generator)
+        tensors[i] = kept.div_(density)
+        del t, kept
+    return tensors
+
+
+BLOCK_ELEMS = 1 << 20  # elements of a row block formed at once (4 MiB of fp32)
+
+
+def row_blocks(x: torch.Tensor) -> list[slice]:
+    """Slices of ``x``'s first dimension of about ``BLOCK_ELEMS`` elements each (at least one index)."""
+    rows = max(1, BLOCK_ELEMS // max(1, math.prod(x.shape[1:])))
+    return [slice(i, i + rows) for i in range(0, x.shape[0], rows)]
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a matrix of its last dimension's rows (a 1-D or 0-D tensor: one row), to be walked
+    with :func:`row_blocks`."""
+    return x.reshape(-1, x.shape[-1]) if x.dim() >= 2 else x.reshape(1, -1)
 
 
 def combine_full(
     dW_f: torch.Tensor, dW_s: torch.Tensor, *, alpha: float, method: str, density: float, seed: int, module: str
 ) -> torch.Tensor:
-    """``merge(alpha * dW_f, (1 - alpha) * dW_s)`` on full updates, in fp32 (float64 when an update is)."""
+    """``merge(alpha * dW_f, (1 - alpha) * dW_s)`` on full updates, in fp32 (float64 when an update is).
+
+    What is drawn or ranked over a whole update (DARE's masks, TIES' magnitude pruning) is done to
+    each update whole, in turn; the rest is elementwise and made a block of rows at a time, with
+    ``merge_utils``' own functions (the same bits as on the whole, without its stacked copies)."""
     from peft.utils import merge_utils
 
     validate(method, alpha, density)
     wd = torch.float64 if torch.float64 in (dW_f.dtype, dW_s.dtype) else torch.float32
     tensors = [dW_f.to(wd), dW_s.to(wd)]
     weights = torch.tensor([alpha, 1.0 - alpha], dtype=wd, device=dW_f.device)
-    if method in ("ties", "dare_ties"):  # (the sign election sees the weighted updates: see the module's docstring)
+    elect = method in ("ties", "dare_ties")
+    if elect:  # (the sign election sees the weighted updates: see the module's docstring)
         tensors = [tensors[0] * alpha, tensors[1] * (1.0 - alpha)]
         weights = torch.ones_like(weights)
     if method in ("dare_linear", "dare_ties") and density < 1.0:
         # merge_utils.dare_linear / dare_ties, with the pruning drawn from our own generator
         tensors = dare_pruned(tensors, density, seed, module)
-    elif method == "ties" and density < 1.0:
-        return merge_utils.ties(tensors, weights, density)
-    if method in ("linear", "dare_linear"):
-        return merge_utils.task_arithmetic(tensors, weights)
-    # ties and dare_ties after pruning (none at density 1: peft's own prune would only warn, at every
-    # call, that it prunes nothing; the same bits): elect signs, keep the agreeing entries
-    stacked = torch.stack(tensors)
-    mask = merge_utils.calculate_majority_sign_mask(stacked, method="total")
-    return merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
+    elif method == "ties" and density < 1.0:  # (merge_utils.ties' pruning; at density 1 peft's would only warn)
+        for i in range(len(tensors)):
+            tensors[i] = merge_utils.prune(tensors[i], density, method="magnitude")
+    shape = tensors[0].shape
+    tensors = [as_rows(t) for t in tensors]
+    out = torch.empty(tensors[0].shape, dtype=wd, device=dW_f.device)
+    for r in row_blocks(out):
+        if not elect:
+            out[r] = merge_utils.task_arithmetic([t[r] for t in tensors], weights)
+            continue
+        # elect signs, keep the agreeing entries (merge_utils.ties after its pruning)
+        stacked = torch.stack([t[r] for t in tensors])
+        mask = merge_utils.calculate_majority_sign_mask(stacked, method="total")
+        out[r] = merge_utils.disjoint_merge(stacked * merge_utils.reshape_weight_task_tensors(stacked, weights), mask)
+    return out.view(shape)
 
 
 # LAPACK's SVD computes every singular vector: m n^2 work, 396 s for one 28672x8192 update on the

@@ -45,7 +45,7 @@ from safemerge_ext.io.models import (EXPERTS_KEYS, ModelReader, all_finite, conf
                                      named_like_conv1d, renamings)
 from safemerge_ext.io.places import same_place
 from safemerge_ext.merge import METHODS as MERGE_METHODS
-from safemerge_ext.merge import PEFT_LINEAR, combine_full, dare_generator
+from safemerge_ext.merge import PEFT_LINEAR, as_rows, combine_full, dare_generator, row_blocks
 from safemerge_ext.mergekit_run import (REPORT_DIR_ENV, SIDECAR, _append, _failing_run, _in_mergekit_multi,
                                         _in_mergekit_yaml, _install_excepthook, _mergekit_multi_args,
                                         _mergekit_yaml_args, _mergekit_yaml_out, discard_report, finalize_report,
@@ -417,19 +417,10 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-_BLOCK_ELEMS = 1 << 20  # elements of a row block formed at once in the work dtype (4 MiB of fp32)
-
-
-def _row_blocks(x: torch.Tensor) -> list[slice]:
-    """Slices of ``x``'s first dimension of about ``_BLOCK_ELEMS`` elements each (at least one index)."""
-    rows = max(1, _BLOCK_ELEMS // max(1, math.prod(x.shape[1:])))
-    return [slice(i, i + rows) for i in range(0, x.shape[0], rows)]
-
-
 def _minus(a: torch.Tensor, b: torch.Tensor, wd: torch.dtype) -> torch.Tensor:
     """``a - b`` in ``wd``, formed a block of rows at a time: no whole ``wd`` copy of either."""
     out = torch.empty(a.shape, dtype=wd, device=a.device)
-    for r in _row_blocks(a):
+    for r in row_blocks(a):
         torch.sub(a[r].to(wd), b[r].to(wd), out=out[r])
     return out
 
@@ -495,7 +486,7 @@ def _value_precision(t: torch.Tensor) -> torch.dtype | None:
 
     # a block of rows at a time (temporaries of a few MiB, not of the tensor), stopping at the first
     # that fails: most fp32 weights fail on their first rows
-    blocks = [t] if t.dim() == 0 else [t[r] for r in _row_blocks(t)]
+    blocks = [t] if t.dim() == 0 else [t[r] for r in row_blocks(t)]
     return next((h for h in _UNIT_ROUNDOFF if all(exact(b, h) for b in blocks)), None)
 
 
@@ -709,7 +700,7 @@ class _Scored:
         """W_aligned + ``update(rows)`` a block of rows at a time, in the stored dtype: the new weights
         without a whole work-dtype copy of W_aligned or of their sum."""
         out = torch.empty(self.task.shape, dtype=self.task.dtype, device=self.task.device)
-        for r in _row_blocks(out):
+        for r in row_blocks(out):
             out[r] = self.wa[r].to(self.wd) + update(r)
         return out
 
@@ -899,14 +890,13 @@ def _shifted(task: torch.Tensor, wa: torch.Tensor, wu: torch.Tensor, beta: float
     of the three). DARE's mask is drawn whole, in the order of the tensor's entries, as
     ``merge.dare_pruned`` draws it."""
     wd, shape = _work_dtype(task), task.shape
-    flat = (-1, shape[-1]) if task.dim() >= 2 else (1, -1)  # (experts, 1-D and 0-D tensors: rows as a matrix's)
-    task, wa, wu = task.reshape(flat), wa.reshape(flat), wu.reshape(flat)
+    task, wa, wu = as_rows(task), as_rows(wa), as_rows(wu)  # (experts, 1-D and 0-D tensors too)
     mask = None
     if density < 1.0:
         mask = torch.bernoulli(torch.full(task.shape, density, dtype=wd, device=task.device),
                                generator=dare_generator(seed, module, task.device))
     out = torch.empty(task.shape, dtype=task.dtype, device=task.device)
-    for r in _row_blocks(out):
+    for r in row_blocks(out):
         shift = wa[r].to(wd) - wu[r].to(wd)
         if mask is not None:
             shift = shift * mask[r] / density

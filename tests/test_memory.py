@@ -222,7 +222,7 @@ import sys, torch
 import peft.utils.merge_utils  # (imported before the peak is reset: a module, not the merge)
 from mergekit.merge_methods.base import TensorGroup
 from safemerge_ext import mergekit_methods as mm
-d, method, density = int(sys.argv[1]), sys.argv[3], float(sys.argv[4])
+d, method, merge, density = int(sys.argv[1]), sys.argv[3], sys.argv[4], float(sys.argv[5])
 g = torch.Generator().manual_seed(int(sys.argv[2]))
 def weights(base=None, s=0.0):  # (bf16, made a few rows at a time: no fp32 copy before the peak)
     out = torch.empty(d, d, dtype=torch.bfloat16)
@@ -239,7 +239,7 @@ group = TensorGroup.from_tensors(list(t.values()), ids=ids, base_index=0, name="
 role = {i: i for i in ids[1:]}
 def run(threshold):
     if method == "safemerge":
-        return mm._safemerge_tensor(group, role, threshold, 0.8, "linear", 1.0, 0, "", None)
+        return mm._safemerge_tensor(group, role, threshold, 0.8, merge, density, 0, "", None)
     return mm._resta_tensor(group, role, 0.5, density, 0, "", None)
 def rss(key):
     return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith(key))) * 1024
@@ -253,22 +253,27 @@ print(rss('VmHWM') - before)
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
-@pytest.mark.parametrize("method, density, limit", [("safemerge", 1.0, 4.5), ("resta", 1.0, 3.5), ("resta", 0.5, 3.5)])
-def test_mergekit_methods_hold_few_copies_of_a_tensor(method, density, limit):
+@pytest.mark.parametrize("method, merge, density, limit", [
+    ("safemerge", "linear", 1.0, 4.5), ("safemerge", "ties", 0.5, 13.5), ("safemerge", "dare_ties", 0.5, 8.5),
+    ("resta", "", 1.0, 3.5), ("resta", "", 0.5, 3.5)])
+def test_mergekit_methods_hold_few_copies_of_a_tensor(method, merge, density, limit):
     """The mergekit methods on a bf16 4096x4096 tensor, peak RSS above the inputs in fp32 copies of
     it, measured. safemerge, flagged, linear merge: dW_f and the score's M_J (one each), row blocks
     and its bf16 result, 2.3-2.4; it held fp32 copies of W_aligned, W_unaligned, dW_s, the merge's
     stack and sum, and their sum with W_aligned besides (9.2; review187: 10.1 GiB for 8192x28672).
+    ties and dare_ties prune each weighted update whole (peft's magnitude pruning, whose torch.topk
+    alone holds about three, or DARE's mask), then merge a block of rows at a time: 11.5-11.7 and 6.1-6.6;
+    they held the merge's stacks, sign mask and products whole too (15.8 and 15.4).
     resta: dW and M_J while it scores, then row blocks and its bf16 result, or DARE's mask (drawn
     whole: two fp32 copies as it is drawn), 2.2-2.4 with or without DARE; it held fp32 copies of
     W_aligned and W_unaligned throughout, with dW and W_task's while it scored, then their
     difference, W_task's and the sum (4.1; 4.2 with DARE)."""
     d = 4096
-    res = subprocess.run([sys.executable, "-c", MERGEKIT_PEAK, str(d), "11", method, str(density)],
+    res = subprocess.run([sys.executable, "-c", MERGEKIT_PEAK, str(d), "11", method, merge, str(density)],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if res.returncode != 0 and "clear_refs" in res.stderr:
         pytest.skip(f"cannot reset the peak RSS here: {res.stderr.strip().splitlines()[-1]}")
     assert res.returncode == 0, res.stderr[-2000:]
     copies = int(res.stdout.split()[-1]) / (d * d * 4)
-    print(f"{method} (density {density}): peak RSS {copies:.1f} fp32 copies of the tensor")
+    print(f"{method} {merge} (density {density}): peak RSS {copies:.1f} fp32 copies of the tensor")
     assert copies < limit, f"{method} peaked at {copies:.1f} fp32 copies of the tensor (limit {limit})"

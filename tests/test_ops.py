@@ -989,6 +989,41 @@ def test_merges_at_density_1_are_peft_s_without_its_warning(method):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("shape", [(50, 24), (3, 10, 7), (130,)])
+def test_merges_made_a_block_of_rows_at_a_time_are_peft_s_on_the_whole(method, shape, monkeypatch):
+    """combine_full prunes each update whole and merges a block of rows at a time (it held the
+    merge's stacks and masks whole: 15-16 fp32 copies of a 4096x4096 update); the same bits as
+    peft's functions on the whole updates, for many blocks (a block of 40 elements here), tensors
+    of other ranks (a 1-D one is one row), and magnitudes that tie where TIES prunes (values
+    rounded to a tenth)."""
+    import warnings
+
+    from peft.utils import merge_utils
+
+    from safemerge_ext import merge as merging
+
+    monkeypatch.setattr(merging, "BLOCK_ELEMS", 40)
+    blocks = len(merging.row_blocks(merging.as_rows(torch.empty(shape))))
+    assert blocks == {2: 50, 3: 6, 1: 1}[len(shape)]
+    g = torch.Generator().manual_seed(23)
+    f, s = (torch.randn(shape, generator=g).mul(2).round(decimals=1) for _ in range(2))
+    for alpha, density in ((0.7, 1.0), (0.7, 0.3), (0.25, 0.55)):
+        if method == "linear" and density < 1.0:
+            continue
+        got = merging.combine_full(f, s, alpha=alpha, method=method, density=density, seed=6, module="m")
+        tensors, weights = [f, s], torch.tensor([alpha, 1.0 - alpha])
+        if method.endswith("ties"):
+            tensors, weights = [alpha * f, (1.0 - alpha) * s], torch.ones(2)
+        torch.manual_seed(merging.module_seed(6, "m"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (peft's at density 1: it prunes nothing)
+            want = (merge_utils.task_arithmetic(tensors, weights) if method == "linear"
+                    else getattr(merge_utils, method)(tensors, weights, density))
+        assert got.shape == want.shape and torch.equal(got, want), (alpha, density)
+        assert density == 1.0 or float((got == 0).double().mean()) > 0.1  # (pruned)
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
 def test_density_is_the_fraction_kept(method):
     """density is the fraction of entries kept (at 0.2, not 0.8): TIES keeps the largest 20% of the
