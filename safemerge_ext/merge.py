@@ -130,7 +130,7 @@ def row_blocks(x: torch.Tensor) -> list[slice]:
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a matrix of its last dimension's rows (a 1-D or 0-D tensor: one row), to be walked
     with :func:`row_blocks`."""
-    return x.reshape(-1, x.shape[-1]) if x.dim() >= 2 else x.reshape(1, -1)
+    return x.flatten(0, -2) if x.dim() >= 2 else x.reshape(1, -1)  # (flatten: a last dimension of 0 too)
 
 
 def combine_full(

@@ -1328,6 +1328,26 @@ def test_a_second_run_for_an_output_being_written_is_refused(tmp_path, capsys):
     assert output._held == {}  # (every folder held let go: the temporaries, the output moved aside)
 
 
+def test_a_run_refused_for_an_output_being_written_names_the_other_run_s_folder_as_it_was_given(
+        tmp_path, monkeypatch):
+    """A run refused at its start (check_out) named the other run's temporary by its absolute path,
+    and one refused as it starts writing by the path as given (review193): both say it as given."""
+    from safemerge_ext.io.output import check_out, staged_dir
+
+    monkeypatch.chdir(tmp_path)
+    for given in ("out", "sub/out", str(tmp_path / "abs")):
+        with staged_dir(given, force=True) as first:
+            want = (f"--out {given}: another run is writing it now (in {first}); wait for it to finish (then pass "
+                    "--force to replace its output), or choose another path")
+            assert first.is_absolute() == Path(given).is_absolute()
+            with pytest.raises(SafeMergeError) as at_start:
+                check_out(given, force=True)
+            with pytest.raises(SafeMergeError) as writing:
+                with staged_dir(given, force=True):
+                    pytest.fail("a second run wrote into the output")
+            assert str(at_start.value) == str(writing.value) == want
+
+
 def test_two_runs_that_start_writing_at_once_one_goes_on(tmp_path, monkeypatch):
     """Two runs that started writing one output at the same moment each saw the other's temporary
     and both were refused (review188: 4 of 30): each lets go and looks again once, after a random

@@ -259,10 +259,10 @@ print(rss('VmHWM') - before)
 def test_mergekit_methods_hold_few_copies_of_a_tensor(method, merge, density, limit):
     """The mergekit methods on a bf16 4096x4096 tensor, peak RSS above the inputs in fp32 copies of
     it, measured. safemerge, flagged, linear merge: dW_f and the score's M_J (one each), row blocks
-    and its bf16 result, 2.3-2.4; it held fp32 copies of W_aligned, W_unaligned, dW_s, the merge's
+    and its bf16 result, 2.2-2.6; it held fp32 copies of W_aligned, W_unaligned, dW_s, the merge's
     stack and sum, and their sum with W_aligned besides (9.2; review187: 10.1 GiB for 8192x28672).
     ties and dare_ties prune each weighted update whole (peft's magnitude pruning, whose torch.topk
-    alone holds about three, or DARE's mask), then merge a block of rows at a time: 11.5-11.7 and 6.1-6.6;
+    alone holds 5-7, or DARE's mask), then merge a block of rows at a time: 11.5-11.7 and 6.1-6.6;
     they held the merge's stacks, sign mask and products whole too (15.8 and 15.4).
     resta: dW and M_J while it scores, then row blocks and its bf16 result, or DARE's mask (drawn
     whole: two fp32 copies as it is drawn), 2.2-2.4 with or without DARE; it held fp32 copies of

@@ -114,7 +114,7 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
             if within(target, where):
                 raise SafeMergeError(f"{flag} {out} holds {target}, which {name} {Path(path) / link} links to "
                                      "and the output would replace; choose a new folder")
-    other = _writer(p.absolute())
+    other = _writer(p)
     if other is not None:  # (before its models are read and scored: refused as it would start writing anyway)
         raise _busy(flag, p, other)
     _committed.discard(os.path.abspath(p))  # (a run for it starts: not in place until staged_dir says so)
