@@ -439,4 +439,4 @@ def project_delta(
         v, dmax = math.sqrt(vsq), _abs_max(delta)
         if 0.0 < min(v * dmax, vsq * dmax * math.sqrt(N.shape[0])) < _FP32_FULL:  # (a zero update projects to 0)
             raise FloatingPointError(_LOST)
-    return N / math.sqrt(vsq)
+    return N.div_(math.sqrt(vsq))  # (N is the backend's own: no second copy of it)

@@ -94,9 +94,10 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out",
     could not be made, or when replacing it would delete the working directory or one of
     ``inputs`` ((flag, path) pairs: --force replaces the whole folder), or a file system mounted
     inside it, or while another run is writing it (it would be refused as it started writing, its
-    models read and scored for nothing); with ``marker`` (a file every output of the command holds), a
-    folder that is neither empty nor holds it is not replaced either. With ``prog`` (the command, for warnings), an output
-    refused because it exists first has the hidden leftovers of a killed run beside it named."""
+    models read and scored for nothing); with ``marker`` (a file every output of the command
+    holds), a folder that is neither empty nor holds it is not replaced either. With ``prog`` (the
+    command, for warnings), an output refused because it exists first has the hidden leftovers of a
+    killed run beside it named."""
     check_given(inputs)
     p = check_parent(out, flag)
     here, where = Path.cwd().resolve(), p.resolve()
