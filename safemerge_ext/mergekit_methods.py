@@ -38,7 +38,7 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import AfterValidator, BeforeValidator
 from typing_extensions import Annotated
 
-from safemerge_ext import backends, ops
+from safemerge_ext import backends, ops, reference
 from safemerge_ext.backends import PRECISIONS, backend_detail, exact_fp32_matmuls, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import (EXPERTS_KEYS, ModelReader, all_finite, config_value, is_conv1d,
@@ -500,9 +500,9 @@ def _rounding_band(src_dtype: torch.dtype | None, wt: torch.Tensor, wa: torch.Te
     u = _UNIT_ROUNDOFF.get(src_dtype)
     if u is None or d_norm <= 0:
         return None
-    wide = torch.promote_types(wt.dtype, torch.float32)  # (a float64 load of half-precision values too)
-    err = u * (float(torch.linalg.vector_norm(wt, dtype=wide))
-               + float(torch.linalg.vector_norm(wa, dtype=torch.promote_types(wa.dtype, wide))))
+    # (float64 sums a few rows at a time: a norm in fp32 of bf16 weights made an fp32 copy of them,
+    # at the peak of a large tensor's merge; review194)
+    err = u * (math.sqrt(reference._square_sum(as_rows(wt))) + math.sqrt(reference._square_sum(as_rows(wa))))
     return min(2.0, 2.0 * err / d_norm)
 
 

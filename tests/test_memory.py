@@ -269,7 +269,7 @@ def test_mergekit_methods_hold_few_copies_of_a_tensor(method, merge, density, li
     safelora, flagged: dW, the projection's M_J (at most 64 MiB: here the whole tensor's size) and
     C dW, one each, and the score's band (an fp32 norm of W_task), 3.2-3.5; its finite check on C dW
     made |C dW| and masks, and C dW was divided into a second copy (3.7-4.1; at 8192x8192, 3.7 ->
-    2.3, review194).
+    2.3-2.6, review194).
     resta: dW and M_J while it scores, then row blocks and its bf16 result, or DARE's mask (drawn
     whole: two fp32 copies as it is drawn), 2.2-2.4 with or without DARE; it held fp32 copies of
     W_aligned and W_unaligned throughout, with dW and W_task's while it scored, then their
