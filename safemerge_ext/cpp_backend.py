@@ -124,8 +124,8 @@ def lowrank_passes(wa: torch.Tensor, wu: torch.Tensor, lora_B: torch.Tensor, *,
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}; want {d_out}xr with r >= 1")
     B = aligned(lora_B.to(device="cpu", dtype=torch.float32).contiguous())
     r = B.shape[1]
-    T = torch.empty(d_in, r, dtype=torch.float32)
-    P = torch.empty(d_out, r, dtype=torch.float32)
+    T = torch.empty(d_in, r, dtype=torch.float32, device="cpu")  # (not a program's default device)
+    P = torch.empty(d_out, r, dtype=torch.float32, device="cpu")
     release_rows = 0
     if release_behind:
         row_bytes = max(wa.stride(0), wu.stride(0)) * wa.element_size()

@@ -75,8 +75,8 @@ def peft_linear(
     # (as PEFT: Python floats into a tensor of the default dtype; a weight times scaling below 0, a
     # negative lora_alpha, puts its sign on A's weight alone)
     scaled = (alpha * s_f, (1.0 - alpha) * s_s)
-    weights_B = torch.tensor([math.sqrt(abs(w)) for w in scaled])
-    weights_A = torch.tensor([math.sqrt(abs(w)) * (1 if w >= 0 else -1) for w in scaled])
+    weights_B = torch.tensor([math.sqrt(abs(w)) for w in scaled], device=B_f.device)
+    weights_A = torch.tensor([math.sqrt(abs(w)) * (1 if w >= 0 else -1) for w in scaled], device=A_f.device)
     A = merge_utils.task_arithmetic([A_f.to(wd), A_s.to(wd)], weights_A)
     B = merge_utils.task_arithmetic([B_f.to(wd), B_s.to(wd)], weights_B)
     return (B if scale == 1.0 else B * scale), A

@@ -1213,3 +1213,25 @@ def test_the_backends_offered_instead_run_on_that_device(monkeypatch):
         with pytest.raises(ValueError) as err:
             backends.resolve("cpp", device)
         assert str(err.value).endswith("another backend (torch)"), str(err.value)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_default_device_the_program_set_does_not_reach_cpu_tensors(backend):
+    """review196: under torch.set_default_device (meta stands in for cuda), the C++ backend made its
+    T and P there and handed their addresses to the kernel ("null data pointer"; on a GPU, device
+    addresses). CPU tensors are scored on the CPU, with the same bits as without it."""
+    wa, wu, A, B = inputs(48, 40, 5, seed=21)
+    dW = B @ A
+
+    def run():
+        return [ops.subspace_cosine(wa, wu, lora_A=A, lora_B=B, backend=backend),
+                ops.subspace_cosine(wa, wu, delta=dW, backend=backend),
+                ops.project_lora_B(wa, wu, B, backend=backend), ops.project_delta(wa, wu, dW, backend=backend)]
+
+    plain = run()
+    with torch.device("meta"):
+        moved = run()
+    assert moved[:2] == plain[:2]
+    for got, want in zip(moved[2:], plain[2:]):
+        assert got.device.type == "cpu" and torch.equal(got, want)
+

@@ -2838,3 +2838,43 @@ def test_a_regex_target_modules_is_read_as_peft_resolves_it_on_transformers_5(mi
     assert len(warned) == 1 and warned[0].startswith(
         "26 transformers-4 MoE module(s) of the written adapter (first: model.layers.0.block_sparse_moe.experts.0.w1)"
     ), warned
+
+
+RUNS_ON_THE_CPU = [n for n in ("cpp", "torch") if backends.available_backends()[n] is None]
+
+
+@pytest.mark.parametrize("backend", RUNS_ON_THE_CPU)
+def test_a_default_device_the_program_set_does_not_reach_a_cpu_run(fx, tmp_path, backend):
+    """review196: a program that called torch.set_default_device (GPU scripts and some model cards
+    do) had the run's read buffers and the C++ backend's T and P made there (a raw TypeError, or the
+    C++ kernel handed device addresses). The meta device stands in for cuda: every tensor made
+    without a device lands there, holding nothing. The outputs' bytes equal a plain run's."""
+    task, safety = _equal_rank_adapters(fx, tmp_path, False, {})  # (peft-linear needs one rank)
+    runs = {
+        "merge": merge_args(fx, Path("OUT"), "--no-plot", "--num-layers", 3),
+        "peft-linear": ["merge", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--task-adapter", task,
+                        "--safety-adapter", safety, "--out", Path("OUT"), "--no-plot", "--num-layers", 3,
+                        "--method", "peft-linear"],
+        "ties-model": merge_args(fx, Path("OUT"), "--no-plot", "--num-layers", 3, "--method", "ties",
+                                 "--density", 0.5, "--output", "model"),
+        "project": ["project", "--aligned", fx.aligned, "--unaligned", fx.unaligned, "--adapter", fx.task,
+                    "--out", Path("OUT"), "--no-plot", "--num-layers", 3],
+    }
+    for name, argv in runs.items():
+        outs = []
+        for where in ("plain", "meta"):
+            out = tmp_path / f"{name}-{where}"
+            argv_here = [out if a == Path("OUT") else a for a in argv] + ["--backend", backend]
+            if where == "meta":
+                with torch.device("meta"):
+                    assert run_cli(argv_here) == 0, name
+            else:
+                assert run_cli(argv_here) == 0, name
+            outs.append(out)
+        files = sorted(p.name for p in outs[0].glob("*.safetensors"))
+        assert files and files == sorted(p.name for p in outs[1].glob("*.safetensors")), name
+        for f in files:
+            assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), (name, f)
+        layers = [[(r["module"], r["cosine"], r["flagged"]) for r in report_of(o)["layers"]] for o in outs]
+        assert layers[0] == layers[1] and sum(flag for _, _, flag in layers[0]) == 3, name
+

@@ -213,7 +213,7 @@ class _FiniteAhead:
         self.todo = [n for n in self.order if n not in checked and reader.holds_floats(n)]
         self.next = 0  # todo[next:] not yet submitted
         self.futures: dict[str, Future] = {}
-        self.scratch = torch.empty(PATCH_BYTES, dtype=torch.uint8)
+        self.scratch = torch.empty(PATCH_BYTES, dtype=torch.uint8, device="cpu")
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="safemerge-nan-scan")
 
     def __enter__(self) -> "_FiniteAhead":

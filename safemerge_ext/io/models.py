@@ -593,7 +593,7 @@ class ModelReader:
 
     def _read(self, shard: str, start: int, end: int, what: str, pin_memory: bool = False) -> torch.Tensor:
         """Bytes [start, end) of a shard in fresh memory, counted in ``bytes_read``."""
-        buf = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin_memory)
+        buf = torch.empty(end - start, dtype=torch.uint8, device="cpu", pin_memory=pin_memory)
         view = memoryview(buf.numpy())
         fd = self._fd(shard)
         done = 0
@@ -615,7 +615,7 @@ class ModelReader:
         if code not in _FLOAT_CODES:
             return True
         dtype = self._dtype(shard, name, code)
-        buf = torch.empty(2 << 20, dtype=torch.uint8) if buf is None else buf
+        buf = torch.empty(2 << 20, dtype=torch.uint8, device="cpu") if buf is None else buf
         step = len(buf) - len(buf) % 8
         view, fd = memoryview(buf.numpy()), self._fd(shard)
         while start < end:
@@ -704,7 +704,7 @@ class ModelReader:
         """Bytes [start, end) of a shard as a flat ``dtype`` view of a private mapping (read
         instead where the file cannot be mapped), counted in ``bytes_read``."""
         if end == start:
-            return torch.empty(0, dtype=dtype)
+            return torch.empty(0, dtype=dtype, device="cpu")
         fd = self._fd(shard)
         base, stop = start - start % mmap.ALLOCATIONGRANULARITY, end
         if _PMD and end - start >= _PMD:
