@@ -32,7 +32,10 @@ def link_loop_error(flag: str, path: "str | os.PathLike[str]") -> SafeMergeError
 def blank_path(flag: str, path: "str | os.PathLike[str]") -> SafeMergeError | None:
     """The error for a path that is empty or only white space (an unset shell variable, a stray
     quote), else None: ``Path("")`` is the working directory, which would be read or written instead.
-    A NUL character, which no path can hold (the Python API can pass one), is named too."""
+    A NUL character, which no path can hold (the Python API can pass one), is named too; a value
+    that is no path at all (None, a number: the Python API) is a TypeError naming ``flag``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{flag} must be a path (str or os.PathLike); got {type(path).__name__}")
     text = os.fspath(path)
     if "\0" in (text if isinstance(text, str) else text.decode("latin-1")):
         return SafeMergeError(f"{flag} {text!r} holds a NUL character, which no path can; give a path")

@@ -2878,3 +2878,18 @@ def test_a_default_device_the_program_set_does_not_reach_a_cpu_run(fx, tmp_path,
         layers = [[(r["module"], r["cosine"], r["flagged"]) for r in report_of(o)["layers"]] for o in outs]
         assert layers[0] == layers[1] and sum(flag for _, _, flag in layers[0]) == 3, name
 
+
+@pytest.mark.parametrize("command", ["score", "merge", "project"])
+def test_a_path_that_is_no_path_is_a_type_error_naming_it(fx, tmp_path, command):
+    """review196: None (or a number) for a path raised os.fspath's TypeError, which named none of the
+    run's three or four paths."""
+    given = {"score": dict(aligned=fx.aligned, unaligned=None, adapter=fx.task),
+             "merge": dict(aligned=fx.aligned, unaligned=fx.unaligned, task_adapter=fx.task, safety_adapter=7,
+                           out=tmp_path / "o", settings=pipeline.MergeSettings(pipeline.Selection(threshold=0.35))),
+             "project": dict(aligned=fx.aligned, unaligned=fx.unaligned, adapter=fx.task, out=None,
+                             selection=pipeline.Selection(threshold=0.5))}[command]
+    name, kind = {"score": ("--unaligned", "NoneType"), "merge": ("--safety-adapter", "int"),
+                  "project": ("--out", "NoneType")}[command]
+    with pytest.raises(TypeError, match=rf"^{name} must be a path \(str or os.PathLike\); got {kind}$"):
+        getattr(pipeline, command)(**given)
+    assert not any(tmp_path.iterdir())
