@@ -131,8 +131,12 @@ _SQUARES_SAFE = (2.0 ** -60, 2.0 ** 100)  # sums of fp32 squares trusted between
 # ||V||^2 ||V^T dW||^2 / ||V V^T dW||^2: ||V||_F^2 over the squared singular values of V that dW
 # meets (at most d_out x the effective rank's share where dW meets V's directions evenly, as
 # any real update does). fp32's rounding of T and P, relative to ||V||, is that ratio times
-# 2^-24 of the signal, and the cosine's error about 2^-61 times its square (measured: 1e-5 at 2^22,
-# 0.04 at 2^28, for dW in V's weakest direction). Above 2^20 the layer is scored again in float64.
+# 2^-24 of the signal. Measured (review196: rank-1 dW along one of V's singular directions, or
+# mixing its weakest ones, 48x32 and 256x128, torch and cpp, in fp32 alone): the cosine's
+# absolute error stays below 7e-6 up to 2^15, is 6e-5 to 3e-4 at 2^17.8-2^20 where the cosine is
+# about 5e-4 (the order of such layers can change, not a flag at a threshold near 0.35), 1e-5 to
+# 7e-5 at 2^21-2^23 where it is 1, and 0.02-0.2 from 2^25. Above 2^20 the layer is scored again in
+# float64 (0.5-1.5 s for a 4096-wide layer: too dear where a cosine near 0 is a few digits off).
 _ILL_CONDITIONED = 2.0 ** 20
 
 
@@ -183,6 +187,14 @@ def _below_full_precision(*tensors: torch.Tensor) -> bool:
     """Whether an fp32 result's largest entry is nonzero but below 2^-120: its entries are near or
     below fp32's normal range and have lost significant bits (weights near 1e-21)."""
     return any(0.0 < _abs_max(X) < _FP32_FULL for X in tensors if X.numel())
+
+
+def _underflowed_to_zero(vsq: float, update: torch.Tensor) -> bool:
+    """Whether a projection of ``update`` (B or dW, d_out rows) that came out all zero may have
+    underflowed: bounds of its two products' terms (``||V|| max|update|`` and ``||V||^2 max|update|
+    sqrt(d_out)``) are nonzero but below fp32's full precision. A zero update projects to zero."""
+    v, umax = math.sqrt(vsq), _abs_max(update)
+    return 0.0 < min(v * umax, vsq * umax * math.sqrt(update.shape[0])) < _FP32_FULL
 
 
 def _v_is_zero(vsq: float, wa: torch.Tensor, wu: torch.Tensor) -> bool:
@@ -374,8 +386,11 @@ def project_lora_B(
         raise _non_finite("the weights or lora_B contain NaN or Inf", w_aligned, w_unaligned, lora_B)
     if _v_is_zero(vsq, w_aligned, w_unaligned):
         raise ValueError("aligned and unaligned weights are identical (V = 0): the projection is undefined")
-    # (T != 0 forces P = V T != 0: a zero P underflowed)
+    # (T != 0 forces P = V T != 0: a zero P underflowed; a zero T says nothing where V^T B's terms
+    # all lie below fp32's full precision, or B's entries below fp32's range: review196)
     if _below_full_precision(T, P) or (bool(T.any()) and not bool(P.any())):
+        raise FloatingPointError(_LOST)
+    if not bool(P.any()) and _underflowed_to_zero(vsq, lora_B):
         raise FloatingPointError(_LOST)
     out = P.double() / math.sqrt(vsq)
     if out_of_range(out, lora_B.dtype) is not None:
@@ -436,10 +451,6 @@ def project_delta(
         raise ValueError("aligned and unaligned weights are identical (V = 0): the projection is undefined")
     # N = V M, M = V^T dW: entries of N below 2^-120 lost their bits; and an all-zero N says nothing
     # where either product's terms all lie below it (bounds: ||V|| max|dW|, and ||V||^2 max|dW| sqrt(d_out))
-    if 0.0 < big < _FP32_FULL:
+    if 0.0 < big < _FP32_FULL or (big == 0.0 and _underflowed_to_zero(vsq, delta)):
         raise FloatingPointError(_LOST)
-    if big == 0.0:
-        v, dmax = math.sqrt(vsq), _abs_max(delta)
-        if 0.0 < min(v * dmax, vsq * dmax * math.sqrt(N.shape[0])) < _FP32_FULL:  # (a zero update projects to 0)
-            raise FloatingPointError(_LOST)
     return N.div_(math.sqrt(vsq))  # (N is the backend's own: no second copy of it)

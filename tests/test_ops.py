@@ -1235,3 +1235,26 @@ def test_a_default_device_the_program_set_does_not_reach_cpu_tensors(backend):
     for got, want in zip(moved[2:], plain[2:]):
         assert got.device.type == "cpu" and torch.equal(got, want)
 
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_projection_of_lora_b_that_underflowed_to_zero_is_an_error(backend):
+    """review196: where V^T B's terms all lie below fp32's range (weights near 1e-16 and B near 1e-31,
+    or a float64 B below fp32's range) the projection came back all zero without a word, where
+    project_delta and the score on the same layer raise. A B that V^T truly sends to zero, or a zero
+    B, still projects to zero."""
+    g = torch.Generator().manual_seed(22)
+    wa = (torch.randn(40, 24, generator=g) * 2.0 ** -54).bfloat16()
+    wu = (wa.float() + 2.0 ** -57 * torch.randn(40, 24, generator=g)).bfloat16()
+    B = torch.randn(40, 3, generator=g)
+    for tiny in (B * 2.0 ** -102, B.double() * 1e-50):
+        with pytest.raises(FloatingPointError, match="lost their precision"):
+            ops.project_lora_B(wa, wu, tiny, backend=backend)
+    with pytest.raises(FloatingPointError, match="lost their precision"):  # (as project_delta does)
+        ops.project_delta(wa, wu, B.double() * 1e-50 @ torch.randn(3, 24, generator=g, dtype=torch.float64),
+                          backend=backend)
+    wa, wu, _, _ = inputs(40, 24, 3, seed=23)
+    null = torch.linalg.svd((wa - wu).double()).U[:, 24:27]  # (V^T sends 16 of the 40 directions to zero)
+    out = ops.project_lora_B(wa, wu, torch.zeros(40, 3), backend=backend)
+    assert out.shape == (40, 3) and not out.any()
+    out = ops.project_lora_B(wa, wu, null.float(), backend=backend)
+    assert float(out.abs().max()) < 1e-6, float(out.abs().max())
