@@ -165,6 +165,8 @@ def _roles(group: TensorGroup, role: Any, method: str) -> dict[str, torch.Tensor
             f"{method}: role {extra[0]!r} is not used by this method; roles are {', '.join(ROLES[method])}"
         )
     _check_loras(group, role)
+    if method == "safemerge":
+        _check_safety_lora(found["task"][0], found["safety"][0])
     out = {r: found[r][0].tensor for r in ROLES[method]}
     out["aligned"] = group.base.tensor
     return out
@@ -608,6 +610,44 @@ def _check_loras(group: TensorGroup, role: Any) -> None:
             _loras_checked.add(key)
 
 
+# (task model, task LoRA, safety LoRA, the LoRAs' times of last change) checked by _check_safety_lora
+_pairs_checked: set[tuple[str, str, str, int, int]] = set()
+
+
+def _check_safety_lora(task: Any, safety: Any) -> None:
+    """safemerge, where the task and the safety inputs are both local ``model+lora``: the safety
+    adapter updates every module the task adapter does, as ``safemerge merge`` and safemerge-yaml
+    check (headers only; once per pair and run): mergekit folds both before a method sees a tensor,
+    and a flagged module the safety adapter lacks would be merged as alpha * dW_task alone."""
+    paths = []
+    for e in (task, safety):
+        lora, model = getattr(e.id, "lora", None), getattr(e.id, "model", None)
+        lpath, mpath = getattr(lora, "path", None), getattr(model, "path", None)
+        if not (isinstance(lpath, str) and isinstance(mpath, str) and Path(lpath).is_dir() and Path(mpath).is_dir()):
+            return  # (no LoRA, or a Hub id: mergekit fetched it, nothing here to read)
+        paths.append((mpath, lpath))
+    key = (paths[0][0], paths[0][1], paths[1][1], Path(paths[0][1]).stat().st_mtime_ns,
+           Path(paths[1][1]).stat().st_mtime_ns)
+    with _readers_lock:
+        if key in _pairs_checked:
+            return
+    from safemerge_ext.io.adapters import check_safety_covers, read_adapter
+
+    opened: list[Any] = []
+    try:
+        with contextlib.suppress(SafeMergeError):  # (what these refuse is _check_loras' or mergekit's to say)
+            opened.append(ModelReader(paths[0][0], flag="role task: model"))
+            opened.append(read_adapter(paths[0][1], flag="role task: LoRA adapter", folded=True))
+            opened.append(read_adapter(paths[1][1], flag="role safety: LoRA adapter", folded=True))
+        if len(opened) == 3:
+            check_safety_covers(opened[1], opened[2], opened[0], "role task: LoRA adapter", "role safety: LoRA adapter")
+    finally:
+        for o in opened:
+            o.close()
+    with _readers_lock:
+        _pairs_checked.add(key)
+
+
 def _models(group: TensorGroup, role: Any) -> dict[str, dict[str, str | None]]:
     """The inputs by role (the base model as "aligned"), as the report records them: each model's
     path (a folder, or a Hub id) and its LoRA's, for ``model+lora``."""
@@ -629,6 +669,7 @@ def _record(
     src_dtype: torch.dtype, band: float | None, elapsed: float, nbytes: int, report_path: str,
     precision: str | None, rounding: torch.dtype | None = None, task_lora: bool = False,
     models: dict[str, dict[str, str | None]] | None = None, piece: _Piece | None = None,
+    safety_unchanged: bool = False,
 ) -> None:
     name = group.metadata.name or "?"
     whole = piece is None or piece.expert is None
@@ -642,7 +683,8 @@ def _record(
         v_norm=score.v_norm,
         delta_norm=score.delta_norm,
         extra={"tensor": name, **({} if whole else {"expert": piece.expert}), "input_dtype": _dtype_name(src_dtype),
-               "rounding_dtype": _dtype_name(rounding), "task_lora": task_lora, "rounding_band": band, **settings},
+               "rounding_dtype": _dtype_name(rounding), "task_lora": task_lora, "rounding_band": band, **settings,
+               **({"safety_unchanged": True} if safety_unchanged else {})},
     )
     _append(report_path, {"method": method, "backend": score.backend, "backend_detail": backend_detail(score.backend),
                           "backend_requested": backends.requested_backend(None),
@@ -672,6 +714,7 @@ class _Scored:
     start: float
     precision: str | None
     models: dict[str, dict[str, str | None]]
+    safety_unchanged: bool = False  # (set where a flagged piece's safety weights are the aligned ones)
 
     @classmethod
     def of(cls, group: TensorGroup, t: dict[str, torch.Tensor], role: Any, precision: str | None,
@@ -710,7 +753,7 @@ class _Scored:
                 src_dtype=self.task.dtype, band=self.band, elapsed=time.perf_counter() - self.start,
                 nbytes=nbytes, report_path=report_path,
                 precision=self.precision, rounding=self.rounding, task_lora=self.task_lora, models=self.models,
-                piece=self.piece)
+                piece=self.piece, safety_unchanged=self.safety_unchanged)
 
 
 def _shares(group: TensorGroup, pieces: list[_Piece]) -> list[int]:
@@ -790,6 +833,7 @@ def _safemerge_tensor(
 
     def merged(s: _Scored) -> torch.Tensor:
         safety = s.piece.of(t["safety"])
+        s.safety_unchanged = _equal_values(safety, s.wa)  # (said in the report: merged as alpha dW_task alone)
         if merge == "linear":  # (elementwise: the same bits a block of rows at a time)
             return s.plus(lambda r: combine_full(s.dW[r], _minus(safety[r], s.wa[r], s.wd), alpha=alpha,
                                                  method=merge, density=density, seed=seed,
@@ -881,6 +925,13 @@ def _resta_tensor(
                 nbytes=nbytes, report_path=report_path,
                 precision=precision, task_lora=task_lora, models=models, piece=piece)
     return out
+
+
+def _equal_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape hold the same values (dtypes may differ), compared a block of
+    rows at a time (no whole mask)."""
+    a, b = as_rows(a), as_rows(b)
+    return not any(bool((a[r] != b[r]).any()) for r in row_blocks(a))
 
 
 def _shifted(task: torch.Tensor, wa: torch.Tensor, wu: torch.Tensor, beta: float, density: float, seed: int,
@@ -1063,7 +1114,7 @@ def _forget_inputs() -> None:
     configs, the adapters checked against their models). Their folders' times, which key those, stay
     as they were when files are rewritten in place (``cp`` over them; review160)."""
     with _readers_lock:
-        for cache in (_readers, _model_types, _experts_infos, _loras_checked):
+        for cache in (_readers, _model_types, _experts_infos, _loras_checked, _pairs_checked):
             cache.clear()
 
 

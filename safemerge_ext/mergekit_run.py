@@ -738,6 +738,20 @@ def _unused_density(method: str, layers: list[LayerRecord]) -> list[str]:
             f"({len(unused)} layer(s), e.g. {unused[0]})"] if unused else []
 
 
+def _unchanged_safety(method: str, layers: list[LayerRecord]) -> list[str]:
+    """A warning naming the flagged layers where the safety model's weights are the aligned model's
+    (a safety LoRA without those modules, or layers its fine-tune left alone): merged there is
+    alpha * dW_task alone, no safety update."""
+    same = [r.module for r in layers if r.flagged and r.extra.get("safety_unchanged")]
+    if method != "safemerge" or not same:
+        return []
+    names = ", ".join(same[:6]) + (", ..." if len(same) > 6 else "")
+    return [f"role safety does not change {len(same)} of the {sum(r.flagged for r in layers)} flagged layers (its "
+            f"weights there are the aligned model's: a safety LoRA without those modules, or layers its fine-tune "
+            f"left alone), so they got alpha * dW_task and no safety update: {names}; give a safety model or "
+            "adapter that updates every module the task does"]
+
+
 def _precision_warnings(method: str, layers: list[LayerRecord]) -> list[str]:
     """A warning when task weights arrived rounded to a half format, with what would avoid it."""
     # layers with an update recovered from rounded weights (an untouched layer's dW = 0 is exact)
@@ -829,7 +843,8 @@ def finalize_report(report_path: str | os.PathLike, *, command: str = "run_merge
         timings=_timings(lines),
         bytes_read=sum(ln["bytes"] for ln in lines),
         warnings=(_unreachable_threshold(method, layers) + _precision_warnings(method, layers) + _unused_precision(lines)
-                  + _unused_density(method, layers) + ([dropped] if dropped else []) + list(warnings)),
+                  + _unused_density(method, layers) + _unchanged_safety(method, layers) + ([dropped] if dropped else [])
+                  + list(warnings)),
     )
     band_layers = [r for r in layers if r.extra.get("rounding_band") is not None]
     if band_layers and method != "resta":

@@ -314,7 +314,8 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
     """Paths exist; every tensor of the aligned model is in every input with the same shape (a
     resized vocabulary only with the recipe's tokenizer settings), 2-D weights in the same dtype in
     the unaligned one (headers only)."""
-    from safemerge_ext.io.adapters import check_fits, check_fold_keeps_scalings, check_peft_loads_factors, read_adapter
+    from safemerge_ext.io.adapters import (check_fits, check_fold_keeps_scalings, check_peft_loads_factors,
+                                           check_safety_covers, read_adapter)
     from safemerge_ext.io.models import ModelReader
 
     by_str = {str(r): r for _, _, inputs, _ in _groups(config) for r, _ in inputs}
@@ -376,6 +377,10 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
             check_fits(adapter, reader, label)
             check_peft_loads_factors(adapter, reader, label)
             check_fold_keeps_scalings(adapter, reader.path, label)
+        lora = {label: adapter for label, _, adapter in adapters}
+        if method == "safemerge" and "role task" in lora and "role safety" in lora:
+            check_safety_covers(lora["role task"], lora["role safety"], base, "role task: LoRA adapter",
+                                "role safety: LoRA adapter")
         inputs = tuple((f"{label} model", r.path) for label, _, r in readers) + tuple(
             (f"{label} LoRA adapter", a.path) for label, _, a in adapters)
         return has_lora, checked, inputs

@@ -4091,3 +4091,63 @@ def test_bytes_read_are_the_stored_sizes_of_converted_tensors_too(moe_models, tm
                "models": [{"model": str(root / r), "parameters": {"role": r}} for r in ("task", "safety", "unaligned")]}
         got[dtype] = merge(cfg, tmp_path / dtype)[1]["bytes_read"]
     assert got == {"float32": stored, "bfloat16": stored}
+
+
+def test_a_safety_lora_without_a_module_the_task_lora_adapts_is_refused_by_every_face(pico, tmp_path, capsys):
+    """review195: `safemerge merge` refuses a safety adapter that lacks a module the task adapter
+    adapts; as model+lora inputs, safemerge-yaml and run_merge merged it, each flagged down_proj
+    getting alpha * dW_task and no safety update, without a word. Now all three refuse it in one line."""
+    from safetensors.torch import load_file, save_file
+
+    from safemerge_ext import yaml_cli
+    from safemerge_ext.mergekit_run import refusal
+
+    qv = Path(shutil.copytree(pico.lora_safety, tmp_path / "safety-qv"))
+    factors = load_file(qv / "adapter_model.safetensors")
+    save_file({k: v for k, v in factors.items() if "down_proj" not in k}, str(qv / "adapter_model.safetensors"))
+    acfg = json.loads((qv / "adapter_config.json").read_text())
+    (qv / "adapter_config.json").write_text(json.dumps({**acfg, "target_modules": ["q_proj", "v_proj"]}))
+    cfg = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}", safety=f"{pico.aligned}+{qv}")
+    want = (f"role safety: LoRA adapter {qv}: has no update for module model.layers.0.mlp.down_proj, which role task: "
+            "LoRA adapter adapts; train the safety adapter on the same target modules")
+    with pytest.raises(SafeMergeError) as err:
+        merge(cfg, tmp_path / "o", lora_merge_cache=str(tmp_path / "cache"))
+    assert str(err.value) == want and refusal(err.value) == want
+    capsys.readouterr()  # (mergekit folded the LoRAs first: transformers' progress lines)
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out"), "--no-copy-tokenizer"])
+    assert done.value.code == 1 and capsys.readouterr().err == f"safemerge-yaml: error: {want}\n"
+    assert not (tmp_path / "out").exists()
+    # the other way round (the safety adapter adapts more modules than the task's) is fine
+    both = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{qv}", safety=f"{pico.aligned}+{pico.lora_safety}")
+    _, rep = merge(both, tmp_path / "fine", lora_merge_cache=str(tmp_path / "cache2"))
+    assert rep["counts"]["flagged"] > 0 and not any("role safety does not change" in w for w in rep["warnings"])
+
+
+def test_flagged_layers_a_safety_model_leaves_as_aligned_are_named(pico, tmp_path):
+    """review195: a full safety model that changes only some layers (its fine-tune left the others
+    alone) gives the flagged layers it does not change alpha * dW_task alone: the report says which."""
+    from safetensors.torch import load_file, save_file
+
+    safety = Path(shutil.copytree(pico.aligned, tmp_path / "safety-q"))
+    tuned = read_model(pico.safety)
+    for shard in safety.glob("*.safetensors"):
+        tensors = load_file(shard)
+        save_file({k: (tuned[k] if "q_proj" in k else v) for k, v in tensors.items()}, str(shard),
+                  metadata={"format": "pt"})
+    got, rep = merge(recipe(pico, params={"threshold": 1.0, "alpha": 0.8}, safety=str(safety)), tmp_path / "o")
+    aligned, task = read_model(pico.aligned), read_model(pico.task)
+    flagged = [r for r in rep["layers"] if r["flagged"]]
+    same = [r["module"] for r in flagged if "q_proj" not in r["module"]]
+    assert same and len(same) < len(flagged)
+    assert [r["module"] for r in rep["layers"] if r.get("safety_unchanged")] == same
+    warning = next(w for w in rep["warnings"] if w.startswith("role safety does not change"))
+    assert warning.startswith(f"role safety does not change {len(same)} of the {len(flagged)} flagged layers") \
+        and same[0] in warning
+    for module in same:
+        w = module + ".weight"
+        assert_close(got[w], aligned[w] + 0.8 * (task[w] - aligned[w]), atol=1e-6, rtol=1e-6, what=module)
+    # a safety model that changes every layer: no such warning
+    _, rep = merge(recipe(pico, params={"threshold": 1.0, "alpha": 0.8}), tmp_path / "o2")
+    assert not any(w.startswith("role safety does not change") for w in rep["warnings"])
+    assert not any("safety_unchanged" in r for r in rep["layers"])

@@ -470,6 +470,20 @@ def check_default_rank(adapter: LoraAdapter) -> None:
                              "have (the largest, where rank_pattern gives others)")
 
 
+def check_safety_covers(task: LoraAdapter, safety: LoraAdapter, reader: ModelReader, task_label: str,
+                        safety_label: str) -> None:
+    """The safety adapter updates every module the task adapter does (matched by the weights of the
+    model ``reader`` reads, as ``safemerge merge`` matches them): a flagged module it lacks would be
+    merged as alpha * dW_task alone. One line, as the command's, where it does not."""
+    have = {reader.resolve_module(m) or m for m in safety.modules}
+    for module in task.modules:
+        if (reader.resolve_module(module) or module) not in have:
+            raise SafeMergeError(
+                f"{safety_label} {safety.path}: has no update for module {module}, which {task_label} adapts; "
+                "train the safety adapter on the same target modules"
+            )
+
+
 def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
     """Every module the adapter targets is a weight of the model ``reader`` reads, with the factors'
     shape; else one line (``label`` says which input), since a fold would drop the module silently."""
