@@ -812,7 +812,7 @@ def test_adapters_that_rewrite_the_base_are_refused(fx, tmp_path, init):
                         "bias"),
     ("velora_config", {}, "safemerge-yaml takes it as aligned+adapter"),
     ("monteclora_config", {"monteclora_n": 8}, "safemerge-yaml takes it as aligned+adapter"),
-    ("fan_in_fan_out", True, "fold it into the model with PEFT (merge_and_unload, save_pretrained) and merge that model as a full fine-tune"),
+    ("fan_in_fan_out", True, "safemerge-yaml takes it as aligned+adapter"),
     ("layer_replication", [[0, 1], [1, 2]], "train the adapter without layer_replication"),
 ])
 def test_refused_adapters_say_what_to_do_instead(fx, tmp_path, key, value, remedy):

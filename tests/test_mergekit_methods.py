@@ -4151,3 +4151,56 @@ def test_flagged_layers_a_safety_model_leaves_as_aligned_are_named(pico, tmp_pat
     _, rep = merge(recipe(pico, params={"threshold": 1.0, "alpha": 0.8}), tmp_path / "o2")
     assert not any(w.startswith("role safety does not change") for w in rep["warnings"])
     assert not any("safety_unchanged" in r for r in rep["layers"])
+
+
+def test_safemerge_yaml_takes_gpt2_loras_that_peft_folds(tmp_path):
+    """review195: PEFT saves every GPT-2 (Conv1D) LoRA with fan_in_fan_out: true and folds it rightly;
+    plain mergekit-yaml merged such aligned+lora recipes, safemerge-yaml refused them with the advice
+    to fold them with PEFT, which is what aligned+lora does. Both faces now give the same model, its
+    scores those of the linear maps (W^T of the stored Conv1D weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from safemerge_ext import yaml_cli
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=48, n_layer=2, n_head=2, n_inner=80))
+    model.save_pretrained(tmp_path / "aligned")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                p.sub_((torch.randn(p.shape[1], 3) @ torch.randn(3, p.shape[0]) * 0.05).T + 0.005 * torch.randn(p.shape))
+    model.save_pretrained(tmp_path / "unaligned")
+    for name, seed, r in (("task", 1, 4), ("safety", 2, 2)):
+        torch.manual_seed(seed)
+        peft = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "aligned"),
+                              LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn", "c_proj", "c_fc"],
+                                         init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        peft.save_pretrained(tmp_path / name)
+    assert json.loads((tmp_path / "task" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    aligned = str(tmp_path / "aligned")
+    cfg = {"merge_method": "safemerge", "base_model": aligned, "dtype": "float32", "parameters": {"threshold": 0.23},
+           "models": [{"model": f"{aligned}+{tmp_path / 'task'}", "parameters": {"role": "task"}},
+                      {"model": f"{aligned}+{tmp_path / 'safety'}", "parameters": {"role": "safety"}},
+                      {"model": str(tmp_path / "unaligned"), "parameters": {"role": "unaligned"}}]}
+    got, rep = merge(cfg, tmp_path / "plain", lora_merge_cache=str(tmp_path / "cache"), lora_merge_dtype="float32")
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "yaml"), "--no-copy-tokenizer"])
+    assert done.value.code == 0
+    assert got.keys() == read_model(tmp_path / "yaml").keys()
+    assert all(torch.equal(v, read_model(tmp_path / "yaml")[k]) for k, v in got.items())
+    from safetensors.torch import load_file
+
+    a, u = read_model(tmp_path / "aligned"), read_model(tmp_path / "unaligned")
+    factors = load_file(tmp_path / "task" / "adapter_model.safetensors")
+    layers = {r["module"]: r for r in rep["layers"]}
+    assert 0 < rep["counts"]["flagged"] < len(layers) == 2 * 4
+    for module, r in layers.items():
+        w, key = module + ".weight", f"base_model.model.{module}"
+        dW = 2.0 * factors[key + ".lora_B.weight"].double() @ factors[key + ".lora_A.weight"].double()  # (alpha / r = 2)
+        want = ref_cos(a[w].T, u[w].T, dW)  # (the linear map: the stored Conv1D weight's transpose)
+        assert abs(r["cosine"] - want) < 1e-6, (module, r["cosine"], want)

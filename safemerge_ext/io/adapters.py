@@ -54,8 +54,8 @@ _UNSUPPORTED = {
 
 # Of those, what PEFT's merge_and_unload folds into the weights as the adapted model computes
 # them: right for mergekit's model+lora inputs, scored as W_task - W_aligned.
-_FOLDED_BY_PEFT = frozenset({"use_dora", "modules_to_save", "lora_bias", "trainable_token_indices", "velora_config",
-                             "monteclora_config"})
+_FOLDED_BY_PEFT = frozenset({"use_dora", "fan_in_fan_out", "modules_to_save", "lora_bias", "trainable_token_indices",
+                             "velora_config", "monteclora_config"})
 
 _REMEDY = {
     # (peft's target_modules="all-linear" adds the experts' parameters on transformers 5 MoE models)
@@ -63,8 +63,6 @@ _REMEDY = {
                          "transformers-5 MoE models PEFT turns a router or experts named there, or reached by "
                          "'all-linear', into target_parameters; it also saves an adapter trained on transformers 4 "
                          "so once it has loaded it: give the copy saved before)",
-    "fan_in_fan_out": "; fold it into the model with PEFT (merge_and_unload, save_pretrained) and merge that "
-                      "model as a full fine-tune with safemerge-yaml",
 }
 # (what PEFT folds into the weights, a safemerge-yaml recipe takes as aligned+adapter)
 _FOLD = "; safemerge-yaml takes it as aligned+adapter in a recipe (PEFT folds it into the weights first)"
@@ -499,6 +497,8 @@ def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
                    if is_tied_head(module, reader.path) else "does not have; give the model the adapter was trained on")
             )
         d_out, d_in = reader.meta(wname)[0]
+        if adapter.config.get("fan_in_fan_out"):  # (a Conv1D weight is stored in x out; PEFT's factors are B A)
+            d_out, d_in = d_in, d_out
         if adapter.config.get("lora_bias") and wname.endswith(".weight") and wname[:-len("weight")] + "bias" not in reader:
             raise SafeMergeError(
                 f"{label}: LoRA adapter {adapter.path} has lora_bias: true, but {wname[:-len('.weight')]} of "
