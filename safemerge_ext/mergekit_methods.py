@@ -166,7 +166,7 @@ def _roles(group: TensorGroup, role: Any, method: str) -> dict[str, torch.Tensor
         )
     _check_loras(group, role)
     if method == "safemerge":
-        _check_safety_lora(found["task"][0], found["safety"][0])
+        _check_safety_lora(found["task"][0], found["safety"][0], group.base)
     out = {r: found[r][0].tensor for r in ROLES[method]}
     out["aligned"] = group.base.tensor
     return out
@@ -614,11 +614,13 @@ def _check_loras(group: TensorGroup, role: Any) -> None:
 _pairs_checked: set[tuple[str, str, str, int, int]] = set()
 
 
-def _check_safety_lora(task: Any, safety: Any) -> None:
-    """safemerge, where the task and the safety inputs are both local ``model+lora``: the safety
-    adapter updates every module the task adapter does, as ``safemerge merge`` and safemerge-yaml
-    check (headers only; once per pair and run): mergekit folds both before a method sees a tensor,
-    and a flagged module the safety adapter lacks would be merged as alpha * dW_task alone."""
+def _check_safety_lora(task: Any, safety: Any, base: Any) -> None:
+    """safemerge, where the task and the safety inputs are both local ``model+lora`` and the safety
+    LoRA's model is the aligned one (``base``): the safety adapter updates every module the task
+    adapter does that the method scores, as ``safemerge merge`` and safemerge-yaml check (headers
+    only; once per pair and run): mergekit folds both before a method sees a tensor, and a flagged
+    module the safety adapter lacks would be merged as alpha * dW_task alone. (A safety model of its
+    own changes the modules its LoRA lacks: :func:`_unchanged_safety`'s warning is for what it leaves.)"""
     paths = []
     for e in (task, safety):
         lora, model = getattr(e.id, "lora", None), getattr(e.id, "model", None)
@@ -626,6 +628,9 @@ def _check_safety_lora(task: Any, safety: Any) -> None:
         if not (isinstance(lpath, str) and isinstance(mpath, str) and Path(lpath).is_dir() and Path(mpath).is_dir()):
             return  # (no LoRA, or a Hub id: mergekit fetched it, nothing here to read)
         paths.append((mpath, lpath))
+    aligned = getattr(getattr(getattr(base, "id", None), "model", None), "path", None)
+    if not isinstance(aligned, str) or Path(aligned).resolve() != Path(paths[1][0]).resolve():
+        return
     key = (paths[0][0], paths[0][1], paths[1][1], Path(paths[0][1]).stat().st_mtime_ns,
            Path(paths[1][1]).stat().st_mtime_ns)
     with _readers_lock:
@@ -640,12 +645,29 @@ def _check_safety_lora(task: Any, safety: Any) -> None:
             opened.append(read_adapter(paths[0][1], flag="role task: LoRA adapter", folded=True))
             opened.append(read_adapter(paths[1][1], flag="role safety: LoRA adapter", folded=True))
         if len(opened) == 3:
-            check_safety_covers(opened[1], opened[2], opened[0], "role task: LoRA adapter", "role safety: LoRA adapter")
+            check_safety_covers(opened[1], opened[2], opened[0], "role task: LoRA adapter", "role safety: LoRA adapter",
+                                passed_through(opened[0]))
     finally:
         for o in opened:
             o.close()
     with _readers_lock:
         _pairs_checked.add(key)
+
+
+def passed_through(reader: ModelReader) -> Callable[[str], bool]:
+    """Whether a module of the model ``reader`` reads is one the methods pass through unscored (as
+    :func:`_scorable` tells by mergekit's metadata): a vocabulary table (a weight with the config's
+    vocab_size as a side, lm_head among them) or another embedding table (``_TABLE``)."""
+    from safemerge_ext.io.models import config_value
+
+    vocab = config_value(reader.path, "vocab_size")
+
+    def left_alone(module: str) -> bool:
+        if _TABLE.search(module):
+            return True
+        weight = reader.resolve_module(module)
+        return weight is not None and isinstance(vocab, int) and vocab in reader.meta(weight)[0]
+    return left_alone
 
 
 def _models(group: TensorGroup, role: Any) -> dict[str, dict[str, str | None]]:

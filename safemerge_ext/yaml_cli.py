@@ -35,7 +35,7 @@ from safemerge_ext.io.model_writer import untie_stored_head
 from safemerge_ext.io.places import identity, within
 from safemerge_ext.io.output import (check_links_lead, check_not_input, check_out, check_parent, committed,
                                      let_go, scratch_dir, staged_dir, umask_modes, write_files)
-from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, check_device, register_methods
+from safemerge_ext.mergekit_methods import METHOD_NAMES, ROLES, check_device, passed_through, register_methods
 from safemerge_ext.mergekit_run import discard_report, finalize_report, refusal, report_files
 from safemerge_ext.report import REPORT_JSON, PlotUnavailable, json_writer, plot_writer, summary_table
 
@@ -377,10 +377,12 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
             check_fits(adapter, reader, label)
             check_peft_loads_factors(adapter, reader, label)
             check_fold_keeps_scalings(adapter, reader.path, label)
-        lora = {label: adapter for label, _, adapter in adapters}
-        if method == "safemerge" and "role task" in lora and "role safety" in lora:
-            check_safety_covers(lora["role task"], lora["role safety"], base, "role task: LoRA adapter",
-                                "role safety: LoRA adapter")
+        lora = {label: (ref, adapter) for label, ref, adapter in adapters}
+        # (a safety model of its own changes what its LoRA lacks: the run's warning names what it leaves)
+        if method == "safemerge" and "role task" in lora and "role safety" in lora \
+                and Path(lora["role safety"][0].model.path).resolve() == Path(base.path).resolve():
+            check_safety_covers(lora["role task"][1], lora["role safety"][1], base, "role task: LoRA adapter",
+                                "role safety: LoRA adapter", passed_through(base))
         inputs = tuple((f"{label} model", r.path) for label, _, r in readers) + tuple(
             (f"{label} LoRA adapter", a.path) for label, _, a in adapters)
         return has_lora, checked, inputs

@@ -4118,10 +4118,23 @@ def test_a_safety_lora_without_a_module_the_task_lora_adapts_is_refused_by_every
         yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out"), "--no-copy-tokenizer"])
     assert done.value.code == 1 and capsys.readouterr().err == f"safemerge-yaml: error: {want}\n"
     assert not (tmp_path / "out").exists()
-    # the other way round (the safety adapter adapts more modules than the task's) is fine
-    both = recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{qv}", safety=f"{pico.aligned}+{pico.lora_safety}")
-    _, rep = merge(both, tmp_path / "fine", lora_merge_cache=str(tmp_path / "cache2"))
-    assert rep["counts"]["flagged"] > 0 and not any("role safety does not change" in w for w in rep["warnings"])
+    # fine (review197): the safety adapter adapting more modules than the task's; a task LoRA also on
+    # lm_head, which the methods pass through unscored; a safety LoRA on a safety model of its own,
+    # which changes the modules its LoRA lacks
+    from mergekit_fixtures import _lora
+
+    head = tmp_path / "task-head"
+    _lora(pico.aligned, head, seed=1, r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj", "lm_head"])
+    for i, (task, safety) in enumerate(((f"{pico.aligned}+{qv}", f"{pico.aligned}+{pico.lora_safety}"),
+                                        (f"{pico.aligned}+{head}", f"{pico.aligned}+{pico.lora_safety}"),
+                                        (f"{pico.aligned}+{pico.lora_task}", f"{pico.safety}+{qv}"))):
+        fine = recipe(pico, params={"threshold": TAU}, task=task, safety=safety)
+        _, rep = merge(fine, tmp_path / f"fine{i}", lora_merge_cache=str(tmp_path / f"cache-{i}"))
+        assert rep["counts"]["flagged"] > 0 and not any("role safety does not change" in w for w in rep["warnings"])
+        assert not any("lm_head" in r["module"] for r in rep["layers"])
+        with pytest.raises(SystemExit) as done:
+            yaml_cli.main([str(_write(fine, tmp_path / f"r{i}.yml")), str(tmp_path / f"out{i}"), "--no-copy-tokenizer"])
+        assert done.value.code == 0, i
 
 
 def test_flagged_layers_a_safety_model_leaves_as_aligned_are_named(pico, tmp_path):
@@ -4151,6 +4164,35 @@ def test_flagged_layers_a_safety_model_leaves_as_aligned_are_named(pico, tmp_pat
     _, rep = merge(recipe(pico, params={"threshold": 1.0, "alpha": 0.8}), tmp_path / "o2")
     assert not any(w.startswith("role safety does not change") for w in rep["warnings"])
     assert not any("safety_unchanged" in r for r in rep["layers"])
+
+
+def test_conv1d_factors_are_checked_by_the_module_not_the_configs_fan_in_fan_out(pico, tmp_path):
+    """review197: PEFT sets fan_in_fan_out per module and saves the last module's value: a GPT-2 LoRA
+    on c_attn and an untied lm_head says false, one on a Llama's Linear layers may say true (PEFT
+    resets it for a Linear, with a warning); each module is checked against its own layout."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from safemerge_ext.io.adapters import check_fits, read_adapter
+    from safemerge_ext.io.models import ModelReader
+
+    torch.manual_seed(0)
+    gpt2 = GPT2Config(vocab_size=64, n_positions=16, n_embd=48, n_layer=1, n_head=2, n_inner=80, tie_word_embeddings=False)
+    GPT2LMHeadModel(gpt2).save_pretrained(tmp_path / "gpt2")
+    get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"),
+                   LoraConfig(r=2, target_modules=["c_attn", "lm_head"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "mixed")
+    assert json.loads((tmp_path / "mixed" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    llama = Path(shutil.copytree(pico.lora_task, tmp_path / "llama"))
+    acfg = json.loads((llama / "adapter_config.json").read_text())
+    (llama / "adapter_config.json").write_text(json.dumps({**acfg, "fan_in_fan_out": True}))
+    for model, lora in ((tmp_path / "gpt2", tmp_path / "mixed"), (pico.aligned, llama)):
+        reader, adapter = ModelReader(model, flag="model"), read_adapter(lora, flag="lora", folded=True)
+        try:
+            check_fits(adapter, reader, "role task")
+        finally:
+            reader.close()
+            adapter.close()
 
 
 def test_safemerge_yaml_takes_gpt2_loras_that_peft_folds(tmp_path):

@@ -469,13 +469,14 @@ def check_default_rank(adapter: LoraAdapter) -> None:
 
 
 def check_safety_covers(task: LoraAdapter, safety: LoraAdapter, reader: ModelReader, task_label: str,
-                        safety_label: str) -> None:
-    """The safety adapter updates every module the task adapter does (matched by the weights of the
-    model ``reader`` reads, as ``safemerge merge`` matches them): a flagged module it lacks would be
+                        safety_label: str, left_alone: Callable[[str], bool] = lambda module: False) -> None:
+    """The safety adapter, on the aligned model that ``reader`` reads, updates every module the task
+    adapter does (matched by that model's weights, as ``safemerge merge`` matches them), except those
+    ``left_alone`` (modules the merge passes through unscored): a flagged module it lacks would be
     merged as alpha * dW_task alone. One line, as the command's, where it does not."""
     have = {reader.resolve_module(m) or m for m in safety.modules}
     for module in task.modules:
-        if (reader.resolve_module(module) or module) not in have:
+        if (reader.resolve_module(module) or module) not in have and not left_alone(module):
             raise SafeMergeError(
                 f"{safety_label} {safety.path}: has no update for module {module}, which {task_label} adapts; "
                 "train the safety adapter on the same target modules"
@@ -485,8 +486,9 @@ def check_safety_covers(task: LoraAdapter, safety: LoraAdapter, reader: ModelRea
 def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
     """Every module the adapter targets is a weight of the model ``reader`` reads, with the factors'
     shape; else one line (``label`` says which input), since a fold would drop the module silently."""
-    from safemerge_ext.io.models import is_tied_head
+    from safemerge_ext.io.models import config_value, is_conv1d, is_tied_head
 
+    model_type = config_value(reader.path, "model_type")
     for module, m in adapter.modules.items():
         wname = reader.resolve_module(module)
         if wname is None:
@@ -497,8 +499,8 @@ def check_fits(adapter: LoraAdapter, reader: ModelReader, label: str) -> None:
                    if is_tied_head(module, reader.path) else "does not have; give the model the adapter was trained on")
             )
         d_out, d_in = reader.meta(wname)[0]
-        if adapter.config.get("fan_in_fan_out"):  # (a Conv1D weight is stored in x out; PEFT's factors are B A)
-            d_out, d_in = d_in, d_out
+        if is_conv1d(model_type, module):  # (stored in x out; PEFT's factors are B A, whatever fan_in_fan_out says:
+            d_out, d_in = d_in, d_out      # PEFT sets it per module, and saves the last module's in the config)
         if adapter.config.get("lora_bias") and wname.endswith(".weight") and wname[:-len("weight")] + "bias" not in reader:
             raise SafeMergeError(
                 f"{label}: LoRA adapter {adapter.path} has lora_bias: true, but {wname[:-len('.weight')]} of "
