@@ -656,8 +656,9 @@ def _check_safety_lora(task: Any, safety: Any, base: Any) -> None:
 
 def passed_through(reader: ModelReader) -> Callable[[str], bool]:
     """Whether a module of the model ``reader`` reads is one the methods pass through unscored (as
-    :func:`_scorable` tells by mergekit's metadata): a vocabulary table (a weight with the config's
-    vocab_size as a side, lm_head among them) or another embedding table (``_TABLE``)."""
+    :func:`_scorable` tells by mergekit's metadata): a vocabulary table (a weight outside the numbered
+    layers with the config's vocab_size as a side, lm_head among them: a layer's weight may have that
+    size by chance) or another embedding table (``_TABLE``)."""
     from safemerge_ext.io.models import config_value
 
     vocab = config_value(reader.path, "vocab_size")
@@ -665,8 +666,10 @@ def passed_through(reader: ModelReader) -> Callable[[str], bool]:
     def left_alone(module: str) -> bool:
         if _TABLE.search(module):
             return True
+        if not isinstance(vocab, int) or any(part.isdecimal() for part in module.split(".")):
+            return False
         weight = reader.resolve_module(module)
-        return weight is not None and isinstance(vocab, int) and vocab in reader.meta(weight)[0]
+        return weight is not None and vocab in reader.meta(weight)[0]
     return left_alone
 
 

@@ -2151,3 +2151,31 @@ def test_vllm_with_a_llama_guard_judge_checks_the_device_first(tiny_chat_model, 
     assert main(["eval", "--engine", "vllm", "--model", str(model), "--judge", f"llama-guard:{model}",
                  "--device", "meta", "--limit", "1", "--benign", "none"]) == 2
     assert "--device meta: eval generates on cpu" in _one_line_error(capsys)
+
+
+def test_conv1d_adapters_are_checked_by_the_module_not_the_configs_fan_in_fan_out(tmp_path: Path) -> None:
+    """review198: PEFT sets fan_in_fan_out per module and saves the last module's value: a GPT-2 LoRA on
+    c_attn and an untied lm_head says false, and one on a Llama's Linear layers may say true (PEFT
+    resets it there); both load, so the check before eval takes both."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from safemerge_ext.evaluation.generate import ModelSpec, check_adapter_fits
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=32,
+                               tie_word_embeddings=False)).save_pretrained(tmp_path / "gpt2")
+    get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"),
+                   LoraConfig(r=2, target_modules=["c_attn", "lm_head"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "mixed")
+    assert json.loads((tmp_path / "mixed" / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    check_adapter_fits(ModelSpec("g", str(tmp_path / "gpt2"), str(tmp_path / "mixed")))
+    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "llama"),
+                   LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "llama-lora")
+    cfg = json.loads((tmp_path / "llama-lora" / "adapter_config.json").read_text())
+    (tmp_path / "llama-lora" / "adapter_config.json").write_text(json.dumps({**cfg, "fan_in_fan_out": True}))
+    check_adapter_fits(ModelSpec("l", str(tmp_path / "llama"), str(tmp_path / "llama-lora")))

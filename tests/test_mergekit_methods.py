@@ -4246,3 +4246,24 @@ def test_safemerge_yaml_takes_gpt2_loras_that_peft_folds(tmp_path):
         dW = 2.0 * factors[key + ".lora_B.weight"].double() @ factors[key + ".lora_A.weight"].double()  # (alpha / r = 2)
         want = ref_cos(a[w].T, u[w].T, dW)  # (the linear map: the stored Conv1D weight's transpose)
         assert abs(r["cosine"] - want) < 1e-6, (module, r["cosine"], want)
+
+
+def test_what_the_coverage_check_leaves_out_is_no_layer_that_has_the_vocabularys_size(tmp_path):
+    """review198: a layer whose weight has vocab_size as a side by chance (intermediate_size ==
+    vocab_size) was taken for a vocabulary table and left out of the safety-LoRA coverage check,
+    so a safety LoRA without down_proj merged it as alpha * dW_task alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from safemerge_ext.io.models import ModelReader
+    from safemerge_ext.mergekit_methods import passed_through
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    reader = ModelReader(tmp_path / "m", flag="model")
+    try:
+        left_alone = passed_through(reader)
+        assert [m for m in ("lm_head", "model.embed_tokens", "model.layers.0.mlp.down_proj",
+                            "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj") if left_alone(m)] \
+            == ["lm_head", "model.embed_tokens"]
+    finally:
+        reader.close()

@@ -176,6 +176,7 @@ def check_adapter_fits(spec: ModelSpec) -> None:
     if not spec.adapter:
         return
     from safemerge_ext.io.adapters import peft_module
+    from safemerge_ext.io.models import is_conv1d
 
     adapter, base = Path(spec.adapter), Path(spec.path)
     shapes = _adapter_shapes(adapter)
@@ -187,13 +188,14 @@ def check_adapter_fits(spec: ModelSpec) -> None:
         if m and m["which"] in ("A", "B") and len(shape) == 2:
             factors.setdefault(peft_module(m["module"]), {})[m["which"]] = shape
     model = _header_shapes(base, wanted={f"{mod}.weight" for mod in factors}) or {}
-    transposed = bool(_read_json(adapter / "adapter_config.json").get("fan_in_fan_out"))  # (GPT-2's Conv1D)
+    # (GPT-2's Conv1D layers, by the module: PEFT sets fan_in_fan_out per module and saves the last one's)
+    model_type = _read_json(base / "config.json").get("model_type")
     for mod, ab in factors.items():
         have = model.get(f"{mod}.weight")
         if have is None or len(have) != 2 or len(ab) != 2:
             continue
         update = (ab["B"][0], ab["A"][1])
-        want = update[::-1] if transposed else update
+        want = update[::-1] if is_conv1d(model_type, mod) else update
         if have != want:
             raise SafeMergeError(
                 f"--model {spec.label}: the adapter does not fit the model: adapter {spec.adapter} changes {mod} by a "
