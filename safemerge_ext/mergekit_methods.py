@@ -1191,8 +1191,10 @@ def check_device(options: Any) -> None:
     if getattr(options, "multi_gpu", False):  # (mergekit's MultiGPUExecutor reads the accelerator's type)
         acc = getattr(torch, "accelerator", None)
         if (acc.current_accelerator() if acc is not None else None) is None and not torch.cuda.is_available():
-            raise SafeMergeError(f"mergekit's --multi-gpu (MergeOptions.multi_gpu): torch {torch.__version__} sees "
-                                 "no accelerator here; merge without --multi-gpu, on the CPU")
+            given = ("--gpu-rich (MergeOptions.gpu_rich, which sets --multi-gpu and --cuda)"
+                     if getattr(options, "gpu_rich", False) else "--multi-gpu (MergeOptions.multi_gpu)")
+            raise SafeMergeError(f"mergekit's {given}: torch {torch.__version__} sees no accelerator here; merge "
+                                 f"without {given.split()[0]}, on the CPU")
     device = str(getattr(options, "device", None) or "cpu")
     flag = getattr(options, "cuda", False) and device == "cuda"
     given = "--cuda (MergeOptions.cuda)" if flag else f"--device {device} (MergeOptions.device)"

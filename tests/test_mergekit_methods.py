@@ -1198,7 +1198,8 @@ def test_safemerge_yaml_refuses_multi_gpu_without_an_accelerator_and_a_bad_lora_
     """--multi-gpu where torch sees no accelerator (mergekit 0.1.5's executor fails with "'NoneType'
     object has no attribute 'type'") and a --lora-merge-dtype mergekit cannot fold in ("fp32": its
     "Unimplemented dtype" named no option) were found only after every LoRA input was folded
-    (review134): both are refused with the recipe, in one line."""
+    (review134): both are refused with the recipe, in one line. --gpu-rich's refusal named --multi-gpu,
+    which the user had not typed and could not turn off (review199)."""
     from safemerge_ext import yaml_cli
 
     if hasattr(torch, "accelerator"):
@@ -1208,6 +1209,10 @@ def test_safemerge_yaml_refuses_multi_gpu_without_an_accelerator_and_a_bad_lora_
     cfg = _write(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{pico.lora_task}"), tmp_path / "r.yml")
     for flags, want in ((["--multi-gpu"], f"mergekit's --multi-gpu (MergeOptions.multi_gpu): torch {torch.__version__} "
                                          "sees no accelerator here; merge without --multi-gpu, on the CPU"),
+                        # (--gpu-rich sets multi_gpu whatever --no-multi-gpu says: the line names what was typed)
+                        (["--gpu-rich", "--no-multi-gpu"], "mergekit's --gpu-rich (MergeOptions.gpu_rich, which sets "
+                         f"--multi-gpu and --cuda): torch {torch.__version__} sees no accelerator here; merge without "
+                         "--gpu-rich, on the CPU"),
                         (["--lora-merge-dtype", "fp32"], "--lora-merge-dtype fp32: not a dtype mergekit folds LoRA "
                          "inputs in; use float32, bfloat16, float16, float64 (float32 is the default here)")):
         with pytest.raises(SystemExit) as done:
