@@ -42,7 +42,7 @@ from safemerge_ext import backends, ops, reference
 from safemerge_ext.backends import PRECISIONS, backend_detail, exact_fp32_matmuls, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import (EXPERTS_KEYS, ModelReader, all_finite, config_value, is_conv1d,
-                                     named_like_conv1d, renamings)
+                                     named_like_conv1d, renamings, stored_names)
 from safemerge_ext.io.places import same_place
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import PEFT_LINEAR, as_rows, combine_full, dare_generator, row_blocks
@@ -1104,6 +1104,10 @@ def _check_planned_config(name: str, caller: Any) -> None:
     check_device(planner.options)
     if first and config.merge_method == name:
         _check_plan_covers(planner)
+        from safemerge_ext.yaml_cli import check_card_lookups
+
+        check_card_lookups(config, getattr(planner.options, "write_model_card", False), laid_out,
+                           "--no-write-model-card (MergeOptions.write_model_card=False)")
         # (once nothing refuses the run: a refused one leaves an earlier run's records as they were; its
         # report_path is the recipe's, as check_parameter_names allows no other)
         from safemerge_ext.mergekit_run import begin_run, note_run_settings
@@ -1127,11 +1131,11 @@ def _check_plan_covers(planner: Any) -> None:
     path = getattr(getattr(base, "model", None), "path", None)
     if not isinstance(path, str) or not Path(path).is_dir():
         return
-    try:
-        reader = ModelReader(path, flag="base_model (aligned)")
+    try:  # (safetensors or .bin files, as mergekit reads either)
+        names = stored_names(path, flag="base_model (aligned)")
     except (SafeMergeError, ValueError, OSError):  # (what mergekit reads: its own error comes when it does)
         return
-    check_plan_covers(planner.arch_info, reader, "merge_config")
+    check_plan_covers(planner.arch_info, names, path, "merge_config")
 
 
 def _forget_inputs() -> None:

@@ -18,7 +18,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import click
 import yaml
@@ -339,7 +339,7 @@ def _check_models(config: MergeConfiguration, roles: dict[str, str], truncate_em
         planned = _planned_names(base_config) if base_config is not None else set()
         arch = _architecture(config)
         if arch is not None:
-            check_plan_covers(arch, base, recipe, base_config)
+            check_plan_covers(arch, base.names, base.path, recipe, base_config)
         checked = 0
         for name in base.names:
             shape, dtype = base.meta(name)
@@ -456,26 +456,27 @@ def transformers_class(config: Any) -> Any:
     return next((c for c in (getattr(transformers, a, None) for a in names) if isinstance(c, type)), None)
 
 
-def check_plan_covers(arch: Any, aligned: Any, where: str | os.PathLike, cfg: Any = None) -> None:
+def check_plan_covers(arch: Any, names: Sequence[str], model_dir: str | os.PathLike, where: str | os.PathLike,
+                      cfg: Any = None) -> None:
     """Refuse, before anything loads, where mergekit's architecture for the merge (its JSON definition,
     or the one it infers from the files) has no entry for some of the aligned model's tensors: its plan
     has no task for them, and it writes the merged model without them, with no word (the biases of a
     Llama checkpoint with attention_bias, which llama.json does not list; a LLaVA checkpoint's whole
     language model, which the inferred layout names as transformers does in memory). A tensor counts as
     planned by its name, an alias or tied name, or the name transformers' conversion of the checkpoint
-    gives it (fused MoE experts). ``aligned``: its ModelReader; ``cfg``: its transformers config, where
-    read already."""
+    gives it (fused MoE experts). ``names``: the tensors the aligned model's folder ``model_dir``
+    stores; ``cfg``: its transformers config, where read already."""
     from safemerge_ext.io.models import renamings
 
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-        cfg = cfg if cfg is not None else _transformers_config(aligned.path)
+        cfg = cfg if cfg is not None else _transformers_config(model_dir)
         weights = arch.all_weights(cfg)
         transforms = get_checkpoint_conversion_mapping(cfg.model_type) or []
     except Exception:  # (a config transformers cannot read, custom code: left to mergekit)
         return
-    stored = set(aligned.names)
+    stored = set(names)
 
     def kept(w: Any) -> bool:  # (mergekit plans an optional weight only where the files hold one of its names:
         return not w.optional or any(n in stored for n in (w.name, *(w.aliases or ())))  # not a converted one)
@@ -489,13 +490,13 @@ def check_plan_covers(arch: Any, aligned: Any, where: str | os.PathLike, cfg: An
     # class lists it: GPT-2's h.N.attn.bias causal masks in openai-community/gpt2; never merged, never needed)
     cls = transformers_class(cfg)
     ignored = [re.compile(p) for p in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []]
-    left = [n for n in aligned.names
+    left = [n for n in names
             if not n.endswith(".inv_freq") and not any(p.search(n) for p in ignored) and not in_plan(n)]
     if left:
         archs = ", ".join(getattr(cfg, "architectures", None) or [cfg.model_type])
         raise SafeMergeError(
             f"{where}: mergekit's layout of {archs} has no place for {len(left)} of the aligned model's "
-            f"{len(aligned.names)} tensors (first: {left[0]}), so it would write the merged model without them; "
+            f"{len(names)} tensors (first: {left[0]}), so it would write the merged model without them; "
             "mergekit cannot merge these files as they are (with LoRA adapters, `safemerge merge --output model` "
             "keeps every tensor)")
 
@@ -649,6 +650,35 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe", truncate_em
     check_layer_ranges(config, method, recipe)
     has_lora, checked, inputs = _check_models(config, roles, truncate_embeddings, method, recipe)
     return Checked(config, method, roles, has_lora, checked, inputs)
+
+
+def check_card_lookups(config: MergeConfiguration, write_model_card: bool, where: str | os.PathLike,
+                       flag: str = "--no-write-model-card") -> None:
+    """mergekit's model card, written once every tensor is (unless ``flag``), asks the Hugging Face Hub
+    whether each model path of the form ``a/b`` that is also a local folder is a Hub repository;
+    where that question fails (offline), the run fails there, its merge thrown away, on a line that
+    names neither the path nor a remedy. Asked now, before any model loads (mergekit asks again at
+    the end: one more request per such path), and refused in one line."""
+    if not write_model_card:
+        return
+    from mergekit.card import is_hf
+
+    asked = set()
+    for ref in config.referenced_models():
+        for part in (ref.model, getattr(ref, "lora", None)):
+            path = getattr(part, "path", None)
+            if (not isinstance(path, str) or not path or path in asked or path[0] in "/~" or path.count("/") != 1
+                    or not os.path.exists(path)):
+                continue  # (as mergekit.card.is_hf asks the Hub: only these)
+            asked.add(path)
+            try:
+                is_hf(path)
+            except Exception as exc:
+                why = str(exc).splitlines()[0] if str(exc) else ""
+                raise SafeMergeError(
+                    f"{where}: {path}: mergekit's model card asks the Hugging Face Hub whether this local folder is a "
+                    f"Hub model, and that failed ({type(exc).__name__}: {why}), which would fail the run after the "
+                    f"merge; write the path as ./{path}, or pass {flag}") from None
 
 
 def _check_report_path(own: str, out: Path, inputs: tuple[tuple[str, Path], ...] = ()) -> None:
@@ -942,6 +972,7 @@ def _command(merge_options: MergeOptions, config_file: str, out_path: str, force
     try:
         checked = validate_recipe(data, config_file, truncate_embeddings=merge_options.unsafe_truncate_embeddings)
         check_device(merge_options)  # (before mergekit folds any LoRA input: minutes for a 7B model)
+        check_card_lookups(checked.config, merge_options.write_model_card, config_file)
         _check_lora_merge_dtype(merge_options.lora_merge_dtype)
     except SafeMergeError as exc:
         _fail(str(exc))

@@ -1696,16 +1696,58 @@ def test_model_output_lays_tensors_out_as_the_input_does(tmp_path):
     assert all(torch.equal(merged[k], v) for k, v in tensors.items() if k != "model.d_proj.weight")
 
 
+def _save_checkpoint(tensors: dict, folder, fmt: str) -> None:
+    """``tensors`` in ``folder`` as mergekit writes a model: safetensors, or (``--no-safe-serialization``)
+    one pytorch_model.bin, or .bin shards with their index."""
+    if fmt == "safetensors":
+        save_file(tensors, folder / "model.safetensors")
+    elif fmt == "bin":
+        torch.save(tensors, folder / "pytorch_model.bin")
+    else:
+        names = sorted(tensors)
+        shards = {"pytorch_model-1.bin": names[::2], "pytorch_model-2.bin": names[1::2]}
+        for shard, held in shards.items():
+            torch.save({n: tensors[n] for n in held}, folder / shard)
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {n: shard for shard, held in shards.items() for n in held}}))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "bin-shards"])
+def test_stored_names_lists_safetensors_and_pytorch_checkpoints(tmp_path, fmt):
+    """The tensor names a folder stores, as mergekit finds its files (it reads and writes .bin too): in
+    model order, without reading a weight; a folder with neither is one line."""
+    from safemerge_ext.io.models import stored_names
+
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(3, 2) for i in (10, 2, 1)}
+    tensors["lm_head.weight"] = torch.randn(4, 2)
+    _save_checkpoint(tensors, tmp_path, fmt)
+    assert stored_names(tmp_path) == ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight",
+                                      "model.layers.10.mlp.down_proj.weight", "lm_head.weight"]
+    if fmt == "bin":  # (a training checkpoint's wrapper, which mergekit unwraps)
+        torch.save({"state_dict": tensors, "step": 3}, tmp_path / "pytorch_model.bin")
+        assert sorted(stored_names(tmp_path)) == sorted(tensors)
+        (tmp_path / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+        with pytest.raises(SafeMergeError, match=r"^model .*pytorch_model\.bin: cannot list its tensors \("):
+            stored_names(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SafeMergeError, match=r"^the output .*empty: no model\.safetensors, model\.safetensors\.index"
+                                             r"\.json, pytorch_model\.bin or pytorch_model\.bin\.index\.json$"):
+        stored_names(empty, "the output")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "bin-shards"])
 @pytest.mark.parametrize("where", ["top", "text_config"])
-def test_a_stored_head_is_untied_in_the_config_of_a_model_another_tool_wrote(tmp_path, where):
+def test_a_stored_head_is_untied_in_the_config_of_a_model_another_tool_wrote(tmp_path, where, fmt):
     """mergekit copies the base model's config: where the output stores a head the config ties to
-    the embeddings (a task model PEFT untied), the config is untied; otherwise it is left as it was."""
+    the embeddings (a task model PEFT untied), the config is untied; otherwise it is left as it was.
+    So too where mergekit wrote .bin files (--no-safe-serialization: the head stayed tied; review199)."""
     from safemerge_ext.io.model_writer import untie_stored_head
 
     def model(name, tensors, tie=True):
         d = tmp_path / f"{name}-{where}"
         d.mkdir()
-        save_file(tensors, d / "model.safetensors")
+        _save_checkpoint(tensors, d, fmt)
         cfg = {"model_type": "llama", "tie_word_embeddings": tie} if where == "top" else \
             {"model_type": "gemma3", "text_config": {"tie_word_embeddings": tie}}
         (d / "config.json").write_text(json.dumps(cfg))

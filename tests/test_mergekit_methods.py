@@ -1224,6 +1224,60 @@ def test_safemerge_yaml_refuses_multi_gpu_without_an_accelerator_and_a_bad_lora_
         assert not (tmp_path / "out").exists()
 
 
+def test_a_model_card_hub_question_that_fails_is_refused_before_the_merge(pico, tmp_path, capsys, monkeypatch):
+    """mergekit's model card asks the Hub whether a local folder written a/b is a Hub model once every
+    tensor is written: offline, the whole merge ran and was thrown away with "merge failed: ConnectError:
+    [Errno -2] Name or service not known" (review199). Asked before any model loads, and refused in
+    one line that names the path and the remedies; ./a/b, --no-write-model-card, or a Hub that answers,
+    merge."""
+    import huggingface_hub
+    import mergekit.io.tasks
+
+    from safemerge_ext import yaml_cli
+    from safemerge_ext.yaml_cli import check_card_lookups
+
+    asked = []
+
+    def offline(repo_id, **kwargs):
+        asked.append(repo_id)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "repo_exists", offline)
+    monkeypatch.chdir(pico.root.parent)
+    rel = {role: f"{pico.root.name}/{role}" for role in ("aligned", "task", "safety", "unaligned")}
+    cfg = {**recipe(pico, params={"threshold": TAU}, task=rel["task"], safety=rel["safety"],
+                    unaligned=rel["unaligned"]), "base_model": rel["aligned"]}
+    recipe_file = _write(cfg, tmp_path / "r.yml")
+    with pytest.raises(SystemExit) as done:
+        yaml_cli.main([str(recipe_file), str(tmp_path / "out"), "--no-copy-tokenizer"])
+    assert done.value.code == 1
+    err = capsys.readouterr().err
+    path = asked[0]
+    assert err == (f"safemerge-yaml: error: {recipe_file}: {path}: mergekit's model card asks the Hugging Face Hub "
+                   "whether this local folder is a Hub model, and that failed (ConnectionError: [Errno -2] Name or "
+                   "service not known), which would fail the run after the merge; write the path as "
+                   f"./{path}, or pass --no-write-model-card\n")
+    assert path in rel.values() and not (tmp_path / "out").exists()
+    monkeypatch.setattr(mergekit.io.tasks.LoadTensor, "execute", lambda self: pytest.fail("a tensor loaded"))
+    register_methods()
+    with pytest.raises(SafeMergeError, match=r"^merge_config \(as mergekit's planner lays it out\): .*, or pass "
+                                             r"--no-write-model-card \(MergeOptions\.write_model_card=False\)$"):
+        with report_to(tmp_path / "rm"):
+            run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "rm"),
+                      MergeOptions(copy_tokenizer=False, quiet=True))
+    # nothing is asked where the card is not written, or the paths are not a/b; a Hub that answers passes
+    asked.clear()
+    config = MergeConfiguration.model_validate(cfg)
+    check_card_lookups(config, False, "r.yml")
+    dotted = {**cfg, "base_model": f"./{rel['aligned']}",
+              "models": [{**m, "model": f"./{m['model']}"} for m in cfg["models"]]}
+    check_card_lookups(MergeConfiguration.model_validate(dotted), True, "r.yml")
+    assert asked == []
+    monkeypatch.setattr(huggingface_hub, "repo_exists", lambda repo_id, **kw: asked.append(repo_id) or False)
+    check_card_lookups(config, True, "r.yml")
+    assert sorted(asked) == sorted(rel.values())
+
+
 @pytest.mark.parametrize("flags, want", [
     (["-j", "0"], "Invalid value for '--num-threads' / '-j': 0 is not in the range x>=1."),
     (["--random-seed", "-1"], "Invalid value for '--random-seed': -1 is not in the range 0<=x<=4294967295."),
@@ -2571,7 +2625,8 @@ def test_exit_hook_writes_no_report_for_an_unfinished_mergekit_yaml(pico, tmp_pa
 def test_exit_hook_unties_a_head_the_output_stores(pico, tmp_path, monkeypatch, capsys):
     """Plain mergekit-yaml copies the base model's config: where it ties the head to the embeddings
     but the merge writes a head of its own (a task model PEFT untied), the exit hook unties the
-    output's config, as safemerge-yaml does, and the report says so; an untied base is left as it
+    output's config, as safemerge-yaml does, and the report says so (also where mergekit writes .bin
+    files, --no-safe-serialization: that head stayed tied, review199); an untied base is left as it
     was."""
     from safemerge_ext import mergekit_run as mr
 
@@ -2583,7 +2638,7 @@ def test_exit_hook_unties_a_head_the_output_stores(pico, tmp_path, monkeypatch, 
     monkeypatch.setattr(mr, "_override", None)
     monkeypatch.delenv(mr.REPORT_DIR_ENV, raising=False)
 
-    def run(models: Path) -> tuple[dict, dict]:
+    def run(models: Path, safe_serialization: bool = True) -> tuple[dict, dict]:
         out = tmp_path / f"out-{models.name}"
         shutil.rmtree(out, ignore_errors=True)
         monkeypatch.setattr(mr, "_cli_out", [str(out)])
@@ -2591,15 +2646,20 @@ def test_exit_hook_unties_a_head_the_output_stores(pico, tmp_path, monkeypatch, 
                      unaligned=str(models / "unaligned"))
         register_methods()
         run_merge(MergeConfiguration.model_validate({**cfg, "base_model": str(models / "aligned")}), str(out),
-                  MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
-        assert "lm_head.weight" in read_model(out)
+                  MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False,
+                               safe_serialization=safe_serialization))
+        if safe_serialization:
+            assert "lm_head.weight" in read_model(out)
+        else:
+            assert "lm_head.weight" in torch.load(out / "pytorch_model.bin", weights_only=True, mmap=True)
         mr._finalize_pending()
         return (json.loads((out / "config.json").read_text()),
                 json.loads((out / "safemerge_report.json").read_text()))
 
-    config, report = run(tied)
-    assert config["tie_word_embeddings"] is False
-    assert any("lm_head.weight is written as its own tensor" in w for w in report["warnings"])
+    for safe_serialization in (True, False):
+        config, report = run(tied, safe_serialization)
+        assert config["tie_word_embeddings"] is False
+        assert any("lm_head.weight is written as its own tensor" in w for w in report["warnings"])
     # a config it cannot write is one error line; the report is still written
     from safemerge_ext.io import model_writer
 
@@ -3722,6 +3782,18 @@ def test_tensors_mergekit_has_no_place_for_are_refused_before_loading(tmp_path, 
         merge(rcp, tmp_path / "out")
     assert str(err.value) == f"merge_config: {want}"
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.safetensors"))
+    # the same models as PyTorch .bin files, which mergekit reads too: run_merge wrote 21 of the 29 tensors,
+    # with no word (review199)
+    from safetensors.torch import load_file
+
+    for role in ("aligned", "unaligned", "task", "safety"):
+        st = tmp_path / role / "model.safetensors"
+        torch.save(load_file(st), tmp_path / role / "pytorch_model.bin")
+        st.unlink()
+    with pytest.raises(SafeMergeError) as err:
+        merge(rcp, tmp_path / "out-bin")
+    assert str(err.value) == f"merge_config: {want}"
+    assert not (tmp_path / "out-bin").exists() or not any((tmp_path / "out-bin").glob("*.bin"))
 
 
 @pytest.fixture(scope="module")
@@ -4003,12 +4075,12 @@ def test_plan_coverage_keeps_what_transformers_ignores_and_sees_optional_experts
     reader = ModelReader(tmp_path / "aligned")
     if case == "gpt2_hub_buffers":
         assert "transformer.h.0.attn.bias" in reader
-        check_plan_covers(_architecture(config), reader, "r.yml")
+        check_plan_covers(_architecture(config), reader.names, reader.path, "r.yml")
     else:
         with pytest.raises(SafeMergeError, match=r"^r\.yml: mergekit's layout of Qwen2MoeForCausalLM has no place for "
                                                  r"12 of the aligned model's \d+ tensors \(first: model\.layers\.1\.mlp"
                                                  r"\.experts\.0\."):
-            check_plan_covers(_architecture(config), reader, "r.yml")
+            check_plan_covers(_architecture(config), reader.names, reader.path, "r.yml")
 
 
 def test_experts_named_as_the_files_store_them_are_scored_per_expert(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from typing import Callable, Collection, Iterator, Union
 
 import torch
 from safemerge_ext.errors import SafeMergeError
-from safemerge_ext.io.models import INDEX, ModelReader, ties_embeddings
+from safemerge_ext.io.models import INDEX, ModelReader, stored_names, ties_embeddings
 from safemerge_ext.io.safetensors_stream import StreamingWriter
 
 # weights in any format (PyTorch, TF, Flax, GGUF, rust-bert, TFLite, ONNX, NumPy, Core ML): a copy
@@ -135,9 +135,8 @@ def untie_stored_head(folder: Path) -> str | None:
     """:func:`untie_updated_head` for a model another tool wrote (mergekit, from a task model that
     PEFT untied): a head the output stores is the one the merge computed, so a config that ties it
     to the embeddings is untied; returns what was done, or None."""
-    try:
-        with ModelReader(folder, "the output") as reader:
-            names = reader.names
+    try:  # (safetensors, or mergekit's --no-safe-serialization .bin files)
+        names = stored_names(folder, "the output")
     except SafeMergeError:
         return None
     return untie_updated_head(folder, [n for n in names if _is_head(n)])

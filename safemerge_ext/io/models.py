@@ -846,3 +846,38 @@ class ModelReader:
             return hit
         hits = [n for n in self._weight_map if n.endswith("." + exact) or exact.endswith("." + n)]
         return hits[0] if len(hits) == 1 else None
+
+
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def stored_names(model_dir: str | os.PathLike, flag: str = "model") -> list[str]:
+    """The tensor names a model folder stores (model order), from its files as mergekit finds them:
+    safetensors (their headers), else PyTorch's ``pytorch_model.bin`` (its index's weight map, else
+    the file's keys, memory-mapped: no weight is read). mergekit reads and writes (``--no-safe-
+    serialization``) both, and what is checked of its inputs and output holds for both."""
+    p = Path(model_dir)
+    if (p / SINGLE).is_file() or (p / INDEX).is_file():
+        with ModelReader(p, flag) as reader:
+            return reader.names
+    if (p / BIN_INDEX).is_file():
+        try:
+            weight_map = json.loads((p / BIN_INDEX).read_bytes())["weight_map"]
+            names = list(weight_map) if isinstance(weight_map, dict) else None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SafeMergeError(f"{flag} {p / BIN_INDEX}: cannot read its weight map ({exc})") from None
+        if names is None:
+            raise SafeMergeError(f"{flag} {p / BIN_INDEX}: its weight_map is no mapping of tensor names to files")
+        return sorted(names, key=natural_key)
+    if (p / BIN_SINGLE).is_file():
+        try:
+            state = torch.load(p / BIN_SINGLE, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # (an old, non-zip checkpoint, or one that is no state dict)
+            raise SafeMergeError(f"{flag} {p / BIN_SINGLE}: cannot list its tensors ({exc})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # (as mergekit reads it)
+        if not isinstance(state, dict):
+            raise SafeMergeError(f"{flag} {p / BIN_SINGLE}: holds no state dict")
+        return sorted(state, key=natural_key)
+    raise SafeMergeError(f"{flag} {p}: no {SINGLE}, {INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
