@@ -1107,7 +1107,8 @@ def _check_planned_config(name: str, caller: Any) -> None:
         from safemerge_ext.yaml_cli import check_card_lookups
 
         check_card_lookups(config, getattr(planner.options, "write_model_card", False), laid_out,
-                           "--no-write-model-card (MergeOptions.write_model_card=False)")
+                           "--no-write-model-card (MergeOptions.write_model_card=False)",
+                           _mergekit_multi_args().get("intermediate_dir"))
         # (once nothing refuses the run: a refused one leaves an earlier run's records as they were; its
         # report_path is the recipe's, as check_parameter_names allows no other)
         from safemerge_ext.mergekit_run import begin_run, note_run_settings

@@ -456,6 +456,11 @@ def transformers_class(config: Any) -> Any:
     return next((c for c in (getattr(transformers, a, None) for a in names) if isinstance(c, type)), None)
 
 
+# buffers that transformers 4's GPT-2 (and others of its family) saved and listed as ignored on load; transformers
+# 5's classes no longer list them, and .bin fine-tunes of that time carry them: never merged, never loaded
+_LEGACY_BUFFERS = (r"\.attn\.masked_bias$", r"\.attention\.masked_bias$")
+
+
 def check_plan_covers(arch: Any, names: Sequence[str], model_dir: str | os.PathLike, where: str | os.PathLike,
                       cfg: Any = None) -> None:
     """Refuse, before anything loads, where mergekit's architecture for the merge (its JSON definition,
@@ -489,7 +494,8 @@ def check_plan_covers(arch: Any, names: Sequence[str], model_dir: str | os.PathL
     # (buffers: rotary inv_freq, and what older checkpoints saved and transformers ignores on load, as the model
     # class lists it: GPT-2's h.N.attn.bias causal masks in openai-community/gpt2; never merged, never needed)
     cls = transformers_class(cfg)
-    ignored = [re.compile(p) for p in getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []]
+    ignored = [re.compile(p) for p in [*(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []),
+                                       *_LEGACY_BUFFERS]]
     left = [n for n in names
             if not n.endswith(".inv_freq") and not any(p.search(n) for p in ignored) and not in_plan(n)]
     if left:
@@ -653,12 +659,14 @@ def validate_recipe(data: Any, recipe: str | os.PathLike = "recipe", truncate_em
 
 
 def check_card_lookups(config: MergeConfiguration, write_model_card: bool, where: str | os.PathLike,
-                       flag: str = "--no-write-model-card") -> None:
+                       flag: str = "--no-write-model-card", stages: str | None = None) -> None:
     """mergekit's model card, written once every tensor is (unless ``flag``), asks the Hugging Face Hub
-    whether each model path of the form ``a/b`` that is also a local folder is a Hub repository;
-    where that question fails (offline), the run fails there, its merge thrown away, on a line that
-    names neither the path nor a remedy. Asked now, before any model loads (mergekit asks again at
-    the end: one more request per such path), and refused in one line."""
+    whether each model path that is also a local folder and has at most one slash (``a/b``, ``a``) is a
+    Hub repository; where that question fails (offline), the run fails there, its merge thrown away,
+    on a line that names neither the path nor a remedy. Asked now, as mergekit's card asks it (its
+    ``is_hf``), before any model loads (mergekit asks again at the end: one more request per such
+    path), and refused in one line. ``stages``: mergekit-multi's ``-I`` folder, whose stages' folders
+    (``-I/<name>``) the recipe names by their stage name alone."""
     if not write_model_card:
         return
     from mergekit.card import is_hf
@@ -667,18 +675,22 @@ def check_card_lookups(config: MergeConfiguration, write_model_card: bool, where
     for ref in config.referenced_models():
         for part in (ref.model, getattr(ref, "lora", None)):
             path = getattr(part, "path", None)
-            if (not isinstance(path, str) or not path or path in asked or path[0] in "/~" or path.count("/") != 1
-                    or not os.path.exists(path)):
-                continue  # (as mergekit.card.is_hf asks the Hub: only these)
+            if not isinstance(path, str) or not path or path in asked:
+                continue
             asked.add(path)
             try:
-                is_hf(path)
+                is_hf(path)  # (asks the Hub only where the path lies here and has at most one slash)
             except Exception as exc:
                 why = str(exc).splitlines()[0] if str(exc) else ""
+                inner = os.path.normpath(stages) if stages else os.curdir  # (-I . names stages ./<name>: none asked)
+                if inner != os.curdir and os.path.normpath(os.path.dirname(path)) == inner:
+                    fix = f"give mergekit-multi's -I as ./{inner} or an absolute path"
+                else:
+                    fix = f"write the path as ./{path}"
                 raise SafeMergeError(
                     f"{where}: {path}: mergekit's model card asks the Hugging Face Hub whether this local folder is a "
                     f"Hub model, and that failed ({type(exc).__name__}: {why}), which would fail the run after the "
-                    f"merge; write the path as ./{path}, or pass {flag}") from None
+                    f"merge; {fix}, or pass {flag}") from None
 
 
 def _check_report_path(own: str, out: Path, inputs: tuple[tuple[str, Path], ...] = ()) -> None:

@@ -1224,27 +1224,32 @@ def test_safemerge_yaml_refuses_multi_gpu_without_an_accelerator_and_a_bad_lora_
         assert not (tmp_path / "out").exists()
 
 
-def test_a_model_card_hub_question_that_fails_is_refused_before_the_merge(pico, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("nested", [True, False])
+def test_a_model_card_hub_question_that_fails_is_refused_before_the_merge(pico, tmp_path, capsys, monkeypatch,
+                                                                          nested):
     """mergekit's model card asks the Hub whether a local folder written a/b is a Hub model once every
     tensor is written: offline, the whole merge ran and was thrown away with "merge failed: ConnectError:
     [Errno -2] Name or service not known" (review199). Asked before any model loads, and refused in
     one line that names the path and the remedies; ./a/b, --no-write-model-card, or a Hub that answers,
-    merge."""
+    merge. mergekit asks about a bare folder name too (review201)."""
     import huggingface_hub
     import mergekit.io.tasks
 
     from safemerge_ext import yaml_cli
     from safemerge_ext.yaml_cli import check_card_lookups
 
+    from huggingface_hub.utils import validate_repo_id
+
     asked = []
 
-    def offline(repo_id, **kwargs):
+    def offline(repo_id, **kwargs):  # (as huggingface_hub does: an id such as ./a is refused before it asks)
+        validate_repo_id(repo_id)
         asked.append(repo_id)
         raise ConnectionError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(huggingface_hub, "repo_exists", offline)
-    monkeypatch.chdir(pico.root.parent)
-    rel = {role: f"{pico.root.name}/{role}" for role in ("aligned", "task", "safety", "unaligned")}
+    monkeypatch.chdir(pico.root.parent if nested else pico.root)
+    rel = {role: f"{pico.root.name}/{role}" if nested else role for role in ("aligned", "task", "safety", "unaligned")}
     cfg = {**recipe(pico, params={"threshold": TAU}, task=rel["task"], safety=rel["safety"],
                     unaligned=rel["unaligned"]), "base_model": rel["aligned"]}
     recipe_file = _write(cfg, tmp_path / "r.yml")
@@ -1273,9 +1278,17 @@ def test_a_model_card_hub_question_that_fails_is_refused_before_the_merge(pico, 
               "models": [{**m, "model": f"./{m['model']}"} for m in cfg["models"]]}
     check_card_lookups(MergeConfiguration.model_validate(dotted), True, "r.yml")
     assert asked == []
-    monkeypatch.setattr(huggingface_hub, "repo_exists", lambda repo_id, **kw: asked.append(repo_id) or False)
+    monkeypatch.setattr(huggingface_hub, "repo_exists",
+                        lambda repo_id, **kw: validate_repo_id(repo_id) or asked.append(repo_id) or False)
     check_card_lookups(config, True, "r.yml")
     assert sorted(asked) == sorted(rel.values())
+    # mergekit-multi names a stage's folder -I/<name>: the remedy is the -I it was given
+    monkeypatch.setattr(huggingface_hub, "repo_exists", offline)
+    stage = pico.root.name if nested else os.curdir  # (-I . names them ./<name>, which the Hub is not asked about)
+    with pytest.raises(SafeMergeError, match=(rf"; give mergekit-multi's -I as \./{pico.root.name} or an absolute path"
+                                              if nested else r"; write the path as \./(aligned|task|safety|unaligned)")
+                       + r", or pass -X$"):
+        check_card_lookups(MergeConfiguration.model_validate(cfg), True, "r.yml", "-X", stages=stage)
 
 
 @pytest.mark.parametrize("flags, want", [
@@ -4068,6 +4081,8 @@ def test_plan_coverage_keeps_what_transformers_ignores_and_sees_optional_experts
             f = tmp_path / role / "model.safetensors"
             sd = load_file(f)
             sd.update({f"transformer.h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 16, 16)) for i in range(2)})
+            # (and transformers 4's masked_bias, which transformers 5's GPT-2 no longer lists: review201)
+            sd.update({f"transformer.h.{i}.attn.masked_bias": torch.tensor(-1e4) for i in range(2)})
             save_file(sd, f, metadata={"format": "pt"})
     config = MergeConfiguration.model_validate({
         "merge_method": "linear", "base_model": str(tmp_path / "aligned"),

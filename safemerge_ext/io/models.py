@@ -872,12 +872,18 @@ def stored_names(model_dir: str | os.PathLike, flag: str = "model") -> list[str]
         return sorted(names, key=natural_key)
     if (p / BIN_SINGLE).is_file():
         try:
-            state = torch.load(p / BIN_SINGLE, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:  # (an old, non-zip checkpoint, or one that is no state dict)
+            try:
+                state = torch.load(p / BIN_SINGLE, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # (a checkpoint in torch's old, non-zip format cannot be mapped:
+                if "mmap" not in str(exc):  # read onto the meta device, as mergekit lists it)
+                    raise
+                state = torch.load(p / BIN_SINGLE, map_location="meta", weights_only=True)
+        except Exception as exc:  # (no checkpoint, or one that holds more than tensors and plain values)
             raise SafeMergeError(f"{flag} {p / BIN_SINGLE}: cannot list its tensors ({exc})") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]  # (as mergekit reads it)
         if not isinstance(state, dict):
             raise SafeMergeError(f"{flag} {p / BIN_SINGLE}: holds no state dict")
-        return sorted(state, key=natural_key)
+        # (a training step or other value saved beside the weights is no tensor: mergekit merges none)
+        return sorted((k for k, v in state.items() if isinstance(v, torch.Tensor)), key=natural_key)
     raise SafeMergeError(f"{flag} {p}: no {SINGLE}, {INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
