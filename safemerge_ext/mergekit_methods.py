@@ -42,7 +42,7 @@ from safemerge_ext import backends, ops, reference
 from safemerge_ext.backends import PRECISIONS, backend_detail, exact_fp32_matmuls, requested_precision
 from safemerge_ext.errors import SafeMergeError
 from safemerge_ext.io.models import (EXPERTS_KEYS, ModelReader, all_finite, config_value, is_conv1d,
-                                     named_like_conv1d, renamings, stored_names)
+                                     named_like_conv1d, open_model, renamings, stored_names)
 from safemerge_ext.io.places import same_place
 from safemerge_ext.merge import METHODS as MERGE_METHODS
 from safemerge_ext.merge import PEFT_LINEAR, as_rows, combine_full, dare_generator, row_blocks
@@ -595,8 +595,8 @@ def _check_loras(group: TensorGroup, role: Any) -> None:
 
         label = "base_model" if e.is_base else f"role {role[e.id]}"
         reader = adapter = None
-        with contextlib.suppress(SafeMergeError):  # (what these refuse and PEFT folds, .bin files or
-            reader = ModelReader(mpath, flag=f"{label}: model")  # fan_in_fan_out say, is left to mergekit)
+        with contextlib.suppress(SafeMergeError):  # (what these refuse and PEFT folds is left to mergekit)
+            reader = open_model(mpath, flag=f"{label}: model")  # (safetensors or .bin, as mergekit reads either)
             adapter = read_adapter(lpath, flag=f"{label}: LoRA adapter", folded=True)
         try:
             if adapter is not None:
@@ -641,7 +641,7 @@ def _check_safety_lora(task: Any, safety: Any, base: Any) -> None:
     opened: list[Any] = []
     try:
         with contextlib.suppress(SafeMergeError):  # (what these refuse is _check_loras' or mergekit's to say)
-            opened.append(ModelReader(paths[0][0], flag="role task: model"))
+            opened.append(open_model(paths[0][0], flag="role task: model"))
             opened.append(read_adapter(paths[0][1], flag="role task: LoRA adapter", folded=True))
             opened.append(read_adapter(paths[1][1], flag="role safety: LoRA adapter", folded=True))
         if len(opened) == 3:

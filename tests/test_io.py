@@ -1739,6 +1739,37 @@ def test_stored_names_lists_safetensors_and_pytorch_checkpoints(tmp_path, fmt):
         stored_names(empty, "the output")
 
 
+@pytest.mark.parametrize("fmt", ["bin", "bin-shards"])
+def test_a_pytorch_checkpoint_is_read_as_a_safetensors_one(tmp_path, fmt):
+    """mergekit reads pytorch_model.bin folders too: open_model gives a reader of the same names,
+    shapes, dtypes and module lookup as ModelReader's for the same tensors in safetensors, so that
+    the checks of mergekit's inputs hold for both (they were skipped for .bin: review201)."""
+    from safemerge_ext.io.models import BinModelReader, open_model
+
+    torch.manual_seed(0)
+    tensors = {"model.embed_tokens.weight": torch.randn(8, 4, dtype=torch.bfloat16),
+               "model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4),
+               "model.layers.0.self_attn.q_proj.bias": torch.randn(4, dtype=torch.float16),
+               "model.layers.10.mlp.down_proj.weight": torch.randn(4, 6),
+               "lm_head.weight": torch.randn(8, 4)}
+    st = tmp_path / "st"
+    st.mkdir()
+    _save_checkpoint(tensors, st, "safetensors")
+    pt = tmp_path / "pt"
+    pt.mkdir()
+    _save_checkpoint(tensors, pt, fmt)
+    with open_model(st) as want, open_model(pt, "role task: model") as got:
+        assert isinstance(got, BinModelReader) and not isinstance(want, BinModelReader)
+        assert got.names == want.names and got.is_sharded == (fmt == "bin-shards")
+        for name in tensors:
+            assert name in got and got.meta(name) == want.meta(name)
+            assert torch.equal(got.get(name), tensors[name]) and got.get(name).dtype == tensors[name].dtype
+        for module in ("model.layers.0.self_attn.q_proj", "base.model.layers.10.mlp.down_proj", "lm_head", "q_proj"):
+            assert got.resolve_module(module) == want.resolve_module(module), module
+        with pytest.raises(SafeMergeError, match=r"^role task: model .*: tensor model\.norm\.weight is missing"):
+            got.meta("model.norm.weight")
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "bin", "bin-shards"])
 @pytest.mark.parametrize("where", ["top", "text_config"])
 def test_a_stored_head_is_untied_in_the_config_of_a_model_another_tool_wrote(tmp_path, where, fmt):

@@ -3317,7 +3317,8 @@ def test_plain_mergekit_refuses_a_lora_targeting_a_module_the_model_lacks(pico, 
     got, _ = merge(recipe(pico, params={"threshold": TAU}, task=f"{pico.aligned}+{legacy}"), tmp_path / "legacy-out",
                    lora_merge_cache=str(tmp_path / "cache3"))
     assert all(torch.equal(got[k], v) for k, v in read_model(tmp_path / "fine").items())
-    # so is a model+lora whose model is in pytorch_model.bin files
+    # a model+lora whose model is in pytorch_model.bin files merges, and is checked as one in safetensors is
+    # (the check was skipped, and the fold dropped foo_proj without a word: review201)
     bin_model = Path(shutil.copytree(pico.aligned, tmp_path / "bin-model"))
     torch.save(read_model(bin_model), bin_model / "pytorch_model.bin")
     for f in [*bin_model.glob("*.safetensors"), *bin_model.glob("model.safetensors.index.json")]:
@@ -3325,6 +3326,10 @@ def test_plain_mergekit_refuses_a_lora_targeting_a_module_the_model_lacks(pico, 
     got, _ = merge(recipe(pico, params={"threshold": TAU}, task=f"{bin_model}+{pico.lora_task}"), tmp_path / "bin-out",
                    lora_merge_cache=str(tmp_path / "cache4"))
     assert all(torch.equal(got[k], v) for k, v in read_model(tmp_path / "fine").items())
+    with pytest.raises(SafeMergeError) as err:
+        merge(recipe(pico, params={"threshold": TAU}, task=f"{bin_model}+{adapter}"), tmp_path / "bin-o",
+              lora_merge_cache=str(tmp_path / "cache5"))
+    assert str(err.value) == want.replace(str(pico.aligned), str(bin_model))
 
 
 def test_safemerge_yaml_names_a_lora_on_a_tied_head(pico, tmp_path):
@@ -4210,6 +4215,16 @@ def test_a_safety_lora_without_a_module_the_task_lora_adapts_is_refused_by_every
         yaml_cli.main([str(_write(cfg, tmp_path / "r.yml")), str(tmp_path / "out"), "--no-copy-tokenizer"])
     assert done.value.code == 1 and capsys.readouterr().err == f"safemerge-yaml: error: {want}\n"
     assert not (tmp_path / "out").exists()
+    # the same on an aligned model in a pytorch_model.bin, which mergekit reads (run_merge merged it: review201)
+    bin_model = Path(shutil.copytree(pico.aligned, tmp_path / "bin-aligned"))
+    torch.save(read_model(bin_model), bin_model / "pytorch_model.bin")
+    for f in [*bin_model.glob("*.safetensors"), *bin_model.glob("model.safetensors.index.json")]:
+        f.unlink()
+    on_bin = {**recipe(pico, params={"threshold": TAU}, task=f"{bin_model}+{pico.lora_task}",
+                       safety=f"{bin_model}+{qv}"), "base_model": str(bin_model)}
+    with pytest.raises(SafeMergeError) as err:
+        merge(on_bin, tmp_path / "o-bin", lora_merge_cache=str(tmp_path / "cache-bin"))
+    assert str(err.value) == want
     # fine (review197): the safety adapter adapting more modules than the task's; a task LoRA also on
     # lm_head, which the methods pass through unscored; a safety LoRA on a safety model of its own,
     # which changes the modules its LoRA lacks

@@ -42,7 +42,7 @@ import torch
 from safemerge_ext import _mapped
 from safemerge_ext.errors import SafeMergeError, is_link_loop, link_loop_error, not_a_folder
 from safemerge_ext.io import pagecache
-from safemerge_ext.io.safetensors_stream import TORCH_DTYPES, tensor_nbytes
+from safemerge_ext.io.safetensors_stream import TORCH_DTYPES, dtype_code, tensor_nbytes
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -852,38 +852,97 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
+def _bin_state(path: Path, flag: str) -> dict[str, torch.Tensor]:
+    """The tensors of one PyTorch .bin file (a shard), memory-mapped: no weight is read."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # (a checkpoint in torch's old, non-zip format cannot be mapped:
+            if "mmap" not in str(exc):  # read onto the meta device, as mergekit lists it)
+                raise
+            state = torch.load(path, map_location="meta", weights_only=True)
+    except Exception as exc:  # (no checkpoint, or one that holds more than tensors and plain values)
+        raise SafeMergeError(f"{flag} {path}: cannot list its tensors ({exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # (as mergekit reads it)
+    if not isinstance(state, dict):
+        raise SafeMergeError(f"{flag} {path}: holds no state dict")
+    # (a training step or other value saved beside the weights is no tensor: mergekit merges none)
+    return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _code_of(dtype: torch.dtype) -> str:
+    try:
+        return dtype_code(dtype)
+    except ValueError:  # (a dtype safetensors has no code for: its name, as meta() gives unknown codes)
+        return str(dtype)
+
+
+class BinModelReader(ModelReader):
+    """A folder of PyTorch ``pytorch_model.bin`` files (one, or shards with their index), which
+    mergekit reads too, seen as :class:`ModelReader` sees safetensors: names, shapes and dtypes (from
+    the files, memory-mapped), for the checks of mergekit's inputs; :meth:`get` reads a tensor."""
+
+    def _read_layout(self) -> dict[str, str]:
+        p = self.path
+        if not p.is_dir():
+            raise not_a_folder(self.flag, p, "a local Hugging Face model folder")
+        if (p / BIN_INDEX).is_file():
+            try:
+                weight_map = json.loads((p / BIN_INDEX).read_bytes())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) and Path(v).name == v for k, v in weight_map.items()):
+                    raise TypeError
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
+                raise SafeMergeError(f"{self.flag} {p / BIN_INDEX}: not a valid index (no weight_map table of "
+                                     "tensor names to files in the folder); re-save the model") from None
+            return dict(weight_map)
+        if (p / BIN_SINGLE).is_file():
+            return {name: BIN_SINGLE for name in self._header(BIN_SINGLE)}
+        raise SafeMergeError(f"{self.flag} {p}: no {BIN_SINGLE} or {BIN_INDEX}")
+
+    def _state(self, shard: str) -> dict[str, torch.Tensor]:
+        return _bin_state(self.path / shard, self.flag)
+
+    def _header(self, shard: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        hdr = self._headers.get(shard)
+        if hdr is None:
+            hdr = {n: (_code_of(t.dtype), tuple(t.shape), 0, t.numel() * t.element_size())
+                   for n, t in self._state(shard).items()}
+            self._headers[shard], self._metadata[shard] = hdr, None
+        return hdr
+
+    @property
+    def is_sharded(self) -> bool:
+        return (self.path / BIN_INDEX).is_file()
+
+    def get(self, name: str, *, pin_memory: bool = False) -> torch.Tensor:
+        shard, _ = self._entry(name)
+        t = self._state(shard)[name]
+        out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin_memory)
+        out.copy_(t)
+        self.bytes_read += out.numel() * out.element_size()
+        return out
+
+
+def open_model(model_dir: str | os.PathLike, flag: str = "model") -> ModelReader:
+    """A reader of a model folder as mergekit finds its files: safetensors, else PyTorch's .bin
+    (:class:`BinModelReader`); a folder with neither gets ModelReader's error."""
+    p = Path(model_dir)
+    if not ((p / SINGLE).is_file() or (p / INDEX).is_file()) and ((p / BIN_INDEX).is_file() or
+                                                                   (p / BIN_SINGLE).is_file()):
+        return BinModelReader(p, flag)
+    return ModelReader(p, flag)
+
+
 def stored_names(model_dir: str | os.PathLike, flag: str = "model") -> list[str]:
     """The tensor names a model folder stores (model order), from its files as mergekit finds them:
     safetensors (their headers), else PyTorch's ``pytorch_model.bin`` (its index's weight map, else
-    the file's keys, memory-mapped: no weight is read). mergekit reads and writes (``--no-safe-
+    the file's tensors, memory-mapped: no weight is read). mergekit reads and writes (``--no-safe-
     serialization``) both, and what is checked of its inputs and output holds for both."""
     p = Path(model_dir)
-    if (p / SINGLE).is_file() or (p / INDEX).is_file():
-        with ModelReader(p, flag) as reader:
-            return reader.names
-    if (p / BIN_INDEX).is_file():
-        try:
-            weight_map = json.loads((p / BIN_INDEX).read_bytes())["weight_map"]
-            names = list(weight_map) if isinstance(weight_map, dict) else None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise SafeMergeError(f"{flag} {p / BIN_INDEX}: cannot read its weight map ({exc})") from None
-        if names is None:
-            raise SafeMergeError(f"{flag} {p / BIN_INDEX}: its weight_map is no mapping of tensor names to files")
-        return sorted(names, key=natural_key)
-    if (p / BIN_SINGLE).is_file():
-        try:
-            try:
-                state = torch.load(p / BIN_SINGLE, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:  # (a checkpoint in torch's old, non-zip format cannot be mapped:
-                if "mmap" not in str(exc):  # read onto the meta device, as mergekit lists it)
-                    raise
-                state = torch.load(p / BIN_SINGLE, map_location="meta", weights_only=True)
-        except Exception as exc:  # (no checkpoint, or one that holds more than tensors and plain values)
-            raise SafeMergeError(f"{flag} {p / BIN_SINGLE}: cannot list its tensors ({exc})") from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]  # (as mergekit reads it)
-        if not isinstance(state, dict):
-            raise SafeMergeError(f"{flag} {p / BIN_SINGLE}: holds no state dict")
-        # (a training step or other value saved beside the weights is no tensor: mergekit merges none)
-        return sorted((k for k, v in state.items() if isinstance(v, torch.Tensor)), key=natural_key)
-    raise SafeMergeError(f"{flag} {p}: no {SINGLE}, {INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+    if not ((p / SINGLE).is_file() or (p / INDEX).is_file()) and not ((p / BIN_INDEX).is_file() or
+                                                                       (p / BIN_SINGLE).is_file()):
+        raise SafeMergeError(f"{flag} {p}: no {SINGLE}, {INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
+    with open_model(p, flag) as reader:
+        return reader.names
