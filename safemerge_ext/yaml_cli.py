@@ -684,7 +684,8 @@ def check_card_lookups(config: MergeConfiguration, write_model_card: bool, where
                 why = str(exc).splitlines()[0] if str(exc) else ""
                 inner = os.path.normpath(stages) if stages else os.curdir  # (-I . names stages ./<name>: none asked)
                 if inner != os.curdir and os.path.normpath(os.path.dirname(path)) == inner:
-                    fix = f"give mergekit-multi's -I as ./{inner} or an absolute path"
+                    fix = (f"for a stage of the file, give mergekit-multi's -I as ./{inner} or an absolute path, "
+                           f"else write the path as ./{path}")
                 else:
                     fix = f"write the path as ./{path}"
                 raise SafeMergeError(

@@ -861,6 +861,32 @@ def test_a_vlm_adapter_peft_loads_under_transformers_renaming_is_not_refused(tmp
         check_peft_loads_factors(read_adapter(tmp_path / "lora", "lora", folded=True), reader, "role task")
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_a_checkpoint_stored_without_its_base_model_prefix_is_what_peft_loads(tmp_path, fmt):
+    """The Hub's gpt2 stores h.0.attn.c_attn.weight, which transformers loads as transformer.h.0...
+    (GPT2LMHeadModel's base_model_prefix), and PEFT's adapters name the module so: PEFT folds them,
+    and the model+lora check refused them as factors PEFT would not load (review203)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from safemerge_ext.io.adapters import check_peft_loads_factors
+    from safemerge_ext.io.models import base_model_prefix, open_model
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32))
+    model.save_pretrained(tmp_path / "base")
+    st = tmp_path / "base" / "model.safetensors"
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(st).items()}
+    st.unlink()
+    _save_checkpoint(tensors, tmp_path / "base", fmt)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                     init_lora_weights=False)).save_pretrained(tmp_path / "lora")
+    assert base_model_prefix(tmp_path / "base") == "transformer"
+    with open_model(tmp_path / "base") as reader:
+        assert "h.0.attn.c_attn.weight" in reader.names
+        check_peft_loads_factors(read_adapter(tmp_path / "lora", "lora", folded=True), reader, "role task")
+
+
 def test_a_written_adapter_spells_peft_type_as_peft_reads_it(tmp_path):
     """An input config with peft_type "lora" (read here in any case) was copied to the written
     adapter, which PEFT then could not load (KeyError: 'lora'; review184)."""
@@ -1701,8 +1727,8 @@ def _save_checkpoint(tensors: dict, folder, fmt: str) -> None:
     one pytorch_model.bin, or .bin shards with their index."""
     if fmt == "safetensors":
         save_file(tensors, folder / "model.safetensors")
-    elif fmt == "bin":
-        torch.save(tensors, folder / "pytorch_model.bin")
+    elif fmt in ("bin", "bin-legacy"):  # (legacy: torch's old non-zip format, which cannot be memory-mapped)
+        torch.save(tensors, folder / "pytorch_model.bin", _use_new_zipfile_serialization=fmt == "bin")
     else:
         names = sorted(tensors)
         shards = {"pytorch_model-1.bin": names[::2], "pytorch_model-2.bin": names[1::2]}
@@ -1739,7 +1765,7 @@ def test_stored_names_lists_safetensors_and_pytorch_checkpoints(tmp_path, fmt):
         stored_names(empty, "the output")
 
 
-@pytest.mark.parametrize("fmt", ["bin", "bin-shards"])
+@pytest.mark.parametrize("fmt", ["bin", "bin-legacy", "bin-shards"])
 def test_a_pytorch_checkpoint_is_read_as_a_safetensors_one(tmp_path, fmt):
     """mergekit reads pytorch_model.bin folders too: open_model gives a reader of the same names,
     shapes, dtypes and module lookup as ModelReader's for the same tensors in safetensors, so that
@@ -1768,6 +1794,11 @@ def test_a_pytorch_checkpoint_is_read_as_a_safetensors_one(tmp_path, fmt):
             assert got.resolve_module(module) == want.resolve_module(module), module
         with pytest.raises(SafeMergeError, match=r"^role task: model .*: tensor model\.norm\.weight is missing"):
             got.meta("model.norm.weight")
+        # what reads a safetensors file's bytes refuses, rather than give the .bin file's bytes as a tensor's
+        name = "model.layers.0.self_attn.q_proj.weight"
+        for read in (lambda: got.get_rows(name, 0, 1), lambda: got.map(name), lambda: got.first_nonfinite([name])):
+            with pytest.raises(SafeMergeError, match=r"\.bin: a PyTorch \.bin file is read a whole tensor at a time"):
+                read()
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin", "bin-shards"])

@@ -1285,7 +1285,8 @@ def test_a_model_card_hub_question_that_fails_is_refused_before_the_merge(pico, 
     # mergekit-multi names a stage's folder -I/<name>: the remedy is the -I it was given
     monkeypatch.setattr(huggingface_hub, "repo_exists", offline)
     stage = pico.root.name if nested else os.curdir  # (-I . names them ./<name>, which the Hub is not asked about)
-    with pytest.raises(SafeMergeError, match=(rf"; give mergekit-multi's -I as \./{pico.root.name} or an absolute path"
+    with pytest.raises(SafeMergeError, match=(rf"; for a stage of the file, give mergekit-multi's -I as \./{pico.root.name} or an absolute path, else write "
+                                              rf"the path as \./{pico.root.name}/\w+"
                                               if nested else r"; write the path as \./(aligned|task|safety|unaligned)")
                        + r", or pass -X$"):
         check_card_lookups(MergeConfiguration.model_validate(cfg), True, "r.yml", "-X", stages=stage)

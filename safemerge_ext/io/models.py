@@ -200,6 +200,25 @@ def ties_embeddings(model_dir: str | os.PathLike) -> bool:
     return True if value is None else bool(value)
 
 
+def base_model_prefix(model_dir: str | os.PathLike) -> str | None:
+    """The name transformers' class for the model (config.json's ``architectures``) gives its base
+    model (``transformer`` for GPT-2, ``model`` for Llama): a checkpoint that stores its weights
+    without it (the Hub's gpt2) loads them under it. None where that cannot be told."""
+    archs = config_value(model_dir, "architectures")
+    if not isinstance(archs, list):
+        return None
+    try:
+        import transformers
+
+        for arch in archs:
+            prefix = getattr(getattr(transformers, arch, None), "base_model_prefix", None) if isinstance(arch, str) else None
+            if isinstance(prefix, str) and prefix:
+                return prefix
+    except Exception:  # (a transformers that cannot import that class: nothing to tell)
+        return None
+    return None
+
+
 def is_tied_head(module: str, model_dir: str | os.PathLike) -> bool:
     """Whether ``module`` is an lm_head the model at ``model_dir`` ties to its input embeddings."""
     return module.rsplit(".", 1)[-1] == "lm_head" and ties_embeddings(model_dir)
@@ -852,15 +871,17 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
-def _bin_state(path: Path, flag: str) -> dict[str, torch.Tensor]:
-    """The tensors of one PyTorch .bin file (a shard), memory-mapped: no weight is read."""
+def _bin_state(path: Path, flag: str, listed: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of one PyTorch .bin file (a shard), memory-mapped: no weight is read. A file in
+    torch's old, non-zip format cannot be mapped: ``listed``, its tensors are on the meta device (as
+    mergekit lists them), else read whole."""
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # (a checkpoint in torch's old, non-zip format cannot be mapped:
-            if "mmap" not in str(exc):  # read onto the meta device, as mergekit lists it)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
                 raise
-            state = torch.load(path, map_location="meta", weights_only=True)
+            state = torch.load(path, map_location="meta" if listed else "cpu", weights_only=True)
     except Exception as exc:  # (no checkpoint, or one that holds more than tensors and plain values)
         raise SafeMergeError(f"{flag} {path}: cannot list its tensors ({exc})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -881,7 +902,8 @@ def _code_of(dtype: torch.dtype) -> str:
 class BinModelReader(ModelReader):
     """A folder of PyTorch ``pytorch_model.bin`` files (one, or shards with their index), which
     mergekit reads too, seen as :class:`ModelReader` sees safetensors: names, shapes and dtypes (from
-    the files, memory-mapped), for the checks of mergekit's inputs; :meth:`get` reads a tensor."""
+    the files, memory-mapped), for the checks of mergekit's inputs; :meth:`get` reads a tensor, and
+    what reads a safetensors file's bytes (rows, maps, scans) refuses."""
 
     def _read_layout(self) -> dict[str, str]:
         p = self.path
@@ -916,9 +938,15 @@ class BinModelReader(ModelReader):
     def is_sharded(self) -> bool:
         return (self.path / BIN_INDEX).is_file()
 
+    def _fd(self, shard: str) -> int:  # (every read of a safetensors file's bytes goes through it)
+        raise SafeMergeError(f"{self.flag} {self.path / shard}: a PyTorch .bin file is read a whole tensor at a time "
+                             "(get), not as safetensors bytes; convert the model to safetensors")
+
     def get(self, name: str, *, pin_memory: bool = False) -> torch.Tensor:
         shard, _ = self._entry(name)
         t = self._state(shard)[name]
+        if t.is_meta:  # (an old, non-zip file: read whole)
+            t = _bin_state(self.path / shard, self.flag, listed=False)[name]
         out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin_memory)
         out.copy_(t)
         self.bytes_read += out.numel() * out.element_size()
