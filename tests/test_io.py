@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import copy
 import json
 import math
 import mmap
@@ -879,12 +880,29 @@ def test_a_checkpoint_stored_without_its_base_model_prefix_is_what_peft_loads(tm
     tensors = {k.removeprefix("transformer."): v for k, v in load_file(st).items()}
     st.unlink()
     _save_checkpoint(tensors, tmp_path / "base", fmt)
-    get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
-                                     init_lora_weights=False)).save_pretrained(tmp_path / "lora")
+    lora = LoraConfig(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False)
+    get_peft_model(copy.deepcopy(model.transformer), lora).save_pretrained(tmp_path / "bare-lora")
+    get_peft_model(model, lora).save_pretrained(tmp_path / "lora")
     assert base_model_prefix(tmp_path / "base") == "transformer"
     with open_model(tmp_path / "base") as reader:
         assert "h.0.attn.c_attn.weight" in reader.names
         check_peft_loads_factors(read_adapter(tmp_path / "lora", "lora", folded=True), reader, "role task")
+        # one saved from the bare GPT2Model names it h.0.attn.c_attn, which PEFT does not load there (review204)
+        with pytest.raises(SafeMergeError, match=r"the model names that module transformer\.h\.0\.attn\.c_attn, "
+                                                 r"not h\.0\.attn\.c_attn, so PEFT would fold"):
+            check_peft_loads_factors(read_adapter(tmp_path / "bare-lora", "lora", folded=True), reader, "role task")
+    # on a checkpoint that stores the prefix, a doubled one (transformer.transformer.h...) is refused as before
+    _save_checkpoint({f"transformer.{k}": v for k, v in tensors.items()}, tmp_path / "base", fmt)
+    doubled = tmp_path / "doubled"
+    shutil.copytree(tmp_path / "lora", doubled)
+    weights = doubled / "adapter_model.safetensors"
+    save_file({k.replace(".transformer.", ".transformer.transformer."): v for k, v in load_file(weights).items()},
+              str(weights))
+    with open_model(tmp_path / "base") as reader:
+        check_peft_loads_factors(read_adapter(tmp_path / "lora", "lora", folded=True), reader, "role task")
+        with pytest.raises(SafeMergeError, match=r"the model names that module transformer\.h\.0\.attn\.c_attn, not "
+                                                 r"transformer\.transformer\.h\.0\.attn\.c_attn"):
+            check_peft_loads_factors(read_adapter(doubled, "lora", folded=True), reader, "role task")
 
 
 def test_a_written_adapter_spells_peft_type_as_peft_reads_it(tmp_path):

@@ -522,20 +522,23 @@ def check_peft_loads_factors(adapter: LoraAdapter, reader: ModelReader, label: s
     that module at its initial values: none (B = 0), or PEFT's random ones (init_lora_weights false),
     which the merge would then take for the task update, with exit 0 (review184). The safemerge
     command reads such an adapter by its weights' names; refuse it here, in one line."""
-    from safemerge_ext.io.models import base_model_prefix
+    from safemerge_ext.io.models import HEADS, base_model_prefix
 
-    prefix: list[str | None] = []  # (the model class's base_model_prefix, once asked)
+    # a checkpoint of the base model alone (the Hub's gpt2: h.0..., no transformer.) is loaded with the
+    # class's base_model_prefix put before every name but a head's (as transformers names them: a
+    # vision-language checkpoint's language_model.model... is model.language_model... already)
+    prefix = base_model_prefix(reader.path)
+    alone = prefix is not None and not any(module_key(n).startswith(f"{prefix}.") for n in reader.names)
 
-    def loads_as(wname: str, name: str) -> bool:  # (a checkpoint stored without the prefix loads under it)
-        if not prefix:
-            prefix.append(base_model_prefix(reader.path))
-        return prefix[0] is not None and module_key(f"{prefix[0]}.{wname}") == module_key(f"{name}.weight")
+    def loaded_as(wname: str) -> str:
+        return f"{prefix}.{wname}" if alone and wname.split(".", 1)[0] not in HEADS else wname
 
     for name, m in adapter.modules.items():
         ok = {f"{PEFT_PREFIX}{name}.lora_{f}.{tail}" for f in "AB" for tail in ("weight", "default.weight")}
         wname = reader.resolve_module(name)
+        wname = loaded_as(wname) if wname is not None else None
         # (module_key: the namings transformers renames on load, as PEFT loads them; a bare model's is none)
-        if wname is not None and module_key(wname) != module_key(f"{name}.weight") and not loads_as(wname, name):
+        if wname is not None and module_key(wname) != module_key(f"{name}.weight"):
             why = f"the model names that module {wname[: -len('.weight')]}, not {name}"
         elif not set(m.keys) <= ok:
             why = (f"its factor {next(k for k in m.keys if k not in ok)} is not named "

@@ -252,14 +252,14 @@ _MODULE_ORDER = {n: i for i, n in enumerate((
 # embed_out) last, and what else has no block number (the final norm) between the blocks and it.
 _EMBEDDINGS = ("embed_tokens", "tok_embeddings", "embed_positions", "embed_in", "wte", "wpe", "word_embeddings",
                "word_embeddings_layernorm", "embeddings")
-_HEADS = ("lm_head", "embed_out", "output", "score", "classifier")
+HEADS = ("lm_head", "embed_out", "output", "score", "classifier")  # (the output heads beside the base model)
 
 
 def _stage(name: str) -> int:
     parts = name.split(".")
     if any(p.isdecimal() for p in parts):
         return 1
-    if any(p in _HEADS for p in parts):
+    if any(p in HEADS for p in parts):
         return 3
     return 0 if any(p in _EMBEDDINGS for p in parts) else 2
 
